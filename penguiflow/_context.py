@@ -1,0 +1,352 @@
+"""Context: a node's (or endpoint's) view of its floes.
+
+Fetching from several incoming floes uses a *doorbell* instead of a task per
+floe: each incoming queue rings the context on every put, the context keeps the
+order in which queues rang (``_arrivals``) and wakes one waiting fetcher. The
+worker of a node with one incoming floe (the common chain case) reads that
+queue directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from ._graph import Endpoint, Floe, FloeQueue, Origin, Owner, owner_label
+from .types import Message, StreamChunk
+
+if TYPE_CHECKING:
+    from .core import PenguiFlow
+
+__all__ = ["Context"]
+
+Targets: TypeAlias = "Owner | Sequence[Owner] | None"
+
+
+class Context:
+    """Wiring and I/O of one flow participant.
+
+    ``Context(owner, runtime=None)``: ``owner`` is a Node or an Endpoint; a
+    detached context (``runtime=None``) can be passed to ``Node.invoke`` but
+    cannot emit.
+    """
+
+    __slots__ = (
+        "_arrivals",
+        "_arrivals_cap",
+        "_buffer",
+        "_incoming",
+        "_inv",
+        "_outgoing",
+        "_owner",
+        "_runtime",
+        "_stream_seq",
+        "_waiters",
+        "last_origin",
+    )
+
+    def __init__(self, owner: Owner, runtime: PenguiFlow | None = None) -> None:
+        self._owner = owner
+        self._runtime = runtime
+        self._incoming: dict[Owner, Floe] = {}
+        self._outgoing: dict[Owner, Floe] = {}
+        self._buffer: deque[Any] = deque()
+        self._arrivals: deque[FloeQueue] = deque()
+        self._arrivals_cap = 1024
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._stream_seq: dict[str, int] = {}
+        # The invocation this node is running right now (set by its worker when
+        # the flow is observed); outputs emitted through this context record it
+        # as their origin.
+        self._inv: str | None = None
+        #: Origin of the item the latest fetch returned (see ``FloeQueue``).
+        self.last_origin: Origin = None
+
+    # -- wiring --------------------------------------------------------------
+
+    @property
+    def owner(self) -> Owner:
+        """The Node or Endpoint this context belongs to."""
+        return self._owner
+
+    @property
+    def runtime(self) -> PenguiFlow | None:
+        """The flow this context is attached to, or None when detached."""
+        return self._runtime
+
+    def add_incoming_floe(self, floe: Floe) -> None:
+        """Register ``floe`` as an input (ignored when its source is None)."""
+        if floe.source is None:
+            return
+        self._incoming[floe.source] = floe
+        if len(self._incoming) > 1:
+            ring = self._ring
+            for incoming in self._incoming.values():
+                incoming.queue.doorbell = ring
+
+    def add_outgoing_floe(self, floe: Floe) -> None:
+        """Register ``floe`` as an output (ignored when its target is None)."""
+        if floe.target is None:
+            return
+        self._outgoing[floe.target] = floe
+
+    def outgoing_count(self) -> int:
+        """Number of outgoing floes."""
+        return len(self._outgoing)
+
+    def queue_depth_in(self) -> int:
+        """Items waiting on the incoming floes."""
+        return sum(f.queue.qsize() for f in self._incoming.values())
+
+    def queue_depth_out(self) -> int:
+        """Items waiting on the outgoing floes."""
+        return sum(f.queue.qsize() for f in self._outgoing.values())
+
+    def _resolve(self, targets: Targets, table: dict[Owner, Floe]) -> list[Floe]:
+        wanted: list[Any]
+        if isinstance(targets, Sequence) and not isinstance(targets, str):
+            wanted = list(targets)
+        else:
+            wanted = [targets]
+        floes = []
+        for target in wanted:
+            floe = table.get(target)
+            if floe is None:
+                name = owner_label(target) if isinstance(target, Endpoint) or hasattr(
+                    target, "node_id") else repr(target)
+                raise KeyError(f"Unknown target {name} for {owner_label(self._owner)}")
+            floes.append(floe)
+        return floes
+
+    def _require_runtime(self) -> PenguiFlow:
+        runtime = self._runtime
+        if runtime is None:
+            raise RuntimeError("Context is not attached to a running flow")
+        return runtime
+
+    # -- emit ----------------------------------------------------------------
+
+    async def emit(self, msg: Any, to: Targets = None) -> None:
+        """Put ``msg`` on every outgoing floe, or on those to ``to``; waits while full.
+
+        Raises:
+            RuntimeError: the context is detached.
+            KeyError: ``to`` names something that is not a successor.
+        """
+        runtime = self._require_runtime()
+        floes = self._outgoing.values() if to is None else self._resolve(to, self._outgoing)
+        origin = runtime._origin_of(self)
+        put = runtime._put
+        for floe in floes:
+            await put(floe, msg, origin)
+
+    def emit_nowait(self, msg: Any, to: Targets = None) -> None:
+        """Like :meth:`emit` but never waits.
+
+        Raises:
+            asyncio.QueueFull: a target floe is full (nothing is put anywhere).
+        """
+        runtime = self._require_runtime()
+        floes = list(self._outgoing.values()) if to is None else self._resolve(
+            to, self._outgoing)
+        if any(f.queue.full() for f in floes):
+            raise asyncio.QueueFull
+        origin = runtime._origin_of(self)
+        for floe in floes:
+            runtime._put_nowait(floe, msg, origin)
+
+    async def emit_chunk(
+        self,
+        *,
+        parent: Message,
+        text: str,
+        stream_id: str | None = None,
+        seq: int | None = None,
+        done: bool = False,
+        meta: dict[str, Any] | None = None,
+        to: Targets = None,
+    ) -> StreamChunk:
+        """Emit one :class:`StreamChunk` of ``parent``'s stream and return it.
+
+        ``stream_id`` defaults to ``parent.trace_id``; ``seq`` defaults to the
+        previous number of that stream + 1 (first 0) and a ``done`` chunk resets
+        the stream. Every chunk but a stream's first waits until the trace has
+        fewer than ``queue_maxsize`` other unconsumed items (chunk backpressure).
+        """
+        runtime = self._require_runtime()
+        sid = stream_id if stream_id is not None else parent.trace_id
+        previous = self._stream_seq.get(sid)
+        if seq is None:
+            seq = 0 if previous is None else previous + 1
+        if done:
+            self._stream_seq.pop(sid, None)
+        else:
+            self._stream_seq[sid] = seq
+        chunk = StreamChunk(stream_id=sid, seq=seq, text=text, done=done,
+                            meta=dict(meta) if meta else {})
+        message = Message(payload=chunk, headers=parent.headers, trace_id=parent.trace_id,
+                          deadline_s=parent.deadline_s, meta=dict(parent.meta))
+        if previous is not None:
+            await runtime._wait_chunk_capacity(parent.trace_id)
+        await self.emit(message, to)
+        return chunk
+
+    # -- fetch ---------------------------------------------------------------
+
+    def _ring(self, queue: FloeQueue) -> None:
+        arrivals = self._arrivals
+        arrivals.append(queue)
+        if len(arrivals) > self._arrivals_cap:
+            self._compact_arrivals()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    def _compact_arrivals(self) -> None:
+        # Entries go stale when items are taken by a targeted fetch or removed by
+        # cancel; keep only as many (latest) entries per queue as it holds items.
+        need = {f.queue: f.queue.qsize() for f in self._incoming.values()}
+        kept: deque[FloeQueue] = deque()
+        for queue in reversed(self._arrivals):
+            if need.get(queue, 0) > 0:
+                need[queue] -= 1
+                kept.appendleft(queue)
+        self._arrivals = kept
+        self._arrivals_cap = max(1024, 2 * len(kept))
+
+    async def _wait_ring(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # We were woken but will not consume: pass the wake-up on.
+                for other in self._waiters:
+                    if other is not waiter and not other.done():
+                        other.set_result(None)
+                        break
+            raise
+        finally:
+            self._waiters.remove(waiter)
+
+    def fail_waiters(self, exc: BaseException) -> None:
+        """Make every pending fetch on this context raise ``exc`` (used by stop)."""
+        for waiter in list(self._waiters):
+            if not waiter.done():
+                waiter.set_exception(exc)
+        for floe in self._incoming.values():
+            floe.queue.fail_getters(exc)
+
+    async def _take_arrival(self) -> Any:
+        while True:
+            arrivals = self._arrivals
+            while arrivals:
+                queue = arrivals.popleft()
+                if queue.qsize():
+                    item = queue.get_nowait()
+                    self.last_origin = queue.last_origin
+                    return item
+            if self._buffer:
+                self.last_origin = None
+                return self._buffer.popleft()
+            await self._wait_ring()
+
+    async def _race(self, floes: Sequence[Floe]) -> Any:
+        while True:
+            for floe in floes:
+                queue = floe.queue
+                if queue.qsize():
+                    item = queue.get_nowait()
+                    self.last_origin = queue.last_origin
+                    return item
+            await self._wait_ring()
+
+    async def fetch(self, from_: Targets = None) -> Any:
+        """Return the next item: from the buffer, the one incoming floe, or any.
+
+        Raises:
+            RuntimeError: the context has no incoming floes (and nothing buffered).
+            KeyError: ``from_`` names something that is not a predecessor.
+        """
+        if self._buffer:
+            self.last_origin = None
+            return self._buffer.popleft()
+        if from_ is not None:
+            floes = self._resolve(from_, self._incoming)
+            if len(floes) > 1:
+                return await self._race(floes)
+            return await self._get(floes[0].queue)
+        incoming = self._incoming
+        if len(incoming) == 1:
+            for floe in incoming.values():
+                return await self._get(floe.queue)
+        if not incoming:
+            raise RuntimeError("context has no incoming floes to fetch from")
+        return await self._take_arrival()
+
+    async def _get(self, queue: FloeQueue) -> Any:
+        item = await queue.get()
+        self.last_origin = queue.last_origin
+        return item
+
+    def fetch_nowait(self, from_: Targets = None) -> Any:
+        """Return an item that is ready now.
+
+        Raises:
+            asyncio.QueueEmpty: nothing is ready.
+        """
+        if self._buffer:
+            self.last_origin = None
+            return self._buffer.popleft()
+        floes = (list(self._incoming.values()) if from_ is None
+                 else self._resolve(from_, self._incoming))
+        if from_ is None:
+            # Honour arrival order across floes when it is tracked.
+            while self._arrivals:
+                queue = self._arrivals.popleft()
+                if queue.qsize():
+                    item = queue.get_nowait()
+                    self.last_origin = queue.last_origin
+                    return item
+        for floe in floes:
+            if floe.queue.qsize():
+                item = floe.queue.get_nowait()
+                self.last_origin = floe.queue.last_origin
+                return item
+        raise asyncio.QueueEmpty("no messages available")
+
+    async def fetch_any(self, from_: Targets = None) -> Any:
+        """Return the first item to arrive on any (or the listed) incoming floes."""
+        if self._buffer:
+            self.last_origin = None
+            return self._buffer.popleft()
+        floes = (list(self._incoming.values()) if from_ is None
+                 else self._resolve(from_, self._incoming))
+        if not floes:
+            raise RuntimeError("context has no incoming floes to fetch from")
+        if len(floes) == 1:
+            return await self._get(floes[0].queue)
+        if from_ is None:
+            return await self._take_arrival()
+        return await self._race(floes)
+
+    # -- playbooks -----------------------------------------------------------
+
+    async def call_playbook(
+        self,
+        playbook: Callable[[], Any],
+        parent_msg: Message,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run ``playbook`` as a subflow of this context's flow (see ``call_playbook``)."""
+        from .core import call_playbook
+
+        return await call_playbook(playbook, parent_msg, timeout, runtime=self._runtime)
+
+    def __repr__(self) -> str:
+        return f"Context(owner={owner_label(self._owner)!r})"

@@ -1,0 +1,190 @@
+"""Graph primitives: endpoints, floes (edges with bounded queues), cycle checks.
+
+A floe's queue is an ``asyncio.Queue`` subclass that carries, beside each item,
+its *origin*: the invocation id that produced it and when it was queued. The
+origin is what lets the runtime record which invocation consumed whose output
+without wrapping user objects (users may read ``floe.queue`` directly and must
+see their own objects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["OPEN_SEA", "ROOKERY", "CycleError", "Endpoint", "Floe", "Owner", "check_acyclic"]
+
+#: ``(producing invocation id, wall-clock enqueue time)`` or None when unobserved.
+Origin: TypeAlias = "tuple[str | None, float] | None"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A synthetic flow endpoint: ``OpenSea`` (ingress) or ``Rookery`` (egress)."""
+
+    name: str
+
+
+OPEN_SEA = Endpoint("OpenSea")
+ROOKERY = Endpoint("Rookery")
+
+Owner: TypeAlias = "Node | Endpoint"
+
+
+class CycleError(RuntimeError):
+    """The flow's graph has a cycle and ``allow_cycles`` was not set."""
+
+
+class _Tagged:
+    """An item travelling through the slow (blocking) put path with its origin."""
+
+    __slots__ = ("item", "origin")
+
+    def __init__(self, item: Any, origin: Origin) -> None:
+        self.item = item
+        self.origin = origin
+
+
+class FloeQueue(asyncio.Queue[Any]):
+    """An ``asyncio.Queue`` that records each item's origin in a parallel deque.
+
+    ``put_tagged`` sets ``next_origin`` and puts synchronously when there is
+    room (the hot path allocates nothing); ``last_origin`` is the origin of the
+    item the latest ``get``/``get_nowait`` returned. ``doorbell`` is called with
+    the queue after every put, so a context with several incoming floes can
+    wait for any of them without a task per floe.
+    """
+
+    _queue: deque[Any]
+    _origins: deque[Origin]
+    _getters: deque[asyncio.Future[Any]]
+
+    def _init(self, maxsize: int) -> None:
+        self._queue = deque()
+        self._origins = deque()
+        self.next_origin: Origin = None
+        self.last_origin: Origin = None
+        self.doorbell: Callable[[FloeQueue], None] | None = None
+
+    def _put(self, item: Any) -> None:
+        if type(item) is _Tagged:
+            self._queue.append(item.item)
+            self._origins.append(item.origin)
+        else:
+            self._queue.append(item)
+            self._origins.append(self.next_origin)
+            self.next_origin = None
+        if self.doorbell is not None:
+            self.doorbell(self)
+
+    def _get(self) -> Any:
+        self.last_origin = self._origins.popleft()
+        return self._queue.popleft()
+
+    async def put_tagged(self, item: Any, origin: Origin) -> None:
+        """Put ``item`` with its origin, waiting while the queue is full."""
+        if self.full():
+            await self.put(_Tagged(item, origin))
+        else:
+            self.next_origin = origin
+            self.put_nowait(item)
+
+    def put_tagged_nowait(self, item: Any, origin: Origin) -> None:
+        """Put ``item`` with its origin; ``asyncio.QueueFull`` when full."""
+        self.next_origin = origin
+        try:
+            self.put_nowait(item)
+        finally:
+            self.next_origin = None
+
+    def remove_where(self, predicate: Callable[[Any], bool]) -> list[Any]:
+        """Remove and return every queued item matching ``predicate``; wake putters."""
+        removed: list[Any] = []
+        kept: deque[Any] = deque()
+        kept_origins: deque[Origin] = deque()
+        for item, origin in zip(self._queue, self._origins, strict=True):
+            if predicate(item):
+                removed.append(item)
+            else:
+                kept.append(item)
+                kept_origins.append(origin)
+        if removed:
+            self._queue = kept
+            self._origins = kept_origins
+            for _ in removed:
+                # Each removal frees one slot: let one blocked producer in per slot.
+                self._wakeup_next(self._putters)  # type: ignore[attr-defined]
+        return removed
+
+    def fail_getters(self, exc: BaseException) -> None:
+        """Make every coroutine blocked in ``get()`` raise ``exc`` (used by stop)."""
+        while self._getters:
+            getter = self._getters.popleft()
+            if not getter.done():
+                getter.set_exception(exc)
+
+
+class Floe:
+    """A directed edge ``source -> target`` with a bounded queue.
+
+    ``maxsize <= 0`` makes the queue unbounded.
+    """
+
+    __slots__ = ("label", "queue", "source", "target")
+
+    def __init__(self, source: Owner | None, target: Owner | None, *, maxsize: int) -> None:
+        self.source = source
+        self.target = target
+        self.queue: FloeQueue = FloeQueue(maxsize=max(maxsize, 0))
+        self.label = f"{owner_label(source)}->{owner_label(target)}"
+
+    def __repr__(self) -> str:
+        return f"Floe({self.label}, qsize={self.queue.qsize()})"
+
+
+def owner_label(owner: Owner | None) -> str:
+    """The name used for an owner in edge labels: node name, node id, or ``*``."""
+    if owner is None:
+        return "*"
+    name = owner.name
+    if name:
+        return name
+    return getattr(owner, "node_id", None) or "*"
+
+
+def check_acyclic(nodes: Iterable[Node], edges: dict[Node, list[Node]]) -> None:
+    """Raise :class:`CycleError` unless the graph is a DAG (Kahn's algorithm).
+
+    Self-edges of nodes built with ``allow_cycle=True`` are ignored.
+    """
+    node_list = list(nodes)
+    indegree = dict.fromkeys(node_list, 0)
+    for src, targets in edges.items():
+        for dst in targets:
+            if dst is src and src.allow_cycle:
+                continue
+            indegree[dst] += 1
+    ready = deque(n for n, deg in indegree.items() if deg == 0)
+    visited = 0
+    while ready:
+        node = ready.popleft()
+        visited += 1
+        for dst in edges.get(node, ()):
+            if dst is node and node.allow_cycle:
+                continue
+            indegree[dst] -= 1
+            if indegree[dst] == 0:
+                ready.append(dst)
+    if visited != len(node_list):
+        stuck = sorted(owner_label(n) for n, deg in indegree.items() if deg > 0)
+        raise CycleError(
+            "Flow contains a cycle; enable allow_cycles to bypass "
+            f"(nodes on or after the cycle: {', '.join(stuck)}; or mark a "
+            "self-looping controller with Node(..., allow_cycle=True))"
+        )

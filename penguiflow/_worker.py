@@ -1,0 +1,277 @@
+"""The node worker: one task per node running the reliability envelope.
+
+Scheduling: a worker takes one item at a time, in arrival order, and runs the
+node *inside its own task*: there is no task per message. Per-trace
+cancellation therefore cancels the worker task itself, and only while the
+worker is inside an invocation of that trace (``interruptible``): the
+``CancelledError`` is then delivered at the very await where the user's code is
+suspended, the worker recognises its own request (``cancel_requested``), calls
+``Task.uncancel()`` and moves on to the next item. A ``CancelledError`` that the
+worker did not request comes from ``stop()`` and ends the worker.
+
+Timeouts use ``asyncio.timeout`` (no extra task either); retries sleep inside
+the same interruptible window, so a cancel also cuts a backoff short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._events import logger
+from ._ids import new_invocation_id
+from .errors import FlowError, FlowErrorCode
+from .types import FinalAnswer, Message
+
+if TYPE_CHECKING:
+    from ._context import Context
+    from ._graph import FloeQueue, Origin
+    from .core import PenguiFlow
+    from .node import Node
+
+__all__ = ["NodeWorker"]
+
+_DEBUG = logging.DEBUG
+_perf = time.perf_counter
+_now = time.time
+
+
+class NodeWorker:
+    """Runs ``node`` over its incoming floes until cancelled by ``stop()``."""
+
+    __slots__ = ("cancel_requested", "ctx", "flow", "interruptible", "node", "running_trace",
+                 "task")
+
+    def __init__(self, flow: PenguiFlow, node: Node, ctx: Context) -> None:
+        self.flow = flow
+        self.node = node
+        self.ctx = ctx
+        self.task: asyncio.Task[None] | None = None
+        #: Trace id of the invocation in progress (None between items).
+        self.running_trace: Any = None
+        #: True only while awaiting the user's code or a retry backoff.
+        self.interruptible = False
+        #: Set by ``PenguiFlow.cancel`` right before it cancels ``task``.
+        self.cancel_requested = False
+
+    def request_trace_cancel(self, trace_id: Any) -> bool:
+        """Interrupt the current invocation if it belongs to ``trace_id``."""
+        task = self.task
+        if (self.interruptible and self.running_trace == trace_id and task is not None
+                and not self.cancel_requested):
+            self.cancel_requested = True
+            task.cancel()
+            return True
+        return False
+
+    def _consume_cancel_request(self) -> bool:
+        # True when a trace cancel (not stop) interrupted us; re-arms the task.
+        if self.cancel_requested and not self.flow._stopping:
+            self.cancel_requested = False
+            if self.task is not None:
+                self.task.uncancel()
+            return True
+        return False
+
+    async def run(self) -> None:
+        """The worker loop; ends with ``node_cancelled`` when ``stop()`` cancels it."""
+        ctx = self.ctx
+        incoming = list(ctx._incoming.values())
+        single: FloeQueue | None = incoming[0].queue if len(incoming) == 1 else None
+        process = self.process
+        try:
+            if not incoming:
+                await asyncio.get_running_loop().create_future()  # nothing can arrive
+            while True:
+                if single is not None:
+                    item = await single.get()
+                    origin = single.last_origin
+                else:
+                    item = await ctx._take_arrival()
+                    origin = ctx.last_origin
+                await process(item, origin)
+        except asyncio.CancelledError:
+            self.running_trace = None
+            await self.flow._emit_event("node_cancelled", ctx, None)
+            raise
+
+    async def process(self, item: Any, origin: Origin) -> None:
+        """Handle one dequeued item: deadline, cancel check, attempts, accounting."""
+        flow = self.flow
+        trace_id = item.trace_id if type(item) is Message else getattr(item, "trace_id", None)
+        try:
+            if type(item) is Message or isinstance(item, Message):
+                deadline = item.deadline_s
+                if deadline is not None and _now() > deadline:
+                    await self._deadline_skip(item, origin)
+                    return
+            if trace_id is not None:
+                state = flow._traces.get(trace_id)
+                if state is not None and state.cancelled:
+                    await flow._emit_event("trace_cancel_drop", self.ctx, trace_id)
+                    return
+            await self._invoke(item, origin, trace_id)
+        finally:
+            if trace_id is not None and flow._release(trace_id):
+                await flow._cancel_finished(trace_id)
+
+    async def _deadline_skip(self, item: Message, origin: Origin) -> None:
+        flow = self.flow
+        await flow._emit_event("deadline_skip", self.ctx, item.trace_id,
+                               extra={"deadline_s": item.deadline_s})
+        answer = item
+        if not isinstance(item.payload, FinalAnswer):
+            answer = item.model_copy(update={"payload": FinalAnswer(text="Deadline exceeded")})
+        await flow._deliver_rookery(self.ctx, answer, origin)
+
+    async def _invoke(self, item: Any, origin: Origin, trace_id: Any) -> None:
+        flow = self.flow
+        node = self.node
+        ctx = self.ctx
+        policy = node.policy
+        events = flow._events
+        registry = flow._registry
+        direct = registry is None or policy.validate == "none"
+        func = node.func
+        timeout = policy.timeout_s
+        observed = events.listening or logger.isEnabledFor(_DEBUG)
+        inv = new_invocation_id() if observed else None
+        parents: tuple[str, ...] = ()
+        queued: float | None = None
+        if origin is not None:
+            queued = origin[1]
+            if origin[0] is not None:
+                parents = (origin[0],)
+        state = flow._traces.get(trace_id) if trace_id is not None else None
+        if state is not None:
+            state.inflight += 1
+        ctx._inv = inv
+        self.running_trace = trace_id
+        attempt = 0
+        try:
+            while True:
+                if observed:
+                    await flow._emit_event("node_start", ctx, trace_id, attempt=attempt,
+                                           latency_ms=0.0, invocation_id=inv, parents=parents,
+                                           queued_ts=queued)
+                started = _perf()
+                error: Exception | None = None
+                timed_out = False
+                result: Any = None
+                self.interruptible = True
+                try:
+                    if timeout is None:
+                        if direct:
+                            result = await func(item, ctx)
+                        else:
+                            result = await node.invoke(item, ctx, registry=registry)
+                    else:
+                        async with asyncio.timeout(timeout) as scope:
+                            if direct:
+                                result = await func(item, ctx)
+                            else:
+                                result = await node.invoke(item, ctx, registry=registry)
+                except asyncio.CancelledError:
+                    self.interruptible = False
+                    if self._consume_cancel_request():
+                        await self._trace_cancelled(trace_id, attempt, inv, started)
+                        return
+                    raise
+                except Exception as exc:
+                    error = exc
+                    timed_out = timeout is not None and isinstance(exc, TimeoutError) and \
+                        scope.expired()
+                self.interruptible = False
+                if self._consume_cancel_request():
+                    # The user's code swallowed the CancelledError; the trace is
+                    # cancelled all the same, so its result is dropped.
+                    await self._trace_cancelled(trace_id, attempt, inv, started)
+                    return
+                latency_ms = (_perf() - started) * 1000.0
+                if error is None:
+                    if result is not None:
+                        try:
+                            await flow._route_result(node, ctx, item, result, inv)
+                        except Exception as exc:  # e.g. a controller without a self-edge
+                            error = exc
+                    if error is None:
+                        if observed or events.wants(logging.INFO):
+                            await flow._emit_event("node_success", ctx, trace_id,
+                                                   attempt=attempt, latency_ms=latency_ms,
+                                                   invocation_id=inv, parents=parents,
+                                                   queued_ts=queued)
+                        return
+                attempt = await self._failed_attempt(item, trace_id, attempt, error, timed_out,
+                                                     latency_ms, inv, parents)
+                if attempt < 0:
+                    return
+                if state is not None and state.cancelled:
+                    await self._trace_cancelled(trace_id, attempt, inv, None)
+                    return
+        finally:
+            self.interruptible = False
+            self.running_trace = None
+            ctx._inv = None
+            if state is not None:
+                state.inflight -= 1
+
+    async def _failed_attempt(self, item: Any, trace_id: Any, attempt: int, error: Exception,
+                              timed_out: bool, latency_ms: float, inv: str | None,
+                              parents: tuple[str, ...]) -> int:
+        """Report a failed attempt; back off and return the next attempt, or -1."""
+        flow = self.flow
+        node = self.node
+        ctx = self.ctx
+        policy = node.policy
+        kind = "node_timeout" if timed_out else "node_error"
+        await flow._emit_event(kind, ctx, trace_id, attempt=attempt, latency_ms=latency_ms,
+                               extra={"exception": repr(error)}, invocation_id=inv, parents=parents)
+        if attempt < policy.max_retries:
+            attempt += 1
+            sleep_s = policy.backoff_for(attempt)
+            await flow._emit_event("node_retry", ctx, trace_id, attempt=attempt,
+                                   latency_ms=None,
+                                   extra={"sleep_s": sleep_s, "exception": repr(error)}, invocation_id=inv, parents=parents)
+            self.interruptible = True
+            try:
+                await asyncio.sleep(sleep_s)
+            except asyncio.CancelledError:
+                self.interruptible = False
+                if self._consume_cancel_request():
+                    await self._trace_cancelled(trace_id, attempt, inv, None)
+                    return -1
+                raise
+            self.interruptible = False
+            return attempt
+        name = node.name
+        if timed_out:
+            flow_error = FlowError.from_exception(
+                trace_id=trace_id, node_name=name, node_id=node.node_id, exc=error,
+                code=FlowErrorCode.NODE_TIMEOUT,
+                message=f"Node '{name}' timed out after {policy.timeout_s:.2f}s",
+                metadata={"attempt": attempt, "latency_ms": latency_ms,
+                          "timeout_s": policy.timeout_s},
+            )
+        else:
+            flow_error = FlowError.from_exception(
+                trace_id=trace_id, node_name=name, node_id=node.node_id, exc=error,
+                code=FlowErrorCode.NODE_EXCEPTION,
+                message=f"Node '{name}' raised {type(error).__name__}: {error}",
+                metadata={"attempt": attempt, "latency_ms": latency_ms,
+                          "exception_repr": repr(error)},
+            )
+        await flow._emit_event("node_failed", ctx, trace_id, attempt=attempt,
+                               latency_ms=latency_ms,
+                               extra={"exception": repr(error),
+                                      "flow_error": flow_error.to_payload()}, invocation_id=inv, parents=parents)
+        if flow._emit_errors_to_rookery and trace_id is not None:
+            await flow._deliver_rookery(ctx, flow_error, flow._origin_for(inv))
+        return -1
+
+    async def _trace_cancelled(self, trace_id: Any, attempt: int, inv: str | None,
+                               started: float | None) -> None:
+        latency = None if started is None else (_perf() - started) * 1000.0
+        await self.flow._emit_event("node_trace_cancelled", self.ctx, trace_id, attempt=attempt,
+                                    latency_ms=latency, invocation_id=inv)

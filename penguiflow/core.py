@@ -1,0 +1,676 @@
+"""The PenguiFlow runtime: graph construction, lifecycle, emit/fetch, cancellation.
+
+Backpressure: every floe is a bounded queue (``queue_maxsize``, default 64); a
+producer awaiting ``emit`` waits while a target floe is full, so a slow node
+throttles everything upstream of it. ``emit_nowait`` raises ``QueueFull``
+instead of waiting.
+
+Cancellation (``cancel(trace_id)``): the trace's cancel event is set, its queued
+items are removed from every floe, and workers running one of its invocations
+are interrupted (see ``_worker``). Other traces are untouched. The trace's
+pending count then drains to zero and ``trace_cancel_finish`` is emitted once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._context import Context, Targets
+from ._events import EVENT_LEVELS, EventPipeline, logger
+from ._graph import OPEN_SEA, ROOKERY, CycleError, Endpoint, Floe, Origin, Owner, check_acyclic
+from ._graph import owner_label as _label
+from ._ids import root_span_id
+from ._traces import TraceCancelled, TraceState
+from ._worker import NodeWorker
+from .bus import BusEnvelope
+from .metrics import _EMPTY, FlowEvent
+from .types import WM, FinalAnswer, Message
+
+if TYPE_CHECKING:
+    from .bus import MessageBus
+    from .node import Node
+    from .registry import ModelRegistry
+    from .state import RemoteBinding, StateStore, StoredEvent
+
+__all__ = [
+    "Context",
+    "Floe",
+    "PenguiFlow",
+    "CycleError",
+    "call_playbook",
+    "create",
+    "DEFAULT_QUEUE_MAXSIZE",
+]
+
+DEFAULT_QUEUE_MAXSIZE = 64
+
+# Names that user code imports from here although they are not in __all__.
+_COMPAT = (TraceCancelled, Endpoint, OPEN_SEA, ROOKERY)
+
+Adjacency = tuple["Node", Sequence["Node"]]
+
+
+class PenguiFlow:
+    """A typed flow of nodes connected by bounded queues.
+
+    Args:
+        *adjacencies: ``(node, successors)`` pairs, as returned by ``Node.to``.
+        queue_maxsize: capacity of every floe; ``<= 0`` means unbounded.
+        allow_cycles: skip the cycle check.
+        middlewares: async callables receiving every FlowEvent.
+        emit_errors_to_rookery: deliver a node's final FlowError to Rookery.
+        state_store: persists every FlowEvent (see ``penguiflow.state``).
+        message_bus: receives one envelope per floe put (see ``penguiflow.bus``).
+        name: the flow's name in events and spans (keyword-only addition;
+            default ``"penguiflow"``).
+
+    Raises:
+        CycleError: the graph has a cycle and ``allow_cycles`` is False.
+    """
+
+    def __init__(
+        self,
+        *adjacencies: Adjacency,
+        queue_maxsize: int = DEFAULT_QUEUE_MAXSIZE,
+        allow_cycles: bool = False,
+        middlewares: Sequence[Any] | None = None,
+        emit_errors_to_rookery: bool = False,
+        state_store: StateStore | None = None,
+        message_bus: MessageBus | None = None,
+        name: str = "penguiflow",
+    ) -> None:
+        self.name = name
+        self._queue_maxsize = queue_maxsize
+        self._allow_cycles = allow_cycles
+        self._emit_errors_to_rookery = emit_errors_to_rookery
+        self._state_store = state_store
+        self._message_bus = message_bus
+        self._events = EventPipeline(state_store, list(middlewares or ()))
+        self._registry: ModelRegistry | None = None
+        self._traces: dict[Any, TraceState] = {}
+        self._workers: list[NodeWorker] = []
+        self._external: set[asyncio.Future[Any]] = set()
+        self._bus_tasks: set[asyncio.Task[None]] = set()
+        self._running = False
+        self._stopping = False
+        self._stopped = False
+
+        nodes: list[Node] = []
+        edges: dict[Node, list[Node]] = {}
+        for adjacency in adjacencies:
+            node, successors = adjacency
+            for member in (node, *successors):
+                if member not in edges:
+                    edges[member] = []
+                    nodes.append(member)
+            for successor in successors:
+                if successor not in edges[node]:
+                    edges[node].append(successor)
+        if not allow_cycles:
+            check_acyclic(nodes, edges)
+        self._nodes = nodes
+        self._contexts: dict[Owner, Context] = {n: Context(n, self) for n in nodes}
+        self._contexts[OPEN_SEA] = Context(OPEN_SEA, self)
+        self._contexts[ROOKERY] = Context(ROOKERY, self)
+        floes: list[Floe] = []
+        has_parent: set[Node] = set()
+        for src in nodes:
+            for dst in edges[src]:
+                floes.append(self._connect(src, dst))
+                if dst is not src or not dst.allow_cycle:
+                    has_parent.add(dst)
+        for node in nodes:
+            if node not in has_parent:
+                floes.append(self._connect(OPEN_SEA, node))
+        self._egress: list[Floe] = []
+        for node in nodes:
+            succ = edges[node]
+            if not succ or succ == [node]:
+                floe = self._connect(node, ROOKERY)
+                floes.append(floe)
+                self._egress.append(floe)
+        self._floes = floes
+
+    def _connect(self, source: Owner, target: Owner) -> Floe:
+        floe = Floe(source, target, maxsize=self._queue_maxsize)
+        self._contexts[source].add_outgoing_floe(floe)
+        self._contexts[target].add_incoming_floe(floe)
+        return floe
+
+    # -- introspection ---------------------------------------------------------
+
+    @property
+    def registry(self) -> ModelRegistry | None:
+        """The registry passed to ``run`` (None if none)."""
+        return self._registry
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        """Every node, in declaration order."""
+        return tuple(self._nodes)
+
+    @property
+    def floes(self) -> tuple[Floe, ...]:
+        """Every floe: node edges, then ingress, then egress."""
+        return tuple(self._floes)
+
+    @property
+    def running(self) -> bool:
+        """Whether ``run()`` was called and ``stop()`` has not finished."""
+        return self._running
+
+    @property
+    def observer_failures(self) -> Mapping[str, int]:
+        """Counts of swallowed observer failures by kind (e.g. ``middleware_error``)."""
+        return dict(self._events.failures)
+
+    def context(self, owner: Owner) -> Context:
+        """Return the context of a node or endpoint of this flow."""
+        return self._contexts[owner]
+
+    def add_middleware(self, mw: Any) -> None:
+        """Append a middleware; it receives every later event."""
+        self._events.add_middleware(mw)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def run(self, *, registry: ModelRegistry | None = None) -> None:
+        """Start one worker task per node (needs a running event loop).
+
+        Raises:
+            RuntimeError: already running, no running loop, or ``registry``
+                lacks a node whose policy validates.
+        """
+        if self._running:
+            raise RuntimeError("PenguiFlow already running")
+        loop = asyncio.get_running_loop()
+        if registry is not None:
+            missing = sorted(
+                str(n.name) for n in self._nodes
+                if n.policy.validate != "none" and (n.name or n.node_id) not in registry
+            )
+            if missing:
+                raise RuntimeError(
+                    "ModelRegistry is missing entries for nodes requiring validation: "
+                    f"{', '.join(missing)} (register them with registry.register(name, "
+                    "InModel, OutModel), or give them NodePolicy(validate='none'))"
+                )
+        self._registry = registry
+        self._running = True
+        self._stopped = False
+        for node in self._nodes:
+            worker = NodeWorker(self, node, self._contexts[node])
+            worker.task = loop.create_task(worker.run(), name=f"penguiflow:{node.name}")
+            self._workers.append(worker)
+
+    async def stop(self) -> None:
+        """Stop every worker and background task; the flow can ``run()`` again.
+
+        Blocked node coroutines see ``CancelledError``. Pending ``fetch`` calls
+        raise ``RuntimeError`` instead of waiting forever.
+        """
+        if not self._running:
+            return
+        self._stopping = True
+        try:
+            current = asyncio.current_task()
+            tasks = [w.task for w in self._workers if w.task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*(t for t in tasks if t is not current),
+                                 return_exceptions=True)
+            externals: list[asyncio.Future[Any]] = [
+                t for t in self._external if t is not current]
+            for fut in externals:
+                fut.cancel()
+            await asyncio.gather(*externals, return_exceptions=True)
+            if self._bus_tasks:
+                await asyncio.gather(*self._bus_tasks, return_exceptions=True)
+            for state in self._traces.values():
+                state.wake_chunk_waiters()
+            self._traces.clear()
+            self._contexts[ROOKERY].fail_waiters(RuntimeError(
+                "PenguiFlow stopped while fetch() was waiting; call run() again first"))
+        finally:
+            self._workers.clear()
+            self._external.clear()
+            self._running = False
+            self._stopping = False
+            self._stopped = True
+
+    # -- emit / fetch ------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._stopped and not self._running:
+            raise RuntimeError(
+                "PenguiFlow is stopped: call run() again before emitting into it")
+
+    def _wm_already_delivered(self, msg: Any) -> bool:
+        if type(msg) is Message and isinstance(msg.payload, WM):
+            state = self._traces.get(msg.trace_id)
+            hops = state.wm_hops if state is not None else None
+            return hops is not None and msg.payload.hops in hops
+        return False
+
+    async def emit(self, msg: Any, to: Targets = None) -> None:
+        """Send ``msg`` into the flow through OpenSea; waits while a floe is full.
+
+        Raises:
+            KeyError: ``to`` is not an ingress node.
+            RuntimeError: the flow was stopped.
+        """
+        self._check_open()
+        if self._wm_already_delivered(msg):
+            return
+        await self._contexts[OPEN_SEA].emit(msg, to)
+
+    def emit_nowait(self, msg: Any, to: Targets = None) -> None:
+        """Like :meth:`emit` but raises ``asyncio.QueueFull`` instead of waiting."""
+        self._check_open()
+        if self._wm_already_delivered(msg):
+            return
+        self._contexts[OPEN_SEA].emit_nowait(msg, to)
+
+    async def emit_chunk(
+        self,
+        *,
+        parent: Message,
+        text: str,
+        stream_id: str | None = None,
+        seq: int | None = None,
+        done: bool = False,
+        meta: dict[str, Any] | None = None,
+        to: Targets = None,
+    ) -> Any:
+        """``Context.emit_chunk`` from OpenSea (its own per-stream counters)."""
+        self._check_open()
+        return await self._contexts[OPEN_SEA].emit_chunk(
+            parent=parent, text=text, stream_id=stream_id, seq=seq, done=done, meta=meta,
+            to=to)
+
+    async def fetch(self, from_: Targets = None) -> Any:
+        """Await the next item delivered to Rookery (Message, value or FlowError)."""
+        rookery = self._contexts[ROOKERY]
+        if self._stopped and not self._running and not rookery._buffer and not any(
+                f.queue.qsize() for f in rookery._incoming.values()):
+            raise RuntimeError("PenguiFlow is stopped and Rookery is empty: call run() first")
+        item = await rookery.fetch(from_)
+        await self._consumed(item)
+        return item
+
+    async def fetch_any(self, from_: Targets = None) -> Any:
+        """Like :meth:`fetch` but always races the egress floes."""
+        item = await self._contexts[ROOKERY].fetch_any(from_)
+        await self._consumed(item)
+        return item
+
+    def fetch_nowait(self, from_: Targets = None) -> Any:
+        """Return an item already delivered to Rookery; ``asyncio.QueueEmpty`` if none."""
+        item = self._contexts[ROOKERY].fetch_nowait(from_)
+        trace_id = getattr(item, "trace_id", None)
+        if trace_id is not None and self._release(trace_id):
+            self._spawn_bus(self._cancel_finished(trace_id))
+        return item
+
+    async def _consumed(self, item: Any) -> None:
+        trace_id = item.trace_id if type(item) is Message else getattr(item, "trace_id", None)
+        if trace_id is not None and self._release(trace_id):
+            await self._cancel_finished(trace_id)
+
+    # -- puts and accounting -----------------------------------------------------
+
+    def _origin_of(self, ctx: Context) -> Origin:
+        inv = ctx._inv
+        if inv is None and not self._events.listening:
+            return None
+        return (inv, time.time())
+
+    def _origin_for(self, inv: str | None) -> Origin:
+        return None if inv is None else (inv, time.time())
+
+    def _count(self, item: Any) -> None:
+        trace_id = item.trace_id if type(item) is Message else getattr(item, "trace_id", None)
+        if trace_id is not None:
+            state = self._traces.get(trace_id)
+            if state is None:
+                state = self._traces[trace_id] = TraceState()
+            state.pending += 1
+
+    async def _put(self, floe: Floe, item: Any, origin: Origin) -> None:
+        self._count(item)
+        if self._message_bus is not None:
+            await self._publish(floe, item)
+        await floe.queue.put_tagged(item, origin)
+
+    def _put_nowait(self, floe: Floe, item: Any, origin: Origin) -> None:
+        floe.queue.put_tagged_nowait(item, origin)
+        self._count(item)
+        if self._message_bus is not None:
+            self._spawn_bus(self._publish(floe, item))
+
+    def _release(self, trace_id: Any) -> bool:
+        """Count one item of ``trace_id`` as consumed; True if a cancelled trace drained."""
+        state = self._traces.get(trace_id)
+        if state is None:
+            return False
+        state.pending -= 1
+        if state.chunk_waiters and state.pending <= self._queue_maxsize:
+            state.wake_chunk_waiters()
+        if state.pending > 0:
+            return False
+        del self._traces[trace_id]
+        state.wake_chunk_waiters()
+        return state.cancelled
+
+    async def _wait_chunk_capacity(self, trace_id: Any) -> None:
+        maxsize = self._queue_maxsize
+        if maxsize <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            state = self._traces.get(trace_id)
+            if state is None or state.pending - 1 < maxsize:
+                return
+            waiter: asyncio.Future[None] = loop.create_future()
+            if state.chunk_waiters is None:
+                state.chunk_waiters = []
+            state.chunk_waiters.append(waiter)
+            await waiter
+            if self._stopping or not self._running:
+                return
+
+    async def _deliver_rookery(self, ctx: Context, item: Any, origin: Origin) -> None:
+        """Out-of-band delivery: own egress floe, else the first one, else the buffer."""
+        if type(item) is Message and isinstance(item.payload, WM):
+            state = self._traces.get(item.trace_id)
+            if state is not None:
+                if state.wm_hops is None:
+                    state.wm_hops = set()
+                state.wm_hops.add(item.payload.hops)
+        floe = ctx._outgoing.get(ROOKERY)
+        if floe is None and self._egress:
+            floe = self._egress[0]
+        if floe is not None:
+            await self._put(floe, item, origin)
+            return
+        self._count(item)
+        rookery = self._contexts[ROOKERY]
+        rookery._buffer.append(item)
+        for waiter in rookery._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    async def _route_result(self, node: Node, ctx: Context, incoming: Any, result: Any,
+                            inv: str | None) -> None:
+        origin = self._origin_for(inv) if inv is not None else self._origin_of(ctx)
+        if type(result) is Message or isinstance(result, Message):
+            payload = result.payload
+            if isinstance(payload, WM):
+                await self._controller_step(ctx, incoming, result, payload, origin)
+                return
+            if isinstance(payload, FinalAnswer):
+                await self._deliver_rookery(ctx, result, origin)
+                return
+        put = self._put
+        for floe in ctx._outgoing.values():
+            await put(floe, result, origin)
+
+    async def _controller_step(self, ctx: Context, incoming: Any, result: Message, wm: WM,
+                               origin: Origin) -> None:
+        """Spec §8: budgets and deadline, else loop back to the node itself."""
+        deadline = result.deadline_s
+        if deadline is not None and time.time() > deadline:
+            text = "Deadline exceeded"
+        elif wm.budget_tokens is not None and wm.tokens_used >= wm.budget_tokens:
+            text = "Token budget exhausted"
+        else:
+            text = None
+            next_hops = wm.hops
+            previous = incoming.payload if isinstance(incoming, Message) else None
+            if isinstance(previous, WM) and wm.hops <= previous.hops:
+                next_hops = previous.hops + 1
+            if wm.budget_hops is not None and next_hops >= wm.budget_hops:
+                text = "Hop budget exhausted"
+        if text is not None:
+            final = result.model_copy(update={"payload": FinalAnswer(text=text)})
+            await self._deliver_rookery(ctx, final, origin)
+            return
+        looped = result.model_copy(update={"payload": wm.model_copy(update={"hops": next_hops})})
+        await ctx.emit(looped, to=ctx.owner)
+        if wm.budget_hops is None and wm.budget_tokens is None:
+            # Unbounded loop: stream every intermediate state to the caller.
+            await self._deliver_rookery(ctx, looped.model_copy(deep=True), origin)
+
+    # -- bus -------------------------------------------------------------------
+
+    async def _publish(self, floe: Floe, item: Any) -> None:
+        bus = self._message_bus
+        if bus is None:
+            return
+        is_msg = isinstance(item, Message)
+        envelope = BusEnvelope(
+            edge=floe.label,
+            source=_label(floe.source),
+            target=_label(floe.target),
+            trace_id=getattr(item, "trace_id", None),
+            payload=item,
+            headers=item.headers.model_dump() if is_msg else None,
+            meta=dict(item.meta) if is_msg else None,
+        )
+        try:
+            await bus.publish(envelope)
+        except Exception as exc:
+            self._events.failures["message_bus_publish_failed"] += 1
+            logger.exception("message_bus_publish_failed",
+                             extra={"edge": envelope.edge, "trace_id": envelope.trace_id,
+                                    "error": repr(exc)})
+
+    def _spawn_bus(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bus_tasks.add(task)
+        task.add_done_callback(self._bus_tasks.discard)
+
+    # -- events ----------------------------------------------------------------
+
+    async def _emit_event(
+        self,
+        kind: str,
+        ctx: Context,
+        trace_id: Any,
+        *,
+        attempt: int = 0,
+        latency_ms: float | None = None,
+        extra: Mapping[str, Any] | None = None,
+        level: int | None = None,
+        invocation_id: str | None = None,
+        parents: tuple[str, ...] = (),
+        queued_ts: float | None = None,
+    ) -> None:
+        if level is None:
+            level = EVENT_LEVELS.get(kind, logging.INFO)
+        events = self._events
+        if not events.wants(level):
+            return
+        owner = ctx.owner
+        node_name = owner.name
+        node_id = owner.name if isinstance(owner, Endpoint) else owner.node_id
+        span_id: str | None = None
+        parent_span: str | None = None
+        if trace_id is not None:
+            state = self._traces.get(trace_id)
+            pending: int | None = state.pending if state is not None else 0
+            inflight = state.inflight if state is not None else 0
+            cancelled = state.cancelled if state is not None else False
+            root = root_span_id(str(trace_id))
+            span_id = invocation_id or root
+            parent_span = (parents[0] if len(parents) == 1 else root) if invocation_id else None
+        else:
+            pending, inflight, cancelled = None, 0, False
+        event = FlowEvent(
+            kind, time.time(), node_name, node_id, trace_id, attempt, latency_ms,
+            ctx.queue_depth_in(), ctx.queue_depth_out(), len(ctx._outgoing),
+            self._queue_maxsize, pending, inflight, cancelled, extra or _EMPTY,
+            invocation_id=invocation_id, parent_invocation_ids=parents, span_id=span_id,
+            parent_span_id=parent_span, seq=events.next_seq(), queued_ts=queued_ts,
+            flow_name=self.name,
+        )
+        await events.deliver(event, level)
+
+    async def record_remote_event(
+        self,
+        *,
+        event: str,
+        node: Node,
+        context: Context,
+        trace_id: str | None,
+        latency_ms: float | None,
+        level: int = logging.INFO,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Emit a FlowEvent of kind ``event`` (attempt 0) through the pipeline."""
+        await self._emit_event(event, context, trace_id, latency_ms=latency_ms, extra=extra,
+                               level=level, invocation_id=context._inv)
+
+    # -- cancellation ------------------------------------------------------------
+
+    def ensure_trace_event(self, trace_id: str) -> asyncio.Event:
+        """Return (creating if needed) the cancel event of ``trace_id``."""
+        state = self._traces.get(trace_id)
+        if state is None:
+            state = self._traces[trace_id] = TraceState()
+        if state.cancel_event is None:
+            state.cancel_event = asyncio.Event()
+        return state.cancel_event
+
+    def register_external_task(self, trace_id: str | None, task: asyncio.Future[Any]) -> None:
+        """Track ``task`` for ``trace_id`` so that ``stop()`` cancels it."""
+        if trace_id is None:
+            return
+        self._external.add(task)
+        task.add_done_callback(self._external.discard)
+
+    async def cancel(self, trace_id: str) -> bool:
+        """Cancel one trace; True if it had pending or in-flight work.
+
+        Raises:
+            RuntimeError: the flow is not running.
+        """
+        if not self._running:
+            raise RuntimeError("PenguiFlow is not running")
+        state = self._traces.get(trace_id)
+        if state is None or (state.pending <= 0 and state.inflight <= 0):
+            return False
+        event = self.ensure_trace_event(trace_id)
+        if not event.is_set():
+            event.set()
+            await self._emit_event("trace_cancel_start", self._contexts[OPEN_SEA], trace_id,
+                                   extra={"pending": state.pending})
+
+        def belongs(item: Any) -> bool:
+            return getattr(item, "trace_id", None) == trace_id
+
+        drained = False
+        for floe in self._floes:
+            for _ in floe.queue.remove_where(belongs):
+                drained = self._release(trace_id) or drained
+        for worker in self._workers:
+            worker.request_trace_cancel(trace_id)
+        if drained:
+            await self._cancel_finished(trace_id)
+        return True
+
+    async def _cancel_finished(self, trace_id: Any) -> None:
+        await self._emit_event("trace_cancel_finish", self._contexts[ROOKERY], trace_id)
+
+    # -- 2.1 distribution helpers ----------------------------------------------
+
+    async def load_history(self, trace_id: str) -> Sequence[StoredEvent]:
+        """Return the stored events of ``trace_id``.
+
+        Raises:
+            RuntimeError: the flow was created without a state store.
+        """
+        if self._state_store is None:
+            raise RuntimeError("PenguiFlow was created without a state_store")
+        return await self._state_store.load_history(trace_id)
+
+    async def save_remote_binding(self, binding: RemoteBinding) -> None:
+        """Persist ``binding`` in the state store, if any; failures are logged."""
+        if self._state_store is None:
+            return
+        try:
+            await self._state_store.save_remote_binding(binding)
+        except Exception as exc:
+            self._events.failures["state_store_binding_failed"] += 1
+            logger.exception("state_store_binding_failed",
+                             extra={"trace_id": binding.trace_id, "error": repr(exc)})
+
+    def __repr__(self) -> str:
+        return (f"PenguiFlow(name={self.name!r}, nodes={len(self._nodes)}, "
+                f"running={self._running})")
+
+
+def create(*adjacencies: Adjacency, **kwargs: Any) -> PenguiFlow:
+    """Build a :class:`PenguiFlow` (forwards everything to the constructor)."""
+    return PenguiFlow(*adjacencies, **kwargs)
+
+
+async def call_playbook(
+    playbook: Callable[[], tuple[PenguiFlow, ModelRegistry | None]],
+    parent_msg: Message,
+    timeout: float | None = None,
+    *,
+    runtime: PenguiFlow | None = None,
+) -> Any:
+    """Run a subflow for ``parent_msg`` and return its first Rookery payload.
+
+    The subflow gets ``parent_msg`` itself (same trace id, headers, meta). With
+    ``runtime``, the parent trace's cancellation cancels the subflow's trace and
+    raises :class:`TraceCancelled`. The subflow is always stopped before this
+    returns or raises.
+
+    Raises:
+        TraceCancelled: the parent trace is (or becomes) cancelled.
+        TimeoutError: no result within ``timeout`` seconds.
+    """
+    flow, registry = playbook()
+    flow.run(registry=registry)
+    trace_id = getattr(parent_msg, "trace_id", None)
+    cancel_wait: asyncio.Task[bool] | None = None
+    fetch: asyncio.Task[Any] | None = None
+    try:
+        if runtime is not None and trace_id is not None:
+            cancel_event = runtime.ensure_trace_event(trace_id)
+            if cancel_event.is_set():
+                raise TraceCancelled(trace_id)
+            cancel_wait = asyncio.ensure_future(cancel_event.wait())
+        await flow.emit(parent_msg)
+        fetch = asyncio.ensure_future(flow.fetch())
+        waiting = {fetch} if cancel_wait is None else {fetch, cancel_wait}
+        done, _ = await asyncio.wait(waiting, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if fetch in done:
+            result = fetch.result()
+            return result.payload if isinstance(result, Message) else result
+        if cancel_wait is not None and cancel_wait in done:
+            raise TraceCancelled(trace_id)
+        raise TimeoutError(f"playbook produced no result within {timeout}s")
+    except (TraceCancelled, asyncio.CancelledError):
+        if trace_id is not None and flow.running:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(flow.cancel(trace_id))
+        raise
+    finally:
+        for task in (cancel_wait, fetch):
+            if task is not None and not task.done():
+                task.cancel()
+        pending = [t for t in (cancel_wait, fetch) if t is not None]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.shield(flow.stop())

@@ -1,0 +1,146 @@
+"""FlowEvent: the one record every observer (logs, stores, spans, middlewares) sees.
+
+The spec's fields come first, in the spec's order. Fields after ``extra`` are
+PenguiFlow additions: keyword-only with defaults, so 2.1 code that builds or
+reads events is unaffected. They carry the ids of
+``docs/concepts/events.md`` so that a trace can be rebuilt from stored events
+alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["FlowEvent"]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEvent:
+    """An immutable runtime event.
+
+    ``extra`` is stored as a read-only mapping proxy over a copy of what was
+    passed. The keyword-only fields are PenguiFlow's additions:
+
+    Attributes:
+        invocation_id: the node invocation this event belongs to (16 hex; the
+            node span's span id), or None for events outside an invocation.
+        parent_invocation_ids: the invocation(s) whose output this invocation
+            consumed; empty when the input came from OpenSea.
+        span_id: the OTel span id the event belongs to (the invocation's, or the
+            trace's root span for trace-level events).
+        parent_span_id: the parent span's id (the root span for a node span).
+        seq: a per-flow, strictly increasing event number (total order).
+        queued_ts: wall-clock time (epoch s) at which the invocation's input was
+            put on its floe, when known.
+        flow_name: the name of the flow that emitted the event.
+    """
+
+    event_type: str
+    ts: float
+    node_name: str | None
+    node_id: str | None
+    trace_id: str | None
+    attempt: int
+    latency_ms: float | None
+    queue_depth_in: int
+    queue_depth_out: int
+    outgoing_edges: int
+    queue_maxsize: int
+    trace_pending: int | None
+    trace_inflight: int
+    trace_cancelled: bool
+    extra: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    invocation_id: str | None = field(default=None, kw_only=True)
+    parent_invocation_ids: tuple[str, ...] = field(default=(), kw_only=True)
+    span_id: str | None = field(default=None, kw_only=True)
+    parent_span_id: str | None = field(default=None, kw_only=True)
+    seq: int = field(default=0, kw_only=True)
+    queued_ts: float | None = field(default=None, kw_only=True)
+    flow_name: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        extra = self.extra
+        if extra is not _EMPTY:
+            # Always a copy: the caller's dict may change after the event is built.
+            object.__setattr__(self, "extra", MappingProxyType(dict(extra)) if extra else _EMPTY)
+
+    @property
+    def queue_depth(self) -> int:
+        """``queue_depth_in + queue_depth_out``."""
+        return self.queue_depth_in + self.queue_depth_out
+
+    def to_payload(self) -> dict[str, Any]:
+        """Return the spec's flat dict (extra items merged last; extra keys win)."""
+        payload: dict[str, Any] = {
+            "ts": self.ts,
+            "event": self.event_type,
+            "node_name": self.node_name,
+            "node_id": self.node_id,
+            "trace_id": self.trace_id,
+            "latency_ms": self.latency_ms,
+            "q_depth_in": self.queue_depth_in,
+            "q_depth_out": self.queue_depth_out,
+            "q_depth_total": self.queue_depth_in + self.queue_depth_out,
+            "outgoing": self.outgoing_edges,
+            "queue_maxsize": self.queue_maxsize,
+            "attempt": self.attempt,
+            "trace_inflight": self.trace_inflight,
+            "trace_cancelled": self.trace_cancelled,
+        }
+        if self.trace_pending is not None:
+            payload["trace_pending"] = self.trace_pending
+        if self.extra:
+            payload.update(self.extra)
+        return payload
+
+    def metric_samples(self) -> dict[str, float]:
+        """Return numeric samples; ``extra["latency_ms"]`` overrides ``latency_ms``."""
+        samples = {
+            "queue_depth_in": float(self.queue_depth_in),
+            "queue_depth_out": float(self.queue_depth_out),
+            "queue_depth_total": float(self.queue_depth_in + self.queue_depth_out),
+            "attempt": float(self.attempt),
+            "trace_inflight": float(self.trace_inflight),
+            "trace_cancelled": 1.0 if self.trace_cancelled else 0.0,
+        }
+        if self.trace_pending is not None:
+            samples["trace_pending"] = float(self.trace_pending)
+        if self.latency_ms is not None:
+            samples["latency_ms"] = float(self.latency_ms)
+        if "latency_ms" in self.extra:
+            # A non-numeric extra latency is a label, not a sample.
+            with contextlib.suppress(TypeError, ValueError):
+                samples["latency_ms"] = float(self.extra["latency_ms"])
+        return samples
+
+    def tag_values(self) -> dict[str, str]:
+        """Return string tags: the kind, the set ids, and scalar extra items."""
+        tags = {"event_type": self.event_type}
+        if self.node_name is not None:
+            tags["node_name"] = self.node_name
+        if self.node_id is not None:
+            tags["node_id"] = self.node_id
+        if self.trace_id is not None:
+            tags["trace_id"] = self.trace_id
+        for key, value in self.extra.items():
+            if isinstance(value, str | int | float | bool):
+                tags[key] = str(value)
+        return tags
+
+    def ids(self) -> dict[str, Any]:
+        """Return PenguiFlow's additional ids as a dict (what stores persist)."""
+        return {
+            "invocation_id": self.invocation_id,
+            "parent_invocation_ids": list(self.parent_invocation_ids),
+            "span_id": self.span_id,
+            "parent_span_id": self.parent_span_id,
+            "seq": self.seq,
+            "queued_ts": self.queued_ts,
+            "flow_name": self.flow_name,
+        }

@@ -1,0 +1,237 @@
+"""The remote seam: calling agents in other processes from a node (spec §15.3).
+
+``RemoteTransport`` is the contract (``send``, ``stream``, ``cancel``);
+``RemoteNode`` wraps a transport into an ordinary :class:`~penguiflow.node.Node`
+that records the six remote event kinds, maps a remote stream onto
+``StreamChunk``s, saves the trace ↔ context/task binding, and propagates a trace
+cancel to ``transport.cancel``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ._traces import TraceCancelled
+from .node import Node, NodePolicy
+from .state import RemoteBinding
+from .types import Message
+
+__all__ = [
+    "RemoteCallRequest",
+    "RemoteCallResult",
+    "RemoteNode",
+    "RemoteStreamEvent",
+    "RemoteTransport",
+]
+
+
+@dataclass(slots=True)
+class RemoteCallRequest:
+    """What a transport receives: the original message and where to send it."""
+
+    message: Message
+    skill: str
+    agent_url: str
+    agent_card: Mapping[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    timeout_s: float | None = None
+
+
+@dataclass(slots=True)
+class RemoteCallResult:
+    """A unary call's outcome with the remote ids when known."""
+
+    result: Any
+    context_id: str | None = None
+    task_id: str | None = None
+    agent_url: str | None = None
+    meta: Mapping[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class RemoteStreamEvent:
+    """One event of a remote stream; ``result`` carries the final value."""
+
+    text: str | None = None
+    done: bool = False
+    meta: Mapping[str, Any] | None = None
+    context_id: str | None = None
+    task_id: str | None = None
+    agent_url: str | None = None
+    result: Any = None
+
+
+class RemoteTransport(Protocol):
+    """How a RemoteNode reaches a remote agent. Subclass it or match its shape."""
+
+    async def send(self, request: RemoteCallRequest) -> RemoteCallResult:
+        """Make a unary call."""
+        ...
+
+    def stream(self, request: RemoteCallRequest) -> AsyncIterator[RemoteStreamEvent]:
+        """Return an async iterator of stream events (often an async generator)."""
+        ...
+
+    async def cancel(self, *, agent_url: str, task_id: str) -> None:
+        """Cancel a remote task."""
+        ...
+
+
+def _size(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return len(value.encode())
+    if hasattr(value, "model_dump_json"):
+        return len(value.model_dump_json().encode())
+    try:
+        return len(json.dumps(value, default=str).encode())
+    except (TypeError, ValueError):
+        return len(str(value).encode())
+
+
+def _clean(extra: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in extra.items() if v is not None}
+
+
+def RemoteNode(
+    *,
+    transport: RemoteTransport,
+    skill: str,
+    agent_url: str,
+    name: str,
+    agent_card: Mapping[str, Any] | None = None,
+    policy: NodePolicy | None = None,
+    streaming: bool = False,
+    record_binding: bool = True,
+) -> Node:
+    """Return a Node that delegates each message to a remote agent.
+
+    The node's input must be a :class:`Message`; it returns the remote result
+    (the last non-None ``result`` of a stream). Transport exceptions are
+    recorded as ``remote_call_error`` and re-raised, so the node's retry policy
+    applies.
+    """
+    transport_name = type(transport).__name__
+
+    async def remote_call(message: Any, ctx: Any) -> Any:
+        if not isinstance(message, Message):
+            raise TypeError(
+                f"RemoteNode '{name}' expects a Message, got {type(message).__name__}")
+        runtime = getattr(ctx, "runtime", None)
+        if runtime is None:
+            raise RuntimeError(
+                f"RemoteNode '{name}' needs a context attached to a running flow")
+        trace_id = message.trace_id
+        request = RemoteCallRequest(message=message, skill=skill, agent_url=agent_url,
+                                    agent_card=agent_card, metadata=message.meta,
+                                    timeout_s=node.policy.timeout_s)
+        ids: dict[str, Any] = {"context_id": None, "task_id": None, "agent_url": agent_url}
+        watcher: list[asyncio.Task[None]] = []
+
+        async def record(kind: str, latency_ms: float | None, **extra: Any) -> None:
+            await runtime.record_remote_event(event=kind, node=node, context=ctx,
+                                              trace_id=trace_id, latency_ms=latency_ms,
+                                              extra=_clean(extra))
+
+        async def cancel_remote(reason: str) -> None:
+            started = time.perf_counter()
+            try:
+                await transport.cancel(agent_url=ids["agent_url"], task_id=ids["task_id"])
+            except Exception as exc:
+                await record("remote_cancel_error", (time.perf_counter() - started) * 1000,
+                             remote_cancel_reason=reason, remote_error=repr(exc),
+                             remote_context_id=ids["context_id"],
+                             remote_task_id=ids["task_id"], remote_agent_url=ids["agent_url"])
+                return
+            await record("remote_call_cancelled", (time.perf_counter() - started) * 1000,
+                         remote_cancel_reason=reason, remote_status="cancelled",
+                         remote_context_id=ids["context_id"], remote_task_id=ids["task_id"],
+                         remote_agent_url=ids["agent_url"])
+
+        async def bind(context_id: str | None, task_id: str | None, url: str | None) -> None:
+            if context_id is not None:
+                ids["context_id"] = context_id
+            if task_id is not None:
+                ids["task_id"] = task_id
+            if url:
+                ids["agent_url"] = url
+            if watcher or ids["context_id"] is None or ids["task_id"] is None:
+                return
+            if record_binding:
+                await runtime.save_remote_binding(RemoteBinding(
+                    trace_id=trace_id, context_id=ids["context_id"], task_id=ids["task_id"],
+                    agent_url=ids["agent_url"]))
+            cancel_event = runtime.ensure_trace_event(trace_id)
+            if cancel_event.is_set():
+                watcher.append(asyncio.current_task())  # type: ignore[arg-type]
+                await cancel_remote("pre_cancelled")
+                raise TraceCancelled(trace_id)
+
+            async def watch() -> None:
+                await cancel_event.wait()
+                await cancel_remote("trace_cancel")
+
+            task = asyncio.get_running_loop().create_task(watch())
+            watcher.append(task)
+            runtime.register_external_task(trace_id, task)
+
+        await record("remote_call_start", 0.0, remote_skill=skill,
+                     remote_transport=transport_name, remote_streaming=streaming,
+                     remote_request_bytes=_size(message), remote_agent_url=agent_url)
+        started = time.perf_counter()
+        finished = False
+        try:
+            stream_events = 0
+            response_bytes = 0
+            value: Any = None
+            if not streaming:
+                result = await transport.send(request)
+                await bind(result.context_id, result.task_id, result.agent_url)
+                value = result.result
+                response_bytes = _size(value)
+            else:
+                async for event in transport.stream(request):
+                    await bind(event.context_id, event.task_id, event.agent_url)
+                    meta = dict(event.meta) if event.meta else None
+                    if event.text is not None:
+                        await ctx.emit_chunk(parent=message, text=event.text, done=event.done,
+                                             meta=meta)
+                    chunk_bytes = _size(event.text) + (_size(meta) if meta else 0)
+                    response_bytes += chunk_bytes
+                    await record("remote_stream_event", None, remote_stream_seq=stream_events,
+                                 remote_chunk_bytes=chunk_bytes or None,
+                                 remote_chunk_done=event.done,
+                                 remote_chunk_meta_keys=sorted(meta) if meta else None,
+                                 remote_context_id=ids["context_id"],
+                                 remote_task_id=ids["task_id"],
+                                 remote_agent_url=ids["agent_url"])
+                    stream_events += 1
+                    if event.result is not None:
+                        value = event.result
+                response_bytes += _size(value)
+        except (TraceCancelled, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await record("remote_call_error", (time.perf_counter() - started) * 1000,
+                         remote_status="error", remote_error=repr(exc),
+                         remote_agent_url=ids["agent_url"])
+            raise
+        else:
+            finished = True
+        finally:
+            if finished and watcher and watcher[0] is not asyncio.current_task():
+                watcher[0].cancel()  # the call is over: nothing left to cancel remotely
+        await record("remote_call_success", (time.perf_counter() - started) * 1000,
+                     remote_status="success", remote_response_bytes=response_bytes,
+                     remote_stream_events=stream_events, remote_context_id=ids["context_id"],
+                     remote_task_id=ids["task_id"], remote_agent_url=ids["agent_url"])
+        return value
+
+    node = Node(remote_call, name=name, policy=policy or NodePolicy())
+    return node
