@@ -37,9 +37,12 @@ class Context:
         "_arrivals",
         "_arrivals_cap",
         "_buffer",
+        "_in_queues",
         "_incoming",
         "_inv",
+        "_out_queues",
         "_outgoing",
+        "_owner_id",
         "_owner",
         "_runtime",
         "_stream_seq",
@@ -50,8 +53,13 @@ class Context:
     def __init__(self, owner: Owner, runtime: PenguiFlow | None = None) -> None:
         self._owner = owner
         self._runtime = runtime
+        #: ``node_id`` for nodes, the endpoint's name for endpoints (event field).
+        self._owner_id: str = owner.name if isinstance(owner, Endpoint) else owner.node_id
         self._incoming: dict[Owner, Floe] = {}
         self._outgoing: dict[Owner, Floe] = {}
+        # Plain lists of the queues: queue depths are read for every event.
+        self._in_queues: list[FloeQueue] = []
+        self._out_queues: list[FloeQueue] = []
         self._buffer: deque[Any] = deque()
         self._arrivals: deque[FloeQueue] = deque()
         self._arrivals_cap = 1024
@@ -81,6 +89,7 @@ class Context:
         if floe.source is None:
             return
         self._incoming[floe.source] = floe
+        self._in_queues = [f.queue for f in self._incoming.values()]
         if len(self._incoming) > 1:
             ring = self._ring
             for incoming in self._incoming.values():
@@ -91,6 +100,7 @@ class Context:
         if floe.target is None:
             return
         self._outgoing[floe.target] = floe
+        self._out_queues = [f.queue for f in self._outgoing.values()]
 
     def outgoing_count(self) -> int:
         """Number of outgoing floes."""
@@ -98,11 +108,17 @@ class Context:
 
     def queue_depth_in(self) -> int:
         """Items waiting on the incoming floes."""
-        return sum(f.queue.qsize() for f in self._incoming.values())
+        depth = 0
+        for queue in self._in_queues:
+            depth += len(queue._queue)
+        return depth
 
     def queue_depth_out(self) -> int:
         """Items waiting on the outgoing floes."""
-        return sum(f.queue.qsize() for f in self._outgoing.values())
+        depth = 0
+        for queue in self._out_queues:
+            depth += len(queue._queue)
+        return depth
 
     def _resolve(self, targets: Targets, table: dict[Owner, Floe]) -> list[Floe]:
         wanted: list[Any]

@@ -31,7 +31,7 @@ class TraceCancelled(Exception):
 class TraceState:
     """Mutable bookkeeping of one live trace (see module docstring)."""
 
-    __slots__ = ("cancel_event", "chunk_waiters", "inflight", "pending", "wm_hops")
+    __slots__ = ("cancel_event", "chunk_waiters", "inflight", "pending", "root_span", "wm_hops")
 
     def __init__(self) -> None:
         self.pending = 0
@@ -39,6 +39,8 @@ class TraceState:
         self.cancel_event: asyncio.Event | None = None
         self.wm_hops: set[int] | None = None
         self.chunk_waiters: list[asyncio.Future[None]] | None = None
+        #: Cached root span id (derived from the trace id on first use).
+        self.root_span: str | None = None
 
     @property
     def cancelled(self) -> bool:

@@ -28,7 +28,9 @@ from ._ids import root_span_id
 from ._traces import TraceCancelled, TraceState
 from ._worker import NodeWorker
 from .bus import BusEnvelope
-from .metrics import _EMPTY, FlowEvent
+from types import MappingProxyType
+
+from .metrics import _EMPTY, make_event
 from .types import WM, FinalAnswer, Message
 
 if TYPE_CHECKING:
@@ -492,33 +494,42 @@ class PenguiFlow:
         parents: tuple[str, ...] = (),
         queued_ts: float | None = None,
     ) -> None:
+        """Build and deliver one FlowEvent, unless nobody would see it."""
         if level is None:
             level = EVENT_LEVELS.get(kind, logging.INFO)
         events = self._events
-        if not events.wants(level):
+        if not (events.listening or logger.isEnabledFor(level)):
             return
-        owner = ctx.owner
-        node_name = owner.name
-        node_id = owner.name if isinstance(owner, Endpoint) else owner.node_id
+        owner = ctx._owner
         span_id: str | None = None
         parent_span: str | None = None
         if trace_id is not None:
             state = self._traces.get(trace_id)
-            pending: int | None = state.pending if state is not None else 0
-            inflight = state.inflight if state is not None else 0
-            cancelled = state.cancelled if state is not None else False
-            root = root_span_id(str(trace_id))
-            span_id = invocation_id or root
-            parent_span = (parents[0] if len(parents) == 1 else root) if invocation_id else None
+            if state is not None:
+                pending: int | None = state.pending
+                inflight = state.inflight
+                cancel_event = state.cancel_event
+                cancelled = cancel_event is not None and cancel_event.is_set()
+                root = state.root_span
+                if root is None:
+                    root = state.root_span = root_span_id(str(trace_id))
+            else:
+                pending, inflight, cancelled = 0, 0, False
+                root = root_span_id(str(trace_id))
+            if invocation_id is not None:
+                span_id = invocation_id
+                parent_span = parents[0] if len(parents) == 1 else root
+            else:
+                span_id = root
         else:
             pending, inflight, cancelled = None, 0, False
-        event = FlowEvent(
-            kind, time.time(), node_name, node_id, trace_id, attempt, latency_ms,
-            ctx.queue_depth_in(), ctx.queue_depth_out(), len(ctx._outgoing),
-            self._queue_maxsize, pending, inflight, cancelled, extra or _EMPTY,
-            invocation_id=invocation_id, parent_invocation_ids=parents, span_id=span_id,
-            parent_span_id=parent_span, seq=events.next_seq(), queued_ts=queued_ts,
-            flow_name=self.name,
+        events.seq += 1
+        event = make_event(
+            kind, time.time(), owner.name, ctx._owner_id, trace_id, attempt, latency_ms,
+            ctx.queue_depth_in(), ctx.queue_depth_out(), len(ctx._out_queues),
+            self._queue_maxsize, pending, inflight, cancelled,
+            MappingProxyType(dict(extra)) if extra else _EMPTY,
+            invocation_id, parents, span_id, parent_span, events.seq, queued_ts, self.name,
         )
         await events.deliver(event, level)
 

@@ -144,3 +144,71 @@ class FlowEvent:
             "queued_ts": self.queued_ts,
             "flow_name": self.flow_name,
         }
+
+
+# The runtime builds two events per hop when anyone listens; the dataclass's
+# frozen __init__ (object.__setattr__ per field) costs ~1.9 µs, setting the slots
+# through their descriptors ~0.8 µs. Same object, same invariants: ``extra`` must
+# already be a read-only mapping (the runtime passes ``_EMPTY`` or a fresh proxy).
+_new = object.__new__
+_set_event_type = FlowEvent.event_type.__set__  # type: ignore[attr-defined]
+_set_ts = FlowEvent.ts.__set__  # type: ignore[attr-defined]
+_set_node_name = FlowEvent.node_name.__set__  # type: ignore[attr-defined]
+_set_node_id = FlowEvent.node_id.__set__  # type: ignore[attr-defined]
+_set_trace_id = FlowEvent.trace_id.__set__  # type: ignore[attr-defined]
+_set_attempt = FlowEvent.attempt.__set__  # type: ignore[attr-defined]
+_set_latency_ms = FlowEvent.latency_ms.__set__  # type: ignore[attr-defined]
+_set_queue_depth_in = FlowEvent.queue_depth_in.__set__  # type: ignore[attr-defined]
+_set_queue_depth_out = FlowEvent.queue_depth_out.__set__  # type: ignore[attr-defined]
+_set_outgoing_edges = FlowEvent.outgoing_edges.__set__  # type: ignore[attr-defined]
+_set_queue_maxsize = FlowEvent.queue_maxsize.__set__  # type: ignore[attr-defined]
+_set_trace_pending = FlowEvent.trace_pending.__set__  # type: ignore[attr-defined]
+_set_trace_inflight = FlowEvent.trace_inflight.__set__  # type: ignore[attr-defined]
+_set_trace_cancelled = FlowEvent.trace_cancelled.__set__  # type: ignore[attr-defined]
+_set_extra = FlowEvent.extra.__set__  # type: ignore[attr-defined]
+_set_invocation_id = FlowEvent.invocation_id.__set__  # type: ignore[attr-defined]
+_set_parent_invocation_ids = FlowEvent.parent_invocation_ids.__set__  # type: ignore[attr-defined]
+_set_span_id = FlowEvent.span_id.__set__  # type: ignore[attr-defined]
+_set_parent_span_id = FlowEvent.parent_span_id.__set__  # type: ignore[attr-defined]
+_set_seq = FlowEvent.seq.__set__  # type: ignore[attr-defined]
+_set_queued_ts = FlowEvent.queued_ts.__set__  # type: ignore[attr-defined]
+_set_flow_name = FlowEvent.flow_name.__set__  # type: ignore[attr-defined]
+
+
+def make_event(
+    event_type: str, ts: float, node_name: str | None, node_id: str | None,
+    trace_id: str | None, attempt: int, latency_ms: float | None, queue_depth_in: int,
+    queue_depth_out: int, outgoing_edges: int, queue_maxsize: int,
+    trace_pending: int | None, trace_inflight: int, trace_cancelled: bool,
+    extra: Mapping[str, Any], invocation_id: str | None,
+    parent_invocation_ids: tuple[str, ...], span_id: str | None, parent_span_id: str | None,
+    seq: int, queued_ts: float | None, flow_name: str | None,
+) -> FlowEvent:
+    """Build a FlowEvent without the dataclass ``__init__`` (runtime-internal).
+
+    ``extra`` must already be a read-only mapping that nobody else mutates.
+    """
+    ev: FlowEvent = _new(FlowEvent)
+    _set_event_type(ev, event_type)
+    _set_ts(ev, ts)
+    _set_node_name(ev, node_name)
+    _set_node_id(ev, node_id)
+    _set_trace_id(ev, trace_id)
+    _set_attempt(ev, attempt)
+    _set_latency_ms(ev, latency_ms)
+    _set_queue_depth_in(ev, queue_depth_in)
+    _set_queue_depth_out(ev, queue_depth_out)
+    _set_outgoing_edges(ev, outgoing_edges)
+    _set_queue_maxsize(ev, queue_maxsize)
+    _set_trace_pending(ev, trace_pending)
+    _set_trace_inflight(ev, trace_inflight)
+    _set_trace_cancelled(ev, trace_cancelled)
+    _set_extra(ev, extra)
+    _set_invocation_id(ev, invocation_id)
+    _set_parent_invocation_ids(ev, parent_invocation_ids)
+    _set_span_id(ev, span_id)
+    _set_parent_span_id(ev, parent_span_id)
+    _set_seq(ev, seq)
+    _set_queued_ts(ev, queued_ts)
+    _set_flow_name(ev, flow_name)
+    return ev

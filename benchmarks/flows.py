@@ -1,0 +1,129 @@
+"""PenguiFlow graphs for the benchmark workloads, and the named observer set-ups.
+
+penguiflow is imported lazily so that ``run.py --floor-only`` works without it.
+
+Adding an observer row (StateStore, OTel SDK, ...): write a class satisfying
+:class:`ObserverSetup` and register a factory in :data:`OBSERVERS`. The factory is
+called once per benchmark run (raise :class:`ObserverUnavailable` when an optional
+dependency is missing: the row is then printed with a note instead of a number);
+``flow_kwargs`` and ``install`` are called for every flow built; ``aclose`` once at the
+end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from penguiflow import FlowEvent, Message, PenguiFlow
+
+QUEUE_MAXSIZE = 64
+FAN_WIDTH = 8
+
+
+async def identity(msg: Any, ctx: Any) -> Any:
+    return msg
+
+
+def make_messages(m: int) -> list[Message]:
+    from penguiflow import Headers, Message
+
+    return [Message(payload=i, headers=Headers(tenant="bench")) for i in range(m)]
+
+
+# --------------------------------------------------------------------------- observers
+
+
+class ObserverUnavailable(RuntimeError):
+    """Raised by an observer factory whose optional dependency is not installed."""
+
+
+class ObserverSetup(Protocol):
+    def flow_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for ``create`` (e.g. ``state_store=...``)."""
+        ...
+
+    def install(self, flow: PenguiFlow) -> None:
+        """Hook the observer into a freshly built flow, before ``run()``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release resources once every repetition has finished."""
+        ...
+
+
+async def _noop_middleware(event: FlowEvent) -> None:
+    return None
+
+
+class NoopMiddleware:
+    """A middleware that does nothing: every FlowEvent is materialised and dispatched."""
+
+    def flow_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def install(self, flow: PenguiFlow) -> None:
+        flow.add_middleware(_noop_middleware)
+
+    async def aclose(self) -> None:
+        return None
+
+
+# Named observer set-ups for the "with observers" rows (chain N=5, ratio to no observers).
+OBSERVERS: dict[str, Callable[[], ObserverSetup]] = {
+    "no-op middleware": NoopMiddleware,
+}
+
+
+# --------------------------------------------------------------------------- graphs
+
+
+def _flow(adjacencies: list[Any], setup: ObserverSetup | None) -> PenguiFlow:
+    from penguiflow import create
+
+    kwargs = setup.flow_kwargs() if setup is not None else {}
+    flow = create(*adjacencies, queue_maxsize=QUEUE_MAXSIZE, **kwargs)
+    if setup is not None:
+        setup.install(flow)
+    return flow
+
+
+@contextlib.asynccontextmanager
+async def _running(flow: PenguiFlow) -> AsyncIterator[PenguiFlow]:
+    flow.run()
+    try:
+        yield flow
+    finally:
+        await flow.stop()
+
+
+def chain(
+    n: int, setup: ObserverSetup | None = None
+) -> contextlib.AbstractAsyncContextManager[PenguiFlow]:
+    """A running linear chain of ``n`` identity nodes."""
+    from penguiflow import Node, NodePolicy
+
+    policy = NodePolicy(validate="none")
+    nodes = [Node(identity, name=f"s{i}", policy=policy) for i in range(n)]
+    adj: list[Any] = [nodes[i].to(nodes[i + 1]) for i in range(n - 1)]
+    adj.append(nodes[-1].to())
+    return _running(_flow(adj, setup))
+
+
+def fan_out(
+    width: int = FAN_WIDTH, setup: ObserverSetup | None = None
+) -> contextlib.AbstractAsyncContextManager[PenguiFlow]:
+    """A running ``fan -> w0..w{width-1} -> join_k("join", width) -> Rookery``."""
+    from penguiflow import Node, NodePolicy
+    from penguiflow.patterns import join_k
+
+    policy = NodePolicy(validate="none")
+    fan = Node(identity, name="fan", policy=policy)
+    workers = [Node(identity, name=f"w{i}", policy=policy) for i in range(width)]
+    join = join_k("join", width)
+    adj: list[Any] = [fan.to(*workers)]
+    adj += [w.to(join) for w in workers]
+    adj.append(join.to())
+    return _running(_flow(adj, setup))

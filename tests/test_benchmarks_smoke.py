@@ -1,0 +1,54 @@
+"""The benchmark script executes in quick mode and prints its table (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPECTED = [
+    "chain N=1, µs/hop",
+    "chain N=5, µs/hop",
+    "chain N=20, µs/hop",
+    "fan-out 1→8→join, µs/msg",
+    "latency N=1 p50, µs",
+    "latency N=1 p99, µs",
+    "latency N=5 p50, µs",
+    "latency N=5 p99, µs",
+    "chain N=5 + no-op middleware, µs/hop",
+]
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_benchmarks_quick_mode_prints_table(tmp_path: Path) -> None:
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--json", str(out_json)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("# python ") for line in lines)
+    table = [_cells(line) for line in lines if line.startswith("|")]
+    assert table[0] == ["workload", "floor", "ours", "ratio"]
+    rows = {cells[0]: cells for cells in table[2:]}
+    for name in EXPECTED:
+        matches = [key for key in rows if key.startswith(name)]
+        assert matches, f"missing row {name!r} in:\n{proc.stdout}"
+        _, floor, ours, ratio = rows[matches[0]]
+        assert float(floor) > 0 and float(ours) > 0, rows[matches[0]]
+        assert ratio.endswith("\u00d7")
+
+    doc = json.loads(out_json.read_text(encoding="utf-8"))
+    assert len(doc["rows"]) == len(table) - 2
+    assert all(r["ours"] is not None and r["floor"] is not None for r in doc["rows"])
