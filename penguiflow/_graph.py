@@ -38,7 +38,13 @@ Owner: TypeAlias = "Node | Endpoint"
 
 
 class CycleError(RuntimeError):
-    """The flow's graph has a cycle and ``allow_cycles`` was not set."""
+    """The flow's graph has a cycle and ``allow_cycles`` was not set.
+
+    Attributes:
+        nodes: names of the nodes on the cycle or downstream of it (sorted).
+    """
+
+    nodes: tuple[str, ...] = ()
 
 
 class _Tagged:
@@ -183,8 +189,6 @@ def check_acyclic(nodes: Iterable[Node], edges: dict[Node, list[Node]]) -> None:
                 ready.append(dst)
     if visited != len(node_list):
         stuck = sorted(owner_label(n) for n, deg in indegree.items() if deg > 0)
-        raise CycleError(
-            "Flow contains a cycle; enable allow_cycles to bypass "
-            f"(nodes on or after the cycle: {', '.join(stuck)}; or mark a "
-            "self-looping controller with Node(..., allow_cycle=True))"
-        )
+        error = CycleError("Flow contains a cycle; enable allow_cycles to bypass")
+        error.nodes = tuple(stuck)
+        raise error

@@ -199,8 +199,7 @@ class PenguiFlow:
             if missing:
                 raise RuntimeError(
                     "ModelRegistry is missing entries for nodes requiring validation: "
-                    f"{', '.join(missing)} (register them with registry.register(name, "
-                    "InModel, OutModel), or give them NodePolicy(validate='none'))"
+                    f"{', '.join(missing)}"
                 )
         self._registry = registry
         self._running = True

@@ -1,0 +1,259 @@
+"""§7.3 per-trace cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from pfcore_support import Recorder, msg, within
+
+from penguiflow import Node, NodePolicy, create
+from penguiflow.core import TraceCancelled
+
+NONE = NodePolicy(validate="none")
+
+
+class Blocker:
+    """A node body that blocks on messages whose payload is ``"block"``."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.seen: list[Any] = []
+
+    async def __call__(self, message: Any, ctx: Any) -> Any:
+        self.seen.append(message)
+        if getattr(message, "payload", message) == "block":
+            self.started.set()
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        return message
+
+
+def blocking_node(name: str = "worker", **policy: Any) -> tuple[Node, Blocker]:
+    body = Blocker()
+
+    async def fn(message: Any, ctx: Any) -> Any:
+        return await body(message, ctx)
+
+    policy.setdefault("validate", "none")
+    return Node(fn, name=name, policy=NodePolicy(**policy)), body
+
+
+def test_trace_cancelled_exception() -> None:
+    exc = TraceCancelled("abc")
+    assert isinstance(exc, Exception)
+    assert exc.trace_id == "abc"
+    assert str(exc) == "trace cancelled: abc"
+
+
+async def test_cancel_requires_a_running_flow() -> None:
+    node, _ = blocking_node()
+    flow = create(node.to())
+    with pytest.raises(RuntimeError) as info:
+        await flow.cancel("t")
+    assert str(info.value) == "PenguiFlow is not running"
+
+
+async def test_cancel_unknown_trace_returns_false(start: Any, recorder: Recorder) -> None:
+    node, _ = blocking_node()
+    flow = start(create(node.to(), middlewares=[recorder]))
+    assert await flow.cancel("no-such-trace") is False
+    assert recorder.of("trace_cancel_start") == []
+
+
+async def test_cancel_in_flight_invocation(start: Any, recorder: Recorder) -> None:
+    node, body = blocking_node(max_retries=3, backoff_base=0.001)
+    flow = start(create(node.to(), emit_errors_to_rookery=True, middlewares=[recorder]))
+    m = msg("block")
+    await flow.emit(m)
+    await within(body.started.wait())
+    event = flow.ensure_trace_event(m.trace_id)
+    assert not event.is_set()
+
+    assert await within(flow.cancel(m.trace_id)) is True
+    assert event.is_set()
+    await within(body.cancelled.wait())  # the user coroutine sees CancelledError
+
+    (begin,) = await recorder.wait_for("trace_cancel_start", trace_id=m.trace_id)
+    assert begin.node_name == "OpenSea"
+    assert begin.extra["pending"] >= 1
+    assert begin.trace_pending >= 1
+    assert begin.trace_inflight >= 1
+    assert begin.trace_cancelled is True
+    assert begin.outgoing_edges == 1
+    payload = begin.to_payload()
+    assert payload["outgoing"] == 1
+    assert payload["trace_cancelled"] is True
+
+    (finish,) = await recorder.wait_for("trace_cancel_finish", trace_id=m.trace_id)
+    assert finish.node_name == "Rookery"
+    assert finish.trace_pending == 0
+    assert finish.trace_inflight == 0
+    assert finish.trace_cancelled is False
+
+    kinds = recorder.kinds(trace_id=m.trace_id)
+    assert "node_trace_cancelled" in kinds
+    assert kinds.count("node_start") == 1  # never retried
+    assert "node_retry" not in kinds
+    assert "node_failed" not in kinds
+    assert kinds.index("trace_cancel_start") < kinds.index("trace_cancel_finish")
+    assert len(body.seen) == 1
+
+    # Nothing of the cancelled trace reaches Rookery: the next item is another trace's.
+    other = msg("after")
+    await flow.emit(other)
+    assert await within(flow.fetch()) is other
+    # The trace is finished: cancelling again reports False.
+    assert await flow.cancel(m.trace_id) is False
+
+
+async def test_cancel_is_idempotent(start: Any, recorder: Recorder) -> None:
+    node, body = blocking_node()
+    flow = start(create(node.to(), middlewares=[recorder]))
+    m = msg("block")
+    await flow.emit(m)
+    await within(body.started.wait())
+    first = await within(flow.cancel(m.trace_id))
+    second = await within(flow.cancel(m.trace_id))
+    assert first is True
+    assert second in (True, False)
+    await recorder.wait_for("trace_cancel_finish", trace_id=m.trace_id)
+    assert len(recorder.of("trace_cancel_start", trace_id=m.trace_id)) == 1
+    assert len(recorder.of("trace_cancel_finish", trace_id=m.trace_id)) == 1
+    assert await flow.cancel(m.trace_id) is False
+
+
+async def test_cancel_removes_queued_messages_and_spares_other_traces(
+    start: Any, recorder: Recorder
+) -> None:
+    node, body = blocking_node()
+    flow = start(create(node.to(), middlewares=[recorder]))
+    doomed = msg("block")
+    doomed_follow_up = doomed.model_copy(update={"payload": "follow-up"})
+    survivor = msg("survivor")
+    await flow.emit(doomed)
+    await within(body.started.wait())
+    await flow.emit(doomed_follow_up)  # queued behind the blocked invocation
+    await flow.emit(survivor)
+
+    assert await within(flow.cancel(doomed.trace_id)) is True
+    assert await within(flow.fetch()) is survivor
+    await recorder.wait_for("trace_cancel_finish", trace_id=doomed.trace_id)
+    (begin,) = recorder.of("trace_cancel_start", trace_id=doomed.trace_id)
+    assert begin.extra["pending"] == 2
+    # The queued follow-up was removed, never dequeued.
+    assert [getattr(s, "payload", s) for s in body.seen] == ["block", "survivor"]
+    assert recorder.of("trace_cancel_drop", trace_id=doomed.trace_id) == []
+    assert recorder.kinds(trace_id=survivor.trace_id) == ["node_start", "node_success"]
+
+
+async def test_cancel_removes_undelivered_results_from_rookery(
+    start: Any, recorder: Recorder
+) -> None:
+    async def fn(message: Any, ctx: Any) -> Any:
+        return message
+
+    flow = start(create(Node(fn, name="echo", policy=NONE).to(), middlewares=[recorder]))
+    m = msg("x")
+    await flow.emit(m)
+    await recorder.wait_for("node_success", trace_id=m.trace_id)
+    assert await within(flow.cancel(m.trace_id)) is True
+    await recorder.wait_for("trace_cancel_finish", trace_id=m.trace_id)
+    other = msg("y")
+    await flow.emit(other)
+    assert await within(flow.fetch()) is other
+
+
+async def test_dequeued_message_of_cancelled_trace_is_dropped(
+    start: Any, recorder: Recorder
+) -> None:
+    """A message of a trace that is still draining is dropped when a worker dequeues it."""
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stubborn(message: Any, ctx: Any) -> Any:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            # Finish slowly so that the trace stays pending for a while.
+            holding.set()
+            await release.wait()
+            raise
+
+    other_calls: list[Any] = []
+
+    async def other(message: Any, ctx: Any) -> Any:
+        other_calls.append(message)
+        return message
+
+    slow = Node(stubborn, name="slow", policy=NONE)
+    idle = Node(other, name="idle", policy=NONE)
+    flow = start(create(slow.to(), idle.to(), middlewares=[recorder]))
+    m = msg("x")
+    await flow.emit(m, to=slow)
+    await recorder.wait_for("node_start", trace_id=m.trace_id, node="slow")
+
+    cancel_task = asyncio.ensure_future(flow.cancel(m.trace_id))
+    await within(holding.wait())
+    late = m.model_copy(update={"payload": "late"})
+    await flow.emit(late, to=idle)
+    (drop,) = await recorder.wait_for("trace_cancel_drop", trace_id=m.trace_id)
+    assert drop.node_name == "idle"
+    assert other_calls == []
+    release.set()
+    assert await within(cancel_task) is True
+    await recorder.wait_for("trace_cancel_finish", trace_id=m.trace_id)
+    assert len(recorder.of("trace_cancel_finish", trace_id=m.trace_id)) == 1
+
+
+async def test_ensure_trace_event_is_stable(start: Any) -> None:
+    node, _ = blocking_node()
+    flow = start(create(node.to()))
+    event = flow.ensure_trace_event("t1")
+    assert isinstance(event, asyncio.Event)
+    assert flow.ensure_trace_event("t1") is event
+    assert flow.ensure_trace_event("t2") is not event
+
+
+async def test_register_external_task_for_none_trace_is_a_no_op(start: Any) -> None:
+    node, _ = blocking_node()
+    flow = start(create(node.to()))
+    task = asyncio.ensure_future(asyncio.Event().wait())
+    flow.register_external_task(None, task)
+    await within(flow.stop())
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_finished_external_task_is_forgotten(start: Any) -> None:
+    node, _ = blocking_node()
+    flow = start(create(node.to()))
+    done_task = asyncio.ensure_future(asyncio.sleep(0, result="ok"))
+    flow.register_external_task("t", done_task)
+    assert await within(done_task) == "ok"
+    await within(flow.stop())
+    assert done_task.result() == "ok"
+
+
+async def test_cancel_during_retry_backoff_stops_retrying(start: Any, recorder: Recorder) -> None:
+    async def failing(message: Any, ctx: Any) -> Any:
+        raise RuntimeError("again")
+
+    policy = NodePolicy(validate="none", max_retries=5, backoff_base=30.0)
+    flow = start(create(Node(failing, name="f", policy=policy).to(), middlewares=[recorder]))
+    m = msg("x")
+    await flow.emit(m)
+    await recorder.wait_for("node_retry", trace_id=m.trace_id)
+    assert await within(flow.cancel(m.trace_id)) is True
+    await recorder.wait_for("trace_cancel_finish", trace_id=m.trace_id)
+    kinds = recorder.kinds(trace_id=m.trace_id)
+    assert kinds.count("node_start") == 1
+    assert "node_failed" not in kinds
