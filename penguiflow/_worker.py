@@ -227,13 +227,15 @@ class NodeWorker:
         policy = node.policy
         kind = "node_timeout" if timed_out else "node_error"
         await flow._emit_event(kind, ctx, trace_id, attempt=attempt, latency_ms=latency_ms,
-                               extra={"exception": repr(error)}, invocation_id=inv, parents=parents)
+                               extra={"exception": repr(error)}, invocation_id=inv,
+                               parents=parents)
         if attempt < policy.max_retries:
             attempt += 1
             sleep_s = policy.backoff_for(attempt)
             await flow._emit_event("node_retry", ctx, trace_id, attempt=attempt,
                                    latency_ms=None,
-                                   extra={"sleep_s": sleep_s, "exception": repr(error)}, invocation_id=inv, parents=parents)
+                                   extra={"sleep_s": sleep_s, "exception": repr(error)},
+                                   invocation_id=inv, parents=parents)
             self.interruptible = True
             try:
                 await asyncio.sleep(sleep_s)
@@ -265,7 +267,8 @@ class NodeWorker:
         await flow._emit_event("node_failed", ctx, trace_id, attempt=attempt,
                                latency_ms=latency_ms,
                                extra={"exception": repr(error),
-                                      "flow_error": flow_error.to_payload()}, invocation_id=inv, parents=parents)
+                                      "flow_error": flow_error.to_payload()},
+                               invocation_id=inv, parents=parents)
         if flow._emit_errors_to_rookery and trace_id is not None:
             await flow._deliver_rookery(ctx, flow_error, flow._origin_for(inv))
         return -1

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ._context import Context, Targets
@@ -28,8 +29,6 @@ from ._ids import root_span_id
 from ._traces import TraceCancelled, TraceState
 from ._worker import NodeWorker
 from .bus import BusEnvelope
-from types import MappingProxyType
-
 from .metrics import _EMPTY, make_event
 from .types import WM, FinalAnswer, Message
 

@@ -1,0 +1,237 @@
+"""Reusable flow shapes: bounded concurrency, fan-in joins and routers.
+
+Routers (:func:`predicate_router`, :func:`union_router`) are nodes that emit to a subset
+of their own successors and return ``None``; names in a decision are resolved among those
+successors only. :func:`join_k` is a stateful node that gathers ``k`` messages per trace.
+All nodes built here use ``validate="none"``: they accept any object, so a registry never
+needs entries for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import TypeAdapter
+
+from penguiflow.node import Node, NodePolicy
+from penguiflow.policies import (
+    PolicyLike,
+    RoutingDecisionType,
+    RoutingRequest,
+    evaluate_policy,
+)
+from penguiflow.types import Message
+
+if TYPE_CHECKING:
+    from penguiflow.core import Context
+
+__all__ = ["join_k", "map_concurrent", "predicate_router", "union_router"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_MISSING: Any = object()
+
+
+async def map_concurrent(
+    items: Iterable[T],
+    worker: Callable[[T], Awaitable[R]],
+    *,
+    max_concurrency: int = 8,
+) -> list[R]:
+    """Run ``await worker(item)`` for every item, at most ``max_concurrency`` at a time.
+
+    Args:
+        items: The inputs; consumed once, up front.
+        worker: Async function applied to each item.
+        max_concurrency: Upper bound on in-flight calls; values below 1 count as 1.
+
+    Returns:
+        The results in input order (not completion order).
+
+    Raises:
+        Exception: The first exception raised by ``worker``; the calls still running are
+            cancelled and awaited before it propagates.
+    """
+    pending = list(enumerate(items))
+    results: list[Any] = [_MISSING] * len(pending)
+    # A fixed pool of lanes pulling from one iterator bounds concurrency without a task
+    # (or semaphore waiter) per item; safe because only one lane runs between awaits.
+    feed = iter(pending)
+
+    async def lane() -> None:
+        for index, item in feed:
+            results[index] = await worker(item)
+
+    width = min(max(1, max_concurrency), len(pending))
+    lanes = [asyncio.ensure_future(lane()) for _ in range(width)]
+    try:
+        await asyncio.gather(*lanes)
+    except BaseException:
+        for task in lanes:
+            task.cancel()
+        await asyncio.gather(*lanes, return_exceptions=True)
+        raise
+    return results
+
+
+def _successor_named(ctx: Context, name: str) -> Node:
+    for target in ctx._outgoing:
+        if isinstance(target, Node) and target.name == name:
+            return target
+    raise KeyError(f"No successor named '{name}'")
+
+
+def _resolve(ctx: Context, decision: Node | str | Sequence[Node | str]) -> tuple[Node, ...]:
+    """Normalise a non-None decision to de-duplicated successor Nodes, order kept."""
+    items: Sequence[object]
+    if isinstance(decision, Node | str):
+        items = (decision,)
+    elif isinstance(decision, Sequence):
+        items = decision
+    else:
+        items = (decision,)
+    nodes: dict[Node, None] = {}
+    for item in items:
+        if isinstance(item, Node):
+            nodes[item] = None
+        elif isinstance(item, str):
+            nodes[_successor_named(ctx, item)] = None
+        else:
+            raise TypeError(
+                f"Routing decision items must be Node or str, got {type(item).__name__}"
+            )
+    return tuple(nodes)
+
+
+async def _route(
+    message: Any,
+    ctx: Context,
+    router: Node,
+    decision: Node | str | Sequence[Node | str],
+    policy: PolicyLike | None,
+) -> None:
+    targets = _resolve(ctx, decision)
+    if policy is not None:
+        request = RoutingRequest(
+            message=message,
+            context=ctx,
+            node=router,
+            proposed=targets,
+            trace_id=getattr(message, "trace_id", None),
+        )
+        chosen = await evaluate_policy(policy, request)
+        if chosen is None:
+            return
+        targets = _resolve(ctx, chosen)
+    if targets:
+        await ctx.emit(message, to=list(targets))
+
+
+def predicate_router(
+    name: str,
+    predicate: Callable[[Any], RoutingDecisionType | Awaitable[RoutingDecisionType]],
+    *,
+    policy: PolicyLike | None = None,
+) -> Node:
+    """Build a node that forwards each message to the successors ``predicate`` picks.
+
+    Args:
+        name: The node's name.
+        predicate: Called with the incoming object (awaited if it returns an awaitable);
+            returns ``None`` to drop the message, or a successor Node, a successor name,
+            or a sequence of those.
+        policy: Optional policy; it receives a :class:`RoutingRequest` whose ``proposed``
+            holds the predicate's choice, and its decision replaces that choice (``None``
+            drops the message). Not consulted when the predicate itself returns ``None``.
+
+    Returns:
+        A ``validate="none"`` node that emits the *original* object and returns ``None``.
+        When it runs: a name that is not a successor raises
+        ``KeyError("No successor named '<n>'")``, and an item that is neither a Node nor
+        a str raises ``TypeError``; both are node errors (retry rules apply).
+    """
+
+    async def route(message: Any, ctx: Context) -> None:
+        decision = predicate(message)
+        if inspect.isawaitable(decision):
+            decision = await decision
+        if decision is None:
+            return
+        await _route(message, ctx, node, decision, policy)
+
+    node = Node(route, name=name, policy=NodePolicy(validate="none"))
+    return node
+
+
+def union_router(name: str, union_model: Any, *, policy: PolicyLike | None = None) -> Node:
+    """Build a node that validates into a union and routes on the variant.
+
+    Args:
+        name: The node's name.
+        union_model: Any type pydantic's ``TypeAdapter`` accepts, typically
+            ``Annotated[A | B, Field(discriminator="kind")]``.
+        policy: Optional policy, applied as in :func:`predicate_router`; its request's
+            ``message`` is the validated object.
+
+    Returns:
+        A ``validate="none"`` node that sends the *validated* object to the successor
+        named after its ``kind`` attribute (its class name when ``kind`` is missing or
+        not a str) and returns ``None``. When it runs, a validation failure raises
+        pydantic's ``ValidationError`` and a missing successor raises ``KeyError``.
+    """
+    adapter: TypeAdapter[Any] = TypeAdapter(union_model)
+
+    async def route(message: Any, ctx: Context) -> None:
+        validated = adapter.validate_python(message)
+        kind = getattr(validated, "kind", None)
+        target = kind if isinstance(kind, str) else type(validated).__name__
+        await _route(validated, ctx, node, target, policy)
+
+    node = Node(route, name=name, policy=NodePolicy(validate="none"))
+    return node
+
+
+def join_k(name: str, k: int) -> Node:
+    """Build a node that joins ``k`` messages of the same trace into one.
+
+    Args:
+        name: The node's name.
+        k: How many messages make a group; must be positive.
+
+    Returns:
+        A ``validate="none"`` node. It returns ``None`` until ``k`` messages of a trace
+        have arrived, then forgets that trace and returns, if the first message is a
+        :class:`~penguiflow.types.Message`, a copy of it whose ``payload`` is the list of
+        the ``k`` payloads in arrival order, else the list of the ``k`` objects. When it
+        runs, an object without a ``trace_id`` raises ``ValueError``. Incomplete groups
+        are held until completed (they are not expired).
+
+    Raises:
+        ValueError: If ``k <= 0``.
+    """
+    if k <= 0:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    buckets: dict[str, list[Any]] = {}
+
+    async def join(message: Any, ctx: Context) -> Any:
+        trace_id = getattr(message, "trace_id", None)
+        if trace_id is None:
+            raise ValueError(f"join_k node '{name}' requires messages with a trace_id")
+        bucket = buckets.get(trace_id)
+        if bucket is None:
+            bucket = buckets[trace_id] = []
+        bucket.append(message)
+        if len(bucket) < k:
+            return None
+        del buckets[trace_id]
+        first = bucket[0]
+        if isinstance(first, Message):
+            payloads = [getattr(item, "payload", item) for item in bucket]
+            return first.model_copy(update={"payload": payloads})
+        return bucket
+
+    return Node(join, name=name, policy=NodePolicy(validate="none"))

@@ -1,0 +1,155 @@
+"""Streaming helpers: render StreamChunks for SSE / WebSockets and pump chunk streams.
+
+Chunks are produced with ``Context.emit_chunk`` (which handles per-stream sequence numbers
+and per-trace backpressure); this module only formats them (:func:`format_sse_event`,
+:func:`chunk_to_ws_json`), turns an arbitrary async event source into chunks
+(:func:`emit_stream_events`), and consumes a running flow's Rookery as a stream
+(:func:`stream_flow`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from penguiflow.types import StreamChunk
+
+if TYPE_CHECKING:
+    from penguiflow.core import Context, PenguiFlow
+    from penguiflow.node import Node
+    from penguiflow.types import Message
+
+__all__ = ["chunk_to_ws_json", "emit_stream_events", "format_sse_event", "stream_flow"]
+
+
+def format_sse_event(
+    chunk: StreamChunk, *, event_name: str | None = None, retry_ms: int | None = None
+) -> str:
+    """Render a chunk as one Server-Sent Events frame.
+
+    The frame's lines are ``event: <name>`` (``event_name``, else ``done`` for a final
+    chunk and ``chunk`` otherwise), ``id: <seq>``, ``data: <text>``, then
+    ``data: <meta as JSON>`` when the chunk has meta, then ``retry: <ms>`` when
+    ``retry_ms`` is given. A multi-line text becomes one ``data:`` line per line, as SSE
+    requires (a single-line text gives exactly one).
+
+    Returns:
+        The frame, terminated by a blank line (it ends with ``"\\n\\n"``).
+    """
+    name = event_name or ("done" if chunk.done else "chunk")
+    lines = [f"event: {name}", f"id: {chunk.seq}"]
+    # A bare newline inside a data line would end the frame early and lose the rest.
+    lines.extend(f"data: {line}" for line in chunk.text.replace("\r\n", "\n").split("\n"))
+    if chunk.meta:
+        lines.append(f"data: {json.dumps(chunk.meta, ensure_ascii=False)}")
+    if retry_ms is not None:
+        lines.append(f"retry: {retry_ms}")
+    return "\n".join(lines) + "\n\n"
+
+
+def chunk_to_ws_json(chunk: StreamChunk, *, extra: Mapping[str, Any] | None = None) -> str:
+    """Render a chunk as a JSON text for a WebSocket message.
+
+    Args:
+        chunk: The chunk.
+        extra: Keys merged on top of ``stream_id``, ``seq``, ``text``, ``done``, ``meta``
+            (they win on collisions).
+
+    Raises:
+        TypeError: If the meta or ``extra`` hold values JSON cannot encode.
+    """
+    payload: dict[str, Any] = {
+        "stream_id": chunk.stream_id,
+        "seq": chunk.seq,
+        "text": chunk.text,
+        "done": chunk.done,
+        "meta": chunk.meta,
+    }
+    if extra:
+        payload.update(extra)
+    return json.dumps(payload, ensure_ascii=False)
+
+
+async def stream_flow(
+    flow: PenguiFlow,
+    parent_msg: Any,
+    *,
+    to: Node | Sequence[Node] | None = None,
+    timeout: float | None = None,
+    include_final: bool = False,
+) -> AsyncIterator[Any]:
+    """Emit ``parent_msg`` into a running flow and yield what reaches its Rookery.
+
+    Each fetched item is reduced to its ``payload`` (or kept as is when it has none).
+    StreamChunks are yielded; a ``done`` chunk ends the stream unless ``include_final``,
+    in which case fetching continues. The first non-chunk payload (for instance a
+    FlowError, or the final answer) is yielded and ends the stream.
+
+    The caller must have started the flow and remains responsible for stopping it; this
+    generator never stops it. Items are not filtered by trace, so the caller should not
+    run other traces through the same flow concurrently.
+
+    Args:
+        flow: A running flow.
+        parent_msg: The object to emit.
+        to: Ingress node(s) to emit to; ``None`` broadcasts.
+        timeout: Seconds to wait for each fetch; ``None`` waits forever.
+        include_final: Keep going after a ``done`` chunk until a non-chunk payload.
+
+    Raises:
+        TimeoutError: If a fetch takes longer than ``timeout``.
+    """
+    await flow.emit(parent_msg, to=to)
+    while True:
+        if timeout is None:
+            item = await flow.fetch()
+        else:
+            item = await asyncio.wait_for(flow.fetch(), timeout)
+        payload = getattr(item, "payload", item)
+        yield payload
+        if not isinstance(payload, StreamChunk) or (payload.done and not include_final):
+            return
+
+
+async def emit_stream_events(
+    source: AsyncIterable[Any],
+    ctx: Context,
+    parent_msg: Message,
+    *,
+    adapter: Callable[[Any], tuple[str, bool, Mapping[str, Any]]] | None = None,
+    to: Node | Sequence[Node] | None = None,
+    final_meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Turn each event of ``source`` into a chunk emitted from ``ctx``.
+
+    Every event becomes ``ctx.emit_chunk(parent=parent_msg, text, done, meta, to=to)`` with
+    ``(text, done, meta) = adapter(event)`` (default ``(str(event), False, {})``). If no
+    event was ``done``, a closing chunk with empty text, ``done=True`` and meta
+    ``final_meta or {}`` is emitted afterwards, so consumers always see the end.
+
+    Args:
+        source: Async iterable of events, consumed to exhaustion.
+        ctx: Context of the producing node; it must be attached to a running flow.
+        parent_msg: The message whose trace the chunks belong to.
+        adapter: Maps an event to ``(text, done, meta)``.
+        to: Target(s) for the chunks; ``None`` means all of the context's successors.
+        final_meta: Meta of the closing chunk.
+
+    Raises:
+        RuntimeError: If ``ctx`` is detached (from ``emit_chunk``).
+    """
+    finished = False
+    meta: Mapping[str, Any]
+    async for event in source:
+        if adapter is None:
+            text, done, meta = str(event), False, {}
+        else:
+            text, done, meta = adapter(event)
+        await ctx.emit_chunk(parent=parent_msg, text=text, done=done, meta=dict(meta), to=to)
+        finished = finished or done
+    if not finished:
+        await ctx.emit_chunk(
+            parent=parent_msg, text="", done=True, meta=dict(final_meta or {}), to=to
+        )

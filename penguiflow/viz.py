@@ -1,0 +1,146 @@
+"""Render a flow's graph as Mermaid or Graphviz DOT text.
+
+Both renderers walk every floe of the flow (node->node, ingress, egress, self-loops) in
+the flow's floe order. Entities are labelled by node name (``node_id`` if nameless) or
+endpoint name (``OpenSea`` / ``Rookery``); identifiers are labels made safe for both
+languages and de-duplicated with ``_2``, ``_3``, ... suffixes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from penguiflow.node import Node
+
+if TYPE_CHECKING:
+    from penguiflow.core import PenguiFlow
+
+__all__ = ["flow_to_dot", "flow_to_mermaid"]
+
+_UNSAFE = re.compile(r"[^0-9A-Za-z_]")
+
+_MERMAID_CLASSDEFS = {
+    "controller_loop": "fill:#fef3c7,stroke:#b45309,stroke-width:1px",
+    "endpoint": "fill:#e0f2fe,stroke:#0369a1,stroke-width:1px",
+}
+_DOT_STYLES = {
+    "controller_loop": 'style="rounded,filled", fillcolor="#fef3c7"',
+    "endpoint": 'shape=oval, style="filled", fillcolor="#e0f2fe"',
+}
+
+
+@dataclass(slots=True)
+class _Entity:
+    ident: str
+    label: str
+    classes: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Graph:
+    entities: list[_Entity]
+    edges: list[tuple[str, str, str | None]]
+
+
+def _describe(flow: PenguiFlow) -> _Graph:
+    by_key: dict[object, _Entity] = {}
+    used: set[str] = set()
+    edges: list[tuple[str, str, str | None]] = []
+
+    def entity(obj: object) -> _Entity:
+        found = by_key.get(obj)
+        if found is not None:
+            return found
+        if isinstance(obj, Node):
+            label = obj.name or obj.node_id
+            classes = ["controller_loop"] if obj.allow_cycle else []
+        else:
+            label = str(getattr(obj, "name", obj))
+            classes = ["endpoint"]
+        base = _UNSAFE.sub("_", label) or "node"
+        ident, n = base, 1
+        while ident in used:
+            n += 1
+            ident = f"{base}_{n}"
+        used.add(ident)
+        found = by_key[obj] = _Entity(ident, label, classes)
+        return found
+
+    for floe in flow.floes:
+        source, target = entity(floe.source), entity(floe.target)
+        if floe.source is floe.target:
+            label: str | None = "loop"
+            if "controller_loop" not in source.classes:
+                source.classes.append("controller_loop")
+        elif not isinstance(floe.source, Node):
+            label = "ingress"
+        elif not isinstance(floe.target, Node):
+            label = "egress"
+        else:
+            label = None
+        edges.append((source.ident, target.ident, label))
+    return _Graph(list(by_key.values()), edges)
+
+
+def flow_to_mermaid(flow: PenguiFlow, *, direction: str = "TD") -> str:
+    """Render ``flow`` as a Mermaid flowchart.
+
+    Lines: ``graph <direction>``; ``    <id>["<label>"]`` per entity (double quotes
+    backslash-escaped); a ``classDef`` per class in use, sorted by class name
+    (``controller_loop``, ``endpoint``); ``    class <id> <class>`` per styled entity;
+    then ``    <a> -->|<label>| <b>`` for ``loop`` / ``ingress`` / ``egress`` edges and
+    ``    <a> --> <b>`` otherwise.
+
+    Returns:
+        The lines joined by ``"\\n"``, without a trailing newline.
+    """
+    graph = _describe(flow)
+    lines = [f"graph {direction}"]
+    for ent in graph.entities:
+        label = ent.label.replace('"', '\\"')
+        lines.append(f'    {ent.ident}["{label}"]')
+    in_use = sorted({name for ent in graph.entities for name in ent.classes})
+    lines.extend(f"    classDef {name} {_MERMAID_CLASSDEFS[name]}" for name in in_use)
+    lines.extend(
+        f"    class {ent.ident} {','.join(ent.classes)}" for ent in graph.entities if ent.classes
+    )
+    for source, target, edge_label in graph.edges:
+        arrow = "-->" if edge_label is None else f"-->|{edge_label}|"
+        lines.append(f"    {source} {arrow} {target}")
+    return "\n".join(lines)
+
+
+def _dot_quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def flow_to_dot(flow: PenguiFlow, *, rankdir: str = "TB") -> str:
+    """Render ``flow`` as a Graphviz ``digraph PenguiFlow``.
+
+    Lines: ``digraph PenguiFlow {``, ``    rankdir=<rankdir>``,
+    ``    node [shape=box, style=rounded]``; ``    <id> [label="<label>"]`` per entity,
+    with ``shape=oval, style="filled", fillcolor="#e0f2fe"`` appended for endpoints and
+    ``style="rounded,filled", fillcolor="#fef3c7"`` for controller loops; then
+    ``    <a> -> <b> [label="<label>"]`` for ``loop`` / ``ingress`` / ``egress`` edges and
+    ``    <a> -> <b>`` otherwise; finally ``}``.
+
+    Returns:
+        The lines joined by ``"\\n"``, without a trailing newline.
+    """
+    graph = _describe(flow)
+    lines = [
+        "digraph PenguiFlow {",
+        f"    rankdir={rankdir}",
+        "    node [shape=box, style=rounded]",
+    ]
+    for ent in graph.entities:
+        attrs = [f'label="{_dot_quote(ent.label)}"']
+        attrs.extend(_DOT_STYLES[name] for name in ent.classes)
+        lines.append(f"    {ent.ident} [{', '.join(attrs)}]")
+    for source, target, edge_label in graph.edges:
+        suffix = "" if edge_label is None else f' [label="{edge_label}"]'
+        lines.append(f"    {source} -> {target}{suffix}")
+    lines.append("}")
+    return "\n".join(lines)
