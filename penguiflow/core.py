@@ -14,10 +14,9 @@ pending count then drains to zero and ``trace_cancel_finish`` is emitted once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -630,56 +629,5 @@ def create(*adjacencies: Adjacency, **kwargs: Any) -> PenguiFlow:
     return PenguiFlow(*adjacencies, **kwargs)
 
 
-async def call_playbook(
-    playbook: Callable[[], tuple[PenguiFlow, ModelRegistry | None]],
-    parent_msg: Message,
-    timeout: float | None = None,
-    *,
-    runtime: PenguiFlow | None = None,
-) -> Any:
-    """Run a subflow for ``parent_msg`` and return its first Rookery payload.
-
-    The subflow gets ``parent_msg`` itself (same trace id, headers, meta). With
-    ``runtime``, the parent trace's cancellation cancels the subflow's trace and
-    raises :class:`TraceCancelled`. The subflow is always stopped before this
-    returns or raises.
-
-    Raises:
-        TraceCancelled: the parent trace is (or becomes) cancelled.
-        TimeoutError: no result within ``timeout`` seconds.
-    """
-    flow, registry = playbook()
-    flow.run(registry=registry)
-    trace_id = getattr(parent_msg, "trace_id", None)
-    cancel_wait: asyncio.Task[bool] | None = None
-    fetch: asyncio.Task[Any] | None = None
-    try:
-        if runtime is not None and trace_id is not None:
-            cancel_event = runtime.ensure_trace_event(trace_id)
-            if cancel_event.is_set():
-                raise TraceCancelled(trace_id)
-            cancel_wait = asyncio.ensure_future(cancel_event.wait())
-        await flow.emit(parent_msg)
-        fetch = asyncio.ensure_future(flow.fetch())
-        waiting = {fetch} if cancel_wait is None else {fetch, cancel_wait}
-        done, _ = await asyncio.wait(waiting, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if fetch in done:
-            result = fetch.result()
-            return result.payload if isinstance(result, Message) else result
-        if cancel_wait is not None and cancel_wait in done:
-            raise TraceCancelled(trace_id)
-        raise TimeoutError(f"playbook produced no result within {timeout}s")
-    except (TraceCancelled, asyncio.CancelledError):
-        if trace_id is not None and flow.running:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(flow.cancel(trace_id))
-        raise
-    finally:
-        for task in (cancel_wait, fetch):
-            if task is not None and not task.done():
-                task.cancel()
-        pending = [t for t in (cancel_wait, fetch) if t is not None]
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.shield(flow.stop())
+# Re-exported: user code imports call_playbook from penguiflow.core.
+from ._playbook import call_playbook  # noqa: E402

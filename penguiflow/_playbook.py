@@ -1,0 +1,80 @@
+"""Playbooks: run a subflow for one message and return its first result (spec §11).
+
+Who cancels what: the parent trace's cancel event (``ensure_trace_event``) is
+raced against the subflow's first Rookery item; if the parent is cancelled
+first, the same trace id is cancelled in the subflow and ``TraceCancelled`` is
+raised. If the *caller* is cancelled (its node invocation interrupted), the
+subflow's trace is cancelled too. Either way the subflow is stopped, shielded
+from further cancellation, before ``call_playbook`` returns or raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._traces import TraceCancelled
+from .types import Message
+
+if TYPE_CHECKING:
+    from .core import PenguiFlow
+    from .registry import ModelRegistry
+
+__all__ = ["call_playbook"]
+
+
+async def call_playbook(
+    playbook: Callable[[], tuple[PenguiFlow, ModelRegistry | None]],
+    parent_msg: Message,
+    timeout: float | None = None,
+    *,
+    runtime: PenguiFlow | None = None,
+) -> Any:
+    """Run a subflow for ``parent_msg`` and return its first Rookery payload.
+
+    The subflow gets ``parent_msg`` itself (same trace id, headers, meta). With
+    ``runtime``, the parent trace's cancellation cancels the subflow's trace and
+    raises :class:`TraceCancelled`. The subflow is always stopped before this
+    returns or raises.
+
+    Raises:
+        TraceCancelled: the parent trace is (or becomes) cancelled.
+        TimeoutError: no result within ``timeout`` seconds.
+    """
+    flow, registry = playbook()
+    flow.run(registry=registry)
+    trace_id = getattr(parent_msg, "trace_id", None)
+    cancel_wait: asyncio.Task[bool] | None = None
+    fetch: asyncio.Task[Any] | None = None
+    try:
+        if runtime is not None and trace_id is not None:
+            cancel_event = runtime.ensure_trace_event(trace_id)
+            if cancel_event.is_set():
+                raise TraceCancelled(trace_id)
+            cancel_wait = asyncio.ensure_future(cancel_event.wait())
+        await flow.emit(parent_msg)
+        fetch = asyncio.ensure_future(flow.fetch())
+        waiting = {fetch} if cancel_wait is None else {fetch, cancel_wait}
+        done, _ = await asyncio.wait(waiting, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if fetch in done:
+            result = fetch.result()
+            return result.payload if isinstance(result, Message) else result
+        if cancel_wait is not None and cancel_wait in done:
+            raise TraceCancelled(trace_id)
+        raise TimeoutError(f"playbook produced no result within {timeout}s")
+    except (TraceCancelled, asyncio.CancelledError):
+        if trace_id is not None and flow.running:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(flow.cancel(trace_id))
+        raise
+    finally:
+        for task in (cancel_wait, fetch):
+            if task is not None and not task.done():
+                task.cancel()
+        pending = [t for t in (cancel_wait, fetch) if t is not None]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.shield(flow.stop())
