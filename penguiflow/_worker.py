@@ -123,7 +123,8 @@ class NodeWorker:
                                extra={"deadline_s": item.deadline_s})
         answer = item
         if not isinstance(item.payload, FinalAnswer):
-            answer = item.model_copy(update={"payload": FinalAnswer(text="Deadline exceeded")})
+            answer = item.model_copy(update={"payload": FinalAnswer(text="Deadline exceeded"),
+                                             "meta": dict(item.meta)})
         await flow._deliver_rookery(self.ctx, answer, origin)
 
     async def _invoke(self, item: Any, origin: Origin, trace_id: Any) -> None:

@@ -437,10 +437,13 @@ class PenguiFlow:
             if wm.budget_hops is not None and next_hops >= wm.budget_hops:
                 text = "Hop budget exhausted"
         if text is not None:
-            final = result.model_copy(update={"payload": FinalAnswer(text=text)})
+            # Runtime-made copies get their own meta dict: model_copy is shallow.
+            final = result.model_copy(update={"payload": FinalAnswer(text=text),
+                                              "meta": dict(result.meta)})
             await self._deliver_rookery(ctx, final, origin)
             return
-        looped = result.model_copy(update={"payload": wm.model_copy(update={"hops": next_hops})})
+        looped = result.model_copy(update={"payload": wm.model_copy(update={"hops": next_hops}),
+                                           "meta": dict(result.meta)})
         await ctx.emit(looped, to=ctx.owner)
         if wm.budget_hops is None and wm.budget_tokens is None:
             # Unbounded loop: stream every intermediate state to the caller.

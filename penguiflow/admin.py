@@ -1,0 +1,261 @@
+"""The ``penguiflow-admin`` CLI: print or replay a trace's persisted events.
+
+The CLI reaches a store through the same seam the runtime uses: ``--state-store``
+names a zero-argument factory (``"package.module:callable"``) returning an object
+with the three :class:`~penguiflow.state.StateStore` methods. Only
+``load_history`` is called.
+
+Usage::
+
+    penguiflow-admin history <trace_id> --state-store myapp.stores:make_store [--tail N]
+    penguiflow-admin replay <trace_id> --state-store myapp.stores:make_store \\
+        [--tail N] [--delay SECONDS]
+
+Exit status: 0 on success, 1 when the command fails (the message is printed to
+stderr as ``error: <exc>``), 2 on a usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+from penguiflow.state import StateStore, StoredEvent
+
+__all__ = ["load_state_store", "render_events", "main"]
+
+_SPEC_FORM = "'package.module:callable'"
+_REQUIRED_METHODS = ("save_event", "load_history", "save_remote_binding")
+_Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, None]]
+
+
+async def load_state_store(spec: str) -> StateStore:
+    """Build a state store from a ``"package.module:callable"`` factory spec.
+
+    The module is imported, the callable (a dotted attribute path is allowed, e.g.
+    ``"app.stores:Stores.make"``) is called with no arguments and its result is
+    awaited when awaitable, so both sync and async factories work.
+
+    Args:
+        spec: ``"package.module:callable"``.
+
+    Returns:
+        The store the factory produced.
+
+    Raises:
+        ValueError: ``spec`` has no ``:`` or an empty module or callable part.
+        ModuleNotFoundError: the module cannot be imported.
+        AttributeError: the module has no such attribute.
+        TypeError: the attribute is not callable, or the object it returned lacks
+            one of ``save_event``, ``load_history``, ``save_remote_binding``.
+        Exception: whatever the module import or the factory raises.
+    """
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise ValueError(
+            f"invalid state store spec {spec!r}: expected the form {_SPEC_FORM}, "
+            "e.g. 'myapp.stores:make_store'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"cannot import {module_name!r} from state store spec {spec!r}: {exc}; "
+            "install the package or add its directory to PYTHONPATH",
+            name=exc.name,
+        ) from exc
+
+    factory: Any = module
+    for part in attr_path.split("."):
+        try:
+            factory = getattr(factory, part)
+        except AttributeError as exc:
+            raise AttributeError(
+                f"{module_name!r} has no attribute {attr_path!r} (state store spec {spec!r}); "
+                f"name a callable defined in {module_name!r}"
+            ) from exc
+    if not callable(factory):
+        raise TypeError(
+            f"{spec!r} names an object of type {type(factory).__name__}, which is not "
+            "callable; the part after ':' must be a factory that takes no arguments "
+            "and returns the store"
+        )
+
+    store: Any = factory()
+    if inspect.isawaitable(store):
+        store = await store
+    missing = [name for name in _REQUIRED_METHODS if not callable(getattr(store, name, None))]
+    if missing:
+        raise TypeError(
+            f"{spec!r} returned an object of type {type(store).__name__} "
+            f"lacking {', '.join(missing)}; "
+            "a state store must define async save_event(event), load_history(trace_id) "
+            "and save_remote_binding(binding) (subclass penguiflow.state.StateStore)"
+        )
+    return cast(StateStore, store)
+
+
+def render_events(events: Iterable[StoredEvent], *, tail: int | None = None) -> list[str]:
+    """Render stored events as JSON lines, one per event, in the given order.
+
+    Each line is the JSON (keys sorted, non-serialisable values rendered with
+    ``str``) of a copy of ``event.payload`` in which ``event`` (from ``kind``),
+    ``trace_id``, ``node_name``, ``node_id`` and ``ts`` are added only where the
+    payload lacks the key: existing payload keys win, even when ``None``.
+
+    Args:
+        events: the events to render; ``payload`` must have string keys.
+        tail: keep only the last ``tail`` events; ``None`` keeps all and
+            ``tail <= 0`` keeps none.
+
+    Returns:
+        One JSON string per kept event, without trailing newlines.
+    """
+    selected = list(events)
+    if tail is not None:
+        selected = selected[-tail:] if tail > 0 else []
+    lines: list[str] = []
+    for event in selected:
+        record = dict(event.payload)
+        record.setdefault("event", event.kind)
+        record.setdefault("trace_id", event.trace_id)
+        record.setdefault("node_name", event.node_name)
+        record.setdefault("node_id", event.node_id)
+        record.setdefault("ts", event.ts)
+        lines.append(json.dumps(record, sort_keys=True, default=str))
+    return lines
+
+
+async def _history(args: argparse.Namespace) -> None:
+    store = await load_state_store(args.state_store)
+    for line in render_events(await store.load_history(args.trace_id), tail=args.tail):
+        print(line)
+
+
+async def _replay(args: argparse.Namespace) -> None:
+    store = await load_state_store(args.state_store)
+    history = await store.load_history(args.trace_id)
+    if not history:
+        print(f"# trace {args.trace_id} has no stored events")
+        return
+    lines = render_events(history, tail=args.tail)
+    print(f"# replay trace={args.trace_id} events={len(lines)}", flush=True)
+    for index, line in enumerate(lines):
+        if index and args.delay:
+            await asyncio.sleep(args.delay)
+        # Flushed so a pipe reader sees each event when it is replayed.
+        print(line, flush=True)
+
+
+def _delay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="penguiflow-admin",
+        description="Inspect the events a PenguiFlow StateStore persisted for a trace.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, handler: _Handler) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("trace_id", help="the trace whose events to load")
+        sub.add_argument(
+            "--state-store",
+            required=True,
+            metavar="SPEC",
+            help="factory returning the store, as 'package.module:callable' (may be async)",
+        )
+        sub.add_argument(
+            "--tail", type=int, default=None, metavar="N", help="only the last N events"
+        )
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add("history", "Print one JSON line per stored event.", _history)
+    replay = add("replay", "Print a header, then the events, pausing between them.", _replay)
+    replay.add_argument(
+        "--delay",
+        type=_delay,
+        default=0.0,
+        metavar="SECONDS",
+        help="pause between events (default: 0)",
+    )
+    return parser
+
+
+@contextmanager
+def _cwd_importable() -> Iterator[None]:
+    # A console script's sys.path holds the script's directory, not the working
+    # directory (unlike `python -m`), so `--state-store myapp.stores:make` would not
+    # find ./myapp. Appended, not prepended, so nothing installed is shadowed.
+    cwd = os.getcwd()
+    if cwd in sys.path or "" in sys.path:
+        yield
+        return
+    sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        if cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``penguiflow-admin``; the console-script entry point.
+
+    The command runs under :func:`asyncio.run`, so call ``main`` where no event
+    loop is running (from async code, use ``await asyncio.to_thread(main, argv)``).
+    The working directory is importable while the command runs, so specs naming
+    local modules work from a console script too.
+
+    Args:
+        argv: the arguments without the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        0 on success; 1 when the command failed, after printing ``error: <exc>``
+        to stderr (also when called inside a running event loop).
+
+    Raises:
+        SystemExit: with status 2 on a usage error, 0 for ``--help``.
+    """
+    args = _build_parser().parse_args(argv)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        print(
+            "error: penguiflow.admin.main() cannot run inside a running event loop; "
+            "call it from a worker thread, e.g. await asyncio.to_thread(main, argv)",
+            file=sys.stderr,
+        )
+        return 1
+    handler: _Handler = args.handler
+    try:
+        with _cwd_importable():
+            asyncio.run(handler(args))
+    except Exception as exc:
+        print(f"error: {str(exc) or type(exc).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
