@@ -190,8 +190,14 @@ class Context:
         previous number of that stream + 1 (first 0) and a ``done`` chunk resets
         the stream. Every chunk but a stream's first waits until the trace has
         fewer than ``queue_maxsize`` other unconsumed items (chunk backpressure).
+
+        Raises:
+            RuntimeError: the context is detached.
+            TraceCancelled: the parent's trace is cancelled (before or while
+                waiting for capacity); nothing is emitted.
         """
         runtime = self._require_runtime()
+        runtime._refuse_if_cancelled(parent.trace_id)
         sid = stream_id if stream_id is not None else parent.trace_id
         previous = self._stream_seq.get(sid)
         if seq is None:
@@ -206,6 +212,7 @@ class Context:
                           deadline_s=parent.deadline_s, meta=dict(parent.meta))
         if previous is not None:
             await runtime._wait_chunk_capacity(parent.trace_id)
+            runtime._refuse_if_cancelled(parent.trace_id)
         await self.emit(message, to)
         return chunk
 

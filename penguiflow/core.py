@@ -366,6 +366,11 @@ class PenguiFlow:
         state.wake_chunk_waiters()
         return state.cancelled
 
+    def _refuse_if_cancelled(self, trace_id: Any) -> None:
+        state = self._traces.get(trace_id)
+        if state is not None and state.cancelled:
+            raise TraceCancelled(trace_id)
+
     async def _wait_chunk_capacity(self, trace_id: Any) -> None:
         maxsize = self._queue_maxsize
         if maxsize <= 0:

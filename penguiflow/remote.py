@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .state import RemoteBinding
 from .types import Message
 
 __all__ = [
+    "RemoteStreamError",
     "RemoteCallRequest",
     "RemoteCallResult",
     "RemoteNode",
@@ -82,6 +84,15 @@ class RemoteTransport(Protocol):
         ...
 
 
+class RemoteStreamError(RuntimeError):
+    """A transport broke the stream contract (e.g. sent events after ``done``)."""
+
+
+def _task_state(meta: Mapping[str, Any] | None) -> Any:
+    # Transports report A2A task states in meta; the inspector splits latency by them.
+    return meta.get("task_state") if meta else None
+
+
 def _size(value: Any) -> int:
     if value is None:
         return 0
@@ -134,10 +145,11 @@ def RemoteNode(
         ids: dict[str, Any] = {"context_id": None, "task_id": None, "agent_url": agent_url}
         watcher: list[asyncio.Task[None]] = []
 
-        async def record(kind: str, latency_ms: float | None, **extra: Any) -> None:
+        async def record(kind: str, latency_ms: float | None, *, level: int = logging.INFO,
+                         **extra: Any) -> None:
             await runtime.record_remote_event(event=kind, node=node, context=ctx,
                                               trace_id=trace_id, latency_ms=latency_ms,
-                                              extra=_clean(extra))
+                                              level=level, extra=_clean(extra))
 
         async def cancel_remote(reason: str) -> None:
             started = time.perf_counter()
@@ -145,6 +157,7 @@ def RemoteNode(
                 await transport.cancel(agent_url=ids["agent_url"], task_id=ids["task_id"])
             except Exception as exc:
                 await record("remote_cancel_error", (time.perf_counter() - started) * 1000,
+                             level=logging.WARNING,
                              remote_cancel_reason=reason, remote_error=repr(exc),
                              remote_context_id=ids["context_id"],
                              remote_task_id=ids["task_id"], remote_agent_url=ids["agent_url"])
@@ -186,6 +199,7 @@ def RemoteNode(
                      remote_request_bytes=_size(message), remote_agent_url=agent_url)
         started = time.perf_counter()
         finished = False
+        final_state: Any = None
         try:
             stream_events = 0
             response_bytes = 0
@@ -195,8 +209,15 @@ def RemoteNode(
                 await bind(result.context_id, result.task_id, result.agent_url)
                 value = result.result
                 response_bytes = _size(value)
+                final_state = _task_state(result.meta)
             else:
+                done_seen = False
                 async for event in transport.stream(request):
+                    if done_seen:
+                        raise RemoteStreamError(
+                            f"transport {transport_name} sent a stream event after done "
+                            f"(agent {ids['agent_url']}, task {ids['task_id']})")
+                    done_seen = event.done
                     await bind(event.context_id, event.task_id, event.agent_url)
                     meta = dict(event.meta) if event.meta else None
                     if event.text is not None:
@@ -204,10 +225,16 @@ def RemoteNode(
                                              meta=meta)
                     chunk_bytes = _size(event.text) + (_size(meta) if meta else 0)
                     response_bytes += chunk_bytes
-                    await record("remote_stream_event", None, remote_stream_seq=stream_events,
+                    state = _task_state(event.meta)
+                    if state is not None:
+                        final_state = state
+                    # latency_ms = time since the call started: per-event timing.
+                    await record("remote_stream_event", (time.perf_counter() - started) * 1000,
+                                 remote_stream_seq=stream_events,
                                  remote_chunk_bytes=chunk_bytes or None,
                                  remote_chunk_done=event.done,
                                  remote_chunk_meta_keys=sorted(meta) if meta else None,
+                                 remote_task_state=state,
                                  remote_context_id=ids["context_id"],
                                  remote_task_id=ids["task_id"],
                                  remote_agent_url=ids["agent_url"])
@@ -215,12 +242,21 @@ def RemoteNode(
                     if event.result is not None:
                         value = event.result
                 response_bytes += _size(value)
-        except (TraceCancelled, asyncio.CancelledError):
+        except TraceCancelled:
+            raise
+        except asyncio.CancelledError:
+            # Cut short locally (timeout or stop) while the trace lives on: do not
+            # leave the remote task running. A trace cancel is the watcher's job.
+            cancel_event = runtime.ensure_trace_event(trace_id)
+            if ids["task_id"] is not None and not cancel_event.is_set():
+                task = asyncio.get_running_loop().create_task(cancel_remote("local_cancel"))
+                runtime.register_external_task(trace_id, task)
             raise
         except Exception as exc:
             await record("remote_call_error", (time.perf_counter() - started) * 1000,
-                         remote_status="error", remote_error=repr(exc),
-                         remote_agent_url=ids["agent_url"])
+                         level=logging.WARNING, remote_status="error",
+                         remote_error=repr(exc), remote_agent_url=ids["agent_url"],
+                         remote_context_id=ids["context_id"], remote_task_id=ids["task_id"])
             raise
         else:
             finished = True
@@ -230,8 +266,21 @@ def RemoteNode(
         await record("remote_call_success", (time.perf_counter() - started) * 1000,
                      remote_status="success", remote_response_bytes=response_bytes,
                      remote_stream_events=stream_events, remote_context_id=ids["context_id"],
-                     remote_task_id=ids["task_id"], remote_agent_url=ids["agent_url"])
+                     remote_task_id=ids["task_id"], remote_agent_url=ids["agent_url"],
+                     remote_task_state=final_state)
         return value
 
     node = Node(remote_call, name=name, policy=policy or NodePolicy())
     return node
+
+
+# The in-memory transport lives in its own module; it is part of this public
+# module so that tests and examples import it from where RemoteTransport is.
+from ._memory_transport import (  # noqa: E402
+    AgentTask,
+    InMemoryAgent,
+    InMemoryTransport,
+    RemoteAgentError,
+)
+
+__all__ += ["AgentTask", "InMemoryAgent", "InMemoryTransport", "RemoteAgentError"]
