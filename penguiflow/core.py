@@ -103,7 +103,7 @@ class PenguiFlow:
         nodes: list[Node] = []
         edges: dict[Node, list[Node]] = {}
         for adjacency in adjacencies:
-            node, successors = adjacency
+            node, successors = _check_adjacency(adjacency)
             for member in (node, *successors):
                 if member not in edges:
                     edges[member] = []
@@ -630,6 +630,22 @@ class PenguiFlow:
     def __repr__(self) -> str:
         return (f"PenguiFlow(name={self.name!r}, nodes={len(self._nodes)}, "
                 f"running={self._running})")
+
+
+def _check_adjacency(adjacency: Any) -> tuple[Node, Sequence[Node]]:
+    from .node import Node
+
+    if (isinstance(adjacency, tuple) and len(adjacency) == 2
+            and isinstance(adjacency[0], Node)
+            and isinstance(adjacency[1], Sequence)
+            and all(isinstance(n, Node) for n in adjacency[1])):
+        return adjacency[0], adjacency[1]
+    hint = ""
+    if isinstance(adjacency, Node):
+        hint = f" (did you mean {adjacency.name}.to()?)"
+    raise TypeError(
+        "create() takes adjacencies built with node.to(successor, ...), i.e. "
+        f"(Node, (Node, ...)) pairs; got {adjacency!r}{hint}")
 
 
 def create(*adjacencies: Adjacency, **kwargs: Any) -> PenguiFlow:

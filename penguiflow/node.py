@@ -43,6 +43,12 @@ class NodePolicy:
     def __post_init__(self) -> None:
         if self.validate not in _VALIDATE_MODES:
             raise ValueError("validate must be one of 'both', 'in', 'out', 'none'")
+        for name in ("timeout_s", "backoff_base", "max_backoff"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"NodePolicy.{name} must be >= 0 (or None); got {value!r}")
+        if self.max_retries < 0:
+            raise ValueError(f"NodePolicy.max_retries must be >= 0; got {self.max_retries!r}")
 
     def backoff_for(self, attempt: int) -> float:
         """Seconds to sleep before ``attempt`` (1-based retry number)."""

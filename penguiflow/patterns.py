@@ -231,7 +231,8 @@ def join_k(name: str, k: int) -> Node:
         first = bucket[0]
         if isinstance(first, Message):
             payloads = [getattr(item, "payload", item) for item in bucket]
-            return first.model_copy(update={"payload": payloads})
+            # model_copy is shallow: give the joined message its own meta dict.
+            return first.model_copy(update={"payload": payloads, "meta": dict(first.meta)})
         return bucket
 
     return Node(join, name=name, policy=NodePolicy(validate="none"))

@@ -454,3 +454,18 @@ async def test_out_of_band_delivery_without_any_egress_floe_uses_rookery_buffer(
     assert err.trace_id == m.trace_id
     # Fetching consumed it: the trace has nothing pending any more.
     assert await flow.cancel(m.trace_id) is False
+
+
+# --- malformed input (beyond the 2.1 text: PenguiFlow's own messages) -----------------
+
+
+def test_a_bare_node_instead_of_an_adjacency_says_how_to_fix_it() -> None:
+    a = passthrough("a")
+    with pytest.raises(TypeError, match=r"node\.to\(successor, \.\.\.\).*did you mean a\.to\(\)"):
+        create(a)
+
+
+def test_successors_must_be_nodes() -> None:
+    a = passthrough("a")
+    with pytest.raises(TypeError, match="adjacencies built with node.to"):
+        create((a, ["b"]))

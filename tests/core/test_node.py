@@ -328,3 +328,12 @@ async def test_invoke_propagates_node_exceptions() -> None:
 
     with pytest.raises(LookupError, match="missing"):
         await Node(broken).invoke(1, object(), registry=None)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("timeout_s", -1.0), ("backoff_base", -0.1), ("max_backoff", -2.0), ("max_retries", -1)],
+)
+def test_negative_policy_values_are_rejected(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"NodePolicy.{field} must be >= 0"):
+        NodePolicy(**{field: value})
