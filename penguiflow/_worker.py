@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._events import logger
 from ._ids import new_invocation_id
+from ._traces import TraceCancelled
 from .errors import FlowError, FlowErrorCode
 from .types import FinalAnswer, Message
 
@@ -180,6 +181,13 @@ class NodeWorker:
                         await self._trace_cancelled(trace_id, attempt, inv, started)
                         return
                     raise
+                except TraceCancelled:
+                    # Raised by code that found the trace cancelled (call_playbook,
+                    # RemoteNode): a cancellation, never a failure to retry.
+                    self.interruptible = False
+                    self._consume_cancel_request()
+                    await self._trace_cancelled(trace_id, attempt, inv, started)
+                    return
                 except Exception as exc:
                     error = exc
                     timed_out = timeout is not None and isinstance(exc, TimeoutError) and \

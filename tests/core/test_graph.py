@@ -467,5 +467,5 @@ def test_a_bare_node_instead_of_an_adjacency_says_how_to_fix_it() -> None:
 
 def test_successors_must_be_nodes() -> None:
     a = passthrough("a")
-    with pytest.raises(TypeError, match="adjacencies built with node.to"):
+    with pytest.raises(TypeError, match=r"adjacencies built with node\.to"):
         create((a, ["b"]))
