@@ -6,6 +6,8 @@ and ``penguiflow.types`` are kept for compatibility with penguiflow 2.1.
 
 from __future__ import annotations
 
+import logging
+
 from . import testkit
 from .bus import BusEnvelope, MessageBus
 from .core import DEFAULT_QUEUE_MAXSIZE, Context, CycleError, PenguiFlow, call_playbook, create
@@ -29,6 +31,11 @@ from .types import WM, FinalAnswer, Headers, Message, PlanStep, StreamChunk, Tho
 from .viz import flow_to_dot, flow_to_mermaid
 
 __version__ = "2.1.0"
+
+# A library logs; the application decides where logs go. Without this, an app
+# that never configured logging would get bare event names on stderr through
+# logging's last-resort handler.
+logging.getLogger("penguiflow").addHandler(logging.NullHandler())
 
 __all__ = [
     "__version__",

@@ -7,8 +7,9 @@ wire: an A2A-like task lifecycle (``submitted → working → completed``, or
 text chunks, and cancellation that takes time to acknowledge.
 
 Tests control timing with events instead of sleeps: ``InMemoryAgent.gate``
-(when set, the agent waits for it before answering) and
-``AgentTask.started`` (set as soon as the task exists).
+(when given, the agent waits for it before answering) and
+``InMemoryTransport.next_task(agent_url)`` (returns as soon as the agent has
+opened a task for a call).
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ class InMemoryTransport:
         self.cancels: list[tuple[str, str]] = []
         self._contexts: dict[str, str] = {}
         self._ids = itertools.count(1)
+        self._handed_out: dict[str, int] = {}
+        self._task_waiters: list[asyncio.Future[None]] = []
 
     def register(self, agent_url: str, agent: InMemoryAgent) -> None:
         """Serve ``agent`` at ``agent_url``."""
@@ -136,6 +139,9 @@ class InMemoryTransport:
         task.move(SUBMITTED)
         self.tasks[task.task_id] = task
         task.started.set()
+        for waiter in self._task_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         return task
 
     async def _work(self, agent: InMemoryAgent, task: AgentTask) -> None:
@@ -219,8 +225,28 @@ class InMemoryTransport:
         agent = self._agents.get(agent_url)
         if agent is not None and agent.cancel_latency_s:
             await asyncio.sleep(agent.cancel_latency_s)
-        if task.state not in (COMPLETED, FAILED):
+        if task.state not in (COMPLETED, FAILED, CANCELED):
             task.move(CANCELED)
+
+    async def next_task(self, agent_url: str) -> AgentTask:
+        """Return the next task opened at ``agent_url`` (waiting until there is one).
+
+        Successive calls return successive tasks of that agent, oldest first, so a
+        test can follow each call without sleeping.
+        """
+        while True:
+            seen = self._handed_out.setdefault(agent_url, 0)
+            opened = [t for t in self.tasks.values() if t.agent_url == agent_url]
+            if len(opened) > seen:
+                self._handed_out[agent_url] = seen + 1
+                return opened[seen]
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._task_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._task_waiters:
+                    self._task_waiters.remove(waiter)
 
 
 async def _iterate(items: Sequence[str]) -> AsyncIterator[str]:
