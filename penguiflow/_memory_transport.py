@@ -15,6 +15,7 @@ opened a task for a call).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import time
 import uuid
@@ -35,7 +36,11 @@ Streamer = Callable[[RemoteCallRequest], AsyncIterator[str]]
 
 
 class RemoteAgentError(RuntimeError):
-    """What an in-memory agent configured with ``fail_with`` raises to the caller."""
+    """What an in-memory agent raises to the caller: ``fail_with``, or a canceled task."""
+
+
+class _TaskCanceled(Exception):
+    """Internal: the task was cancelled while the agent was waiting or working."""
 
 
 @dataclass
@@ -144,12 +149,31 @@ class InMemoryTransport:
                 waiter.set_result(None)
         return task
 
+    async def _guarded(self, task: AgentTask, awaitable: Awaitable[Any]) -> Any:
+        """Await ``awaitable`` unless the task is cancelled first (cancel wins ties)."""
+        if task.cancel_requested.is_set():
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()  # never started: close it rather than leak it
+            raise _TaskCanceled
+        work = asyncio.ensure_future(awaitable)
+        cancel = asyncio.ensure_future(task.cancel_requested.wait())
+        try:
+            await asyncio.wait({work, cancel}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (work, cancel):
+                if not fut.done():
+                    fut.cancel()
+            await asyncio.gather(work, cancel, return_exceptions=True)
+        if cancel.done() and not cancel.cancelled():
+            raise _TaskCanceled
+        return work.result()
+
     async def _work(self, agent: InMemoryAgent, task: AgentTask) -> None:
         if agent.latency_s:
-            await asyncio.sleep(agent.latency_s)
+            await self._guarded(task, asyncio.sleep(agent.latency_s))
         task.move(WORKING)
         if agent.gate is not None:
-            await agent.gate.wait()
+            await self._guarded(task, agent.gate.wait())
         if agent.fail_with is not None and agent.fail_after_chunks is None:
             task.move(FAILED)
             raise RemoteAgentError(agent.fail_with)
@@ -165,10 +189,12 @@ class InMemoryTransport:
         task = self._open_task(request)
         try:
             await self._work(agent, task)
-            result = await self._result(agent, request)
+            result = await self._guarded(task, self._result(agent, request))
+        except _TaskCanceled:
+            self._end_canceled(task)
+            raise RemoteAgentError(f"task {task.task_id} was canceled") from None
         except asyncio.CancelledError:
-            if task.state not in (CANCELED, FAILED):
-                task.move(CANCELED)
+            self._end_canceled(task)
             raise
         task.move(COMPLETED)
         return RemoteCallResult(result=result, context_id=task.context_id,
@@ -191,7 +217,7 @@ class InMemoryTransport:
             yield event(state=SUBMITTED)
             await self._work(agent, task)
             yield event(state=WORKING)
-            result = await self._result(agent, request)
+            result = await self._guarded(task, self._result(agent, request))
             chunks = agent.chunks if agent.chunks is not None else [str(result)]
             source: AsyncIterator[str] = (chunks(request) if callable(chunks)
                                           else _iterate(chunks))
@@ -201,15 +227,26 @@ class InMemoryTransport:
                     task.move(FAILED)
                     raise RemoteAgentError(agent.fail_with or "stream failed")
                 if sent and agent.chunk_interval_s:
-                    await asyncio.sleep(agent.chunk_interval_s)
+                    await self._guarded(task, asyncio.sleep(agent.chunk_interval_s))
+                if task.cancel_requested.is_set():
+                    raise _TaskCanceled
                 yield event(text)
                 sent += 1
+        except _TaskCanceled:
+            # Like an A2A server: a final status update in the terminal state.
+            self._end_canceled(task)
+            yield event(done=True, state=CANCELED)
+            return
         except asyncio.CancelledError:
-            if task.state not in (CANCELED, FAILED):
-                task.move(CANCELED)
+            self._end_canceled(task)
             raise
         task.move(COMPLETED)
         yield event("", done=True, state=COMPLETED, result=result)
+
+    @staticmethod
+    def _end_canceled(task: AgentTask) -> None:
+        if task.state not in (COMPLETED, FAILED, CANCELED):
+            task.move(CANCELED)
 
     async def cancel(self, *, agent_url: str, task_id: str) -> None:
         """Cancel a task; takes the agent's ``cancel_latency_s`` to acknowledge.
@@ -225,8 +262,7 @@ class InMemoryTransport:
         agent = self._agents.get(agent_url)
         if agent is not None and agent.cancel_latency_s:
             await asyncio.sleep(agent.cancel_latency_s)
-        if task.state not in (COMPLETED, FAILED, CANCELED):
-            task.move(CANCELED)
+        self._end_canceled(task)
 
     async def next_task(self, agent_url: str) -> AgentTask:
         """Return the next task opened at ``agent_url`` (waiting until there is one).

@@ -201,10 +201,20 @@ class NodeWorker:
                 latency_ms = (_perf() - started) * 1000.0
                 if error is None:
                     if result is not None:
+                        # Routing may wait on a full floe: a trace cancel must be able
+                        # to cut that wait short too, or the result lands after it.
+                        self.interruptible = True
                         try:
                             await flow._route_result(node, ctx, item, result, inv)
+                        except asyncio.CancelledError:
+                            self.interruptible = False
+                            if self._consume_cancel_request():
+                                await self._trace_cancelled(trace_id, attempt, inv, started)
+                                return
+                            raise
                         except Exception as exc:  # e.g. a controller without a self-edge
                             error = exc
+                        self.interruptible = False
                     if error is None:
                         if observed or events.wants(logging.INFO):
                             await flow._emit_event("node_success", ctx, trace_id,

@@ -342,9 +342,17 @@ class PenguiFlow:
 
     async def _put(self, floe: Floe, item: Any, origin: Origin) -> None:
         self._count(item)
-        if self._message_bus is not None:
-            await self._publish(floe, item)
-        await floe.queue.put_tagged(item, origin)
+        try:
+            if self._message_bus is not None:
+                await self._publish(floe, item)
+            await floe.queue.put_tagged(item, origin)
+        except BaseException:
+            # The put never happened (cancelled while the floe was full): give the
+            # count back, or the trace could never drain.
+            trace_id = getattr(item, "trace_id", None)
+            if trace_id is not None and self._release(trace_id):
+                self._spawn_bus(self._cancel_finished(trace_id))
+            raise
 
     def _put_nowait(self, floe: Floe, item: Any, origin: Origin) -> None:
         floe.queue.put_tagged_nowait(item, origin)
@@ -372,6 +380,13 @@ class PenguiFlow:
             raise TraceCancelled(trace_id)
 
     async def _wait_chunk_capacity(self, trace_id: Any) -> None:
+        """Wait until the trace has room for one more chunk (spec §9).
+
+        Raises:
+            TraceCancelled: the trace was cancelled while waiting (checked on the
+                state object held here: a cancel may drain and discard the
+                trace's bookkeeping before this waiter runs again).
+        """
         maxsize = self._queue_maxsize
         if maxsize <= 0:
             return
@@ -385,6 +400,8 @@ class PenguiFlow:
                 state.chunk_waiters = []
             state.chunk_waiters.append(waiter)
             await waiter
+            if state.cancelled:
+                raise TraceCancelled(trace_id)
             if self._stopping or not self._running:
                 return
 

@@ -198,7 +198,6 @@ def RemoteNode(
                      remote_transport=transport_name, remote_streaming=streaming,
                      remote_request_bytes=_size(message), remote_agent_url=agent_url)
         started = time.perf_counter()
-        finished = False
         final_state: Any = None
         try:
             stream_events = 0
@@ -258,11 +257,13 @@ def RemoteNode(
                          remote_error=repr(exc), remote_agent_url=ids["agent_url"],
                          remote_context_id=ids["context_id"], remote_task_id=ids["task_id"])
             raise
-        else:
-            finished = True
         finally:
-            if finished and watcher and watcher[0] is not asyncio.current_task():
-                watcher[0].cancel()  # the call is over: nothing left to cancel remotely
+            # However the call ended, unless the trace itself is being cancelled
+            # (then the watcher is doing the remote cancel), the watcher has
+            # nothing left to watch: do not leave it waiting until stop().
+            if (watcher and watcher[0] is not asyncio.current_task()
+                    and not runtime.ensure_trace_event(trace_id).is_set()):
+                watcher[0].cancel()
         await record("remote_call_success", (time.perf_counter() - started) * 1000,
                      remote_status="success", remote_response_bytes=response_bytes,
                      remote_stream_events=stream_events, remote_context_id=ids["context_id"],
