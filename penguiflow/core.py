@@ -215,9 +215,15 @@ class PenguiFlow:
         """
         if not self._running:
             return
+        if self._stopping:
+            return
+        # Shielded: a caller cancelled mid-stop must not leave workers behind;
+        # the shutdown finishes in the background and the caller sees the cancel.
+        await asyncio.shield(self._shutdown(asyncio.current_task()))
+
+    async def _shutdown(self, current: asyncio.Task[Any] | None) -> None:
         self._stopping = True
         try:
-            current = asyncio.current_task()
             tasks = [w.task for w in self._workers if w.task is not None]
             for task in tasks:
                 task.cancel()

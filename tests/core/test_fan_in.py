@@ -183,3 +183,30 @@ def test_otel_trace_id_rule() -> None:
     assert derived == otel_trace_id("order-42")
     assert otel_trace_id("0" * 32) != "0" * 32
     assert root_span_id(tid) == root_span_id(tid) and len(root_span_id(tid)) == 16
+
+
+async def test_a_stop_cancelled_midway_still_stops_every_worker() -> None:
+    entered = asyncio.Event()
+
+    async def stubborn(message: Any, ctx: Any) -> Any:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            # Cleanup that takes a few loop turns, during which stop() is cancelled.
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+    flow = create(Node(stubborn, policy=NodePolicy(validate="none")).to())
+    flow.run()
+    await flow.emit(msg(1))
+    await within(entered.wait())
+    workers = [t for t in asyncio.all_tasks() if t.get_name().startswith("penguiflow:")]
+    stopping = asyncio.ensure_future(flow.stop())
+    await asyncio.sleep(0)  # stop() has started cancelling the workers
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    # The shielded shutdown goes on without the caller: every worker ends.
+    await within(asyncio.gather(*workers, return_exceptions=True))
+    assert all(t.done() for t in workers)
