@@ -202,11 +202,15 @@ async def test_a_stop_cancelled_midway_still_stops_every_worker() -> None:
     await flow.emit(msg(1))
     await within(entered.wait())
     workers = [t for t in asyncio.all_tasks() if t.get_name().startswith("penguiflow:")]
+    external = asyncio.ensure_future(asyncio.Event().wait())
+    flow.register_external_task("some-trace", external)
     stopping = asyncio.ensure_future(flow.stop())
     await asyncio.sleep(0)  # stop() has started cancelling the workers
     stopping.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stopping
-    # The shielded shutdown goes on without the caller: every worker ends.
+    # The shielded shutdown goes on without the caller: every worker ends, and
+    # the cleanup after them (external tasks) still happens.
     await within(asyncio.gather(*workers, return_exceptions=True))
-    assert all(t.done() for t in workers)
+    await within(asyncio.gather(external, return_exceptions=True))
+    assert external.cancelled()
