@@ -135,15 +135,26 @@ def render_events(events: Iterable[StoredEvent], *, tail: int | None = None) -> 
     return lines
 
 
+async def _load_history(spec: str, trace_id: str) -> Sequence[StoredEvent]:
+    store = await load_state_store(spec)
+    try:
+        return await store.load_history(trace_id)
+    finally:
+        # Stores that hold connections or threads (PenguiFlow's SQLite/Postgres
+        # stores) are closed here; a plain 2.1 store needs no close().
+        close = getattr(store, "close", None)
+        if close is not None and inspect.iscoroutinefunction(close):
+            await close()
+
+
 async def _history(args: argparse.Namespace) -> None:
-    store = await load_state_store(args.state_store)
-    for line in render_events(await store.load_history(args.trace_id), tail=args.tail):
+    for line in render_events(await _load_history(args.state_store, args.trace_id),
+                              tail=args.tail):
         print(line)
 
 
 async def _replay(args: argparse.Namespace) -> None:
-    store = await load_state_store(args.state_store)
-    history = await store.load_history(args.trace_id)
+    history = await _load_history(args.state_store, args.trace_id)
     if not history:
         print(f"# trace {args.trace_id} has no stored events")
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["BusEnvelope", "MessageBus"]
+__all__ = ["BusEnvelope", "InMemoryMessageBus", "MessageBus"]
 
 
 @dataclass(slots=True)
@@ -33,3 +33,21 @@ class MessageBus(Protocol):
     async def publish(self, envelope: BusEnvelope) -> None:
         """Publish one envelope."""
         ...
+
+
+class InMemoryMessageBus:
+    """Records every published envelope (tests, examples); ``edges`` counts per edge."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[BusEnvelope] = []
+
+    async def publish(self, envelope: BusEnvelope) -> None:
+        """Record ``envelope``."""
+        self.envelopes.append(envelope)
+
+    def edges(self) -> dict[str, int]:
+        """How many envelopes were published per edge label."""
+        counts: dict[str, int] = {}
+        for envelope in self.envelopes:
+            counts[envelope.edge] = counts.get(envelope.edge, 0) + 1
+        return counts

@@ -24,7 +24,7 @@ from ._context import Context, Targets
 from ._events import EVENT_LEVELS, EventPipeline, logger
 from ._graph import OPEN_SEA, ROOKERY, CycleError, Endpoint, Floe, Origin, Owner, check_acyclic
 from ._graph import owner_label as _label
-from ._ids import root_span_id
+from ._ids import new_invocation_id, root_span_id
 from ._traces import TraceCancelled, TraceState
 from ._worker import NodeWorker
 from .bus import BusEnvelope
@@ -85,6 +85,8 @@ class PenguiFlow:
         name: str = "penguiflow",
     ) -> None:
         self.name = name
+        #: Random id of this instance: with an event's ``seq`` it identifies the event.
+        self.flow_id = new_invocation_id()
         self._queue_maxsize = queue_maxsize
         self._allow_cycles = allow_cycles
         self._emit_errors_to_rookery = emit_errors_to_rookery
@@ -236,6 +238,7 @@ class PenguiFlow:
             await asyncio.gather(*externals, return_exceptions=True)
             if self._bus_tasks:
                 await asyncio.gather(*self._bus_tasks, return_exceptions=True)
+            await self._flush_store()
             for state in self._traces.values():
                 state.wake_chunk_waiters()
             self._traces.clear()
@@ -247,6 +250,19 @@ class PenguiFlow:
             self._running = False
             self._stopping = False
             self._stopped = True
+
+    async def _flush_store(self) -> None:
+        # Buffering stores (PenguiFlow's SQLite/Postgres stores) write in the
+        # background; stop() makes what the flow recorded durable. Duck-typed so a
+        # plain 2.1 StateStore needs no flush().
+        flush = getattr(self._state_store, "flush", None)
+        if flush is None:
+            return
+        try:
+            await flush()
+        except Exception as exc:
+            self._events.failures["state_store_flush_failed"] += 1
+            logger.exception("state_store_flush_failed", extra={"error": repr(exc)})
 
     # -- emit / fetch ------------------------------------------------------------
 
@@ -558,6 +574,7 @@ class PenguiFlow:
             self._queue_maxsize, pending, inflight, cancelled,
             MappingProxyType(dict(extra)) if extra else _EMPTY,
             invocation_id, parents, span_id, parent_span, events.seq, queued_ts, self.name,
+            self.flow_id,
         )
         await events.deliver(event, level)
 

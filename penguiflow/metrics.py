@@ -39,6 +39,8 @@ class FlowEvent:
         queued_ts: wall-clock time (epoch s) at which the invocation's input was
             put on its floe, when known.
         flow_name: the name of the flow that emitted the event.
+        flow_id: random id of the emitting PenguiFlow instance (``(flow_id,
+            seq)`` identifies the event).
     """
 
     event_type: str
@@ -63,6 +65,7 @@ class FlowEvent:
     seq: int = field(default=0, kw_only=True)
     queued_ts: float | None = field(default=None, kw_only=True)
     flow_name: str | None = field(default=None, kw_only=True)
+    flow_id: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         extra = self.extra
@@ -143,6 +146,7 @@ class FlowEvent:
             "seq": self.seq,
             "queued_ts": self.queued_ts,
             "flow_name": self.flow_name,
+            "flow_id": self.flow_id,
         }
 
 
@@ -181,6 +185,7 @@ _set_parent_span_id = _slot_setter("parent_span_id")
 _set_seq = _slot_setter("seq")
 _set_queued_ts = _slot_setter("queued_ts")
 _set_flow_name = _slot_setter("flow_name")
+_set_flow_id = _slot_setter("flow_id")
 
 
 def make_event(
@@ -190,7 +195,7 @@ def make_event(
     trace_pending: int | None, trace_inflight: int, trace_cancelled: bool,
     extra: Mapping[str, Any], invocation_id: str | None,
     parent_invocation_ids: tuple[str, ...], span_id: str | None, parent_span_id: str | None,
-    seq: int, queued_ts: float | None, flow_name: str | None,
+    seq: int, queued_ts: float | None, flow_name: str | None, flow_id: str | None = None,
 ) -> FlowEvent:
     """Build a FlowEvent without the dataclass ``__init__`` (runtime-internal).
 
@@ -219,4 +224,5 @@ def make_event(
     _set_seq(ev, seq)
     _set_queued_ts(ev, queued_ts)
     _set_flow_name(ev, flow_name)
+    _set_flow_id(ev, flow_id)
     return ev

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .metrics import FlowEvent
 
-__all__ = ["RemoteBinding", "StateStore", "StoredEvent"]
+__all__ = [
+    "RemoteBinding",
+    "StateStore",
+    "StoredEvent",
+    "StateStoreError",
+    "StoreUnavailable",
+    "TraceFilter",
+    "TraceStore",
+    "TraceSummary",
+    "TraceSummaryBuilder",
+    "TRACE_STATUSES",
+    "InMemoryStateStore",
+]
 
 
 @dataclass(slots=True)
@@ -35,6 +47,14 @@ class StoredEvent:
     attempt: int = field(default=0, kw_only=True)
     queued_ts: float | None = field(default=None, kw_only=True)
     flow_name: str | None = field(default=None, kw_only=True)
+    #: Random id of the emitting PenguiFlow instance; ``(flow_id, seq)`` identifies
+    #: an event, so a store can ignore a re-delivered one (idempotent writes).
+    flow_id: str | None = field(default=None, kw_only=True)
+
+    @property
+    def event_key(self) -> str | None:
+        """``"<flow_id>:<seq>"``, unique per event; None when the event has no flow id."""
+        return None if self.flow_id is None else f"{self.flow_id}:{self.seq}"
 
     @classmethod
     def from_flow_event(cls, ev: FlowEvent) -> StoredEvent:
@@ -54,6 +74,7 @@ class StoredEvent:
             attempt=ev.attempt,
             queued_ts=ev.queued_ts,
             flow_name=ev.flow_name,
+            flow_id=ev.flow_id,
         )
 
 
@@ -86,3 +107,228 @@ class StateStore(Protocol):
     async def save_remote_binding(self, binding: RemoteBinding) -> None:
         """Persist a trace ↔ remote context/task binding."""
         ...
+
+
+# ---------------------------------------------------------------------------
+# Beyond the 2.1 protocol: what the inspector and `pf` query (PenguiFlow additions)
+# ---------------------------------------------------------------------------
+
+
+class StateStoreError(Exception):
+    """A store failed; driver exceptions are translated to this at the boundary."""
+
+
+class StoreUnavailable(StateStoreError):
+    """The store cannot be reached (server down, bad path, closed store)."""
+
+
+#: Trace statuses, in the order a status wins over another when several apply.
+TRACE_STATUSES = ("cancelled", "failed", "running", "succeeded")
+
+_ERROR_KINDS = frozenset({"node_error", "node_timeout", "node_failed", "remote_call_error",
+                          "remote_cancel_error"})
+_TERMINAL_KINDS = frozenset({"node_success", "node_failed", "node_trace_cancelled"})
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSummary:
+    """One trace as the fleet view lists it, folded from its stored events.
+
+    Attributes:
+        trace_id: the trace.
+        flow_name: the flow that recorded its first event.
+        status: ``"cancelled"`` (a cancel was requested), else ``"failed"`` (a
+            node failed after its retries), else ``"running"`` (an invocation
+            has no terminal event yet), else ``"succeeded"``.
+        started_ts / ended_ts: first and last event times (epoch seconds).
+        node_count: node invocations started.
+        error_count: error events (node errors, timeouts and failures, remote
+            call and remote cancel errors).
+        remote_call_count: remote calls started.
+        event_count: events stored.
+        nodes: the distinct node names that ran, sorted.
+    """
+
+    trace_id: str
+    flow_name: str | None
+    status: str
+    started_ts: float
+    ended_ts: float
+    node_count: int
+    error_count: int
+    remote_call_count: int
+    event_count: int
+    nodes: tuple[str, ...]
+
+    @property
+    def duration_ms(self) -> float:
+        """``ended_ts - started_ts`` in milliseconds."""
+        return (self.ended_ts - self.started_ts) * 1000.0
+
+
+class TraceSummaryBuilder:
+    """Folds a trace's events, in any batches, into a :class:`TraceSummary`.
+
+    Stores keep one builder per trace (or its columns) and feed it each newly
+    stored event exactly once; ``summary()`` is then O(1).
+    """
+
+    __slots__ = ("cancelled", "ended", "errors", "events", "failed", "flow_name", "nodes",
+                 "open", "remotes", "started", "starts", "trace_id")
+
+    def __init__(self, trace_id: str) -> None:
+        self.trace_id = trace_id
+        self.flow_name: str | None = None
+        self.started = float("inf")
+        self.ended = float("-inf")
+        self.starts = self.errors = self.remotes = self.events = self.open = 0
+        self.cancelled = self.failed = False
+        self.nodes: set[str] = set()
+
+    def add(self, event: StoredEvent) -> None:
+        """Fold one event in."""
+        kind = event.kind
+        self.events += 1
+        self.started = min(self.started, event.ts)
+        self.ended = max(self.ended, event.ts)
+        if self.flow_name is None:
+            self.flow_name = event.flow_name
+        if kind == "node_start":
+            if event.attempt == 0:
+                self.starts += 1
+                self.open += 1
+            if event.node_name:
+                self.nodes.add(event.node_name)
+        elif kind in _TERMINAL_KINDS:
+            self.open -= 1
+        if kind in _ERROR_KINDS:
+            self.errors += 1
+        if kind == "node_failed":
+            self.failed = True
+        elif kind == "trace_cancel_start":
+            self.cancelled = True
+        elif kind == "remote_call_start":
+            self.remotes += 1
+
+    def summary(self) -> TraceSummary:
+        """The summary of everything folded so far."""
+        if self.cancelled:
+            status = "cancelled"
+        elif self.failed:
+            status = "failed"
+        elif self.open > 0:
+            status = "running"
+        else:
+            status = "succeeded"
+        started = self.started if self.events else 0.0
+        ended = self.ended if self.events else 0.0
+        return TraceSummary(self.trace_id, self.flow_name, status, started, ended, self.starts,
+                            self.errors, self.remotes, self.events, tuple(sorted(self.nodes)))
+
+
+@dataclass(frozen=True, slots=True)
+class TraceFilter:
+    """What ``list_traces`` returns.
+
+    Attributes:
+        status: one of :data:`TRACE_STATUSES`, or None for any.
+        node: only traces in which a node of this name ran.
+        has_errors: True: only traces with errors; False: only without.
+        since / until: ``since <= started_ts < until`` (epoch seconds).
+        order: ``"newest"`` (by start, newest first) or ``"slowest"`` (by duration).
+        limit: at most this many summaries (>= 1).
+    """
+
+    status: str | None = None
+    node: str | None = None
+    has_errors: bool | None = None
+    since: float | None = None
+    until: float | None = None
+    order: str = "newest"
+    limit: int = 50
+
+    def __post_init__(self) -> None:
+        if self.status is not None and self.status not in TRACE_STATUSES:
+            raise ValueError(f"TraceFilter.status must be one of {', '.join(TRACE_STATUSES)} "
+                             f"or None; got {self.status!r}")
+        if self.order not in ("newest", "slowest"):
+            raise ValueError(f"TraceFilter.order must be 'newest' or 'slowest'; got {self.order!r}")
+        if self.limit < 1:
+            raise ValueError(f"TraceFilter.limit must be >= 1; got {self.limit!r}")
+
+    def matches(self, summary: TraceSummary) -> bool:
+        """Whether ``summary`` passes every set criterion (order/limit aside)."""
+        if self.status is not None and summary.status != self.status:
+            return False
+        if self.node is not None and self.node not in summary.nodes:
+            return False
+        if self.has_errors is not None and (summary.error_count > 0) != self.has_errors:
+            return False
+        if self.since is not None and summary.started_ts < self.since:
+            return False
+        return not (self.until is not None and summary.started_ts >= self.until)
+
+    def apply(self, summaries: Iterable[TraceSummary]) -> list[TraceSummary]:
+        """Filter, order and cut ``summaries`` (the reference semantics for stores)."""
+        kept = [s for s in summaries if self.matches(s)]
+        if self.order == "slowest":
+            kept.sort(key=lambda s: (s.duration_ms, s.started_ts), reverse=True)
+        else:
+            kept.sort(key=lambda s: s.started_ts, reverse=True)
+        return kept[: self.limit]
+
+
+class TraceStore(StateStore, Protocol):
+    """A StateStore the inspector can query (what PenguiFlow's stores implement).
+
+    Contract:
+        * ``save_event`` never blocks on I/O: it buffers, and a background task
+          writes batches. ``flush()`` writes everything buffered so far (the
+          runtime calls it from ``PenguiFlow.stop()``).
+        * A re-delivered event (same ``event_key``) is stored once.
+        * ``load_history`` returns events in order of occurrence.
+        * Driver errors surface as :class:`StateStoreError` /
+          :class:`StoreUnavailable`.
+        * Async context manager: ``async with store:`` opens and closes it.
+    """
+
+    async def save_events(self, events: Sequence[StoredEvent]) -> None:
+        """Persist several events (order kept)."""
+        ...
+
+    async def list_traces(self, filter: TraceFilter | None = None) -> list[TraceSummary]:
+        """Summaries of the traces matching ``filter`` (default: 50 newest)."""
+        ...
+
+    async def get_trace(self, trace_id: str) -> TraceSummary | None:
+        """The summary of one trace, or None."""
+        ...
+
+    async def resolve_trace_id(self, prefix: str) -> list[str]:
+        """Full trace ids starting with ``prefix`` (at most 10)."""
+        ...
+
+    async def load_bindings(
+        self,
+        *,
+        trace_id: str | None = None,
+        context_id: str | None = None,
+        task_id: str | None = None,
+    ) -> list[RemoteBinding]:
+        """Bindings matching every given id (at least one must be given)."""
+        ...
+
+    def follow(self, trace_id: str | None = None) -> AsyncIterator[StoredEvent]:
+        """Yield events as they are stored (of one trace, or of all), live."""
+        ...
+
+    async def flush(self) -> None:
+        """Write everything buffered so far."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and release resources; idempotent."""
+        ...
+
+
+from ._memory_store import InMemoryStateStore  # noqa: E402  (it builds on the names above)

@@ -1,0 +1,274 @@
+"""BufferedStore: the write path shared by the SQLite and Postgres stores.
+
+Why a buffer: the runtime awaits ``save_event`` inline for every event (spec
+§15.1), so a store that did I/O there would put the database on the flow's hot
+path. Here ``save_event`` appends to an in-memory deque and returns; a
+background task writes batches (``batch_size`` events, or whatever has
+accumulated after ``flush_interval_s``).
+
+When the buffer is full (``max_buffer`` events waiting, e.g. the database is
+down or slower than the flow), the ``on_full`` policy decides:
+
+* ``"drop"`` (default): the new event is dropped, ``failures["dropped"]`` is
+  incremented and a warning is logged (at most once per second). The flow is
+  never slowed by its observer, the same choice OpenTelemetry's
+  BatchSpanProcessor makes.
+* ``"block"``: ``save_event`` waits until the writer has made room: nothing is
+  lost, and a slow store slows the flow down.
+
+A batch that fails to write is logged (``state_store_write_failed``), counted
+in ``failures["write_failed"]`` and ``failures["events_lost"]``, and dropped;
+the writer carries on with the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any, Literal
+
+from penguiflow.state import (
+    RemoteBinding,
+    StateStoreError,
+    StoredEvent,
+    StoreUnavailable,
+    TraceFilter,
+    TraceSummary,
+)
+
+__all__ = ["BufferedStore"]
+
+logger = logging.getLogger("penguiflow_exporters.store")
+
+
+class BufferedStore:
+    """Base class: buffering, background batch writes, flush/close, live follow.
+
+    Subclasses implement ``_open``, ``_close``, ``_write`` (one batch, in order;
+    must ignore events whose ``event_key`` is already stored) and the queries.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = 2000,
+        max_buffer: int = 200_000,
+        flush_interval_s: float = 0.05,
+        on_full: Literal["drop", "block"] = "drop",
+    ) -> None:
+        if batch_size < 1 or max_buffer < batch_size:
+            raise ValueError(
+                f"need 1 <= batch_size <= max_buffer; got batch_size={batch_size}, "
+                f"max_buffer={max_buffer}")
+        if on_full not in ("drop", "block"):
+            raise ValueError(f"on_full must be 'drop' or 'block'; got {on_full!r}")
+        self.batch_size = batch_size
+        self.max_buffer = max_buffer
+        self.flush_interval_s = flush_interval_s
+        self.on_full = on_full
+        #: Counts of what went wrong: ``dropped``, ``write_failed``, ``events_lost``.
+        self.failures: Counter[str] = Counter()
+        self._buffer: deque[StoredEvent] = deque()
+        self._wake: asyncio.Event | None = None
+        self._room: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._writing = False
+        self._idle: asyncio.Event | None = None
+        self._opened = False
+        self._closed = False
+        self._last_drop_warning = 0.0
+        self._followers: list[tuple[str | None, asyncio.Queue[StoredEvent | None]]] = []
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect / create the schema; idempotent. ``save_event`` opens lazily too."""
+        if self._closed:
+            raise StoreUnavailable(f"{type(self).__name__} is closed; create a new one")
+        if not self._opened:
+            await self._open()
+            self._opened = True
+
+    async def __aenter__(self) -> BufferedStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Flush what is buffered, stop the writer, release resources; idempotent."""
+        if self._closed:
+            return
+        if self._opened:
+            with contextlib.suppress(StateStoreError):
+                await self.flush()
+        self._closed = True
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._writer = None
+        for _, queue in self._followers:
+            queue.put_nowait(None)
+        if self._opened:
+            await self._close()
+
+    # -- write path ---------------------------------------------------------------
+
+    def _ensure_writer(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._wake = asyncio.Event()
+            self._room = asyncio.Event()
+            self._idle = asyncio.Event()
+            self._writer = asyncio.get_running_loop().create_task(
+                self._run_writer(), name=f"{type(self).__name__}-writer")
+
+    async def save_event(self, event: StoredEvent) -> None:
+        """Buffer one event (never does I/O); see the module docstring for a full buffer."""
+        if self._closed:
+            raise StoreUnavailable(f"{type(self).__name__} is closed; create a new one")
+        if self._writer is None:
+            self._ensure_writer()
+        buffer = self._buffer
+        if len(buffer) >= self.max_buffer:
+            if self.on_full == "drop":
+                self._dropped(1)
+                return
+            while len(buffer) >= self.max_buffer:
+                assert self._room is not None and self._wake is not None
+                self._room.clear()
+                self._wake.set()
+                await self._room.wait()
+        buffer.append(event)
+        if len(buffer) >= self.batch_size:
+            assert self._wake is not None
+            self._wake.set()
+
+    async def save_events(self, events: Sequence[StoredEvent]) -> None:
+        """Buffer several events, in order."""
+        for event in events:
+            await self.save_event(event)
+
+    def _dropped(self, count: int) -> None:
+        self.failures["dropped"] += count
+        now = time.monotonic()
+        if now - self._last_drop_warning >= 1.0:
+            self._last_drop_warning = now
+            logger.warning("state_store_buffer_full", extra={
+                "store": type(self).__name__, "dropped_total": self.failures["dropped"],
+                "max_buffer": self.max_buffer})
+
+    async def _run_writer(self) -> None:
+        assert self._wake is not None and self._room is not None and self._idle is not None
+        while True:
+            if not self._buffer:
+                self._idle.set()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
+                continue
+            if len(self._buffer) < self.batch_size:
+                # Let a batch accumulate, unless a flush is asking for it now.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
+            self._idle.clear()
+            await self._write_some()
+
+    async def _write_some(self) -> None:
+        batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
+        if self._room is not None:
+            self._room.set()
+        if not batch:
+            return
+        try:
+            if not self._opened:
+                await self.open()
+            written = await self._write(batch)
+        except Exception as exc:
+            self.failures["write_failed"] += 1
+            self.failures["events_lost"] += len(batch)
+            logger.exception("state_store_write_failed", extra={
+                "store": type(self).__name__, "events": len(batch), "error": repr(exc)})
+            return
+        self._notify(written)
+
+    async def flush(self) -> None:
+        """Write everything buffered so far, then return.
+
+        Raises:
+            StoreUnavailable: the store is closed.
+        """
+        if self._closed:
+            raise StoreUnavailable(f"{type(self).__name__} is closed; create a new one")
+        # Written inline rather than by waking the writer: a flush must not wait
+        # for the writer's batching delay.
+        while self._buffer:
+            await self._write_some()
+
+    # -- follow ---------------------------------------------------------------------
+
+    def _notify(self, events: Sequence[StoredEvent]) -> None:
+        for trace_id, queue in self._followers:
+            for event in events:
+                if trace_id is None or event.trace_id == trace_id:
+                    queue.put_nowait(event)
+
+    async def follow(self, trace_id: str | None = None) -> AsyncIterator[StoredEvent]:
+        """Yield each event of ``trace_id`` (or of every trace) once it is stored.
+
+        Only events stored after the call are yielded; read ``load_history``
+        first for the past. Ends when the store is closed.
+        """
+        queue: asyncio.Queue[StoredEvent | None] = asyncio.Queue()
+        entry = (trace_id, queue)
+        self._followers.append(entry)
+        try:
+            while True:
+                event = await queue.get()
+                if event is None:
+                    return
+                yield event
+        finally:
+            self._followers.remove(entry)
+
+    # -- subclass hooks -------------------------------------------------------------
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    async def _write(self, batch: list[StoredEvent]) -> Sequence[StoredEvent]:
+        """Write ``batch``; return the events actually stored (new ``event_key``s)."""
+        raise NotImplementedError
+
+    async def load_history(self, trace_id: str) -> Sequence[StoredEvent]:
+        raise NotImplementedError
+
+    async def save_remote_binding(self, binding: RemoteBinding) -> None:
+        raise NotImplementedError
+
+    async def list_traces(self, filter: TraceFilter | None = None) -> list[TraceSummary]:
+        raise NotImplementedError
+
+    async def get_trace(self, trace_id: str) -> TraceSummary | None:
+        raise NotImplementedError
+
+    async def resolve_trace_id(self, prefix: str) -> list[str]:
+        raise NotImplementedError
+
+    async def load_bindings(self, *, trace_id: str | None = None,
+                            context_id: str | None = None,
+                            task_id: str | None = None) -> list[RemoteBinding]:
+        raise NotImplementedError
+
+    def _extra(self) -> dict[str, Any]:
+        return {"store": type(self).__name__}

@@ -1,0 +1,143 @@
+"""InMemoryStateStore: the reference TraceStore, for tests and examples.
+
+Everything lives in process memory; writes are synchronous appends (no I/O,
+so no buffering is needed). It implements the whole query surface with the
+same semantics the SQLite and Postgres stores must match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+
+from .state import (
+    RemoteBinding,
+    StoredEvent,
+    StoreUnavailable,
+    TraceFilter,
+    TraceSummary,
+    TraceSummaryBuilder,
+)
+
+__all__ = ["InMemoryStateStore"]
+
+
+class InMemoryStateStore:
+    """Keeps events, summaries and bindings in memory (a :class:`TraceStore`).
+
+    Re-delivered events (same ``event_key``) are stored once.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[str, list[StoredEvent]] = {}
+        self._keys: set[str] = set()
+        self._summaries: dict[str, TraceSummaryBuilder] = {}
+        self._bindings: list[RemoteBinding] = []
+        self._followers: list[tuple[str | None, asyncio.Queue[StoredEvent | None]]] = []
+        self._closed = False
+
+    async def __aenter__(self) -> InMemoryStateStore:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("InMemoryStateStore is closed; create a new one")
+
+    async def save_event(self, event: StoredEvent) -> None:
+        """Store one event (ignored if its ``event_key`` was stored before)."""
+        self._check_open()
+        key = event.event_key
+        if key is not None:
+            if key in self._keys:
+                return
+            self._keys.add(key)
+        trace_id = event.trace_id
+        if trace_id is not None:
+            self._events.setdefault(trace_id, []).append(event)
+            builder = self._summaries.get(trace_id)
+            if builder is None:
+                builder = self._summaries[trace_id] = TraceSummaryBuilder(trace_id)
+            builder.add(event)
+        else:
+            self._events.setdefault("", []).append(event)
+        for wanted, queue in self._followers:
+            if wanted is None or wanted == trace_id:
+                queue.put_nowait(event)
+
+    async def save_events(self, events: Sequence[StoredEvent]) -> None:
+        """Store several events, in order."""
+        for event in events:
+            await self.save_event(event)
+
+    async def load_history(self, trace_id: str) -> Sequence[StoredEvent]:
+        """The events of ``trace_id`` in order of occurrence."""
+        self._check_open()
+        return list(self._events.get(trace_id, ()))
+
+    async def save_remote_binding(self, binding: RemoteBinding) -> None:
+        """Store a binding (once)."""
+        self._check_open()
+        if binding not in self._bindings:
+            self._bindings.append(binding)
+
+    async def list_traces(self, filter: TraceFilter | None = None) -> list[TraceSummary]:
+        """Summaries matching ``filter`` (default: the 50 newest)."""
+        self._check_open()
+        return (filter or TraceFilter()).apply(b.summary() for b in self._summaries.values())
+
+    async def get_trace(self, trace_id: str) -> TraceSummary | None:
+        """The summary of ``trace_id``, or None."""
+        self._check_open()
+        builder = self._summaries.get(trace_id)
+        return builder.summary() if builder is not None else None
+
+    async def resolve_trace_id(self, prefix: str) -> list[str]:
+        """Trace ids starting with ``prefix`` (at most 10, sorted)."""
+        self._check_open()
+        return sorted(t for t in self._summaries if t.startswith(prefix))[:10]
+
+    async def load_bindings(self, *, trace_id: str | None = None,
+                            context_id: str | None = None,
+                            task_id: str | None = None) -> list[RemoteBinding]:
+        """Bindings matching every given id.
+
+        Raises:
+            ValueError: no id was given.
+        """
+        if trace_id is None and context_id is None and task_id is None:
+            raise ValueError("load_bindings needs trace_id, context_id or task_id")
+        self._check_open()
+        return [b for b in self._bindings
+                if (trace_id is None or b.trace_id == trace_id)
+                and (context_id is None or b.context_id == context_id)
+                and (task_id is None or b.task_id == task_id)]
+
+    async def follow(self, trace_id: str | None = None) -> AsyncIterator[StoredEvent]:
+        """Yield events stored from now on (of one trace, or all); ends on close()."""
+        self._check_open()
+        queue: asyncio.Queue[StoredEvent | None] = asyncio.Queue()
+        entry = (trace_id, queue)
+        self._followers.append(entry)
+        try:
+            while True:
+                event = await queue.get()
+                if event is None:
+                    return
+                yield event
+        finally:
+            self._followers.remove(entry)
+
+    async def flush(self) -> None:
+        """Nothing is buffered: a no-op (part of the TraceStore contract)."""
+
+    async def close(self) -> None:
+        """Stop followers; later calls raise StoreUnavailable. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            for _, queue in self._followers:
+                queue.put_nowait(None)
