@@ -55,10 +55,13 @@ EventSink = Callable[[FlowEvent], Awaitable[None]]
 class EventPipeline:
     """Delivers FlowEvents to the logger, the state store and middlewares."""
 
-    __slots__ = ("_store", "failures", "listening", "middlewares", "seq")
+    __slots__ = ("_store", "failures", "fast_store", "listening", "middlewares", "seq")
 
     def __init__(self, store: StateStore | None, middlewares: list[Any]) -> None:
         self._store = store
+        #: The store's ``save_event_fields`` fast path, when it has one.
+        self.fast_store: Callable[[tuple[Any, ...]], Any] | None = getattr(
+            store, "save_event_fields", None)
         self.middlewares: list[Any] = middlewares
         self.failures: Counter[str] = Counter()
         self.seq = 0
@@ -78,9 +81,12 @@ class EventPipeline:
         self.seq += 1
         return self.seq
 
-    async def deliver(self, event: FlowEvent, level: int) -> None:
-        """Run the three pipeline steps for ``event``; never raises (but on cancel)."""
-        if logger.isEnabledFor(level):
+    async def deliver(self, event: FlowEvent, level: int, log: bool) -> None:
+        """Run the three pipeline steps for ``event``; never raises (but on cancel).
+
+        ``log`` is whether the logger is enabled for ``level`` (the caller knows).
+        """
+        if log:
             payload = event.to_payload()
             try:
                 logger.log(level, event.event_type, extra=payload)
@@ -89,17 +95,8 @@ class EventPipeline:
                 # log it under a prefixed name rather than lose the event.
                 safe = {(f"pf_{k}" if k in _RESERVED else k): v for k, v in payload.items()}
                 logger.log(level, event.event_type, extra=safe)
-        store = self._store
-        if store is not None:
-            try:
-                await store.save_event(StoredEvent.from_flow_event(event))
-            except Exception as exc:
-                self.failures["state_store_save_failed"] += 1
-                logger.exception(
-                    "state_store_save_failed",
-                    extra={"event": event.event_type, "trace_id": event.trace_id,
-                           "error": repr(exc)},
-                )
+        if self._store is not None:
+            await self.store(StoredEvent.from_flow_event(event))
         for mw in self.middlewares:
             try:
                 await mw(event)
@@ -110,3 +107,30 @@ class EventPipeline:
                     extra={"event": event.event_type, "trace_id": event.trace_id,
                            "middleware": repr(mw), "error": repr(exc)},
                 )
+
+    async def store_fields(self, fields: tuple[Any, ...]) -> None:
+        """Step 2 through the store's fast path; failures are logged and counted."""
+        assert self.fast_store is not None
+        try:
+            waiter = self.fast_store(fields)
+            if waiter is not None:
+                await waiter
+        except Exception as exc:
+            self.failures["state_store_save_failed"] += 1
+            logger.exception("state_store_save_failed",
+                             extra={"event": fields[2], "trace_id": fields[0],
+                                    "error": repr(exc)})
+
+    async def store(self, stored: StoredEvent) -> None:
+        """Step 2 alone: persist ``stored``; failures are logged and counted."""
+        store = self._store
+        if store is None:
+            return
+        try:
+            await store.save_event(stored)
+        except Exception as exc:
+            self.failures["state_store_save_failed"] += 1
+            logger.exception(
+                "state_store_save_failed",
+                extra={"event": stored.kind, "trace_id": stored.trace_id, "error": repr(exc)},
+            )

@@ -28,7 +28,8 @@ from ._ids import new_invocation_id, root_span_id
 from ._traces import TraceCancelled, TraceState
 from ._worker import NodeWorker
 from .bus import BusEnvelope
-from .metrics import _EMPTY, make_event
+from .metrics import _EMPTY, event_payload, make_event
+from .state import make_stored
 from .types import WM, FinalAnswer, Message
 
 if TYPE_CHECKING:
@@ -542,7 +543,8 @@ class PenguiFlow:
         if level is None:
             level = EVENT_LEVELS.get(kind, logging.INFO)
         events = self._events
-        if not (events.listening or logger.isEnabledFor(level)):
+        log = logger.isEnabledFor(level)
+        if not (events.listening or log):
             return
         owner = ctx._owner
         span_id: str | None = None
@@ -568,15 +570,40 @@ class PenguiFlow:
         else:
             pending, inflight, cancelled = None, 0, False
         events.seq += 1
-        event = make_event(
-            kind, time.time(), owner.name, ctx._owner_id, trace_id, attempt, latency_ms,
-            ctx.queue_depth_in(), ctx.queue_depth_out(), len(ctx._out_queues),
-            self._queue_maxsize, pending, inflight, cancelled,
-            MappingProxyType(dict(extra)) if extra else _EMPTY,
-            invocation_id, parents, span_id, parent_span, events.seq, queued_ts, self.name,
-            self.flow_id,
+        now = time.time()
+        extra_map = MappingProxyType(dict(extra)) if extra else _EMPTY
+        if log or events.middlewares:
+            event = make_event(
+                kind, now, owner.name, ctx._owner_id, trace_id, attempt, latency_ms,
+                ctx.queue_depth_in(), ctx.queue_depth_out(), len(ctx._out_queues),
+                self._queue_maxsize, pending, inflight, cancelled, extra_map,
+                invocation_id, parents, span_id, parent_span, events.seq, queued_ts, self.name,
+                self.flow_id,
+            )
+            await events.deliver(event, level, log)
+            return
+        # Only a store listens: no FlowEvent. A store with the fast path gets a
+        # flat tuple now and builds the StoredEvent off the hot path; any other
+        # store gets its StoredEvent built directly.
+        if events.fast_store is not None:
+            await events.store_fields((
+                trace_id, now, kind, owner.name, ctx._owner_id, invocation_id, parents,
+                span_id, parent_span, events.seq, attempt, queued_ts, self.name, self.flow_id,
+                latency_ms, ctx.queue_depth_in(), ctx.queue_depth_out(), len(ctx._out_queues),
+                # None rather than an empty proxy: a tuple of atoms only is untracked
+                # by the GC, which matters while thousands of them sit in a buffer.
+                self._queue_maxsize, inflight, cancelled, pending, extra_map or None,
+            ))
+            return
+        payload = event_payload(
+            kind, now, owner.name, ctx._owner_id, trace_id, latency_ms, ctx.queue_depth_in(),
+            ctx.queue_depth_out(), len(ctx._out_queues), self._queue_maxsize, attempt, inflight,
+            cancelled, pending, extra_map,
         )
-        await events.deliver(event, level)
+        await events.store(make_stored(
+            trace_id, now, kind, owner.name, ctx._owner_id, payload, invocation_id, parents,
+            span_id, parent_span, events.seq, attempt, queued_ts, self.name, self.flow_id,
+        ))
 
     async def record_remote_event(
         self,

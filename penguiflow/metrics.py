@@ -80,27 +80,12 @@ class FlowEvent:
 
     def to_payload(self) -> dict[str, Any]:
         """Return the spec's flat dict (extra items merged last; extra keys win)."""
-        payload: dict[str, Any] = {
-            "ts": self.ts,
-            "event": self.event_type,
-            "node_name": self.node_name,
-            "node_id": self.node_id,
-            "trace_id": self.trace_id,
-            "latency_ms": self.latency_ms,
-            "q_depth_in": self.queue_depth_in,
-            "q_depth_out": self.queue_depth_out,
-            "q_depth_total": self.queue_depth_in + self.queue_depth_out,
-            "outgoing": self.outgoing_edges,
-            "queue_maxsize": self.queue_maxsize,
-            "attempt": self.attempt,
-            "trace_inflight": self.trace_inflight,
-            "trace_cancelled": self.trace_cancelled,
-        }
-        if self.trace_pending is not None:
-            payload["trace_pending"] = self.trace_pending
-        if self.extra:
-            payload.update(self.extra)
-        return payload
+        return event_payload(
+            self.event_type, self.ts, self.node_name, self.node_id, self.trace_id,
+            self.latency_ms, self.queue_depth_in, self.queue_depth_out, self.outgoing_edges,
+            self.queue_maxsize, self.attempt, self.trace_inflight, self.trace_cancelled,
+            self.trace_pending, self.extra,
+        )
 
     def metric_samples(self) -> dict[str, float]:
         """Return numeric samples; ``extra["latency_ms"]`` overrides ``latency_ms``."""
@@ -148,6 +133,36 @@ class FlowEvent:
             "flow_name": self.flow_name,
             "flow_id": self.flow_id,
         }
+
+
+def event_payload(
+    event_type: str, ts: float, node_name: str | None, node_id: str | None,
+    trace_id: str | None, latency_ms: float | None, queue_depth_in: int, queue_depth_out: int,
+    outgoing_edges: int, queue_maxsize: int, attempt: int, trace_inflight: int,
+    trace_cancelled: bool, trace_pending: int | None, extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The ``to_payload()`` dict from its parts (shared with the runtime's store path)."""
+    payload: dict[str, Any] = {
+        "ts": ts,
+        "event": event_type,
+        "node_name": node_name,
+        "node_id": node_id,
+        "trace_id": trace_id,
+        "latency_ms": latency_ms,
+        "q_depth_in": queue_depth_in,
+        "q_depth_out": queue_depth_out,
+        "q_depth_total": queue_depth_in + queue_depth_out,
+        "outgoing": outgoing_edges,
+        "queue_maxsize": queue_maxsize,
+        "attempt": attempt,
+        "trace_inflight": trace_inflight,
+        "trace_cancelled": trace_cancelled,
+    }
+    if trace_pending is not None:
+        payload["trace_pending"] = trace_pending
+    if extra:
+        payload.update(extra)
+    return payload
 
 
 # The runtime builds two events per hop when anyone listens; the dataclass's

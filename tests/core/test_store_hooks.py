@@ -98,3 +98,74 @@ async def test_in_memory_store_is_a_trace_store() -> None:
         assert summary is not None and summary.status == "succeeded"
         assert summary.nodes == ("a",) and summary.node_count == 1
         assert await store.resolve_trace_id(message.trace_id[:6]) == [message.trace_id]
+
+
+class FieldsStore(InMemoryStateStore):
+    """Takes the runtime's fast path (EVENT_FIELDS tuples), like the buffered stores."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        super().__init__()
+        self.fields: list[tuple[Any, ...]] = []
+        self.fail = fail
+
+    def save_event_fields(self, fields: tuple[Any, ...]) -> None:
+        if self.fail:
+            raise ConnectionError("buffer unavailable")
+        self.fields.append(fields)
+
+
+async def test_fast_path_tuples_rebuild_exactly_the_stored_events_of_the_slow_path() -> None:
+    from penguiflow.state import EVENT_FIELDS, stored_from_fields
+
+    fast, slow = FieldsStore(), InMemoryStateStore()
+
+    async def fails_once(message: Any, ctx: Any) -> Any:
+        if not getattr(fails_once, "done", False):
+            fails_once.done = True  # type: ignore[attr-defined]
+            raise ValueError("first attempt")
+        return message
+
+    def build(store: Any) -> Any:
+        first = Node(fails_once, name="flaky",
+                     policy=NodePolicy(validate="none", max_retries=1, backoff_base=0.0))
+        return create(first.to(passthrough("b")), passthrough("b").to(), state_store=store)
+
+    for store in (fast, slow):
+        fails_once.done = False  # type: ignore[attr-defined]
+        flow = build(store)
+        flow.run()
+        try:
+            await flow.emit(msg("x"))
+            await within(flow.fetch())
+        finally:
+            await flow.stop()
+    assert all(len(f) == len(EVENT_FIELDS) for f in fast.fields)
+    everything = [stored_from_fields(f) for f in fast.fields]
+    # stop() adds one node_cancelled per worker, outside any trace.
+    assert [e.kind for e in everything if e.trace_id is None] == ["node_cancelled"] * 2
+    rebuilt = [e for e in everything if e.trace_id is not None]
+    (trace,) = {e.trace_id for e in rebuilt}
+    expected = await slow.load_history(next(t for t in slow._events if t))
+    assert [e.kind for e in rebuilt] == [e.kind for e in expected] == [
+        "node_start", "node_error", "node_retry", "node_start", "node_success",
+        "node_start", "node_success"]
+    for got, want in zip(rebuilt, expected, strict=True):
+        assert set(got.payload) == set(want.payload)
+        assert got.payload["event"] == want.payload["event"]
+        assert got.attempt == want.attempt and got.node_name == want.node_name
+    retry = rebuilt[2]
+    assert retry.payload["sleep_s"] == 0.0 and "ValueError" in retry.payload["exception"]
+    assert retry.trace_id == trace and retry.flow_id is not None
+
+
+async def test_a_fast_path_store_that_raises_is_counted_and_the_flow_completes() -> None:
+    store = FieldsStore(fail=True)
+    flow = create(passthrough("a").to(), state_store=store)
+    flow.run()
+    try:
+        await flow.emit(msg(1))
+        assert (await within(flow.fetch())).payload == 1
+    finally:
+        await flow.stop()
+    # node_start, node_success, and node_cancelled when stop() ends the worker.
+    assert flow.observer_failures["state_store_save_failed"] == 3

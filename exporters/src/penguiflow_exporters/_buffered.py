@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
@@ -39,6 +39,7 @@ from penguiflow.state import (
     StoreUnavailable,
     TraceFilter,
     TraceSummary,
+    stored_from_fields,
 )
 
 __all__ = ["BufferedStore"]
@@ -73,7 +74,10 @@ class BufferedStore:
         self.on_full = on_full
         #: Counts of what went wrong: ``dropped``, ``write_failed``, ``events_lost``.
         self.failures: Counter[str] = Counter()
-        self._buffer: deque[StoredEvent] = deque()
+        # StoredEvents, or EVENT_FIELDS tuples from the runtime's fast path (built
+        # into StoredEvents by the writer: tuples of atoms are not GC-tracked, so a
+        # full buffer does not slow every garbage collection down).
+        self._buffer: deque[StoredEvent | tuple[Any, ...]] = deque()
         self._wake: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -140,15 +144,41 @@ class BufferedStore:
             if self.on_full == "drop":
                 self._dropped(1)
                 return
-            while len(buffer) >= self.max_buffer:
-                assert self._room is not None and self._wake is not None
-                self._room.clear()
-                self._wake.set()
-                await self._room.wait()
+            await self._append_when_room(event)
+            return
         buffer.append(event)
         if len(buffer) >= self.batch_size:
             assert self._wake is not None
             self._wake.set()
+
+    def save_event_fields(self, fields: tuple[Any, ...]) -> Awaitable[None] | None:
+        """The runtime's fast path: buffer an EVENT_FIELDS tuple, no I/O, no await.
+
+        Returns an awaitable only when the buffer is full under ``on_full="block"``.
+        """
+        if self._closed:
+            raise StoreUnavailable(f"{type(self).__name__} is closed; create a new one")
+        if self._writer is None:
+            self._ensure_writer()
+        buffer = self._buffer
+        if len(buffer) >= self.max_buffer:
+            if self.on_full == "drop":
+                self._dropped(1)
+                return None
+            return self._append_when_room(fields)
+        buffer.append(fields)
+        if len(buffer) >= self.batch_size:
+            assert self._wake is not None
+            self._wake.set()
+        return None
+
+    async def _append_when_room(self, item: StoredEvent | tuple[Any, ...]) -> None:
+        while len(self._buffer) >= self.max_buffer:
+            assert self._room is not None and self._wake is not None
+            self._room.clear()
+            self._wake.set()
+            await self._room.wait()
+        self._buffer.append(item)
 
     async def save_events(self, events: Sequence[StoredEvent]) -> None:
         """Buffer several events, in order."""
@@ -182,7 +212,9 @@ class BufferedStore:
             await self._write_some()
 
     async def _write_some(self) -> None:
-        batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
+        popleft = self._buffer.popleft
+        batch = [item if type(item) is not tuple else stored_from_fields(item)
+                 for item in [popleft() for _ in range(min(self.batch_size, len(self._buffer)))]]
         if self._room is not None:
             self._room.set()
         if not batch:
