@@ -95,7 +95,18 @@ class EventPipeline:
                 # log it under a prefixed name rather than lose the event.
                 safe = {(f"pf_{k}" if k in _RESERVED else k): v for k, v in payload.items()}
                 logger.log(level, event.event_type, extra=safe)
-        if self._store is not None:
+        if self.fast_store is not None:
+            # The same path as unlogged events, so a store sees one path, in order.
+            await self.store_fields((
+                event.trace_id, event.ts, event.event_type, event.node_name, event.node_id,
+                event.invocation_id, event.parent_invocation_ids, event.span_id,
+                event.parent_span_id, event.seq, event.attempt, event.queued_ts,
+                event.flow_name, event.flow_id, event.latency_ms, event.queue_depth_in,
+                event.queue_depth_out, event.outgoing_edges, event.queue_maxsize,
+                event.trace_inflight, event.trace_cancelled, event.trace_pending,
+                event.extra or None,
+            ))
+        elif self._store is not None:
             await self.store(StoredEvent.from_flow_event(event))
         for mw in self.middlewares:
             try:

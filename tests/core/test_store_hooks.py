@@ -128,7 +128,8 @@ async def test_fast_path_tuples_rebuild_exactly_the_stored_events_of_the_slow_pa
     def build(store: Any) -> Any:
         first = Node(fails_once, name="flaky",
                      policy=NodePolicy(validate="none", max_retries=1, backoff_base=0.0))
-        return create(first.to(passthrough("b")), passthrough("b").to(), state_store=store)
+        second = passthrough("b")
+        return create(first.to(second), second.to(), state_store=store)
 
     for store in (fast, slow):
         fails_once.done = False  # type: ignore[attr-defined]
