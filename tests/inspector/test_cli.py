@@ -7,6 +7,7 @@ import sys
 from importlib.metadata import entry_points
 
 import pytest
+
 from penguiflow_inspector.cli import COMMANDS, main
 
 
