@@ -81,8 +81,9 @@ class BufferedStore:
         self._wake: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._writing = False
-        self._idle: asyncio.Event | None = None
+        # Held while a batch is taken from the buffer and written, so flush() and
+        # close() wait for a batch already in flight and batches stay in order.
+        self._batch_lock = asyncio.Lock()
         self._opened = False
         self._closed = False
         self._last_drop_warning = 0.0
@@ -110,7 +111,8 @@ class BufferedStore:
         """Flush what is buffered, stop the writer, release resources; idempotent."""
         if self._closed:
             return
-        if self._opened:
+        if self._buffer or self._opened:
+            # Also for a store never opened: its first batch opens it.
             with contextlib.suppress(StateStoreError):
                 await self.flush()
         self._closed = True
@@ -129,7 +131,6 @@ class BufferedStore:
         if self._writer is None or self._writer.done():
             self._wake = asyncio.Event()
             self._room = asyncio.Event()
-            self._idle = asyncio.Event()
             self._writer = asyncio.get_running_loop().create_task(
                 self._run_writer(), name=f"{type(self).__name__}-writer")
 
@@ -195,10 +196,9 @@ class BufferedStore:
                 "max_buffer": self.max_buffer})
 
     async def _run_writer(self) -> None:
-        assert self._wake is not None and self._room is not None and self._idle is not None
+        assert self._wake is not None and self._room is not None
         while True:
             if not self._buffer:
-                self._idle.set()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
@@ -208,41 +208,43 @@ class BufferedStore:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
-            self._idle.clear()
             await self._write_some()
 
     async def _write_some(self) -> None:
-        popleft = self._buffer.popleft
-        batch = [item if type(item) is not tuple else stored_from_fields(item)
-                 for item in [popleft() for _ in range(min(self.batch_size, len(self._buffer)))]]
-        if self._room is not None:
-            self._room.set()
-        if not batch:
-            return
-        try:
-            if not self._opened:
-                await self.open()
-            written = await self._write(batch)
-        except Exception as exc:
-            self.failures["write_failed"] += 1
-            self.failures["events_lost"] += len(batch)
-            logger.exception("state_store_write_failed", extra={
-                "store": type(self).__name__, "events": len(batch), "error": repr(exc)})
-            return
-        self._notify(written)
+        async with self._batch_lock:
+            popleft = self._buffer.popleft
+            taken = [popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
+            if self._room is not None:
+                self._room.set()
+            if not taken:
+                return
+            batch = [stored_from_fields(item) if isinstance(item, tuple) else item
+                     for item in taken]
+            try:
+                if not self._opened:
+                    await self.open()
+                written = await self._write(batch)
+            except Exception as exc:
+                self.failures["write_failed"] += 1
+                self.failures["events_lost"] += len(batch)
+                logger.exception("state_store_write_failed", extra={
+                    "store": type(self).__name__, "events": len(batch), "error": repr(exc)})
+                return
+            self._notify(written)
 
     async def flush(self) -> None:
-        """Write everything buffered so far, then return.
+        """Write everything buffered so far (and wait for a batch in flight).
 
-        Raises:
-            StoreUnavailable: the store is closed.
+        A no-op on a closed store: ``close()`` already flushed it.
         """
         if self._closed:
-            raise StoreUnavailable(f"{type(self).__name__} is closed; create a new one")
+            return
         # Written inline rather than by waking the writer: a flush must not wait
-        # for the writer's batching delay.
-        while self._buffer:
+        # for the writer's batching delay. The lock orders us after its batch.
+        while True:
             await self._write_some()
+            if not self._buffer and not self._batch_lock.locked():
+                return
 
     # -- follow ---------------------------------------------------------------------
 
@@ -258,6 +260,8 @@ class BufferedStore:
         Only events stored after the call are yielded; read ``load_history``
         first for the past. Ends when the store is closed.
         """
+        if self._closed:
+            raise StoreUnavailable(f"{type(self).__name__} is closed; create a new one")
         queue: asyncio.Queue[StoredEvent | None] = asyncio.Queue()
         entry = (trace_id, queue)
         self._followers.append(entry)

@@ -1,0 +1,119 @@
+"""Helpers of the store contract suite (a uniquely named module, imported by tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+STORE_KINDS = ("memory", "sqlite", "postgres")
+
+
+def store_class(kind: str) -> type[Any]:
+    """The store class of ``kind`` (imported lazily)."""
+    if kind == "memory":
+        from penguiflow.state import InMemoryStateStore
+
+        return InMemoryStateStore
+    if kind == "sqlite":
+        module = importlib.import_module("penguiflow_exporters.sqlite")
+        return module.SQLiteStateStore  # type: ignore[no-any-return]
+    if kind == "postgres":
+        module = importlib.import_module("penguiflow_exporters.postgres")
+        return module.PostgresStateStore  # type: ignore[no-any-return]
+    raise AssertionError(kind)
+
+
+async def drop_schemas(dsn: str, schemas: list[str]) -> None:
+    """Drop test schemas (and everything in them)."""
+    if not schemas:
+        return
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        for schema in schemas:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+def unique_schema() -> str:
+    return f"pf_test_{uuid.uuid4().hex[:16]}"
+
+
+class StoreFactory:
+    """Builds stores of one kind for one test and closes / cleans them up at teardown.
+
+    ``await make(cls=None, same_as=None, **options)`` returns an opened store:
+    ``cls`` a subclass of :attr:`cls` (for fault injection), ``same_as`` an earlier
+    store whose database (file or schema) the new one shares (not for memory),
+    ``options`` passed to the constructor (buffered stores only).
+    """
+
+    def __init__(self, kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        self.kind = kind
+        self.cls = store_class(kind)
+        self._tmp_path = tmp_path
+        self._dsn = request.getfixturevalue("pg_dsn") if kind == "postgres" else None
+        self._stores: list[Any] = []
+        self._where: dict[int, Any] = {}
+        self._schemas: list[str] = []
+
+    @property
+    def buffered(self) -> bool:
+        return self.kind != "memory"
+
+    @property
+    def dsn(self) -> str:
+        assert self._dsn is not None
+        return self._dsn
+
+    def register_schema(self, schema: str) -> None:
+        """Have ``schema`` dropped at teardown (for stores built elsewhere)."""
+        self._schemas.append(schema)
+
+    def build(self, cls: type[Any] | None = None, *, same_as: Any = None,
+              **options: Any) -> Any:
+        """An unopened store (closed and cleaned up at teardown)."""
+        cls = cls or self.cls
+        if self.kind == "memory":
+            assert same_as is None, "memory stores cannot share data"
+            assert not options, f"InMemoryStateStore takes no options: {options}"
+            store = cls()
+        elif self.kind == "sqlite":
+            name = f"traces-{len(self._stores)}.db" if self._stores else "traces.db"
+            where = self._where[id(same_as)] if same_as is not None else self._tmp_path / name
+            store = cls(where, **options)
+        else:
+            where = self._where[id(same_as)] if same_as is not None else unique_schema()
+            if same_as is None:
+                self._schemas.append(where)
+            store = cls(self.dsn, schema=where, **options)
+            self._where[id(store)] = where
+        if self.kind == "sqlite":
+            self._where[id(store)] = where
+        self._stores.append(store)
+        return store
+
+    async def make(self, cls: type[Any] | None = None, *, same_as: Any = None,
+                   **options: Any) -> Any:
+        store = self.build(cls, same_as=same_as, **options)
+        opener: Callable[[], Awaitable[Any]] | None = getattr(store, "open", None)
+        if opener is not None:
+            await opener()
+        else:
+            await store.__aenter__()
+        return store
+
+    async def close(self) -> None:
+        for store in reversed(self._stores):
+            with contextlib.suppress(Exception):
+                await store.close()
+        if self._dsn is not None:
+            await drop_schemas(self._dsn, self._schemas)

@@ -1,0 +1,546 @@
+"""PostgresStateStore against a real server.
+
+The server comes from the ``pg_dsn`` fixture (tests/exporters/conftest.py):
+``$TEST_PG_DSN``, else a throwaway cluster; without either the tests skip, or fail
+when ``CI=true``. Every test works in schemas of its own (``pf_test_<random>``),
+dropped at teardown. A second store on the same schema stands for another
+process: it has its own pool and its own server sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+
+from penguiflow import Headers, Message, Node, NodePolicy, create
+from penguiflow.state import (
+    InMemoryStateStore,
+    RemoteBinding,
+    StateStoreError,
+    StoredEvent,
+    StoreUnavailable,
+    TraceFilter,
+    TraceSummaryBuilder,
+)
+from penguiflow_exporters.postgres import SCHEMA_VERSION, PostgresStateStore
+
+MakeStore = Callable[..., Awaitable[PostgresStateStore]]
+
+
+@pytest.fixture
+async def make(pg_dsn: str) -> AsyncIterator[MakeStore]:
+    """``await make(schema=None, **options)``: an opened store; a new schema unless given.
+
+    Every store is closed and every schema dropped at teardown.
+    """
+    stores: list[PostgresStateStore] = []
+    schemas: list[str] = []
+
+    async def factory(schema: str | None = None, **options: Any) -> PostgresStateStore:
+        if schema is None:
+            schema = f"pf_test_{uuid.uuid4().hex[:8]}"
+            schemas.append(schema)
+        store = PostgresStateStore(pg_dsn, schema=schema, **options)
+        stores.append(store)
+        await store.open()
+        return store
+
+    try:
+        yield factory
+    finally:
+        for store in stores:
+            with contextlib.suppress(Exception):
+                await store.close()
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            for schema in schemas:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def sql(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection, to look at what the store wrote."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def ev(trace: str | None, seq: int, kind: str = "node_start", node: str | None = "a", *,
+       flow: str | None = "flow-1", ts: float | None = None, attempt: int = 0,
+       **ids: Any) -> StoredEvent:
+    return StoredEvent(trace, 1000.0 + seq if ts is None else ts, kind, node,
+                       None if node is None else f"{node}-id", {"seq": seq, "kind": kind},
+                       seq=seq, flow_id=flow, flow_name="demo", attempt=attempt, **ids)
+
+
+def fold(trace_id: str, events: list[StoredEvent]) -> Any:
+    builder = TraceSummaryBuilder(trace_id)
+    for event in events:
+        builder.add(event)
+    return builder.summary()
+
+
+def refused_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# -- schema ------------------------------------------------------------------------------
+
+
+async def test_open_creates_the_schema_and_records_its_version(
+        make: MakeStore, sql: asyncpg.Connection) -> None:
+    store = await make()
+    tables = {r[0] for r in await sql.fetch(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
+        store.schema)}
+    assert tables == {"events", "traces", "bindings", "schema_version"}
+    again = await make(schema=store.schema)  # already migrated: nothing to do
+    assert again.schema == store.schema
+    rows = await sql.fetch(f'SELECT version FROM "{store.schema}".schema_version')
+    assert [r[0] for r in rows] == [SCHEMA_VERSION]
+
+
+async def test_concurrent_opens_migrate_once(make: MakeStore, sql: asyncpg.Connection) -> None:
+    first = await make()
+    await sql.execute(f'DROP SCHEMA "{first.schema}" CASCADE')  # start from nothing
+    # Separate pools, so separate server sessions: what several processes would do.
+    await asyncio.gather(*(make(schema=first.schema) for _ in range(4)))
+    rows = await sql.fetch(f'SELECT version FROM "{first.schema}".schema_version')
+    assert [r[0] for r in rows] == [SCHEMA_VERSION]
+
+
+async def test_a_newer_schema_version_is_refused(make: MakeStore,
+                                                 sql: asyncpg.Connection) -> None:
+    store = await make()
+    await sql.execute(f'INSERT INTO "{store.schema}".schema_version (version) VALUES ($1)',
+                      SCHEMA_VERSION + 1)
+    with pytest.raises(StateStoreError, match=rf"version {SCHEMA_VERSION + 1}, newer") as info:
+        await make(schema=store.schema)
+    assert not isinstance(info.value, StoreUnavailable)
+
+
+def test_schema_name_is_validated() -> None:
+    with pytest.raises(ValueError, match="lowercase identifier"):
+        PostgresStateStore("postgresql://x@127.0.0.1/db", schema='Bad"Name')
+
+
+# -- writes ------------------------------------------------------------------------------
+
+
+async def test_redelivered_events_are_stored_once(make: MakeStore) -> None:
+    store = await make(batch_size=4)
+    first = [ev("t1", i, "node_start" if i % 2 == 0 else "node_success", f"n{i // 2}")
+             for i in range(6)]
+    await store.save_events(first)
+    await store.flush()
+    before = await store.get_trace("t1")
+    # Two already stored, one new, and the new one twice in the same batch.
+    later = ev("t1", 6, "node_start", "n9")
+    await store.save_events([first[2], first[3], later, later])
+    await store.flush()
+    history = await store.load_history("t1")
+    assert history == [*first, later]
+    after = await store.get_trace("t1")
+    assert before is not None and after is not None
+    assert (after.event_count, after.node_count) == (before.event_count + 1,
+                                                     before.node_count + 1)
+    assert after == fold("t1", history)
+    assert store.failures == {}
+
+
+async def test_events_without_a_flow_id_are_always_stored(make: MakeStore) -> None:
+    store = await make()
+    keyless = ev("t1", 1, flow=None)
+    await store.save_events([keyless, keyless])
+    assert await store.load_history("t1") == [keyless, keyless]
+
+
+async def test_history_keeps_the_order_and_every_field(make: MakeStore) -> None:
+    store = await make(batch_size=3)
+    events = [
+        StoredEvent("t1", 5.5, "node_start", "a", "a-id",
+                    {"nested": {"list": [1, 2.5, None, True], "text": "pingüino ✓"}, "n": 1},
+                    invocation_id="inv-1", parent_invocation_ids=("p1", "p2"), span_id="s1",
+                    parent_span_id="s0", seq=1, attempt=2, queued_ts=5.25, flow_name="demo",
+                    flow_id="f"),
+        # Out of ts order on purpose: history is the order of occurrence, not of ts.
+        ev("t1", 2, ts=1.0),
+        ev(None, 3, "node_cancelled"),  # flow-level: belongs to no trace
+        ev("t2", 4),
+        ev("t1", 5, node=None),
+        ev("t1", 6, "node_success"),
+        ev("t1", 7, "node_success", parent_invocation_ids=("only",)),
+    ]
+    await store.save_events(events)
+    history = await store.load_history("t1")
+    assert history == [e for e in events if e.trace_id == "t1"]
+    assert isinstance(history[0].parent_invocation_ids, tuple)
+    assert isinstance(history[0].payload, dict)
+    assert await store.load_history("missing") == []
+
+
+async def test_payload_values_json_cannot_hold_are_stored_as_text(make: MakeStore) -> None:
+    store = await make()
+    await store.save_events([
+        StoredEvent("t1", 1.0, "node_error", "a", "a-id",
+                    {"latency_ms": math.nan, "limit": math.inf, "error": ValueError("boom")},
+                    seq=1, flow_id="f"),
+    ])
+    (stored,) = await store.load_history("t1")
+    assert stored.payload == {"latency_ms": "nan", "limit": "inf", "error": "boom"}
+    assert store.failures == {}
+
+
+async def test_a_real_flow_is_recorded(make: MakeStore) -> None:
+    store = await make()
+
+    async def double(message: Message, ctx: Any) -> Message:
+        return message.model_copy(update={"payload": message.payload * 2})
+
+    async def add_one(message: Message, ctx: Any) -> Message:
+        return message.model_copy(update={"payload": message.payload + 1})
+
+    policy = NodePolicy(validate="none")
+    first, second = Node(double, name="double", policy=policy), Node(add_one, name="add_one",
+                                                                        policy=policy)
+    flow = create(first.to(second), second.to(), state_store=store)
+    flow.run()
+    message = Message(payload=20, headers=Headers(tenant="acme"))
+    try:
+        await flow.emit(message)
+        assert (await asyncio.wait_for(flow.fetch(), 5)).payload == 41
+    finally:
+        await asyncio.wait_for(flow.stop(), 5)  # flushes the store
+
+    history = await store.load_history(message.trace_id)
+    assert [e.kind for e in history] == ["node_start", "node_success"] * 2
+    assert [e.node_name for e in history] == ["double", "double", "add_one", "add_one"]
+    assert [e.seq for e in history] == sorted(e.seq for e in history)
+    assert list(await flow.load_history(message.trace_id)) == history
+    summary = await store.get_trace(message.trace_id)
+    assert summary == fold(message.trace_id, history)
+    assert summary is not None
+    assert (summary.status, summary.nodes, summary.node_count) == (
+        "succeeded", ("add_one", "double"), 2)
+    assert store.failures == {}
+
+
+# -- queries -----------------------------------------------------------------------------
+
+
+def fleet() -> list[StoredEvent]:
+    """Traces of every status, interleaved, some with equal start times or durations."""
+    traces: dict[str, list[tuple[str, str, float, int]]] = {
+        # trace: [(kind, node, ts, attempt)]
+        "ok-1": [("node_start", "a", 10, 0), ("node_success", "a", 11, 0),
+                 ("node_start", "b", 11, 0), ("node_success", "b", 14, 0)],
+        "ok-2": [("node_start", "b", 20, 0), ("node_success", "b", 21, 0)],
+        "retried": [("node_start", "a", 30, 0), ("node_error", "a", 31, 0),
+                    ("node_start", "a", 32, 1), ("node_success", "a", 33, 0)],
+        "failed": [("node_start", "c", 40, 0), ("node_error", "c", 41, 0),
+                   ("node_failed", "c", 42, 0)],
+        "running": [("node_start", "a", 50, 0)],
+        "cancelled": [("node_start", "b", 60, 0), ("trace_cancel_start", "b", 61, 0),
+                      ("node_trace_cancelled", "b", 62, 0)],
+        "remote": [("node_start", "r", 20, 0), ("remote_call_start", "r", 20.5, 0),
+                   ("remote_call_error", "r", 21, 0), ("node_success", "r", 21, 0)],
+        "tie": [("node_start", "a", 20, 0), ("node_success", "a", 21, 0)],
+    }
+    streams = [[(t, *step) for step in steps] for t, steps in traces.items()]
+    events: list[StoredEvent] = []
+    seq = 0
+    while any(streams):
+        for stream in streams:
+            if stream:
+                trace, kind, node, ts, attempt = stream.pop(0)
+                seq += 1
+                events.append(ev(trace, seq, kind, node, ts=float(ts), attempt=attempt,
+                                 flow="fleet"))
+    return events
+
+
+FILTERS = [
+    TraceFilter(),
+    TraceFilter(limit=3),
+    TraceFilter(order="slowest"),
+    TraceFilter(order="slowest", limit=2),
+    *(TraceFilter(status=s) for s in ("cancelled", "failed", "running", "succeeded")),
+    TraceFilter(node="a"),
+    TraceFilter(node="zzz"),
+    TraceFilter(has_errors=True),
+    TraceFilter(has_errors=False, order="slowest"),
+    TraceFilter(since=20.0),
+    TraceFilter(until=20.0),
+    TraceFilter(since=20.0, until=40.0, node="b"),
+    TraceFilter(status="succeeded", has_errors=True, since=15.0),
+]
+
+
+async def test_list_traces_and_get_trace_match_the_in_memory_store(make: MakeStore) -> None:
+    store = await make(batch_size=5)  # summaries folded over several batches
+    memory = InMemoryStateStore()
+    events = fleet()
+    await store.save_events(events)
+    await memory.save_events(events)
+    for trace_filter in FILTERS:
+        assert await store.list_traces(trace_filter) == await memory.list_traces(
+            trace_filter), trace_filter
+    for trace_id in {e.trace_id for e in events if e.trace_id} | {"missing"}:
+        assert await store.get_trace(trace_id) == await memory.get_trace(trace_id)
+
+
+async def test_resolve_trace_id_escapes_like_patterns(make: MakeStore) -> None:
+    store = await make()
+    ids = ["abc_1", "abcx1", "ab%", "abz", "a\\b", *(f"zz{i:02}" for i in range(12))]
+    await store.save_events([ev(t, i) for i, t in enumerate(ids)])
+    assert await store.resolve_trace_id("abc_") == ["abc_1"]
+    assert await store.resolve_trace_id("ab%") == ["ab%"]
+    assert await store.resolve_trace_id("a\\") == ["a\\b"]
+    assert await store.resolve_trace_id("ab") == ["ab%", "abc_1", "abcx1", "abz"]
+    assert await store.resolve_trace_id("zz") == [f"zz{i:02}" for i in range(10)]
+    assert await store.resolve_trace_id("nope") == []
+
+
+async def test_bindings(make: MakeStore) -> None:
+    store = await make()
+    bindings = [RemoteBinding("t1", "ctx-1", "task-1", "http://a"),
+                RemoteBinding("t1", "ctx-1", "task-2", None),
+                RemoteBinding("t2", None, "task-3", "http://b"),
+                RemoteBinding("t2", None, None, None)]
+    for binding in [*bindings, bindings[1], bindings[3]]:  # repeats are stored once
+        await store.save_remote_binding(binding)
+    assert await store.load_bindings(trace_id="t1") == bindings[:2]
+    assert await store.load_bindings(context_id="ctx-1") == bindings[:2]
+    assert await store.load_bindings(task_id="task-3") == [bindings[2]]
+    assert await store.load_bindings(trace_id="t1", task_id="task-2") == [bindings[1]]
+    assert await store.load_bindings(trace_id="t2") == bindings[2:]
+    assert await store.load_bindings(trace_id="t2", context_id="ctx-1") == []
+    with pytest.raises(ValueError, match="needs trace_id, context_id or task_id"):
+        await store.load_bindings()
+
+
+# -- concurrency and follow --------------------------------------------------------------
+
+
+async def test_concurrent_writers_on_one_trace(make: MakeStore) -> None:
+    one = await make(batch_size=25)
+    two = await make(schema=one.schema, batch_size=25)
+    mine = [ev("shared", i, "node_start" if i % 2 == 0 else "node_success", f"a{i % 7}",
+               flow="one") for i in range(300)]
+    theirs = [ev("shared", i, "node_start" if i % 2 == 0 else "node_success", f"b{i % 5}",
+                 flow="two") for i in range(300)]
+
+    async def write(store: PostgresStateStore, events: list[StoredEvent]) -> None:
+        for start in range(0, len(events), 40):
+            await store.save_events(events[start:start + 40])
+            await asyncio.sleep(0)
+        await store.flush()
+
+    # Both also re-deliver part of the other's events, concurrently.
+    await asyncio.gather(write(one, mine + theirs[:50]), write(two, theirs + mine[:50]))
+    history = await one.load_history("shared")
+    assert sorted(history, key=lambda e: (e.flow_id or "", e.seq)) == mine + theirs
+    assert [e for e in history if e.flow_id == "one"] == mine  # each writer's order kept
+    assert [e for e in history if e.flow_id == "two"] == theirs
+    summary = await two.get_trace("shared")
+    assert summary == fold("shared", history)
+    assert summary is not None and summary.event_count == 600
+    assert one.failures == two.failures == {}
+
+
+async def collect(stream: Any, out: list[StoredEvent],
+                  until: Callable[[StoredEvent], bool]) -> None:
+    """Append ``stream``'s events to ``out`` until ``until(event)``; then close it."""
+    async with contextlib.aclosing(stream):
+        async for event in stream:
+            out.append(event)
+            if until(event):
+                return
+
+
+async def until_following(writer: PostgresStateStore, seen: list[StoredEvent],
+                          trace: str) -> None:
+    """Write probes into ``trace`` until the follower has seen one (it listens then)."""
+    for i in range(250):
+        await writer.save_event(ev(trace, 10_000 + i, "probe", flow=f"probe-{trace}"))
+        await writer.flush()
+        await asyncio.sleep(0.02)
+        if seen:
+            return
+    raise AssertionError("the follower never received a probe")
+
+
+async def test_follow_sees_events_written_by_another_store(make: MakeStore) -> None:
+    writer = await make(batch_size=7)
+    reader = await make(schema=writer.schema)
+    seen: list[StoredEvent] = []
+    everything: list[StoredEvent] = []
+    last = ev("live", 59)
+    follower = asyncio.create_task(collect(reader.follow("live"), seen, lambda e: e == last))
+    watcher = asyncio.create_task(collect(reader.follow(), everything, lambda e: e == last))
+    await until_following(writer, seen, "live")
+    await until_following(writer, everything, "live")
+    live = [ev("live", i) for i in range(60)]
+    other = [ev("other", 100 + i) for i in range(60)]
+    await writer.save_events([e for pair in zip(live, other, strict=True) for e in pair])
+    await writer.flush()
+    await asyncio.wait_for(asyncio.gather(follower, watcher), 10)
+    assert [e for e in seen if e.kind != "probe"] == live
+    assert [e for e in everything if e.kind != "probe"] == [
+        e for pair in zip(live, other, strict=True) for e in pair][:-1]
+
+
+async def test_follow_handles_batches_touching_many_or_long_trace_ids(
+        make: MakeStore) -> None:
+    writer = await make()
+    reader = await make(schema=writer.schema)
+    long_id = "L" * 9000  # longer than a NOTIFY payload may be
+    seen: list[StoredEvent] = []
+    everything: list[StoredEvent] = []
+    follower = asyncio.create_task(collect(reader.follow(long_id), seen,
+                                           lambda e: e.kind == "node_success"))
+    many = [ev(f"many-{i:04}-{'x' * 24}", i) for i in range(500)]
+    watcher = asyncio.create_task(collect(reader.follow(), everything,
+                                          lambda e: e == many[-1]))
+    await until_following(writer, seen, long_id)
+    await until_following(writer, everything, long_id)
+    # 500 trace ids of 34 characters (~18 KB) and the long one: several NOTIFYs.
+    await writer.save_events([ev(long_id, 1, "node_success", flow="long"), *many])
+    await writer.flush()
+    await asyncio.wait_for(asyncio.gather(follower, watcher), 10)
+    assert seen[-1] == ev(long_id, 1, "node_success", flow="long")
+    assert [e for e in everything if e.kind != "probe"][-500:] == many
+
+
+async def test_follow_ends_when_the_store_is_closed(make: MakeStore) -> None:
+    store = await make()
+    seen: list[StoredEvent] = []
+    follower = asyncio.create_task(collect(store.follow("t1"), seen, lambda e: False))
+    await until_following(store, seen, "t1")
+    await store.close()
+    await asyncio.wait_for(follower, 5)
+    with pytest.raises(StoreUnavailable):
+        await store.load_history("t1")
+    with pytest.raises(StoreUnavailable):
+        await anext(store.follow("t1"))
+
+
+async def test_follow_raises_store_unavailable_when_its_connection_is_lost(
+        make: MakeStore, sql: asyncpg.Connection) -> None:
+    store = await make()
+    seen: list[StoredEvent] = []
+    follower = asyncio.create_task(collect(store.follow("t1"), seen, lambda e: False))
+    await until_following(store, seen, "t1")
+    # The follower's own connection is the one whose last query read new rows of
+    # this test's schema.
+    killed = await sql.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE query LIKE '%trace_id = $2 AND id > $1%' AND strpos(query, $1) > 0 "
+        "AND pid <> pg_backend_pid()", f'"{store.schema}".events')
+    assert killed == 1
+    with pytest.raises(StoreUnavailable, match="lost the listening connection"):
+        await asyncio.wait_for(follower, 5)
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+async def test_an_unreachable_server_is_store_unavailable() -> None:
+    port = refused_port()
+    store = PostgresStateStore(f"postgresql://pf:s3cret@127.0.0.1:{port}/db",
+                               schema="pf_unreachable", connect_timeout_s=5)
+    with pytest.raises(StoreUnavailable) as info:
+        await store.open()
+    message = str(info.value)
+    assert f"127.0.0.1:{port}/db" in message
+    assert "Start the server" in message
+    assert "s3cret" not in message and "s3cret" not in repr(store)
+    assert isinstance(info.value.__cause__, OSError)
+    with pytest.raises(StoreUnavailable):
+        await store.load_history("t1")
+    await store.close()
+
+
+async def test_a_flow_completes_while_its_store_is_unreachable(
+        caplog: pytest.LogCaptureFixture) -> None:
+    store = PostgresStateStore(f"postgresql://pf@127.0.0.1:{refused_port()}/db",
+                               schema="pf_unreachable", connect_timeout_s=5)
+
+    async def echo(message: Message, ctx: Any) -> Message:
+        return message
+
+    node = Node(echo, name="echo", policy=NodePolicy(validate="none"))
+    flow = create(node.to(), state_store=store)
+    flow.run()
+    try:
+        await flow.emit(Message(payload="hi", headers=Headers(tenant="acme")))
+        assert (await asyncio.wait_for(flow.fetch(), 5)).payload == "hi"
+    finally:
+        await asyncio.wait_for(flow.stop(), 10)  # its flush fails; stop() does not
+    assert store.failures["write_failed"] >= 1
+    assert store.failures["events_lost"] >= 2
+    assert "state_store_write_failed" in caplog.text
+    await store.close()
+
+
+async def test_other_driver_errors_are_state_store_errors(make: MakeStore,
+                                                          sql: asyncpg.Connection) -> None:
+    store = await make()
+    await sql.execute(f'DROP TABLE "{store.schema}".traces')
+    with pytest.raises(StateStoreError, match="listing traces") as info:
+        await store.list_traces()
+    assert not isinstance(info.value, StoreUnavailable)
+    assert isinstance(info.value.__cause__, asyncpg.PostgresError)
+
+
+# -- throughput (printed, not asserted) ----------------------------------------------------
+
+
+async def test_ingest_rate_and_load_time(make: MakeStore,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    count = 100_000
+    flow = uuid.uuid4().hex[:16]
+    t0 = time.time()
+    events = [
+        StoredEvent(
+            "big", t0 + i * 1e-5, "node_start" if i % 2 == 0 else "node_success",
+            f"s{i % 5}", f"node-{i % 5}",
+            {"ts": t0 + i * 1e-5, "event": "node_start" if i % 2 == 0 else "node_success",
+             "node_name": f"s{i % 5}", "node_id": f"node-{i % 5}", "trace_id": "big",
+             "latency_ms": 0.021, "q_depth_in": 3, "q_depth_out": 1, "q_depth_total": 4,
+             "outgoing": 1, "queue_maxsize": 64, "attempt": 0, "trace_inflight": 1,
+             "trace_cancelled": False, "trace_pending": 1},
+            invocation_id=f"{i:016x}", span_id=f"{i:016x}", seq=i, queued_ts=t0,
+            flow_name="bench", flow_id=flow)
+        for i in range(count)
+    ]
+    store = await make()
+    started = time.perf_counter()
+    await store.save_events(events)
+    await store.flush()
+    ingest = count / (time.perf_counter() - started)
+    started = time.perf_counter()
+    history = await store.load_history("big")
+    load_ms = (time.perf_counter() - started) * 1000
+    assert len(history) == count and history[-1] == events[-1]
+    assert store.failures == {}
+    with capsys.disabled():
+        print(f"\nPostgresStateStore: raw ingest {ingest:,.0f} events/s; "
+              f"load_history of {count:,} events {load_ms:,.0f} ms")

@@ -1,0 +1,481 @@
+"""SQLiteStateStore on real files: schema, idempotency, queries, threading, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from penguiflow import Headers, Message, Node, NodePolicy, create
+from penguiflow.state import (
+    InMemoryStateStore,
+    RemoteBinding,
+    StateStoreError,
+    StoredEvent,
+    StoreUnavailable,
+    TraceFilter,
+)
+from penguiflow_exporters import open_store
+from penguiflow_exporters.sqlite import SCHEMA_VERSION, SQLiteStateStore
+
+_seq = itertools.count()
+
+
+def ev(trace_id: str | None, kind: str, ts: float, *, node: str = "a", attempt: int = 0,
+       flow_id: str | None = "flow-1", seq: int | None = None, **extra: Any) -> StoredEvent:
+    """A StoredEvent shaped like the runtime's (unique ``seq`` unless given)."""
+    payload = {"ts": ts, "event": kind, "node_name": node, "node_id": f"id-{node}",
+               "trace_id": trace_id, "latency_ms": 1.5, "attempt": attempt, **extra}
+    return StoredEvent(trace_id, ts, kind, node, f"id-{node}", payload,
+                       invocation_id=f"inv-{trace_id}-{node}", parent_invocation_ids=("p1", "p2"),
+                       span_id=f"inv-{trace_id}-{node}", parent_span_id="root", attempt=attempt,
+                       seq=next(_seq) if seq is None else seq, queued_ts=ts - 0.5,
+                       flow_name="demo", flow_id=flow_id)
+
+
+def invocation(trace_id: str, node: str, start: float, end: float,
+               terminal: str = "node_success") -> list[StoredEvent]:
+    return [ev(trace_id, "node_start", start, node=node), ev(trace_id, terminal, end, node=node)]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStateStore]:
+    async with SQLiteStateStore(tmp_path / "traces.db") as opened:
+        yield opened
+
+
+def read(path: Path, sql: str) -> list[Any]:
+    """Query the file through a separate connection (as another process would)."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+# -- schema and file -----------------------------------------------------------------
+
+
+async def test_creates_the_parent_directory_and_records_the_schema_version(
+        tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dir" / "traces.db"
+    async with SQLiteStateStore(path):
+        pass
+    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [SCHEMA_VERSION]
+    tables = {name for (name,) in read(path, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"events", "traces", "bindings", "schema_version"} <= tables
+    async with SQLiteStateStore(path):  # reopening migrates nothing
+        pass
+    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [SCHEMA_VERSION]
+
+
+async def test_a_newer_schema_version_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "traces.db"
+    async with SQLiteStateStore(path):
+        pass
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 1,))
+    conn.close()
+    store = SQLiteStateStore(path)
+    with pytest.raises(StateStoreError, match=r"schema version 2, newer .* upgrade") as info:
+        await store.open()
+    assert not isinstance(info.value, StoreUnavailable)
+    await store.close()
+    assert max(v for (v,) in read(path, "SELECT version FROM schema_version")) == 2
+
+
+async def test_wal_mode_and_synchronous_normal(store: SQLiteStateStore) -> None:
+    assert read(store.path, "PRAGMA journal_mode") == [("wal",)]
+    conn = store._conn
+    assert conn is not None
+    synchronous = await store._call(lambda: conn.execute("PRAGMA synchronous").fetchone())
+    assert synchronous == (1,)  # NORMAL
+
+
+async def test_open_store_url_builds_a_sqlite_store(tmp_path: Path) -> None:
+    async with open_store(f"sqlite:///{tmp_path}/by-url.db") as opened:
+        assert isinstance(opened, SQLiteStateStore)
+        assert opened.path == tmp_path / "by-url.db"
+
+
+# -- writes ------------------------------------------------------------------------------
+
+
+async def test_every_field_is_restored_in_order_of_occurrence(store: SQLiteStateStore) -> None:
+    events = [
+        ev("t", "node_start", 5.0, seq=10),
+        ev("t", "node_error", 3.0, seq=11, exception="ValueError('x')"),  # ts out of order
+        ev("t", "node_retry", 3.0, seq=12, sleep_s=0.25, nested={"a": [1, 2.5, None]}),
+        ev("t", "node_success", 3.0, seq=13, flag=True, text="é ✓ \"quoted\""),
+    ]
+    no_parents = StoredEvent("t", 6.0, "remote_call_start", None, None,
+                             MappingProxyType({"remote_skill": "s"}), seq=14)
+    await store.save_events([*events[:2]])
+    await store.flush()
+    await store.save_events([*events[2:], no_parents])
+    history = await store.load_history("t")
+    assert history == [*events, StoredEvent("t", 6.0, "remote_call_start", None, None,
+                                            {"remote_skill": "s"}, seq=14)]
+    assert all(type(e.payload) is dict for e in history)
+    assert history[0].parent_invocation_ids == ("p1", "p2")
+    assert history[-1].parent_invocation_ids == () and history[-1].event_key is None
+    assert await store.load_history("unknown") == []
+
+
+async def test_a_redelivered_event_is_stored_once_and_counted_once(
+        store: SQLiteStateStore) -> None:
+    events = [*invocation("t", "a", 1.0, 2.0), ev("t", "node_error", 1.5)]
+    await store.save_events(events)
+    await store.flush()
+    before = await store.get_trace("t")
+    await store.save_events(events)  # a whole batch of duplicates
+    late = ev("t", "node_start", 3.0, node="b")
+    await store.save_events([events[0], late, events[0]])
+    assert await store.load_history("t") == [*events, late]
+    after = await store.get_trace("t")
+    assert before is not None and after is not None
+    assert (before.event_count, before.node_count, before.error_count) == (3, 1, 1)
+    assert (after.event_count, after.node_count, after.error_count) == (4, 2, 1)
+    assert after.status == "running"  # b has no terminal event
+    assert read(store.path, "SELECT count(*) FROM events") == [(4,)]
+
+
+async def test_write_returns_only_the_newly_stored_events(store: SQLiteStateStore) -> None:
+    first = ev("t", "node_start", 1.0)
+    keyless = ev("t", "node_success", 2.0, flow_id=None)
+    assert await store._write([first, keyless]) == [first, keyless]
+    second = ev("t", "node_start", 3.0, node="b")
+    # Stored key, new key, in-batch duplicate, and a keyless event (always stored).
+    assert await store._write([first, second, second, keyless]) == [second, keyless]
+    assert [e.kind for e in await store.load_history("t")] == [
+        "node_start", "node_success", "node_start", "node_success"]
+
+
+async def test_events_without_a_trace_are_stored_but_make_no_trace(
+        store: SQLiteStateStore) -> None:
+    await store.save_event(ev(None, "node_cancelled", 1.0))
+    await store.flush()
+    assert read(store.path, "SELECT count(*), min(trace_id) FROM events") == [(1, None)]
+    assert await store.list_traces() == []
+
+
+async def test_a_payload_json_cannot_encode_keeps_the_batch(store: SQLiteStateStore) -> None:
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    odd = ev("t", "node_error", 1.0, cycle=cyclic, when=Path("/x"))
+    fine = ev("t", "node_start", 0.5)
+    await store.save_events([fine, odd])
+    history = await store.load_history("t")
+    assert [e.kind for e in history] == ["node_start", "node_error"]
+    assert history[0] == fine
+    assert history[1].payload["cycle"] == "[[...]]"  # repr of what could not be encoded
+    assert history[1].payload["when"] == "/x"  # str() of an unknown type
+    assert store.failures["write_failed"] == 0
+
+
+async def test_two_stores_on_one_file_fold_into_one_summary(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    async with SQLiteStateStore(path) as one, SQLiteStateStore(path) as two:
+        await one.save_events(invocation("t", "a", 1.0, 2.0))
+        await one.flush()
+        await two.save_events(invocation("t", "b", 3.0, 4.0))
+        await two.flush()
+        summary = await one.get_trace("t")
+        assert summary is not None
+        assert (summary.event_count, summary.nodes, summary.ended_ts) == (4, ("a", "b"), 4.0)
+        assert len(await two.load_history("t")) == 4
+
+
+# -- a real flow ------------------------------------------------------------------------
+
+
+async def test_a_real_flow_is_persisted_and_flushed_by_stop(tmp_path: Path) -> None:
+    async def double(message: Message, ctx: Any) -> Message:
+        return message.model_copy(update={"payload": message.payload * 2})
+
+    a = Node(double, name="a", policy=NodePolicy(validate="none"))
+    b = Node(double, name="b", policy=NodePolicy(validate="none"))
+    # A long interval: only stop()'s flush writes the events.
+    store = SQLiteStateStore(tmp_path / "flow.db", flush_interval_s=60.0)
+    flow = create(a.to(b), b.to(), state_store=store, name="doubler")
+    flow.run()
+    message = Message(payload=3, headers=Headers(tenant="acme"))
+    await flow.emit(message)
+    result = await asyncio.wait_for(flow.fetch(), 5.0)
+    assert result.payload == 12
+    await flow.stop()
+    try:
+        history = await store.load_history(message.trace_id)
+        assert [(e.kind, e.node_name) for e in history] == [
+            ("node_start", "a"), ("node_success", "a"), ("node_start", "b"),
+            ("node_success", "b")]
+        assert history[2].parent_invocation_ids == (history[0].invocation_id,)
+        assert [e.seq for e in history] == sorted(e.seq for e in history)
+        assert {e.flow_id for e in history} == {flow.flow_id}
+        assert history[0].payload["event"] == "node_start"
+        summary = await store.get_trace(message.trace_id)
+        assert summary is not None
+        assert (summary.flow_name, summary.status, summary.node_count, summary.nodes,
+                summary.event_count) == ("doubler", "succeeded", 2, ("a", "b"), 4)
+        assert summary.started_ts == history[0].ts and summary.ended_ts == history[-1].ts
+    finally:
+        await store.close()
+
+
+# -- queries ---------------------------------------------------------------------------
+
+
+def fleet() -> list[StoredEvent]:
+    """Traces of every status; ``tie1``/``tie2`` start together, ``slow`` lasts longest."""
+    return [
+        *invocation("ok", "a", 10.0, 12.0),
+        *invocation("failed", "b", 20.0, 21.0, terminal="node_failed"),
+        ev("failed", "node_error", 20.5, node="b"),
+        ev("cancel", "node_start", 30.0, node="a"),
+        ev("cancel", "trace_cancel_start", 31.0, node="OpenSea"),
+        ev("cancel", "node_trace_cancelled", 35.0, node="a"),
+        ev("running", "node_start", 40.0, node="c"),
+        ev("running", "remote_call_start", 41.0, node="c"),
+        ev("running", "remote_call_error", 42.0, node="c"),
+        *invocation("slow", "a", 5.0, 105.0),
+        *invocation("tie1", "d", 50.0, 51.0),
+        *invocation("tie2", "d", 50.0, 51.0),
+        *invocation("a_b%c", "a", 1.0, 2.0),
+    ]
+
+
+FILTERS = [
+    TraceFilter(),
+    TraceFilter(status="succeeded"),
+    TraceFilter(status="failed"),
+    TraceFilter(status="cancelled"),
+    TraceFilter(status="running"),
+    TraceFilter(node="a"),
+    TraceFilter(node="d", order="slowest"),
+    TraceFilter(node="missing"),
+    TraceFilter(has_errors=True),
+    TraceFilter(has_errors=False),
+    TraceFilter(since=20.0),
+    TraceFilter(until=30.0),
+    TraceFilter(since=10.0, until=40.0),
+    TraceFilter(order="slowest"),
+    TraceFilter(order="slowest", limit=3),
+    TraceFilter(limit=2),
+    TraceFilter(status="succeeded", node="a", has_errors=False, since=1.0, order="slowest"),
+]
+
+
+@pytest.mark.parametrize("trace_filter", FILTERS, ids=repr)
+async def test_list_traces_matches_the_reference_semantics(
+        store: SQLiteStateStore, trace_filter: TraceFilter) -> None:
+    reference = InMemoryStateStore()
+    events = fleet()
+    await reference.save_events(events)
+    # Several batches, so summaries are folded incrementally.
+    for start in range(0, len(events), 4):
+        await store.save_events(events[start:start + 4])
+        await store.flush()
+    assert await store.list_traces(trace_filter) == await reference.list_traces(trace_filter)
+
+
+async def test_list_traces_statuses_and_orders(store: SQLiteStateStore) -> None:
+    await store.save_events(fleet())
+
+    async def ids(**kwargs: Any) -> list[str]:
+        return [s.trace_id for s in await store.list_traces(TraceFilter(**kwargs))]
+
+    assert await ids() == ["tie1", "tie2", "running", "cancel", "failed", "ok", "slow", "a_b%c"]
+    assert await ids(status="failed") == ["failed"]
+    assert await ids(status="cancelled") == ["cancel"]
+    assert await ids(status="running") == ["running"]
+    assert await ids(has_errors=True) == ["running", "failed"]
+    assert await ids(node="c") == ["running"]
+    assert await ids(since=10.0, until=30.0) == ["failed", "ok"]
+    assert await ids(order="slowest", limit=2) == ["slow", "cancel"]
+    running = await store.get_trace("running")
+    assert running is not None
+    assert (running.remote_call_count, running.error_count) == (1, 1)
+
+
+async def test_get_trace_reads_its_own_writes(store: SQLiteStateStore) -> None:
+    assert await store.get_trace("ok") is None
+    await store.save_events(invocation("ok", "a", 10.0, 12.0))  # still buffered
+    summary = await store.get_trace("ok")
+    assert summary is not None and summary.duration_ms == 2000.0
+
+
+async def test_resolve_trace_id(store: SQLiteStateStore) -> None:
+    ids = [f"ab{i:02d}" for i in range(12)] + ["a_b%c", "aXc", "AB00", "b1"]
+    await store.save_events([ev(t, "node_start", 1.0) for t in ids])
+    assert await store.resolve_trace_id("ab") == [f"ab{i:02d}" for i in range(10)]
+    assert await store.resolve_trace_id("ab1") == ["ab10", "ab11"]
+    assert await store.resolve_trace_id("a_") == ["a_b%c"]  # wildcards are literal
+    assert await store.resolve_trace_id("a_b%") == ["a_b%c"]
+    assert await store.resolve_trace_id("%") == []
+    assert await store.resolve_trace_id("AB") == ["AB00"]  # case-sensitive
+    assert await store.resolve_trace_id("zz") == []
+    assert len(await store.resolve_trace_id("")) == 10
+
+
+async def test_bindings(store: SQLiteStateStore) -> None:
+    one = RemoteBinding("t1", "ctx1", "task1", "http://agent")
+    two = RemoteBinding("t1", "ctx2", "task2", None)
+    three = RemoteBinding("t2", "ctx1", None, "http://agent")
+    for binding in (one, two, three, one, three, RemoteBinding("t2", "ctx1", None, None)):
+        await store.save_remote_binding(binding)
+    assert read(store.path, "SELECT count(*) FROM bindings") == [(4,)]
+    assert await store.load_bindings(trace_id="t1") == [one, two]
+    assert await store.load_bindings(context_id="ctx1") == [
+        one, three, RemoteBinding("t2", "ctx1", None, None)]
+    assert await store.load_bindings(task_id="task2") == [two]
+    assert await store.load_bindings(trace_id="t2", context_id="ctx1", task_id="task1") == []
+    assert await store.load_bindings(trace_id="t1", task_id="task1") == [one]
+    with pytest.raises(ValueError, match="needs trace_id"):
+        await store.load_bindings()
+
+
+async def test_follow_yields_newly_stored_events_once(store: SQLiteStateStore) -> None:
+    seen: list[StoredEvent] = []
+    everything: list[StoredEvent] = []
+
+    async def collect(into: list[StoredEvent], count: int, trace_id: str | None) -> None:
+        async for event in store.follow(trace_id):
+            into.append(event)
+            if len(into) == count:
+                return
+
+    tasks = [asyncio.create_task(collect(seen, 3, "t")),
+             asyncio.create_task(collect(everything, 4, None))]
+    await asyncio.sleep(0)  # let the followers subscribe
+    first = invocation("t", "a", 1.0, 2.0)
+    await store.save_events([*first, ev("other", "node_start", 1.0)])
+    await store.flush()
+    await store.save_events(first)  # re-delivered: not stored, not yielded
+    last = ev("t", "node_start", 3.0, node="b")
+    await store.save_event(last)
+    await store.flush()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5.0)
+    assert seen == [*first, last]
+    assert [e.trace_id for e in everything] == ["t", "t", "other", "t"]
+
+
+# -- threading -------------------------------------------------------------------------
+
+
+def many(count: int, trace_id: str = "big") -> list[StoredEvent]:
+    events = []
+    for i in range(count):
+        kind = "node_start" if i % 2 == 0 else "node_success"
+        events.append(ev(trace_id, kind, 1000.0 + i * 1e-3, node=f"n{i % 7}", seq=i,
+                         flow_id=f"flow-{trace_id}", q_depth_in=i % 3, trace_inflight=1))
+    return events
+
+
+async def test_a_large_flush_does_not_block_the_event_loop(tmp_path: Path) -> None:
+    events = many(50_000)
+    # One 50k batch, written by the flush below (the background writer sleeps).
+    async with SQLiteStateStore(tmp_path / "t.db", batch_size=100_000, max_buffer=100_000,
+                                flush_interval_s=60.0) as store:
+        await store.save_events(events)
+        ticks: list[float] = []
+
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(0.001)
+                ticks.append(time.perf_counter())
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0.01)
+        start = time.perf_counter()
+        await store.flush()
+        end = time.perf_counter()
+        task.cancel()
+        during = [start, *(t for t in ticks if start < t < end), end]
+        longest_gap = max(b - a for a, b in itertools.pairwise(during))
+        assert read(store.path, "SELECT count(*) FROM events") == [(50_000,)]
+    # A blocking write would leave one gap as long as the whole flush.
+    print(f"\n50k-event flush: {end - start:.3f} s, {len(during) - 2} ticks, "
+          f"longest gap {longest_gap * 1000:.1f} ms")
+    assert len(during) - 2 >= 10, (len(during), end - start)
+    assert longest_gap < (end - start) / 2, (longest_gap, end - start)
+
+
+async def test_throughput_report(tmp_path: Path) -> None:
+    """Prints raw ingest and load rates (informative, not asserted; see ``-s``)."""
+    events = many(100_000)
+    async with SQLiteStateStore(tmp_path / "bench.db") as store:
+        start = time.perf_counter()
+        for i in range(0, len(events), store.batch_size):
+            await store._write(events[i:i + store.batch_size])
+        ingest = len(events) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        history = await store.load_history("big")
+        load_s = time.perf_counter() - start
+    assert history == events
+    print(f"\nSQLiteStateStore: raw ingest {ingest:,.0f} events/s; "
+          f"load_history of {len(history):,} events in {load_s:.3f} s")
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_bad", ["parent_is_a_file", "path_is_a_directory"])
+async def test_an_unwritable_path_is_unavailable(tmp_path: Path, make_bad: str) -> None:
+    if make_bad == "parent_is_a_file":
+        (tmp_path / "file").write_text("x")
+        path = tmp_path / "file" / "traces.db"
+    else:
+        path = tmp_path / "dir.db"
+        path.mkdir()
+    store = SQLiteStateStore(path)
+    with pytest.raises(StoreUnavailable, match="writable path") as info:
+        await store.open()
+    assert str(path) in str(info.value)
+    assert info.value.__cause__ is not None
+    # The write path never raises into the flow: the batch is logged and counted.
+    await store.save_event(ev("t", "node_start", 1.0))
+    await store.flush()
+    assert store.failures["write_failed"] == 1 and store.failures["events_lost"] == 1
+    await store.close()
+
+
+async def test_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"not a database" * 512)
+    store = SQLiteStateStore(path)
+    with pytest.raises(StateStoreError, match="not a penguiflow trace database"):
+        await store.open()
+    await store.close()
+
+
+def closed_calls(store: SQLiteStateStore) -> Iterable[Any]:
+    yield store.save_event(ev("t", "node_start", 1.0))
+    yield store.flush()
+    yield store.load_history("t")
+    yield store.list_traces()
+    yield store.get_trace("t")
+    yield store.resolve_trace_id("t")
+    yield store.load_bindings(trace_id="t")
+    yield store.save_remote_binding(RemoteBinding("t", "c", "k", None))
+    yield store.open()
+
+
+async def test_a_closed_store_is_unavailable(tmp_path: Path) -> None:
+    store = SQLiteStateStore(tmp_path / "t.db")
+    await store.save_event(ev("t", "node_start", 1.0))
+    await store.close()
+    await store.close()  # idempotent
+    for call in closed_calls(store):
+        with pytest.raises(StoreUnavailable, match="closed"):
+            await call
+    # close() flushed what was buffered.
+    async with SQLiteStateStore(tmp_path / "t.db") as reopened:
+        assert len(await reopened.load_history("t")) == 1
