@@ -8,6 +8,12 @@ called once per benchmark run (raise :class:`ObserverUnavailable` when an option
 dependency is missing: the row is then printed with a note instead of a number);
 ``flow_kwargs`` and ``install`` are called for every flow built; ``aclose`` once at the
 end.
+
+Optional async hooks (looked up with ``getattr``): ``check()`` once after the factory
+(may raise :class:`ObserverUnavailable`, e.g. a server that does not answer);
+``prepare()`` before each flow is built and ``settle()`` after its warm-up, both
+outside the timed window; ``release(expected_events)`` after the flow stopped, which
+returns how many of the events the flow recorded the observer does not hold.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from stores import BenchStore, StoreKind
+
     from penguiflow import FlowEvent, Message, PenguiFlow
 
 QUEUE_MAXSIZE = 64
@@ -71,9 +79,93 @@ class NoopMiddleware:
         return None
 
 
+class StoreObserver:
+    """A TraceStore as the flow's ``state_store``: a fresh, opened, empty store per flow.
+
+    ``prepare`` opens it (a new SQLite file, a new Postgres schema) and ``settle``
+    flushes the warm-up's events, so the timed window starts with an empty buffer and
+    an open connection, as in a long-running service. ``release`` counts what the
+    store holds once the flow stopped (``stop()`` flushes), then deletes it.
+    """
+
+    has_store = True
+
+    def __init__(self, kind: StoreKind) -> None:
+        self._kind = kind
+        self._store: BenchStore | None = None
+        #: Events the stores dropped or failed to write (their ``failures`` counters).
+        self.failed = 0
+
+    @classmethod
+    def factory(cls, make_kind: Callable[[], StoreKind]) -> Callable[[], StoreObserver]:
+        def build() -> StoreObserver:
+            import stores
+
+            try:
+                return cls(make_kind())
+            except stores.StoreUnavailable as exc:
+                raise ObserverUnavailable(str(exc)) from exc
+
+        return build
+
+    async def check(self) -> None:
+        import stores
+
+        try:
+            await self._kind.check()
+        except stores.StoreUnavailable as exc:
+            await self._kind.aclose()
+            raise ObserverUnavailable(str(exc)) from exc
+
+    async def prepare(self) -> None:
+        self._store = await self._kind.new()
+
+    def flow_kwargs(self) -> dict[str, Any]:
+        if self._store is None:
+            raise RuntimeError("StoreObserver.prepare() was not awaited before the flow")
+        return {"state_store": self._store}
+
+    def install(self, flow: PenguiFlow) -> None:
+        return None
+
+    async def settle(self) -> None:
+        assert self._store is not None
+        await self._store.flush()
+
+    async def release(self, expected_events: int) -> int:
+        import stores
+
+        store, self._store = self._store, None
+        assert store is not None
+        try:
+            self.failed += stores.failures_of(store)
+            return expected_events - await stores.stored_count(store)
+        finally:
+            await self._kind.discard(store)
+
+    async def aclose(self) -> None:
+        if self._store is not None:
+            await self._kind.discard(self._store)
+            self._store = None
+        await self._kind.aclose()
+
+
+def _kind(name: str) -> Callable[[], StoreKind]:
+    def make() -> StoreKind:
+        import stores
+
+        return {"memory": stores.MemoryKind, "sqlite": stores.SQLiteKind,
+                "postgres": stores.PostgresKind}[name]()
+
+    return make
+
+
 # Named observer set-ups for the "with observers" rows (chain N=5, ratio to no observers).
 OBSERVERS: dict[str, Callable[[], ObserverSetup]] = {
     "no-op middleware": NoopMiddleware,
+    "InMemoryStateStore": StoreObserver.factory(_kind("memory")),
+    "SQLiteStateStore": StoreObserver.factory(_kind("sqlite")),
+    "PostgresStateStore": StoreObserver.factory(_kind("postgres")),
 }
 
 
@@ -99,17 +191,22 @@ async def _running(flow: PenguiFlow) -> AsyncIterator[PenguiFlow]:
         await flow.stop()
 
 
-def chain(
-    n: int, setup: ObserverSetup | None = None
-) -> contextlib.AbstractAsyncContextManager[PenguiFlow]:
-    """A running linear chain of ``n`` identity nodes."""
+def build_chain(n: int, setup: ObserverSetup | None = None) -> PenguiFlow:
+    """A linear chain of ``n`` identity nodes, not started."""
     from penguiflow import Node, NodePolicy
 
     policy = NodePolicy(validate="none")
     nodes = [Node(identity, name=f"s{i}", policy=policy) for i in range(n)]
     adj: list[Any] = [nodes[i].to(nodes[i + 1]) for i in range(n - 1)]
     adj.append(nodes[-1].to())
-    return _running(_flow(adj, setup))
+    return _flow(adj, setup)
+
+
+def chain(
+    n: int, setup: ObserverSetup | None = None
+) -> contextlib.AbstractAsyncContextManager[PenguiFlow]:
+    """A running linear chain of ``n`` identity nodes."""
+    return _running(build_chain(n, setup))
 
 
 def fan_out(

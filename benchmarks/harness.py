@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import statistics
+import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +55,39 @@ async def one_at_a_time(emit: Emit, fetch: Fetch, msgs: Sequence[Any], warmup: i
         await fetch()
         samples.append((clock() - t0) / 1000.0)
     return samples
+
+
+#: A repetition (or store step) taking longer than this is reported as hung.
+WATCHDOG_S = 60.0
+
+
+@contextlib.asynccontextmanager
+async def watchdog(what: str, seconds: float = WATCHDOG_S) -> AsyncIterator[None]:
+    """Fail instead of hanging: after ``seconds``, print every task's stack on stderr
+    and cancel the body, which then raises ``RuntimeError`` naming ``what``."""
+    task = asyncio.current_task()
+    assert task is not None
+    fired = False
+
+    def fire() -> None:
+        nonlocal fired
+        fired = True
+        print(f"[bench] watchdog: {what} still running after {seconds:g}s; task stacks:",
+              file=sys.stderr)
+        for t in asyncio.all_tasks():
+            print(f"--- {t!r}", file=sys.stderr)
+            t.print_stack(file=sys.stderr)
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(seconds, fire)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if fired and task.uncancel() == 0:
+            raise RuntimeError(f"{what} hung (no result after {seconds:g}s)") from None
+        raise
+    finally:
+        handle.cancel()
 
 
 def percentiles(samples_us: Sequence[float]) -> dict[str, float]:
@@ -127,7 +162,12 @@ def render_table(rows: Sequence[Row]) -> str:
         name = f"{r.workload}, {r.unit}"
         if r.note:
             name += f" ({r.note})"
-        ratio = "—" if r.ratio is None else f"{r.ratio:.1f}×"  # noqa: RUF001
+        if r.ratio is None:
+            ratio = "—"
+        elif r.ratio >= 0.95:
+            ratio = f"{r.ratio:.1f}×"  # noqa: RUF001
+        else:
+            ratio = f"{r.ratio:.2g}×"  # noqa: RUF001
         body.append((name, _fmt(r.floor), _fmt(r.ours), ratio))
     widths = [max(len(header[i]), *(len(b[i]) for b in body)) for i in range(4)]
     lines = [

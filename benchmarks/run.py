@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# reps={cfg.reps} (median, floor/ours interleaved); chain M={cfg.chain_m} "
         f"(+{cfg.chain_warmup} warm-up); fan-out M={cfg.fan_m}; latency "
-        f"{cfg.latency_m} measured (+{cfg.latency_warmup} warm-up); wall {wall:.1f}s"
+        f"{cfg.latency_m} measured (+{cfg.latency_warmup} warm-up); stores: ingest "
+        f"{cfg.store_events} events, load a {cfg.store_load_events}-event trace, "
+        f"{cfg.store_reps} reps; wall {wall:.1f}s"
         + ("; QUICK MODE (numbers meaningless)" if args.quick else "")
     )
     print()

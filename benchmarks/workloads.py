@@ -4,13 +4,24 @@ interleaved in the same process and returns table rows (medians over repetitions
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import floor
 import flows
-from harness import Measure, Row, interleave, median_of, one_at_a_time, percentiles, pump
+import stores
+from harness import (
+    Measure,
+    Row,
+    interleave,
+    median_of,
+    one_at_a_time,
+    percentiles,
+    pump,
+    watchdog,
+)
 
 GraphFactory = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
 
@@ -27,6 +38,9 @@ class Config:
     latency_warmup: int = 200
     latency_m: int = 2_000
     observers_n: int = 5
+    store_events: int = 100_000
+    store_load_events: int = 100_000
+    store_reps: int = 3
     floor_only: bool = False
 
 
@@ -38,6 +52,9 @@ QUICK = Config(
     fan_warmup=10,
     latency_warmup=10,
     latency_m=100,
+    store_events=2_000,
+    store_load_events=2_000,
+    store_reps=1,
 )
 
 
@@ -168,6 +185,55 @@ async def latency(cfg: Config, n: int) -> list[Row]:
     return [_row(f"latency N={n} {k}", "µs", k, f, o) for k in ("p50", "p99")]
 
 
+async def _hook(setup: flows.ObserverSetup | None, name: str) -> None:
+    hook = getattr(setup, name, None)
+    if hook is not None:
+        await hook()
+
+
+def _observed(cfg: Config, n: int, setup: flows.ObserverSetup | None) -> Measure:
+    """The chain N=n throughput with an observer set-up (None: without observers).
+
+    ``us``: the pump window (first emit to last fetch), as the other chain rows; a
+    buffering store may still hold events then. ``durable_us``: the same window plus
+    ``stop()``, which flushes the store: the time until every event is written.
+    """
+    m, per = cfg.chain_m, cfg.chain_m * n
+
+    async def measure() -> dict[str, float]:
+        async with watchdog(f"chain N={n} + {type(setup).__name__}"):
+            return await _measure()
+
+    async def _measure() -> dict[str, float]:
+        warm = flows.make_messages(cfg.chain_warmup)
+        msgs = flows.make_messages(m)
+        await _hook(setup, "prepare")  # e.g. open a fresh store: not timed
+        flow = flows.build_chain(n, setup)
+        flow.run()
+        stopped = False
+        try:
+            await pump(flow.emit, flow.fetch, warm, cfg.chain_warmup)
+            await _hook(setup, "settle")  # e.g. flush the warm-up's events: not timed
+            elapsed, out = await pump(flow.emit, flow.fetch, msgs, m)
+            t0 = time.perf_counter()
+            await flow.stop()
+            stop_s = time.perf_counter() - t0
+            stopped = True
+        finally:
+            if not stopped:
+                await flow.stop()
+        _check_chain(out, m)
+        result = {"us": elapsed / per * 1e6, "durable_us": (elapsed + stop_s) / per * 1e6,
+                  "stop_ms": stop_s * 1e3}
+        release = getattr(setup, "release", None)
+        if release is not None:
+            # 2 events (node_start, node_success) per hop, warm-up included.
+            result["missing"] = float(await release((cfg.chain_warmup + m) * 2 * n))
+        return result
+
+    return measure
+
+
 async def with_observers(cfg: Config) -> list[Row]:
     """Chain N=observers_n with each named observer set-up, as a ratio to the same chain
     without observers. Baseline and every set-up are interleaved in one loop."""
@@ -178,39 +244,47 @@ async def with_observers(cfg: Config) -> list[Row]:
     def check(out: Sequence[Any]) -> None:
         _check_chain(out, m)
 
-    def side(setup: flows.ObserverSetup | None) -> Measure:
-        return _throughput(
-            lambda: flows.chain(n, setup), flows.make_messages, m, cfg.chain_warmup, check, m * n
-        )
-
     names: list[str] = []
     setups: list[flows.ObserverSetup] = []
     unavailable: list[Row] = []
     for name, factory in flows.OBSERVERS.items():
         try:
-            setups.append(factory())
-            names.append(name)
+            setup = factory()
+            await _hook(setup, "check")
         except flows.ObserverUnavailable as exc:
             unavailable.append(
                 Row(f"chain N={n} + {name}", "µs/hop", None, None, note=f"skipped: {exc}")
             )
+            continue
+        setups.append(setup)
+        names.append(name)
     bare = _throughput(
         lambda: floor.chain(n), floor.make_messages, m, cfg.chain_warmup, check, m * n
     )
     try:
         results = await interleave(
-            [bare, side(None)] + [side(s) for s in setups], cfg.reps
+            [bare, _observed(cfg, n, None)] + [_observed(cfg, n, s) for s in setups], cfg.reps
         )
     finally:
         for s in setups:
-            await s.aclose()
+            async with watchdog(f"{type(s).__name__}.aclose"):
+                await s.aclose()
     floor_res, base = results[0], results[1]
     rows: list[Row] = []
-    for name, res in zip(names, results[2:], strict=True):
-        # Two views of the same samples: the observer's own cost (vs the runtime
-        # without observers) and the whole hop against the bare-asyncio floor.
+    for name, setup, res in zip(names, setups, results[2:], strict=True):
+        # Views of the same samples: the observer's own cost (vs the runtime without
+        # observers), for a store also until durable (stop() flushes), and the whole
+        # hop against the bare-asyncio floor.
         rows.append(_row(f"chain N={n} + {name}", "µs/hop", "us", base, res,
                          baseline="no observers", note="floor = no observers"))
+        if getattr(setup, "has_store", False):
+            missing = sum(int(r.get("missing", 0)) for r in res)
+            failed = int(getattr(setup, "failed", 0))
+            note = "floor = no observers, both incl. stop()"
+            if missing or failed:
+                note += f"; NOT DURABLE: {missing} events missing, {failed} dropped/lost"
+            rows.append(_row(f"chain N={n} + {name} until durable", "µs/hop", "durable_us",
+                             base, res, baseline="no observers", note=note))
         rows.append(_row(f"chain N={n} + {name} vs bare floor", "µs/hop", "us", floor_res, res))
     return rows + unavailable
 
@@ -228,4 +302,6 @@ async def run_all(cfg: Config, progress: Callable[[str], None]) -> list[Row]:
     if not cfg.floor_only:
         progress("with observers")
         rows += await with_observers(cfg)
+        rows += await stores.store_rows(cfg.store_events, cfg.store_load_events,
+                                        cfg.store_reps, progress)
     return rows

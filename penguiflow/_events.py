@@ -67,6 +67,12 @@ class EventPipeline:
         self.seq = 0
         self.listening = store is not None or bool(middlewares)
 
+    def set_store(self, store: StateStore) -> None:
+        """Attach ``store`` (counters and the event sequence carry on)."""
+        self._store = store
+        self.fast_store = getattr(store, "save_event_fields", None)
+        self.listening = True
+
     def add_middleware(self, mw: Any) -> None:
         """Append a middleware; it sees every later event."""
         self.middlewares.append(mw)

@@ -182,8 +182,20 @@ class PenguiFlow:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def run(self, *, registry: ModelRegistry | None = None) -> None:
+    def run(
+        self,
+        *,
+        registry: ModelRegistry | None = None,
+        state_store: StateStore | None = None,
+        message_bus: MessageBus | None = None,
+    ) -> None:
         """Start one worker task per node (needs a running event loop).
+
+        Args:
+            registry: models for nodes that validate.
+            state_store: attach (or replace) the state store for this run
+                (PenguiFlow addition; same as the constructor argument).
+            message_bus: attach (or replace) the message bus for this run.
 
         Raises:
             RuntimeError: already running, no running loop, or ``registry``
@@ -192,6 +204,11 @@ class PenguiFlow:
         if self._running:
             raise RuntimeError("PenguiFlow already running")
         loop = asyncio.get_running_loop()
+        if state_store is not None:
+            self._state_store = state_store
+            self._events.set_store(state_store)
+        if message_bus is not None:
+            self._message_bus = message_bus
         if registry is not None:
             missing = sorted(
                 str(n.name) for n in self._nodes

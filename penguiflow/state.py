@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -353,20 +353,14 @@ class TraceStore(StateStore, Protocol):
         * Driver errors surface as :class:`StateStoreError` /
           :class:`StoreUnavailable`.
         * Async context manager: ``async with store:`` opens and closes it.
+        * Optional fast path (not part of this Protocol, looked up by name):
+          ``save_event_fields(fields) -> Awaitable | None`` takes an
+          :data:`EVENT_FIELDS` tuple without doing I/O; the runtime uses it
+          instead of ``save_event`` when present (see :func:`stored_from_fields`).
     """
 
     async def save_events(self, events: Sequence[StoredEvent]) -> None:
         """Persist several events (order kept)."""
-        ...
-
-    def save_event_fields(self, fields: EventFields) -> Awaitable[None] | None:
-        """Optional fast path used by the runtime instead of ``save_event``.
-
-        Takes an :data:`EVENT_FIELDS` tuple and must not do I/O: buffer it and
-        build the StoredEvent later (:func:`stored_from_fields`). Return None,
-        or an awaitable the runtime awaits when the caller must wait (a full
-        buffer under a blocking policy).
-        """
         ...
 
     async def list_traces(self, filter: TraceFilter | None = None) -> list[TraceSummary]:

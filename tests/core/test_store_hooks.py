@@ -170,3 +170,18 @@ async def test_a_fast_path_store_that_raises_is_counted_and_the_flow_completes()
         await flow.stop()
     # node_start, node_success, and node_cancelled when stop() ends the worker.
     assert flow.observer_failures["state_store_save_failed"] == 3
+
+
+async def test_run_can_attach_a_store_and_a_bus() -> None:
+    store, bus = InMemoryStateStore(), InMemoryMessageBus()
+    flow = create(passthrough("a").to())
+    flow.run(state_store=store, message_bus=bus)
+    message = msg(1)
+    try:
+        await flow.emit(message)
+        await within(flow.fetch())
+    finally:
+        await flow.stop()
+    kinds = [e.kind for e in await flow.load_history(message.trace_id)]
+    assert kinds == ["node_start", "node_success"]
+    assert bus.edges() == {"OpenSea->a": 1, "a->Rookery": 1}
