@@ -54,6 +54,9 @@ class BufferedStore:
     must ignore events whose ``event_key`` is already stored) and the queries.
     """
 
+    #: Set by a subclass whose ``_write`` takes EVENT_FIELDS tuples as they were buffered.
+    _takes_fields = False
+
     def __init__(
         self,
         *,
@@ -213,13 +216,17 @@ class BufferedStore:
     async def _write_some(self) -> None:
         async with self._batch_lock:
             popleft = self._buffer.popleft
-            taken = [popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
+            taken: list[Any] = [popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
             if self._room is not None:
                 self._room.set()
             if not taken:
                 return
-            batch = [stored_from_fields(item) if isinstance(item, tuple) else item
-                     for item in taken]
+            batch: list[Any]
+            if self._takes_fields:
+                batch = taken  # the subclass converts the tuples itself
+            else:
+                batch = [stored_from_fields(item) if isinstance(item, tuple) else item
+                         for item in taken]
             try:
                 if not self._opened:
                     await self.open()
@@ -230,7 +237,8 @@ class BufferedStore:
                 logger.exception("state_store_write_failed", extra={
                     "store": type(self).__name__, "events": len(batch), "error": repr(exc)})
                 return
-            self._notify(written)
+            if self._followers:
+                self._notify(written)
 
     async def flush(self) -> None:
         """Write everything buffered so far (and wait for a batch in flight).
@@ -248,7 +256,9 @@ class BufferedStore:
 
     # -- follow ---------------------------------------------------------------------
 
-    def _notify(self, events: Sequence[StoredEvent]) -> None:
+    def _notify(self, written: Sequence[StoredEvent | tuple[Any, ...]]) -> None:
+        events = [stored_from_fields(item) if isinstance(item, tuple) else item
+                  for item in written]
         for trace_id, queue in self._followers:
             for event in events:
                 if trace_id is None or event.trace_id == trace_id:
@@ -282,8 +292,14 @@ class BufferedStore:
     async def _close(self) -> None:
         raise NotImplementedError
 
-    async def _write(self, batch: list[StoredEvent]) -> Sequence[StoredEvent]:
-        """Write ``batch``; return the events actually stored (new ``event_key``s)."""
+    async def _write(self, batch: list[StoredEvent]
+                     ) -> Sequence[StoredEvent | tuple[Any, ...]]:
+        """Write ``batch``; return the events actually stored (new ``event_key``s).
+
+        With ``_takes_fields`` set, ``batch`` also holds the runtime's EVENT_FIELDS
+        tuples as buffered (the subclass converts them, e.g. off the event loop), and
+        the events returned may be such tuples too.
+        """
         raise NotImplementedError
 
     async def load_history(self, trace_id: str) -> Sequence[StoredEvent]:

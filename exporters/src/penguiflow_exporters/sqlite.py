@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from penguiflow.metrics import event_payload
 from penguiflow.state import (
     RemoteBinding,
     StateStoreError,
@@ -53,6 +54,8 @@ from penguiflow.state import (
 )
 
 from ._buffered import BufferedStore
+
+_NO_EXTRA: Mapping[str, Any] = {}
 
 __all__ = ["DEFAULT_PATH", "SCHEMA_VERSION", "SQLiteStateStore"]
 
@@ -235,17 +238,36 @@ def _encode_safely(payload: Mapping[str, Any]) -> str:
     return _encode(items)
 
 
-def _event_rows(batch: Iterable[StoredEvent], *, safe: bool = False) -> list[tuple[Any, ...]]:
-    """The ``_INSERT_EVENT`` parameters of ``batch``; ``safe`` never raises on odd values."""
+def _event_rows(batch: Iterable[StoredEvent | tuple[Any, ...]], *,
+                safe: bool = False) -> list[tuple[Any, ...]]:
+    """The ``_INSERT_EVENT`` parameters of ``batch``; ``safe`` never raises on odd values.
+
+    ``batch`` holds StoredEvents and the runtime's EVENT_FIELDS tuples: a tuple's
+    payload is built here, on the worker thread, with no StoredEvent in between.
+    """
     encode, encode_payload = _encode, _encode_safely if safe else _encode
-    return [
-        (ev.event_key, ev.trace_id, ev.ts, ev.kind, ev.node_name, ev.node_id, ev.attempt,
-         ev.invocation_id,
-         encode(ev.parent_invocation_ids) if ev.parent_invocation_ids else "[]",
-         ev.span_id, ev.parent_span_id, ev.seq, ev.queued_ts, ev.flow_name, ev.flow_id,
-         encode_payload(ev.payload))
-        for ev in batch
-    ]
+    rows: list[tuple[Any, ...]] = []
+    append = rows.append
+    for ev in batch:
+        if type(ev) is tuple:
+            (trace_id, ts, kind, node_name, node_id, invocation_id, parents, span_id,
+             parent_span_id, seq, attempt, queued_ts, flow_name, flow_id, latency_ms, q_in,
+             q_out, outgoing, maxsize, inflight, cancelled, pending, extra) = ev
+            payload = event_payload(kind, ts, node_name, node_id, trace_id, latency_ms, q_in,
+                                    q_out, outgoing, maxsize, attempt, inflight, cancelled,
+                                    pending, extra or _NO_EXTRA)
+            append((None if flow_id is None else f"{flow_id}:{seq}", trace_id, ts, kind,
+                    node_name, node_id, attempt, invocation_id,
+                    encode(parents) if parents else "[]", span_id, parent_span_id, seq,
+                    queued_ts, flow_name, flow_id, encode_payload(payload)))
+        else:
+            assert isinstance(ev, StoredEvent)
+            append((ev.event_key, ev.trace_id, ev.ts, ev.kind, ev.node_name, ev.node_id,
+                    ev.attempt, ev.invocation_id,
+                    encode(ev.parent_invocation_ids) if ev.parent_invocation_ids else "[]",
+                    ev.span_id, ev.parent_span_id, ev.seq, ev.queued_ts, ev.flow_name,
+                    ev.flow_id, encode_payload(ev.payload)))
+    return rows
 
 
 def _barrier() -> None:
@@ -284,6 +306,9 @@ def _trace_row(builder: TraceSummaryBuilder) -> tuple[Any, ...]:
 # -- the store ---------------------------------------------------------------------------
 
 
+_Item = StoredEvent | tuple[Any, ...]
+
+
 class SQLiteStateStore(BufferedStore):
     """A :class:`~penguiflow.state.TraceStore` in one SQLite file.
 
@@ -308,6 +333,7 @@ class SQLiteStateStore(BufferedStore):
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_PATH,
                  **buffer_kwargs: Any) -> None:
         super().__init__(**buffer_kwargs)
+        self._takes_fields = True
         self.path = Path(path)
         # Threads are started on first use; the executor is shut down by close().
         self._executor = ThreadPoolExecutor(max_workers=1,
@@ -447,8 +473,12 @@ class SQLiteStateStore(BufferedStore):
             # submission order, so an empty job returns after that batch is committed.
             await self._call(_barrier)
 
-    async def _write(self, batch: list[StoredEvent]) -> Sequence[StoredEvent]:
+    async def _write(self, batch: list[Any]
+                     ) -> Sequence[StoredEvent | tuple[Any, ...]]:
         """Insert ``batch`` and fold its new events into ``traces``; one transaction.
+
+        ``batch`` may hold the runtime's EVENT_FIELDS tuples (``_takes_fields``):
+        they become rows on the worker thread, never StoredEvents.
 
         Returns:
             The events actually stored, in order: those whose ``event_key`` was
@@ -457,7 +487,7 @@ class SQLiteStateStore(BufferedStore):
         """
         return await self._call(self._write_sync, batch)
 
-    def _write_sync(self, batch: list[StoredEvent]) -> list[StoredEvent]:
+    def _write_sync(self, batch: list[_Item]) -> list[_Item]:
         conn = self._connection()
         # Encoded before taking the write lock, so other writers wait less.
         try:
@@ -470,10 +500,12 @@ class SQLiteStateStore(BufferedStore):
             before = conn.total_changes
             conn.executemany(_INSERT_EVENT, rows)
             if conn.total_changes - before == len(batch):
-                new = batch  # the common case: no duplicate, no lookup
+                new, new_rows = batch, rows  # the common case: no duplicate, no lookup
             else:
-                new = self._inserted(conn, batch, last_id)
-            self._fold(conn, new)
+                kept = self._inserted(conn, rows, last_id)
+                new = [batch[i] for i in kept]
+                new_rows = [rows[i] for i in kept]
+            self._fold(conn, new_rows)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -482,26 +514,26 @@ class SQLiteStateStore(BufferedStore):
         return new
 
     @staticmethod
-    def _inserted(conn: sqlite3.Connection, batch: list[StoredEvent],
-                  last_id: int) -> list[StoredEvent]:
-        """The events of ``batch`` that INSERT OR IGNORE stored (ids above ``last_id``)."""
+    def _inserted(conn: sqlite3.Connection, rows: list[tuple[Any, ...]],
+                  last_id: int) -> list[int]:
+        """Indexes of the ``rows`` that INSERT OR IGNORE stored (ids above ``last_id``)."""
         # Rows above last_id are this transaction's: the write lock is held.
         keys = {key for (key,) in conn.execute(
             "SELECT event_key FROM events WHERE id > ? AND event_key IS NOT NULL", (last_id,))}
-        new: list[StoredEvent] = []
-        for event in batch:
-            key = event.event_key
+        kept: list[int] = []
+        for i, row in enumerate(rows):
+            key = row[0]
             if key is None:
-                new.append(event)
+                kept.append(i)
             elif key in keys:
                 keys.discard(key)  # a duplicate later in the same batch was ignored
-                new.append(event)
-        return new
+                kept.append(i)
+        return kept
 
     @staticmethod
-    def _fold(conn: sqlite3.Connection, new: list[StoredEvent]) -> None:
-        """Fold ``new`` (events stored by this transaction) into their traces' rows."""
-        trace_ids = [t for t in dict.fromkeys(ev.trace_id for ev in new) if t is not None]
+    def _fold(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        """Fold ``rows`` (``_INSERT_EVENT`` rows stored by this transaction) into traces."""
+        trace_ids = [t for t in dict.fromkeys([row[1] for row in rows]) if t is not None]
         if not trace_ids:
             return
         existing: dict[str, TraceSummaryBuilder] = {}
@@ -515,9 +547,12 @@ class SQLiteStateStore(BufferedStore):
         # In order of first appearance: a new trace's rowid then follows the order in
         # which traces started arriving, which list_traces uses to break ties.
         builders = {t: existing.get(t) or TraceSummaryBuilder(t) for t in trace_ids}
-        for event in new:
-            if event.trace_id is not None:
-                builders[event.trace_id].add(event)
+        # One scratch event carries each row's folded fields to TraceSummaryBuilder.add.
+        view = StoredEvent(None, 0.0, "", None, None, _NO_EXTRA)
+        for (_, trace_id, view.ts, view.kind, view.node_name, _, view.attempt, _, _, _, _, _,
+             _, view.flow_name, _, _) in rows:
+            if trace_id is not None:
+                builders[trace_id].add(view)
         conn.executemany(_UPSERT_TRACE, [_trace_row(b) for b in builders.values()])
 
     async def save_remote_binding(self, binding: RemoteBinding) -> None:
