@@ -139,27 +139,20 @@ class BufferedStore:
 
     async def save_event(self, event: StoredEvent) -> None:
         """Buffer one event (never does I/O); see the module docstring for a full buffer."""
-        if self._closed:
-            raise StoreUnavailable(f"{type(self).__name__} is closed; create a new one")
-        if self._writer is None:
-            self._ensure_writer()
-        buffer = self._buffer
-        if len(buffer) >= self.max_buffer:
-            if self.on_full == "drop":
-                self._dropped(1)
-                return
-            await self._append_when_room(event)
-            return
-        buffer.append(event)
-        if len(buffer) >= self.batch_size:
-            assert self._wake is not None
-            self._wake.set()
+        waiter = self._buffer_item(event)
+        if waiter is not None:
+            await waiter
 
     def save_event_fields(self, fields: tuple[Any, ...]) -> Awaitable[None] | None:
         """The runtime's fast path: buffer an EVENT_FIELDS tuple, no I/O, no await.
 
         Returns an awaitable only when the buffer is full under ``on_full="block"``.
         """
+        return self._buffer_item(fields)
+
+    def _buffer_item(self, item: StoredEvent | tuple[Any, ...]) -> Awaitable[None] | None:
+        # Synchronous on purpose: the common case costs no coroutine. Returns an
+        # awaitable only when a full buffer must be waited on (on_full="block").
         if self._closed:
             raise StoreUnavailable(f"{type(self).__name__} is closed; create a new one")
         if self._writer is None:
@@ -169,8 +162,8 @@ class BufferedStore:
             if self.on_full == "drop":
                 self._dropped(1)
                 return None
-            return self._append_when_room(fields)
-        buffer.append(fields)
+            return self._append_when_room(item)
+        buffer.append(item)
         if len(buffer) >= self.batch_size:
             assert self._wake is not None
             self._wake.set()
