@@ -133,10 +133,13 @@ class EventPipeline:
             if waiter is not None:
                 await waiter
         except Exception as exc:
-            self.failures["state_store_save_failed"] += 1
-            logger.exception("state_store_save_failed",
-                             extra={"event": fields[2], "trace_id": fields[0],
-                                    "error": repr(exc)})
+            self.store_failed(fields[2], fields[0], exc)
+
+    def store_failed(self, kind: str, trace_id: Any, exc: Exception) -> None:
+        """Log and count a store failure (called from an ``except`` block)."""
+        self.failures["state_store_save_failed"] += 1
+        logger.exception("state_store_save_failed",
+                         extra={"event": kind, "trace_id": trace_id, "error": repr(exc)})
 
     async def store(self, stored: StoredEvent) -> None:
         """Step 2 alone: persist ``stored``; failures are logged and counted."""
@@ -146,8 +149,4 @@ class EventPipeline:
         try:
             await store.save_event(stored)
         except Exception as exc:
-            self.failures["state_store_save_failed"] += 1
-            logger.exception(
-                "state_store_save_failed",
-                extra={"event": stored.kind, "trace_id": stored.trace_id, "error": repr(exc)},
-            )
+            self.store_failed(stored.kind, stored.trace_id, exc)

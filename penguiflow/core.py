@@ -602,15 +602,23 @@ class PenguiFlow:
         # Only a store listens: no FlowEvent. A store with the fast path gets a
         # flat tuple now and builds the StoredEvent off the hot path; any other
         # store gets its StoredEvent built directly.
-        if events.fast_store is not None:
-            await events.store_fields((
-                trace_id, now, kind, owner.name, ctx._owner_id, invocation_id, parents,
-                span_id, parent_span, events.seq, attempt, queued_ts, self.name, self.flow_id,
-                latency_ms, ctx.queue_depth_in(), ctx.queue_depth_out(), len(ctx._out_queues),
-                # None rather than an empty proxy: a tuple of atoms only is untracked
-                # by the GC, which matters while thousands of them sit in a buffer.
-                self._queue_maxsize, inflight, cancelled, pending, extra_map or None,
-            ))
+        fast_store = events.fast_store
+        if fast_store is not None:
+            # Called inline, not through a coroutine: this runs twice per hop.
+            try:
+                waiter = fast_store((
+                    trace_id, now, kind, owner.name, ctx._owner_id, invocation_id, parents,
+                    span_id, parent_span, events.seq, attempt, queued_ts, self.name,
+                    self.flow_id, latency_ms, ctx.queue_depth_in(), ctx.queue_depth_out(),
+                    len(ctx._out_queues), self._queue_maxsize, inflight, cancelled, pending,
+                    # None rather than an empty proxy: a tuple of atoms only is
+                    # untracked by the GC, which matters while thousands are buffered.
+                    extra_map or None,
+                ))
+                if waiter is not None:
+                    await waiter
+            except Exception as exc:
+                events.store_failed(kind, trace_id, exc)
             return
         payload = event_payload(
             kind, now, owner.name, ctx._owner_id, trace_id, latency_ms, ctx.queue_depth_in(),
