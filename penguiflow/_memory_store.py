@@ -7,10 +7,10 @@ same semantics the SQLite and Postgres stores must match.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
+from ._followers import Followers
 from .state import (
     RemoteBinding,
     StoredEvent,
@@ -34,7 +34,7 @@ class InMemoryStateStore:
         self._keys: set[str] = set()
         self._summaries: dict[str, TraceSummaryBuilder] = {}
         self._bindings: list[RemoteBinding] = []
-        self._followers: list[tuple[str | None, asyncio.Queue[StoredEvent | None]]] = []
+        self._followers = Followers()
         self._closed = False
 
     async def __aenter__(self) -> InMemoryStateStore:
@@ -65,9 +65,8 @@ class InMemoryStateStore:
             builder.add(event)
         else:
             self._events.setdefault("", []).append(event)
-        for wanted, queue in self._followers:
-            if wanted is None or wanted == trace_id:
-                queue.put_nowait(event)
+        if self._followers:
+            self._followers.publish((event,))
 
     async def save_events(self, events: Sequence[StoredEvent]) -> None:
         """Store several events, in order."""
@@ -120,17 +119,8 @@ class InMemoryStateStore:
     async def follow(self, trace_id: str | None = None) -> AsyncIterator[StoredEvent]:
         """Yield events stored from now on (of one trace, or all); ends on close()."""
         self._check_open()
-        queue: asyncio.Queue[StoredEvent | None] = asyncio.Queue()
-        entry = (trace_id, queue)
-        self._followers.append(entry)
-        try:
-            while True:
-                event = await queue.get()
-                if event is None:
-                    return
-                yield event
-        finally:
-            self._followers.remove(entry)
+        async for event in self._followers.iterate(trace_id):
+            yield event
 
     async def flush(self) -> None:
         """Nothing is buffered: a no-op (part of the TraceStore contract)."""
@@ -139,5 +129,4 @@ class InMemoryStateStore:
         """Stop followers; later calls raise StoreUnavailable. Idempotent."""
         if not self._closed:
             self._closed = True
-            for _, queue in self._followers:
-                queue.put_nowait(None)
+            self._followers.close()

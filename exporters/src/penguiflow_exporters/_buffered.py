@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
+from penguiflow._followers import Followers
 from penguiflow.state import (
     RemoteBinding,
     StateStoreError,
@@ -90,7 +91,7 @@ class BufferedStore:
         self._opened = False
         self._closed = False
         self._last_drop_warning = 0.0
-        self._followers: list[tuple[str | None, asyncio.Queue[StoredEvent | None]]] = []
+        self._followers = Followers()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -123,8 +124,7 @@ class BufferedStore:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
             self._writer = None
-        for _, queue in self._followers:
-            queue.put_nowait(None)
+        self._followers.close()
         if self._opened:
             await self._close()
 
@@ -250,12 +250,8 @@ class BufferedStore:
     # -- follow ---------------------------------------------------------------------
 
     def _notify(self, written: Sequence[StoredEvent | tuple[Any, ...]]) -> None:
-        events = [stored_from_fields(item) if isinstance(item, tuple) else item
-                  for item in written]
-        for trace_id, queue in self._followers:
-            for event in events:
-                if trace_id is None or event.trace_id == trace_id:
-                    queue.put_nowait(event)
+        self._followers.publish(stored_from_fields(item) if isinstance(item, tuple) else item
+                                for item in written)
 
     async def follow(self, trace_id: str | None = None) -> AsyncIterator[StoredEvent]:
         """Yield each event of ``trace_id`` (or of every trace) once it is stored.
@@ -265,17 +261,8 @@ class BufferedStore:
         """
         if self._closed:
             raise StoreUnavailable(f"{type(self).__name__} is closed; create a new one")
-        queue: asyncio.Queue[StoredEvent | None] = asyncio.Queue()
-        entry = (trace_id, queue)
-        self._followers.append(entry)
-        try:
-            while True:
-                event = await queue.get()
-                if event is None:
-                    return
-                yield event
-        finally:
-            self._followers.remove(entry)
+        async for event in self._followers.iterate(trace_id):
+            yield event
 
     # -- subclass hooks -------------------------------------------------------------
 

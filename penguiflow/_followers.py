@@ -1,0 +1,56 @@
+"""Followers: live subscribers to a store's newly stored events.
+
+Shared by the in-memory store and the buffered (SQLite/Postgres) stores: each
+``follow()`` call subscribes a queue; ``publish`` fans events out to the
+subscribers whose trace matches; ``close`` ends every subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .state import StoredEvent
+
+__all__ = ["Followers"]
+
+
+class Followers:
+    """A set of ``follow()`` subscriptions (of one trace id, or of all: None)."""
+
+    __slots__ = ("_subs",)
+
+    def __init__(self) -> None:
+        self._subs: list[tuple[str | None, asyncio.Queue[StoredEvent | None]]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._subs)
+
+    def publish(self, events: Iterable[StoredEvent]) -> None:
+        """Hand each event to the subscribers that want its trace."""
+        subs = self._subs
+        for event in events:
+            for wanted, queue in subs:
+                if wanted is None or wanted == event.trace_id:
+                    queue.put_nowait(event)
+
+    def close(self) -> None:
+        """End every subscription (their iterators return)."""
+        for _, queue in self._subs:
+            queue.put_nowait(None)
+
+    async def iterate(self, trace_id: str | None) -> AsyncIterator[StoredEvent]:
+        """Subscribe and yield events until :meth:`close`."""
+        queue: asyncio.Queue[StoredEvent | None] = asyncio.Queue()
+        entry = (trace_id, queue)
+        self._subs.append(entry)
+        try:
+            while True:
+                event = await queue.get()
+                if event is None:
+                    return
+                yield event
+        finally:
+            self._subs.remove(entry)
