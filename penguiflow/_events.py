@@ -60,7 +60,7 @@ class EventPipeline:
     def __init__(self, store: StateStore | None, middlewares: list[Any]) -> None:
         self._store = store
         #: The store's ``save_event_fields`` fast path, when it has one.
-        self.fast_store: Callable[[tuple[Any, ...]], Any] | None = getattr(
+        self.fast_store: Callable[[tuple[Any, ...]], Awaitable[None] | None] | None = getattr(
             store, "save_event_fields", None)
         self.middlewares: list[Any] = middlewares
         self.failures: Counter[str] = Counter()

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["NodeWorker"]
 
 _DEBUG = logging.DEBUG
+_INFO = logging.INFO
 _perf = time.perf_counter
 _now = time.time
 
@@ -140,6 +141,10 @@ class NodeWorker:
         timeout = policy.timeout_s
         observed = events.listening or logger.isEnabledFor(_DEBUG)
         inv = new_invocation_id() if observed else None
+        # Only a fast-path store listens (the common production set-up): record
+        # start and success synchronously, without an _emit_event coroutine each.
+        record = flow._record if (events.fast_store is not None and not events.middlewares
+                                  and not logger.isEnabledFor(_INFO)) else None
         parents: tuple[str, ...] = ()
         queued: float | None = None
         if origin is not None:
@@ -154,7 +159,12 @@ class NodeWorker:
         attempt = 0
         try:
             while True:
-                if observed:
+                if record is not None:
+                    waiter = record("node_start", ctx, trace_id, attempt, 0.0, None, inv,
+                                    parents, queued)
+                    if waiter is not None:
+                        await waiter
+                elif observed:
                     await flow._emit_event("node_start", ctx, trace_id, attempt=attempt,
                                            latency_ms=0.0, invocation_id=inv, parents=parents,
                                            queued_ts=queued)
@@ -216,7 +226,12 @@ class NodeWorker:
                             error = exc
                         self.interruptible = False
                     if error is None:
-                        if observed or events.wants(logging.INFO):
+                        if record is not None:
+                            waiter = record("node_success", ctx, trace_id, attempt, latency_ms,
+                                            None, inv, parents, queued)
+                            if waiter is not None:
+                                await waiter
+                        elif observed or events.wants(logging.INFO):
                             await flow._emit_event("node_success", ctx, trace_id,
                                                    attempt=attempt, latency_ms=latency_ms,
                                                    invocation_id=inv, parents=parents,
