@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from otlp_receiver import OTLPReceiver
 from store_support import STORE_KINDS, StoreFactory
 
 
@@ -108,3 +109,49 @@ async def store(make_store: StoreFactory) -> Any:
     postgres: ``PostgresStateStore(dsn, schema=<unique>)``.
     """
     return await make_store.make()
+
+
+# -- OpenTelemetry: a real OTLP receiver, and global state put back after each test --
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[OTLPReceiver]:
+    """A live OTLP/HTTP receiver on 127.0.0.1 (see ``otlp_receiver.py``)."""
+    receiver = OTLPReceiver().start()
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+
+
+@pytest.fixture
+def otel_globals() -> Iterator[None]:
+    """Let a test set OTel's global tracer/meter providers, and undo it afterwards.
+
+    The API sets each global provider once per process (``_TRACER_PROVIDER_SET_ONCE``
+    / ``_METER_PROVIDER_SET_ONCE``) and has no public reset, so this fixture saves
+    the private module globals, gives the test a fresh "never set" state, and
+    restores the saved ones -- the same thing OTel's own test utilities do
+    (``opentelemetry.test.globals_test.reset_trace_globals``). Tests that do not
+    need the globals pass providers explicitly (``set_global=False``) instead.
+    """
+    from opentelemetry import trace
+    from opentelemetry.metrics import _internal as metrics_internal
+    from opentelemetry.util._once import Once
+
+    saved = (trace._TRACER_PROVIDER_SET_ONCE, trace._TRACER_PROVIDER,
+             metrics_internal._METER_PROVIDER_SET_ONCE, metrics_internal._METER_PROVIDER,
+             metrics_internal._PROXY_METER_PROVIDER)
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
+    trace._TRACER_PROVIDER = None
+    metrics_internal._METER_PROVIDER_SET_ONCE = Once()
+    metrics_internal._METER_PROVIDER = None
+    # The proxy meter provider binds to the first real provider for good; give the
+    # test its own so meters created elsewhere stay unbound.
+    metrics_internal._PROXY_METER_PROVIDER = metrics_internal._ProxyMeterProvider()
+    try:
+        yield
+    finally:
+        (trace._TRACER_PROVIDER_SET_ONCE, trace._TRACER_PROVIDER,
+         metrics_internal._METER_PROVIDER_SET_ONCE, metrics_internal._METER_PROVIDER,
+         metrics_internal._PROXY_METER_PROVIDER) = saved
