@@ -1,0 +1,602 @@
+"""OpenTelemetry SDK set-up for PenguiFlow: ids, providers, OTLP export, lifecycle.
+
+The core (``penguiflow``) speaks the ``opentelemetry-api`` only; this module is
+the SDK side an application turns on::
+
+    from penguiflow_exporters.otel import configure_tracing
+
+    with configure_tracing("my-service", endpoint="http://localhost:4318"):
+        ...  # run flows; spans and metrics go to the collector (Jaeger, ...)
+
+What it guarantees:
+
+* **Same ids everywhere.** :class:`PenguiFlowIdGenerator` hands the SDK the ids
+  the runtime parked (:func:`penguiflow.tracing.park_ids`), so the penguiflow
+  trace id *is* the OTel trace id and an invocation id *is* its node span's id.
+* **Configuration resolves argument → environment → constant**, with the
+  standard ``OTEL_*`` variables (``OTEL_SERVICE_NAME``,
+  ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]ENDPOINT``,
+  ``..._HEADERS``, ``..._TIMEOUT``, ``..._PROTOCOL``, ``OTEL_TRACES_SAMPLER``).
+* **Observers never break the flow.** Spans are exported from the SDK's
+  background thread; every export has a bounded timeout; a failed export is
+  counted on the handle (:attr:`TelemetryHandle.stats`) and logged without
+  flooding (the first failure with the likely fix, then one summary a minute);
+  :meth:`TelemetryHandle.force_flush` and :meth:`TelemetryHandle.shutdown`
+  return within their timeout even when the collector stalls.
+
+Converting stored spans (:class:`penguiflow.spandata.SpanData`) for ``pf
+export`` -- :func:`readable_spans`, :func:`export_spans`, :func:`otlp_json` --
+lives in :mod:`penguiflow_exporters._spanexport` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import importlib
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Final, Literal
+
+from opentelemetry import metrics as metrics_api
+from opentelemetry import trace as trace_api
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Sampler
+
+from penguiflow.tracing import take_pending_span_id, take_pending_trace_id
+
+from ._spanexport import (
+    DEFAULT_SERVICE_NAME,
+    OTLPExportError,
+    export_spans,
+    make_resource,
+    otlp_json,
+    readable_spans,
+    signal_endpoint,
+)
+
+__all__ = [
+    "DEFAULT_SERVICE_NAME",
+    "DEFAULT_SHUTDOWN_TIMEOUT_S",
+    "ExportStats",
+    "OTLPExportError",
+    "PenguiFlowIdGenerator",
+    "TelemetryHandle",
+    "TelemetryWarning",
+    "configure_tracing",
+    "export_spans",
+    "otlp_json",
+    "readable_spans",
+]
+
+_log = logging.getLogger(__name__)
+
+#: How long :meth:`TelemetryHandle.shutdown` (and the exit hook) waits for the
+#: last export before giving up on what is still queued.
+DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 5.0
+#: At most one "exports still failing" summary per this many seconds.
+FAILURE_LOG_INTERVAL_S: Final = 60.0
+
+_PROTOCOLS: Final = ("http/protobuf", "grpc")
+_GRPC_MISSING: Final = (
+    'protocol="grpc" needs the gRPC exporter: pip install "penguiflow-exporters[grpc]" '
+    '(or use the default protocol="http/protobuf", port 4318)'
+)
+# The SDK's OTLP exporters log one ERROR per failed batch and a WARNING per retry;
+# while a handle is live these loggers are rate-limited (see _RateLimitFilter).
+_SDK_EXPORTER_LOGGERS: Final = (
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.sdk._shared_internal",
+)
+
+
+class TelemetryWarning(UserWarning):
+    """Telemetry was set up in a way that will not do what the caller expects."""
+
+
+class PenguiFlowIdGenerator(IdGenerator):
+    """An SDK ``IdGenerator`` that uses the ids PenguiFlow parked, else random ones.
+
+    The runtime calls :func:`penguiflow.tracing.park_ids` right before
+    ``tracer.start_span``; the SDK then asks this generator for the trace id
+    (root spans only) and the span id. Without parked ids it behaves like the
+    SDK's ``RandomIdGenerator``, so spans of other libraries are unaffected.
+    """
+
+    def __init__(self, fallback: IdGenerator | None = None) -> None:
+        """Args:
+            fallback: where ids come from when none is parked (default random).
+        """
+        self._fallback = fallback or RandomIdGenerator()
+
+    def generate_span_id(self) -> int:
+        """The parked span id, or a fresh random one."""
+        span_id = take_pending_span_id()
+        # The SDK asks for the trace id only for a root span, and always before
+        # the span id; drop a parked trace id it did not take, so it cannot leak
+        # into the next, unrelated root span started on this thread.
+        take_pending_trace_id()
+        return span_id or self._fallback.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        """The parked trace id, or a fresh random one."""
+        return take_pending_trace_id() or self._fallback.generate_trace_id()
+
+
+@dataclasses.dataclass(slots=True)
+class ExportStats:
+    """What the handle's exporters did so far (a snapshot; see :attr:`TelemetryHandle.stats`)."""
+
+    spans_exported: int = 0
+    """Spans the collector accepted."""
+    spans_failed: int = 0
+    """Spans in batches the collector refused or never answered for (lost)."""
+    span_exports_failed: int = 0
+    """Failed span export calls (one per batch)."""
+    metric_exports_failed: int = 0
+    """Failed metric export calls."""
+    last_error: str | None = None
+    """The most recent failure, as the exporter reported it."""
+
+
+class _FailureLog:
+    """Counts export outcomes and logs failures without flooding the application's log.
+
+    The first failure is logged at WARNING with the likely fix; while failures
+    go on, at most one summary per :data:`FAILURE_LOG_INTERVAL_S`; the first
+    success after failures at INFO. Thread-safe (exports run on SDK threads).
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.stats = ExportStats()
+        self._lock = threading.Lock()
+        self._failing = False
+        self._next_log = 0.0
+        self._since_log = 0
+
+    def success(self, spans: int) -> None:
+        with self._lock:
+            self.stats.spans_exported += spans
+            recovered, self._failing = self._failing, False
+        if recovered:
+            _log.info("OTLP export to %s works again", self.endpoint)
+
+    def failure(self, signal: str, spans: int, error: str | None) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if signal == "spans":
+                self.stats.span_exports_failed += 1
+                self.stats.spans_failed += spans
+            else:
+                self.stats.metric_exports_failed += 1
+            self.stats.last_error = error or self.stats.last_error
+            first, self._failing = not self._failing, True
+            self._since_log += 1
+            if not first and now < self._next_log:
+                return
+            count, self._since_log = self._since_log, 0
+            self._next_log = now + FAILURE_LOG_INTERVAL_S
+        if first:
+            _log.warning(
+                "OTLP export of %s to %s failed (%s); the flow goes on and the data is dropped. "
+                "Is a collector listening there? Set endpoint= or OTEL_EXPORTER_OTLP_ENDPOINT "
+                "(Jaeger: http://localhost:4318 with COLLECTOR_OTLP_ENABLED=true).",
+                signal, self.endpoint, error or "see the exporter's log")
+        else:
+            _log.warning("OTLP export to %s still failing: %d failed exports in the last %.0f s",
+                         self.endpoint, count, FAILURE_LOG_INTERVAL_S)
+
+    def snapshot(self) -> ExportStats:
+        with self._lock:
+            return dataclasses.replace(self.stats)
+
+
+class _RateLimitFilter(logging.Filter):
+    """Let each (logger, message template) through at most once per interval."""
+
+    def __init__(self, interval_s: float = FAILURE_LOG_INTERVAL_S) -> None:
+        super().__init__()
+        self._interval = interval_s
+        self._seen: dict[tuple[str, object], float] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        with self._lock:
+            if now < self._seen.get(key, 0.0):
+                return False
+            self._seen[key] = now + self._interval
+        return True
+
+
+class _CountingSpanExporter(SpanExporter):
+    """Wraps the real exporter: counts outcomes, turns an exception into FAILURE."""
+
+    def __init__(self, inner: SpanExporter, failures: _FailureLog) -> None:
+        self._inner = inner
+        self._failures = failures
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self._inner.export(spans)
+        except Exception as exc:  # an observer never raises into the SDK's thread
+            self._failures.failure("spans", len(spans), repr(exc))
+            return SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            self._failures.success(len(spans))
+        else:
+            self._failures.failure("spans", len(spans), None)
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class _CountingMetricExporter(MetricExporter):
+    """Wraps the real metric exporter: counts failures, never raises."""
+
+    def __init__(self, inner: MetricExporter, failures: _FailureLog) -> None:
+        # The reader asks the exporter for these; forward the inner one's choice.
+        super().__init__(preferred_temporality=inner._preferred_temporality,
+                         preferred_aggregation=inner._preferred_aggregation)
+        self._inner = inner
+        self._failures = failures
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
+               **kwargs: Any) -> MetricExportResult:
+        try:
+            result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        except Exception as exc:
+            self._failures.failure("metrics", 0, repr(exc))
+            return MetricExportResult.FAILURE
+        if result is not MetricExportResult.SUCCESS:
+            self._failures.failure("metrics", 0, None)
+        return result
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def _bounded(call: Callable[[], object], timeout_s: float, what: str) -> bool:
+    """Run ``call`` on a daemon thread; True when it returned a truthy/None result in time.
+
+    The SDK's ``force_flush`` ignores its timeout (it exports synchronously) and
+    ``shutdown`` joins the export thread for up to 30 s, so either can block the
+    caller for as long as a stalled collector holds the request. A daemon
+    thread bounds the wait; what it leaves running dies with the process.
+    """
+    done = threading.Event()
+    ok = [False]
+
+    def run() -> None:
+        try:
+            ok[0] = call() is not False
+        except Exception:
+            _log.exception("telemetry %s failed", what)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"penguiflow-telemetry-{what}", daemon=True).start()
+    if not done.wait(max(timeout_s, 0.0)):
+        _log.warning("telemetry %s did not finish within %.2f s (collector slow or down?); "
+                     "not waiting longer, spans still queued may be lost", what, timeout_s)
+        return False
+    return ok[0]
+
+
+class TelemetryHandle:
+    """The providers :func:`configure_tracing` built, and their lifecycle.
+
+    Use it as a context manager, or call :meth:`shutdown` before the process
+    exits (an exit hook does it too, bounded by ``shutdown_timeout_s``).
+    Neither method raises; both return within their timeout.
+    """
+
+    def __init__(self, tracer_provider: TracerProvider, meter_provider: MeterProvider | None,
+                 failures: _FailureLog, *, shutdown_timeout_s: float,
+                 traces_endpoint: str | None, metrics_endpoint: str | None) -> None:
+        self.tracer_provider: Final = tracer_provider
+        """The SDK tracer provider (pass it explicitly when ``set_global=False``)."""
+        self.meter_provider: Final = meter_provider
+        """The SDK meter provider, or None when ``metrics=False``."""
+        self.traces_endpoint: Final = traces_endpoint
+        """Where spans go (None when a custom ``exporter=`` was given)."""
+        self.metrics_endpoint: Final = metrics_endpoint
+        """Where metrics go (None without OTLP metrics)."""
+        self._failures = failures
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self._lock = threading.Lock()
+        self._closed = False
+        self._filter = _RateLimitFilter()
+        for name in _SDK_EXPORTER_LOGGERS:
+            logging.getLogger(name).addFilter(self._filter)
+        atexit.register(self._at_exit)
+
+    @property
+    def stats(self) -> ExportStats:
+        """A snapshot of the export counters (exported, failed, last error)."""
+        return self._failures.snapshot()
+
+    @property
+    def is_shutdown(self) -> bool:
+        """Whether :meth:`shutdown` was called."""
+        return self._closed
+
+    def force_flush(self, timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> bool:
+        """Export what is buffered now; wait at most ``timeout_s``.
+
+        Returns:
+            True when everything buffered reached the collector in time; False
+            when the time ran out, an export failed (see :attr:`stats`), or
+            the handle is shut down (logged).
+        """
+        if self._closed:
+            _log.warning("TelemetryHandle.force_flush() after shutdown(): nothing to flush")
+            return False
+        tracer, meter = self.tracer_provider, self.meter_provider
+        millis = max(int(timeout_s * 1000), 1)
+        before = self._failures.snapshot()
+
+        def flush() -> bool:
+            flushed = tracer.force_flush(millis)
+            if meter is not None:
+                flushed = meter.force_flush(millis) and flushed
+            return flushed
+
+        flushed = _bounded(flush, timeout_s, "force_flush")
+        # The SDK's flush reports "done", not "delivered": an export that failed
+        # meanwhile shows in the counters only.
+        after = self._failures.snapshot()
+        return flushed and (after.span_exports_failed, after.metric_exports_failed) == (
+            before.span_exports_failed, before.metric_exports_failed)
+
+    def shutdown(self, timeout_s: float | None = None) -> bool:
+        """Flush and stop the providers; idempotent (a second call logs a warning).
+
+        Args:
+            timeout_s: the longest to wait (default ``shutdown_timeout_s`` of
+                :func:`configure_tracing`); spans still unsent then are dropped.
+
+        Returns:
+            True when everything shut down in time.
+        """
+        with self._lock:
+            if self._closed:
+                _log.warning("TelemetryHandle.shutdown() called again; already shut down")
+                return True
+            self._closed = True
+        atexit.unregister(self._at_exit)
+        timeout = self._shutdown_timeout_s if timeout_s is None else timeout_s
+        tracer, meter = self.tracer_provider, self.meter_provider
+        millis = max(int(timeout * 1000), 1)
+
+        def stop() -> None:
+            tracer.shutdown()
+            if meter is not None:
+                meter.shutdown(timeout_millis=millis)
+
+        try:
+            return _bounded(stop, timeout, "shutdown")
+        finally:
+            for name in _SDK_EXPORTER_LOGGERS:
+                logging.getLogger(name).removeFilter(self._filter)
+
+    def _at_exit(self) -> None:
+        if not self._closed:
+            self.shutdown()
+
+    def __enter__(self) -> TelemetryHandle:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if not self._closed:
+            self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._closed else "live"
+        return f"<TelemetryHandle {state} traces={self.traces_endpoint!r}>"
+
+
+def _resolve_protocol(protocol: str | None, signal: str) -> str:
+    value = (protocol or os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
+             or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip().lower()
+    if value not in _PROTOCOLS:
+        raise ValueError(f"unsupported OTLP protocol {value!r} for {signal}; "
+                         f"use one of {', '.join(_PROTOCOLS)} (argument protocol= or "
+                         "OTEL_EXPORTER_OTLP_PROTOCOL)")
+    return value
+
+
+def _grpc_class(module: str, name: str) -> Any:
+    """A class of the optional gRPC exporter package, or an ImportError naming the fix."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise ImportError(_GRPC_MISSING) from exc
+
+
+def _otlp_span_exporter(protocol: str, endpoint: str, headers: Mapping[str, str] | None,
+                        timeout_s: float | None) -> SpanExporter:
+    if protocol == "grpc":
+        grpc_exporter: type[SpanExporter] = _grpc_class(
+            "opentelemetry.exporter.otlp.proto.grpc.trace_exporter", "OTLPSpanExporter")
+        return grpc_exporter(endpoint=endpoint, headers=dict(headers or {}) or None,
+                             timeout=timeout_s)  # type: ignore[call-arg]
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=endpoint, headers=headers, timeout=timeout_s)
+
+
+def _otlp_metric_exporter(protocol: str, endpoint: str, headers: Mapping[str, str] | None,
+                          timeout_s: float | None) -> MetricExporter:
+    if protocol == "grpc":
+        grpc_exporter: type[MetricExporter] = _grpc_class(
+            "opentelemetry.exporter.otlp.proto.grpc.metric_exporter", "OTLPMetricExporter")
+        return grpc_exporter(endpoint=endpoint, headers=dict(headers or {}) or None,
+                             timeout=timeout_s)  # type: ignore[call-arg]
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+    return OTLPMetricExporter(endpoint=endpoint, headers=headers, timeout=timeout_s)
+
+
+def _set_globals(tracer_provider: TracerProvider, meter_provider: MeterProvider | None) -> None:
+    # The API sets each global provider once and ignores later calls (with a log
+    # line only); check what won, and say how to fix it when it was not ours.
+    trace_api.set_tracer_provider(tracer_provider)
+    if trace_api.get_tracer_provider() is not tracer_provider:
+        warnings.warn(
+            "configure_tracing(): a global TracerProvider was already set (an earlier "
+            "configure_tracing() or the application's own set-up), and OpenTelemetry lets it "
+            "be set only once, so the runtime's spans keep going to that one. Call "
+            "configure_tracing() once at start-up, shut the old handle down and reuse it, or "
+            "pass set_global=False and use handle.tracer_provider explicitly.",
+            TelemetryWarning, stacklevel=3)
+    if meter_provider is not None:
+        metrics_api.set_meter_provider(meter_provider)
+        if metrics_api.get_meter_provider() is not meter_provider:
+            warnings.warn(
+                "configure_tracing(): a global MeterProvider was already set and OpenTelemetry "
+                "lets it be set only once, so metrics keep going to that one. Configure once at "
+                "start-up, or pass metrics=False / set_global=False.",
+                TelemetryWarning, stacklevel=3)
+
+
+def configure_tracing(
+    service_name: str | None = None,
+    endpoint: str | None = None,
+    *,
+    protocol: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    resource_attributes: Mapping[str, Any] | None = None,
+    sampler: Sampler | None = None,
+    exporter: SpanExporter | None = None,
+    span_processor: Literal["batch", "simple"] = "batch",
+    metrics: bool = True,
+    metric_reader: MetricReader | None = None,
+    metric_interval_s: float | None = None,
+    export_timeout_s: float | None = None,
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+    set_global: bool = True,
+) -> TelemetryHandle:
+    """Set up the OTel SDK so PenguiFlow's spans and metrics reach an OTLP collector.
+
+    Builds a ``TracerProvider`` with :class:`PenguiFlowIdGenerator` and a
+    resource, a span processor in front of an OTLP exporter, and (``metrics``)
+    a ``MeterProvider`` with a periodic OTLP metric reader; registers both as
+    the global providers unless ``set_global=False``.
+
+    Args:
+        service_name: ``service.name``; else ``OTEL_SERVICE_NAME``, else
+            :data:`DEFAULT_SERVICE_NAME`.
+        endpoint: the collector's base URL (``http://localhost:4318``; the
+            ``/v1/traces`` and ``/v1/metrics`` paths are appended); else
+            ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``..._METRICS_ENDPOINT``
+            (used as they are), else ``OTEL_EXPORTER_OTLP_ENDPOINT`` (base),
+            else ``http://localhost:4318`` (``localhost:4317`` for gRPC).
+        protocol: ``"http/protobuf"`` (default) or ``"grpc"`` (needs the
+            ``[grpc]`` extra); else ``OTEL_EXPORTER_OTLP_PROTOCOL``.
+        headers: sent with every export (auth tokens); merged over
+            ``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``.
+        resource_attributes: merged over ``OTEL_RESOURCE_ATTRIBUTES``.
+        sampler: an SDK sampler; default from ``OTEL_TRACES_SAMPLER``
+            (parent-based always-on).
+        exporter: a span exporter to use instead of OTLP (tests pass the SDK's
+            ``InMemorySpanExporter``).
+        span_processor: ``"batch"`` (background thread; the only choice that
+            never blocks the caller on the network) or ``"simple"`` (exports
+            synchronously on span end; for in-memory exporters).
+        metrics: build the MeterProvider.
+        metric_reader: a reader to use instead of the periodic OTLP one
+            (tests pass ``InMemoryMetricReader``).
+        metric_interval_s: how often metrics are exported; else
+            ``OTEL_METRIC_EXPORT_INTERVAL`` (ms), else 60 s.
+        export_timeout_s: the longest one export (retries included) may take;
+            else ``OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`` (seconds, as the
+            Python SDK reads it), else the SDK's 10 s.
+        shutdown_timeout_s: the longest :meth:`TelemetryHandle.shutdown` (and
+            the exit hook) waits.
+        set_global: register the providers as OpenTelemetry's global ones (what
+            the runtime and instrumented libraries use). The API allows that
+            once per process: a second time warns with :class:`TelemetryWarning`.
+
+    Returns:
+        The handle: flush, shut down, inspect :attr:`TelemetryHandle.stats`.
+
+    Raises:
+        ValueError: ``protocol`` or ``span_processor`` is not a supported value.
+        ImportError: ``protocol="grpc"`` without the ``[grpc]`` extra installed.
+    """
+    if span_processor not in ("batch", "simple"):
+        raise ValueError(f"span_processor must be 'batch' or 'simple', not {span_processor!r}")
+    resource = make_resource(service_name, resource_attributes)
+    traces_url: str | None = None
+    if exporter is None:
+        traces_protocol = _resolve_protocol(protocol, "traces")
+        traces_url = signal_endpoint("traces", endpoint, grpc=traces_protocol == "grpc")
+        exporter = _otlp_span_exporter(traces_protocol, traces_url, headers, export_timeout_s)
+    failures = _FailureLog(traces_url or type(exporter).__name__)
+    counted = _CountingSpanExporter(exporter, failures)
+    tracer_provider = TracerProvider(
+        sampler=sampler, resource=resource, id_generator=PenguiFlowIdGenerator(),
+        # Our handle's exit hook shuts down bounded; the SDK's own would wait up
+        # to 30 s per processor on a stalled collector.
+        shutdown_on_exit=False)
+    tracer_provider.add_span_processor(
+        BatchSpanProcessor(counted) if span_processor == "batch" else SimpleSpanProcessor(counted))
+
+    meter_provider: MeterProvider | None = None
+    metrics_url: str | None = None
+    if metrics:
+        if metric_reader is None:
+            metrics_protocol = _resolve_protocol(protocol, "metrics")
+            metrics_url = signal_endpoint("metrics", endpoint, grpc=metrics_protocol == "grpc")
+            metric_exporter = _CountingMetricExporter(
+                _otlp_metric_exporter(metrics_protocol, metrics_url, headers, export_timeout_s),
+                failures)
+            metric_reader = PeriodicExportingMetricReader(
+                metric_exporter,
+                export_interval_millis=None if metric_interval_s is None
+                else metric_interval_s * 1000,
+                export_timeout_millis=None if export_timeout_s is None
+                else export_timeout_s * 1000)
+        meter_provider = MeterProvider(metric_readers=[metric_reader], resource=resource,
+                                       shutdown_on_exit=False)
+
+    handle = TelemetryHandle(tracer_provider, meter_provider, failures,
+                             shutdown_timeout_s=shutdown_timeout_s,
+                             traces_endpoint=traces_url, metrics_endpoint=metrics_url)
+    if set_global:
+        _set_globals(tracer_provider, meter_provider)
+    return handle
+
