@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -21,6 +22,7 @@ from penguiflow.state import (
     StoredEvent,
     StoreUnavailable,
     TraceFilter,
+    TraceSummaryBuilder,
 )
 from penguiflow_exporters import open_store
 from penguiflow_exporters.sqlite import SCHEMA_VERSION, SQLiteStateStore
@@ -68,12 +70,14 @@ async def test_creates_the_parent_directory_and_records_the_schema_version(
     path = tmp_path / "nested" / "dir" / "traces.db"
     async with SQLiteStateStore(path):
         pass
-    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [SCHEMA_VERSION]
+    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == list(
+        range(1, SCHEMA_VERSION + 1))
     tables = {name for (name,) in read(path, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"events", "traces", "bindings", "schema_version"} <= tables
     async with SQLiteStateStore(path):  # reopening migrates nothing
         pass
-    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [SCHEMA_VERSION]
+    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == list(
+        range(1, SCHEMA_VERSION + 1))
 
 
 async def test_a_newer_schema_version_is_refused_and_left_alone(tmp_path: Path) -> None:
@@ -85,11 +89,91 @@ async def test_a_newer_schema_version_is_refused_and_left_alone(tmp_path: Path) 
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 1,))
     conn.close()
     store = SQLiteStateStore(path)
-    with pytest.raises(StateStoreError, match=r"schema version 2, newer .* upgrade") as info:
+    with pytest.raises(StateStoreError, match=rf"schema version {SCHEMA_VERSION + 1}, newer .* upgrade") as info:
         await store.open()
     assert not isinstance(info.value, StoreUnavailable)
     await store.close()
-    assert max(v for (v,) in read(path, "SELECT version FROM schema_version")) == 2
+    assert max(v for (v,) in read(path, "SELECT version FROM schema_version")) == (
+        SCHEMA_VERSION + 1)
+
+
+def make_v1_file(path: Path, events: Iterable[StoredEvent]) -> None:
+    """A file as a version-1 store left it: the v1 DDL, full JSON payloads, summaries."""
+    from penguiflow_exporters.sqlite import _MIGRATIONS
+
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, "
+                     "applied_ts REAL NOT NULL DEFAULT 0)")
+        for statement in _MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+        builders: dict[str, Any] = {}
+        for e in events:
+            conn.execute(
+                "INSERT INTO events (event_key, trace_id, ts, kind, node_name, node_id, attempt, "
+                "invocation_id, parent_invocation_ids, span_id, parent_span_id, seq, queued_ts, "
+                "flow_name, flow_id, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (e.event_key, e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.attempt,
+                 e.invocation_id, json.dumps(list(e.parent_invocation_ids)), e.span_id,
+                 e.parent_span_id, e.seq, e.queued_ts, e.flow_name, e.flow_id,
+                 json.dumps(dict(e.payload))))
+            assert e.trace_id is not None
+            builders.setdefault(e.trace_id, TraceSummaryBuilder(e.trace_id)).add(e)
+        for b in builders.values():
+            s = b.summary()
+            conn.execute(
+                "INSERT INTO traces VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (s.trace_id, s.flow_name, s.status, s.started_ts, s.ended_ts, s.node_count,
+                 s.error_count, s.remote_call_count, s.event_count, json.dumps(list(s.nodes)),
+                 b.open, int(b.failed), int(b.cancelled)))
+    conn.close()
+
+
+async def test_a_v1_file_is_migrated_and_keeps_its_events_and_summaries(
+        tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    old = [*invocation("t", "a", 1.0, 2.0), ev("t", "node_start", 3.0, node="b")]
+    make_v1_file(path, old)
+    reference = InMemoryStateStore()
+    await reference.save_events(old)
+    async with SQLiteStateStore(path) as store:
+        assert await store.load_history("t") == old
+        assert await store.get_trace("t") == await reference.get_trace("t")
+        # New events (runtime tuples and StoredEvents) fold into the migrated summary,
+        # and a re-delivered v1 event is still recognised.
+        a_flow = create(Node(_double, name="c", policy=NodePolicy(validate="none")).to(),
+                        state_store=store)
+        a_flow.run()
+        await a_flow.emit(Message(payload=2, headers=Headers(tenant="t")))
+        await a_flow.fetch()
+        await a_flow.stop()
+        more = [ev("t", "node_success", 4.0, node="b"), old[0]]
+        await store.save_events(more)
+        await reference.save_events(more[:1])
+        assert await store.load_history("t") == [*old, more[0]]
+        assert await store.get_trace("t") == await reference.get_trace("t")
+    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [1, 2]
+
+
+async def test_a_failing_migration_is_rolled_back_and_reported(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    make_v1_file(path, invocation("t", "a", 1.0, 2.0))
+    conn = sqlite3.connect(path)
+    with conn:  # someone else's column in the way of migration 2
+        conn.execute("ALTER TABLE events ADD COLUMN trace_pending TEXT")
+    conn.close()
+    store = SQLiteStateStore(path)
+    with pytest.raises(StateStoreError, match="duplicate column name: trace_pending"):
+        await store.open()
+    await store.close()
+    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [1]
+    columns = [row[1] for row in read(path, "PRAGMA table_info(events)")]
+    assert "latency_ms" not in columns  # the partial migration was rolled back
+
+
+async def _double(msg: Message, ctx: Any) -> Message:
+    return msg.model_copy(update={"payload": msg.payload * 2})
 
 
 async def test_wal_mode_and_synchronous_normal(store: SQLiteStateStore) -> None:

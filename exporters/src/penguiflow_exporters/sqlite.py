@@ -50,7 +50,6 @@ from penguiflow.state import (
     StoreUnavailable,
     TraceFilter,
     TraceSummary,
-    TraceSummaryBuilder,
 )
 
 from ._buffered import BufferedStore
@@ -63,7 +62,7 @@ __all__ = ["DEFAULT_PATH", "SCHEMA_VERSION", "SQLiteStateStore"]
 DEFAULT_PATH = ".penguiflow/traces.db"
 
 #: The schema this module writes; ``_MIGRATIONS[v]`` takes a file from v to v + 1.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _T = TypeVar("_T")
 
@@ -121,35 +120,91 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX bindings_context ON bindings (context_id)",
         "CREATE INDEX bindings_task ON bindings (task_id)",
     ),
+    (
+        # v2: the payload's runtime fields become columns, so a batch binds the
+        # runtime's tuples almost as they come instead of building and encoding a
+        # payload dict per event on the writer thread (which holds the GIL the flow's
+        # loop needs). `q_in IS NULL` marks a row whose `payload` is the whole
+        # payload as JSON (every v1 row, and events saved as StoredEvents); otherwise
+        # `payload` holds only the kind's `extra` items ('{}' when none) and the
+        # payload is rebuilt on read with penguiflow.metrics.event_payload, the
+        # function the runtime builds it with. Added columns are NULL in v1 rows, so
+        # the migration rewrites nothing.
+        "ALTER TABLE events ADD COLUMN latency_ms REAL",
+        "ALTER TABLE events ADD COLUMN q_in INTEGER",
+        "ALTER TABLE events ADD COLUMN q_out INTEGER",
+        "ALTER TABLE events ADD COLUMN outgoing INTEGER",
+        "ALTER TABLE events ADD COLUMN queue_maxsize INTEGER",
+        "ALTER TABLE events ADD COLUMN trace_inflight INTEGER",
+        "ALTER TABLE events ADD COLUMN trace_cancelled INTEGER",
+        "ALTER TABLE events ADD COLUMN trace_pending INTEGER",
+    ),
 )
 
+# Parameters in the runtime's EVENT_FIELDS order (see _event_rows), so a row is the
+# runtime's tuple with only `parents` and `extra` replaced by their JSON; the
+# event key is computed by SQLite, not by Python.
 _INSERT_EVENT = (
-    "INSERT OR IGNORE INTO events (event_key, trace_id, ts, kind, node_name, node_id, attempt, "
-    "invocation_id, parent_invocation_ids, span_id, parent_span_id, seq, queued_ts, flow_name, "
-    "flow_id, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO events (event_key, trace_id, ts, kind, node_name, node_id, "
+    "invocation_id, parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, "
+    "flow_name, flow_id, latency_ms, q_in, q_out, outgoing, queue_maxsize, trace_inflight, "
+    "trace_cancelled, trace_pending, payload) VALUES ("
+    "CASE WHEN ?14 IS NULL THEN NULL ELSE ?14 || ':' || ?10 END, ?1, ?2, ?3, ?4, ?5, ?6, ?7, "
+    "?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
 )
 _SELECT_EVENTS = (
     # No trace_id column: it is the argument (one str less per row).
     "SELECT ts, kind, node_name, node_id, payload, invocation_id, "
     "parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, flow_name, "
-    "flow_id FROM events WHERE trace_id = ? ORDER BY id"
+    "flow_id, latency_ms, q_in, q_out, outgoing, queue_maxsize, trace_inflight, "
+    "trace_cancelled, trace_pending FROM events WHERE trace_id = ? ORDER BY id"
 )
 _TRACE_COLUMNS = (
     "trace_id, flow_name, status, started_ts, ended_ts, node_count, error_count, "
     "remote_call_count, event_count, nodes"
 )
-_UPSERT_TRACE = (
+_STATUS = ("CASE WHEN {c} THEN 'cancelled' WHEN {f} THEN 'failed' "
+           "WHEN {o} > 0 THEN 'running' ELSE 'succeeded' END")
+# Folds the events this transaction inserted (id > ?1) into `traces` in SQL, with
+# the semantics of penguiflow.state.TraceSummaryBuilder (tests/exporters compare
+# both): no Python per event, so the writer thread keeps the GIL for less time.
+# Grouped rows are inserted in order of their trace's first new event, so a new
+# trace's rowid (list_traces' tie-break) follows the order traces arrived in.
+_FOLD_TRACES = (
     f"INSERT INTO traces ({_TRACE_COLUMNS}, open_count, failed, cancelled) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (trace_id) DO UPDATE SET "
-    "flow_name = excluded.flow_name, status = excluded.status, "
-    "started_ts = excluded.started_ts, ended_ts = excluded.ended_ts, "
-    "node_count = excluded.node_count, error_count = excluded.error_count, "
-    "remote_call_count = excluded.remote_call_count, event_count = excluded.event_count, "
-    "nodes = excluded.nodes, open_count = excluded.open_count, failed = excluded.failed, "
-    "cancelled = excluded.cancelled"
+    "SELECT trace_id, (SELECT f.flow_name FROM events f WHERE f.trace_id = e.trace_id "
+    "AND f.id > ?1 AND f.flow_name IS NOT NULL ORDER BY f.id LIMIT 1), "
+    + _STATUS.format(c="max(kind = 'trace_cancel_start')", f="max(kind = 'node_failed')",
+                     o="sum(kind = 'node_start' AND attempt = 0) - sum(kind IN "
+                       "('node_success', 'node_failed', 'node_trace_cancelled'))") + ", "
+    "min(ts), max(ts), sum(kind = 'node_start' AND attempt = 0), "
+    "sum(kind IN ('node_error', 'node_timeout', 'node_failed', 'remote_call_error', "
+    "'remote_cancel_error')), sum(kind = 'remote_call_start'), count(*), "
+    "(SELECT json_group_array(n) FROM (SELECT DISTINCT g.node_name AS n FROM events g "
+    "WHERE g.trace_id = e.trace_id AND g.id > ?1 AND g.kind = 'node_start' "
+    "AND g.node_name <> '' ORDER BY 1)), "
+    "sum(kind = 'node_start' AND attempt = 0) - sum(kind IN "
+    "('node_success', 'node_failed', 'node_trace_cancelled')), "
+    "max(kind = 'node_failed'), max(kind = 'trace_cancel_start') "
+    "FROM events e WHERE id > ?1 AND trace_id IS NOT NULL GROUP BY trace_id ORDER BY min(id) "
+    "ON CONFLICT (trace_id) DO UPDATE SET "
+    "flow_name = ifnull(traces.flow_name, excluded.flow_name), "
+    "status = " + _STATUS.format(c="traces.cancelled OR excluded.cancelled",
+                                 f="traces.failed OR excluded.failed",
+                                 o="traces.open_count + excluded.open_count") + ", "
+    "started_ts = min(traces.started_ts, excluded.started_ts), "
+    "ended_ts = max(traces.ended_ts, excluded.ended_ts), "
+    "node_count = traces.node_count + excluded.node_count, "
+    "error_count = traces.error_count + excluded.error_count, "
+    "remote_call_count = traces.remote_call_count + excluded.remote_call_count, "
+    "event_count = traces.event_count + excluded.event_count, "
+    "nodes = CASE WHEN excluded.nodes = '[]' OR excluded.nodes = traces.nodes THEN traces.nodes "
+    "ELSE (SELECT json_group_array(value) FROM (SELECT value FROM json_each(traces.nodes) "
+    "UNION SELECT value FROM json_each(excluded.nodes) ORDER BY 1)) END, "
+    "open_count = traces.open_count + excluded.open_count, "
+    "failed = traces.failed OR excluded.failed, "
+    "cancelled = traces.cancelled OR excluded.cancelled"
 )
-# Well below SQLite's bound-parameter limit (999 before 3.32).
-_IN_CHUNK = 500
 _BUSY_TIMEOUT_MS = 5000
 _RESOLVE_LIMIT = 10
 # Rows decoded per json call: the scanner memoises object keys within a call, so
@@ -242,8 +297,11 @@ def _event_rows(batch: Iterable[StoredEvent | tuple[Any, ...]], *,
                 safe: bool = False) -> list[tuple[Any, ...]]:
     """The ``_INSERT_EVENT`` parameters of ``batch``; ``safe`` never raises on odd values.
 
-    ``batch`` holds StoredEvents and the runtime's EVENT_FIELDS tuples: a tuple's
-    payload is built here, on the worker thread, with no StoredEvent in between.
+    ``batch`` holds StoredEvents and the runtime's EVENT_FIELDS tuples. A tuple
+    becomes a row by replacing only ``parents`` and ``extra`` with their JSON: no
+    payload dict, no StoredEvent (this loop holds the GIL, which the flow's event
+    loop is waiting for). A StoredEvent's payload is stored whole, runtime columns
+    NULL.
     """
     encode, encode_payload = _encode, _encode_safely if safe else _encode
     rows: list[tuple[Any, ...]] = []
@@ -253,21 +311,27 @@ def _event_rows(batch: Iterable[StoredEvent | tuple[Any, ...]], *,
             (trace_id, ts, kind, node_name, node_id, invocation_id, parents, span_id,
              parent_span_id, seq, attempt, queued_ts, flow_name, flow_id, latency_ms, q_in,
              q_out, outgoing, maxsize, inflight, cancelled, pending, extra) = ev
-            payload = event_payload(kind, ts, node_name, node_id, trace_id, latency_ms, q_in,
-                                    q_out, outgoing, maxsize, attempt, inflight, cancelled,
-                                    pending, extra or _NO_EXTRA)
-            append((None if flow_id is None else f"{flow_id}:{seq}", trace_id, ts, kind,
-                    node_name, node_id, attempt, invocation_id,
+            append((trace_id, ts, kind, node_name, node_id, invocation_id,
                     encode(parents) if parents else "[]", span_id, parent_span_id, seq,
-                    queued_ts, flow_name, flow_id, encode_payload(payload)))
+                    attempt, queued_ts, flow_name, flow_id, latency_ms, q_in, q_out, outgoing,
+                    maxsize, inflight, cancelled, pending,
+                    encode_payload(extra) if extra else "{}"))
         else:
             assert isinstance(ev, StoredEvent)
-            append((ev.event_key, ev.trace_id, ev.ts, ev.kind, ev.node_name, ev.node_id,
-                    ev.attempt, ev.invocation_id,
+            append((ev.trace_id, ev.ts, ev.kind, ev.node_name, ev.node_id, ev.invocation_id,
                     encode(ev.parent_invocation_ids) if ev.parent_invocation_ids else "[]",
-                    ev.span_id, ev.parent_span_id, ev.seq, ev.queued_ts, ev.flow_name,
-                    ev.flow_id, encode_payload(ev.payload)))
+                    ev.span_id, ev.parent_span_id, ev.seq, ev.attempt, ev.queued_ts,
+                    ev.flow_name, ev.flow_id, None, None, None, None, None, None, None, None,
+                    encode_payload(ev.payload)))
     return rows
+
+
+def _event_key(item: StoredEvent | tuple[Any, ...]) -> str | None:
+    """The event key of a buffered item (what ``_INSERT_EVENT`` computes in SQL)."""
+    if type(item) is tuple:
+        return None if item[13] is None else f"{item[13]}:{item[9]}"
+    assert isinstance(item, StoredEvent)
+    return item.event_key
 
 
 def _barrier() -> None:
@@ -283,24 +347,6 @@ def _summary(row: Sequence[Any]) -> TraceSummary:
      event_count, nodes) = row
     return TraceSummary(trace_id, flow_name, status, started, ended, node_count, error_count,
                         remote_count, event_count, tuple(_decode(nodes)))
-
-
-def _builder(row: Sequence[Any]) -> TraceSummaryBuilder:
-    """The builder stored in a row of ``_TRACE_COLUMNS`` + open_count, failed, cancelled."""
-    builder = TraceSummaryBuilder(row[0])
-    (builder.flow_name, _, builder.started, builder.ended, builder.starts, builder.errors,
-     builder.remotes, builder.events, nodes, builder.open, failed, cancelled) = row[1:]
-    builder.nodes = set(_decode(nodes))
-    builder.failed = bool(failed)
-    builder.cancelled = bool(cancelled)
-    return builder
-
-
-def _trace_row(builder: TraceSummaryBuilder) -> tuple[Any, ...]:
-    s = builder.summary()
-    return (s.trace_id, s.flow_name, s.status, s.started_ts, s.ended_ts, s.node_count,
-            s.error_count, s.remote_call_count, s.event_count, _encode(list(s.nodes)),
-            builder.open, int(builder.failed), int(builder.cancelled))
 
 
 # -- the store ---------------------------------------------------------------------------
@@ -500,12 +546,13 @@ class SQLiteStateStore(BufferedStore):
             before = conn.total_changes
             conn.executemany(_INSERT_EVENT, rows)
             if conn.total_changes - before == len(batch):
-                new, new_rows = batch, rows  # the common case: no duplicate, no lookup
+                new = batch  # the common case: no duplicate, no lookup
             else:
-                kept = self._inserted(conn, rows, last_id)
-                new = [batch[i] for i in kept]
-                new_rows = [rows[i] for i in kept]
-            self._fold(conn, new_rows)
+                new = [batch[i] for i in self._inserted(conn, batch, last_id)]
+            if new:
+                # Folds exactly the rows inserted above (ids > last_id: the write
+                # lock is held), so a re-delivered event is never folded twice.
+                conn.execute(_FOLD_TRACES, (last_id,))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -514,46 +561,20 @@ class SQLiteStateStore(BufferedStore):
         return new
 
     @staticmethod
-    def _inserted(conn: sqlite3.Connection, rows: list[tuple[Any, ...]],
-                  last_id: int) -> list[int]:
-        """Indexes of the ``rows`` that INSERT OR IGNORE stored (ids above ``last_id``)."""
+    def _inserted(conn: sqlite3.Connection, batch: list[_Item], last_id: int) -> list[int]:
+        """Indexes of the ``batch`` items that INSERT OR IGNORE stored (ids above ``last_id``)."""
         # Rows above last_id are this transaction's: the write lock is held.
         keys = {key for (key,) in conn.execute(
             "SELECT event_key FROM events WHERE id > ? AND event_key IS NOT NULL", (last_id,))}
         kept: list[int] = []
-        for i, row in enumerate(rows):
-            key = row[0]
+        for i, item in enumerate(batch):
+            key = _event_key(item)
             if key is None:
                 kept.append(i)
             elif key in keys:
                 keys.discard(key)  # a duplicate later in the same batch was ignored
                 kept.append(i)
         return kept
-
-    @staticmethod
-    def _fold(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-        """Fold ``rows`` (``_INSERT_EVENT`` rows stored by this transaction) into traces."""
-        trace_ids = [t for t in dict.fromkeys([row[1] for row in rows]) if t is not None]
-        if not trace_ids:
-            return
-        existing: dict[str, TraceSummaryBuilder] = {}
-        for start in range(0, len(trace_ids), _IN_CHUNK):
-            chunk = trace_ids[start:start + _IN_CHUNK]
-            marks = ", ".join("?" * len(chunk))
-            for row in conn.execute(
-                    f"SELECT {_TRACE_COLUMNS}, open_count, failed, cancelled FROM traces "
-                    f"WHERE trace_id IN ({marks})", chunk):
-                existing[row[0]] = _builder(row)
-        # In order of first appearance: a new trace's rowid then follows the order in
-        # which traces started arriving, which list_traces uses to break ties.
-        builders = {t: existing.get(t) or TraceSummaryBuilder(t) for t in trace_ids}
-        # One scratch event carries each row's folded fields to TraceSummaryBuilder.add.
-        view = StoredEvent(None, 0.0, "", None, None, _NO_EXTRA)
-        for (_, trace_id, view.ts, view.kind, view.node_name, _, view.attempt, _, _, _, _, _,
-             _, view.flow_name, _, _) in rows:
-            if trace_id is not None:
-                builders[trace_id].add(view)
-        conn.executemany(_UPSERT_TRACE, [_trace_row(b) for b in builders.values()])
 
     async def save_remote_binding(self, binding: RemoteBinding) -> None:
         """Store a binding, once (an identical one is ignored); written at once, not buffered."""
@@ -584,27 +605,32 @@ class SQLiteStateStore(BufferedStore):
     def _load_history_sync(self, trace_id: str) -> list[StoredEvent]:
         cursor = self._connection().execute(_SELECT_EVENTS, (trace_id,))
         events: list[StoredEvent] = []
-        decode = _decode
+        append = events.append
+        decode, payload_of, no_extra = _decode, event_payload, _NO_EXTRA
         # Chunk by chunk rather than fetchall(): the row tuples die young, so the
-        # garbage collector has fewer objects to traverse (100k events: 0.66 -> 0.58 s).
+        # garbage collector has fewer objects to traverse.
         while rows := cursor.fetchmany(_DECODE_CHUNK):
             try:
-                payloads = decode(f"[{','.join([row[4] for row in rows])}]")
+                for (ts, kind, node_name, node_id, payload, invocation_id, parents, span_id,
+                     parent_span_id, seq, attempt, queued_ts, flow_name, flow_id, latency_ms,
+                     q_in, q_out, outgoing, maxsize, inflight, cancelled, pending) in rows:
+                    if q_in is None:  # the whole payload was stored (v1 rows, StoredEvents)
+                        full = decode(payload)
+                    else:  # runtime columns + extra: rebuilt as the runtime built it
+                        full = payload_of(kind, ts, node_name, node_id, trace_id, latency_ms,
+                                          q_in, q_out, outgoing, maxsize, attempt, inflight,
+                                          bool(cancelled), pending,
+                                          no_extra if payload == "{}" else decode(payload))
+                    append(StoredEvent(
+                        trace_id, ts, kind, node_name, node_id, full,
+                        invocation_id=invocation_id,
+                        parent_invocation_ids=(() if parents == "[]" else tuple(decode(parents))),
+                        span_id=span_id, parent_span_id=parent_span_id, seq=seq,
+                        attempt=attempt, queued_ts=queued_ts, flow_name=flow_name,
+                        flow_id=flow_id))
             except ValueError as exc:
                 raise StateStoreError(f"SQLite store {str(self.path)!r}: an event of trace "
                                       f"{trace_id!r} has a corrupt payload ({exc})") from exc
-            events += [
-                StoredEvent(trace_id, ts, kind, node_name, node_id, payload,
-                            invocation_id=invocation_id,
-                            parent_invocation_ids=(
-                                () if parents == "[]" else tuple(decode(parents))),
-                            span_id=span_id, parent_span_id=parent_span_id, seq=seq,
-                            attempt=attempt, queued_ts=queued_ts, flow_name=flow_name,
-                            flow_id=flow_id)
-                for (ts, kind, node_name, node_id, _, invocation_id, parents, span_id,
-                     parent_span_id, seq, attempt, queued_ts, flow_name, flow_id), payload
-                in zip(rows, payloads, strict=True)
-            ]
         return events
 
     async def list_traces(self, filter: TraceFilter | None = None) -> list[TraceSummary]:
