@@ -44,6 +44,7 @@ class Context:
         "_outgoing",
         "_owner",
         "_owner_id",
+        "_parents",
         "_runtime",
         "_stream_seq",
         "_waiters",
@@ -69,6 +70,9 @@ class Context:
         # the flow is observed); outputs emitted through this context record it
         # as their origin.
         self._inv: str | None = None
+        #: Invocations whose output the invocation in progress consumed (its wait
+        #: graph); a joining node (join_k) widens it to every input it joined.
+        self._parents: tuple[str, ...] = ()
         #: Origin of the item the latest fetch returned (see ``FloeQueue``).
         self.last_origin: Origin = None
 

@@ -22,6 +22,7 @@ from .metrics import FlowEvent
 from .state import StoredEvent
 
 if TYPE_CHECKING:
+    from ._tracer import LiveTracer
     from .state import StateStore
 
 __all__ = ["EVENT_LEVELS", "EventPipeline", "logger"]
@@ -55,7 +56,8 @@ EventSink = Callable[[FlowEvent], Awaitable[None]]
 class EventPipeline:
     """Delivers FlowEvents to the logger, the state store and middlewares."""
 
-    __slots__ = ("_store", "failures", "fast_store", "listening", "middlewares", "seq")
+    __slots__ = ("_store", "direct", "failures", "fast_store", "listening", "middlewares", "seq",
+                 "tracer")
 
     def __init__(self, store: StateStore | None, middlewares: list[Any]) -> None:
         self._store = store
@@ -65,18 +67,35 @@ class EventPipeline:
         self.middlewares: list[Any] = middlewares
         self.failures: Counter[str] = Counter()
         self.seq = 0
-        self.listening = store is not None or bool(middlewares)
+        #: The live OTel tracer, when an SDK is configured (see penguiflow._tracer).
+        self.tracer: LiveTracer | None = None
+        self.listening = False
+        #: True when every consumer takes EVENT_FIELDS tuples (a fast-path store,
+        #: the tracer) and no middleware listens: events need no FlowEvent.
+        self.direct = False
+        self._update()
+
+    def _update(self) -> None:
+        store_ok = self._store is None or self.fast_store is not None
+        self.listening = (self._store is not None or bool(self.middlewares)
+                          or self.tracer is not None)
+        self.direct = self.listening and store_ok and not self.middlewares
 
     def set_store(self, store: StateStore) -> None:
         """Attach ``store`` (counters and the event sequence carry on)."""
         self._store = store
         self.fast_store = getattr(store, "save_event_fields", None)
-        self.listening = True
+        self._update()
+
+    def set_tracer(self, tracer: LiveTracer | None) -> None:
+        """Attach (or detach, with None) the live OTel tracer."""
+        self.tracer = tracer
+        self._update()
 
     def add_middleware(self, mw: Any) -> None:
         """Append a middleware; it sees every later event."""
         self.middlewares.append(mw)
-        self.listening = True
+        self._update()
 
     def wants(self, level: int) -> bool:
         """Whether an event at ``level`` has any consumer (so is worth building)."""
@@ -101,7 +120,7 @@ class EventPipeline:
                 # log it under a prefixed name rather than lose the event.
                 safe = {(f"pf_{k}" if k in _RESERVED else k): v for k, v in payload.items()}
                 logger.log(level, event.event_type, extra=safe)
-        if self.fast_store is not None:
+        if self.fast_store is not None or self.tracer is not None:
             # The same path as unlogged events, so a store sees one path, in order.
             await self.store_fields((
                 event.trace_id, event.ts, event.event_type, event.node_name, event.node_id,
@@ -112,7 +131,7 @@ class EventPipeline:
                 event.trace_inflight, event.trace_cancelled, event.trace_pending,
                 event.extra or None,
             ))
-        elif self._store is not None:
+        if self.fast_store is None and self._store is not None:
             await self.store(StoredEvent.from_flow_event(event))
         for mw in self.middlewares:
             try:
@@ -126,14 +145,33 @@ class EventPipeline:
                 )
 
     async def store_fields(self, fields: tuple[Any, ...]) -> None:
-        """Step 2 through the store's fast path; failures are logged and counted."""
-        assert self.fast_store is not None
-        try:
-            waiter = self.fast_store(fields)
-            if waiter is not None:
-                await waiter
-        except Exception as exc:
-            self.store_failed(fields[2], fields[0], exc)
+        """Step 2 through the tuple consumers; failures are logged and counted."""
+        waiter = self.take_fields(fields)
+        if waiter is not None:
+            await waiter
+
+    def take_fields(self, fields: tuple[Any, ...]) -> Awaitable[None] | None:
+        """Hand ``fields`` to the fast-path store and the tracer, synchronously.
+
+        Returns the store's waiter when its buffer is full under
+        ``on_full="block"``. Never raises: failures are logged and counted.
+        """
+        waiter = None
+        sink = self.fast_store
+        if sink is not None:
+            try:
+                waiter = sink(fields)
+            except Exception as exc:
+                self.store_failed(fields[2], fields[0], exc)
+        tracer = self.tracer
+        if tracer is not None:
+            try:
+                tracer.on_fields(fields)
+            except Exception as exc:
+                self.failures["tracer_failed"] += 1
+                logger.exception("tracer_failed", extra={
+                    "event": fields[2], "trace_id": fields[0], "error": repr(exc)})
+        return waiter
 
     def store_failed(self, kind: str, trace_id: Any, exc: Exception) -> None:
         """Log and count a store failure (called from an ``except`` block)."""

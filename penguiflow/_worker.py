@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from ._events import logger
 from ._ids import new_invocation_id
+from ._tracer import enter_invocation, exit_invocation
 from ._traces import TraceCancelled
 from .errors import FlowError, FlowErrorCode
+from .tracing import _log_scope
 from .types import FinalAnswer, Message
 
 if TYPE_CHECKING:
@@ -143,8 +145,7 @@ class NodeWorker:
         inv = new_invocation_id() if observed else None
         # Only a fast-path store listens (the common production set-up): record
         # start and success synchronously, without an _emit_event coroutine each.
-        record = flow._record if (events.fast_store is not None and not events.middlewares
-                                  and not logger.isEnabledFor(_INFO)) else None
+        record = flow._record if events.direct and not logger.isEnabledFor(_INFO) else None
         parents: tuple[str, ...] = ()
         queued: float | None = None
         if origin is not None:
@@ -155,8 +156,13 @@ class NodeWorker:
         if state is not None:
             state.inflight += 1
         ctx._inv = inv
+        ctx._parents = parents
         self.running_trace = trace_id
         attempt = 0
+        tokens = None
+        if inv is not None and (events.tracer is not None or _log_scope.on):
+            tokens = enter_invocation(events.tracer, _log_scope.on, trace_id, inv, node.name,
+                                      node.node_id)
         try:
             while True:
                 if record is not None:
@@ -226,6 +232,8 @@ class NodeWorker:
                             error = exc
                         self.interruptible = False
                     if error is None:
+                        # A join widened its wait graph to every input it joined.
+                        parents = ctx._parents
                         if record is not None:
                             waiter = record("node_success", ctx, trace_id, attempt, latency_ms,
                                             None, inv, parents, queued)
@@ -248,6 +256,9 @@ class NodeWorker:
             self.interruptible = False
             self.running_trace = None
             ctx._inv = None
+            ctx._parents = ()
+            if tokens is not None:
+                exit_invocation(tokens)
             if state is not None:
                 state.inflight -= 1
 

@@ -25,6 +25,7 @@ from ._events import EVENT_LEVELS, EventPipeline, logger
 from ._graph import OPEN_SEA, ROOKERY, CycleError, Endpoint, Floe, Origin, Owner, check_acyclic
 from ._graph import owner_label as _label
 from ._ids import new_invocation_id, root_span_id
+from ._tracer import tracer_for
 from ._traces import TraceCancelled, TraceState
 from ._worker import NodeWorker
 from .bus import BusEnvelope
@@ -33,6 +34,9 @@ from .state import make_stored
 from .types import WM, FinalAnswer, Message
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
     from .bus import MessageBus
     from .node import Node
     from .registry import ModelRegistry
@@ -69,6 +73,11 @@ class PenguiFlow:
         message_bus: receives one envelope per floe put (see ``penguiflow.bus``).
         name: the flow's name in events and spans (keyword-only addition;
             default ``"penguiflow"``).
+        tracer_provider: the OTel tracer provider to trace with (keyword-only
+            addition); default: the global one, looked up at ``run()``. With
+            no SDK configured nothing is traced and nothing is paid.
+        meter_provider: the OTel meter provider for the flow's metrics
+            (keyword-only addition); default: the global one.
 
     Raises:
         CycleError: the graph has a cycle and ``allow_cycles`` is False.
@@ -84,8 +93,14 @@ class PenguiFlow:
         state_store: StateStore | None = None,
         message_bus: MessageBus | None = None,
         name: str = "penguiflow",
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         self.name = name
+        # None: the global providers, looked up at run(); with no SDK configured
+        # the runtime does no tracing work at all.
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
         #: Random id of this instance: with an event's ``seq`` it identifies the event.
         self.flow_id = new_invocation_id()
         self._queue_maxsize = queue_maxsize
@@ -220,6 +235,10 @@ class PenguiFlow:
                     f"{', '.join(missing)}"
                 )
         self._registry = registry
+        tracer = tracer_for(self._tracer_provider, self._meter_provider)
+        self._events.set_tracer(tracer)
+        if tracer is not None:
+            tracer.attach(self)
         self._running = True
         self._stopped = False
         for node in self._nodes:
@@ -257,6 +276,9 @@ class PenguiFlow:
             if self._bus_tasks:
                 await asyncio.gather(*self._bus_tasks, return_exceptions=True)
             await self._flush_store()
+            tracer = self._events.tracer
+            if tracer is not None:
+                tracer.flow_stopped(self)
             for state in self._traces.values():
                 state.wake_chunk_waiters()
             self._traces.clear()
@@ -412,6 +434,10 @@ class PenguiFlow:
             return False
         del self._traces[trace_id]
         state.wake_chunk_waiters()
+        tracer = self._events.tracer
+        if tracer is not None and not state.cancelled:
+            # A cancelled trace ends its root span after trace_cancel_finish.
+            tracer.trace_done(trace_id, self.flow_id)
         return state.cancelled
 
     def _refuse_if_cancelled(self, trace_id: Any) -> None:
@@ -563,9 +589,9 @@ class PenguiFlow:
         log = logger.isEnabledFor(level)
         if not (events.listening or log):
             return
-        if events.fast_store is not None and not (log or events.middlewares):
-            # Only a store with the fast path listens: a flat tuple now, the
-            # StoredEvent is built by the store's writer, off the hot path.
+        if events.direct and not log:
+            # Only tuple consumers listen (a fast-path store, the tracer): a flat
+            # tuple now; the store's writer builds the StoredEvent off the hot path.
             waiter = self._record(kind, ctx, trace_id, attempt, latency_ms,
                                   MappingProxyType(dict(extra)) if extra else None,
                                   invocation_id, parents, queued_ts)
@@ -598,7 +624,7 @@ class PenguiFlow:
         events.seq += 1
         now = time.time()
         extra_map = MappingProxyType(dict(extra)) if extra else _EMPTY
-        if log or events.middlewares:
+        if log or events.middlewares or events.tracer is not None:
             event = make_event(
                 kind, now, owner.name, ctx._owner_id, trace_id, attempt, latency_ms,
                 ctx.queue_depth_in(), ctx.queue_depth_out(), len(ctx._out_queues),
@@ -624,12 +650,12 @@ class PenguiFlow:
         extra: Mapping[str, Any] | None, invocation_id: str | None, parents: tuple[str, ...],
         queued_ts: float | None,
     ) -> Awaitable[None] | None:
-        """Hand one event to the store's fast path as a flat EVENT_FIELDS tuple.
+        """Hand one event to the tuple consumers as a flat EVENT_FIELDS tuple.
 
         Synchronous on purpose: it runs twice per hop, and a coroutine per event
         (plus keyword parsing) cost ~40% of the store's hop overhead (measured).
-        Only valid when the fast store is the sole consumer (no middleware, the
-        logger disabled for ``kind``): the worker checks that per invocation.
+        Only valid when tuple consumers are the only ones (``EventPipeline.direct``
+        and the logger disabled for ``kind``): the worker checks that per invocation.
         ``extra`` is None or a read-only mapping nobody mutates. Returns the
         store's waiter when its buffer is full under ``on_full="block"``, else
         None; a store that raises is logged and counted, never propagated.
@@ -659,20 +685,14 @@ class PenguiFlow:
             pending, inflight, cancelled = None, 0, False
         events.seq = seq = events.seq + 1
         owner = ctx._owner
-        sink = events.fast_store
-        assert sink is not None  # the caller checked
-        try:
-            # None rather than an empty mapping for ``extra``: a tuple of atoms only
-            # is untracked by the GC, which matters while thousands are buffered.
-            return sink((
-                trace_id, time.time(), kind, owner.name, ctx._owner_id, invocation_id, parents,
-                span_id, parent_span, seq, attempt, queued_ts, self.name, self.flow_id,
-                latency_ms, ctx.queue_depth_in(), ctx.queue_depth_out(), len(ctx._out_queues),
-                self._queue_maxsize, inflight, cancelled, pending, extra,
-            ))
-        except Exception as exc:
-            events.store_failed(kind, trace_id, exc)
-            return None
+        # None rather than an empty mapping for ``extra``: a tuple of atoms only
+        # is untracked by the GC, which matters while thousands are buffered.
+        return events.take_fields((
+            trace_id, time.time(), kind, owner.name, ctx._owner_id, invocation_id, parents,
+            span_id, parent_span, seq, attempt, queued_ts, self.name, self.flow_id,
+            latency_ms, ctx.queue_depth_in(), ctx.queue_depth_out(), len(ctx._out_queues),
+            self._queue_maxsize, inflight, cancelled, pending, extra,
+        ))
 
     async def record_remote_event(
         self,
@@ -739,6 +759,9 @@ class PenguiFlow:
 
     async def _cancel_finished(self, trace_id: Any) -> None:
         await self._emit_event("trace_cancel_finish", self._contexts[ROOKERY], trace_id)
+        tracer = self._events.tracer
+        if tracer is not None:
+            tracer.trace_done(trace_id, self.flow_id)
 
     # -- 2.1 distribution helpers ----------------------------------------------
 

@@ -216,6 +216,10 @@ def join_k(name: str, k: int) -> Node:
     if k <= 0:
         raise ValueError(f"k must be a positive integer, got {k}")
     buckets: dict[str, list[Any]] = {}
+    # The upstream invocations of each bucket: the completing invocation reports
+    # them all as its parents, so spans link every joined input (fan-in) and the
+    # critical path sees the join wait on its slowest input.
+    upstreams: dict[str, list[str]] = {}
 
     async def join(message: Any, ctx: Context) -> Any:
         trace_id = getattr(message, "trace_id", None)
@@ -225,9 +229,15 @@ def join_k(name: str, k: int) -> Node:
         if bucket is None:
             bucket = buckets[trace_id] = []
         bucket.append(message)
+        parents = getattr(ctx, "_parents", ())
+        if parents:
+            upstreams.setdefault(trace_id, []).extend(parents)
         if len(bucket) < k:
             return None
         del buckets[trace_id]
+        joined = upstreams.pop(trace_id, None)
+        if joined and hasattr(ctx, "_parents"):
+            ctx._parents = tuple(dict.fromkeys(joined))
         first = bucket[0]
         if isinstance(first, Message):
             payloads = [getattr(item, "payload", item) for item in bucket]

@@ -231,6 +231,8 @@ def RemoteNode(
                     await record("remote_stream_event", (time.perf_counter() - started) * 1000,
                                  remote_stream_seq=stream_events,
                                  remote_chunk_bytes=chunk_bytes or None,
+                                 # Text bytes alone: 0 for a status-only event.
+                                 remote_text_bytes=_size(event.text),
                                  remote_chunk_done=event.done,
                                  remote_chunk_meta_keys=sorted(meta) if meta else None,
                                  remote_task_state=state,

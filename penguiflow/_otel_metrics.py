@@ -1,0 +1,153 @@
+"""OTel metrics of a traced flow, recorded from the spans the model ends.
+
+Instruments (names in :mod:`penguiflow.semconv`, documented in
+``docs/reference/telemetry.md``): histograms of node duration, remote call
+duration (by agent, method and outcome), cancel latency (requested →
+acknowledged) and time to first chunk; counters of node errors by
+``error.type``, retries and remote bytes; observable gauges of queue depth per
+edge and traces in flight, and an observable counter of observer failures
+(store, middleware, tracer), read from the live flows when a reader collects.
+
+Recording from *finished spans* keeps metrics and spans consistent and costs
+nothing per event. Without a MeterProvider the API's no-op instruments are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import metrics
+
+from . import semconv as sc
+from ._graph import owner_label
+from .spandata import SpanData
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+
+    from .core import PenguiFlow
+
+__all__ = ["FlowMetrics"]
+
+
+def _seconds(span: SpanData) -> float:
+    return ((span.end_ns or span.start_ns) - span.start_ns) / 1e9
+
+
+class FlowMetrics:
+    """The instruments; :meth:`record` takes each span as it ends."""
+
+    def __init__(self, meter_provider: MeterProvider | None = None) -> None:
+        provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
+        meter = provider.get_meter("penguiflow")
+        self._node_duration = meter.create_histogram(
+            sc.M_NODE_DURATION, unit="s", description="Duration of node invocations")
+        self._node_errors = meter.create_counter(
+            sc.M_NODE_ERRORS, unit="{invocation}",
+            description="Node invocations that ended in error, by error.type")
+        self._retries = meter.create_counter(
+            sc.M_NODE_RETRIES, unit="{retry}", description="Node attempts retried")
+        self._remote_duration = meter.create_histogram(
+            sc.M_REMOTE_DURATION, unit="s", description="Duration of remote agent calls")
+        self._bytes_sent = meter.create_counter(
+            sc.M_REMOTE_BYTES_SENT, unit="By", description="Bytes sent to remote agents")
+        self._bytes_received = meter.create_counter(
+            sc.M_REMOTE_BYTES_RECEIVED, unit="By",
+            description="Bytes received from remote agents")
+        self._cancel_latency = meter.create_histogram(
+            sc.M_CANCEL_LATENCY, unit="s",
+            description="Trace cancel: requested to acknowledged")
+        self._ttfc = meter.create_histogram(
+            sc.M_TIME_TO_FIRST_CHUNK, unit="s", description="Time to the first stream chunk")
+        self._flows: Iterable[PenguiFlow] = ()
+        meter.create_observable_gauge(
+            sc.M_QUEUE_DEPTH, callbacks=[self._observe_queues], unit="{item}",
+            description="Items waiting on each edge")
+        meter.create_observable_gauge(
+            sc.M_TRACES_IN_FLIGHT, callbacks=[self._observe_traces], unit="{trace}",
+            description="Traces with items pending in a flow")
+        meter.create_observable_counter(
+            sc.M_OBSERVER_FAILURES, callbacks=[self._observe_failures], unit="{failure}",
+            description="Observer (store, middleware) failures, by kind")
+
+    def watch(self, flows: Iterable[PenguiFlow]) -> None:
+        """Read the gauges from ``flows`` (a live, weak collection)."""
+        self._flows = flows
+
+    def record(self, span: SpanData) -> None:
+        """Record what ``span`` (just ended) measured."""
+        attrs = span.attributes
+        error_type = attrs.get(sc.ERROR_TYPE) if span.status == "error" else None
+        if span.kind == "client":
+            outcome = "error" if error_type is None and span.status == "error" else (
+                "cancelled" if error_type == sc.ERROR_CANCELLED else
+                "error" if error_type is not None else "success")
+            labels: dict[str, Any] = {
+                "pf.remote.outcome": outcome,
+                sc.A2A_METHOD_NAME: attrs.get(sc.A2A_METHOD_NAME, "?"),
+                sc.GEN_AI_AGENT_NAME: attrs.get(sc.GEN_AI_AGENT_NAME, "?"),
+            }
+            if sc.SERVER_ADDRESS in attrs:
+                labels[sc.SERVER_ADDRESS] = attrs[sc.SERVER_ADDRESS]
+            self._remote_duration.record(_seconds(span), labels)
+            sent = attrs.get(sc.PF_REMOTE_BYTES_SENT)
+            if isinstance(sent, int):
+                self._bytes_sent.add(sent, labels)
+            received = attrs.get(sc.PF_REMOTE_BYTES_RECEIVED)
+            if isinstance(received, int):
+                self._bytes_received.add(received, labels)
+            ttfc = attrs.get(sc.GEN_AI_TIME_TO_FIRST_CHUNK)
+            if isinstance(ttfc, float):
+                self._ttfc.record(ttfc, labels)
+            return
+        if span.parent_span_id is None:  # the root span of a trace
+            requested = acknowledged = None
+            for event in span.events:
+                if event.name == sc.EV_CANCEL_REQUESTED and requested is None:
+                    requested = event.time_ns
+                elif event.name == sc.EV_CANCEL_ACKNOWLEDGED:
+                    acknowledged = event.time_ns
+            if requested is not None and acknowledged is not None:
+                workflow = attrs.get(sc.GEN_AI_WORKFLOW_NAME, "?")
+                self._cancel_latency.record((acknowledged - requested) / 1e9,
+                                            {sc.GEN_AI_WORKFLOW_NAME: workflow})
+            return
+        labels = {sc.GEN_AI_AGENT_NAME: attrs.get(sc.GEN_AI_AGENT_NAME, "?")}
+        if error_type is not None:
+            self._node_errors.add(1, {**labels, sc.ERROR_TYPE: error_type})
+            self._node_duration.record(_seconds(span), {**labels, sc.ERROR_TYPE: error_type})
+        else:
+            self._node_duration.record(_seconds(span), labels)
+        retries = sum(1 for event in span.events if event.name == sc.EV_RETRY)
+        if retries:
+            self._retries.add(retries, labels)
+
+    # -- observable instruments (called by the SDK's reader) -----------------------------
+
+    def _observe_queues(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation
+
+        out: list[Observation] = []
+        for flow in list(self._flows):
+            for floe in flow.floes:
+                edge = f"{owner_label(floe.source)}->{owner_label(floe.target)}"
+                out.append(Observation(floe.queue.qsize(), {
+                    sc.PF_EDGE: edge, sc.GEN_AI_WORKFLOW_NAME: flow.name}))
+        return out
+
+    def _observe_traces(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation
+
+        return [Observation(len(flow._traces), {sc.GEN_AI_WORKFLOW_NAME: flow.name})
+                for flow in list(self._flows)]
+
+    def _observe_failures(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation
+
+        totals: dict[str, int] = {}
+        for flow in list(self._flows):
+            for kind, count in flow.observer_failures.items():
+                totals[kind] = totals.get(kind, 0) + count
+        return [Observation(count, {"pf.observer.failure": kind})
+                for kind, count in totals.items()]

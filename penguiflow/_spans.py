@@ -1,0 +1,521 @@
+"""The span model: a trace's events in, its OpenTelemetry spans (as SpanData) out.
+
+The mapping of ``docs/reference/telemetry.md`` (and the observability design's
+table) lives here and only here. Two callers feed it the same events:
+
+* the live tracer (:mod:`penguiflow._tracer`) as the runtime emits them, and
+* ``pf export``, from the events a StateStore holds.
+
+So a span rebuilt from storage equals the live one in ids, names, parents and
+timings by construction. The model never reads a clock: every time is an
+event's ``ts`` (epoch seconds), so replaying stored events is exact.
+
+Ids. The root span's id is derived from the trace id (``_ids.root_span_id``);
+a node span's id is its invocation id; a remote call's CLIENT span id is
+derived from the invocation id and the call's index within it. A node span's
+parent is its single upstream invocation, else the root; an invocation that
+consumed several upstream outputs (a join) gets one link per upstream.
+
+A span is handed to ``on_end`` when it ends; the root span ends when
+:meth:`SpanModel.end_trace` is called (the live tracer: when the trace drains
+or the flow stops; the exporter: after the last stored event).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from . import semconv as sc
+from ._ids import otel_trace_id, root_span_id
+from .spandata import SpanData, SpanEventData, SpanLinkData
+
+if TYPE_CHECKING:
+    from .state import StoredEvent
+
+__all__ = ["SpanModel", "derived_span_id", "error_type_of", "spans_from_events"]
+
+_EXC_NAME = re.compile(r"^([A-Za-z_][\w.]*)\(")
+_EMPTY: Mapping[str, Any] = {}
+
+
+def error_type_of(exception_repr: Any) -> str:
+    """The exception class name in a ``repr(exc)`` string (``"ValueError('x')"``)."""
+    if not isinstance(exception_repr, str):
+        return "Exception"
+    match = _EXC_NAME.match(exception_repr)
+    return match.group(1) if match else "Exception"
+
+
+def derived_span_id(*parts: str) -> int:
+    """A deterministic, non-zero 64-bit span id from ``parts``."""
+    digest = hashlib.blake2b(":".join(parts).encode(), digest_size=8, person=b"pf-span")
+    return int.from_bytes(digest.digest(), "big") or 1
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _ns(ts: float) -> int:
+    return round(ts * 1e9)
+
+
+class _TraceSpans:
+    """The open spans of one trace."""
+
+    __slots__ = ("flows", "inv_nodes", "nodes", "otel_id", "remote_count", "remotes", "root",
+                 "trace_id")
+
+    def __init__(self, trace_id: str, start_ts: float, flow_name: str | None) -> None:
+        self.trace_id = trace_id
+        self.otel_id = int(otel_trace_id(trace_id), 16)
+        attributes: dict[str, Any] = {
+            sc.GEN_AI_OPERATION_NAME: sc.OP_INVOKE_WORKFLOW,
+            sc.PF_TRACE_ID: trace_id,
+        }
+        if flow_name:
+            attributes[sc.GEN_AI_WORKFLOW_NAME] = flow_name
+        self.root = SpanData(
+            name=sc.workflow_span_name(flow_name), trace_id=self.otel_id,
+            span_id=int(root_span_id(trace_id), 16), parent_span_id=None, kind="internal",
+            start_ns=_ns(start_ts), end_ns=_ns(start_ts), attributes=attributes)
+        #: Open node spans by invocation id; ``names`` remembers every node seen.
+        self.nodes: dict[str, SpanData] = {}
+        #: The open remote CLIENT span of each invocation making a call.
+        self.remotes: dict[str, SpanData] = {}
+        self.remote_count: dict[str, int] = {}
+        #: Node name of every invocation seen (for ``pf.edge`` on fan-in links).
+        self.inv_nodes: dict[str, str | None] = {}
+        #: flow ids that recorded events here (a playbook subflow shares the trace).
+        self.flows: set[str | None] = set()
+
+
+class SpanModel:
+    """Turns events into SpanData; see the module docstring for the mapping.
+
+    Args:
+        on_end: called with each span as it ends (root spans included).
+    """
+
+    def __init__(self, on_end: Callable[[SpanData], None]) -> None:
+        self._on_end = on_end
+        self._traces: dict[str, _TraceSpans] = {}
+
+    def open_traces(self) -> list[str]:
+        """Trace ids with a root span not yet ended."""
+        return list(self._traces)
+
+    def node_span(self, invocation_id: str) -> SpanData | None:
+        """The open span of ``invocation_id`` (for making it current around user code)."""
+        for spans in self._traces.values():
+            span = spans.nodes.get(invocation_id)
+            if span is not None:
+                return span
+        return None
+
+    def remote_span(self, trace_id: str, invocation_id: str | None) -> SpanData | None:
+        """The open remote CLIENT span of ``invocation_id`` in ``trace_id``, if any."""
+        spans = self._traces.get(trace_id)
+        return None if spans is None else spans.remotes.get(invocation_id or "")
+
+    # -- feeding -------------------------------------------------------------------------
+
+    def feed(
+        self, trace_id: Any, ts: float, kind: str, node_name: str | None, node_id: str | None,
+        invocation_id: str | None, parents: tuple[str, ...], attempt: int,
+        latency_ms: float | None, flow_name: str | None, flow_id: str | None,
+        queued_ts: float | None, extra: Mapping[str, Any] | None,
+    ) -> None:
+        """Apply one event. Events without a trace id (``node_cancelled``) are ignored."""
+        if trace_id is None:
+            return
+        tid = str(trace_id)
+        spans = self._traces.get(tid)
+        start_ts = queued_ts if queued_ts is not None and queued_ts < ts else ts
+        if spans is None:
+            spans = self._traces[tid] = _TraceSpans(tid, start_ts, flow_name)
+        root = spans.root
+        spans.flows.add(flow_id)
+        ns = _ns(ts)
+        if _ns(start_ts) < root.start_ns:
+            root.start_ns = _ns(start_ts)
+        if root.end_ns is None or ns > root.end_ns:
+            root.end_ns = ns
+        extra = extra or _EMPTY
+        handler = _HANDLERS.get(kind)
+        if handler is not None:
+            handler(self, spans, ns, node_name, node_id, invocation_id, parents, attempt,
+                    latency_ms, extra)
+
+    def end_trace(self, trace_id: Any, flow_id: str | None = None) -> None:
+        """End the root span (and any span still open) of ``trace_id``.
+
+        With ``flow_id``, only that flow is done with the trace: the root ends
+        once every flow that recorded events in it (a playbook subflow shares its
+        parent's trace) is done.
+        """
+        key = str(trace_id)
+        spans = self._traces.get(key)
+        if spans is None:
+            return
+        if flow_id is not None:
+            spans.flows.discard(flow_id)
+            if spans.flows:
+                return
+        del self._traces[key]
+        end = spans.root.end_ns
+        for span in list(spans.remotes.values()) + list(spans.nodes.values()):
+            # Still open when its trace ended (e.g. the flow stopped mid-call).
+            span.end_ns = end
+            self._on_end(span)
+        self._on_end(spans.root)
+
+    def end_all(self) -> None:
+        """End every open trace (the flow stopped)."""
+        for trace_id in list(self._traces):
+            self.end_trace(trace_id)
+
+    # -- node spans ----------------------------------------------------------------------
+
+    def _node_start(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                    node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                    attempt: int, latency_ms: float | None, extra: Mapping[str, Any]) -> None:
+        if inv is None or inv in spans.nodes:
+            return  # a later attempt of an open invocation: same span
+        attributes: dict[str, Any] = {
+            sc.GEN_AI_OPERATION_NAME: sc.OP_INVOKE_AGENT,
+            sc.PF_INVOCATION_ID: inv,
+        }
+        if node_name is not None:
+            attributes[sc.GEN_AI_AGENT_NAME] = node_name
+        if node_id is not None:
+            attributes[sc.PF_NODE_ID] = node_id
+        links: list[SpanLinkData] = []
+        if len(parents) == 1:
+            parent = int(parents[0], 16)
+        else:
+            parent = spans.root.span_id
+            for up in parents:
+                links.append(SpanLinkData(spans.otel_id, int(up, 16), {
+                    sc.PF_EDGE: f"{spans.inv_nodes.get(up) or '?'}->{node_name}"}))
+        spans.inv_nodes[inv] = node_name
+        spans.nodes[inv] = SpanData(
+            name=sc.agent_span_name(node_name), trace_id=spans.otel_id, span_id=int(inv, 16),
+            parent_span_id=parent, kind="internal", start_ns=ns, attributes=attributes,
+            links=links)
+
+    def _end_node(self, spans: _TraceSpans, inv: str | None, ns: int, attempt: int) -> None:
+        span = spans.nodes.pop(inv, None) if inv is not None else None
+        if span is None:
+            return
+        span.end_ns = ns
+        span.attributes[sc.PF_ATTEMPTS] = attempt + 1
+        self._on_end(span)
+
+    def _node_success(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                      node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                      attempt: int, latency_ms: float | None,
+                      extra: Mapping[str, Any]) -> None:
+        span = spans.nodes.get(inv) if inv is not None else None
+        if span is not None and len(parents) > 1 and not span.links:
+            # A join reports every input it joined at the end: a child of the
+            # root, linked to each upstream invocation.
+            span.parent_span_id = spans.root.span_id
+            span.links = [SpanLinkData(spans.otel_id, int(up, 16), {
+                sc.PF_EDGE: f"{spans.inv_nodes.get(up) or '?'}->{node_name}"})
+                for up in parents]
+        self._end_node(spans, inv, ns, attempt)
+
+    def _node_attempt_failed(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                             node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                             attempt: int, latency_ms: float | None,
+                             extra: Mapping[str, Any], *, timeout: bool = False) -> None:
+        span = spans.nodes.get(inv) if inv is not None else None
+        if span is None:
+            return
+        exc = extra.get("exception")
+        if timeout:
+            span.events.append(SpanEventData(sc.EV_TIMEOUT, ns, {sc.PF_ATTEMPT: attempt}))
+            span.attributes[sc.ERROR_TYPE] = sc.ERROR_TIMEOUT
+        else:
+            span.events.append(SpanEventData("exception", ns, {
+                "exception.type": error_type_of(exc), "exception.message": str(exc),
+                sc.PF_ATTEMPT: attempt}))
+            span.attributes[sc.ERROR_TYPE] = error_type_of(exc)
+
+    def _node_timeout(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                      node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                      attempt: int, latency_ms: float | None,
+                      extra: Mapping[str, Any]) -> None:
+        self._node_attempt_failed(spans, ns, node_name, node_id, inv, parents, attempt,
+                                  latency_ms, extra, timeout=True)
+
+    def _node_retry(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                    node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                    attempt: int, latency_ms: float | None, extra: Mapping[str, Any]) -> None:
+        span = spans.nodes.get(inv) if inv is not None else None
+        if span is None:
+            return
+        # A retry means the failed attempt is not the invocation's outcome.
+        error_type = span.attributes.pop(sc.ERROR_TYPE, None)
+        sleep_s = extra.get("sleep_s")
+        attributes: dict[str, Any] = {
+            sc.PF_ATTEMPT: attempt,
+            sc.ERROR_TYPE: error_type or error_type_of(extra.get("exception")),
+        }
+        if isinstance(sleep_s, int | float):
+            attributes[sc.PF_BACKOFF_MS] = float(sleep_s) * 1000.0
+        span.events.append(SpanEventData(sc.EV_RETRY, ns, attributes))
+
+    def _node_failed(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                     node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                     attempt: int, latency_ms: float | None, extra: Mapping[str, Any]) -> None:
+        span = spans.nodes.get(inv) if inv is not None else None
+        if span is None:
+            return
+        flow_error = extra.get("flow_error")
+        message = None
+        if isinstance(flow_error, Mapping):
+            message = flow_error.get("message")
+        span.attributes.setdefault(sc.ERROR_TYPE, error_type_of(extra.get("exception")))
+        span.status = "error"
+        span.status_description = str(message) if message is not None else None
+        self._end_node(spans, inv, ns, attempt)
+
+    def _node_cancelled(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                        node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                        attempt: int, latency_ms: float | None,
+                        extra: Mapping[str, Any]) -> None:
+        span = spans.nodes.get(inv) if inv is not None else None
+        if span is None:
+            return
+        span.attributes[sc.ERROR_TYPE] = sc.ERROR_CANCELLED
+        span.status = "error"
+        span.status_description = "trace cancelled"
+        self._end_node(spans, inv, ns, attempt)
+
+    # -- trace-level events ------------------------------------------------------------
+
+    def _deadline_skip(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                       node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                       attempt: int, latency_ms: float | None,
+                       extra: Mapping[str, Any]) -> None:
+        attributes: dict[str, Any] = {sc.GEN_AI_AGENT_NAME: node_name or "?"}
+        deadline = extra.get("deadline_s")
+        if isinstance(deadline, int | float):
+            attributes[sc.PF_DEADLINE_UNIX_MS] = int(deadline * 1000)
+            attributes[sc.PF_DEADLINE_REMAINING_MS] = deadline * 1000 - ns / 1e6
+        spans.root.events.append(SpanEventData(sc.EV_DEADLINE_SKIP, ns, attributes))
+        spans.root.attributes[sc.ERROR_TYPE] = sc.ERROR_DEADLINE
+        spans.root.status = "error"
+        spans.root.status_description = "deadline exceeded"
+
+    def _cancel_start(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                      node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                      attempt: int, latency_ms: float | None,
+                      extra: Mapping[str, Any]) -> None:
+        spans.root.events.append(SpanEventData(sc.EV_CANCEL_REQUESTED, ns))
+        spans.root.attributes[sc.ERROR_TYPE] = sc.ERROR_CANCELLED
+        spans.root.status = "error"
+        spans.root.status_description = "trace cancelled"
+
+    def _cancel_finish(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                       node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                       attempt: int, latency_ms: float | None,
+                       extra: Mapping[str, Any]) -> None:
+        spans.root.events.append(SpanEventData(sc.EV_CANCEL_ACKNOWLEDGED, ns))
+
+    def _cancel_drop(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                     node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                     attempt: int, latency_ms: float | None,
+                     extra: Mapping[str, Any]) -> None:
+        spans.root.events.append(SpanEventData("pf.cancel.dropped", ns, {
+            sc.GEN_AI_AGENT_NAME: node_name or "?"}))
+
+    # -- remote calls ---------------------------------------------------------------------
+
+    def _remote_start(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                      node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                      attempt: int, latency_ms: float | None,
+                      extra: Mapping[str, Any]) -> None:
+        key = inv or ""
+        index = spans.remote_count.get(key, 0)
+        spans.remote_count[key] = index + 1
+        skill = extra.get("remote_skill")
+        url = extra.get("remote_agent_url")
+        streaming = bool(extra.get("remote_streaming"))
+        attributes: dict[str, Any] = {
+            sc.GEN_AI_OPERATION_NAME: sc.OP_INVOKE_AGENT,
+            sc.GEN_AI_PROVIDER_NAME: "a2a",
+            sc.A2A_METHOD_NAME: "message/stream" if streaming else "message/send",
+        }
+        if skill is not None:
+            attributes[sc.GEN_AI_AGENT_NAME] = str(skill)
+        if isinstance(url, str) and url:
+            attributes[sc.PF_REMOTE_AGENT_URL] = url
+            parts = urlsplit(url)
+            if parts.hostname:
+                attributes[sc.SERVER_ADDRESS] = parts.hostname
+                try:
+                    port = parts.port
+                except ValueError:
+                    port = None
+                if port is not None:
+                    attributes[sc.SERVER_PORT] = port
+        sent = extra.get("remote_request_bytes")
+        if isinstance(sent, int):
+            attributes[sc.PF_REMOTE_BYTES_SENT] = sent
+        node = spans.nodes.get(key)
+        parent = node.span_id if node is not None else spans.root.span_id
+        spans.remotes[key] = SpanData(
+            name=sc.agent_span_name(str(skill) if skill is not None else node_name),
+            trace_id=spans.otel_id,
+            span_id=derived_span_id(spans.trace_id, key, "remote", str(index)),
+            parent_span_id=parent, kind="client", start_ns=ns, attributes=attributes)
+
+    @staticmethod
+    def _remote_ids(span: SpanData, extra: Mapping[str, Any]) -> None:
+        context_id = extra.get("remote_context_id")
+        task_id = extra.get("remote_task_id")
+        if context_id is not None:
+            span.attributes[sc.GEN_AI_CONVERSATION_ID] = str(context_id)
+        if task_id is not None:
+            span.attributes[sc.A2A_TASK_ID] = str(task_id)
+
+    def _remote_stream(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                       node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                       attempt: int, latency_ms: float | None,
+                       extra: Mapping[str, Any]) -> None:
+        span = spans.remotes.get(inv or "")
+        if span is None:
+            return
+        self._remote_ids(span, extra)
+        node = spans.nodes.get(inv or "")
+        if extra.get("remote_text_bytes"):  # status-only events carry no text
+            chunks = _count(span.attributes.get(sc.PF_STREAM_CHUNKS)) + 1
+            span.attributes[sc.PF_STREAM_CHUNKS] = chunks
+            if chunks == 1:
+                span.attributes[sc.GEN_AI_TIME_TO_FIRST_CHUNK] = (ns - span.start_ns) / 1e9
+            if node is not None:
+                count = _count(node.attributes.get(sc.PF_STREAM_CHUNKS)) + 1
+                node.attributes[sc.PF_STREAM_CHUNKS] = count
+                if count == 1:
+                    node.attributes[sc.GEN_AI_TIME_TO_FIRST_CHUNK] = (ns - node.start_ns) / 1e9
+        state = extra.get("remote_task_state")
+        if state is not None and span.attributes.get(sc.PF_REMOTE_TASK_STATE) != state:
+            span.attributes[sc.PF_REMOTE_TASK_STATE] = str(state)
+            span.events.append(SpanEventData(sc.PF_REMOTE_TASK_STATE, ns, {
+                sc.PF_REMOTE_TASK_STATE: str(state)}))
+
+    def _end_remote(self, spans: _TraceSpans, inv: str | None, ns: int,
+                    extra: Mapping[str, Any]) -> SpanData | None:
+        span = spans.remotes.pop(inv or "", None)
+        if span is None:
+            return None
+        self._remote_ids(span, extra)
+        received = extra.get("remote_response_bytes")
+        if isinstance(received, int):
+            span.attributes[sc.PF_REMOTE_BYTES_RECEIVED] = received
+        state = extra.get("remote_task_state")
+        if state is not None:
+            span.attributes[sc.PF_REMOTE_TASK_STATE] = str(state)
+        span.end_ns = ns
+        return span
+
+    def _remote_success(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                        node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                        attempt: int, latency_ms: float | None,
+                        extra: Mapping[str, Any]) -> None:
+        span = self._end_remote(spans, inv, ns, extra)
+        if span is not None:
+            self._on_end(span)
+
+    def _remote_error(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                      node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                      attempt: int, latency_ms: float | None,
+                      extra: Mapping[str, Any]) -> None:
+        span = self._end_remote(spans, inv, ns, extra)
+        if span is None:
+            return
+        error = extra.get("remote_error")
+        span.attributes[sc.ERROR_TYPE] = error_type_of(error)
+        span.status = "error"
+        span.status_description = str(error) if error is not None else None
+        span.events.append(SpanEventData("exception", ns, {
+            "exception.type": error_type_of(error), "exception.message": str(error)}))
+        self._on_end(span)
+
+    def _remote_cancelled(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                          node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                          attempt: int, latency_ms: float | None,
+                          extra: Mapping[str, Any]) -> None:
+        reason = str(extra.get("remote_cancel_reason") or "trace_cancel")
+        attributes: dict[str, Any] = {sc.PF_CANCEL_REASON: reason}
+        task_id = extra.get("remote_task_id")
+        if task_id is not None:
+            attributes[sc.A2A_TASK_ID] = str(task_id)
+        if latency_ms is not None:
+            attributes["pf.cancel.round_trip_ms"] = float(latency_ms)
+        spans.root.events.append(SpanEventData(sc.EV_CANCEL_PROPAGATED, ns, attributes))
+        span = self._end_remote(spans, inv, ns, extra)
+        if span is None:
+            return
+        span.events.append(SpanEventData(sc.EV_CANCEL_PROPAGATED, ns, dict(attributes)))
+        span.attributes[sc.ERROR_TYPE] = sc.ERROR_CANCELLED
+        span.status = "error"
+        span.status_description = f"cancelled ({reason})"
+        self._on_end(span)
+
+    def _remote_cancel_error(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                             node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                             attempt: int, latency_ms: float | None,
+                             extra: Mapping[str, Any]) -> None:
+        spans.root.events.append(SpanEventData("pf.cancel.propagation_failed", ns, {
+            sc.PF_CANCEL_REASON: str(extra.get("remote_cancel_reason")),
+            "exception.message": str(extra.get("remote_error"))}))
+
+
+_Handler = Callable[..., None]
+_HANDLERS: dict[str, _Handler] = {
+    "node_start": SpanModel._node_start,
+    "node_success": SpanModel._node_success,
+    "node_error": SpanModel._node_attempt_failed,
+    "node_timeout": SpanModel._node_timeout,
+    "node_retry": SpanModel._node_retry,
+    "node_failed": SpanModel._node_failed,
+    "node_trace_cancelled": SpanModel._node_cancelled,
+    "deadline_skip": SpanModel._deadline_skip,
+    "trace_cancel_start": SpanModel._cancel_start,
+    "trace_cancel_finish": SpanModel._cancel_finish,
+    "trace_cancel_drop": SpanModel._cancel_drop,
+    "remote_call_start": SpanModel._remote_start,
+    "remote_stream_event": SpanModel._remote_stream,
+    "remote_call_success": SpanModel._remote_success,
+    "remote_call_error": SpanModel._remote_error,
+    "remote_call_cancelled": SpanModel._remote_cancelled,
+    "remote_cancel_error": SpanModel._remote_cancel_error,
+}
+
+
+def spans_from_events(events: Iterable[StoredEvent]) -> list[SpanData]:
+    """Rebuild the spans of stored events (one or more traces), as the live tracer made them.
+
+    Events are applied in the order given (``load_history`` order: occurrence).
+    Every trace's root span ends at its last event. Spans come out in the order
+    they ended, roots last per trace.
+    """
+    out: list[SpanData] = []
+    model = SpanModel(out.append)
+    for ev in events:
+        payload = ev.payload
+        latency = payload.get("latency_ms")
+        model.feed(ev.trace_id, ev.ts, ev.kind, ev.node_name, ev.node_id, ev.invocation_id,
+                   tuple(ev.parent_invocation_ids), ev.attempt,
+                   latency if isinstance(latency, int | float) else None, ev.flow_name,
+                   ev.flow_id, ev.queued_ts, payload)
+    model.end_all()
+    return out

@@ -1,0 +1,231 @@
+"""The live tracer: the runtime's events become OTel spans through the API.
+
+Who calls what. The event pipeline hands every event (as the flat
+EVENT_FIELDS tuple the store fast path also uses) to :meth:`LiveTracer.on_fields`,
+which feeds the shared :class:`~penguiflow._spans.SpanModel`. When the model
+ends a span, :meth:`LiveTracer._emit` starts and ends it at once through
+``opentelemetry-api``, with the event times as ``start_time``/``end_time`` and
+the model's ids parked for the SDK's id generator (see
+:mod:`penguiflow.tracing`). Starting a span only when it is complete costs one
+``start_span`` per span and keeps the live spans identical to the ones
+``pf export`` rebuilds from stored events.
+
+User code still nests under its node: around each invocation the worker makes
+a non-recording span carrying the node span's (future) ids current, so a span
+the user starts in a node is a child of the node span. Likewise the CLIENT span
+of a remote call is current while the transport runs, so the transport injects
+its ``traceparent``.
+
+Sampling: the model's spans are marked sampled in the parent contexts it
+hands out; tail sampling in a collector is the way to thin traces out.
+
+One tracer serves every flow of a tracer provider in the process, so a playbook
+subflow, which shares its parent's trace, adds its spans to the same trace and
+the root span ends once both flows are done with it.
+
+Observer rule: whatever the OTel SDK raises is logged and counted
+(``failures``), never propagated into the flow.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+
+from ._ids import otel_trace_id
+from ._otel_metrics import FlowMetrics
+from ._spans import SpanModel
+from .spandata import SpanData
+from .tracing import LogScope, current_scope, park_ids
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
+    from .core import PenguiFlow
+
+__all__ = ["LiveTracer", "enter_invocation", "exit_invocation", "tracer_for"]
+
+logger = logging.getLogger("penguiflow.tracing")
+
+_KINDS = {
+    "internal": SpanKind.INTERNAL, "client": SpanKind.CLIENT, "server": SpanKind.SERVER,
+    "producer": SpanKind.PRODUCER, "consumer": SpanKind.CONSUMER,
+}
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_ROOT_CONTEXT = otel_context.Context()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("penguiflow")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0"
+
+
+def _sdk_configured(provider: Any) -> bool:
+    # With no SDK the global provider is the API's proxy (or a no-op): tracing
+    # would cost a no-op call per span, so the runtime skips it altogether.
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+class LiveTracer:
+    """Spans (and metrics) for every flow traced through one tracer provider."""
+
+    def __init__(self, tracer_provider: TracerProvider,
+                 meter_provider: MeterProvider | None = None) -> None:
+        self._tracer = tracer_provider.get_tracer("penguiflow", _version())
+        self.model = SpanModel(self._emit)
+        self.metrics = FlowMetrics(meter_provider)
+        #: Count of spans the SDK refused (logged once per kind of failure).
+        self.failures = 0
+        self._flows: weakref.WeakSet[PenguiFlow] = weakref.WeakSet()
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def attach(self, flow: PenguiFlow) -> None:
+        """Track ``flow`` for the queue-depth and traces-in-flight gauges."""
+        self._flows.add(flow)
+        self.metrics.watch(self._flows)
+
+    def on_fields(self, fields: tuple[Any, ...]) -> None:
+        """Feed one EVENT_FIELDS tuple (see :data:`penguiflow.state.EVENT_FIELDS`)."""
+        (trace_id, ts, kind, node_name, node_id, invocation_id, parents, _span, _parent,
+         _seq, attempt, queued_ts, flow_name, flow_id, latency_ms, *_rest, extra) = fields
+        self.model.feed(trace_id, ts, kind, node_name, node_id, invocation_id, parents,
+                        attempt, latency_ms, flow_name, flow_id, queued_ts, extra)
+
+    def trace_done(self, trace_id: Any, flow_id: str | None) -> None:
+        """``flow_id`` holds nothing more of ``trace_id``: end the root if it was the last."""
+        self.model.end_trace(trace_id, flow_id)
+
+    def flow_stopped(self, flow: PenguiFlow) -> None:
+        """End the traces ``flow`` still had open (their spans end at their last event)."""
+        for trace_id in self.model.open_traces():
+            self.model.end_trace(trace_id, flow.flow_id)
+
+    # -- contexts for user code -------------------------------------------------------------
+
+    @staticmethod
+    def context_for(trace_id: Any, span_id: str) -> otel_context.Context:
+        """An OTel context whose current span has ``span_id`` in ``trace_id``'s trace."""
+        span_context = SpanContext(int(otel_trace_id(str(trace_id)), 16), int(span_id, 16),
+                                   is_remote=False, trace_flags=_SAMPLED)
+        return trace.set_span_in_context(NonRecordingSpan(span_context))
+
+    def remote_context(self, trace_id: Any, invocation_id: str | None
+                       ) -> otel_context.Context | None:
+        """The context of the remote CLIENT span ``invocation_id`` has open, if any."""
+        span = self.model.remote_span(str(trace_id), invocation_id)
+        if span is None:
+            return None
+        return trace.set_span_in_context(NonRecordingSpan(SpanContext(
+            span.trace_id, span.span_id, is_remote=False, trace_flags=_SAMPLED)))
+
+    # -- emitting -------------------------------------------------------------------------
+
+    def _emit(self, span: SpanData) -> None:
+        try:
+            self._start_and_end(span)
+        except Exception as exc:
+            self.failures += 1
+            logger.warning("otel_span_failed", exc_info=True, extra={
+                "span": span.name, "error": repr(exc)})
+        finally:
+            park_ids(0, 0)  # an SDK that did not take them must not hand them out later
+        try:
+            self.metrics.record(span)
+        except Exception as exc:
+            self.failures += 1
+            logger.warning("otel_metrics_failed", exc_info=True, extra={"error": repr(exc)})
+
+    def _start_and_end(self, span: SpanData) -> None:
+        if span.parent_span_id is None:
+            parent = _ROOT_CONTEXT
+        else:
+            parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
+                span.trace_id, span.parent_span_id, is_remote=False, trace_flags=_SAMPLED)))
+        links = [Link(SpanContext(link.trace_id, link.span_id, is_remote=False,
+                                  trace_flags=_SAMPLED), _attrs(link.attributes))
+                 for link in span.links]
+        park_ids(span.trace_id, span.span_id)
+        otel_span = self._tracer.start_span(
+            span.name, context=parent, kind=_KINDS[span.kind],
+            attributes=_attrs(span.attributes), links=links, start_time=span.start_ns)
+        for event in span.events:
+            otel_span.add_event(event.name, _attrs(event.attributes), timestamp=event.time_ns)
+        if span.status == "error":
+            otel_span.set_status(Status(StatusCode.ERROR, span.status_description))
+        elif span.status == "ok":
+            otel_span.set_status(Status(StatusCode.OK))
+        otel_span.end(end_time=span.end_ns)
+
+
+def _attrs(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(attributes)
+
+
+# One tracer per tracer provider (see module docstring: subflows share traces).
+_TRACERS: weakref.WeakKeyDictionary[Any, LiveTracer] = weakref.WeakKeyDictionary()
+
+
+def tracer_for(tracer_provider: TracerProvider | None,
+               meter_provider: MeterProvider | None = None) -> LiveTracer | None:
+    """The live tracer of ``tracer_provider`` (default: the global one), or None.
+
+    None when no SDK is configured: the runtime then pays nothing for tracing.
+    """
+    provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+    if not _sdk_configured(provider):
+        return None
+    tracer = _TRACERS.get(provider)
+    if tracer is None:
+        tracer = _TRACERS[provider] = LiveTracer(provider, meter_provider)
+    return tracer
+
+
+Tokens = tuple[object | None, object | None]
+
+
+def enter_invocation(tracer: LiveTracer | None, log_scope: bool, trace_id: Any, inv: str,
+                     node_name: str | None, node_id: str | None) -> Tokens:
+    """Make the invocation's node span (and log scope) current; see :func:`exit_invocation`.
+
+    The worker calls it once per invocation (all attempts) in its own task, so
+    the user's code, and every span or log line it makes, sees them.
+    """
+    span_token = None
+    if tracer is not None and trace_id is not None:
+        span_token = otel_context.attach(LiveTracer.context_for(trace_id, inv))
+    scope_token = None
+    if log_scope:
+        tid = None if trace_id is None else str(trace_id)
+        scope_token = current_scope.set(LogScope(
+            trace_id=tid, otel_trace_id=None if tid is None else otel_trace_id(tid),
+            span_id=inv, node_name=node_name, node_id=node_id, invocation_id=inv))
+    return span_token, scope_token
+
+
+def exit_invocation(tokens: Tokens) -> None:
+    """Undo :func:`enter_invocation`."""
+    span_token, scope_token = tokens
+    if scope_token is not None:
+        current_scope.reset(scope_token)  # type: ignore[arg-type]
+    if span_token is not None:
+        otel_context.detach(span_token)  # type: ignore[arg-type]

@@ -1,0 +1,395 @@
+"""Live OTel spans: the mapping table of the observability design, scenario by scenario.
+
+The runtime depends on the OTel API only; these tests give each flow a real SDK
+TracerProvider (with PenguiFlow's id generator) and an InMemorySpanExporter, so
+no global state is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from pfcore_support import msg, within
+
+from penguiflow import Headers, Message, Node, NodePolicy, create
+from penguiflow._ids import root_span_id
+from penguiflow._spans import spans_from_events
+from penguiflow.patterns import join_k
+from penguiflow.remote import InMemoryAgent, InMemoryTransport, RemoteNode
+from penguiflow.state import InMemoryStateStore
+from penguiflow.tracing import inject_trace_headers
+from penguiflow_exporters.otel import PenguiFlowIdGenerator
+
+URL = "http://agents.example:8080/a2a"
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    tp = TracerProvider(id_generator=PenguiFlowIdGenerator())
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    yield tp
+    tp.shutdown()
+
+
+def _by_name(spans: tuple[ReadableSpan, ...] | list[ReadableSpan]) -> dict[str, ReadableSpan]:
+    out: dict[str, ReadableSpan] = {}
+    for span in spans:
+        assert span.name not in out, f"two spans named {span.name}"
+        out[span.name] = span
+    return out
+
+
+def _hex(value: int, width: int) -> str:
+    return f"{value:0{width}x}"
+
+
+async def _noop(msg: Message, ctx: Any) -> Message:
+    return msg
+
+
+def _node(func: Any, name: str, **policy: Any) -> Node:
+    return Node(func, name=name, policy=NodePolicy(validate="none", **policy))
+
+
+async def _run_one(flow: Any, message: Message) -> Any:
+    flow.run()
+    try:
+        await flow.emit(message)
+        return await within(flow.fetch())
+    finally:
+        await flow.stop()
+
+
+async def test_linear_chain_spans_nest_and_carry_the_stored_ids(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    store = InMemoryStateStore()
+    a, b = _node(_noop, "a"), _node(_noop, "b")
+    flow = create(a.to(b), b.to(), name="linear", state_store=store, tracer_provider=provider)
+    m = msg("x")
+    await _run_one(flow, m)
+
+    spans = _by_name(exporter.get_finished_spans())
+    assert set(spans) == {"invoke_workflow linear", "invoke_agent a", "invoke_agent b"}
+    root, sa, sb = spans["invoke_workflow linear"], spans["invoke_agent a"], spans["invoke_agent b"]
+    # The penguiflow trace id IS the OTel trace id; the root span id is derived from it.
+    for span in (root, sa, sb):
+        assert _hex(span.context.trace_id, 32) == m.trace_id
+        assert span.kind is SpanKind.INTERNAL
+    assert _hex(root.context.span_id, 16) == root_span_id(m.trace_id)
+    assert root.parent is None
+    assert root.attributes["gen_ai.operation.name"] == "invoke_workflow"
+    assert root.attributes["gen_ai.workflow.name"] == "linear"
+    assert root.attributes["pf.trace_id"] == m.trace_id
+    # a consumed the ingress: child of the root; b consumed a's output: child of a.
+    assert sa.parent.span_id == root.context.span_id
+    assert sb.parent.span_id == sa.context.span_id
+    assert sa.attributes["gen_ai.agent.name"] == "a"
+    assert sa.attributes["gen_ai.operation.name"] == "invoke_agent"
+    assert sa.attributes["pf.node.id"] == a.node_id
+    assert sa.status.status_code is StatusCode.UNSET
+    # Stored events and spans agree on ids and times.
+    history = await store.load_history(m.trace_id)
+    starts = {e.node_name: e for e in history if e.kind == "node_start"}
+    ends = {e.node_name: e for e in history if e.kind == "node_success"}
+    for name, span in (("a", sa), ("b", sb)):
+        assert _hex(span.context.span_id, 16) == starts[name].invocation_id
+        assert span.attributes["pf.invocation.id"] == starts[name].invocation_id
+        assert span.start_time == round(starts[name].ts * 1e9)
+        assert span.end_time == round(ends[name].ts * 1e9)
+    assert root.start_time <= sa.start_time and root.end_time >= sb.end_time
+
+
+async def test_fan_in_gets_one_link_per_upstream_invocation(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    fan = _node(_noop, "fan")
+    w0, w1 = _node(_noop, "w0"), _node(_noop, "w1")
+    join = join_k("join", 2)
+    flow = create(fan.to(w0, w1), w0.to(join), w1.to(join), join.to(), tracer_provider=provider)
+    m = msg("x")
+    await _run_one(flow, m)
+
+    finished = exporter.get_finished_spans()
+    # join_k runs once per input; the run that completes the group joined both.
+    joins = [s for s in finished if s.name == "invoke_agent join"]
+    assert len(joins) == 2
+    (sj,) = [s for s in joins if s.links]
+    spans = _by_name([s for s in finished if s.name != "invoke_agent join"])
+    root = spans["invoke_workflow penguiflow"]
+    assert sj.parent.span_id == root.context.span_id  # several upstreams: the root
+    linked = {link.context.span_id: link.attributes["pf.edge"] for link in sj.links}
+    assert linked == {spans["invoke_agent w0"].context.span_id: "w0->join",
+                      spans["invoke_agent w1"].context.span_id: "w1->join"}
+    assert spans["invoke_agent w0"].parent.span_id == spans["invoke_agent fan"].context.span_id
+
+
+async def test_retry_then_success_records_retry_events_on_one_span(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    calls = 0
+
+    async def flaky(msg: Message, ctx: Any) -> Message:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("first attempt fails")
+        return msg
+
+    node = _node(flaky, "flaky", max_retries=2, backoff_base=0.001)
+    flow = create(node.to(), tracer_provider=provider)
+    await _run_one(flow, msg("x"))
+
+    span = _by_name(exporter.get_finished_spans())["invoke_agent flaky"]
+    assert span.status.status_code is StatusCode.UNSET
+    assert span.attributes["pf.attempts"] == 2
+    assert "error.type" not in span.attributes
+    (retry,) = [e for e in span.events if e.name == "pf.node.retry"]
+    assert retry.attributes["pf.attempt"] == 1
+    assert retry.attributes["error.type"] == "ValueError"
+    assert retry.attributes["pf.backoff_ms"] == pytest.approx(1.0)
+    (exc,) = [e for e in span.events if e.name == "exception"]
+    assert exc.attributes["exception.type"] == "ValueError"
+
+
+async def test_timeout_then_failure_is_an_error_span_with_timeout_events(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    async def slow(msg: Message, ctx: Any) -> Message:
+        await asyncio.Event().wait()
+        return msg
+
+    node = _node(slow, "slow", timeout_s=0.01, max_retries=1, backoff_base=0.001)
+    flow = create(node.to(), tracer_provider=provider, emit_errors_to_rookery=True)
+    await _run_one(flow, msg("x"))
+
+    span = _by_name(exporter.get_finished_spans())["invoke_agent slow"]
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "timeout"
+    assert [e.attributes["pf.attempt"] for e in span.events if e.name == "pf.node.timeout"] == [
+        0, 1]
+    assert "timed out" in (span.status.description or "")
+
+
+async def test_failure_after_retries_names_the_exception_class(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    async def broken(msg: Message, ctx: Any) -> Message:
+        raise KeyError("nope")
+
+    node = _node(broken, "broken")
+    flow = create(node.to(), tracer_provider=provider, emit_errors_to_rookery=True)
+    await _run_one(flow, msg("x"))
+
+    span = _by_name(exporter.get_finished_spans())["invoke_agent broken"]
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "KeyError"
+
+
+async def test_trace_cancel_mid_node_marks_spans_cancelled(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    entered = asyncio.Event()
+
+    async def blocker(msg: Message, ctx: Any) -> Message:
+        entered.set()
+        await asyncio.Event().wait()
+        return msg
+
+    node = _node(blocker, "blocker")
+    flow = create(node.to(), tracer_provider=provider)
+    flow.run()
+    m = msg("x")
+    try:
+        await flow.emit(m)
+        await within(entered.wait())
+        assert await within(flow.cancel(m.trace_id)) is True
+    finally:
+        await flow.stop()
+
+    spans = _by_name(exporter.get_finished_spans())
+    node_span, root = spans["invoke_agent blocker"], spans["invoke_workflow penguiflow"]
+    assert node_span.status.status_code is StatusCode.ERROR
+    assert node_span.attributes["error.type"] == "cancelled"
+    assert root.status.status_code is StatusCode.ERROR
+    assert root.attributes["error.type"] == "cancelled"
+    names = [e.name for e in root.events]
+    assert names.index("pf.cancel.requested") < names.index("pf.cancel.acknowledged")
+
+
+async def test_deadline_exceeded_is_recorded_on_the_root(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    node = _node(_noop, "late")
+    flow = create(node.to(), tracer_provider=provider)
+    m = Message(payload="x", headers=Headers(tenant="t"), deadline_s=1.0)  # long past
+    await _run_one(flow, m)
+
+    root = _by_name(exporter.get_finished_spans())["invoke_workflow penguiflow"]
+    assert root.status.status_code is StatusCode.ERROR
+    assert root.attributes["error.type"] == "deadline_exceeded"
+    (skip,) = [e for e in root.events if e.name == "pf.deadline.skip"]
+    assert skip.attributes["gen_ai.agent.name"] == "late"
+    assert skip.attributes["pf.deadline.unix_ms"] == 1000
+
+
+async def test_remote_stream_is_a_client_span_with_a2a_ids_and_chunks(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    transport = InMemoryTransport({URL: InMemoryAgent(chunks=["a", "b", "c"])})
+    remote = RemoteNode(transport=transport, skill="summarise", agent_url=URL, name="remote",
+                        streaming=True, policy=NodePolicy(validate="none"))
+    flow = create(remote.to(), tracer_provider=provider)
+    flow.run()
+    m = msg("x")
+    try:
+        await flow.emit(m)
+        while True:
+            item = await within(flow.fetch())
+            if not hasattr(item, "done"):  # the final result, after the chunks
+                break
+    finally:
+        await flow.stop()
+
+    spans = _by_name(exporter.get_finished_spans())
+    client, node_span = spans["invoke_agent summarise"], spans["invoke_agent remote"]
+    assert client.kind is SpanKind.CLIENT
+    assert client.parent.span_id == node_span.context.span_id
+    (task,) = transport.tasks.values()
+    assert client.attributes["gen_ai.conversation.id"] == task.context_id
+    assert client.attributes["a2a.task.id"] == task.task_id
+    assert client.attributes["a2a.method.name"] == "message/stream"
+    assert client.attributes["server.address"] == "agents.example"
+    assert client.attributes["server.port"] == 8080
+    assert client.attributes["pf.stream.chunks"] == 3
+    assert client.attributes["gen_ai.response.time_to_first_chunk"] >= 0
+    assert client.status.status_code is StatusCode.UNSET
+    assert node_span.attributes["pf.stream.chunks"] == 3
+
+
+async def test_remote_cancel_propagates_and_ends_the_client_span_cancelled(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    gate = asyncio.Event()
+    transport = InMemoryTransport({URL: InMemoryAgent(chunks=["a", "b"], gate=gate)})
+    remote = RemoteNode(transport=transport, skill="slow", agent_url=URL, name="remote",
+                        streaming=True, policy=NodePolicy(validate="none"))
+    flow = create(remote.to(), tracer_provider=provider)
+    flow.run()
+    m = msg("x")
+    try:
+        await flow.emit(m)
+        task = await within(transport.next_task(URL))
+        await within(task.started.wait())
+        assert await within(flow.cancel(m.trace_id)) is True
+        await within(task.cancel_requested.wait())
+    finally:
+        await flow.stop()
+
+    spans = _by_name(exporter.get_finished_spans())
+    client, root = spans["invoke_agent slow"], spans["invoke_workflow penguiflow"]
+    assert client.status.status_code is StatusCode.ERROR
+    assert client.attributes["error.type"] == "cancelled"
+    assert any(e.name == "pf.cancel.propagated" for e in client.events)
+    names = [e.name for e in root.events]
+    assert "pf.cancel.requested" in names and "pf.cancel.propagated" in names
+
+
+async def test_user_spans_and_injected_headers_nest_under_the_node_span(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    seen: dict[str, Any] = {}
+
+    async def work(msg: Message, ctx: Any) -> Message:
+        with provider.get_tracer("user").start_as_current_span("user.db_call"):
+            pass
+        seen["headers"] = inject_trace_headers({})
+        return msg
+
+    node = _node(work, "work")
+    flow = create(node.to(), tracer_provider=provider)
+    m = msg("x")
+    await _run_one(flow, m)
+
+    spans = _by_name(exporter.get_finished_spans())
+    user, node_span = spans["user.db_call"], spans["invoke_agent work"]
+    assert user.parent.span_id == node_span.context.span_id
+    assert user.context.trace_id == node_span.context.trace_id
+    # The propagator uses the global provider's context, which is the API's: the
+    # header still carries the node span, as a transport would send it.
+    assert seen["headers"]["traceparent"].split("-")[1:3] == [
+        m.trace_id, _hex(node_span.context.span_id, 16)]
+    # Outside the node nothing is current any more.
+    assert not trace.get_current_span().get_span_context().is_valid
+
+
+async def test_spans_rebuilt_from_stored_events_equal_the_live_ones(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    calls = 0
+
+    async def flaky(msg: Message, ctx: Any) -> Message:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("boom")
+        return msg
+
+    store = InMemoryStateStore()
+    transport = InMemoryTransport({URL: InMemoryAgent(chunks=["a", "b"])})
+    remote = RemoteNode(transport=transport, skill="s", agent_url=URL, name="remote",
+                        streaming=True, policy=NodePolicy(validate="none"))
+    first = _node(flaky, "first", max_retries=1, backoff_base=0.001)
+    flow = create(first.to(remote), remote.to(), state_store=store, tracer_provider=provider)
+    flow.run()
+    m = msg("x")
+    try:
+        await flow.emit(m)
+        while not isinstance(await within(flow.fetch()), Message):
+            pass
+    finally:
+        await flow.stop()
+
+    live = {s.context.span_id: s for s in exporter.get_finished_spans()}
+    rebuilt = {s.span_id: s for s in spans_from_events(await store.load_history(m.trace_id))}
+    assert set(live) == set(rebuilt) and len(live) == 4
+    for span_id, data in rebuilt.items():
+        span = live[span_id]
+        assert span.name == data.name
+        assert span.context.trace_id == data.trace_id
+        assert (span.parent.span_id if span.parent else None) == data.parent_span_id
+        assert (span.start_time, span.end_time) == (data.start_ns, data.end_ns)
+        assert dict(span.attributes) == data.attributes
+        assert [(e.name, e.timestamp) for e in span.events] == [
+            (e.name, e.time_ns) for e in data.events]
+
+
+async def test_a_failing_span_processor_never_breaks_the_flow(
+        exporter: InMemorySpanExporter) -> None:
+    class Exploding(SimpleSpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            raise RuntimeError("exporter bug")
+
+    tp = TracerProvider(id_generator=PenguiFlowIdGenerator())
+    tp.add_span_processor(Exploding(exporter))
+    node = _node(_noop, "n")
+    flow = create(node.to(), tracer_provider=tp)
+    m = msg("x")
+    out = await _run_one(flow, m)
+    assert out.payload == "x"
+    tp.shutdown()
+
+
+async def test_without_an_sdk_nothing_is_traced_or_built() -> None:
+    node = _node(_noop, "n")
+    flow = create(node.to())  # the global provider is the API's no-op proxy
+    flow.run()
+    try:
+        assert flow._events.tracer is None
+        assert flow._events.listening is False
+        await flow.emit(msg("x"))
+        assert (await within(flow.fetch())).payload == "x"
+    finally:
+        await flow.stop()
