@@ -393,3 +393,52 @@ async def test_without_an_sdk_nothing_is_traced_or_built() -> None:
         assert (await within(flow.fetch())).payload == "x"
     finally:
         await flow.stop()
+
+
+async def test_metrics_record_node_duration_errors_retries_and_gauges(
+        provider: TracerProvider) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    calls = 0
+
+    async def flaky(msg: Message, ctx: Any) -> Message:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("boom")
+        return msg
+
+    async def broken(msg: Message, ctx: Any) -> Message:
+        raise KeyError("nope")
+
+    a = _node(flaky, "flaky", max_retries=1, backoff_base=0.001)
+    b = _node(broken, "broken")
+    flow = create(a.to(b), b.to(), tracer_provider=provider, meter_provider=meters,
+                  emit_errors_to_rookery=True)
+    flow.run()
+    try:
+        await flow.emit(msg("x"))
+        await within(flow.fetch())
+        # Gauges are read from the live flow when the reader collects.
+        gauges = {m.name: m for rm in reader.get_metrics_data().resource_metrics
+                  for sm in rm.scope_metrics for m in sm.metrics}
+        assert "pf.queue.depth" in gauges and "pf.traces.in_flight" in gauges
+        edges = {p.attributes["pf.edge"] for p in gauges["pf.queue.depth"].data.data_points}
+        assert "flaky->broken" in edges
+    finally:
+        await flow.stop()
+        metrics = {m.name: m for rm in reader.get_metrics_data().resource_metrics
+                   for sm in rm.scope_metrics for m in sm.metrics}
+        meters.shutdown()
+
+    durations = {p.attributes["gen_ai.agent.name"]: p.count
+                 for p in metrics["pf.node.duration"].data.data_points}
+    assert durations == {"flaky": 1, "broken": 1}
+    (err,) = metrics["pf.node.errors"].data.data_points
+    assert dict(err.attributes) == {"gen_ai.agent.name": "broken", "error.type": "KeyError"}
+    assert err.value == 1
+    (retry,) = metrics["pf.node.retries"].data.data_points
+    assert retry.attributes["gen_ai.agent.name"] == "flaky" and retry.value == 1
