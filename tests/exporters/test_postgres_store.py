@@ -114,7 +114,7 @@ async def test_open_creates_the_schema_and_records_its_version(
     again = await make(schema=store.schema)  # already migrated: nothing to do
     assert again.schema == store.schema
     rows = await sql.fetch(f'SELECT version FROM "{store.schema}".schema_version')
-    assert [r[0] for r in rows] == [SCHEMA_VERSION]
+    assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
 
 
 async def test_concurrent_opens_migrate_once(make: MakeStore, sql: asyncpg.Connection) -> None:
@@ -123,7 +123,7 @@ async def test_concurrent_opens_migrate_once(make: MakeStore, sql: asyncpg.Conne
     # Separate pools, so separate server sessions: what several processes would do.
     await asyncio.gather(*(make(schema=first.schema) for _ in range(4)))
     rows = await sql.fetch(f'SELECT version FROM "{first.schema}".schema_version')
-    assert [r[0] for r in rows] == [SCHEMA_VERSION]
+    assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
 
 
 async def test_a_newer_schema_version_is_refused(make: MakeStore,
@@ -544,3 +544,76 @@ async def test_ingest_rate_and_load_time(make: MakeStore,
     with capsys.disabled():
         print(f"\nPostgresStateStore: raw ingest {ingest:,.0f} events/s; "
               f"load_history of {count:,} events {load_ms:,.0f} ms")
+
+
+# -- migration from schema version 1 -------------------------------------------------
+
+
+async def _make_v1_schema(sql: asyncpg.Connection, schema: str,
+                          events: list[StoredEvent]) -> None:
+    """A schema as a version-1 store left it: the v1 DDL, full JSON payloads, summaries."""
+    import json
+
+    from penguiflow_exporters.postgres import _MIGRATIONS
+
+    s = f'"{schema}"'
+    await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer "
+                      f"PRIMARY KEY, applied_ts double precision NOT NULL DEFAULT 0)")
+    await sql.execute(_MIGRATIONS[0].format(s=s))
+    await sql.execute(f"INSERT INTO {s}.schema_version (version) VALUES (1)")
+    for e in events:
+        await sql.execute(
+            f"INSERT INTO {s}.events (event_key, trace_id, ts, kind, node_name, node_id, "
+            f"attempt, invocation_id, parent_invocation_ids, span_id, parent_span_id, seq, "
+            f"queued_ts, flow_name, flow_id, payload) VALUES "
+            f"($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
+            e.event_key, e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.attempt,
+            e.invocation_id, list(e.parent_invocation_ids), e.span_id, e.parent_span_id,
+            e.seq, e.queued_ts, e.flow_name, e.flow_id, json.dumps(dict(e.payload)))
+    assert all(e.trace_id == "t" for e in events)
+    summary = fold("t", events)
+    await sql.execute(
+        f"INSERT INTO {s}.traces (trace_id, flow_name, started_ts, ended_ts, node_count, "
+        f"error_count, remote_call_count, event_count, open_count, cancelled, failed, nodes) "
+        f"VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,false,false,$10)",
+        "t", summary.flow_name, summary.started_ts, summary.ended_ts, summary.node_count,
+        summary.error_count, summary.remote_call_count, summary.event_count,
+        summary.node_count - sum(e.kind == "node_success" for e in events),
+        list(summary.nodes))
+
+
+async def test_a_v1_schema_is_migrated_and_keeps_its_events_and_summaries(
+        make: MakeStore, sql: asyncpg.Connection) -> None:
+    schema = f"pf_test_{uuid.uuid4().hex[:8]}"
+    old = [ev("t", 1), ev("t", 2, "node_success"), ev("t", 3, node="b")]
+    try:
+        await _make_v1_schema(sql, schema, old)
+        store = await make(schema=schema)
+        assert await store.load_history("t") == old
+        assert await store.get_trace("t") == fold("t", old)
+        more = [ev("t", 4, "node_success", node="b"), old[0]]  # old[0] is re-delivered
+        await store.save_events(more)
+        assert await store.load_history("t") == [*old, more[0]]
+        assert await store.get_trace("t") == fold("t", [*old, more[0]])
+        rows = await sql.fetch(f'SELECT version FROM "{schema}".schema_version ORDER BY 1')
+        assert [r[0] for r in rows] == [1, 2]
+    finally:
+        await sql.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+async def test_a_failing_migration_is_rolled_back_and_reported(
+        make: MakeStore, sql: asyncpg.Connection) -> None:
+    schema = f"pf_test_{uuid.uuid4().hex[:8]}"
+    try:
+        await _make_v1_schema(sql, schema, [ev("t", 1), ev("t", 1, node="b", flow="f:1")])
+        # Someone else's column in the way of migration 2.
+        await sql.execute(f'ALTER TABLE "{schema}".events ADD COLUMN q_in text')
+        with pytest.raises(StateStoreError, match='column "q_in"'):
+            await make(schema=schema)
+        rows = await sql.fetch(f'SELECT version FROM "{schema}".schema_version')
+        assert [r[0] for r in rows] == [1]
+        assert await sql.fetchval(
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = $1 "
+            "AND column_name = 'latency_ms'", schema) == 0
+    finally:
+        await sql.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -89,7 +89,8 @@ async def test_a_newer_schema_version_is_refused_and_left_alone(tmp_path: Path) 
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 1,))
     conn.close()
     store = SQLiteStateStore(path)
-    with pytest.raises(StateStoreError, match=rf"schema version {SCHEMA_VERSION + 1}, newer .* upgrade") as info:
+    newer = rf"schema version {SCHEMA_VERSION + 1}, newer .* upgrade"
+    with pytest.raises(StateStoreError, match=newer) as info:
         await store.open()
     assert not isinstance(info.value, StoreUnavailable)
     await store.close()

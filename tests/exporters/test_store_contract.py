@@ -1063,10 +1063,10 @@ def held_inside_write(kind: str, base: type[Any]) -> type[Any]:
             self.committed += 1
             return result
 
-        async def _upsert_traces(self, conn: Any, fresh: Any) -> None:  # in the transaction
+        async def _upsert_traces(self, conn: Any, *args: Any) -> Any:  # in the transaction
             self.entered.set()
             await self._gate.wait()
-            await super()._upsert_traces(conn, fresh)
+            return await super()._upsert_traces(conn, *args)
 
         def release(self) -> None:
             self._gate.set()

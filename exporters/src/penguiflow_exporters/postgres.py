@@ -55,6 +55,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
+from penguiflow.metrics import event_payload
 from penguiflow.state import (
     RemoteBinding,
     StateStoreError,
@@ -62,10 +63,11 @@ from penguiflow.state import (
     StoreUnavailable,
     TraceFilter,
     TraceSummary,
-    TraceSummaryBuilder,
 )
 
 from ._buffered import BufferedStore
+
+_NO_EXTRA: Mapping[str, Any] = {}
 
 __all__ = ["PostgresStateStore", "SCHEMA_VERSION"]
 
@@ -152,21 +154,50 @@ CREATE INDEX bindings_context_idx ON {s}.bindings (context_id);
 CREATE INDEX bindings_task_idx ON {s}.bindings (task_id);
 """
 
+# v2: the payload's runtime fields become columns and the event key becomes the
+# pair (flow_id, seq), so a batch is COPYed straight from the runtime's
+# EVENT_FIELDS tuples (same column order): no payload dict, JSON text or key
+# string is built per event on the flow's event loop. `q_in IS NULL` marks a row
+# whose `payload` is the whole payload (v1 rows, events saved as StoredEvents);
+# otherwise `payload` is the kind's `extra` items (NULL when none) and the payload
+# is rebuilt on read with penguiflow.metrics.event_payload, as the runtime builds
+# it. The (flow_id, seq) index replaces event_key's: keys were exactly
+# "<flow_id>:<seq>", so v1 rows stay deduplicated.
+_V2: Final = """
+ALTER TABLE {s}.events
+    ADD COLUMN latency_ms double precision,
+    ADD COLUMN q_in integer,
+    ADD COLUMN q_out integer,
+    ADD COLUMN outgoing integer,
+    ADD COLUMN queue_maxsize integer,
+    ADD COLUMN trace_inflight integer,
+    ADD COLUMN trace_cancelled boolean,
+    ADD COLUMN trace_pending integer,
+    ALTER COLUMN payload DROP NOT NULL,
+    ALTER COLUMN flow_id TYPE text COLLATE "C";
+CREATE UNIQUE INDEX events_flow_seq_idx ON {s}.events (flow_id, seq);
+ALTER TABLE {s}.events DROP COLUMN event_key;
+"""
+
 #: Migration ``i`` brings the schema from version ``i`` to ``i + 1``.
-_MIGRATIONS: Final[tuple[str, ...]] = (_V1,)
+_MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2)
 #: The schema version this module writes; a newer one is refused at open().
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
+# In the runtime's EVENT_FIELDS order: a runtime tuple is a COPY record as it is.
 _COPY_COLUMNS: Final = (
-    "event_key", "trace_id", "ts", "kind", "node_name", "node_id", "attempt",
-    "invocation_id", "parent_invocation_ids", "span_id", "parent_span_id", "seq",
-    "queued_ts", "flow_name", "flow_id", "payload",
+    "trace_id", "ts", "kind", "node_name", "node_id", "invocation_id",
+    "parent_invocation_ids", "span_id", "parent_span_id", "seq", "attempt", "queued_ts",
+    "flow_name", "flow_id", "latency_ms", "q_in", "q_out", "outgoing", "queue_maxsize",
+    "trace_inflight", "trace_cancelled", "trace_pending", "payload",
 )
+_NO_RUNTIME_COLUMNS: Final = (None,) * 8
 # Positions match _event() below.
 _EVENT_COLUMNS: Final = (
     "id, trace_id, ts, kind, node_name, node_id, payload, invocation_id, "
     "parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, "
-    "flow_name, flow_id")
+    "flow_name, flow_id, latency_ms, q_in, q_out, outgoing, queue_maxsize, trace_inflight, "
+    "trace_cancelled, trace_pending")
 # Positions match _summary() below.
 _SUMMARY_COLUMNS: Final = (
     "trace_id, flow_name, status, started_ts, ended_ts, node_count, error_count, "
@@ -242,6 +273,7 @@ class PostgresStateStore(BufferedStore):
         buffer_kwargs.setdefault(
             "batch_size", min(_BATCH_SIZE, buffer_kwargs.get("max_buffer", _BATCH_SIZE)))
         super().__init__(**buffer_kwargs)
+        self._takes_fields = True  # batches hold the runtime's tuples: see _records
         self.schema = schema
         self._dsn = dsn
         self._where = _describe_dsn(dsn)
@@ -261,21 +293,34 @@ class PostgresStateStore(BufferedStore):
         self._s = s
         self._sql_history = (
             f"SELECT {_EVENT_COLUMNS} FROM {s}.events WHERE trace_id = $1 ORDER BY id")
-        self._sql_stored = f"SELECT event_key FROM {s}.events WHERE event_key = ANY($1::text[])"
-        self._sql_upsert = f"""
+        self._sql_stored = (
+            f"SELECT e.flow_id, e.seq FROM {s}.events e JOIN unnest($1::text[], $2::int8[]) "
+            f"AS k(flow_id, seq) ON e.flow_id = k.flow_id AND e.seq = k.seq")
+        # Folds the rows this transaction inserted (id > $1: writers hold the write
+        # lock from id allocation to commit) with TraceSummaryBuilder's semantics, on
+        # the server: no Python per event on the flow's loop. RETURNING gives the
+        # touched traces, in order of their first new event, for the NOTIFY.
+        self._sql_fold = f"""
             INSERT INTO {s}.traces AS t (
                 trace_id, flow_name, started_ts, ended_ts, node_count, error_count,
                 remote_call_count, event_count, open_count, cancelled, failed, nodes)
-            SELECT d.trace_id, d.flow_name, d.started_ts, d.ended_ts, d.node_count,
-                   d.error_count, d.remote_call_count, d.event_count, d.open_count,
-                   d.cancelled, d.failed, ARRAY(SELECT json_array_elements_text(d.nodes::json))
-            FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::int4[],
-                        $6::int4[], $7::int4[], $8::int8[], $9::int4[], $10::bool[],
-                        $11::bool[], $12::text[])
-                 WITH ORDINALITY AS d(trace_id, flow_name, started_ts, ended_ts, node_count,
-                                      error_count, remote_call_count, event_count,
-                                      open_count, cancelled, failed, nodes, ord)
-            ORDER BY d.ord
+            SELECT trace_id,
+                   (array_agg(flow_name ORDER BY id) FILTER (WHERE flow_name IS NOT NULL))[1],
+                   min(ts), max(ts),
+                   count(*) FILTER (WHERE kind = 'node_start' AND attempt = 0),
+                   count(*) FILTER (WHERE kind IN ('node_error', 'node_timeout', 'node_failed',
+                                                   'remote_call_error', 'remote_cancel_error')),
+                   count(*) FILTER (WHERE kind = 'remote_call_start'),
+                   count(*),
+                   count(*) FILTER (WHERE kind = 'node_start' AND attempt = 0)
+                     - count(*) FILTER (WHERE kind IN ('node_success', 'node_failed',
+                                                       'node_trace_cancelled')),
+                   bool_or(kind = 'trace_cancel_start'),
+                   bool_or(kind = 'node_failed'),
+                   coalesce(array_agg(DISTINCT node_name)
+                            FILTER (WHERE kind = 'node_start' AND node_name <> ''), '{{}}')
+            FROM {s}.events WHERE id > $1 AND trace_id IS NOT NULL
+            GROUP BY trace_id ORDER BY min(id)
             ON CONFLICT (trace_id) DO UPDATE SET
                 flow_name = COALESCE(t.flow_name, EXCLUDED.flow_name),
                 started_ts = LEAST(t.started_ts, EXCLUDED.started_ts),
@@ -287,7 +332,10 @@ class PostgresStateStore(BufferedStore):
                 open_count = t.open_count + EXCLUDED.open_count,
                 cancelled = t.cancelled OR EXCLUDED.cancelled,
                 failed = t.failed OR EXCLUDED.failed,
-                nodes = ARRAY(SELECT DISTINCT n FROM unnest(t.nodes || EXCLUDED.nodes) AS n)"""
+                nodes = CASE WHEN EXCLUDED.nodes <@ t.nodes THEN t.nodes
+                        ELSE ARRAY(SELECT DISTINCT n FROM unnest(t.nodes || EXCLUDED.nodes) AS n)
+                        END
+            RETURNING trace_id"""
 
     def __repr__(self) -> str:
         return f"PostgresStateStore({self._where!r}, schema={self.schema!r})"
@@ -389,7 +437,7 @@ class PostgresStateStore(BufferedStore):
 
     # -- write path ---------------------------------------------------------------
 
-    async def _write(self, batch: list[StoredEvent]) -> Sequence[StoredEvent]:
+    async def _write(self, batch: list[Any]) -> Sequence[StoredEvent | tuple[Any, ...]]:
         """Store ``batch`` in one transaction; return the events that were new.
 
         Events whose ``event_key`` is already stored (or repeated in the batch)
@@ -406,50 +454,41 @@ class PostgresStateStore(BufferedStore):
                 except asyncpg.UniqueViolationError:
                     return await self._write_batch(pool, batch, skip_stored=True)
 
-    async def _write_batch(self, pool: Any, batch: list[StoredEvent], *,
-                           skip_stored: bool) -> list[StoredEvent]:
-        keys = [event.event_key for event in batch]
+    async def _write_batch(self, pool: Any, batch: list[Any], *,
+                           skip_stored: bool) -> list[Any]:
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)",
                                _WRITE_LOCK, self._lock_key)
             fresh = batch
             if skip_stored:
                 # Under the write lock no other store can add these keys meanwhile.
+                keys = [_key(item) for item in batch]
                 wanted = [key for key in keys if key is not None]
-                seen = {row[0] for row in await conn.fetch(self._sql_stored, wanted)}
+                seen = {(row[0], row[1]) for row in await conn.fetch(
+                    self._sql_stored, [k[0] for k in wanted], [k[1] for k in wanted])}
                 fresh = []
-                for key, event in zip(keys, batch, strict=True):
+                for key, item in zip(keys, batch, strict=True):
                     if key is not None:
                         if key in seen:
                             continue
                         seen.add(key)  # a key repeated within the batch is stored once
-                    fresh.append(event)
+                    fresh.append(item)
                 if not fresh:
                     return []
-                keys = [event.event_key for event in fresh]
-            builders: dict[str, TraceSummaryBuilder] = {}
+            last_id = await conn.fetchval(f"SELECT coalesce(max(id), 0) FROM {self._s}.events")
             await conn.copy_records_to_table(
                 "events", schema_name=self.schema, columns=_COPY_COLUMNS,
-                records=_records(keys, fresh, builders))
-            await self._upsert_traces(conn, builders)
+                records=_records(fresh))
+            traces: list[str | None] = list(await self._upsert_traces(conn, last_id))
+            if any(_trace_of(item) is None for item in fresh):
+                traces.append(None)  # flow-level events: a null in the notification
             await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-                               self._channel, _notify_payloads(fresh))
+                               self._channel, _notify_payloads(traces))
         return fresh
 
-    async def _upsert_traces(self, conn: Any, builders: dict[str, TraceSummaryBuilder]) -> None:
-        # The builders hold the batch's deltas (folded by the reference builder, so
-        # the summary semantics live in penguiflow.state only); the SQL adds them
-        # to the stored rows.
-        if not builders:
-            return
-        b = list(builders.values())
-        await conn.execute(
-            self._sql_upsert,
-            [x.trace_id for x in b], [x.flow_name for x in b], [x.started for x in b],
-            [x.ended for x in b], [x.starts for x in b], [x.errors for x in b],
-            [x.remotes for x in b], [x.events for x in b], [x.open for x in b],
-            [x.cancelled for x in b], [x.failed for x in b],
-            [json.dumps(sorted(x.nodes)) for x in b])
+    async def _upsert_traces(self, conn: Any, last_id: int) -> list[str]:
+        """Fold the rows above ``last_id`` into ``traces``; the touched trace ids, in order."""
+        return [row[0] for row in await conn.fetch(self._sql_fold, last_id)]
 
     # -- queries ------------------------------------------------------------------
 
@@ -672,28 +711,51 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _records(keys: Sequence[str | None], events: Sequence[StoredEvent],
-             builders: dict[str, TraceSummaryBuilder]) -> Iterator[tuple[Any, ...]]:
-    """The COPY rows of ``events``, folding each into its trace's builder on the way.
+def _records(items: Iterable[StoredEvent | tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    """The COPY records of ``items`` (EVENT_FIELDS tuples and StoredEvents).
 
-    Lazy on purpose: asyncpg streams a COPY in 512 KB chunks, so the server inserts
-    one chunk while the next rows are encoded and folded here.
+    A runtime tuple without ``extra`` IS its record (asyncpg encodes the
+    ``parents`` tuple as text[] and None as NULL); with ``extra``, only that last
+    field is replaced by its JSON. Lazy on purpose: asyncpg streams a COPY in 512 KB
+    chunks, so the server inserts one chunk while the next is encoded here.
     """
-    for key, e in zip(keys, events, strict=True):
-        trace_id = e.trace_id
-        if trace_id is not None:
-            builder = builders.get(trace_id)
-            if builder is None:
-                builder = builders[trace_id] = TraceSummaryBuilder(trace_id)
-            builder.add(e)
-        yield (key, trace_id, e.ts, e.kind, e.node_name, e.node_id, e.attempt,
-               e.invocation_id, e.parent_invocation_ids, e.span_id, e.parent_span_id, e.seq,
-               e.queued_ts, e.flow_name, e.flow_id, _dump_payload(e.payload))
+    for item in items:
+        if type(item) is tuple:
+            extra = item[22]
+            yield item if extra is None else (*item[:22], _dump_payload(dict(extra)))
+        else:
+            assert isinstance(item, StoredEvent)
+            e = item
+            yield (e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
+                   e.parent_invocation_ids, e.span_id, e.parent_span_id, e.seq, e.attempt,
+                   e.queued_ts, e.flow_name, e.flow_id, *_NO_RUNTIME_COLUMNS,
+                   _dump_payload(e.payload))
+
+
+def _key(item: StoredEvent | tuple[Any, ...]) -> tuple[str, int] | None:
+    """The event key ``(flow_id, seq)`` of a buffered item; None without a flow id."""
+    if type(item) is tuple:
+        return None if item[13] is None else (item[13], item[9])
+    assert isinstance(item, StoredEvent)
+    return None if item.flow_id is None else (item.flow_id, item.seq)
+
+
+def _trace_of(item: StoredEvent | tuple[Any, ...]) -> str | None:
+    if type(item) is tuple:
+        trace_id: str | None = item[0]
+        return trace_id
+    assert isinstance(item, StoredEvent)
+    return item.trace_id
 
 
 def _event(row: Any) -> StoredEvent:
+    payload = row[6]
+    if row[17] is not None:  # runtime columns + extra: rebuilt as the runtime built it
+        payload = event_payload(row[3], row[2], row[4], row[5], row[1], row[16], row[17],
+                                row[18], row[19], row[20], row[12], row[21], row[22],
+                                row[23], payload or _NO_EXTRA)
     return StoredEvent(
-        row[1], row[2], row[3], row[4], row[5], row[6],
+        row[1], row[2], row[3], row[4], row[5], payload,
         invocation_id=row[7], parent_invocation_ids=tuple(row[8]), span_id=row[9],
         parent_span_id=row[10], seq=row[11], attempt=row[12], queued_ts=row[13],
         flow_name=row[14], flow_id=row[15])
@@ -704,12 +766,12 @@ def _summary(row: Any) -> TraceSummary:
                         row[8], tuple(sorted(row[9])))
 
 
-def _notify_payloads(events: Iterable[StoredEvent]) -> list[str]:
+def _notify_payloads(trace_ids: Iterable[str | None]) -> list[str]:
     """JSON arrays of the touched trace ids (null for none), each < 8000 bytes."""
     payloads: list[str] = []
     items: list[str] = []
     size = 2
-    for trace_id in dict.fromkeys(event.trace_id for event in events):
+    for trace_id in dict.fromkeys(trace_ids):
         item = json.dumps(trace_id)  # ASCII only, so len() counts bytes
         if len(item) + 2 > _NOTIFY_MAX_BYTES:
             payloads.append(_ANY_TRACE)
