@@ -79,6 +79,74 @@ class NoopMiddleware:
         return None
 
 
+class OtelSdkObserver:
+    """The OTel SDK: a TracerProvider (PenguiFlow's id generator) with a
+    BatchSpanProcessor over an exporter that discards spans, passed to the flow as
+    ``tracer_provider`` (no global state). Every node invocation and the trace's root
+    become SDK spans; the cost of exporting them is not counted, as in the guide."""
+
+    def __init__(self) -> None:
+        try:
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import (
+                BatchSpanProcessor,
+                SpanExporter,
+                SpanExportResult,
+            )
+
+            from penguiflow_exporters.otel import PenguiFlowIdGenerator
+        except ImportError as exc:  # pragma: no cover - the workspace installs it
+            raise ObserverUnavailable(f"opentelemetry-sdk not importable: {exc}") from exc
+
+        class _Discard(SpanExporter):
+            def export(self, spans: Any) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        self.provider = TracerProvider(id_generator=PenguiFlowIdGenerator())
+        self.provider.add_span_processor(BatchSpanProcessor(_Discard(), max_queue_size=65536))
+
+    def flow_kwargs(self) -> dict[str, Any]:
+        return {"tracer_provider": self.provider}
+
+    def install(self, flow: PenguiFlow) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self.provider.shutdown()
+
+
+class OtelSdkAndStore(OtelSdkObserver):
+    """The OTel SDK set-up and a SQLiteStateStore together."""
+
+    has_store = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._store = StoreObserver.factory(_kind("sqlite"))()
+        self.failed = 0
+
+    async def check(self) -> None:
+        await self._store.check()
+
+    async def prepare(self) -> None:
+        await self._store.prepare()
+
+    async def settle(self) -> None:
+        await self._store.settle()
+
+    async def release(self, expected_events: int) -> int:
+        missing = await self._store.release(expected_events)
+        self.failed = self._store.failed
+        return missing
+
+    def flow_kwargs(self) -> dict[str, Any]:
+        return {**super().flow_kwargs(), **self._store.flow_kwargs()}
+
+    async def aclose(self) -> None:
+        await self._store.aclose()
+        await super().aclose()
+
+
 class StoreObserver:
     """A TraceStore as the flow's ``state_store``: a fresh, opened, empty store per flow.
 
@@ -166,6 +234,8 @@ OBSERVERS: dict[str, Callable[[], ObserverSetup]] = {
     "InMemoryStateStore": StoreObserver.factory(_kind("memory")),
     "SQLiteStateStore": StoreObserver.factory(_kind("sqlite")),
     "PostgresStateStore": StoreObserver.factory(_kind("postgres")),
+    "OTel SDK + BatchSpanProcessor": OtelSdkObserver,
+    "OTel SDK + SQLiteStateStore": OtelSdkAndStore,
 }
 
 

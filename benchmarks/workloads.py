@@ -11,6 +11,7 @@ from typing import Any
 
 import floor
 import flows
+import otel
 import stores
 from harness import (
     Measure,
@@ -301,7 +302,10 @@ async def run_all(cfg: Config, progress: Callable[[str], None]) -> list[Row]:
         rows += await latency(cfg, n)
     if not cfg.floor_only:
         progress("with observers")
-        rows += await with_observers(cfg)
+        observed = await with_observers(cfg)
+        rows += observed
+        spans = 2_000 if cfg.chain_m < 1_000 else otel.SPANS  # quick mode: few spans
+        rows += otel.otel_rows(observed, cfg.reps, spans)
         rows += await stores.store_rows(cfg.store_events, cfg.store_load_events,
                                         cfg.store_reps, progress)
     return rows
