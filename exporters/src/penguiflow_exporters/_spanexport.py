@@ -68,8 +68,8 @@ class OTLPExportError(RuntimeError):
         self.total = total
         super().__init__(
             f"OTLP export to {endpoint} failed after {sent} of {total} spans: {reason}. "
-            "Check that an OTLP/HTTP collector listens there (Jaeger: port 4318 with "
-            "COLLECTOR_OTLP_ENABLED=true), or write the trace as OTLP/JSON instead.")
+            "Check that an OTLP/HTTP collector listens there (Jaeger takes OTLP/HTTP on "
+            "port 4318), or write the trace as OTLP/JSON instead.")
 
 
 def signal_endpoint(signal: str, endpoint: str | None, *, grpc: bool = False) -> str:

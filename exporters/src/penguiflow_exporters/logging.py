@@ -50,7 +50,7 @@ def add_trace_ids(logger: Any, method_name: str, event_dict: EventDict) -> Event
     taskId), then the current OTel span when valid (its 32/16-hex ids; its
     span id wins, since a span the user started inside a node is the more
     precise place). A stdlib record's ``node_name`` extra (the runtime's event
-    logs) becomes ``node``. Keys already in ``event_dict`` are kept as they are.
+    logs) becomes ``node``. Keys already in ``event_dict`` (unless None) are kept.
     """
     fields: dict[str, Any] = {}
     scope = current_scope.get()
@@ -72,8 +72,9 @@ def add_trace_ids(logger: Any, method_name: str, event_dict: EventDict) -> Event
     if fields.get("node") is None and event_dict.get("node_name") is not None:
         fields["node"] = event_dict["node_name"]
     for key, value in fields.items():
-        if value is not None:
-            event_dict.setdefault(key, value)
+        # A None the caller passed (the runtime's trace-less events) is "unknown", not a value.
+        if value is not None and event_dict.get(key) is None:
+            event_dict[key] = value
     return event_dict
 
 

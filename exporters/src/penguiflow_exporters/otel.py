@@ -203,8 +203,8 @@ class _FailureLog:
             _log.warning(
                 "OTLP export of %s to %s failed (%s); the flow goes on and the data is dropped. "
                 "Is a collector listening there? Set endpoint= or OTEL_EXPORTER_OTLP_ENDPOINT "
-                "(Jaeger: http://localhost:4318 with COLLECTOR_OTLP_ENABLED=true).",
-                signal, self.endpoint, error or "see the exporter's log")
+                "(Jaeger takes OTLP/HTTP on port 4318).",
+                signal, self.endpoint, error or "the exporter logged why")
         else:
             _log.warning("OTLP export to %s still failing: %d failed exports in the last %.0f s",
                          self.endpoint, count, FAILURE_LOG_INTERVAL_S)
