@@ -1,7 +1,11 @@
 """``pf``: inspect, follow, export and demo PenguiFlow traces.
 
-Only the command surface exists so far; each command says plainly that it is
-not available yet rather than pretending to work.
+``pf export`` works (see :mod:`penguiflow_inspector.export`); the other
+commands say plainly that they are not available yet rather than pretending to
+work.
+
+Exit status: 0 success, 1 a runtime failure (store, collector, output file),
+2 a usage error (bad flags, an unknown or ambiguous trace id).
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+from . import export
 
 #: (command, one-line help) in the order ``pf --help`` lists them.
 COMMANDS: tuple[tuple[str, str], ...] = (
@@ -29,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS:
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        cmd.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+        if name == "export":
+            export.add_arguments(cmd)
+        else:
+            cmd.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     return parser
 
 
@@ -40,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return 2
+    if ns.command == "export":
+        return export.run(ns)
     print(
         f"pf {ns.command}: not available in this build yet; "
         "it arrives with the StateStore and inspector releases.",
