@@ -270,3 +270,36 @@ def test_an_exporter_that_raises_is_counted_not_propagated() -> None:
         stats = handle.stats
     assert stats.span_exports_failed == 1 and stats.spans_failed == 1
     assert stats.last_error is not None and "collector on fire" in stats.last_error
+
+
+def test_metric_export_failures_are_counted(otlp_receiver: OTLPReceiver) -> None:
+    otlp_receiver.mode = "reject"
+    with configure_tracing("metered", otlp_receiver.url, exporter=InMemorySpanExporter(),
+                           set_global=False, export_timeout_s=1) as handle:
+        assert handle.meter_provider is not None
+        handle.meter_provider.get_meter("m").create_counter("c").add(1)
+        assert handle.force_flush(5) is False
+        stats = handle.stats
+    assert stats.metric_exports_failed >= 1 and stats.span_exports_failed == 0
+
+
+def test_failures_are_summarised_not_repeated(caplog: pytest.LogCaptureFixture) -> None:
+    from penguiflow_exporters import otel
+
+    now = [100.0]
+    log = otel._FailureLog({"spans": "http://collector/v1/traces"}, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="penguiflow_exporters.otel")
+    for _ in range(5):
+        log.failure("spans", 10, "refused")
+    now[0] += otel.FAILURE_LOG_INTERVAL_S
+    log.failure("spans", 10, None)  # the minute is over: one summary
+    log.failure("spans", 10, None)
+    log.success(3)
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 3, messages
+    assert "failed (refused)" in messages[0] and "http://collector/v1/traces" in messages[0]
+    assert "still failing: 5 failed exports" in messages[1]  # 4 held back + this one
+    assert messages[2] == "OTLP export to http://collector/v1/traces works again"
+    stats = log.snapshot()
+    assert (stats.span_exports_failed, stats.spans_failed, stats.spans_exported) == (7, 70, 3)
+    assert stats.last_error == "refused"

@@ -26,6 +26,7 @@ from penguiflow.spandata import SpanData, SpanEventData, SpanLinkData
 from penguiflow.tracing import park_ids
 from penguiflow_exporters.otel import (
     OTLPExportError,
+    TelemetryHandle,
     configure_tracing,
     export_spans,
     otlp_json,
@@ -226,23 +227,42 @@ def test_export_spans_fails_within_its_timeout(otlp_receiver: OTLPReceiver,
     assert url in str(info.value)
 
 
-def test_collector_down_never_raises_and_is_counted(caplog: pytest.LogCaptureFixture) -> None:
+def _span_cost_us(handle: TelemetryHandle, spans: int = 300, repeats: int = 3) -> float:
+    """Best-of-``repeats`` µs to start and end one span (best-of: the machine is shared)."""
+    tracer = handle.tracer_provider.get_tracer("penguiflow")
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(spans):
+            tracer.start_span("hop").end()
+        best = min(best, (time.perf_counter() - started) / spans * 1e6)
+    return best
+
+
+def _healthy_span_cost_us(receiver: OTLPReceiver) -> float:
+    # The same pipeline against a collector that answers: the export thread
+    # encodes and posts as much as in the failing cases, so only the failure differs.
+    with configure_tracing("baseline", receiver.url, metrics=False,
+                           set_global=False) as handle:
+        return _span_cost_us(handle)
+
+
+def test_collector_down_never_raises_and_is_counted(otlp_receiver: OTLPReceiver,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="penguiflow_exporters.otel")
+    healthy_us = _healthy_span_cost_us(otlp_receiver)
     handle = configure_tracing("down", down_url(), metrics=False, set_global=False,
                                export_timeout_s=0.5)
-    tracer = handle.tracer_provider.get_tracer("penguiflow")
-    started = time.perf_counter()
-    for _ in range(1000):
-        tracer.start_span("hop").end()
-    per_span_us = (time.perf_counter() - started) / 1000 * 1e6
+    down_us = _span_cost_us(handle)  # 900 spans
     # Span end only queues; the network is the background thread's business.
-    assert per_span_us < 200, f"{per_span_us:.1f} µs per span with the collector down"
+    assert down_us < 3 * healthy_us + 30, (
+        f"{down_us:.1f} µs per span with the collector down, {healthy_us:.1f} µs healthy")
 
     started = time.perf_counter()
     assert handle.force_flush(timeout_s=3) is False  # ran, but nothing was delivered
     assert time.perf_counter() - started < 3.5
     stats = handle.stats
-    assert stats.spans_failed == 1000 and stats.span_exports_failed >= 2
+    assert stats.spans_failed == 900 and stats.span_exports_failed >= 2
     assert stats.spans_exported == 0
     started = time.perf_counter()
     assert handle.shutdown(timeout_s=3)
@@ -254,6 +274,7 @@ def test_collector_down_never_raises_and_is_counted(caplog: pytest.LogCaptureFix
 
 
 def test_slow_collector_does_not_hold_up_the_caller(otlp_receiver: OTLPReceiver) -> None:
+    healthy_us = _healthy_span_cost_us(otlp_receiver)
     otlp_receiver.mode = "stall"
     handle = configure_tracing("slow", otlp_receiver.url, metrics=False, set_global=False,
                                export_timeout_s=20)
@@ -265,10 +286,7 @@ def test_slow_collector_does_not_hold_up_the_caller(otlp_receiver: OTLPReceiver)
         assert handle.force_flush(timeout_s=0.3) is False
         flush_s = time.perf_counter() - started
         otlp_receiver.wait_for_requests(1)  # the export did reach the stalled collector
-        started = time.perf_counter()
-        for _ in range(100):
-            tracer.start_span("hop").end()
-        spans_s = time.perf_counter() - started
+        stalled_us = _span_cost_us(handle)
         started = time.perf_counter()
         assert handle.shutdown(timeout_s=0.3) is False
         shutdown_s = time.perf_counter() - started
@@ -276,4 +294,5 @@ def test_slow_collector_does_not_hold_up_the_caller(otlp_receiver: OTLPReceiver)
         otlp_receiver.release()
     assert flush_s < 0.6, f"force_flush(timeout_s=0.3) took {flush_s:.2f}s"
     assert shutdown_s < 0.6, f"shutdown(timeout_s=0.3) took {shutdown_s:.2f}s"
-    assert spans_s < 0.1, f"100 spans took {spans_s:.3f}s while the collector stalled"
+    assert stalled_us < 3 * healthy_us + 30, (
+        f"{stalled_us:.1f} µs per span while the collector stalls, {healthy_us:.1f} µs healthy")

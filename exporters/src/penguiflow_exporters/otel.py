@@ -85,8 +85,10 @@ __all__ = [
     "TelemetryWarning",
     "configure_tracing",
     "export_spans",
+    "make_resource",
     "otlp_json",
     "readable_spans",
+    "signal_endpoint",
 ]
 
 _log = logging.getLogger(__name__)
@@ -169,8 +171,11 @@ class _FailureLog:
     success after failures at INFO. Thread-safe (exports run on SDK threads).
     """
 
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
+    def __init__(self, endpoints: dict[str, str],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.endpoints = endpoints
+        self._clock = clock
+        """Where each signal (``spans``, ``metrics``) goes, for the messages."""
         self.stats = ExportStats()
         self._lock = threading.Lock()
         self._failing = False
@@ -182,10 +187,10 @@ class _FailureLog:
             self.stats.spans_exported += spans
             recovered, self._failing = self._failing, False
         if recovered:
-            _log.info("OTLP export to %s works again", self.endpoint)
+            _log.info("OTLP export to %s works again", self.endpoints.get("spans"))
 
     def failure(self, signal: str, spans: int, error: str | None) -> None:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             if signal == "spans":
                 self.stats.span_exports_failed += 1
@@ -204,10 +209,11 @@ class _FailureLog:
                 "OTLP export of %s to %s failed (%s); the flow goes on and the data is dropped. "
                 "Is a collector listening there? Set endpoint= or OTEL_EXPORTER_OTLP_ENDPOINT "
                 "(Jaeger takes OTLP/HTTP on port 4318).",
-                signal, self.endpoint, error or "the exporter logged why")
+                signal, self.endpoints.get(signal), error or "the exporter logged why")
         else:
-            _log.warning("OTLP export to %s still failing: %d failed exports in the last %.0f s",
-                         self.endpoint, count, FAILURE_LOG_INTERVAL_S)
+            _log.warning("OTLP export of %s to %s still failing: %d failed exports in the last "
+                         "%.0f s", signal, self.endpoints.get(signal), count,
+                         FAILURE_LOG_INTERVAL_S)
 
     def snapshot(self) -> ExportStats:
         with self._lock:
@@ -565,7 +571,7 @@ def configure_tracing(
         traces_protocol = _resolve_protocol(protocol, "traces")
         traces_url = signal_endpoint("traces", endpoint, grpc=traces_protocol == "grpc")
         exporter = _otlp_span_exporter(traces_protocol, traces_url, headers, export_timeout_s)
-    failures = _FailureLog(traces_url or type(exporter).__name__)
+    failures = _FailureLog({"spans": traces_url or type(exporter).__name__})
     counted = _CountingSpanExporter(exporter, failures)
     tracer_provider = TracerProvider(
         sampler=sampler, resource=resource, id_generator=PenguiFlowIdGenerator(),
@@ -581,6 +587,7 @@ def configure_tracing(
         if metric_reader is None:
             metrics_protocol = _resolve_protocol(protocol, "metrics")
             metrics_url = signal_endpoint("metrics", endpoint, grpc=metrics_protocol == "grpc")
+            failures.endpoints["metrics"] = metrics_url
             metric_exporter = _CountingMetricExporter(
                 _otlp_metric_exporter(metrics_protocol, metrics_url, headers, export_timeout_s),
                 failures)
