@@ -35,6 +35,7 @@ _OTEL_VARS = (
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
     "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
     "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
 )
 
 
@@ -303,3 +304,16 @@ def test_failures_are_summarised_not_repeated(caplog: pytest.LogCaptureFixture) 
     stats = log.snapshot()
     assert (stats.span_exports_failed, stats.spans_failed, stats.spans_exported) == (7, 70, 3)
     assert stats.last_error == "refused"
+
+
+def test_gzip_compression_from_the_environment(otlp_receiver: OTLPReceiver,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
+    with configure_tracing("zipped", otlp_receiver.url, metrics=False,
+                           set_global=False) as handle:
+        park_ids(TRACE, SPAN)
+        handle.tracer_provider.get_tracer("t").start_span("compressed").end()
+        assert handle.force_flush(5)
+    (span,) = otlp_receiver.wait_for_spans(1)
+    assert (span.trace_id, span.span_id) == (TRACE, SPAN)
+    assert otlp_receiver.headers[0]["content-encoding"] == "gzip"
