@@ -141,7 +141,8 @@ class NodeWorker:
         direct = registry is None or policy.validate == "none"
         func = node.func
         timeout = policy.timeout_s
-        observed = events.listening or logger.isEnabledFor(_DEBUG)
+        # An invocation id is needed by any listener, the DEBUG log, and log scopes.
+        observed = events.listening or _log_scope.on or logger.isEnabledFor(_DEBUG)
         inv = new_invocation_id() if observed else None
         # Only a fast-path store listens (the common production set-up): record
         # start and success synchronously, without an _emit_event coroutine each.

@@ -136,12 +136,7 @@ def test_stdlib_penguiflow_logs_are_rendered_with_ids(stream: io.StringIO) -> No
     assert failed["node"] == "parse" and "ValueError: bad input" in failed["exception"]
 
 
-@pytest.mark.parametrize("level", [
-    "DEBUG",
-    pytest.param("INFO", marks=pytest.mark.xfail(strict=True, reason=(
-        "core: the worker makes an invocation id (so sets current_scope) only when "
-        "observed = a listener or DEBUG; with the log scope enabled it should too"))),
-])
+@pytest.mark.parametrize("level", ["DEBUG", "INFO"])
 async def test_a_flow_logs_its_events_and_node_code_logs_with_ids(
         stream: io.StringIO, level: str) -> None:
     with configure_logging(json=True, level=level, stream=stream):

@@ -29,8 +29,7 @@ from penguiflow._spans import spans_from_events
 from penguiflow.spandata import SpanData
 from penguiflow.state import StateStoreError
 from penguiflow_exporters import default_store_url, open_store
-from penguiflow_exporters._spanexport import signal_endpoint
-from penguiflow_exporters.otel import OTLPExportError, export_spans, otlp_json
+from penguiflow_exporters.otel import OTLPExportError, export_spans, otlp_json, signal_endpoint
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
