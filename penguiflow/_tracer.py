@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -162,23 +161,21 @@ class LiveTracer:
             parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
                 span.trace_id, span.parent_span_id, is_remote=False, trace_flags=_SAMPLED)))
         links = [Link(SpanContext(link.trace_id, link.span_id, is_remote=False,
-                                  trace_flags=_SAMPLED), _attrs(link.attributes))
-                 for link in span.links]
+                                  trace_flags=_SAMPLED), link.attributes)
+                 for link in span.links] if span.links else None
         park_ids(span.trace_id, span.span_id)
+        # Attributes are passed as they are: the SDK copies them into its own
+        # bounded mapping, so a copy here would be paid twice.
         otel_span = self._tracer.start_span(
             span.name, context=parent, kind=_KINDS[span.kind],
-            attributes=_attrs(span.attributes), links=links, start_time=span.start_ns)
+            attributes=span.attributes, links=links, start_time=span.start_ns)
         for event in span.events:
-            otel_span.add_event(event.name, _attrs(event.attributes), timestamp=event.time_ns)
+            otel_span.add_event(event.name, event.attributes, timestamp=event.time_ns)
         if span.status == "error":
             otel_span.set_status(Status(StatusCode.ERROR, span.status_description))
         elif span.status == "ok":
             otel_span.set_status(Status(StatusCode.OK))
         otel_span.end(end_time=span.end_ns)
-
-
-def _attrs(attributes: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(attributes)
 
 
 # One tracer per tracer provider (see module docstring: subflows share traces).
