@@ -1,0 +1,882 @@
+"""What the inspector shows, derived from a trace's stored events alone.
+
+Contract shared by the ``pf`` command's plain/JSON output and the Textual app:
+``build_trace(events)`` turns the ``StoredEvent``s of one trace (in
+``load_history`` order) into a :class:`TraceView`; nothing here touches a
+store, a terminal or the OTel SDK, so every screen is testable on fixture
+events. Times are epoch seconds (floats, as stored); durations are ms.
+
+The waterfall rows are node invocations and remote calls. The critical path is
+computed from the runtime's recorded wait graph (``parent_invocation_ids``),
+not from span nesting. Replay rebuilds the trace as it was at time ``t``
+(invocations in flight included) with :meth:`TraceView.at`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gc
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from penguiflow._ids import otel_trace_id, root_span_id
+from penguiflow._spans import derived_span_id
+
+if TYPE_CHECKING:
+    from penguiflow.state import StoredEvent
+
+__all__ = [
+    "AttemptView",
+    "build_trace",
+    "critical_path",
+    "remote_stats",
+    "CancelView",
+    "DeadlineView",
+    "EventRow",
+    "InvocationView",
+    "RemoteCallView",
+    "RemoteStats",
+    "TraceView",
+]
+
+Status = Literal["running", "ok", "error", "timeout", "cancelled", "skipped"]
+
+
+@dataclass(slots=True)
+class EventRow:
+    """One stored event, flattened for the event log (and ``--json``)."""
+
+    seq: int
+    ts: float
+    kind: str
+    node_name: str | None
+    invocation_id: str | None
+    attempt: int
+    latency_ms: float | None
+    span_id: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """The payload's kind-specific items (exception, remote_* keys, ...)."""
+
+
+@dataclass(slots=True)
+class AttemptView:
+    """One attempt of an invocation."""
+
+    attempt: int
+    start: float
+    end: float | None
+    outcome: Literal["running", "ok", "error", "timeout", "cancelled"]
+    error: str | None = None
+    backoff_ms: float | None = None
+    """The sleep before the next attempt, when this one was retried."""
+
+
+@dataclass(slots=True)
+class InvocationView:
+    """One execution of one node on one input (all attempts): a waterfall row."""
+
+    invocation_id: str
+    node_name: str
+    node_id: str | None
+    start: float
+    end: float | None
+    """None while still running (at the replay time)."""
+    status: Status
+    queued_ts: float | None
+    parents: tuple[str, ...]
+    attempts: list[AttemptView] = field(default_factory=list)
+    error: str | None = None
+    """The final exception repr or FlowError message."""
+    chunks: int = 0
+    remote_calls: list[str] = field(default_factory=list)
+    """ids of the RemoteCallView rows this invocation made."""
+    span_id: str | None = None
+    parent_span_id: str | None = None
+
+    @property
+    def duration_ms(self) -> float | None:
+        return None if self.end is None else (self.end - self.start) * 1000.0
+
+    @property
+    def queue_wait_ms(self) -> float | None:
+        return None if self.queued_ts is None else (self.start - self.queued_ts) * 1000.0
+
+
+@dataclass(slots=True)
+class RemoteCallView:
+    """One RemoteNode call: a waterfall row and a Remote-tab row."""
+
+    call_id: str
+    """The derived CLIENT span id (16 hex), unique within the trace."""
+    invocation_id: str | None
+    node_name: str | None
+    agent_url: str | None
+    skill: str | None
+    context_id: str | None
+    task_id: str | None
+    start: float
+    end: float | None
+    outcome: Literal["running", "success", "error", "cancelled"]
+    streaming: bool
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
+    stream_events: int = 0
+    time_to_first_chunk_ms: float | None = None
+    states: list[tuple[str, float]] = field(default_factory=list)
+    """A2A task states as reported, with the time each was seen."""
+    error: str | None = None
+
+    @property
+    def latency_ms(self) -> float | None:
+        return None if self.end is None else (self.end - self.start) * 1000.0
+
+    def state_split_ms(self, now: float | None = None) -> list[tuple[str, float]]:
+        """Time spent in each reported task state, in order (ms).
+
+        A state lasts from the time it was first seen to the time the next one
+        was seen, the last one until the call ended (or ``now``, for a call
+        still running; without ``now`` a running call's last state is left
+        out). Time before the first reported state is not attributed. A unary
+        call reports only its final state: one segment of 0 ms.
+        """
+        out: list[tuple[str, float]] = []
+        last = len(self.states) - 1
+        for i, (state, seen) in enumerate(self.states):
+            if i < last:
+                until: float | None = self.states[i + 1][1]
+            else:
+                until = self.end if self.end is not None else now
+            if until is not None:
+                out.append((state, max(0.0, (until - seen) * 1000.0)))
+        return out
+
+
+@dataclass(slots=True)
+class RemoteStats:
+    """Per-agent latency summary for the Remote tab."""
+
+    agent: str
+    calls: int
+    errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+
+
+@dataclass(slots=True)
+class CancelView:
+    """One trace cancel: requested → propagated (per remote cancel) → acknowledged."""
+
+    requested: float
+    acknowledged: float | None
+    propagated: list[tuple[str | None, float, float | None, str]] = field(default_factory=list)
+    """Per remote CancelTask: (task id, time, round trip ms, reason)."""
+    interrupted: list[tuple[str, float]] = field(default_factory=list)
+    """Invocations interrupted by the cancel: (invocation id, time)."""
+    kept_running: list[str] = field(default_factory=list)
+    """Invocation ids that still produced events after the cancel was requested."""
+
+    @property
+    def latency_ms(self) -> float | None:
+        return None if self.acknowledged is None else (self.acknowledged - self.requested) * 1e3
+
+
+@dataclass(slots=True)
+class DeadlineView:
+    """A message skipped because its deadline had passed."""
+
+    node_name: str | None
+    ts: float
+    deadline: float | None
+    remaining_ms: float | None
+
+
+@dataclass(slots=True)
+class TraceView:
+    """Everything the screens show about one trace."""
+
+    trace_id: str
+    flow_name: str | None
+    start: float
+    end: float
+    status: Status
+    invocations: list[InvocationView]
+    """In start order."""
+    remote_calls: list[RemoteCallView]
+    events: list[EventRow]
+    cancels: list[CancelView]
+    deadlines: list[DeadlineView]
+    critical_path: list[str]
+    """Invocation ids, first to last, of the chain that determined the duration."""
+    otel_trace_id: str = ""
+    root_span_id: str = ""
+    replay_t: float | None = None
+    """The time this view was rebuilt at by :meth:`at`; None for the whole trace."""
+    _index: _Index | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.end - self.start) * 1000.0
+
+    def invocation(self, invocation_id: str) -> InvocationView | None:
+        """The invocation with this id, or None (a linear scan)."""
+        return next((i for i in self.invocations if i.invocation_id == invocation_id), None)
+
+    def remote_call(self, call_id: str) -> RemoteCallView | None:
+        """The remote call with this id, or None (a linear scan)."""
+        return next((c for c in self.remote_calls if c.call_id == call_id), None)
+
+    def at(self, t: float) -> TraceView:
+        """The trace as it was at time ``t`` (epoch seconds), from its events with ts <= t.
+
+        Invocations and remote calls in flight at ``t`` have ``end=None`` and
+        status ``"running"`` / outcome ``"running"``; ``end`` of the view is
+        ``t`` clipped to the trace's span; ``replay_t`` is ``t``. Rows that had
+        finished by ``t`` are shared with the full view (treat views as
+        read-only). Calling ``at`` on a replayed view rebuilds from the whole
+        trace again, so a scrubber can go backwards.
+
+        Cost: two bisections, one pass over the invocations started by ``t``
+        (a list comprehension) and a re-fold of the events of the rows in
+        flight only. Measured on a 100k-event trace (50k invocations, 2-core
+        machine, CPython 3.11, ~3x slower than a laptop): see
+        ``tests/inspector/test_model_perf.py`` and the figures in
+        ``docs/guides/inspector.md``: ~15 ms per step.
+        """
+        index = self._index
+        if index is None:
+            raise ValueError("TraceView.at needs a view made by build_trace")
+        return index.at(t)
+
+
+# -- building ---------------------------------------------------------------------------------
+
+#: The payload keys every event has (``FlowEvent.to_payload``); the rest is the kind's extra.
+_BASE_KEYS = frozenset({
+    "ts", "event", "node_name", "node_id", "trace_id", "latency_ms", "q_depth_in",
+    "q_depth_out", "q_depth_total", "outgoing", "queue_maxsize", "attempt", "trace_inflight",
+    "trace_cancelled", "trace_pending",
+})
+#: Kinds that end an invocation.
+_TERMINAL = frozenset({"node_success", "node_failed", "node_trace_cancelled"})
+#: Kinds the cancel & deadline views are folded from (see ``_Fold.trace_level``).
+_TRACE_LEVEL = frozenset({"trace_cancel_start", "trace_cancel_finish", "remote_call_cancelled",
+                          "node_trace_cancelled", "deadline_skip"})
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _flow_error_message(payload: Mapping[str, Any]) -> str | None:
+    flow_error = payload.get("flow_error")
+    if isinstance(flow_error, Mapping) and flow_error.get("message") is not None:
+        return str(flow_error["message"])
+    return _text(payload.get("exception"))
+
+
+class _Fold:
+    """Applies one trace's events, in order, to the rows of a TraceView.
+
+    Used three ways: over every event (``build_trace``), over the events of the
+    rows in flight at a replay time, and over the trace-level events only
+    (cancels and deadlines at a replay time).
+    """
+
+    def __init__(self, trace_id: str, *, index: bool = False) -> None:
+        self.trace_id = trace_id
+        self.invocations: dict[str, InvocationView] = {}
+        self.calls: list[RemoteCallView] = []
+        self.open_calls: dict[str, list[RemoteCallView]] = {}
+        self.call_count: dict[str, int] = {}
+        self.cancels: list[CancelView] = []
+        self.deadlines: list[DeadlineView] = []
+        self.rows: list[EventRow] = []
+        self.start = math.inf
+        self.end = -math.inf
+        self.flow_name: str | None = None
+        #: Per cancel: invocation id -> the first ts after the request it had an event.
+        self.first_after: list[dict[str, float]] = []
+        self.index = index
+        #: With ``index``: event positions per invocation key, the last ts of each row,
+        #: the positions of trace-level events.
+        self.inv_events: dict[str, list[int]] = {}
+        self.last_ts: dict[str, float] = {}
+        self.trace_level: list[int] = []
+
+    # -- dispatch -------------------------------------------------------------------
+
+    def apply(self, pos: int, ev: StoredEvent, *, rows: bool = True) -> None:
+        ts = ev.ts
+        payload = ev.payload
+        kind = ev.kind
+        if ts < self.start:
+            self.start = ts
+        if ev.queued_ts is not None and ev.queued_ts < self.start:
+            self.start = ev.queued_ts
+        if ts > self.end:
+            self.end = ts
+        if self.flow_name is None:
+            self.flow_name = ev.flow_name
+        inv = ev.invocation_id
+        if rows:
+            latency = payload.get("latency_ms")
+            self.rows.append(EventRow(
+                ev.seq, ts, kind, ev.node_name, inv, ev.attempt,
+                latency if isinstance(latency, int | float) else None, ev.span_id,
+                # Set difference runs in C: ~3x faster than filtering every item.
+                {k: payload[k] for k in sorted(payload.keys() - _BASE_KEYS)}))
+        if self.index:
+            if inv is not None:
+                positions = self.inv_events.get(inv)
+                if positions is None:
+                    self.inv_events[inv] = [pos]
+                else:
+                    positions.append(pos)
+                if ts > self.last_ts.get(inv, -math.inf):
+                    self.last_ts[inv] = ts
+            if kind in _TRACE_LEVEL:
+                self.trace_level.append(pos)
+        if self.cancels and inv is not None:
+            for cancel, seen in zip(self.cancels, self.first_after, strict=True):
+                if ts > cancel.requested and inv not in seen:
+                    seen[inv] = ts
+        handler = _HANDLERS.get(kind)
+        if handler is not None:
+            handler(self, ev, payload)
+
+    # -- invocations ----------------------------------------------------------------
+
+    def _invocation(self, ev: StoredEvent) -> InvocationView | None:
+        inv_id = ev.invocation_id
+        if inv_id is None:
+            return None
+        inv = self.invocations.get(inv_id)
+        if inv is None:
+            inv = self.invocations[inv_id] = InvocationView(
+                inv_id, ev.node_name or "?", ev.node_id, ev.ts, None, "running", ev.queued_ts,
+                tuple(ev.parent_invocation_ids), span_id=ev.span_id or inv_id,
+                parent_span_id=ev.parent_span_id)
+        elif len(ev.parent_invocation_ids) > len(inv.parents):
+            # A join names every input it joined on its terminal event.
+            inv.parents = tuple(ev.parent_invocation_ids)
+        return inv
+
+    def node_start(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        inv = self._invocation(ev)
+        if inv is not None:
+            inv.attempts.append(AttemptView(ev.attempt, ev.ts, None, "running"))
+
+    def _close_attempt(self, inv: InvocationView, ts: float,
+                       outcome: Literal["ok", "error", "timeout", "cancelled"],
+                       error: str | None = None) -> None:
+        if inv.attempts and inv.attempts[-1].outcome == "running":
+            attempt = inv.attempts[-1]
+            attempt.end = ts
+            attempt.outcome = outcome
+            attempt.error = error
+
+    def node_error(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        inv = self._invocation(ev)
+        if inv is not None:
+            error = _text(payload.get("exception"))
+            self._close_attempt(inv, ev.ts, "error", error)
+
+    def node_timeout(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        inv = self._invocation(ev)
+        if inv is not None:
+            error = _text(payload.get("exception")) or "timeout"
+            self._close_attempt(inv, ev.ts, "timeout", error)
+
+    def node_retry(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        inv = self._invocation(ev)
+        if inv is not None and inv.attempts:
+            sleep_s = _num(payload.get("sleep_s"))
+            inv.attempts[-1].backoff_ms = None if sleep_s is None else sleep_s * 1000.0
+
+    def node_success(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        inv = self._invocation(ev)
+        if inv is not None:
+            self._close_attempt(inv, ev.ts, "ok")
+            inv.end, inv.status, inv.error = ev.ts, "ok", None
+
+    def node_failed(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        inv = self._invocation(ev)
+        if inv is not None:
+            message = _flow_error_message(payload)
+            self._close_attempt(inv, ev.ts, "error", _text(payload.get("exception")))
+            timed_out = bool(inv.attempts) and inv.attempts[-1].outcome == "timeout"
+            inv.end, inv.error = ev.ts, message
+            inv.status = "timeout" if timed_out else "error"
+
+    def node_trace_cancelled(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        self._cancel_interrupted(ev)
+        inv = self._invocation(ev)
+        if inv is not None:
+            self._close_attempt(inv, ev.ts, "cancelled")
+            inv.end, inv.status = ev.ts, "cancelled"
+
+    # -- remote calls ---------------------------------------------------------------
+
+    def remote_call_start(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        key = ev.invocation_id or ""
+        index = self.call_count.get(key, 0)
+        self.call_count[key] = index + 1
+        call = RemoteCallView(
+            f"{derived_span_id(self.trace_id, key, 'remote', str(index)):016x}",
+            ev.invocation_id, ev.node_name, _text(payload.get("remote_agent_url")),
+            _text(payload.get("remote_skill")), None, None, ev.ts, None, "running",
+            bool(payload.get("remote_streaming")))
+        sent = payload.get("remote_request_bytes")
+        call.bytes_sent = sent if isinstance(sent, int) else None
+        self.calls.append(call)
+        self.open_calls.setdefault(key, []).append(call)
+        inv = self.invocations.get(key)
+        if inv is not None:
+            inv.remote_calls.append(call.call_id)
+        if self.index:
+            self.last_ts[call.call_id] = ev.ts
+
+    def _call(self, ev: StoredEvent, payload: Mapping[str, Any]) -> RemoteCallView | None:
+        """The open call an event belongs to: same invocation, same task id if known."""
+        open_calls = self.open_calls.get(ev.invocation_id or "")
+        if not open_calls:
+            return None
+        task_id = payload.get("remote_task_id")
+        call = open_calls[-1]
+        if task_id is not None:
+            call = next((c for c in open_calls if c.task_id == task_id),
+                        next((c for c in open_calls if c.task_id is None), call))
+        context_id = payload.get("remote_context_id")
+        if context_id is not None:
+            call.context_id = str(context_id)
+        if task_id is not None:
+            call.task_id = str(task_id)
+        url = payload.get("remote_agent_url")
+        if url:
+            call.agent_url = str(url)
+        if self.index:
+            self.last_ts[call.call_id] = ev.ts
+        return call
+
+    def _end_call(self, call: RemoteCallView, ts: float,
+                  outcome: Literal["success", "error", "cancelled"]) -> None:
+        call.end, call.outcome = ts, outcome
+        open_calls = self.open_calls.get(call.invocation_id or "")
+        if open_calls and call in open_calls:
+            open_calls.remove(call)
+
+    @staticmethod
+    def _state(call: RemoteCallView, state: Any, ts: float) -> None:
+        if state is not None and (not call.states or call.states[-1][0] != state):
+            call.states.append((str(state), ts))
+
+    def remote_stream_event(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        call = self._call(ev, payload)
+        if call is None:
+            return
+        call.stream_events += 1
+        chunk_bytes = payload.get("remote_chunk_bytes")
+        if isinstance(chunk_bytes, int):
+            call.bytes_received = (call.bytes_received or 0) + chunk_bytes
+        text_bytes = payload.get("remote_text_bytes")
+        if isinstance(text_bytes, int) and text_bytes > 0:  # status-only events carry no text
+            if call.time_to_first_chunk_ms is None:
+                call.time_to_first_chunk_ms = (ev.ts - call.start) * 1000.0
+            inv = self.invocations.get(ev.invocation_id or "")
+            if inv is not None:
+                inv.chunks += 1
+        self._state(call, payload.get("remote_task_state"), ev.ts)
+
+    def remote_call_success(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        call = self._call(ev, payload)
+        if call is None:
+            return
+        received = payload.get("remote_response_bytes")
+        if isinstance(received, int):
+            call.bytes_received = received
+        self._state(call, payload.get("remote_task_state"), ev.ts)
+        self._end_call(call, ev.ts, "success")
+
+    def remote_call_error(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        call = self._call(ev, payload)
+        if call is None:
+            return
+        call.error = _text(payload.get("remote_error"))
+        self._end_call(call, ev.ts, "error")
+
+    def remote_call_cancelled(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        reason = str(payload.get("remote_cancel_reason") or "trace_cancel")
+        if reason != "local_cancel" and self.cancels:
+            latency = payload.get("latency_ms")
+            self.cancels[-1].propagated.append((
+                _text(payload.get("remote_task_id")), ev.ts,
+                float(latency) if isinstance(latency, int | float) else None, reason))
+        call = self._call(ev, payload)
+        if call is not None:
+            call.error = f"cancelled ({reason})"
+            self._end_call(call, ev.ts, "cancelled")
+
+    # -- cancels and deadlines ------------------------------------------------------
+
+    def trace_cancel_start(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        self.cancels.append(CancelView(requested=ev.ts, acknowledged=None))
+        self.first_after.append({})
+
+    def trace_cancel_finish(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        if self.cancels and self.cancels[-1].acknowledged is None:
+            self.cancels[-1].acknowledged = ev.ts
+
+    def _cancel_interrupted(self, ev: StoredEvent) -> None:
+        if self.cancels and ev.invocation_id is not None:
+            self.cancels[-1].interrupted.append((ev.invocation_id, ev.ts))
+
+    def deadline_skip(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        deadline = _num(payload.get("deadline_s"))
+        self.deadlines.append(DeadlineView(
+            ev.node_name, ev.ts, deadline,
+            None if deadline is None else (deadline - ev.ts) * 1000.0))
+
+    def trace_level_only(self, ev: StoredEvent) -> None:
+        """Apply a trace-level event to the cancels and deadlines alone."""
+        kind, payload = ev.kind, ev.payload
+        if kind == "node_trace_cancelled":
+            self._cancel_interrupted(ev)
+        elif kind == "remote_call_cancelled":
+            self.remote_call_cancelled(ev, payload)
+        else:
+            _HANDLERS[kind](self, ev, payload)
+
+    # -- results --------------------------------------------------------------------
+
+    def close_orphan_calls(self, later: Mapping[str, float] | None = None) -> None:
+        """Calls still open when their invocation ended were cut short locally.
+
+        ``later``: call ids with an outcome event after the replay time (a
+        remote cancel on its way back), which stay open.
+        """
+        for key, open_calls in self.open_calls.items():
+            inv = self.invocations.get(key)
+            if inv is None or inv.end is None:
+                continue
+            for call in list(open_calls):
+                if later is not None and call.call_id in later:
+                    continue
+                call.error = call.error or "cut short locally (no remote outcome recorded)"
+                self._end_call(call, inv.end, "cancelled")
+
+    def kept_running(self) -> None:
+        for cancel, seen in zip(self.cancels, self.first_after, strict=True):
+            interrupted = {inv for inv, _ in cancel.interrupted}
+            cancel.kept_running = [inv for inv in seen if inv not in interrupted]
+
+
+_Handler = Any  # Callable[[_Fold, StoredEvent, Mapping[str, Any]], None]
+_HANDLERS: dict[str, _Handler] = {
+    name: getattr(_Fold, name) for name in (
+        "node_start", "node_error", "node_timeout", "node_retry", "node_success",
+        "node_failed", "node_trace_cancelled", "remote_call_start", "remote_stream_event",
+        "remote_call_success", "remote_call_error", "remote_call_cancelled",
+        "trace_cancel_start", "trace_cancel_finish", "deadline_skip")
+}
+
+
+def _trace_status(invocations: Sequence[InvocationView], cancels: Sequence[CancelView],
+                  deadlines: Sequence[DeadlineView]) -> Status:
+    """cancelled > error (an invocation failed; timeout if it timed out) > running > ok.
+
+    A trace with no invocation but a deadline skip is ``skipped``.
+    """
+    if cancels:
+        return "cancelled"
+    running = False
+    timeout = False
+    for inv in invocations:
+        status = inv.status
+        if status == "error":
+            return "error"
+        if status == "timeout":
+            timeout = True
+        elif status == "running":
+            running = True
+    if timeout:
+        return "timeout"
+    if running:
+        return "running"
+    if not invocations and deadlines:
+        return "skipped"
+    return "ok"
+
+
+def critical_path(invocations: Sequence[InvocationView], end: float,
+                  by_id: Mapping[str, InvocationView] | None = None) -> list[str]:
+    """The chain of invocations that determined the trace's duration, first to last.
+
+    Starts from the invocation that ended last (one still running counts as
+    ending at ``end``) and steps, repeatedly, to the parent (from the recorded
+    wait graph, ``parent_invocation_ids``) that finished last: the input it
+    actually waited for. ``by_id`` may map ids to rows (else built here).
+    """
+    if not invocations:
+        return []
+    lookup = by_id if by_id is not None else {i.invocation_id: i for i in invocations}
+
+    def finished(inv: InvocationView) -> float:
+        return inv.end if inv.end is not None else end
+
+    current: InvocationView | None = max(invocations, key=finished)
+    chain: list[str] = []
+    while current is not None:
+        chain.append(current.invocation_id)
+        current = _waited_for(current, lookup, end)
+        if len(chain) > len(lookup):  # a cycle: a malformed wait graph
+            break
+    chain.reverse()
+    return chain
+
+
+def _waited_for(inv: InvocationView, lookup: Mapping[str, InvocationView],
+                end: float) -> InvocationView | None:
+    """The parent of ``inv`` that finished last (running ones finish at ``end``)."""
+    best: InvocationView | None = None
+    best_end = -math.inf
+    for parent_id in inv.parents:
+        parent = lookup.get(parent_id)
+        if parent is None:
+            continue
+        parent_end = parent.end if parent.end is not None else end
+        if parent_end > best_end:
+            best, best_end = parent, parent_end
+    return best
+
+
+def build_trace(events: Sequence[StoredEvent]) -> TraceView:
+    """Build the view of one trace from its stored events, in ``load_history`` order.
+
+    Unknown kinds are kept in the event log and otherwise ignored; events of
+    an invocation whose ``node_start`` is missing still make a row (from the
+    first event seen). Raises ValueError for no events (there is no trace to
+    show). Measured: ~0.5 s for 100k events on a 2-core machine ~3x slower
+    than a laptop (``tests/inspector/test_model_perf.py``).
+    """
+    if not events:
+        raise ValueError("build_trace needs at least one event")
+    trace_id = next((e.trace_id for e in events if e.trace_id is not None), "")
+    fold = _Fold(trace_id, index=True)
+    apply = fold.apply
+    # The fold allocates ~4 objects per event and frees none: the cyclic GC would
+    # rescan the growing heap again and again (~40% of the time at 100k events).
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for pos, ev in enumerate(events):
+            apply(pos, ev)
+        return _finish(trace_id, events, fold)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _finish(trace_id: str, events: Sequence[StoredEvent], fold: _Fold) -> TraceView:
+    fold.close_orphan_calls()
+    fold.kept_running()
+    invocations = sorted(fold.invocations.values(), key=lambda i: i.start)
+    calls = sorted(fold.calls, key=lambda c: c.start)
+    view = TraceView(
+        trace_id=trace_id, flow_name=fold.flow_name, start=fold.start, end=fold.end,
+        status=_trace_status(invocations, fold.cancels, fold.deadlines),
+        invocations=invocations, remote_calls=calls, events=fold.rows, cancels=fold.cancels,
+        deadlines=fold.deadlines, critical_path=critical_path(invocations, fold.end),
+        otel_trace_id=otel_trace_id(trace_id) if trace_id else "",
+        root_span_id=root_span_id(trace_id) if trace_id else "")
+    view._index = _Index(view, events, fold)
+    return view
+
+
+class _Index:
+    """What :meth:`TraceView.at` needs to rebuild the trace at a time quickly.
+
+    Everything that is O(invocations) is computed once here; a step is then a
+    few bisections, one pass over the invocations started by ``t`` and a
+    re-fold of the rows with events after ``t``.
+    """
+
+    def __init__(self, view: TraceView, events: Sequence[StoredEvent], fold: _Fold) -> None:
+        self.view = view
+        self.events = events
+        self.ts = [row.ts for row in view.events]
+        self.monotonic = all(a <= b for a, b in zip(self.ts, self.ts[1:], strict=False))
+        invocations = view.invocations
+        self.inv_starts = [i.start for i in invocations]
+        self.inv_lasts = [fold.last_ts.get(i.invocation_id, i.start) for i in invocations]
+        self.call_starts = [c.start for c in view.remote_calls]
+        self.call_lasts = [fold.last_ts.get(c.call_id, c.start) for c in view.remote_calls]
+        self.inv_events = fold.inv_events
+        self.trace_level = fold.trace_level
+        self.first_after = fold.first_after
+        self.by_id = {i.invocation_id: i for i in invocations}
+        ended = sorted((i.end, n) for n, i in enumerate(invocations) if i.end is not None)
+        self.end_times = [e for e, _ in ended]
+        self.end_order = [n for _, n in ended]
+        self.first_error = min((i.end for i in invocations if i.status == "error"
+                                and i.end is not None), default=math.inf)
+        self.first_timeout = min((i.end for i in invocations if i.status == "timeout"
+                                  and i.end is not None), default=math.inf)
+        # The parent each invocation waited for in the whole trace, and when that
+        # choice became final (every parent ended): valid at any t after that.
+        self.waited: dict[str, str | None] = {}
+        self.waited_final: dict[str, float] = {}
+        for inv in invocations:
+            parent = _waited_for(inv, self.by_id, math.inf)
+            self.waited[inv.invocation_id] = None if parent is None else parent.invocation_id
+            ends = [self.by_id[p].end for p in inv.parents if p in self.by_id]
+            self.waited_final[inv.invocation_id] = (
+                math.inf if any(e is None for e in ends)
+                else max((e for e in ends if e is not None), default=-math.inf))
+
+    def at(self, t: float) -> TraceView:
+        view = self.view
+        if self.monotonic:
+            rows = view.events[: bisect.bisect_right(self.ts, t)]
+        else:
+            rows = [row for row in view.events if row.ts <= t]
+        # Invocations started by t; those with events after t are re-folded from
+        # their own events up to t (few: the ones in flight at t).
+        k = bisect.bisect_right(self.inv_starts, t)
+        lasts = self.inv_lasts
+        invocations = view.invocations[:k]
+        stale = [i for i in range(k) if lasts[i] > t]
+        events, ts = self.events, self.ts
+        sub = _Fold(view.trace_id)
+        running: list[InvocationView] = []
+        if stale:
+            positions = sorted(p for i in stale
+                               for p in self.inv_events.get(invocations[i].invocation_id, ())
+                               if ts[p] <= t)
+            for p in positions:
+                sub.apply(p, events[p], rows=False)
+            sub.close_orphan_calls(self.call_ends_after(t))
+            for i in stale:
+                row = sub.invocations.get(invocations[i].invocation_id, invocations[i])
+                invocations[i] = row
+                if row.end is None:
+                    running.append(row)
+        kc = bisect.bisect_right(self.call_starts, t)
+        fresh = {c.call_id: c for c in sub.calls}
+        calls = [fresh.get(c.call_id, c) for i, c in enumerate(view.remote_calls[:kc])
+                 if self.call_lasts[i] <= t or c.call_id in fresh]
+        # Cancels and deadlines: re-fold the (few) trace-level events up to t.
+        trace_level = _Fold(view.trace_id)
+        for p in self.trace_level:
+            if ts[p] <= t:
+                trace_level.trace_level_only(events[p])
+        for cancel, seen in zip(trace_level.cancels, self.first_after, strict=False):
+            interrupted = {inv for inv, _ in cancel.interrupted}
+            cancel.kept_running = [inv for inv, first in seen.items()
+                                   if first <= t and inv not in interrupted]
+        end = min(max(t, view.start), view.end)
+        status: Status
+        if trace_level.cancels:
+            status = "cancelled"
+        elif self.first_error <= t:
+            status = "error"
+        elif self.first_timeout <= t:
+            status = "timeout"
+        elif running:
+            status = "running"
+        elif not invocations and trace_level.deadlines:
+            status = "skipped"
+        else:
+            status = "ok"
+        return TraceView(
+            trace_id=view.trace_id, flow_name=view.flow_name, start=view.start, end=end,
+            status=status, invocations=invocations, remote_calls=calls, events=rows,
+            cancels=trace_level.cancels, deadlines=trace_level.deadlines,
+            critical_path=self._critical_path(t, running, sub.invocations),
+            otel_trace_id=view.otel_trace_id, root_span_id=view.root_span_id,
+            replay_t=t, _index=self)
+
+    def call_ends_after(self, t: float) -> dict[str, float]:
+        """Ids of the calls whose last event (their outcome) comes after ``t``."""
+        return {c.call_id: last for c, last in zip(self.view.remote_calls, self.call_lasts,
+                                                   strict=True) if last > t}
+
+    def _critical_path(self, t: float, running: list[InvocationView],
+                       refolded: dict[str, InvocationView]) -> list[str]:
+        """:func:`critical_path` at ``t``, reusing the whole trace's choices where final."""
+        if running:  # they end "at t", after everything that has ended
+            last: str | None = running[0].invocation_id
+        else:
+            j = bisect.bisect_right(self.end_times, t)
+            if j == 0:
+                return []
+            last = self.view.invocations[self.end_order[j - 1]].invocation_id
+        lookup = _Overlay(self.by_id, refolded) if refolded else self.by_id
+        waited, final = self.waited, self.waited_final
+        chain: list[str] = []
+        limit = len(self.by_id)
+        while last is not None and len(chain) <= limit:
+            chain.append(last)
+            if final[last] <= t:
+                last = waited[last]
+            else:
+                parent = _waited_for(lookup[last], lookup, t)
+                last = None if parent is None else parent.invocation_id
+        chain.reverse()
+        return chain
+
+
+class _Overlay(Mapping[str, InvocationView]):
+    """``base`` with some rows replaced (the rows re-folded at a replay time)."""
+
+    def __init__(self, base: Mapping[str, InvocationView],
+                 top: Mapping[str, InvocationView]) -> None:
+        self.base, self.top = base, top
+
+    def __getitem__(self, key: str) -> InvocationView:
+        found = self.top.get(key)
+        return found if found is not None else self.base[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        found = self.top.get(key)
+        return found if found is not None else self.base.get(key, default)
+
+    def __iter__(self) -> Any:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+# -- per-agent stats ---------------------------------------------------------------------------
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of ascending values; None when empty."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def remote_stats(view: TraceView) -> list[RemoteStats]:
+    """Per-agent (agent URL, else skill) call count, errors and p50/p95 latency.
+
+    Latencies are of finished calls; percentiles are nearest-rank. Ordered by
+    agent name.
+    """
+    groups: dict[str, list[RemoteCallView]] = {}
+    for call in view.remote_calls:
+        groups.setdefault(call.agent_url or call.skill or "?", []).append(call)
+    out = []
+    for agent in sorted(groups):
+        calls = groups[agent]
+        latencies = sorted(c.latency_ms for c in calls if c.latency_ms is not None)
+        out.append(RemoteStats(agent, len(calls), sum(c.outcome == "error" for c in calls),
+                               _percentile(latencies, 50), _percentile(latencies, 95)))
+    return out
