@@ -19,17 +19,26 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
 from penguiflow._spans import spans_from_events
 from penguiflow.spandata import SpanData
-from penguiflow.state import StateStoreError
-from penguiflow_exporters import default_store_url, open_store
 from penguiflow_exporters.otel import OTLPExportError, export_spans, otlp_json, signal_endpoint
+
+from ._store import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    reading,
+    redact,
+    resolve,
+)
+from ._store import (
+    store_url as _store_url,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -44,24 +53,11 @@ __all__ = [
     "run",
 ]
 
-EXIT_OK: Final = 0
-#: The store or the collector failed (or the output file could not be written).
-EXIT_FAILURE: Final = 1
-#: The command line was wrong: bad flags, an unknown or ambiguous trace id.
-EXIT_USAGE: Final = 2
 #: The longest one OTLP request (retries included) may take.
 DEFAULT_TIMEOUT_S: Final = 10.0
-#: Candidates an "ambiguous prefix" message names.
-_SHOWN_CANDIDATES: Final = 5
 
-
-class ExportError(Exception):
-    """A failure ``pf export`` reports as one line and an exit status."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
+#: ``pf export``'s failures are the commands' shared :class:`CommandError`.
+ExportError = CommandError
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,66 +110,12 @@ async def load_trace(store_url: str, reference: str) -> LoadedTrace:
         ExportError: the store cannot be opened or read (exit 1), its URL is
             not supported (exit 2), or no / several traces match (exit 2).
     """
-    try:
-        store = open_store(store_url)
-    except ValueError as exc:
-        raise ExportError(str(exc).replace(store_url, redact(store_url)), EXIT_USAGE) from None
-    if store_url.startswith("memory:"):
-        raise ExportError(
-            "memory:// is empty in a new process (an in-memory store lives only as long as "
-            "the flow that recorded into it); pass --store sqlite:///... or postgresql://...",
-            EXIT_USAGE)
-    path = getattr(store, "path", None)
-    if isinstance(path, Path) and not path.exists():
-        # Opening a SQLite store creates the file; exporting from a typo must not.
-        raise ExportError(
-            f"no trace store at {str(path)!r}: nothing was recorded there; "
-            "pass --store URL or set PENGUIFLOW_STORE to where the flow recorded its trace")
-    try:
-        try:  # a store opens itself on first use
-            candidates = await store.resolve_trace_id(reference)
-            trace_id = _choose(reference, candidates, store_url)
-            events = list(await store.load_history(trace_id))
-        finally:
-            await store.close()
-    except StateStoreError as exc:  # its message names the store and the likely fix
-        raise ExportError(f"trace store: {_one_line(exc)}") from None
-    except OSError as exc:  # a driver error the store did not translate
-        raise ExportError(
-            f"cannot reach the trace store {redact(store_url)}: {_one_line(exc)}") from None
+    async with reading(store_url) as store:
+        trace_id = await resolve(store, reference, store_url)
+        events = list(await store.load_history(trace_id))
     if not events:  # resolved a moment ago, then gone (deleted meanwhile)
         raise ExportError(f"trace {trace_id} has no stored events in {redact(store_url)}")
     return LoadedTrace(trace_id, len(events), spans_from_events(events))
-
-
-def _choose(reference: str, candidates: Sequence[str], store_url: str) -> str:
-    if reference in candidates:
-        return reference
-    if not candidates:
-        raise ExportError(
-            f"no trace id starts with {reference!r} in {redact(store_url)}; check the id, "
-            "or pass --store URL (or set PENGUIFLOW_STORE) to where the trace was recorded",
-            EXIT_USAGE)
-    if len(candidates) == 1:
-        return candidates[0]
-    shown = ", ".join(sorted(candidates)[:_SHOWN_CANDIDATES])
-    more = "" if len(candidates) <= _SHOWN_CANDIDATES else ", ..."
-    raise ExportError(
-        f"trace id prefix {reference!r} is ambiguous ({len(candidates)}"
-        f"{'+' if len(candidates) >= 10 else ''} traces match: {shown}{more}); "
-        "give more characters", EXIT_USAGE)
-
-
-def redact(url: str) -> str:
-    """``url`` without the password of its user info (safe to print)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-    except ValueError:
-        return url.split("://", 1)[0] + "://***"  # unparsable: show the scheme only
-    user, host = parts.netloc.rsplit("@", 1)
-    return urlunsplit(parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}"))
 
 
 def _reason(reason: str) -> str:
@@ -186,11 +128,6 @@ def _reason(reason: str) -> str:
     return first.removeprefix("Transient error ").rstrip(".")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
 def run(ns: argparse.Namespace, stdout: TextIO | None = None,
         stderr: TextIO | None = None) -> int:
     """Run ``pf export`` for parsed arguments; returns the exit status.
@@ -200,9 +137,9 @@ def run(ns: argparse.Namespace, stdout: TextIO | None = None,
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
-    store_url: str = ns.store or default_store_url()
+    url = _store_url(ns.store)
     try:
-        trace = asyncio.run(load_trace(store_url, ns.trace_id))
+        trace = asyncio.run(load_trace(url, ns.trace_id))
         where = _deliver(trace, ns, out)
     except ExportError as exc:
         print(f"pf export: {exc.message}", file=err)
