@@ -1,0 +1,438 @@
+"""The trace screen: waterfall + detail + event log, Remote and Cancel tabs, replay, live.
+
+Loading (all in ``@work`` workers that post back, see ``messages.py``):
+
+1. resolve the id (a unique prefix is enough), then ``get_trace`` -> the
+   summary line is painted at once (O(1) in every store);
+2. ``load_history`` + ``build_trace`` (the rebuild runs in a thread) -> the
+   waterfall. A 100k-event trace shows its summary and a "loading" line first.
+
+Live: when the trace is running (or the app was opened by ``pf tail``), a
+worker follows the store and posts each event; a 4 Hz timer folds what arrived
+into a rebuild, so a busy trace costs at most four rebuilds a second.
+
+Replay: ``r`` enters replay at the trace's first event; the screen then shows
+``view.at(t)`` (in-flight invocations drawn open-ended) on the full trace's
+time axis. ``,``/``.`` step event by event, ``[``/``]`` scrub by 5 %, space
+plays at the chosen speed, a click on the replay bar jumps there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.timer import Timer
+from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
+
+from penguiflow.state import StateStoreError, StoredEvent
+
+from ..messages import EventsArrived, LoadFailed, RowSelected, ScrubTo, SummaryLoaded, TraceLoaded
+from ..model import TraceView
+from ..widgets.cancel_table import CancelTable
+from ..widgets.detail import DetailPane
+from ..widgets.event_log import EventLog
+from ..widgets.remote_table import RemoteTable
+from ..widgets.replay_bar import ReplayBar
+from ..widgets.rows import Rows, build_view, parse_query, view_at
+from ..widgets.waterfall import Waterfall, format_ms
+
+if TYPE_CHECKING:
+    from penguiflow.state import TraceStore, TraceSummary
+
+__all__ = ["SPEEDS", "TraceScreen"]
+
+#: Replay speeds (x recorded time); the default is 1x.
+SPEEDS = (0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0)
+_TICK_S = 0.1
+_LIVE_REFRESH_S = 0.25
+
+
+class TraceScreen(Screen[None]):
+    """One trace. Open with a store and an id (or id prefix), or with a built view."""
+
+    CSS_PATH = "trace.tcss"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("1", "show_tab('waterfall')", "Waterfall"),
+        Binding("2", "show_tab('remote')", "Remote"),
+        Binding("3", "show_tab('cancel')", "Cancel"),
+        Binding("slash", "search", "Search"),
+        Binding("escape", "escape", "Back", show=False),
+        Binding("r", "replay", "Replay"),
+        Binding("space", "play", "Play", show=False),
+        Binding("full_stop", "step(1)", "Step", show=False),
+        Binding("comma", "step(-1)", "Step back", show=False),
+        Binding("plus,equals_sign", "speed(1)", "Faster", show=False),
+        Binding("minus", "speed(-1)", "Slower", show=False),
+        Binding("right_square_bracket", "scrub(0.05)", "Scrub +", show=False),
+        Binding("left_square_bracket", "scrub(-0.05)", "Scrub -", show=False),
+        Binding("c", "critical", "Critical", show=False),
+    ]
+
+    def __init__(self, store: TraceStore | None, trace_id: str | None = None, *,
+                 view: TraceView | None = None, live: bool = False) -> None:
+        super().__init__()
+        self.store = store
+        self.trace_id = trace_id or (view.trace_id if view is not None else "")
+        self.full: TraceView | None = view
+        self.rows: Rows | None = None
+        #: Rows of the full view: its event times drive stepping and the bar's count.
+        self._index: Rows | None = None
+        self.summary: TraceSummary | None = None
+        self.live = live
+        self.events: list[StoredEvent] = []
+        self._keys: set[str] = set()
+        self._pending: list[StoredEvent] = []
+        self.replay_t: float | None = None
+        self.playing = False
+        self.speed_index = SPEEDS.index(1.0)
+        self._play_timer: Timer | None = None
+        self.loaded = asyncio.Event()
+        #: Wall seconds from mount to the summary / the waterfall (the benchmark reads them).
+        self.timings: dict[str, float] = {}
+        self._mounted_at = 0.0
+
+    # ------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        yield Static("loading…", id="summary")
+        with TabbedContent(id="tabs", initial="waterfall"):
+            with TabPane("Waterfall", id="waterfall"), Horizontal(id="waterfall-body"):
+                with Vertical(id="waterfall-left"):
+                    yield Waterfall(id="wf")
+                    yield EventLog(id="log")
+                with VerticalScroll(id="detail-scroll"):
+                    yield DetailPane(id="detail")
+            with TabPane("Remote", id="remote"):
+                yield RemoteTable(id="remote-table")
+            with TabPane("Cancel & deadline", id="cancel"), VerticalScroll(id="cancel-scroll"):
+                yield CancelTable(id="cancel-table")
+        yield Input(placeholder="filter: node:NAME kind:remote|error|timeout|cancelled text",
+                    id="search")
+        yield ReplayBar(id="replay")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self._mounted_at = time.perf_counter()
+        self.query_one("#search", Input).display = False
+        self.query_one(Waterfall).focus()
+        self.set_interval(_LIVE_REFRESH_S, self._fold_pending)
+        if self.full is not None:
+            self._show_full(self.full)
+        else:
+            if self.live:
+                self.follow()
+            self.load()
+
+    # ------------------------------------------------------------ loading
+
+    @work(exclusive=True, group="load")
+    async def load(self) -> None:
+        """Resolve the id, paint the summary, then load and rebuild the events."""
+        assert self.store is not None
+        store = self.store
+        t0 = time.perf_counter()
+        try:
+            matches = await store.resolve_trace_id(self.trace_id)
+            if not matches:
+                self.post_message(LoadFailed(
+                    f"unknown trace id {self.trace_id!r}",
+                    "No trace with this id or prefix in the store. "
+                    "`pf traces` lists the recorded ones.", 2))
+                return
+            if len(matches) > 1:
+                self.post_message(LoadFailed(
+                    f"ambiguous trace id prefix {self.trace_id!r}",
+                    "It matches: " + ", ".join(matches) + ". Type more of the id.", 2))
+                return
+            self.trace_id = matches[0]
+            summary = await store.get_trace(self.trace_id)
+            if summary is not None:
+                self.post_message(SummaryLoaded(summary))
+            events = list(await store.load_history(self.trace_id))
+        except StateStoreError as exc:
+            self.post_message(LoadFailed("the store is unavailable", str(exc), 1))
+            return
+        view = await asyncio.to_thread(build_view, events)
+        self.post_message(TraceLoaded(view, events, time.perf_counter() - t0))
+
+    @work(group="follow")
+    async def follow(self) -> None:
+        """Post each event stored for this trace from now on (ends with the screen)."""
+        assert self.store is not None
+        try:
+            async for event in self.store.follow(self.trace_id or None):
+                if self.trace_id and event.trace_id != self.trace_id:
+                    continue
+                self.post_message(EventsArrived([event]))
+        except StateStoreError as exc:
+            self.notify(f"live updates stopped: {exc}", severity="warning")
+
+    @work(exclusive=True, group="rebuild")
+    async def _rebuild(self, events: list[StoredEvent]) -> None:
+        t0 = time.perf_counter()
+        view = await asyncio.to_thread(build_view, events)
+        self.post_message(TraceLoaded(view, events, time.perf_counter() - t0))
+
+    def on_summary_loaded(self, message: SummaryLoaded) -> None:
+        self.summary = message.summary
+        self.timings.setdefault("summary", time.perf_counter() - self._mounted_at)
+        s = message.summary
+        if s.status == "running":
+            self.live = True
+            if not self.workers_in("follow"):
+                self.follow()
+        if self.full is None:
+            self._paint_summary(f"loading {s.event_count} events…")
+
+    def workers_in(self, group: str) -> bool:
+        return any(w.group == group and not w.is_finished for w in self.workers)
+
+    def on_trace_loaded(self, message: TraceLoaded) -> None:
+        self.events = list(message.events)
+        self._keys = {k for e in self.events if (k := e.event_key) is not None}
+        self.timings.setdefault("waterfall", time.perf_counter() - self._mounted_at)
+        self._show_full(message.view)
+
+    def on_load_failed(self, message: LoadFailed) -> None:
+        self.query_one("#summary", Static).update(Text(message.title, style="bold red"))
+        show_error = getattr(self.app, "show_error", None)
+        if show_error is not None:
+            show_error(message.title, message.detail, message.exit_code)
+
+    def on_events_arrived(self, message: EventsArrived) -> None:
+        for event in message.events:
+            key = event.event_key
+            if key is None or key not in self._keys:
+                self._pending.append(event)
+
+    def _fold_pending(self) -> None:
+        """Throttled live refresh: rebuild once with everything that arrived."""
+        if not self._pending or self.full is None:
+            return
+        for event in self._pending:
+            if (key := event.event_key) is not None:
+                self._keys.add(key)
+        events = [*self.events, *self._pending]
+        events.sort(key=lambda e: (e.ts, e.seq))
+        self._pending = []
+        self.events = events
+        self._rebuild(events)
+
+    # ------------------------------------------------------------ painting
+
+    def _show_full(self, view: TraceView) -> None:
+        self.full = view
+        self._index = Rows.of(view)
+        if self.replay_t is not None:
+            self._show_at(self.replay_t)
+        else:
+            self._show(view, now=None)
+        self.loaded.set()
+
+    def _show(self, view: TraceView, *, now: float | None) -> None:
+        assert self.full is not None
+        self.rows = self._index if view is self.full and self._index is not None else Rows.of(view)
+        full = self.full
+        self.query_one(Waterfall).set_rows(self.rows, span=(full.start, max(full.end,
+                                                                           full.start + 1e-6)),
+                                           now=now)
+        self._paint_summary()
+        self._paint_tabs()
+        self._paint_replay()
+
+    def _paint_summary(self, note: str = "") -> None:
+        view, s = self.full, self.summary
+        text = Text()
+        status: str
+        if view is not None:
+            status, duration = view.status, format_ms(view.duration_ms)
+            flow, counts = view.flow_name or "", (f"{len(view.invocations)} inv · "
+                                                  f"{len(view.remote_calls)} remote · "
+                                                  f"{len(view.events)} ev")
+        elif s is not None:
+            status, duration = s.status, format_ms(s.duration_ms)
+            flow, counts = s.flow_name or "", f"{s.node_count} inv · {s.event_count} ev"
+        else:
+            return
+        style = {"ok": "green", "succeeded": "green", "error": "bold red", "failed": "bold red",
+                 "cancelled": "bold magenta", "running": "cyan"}.get(status, "")
+        text.append(f"{self.trace_id[:16]} ", style="bold")
+        text.append(f"{flow} ")
+        text.append(f"{status} ", style=style)
+        text.append(f"{duration} · {counts}")
+        if view is not None and view.critical_path:
+            text.append(f" · ◆ critical {len(view.critical_path)}", style="yellow")
+        wf = self.query_one(Waterfall)
+        if wf.query_text:
+            text.append(f" · filter {wf.query_text!r}: {wf.row_count}", style="italic")
+        if note:
+            text.append(f" · {note}", style="italic dim")
+        self.query_one("#summary", Static).update(text)
+
+    def _current(self) -> TraceView | None:
+        return self.rows.view if self.rows is not None else self.full
+
+    def _paint_tabs(self) -> None:
+        view = self._current()
+        if view is None:
+            return
+        active = self.query_one(TabbedContent).active
+        if active == "remote":
+            self.query_one(RemoteTable).show(view)
+        elif active == "cancel":
+            self.query_one(CancelTable).show(view)
+
+    def on_row_selected(self, message: RowSelected) -> None:
+        if self.rows is None:
+            return
+        events = self.rows.events_for(message.row)
+        self.query_one(DetailPane).show(self.rows.view, message.row, events)
+        self.query_one(EventLog).show(events, self.rows.view.start)
+
+    @on(TabbedContent.TabActivated)
+    def _tab_changed(self) -> None:
+        self._paint_tabs()
+
+    # ------------------------------------------------------------ replay
+
+    def _show_at(self, t: float) -> None:
+        assert self.full is not None
+        self.replay_t = t
+        self._show(view_at(self.full, t), now=t)
+
+    def _paint_replay(self) -> None:
+        full, index = self.full, self._index
+        if full is None or index is None:
+            return
+        t = self.replay_t
+        total = len(full.events)
+        self.query_one(ReplayBar).show(
+            replaying=t is not None, playing=self.playing, speed=SPEEDS[self.speed_index],
+            t_ms=0.0 if t is None else (t - full.start) * 1e3, total_ms=full.duration_ms,
+            event_no=total if t is None else index.events_until(t), event_count=total,
+            live=self.live)
+
+    def action_replay(self) -> None:
+        """Enter replay at the first event, or leave it (back to the full trace)."""
+        if self.full is None:
+            return
+        if self.replay_t is None:
+            first = self.full.events[0].ts if self.full.events else self.full.start
+            self._show_at(first)
+        else:
+            self._stop_play()
+            self.replay_t = None
+            self._show(self.full, now=None)
+
+    def action_step(self, direction: int) -> None:
+        if self.full is None:
+            return
+        if self.replay_t is None:
+            self.action_replay()
+            return
+        assert self._index is not None and self.replay_t is not None
+        t = self.replay_t
+        target = (self._index.next_event_ts(t) if direction > 0
+                  else self._index.prev_event_ts(t))
+        if target is not None:
+            self._show_at(target)
+
+    def action_scrub(self, fraction: float) -> None:
+        if self.full is None:
+            return
+        full = self.full
+        t = self.replay_t if self.replay_t is not None else full.start
+        self._show_at(max(full.start, min(full.end, t + fraction * (full.end - full.start))))
+
+    def on_scrub_to(self, message: ScrubTo) -> None:
+        if self.full is not None:
+            self._show_at(self.full.start + message.fraction * (self.full.end - self.full.start))
+
+    def action_speed(self, delta: int) -> None:
+        self.speed_index = max(0, min(len(SPEEDS) - 1, self.speed_index + delta))
+        self._paint_replay()
+
+    def action_play(self) -> None:
+        if self.full is None:
+            return
+        if self.playing:
+            self._stop_play()
+            self._paint_replay()
+            return
+        if self.replay_t is None or self.replay_t >= self.full.end:
+            self.replay_t = None
+            self.action_replay()
+        self.playing = True
+        self._play_timer = self.set_interval(_TICK_S, self._tick)
+        self._paint_replay()
+
+    def _stop_play(self) -> None:
+        self.playing = False
+        if self._play_timer is not None:
+            self._play_timer.stop()
+            self._play_timer = None
+
+    def _tick(self) -> None:
+        if self.full is None or self.replay_t is None:
+            self._stop_play()
+            return
+        t = self.replay_t + _TICK_S * SPEEDS[self.speed_index]
+        if t >= self.full.end:
+            t = self.full.end
+            self._stop_play()
+        self._show_at(t)
+
+    # ------------------------------------------------------------ search, tabs
+
+    def action_show_tab(self, tab: str) -> None:
+        # Focus into the new pane first: TabbedContent follows focus, so a focused
+        # widget left in the old pane would switch it straight back.
+        target = {"waterfall": "#wf", "remote": "#remote-calls", "cancel": "#cancel-scroll"}[tab]
+        self.query_one(target).focus()
+        self.query_one(TabbedContent).active = tab
+
+    def action_search(self) -> None:
+        search = self.query_one("#search", Input)
+        search.display = True
+        search.focus()
+
+    @on(Input.Changed, "#search")
+    def _search_changed(self, event: Input.Changed) -> None:
+        wf = self.query_one(Waterfall)
+        wf.query_text = event.value.strip()
+        wf.set_query(parse_query(event.value))
+        self._paint_summary()
+
+    @on(Input.Submitted, "#search")
+    def _search_done(self) -> None:
+        self.query_one("#search", Input).display = False
+        self.query_one(Waterfall).focus()
+
+    def action_escape(self) -> None:
+        search = self.query_one("#search", Input)
+        if search.display:
+            search.display = False
+            self.query_one(Waterfall).focus()
+        elif search.value:
+            search.value = ""
+        elif len(self.app.screen_stack) > 2:
+            self.app.pop_screen()
+
+    def action_critical(self) -> None:
+        wf = self.query_one(Waterfall)
+        wf.show_critical = not wf.show_critical
+        wf.refresh()
+
+
+def stored_events_sorted(events: Sequence[StoredEvent]) -> list[StoredEvent]:
+    """Events in order of occurrence (ts, then per-flow seq)."""
+    return sorted(events, key=lambda e: (e.ts, e.seq))

@@ -1,0 +1,108 @@
+"""The detail pane: everything known about the selected waterfall row.
+
+Attributes, attempts, a payload preview (the kind-specific ``extra`` items of
+its events), the error and traceback text, and the OTel trace/span ids to
+paste into Jaeger's search box.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+from ..model import EventRow, InvocationView, RemoteCallView, TraceView
+from .rows import Row, payload_preview, state_split
+from .waterfall import format_ms
+
+__all__ = ["DetailPane", "render_detail"]
+
+
+def _rel(view: TraceView, t: float | None) -> str:
+    return "—" if t is None else f"+{format_ms((t - view.start) * 1000.0)}"
+
+
+def _kv(table: Table, key: str, value: object, style: str = "") -> None:
+    if value not in (None, "", ()):
+        table.add_row(key, Text(str(value), style=style))
+
+
+def render_detail(view: TraceView, row: Row | None,
+                  events: Sequence[EventRow]) -> RenderableType:
+    """The pane's content for ``row`` (the trace's own summary when None)."""
+    table = Table.grid(padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    parts: list[RenderableType] = [table]
+    if row is None:
+        _kv(table, "trace", view.trace_id)
+        _kv(table, "status", view.status)
+        _kv(table, "duration", format_ms(view.duration_ms))
+        _kv(table, "otel trace", view.otel_trace_id)
+        return Group(*parts)
+    item = row.item
+    _kv(table, "status", row.status, "bold")
+    if isinstance(item, InvocationView):
+        _kv(table, "node", item.node_name)
+        _kv(table, "invocation", item.invocation_id)
+        _kv(table, "start", _rel(view, item.start))
+        _kv(table, "duration", format_ms(item.duration_ms))
+        _kv(table, "queue wait", None if item.queue_wait_ms is None
+            else format_ms(item.queue_wait_ms))
+        _kv(table, "parents", ", ".join(item.parents))
+        _kv(table, "chunks", item.chunks or None)
+        _kv(table, "otel trace", view.otel_trace_id)
+        _kv(table, "span", item.span_id)
+        _kv(table, "parent span", item.parent_span_id)
+        if item.attempts:
+            attempts = Table("#", "start", "dur", "outcome", "backoff", box=None,
+                             padding=(0, 1), header_style="bold", title="attempts",
+                             title_justify="left")
+            for a in item.attempts:
+                dur = None if a.end is None else (a.end - a.start) * 1000.0
+                attempts.add_row(str(a.attempt), _rel(view, a.start), format_ms(dur),
+                                 a.outcome, format_ms(a.backoff_ms) if a.backoff_ms else "")
+            parts.append(attempts)
+        error = item.error or next((a.error for a in reversed(item.attempts) if a.error), None)
+    else:
+        assert isinstance(item, RemoteCallView)
+        _kv(table, "agent", item.agent_url)
+        _kv(table, "skill", item.skill)
+        _kv(table, "contextId", item.context_id)
+        _kv(table, "taskId", item.task_id)
+        _kv(table, "start", _rel(view, item.start))
+        _kv(table, "latency", format_ms(item.latency_ms))
+        _kv(table, "first chunk", None if item.time_to_first_chunk_ms is None
+            else format_ms(item.time_to_first_chunk_ms))
+        _kv(table, "bytes", f"{item.bytes_sent or 0} sent / {item.bytes_received or 0} received")
+        _kv(table, "stream events", item.stream_events or None)
+        _kv(table, "otel trace", view.otel_trace_id)
+        _kv(table, "span", item.call_id)
+        split = state_split(item)
+        if split:
+            _kv(table, "task states", "  ".join(f"{s} {format_ms(ms)}" for s, ms in split))
+        error = item.error
+    if error:
+        parts.append(Text("error", style="bold"))
+        parts.append(Text(error, style="bold red"))
+    preview = payload_preview(events)
+    if preview:
+        payload = Table.grid(padding=(0, 1))
+        payload.add_column(style="dim", no_wrap=True)
+        payload.add_column(overflow="fold")
+        for key, value in preview:
+            text = repr(value) if not isinstance(value, str) else value
+            payload.add_row(key, text if len(text) <= 400 else text[:399] + "…")
+        parts.append(Text("payload (event extras)", style="bold"))
+        parts.append(payload)
+    return Group(*parts)
+
+
+class DetailPane(Static):
+    """Shows :func:`render_detail` of the selection."""
+
+    def show(self, view: TraceView, row: Row | None, events: Sequence[EventRow]) -> None:
+        self.update(render_detail(view, row, events))

@@ -1,0 +1,73 @@
+"""The Remote tab: every remote call, per-agent p50/p95, and a call's task-state split."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import DataTable, Static
+
+from ..model import RemoteCallView, TraceView
+from .rows import remote_stats_for, state_split
+from .waterfall import format_ms
+
+__all__ = ["RemoteTable"]
+
+_OUTCOME_STYLE = {"success": "green", "error": "bold red", "cancelled": "bold magenta",
+                  "running": "cyan"}
+
+
+class RemoteTable(Vertical):
+    """Per-agent stats above, the calls in the middle, the highlighted call's split below."""
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._calls: list[RemoteCallView] = []
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="remote-stats")
+        table: DataTable[str | Text] = DataTable(id="remote-calls", cursor_type="row",
+                                                 zebra_stripes=True)
+        table.add_columns("agent", "skill", "contextId", "taskId", "latency", "bytes ⇅",
+                          "outcome")
+        yield table
+        yield Static(id="remote-split")
+
+    def show(self, view: TraceView) -> None:
+        self._calls = list(view.remote_calls)
+        stats = Table("agent", "calls", "errors", "p50", "p95", box=None, padding=(0, 1),
+                      header_style="bold")
+        for s in remote_stats_for(view):
+            stats.add_row(s.agent, str(s.calls), str(s.errors), format_ms(s.p50_ms),
+                          format_ms(s.p95_ms))
+        if not self._calls:
+            self.query_one("#remote-stats", Static).update("No remote calls in this trace.")
+        else:
+            self.query_one("#remote-stats", Static).update(stats)
+        table: DataTable[str | Text] = self.query_one("#remote-calls", DataTable)
+        table.clear()
+        for call in self._calls:
+            table.add_row(call.agent_url or "—", call.skill or "—", call.context_id or "—",
+                          call.task_id or "—", format_ms(call.latency_ms),
+                          f"{call.bytes_sent or 0}/{call.bytes_received or 0}",
+                          Text(call.outcome, style=_OUTCOME_STYLE.get(call.outcome, "")),
+                          key=call.call_id)
+        self._show_split(0)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._show_split(event.cursor_row)
+
+    def _show_split(self, index: int) -> None:
+        split_pane = self.query_one("#remote-split", Static)
+        if not 0 <= index < len(self._calls):
+            split_pane.update("")
+            return
+        call = self._calls[index]
+        split = state_split(call)
+        head = f"{call.skill or 'call'} {format_ms(call.latency_ms)}"
+        if not split:
+            split_pane.update(f"{head}: no task states reported")
+            return
+        split_pane.update(head + ": " + "  →  ".join(f"{state} {format_ms(ms)}"
+                                                     for state, ms in split))

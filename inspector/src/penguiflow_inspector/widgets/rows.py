@@ -1,0 +1,245 @@
+"""The waterfall's rows and the screens' view helpers, computed from a TraceView.
+
+Nothing here draws: :class:`Rows` flattens a :class:`~penguiflow_inspector.model.TraceView`
+into waterfall rows (each invocation followed by the remote calls it made) and
+indexes the events per invocation, once per view, in O(events). Drawing a row
+is done on demand by the waterfall (only the visible ones), so a 100k-event
+trace costs one pass here and then a few rows per frame.
+
+The model functions (``build_trace``, ``TraceView.at``, ``remote_stats``) are
+reached through the small wrappers at the bottom: one place where the screens
+meet the model.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from .. import model
+from ..model import EventRow, InvocationView, RemoteCallView, RemoteStats, TraceView
+
+if TYPE_CHECKING:
+    from penguiflow.state import StoredEvent
+
+__all__ = [
+    "Query",
+    "Row",
+    "Rows",
+    "build_view",
+    "glyphs",
+    "parse_query",
+    "remote_stats_for",
+    "view_at",
+]
+
+RowKind = Literal["inv", "remote"]
+
+
+@dataclass(slots=True, frozen=True)
+class Row:
+    """One waterfall row: an invocation, or a remote call (drawn indented under it)."""
+
+    kind: RowKind
+    item: InvocationView | RemoteCallView
+
+    @property
+    def key(self) -> str:
+        """A stable id across rebuilds (replay, live): the invocation or call id."""
+        item = self.item
+        return item.invocation_id if isinstance(item, InvocationView) else item.call_id
+
+    @property
+    def start(self) -> float:
+        return self.item.start
+
+    @property
+    def end(self) -> float | None:
+        return self.item.end
+
+    @property
+    def name(self) -> str:
+        item = self.item
+        if isinstance(item, InvocationView):
+            return item.node_name
+        return item.skill or item.agent_url or "remote"
+
+    @property
+    def status(self) -> str:
+        """``ok|error|timeout|cancelled|running|skipped`` (remote outcomes mapped)."""
+        item = self.item
+        if isinstance(item, InvocationView):
+            return item.status
+        return {"success": "ok"}.get(item.outcome, item.outcome)
+
+
+@dataclass(slots=True, frozen=True)
+class Query:
+    """A parsed search: ``node:NAME kind:KIND free text`` (all parts optional, ANDed)."""
+
+    node: str | None = None
+    kind: str | None = None
+    """``inv``, ``remote``, or a status (``error``, ``timeout``, ``cancelled``, ...)."""
+    text: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return self.node is None and self.kind is None and not self.text
+
+    def matches(self, row: Row) -> bool:
+        if self.node is not None and self.node not in _node_of(row).lower():
+            return False
+        if self.kind is not None and self.kind not in (row.kind, row.status):
+            return False
+        if self.text:
+            return any(self.text in h for h in _haystack(row))
+        return True
+
+
+def parse_query(text: str) -> Query:
+    """Parse the search box: ``node:`` and ``kind:`` prefixes, the rest is free text."""
+    node = kind = None
+    words: list[str] = []
+    for token in text.lower().split():
+        if token.startswith("node:") and len(token) > 5:
+            node = token[5:]
+        elif token.startswith("kind:") and len(token) > 5:
+            kind = token[5:]
+        else:
+            words.append(token)
+    return Query(node, kind, " ".join(words))
+
+
+def _node_of(row: Row) -> str:
+    item = row.item
+    if isinstance(item, InvocationView):
+        return item.node_name
+    return item.node_name or ""
+
+
+def _haystack(row: Row) -> list[str]:
+    item = row.item
+    parts = [row.name, row.key, row.status, item.error or ""]
+    if isinstance(item, RemoteCallView):
+        parts += [item.agent_url or "", item.context_id or "", item.task_id or ""]
+    else:
+        parts += [item.span_id or ""]
+    return [p.lower() for p in parts]
+
+
+def glyphs(row: Row) -> str:
+    """Short markers after a row's name: retries, timeout, chunks, cancel, error."""
+    item = row.item
+    out: list[str] = []
+    if isinstance(item, InvocationView):
+        if len(item.attempts) > 1:
+            out.append(f"↻{len(item.attempts) - 1}")
+        if any(a.outcome == "timeout" for a in item.attempts) or item.status == "timeout":
+            out.append("◔")
+        if item.chunks:
+            out.append(f"≋{item.chunks}")
+    elif item.stream_events:
+        out.append(f"≋{item.stream_events}")
+    if row.status == "cancelled":
+        out.append("✕")
+    elif row.status == "error":
+        out.append("!")
+    return "".join(out)
+
+
+@dataclass(slots=True)
+class Rows:
+    """The rows of one view, its critical path and its per-invocation event index."""
+
+    view: TraceView
+    rows: list[Row] = field(default_factory=list)
+    critical: frozenset[str] = frozenset()
+    events_by_inv: dict[str, list[EventRow]] = field(default_factory=dict)
+    event_ts: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, view: TraceView) -> Rows:
+        calls = {c.call_id: c for c in view.remote_calls}
+        rows: list[Row] = []
+        placed: set[str] = set()
+        for inv in view.invocations:
+            rows.append(Row("inv", inv))
+            for call_id in inv.remote_calls:
+                call = calls.get(call_id)
+                if call is not None:
+                    rows.append(Row("remote", call))
+                    placed.add(call_id)
+        for call in view.remote_calls:
+            if call.call_id not in placed:
+                rows.append(Row("remote", call))
+        by_inv: dict[str, list[EventRow]] = {}
+        for ev in view.events:
+            if ev.invocation_id is not None:
+                by_inv.setdefault(ev.invocation_id, []).append(ev)
+        return cls(view, rows, frozenset(view.critical_path), by_inv,
+                   [ev.ts for ev in view.events])
+
+    def index_of(self, key: str) -> int | None:
+        """The row index of an invocation/call id, or None (O(rows))."""
+        for i, row in enumerate(self.rows):
+            if row.key == key:
+                return i
+        return None
+
+    def events_for(self, row: Row | None) -> Sequence[EventRow]:
+        """The events of the selected row (all events when nothing is selected)."""
+        if row is None:
+            return self.view.events
+        item = row.item
+        if isinstance(item, InvocationView):
+            return self.events_by_inv.get(item.invocation_id, [])
+        inv_events = self.events_by_inv.get(item.invocation_id or "", [])
+        return [e for e in inv_events if e.kind.startswith("remote_")
+                and e.ts >= item.start and (item.end is None or e.ts <= item.end)]
+
+    def next_event_ts(self, t: float) -> float | None:
+        """The first event time strictly after ``t``."""
+        i = bisect.bisect_right(self.event_ts, t)
+        return self.event_ts[i] if i < len(self.event_ts) else None
+
+    def prev_event_ts(self, t: float) -> float | None:
+        """The last event time strictly before ``t``."""
+        i = bisect.bisect_left(self.event_ts, t)
+        return self.event_ts[i - 1] if i > 0 else None
+
+    def events_until(self, t: float) -> int:
+        """How many events happened at or before ``t``."""
+        return bisect.bisect_right(self.event_ts, t)
+
+
+# ----------------------------------------------------------------- model seams
+
+
+def build_view(events: Sequence[StoredEvent]) -> TraceView:
+    """``model.build_trace(events)`` (the screens' one way in, so tests can swap it)."""
+    return model.build_trace(events)
+
+
+def view_at(view: TraceView, t: float) -> TraceView:
+    """``view.at(t)``: the trace as it was at time ``t`` (in-flight invocations included)."""
+    return view.at(t)
+
+
+def remote_stats_for(view: TraceView) -> list[RemoteStats]:
+    """``model.remote_stats(view)``: per-agent calls, errors, p50/p95."""
+    return model.remote_stats(view)
+
+
+def state_split(call: RemoteCallView, now: float | None = None) -> list[tuple[str, float]]:
+    """The call's time per reported task state (``now`` closes a running call's last one)."""
+    return call.state_split_ms(now)
+
+
+def payload_preview(events: Sequence[EventRow], limit: int = 6) -> list[tuple[str, Any]]:
+    """The kind-specific items of a row's events (latest value wins), at most ``limit``."""
+    merged: dict[str, Any] = {}
+    for ev in events:
+        merged.update(ev.extra)
+    return list(merged.items())[-limit:]

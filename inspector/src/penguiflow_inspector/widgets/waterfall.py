@@ -1,0 +1,288 @@
+"""The waterfall: one row per invocation or remote call on a shared time axis.
+
+Virtualised with the Line API (the Toolong approach): the widget holds the
+flattened :class:`~.rows.Rows` and draws only the lines in view, each computed
+from its row on demand, so scrolling a 100k-event trace costs the same as a
+small one. Line 0 is the time axis and stays put; rows start at line 1.
+
+Colours come from component classes (``waterfall--ok`` ...) styled in
+``waterfall.tcss`` with theme variables, so dark and light themes both read.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from rich.segment import Segment
+from rich.style import Style
+from textual.binding import Binding, BindingType
+from textual.events import Click
+from textual.geometry import Size
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+from ..messages import RowSelected
+from ..model import InvocationView
+from .rows import Query, Row, Rows, glyphs
+
+__all__ = ["Waterfall", "format_ms"]
+
+_STATUS_CLASSES = ("ok", "error", "timeout", "cancelled", "running", "skipped")
+
+
+def format_ms(ms: float | None) -> str:
+    """``12.3ms`` / ``4.56s`` / ``—`` in at most 8 cells."""
+    if ms is None:
+        return "—"
+    if ms < 1000:
+        return f"{ms:.1f}ms"
+    if ms < 100_000:
+        return f"{ms / 1000:.2f}s"
+    return f"{ms / 1000:.0f}s"
+
+
+class Waterfall(ScrollView, can_focus=True):
+    """Invocations and remote calls as bars; ``◆`` marks the critical path."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("j,down", "cursor(1)", "down", show=False),
+        Binding("k,up", "cursor(-1)", "up", show=False),
+        Binding("pagedown", "page(1)", "page down", show=False),
+        Binding("pageup", "page(-1)", "page up", show=False),
+        Binding("g,home", "jump(0)", "top", show=False),
+        Binding("G,end", "jump(-1)", "bottom", show=False),
+    ]
+    COMPONENT_CLASSES: ClassVar[set[str]] = {
+        *(f"waterfall--{c}" for c in _STATUS_CLASSES),
+        "waterfall--remote", "waterfall--queue", "waterfall--critical",
+        "waterfall--cursor", "waterfall--axis", "waterfall--name",
+    }
+
+    cursor: reactive[int] = reactive(0, always_update=False, init=False)
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.rows: Rows | None = None
+        self._visible: list[int] | None = None
+        self.query_text = ""
+        self._span = (0.0, 1.0)
+        self._now: float | None = None
+        self.show_critical = True
+
+    # ------------------------------------------------------------ data
+
+    def set_rows(self, rows: Rows, *, span: tuple[float, float] | None = None,
+                 now: float | None = None) -> None:
+        """Show ``rows``; keeps the cursor on the same invocation/call when it still exists."""
+        key = self.selected.key if self.selected is not None else None
+        self.rows = rows
+        view = rows.view
+        self._span = span or (view.start, max(view.end, view.start + 1e-6))
+        self._now = now
+        self._apply_filter()
+        if key is not None:
+            index = self._position_of(key)
+            if index is not None:
+                self.set_reactive(Waterfall.cursor, index)
+        self._clamp_cursor()
+        self.post_message(RowSelected(self.selected))
+        self.refresh()
+
+    def set_query(self, query: Query) -> int:
+        """Filter the rows; returns how many match."""
+        self._query = query
+        self._apply_filter()
+        self.set_reactive(Waterfall.cursor, 0)
+        self.scroll_to(y=0, animate=False)
+        self.post_message(RowSelected(self.selected))
+        self.refresh()
+        return self.row_count
+
+    _query: Query = Query()
+
+    def _apply_filter(self) -> None:
+        rows = self.rows.rows if self.rows is not None else []
+        q = self._query
+        self._visible = None if q.empty else [i for i, r in enumerate(rows) if q.matches(r)]
+        self.virtual_size = Size(self.size.width, self.row_count + 1)
+
+    def _position_of(self, key: str) -> int | None:
+        if self.rows is None:
+            return None
+        index = self.rows.index_of(key)
+        if index is None or self._visible is None:
+            return index
+        try:
+            return self._visible.index(index)
+        except ValueError:
+            return None
+
+    @property
+    def row_count(self) -> int:
+        if self._visible is not None:
+            return len(self._visible)
+        return len(self.rows.rows) if self.rows is not None else 0
+
+    def row_at(self, position: int) -> Row | None:
+        """The row at a position of the (filtered) list."""
+        if self.rows is None or not 0 <= position < self.row_count:
+            return None
+        index = self._visible[position] if self._visible is not None else position
+        return self.rows.rows[index]
+
+    @property
+    def selected(self) -> Row | None:
+        return self.row_at(self.cursor)
+
+    # ------------------------------------------------------------ cursor
+
+    def _clamp_cursor(self) -> None:
+        if self.cursor >= self.row_count:
+            self.set_reactive(Waterfall.cursor, max(0, self.row_count - 1))
+        self._scroll_to_cursor()
+
+    def watch_cursor(self, _old: int, _new: int) -> None:
+        self._scroll_to_cursor()
+        self.post_message(RowSelected(self.selected))
+        self.refresh()
+
+    def _scroll_to_cursor(self) -> None:
+        body = max(1, self.scrollable_content_region.height - 1)
+        top = int(self.scroll_offset.y)
+        if self.cursor < top:
+            self.scroll_to(y=self.cursor, animate=False, immediate=True)
+        elif self.cursor >= top + body:
+            self.scroll_to(y=self.cursor - body + 1, animate=False, immediate=True)
+
+    def action_cursor(self, delta: int) -> None:
+        self.cursor = max(0, min(self.row_count - 1, self.cursor + delta))
+
+    def action_page(self, direction: int) -> None:
+        self.action_cursor(direction * max(1, self.scrollable_content_region.height - 2))
+
+    def action_jump(self, where: int) -> None:
+        self.cursor = 0 if where == 0 else max(0, self.row_count - 1)
+
+    def on_click(self, event: Click) -> None:
+        if event.y >= 1:
+            position = int(self.scroll_offset.y) + event.y - 1
+            if 0 <= position < self.row_count:
+                self.cursor = position
+
+    def on_resize(self) -> None:
+        self.virtual_size = Size(self.size.width, self.row_count + 1)
+
+    # ------------------------------------------------------------ drawing
+
+    def _layout(self, width: int) -> tuple[int, int, int]:
+        label = max(14, min(30, width // 3))
+        dur = 8
+        return label, max(8, width - label - dur - 1), dur
+
+    def render_line(self, y: int) -> Strip:
+        width = self.scrollable_content_region.width
+        if y == 0:
+            return self._axis(width)
+        position = int(self.scroll_offset.y) + y - 1
+        row = self.row_at(position)
+        if row is None:
+            return Strip.blank(width, self.rich_style)
+        return self._row_strip(row, width, position == self.cursor)
+
+    def _axis(self, width: int) -> Strip:
+        label_w, bar_w, dur_w = self._layout(width)
+        t0, t1 = self._span
+        total_ms = (t1 - t0) * 1000.0
+        cells = [" "] * bar_w
+        ticks = 4 if bar_w >= 40 else 2
+        for k in range(ticks + 1):
+            col = min(bar_w - 1, round(k * (bar_w - 1) / ticks))
+            text = format_ms(total_ms * k / ticks) if k else "0"
+            start = min(max(0, col - len(text) // 2), bar_w - len(text)) if k else 0
+            for i, ch in enumerate(text):
+                if 0 <= start + i < bar_w:
+                    cells[start + i] = ch
+        style = self.get_component_rich_style("waterfall--axis")
+        head = f"{'node / call':<{label_w}}"
+        tail = f"{'dur':>{dur_w}} "
+        return Strip([Segment(head + "".join(cells) + " " + tail[:-1], style)]).adjust_cell_length(
+            width, style)
+
+    def _col(self, t: float, bar_w: int) -> int:
+        t0, t1 = self._span
+        frac = (t - t0) / (t1 - t0) if t1 > t0 else 0.0
+        return max(0, min(bar_w - 1, int(frac * bar_w)))
+
+    def _row_strip(self, row: Row, width: int, is_cursor: bool) -> Strip:
+        label_w, bar_w, dur_w = self._layout(width)
+        style_of = self.get_component_rich_style
+        base = self.rich_style
+        status_style = style_of(f"waterfall--{row.status}"
+                                if row.status in _STATUS_CLASSES else "waterfall--ok")
+        critical = self.show_critical and self.rows is not None and row.key in self.rows.critical
+        mark = "◆" if critical else " "
+        indent = "  └ " if row.kind == "remote" else ""
+        marks = glyphs(row)
+        room = label_w - 3 - len(marks)
+        name = (indent + row.name)
+        name = name if len(name) <= room else name[: max(1, room - 1)] + "…"
+        name_style = style_of("waterfall--name")
+        if critical:
+            name_style += Style(bold=True)
+        segments = [
+            Segment(mark, style_of("waterfall--critical")),
+            Segment(f"{name:<{room}}", name_style),
+            Segment(f" {marks}" if marks else " ", status_style),
+            Segment(" ", base),
+        ]
+        segments += self._bar(row, bar_w, status_style)
+        end = row.end if row.end is not None else self._now
+        dur = None if end is None else (end - row.start) * 1000.0
+        segments.append(Segment(" " + f"{format_ms(dur):>{dur_w}}", status_style))
+        if is_cursor:
+            # Over each segment's own style (Strip.apply_style would go under it).
+            cursor = style_of("waterfall--cursor")
+            segments = [Segment(s.text, (s.style or base) + cursor) for s in segments]
+        return Strip(segments).adjust_cell_length(width, base)
+
+    def _bar(self, row: Row, bar_w: int, status_style: Style) -> list[Segment]:
+        style_of = self.get_component_rich_style
+        cells: list[tuple[str, Style]] = [(" ", self.rich_style)] * bar_w
+        item = row.item
+        end = row.end if row.end is not None else (self._now or self._span[1])
+        start_col = self._col(row.start, bar_w)
+        end_col = max(start_col, self._col(end, bar_w))
+        if isinstance(item, InvocationView):
+            if item.queued_ts is not None and item.queued_ts < item.start:
+                queue = style_of("waterfall--queue")
+                for c in range(self._col(item.queued_ts, bar_w), start_col):
+                    cells[c] = ("░", queue)
+            ok = style_of("waterfall--ok")
+            for c in range(start_col, end_col + 1):
+                cells[c] = ("█", status_style)
+            # Each failed attempt keeps its own colour: a retry reads as red, then green.
+            for attempt in item.attempts:
+                a_end = attempt.end if attempt.end is not None else end
+                a_style = (style_of(f"waterfall--{attempt.outcome}")
+                           if attempt.outcome in _STATUS_CLASSES else ok)
+                if item.status != "ok" and attempt is item.attempts[-1]:
+                    a_style = status_style
+                a0, a1 = self._col(attempt.start, bar_w), self._col(a_end, bar_w)
+                for c in range(a0, max(a0, a1) + 1):
+                    cells[c] = ("█", a_style)
+                if attempt.attempt > 0:
+                    cells[a0] = ("▌", a_style)
+        else:
+            remote = style_of("waterfall--remote") if row.status == "ok" else status_style
+            for c in range(start_col, end_col + 1):
+                cells[c] = ("▬", remote)
+        if row.end is None:
+            cells[end_col] = ("▸", status_style)
+        out: list[Segment] = []
+        for ch, st in cells:
+            if out and out[-1].style == st:
+                out[-1] = Segment(out[-1].text + ch, st)
+            else:
+                out.append(Segment(ch, st))
+        return out
