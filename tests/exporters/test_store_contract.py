@@ -354,6 +354,45 @@ async def test_load_history_returns_events_in_saved_order_with_every_field(store
     assert list(await store.load_history("no-such-trace")) == []
 
 
+async def test_runtime_shaped_and_near_miss_payloads_come_back_identical(store: Any) -> None:
+    """Durable stores keep a runtime payload's fields as columns and rebuild it on read;
+    a payload that only looks like one (wrong type, explicit None, a mismatching id)
+    must come back exactly as saved too."""
+    from penguiflow.metrics import event_payload
+
+    t = "trace-runtime-shaped"
+
+    def runtime(kind: str, ts: float, seq: int, **extra: Any) -> StoredEvent:
+        payload = event_payload(kind, ts, "n", "id-n", t, 1.5, 2, 1, 1, 64, 0, 1, False, 3,
+                                extra)
+        return ev(t, ts, kind, "n", flow_id="f-rt", seq=seq, payload=payload)
+
+    plain = runtime("node_success", BASE_TS + 1, 1)
+    with_extra = runtime("node_error", BASE_TS + 2, 2, exception="ValueError('x')",
+                         nested={"a": [1, 2]})
+    near_misses = []
+    for seq, change in enumerate([
+        {"q_depth_in": 2.0},            # a float where the runtime writes an int
+        {"trace_pending": None},        # the runtime omits the key instead
+        {"trace_id": "someone-else"},   # does not match the event's trace id
+        {"q_depth_total": 99},          # not q_depth_in + q_depth_out
+        {"trace_cancelled": 0},         # an int where the runtime writes a bool
+    ], start=3):
+        base = runtime("node_start", BASE_TS + seq, seq)
+        near_misses.append(ev(t, base.ts, base.kind, "n", flow_id="f-rt", seq=seq,
+                              payload={**base.payload, **change}))
+    saved = [plain, with_extra, *near_misses]
+    await store.save_events(saved)
+    await store.flush()
+
+    history = list(await store.load_history(t))
+    assert history == saved
+    for got, want in zip(history, saved, strict=True):
+        assert dict(got.payload) == dict(want.payload)
+        assert {k: type(v) for k, v in got.payload.items()} == {
+            k: type(v) for k, v in want.payload.items()}
+
+
 async def test_history_of_a_real_flow_is_what_the_flow_emitted(
     store: Any, run_flow: Callable[..., Any],
 ) -> None:

@@ -66,6 +66,7 @@ from penguiflow.state import (
 )
 
 from ._buffered import BufferedStore
+from ._columns import runtime_columns
 
 _NO_EXTRA: Mapping[str, Any] = {}
 
@@ -726,10 +727,17 @@ def _records(items: Iterable[StoredEvent | tuple[Any, ...]]) -> Iterator[tuple[A
         else:
             assert isinstance(item, StoredEvent)
             e = item
-            yield (e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
-                   e.parent_invocation_ids, e.span_id, e.parent_span_id, e.seq, e.attempt,
-                   e.queued_ts, e.flow_name, e.flow_id, *_NO_RUNTIME_COLUMNS,
-                   _dump_payload(e.payload))
+            columns = runtime_columns(e)
+            if columns is None:  # not a runtime payload: stored whole
+                yield (e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
+                       e.parent_invocation_ids, e.span_id, e.parent_span_id, e.seq, e.attempt,
+                       e.queued_ts, e.flow_name, e.flow_id, *_NO_RUNTIME_COLUMNS,
+                       _dump_payload(e.payload))
+            else:
+                yield (e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
+                       e.parent_invocation_ids, e.span_id, e.parent_span_id, e.seq, e.attempt,
+                       e.queued_ts, e.flow_name, e.flow_id, *columns[:8],
+                       _dump_payload(columns[8]) if columns[8] else None)
 
 
 def _key(item: StoredEvent | tuple[Any, ...]) -> tuple[str, int] | None:

@@ -53,6 +53,7 @@ from penguiflow.state import (
 )
 
 from ._buffered import BufferedStore
+from ._columns import runtime_columns
 
 _NO_EXTRA: Mapping[str, Any] = {}
 
@@ -293,6 +294,9 @@ def _encode_safely(payload: Mapping[str, Any]) -> str:
     return _encode(items)
 
 
+_NO_COLUMNS: tuple[Any, ...] = (None,) * 8
+
+
 def _event_rows(batch: Iterable[StoredEvent | tuple[Any, ...]], *,
                 safe: bool = False) -> list[tuple[Any, ...]]:
     """The ``_INSERT_EVENT`` parameters of ``batch``; ``safe`` never raises on odd values.
@@ -318,11 +322,17 @@ def _event_rows(batch: Iterable[StoredEvent | tuple[Any, ...]], *,
                     encode_payload(extra) if extra else "{}"))
         else:
             assert isinstance(ev, StoredEvent)
+            columns = runtime_columns(ev)
+            if columns is None:  # not a runtime payload: stored whole
+                runtime: tuple[Any, ...] = _NO_COLUMNS
+                payload: Any = ev.payload
+            else:
+                runtime, payload = columns[:8], columns[8]
             append((ev.trace_id, ev.ts, ev.kind, ev.node_name, ev.node_id, ev.invocation_id,
                     encode(ev.parent_invocation_ids) if ev.parent_invocation_ids else "[]",
                     ev.span_id, ev.parent_span_id, ev.seq, ev.attempt, ev.queued_ts,
-                    ev.flow_name, ev.flow_id, None, None, None, None, None, None, None, None,
-                    encode_payload(ev.payload)))
+                    ev.flow_name, ev.flow_id, *runtime,
+                    encode_payload(payload) if payload else "{}"))
     return rows
 
 
