@@ -152,7 +152,8 @@ def remote_trace() -> Recorder:
     r(0.101, "trace_cancel_start", "OpenSea", None, pending=1)
     r(0.102, "node_trace_cancelled", "researcher", B, latency_ms=49.0)
     r(0.103, "node_success", "side", C)  # finished after the request: kept running
-    r(0.152, "remote_call_cancelled", "researcher", B, latency_ms=50.0,
+    # The runtime records this one from its cancel watcher, without the invocation id.
+    r(0.152, "remote_call_cancelled", "researcher", None, latency_ms=50.0,
       remote_cancel_reason="trace_cancel", remote_status="cancelled",
       remote_context_id="ctx-1", remote_task_id="task-2", remote_agent_url=slow)
     r(0.153, "trace_cancel_finish", "Rookery", None)

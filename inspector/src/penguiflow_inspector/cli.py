@@ -1,20 +1,45 @@
-"""``pf``: inspect, follow, export and demo PenguiFlow traces.
+"""``pf``: inspect, list, follow, export and demo PenguiFlow traces.
 
-``pf export`` works (see :mod:`penguiflow_inspector.export`); the other
-commands say plainly that they are not available yet rather than pretending to
-work.
+Every command reads the store ``--store URL`` names, else ``$PENGUIFLOW_STORE``,
+else the SQLite default (``sqlite:///.penguiflow/traces.db``). Output: the
+terminal UI when stdout is a terminal (``inspect``, ``traces``, ``demo``),
+else ``--plain`` text; ``--json`` for scripts. Failures are one line on
+stderr (``pf <command>: ...``), never a traceback.
 
 Exit status: 0 success, 1 a runtime failure (store, collector, output file),
-2 a usage error (bad flags, an unknown or ambiguous trace id).
+2 a usage error (bad flags or values, an unknown or ambiguous trace id).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any, Final, NoReturn, TextIO, cast
 
-from . import export
+from penguiflow.state import StateStoreError, StoredEvent, TraceFilter, TraceStore
+from penguiflow_exporters import open_store
+
+from . import export, render
+from ._store import (
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    choose,
+    ensure_not_empty,
+    one_line,
+    reading,
+    redact,
+    store_url,
+)
+from .demo import record_demo
+from .model import TraceView, build_trace
 
 #: (command, one-line help) in the order ``pf --help`` lists them.
 COMMANDS: tuple[tuple[str, str], ...] = (
@@ -24,21 +49,100 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("export", "rebuild a stored trace's spans and send them over OTLP or write OTLP-JSON"),
     ("demo", "run a built-in demo flow, record it, and print its trace id"),
 )
+#: ``--status`` values: the inspector's words and the store's.
+STATUSES: Final = {"ok": "succeeded", "error": "failed", "cancelled": "cancelled",
+                   "running": "running", "succeeded": "succeeded", "failed": "failed"}
+#: How often ``pf tail`` polls a store that cannot push events across processes.
+POLL_INTERVAL_S: Final = 0.2
+#: Traces ``pf tail`` (without an id) watches when it polls: the most recently started.
+TAIL_TRACES: Final = 200
+_STORE_HELP: Final = ("where traces are recorded: sqlite:///path.db or "
+                      "postgresql://user@host:port/db (default: $PENGUIFLOW_STORE, "
+                      "else sqlite:///.penguiflow/traces.db)")
+_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``pf traces: error: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
+def parse_when(text: str, now: float | None = None) -> float:
+    """Epoch seconds from ``10m`` / ``2h`` / ``3d`` / ``45s`` / ``1w`` ago, or an ISO time.
+
+    An ISO time without a zone is local time. Raises ``ArgumentTypeError``.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if match:
+        base = time.time() if now is None else now
+        return base - float(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        return dt.datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r} (give e.g. 10m, 2h, 3d ago, or 2025-01-31T12:00)") from None
+
+
+def _output_flags(cmd: argparse.ArgumentParser) -> None:
+    fmt = cmd.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON for scripts")
+    fmt.add_argument("--plain", action="store_true",
+                     help="plain text (the default when stdout is not a terminal)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the ``pf`` argument parser with every planned sub-command."""
-    parser = argparse.ArgumentParser(
-        prog="pf",
-        description="Inspect, follow and export PenguiFlow traces.",
-    )
+    """Return the ``pf`` argument parser."""
+    parser = _Parser(prog="pf", description="Inspect, follow and export PenguiFlow traces.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, help_text in COMMANDS:
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "export":
-            export.add_arguments(cmd)
-        else:
-            cmd.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    cmds = {name: sub.add_parser(name, help=text, description=text) for name, text in COMMANDS}
+
+    inspect = cmds["inspect"]
+    inspect.add_argument("trace_id", metavar="TRACE_ID",
+                         help="the trace; a unique prefix of its id is enough")
+    inspect.add_argument("--store", metavar="URL", help=_STORE_HELP)
+    _output_flags(inspect)
+
+    traces = cmds["traces"]
+    traces.add_argument("--store", metavar="URL", help=_STORE_HELP)
+    traces.add_argument("--status", choices=sorted(STATUSES), metavar="STATUS",
+                        help="ok, error, cancelled or running")
+    traces.add_argument("--node", metavar="NAME", help="only traces in which this node ran")
+    traces.add_argument("--errors", action="store_true", help="only traces with errors")
+    traces.add_argument("--since", type=parse_when, metavar="WHEN",
+                        help="started at or after WHEN: 10m, 2h, 3d (ago) or an ISO time")
+    traces.add_argument("--until", type=parse_when, metavar="WHEN",
+                        help="started before WHEN")
+    traces.add_argument("--slowest", action="store_true",
+                        help="slowest first instead of newest first")
+    traces.add_argument("--limit", type=_positive_int, default=50, metavar="N",
+                        help="at most N traces (default 50)")
+    _output_flags(traces)
+
+    tail = cmds["tail"]
+    tail.add_argument("trace_id", metavar="TRACE_ID", nargs="?",
+                      help="follow this trace only (its history is printed first)")
+    tail.add_argument("--store", metavar="URL", help=_STORE_HELP)
+    _output_flags(tail)
+
+    export.add_arguments(cmds["export"])
+
+    demo = cmds["demo"]
+    demo.add_argument("--store", metavar="URL", help=_STORE_HELP)
+    demo.add_argument("--no-open", action="store_true",
+                      help="do not open the inspector on the recorded trace")
+    _output_flags(demo)
     return parser
 
 
@@ -48,15 +152,269 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.command is None:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     if ns.command == "export":
         return export.run(ns)
-    print(
-        f"pf {ns.command}: not available in this build yet; "
-        "it arrives with the StateStore and inspector releases.",
-        file=sys.stderr,
-    )
-    return 2
+    out, err = sys.stdout, sys.stderr
+    try:
+        return int(_COMMANDS[ns.command](ns, out, err))
+    except CommandError as exc:
+        print(f"pf {ns.command}: {exc.message}", file=err)
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C ends `pf tail`; elsewhere it is just as final
+        return EXIT_OK
+    except BrokenPipeError:  # `pf traces | head`: the reader has gone
+        with contextlib.suppress(OSError):
+            sys.stdout = open("/dev/null", "w")  # noqa: SIM115 -- silence the final flush
+        return EXIT_OK
+
+
+def _fmt(ns: argparse.Namespace, out: TextIO) -> str:
+    """``json``, ``plain`` or ``tui`` (a terminal and neither flag)."""
+    if ns.json:
+        return "json"
+    if ns.plain or not out.isatty():
+        return "plain"
+    return "tui"
+
+
+def _run_tui(err: TextIO, **kwargs: Any) -> int | None:
+    """Run the Textual app; None when it cannot be imported (then print plain text)."""
+    try:
+        from .app import InspectorApp
+    except ImportError as exc:
+        print(f"pf: the terminal UI is not available ({one_line(exc)}); "
+              "showing plain text", file=err)
+        return None
+    app = InspectorApp(**kwargs)
+    app.run()
+    return int(app.return_code or 0)
+
+
+def _dump(data: Any, out: TextIO) -> None:
+    json.dump(data, out, indent=2)
+    out.write("\n")
+    out.flush()
+
+
+# -- inspect ----------------------------------------------------------------------------------
+
+
+async def _resolve_checked(store: TraceStore, reference: str, url: str) -> str:
+    candidates = await store.resolve_trace_id(reference)
+    if not candidates:
+        await ensure_not_empty(store, url)  # "holds no traces" says more than "no such id"
+    return choose(reference, candidates, url)
+
+
+async def load_view(url: str, reference: str) -> TraceView:
+    """Resolve ``reference`` in the store at ``url`` and build its view.
+
+    Raises:
+        CommandError: see :mod:`penguiflow_inspector._store`.
+    """
+    async with reading(url) as store:
+        trace_id = await _resolve_checked(store, reference, url)
+        events = await store.load_history(trace_id)
+    if not events:  # resolved a moment ago, then deleted
+        raise CommandError(f"trace {trace_id} has no stored events in {redact(url)}")
+    return build_trace(events)
+
+
+async def _resolve_only(url: str, reference: str) -> str:
+    async with reading(url) as store:
+        return await _resolve_checked(store, reference, url)
+
+
+def _inspect(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    url = store_url(ns.store)
+    fmt = _fmt(ns, out)
+    if fmt == "tui":
+        trace_id = asyncio.run(_resolve_only(url, ns.trace_id))  # errors before the UI
+        code = _run_tui(err, store_url=url, trace_id=trace_id, mode="trace")
+        if code is not None:
+            return code
+    view = asyncio.run(load_view(url, ns.trace_id))
+    if fmt == "json":
+        _dump(render.trace_json(view), out)
+    else:
+        out.write(render.trace_text(view))
+    return EXIT_OK
+
+
+# -- traces -----------------------------------------------------------------------------------
+
+
+def trace_filter(ns: argparse.Namespace) -> TraceFilter:
+    """The ``TraceFilter`` of ``pf traces``' flags."""
+    if ns.since is not None and ns.until is not None and ns.since >= ns.until:
+        raise CommandError("--since must be before --until", EXIT_USAGE)
+    return TraceFilter(status=STATUSES[ns.status] if ns.status else None, node=ns.node,
+                       has_errors=True if ns.errors else None, since=ns.since,
+                       until=ns.until, order="slowest" if ns.slowest else "newest",
+                       limit=ns.limit)
+
+
+async def _list(url: str, wanted: TraceFilter) -> list[Any]:
+    async with reading(url) as store:
+        found = await store.list_traces(wanted)
+        if not found:
+            await ensure_not_empty(store, url)
+        return found
+
+
+def _traces(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    url = store_url(ns.store)
+    wanted = trace_filter(ns)
+    fmt = _fmt(ns, out)
+    if fmt == "tui":
+        asyncio.run(_list(url, TraceFilter(limit=1)))  # store errors before the UI
+        code = _run_tui(err, store_url=url, mode="traces")
+        if code is not None:
+            return code
+    found = asyncio.run(_list(url, wanted))
+    if fmt == "json":
+        _dump([render.summary_json(s) for s in found], out)
+    elif found:
+        out.write(render.summary_table(found))
+    else:
+        print("no traces match these filters", file=err)
+    return EXIT_OK
+
+
+# -- tail -------------------------------------------------------------------------------------
+
+
+def _tail(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    url = store_url(ns.store)
+    fmt = "json" if ns.json else "plain"
+
+    def show(event: StoredEvent) -> None:
+        line = (json.dumps(render.event_json(event)) if fmt == "json"
+                else render.event_line(event))
+        out.write(line + "\n")
+        out.flush()
+
+    asyncio.run(tail(url, ns.trace_id, show, err))
+    return EXIT_OK
+
+
+async def tail(url: str, reference: str | None, show: Any, err: TextIO,
+               interval_s: float = POLL_INTERVAL_S) -> None:
+    """Print a trace's history (with ``reference``), then every event stored from now on.
+
+    Postgres pushes events from any process (``store.follow``: LISTEN/NOTIFY).
+    SQLite's ``follow`` sees only the writes of the same store object, so for
+    SQLite this polls the traces' summaries every ``interval_s`` and reads
+    the new events of those whose event count grew. Runs until cancelled
+    (Ctrl-C) or, for Postgres, until the store closes.
+    """
+    async with reading(url) as store:
+        trace_id = None if reference is None else await _resolve_checked(store, reference, url)
+        history: Sequence[StoredEvent] = ()
+        if trace_id is not None:
+            history = await store.load_history(trace_id)
+            for event in history:
+                show(event)
+        what = f"trace {trace_id}" if trace_id else "every trace"
+        print(f"pf tail: following {what} in {redact(url)} (Ctrl-C to stop)", file=err,
+              flush=True)
+        if url.startswith(("postgresql:", "postgres:")):
+            await _follow(store, trace_id, history, show)
+        else:
+            await _poll(store, trace_id, len(history), show, interval_s)
+
+
+async def _follow(store: TraceStore, trace_id: str | None, history: Sequence[StoredEvent],
+                  show: Any) -> None:
+    seen = {e.event_key for e in history}
+    first = True
+    # The stores' follow() is an async generator: close it to release its connection.
+    stream = cast("AsyncGenerator[StoredEvent, None]", store.follow(trace_id))
+    async with contextlib.aclosing(stream):
+        async for event in stream:
+            if first and trace_id is not None:
+                # Events committed between reading the history and the follower's
+                # LISTEN would be lost: read the history again once, and show them.
+                first = False
+                for missed in await store.load_history(trace_id):
+                    if missed.event_key not in seen and missed.event_key != event.event_key:
+                        seen.add(missed.event_key)
+                        show(missed)
+            if event.event_key in seen:
+                continue
+            seen.add(event.event_key)
+            show(event)
+
+
+async def _poll(store: TraceStore, trace_id: str | None, shown: int, show: Any,
+                interval_s: float) -> None:
+    if trace_id is not None:
+        counts = {trace_id: shown}
+    else:  # only what is stored from now on
+        counts = {s.trace_id: s.event_count
+                  for s in await store.list_traces(TraceFilter(limit=TAIL_TRACES))}
+    while True:
+        if trace_id is not None:
+            summary = await store.get_trace(trace_id)
+            changed = [summary] if summary is not None else []
+        else:
+            changed = await store.list_traces(TraceFilter(limit=TAIL_TRACES))
+        for summary in sorted(changed, key=lambda s: s.started_ts):
+            before = counts.get(summary.trace_id, 0)
+            if summary.event_count > before:
+                events = await store.load_history(summary.trace_id)
+                for event in events[before:]:
+                    show(event)
+                counts[summary.trace_id] = len(events)
+        await asyncio.sleep(interval_s)
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+
+async def _record(url: str) -> str:
+    try:
+        store = open_store(url)
+    except ValueError as exc:
+        raise CommandError(str(exc).replace(url, redact(url)), EXIT_USAGE) from None
+    if url.startswith("memory:"):
+        raise CommandError("memory:// would forget the demo trace when pf exits; pass "
+                           "--store sqlite:///... or postgresql://...", EXIT_USAGE)
+    try:
+        try:
+            return (await record_demo(store)).trace_id
+        finally:
+            await store.close()
+    except StateStoreError as exc:
+        raise CommandError(f"trace store: {one_line(exc)}") from None
+    except OSError as exc:
+        raise CommandError(
+            f"cannot reach the trace store {redact(url)}: {one_line(exc)}") from None
+
+
+def _demo(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    url = store_url(ns.store)
+    trace_id = asyncio.run(_record(url))
+    fmt = _fmt(ns, out)
+    if fmt == "json":
+        _dump({"trace_id": trace_id, "store": redact(url)}, out)
+        return EXIT_OK
+    if fmt == "tui" and not ns.no_open:
+        code = _run_tui(err, store_url=url, trace_id=trace_id, mode="trace")
+        if code is not None:
+            return code
+        out.write(render.trace_text(asyncio.run(load_view(url, trace_id))))
+        return EXIT_OK
+    out.write(trace_id + "\n")
+    store_flag = "" if ns.store is None else f" --store {redact(url)}"
+    print(f"pf demo: recorded a trace with a fan-out and join, a retry, a timeout, two "
+          f"streaming remote agents and a cancel to {redact(url)}; see it with: "
+          f"pf inspect {trace_id[:8]}{store_flag}", file=err)
+    return EXIT_OK
+
+
+_COMMANDS: Final = {"inspect": _inspect, "traces": _traces, "tail": _tail, "demo": _demo}
 
 
 if __name__ == "__main__":  # pragma: no cover

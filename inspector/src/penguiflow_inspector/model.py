@@ -308,10 +308,13 @@ class _Fold:
         self.inv_events: dict[str, list[int]] = {}
         self.last_ts: dict[str, float] = {}
         self.trace_level: list[int] = []
+        #: The position of the event being applied.
+        self.pos = 0
 
     # -- dispatch -------------------------------------------------------------------
 
     def apply(self, pos: int, ev: StoredEvent, *, rows: bool = True) -> None:
+        self.pos = pos
         ts = ev.ts
         payload = ev.payload
         kind = ev.kind
@@ -444,10 +447,16 @@ class _Fold:
 
     def _call(self, ev: StoredEvent, payload: Mapping[str, Any]) -> RemoteCallView | None:
         """The open call an event belongs to: same invocation, same task id if known."""
-        open_calls = self.open_calls.get(ev.invocation_id or "")
+        task_id = payload.get("remote_task_id")
+        if ev.invocation_id is None and task_id is not None:
+            # The runtime's cancel watcher records remote_call_cancelled outside the
+            # invocation's context (no invocation id): find the call by its task.
+            open_calls = [c for calls in self.open_calls.values() for c in calls
+                          if c.task_id == task_id]
+        else:
+            open_calls = self.open_calls.get(ev.invocation_id or "") or []
         if not open_calls:
             return None
-        task_id = payload.get("remote_task_id")
         call = open_calls[-1]
         if task_id is not None:
             call = next((c for c in open_calls if c.task_id == task_id),
@@ -462,6 +471,12 @@ class _Fold:
             call.agent_url = str(url)
         if self.index:
             self.last_ts[call.call_id] = ev.ts
+            owner = call.invocation_id
+            if ev.invocation_id is None and owner is not None:
+                # Replay re-folds an invocation from its own events: make this one of them.
+                self.inv_events.setdefault(owner, []).append(self.pos)
+                if ev.ts > self.last_ts.get(owner, -math.inf):
+                    self.last_ts[owner] = ev.ts
         return call
 
     def _end_call(self, call: RemoteCallView, ts: float,

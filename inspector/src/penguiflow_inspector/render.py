@@ -1,0 +1,296 @@
+"""Plain-text and JSON renderings of the inspector's views (``--plain`` / ``--json``).
+
+JSON keys are stable (documented in ``docs/guides/inspector.md``): times are
+epoch seconds, durations milliseconds, ids strings, absent values ``null``.
+Plain text is for people reading a terminal or a CI log: a summary line, a
+waterfall drawn with block characters, remote calls, cancels, deadlines and
+the critical path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any, Final
+
+from penguiflow.state import StoredEvent, TraceSummary
+
+from .model import (
+    AttemptView,
+    CancelView,
+    DeadlineView,
+    EventRow,
+    InvocationView,
+    RemoteCallView,
+    TraceView,
+    remote_stats,
+)
+
+__all__ = [
+    "event_json",
+    "event_line",
+    "summary_json",
+    "summary_table",
+    "trace_json",
+    "trace_text",
+]
+
+#: Columns of the waterfall's bar.
+BAR_WIDTH: Final = 40
+#: Waterfall rows ``--plain`` prints before saying how many more there are.
+MAX_ROWS: Final = 200
+
+
+# -- JSON -------------------------------------------------------------------------------------
+
+
+def _attempt(a: AttemptView) -> dict[str, Any]:
+    return {"attempt": a.attempt, "start": a.start, "end": a.end, "outcome": a.outcome,
+            "error": a.error, "backoff_ms": a.backoff_ms}
+
+
+def _invocation(i: InvocationView) -> dict[str, Any]:
+    return {
+        "invocation_id": i.invocation_id, "node_name": i.node_name, "node_id": i.node_id,
+        "status": i.status, "start": i.start, "end": i.end, "duration_ms": i.duration_ms,
+        "queued_ts": i.queued_ts, "queue_wait_ms": i.queue_wait_ms, "parents": list(i.parents),
+        "attempts": [_attempt(a) for a in i.attempts], "error": i.error, "chunks": i.chunks,
+        "remote_calls": list(i.remote_calls), "span_id": i.span_id,
+        "parent_span_id": i.parent_span_id,
+    }
+
+
+def _remote(c: RemoteCallView) -> dict[str, Any]:
+    return {
+        "call_id": c.call_id, "invocation_id": c.invocation_id, "node_name": c.node_name,
+        "agent_url": c.agent_url, "skill": c.skill, "context_id": c.context_id,
+        "task_id": c.task_id, "start": c.start, "end": c.end, "latency_ms": c.latency_ms,
+        "outcome": c.outcome, "streaming": c.streaming, "bytes_sent": c.bytes_sent,
+        "bytes_received": c.bytes_received, "stream_events": c.stream_events,
+        "time_to_first_chunk_ms": c.time_to_first_chunk_ms,
+        "states": [{"state": s, "ts": ts} for s, ts in c.states],
+        "state_split_ms": [{"state": s, "ms": ms} for s, ms in c.state_split_ms()],
+        "error": c.error,
+    }
+
+
+def _cancel(c: CancelView) -> dict[str, Any]:
+    return {
+        "requested": c.requested, "acknowledged": c.acknowledged, "latency_ms": c.latency_ms,
+        "propagated": [{"task_id": task, "ts": ts, "round_trip_ms": rtt, "reason": reason}
+                       for task, ts, rtt, reason in c.propagated],
+        "interrupted": [{"invocation_id": inv, "ts": ts} for inv, ts in c.interrupted],
+        "kept_running": list(c.kept_running),
+    }
+
+
+def _deadline(d: DeadlineView) -> dict[str, Any]:
+    return {"node_name": d.node_name, "ts": d.ts, "deadline": d.deadline,
+            "remaining_ms": d.remaining_ms}
+
+
+def _event_row(e: EventRow) -> dict[str, Any]:
+    return {"seq": e.seq, "ts": e.ts, "kind": e.kind, "node_name": e.node_name,
+            "invocation_id": e.invocation_id, "attempt": e.attempt, "latency_ms": e.latency_ms,
+            "span_id": e.span_id, "extra": e.extra}
+
+
+def trace_json(view: TraceView) -> dict[str, Any]:
+    """The whole view as JSON-ready data (stable keys; see the inspector guide)."""
+    return {
+        "trace_id": view.trace_id,
+        "otel_trace_id": view.otel_trace_id,
+        "root_span_id": view.root_span_id,
+        "flow_name": view.flow_name,
+        "status": view.status,
+        "start": view.start,
+        "end": view.end,
+        "duration_ms": view.duration_ms,
+        "invocations": [_invocation(i) for i in view.invocations],
+        "remote_calls": [_remote(c) for c in view.remote_calls],
+        "remote_stats": [{"agent": s.agent, "calls": s.calls, "errors": s.errors,
+                          "p50_ms": s.p50_ms, "p95_ms": s.p95_ms} for s in remote_stats(view)],
+        "cancels": [_cancel(c) for c in view.cancels],
+        "deadlines": [_deadline(d) for d in view.deadlines],
+        "critical_path": list(view.critical_path),
+        "events": [_event_row(e) for e in view.events],
+    }
+
+
+def summary_json(summary: TraceSummary) -> dict[str, Any]:
+    """One ``pf traces`` row as JSON-ready data."""
+    return {
+        "trace_id": summary.trace_id, "flow_name": summary.flow_name, "status": summary.status,
+        "started_ts": summary.started_ts, "ended_ts": summary.ended_ts,
+        "duration_ms": summary.duration_ms, "node_count": summary.node_count,
+        "error_count": summary.error_count, "remote_call_count": summary.remote_call_count,
+        "event_count": summary.event_count, "nodes": list(summary.nodes),
+    }
+
+
+def event_json(event: StoredEvent) -> dict[str, Any]:
+    """One stored event as JSON-ready data (``pf tail --json``)."""
+    return {
+        "trace_id": event.trace_id, "ts": event.ts, "kind": event.kind,
+        "node_name": event.node_name, "node_id": event.node_id,
+        "invocation_id": event.invocation_id,
+        "parent_invocation_ids": list(event.parent_invocation_ids), "span_id": event.span_id,
+        "parent_span_id": event.parent_span_id, "seq": event.seq, "attempt": event.attempt,
+        "queued_ts": event.queued_ts, "flow_name": event.flow_name, "flow_id": event.flow_id,
+        "payload": dict(event.payload),
+    }
+
+
+# -- plain text -------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value / 1000:.2f} s"
+    return f"{value:.1f} ms"
+
+
+def _clock(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="milliseconds")
+
+
+def _bar(start: float, end: float | None, t0: float, span: float, width: int = BAR_WIDTH) -> str:
+    """``start``..``end`` on a ``width``-column axis from ``t0`` over ``span`` seconds."""
+    stop = end if end is not None else t0 + span
+    left = int((start - t0) / span * width) if span > 0 else 0
+    right = int((stop - t0) / span * width + 0.999) if span > 0 else width
+    left = min(max(left, 0), width - 1)
+    right = min(max(right, left + 1), width)
+    fill = "█" if end is not None else "▒"  # in flight: shaded to the axis' end
+    return "·" * left + fill * (right - left) + "·" * (width - right)
+
+
+def _glyphs(inv: InvocationView) -> str:
+    marks = []
+    retries = len(inv.attempts) - 1
+    if retries > 0:
+        marks.append(f"↻{retries}")
+    timeouts = sum(a.outcome == "timeout" for a in inv.attempts)
+    if timeouts:
+        marks.append(f"⏱{timeouts}")
+    if inv.chunks:
+        marks.append(f"≡{inv.chunks}")
+    if inv.status == "cancelled":
+        marks.append("✕")
+    return " ".join(marks)
+
+
+def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
+    """A readable report of one trace (``pf inspect --plain``)."""
+    names = {i.invocation_id: i.node_name for i in view.invocations}
+    lines = [
+        f"trace {view.trace_id}  flow {view.flow_name or '-'}  status {view.status}  "
+        f"{_ms(view.duration_ms)}  {len(view.invocations)} invocations  "
+        f"{len(view.remote_calls)} remote calls  {len(view.events)} events",
+        f"started {_clock(view.start)}  otel trace id {view.otel_trace_id}  "
+        f"root span id {view.root_span_id}",
+        "",
+        f"waterfall (0 .. {_ms(view.duration_ms)}; █ ran, ▒ still running; "
+        "↻ retries, ⏱ timeouts, ≡ chunks, ✕ cancelled; * on the critical path)",
+    ]
+    span = view.end - view.start
+    critical = set(view.critical_path)
+    rows: list[tuple[float, str]] = []
+    for inv in view.invocations:
+        mark = "*" if inv.invocation_id in critical else " "
+        rows.append((inv.start, f"{mark} {inv.node_name[:18]:<18} {inv.status:<9} "
+                                f"+{_ms((inv.start - view.start) * 1000):>9} "
+                                f"{_ms(inv.duration_ms):>9} "
+                                f"|{_bar(inv.start, inv.end, view.start, span)}| {_glyphs(inv)}"))
+    for call in view.remote_calls:
+        label = f"↳ {call.skill or call.node_name or '?'}"[:18]
+        rows.append((call.start, f"  {label:<18} {call.outcome:<9} "
+                                 f"+{_ms((call.start - view.start) * 1000):>9} "
+                                 f"{_ms(call.latency_ms):>9} "
+                                 f"|{_bar(call.start, call.end, view.start, span)}| remote"))
+    rows.sort(key=lambda row: row[0])
+    lines.extend(text.rstrip() for _, text in rows[:max_rows])
+    if len(rows) > max_rows:
+        lines.append(f"  ... {len(rows) - max_rows} more rows (pf inspect --json has them all)")
+    failed = [i for i in view.invocations if i.error]
+    if failed:
+        lines += ["", "errors"]
+        lines += [f"  {i.node_name} ({i.invocation_id}): {i.error}" for i in failed[:max_rows]]
+    if view.remote_calls:
+        lines += ["", "remote calls"]
+        for c in view.remote_calls[:max_rows]:
+            split = " → ".join(f"{s} {_ms(ms)}" for s, ms in c.state_split_ms())
+            lines.append(
+                f"  {c.node_name or '-'} → {c.agent_url or '-'} skill {c.skill or '-'}: "
+                f"{c.outcome} in {_ms(c.latency_ms)}"
+                f"{'' if c.time_to_first_chunk_ms is None else ', first chunk ' + _ms(c.time_to_first_chunk_ms)}"  # noqa: E501
+                f", sent {c.bytes_sent if c.bytes_sent is not None else '-'} B"
+                f", received {c.bytes_received if c.bytes_received is not None else '-'} B"
+                f", {c.stream_events} stream events")
+            lines.append(f"      context {c.context_id or '-'}  task {c.task_id or '-'}  "
+                         f"span {c.call_id}" + (f"  states: {split}" if split else ""))
+            if c.error:
+                lines.append(f"      {c.error}")
+        lines.append("  per agent:")
+        for s in remote_stats(view):
+            lines.append(f"    {s.agent}: {s.calls} calls, {s.errors} errors, "
+                         f"p50 {_ms(s.p50_ms)}, p95 {_ms(s.p95_ms)}")
+    for n, cancel in enumerate(view.cancels, 1):
+        at = (cancel.requested - view.start) * 1000
+        lines += ["", f"cancel {n}: requested at +{_ms(at)}"]
+        for task, ts, rtt, reason in cancel.propagated:
+            lines.append(f"  propagated to task {task or '?'} at "
+                         f"+{_ms((ts - cancel.requested) * 1000)} ({reason}, "
+                         f"round trip {_ms(rtt)})")
+        if cancel.acknowledged is not None:
+            lines.append(f"  acknowledged after {_ms(cancel.latency_ms)}")
+        else:
+            lines.append("  not acknowledged (yet)")
+        for inv_id, ts in cancel.interrupted:
+            lines.append(f"  interrupted {names.get(inv_id, '?')} ({inv_id}) after "
+                         f"{_ms((ts - cancel.requested) * 1000)}")
+        kept = ", ".join(f"{names.get(i, '?')} ({i})" for i in cancel.kept_running)
+        lines.append(f"  kept running after the request: {kept or 'nothing'}")
+    if view.deadlines:
+        lines += ["", "deadlines"]
+        lines += [f"  {d.node_name or '-'} skipped at +{_ms((d.ts - view.start) * 1000)}: "
+                  f"deadline passed {_ms(-(d.remaining_ms or 0.0))} before"
+                  for d in view.deadlines]
+    if view.critical_path:
+        path = " → ".join(names.get(i, "?") for i in view.critical_path)
+        lines += ["", f"critical path: {path}"]
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(summaries: Sequence[TraceSummary]) -> str:
+    """``pf traces --plain``: one row per trace, a header first."""
+    header = (f"{'TRACE ID':<32}  {'STARTED':<23}  {'DURATION':>9}  {'STATUS':<9}  "
+              f"{'NODES':>5}  {'ERRORS':>6}  {'REMOTE':>6}  {'EVENTS':>6}  FLOW")
+    lines = [header]
+    for s in summaries:
+        lines.append(f"{s.trace_id:<32}  {_clock(s.started_ts):<23}  {_ms(s.duration_ms):>9}  "
+                     f"{s.status:<9}  {s.node_count:>5}  {s.error_count:>6}  "
+                     f"{s.remote_call_count:>6}  {s.event_count:>6}  {s.flow_name or '-'}")
+    return "\n".join(lines) + "\n"
+
+
+def event_line(event: StoredEvent) -> str:
+    """``pf tail --plain``: one event on one line."""
+    payload = event.payload
+    latency = payload.get("latency_ms")
+    extra = {k: v for k, v in payload.items() if k in _SHOWN_EXTRA and v is not None}
+    parts = [_clock(event.ts), (event.trace_id or "-")[:12], f"{event.kind:<22}",
+             f"{event.node_name or '-':<14}"]
+    if event.attempt:
+        parts.append(f"attempt {event.attempt}")
+    if isinstance(latency, int | float) and latency:
+        parts.append(_ms(float(latency)))
+    parts += [f"{k}={v}" for k, v in extra.items()]
+    return " ".join(parts).rstrip()
+
+
+#: Extra items ``pf tail --plain`` shows (the rest is in --json).
+_SHOWN_EXTRA: Final = ("exception", "remote_task_state", "remote_skill", "remote_error",
+                       "remote_cancel_reason", "deadline_s")
