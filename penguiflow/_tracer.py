@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 
     from .core import PenguiFlow
 
-__all__ = ["LiveTracer", "enter_invocation", "exit_invocation", "tracer_for"]
+__all__ = ["LiveTracer", "enter_client_span", "enter_invocation", "exit_client_span",
+           "exit_invocation", "tracer_for"]
 
 logger = logging.getLogger("penguiflow.tracing")
 
@@ -226,3 +227,22 @@ def exit_invocation(tokens: Tokens) -> None:
         current_scope.reset(scope_token)  # type: ignore[arg-type]
     if span_token is not None:
         otel_context.detach(span_token)  # type: ignore[arg-type]
+
+
+def enter_client_span(runtime: Any, trace_id: Any, invocation_id: str | None) -> object | None:
+    """Make the open remote CLIENT span of ``invocation_id`` current; a token or None.
+
+    None (and nothing done) when ``runtime`` traces nothing. Undo with
+    :func:`exit_client_span` in the same task.
+    """
+    events = getattr(runtime, "_events", None)
+    tracer = getattr(events, "tracer", None)
+    if tracer is None or trace_id is None:
+        return None
+    context = tracer.remote_context(trace_id, invocation_id)
+    return None if context is None else otel_context.attach(context)
+
+
+def exit_client_span(token: object) -> None:
+    """Undo :func:`enter_client_span`."""
+    otel_context.detach(token)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ._tracer import enter_client_span, exit_client_span
 from ._traces import TraceCancelled
 from .node import Node, NodePolicy
 from .state import RemoteBinding
@@ -197,6 +198,9 @@ def RemoteNode(
         await record("remote_call_start", 0.0, remote_skill=skill,
                      remote_transport=transport_name, remote_streaming=streaming,
                      remote_request_bytes=_size(message), remote_agent_url=agent_url)
+        # The call's CLIENT span is current while the transport runs, so a transport
+        # that injects `traceparent` names this span (no-op without tracing).
+        span_token = enter_client_span(runtime, trace_id, getattr(ctx, "_inv", None))
         started = time.perf_counter()
         final_state: Any = None
         try:
@@ -260,6 +264,8 @@ def RemoteNode(
                          remote_context_id=ids["context_id"], remote_task_id=ids["task_id"])
             raise
         finally:
+            if span_token is not None:
+                exit_client_span(span_token)
             # However the call ended, unless the trace itself is being cancelled
             # (then the watcher is doing the remote cancel), the watcher has
             # nothing left to watch: do not leave it waiting until stop().

@@ -442,3 +442,26 @@ async def test_metrics_record_node_duration_errors_retries_and_gauges(
     assert err.value == 1
     (retry,) = metrics["pf.node.retries"].data.data_points
     assert retry.attributes["gen_ai.agent.name"] == "flaky" and retry.value == 1
+
+
+async def test_a_transport_injecting_traceparent_names_the_client_span(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    sent: list[dict[str, str]] = []
+
+    class Injecting(InMemoryTransport):
+        async def send(self, request: Any) -> Any:
+            sent.append(inject_trace_headers({}))  # what an HTTP transport would send
+            return await super().send(request)
+
+    transport = Injecting({URL: InMemoryAgent()})
+    remote = RemoteNode(transport=transport, skill="lookup", agent_url=URL, name="remote",
+                        policy=NodePolicy(validate="none"))
+    flow = create(remote.to(), tracer_provider=provider)
+    m = msg("x")
+    await _run_one(flow, m)
+
+    client = _by_name(exporter.get_finished_spans())["invoke_agent lookup"]
+    assert client.kind is SpanKind.CLIENT
+    (headers,) = sent
+    version, trace_hex, span_hex, _flags = headers["traceparent"].split("-")
+    assert (trace_hex, span_hex) == (m.trace_id, _hex(client.context.span_id, 16))
