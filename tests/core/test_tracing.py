@@ -463,5 +463,5 @@ async def test_a_transport_injecting_traceparent_names_the_client_span(
     client = _by_name(exporter.get_finished_spans())["invoke_agent lookup"]
     assert client.kind is SpanKind.CLIENT
     (headers,) = sent
-    version, trace_hex, span_hex, _flags = headers["traceparent"].split("-")
+    _version, trace_hex, span_hex, _flags = headers["traceparent"].split("-")
     assert (trace_hex, span_hex) == (m.trace_id, _hex(client.context.span_id, 16))
