@@ -35,7 +35,8 @@ class _Recorder:
             self.trace_id, ts, kind, node, node, payload, invocation_id=inv,
             parent_invocation_ids=parents, span_id=inv, seq=len(self.events) + 1,
             attempt=attempt, queued_ts=None if queued_ms is None else T0 + queued_ms / 1000.0,
-            flow_name=FLOW, flow_id=FLOW_ID))
+            # One flow id per trace: (flow_id, seq) is the store's dedup key.
+            flow_name=FLOW, flow_id=f"{FLOW_ID}-{self.trace_id}"))
 
 
 def demo_events(trace_id: str = TRACE) -> list[StoredEvent]:
