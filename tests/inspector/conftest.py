@@ -9,9 +9,14 @@ re-exported here.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 _EXPORTERS = Path(__file__).resolve().parents[1] / "exporters"
 if str(_EXPORTERS) not in sys.path:
@@ -25,3 +30,24 @@ _spec.loader.exec_module(_fixtures)
 
 otlp_receiver = _fixtures.otlp_receiver
 pg_dsn = _fixtures.pg_dsn
+
+
+@pytest.fixture
+def pg_database(pg_dsn: str) -> Iterator[str]:
+    """A fresh, empty Postgres database, dropped after the test; yields its URL."""
+    import asyncpg
+
+    database = f"pf_cli_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{database}"'))
+    try:
+        yield pg_dsn.rsplit("/", 1)[0] + f"/{database}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))

@@ -173,9 +173,14 @@ def _fmt(ns: argparse.Namespace, out: TextIO) -> str:
     """``json``, ``plain`` or ``tui`` (a terminal and neither flag)."""
     if ns.json:
         return "json"
-    if ns.plain or not out.isatty():
+    if ns.plain or not _is_terminal(out):
         return "plain"
     return "tui"
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal (a seam for tests)."""
+    return stream.isatty()
 
 
 def _run_tui(err: TextIO, **kwargs: Any) -> int | None:
