@@ -308,57 +308,52 @@ async def tail(url: str, reference: str | None, show: Any, err: TextIO,
                interval_s: float = POLL_INTERVAL_S) -> None:
     """Print a trace's history (with ``reference``), then every event stored from now on.
 
-    Postgres pushes events from any process (``store.follow``: LISTEN/NOTIFY).
-    SQLite's ``follow`` sees only the writes of the same store object, so for
-    SQLite this polls the traces' summaries every ``interval_s`` and reads
-    the new events of those whose event count grew. Runs until cancelled
-    (Ctrl-C) or, for Postgres, until the store closes.
+    Works across processes for every durable store: it reads the traces'
+    summaries, and the new events of those whose event count grew, every
+    ``interval_s`` -- and, on Postgres, as soon as ``store.follow`` (LISTEN/
+    NOTIFY) says something was committed. ``follow`` alone is not enough:
+    SQLite's sees only the writes of the same store object, and Postgres'
+    starts listening when first iterated, so events committed before then
+    would be missed; the summaries' counts leave no gap. Runs until cancelled
+    (Ctrl-C).
     """
     async with reading(url) as store:
         trace_id = None if reference is None else await _resolve_checked(store, reference, url)
-        history: Sequence[StoredEvent] = ()
         if trace_id is not None:
             history = await store.load_history(trace_id)
             for event in history:
                 show(event)
+            counts = {trace_id: len(history)}
+        else:  # only what is stored from now on
+            counts = {s.trace_id: s.event_count
+                      for s in await store.list_traces(TraceFilter(limit=TAIL_TRACES))}
         what = f"trace {trace_id}" if trace_id else "every trace"
         print(f"pf tail: following {what} in {redact(url)} (Ctrl-C to stop)", file=err,
               flush=True)
-        if url.startswith(("postgresql:", "postgres:")):
-            await _follow(store, trace_id, history, show)
-        else:
-            await _poll(store, trace_id, len(history), show, interval_s)
+        wake = asyncio.Event()
+        pushed = (asyncio.create_task(_wake_on_commit(store, trace_id, wake))
+                  if url.startswith(("postgresql:", "postgres:")) else None)
+        try:
+            await _poll(store, trace_id, counts, show, interval_s, wake)
+        finally:
+            if pushed is not None:
+                pushed.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StateStoreError):
+                    await pushed
 
 
-async def _follow(store: TraceStore, trace_id: str | None, history: Sequence[StoredEvent],
-                  show: Any) -> None:
-    seen = {e.event_key for e in history}
-    first = True
+async def _wake_on_commit(store: TraceStore, trace_id: str | None,
+                          wake: asyncio.Event) -> None:
+    """Set ``wake`` whenever ``store.follow`` yields (Postgres: any process committed)."""
     # The stores' follow() is an async generator: close it to release its connection.
     stream = cast("AsyncGenerator[StoredEvent, None]", store.follow(trace_id))
     async with contextlib.aclosing(stream):
-        async for event in stream:
-            if first and trace_id is not None:
-                # Events committed between reading the history and the follower's
-                # LISTEN would be lost: read the history again once, and show them.
-                first = False
-                for missed in await store.load_history(trace_id):
-                    if missed.event_key not in seen and missed.event_key != event.event_key:
-                        seen.add(missed.event_key)
-                        show(missed)
-            if event.event_key in seen:
-                continue
-            seen.add(event.event_key)
-            show(event)
+        async for _ in stream:
+            wake.set()
 
 
-async def _poll(store: TraceStore, trace_id: str | None, shown: int, show: Any,
-                interval_s: float) -> None:
-    if trace_id is not None:
-        counts = {trace_id: shown}
-    else:  # only what is stored from now on
-        counts = {s.trace_id: s.event_count
-                  for s in await store.list_traces(TraceFilter(limit=TAIL_TRACES))}
+async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int], show: Any,
+                interval_s: float, wake: asyncio.Event) -> None:
     while True:
         if trace_id is not None:
             summary = await store.get_trace(trace_id)
@@ -372,7 +367,9 @@ async def _poll(store: TraceStore, trace_id: str | None, shown: int, show: Any,
                 for event in events[before:]:
                     show(event)
                 counts[summary.trace_id] = len(events)
-        await asyncio.sleep(interval_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), interval_s)
+        wake.clear()
 
 
 # -- demo -------------------------------------------------------------------------------------
