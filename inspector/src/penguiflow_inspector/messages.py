@@ -38,13 +38,19 @@ class SummaryLoaded(Message):
 
 
 class TraceLoaded(Message):
-    """The trace's events, loaded and rebuilt into a view."""
+    """The trace's events, loaded and rebuilt into a view.
 
-    def __init__(self, view: TraceView, events: Sequence[StoredEvent], load_s: float) -> None:
+    ``partial``: the view holds only the first events of a trace of this many
+    (a first screen); a full ``TraceLoaded`` follows.
+    """
+
+    def __init__(self, view: TraceView, events: Sequence[StoredEvent], load_s: float,
+                 partial: int = 0) -> None:
         super().__init__()
         self.view = view
         self.events = events
         self.load_s = load_s
+        self.partial = partial
 
 
 class LoadFailed(Message):

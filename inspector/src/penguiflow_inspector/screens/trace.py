@@ -54,6 +54,8 @@ __all__ = ["SPEEDS", "TraceScreen"]
 SPEEDS = (0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0)
 _TICK_S = 0.1
 _LIVE_REFRESH_S = 0.25
+#: Events built first when a trace is bigger (a first screen before the full rebuild).
+FIRST_CHUNK = 5000
 
 
 class TraceScreen(Screen[None]):
@@ -161,6 +163,12 @@ class TraceScreen(Screen[None]):
         except StateStoreError as exc:
             self.post_message(LoadFailed("the store is unavailable", str(exc), 1))
             return
+        if len(events) > FIRST_CHUNK:
+            # A big trace: paint a first screen from its first events (~20 ms to
+            # build) while the whole one builds (~1 s per 100k events here).
+            head = await asyncio.to_thread(build_view, events[:FIRST_CHUNK])
+            self.post_message(TraceLoaded(head, events[:FIRST_CHUNK],
+                                          time.perf_counter() - t0, partial=len(events)))
         view = await asyncio.to_thread(build_view, events)
         self.post_message(TraceLoaded(view, events, time.perf_counter() - t0))
 
@@ -197,6 +205,14 @@ class TraceScreen(Screen[None]):
         return any(w.group == group and not w.is_finished for w in self.workers)
 
     def on_trace_loaded(self, message: TraceLoaded) -> None:
+        if message.partial:
+            self.timings.setdefault("first screen", time.perf_counter() - self._mounted_at)
+            self.full = message.view
+            self._index = Rows.of(message.view)
+            self._show(message.view, now=None)
+            self._paint_summary(f"first {len(message.events)} of {message.partial} events; "
+                                "building the rest…")
+            return
         self.events = list(message.events)
         self._keys = {k for e in self.events if (k := e.event_key) is not None}
         self.timings.setdefault("waterfall", time.perf_counter() - self._mounted_at)
@@ -240,7 +256,10 @@ class TraceScreen(Screen[None]):
 
     def _show(self, view: TraceView, *, now: float | None) -> None:
         assert self.full is not None
-        self.rows = self._index if view is self.full and self._index is not None else Rows.of(view)
+        if view is self.full and self._index is not None:
+            self.rows = self._index
+        else:
+            self.rows = Rows.of(view, self._index)
         full = self.full
         self.query_one(Waterfall).set_rows(self.rows, span=(full.start, max(full.end,
                                                                            full.start + 1e-6)),

@@ -126,7 +126,7 @@ class TracesScreen(Screen[None]):
         table.clear()
         for s in summaries:
             started = datetime.fromtimestamp(s.started_ts, UTC).strftime("%m-%d %H:%M:%S")
-            table.add_row(s.trace_id[:16], s.flow_name or "—",
+            table.add_row(s.trace_id, s.flow_name or "—",
                           Text(s.status, style=_STATUS_STYLE.get(s.status, "")), started,
                           format_ms(s.duration_ms), str(s.node_count),
                           Text(str(s.error_count), style="red" if s.error_count else "dim"),
@@ -136,7 +136,7 @@ class TracesScreen(Screen[None]):
         self._paint_filters()
 
     def _paint_filters(self) -> None:
-        errors = {None: "any", True: "with errors", False: "without errors"}[self.has_errors]
+        errors = {None: "errors any", True: "with errors", False: "no errors"}[self.has_errors]
         text = Text()
         text.append(f"{len(self.summaries)} traces", style="bold")
         text.append(f" · {self.order} first · status {self.status or 'any'} · {errors}"

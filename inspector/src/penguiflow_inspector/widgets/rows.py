@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from .. import model
 from ..model import EventRow, InvocationView, RemoteCallView, RemoteStats, TraceView
@@ -38,9 +38,13 @@ __all__ = [
 RowKind = Literal["inv", "remote"]
 
 
-@dataclass(slots=True, frozen=True)
-class Row:
-    """One waterfall row: an invocation, or a remote call (drawn indented under it)."""
+class Row(NamedTuple):
+    """One waterfall row: an invocation, or a remote call (drawn indented under it).
+
+    A NamedTuple: a 100k-event trace has ~50k rows and a replay step rebuilds
+    them, so construction cost matters (~0.2 µs here against ~1 µs for a
+    frozen dataclass).
+    """
 
     kind: RowKind
     item: InvocationView | RemoteCallView
@@ -160,7 +164,13 @@ class Rows:
     event_ts: list[float] = field(default_factory=list)
 
     @classmethod
-    def of(cls, view: TraceView) -> Rows:
+    def of(cls, view: TraceView, base: Rows | None = None) -> Rows:
+        """Flatten ``view``; with ``base`` (the full trace's rows), reuse its event index.
+
+        A replayed view (``view.at(t)``) shares the full trace's events up to
+        ``t``, so its per-invocation index is the full one cut at ``t`` (see
+        :meth:`events_for`); rebuilding it would cost O(events) per step.
+        """
         calls = {c.call_id: c for c in view.remote_calls}
         rows: list[Row] = []
         placed: set[str] = set()
@@ -174,6 +184,9 @@ class Rows:
         for call in view.remote_calls:
             if call.call_id not in placed:
                 rows.append(Row("remote", call))
+        if base is not None:
+            return cls(view, rows, frozenset(view.critical_path), base.events_by_inv,
+                       base.event_ts)
         by_inv: dict[str, list[EventRow]] = {}
         for ev in view.events:
             if ev.invocation_id is not None:
@@ -190,12 +203,19 @@ class Rows:
 
     def events_for(self, row: Row | None) -> Sequence[EventRow]:
         """The events of the selected row (all events when nothing is selected)."""
+        until = self.view.replay_t
         if row is None:
-            return self.view.events
+            events: Sequence[EventRow] = self.view.events
+            if until is not None and len(events) == len(self.event_ts):
+                events = events[: self.events_until(until)]
+            return events
         item = row.item
+        key = item.invocation_id
+        inv_events: Sequence[EventRow] = self.events_by_inv.get(key or "", [])
+        if until is not None:
+            inv_events = [e for e in inv_events if e.ts <= until]
         if isinstance(item, InvocationView):
-            return self.events_by_inv.get(item.invocation_id, [])
-        inv_events = self.events_by_inv.get(item.invocation_id or "", [])
+            return inv_events
         return [e for e in inv_events if e.kind.startswith("remote_")
                 and e.ts >= item.start and (item.end is None or e.ts <= item.end)]
 
