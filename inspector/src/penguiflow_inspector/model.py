@@ -227,6 +227,16 @@ class TraceView:
         """The remote call with this id, or None (a linear scan)."""
         return next((c for c in self.remote_calls if c.call_id == call_id), None)
 
+    def prepare_replay(self) -> None:
+        """Build the index :meth:`at` uses now (else on the first ``at``); idempotent.
+
+        ~0.35-0.6 s CPU at 100k events on the slow CI machine: a TUI can call it
+        in a worker after the first paint so that the first replay step is quick.
+        """
+        if self._index is None:
+            raise ValueError("TraceView.prepare_replay needs a view made by build_trace")
+        self._index.prepare()
+
     def at(self, t: float) -> TraceView:
         """The trace as it was at time ``t`` (epoch seconds), from its events with ts <= t.
 
@@ -237,12 +247,13 @@ class TraceView:
         read-only). Calling ``at`` on a replayed view rebuilds from the whole
         trace again, so a scrubber can go backwards.
 
-        Cost: two bisections, one pass over the invocations started by ``t``
-        (a list comprehension) and a re-fold of the events of the rows in
-        flight only. Measured on a 100k-event trace (50k invocations, 2-core
-        machine, CPython 3.11, ~3x slower than a laptop): see
-        ``tests/inspector/test_model_perf.py`` and the figures in
-        ``docs/guides/inspector.md``: ~15 ms per step.
+        Cost: bisections, one pass over the invocations started by ``t`` and a
+        re-fold of the events of the rows in flight at ``t`` only. Measured on
+        a 100k-event trace (50k invocations in one chain: the longest critical
+        path), CPython 3.11 on a loaded 2-core machine about 3x slower than a
+        laptop: 11-18 ms CPU per step (the target is < 50 ms), after a
+        one-off index build (see :meth:`prepare_replay`).
+        ``tests/inspector/test_model_perf.py`` guards it.
         """
         index = self._index
         if index is None:
@@ -313,45 +324,18 @@ class _Fold:
 
     # -- dispatch -------------------------------------------------------------------
 
-    def apply(self, pos: int, ev: StoredEvent, *, rows: bool = True) -> None:
+    def apply(self, pos: int, ev: StoredEvent) -> None:
+        """Apply one event to the rows (not to the event log: see ``build_trace``)."""
         self.pos = pos
-        ts = ev.ts
-        payload = ev.payload
-        kind = ev.kind
-        if ts < self.start:
-            self.start = ts
-        if ev.queued_ts is not None and ev.queued_ts < self.start:
-            self.start = ev.queued_ts
-        if ts > self.end:
-            self.end = ts
-        if self.flow_name is None:
-            self.flow_name = ev.flow_name
-        inv = ev.invocation_id
-        if rows:
-            latency = payload.get("latency_ms")
-            self.rows.append(EventRow(
-                ev.seq, ts, kind, ev.node_name, inv, ev.attempt,
-                latency if isinstance(latency, int | float) else None, ev.span_id,
-                # Set difference runs in C: ~3x faster than filtering every item.
-                {k: payload[k] for k in sorted(payload.keys() - _BASE_KEYS)}))
-        if self.index:
-            if inv is not None:
-                positions = self.inv_events.get(inv)
-                if positions is None:
-                    self.inv_events[inv] = [pos]
-                else:
-                    positions.append(pos)
-                if ts > self.last_ts.get(inv, -math.inf):
-                    self.last_ts[inv] = ts
-            if kind in _TRACE_LEVEL:
-                self.trace_level.append(pos)
-        if self.cancels and inv is not None:
-            for cancel, seen in zip(self.cancels, self.first_after, strict=True):
-                if ts > cancel.requested and inv not in seen:
-                    seen[inv] = ts
-        handler = _HANDLERS.get(kind)
+        handler = _HANDLERS.get(ev.kind)
         if handler is not None:
-            handler(self, ev, payload)
+            handler(self, ev, ev.payload)
+
+    def note_after_cancel(self, inv: str, ts: float) -> None:
+        """Remember the first event of ``inv`` after each cancel request (kept running?)."""
+        for cancel, seen in zip(self.cancels, self.first_after, strict=True):
+            if ts > cancel.requested and inv not in seen:
+                seen[inv] = ts
 
     # -- invocations ----------------------------------------------------------------
 
@@ -475,8 +459,6 @@ class _Fold:
             if ev.invocation_id is None and owner is not None:
                 # Replay re-folds an invocation from its own events: make this one of them.
                 self.inv_events.setdefault(owner, []).append(self.pos)
-                if ev.ts > self.last_ts.get(owner, -math.inf):
-                    self.last_ts[owner] = ev.ts
         return call
 
     def _end_call(self, call: RemoteCallView, ts: float,
@@ -676,28 +658,69 @@ def build_trace(events: Sequence[StoredEvent]) -> TraceView:
     Unknown kinds are kept in the event log and otherwise ignored; events of
     an invocation whose ``node_start`` is missing still make a row (from the
     first event seen). Raises ValueError for no events (there is no trace to
-    show). Measured: ~0.5 s for 100k events on a 2-core machine ~3x slower
-    than a laptop (``tests/inspector/test_model_perf.py``).
+    show). Measured at 100k events (50k invocations): 0.47-0.65 s CPU on a
+    loaded 2-core machine ~3x slower than a laptop, so ~0.2 s on a laptop
+    (``tests/inspector/test_model_perf.py`` guards it).
     """
     if not events:
         raise ValueError("build_trace needs at least one event")
     trace_id = next((e.trace_id for e in events if e.trace_id is not None), "")
     fold = _Fold(trace_id, index=True)
-    apply = fold.apply
     # The fold allocates ~4 objects per event and frees none: the cyclic GC would
     # rescan the growing heap again and again (~40% of the time at 100k events).
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for pos, ev in enumerate(events):
-            apply(pos, ev)
+        _fold_all(fold, events)
         return _finish(trace_id, events, fold)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
+def _fold_all(fold: _Fold, events: Sequence[StoredEvent]) -> None:
+    """The hot loop of ``build_trace``: the event log, the replay index, and the rows."""
+    # Locals, not attribute look-ups: this runs once per event (~4 µs each).
+    append_row = fold.rows.append
+    inv_events = fold.inv_events
+    trace_level = fold.trace_level
+    handlers = _HANDLERS
+    base_keys = _BASE_KEYS
+    trace_kinds = _TRACE_LEVEL
+    row = EventRow
+    for pos, ev in enumerate(events):
+        payload = ev.payload
+        kind = ev.kind
+        inv = ev.invocation_id
+        latency = payload.get("latency_ms")
+        # Set difference runs in C: ~3x faster than filtering every item.
+        extra_keys = payload.keys() - base_keys
+        append_row(row(ev.seq, ev.ts, kind, ev.node_name, inv, ev.attempt,
+                       latency if isinstance(latency, int | float) else None, ev.span_id,
+                       {k: payload[k] for k in sorted(extra_keys)} if extra_keys else {}))
+        if inv is not None:
+            positions = inv_events.get(inv)
+            if positions is None:
+                inv_events[inv] = [pos]
+            else:
+                positions.append(pos)
+            if fold.cancels:
+                fold.note_after_cancel(inv, ev.ts)
+        if kind in trace_kinds:
+            trace_level.append(pos)
+        handler = handlers.get(kind)
+        if handler is not None:
+            fold.pos = pos
+            handler(fold, ev, payload)
+
+
 def _finish(trace_id: str, events: Sequence[StoredEvent], fold: _Fold) -> TraceView:
+    times = [row.ts for row in fold.rows]
+    queued = [i.queued_ts for i in fold.invocations.values() if i.queued_ts is not None]
+    # The root span starts at the first ingress queued_ts (or the first event).
+    fold.start = min(min(times), min(queued, default=math.inf))
+    fold.end = max(times)
+    fold.flow_name = next((e.flow_name for e in events if e.flow_name is not None), None)
     fold.close_orphan_calls()
     fold.kept_running()
     invocations = sorted(fold.invocations.values(), key=lambda i: i.start)
@@ -724,11 +747,26 @@ class _Index:
     def __init__(self, view: TraceView, events: Sequence[StoredEvent], fold: _Fold) -> None:
         self.view = view
         self.events = events
+        self.fold: _Fold | None = fold
+
+    def _prepare(self) -> None:
+        # On the first replay, not in build_trace: opening a trace (first paint)
+        # does not pay for it (~25% of build_trace's time at 100k events).
+        fold = self.fold
+        assert fold is not None
+        self.fold = None
+        view = self.view
         self.ts = [row.ts for row in view.events]
         self.monotonic = all(a <= b for a, b in zip(self.ts, self.ts[1:], strict=False))
         invocations = view.invocations
         self.inv_starts = [i.start for i in invocations]
-        self.inv_lasts = [fold.last_ts.get(i.invocation_id, i.start) for i in invocations]
+        ts = self.ts
+        inv_events = fold.inv_events
+        if self.monotonic:  # an invocation's last event is its latest
+            self.inv_lasts = [ts[inv_events[i.invocation_id][-1]] for i in invocations]
+        else:
+            self.inv_lasts = [max(ts[p] for p in inv_events[i.invocation_id])
+                              for i in invocations]
         self.call_starts = [c.start for c in view.remote_calls]
         self.call_lasts = [fold.last_ts.get(c.call_id, c.start) for c in view.remote_calls]
         self.inv_events = fold.inv_events
@@ -754,7 +792,19 @@ class _Index:
                 math.inf if any(e is None for e in ends)
                 else max((e for e in ends if e is not None), default=-math.inf))
 
+    def prepare(self) -> None:
+        """Build the replay index if it is not built yet."""
+        if self.fold is not None:
+            gc_was_enabled = gc.isenabled()
+            gc.disable()  # as in build_trace: ~6 long-lived objects per invocation
+            try:
+                self._prepare()
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+
     def at(self, t: float) -> TraceView:
+        self.prepare()
         view = self.view
         if self.monotonic:
             rows = view.events[: bisect.bisect_right(self.ts, t)]
@@ -774,7 +824,7 @@ class _Index:
                                for p in self.inv_events.get(invocations[i].invocation_id, ())
                                if ts[p] <= t)
             for p in positions:
-                sub.apply(p, events[p], rows=False)
+                sub.apply(p, events[p])
             sub.close_orphan_calls(self.call_ends_after(t))
             for i in stale:
                 row = sub.invocations.get(invocations[i].invocation_id, invocations[i])
