@@ -260,7 +260,7 @@ def test_a_missing_sqlite_file_is_not_created(command: str, argv: list[str], tmp
     assert not (tmp_path / "typo.db").exists()
 
 
-@pytest.mark.parametrize(("command", "argv"), READERS)
+@pytest.mark.parametrize(("command", "argv"), [*READERS, ("demo", ["demo", "--no-open"])])
 def test_an_unreachable_store(command: str, argv: list[str],
                               capsys: pytest.CaptureFixture[str]) -> None:
     url = "postgresql://pf:secret@127.0.0.1:1/nowhere"  # nothing listens on port 1

@@ -385,7 +385,14 @@ async def _record(url: str) -> str:
                            "--store sqlite:///... or postgresql://...", EXIT_USAGE)
     try:
         try:
-            return (await record_demo(store)).trace_id
+            opener = getattr(store, "open", None)
+            if opener is not None:  # fail here, not as warnings from the flow's writer
+                await opener()
+            trace_id = (await record_demo(store)).trace_id
+            if await store.get_trace(trace_id) is None:
+                raise CommandError(f"the demo ran but its trace was not stored in "
+                                   f"{redact(url)}; is the store writable?")
+            return trace_id
         finally:
             await store.close()
     except StateStoreError as exc:
