@@ -26,7 +26,7 @@ async def _demo_view() -> tuple[TraceView, list[StoredEvent]]:
 
 
 def test_plain_report_has_every_section() -> None:
-    view, events = asyncio.run(_demo_view())
+    view, _ = asyncio.run(_demo_view())
     text = render.trace_text(view)
     assert text.startswith(f"trace {view.trace_id}  flow pf-demo  status cancelled")
     assert "↻1" in text and "⏱1" in text and "≡4" in text and "✕" in text
