@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -98,22 +98,6 @@ def stored_from_fields(fields: EventFields) -> StoredEvent:
                        span_id, parent_span_id, seq, attempt, queued_ts, flow_name, flow_id)
 
 
-# One StoredEvent per runtime event when a store is attached: built through the
-# slots' descriptors (~0.4 µs) rather than the dataclass __init__ (~0.9 µs).
-def _slot(name: str) -> Callable[[StoredEvent, Any], None]:
-    setter: Callable[[StoredEvent, Any], None] = vars(StoredEvent)[name].__set__
-    return setter
-
-
-_S_FIELDS = ("trace_id", "ts", "kind", "node_name", "node_id", "payload", "invocation_id",
-             "parent_invocation_ids", "span_id", "parent_span_id", "seq", "attempt",
-             "queued_ts", "flow_name", "flow_id")
-(_s_trace_id, _s_ts, _s_kind, _s_node_name, _s_node_id, _s_payload, _s_invocation_id,
- _s_parents, _s_span_id, _s_parent_span_id, _s_seq, _s_attempt, _s_queued_ts, _s_flow_name,
- _s_flow_id) = (_slot(n) for n in _S_FIELDS)
-_new = object.__new__
-
-
 def make_stored(
     trace_id: str | None, ts: float, kind: str, node_name: str | None, node_id: str | None,
     payload: Mapping[str, Any], invocation_id: str | None,
@@ -121,24 +105,16 @@ def make_stored(
     seq: int, attempt: int, queued_ts: float | None, flow_name: str | None,
     flow_id: str | None,
 ) -> StoredEvent:
-    """Build a StoredEvent without the dataclass ``__init__`` (runtime-internal)."""
-    ev: StoredEvent = _new(StoredEvent)
-    _s_trace_id(ev, trace_id)
-    _s_ts(ev, ts)
-    _s_kind(ev, kind)
-    _s_node_name(ev, node_name)
-    _s_node_id(ev, node_id)
-    _s_payload(ev, payload)
-    _s_invocation_id(ev, invocation_id)
-    _s_parents(ev, parent_invocation_ids)
-    _s_span_id(ev, span_id)
-    _s_parent_span_id(ev, parent_span_id)
-    _s_seq(ev, seq)
-    _s_attempt(ev, attempt)
-    _s_queued_ts(ev, queued_ts)
-    _s_flow_name(ev, flow_name)
-    _s_flow_id(ev, flow_id)
-    return ev
+    """Build a StoredEvent from positional parts (runtime-internal).
+
+    StoredEvent is a plain (not frozen) slotted dataclass, so its own ``__init__``
+    is the cheapest way: setting the slots through their descriptors, as
+    ``make_event`` does for the frozen FlowEvent, measured ~20% slower here.
+    """
+    return StoredEvent(trace_id, ts, kind, node_name, node_id, payload,
+                       invocation_id=invocation_id, parent_invocation_ids=parent_invocation_ids,
+                       span_id=span_id, parent_span_id=parent_span_id, seq=seq, attempt=attempt,
+                       queued_ts=queued_ts, flow_name=flow_name, flow_id=flow_id)
 
 
 @dataclass(slots=True)
