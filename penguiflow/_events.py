@@ -106,9 +106,11 @@ class EventPipeline:
         self.seq += 1
         return self.seq
 
-    async def deliver(self, event: FlowEvent, level: int, log: bool) -> None:
+    async def deliver(self, event: FlowEvent, fields: tuple[Any, ...], level: int,
+                      log: bool) -> None:
         """Run the three pipeline steps for ``event``; never raises (but on cancel).
 
+        ``fields`` is the event's EVENT_FIELDS tuple (what tuple consumers take);
         ``log`` is whether the logger is enabled for ``level`` (the caller knows).
         """
         if log:
@@ -122,15 +124,7 @@ class EventPipeline:
                 logger.log(level, event.event_type, extra=safe)
         if self.fast_store is not None or self.tracer is not None:
             # The same path as unlogged events, so a store sees one path, in order.
-            await self.store_fields((
-                event.trace_id, event.ts, event.event_type, event.node_name, event.node_id,
-                event.invocation_id, event.parent_invocation_ids, event.span_id,
-                event.parent_span_id, event.seq, event.attempt, event.queued_ts,
-                event.flow_name, event.flow_id, event.latency_ms, event.queue_depth_in,
-                event.queue_depth_out, event.outgoing_edges, event.queue_maxsize,
-                event.trace_inflight, event.trace_cancelled, event.trace_pending,
-                event.extra or None,
-            ))
+            await self.store_fields(fields)
         if self.fast_store is None and self._store is not None:
             await self.store(StoredEvent.from_flow_event(event))
         for mw in self.middlewares:

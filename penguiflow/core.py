@@ -29,8 +29,8 @@ from ._tracer import tracer_for
 from ._traces import TraceCancelled, TraceState
 from ._worker import NodeWorker
 from .bus import BusEnvelope
-from .metrics import _EMPTY, event_payload, make_event
-from .state import make_stored
+from .metrics import event_from_fields
+from .state import stored_from_fields
 from .types import WM, FinalAnswer, Message
 
 if TYPE_CHECKING:
@@ -589,16 +589,34 @@ class PenguiFlow:
         log = logger.isEnabledFor(level)
         if not (events.listening or log):
             return
+        fields = self._event_fields(kind, ctx, trace_id, attempt, latency_ms,
+                                    MappingProxyType(dict(extra)) if extra else None,
+                                    invocation_id, parents, queued_ts)
         if events.direct and not log:
-            # Only tuple consumers listen (a fast-path store, the tracer): a flat
-            # tuple now; the store's writer builds the StoredEvent off the hot path.
-            waiter = self._record(kind, ctx, trace_id, attempt, latency_ms,
-                                  MappingProxyType(dict(extra)) if extra else None,
-                                  invocation_id, parents, queued_ts)
+            # Only tuple consumers listen (a fast-path store, the tracer): the
+            # store's writer builds the StoredEvent later, off the hot path.
+            waiter = events.take_fields(fields)
             if waiter is not None:
                 await waiter
             return
-        owner = ctx._owner
+        if log or events.middlewares or events.tracer is not None:
+            await events.deliver(event_from_fields(fields), fields, level, log)
+            return
+        # Only a store without the fast path listens: its StoredEvent, no FlowEvent.
+        await events.store(stored_from_fields(fields))
+
+    def _event_fields(
+        self, kind: str, ctx: Context, trace_id: Any, attempt: int, latency_ms: float | None,
+        extra: Mapping[str, Any] | None, invocation_id: str | None, parents: tuple[str, ...],
+        queued_ts: float | None,
+    ) -> tuple[Any, ...]:
+        """Number one event and return its EVENT_FIELDS tuple (``penguiflow.state``).
+
+        ``extra`` is None or a read-only mapping nobody mutates. Every event of
+        the flow is built here, whoever consumes it: the tuple feeds stores and the
+        tracer directly, and is the source of a FlowEvent or StoredEvent when one
+        is needed.
+        """
         span_id: str | None = None
         parent_span: str | None = None
         if trace_id is not None:
@@ -621,78 +639,35 @@ class PenguiFlow:
                 span_id = root
         else:
             pending, inflight, cancelled = None, 0, False
-        events.seq += 1
-        now = time.time()
-        extra_map = MappingProxyType(dict(extra)) if extra else _EMPTY
-        if log or events.middlewares or events.tracer is not None:
-            event = make_event(
-                kind, now, owner.name, ctx._owner_id, trace_id, attempt, latency_ms,
-                ctx.queue_depth_in(), ctx.queue_depth_out(), len(ctx._out_queues),
-                self._queue_maxsize, pending, inflight, cancelled, extra_map,
-                invocation_id, parents, span_id, parent_span, events.seq, queued_ts, self.name,
-                self.flow_id,
-            )
-            await events.deliver(event, level, log)
-            return
-        # Only a store without the fast path listens: its StoredEvent, no FlowEvent.
-        payload = event_payload(
-            kind, now, owner.name, ctx._owner_id, trace_id, latency_ms, ctx.queue_depth_in(),
-            ctx.queue_depth_out(), len(ctx._out_queues), self._queue_maxsize, attempt, inflight,
-            cancelled, pending, extra_map,
+        events = self._events
+        events.seq = seq = events.seq + 1
+        owner = ctx._owner
+        # None rather than an empty mapping for ``extra``: a tuple of atoms only
+        # is untracked by the GC, which matters while thousands are buffered.
+        return (
+            trace_id, time.time(), kind, owner.name, ctx._owner_id, invocation_id, parents,
+            span_id, parent_span, seq, attempt, queued_ts, self.name, self.flow_id,
+            latency_ms, ctx.queue_depth_in(), ctx.queue_depth_out(), len(ctx._out_queues),
+            self._queue_maxsize, inflight, cancelled, pending, extra,
         )
-        await events.store(make_stored(
-            trace_id, now, kind, owner.name, ctx._owner_id, payload, invocation_id, parents,
-            span_id, parent_span, events.seq, attempt, queued_ts, self.name, self.flow_id,
-        ))
 
     def _record(
         self, kind: str, ctx: Context, trace_id: Any, attempt: int, latency_ms: float | None,
         extra: Mapping[str, Any] | None, invocation_id: str | None, parents: tuple[str, ...],
         queued_ts: float | None,
     ) -> Awaitable[None] | None:
-        """Hand one event to the tuple consumers as a flat EVENT_FIELDS tuple.
+        """Hand one event to the tuple consumers, synchronously (the worker's fast path).
 
         Synchronous on purpose: it runs twice per hop, and a coroutine per event
         (plus keyword parsing) cost ~40% of the store's hop overhead (measured).
         Only valid when tuple consumers are the only ones (``EventPipeline.direct``
         and the logger disabled for ``kind``): the worker checks that per invocation.
-        ``extra`` is None or a read-only mapping nobody mutates. Returns the
-        store's waiter when its buffer is full under ``on_full="block"``, else
-        None; a store that raises is logged and counted, never propagated.
+        Returns the store's waiter when its buffer is full under
+        ``on_full="block"``, else None; a consumer that raises is logged and
+        counted, never propagated.
         """
-        events = self._events
-        span_id: str | None = None
-        parent_span: str | None = None
-        if trace_id is not None:
-            state = self._traces.get(trace_id)
-            if state is not None:
-                pending: int | None = state.pending
-                inflight = state.inflight
-                cancel_event = state.cancel_event
-                cancelled = cancel_event is not None and cancel_event.is_set()
-                root = state.root_span
-                if root is None:
-                    root = state.root_span = root_span_id(str(trace_id))
-            else:
-                pending, inflight, cancelled = 0, 0, False
-                root = root_span_id(str(trace_id))
-            if invocation_id is not None:
-                span_id = invocation_id
-                parent_span = parents[0] if len(parents) == 1 else root
-            else:
-                span_id = root
-        else:
-            pending, inflight, cancelled = None, 0, False
-        events.seq = seq = events.seq + 1
-        owner = ctx._owner
-        # None rather than an empty mapping for ``extra``: a tuple of atoms only
-        # is untracked by the GC, which matters while thousands are buffered.
-        return events.take_fields((
-            trace_id, time.time(), kind, owner.name, ctx._owner_id, invocation_id, parents,
-            span_id, parent_span, seq, attempt, queued_ts, self.name, self.flow_id,
-            latency_ms, ctx.queue_depth_in(), ctx.queue_depth_out(), len(ctx._out_queues),
-            self._queue_maxsize, inflight, cancelled, pending, extra,
-        ))
+        return self._events.take_fields(self._event_fields(
+            kind, ctx, trace_id, attempt, latency_ms, extra, invocation_id, parents, queued_ts))
 
     async def record_remote_event(
         self,

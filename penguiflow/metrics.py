@@ -241,3 +241,17 @@ def make_event(
     _set_flow_name(ev, flow_name)
     _set_flow_id(ev, flow_id)
     return ev
+
+
+def event_from_fields(fields: tuple[Any, ...]) -> FlowEvent:
+    """The FlowEvent of an EVENT_FIELDS tuple (``penguiflow.state``; runtime-internal).
+
+    ``extra`` may be None (no extra items) or a read-only mapping nobody mutates.
+    """
+    (trace_id, ts, kind, node_name, node_id, invocation_id, parents, span_id, parent_span_id,
+     seq, attempt, queued_ts, flow_name, flow_id, latency_ms, q_in, q_out, outgoing, maxsize,
+     inflight, cancelled, pending, extra) = fields
+    return make_event(kind, ts, node_name, node_id, trace_id, attempt, latency_ms, q_in, q_out,
+                      outgoing, maxsize, pending, inflight, cancelled,
+                      _EMPTY if extra is None else extra, invocation_id, parents, span_id,
+                      parent_span_id, seq, queued_ts, flow_name, flow_id)

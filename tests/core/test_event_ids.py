@@ -125,13 +125,13 @@ async def test_unobserved_flows_build_no_events(start: Any, caplog: pytest.LogCa
     import penguiflow.core as core
 
     built: list[str] = []
-    original = core.make_event
+    original = core.PenguiFlow._event_fields  # every event of a flow is built here
 
-    def spy(*args: Any) -> Any:
-        built.append(args[0])
-        return original(*args)
+    def spy(self: Any, kind: str, *args: Any) -> Any:
+        built.append(kind)
+        return original(self, kind, *args)
 
-    monkeypatch.setattr(core, "make_event", spy)
+    monkeypatch.setattr(core.PenguiFlow, "_event_fields", spy)
     caplog.set_level(logging.WARNING, logger="penguiflow.core")
     flow = start(create(node("a").to()))
     await flow.emit(msg(1))
