@@ -100,6 +100,7 @@ async def test_linear_chain_spans_nest_and_carry_the_stored_ids(
     assert sa.attributes["gen_ai.operation.name"] == "invoke_agent"
     assert sa.attributes["pf.node.id"] == a.node_id
     assert sa.status.status_code is StatusCode.UNSET
+    assert "pf.attempts" not in sa.attributes  # one attempt: not said
     # Stored events and spans agree on ids and times.
     history = await store.load_history(m.trace_id)
     starts = {e.node_name: e for e in history if e.kind == "node_start"}
