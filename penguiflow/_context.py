@@ -10,6 +10,7 @@ queue directly.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -37,6 +38,8 @@ class Context:
         "_arrivals",
         "_arrivals_cap",
         "_buffer",
+        "_chunks",
+        "_first_chunk",
         "_in_queues",
         "_incoming",
         "_inv",
@@ -73,6 +76,10 @@ class Context:
         #: Invocations whose output the invocation in progress consumed (its wait
         #: graph); a joining node (join_k) widens it to every input it joined.
         self._parents: tuple[str, ...] = ()
+        #: Chunks with text emitted by the observed invocation in progress, and the
+        #: time of the first: reported on its node_success (spans, inspector).
+        self._chunks = 0
+        self._first_chunk: float | None = None
         #: Origin of the item the latest fetch returned (see ``FloeQueue``).
         self.last_origin: Origin = None
 
@@ -218,6 +225,10 @@ class Context:
             await runtime._wait_chunk_capacity(parent.trace_id)
             runtime._refuse_if_cancelled(parent.trace_id)
         await self.emit(message, to)
+        if text and self._inv is not None:  # only observed invocations have an id
+            self._chunks += 1
+            if self._first_chunk is None:
+                self._first_chunk = time.time()
         return chunk
 
     # -- fetch ---------------------------------------------------------------

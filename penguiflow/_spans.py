@@ -224,6 +224,14 @@ class SpanModel:
                       attempt: int, latency_ms: float | None,
                       extra: Mapping[str, Any]) -> None:
         span = spans.nodes.get(inv) if inv is not None else None
+        chunks = extra.get("stream_chunks")
+        if span is not None and isinstance(chunks, int):
+            # Chunks the node emitted (ctx.emit_chunk with text), RemoteNode's included.
+            span.attributes[sc.PF_STREAM_CHUNKS] = chunks
+            first = extra.get("stream_first_chunk_ts")
+            if isinstance(first, int | float):
+                span.attributes[sc.GEN_AI_TIME_TO_FIRST_CHUNK] = max(
+                    0.0, (_ns(first) - span.start_ns) / 1e9)
         if span is not None and len(parents) > 1 and not span.links:
             # A join reports every input it joined at the end: a child of the
             # root, linked to each upstream invocation.
@@ -397,17 +405,11 @@ class SpanModel:
         if span is None:
             return
         self._remote_ids(span, extra)
-        node = spans.nodes.get(inv or "")
         if extra.get("remote_text_bytes"):  # status-only events carry no text
             chunks = _count(span.attributes.get(sc.PF_STREAM_CHUNKS)) + 1
             span.attributes[sc.PF_STREAM_CHUNKS] = chunks
             if chunks == 1:
                 span.attributes[sc.GEN_AI_TIME_TO_FIRST_CHUNK] = (ns - span.start_ns) / 1e9
-            if node is not None:
-                count = _count(node.attributes.get(sc.PF_STREAM_CHUNKS)) + 1
-                node.attributes[sc.PF_STREAM_CHUNKS] = count
-                if count == 1:
-                    node.attributes[sc.GEN_AI_TIME_TO_FIRST_CHUNK] = (ns - node.start_ns) / 1e9
         state = extra.get("remote_task_state")
         if state is not None and span.attributes.get(sc.PF_REMOTE_TASK_STATE) != state:
             span.attributes[sc.PF_REMOTE_TASK_STATE] = str(state)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ._events import logger
@@ -235,16 +236,21 @@ class NodeWorker:
                     if error is None:
                         # A join widened its wait graph to every input it joined.
                         parents = ctx._parents
+                        streamed = None
+                        if ctx._chunks:
+                            streamed = MappingProxyType({
+                                "stream_chunks": ctx._chunks,
+                                "stream_first_chunk_ts": ctx._first_chunk})
                         if record is not None:
                             waiter = record("node_success", ctx, trace_id, attempt, latency_ms,
-                                            None, inv, parents, queued)
+                                            streamed, inv, parents, queued)
                             if waiter is not None:
                                 await waiter
                         elif observed or events.wants(logging.INFO):
                             await flow._emit_event("node_success", ctx, trace_id,
                                                    attempt=attempt, latency_ms=latency_ms,
-                                                   invocation_id=inv, parents=parents,
-                                                   queued_ts=queued)
+                                                   extra=streamed, invocation_id=inv,
+                                                   parents=parents, queued_ts=queued)
                         return
                 attempt = await self._failed_attempt(item, trace_id, attempt, error, timed_out,
                                                      latency_ms, inv, parents)
@@ -258,6 +264,9 @@ class NodeWorker:
             self.running_trace = None
             ctx._inv = None
             ctx._parents = ()
+            if ctx._chunks:
+                ctx._chunks = 0
+                ctx._first_chunk = None
             if tokens is not None:
                 exit_invocation(tokens)
             if state is not None:

@@ -466,3 +466,33 @@ async def test_a_transport_injecting_traceparent_names_the_client_span(
     (headers,) = sent
     _version, trace_hex, span_hex, _flags = headers["traceparent"].split("-")
     assert (trace_hex, span_hex) == (m.trace_id, _hex(client.context.span_id, 16))
+
+
+async def test_a_streaming_node_reports_its_chunks_on_its_span_and_event(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    async def talk(msg: Message, ctx: Any) -> Message:
+        for word in ("a", "b", "c"):
+            await ctx.emit_chunk(parent=msg, text=word)
+        await ctx.emit_chunk(parent=msg, text="", done=True)  # no text: not a chunk
+        return msg
+
+    store = InMemoryStateStore()
+    node = _node(talk, "talk")
+    flow = create(node.to(), tracer_provider=provider, state_store=store)
+    m = msg("x")
+    flow.run()
+    try:
+        await flow.emit(m)
+        while not isinstance((await within(flow.fetch())).payload, str):
+            pass
+    finally:
+        await flow.stop()
+
+    span = _by_name(exporter.get_finished_spans())["invoke_agent talk"]
+    assert span.attributes["pf.stream.chunks"] == 3
+    ttfc = span.attributes["gen_ai.response.time_to_first_chunk"]
+    assert 0 <= ttfc <= (span.end_time - span.start_time) / 1e9
+    (success,) = [e for e in await store.load_history(m.trace_id) if e.kind == "node_success"]
+    assert success.payload["stream_chunks"] == 3
+    assert success.payload["stream_first_chunk_ts"] >= success.ts - (span.end_time -
+                                                                    span.start_time) / 1e9
