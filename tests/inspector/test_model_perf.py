@@ -5,12 +5,15 @@ the worst case for the critical path (50k long) and for replay (every step
 walks it). Bounds are CPU time and ~3x the figures measured on a loaded
 2-core CI machine (build 0.47-0.65 s, replay step 11-18 ms), so they catch a
 regression by a factor, not noise. The targets they protect: first paint
-< 1 s including the store's load, replay < 50 ms per step.
+< 1 s including the store's load, replay < 50 ms per step. Under a tracer
+(coverage, a debugger) every line costs ~4x more, so the bounds are 5x wider
+there: still a guard against an accidental O(n^2).
 """
 
 from __future__ import annotations
 
 import random
+import sys
 import time
 
 from penguiflow.state import StoredEvent
@@ -18,6 +21,8 @@ from penguiflow_inspector.model import build_trace
 
 TRACE = "ab" * 16
 T0 = 1_700_000_000.0
+#: How much slower this run is than a plain interpreter (coverage traces every line).
+SLOWDOWN = 5.0 if sys.gettrace() is not None else 1.0
 
 
 def chain(n_events: int) -> list[StoredEvent]:
@@ -44,7 +49,7 @@ def test_build_and_replay_100k_events() -> None:
     view = build_trace(events)
     build_s = time.process_time() - started
     assert len(view.invocations) == 50_000 and len(view.critical_path) == 50_000
-    assert build_s < 2.0, f"build_trace took {build_s:.2f} s CPU for 100k events"
+    assert build_s < 2.0 * SLOWDOWN, f"build_trace took {build_s:.2f} s CPU for 100k events"
 
     view.prepare_replay()
     rng = random.Random(6)
@@ -54,4 +59,4 @@ def test_build_and_replay_100k_events() -> None:
         at = view.at(t)
         assert at.replay_t == t
     step_ms = (time.process_time() - started) / len(times) * 1000
-    assert step_ms < 60.0, f"TraceView.at took {step_ms:.1f} ms CPU per step"
+    assert step_ms < 60.0 * SLOWDOWN, f"TraceView.at took {step_ms:.1f} ms CPU per step"
