@@ -119,6 +119,9 @@ class FlowMetrics:
             self._node_duration.record(_seconds(span), {**labels, sc.ERROR_TYPE: error_type})
         else:
             self._node_duration.record(_seconds(span), labels)
+        ttfc = attrs.get(sc.GEN_AI_TIME_TO_FIRST_CHUNK)
+        if isinstance(ttfc, float):
+            self._ttfc.record(ttfc, labels)
         retries = sum(1 for event in span.events if event.name == sc.EV_RETRY)
         if retries:
             self._retries.add(retries, labels)
