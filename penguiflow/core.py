@@ -113,6 +113,10 @@ class PenguiFlow:
         self._traces: dict[Any, TraceState] = {}
         self._workers: list[NodeWorker] = []
         self._external: set[asyncio.Future[Any]] = set()
+        # Traced runs only: external tasks per trace, and drained traces whose root
+        # span waits for those tasks to end.
+        self._trace_tasks: dict[Any, set[asyncio.Future[Any]]] = {}
+        self._drained: set[Any] = set()
         self._bus_tasks: set[asyncio.Task[None]] = set()
         self._running = False
         self._stopping = False
@@ -279,6 +283,8 @@ class PenguiFlow:
             tracer = self._events.tracer
             if tracer is not None:
                 tracer.flow_stopped(self)
+            self._trace_tasks.clear()
+            self._drained.clear()
             for state in self._traces.values():
                 state.wake_chunk_waiters()
             self._traces.clear()
@@ -434,10 +440,9 @@ class PenguiFlow:
             return False
         del self._traces[trace_id]
         state.wake_chunk_waiters()
-        tracer = self._events.tracer
-        if tracer is not None and not state.cancelled:
+        if self._events.tracer is not None and not state.cancelled:
             # A cancelled trace ends its root span after trace_cancel_finish.
-            tracer.trace_done(trace_id, self.flow_id)
+            self._trace_drained(trace_id)
         return state.cancelled
 
     def _refuse_if_cancelled(self, trace_id: Any) -> None:
@@ -679,10 +684,16 @@ class PenguiFlow:
         latency_ms: float | None,
         level: int = logging.INFO,
         extra: Mapping[str, Any] | None = None,
+        invocation_id: str | None = None,
     ) -> None:
-        """Emit a FlowEvent of kind ``event`` (attempt 0) through the pipeline."""
+        """Emit a FlowEvent of kind ``event`` (attempt 0) through the pipeline.
+
+        ``invocation_id`` (keyword-only addition) names the invocation the event
+        belongs to; default: the one ``context`` is running. A task that outlives
+        the invocation (a remote cancel) passes the id it captured.
+        """
         await self._emit_event(event, context, trace_id, latency_ms=latency_ms, extra=extra,
-                               level=level, invocation_id=context._inv)
+                               level=level, invocation_id=invocation_id or context._inv)
 
     # -- cancellation ------------------------------------------------------------
 
@@ -701,6 +712,35 @@ class PenguiFlow:
             return
         self._external.add(task)
         task.add_done_callback(self._external.discard)
+        if self._events.tracer is not None:
+            # Such a task may still record events (a remote cancel's round trip)
+            # after the trace drained: the root span waits for it (see _trace_done).
+            tasks = self._trace_tasks.setdefault(trace_id, set())
+            tasks.add(task)
+            task.add_done_callback(lambda done: self._external_done(trace_id, done))
+
+    def _external_done(self, trace_id: Any, task: asyncio.Future[Any]) -> None:
+        tasks = self._trace_tasks.get(trace_id)
+        if tasks is None:
+            return
+        tasks.discard(task)
+        if not tasks:
+            del self._trace_tasks[trace_id]
+            if trace_id in self._drained:
+                self._drained.discard(trace_id)
+                self._trace_done(trace_id)
+
+    def _trace_drained(self, trace_id: Any) -> None:
+        """``trace_id`` holds nothing more here: end its root span, once its tasks end."""
+        if self._trace_tasks.get(trace_id):
+            self._drained.add(trace_id)
+        else:
+            self._trace_done(trace_id)
+
+    def _trace_done(self, trace_id: Any) -> None:
+        tracer = self._events.tracer
+        if tracer is not None:
+            tracer.trace_done(trace_id, self.flow_id)
 
     async def cancel(self, trace_id: str) -> bool:
         """Cancel one trace; True if it had pending or in-flight work.
@@ -734,9 +774,8 @@ class PenguiFlow:
 
     async def _cancel_finished(self, trace_id: Any) -> None:
         await self._emit_event("trace_cancel_finish", self._contexts[ROOKERY], trace_id)
-        tracer = self._events.tracer
-        if tracer is not None:
-            tracer.trace_done(trace_id, self.flow_id)
+        if self._events.tracer is not None:
+            self._trace_drained(trace_id)
 
     # -- 2.1 distribution helpers ----------------------------------------------
 

@@ -145,12 +145,16 @@ def RemoteNode(
                                     timeout_s=node.policy.timeout_s)
         ids: dict[str, Any] = {"context_id": None, "task_id": None, "agent_url": agent_url}
         watcher: list[asyncio.Task[None]] = []
+        # Captured now: a remote cancel records its events from another task, maybe
+        # after this invocation ended, and they still belong to this call.
+        invocation = getattr(ctx, "_inv", None)
 
         async def record(kind: str, latency_ms: float | None, *, level: int = logging.INFO,
                          **extra: Any) -> None:
             await runtime.record_remote_event(event=kind, node=node, context=ctx,
                                               trace_id=trace_id, latency_ms=latency_ms,
-                                              level=level, extra=_clean(extra))
+                                              level=level, extra=_clean(extra),
+                                              invocation_id=invocation)
 
         async def cancel_remote(reason: str) -> None:
             started = time.perf_counter()
@@ -200,7 +204,7 @@ def RemoteNode(
                      remote_request_bytes=_size(message), remote_agent_url=agent_url)
         # The call's CLIENT span is current while the transport runs, so a transport
         # that injects `traceparent` names this span (no-op without tracing).
-        span_token = enter_client_span(runtime, trace_id, getattr(ctx, "_inv", None))
+        span_token = enter_client_span(runtime, trace_id, invocation)
         started = time.perf_counter()
         final_state: Any = None
         try:

@@ -496,3 +496,49 @@ async def test_a_streaming_node_reports_its_chunks_on_its_span_and_event(
     assert success.payload["stream_chunks"] == 3
     assert success.payload["stream_first_chunk_ts"] >= success.ts - (span.end_time -
                                                                     span.start_time) / 1e9
+
+
+async def test_a_slow_remote_cancel_lands_in_the_same_trace_after_the_acknowledgement(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    gate = asyncio.Event()
+    transport = InMemoryTransport({URL: InMemoryAgent(chunks=["a", "b"], gate=gate,
+                                                      cancel_latency_s=0.05)})
+    remote = RemoteNode(transport=transport, skill="slow", agent_url=URL, name="remote",
+                        streaming=True, policy=NodePolicy(validate="none"))
+    store = InMemoryStateStore()
+    flow = create(remote.to(), tracer_provider=provider, state_store=store)
+    flow.run()
+    m = msg("x")
+    try:
+        await flow.emit(m)
+        task = await within(transport.next_task(URL))
+        await within(task.started.wait())
+        assert await within(flow.cancel(m.trace_id)) is True
+
+        async def root_ended() -> None:
+            # The root ends once the remote cancel's round trip is done: yield to
+            # the loop until then (bounded by within()).
+            while not any(s.parent is None for s in exporter.get_finished_spans()):
+                await asyncio.sleep(0)
+
+        await within(root_ended())
+    finally:
+        await flow.stop()
+
+    finished = exporter.get_finished_spans()
+    roots = [s for s in finished if s.parent is None]
+    assert len(roots) == 1  # late events did not open a second root
+    names = [e.name for e in roots[0].events]
+    assert names.index("pf.cancel.acknowledged") < names.index("pf.cancel.propagated")
+    client = _by_name(finished)["invoke_agent slow"]
+    assert client.attributes["error.type"] == "cancelled"
+    history = await store.load_history(m.trace_id)
+    (cancelled,) = [e for e in history if e.kind == "remote_call_cancelled"]
+    (start,) = [e for e in history if e.kind == "remote_call_start"]
+    assert cancelled.invocation_id == start.invocation_id is not None
+    rebuilt = {s.span_id: s for s in spans_from_events(history)}
+    assert {s.context.span_id for s in finished} == set(rebuilt)
+    for span in finished:
+        data = rebuilt[span.context.span_id]
+        assert (span.start_time, span.end_time, span.name) == (data.start_ns, data.end_ns,
+                                                               data.name)
