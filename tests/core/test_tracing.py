@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -505,6 +505,14 @@ async def test_a_slow_remote_cancel_lands_in_the_same_trace_after_the_acknowledg
                                                       cancel_latency_s=0.05)})
     remote = RemoteNode(transport=transport, skill="slow", agent_url=URL, name="remote",
                         streaming=True, policy=NodePolicy(validate="none"))
+    root_ended = asyncio.Event()
+
+    class RootWatch(SpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:  # called on the loop's thread
+            if span.parent is None:
+                root_ended.set()
+
+    provider.add_span_processor(RootWatch())
     store = InMemoryStateStore()
     flow = create(remote.to(), tracer_provider=provider, state_store=store)
     flow.run()
@@ -514,14 +522,8 @@ async def test_a_slow_remote_cancel_lands_in_the_same_trace_after_the_acknowledg
         task = await within(transport.next_task(URL))
         await within(task.started.wait())
         assert await within(flow.cancel(m.trace_id)) is True
-
-        async def root_ended() -> None:
-            # The root ends once the remote cancel's round trip is done: yield to
-            # the loop until then (bounded by within()).
-            while not any(s.parent is None for s in exporter.get_finished_spans()):
-                await asyncio.sleep(0)
-
-        await within(root_ended())
+        # The root ends once the remote cancel's round trip is done.
+        await within(root_ended.wait())
     finally:
         await flow.stop()
 
