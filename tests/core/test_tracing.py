@@ -64,6 +64,20 @@ def _node(func: Any, name: str, **policy: Any) -> Node:
     return Node(func, name=name, policy=NodePolicy(validate="none", **policy))
 
 
+def _flaky(fails: int = 1) -> Any:
+    """A node function raising ValueError on its first ``fails`` calls."""
+    calls = 0
+
+    async def flaky(msg: Message, ctx: Any) -> Message:
+        nonlocal calls
+        calls += 1
+        if calls <= fails:
+            raise ValueError("first attempt fails")
+        return msg
+
+    return flaky
+
+
 async def _run_one(flow: Any, message: Message) -> Any:
     flow.run()
     try:
@@ -138,14 +152,7 @@ async def test_fan_in_gets_one_link_per_upstream_invocation(
 
 async def test_retry_then_success_records_retry_events_on_one_span(
         provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
-    calls = 0
-
-    async def flaky(msg: Message, ctx: Any) -> Message:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise ValueError("first attempt fails")
-        return msg
+    flaky = _flaky()
 
     node = _node(flaky, "flaky", max_retries=2, backoff_base=0.001)
     flow = create(node.to(), tracer_provider=provider)
@@ -329,14 +336,7 @@ async def test_user_spans_and_injected_headers_nest_under_the_node_span(
 
 async def test_spans_rebuilt_from_stored_events_equal_the_live_ones(
         provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
-    calls = 0
-
-    async def flaky(msg: Message, ctx: Any) -> Message:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise ValueError("boom")
-        return msg
+    flaky = _flaky()
 
     store = InMemoryStateStore()
     transport = InMemoryTransport({URL: InMemoryAgent(chunks=["a", "b"])})
@@ -403,14 +403,7 @@ async def test_metrics_record_node_duration_errors_retries_and_gauges(
 
     reader = InMemoryMetricReader()
     meters = MeterProvider(metric_readers=[reader])
-    calls = 0
-
-    async def flaky(msg: Message, ctx: Any) -> Message:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise ValueError("boom")
-        return msg
+    flaky = _flaky()
 
     async def broken(msg: Message, ctx: Any) -> Message:
         raise KeyError("nope")

@@ -9,14 +9,13 @@ re-exported here.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from inspector_support import fresh_database
 
 _EXPORTERS = Path(__file__).resolve().parents[1] / "exporters"
 if str(_EXPORTERS) not in sys.path:
@@ -35,19 +34,5 @@ pg_dsn = _fixtures.pg_dsn
 @pytest.fixture
 def pg_database(pg_dsn: str) -> Iterator[str]:
     """A fresh, empty Postgres database, dropped after the test; yields its URL."""
-    import asyncpg
-
-    database = f"pf_cli_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(pg_dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{database}"'))
-    try:
-        yield pg_dsn.rsplit("/", 1)[0] + f"/{database}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    with fresh_database(pg_dsn, "pf_cli") as url:
+        yield url

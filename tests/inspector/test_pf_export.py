@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from inspector_support import fresh_database
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -122,22 +123,8 @@ def sqlite_recording(tmp_path_factory: pytest.TempPathFactory) -> Recording:
 @pytest.fixture(scope="module")
 def pg_recording(pg_dsn: str) -> Iterator[Recording]:
     """The same flow recorded into a fresh Postgres database (the store's default schema)."""
-    import asyncpg
-
-    database = f"pf_export_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(pg_dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{database}"'))
-    try:
-        yield _recording(pg_dsn.rsplit("/", 1)[0] + f"/{database}")
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    with fresh_database(pg_dsn, "pf_export") as url:
+        yield _recording(url)
 
 
 # -- comparable views of live, received and JSON spans ------------------------------------------
