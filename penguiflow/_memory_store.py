@@ -20,7 +20,21 @@ from .state import (
     TraceSummaryBuilder,
 )
 
-__all__ = ["InMemoryStateStore"]
+__all__ = ["InMemoryStateStore", "check_page"]
+
+
+def check_page(offset: int, limit: int) -> None:
+    """Validate ``load_history_page``'s arguments (every store calls it).
+
+    Raises:
+        ValueError: ``limit < 1`` or ``offset < 0``, naming the fix.
+    """
+    if limit < 1:
+        raise ValueError(f"load_history_page needs limit >= 1 (got {limit}); "
+                         "to read the whole trace, call load_history")
+    if offset < 0:
+        raise ValueError(f"load_history_page needs offset >= 0 (got {offset}); "
+                         "the first page is offset=0")
 
 
 class InMemoryStateStore:
@@ -77,6 +91,17 @@ class InMemoryStateStore:
         """The events of ``trace_id`` in order of occurrence."""
         self._check_open()
         return list(self._events.get(trace_id, ()))
+
+    async def load_history_page(self, trace_id: str, *, offset: int = 0,
+                                limit: int) -> Sequence[StoredEvent]:
+        """``load_history(trace_id)[offset:offset + limit]`` (see TraceStore).
+
+        Raises:
+            ValueError: ``limit < 1`` or ``offset < 0``.
+        """
+        check_page(offset, limit)
+        self._check_open()
+        return self._events.get(trace_id, [])[offset:offset + limit]
 
     async def save_remote_binding(self, binding: RemoteBinding) -> None:
         """Store a binding (once)."""

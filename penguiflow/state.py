@@ -325,7 +325,8 @@ class TraceStore(StateStore, Protocol):
           writes batches. ``flush()`` writes everything buffered so far (the
           runtime calls it from ``PenguiFlow.stop()``).
         * A re-delivered event (same ``event_key``) is stored once.
-        * ``load_history`` returns events in order of occurrence.
+        * ``load_history`` returns events in order of occurrence;
+          ``load_history_page`` returns the same events a page at a time.
         * Driver errors surface as :class:`StateStoreError` /
           :class:`StoreUnavailable`.
         * Async context manager: ``async with store:`` opens and closes it.
@@ -337,6 +338,25 @@ class TraceStore(StateStore, Protocol):
 
     async def save_events(self, events: Sequence[StoredEvent]) -> None:
         """Persist several events (order kept)."""
+        ...
+
+    async def load_history_page(
+        self, trace_id: str, *, offset: int = 0, limit: int,
+    ) -> Sequence[StoredEvent]:
+        """At most ``limit`` events of ``trace_id``, skipping the first ``offset``.
+
+        Same order as :meth:`load_history` (events are appended, so offsets stay
+        valid while a trace grows): the pages ``offset=0, limit=n``,
+        ``offset=n, limit=n``, ... concatenate to exactly ``load_history``, and a
+        page shorter than ``limit`` is the last. An unknown trace, or an offset
+        past the end, gives an empty page. Flushes first, as ``load_history``
+        does. The durable stores skip ``offset`` rows on their ``(trace_id, id)``
+        index without decoding them, so reading a big trace page by page costs
+        about what one ``load_history`` does.
+
+        Raises:
+            ValueError: ``limit < 1`` or ``offset < 0``.
+        """
         ...
 
     async def list_traces(self, filter: TraceFilter | None = None) -> list[TraceSummary]:

@@ -415,6 +415,50 @@ async def test_history_of_a_real_flow_is_what_the_flow_emitted(
         assert list(await flow.load_history(m.trace_id)) == history
 
 
+async def test_history_pages_concatenate_to_load_history(store: Any) -> None:
+    t, u = "trace-pages-t", "trace-pages-u"
+    saved = [ev(t, BASE_TS + i * 0.001, "node_start" if i % 2 else "node_success", f"n{i % 3}",
+                invocation_id=f"inv-{i}", flow_id="flow-1" if i % 4 else "flow-2")
+             for i in range(23)]
+    saved[5] = ev(t, BASE_TS - 1, "node_error", "n5", flow_id="flow-1")  # a clock step back
+    other = [ev(u, BASE_TS + i, "node_start", "x") for i in range(3)]
+    # interleaved with another trace, over several batches and single saves
+    await store.save_events([*saved[:7], other[0]])
+    await store.save_event(saved[7])
+    await store.save_events([other[1], *saved[8:], other[2]])
+    history = list(await store.load_history(t))
+    assert history == saved  # load_history_page flushes too; this one did
+    for size in (1, 2, 5, 22, 23, 24, 1000):
+        pages: list[StoredEvent] = []
+        offset = 0
+        while True:
+            page = list(await store.load_history_page(t, offset=offset, limit=size))
+            assert len(page) <= size
+            pages += page
+            offset += len(page)
+            if len(page) < size:
+                break
+        assert pages == history, size
+    assert list(await store.load_history_page(t, offset=20, limit=2)) == history[20:22]
+    assert list(await store.load_history_page(t, offset=23, limit=5)) == []
+    assert list(await store.load_history_page(t, offset=500, limit=5)) == []
+    assert list(await store.load_history_page(u, limit=10)) == other
+    assert list(await store.load_history_page("no-such-trace", limit=10)) == []
+    # a page reads the store's own buffered writes, as load_history does
+    late = ev(t, BASE_TS + 5, "node_success", "n0")
+    await store.save_event(late)
+    assert list(await store.load_history_page(t, offset=23, limit=5)) == [late]
+
+
+async def test_history_page_rejects_a_bad_limit_or_offset(store: Any) -> None:
+    await store.save_event(ev("trace-page-args", BASE_TS, "node_start", "a"))
+    for limit in (0, -3):
+        with pytest.raises(ValueError, match=r"limit >= 1 .*call load_history"):
+            await store.load_history_page("trace-page-args", limit=limit)
+    with pytest.raises(ValueError, match=r"offset >= 0 .*offset=0"):
+        await store.load_history_page("trace-page-args", offset=-1, limit=5)
+
+
 async def test_resaving_the_same_events_stores_them_once(store: Any) -> None:
     t = "trace-idempotent"
     events = [ev(t, BASE_TS + 1, "node_start", "a"), ev(t, BASE_TS + 1.5, "node_error", "a"),
@@ -847,6 +891,7 @@ async def test_a_closed_store_raises_store_unavailable(
         lambda: store.save_event(ev("trace-closed", BASE_TS + 1, "node_success", "a")),
         lambda: store.save_events([ev("trace-closed", BASE_TS + 1, "node_success", "a")]),
         lambda: store.load_history("trace-closed"),
+        lambda: store.load_history_page("trace-closed", limit=10),
         lambda: store.save_remote_binding(RemoteBinding("trace-closed", "c", "t", None)),
         lambda: store.list_traces(),
         lambda: store.get_trace("trace-closed"),

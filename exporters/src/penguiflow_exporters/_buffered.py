@@ -285,6 +285,10 @@ class BufferedStore:
     async def load_history(self, trace_id: str) -> Sequence[StoredEvent]:
         raise NotImplementedError
 
+    async def load_history_page(self, trace_id: str, *, offset: int = 0,
+                                limit: int) -> Sequence[StoredEvent]:
+        raise NotImplementedError
+
     async def save_remote_binding(self, binding: RemoteBinding) -> None:
         raise NotImplementedError
 

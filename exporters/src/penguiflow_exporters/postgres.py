@@ -55,6 +55,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
+from penguiflow._memory_store import check_page
 from penguiflow.metrics import event_payload
 from penguiflow.state import (
     RemoteBinding,
@@ -294,6 +295,7 @@ class PostgresStateStore(BufferedStore):
         self._s = s
         self._sql_history = (
             f"SELECT {_EVENT_COLUMNS} FROM {s}.events WHERE trace_id = $1 ORDER BY id")
+        self._sql_history_page = self._sql_history + " LIMIT $2 OFFSET $3"
         self._sql_stored = (
             f"SELECT e.flow_id, e.seq FROM {s}.events e JOIN unnest($1::text[], $2::int8[]) "
             f"AS k(flow_id, seq) ON e.flow_id = k.flow_id AND e.seq = k.seq")
@@ -504,6 +506,21 @@ class PostgresStateStore(BufferedStore):
         pool = await self._ready()
         with _gc_paused(), self._errors("loading a trace"):
             rows = await pool.fetch(self._sql_history, trace_id)
+            return [_event(row) for row in rows]
+
+    async def load_history_page(self, trace_id: str, *, offset: int = 0,
+                                limit: int) -> list[StoredEvent]:
+        """At most ``limit`` events of ``trace_id`` after the first ``offset`` (see TraceStore).
+
+        The skipped rows are walked on the ``(trace_id, id)`` index, not sent.
+
+        Raises:
+            ValueError: ``limit < 1`` or ``offset < 0``.
+        """
+        check_page(offset, limit)
+        pool = await self._ready()
+        with _gc_paused(), self._errors("loading a trace"):
+            rows = await pool.fetch(self._sql_history_page, trace_id, limit, offset)
             return [_event(row) for row in rows]
 
     async def list_traces(self, filter: TraceFilter | None = None) -> list[TraceSummary]:

@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from penguiflow._memory_store import check_page
 from penguiflow.metrics import event_payload
 from penguiflow.state import (
     RemoteBinding,
@@ -612,8 +613,25 @@ class SQLiteStateStore(BufferedStore):
         """
         return await self._query(self._load_history_sync, trace_id)
 
-    def _load_history_sync(self, trace_id: str) -> list[StoredEvent]:
-        cursor = self._connection().execute(_SELECT_EVENTS, (trace_id,))
+    async def load_history_page(self, trace_id: str, *, offset: int = 0,
+                                limit: int) -> Sequence[StoredEvent]:
+        """At most ``limit`` events of ``trace_id`` after the first ``offset`` (see TraceStore).
+
+        The skipped rows are walked on the ``(trace_id, id)`` index, not decoded.
+
+        Raises:
+            ValueError: ``limit < 1`` or ``offset < 0``.
+        """
+        check_page(offset, limit)
+        return await self._query(self._load_history_sync, trace_id, offset, limit)
+
+    def _load_history_sync(self, trace_id: str, offset: int = 0,
+                           limit: int | None = None) -> list[StoredEvent]:
+        if limit is None:
+            cursor = self._connection().execute(_SELECT_EVENTS, (trace_id,))
+        else:
+            cursor = self._connection().execute(_SELECT_EVENTS + " LIMIT ? OFFSET ?",
+                                                (trace_id, limit, offset))
         events: list[StoredEvent] = []
         append = events.append
         decode, payload_of, no_extra = _decode, event_payload, _NO_EXTRA
