@@ -7,8 +7,9 @@ passes.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,13 @@ from textual.pilot import Pilot
 from textual.widgets import DataTable, TabbedContent
 from tui_traces import T0, TRACE, chain_events, demo_events, running_events
 
-from penguiflow.state import InMemoryStateStore
+from penguiflow.state import InMemoryStateStore, StoredEvent
 from penguiflow_inspector.app import InspectorApp
 from penguiflow_inspector.model import build_trace
+from penguiflow_inspector.screens import trace as trace_module
 from penguiflow_inspector.screens.help import HelpScreen
 from penguiflow_inspector.screens.message import MessageScreen
-from penguiflow_inspector.screens.trace import TraceScreen
+from penguiflow_inspector.screens.trace import FIRST_PAGE, TraceScreen
 from penguiflow_inspector.screens.traces import TracesScreen
 from penguiflow_inspector.widgets.detail import DetailPane
 from penguiflow_inspector.widgets.event_log import EventLog
@@ -328,6 +330,79 @@ async def test_help_and_theme(demo_store: InMemoryStateStore) -> None:
         assert app.current_theme.dark is not dark
         await pilot.press("c")
         assert not app.screen.query_one(Waterfall).show_critical
+
+
+class GatedStore(InMemoryStateStore):
+    """Holds every history page after the first until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.pages: list[tuple[int, int]] = []
+
+    async def load_history_page(self, trace_id: str, *, offset: int = 0,
+                                limit: int) -> Sequence[StoredEvent]:
+        self.pages.append((offset, limit))
+        if offset > 0:
+            await self.gate.wait()
+        return await super().load_history_page(trace_id, offset=offset, limit=limit)
+
+
+async def test_a_big_trace_paints_its_first_page_then_the_whole_trace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trace_module, "REST_PAGE", 1500)  # the rest in two pages
+    events = chain_events(FIRST_PAGE)  # two events per invocation: 4,000
+    async with GatedStore() as store:
+        await store.save_events(events)
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: isinstance(app.screen, TraceScreen)
+                           and app.screen.rows is not None, what="the first screen")
+            screen = trace_screen(app)
+            wf = screen.query_one(Waterfall)
+            # the first screen: the first page's invocations, marked partial
+            assert not screen.loaded.is_set() and screen.events == []
+            assert wf.row_count == FIRST_PAGE // 2
+            summary = text_of(screen.query_one("#summary"))
+            assert f"loading 2,000 / {len(events):,} events" in summary, summary
+            assert wf.render_line(1).cell_length == wf.scrollable_content_region.width
+            await pilot.press("j")  # the partial screen is usable
+            assert wf.cursor == 1
+            store.gate.set()
+            await opened(pilot)
+            assert wf.row_count == FIRST_PAGE and len(screen.events) == len(events)
+            assert screen.events == events and screen.full is not None
+            summary = text_of(screen.query_one("#summary"))
+            assert "loading" not in summary and f"{len(events)} ev" in summary, summary
+            assert store.pages == [(0, FIRST_PAGE), (FIRST_PAGE, 1500),
+                                   (FIRST_PAGE + 1500, 1500)]
+            assert "first screen" in screen.timings and "waterfall" in screen.timings
+
+
+async def test_a_trace_within_one_page_is_read_once_and_never_partial() -> None:
+    async with GatedStore() as store:
+        await store.save_events(chain_events(FIRST_PAGE // 2 - 1))
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = await opened(pilot)
+            assert store.pages == [(0, FIRST_PAGE)]
+            assert "first screen" not in screen.timings and screen.loading_note == ""
+
+
+async def test_a_store_without_pages_is_read_whole() -> None:
+    class OldStore(InMemoryStateStore):
+        def __getattribute__(self, name: str) -> Any:
+            if name == "load_history_page":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    async with OldStore() as store:
+        await store.save_events(chain_events(FIRST_PAGE))
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = await opened(pilot)
+            assert screen.query_one(Waterfall).row_count == FIRST_PAGE
+            assert "first screen" not in screen.timings
 
 
 async def test_large_trace_scrolls_by_drawing_only_visible_rows() -> None:

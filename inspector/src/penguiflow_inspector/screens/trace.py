@@ -4,8 +4,12 @@ Loading (all in ``@work`` workers that post back, see ``messages.py``):
 
 1. resolve the id (a unique prefix is enough), then ``get_trace`` -> the
    summary line is painted at once (O(1) in every store);
-2. ``load_history`` + ``build_trace`` (the rebuild runs in a thread) -> the
-   waterfall. A 100k-event trace shows its summary and a "loading" line first.
+2. the first page of events (``load_history_page``, :data:`FIRST_PAGE` events)
+   + ``build_trace`` (in a thread) -> the waterfall. A trace that fits in that
+   page is then complete; a bigger one paints this first screen at once, marked
+   "loading n / total events" in the summary line, reads the rest page by page
+   (:data:`REST_PAGE`) and swaps in the full view when it is built. A store
+   without ``load_history_page`` is read whole with ``load_history``.
 
 Live: when the trace is running (or the app was opened by ``pf tail``), a
 worker follows the store and posts each event; a 4 Hz timer folds what arrived
@@ -22,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rich.text import Text
 from textual import on, work
@@ -54,8 +58,11 @@ __all__ = ["SPEEDS", "TraceScreen"]
 SPEEDS = (0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0)
 _TICK_S = 0.1
 _LIVE_REFRESH_S = 0.25
-#: Events built first when a trace is bigger (a first screen before the full rebuild).
-FIRST_CHUNK = 5000
+#: Events read and built first (a trace that fits is read in one query; a bigger
+#: one shows a first screen from them while the rest loads).
+FIRST_PAGE = 2000
+#: Events per later read: the rest of a big trace, with progress in between.
+REST_PAGE = 10_000
 
 
 class TraceScreen(Screen[None]):
@@ -101,6 +108,8 @@ class TraceScreen(Screen[None]):
         #: Wall seconds from mount to the summary / the waterfall (the benchmark reads them).
         self.timings: dict[str, float] = {}
         self._mounted_at = 0.0
+        #: "loading n / total events" while a big trace's first screen is shown.
+        self.loading_note = ""
 
     # ------------------------------------------------------------ layout
 
@@ -159,18 +168,43 @@ class TraceScreen(Screen[None]):
             summary = await store.get_trace(self.trace_id)
             if summary is not None:
                 self.post_message(SummaryLoaded(summary))
-            events = list(await store.load_history(self.trace_id))
+            page_of = getattr(store, "load_history_page", None)
+            if page_of is None:  # a TraceStore from before load_history_page
+                events = list(await store.load_history(self.trace_id))
+            else:
+                events = list(await page_of(self.trace_id, limit=FIRST_PAGE))
+                if len(events) == FIRST_PAGE:
+                    total = summary.event_count if summary is not None else 0
+                    await self._load_rest(page_of, events, total, t0)
         except StateStoreError as exc:
+            self.loading_note = ""
             self.post_message(LoadFailed("the store is unavailable", str(exc), 1))
             return
-        if len(events) > FIRST_CHUNK:
-            # A big trace: paint a first screen from its first events (~20 ms to
-            # build) while the whole one builds (~1 s per 100k events here).
-            head = await asyncio.to_thread(build_view, events[:FIRST_CHUNK])
-            self.post_message(TraceLoaded(head, events[:FIRST_CHUNK],
-                                          time.perf_counter() - t0, partial=len(events)))
         view = await asyncio.to_thread(build_view, events)
         self.post_message(TraceLoaded(view, events, time.perf_counter() - t0))
+
+    async def _load_rest(self, page_of: Any, events: list[StoredEvent], total: int,
+                         t0: float) -> None:
+        """A big trace: paint a first screen from ``events`` (the first page), then
+        append the rest page by page, updating the "loading n / total" note."""
+        head = await asyncio.to_thread(build_view, list(events))
+        self._set_loading(len(events), total)
+        self.post_message(TraceLoaded(head, list(events), time.perf_counter() - t0,
+                                      partial=max(total, len(events))))
+        while True:
+            page = await page_of(self.trace_id, offset=len(events), limit=REST_PAGE)
+            events += page
+            if len(page) < REST_PAGE:
+                break
+            self._set_loading(len(events), total)
+        self._set_loading(len(events), len(events), building=True)
+
+    def _set_loading(self, loaded: int, total: int, *, building: bool = False) -> None:
+        total = max(total, loaded)  # a running trace can outgrow its summary
+        self.loading_note = (f"building {total:,} events…" if building
+                             else f"loading {loaded:,} / {total:,} events")
+        if self.full is not None:
+            self._paint_summary()
 
     @work(group="follow")
     async def follow(self) -> None:
@@ -206,13 +240,14 @@ class TraceScreen(Screen[None]):
 
     def on_trace_loaded(self, message: TraceLoaded) -> None:
         if message.partial:
+            if self.loaded.is_set():  # the full view won the race (cannot happen today)
+                return
             self.timings.setdefault("first screen", time.perf_counter() - self._mounted_at)
             self.full = message.view
             self._index = Rows.of(message.view)
             self._show(message.view, now=None)
-            self._paint_summary(f"first {len(message.events)} of {message.partial} events; "
-                                "building the rest…")
             return
+        self.loading_note = ""
         self.events = list(message.events)
         self._keys = {k for e in self.events if (k := e.event_key) is not None}
         self.timings.setdefault("waterfall", time.perf_counter() - self._mounted_at)
@@ -232,14 +267,20 @@ class TraceScreen(Screen[None]):
 
     def _fold_pending(self) -> None:
         """Throttled live refresh: rebuild once with everything that arrived."""
-        if not self._pending or self.full is None:
-            return
+        if not self._pending or self.full is None or not self.loaded.is_set():
+            return  # (while a big trace loads, what arrives waits for its full view)
+        fresh: list[StoredEvent] = []
         for event in self._pending:
-            if (key := event.event_key) is not None:
-                self._keys.add(key)
-        events = [*self.events, *self._pending]
-        events.sort(key=lambda e: (e.ts, e.seq))
+            key = event.event_key
+            if key is None or key not in self._keys:  # not already in the loaded history
+                fresh.append(event)
+                if key is not None:
+                    self._keys.add(key)
         self._pending = []
+        if not fresh:
+            return
+        events = [*self.events, *fresh]
+        events.sort(key=lambda e: (e.ts, e.seq))
         self.events = events
         self._rebuild(events)
 
@@ -293,7 +334,7 @@ class TraceScreen(Screen[None]):
         wf = self.query_one(Waterfall)
         if wf.query_text:
             text.append(f" · filter {wf.query_text!r}: {wf.row_count}", style="italic")
-        if note:
+        if note := note or self.loading_note:
             text.append(f" · {note}", style="italic dim")
         self.query_one("#summary", Static).update(text)
 
