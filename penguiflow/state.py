@@ -350,9 +350,9 @@ class TraceStore(StateStore, Protocol):
         ``offset=n, limit=n``, ... concatenate to exactly ``load_history``, and a
         page shorter than ``limit`` is the last. An unknown trace, or an offset
         past the end, gives an empty page. Flushes first, as ``load_history``
-        does. The durable stores skip ``offset`` rows on their ``(trace_id, id)``
-        index without decoding them, so reading a big trace page by page costs
-        about what one ``load_history`` does.
+        does. The durable stores skip the first ``offset`` rows on their
+        ``(trace_id, id)`` index without decoding or sending them, but a deep
+        page still walks them: read a big trace in few, large pages.
 
         Raises:
             ValueError: ``limit < 1`` or ``offset < 0``.

@@ -512,7 +512,8 @@ class PostgresStateStore(BufferedStore):
                                 limit: int) -> list[StoredEvent]:
         """At most ``limit`` events of ``trace_id`` after the first ``offset`` (see TraceStore).
 
-        The skipped rows are walked on the ``(trace_id, id)`` index, not sent.
+        The skipped rows are walked on the ``(trace_id, id)`` index (their heap rows
+        visited), not decoded nor sent.
 
         Raises:
             ValueError: ``limit < 1`` or ``offset < 0``.
