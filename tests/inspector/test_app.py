@@ -157,11 +157,18 @@ async def test_replay_stepping_scrub_and_play(demo_store: InMemoryStateStore) ->
         assert screen.speed_index == 5
         await pilot.press("minus", "minus")
         assert screen.speed_index == 3
-        for _ in range(3):
+        # Play at the slowest speed (0.01x: the rest of the trace takes ~12 s) so a
+        # loaded machine cannot reach the end before the assertion; then pause.
+        await pilot.press("minus", "minus", "minus")
+        assert screen.speed_index == 0
+        await pilot.press("space")
+        assert screen.playing
+        await pilot.press("space")
+        assert not screen.playing
+        for _ in range(5):
             await pilot.press("plus")
         await pilot.press("plus", "plus", "plus")  # 100x: plays 10 ms of trace per tick
         await pilot.press("space")
-        assert screen.playing
         await wait_for(pilot, lambda: not screen.playing, what="playback to reach the end")
         assert screen.replay_t == pytest.approx(screen.full.end)  # type: ignore[union-attr]
         await pilot.press("r")
