@@ -49,7 +49,7 @@ from ._ids import otel_trace_id
 from ._otel_metrics import FlowMetrics
 from ._spans import SpanModel
 from .spandata import SpanData
-from .tracing import LogScope, current_scope, park_ids
+from .tracing import LogScope, current_scope, park_ids, span_writer_for
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -90,7 +90,11 @@ class LiveTracer:
 
     def __init__(self, tracer_provider: TracerProvider,
                  meter_provider: MeterProvider | None = None) -> None:
-        self._tracer = tracer_provider.get_tracer("penguiflow", _version())
+        version = _version()
+        self._tracer = tracer_provider.get_tracer("penguiflow", version)
+        # An SDK-specific writer (see penguiflow.tracing.register_span_writer)
+        # records a finished span for a fraction of start_span + end.
+        self._writer = span_writer_for(tracer_provider, version)
         self.model = SpanModel(self._emit)
         self.metrics = FlowMetrics(meter_provider)
         #: Count of spans the SDK refused (logged once per kind of failure).
@@ -141,14 +145,17 @@ class LiveTracer:
     # -- emitting -------------------------------------------------------------------------
 
     def _emit(self, span: SpanData) -> None:
+        writer = self._writer
         try:
-            self._start_and_end(span)
+            if writer is None or not writer(span):
+                try:
+                    self._start_and_end(span)
+                finally:
+                    park_ids(0, 0)  # an SDK that did not take them must not hand them out later
         except Exception as exc:
             self.failures += 1
             logger.warning("otel_span_failed", exc_info=True, extra={
                 "span": span.name, "error": repr(exc)})
-        finally:
-            park_ids(0, 0)  # an SDK that did not take them must not hand them out later
         try:
             self.metrics.record(span)
         except Exception as exc:

@@ -14,6 +14,14 @@ contract between the runtime and whatever SDK the application configures:
   generator ignores them: spans still nest correctly, only the ids differ from
   the stored ones. ``start_span`` is synchronous, so a thread-local slot is
   enough: nothing else can run between parking and taking.
+* **Span writers.** A tracing SDK can offer a cheaper way to record a span that
+  is already finished than ``start_span`` + ``end``: :func:`register_span_writer`
+  takes a factory the live tracer asks, once per tracer provider, for a
+  *writer*. The writer gets each finished :class:`~penguiflow.spandata.SpanData`
+  and returns True when it recorded it, False to have the runtime go through
+  the API instead (so a writer may decline any span it cannot record exactly
+  as the SDK would). ``penguiflow_exporters.otel`` registers one for the OTel
+  SDK's ``TracerProvider``.
 * **Log scope.** While enabled (``penguiflow_exporters.logging`` enables it),
   the runtime sets :data:`current_scope` around each node invocation so log
   lines written by user code can carry the trace, span, node and invocation
@@ -32,7 +40,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from opentelemetry.context import Context as OtelContext
+
+    from .spandata import SpanData
+
+    #: Records one finished span; True when recorded, False to fall back to the API.
+    SpanWriter = Callable[[SpanData], bool]
+    #: ``factory(tracer_provider, instrumentation_version)``: a writer, or None to decline.
+    SpanWriterFactory = Callable[[Any, str], SpanWriter | None]
 
 __all__ = [
     "LogScope",
@@ -41,6 +58,8 @@ __all__ = [
     "inject_trace_headers",
     "log_scope_enabled",
     "park_ids",
+    "register_span_writer",
+    "span_writer_for",
     "set_log_scope_enabled",
     "take_pending_span_id",
     "take_pending_trace_id",
@@ -73,6 +92,30 @@ def take_pending_trace_id() -> int:
     value = _pending.trace_id
     _pending.trace_id = 0
     return value
+
+
+_WRITER_FACTORIES: list[SpanWriterFactory] = []
+
+
+def register_span_writer(factory: SpanWriterFactory) -> None:
+    """Offer the live tracer a cheaper way to record finished spans (see the module doc).
+
+    ``factory(tracer_provider, version)`` is called once per tracer provider the
+    runtime traces through; it returns a writer, or None when it does not know
+    that provider. The factory registered last is asked first. Registering the
+    same factory twice has no effect.
+    """
+    if factory not in _WRITER_FACTORIES:
+        _WRITER_FACTORIES.append(factory)
+
+
+def span_writer_for(tracer_provider: Any, version: str) -> SpanWriter | None:
+    """The writer a registered factory offers for ``tracer_provider``, or None."""
+    for factory in reversed(_WRITER_FACTORIES):
+        writer = factory(tracer_provider, version)
+        if writer is not None:
+            return writer
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from pfcore_support import msg, within
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow._ids import root_span_id
 from penguiflow._spans import spans_from_events
+from penguiflow._tracer import tracer_for
 from penguiflow.patterns import join_k
 from penguiflow.remote import InMemoryAgent, InMemoryTransport, RemoteNode
 from penguiflow.state import InMemoryStateStore
@@ -36,12 +37,38 @@ def exporter() -> InMemorySpanExporter:
     return InMemorySpanExporter()
 
 
-@pytest.fixture
-def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+class _Starting(SpanProcessor):
+    """A processor with its own on_start: the SDK writer must decline this provider."""
+
+    def __init__(self) -> None:
+        self.started = 0
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self.started += 1
+
+
+@pytest.fixture(params=["sdk-writer", "start_span"])
+def provider(request: pytest.FixtureRequest,
+             exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    """Every scenario runs both ways the live tracer records a span: the SDK writer
+    (penguiflow_exporters' fast path) and the API's start_span + end."""
     tp = TracerProvider(id_generator=PenguiFlowIdGenerator())
     tp.add_span_processor(SimpleSpanProcessor(exporter))
+    starting = _Starting()
+    if request.param == "start_span":
+        tp.add_span_processor(starting)
     yield tp
     tp.shutdown()
+    # The path the parameter names was the one taken, for every penguiflow span.
+    spans = exporter.get_finished_spans()
+    ours = [s for s in spans if s.instrumentation_scope
+            and s.instrumentation_scope.name == "penguiflow"]
+    writer = getattr(tracer_for(tp), "_writer", None)
+    if request.param == "start_span":
+        assert writer is None or writer.written == 0
+        assert starting.started == len(spans)
+    else:
+        assert writer is not None and writer.written == len(ours)
 
 
 def _by_name(spans: tuple[ReadableSpan, ...] | list[ReadableSpan]) -> dict[str, ReadableSpan]:
@@ -380,6 +407,8 @@ async def test_a_failing_span_processor_never_breaks_the_flow(
     m = msg("x")
     out = await _run_one(flow, m)
     assert out.payload == "x"
+    assert flow._events.tracer is not None
+    assert flow._events.tracer.failures >= 1  # the node span, at least: counted, not raised
     tp.shutdown()
 
 

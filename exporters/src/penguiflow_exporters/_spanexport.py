@@ -34,6 +34,7 @@ __all__ = [
     "export_spans",
     "make_resource",
     "otlp_json",
+    "readable_span",
     "readable_spans",
     "signal_endpoint",
 ]
@@ -55,6 +56,7 @@ _KINDS: Final = {
 }
 _STATUS: Final = {"unset": StatusCode.UNSET, "ok": StatusCode.OK, "error": StatusCode.ERROR}
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+_UNSET: Final = Status(StatusCode.UNSET)
 
 
 class OTLPExportError(RuntimeError):
@@ -130,37 +132,49 @@ def readable_spans(spans: Sequence[SpanData], resource: Resource | None = None
     """
     resource = resource if resource is not None else make_resource()
     scope = InstrumentationScope(SCOPE_NAME, penguiflow.__version__)
-    out: list[ReadableSpan] = []
-    for span in spans:
-        context = SpanContext(span.trace_id, span.span_id, is_remote=False, trace_flags=_SAMPLED)
-        parent = None
-        if span.parent_span_id:
-            # A SERVER span's parent came over the wire (W3C traceparent), as live.
-            parent = SpanContext(span.trace_id, span.parent_span_id,
-                                 is_remote=span.kind == "server", trace_flags=_SAMPLED)
-        end_ns = span.end_ns
-        if end_ns is None:
-            end_ns = max([span.start_ns, *(event.time_ns for event in span.events)])
-        code = _STATUS[span.status]
+    return [readable_span(span, resource, scope) for span in spans]
+
+
+def readable_span(span: SpanData, resource: Resource, scope: InstrumentationScope, *,
+                  copy: bool = True) -> ReadableSpan:
+    """One :class:`SpanData` as an SDK ``ReadableSpan`` (see :func:`readable_spans`).
+
+    ``copy=False`` hands the record's attribute dicts to the span as they are;
+    only for a caller that never touches the record again (the live writer).
+    """
+    context = SpanContext(span.trace_id, span.span_id, is_remote=False, trace_flags=_SAMPLED)
+    parent = None
+    if span.parent_span_id:
+        # A SERVER span's parent came over the wire (W3C traceparent), as live.
+        parent = SpanContext(span.trace_id, span.parent_span_id,
+                             is_remote=span.kind == "server", trace_flags=_SAMPLED)
+    end_ns = span.end_ns
+    if end_ns is None:
+        end_ns = max([span.start_ns, *(event.time_ns for event in span.events)])
+    code = _STATUS[span.status]
+    if code is StatusCode.UNSET:
+        status = _UNSET
+    else:
         # The SDK accepts a description on ERROR only (and logs a warning otherwise).
         status = Status(code, span.status_description if code is StatusCode.ERROR else None)
-        out.append(ReadableSpan(
-            name=span.name,
-            context=context,
-            parent=parent,
-            resource=resource,
-            attributes=dict(span.attributes),
-            events=[Event(e.name, dict(e.attributes), e.time_ns) for e in span.events],
-            links=[Link(SpanContext(link.trace_id, link.span_id, is_remote=False,
-                                    trace_flags=_SAMPLED), dict(link.attributes))
-                   for link in span.links],
-            kind=_KINDS[span.kind],
-            status=status,
-            start_time=span.start_ns,
-            end_time=end_ns,
-            instrumentation_scope=scope,
-        ))
-    return out
+    return ReadableSpan(
+        name=span.name,
+        context=context,
+        parent=parent,
+        resource=resource,
+        attributes=dict(span.attributes) if copy else span.attributes,
+        events=[Event(e.name, dict(e.attributes) if copy else e.attributes, e.time_ns)
+                for e in span.events] if span.events else (),
+        links=[Link(SpanContext(link.trace_id, link.span_id, is_remote=False,
+                                trace_flags=_SAMPLED),
+                    dict(link.attributes) if copy else link.attributes)
+               for link in span.links] if span.links else (),
+        kind=_KINDS[span.kind],
+        status=status,
+        start_time=span.start_ns,
+        end_time=end_ns,
+        instrumentation_scope=scope,
+    )
 
 
 class _ThreadErrors(logging.Handler):

@@ -63,8 +63,9 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Sampler
 
-from penguiflow.tracing import take_pending_span_id, take_pending_trace_id
+from penguiflow.tracing import register_span_writer, take_pending_span_id, take_pending_trace_id
 
+from ._sdkwriter import sdk_span_writer
 from ._spanexport import (
     DEFAULT_SERVICE_NAME,
     OTLPExportError,
@@ -92,6 +93,10 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+
+# Importing this module (any SDK set-up through it does) gives the live tracer its
+# fast path into SDK TracerProviders; see penguiflow_exporters._sdkwriter.
+register_span_writer(sdk_span_writer)
 
 #: How long :meth:`TelemetryHandle.shutdown` (and the exit hook) waits for the
 #: last export before giving up on what is still queued.
