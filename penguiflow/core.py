@@ -773,6 +773,11 @@ class PenguiFlow:
         return True
 
     async def _cancel_finished(self, trace_id: Any) -> None:
+        for node in self._nodes:
+            # Per-trace state a node holds (join_k's incomplete group) goes with it.
+            forget = getattr(node.func, "_forget_trace", None)
+            if forget is not None:
+                forget(trace_id)
         await self._emit_event("trace_cancel_finish", self._contexts[ROOKERY], trace_id)
         if self._events.tracer is not None:
             self._trace_drained(trace_id)

@@ -208,7 +208,9 @@ def join_k(name: str, k: int) -> Node:
         :class:`~penguiflow.types.Message`, a copy of it whose ``payload`` is the list of
         the ``k`` payloads in arrival order, else the list of the ``k`` objects. When it
         runs, an object without a ``trace_id`` raises ``ValueError``. Incomplete groups
-        are held until completed (they are not expired).
+        are held until completed (they are not expired), except that the group of a
+        cancelled trace is dropped once the cancel has finished
+        (``trace_cancel_finish``).
 
     Raises:
         ValueError: If ``k <= 0``.
@@ -245,4 +247,13 @@ def join_k(name: str, k: int) -> Node:
             return first.model_copy(update={"payload": payloads, "meta": dict(first.meta)})
         return bucket
 
+    def forget(trace_id: Any) -> None:
+        # The trace was cancelled: its incomplete group can never complete, and a
+        # later trace reusing the id must not be joined with its leftovers.
+        buckets.pop(trace_id, None)
+        upstreams.pop(trace_id, None)
+
+    # The runtime calls this once a cancelled trace has drained (see
+    # PenguiFlow._cancel_finished): per-trace state of a node goes with the trace.
+    join._forget_trace = forget  # type: ignore[attr-defined]
     return Node(join, name=name, policy=NodePolicy(validate="none"))

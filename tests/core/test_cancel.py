@@ -257,3 +257,35 @@ async def test_cancel_during_retry_backoff_stops_retrying(start: Any, recorder: 
     kinds = recorder.kinds(trace_id=m.trace_id)
     assert kinds.count("node_start") == 1
     assert "node_failed" not in kinds
+
+
+
+async def test_a_cancelled_trace_leaves_nothing_in_a_join(start: Any, recorder: Recorder) -> None:
+    from penguiflow import Message
+    from penguiflow.patterns import join_k
+
+    async def fan_body(message: Any, ctx: Any) -> Any:
+        return message
+
+    async def fast_body(message: Any, ctx: Any) -> Any:
+        return message.model_copy(update={"payload": f"{message.payload}:fast"})
+
+    fan = Node(fan_body, name="fan", policy=NONE)
+    fast = Node(fast_body, name="fast", policy=NONE)
+    slow, body = blocking_node("slow")
+    join = join_k("join", 2)
+    flow = start(create(fan.to(fast, slow), fast.to(join), slow.to(join), join.to(),
+                        middlewares=[recorder]))
+    first = msg("block")
+    await flow.emit(first)
+    await within(body.started.wait())
+    # The fast branch reached the join, which holds it waiting for the slow one.
+    await recorder.wait_for("node_success", trace_id=first.trace_id, node="join")
+    assert await within(flow.cancel(first.trace_id)) is True
+    await recorder.wait_for("trace_cancel_finish", trace_id=first.trace_id)
+
+    # The same trace id again (a client retrying it): joined from this run alone.
+    again = Message(payload="go", headers=first.headers, trace_id=first.trace_id)
+    await flow.emit(again)
+    out = await within(flow.fetch())
+    assert sorted(out.payload) == ["go", "go:fast"]
