@@ -115,6 +115,22 @@ class OtelSdkObserver:
         self.provider.shutdown()
 
 
+class OtelSdkApiPath(OtelSdkObserver):
+    """The same SDK set-up plus a processor with its own ``on_start`` (doing nothing):
+    PenguiFlow's SDK writer declines such a provider, so every span goes through
+    ``start_span`` + ``end``. Shows what tracing costs without the writer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from opentelemetry.sdk.trace import SpanProcessor
+
+        class _OnStart(SpanProcessor):
+            def on_start(self, span: Any, parent_context: Any = None) -> None:
+                return None
+
+        self.provider.add_span_processor(_OnStart())
+
+
 class OtelSdkAndStore(OtelSdkObserver):
     """The OTel SDK set-up and a SQLiteStateStore together."""
 
@@ -235,6 +251,7 @@ OBSERVERS: dict[str, Callable[[], ObserverSetup]] = {
     "SQLiteStateStore": StoreObserver.factory(_kind("sqlite")),
     "PostgresStateStore": StoreObserver.factory(_kind("postgres")),
     "OTel SDK + BatchSpanProcessor": OtelSdkObserver,
+    "OTel SDK via start_span (writer declined)": OtelSdkApiPath,
     "OTel SDK + SQLiteStateStore": OtelSdkAndStore,
 }
 
