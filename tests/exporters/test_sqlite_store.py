@@ -154,7 +154,103 @@ async def test_a_v1_file_is_migrated_and_keeps_its_events_and_summaries(
         await reference.save_events(more[:1])
         assert await store.load_history("t") == [*old, more[0]]
         assert await store.get_trace("t") == await reference.get_trace("t")
-    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [1, 2]
+    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [1, 2, 3]
+
+
+# The version-2 INSERT (event_key computed by SQLite from flow_id and seq).
+_V2_INSERT = (
+    "INSERT OR IGNORE INTO events (event_key, trace_id, ts, kind, node_name, node_id, "
+    "invocation_id, parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, "
+    "flow_name, flow_id, latency_ms, q_in, q_out, outgoing, queue_maxsize, trace_inflight, "
+    "trace_cancelled, trace_pending, payload) VALUES ("
+    "CASE WHEN ?14 IS NULL THEN NULL ELSE ?14 || ':' || ?10 END, ?1, ?2, ?3, ?4, ?5, ?6, ?7, "
+    "?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)")
+
+
+def make_v2_file(path: Path, events: Iterable[StoredEvent]) -> None:
+    """A file as a version-2 store left it: runtime payloads split into columns (the
+    rest whole), ``event_key`` and text ids in ``events``, summaries by rowid."""
+    from penguiflow_exporters._columns import runtime_columns
+    from penguiflow_exporters.sqlite import _MIGRATIONS
+
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, "
+                     "applied_ts REAL NOT NULL DEFAULT 0)")
+        for statement in (*_MIGRATIONS[0], *_MIGRATIONS[1]):
+            conn.execute(statement)
+        conn.executemany("INSERT INTO schema_version (version) VALUES (?)", [(1,), (2,)])
+        builders: dict[str, Any] = {}
+        for e in events:
+            columns = runtime_columns(e)
+            runtime = (None,) * 8 if columns is None else columns[:8]
+            payload = dict(e.payload) if columns is None else columns[8]
+            conn.execute(_V2_INSERT, (
+                e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
+                json.dumps(list(e.parent_invocation_ids)), e.span_id, e.parent_span_id, e.seq,
+                e.attempt, e.queued_ts, e.flow_name, e.flow_id, *runtime, json.dumps(payload)))
+            if e.trace_id is not None:
+                builders.setdefault(e.trace_id, TraceSummaryBuilder(e.trace_id)).add(e)
+        for b in builders.values():
+            s = b.summary()
+            conn.execute(
+                "INSERT INTO traces VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (s.trace_id, s.flow_name, s.status, s.started_ts, s.ended_ts, s.node_count,
+                 s.error_count, s.remote_call_count, s.event_count, json.dumps(list(s.nodes)),
+                 b.open, int(b.failed), int(b.cancelled)))
+    conn.close()
+
+
+def runtime_ev(trace_id: str | None, kind: str, ts: float, *, node: str = "a",
+               flow_id: str | None = "flow-2", seq: int, **extra: Any) -> StoredEvent:
+    """A StoredEvent whose payload is exactly a runtime payload (columns in v2)."""
+    from penguiflow.metrics import event_payload
+
+    payload = event_payload(kind, ts, node, f"id-{node}", trace_id, 0.25, 1, 2, 1, 64, 0, 1,
+                            False, 3, extra)
+    return StoredEvent(trace_id, ts, kind, node, f"id-{node}", payload, invocation_id="i",
+                       span_id="i", seq=seq, queued_ts=ts - 0.1, flow_name="demo",
+                       flow_id=flow_id)
+
+
+async def test_a_v2_file_is_migrated_to_integer_keys_and_keeps_everything(
+        tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    # Two flows, two traces starting at the same ts (list_traces' tie-break is the
+    # order they were first stored), runtime-split and whole payloads, an extra, an
+    # event without trace and one without flow id.
+    old = [
+        runtime_ev("u", "node_start", 1.0, seq=1),
+        ev("t", "node_start", 1.0, seq=7),
+        runtime_ev("u", "node_error", 1.5, seq=2, exception="ValueError('x')"),
+        runtime_ev("t", "node_success", 2.0, flow_id="flow-3", seq=1),
+        ev("t", "node_start", 2.5, node="b", flow_id=None),
+        runtime_ev(None, "node_cancelled", 3.0, seq=3),
+    ]
+    make_v2_file(path, old)
+    reference = InMemoryStateStore()
+    await reference.save_events(old)
+    async with SQLiteStateStore(path) as store:
+        for trace_id in ("t", "u"):
+            assert await store.load_history(trace_id) == await reference.load_history(trace_id)
+            assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
+        assert await store.list_traces() == await reference.list_traces()
+        # Re-delivered v2 events are recognised; new events fold into the summaries.
+        more = [old[0], old[3], runtime_ev("u", "node_success", 4.0, seq=4),
+                ev("t", "node_success", 5.0, node="b", seq=8)]
+        await store.save_events(more)
+        await reference.save_events(more[2:])
+        for trace_id in ("t", "u"):
+            assert await store.load_history(trace_id) == await reference.load_history(trace_id)
+            assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
+        assert await store.resolve_trace_id("") == ["t", "u"]
+    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [1, 2, 3]
+    assert read(path, "SELECT count(*) FROM events") == [(len(old) + 2,)]
+    columns = {row[1] for row in read(path, "PRAGMA table_info(events)")}
+    assert {"trace_key", "flow_key"} <= columns
+    assert not {"trace_id", "flow_id", "event_key"} & columns
+    assert read(path, "SELECT key, flow_id FROM flows ORDER BY key") == [
+        (1, "flow-2"), (2, "flow-1"), (3, "flow-3")]
 
 
 async def test_a_failing_migration_is_rolled_back_and_reported(tmp_path: Path) -> None:
@@ -248,7 +344,7 @@ async def test_events_without_a_trace_are_stored_but_make_no_trace(
         store: SQLiteStateStore) -> None:
     await store.save_event(ev(None, "node_cancelled", 1.0))
     await store.flush()
-    assert read(store.path, "SELECT count(*), min(trace_id) FROM events") == [(1, None)]
+    assert read(store.path, "SELECT count(*), min(trace_key) FROM events") == [(1, None)]
     assert await store.list_traces() == []
 
 

@@ -59,6 +59,7 @@ def runtime_columns(ev: StoredEvent) -> tuple[Any, ...] | None:
     if (pending is None and "trace_pending" in p) or (
             pending is not None and type(pending) is not int):
         return None  # an explicit None is not rebuilt (the runtime omits the key)
+    # 14 standard keys, 15 with trace_pending: only longer payloads have extras.
     extra: dict[str, Any] = {k: v for k, v in p.items() if k not in _STANDARD} \
-        if len(p) > 14 else {}
+        if len(p) > (14 if pending is None else 15) else {}
     return latency, q_in, q_out, outgoing, maxsize, inflight, cancelled, pending, extra

@@ -37,14 +37,17 @@ import json.encoder
 import json.scanner
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, TypeVar
 
 from penguiflow._memory_store import check_page
 from penguiflow.metrics import event_payload
 from penguiflow.state import (
+    _ERROR_KINDS,
+    _TERMINAL_KINDS,
     RemoteBinding,
     StateStoreError,
     StoredEvent,
@@ -64,7 +67,7 @@ __all__ = ["DEFAULT_PATH", "SCHEMA_VERSION", "SQLiteStateStore"]
 DEFAULT_PATH = ".penguiflow/traces.db"
 
 #: The schema this module writes; ``_MIGRATIONS[v]`` takes a file from v to v + 1.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _T = TypeVar("_T")
 
@@ -141,73 +144,138 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE events ADD COLUMN trace_cancelled INTEGER",
         "ALTER TABLE events ADD COLUMN trace_pending INTEGER",
     ),
+    (
+        # v3: integer keys instead of text ids in the two indexes every event
+        # inserts into. A trace's key is its `traces` row (`key`, an INTEGER PRIMARY
+        # KEY, so VACUUM keeps it), a flow's its `flows` row. `events_trace` becomes
+        # (trace_key, id): new traces get increasing keys, so inserts land at the
+        # index's end instead of at random 32-character trace ids across the whole
+        # index (which, past the page cache, rewrote a random page per event), and
+        # the `event_key` TEXT UNIQUE index becomes UNIQUE (flow_key, seq): the same
+        # identity (keys were exactly "<flow_id>:<seq>"), appended too. The events
+        # lose their trace_id, flow_id and event_key texts (~70 bytes a row). With the
+        # multi-row INSERT and the summary fold in Python (see _store_rows), raw ingest
+        # went from ~32k to ~75k events/s on the 2-core CI machine (benchmarks/stores.py).
+        # Tables are rebuilt (SQLite cannot drop a UNIQUE column): old rows keep their
+        # ids, so their order, and traces keep their rowids (list_traces' tie-break).
+        "CREATE TABLE flows (key INTEGER PRIMARY KEY, flow_id TEXT NOT NULL UNIQUE)",
+        "INSERT INTO flows (flow_id) SELECT flow_id FROM events WHERE flow_id IS NOT NULL "
+        "GROUP BY flow_id ORDER BY min(id)",
+        """CREATE TABLE traces_v3 (
+            key INTEGER PRIMARY KEY,
+            trace_id TEXT NOT NULL UNIQUE,
+            flow_name TEXT,
+            status TEXT NOT NULL,
+            started_ts REAL NOT NULL,
+            ended_ts REAL NOT NULL,
+            node_count INTEGER NOT NULL,
+            error_count INTEGER NOT NULL,
+            remote_call_count INTEGER NOT NULL,
+            event_count INTEGER NOT NULL,
+            nodes TEXT NOT NULL,
+            open_count INTEGER NOT NULL,
+            failed INTEGER NOT NULL,
+            cancelled INTEGER NOT NULL
+        )""",
+        "INSERT INTO traces_v3 SELECT rowid, trace_id, flow_name, status, started_ts, "
+        "ended_ts, node_count, error_count, remote_call_count, event_count, nodes, open_count, "
+        "failed, cancelled FROM traces ORDER BY rowid",
+        "DROP TABLE traces",
+        "ALTER TABLE traces_v3 RENAME TO traces",
+        "CREATE INDEX traces_started ON traces (started_ts)",
+        """CREATE TABLE events_v3 (
+            id INTEGER PRIMARY KEY,
+            trace_key INTEGER,
+            flow_key INTEGER,
+            seq INTEGER NOT NULL,
+            ts REAL NOT NULL,
+            kind TEXT NOT NULL,
+            node_name TEXT,
+            node_id TEXT,
+            invocation_id TEXT,
+            parent_invocation_ids TEXT NOT NULL,
+            span_id TEXT,
+            parent_span_id TEXT,
+            attempt INTEGER NOT NULL,
+            queued_ts REAL,
+            flow_name TEXT,
+            latency_ms REAL,
+            q_in INTEGER,
+            q_out INTEGER,
+            outgoing INTEGER,
+            queue_maxsize INTEGER,
+            trace_inflight INTEGER,
+            trace_cancelled INTEGER,
+            trace_pending INTEGER,
+            payload TEXT NOT NULL
+        )""",
+        "INSERT INTO events_v3 SELECT e.id, t.key, f.key, e.seq, e.ts, e.kind, e.node_name, "
+        "e.node_id, e.invocation_id, e.parent_invocation_ids, e.span_id, e.parent_span_id, "
+        "e.attempt, e.queued_ts, e.flow_name, e.latency_ms, e.q_in, e.q_out, e.outgoing, "
+        "e.queue_maxsize, e.trace_inflight, e.trace_cancelled, e.trace_pending, e.payload "
+        "FROM events e LEFT JOIN traces t ON t.trace_id = e.trace_id "
+        "LEFT JOIN flows f ON f.flow_id = e.flow_id ORDER BY e.id",
+        "DROP TABLE events",
+        "ALTER TABLE events_v3 RENAME TO events",
+        "CREATE INDEX events_trace ON events (trace_key, id)",
+        "CREATE UNIQUE INDEX events_flow_seq ON events (flow_key, seq)",
+    ),
 )
 
-# Parameters in the runtime's EVENT_FIELDS order (see _event_rows), so a row is the
-# runtime's tuple with only `parents` and `extra` replaced by their JSON; the
-# event key is computed by SQLite, not by Python.
-_INSERT_EVENT = (
-    "INSERT OR IGNORE INTO events (event_key, trace_id, ts, kind, node_name, node_id, "
-    "invocation_id, parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, "
-    "flow_name, flow_id, latency_ms, q_in, q_out, outgoing, queue_maxsize, trace_inflight, "
-    "trace_cancelled, trace_pending, payload) VALUES ("
-    "CASE WHEN ?14 IS NULL THEN NULL ELSE ?14 || ':' || ?10 END, ?1, ?2, ?3, ?4, ?5, ?6, ?7, "
-    "?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
-)
+# Columns after `id`, in the order of the rows _event_rows builds (trace_key and
+# flow_key are trace_id and flow_id there, replaced by their keys under the lock).
+_EVENT_COLUMNS = (
+    "trace_key, flow_key, seq, ts, kind, node_name, node_id, invocation_id, "
+    "parent_invocation_ids, span_id, parent_span_id, attempt, queued_ts, flow_name, "
+    "latency_ms, q_in, q_out, outgoing, queue_maxsize, trace_inflight, trace_cancelled, "
+    "trace_pending, payload")
+# Plain INSERT: a re-delivered event fails UNIQUE (flow_key, seq) and the batch is
+# retried row by row with INSERT OR IGNORE (see _write_sync).
+_INSERT_EVENT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 23)})"
+_INSERT_EVENT_OR_IGNORE = _INSERT_EVENT.replace("INSERT", "INSERT OR IGNORE", 1)
+# Rows per INSERT statement on the fast path. One multi-row VALUES statement per
+# _ROWS_PER_INSERT events instead of executemany's bind/step/reset per event: ~1.5x
+# the rows/s on the CI machine (executemany spends ~4 us per row outside SQLite's
+# own work); 64 x 23 parameters stay far below SQLite's 32,766.
+_ROWS_PER_INSERT = 64
+_INSERT_EVENTS = _INSERT_EVENT + (", (" + ", ".join("?" * 23) + ")") * (_ROWS_PER_INSERT - 1)
 _SELECT_EVENTS = (
     # No trace_id column: it is the argument (one str less per row).
-    "SELECT ts, kind, node_name, node_id, payload, invocation_id, "
-    "parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, flow_name, "
-    "flow_id, latency_ms, q_in, q_out, outgoing, queue_maxsize, trace_inflight, "
-    "trace_cancelled, trace_pending FROM events WHERE trace_id = ? ORDER BY id"
+    "SELECT e.ts, e.kind, e.node_name, e.node_id, e.payload, e.invocation_id, "
+    "e.parent_invocation_ids, e.span_id, e.parent_span_id, e.seq, e.attempt, e.queued_ts, "
+    "e.flow_name, f.flow_id, e.latency_ms, e.q_in, e.q_out, e.outgoing, e.queue_maxsize, "
+    "e.trace_inflight, e.trace_cancelled, e.trace_pending FROM events e "
+    "LEFT JOIN flows f ON f.key = e.flow_key "
+    "WHERE e.trace_key = (SELECT key FROM traces WHERE trace_id = ?) ORDER BY e.id"
 )
 _TRACE_COLUMNS = (
     "trace_id, flow_name, status, started_ts, ended_ts, node_count, error_count, "
     "remote_call_count, event_count, nodes"
 )
-_STATUS = ("CASE WHEN {c} THEN 'cancelled' WHEN {f} THEN 'failed' "
-           "WHEN {o} > 0 THEN 'running' ELSE 'succeeded' END")
-# Folds the events this transaction inserted (id > ?1) into `traces` in SQL, with
-# the semantics of penguiflow.state.TraceSummaryBuilder (tests/exporters compare
-# both): no Python per event, so the writer thread keeps the GIL for less time.
-# Grouped rows are inserted in order of their trace's first new event, so a new
-# trace's rowid (list_traces' tie-break) follows the order traces arrived in.
-_FOLD_TRACES = (
-    f"INSERT INTO traces ({_TRACE_COLUMNS}, open_count, failed, cancelled) "
-    "SELECT trace_id, (SELECT f.flow_name FROM events f WHERE f.trace_id = e.trace_id "
-    "AND f.id > ?1 AND f.flow_name IS NOT NULL ORDER BY f.id LIMIT 1), "
-    + _STATUS.format(c="max(kind = 'trace_cancel_start')", f="max(kind = 'node_failed')",
-                     o="sum(kind = 'node_start' AND attempt = 0) - sum(kind IN "
-                       "('node_success', 'node_failed', 'node_trace_cancelled'))") + ", "
-    "min(ts), max(ts), sum(kind = 'node_start' AND attempt = 0), "
-    "sum(kind IN ('node_error', 'node_timeout', 'node_failed', 'remote_call_error', "
-    "'remote_cancel_error')), sum(kind = 'remote_call_start'), count(*), "
-    "(SELECT json_group_array(n) FROM (SELECT DISTINCT g.node_name AS n FROM events g "
-    "WHERE g.trace_id = e.trace_id AND g.id > ?1 AND g.kind = 'node_start' "
-    "AND g.node_name <> '' ORDER BY 1)), "
-    "sum(kind = 'node_start' AND attempt = 0) - sum(kind IN "
-    "('node_success', 'node_failed', 'node_trace_cancelled')), "
-    "max(kind = 'node_failed'), max(kind = 'trace_cancel_start') "
-    "FROM events e WHERE id > ?1 AND trace_id IS NOT NULL GROUP BY trace_id ORDER BY min(id) "
-    "ON CONFLICT (trace_id) DO UPDATE SET "
-    "flow_name = ifnull(traces.flow_name, excluded.flow_name), "
-    "status = " + _STATUS.format(c="traces.cancelled OR excluded.cancelled",
-                                 f="traces.failed OR excluded.failed",
-                                 o="traces.open_count + excluded.open_count") + ", "
-    "started_ts = min(traces.started_ts, excluded.started_ts), "
-    "ended_ts = max(traces.ended_ts, excluded.ended_ts), "
-    "node_count = traces.node_count + excluded.node_count, "
-    "error_count = traces.error_count + excluded.error_count, "
-    "remote_call_count = traces.remote_call_count + excluded.remote_call_count, "
-    "event_count = traces.event_count + excluded.event_count, "
-    "nodes = CASE WHEN excluded.nodes = '[]' OR excluded.nodes = traces.nodes THEN traces.nodes "
-    "ELSE (SELECT json_group_array(value) FROM (SELECT value FROM json_each(traces.nodes) "
-    "UNION SELECT value FROM json_each(excluded.nodes) ORDER BY 1)) END, "
-    "open_count = traces.open_count + excluded.open_count, "
-    "failed = traces.failed OR excluded.failed, "
-    "cancelled = traces.cancelled OR excluded.cancelled"
-)
+# A batch's summaries are folded in Python (_fold) while its rows are at hand: one
+# row per trace reaches SQLite instead of a GROUP BY over the batch's events with
+# two correlated sub-queries per trace (~4 us per event, measured). New traces are
+# inserted whole, in order of their first event (their key is list_traces'
+# tie-break); stored ones are merged here, with TraceSummaryBuilder's semantics.
+_INSERT_TRACE = (
+    f"INSERT INTO traces (key, {_TRACE_COLUMNS}, open_count, failed, cancelled) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_UPDATE_TRACE = (
+    "UPDATE traces SET flow_name = ifnull(flow_name, ?1), "
+    "status = CASE WHEN cancelled OR ?2 THEN 'cancelled' WHEN failed OR ?3 THEN 'failed' "
+    "WHEN open_count + ?4 > 0 THEN 'running' ELSE 'succeeded' END, "
+    "started_ts = min(started_ts, ?5), ended_ts = max(ended_ts, ?6), "
+    "node_count = node_count + ?7, error_count = error_count + ?8, "
+    "remote_call_count = remote_call_count + ?9, event_count = event_count + ?10, "
+    "nodes = CASE WHEN ?11 = '[]' OR ?11 = nodes THEN nodes "
+    "ELSE (SELECT json_group_array(value) FROM (SELECT value FROM json_each(nodes) "
+    "UNION SELECT value FROM json_each(?11) ORDER BY 1)) END, "
+    "open_count = open_count + ?4, failed = failed OR ?3, cancelled = cancelled OR ?2 "
+    "WHERE key = ?12")
+# Keys cached per store (keys never change once committed); cleared past this size.
+_KEY_CACHE_MAX = 100_000
 _BUSY_TIMEOUT_MS = 5000
+_BATCH_SIZE = 10_000
 _RESOLVE_LIMIT = 10
 # Rows decoded per json call: the scanner memoises object keys within a call, so
 # payloads share their key strings and the call overhead is paid once per chunk
@@ -300,13 +368,14 @@ _NO_COLUMNS: tuple[Any, ...] = (None,) * 8
 
 def _event_rows(batch: Iterable[StoredEvent | tuple[Any, ...]], *,
                 safe: bool = False) -> list[tuple[Any, ...]]:
-    """The ``_INSERT_EVENT`` parameters of ``batch``; ``safe`` never raises on odd values.
+    """The ``_INSERT_EVENT`` parameters of ``batch``, with ``trace_id`` and ``flow_id``
+    where their keys go; ``safe`` never raises on odd values.
 
     ``batch`` holds StoredEvents and the runtime's EVENT_FIELDS tuples. A tuple
     becomes a row by replacing only ``parents`` and ``extra`` with their JSON: no
     payload dict, no StoredEvent (this loop holds the GIL, which the flow's event
     loop is waiting for). A StoredEvent's payload is stored whole, runtime columns
-    NULL.
+    NULL, unless it is exactly a runtime payload (see _columns).
     """
     encode, encode_payload = _encode, _encode_safely if safe else _encode
     rows: list[tuple[Any, ...]] = []
@@ -316,9 +385,9 @@ def _event_rows(batch: Iterable[StoredEvent | tuple[Any, ...]], *,
             (trace_id, ts, kind, node_name, node_id, invocation_id, parents, span_id,
              parent_span_id, seq, attempt, queued_ts, flow_name, flow_id, latency_ms, q_in,
              q_out, outgoing, maxsize, inflight, cancelled, pending, extra) = ev
-            append((trace_id, ts, kind, node_name, node_id, invocation_id,
-                    encode(parents) if parents else "[]", span_id, parent_span_id, seq,
-                    attempt, queued_ts, flow_name, flow_id, latency_ms, q_in, q_out, outgoing,
+            append((trace_id, flow_id, seq, ts, kind, node_name, node_id, invocation_id,
+                    encode(parents) if parents else "[]", span_id, parent_span_id,
+                    attempt, queued_ts, flow_name, latency_ms, q_in, q_out, outgoing,
                     maxsize, inflight, cancelled, pending,
                     encode_payload(extra) if extra else "{}"))
         else:
@@ -329,20 +398,82 @@ def _event_rows(batch: Iterable[StoredEvent | tuple[Any, ...]], *,
                 payload: Any = ev.payload
             else:
                 runtime, payload = columns[:8], columns[8]
-            append((ev.trace_id, ev.ts, ev.kind, ev.node_name, ev.node_id, ev.invocation_id,
+            append((ev.trace_id, ev.flow_id, ev.seq, ev.ts, ev.kind, ev.node_name, ev.node_id,
+                    ev.invocation_id,
                     encode(ev.parent_invocation_ids) if ev.parent_invocation_ids else "[]",
-                    ev.span_id, ev.parent_span_id, ev.seq, ev.attempt, ev.queued_ts,
-                    ev.flow_name, ev.flow_id, *runtime,
-                    encode_payload(payload) if payload else "{}"))
+                    ev.span_id, ev.parent_span_id, ev.attempt, ev.queued_ts, ev.flow_name,
+                    *runtime, encode_payload(payload) if payload else "{}"))
     return rows
 
 
-def _event_key(item: StoredEvent | tuple[Any, ...]) -> str | None:
-    """The event key of a buffered item (what ``_INSERT_EVENT`` computes in SQL)."""
-    if type(item) is tuple:
-        return None if item[13] is None else f"{item[13]}:{item[9]}"
-    assert isinstance(item, StoredEvent)
-    return item.event_key
+def _keyed(rows: Iterable[tuple[Any, ...]], trace_keys: Mapping[Any, int],
+           flow_keys: Mapping[Any, int]) -> Iterator[tuple[Any, ...]]:
+    """``rows`` with their trace and flow ids replaced by keys (None stays None)."""
+    tk, fk = trace_keys.get, flow_keys.get
+    for row in rows:
+        yield (tk(row[0]), fk(row[1]), *row[2:])
+
+
+def _insert_all(conn: sqlite3.Connection, rows: Iterator[tuple[Any, ...]], count: int) -> None:
+    """Insert ``count`` keyed ``rows``, ``_ROWS_PER_INSERT`` per statement."""
+    per = _ROWS_PER_INSERT
+    execute, flat = conn.execute, chain.from_iterable
+    for _ in range(count // per):
+        execute(_INSERT_EVENTS, tuple(flat(islice(rows, per))))
+    conn.executemany(_INSERT_EVENT, rows)  # the rest
+
+
+def _fold(rows: Iterable[tuple[Any, ...]]) -> dict[str, list[Any]]:
+    """Per trace (in order of first event), the summary of ``rows``' events.
+
+    Each value is ``[flow_name, started, ended, starts, errors, remotes, events,
+    open, failed, cancelled, nodes]``, as TraceSummaryBuilder folds them.
+    """
+    folds: dict[str, list[Any]] = {}
+    get = folds.get
+    terminal, errors = _TERMINAL_KINDS, _ERROR_KINDS
+    for row in rows:
+        trace_id = row[0]
+        if trace_id is None:
+            continue
+        ts, kind = row[3], row[4]
+        f = get(trace_id)
+        if f is None:
+            f = folds[trace_id] = [row[13], ts, ts, 0, 0, 0, 1, 0, False, False, set()]
+        else:
+            f[6] += 1
+            if ts < f[1]:
+                f[1] = ts
+            if ts > f[2]:
+                f[2] = ts
+            if f[0] is None:
+                f[0] = row[13]
+        if kind == "node_start":
+            if row[11] == 0:  # attempt
+                f[3] += 1
+                f[7] += 1
+            if row[5]:
+                f[10].add(row[5])
+        elif kind in terminal:
+            f[7] -= 1
+            if kind == "node_failed":
+                f[8] = True
+                f[4] += 1
+        elif kind in errors:
+            f[4] += 1
+        elif kind == "trace_cancel_start":
+            f[9] = True
+        elif kind == "remote_call_start":
+            f[5] += 1
+    return folds
+
+
+def _status(cancelled: bool, failed: bool, open_count: int) -> str:
+    if cancelled:
+        return "cancelled"
+    if failed:
+        return "failed"
+    return "running" if open_count > 0 else "succeeded"
 
 
 def _barrier() -> None:
@@ -389,6 +520,11 @@ class SQLiteStateStore(BufferedStore):
 
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_PATH,
                  **buffer_kwargs: Any) -> None:
+        # Bigger batches than the base's 2,000: fewer commits and WAL page writes
+        # (~10% more events/s with 10,000, measured); a batch holds the write lock
+        # for ~0.1 s.
+        buffer_kwargs.setdefault(
+            "batch_size", min(_BATCH_SIZE, buffer_kwargs.get("max_buffer", _BATCH_SIZE)))
         super().__init__(**buffer_kwargs)
         self._takes_fields = True
         self.path = Path(path)
@@ -398,6 +534,9 @@ class SQLiteStateStore(BufferedStore):
         self._shut_down = False
         #: Owned by the worker thread: only touched from functions run by ``_call``.
         self._conn: sqlite3.Connection | None = None
+        # Committed trace and flow keys (worker thread only); see _keys.
+        self._trace_keys: dict[Any, int] = {}
+        self._flow_keys: dict[Any, int] = {}
 
     def __repr__(self) -> str:
         return f"SQLiteStateStore({str(self.path)!r})"
@@ -551,41 +690,104 @@ class SQLiteStateStore(BufferedStore):
             rows = _event_rows(batch)
         except (TypeError, ValueError, RecursionError):
             rows = _event_rows(batch, safe=True)
+        try:
+            # Optimistic: re-deliveries are rare, so insert the whole batch and let
+            # UNIQUE (flow_key, seq) catch one; then the transaction is rolled back
+            # and the batch retried row by row with INSERT OR IGNORE.
+            return self._store_rows(conn, batch, rows, fast=True)
+        except sqlite3.IntegrityError:
+            return self._store_rows(conn, batch, rows, fast=False)
+
+    def _store_rows(self, conn: sqlite3.Connection, batch: list[_Item],
+                    rows: list[tuple[Any, ...]], *, fast: bool) -> list[_Item]:
+        """Insert ``rows`` (of ``batch``) and fold them into ``traces``; one transaction.
+
+        ``fast``: one executemany, raising IntegrityError on a stored (or repeated)
+        event key. Otherwise row by row, skipping those (and rows SQLite refuses).
+        """
         conn.execute("BEGIN IMMEDIATE")
         try:
-            (last_id,) = conn.execute("SELECT ifnull(max(id), 0) FROM events").fetchone()
-            before = conn.total_changes
-            conn.executemany(_INSERT_EVENT, rows)
-            if conn.total_changes - before == len(batch):
-                new = batch  # the common case: no duplicate, no lookup
+            trace_keys, new_traces, flow_keys, new_flows = self._keys(conn, rows)
+            if fast:
+                _insert_all(conn, _keyed(rows, trace_keys, flow_keys), len(rows))
+                new, kept = batch, rows
             else:
-                new = [batch[i] for i in self._inserted(conn, batch, last_id)]
-            if new:
-                # Folds exactly the rows inserted above (ids > last_id: the write
-                # lock is held), so a re-delivered event is never folded twice.
-                conn.execute(_FOLD_TRACES, (last_id,))
+                new, kept = [], []
+                execute = conn.execute
+                for item, row, keyed in zip(batch, rows, _keyed(rows, trace_keys, flow_keys),
+                                            strict=True):
+                    before = conn.total_changes
+                    execute(_INSERT_EVENT_OR_IGNORE, keyed)
+                    if conn.total_changes != before:
+                        new.append(item)
+                        kept.append(row)
+            folds = _fold(kept)
+            inserts: list[tuple[Any, ...]] = []
+            updates: list[tuple[Any, ...]] = []
+            for trace_id, (flow_name, started, ended, starts, errors, remotes, count, opened,
+                           failed, cancelled, nodes) in folds.items():
+                names = _encode(sorted(nodes)) if nodes else "[]"
+                if trace_id in new_traces:
+                    inserts.append((trace_keys[trace_id], trace_id, flow_name,
+                                    _status(cancelled, failed, opened), started, ended,
+                                    starts, errors, remotes, count, names, opened,
+                                    int(failed), int(cancelled)))
+                else:
+                    updates.append((flow_name, int(cancelled), int(failed), opened, started,
+                                    ended, starts, errors, remotes, count, names,
+                                    trace_keys[trace_id]))
+            if inserts:
+                conn.executemany(_INSERT_TRACE, inserts)
+            if updates:
+                conn.executemany(_UPDATE_TRACE, updates)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        # Committed: the new keys are now everyone's.
+        for cache, added in ((self._trace_keys, new_traces), (self._flow_keys, new_flows)):
+            if len(cache) + len(added) > _KEY_CACHE_MAX:
+                cache.clear()
+            cache.update(added)
         return new
 
+    def _keys(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]
+              ) -> tuple[dict[Any, int], dict[Any, int], dict[Any, int], dict[Any, int]]:
+        """Trace and flow keys of ``rows`` (under the write lock), and those new here.
+
+        Keys already committed come from the cache or the file (another process may
+        have stored the trace); new ones are numbered after the largest key, in order
+        of first appearance. New flows are inserted here, new traces by the fold.
+        """
+        trace_ids = dict.fromkeys(row[0] for row in rows)
+        flow_ids = dict.fromkeys(row[1] for row in rows)
+        trace_keys, new_traces = self._resolve(conn, trace_ids, self._trace_keys, "traces",
+                                               "trace_id")
+        flow_keys, new_flows = self._resolve(conn, flow_ids, self._flow_keys, "flows",
+                                             "flow_id")
+        if new_flows:
+            conn.executemany("INSERT INTO flows (key, flow_id) VALUES (?, ?)",
+                             [(key, flow_id) for flow_id, key in new_flows.items()])
+        return trace_keys, new_traces, flow_keys, new_flows
+
     @staticmethod
-    def _inserted(conn: sqlite3.Connection, batch: list[_Item], last_id: int) -> list[int]:
-        """Indexes of the ``batch`` items that INSERT OR IGNORE stored (ids above ``last_id``)."""
-        # Rows above last_id are this transaction's: the write lock is held.
-        keys = {key for (key,) in conn.execute(
-            "SELECT event_key FROM events WHERE id > ? AND event_key IS NOT NULL", (last_id,))}
-        kept: list[int] = []
-        for i, item in enumerate(batch):
-            key = _event_key(item)
-            if key is None:
-                kept.append(i)
-            elif key in keys:
-                keys.discard(key)  # a duplicate later in the same batch was ignored
-                kept.append(i)
-        return kept
+    def _resolve(conn: sqlite3.Connection, ids: dict[Any, None], cache: dict[Any, int],
+                 table: str, column: str) -> tuple[dict[Any, int], dict[Any, int]]:
+        ids.pop(None, None)
+        keys = {i: cache[i] for i in ids if i in cache}
+        if len(keys) == len(ids):
+            return keys, {}
+        missing = [i for i in ids if i not in keys]
+        # Table and column names are the constants passed by _keys.
+        keys.update(conn.execute(
+            f"SELECT {column}, key FROM {table} WHERE {column} IN "
+            f"(SELECT value FROM json_each(?))", (_encode(missing),)))
+        cache.update((i, keys[i]) for i in missing if i in keys)
+        (last,) = conn.execute(f"SELECT ifnull(max(key), 0) FROM {table}").fetchone()
+        new = {i: last + n for n, i in enumerate((i for i in missing if i not in keys), 1)}
+        keys.update(new)
+        return keys, new
 
     async def save_remote_binding(self, binding: RemoteBinding) -> None:
         """Store a binding, once (an identical one is ignored); written at once, not buffered."""
