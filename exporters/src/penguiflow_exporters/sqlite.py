@@ -58,6 +58,7 @@ from penguiflow.state import (
 
 from ._buffered import BufferedStore
 from ._columns import runtime_columns
+from ._gc import gc_paused
 
 _NO_EXTRA: Mapping[str, Any] = {}
 
@@ -829,6 +830,11 @@ class SQLiteStateStore(BufferedStore):
 
     def _load_history_sync(self, trace_id: str, offset: int = 0,
                            limit: int | None = None) -> list[StoredEvent]:
+        with gc_paused():
+            return self._decode_history(trace_id, offset, limit)
+
+    def _decode_history(self, trace_id: str, offset: int,
+                        limit: int | None) -> list[StoredEvent]:
         if limit is None:
             cursor = self._connection().execute(_SELECT_EVENTS, (trace_id,))
         else:
@@ -837,8 +843,8 @@ class SQLiteStateStore(BufferedStore):
         events: list[StoredEvent] = []
         append = events.append
         decode, payload_of, no_extra = _decode, event_payload, _NO_EXTRA
-        # Chunk by chunk rather than fetchall(): the row tuples die young, so the
-        # garbage collector has fewer objects to traverse.
+        # Chunk by chunk rather than fetchall(): the row tuples die young, so at most
+        # a chunk of them is alive besides the events.
         while rows := cursor.fetchmany(_DECODE_CHUNK):
             try:
                 for (ts, kind, node_name, node_id, payload, invocation_id, parents, span_id,
