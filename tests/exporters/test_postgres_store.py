@@ -452,7 +452,7 @@ async def test_follow_raises_store_unavailable_when_its_connection_is_lost(
     # this test's schema.
     killed = await sql.fetchval(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-        "WHERE query LIKE '%trace_id = $2 AND id > $1%' AND strpos(query, $1) > 0 "
+        "WHERE query LIKE '%AND e.id > $2 ORDER BY e.id%' AND strpos(query, $1) > 0 "
         "AND pid <> pg_backend_pid()", f'"{store.schema}".events')
     assert killed == 1
     with pytest.raises(StoreUnavailable, match="lost the listening connection"):
@@ -596,7 +596,96 @@ async def test_a_v1_schema_is_migrated_and_keeps_its_events_and_summaries(
         assert await store.load_history("t") == [*old, more[0]]
         assert await store.get_trace("t") == fold("t", [*old, more[0]])
         rows = await sql.fetch(f'SELECT version FROM "{schema}".schema_version ORDER BY 1')
-        assert [r[0] for r in rows] == [1, 2]
+        assert [r[0] for r in rows] == [1, 2, 3]
+    finally:
+        await sql.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def runtime_ev(trace: str | None, seq: int, kind: str = "node_start", *, ts: float,
+               flow: str = "flow-2", **extra: Any) -> StoredEvent:
+    """A StoredEvent whose payload is exactly a runtime payload (columns since v2)."""
+    from penguiflow.metrics import event_payload
+
+    payload = event_payload(kind, ts, "a", "a-id", trace, 0.25, 1, 2, 1, 64, 0, 1, False, 3,
+                            extra)
+    return StoredEvent(trace, ts, kind, "a", "a-id", payload, seq=seq, flow_id=flow,
+                       flow_name="demo", parent_invocation_ids=("p",))
+
+
+async def _make_v2_schema(sql: asyncpg.Connection, schema: str,
+                          events: list[StoredEvent]) -> None:
+    """A schema as a version-2 store left it: text trace ids in ``events``, runtime
+    payloads split into columns (others whole), summaries in arrival order."""
+    import json
+
+    from penguiflow_exporters._columns import runtime_columns
+    from penguiflow_exporters.postgres import _MIGRATIONS
+
+    s = f'"{schema}"'
+    await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer "
+                      f"PRIMARY KEY, applied_ts double precision NOT NULL DEFAULT 0)")
+    await sql.execute(_MIGRATIONS[0].format(s=s))
+    await sql.execute(_MIGRATIONS[1].format(s=s))
+    await sql.execute(f"INSERT INTO {s}.schema_version (version) VALUES (1), (2)")
+    for e in events:
+        columns = runtime_columns(e)
+        runtime = (None,) * 8 if columns is None else columns[:8]
+        payload = dict(e.payload) if columns is None else columns[8]
+        await sql.execute(
+            f"INSERT INTO {s}.events (trace_id, ts, kind, node_name, node_id, invocation_id, "
+            f"parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, "
+            f"flow_name, flow_id, latency_ms, q_in, q_out, outgoing, queue_maxsize, "
+            f"trace_inflight, trace_cancelled, trace_pending, payload) VALUES ($1,$2,$3,$4,$5,"
+            f"$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23)",
+            e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
+            list(e.parent_invocation_ids), e.span_id, e.parent_span_id, e.seq, e.attempt,
+            e.queued_ts, e.flow_name, e.flow_id, *runtime,
+            json.dumps(payload) if payload else None)
+    for trace_id in dict.fromkeys(e.trace_id for e in events if e.trace_id is not None):
+        of_trace = [e for e in events if e.trace_id == trace_id]
+        summary = fold(trace_id, of_trace)
+        opened = summary.node_count - sum(e.kind == "node_success" for e in of_trace)
+        await sql.execute(
+            f"INSERT INTO {s}.traces (trace_id, flow_name, started_ts, ended_ts, node_count, "
+            f"error_count, remote_call_count, event_count, open_count, cancelled, failed, "
+            f"nodes) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,false,false,$10)",
+            trace_id, summary.flow_name, summary.started_ts, summary.ended_ts,
+            summary.node_count, summary.error_count, summary.remote_call_count,
+            summary.event_count, opened, list(summary.nodes))
+
+
+async def test_a_v2_schema_is_migrated_to_trace_keys_and_keeps_everything(
+        make: MakeStore, sql: asyncpg.Connection) -> None:
+    schema = f"pf_test_{uuid.uuid4().hex[:8]}"
+    # Two traces starting at the same ts (the tie-break is the order they were first
+    # stored), runtime-split and whole payloads, and an event without a trace.
+    old = [runtime_ev("u", 1, ts=1.0), ev("t", 7, ts=1.0),
+           runtime_ev("u", 2, "node_error", ts=1.5, exception="ValueError('x')"),
+           ev("t", 8, "node_success", ts=2.0), runtime_ev(None, 3, "node_cancelled", ts=3.0)]
+    reference = InMemoryStateStore()
+    await reference.save_events(old)
+    try:
+        await _make_v2_schema(sql, schema, old)
+        store = await make(schema=schema)
+        for trace_id in ("t", "u"):
+            assert await store.load_history(trace_id) == await reference.load_history(trace_id)
+            assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
+        assert await store.list_traces() == await reference.list_traces()
+        more = [old[0], old[3], runtime_ev("u", 4, "node_success", ts=4.0),
+                ev("t", 9, ts=5.0, node="b")]  # the first two are re-delivered
+        await store.save_events(more)
+        await reference.save_events(more[2:])
+        for trace_id in ("t", "u"):
+            assert await store.load_history(trace_id) == await reference.load_history(trace_id)
+            assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
+        assert await store.list_traces() == await reference.list_traces()
+        rows = await sql.fetch(f'SELECT version FROM "{schema}".schema_version ORDER BY 1')
+        assert [r[0] for r in rows] == [1, 2, 3]
+        assert await sql.fetchval(f'SELECT count(*) FROM "{schema}".events') == len(old) + 2
+        columns = {r[0] for r in await sql.fetch(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = $1 "
+            "AND table_name = 'events'", schema)}
+        assert "trace_key" in columns and "trace_id" not in columns
     finally:
         await sql.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 

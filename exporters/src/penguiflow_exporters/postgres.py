@@ -5,7 +5,8 @@ store creates and migrates itself; ``schema_version`` records the version, and a
 store refuses a schema newer than it knows (:data:`SCHEMA_VERSION`).
 
 * ``events``: one row per stored event. ``id`` (bigserial) is the order of
-  occurrence; ``event_key`` is UNIQUE, so a re-delivered event is stored once.
+  occurrence; ``(flow_id, seq)`` is UNIQUE, so a re-delivered event is stored
+  once; ``trace_key`` is its trace's ``traces.first_seen`` (since v3).
 * ``traces``: one summary row per trace, folded incrementally, in the write
   transaction, from the newly stored events only.
 * ``bindings``: remote bindings, unique on all four columns.
@@ -24,15 +25,18 @@ Concurrency (any number of stores, in any number of processes):
   connection and reads the new rows by id, so a reader in another process
   follows a live trace.
 
-Write path, and why: one binary COPY of the batch straight into ``events`` under
-the write lock, then the summary upsert and the NOTIFY, in one transaction. If
-the COPY hits the UNIQUE ``event_key`` (a re-delivered event), the transaction
-is retried once, copying only the keys not stored yet (looked up under the same
-lock, so no other writer can add them meanwhile). Measured on the 2-core CI
-machine: in a micro-benchmark, COPY into a staging table + ``INSERT ... SELECT
-... ON CONFLICT DO NOTHING`` reached 74-92k rows/s (every row is written twice);
-this store ingests ~133k events/s (benchmarks/stores.py: 100k events, traces of
-10) and loads a 100k-event trace in ~0.7 s.
+Write path, and why: under the write lock, the batch's summaries (folded in
+Python, see _fold.py) are upserted first, which returns the trace keys; then one
+binary COPY of the batch straight into ``events``, then the NOTIFY, in one
+transaction. If the COPY hits UNIQUE ``(flow_id, seq)`` (a re-delivered event),
+the transaction (summaries included) is rolled back and retried once, with only
+the keys not stored yet (looked up under the same lock, so no other writer can
+add them meanwhile). Measured on the 2-core CI machine: COPY into a staging table
++ ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` reached 74-92k rows/s in a
+micro-benchmark (every row is written twice); a plain COPY of prepared records
+reaches ~130-200k rows/s into an unindexed table and ~76-88k rows/s with this
+table's three indexes, which is this store's ceiling here (benchmarks/stores.py:
+100k events in traces of 10). See docs/guides/state-stores.md for figures.
 
 ``payload`` is ``json``, not ``jsonb``: the store never queries inside payloads,
 ``json`` keeps the payload's key order as written, and it costs half as much to
@@ -67,6 +71,7 @@ from penguiflow.state import (
 
 from ._buffered import BufferedStore
 from ._columns import runtime_columns
+from ._fold import fold_rows
 from ._gc import gc_paused
 
 _NO_EXTRA: Mapping[str, Any] = {}
@@ -181,25 +186,41 @@ CREATE UNIQUE INDEX events_flow_seq_idx ON {s}.events (flow_id, seq);
 ALTER TABLE {s}.events DROP COLUMN event_key;
 """
 
+# v3: events carry their trace's `first_seen` (an integer unique per trace) as
+# `trace_key` instead of the trace id, so the by-trace index every event inserts
+# into is (trace_key, id): appended to (new traces get increasing keys) instead of
+# written at random 32-character ids across the index, and ~33 bytes a row fewer
+# to COPY. The summary fold moved to Python and runs first (see _write_batch): its
+# upsert RETURNs the keys. traces_first_seen_idx maps keys back to ids (follow).
+_V3: Final = """
+CREATE UNIQUE INDEX traces_first_seen_idx ON {s}.traces (first_seen);
+ALTER TABLE {s}.events ADD COLUMN trace_key bigint;
+UPDATE {s}.events e SET trace_key = t.first_seen FROM {s}.traces t
+    WHERE t.trace_id = e.trace_id;
+CREATE INDEX events_trace_key_idx ON {s}.events (trace_key, id);
+ALTER TABLE {s}.events DROP COLUMN trace_id;
+"""
+
 #: Migration ``i`` brings the schema from version ``i`` to ``i + 1``.
-_MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2)
+_MIGRATIONS: Final[tuple[str, ...]] = (_V1, _V2, _V3)
 #: The schema version this module writes; a newer one is refused at open().
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
-# In the runtime's EVENT_FIELDS order: a runtime tuple is a COPY record as it is.
+# In the runtime's EVENT_FIELDS order: a runtime tuple is a record as it is (its
+# trace id then replaced by the trace's key).
 _COPY_COLUMNS: Final = (
-    "trace_id", "ts", "kind", "node_name", "node_id", "invocation_id",
+    "trace_key", "ts", "kind", "node_name", "node_id", "invocation_id",
     "parent_invocation_ids", "span_id", "parent_span_id", "seq", "attempt", "queued_ts",
     "flow_name", "flow_id", "latency_ms", "q_in", "q_out", "outgoing", "queue_maxsize",
     "trace_inflight", "trace_cancelled", "trace_pending", "payload",
 )
 _NO_RUNTIME_COLUMNS: Final = (None,) * 8
-# Positions match _event() below.
+# Positions match _event() below; {trace_id} is the trace id's expression.
 _EVENT_COLUMNS: Final = (
-    "id, trace_id, ts, kind, node_name, node_id, payload, invocation_id, "
-    "parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, "
-    "flow_name, flow_id, latency_ms, q_in, q_out, outgoing, queue_maxsize, trace_inflight, "
-    "trace_cancelled, trace_pending")
+    "e.id, {trace_id}, e.ts, e.kind, e.node_name, e.node_id, e.payload, e.invocation_id, "
+    "e.parent_invocation_ids, e.span_id, e.parent_span_id, e.seq, e.attempt, e.queued_ts, "
+    "e.flow_name, e.flow_id, e.latency_ms, e.q_in, e.q_out, e.outgoing, e.queue_maxsize, "
+    "e.trace_inflight, e.trace_cancelled, e.trace_pending")
 # Positions match _summary() below.
 _SUMMARY_COLUMNS: Final = (
     "trace_id, flow_name, status, started_ts, ended_ts, node_count, error_count, "
@@ -293,37 +314,39 @@ class PostgresStateStore(BufferedStore):
         self._channel = f"{schema}.events"
         s = f'"{schema}"'
         self._s = s
+        key_of = f"(SELECT first_seen FROM {s}.traces WHERE trace_id = $1)"
         self._sql_history = (
-            f"SELECT {_EVENT_COLUMNS} FROM {s}.events WHERE trace_id = $1 ORDER BY id")
+            f"SELECT {_EVENT_COLUMNS.format(trace_id='$1::text')} FROM {s}.events e "
+            f"WHERE e.trace_key = {key_of} ORDER BY e.id")
         self._sql_history_page = self._sql_history + " LIMIT $2 OFFSET $3"
+        self._sql_follow_all = (
+            f"SELECT {_EVENT_COLUMNS.format(trace_id='t.trace_id')} FROM {s}.events e "
+            f"LEFT JOIN {s}.traces t ON t.first_seen = e.trace_key WHERE e.id > $1 "
+            f"ORDER BY e.id")
+        self._sql_follow_trace = (
+            f"SELECT {_EVENT_COLUMNS.format(trace_id='$1::text')} FROM {s}.events e "
+            f"WHERE e.trace_key = {key_of} AND e.id > $2 ORDER BY e.id")
         self._sql_stored = (
             f"SELECT e.flow_id, e.seq FROM {s}.events e JOIN unnest($1::text[], $2::int8[]) "
             f"AS k(flow_id, seq) ON e.flow_id = k.flow_id AND e.seq = k.seq")
-        # Folds the rows this transaction inserted (id > $1: writers hold the write
-        # lock from id allocation to commit) with TraceSummaryBuilder's semantics, on
-        # the server: no Python per event on the flow's loop. RETURNING gives the
-        # touched traces, in order of their first new event, for the NOTIFY.
+        # Merges a batch's per-trace folds (fold_rows, one array element per trace, in
+        # order of first event, so new traces' first_seen follows arrival order) into
+        # the summaries with TraceSummaryBuilder's semantics, and returns every
+        # touched trace's key for the COPY. `nodes` arrive as JSON arrays.
         self._sql_fold = f"""
             INSERT INTO {s}.traces AS t (
                 trace_id, flow_name, started_ts, ended_ts, node_count, error_count,
                 remote_call_count, event_count, open_count, cancelled, failed, nodes)
-            SELECT trace_id,
-                   (array_agg(flow_name ORDER BY id) FILTER (WHERE flow_name IS NOT NULL))[1],
-                   min(ts), max(ts),
-                   count(*) FILTER (WHERE kind = 'node_start' AND attempt = 0),
-                   count(*) FILTER (WHERE kind IN ('node_error', 'node_timeout', 'node_failed',
-                                                   'remote_call_error', 'remote_cancel_error')),
-                   count(*) FILTER (WHERE kind = 'remote_call_start'),
-                   count(*),
-                   count(*) FILTER (WHERE kind = 'node_start' AND attempt = 0)
-                     - count(*) FILTER (WHERE kind IN ('node_success', 'node_failed',
-                                                       'node_trace_cancelled')),
-                   bool_or(kind = 'trace_cancel_start'),
-                   bool_or(kind = 'node_failed'),
-                   coalesce(array_agg(DISTINCT node_name)
-                            FILTER (WHERE kind = 'node_start' AND node_name <> ''), '{{}}')
-            FROM {s}.events WHERE id > $1 AND trace_id IS NOT NULL
-            GROUP BY trace_id ORDER BY min(id)
+            SELECT u.trace_id, u.flow_name, u.started_ts, u.ended_ts, u.node_count,
+                   u.error_count, u.remote_call_count, u.event_count, u.open_count,
+                   u.cancelled, u.failed,
+                   ARRAY(SELECT json_array_elements_text(u.nodes::json))
+            FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::int4[],
+                        $6::int4[], $7::int4[], $8::int8[], $9::int4[], $10::bool[],
+                        $11::bool[], $12::text[]) WITH ORDINALITY
+                 AS u(trace_id, flow_name, started_ts, ended_ts, node_count, error_count,
+                      remote_call_count, event_count, open_count, cancelled, failed, nodes, n)
+            ORDER BY u.n
             ON CONFLICT (trace_id) DO UPDATE SET
                 flow_name = COALESCE(t.flow_name, EXCLUDED.flow_name),
                 started_ts = LEAST(t.started_ts, EXCLUDED.started_ts),
@@ -338,7 +361,7 @@ class PostgresStateStore(BufferedStore):
                 nodes = CASE WHEN EXCLUDED.nodes <@ t.nodes THEN t.nodes
                         ELSE ARRAY(SELECT DISTINCT n FROM unnest(t.nodes || EXCLUDED.nodes) AS n)
                         END
-            RETURNING trace_id"""
+            RETURNING trace_id, first_seen"""
 
     def __repr__(self) -> str:
         return f"PostgresStateStore({self._where!r}, schema={self.schema!r})"
@@ -459,6 +482,8 @@ class PostgresStateStore(BufferedStore):
 
     async def _write_batch(self, pool: Any, batch: list[Any], *,
                            skip_stored: bool) -> list[Any]:
+        # Built before taking the write lock, so other writers wait less.
+        records = list(_records(batch))
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)",
                                _WRITE_LOCK, self._lock_key)
@@ -469,29 +494,46 @@ class PostgresStateStore(BufferedStore):
                 wanted = [key for key in keys if key is not None]
                 seen = {(row[0], row[1]) for row in await conn.fetch(
                     self._sql_stored, [k[0] for k in wanted], [k[1] for k in wanted])}
-                fresh = []
-                for key, item in zip(keys, batch, strict=True):
+                fresh, kept = [], []
+                for key, item, record in zip(keys, batch, records, strict=True):
                     if key is not None:
                         if key in seen:
                             continue
                         seen.add(key)  # a key repeated within the batch is stored once
                     fresh.append(item)
+                    kept.append(record)
                 if not fresh:
                     return []
-            last_id = await conn.fetchval(f"SELECT coalesce(max(id), 0) FROM {self._s}.events")
+                records = kept
+            # Summaries first: the upsert returns the trace keys the COPY needs. A
+            # re-delivered event makes the COPY fail and the whole transaction,
+            # summaries included, is rolled back and retried with skip_stored.
+            trace_keys = await self._upsert_traces(conn, records)
             await conn.copy_records_to_table(
                 "events", schema_name=self.schema, columns=_COPY_COLUMNS,
-                records=_records(fresh))
-            traces: list[str | None] = list(await self._upsert_traces(conn, last_id))
-            if any(_trace_of(item) is None for item in fresh):
+                records=_keyed(records, trace_keys))
+            traces: list[str | None] = list(trace_keys)
+            if len(trace_keys) < len(records) and any(r[0] is None for r in records):
                 traces.append(None)  # flow-level events: a null in the notification
             await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
                                self._channel, _notify_payloads(traces))
         return fresh
 
-    async def _upsert_traces(self, conn: Any, last_id: int) -> list[str]:
-        """Fold the rows above ``last_id`` into ``traces``; the touched trace ids, in order."""
-        return [row[0] for row in await conn.fetch(self._sql_fold, last_id)]
+    async def _upsert_traces(self, conn: Any, records: list[tuple[Any, ...]]
+                             ) -> dict[str, int]:
+        """Fold ``records`` into ``traces``; each touched trace's key, in order."""
+        folds = fold_rows(records, 0, 1, 2, 3, 10, 12)
+        if not folds:
+            return {}
+        values = list(folds.values())
+        columns = [list(column) for column in zip(*values, strict=True)]
+        nodes = [_encode_json(sorted(names)) if names else "[]" for names in columns[10]]
+        # fold_rows' order is (..., open, failed, cancelled, nodes); the SQL's
+        # (..., open_count, cancelled, failed, nodes).
+        rows = await conn.fetch(self._sql_fold, list(folds), *columns[:8], columns[9],
+                                columns[8], nodes)
+        keys = {row[0]: row[1] for row in rows}
+        return {trace_id: keys[trace_id] for trace_id in folds}
 
     # -- queries ------------------------------------------------------------------
 
@@ -650,11 +692,6 @@ class PostgresStateStore(BufferedStore):
                 conn.add_termination_listener(on_lost)
                 last = int(await conn.fetchval(
                     f"SELECT coalesce(max(id), 0) FROM {self._s}.events"))
-            if trace_id is None:
-                sql = f"SELECT {_EVENT_COLUMNS} FROM {self._s}.events WHERE id > $1 ORDER BY id"
-            else:
-                sql = (f"SELECT {_EVENT_COLUMNS} FROM {self._s}.events "
-                       f"WHERE trace_id = $2 AND id > $1 ORDER BY id")
             self._follow_wakes.add(wake)
             while True:
                 payloads = [await wake.get()]
@@ -669,8 +706,8 @@ class PostgresStateStore(BufferedStore):
                 if trace_id is not None and not any(_mentions(p, trace_id) for p in payloads):
                     continue
                 with self._errors("following"):
-                    rows = await (conn.fetch(sql, last) if trace_id is None
-                                  else conn.fetch(sql, last, trace_id))
+                    rows = await (conn.fetch(self._sql_follow_all, last) if trace_id is None
+                                  else conn.fetch(self._sql_follow_trace, trace_id, last))
                 for row in rows:
                     last = row[0]
                     yield _event(row)
@@ -758,20 +795,20 @@ def _records(items: Iterable[StoredEvent | tuple[Any, ...]]) -> Iterator[tuple[A
                        _dump_payload(columns[8]) if columns[8] else None)
 
 
+def _keyed(records: Iterable[tuple[Any, ...]], trace_keys: Mapping[Any, int]
+           ) -> Iterator[tuple[Any, ...]]:
+    """``records`` with the trace id replaced by the trace's key (None stays None)."""
+    key = trace_keys.get
+    for record in records:
+        yield (key(record[0]), *record[1:])
+
+
 def _key(item: StoredEvent | tuple[Any, ...]) -> tuple[str, int] | None:
     """The event key ``(flow_id, seq)`` of a buffered item; None without a flow id."""
     if type(item) is tuple:
         return None if item[13] is None else (item[13], item[9])
     assert isinstance(item, StoredEvent)
     return None if item.flow_id is None else (item.flow_id, item.seq)
-
-
-def _trace_of(item: StoredEvent | tuple[Any, ...]) -> str | None:
-    if type(item) is tuple:
-        trace_id: str | None = item[0]
-        return trace_id
-    assert isinstance(item, StoredEvent)
-    return item.trace_id
 
 
 def _event(row: Any) -> StoredEvent:

@@ -46,8 +46,6 @@ from typing import Any, TypeVar
 from penguiflow._memory_store import check_page
 from penguiflow.metrics import event_payload
 from penguiflow.state import (
-    _ERROR_KINDS,
-    _TERMINAL_KINDS,
     RemoteBinding,
     StateStoreError,
     StoredEvent,
@@ -58,6 +56,7 @@ from penguiflow.state import (
 
 from ._buffered import BufferedStore
 from ._columns import runtime_columns
+from ._fold import fold_rows, status_of
 from ._gc import gc_paused
 
 _NO_EXTRA: Mapping[str, Any] = {}
@@ -253,7 +252,7 @@ _TRACE_COLUMNS = (
     "trace_id, flow_name, status, started_ts, ended_ts, node_count, error_count, "
     "remote_call_count, event_count, nodes"
 )
-# A batch's summaries are folded in Python (_fold) while its rows are at hand: one
+# A batch's summaries are folded in Python (_fold.fold_rows) while its rows are at hand: one
 # row per trace reaches SQLite instead of a GROUP BY over the batch's events with
 # two correlated sub-queries per trace (~4 us per event, measured). New traces are
 # inserted whole, in order of their first event (their key is list_traces'
@@ -422,59 +421,6 @@ def _insert_all(conn: sqlite3.Connection, rows: Iterator[tuple[Any, ...]], count
     for _ in range(count // per):
         execute(_INSERT_EVENTS, tuple(flat(islice(rows, per))))
     conn.executemany(_INSERT_EVENT, rows)  # the rest
-
-
-def _fold(rows: Iterable[tuple[Any, ...]]) -> dict[str, list[Any]]:
-    """Per trace (in order of first event), the summary of ``rows``' events.
-
-    Each value is ``[flow_name, started, ended, starts, errors, remotes, events,
-    open, failed, cancelled, nodes]``, as TraceSummaryBuilder folds them.
-    """
-    folds: dict[str, list[Any]] = {}
-    get = folds.get
-    terminal, errors = _TERMINAL_KINDS, _ERROR_KINDS
-    for row in rows:
-        trace_id = row[0]
-        if trace_id is None:
-            continue
-        ts, kind = row[3], row[4]
-        f = get(trace_id)
-        if f is None:
-            f = folds[trace_id] = [row[13], ts, ts, 0, 0, 0, 1, 0, False, False, set()]
-        else:
-            f[6] += 1
-            if ts < f[1]:
-                f[1] = ts
-            if ts > f[2]:
-                f[2] = ts
-            if f[0] is None:
-                f[0] = row[13]
-        if kind == "node_start":
-            if row[11] == 0:  # attempt
-                f[3] += 1
-                f[7] += 1
-            if row[5]:
-                f[10].add(row[5])
-        elif kind in terminal:
-            f[7] -= 1
-            if kind == "node_failed":
-                f[8] = True
-                f[4] += 1
-        elif kind in errors:
-            f[4] += 1
-        elif kind == "trace_cancel_start":
-            f[9] = True
-        elif kind == "remote_call_start":
-            f[5] += 1
-    return folds
-
-
-def _status(cancelled: bool, failed: bool, open_count: int) -> str:
-    if cancelled:
-        return "cancelled"
-    if failed:
-        return "failed"
-    return "running" if open_count > 0 else "succeeded"
 
 
 def _barrier() -> None:
@@ -722,7 +668,7 @@ class SQLiteStateStore(BufferedStore):
                     if conn.total_changes != before:
                         new.append(item)
                         kept.append(row)
-            folds = _fold(kept)
+            folds = fold_rows(kept, 0, 3, 4, 5, 11, 13)
             inserts: list[tuple[Any, ...]] = []
             updates: list[tuple[Any, ...]] = []
             for trace_id, (flow_name, started, ended, starts, errors, remotes, count, opened,
@@ -730,7 +676,7 @@ class SQLiteStateStore(BufferedStore):
                 names = _encode(sorted(nodes)) if nodes else "[]"
                 if trace_id in new_traces:
                     inserts.append((trace_keys[trace_id], trace_id, flow_name,
-                                    _status(cancelled, failed, opened), started, ended,
+                                    status_of(cancelled, failed, opened), started, ended,
                                     starts, errors, remotes, count, names, opened,
                                     int(failed), int(cancelled)))
                 else:
