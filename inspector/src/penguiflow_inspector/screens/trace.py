@@ -46,7 +46,7 @@ from ..widgets.detail import DetailPane
 from ..widgets.event_log import EventLog
 from ..widgets.remote_table import RemoteTable
 from ..widgets.replay_bar import ReplayBar
-from ..widgets.rows import Rows, build_view, parse_query, view_at
+from ..widgets.rows import Row, Rows, build_view, parse_query, view_at
 from ..widgets.waterfall import Waterfall, format_ms
 
 if TYPE_CHECKING:
@@ -111,6 +111,8 @@ class TraceScreen(Screen[None]):
         self._mounted_at = 0.0
         #: "loading n / total events" while a big trace's first screen is shown.
         self.loading_note = ""
+        #: What the detail pane and event log were last drawn from (see _show_selection).
+        self._selection_shown: tuple[object, ...] | None = None
 
     # ------------------------------------------------------------ layout
 
@@ -119,7 +121,7 @@ class TraceScreen(Screen[None]):
         with TabbedContent(id="tabs", initial="waterfall"):
             with TabPane("Waterfall", id="waterfall"), Horizontal(id="waterfall-body"):
                 with Vertical(id="waterfall-left"):
-                    yield Waterfall(id="wf")
+                    yield Waterfall(id="wf", on_select=self._show_selection)
                     yield EventLog(id="log")
                 with VerticalScroll(id="detail-scroll"):
                     yield DetailPane(id="detail")
@@ -337,7 +339,7 @@ class TraceScreen(Screen[None]):
             text.append(f" · filter {wf.query_text!r}: {wf.row_count}", style="italic")
         if note := note or self.loading_note:
             text.append(f" · {note}", style="italic dim")
-        self.query_one("#summary", Static).update(text)
+        self.query_one("#summary", Static).update(text, layout=False)  # one line (trace.tcss)
 
     def _current(self) -> TraceView | None:
         return self.rows.view if self.rows is not None else self.full
@@ -353,11 +355,25 @@ class TraceScreen(Screen[None]):
             self.query_one(CancelTable).show(view)
 
     def on_row_selected(self, message: RowSelected) -> None:
+        self._show_selection(message.row)
+
+    def _show_selection(self, row: Row | None) -> None:
+        """The detail pane and event log of ``row`` (the waterfall calls it synchronously,
+        so they are painted in the same frame as the waterfall)."""
         if self.rows is None:
             return
-        events = self.rows.events_for(message.row)
-        self.query_one(DetailPane).show(self.rows.view, message.row, events)
-        self.query_one(EventLog).show(events, self.rows.view.start)
+        view = self.rows.view
+        events = self.rows.events_for(row)
+        # What the two panes show depends on nothing else: unchanged (a replay step
+        # that leaves the selected row as it was), they are not rendered again.
+        shown = ((view.trace_id, view.start, view.otel_trace_id, view.status, view.end)
+                 if row is None else (row.kind, row.item, view.start, view.otel_trace_id),
+                 len(events), events[-1] if events else None)
+        if shown == self._selection_shown:
+            return
+        self._selection_shown = shown
+        self.query_one(DetailPane).show(view, row, events)
+        self.query_one(EventLog).show(events, view.start)
 
     @on(TabbedContent.TabActivated)
     def _tab_changed(self) -> None:

@@ -12,6 +12,10 @@ from collections.abc import Sequence
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
+from textual.css.styles import RulesMap
+from textual.strip import Strip
+from textual.style import Style
+from textual.visual import RenderOptions, RichVisual, VisualType
 from textual.widgets import Static
 
 from ..model import EventRow, InvocationView, RemoteCallView, TraceView
@@ -101,8 +105,53 @@ def render_detail(view: TraceView, row: Row | None,
     return Group(*parts)
 
 
+class _RenderedOnce(RichVisual):
+    """A Rich renderable rendered once per width and style.
+
+    ``RichVisual`` renders twice per update: once to measure the height (the
+    layout check in :meth:`DetailPane.show`), once to paint. Rich tables are slow
+    to render (several ms for this pane on the CI machine), so both share one.
+    """
+
+    def __init__(self, widget: DetailPane, renderable: RenderableType) -> None:
+        super().__init__(widget, renderable)
+        self._pane = widget
+        self._done: tuple[int, Style, list[Strip]] | None = None
+
+    def render_strips(self, width: int, height: int | None, style: Style,
+                      options: RenderOptions) -> list[Strip]:
+        done = self._done
+        if done is None or done[0] != width or done[1] != style:
+            done = self._done = (width, style, super().render_strips(width, None, style,
+                                                                     options))
+        return done[2] if height is None else done[2][:height]
+
+    def get_height(self, rules: RulesMap, width: int) -> int:
+        pane = self._pane
+        options = RenderOptions(pane._get_style, pane.styles)
+        return len(self.render_strips(width, None, pane.visual_style, options))
+
+
 class DetailPane(Static):
     """Shows :func:`render_detail` of the selection."""
 
+    @property  # type: ignore[override]
+    def content(self) -> VisualType:
+        """The renderable shown (what :func:`render_detail` returned)."""
+        content = Static.content.fget(self)  # type: ignore[attr-defined]
+        return content._renderable if isinstance(content, _RenderedOnce) else content
+
+    @content.setter
+    def content(self, content: VisualType) -> None:
+        Static.content.fset(self, content)  # type: ignore[attr-defined]
+
     def show(self, view: TraceView, row: Row | None, events: Sequence[EventRow]) -> None:
-        self.update(render_detail(view, row, events))
+        """Show ``row``; the screen is laid out again only when the pane's height changes.
+
+        (``Static.update`` lays out the whole screen each time: 20-40 ms here, on
+        every replay step and cursor move, for a pane that mostly keeps its height.)
+        """
+        self.update(_RenderedOnce(self, render_detail(view, row, events)), layout=False)
+        width, height = self.content_size
+        if not width or self.get_content_height(self.size, self.size, width) != height:
+            self.refresh(layout=True)

@@ -15,6 +15,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from ..model import EventRow
+from ._scroll import set_virtual_size
 from .waterfall import format_ms
 
 __all__ = ["EventLog", "format_event"]
@@ -46,8 +47,9 @@ class EventLog(ScrollView, can_focus=False):
     def show(self, events: Sequence[EventRow], t0: float) -> None:
         self._events = events
         self._t0 = t0
-        self.virtual_size = Size(self.size.width, len(events))
-        self.scroll_to(y=0, animate=False, immediate=True)
+        set_virtual_size(self, Size(self.size.width, len(events)))
+        if self.scroll_offset.y:
+            self.scroll_to(y=0, animate=False, immediate=True)
         self.refresh()
 
     @property

@@ -28,7 +28,7 @@ class ReplayBar(Static):
             state = "● live" if live else "■ full"
             self.update(Text(f"{state:<8} {event_count} events  "
                              "r: replay  space: play  ,/.: step  [/]: scrub",
-                             style="dim"))
+                             style="dim"), layout=False)  # one line, always (see tcss)
             return
         icon = "▶" if playing else "‖"
         frac = 0.0 if total_ms <= 0 else max(0.0, min(1.0, t_ms / total_ms))
@@ -39,7 +39,7 @@ class ReplayBar(Static):
         text = Text(head.ljust(_PREFIX), style="bold")
         text.append("━" * done, style="bold cyan")
         text.append("─" * (width - done), style="dim")
-        self.update(text)
+        self.update(text, layout=False)
 
     def on_click(self, event: Click) -> None:
         width = max(10, self.size.width - _PREFIX - 1)
