@@ -482,8 +482,8 @@ class PostgresStateStore(BufferedStore):
 
     async def _write_batch(self, pool: Any, batch: list[Any], *,
                            skip_stored: bool) -> list[Any]:
-        # Built before taking the write lock, so other writers wait less.
-        records = list(_records(batch))
+        # Folded before taking the write lock, so other writers wait less.
+        folds = None if skip_stored else _fold_items(batch)
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)",
                                _WRITE_LOCK, self._lock_key)
@@ -494,39 +494,38 @@ class PostgresStateStore(BufferedStore):
                 wanted = [key for key in keys if key is not None]
                 seen = {(row[0], row[1]) for row in await conn.fetch(
                     self._sql_stored, [k[0] for k in wanted], [k[1] for k in wanted])}
-                fresh, kept = [], []
-                for key, item, record in zip(keys, batch, records, strict=True):
+                fresh = []
+                for key, item in zip(keys, batch, strict=True):
                     if key is not None:
                         if key in seen:
                             continue
                         seen.add(key)  # a key repeated within the batch is stored once
                     fresh.append(item)
-                    kept.append(record)
                 if not fresh:
                     return []
-                records = kept
+                folds = _fold_items(fresh)
+            assert folds is not None
             # Summaries first: the upsert returns the trace keys the COPY needs. A
             # re-delivered event makes the COPY fail and the whole transaction,
             # summaries included, is rolled back and retried with skip_stored.
-            trace_keys = await self._upsert_traces(conn, records)
+            trace_keys = await self._upsert_traces(conn, folds)
+            # Records are built lazily: asyncpg streams a COPY in 512 KB chunks, so
+            # the server inserts one chunk while the next is built and encoded here.
             await conn.copy_records_to_table(
                 "events", schema_name=self.schema, columns=_COPY_COLUMNS,
-                records=_keyed(records, trace_keys))
+                records=_records(fresh, trace_keys))
             traces: list[str | None] = list(trace_keys)
-            if len(trace_keys) < len(records) and any(r[0] is None for r in records):
+            if sum(fold[6] for fold in folds.values()) < len(fresh):
                 traces.append(None)  # flow-level events: a null in the notification
             await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
                                self._channel, _notify_payloads(traces))
         return fresh
 
-    async def _upsert_traces(self, conn: Any, records: list[tuple[Any, ...]]
-                             ) -> dict[str, int]:
-        """Fold ``records`` into ``traces``; each touched trace's key, in order."""
-        folds = fold_rows(records, 0, 1, 2, 3, 10, 12)
+    async def _upsert_traces(self, conn: Any, folds: dict[Any, list[Any]]) -> dict[Any, int]:
+        """Merge ``folds`` (see fold_rows) into ``traces``; each trace's key, in order."""
         if not folds:
             return {}
-        values = list(folds.values())
-        columns = [list(column) for column in zip(*values, strict=True)]
+        columns = [list(column) for column in zip(*folds.values(), strict=True)]
         nodes = [_encode_json(sorted(names)) if names else "[]" for names in columns[10]]
         # fold_rows' order is (..., open, failed, cancelled, nodes); the SQL's
         # (..., open_count, cancelled, failed, nodes).
@@ -767,40 +766,51 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _records(items: Iterable[StoredEvent | tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+def _records(items: Iterable[StoredEvent | tuple[Any, ...]],
+             trace_keys: Mapping[Any, int]) -> Iterator[tuple[Any, ...]]:
     """The COPY records of ``items`` (EVENT_FIELDS tuples and StoredEvents).
 
-    A runtime tuple without ``extra`` IS its record (asyncpg encodes the
-    ``parents`` tuple as text[] and None as NULL); with ``extra``, only that last
-    field is replaced by its JSON. Lazy on purpose: asyncpg streams a COPY in 512 KB
-    chunks, so the server inserts one chunk while the next is encoded here.
+    A runtime tuple becomes its record with only the trace id replaced by its key
+    (``trace_keys``; None stays None) and, if any, ``extra`` by its JSON (asyncpg
+    encodes the ``parents`` tuple as text[] and None as NULL). Lazy on purpose: see
+    _write_batch.
     """
+    key = trace_keys.get
     for item in items:
         if type(item) is tuple:
             extra = item[22]
-            yield item if extra is None else (*item[:22], _dump_payload(dict(extra)))
+            yield ((key(item[0]), *item[1:]) if extra is None
+                   else (key(item[0]), *item[1:22], _dump_payload(dict(extra))))
         else:
             assert isinstance(item, StoredEvent)
             e = item
             columns = runtime_columns(e)
             if columns is None:  # not a runtime payload: stored whole
-                yield (e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
+                yield (key(e.trace_id), e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
                        e.parent_invocation_ids, e.span_id, e.parent_span_id, e.seq, e.attempt,
                        e.queued_ts, e.flow_name, e.flow_id, *_NO_RUNTIME_COLUMNS,
                        _dump_payload(e.payload))
             else:
-                yield (e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
+                yield (key(e.trace_id), e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
                        e.parent_invocation_ids, e.span_id, e.parent_span_id, e.seq, e.attempt,
                        e.queued_ts, e.flow_name, e.flow_id, *columns[:8],
                        _dump_payload(columns[8]) if columns[8] else None)
 
 
-def _keyed(records: Iterable[tuple[Any, ...]], trace_keys: Mapping[Any, int]
-           ) -> Iterator[tuple[Any, ...]]:
-    """``records`` with the trace id replaced by the trace's key (None stays None)."""
-    key = trace_keys.get
-    for record in records:
-        yield (key(record[0]), *record[1:])
+def _fold_items(items: Iterable[StoredEvent | tuple[Any, ...]]) -> dict[Any, list[Any]]:
+    """fold_rows of ``items``: runtime tuples as they are, StoredEvents' fields placed
+    where the tuples have them."""
+    return fold_rows(_fold_view(items), 0, 1, 2, 3, 10, 12)
+
+
+def _fold_view(items: Iterable[StoredEvent | tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    for item in items:
+        if type(item) is tuple:
+            yield item
+        else:
+            assert isinstance(item, StoredEvent)
+            yield (item.trace_id, item.ts, item.kind, item.node_name, None, None, None, None,
+                   None, None, item.attempt, None, item.flow_name)
 
 
 def _key(item: StoredEvent | tuple[Any, ...]) -> tuple[str, int] | None:
