@@ -329,6 +329,32 @@ async def test_a_redelivered_event_is_stored_once_and_counted_once(
     assert read(store.path, "SELECT count(*) FROM events") == [(4,)]
 
 
+async def test_a_trace_deleted_behind_the_stores_back_is_stored_anew(
+        tmp_path: Path) -> None:
+    """Retention (see the guide) may delete a trace whose key the store cached, and
+    its key may be reused by a new trace: a late event must not land in it."""
+    path = tmp_path / "traces.db"
+    async with SQLiteStateStore(path) as store, SQLiteStateStore(path) as other:
+        await store.save_events([ev("a", "node_start", 1.0), ev("b", "node_start", 2.0)])
+        await store.flush()  # keys of a and b cached
+        conn = sqlite3.connect(path)
+        with conn:
+            conn.execute("DELETE FROM events WHERE trace_key IN "
+                         "(SELECT key FROM traces WHERE trace_id = 'b')")
+            conn.execute("DELETE FROM traces WHERE trace_id = 'b'")
+        conn.close()
+        new = ev("c", "node_start", 3.0)
+        await other.save_events([new])
+        await other.flush()  # c takes b's key (the largest, freed)
+        late = ev("b", "node_success", 4.0)
+        await store.save_events([late])
+        assert await store.load_history("b") == [late]
+        assert await store.load_history("c") == [new]
+        c, b = await store.get_trace("c"), await store.get_trace("b")
+        assert c is not None and b is not None
+        assert (c.event_count, c.status, b.event_count) == (1, "running", 1)
+
+
 async def test_write_returns_only_the_newly_stored_events(store: SQLiteStateStore) -> None:
     first = ev("t", "node_start", 1.0)
     keyless = ev("t", "node_success", 2.0, flow_id=None)

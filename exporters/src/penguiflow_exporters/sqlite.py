@@ -271,7 +271,7 @@ _UPDATE_TRACE = (
     "ELSE (SELECT json_group_array(value) FROM (SELECT value FROM json_each(nodes) "
     "UNION SELECT value FROM json_each(?11) ORDER BY 1)) END, "
     "open_count = open_count + ?4, failed = failed OR ?3, cancelled = cancelled OR ?2 "
-    "WHERE key = ?12")
+    "WHERE key = ?12 AND trace_id = ?13")
 # Keys cached per store (keys never change once committed); cleared past this size.
 _KEY_CACHE_MAX = 100_000
 _BUSY_TIMEOUT_MS = 5000
@@ -421,6 +421,10 @@ def _insert_all(conn: sqlite3.Connection, rows: Iterator[tuple[Any, ...]], count
     for _ in range(count // per):
         execute(_INSERT_EVENTS, tuple(flat(islice(rows, per))))
     conn.executemany(_INSERT_EVENT, rows)  # the rest
+
+
+class _StaleKeys(Exception):
+    """A cached trace key no longer names its trace (rolled back, retried uncached)."""
 
 
 def _barrier() -> None:
@@ -637,13 +641,20 @@ class SQLiteStateStore(BufferedStore):
             rows = _event_rows(batch)
         except (TypeError, ValueError, RecursionError):
             rows = _event_rows(batch, safe=True)
-        try:
-            # Optimistic: re-deliveries are rare, so insert the whole batch and let
-            # UNIQUE (flow_key, seq) catch one; then the transaction is rolled back
-            # and the batch retried row by row with INSERT OR IGNORE.
-            return self._store_rows(conn, batch, rows, fast=True)
-        except sqlite3.IntegrityError:
-            return self._store_rows(conn, batch, rows, fast=False)
+        fast = True
+        while True:
+            try:
+                # Optimistic: re-deliveries are rare, so insert the whole batch and
+                # let UNIQUE (flow_key, seq) catch one; then the transaction is rolled
+                # back and the batch retried row by row with INSERT OR IGNORE.
+                return self._store_rows(conn, batch, rows, fast=fast)
+            except sqlite3.IntegrityError:
+                if not fast:
+                    raise
+                fast = False
+            except _StaleKeys:
+                self._trace_keys.clear()
+                self._flow_keys.clear()
 
     def _store_rows(self, conn: sqlite3.Connection, batch: list[_Item],
                     rows: list[tuple[Any, ...]], *, fast: bool) -> list[_Item]:
@@ -682,11 +693,16 @@ class SQLiteStateStore(BufferedStore):
                 else:
                     updates.append((flow_name, int(cancelled), int(failed), opened, started,
                                     ended, starts, errors, remotes, count, names,
-                                    trace_keys[trace_id]))
+                                    trace_keys[trace_id], trace_id))
             if inserts:
                 conn.executemany(_INSERT_TRACE, inserts)
             if updates:
+                before = conn.total_changes
                 conn.executemany(_UPDATE_TRACE, updates)
+                if conn.total_changes - before != len(updates):
+                    # A cached key whose trace was deleted meanwhile (retention, see
+                    # the guide), its key possibly reused: start again from the file.
+                    raise _StaleKeys
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
