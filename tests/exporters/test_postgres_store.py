@@ -654,6 +654,22 @@ async def _make_v2_schema(sql: asyncpg.Connection, schema: str,
             summary.event_count, opened, list(summary.nodes))
 
 
+async def test_node_names_with_any_character_are_summarised(make: MakeStore) -> None:
+    # Names travel to the summary upsert joined by a unit separator, or as JSON when
+    # a name contains one.
+    store = await make()
+    odd = ["a,b", "c\x1fd", "é ✓", '"q"', "{}", ""]
+    for i, name in enumerate(odd):
+        await store.save_events([ev(f"t{i}", 10 * i + 1, node=name),
+                                 ev("all", 10 * i + 2, node=name)])
+        await store.flush()
+    for i, name in enumerate(odd):
+        summary = await store.get_trace(f"t{i}")
+        assert summary is not None and summary.nodes == ((name,) if name else ())
+    summary = await store.get_trace("all")
+    assert summary is not None and summary.nodes == tuple(sorted(n for n in odd if n))
+
+
 async def test_a_v2_schema_is_migrated_to_trace_keys_and_keeps_everything(
         make: MakeStore, sql: asyncpg.Connection) -> None:
     schema = f"pf_test_{uuid.uuid4().hex[:8]}"

@@ -86,6 +86,9 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,55}")
 _MIGRATE_LOCK: Final = 0x50466D67
 _WRITE_LOCK: Final = 0x50467772
 _BATCH_SIZE: Final = 10_000
+# Joins a trace's node names for the summary upsert (unit separator).
+_NODE_SEP: Final = "\x1f"
+_NODE_SEP_SQL: Final = "E'\\x1f'"
 # NOTIFY payloads must be shorter than 8000 bytes.
 _NOTIFY_MAX_BYTES: Final = 7900
 # A notification meaning "something changed, whatever the trace" (for trace ids
@@ -332,7 +335,9 @@ class PostgresStateStore(BufferedStore):
         # Merges a batch's per-trace folds (fold_rows, one array element per trace, in
         # order of first event, so new traces' first_seen follows arrival order) into
         # the summaries with TraceSummaryBuilder's semantics, and returns every
-        # touched trace's key for the COPY. `nodes` arrive as JSON arrays.
+        # touched trace's key for the COPY. `nodes` arrive as names joined by _NODE_SEP
+        # (string_to_array, ~3x cheaper than a JSON sub-query per trace, measured), or
+        # as JSON arrays (_sql_fold_json) when a name contains that character.
         self._sql_fold = f"""
             INSERT INTO {s}.traces AS t (
                 trace_id, flow_name, started_ts, ended_ts, node_count, error_count,
@@ -340,7 +345,7 @@ class PostgresStateStore(BufferedStore):
             SELECT u.trace_id, u.flow_name, u.started_ts, u.ended_ts, u.node_count,
                    u.error_count, u.remote_call_count, u.event_count, u.open_count,
                    u.cancelled, u.failed,
-                   ARRAY(SELECT json_array_elements_text(u.nodes::json))
+                   string_to_array(u.nodes, {_NODE_SEP_SQL})
             FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::int4[],
                         $6::int4[], $7::int4[], $8::int8[], $9::int4[], $10::bool[],
                         $11::bool[], $12::text[]) WITH ORDINALITY
@@ -362,6 +367,9 @@ class PostgresStateStore(BufferedStore):
                         ELSE ARRAY(SELECT DISTINCT n FROM unnest(t.nodes || EXCLUDED.nodes) AS n)
                         END
             RETURNING trace_id, first_seen"""
+        self._sql_fold_json = self._sql_fold.replace(
+            f"string_to_array(u.nodes, {_NODE_SEP_SQL})",
+            "ARRAY(SELECT json_array_elements_text(u.nodes::json))")
 
     def __repr__(self) -> str:
         return f"PostgresStateStore({self._where!r}, schema={self.schema!r})"
@@ -526,11 +534,13 @@ class PostgresStateStore(BufferedStore):
         if not folds:
             return {}
         columns = [list(column) for column in zip(*folds.values(), strict=True)]
-        nodes = [_encode_json(sorted(names)) if names else "[]" for names in columns[10]]
+        if any(_NODE_SEP in name for names in columns[10] for name in names):
+            sql, nodes = self._sql_fold_json, [_encode_json(sorted(n)) for n in columns[10]]
+        else:
+            sql, nodes = self._sql_fold, [_NODE_SEP.join(sorted(n)) for n in columns[10]]
         # fold_rows' order is (..., open, failed, cancelled, nodes); the SQL's
         # (..., open_count, cancelled, failed, nodes).
-        rows = await conn.fetch(self._sql_fold, list(folds), *columns[:8], columns[9],
-                                columns[8], nodes)
+        rows = await conn.fetch(sql, list(folds), *columns[:8], columns[9], columns[8], nodes)
         keys = {row[0]: row[1] for row in rows}
         return {trace_id: keys[trace_id] for trace_id in folds}
 
