@@ -25,6 +25,7 @@ from textual.strip import Strip
 
 from ..messages import RowSelected
 from ..model import InvocationView
+from ._gc import hold_gc_until_painted
 from ._scroll import set_virtual_size
 from .rows import Query, Row, Rows, glyphs
 
@@ -174,18 +175,21 @@ class Waterfall(ScrollView, can_focus=True):
             self.scroll_to(y=self.cursor - body + 1, animate=False, immediate=True)
 
     def action_cursor(self, delta: int) -> None:
+        hold_gc_until_painted(self)
         self.cursor = max(0, min(self.row_count - 1, self.cursor + delta))
 
     def action_page(self, direction: int) -> None:
         self.action_cursor(direction * max(1, self.scrollable_content_region.height - 2))
 
     def action_jump(self, where: int) -> None:
+        hold_gc_until_painted(self)
         self.cursor = 0 if where == 0 else max(0, self.row_count - 1)
 
     def on_click(self, event: Click) -> None:
         if event.y >= 1:
             position = int(self.scroll_offset.y) + event.y - 1
             if 0 <= position < self.row_count:
+                hold_gc_until_painted(self)
                 self.cursor = position
 
     def on_resize(self) -> None:
