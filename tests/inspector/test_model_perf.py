@@ -1,11 +1,13 @@
 """``build_trace`` and ``TraceView.at`` stay fast on a 100k-event trace.
 
 The trace is one chain of 50k invocations (node_start + node_success each):
-the worst case for the critical path (50k long) and for replay (every step
-walks it). Bounds are CPU time and ~3x the figures measured on a loaded
-2-core CI machine (build 0.47-0.65 s, replay step 11-18 ms), so they catch a
+the worst case for the critical path (50k long) and for replay (a step that
+walked it back to its root cost 18-21 ms; it now joins the whole trace's path
+and slices it). Bounds are CPU time and 3-5x the figures measured on a loaded
+2-core CI machine (build 0.47-0.72 s, replay step 2-3 ms), so they catch a
 regression by a factor, not noise. The targets they protect: first paint
-< 1 s including the store's load, replay < 50 ms per step. Under a tracer
+< 1 s including the store's load, replay < 50 ms per step on screen (the
+model's share of it must stay small: Textual's repaint takes most of it). Under a tracer
 (coverage, a debugger) every line costs ~4x more, so the bounds are 5x wider
 there: still a guard against an accidental O(n^2).
 """
@@ -59,4 +61,4 @@ def test_build_and_replay_100k_events() -> None:
         at = view.at(t)
         assert at.replay_t == t
     step_ms = (time.process_time() - started) / len(times) * 1000
-    assert step_ms < 60.0 * SLOWDOWN, f"TraceView.at took {step_ms:.1f} ms CPU per step"
+    assert step_ms < 15.0 * SLOWDOWN, f"TraceView.at took {step_ms:.1f} ms CPU per step"

@@ -247,13 +247,16 @@ class TraceView:
         read-only). Calling ``at`` on a replayed view rebuilds from the whole
         trace again, so a scrubber can go backwards.
 
-        Cost: bisections, one pass over the invocations started by ``t`` and a
-        re-fold of the events of the rows in flight at ``t`` only. Measured on
-        a 100k-event trace (50k invocations in one chain: the longest critical
-        path), CPython 3.11 on a loaded 2-core machine about 3x slower than a
-        laptop: 11-18 ms CPU per step (the target is < 50 ms), after a
-        one-off index build (see :meth:`prepare_replay`).
-        ``tests/inspector/test_model_perf.py`` guards it.
+        Cost: bisections, a look at the blocks of invocations started by ``t``
+        that have events after it, a re-fold of the events of those rows only,
+        and the critical path walked back only until it joins the whole trace's
+        (then a slice of it). Measured on a 100k-event trace (50k invocations in
+        one chain: the longest critical path), CPython 3.11 on a loaded 2-core
+        machine about 3x slower than a laptop: 2-3 ms CPU per step (18-21 ms
+        when the path was walked to its root at every step; the target for a
+        whole replay step on screen is < 50 ms), after a one-off index build
+        (see :meth:`prepare_replay`). ``tests/inspector/test_model_perf.py``
+        guards it.
         """
         index = self._index
         if index is None:
