@@ -128,14 +128,14 @@ class _RenderedOnce(RichVisual):
 
     def get_height(self, rules: RulesMap, width: int) -> int:
         pane = self._pane
-        options = RenderOptions(pane._get_style, pane.styles)
+        options = RenderOptions(pane._get_style, rules)
         return len(self.render_strips(width, None, pane.visual_style, options))
 
 
 class DetailPane(Static):
     """Shows :func:`render_detail` of the selection."""
 
-    @property  # type: ignore[override]
+    @property
     def content(self) -> VisualType:
         """The renderable shown (what :func:`render_detail` returned)."""
         content = Static.content.fget(self)  # type: ignore[attr-defined]
