@@ -2,9 +2,11 @@
 
 Nothing here draws: :class:`Rows` flattens a :class:`~penguiflow_inspector.model.TraceView`
 into waterfall rows (each invocation followed by the remote calls it made) and
-indexes the events per invocation, once per view, in O(events). Drawing a row
-is done on demand by the waterfall (only the visible ones), so a 100k-event
-trace costs one pass here and then a few rows per frame.
+indexes the events per invocation, once per full view, in O(events); the view
+at a replay time reuses both (its rows are the full rows sliced, with the few
+in flight swapped in). Drawing a row is done on demand by the waterfall (only
+the visible ones), so a 100k-event trace costs one pass here and then a few
+rows per frame.
 
 The model functions (``build_trace``, ``TraceView.at``, ``remote_stats``) are
 reached through the small wrappers at the bottom: one place where the screens
@@ -43,9 +45,9 @@ RowKind = Literal["inv", "remote"]
 class Row(NamedTuple):
     """One waterfall row: an invocation, or a remote call (drawn indented under it).
 
-    A NamedTuple: a 100k-event trace has ~50k rows and a replay step rebuilds
-    them, so construction cost matters (~0.2 µs here against ~1 µs for a
-    frozen dataclass).
+    A NamedTuple: a 100k-event trace has ~50k rows, built once per full view
+    (a replay step reuses them), so construction cost matters (~0.2 µs here
+    against ~1 µs for a frozen dataclass).
     """
 
     kind: RowKind
