@@ -50,7 +50,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from penguiflow.spandata import SpanData
+from penguiflow.spandata import SpanData, SpanEventData, SpanLinkData
 
 from ._spanexport import readable_span
 
@@ -86,6 +86,10 @@ def _noop_start_and_ending(processor: SpanProcessor) -> bool:
     return cls.on_start in _NOOP_ON_START and (ending is None or ending in _NOOP_ON_ENDING)
 
 
+def _within(items: list[SpanEventData] | list[SpanLinkData], count: int, attrs: int) -> bool:
+    return len(items) <= count and all(len(item.attributes) <= attrs for item in items)
+
+
 class SdkSpanWriter:
     """Records finished penguiflow spans on one SDK ``TracerProvider`` (see module doc).
 
@@ -95,63 +99,51 @@ class SdkSpanWriter:
 
     def __init__(self, provider: TracerProvider, version: str) -> None:
         tracer = provider.get_tracer("penguiflow", version)
-        self._tracer = tracer
+        # A tracer configurator can disable the tracer at any time: asked per span.
+        self._is_enabled: Any = getattr(tracer, "_is_enabled", None)
         scope = getattr(tracer, "_instrumentation_scope", None)
         self._scope = scope if isinstance(scope, InstrumentationScope) \
             else InstrumentationScope("penguiflow", version)
         self._resource = provider.resource
         self._multi: Any = getattr(provider, "_active_span_processor", None)
         limits = getattr(tracer, "_span_limits", None)
-        self._max_attrs: int | None = getattr(limits, "max_span_attributes", None)
-        self._max_events: int | None = getattr(limits, "max_events", None)
-        self._max_links: int | None = getattr(limits, "max_links", None)
-        self._max_event_attrs: int | None = getattr(limits, "max_event_attributes", None)
-        self._max_link_attrs: int | None = getattr(limits, "max_link_attributes", None)
+        # (spans, attributes per span, events, attributes per event, links,
+        # attributes per link): beyond any of these the SDK would drop something.
+        caps = tuple(getattr(limits, name, None) for name in (
+            "max_span_attributes", "max_events", "max_event_attributes", "max_links",
+            "max_link_attributes"))
+        self._caps: tuple[int, ...] = tuple(c if isinstance(c, int) else 0 for c in caps)
         self._static_ok = (
             isinstance(self._multi, _MULTI)
-            and callable(getattr(tracer, "_is_enabled", None))
+            and callable(self._is_enabled)
             and _samples_every_span(provider.sampler)
             and type(getattr(tracer, "_tracer_metrics", None)).__name__ == "NoOpTracerMetrics"
             and getattr(limits, "max_span_attribute_length", None) is None
             and getattr(limits, "max_attribute_length", None) is None
-            and all(isinstance(v, int) for v in (self._max_attrs, self._max_events,
-                                                 self._max_links, self._max_event_attrs,
-                                                 self._max_link_attrs)))
+            and all(isinstance(c, int) for c in caps))
         self._checked: object = None
         self._ok = False
         #: Spans this writer handed to the processors (the rest took the API path).
         self.written = 0
 
-    def _check(self, processors: object) -> bool:
+    def _check(self, processors: object) -> None:
         self._checked = processors
         self._ok = self._static_ok and isinstance(processors, tuple) and all(
             _noop_start_and_ending(p) for p in processors)
-        return self._ok
 
     def _fits(self, span: SpanData) -> bool:
         # The span limits would drop something: let the SDK apply them exactly.
-        if len(span.attributes) > self._max_attrs:  # type: ignore[operator]
-            return False
-        if span.events:
-            if len(span.events) > self._max_events:  # type: ignore[operator]
-                return False
-            limit = self._max_event_attrs
-            if any(len(e.attributes) > limit for e in span.events):  # type: ignore[operator]
-                return False
-        if span.links:
-            if len(span.links) > self._max_links:  # type: ignore[operator]
-                return False
-            limit = self._max_link_attrs
-            if any(len(k.attributes) > limit for k in span.links):  # type: ignore[operator]
-                return False
-        return True
+        max_attrs, max_events, max_event_attrs, max_links, max_link_attrs = self._caps
+        return (len(span.attributes) <= max_attrs
+                and _within(span.events, max_events, max_event_attrs)
+                and _within(span.links, max_links, max_link_attrs))
 
     def __call__(self, span: SpanData) -> bool:
         multi = self._multi
         processors = getattr(multi, "_span_processors", None)
         if processors is not self._checked:
             self._check(processors)
-        if not self._ok or not self._tracer._is_enabled() or not self._fits(span):
+        if not self._ok or not self._is_enabled() or not self._fits(span):
             return False
         readable = readable_span(span, self._resource, self._scope, copy=False)
         self.written += 1
