@@ -117,6 +117,11 @@ class SpanModel:
                 return span
         return None
 
+    def otel_id_of(self, trace_id: Any) -> int:
+        """The OTel trace id of ``trace_id``: kept while its spans are open, else derived."""
+        spans = self._traces.get(str(trace_id))
+        return spans.otel_id if spans is not None else int(otel_trace_id(str(trace_id)), 16)
+
     def remote_span(self, trace_id: str, invocation_id: str | None) -> SpanData | None:
         """The open remote CLIENT span of ``invocation_id`` in ``trace_id``, if any."""
         spans = self._traces.get(trace_id)

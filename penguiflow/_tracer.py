@@ -79,22 +79,6 @@ def _version() -> str:
         return "0"
 
 
-# The OTel trace id of the traces in flight: every invocation of a trace needs it
-# for its context, and deriving it (validate or hash, then parse) is the larger
-# part of that cost. Bounded: cleared whole when full, which costs a recompute.
-_TRACE_INTS: dict[Any, int] = {}
-_TRACE_INTS_MAX = 4096
-
-
-def _otel_trace_int(trace_id: Any) -> int:
-    value = _TRACE_INTS.get(trace_id)
-    if value is None:
-        if len(_TRACE_INTS) >= _TRACE_INTS_MAX:
-            _TRACE_INTS.clear()
-        value = _TRACE_INTS[trace_id] = int(otel_trace_id(str(trace_id)), 16)
-    return value
-
-
 def _sdk_configured(provider: Any) -> bool:
     # With no SDK the global provider is the API's proxy (or a no-op): tracing
     # would cost a no-op call per span, so the runtime skips it altogether.
@@ -142,10 +126,9 @@ class LiveTracer:
 
     # -- contexts for user code -------------------------------------------------------------
 
-    @staticmethod
-    def context_for(trace_id: Any, span_id: str) -> otel_context.Context:
+    def context_for(self, trace_id: Any, span_id: str) -> otel_context.Context:
         """An OTel context whose current span has ``span_id`` in ``trace_id``'s trace."""
-        span_context = SpanContext(_otel_trace_int(trace_id), int(span_id, 16),
+        span_context = SpanContext(self.model.otel_id_of(trace_id), int(span_id, 16),
                                    is_remote=False, trace_flags=_SAMPLED)
         return trace.set_span_in_context(NonRecordingSpan(span_context))
 
@@ -233,7 +216,7 @@ def enter_invocation(tracer: LiveTracer | None, log_scope: bool, trace_id: Any, 
     """
     span_token = None
     if tracer is not None and trace_id is not None:
-        span_token = otel_context.attach(LiveTracer.context_for(trace_id, inv))
+        span_token = otel_context.attach(tracer.context_for(trace_id, inv))
     scope_token = None
     if log_scope:
         tid = None if trace_id is None else str(trace_id)
