@@ -169,6 +169,15 @@ _ERROR_KINDS = frozenset({"node_error", "node_timeout", "node_failed", "remote_c
 _TERMINAL_KINDS = frozenset({"node_success", "node_failed", "node_trace_cancelled"})
 
 
+def _trace_status(cancelled: bool, failed: bool, open_count: int) -> str:
+    """A trace's status from its fold: cancelled > failed > running > succeeded."""
+    if cancelled:
+        return "cancelled"
+    if failed:
+        return "failed"
+    return "running" if open_count > 0 else "succeeded"
+
+
 @dataclass(frozen=True, slots=True)
 class TraceSummary:
     """One trace as the fleet view lists it, folded from its stored events.
@@ -251,14 +260,7 @@ class TraceSummaryBuilder:
 
     def summary(self) -> TraceSummary:
         """The summary of everything folded so far."""
-        if self.cancelled:
-            status = "cancelled"
-        elif self.failed:
-            status = "failed"
-        elif self.open > 0:
-            status = "running"
-        else:
-            status = "succeeded"
+        status = _trace_status(self.cancelled, self.failed, self.open)
         started = self.started if self.events else 0.0
         ended = self.ended if self.events else 0.0
         return TraceSummary(self.trace_id, self.flow_name, status, started, ended, self.starts,

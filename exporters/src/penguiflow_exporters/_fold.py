@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from penguiflow.state import _ERROR_KINDS, _TERMINAL_KINDS
+from penguiflow.state import _trace_status as status_of
 
 __all__ = ["fold_rows", "status_of"]
 
@@ -55,7 +56,7 @@ def fold_rows(rows: Iterable[tuple[Any, ...]], trace: int, ts: int, kind: int, n
                 f[10].add(name)
         elif k in terminal:
             f[7] -= 1
-            if k == "node_failed":
+            if k == "node_failed":  # the one kind both terminal and an error
                 f[8] = True
                 f[4] += 1
         elif k in errors:
@@ -66,11 +67,3 @@ def fold_rows(rows: Iterable[tuple[Any, ...]], trace: int, ts: int, kind: int, n
             f[5] += 1
     return folds
 
-
-def status_of(cancelled: bool, failed: bool, open_count: int) -> str:
-    """The TraceSummary status of a fold (cancelled > failed > running > succeeded)."""
-    if cancelled:
-        return "cancelled"
-    if failed:
-        return "failed"
-    return "running" if open_count > 0 else "succeeded"
