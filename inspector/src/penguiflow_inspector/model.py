@@ -15,7 +15,6 @@ not from span nesting. Replay rebuilds the trace as it was at time ``t``
 from __future__ import annotations
 
 import bisect
-import gc
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from penguiflow._ids import otel_trace_id, root_span_id
 from penguiflow._spans import derived_span_id
+from penguiflow_exporters._gc import gc_paused
 
 if TYPE_CHECKING:
     from penguiflow.state import StoredEvent
@@ -671,14 +671,9 @@ def build_trace(events: Sequence[StoredEvent]) -> TraceView:
     fold = _Fold(trace_id, index=True)
     # The fold allocates ~4 objects per event and frees none: the cyclic GC would
     # rescan the growing heap again and again (~40% of the time at 100k events).
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         _fold_all(fold, events)
         return _finish(trace_id, events, fold)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
 
 
 def _fold_all(fold: _Fold, events: Sequence[StoredEvent]) -> None:
@@ -844,13 +839,8 @@ class _Index:
     def prepare(self) -> None:
         """Build the replay index if it is not built yet."""
         if self.fold is not None:
-            gc_was_enabled = gc.isenabled()
-            gc.disable()  # as in build_trace: ~6 long-lived objects per invocation
-            try:
+            with gc_paused():  # as in build_trace: ~6 long-lived objects per invocation
                 self._prepare()
-            finally:
-                if gc_was_enabled:
-                    gc.enable()
 
     def at(self, t: float) -> TraceView:
         self.prepare()

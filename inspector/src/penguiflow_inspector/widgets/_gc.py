@@ -17,7 +17,8 @@ same work, off the path between the key and what the user waits to see.
 comes before the widgets' refreshes have reached the screen, so before the frame.)
 
 Only a collector this module turned off is turned back on (``build_trace`` also
-pauses it, in a worker thread), and unmounting the trace screen releases a hold.
+pauses it, in a worker thread, with ``penguiflow_exporters._gc.gc_paused``), and
+unmounting the trace screen releases a hold.
 """
 
 from __future__ import annotations
