@@ -121,13 +121,7 @@ def make_v1_file(path: Path, events: Iterable[StoredEvent]) -> None:
                  json.dumps(dict(e.payload))))
             assert e.trace_id is not None
             builders.setdefault(e.trace_id, TraceSummaryBuilder(e.trace_id)).add(e)
-        for b in builders.values():
-            s = b.summary()
-            conn.execute(
-                "INSERT INTO traces VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (s.trace_id, s.flow_name, s.status, s.started_ts, s.ended_ts, s.node_count,
-                 s.error_count, s.remote_call_count, s.event_count, json.dumps(list(s.nodes)),
-                 b.open, int(b.failed), int(b.cancelled)))
+        _insert_summaries(conn, builders.values())
     conn.close()
 
 
@@ -155,6 +149,18 @@ async def test_a_v1_file_is_migrated_and_keeps_its_events_and_summaries(
         assert await store.load_history("t") == [*old, more[0]]
         assert await store.get_trace("t") == await reference.get_trace("t")
     assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [1, 2, 3]
+
+
+def _insert_summaries(conn: sqlite3.Connection,
+                      builders: Iterable[TraceSummaryBuilder]) -> None:
+    """The `traces` rows of a v1 or v2 file (one per trace, the builder's state)."""
+    for b in builders:
+        s = b.summary()
+        conn.execute(
+            "INSERT INTO traces VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (s.trace_id, s.flow_name, s.status, s.started_ts, s.ended_ts, s.node_count,
+             s.error_count, s.remote_call_count, s.event_count, json.dumps(list(s.nodes)),
+             b.open, int(b.failed), int(b.cancelled)))
 
 
 # The version-2 INSERT (event_key computed by SQLite from flow_id and seq).
@@ -191,13 +197,7 @@ def make_v2_file(path: Path, events: Iterable[StoredEvent]) -> None:
                 e.attempt, e.queued_ts, e.flow_name, e.flow_id, *runtime, json.dumps(payload)))
             if e.trace_id is not None:
                 builders.setdefault(e.trace_id, TraceSummaryBuilder(e.trace_id)).add(e)
-        for b in builders.values():
-            s = b.summary()
-            conn.execute(
-                "INSERT INTO traces VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (s.trace_id, s.flow_name, s.status, s.started_ts, s.ended_ts, s.node_count,
-                 s.error_count, s.remote_call_count, s.event_count, json.dumps(list(s.nodes)),
-                 b.open, int(b.failed), int(b.cancelled)))
+        _insert_summaries(conn, builders.values())
     conn.close()
 
 
