@@ -110,7 +110,7 @@ async def test_open_creates_the_schema_and_records_its_version(
     tables = {r[0] for r in await sql.fetch(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
         store.schema)}
-    assert tables == {"events", "traces", "bindings", "schema_version"}
+    assert tables == {"blocks", "flow_seqs", "traces", "bindings", "schema_version"}
     again = await make(schema=store.schema)  # already migrated: nothing to do
     assert again.schema == store.schema
     rows = await sql.fetch(f'SELECT version FROM "{store.schema}".schema_version')
@@ -196,15 +196,19 @@ async def test_history_keeps_the_order_and_every_field(make: MakeStore) -> None:
     assert await store.load_history("missing") == []
 
 
-async def test_payload_values_json_cannot_hold_are_stored_as_text(make: MakeStore) -> None:
+async def test_payload_values_are_stored_as_plain_data(make: MakeStore) -> None:
+    # Blocks keep any float (JSON could not hold NaN or the infinities); what is
+    # not plain data is stored as its str (see _blocks.py).
     store = await make()
     await store.save_events([
         StoredEvent("t1", 1.0, "node_error", "a", "a-id",
-                    {"latency_ms": math.nan, "limit": math.inf, "error": ValueError("boom")},
+                    {"latency_ms": math.nan, "limit": -math.inf, "error": ValueError("boom")},
                     seq=1, flow_id="f"),
     ])
     (stored,) = await store.load_history("t1")
-    assert stored.payload == {"latency_ms": "nan", "limit": "inf", "error": "boom"}
+    assert math.isnan(stored.payload["latency_ms"])
+    assert {k: v for k, v in stored.payload.items() if k != "latency_ms"} == {
+        "limit": -math.inf, "error": "boom"}
     assert store.failures == {}
 
 
@@ -403,8 +407,11 @@ async def test_follow_sees_events_written_by_another_store(make: MakeStore) -> N
     await writer.flush()
     await asyncio.wait_for(asyncio.gather(follower, watcher), 10)
     assert [e for e in seen if e.kind != "probe"] == live
-    assert [e for e in everything if e.kind != "probe"] == [
-        e for pair in zip(live, other, strict=True) for e in pair][:-1]
+    # Every trace: each trace's events in order (a batch's share of a trace is one
+    # block, so the traces of one batch come one after the other).
+    everything = [e for e in everything if e.kind != "probe"]
+    assert [e for e in everything if e.trace_id == "live"] == live
+    assert [e for e in everything if e.trace_id == "other"] == other[:len(everything) - 60]
 
 
 async def test_follow_handles_batches_touching_many_or_long_trace_ids(
@@ -448,12 +455,12 @@ async def test_follow_raises_store_unavailable_when_its_connection_is_lost(
     seen: list[StoredEvent] = []
     follower = asyncio.create_task(collect(store.follow("t1"), seen, lambda e: False))
     await until_following(store, seen, "t1")
-    # The follower's own connection is the one whose last query read new rows of
-    # this test's schema.
+    # The follower's own connection is the one whose last query read new blocks of
+    # the trace in this test's schema.
     killed = await sql.fetchval(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-        "WHERE query LIKE '%AND e.id > $2 ORDER BY e.id%' AND strpos(query, $1) > 0 "
-        "AND pid <> pg_backend_pid()", f'"{store.schema}".events')
+        "WHERE query LIKE '%AND first >= $2 ORDER BY first, id%' AND strpos(query, $1) > 0 "
+        "AND pid <> pg_backend_pid()", f'"{store.schema}".blocks')
     assert killed == 1
     with pytest.raises(StoreUnavailable, match="lost the listening connection"):
         await asyncio.wait_for(follower, 5)
@@ -549,17 +556,24 @@ async def test_ingest_rate_and_load_time(make: MakeStore,
 # -- migration from schema version 1 -------------------------------------------------
 
 
+def migration_sql(index: int, s: str) -> str:
+    """The SQL of migration ``index`` (0: the v1 DDL) for the quoted schema ``s``."""
+    from penguiflow_exporters.postgres import _MIGRATIONS
+
+    step = _MIGRATIONS[index]
+    assert isinstance(step, str), f"migration {index} is code, not SQL"
+    return step.format(s=s)
+
+
 async def _make_v1_schema(sql: asyncpg.Connection, schema: str,
                           events: list[StoredEvent]) -> None:
     """A schema as a version-1 store left it: the v1 DDL, full JSON payloads, summaries."""
     import json
 
-    from penguiflow_exporters.postgres import _MIGRATIONS
-
     s = f'"{schema}"'
     await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer "
                       f"PRIMARY KEY, applied_ts double precision NOT NULL DEFAULT 0)")
-    await sql.execute(_MIGRATIONS[0].format(s=s))
+    await sql.execute(migration_sql(0, s))
     await sql.execute(f"INSERT INTO {s}.schema_version (version) VALUES (1)")
     for e in events:
         await sql.execute(
@@ -596,7 +610,7 @@ async def test_a_v1_schema_is_migrated_and_keeps_its_events_and_summaries(
         assert await store.load_history("t") == [*old, more[0]]
         assert await store.get_trace("t") == fold("t", [*old, more[0]])
         rows = await sql.fetch(f'SELECT version FROM "{schema}".schema_version ORDER BY 1')
-        assert [r[0] for r in rows] == [1, 2, 3]
+        assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
     finally:
         await sql.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
@@ -619,13 +633,12 @@ async def _make_v2_schema(sql: asyncpg.Connection, schema: str,
     import json
 
     from penguiflow_exporters._columns import runtime_columns
-    from penguiflow_exporters.postgres import _MIGRATIONS
 
     s = f'"{schema}"'
     await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer "
                       f"PRIMARY KEY, applied_ts double precision NOT NULL DEFAULT 0)")
-    await sql.execute(_MIGRATIONS[0].format(s=s))
-    await sql.execute(_MIGRATIONS[1].format(s=s))
+    await sql.execute(migration_sql(0, s))
+    await sql.execute(migration_sql(1, s))
     await sql.execute(f"INSERT INTO {s}.schema_version (version) VALUES (1), (2)")
     for e in events:
         columns = runtime_columns(e)
@@ -696,12 +709,9 @@ async def test_a_v2_schema_is_migrated_to_trace_keys_and_keeps_everything(
             assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
         assert await store.list_traces() == await reference.list_traces()
         rows = await sql.fetch(f'SELECT version FROM "{schema}".schema_version ORDER BY 1')
-        assert [r[0] for r in rows] == [1, 2, 3]
-        assert await sql.fetchval(f'SELECT count(*) FROM "{schema}".events') == len(old) + 2
-        columns = {r[0] for r in await sql.fetch(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = $1 "
-            "AND table_name = 'events'", schema)}
-        assert "trace_key" in columns and "trace_id" not in columns
+        assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
+        assert await sql.fetchval(f'SELECT sum(n) FROM "{schema}".blocks') == len(old) + 2
+        assert await sql.fetchval("SELECT to_regclass($1)", f'"{schema}".events') is None
     finally:
         await sql.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
