@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
+import pickle
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,7 +33,9 @@ from penguiflow.state import (
     StoreUnavailable,
     TraceFilter,
     TraceSummaryBuilder,
+    stored_from_fields,
 )
+from penguiflow_exporters._blocks import decode_block
 from penguiflow_exporters.postgres import SCHEMA_VERSION, PostgresStateStore
 
 MakeStore = Callable[..., Awaitable[PostgresStateStore]]
@@ -246,6 +251,112 @@ async def test_a_real_flow_is_recorded(make: MakeStore) -> None:
     assert store.failures == {}
 
 
+def fields(trace: str | None, seq: int, kind: str = "node_start", *, flow: str = "flow-r",
+           node: str = "a", extra: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    """A runtime EVENT_FIELDS tuple, as PenguiFlow hands it to ``save_event_fields``."""
+    return (trace, 1000.0 + seq, kind, node, f"{node}-id", f"inv{seq}", ("p",), f"s{seq}",
+            None, seq, 0, 999.0 + seq, "demo", flow, 0.25, 1, 2, 1, 64, 3, False,
+            None if seq % 2 else 2, extra)
+
+
+async def blocks_of(sql: asyncpg.Connection, store: PostgresStateStore,
+                    trace_id: str | None) -> list[tuple[int, int]]:
+    """``(first, n)`` of the blocks of ``trace_id`` (None: the trace-less ones), in order."""
+    s = f'"{store.schema}"'
+    rows = await sql.fetch(
+        f"SELECT first, n FROM {s}.blocks WHERE trace_key IS NOT DISTINCT FROM "
+        f"(SELECT first_seen FROM {s}.traces WHERE trace_id = $1) ORDER BY first, id",
+        trace_id)
+    return [(r[0], r[1]) for r in rows]
+
+
+async def ranges_of(sql: asyncpg.Connection, store: PostgresStateStore,
+                    flow_id: str) -> list[tuple[int, int]]:
+    rows = await sql.fetch(f'SELECT lo, hi FROM "{store.schema}".flow_seqs '
+                           f"WHERE flow_id = $1 ORDER BY lo", flow_id)
+    return [(r[0], r[1]) for r in rows]
+
+
+async def test_a_redelivered_runtime_event_is_stored_and_counted_once(
+        make: MakeStore, sql: asyncpg.Connection) -> None:
+    store = await make(batch_size=100)  # each flush below writes one batch
+    first = [fields("t1", i, "node_start" if i % 2 else "node_success") for i in range(1, 6)]
+    for item in first:
+        assert store.save_event_fields(item) is None
+    await store.flush()
+    # Re-delivered from an earlier batch (1, 2) and within this batch (6 twice).
+    new = [fields("t1", 6), fields("t1", 7, "node_success")]
+    for item in [first[0], new[0], first[1], new[0], new[1]]:
+        assert store.save_event_fields(item) is None
+    await store.flush()
+    expected = [stored_from_fields(item) for item in [*first, *new]]
+    assert await store.load_history("t1") == expected
+    summary = await store.get_trace("t1")
+    assert summary == fold("t1", expected) and summary is not None
+    assert summary.event_count == 7
+    assert await blocks_of(sql, store, "t1") == [(0, 5), (5, 2)]
+    assert await ranges_of(sql, store, "flow-r") == [(1, 7)]
+    # A batch of events all stored already writes nothing at all.
+    for item in first:
+        store.save_event_fields(item)
+    await store.flush()
+    assert await blocks_of(sql, store, "t1") == [(0, 5), (5, 2)]
+    assert await store.get_trace("t1") == summary
+    assert store.failures == {}
+
+
+async def test_write_returns_the_buffered_objects_it_stored(make: MakeStore) -> None:
+    # The base class hands these to in-process followers: they must be the
+    # buffered objects themselves (runtime tuples or StoredEvents), in order.
+    store = await make()
+    a, b, c = fields("t", 1), ev("t", 2, flow="flow-r"), fields("t", 3)
+    flowless = ev(None, 4, flow="flow-r")
+    written = await store._write([a, b])
+    assert [id(x) for x in written] == [id(a), id(b)]
+    written = await store._write([a, c, b, c, flowless])
+    assert [id(x) for x in written] == [id(c), id(flowless)]
+    assert list(await store._write([a, b, c])) == []
+
+
+async def test_seq_ranges_stay_one_row_per_flow_in_a_normal_run(
+        make: MakeStore, sql: asyncpg.Connection) -> None:
+    store = await make(batch_size=3)  # many batches, each extending the range
+
+    async def echo(message: Message, ctx: Any) -> Message:
+        return message
+
+    node = Node(echo, name="echo", policy=NodePolicy(validate="none"))
+    flow = create(node.to(), state_store=store)
+    flow.run()
+    try:
+        for i in range(5):
+            await flow.emit(Message(payload=i, headers=Headers(tenant="acme")))
+            await asyncio.wait_for(flow.fetch(), 5)
+    finally:
+        await asyncio.wait_for(flow.stop(), 5)
+    seqs = [e.seq for s in await store.list_traces()
+            for e in await store.load_history(s.trace_id)]
+    stored = await sql.fetchval(f'SELECT sum(n) FROM "{store.schema}".blocks')
+    assert len(seqs) >= 10 and stored >= len(seqs)  # and the flow's trace-less events
+    assert await ranges_of(sql, store, flow.flow_id) == [(min(seqs), min(seqs) + stored - 1)]
+    assert await sql.fetchval(f'SELECT count(*) FROM "{store.schema}".flow_seqs') == 1
+
+
+async def test_seq_ranges_record_gaps_and_join_when_filled(
+        make: MakeStore, sql: asyncpg.Connection) -> None:
+    store = await make()
+    await store.save_events([ev("t", s, flow="f") for s in (1, 2, 5, 6, 9)])
+    await store.flush()
+    assert await ranges_of(sql, store, "f") == [(1, 2), (5, 6), (9, 9)]
+    # 4 extends a range downwards, 3 joins two, 7-8 join the last two.
+    await store.save_events([ev("t", s, flow="f") for s in (4, 8, 2, 3, 7)])
+    await store.flush()
+    assert await ranges_of(sql, store, "f") == [(1, 9)]
+    assert [e.seq for e in await store.load_history("t")] == [1, 2, 5, 6, 9, 4, 8, 3, 7]
+    summary = await store.get_trace("t")
+    assert summary is not None and summary.event_count == 9
+
+
 # -- queries -----------------------------------------------------------------------------
 
 
@@ -308,6 +419,31 @@ async def test_list_traces_and_get_trace_match_the_in_memory_store(make: MakeSto
             trace_filter), trace_filter
     for trace_id in {e.trace_id for e in events if e.trace_id} | {"missing"}:
         assert await store.get_trace(trace_id) == await memory.get_trace(trace_id)
+
+
+async def test_history_pages_across_block_boundaries_are_slices_of_the_history(
+        make: MakeStore, sql: asyncpg.Connection) -> None:
+    store = await make(batch_size=7)
+    # One trace's events spread over blocks of many sizes: batches shared with
+    # another trace, single events, a lone full batch.
+    seq = iter(range(1, 1000))
+    for share in (3, 1, 7, 0, 5, 1, 1, 6, 2, 7, 4):
+        mine = [ev("p", next(seq), "node_start", f"n{i % 3}") for i in range(share)]
+        theirs = [ev("q", next(seq)) for _ in range(7 - share)]
+        await store.save_events([e for pair in itertools.zip_longest(mine, theirs)
+                                 for e in pair if e is not None])
+        await store.flush()
+    history = await store.load_history("p")
+    assert len(history) == 37
+    blocks = await blocks_of(sql, store, "p")
+    assert [n for _, n in blocks] == [3, 1, 7, 5, 1, 1, 6, 2, 7, 4]
+    assert [first for first, _ in blocks] == [sum(n for _, n in blocks[:i])
+                                              for i in range(len(blocks))]
+    for offset in range(len(history) + 2):
+        for limit in (1, 2, 3, 5, 7, 8, 20, 100):
+            page = await store.load_history_page("p", offset=offset, limit=limit)
+            assert page == history[offset:offset + limit], (offset, limit)
+    assert await store.load_history_page("missing", limit=5) == []
 
 
 async def test_resolve_trace_id_escapes_like_patterns(make: MakeStore) -> None:
@@ -436,6 +572,49 @@ async def test_follow_handles_batches_touching_many_or_long_trace_ids(
     assert [e for e in everything if e.kind != "probe"][-500:] == many
 
 
+_CHILD_WRITER = """
+import asyncio, sys
+from penguiflow.state import StoredEvent
+from penguiflow_exporters.postgres import PostgresStateStore
+
+async def main(dsn, schema):
+    async with PostgresStateStore(dsn, schema=schema, batch_size=4) as store:
+        for i in range(20):
+            await store.save_event(StoredEvent("proc", 1000.0 + i, "node_start", "a", "a-id",
+                                               {"i": i}, seq=i, flow_id="child"))
+            if i % 3 == 0:
+                await store.flush()
+        await store.save_event(StoredEvent(None, 2000.0, "custom", None, None, {"last": 1},
+                                           seq=20, flow_id="child"))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_follow_sees_events_written_by_another_process(make: MakeStore,
+                                                             pg_dsn: str) -> None:
+    prober = await make()
+    reader = await make(schema=prober.schema)
+    seen: list[StoredEvent] = []
+    everything: list[StoredEvent] = []
+    follower = asyncio.create_task(collect(reader.follow("proc"), seen, lambda e: e.seq == 19))
+    watcher = asyncio.create_task(collect(reader.follow(), everything,
+                                          lambda e: e.trace_id is None))
+    await until_following(prober, seen, "proc")
+    await until_following(prober, everything, "proc")
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CHILD_WRITER, pg_dsn, prober.schema)
+    assert await asyncio.wait_for(child.wait(), 30) == 0
+    await asyncio.wait_for(asyncio.gather(follower, watcher), 10)
+    written = [StoredEvent("proc", 1000.0 + i, "node_start", "a", "a-id", {"i": i}, seq=i,
+                           flow_id="child") for i in range(20)]
+    assert [e for e in seen if e.kind != "probe"] == written
+    # Every trace: the trace-less event too, after the events written before it.
+    assert [e for e in everything if e.kind != "probe"] == [
+        *written, StoredEvent(None, 2000.0, "custom", None, None, {"last": 1}, seq=20,
+                              flow_id="child")]
+
+
 async def test_follow_ends_when_the_store_is_closed(make: MakeStore) -> None:
     store = await make()
     seen: list[StoredEvent] = []
@@ -515,6 +694,43 @@ async def test_other_driver_errors_are_state_store_errors(make: MakeStore,
         await store.list_traces()
     assert not isinstance(info.value, StoreUnavailable)
     assert isinstance(info.value.__cause__, asyncpg.PostgresError)
+
+
+class _Evil:
+    def __reduce__(self) -> Any:
+        return (print, ("not plain data",))
+
+
+async def test_a_corrupt_block_is_a_state_store_error_naming_it(
+        make: MakeStore, sql: asyncpg.Connection) -> None:
+    store = await make()
+    events = [ev("t1", i) for i in range(1, 5)]
+    for half in (events[:2], events[2:]):  # two blocks
+        await store.save_events(half)
+        await store.flush()
+    s = f'"{store.schema}"'
+    first_id, second_id = [r[0] for r in await sql.fetch(
+        f"SELECT id FROM {s}.blocks ORDER BY id")]
+    await sql.execute(f"UPDATE {s}.blocks SET data = $1 WHERE id = $2",
+                      b"\x80\x05garbage", first_id)
+    pattern = rf"{store.schema}.*event block {first_id} \(blocks.id\) cannot be read: corrupt"
+    with pytest.raises(StateStoreError, match=pattern) as info:
+        await store.load_history("t1")
+    assert not isinstance(info.value, StoreUnavailable)
+    with pytest.raises(StateStoreError, match=pattern):
+        await store.load_history_page("t1", offset=1, limit=2)
+    # The other block still reads.
+    assert await store.load_history_page("t1", offset=2, limit=2) == events[2:]
+    # A block naming anything but plain data is refused, never run.
+    await sql.execute(f"UPDATE {s}.blocks SET data = $1 WHERE id = $2",
+                      pickle.dumps([_Evil()], 5), second_id)
+    with pytest.raises(StateStoreError, match=rf"event block {second_id} .*builtins.print"):
+        await store.load_history_page("t1", offset=2, limit=2)
+    # So is an item of neither layout.
+    await sql.execute(f"UPDATE {s}.blocks SET data = $1 WHERE id = $2",
+                      pickle.dumps([("t1", 1.0)], 5), second_id)
+    with pytest.raises(StateStoreError, match=rf"event block {second_id} .*2 fields"):
+        await store.load_history_page("t1", offset=2, limit=2)
 
 
 # -- throughput (printed, not asserted) ----------------------------------------------------
@@ -730,5 +946,122 @@ async def test_a_failing_migration_is_rolled_back_and_reported(
         assert await sql.fetchval(
             "SELECT count(*) FROM information_schema.columns WHERE table_schema = $1 "
             "AND column_name = 'latency_ms'", schema) == 0
+    finally:
+        await sql.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+async def _make_v3_schema(sql: asyncpg.Connection, schema: str,
+                          events: list[StoredEvent]) -> None:
+    """A schema as a version-3 store left it: one ``events`` row per event keyed by its
+    trace's ``first_seen``, runtime payloads split into columns (others whole)."""
+    import json
+
+    from penguiflow_exporters._columns import runtime_columns
+
+    s = f'"{schema}"'
+    await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer "
+                      f"PRIMARY KEY, applied_ts double precision NOT NULL DEFAULT 0)")
+    for version in range(3):
+        await sql.execute(migration_sql(version, s))
+    await sql.execute(f"INSERT INTO {s}.schema_version (version) VALUES (1), (2), (3)")
+    for trace_id in dict.fromkeys(e.trace_id for e in events if e.trace_id is not None):
+        of_trace = [e for e in events if e.trace_id == trace_id]
+        summary = fold(trace_id, of_trace)
+        opened = summary.node_count - sum(e.kind == "node_success" for e in of_trace)
+        await sql.execute(
+            f"INSERT INTO {s}.traces (trace_id, flow_name, started_ts, ended_ts, node_count, "
+            f"error_count, remote_call_count, event_count, open_count, cancelled, failed, "
+            f"nodes) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,false,false,$10)",
+            trace_id, summary.flow_name, summary.started_ts, summary.ended_ts,
+            summary.node_count, summary.error_count, summary.remote_call_count,
+            summary.event_count, opened, list(summary.nodes))
+    for e in events:
+        columns = runtime_columns(e)
+        runtime = (None,) * 8 if columns is None else columns[:8]
+        payload = dict(e.payload) if columns is None else columns[8]
+        await sql.execute(
+            f"INSERT INTO {s}.events (trace_key, ts, kind, node_name, node_id, invocation_id, "
+            f"parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, "
+            f"flow_name, flow_id, latency_ms, q_in, q_out, outgoing, queue_maxsize, "
+            f"trace_inflight, trace_cancelled, trace_pending, payload) VALUES ("
+            f"(SELECT first_seen FROM {s}.traces WHERE trace_id = $1),$2,$3,$4,$5,$6,$7,$8,"
+            f"$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23)",
+            e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
+            list(e.parent_invocation_ids), e.span_id, e.parent_span_id, e.seq, e.attempt,
+            e.queued_ts, e.flow_name, e.flow_id, *runtime,
+            json.dumps(payload) if payload else None)
+
+
+def cancelled_runtime_ev(trace: str, seq: int, *, ts: float) -> StoredEvent:
+    """A runtime-shaped StoredEvent with trace_cancelled set and no trace_pending."""
+    from penguiflow.metrics import event_payload
+
+    payload = event_payload("node_success", ts, "a", "a-id", trace, None, 0, 0, 1, 64, 0, 0,
+                            True, None, {})
+    return StoredEvent(trace, ts, "node_success", "a", "a-id", payload, seq=seq,
+                       flow_id="flow-2", flow_name="demo")
+
+
+async def test_a_v3_schema_is_migrated_to_blocks_and_keeps_everything(
+        make: MakeStore, sql: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    from penguiflow_exporters import postgres
+
+    # Small blocks and fetches, so the conversion splits a trace and its reads.
+    monkeypatch.setattr(postgres, "_BATCH_SIZE", 10)
+    monkeypatch.setattr(postgres, "_MIGRATION_FETCH", 7)
+    schema = f"pf_test_{uuid.uuid4().hex[:8]}"
+    # "t": 25 events, runtime-split (with and without extras) and whole payloads,
+    # from two flows, flow-1's seqs with a gap; "u" interleaved; two trace-less.
+    old: list[StoredEvent] = []
+    for i in range(25):
+        if i % 3 == 0:
+            old.append(runtime_ev("t", 100 + i, "node_error" if i % 2 else "node_start",
+                                  ts=10.0 + i, **({"exception": f"E{i}"} if i % 2 else {})))
+        elif i == 7:
+            old.append(cancelled_runtime_ev("t", 100 + i, ts=10.0 + i))
+        else:
+            old.append(ev("t", i if i < 12 else i + 5, "node_success" if i % 2 else "node_start",
+                          f"n{i % 4}", ts=10.0 + i))
+        if i in (4, 11, 20):
+            old.append(ev("u", 50 + i, ts=9.0 + i, node="b"))
+        if i in (2, 17):
+            old.append(runtime_ev(None, 200 + i, "node_cancelled", ts=30.0 + i))
+    reference = InMemoryStateStore()
+    await reference.save_events(old)
+    try:
+        await _make_v3_schema(sql, schema, old)
+        store = await make(schema=schema)
+        rows = await sql.fetch(f'SELECT version FROM "{schema}".schema_version ORDER BY 1')
+        assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
+        assert await sql.fetchval("SELECT to_regclass($1)", f'"{schema}".events') is None
+        for trace_id in ("t", "u"):
+            assert await store.load_history(trace_id) == await reference.load_history(trace_id)
+            assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
+        assert await store.list_traces() == await reference.list_traces()
+        assert await blocks_of(sql, store, "t") == [(0, 10), (10, 10), (20, 5)]
+        assert await blocks_of(sql, store, "u") == [(0, 3)]
+        assert await blocks_of(sql, store, None) == [(0, 2)]
+        # Rows with runtime columns became runtime tuples, the others whole payloads.
+        layouts = {len(item) for row in await sql.fetch(f'SELECT data FROM "{schema}".blocks')
+                   for item in decode_block(row[0])}
+        assert layouts == {15, 23}
+        for flow_id in ("flow-1", "flow-2"):
+            seqs = sorted(e.seq for e in old if e.flow_id == flow_id)
+            islands = [(lo, hi) for lo, hi in zip(
+                [s for s in seqs if s - 1 not in seqs], [s for s in seqs if s + 1 not in seqs],
+                strict=True)]
+            assert len(islands) > 1  # gaps
+            assert await ranges_of(sql, store, flow_id) == islands
+        history = await store.load_history("t")
+        assert await store.load_history_page("t", offset=8, limit=5) == history[8:13]
+        # Later writes: old events re-delivered are dropped, new ones go after them.
+        more = [old[0], old[5], runtime_ev("t", 300, "node_success", ts=50.0),
+                ev("u", 301, ts=51.0, node="b")]
+        await store.save_events(more)
+        await reference.save_events(more[2:])
+        for trace_id in ("t", "u"):
+            assert await store.load_history(trace_id) == await reference.load_history(trace_id)
+            assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
+        assert (await blocks_of(sql, store, "t"))[-1] == (25, 1)
     finally:
         await sql.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
