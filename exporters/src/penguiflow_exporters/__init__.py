@@ -13,9 +13,14 @@ Choosing a store by URL (``open_store``): ``memory://``,
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from penguiflow.state import InMemoryStateStore, TraceStore
+if TYPE_CHECKING:
+    from penguiflow.state import TraceStore
+
+# Nothing from penguiflow is imported at module level: the SQLite store's writer
+# process imports this package and must start in milliseconds, not the ~0.7 s
+# that importing the core takes (see _sqlite_write).
 
 __all__ = ["DEFAULT_STORE_URL", "default_store", "default_store_url", "open_store"]
 
@@ -40,6 +45,8 @@ def open_store(url: str | None = None, **options: Any) -> TraceStore:
     """
     url = url or default_store_url()
     if url == "memory://" or url.startswith("memory:"):
+        from penguiflow.state import InMemoryStateStore
+
         return InMemoryStateStore()
     if url.startswith("sqlite://"):
         from .sqlite import SQLiteStateStore
