@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -73,7 +74,8 @@ async def test_creates_the_parent_directory_and_records_the_schema_version(
     assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == list(
         range(1, SCHEMA_VERSION + 1))
     tables = {name for (name,) in read(path, "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"events", "traces", "bindings", "schema_version"} <= tables
+    assert {"blocks", "flow_seqs", "traces", "flows", "bindings", "schema_version"} <= tables
+    assert "events" not in tables  # schema 4 keeps events in blocks
     async with SQLiteStateStore(path):  # reopening migrates nothing
         pass
     assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == list(
@@ -148,7 +150,7 @@ async def test_a_v1_file_is_migrated_and_keeps_its_events_and_summaries(
         await reference.save_events(more[:1])
         assert await store.load_history("t") == [*old, more[0]]
         assert await store.get_trace("t") == await reference.get_trace("t")
-    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [1, 2, 3]
+    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [1, 2, 3, 4]
 
 
 def _insert_summaries(conn: sqlite3.Connection,
@@ -244,13 +246,14 @@ async def test_a_v2_file_is_migrated_to_integer_keys_and_keeps_everything(
             assert await store.load_history(trace_id) == await reference.load_history(trace_id)
             assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
         assert await store.resolve_trace_id("") == ["t", "u"]
-    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [1, 2, 3]
-    assert read(path, "SELECT count(*) FROM events") == [(len(old) + 2,)]
-    columns = {row[1] for row in read(path, "PRAGMA table_info(events)")}
-    assert {"trace_key", "flow_key"} <= columns
-    assert not {"trace_id", "flow_id", "event_key"} & columns
+    assert [v for (v,) in read(path, "SELECT version FROM schema_version")] == [1, 2, 3, 4]
+    assert read(path, "SELECT sum(n) FROM blocks") == [(len(old) + 2,)]
     assert read(path, "SELECT key, flow_id FROM flows ORDER BY key") == [
         (1, "flow-2"), (2, "flow-1"), (3, "flow-3")]
+    # The migration's seq ranges, then the new events' (flow-2: 1-3 migrated, 4 new;
+    # flow-1: the migrated 7 and the new 8, one range).
+    assert read(path, "SELECT flow_key, lo, hi FROM flow_seqs ORDER BY flow_key, lo") == [
+        (1, 1, 4), (2, 7, 8), (3, 1, 1)]
 
 
 async def test_a_failing_migration_is_rolled_back_and_reported(tmp_path: Path) -> None:
@@ -326,7 +329,9 @@ async def test_a_redelivered_event_is_stored_once_and_counted_once(
     assert (before.event_count, before.node_count, before.error_count) == (3, 1, 1)
     assert (after.event_count, after.node_count, after.error_count) == (4, 2, 1)
     assert after.status == "running"  # b has no terminal event
-    assert read(store.path, "SELECT count(*) FROM events") == [(4,)]
+    assert read(store.path, "SELECT sum(n) FROM blocks") == [(4,)]
+    ((lo, hi),) = read(store.path, "SELECT lo, hi FROM flow_seqs")  # still one range
+    assert hi - lo == 3
 
 
 async def test_a_trace_deleted_behind_the_stores_back_is_stored_anew(
@@ -339,7 +344,7 @@ async def test_a_trace_deleted_behind_the_stores_back_is_stored_anew(
         await store.flush()  # keys of a and b cached
         conn = sqlite3.connect(path)
         with conn:
-            conn.execute("DELETE FROM events WHERE trace_key IN "
+            conn.execute("DELETE FROM blocks WHERE trace_key IN "
                          "(SELECT key FROM traces WHERE trace_id = 'b')")
             conn.execute("DELETE FROM traces WHERE trace_id = 'b'")
         conn.close()
@@ -358,10 +363,11 @@ async def test_a_trace_deleted_behind_the_stores_back_is_stored_anew(
 async def test_write_returns_only_the_newly_stored_events(store: SQLiteStateStore) -> None:
     first = ev("t", "node_start", 1.0)
     keyless = ev("t", "node_success", 2.0, flow_id=None)
-    assert await store._write([first, keyless]) == [first, keyless]
+    assert await store._write(await store._prepare([first, keyless])) == [first, keyless]
     second = ev("t", "node_start", 3.0, node="b")
     # Stored key, new key, in-batch duplicate, and a keyless event (always stored).
-    assert await store._write([first, second, second, keyless]) == [second, keyless]
+    assert await store._write(await store._prepare([first, second, second, keyless])) == [
+        second, keyless]
     assert [e.kind for e in await store.load_history("t")] == [
         "node_start", "node_success", "node_start", "node_success"]
 
@@ -370,21 +376,23 @@ async def test_events_without_a_trace_are_stored_but_make_no_trace(
         store: SQLiteStateStore) -> None:
     await store.save_event(ev(None, "node_cancelled", 1.0))
     await store.flush()
-    assert read(store.path, "SELECT count(*), min(trace_key) FROM events") == [(1, None)]
+    assert read(store.path, "SELECT sum(n), min(trace_key) FROM blocks") == [(1, None)]
     assert await store.list_traces() == []
 
 
-async def test_a_payload_json_cannot_encode_keeps_the_batch(store: SQLiteStateStore) -> None:
+async def test_odd_payload_values_keep_the_batch(store: SQLiteStateStore) -> None:
     cyclic: list[Any] = []
     cyclic.append(cyclic)
-    odd = ev("t", "node_error", 1.0, cycle=cyclic, when=Path("/x"))
+    odd = ev("t", "node_error", 1.0, cycle=cyclic, when=Path("/x"), nan=float("nan"))
     fine = ev("t", "node_start", 0.5)
     await store.save_events([fine, odd])
     history = await store.load_history("t")
     assert [e.kind for e in history] == ["node_start", "node_error"]
     assert history[0] == fine
-    assert history[1].payload["cycle"] == "[[...]]"  # repr of what could not be encoded
+    back = history[1].payload["cycle"]
+    assert back[0] is back  # plain data is kept as it was, cycles included
     assert history[1].payload["when"] == "/x"  # str() of an unknown type
+    assert math.isnan(history[1].payload["nan"])
     assert store.failures["write_failed"] == 0
 
 
@@ -607,7 +615,7 @@ async def test_a_large_flush_does_not_block_the_event_loop(tmp_path: Path) -> No
         task.cancel()
         during = [start, *(t for t in ticks if start < t < end), end]
         longest_gap = max(b - a for a, b in itertools.pairwise(during))
-        assert read(store.path, "SELECT count(*) FROM events") == [(50_000,)]
+        assert read(store.path, "SELECT sum(n) FROM blocks") == [(50_000,)]
     # A blocking write would leave one gap as long as the whole flush.
     print(f"\n50k-event flush: {end - start:.3f} s, {len(during) - 2} ticks, "
           f"longest gap {longest_gap * 1000:.1f} ms")
@@ -620,8 +628,8 @@ async def test_throughput_report(tmp_path: Path) -> None:
     events = many(100_000)
     async with SQLiteStateStore(tmp_path / "bench.db") as store:
         start = time.perf_counter()
-        for i in range(0, len(events), store.batch_size):
-            await store._write(events[i:i + store.batch_size])
+        await store.save_events(events)
+        await store.flush()
         ingest = len(events) / (time.perf_counter() - start)
         start = time.perf_counter()
         history = await store.load_history("big")
@@ -686,3 +694,35 @@ async def test_a_closed_store_is_unavailable(tmp_path: Path) -> None:
     # close() flushed what was buffered.
     async with SQLiteStateStore(tmp_path / "t.db") as reopened:
         assert len(await reopened.load_history("t")) == 1
+
+
+async def test_pages_across_blocks_are_slices_of_the_history(tmp_path: Path) -> None:
+    # Batches of 1,500 and blocks of at most 2,000 events: blocks of several sizes.
+    async with SQLiteStateStore(tmp_path / "t.db", batch_size=1500) as store:
+        events = many(5_000)
+        for start in range(0, len(events), 700):
+            await store.save_events(events[start:start + 700])
+        await store.flush()
+        sizes = [n for (n,) in read(store.path, "SELECT n FROM blocks ORDER BY first")]
+        assert sum(sizes) == 5_000 and len(set(sizes)) > 1
+        history = await store.load_history("big")
+        assert history == events
+        for offset, limit in [(0, 1), (0, 2000), (1499, 2), (1500, 1500), (2999, 4000),
+                              (4999, 10), (5000, 1), (123, 4567)]:
+            page = await store.load_history_page("big", offset=offset, limit=limit)
+            assert page == history[offset:offset + limit], (offset, limit)
+        assert await store.load_history_page("nope", offset=0, limit=5) == []
+
+
+async def test_a_corrupt_block_is_reported_with_its_trace(tmp_path: Path) -> None:
+    async with SQLiteStateStore(tmp_path / "t.db") as store:
+        await store.save_events(invocation("t", "a", 1.0, 2.0))
+        await store.flush()
+        conn = sqlite3.connect(store.path)
+        with conn:
+            conn.execute("UPDATE blocks SET data = x'00ff'")
+        conn.close()
+        with pytest.raises(StateStoreError, match=r"trace 't': corrupt event block"):
+            await store.load_history("t")
+        with pytest.raises(StateStoreError, match="corrupt event block"):
+            await store.load_history_page("t", offset=0, limit=1)

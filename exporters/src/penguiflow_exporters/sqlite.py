@@ -32,20 +32,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import json.decoder
 import json.encoder
-import json.scanner
 import os
+import pickle
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from itertools import chain, islice
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from penguiflow._memory_store import check_page
-from penguiflow.metrics import event_payload
 from penguiflow.state import (
+    _ERROR_KINDS,
+    _TERMINAL_KINDS,
     RemoteBinding,
     StateStoreError,
     StoredEvent,
@@ -54,24 +53,30 @@ from penguiflow.state import (
     TraceSummary,
 )
 
+from ._blocks import (
+    BLOCK_EVENTS,
+    decode_block,
+    encode_block,
+    events_of,
+    group_by_trace,
+    stored_item,
+)
 from ._buffered import BufferedStore
-from ._columns import runtime_columns
-from ._fold import fold_rows, status_of
 from ._gc import gc_paused
-
-_NO_EXTRA: Mapping[str, Any] = {}
+from ._sqlite_write import BatchWriter, WriterError, WriterProcess
 
 __all__ = ["DEFAULT_PATH", "SCHEMA_VERSION", "SQLiteStateStore"]
 
 #: Where the store lives when no path is given (relative to the working directory).
 DEFAULT_PATH = ".penguiflow/traces.db"
 
-#: The schema this module writes; ``_MIGRATIONS[v]`` takes a file from v to v + 1.
-SCHEMA_VERSION = 3
+#: The schema this module writes (see ``_MIGRATIONS``).
+SCHEMA_VERSION = 4
 
 _T = TypeVar("_T")
 
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+# Versions 1-3 are SQL; version 4 (_to_v4, below) encodes blocks in Python.
+_SQL_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         # `id` orders events by occurrence. A plain INTEGER PRIMARY KEY (rowid alias)
         # rather than AUTOINCREMENT: that keyword updates sqlite_sequence on every row
@@ -222,67 +227,47 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-# Columns after `id`, in the order of the rows _event_rows builds (trace_key and
-# flow_key are trace_id and flow_id there, replaced by their keys under the lock).
-_EVENT_COLUMNS = (
-    "trace_key, flow_key, seq, ts, kind, node_name, node_id, invocation_id, "
-    "parent_invocation_ids, span_id, parent_span_id, attempt, queued_ts, flow_name, "
-    "latency_ms, q_in, q_out, outgoing, queue_maxsize, trace_inflight, trace_cancelled, "
-    "trace_pending, payload")
-# Plain INSERT: a re-delivered event fails UNIQUE (flow_key, seq) and the batch is
-# retried row by row with INSERT OR IGNORE (see _write_sync).
-_INSERT_EVENT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES ({', '.join('?' * 23)})"
-_INSERT_EVENT_OR_IGNORE = _INSERT_EVENT.replace("INSERT", "INSERT OR IGNORE", 1)
-# Rows per INSERT statement on the fast path. One multi-row VALUES statement per
-# _ROWS_PER_INSERT events instead of executemany's bind/step/reset per event: ~1.5x
-# the rows/s on the CI machine (executemany spends ~4 us per row outside SQLite's
-# own work); 64 x 23 parameters stay far below SQLite's 32,766.
-_ROWS_PER_INSERT = 64
-_INSERT_EVENTS = _INSERT_EVENT + (", (" + ", ".join("?" * 23) + ")") * (_ROWS_PER_INSERT - 1)
-_SELECT_EVENTS = (
-    # No trace_id column: it is the argument (one str less per row).
-    "SELECT e.ts, e.kind, e.node_name, e.node_id, e.payload, e.invocation_id, "
-    "e.parent_invocation_ids, e.span_id, e.parent_span_id, e.seq, e.attempt, e.queued_ts, "
-    "e.flow_name, f.flow_id, e.latency_ms, e.q_in, e.q_out, e.outgoing, e.queue_maxsize, "
-    "e.trace_inflight, e.trace_cancelled, e.trace_pending FROM events e "
-    "LEFT JOIN flows f ON f.key = e.flow_key "
-    "WHERE e.trace_key = (SELECT key FROM traces WHERE trace_id = ?) ORDER BY e.id"
+# Migration 3 -> 4 (_to_v4, below): events move into blocks (see _blocks.py),
+# several per row: a row per event capped ingest at ~80k events/s and a 100k-event
+# load_history at ~1.2 s here, whatever the row held (schema 3's figures, see the
+# state-stores guide). `first` is the index in its trace of the block's first event
+# (its trace's event_count before the batch), so a page of a trace is found on the
+# (trace_key, first) index; `ts_lo` / `ts_hi` bound its events' times (retention of
+# trace-less events). flow_seqs holds, per flow, the seq numbers stored, as
+# disjoint ranges (usually one per flow): a re-delivered event is found there
+# instead of in a unique index that every event inserted into.
+_V4_TABLES = (
+    """CREATE TABLE blocks (
+        id INTEGER PRIMARY KEY,
+        trace_key INTEGER,
+        first INTEGER NOT NULL,
+        n INTEGER NOT NULL,
+        ts_lo REAL NOT NULL,
+        ts_hi REAL NOT NULL,
+        data BLOB NOT NULL
+    )""",
+    "CREATE INDEX blocks_trace ON blocks (trace_key, first)",
+    "CREATE TABLE flow_seqs (flow_key INTEGER NOT NULL, lo INTEGER NOT NULL, "
+    "hi INTEGER NOT NULL, PRIMARY KEY (flow_key, lo)) WITHOUT ROWID",
 )
+_INSERT_BLOCK = ("INSERT INTO blocks (trace_key, first, n, ts_lo, ts_hi, data) "
+                 "VALUES (?, ?, ?, ?, ?, ?)")
+_SELECT_BLOCKS = (
+    "SELECT data FROM blocks "
+    "WHERE trace_key = (SELECT key FROM traces WHERE trace_id = ?) ORDER BY first")
+# The blocks holding events [offset, end) of a trace: from the last block starting
+# at or before `offset`, seeking on (trace_key, first), never walking the rest.
+_SELECT_PAGE = (
+    "SELECT first, data FROM blocks WHERE trace_key = ?1 AND first >= "
+    "(SELECT ifnull(max(first), 0) FROM blocks WHERE trace_key = ?1 AND first <= ?2) "
+    "AND first < ?3 ORDER BY first")
 _TRACE_COLUMNS = (
     "trace_id, flow_name, status, started_ts, ended_ts, node_count, error_count, "
     "remote_call_count, event_count, nodes"
 )
-# A batch's summaries are folded in Python (_fold.fold_rows) while its rows are at hand: one
-# row per trace reaches SQLite instead of a GROUP BY over the batch's events with
-# two correlated sub-queries per trace (~4 us per event, measured). New traces are
-# inserted whole, in order of their first event (their key is list_traces'
-# tie-break); stored ones are merged here, with TraceSummaryBuilder's semantics.
-_INSERT_TRACE = (
-    f"INSERT INTO traces (key, {_TRACE_COLUMNS}, open_count, failed, cancelled) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_UPDATE_TRACE = (
-    "UPDATE traces SET flow_name = ifnull(flow_name, ?1), "
-    "status = CASE WHEN cancelled OR ?2 THEN 'cancelled' WHEN failed OR ?3 THEN 'failed' "
-    "WHEN open_count + ?4 > 0 THEN 'running' ELSE 'succeeded' END, "
-    "started_ts = min(started_ts, ?5), ended_ts = max(ended_ts, ?6), "
-    "node_count = node_count + ?7, error_count = error_count + ?8, "
-    "remote_call_count = remote_call_count + ?9, event_count = event_count + ?10, "
-    "nodes = CASE WHEN ?11 = '[]' OR ?11 = nodes THEN nodes "
-    "ELSE (SELECT json_group_array(value) FROM (SELECT value FROM json_each(nodes) "
-    "UNION SELECT value FROM json_each(?11) ORDER BY 1)) END, "
-    "open_count = open_count + ?4, failed = failed OR ?3, cancelled = cancelled OR ?2 "
-    "WHERE key = ?12 AND trace_id = ?13")
-# Keys cached per store (keys never change once committed); cleared past this size.
-_KEY_CACHE_MAX = 100_000
 _BUSY_TIMEOUT_MS = 5000
 _BATCH_SIZE = 10_000
 _RESOLVE_LIMIT = 10
-# Rows decoded per json call: the scanner memoises object keys within a call, so
-# payloads share their key strings and the call overhead is paid once per chunk
-# (~1.3x faster than a call per payload, measured); bounded because the C call
-# holds the GIL.
-_DECODE_CHUNK = 1000
-
 _UNAVAILABLE_CODES = frozenset({
     sqlite3.SQLITE_PERM, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY,
     sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN,
@@ -291,140 +276,74 @@ _PATH_FIX = ("pass a writable path: SQLiteStateStore('/path/to/traces.db') or "
              "PENGUIFLOW_STORE=sqlite:////path/to/traces.db")
 
 
-# -- JSON ------------------------------------------------------------------------------
+# -- JSON (node lists, id lists, schema-3 rows) -------------------------------------------
+
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_decode = json.loads
+# -- migration 3 -> 4 -----------------------------------------------------------------------
+
+# A schema-3 row in the layout of the runtime's EVENT_FIELDS tuple (trace_id,
+# flow_id by join), `payload` last.
+_V3_ROWS = (
+    "SELECT t.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id, "
+    "e.parent_invocation_ids, e.span_id, e.parent_span_id, e.seq, e.attempt, e.queued_ts, "
+    "e.flow_name, f.flow_id, e.latency_ms, e.q_in, e.q_out, e.outgoing, e.queue_maxsize, "
+    "e.trace_inflight, e.trace_cancelled, e.trace_pending, e.payload, e.trace_key "
+    "FROM events e LEFT JOIN traces t ON t.key = e.trace_key "
+    "LEFT JOIN flows f ON f.key = e.flow_key ORDER BY e.trace_key, e.id")
 
 
-def _json_default(obj: Any) -> Any:
-    """Make what the json module cannot encode encodable (never raises)."""
-    # Payloads may hold read-only mappings (FlowEvent.extra) and sets; anything
-    # else is stored as its str(), like logging does, rather than failing a batch.
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    if isinstance(obj, set | frozenset):
-        return list(obj)
-    return str(obj)
+def _v3_item(row: Sequence[Any]) -> tuple[Any, ...]:
+    """The block item of a schema-3 row: a runtime tuple when its payload was split
+    into columns (``q_in`` set), else the whole payload's 15-tuple."""
+    parents = tuple(_decode(row[6])) if row[6] != "[]" else ()
+    head = (*row[:6], parents, *row[7:14])
+    if row[15] is None:  # stored whole (v1 rows, StoredEvents)
+        return (*head, _decode(row[22]))
+    extra = None if row[22] == "{}" else _decode(row[22])
+    return (*head, *row[14:20], bool(row[20]), row[21], extra)
 
 
-def _make_encoder() -> Callable[[Any], str]:
-    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
-    if c_make_encoder is None:  # no C accelerator (e.g. PyPy)
-        return json.JSONEncoder(default=_json_default, separators=(",", ":")).encode
-    # json.dumps builds a new C encoder on every call; building it once is 35% faster
-    # per payload (2.1 vs 2.9 us, measured). No circular-reference markers: a cycle
-    # raises RecursionError, which the per-event fallback below handles.
-    iterencode = c_make_encoder(None, _json_default, json.encoder.encode_basestring_ascii,
-                                None, ":", ",", False, False, True)
-    join = "".join
+def _to_v4(conn: sqlite3.Connection) -> None:
+    """Schema 3 -> 4: events into blocks (in Python: blocks are pickled), flow seq
+    ranges from the events' (flow_key, seq), then the events table dropped."""
+    for statement in _V4_TABLES:
+        conn.execute(statement)
+    # Gaps and islands: consecutive seqs of a flow share seq - row_number().
+    conn.execute(
+        "INSERT INTO flow_seqs SELECT flow_key, min(seq), max(seq) FROM ("
+        "SELECT flow_key, seq, seq - row_number() OVER (PARTITION BY flow_key ORDER BY seq) "
+        "AS island FROM events WHERE flow_key IS NOT NULL) GROUP BY flow_key, island")
+    blocks: list[tuple[Any, ...]] = []
+    cursor = conn.execute(_V3_ROWS)
+    trace_key: Any = object()
+    first = 0
+    items: list[tuple[Any, ...]] = []
 
-    def encode(obj: Any) -> str:
-        return join(iterencode(obj, 0))
+    def close_block() -> None:
+        stamps = [item[1] for item in items]
+        blocks.append((trace_key, first, len(items), min(stamps), max(stamps),
+                       encode_block(items)))
 
-    return encode
-
-
-def _make_decoder() -> Callable[[str], Any]:
-    c_make_scanner = getattr(json.scanner, "c_make_scanner", None)
-    loads = json.loads
-    if c_make_scanner is None:
-        return loads
-    # json.loads wraps the C scanner in two regex calls for surrounding whitespace;
-    # scanning directly decodes ~30% faster (what keeps a 100k-event load_history
-    # under a second). Text with surrounding whitespace (written by someone else)
-    # takes the json.loads path.
-    scan = c_make_scanner(json.decoder.JSONDecoder())
-
-    def decode(text: str) -> Any:
-        try:
-            obj, end = scan(text, 0)
-        except StopIteration:
-            return loads(text)
-        return obj if end == len(text) else loads(text)
-
-    return decode
-
-
-_encode = _make_encoder()
-_decode = _make_decoder()
+    while rows := cursor.fetchmany(BLOCK_EVENTS):
+        for row in rows:
+            if row[23] != trace_key or len(items) == BLOCK_EVENTS:
+                if items:
+                    close_block()
+                first = first + len(items) if row[23] == trace_key else 0
+                trace_key, items = row[23], []
+            items.append(_v3_item(row))
+        conn.executemany(_INSERT_BLOCK, blocks)
+        blocks.clear()
+    if items:
+        close_block()
+        conn.executemany(_INSERT_BLOCK, blocks)
+    conn.execute("DROP TABLE events")
 
 
-def _encode_safely(payload: Mapping[str, Any]) -> str:
-    """Encode a payload the fast encoder refused (cycle, tuple keys): value by value."""
-    try:
-        return _encode(payload)
-    except (TypeError, ValueError, RecursionError):
-        pass
-    items: dict[str, Any] = {}
-    for key, value in payload.items():
-        try:
-            _encode(value)
-        except (TypeError, ValueError, RecursionError):
-            value = repr(value)
-        items[str(key)] = value
-    return _encode(items)
-
-
-_NO_COLUMNS: tuple[Any, ...] = (None,) * 8
-
-
-def _event_rows(batch: Iterable[StoredEvent | tuple[Any, ...]], *,
-                safe: bool = False) -> list[tuple[Any, ...]]:
-    """The ``_INSERT_EVENT`` parameters of ``batch``, with ``trace_id`` and ``flow_id``
-    where their keys go; ``safe`` never raises on odd values.
-
-    ``batch`` holds StoredEvents and the runtime's EVENT_FIELDS tuples. A tuple
-    becomes a row by replacing only ``parents`` and ``extra`` with their JSON: no
-    payload dict, no StoredEvent (this loop holds the GIL, which the flow's event
-    loop is waiting for). A StoredEvent's payload is stored whole, runtime columns
-    NULL, unless it is exactly a runtime payload (see _columns).
-    """
-    encode, encode_payload = _encode, _encode_safely if safe else _encode
-    rows: list[tuple[Any, ...]] = []
-    append = rows.append
-    for ev in batch:
-        if type(ev) is tuple:
-            (trace_id, ts, kind, node_name, node_id, invocation_id, parents, span_id,
-             parent_span_id, seq, attempt, queued_ts, flow_name, flow_id, latency_ms, q_in,
-             q_out, outgoing, maxsize, inflight, cancelled, pending, extra) = ev
-            append((trace_id, flow_id, seq, ts, kind, node_name, node_id, invocation_id,
-                    encode(parents) if parents else "[]", span_id, parent_span_id,
-                    attempt, queued_ts, flow_name, latency_ms, q_in, q_out, outgoing,
-                    maxsize, inflight, cancelled, pending,
-                    encode_payload(extra) if extra else "{}"))
-        else:
-            assert isinstance(ev, StoredEvent)
-            columns = runtime_columns(ev)
-            if columns is None:  # not a runtime payload: stored whole
-                runtime: tuple[Any, ...] = _NO_COLUMNS
-                payload: Any = ev.payload
-            else:
-                runtime, payload = columns[:8], columns[8]
-            append((ev.trace_id, ev.flow_id, ev.seq, ev.ts, ev.kind, ev.node_name, ev.node_id,
-                    ev.invocation_id,
-                    encode(ev.parent_invocation_ids) if ev.parent_invocation_ids else "[]",
-                    ev.span_id, ev.parent_span_id, ev.attempt, ev.queued_ts, ev.flow_name,
-                    *runtime, encode_payload(payload) if payload else "{}"))
-    return rows
-
-
-def _keyed(rows: Iterable[tuple[Any, ...]], trace_keys: Mapping[Any, int],
-           flow_keys: Mapping[Any, int]) -> Iterator[tuple[Any, ...]]:
-    """``rows`` with their trace and flow ids replaced by keys (None stays None)."""
-    tk, fk = trace_keys.get, flow_keys.get
-    for row in rows:
-        yield (tk(row[0]), fk(row[1]), *row[2:])
-
-
-def _insert_all(conn: sqlite3.Connection, rows: Iterator[tuple[Any, ...]], count: int) -> None:
-    """Insert ``count`` keyed ``rows``, ``_ROWS_PER_INSERT`` per statement."""
-    per = _ROWS_PER_INSERT
-    execute, flat = conn.execute, chain.from_iterable
-    for _ in range(count // per):
-        execute(_INSERT_EVENTS, tuple(flat(islice(rows, per))))
-    conn.executemany(_INSERT_EVENT, rows)  # the rest
-
-
-class _StaleKeys(Exception):
-    """A cached trace key no longer names its trace (rolled back, retried uncached)."""
+#: ``_MIGRATIONS[v]`` takes a file from version v to v + 1.
+_MIGRATIONS: tuple[tuple[str, ...] | Callable[[sqlite3.Connection], None], ...] = (
+    *_SQL_MIGRATIONS, _to_v4)
 
 
 def _barrier() -> None:
@@ -469,8 +388,11 @@ class SQLiteStateStore(BufferedStore):
             schema version than :data:`SCHEMA_VERSION`.
     """
 
-    def __init__(self, path: str | os.PathLike[str] = DEFAULT_PATH,
+    def __init__(self, path: str | os.PathLike[str] = DEFAULT_PATH, *,
+                 writer: Literal["process", "thread"] = "process",
                  **buffer_kwargs: Any) -> None:
+        if writer not in ("process", "thread"):
+            raise ValueError(f"writer must be 'process' or 'thread'; got {writer!r}")
         # Bigger batches than the base's 2,000: fewer commits and WAL page writes
         # (~10% more events/s with 10,000, measured); a batch holds the write lock
         # for ~0.1 s.
@@ -485,9 +407,14 @@ class SQLiteStateStore(BufferedStore):
         self._shut_down = False
         #: Owned by the worker thread: only touched from functions run by ``_call``.
         self._conn: sqlite3.Connection | None = None
-        # Committed trace and flow keys (worker thread only); see _keys.
-        self._trace_keys: dict[Any, int] = {}
-        self._flow_keys: dict[Any, int] = {}
+        #: ``"process"`` or ``"thread"``: where batches are written (see _sqlite_write).
+        self.writer = writer
+        # The writer process (started by the first batch), or, for writer="thread",
+        # the BatchWriter on the worker thread's connection (built on first use).
+        self._proc_writer: WriterProcess | None = None if writer == "thread" else WriterProcess(
+            str(self.path), {"terminal": _TERMINAL_KINDS, "errors": _ERROR_KINDS,
+                             "busy_timeout_ms": _BUSY_TIMEOUT_MS})
+        self._batch_writer: BatchWriter | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteStateStore({str(self.path)!r})"
@@ -507,7 +434,9 @@ class SQLiteStateStore(BufferedStore):
             raise
 
     def _translate(self, exc: sqlite3.Error) -> StateStoreError:
-        code = getattr(exc, "sqlite_errorcode", None)
+        return self._translate_code(getattr(exc, "sqlite_errorcode", None), str(exc))
+
+    def _translate_code(self, code: int | None, exc: str) -> StateStoreError:
         primary = None if code is None else code & 0xFF  # extended codes keep it in the low byte
         if primary in _UNAVAILABLE_CODES:
             if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
@@ -576,8 +505,12 @@ class SQLiteStateStore(BufferedStore):
                     f"this penguiflow-exporters supports ({SCHEMA_VERSION}); upgrade "
                     f"penguiflow-exporters or use another path")
             for version in range(current, SCHEMA_VERSION):
-                for statement in _MIGRATIONS[version]:
-                    conn.execute(statement)
+                migration = _MIGRATIONS[version]
+                if callable(migration):
+                    migration(conn)
+                else:
+                    for statement in migration:
+                        conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version + 1,))
             conn.execute("COMMIT")
         except BaseException:
@@ -604,6 +537,8 @@ class SQLiteStateStore(BufferedStore):
             self._executor.shutdown(wait=False)
 
     def _close_sync(self) -> None:
+        if self._proc_writer is not None:
+            self._proc_writer.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -623,137 +558,74 @@ class SQLiteStateStore(BufferedStore):
             # submission order, so an empty job returns after that batch is committed.
             await self._call(_barrier)
 
-    async def _write(self, batch: list[Any]
-                     ) -> Sequence[StoredEvent | tuple[Any, ...]]:
-        """Insert ``batch`` and fold its new events into ``traces``; one transaction.
+    async def _prepare(self, batch: list[Any]) -> tuple[list[_Item], Any]:
+        """``batch`` ready for the writer: its block items, or its blocks (encoded) for
+        the writer process.
 
         ``batch`` may hold the runtime's EVENT_FIELDS tuples (``_takes_fields``):
-        they become rows on the worker thread, never StoredEvents.
+        they are written as they are, never as StoredEvents. Runs on the event loop,
+        while the worker thread waits for the writer to commit the previous batch;
+        encoded a few blocks at a time, yielding in between, so that the loop is
+        never held more than a few milliseconds.
+        """
+        with gc_paused():  # a tuple per StoredEvent: see _write_sync
+            items = [item if type(item) is tuple else stored_item(item) for item in batch]
+            if self._proc_writer is None:
+                return batch, items
+            groups = group_by_trace(items)
+        blocks: list[bytes] = []
+        encoded = 0
+        for group in groups.values():
+            if encoded >= BLOCK_EVENTS:
+                await asyncio.sleep(0)
+                encoded = 0
+            with gc_paused():
+                for start in range(0, len(group), BLOCK_EVENTS):
+                    blocks.append(encode_block(group[start:start + BLOCK_EVENTS]))
+            encoded += len(group)
+        return batch, pickle.dumps(blocks, 5)
+
+    async def _write(self, prepared: tuple[list[_Item], Any]
+                     ) -> Sequence[StoredEvent | tuple[Any, ...]]:
+        """Store a prepared batch as blocks and fold it into ``traces``; one transaction.
 
         Returns:
-            The events actually stored, in order: those whose ``event_key`` was
-            not stored before (first occurrence within the batch), and every event
-            without a key.
+            The events actually stored, in order, as buffered: those whose
+            ``(flow_id, seq)`` was not stored before (first occurrence within the
+            batch), and every event without a flow id.
         """
-        return await self._call(self._write_sync, batch)
+        return await self._call(self._write_sync, prepared)
 
-    def _write_sync(self, batch: list[_Item]) -> list[_Item]:
-        conn = self._connection()
-        # Encoded before taking the write lock, so other writers wait less.
-        try:
-            rows = _event_rows(batch)
-        except (TypeError, ValueError, RecursionError):
-            rows = _event_rows(batch, safe=True)
-        fast = True
-        while True:
+    def _write_sync(self, prepared: tuple[list[_Item], Any]) -> list[_Item]:
+        batch, data = prepared
+        if self._proc_writer is not None:
             try:
-                # Optimistic: re-deliveries are rare, so insert the whole batch and
-                # let UNIQUE (flow_key, seq) catch one; then the transaction is rolled
-                # back and the batch retried row by row with INSERT OR IGNORE.
-                return self._store_rows(conn, batch, rows, fast=fast)
-            except sqlite3.IntegrityError:
-                if not fast:
-                    raise
-                fast = False
-            except _StaleKeys:
-                self._trace_keys.clear()
-                self._flow_keys.clear()
+                skipped = self._proc_writer.request(b"W", data)
+            except WriterError as exc:
+                raise self._writer_error(exc) from exc
+        else:
+            # The batch allocates a tuple per event and a block per trace: with a big
+            # heap (a flow's messages, a buffer of events), the collections those
+            # allocations trigger cost more than the batch (~40% of an import, measured).
+            with gc_paused():
+                skipped = self._thread_writer().write(data)
+        if not skipped:
+            return batch
+        dropped = set(skipped)
+        return [item for i, item in enumerate(batch) if i not in dropped]
 
-    def _store_rows(self, conn: sqlite3.Connection, batch: list[_Item],
-                    rows: list[tuple[Any, ...]], *, fast: bool) -> list[_Item]:
-        """Insert ``rows`` (of ``batch``) and fold them into ``traces``; one transaction.
+    def _thread_writer(self) -> BatchWriter:
+        if self._batch_writer is None:
+            self._batch_writer = BatchWriter(self._connection(), terminal=_TERMINAL_KINDS,
+                                             errors=_ERROR_KINDS)
+        return self._batch_writer
 
-        ``fast``: one executemany, raising IntegrityError on a stored (or repeated)
-        event key. Otherwise row by row, skipping those (and rows SQLite refuses).
-        """
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            trace_keys, new_traces, flow_keys, new_flows = self._keys(conn, rows)
-            if fast:
-                _insert_all(conn, _keyed(rows, trace_keys, flow_keys), len(rows))
-                new, kept = batch, rows
-            else:
-                new, kept = [], []
-                execute = conn.execute
-                for item, row, keyed in zip(batch, rows, _keyed(rows, trace_keys, flow_keys),
-                                            strict=True):
-                    before = conn.total_changes
-                    execute(_INSERT_EVENT_OR_IGNORE, keyed)
-                    if conn.total_changes != before:
-                        new.append(item)
-                        kept.append(row)
-            folds = fold_rows(kept, 0, 3, 4, 5, 11, 13)
-            inserts: list[tuple[Any, ...]] = []
-            updates: list[tuple[Any, ...]] = []
-            for trace_id, (flow_name, started, ended, starts, errors, remotes, count, opened,
-                           failed, cancelled, nodes) in folds.items():
-                names = _encode(sorted(nodes)) if nodes else "[]"
-                if trace_id in new_traces:
-                    inserts.append((trace_keys[trace_id], trace_id, flow_name,
-                                    status_of(cancelled, failed, opened), started, ended,
-                                    starts, errors, remotes, count, names, opened,
-                                    int(failed), int(cancelled)))
-                else:
-                    updates.append((flow_name, int(cancelled), int(failed), opened, started,
-                                    ended, starts, errors, remotes, count, names,
-                                    trace_keys[trace_id], trace_id))
-            if inserts:
-                conn.executemany(_INSERT_TRACE, inserts)
-            if updates:
-                before = conn.total_changes
-                conn.executemany(_UPDATE_TRACE, updates)
-                if conn.total_changes - before != len(updates):
-                    # A cached key whose trace was deleted meanwhile (retention, see
-                    # the guide), its key possibly reused: start again from the file.
-                    raise _StaleKeys
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        # Committed: the new keys are now everyone's.
-        for cache, added in ((self._trace_keys, new_traces), (self._flow_keys, new_flows)):
-            if len(cache) + len(added) > _KEY_CACHE_MAX:
-                cache.clear()
-            cache.update(added)
-        return new
-
-    def _keys(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]
-              ) -> tuple[dict[Any, int], dict[Any, int], dict[Any, int], dict[Any, int]]:
-        """Trace and flow keys of ``rows`` (under the write lock), and those new here.
-
-        Keys already committed come from the cache or the file (another process may
-        have stored the trace); new ones are numbered after the largest key, in order
-        of first appearance. New flows are inserted here, new traces by the fold.
-        """
-        trace_ids = dict.fromkeys(row[0] for row in rows)
-        flow_ids = dict.fromkeys(row[1] for row in rows)
-        trace_keys, new_traces = self._resolve(conn, trace_ids, self._trace_keys, "traces",
-                                               "trace_id")
-        flow_keys, new_flows = self._resolve(conn, flow_ids, self._flow_keys, "flows",
-                                             "flow_id")
-        if new_flows:
-            conn.executemany("INSERT INTO flows (key, flow_id) VALUES (?, ?)",
-                             [(key, flow_id) for flow_id, key in new_flows.items()])
-        return trace_keys, new_traces, flow_keys, new_flows
-
-    @staticmethod
-    def _resolve(conn: sqlite3.Connection, ids: dict[Any, None], cache: dict[Any, int],
-                 table: str, column: str) -> tuple[dict[Any, int], dict[Any, int]]:
-        ids.pop(None, None)
-        keys = {i: cache[i] for i in ids if i in cache}
-        if len(keys) == len(ids):
-            return keys, {}
-        missing = [i for i in ids if i not in keys]
-        # Table and column names are the constants passed by _keys.
-        keys.update(conn.execute(
-            f"SELECT {column}, key FROM {table} WHERE {column} IN "
-            f"(SELECT value FROM json_each(?))", (_encode(missing),)))
-        cache.update((i, keys[i]) for i in missing if i in keys)
-        (last,) = conn.execute(f"SELECT ifnull(max(key), 0) FROM {table}").fetchone()
-        new = {i: last + n for n, i in enumerate((i for i in missing if i not in keys), 1)}
-        keys.update(new)
-        return keys, new
+    def _writer_error(self, exc: WriterError) -> StateStoreError:
+        if exc.gone:
+            return StoreUnavailable(
+                f"SQLite store {str(self.path)!r}: {exc}; the batch was not stored, and "
+                f"the next one starts a new writer (or pass writer='thread')")
+        return self._translate_code(exc.code, str(exc))
 
     async def save_remote_binding(self, binding: RemoteBinding) -> None:
         """Store a binding, once (an identical one is ignored); written at once, not buffered."""
@@ -795,43 +667,31 @@ class SQLiteStateStore(BufferedStore):
 
     def _load_history_sync(self, trace_id: str, offset: int = 0,
                            limit: int | None = None) -> list[StoredEvent]:
+        conn = self._connection()
         with gc_paused():
-            return self._decode_history(trace_id, offset, limit)
-
-    def _decode_history(self, trace_id: str, offset: int,
-                        limit: int | None) -> list[StoredEvent]:
-        if limit is None:
-            cursor = self._connection().execute(_SELECT_EVENTS, (trace_id,))
-        else:
-            cursor = self._connection().execute(_SELECT_EVENTS + " LIMIT ? OFFSET ?",
-                                                (trace_id, limit, offset))
-        events: list[StoredEvent] = []
-        append = events.append
-        decode, payload_of, no_extra = _decode, event_payload, _NO_EXTRA
-        # Chunk by chunk rather than fetchall(): the row tuples die young, so at most
-        # a chunk of them is alive besides the events.
-        while rows := cursor.fetchmany(_DECODE_CHUNK):
             try:
-                for (ts, kind, node_name, node_id, payload, invocation_id, parents, span_id,
-                     parent_span_id, seq, attempt, queued_ts, flow_name, flow_id, latency_ms,
-                     q_in, q_out, outgoing, maxsize, inflight, cancelled, pending) in rows:
-                    if q_in is None:  # the whole payload was stored (v1 rows, StoredEvents)
-                        full = decode(payload)
-                    else:  # runtime columns + extra: rebuilt as the runtime built it
-                        full = payload_of(kind, ts, node_name, node_id, trace_id, latency_ms,
-                                          q_in, q_out, outgoing, maxsize, attempt, inflight,
-                                          bool(cancelled), pending,
-                                          no_extra if payload == "{}" else decode(payload))
-                    append(StoredEvent(
-                        trace_id, ts, kind, node_name, node_id, full,
-                        invocation_id=invocation_id,
-                        parent_invocation_ids=(() if parents == "[]" else tuple(decode(parents))),
-                        span_id=span_id, parent_span_id=parent_span_id, seq=seq,
-                        attempt=attempt, queued_ts=queued_ts, flow_name=flow_name,
-                        flow_id=flow_id))
-            except ValueError as exc:
-                raise StateStoreError(f"SQLite store {str(self.path)!r}: an event of trace "
-                                      f"{trace_id!r} has a corrupt payload ({exc})") from exc
+                if limit is None:
+                    events: list[StoredEvent] = []
+                    for (data,) in conn.execute(_SELECT_BLOCKS, (trace_id,)):
+                        events += events_of(decode_block(data))
+                    return events
+                return self._page(conn, trace_id, offset, offset + limit)
+            except StateStoreError as exc:
+                raise StateStoreError(f"SQLite store {str(self.path)!r}, trace {trace_id!r}: "
+                                      f"{exc}") from exc
+
+    @staticmethod
+    def _page(conn: sqlite3.Connection, trace_id: str, start: int,
+              end: int) -> list[StoredEvent]:
+        """Events ``start`` to ``end`` (excluded) of a trace: only the blocks holding them
+        are read, and only those events built."""
+        row = conn.execute("SELECT key FROM traces WHERE trace_id = ?", (trace_id,)).fetchone()
+        if row is None:
+            return []
+        events: list[StoredEvent] = []
+        for first, data in conn.execute(_SELECT_PAGE, (row[0], start, end)):
+            items = decode_block(data)
+            events += events_of(items[max(0, start - first):end - first])
         return events
 
     async def list_traces(self, filter: TraceFilter | None = None) -> list[TraceSummary]:
