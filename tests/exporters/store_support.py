@@ -11,11 +11,24 @@ from typing import Any
 
 import pytest
 
-STORE_KINDS = ("memory", "sqlite", "postgres")
+#: ``sqlite``: SQLiteStateStore with its default writer process; ``sqlite-thread``: the
+#: same store writing on its worker thread (``writer="thread"``).
+STORE_KINDS = ("memory", "sqlite", "sqlite-thread", "postgres")
+_THREAD_WRITER: dict[str, type[Any]] = {}
 
 
 def store_class(kind: str) -> type[Any]:
     """The store class of ``kind`` (imported lazily)."""
+    if kind == "sqlite-thread":
+        if not _THREAD_WRITER:
+            base = store_class("sqlite")
+
+            class ThreadWriterSQLiteStateStore(base):  # type: ignore[misc,valid-type]
+                def __init__(self, *args: Any, writer: str = "thread", **kwargs: Any) -> None:
+                    super().__init__(*args, writer=writer, **kwargs)
+
+            _THREAD_WRITER[kind] = ThreadWriterSQLiteStateStore
+        return _THREAD_WRITER[kind]
     if kind == "memory":
         from penguiflow.state import InMemoryStateStore
 
@@ -86,7 +99,7 @@ class StoreFactory:
             assert same_as is None, "memory stores cannot share data"
             assert not options, f"InMemoryStateStore takes no options: {options}"
             store = cls()
-        elif self.kind == "sqlite":
+        elif self.kind.startswith("sqlite"):
             name = f"traces-{len(self._stores)}.db" if self._stores else "traces.db"
             where = self._where[id(same_as)] if same_as is not None else self._tmp_path / name
             store = cls(where, **options)
@@ -96,7 +109,7 @@ class StoreFactory:
                 self._schemas.append(where)
             store = cls(self.dsn, schema=where, **options)
             self._where[id(store)] = where
-        if self.kind == "sqlite":
+        if self.kind.startswith("sqlite"):
             self._where[id(store)] = where
         self._stores.append(store)
         return store

@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import math
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -726,3 +731,80 @@ async def test_a_corrupt_block_is_reported_with_its_trace(tmp_path: Path) -> Non
             await store.load_history("t")
         with pytest.raises(StateStoreError, match="corrupt event block"):
             await store.load_history_page("t", offset=0, limit=1)
+
+
+# -- the writer process ------------------------------------------------------------------
+
+
+def test_an_unknown_writer_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="writer must be 'process' or 'thread'; got 'fork'"):
+        SQLiteStateStore(tmp_path / "t.db", writer="fork")  # type: ignore[arg-type]
+
+
+def test_the_writer_module_starts_without_importing_penguiflow() -> None:
+    # The writer process runs this module: importing the core would cost ~0.8 s a start.
+    code = ("import sys, penguiflow_exporters._sqlite_write; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'penguiflow'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
+async def test_a_writer_process_that_dies_costs_one_batch_then_is_replaced(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with SQLiteStateStore(tmp_path / "t.db", flush_interval_s=3600.0) as store:
+        first = invocation("t", "a", 1.0, 2.0)
+        await store.save_events(first)
+        await store.flush()
+        writer = store._proc_writer
+        assert writer is not None and writer.pid is not None and writer.started == 1
+        os.kill(writer.pid, signal.SIGKILL)
+        lost = [ev("t", "node_start", 3.0, node="b")]
+        with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
+            await store.save_events(lost)
+            await store.flush()  # absorbed: logged and counted
+        assert store.failures["write_failed"] == 1 and store.failures["events_lost"] == 1
+        assert any("writer process exited" in r.getMessage() + str(r.__dict__.get("error"))
+                   for r in caplog.records)
+        later = [ev("t", "node_success", 4.0, node="b")]
+        await store.save_events(later)
+        assert await store.load_history("t") == [*first, *later]
+        assert writer.started == 2
+
+
+async def test_a_failure_inside_the_writer_is_reported_and_the_store_carries_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "t.db"
+    async with SQLiteStateStore(path, flush_interval_s=3600.0) as store:
+        conn = sqlite3.connect(path)
+        with conn:
+            conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON blocks "
+                         "WHEN (SELECT count(*) FROM blocks) >= 1 "
+                         "BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END")
+        conn.close()
+        await store.save_events(invocation("t", "a", 1.0, 2.0))
+        await store.flush()
+        with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
+            await store.save_events([ev("u", "node_start", 3.0)])
+            await store.flush()
+        assert store.failures["write_failed"] == 1
+        errors = [str(r.__dict__.get("error")) for r in caplog.records]
+        assert any("refused by a trigger" in e and str(path) in e for e in errors), errors
+        # Rolled back whole: no summary for u, t untouched.
+        assert await store.get_trace("u") is None
+        assert [e.kind for e in await store.load_history("t")] == ["node_start", "node_success"]
+        assert store._proc_writer is not None and store._proc_writer.started == 1
+
+
+async def test_close_stops_the_writer_process(tmp_path: Path) -> None:
+    store = SQLiteStateStore(tmp_path / "t.db")
+    await store.save_events(invocation("t", "a", 1.0, 2.0))
+    await store.flush()
+    writer = store._proc_writer
+    assert writer is not None
+    pid = writer.pid
+    assert pid is not None
+    await store.close()
+    assert writer.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped, not a zombie

@@ -40,7 +40,7 @@ from penguiflow.state import (
 
 TIMEOUT = 10.0
 BASE_TS = 1_700_000_000.0
-BUFFERED = pytest.mark.parametrize("store_kind", ["sqlite", "postgres"])
+BUFFERED = pytest.mark.parametrize("store_kind", ["sqlite", "sqlite-thread", "postgres"])
 
 #: (test function name, store kind) -> why it is expected to fail (xfail strict).
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {}
@@ -1105,7 +1105,7 @@ def held_inside_write(kind: str, base: type[Any]) -> type[Any]:
     worker thread; Postgres: a write lock), so the batch must be held where the
     store writes it: in SQLite's worker-thread job, in Postgres's transaction.
     """
-    if kind == "sqlite":
+    if kind.startswith("sqlite"):
         class HeldSQLite(base):  # type: ignore[misc,valid-type]
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
