@@ -310,12 +310,15 @@ async def test_write_returns_the_buffered_objects_it_stored(make: MakeStore) -> 
     # buffered objects themselves (runtime tuples or StoredEvents), in order.
     store = await make()
     a, b, c = fields("t", 1), ev("t", 2, flow="flow-r"), fields("t", 3)
-    flowless = ev(None, 4, flow="flow-r")
-    written = await store._write([a, b])
-    assert [id(x) for x in written] == [id(a), id(b)]
-    written = await store._write([a, c, b, c, flowless])
-    assert [id(x) for x in written] == [id(c), id(flowless)]
-    assert list(await store._write([a, b, c])) == []
+    traceless, d = ev(None, 4, flow="flow-r"), fields("t", 5)
+
+    async def write(batch: list[Any]) -> list[int]:
+        return [id(x) for x in await store._write(await store._prepare(batch))]
+
+    assert await write([a, b]) == [id(a), id(b)]
+    assert await write([a, c, b, c, traceless]) == [id(c), id(traceless)]
+    assert await write([c, d, traceless]) == [id(d)]  # stored before, none repeated here
+    assert await write([a, b, c]) == []
 
 
 async def test_seq_ranges_stay_one_row_per_flow_in_a_normal_run(
@@ -422,7 +425,10 @@ async def test_list_traces_and_get_trace_match_the_in_memory_store(make: MakeSto
 
 
 async def test_history_pages_across_block_boundaries_are_slices_of_the_history(
-        make: MakeStore, sql: asyncpg.Connection) -> None:
+        make: MakeStore, sql: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    from penguiflow_exporters import postgres
+
+    monkeypatch.setattr(postgres, "BLOCK_EVENTS", 4)  # a trace's share of a batch: 1-2 blocks
     store = await make(batch_size=7)
     # One trace's events spread over blocks of many sizes: batches shared with
     # another trace, single events, a lone full batch.
@@ -436,7 +442,7 @@ async def test_history_pages_across_block_boundaries_are_slices_of_the_history(
     history = await store.load_history("p")
     assert len(history) == 37
     blocks = await blocks_of(sql, store, "p")
-    assert [n for _, n in blocks] == [3, 1, 7, 5, 1, 1, 6, 2, 7, 4]
+    assert [n for _, n in blocks] == [3, 1, 4, 3, 4, 1, 1, 1, 4, 2, 2, 4, 3, 4]
     assert [first for first, _ in blocks] == [sum(n for _, n in blocks[:i])
                                               for i in range(len(blocks))]
     for offset in range(len(history) + 2):
@@ -1007,7 +1013,7 @@ async def test_a_v3_schema_is_migrated_to_blocks_and_keeps_everything(
     from penguiflow_exporters import postgres
 
     # Small blocks and fetches, so the conversion splits a trace and its reads.
-    monkeypatch.setattr(postgres, "_BATCH_SIZE", 10)
+    monkeypatch.setattr(postgres, "BLOCK_EVENTS", 10)
     monkeypatch.setattr(postgres, "_MIGRATION_FETCH", 7)
     schema = f"pf_test_{uuid.uuid4().hex[:8]}"
     # "t": 25 events, runtime-split (with and without extras) and whole payloads,

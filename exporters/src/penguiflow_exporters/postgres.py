@@ -7,8 +7,9 @@ store refuses a schema newer than it knows (:data:`SCHEMA_VERSION`).
 Layout (schema version 4):
 
 * ``blocks``: events, several to a row (see _blocks.py). Each batch writes, per
-  trace, ONE row holding that trace's new events in order, encoded as one
-  ``bytea`` value; ``trace_key`` is the trace's ``traces.first_seen`` (NULL for
+  trace, one row holding that trace's new events in order (one per 2,000 events,
+  BLOCK_EVENTS, for a bigger share), encoded as one ``bytea`` value;
+  ``trace_key`` is the trace's ``traces.first_seen`` (NULL for
   events without a trace), ``first`` the index in its trace of the block's first
   event, ``n`` its event count, ``ts_lo``/``ts_hi`` its timestamps' bounds, ``id``
   (bigserial) the order blocks were committed in. Index ``(trace_key, first)``:
@@ -28,18 +29,22 @@ whatever its size, and the client a Python object per column to read back. One
 row per event (versions 1-3) capped raw ingest at ~48k events/s and
 ``load_history`` of a 100k-event trace at ~1.1 s on the 2-core CI machine; with
 blocks the same benchmark (benchmarks/stores.py: 100k events in traces of 10;
-one 100k-event trace) measures ~100-125k events/s and ~340-400 ms. Events are
-opaque to SQL: read them through a store (``load_history``, ``penguiflow-admin
-history``, ``pf export``).
+one 100k-event trace) measures ~105-120k events/s and ~350-600 ms (medians
+of 3 over several runs; this machine is noisy). Events are opaque to SQL: read
+them through a store (``load_history``, ``penguiflow-admin history``, ``pf
+export``).
 
-Write path, one transaction per batch (at most 10,000 events): take the write
-lock; read the ranges of the batch's flows and drop the events already stored;
-upsert the summaries, which RETURNs each trace's key and new event count (so its
-block's ``first`` is the count before this batch); while the server does that,
-group and encode the blocks here; replace the touched flows' ranges; one binary
-COPY of the blocks; NOTIFY. Measured per 10,000 events of the benchmark: encoding
-~15-25 ms, the summary upsert ~25-30 ms (one row per trace: traces of 10 events
-make it the largest server cost), the COPY ~15-20 ms.
+Write path, per batch (at most 10,000 events). ``_prepare`` folds the summaries
+and encodes the blocks as if nothing in the batch were stored yet, on the event
+loop while the previous batch is being written (so the two overlap). ``_write``,
+one transaction: take the write lock; read the ranges of the batch's flows; if
+the batch holds a stored seq after all (a re-delivery), drop those events and
+fold and encode again; upsert the summaries, which RETURNs each trace's key and
+new event count (so its first block's ``first`` is the count before this batch);
+replace the touched flows' ranges; one binary COPY of the blocks; NOTIFY.
+Measured per 10,000 events of the benchmark: encoding ~15-25 ms, the summary
+upsert ~25-30 ms (one row per trace: traces of 10 events make it the largest
+server cost), the COPY ~15-20 ms.
 
 Concurrency (any number of stores, in any number of processes):
 
@@ -90,11 +95,12 @@ from penguiflow.state import (
 )
 
 from ._blocks import (
+    BLOCK_EVENTS,
     Ranges,
+    block_rows,
     decode_block,
     encode_block,
     events_of,
-    group_by_trace,
     split_fresh,
     stored_item,
 )
@@ -112,6 +118,8 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,55}")
 _MIGRATE_LOCK: Final = 0x50466D67
 _WRITE_LOCK: Final = 0x50467772
 _BATCH_SIZE: Final = 10_000
+# Events _prepare converts or encodes between two yields to the event loop.
+_SLICE: Final = 1000
 # Joins a trace's node names for the summary upsert (unit separator).
 _NODE_SEP: Final = "\x1f"
 _NODE_SEP_SQL: Final = "E'\\x1f'"
@@ -285,7 +293,7 @@ async def _v4_blocks(conn: Any, s: str) -> None:
 
     Runs in the migration's transaction, under its lock. Streams the rows with a
     cursor: per trace (then the trace-less ones), in id order, blocks of at most
-    _BATCH_SIZE events, as a batch of today's store would write them: a row with
+    BLOCK_EVENTS events, as a batch of today's store would write them: a row with
     runtime columns (``q_in`` set) as the runtime's EVENT_FIELDS tuple (``payload``
     being its ``extra``), any other with its whole payload.
     """
@@ -311,7 +319,7 @@ async def _v4_blocks(conn: Any, s: str) -> None:
             if row[0] != key:
                 close_chunk()
                 key, first, chunk = row[0], 0, []
-            elif len(chunk) == _BATCH_SIZE:
+            elif len(chunk) == BLOCK_EVENTS:
                 close_chunk()
                 first, chunk = first + len(chunk), []
             chunk.append(_v3_item(row))
@@ -624,61 +632,113 @@ class PostgresStateStore(BufferedStore):
 
     # -- write path ---------------------------------------------------------------
 
-    async def _write(self, batch: list[Any]) -> Sequence[StoredEvent | tuple[Any, ...]]:
-        """Store ``batch`` in one transaction; return the events that were new.
+    async def _prepare(self, batch: list[Any]) -> _Prepared:
+        """Fold and encode ``batch`` as if none of it were stored yet (usually true).
+
+        Runs on the event loop while the previous batch is written (see
+        BufferedStore._write_some), yielding to it between blocks; _write checks
+        the guess against the stored ranges under the write lock.
+        """
+        # The block tuples live only inside this pause, so the collector never
+        # traverses them: with a large heap (100k events buffered, say), the
+        # collections set off by ~10k surviving tuples per batch cost more than
+        # encoding them (measured ~80k vs ~125k events/s). The pause spans only
+        # this CPU work and the loop turns it yields, never a wait for I/O.
+        #
+        # Yields every ~_SLICE events (1-3 ms of work): the batch being written
+        # needs a loop turn for each of its statements (~8), and the server works
+        # on the big ones (summaries, COPY) while this goes on. Yielding only per
+        # 10,000-event step left the loop mostly idle during those (measured ~90k
+        # events/s, against ~120-140k).
+        with gc_paused():
+            await asyncio.sleep(0)  # the batch being written goes first
+            items: list[tuple[Any, ...]] = []
+            for start in range(0, len(batch), _SLICE):
+                items += [item if type(item) is tuple else stored_item(item)
+                          for item in batch[start:start + _SLICE]]
+                await asyncio.sleep(0)
+            # Against nothing stored: only repeats within the batch are dropped.
+            fresh, own = split_fresh(items, {})
+            if fresh is not items:
+                return _Prepared(batch, None, {}, [])  # _write sorts it out
+            groups: dict[Any, list[tuple[Any, ...]]] = {}
+            folds = fold_rows(items, 0, 1, 2, 3, 10, 12, groups=groups)
+            del items, fresh
+            await asyncio.sleep(0)
+            blocks: list[tuple[Any, ...]] = []
+            some: dict[Any, list[tuple[Any, ...]]] = {}  # small groups, encoded together
+            count = 0
+            for trace_id, group in groups.items():
+                if len(group) > BLOCK_EVENTS:  # a big share of a trace: a block at a time
+                    blocks += block_rows(some, folds, BLOCK_EVENTS)
+                    some, count = {}, 0
+                    for offset in range(0, len(group), BLOCK_EVENTS):
+                        ((_, _, n, lo, hi, data),) = block_rows(
+                            {trace_id: group[offset:offset + BLOCK_EVENTS]}, None, BLOCK_EVENTS)
+                        blocks.append((trace_id, offset, n, lo, hi, data))
+                        await asyncio.sleep(0)
+                    continue
+                some[trace_id] = group
+                count += len(group)
+                if count >= _SLICE:
+                    blocks += block_rows(some, folds, BLOCK_EVENTS)
+                    some, count = {}, 0
+                    await asyncio.sleep(0)
+            blocks += block_rows(some, folds, BLOCK_EVENTS)
+            del groups, some
+        return _Prepared(batch, own, folds, blocks)
+
+    async def _write(self, prepared: _Prepared) -> Sequence[StoredEvent | tuple[Any, ...]]:
+        """Store a prepared batch in one transaction; return the events that were new.
 
         Events whose ``(flow_id, seq)`` is already stored (or repeated in the batch)
         are skipped; events without a flow id are always stored. The items returned
-        are ``batch``'s own (StoredEvents or runtime tuples), in order.
+        are the batch's own (StoredEvents or runtime tuples), in order.
         """
         async with self._write_lock:
             pool = self._checked_pool()
             with self._errors("writing events"):
-                return await self._write_batch(pool, batch)
+                return await self._write_batch(pool, prepared)
 
-    async def _write_batch(self, pool: Any, batch: list[Any]) -> Sequence[Any]:
-        flows = {item[13] if type(item) is tuple else item.flow_id for item in batch}
+    async def _write_batch(self, pool: Any, prepared: _Prepared) -> Sequence[Any]:
+        batch, own, folds, blocks = prepared.batch, prepared.own, prepared.folds, prepared.blocks
+        flows = set(own) if own is not None else {
+            item[13] if type(item) is tuple else item.flow_id for item in batch}
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)",
                                _WRITE_LOCK, self._lock_key)
             # Under the write lock: no other writer can store these seqs meanwhile.
             stored = await self._stored_ranges(conn, flows)
-            # The batch's block tuples live only inside this pause, so the collector
-            # never traverses them: with a large heap (100k events buffered, say),
-            # collections set off by ~10k surviving tuples per batch cost more than
-            # encoding them (measured ~80k vs ~125k events/s).
-            with gc_paused():
-                items = [item if type(item) is tuple else stored_item(item) for item in batch]
-                fresh, ranges = split_fresh(items, stored)
-                if not fresh:
-                    return []
-                written: Sequence[Any] = batch
-                if fresh is not items:  # re-delivered events: keep the originals of the rest
+            written: Sequence[Any] = batch
+            ranges = None if own is None else _joined(stored, own)
+            if ranges is None:  # re-delivered events: drop them, fold and encode again
+                with gc_paused():
+                    items = [item if type(item) is tuple else stored_item(item)
+                             for item in batch]
+                    fresh, ranges = split_fresh(items, stored)
+                    if not fresh:
+                        return []
                     original = {id(item): buffered
                                 for item, buffered in zip(items, batch, strict=True)}
                     written = [original[id(item)] for item in fresh]
-                folds = fold_rows(fresh, 0, 1, 2, 3, 10, 12)  # 0-13: EVENT_FIELDS' places
-                # The server upserts the summaries while the blocks are encoded here:
-                # both take ~2-3 us per event (measured), so overlapping them is a
-                # good part of what lifts ingest past 100k events/s.
-                upsert = asyncio.ensure_future(self._upsert_traces(conn, folds))
-                try:
-                    await asyncio.sleep(0)  # one loop turn: the task sends the statement
-                    blocks = _blocks_of(group_by_trace(fresh), folds)
-                except BaseException:
-                    # Leave the connection idle for the rollback.
-                    await asyncio.gather(upsert, return_exceptions=True)
-                    raise
-                del items, fresh
-            counts = await upsert
+                    groups: dict[Any, list[tuple[Any, ...]]] = {}
+                    folds = fold_rows(fresh, 0, 1, 2, 3, 10, 12, groups=groups)
+                    blocks = block_rows(groups, folds, BLOCK_EVENTS)
+                    del items, fresh, groups
+            counts = await self._upsert_traces(conn, folds)
             await self._save_ranges(conn, stored, ranges)
+            # A trace's blocks: `first` counts from the trace's events before this
+            # batch (its new count less this batch's share, fold[6]).
             await conn.copy_records_to_table(
                 "blocks", schema_name=self.schema, columns=_BLOCK_COLUMNS,
-                records=[(None, 0, *block) if trace_id is None
-                         else (counts[trace_id][0], counts[trace_id][1] - block[0], *block)
-                         for trace_id, block in blocks])
+                records=[(None, 0, n, lo, hi, data) if trace_id is None
+                         else (counts[trace_id][0],
+                               counts[trace_id][1] - folds[trace_id][6] + offset,
+                               n, lo, hi, data)
+                         for trace_id, offset, n, lo, hi, data in blocks])
             await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-                               self._channel, _notify_payloads(t for t, _ in blocks))
+                               self._channel, _notify_payloads(
+                                   dict.fromkeys(block[0] for block in blocks)))
         return written
 
     async def _stored_ranges(self, conn: Any, flows: set[Any]) -> dict[Any, Ranges]:
@@ -980,22 +1040,39 @@ def _load_json(data: bytes) -> Any:
 _encode_json = json.JSONEncoder(allow_nan=False, separators=(",", ":"), default=str).encode
 
 
-def _blocks_of(groups: Mapping[Any, Sequence[tuple[Any, ...]]],
-               folds: Mapping[Any, list[Any]]) -> list[tuple[Any, tuple[Any, ...]]]:
-    """``(trace_id, (n, ts_lo, ts_hi, data))`` of each group's block.
+class _Prepared:
+    """A batch as _prepare left it for _write.
 
-    ``groups``: fresh items by trace (group_by_trace); ``folds``: fold_rows of them.
+    ``own``: per flow id, the ranges of the batch's seqs (split_fresh against
+    nothing stored), or None when the batch repeats an event (then ``folds`` and
+    ``blocks`` are empty: _write folds and encodes what is fresh). ``folds``:
+    fold_rows of the batch; ``blocks``: block_rows of it.
     """
-    blocks: list[tuple[Any, tuple[Any, ...]]] = []
-    for trace_id, group in groups.items():
-        if trace_id is None:
-            stamps = [item[1] for item in group]
-            lo, hi = min(stamps), max(stamps)
-        else:
-            fold = folds[trace_id]  # its started / ended are the group's ts bounds
-            lo, hi = fold[1], fold[2]
-        blocks.append((trace_id, (len(group), lo, hi, encode_block(group))))
-    return blocks
+
+    __slots__ = ("batch", "blocks", "folds", "own")
+
+    def __init__(self, batch: list[Any], own: dict[Any, Ranges] | None,
+                 folds: dict[Any, list[Any]], blocks: list[tuple[Any, ...]]) -> None:
+        self.batch, self.own, self.folds, self.blocks = batch, own, folds, blocks
+
+
+def _joined(stored: Mapping[Any, Ranges], own: Mapping[Any, Ranges]
+            ) -> dict[Any, Ranges] | None:
+    """Each flow's ranges with ``own``'s added (adjacent ones joined), or None if any
+    of ``own``'s seqs is stored already: split_fresh's answer when nothing is dropped.
+    """
+    joined: dict[Any, Ranges] = {}
+    for flow_id, new in own.items():
+        merged: Ranges = []
+        for lo, hi in sorted([*stored.get(flow_id, ()), *new]):
+            if merged and lo <= merged[-1][1]:
+                return None  # sorted by lo, so any overlap shows against the last one
+            if merged and lo == merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], hi)
+            else:
+                merged.append((lo, hi))
+        joined[flow_id] = merged
+    return joined
 
 
 def _summary(row: Any) -> TraceSummary:
