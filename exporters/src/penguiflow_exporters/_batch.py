@@ -78,9 +78,12 @@ BLOCK_EVENTS = 2000
 # -- items ---------------------------------------------------------------------------------
 
 
-def group_by_trace(items: Iterable[tuple[Any, ...]]) -> dict[Any, list[tuple[Any, ...]]]:
-    """``items`` per trace id (None for trace-less events), in order of first appearance."""
-    groups: dict[Any, list[tuple[Any, ...]]] = {}
+def group_by_trace(items: Iterable[tuple[Any, ...]], *,
+                   into: dict[Any, list[tuple[Any, ...]]] | None = None
+                   ) -> dict[Any, list[tuple[Any, ...]]]:
+    """``items`` per trace id (None for trace-less events), in order of first appearance;
+    added to ``into`` when given (to group a batch a slice at a time)."""
+    groups: dict[Any, list[tuple[Any, ...]]] = {} if into is None else into
     get = groups.get
     for item in items:
         group = get(item[0])

@@ -3,53 +3,29 @@
 :class:`BatchWriter` stores a batch of block items (see _batch.py) in one
 transaction: trace and flow keys, the seq ranges that make writes idempotent, the
 summaries, the blocks. :class:`~penguiflow_exporters.sqlite.SQLiteStateStore`
-runs it in a child process by default (``writer="process"``), or on its worker
-thread (``writer="thread"``).
+runs it in a child process by default (``writer="process"``, see _writer_proc.py
+for why), or on its worker thread (``writer="thread"``).
 
-Why a process. Python holds one lock (the GIL) per process. Folding, encoding and
-binding a batch hold it ~2 us per event, and SQLite gives it up at every row it
-writes and must then win it back from the flow's event loop, waiting out the
-switch interval (5 ms) each time the loop is busy. On the 2-core CI machine a
-store on a thread put the chain benchmark at ~2.8x its time without a store; the
-flow's process now only pickles each batch (~0.6 us per runtime event) into a
-pipe. This module and _batch.py import nothing from penguiflow, so the child
-starts in ~0.1 s instead of the ~0.8 s the core takes to import.
-
-Protocol (``python -m penguiflow_exporters._sqlite_write``, stdin/stdout are
-the pipe; the child's prints go to stderr): frames of one op byte, an 8-byte
-big-endian length, and a pickled payload.
-
-* ``I`` (init): ``{"path", "terminal", "errors", "busy_timeout_ms"}``; the parent
-  has created and migrated the file.
-* ``W`` (write): a pickled list of blocks (encode_block outputs, see
-  :meth:`BatchWriter.write_blocks`): the parent groups and encodes, block by block
-  (so that its event loop is never held long), and the child stores the blocks
-  as they are, decoding them only to fold and deduplicate.
-* ``Q`` (quit).
-
-Replies: ``K`` with the result (``None``, or for a write the positions of the
-items not stored because already stored, when any), or ``E`` with
-``(sqlite_errorcode or None, message)``.
+The child's batches (``W`` frames) are a pickled list of blocks: the parent groups
+its batch by trace and encodes each block (see :meth:`BatchWriter.write_blocks`),
+so the child stores them as they came, decoding them only to fold and deduplicate.
+On the 2-core CI machine a thread writer put the chain benchmark at ~2.8x its time
+without a store, the process writer at ~2x.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
-import os
 import pickle
 import sqlite3
-import struct
-import subprocess
-import sys
 from collections.abc import Iterable, Mapping
 from operator import itemgetter
-from typing import Any, BinaryIO
+from typing import Any
 
 from ._batch import Ranges, block_rows, fold_rows, split_fresh
+from ._writer_proc import serve
 
-__all__ = ["BatchWriter", "WriterError", "WriterProcess", "main", "read_frame", "write_frame"]
+__all__ = ["BatchWriter", "main"]
 
 _INSERT_BLOCK = ("INSERT INTO blocks (trace_key, first, n, ts_lo, ts_hi, data) "
                  "VALUES (?, ?, ?, ?, ?, ?)")
@@ -287,161 +263,26 @@ class BatchWriter:
         return keys, new
 
 
-# -- the writer process ----------------------------------------------------------------
+class _Handler:
+    """The SQLite writer process's handler (see _writer_proc.serve)."""
 
-_HEADER = struct.Struct(">cQ")
+    def __init__(self) -> None:
+        self._writer: BatchWriter | None = None
 
+    def init(self, options: dict[str, Any]) -> None:
+        conn = sqlite3.connect(options["path"], isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(options['busy_timeout_ms'])}")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        self._writer = BatchWriter(conn, terminal=options["terminal"], errors=options["errors"])
 
-def write_frame(out: BinaryIO, op: bytes, payload: bytes) -> None:
-    """Write one frame (see the module docstring) and flush it."""
-    out.write(_HEADER.pack(op, len(payload)))
-    out.write(payload)
-    out.flush()
-
-
-def read_frame(inp: BinaryIO) -> tuple[bytes, bytes]:
-    """Read one frame; raises EOFError when the other end is gone."""
-    header = inp.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        raise EOFError("the other end of the writer pipe closed")
-    op, size = _HEADER.unpack(header)
-    payload = inp.read(size)
-    if len(payload) < size:
-        raise EOFError("the other end of the writer pipe closed mid-frame")
-    return op, payload
-
-
-def _serve(inp: BinaryIO, out: BinaryIO) -> None:
-    writer: BatchWriter | None = None
-    while True:
-        try:
-            op, payload = read_frame(inp)
-        except EOFError:
-            return  # the store (or its process) is gone
-        try:
-            if op == b"Q":
-                write_frame(out, b"K", pickle.dumps(None))
-                return
-            if op == b"I":
-                init = pickle.loads(payload)
-                conn = sqlite3.connect(init["path"], isolation_level=None)
-                conn.execute(f"PRAGMA busy_timeout = {int(init['busy_timeout_ms'])}")
-                conn.execute("PRAGMA synchronous = NORMAL")
-                writer = BatchWriter(conn, terminal=init["terminal"], errors=init["errors"])
-                result: Any = None
-            elif op == b"W" and writer is not None:
-                result = writer.write_blocks(pickle.loads(payload))
-            else:
-                raise ValueError(f"unexpected frame {op!r} (init first)")
-        except Exception as exc:
-            code = getattr(exc, "sqlite_errorcode", None)
-            write_frame(out, b"E", pickle.dumps((code, f"{type(exc).__name__}: {exc}")))
-            continue
-        write_frame(out, b"K", pickle.dumps(result))
-
-
-class WriterError(Exception):
-    """The writer process reported a failure (``code``: the SQLite error code, if any),
-    or is gone (``code`` None, ``gone`` True)."""
-
-    def __init__(self, message: str, code: int | None = None, *, gone: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.gone = gone
-
-
-class WriterProcess:
-    """The parent's end: a writer process for one database file, started on first use.
-
-    ``request`` blocks (it runs on the store's worker thread, which gives up the GIL
-    while it waits) and is not thread-safe: one thread uses it. A writer that dies
-    is reported once (:class:`WriterError` with ``gone``) and started anew by the
-    next request.
-    """
-
-    def __init__(self, path: str, init: Mapping[str, Any]) -> None:
-        self.path = path
-        self._init = dict(init, path=path)
-        self._proc: subprocess.Popen[bytes] | None = None
-        #: Processes started so far (1 unless one died).
-        self.started = 0
-
-    @property
-    def pid(self) -> int | None:
-        """The running writer's process id, if one is running."""
-        return None if self._proc is None or self._proc.poll() is not None else self._proc.pid
-
-    def _start(self) -> subprocess.Popen[bytes]:
-        # This package's directory on the child's path, whatever put it on ours.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        proc = subprocess.Popen([sys.executable, "-m", "penguiflow_exporters._sqlite_write"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        self._proc = proc
-        self.started += 1
-        self._exchange(proc, b"I", pickle.dumps(self._init))
-        return proc
-
-    def request(self, op: bytes, payload: bytes) -> Any:
-        """Send one frame and return the reply's result.
-
-        Raises:
-            WriterError: the writer failed (the transaction was rolled back), or
-                could not be started, or died.
-        """
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            try:
-                proc = self._start()
-            except OSError as exc:
-                raise WriterError(f"cannot start the writer process ({exc})", gone=True) from exc
-        return self._exchange(proc, op, payload)
-
-    def _exchange(self, proc: subprocess.Popen[bytes], op: bytes, payload: bytes) -> Any:
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            write_frame(proc.stdin, op, payload)  # type: ignore[arg-type]
-            kind, reply = read_frame(proc.stdout)  # type: ignore[arg-type]
-        except (OSError, EOFError) as exc:
-            self._reap(proc)
-            raise WriterError(f"the writer process exited (code {proc.returncode})",
-                              gone=True) from exc
-        if kind == b"E":
-            code, message = pickle.loads(reply)
-            raise WriterError(message, code)
-        return pickle.loads(reply)
-
-    def _reap(self, proc: subprocess.Popen[bytes]) -> None:
-        self._proc = None
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def close(self) -> None:
-        """Ask the writer to quit and wait for it (killed after 5 s); idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(WriterError):
-                self._exchange(proc, b"Q", b"")
-        self._reap(proc)
+    def write(self, payload: bytes) -> list[int] | None:
+        assert self._writer is not None
+        return self._writer.write_blocks(pickle.loads(payload))
 
 
 def main() -> None:
-    """The child's entry point: serve the store on stdin/stdout until told to quit."""
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # a stray print must not corrupt the pipe
-    # Its heap is a batch at a time, freed by reference counting: collect rarely.
-    gc.set_threshold(100_000, 50, 50)
-    _serve(inp, out)
+    """The child's entry point (``python -m penguiflow_exporters._sqlite_write``)."""
+    serve(_Handler())
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ from ._blocks import (
 )
 from ._buffered import BufferedStore
 from ._gc import gc_paused
-from ._sqlite_write import BatchWriter, WriterError, WriterProcess
+from ._sqlite_write import BatchWriter
+from ._writer_proc import WriterError, WriterProcess
 
 __all__ = ["DEFAULT_PATH", "SCHEMA_VERSION", "SQLiteStateStore"]
 
@@ -412,8 +413,9 @@ class SQLiteStateStore(BufferedStore):
         # The writer process (started by the first batch), or, for writer="thread",
         # the BatchWriter on the worker thread's connection (built on first use).
         self._proc_writer: WriterProcess | None = None if writer == "thread" else WriterProcess(
-            str(self.path), {"terminal": _TERMINAL_KINDS, "errors": _ERROR_KINDS,
-                             "busy_timeout_ms": _BUSY_TIMEOUT_MS})
+            "penguiflow_exporters._sqlite_write",
+            {"path": str(self.path), "terminal": _TERMINAL_KINDS, "errors": _ERROR_KINDS,
+             "busy_timeout_ms": _BUSY_TIMEOUT_MS})
         self._batch_writer: BatchWriter | None = None
 
     def __repr__(self) -> str:
@@ -568,11 +570,17 @@ class SQLiteStateStore(BufferedStore):
         encoded a few blocks at a time, yielding in between, so that the loop is
         never held more than a few milliseconds.
         """
-        with gc_paused():  # a tuple per StoredEvent: see _write_sync
-            items = [item if type(item) is tuple else stored_item(item) for item in batch]
-            if self._proc_writer is None:
-                return batch, items
-            groups = group_by_trace(items)
+        if self._proc_writer is None:
+            with gc_paused():  # a tuple per StoredEvent: see _write_sync
+                return batch, [item if type(item) is tuple else stored_item(item)
+                               for item in batch]
+        groups: dict[Any, list[tuple[Any, ...]]] = {}
+        for start in range(0, len(batch), BLOCK_EVENTS):
+            if start:
+                await asyncio.sleep(0)
+            with gc_paused():
+                group_by_trace((item if type(item) is tuple else stored_item(item)
+                                for item in batch[start:start + BLOCK_EVENTS]), into=groups)
         blocks: list[bytes] = []
         encoded = 0
         for group in groups.values():

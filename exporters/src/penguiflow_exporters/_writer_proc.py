@@ -1,0 +1,205 @@
+"""Writer processes: a store's batches written by a child Python process, over a pipe.
+
+Why. Python runs Python on one core at a time per process (the GIL). A store
+writing on a thread of the flow's process takes its CPU (folding, encoding,
+binding rows: ~2-4 us per event) from the flow, and every time the driver gives
+the GIL up for I/O it must win it back from the busy event loop, waiting out the
+switch interval (5 ms). A child process does that work on another core; the
+flow's process only encodes each batch (already needed) and writes it to a pipe.
+
+The child runs ``python -m <module>`` (a module whose main() calls :func:`serve`
+with its :class:`Handler`); such modules import nothing from penguiflow, so a
+child starts in ~0.1 s instead of the ~0.8 s the core takes to import. Its
+stderr is the parent's.
+
+Protocol: frames of one op byte, an 8-byte big-endian length, and a payload.
+Parent to child: ``I`` (init, a pickled dict of options), ``W`` (a batch: the
+handler's own payload), ``Q`` (quit). Child to parent: ``K`` (the pickled result)
+or ``E`` (a pickled :func:`describe` of the exception; the loop goes on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, BinaryIO, Protocol
+
+__all__ = ["Handler", "WriterError", "WriterProcess", "describe", "read_frame", "serve",
+           "write_frame"]
+
+_HEADER = struct.Struct(">cQ")
+
+
+def write_frame(out: BinaryIO, op: bytes, payload: bytes) -> None:
+    """Write one frame (see the module docstring) and flush it."""
+    out.write(_HEADER.pack(op, len(payload)))
+    out.write(payload)
+    out.flush()
+
+
+def read_frame(inp: BinaryIO) -> tuple[bytes, bytes]:
+    """Read one frame; raises EOFError when the other end is gone."""
+    header = inp.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError("the other end of the writer pipe closed")
+    op, size = _HEADER.unpack(header)
+    payload = inp.read(size)
+    if len(payload) < size:
+        raise EOFError("the other end of the writer pipe closed mid-frame")
+    return op, payload
+
+
+class Handler(Protocol):
+    """What a writer process serves: ``init`` once, then ``write`` per batch."""
+
+    def init(self, options: dict[str, Any]) -> None: ...
+
+    def write(self, payload: bytes) -> Any: ...
+
+
+def serve(handler: Handler, inp: BinaryIO | None = None, out: BinaryIO | None = None) -> None:
+    """Serve ``handler`` on the pipe (default: stdin/stdout) until ``Q`` or EOF.
+
+    A handler's exception is reported (``E``) and the loop goes on: the parent
+    decides what a failed batch means.
+    """
+    if inp is None or out is None:
+        inp, out = sys.stdin.buffer, sys.stdout.buffer
+        sys.stdout = sys.stderr  # a stray print must not corrupt the pipe
+    # Its heap is a batch at a time, freed by reference counting: collect rarely.
+    gc.set_threshold(100_000, 50, 50)
+    ready = False
+    while True:
+        try:
+            op, payload = read_frame(inp)
+        except EOFError:
+            return  # the store (or its process) is gone
+        try:
+            if op == b"Q":
+                write_frame(out, b"K", pickle.dumps(None))
+                return
+            if op == b"I":
+                handler.init(pickle.loads(payload))
+                ready = True
+                result: Any = None
+            elif op == b"W" and ready:
+                result = handler.write(payload)
+            else:
+                raise ValueError(f"unexpected frame {op!r} (init first)")
+        except Exception as exc:
+            write_frame(out, b"E", pickle.dumps(describe(exc)))
+            continue
+        write_frame(out, b"K", pickle.dumps(result))
+
+
+def describe(exc: BaseException) -> dict[str, Any]:
+    """What the parent needs of a handler's exception: its class names (most derived
+    first), the SQLite error code if any, and the message."""
+    return {"types": [t.__name__ for t in type(exc).__mro__],
+            "code": getattr(exc, "sqlite_errorcode", None),
+            "message": f"{type(exc).__name__}: {exc}"}
+
+
+class WriterError(Exception):
+    """The writer process reported a failure (``types``: the exception's class names,
+    most derived first; ``code``: its SQLite error code, if any), or is gone
+    (``gone`` True)."""
+
+    def __init__(self, message: str, code: int | None = None, *, gone: bool = False,
+                 types: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.gone = gone
+        self.types = tuple(types)
+
+
+class WriterProcess:
+    """The parent's end: one writer process, started on first use.
+
+    ``request`` blocks (it runs on the store's worker thread, which gives up the GIL
+    while it waits) and is not thread-safe: one thread uses it. A writer that dies
+    is reported once (:class:`WriterError` with ``gone``) and started anew by the
+    next request.
+    """
+
+    def __init__(self, module: str, init: Mapping[str, Any]) -> None:
+        #: The module the child runs (``python -m module``); its main() calls serve().
+        self.module = module
+        self._init = dict(init)
+        self._proc: subprocess.Popen[bytes] | None = None
+        #: Processes started so far (1 unless one died).
+        self.started = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The running writer's process id, if one is running."""
+        return None if self._proc is None or self._proc.poll() is not None else self._proc.pid
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        # This package's directory on the child's path, whatever put it on ours.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        proc = subprocess.Popen([sys.executable, "-m", self.module],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self._proc = proc
+        self.started += 1
+        self._exchange(proc, b"I", pickle.dumps(self._init))
+        return proc
+
+    def request(self, op: bytes, payload: bytes) -> Any:
+        """Send one frame and return the reply's result.
+
+        Raises:
+            WriterError: the writer failed (the transaction was rolled back), or
+                could not be started, or died.
+        """
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            try:
+                proc = self._start()
+            except OSError as exc:
+                raise WriterError(f"cannot start the writer process ({exc})", gone=True) from exc
+        return self._exchange(proc, op, payload)
+
+    def _exchange(self, proc: subprocess.Popen[bytes], op: bytes, payload: bytes) -> Any:
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            write_frame(proc.stdin, op, payload)  # type: ignore[arg-type]
+            kind, reply = read_frame(proc.stdout)  # type: ignore[arg-type]
+        except (OSError, EOFError) as exc:
+            self._reap(proc)
+            raise WriterError(f"the writer process exited (code {proc.returncode})",
+                              gone=True) from exc
+        if kind == b"E":
+            error = pickle.loads(reply)
+            raise WriterError(error["message"], error["code"], types=error["types"])
+        return pickle.loads(reply)
+
+    def _reap(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = None
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        """Ask the writer to quit and wait for it (killed after 5 s); idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(WriterError):
+                self._exchange(proc, b"Q", b"")
+        self._reap(proc)
