@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from penguiflow.state import StateStoreError, StoredEvent, stored_from_fields
+from penguiflow_exporters._batch import block_heads, block_items
 from penguiflow_exporters._blocks import (
     decode_block,
     encode_block,
@@ -100,13 +101,15 @@ class Evil:
 
 def test_a_block_naming_anything_but_plain_data_is_refused_not_run() -> None:
     with pytest.raises(StateStoreError, match=r"corrupt event block.*posix\.system"):
-        decode_block(pickle.dumps([Evil()]))
+        decode_block(pickle.dumps([Evil()]) + pickle.dumps([()]))
     with pytest.raises(StateStoreError, match="corrupt event block"):
         decode_block(b"not a pickle")
-    with pytest.raises(StateStoreError, match="not a list"):
-        decode_block(pickle.dumps({"a": 1}))
+    with pytest.raises(StateStoreError, match="corrupt event block"):
+        decode_block(pickle.dumps([("t", 1.0)]))  # truncated: heads without tails
+    with pytest.raises(StateStoreError, match="not two lists of one length"):
+        decode_block(pickle.dumps({"a": 1}) + pickle.dumps([]))
     with pytest.raises(StateStoreError, match="an event of 2 fields"):
-        events_of(decode_block(pickle.dumps([("t", 1.0)])))
+        events_of(decode_block(pickle.dumps([("t",)]) + pickle.dumps([(1.0,)])))
 
 
 def test_group_by_trace_keeps_order_of_first_appearance() -> None:
@@ -147,7 +150,18 @@ def test_merge_ranges() -> None:
 
 def test_pickler_leaves_plain_data_alone() -> None:
     # Exact built-in types never reach the override: a block of plain items is
-    # byte for byte what pickle writes.
+    # byte for byte what pickle writes (heads, then tails, one memo).
     items = [runtime_fields("t", i, extra={"k": [1, 2.5, None]}) for i in range(1, 5)]
-    assert encode_block(items) == pickle.dumps(items, 5)
-    assert pickle.Unpickler(io.BytesIO(encode_block(items))).load() == items
+    buffer = io.BytesIO()
+    plain = pickle.Pickler(buffer, 5)
+    plain.dump([item[:14] for item in items])
+    plain.dump([item[14:] for item in items])
+    assert encode_block(items) == buffer.getvalue()
+
+
+def test_a_writer_reads_the_heads_alone_and_the_whole_items() -> None:
+    items = [runtime_fields("t", 1), stored_item(StoredEvent("t", 2.0, "custom", None, None,
+                                                             {"a": 1}, seq=2, flow_id="f1"))]
+    data = encode_block(items)
+    assert block_heads(data) == [item[:14] for item in items]
+    assert block_items(data) == items == decode_block(data)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import pickle
 from collections.abc import Callable, Iterable, Mapping
-from operator import attrgetter
+from operator import add, attrgetter
 from typing import Any
 
 from penguiflow.metrics import event_payload
@@ -70,12 +70,16 @@ def decode_block(data: bytes | bytearray | memoryview) -> list[tuple[Any, ...]]:
             truncated, or naming anything but plain data).
     """
     try:
-        items = _Unpickler(io.BytesIO(data)).load()
+        unpickler = _Unpickler(io.BytesIO(data))
+        heads, tails = unpickler.load(), unpickler.load()
     except Exception as exc:
         raise StateStoreError(f"corrupt event block ({type(exc).__name__}: {exc})") from exc
-    if type(items) is not list:
-        raise StateStoreError(f"corrupt event block (a {type(items).__name__}, not a list)")
-    return items
+    if type(heads) is not list or type(tails) is not list or len(heads) != len(tails):
+        raise StateStoreError("corrupt event block (not two lists of one length)")
+    try:
+        return list(map(add, heads, tails))
+    except TypeError as exc:
+        raise StateStoreError(f"corrupt event block ({exc})") from exc
 
 
 def events_of(items: Iterable[tuple[Any, ...]]) -> list[StoredEvent]:

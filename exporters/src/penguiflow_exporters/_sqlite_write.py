@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import pickle
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from operator import itemgetter
 from typing import Any
 
-from ._batch import Ranges, block_rows, fold_rows, split_fresh
+from ._batch import Ranges, block_heads, block_items, block_rows, fold_rows, split_fresh
 from ._writer_proc import serve
 
 __all__ = ["BatchWriter", "main"]
@@ -110,36 +110,47 @@ class BatchWriter:
         """Store a batch the parent already encoded as blocks (the writer process's way).
 
         ``blocks`` are encode_block() outputs, each of one trace's consecutive
-        events (at most BLOCK_EVENTS), in batch order. They are decoded to fold and
-        deduplicate, but stored as they came: the parent's encoding is not redone.
-        Returns what :meth:`write` does, positions counted over the blocks' items.
+        events (at most BLOCK_EVENTS), in batch order. Only their heads are decoded
+        (to fold and deduplicate; a StoredEvent's payload is most of a block's
+        decoding), and they are stored as they came: the parent's encoding is not
+        redone, unless some events were stored already. Returns what :meth:`write`
+        does, positions counted over the blocks' items.
         """
-        items: list[tuple[Any, ...]] = []
+        heads: list[tuple[Any, ...]] = []
         rows: list[tuple[Any, ...]] = []
         offsets: dict[Any, int] = {}
         for data in blocks:
-            block = pickle.loads(data)  # written by our parent, from plain data
+            block = block_heads(data)
             trace_id = block[0][0]
             offset = offsets.get(trace_id, 0)
             offsets[trace_id] = offset + len(block)
             stamps = list(map(_ts_of, block))
             rows.append((trace_id, offset, len(block), min(stamps), max(stamps), data))
-            items += block
-        folds = fold_rows(items, 0, 1, 2, 3, 10, 12, terminal=self._terminal,
+            heads += block
+        folds = fold_rows(heads, 0, 1, 2, 3, 10, 12, terminal=self._terminal,
                           errors=self._errors)
-        return self._retrying(items, folds, rows)
+
+        def items() -> list[tuple[Any, ...]]:
+            return [item for data in blocks for item in block_items(data)]
+
+        return self._retrying(heads, folds, rows, items)
 
     def _retrying(self, items: list[tuple[Any, ...]], folds: dict[Any, list[Any]],
-                  blocks: list[tuple[Any, ...]]) -> list[int] | None:
+                  blocks: list[tuple[Any, ...]],
+                  whole: Callable[[], list[tuple[Any, ...]]] | None = None
+                  ) -> list[int] | None:
         while True:
             try:
-                return self._store(items, folds, blocks)
+                return self._store(items, folds, blocks, whole)
             except _StaleKeys:
                 self._trace_keys.clear()
                 self._flow_keys.clear()
 
     def _store(self, items: list[tuple[Any, ...]], folds: dict[Any, list[Any]],
-               blocks: list[tuple[Any, ...]]) -> list[int] | None:
+               blocks: list[tuple[Any, ...]],
+               whole: Callable[[], list[tuple[Any, ...]]] | None) -> list[int] | None:
+        """Store a folded batch; ``items`` may be heads only (``item[:14]``), then
+        ``whole()`` gives the whole items, which a re-delivery needs to re-encode."""
         conn = self.conn
         # The write lock up front: a batch reads the keys, ranges and counts it updates.
         conn.execute("BEGIN IMMEDIATE")
@@ -151,6 +162,9 @@ class BatchWriter:
             if fresh is not items:  # re-delivered events: keep only the others
                 kept = set(map(id, fresh))
                 skipped = [i for i, item in enumerate(items) if id(item) not in kept]
+                if whole is not None:
+                    dropped = set(skipped)
+                    fresh = [item for i, item in enumerate(whole()) if i not in dropped]
                 groups: dict[Any, list[tuple[Any, ...]]] = {}
                 folds = fold_rows(fresh, 0, 1, 2, 3, 10, 12, terminal=self._terminal,
                                   errors=self._errors, groups=groups)
