@@ -1,10 +1,10 @@
 """Event blocks and batch folds: the write path the durable stores share (stdlib only).
 
 This module imports nothing from penguiflow (nor from this package's other
-modules): the SQLite store's writer process (_sqlite_write) runs it, and starts in
-milliseconds because of that. The readers' side is _blocks.py.
-Event blocks: how the durable stores (schema 4) keep events, several to a row.
+modules): the stores' writer processes run it (see _writer_proc.py), and start in
+~0.1 s because of that. The readers' side is _blocks.py.
 
+Event blocks are how the durable stores (schema 4) keep events, several to a row.
 A batch's events are grouped by trace, and each trace's share becomes one
 *block*: one row holding those events, in order, as one encoded value. Why: on
 the 2-core CI machine a row costs 5-10 us to insert into an indexed table
@@ -22,16 +22,18 @@ span id, parent span id, seq, attempt, queued ts, flow name, flow id):
   rebuilt on read with :func:`penguiflow.metrics.event_payload`, as the runtime
   builds it);
 * 15 items: a :class:`StoredEvent` handed to ``save_event``, its whole payload
-  (a dict) at position 14 (:func:`stored_item`).
+  (a dict) at position 14 (``_blocks.stored_item``).
 
 Encoding. ``pickle`` protocol 5: ~0.3-0.8 us per event to encode and ~0.7 to
 decode, against ~5.7 and ~4.6 for JSON on the CI machine, and half the bytes
-(repeated strings are written once per block). Only plain data is written:
-anything else (a read-only mapping, an enum, a user object in ``extra``) is
-replaced on the way in by its plain equivalent (dict, int, str, ...) or by its
-``str()``, as the JSON stores did. Reading is restricted to those types: a block
-that names anything else (tampered with, or written by another tool) is refused
-with :class:`StateStoreError`, never executed. The flip side: blocks are opaque
+(repeated strings are written once per block). A block is two pickles with one
+memo: the items' first fourteen fields, then the rest (:func:`encode_block`).
+Only plain data is written: anything else (a read-only mapping, an enum, a user
+object in ``extra``) is replaced on the way in by its plain equivalent (dict,
+int, str, ...) or by its ``str()``, as the JSON stores did. The readers
+(_blocks.decode_block) are restricted to those types: a block that names
+anything else (tampered with, or written by another tool) is refused with
+``StateStoreError``, never executed. The flip side: blocks are opaque
 to SQL; read events through a store (``load_history``, ``penguiflow-admin
 history``, ``pf export``).
 
