@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import logging
@@ -808,3 +809,17 @@ async def test_close_stops_the_writer_process(tmp_path: Path) -> None:
     assert writer.pid is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # reaped, not a zombie
+
+
+def test_a_store_dropped_without_close_ends_its_writer_process(tmp_path: Path) -> None:
+    async def leak() -> subprocess.Popen[bytes]:
+        store = SQLiteStateStore(tmp_path / "t.db")  # never closed
+        await store.save_events(invocation("t", "a", 1.0, 2.0))
+        await store.flush()
+        assert store._proc_writer is not None and store._proc_writer._proc is not None
+        return store._proc_writer._proc
+
+    proc = asyncio.run(leak())  # the loop, its tasks and the store are gone after
+    gc.collect()
+    # The child sees its pipe close and exits (waited on, not slept on).
+    assert proc.wait(timeout=10) == 0

@@ -27,6 +27,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO, Protocol
 
@@ -149,6 +150,8 @@ class WriterProcess:
         proc = subprocess.Popen([sys.executable, "-m", self.module],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._proc = proc
+        # A store dropped without close(): closing its end of the pipe ends the child.
+        weakref.finalize(self, _close_quietly, proc.stdin, proc.stdout)
         self.started += 1
         self._exchange(proc, b"I", pickle.dumps(self._init))
         return proc
@@ -203,3 +206,9 @@ class WriterProcess:
             with contextlib.suppress(WriterError):
                 self._exchange(proc, b"Q", b"")
         self._reap(proc)
+
+
+def _close_quietly(*streams: Any) -> None:
+    for stream in streams:
+        with contextlib.suppress(OSError):
+            stream.close()
