@@ -150,13 +150,16 @@ def test_merge_ranges() -> None:
 
 def test_pickler_leaves_plain_data_alone() -> None:
     # Exact built-in types never reach the override: a block of plain items is
-    # byte for byte what pickle writes (heads, then tails, one memo).
+    # byte for byte what pickle writes: runtime items as one list; otherwise heads,
+    # then tails, with one memo.
     items = [runtime_fields("t", i, extra={"k": [1, 2.5, None]}) for i in range(1, 5)]
+    assert encode_block(items) == pickle.dumps(items, 5)
+    mixed = [*items, stored_item(StoredEvent("t", 2.0, "custom", None, None, {}, seq=9))]
     buffer = io.BytesIO()
     plain = pickle.Pickler(buffer, 5)
-    plain.dump([item[:14] for item in items])
-    plain.dump([item[14:] for item in items])
-    assert encode_block(items) == buffer.getvalue()
+    plain.dump([item[:14] for item in mixed])
+    plain.dump([item[14:] for item in mixed])
+    assert encode_block(mixed) == buffer.getvalue()
 
 
 def test_a_writer_reads_the_heads_alone_and_the_whole_items() -> None:
@@ -165,3 +168,7 @@ def test_a_writer_reads_the_heads_alone_and_the_whole_items() -> None:
     data = encode_block(items)
     assert block_heads(data) == [item[:14] for item in items]
     assert block_items(data) == items == decode_block(data)
+    runtime = [runtime_fields("t", 3), runtime_fields("t", 4)]
+    data = encode_block(runtime)
+    assert block_heads(data) == runtime == block_items(data) == decode_block(data)
+    assert block_items(encode_block([])) == [] == decode_block(encode_block([]))

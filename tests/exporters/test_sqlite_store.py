@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -751,22 +752,53 @@ def test_the_writer_module_starts_without_importing_penguiflow() -> None:
     assert out.stdout.strip() == "[]"
 
 
-async def test_a_writer_process_that_dies_costs_one_batch_then_is_replaced(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_writer_process_that_died_between_batches_is_replaced(
+        tmp_path: Path) -> None:
     async with SQLiteStateStore(tmp_path / "t.db", flush_interval_s=3600.0) as store:
         first = invocation("t", "a", 1.0, 2.0)
         await store.save_events(first)
         await store.flush()
         writer = store._proc_writer
-        assert writer is not None and writer.pid is not None and writer.started == 1
-        os.kill(writer.pid, signal.SIGKILL)
-        lost = [ev("t", "node_start", 3.0, node="b")]
+        assert writer is not None and writer._proc is not None and writer.started == 1
+        dead = writer._proc
+        dead.kill()
+        await asyncio.to_thread(dead.wait)
+        later = [ev("t", "node_start", 3.0, node="b")]
+        await store.save_events(later)
+        assert await store.load_history("t") == [*first, *later]  # nothing lost
+        assert writer.started == 2 and store.failures["write_failed"] == 0
+
+
+async def test_a_writer_process_that_dies_mid_batch_loses_that_batch_only(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from penguiflow_exporters import _writer_proc
+
+    reading = threading.Event()
+    read_frame = _writer_proc.read_frame
+
+    def signalling_read(inp: Any) -> tuple[bytes, bytes]:
+        reading.set()  # the batch is in the pipe; the parent waits for the reply
+        return read_frame(inp)
+
+    async with SQLiteStateStore(tmp_path / "t.db", flush_interval_s=3600.0) as store:
+        first = invocation("t", "a", 1.0, 2.0)
+        await store.save_events(first)
+        await store.flush()
+        writer = store._proc_writer
+        assert writer is not None and writer.pid is not None
+        os.kill(writer.pid, signal.SIGSTOP)  # alive, but never answers
+        monkeypatch.setattr(_writer_proc, "read_frame", signalling_read)
         with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
-            await store.save_events(lost)
-            await store.flush()  # absorbed: logged and counted
+            await store.save_events([ev("t", "node_start", 3.0, node="b")])
+            flushing = asyncio.ensure_future(store.flush())
+            assert await asyncio.to_thread(reading.wait, 10)
+            os.kill(writer.pid, signal.SIGKILL)
+            await flushing  # absorbed: logged and counted
         assert store.failures["write_failed"] == 1 and store.failures["events_lost"] == 1
-        assert any("writer process exited" in r.getMessage() + str(r.__dict__.get("error"))
+        assert any("writer process exited" in str(r.__dict__.get("error"))
                    for r in caplog.records)
+        monkeypatch.undo()
         later = [ev("t", "node_success", 4.0, node="b")]
         await store.save_events(later)
         assert await store.load_history("t") == [*first, *later]

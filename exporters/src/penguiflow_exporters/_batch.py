@@ -48,6 +48,7 @@ from __future__ import annotations
 import builtins
 import io
 import pickle
+import threading
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
@@ -182,29 +183,48 @@ class _Pickler(pickle.Pickler):
 _head_of, _tail_of = itemgetter(slice(0, 14)), itemgetter(slice(14, None))
 
 
+_local = threading.local()
+
+
 def encode_block(items: Sequence[tuple[Any, ...]]) -> bytes:
     """``items`` (block tuples, see the module docstring) as one block's bytes.
 
-    Two pickles back to back, with one memo: the items' first fourteen fields
+    Runtime items alone (23 fields each): one pickle of the list. Otherwise two
+    pickles back to back, with one memo: the items' first fourteen fields
     (``item[:14]``), then the rest (``item[14:]``: the payload alone, or the runtime
-    columns and ``extra``). What a writer needs to fold and deduplicate is in the
-    first, so it decodes only that (:func:`block_heads`): for a StoredEvent, the
-    payload dict is most of the decoding. Never raises for odd values: what pickle
-    cannot write even as plain data (a cycle through a replaced mapping, say) is
-    written as its ``str()``, event by event.
+    columns and ``extra``). Either way what a writer needs to fold and deduplicate
+    is in the first pickle, so it decodes only that (:func:`block_heads`): for a
+    StoredEvent, the payload dict is most of the decoding. Never raises for odd
+    values: what pickle cannot write even as plain data (a cycle through a
+    replaced mapping, say) is written as its ``str()``, event by event.
     """
-    buffer = io.BytesIO()
-    pickler = _Pickler(buffer, 5)
+    # One pickler per thread, reset per block: building one per block cost ~0.3 us
+    # per event of a 10-event block (measured).
+    buffer: io.BytesIO
+    pickler: _Pickler
     try:
-        pickler.dump(list(map(_head_of, items)))
-        pickler.dump(list(map(_tail_of, items)))
+        buffer, pickler = _local.pickler
+    except AttributeError:
+        buffer = io.BytesIO()
+        pickler = _Pickler(buffer, 5)
+        _local.pickler = buffer, pickler
+    buffer.seek(0)
+    buffer.truncate()
+    pickler.clear_memo()
+    try:
+        if set(map(len, items)) == {_RUNTIME_LEN}:
+            pickler.dump(items if type(items) is list else list(items))
+        else:
+            pickler.dump(list(map(_head_of, items)))
+            pickler.dump(list(map(_tail_of, items)))
     except (pickle.PicklingError, TypeError, ValueError, RecursionError, AttributeError):
+        del _local.pickler  # its state after a failed dump is not worth trusting
         return encode_block([_safe_item(item) for item in items])
     return buffer.getvalue()
 
 
 def block_heads(data: bytes) -> list[tuple[Any, ...]]:
-    """The first fourteen fields of a block's items (see :func:`encode_block`).
+    """At least the first fourteen fields of a block's items (see :func:`encode_block`).
 
     For blocks this process (or its parent) just encoded: not restricted to plain
     data, unlike the readers' ``decode_block``.
@@ -216,7 +236,9 @@ def block_heads(data: bytes) -> list[tuple[Any, ...]]:
 def block_items(data: bytes) -> list[tuple[Any, ...]]:
     """A block's whole items (see :func:`block_heads` for which blocks)."""
     unpickler = pickle.Unpickler(io.BytesIO(data))
-    heads = unpickler.load()
+    heads: list[tuple[Any, ...]] = unpickler.load()
+    if heads and len(heads[0]) == _RUNTIME_LEN:
+        return heads
     return list(map(add, heads, unpickler.load()))
 
 

@@ -71,7 +71,11 @@ def decode_block(data: bytes | bytearray | memoryview) -> list[tuple[Any, ...]]:
     """
     try:
         unpickler = _Unpickler(io.BytesIO(data))
-        heads, tails = unpickler.load(), unpickler.load()
+        heads = unpickler.load()
+        if type(heads) is list and heads and type(heads[0]) is tuple and len(
+                heads[0]) == _RUNTIME_LEN:
+            return heads  # runtime items alone: one pickle (see encode_block)
+        tails = unpickler.load()
     except Exception as exc:
         raise StateStoreError(f"corrupt event block ({type(exc).__name__}: {exc})") from exc
     if type(heads) is not list or type(tails) is not list or len(heads) != len(tails):
