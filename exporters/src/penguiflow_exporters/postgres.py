@@ -46,6 +46,22 @@ Measured per 10,000 events of the benchmark: encoding ~15-25 ms, the summary
 upsert ~25-30 ms (one row per trace: traces of 10 events make it the largest
 server cost), the COPY ~15-20 ms.
 
+Where batches are written (``writer``). The transaction's code (SQL, folding,
+re-encoding a re-delivery) is _pg_write.BatchWriter, run either way:
+
+* ``"process"`` (default): by a child process (``python -m
+  penguiflow_exporters._pg_write``, its own asyncpg connection and event loop),
+  through one worker thread of the store (see _writer_proc.py). ``_prepare`` only
+  groups the batch by trace and encodes its blocks; the child decodes their heads
+  to fold and deduplicate and stores the bytes as they came. Why: on the loop,
+  folding, binding and the driver (~4 us per event) share the flow's process and
+  GIL: the chain N=5 benchmark with the store ran at 2.2-4.5x its time without
+  one. ``open()`` starts the child in the background (~0.25 s: interpreter,
+  asyncpg, connection); batches taken before it is ready are written on the loop.
+  A child that dies costs its batch (StoreUnavailable, counted); the next batch
+  starts a new one.
+* ``"loop"``: on the flow's event loop, with the pool (the behaviour before).
+
 Concurrency (any number of stores, in any number of processes):
 
 * ``open()`` migrates under a transaction-scoped advisory lock, so processes
@@ -68,24 +84,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import pickle
 import re
 import zlib
 from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Iterable,
     Iterator,
-    Mapping,
     Sequence,
 )
-from typing import Any, Final
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Final, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
 from penguiflow._memory_store import check_page
 from penguiflow.state import (
+    _ERROR_KINDS,
+    _TERMINAL_KINDS,
     RemoteBinding,
     StateStoreError,
     StoredEvent,
@@ -96,39 +114,32 @@ from penguiflow.state import (
 
 from ._blocks import (
     BLOCK_EVENTS,
-    Ranges,
     block_rows,
     decode_block,
     encode_block,
     events_of,
+    group_by_trace,
     split_fresh,
     stored_item,
 )
 from ._buffered import BufferedStore
-from ._fold import fold_rows
 from ._gc import gc_paused
+from ._pg_write import ANY_TRACE, BLOCK_COLUMNS, Batch, BatchWriter
+from ._writer_proc import WriterError, WriterProcess
 
 __all__ = ["PostgresStateStore", "SCHEMA_VERSION"]
 
 # Lowercase only, so the name means the same quoted or not; <= 56 characters so
 # that the NOTIFY channel "<schema>.events" fits Postgres' 63-byte identifiers.
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,55}")
-# First keys of the two-key advisory locks ("PFmg", "PFwr"); the second key is
-# derived from the schema name, so stores on different schemas do not contend.
+# First key of the two-key advisory lock migrations take ("PFmg"; writers take
+# _pg_write.WRITE_LOCK); the second key is derived from the schema name, so stores
+# on different schemas do not contend.
 _MIGRATE_LOCK: Final = 0x50466D67
-_WRITE_LOCK: Final = 0x50467772
 _BATCH_SIZE: Final = 10_000
 # Events _prepare converts or encodes between two yields to the event loop.
 _SLICE: Final = 1000
-# Joins a trace's node names for the summary upsert (unit separator).
-_NODE_SEP: Final = "\x1f"
-_NODE_SEP_SQL: Final = "E'\\x1f'"
-# NOTIFY payloads must be shorter than 8000 bytes.
-_NOTIFY_MAX_BYTES: Final = 7900
-# A notification meaning "something changed, whatever the trace" (for trace ids
-# too long to list); NUL marks a lost listener connection, since Postgres text
-# can never contain it.
-_ANY_TRACE: Final = "*"
+# NUL marks a lost listener connection, since Postgres text can never contain it.
 _LISTENER_LOST: Final = "\x00"
 
 _V1: Final = """
@@ -348,14 +359,14 @@ def _v3_item(row: Any) -> tuple[Any, ...]:
 
 def _block_record(trace_key: int | None, first: int, items: Sequence[tuple[Any, ...]]
                   ) -> tuple[Any, ...]:
-    """The ``blocks`` record (_BLOCK_COLUMNS) of ``items``, a trace's events in order."""
+    """The ``blocks`` record (BLOCK_COLUMNS) of ``items``, a trace's events in order."""
     stamps = [item[1] for item in items]
     return (trace_key, first, len(items), min(stamps), max(stamps), encode_block(items))
 
 
 async def _copy_blocks(conn: Any, s: str, records: Sequence[tuple[Any, ...]]) -> None:
     await conn.copy_records_to_table("blocks", schema_name=s.strip('"'),
-                                     columns=_BLOCK_COLUMNS, records=records)
+                                     columns=BLOCK_COLUMNS, records=records)
 
 
 #: Migration ``i`` brings the schema from version ``i`` to ``i + 1``: SQL (``{s}``
@@ -365,7 +376,6 @@ _MIGRATIONS: Final[tuple[str | Callable[[Any, str], Awaitable[None]], ...]] = (
 #: The schema version this module writes; a newer one is refused at open().
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
-_BLOCK_COLUMNS: Final = ("trace_key", "first", "n", "ts_lo", "ts_hi", "data")
 # Positions match _summary() below.
 _SUMMARY_COLUMNS: Final = (
     "trace_id, flow_name, status, started_ts, ended_ts, node_count, error_count, "
@@ -383,6 +393,9 @@ _UNAVAILABLE: Final[tuple[type[BaseException], ...]] = (
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.InvalidCatalogNameError,
 )
+# The same, by class name: how a writer process reports its exceptions (WriterError.types
+# lists every class of the exception's MRO, so subclasses match).
+_UNAVAILABLE_NAMES: Final = frozenset(t.__name__ for t in _UNAVAILABLE)
 _DRIVER_ERRORS: Final[tuple[type[BaseException], ...]] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
@@ -405,11 +418,14 @@ class PostgresStateStore(BufferedStore):
         pool_min / pool_max: asyncpg pool bounds (``follow`` uses its own
             connection besides).
         connect_timeout_s: how long connecting may take before StoreUnavailable.
+        writer: where batches are written: ``"process"`` (default), by a child
+            process with its own connection (see the module docstring), or
+            ``"loop"``, on the flow's event loop with the pool.
         **buffer_kwargs: ``batch_size`` (10,000 here, not 2,000), ``max_buffer``,
             ``flush_interval_s``, ``on_full`` of :class:`BufferedStore`.
 
     Raises:
-        ValueError: an invalid ``schema`` name or pool bounds.
+        ValueError: an invalid ``schema`` name, pool bounds or ``writer``.
         StoreUnavailable: (from the methods) the server cannot be reached or
             refused the credentials, or the store is closed.
         StateStoreError: (from the methods) any other database failure, including
@@ -424,8 +440,11 @@ class PostgresStateStore(BufferedStore):
         pool_min: int = 1,
         pool_max: int = 4,
         connect_timeout_s: float = 10.0,
+        writer: Literal["process", "loop"] = "process",
         **buffer_kwargs: Any,
     ) -> None:
+        if writer not in ("process", "loop"):
+            raise ValueError(f"writer must be 'process' or 'loop'; got {writer!r}")
         if not _SCHEMA_NAME.fullmatch(schema):
             raise ValueError(
                 f"schema must be a lowercase identifier of at most 56 characters "
@@ -447,6 +466,8 @@ class PostgresStateStore(BufferedStore):
         self._pool_min = pool_min
         self._pool_max = pool_max
         self._connect_timeout_s = connect_timeout_s
+        #: ``"process"`` or ``"loop"``: where batches are written.
+        self.writer = writer
         self._pool: Any = None
         self._open_lock = asyncio.Lock()
         # Held by _write for a whole batch, so batches commit in the order they
@@ -476,57 +497,26 @@ class PostgresStateStore(BufferedStore):
         self._sql_follow_trace = (
             f"SELECT id, first, n, data FROM {s}.blocks WHERE trace_key = {key_of} "
             f"AND first >= $2 ORDER BY first, id")
-        self._sql_ranges = (
-            f"SELECT flow_id, lo, hi FROM {s}.flow_seqs WHERE flow_id = ANY($1::text[]) "
-            f"ORDER BY flow_id, lo")
-        # Replaces touched flows' ranges: deletes the rows whose lo is gone (merged
-        # into an earlier range) and upserts the new or grown ones; the two sets of
-        # keys are disjoint, so one statement does both.
-        self._sql_save_ranges = (
-            f"WITH gone AS (DELETE FROM {s}.flow_seqs f USING unnest($1::text[], $2::int8[]) "
-            f"AS d(flow_id, lo) WHERE f.flow_id = d.flow_id AND f.lo = d.lo) "
-            f"INSERT INTO {s}.flow_seqs (flow_id, lo, hi) "
-            f"SELECT * FROM unnest($3::text[], $4::int8[], $5::int8[]) "
-            f"ON CONFLICT (flow_id, lo) DO UPDATE SET hi = EXCLUDED.hi")
-        # Merges a batch's per-trace folds (fold_rows, one array element per trace, in
-        # order of first event, so new traces' first_seen follows arrival order) into
-        # the summaries with TraceSummaryBuilder's semantics, and returns every
-        # touched trace's key and event count (so the count before this batch is the
-        # index of its block's first event). `nodes` arrive as names joined by _NODE_SEP
-        # (string_to_array, ~3x cheaper than a JSON sub-query per trace, measured), or
-        # as JSON arrays (_sql_fold_json) when a name contains that character.
-        self._sql_fold = f"""
-            INSERT INTO {s}.traces AS t (
-                trace_id, flow_name, started_ts, ended_ts, node_count, error_count,
-                remote_call_count, event_count, open_count, cancelled, failed, nodes)
-            SELECT u.trace_id, u.flow_name, u.started_ts, u.ended_ts, u.node_count,
-                   u.error_count, u.remote_call_count, u.event_count, u.open_count,
-                   u.cancelled, u.failed,
-                   string_to_array(u.nodes, {_NODE_SEP_SQL})
-            FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::int4[],
-                        $6::int4[], $7::int4[], $8::int8[], $9::int4[], $10::bool[],
-                        $11::bool[], $12::text[]) WITH ORDINALITY
-                 AS u(trace_id, flow_name, started_ts, ended_ts, node_count, error_count,
-                      remote_call_count, event_count, open_count, cancelled, failed, nodes, n)
-            ORDER BY u.n
-            ON CONFLICT (trace_id) DO UPDATE SET
-                flow_name = COALESCE(t.flow_name, EXCLUDED.flow_name),
-                started_ts = LEAST(t.started_ts, EXCLUDED.started_ts),
-                ended_ts = GREATEST(t.ended_ts, EXCLUDED.ended_ts),
-                node_count = t.node_count + EXCLUDED.node_count,
-                error_count = t.error_count + EXCLUDED.error_count,
-                remote_call_count = t.remote_call_count + EXCLUDED.remote_call_count,
-                event_count = t.event_count + EXCLUDED.event_count,
-                open_count = t.open_count + EXCLUDED.open_count,
-                cancelled = t.cancelled OR EXCLUDED.cancelled,
-                failed = t.failed OR EXCLUDED.failed,
-                nodes = CASE WHEN EXCLUDED.nodes <@ t.nodes THEN t.nodes
-                        ELSE ARRAY(SELECT DISTINCT n FROM unnest(t.nodes || EXCLUDED.nodes) AS n)
-                        END
-            RETURNING trace_id, first_seen, event_count"""
-        self._sql_fold_json = self._sql_fold.replace(
-            f"string_to_array(u.nodes, {_NODE_SEP_SQL})",
-            "ARRAY(SELECT json_array_elements_text(u.nodes::json))")
+        # The transaction, run on the event loop with the pool (writer="loop", and
+        # writer="process" until its writer process is ready).
+        self._batch_writer = BatchWriter(
+            schema, lock_key=self._lock_key, channel=self._channel,
+            terminal=_TERMINAL_KINDS, errors=_ERROR_KINDS, block_events=BLOCK_EVENTS)
+        # writer="process": the child writing batches, the one thread that talks to
+        # it, and the start of both (by open(), see _warm_up).
+        self._proc_writer: WriterProcess | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._warming: Future[None] | None = None
+        # Set while a batch waits for the writer thread to pick it up: see _pause.
+        self._handoff: asyncio.Future[None] | None = None
+        if writer == "process":
+            self._proc_writer = WriterProcess("penguiflow_exporters._pg_write", {
+                "dsn": dsn, "schema": schema, "lock_key": self._lock_key,
+                "channel": self._channel, "terminal": _TERMINAL_KINDS,
+                "errors": _ERROR_KINDS, "block_events": BLOCK_EVENTS,
+                "connect_timeout_s": connect_timeout_s})
+            self._executor = ThreadPoolExecutor(max_workers=1,
+                                                thread_name_prefix="penguiflow-postgres")
 
     def __repr__(self) -> str:
         return f"PostgresStateStore({self._where!r}, schema={self.schema!r})"
@@ -541,14 +531,30 @@ class PostgresStateStore(BufferedStore):
         except StateStoreError:
             raise
         except _UNAVAILABLE as exc:
-            raise StoreUnavailable(
-                f"cannot reach Postgres at {self._where} while {doing}: "
-                f"{type(exc).__name__}: {exc}. Start the server, or fix the host, port, "
-                f"database or credentials in the DSN (e.g. PENGUIFLOW_STORE)") from exc
+            raise self._unavailable(doing, f"{type(exc).__name__}: {exc}") from exc
         except _DRIVER_ERRORS as exc:
-            raise StateStoreError(
-                f"Postgres at {self._where} (schema {self.schema!r}) failed while {doing}: "
-                f"{type(exc).__name__}: {exc}") from exc
+            raise self._failed_while(doing, f"{type(exc).__name__}: {exc}") from exc
+
+    def _unavailable(self, doing: str, error: str) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"cannot reach Postgres at {self._where} while {doing}: {error}. Start the "
+            f"server, or fix the host, port, database or credentials in the DSN "
+            f"(e.g. PENGUIFLOW_STORE)")
+
+    def _failed_while(self, doing: str, error: str) -> StateStoreError:
+        return StateStoreError(
+            f"Postgres at {self._where} (schema {self.schema!r}) failed while {doing}: {error}")
+
+    def _writer_error(self, exc: WriterError) -> StateStoreError:
+        """The store's error for a batch the writer process failed (see _errors)."""
+        if exc.gone:
+            return StoreUnavailable(
+                f"Postgres store at {self._where} (schema {self.schema!r}): {exc}; the "
+                f"batch was not stored, and the next one starts a new writer (or pass "
+                f"writer='loop')")
+        if _UNAVAILABLE_NAMES.intersection(exc.types):
+            return self._unavailable("writing events", str(exc))
+        return self._failed_while("writing events", str(exc))
 
     def _checked_pool(self) -> Any:
         if self._pool is None:
@@ -575,6 +581,12 @@ class PostgresStateStore(BufferedStore):
                 pool.terminate()
                 raise
             self._pool = pool
+            if self._executor is not None and self._warming is None:
+                # Start the writer process now, in the background: it takes ~0.25 s
+                # (the interpreter, asyncpg, a connection), which the first batches
+                # would otherwise wait for (~25% of a 100k-event import, measured);
+                # they are written on the loop meanwhile (see _prepare).
+                self._warming = self._executor.submit(self._warm_up)
 
     async def _migrate(self, conn: Any) -> None:
         s = self._s
@@ -621,6 +633,12 @@ class PostgresStateStore(BufferedStore):
     async def _close(self) -> None:
         for wake in list(self._follow_wakes):
             wake.put_nowait(None)
+        if self._proc_writer is not None and self._executor is not None:
+            # On the writer's thread: after the batch it may be writing (none
+            # should be: close() flushed first).
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._proc_writer.close)
+            self._executor.shutdown(wait=False)
         pool, self._pool = self._pool, None
         if pool is None:
             return
@@ -632,13 +650,65 @@ class PostgresStateStore(BufferedStore):
 
     # -- write path ---------------------------------------------------------------
 
-    async def _prepare(self, batch: list[Any]) -> _Prepared:
-        """Fold and encode ``batch`` as if none of it were stored yet (usually true).
+    async def _prepare(self, batch: list[Any]) -> tuple[list[Any], Any]:
+        """``batch`` ready for ``_write``: as encoded blocks for the writer process
+        (pickled), or folded and encoded for the transaction on the loop (a Batch):
+        with writer="loop", or while the writer process is starting.
 
-        Runs on the event loop while the previous batch is written (see
-        BufferedStore._write_some), yielding to it between blocks; _write checks
-        the guess against the stored ranges under the write lock.
+        Runs on the event loop while the previous batch is being written (see
+        BufferedStore._write_some), yielding to it every ~_SLICE events.
         """
+        if self._warming is not None and self._warming.done():
+            return batch, await self._encoded(batch)
+        return batch, await self._folded(batch)
+
+    async def _writer_started(self) -> None:
+        """Wait until the writer process started (or failed to); for tests."""
+        if self._warming is not None:
+            await asyncio.wrap_future(self._warming)
+
+    async def _encoded(self, batch: list[Any]) -> bytes:
+        """The pickled list of ``batch``'s blocks (a trace's events at a time, in
+        order; see _pg_write): what the writer process takes."""
+        # The pause spans only this CPU work and the loop turns it yields: see _folded.
+        with gc_paused():
+            groups: dict[Any, list[tuple[Any, ...]]] = {}
+            for start in range(0, len(batch), _SLICE):
+                group_by_trace((item if type(item) is tuple else stored_item(item)
+                                for item in batch[start:start + _SLICE]), into=groups)
+                await self._pause()
+            blocks: list[bytes] = []
+            encoded = 0
+            for group in groups.values():
+                for start in range(0, len(group), BLOCK_EVENTS):
+                    chunk = group[start:start + BLOCK_EVENTS]
+                    blocks.append(encode_block(chunk))
+                    encoded += len(chunk)
+                    if encoded >= _SLICE:
+                        await self._pause()
+                        encoded = 0
+            del groups
+            return pickle.dumps(blocks, 5)
+
+    async def _pause(self) -> None:
+        """Yield to the loop; first, until the writer thread has picked up the batch
+        handed to it, if any.
+
+        A thread woken while the loop is busy gets the GIL only once the loop idles:
+        the loop gives it up at every turn (select) and takes it straight back, which
+        keeps the thread from asking for it (it asks after 5 ms without a switch). So
+        without this wait the next batch's encoding (~30-50 ms) and the previous
+        batch's write ran in turn, not together (measured).
+        """
+        handoff = self._handoff
+        if handoff is not None and not handoff.done():
+            await asyncio.wait([handoff], timeout=0.05)
+        else:
+            await asyncio.sleep(0)
+
+    async def _folded(self, batch: list[Any]) -> Batch:
+        """Fold and encode ``batch`` as if none of it were stored yet (usually true);
+        the transaction checks the guess against the stored ranges under its lock."""
         # The block tuples live only inside this pause, so the collector never
         # traverses them: with a large heap (100k events buffered, say), the
         # collections set off by ~10k surviving tuples per batch cost more than
@@ -651,20 +721,26 @@ class PostgresStateStore(BufferedStore):
         # folding a whole batch in one go (~25 ms) held those turns back until
         # this was nearly done, and the loop then sat idle while the server
         # worked (measured ~90k events/s, against ~105-120k).
+        writer = self._batch_writer
+
+        def items() -> list[tuple[Any, ...]]:  # only for a re-delivery, under the lock
+            with gc_paused():
+                return [item if type(item) is tuple else stored_item(item) for item in batch]
+
         with gc_paused():
             await asyncio.sleep(0)  # the batch being written goes first
-            items: list[tuple[Any, ...]] = []
+            converted: list[tuple[Any, ...]] = []
             for start in range(0, len(batch), _SLICE):
-                items += [item if type(item) is tuple else stored_item(item)
-                          for item in batch[start:start + _SLICE]]
+                converted += [item if type(item) is tuple else stored_item(item)
+                              for item in batch[start:start + _SLICE]]
                 await asyncio.sleep(0)
             # Against nothing stored: only repeats within the batch are dropped.
-            fresh, own = split_fresh(items, {})
-            if fresh is not items:
-                return _Prepared(batch, None, {}, [])  # _write sorts it out
+            fresh, own = split_fresh(converted, {})
+            if fresh is not converted:
+                return Batch(None, {}, [], items)  # the transaction sorts it out
             groups: dict[Any, list[tuple[Any, ...]]] = {}
-            folds = fold_rows(items, 0, 1, 2, 3, 10, 12, groups=groups)
-            del items, fresh
+            folds = writer.fold(converted, groups)
+            del converted, fresh
             await asyncio.sleep(0)
             blocks: list[tuple[Any, ...]] = []
             some: dict[Any, list[tuple[Any, ...]]] = {}  # small groups, encoded together
@@ -687,9 +763,10 @@ class PostgresStateStore(BufferedStore):
                     await asyncio.sleep(0)
             blocks += block_rows(some, folds, BLOCK_EVENTS)
             del groups, some
-        return _Prepared(batch, own, folds, blocks)
+        return Batch(own, folds, blocks, items)
 
-    async def _write(self, prepared: _Prepared) -> Sequence[StoredEvent | tuple[Any, ...]]:
+    async def _write(self, prepared: tuple[list[Any], Any]
+                     ) -> Sequence[StoredEvent | tuple[Any, ...]]:
         """Store a prepared batch in one transaction; return the events that were new.
 
         Events whose ``(flow_id, seq)`` is already stored (or repeated in the batch)
@@ -697,99 +774,49 @@ class PostgresStateStore(BufferedStore):
         are the batch's own (StoredEvents or runtime tuples), in order.
         """
         async with self._write_lock:
-            pool = self._checked_pool()
-            with self._errors("writing events"):
-                return await self._write_batch(pool, prepared)
+            return await self._write_locked(prepared)
 
-    async def _write_batch(self, pool: Any, prepared: _Prepared) -> Sequence[Any]:
-        batch, own, folds, blocks = prepared.batch, prepared.own, prepared.folds, prepared.blocks
-        flows = set(own) if own is not None else {
-            item[13] if type(item) is tuple else item.flow_id for item in batch}
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)",
-                               _WRITE_LOCK, self._lock_key)
-            # Under the write lock: no other writer can store these seqs meanwhile.
-            stored = await self._stored_ranges(conn, flows)
-            written: Sequence[Any] = batch
-            ranges = None if own is None else _joined(stored, own)
-            if ranges is None:  # re-delivered events: drop them, fold and encode again
-                with gc_paused():
-                    items = [item if type(item) is tuple else stored_item(item)
-                             for item in batch]
-                    fresh, ranges = split_fresh(items, stored)
-                    if not fresh:
-                        return []
-                    original = {id(item): buffered
-                                for item, buffered in zip(items, batch, strict=True)}
-                    written = [original[id(item)] for item in fresh]
-                    groups: dict[Any, list[tuple[Any, ...]]] = {}
-                    folds = fold_rows(fresh, 0, 1, 2, 3, 10, 12, groups=groups)
-                    blocks = block_rows(groups, folds, BLOCK_EVENTS)
-                    del items, fresh, groups
-            counts = await self._upsert_traces(conn, folds)
-            await self._save_ranges(conn, stored, ranges)
-            # A trace's blocks: `first` counts from the trace's events before this
-            # batch (its new count less this batch's share, fold[6]).
-            await conn.copy_records_to_table(
-                "blocks", schema_name=self.schema, columns=_BLOCK_COLUMNS,
-                records=[(None, 0, n, lo, hi, data) if trace_id is None
-                         else (counts[trace_id][0],
-                               counts[trace_id][1] - folds[trace_id][6] + offset,
-                               n, lo, hi, data)
-                         for trace_id, offset, n, lo, hi, data in blocks])
-            await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-                               self._channel, _notify_payloads(
-                                   dict.fromkeys(block[0] for block in blocks)))
-        return written
+    async def _write_locked(self, prepared: tuple[list[Any], Any]) -> list[Any]:
+        batch, data = prepared
+        pool = self._checked_pool()
+        if not isinstance(data, Batch):
+            assert self._executor is not None
+            # The writer process, through the one thread that talks to it
+            # (WriterProcess.request blocks).
+            loop = asyncio.get_running_loop()
+            handoff = self._handoff = loop.create_future()
+            try:
+                return await loop.run_in_executor(
+                    self._executor, self._write_sync, prepared, handoff)
+            finally:
+                if not handoff.done():
+                    handoff.set_result(None)
+                if self._handoff is handoff:
+                    self._handoff = None
+        with self._errors("writing events"):
+            async with pool.acquire() as conn:
+                skipped = await self._batch_writer.write(conn, data)
+        return _kept(batch, skipped, grouped=False)
 
-    async def _stored_ranges(self, conn: Any, flows: set[Any]) -> dict[Any, Ranges]:
-        """The stored seq ranges of ``flows`` (see split_fresh); None is ignored."""
-        flows.discard(None)
-        if not flows:
-            return {}
-        stored: dict[Any, Ranges] = {}
-        for flow_id, lo, hi in await conn.fetch(self._sql_ranges, list(flows)):
-            stored.setdefault(flow_id, []).append((lo, hi))
-        return stored
+    def _warm_up(self) -> None:
+        """Start the writer process and have it connect (an empty batch); a failure
+        is left for the first batch to report."""
+        assert self._proc_writer is not None
+        with contextlib.suppress(WriterError):
+            self._proc_writer.request(b"W", pickle.dumps([], 5))
 
-    async def _save_ranges(self, conn: Any, stored: Mapping[Any, Ranges],
-                           ranges: Mapping[Any, Ranges]) -> None:
-        """Replace the rows of the flows in ``ranges`` (read as ``stored``) by ``ranges``."""
-        gone: tuple[list[Any], list[int]] = ([], [])
-        put: tuple[list[Any], list[int], list[int]] = ([], [], [])
-        for flow_id, new in ranges.items():
-            old = stored.get(flow_id) or []
-            if new == old:
-                continue
-            kept = {lo for lo, _ in new}
-            for lo, _ in old:
-                if lo not in kept:
-                    gone[0].append(flow_id)
-                    gone[1].append(lo)
-            unchanged = set(old)
-            for lo, hi in new:
-                if (lo, hi) not in unchanged:
-                    put[0].append(flow_id)
-                    put[1].append(lo)
-                    put[2].append(hi)
-        if gone[0] or put[0]:
-            await conn.execute(self._sql_save_ranges, *gone, *put)
-
-    async def _upsert_traces(self, conn: Any, folds: dict[Any, list[Any]]
-                             ) -> dict[Any, tuple[int, int]]:
-        """Merge ``folds`` (see fold_rows) into ``traces``; each trace's key and new
-        event count."""
-        if not folds:
-            return {}
-        columns = [list(column) for column in zip(*folds.values(), strict=True)]
-        if any(_NODE_SEP in name for name in set().union(*columns[10])):
-            sql, nodes = self._sql_fold_json, [_encode_json(sorted(n)) for n in columns[10]]
-        else:
-            sql, nodes = self._sql_fold, [_NODE_SEP.join(sorted(n)) for n in columns[10]]
-        # fold_rows' order is (..., open, failed, cancelled, nodes); the SQL's
-        # (..., open_count, cancelled, failed, nodes).
-        rows = await conn.fetch(sql, list(folds), *columns[:8], columns[9], columns[8], nodes)
-        return {row[0]: (row[1], row[2]) for row in rows}
+    def _write_sync(self, prepared: tuple[list[Any], Any],
+                    handoff: asyncio.Future[None] | None = None) -> list[Any]:
+        """writer="process": hand the batch to the writer process (its one thread)."""
+        assert self._proc_writer is not None
+        if handoff is not None:
+            handoff.get_loop().call_soon_threadsafe(_release, handoff)
+        batch, payload = prepared
+        try:
+            skipped = self._proc_writer.request(b"W", payload)
+        except WriterError as exc:
+            raise self._writer_error(exc) from exc
+        return _kept(batch, skipped, grouped=True)
 
     # -- queries ------------------------------------------------------------------
 
@@ -1038,42 +1065,26 @@ def _load_json(data: bytes) -> Any:
         return json.loads(data)
 
 
-_encode_json = json.JSONEncoder(allow_nan=False, separators=(",", ":"), default=str).encode
+def _release(handoff: asyncio.Future[None]) -> None:
+    if not handoff.done():
+        handoff.set_result(None)
 
 
-class _Prepared:
-    """A batch as _prepare left it for _write.
-
-    ``own``: per flow id, the ranges of the batch's seqs (split_fresh against
-    nothing stored), or None when the batch repeats an event (then ``folds`` and
-    ``blocks`` are empty: _write folds and encodes what is fresh). ``folds``:
-    fold_rows of the batch; ``blocks``: block_rows of it.
-    """
-
-    __slots__ = ("batch", "blocks", "folds", "own")
-
-    def __init__(self, batch: list[Any], own: dict[Any, Ranges] | None,
-                 folds: dict[Any, list[Any]], blocks: list[tuple[Any, ...]]) -> None:
-        self.batch, self.own, self.folds, self.blocks = batch, own, folds, blocks
-
-
-def _joined(stored: Mapping[Any, Ranges], own: Mapping[Any, Ranges]
-            ) -> dict[Any, Ranges] | None:
-    """Each flow's ranges with ``own``'s added (adjacent ones joined), or None if any
-    of ``own``'s seqs is stored already: split_fresh's answer when nothing is dropped.
-    """
-    joined: dict[Any, Ranges] = {}
-    for flow_id, new in own.items():
-        merged: Ranges = []
-        for lo, hi in sorted([*stored.get(flow_id, ()), *new]):
-            if merged and lo <= merged[-1][1]:
-                return None  # sorted by lo, so any overlap shows against the last one
-            if merged and lo == merged[-1][1] + 1:
-                merged[-1] = (merged[-1][0], hi)
-            else:
-                merged.append((lo, hi))
-        joined[flow_id] = merged
-    return joined
+def _kept(batch: list[Any], skipped: list[int] | None, *, grouped: bool) -> list[Any]:
+    """The items of ``batch`` a writer stored, in order, given the positions of those it
+    skipped: in ``batch``, or (``grouped``) in the order the blocks hold them (_encoded)."""
+    if skipped is None:
+        return batch
+    if grouped:
+        positions: dict[Any, list[int]] = {}
+        for i, item in enumerate(batch):
+            trace_id = item[0] if type(item) is tuple else item.trace_id
+            positions.setdefault(trace_id, []).append(i)
+        order = [i for group in positions.values() for i in group]
+        dropped = {order[i] for i in skipped}
+    else:
+        dropped = set(skipped)
+    return [item for i, item in enumerate(batch) if i not in dropped]
 
 
 def _summary(row: Any) -> TraceSummary:
@@ -1081,32 +1092,8 @@ def _summary(row: Any) -> TraceSummary:
                         row[8], tuple(sorted(row[9])))
 
 
-_quote = json.encoder.encode_basestring_ascii
-
-
-def _notify_payloads(trace_ids: Iterable[str | None]) -> list[str]:
-    """JSON arrays of the touched trace ids (null for none), each < 8000 bytes."""
-    payloads: list[str] = []
-    items: list[str] = []
-    size = 2
-    for trace_id in dict.fromkeys(trace_ids):
-        # ASCII only, so len() counts bytes; the C quoting is ~5x json.dumps' speed.
-        item = _quote(trace_id) if type(trace_id) is str else json.dumps(trace_id)
-        if len(item) + 2 > _NOTIFY_MAX_BYTES:
-            payloads.append(_ANY_TRACE)
-            continue
-        if size + len(item) + 1 > _NOTIFY_MAX_BYTES:
-            payloads.append(f"[{','.join(items)}]")
-            items, size = [], 2
-        items.append(item)
-        size += len(item) + 1
-    if items:
-        payloads.append(f"[{','.join(items)}]")
-    return payloads
-
-
 def _mentions(payload: str | None, trace_id: str) -> bool:
-    if payload is None or payload == _ANY_TRACE:
+    if payload is None or payload == ANY_TRACE:
         return True
     try:
         return trace_id in json.loads(payload)
