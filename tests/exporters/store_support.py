@@ -12,15 +12,16 @@ from typing import Any
 import pytest
 
 #: ``sqlite``: SQLiteStateStore with its default writer process; ``sqlite-thread``: the
-#: same store writing on its worker thread (``writer="thread"``).
-STORE_KINDS = ("memory", "sqlite", "sqlite-thread", "postgres")
+#: same store writing on its worker thread (``writer="thread"``). ``postgres`` /
+#: ``postgres-loop``: PostgresStateStore with its writer process / on the event loop.
+STORE_KINDS = ("memory", "sqlite", "sqlite-thread", "postgres", "postgres-loop")
 _THREAD_WRITER: dict[str, type[Any]] = {}
 
 
 def store_class(kind: str) -> type[Any]:
     """The store class of ``kind`` (imported lazily)."""
     if kind == "sqlite-thread":
-        if not _THREAD_WRITER:
+        if kind not in _THREAD_WRITER:
             base = store_class("sqlite")
 
             class ThreadWriterSQLiteStateStore(base):  # type: ignore[misc,valid-type]
@@ -28,6 +29,16 @@ def store_class(kind: str) -> type[Any]:
                     super().__init__(*args, writer=writer, **kwargs)
 
             _THREAD_WRITER[kind] = ThreadWriterSQLiteStateStore
+        return _THREAD_WRITER[kind]
+    if kind == "postgres-loop":
+        if kind not in _THREAD_WRITER:
+            pg = store_class("postgres")
+
+            class LoopWriterPostgresStateStore(pg):  # type: ignore[misc,valid-type]
+                def __init__(self, *args: Any, writer: str = "loop", **kwargs: Any) -> None:
+                    super().__init__(*args, writer=writer, **kwargs)
+
+            _THREAD_WRITER[kind] = LoopWriterPostgresStateStore
         return _THREAD_WRITER[kind]
     if kind == "memory":
         from penguiflow.state import InMemoryStateStore
@@ -73,7 +84,7 @@ class StoreFactory:
         self.kind = kind
         self.cls = store_class(kind)
         self._tmp_path = tmp_path
-        self._dsn = request.getfixturevalue("pg_dsn") if kind == "postgres" else None
+        self._dsn = request.getfixturevalue("pg_dsn") if kind.startswith("postgres") else None
         self._stores: list[Any] = []
         self._where: dict[int, Any] = {}
         self._schemas: list[str] = []

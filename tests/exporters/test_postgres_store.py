@@ -4,7 +4,8 @@ The server comes from the ``pg_dsn`` fixture (tests/exporters/conftest.py):
 ``$TEST_PG_DSN``, else a throwaway cluster; without either the tests skip, or fail
 when ``CI=true``. Every test works in schemas of its own (``pf_test_<random>``),
 dropped at teardown. A second store on the same schema stands for another
-process: it has its own pool and its own server sessions.
+process: it has its own pool and its own server sessions. The tests taking ``make``
+run with each writer (``writer="process"``, the default, and ``"loop"``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import math
+import os
 import pickle
+import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -35,17 +40,24 @@ from penguiflow.state import (
     TraceSummaryBuilder,
     stored_from_fields,
 )
-from penguiflow_exporters._blocks import decode_block
+from penguiflow_exporters._blocks import decode_block, encode_block
 from penguiflow_exporters.postgres import SCHEMA_VERSION, PostgresStateStore
 
 MakeStore = Callable[..., Awaitable[PostgresStateStore]]
 
 
+@pytest.fixture(params=["process", "loop"])
+def writer(request: pytest.FixtureRequest) -> str:
+    """The ``writer`` option of the stores ``make`` builds."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def make(pg_dsn: str) -> AsyncIterator[MakeStore]:
+async def make(pg_dsn: str, writer: str) -> AsyncIterator[MakeStore]:
     """``await make(schema=None, **options)``: an opened store; a new schema unless given.
 
-    Every store is closed and every schema dropped at teardown.
+    ``writer`` is the fixture's unless given. Every store is closed and every schema
+    dropped at teardown.
     """
     stores: list[PostgresStateStore] = []
     schemas: list[str] = []
@@ -54,6 +66,7 @@ async def make(pg_dsn: str) -> AsyncIterator[MakeStore]:
         if schema is None:
             schema = f"pf_test_{uuid.uuid4().hex[:8]}"
             schemas.append(schema)
+        options.setdefault("writer", writer)
         store = PostgresStateStore(pg_dsn, schema=schema, **options)
         stores.append(store)
         await store.open()
@@ -734,9 +747,133 @@ async def test_a_corrupt_block_is_a_state_store_error_naming_it(
         await store.load_history_page("t1", offset=2, limit=2)
     # So is an item of neither layout.
     await sql.execute(f"UPDATE {s}.blocks SET data = $1 WHERE id = $2",
-                      pickle.dumps([("t1", 1.0)], 5), second_id)
+                      encode_block([("t1", 1.0)]), second_id)
     with pytest.raises(StateStoreError, match=rf"event block {second_id} .*2 fields"):
         await store.load_history_page("t1", offset=2, limit=2)
+
+
+# -- the writer process ------------------------------------------------------------------
+
+
+#: Overrides the ``writer`` fixture: these tests are about the writer process.
+PROCESS_ONLY = pytest.mark.parametrize("writer", ["process"])
+
+
+def test_an_unknown_writer_is_refused() -> None:
+    with pytest.raises(ValueError, match="writer must be 'process' or 'loop'; got 'thread'"):
+        PostgresStateStore("postgresql://pf@127.0.0.1/db", writer="thread")  # type: ignore[arg-type]
+
+
+def test_the_writer_module_starts_without_importing_penguiflow() -> None:
+    # The writer process runs this module: importing the core would cost ~0.8 s a start.
+    code = ("import sys, penguiflow_exporters._pg_write; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'penguiflow'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
+def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[BaseException]:
+    return [r.exc_info[1] for r in caplog.records
+            if r.getMessage() == "state_store_write_failed" and r.exc_info and r.exc_info[1]]
+
+
+@PROCESS_ONLY
+async def test_a_writer_process_that_dies_costs_one_batch_then_is_replaced(
+        make: MakeStore, caplog: pytest.LogCaptureFixture) -> None:
+    store = await make(writer="process", flush_interval_s=3600.0)
+    await store._writer_started()  # else the first batches are written on the loop
+    first = [ev("t", 1), ev("t", 2, "node_success")]
+    await store.save_events(first)
+    await store.flush()
+    writer = store._proc_writer
+    assert writer is not None and writer.pid is not None and writer.started == 1
+    os.kill(writer.pid, signal.SIGKILL)
+    with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
+        await store.save_events([ev("t", 3)])
+        await store.flush()  # absorbed: logged and counted
+    assert store.failures["write_failed"] == 1 and store.failures["events_lost"] == 1
+    (error,) = _errors_logged(caplog)
+    assert isinstance(error, StoreUnavailable) and "writer process exited" in str(error)
+    assert store._where in str(error)  # names the server (never the password)
+    later = [ev("t", 4, "node_success")]
+    await store.save_events(later)
+    assert await store.load_history("t") == [*first, *later]
+    assert writer.started == 2
+
+
+@PROCESS_ONLY
+async def test_a_failure_inside_the_writer_is_reported_and_the_store_carries_on(
+        make: MakeStore, sql: asyncpg.Connection, caplog: pytest.LogCaptureFixture) -> None:
+    store = await make(writer="process", flush_interval_s=3600.0)
+    await store._writer_started()  # else the first batches are written on the loop
+    s = f'"{store.schema}"'
+    await sql.execute(f"""
+        CREATE FUNCTION {s}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'refused by a trigger'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON {s}.blocks
+        FOR EACH ROW WHEN (NEW.trace_key IS NOT NULL AND NEW.first > 0)
+        EXECUTE FUNCTION {s}.refuse()""")
+    first = [ev("t", 1), ev("t", 2, "node_success")]
+    await store.save_events(first)
+    await store.flush()
+    with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
+        await store.save_events([ev("t", 3), ev("u", 4)])  # t's block starts at 2: refused
+        await store.flush()
+    assert store.failures["write_failed"] == 1 and store.failures["events_lost"] == 2
+    (error,) = _errors_logged(caplog)
+    assert isinstance(error, StateStoreError) and not isinstance(error, StoreUnavailable)
+    message = str(error)
+    assert "refused by a trigger" in message and "RaiseError" in message
+    assert store.schema in message and store._where in message
+    # Rolled back whole: no summary for u, t untouched, its seqs not taken.
+    assert await store.get_trace("u") is None
+    assert await store.load_history("t") == first
+    await sql.execute(f"DROP TRIGGER refuse ON {s}.blocks")
+    again = [ev("t", 3), ev("u", 4)]
+    await store.save_events(again)
+    assert await store.load_history("t") == [*first, again[0]]
+    assert await store.load_history("u") == [again[1]]
+    assert store._proc_writer is not None and store._proc_writer.started == 1
+
+
+@PROCESS_ONLY
+async def test_a_writer_whose_connection_is_lost_reports_unavailable_then_reconnects(
+        make: MakeStore, sql: asyncpg.Connection, caplog: pytest.LogCaptureFixture) -> None:
+    store = await make(writer="process", flush_interval_s=3600.0)
+    await store._writer_started()  # else the first batches are written on the loop
+    await store.save_events([ev("t", 1)])
+    await store.flush()
+    killed = await sql.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = 'penguiflow-writer' AND datname = current_database()")
+    assert killed >= 1
+    with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
+        await store.save_events([ev("t", 2)])
+        await store.flush()
+    assert store.failures["write_failed"] == 1
+    (error,) = _errors_logged(caplog)
+    assert isinstance(error, StoreUnavailable), error
+    assert f"cannot reach Postgres at {store._where}" in str(error)
+    await store.save_events([ev("t", 3)])
+    assert [e.seq for e in await store.load_history("t")] == [1, 3]
+    assert store._proc_writer is not None and store._proc_writer.started == 1
+
+
+@PROCESS_ONLY
+async def test_close_stops_the_writer_process(make: MakeStore) -> None:
+    store = await make(writer="process")
+    await store._writer_started()  # else the first batches are written on the loop
+    await store.save_events([ev("t", 1)])
+    await store.flush()
+    writer = store._proc_writer
+    assert writer is not None
+    pid = writer.pid
+    assert pid is not None
+    await store.close()
+    assert writer.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped, not a zombie
 
 
 # -- throughput (printed, not asserted) ----------------------------------------------------

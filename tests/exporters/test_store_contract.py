@@ -40,7 +40,8 @@ from penguiflow.state import (
 
 TIMEOUT = 10.0
 BASE_TS = 1_700_000_000.0
-BUFFERED = pytest.mark.parametrize("store_kind", ["sqlite", "sqlite-thread", "postgres"])
+BUFFERED = pytest.mark.parametrize("store_kind", ["sqlite", "sqlite-thread", "postgres",
+                                                  "postgres-loop"])
 
 #: (test function name, store kind) -> why it is expected to fail (xfail strict).
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {}
@@ -1147,10 +1148,10 @@ def held_inside_write(kind: str, base: type[Any]) -> type[Any]:
             self.committed += 1
             return result
 
-        async def _upsert_traces(self, conn: Any, *args: Any) -> Any:  # in the transaction
+        async def _write_locked(self, *args: Any) -> Any:  # under the write lock
             self.entered.set()
             await self._gate.wait()
-            return await super()._upsert_traces(conn, *args)
+            return await super()._write_locked(*args)
 
         def release(self) -> None:
             self._gate.set()
