@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import json
 import logging
@@ -13,7 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -377,6 +375,18 @@ async def test_write_returns_only_the_newly_stored_events(store: SQLiteStateStor
         second, keyless]
     assert [e.kind for e in await store.load_history("t")] == [
         "node_start", "node_success", "node_start", "node_success"]
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_write_returns_the_new_events_of_a_batch_mixing_traces(
+        tmp_path: Path, writer: str) -> None:
+    async with SQLiteStateStore(tmp_path / "t.db", writer=writer) as store:  # type: ignore[arg-type]
+        a1 = ev("t1", "node_start", 1.0)
+        await store._write(await store._prepare([a1]))
+        b2, c = ev("t2", "node_start", 2.0), ev("t2", "node_success", 3.0)
+        # Blocks group the batch by trace (t2's two events, then t1's), while the
+        # events returned (what followers get) are in batch order, re-delivery out.
+        assert await store._write(await store._prepare([b2, a1, c])) == [b2, c]
 
 
 async def test_events_without_a_trace_are_stored_but_make_no_trace(
@@ -762,7 +772,7 @@ async def test_a_writer_process_that_died_between_batches_is_replaced(
         assert writer is not None and writer._proc is not None and writer.started == 1
         dead = writer._proc
         dead.kill()
-        await asyncio.to_thread(dead.wait)
+        await dead.wait()
         later = [ev("t", "node_start", 3.0, node="b")]
         await store.save_events(later)
         assert await store.load_history("t") == [*first, *later]  # nothing lost
@@ -772,14 +782,16 @@ async def test_a_writer_process_that_died_between_batches_is_replaced(
 async def test_a_writer_process_that_dies_mid_batch_loses_that_batch_only(
         tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from penguiflow_exporters import _writer_proc
+    from penguiflow_exporters._writer_proc import AsyncWriterProcess
 
-    reading = threading.Event()
-    read_frame = _writer_proc.read_frame
+    sending = asyncio.Event()
+    exchange = AsyncWriterProcess._exchange
 
-    def signalling_read(inp: Any) -> tuple[bytes, bytes]:
-        reading.set()  # the batch is in the pipe; the parent waits for the reply
-        return read_frame(inp)
+    async def signalling_exchange(self: Any, proc: Any, op: bytes, payload: bytes) -> Any:
+        if op == b"W":
+            sending.set()  # the batch is handed to this very process
+            await asyncio.sleep(0)  # let the test kill it first
+        return await exchange(self, proc, op, payload)
 
     async with SQLiteStateStore(tmp_path / "t.db", flush_interval_s=3600.0) as store:
         first = invocation("t", "a", 1.0, 2.0)
@@ -787,12 +799,11 @@ async def test_a_writer_process_that_dies_mid_batch_loses_that_batch_only(
         await store.flush()
         writer = store._proc_writer
         assert writer is not None and writer.pid is not None
-        os.kill(writer.pid, signal.SIGSTOP)  # alive, but never answers
-        monkeypatch.setattr(_writer_proc, "read_frame", signalling_read)
+        monkeypatch.setattr(AsyncWriterProcess, "_exchange", signalling_exchange)
         with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
             await store.save_events([ev("t", "node_start", 3.0, node="b")])
             flushing = asyncio.ensure_future(store.flush())
-            assert await asyncio.to_thread(reading.wait, 10)
+            await sending.wait()
             os.kill(writer.pid, signal.SIGKILL)
             await flushing  # absorbed: logged and counted
         assert store.failures["write_failed"] == 1 and store.failures["events_lost"] == 1
@@ -841,17 +852,3 @@ async def test_close_stops_the_writer_process(tmp_path: Path) -> None:
     assert writer.pid is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # reaped, not a zombie
-
-
-def test_a_store_dropped_without_close_ends_its_writer_process(tmp_path: Path) -> None:
-    async def leak() -> subprocess.Popen[bytes]:
-        store = SQLiteStateStore(tmp_path / "t.db")  # never closed
-        await store.save_events(invocation("t", "a", 1.0, 2.0))
-        await store.flush()
-        assert store._proc_writer is not None and store._proc_writer._proc is not None
-        return store._proc_writer._proc
-
-    proc = asyncio.run(leak())  # the loop, its tasks and the store are gone after
-    gc.collect()
-    # The child sees its pipe close and exits (waited on, not slept on).
-    assert proc.wait(timeout=10) == 0

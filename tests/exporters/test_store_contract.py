@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -1102,9 +1101,9 @@ def held_inside_write(kind: str, base: type[Any]) -> type[Any]:
     """A store whose batch write blocks *inside* the real write, until ``release()``.
 
     Not at the top of ``_write`` (as :func:`held_writes` does): each store guards
-    the batch it is writing in its own way (SQLite: the job order of its one
-    worker thread; Postgres: a write lock), so the batch must be held where the
-    store writes it: in SQLite's worker-thread job, in Postgres's transaction.
+    the batch it is writing in its own way, so the batch must be held where the
+    store writes it: where SQLite hands it to its writer (process or thread), in
+    Postgres's transaction.
     """
     if kind.startswith("sqlite"):
         class HeldSQLite(base):  # type: ignore[misc,valid-type]
@@ -1112,18 +1111,12 @@ def held_inside_write(kind: str, base: type[Any]) -> type[Any]:
                 super().__init__(*args, **kwargs)
                 self.entered = asyncio.Event()
                 self.committed = 0
-                self._gate = threading.Event()
-                self._loop: asyncio.AbstractEventLoop | None = None
+                self._gate = asyncio.Event()
 
-            async def _write(self, batch: list[StoredEvent]) -> Any:
-                self._loop = asyncio.get_running_loop()
-                return await super()._write(batch)
-
-            def _write_sync(self, batch: list[StoredEvent]) -> Any:  # worker thread
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(self.entered.set)
-                self._gate.wait(TIMEOUT)
-                result = super()._write_sync(batch)
+            async def _store_batch(self, data: Any) -> Any:  # both writers go through it
+                self.entered.set()
+                await self._gate.wait()
+                result = await super()._store_batch(data)
                 self.committed += 1
                 return result
 

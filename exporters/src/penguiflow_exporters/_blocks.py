@@ -37,6 +37,7 @@ __all__ = [
     "encode_block",
     "events_of",
     "group_by_trace",
+    "kept_items",
     "merge_ranges",
     "split_fresh",
     "stored_item",
@@ -118,3 +119,19 @@ def events_of(items: Iterable[tuple[Any, ...]]) -> list[StoredEvent]:
     return events
 
 
+def kept_items(batch: list[Any], skipped: list[int] | None, *, grouped: bool) -> list[Any]:
+    """The items of ``batch`` a writer stored, in batch order, given the positions of
+    those it skipped (already stored): positions in ``batch``, or (``grouped``) in the
+    order the batch's blocks hold them (grouped by trace, see group_by_trace)."""
+    if not skipped:
+        return batch
+    if grouped:
+        positions: dict[Any, list[int]] = {}
+        for i, item in enumerate(batch):
+            trace_id = item[0] if type(item) is tuple else item.trace_id
+            positions.setdefault(trace_id, []).append(i)
+        order = [i for group in positions.values() for i in group]
+        dropped = {order[i] for i in skipped}
+    else:
+        dropped = set(skipped)
+    return [item for i, item in enumerate(batch) if i not in dropped]

@@ -98,6 +98,9 @@ class BufferedStore:
         self._closed = False
         self._last_drop_warning = 0.0
         self._followers = Followers()
+        # save_event_fields appends without further checks while the buffer holds
+        # fewer events: batch_size - 1 once the writer runs, 0 before and once closed.
+        self._headroom = 0
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -126,6 +129,7 @@ class BufferedStore:
             with contextlib.suppress(StateStoreError):
                 await self.flush()
         self._closed = True
+        self._headroom = 0
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
@@ -142,6 +146,7 @@ class BufferedStore:
             self._room = asyncio.Event()
             self._writer = asyncio.get_running_loop().create_task(
                 self._run_writer(), name=f"{type(self).__name__}-writer")
+            self._headroom = self.batch_size - 1
 
     async def save_event(self, event: StoredEvent) -> None:
         """Buffer one event (never does I/O); see the module docstring for a full buffer."""
@@ -154,6 +159,12 @@ class BufferedStore:
 
         Returns an awaitable only when the buffer is full under ``on_full="block"``.
         """
+        buffer = self._buffer
+        # One comparison in the common case (twice per hop of every flow): below
+        # the headroom the store is open, its writer runs and no batch is due.
+        if len(buffer) < self._headroom:
+            buffer.append(fields)
+            return None
         return self._buffer_item(fields)
 
     def _buffer_item(self, item: StoredEvent | tuple[Any, ...]) -> Awaitable[None] | None:

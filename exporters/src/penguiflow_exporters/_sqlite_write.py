@@ -6,9 +6,12 @@ summaries, the blocks. :class:`~penguiflow_exporters.sqlite.SQLiteStateStore`
 runs it in a child process by default (``writer="process"``, see _writer_proc.py
 for why), or on its worker thread (``writer="thread"``).
 
-The child's batches (``W`` frames) are a pickled list of blocks: the parent groups
-its batch by trace and encodes each block (see :meth:`BatchWriter.write_blocks`),
-so the child stores them as they came, decoding them only to fold and deduplicate.
+The child's batches (``W`` frames) are a pickled ``(grouped, chunks)``. A batch of
+StoredEvents (an import) comes as blocks (``grouped``): the parent groups it by
+trace and encodes each block (see :meth:`BatchWriter.write_blocks`), so the child
+stores them as they came, decoding them only to fold and deduplicate. The
+runtime's events come as encoded slices of the batch, which the child groups and
+encodes: the flow's process then does the least (see sqlite._prepare).
 On the 2-core CI machine a thread writer put the chain benchmark at ~2.8x its time
 without a store, the process writer at ~2x.
 """
@@ -291,7 +294,10 @@ class _Handler:
 
     def write(self, payload: bytes) -> list[int] | None:
         assert self._writer is not None
-        return self._writer.write_blocks(pickle.loads(payload))
+        grouped, chunks = pickle.loads(payload)
+        if grouped:
+            return self._writer.write_blocks(chunks)
+        return self._writer.write([item for chunk in chunks for item in block_items(chunk)])
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ or ``E`` (a pickled :func:`describe` of the exception; the loop goes on).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -31,8 +32,8 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO, Protocol
 
-__all__ = ["Handler", "WriterError", "WriterProcess", "describe", "read_frame", "serve",
-           "write_frame"]
+__all__ = ["AsyncWriterProcess", "Handler", "WriterError", "WriterProcess", "describe",
+           "read_frame", "serve", "write_frame"]
 
 _HEADER = struct.Struct(">cQ")
 
@@ -143,12 +144,8 @@ class WriterProcess:
         return None if self._proc is None or self._proc.poll() is not None else self._proc.pid
 
     def _start(self) -> subprocess.Popen[bytes]:
-        # This package's directory on the child's path, whatever put it on ours.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         proc = subprocess.Popen([sys.executable, "-m", self.module],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env())
         self._proc = proc
         # A store dropped without close(): closing its end of the pipe ends the child.
         weakref.finalize(self, _close_quietly, proc.stdin, proc.stdout)
@@ -206,6 +203,121 @@ class WriterProcess:
             with contextlib.suppress(WriterError):
                 self._exchange(proc, b"Q", b"")
         self._reap(proc)
+
+
+class AsyncWriterProcess:
+    """The parent's end, on the event loop: one writer process, started on first use.
+
+    The pipe is the loop's (asyncio subprocess streams), not a thread's: a thread
+    handing batches over had to win the GIL back from the busy loop at every
+    step, and the loop re-takes the GIL at each turn without letting a waiting
+    thread ask for it, so encoding the next batch and writing the previous one
+    took turns instead of overlapping (measured). Requests are serialised (one
+    frame in flight). A writer that dies is reported once (:class:`WriterError`
+    with ``gone``) and started anew by the next request.
+    """
+
+    def __init__(self, module: str, init: Mapping[str, Any]) -> None:
+        #: The module the child runs (``python -m module``); its main() calls serve().
+        self.module = module
+        self._init = dict(init)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        #: Processes started so far (1 unless one died).
+        self.started = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The running writer's process id, if one is running."""
+        proc = self._proc
+        return None if proc is None or proc.returncode is not None else proc.pid
+
+    async def start(self) -> None:
+        """Start the writer now, if none is running (requests start one anyway).
+
+        Raises:
+            WriterError: it could not be started, or refused its options.
+        """
+        async with self._lock:
+            await self._running()
+
+    async def _running(self) -> asyncio.subprocess.Process:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            return proc
+        if proc is not None:
+            await self._reap(proc)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", self.module, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, env=_child_env())
+        except OSError as exc:
+            raise WriterError(f"cannot start the writer process ({exc})", gone=True) from exc
+        self._proc = proc
+        self.started += 1
+        await self._exchange(proc, b"I", pickle.dumps(self._init))
+        return proc
+
+    async def request(self, op: bytes, payload: bytes) -> Any:
+        """Send one frame and return the reply's result.
+
+        Raises:
+            WriterError: the writer failed (the transaction was rolled back), or
+                could not be started, or died.
+        """
+        async with self._lock:
+            return await self._exchange(await self._running(), op, payload)
+
+    async def _exchange(self, proc: asyncio.subprocess.Process, op: bytes,
+                        payload: bytes) -> Any:
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(_HEADER.pack(op, len(payload)))
+            proc.stdin.write(payload)
+            await proc.stdin.drain()
+            kind, size = _HEADER.unpack(await proc.stdout.readexactly(_HEADER.size))
+            reply = await proc.stdout.readexactly(size)
+        except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
+            await self._reap(proc)
+            raise WriterError(f"the writer process exited (code {proc.returncode})",
+                              gone=True) from exc
+        if kind == b"E":
+            error = pickle.loads(reply)
+            raise WriterError(error["message"], error["code"], types=error["types"])
+        return pickle.loads(reply)
+
+    async def _reap(self, proc: asyncio.subprocess.Process) -> None:
+        if self._proc is proc:
+            self._proc = None
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 5.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def close(self) -> None:
+        """Ask the writer to quit and wait for it (killed after 5 s); idempotent."""
+        async with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is None:
+                return
+            if proc.returncode is None:
+                with contextlib.suppress(WriterError):
+                    await self._exchange(proc, b"Q", b"")
+            await self._reap(proc)
+
+
+# The directory holding this package, put on the child's path whatever put it on ours.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    return env
 
 
 def _close_quietly(*streams: Any) -> None:

@@ -31,6 +31,7 @@ permissions, lock held too long, disk full), :class:`StateStoreError` otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import json.encoder
 import os
@@ -59,12 +60,13 @@ from ._blocks import (
     encode_block,
     events_of,
     group_by_trace,
+    kept_items,
     stored_item,
 )
 from ._buffered import BufferedStore
 from ._gc import gc_paused
 from ._sqlite_write import BatchWriter
-from ._writer_proc import WriterError, WriterProcess
+from ._writer_proc import AsyncWriterProcess, WriterError
 
 __all__ = ["DEFAULT_PATH", "SCHEMA_VERSION", "SQLiteStateStore"]
 
@@ -412,10 +414,14 @@ class SQLiteStateStore(BufferedStore):
         self.writer = writer
         # The writer process (started by the first batch), or, for writer="thread",
         # the BatchWriter on the worker thread's connection (built on first use).
-        self._proc_writer: WriterProcess | None = None if writer == "thread" else WriterProcess(
+        self._proc_writer: AsyncWriterProcess | None = (
+            None if writer == "thread" else AsyncWriterProcess(
             "penguiflow_exporters._sqlite_write",
-            {"path": str(self.path), "terminal": _TERMINAL_KINDS, "errors": _ERROR_KINDS,
-             "busy_timeout_ms": _BUSY_TIMEOUT_MS})
+                {"path": str(self.path), "terminal": _TERMINAL_KINDS, "errors": _ERROR_KINDS,
+                 "busy_timeout_ms": _BUSY_TIMEOUT_MS}))
+        # Started with the first buffered event (see _ensure_writer), not at open():
+        # a store opened only to read never starts a writer.
+        self._starting: asyncio.Task[None] | None = None
         self._batch_writer: BatchWriter | None = None
 
     def __repr__(self) -> str:
@@ -521,6 +527,10 @@ class SQLiteStateStore(BufferedStore):
             raise
 
     async def _close(self) -> None:
+        if self._starting is not None:
+            await asyncio.wait([self._starting])
+        if self._proc_writer is not None:
+            await self._proc_writer.close()
         await self._call(self._close_sync)
 
     async def close(self) -> None:
@@ -539,8 +549,6 @@ class SQLiteStateStore(BufferedStore):
             self._executor.shutdown(wait=False)
 
     def _close_sync(self) -> None:
-        if self._proc_writer is not None:
-            self._proc_writer.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -560,7 +568,7 @@ class SQLiteStateStore(BufferedStore):
             # submission order, so an empty job returns after that batch is committed.
             await self._call(_barrier)
 
-    async def _prepare(self, batch: list[Any]) -> tuple[list[_Item], Any]:
+    async def _prepare(self, batch: list[Any]) -> tuple[list[_Item], Any, bool]:
         """``batch`` ready for the writer: its block items, or its blocks (encoded) for
         the writer process.
 
@@ -573,7 +581,19 @@ class SQLiteStateStore(BufferedStore):
         if self._proc_writer is None:
             with gc_paused():  # a tuple per StoredEvent: see _write_sync
                 return batch, [item if type(item) is tuple else stored_item(item)
-                               for item in batch]
+                               for item in batch], False
+        if all(type(item) is tuple for item in batch):
+            # The runtime's events alone (its fast path): pickled as they are, a slice
+            # at a time, and grouped and encoded by the writer process. The flow's
+            # process then spends ~0.5 us per event here instead of ~1.2 (measured).
+            chunks: list[bytes] = []
+            for start in range(0, len(batch), BLOCK_EVENTS):
+                if start:
+                    await asyncio.sleep(0)
+                chunks.append(encode_block(batch[start:start + BLOCK_EVENTS]))
+            return batch, pickle.dumps((False, chunks), 5), False
+        # StoredEvents (an import, a replay): grouped and encoded here, block by
+        # block, so the writer only decodes their heads; it has the most to do then.
         groups: dict[Any, list[tuple[Any, ...]]] = {}
         for start in range(0, len(batch), BLOCK_EVENTS):
             if start:
@@ -591,9 +611,22 @@ class SQLiteStateStore(BufferedStore):
                 for start in range(0, len(group), BLOCK_EVENTS):
                     blocks.append(encode_block(group[start:start + BLOCK_EVENTS]))
             encoded += len(group)
-        return batch, pickle.dumps(blocks, 5)
+        return batch, pickle.dumps((True, blocks), 5), True
 
-    async def _write(self, prepared: tuple[list[_Item], Any]
+    def _ensure_writer(self) -> None:
+        super()._ensure_writer()
+        if self._proc_writer is not None and self._starting is None:
+            # Start the writer process while the first batch fills (~0.1 s).
+            self._starting = asyncio.get_running_loop().create_task(self._start_writer())
+
+    async def _start_writer(self) -> None:
+        assert self._proc_writer is not None
+        # A failure here is not lost: the first batch starts it again, and reports.
+        with contextlib.suppress(Exception):
+            await self.open()
+            await self._proc_writer.start()
+
+    async def _write(self, prepared: tuple[list[_Item], Any, bool]
                      ) -> Sequence[StoredEvent | tuple[Any, ...]]:
         """Store a prepared batch as blocks and fold it into ``traces``; one transaction.
 
@@ -602,25 +635,27 @@ class SQLiteStateStore(BufferedStore):
             ``(flow_id, seq)`` was not stored before (first occurrence within the
             batch), and every event without a flow id.
         """
-        return await self._call(self._write_sync, prepared)
+        batch, data, grouped = prepared
+        skipped = await self._store_batch(data)
+        # Positions are the blocks' (grouped by trace) when the batch went as blocks.
+        return kept_items(batch, skipped, grouped=grouped)
 
-    def _write_sync(self, prepared: tuple[list[_Item], Any]) -> list[_Item]:
-        batch, data = prepared
-        if self._proc_writer is not None:
-            try:
-                skipped = self._proc_writer.request(b"W", data)
-            except WriterError as exc:
-                raise self._writer_error(exc) from exc
-        else:
-            # The batch allocates a tuple per event and a block per trace: with a big
-            # heap (a flow's messages, a buffer of events), the collections those
-            # allocations trigger cost more than the batch (~40% of an import, measured).
-            with gc_paused():
-                skipped = self._thread_writer().write(data)
-        if not skipped:
-            return batch
-        dropped = set(skipped)
-        return [item for i, item in enumerate(batch) if i not in dropped]
+    async def _store_batch(self, data: Any) -> list[int] | None:
+        """Have the writer store a prepared batch; the positions it skipped, if any."""
+        if self._proc_writer is None:
+            return await self._call(self._write_sync, data)
+        try:
+            skipped: list[int] | None = await self._proc_writer.request(b"W", data)
+        except WriterError as exc:
+            raise self._writer_error(exc) from exc
+        return skipped
+
+    def _write_sync(self, items: list[tuple[Any, ...]]) -> list[int] | None:
+        # The batch allocates a tuple per event and a block per trace: with a big heap
+        # (a flow's messages, a buffer of events), the collections those allocations
+        # trigger cost more than the batch (~40% of an import, measured).
+        with gc_paused():
+            return self._thread_writer().write(items)
 
     def _thread_writer(self) -> BatchWriter:
         if self._batch_writer is None:
