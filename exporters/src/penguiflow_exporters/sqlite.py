@@ -1,13 +1,18 @@
 """SQLiteStateStore: a TraceStore in one SQLite file (stdlib ``sqlite3``).
 
-Threading. ``sqlite3`` calls block, so every one of them runs on ONE worker
-thread that owns the connection (a single-thread executor); coroutines await it
-with ``run_in_executor`` and the event loop never waits on the disk. One thread,
-not a pool: the jobs then run in submission order, so a query submitted after a
-flush reads what the flush wrote (read-your-writes), and ``close()`` runs after
-every job already submitted. JSON encoding and decoding run on that thread too:
-it holds the GIL, but the loop gets it back every switch interval (5 ms) instead
-of waiting for a whole batch.
+Writes. Batches are written by a child process (``writer="process"``, the
+default; see _writer_proc.py for why, and _sqlite_write.py for the transaction)
+that the event loop feeds through a pipe, or, with ``writer="thread"``, on the
+worker thread below. Either way a batch is one transaction storing its events as
+blocks (see _batch.py), folding them into the trace summaries and recording
+their ``(flow_id, seq)`` ranges, so a re-delivered event is stored once.
+
+Threading. Reads, bindings, opening and migrating run on ONE worker thread that
+owns the store's connection (a single-thread executor); coroutines await it with
+``run_in_executor`` and the event loop never waits on the disk. One thread, not a
+pool: the jobs run in submission order, and ``close()`` runs after every job
+already submitted. Every query flushes first, and a flush returns once the
+writer has committed, so a query reads what was saved before it.
 
 Durability. WAL mode with ``synchronous=NORMAL``: a commit is not fsynced (the
 WAL is, at checkpoints), so a power cut may lose the last commits but cannot
