@@ -293,6 +293,7 @@ async def ranges_of(sql: asyncpg.Connection, store: PostgresStateStore,
 async def test_a_redelivered_runtime_event_is_stored_and_counted_once(
         make: MakeStore, sql: asyncpg.Connection) -> None:
     store = await make(batch_size=100)  # each flush below writes one batch
+    await store._writer_started()  # writer="process": every batch goes to the writer
     first = [fields("t1", i, "node_start" if i % 2 else "node_success") for i in range(1, 6)]
     for item in first:
         assert store.save_event_fields(item) is None
@@ -322,6 +323,7 @@ async def test_write_returns_the_buffered_objects_it_stored(make: MakeStore) -> 
     # The base class hands these to in-process followers: they must be the
     # buffered objects themselves (runtime tuples or StoredEvents), in order.
     store = await make()
+    await store._writer_started()  # writer="process": _prepare makes its payloads
     a, b, c = fields("t", 1), ev("t", 2, flow="flow-r"), fields("t", 3)
     traceless, d = ev(None, 4, flow="flow-r"), fields("t", 5)
 
@@ -332,6 +334,24 @@ async def test_write_returns_the_buffered_objects_it_stored(make: MakeStore) -> 
     assert await write([a, c, b, c, traceless]) == [id(c), id(traceless)]
     assert await write([c, d, traceless]) == [id(d)]  # stored before, none repeated here
     assert await write([a, b, c]) == []
+    # Runtime tuples alone (the writer process groups them itself), re-delivered too.
+    e, f = fields("t", 6), fields("u", 7)
+    assert await write([e, d, f, e]) == [id(e), id(f)]
+
+
+async def test_write_returns_the_new_events_of_a_batch_mixing_traces(make: MakeStore) -> None:
+    store = await make()
+    await store._writer_started()  # writer="process": _prepare makes its payloads
+    for a1, b2, c in ((ev("t1", 1), ev("t2", 2), ev("t2", 3, "node_success")),
+                      (fields("t3", 4), fields("t4", 5), fields("t4", 6, "node_success"))):
+        assert await store._write(await store._prepare([a1])) == [a1]
+        # StoredEvents go to the writer process grouped by trace (t2's two events,
+        # then t1's), runtime tuples in batch order; either way the events returned
+        # (what followers get) are in batch order, the re-delivery left out.
+        assert await store._write(await store._prepare([b2, a1, c])) == [b2, c]
+    assert [e.seq for e in await store.load_history("t2")] == [2, 3]
+    assert [e.seq for e in await store.load_history("t4")] == [5, 6]
+    assert store.failures == {}
 
 
 async def test_seq_ranges_stay_one_row_per_flow_in_a_normal_run(
@@ -779,8 +799,66 @@ def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[BaseException]:
 
 
 @PROCESS_ONLY
-async def test_a_writer_process_that_dies_costs_one_batch_then_is_replaced(
-        make: MakeStore, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_store_opened_and_queried_but_never_written_to_starts_no_writer(
+        make: MakeStore) -> None:
+    store = await make(writer="process")
+    assert await store.list_traces() == [] and await store.get_trace("t") is None
+    assert await store.load_history("t") == []
+    await store.flush()
+    writer = store._proc_writer
+    assert writer is not None and writer.started == 0 and writer.pid is None
+    await store.close()
+    assert writer.started == 0
+
+
+@PROCESS_ONLY
+async def test_the_writer_process_starts_with_the_first_buffered_event(
+        make: MakeStore) -> None:
+    store = await make(writer="process", flush_interval_s=3600.0)
+    assert store._starting is None  # open() starts none
+    await store.save_events([ev("t", 1)])
+    assert store._starting is not None  # the event did
+    await store._writer_started()
+    writer = store._proc_writer
+    assert writer is not None and writer.started == 1 and writer.pid is not None
+    await store.flush()
+    assert await store.load_history("t") == [ev("t", 1)]
+
+
+@PROCESS_ONLY
+async def test_a_writer_process_that_died_between_batches_is_replaced(
+        make: MakeStore) -> None:
+    store = await make(writer="process", flush_interval_s=3600.0)
+    await store._writer_started()  # else the first batches are written on the loop
+    first = [ev("t", 1), ev("t", 2, "node_success")]
+    await store.save_events(first)
+    await store.flush()
+    writer = store._proc_writer
+    assert writer is not None and writer._proc is not None and writer.started == 1
+    dead = writer._proc
+    dead.kill()
+    await dead.wait()
+    later = [ev("t", 3, node="b")]
+    await store.save_events(later)
+    assert await store.load_history("t") == [*first, *later]  # nothing lost
+    assert writer.started == 2 and store.failures["write_failed"] == 0
+
+
+@PROCESS_ONLY
+async def test_a_writer_process_that_dies_mid_batch_loses_that_batch_only(
+        make: MakeStore, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from penguiflow_exporters._writer_proc import AsyncWriterProcess
+
+    sending = asyncio.Event()
+    exchange = AsyncWriterProcess._exchange
+
+    async def signalling_exchange(self: Any, proc: Any, op: bytes, payload: bytes) -> Any:
+        if op == b"W":
+            sending.set()  # the batch is handed to this very process
+            await asyncio.sleep(0)  # let the test kill it first
+        return await exchange(self, proc, op, payload)
+
     store = await make(writer="process", flush_interval_s=3600.0)
     await store._writer_started()  # else the first batches are written on the loop
     first = [ev("t", 1), ev("t", 2, "node_success")]
@@ -788,14 +866,18 @@ async def test_a_writer_process_that_dies_costs_one_batch_then_is_replaced(
     await store.flush()
     writer = store._proc_writer
     assert writer is not None and writer.pid is not None and writer.started == 1
-    os.kill(writer.pid, signal.SIGKILL)
+    monkeypatch.setattr(AsyncWriterProcess, "_exchange", signalling_exchange)
     with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
         await store.save_events([ev("t", 3)])
-        await store.flush()  # absorbed: logged and counted
+        flushing = asyncio.ensure_future(store.flush())
+        await sending.wait()
+        os.kill(writer.pid, signal.SIGKILL)
+        await flushing  # absorbed: logged and counted
     assert store.failures["write_failed"] == 1 and store.failures["events_lost"] == 1
     (error,) = _errors_logged(caplog)
     assert isinstance(error, StoreUnavailable) and "writer process exited" in str(error)
     assert store._where in str(error)  # names the server (never the password)
+    monkeypatch.undo()
     later = [ev("t", 4, "node_success")]
     await store.save_events(later)
     assert await store.load_history("t") == [*first, *later]

@@ -51,14 +51,19 @@ re-encoding a re-delivery) is _pg_write.BatchWriter, run either way:
 
 * ``"process"`` (default): by a child process (``python -m
   penguiflow_exporters._pg_write``, its own asyncpg connection and event loop),
-  through one worker thread of the store (see _writer_proc.py). ``_prepare`` only
-  groups the batch by trace and encodes its blocks; the child decodes their heads
-  to fold and deduplicate and stores the bytes as they came. Why: on the loop,
-  folding, binding and the driver (~4 us per event) share the flow's process and
-  GIL: the chain N=5 benchmark with the store ran at 2.2-4.5x its time without
-  one. ``open()`` starts the child in the background (~0.25 s: interpreter,
-  asyncpg, connection); batches taken before it is ready are written on the loop.
-  A child that dies costs its batch (StoreUnavailable, counted); the next batch
+  over asyncio pipes driven by the flow's event loop itself (_writer_proc.
+  AsyncWriterProcess; a worker thread handing batches over starved for the GIL
+  while the loop was busy). ``_prepare`` only pickles the runtime's tuples, a
+  slice at a time, and the child groups, folds and encodes them; a batch holding
+  StoredEvents (an import) is grouped by trace and encoded into blocks here, and
+  the child decodes only their heads to fold and deduplicate and stores the bytes
+  as they came (see _pg_write). Why: on the loop, folding, binding and the driver
+  (~4 us per event) share the flow's process and GIL: the chain N=5 benchmark
+  with the store ran at 2.2-4.5x its time without one. The child is started in
+  the background with the first event buffered (~0.25 s: interpreter, asyncpg,
+  connection), not by ``open()``, so a store opened only to read starts none;
+  batches taken before it is ready are written on the loop. A child that dies
+  costs the batch it was writing (StoreUnavailable, counted); the next batch
   starts a new one.
 * ``"loop"``: on the flow's event loop, with the pool (the behaviour before).
 
@@ -94,7 +99,6 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final, Literal
 from urllib.parse import parse_qs, urlsplit
 
@@ -119,13 +123,14 @@ from ._blocks import (
     encode_block,
     events_of,
     group_by_trace,
+    kept_items,
     split_fresh,
     stored_item,
 )
 from ._buffered import BufferedStore
 from ._gc import gc_paused
 from ._pg_write import ANY_TRACE, BLOCK_COLUMNS, Batch, BatchWriter
-from ._writer_proc import WriterError, WriterProcess
+from ._writer_proc import AsyncWriterProcess, WriterError
 
 __all__ = ["PostgresStateStore", "SCHEMA_VERSION"]
 
@@ -502,21 +507,17 @@ class PostgresStateStore(BufferedStore):
         self._batch_writer = BatchWriter(
             schema, lock_key=self._lock_key, channel=self._channel,
             terminal=_TERMINAL_KINDS, errors=_ERROR_KINDS, block_events=BLOCK_EVENTS)
-        # writer="process": the child writing batches, the one thread that talks to
-        # it, and the start of both (by open(), see _warm_up).
-        self._proc_writer: WriterProcess | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._warming: Future[None] | None = None
-        # Set while a batch waits for the writer thread to pick it up: see _pause.
-        self._handoff: asyncio.Future[None] | None = None
+        # writer="process": the child writing batches, and the task starting it
+        # (with the first buffered event, see _ensure_writer; not at open(): a store
+        # opened only to read never starts a writer).
+        self._proc_writer: AsyncWriterProcess | None = None
+        self._starting: asyncio.Task[None] | None = None
         if writer == "process":
-            self._proc_writer = WriterProcess("penguiflow_exporters._pg_write", {
+            self._proc_writer = AsyncWriterProcess("penguiflow_exporters._pg_write", {
                 "dsn": dsn, "schema": schema, "lock_key": self._lock_key,
                 "channel": self._channel, "terminal": _TERMINAL_KINDS,
                 "errors": _ERROR_KINDS, "block_events": BLOCK_EVENTS,
                 "connect_timeout_s": connect_timeout_s})
-            self._executor = ThreadPoolExecutor(max_workers=1,
-                                                thread_name_prefix="penguiflow-postgres")
 
     def __repr__(self) -> str:
         return f"PostgresStateStore({self._where!r}, schema={self.schema!r})"
@@ -581,12 +582,6 @@ class PostgresStateStore(BufferedStore):
                 pool.terminate()
                 raise
             self._pool = pool
-            if self._executor is not None and self._warming is None:
-                # Start the writer process now, in the background: it takes ~0.25 s
-                # (the interpreter, asyncpg, a connection), which the first batches
-                # would otherwise wait for (~25% of a 100k-event import, measured);
-                # they are written on the loop meanwhile (see _prepare).
-                self._warming = self._executor.submit(self._warm_up)
 
     async def _migrate(self, conn: Any) -> None:
         s = self._s
@@ -630,15 +625,21 @@ class PostgresStateStore(BufferedStore):
                 f"upgrade penguiflow-exporters, or use another schema")
         return version
 
+    async def close(self) -> None:
+        """Flush what is buffered, stop the writer process, close the pool; idempotent."""
+        if self._starting is not None and not self._starting.done():
+            # Let the start finish (it opens the store), so that _close stops what it
+            # started, whatever close() finds opened.
+            await asyncio.wait([self._starting])
+        await super().close()
+
     async def _close(self) -> None:
         for wake in list(self._follow_wakes):
             wake.put_nowait(None)
-        if self._proc_writer is not None and self._executor is not None:
-            # On the writer's thread: after the batch it may be writing (none
-            # should be: close() flushed first).
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._proc_writer.close)
-            self._executor.shutdown(wait=False)
+        if self._proc_writer is not None:
+            # After the batch it may be writing (none should be: close() flushed
+            # first): requests are serialised.
+            await self._proc_writer.close()
         pool, self._pool = self._pool, None
         if pool is None:
             return
@@ -650,33 +651,58 @@ class PostgresStateStore(BufferedStore):
 
     # -- write path ---------------------------------------------------------------
 
-    async def _prepare(self, batch: list[Any]) -> tuple[list[Any], Any]:
-        """``batch`` ready for ``_write``: as encoded blocks for the writer process
-        (pickled), or folded and encoded for the transaction on the loop (a Batch):
-        with writer="loop", or while the writer process is starting.
+    async def flush(self) -> None:
+        """Write everything buffered so far (and the batches in flight), then return;
+        also once the writer process has started, if it was starting.
+
+        A flushed store is in its steady state: the batches after it go to the
+        writer process, not to the loop (a service flushing at start-up, or a
+        benchmark's warm-up, must not leave the start to its first busy second).
+        """
+        await super().flush()
+        starting = self._starting
+        if starting is not None and not starting.done():
+            await asyncio.wait([starting])
+
+    async def _prepare(self, batch: list[Any]) -> tuple[list[Any], Any, bool]:
+        """``batch`` ready for ``_write``: ``(batch, data, grouped)``.
+
+        For the writer process, once it has started, ``data`` is its pickled
+        ``(grouped, chunks)`` (see _pg_write): the runtime's tuples alone as encoded
+        slices of the batch, or the batch grouped by trace and encoded into blocks
+        (``grouped``: the positions it reports are then the blocks'). Otherwise
+        (writer="loop", or while the writer process is starting) a :class:`Batch`
+        folded and encoded for the transaction on the loop.
 
         Runs on the event loop while the previous batch is being written (see
-        BufferedStore._write_some), yielding to it every ~_SLICE events.
+        BufferedStore._write_some), yielding to it between slices.
         """
-        if self._warming is not None and self._warming.done():
-            return batch, await self._encoded(batch)
-        return batch, await self._folded(batch)
-
-    async def _writer_started(self) -> None:
-        """Wait until the writer process started (or failed to); for tests."""
-        if self._warming is not None:
-            await asyncio.wrap_future(self._warming)
+        starting = self._starting
+        if starting is None or not starting.done():
+            return batch, await self._folded(batch), False
+        if all(type(item) is tuple for item in batch):
+            # The runtime's events alone (its fast path): pickled as they are, a slice
+            # at a time, and grouped, folded and encoded by the writer process.
+            chunks: list[bytes] = []
+            for start in range(0, len(batch), BLOCK_EVENTS):
+                if start:
+                    await asyncio.sleep(0)
+                chunks.append(encode_block(batch[start:start + BLOCK_EVENTS]))
+            return batch, pickle.dumps((False, chunks), 5), False
+        return batch, await self._encoded(batch), True
 
     async def _encoded(self, batch: list[Any]) -> bytes:
-        """The pickled list of ``batch``'s blocks (a trace's events at a time, in
-        order; see _pg_write): what the writer process takes."""
+        """The pickled ``(True, blocks)`` of ``batch`` (blocks: a trace's events at a
+        time, in order of first appearance; see _pg_write): StoredEvents are
+        grouped and encoded here, so the writer only decodes their heads."""
         # The pause spans only this CPU work and the loop turns it yields: see _folded.
         with gc_paused():
             groups: dict[Any, list[tuple[Any, ...]]] = {}
             for start in range(0, len(batch), _SLICE):
+                if start:
+                    await asyncio.sleep(0)
                 group_by_trace((item if type(item) is tuple else stored_item(item)
                                 for item in batch[start:start + _SLICE]), into=groups)
-                await self._pause()
             blocks: list[bytes] = []
             encoded = 0
             for group in groups.values():
@@ -685,26 +711,39 @@ class PostgresStateStore(BufferedStore):
                     blocks.append(encode_block(chunk))
                     encoded += len(chunk)
                     if encoded >= _SLICE:
-                        await self._pause()
+                        await asyncio.sleep(0)
                         encoded = 0
             del groups
-            return pickle.dumps(blocks, 5)
+            return pickle.dumps((True, blocks), 5)
 
-    async def _pause(self) -> None:
-        """Yield to the loop; first, until the writer thread has picked up the batch
-        handed to it, if any.
+    def _ensure_writer(self) -> None:
+        super()._ensure_writer()
+        self._start_writer_soon()
 
-        A thread woken while the loop is busy gets the GIL only once the loop idles:
-        the loop gives it up at every turn (select) and takes it straight back, which
-        keeps the thread from asking for it (it asks after 5 ms without a switch). So
-        without this wait the next batch's encoding (~30-50 ms) and the previous
-        batch's write ran in turn, not together (measured).
-        """
-        handoff = self._handoff
-        if handoff is not None and not handoff.done():
-            await asyncio.wait([handoff], timeout=0.05)
-        else:
-            await asyncio.sleep(0)
+    def _start_writer_soon(self) -> None:
+        """Start the writer process in the background, once (writer="process")."""
+        if self._proc_writer is not None and self._starting is None:
+            # ~0.25 s (the interpreter, asyncpg, a connection), which the first
+            # batches would otherwise wait for (~25% of a 100k-event import,
+            # measured): they are written on the loop meanwhile (see _prepare).
+            self._starting = asyncio.get_running_loop().create_task(self._start_writer())
+
+    async def _start_writer(self) -> None:
+        assert self._proc_writer is not None
+        # A failure here is not lost: the first batch for the writer process starts
+        # it again, and reports.
+        with contextlib.suppress(Exception):
+            await self.open()
+            await self._proc_writer.start()
+            # No chunks: the child only connects.
+            await self._proc_writer.request(b"W", pickle.dumps((True, []), 5))
+
+    async def _writer_started(self) -> None:
+        """Start the writer process if it was not, and wait until it started (or
+        failed to); for tests."""
+        self._start_writer_soon()
+        if self._starting is not None:
+            await asyncio.wait([self._starting])
 
     async def _folded(self, batch: list[Any]) -> Batch:
         """Fold and encode ``batch`` as if none of it were stored yet (usually true);
@@ -765,7 +804,7 @@ class PostgresStateStore(BufferedStore):
             del groups, some
         return Batch(own, folds, blocks, items)
 
-    async def _write(self, prepared: tuple[list[Any], Any]
+    async def _write(self, prepared: tuple[list[Any], Any, bool]
                      ) -> Sequence[StoredEvent | tuple[Any, ...]]:
         """Store a prepared batch in one transaction; return the events that were new.
 
@@ -776,47 +815,21 @@ class PostgresStateStore(BufferedStore):
         async with self._write_lock:
             return await self._write_locked(prepared)
 
-    async def _write_locked(self, prepared: tuple[list[Any], Any]) -> list[Any]:
-        batch, data = prepared
-        pool = self._checked_pool()
-        if not isinstance(data, Batch):
-            assert self._executor is not None
-            # The writer process, through the one thread that talks to it
-            # (WriterProcess.request blocks).
-            loop = asyncio.get_running_loop()
-            handoff = self._handoff = loop.create_future()
+    async def _write_locked(self, prepared: tuple[list[Any], Any, bool]) -> list[Any]:
+        batch, data, grouped = prepared
+        if isinstance(data, Batch):  # on the loop, with the pool
+            pool = self._checked_pool()
+            with self._errors("writing events"):
+                async with pool.acquire() as conn:
+                    skipped = await self._batch_writer.write(conn, data)
+        else:
+            assert self._proc_writer is not None
             try:
-                return await loop.run_in_executor(
-                    self._executor, self._write_sync, prepared, handoff)
-            finally:
-                if not handoff.done():
-                    handoff.set_result(None)
-                if self._handoff is handoff:
-                    self._handoff = None
-        with self._errors("writing events"):
-            async with pool.acquire() as conn:
-                skipped = await self._batch_writer.write(conn, data)
-        return _kept(batch, skipped, grouped=False)
-
-    def _warm_up(self) -> None:
-        """Start the writer process and have it connect (an empty batch); a failure
-        is left for the first batch to report."""
-        assert self._proc_writer is not None
-        with contextlib.suppress(WriterError):
-            self._proc_writer.request(b"W", pickle.dumps([], 5))
-
-    def _write_sync(self, prepared: tuple[list[Any], Any],
-                    handoff: asyncio.Future[None] | None = None) -> list[Any]:
-        """writer="process": hand the batch to the writer process (its one thread)."""
-        assert self._proc_writer is not None
-        if handoff is not None:
-            handoff.get_loop().call_soon_threadsafe(_release, handoff)
-        batch, payload = prepared
-        try:
-            skipped = self._proc_writer.request(b"W", payload)
-        except WriterError as exc:
-            raise self._writer_error(exc) from exc
-        return _kept(batch, skipped, grouped=True)
+                skipped = await self._proc_writer.request(b"W", data)
+            except WriterError as exc:
+                raise self._writer_error(exc) from exc
+        # Positions are the blocks' (grouped by trace) when the batch went as blocks.
+        return kept_items(batch, skipped, grouped=grouped)
 
     # -- queries ------------------------------------------------------------------
 
@@ -1063,28 +1076,6 @@ def _load_json(data: bytes) -> Any:
         return _raw_decode(data.decode())[0]
     except ValueError:  # e.g. leading whitespace in a row written by other tools
         return json.loads(data)
-
-
-def _release(handoff: asyncio.Future[None]) -> None:
-    if not handoff.done():
-        handoff.set_result(None)
-
-
-def _kept(batch: list[Any], skipped: list[int] | None, *, grouped: bool) -> list[Any]:
-    """The items of ``batch`` a writer stored, in order, given the positions of those it
-    skipped: in ``batch``, or (``grouped``) in the order the blocks hold them (_encoded)."""
-    if skipped is None:
-        return batch
-    if grouped:
-        positions: dict[Any, list[int]] = {}
-        for i, item in enumerate(batch):
-            trace_id = item[0] if type(item) is tuple else item.trace_id
-            positions.setdefault(trace_id, []).append(i)
-        order = [i for group in positions.values() for i in group]
-        dropped = {order[i] for i in skipped}
-    else:
-        dropped = set(skipped)
-    return [item for i, item in enumerate(batch) if i not in dropped]
 
 
 def _summary(row: Any) -> TraceSummary:
