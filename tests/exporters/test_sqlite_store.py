@@ -852,3 +852,28 @@ async def test_close_stops_the_writer_process(tmp_path: Path) -> None:
     assert writer.pid is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # reaped, not a zombie
+
+
+async def test_a_store_only_read_starts_no_writer_process(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    async with SQLiteStateStore(path) as writer_store:
+        await writer_store.save_events(invocation("t", "a", 1.0, 2.0))
+    async with SQLiteStateStore(path) as reader:
+        assert [e.kind for e in await reader.load_history("t")] == ["node_start",
+                                                                    "node_success"]
+        assert await reader.list_traces() != []
+        assert reader._proc_writer is not None and reader._proc_writer.started == 0
+
+
+async def test_a_writer_that_refuses_its_options_is_not_kept(tmp_path: Path) -> None:
+    from penguiflow_exporters._writer_proc import AsyncWriterProcess, WriterError
+
+    writer = AsyncWriterProcess("penguiflow_exporters._sqlite_write",
+                                {"path": str(tmp_path / "t.db")})
+    with pytest.raises(WriterError, match="KeyError"):  # no busy_timeout_ms, no kinds
+        await writer.start()
+    assert writer.pid is None and writer.started == 1
+    with pytest.raises(WriterError, match="KeyError"):  # tried anew, not "init first"
+        await writer.request(b"W", b"")
+    assert writer.started == 2
+    await writer.close()

@@ -176,7 +176,12 @@ class AsyncWriterProcess:
         self._proc = proc
         self.started += 1
         _widen(proc)
-        await self._exchange(proc, b"I", pickle.dumps(self._init))
+        try:
+            await self._exchange(proc, b"I", pickle.dumps(self._init))
+        except WriterError as exc:
+            if not exc.gone:  # it refused its options: a writer that can't write
+                await self._reap(proc)
+            raise
         return proc
 
     async def request(self, op: bytes, payload: bytes) -> Any:
