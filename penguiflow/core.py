@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ._context import Context, Targets
 from ._events import EVENT_LEVELS, EventPipeline, logger
@@ -56,6 +56,9 @@ DEFAULT_QUEUE_MAXSIZE = 64
 
 # Names that user code imports from here although they are not in __all__.
 _COMPAT = (TraceCancelled, Endpoint, OPEN_SEA, ROOKERY)
+
+# The wall clock, bound once: read twice per hop by PenguiFlow._record.
+_wall = time.time
 
 Adjacency = tuple["Node", Sequence["Node"]]
 
@@ -618,9 +621,43 @@ class PenguiFlow:
         """Number one event and return its EVENT_FIELDS tuple (``penguiflow.state``).
 
         ``extra`` is None or a read-only mapping nobody mutates. Every event of
-        the flow is built here, whoever consumes it: the tuple feeds stores and the
-        tracer directly, and is the source of a FlowEvent or StoredEvent when one
-        is needed.
+        the flow is built by :meth:`_record`, whoever consumes it: the tuple feeds
+        stores and the tracer directly, and is the source of a FlowEvent or
+        StoredEvent when one is needed.
+        """
+        return self._record(kind, ctx, trace_id, attempt, latency_ms, extra, invocation_id,
+                            parents, queued_ts, True)
+
+    @overload
+    def _record(
+        self, kind: str, ctx: Context, trace_id: Any, attempt: int, latency_ms: float | None,
+        extra: Mapping[str, Any] | None, invocation_id: str | None, parents: tuple[str, ...],
+        queued_ts: float | None, collect: Literal[False] = False,
+    ) -> Awaitable[None] | None: ...
+
+    @overload
+    def _record(
+        self, kind: str, ctx: Context, trace_id: Any, attempt: int, latency_ms: float | None,
+        extra: Mapping[str, Any] | None, invocation_id: str | None, parents: tuple[str, ...],
+        queued_ts: float | None, collect: Literal[True],
+    ) -> tuple[Any, ...]: ...
+
+    def _record(
+        self, kind: str, ctx: Context, trace_id: Any, attempt: int, latency_ms: float | None,
+        extra: Mapping[str, Any] | None, invocation_id: str | None, parents: tuple[str, ...],
+        queued_ts: float | None, collect: bool = False,
+    ) -> Any:
+        """Number one event, build its EVENT_FIELDS tuple and hand it to the tuple
+        consumers, synchronously (the worker's fast path); with ``collect``, return it.
+
+        Synchronous on purpose: it runs twice per hop, and a coroutine per event
+        (plus keyword parsing) cost ~40% of the store's hop overhead (measured). The
+        tuple is built here rather than by a helper for the same reason: a call
+        more per event was ~15% of recording one (measured). Only valid when tuple
+        consumers are the only ones (``EventPipeline.direct`` and the logger
+        disabled for ``kind``): the worker checks that per invocation. Returns the
+        store's waiter when its buffer is full under ``on_full="block"``, else
+        None; a consumer that raises is logged and counted, never propagated.
         """
         span_id: str | None = None
         parent_span: str | None = None
@@ -646,7 +683,6 @@ class PenguiFlow:
             pending, inflight, cancelled = None, 0, False
         events = self._events
         events.seq = seq = events.seq + 1
-        owner = ctx._owner
         # Context.queue_depth_in/out inlined: two method calls per event were ~10% of
         # recording one (measured).
         depth_in = depth_out = 0
@@ -657,31 +693,14 @@ class PenguiFlow:
             depth_out += len(queue._queue)
         # None rather than an empty mapping for ``extra``: a tuple of atoms only
         # is untracked by the GC, which matters while thousands are buffered.
-        return (
-            trace_id, time.time(), kind, owner.name, ctx._owner_id, invocation_id, parents,
+        fields = (
+            trace_id, _wall(), kind, ctx._owner.name, ctx._owner_id, invocation_id, parents,
             span_id, parent_span, seq, attempt, queued_ts, self.name, self.flow_id,
             latency_ms, depth_in, depth_out, len(out_queues),
             self._queue_maxsize, inflight, cancelled, pending, extra,
         )
-
-    def _record(
-        self, kind: str, ctx: Context, trace_id: Any, attempt: int, latency_ms: float | None,
-        extra: Mapping[str, Any] | None, invocation_id: str | None, parents: tuple[str, ...],
-        queued_ts: float | None,
-    ) -> Awaitable[None] | None:
-        """Hand one event to the tuple consumers, synchronously (the worker's fast path).
-
-        Synchronous on purpose: it runs twice per hop, and a coroutine per event
-        (plus keyword parsing) cost ~40% of the store's hop overhead (measured).
-        Only valid when tuple consumers are the only ones (``EventPipeline.direct``
-        and the logger disabled for ``kind``): the worker checks that per invocation.
-        Returns the store's waiter when its buffer is full under
-        ``on_full="block"``, else None; a consumer that raises is logged and
-        counted, never propagated.
-        """
-        fields = self._event_fields(kind, ctx, trace_id, attempt, latency_ms, extra,
-                                    invocation_id, parents, queued_ts)
-        events = self._events
+        if collect:
+            return fields
         sink = events.fast_store
         if sink is None or events.tracer is not None:
             return events.take_fields(fields)

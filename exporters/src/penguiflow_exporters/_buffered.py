@@ -250,8 +250,14 @@ class BufferedStore:
         async with self._take_lock:
             while len(self._commits) >= _AHEAD:
                 await asyncio.wait(list(self._commits), return_when=asyncio.FIRST_COMPLETED)
-            popleft = self._buffer.popleft
-            taken: list[Any] = [popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
+            buffer = self._buffer
+            taken: list[Any]
+            if len(buffer) <= self.batch_size:  # all of it: one C-level copy
+                taken = list(buffer)
+                buffer.clear()
+            else:
+                popleft = buffer.popleft
+                taken = [popleft() for _ in range(self.batch_size)]
             if self._room is not None:
                 self._room.set()
             if not taken:

@@ -680,7 +680,7 @@ class PostgresStateStore(BufferedStore):
         starting = self._starting
         if starting is None or not starting.done():
             return batch, await self._folded(batch), False
-        if all(type(item) is tuple for item in batch):
+        if set(map(type, batch)) == {tuple}:
             # The runtime's events alone (its fast path): pickled as they are, a slice
             # at a time, and grouped, folded and encoded by the writer process.
             chunks: list[bytes] = []

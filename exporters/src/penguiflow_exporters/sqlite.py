@@ -587,7 +587,7 @@ class SQLiteStateStore(BufferedStore):
             with gc_paused():  # a tuple per StoredEvent: see _write_sync
                 return batch, [item if type(item) is tuple else stored_item(item)
                                for item in batch], False
-        if all(type(item) is tuple for item in batch):
+        if set(map(type, batch)) == {tuple}:
             # The runtime's events alone (its fast path): pickled as they are, a slice
             # at a time, and grouped and encoded by the writer process. The flow's
             # process then spends ~0.5 us per event here instead of ~1.2 (measured).
