@@ -141,3 +141,51 @@ class StoreFactory:
                 await store.close()
         if self._dsn is not None:
             await drop_schemas(self._dsn, self._schemas)
+
+
+# -- old-format fixtures ----------------------------------------------------------------
+# Schemas 2 and 3 kept the runtime's payload fields as columns; the migration tests
+# write such rows by hand, split the way those stores split a StoredEvent's payload.
+
+_STANDARD = frozenset({
+    "ts", "event", "node_name", "node_id", "trace_id", "latency_ms", "q_depth_in",
+    "q_depth_out", "q_depth_total", "outgoing", "queue_maxsize", "attempt", "trace_inflight",
+    "trace_cancelled", "trace_pending",
+})
+
+
+def runtime_columns(ev: Any) -> tuple[Any, ...] | None:
+    """``(latency_ms, q_in, q_out, outgoing, maxsize, inflight, cancelled, pending, extra)``
+    of ``ev``'s payload, or None when the payload is not exactly a runtime payload.
+
+    ``extra`` is a dict of the remaining items (possibly empty).
+    """
+    p = ev.payload
+    try:
+        q_in = p["q_depth_in"]
+        q_out = p["q_depth_out"]
+        outgoing = p["outgoing"]
+        maxsize = p["queue_maxsize"]
+        inflight = p["trace_inflight"]
+        cancelled = p["trace_cancelled"]
+        latency = p["latency_ms"]
+        if (p["ts"] != ev.ts or p["event"] != ev.kind or p["node_name"] != ev.node_name
+                or p["node_id"] != ev.node_id or p["trace_id"] != ev.trace_id
+                or p["attempt"] != ev.attempt or type(p["attempt"]) is not int):
+            return None
+    except (KeyError, TypeError):
+        return None
+    # Exact types only: the columns give back ints, a bool and a float or None.
+    if (type(q_in) is not int or type(q_out) is not int or type(outgoing) is not int
+            or type(maxsize) is not int or type(inflight) is not int
+            or type(cancelled) is not bool or p["q_depth_total"] != q_in + q_out
+            or not (latency is None or type(latency) is float)):
+        return None
+    pending = p.get("trace_pending")
+    if (pending is None and "trace_pending" in p) or (
+            pending is not None and type(pending) is not int):
+        return None  # an explicit None is not rebuilt (the runtime omits the key)
+    # 14 standard keys, 15 with trace_pending: only longer payloads have extras.
+    extra: dict[str, Any] = {k: v for k, v in p.items() if k not in _STANDARD} \
+        if len(p) > (14 if pending is None else 15) else {}
+    return latency, q_in, q_out, outgoing, maxsize, inflight, cancelled, pending, extra

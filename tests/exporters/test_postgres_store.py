@@ -1073,7 +1073,7 @@ async def _make_v2_schema(sql: asyncpg.Connection, schema: str,
     payloads split into columns (others whole), summaries in arrival order."""
     import json
 
-    from penguiflow_exporters._columns import runtime_columns
+    from store_support import runtime_columns
 
     s = f'"{schema}"'
     await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer "
@@ -1181,7 +1181,7 @@ async def _make_v3_schema(sql: asyncpg.Connection, schema: str,
     trace's ``first_seen``, runtime payloads split into columns (others whole)."""
     import json
 
-    from penguiflow_exporters._columns import runtime_columns
+    from store_support import runtime_columns
 
     s = f'"{schema}"'
     await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer "

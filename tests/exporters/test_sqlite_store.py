@@ -183,7 +183,8 @@ _V2_INSERT = (
 def make_v2_file(path: Path, events: Iterable[StoredEvent]) -> None:
     """A file as a version-2 store left it: runtime payloads split into columns (the
     rest whole), ``event_key`` and text ids in ``events``, summaries by rowid."""
-    from penguiflow_exporters._columns import runtime_columns
+    from store_support import runtime_columns
+
     from penguiflow_exporters.sqlite import _MIGRATIONS
 
     conn = sqlite3.connect(path)
