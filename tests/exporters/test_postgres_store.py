@@ -459,9 +459,11 @@ async def test_list_traces_and_get_trace_match_the_in_memory_store(make: MakeSto
 
 async def test_history_pages_across_block_boundaries_are_slices_of_the_history(
         make: MakeStore, sql: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
-    from penguiflow_exporters import postgres
+    from penguiflow_exporters import _blocks, postgres
 
-    monkeypatch.setattr(postgres, "BLOCK_EVENTS", 4)  # a trace's share of a batch: 1-2 blocks
+    # A trace's share of a batch: 1-2 blocks (encoded on the loop, or for the writer).
+    monkeypatch.setattr(postgres, "BLOCK_EVENTS", 4)
+    monkeypatch.setattr(_blocks, "BLOCK_EVENTS", 4)
     store = await make(batch_size=7)
     # One trace's events spread over blocks of many sizes: batches shared with
     # another trace, single events, a lone full batch.

@@ -65,6 +65,7 @@ __all__ = [
     "encode_block",
     "fold_rows",
     "group_by_trace",
+    "heads_and_rows",
     "merge_ranges",
     "split_fresh",
 ]
@@ -221,6 +222,28 @@ def encode_block(items: Sequence[tuple[Any, ...]]) -> bytes:
         del _local.pickler  # its state after a failed dump is not worth trusting
         return encode_block([_safe_item(item) for item in items])
     return buffer.getvalue()
+
+
+BlockRow = tuple[Any, int, int, float, float, bytes]
+
+
+def heads_and_rows(blocks: Sequence[bytes]
+                   ) -> tuple[list[tuple[Any, ...]], list[BlockRow]]:
+    """The heads of a writer process's blocks (see :func:`block_heads`), in order, and
+    each block's row ``(trace_id, offset, n, ts_lo, ts_hi, data)`` as
+    :func:`block_rows` gives it (``offset`` counted over the blocks of its trace)."""
+    heads: list[tuple[Any, ...]] = []
+    rows: list[BlockRow] = []
+    offsets: dict[Any, int] = {}
+    for data in blocks:
+        block = block_heads(data)
+        trace_id = block[0][0]
+        offset = offsets.get(trace_id, 0)
+        offsets[trace_id] = offset + len(block)
+        stamps = list(map(_ts_of, block))
+        rows.append((trace_id, offset, len(block), min(stamps), max(stamps), data))
+        heads += block
+    return heads, rows
 
 
 def block_heads(data: bytes) -> list[tuple[Any, ...]]:

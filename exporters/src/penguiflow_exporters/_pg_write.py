@@ -42,10 +42,10 @@ import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type informat
 from ._batch import (
     BLOCK_EVENTS,
     Ranges,
-    block_heads,
     block_items,
     block_rows,
     fold_rows,
+    heads_and_rows,
     split_fresh,
 )
 from ._writer_proc import serve
@@ -192,17 +192,7 @@ class BatchWriter:
         Only the blocks' heads are decoded (to fold and deduplicate); the bytes are
         stored as they came unless some events were stored already.
         """
-        heads: list[tuple[Any, ...]] = []
-        rows: list[tuple[Any, ...]] = []
-        offsets: dict[Any, int] = {}
-        for data in blocks:
-            block = block_heads(data)
-            trace_id = block[0][0]
-            offset = offsets.get(trace_id, 0)
-            offsets[trace_id] = offset + len(block)
-            stamps = list(map(_ts_of, block))
-            rows.append((trace_id, offset, len(block), min(stamps), max(stamps), data))
-            heads += block
+        heads, rows = heads_and_rows(blocks)
         fresh, own = split_fresh(heads, {})
         folds = self.fold(heads) if fresh is heads else {}
 

@@ -25,7 +25,14 @@ from collections.abc import Callable, Iterable, Mapping
 from operator import itemgetter
 from typing import Any
 
-from ._batch import Ranges, block_heads, block_items, block_rows, fold_rows, split_fresh
+from ._batch import (
+    Ranges,
+    block_items,
+    block_rows,
+    fold_rows,
+    heads_and_rows,
+    split_fresh,
+)
 from ._writer_proc import serve
 
 __all__ = ["BatchWriter", "main"]
@@ -119,24 +126,14 @@ class BatchWriter:
         redone, unless some events were stored already. Returns what :meth:`write`
         does, positions counted over the blocks' items.
         """
-        heads: list[tuple[Any, ...]] = []
-        rows: list[tuple[Any, ...]] = []
-        offsets: dict[Any, int] = {}
-        for data in blocks:
-            block = block_heads(data)
-            trace_id = block[0][0]
-            offset = offsets.get(trace_id, 0)
-            offsets[trace_id] = offset + len(block)
-            stamps = list(map(_ts_of, block))
-            rows.append((trace_id, offset, len(block), min(stamps), max(stamps), data))
-            heads += block
+        heads, rows = heads_and_rows(blocks)
         folds = fold_rows(heads, 0, 1, 2, 3, 10, 12, terminal=self._terminal,
                           errors=self._errors)
 
         def items() -> list[tuple[Any, ...]]:
             return [item for data in blocks for item in block_items(data)]
 
-        return self._retrying(heads, folds, rows, items)
+        return self._retrying(heads, folds, list(rows), items)
 
     def _retrying(self, items: list[tuple[Any, ...]], folds: dict[Any, list[Any]],
                   blocks: list[tuple[Any, ...]],

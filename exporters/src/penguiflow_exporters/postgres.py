@@ -122,10 +122,10 @@ from ._blocks import (
     decode_block,
     encode_block,
     events_of,
-    group_by_trace,
     kept_items,
     split_fresh,
     stored_item,
+    writer_payload,
 )
 from ._buffered import BufferedStore
 from ._gc import gc_paused
@@ -680,41 +680,8 @@ class PostgresStateStore(BufferedStore):
         starting = self._starting
         if starting is None or not starting.done():
             return batch, await self._folded(batch), False
-        if set(map(type, batch)) == {tuple}:
-            # The runtime's events alone (its fast path): pickled as they are, a slice
-            # at a time, and grouped, folded and encoded by the writer process.
-            chunks: list[bytes] = []
-            for start in range(0, len(batch), BLOCK_EVENTS):
-                if start:
-                    await asyncio.sleep(0)
-                chunks.append(encode_block(batch[start:start + BLOCK_EVENTS]))
-            return batch, pickle.dumps((False, chunks), 5), False
-        return batch, await self._encoded(batch), True
-
-    async def _encoded(self, batch: list[Any]) -> bytes:
-        """The pickled ``(True, blocks)`` of ``batch`` (blocks: a trace's events at a
-        time, in order of first appearance; see _pg_write): StoredEvents are
-        grouped and encoded here, so the writer only decodes their heads."""
-        # The pause spans only this CPU work and the loop turns it yields: see _folded.
-        with gc_paused():
-            groups: dict[Any, list[tuple[Any, ...]]] = {}
-            for start in range(0, len(batch), _SLICE):
-                if start:
-                    await asyncio.sleep(0)
-                group_by_trace((item if type(item) is tuple else stored_item(item)
-                                for item in batch[start:start + _SLICE]), into=groups)
-            blocks: list[bytes] = []
-            encoded = 0
-            for group in groups.values():
-                for start in range(0, len(group), BLOCK_EVENTS):
-                    chunk = group[start:start + BLOCK_EVENTS]
-                    blocks.append(encode_block(chunk))
-                    encoded += len(chunk)
-                    if encoded >= _SLICE:
-                        await asyncio.sleep(0)
-                        encoded = 0
-            del groups
-            return pickle.dumps((True, blocks), 5)
+        data, grouped = await writer_payload(batch)
+        return batch, data, grouped
 
     def _ensure_writer(self) -> None:
         super()._ensure_writer()

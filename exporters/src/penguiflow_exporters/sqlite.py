@@ -40,7 +40,6 @@ import contextlib
 import json
 import json.encoder
 import os
-import pickle
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,9 +63,9 @@ from ._blocks import (
     decode_block,
     encode_block,
     events_of,
-    group_by_trace,
     kept_items,
     stored_item,
+    writer_payload,
 )
 from ._buffered import BufferedStore
 from ._gc import gc_paused
@@ -578,45 +577,15 @@ class SQLiteStateStore(BufferedStore):
         the writer process.
 
         ``batch`` may hold the runtime's EVENT_FIELDS tuples (``_takes_fields``):
-        they are written as they are, never as StoredEvents. Runs on the event loop,
-        while the worker thread waits for the writer to commit the previous batch;
-        encoded a few blocks at a time, yielding in between, so that the loop is
-        never held more than a few milliseconds.
+        they are written as they are, never as StoredEvents. Runs on the event loop
+        while the writer commits the previous batch (see writer_payload).
         """
         if self._proc_writer is None:
             with gc_paused():  # a tuple per StoredEvent: see _write_sync
                 return batch, [item if type(item) is tuple else stored_item(item)
                                for item in batch], False
-        if set(map(type, batch)) == {tuple}:
-            # The runtime's events alone (its fast path): pickled as they are, a slice
-            # at a time, and grouped and encoded by the writer process. The flow's
-            # process then spends ~0.5 us per event here instead of ~1.2 (measured).
-            chunks: list[bytes] = []
-            for start in range(0, len(batch), BLOCK_EVENTS):
-                if start:
-                    await asyncio.sleep(0)
-                chunks.append(encode_block(batch[start:start + BLOCK_EVENTS]))
-            return batch, pickle.dumps((False, chunks), 5), False
-        # StoredEvents (an import, a replay): grouped and encoded here, block by
-        # block, so the writer only decodes their heads; it has the most to do then.
-        groups: dict[Any, list[tuple[Any, ...]]] = {}
-        for start in range(0, len(batch), BLOCK_EVENTS):
-            if start:
-                await asyncio.sleep(0)
-            with gc_paused():
-                group_by_trace((item if type(item) is tuple else stored_item(item)
-                                for item in batch[start:start + BLOCK_EVENTS]), into=groups)
-        blocks: list[bytes] = []
-        encoded = 0
-        for group in groups.values():
-            if encoded >= BLOCK_EVENTS:
-                await asyncio.sleep(0)
-                encoded = 0
-            with gc_paused():
-                for start in range(0, len(group), BLOCK_EVENTS):
-                    blocks.append(encode_block(group[start:start + BLOCK_EVENTS]))
-            encoded += len(group)
-        return batch, pickle.dumps((True, blocks), 5), True
+        data, grouped = await writer_payload(batch)
+        return batch, data, grouped
 
     def _ensure_writer(self) -> None:
         super()._ensure_writer()
