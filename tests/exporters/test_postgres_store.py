@@ -1292,3 +1292,27 @@ async def test_a_v3_schema_is_migrated_to_blocks_and_keeps_everything(
         assert (await blocks_of(sql, store, "t"))[-1] == (25, 1)
     finally:
         await sql.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@PROCESS_ONLY
+async def test_a_writer_process_that_cannot_start_falls_back_to_the_loop(
+        make: MakeStore, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # As in a sandbox that forbids subprocesses: spawning fails.
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError("subprocesses are not allowed here")
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse)
+    store = await make(flush_interval_s=3600.0)
+    with caplog.at_level(logging.WARNING, logger="penguiflow_exporters"):
+        first = [ev("t", 1, "node_start"), ev("t", 2, "node_success")]
+        await store.save_events(first)
+        await store.flush()
+        later = [ev("t", 3, "node_start", "b")]
+        await store.save_events(later)
+        assert await store.load_history("t") == [*first, *later]  # nothing lost
+    assert store._proc_writer is None  # writing on the loop from now on
+    assert store.failures["write_failed"] == 0
+    warnings = [r for r in caplog.records
+                if r.getMessage() == "state_store_writer_process_unavailable"]
+    assert len(warnings) == 1 and "not allowed" in str(warnings[0].__dict__["error"])

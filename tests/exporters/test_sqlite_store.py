@@ -878,3 +878,26 @@ async def test_a_writer_that_refuses_its_options_is_not_kept(tmp_path: Path) -> 
         await writer.request(b"W", b"")
     assert writer.started == 2
     await writer.close()
+
+
+async def test_a_writer_process_that_cannot_start_falls_back_to_the_thread(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # As in a sandbox that forbids subprocesses: spawning fails.
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError("subprocesses are not allowed here")
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse)
+    with caplog.at_level(logging.WARNING, logger="penguiflow_exporters"):
+        async with SQLiteStateStore(tmp_path / "t.db", flush_interval_s=3600.0) as store:
+            first = invocation("t", "a", 1.0, 2.0)
+            await store.save_events(first)
+            await store.flush()
+            later = [ev("t", "node_start", 3.0, node="b")]
+            await store.save_events(later)
+            assert await store.load_history("t") == [*first, *later]  # nothing lost
+            assert store._proc_writer is None  # writing on its thread from now on
+            assert store.failures["write_failed"] == 0
+    warnings = [r for r in caplog.records
+                if r.getMessage() == "state_store_writer_process_unavailable"]
+    assert len(warnings) == 1 and "not allowed" in str(warnings[0].__dict__["error"])

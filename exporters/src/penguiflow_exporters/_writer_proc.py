@@ -118,11 +118,14 @@ class WriterError(Exception):
     (``gone`` True)."""
 
     def __init__(self, message: str, code: int | None = None, *, gone: bool = False,
-                 types: Sequence[str] = ()) -> None:
+                 types: Sequence[str] = (), starting: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.gone = gone
         self.types = tuple(types)
+        #: It happened while starting a writer (spawning it, or its init), not
+        #: while it wrote a batch: no writer process can be had, as things stand.
+        self.starting = starting
 
 
 class AsyncWriterProcess:
@@ -172,7 +175,8 @@ class AsyncWriterProcess:
                 sys.executable, "-m", self.module, stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, env=_child_env())
         except OSError as exc:
-            raise WriterError(f"cannot start the writer process ({exc})", gone=True) from exc
+            raise WriterError(f"cannot start the writer process ({exc})", gone=True,
+                              starting=True) from exc
         self._proc = proc
         self.started += 1
         _widen(proc)
@@ -181,6 +185,7 @@ class AsyncWriterProcess:
         except WriterError as exc:
             if not exc.gone:  # it refused its options: a writer that can't write
                 await self._reap(proc)
+            exc.starting = True
             raise
         return proc
 

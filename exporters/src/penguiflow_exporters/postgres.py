@@ -89,6 +89,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import pickle
 import re
 import zlib
@@ -131,6 +132,8 @@ from ._buffered import BufferedStore
 from ._gc import gc_paused
 from ._pg_write import ANY_TRACE, BLOCK_COLUMNS, Batch, BatchWriter
 from ._writer_proc import AsyncWriterProcess, WriterError
+
+logger = logging.getLogger("penguiflow_exporters.store")
 
 __all__ = ["PostgresStateStore", "SCHEMA_VERSION"]
 
@@ -794,7 +797,17 @@ class PostgresStateStore(BufferedStore):
             try:
                 skipped = await self._proc_writer.request(b"W", data)
             except WriterError as exc:
-                raise self._writer_error(exc) from exc
+                if not (exc.starting and exc.gone):
+                    raise self._writer_error(exc) from exc
+                # No writer process can be had here (spawning failed, or it died
+                # before answering): write on the loop from now on, as
+                # writer="loop" would, this batch included: nothing is lost. A
+                # database error reported by a live writer is not this case.
+                self._proc_writer, self._starting = None, None
+                logger.warning("state_store_writer_process_unavailable", extra={
+                    "store": repr(self), "error": str(exc),
+                    "fallback": "writing on the event loop (writer='loop')"})
+                return await self._write_locked((batch, await self._folded(batch), False))
         # Positions are the blocks' (grouped by trace) when the batch went as blocks.
         return kept_items(batch, skipped, grouped=grouped)
 

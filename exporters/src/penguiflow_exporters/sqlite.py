@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import json.encoder
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -81,6 +82,8 @@ DEFAULT_PATH = ".penguiflow/traces.db"
 SCHEMA_VERSION = 4
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger("penguiflow_exporters.store")
 
 # Versions 1-3 are SQL; version 4 (_to_v4, below) encodes blocks in Python.
 _SQL_MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -353,6 +356,17 @@ _MIGRATIONS: tuple[tuple[str, ...] | Callable[[sqlite3.Connection], None], ...] 
     *_SQL_MIGRATIONS, _to_v4)
 
 
+class _NoWriterProcess(Exception):
+    """No writer process could be started (see SQLiteStateStore._store_batch)."""
+
+
+def _items_of(batch: list[Any]) -> list[tuple[Any, ...]]:
+    """The block items of ``batch`` (StoredEvents and runtime tuples), for the thread
+    writer."""
+    with gc_paused():
+        return [item if type(item) is tuple else stored_item(item) for item in batch]
+
+
 def _barrier() -> None:
     """An empty worker-thread job: awaiting it waits for every job submitted before."""
 
@@ -581,9 +595,7 @@ class SQLiteStateStore(BufferedStore):
         while the writer commits the previous batch (see writer_payload).
         """
         if self._proc_writer is None:
-            with gc_paused():  # a tuple per StoredEvent: see _write_sync
-                return batch, [item if type(item) is tuple else stored_item(item)
-                               for item in batch], False
+            return batch, _items_of(batch), False
         data, grouped = await writer_payload(batch)
         return batch, data, grouped
 
@@ -610,17 +622,36 @@ class SQLiteStateStore(BufferedStore):
             batch), and every event without a flow id.
         """
         batch, data, grouped = prepared
-        skipped = await self._store_batch(data)
+        if self._proc_writer is not None:
+            try:
+                skipped = await self._store_batch(data)
+            except _NoWriterProcess:
+                # Written here instead, as writer="thread" would: nothing is lost.
+                skipped, grouped = await self._store_batch(_items_of(batch)), False
+        else:
+            skipped = await self._store_batch(data)
         # Positions are the blocks' (grouped by trace) when the batch went as blocks.
         return kept_items(batch, skipped, grouped=grouped)
 
     async def _store_batch(self, data: Any) -> list[int] | None:
-        """Have the writer store a prepared batch; the positions it skipped, if any."""
-        if self._proc_writer is None:
+        """Have the writer store a prepared batch; the positions it skipped, if any.
+
+        Raises:
+            _NoWriterProcess: no writer process could be started; the store writes
+                on its worker thread from now on (logged once).
+        """
+        writer = self._proc_writer
+        if writer is None:
             return await self._call(self._write_sync, data)
         try:
-            skipped: list[int] | None = await self._proc_writer.request(b"W", data)
+            skipped: list[int] | None = await writer.request(b"W", data)
         except WriterError as exc:
+            if exc.starting and exc.gone:  # no process (not: a database error in one)
+                self._proc_writer = None
+                logger.warning("state_store_writer_process_unavailable", extra={
+                    "store": repr(self), "error": str(exc),
+                    "fallback": "writing on the store's worker thread (writer='thread')"})
+                raise _NoWriterProcess from exc
             raise self._writer_error(exc) from exc
         return skipped
 
