@@ -1069,34 +1069,25 @@ def runtime_ev(trace: str | None, seq: int, kind: str = "node_start", *, ts: flo
                        flow_name="demo", parent_invocation_ids=("p",))
 
 
-async def _make_v2_schema(sql: asyncpg.Connection, schema: str,
-                          events: list[StoredEvent]) -> None:
-    """A schema as a version-2 store left it: text trace ids in ``events``, runtime
-    payloads split into columns (others whole), summaries in arrival order."""
+def _old_row(e: StoredEvent) -> tuple[Any, ...]:
+    """The ``events`` values of a schema-2/3 row (trace id first, payload last): runtime
+    payloads split into columns, others whole."""
     import json
 
     from store_support import runtime_columns
 
-    s = f'"{schema}"'
-    await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer "
-                      f"PRIMARY KEY, applied_ts double precision NOT NULL DEFAULT 0)")
-    await sql.execute(migration_sql(0, s))
-    await sql.execute(migration_sql(1, s))
-    await sql.execute(f"INSERT INTO {s}.schema_version (version) VALUES (1), (2)")
-    for e in events:
-        columns = runtime_columns(e)
-        runtime = (None,) * 8 if columns is None else columns[:8]
-        payload = dict(e.payload) if columns is None else columns[8]
-        await sql.execute(
-            f"INSERT INTO {s}.events (trace_id, ts, kind, node_name, node_id, invocation_id, "
-            f"parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, "
-            f"flow_name, flow_id, latency_ms, q_in, q_out, outgoing, queue_maxsize, "
-            f"trace_inflight, trace_cancelled, trace_pending, payload) VALUES ($1,$2,$3,$4,$5,"
-            f"$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23)",
-            e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
+    columns = runtime_columns(e)
+    runtime = (None,) * 8 if columns is None else columns[:8]
+    payload = dict(e.payload) if columns is None else columns[8]
+    return (e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
             list(e.parent_invocation_ids), e.span_id, e.parent_span_id, e.seq, e.attempt,
             e.queued_ts, e.flow_name, e.flow_id, *runtime,
             json.dumps(payload) if payload else None)
+
+
+async def _insert_old_summaries(sql: asyncpg.Connection, s: str,
+                                events: list[StoredEvent]) -> None:
+    """The ``traces`` rows of a schema-2/3 store (``s``: the quoted schema)."""
     for trace_id in dict.fromkeys(e.trace_id for e in events if e.trace_id is not None):
         of_trace = [e for e in events if e.trace_id == trace_id]
         summary = fold(trace_id, of_trace)
@@ -1108,6 +1099,27 @@ async def _make_v2_schema(sql: asyncpg.Connection, schema: str,
             trace_id, summary.flow_name, summary.started_ts, summary.ended_ts,
             summary.node_count, summary.error_count, summary.remote_call_count,
             summary.event_count, opened, list(summary.nodes))
+
+
+async def _make_v2_schema(sql: asyncpg.Connection, schema: str,
+                          events: list[StoredEvent]) -> None:
+    """A schema as a version-2 store left it: text trace ids in ``events``, runtime
+    payloads split into columns (others whole), summaries in arrival order."""
+    s = f'"{schema}"'
+    await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer "
+                      f"PRIMARY KEY, applied_ts double precision NOT NULL DEFAULT 0)")
+    await sql.execute(migration_sql(0, s))
+    await sql.execute(migration_sql(1, s))
+    await sql.execute(f"INSERT INTO {s}.schema_version (version) VALUES (1), (2)")
+    for e in events:
+        await sql.execute(
+            f"INSERT INTO {s}.events (trace_id, ts, kind, node_name, node_id, invocation_id, "
+            f"parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, "
+            f"flow_name, flow_id, latency_ms, q_in, q_out, outgoing, queue_maxsize, "
+            f"trace_inflight, trace_cancelled, trace_pending, payload) VALUES ($1,$2,$3,$4,$5,"
+            f"$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23)",
+            *_old_row(e))
+    await _insert_old_summaries(sql, s, events)
 
 
 async def test_node_names_with_any_character_are_summarised(make: MakeStore) -> None:
@@ -1181,31 +1193,14 @@ async def _make_v3_schema(sql: asyncpg.Connection, schema: str,
                           events: list[StoredEvent]) -> None:
     """A schema as a version-3 store left it: one ``events`` row per event keyed by its
     trace's ``first_seen``, runtime payloads split into columns (others whole)."""
-    import json
-
-    from store_support import runtime_columns
-
     s = f'"{schema}"'
     await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer "
                       f"PRIMARY KEY, applied_ts double precision NOT NULL DEFAULT 0)")
     for version in range(3):
         await sql.execute(migration_sql(version, s))
     await sql.execute(f"INSERT INTO {s}.schema_version (version) VALUES (1), (2), (3)")
-    for trace_id in dict.fromkeys(e.trace_id for e in events if e.trace_id is not None):
-        of_trace = [e for e in events if e.trace_id == trace_id]
-        summary = fold(trace_id, of_trace)
-        opened = summary.node_count - sum(e.kind == "node_success" for e in of_trace)
-        await sql.execute(
-            f"INSERT INTO {s}.traces (trace_id, flow_name, started_ts, ended_ts, node_count, "
-            f"error_count, remote_call_count, event_count, open_count, cancelled, failed, "
-            f"nodes) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,false,false,$10)",
-            trace_id, summary.flow_name, summary.started_ts, summary.ended_ts,
-            summary.node_count, summary.error_count, summary.remote_call_count,
-            summary.event_count, opened, list(summary.nodes))
+    await _insert_old_summaries(sql, s, events)
     for e in events:
-        columns = runtime_columns(e)
-        runtime = (None,) * 8 if columns is None else columns[:8]
-        payload = dict(e.payload) if columns is None else columns[8]
         await sql.execute(
             f"INSERT INTO {s}.events (trace_key, ts, kind, node_name, node_id, invocation_id, "
             f"parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, "
@@ -1213,10 +1208,7 @@ async def _make_v3_schema(sql: asyncpg.Connection, schema: str,
             f"trace_inflight, trace_cancelled, trace_pending, payload) VALUES ("
             f"(SELECT first_seen FROM {s}.traces WHERE trace_id = $1),$2,$3,$4,$5,$6,$7,$8,"
             f"$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23)",
-            e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
-            list(e.parent_invocation_ids), e.span_id, e.parent_span_id, e.seq, e.attempt,
-            e.queued_ts, e.flow_name, e.flow_id, *runtime,
-            json.dumps(payload) if payload else None)
+            *_old_row(e))
 
 
 def cancelled_runtime_ev(trace: str, seq: int, *, ts: float) -> StoredEvent:
