@@ -292,6 +292,13 @@ def fold_rows(rows: Iterable[tuple[Any, ...]], trace: int, ts: int, kind: int, n
               groups: dict[Any, list[tuple[Any, ...]]] | None = None) -> dict[Any, list[Any]]:
     """Per trace id (in order of first event), the summary of ``rows``.
 
+    Both durable stores keep one summary row per trace and fold each batch's newly
+    stored events into it, here, in Python: folding in SQL (a GROUP BY over the
+    batch's new rows, with sub-queries for the flow name and node set) cost ~4-5 us
+    per event on the 2-core CI machine, this ~0.5-1 us, and only one row per trace
+    reaches the database. Semantics are TraceSummaryBuilder's (tests/exporters
+    compare the stores with InMemoryStateStore).
+
     The other arguments are the positions of those fields in a row. Rows without a
     trace id are skipped. Each value is ``[flow_name, started, ended, starts, errors,
     remotes, events, open, failed, cancelled, nodes]`` (``nodes`` a set).

@@ -20,6 +20,7 @@ from penguiflow.metrics import event_payload
 from penguiflow.state import StateStoreError, StoredEvent
 
 from ._batch import (
+    _RUNTIME_LEN,
     BLOCK_EVENTS,
     SAFE_GLOBALS,
     Ranges,
@@ -47,7 +48,6 @@ __all__ = [
 ]
 
 _NO_EXTRA: Mapping[str, Any] = {}
-_RUNTIME_LEN = 23
 
 #: The 15-item block tuple of a StoredEvent (positions 0-13 as EVENT_FIELDS, the
 #: payload at 14): one C-level call per event (attrgetter builds the tuple).

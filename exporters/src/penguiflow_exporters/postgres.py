@@ -21,7 +21,7 @@ Layout (schema version 4):
   identified by ``(flow_id, seq)``: a re-delivered one is dropped before encoding
   (_blocks.split_fresh), so it is stored once and counted once.
 * ``traces``: one summary row per trace, folded incrementally, in the write
-  transaction, from the newly stored events only (in Python, see _fold.py).
+  transaction, from the newly stored events only (in Python, see _batch.fold_rows).
 * ``bindings``: remote bindings, unique on all four columns.
 
 Why blocks: a row costs the server 5-10 us to insert into an indexed table

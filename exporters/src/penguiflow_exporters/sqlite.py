@@ -367,10 +367,6 @@ def _items_of(batch: list[Any]) -> list[tuple[Any, ...]]:
         return [item if type(item) is tuple else stored_item(item) for item in batch]
 
 
-def _barrier() -> None:
-    """An empty worker-thread job: awaiting it waits for every job submitted before."""
-
-
 # -- rows <-> objects ------------------------------------------------------------------
 
 
@@ -574,17 +570,14 @@ class SQLiteStateStore(BufferedStore):
     # -- writes ------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Write everything buffered so far, including a batch being written, then return.
+        """Write everything buffered so far, and wait for batches being written.
 
         Raises:
-            StoreUnavailable: the store is closed.
+            StoreUnavailable: the store was opened and is closed.
         """
+        if self._closed and self._opened:
+            raise StoreUnavailable(f"{self!r} is closed; create a new one")
         await super().flush()
-        if self._opened:
-            # BufferedStore.flush() returns once the buffer is empty, while the
-            # background writer may still be writing the batch it took. Jobs run in
-            # submission order, so an empty job returns after that batch is committed.
-            await self._call(_barrier)
 
     async def _prepare(self, batch: list[Any]) -> tuple[list[_Item], Any, bool]:
         """``batch`` ready for the writer: its block items, or its blocks (encoded) for
