@@ -189,3 +189,11 @@ def runtime_columns(ev: Any) -> tuple[Any, ...] | None:
     extra: dict[str, Any] = {k: v for k, v in p.items() if k not in _STANDARD} \
         if len(p) > (14 if pending is None else 15) else {}
     return latency, q_in, q_out, outgoing, maxsize, inflight, cancelled, pending, extra
+
+
+def fields(trace: str | None, seq: int, kind: str = "node_start", *, flow: str = "flow-r",
+           node: str = "a", extra: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    """A runtime EVENT_FIELDS tuple, as PenguiFlow hands it to ``save_event_fields``."""
+    return (trace, 1000.0 + seq, kind, node, f"{node}-id", f"inv{seq}", ("p",), f"s{seq}",
+            None, seq, 0, 999.0 + seq, "demo", flow, 0.25, 1, 2, 1, 64, 3, False,
+            None if seq % 2 else 2, extra)

@@ -28,6 +28,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
+from store_support import fields
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow.state import (
@@ -262,14 +263,6 @@ async def test_a_real_flow_is_recorded(make: MakeStore) -> None:
     assert (summary.status, summary.nodes, summary.node_count) == (
         "succeeded", ("add_one", "double"), 2)
     assert store.failures == {}
-
-
-def fields(trace: str | None, seq: int, kind: str = "node_start", *, flow: str = "flow-r",
-           node: str = "a", extra: dict[str, Any] | None = None) -> tuple[Any, ...]:
-    """A runtime EVENT_FIELDS tuple, as PenguiFlow hands it to ``save_event_fields``."""
-    return (trace, 1000.0 + seq, kind, node, f"{node}-id", f"inv{seq}", ("p",), f"s{seq}",
-            None, seq, 0, 999.0 + seq, "demo", flow, 0.25, 1, 2, 1, 64, 3, False,
-            None if seq % 2 else 2, extra)
 
 
 async def blocks_of(sql: asyncpg.Connection, store: PostgresStateStore,

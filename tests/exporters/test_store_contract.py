@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from store_support import StoreFactory, drop_schemas, store_class, unique_schema
+from store_support import StoreFactory, drop_schemas, fields, store_class, unique_schema
 
 import penguiflow_exporters
 from penguiflow import FlowError, Headers, Message, Node, NodePolicy, create
@@ -35,6 +35,7 @@ from penguiflow.state import (
     TraceFilter,
     TraceSummary,
     TraceSummaryBuilder,
+    stored_from_fields,
 )
 
 TIMEOUT = 10.0
@@ -1045,6 +1046,35 @@ async def test_full_buffer_drop_policy_counts_drops_and_spares_the_flow(
         assert all(e in full for e in history)  # whatever was kept is intact
         stored += len(history)
     assert stored + store.failures["dropped"] == len(recorder.events)
+
+
+@BUFFERED
+async def test_runtime_tuples_and_stored_events_keep_their_order(
+    make_store: StoreFactory,
+) -> None:
+    # Several hundred tuples (with a writer process, encoded a few hundred at a time
+    # as they come: see _blocks.Sealed), then a StoredEvent, then more tuples, some
+    # of them re-delivered: stored and followed once each, in the order saved.
+    store = await make_store.make(make_store.cls)
+    follower = await subscribed(store, "t-mixed")
+    first = [fields("t-mixed", i, extra={"i": i} if i % 97 == 0 else None)
+             for i in range(1, 601)]
+    middle = ev("t-mixed", BASE_TS, "marker", flow_id="flow-m", seq=1)
+    last = [fields("t-mixed", i, "node_success") for i in range(601, 901)]
+    for item in first:
+        assert store.save_event_fields(item) is None
+    await store.save_event(middle)
+    for item in [*last[:150], *first[-5:], *last[150:]]:
+        assert store.save_event_fields(item) is None
+    await store.flush()
+    expected = [*map(stored_from_fields, first), middle, *map(stored_from_fields, last)]
+    try:
+        assert list(await store.load_history("t-mixed"))[-901:] == expected
+        await follower.wait_until(lambda evs: any(e.seq == 900 for e in evs))
+    finally:
+        await follower.aclose()
+    assert [e for e in follower.events if e.flow_id != "probe"] == expected
+    assert store.failures == {}
 
 
 @BUFFERED

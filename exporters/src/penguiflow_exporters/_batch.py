@@ -67,6 +67,7 @@ __all__ = [
     "group_by_trace",
     "heads_and_rows",
     "merge_ranges",
+    "skipped_positions",
     "split_fresh",
 ]
 
@@ -408,6 +409,20 @@ def split_fresh(items: Sequence[tuple[Any, ...]], stored: Mapping[Any, Ranges]
             fresh.append(item)
     return fresh, {flow: merge_ranges(stored.get(flow) or [], seqs)
                    for flow, seqs in by_flow.items()}
+
+
+def skipped_positions(items: Sequence[Any], fresh: Sequence[Any]) -> list[int]:
+    """Positions of the items of ``items`` not in ``fresh`` (what split_fresh kept: a
+    subsequence of it, by identity; an object buffered twice is kept at its first
+    position only)."""
+    skipped: list[int] = []
+    j, end = 0, len(fresh)
+    for i, item in enumerate(items):
+        if j < end and fresh[j] is item:
+            j += 1
+        else:
+            skipped.append(i)
+    return skipped
 
 
 def _in(ranges: Ranges | None, seq: int) -> bool:

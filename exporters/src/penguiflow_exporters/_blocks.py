@@ -24,6 +24,7 @@ from ._batch import (
     BLOCK_EVENTS,
     SAFE_GLOBALS,
     Ranges,
+    block_items,
     block_rows,
     encode_block,
     group_by_trace,
@@ -35,10 +36,12 @@ from ._gc import gc_paused
 __all__ = [
     "BLOCK_EVENTS",
     "Ranges",
+    "Sealed",
     "block_rows",
     "decode_block",
     "encode_block",
     "events_of",
+    "expand",
     "group_by_trace",
     "kept_items",
     "merge_ranges",
@@ -122,12 +125,49 @@ def events_of(items: Iterable[tuple[Any, ...]]) -> list[StoredEvent]:
     return events
 
 
+class Sealed:
+    """Runtime tuples already encoded, as one chunk of a writer process's payload.
+
+    A store feeding a writer process seals the runtime's tuples a few hundred at a
+    time as they arrive (BufferedStore), so the flow's process encodes them while
+    they are still in the CPU's cache and frees them at once: ~1.7 us less per hop
+    of the chain N=5 benchmark than buffering ~10,000 tuples and encoding them in
+    a batch (measured, SQLite). ``data`` is :func:`encode_block` of the tuples,
+    which the writer decodes as it decodes any chunk; ``n`` is how many they are.
+    """
+
+    __slots__ = ("data", "n")
+
+    def __init__(self, items: list[tuple[Any, ...]]) -> None:
+        self.data = encode_block(items)
+        self.n = len(items)
+
+
+def expand(batch: list[Any]) -> list[Any]:
+    """``batch`` with each :class:`Sealed` replaced by its tuples, in order (``batch``
+    itself when it holds none): for whatever reads events one by one in this
+    process (an in-process writer, followers, a re-delivery's positions)."""
+    if Sealed not in set(map(type, batch)):
+        return batch
+    items: list[Any] = []
+    with gc_paused():
+        for item in batch:
+            if type(item) is Sealed:
+                items += block_items(item.data)
+            else:
+                items.append(item)
+    return items
+
+
 def kept_items(batch: list[Any], skipped: list[int] | None, *, grouped: bool) -> list[Any]:
     """The items of ``batch`` a writer stored, in batch order, given the positions of
-    those it skipped (already stored): positions in ``batch``, or (``grouped``) in the
-    order the batch's blocks hold them (grouped by trace, see group_by_trace)."""
+    those it skipped (already stored): positions in ``batch`` (each Sealed counting
+    as its tuples), or (``grouped``) in the order the batch's blocks hold them
+    (grouped by trace, see group_by_trace). With nothing skipped, ``batch`` itself
+    (Sealed included)."""
     if not skipped:
         return batch
+    batch = expand(batch)
     if grouped:
         positions: dict[Any, list[int]] = {}
         for i, item in enumerate(batch):
@@ -158,7 +198,13 @@ async def writer_payload(batch: list[Any]) -> tuple[bytes, bool]:
     large heap, the collections they set off cost more than encoding them).
     """
     with gc_paused():
-        if set(map(type, batch)) == {tuple}:
+        types = set(map(type, batch))
+        if types == {Sealed}:  # sealed as they came: nothing left to encode
+            return pickle.dumps((False, [item.data for item in batch]), 5), False
+        if Sealed in types:  # with tuples from before sealing began, or StoredEvents
+            batch = expand(batch)
+            types = set(map(type, batch))
+        if types == {tuple}:
             chunks: list[bytes] = []
             for start in range(0, len(batch), BLOCK_EVENTS):
                 if start:

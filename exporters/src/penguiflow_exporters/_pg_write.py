@@ -46,6 +46,7 @@ from ._batch import (
     block_rows,
     fold_rows,
     heads_and_rows,
+    skipped_positions,
     split_fresh,
 )
 from ._writer_proc import serve
@@ -224,7 +225,7 @@ class BatchWriter:
                 if heads is None:
                     heads = batch.heads()
                 fresh, ranges = split_fresh(heads, stored)
-                skipped = _skipped(heads, fresh)
+                skipped = skipped_positions(heads, fresh)
                 if len(skipped) == len(heads):
                     return skipped
                 if batch.whole is not batch.heads:
@@ -298,19 +299,6 @@ class BatchWriter:
         # (..., open_count, cancelled, failed, nodes).
         rows = await conn.fetch(sql, list(folds), *columns[:8], columns[9], columns[8], nodes)
         return {row[0]: (row[1], row[2]) for row in rows}
-
-
-def _skipped(items: Items, fresh: Items) -> list[int]:
-    """Positions of the items of ``items`` not in ``fresh`` (a subsequence of it, by
-    identity: an object buffered twice is kept at its first position only)."""
-    skipped: list[int] = []
-    j, end = 0, len(fresh)
-    for i, item in enumerate(items):
-        if j < end and fresh[j] is item:
-            j += 1
-        else:
-            skipped.append(i)
-    return skipped
 
 
 def _joined(stored: Mapping[Any, Ranges], own: Mapping[Any, Ranges]

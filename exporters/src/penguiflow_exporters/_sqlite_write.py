@@ -31,6 +31,7 @@ from ._batch import (
     block_rows,
     fold_rows,
     heads_and_rows,
+    skipped_positions,
     split_fresh,
 )
 from ._writer_proc import serve
@@ -160,8 +161,7 @@ class BatchWriter:
             fresh, ranges = split_fresh(items, self._stored_ranges(flow_keys, new_flows))
             skipped: list[int] | None = None
             if fresh is not items:  # re-delivered events: keep only the others
-                kept = set(map(id, fresh))
-                skipped = [i for i, item in enumerate(items) if id(item) not in kept]
+                skipped = skipped_positions(items, fresh)
                 if whole is not None:
                     dropped = set(skipped)
                     fresh = [item for i, item in enumerate(whole()) if i not in dropped]

@@ -123,6 +123,7 @@ from ._blocks import (
     decode_block,
     encode_block,
     events_of,
+    expand,
     kept_items,
     split_fresh,
     stored_item,
@@ -707,6 +708,9 @@ class PostgresStateStore(BufferedStore):
             await self._proc_writer.start()
             # No chunks: the child only connects.
             await self._proc_writer.request(b"W", pickle.dumps((True, []), 5))
+            # From now on the runtime's tuples go to it encoded as they come (Sealed);
+            # not before: batches written on the loop meanwhile would decode them.
+            self._sealing = True
 
     async def _writer_started(self) -> None:
         """Start the writer process if it was not, and wait until it started (or
@@ -731,6 +735,7 @@ class PostgresStateStore(BufferedStore):
         # this was nearly done, and the loop then sat idle while the server
         # worked (measured ~90k events/s, against ~105-120k).
         writer = self._batch_writer
+        batch = expand(batch)  # Sealed tuples, from before a fallback to the loop
 
         def items() -> list[tuple[Any, ...]]:  # only for a re-delivery, under the lock
             with gc_paused():
@@ -804,6 +809,7 @@ class PostgresStateStore(BufferedStore):
                 # writer="loop" would, this batch included: nothing is lost. A
                 # database error reported by a live writer is not this case.
                 self._proc_writer, self._starting = None, None
+                self._sealing = False
                 logger.warning("state_store_writer_process_unavailable", extra={
                     "store": repr(self), "error": str(exc),
                     "fallback": "writing on the event loop (writer='loop')"})

@@ -64,6 +64,7 @@ from ._blocks import (
     decode_block,
     encode_block,
     events_of,
+    expand,
     kept_items,
     stored_item,
     writer_payload,
@@ -364,7 +365,7 @@ def _items_of(batch: list[Any]) -> list[tuple[Any, ...]]:
     """The block items of ``batch`` (StoredEvents and runtime tuples), for the thread
     writer."""
     with gc_paused():
-        return [item if type(item) is tuple else stored_item(item) for item in batch]
+        return [item if type(item) is tuple else stored_item(item) for item in expand(batch)]
 
 
 # -- rows <-> objects ------------------------------------------------------------------
@@ -437,6 +438,8 @@ class SQLiteStateStore(BufferedStore):
         # a store opened only to read never starts a writer.
         self._starting: asyncio.Task[None] | None = None
         self._batch_writer: BatchWriter | None = None
+        # The runtime's tuples go to the writer process encoded as they come (Sealed).
+        self._sealing = self._proc_writer is not None
 
     def __repr__(self) -> str:
         return f"SQLiteStateStore({str(self.path)!r})"
@@ -550,7 +553,7 @@ class SQLiteStateStore(BufferedStore):
     async def close(self) -> None:
         """Flush what is buffered, close the file and stop the worker thread; idempotent."""
         try:
-            if not self._closed and not self._opened and self._buffer:
+            if not self._closed and not self._opened and (self._buffer or self._tail):
                 # BufferedStore.close() flushes an opened store only, and a store
                 # opens lazily on its first write: events saved just before close()
                 # would be dropped. flush() opens it (or logs and counts the loss).
@@ -641,6 +644,7 @@ class SQLiteStateStore(BufferedStore):
         except WriterError as exc:
             if exc.starting and exc.gone:  # no process (not: a database error in one)
                 self._proc_writer = None
+                self._sealing = False
                 logger.warning("state_store_writer_process_unavailable", extra={
                     "store": repr(self), "error": str(exc),
                     "fallback": "writing on the store's worker thread (writer='thread')"})
