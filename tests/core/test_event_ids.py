@@ -153,3 +153,31 @@ async def test_a_failing_middleware_is_counted_and_the_flow_completes(start: Any
     await flow.emit(msg(1))
     assert (await within(flow.fetch())).payload == 1
     assert flow.observer_failures == {"middleware_error": 2}
+
+
+def test_invocation_ids_stay_valid_and_distinct_across_pool_refills() -> None:
+    from penguiflow import _ids
+
+    ids = [_ids.new_invocation_id() for _ in range(3 * _ids._BATCH + 7)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 16 and set(i) <= set("0123456789abcdef") and i != "0" * 16
+               for i in ids)
+
+
+def test_a_forked_process_hands_out_other_ids_than_its_parent() -> None:
+    import multiprocessing
+
+    from penguiflow import _ids
+
+    _ids.new_invocation_id()  # the pool now holds ids the parent will hand out
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        child = pool.apply(_ids_of_a_child)
+    parent = [_ids.new_invocation_id() for _ in range(100)]
+    assert not set(child) & set(parent)
+
+
+def _ids_of_a_child() -> list[str]:
+    from penguiflow._ids import new_invocation_id
+
+    return [new_invocation_id() for _ in range(100)]
