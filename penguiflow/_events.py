@@ -57,7 +57,7 @@ class EventPipeline:
     """Delivers FlowEvents to the logger, the state store and middlewares."""
 
     __slots__ = ("_store", "direct", "failures", "fast_store", "listening", "middlewares", "seq",
-                 "tracer")
+                 "sole_store", "tracer")
 
     def __init__(self, store: StateStore | None, middlewares: list[Any]) -> None:
         self._store = store
@@ -73,6 +73,9 @@ class EventPipeline:
         #: True when every consumer takes EVENT_FIELDS tuples (a fast-path store,
         #: the tracer) and no middleware listens: events need no FlowEvent.
         self.direct = False
+        #: ``fast_store`` when the store is the only tuple consumer (no tracer):
+        #: the runtime may then hand tuples straight to it.
+        self.sole_store: Callable[[tuple[Any, ...]], Awaitable[None] | None] | None = None
         self._update()
 
     def _update(self) -> None:
@@ -80,6 +83,7 @@ class EventPipeline:
         self.listening = (self._store is not None or bool(self.middlewares)
                           or self.tracer is not None)
         self.direct = self.listening and store_ok and not self.middlewares
+        self.sole_store = self.fast_store if self.tracer is None else None
 
     def set_store(self, store: StateStore) -> None:
         """Attach ``store`` (counters and the event sequence carry on)."""
