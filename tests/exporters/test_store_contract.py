@@ -1049,13 +1049,16 @@ async def test_full_buffer_drop_policy_counts_drops_and_spares_the_flow(
 
 
 @BUFFERED
+@pytest.mark.parametrize("batch_size", [None, 100])
 async def test_runtime_tuples_and_stored_events_keep_their_order(
-    make_store: StoreFactory,
+    make_store: StoreFactory, batch_size: int | None,
 ) -> None:
     # Several hundred tuples (with a writer process, encoded a few hundred at a time
     # as they come: see _blocks.Sealed), then a StoredEvent, then more tuples, some
-    # of them re-delivered: stored and followed once each, in the order saved.
-    store = await make_store.make(make_store.cls)
+    # of them re-delivered: stored and followed once each, in the order saved, in
+    # one batch or (batch_size=100) in batches cutting across all of that.
+    options = {} if batch_size is None else {"batch_size": batch_size}
+    store = await make_store.make(make_store.cls, **options)
     follower = await subscribed(store, "t-mixed")
     first = [fields("t-mixed", i, extra={"i": i} if i % 97 == 0 else None)
              for i in range(1, 601)]

@@ -214,11 +214,16 @@ async def writer_payload(batch: list[Any]) -> tuple[bytes, bool]:
                 chunks.append(encode_block(batch[start:start + BLOCK_EVENTS]))
             return pickle.dumps((False, chunks), 5), False
         groups: dict[Any, list[tuple[Any, ...]]] = {}
+        mixed = tuple in types
         for start in range(0, len(batch), _SLICE):
             if start:
                 await asyncio.sleep(0)
+            part = batch[start:start + _SLICE]
+            # StoredEvents alone (an import): converted by a C-level map rather than a
+            # generator testing each item's type.
             group_by_trace((item if type(item) is tuple else stored_item(item)
-                            for item in batch[start:start + _SLICE]), into=groups)
+                            for item in part) if mixed else map(stored_item, part),
+                           into=groups)
         blocks: list[bytes] = []
         encoded = 0
         for group in groups.values():

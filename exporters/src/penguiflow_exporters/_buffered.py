@@ -99,6 +99,7 @@ class BufferedStore:
         # when ``_sealing`` (a store feeding a writer process sets it, see Sealed).
         self._tail: list[tuple[Any, ...]] = []
         self._sealing = False
+        self._sealed = 0  # Sealed items in ``_buffer``
         self._wake: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -180,6 +181,7 @@ class BufferedStore:
             return
         if self._sealing:  # encode_block never raises: odd values are written as text
             self._buffer.append(Sealed(tail))
+            self._sealed += 1
         else:
             self._buffer.extend(tail)
         self._count += len(tail)
@@ -337,13 +339,21 @@ class BufferedStore:
         if self._count <= limit:  # all of it: one C-level copy
             taken = list(buffer)
             buffer.clear()
-            self._count = 0
+            self._count = self._sealed = 0
+        elif not self._sealed:  # an event per item (an import, say)
+            popleft = buffer.popleft
+            taken = [popleft() for _ in range(limit)]
+            self._count -= limit
         else:
             taken, count, popleft = [], 0, buffer.popleft
             while count < limit:
                 item = popleft()
                 taken.append(item)
-                count += item.n if type(item) is Sealed else 1
+                if type(item) is Sealed:
+                    count += item.n
+                    self._sealed -= 1
+                else:
+                    count += 1
             self._count -= count
         self._reset_headroom()
         return taken
