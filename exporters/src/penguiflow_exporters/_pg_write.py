@@ -49,7 +49,7 @@ from ._batch import (
     skipped_positions,
     split_fresh,
 )
-from ._writer_proc import serve
+from ._serve import serve
 
 __all__ = ["ANY_TRACE", "BLOCK_COLUMNS", "Batch", "BatchWriter", "WRITE_LOCK", "main",
            "notify_payloads"]
@@ -345,7 +345,7 @@ def notify_payloads(trace_ids: Iterable[str | None]) -> list[str]:
 
 
 class _Handler:
-    """The Postgres writer process's handler (see _writer_proc.serve).
+    """The Postgres writer process's handler (see _serve.serve).
 
     Its own event loop and connection, connected on the first batch (and again
     after the connection is lost): a server that is down fails batches, never

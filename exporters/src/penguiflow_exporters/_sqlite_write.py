@@ -34,7 +34,7 @@ from ._batch import (
     skipped_positions,
     split_fresh,
 )
-from ._writer_proc import serve
+from ._serve import serve
 
 __all__ = ["BatchWriter", "main"]
 
@@ -278,7 +278,7 @@ class BatchWriter:
 
 
 class _Handler:
-    """The SQLite writer process's handler (see _writer_proc.serve)."""
+    """The SQLite writer process's handler (see _serve.serve)."""
 
     def __init__(self) -> None:
         self._writer: BatchWriter | None = None

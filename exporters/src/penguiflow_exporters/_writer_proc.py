@@ -7,22 +7,17 @@ the GIL up for I/O it must win it back from the busy event loop, waiting out the
 switch interval (5 ms). A child process does that work on another core; the
 flow's process only encodes each batch (already needed) and writes it to a pipe.
 
-The child runs ``python -m <module>`` (a module whose main() calls :func:`serve`
-with its :class:`Handler`); such modules import nothing from penguiflow, so a
-child starts in ~0.1 s instead of the ~0.8 s the core takes to import. Its
-stderr is the parent's.
-
-Protocol: frames of one op byte, an 8-byte big-endian length, and a payload.
-Parent to child: ``I`` (init, a pickled dict of options), ``W`` (a batch: the
-handler's own payload), ``Q`` (quit). Child to parent: ``K`` (the pickled result)
-or ``E`` (a pickled :func:`describe` of the exception; the loop goes on).
+The child runs ``python -m <module>`` (a module whose main() calls
+:func:`~penguiflow_exporters._serve.serve` with its handler); such modules import
+nothing from penguiflow, nor asyncio for SQLite's, so a child starts in well
+under 0.1 s instead of the ~0.8 s the core takes to import. Its stderr is the
+parent's. The frame protocol is described in _serve.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 
 try:
@@ -30,87 +25,16 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 import pickle
-import struct
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, BinaryIO, Protocol
+from typing import Any
+
+from ._serve import HEADER as _HEADER
+from ._serve import Handler, describe, read_frame, serve, write_frame
 
 __all__ = ["AsyncWriterProcess", "Handler", "WriterError", "describe", "read_frame", "serve",
            "write_frame"]
-
-_HEADER = struct.Struct(">cQ")
-
-
-def write_frame(out: BinaryIO, op: bytes, payload: bytes) -> None:
-    """Write one frame (see the module docstring) and flush it."""
-    out.write(_HEADER.pack(op, len(payload)))
-    out.write(payload)
-    out.flush()
-
-
-def read_frame(inp: BinaryIO) -> tuple[bytes, bytes]:
-    """Read one frame; raises EOFError when the other end is gone."""
-    header = inp.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        raise EOFError("the other end of the writer pipe closed")
-    op, size = _HEADER.unpack(header)
-    payload = inp.read(size)
-    if len(payload) < size:
-        raise EOFError("the other end of the writer pipe closed mid-frame")
-    return op, payload
-
-
-class Handler(Protocol):
-    """What a writer process serves: ``init`` once, then ``write`` per batch."""
-
-    def init(self, options: dict[str, Any]) -> None: ...
-
-    def write(self, payload: bytes) -> Any: ...
-
-
-def serve(handler: Handler, inp: BinaryIO | None = None, out: BinaryIO | None = None) -> None:
-    """Serve ``handler`` on the pipe (default: stdin/stdout) until ``Q`` or EOF.
-
-    A handler's exception is reported (``E``) and the loop goes on: the parent
-    decides what a failed batch means.
-    """
-    if inp is None or out is None:
-        inp, out = sys.stdin.buffer, sys.stdout.buffer
-        sys.stdout = sys.stderr  # a stray print must not corrupt the pipe
-    # Its heap is a batch at a time, freed by reference counting: collect rarely.
-    gc.set_threshold(100_000, 50, 50)
-    ready = False
-    while True:
-        try:
-            op, payload = read_frame(inp)
-        except EOFError:
-            return  # the store (or its process) is gone
-        try:
-            if op == b"Q":
-                write_frame(out, b"K", pickle.dumps(None))
-                return
-            if op == b"I":
-                handler.init(pickle.loads(payload))
-                ready = True
-                result: Any = None
-            elif op == b"W" and ready:
-                result = handler.write(payload)
-            else:
-                raise ValueError(f"unexpected frame {op!r} (init first)")
-        except Exception as exc:
-            write_frame(out, b"E", pickle.dumps(describe(exc)))
-            continue
-        write_frame(out, b"K", pickle.dumps(result))
-
-
-def describe(exc: BaseException) -> dict[str, Any]:
-    """What the parent needs of a handler's exception: its class names (most derived
-    first), the SQLite error code if any, and the message."""
-    return {"types": [t.__name__ for t in type(exc).__mro__],
-            "code": getattr(exc, "sqlite_errorcode", None),
-            "message": f"{type(exc).__name__}: {exc}"}
-
 
 class WriterError(Exception):
     """The writer process reported a failure (``types``: the exception's class names,
