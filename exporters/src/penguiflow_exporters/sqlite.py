@@ -598,7 +598,7 @@ class SQLiteStateStore(BufferedStore):
     def _ensure_writer(self) -> None:
         super()._ensure_writer()
         if self._proc_writer is not None and self._starting is None:
-            # Start the writer process while the first batch fills (~0.1 s).
+            # Start the writer process while the first batch fills (~0.05 s).
             self._starting = asyncio.get_running_loop().create_task(self._start_writer())
 
     async def _start_writer(self) -> None:
