@@ -4,7 +4,10 @@ Why a buffer: the runtime awaits ``save_event`` inline for every event (spec
 §15.1), so a store that did I/O there would put the database on the flow's hot
 path. Here ``save_event`` appends to an in-memory deque and returns; a
 background task writes batches (``batch_size`` events, or whatever has
-accumulated after ``flush_interval_s``).
+accumulated after ``flush_interval_s``). The runtime's fast path
+(``save_event_fields``) appends its tuples to a short tail that joins the deque
+every few hundred events, pickled into one chunk when the store feeds a writer
+process (see _blocks.Sealed for why).
 
 When the buffer is full (``max_buffer`` events waiting, e.g. the database is
 down or slower than the flow), the ``on_full`` policy decides:
