@@ -53,6 +53,24 @@ _RESERVED = frozenset(
 EventSink = Callable[[FlowEvent], Awaitable[None]]
 
 
+def fast_path_of(store: Any) -> Callable[[tuple[Any, ...]], Awaitable[None] | None] | None:
+    """``store.save_event_fields`` when the runtime may use it instead of ``save_event``.
+
+    Not when a subclass overrides ``save_event`` below the class that defines
+    ``save_event_fields`` (say, a user's ``InMemoryStateStore`` subclass that logs
+    each event): the spec's ``save_event`` is then what must be called.
+    """
+    fast = getattr(store, "save_event_fields", None)
+    if fast is None:
+        return None
+    cls = type(store)
+    owner = next((c for c in cls.__mro__ if "save_event_fields" in c.__dict__), None)
+    if owner is not None and getattr(cls, "save_event", None) is not getattr(
+            owner, "save_event", None):
+        return None
+    return fast  # type: ignore[no-any-return]
+
+
 class EventPipeline:
     """Delivers FlowEvents to the logger, the state store and middlewares."""
 
@@ -62,8 +80,8 @@ class EventPipeline:
     def __init__(self, store: StateStore | None, middlewares: list[Any]) -> None:
         self._store = store
         #: The store's ``save_event_fields`` fast path, when it has one.
-        self.fast_store: Callable[[tuple[Any, ...]], Awaitable[None] | None] | None = getattr(
-            store, "save_event_fields", None)
+        self.fast_store: Callable[[tuple[Any, ...]], Awaitable[None] | None] | None = (
+            fast_path_of(store))
         self.middlewares: list[Any] = middlewares
         self.failures: Counter[str] = Counter()
         self.seq = 0
@@ -88,7 +106,7 @@ class EventPipeline:
     def set_store(self, store: StateStore) -> None:
         """Attach ``store`` (counters and the event sequence carry on)."""
         self._store = store
-        self.fast_store = getattr(store, "save_event_fields", None)
+        self.fast_store = fast_path_of(store)
         self._update()
 
     def set_tracer(self, tracer: LiveTracer | None) -> None:

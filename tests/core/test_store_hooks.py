@@ -185,3 +185,55 @@ async def test_run_can_attach_a_store_and_a_bus() -> None:
     kinds = [e.kind for e in await flow.load_history(message.trace_id)]
     assert kinds == ["node_start", "node_success"]
     assert bus.edges() == {"OpenSea->a": 1, "a->Rookery": 1}
+
+
+async def test_a_subclass_overriding_save_event_sees_every_event() -> None:
+    # InMemoryStateStore takes the runtime's tuples (save_event_fields); a user's
+    # subclass written against the spec overrides save_event, which must still be
+    # what the runtime calls.
+    class Auditing(InMemoryStateStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[StoredEvent] = []
+
+        async def save_event(self, event: StoredEvent) -> None:
+            self.seen.append(event)
+            await super().save_event(event)
+
+    store = Auditing()
+    flow = create(passthrough("a").to(), state_store=store)
+    flow.run()
+    try:
+        message = msg(1)
+        await flow.emit(message)
+        await within(flow.fetch())
+    finally:
+        await flow.stop()
+    mine = [e for e in store.seen if e.trace_id == message.trace_id]
+    assert [e.kind for e in mine] == ["node_start", "node_success"]
+    assert await store.load_history(message.trace_id) == mine
+    assert [e.kind for e in store.seen if e.trace_id is None] == ["node_cancelled"]  # stop()
+
+
+async def test_the_in_memory_store_keeps_what_the_runtime_recorded() -> None:
+    store = InMemoryStateStore()
+    recorded: list[Any] = []
+
+    async def keep(event: Any) -> None:
+        recorded.append(event)
+
+    a, b = passthrough("a"), passthrough("b")
+    flow = create(a.to(b), b.to(), state_store=store, middlewares=[keep])
+    flow.run()
+    try:
+        message = msg(1)
+        await flow.emit(message)
+        await within(flow.fetch())
+    finally:
+        await flow.stop()
+    history = await store.load_history(message.trace_id)
+    assert history == [StoredEvent.from_flow_event(e) for e in recorded
+                       if e.trace_id == message.trace_id]
+    assert await store.load_history(message.trace_id) == history  # read twice, same
+    summary = await store.get_trace(message.trace_id)
+    assert summary is not None and summary.node_count == 2 and summary.status == "succeeded"
