@@ -235,18 +235,25 @@ class TraceSummaryBuilder:
 
     def add(self, event: StoredEvent) -> None:
         """Fold one event in."""
-        kind = event.kind
+        self.add_fields(event.ts, event.kind, event.node_name, event.attempt, event.flow_name)
+
+    def add_fields(self, ts: float, kind: str, node_name: str | None, attempt: int,
+                   flow_name: str | None) -> None:
+        """Fold one event in, given the fields a summary reads (additive: for a store
+        that keeps the runtime's EVENT_FIELDS tuples rather than StoredEvents)."""
         self.events += 1
-        self.started = min(self.started, event.ts)
-        self.ended = max(self.ended, event.ts)
+        if ts < self.started:
+            self.started = ts
+        if ts > self.ended:
+            self.ended = ts
         if self.flow_name is None:
-            self.flow_name = event.flow_name
+            self.flow_name = flow_name
         if kind == "node_start":
-            if event.attempt == 0:
+            if attempt == 0:
                 self.starts += 1
                 self.open += 1
-            if event.node_name:
-                self.nodes.add(event.node_name)
+            if node_name:
+                self.nodes.add(node_name)
         elif kind in _TERMINAL_KINDS:
             self.open -= 1
         if kind in _ERROR_KINDS:

@@ -1048,17 +1048,11 @@ async def test_full_buffer_drop_policy_counts_drops_and_spares_the_flow(
     assert stored + store.failures["dropped"] == len(recorder.events)
 
 
-@BUFFERED
-@pytest.mark.parametrize("batch_size", [None, 100])
-async def test_runtime_tuples_and_stored_events_keep_their_order(
-    make_store: StoreFactory, batch_size: int | None,
-) -> None:
-    # Several hundred tuples (with a writer process, encoded a few hundred at a time
-    # as they come: see _blocks.Sealed), then a StoredEvent, then more tuples, some
-    # of them re-delivered: stored and followed once each, in the order saved, in
-    # one batch or (batch_size=100) in batches cutting across all of that.
-    options = {} if batch_size is None else {"batch_size": batch_size}
-    store = await make_store.make(make_store.cls, **options)
+async def check_tuples_and_stored_events_keep_their_order(store: Any) -> None:
+    """Several hundred runtime tuples (with a writer process, encoded a few hundred at
+    a time as they come: see _blocks.Sealed; in memory, kept as tuples until read),
+    then a StoredEvent, then more tuples, some of them re-delivered: stored and
+    followed once each, in the order saved."""
     follower = await subscribed(store, "t-mixed")
     first = [fields("t-mixed", i, extra={"i": i} if i % 97 == 0 else None)
              for i in range(1, 601)]
@@ -1072,12 +1066,30 @@ async def test_runtime_tuples_and_stored_events_keep_their_order(
     await store.flush()
     expected = [*map(stored_from_fields, first), middle, *map(stored_from_fields, last)]
     try:
-        assert list(await store.load_history("t-mixed"))[-901:] == expected
+        history = list(await store.load_history("t-mixed"))
+        assert history[-901:] == expected  # after the follower's probe events
+        page = await store.load_history_page("t-mixed", offset=len(history) - 2, limit=1)
+        assert list(page) == [expected[-2]]
         await follower.wait_until(lambda evs: any(e.seq == 900 for e in evs))
     finally:
         await follower.aclose()
     assert [e for e in follower.events if e.flow_id != "probe"] == expected
-    assert store.failures == {}
+    summary = await store.get_trace("t-mixed")
+    assert summary == reference_summary("t-mixed", await store.load_history("t-mixed"))
+    assert getattr(store, "failures", {}) == {}
+
+
+async def test_runtime_tuples_and_stored_events_keep_their_order(store: Any) -> None:
+    await check_tuples_and_stored_events_keep_their_order(store)
+
+
+@BUFFERED
+async def test_tuples_and_stored_events_keep_their_order_across_batches(
+    make_store: StoreFactory,
+) -> None:
+    # batch_size=100: batches cut across Sealed chunks and the StoredEvent.
+    await check_tuples_and_stored_events_keep_their_order(
+        await make_store.make(make_store.cls, batch_size=100))
 
 
 @BUFFERED
