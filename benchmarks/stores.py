@@ -16,6 +16,11 @@ Raw rows (no runtime involved), see README.md:
 For these rows the ``floor`` column holds the issue's target (events/s or ms) and
 the ratio is measured / target.
 
+* ``asyncpg COPY(500) ... (reference)``: the issue's reference figure for its
+  machine (asyncpg COPY ≈295k rows/s) measured here, with the Postgres rows: plain
+  4-column rows into an indexed table, 500 per COPY. Its ratio says how fast this
+  machine runs against the one the absolute targets were set on.
+
 Postgres: the DSN comes from ``$PF_BENCH_PG_DSN`` or ``$TEST_PG_DSN``; without one, or
 when the server does not answer, the Postgres rows are printed as skipped.
 """
@@ -43,6 +48,8 @@ INGEST_TARGETS: dict[str, float] = {
     "SQLiteStateStore": 200_000.0,
     "PostgresStateStore": 100_000.0,
 }
+#: The issue's figure for asyncpg COPY on the machine its targets were set on (rows/s).
+COPY_REFERENCE = 295_000.0
 LOAD_TARGET_MS = 1000.0
 EVENTS_PER_TRACE = 10
 NODES_PER_TRACE = 5
@@ -196,6 +203,35 @@ class PostgresKind(StoreKind):
         for schema in list(self._schemas):
             await self._drop(schema)
 
+    async def copy_rates(self, count: int, reps: int) -> list[float]:
+        """rows/s of asyncpg's COPY, 500 rows at a time, of ``count`` plain rows into an
+        indexed table: the issue's reference figure for its machine (≈295k rows/s),
+        measured on this one, so the absolute ingest target can be read against it."""
+        import asyncpg
+
+        schema = f"{self._prefix}_copyref"
+        self._schemas.append(schema)
+        rows = [(f"t{i // EVENTS_PER_TRACE}", 1000.0 + i, "node_start", '{"a": 1}')
+                for i in range(count)]
+        conn = await asyncpg.connect(self._dsn, timeout=3)
+        rates: list[float] = []
+        try:
+            await conn.execute(f'CREATE SCHEMA "{schema}"; CREATE TABLE "{schema}".r ('
+                               "id bigserial PRIMARY KEY, trace_id text, ts float8, "
+                               "kind text, payload jsonb)")
+            for _ in range(reps):
+                await conn.execute(f'TRUNCATE "{schema}".r')
+                t0 = time.perf_counter()
+                for start in range(0, count, 500):
+                    await conn.copy_records_to_table(
+                        "r", schema_name=schema, records=rows[start:start + 500],
+                        columns=["trace_id", "ts", "kind", "payload"])
+                rates.append(count / (time.perf_counter() - t0))
+        finally:
+            await conn.close()
+            await self._drop(schema)
+        return rates
+
 
 #: Durable back-ends with raw rows (the memory store has no I/O to measure).
 KINDS: dict[str, Callable[[], StoreKind]] = {
@@ -348,12 +384,23 @@ async def store_rows(
                 async with watchdog(f"{name} raw ingest"):
                     ingest.append(await _ingest_once(kind, events))
             del events
+            copy = None
+            if isinstance(kind, PostgresKind):
+                progress("asyncpg COPY reference")
+                async with watchdog("asyncpg COPY reference"):
+                    copy = await kind.copy_rates(ingest_events, reps)
             progress(f"{name} load_history")
             async with watchdog(f"{name} load_history"):
                 load = await _load_samples(kind, load_events, reps)
         finally:
             async with watchdog(f"{name} clean-up"):
                 await kind.aclose()
+        if copy is not None:
+            rows.append(Row(f"asyncpg COPY(500) of {_k(ingest_events)} plain rows (reference)",
+                            "rows/s", COPY_REFERENCE, statistics.median(copy),
+                            ours_samples=copy, baseline="reference",
+                            note="floor = the issue's ≈295k for its machine: this machine's "
+                                 "speed, to read the ingest targets against"))
         rows.append(Row(ingest_name, "events/s", target, statistics.median(ingest),
                         ours_samples=ingest, baseline="target",
                         note=f"floor = target ≥{target / 1000:.0f}k/s"))
