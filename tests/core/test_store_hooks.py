@@ -187,6 +187,18 @@ async def test_run_can_attach_a_store_and_a_bus() -> None:
     assert bus.edges() == {"OpenSea->a": 1, "a->Rookery": 1}
 
 
+async def one_message_through(flow: Any) -> Any:
+    """Run ``flow``, pass one message through it, stop it; return the message."""
+    flow.run()
+    try:
+        message = msg(1)
+        await flow.emit(message)
+        await within(flow.fetch())
+    finally:
+        await flow.stop()
+    return message
+
+
 async def test_a_subclass_overriding_save_event_sees_every_event() -> None:
     # InMemoryStateStore takes the runtime's tuples (save_event_fields); a user's
     # subclass written against the spec overrides save_event, which must still be
@@ -201,14 +213,7 @@ async def test_a_subclass_overriding_save_event_sees_every_event() -> None:
             await super().save_event(event)
 
     store = Auditing()
-    flow = create(passthrough("a").to(), state_store=store)
-    flow.run()
-    try:
-        message = msg(1)
-        await flow.emit(message)
-        await within(flow.fetch())
-    finally:
-        await flow.stop()
+    message = await one_message_through(create(passthrough("a").to(), state_store=store))
     mine = [e for e in store.seen if e.trace_id == message.trace_id]
     assert [e.kind for e in mine] == ["node_start", "node_success"]
     assert await store.load_history(message.trace_id) == mine
@@ -223,14 +228,8 @@ async def test_the_in_memory_store_keeps_what_the_runtime_recorded() -> None:
         recorded.append(event)
 
     a, b = passthrough("a"), passthrough("b")
-    flow = create(a.to(b), b.to(), state_store=store, middlewares=[keep])
-    flow.run()
-    try:
-        message = msg(1)
-        await flow.emit(message)
-        await within(flow.fetch())
-    finally:
-        await flow.stop()
+    message = await one_message_through(
+        create(a.to(b), b.to(), state_store=store, middlewares=[keep]))
     history = await store.load_history(message.trace_id)
     assert history == [StoredEvent.from_flow_event(e) for e in recorded
                        if e.trace_id == message.trace_id]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
+import os
+import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -197,3 +200,28 @@ def fields(trace: str | None, seq: int, kind: str = "node_start", *, flow: str =
     return (trace, 1000.0 + seq, kind, node, f"{node}-id", f"inv{seq}", ("p",), f"s{seq}",
             None, seq, 0, 999.0 + seq, "demo", flow, 0.25, 1, 2, 1, 64, 3, False,
             None if seq % 2 else 2, extra)
+
+
+async def kill_writer_mid_batch(store: Any, events: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Save ``events`` and flush them, killing ``store``'s writer process (SIGKILL) once
+    their batch is handed to it; the flush absorbs the loss (logged and counted)."""
+    from penguiflow_exporters._writer_proc import AsyncWriterProcess
+
+    writer = store._proc_writer
+    assert writer is not None and writer.pid is not None
+    sending = asyncio.Event()
+    exchange = AsyncWriterProcess._exchange
+
+    async def signalling_exchange(self: Any, proc: Any, op: bytes, payload: bytes) -> Any:
+        if op == b"W":
+            sending.set()  # the batch is handed to this very process
+            await asyncio.sleep(0)  # let the test kill it first
+        return await exchange(self, proc, op, payload)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AsyncWriterProcess, "_exchange", signalling_exchange)
+        await store.save_events(events)
+        flushing = asyncio.ensure_future(store.flush())
+        await sending.wait()
+        os.kill(writer.pid, signal.SIGKILL)
+        await flushing

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
-from store_support import fields
+from store_support import fields, kill_writer_mid_batch
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow.state import (
@@ -843,17 +842,6 @@ async def test_a_writer_process_that_died_between_batches_is_replaced(
 async def test_a_writer_process_that_dies_mid_batch_loses_that_batch_only(
         make: MakeStore, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from penguiflow_exporters._writer_proc import AsyncWriterProcess
-
-    sending = asyncio.Event()
-    exchange = AsyncWriterProcess._exchange
-
-    async def signalling_exchange(self: Any, proc: Any, op: bytes, payload: bytes) -> Any:
-        if op == b"W":
-            sending.set()  # the batch is handed to this very process
-            await asyncio.sleep(0)  # let the test kill it first
-        return await exchange(self, proc, op, payload)
-
     store = await make(writer="process", flush_interval_s=3600.0)
     await store._writer_started()  # else the first batches are written on the loop
     first = [ev("t", 1), ev("t", 2, "node_success")]
@@ -861,18 +849,12 @@ async def test_a_writer_process_that_dies_mid_batch_loses_that_batch_only(
     await store.flush()
     writer = store._proc_writer
     assert writer is not None and writer.pid is not None and writer.started == 1
-    monkeypatch.setattr(AsyncWriterProcess, "_exchange", signalling_exchange)
     with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
-        await store.save_events([ev("t", 3)])
-        flushing = asyncio.ensure_future(store.flush())
-        await sending.wait()
-        os.kill(writer.pid, signal.SIGKILL)
-        await flushing  # absorbed: logged and counted
+        await kill_writer_mid_batch(store, [ev("t", 3)], monkeypatch)
     assert store.failures["write_failed"] == 1 and store.failures["events_lost"] == 1
     (error,) = _errors_logged(caplog)
     assert isinstance(error, StoreUnavailable) and "writer process exited" in str(error)
     assert store._where in str(error)  # names the server (never the password)
-    monkeypatch.undo()
     later = [ev("t", 4, "node_success")]
     await store.save_events(later)
     assert await store.load_history("t") == [*first, *later]

@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
+from store_support import kill_writer_mid_batch
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow.state import (
@@ -785,34 +785,18 @@ async def test_a_writer_process_that_died_between_batches_is_replaced(
 async def test_a_writer_process_that_dies_mid_batch_loses_that_batch_only(
         tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from penguiflow_exporters._writer_proc import AsyncWriterProcess
-
-    sending = asyncio.Event()
-    exchange = AsyncWriterProcess._exchange
-
-    async def signalling_exchange(self: Any, proc: Any, op: bytes, payload: bytes) -> Any:
-        if op == b"W":
-            sending.set()  # the batch is handed to this very process
-            await asyncio.sleep(0)  # let the test kill it first
-        return await exchange(self, proc, op, payload)
-
     async with SQLiteStateStore(tmp_path / "t.db", flush_interval_s=3600.0) as store:
         first = invocation("t", "a", 1.0, 2.0)
         await store.save_events(first)
         await store.flush()
         writer = store._proc_writer
         assert writer is not None and writer.pid is not None
-        monkeypatch.setattr(AsyncWriterProcess, "_exchange", signalling_exchange)
         with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
-            await store.save_events([ev("t", "node_start", 3.0, node="b")])
-            flushing = asyncio.ensure_future(store.flush())
-            await sending.wait()
-            os.kill(writer.pid, signal.SIGKILL)
-            await flushing  # absorbed: logged and counted
+            await kill_writer_mid_batch(
+                store, [ev("t", "node_start", 3.0, node="b")], monkeypatch)
         assert store.failures["write_failed"] == 1 and store.failures["events_lost"] == 1
         assert any("writer process exited" in str(r.__dict__.get("error"))
                    for r in caplog.records)
-        monkeypatch.undo()
         later = [ev("t", "node_success", 4.0, node="b")]
         await store.save_events(later)
         assert await store.load_history("t") == [*first, *later]
