@@ -20,8 +20,10 @@ if TYPE_CHECKING:
 
 __all__ = ["OPEN_SEA", "ROOKERY", "CycleError", "Endpoint", "Floe", "Owner", "check_acyclic"]
 
-#: ``(producing invocation id, wall-clock enqueue time)`` or None when unobserved.
-Origin: TypeAlias = "tuple[str | None, float] | None"
+#: ``(producing invocation id, wall-clock enqueue time)`` or None when unobserved; a
+#: plain value (no ``trace_id`` of its own) a node returned also carries its trace id
+#: third, for ``PenguiFlow.fetch_traced``.
+Origin: TypeAlias = "tuple[str | None, float] | tuple[str | None, float, Any] | None"
 
 
 @dataclass(frozen=True, slots=True)

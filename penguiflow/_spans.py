@@ -401,6 +401,11 @@ class SpanModel:
             span.attributes[sc.GEN_AI_CONVERSATION_ID] = str(context_id)
         if task_id is not None:
             span.attributes[sc.A2A_TASK_ID] = str(task_id)
+        # The method the transport actually sent (SendMessage, message/stream, or a
+        # fallback from streaming to SendMessage), when it reports one.
+        method = extra.get("remote_method")
+        if isinstance(method, str) and method:
+            span.attributes[sc.A2A_METHOD_NAME] = method
 
     def _remote_stream(self, spans: _TraceSpans, ns: int, node_name: str | None,
                        node_id: str | None, inv: str | None, parents: tuple[str, ...],
@@ -488,6 +493,21 @@ class SpanModel:
             sc.PF_CANCEL_REASON: str(extra.get("remote_cancel_reason")),
             "exception.message": str(extra.get("remote_error"))}))
 
+    def _trace_parent(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                      node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                      attempt: int, latency_ms: float | None,
+                      extra: Mapping[str, Any]) -> None:
+        # The trace continues a caller's trace (PenguiFlow.adopt_trace_parent): the
+        # root hangs under the caller's span; the other keys are root attributes.
+        parent = extra.get("parent_span_id")
+        try:
+            spans.root.parent_span_id = int(str(parent), 16) or None
+        except ValueError:
+            return
+        for key, value in extra.items():
+            if key != "parent_span_id" and isinstance(value, str | bool | int | float):
+                spans.root.attributes[key] = value
+
 
 _Handler = Callable[..., None]
 _HANDLERS: dict[str, _Handler] = {
@@ -508,6 +528,7 @@ _HANDLERS: dict[str, _Handler] = {
     "remote_call_error": SpanModel._remote_error,
     "remote_call_cancelled": SpanModel._remote_cancelled,
     "remote_cancel_error": SpanModel._remote_cancel_error,
+    "trace_parent": SpanModel._trace_parent,
 }
 
 

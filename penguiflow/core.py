@@ -373,6 +373,25 @@ class PenguiFlow:
         await self._consumed(item)
         return item
 
+    async def fetch_traced(self, from_: Targets = None) -> tuple[Any, Any]:
+        """Like :meth:`fetch`, and say which trace the item belongs to: ``(trace_id, item)``.
+
+        The trace id is the item's own ``trace_id`` (Messages, FlowErrors, chunks)
+        or, for a plain value a node returned (a dict, a str), the trace of the
+        message that node was processing. None only for an item that has neither
+        (one put into the flow by hand). A server that runs many requests through
+        one flow uses it to answer each request with its own result, never by
+        arrival order (keyword-only addition; the A2A adapter relies on it).
+        """
+        rookery = self._contexts[ROOKERY]
+        item = await self.fetch(from_)
+        trace_id = getattr(item, "trace_id", None)
+        if trace_id is None:
+            origin = rookery.last_origin
+            if origin is not None and len(origin) > 2:
+                trace_id = origin[2]
+        return trace_id, item
+
     async def fetch_any(self, from_: Targets = None) -> Any:
         """Like :meth:`fetch` but always races the egress floes."""
         item = await self._contexts[ROOKERY].fetch_any(from_)
@@ -512,6 +531,13 @@ class PenguiFlow:
             if isinstance(payload, FinalAnswer):
                 await self._deliver_rookery(ctx, result, origin)
                 return
+        elif getattr(result, "trace_id", None) is None:
+            # A plain value (a dict, a str) carries no trace id: its origin says which
+            # trace produced it, so that fetch_traced can tell concurrent traces' results
+            # apart. Only this branch pays for it; Messages never come here.
+            trace_id = getattr(incoming, "trace_id", None)
+            if trace_id is not None:
+                origin = (inv, _wall(), trace_id)
         put = self._put
         for floe in ctx._outgoing.values():
             await put(floe, result, origin)
@@ -729,6 +755,29 @@ class PenguiFlow:
         """
         await self._emit_event(event, context, trace_id, latency_ms=latency_ms, extra=extra,
                                level=level, invocation_id=invocation_id or context._inv)
+
+    async def adopt_trace_parent(self, trace_id: str, *, parent_span_id: str,
+                                 attributes: Mapping[str, Any] | None = None) -> None:
+        """Make ``trace_id``'s root span a child of ``parent_span_id`` (another process's span).
+
+        A server that runs a request inside its caller's trace (W3C ``traceparent``:
+        the flow's trace id is the caller's) calls it before emitting the message,
+        so the root ``invoke_workflow`` span, exported or rebuilt from the store,
+        hangs under the caller's CLIENT span. It records one ``trace_parent`` event
+        (extra: ``parent_span_id`` plus ``attributes``, e.g. ``a2a.task.id``),
+        which is how stores and ``pf export`` learn the parent too
+        (keyword-only addition).
+
+        Raises:
+            ValueError: ``parent_span_id`` is not 16 lowercase hex digits, non-zero.
+        """
+        if (not isinstance(parent_span_id, str) or len(parent_span_id) != 16
+                or parent_span_id.strip("0123456789abcdef") or parent_span_id == "0" * 16):
+            raise ValueError(
+                f"parent_span_id must be 16 lowercase hex digits, not all zero (the span id "
+                f"of a W3C traceparent), got {parent_span_id!r}")
+        extra = {**(attributes or {}), "parent_span_id": parent_span_id}
+        await self._emit_event("trace_parent", self._contexts[OPEN_SEA], trace_id, extra=extra)
 
     # -- cancellation ------------------------------------------------------------
 

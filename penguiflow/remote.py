@@ -94,6 +94,12 @@ def _task_state(meta: Mapping[str, Any] | None) -> Any:
     return meta.get("task_state") if meta else None
 
 
+def _method(meta: Mapping[str, Any] | None) -> Any:
+    # The protocol method a transport actually sent (``a2a_method`` in its meta), for
+    # the CLIENT span's ``a2a.method.name``: a streaming call may fall back to unary.
+    return meta.get("a2a_method") if meta else None
+
+
 def _size(value: Any) -> int:
     if value is None:
         return 0
@@ -207,6 +213,7 @@ def RemoteNode(
         span_token = enter_client_span(runtime, trace_id, invocation)
         started = time.perf_counter()
         final_state: Any = None
+        method: Any = None
         try:
             stream_events = 0
             response_bytes = 0
@@ -217,6 +224,7 @@ def RemoteNode(
                 value = result.result
                 response_bytes = _size(value)
                 final_state = _task_state(result.meta)
+                method = _method(result.meta)
             else:
                 done_seen = False
                 async for event in transport.stream(request):
@@ -235,6 +243,7 @@ def RemoteNode(
                     state = _task_state(event.meta)
                     if state is not None:
                         final_state = state
+                    method = _method(event.meta) or method
                     # latency_ms = time since the call started: per-event timing.
                     await record("remote_stream_event", (time.perf_counter() - started) * 1000,
                                  remote_stream_seq=stream_events,
@@ -243,7 +252,7 @@ def RemoteNode(
                                  remote_text_bytes=_size(event.text),
                                  remote_chunk_done=event.done,
                                  remote_chunk_meta_keys=sorted(meta) if meta else None,
-                                 remote_task_state=state,
+                                 remote_task_state=state, remote_method=method,
                                  remote_context_id=ids["context_id"],
                                  remote_task_id=ids["task_id"],
                                  remote_agent_url=ids["agent_url"])
@@ -265,7 +274,8 @@ def RemoteNode(
             await record("remote_call_error", (time.perf_counter() - started) * 1000,
                          level=logging.WARNING, remote_status="error",
                          remote_error=repr(exc), remote_agent_url=ids["agent_url"],
-                         remote_context_id=ids["context_id"], remote_task_id=ids["task_id"])
+                         remote_context_id=ids["context_id"], remote_task_id=ids["task_id"],
+                         remote_method=method)
             raise
         finally:
             if span_token is not None:
@@ -280,7 +290,7 @@ def RemoteNode(
                      remote_status="success", remote_response_bytes=response_bytes,
                      remote_stream_events=stream_events, remote_context_id=ids["context_id"],
                      remote_task_id=ids["task_id"], remote_agent_url=ids["agent_url"],
-                     remote_task_state=final_state)
+                     remote_task_state=final_state, remote_method=method)
         return value
 
     node = Node(remote_call, name=name, policy=policy or NodePolicy())

@@ -566,3 +566,57 @@ async def test_a_slow_remote_cancel_lands_in_the_same_trace_after_the_acknowledg
         data = rebuilt[span.context.span_id]
         assert (span.start_time, span.end_time, span.name) == (data.start_ns, data.end_ns,
                                                                data.name)
+
+
+async def test_an_adopted_trace_parent_hangs_the_root_under_the_callers_span(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    store = InMemoryStateStore()
+    flow = create(_node(_noop, "a").to(), state_store=store, tracer_provider=provider)
+    m = msg("x")
+    caller_span = "00f067aa0ba902b7"
+    flow.run()
+    try:
+        await flow.adopt_trace_parent(m.trace_id, parent_span_id=caller_span,
+                                      attributes={"a2a.task.id": "task-1"})
+        await flow.emit(m)
+        await within(flow.fetch())
+    finally:
+        await flow.stop()
+
+    root = _by_name(exporter.get_finished_spans())["invoke_workflow penguiflow"]
+    assert root.parent is not None and _hex(root.parent.span_id, 16) == caller_span
+    assert root.context.trace_id == int(m.trace_id, 16)
+    assert root.attributes["a2a.task.id"] == "task-1"
+    # The store learns the parent too: pf export rebuilds the same root.
+    history = await store.load_history(m.trace_id)
+    assert [e.kind for e in history][0] == "trace_parent"
+    rebuilt = [s for s in spans_from_events(history) if s.parent_span_id == int(caller_span, 16)]
+    assert [s.name for s in rebuilt] == ["invoke_workflow penguiflow"]
+
+
+@pytest.mark.parametrize("bad", ["0" * 16, "00F067AA0BA902B7", "abc", "z" * 16])
+async def test_adopt_trace_parent_refuses_a_span_id_that_is_not_w3c(bad: str) -> None:
+    flow = create(_node(_noop, "a").to())
+    with pytest.raises(ValueError, match="16 lowercase hex digits"):
+        await flow.adopt_trace_parent("t", parent_span_id=bad)
+
+
+async def test_the_client_span_names_the_method_the_transport_reports(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    class Reporting(InMemoryTransport):
+        async def send(self, request: Any) -> Any:
+            result = await super().send(request)
+            result.meta = {**(result.meta or {}), "a2a_method": "SendMessage"}
+            return result
+
+    store = InMemoryStateStore()
+    remote = RemoteNode(transport=Reporting({URL: InMemoryAgent()}), skill="lookup",
+                        agent_url=URL, name="remote", policy=NodePolicy(validate="none"))
+    m = msg("x")
+    await _run_one(create(remote.to(), state_store=store, tracer_provider=provider), m)
+
+    client = _by_name(exporter.get_finished_spans())["invoke_agent lookup"]
+    assert client.attributes["a2a.method.name"] == "SendMessage"
+    success = [e for e in await store.load_history(m.trace_id)
+               if e.kind == "remote_call_success"]
+    assert success[0].payload["remote_method"] == "SendMessage"
