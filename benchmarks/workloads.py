@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import a2a_rows
 import floor
 import flows
 import otel
@@ -308,4 +309,5 @@ async def run_all(cfg: Config, progress: Callable[[str], None]) -> list[Row]:
         rows += otel.otel_rows(observed, cfg.reps, spans)
         rows += await stores.store_rows(cfg.store_events, cfg.store_load_events,
                                         cfg.store_reps, progress)
+        rows += await a2a_rows.a2a_rows(cfg.reps, cfg.chain_m < 1_000, progress)
     return rows

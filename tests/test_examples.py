@@ -29,8 +29,10 @@ def test_every_example_has_a_readme_and_expectations() -> None:
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_runs_and_prints_its_story(name: str, tmp_path: Path) -> None:
     folder = ROOT / "examples" / name
+    # An example that serves until stopped runs its self-checking mode here (args.txt).
+    args = (folder / "args.txt").read_text().split() if (folder / "args.txt").is_file() else []
     proc = subprocess.run(
-        [sys.executable, str(folder / "flow.py")],
+        [sys.executable, str(folder / "flow.py"), *args],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False,
     )
     assert proc.returncode == 0, proc.stderr
