@@ -196,7 +196,7 @@ async def test_input_required_raises_interrupted(agent: SdkAgent,
                                                  transport: A2AClientTransport) -> None:
     with pytest.raises(A2ATaskInterrupted, match="input-required") as info:
         await transport.send(request(agent.base_url, "input please"))
-    assert "RemoteNode cannot" in str(info.value) and info.value.task_id in str(info.value)
+    assert "RemoteNode cannot" in str(info.value) and str(info.value.task_id) in str(info.value)
     seen: list[RemoteStreamEvent] = []
     with pytest.raises(A2ATaskInterrupted, match="need more input"):
         async for event in transport.stream(request(agent.base_url, "input please")):
@@ -225,12 +225,12 @@ async def test_executor_exception_is_an_rpc_error(agent: SdkAgent,
 async def test_stream_yields_chunks_in_order_then_done_once(
         agent: SdkAgent, transport: A2AClientTransport) -> None:
     events = await collect(transport.stream(request(agent.base_url, "world")))
-    chunks = [e for e in events if e.text]
-    assert [c.text for c in chunks] == ["echo:", " world", " (done)"]
-    assert [(c.meta["append"], c.meta["last_chunk"]) for c in chunks] == [
+    chunks = [(e.text, dict(e.meta or {})) for e in events if e.text]
+    assert [text for text, _ in chunks] == ["echo:", " world", " (done)"]
+    assert [(meta["append"], meta["last_chunk"]) for _, meta in chunks] == [
         (False, False), (True, False), (True, True)]
-    assert all(c.meta["artifact_id"] == "echo-artifact" for c in chunks)
-    states = [e.meta["task_state"] for e in events if e.text is None]
+    assert all(meta["artifact_id"] == "echo-artifact" for _, meta in chunks)
+    states = [dict(e.meta or {}).get("task_state") for e in events if e.text is None]
     assert states == ["submitted", "working"]
     assert [e.done for e in events].count(True) == 1 and events[-1].done
     assert events[-1].result == "echo: world (done)"

@@ -1,0 +1,487 @@
+"""A2AClientTransport against hostile or broken peers: raw ``asyncio.start_server``
+sockets on 127.0.0.1 that speak just enough HTTP/1.1 to misbehave precisely.
+
+Plus property tests of the SSE decoder the client parses streams with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from penguiflow import Headers, Message
+from penguiflow.remote import RemoteCallRequest, RemoteStreamEvent
+from penguiflow_a2a.client import A2AClientTransport
+from penguiflow_a2a.errors import (
+    A2AConnectionError,
+    A2AProtocolError,
+    A2ARPCError,
+    A2ATimeoutError,
+    TaskNotCancelableError,
+    TaskNotFoundError,
+    UnsupportedOperationError,
+    VersionNotSupportedError,
+)
+from penguiflow_a2a.sse import SSEDecoder, SSEError, SSEEvent
+
+WAIT = 10.0
+TASK = "task-1"
+CTX = "ctx-1"
+
+
+@dataclass
+class Req:
+    """One request the peer read."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+    @property
+    def rpc(self) -> str | None:
+        return self.body.get("method") if isinstance(self.body, dict) else None
+
+
+Respond = Callable[[Req, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class Peer:
+    url: str
+    requests: list[Req] = field(default_factory=list)
+
+    def rpcs(self) -> list[str | None]:
+        return [r.rpc for r in self.requests if r.rpc is not None]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> Req | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers = {k.strip().lower(): v.strip()
+               for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    raw = await reader.readexactly(int(headers.get("content-length", "0")))
+    return Req(method, path, headers, json.loads(raw) if raw else None)
+
+
+def card(url: str, *, version: str = "1.0", streaming: bool = True) -> dict[str, Any]:
+    return {"name": "hostile", "supportedInterfaces": [
+        {"url": f"{url}/", "protocolBinding": "JSONRPC", "protocolVersion": version}],
+        "capabilities": {"streaming": streaming}}
+
+
+def http(body: bytes, *, status: int = 200, ctype: str = "application/json") -> bytes:
+    return (f"HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def rpc_result(req: Req, result: Any) -> bytes:
+    return http(json.dumps({"jsonrpc": "2.0", "id": req.body["id"], "result": result}).encode())
+
+
+def rpc_error(req: Req, code: int, message: str) -> bytes:
+    return http(json.dumps({"jsonrpc": "2.0", "id": req.body["id"],
+                            "error": {"code": code, "message": message}}).encode())
+
+
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+            b"Connection: close\r\n\r\n")
+
+
+def frame(result: Any, *, event: str | None = None, crlf: bool = True) -> bytes:
+    nl = "\r\n" if crlf else "\n"
+    head = f"event: {event}{nl}" if event else ""
+    return f"{head}data: {json.dumps(result)}{nl}{nl}".encode()
+
+
+def status(state: str, text: str | None = None) -> dict[str, Any]:
+    st_: dict[str, Any] = {"state": state}
+    if text is not None:
+        st_["message"] = {"messageId": "m", "role": "ROLE_AGENT", "parts": [{"text": text}]}
+    return st_
+
+
+def task(state: str, parts: list[str] | None = None) -> dict[str, Any]:
+    t: dict[str, Any] = {"id": TASK, "contextId": CTX, "status": status(state)}
+    if parts:
+        t["artifacts"] = [{"artifactId": "a", "parts": [{"text": p} for p in parts]}]
+    return t
+
+
+def chunk(text: str, *, append: bool) -> dict[str, Any]:
+    update: dict[str, Any] = {"taskId": TASK, "contextId": CTX,
+                              "artifact": {"artifactId": "a", "parts": [{"text": text}]}}
+    if append:
+        update["append"] = True
+    return {"result": {"artifactUpdate": update}}
+
+
+def wrap(result: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": "x", "result": result}
+
+
+@asynccontextmanager
+async def peer(respond: Respond, *, card_for: Callable[[str], Any] | None = card
+               ) -> AsyncIterator[Peer]:
+    """Serve ``respond`` on a fresh port; the card from ``card_for`` (None: ``respond``
+    answers the card request too)."""
+    handlers: set[asyncio.Task[Any]] = set()
+    state = Peer(url="")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            while not writer.is_closing():
+                req = await _read_request(reader)
+                if req is None:
+                    break
+                state.requests.append(req)
+                if card_for is not None and req.path == "/.well-known/agent-card.json":
+                    writer.write(http(json.dumps(card_for(state.url)).encode()))
+                else:
+                    await respond(req, writer)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    state.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield state
+    finally:
+        server.close()
+        for h in handlers:
+            h.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+def request(url: str, payload: Any = "hi", timeout_s: float | None = None) -> RemoteCallRequest:
+    return RemoteCallRequest(message=Message(payload=payload, headers=Headers(tenant="t")),
+                             skill="s", agent_url=url, timeout_s=timeout_s)
+
+
+async def collect(stream: AsyncIterator[RemoteStreamEvent]) -> list[RemoteStreamEvent]:
+    async with asyncio.timeout(WAIT):
+        return [event async for event in stream]
+
+
+def client(**kwargs: Any) -> A2AClientTransport:
+    kwargs.setdefault("timeout_s", WAIT)
+    kwargs.setdefault("resubscribe_backoff_s", 0.01)
+    return A2AClientTransport(**kwargs)
+
+
+# -- unreachable, silent, garbled -------------------------------------------------------------
+async def test_connection_refused_names_the_url() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()  # nothing listens there now
+    async with client() as t:
+        with pytest.raises(A2AConnectionError, match=url) as info:
+            await t.send(request(url))
+        assert info.value.agent_url == url and info.value.__cause__ is not None
+        with pytest.raises(A2AConnectionError, match=url):
+            await collect(t.stream(request(url)))
+
+
+@pytest.mark.parametrize("where", ["card", "rpc", "stream"])
+async def test_a_peer_that_never_answers_times_out(where: str) -> None:
+    forever = asyncio.Event()
+
+    async def silent(req: Req, writer: asyncio.StreamWriter) -> None:
+        if where == "stream":
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")})))
+            await writer.drain()
+        await forever.wait()
+
+    async with peer(silent, card_for=None if where == "card" else card) as p, \
+            client(timeout_s=0.3) as t:
+        started = time.monotonic()
+        with pytest.raises(A2ATimeoutError, match=p.url):
+            if where == "stream":
+                await collect(t.stream(request(p.url)))
+            else:
+                await t.send(request(p.url))
+        assert time.monotonic() - started < 3.0
+
+
+async def test_non_json_body_is_a_protocol_error() -> None:
+    async def garbage(req: Req, writer: asyncio.StreamWriter) -> None:
+        writer.write(http(b"<html>oops</html>", ctype="text/html"))
+
+    async with peer(garbage) as p, client() as t:
+        with pytest.raises(A2AProtocolError, match=r"SendMessage.*not a JSON object"):
+            await t.send(request(p.url))
+        with pytest.raises(A2AProtocolError, match="SendStreamingMessage"):
+            await collect(t.stream(request(p.url)))
+
+
+async def test_bad_cards_are_clear_errors() -> None:
+    async def unused(req: Req, writer: asyncio.StreamWriter) -> None:
+        raise AssertionError("no RPC expected")
+
+    async with peer(unused, card_for=lambda _u: "just a string") as p, client() as t:
+        with pytest.raises(A2AProtocolError, match=r"agent-card\.json is not a JSON object"):
+            await t.send(request(p.url))
+    async with peer(unused, card_for=lambda _u: {"name": "x"}) as p, client() as t:
+        with pytest.raises(A2AProtocolError, match="no JSON-RPC interface"):
+            await t.send(request(p.url))
+
+
+@pytest.mark.parametrize(("status_code", "error"), [(500, A2AConnectionError),
+                                                    (404, A2AProtocolError)])
+async def test_http_errors_with_non_json_bodies(status_code: int, error: type) -> None:
+    async def broken(req: Req, writer: asyncio.StreamWriter) -> None:
+        writer.write(http(b"Internal trouble", status=status_code, ctype="text/plain"))
+
+    async with peer(broken) as p, client() as t:
+        with pytest.raises(error, match=f"HTTP {status_code}"):
+            await t.send(request(p.url))
+
+
+@pytest.mark.parametrize(("code", "error"), [
+    (-32001, TaskNotFoundError), (-32002, TaskNotCancelableError),
+    (-32004, UnsupportedOperationError), (-32009, VersionNotSupportedError),
+    (-32603, A2ARPCError), (-1, A2ARPCError)])
+async def test_json_rpc_error_codes_map_to_subclasses(code: int,
+                                                      error: type[A2ARPCError]) -> None:
+    async def erring(req: Req, writer: asyncio.StreamWriter) -> None:
+        writer.write(rpc_error(req, code, "nope"))
+
+    async with peer(erring) as p, client() as t:
+        with pytest.raises(error) as info:
+            await t.send(request(p.url))
+    assert type(info.value) is error
+    assert info.value.code == code and "SendMessage" in str(info.value) and p.url in str(
+        info.value)
+
+
+async def test_oversized_bodies_and_events_are_refused() -> None:
+    async def huge(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "SendMessage":
+            writer.write(http(b'{"result": "' + b"x" * 100_000 + b'"}'))
+            return
+        writer.write(SSE_HEAD + b"data: ")
+        for _ in range(160):  # 10 MiB if nobody stops reading; no blank line ever
+            writer.write(b"y" * 65536)
+            await writer.drain()
+
+    async with peer(huge) as p, client(max_event_bytes=4096, max_body_bytes=4096) as t:
+        with pytest.raises(A2AProtocolError, match="over 4096 bytes"):
+            await t.send(request(p.url))
+        with pytest.raises(A2AProtocolError, match="exceeds 4096 bytes"):
+            await collect(t.stream(request(p.url)))
+
+
+# -- streams ---------------------------------------------------------------------------------
+async def test_sse_with_crlf_pings_mixed_line_ends_and_an_error_frame() -> None:
+    async def stream(req: Req, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + b": ping - 2026-11-24\r\n\r\n")
+        writer.write(frame(wrap({"task": task("TASK_STATE_WORKING")})))
+        data = frame(chunk("a", append=False), crlf=False)
+        writer.write(data[:7])  # split mid-line, across two writes
+        await writer.drain()
+        writer.write(data[7:] + b":ping\n\n")
+        writer.write(frame({"error": {"code": -32603, "message": "kaboom"}, "id": "x",
+                            "jsonrpc": "2.0"}, event="error"))
+
+    async with peer(stream) as p, client() as t:
+        seen: list[RemoteStreamEvent] = []
+        with pytest.raises(A2ARPCError, match="kaboom") as info:
+            async with asyncio.timeout(WAIT):
+                async for event in t.stream(request(p.url)):
+                    seen.append(event)
+    assert info.value.code == -32603
+    assert [e.text for e in seen] == [None, "a"]
+    assert seen[1].meta == {"artifact_id": "a", "append": False, "last_chunk": False,
+                            "task_state": "working", "a2a_method": "SendStreamingMessage"}
+
+
+async def test_an_upfront_json_error_to_a_stream_request() -> None:
+    async def upfront(req: Req, writer: asyncio.StreamWriter) -> None:
+        writer.write(rpc_error(req, -32004, "Task is in terminal state"))
+
+    async with peer(upfront) as p, client() as t:
+        with pytest.raises(UnsupportedOperationError, match="terminal state"):
+            await collect(t.stream(request(p.url)))
+
+
+async def test_nothing_is_delivered_after_the_final_state() -> None:
+    async def chatty(req: Req, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")})))
+        writer.write(frame(chunk("a", append=False)))
+        writer.write(frame(wrap({"statusUpdate": {"taskId": TASK, "contextId": CTX,
+                                                  "status": status("TASK_STATE_COMPLETED")}})))
+        writer.write(frame(chunk("late", append=True)))
+        await asyncio.Event().wait()  # and never close: the client must not wait
+
+    async with peer(chatty) as p, client() as t:
+        events = await collect(t.stream(request(p.url)))
+    assert [e.text for e in events] == [None, "a", ""]
+    assert events[-1].done and events[-1].result == "a"
+
+
+async def test_resubscribe_reconciles_from_the_snapshot() -> None:
+    async def dropping(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "SendStreamingMessage":
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")})))
+            writer.write(frame(chunk("a", append=False)) + frame(chunk("b", append=True)))
+            writer.write(b"data: {\"result\": {\"artifactUp")  # cut mid-event
+            writer.close()
+            return
+        assert req.rpc == "SubscribeToTask" and req.body["params"]["id"] == TASK
+        writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING",
+                                                         ["a", "b", "c"])})))
+        writer.write(frame(chunk("d", append=True)))
+        writer.write(frame(wrap({"statusUpdate": {"taskId": TASK, "contextId": CTX,
+                                                  "status": status("TASK_STATE_COMPLETED")}})))
+        writer.close()
+
+    async with peer(dropping) as p, client() as t:
+        events = await collect(t.stream(request(p.url)))
+    assert [e.text for e in events if e.text] == ["a", "b", "c", "d"]
+    assert events[-1].done and events[-1].result == "abcd"
+    assert p.rpcs() == ["SendStreamingMessage", "SubscribeToTask"]
+
+
+async def test_resubscribe_to_an_ended_task_falls_back_to_get_task() -> None:
+    async def ended(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "SendStreamingMessage":
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")})))
+            writer.write(frame(chunk("a", append=False)))
+            writer.close()
+        elif req.rpc == "SubscribeToTask":
+            writer.write(rpc_error(req, -32004, "Task task-1 is in terminal state"))
+        else:
+            assert req.rpc == "GetTask"
+            writer.write(rpc_result(req, task("TASK_STATE_COMPLETED", ["a", "b"])))
+
+    async with peer(ended) as p, client() as t:
+        events = await collect(t.stream(request(p.url)))
+    assert [e.text for e in events if e.text] == ["a", "b"]
+    assert events[-1].result == "ab"
+    assert p.rpcs() == ["SendStreamingMessage", "SubscribeToTask", "GetTask"]
+
+
+async def test_a_peer_that_keeps_dropping_gives_up_after_bounded_attempts() -> None:
+    async def flaky(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "SendStreamingMessage":
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")})))
+        writer.close()  # resubscribes: closed without a word
+
+    async with peer(flaky) as p, client(resubscribe_attempts=3) as t:
+        with pytest.raises(A2AConnectionError, match=f"{p.url}.*{TASK}.*3 resubscribe"):
+            await collect(t.stream(request(p.url)))
+    assert p.rpcs() == ["SendStreamingMessage"] + ["SubscribeToTask"] * 3
+
+
+async def test_a_stream_dropped_before_any_task_cannot_be_resumed() -> None:
+    async def mute(req: Req, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + b": ping\r\n\r\n")
+        writer.close()
+
+    async with peer(mute) as p, client() as t:
+        with pytest.raises(A2AConnectionError, match="cannot be resumed"):
+            await collect(t.stream(request(p.url)))
+
+
+# -- polling ------------------------------------------------------------------------------------
+async def test_send_polls_get_task_when_the_agent_answers_early() -> None:
+    answers = iter([task("TASK_STATE_WORKING"), task("TASK_STATE_COMPLETED", ["x", "y"])])
+
+    async def early(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "SendMessage":
+            writer.write(rpc_result(req, {"task": task("TASK_STATE_SUBMITTED")}))
+        else:
+            writer.write(rpc_result(req, next(answers)))
+
+    async with peer(early) as p, client(poll_interval_s=0.001) as t:
+        result = await t.send(request(p.url))
+    assert result.result == "xy" and result.task_id == TASK
+    assert p.rpcs() == ["SendMessage", "GetTask", "GetTask"]
+
+
+async def test_cancel_polls_until_canceled_and_reports_other_ends() -> None:
+    ends = {"good": iter([task("TASK_STATE_WORKING"), task("TASK_STATE_CANCELED")]),
+            "bad": iter([task("TASK_STATE_COMPLETED")])}
+    which = {"now": "good"}
+
+    async def slow_cancel(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "CancelTask":
+            writer.write(rpc_result(req, task("TASK_STATE_WORKING")))
+        else:
+            writer.write(rpc_result(req, next(ends[which["now"]])))
+
+    async with peer(slow_cancel) as p, client(poll_interval_s=0.001) as t:
+        await t.cancel(agent_url=p.url, task_id=TASK)
+        assert p.rpcs() == ["CancelTask", "GetTask", "GetTask"]
+        which["now"] = "bad"
+        with pytest.raises(TaskNotCancelableError, match="ended completed"):
+            await t.cancel(agent_url=p.url, task_id=TASK)
+
+
+# -- the SSE decoder ---------------------------------------------------------------------------
+_text = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\r\n"),
+                max_size=30)
+_event = st.tuples(st.sampled_from([None, "error", "message"]),
+                   st.lists(_text, min_size=1, max_size=3))
+
+
+def _encode(events: list[tuple[str | None, list[str]]], newline: str) -> bytes:
+    out = [": ping" + newline]
+    for name, lines in events:
+        if name:
+            out.append(f"event: {name}{newline}")
+        out.extend(f"data: {line}{newline}" for line in lines)
+        out.append(newline)
+    return "".join(out).encode()
+
+
+def _decode(chunks: list[bytes]) -> list[SSEEvent]:
+    decoder = SSEDecoder()
+    events = [e for c in chunks for e in decoder.feed(c)]
+    return events + decoder.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=st.lists(_event, max_size=5), newline=st.sampled_from(["\r\n", "\n", "\r"]),
+       cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+def test_sse_decoding_does_not_depend_on_chunking(events: list[tuple[str | None, list[str]]],
+                                                  newline: str, cuts: list[int]) -> None:
+    data = _encode(events, newline)
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    whole = _decode([data])
+    assert _decode(chunks) == whole
+    assert [(e.event, e.data) for e in whole] == [
+        (name or "message", "\n".join(lines)) for name, lines in events]
+
+
+@settings(max_examples=200, deadline=None)
+@given(blobs=st.lists(st.binary(max_size=300), max_size=8))
+def test_sse_decoder_never_raises_anything_but_sse_error(blobs: list[bytes]) -> None:
+    decoder = SSEDecoder(max_event_bytes=256)
+    try:
+        for blob in blobs:
+            decoder.feed(blob)
+        decoder.close()
+    except SSEError:
+        pass
