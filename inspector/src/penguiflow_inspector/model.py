@@ -39,6 +39,7 @@ __all__ = [
     "RemoteCallView",
     "RemoteStats",
     "TraceView",
+    "served_runs",
 ]
 
 Status = Literal["running", "ok", "error", "timeout", "cancelled", "skipped"]
@@ -94,6 +95,14 @@ class InvocationView:
     """ids of the RemoteCallView rows this invocation made."""
     span_id: str | None = None
     parent_span_id: str | None = None
+    served_under: str | None = None
+    """The call id (CLIENT span id) of the remote call this invocation's flow served.
+
+    Set when the invocation's flow recorded a ``trace_parent`` event (an agent
+    serving another agent's request in the caller's trace): its
+    ``parent_span_id``. It may name a call that is not in this trace (the
+    caller records elsewhere); see :func:`served_runs` for the ones that are.
+    """
 
     @property
     def duration_ms(self) -> float | None:
@@ -324,6 +333,10 @@ class _Fold:
         self.trace_level: list[int] = []
         #: The position of the event being applied.
         self.pos = 0
+        #: flow id -> the span id its ``trace_parent`` event named (served flows only);
+        #: ``late_parents``: one came after invocations had rows (fixed up in ``_finish``).
+        self.flow_parents: dict[str, str] = {}
+        self.late_parents = False
 
     # -- dispatch -------------------------------------------------------------------
 
@@ -351,7 +364,8 @@ class _Fold:
             inv = self.invocations[inv_id] = InvocationView(
                 inv_id, ev.node_name or "?", ev.node_id, ev.ts, None, "running", ev.queued_ts,
                 tuple(ev.parent_invocation_ids), span_id=ev.span_id or inv_id,
-                parent_span_id=ev.parent_span_id)
+                parent_span_id=ev.parent_span_id,
+                served_under=self.flow_parents.get(ev.flow_id or "") if self.flow_parents else None)
         elif len(ev.parent_invocation_ids) > len(inv.parents):
             # A join names every input it joined on its terminal event.
             inv.parents = tuple(ev.parent_invocation_ids)
@@ -522,6 +536,17 @@ class _Fold:
             call.error = f"cancelled ({reason})"
             self._end_call(call, ev.ts, "cancelled")
 
+    # -- served runs ----------------------------------------------------------------
+
+    def trace_parent(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        """A flow serving a remote caller's request in this trace names the caller's span."""
+        parent = payload.get("parent_span_id")
+        if ev.flow_id is None or not isinstance(parent, str) or not parent:
+            return
+        self.flow_parents[ev.flow_id] = parent.lower()
+        if self.invocations:  # maybe some of this flow's: see _finish
+            self.late_parents = True
+
     # -- cancels and deadlines ------------------------------------------------------
 
     def trace_cancel_start(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
@@ -582,7 +607,7 @@ _HANDLERS: dict[str, _Handler] = {
         "node_start", "node_error", "node_timeout", "node_retry", "node_success",
         "node_failed", "node_trace_cancelled", "remote_call_start", "remote_stream_event",
         "remote_call_success", "remote_call_error", "remote_call_cancelled",
-        "trace_cancel_start", "trace_cancel_finish", "deadline_skip")
+        "trace_cancel_start", "trace_cancel_finish", "deadline_skip", "trace_parent")
 }
 
 
@@ -721,6 +746,8 @@ def _finish(trace_id: str, events: Sequence[StoredEvent], fold: _Fold) -> TraceV
     fold.flow_name = next((e.flow_name for e in events if e.flow_name is not None), None)
     fold.close_orphan_calls()
     fold.kept_running()
+    if fold.late_parents:
+        _served_late(events, fold)
     invocations = sorted(fold.invocations.values(), key=lambda i: i.start)
     calls = sorted(fold.calls, key=lambda c: c.start)
     view = TraceView(
@@ -732,6 +759,65 @@ def _finish(trace_id: str, events: Sequence[StoredEvent], fold: _Fold) -> TraceV
         root_span_id=root_span_id(trace_id) if trace_id else "")
     view._index = _Index(view, events, fold)
     return view
+
+
+def _served_late(events: Sequence[StoredEvent], fold: _Fold) -> None:
+    """Set ``served_under`` of the rows made before their flow's ``trace_parent`` event."""
+    parents = fold.flow_parents
+    invocations = fold.invocations
+    for inv_id, positions in fold.inv_events.items():
+        inv = invocations.get(inv_id)
+        if inv is not None and inv.served_under is None:
+            flow_id = events[positions[0]].flow_id
+            if flow_id is not None:
+                inv.served_under = parents.get(flow_id)
+
+
+def served_runs(view: TraceView) -> dict[str, list[InvocationView]]:
+    """Call id -> the invocations that served that remote call, in start order.
+
+    Only calls in ``view`` and invocations whose chain of callers (served run,
+    the call that asked for it, the invocation that made the call, ...) ends
+    at a row that is not served by a call in the view: the rows can be drawn
+    nested under their call. A malformed chain (a cycle) leaves its rows out,
+    so they stay at the top level. Empty (and O(invocations)) for a trace
+    without ``trace_parent`` events.
+    """
+    calls = {c.call_id: c for c in view.remote_calls}
+    candidates = [i for i in view.invocations
+                  if i.served_under is not None and i.served_under in calls]
+    if not candidates:
+        return {}
+    by_id = {i.invocation_id: i for i in view.invocations}
+    rooted: dict[str, bool] = {}
+
+    def is_rooted(inv: InvocationView) -> bool:
+        chain: list[str] = []
+        current: InvocationView | None = inv
+        ok = True
+        while current is not None:
+            known = rooted.get(current.invocation_id)
+            if known is not None:
+                ok = known
+                break
+            if current.invocation_id in chain:
+                ok = False  # a cycle
+                break
+            chain.append(current.invocation_id)
+            call = calls.get(current.served_under) if current.served_under else None
+            if call is None:
+                break  # a top-level row
+            current = by_id.get(call.invocation_id) if call.invocation_id else None
+        for inv_id in chain:
+            rooted[inv_id] = ok
+        return ok
+
+    out: dict[str, list[InvocationView]] = {}
+    for inv in candidates:  # in start order
+        if is_rooted(inv):
+            assert inv.served_under is not None
+            out.setdefault(inv.served_under, []).append(inv)
+    return out
 
 
 #: Invocations per block of ``_Index.block_lasts``.
@@ -869,6 +955,8 @@ class _Index:
             sub.close_orphan_calls(self.call_ends_after(t))
             for i in stale:
                 row = sub.invocations.get(invocations[i].invocation_id, invocations[i])
+                # (the trace_parent events are not re-folded: keep the whole trace's)
+                row.served_under = invocations[i].served_under
                 invocations[i] = row
                 if row.end is None:
                     running.append(row)

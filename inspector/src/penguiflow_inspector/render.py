@@ -24,6 +24,7 @@ from .model import (
     RemoteCallView,
     TraceView,
     remote_stats,
+    served_runs,
 )
 
 __all__ = [
@@ -56,7 +57,7 @@ def _invocation(i: InvocationView) -> dict[str, Any]:
         "queued_ts": i.queued_ts, "queue_wait_ms": i.queue_wait_ms, "parents": list(i.parents),
         "attempts": [_attempt(a) for a in i.attempts], "error": i.error, "chunks": i.chunks,
         "remote_calls": list(i.remote_calls), "span_id": i.span_id,
-        "parent_span_id": i.parent_span_id,
+        "parent_span_id": i.parent_span_id, "served_under": i.served_under,
     }
 
 
@@ -195,23 +196,8 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
         f"waterfall (0 .. {_ms(view.duration_ms)}; █ ran, ▒ still running; "
         "↻ retries, ⏱ timeouts, ≡ chunks, ✕ cancelled; * on the critical path)",
     ]
-    span = view.end - view.start
-    critical = set(view.critical_path)
-    rows: list[tuple[float, str]] = []
-    for inv in view.invocations:
-        mark = "*" if inv.invocation_id in critical else " "
-        rows.append((inv.start, f"{mark} {inv.node_name[:18]:<18} {inv.status:<9} "
-                                f"+{_ms((inv.start - view.start) * 1000):>9} "
-                                f"{_ms(inv.duration_ms):>9} "
-                                f"|{_bar(inv.start, inv.end, view.start, span)}| {_glyphs(inv)}"))
-    for call in view.remote_calls:
-        label = f"↳ {call.skill or call.node_name or '?'}"[:18]
-        rows.append((call.start, f"  {label:<18} {call.outcome:<9} "
-                                 f"+{_ms((call.start - view.start) * 1000):>9} "
-                                 f"{_ms(call.latency_ms):>9} "
-                                 f"|{_bar(call.start, call.end, view.start, span)}| remote"))
-    rows.sort(key=lambda row: row[0])
-    lines.extend(text.rstrip() for _, text in rows[:max_rows])
+    rows = _waterfall_rows(view)
+    lines.extend(rows[:max_rows])
     if len(rows) > max_rows:
         lines.append(f"  ... {len(rows) - max_rows} more rows (pf inspect --json has them all)")
     failed = [i for i in view.invocations if i.error]
@@ -262,6 +248,62 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
         path = " → ".join(names.get(i, "?") for i in view.critical_path)
         lines += ["", f"critical path: {path}"]
     return "\n".join(lines) + "\n"
+
+
+def _waterfall_rows(view: TraceView) -> list[str]:
+    """The ``--plain`` waterfall lines: invocations and remote calls in start order.
+
+    A served run (the invocations of another agent's flow that served a remote
+    call in this trace, see :func:`served_runs`) is listed right under its
+    call's line, one level deeper (``⤷``), with its own calls (``↳``).
+    """
+    span = view.end - view.start
+    critical = set(view.critical_path)
+
+    def inv_line(inv: InvocationView, depth: int) -> str:
+        mark = "*" if inv.invocation_id in critical else " "
+        name = f"{'  ' * depth}⤷ {inv.node_name}" if depth else inv.node_name
+        return (f"{mark} {name[:18]:<18} {inv.status:<9} "
+                f"+{_ms((inv.start - view.start) * 1000):>9} "
+                f"{_ms(inv.duration_ms):>9} "
+                f"|{_bar(inv.start, inv.end, view.start, span)}| {_glyphs(inv)}").rstrip()
+
+    def call_line(call: RemoteCallView, depth: int) -> str:
+        label = f"{'  ' * depth}↳ {call.skill or call.node_name or '?'}"[:18]
+        return (f"  {label:<18} {call.outcome:<9} "
+                f"+{_ms((call.start - view.start) * 1000):>9} "
+                f"{_ms(call.latency_ms):>9} "
+                f"|{_bar(call.start, call.end, view.start, span)}| remote").rstrip()
+
+    served = served_runs(view)
+    nested = {inv.invocation_id for runs in served.values() for inv in runs}
+    # Per level: its invocations and the calls they made, by start (a stable sort:
+    # an invocation before a call that started at the same time).
+    top: list[InvocationView | RemoteCallView] = [
+        i for i in view.invocations if i.invocation_id not in nested]
+    made: dict[str, list[RemoteCallView]] = {}
+    for call in view.remote_calls:
+        if call.invocation_id is not None and call.invocation_id in nested:
+            made.setdefault(call.invocation_id, []).append(call)
+        else:
+            top.append(call)
+    top.sort(key=lambda item: item.start)
+    out: list[str] = []
+    stack: list[tuple[InvocationView | RemoteCallView, int]] = [(x, 0) for x in reversed(top)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, InvocationView):
+            out.append(inv_line(item, depth))
+            continue
+        out.append(call_line(item, depth))
+        runs = served.get(item.call_id)
+        if runs:
+            level: list[InvocationView | RemoteCallView] = list(runs)
+            for inv in runs:
+                level += made.get(inv.invocation_id, [])
+            level.sort(key=lambda x: x.start)
+            stack.extend((x, depth + 1) for x in reversed(level))
+    return out
 
 
 def summary_table(summaries: Sequence[TraceSummary]) -> str:

@@ -1,7 +1,9 @@
 """The waterfall's rows and the screens' view helpers, computed from a TraceView.
 
 Nothing here draws: :class:`Rows` flattens a :class:`~penguiflow_inspector.model.TraceView`
-into waterfall rows (each invocation followed by the remote calls it made) and
+into waterfall rows (each invocation followed by the remote calls it made, each
+call by the invocations that served it when the called agent records into the
+same store) and
 indexes the events per invocation, once per full view, in O(events); the view
 at a replay time reuses both (its rows are the full rows sliced, with the few
 in flight swapped in). Drawing a row is done on demand by the waterfall (only
@@ -19,7 +21,7 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import compress
-from operator import is_not
+from operator import attrgetter, is_not
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from .. import model
@@ -52,6 +54,9 @@ class Row(NamedTuple):
 
     kind: RowKind
     item: InvocationView | RemoteCallView
+    depth: int = 0
+    """Nesting: 0 for an invocation, 1 for its remote calls, 2 for an invocation that
+    served one of those calls (another agent's flow in the same trace), 3 for its calls..."""
 
     @property
     def key(self) -> str:
@@ -176,6 +181,15 @@ class Rows:
     #: (full start, full end, length here), so that ``index_of`` needs no dict of its own.
     _base: Rows | None = None
     _edits: list[tuple[int, int, int]] = field(default_factory=list)
+    #: Whether any invocation has ``served_under`` (then a replayed view is flattened
+    #: afresh: served runs are not contiguous segments in start order).
+    _served: bool | None = None
+
+    @property
+    def served(self) -> bool:
+        if self._served is None:
+            self._served = any(map(_SERVED_UNDER, self.view.invocations))
+        return self._served
 
     @classmethod
     def of(cls, view: TraceView, base: Rows | None = None) -> Rows:
@@ -197,7 +211,8 @@ class Rows:
             return cls(view, _flatten(view), by_inv, [ev.ts for ev in view.events])
         full = base.view
         if (view.replay_t is not None and full.replay_t is None
-                and view._index is not None and view._index is full._index):
+                and view._index is not None and view._index is full._index
+                and not base.served):
             rows, edits = base._replayed(view)
             return cls(view, rows, base.events_by_inv, base.event_ts, _base=base,
                        _edits=edits)
@@ -238,12 +253,12 @@ class Rows:
             for i in reversed(changed):  # from the end: a replacement can change the length
                 inv = invocations[i]
                 segment = [Row("inv", inv)]
-                segment += [Row("remote", calls[c]) for c in inv.remote_calls if c in calls]
+                segment += [Row("remote", calls[c], 1) for c in inv.remote_calls if c in calls]
                 rows[inv_rows[i]: inv_rows[i + 1]] = segment
                 edits.append((inv_rows[i], inv_rows[i + 1], len(segment)))
             edits.reverse()
         if unplaced:
-            rows += [Row("remote", c) for c in view.remote_calls if c.call_id in unplaced]
+            rows += [Row("remote", c, 1) for c in view.remote_calls if c.call_id in unplaced]
         return rows, edits
 
     @property
@@ -324,10 +339,23 @@ class Rows:
         return bisect.bisect_right(self.event_ts, t)
 
 
+_SERVED_UNDER = attrgetter("served_under")
+
+
 def _flatten(view: TraceView) -> list[Row]:
     """Each invocation followed by the remote calls it made, then the calls no
-    invocation made, in start order."""
+    invocation made, in start order.
+
+    An invocation that served a call in the view (its flow's ``trace_parent``:
+    another agent recording into the same store) is placed right after that
+    call's row, one level deeper, with the other invocations that served it,
+    in start order (see :func:`~penguiflow_inspector.model.served_runs`).
+    """
     calls = {c.call_id: c for c in view.remote_calls}
+    if any(map(_SERVED_UNDER, view.invocations)):
+        served = model.served_runs(view)
+        if served:
+            return _flatten_served(view, calls, served)
     rows: list[Row] = []
     placed: set[str] = set()
     for inv in view.invocations:
@@ -335,11 +363,42 @@ def _flatten(view: TraceView) -> list[Row]:
         for call_id in inv.remote_calls:
             call = calls.get(call_id)
             if call is not None:
-                rows.append(Row("remote", call))
+                rows.append(Row("remote", call, 1))
                 placed.add(call_id)
     for call in view.remote_calls:
         if call.call_id not in placed:
-            rows.append(Row("remote", call))
+            rows.append(Row("remote", call, 1))
+    return rows
+
+
+def _flatten_served(view: TraceView, calls: dict[str, RemoteCallView],
+                    served: dict[str, list[InvocationView]]) -> list[Row]:
+    """:func:`_flatten` with served runs nested under their calls (a depth-first walk)."""
+    nested = {inv.invocation_id for runs in served.values() for inv in runs}
+    rows: list[Row] = []
+    placed: set[str] = set()
+    stack: list[tuple[InvocationView | RemoteCallView, int]] = []
+
+    def walk() -> None:
+        while stack:
+            item, depth = stack.pop()
+            if isinstance(item, InvocationView):
+                rows.append(Row("inv", item, depth))
+                made = [calls[c] for c in item.remote_calls if c in calls]
+                stack.extend((call, depth + 1) for call in reversed(made))
+            else:
+                rows.append(Row("remote", item, depth))
+                placed.add(item.call_id)
+                stack.extend((inv, depth + 1) for inv in reversed(served.get(item.call_id, [])))
+
+    for inv in view.invocations:
+        if inv.invocation_id not in nested:
+            stack.append((inv, 0))
+            walk()
+    for call in view.remote_calls:
+        if call.call_id not in placed:
+            stack.append((call, 1))
+            walk()
     return rows
 
 

@@ -1,5 +1,9 @@
 """The waterfall: one row per invocation or remote call on a shared time axis.
 
+Remote calls are drawn indented under their invocation (``└``), and the
+invocations that served a call (the called agent recording into the same
+store) one level deeper under it (``⤷``).
+
 Virtualised with the Line API (the Toolong approach): the widget holds the
 flattened :class:`~.rows.Rows` and draws only the lines in view, each computed
 from its row on demand, so scrolling a 100k-event trace costs the same as a
@@ -256,7 +260,10 @@ class Waterfall(ScrollView, can_focus=True):
                                 if row.status in _STATUS_CLASSES else "waterfall--ok")
         critical = self.show_critical and self.rows is not None and row.key in self.rows.critical
         mark = "◆" if critical else " "
-        indent = "  └ " if row.kind == "remote" else ""
+        # A call one level under its invocation; a served run (another agent's flow in
+        # this trace) one level under the call it served, its calls under it...
+        depth = row.depth or (1 if row.kind == "remote" else 0)
+        indent = "  " * depth + ("└ " if row.kind == "remote" else "⤷ ") if depth else ""
         marks = glyphs(row)
         room = label_w - 3 - len(marks)
         name = (indent + row.name)
