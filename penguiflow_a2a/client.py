@@ -33,12 +33,12 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
-from opentelemetry import propagate
 
 from penguiflow.remote import RemoteCallRequest, RemoteCallResult, RemoteStreamEvent
 
 from ._card import Endpoint, card_url, parse_card
 from ._results import StreamTracker, parts_value, task_outcome, task_state
+from ._rpc import RpcChannel
 from .errors import (
     A2AConnectionError,
     A2AError,
@@ -47,7 +47,6 @@ from .errors import (
     TaskNotCancelableError,
     TaskNotFoundError,
     UnsupportedOperationError,
-    rpc_error,
 )
 from .protocol import (
     CANCELED,
@@ -56,25 +55,21 @@ from .protocol import (
     TERMINAL_STATES,
     V0_3,
     V1_0,
-    VERSION_HEADER,
     ErrorCode,
     message_to_v03,
     method_name,
     payload_to_parts,
     send_result_from_v03,
     state_to_v03,
-    stream_result_from_v03,
     task_from_v03,
 )
-from .sse import DEFAULT_MAX_EVENT_BYTES, SSEError, aiter_sse
+from .sse import DEFAULT_MAX_EVENT_BYTES
 
 __all__ = ["A2AClientTransport"]
 
 logger = logging.getLogger("penguiflow_a2a.client")
 
 _T = TypeVar("_T")
-
-_RESPONSE_KEYS = ("task", "message", "statusUpdate", "artifactUpdate")
 
 
 class A2AClientTransport:
@@ -105,17 +100,16 @@ class A2AClientTransport:
                  cancel_timeout_s: float = 10.0,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
                  max_body_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
-        self._headers = dict(headers or {})
         self._timeout_s = timeout_s
-        self._client = httpx_client
-        self._owns_client = httpx_client is None
+        self._channel = RpcChannel(headers=headers, timeout_s=timeout_s,
+                                   httpx_client=httpx_client,
+                                   max_event_bytes=max_event_bytes,
+                                   max_body_bytes=max_body_bytes)
         self._resubscribe_attempts = max(0, resubscribe_attempts)
         self._backoff_s = resubscribe_backoff_s
         self._card_ttl_s = card_ttl_s
         self._poll_s = poll_interval_s
         self._cancel_timeout_s = cancel_timeout_s
-        self._max_event_bytes = max_event_bytes
-        self._max_body_bytes = max_body_bytes
         self._cards: dict[str, tuple[Endpoint, float]] = {}
 
     # -- lifecycle ----------------------------------------------------------------
@@ -128,163 +122,7 @@ class A2AClientTransport:
 
     async def aclose(self) -> None:
         """Close the httpx client if this transport created it (idempotent)."""
-        if self._owns_client and self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._httpx_timeout(stream=False))
-        return self._client
-
-    def _httpx_timeout(self, *, stream: bool) -> httpx.Timeout:
-        connect = self._timeout_s if self._timeout_s is not None else 30.0
-        return httpx.Timeout(connect, read=None if stream else self._timeout_s)
-
-    def _bound(self, request_timeout: float | None) -> float | None:
-        return request_timeout if request_timeout is not None else self._timeout_s
-
-    # -- HTTP ------------------------------------------------------------------------
-    def _request_headers(self, version: str, *, stream: bool = False) -> dict[str, str]:
-        headers = {VERSION_HEADER: version, **self._headers}
-        if stream:
-            headers["Accept"] = "text/event-stream"
-            headers["Cache-Control"] = "no-store"
-        propagate.inject(headers)
-        return headers
-
-    def _transport_error(self, exc: Exception, *, url: str, agent_url: str,
-                         method: str | None) -> A2AError:
-        what = f"{method} to {url}" if method else url
-        if isinstance(exc, httpx.TimeoutException):
-            return A2ATimeoutError(f"A2A agent {agent_url}: no answer to {what} in time "
-                                   f"({type(exc).__name__})", agent_url=agent_url,
-                                   method=method)
-        return A2AConnectionError(f"A2A agent {agent_url}: {what} failed: "
-                                  f"{type(exc).__name__}: {exc}", agent_url=agent_url,
-                                  method=method)
-
-    async def _read_body(self, response: httpx.Response, *, agent_url: str,
-                         method: str | None) -> bytes:
-        body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > self._max_body_bytes:
-                raise A2AProtocolError(
-                    f"A2A agent {agent_url} answered {method or 'a request'} with a body "
-                    f"over {self._max_body_bytes} bytes", agent_url=agent_url, method=method)
-        return bytes(body)
-
-    def _decode(self, response: httpx.Response, body: bytes, *, agent_url: str,
-                method: str, what: str = "answer") -> Any:
-        """The ``result`` of a JSON-RPC response (raising its error, if any)."""
-        try:
-            data = json.loads(body)
-        except ValueError:
-            data = None
-        if response.status_code >= 400 and not (isinstance(data, dict) and "error" in data):
-            cls = A2AConnectionError if response.status_code >= 500 else A2AProtocolError
-            raise cls(f"A2A agent {agent_url} answered {method} with HTTP "
-                      f"{response.status_code}: {body[:200]!r}", agent_url=agent_url,
-                      method=method)
-        if not isinstance(data, dict):
-            raise A2AProtocolError(
-                f"A2A agent {agent_url}: the {what} to {method} is not a JSON object "
-                f"(HTTP {response.status_code}, {response.headers.get('content-type')!r}, "
-                f"starts {body[:80]!r})", agent_url=agent_url, method=method)
-        if data.get("error") is not None:
-            raise rpc_error(data["error"], agent_url=agent_url, method=method)
-        if not isinstance(data.get("result"), Mapping):
-            raise A2AProtocolError(
-                f"A2A agent {agent_url}: the {what} to {method} has no JSON-RPC result "
-                f"object (keys: {sorted(data)[:8]})", agent_url=agent_url, method=method)
-        return data["result"]
-
-    def _envelope(self, ep: Endpoint, op: str, params: dict[str, Any]) -> tuple[str, bytes]:
-        method = method_name(op, ep.version)
-        if ep.version == V1_0 and ep.tenant:
-            params = {**params, "tenant": ep.tenant}
-        body = {"jsonrpc": "2.0", "id": str(uuid.uuid4()), "method": method, "params": params}
-        return method, json.dumps(body, default=str).encode()
-
-    async def _rpc(self, ep: Endpoint, op: str, params: dict[str, Any]) -> Mapping[str, Any]:
-        """One unary JSON-RPC call; its ``result`` object."""
-        method, content = self._envelope(ep, op, params)
-        headers = self._request_headers(ep.version)
-        headers["Content-Type"] = "application/json"
-        try:
-            async with self._http().stream("POST", ep.rpc_url, content=content,
-                                           headers=headers,
-                                           timeout=self._httpx_timeout(stream=False)) as resp:
-                body = await self._read_body(resp, agent_url=ep.agent_url, method=method)
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, url=ep.rpc_url, agent_url=ep.agent_url,
-                                        method=method) from exc
-        result: Mapping[str, Any] = self._decode(resp, body, agent_url=ep.agent_url,
-                                                 method=method)
-        return result
-
-    async def _events(self, ep: Endpoint, op: str,
-                      params: dict[str, Any]) -> AsyncGenerator[Mapping[str, Any], None]:
-        """The 1.0 StreamResponses of one streaming call, as the server sends them."""
-        method, content = self._envelope(ep, op, params)
-        headers = self._request_headers(ep.version, stream=True)
-        headers["Content-Type"] = "application/json"
-        try:
-            async with self._http().stream("POST", ep.rpc_url, content=content,
-                                           headers=headers,
-                                           timeout=self._httpx_timeout(stream=True)) as resp:
-                ctype = resp.headers.get("content-type", "").lower()
-                if resp.status_code >= 400 or "text/event-stream" not in ctype:
-                    # An upfront error (HTTP 200, application/json), or a unary answer.
-                    body = await self._read_body(resp, agent_url=ep.agent_url, method=method)
-                    yield self._stream_result(
-                        self._decode(resp, body, agent_url=ep.agent_url, method=method),
-                        ep, method)
-                    return
-                async for sse in aiter_sse(resp.aiter_bytes(),
-                                           max_event_bytes=self._max_event_bytes):
-                    yield self._sse_result(sse.event, sse.data, ep, method)
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, url=ep.rpc_url, agent_url=ep.agent_url,
-                                        method=method) from exc
-        except SSEError as exc:
-            raise A2AProtocolError(f"A2A agent {ep.agent_url}: bad event stream for "
-                                   f"{method}: {exc}", agent_url=ep.agent_url,
-                                   method=method) from exc
-
-    def _sse_result(self, event: str, data: str, ep: Endpoint,
-                    method: str) -> Mapping[str, Any]:
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            obj = None
-        if not isinstance(obj, dict):
-            raise A2AProtocolError(f"A2A agent {ep.agent_url}: an event of the {method} "
-                                   f"stream is not a JSON object: {data[:80]!r}",
-                                   agent_url=ep.agent_url, method=method)
-        if event == "error" or obj.get("error") is not None:
-            raise rpc_error(obj.get("error", obj), agent_url=ep.agent_url, method=method)
-        result = obj.get("result")
-        if not isinstance(result, Mapping):
-            raise A2AProtocolError(f"A2A agent {ep.agent_url}: an event of the {method} "
-                                   "stream has no JSON-RPC result object",
-                                   agent_url=ep.agent_url, method=method)
-        return self._stream_result(result, ep, method)
-
-    @staticmethod
-    def _stream_result(result: Mapping[str, Any], ep: Endpoint,
-                       method: str) -> Mapping[str, Any]:
-        if ep.version == V0_3:
-            try:
-                return stream_result_from_v03(result)
-            except ValueError as exc:
-                raise A2AProtocolError(f"A2A agent {ep.agent_url}: {method} sent {exc}",
-                                       agent_url=ep.agent_url, method=method) from exc
-        if (not any(isinstance(result.get(k), Mapping) for k in _RESPONSE_KEYS)
-                and "status" in result and "id" in result):
-            return {"task": result}  # a bare Task (e.g. a non-streaming server)
-        return result
+        await self._channel.aclose()
 
     # -- cards -----------------------------------------------------------------------
     async def endpoint(self, agent_url: str,
@@ -302,17 +140,10 @@ class A2AClientTransport:
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
         url = card_url(agent_url)
-        try:
-            async with self._http().stream("GET", url,
-                                           headers=self._request_headers(V1_0),
-                                           timeout=self._httpx_timeout(stream=False)) as resp:
-                body = await self._read_body(resp, agent_url=agent_url, method=None)
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, url=url, agent_url=agent_url,
-                                        method=None) from exc
-        if resp.status_code != 200:
+        status_code, body = await self._channel.get(url, agent_url=agent_url)
+        if status_code != 200:
             raise A2AProtocolError(f"cannot read the A2A agent card at {url}: HTTP "
-                                   f"{resp.status_code}", agent_url=agent_url)
+                                   f"{status_code}", agent_url=agent_url)
         try:
             card = json.loads(body)
         except ValueError as exc:
@@ -321,6 +152,9 @@ class A2AClientTransport:
         ep = parse_card(card, agent_url=agent_url, source=url)
         self._cards[agent_url] = (ep, time.monotonic() + self._card_ttl_s)
         return ep
+
+    def _bound(self, request_timeout: float | None) -> float | None:
+        return request_timeout if request_timeout is not None else self._timeout_s
 
     # -- messages and tasks ----------------------------------------------------------
     @staticmethod
@@ -339,7 +173,7 @@ class A2AClientTransport:
         params: dict[str, Any] = {"id": task_id}
         if ep.version == V1_0:
             params["historyLength"] = 0
-        task = await self._rpc(ep, "get", params)
+        task = await self._channel.call(ep, "get", params)
         return task_from_v03(task) if ep.version == V0_3 else task
 
     async def _poll(self, ep: Endpoint, task: Mapping[str, Any],
@@ -383,7 +217,7 @@ class A2AClientTransport:
     async def _send(self, request: RemoteCallRequest) -> RemoteCallResult:
         ep = await self.endpoint(request.agent_url, request.agent_card)
         method = method_name("send", ep.version)
-        answer = await self._rpc(ep, "send", self._params(ep, request))
+        answer = await self._channel.call(ep, "send", self._params(ep, request))
         if ep.version == V0_3:
             try:
                 answer = send_result_from_v03(answer)
@@ -468,7 +302,7 @@ class A2AClientTransport:
                       tracker: StreamTracker
                       ) -> AsyncGenerator[list[RemoteStreamEvent], None]:
         """Batches of events until the tracker is finished, resubscribing on drops."""
-        source = self._events(ep, "stream", self._params(ep, request))
+        source = self._channel.events(ep, "stream", self._params(ep, request))
         attempts = 0
         subscribing = False
         while True:
@@ -504,7 +338,7 @@ class A2AClientTransport:
             logger.info("A2A agent %s: stream of task %s dropped (%s); resubscribing "
                         "(attempt %d)", ep.agent_url, tracker.task_id, reason, attempts)
             await asyncio.sleep(self._backoff_s * 2 ** (attempts - 1))
-            source = self._events(ep, "subscribe", {"id": tracker.task_id})
+            source = self._channel.events(ep, "subscribe", {"id": tracker.task_id})
             subscribing = True
 
     async def cancel(self, *, agent_url: str, task_id: str) -> None:
@@ -523,7 +357,7 @@ class A2AClientTransport:
     async def _cancel(self, agent_url: str, task_id: str) -> None:
         ep = await self.endpoint(agent_url)
         method = method_name("cancel", ep.version)
-        task = await self._rpc(ep, "cancel", {"id": task_id})
+        task = await self._channel.call(ep, "cancel", {"id": task_id})
         if ep.version == V0_3:
             task = task_from_v03(task)
         task = await self._poll(ep, task, done=TERMINAL_STATES)

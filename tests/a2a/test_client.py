@@ -132,7 +132,7 @@ async def test_tenant_is_echoed_in_params(transport: A2AClientTransport) -> None
     card = {"supportedInterfaces": [{"url": "http://h/", "protocolBinding": "JSONRPC",
                                      "protocolVersion": "1.0", "tenant": "acme"}]}
     ep = await transport.endpoint("http://h", card)
-    _method, body = transport._envelope(ep, "get", {"id": "x"})
+    _method, body = transport._channel.envelope(ep, "get", {"id": "x"})
     assert b'"tenant": "acme"' in body
 
 
