@@ -94,7 +94,7 @@ class RpcChannel:
         """The ``result`` of a JSON-RPC response (raising its error, if any)."""
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         if response.status_code >= 400 and not (isinstance(data, dict) and "error" in data):
             cls = A2AConnectionError if response.status_code >= 500 else A2AProtocolError
@@ -171,7 +171,7 @@ class RpcChannel:
                     method: str) -> Mapping[str, Any]:
         try:
             obj = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             obj = None
         if not isinstance(obj, dict):
             raise A2AProtocolError(f"A2A agent {ep.agent_url}: an event of the {method} "

@@ -146,7 +146,7 @@ class A2AClientTransport:
                                    f"{status_code}", agent_url=agent_url)
         try:
             card = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise A2AProtocolError(f"the A2A agent card at {url} is not JSON: {exc}",
                                    agent_url=agent_url) from exc
         ep = parse_card(card, agent_url=agent_url, source=url)

@@ -223,9 +223,10 @@ async def test_a_peer_that_never_answers_times_out(where: str) -> None:
         assert time.monotonic() - started < 3.0
 
 
-async def test_non_json_body_is_a_protocol_error() -> None:
+@pytest.mark.parametrize("body", [b"<html>oops</html>", b"[" * 200_000])
+async def test_non_json_body_is_a_protocol_error(body: bytes) -> None:
     async def garbage(req: Req, writer: asyncio.StreamWriter) -> None:
-        writer.write(http(b"<html>oops</html>", ctype="text/html"))
+        writer.write(http(body, ctype="text/html"))
 
     async with peer(garbage) as p, client() as t:
         with pytest.raises(A2AProtocolError, match=r"SendMessage.*not a JSON object"):
