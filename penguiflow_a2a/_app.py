@@ -1,0 +1,318 @@
+"""The FastAPI app of :func:`penguiflow_a2a.server.create_a2a_app` (imported lazily).
+
+Routes: the 2.1 ones of spec §16 (``GET /agent``, ``POST /message/send``,
+``POST /message/stream``, ``POST /tasks/cancel``), the A2A 1.0 card at
+``GET /.well-known/agent-card.json`` and JSON-RPC at ``POST /``.
+
+Every non-GET request first passes :class:`Guard`: authentication (401/403),
+the per-principal rate limit (429 + ``Retry-After``) and the body size limit
+(413, decided from ``Content-Length`` before anything is read, and by counting
+while a chunked body arrives). Only then is the body handed to the route.
+
+No ``from __future__ import annotations`` here: FastAPI reads the endpoints'
+annotations at runtime, and some name classes imported inside :func:`build_app`.
+"""
+
+import asyncio
+import inspect
+import logging
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.datastructures import Headers as HTTPHeaders
+from starlette.responses import Response
+
+from ._jsonrpc import handle_rpc
+from .protocol import V0_3, V1_0
+from .server import (
+    A2AMessagePayload,
+    A2ARequestError,
+    A2AServerAdapter,
+    A2ATaskCancelRequest,
+)
+
+__all__ = ["Guard", "agent_card_v1", "build_app", "parse_traceparent"]
+
+logger = logging.getLogger("penguiflow_a2a.server")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+_MODES = ["text/plain", "application/json"]
+
+
+def parse_traceparent(values: list[str]) -> tuple[str, str] | None:
+    """``(trace_id, parent_span_id)`` of a valid W3C ``traceparent``, else None.
+
+    Strict (W3C Trace Context §3.2): exactly one header; lowercase hex fields;
+    version ``ff`` invalid; version ``00`` has nothing after the flags; trace id
+    and span id not all zeros. An invalid header is ignored (a new trace starts).
+    """
+    if len(values) != 1:
+        return None
+    match = _TRACEPARENT.fullmatch(values[0].strip())
+    if match is None:
+        return None
+    version, trace_id, span_id, _flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest) or trace_id == "0" * 32 \
+            or span_id == "0" * 16:
+        return None
+    return trace_id, span_id
+
+
+def agent_card_v1(adapter: A2AServerAdapter) -> dict[str, Any]:
+    """The A2A 1.0 AgentCard (plus the 0.3 union fields) of ``adapter``'s card."""
+    card = adapter.agent_card
+    url = adapter.agent_url.rstrip("/") + "/"
+    skills = []
+    for skill in card.skills:
+        tags = getattr(skill, "tags", None)
+        tags = [str(t) for t in tags] if isinstance(tags, list) and tags else list(card.tags)
+        skills.append({"id": skill.name, "name": skill.name, "description": skill.description,
+                       "tags": tags})
+    out: dict[str, Any] = {
+        "name": card.name, "description": card.description,
+        "supportedInterfaces": [
+            {"url": url, "protocolBinding": "JSONRPC", "protocolVersion": V1_0},
+            {"url": url, "protocolBinding": "JSONRPC", "protocolVersion": V0_3}],
+        "version": card.version,
+        "capabilities": {"streaming": True, "pushNotifications": False},
+        "defaultInputModes": list(_MODES), "defaultOutputModes": list(_MODES),
+        "skills": skills,
+    }
+    if card.documentation_url:
+        out["documentationUrl"] = card.documentation_url
+    if adapter.auth_scheme:
+        out["securitySchemes"] = adapter.auth_scheme
+        out["securityRequirements"] = [{"schemes": {name: {"list": []}}}
+                                       for name in adapter.auth_scheme]
+    out.update({"preferredTransport": "JSONRPC", "protocolVersion": V0_3, "url": url})
+    return out
+
+
+class _TokenBuckets:
+    """Per-key token buckets: ``rate`` tokens/s, burst ``max(1, rate)``; LRU-bounded."""
+
+    def __init__(self, rate: float, max_keys: int = 10_000) -> None:
+        self.rate, self.burst, self.max_keys = rate, max(1.0, rate), max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str) -> float:
+        """Take one token; 0.0 if granted, else the seconds until one is available."""
+        now = time.monotonic()
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+async def _send_json(send: Send, status: int, body: bytes,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+           *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _detail(detail: Any) -> bytes:
+    import json
+
+    return json.dumps({"detail": detail}, default=str).encode()
+
+
+class Guard:
+    """ASGI middleware: auth, rate limit and body size for every non-GET request.
+
+    Header values are never logged (some are credentials). The principal that
+    ``auth`` returned is kept in ``scope["state"]["a2a_principal"]``.
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]],
+                 adapter: A2AServerAdapter) -> None:
+        self.app, self.adapter = app, adapter
+        self.buckets = _TokenBuckets(adapter.rate_limit) if adapter.rate_limit else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        adapter = self.adapter
+        headers = HTTPHeaders(scope=scope)
+        principal: Any = None
+        if adapter.auth is not None:
+            try:
+                principal = adapter.auth(headers)
+                if inspect.isawaitable(principal):
+                    principal = await principal
+            except A2ARequestError as exc:
+                extra = ([(b"www-authenticate", b"Bearer")] if exc.status_code == 401 else [])
+                await _send_json(send, exc.status_code, _detail(exc.detail), extra)
+                return
+            except Exception:
+                logger.exception("a2a_auth_callable_failed")
+                await _send_json(send, 500, _detail("authentication failed"))
+                return
+        if self.buckets is not None:
+            client = scope.get("client")
+            key = (f"principal:{principal}" if principal is not None
+                   else f"client:{client[0] if client else '?'}")
+            wait = self.buckets.take(key)
+            if wait > 0:
+                await _send_json(send, 429, _detail("rate limit exceeded"),
+                                 [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
+                return
+        limit = adapter.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            status = 413 if length.isdigit() else 400
+            await _send_json(send, status, _detail(
+                f"request body larger than {limit} bytes" if status == 413
+                else "invalid Content-Length"))
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            body += message.get("body", b"")
+            if len(body) > limit:
+                await _send_json(send, 413, _detail(f"request body larger than {limit} bytes"))
+                return
+            if not message.get("more_body", False):
+                break
+        scope.setdefault("state", {})["a2a_principal"] = principal
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class EventStream(Response):
+    """An SSE response that ends when its frames end, the client leaves, or ``cut`` is set.
+
+    ``cut`` is the subscriber's "dropped" signal: a client that reads nothing
+    leaves the writer blocked in ``send`` forever, so the response is abandoned
+    (the server closes the connection) instead of waiting on it.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, frames: AsyncIterator[bytes], cut: asyncio.Event | None) -> None:
+        self.frames, self.cut = frames, cut
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+
+        async def write() -> None:
+            async for frame in self.frames:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def left() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(write()),
+                                            asyncio.ensure_future(left())]
+        if self.cut is not None:
+            waits.append(asyncio.ensure_future(self.cut.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+            results = await asyncio.gather(*waits, return_exceptions=True)
+            await self.frames.aclose()  # type: ignore[attr-defined]
+        if isinstance(results[0], Exception):
+            logger.error("a2a_stream_failed", exc_info=results[0])
+
+
+def build_app(adapter: A2AServerAdapter, *, include_docs: bool) -> Any:
+    """The FastAPI app; see :func:`penguiflow_a2a.server.create_a2a_app`."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    @asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        await adapter.start()
+        try:
+            yield
+        finally:
+            await adapter.stop()
+
+    card = adapter.agent_card
+    app = FastAPI(title=card.name, description=card.description, version=card.version,
+                  lifespan=lifespan, docs_url="/docs" if include_docs else None,
+                  redoc_url="/redoc" if include_docs else None,
+                  openapi_url="/openapi.json" if include_docs else None)
+    app.add_middleware(Guard, adapter=adapter)
+
+    async def request_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, A2ARequestError)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    app.add_exception_handler(A2ARequestError, request_error)
+
+    def traceparent(request: Request) -> tuple[str, str] | None:
+        return parse_traceparent(request.headers.getlist("traceparent"))
+
+    @app.get("/agent")
+    async def agent() -> dict[str, Any]:
+        return card.to_payload()
+
+    @app.get("/.well-known/agent-card.json")
+    async def agent_card() -> dict[str, Any]:
+        return agent_card_v1(adapter)
+
+    @app.post("/message/send", response_model=None)
+    async def message_send(payload: A2AMessagePayload, request: Request) -> dict[str, Any]:
+        return await adapter.handle_send(payload, traceparent=traceparent(request))
+
+    @app.post("/message/stream")
+    async def message_stream(payload: A2AMessagePayload, request: Request) -> StreamingResponse:
+        frames, task_id, context_id = await adapter.stream(
+            payload, traceparent=traceparent(request))
+        return StreamingResponse(frames, media_type="text/event-stream", headers={
+            "Cache-Control": "no-cache", "X-A2A-Task-Id": task_id,
+            "X-A2A-Context-Id": context_id})
+
+    @app.post("/tasks/cancel", response_model=None)
+    async def tasks_cancel(payload: A2ATaskCancelRequest) -> dict[str, Any]:
+        return await adapter.cancel(payload)
+
+    @app.post("/", include_in_schema=False)
+    async def jsonrpc(request: Request) -> Response:
+        version = request.headers.get("a2a-version")
+        if version is None:
+            version = request.query_params.get("A2A-Version")
+        reply = await handle_rpc(adapter, await request.body(), version=version,
+                                 traceparent=traceparent(request))
+        if reply.stream is not None:
+            return EventStream(reply.stream, reply.cut)
+        return Response(reply.body, media_type="application/json")
+
+    return app

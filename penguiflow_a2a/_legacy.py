@@ -1,0 +1,87 @@
+"""The 2.1 wire forms of a task's outcome (spec §16): the send reply and the SSE frames.
+
+Kept byte-for-byte as 2.1 wrote them: non-chunk frames are
+``event: <name>\\ndata: <json>\\n\\n``; chunk frames are ``format_sse_event`` of the
+chunk with ``taskId`` / ``contextId`` added to its meta.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+from pydantic import BaseModel
+
+from penguiflow.streaming import format_sse_event
+
+from ._tasks import Subscriber, TaskRecord
+
+__all__ = ["jsonable", "legacy_frames", "legacy_response"]
+
+
+def jsonable(value: Any) -> Any:
+    """Models -> ``model_dump()``; mappings and sequences converted recursively (spec §16)."""
+    if isinstance(value, BaseModel):
+        return jsonable(value.model_dump())
+    if isinstance(value, Mapping):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def _frame(event: str, data: Mapping[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+
+
+def legacy_response(record: TaskRecord) -> dict[str, Any]:
+    """The ``message/send`` reply of a finished task.
+
+    Raises:
+        LookupError: the task ended without a flow outcome (its ``detail`` says why).
+    """
+    ids = {"taskId": record.task_id, "contextId": record.context_id,
+           "traceId": record.trace_id}
+    outcome = record.outcome
+    if outcome is None or outcome.kind == "error":
+        raise LookupError(outcome.detail if outcome else "the task has not ended")
+    if outcome.kind == "succeeded":
+        response = {"status": "succeeded", **ids, "output": jsonable(outcome.value)}
+        if outcome.meta:
+            response["meta"] = outcome.meta
+        return response
+    if outcome.kind == "cancelled":
+        return {"status": "cancelled", **ids}
+    return {"status": "failed", **ids, "error": outcome.error.to_payload()}
+
+
+async def legacy_frames(record: TaskRecord, sub: Subscriber,
+                        launch: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
+    """The ``message/stream`` frames; ``launch`` (the emit) runs on the first advance."""
+    ids = {"taskId": record.task_id, "contextId": record.context_id}
+    try:
+        yield _frame("status", {"status": "accepted", **ids})
+        await launch()
+        while (event := await sub.queue.get()) is not None:
+            if event.chunk is not None:
+                chunk = event.chunk.model_copy(update={"meta": {**event.chunk.meta, **ids}})
+                yield format_sse_event(chunk).encode()
+            elif event.final:
+                break
+        outcome = record.outcome
+        if outcome is None:  # this stream fell behind and was cut off
+            yield _frame("error", {**ids, "code": "INTERNAL_ERROR",
+                                   "message": "stream dropped: client too slow"})
+        elif outcome.kind == "succeeded":
+            yield _frame("artifact", {**ids, "output": jsonable(outcome.value)})
+        elif outcome.kind == "cancelled":
+            yield _frame("error", {**ids, "code": "TRACE_CANCELLED",
+                                   "message": "Trace cancelled"})
+        elif outcome.kind == "failed":
+            yield _frame("error", {**outcome.error.to_payload(), **ids})
+        else:
+            yield _frame("error", {**ids, "code": "INTERNAL_ERROR", "message": outcome.detail})
+        yield _frame("done", ids)
+    finally:
+        record.subscribers.discard(sub)

@@ -1,0 +1,358 @@
+"""Hostile and heavy use of the A2A server: bad bodies, huge bodies, slow readers, load,
+auth, rate limits, secrets, trace context, and fuzzed JSON-RPC bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from server_support import (
+    CARD,
+    V1,
+    collect_stream,
+    echo_flow,
+    http,
+    no_running_tasks,
+    node,
+    rpc,
+    served,
+    user_message,
+)
+
+from penguiflow import Message, create
+from penguiflow.state import InMemoryStateStore
+from penguiflow_a2a.server import A2ARequestError, A2AServerAdapter, create_a2a_app
+
+
+async def call(client: httpx.AsyncClient, url: str, body: Any, headers: Any = None) -> Any:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = await client.post(url + "/", content=content,
+                                 headers={"content-type": "application/json", **(headers or {})})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    return response.json()
+
+
+async def test_envelope_and_param_errors() -> None:
+    async with served(echo_flow()) as (url, _), http() as client:
+        async def code(body: Any, headers: Any = V1) -> tuple[int, str]:
+            error = (await call(client, url, body, headers))["error"]
+            return error["code"], error["message"]
+
+        assert (await code(b"{not json"))[0] == -32700
+        assert (await code(b"\xff\xfe"))[0] == -32700
+        assert (await code([rpc("GetTask", {"id": "x"})]))[0] == -32600
+        assert (await code({**rpc("GetTask", {"id": "x"}), "jsonrpc": "1.0"}))[0] == -32600
+        assert (await code(rpc("GetTask", {"id": "x"}, rpc_id=[1])))[0] == -32600
+        assert (await code(rpc("GetTask", {"id": "x"}, rpc_id=1.5)))[0] == -32600
+        assert (await code(rpc("Nope", {})))[0] == -32601
+        assert (await code(rpc("GetTask", [])))[0] == -32602
+        wrong = await code(rpc("GetTask", {"id": 5}))
+        assert wrong[0] == -32602 and "'id'" in wrong[1] and "int" in wrong[1]
+        history = await code(rpc("GetTask", {"id": "x", "historyLength": "3"}))
+        assert history[0] == -32602 and "historyLength" in history[1]
+        parts = await code(rpc("SendMessage", {"message": {"messageId": "m", "parts": []}}))
+        assert parts[0] == -32602 and "message.parts" in parts[1]
+        assert (await code(rpc("SendMessage", {"message": "hi"})))[0] == -32602
+        assert (await code(rpc("ListTasks", {"pageToken": "zz"})))[0] == -32602
+        assert (await code(rpc("ListTasks", {"status": "DONE"})))[0] == -32602
+        no_header = await code(rpc("SendMessage", {"message": user_message("x")}), headers={})
+        assert no_header == (-32009, "A2A version '0.3' is not supported by this handler for "
+                                     "method SendMessage; send the header A2A-Version: 1.0")
+        assert (await code(rpc("GetTask", {"id": "x"}), {"A2A-Version": "2.0"}))[0] == -32009
+        via_query = await client.post(url + "/?A2A-Version=1.0", json=rpc("GetTask", {"id": "x"}))
+        assert via_query.json()["error"]["code"] == -32001
+        assert via_query.json()["error"]["data"][0]["reason"] == "TASK_NOT_FOUND"
+        # A 0.3 method with the 1.0 header is answered (in 0.3 form).
+        assert (await code(rpc("tasks/get", {"id": "x"}), V1))[0] == -32001
+        unknown_task = await code(rpc("SendMessage", {
+            "message": user_message("x", taskId="nope")}))
+        assert unknown_task[0] == -32001
+        deep = b'{"jsonrpc":"2.0","id":1,"method":"GetTask","params":' + b"[" * 100_000
+        assert (await code(deep))[0] == -32700
+        assert (await code(b'{"id": ' + b"9" * 5000 + b"}"))[0] == -32700
+        assert (await code(b'{"id": NaN}'))[0] == -32700
+
+
+async def test_terminal_task_and_tenant_errors() -> None:
+    async with served(echo_flow(), default_headers=None) as (url, _), http() as client:
+        no_tenant = (await call(client, url, rpc("SendMessage", {
+            "message": user_message("x")}), V1))["error"]
+        assert no_tenant["code"] == -32602 and "tenant" in no_tenant["message"]
+        assert "default_headers" in no_tenant["message"]
+        done = (await call(client, url, rpc("SendMessage", {
+            "tenant": "t", "message": user_message("x")}), V1))["result"]["task"]
+        assert done["status"]["state"] == "TASK_STATE_COMPLETED"
+        follow = (await call(client, url, rpc("SendMessage", {
+            "tenant": "t", "message": user_message("y", taskId=done["id"])}), V1))["error"]
+        assert follow["code"] == -32004 and "terminal" in follow["message"]
+        listed = (await call(client, url, rpc("ListTasks", {
+            "contextId": done["contextId"], "status": "TASK_STATE_COMPLETED"}), V1))["result"]
+        assert [t["id"] for t in listed["tasks"]] == [done["id"]]
+        assert listed["totalSize"] == 1 and listed["nextPageToken"] == ""
+
+
+async def test_list_tasks_pages() -> None:
+    async with served(echo_flow()) as (url, _), http() as client:
+        for i in range(5):
+            await call(client, url, rpc("SendMessage", {"message": user_message(f"m{i}")}), V1)
+        seen: list[str] = []
+        token = ""
+        while True:
+            page = (await call(client, url, rpc("ListTasks", {
+                "pageSize": 2, "pageToken": token}), V1))["result"]
+            assert len(page["tasks"]) <= 2 and page["totalSize"] == 5
+            seen += [t["id"] for t in page["tasks"]]
+            token = page["nextPageToken"]
+            if not token:
+                break
+        assert len(set(seen)) == 5
+
+
+async def test_oversized_bodies_get_413_and_the_server_keeps_serving() -> None:
+    async with served(echo_flow()) as (url, adapter), http() as client:
+        big = b'{"x": "' + b"a" * (5 << 20) + b'"}'
+        for path in ("/", "/message/send"):
+            response = await client.post(url + path, content=big,
+                                         headers={"content-type": "application/json"})
+            assert response.status_code == 413
+
+        async def chunked() -> AsyncIterator[bytes]:
+            for _ in range(80):
+                yield b"a" * 65536
+
+        response = await client.post(url + "/", content=chunked())
+        assert response.status_code == 413
+        ok = await call(client, url, rpc("SendMessage", {"message": user_message("x")}), V1)
+        assert ok["result"]["task"]["status"]["state"] == "TASK_STATE_COMPLETED"
+        no_running_tasks(adapter, adapter._flow)
+
+
+async def test_slow_subscriber_is_dropped_while_others_complete() -> None:
+    release = asyncio.Event()
+    adapter_ref: list[A2AServerAdapter] = []
+
+    async def flood(message: Message, ctx: Any) -> str:
+        await release.wait()
+        sent = 0
+        # Emit until the stalled subscriber is cut off (bounded, whatever the socket buffers).
+        adapter = adapter_ref[0]
+        record = adapter.tasks.by_trace(message.trace_id)
+        while adapter.tasks.dropped_subscribers == 0 and sent < 4000:
+            await ctx.emit_chunk(parent=message, text="x" * 32768)
+            sent += 1
+            # Pace to the fastest reader (the test's good one), not to the stalled one.
+            # (Polling: a queue's size has no event to wait on.)
+            busy = record.subscribers
+            while busy and min(s.queue.qsize() for s in busy) > 8:  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+        return f"sent {sent}"
+
+    flow = create(node(flood).to(), queue_maxsize=4)  # small bursts: pacing below works
+    stalled = socket.socket()
+    async with served(flow, subscriber_queue_size=32) as (url, adapter), http() as client:
+        adapter_ref.append(adapter)
+        started = await call(client, url, rpc("SendMessage", {
+            "message": user_message("go"), "configuration": {"returnImmediately": True}}), V1)
+        task_id = started["result"]["task"]["id"]
+        record = adapter.tasks.get(task_id)
+        assert record is not None
+        port = int(url.rsplit(":", 1)[1])
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(stalled, ("127.0.0.1", port))
+        body = json.dumps(rpc("SubscribeToTask", {"id": task_id})).encode()
+        await loop.sock_sendall(stalled, (
+            f"POST / HTTP/1.1\r\nHost: x\r\nA2A-Version: 1.0\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+        reader = asyncio.create_task(collect_stream(client, url, rpc("SubscribeToTask",
+                                                                      {"id": task_id})))
+        async with asyncio.timeout(5):
+            # Both streams are open server-side (no event to wait on: poll).
+            while len(record.subscribers) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        release.set()
+        events = await asyncio.wait_for(reader, 30)
+        assert "statusUpdate" in events[-1]["result"], (len(events), str(events[-1])[:300])
+        assert events[-1]["result"]["statusUpdate"]["status"]["state"] == "TASK_STATE_COMPLETED"
+        assert adapter.tasks.dropped_subscribers == 1
+        assert record.subscribers == set()
+        # The stalled connection is closed by the server: draining it reaches EOF.
+        try:
+            async with asyncio.timeout(30):
+                while await loop.sock_recv(stalled, 1 << 20):
+                    pass
+        finally:
+            stalled.close()
+        no_running_tasks(adapter, flow)
+
+
+async def test_two_hundred_concurrent_streams_complete() -> None:
+    flow = echo_flow()
+    limits = httpx.Limits(max_connections=200)
+    async with served(flow) as (url, adapter), http(limits=limits) as client:
+        streams = await asyncio.gather(*[
+            collect_stream(client, url, rpc("SendStreamingMessage",
+                                            {"message": user_message(f"s{i}")}))
+            for i in range(200)])
+        for i, events in enumerate(streams):
+            result = [e["result"] for e in events]
+            assert result[-2]["artifactUpdate"]["artifact"]["parts"] == [
+                {"data": {"n": f"s{i}"}}]
+            assert result[-1]["statusUpdate"]["status"]["state"] == "TASK_STATE_COMPLETED"
+        no_running_tasks(adapter, flow)
+
+
+async def test_auth_and_rate_limit() -> None:
+    async def auth(headers: Any) -> str:
+        value = headers.get("authorization", "")
+        if not value:
+            raise A2ARequestError(status_code=401, detail="missing token")
+        if value != "Bearer good":
+            raise A2ARequestError(status_code=403, detail="forbidden")
+        return "alice"
+
+    async with served(echo_flow(), auth=auth, rate_limit=2) as (url, _), http() as client:
+        card = (await client.get(url + "/.well-known/agent-card.json")).json()
+        assert card["securitySchemes"] == {"bearer": {"httpAuthSecurityScheme": {
+            "scheme": "Bearer"}}}
+        body = rpc("GetTask", {"id": "x"})
+        missing = await client.post(url + "/", json=body, headers=V1)
+        assert missing.status_code == 401 and missing.json() == {"detail": "missing token"}
+        assert missing.headers["www-authenticate"] == "Bearer"
+        bad = await client.post(url + "/message/send", json={"payload": 1},
+                                headers={"authorization": "Bearer bad"})
+        assert bad.status_code == 403
+        good = {**V1, "authorization": "Bearer good"}
+        answers = [await client.post(url + "/", json=body, headers=good) for _ in range(3)]
+        assert [a.status_code for a in answers[:2]] == [200, 200]
+        assert answers[2].status_code == 429
+        assert int(answers[2].headers["retry-after"]) >= 1
+
+
+async def test_secret_headers_never_reach_store_binding_or_message(
+        caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[Message] = []
+
+    async def work(message: Message, ctx: Any) -> str:
+        seen.append(message)
+        return "ok"
+
+    store = InMemoryStateStore()
+    flow = create(node(work).to(), state_store=store)
+    caplog.set_level(logging.DEBUG)
+    async with served(flow) as (url, _), http() as client:
+        secret = {"authorization": "Bearer SECRET-1", "cookie": "sid=SECRET-2",
+                  "x-api-key": "SECRET-3"}
+        await client.post(url + "/message/send", headers=secret, json={
+            "payload": "a", "headers": {"tenant": "t", "authorization": "SECRET-4"}})
+        await call(client, url, rpc("SendMessage", {"message": user_message(
+            "b", metadata={"api-key": "SECRET-5", "note": "fine"})}), {**V1, **secret})
+    dump = repr([m.model_dump() for m in seen]) + repr(store._bindings)
+    for trace in {m.trace_id for m in seen}:
+        dump += repr(await store.load_history(trace))
+    dump += caplog.text
+    assert "SECRET" not in dump
+    assert seen[1].meta == {"note": "fine"}
+
+
+async def test_traceparent_sets_the_served_trace_id() -> None:
+    seen: list[Message] = []
+
+    async def work(message: Message, ctx: Any) -> str:
+        seen.append(message)
+        return "ok"
+
+    store = InMemoryStateStore()
+    trace_id, span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with served(create(node(work).to(), state_store=store)) as (url, _), http() as client:
+        header = {**V1, "traceparent": f"00-{trace_id}-{span_id}-01"}
+        await call(client, url, rpc("SendMessage", {"message": user_message("a")}), header)
+        await client.post(url + "/message/send", json={"payload": "b"},
+                          headers={"traceparent": f"00-{'1' * 32}-{span_id}-00"})
+        for bad in (f"00-{'0' * 32}-{span_id}-01", f"00-{trace_id.upper()}-{span_id}-01",
+                    f"ff-{trace_id}-{span_id}-01", f"00-{trace_id}-{span_id}-01-extra"):
+            await call(client, url, rpc("SendMessage", {"message": user_message("c")}),
+                       {**V1, "traceparent": bad})
+    assert seen[0].trace_id == trace_id
+    assert seen[1].trace_id == "1" * 32
+    assert all(m.trace_id not in (trace_id, "0" * 32) for m in seen[2:])
+    parents = [e for e in await store.load_history(trace_id) if e.kind == "trace_parent"]
+    assert parents and parents[0].payload["parent_span_id"] == span_id
+    assert parents[0].payload["a2a.method"] == "SendMessage"
+
+
+# -- fuzz -----------------------------------------------------------------------------------
+_METHODS = ["SendMessage", "SendStreamingMessage", "GetTask", "ListTasks", "CancelTask",
+            "SubscribeToTask", "message/send", "message/stream", "tasks/get", "tasks/cancel",
+            "tasks/resubscribe", "Other"]
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+_params = st.fixed_dictionaries({}, optional={
+    "id": _json | st.text(), "message": _json | st.fixed_dictionaries(
+        {"parts": st.lists(st.fixed_dictionaries({}, optional={
+            "text": _json, "data": _json}), max_size=3)},
+        optional={"messageId": _json, "taskId": _json, "contextId": _json,
+                  "metadata": _json}),
+    "configuration": _json, "historyLength": _json, "pageSize": _json, "pageToken": _json,
+    "status": _json, "tenant": _json})
+_envelopes = st.fixed_dictionaries({"jsonrpc": st.sampled_from(["2.0", "1.0", 2]),
+                                    "method": st.sampled_from(_METHODS) | _json,
+                                    "params": _params | _json, "id": _json})
+_raw = st.sampled_from([
+    b'{"jsonrpc":"2.0","id":"\\ud800","method":"SendMessage","params":{"message":'
+    b'{"messageId":"\\udfff","parts":[{"text":"nul\\u0000 \\ud800"}]}}}',
+    b"[" * 5000 + b"]" * 5000, b'{"a":' * 3000, b"1" * 10000, b"", b"\x00", b"null",
+    b'{"jsonrpc":"2.0","id":1,"method":"SendMessage","params":{"message":{"parts":'
+    b'[{"data":' + b"9" * 4000 + b"}]}}}"])
+_bodies = _raw | _envelopes.map(lambda e: json.dumps(e).encode()) | st.binary(max_size=64)
+
+
+def test_fuzzed_bodies_always_get_a_json_rpc_answer() -> None:
+    with asyncio.Runner() as runner:
+        adapter = A2AServerAdapter(echo_flow(), agent_card=CARD, agent_url="http://a",
+                                   default_headers={"tenant": "t"})
+        app = create_a2a_app(adapter)
+        lifespan = app.router.lifespan_context(app)
+        runner.run(lifespan.__aenter__())
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x")
+
+        async def one(body: bytes, version: str | None) -> None:
+            headers = {"content-type": "application/json"}
+            if version:
+                headers["A2A-Version"] = version
+            async with asyncio.timeout(10):
+                response = await client.post("/", content=body, headers=headers)
+            assert response.status_code == 200
+            if response.headers["content-type"].startswith("text/event-stream"):
+                frames = [f for f in response.text.split("\r\n\r\n") if f.startswith("data: ")]
+                final = json.loads(frames[-1][6:])["result"]
+                assert final["statusUpdate"]["status"]["state"] in (
+                    "TASK_STATE_COMPLETED", "TASK_STATE_FAILED")
+                return
+            answer = response.json()
+            assert answer["jsonrpc"] == "2.0" and ("result" in answer) != ("error" in answer)
+
+        @settings(max_examples=300, deadline=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(body=_bodies, version=st.sampled_from([None, "1.0", "0.3", "x"]))
+        def check(body: bytes, version: str | None) -> None:
+            runner.run(one(body, version))
+
+        try:
+            check()
+            assert adapter.tasks.running() == []
+        finally:
+            runner.run(client.aclose())
+            runner.run(lifespan.__aexit__(None, None, None))
