@@ -1,0 +1,56 @@
+"""The task registry's bounds: max_tasks (oldest ended task evicted, refusal when all run),
+TTL of ended tasks, ListTasks cursors, and a full subscriber cut off with its memory freed."""
+
+from __future__ import annotations
+
+from penguiflow_a2a._tasks import Subscriber, TaskRecord, TaskRegistry
+
+
+def record(task_id: str) -> TaskRecord:
+    return TaskRecord(task_id=task_id, context_id="c", trace_id="t-" + task_id, history=[])
+
+
+def test_max_tasks_evicts_the_oldest_ended_and_refuses_when_all_run() -> None:
+    tasks = TaskRegistry(max_tasks=2, ttl_s=3600)
+    a, b = record("a"), record("b")
+    for r in (a, b):
+        assert tasks.room()
+        tasks.add(r)
+    assert not tasks.room()  # both running: refuse rather than forget a live task
+    tasks.publish(b, b.canceled())
+    tasks.publish(a, a.canceled())
+    assert tasks.room() and tasks.get("b") is None and tasks.get("a") is a
+    assert not tasks.trace_active("t-a")
+
+
+def test_ended_tasks_expire_after_the_ttl() -> None:
+    tasks = TaskRegistry(max_tasks=10, ttl_s=0.0)
+    r = record("x")
+    tasks.add(r)
+    tasks.publish(r, r.failed("gone"))
+    assert tasks.get("x") is None
+
+
+def test_pages_are_newest_first_with_stable_cursors() -> None:
+    tasks = TaskRegistry(max_tasks=10, ttl_s=3600)
+    for i in range(5):
+        tasks.add(record(str(i)))
+    page, total, cursor = tasks.page(context_id=None, state=None, page_size=2, after_seq=None)
+    assert [t.task_id for t in page] == ["4", "3"] and total == 5
+    tasks.add(record("new"))  # arrives between pages: does not shift the next page
+    page, _, cursor = tasks.page(context_id=None, state=None, page_size=2, after_seq=cursor)
+    assert [t.task_id for t in page] == ["2", "1"] and cursor is not None
+
+
+def test_a_full_subscriber_is_cut_off_and_its_queue_freed() -> None:
+    tasks = TaskRegistry(max_tasks=10, ttl_s=3600)
+    r = record("s")
+    tasks.add(r)
+    slow, fast = Subscriber(2), Subscriber(2)
+    r.subscribers |= {slow, fast}
+    for _ in range(2):
+        tasks.publish(r, r.working())
+        fast.queue.get_nowait()
+    tasks.publish(r, r.working())
+    assert slow.cut.is_set() and slow.queue.qsize() == 1 and slow.queue.get_nowait() is None
+    assert r.subscribers == {fast} and tasks.dropped_subscribers == 1
