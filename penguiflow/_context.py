@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ._graph import Endpoint, Floe, FloeQueue, Origin, Owner, owner_label
-from .types import Message, StreamChunk
+from .types import Message, StreamChunk, check_trace_id
 
 if TYPE_CHECKING:
     from .core import PenguiFlow
@@ -170,8 +170,13 @@ class Context:
         Raises:
             RuntimeError: the context is detached.
             KeyError: ``to`` names something that is not a successor.
+            ValueError: ``msg`` has an invalid trace id (``types.check_trace_id``).
         """
         runtime = self._require_runtime()
+        tid = msg.trace_id if type(msg) is Message else getattr(msg, "trace_id", None)
+        if tid is not None and not (type(tid) is str and tid.isascii() and tid.isalnum()
+                                    and len(tid) <= 256):
+            check_trace_id(tid)  # the fast accept path above is check_trace_id's own
         floes = self._outgoing.values() if to is None else self._resolve(to, self._outgoing)
         origin = runtime._origin_of(self)
         put = runtime._put
@@ -183,8 +188,13 @@ class Context:
 
         Raises:
             asyncio.QueueFull: a target floe is full (nothing is put anywhere).
+            ValueError: ``msg`` has an invalid trace id (nothing is put anywhere).
         """
         runtime = self._require_runtime()
+        tid = msg.trace_id if type(msg) is Message else getattr(msg, "trace_id", None)
+        if tid is not None and not (type(tid) is str and tid.isascii() and tid.isalnum()
+                                    and len(tid) <= 256):
+            check_trace_id(tid)
         floes = list(self._outgoing.values()) if to is None else self._resolve(
             to, self._outgoing)
         if any(f.queue.full() for f in floes):

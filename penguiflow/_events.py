@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from .errors import safe_repr
 from .metrics import FlowEvent
 from .state import StoredEvent
 
@@ -138,12 +139,18 @@ class EventPipeline:
         if log:
             payload = event.to_payload()
             try:
-                logger.log(level, event.event_type, extra=payload)
-            except KeyError:
-                # A user-supplied extra key collides with a LogRecord attribute:
-                # log it under a prefixed name rather than lose the event.
-                safe = {(f"pf_{k}" if k in _RESERVED else k): v for k, v in payload.items()}
-                logger.log(level, event.event_type, extra=safe)
+                try:
+                    logger.log(level, event.event_type, extra=payload)
+                except KeyError:
+                    # A user-supplied extra key collides with a LogRecord attribute:
+                    # log it under a prefixed name rather than lose the event.
+                    safe = {(f"pf_{k}" if k in _RESERVED else k): v
+                            for k, v in payload.items()}
+                    logger.log(level, event.event_type, extra=safe)
+            except Exception:
+                # Logging is an observer too (a filter or handler set-up that raises
+                # on some value): counted, never the worker's death.
+                self.failures["logging_failed"] += 1
         if self.fast_store is not None or self.tracer is not None:
             # The same path as unlogged events, so a store sees one path, in order.
             await self.store_fields(fields)
@@ -157,7 +164,7 @@ class EventPipeline:
                 logger.exception(
                     "middleware_error",
                     extra={"event": event.event_type, "trace_id": event.trace_id,
-                           "middleware": repr(mw), "error": repr(exc)},
+                           "middleware": safe_repr(mw), "error": safe_repr(exc)},
                 )
 
     async def store_fields(self, fields: tuple[Any, ...]) -> None:
@@ -186,14 +193,14 @@ class EventPipeline:
             except Exception as exc:
                 self.failures["tracer_failed"] += 1
                 logger.exception("tracer_failed", extra={
-                    "event": fields[2], "trace_id": fields[0], "error": repr(exc)})
+                    "event": fields[2], "trace_id": fields[0], "error": safe_repr(exc)})
         return waiter
 
     def store_failed(self, kind: str, trace_id: Any, exc: Exception) -> None:
         """Log and count a store failure (called from an ``except`` block)."""
         self.failures["state_store_save_failed"] += 1
         logger.exception("state_store_save_failed",
-                         extra={"event": kind, "trace_id": trace_id, "error": repr(exc)})
+                         extra={"event": kind, "trace_id": trace_id, "error": safe_repr(exc)})
 
     async def store(self, stored: StoredEvent) -> None:
         """Step 2 alone: persist ``stored``; failures are logged and counted."""

@@ -54,8 +54,14 @@ def _refill() -> str:
 
 
 def root_span_id(trace_id: str) -> str:
-    """Return the span id of the root span of ``trace_id`` (deterministic)."""
-    digest = hashlib.blake2b(trace_id.encode(), digest_size=8, person=b"pf-root").hexdigest()
+    """Return the span id of the root span of ``trace_id`` (deterministic).
+
+    Any str is accepted: lone surrogates are encoded with ``surrogatepass`` (the
+    same bytes as plain UTF-8 for every valid trace id), so an observer never
+    kills a worker on an id that was not checked (see ``check_trace_id``).
+    """
+    digest = hashlib.blake2b(trace_id.encode("utf-8", "surrogatepass"), digest_size=8,
+                             person=b"pf-root").hexdigest()
     return digest if digest != "0" * 16 else "0" * 15 + "1"
 
 
@@ -64,5 +70,6 @@ def otel_trace_id(trace_id: str) -> str:
     lowered = trace_id.lower()
     if len(lowered) == 32 and _HEX.issuperset(lowered) and lowered != "0" * 32:
         return lowered
-    digest = hashlib.blake2b(trace_id.encode(), digest_size=16, person=b"pf-trace").hexdigest()
+    digest = hashlib.blake2b(trace_id.encode("utf-8", "surrogatepass"), digest_size=16,
+                             person=b"pf-trace").hexdigest()
     return digest if digest != "0" * 32 else "0" * 31 + "1"

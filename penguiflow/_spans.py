@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from . import semconv as sc
 from ._ids import otel_trace_id, root_span_id
+from .errors import safe_str
 from .spandata import SpanData, SpanEventData, SpanLinkData
 
 if TYPE_CHECKING:
@@ -38,16 +39,17 @@ if TYPE_CHECKING:
 
 __all__ = ["SpanModel", "derived_span_id", "error_type_of", "spans_from_events"]
 
-_EXC_NAME = re.compile(r"^([A-Za-z_][\w.]*)\(")
+_EXC_NAME = re.compile(r"^(?:<unprintable ([A-Za-z_][\w.]*):|([A-Za-z_][\w.]*)\()")
 _EMPTY: Mapping[str, Any] = {}
 
 
 def error_type_of(exception_repr: Any) -> str:
-    """The exception class name in a ``repr(exc)`` string (``"ValueError('x')"``)."""
+    """The exception class name in a ``repr(exc)`` string (``"ValueError('x')"``), or in
+    ``errors.safe_repr``'s placeholder (``"<unprintable ValueError: ...>"``)."""
     if not isinstance(exception_repr, str):
         return "Exception"
     match = _EXC_NAME.match(exception_repr)
-    return match.group(1) if match else "Exception"
+    return (match.group(1) or match.group(2)) if match else "Exception"
 
 
 def derived_span_id(*parts: str) -> int:
@@ -259,7 +261,7 @@ class SpanModel:
             span.attributes[sc.ERROR_TYPE] = sc.ERROR_TIMEOUT
         else:
             span.events.append(SpanEventData("exception", ns, {
-                "exception.type": error_type_of(exc), "exception.message": str(exc),
+                "exception.type": error_type_of(exc), "exception.message": safe_str(exc),
                 sc.PF_ATTEMPT: attempt}))
             span.attributes[sc.ERROR_TYPE] = error_type_of(exc)
 
@@ -299,7 +301,7 @@ class SpanModel:
             message = flow_error.get("message")
         span.attributes.setdefault(sc.ERROR_TYPE, error_type_of(extra.get("exception")))
         span.status = "error"
-        span.status_description = str(message) if message is not None else None
+        span.status_description = safe_str(message) if message is not None else None
         self._end_node(spans, inv, ns, attempt)
 
     def _node_cancelled(self, spans: _TraceSpans, ns: int, node_name: str | None,
@@ -459,9 +461,9 @@ class SpanModel:
         error = extra.get("remote_error")
         span.attributes[sc.ERROR_TYPE] = error_type_of(error)
         span.status = "error"
-        span.status_description = str(error) if error is not None else None
+        span.status_description = safe_str(error) if error is not None else None
         span.events.append(SpanEventData("exception", ns, {
-            "exception.type": error_type_of(error), "exception.message": str(error)}))
+            "exception.type": error_type_of(error), "exception.message": safe_str(error)}))
         self._on_end(span)
 
     def _remote_cancelled(self, spans: _TraceSpans, ns: int, node_name: str | None,
@@ -491,7 +493,7 @@ class SpanModel:
                              extra: Mapping[str, Any]) -> None:
         spans.root.events.append(SpanEventData("pf.cancel.propagation_failed", ns, {
             sc.PF_CANCEL_REASON: str(extra.get("remote_cancel_reason")),
-            "exception.message": str(extra.get("remote_error"))}))
+            "exception.message": safe_str(extra.get("remote_error"))}))
 
     def _trace_parent(self, spans: _TraceSpans, ns: int, node_name: str | None,
                       node_id: str | None, inv: str | None, parents: tuple[str, ...],

@@ -16,6 +16,7 @@ the same interruptible window, so a cancel also cuts a backoff short.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from types import MappingProxyType
@@ -25,7 +26,7 @@ from ._events import logger
 from ._ids import new_invocation_id
 from ._tracer import enter_invocation, exit_invocation
 from ._traces import TraceCancelled
-from .errors import FlowError, FlowErrorCode
+from .errors import FlowError, FlowErrorCode, safe_repr, safe_str
 from .tracing import _log_scope
 from .types import FinalAnswer, Message
 
@@ -96,11 +97,22 @@ class NodeWorker:
                 else:
                     item = await ctx._take_arrival()
                     origin = ctx.last_origin
-                await process(item, origin)
+                try:
+                    await process(item, origin)
+                except Exception as exc:
+                    # A runtime or observer bug must cost one item, not the node:
+                    # a dead worker would leave every later message waiting forever.
+                    self._worker_error(exc)
         except asyncio.CancelledError:
             self.running_trace = None
             await self.flow._emit_event("node_cancelled", ctx, None)
             raise
+
+    def _worker_error(self, exc: Exception) -> None:
+        self.flow._events.failures["worker_error"] += 1
+        with contextlib.suppress(Exception):  # a failing logger: nothing left to report to
+            logger.error("node_worker_error", exc_info=exc, extra={
+                "node_name": safe_str(self.node.name), "error": safe_repr(exc)})
 
     async def process(self, item: Any, origin: Origin) -> None:
         """Handle one dequeued item: deadline, cancel check, attempts, accounting."""
@@ -281,15 +293,17 @@ class NodeWorker:
         ctx = self.ctx
         policy = node.policy
         kind = "node_timeout" if timed_out else "node_error"
+        # Never repr() a user's exception directly: it may raise or recurse (safe_repr).
+        shown = safe_repr(error)
         await flow._emit_event(kind, ctx, trace_id, attempt=attempt, latency_ms=latency_ms,
-                               extra={"exception": repr(error)}, invocation_id=inv,
+                               extra={"exception": shown}, invocation_id=inv,
                                parents=parents)
         if attempt < policy.max_retries:
             attempt += 1
             sleep_s = policy.backoff_for(attempt)
             await flow._emit_event("node_retry", ctx, trace_id, attempt=attempt,
                                    latency_ms=None,
-                                   extra={"sleep_s": sleep_s, "exception": repr(error)},
+                                   extra={"sleep_s": sleep_s, "exception": shown},
                                    invocation_id=inv, parents=parents)
             self.interruptible = True
             try:
@@ -315,13 +329,13 @@ class NodeWorker:
             flow_error = FlowError.from_exception(
                 trace_id=trace_id, node_name=name, node_id=node.node_id, exc=error,
                 code=FlowErrorCode.NODE_EXCEPTION,
-                message=f"Node '{name}' raised {type(error).__name__}: {error}",
+                message=f"Node '{name}' raised {type(error).__name__}: {safe_str(error)}",
                 metadata={"attempt": attempt, "latency_ms": latency_ms,
-                          "exception_repr": repr(error)},
+                          "exception_repr": shown},
             )
         await flow._emit_event("node_failed", ctx, trace_id, attempt=attempt,
                                latency_ms=latency_ms,
-                               extra={"exception": repr(error),
+                               extra={"exception": shown,
                                       "flow_error": flow_error.to_payload()},
                                invocation_id=inv, parents=parents)
         if flow._emit_errors_to_rookery and trace_id is not None:

@@ -29,6 +29,7 @@ from ._tracer import tracer_for
 from ._traces import TraceCancelled, TraceState
 from ._worker import NodeWorker
 from .bus import BusEnvelope
+from .errors import safe_repr
 from .metrics import event_from_fields
 from .state import stored_from_fields
 from .types import WM, FinalAnswer, Message
@@ -311,7 +312,7 @@ class PenguiFlow:
             await flush()
         except Exception as exc:
             self._events.failures["state_store_flush_failed"] += 1
-            logger.exception("state_store_flush_failed", extra={"error": repr(exc)})
+            logger.exception("state_store_flush_failed", extra={"error": safe_repr(exc)})
 
     # -- emit / fetch ------------------------------------------------------------
 
@@ -330,9 +331,14 @@ class PenguiFlow:
     async def emit(self, msg: Any, to: Targets = None) -> None:
         """Send ``msg`` into the flow through OpenSea; waits while a floe is full.
 
+        ``msg.trace_id`` (if not None) must be a valid trace id: a str of 1-256
+        characters, no control characters, no lone surrogates
+        (``penguiflow.types.check_trace_id``).
+
         Raises:
             KeyError: ``to`` is not an ingress node.
             RuntimeError: the flow was stopped.
+            ValueError: ``msg`` has an invalid trace id (nothing is emitted).
         """
         self._check_open()
         if self._wm_already_delivered(msg):
@@ -340,7 +346,10 @@ class PenguiFlow:
         await self._contexts[OPEN_SEA].emit(msg, to)
 
     def emit_nowait(self, msg: Any, to: Targets = None) -> None:
-        """Like :meth:`emit` but raises ``asyncio.QueueFull`` instead of waiting."""
+        """Like :meth:`emit` but raises ``asyncio.QueueFull`` instead of waiting.
+
+        Raises ``ValueError`` on an invalid trace id, as :meth:`emit` does.
+        """
         self._check_open()
         if self._wm_already_delivered(msg):
             return
@@ -593,7 +602,7 @@ class PenguiFlow:
             self._events.failures["message_bus_publish_failed"] += 1
             logger.exception("message_bus_publish_failed",
                              extra={"edge": envelope.edge, "trace_id": envelope.trace_id,
-                                    "error": repr(exc)})
+                                    "error": safe_repr(exc)})
 
     def _spawn_bus(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -887,7 +896,7 @@ class PenguiFlow:
         except Exception as exc:
             self._events.failures["state_store_binding_failed"] += 1
             logger.exception("state_store_binding_failed",
-                             extra={"trace_id": binding.trace_id, "error": repr(exc)})
+                             extra={"trace_id": binding.trace_id, "error": safe_repr(exc)})
 
     def __repr__(self) -> str:
         return (f"PenguiFlow(name={self.name!r}, nodes={len(self._nodes)}, "

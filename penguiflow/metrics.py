@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from .errors import safe_str
+
 __all__ = ["FlowEvent"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -118,7 +120,8 @@ class FlowEvent:
             tags["trace_id"] = self.trace_id
         for key, value in self.extra.items():
             if isinstance(value, str | int | float | bool):
-                tags[key] = str(value)
+                # safe_str: a str/int subclass's own __str__ may raise.
+                tags[key] = value if type(value) is str else safe_str(value)
         return tags
 
     def ids(self) -> dict[str, Any]:

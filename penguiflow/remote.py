@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from ._tracer import enter_client_span, exit_client_span
 from ._traces import TraceCancelled
+from .errors import safe_repr
 from .node import Node, NodePolicy
 from .state import RemoteBinding
 from .types import Message
@@ -169,7 +170,7 @@ def RemoteNode(
             except Exception as exc:
                 await record("remote_cancel_error", (time.perf_counter() - started) * 1000,
                              level=logging.WARNING,
-                             remote_cancel_reason=reason, remote_error=repr(exc),
+                             remote_cancel_reason=reason, remote_error=safe_repr(exc),
                              remote_context_id=ids["context_id"],
                              remote_task_id=ids["task_id"], remote_agent_url=ids["agent_url"])
                 return
@@ -273,7 +274,7 @@ def RemoteNode(
         except Exception as exc:
             await record("remote_call_error", (time.perf_counter() - started) * 1000,
                          level=logging.WARNING, remote_status="error",
-                         remote_error=repr(exc), remote_agent_url=ids["agent_url"],
+                         remote_error=safe_repr(exc), remote_agent_url=ids["agent_url"],
                          remote_context_id=ids["context_id"], remote_task_id=ids["task_id"],
                          remote_method=method)
             raise

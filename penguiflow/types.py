@@ -7,13 +7,72 @@ are fresh per instance.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-__all__ = ["FinalAnswer", "Headers", "Message", "PlanStep", "StreamChunk", "Thought", "WM"]
+__all__ = ["TRACE_ID_MAX_LEN", "FinalAnswer", "Headers", "Message", "PlanStep", "StreamChunk",
+           "Thought", "WM", "check_trace_id"]
+
+#: The longest valid trace id, in characters.
+TRACE_ID_MAX_LEN = 256
+
+_TRACE_ID_RULE = (
+    "a trace id must be a str of 1 to 256 characters, without control characters "
+    "(U+0000-U+001F, U+007F-U+009F) and without lone surrogates (it must encode to "
+    "UTF-8); leave Message.trace_id to its default (uuid4().hex), or use e.g. a UUID "
+    "or 'order-42'"
+)
+# Control characters (Unicode category Cc) and surrogate code points.
+_BAD_TRACE_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CHAR_NAMES = {0: "NUL", 9: "TAB", 10: "LF", 13: "CR", 27: "ESC", 127: "DEL"}
+
+
+def check_trace_id(trace_id: object) -> str:
+    """Return ``trace_id`` if it is a valid trace id, else raise ``ValueError``.
+
+    A valid trace id is a ``str`` of 1 to :data:`TRACE_ID_MAX_LEN` (256)
+    characters that contains no control character (Unicode category ``Cc``:
+    U+0000-U+001F and U+007F-U+009F, so no NUL, tab or newline) and no lone
+    surrogate (U+D800-U+DFFF: the id must encode to UTF-8). Anything else is
+    allowed: letters of any script, digits, spaces, punctuation
+    (``"abc-123:x"``, ``"заказ-7"``). The default ``uuid4().hex`` ids and W3C
+    trace ids (32 hex digits) are valid. ``PenguiFlow.emit`` / ``emit_nowait``
+    and ``Context.emit`` / ``emit_nowait`` / ``emit_chunk`` refuse a message
+    whose trace id is invalid (an object whose ``trace_id`` is None has no
+    trace and is not checked).
+
+    Raises:
+        ValueError: naming the problem (type, length, or the offending
+            character and its position) and the rule above.
+    """
+    if (type(trace_id) is str and trace_id.isascii() and trace_id.isalnum()
+            and len(trace_id) <= TRACE_ID_MAX_LEN):
+        return trace_id  # the common case (hex ids): no scan
+    if not isinstance(trace_id, str):
+        raise ValueError(f"invalid trace_id: got {type(trace_id).__name__}, not a str; "
+                         f"{_TRACE_ID_RULE}")
+    size = len(trace_id)
+    if size == 0:
+        raise ValueError(f"invalid trace_id: it is empty; {_TRACE_ID_RULE}")
+    if size > TRACE_ID_MAX_LEN:
+        raise ValueError(f"invalid trace_id: {size} characters long (at most "
+                         f"{TRACE_ID_MAX_LEN}); {_TRACE_ID_RULE}")
+    bad = _BAD_TRACE_CHAR.search(trace_id)
+    if bad is not None:
+        code = ord(bad.group())
+        if 0xD800 <= code <= 0xDFFF:
+            what = f"a lone surrogate U+{code:04X} (not encodable as UTF-8)"
+        else:
+            name = _CHAR_NAMES.get(code)
+            what = f"a control character U+{code:04X}" + (f" ({name})" if name else "")
+        # repr() escapes controls and surrogates: the message itself is printable.
+        raise ValueError(f"invalid trace_id {trace_id[:40]!r}: {what} at position "
+                         f"{bad.start()}; {_TRACE_ID_RULE}")
+    return trace_id
 
 
 def _new_trace_id() -> str:
@@ -35,6 +94,13 @@ class Message(BaseModel):
     ``trace_id`` identifies one run of one message through a flow (and is the
     OpenTelemetry trace id); ``deadline_s`` is an absolute wall-clock deadline in
     epoch seconds; ``meta`` is a per-instance dict for user metadata.
+
+    A trace id must be a ``str`` of 1 to 256 characters with no control
+    characters (U+0000-U+001F, U+007F-U+009F, e.g. NUL) and no lone surrogates
+    (it must encode to UTF-8); see :func:`check_trace_id`. The default (a fresh
+    ``uuid4().hex``) always is. Building a Message does not check it; emitting
+    one (``PenguiFlow.emit*``, ``Context.emit*``) does, and refuses an invalid
+    id with a ``ValueError``.
     """
 
     payload: Any
