@@ -57,8 +57,8 @@ if TYPE_CHECKING:
 
     from .core import PenguiFlow
 
-__all__ = ["LiveTracer", "enter_client_span", "enter_invocation", "exit_client_span",
-           "exit_invocation", "tracer_for"]
+__all__ = ["LiveTracer", "enter_client_span", "enter_derived_client_span", "enter_invocation",
+           "exit_client_span", "exit_invocation", "tracer_for"]
 
 logger = logging.getLogger("penguiflow.tracing")
 
@@ -247,6 +247,26 @@ def enter_client_span(runtime: Any, trace_id: Any, invocation_id: str | None) ->
         return None
     context = tracer.remote_context(trace_id, invocation_id)
     return None if context is None else otel_context.attach(context)
+
+
+def enter_derived_client_span(trace_id: Any, invocation_id: str, index: int) -> object:
+    """Make the ids of a remote CLIENT span current without an SDK; a token.
+
+    With no tracer the model is not running, but the ids it would give the
+    ``index``-th remote call of ``invocation_id`` are derived from the trace id
+    alone (:func:`penguiflow._spans.derived_span_id`), as the inspector derives
+    them from stored events. Making them current lets a transport inject a
+    ``traceparent`` that names that call, so an agent serving it records its
+    run in the caller's trace (and under the call) even when neither side
+    exports spans. Undo with :func:`exit_client_span`.
+    """
+    from ._spans import derived_span_id
+
+    tid = str(trace_id)
+    context = trace.set_span_in_context(NonRecordingSpan(SpanContext(
+        int(otel_trace_id(tid), 16), derived_span_id(tid, invocation_id, "remote", str(index)),
+        is_remote=False, trace_flags=_SAMPLED)))
+    return otel_context.attach(context)
 
 
 def exit_client_span(token: object) -> None:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ._tracer import enter_client_span, exit_client_span
+from ._tracer import enter_client_span, enter_derived_client_span, exit_client_span
 from ._traces import TraceCancelled
 from .errors import safe_repr
 from .node import Node, NodePolicy
@@ -137,6 +137,9 @@ def RemoteNode(
     applies.
     """
     transport_name = type(transport).__name__
+    # Remote calls made so far by each recent invocation (one per attempt): the index
+    # in a CLIENT span's derived id. Bounded: an invocation's attempts are close in time.
+    calls_by_invocation: dict[str, int] = {}
 
     async def remote_call(message: Any, ctx: Any) -> Any:
         if not isinstance(message, Message):
@@ -212,6 +215,14 @@ def RemoteNode(
         # The call's CLIENT span is current while the transport runs, so a transport
         # that injects `traceparent` names this span (no-op without tracing).
         span_token = enter_client_span(runtime, trace_id, invocation)
+        if invocation is not None:
+            index = calls_by_invocation.pop(invocation, -1) + 1
+            calls_by_invocation[invocation] = index
+            if len(calls_by_invocation) > 1024:
+                del calls_by_invocation[next(iter(calls_by_invocation))]
+            if span_token is None and trace_id is not None:
+                # No SDK: still name this call in the traceparent the transport sends.
+                span_token = enter_derived_client_span(trace_id, invocation, index)
         started = time.perf_counter()
         final_state: Any = None
         method: Any = None

@@ -164,14 +164,8 @@ def test_core_all() -> None:
     ]
 
 
-# penguiflow_a2a (spec §16) is delivered by the A2A issue; strict xfail turns these
-# into failures the day it lands, so the markers cannot outlive the gap.
-A2A_PENDING = pytest.mark.xfail(strict=True, reason="penguiflow_a2a arrives with the A2A issue")
-
-
 def _param(module_name: str, *values: object) -> object:
-    marks = [A2A_PENDING] if module_name.startswith("penguiflow_a2a") else []
-    return pytest.param(module_name, *values, marks=marks, id=module_name)
+    return pytest.param(module_name, *values, id=module_name)
 
 
 @pytest.mark.parametrize("module_name", [_param(m) for m in sorted(MODULE_NAMES)])
@@ -223,8 +217,18 @@ def test_root_names_are_the_submodule_objects() -> None:
     assert penguiflow.MessageBus is bus.MessageBus
 
 
-@A2A_PENDING
 def test_a2a_request_error_is_not_exported() -> None:
     server = importlib.import_module("penguiflow_a2a.server")
     assert "A2ARequestError" not in getattr(server, "__all__", [])
     assert "A2ARequestError" not in importlib.import_module("penguiflow_a2a").__all__
+
+
+def test_the_a2a_client_is_an_addition_outside_the_21_all() -> None:
+    import penguiflow_a2a
+    from penguiflow_a2a import client, errors
+
+    assert penguiflow_a2a.A2AClientTransport is client.A2AClientTransport
+    assert penguiflow_a2a.A2ATaskFailed is errors.A2ATaskFailed
+    assert "A2AClientTransport" not in penguiflow_a2a.__all__
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = penguiflow_a2a.Nope

@@ -21,7 +21,7 @@ from pfcore_support import msg, within
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow._ids import root_span_id
-from penguiflow._spans import spans_from_events
+from penguiflow._spans import derived_span_id, spans_from_events
 from penguiflow._tracer import tracer_for
 from penguiflow.patterns import join_k
 from penguiflow.remote import InMemoryAgent, InMemoryTransport, RemoteNode
@@ -589,7 +589,7 @@ async def test_an_adopted_trace_parent_hangs_the_root_under_the_callers_span(
     assert root.attributes["a2a.task.id"] == "task-1"
     # The store learns the parent too: pf export rebuilds the same root.
     history = await store.load_history(m.trace_id)
-    assert [e.kind for e in history][0] == "trace_parent"
+    assert history[0].kind == "trace_parent"
     rebuilt = [s for s in spans_from_events(history) if s.parent_span_id == int(caller_span, 16)]
     assert [s.name for s in rebuilt] == ["invoke_workflow penguiflow"]
 
@@ -620,3 +620,27 @@ async def test_the_client_span_names_the_method_the_transport_reports(
     success = [e for e in await store.load_history(m.trace_id)
                if e.kind == "remote_call_success"]
     assert success[0].payload["remote_method"] == "SendMessage"
+
+
+async def test_without_an_sdk_the_traceparent_still_names_each_call_by_its_derived_id() -> None:
+    sent: list[dict[str, str]] = []
+
+    class Injecting(InMemoryTransport):
+        async def send(self, request: Any) -> Any:
+            sent.append(inject_trace_headers({}))
+            if len(sent) == 1:
+                raise ConnectionError("first attempt fails")  # the retry is call index 1
+            return await super().send(request)
+
+    store = InMemoryStateStore()
+    remote = RemoteNode(transport=Injecting({URL: InMemoryAgent()}), skill="lookup",
+                        agent_url=URL, name="remote",
+                        policy=NodePolicy(validate="none", max_retries=1, backoff_base=0.001))
+    m = msg("x")
+    await _run_one(create(remote.to(), state_store=store), m)  # no tracer_provider, no SDK
+
+    (inv,) = {e.invocation_id for e in await store.load_history(m.trace_id)
+              if e.kind == "remote_call_start"}
+    assert [h["traceparent"].split("-")[1:3] for h in sent] == [
+        [m.trace_id, _hex(derived_span_id(m.trace_id, inv, "remote", str(i)), 16)]
+        for i in range(2)]
