@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import safe_repr
 from .metrics import FlowEvent
-from .state import StoredEvent
+from .state import EventRecord, StoredEvent
 
 if TYPE_CHECKING:
     from ._tracer import LiveTracer
@@ -54,7 +54,7 @@ _RESERVED = frozenset(
 EventSink = Callable[[FlowEvent], Awaitable[None]]
 
 
-def fast_path_of(store: Any) -> Callable[[tuple[Any, ...]], Awaitable[None] | None] | None:
+def fast_path_of(store: Any) -> Callable[[EventRecord], Awaitable[None] | None] | None:
     """``store.save_event_fields`` when the runtime may use it instead of ``save_event``.
 
     Not when a subclass overrides ``save_event`` below the class that defines
@@ -81,7 +81,7 @@ class EventPipeline:
     def __init__(self, store: StateStore | None, middlewares: list[Any]) -> None:
         self._store = store
         #: The store's ``save_event_fields`` fast path, when it has one.
-        self.fast_store: Callable[[tuple[Any, ...]], Awaitable[None] | None] | None = (
+        self.fast_store: Callable[[EventRecord], Awaitable[None] | None] | None = (
             fast_path_of(store))
         self.middlewares: list[Any] = middlewares
         self.failures: Counter[str] = Counter()
@@ -94,7 +94,7 @@ class EventPipeline:
         self.direct = False
         #: ``fast_store`` when the store is the only tuple consumer (no tracer):
         #: the runtime may then hand tuples straight to it.
-        self.sole_store: Callable[[tuple[Any, ...]], Awaitable[None] | None] | None = None
+        self.sole_store: Callable[[EventRecord], Awaitable[None] | None] | None = None
         self._update()
 
     def _update(self) -> None:
@@ -129,7 +129,7 @@ class EventPipeline:
         self.seq += 1
         return self.seq
 
-    async def deliver(self, event: FlowEvent, fields: tuple[Any, ...], level: int,
+    async def deliver(self, event: FlowEvent, fields: EventRecord, level: int,
                       log: bool) -> None:
         """Run the three pipeline steps for ``event``; never raises (but on cancel).
 
@@ -167,13 +167,13 @@ class EventPipeline:
                            "middleware": safe_repr(mw), "error": safe_repr(exc)},
                 )
 
-    async def store_fields(self, fields: tuple[Any, ...]) -> None:
+    async def store_fields(self, fields: EventRecord) -> None:
         """Step 2 through the tuple consumers; failures are logged and counted."""
         waiter = self.take_fields(fields)
         if waiter is not None:
             await waiter
 
-    def take_fields(self, fields: tuple[Any, ...]) -> Awaitable[None] | None:
+    def take_fields(self, fields: EventRecord) -> Awaitable[None] | None:
         """Hand ``fields`` to the fast-path store and the tracer, synchronously.
 
         Returns the store's waiter when its buffer is full under
@@ -185,7 +185,7 @@ class EventPipeline:
             try:
                 waiter = sink(fields)
             except Exception as exc:
-                self.store_failed(fields[2], fields[0], exc)
+                self.store_failed(fields.kind, fields.trace_id, exc)
         tracer = self.tracer
         if tracer is not None:
             try:
@@ -193,7 +193,7 @@ class EventPipeline:
             except Exception as exc:
                 self.failures["tracer_failed"] += 1
                 logger.exception("tracer_failed", extra={
-                    "event": fields[2], "trace_id": fields[0], "error": safe_repr(exc)})
+                    "event": fields.kind, "trace_id": fields.trace_id, "error": safe_repr(exc)})
         return waiter
 
     def store_failed(self, kind: str, trace_id: Any, exc: Exception) -> None:

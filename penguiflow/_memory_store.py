@@ -4,7 +4,7 @@ Everything lives in process memory; writes are synchronous appends (no I/O,
 so no buffering is needed). It implements the whole query surface with the
 same semantics the SQLite and Postgres stores must match.
 
-The runtime hands it each event as its EVENT_FIELDS tuple (``save_event_fields``),
+The runtime hands it each event as its EventRecord (``save_event_fields``),
 kept as it is: the StoredEvent (payload dict included) is built when the event is
 first read, once. Building it on the flow's hot path put the chain N=5 benchmark
 at ~5x its time without a store (measured).
@@ -14,34 +14,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import Any
 
-from ._followers import Followers
+from .followers import Followers
 from .state import (
+    EventRecord,
     RemoteBinding,
     StoredEvent,
     StoreUnavailable,
     TraceFilter,
     TraceSummary,
     TraceSummaryBuilder,
+    check_page,
     stored_from_fields,
 )
 
-__all__ = ["InMemoryStateStore", "check_page"]
-
-
-def check_page(offset: int, limit: int) -> None:
-    """Validate ``load_history_page``'s arguments (every store calls it).
-
-    Raises:
-        ValueError: ``limit < 1`` or ``offset < 0``, naming the fix.
-    """
-    if limit < 1:
-        raise ValueError(f"load_history_page needs limit >= 1 (got {limit}); "
-                         "to read the whole trace, call load_history")
-    if offset < 0:
-        raise ValueError(f"load_history_page needs offset >= 0 (got {offset}); "
-                         "the first page is offset=0")
+__all__ = ["InMemoryStateStore"]
 
 
 class InMemoryStateStore:
@@ -53,7 +40,7 @@ class InMemoryStateStore:
     def __init__(self) -> None:
         # Per trace id ("" for trace-less events): StoredEvents, and the runtime's
         # tuples until first read (see _events_of).
-        self._events: dict[str, list[StoredEvent | tuple[Any, ...]]] = {}
+        self._events: dict[str, list[StoredEvent | EventRecord]] = {}
         # ``(flow_id, seq)`` of every event stored (an event_key, as a tuple).
         self._keys: set[tuple[str, int]] = set()
         self._summaries: dict[str, TraceSummaryBuilder] = {}
@@ -93,21 +80,21 @@ class InMemoryStateStore:
         if self._followers:
             self._followers.publish((event,))
 
-    def save_event_fields(self, fields: tuple[Any, ...]) -> None:
-        """The runtime's fast path: store an EVENT_FIELDS tuple (see the module docstring).
+    def save_event_fields(self, fields: EventRecord) -> None:
+        """The runtime's fast path: store an :class:`EventRecord` (see the module docstring).
 
         Same semantics as :meth:`save_event` of its StoredEvent.
         """
         if self._closed:
             raise StoreUnavailable("InMemoryStateStore is closed; create a new one")
-        flow_id = fields[13]
+        flow_id = fields.flow_id
         if flow_id is not None:
-            key = (flow_id, fields[9])
+            key = (flow_id, fields.seq)
             keys = self._keys
             if key in keys:
                 return
             keys.add(key)
-        trace_id = fields[0]
+        trace_id = fields.trace_id
         events = self._events.get(trace_id if trace_id is not None else "")
         if events is None:
             events = self._events[trace_id if trace_id is not None else ""] = []
@@ -116,7 +103,8 @@ class InMemoryStateStore:
             builder = self._summaries.get(trace_id)
             if builder is None:
                 builder = self._summaries[trace_id] = TraceSummaryBuilder(trace_id)
-            builder.add_fields(fields[1], fields[2], fields[3], fields[10], fields[12])
+            builder.add_fields(fields.ts, fields.kind, fields.node_name, fields.attempt,
+                               fields.flow_name)
         if self._followers:
             self._followers.publish((stored_from_fields(fields),))
 
@@ -137,7 +125,7 @@ class InMemoryStateStore:
             return []
         part: list[StoredEvent] = []
         for i, item in enumerate(events[start:stop], start):
-            if type(item) is tuple:
+            if type(item) is EventRecord:
                 item = events[i] = stored_from_fields(item)
             part.append(item)  # type: ignore[arg-type]  # a StoredEvent by now
         return part

@@ -13,9 +13,12 @@ import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import safe_str
+
+if TYPE_CHECKING:
+    from .state import EventRecord
 
 __all__ = ["FlowEvent"]
 
@@ -246,8 +249,8 @@ def make_event(
     return ev
 
 
-def event_from_fields(fields: tuple[Any, ...]) -> FlowEvent:
-    """The FlowEvent of an EVENT_FIELDS tuple (``penguiflow.state``; runtime-internal).
+def event_from_fields(fields: EventRecord) -> FlowEvent:
+    """The FlowEvent of an EventRecord (``penguiflow.state``; runtime-internal).
 
     ``extra`` may be None (no extra items) or a read-only mapping nobody mutates.
     """

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from penguiflow.state import EventRecord
+
 #: ``sqlite``: SQLiteStateStore with its default writer process; ``sqlite-thread``: the
 #: same store writing on its worker thread (``writer="thread"``). ``postgres`` /
 #: ``postgres-loop``: PostgresStateStore with its writer process / on the event loop.
@@ -195,9 +197,9 @@ def runtime_columns(ev: Any) -> tuple[Any, ...] | None:
 
 
 def fields(trace: str | None, seq: int, kind: str = "node_start", *, flow: str = "flow-r",
-           node: str = "a", extra: dict[str, Any] | None = None) -> tuple[Any, ...]:
-    """A runtime EVENT_FIELDS tuple, as PenguiFlow hands it to ``save_event_fields``."""
-    return (trace, 1000.0 + seq, kind, node, f"{node}-id", f"inv{seq}", ("p",), f"s{seq}",
+           node: str = "a", extra: dict[str, Any] | None = None) -> EventRecord:
+    """A runtime EventRecord, as PenguiFlow hands it to ``save_event_fields``."""
+    return EventRecord(trace, 1000.0 + seq, kind, node, f"{node}-id", f"inv{seq}", ("p",), f"s{seq}",
             None, seq, 0, 999.0 + seq, "demo", flow, 0.25, 1, 2, 1, 64, 3, False,
             None if seq % 2 else 2, extra)
 

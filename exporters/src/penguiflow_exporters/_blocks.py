@@ -171,7 +171,7 @@ def kept_items(batch: list[Any], skipped: list[int] | None, *, grouped: bool) ->
     if grouped:
         positions: dict[Any, list[int]] = {}
         for i, item in enumerate(batch):
-            trace_id = item[0] if type(item) is tuple else item.trace_id
+            trace_id = item[0] if isinstance(item, tuple) else item.trace_id
             positions.setdefault(trace_id, []).append(i)
         order = [i for group in positions.values() for i in group]
         dropped = {order[i] for i in skipped}
@@ -221,7 +221,7 @@ async def writer_payload(batch: list[Any]) -> tuple[bytes, bool]:
             part = batch[start:start + _SLICE]
             # StoredEvents alone (an import): converted by a C-level map rather than a
             # generator testing each item's type.
-            group_by_trace((item if type(item) is tuple else stored_item(item)
+            group_by_trace((item if isinstance(item, tuple) else stored_item(item)
                             for item in part) if mixed else map(stored_item, part),
                            into=groups)
         blocks: list[bytes] = []

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
-from penguiflow._followers import Followers
+from penguiflow.followers import Followers
 from penguiflow.state import (
     RemoteBinding,
     StateStoreError,
@@ -227,7 +227,7 @@ class BufferedStore:
 
     def _append(self, item: StoredEvent | tuple[Any, ...]) -> None:
         # Behind whatever is buffered (the tail is empty: _buffer_item moved it).
-        if type(item) is tuple:
+        if isinstance(item, tuple):
             self._tail.append(item)
         else:
             self._buffer.append(item)
@@ -313,7 +313,7 @@ class BufferedStore:
             if self._takes_fields:
                 batch = taken  # the subclass converts the tuples itself
             else:
-                batch = [stored_from_fields(item) if type(item) is tuple else item
+                batch = [stored_from_fields(item) if isinstance(item, tuple) else item
                          for item in expand(taken)]
             try:
                 if not self._opened:
@@ -402,7 +402,7 @@ class BufferedStore:
     # -- follow ---------------------------------------------------------------------
 
     def _notify(self, written: Sequence[StoredEvent | tuple[Any, ...]]) -> None:
-        self._followers.publish(stored_from_fields(item) if type(item) is tuple else item
+        self._followers.publish(stored_from_fields(item) if isinstance(item, tuple) else item
                                 for item in expand(list(written)))
 
     async def follow(self, trace_id: str | None = None) -> AsyncIterator[StoredEvent]:

@@ -105,16 +105,16 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
-from penguiflow._memory_store import check_page
 from penguiflow.state import (
-    _ERROR_KINDS,
-    _TERMINAL_KINDS,
+    ERROR_KINDS,
+    TERMINAL_KINDS,
     RemoteBinding,
     StateStoreError,
     StoredEvent,
     StoreUnavailable,
     TraceFilter,
     TraceSummary,
+    check_page,
 )
 
 from ._blocks import (
@@ -510,7 +510,7 @@ class PostgresStateStore(BufferedStore):
         # writer="process" until its writer process is ready).
         self._batch_writer = BatchWriter(
             schema, lock_key=self._lock_key, channel=self._channel,
-            terminal=_TERMINAL_KINDS, errors=_ERROR_KINDS, block_events=BLOCK_EVENTS)
+            terminal=TERMINAL_KINDS, errors=ERROR_KINDS, block_events=BLOCK_EVENTS)
         # writer="process": the child writing batches, and the task starting it
         # (with the first buffered event, see _ensure_writer; not at open(): a store
         # opened only to read never starts a writer).
@@ -519,8 +519,8 @@ class PostgresStateStore(BufferedStore):
         if writer == "process":
             self._proc_writer = AsyncWriterProcess("penguiflow_exporters._pg_write", {
                 "dsn": dsn, "schema": schema, "lock_key": self._lock_key,
-                "channel": self._channel, "terminal": _TERMINAL_KINDS,
-                "errors": _ERROR_KINDS, "block_events": BLOCK_EVENTS,
+                "channel": self._channel, "terminal": TERMINAL_KINDS,
+                "errors": ERROR_KINDS, "block_events": BLOCK_EVENTS,
                 "connect_timeout_s": connect_timeout_s})
 
     def __repr__(self) -> str:
@@ -739,13 +739,13 @@ class PostgresStateStore(BufferedStore):
 
         def items() -> list[tuple[Any, ...]]:  # only for a re-delivery, under the lock
             with gc_paused():
-                return [item if type(item) is tuple else stored_item(item) for item in batch]
+                return [item if isinstance(item, tuple) else stored_item(item) for item in batch]
 
         with gc_paused():
             await asyncio.sleep(0)  # the batch being written goes first
             converted: list[tuple[Any, ...]] = []
             for start in range(0, len(batch), _SLICE):
-                converted += [item if type(item) is tuple else stored_item(item)
+                converted += [item if isinstance(item, tuple) else stored_item(item)
                               for item in batch[start:start + _SLICE]]
                 await asyncio.sleep(0)
             # Against nothing stored: only repeats within the batch are dropped.

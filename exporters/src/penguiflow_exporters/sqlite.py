@@ -47,16 +47,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from penguiflow._memory_store import check_page
 from penguiflow.state import (
-    _ERROR_KINDS,
-    _TERMINAL_KINDS,
+    ERROR_KINDS,
+    TERMINAL_KINDS,
     RemoteBinding,
     StateStoreError,
     StoredEvent,
     StoreUnavailable,
     TraceFilter,
     TraceSummary,
+    check_page,
 )
 
 from ._blocks import (
@@ -365,7 +365,7 @@ def _items_of(batch: list[Any]) -> list[tuple[Any, ...]]:
     """The block items of ``batch`` (StoredEvents and runtime tuples), for the thread
     writer."""
     with gc_paused():
-        return [item if type(item) is tuple else stored_item(item) for item in expand(batch)]
+        return [item if isinstance(item, tuple) else stored_item(item) for item in expand(batch)]
 
 
 # -- rows <-> objects ------------------------------------------------------------------
@@ -432,7 +432,7 @@ class SQLiteStateStore(BufferedStore):
         self._proc_writer: AsyncWriterProcess | None = (
             None if writer == "thread" else AsyncWriterProcess(
             "penguiflow_exporters._sqlite_write",
-                {"path": str(self.path), "terminal": _TERMINAL_KINDS, "errors": _ERROR_KINDS,
+                {"path": str(self.path), "terminal": TERMINAL_KINDS, "errors": ERROR_KINDS,
                  "busy_timeout_ms": _BUSY_TIMEOUT_MS}))
         # Started with the first buffered event (see _ensure_writer), not at open():
         # a store opened only to read never starts a writer.
@@ -661,8 +661,8 @@ class SQLiteStateStore(BufferedStore):
 
     def _thread_writer(self) -> BatchWriter:
         if self._batch_writer is None:
-            self._batch_writer = BatchWriter(self._connection(), terminal=_TERMINAL_KINDS,
-                                             errors=_ERROR_KINDS)
+            self._batch_writer = BatchWriter(self._connection(), terminal=TERMINAL_KINDS,
+                                             errors=ERROR_KINDS)
         return self._batch_writer
 
     def _writer_error(self, exc: WriterError) -> StateStoreError:

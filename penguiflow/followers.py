@@ -1,8 +1,11 @@
-"""Followers: live subscribers to a store's newly stored events.
+"""Followers: live subscribers to a store's newly stored events (public: for store authors).
 
-Shared by the in-memory store and the buffered (SQLite/Postgres) stores: each
-``follow()`` call subscribes a queue; ``publish`` fans events out to the
-subscribers whose trace matches; ``close`` ends every subscription.
+A store implements ``TraceStore.follow()`` with one :class:`Followers`: each
+``follow()`` call subscribes a queue (:meth:`Followers.iterate`), the store calls
+:meth:`Followers.publish` with the events it has just stored, and
+:meth:`Followers.close` when it closes, which ends every subscription. The
+in-memory store and the SQLite and Postgres stores (``penguiflow-exporters``)
+share it.
 """
 
 from __future__ import annotations
