@@ -307,6 +307,8 @@ async def run_all(cfg: Config, progress: Callable[[str], None]) -> list[Row]:
         rows += observed
         spans = 2_000 if cfg.chain_m < 1_000 else otel.SPANS  # quick mode: few spans
         rows += otel.otel_rows(observed, cfg.reps, spans)
+        progress("stock TracerProvider()")
+        rows += otel.stock_provider_rows(cfg.reps, cfg.chain_m < 1_000)
         rows += await stores.store_rows(cfg.store_events, cfg.store_load_events,
                                         cfg.store_reps, progress)
         rows += await a2a_rows.a2a_rows(cfg.reps, cfg.chain_m < 1_000, progress)
