@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 
 try:
@@ -30,11 +31,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._records import Row, WriteReply, plain, rows_of, safe_row
 from ._serve import HEADER as _HEADER
 from ._serve import Handler, describe, read_frame, serve, write_frame
+from .writer import WriteResult
 
-__all__ = ["AsyncWriterProcess", "Handler", "WriterError", "describe", "read_frame", "serve",
-           "write_frame"]
+__all__ = ["AsyncWriterProcess", "Handler", "ProcessWriter", "WriterError", "describe",
+           "dumps_rows", "loads_rows", "read_frame", "serve", "write_frame"]
 
 class WriterError(Exception):
     """The writer process reported a failure (``types``: the exception's class names,
@@ -192,3 +195,74 @@ def _child_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
     return env
 
+
+
+# -- the EventWriter over a writer process ---------------------------------------------------
+
+class _RowPickler(pickle.Pickler):
+    """Pickles rows as plain tuples of plain data (the child imports no penguiflow).
+
+    The C pickler calls reducer_override only for objects not of an exact built-in
+    type: a Row (a tuple subclass) becomes a plain tuple; anything else odd (an
+    enum, a read-only mapping, a user object in ``extra``) its plain equivalent or
+    its text, as the JSON encoder would write it (``_records.plain``).
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, type) or (callable(obj) and type(obj).__name__ in (
+                "builtin_function_or_method", "function")):
+            return NotImplemented  # the constructors the reductions below name
+        if type(obj) is Row:
+            return (tuple, (tuple(obj),))
+        value = plain(obj)
+        return (type(value), (value,))
+
+
+def dumps_rows(items: Sequence[Any]) -> bytes:
+    """``items`` (EventRecords, StoredEvents, Rows) as the child's ``W`` payload."""
+    buffer = io.BytesIO()
+    try:
+        _RowPickler(buffer, 5).dump(rows_of(items))
+    except (pickle.PicklingError, TypeError, ValueError, RecursionError, AttributeError):
+        buffer = io.BytesIO()
+        _RowPickler(buffer, 5).dump([safe_row(row) for row in rows_of(items)])
+    return buffer.getvalue()
+
+
+def loads_rows(payload: bytes) -> list[Row]:
+    """The rows :func:`dumps_rows` wrote (in the child: its own parent's bytes)."""
+    return [tuple.__new__(Row, values) for values in pickle.loads(payload)]
+
+
+class ProcessWriter:
+    """An :class:`~penguiflow_exporters.writer.EventWriter` run by a child process.
+
+    ``module`` is run as ``python -m module``; its ``main()`` serves a handler whose
+    ``init(options)`` opens the backend's writer and whose ``write(payload)`` stores
+    :func:`loads_rows` of the payload and returns a :class:`~._records.WriteReply`.
+    ``translate`` turns a :class:`WriterError` into the store's error: a
+    ``StoreUnavailable`` (retried) or another ``StateStoreError`` (the batch is split).
+    """
+
+    def __init__(self, module: str, options: Mapping[str, Any], *,
+                 translate: Any) -> None:
+        self.process = AsyncWriterProcess(module, options)
+        self._translate = translate
+
+    async def start(self) -> None:
+        """Start the child now (the first write would anyway)."""
+        try:
+            await self.process.start()
+        except WriterError as exc:
+            raise self._translate(exc) from exc
+
+    async def write(self, items: Sequence[Any]) -> WriteResult:
+        try:
+            reply: WriteReply = await self.process.request(b"W", dumps_rows(items))
+        except WriterError as exc:
+            raise self._translate(exc) from exc
+        skipped, rejected = reply
+        return WriteResult(skipped, rejected)
+
+    async def close(self) -> None:
+        await self.process.close()

@@ -1,0 +1,504 @@
+"""Rows, blocks and batch folds: what the durable stores' writers share (stdlib only).
+
+This module imports nothing from penguiflow: a writer process runs it and starts in
+~0.1 s because of that (importing the core takes ~0.7 s). Its names are private to
+``penguiflow_exporters``; the public side is :mod:`penguiflow_exporters.writer`.
+
+Rows. A writer sees every event as a :class:`Row`: the 23 fields of the runtime's
+:class:`~penguiflow.state.EventRecord`, by name, plus ``payload``. A runtime event
+has ``payload`` None (readers derive it from the runtime columns, as the runtime
+would, so the flow's process never builds it); an event handed to ``save_event``
+has its payload and None in the runtime columns. ``tests/exporters`` check that
+:data:`COLUMNS` extends ``EventRecord._fields``.
+
+Blocks. A batch's events are grouped by trace, and each trace's share becomes one
+*block*: one database row holding up to :data:`BLOCK_EVENTS` events in order, as
+one JSON document of columns (``{"v": 1, "n": 3, "trace_id": "t", "cols": {"ts":
+[...], "kind": [...], ...}}``; a column that is None for every event is left out).
+Why blocks: a database row costs 5-10 us to insert into an indexed table whatever
+its size, and one object per column to read back, so a row per event capped
+ingest at ~80k events/s; a block costs one row and one C call to encode or decode.
+Why JSON: it is plain data that any tool can read, and decoding a crafted block
+cannot run code or allocate more than the block's own size. Columns rather than
+one object per event: a column list is one ``zip`` away, and a block is a third
+smaller.
+
+Validation. A writer stores what a database can index and a reader can trust; an
+event that fails :func:`check_row` (a trace id that is not a str, too long, or
+holds NUL, control characters or lone surrogates; likewise node and flow names) is
+refused alone, with the reason, and the rest of its batch is stored.
+
+Idempotency. An event is identified by ``(flow_id, seq)``. Writers keep, per flow,
+the seqs stored as sorted, disjoint ranges and drop every event already in them
+(or repeated in the batch) before encoding: :func:`split_fresh`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from enum import Enum
+from operator import attrgetter
+from typing import Any, NamedTuple
+
+__all__ = [
+    "BLOCK_EVENTS",
+    "COLUMNS",
+    "Block",
+    "Fold",
+    "Ranges",
+    "Row",
+    "WriteReply",
+    "block_rows",
+    "check_row",
+    "decode_block",
+    "encode_block",
+    "fold_rows",
+    "merge_ranges",
+    "row_of",
+    "plain",
+    "rows_of",
+    "safe_row",
+    "split_fresh",
+]
+
+#: Sorted, disjoint, inclusive ``(lo, hi)`` seq ranges of one flow.
+Ranges = list[tuple[int, int]]
+
+#: What a writer's transaction returns: positions skipped (stored before), and
+#: positions refused with their reasons (``writer.WriteResult``'s two fields).
+WriteReply = tuple[list[int], list[tuple[int, str]]]
+
+#: Most events in one block: decoding one is a C call that holds the GIL ~1 us per
+#: event, so 2,000 keeps it under a few ms, and a 100k-event trace is 50 rows.
+BLOCK_EVENTS = 2000
+
+#: Longest id or name a writer stores (trace ids: penguiflow.types.TRACE_ID_MAX_LEN).
+MAX_TRACE_ID = 256
+MAX_NAME = 1024
+
+
+class Row(NamedTuple):
+    """One event as a writer sees it (see the module docstring)."""
+
+    trace_id: Any
+    ts: float
+    kind: str
+    node_name: Any
+    node_id: Any
+    invocation_id: Any
+    parent_invocation_ids: Any
+    span_id: Any
+    parent_span_id: Any
+    seq: int
+    attempt: int
+    queued_ts: Any
+    flow_name: Any
+    flow_id: Any
+    latency_ms: Any = None
+    queue_depth_in: Any = None
+    queue_depth_out: Any = None
+    outgoing_edges: Any = None
+    queue_maxsize: Any = None
+    trace_inflight: Any = None
+    trace_cancelled: Any = None
+    trace_pending: Any = None
+    extra: Any = None
+    payload: Any = None
+
+
+COLUMNS: tuple[str, ...] = Row._fields
+_RUNTIME_LEN = 23  # len(EventRecord._fields)
+_NONE_RUNTIME = (None,) * 9
+_new = tuple.__new__
+_stored_head = attrgetter(
+    "trace_id", "ts", "kind", "node_name", "node_id", "invocation_id",
+    "parent_invocation_ids", "span_id", "parent_span_id", "seq", "attempt", "queued_ts",
+    "flow_name", "flow_id")
+
+
+def row_of(item: Any) -> Row:
+    """The Row of a buffered item: an EventRecord (or any 23- or 24-tuple), or an
+    object with StoredEvent's attributes."""
+    if isinstance(item, tuple):
+        if len(item) == _RUNTIME_LEN:
+            return _new(Row, (*item, None))
+        return _new(Row, item)
+    return _new(Row, (*_stored_head(item), *_NONE_RUNTIME, item.payload))
+
+
+def rows_of(items: Iterable[Any]) -> list[Row]:
+    """:func:`row_of` of each item, in order."""
+    return list(map(row_of, items))
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def _text_problem(value: str, limit: int) -> str | None:
+    if len(value) > limit:
+        return f"is {len(value)} characters long (at most {limit})"
+    if value.isascii():
+        if value.isprintable():
+            return None
+        return "holds a control character (NUL, ESC, ...)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds a lone surrogate (not encodable as UTF-8)"
+    if any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 for ch in value):
+        return "holds a control character (NUL, ESC, ...)"
+    return None
+
+
+def check_row(row: Row) -> str | None:
+    """Why ``row`` cannot be stored, or None when it can.
+
+    A trace id is None or a str of 1-256 characters with no control characters or
+    lone surrogates (the rule ``PenguiFlow.emit`` applies); node and flow names and
+    ids, and the kind, are None or such a str of at most 1,024 characters; ``ts``
+    and ``seq`` are numbers.
+    """
+    trace_id = row.trace_id
+    if trace_id is not None:
+        if type(trace_id) is not str:
+            return f"trace_id is a {type(trace_id).__name__}, not a str"
+        if not trace_id:
+            return "trace_id is empty"
+        problem = _text_problem(trace_id, MAX_TRACE_ID)
+        if problem is not None:
+            return f"trace_id {problem}"
+    if type(row.kind) is not str or not row.kind:
+        return "kind is not a non-empty str"
+    for name in ("kind", "node_name", "node_id", "flow_name", "flow_id"):
+        value = getattr(row, name)
+        if value is None:
+            continue
+        if type(value) is not str:
+            return f"{name} is a {type(value).__name__}, not a str"
+        problem = _text_problem(value, MAX_NAME)
+        if problem is not None:
+            return f"{name} {problem}"
+    ts = row.ts
+    if type(ts) not in (int, float) or not math.isfinite(ts):
+        return "ts is not a finite number"
+    if type(row.seq) is not int:
+        return f"seq is a {type(row.seq).__name__}, not an int"
+    return None
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+_MAX_TEXT = 8192
+
+
+def _safe_text(value: Any) -> str:
+    """``str(value)``, bounded, and never raising (a broken __str__ gets a placeholder)."""
+    try:
+        text = str(value)
+    except Exception:
+        try:
+            text = object.__repr__(value)
+        except Exception:  # pragma: no cover - object.__repr__ does not fail
+            text = "<unprintable>"
+    if type(text) is not str:  # a str subclass whose __str__ returns one
+        text = str.__str__(text)
+    if len(text) > _MAX_TEXT:
+        text = text[:_MAX_TEXT] + f"...[cut: {len(text) - _MAX_TEXT} more characters]"
+    return text
+
+
+def plain(obj: Any) -> Any:
+    """What JSON writes for an object it has no encoding for: its plain equivalent
+    (mapping -> dict, set/tuple -> list, enum -> value) or its text."""
+    if isinstance(obj, Enum):
+        value = obj.value
+        return value if type(value) in (bool, int, float, str) else _safe_text(value)
+    if isinstance(obj, Mapping):
+        return {key if type(key) in (str, int, float, bool) else _safe_text(key): value
+                for key, value in obj.items()}
+    if isinstance(obj, (set, frozenset, tuple, list)):
+        return list(obj)
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj).decode("utf-8", "backslashreplace")
+    return _safe_text(obj)
+
+
+# check_circular off: a cycle raises ValueError (or RecursionError) either way, and the
+# check costs ~10% of encoding. Non-str keys that JSON cannot write (tuples) go through
+# _plain's text via the fallback below.
+_encoder = json.JSONEncoder(separators=(",", ":"), default=plain, check_circular=False)
+_encode = _encoder.encode
+_ENCODE_ERRORS = (TypeError, ValueError, RecursionError, OverflowError)
+
+
+def safe_row(row: Row) -> Row:
+    """``row`` with an ``extra`` or ``payload`` that JSON cannot write replaced by its text."""
+    extra, payload = row.extra, row.payload
+    try:
+        _encode(extra)
+    except _ENCODE_ERRORS:
+        extra = {"unserialisable_extra": _safe_text_repr(extra)}
+    try:
+        _encode(payload)
+    except _ENCODE_ERRORS:
+        payload = {"unserialisable_payload": _safe_text_repr(payload)}
+    safe = row._replace(extra=extra, payload=payload)
+    try:
+        _encode(list(safe))
+    except _ENCODE_ERRORS:  # an id column of an odd type: its text
+        safe = _new(Row, [v if v is None or type(v) in (str, int, float, bool) else
+                          _safe_text(v) for v in safe])
+    return safe
+
+
+def _safe_text_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except BaseException:
+        return _safe_text(value)
+    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "...[cut]"
+
+
+def encode_block(rows: Sequence[Row]) -> str:
+    """One block (see the module docstring) of ``rows``, all of one trace.
+
+    Never raises: a row whose ``extra`` or ``payload`` JSON cannot write (a cycle,
+    nesting too deep) is written with that value replaced by its text.
+    """
+    n = len(rows)
+    columns = list(zip(*rows, strict=True)) if n else [()] * len(COLUMNS)
+    cols: dict[str, list[Any]] = {}
+    for name, column in zip(COLUMNS, columns, strict=True):
+        if name == "trace_id":
+            continue
+        if column.count(None) == n:
+            continue
+        cols[name] = list(column)
+    doc = {"v": 1, "n": n, "trace_id": rows[0].trace_id if n else None, "cols": cols}
+    try:
+        return _encode(doc)
+    except _ENCODE_ERRORS:
+        return encode_block([safe_row(row) for row in rows])
+
+
+class BlockError(ValueError):
+    """A block is not one this module wrote (corrupt, truncated, or foreign)."""
+
+
+def decode_block(text: str | bytes) -> list[Row]:
+    """The Rows of a block, in order.
+
+    Raises:
+        BlockError: the text is not a block (not JSON, wrong shape, columns of
+            different lengths).
+    """
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise BlockError(f"corrupt event block ({type(exc).__name__}: {exc})") from exc
+    if type(doc) is not dict or doc.get("v") != 1 or type(doc.get("cols")) is not dict:
+        raise BlockError("corrupt event block (not a version-1 block document)")
+    n = doc.get("n")
+    if type(n) is not int or n < 0:
+        raise BlockError("corrupt event block (bad event count)")
+    cols: dict[str, Any] = doc["cols"]
+    none = [None] * n
+    columns: list[list[Any]] = []
+    for name in COLUMNS:
+        if name == "trace_id":
+            columns.append([doc.get("trace_id")] * n)
+            continue
+        column = cols.get(name, none)
+        if type(column) is not list or len(column) != n:
+            raise BlockError(f"corrupt event block (column {name!r} is not {n} values)")
+        columns.append(column)
+    parents = columns[COLUMNS.index("parent_invocation_ids")]
+    for i, value in enumerate(parents):
+        parents[i] = tuple(value) if type(value) is list else ()
+    return [_new(Row, values) for values in zip(*columns, strict=True)]
+
+
+class Block(NamedTuple):
+    """One block row as a writer inserts it."""
+
+    trace_id: Any
+    offset: int  #: index of its first event among the batch's events of its trace
+    n: int
+    ts_lo: float
+    ts_hi: float
+    data: str
+
+
+def group_by_trace(rows: Iterable[Row]) -> dict[Any, list[Row]]:
+    """``rows`` per trace id (None for trace-less events), in order of first appearance."""
+    groups: dict[Any, list[Row]] = {}
+    get = groups.get
+    for row in rows:
+        group = get(row.trace_id)
+        if group is None:
+            groups[row.trace_id] = [row]
+        else:
+            group.append(row)
+    return groups
+
+
+_ts_of = attrgetter("ts")
+
+
+def block_rows(groups: Mapping[Any, Sequence[Row]],
+               max_events: int = BLOCK_EVENTS) -> list[Block]:
+    """The blocks of ``groups`` (:func:`group_by_trace`), in order."""
+    blocks: list[Block] = []
+    for trace_id, group in groups.items():
+        for offset in range(0, len(group), max_events):
+            chunk = group[offset:offset + max_events]
+            stamps = list(map(_ts_of, chunk))
+            blocks.append(Block(trace_id, offset, len(chunk), min(stamps), max(stamps),
+                                encode_block(chunk)))
+    return blocks
+
+
+# -- summaries -----------------------------------------------------------------------------
+
+
+class Fold:
+    """The summary of one trace's events in a batch (TraceSummaryBuilder's semantics)."""
+
+    __slots__ = ("cancelled", "ended", "errors", "events", "events_lost", "failed",
+                 "flow_name", "nodes", "open", "remotes", "started", "starts")
+
+    def __init__(self, flow_name: Any, ts: float) -> None:
+        self.flow_name = flow_name
+        self.started = self.ended = ts
+        self.starts = self.errors = self.remotes = self.open = self.events_lost = 0
+        self.events = 0
+        self.failed = self.cancelled = False
+        self.nodes: set[str] = set()
+
+
+#: The kind of the marker event a store writes when it lost events of a trace
+#: (payload ``{"events_lost": n, "reason": ...}``); see BatchProcessor.
+LOST_KIND = "store_events_lost"
+
+
+def fold_rows(rows: Iterable[Row], *, terminal: frozenset[str],
+              errors: frozenset[str]) -> dict[Any, Fold]:
+    """Per trace id (in order of first event), the summary of ``rows``.
+
+    Folded in Python while the rows are at hand: one summary row per trace reaches
+    the database instead of a GROUP BY over the batch (~4-5 us per event in SQL,
+    measured, against ~0.5-1 here). ``terminal`` and ``errors`` are the core's
+    TERMINAL_KINDS and ERROR_KINDS (passed in: this module imports no penguiflow).
+    Rows without a trace id are skipped.
+    """
+    folds: dict[Any, Fold] = {}
+    get = folds.get
+    for row in rows:
+        trace_id = row.trace_id
+        if trace_id is None:
+            continue
+        t, k = row.ts, row.kind
+        f = get(trace_id)
+        if f is None:
+            f = folds[trace_id] = Fold(row.flow_name, t)
+        else:
+            if t < f.started:
+                f.started = t
+            if t > f.ended:
+                f.ended = t
+            if f.flow_name is None:
+                f.flow_name = row.flow_name
+        f.events += 1
+        if k == "node_start":
+            if row.attempt == 0:
+                f.starts += 1
+                f.open += 1
+            if row.node_name:
+                f.nodes.add(row.node_name)
+        elif k in terminal:
+            f.open -= 1
+            if k == "node_failed":  # the one kind both terminal and an error
+                f.failed = True
+                f.errors += 1
+        elif k in errors:
+            f.errors += 1
+        elif k == "trace_cancel_start":
+            f.cancelled = True
+        elif k == "remote_call_start":
+            f.remotes += 1
+        elif k == LOST_KIND:
+            payload = row.payload
+            lost = payload.get("events_lost") if isinstance(payload, Mapping) else None
+            f.events_lost += lost if type(lost) is int and lost > 0 else 0
+    return folds
+
+
+# -- idempotency ---------------------------------------------------------------------------
+
+
+def split_fresh(rows: Sequence[Row], stored: Mapping[Any, Ranges]
+                ) -> tuple[list[int], dict[Any, Ranges]]:
+    """Positions of the rows already stored (or repeated in ``rows``), and each
+    touched flow's ranges once the others are stored.
+
+    ``stored`` maps flow ids to the ranges already stored (missing: none). Rows
+    without a flow id are always fresh.
+    """
+    seen: dict[Any, set[int]] = {}
+    skipped: list[int] = []
+    by_flow: dict[Any, list[int]] = {}
+    for i, row in enumerate(rows):
+        flow = row.flow_id
+        if flow is None:
+            continue
+        seq = row.seq
+        flow_seen = seen.get(flow)
+        if flow_seen is None:
+            flow_seen = seen[flow] = set()
+        if seq in flow_seen or _in(stored.get(flow), seq):
+            skipped.append(i)
+            continue
+        flow_seen.add(seq)
+        by_flow.setdefault(flow, []).append(seq)
+    return skipped, {flow: merge_ranges(stored.get(flow) or [], seqs)
+                     for flow, seqs in by_flow.items()}
+
+
+def _in(ranges: Ranges | None, seq: int) -> bool:
+    if not ranges:
+        return False
+    i = bisect_right(ranges, (seq, math.inf)) - 1
+    return i >= 0 and ranges[i][0] <= seq <= ranges[i][1]
+
+
+def merge_ranges(ranges: Ranges, seqs: Sequence[int]) -> Ranges:
+    """``ranges`` with ``seqs`` added (sorted, disjoint, adjacent ranges joined)."""
+    if not seqs:
+        return list(ranges)
+    unique = set(seqs)
+    lo, hi = min(unique), max(unique)
+    if hi - lo + 1 == len(unique):  # a run (the runtime's usual batch): no sort
+        runs = [(lo, hi)]
+    else:
+        runs = []
+        ordered = sorted(unique)
+        start = prev = ordered[0]
+        for seq in ordered[1:]:
+            if seq != prev + 1:
+                runs.append((start, prev))
+                start = seq
+            prev = seq
+        runs.append((start, prev))
+    if not ranges:
+        return runs
+    merged: Ranges = []
+    for lo, hi in sorted([*ranges, *runs]):
+        if merged and lo <= merged[-1][1] + 1:
+            if hi > merged[-1][1]:
+                merged[-1] = (merged[-1][0], hi)
+        else:
+            merged.append((lo, hi))
+    return merged

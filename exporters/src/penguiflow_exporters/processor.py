@@ -1,0 +1,417 @@
+"""BatchProcessor: the one buffering write path of the durable stores (public).
+
+The runtime hands a store every event on the flow's hot path (twice per hop), so
+a store must not do I/O there. The processor buffers each event in memory and a
+background task hands batches to an :class:`~penguiflow_exporters.writer.EventWriter`
+(``max_batch`` events, or whatever has accumulated after ``schedule_delay_s``).
+
+Full buffer (``max_buffer`` events waiting: the database is down or slower than
+the flow), by ``on_full``:
+
+* ``"block"`` (default): the producer waits, in order, until the writer has made
+  room. Nothing is lost; a slow database slows the flow down.
+* ``"drop"``: the new event is dropped, counted and logged (at most once a
+  second). The flow is never slowed by its observer; OpenTelemetry's
+  ``BatchSpanProcessor`` makes this choice.
+
+A trace that lost events (dropped, refused, or in a batch that could not be
+written) gets a marker event of kind ``store_events_lost`` (payload
+``{"events_lost": n, "reason": ...}``) with the next batch, so the store's
+summary and ``pf inspect`` show the trace as incomplete, with the count, instead
+of a status the missing events would have changed.
+
+Failures (see the writer contract): a batch whose write raises
+:class:`~penguiflow.state.StoreUnavailable` is retried ``retries`` times with
+back-off, then lost; one that raises anything else is split in halves, each
+written on its own, down to the single events the backend refuses. Every event
+not stored is counted exactly once in ``failures["events_lost"]``, and once under
+its cause: ``dropped``, ``rejected``, ``write_failed_events`` or ``abandoned``
+(still buffered when ``shutdown`` gave up). ``failures`` also counts ``retried``
+writes and ``write_failed`` batches.
+
+Shutdown is bounded: ``shutdown(timeout)`` writes what it can within the time and
+reports (logs, counts, returns) how many events it could not store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal
+
+from penguiflow.state import StoredEvent, StoreUnavailable
+
+from ._records import LOST_KIND
+from .writer import EventWriter, WriteResult
+
+__all__ = ["BatchProcessor", "OnFull"]
+
+logger = logging.getLogger("penguiflow_exporters.store")
+
+OnFull = Literal["block", "drop"]
+
+# Traces whose lost events are tracked for markers, at most (a flood of drops across
+# a million traces must not grow memory without bound; past it only totals count).
+_MAX_LOST_TRACES = 10_000
+
+
+class _Marker(StoredEvent):
+    """A ``store_events_lost`` marker: synthetic, so never counted as an event."""
+
+    __slots__ = ()
+
+
+class BatchProcessor:
+    """Buffers events and writes them in batches through one writer.
+
+    Args:
+        writer: the backend (see :mod:`penguiflow_exporters.writer`).
+        max_batch: most events handed to one ``write``.
+        max_buffer: most events buffered (written or not yet) before ``on_full``.
+        schedule_delay_s: how long a partial batch waits for more events.
+        on_full: ``"block"`` (default) or ``"drop"``; see the module docstring.
+        retries: attempts after a ``StoreUnavailable`` before a batch is lost.
+        retry_delay_s: the first back-off; doubled per attempt.
+        on_stored: called with the items of each write actually stored (for
+            ``follow()``); what it raises is logged and ignored.
+        name: the store's name in log lines.
+
+    Raises:
+        ValueError: an argument is out of range (the message names it).
+    """
+
+    def __init__(
+        self,
+        writer: EventWriter,
+        *,
+        max_batch: int = 2000,
+        max_buffer: int = 100_000,
+        schedule_delay_s: float = 0.05,
+        on_full: OnFull = "block",
+        retries: int = 3,
+        retry_delay_s: float = 0.1,
+        on_stored: Callable[[Sequence[Any]], None] | None = None,
+        name: str = "store",
+    ) -> None:
+        if max_batch < 1 or max_buffer < max_batch:
+            raise ValueError(
+                f"need 1 <= max_batch <= max_buffer; got max_batch={max_batch}, "
+                f"max_buffer={max_buffer}")
+        if on_full not in ("block", "drop"):
+            raise ValueError(f"on_full must be 'block' or 'drop'; got {on_full!r}")
+        if schedule_delay_s < 0 or retries < 0 or retry_delay_s < 0:
+            raise ValueError("schedule_delay_s, retries and retry_delay_s must be >= 0")
+        self.writer = writer
+        self.max_batch = max_batch
+        self.max_buffer = max_buffer
+        self.schedule_delay_s = schedule_delay_s
+        self.on_full = on_full
+        self.retries = retries
+        self.retry_delay_s = retry_delay_s
+        self.on_stored = on_stored
+        self.name = name
+        #: Counts of what went wrong (see the module docstring).
+        self.failures: Counter[str] = Counter()
+        self._buffer: deque[Any] = deque()
+        # The fast path appends while len(buffer) < _limit: max_buffer while running
+        # and nobody waits for room, else 0 (every submit takes the slow path).
+        self._limit = 0
+        self._in_flight = 0
+        self._waiters: deque[tuple[Any, asyncio.Future[None]]] = deque()
+        self._wake: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._flushing = 0
+        self._closed = False
+        self._lost_by_trace: Counter[str] = Counter()
+        self._lost_reason: dict[str, str] = {}
+        self._last_drop_log = 0.0
+
+    # -- producers ------------------------------------------------------------------
+
+    @property
+    def pending_events(self) -> int:
+        """Events accepted and not yet written (buffered, waiting, or being written)."""
+        return len(self._buffer) + len(self._waiters) + self._in_flight
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`shutdown` was called."""
+        return self._closed
+
+    def submit(self, item: Any) -> Awaitable[None] | None:
+        """Buffer one item (never does I/O); an awaitable only when it must wait.
+
+        Synchronous so that the common case costs one comparison and an append:
+        the runtime calls it twice per hop. Returns an awaitable when the buffer is
+        full under ``on_full="block"`` (await it: the item is buffered, in order,
+        when it completes), else None.
+
+        Raises:
+            StoreUnavailable: the processor was shut down.
+        """
+        buffer = self._buffer
+        if len(buffer) < self._limit:
+            buffer.append(item)
+            if len(buffer) >= self.max_batch:
+                self._wake.set()  # type: ignore[union-attr]  # set once running
+            return None
+        return self._submit_slow(item)
+
+    def _submit_slow(self, item: Any) -> Awaitable[None] | None:
+        if self._closed:
+            raise StoreUnavailable(f"{self.name} is closed; create a new one")
+        if self._task is None:
+            self._start()
+            return self.submit(item)
+        if len(self._buffer) + len(self._waiters) < self.max_buffer and not self._waiters:
+            self._buffer.append(item)
+            return None
+        if self.on_full == "drop":
+            self._drop(item)
+            return None
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((item, future))
+        self._limit = 0
+        assert self._wake is not None
+        self._wake.set()
+        return future
+
+    async def submit_many(self, items: Sequence[Any]) -> None:
+        """Buffer several items in order (``on_full`` applies to each)."""
+        for item in items:
+            waiter = self.submit(item)
+            if waiter is not None:
+                await waiter
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task = loop.create_task(self._run(), name=f"{self.name}-writer")
+        self._limit = self.max_buffer
+
+    def _drop(self, item: Any) -> None:
+        self.failures["dropped"] += 1
+        self._lost([item], "dropped: the store's buffer was full (on_full='drop')")
+        now = time.monotonic()
+        if now - self._last_drop_log >= 1.0:
+            self._last_drop_log = now
+            logger.warning("state_store_buffer_full", extra={
+                "store": self.name, "dropped_total": self.failures["dropped"],
+                "max_buffer": self.max_buffer,
+                "hint": "on_full='block' (the default) slows the flow instead of dropping"})
+
+    # -- the writer task --------------------------------------------------------------
+
+    async def _run(self) -> None:
+        wake, idle = self._wake, self._idle
+        assert wake is not None and idle is not None
+        while True:
+            if len(self._buffer) < self.max_batch and not self._waiters and not self._flushing:
+                wake.clear()
+                if not self._buffer and not self._lost_by_trace:
+                    idle.set()
+                    await wake.wait()
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), self.schedule_delay_s)
+            idle.clear()
+            batch = self._take()
+            if batch:
+                await self._write(batch)
+                self._in_flight = 0
+                self._admit_waiters()
+            elif not self._waiters:
+                idle.set()
+                if self._flushing:
+                    await asyncio.sleep(0)  # let flush() see the idle state
+
+    def _take(self) -> list[Any]:
+        buffer, limit = self._buffer, self.max_batch
+        if len(buffer) <= limit:
+            batch = list(buffer)
+            buffer.clear()
+        else:
+            popleft = buffer.popleft
+            batch = [popleft() for _ in range(limit)]
+        if self._lost_by_trace:
+            batch += self._markers()
+        self._in_flight = len(batch)
+        self._admit_waiters()
+        return batch
+
+    def _admit_waiters(self) -> None:
+        """Move waiting producers' items into the buffer, in order, while there is room."""
+        waiters, buffer = self._waiters, self._buffer
+        while waiters and len(buffer) + self._in_flight < self.max_buffer:
+            item, future = waiters.popleft()
+            buffer.append(item)
+            if not future.done():
+                future.set_result(None)
+        if not waiters and not self._closed:
+            self._limit = self.max_buffer
+
+    def _markers(self) -> list[_Marker]:
+        now = time.time()
+        markers = [
+            _Marker(trace_id, now, LOST_KIND, None, None,
+                    {"events_lost": count, "reason": self._lost_reason.get(trace_id, "")})
+            for trace_id, count in self._lost_by_trace.items()]
+        self._lost_by_trace.clear()
+        self._lost_reason.clear()
+        return markers
+
+    async def _write(self, batch: list[Any]) -> None:
+        """Write ``batch`` (retrying, then splitting it; see the module docstring)."""
+        delay = self.retry_delay_s
+        for attempt in range(self.retries + 1):
+            try:
+                result = await self.writer.write(batch)
+            except StoreUnavailable as exc:
+                if attempt < self.retries and not self._closed:
+                    self.failures["retried"] += 1
+                    logger.warning("state_store_write_retry", extra={
+                        "store": self.name, "events": len(batch), "attempt": attempt + 1,
+                        "error": _text(exc)})
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                    continue
+                self._write_failed(batch, exc)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if len(batch) == 1:
+                    self._write_failed(batch, exc)
+                    return
+                # Something in the batch was refused: write the halves, so only the
+                # events the backend cannot take are lost.
+                middle = len(batch) // 2
+                await self._write(batch[:middle])
+                await self._write(batch[middle:])
+                return
+            self._written(batch, result)
+            return
+
+    def _written(self, batch: list[Any], result: WriteResult) -> None:
+        stored: Sequence[Any] = batch
+        if result.rejected:
+            rejected = {i: reason for i, reason in result.rejected}
+            lost = [batch[i] for i in rejected if type(batch[i]) is not _Marker]
+            self.failures["rejected"] += len(lost)
+            self._lost(lost, "refused by the store")
+            reasons = sorted(set(rejected.values()))
+            logger.warning("state_store_events_rejected", extra={
+                "store": self.name, "events": len(lost), "reasons": reasons[:5]})
+            skip = set(rejected) | set(result.skipped)
+            stored = [item for i, item in enumerate(batch) if i not in skip]
+        elif result.skipped:
+            skip = set(result.skipped)
+            stored = [item for i, item in enumerate(batch) if i not in skip]
+        if self.on_stored is not None and stored:
+            try:
+                self.on_stored(stored)
+            except Exception as exc:  # a follower's failure is not the store's
+                logger.error("state_store_follow_failed", extra={
+                    "store": self.name, "error": _text(exc)})
+
+    def _write_failed(self, batch: list[Any], exc: BaseException) -> None:
+        events = [item for item in batch if type(item) is not _Marker]
+        self.failures["write_failed"] += 1
+        self.failures["write_failed_events"] += len(events)
+        self._lost(events, f"not written: {_text(exc)}")
+        for marker in batch:  # markers are re-sent with the next batch
+            if type(marker) is _Marker:
+                self._count_lost(marker.trace_id, int(marker.payload["events_lost"]),
+                                 str(marker.payload["reason"]))
+        logger.error("state_store_write_failed", extra={
+            "store": self.name, "events": len(events), "error": _text(exc)})
+
+    def _lost(self, items: Sequence[Any], reason: str) -> None:
+        """Count ``items`` as lost and remember their traces for the markers."""
+        self.failures["events_lost"] += len(items)
+        for item in items:
+            trace_id = item[0] if isinstance(item, tuple) else getattr(item, "trace_id", None)
+            if type(trace_id) is str and 0 < len(trace_id) <= 256 and trace_id.isprintable():
+                self._count_lost(trace_id, 1, reason)
+
+    def _count_lost(self, trace_id: str | None, count: int, reason: str) -> None:
+        if trace_id is None:
+            return
+        if trace_id in self._lost_by_trace or len(self._lost_by_trace) < _MAX_LOST_TRACES:
+            self._lost_by_trace[trace_id] += count
+            self._lost_reason[trace_id] = reason
+        else:
+            self.failures["untracked_losses"] += count
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- flush and shutdown -------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Return once everything submitted before the call is written (or lost)."""
+        if self._task is None or self._task.done():
+            return
+        assert self._wake is not None and self._idle is not None
+        self._flushing += 1
+        try:
+            while self._buffer or self._waiters or self._in_flight or self._lost_by_trace \
+                    or not self._idle.is_set():
+                self._wake.set()
+                self._idle.clear()
+                await self._idle.wait()
+        finally:
+            self._flushing -= 1
+
+    async def shutdown(self, timeout: float | None = 5.0) -> int:
+        """Write what is buffered (within ``timeout`` seconds), stop, close the writer.
+
+        Returns:
+            The number of events not stored because the time ran out (also
+            counted as ``abandoned`` and ``events_lost``, and logged).
+        """
+        if self._closed:
+            return 0
+        abandoned = 0
+        try:
+            await asyncio.wait_for(self.flush(), timeout)
+        except TimeoutError:
+            abandoned = self.pending_events
+        self._closed = True
+        self._limit = 0
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if abandoned:
+            items = list(self._buffer) + [item for item, _ in self._waiters]
+            self.failures["abandoned"] += abandoned
+            self.failures["events_lost"] += abandoned
+            logger.error("state_store_close_timeout", extra={
+                "store": self.name, "timeout_s": timeout, "events_not_stored": abandoned,
+                "hint": "the database or the writer hangs; raise close_timeout_s to wait "
+                        "longer"})
+            del items
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_exception(StoreUnavailable(f"{self.name} closed while waiting"))
+        self._waiters.clear()
+        self._buffer.clear()
+        try:
+            await asyncio.wait_for(self.writer.close(), timeout)
+        except TimeoutError:
+            logger.error("state_store_writer_close_timeout", extra={
+                "store": self.name, "timeout_s": timeout})
+        return abandoned
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"[:2000]
+    except Exception:
+        return type(exc).__name__

@@ -1,0 +1,58 @@
+"""The writer contract: what a durable store's backend implements (public).
+
+A store is a :class:`~penguiflow_exporters.processor.BatchProcessor` (buffering,
+back-pressure, retries, counted failures: written once) in front of an
+:class:`EventWriter` (one per backend: SQLite, Postgres), the shape of
+OpenTelemetry's ``BatchSpanProcessor`` around a ``SpanExporter``. A writer only
+writes: it never buffers, retries or drops on its own.
+
+``write(items)`` stores one batch, in order, in one transaction, and returns a
+:class:`WriteResult`:
+
+* items whose ``(flow_id, seq)`` is stored already are skipped (a re-delivery is
+  stored once), listed in ``skipped``;
+* an item the backend cannot store (a trace id that is not a str, holds NUL or a
+  lone surrogate, is 5 MB long...) is refused alone, listed in ``rejected`` with
+  the reason; the rest of the batch is stored.
+
+Errors: :class:`~penguiflow.state.StoreUnavailable` means "try again later" (the
+server is down, the file is locked or gone, the disk is full): the processor
+retries the same batch with back-off. Any other exception means the batch holds
+something the backend refused: the processor splits the batch and writes the
+halves, so only the offending events are lost.
+
+Items are the runtime's :class:`~penguiflow.state.EventRecord` tuples and
+:class:`~penguiflow.state.StoredEvent` objects, in any mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from penguiflow.state import EventRecord, StoredEvent
+
+__all__ = ["EventWriter", "WriteResult"]
+
+
+class WriteResult(NamedTuple):
+    """What a writer did with a batch besides storing it."""
+
+    #: Positions (in the batch) of items stored before, or repeated in the batch.
+    skipped: Sequence[int] = ()
+    #: Positions of items refused, each with the reason (a sentence naming the field).
+    rejected: Sequence[tuple[int, str]] = ()
+
+
+@runtime_checkable
+class EventWriter(Protocol):
+    """One backend's write side (see the module docstring for the contract)."""
+
+    async def write(self, items: Sequence[EventRecord | StoredEvent]) -> WriteResult:
+        """Store ``items`` in order, in one transaction (see the module docstring)."""
+        ...
+
+    async def close(self) -> None:
+        """Release the writer's resources; idempotent. No write follows."""
+        ...
