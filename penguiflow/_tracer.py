@@ -8,7 +8,20 @@ ends a span, :meth:`LiveTracer._emit` starts and ends it at once through
 the model's ids parked for the SDK's id generator (see
 :mod:`penguiflow.tracing`). Starting a span only when it is complete costs one
 ``start_span`` per span and keeps the live spans identical to the ones
-``pf export`` rebuilds from stored events.
+``pf export`` rebuilds from stored events. A span writer, when a factory offers
+one for the provider, records the finished span instead, for a fraction of
+``start_span`` + ``end``.
+
+Ids under any SDK provider. The live spans must carry the model's ids: a user
+span started in a node is parented to the node span's id, made current before
+the node span exists. A writer records the ids as they are. Through the API,
+the SDK takes ids from its tracer's ``id_generator``; the tracer penguiflow
+starts its spans with gets :class:`_RuntimeIds` in front of the provider's own
+generator, so the parked ids win whatever generator the application configured
+(random, vendor-specific), while every other tracer keeps that generator. A
+provider whose tracer takes no id generator (not the SDK's) is detected at the
+first span whose ids differ, logged once and counted (``foreign_ids``): its
+spans may then not form one trace.
 
 User code still nests under its node: around each invocation the worker makes
 a non-recording span carrying the node span's (future) ids current, so a span
@@ -49,7 +62,14 @@ from ._ids import otel_trace_id
 from ._otel_metrics import FlowMetrics
 from ._spans import SpanModel
 from .spandata import SpanData
-from .tracing import LogScope, current_scope, park_ids, span_writer_for
+from .tracing import (
+    LogScope,
+    current_scope,
+    park_ids,
+    span_writer_for,
+    take_pending_span_id,
+    take_pending_trace_id,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -85,6 +105,55 @@ def _sdk_configured(provider: Any) -> bool:
     return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
+class _RuntimeIds:
+    """The penguiflow tracer's id generator: the parked ids, else the provider's own.
+
+    Duck-typed on the SDK's ``IdGenerator`` (the core does not import the SDK):
+    the SDK's ``Tracer.start_span`` asks ``generate_trace_id`` (root spans only,
+    first), ``is_trace_id_random`` (root spans) and ``generate_span_id``. Only
+    the live tracer starts spans through this tracer, and it parks ids first.
+    """
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def generate_span_id(self) -> int:
+        span_id = take_pending_span_id()
+        # A parked trace id the SDK did not ask for (a child span) must not
+        # leak into the next root span started on this thread.
+        take_pending_trace_id()
+        return span_id or int(self.inner.generate_span_id())
+
+    def generate_trace_id(self) -> int:
+        return take_pending_trace_id() or int(self.inner.generate_trace_id())
+
+    def is_trace_id_random(self) -> bool:
+        # A penguiflow trace id is the message's (any id its producer chose, or a
+        # digest of it): no promise of 56 random bits for the W3C random flag.
+        return False
+
+
+def _adopt_ids(tracer: Any) -> bool:
+    """Put :class:`_RuntimeIds` in front of ``tracer``'s id generator; False if it has none.
+
+    ``tracer`` is the penguiflow-scoped tracer: the SDK caches one per
+    instrumentation scope, so no other library's spans go through it.
+    """
+    inner = getattr(tracer, "id_generator", None)
+    if isinstance(inner, _RuntimeIds):
+        return True
+    if not (callable(getattr(inner, "generate_span_id", None))
+            and callable(getattr(inner, "generate_trace_id", None))):
+        return False
+    try:
+        tracer.id_generator = _RuntimeIds(inner)
+    except AttributeError:  # a read-only attribute: not the SDK's tracer
+        return False
+    return True
+
+
 class LiveTracer:
     """Spans (and metrics) for every flow traced through one tracer provider."""
 
@@ -92,13 +161,18 @@ class LiveTracer:
                  meter_provider: MeterProvider | None = None) -> None:
         version = _version()
         self._tracer = tracer_provider.get_tracer("penguiflow", version)
+        # Through the API, the parked ids win over the provider's id generator.
+        self._takes_ids = _adopt_ids(self._tracer)
         # An SDK-specific writer (see penguiflow.tracing.register_span_writer)
         # records a finished span for a fraction of start_span + end.
         self._writer = span_writer_for(tracer_provider, version)
+        self._provider_name = type(tracer_provider).__qualname__
         self.model = SpanModel(self._emit)
         self.metrics = FlowMetrics(meter_provider)
         #: Count of spans the SDK refused (logged once per kind of failure).
         self.failures = 0
+        #: Spans the provider started with other ids than the runtime's (logged once).
+        self.foreign_ids = 0
         self._flows: weakref.WeakSet[PenguiFlow] = weakref.WeakSet()
 
     # -- wiring -----------------------------------------------------------------------------
@@ -176,6 +250,8 @@ class LiveTracer:
         otel_span = self._tracer.start_span(
             span.name, context=parent, kind=_KINDS[span.kind],
             attributes=span.attributes, links=links, start_time=span.start_ns)
+        if otel_span.is_recording() and otel_span.get_span_context().span_id != span.span_id:
+            self._foreign_ids()
         for event in span.events:
             otel_span.add_event(event.name, event.attributes, timestamp=event.time_ns)
         if span.status == "error":
@@ -183,6 +259,18 @@ class LiveTracer:
         elif span.status == "ok":
             otel_span.set_status(Status(StatusCode.OK))
         otel_span.end(end_time=span.end_ns)
+
+
+    def _foreign_ids(self) -> None:
+        self.foreign_ids += 1
+        if self.foreign_ids == 1:
+            logger.warning(
+                "otel_foreign_span_ids: the tracer provider %s started a penguiflow span "
+                "with other ids than the runtime's (its tracer takes no SDK id_generator), "
+                "so a run's spans may land in several traces and differ from the ids "
+                "stored with its events; use opentelemetry-sdk's TracerProvider",
+                self._provider_name, extra={"provider": self._provider_name,
+                                            "takes_ids": self._takes_ids})
 
 
 # One tracer per tracer provider (see module docstring: subflows share traces).
