@@ -11,11 +11,12 @@ import asyncio
 import time
 from typing import Any
 
+from opentelemetry import trace
 from otlp_receiver import OTLPReceiver, down_url
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
-from penguiflow._ids import root_span_id
 from penguiflow.state import InMemoryStateStore
+from penguiflow.tracing import root_span_id
 from penguiflow_exporters.otel import configure_tracing
 
 
@@ -69,6 +70,36 @@ async def test_live_spans_of_a_flow_arrive_with_the_stored_ids(
     assert f"{by_name['invoke_agent a'].span_id:016x}" == stored["a"]
     assert f"{by_name['invoke_agent b'].span_id:016x}" == stored["b"]
     assert by_name["invoke_agent b"].parent_span_id == by_name["invoke_agent a"].span_id
+
+
+async def test_with_configure_tracing_set_globally_user_spans_arrive_under_their_node(
+        otlp_receiver: OTLPReceiver, otel_globals: None) -> None:
+    async def work(msg: Message, ctx: Any) -> Message:
+        # The application's own instrumentation, through the global API.
+        with trace.get_tracer("app").start_as_current_span("app.lookup"):
+            return await _double(msg, ctx)
+
+    store = InMemoryStateStore()
+    with configure_tracing("wire-user", endpoint=otlp_receiver.url,
+                           metrics=False) as telemetry:
+        a = Node(work, name="a", policy=NodePolicy(validate="none"))
+        b = Node(_double, name="b", policy=NodePolicy(validate="none"))
+        # No tracer_provider: the flow finds the global one configure_tracing set.
+        (m,) = await _pump(create(a.to(b), b.to(), name="wire", state_store=store), 1)
+        assert telemetry.force_flush(5.0)
+    spans = otlp_receiver.wait_for_spans(4)
+    by_name = {s.span.name: s for s in spans}
+    assert set(by_name) == {"invoke_workflow wire", "invoke_agent a", "invoke_agent b",
+                            "app.lookup"}
+    # One trace, the message's; the user's span is a child of the node it ran in.
+    assert {f"{s.trace_id:032x}" for s in spans} == {m.trace_id}
+    assert by_name["app.lookup"].parent_span_id == by_name["invoke_agent a"].span_id
+    assert by_name["app.lookup"].scope_name == "app"
+    history = await store.load_history(m.trace_id)
+    received = {s.span_id for s in spans}
+    for event in history:
+        assert int(event.span_id, 16) in received
+        assert event.parent_span_id is None or int(event.parent_span_id, 16) in received
 
 
 async def test_a_collector_that_is_down_or_stalls_does_not_slow_the_flow(
