@@ -19,6 +19,10 @@ alone. Contracts:
   that stops for input or auth raises ``A2ATaskInterrupted``.
 * Every failure is an :class:`~penguiflow_a2a.errors.A2AError` naming the agent
   URL and method; no httpx exception escapes.
+* As soon as an answer names the task, its ``contextId``/``taskId`` go into the
+  node invocation's log scope (:func:`penguiflow.tracing.note_remote_ids`), so
+  the log lines of the rest of the call (polls, resubscriptions, httpx's own,
+  the runtime's ``remote_*`` events) carry ``context_id`` and ``task_id``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any, TypeVar
 import httpx
 
 from penguiflow.remote import RemoteCallRequest, RemoteCallResult, RemoteStreamEvent
+from penguiflow.tracing import note_remote_ids
 
 from ._card import Endpoint, card_url, parse_card
 from ._results import StreamTracker, parts_value, task_outcome, task_state
@@ -70,6 +75,11 @@ __all__ = ["A2AClientTransport"]
 logger = logging.getLogger("penguiflow_a2a.client")
 
 _T = TypeVar("_T")
+
+
+def _id(value: Any) -> str | None:
+    """A non-empty str id from a peer's JSON, else None (never trusted as typed)."""
+    return value if isinstance(value, str) and value else None
 
 
 class A2AClientTransport:
@@ -226,6 +236,7 @@ class A2AClientTransport:
                                        agent_url=ep.agent_url, method=method) from exc
         message = answer.get("message")
         if isinstance(message, Mapping):
+            note_remote_ids(_id(message.get("contextId")), _id(message.get("taskId")))
             parts = message.get("parts")
             return RemoteCallResult(
                 result=parts_value(list(parts) if isinstance(parts, list) else []),
@@ -236,6 +247,7 @@ class A2AClientTransport:
             raise A2AProtocolError(f"A2A agent {ep.agent_url} answered {method} with neither "
                                    "a task nor a message", agent_url=ep.agent_url,
                                    method=method)
+        note_remote_ids(_id(task.get("contextId")), _id(task.get("id")))
         task = await self._poll(ep, task)
         value = task_outcome(task, agent_url=ep.agent_url, method=method)
         return RemoteCallResult(result=value, context_id=task.get("contextId"),
@@ -308,7 +320,9 @@ class A2AClientTransport:
         while True:
             try:
                 async for response in source:
-                    yield tracker.apply(response)
+                    events = tracker.apply(response)
+                    note_remote_ids(tracker.context_id, tracker.task_id)
+                    yield events
                     if tracker.finished:
                         return
                 reason = "the agent closed the stream before the task reached a final state"
@@ -355,6 +369,7 @@ class A2AClientTransport:
                             what=f"cancelling task {task_id}")
 
     async def _cancel(self, agent_url: str, task_id: str) -> None:
+        note_remote_ids(None, task_id)
         ep = await self.endpoint(agent_url)
         method = method_name("cancel", ep.version)
         task = await self._channel.call(ep, "cancel", {"id": task_id})

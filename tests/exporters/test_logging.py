@@ -10,6 +10,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
-from penguiflow.tracing import LogScope, current_scope, log_scope_enabled
+from penguiflow.tracing import LogScope, current_scope, log_scope_enabled, note_remote_ids
 from penguiflow_exporters.logging import LoggingHandle, add_trace_ids, configure_logging
 from penguiflow_exporters.otel import PenguiFlowIdGenerator
 
@@ -201,3 +202,21 @@ def test_restore_brings_back_an_earlier_structlog_configuration(stream: io.Strin
         assert structlog.get_config()["processors"] == before
     finally:
         structlog.reset_defaults()
+
+
+def test_remote_ids_join_the_scope_of_the_invocation_only(stream: io.StringIO) -> None:
+    with configure_logging(json=True, stream=stream):
+        note_remote_ids("ctx-outside", "task-outside")  # no invocation: nothing to join
+        assert current_scope.get() is None
+        token = current_scope.set(replace(SCOPE, context_id=None, task_id=None))
+        try:
+            note_remote_ids("ctx-2", None)  # contextId first (a message answer) ...
+            note_remote_ids(None, "task-7")  # ... then the task: None keeps what is known
+            structlog.get_logger("app").info("polling")
+        finally:
+            current_scope.reset(token)
+        structlog.get_logger("app").info("after")
+    polling, after = _lines(stream)
+    assert (polling["context_id"], polling["task_id"]) == ("ctx-2", "task-7")
+    assert polling["trace_id"] == TRACE
+    assert "context_id" not in after and "task_id" not in after
