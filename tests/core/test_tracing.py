@@ -644,3 +644,127 @@ async def test_without_an_sdk_the_traceparent_still_names_each_call_by_its_deriv
     assert [h["traceparent"].split("-")[1:3] for h in sent] == [
         [m.trace_id, _hex(derived_span_id(m.trace_id, inv, "remote", str(i)), 16)]
         for i in range(2)]
+
+
+# -- remote and cancel metrics ----------------------------------------------------------
+
+
+def _metric_points(reader: Any) -> dict[str, list[Any]]:
+    """Every data point the reader collects now, by instrument name."""
+    return {m.name: list(m.data.data_points)
+            for rm in reader.get_metrics_data().resource_metrics
+            for sm in rm.scope_metrics for m in sm.metrics}
+
+
+@pytest.fixture
+def reader() -> Iterator[Any]:
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    metric_reader = InMemoryMetricReader()
+    yield metric_reader
+    metric_reader.shutdown()
+
+
+def _meters(reader: Any) -> Any:
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    return MeterProvider(metric_readers=[reader])
+
+
+async def test_remote_metrics_record_latency_bytes_and_time_to_first_chunk(
+        provider: TracerProvider, exporter: InMemorySpanExporter, reader: Any) -> None:
+    store = InMemoryStateStore()
+    transport = InMemoryTransport({URL: InMemoryAgent(chunks=["alpha", "beta", "gamma"])})
+    remote = RemoteNode(transport=transport, skill="summarise", agent_url=URL, name="remote",
+                        streaming=True, policy=NodePolicy(validate="none"))
+    flow = create(remote.to(), tracer_provider=provider, meter_provider=_meters(reader),
+                  state_store=store)
+    m = msg({"question": "what?"})
+    flow.run()
+    try:
+        await flow.emit(m)
+        while hasattr(await within(flow.fetch()), "done"):
+            pass  # the chunks, then the result
+    finally:
+        await flow.stop()
+
+    points = _metric_points(reader)
+    spans = _by_name(exporter.get_finished_spans())
+    client, node_span = spans["invoke_agent summarise"], spans["invoke_agent remote"]
+    labels = {"pf.remote.outcome": "success", "a2a.method.name": "message/stream",
+              "gen_ai.agent.name": "summarise", "server.address": "agents.example"}
+    # Latency: one call, as long as its CLIENT span.
+    (latency,) = points["pf.remote.duration"]
+    assert dict(latency.attributes) == labels
+    assert latency.count == 1
+    assert latency.sum == pytest.approx((client.end_time - client.start_time) / 1e9)
+    # Bytes: what the stored events measured, sent and received, under the same labels.
+    history = await store.load_history(m.trace_id)
+    (start,) = [e for e in history if e.kind == "remote_call_start"]
+    (success,) = [e for e in history if e.kind == "remote_call_success"]
+    (sent,) = points["pf.remote.bytes_sent"]
+    (received,) = points["pf.remote.bytes_received"]
+    assert dict(sent.attributes) == dict(received.attributes) == labels
+    assert sent.value == start.payload["remote_request_bytes"] > 0
+    assert received.value == success.payload["remote_response_bytes"] > 0
+    # Time to first chunk: the remote call's and the node's (it re-emits the chunks).
+    ttfc = {p.attributes.get("a2a.method.name", "node"): p
+            for p in points["pf.stream.time_to_first_chunk"]}
+    assert set(ttfc) == {"message/stream", "node"}
+    assert ttfc["message/stream"].count == ttfc["node"].count == 1
+    assert ttfc["message/stream"].sum == pytest.approx(
+        client.attributes["gen_ai.response.time_to_first_chunk"])
+    assert ttfc["node"].sum == pytest.approx(
+        node_span.attributes["gen_ai.response.time_to_first_chunk"])
+    assert dict(ttfc["node"].attributes) == {"gen_ai.agent.name": "remote"}
+
+
+async def test_a_failed_remote_call_is_measured_with_outcome_error(
+        provider: TracerProvider, reader: Any) -> None:
+    transport = InMemoryTransport({URL: InMemoryAgent(fail_with="agent down")})
+    remote = RemoteNode(transport=transport, skill="lookup", agent_url=URL, name="remote",
+                        policy=NodePolicy(validate="none"))
+    flow = create(remote.to(), tracer_provider=provider, meter_provider=_meters(reader),
+                  emit_errors_to_rookery=True)
+    await _run_one(flow, msg("x"))
+
+    points = _metric_points(reader)
+    (latency,) = points["pf.remote.duration"]
+    assert latency.attributes["pf.remote.outcome"] == "error"
+    assert latency.attributes["a2a.method.name"] == "message/send"
+    assert latency.count == 1
+    (sent,) = points["pf.remote.bytes_sent"]
+    assert sent.attributes["pf.remote.outcome"] == "error" and sent.value > 0
+    assert "pf.remote.bytes_received" not in points  # nothing came back
+    assert "pf.stream.time_to_first_chunk" not in points
+
+
+async def test_a_trace_cancel_records_its_latency_and_the_remote_call_as_cancelled(
+        provider: TracerProvider, exporter: InMemorySpanExporter, reader: Any) -> None:
+    gate = asyncio.Event()
+    transport = InMemoryTransport({URL: InMemoryAgent(chunks=["a", "b"], gate=gate)})
+    remote = RemoteNode(transport=transport, skill="slow", agent_url=URL, name="remote",
+                        streaming=True, policy=NodePolicy(validate="none"))
+    flow = create(remote.to(), name="cancelling", tracer_provider=provider,
+                  meter_provider=_meters(reader))
+    flow.run()
+    m = msg("x")
+    try:
+        await flow.emit(m)
+        task = await within(transport.next_task(URL))
+        await within(task.started.wait())
+        assert await within(flow.cancel(m.trace_id)) is True
+        await within(task.cancel_requested.wait())
+    finally:
+        await flow.stop()
+
+    points = _metric_points(reader)
+    root = _by_name(exporter.get_finished_spans())["invoke_workflow cancelling"]
+    times = {e.name: e.timestamp for e in root.events}
+    (cancel,) = points["pf.cancel.latency"]
+    assert dict(cancel.attributes) == {"gen_ai.workflow.name": "cancelling"}
+    assert cancel.count == 1
+    assert cancel.sum == pytest.approx(
+        (times["pf.cancel.acknowledged"] - times["pf.cancel.requested"]) / 1e9)
+    (latency,) = points["pf.remote.duration"]
+    assert latency.attributes["pf.remote.outcome"] == "cancelled"
