@@ -20,13 +20,16 @@ from opentelemetry.trace import SpanKind, StatusCode
 from pfcore_support import msg, within
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
-from penguiflow._ids import root_span_id
-from penguiflow._spans import derived_span_id, spans_from_events
 from penguiflow._tracer import tracer_for
 from penguiflow.patterns import join_k
 from penguiflow.remote import InMemoryAgent, InMemoryTransport, RemoteNode
 from penguiflow.state import InMemoryStateStore
-from penguiflow.tracing import inject_trace_headers
+from penguiflow.tracing import (
+    derived_span_id,
+    inject_trace_headers,
+    root_span_id,
+    spans_from_events,
+)
 from penguiflow_exporters.otel import PenguiFlowIdGenerator
 
 URL = "http://agents.example:8080/a2a"

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TextIO
 
-from penguiflow._spans import spans_from_events
 from penguiflow.spandata import SpanData
+from penguiflow.tracing import spans_from_events
 from penguiflow_exporters.otel import OTLPExportError, export_spans, otlp_json, signal_endpoint
 
 from ._store import (

@@ -20,8 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from penguiflow._ids import otel_trace_id, root_span_id
-from penguiflow._spans import derived_span_id
+from penguiflow.tracing import derived_span_id, otel_trace_id, root_span_id
 from penguiflow_exporters._gc import gc_paused
 
 if TYPE_CHECKING:
