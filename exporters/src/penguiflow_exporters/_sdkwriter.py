@@ -25,9 +25,14 @@ exactly what the API path would hand the processors:
 Otherwise it returns False and the runtime takes the API path for that span.
 The processors are re-checked whenever ``add_span_processor`` changed them.
 Ids come from the span record, so through the writer the spans carry the
-stored ids whatever the provider's id generator (through the API only
-:class:`~penguiflow_exporters.otel.PenguiFlowIdGenerator` gives them); the trace
-flags are SAMPLED, as with that generator.
+stored ids whatever the provider's id generator (as they do through the API,
+where the live tracer's own id generator takes them); the trace flags are
+SAMPLED, as through the API.
+
+The core finds :func:`sdk_span_writer` through this package's
+``penguiflow.span_writers`` entry point (``pyproject.toml``), so an application
+that configures the SDK itself gets the writer without importing
+:mod:`penguiflow_exporters.otel`.
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ the SDK side an application turns on::
 
 What it guarantees:
 
-* **Same ids everywhere.** :class:`PenguiFlowIdGenerator` hands the SDK the ids
-  the runtime parked (:func:`penguiflow.tracing.park_ids`), so the penguiflow
-  trace id *is* the OTel trace id and an invocation id *is* its node span's id.
+* **Same ids everywhere.** The penguiflow trace id *is* the OTel trace id and
+  an invocation id *is* its node span's id. The runtime sees to that under any
+  SDK ``TracerProvider`` (see :mod:`penguiflow._tracer`); the provider built
+  here also gets :class:`PenguiFlowIdGenerator`, which hands the SDK the ids the
+  runtime parked (:func:`penguiflow.tracing.park_ids`) for every tracer.
 * **Configuration resolves argument → environment → constant**, with the
   standard ``OTEL_*`` variables (``OTEL_SERVICE_NAME``,
   ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]ENDPOINT``,
@@ -94,8 +96,10 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-# Importing this module (any SDK set-up through it does) gives the live tracer its
-# fast path into SDK TracerProviders; see penguiflow_exporters._sdkwriter.
+# The live tracer's fast path into SDK TracerProviders (penguiflow_exporters._sdkwriter)
+# is found through this package's "penguiflow.span_writers" entry point, imported or
+# not; registering it here as well keeps it when the package runs uninstalled (a
+# source tree on sys.path, no entry points). The same factory is only asked once.
 register_span_writer(sdk_span_writer)
 
 #: How long :meth:`TelemetryHandle.shutdown` (and the exit hook) waits for the
@@ -130,6 +134,10 @@ class PenguiFlowIdGenerator(IdGenerator):
     ``tracer.start_span``; the SDK then asks this generator for the trace id
     (root spans only) and the span id. Without parked ids it behaves like the
     SDK's ``RandomIdGenerator``, so spans of other libraries are unaffected.
+
+    Optional since the runtime puts the same logic in front of any provider's
+    generator on its own tracer; :func:`configure_tracing` still installs it,
+    and a provider built with it behaves as before.
     """
 
     def __init__(self, fallback: IdGenerator | None = None) -> None:
