@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .errors import CycleError
+
 if TYPE_CHECKING:
     from .node import Node
 
@@ -37,16 +39,6 @@ OPEN_SEA = Endpoint("OpenSea")
 ROOKERY = Endpoint("Rookery")
 
 Owner: TypeAlias = "Node | Endpoint"
-
-
-class CycleError(RuntimeError):
-    """The flow's graph has a cycle and ``allow_cycles`` was not set.
-
-    Attributes:
-        nodes: names of the nodes on the cycle or downstream of it (sorted).
-    """
-
-    nodes: tuple[str, ...] = ()
 
 
 class _Tagged:
@@ -191,6 +183,11 @@ def check_acyclic(nodes: Iterable[Node], edges: dict[Node, list[Node]]) -> None:
                 ready.append(dst)
     if visited != len(node_list):
         stuck = sorted(owner_label(n) for n, deg in indegree.items() if deg > 0)
-        error = CycleError("Flow contains a cycle; enable allow_cycles to bypass")
+        # The message is 2.1's, exactly; the note names the nodes to look at.
+        error = CycleError(
+            "Flow contains a cycle; enable allow_cycles to bypass",
+            hint=(f"Nodes on the cycle or downstream of it: {', '.join(stuck)}. Break the "
+                  "cycle, build a looping node with Node(..., allow_cycle=True) (self-edge "
+                  "only), or pass allow_cycles=True to create()."))
         error.nodes = tuple(stuck)
         raise error

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any
 
-from .remote import RemoteCallRequest, RemoteCallResult, RemoteStreamEvent
+from .remote import RemoteCallRequest, RemoteCallResult, RemoteError, RemoteStreamEvent
 
 __all__ = ["AgentTask", "InMemoryAgent", "InMemoryTransport", "RemoteAgentError"]
 
@@ -35,7 +35,7 @@ Handler = Callable[[RemoteCallRequest], Awaitable[Any]]
 Streamer = Callable[[RemoteCallRequest], AsyncIterator[str]]
 
 
-class RemoteAgentError(RuntimeError):
+class RemoteAgentError(RemoteError, RuntimeError):
     """What an in-memory agent raises to the caller: ``fail_with``, or a canceled task."""
 
 

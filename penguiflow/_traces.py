@@ -17,15 +17,9 @@ from __future__ import annotations
 
 import asyncio
 
+from .errors import TraceCancelled
+
 __all__ = ["TraceCancelled", "TraceState"]
-
-
-class TraceCancelled(Exception):
-    """Raised where a cancelled trace's work is refused or interrupted."""
-
-    def __init__(self, trace_id: str | None) -> None:
-        super().__init__(f"trace cancelled: {trace_id}")
-        self.trace_id = trace_id
 
 
 class TraceState:

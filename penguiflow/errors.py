@@ -1,12 +1,49 @@
-"""Traceable flow errors.
+"""PenguiFlow's errors: one tree, by audience.
 
-Hierarchy::
+Every error PenguiFlow raises on its own behalf is a :class:`PenguiFlowError`,
+so ``except PenguiFlowError`` catches them all. Below it the tree separates
+*misuse* (:class:`UsageError`: you called the API wrongly; the message says how
+to fix it, or, where the 2.1 spec fixes the message word for word, the class
+name and :attr:`UsageError.hint` do) from *run failures* (a node's
+:class:`FlowError`, a store's, a remote agent's, an export's) and from the
+control-flow signal :class:`TraceCancelled`.
+A class that also names a builtin (``RuntimeError``, ``KeyError``, ...) is that
+builtin too, so code written against penguiflow 2.1's ``except RuntimeError``
+keeps working.
+
+Hierarchy (``module:`` when the class is defined elsewhere; a builtin in
+parentheses is a second base)::
 
     Exception
-     ├── FlowError            a node's final failure, delivered to Rookery on request
-     ├── TraceCancelled       (penguiflow.core) a trace was cancelled
-     └── RuntimeError
-          └── CycleError      (penguiflow.core) the graph has a cycle
+     └── PenguiFlowError               every error PenguiFlow raises on its own behalf
+          ├── FlowError                a node's final failure (to Rookery on request)
+          ├── TraceCancelled           signal: the trace was cancelled (never retried)
+          ├── UsageError               misuse of the API; says how to fix it
+          │    ├── FlowNotRunning      (RuntimeError) emit/fetch/cancel, flow not running
+          │    ├── FlowAlreadyRunning  (RuntimeError) run() on a running flow
+          │    ├── ContextDetached     (RuntimeError) emit through a context no flow drives
+          │    ├── ConfigurationError  (RuntimeError) no registry entry, store or floe
+          │    ├── CycleError          (RuntimeError) the graph has a cycle
+          │    ├── UnknownTarget       (KeyError) to= / from_= is not a neighbour
+          │    ├── InvalidArgument     (ValueError) a value out of its domain
+          │    │    └── InvalidTraceId a trace id that is not a clean str of 1-256 chars
+          │    └── InvalidArgumentType (TypeError) not async def, an adjacency, a Message
+          ├── StateStoreError          penguiflow.state: a store failed
+          │    └── StoreUnavailable    penguiflow.state: unreachable, or closed
+          ├── RemoteError              penguiflow.remote: a remote call failed
+          │    ├── RemoteStreamError   (RuntimeError) a transport broke the stream contract
+          │    ├── RemoteAgentError    (RuntimeError) the in-memory fake agent failed
+          │    └── A2AError            penguiflow_a2a.errors: the A2A client failed
+          ├── A2ARequestError          penguiflow_a2a.server: a request the server refuses
+          └── OTLPExportError          (RuntimeError) penguiflow_exporters.otel: export failed
+
+``A2AError``'s own subtree (connection, timeout, protocol, JSON-RPC, task
+errors) is drawn in :mod:`penguiflow_a2a.errors`. ``tests/core/test_errors.py``
+checks this drawing against the classes.
+
+Not errors: ``asyncio.QueueFull`` / ``QueueEmpty`` (``emit_nowait`` /
+``fetch_nowait``), ``TimeoutError`` (``call_playbook``'s timeout) and a
+``pydantic.ValidationError`` from a node's models keep their standard types.
 """
 
 from __future__ import annotations
@@ -15,7 +52,25 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
-__all__ = ["SAFE_TEXT_LIMIT", "FlowError", "FlowErrorCode", "safe_repr", "safe_str"]
+__all__ = [
+    "SAFE_TEXT_LIMIT",
+    "ConfigurationError",
+    "ContextDetached",
+    "CycleError",
+    "FlowAlreadyRunning",
+    "FlowError",
+    "FlowErrorCode",
+    "FlowNotRunning",
+    "InvalidArgument",
+    "InvalidArgumentType",
+    "InvalidTraceId",
+    "PenguiFlowError",
+    "TraceCancelled",
+    "UnknownTarget",
+    "UsageError",
+    "safe_repr",
+    "safe_str",
+]
 
 #: Default bound, in characters, of :func:`safe_repr` / :func:`safe_str` (8 KiB).
 SAFE_TEXT_LIMIT = 8192
@@ -91,6 +146,87 @@ def _bounded(text: str, limit: int) -> str:
     return text
 
 
+class PenguiFlowError(Exception):
+    """Base of every error PenguiFlow raises on its own behalf (see the module docstring)."""
+
+
+class UsageError(PenguiFlowError):
+    """The API was used wrongly: fix the calling code, retrying will not help.
+
+    Args:
+        message: what went wrong and, unless the 2.1 spec fixes the text, how to
+            fix it. A text the spec fixes is kept word for word, and nothing is
+            added to ``str(exc)``, ``exc.args`` or the notes (2.1 suites match
+            them exactly, e.g. ``pytest.raises(..., match=r"^...$")``, which
+            reads notes too): the class name and :attr:`hint` carry the fix.
+        hint: how to fix it, when the message cannot say so.
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        #: How to fix the call, when the (2.1) message does not say it; else None.
+        self.hint = hint
+
+
+class FlowNotRunning(UsageError, RuntimeError):
+    """The flow is not running (never started, or stopped): ``run()`` it first."""
+
+
+class FlowAlreadyRunning(UsageError, RuntimeError):
+    """``run()`` was called on a running flow: ``stop()`` it first."""
+
+
+class ContextDetached(UsageError, RuntimeError):
+    """A context no running flow drives was asked to emit (or a flow-only service)."""
+
+
+class ConfigurationError(UsageError, RuntimeError):
+    """The flow lacks what the call needs: a registry entry, a state store, a floe."""
+
+
+class CycleError(UsageError, RuntimeError):
+    """The flow's graph has a cycle and ``allow_cycles`` was not set.
+
+    Attributes:
+        nodes: names of the nodes on the cycle or downstream of it (sorted).
+    """
+
+    nodes: tuple[str, ...] = ()
+
+
+class UnknownTarget(UsageError, KeyError):
+    """``to=`` / ``from_=`` (or a router's decision) names no neighbour of the node.
+
+    A ``KeyError``, as in 2.1, so ``str()`` shows the message quoted.
+    """
+
+
+class InvalidArgument(UsageError, ValueError):
+    """A value is out of its domain: a NodePolicy field, a node's signature, ``join_k``'s k."""
+
+
+class InvalidTraceId(InvalidArgument):
+    """A trace id is not a str of 1-256 characters without control characters."""
+
+
+class InvalidArgumentType(UsageError, TypeError):
+    """An object of the wrong type: a node function that is not ``async def``, an
+    adjacency that is not ``node.to(...)``, a RemoteNode input that is not a Message."""
+
+
+class TraceCancelled(PenguiFlowError):
+    """Signal: the trace was cancelled; raised where its work is refused or interrupted.
+
+    Raised by the runtime around an interrupted invocation, by ``emit_chunk``,
+    ``call_playbook`` and ``RemoteNode``. A node that raises it is recorded as
+    cancelled, never retried (``penguiflow.core.TraceCancelled``, spec §11).
+    """
+
+    def __init__(self, trace_id: str | None) -> None:
+        super().__init__(f"trace cancelled: {trace_id}")
+        self.trace_id = trace_id
+
+
 class FlowErrorCode(str, Enum):
     """Error codes; the runtime produces ``NODE_TIMEOUT`` and ``NODE_EXCEPTION``."""
 
@@ -102,7 +238,7 @@ class FlowErrorCode(str, Enum):
     TOKEN_BUDGET_EXHAUSTED = "TOKEN_BUDGET_EXHAUSTED"
 
 
-class FlowError(Exception):
+class FlowError(PenguiFlowError):
     """A failure attributed to one node of one trace.
 
     ``code`` is always stored as a plain ``str``; ``unwrap()`` returns the very

@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .errors import InvalidArgument, InvalidArgumentType
+
 if TYPE_CHECKING:
     from .registry import ModelRegistry
 
@@ -42,13 +44,16 @@ class NodePolicy:
 
     def __post_init__(self) -> None:
         if self.validate not in _VALIDATE_MODES:
-            raise ValueError("validate must be one of 'both', 'in', 'out', 'none'")
+            raise InvalidArgument("validate must be one of 'both', 'in', 'out', 'none'",
+                                  hint=f"NodePolicy(validate=...) got {self.validate!r}")
         for name in ("timeout_s", "backoff_base", "max_backoff"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"NodePolicy.{name} must be >= 0 (or None); got {value!r}")
+                raise InvalidArgument(
+                    f"NodePolicy.{name} must be >= 0 (or None); got {value!r}")
         if self.max_retries < 0:
-            raise ValueError(f"NodePolicy.max_retries must be >= 0; got {self.max_retries!r}")
+            raise InvalidArgument(
+                f"NodePolicy.max_retries must be >= 0; got {self.max_retries!r}")
 
     def backoff_for(self, attempt: int) -> float:
         """Seconds to sleep before ``attempt`` (1-based retry number)."""
@@ -71,9 +76,10 @@ class Node:
     """A unit of work: ``async def func(message, ctx)`` with a name and a policy.
 
     Raises:
-        TypeError: ``func`` is not an ``async def`` function.
-        ValueError: ``func`` does not take exactly two parameters, or its second
-            (context) parameter is keyword-only.
+        InvalidArgumentType: (a ``TypeError``) ``func`` is not an ``async def``
+            function.
+        InvalidArgument: (a ``ValueError``) ``func`` does not take exactly two
+            parameters, or its second (context) parameter is keyword-only.
     """
 
     func: NodeFunc
@@ -87,17 +93,23 @@ class Node:
         # The messages below are the 2.1 contract, word for word: suites match
         # them exactly, so the node is named only where 2.1 names it.
         if not _is_async_callable(func):
-            raise TypeError("Node function must be declared with async def")
+            raise InvalidArgumentType(
+                "Node function must be declared with async def",
+                hint=f"got {func!r}; write `async def name(message, ctx): ...` (a lambda "
+                     "or a plain def cannot be a node)")
         if self.name is None:
             self.name = getattr(func, "__name__", None) or type(func).__name__
         params = list(inspect.signature(func).parameters.values())
         if len(params) != 2:
-            raise ValueError(
+            raise InvalidArgument(
                 f"Node '{self.name}' must accept exactly two parameters (message, ctx); "
                 f"got {len(params)}"
             )
         if params[1].kind not in _POSITIONAL:
-            raise ValueError("Context parameter must be positional")
+            raise InvalidArgument(
+                "Context parameter must be positional",
+                hint=f"node '{self.name}': declare it as `async def f(message, ctx)`, "
+                     "not after a `*` (keyword-only)")
         self.node_id = uuid.uuid4().hex
 
     def __hash__(self) -> int:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import TypeAdapter
 
+from penguiflow.errors import InvalidArgument
 from penguiflow.node import Node, NodePolicy
 from penguiflow.policies import (
     PolicyLike,
@@ -82,6 +83,8 @@ def _successor_named(ctx: Context, name: str) -> Node:
     for target in ctx._outgoing:
         if isinstance(target, Node) and target.name == name:
             return target
+    # A plain KeyError with 2.1's exact text: raised inside the router's attempt, its
+    # type is what the node's FlowError reports, and spec §12 documents both.
     raise KeyError(f"No successor named '{name}'")
 
 
@@ -101,6 +104,7 @@ def _resolve(ctx: Context, decision: Node | str | Sequence[Node | str]) -> tuple
         elif isinstance(item, str):
             nodes[_successor_named(ctx, item)] = None
         else:
+            # Builtin TypeError: raised in the router's attempt (see _successor_named).
             raise TypeError(
                 f"Routing decision items must be Node or str, got {type(item).__name__}"
             )
@@ -213,10 +217,10 @@ def join_k(name: str, k: int) -> Node:
         (``trace_cancel_finish``).
 
     Raises:
-        ValueError: If ``k <= 0``.
+        InvalidArgument: (a ``ValueError``) If ``k <= 0``.
     """
     if k <= 0:
-        raise ValueError(f"k must be a positive integer, got {k}")
+        raise InvalidArgument(f"k must be a positive integer, got {k}")
     buckets: dict[str, list[Any]] = {}
     # The upstream invocations of each bucket: the completing invocation reports
     # them all as its parents, so spans link every joined input (fan-in) and the
@@ -226,7 +230,12 @@ def join_k(name: str, k: int) -> Node:
     async def join(message: Any, ctx: Context) -> Any:
         trace_id = getattr(message, "trace_id", None)
         if trace_id is None:
-            raise ValueError(f"join_k node '{name}' requires messages with a trace_id")
+            # Builtin ValueError: raised in the join's attempt, its type is the
+            # node's FlowError's exception_type, as in 2.1.
+            raise ValueError(
+                f"join_k node '{name}' requires messages with a trace_id; got a "
+                f"{type(message).__name__}: send Messages (or objects with a trace_id) into "
+                "a join, so that it can group them by trace")
         bucket = buckets.get(trace_id)
         if bucket is None:
             bucket = buckets[trace_id] = []

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from penguiflow.errors import InvalidArgumentType
 from penguiflow.node import Node
 
 if TYPE_CHECKING:
@@ -104,6 +105,8 @@ async def evaluate_policy(policy: PolicyLike, request: RoutingRequest) -> Routin
     if select is None:
         select = policy
     if not callable(select):
+        # Builtin TypeError: evaluated in a router's attempt, whose FlowError
+        # reports the type.
         raise TypeError(
             f"Routing policy must be callable or have a select() method; got {policy!r}"
         )
@@ -171,11 +174,12 @@ class DictRoutingPolicy:
 
         Raises:
             json.JSONDecodeError: If ``payload`` is not valid JSON.
-            TypeError: If the JSON is valid but not an object.
+            InvalidArgumentType: (a ``TypeError``) If the JSON is valid but not an object.
         """
         data = json.loads(payload)
         if not isinstance(data, dict):
-            raise TypeError(f"Routing policy JSON must be an object, got {type(data).__name__}")
+            raise InvalidArgumentType(
+                f"Routing policy JSON must be an object, got {type(data).__name__}")
         return cls(data, **kwargs)
 
     @classmethod
@@ -184,7 +188,7 @@ class DictRoutingPolicy:
 
         Raises:
             OSError: If the file cannot be read.
-            TypeError: If the JSON is not an object.
+            InvalidArgumentType: (a ``TypeError``) If the JSON is not an object.
         """
         return cls.from_json(Path(path).read_text(encoding="utf-8"), **kwargs)
 
@@ -207,14 +211,14 @@ class DictRoutingPolicy:
 
         Raises:
             KeyError: If the variable is not set.
-            TypeError: If the parsed value is not a mapping.
+            InvalidArgumentType: (a ``TypeError``) If the parsed value is not a mapping.
         """
         raw = os.environ.get(env_var)
         if raw is None:
             raise KeyError(f"Environment variable '{env_var}' is not set")
         data = (loader or json.loads)(raw)
         if not isinstance(data, Mapping):
-            raise TypeError(
+            raise InvalidArgumentType(
                 f"Routing policy from '{env_var}' must be a mapping, got {type(data).__name__}"
             )
         return cls(data, default=default, key_getter=key_getter)

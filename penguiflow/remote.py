@@ -19,12 +19,13 @@ from typing import Any, Protocol
 
 from ._tracer import enter_client_span, enter_derived_client_span, exit_client_span
 from ._traces import TraceCancelled
-from .errors import safe_repr
+from .errors import ContextDetached, PenguiFlowError, safe_repr
 from .node import Node, NodePolicy
 from .state import RemoteBinding
 from .types import Message
 
 __all__ = [
+    "RemoteError",
     "RemoteStreamError",
     "RemoteCallRequest",
     "RemoteCallResult",
@@ -86,7 +87,16 @@ class RemoteTransport(Protocol):
         ...
 
 
-class RemoteStreamError(RuntimeError):
+class RemoteError(PenguiFlowError):
+    """A remote call failed on the calling side of the seam.
+
+    Transports raise their own subclasses (the A2A client's ``A2AError``), so
+    ``except RemoteError`` catches any transport's failure; the node's retry
+    policy applies to them like to any exception.
+    """
+
+
+class RemoteStreamError(RemoteError, RuntimeError):
     """A transport broke the stream contract (e.g. sent events after ``done``)."""
 
 
@@ -143,12 +153,16 @@ def RemoteNode(
 
     async def remote_call(message: Any, ctx: Any) -> Any:
         if not isinstance(message, Message):
+            # Builtin TypeError (spec §15.3): raised in the node's attempt, its type is
+            # what the node's FlowError reports.
             raise TypeError(
-                f"RemoteNode '{name}' expects a Message, got {type(message).__name__}")
+                f"RemoteNode '{name}' expects a Message, got {type(message).__name__}; wrap "
+                "the payload: Message(payload=..., headers=Headers(tenant=...))")
         runtime = getattr(ctx, "runtime", None)
         if runtime is None:
-            raise RuntimeError(
-                f"RemoteNode '{name}' needs a context attached to a running flow")
+            raise ContextDetached(
+                f"RemoteNode '{name}' needs a context attached to a running flow: put the "
+                "node in a flow and run() it (a detached Context cannot call out)")
         trace_id = message.trace_id
         request = RemoteCallRequest(message=message, skill=skill, agent_url=agent_url,
                                     agent_card=agent_card, metadata=message.meta,

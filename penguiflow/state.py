@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from .errors import PenguiFlowError
 from .metrics import event_payload
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ class StateStore(Protocol):
 # ---------------------------------------------------------------------------
 
 
-class StateStoreError(Exception):
+class StateStoreError(PenguiFlowError):
     """A store failed; driver exceptions are translated to this at the boundary."""
 
 

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from .errors import InvalidTraceId
+
 __all__ = ["TRACE_ID_MAX_LEN", "FinalAnswer", "Headers", "Message", "PlanStep", "StreamChunk",
            "Thought", "WM", "check_trace_id"]
 
@@ -32,7 +34,7 @@ _CHAR_NAMES = {0: "NUL", 9: "TAB", 10: "LF", 13: "CR", 27: "ESC", 127: "DEL"}
 
 
 def check_trace_id(trace_id: object) -> str:
-    """Return ``trace_id`` if it is a valid trace id, else raise ``ValueError``.
+    """Return ``trace_id`` if it is a valid trace id, else raise ``InvalidTraceId``.
 
     A valid trace id is a ``str`` of 1 to :data:`TRACE_ID_MAX_LEN` (256)
     characters that contains no control character (Unicode category ``Cc``:
@@ -46,20 +48,20 @@ def check_trace_id(trace_id: object) -> str:
     trace and is not checked).
 
     Raises:
-        ValueError: naming the problem (type, length, or the offending
-            character and its position) and the rule above.
+        InvalidTraceId: (a ``ValueError``) naming the problem (type, length, or
+            the offending character and its position) and the rule above.
     """
     if (type(trace_id) is str and trace_id.isascii() and trace_id.isalnum()
             and len(trace_id) <= TRACE_ID_MAX_LEN):
         return trace_id  # the common case (hex ids): no scan
     if not isinstance(trace_id, str):
-        raise ValueError(f"invalid trace_id: got {type(trace_id).__name__}, not a str; "
+        raise InvalidTraceId(f"invalid trace_id: got {type(trace_id).__name__}, not a str; "
                          f"{_TRACE_ID_RULE}")
     size = len(trace_id)
     if size == 0:
-        raise ValueError(f"invalid trace_id: it is empty; {_TRACE_ID_RULE}")
+        raise InvalidTraceId(f"invalid trace_id: it is empty; {_TRACE_ID_RULE}")
     if size > TRACE_ID_MAX_LEN:
-        raise ValueError(f"invalid trace_id: {size} characters long (at most "
+        raise InvalidTraceId(f"invalid trace_id: {size} characters long (at most "
                          f"{TRACE_ID_MAX_LEN}); {_TRACE_ID_RULE}")
     bad = _BAD_TRACE_CHAR.search(trace_id)
     if bad is not None:
@@ -70,7 +72,7 @@ def check_trace_id(trace_id: object) -> str:
             name = _CHAR_NAMES.get(code)
             what = f"a control character U+{code:04X}" + (f" ({name})" if name else "")
         # repr() escapes controls and surrogates: the message itself is printable.
-        raise ValueError(f"invalid trace_id {trace_id[:40]!r}: {what} at position "
+        raise InvalidTraceId(f"invalid trace_id {trace_id[:40]!r}: {what} at position "
                          f"{bad.start()}; {_TRACE_ID_RULE}")
     return trace_id
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from penguiflow.remote import RemoteError
+
 from .protocol import ERROR_MESSAGES, ErrorCode
 
 __all__ = [
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 
-class A2AError(Exception):
+class A2AError(RemoteError):
     """Base of the A2A client's errors; ``agent_url`` and ``method`` say which call."""
 
     def __init__(self, message: str, *, agent_url: str | None = None,

@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import to_jsonable_python
 
-from penguiflow.errors import FlowError
+from penguiflow.errors import FlowError, PenguiFlowError
 from penguiflow.state import RemoteBinding
 from penguiflow.types import Headers, Message, StreamChunk
 
@@ -103,7 +103,7 @@ class A2ATaskCancelRequest(BaseModel):
     task_id: str = Field(alias="taskId")
 
 
-class A2ARequestError(Exception):
+class A2ARequestError(PenguiFlowError):
     """A request the adapter refuses; the app answers HTTP ``status_code`` with ``detail``."""
 
     def __init__(self, *, status_code: int, detail: Any) -> None:

@@ -172,3 +172,85 @@ def test_flow_error_can_be_raised_and_caught() -> None:
     with pytest.raises(FlowError) as info:
         raise FlowError(trace_id="t", node_name="n", code="C", message="m")
     assert info.value.trace_id == "t"
+
+
+# --- the error tree (penguiflow.errors' docstring) ------------------------------------------
+
+_TREE_MODULES = (
+    "penguiflow.errors",
+    "penguiflow.state",
+    "penguiflow.remote",
+    "penguiflow_a2a.errors",
+    "penguiflow_a2a.server",
+    "penguiflow_exporters.otel",
+)
+
+
+def _drawn_tree() -> list[tuple[int, str, str]]:
+    """``(depth, class name, description)`` for every line of the drawn hierarchy
+    (the root, ``Exception``, is depth 0)."""
+    doc = pf_errors.__doc__ or ""
+    block = doc.split("::", 1)[1].split("\n\n")[1]
+    rows = []
+    for line in block.splitlines():
+        if "──" in line:
+            head, _, rest = line.partition("── ")
+            name, _, description = rest.strip().partition(" ")
+            rows.append((len(head) // 5, name, description.strip()))
+        elif line.strip():
+            rows.append((0, line.strip(), ""))
+    return rows
+
+
+def _resolve(name: str) -> type[BaseException]:
+    import builtins
+    import importlib
+
+    found = getattr(builtins, name, None)
+    for module in _TREE_MODULES:
+        found = found or getattr(importlib.import_module(module), name, None)
+    assert isinstance(found, type) and issubclass(found, BaseException), name
+    return found
+
+
+def test_the_drawn_error_tree_is_the_real_one() -> None:
+    rows = _drawn_tree()
+    assert rows[0][1:] == ("Exception", "")
+    parents: dict[int, type[BaseException]] = {0: Exception}
+    for depth, name, description in rows[1:]:
+        cls = _resolve(name)
+        parent = parents[depth - 1]
+        assert parent in cls.__bases__ or (
+            # A class drawn with a builtin in parentheses has it as a second base.
+            issubclass(cls, parent) and cls.__bases__[0] is parent
+        ), f"{name} is not drawn under its base class ({cls.__bases__})"
+        builtin = description[1:].partition(")")[0] if description.startswith("(") else None
+        if builtin:
+            assert issubclass(cls, _resolve(builtin)), f"{name} is not a {builtin}"
+        parents[depth] = cls
+    drawn = {name for _, name, _ in rows}
+    own = {
+        obj.__name__ for obj in vars(pf_errors).values()
+        if isinstance(obj, type) and issubclass(obj, BaseException)
+        and obj.__module__ == "penguiflow.errors"
+    }
+    assert own <= drawn, f"classes of penguiflow.errors missing from the drawing: {own - drawn}"
+
+
+def test_every_penguiflow_error_shares_one_base() -> None:
+    from penguiflow.core import CycleError, TraceCancelled
+    from penguiflow.remote import InMemoryTransport, RemoteAgentError, RemoteError
+    from penguiflow.state import StateStoreError, StoreUnavailable
+    from penguiflow_a2a.errors import A2AError, A2ATimeoutError
+    from penguiflow_a2a.server import A2ARequestError
+    from penguiflow_exporters.otel import OTLPExportError
+
+    for cls in (FlowError, CycleError, TraceCancelled, StateStoreError, StoreUnavailable,
+                RemoteError, RemoteAgentError, A2AError, A2ARequestError, OTLPExportError):
+        assert issubclass(cls, pf_errors.PenguiFlowError), cls
+    # The 2.1 bases stay: code catching them keeps working.
+    assert issubclass(CycleError, RuntimeError)
+    assert issubclass(RemoteAgentError, RuntimeError)
+    assert issubclass(A2ATimeoutError, TimeoutError)
+    assert issubclass(OTLPExportError, RuntimeError)
+    assert InMemoryTransport.__module__ == "penguiflow._memory_transport"

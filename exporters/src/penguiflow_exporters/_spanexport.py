@@ -26,6 +26,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
 import penguiflow
+from penguiflow.errors import PenguiFlowError
 from penguiflow.spandata import SpanData
 
 __all__ = [
@@ -59,7 +60,7 @@ _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 _UNSET: Final = Status(StatusCode.UNSET)
 
 
-class OTLPExportError(RuntimeError):
+class OTLPExportError(PenguiFlowError, RuntimeError):
     """The collector refused the spans, or could not be reached in time."""
 
     def __init__(self, endpoint: str, reason: str, *, sent: int, total: int) -> None:
