@@ -1,5 +1,10 @@
 """Context: a node's (or endpoint's) view of its floes.
 
+A context emits through its flow's runtime (:class:`ContextRuntime`, which
+``penguiflow._runtime.FlowRuntime`` implements): the runtime counts each put
+for its trace, publishes it to the bus and tags it with its origin. The
+context never sees the ``PenguiFlow`` itself, only exposes it as ``runtime``.
+
 Fetching from several incoming floes uses a *doorbell* instead of a task per
 floe: each incoming queue rings the context on every put, the context keeps the
 order in which queues rang (``_arrivals``) and wakes one waiting fetcher. The
@@ -13,17 +18,43 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from ._graph import Endpoint, Floe, FloeQueue, Origin, Owner, owner_label
+from ._playbook import call_playbook
+from .errors import ConfigurationError, ContextDetached, UnknownTarget
 from .types import Message, StreamChunk, check_trace_id
 
-if TYPE_CHECKING:
-    from .core import PenguiFlow
-
-__all__ = ["Context"]
+__all__ = ["Context", "ContextRuntime"]
 
 Targets: TypeAlias = "Owner | Sequence[Owner] | None"
+
+_DETACHED = "Context is not attached to a running flow"  # 2.1's text, exactly
+_NO_INCOMING = "context has no incoming floes to fetch from"  # 2.1's text, exactly
+
+
+class ContextRuntime(Protocol):
+    """What a context needs from the flow that drives it (``FlowRuntime`` is one)."""
+
+    def origin_of(self, ctx: Context) -> Origin:
+        """The origin to tag an item ``ctx`` emits now with."""
+        ...
+
+    async def put(self, floe: Floe, item: Any, origin: Origin) -> None:
+        """Count, publish and put ``item`` on ``floe``; waits while it is full."""
+        ...
+
+    def put_nowait(self, floe: Floe, item: Any, origin: Origin) -> None:
+        """Count, put and (later) publish ``item``; ``asyncio.QueueFull`` when full."""
+        ...
+
+    def refuse_if_cancelled(self, trace_id: Any) -> None:
+        """Raise ``TraceCancelled`` if ``trace_id`` is cancelled."""
+        ...
+
+    async def wait_chunk_capacity(self, trace_id: Any) -> None:
+        """Wait until ``trace_id`` may have one more chunk outstanding (spec §9)."""
+        ...
 
 
 class Context:
@@ -31,7 +62,17 @@ class Context:
 
     ``Context(owner, runtime=None)``: ``owner`` is a Node or an Endpoint; a
     detached context (``runtime=None``) can be passed to ``Node.invoke`` but
-    cannot emit.
+    cannot emit. ``runtime`` is the ``PenguiFlow`` it belongs to, exposed as
+    :attr:`runtime`.
+
+    Args:
+        owner: the Node or Endpoint.
+        runtime: the flow, or None for a detached context.
+        flow_runtime: what the context emits through; ``PenguiFlow`` passes its
+            own when it wires its contexts (keyword-only addition). A context
+            built by hand with a flow but without it has no floes of that flow:
+            emitting is a no-op until floes are added, then an error (use
+            ``flow.context(owner)`` to get the flow's own context).
     """
 
     __slots__ = (
@@ -50,15 +91,18 @@ class Context:
         "_owner",
         "_owner_id",
         "_parents",
+        "_rt",
         "_runtime",
         "_stream_seq",
         "_waiters",
         "last_origin",
     )
 
-    def __init__(self, owner: Owner, runtime: PenguiFlow | None = None) -> None:
+    def __init__(self, owner: Owner, runtime: Any = None, *,
+                 flow_runtime: ContextRuntime | None = None) -> None:
         self._owner = owner
         self._runtime = runtime
+        self._rt = flow_runtime
         #: ``node_id`` for nodes, the endpoint's name for endpoints (event field).
         self._owner_id: str = owner.name if isinstance(owner, Endpoint) else owner.node_id
         self._incoming: dict[Owner, Floe] = {}
@@ -98,9 +142,20 @@ class Context:
         return self._owner
 
     @property
-    def runtime(self) -> PenguiFlow | None:
-        """The flow this context is attached to, or None when detached."""
+    def runtime(self) -> Any:
+        """The ``PenguiFlow`` this context is attached to, or None when detached.
+
+        Typed ``Any`` so that this module does not depend on ``penguiflow.core``.
+        """
         return self._runtime
+
+    @property
+    def invocation_id(self) -> str | None:
+        """The invocation the owning node is running now (set by its worker when
+        the flow is observed: a listener, a log scope or DEBUG logging); None
+        between items and when unobserved. Events and outputs of the invocation
+        carry it (keyword-only addition)."""
+        return self._inv
 
     def add_incoming_floe(self, floe: Floe) -> None:
         """Register ``floe`` as an input (ignored when its source is None)."""
@@ -152,15 +207,37 @@ class Context:
             if floe is None:
                 name = owner_label(target) if isinstance(target, Endpoint) or hasattr(
                     target, "node_id") else repr(target)
-                raise KeyError(f"Unknown target {name} for {owner_label(self._owner)}")
+                raise self._unknown_target(name, table)
             floes.append(floe)
         return floes
 
-    def _require_runtime(self) -> PenguiFlow:
-        runtime = self._runtime
-        if runtime is None:
-            raise RuntimeError("Context is not attached to a running flow")
-        return runtime
+    def _unknown_target(self, name: str, table: dict[Owner, Floe]) -> KeyError:
+        message = f"Unknown target {name} for {owner_label(self._owner)}"  # 2.1's text
+        known = ", ".join(owner_label(o) for o in table) or "none"
+        hint = (f"the known ones are: {known}; pass one of those Node objects (not a name), "
+                "or declare the edge with node.to(...)")
+        if isinstance(self._owner, Endpoint):
+            # The flow's own emit/fetch (OpenSea, Rookery): a PenguiFlow usage error.
+            return UnknownTarget(message, hint=hint)
+        # Inside a node the error becomes the node's failure, and 2.1 documents its
+        # type there (a FlowError's exception_type "KeyError", spec §8): a plain
+        # KeyError, with 2.1's exact text.
+        return KeyError(message)
+
+    def _unwired(self) -> None:
+        """Emitting without a runtime: an error, except the 2.1 no-op of an attached
+        context with no outgoing floes (one built by hand as ``Context(node, flow)``)."""
+        if self._runtime is None:
+            raise ContextDetached(
+                _DETACHED,
+                hint="a Context built as Context(owner) can only be passed to Node.invoke; "
+                     "emit through the ctx a running flow gives the node, or through "
+                     "flow.emit(...)")
+        if self._outgoing:
+            raise ContextDetached(
+                _DETACHED,
+                hint="this Context was built by hand, so the flow does not drive it; use "
+                     "flow.context(owner), the flow's own context of that node")
 
     # -- emit ----------------------------------------------------------------
 
@@ -168,18 +245,25 @@ class Context:
         """Put ``msg`` on every outgoing floe, or on those to ``to``; waits while full.
 
         Raises:
-            RuntimeError: the context is detached.
-            KeyError: ``to`` names something that is not a successor.
-            ValueError: ``msg`` has an invalid trace id (``types.check_trace_id``).
+            ContextDetached: (a ``RuntimeError``) the context is detached.
+            UnknownTarget: (a ``KeyError``) ``to`` names something that is not a
+                successor; a node's context raises a plain ``KeyError`` (2.1's
+                type, reported as the node's failure).
+            InvalidTraceId: (a ``ValueError``) ``msg`` has an invalid trace id
+                (``types.check_trace_id``).
         """
-        runtime = self._require_runtime()
+        rt = self._rt
+        if rt is None:
+            self._unwired()
         tid = msg.trace_id if type(msg) is Message else getattr(msg, "trace_id", None)
         if tid is not None and not (type(tid) is str and tid.isascii() and tid.isalnum()
                                     and len(tid) <= 256):
             check_trace_id(tid)  # the fast accept path above is check_trace_id's own
         floes = self._outgoing.values() if to is None else self._resolve(to, self._outgoing)
-        origin = runtime._origin_of(self)
-        put = runtime._put
+        if rt is None:
+            return  # attached by hand, no floes: nothing to put on (see _unwired)
+        origin = rt.origin_of(self)
+        put = rt.put
         for floe in floes:
             await put(floe, msg, origin)
 
@@ -188,9 +272,13 @@ class Context:
 
         Raises:
             asyncio.QueueFull: a target floe is full (nothing is put anywhere).
-            ValueError: ``msg`` has an invalid trace id (nothing is put anywhere).
+            InvalidTraceId: (a ``ValueError``) ``msg`` has an invalid trace id
+                (nothing is put anywhere).
+            ContextDetached, UnknownTarget: as :meth:`emit`.
         """
-        runtime = self._require_runtime()
+        rt = self._rt
+        if rt is None:
+            self._unwired()
         tid = msg.trace_id if type(msg) is Message else getattr(msg, "trace_id", None)
         if tid is not None and not (type(tid) is str and tid.isascii() and tid.isalnum()
                                     and len(tid) <= 256):
@@ -199,9 +287,11 @@ class Context:
             to, self._outgoing)
         if any(f.queue.full() for f in floes):
             raise asyncio.QueueFull
-        origin = runtime._origin_of(self)
+        if rt is None:
+            return
+        origin = rt.origin_of(self)
         for floe in floes:
-            runtime._put_nowait(floe, msg, origin)
+            rt.put_nowait(floe, msg, origin)
 
     async def emit_chunk(
         self,
@@ -222,12 +312,15 @@ class Context:
         fewer than ``queue_maxsize`` other unconsumed items (chunk backpressure).
 
         Raises:
-            RuntimeError: the context is detached.
+            ContextDetached: (a ``RuntimeError``) the context is detached.
             TraceCancelled: the parent's trace is cancelled (before or while
                 waiting for capacity); nothing is emitted.
         """
-        runtime = self._require_runtime()
-        runtime._refuse_if_cancelled(parent.trace_id)
+        rt = self._rt
+        if rt is None:
+            self._unwired()
+        else:
+            rt.refuse_if_cancelled(parent.trace_id)
         sid = stream_id if stream_id is not None else parent.trace_id
         previous = self._stream_seq.get(sid)
         if seq is None:
@@ -240,9 +333,9 @@ class Context:
                             meta=dict(meta) if meta else {})
         message = Message(payload=chunk, headers=parent.headers, trace_id=parent.trace_id,
                           deadline_s=parent.deadline_s, meta=dict(parent.meta))
-        if previous is not None:
-            await runtime._wait_chunk_capacity(parent.trace_id)
-            runtime._refuse_if_cancelled(parent.trace_id)
+        if previous is not None and rt is not None:
+            await rt.wait_chunk_capacity(parent.trace_id)
+            rt.refuse_if_cancelled(parent.trace_id)
         await self.emit(message, to)
         if text and self._inv is not None:  # only observed invocations have an id
             self._chunks += 1
@@ -326,8 +419,10 @@ class Context:
         """Return the next item: from the buffer, the one incoming floe, or any.
 
         Raises:
-            RuntimeError: the context has no incoming floes (and nothing buffered).
-            KeyError: ``from_`` names something that is not a predecessor.
+            ConfigurationError: (a ``RuntimeError``) the context has no incoming
+                floes (and nothing buffered), e.g. OpenSea's.
+            UnknownTarget: (a ``KeyError``) ``from_`` names something that is
+                not a predecessor.
         """
         if self._buffer:
             self.last_origin = None
@@ -342,7 +437,7 @@ class Context:
             for floe in incoming.values():
                 return await self._get(floe.queue)
         if not incoming:
-            raise RuntimeError("context has no incoming floes to fetch from")
+            raise _no_incoming(self._owner)
         return await self._take_arrival()
 
     async def _get(self, queue: FloeQueue) -> Any:
@@ -384,7 +479,7 @@ class Context:
         floes = (list(self._incoming.values()) if from_ is None
                  else self._resolve(from_, self._incoming))
         if not floes:
-            raise RuntimeError("context has no incoming floes to fetch from")
+            raise _no_incoming(self._owner)
         if len(floes) == 1:
             return await self._get(floes[0].queue)
         if from_ is None:
@@ -401,9 +496,14 @@ class Context:
         timeout: float | None = None,
     ) -> Any:
         """Run ``playbook`` as a subflow of this context's flow (see ``call_playbook``)."""
-        from .core import call_playbook
-
         return await call_playbook(playbook, parent_msg, timeout, runtime=self._runtime)
 
     def __repr__(self) -> str:
         return f"Context(owner={owner_label(self._owner)!r})"
+
+
+def _no_incoming(owner: Owner) -> ConfigurationError:
+    return ConfigurationError(
+        _NO_INCOMING,
+        hint=f"{owner_label(owner)} has no incoming floe: fetch results with flow.fetch() "
+             "(Rookery), and give a node a predecessor with pred.to(node) to fetch from it")

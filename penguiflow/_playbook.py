@@ -13,31 +13,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._traces import TraceCancelled
 from .types import Message
 
 if TYPE_CHECKING:
-    from .core import PenguiFlow
     from .registry import ModelRegistry
 
 __all__ = ["call_playbook"]
 
 
+# What call_playbook uses of a PenguiFlow, as shapes: this module is imported by
+# penguiflow.core (and by contexts), so it does not import core, even for types.
+class _Subflow(Protocol):
+    @property
+    def running(self) -> bool: ...
+
+    def run(self, *, registry: ModelRegistry | None = None) -> None: ...
+
+    async def emit(self, msg: Any) -> None: ...
+
+    async def fetch(self) -> Any: ...
+
+    async def cancel(self, trace_id: str) -> bool: ...
+
+    async def stop(self) -> None: ...
+
+
+class _ParentFlow(Protocol):
+    def ensure_trace_event(self, trace_id: str) -> asyncio.Event: ...
+
+
 async def call_playbook(
-    playbook: Callable[[], tuple[PenguiFlow, ModelRegistry | None]],
+    playbook: Callable[[], tuple[_Subflow, ModelRegistry | None]],
     parent_msg: Message,
     timeout: float | None = None,
     *,
-    runtime: PenguiFlow | None = None,
+    runtime: _ParentFlow | None = None,
 ) -> Any:
     """Run a subflow for ``parent_msg`` and return its first Rookery payload.
 
-    The subflow gets ``parent_msg`` itself (same trace id, headers, meta). With
-    ``runtime``, the parent trace's cancellation cancels the subflow's trace and
-    raises :class:`TraceCancelled`. The subflow is always stopped before this
-    returns or raises.
+    ``playbook`` returns ``(PenguiFlow, ModelRegistry | None)``; ``runtime`` is
+    the parent ``PenguiFlow`` (or None). The subflow gets ``parent_msg`` itself
+    (same trace id, headers, meta). With ``runtime``, the parent trace's
+    cancellation cancels the subflow's trace and raises :class:`TraceCancelled`.
+    The subflow is always stopped before this returns or raises.
 
     Raises:
         TraceCancelled: the parent trace is (or becomes) cancelled.

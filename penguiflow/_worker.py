@@ -33,7 +33,7 @@ from .types import FinalAnswer, Message
 if TYPE_CHECKING:
     from ._context import Context
     from ._graph import FloeQueue, Origin
-    from .core import PenguiFlow
+    from ._runtime import FlowRuntime
     from .node import Node
 
 __all__ = ["NodeWorker"]
@@ -45,13 +45,17 @@ _now = time.time
 
 
 class NodeWorker:
-    """Runs ``node`` over its incoming floes until cancelled by ``stop()``."""
+    """Runs ``node`` over its incoming floes until cancelled by ``stop()``.
 
-    __slots__ = ("cancel_requested", "ctx", "flow", "interruptible", "node", "running_trace",
+    It sees its flow only through ``rt``, the flow's runtime
+    (``penguiflow._runtime.FlowRuntime``).
+    """
+
+    __slots__ = ("cancel_requested", "ctx", "interruptible", "node", "rt", "running_trace",
                  "task")
 
-    def __init__(self, flow: PenguiFlow, node: Node, ctx: Context) -> None:
-        self.flow = flow
+    def __init__(self, rt: FlowRuntime, node: Node, ctx: Context) -> None:
+        self.rt = rt
         self.node = node
         self.ctx = ctx
         self.task: asyncio.Task[None] | None = None
@@ -74,7 +78,7 @@ class NodeWorker:
 
     def _consume_cancel_request(self) -> bool:
         # True when a trace cancel (not stop) interrupted us; re-arms the task.
-        if self.cancel_requested and not self.flow._stopping:
+        if self.cancel_requested and not self.rt.stopping:
             self.cancel_requested = False
             if self.task is not None:
                 self.task.uncancel()
@@ -105,18 +109,18 @@ class NodeWorker:
                     self._worker_error(exc)
         except asyncio.CancelledError:
             self.running_trace = None
-            await self.flow._emit_event("node_cancelled", ctx, None)
+            await self.rt.emit_event("node_cancelled", ctx, None)
             raise
 
     def _worker_error(self, exc: Exception) -> None:
-        self.flow._events.failures["worker_error"] += 1
+        self.rt.events.failures["worker_error"] += 1
         with contextlib.suppress(Exception):  # a failing logger: nothing left to report to
             logger.error("node_worker_error", exc_info=exc, extra={
                 "node_name": safe_str(self.node.name), "error": safe_repr(exc)})
 
     async def process(self, item: Any, origin: Origin) -> None:
         """Handle one dequeued item: deadline, cancel check, attempts, accounting."""
-        flow = self.flow
+        rt = self.rt
         trace_id = item.trace_id if type(item) is Message else getattr(item, "trace_id", None)
         try:
             if type(item) is Message or isinstance(item, Message):
@@ -125,32 +129,32 @@ class NodeWorker:
                     await self._deadline_skip(item, origin)
                     return
             if trace_id is not None:
-                state = flow._traces.get(trace_id)
+                state = rt.traces.get(trace_id)
                 if state is not None and state.cancelled:
-                    await flow._emit_event("trace_cancel_drop", self.ctx, trace_id)
+                    await rt.emit_event("trace_cancel_drop", self.ctx, trace_id)
                     return
             await self._invoke(item, origin, trace_id)
         finally:
-            if trace_id is not None and flow._release(trace_id):
-                await flow._cancel_finished(trace_id)
+            if trace_id is not None and rt.release(trace_id):
+                await rt.cancel_finished(trace_id)
 
     async def _deadline_skip(self, item: Message, origin: Origin) -> None:
-        flow = self.flow
-        await flow._emit_event("deadline_skip", self.ctx, item.trace_id,
+        rt = self.rt
+        await rt.emit_event("deadline_skip", self.ctx, item.trace_id,
                                extra={"deadline_s": item.deadline_s})
         answer = item
         if not isinstance(item.payload, FinalAnswer):
             answer = item.model_copy(update={"payload": FinalAnswer(text="Deadline exceeded"),
                                              "meta": dict(item.meta)})
-        await flow._deliver_rookery(self.ctx, answer, origin)
+        await rt.deliver_rookery(self.ctx, answer, origin)
 
     async def _invoke(self, item: Any, origin: Origin, trace_id: Any) -> None:
-        flow = self.flow
+        rt = self.rt
         node = self.node
         ctx = self.ctx
         policy = node.policy
-        events = flow._events
-        registry = flow._registry
+        events = rt.events
+        registry = rt.registry
         direct = registry is None or policy.validate == "none"
         func = node.func
         timeout = policy.timeout_s
@@ -159,14 +163,14 @@ class NodeWorker:
         inv = new_invocation_id() if observed else None
         # Only a fast-path store listens (the common production set-up): record
         # start and success synchronously, without an _emit_event coroutine each.
-        record = flow._record if events.direct and not logger.isEnabledFor(_INFO) else None
+        record = rt.record if events.direct and not logger.isEnabledFor(_INFO) else None
         parents: tuple[str, ...] = ()
         queued: float | None = None
         if origin is not None:
             queued = origin[1]
             if origin[0] is not None:
                 parents = (origin[0],)
-        state = flow._traces.get(trace_id) if trace_id is not None else None
+        state = rt.traces.get(trace_id) if trace_id is not None else None
         if state is not None:
             state.inflight += 1
         ctx._inv = inv
@@ -185,7 +189,7 @@ class NodeWorker:
                     if waiter is not None:
                         await waiter
                 elif observed:
-                    await flow._emit_event("node_start", ctx, trace_id, attempt=attempt,
+                    await rt.emit_event("node_start", ctx, trace_id, attempt=attempt,
                                            latency_ms=0.0, invocation_id=inv, parents=parents,
                                            queued_ts=queued)
                 started = _perf()
@@ -235,7 +239,7 @@ class NodeWorker:
                         # to cut that wait short too, or the result lands after it.
                         self.interruptible = True
                         try:
-                            await flow._route_result(node, ctx, item, result, inv)
+                            await rt.route_result(node, ctx, item, result, inv)
                         except asyncio.CancelledError:
                             self.interruptible = False
                             if self._consume_cancel_request():
@@ -259,7 +263,7 @@ class NodeWorker:
                             if waiter is not None:
                                 await waiter
                         elif observed or events.wants(logging.INFO):
-                            await flow._emit_event("node_success", ctx, trace_id,
+                            await rt.emit_event("node_success", ctx, trace_id,
                                                    attempt=attempt, latency_ms=latency_ms,
                                                    extra=streamed, invocation_id=inv,
                                                    parents=parents, queued_ts=queued)
@@ -288,20 +292,20 @@ class NodeWorker:
                               timed_out: bool, latency_ms: float, inv: str | None,
                               parents: tuple[str, ...]) -> int:
         """Report a failed attempt; back off and return the next attempt, or -1."""
-        flow = self.flow
+        rt = self.rt
         node = self.node
         ctx = self.ctx
         policy = node.policy
         kind = "node_timeout" if timed_out else "node_error"
         # Never repr() a user's exception directly: it may raise or recurse (safe_repr).
         shown = safe_repr(error)
-        await flow._emit_event(kind, ctx, trace_id, attempt=attempt, latency_ms=latency_ms,
+        await rt.emit_event(kind, ctx, trace_id, attempt=attempt, latency_ms=latency_ms,
                                extra={"exception": shown}, invocation_id=inv,
                                parents=parents)
         if attempt < policy.max_retries:
             attempt += 1
             sleep_s = policy.backoff_for(attempt)
-            await flow._emit_event("node_retry", ctx, trace_id, attempt=attempt,
+            await rt.emit_event("node_retry", ctx, trace_id, attempt=attempt,
                                    latency_ms=None,
                                    extra={"sleep_s": sleep_s, "exception": shown},
                                    invocation_id=inv, parents=parents)
@@ -333,17 +337,17 @@ class NodeWorker:
                 metadata={"attempt": attempt, "latency_ms": latency_ms,
                           "exception_repr": shown},
             )
-        await flow._emit_event("node_failed", ctx, trace_id, attempt=attempt,
+        await rt.emit_event("node_failed", ctx, trace_id, attempt=attempt,
                                latency_ms=latency_ms,
                                extra={"exception": shown,
                                       "flow_error": flow_error.to_payload()},
                                invocation_id=inv, parents=parents)
-        if flow._emit_errors_to_rookery and trace_id is not None:
-            await flow._deliver_rookery(ctx, flow_error, flow._origin_for(inv))
+        if rt.emit_errors_to_rookery and trace_id is not None:
+            await rt.deliver_rookery(ctx, flow_error, rt.origin_for(inv))
         return -1
 
     async def _trace_cancelled(self, trace_id: Any, attempt: int, inv: str | None,
                                started: float | None) -> None:
         latency = None if started is None else (_perf() - started) * 1000.0
-        await self.flow._emit_event("node_trace_cancelled", self.ctx, trace_id, attempt=attempt,
-                                    latency_ms=latency, invocation_id=inv)
+        await self.rt.emit_event("node_trace_cancelled", self.ctx, trace_id, attempt=attempt,
+                                  latency_ms=latency, invocation_id=inv)

@@ -122,16 +122,16 @@ async def test_stored_events_carry_the_ids(start: Any) -> None:
 
 async def test_unobserved_flows_build_no_events(start: Any, caplog: pytest.LogCaptureFixture,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import penguiflow.core as core
+    from penguiflow._runtime import FlowRuntime
 
     built: list[str] = []
-    original = core.PenguiFlow._event_fields  # every event of a flow is built here
+    original = FlowRuntime.record  # every event of a flow is built here
 
     def spy(self: Any, kind: str, *args: Any) -> Any:
         built.append(kind)
         return original(self, kind, *args)
 
-    monkeypatch.setattr(core.PenguiFlow, "_event_fields", spy)
+    monkeypatch.setattr(FlowRuntime, "record", spy)
     caplog.set_level(logging.WARNING, logger="penguiflow.core")
     flow = start(create(node("a").to()))
     await flow.emit(msg(1))
