@@ -14,6 +14,12 @@ Cancellation (``cancel(trace_id)``): the trace's cancel event is set, its queued
 items are removed from every floe, and workers running one of its invocations
 are interrupted (see ``_worker``). Other traces are untouched. The trace's
 pending count then drains to zero and ``trace_cancel_finish`` is emitted once.
+
+Stopping (``stop()``): workers are cancelled (each records ``node_cancelled``),
+external and background tasks are awaited, then a buffering store is flushed.
+The waits that depend on the store (the workers' last events, the flush) share
+one deadline, ``store_timeout_s``: a hung writer or database costs at most that
+long, and what was not stored is reported (``state_store_flush_timeout``).
 """
 
 from __future__ import annotations
@@ -62,6 +68,10 @@ __all__ = [
 ]
 
 DEFAULT_QUEUE_MAXSIZE = 64
+
+#: Default bound, in seconds, of what ``stop()`` waits for the state store: the
+#: workers' last events and the flush (``stop(store_timeout_s=...)``).
+STOP_STORE_TIMEOUT_S = 5.0
 
 # Names that user code imports from here although they are not in __all__
 # (call_playbook is in it: user code imports it from here too).
@@ -274,36 +284,62 @@ class PenguiFlow:
             worker.task = loop.create_task(worker.run(), name=f"penguiflow:{node.name}")
             self._workers.append(worker)
 
-    async def stop(self) -> None:
+    async def stop(self, *, store_timeout_s: float | None = STOP_STORE_TIMEOUT_S) -> None:
         """Stop every worker and background task; the flow can ``run()`` again.
 
         Blocked node coroutines see ``CancelledError``. Pending ``fetch`` calls
         raise :class:`~penguiflow.errors.FlowNotRunning` (a ``RuntimeError``)
         instead of waiting forever.
+
+        Args:
+            store_timeout_s: how long, in total, ``stop()`` waits for the state
+                store: for the workers' last events (``node_cancelled``) to be
+                taken and for a buffering store's ``flush()`` (keyword-only
+                addition; default :data:`STOP_STORE_TIMEOUT_S`, 5 s; None waits
+                as long as it takes). When it runs out, the waits are cut short
+                (the flush is cancelled, or not started), one
+                ``state_store_flush_timeout`` WARNING names the store, the
+                timeout and how many events were not stored (the store's
+                ``pending_events``, when it has one), the failure is counted in
+                :attr:`observer_failures`, and ``stop()`` returns. Without a
+                store the same bound applies to the workers' last events
+                reaching middlewares (``observer_stop_timeout``).
+
+        Raises:
+            InvalidArgument: (a ``ValueError``) ``store_timeout_s`` is negative.
         """
+        if store_timeout_s is not None and not store_timeout_s >= 0:
+            raise InvalidArgument(
+                f"store_timeout_s must be >= 0 seconds, or None to wait for the store as "
+                f"long as it takes; got {store_timeout_s!r}")
         rt = self._rt
         if not rt.running or rt.stopping:
             return
         # Shielded: a caller cancelled mid-stop must not leave workers behind;
         # the shutdown finishes in the background and the caller sees the cancel.
-        await asyncio.shield(self._shutdown(asyncio.current_task()))
+        await asyncio.shield(self._shutdown(asyncio.current_task(), store_timeout_s))
 
-    async def _shutdown(self, current: asyncio.Task[Any] | None) -> None:
+    async def _shutdown(self, current: asyncio.Task[Any] | None,
+                        store_timeout_s: float | None) -> None:
         rt = self._rt
         rt.stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = None if store_timeout_s is None else loop.time() + store_timeout_s
         try:
             tasks = [w.task for w in self._workers if w.task is not None]
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*(t for t in tasks if t is not current),
-                                 return_exceptions=True)
+            # A worker's last act is recording node_cancelled, which waits while a
+            # blocking store's buffer is full: bounded by the store's deadline.
+            cut = await _settle([t for t in tasks if t is not current], deadline)
             externals: list[asyncio.Future[Any]] = [t for t in rt.external if t is not current]
             for fut in externals:
                 fut.cancel()
             await asyncio.gather(*externals, return_exceptions=True)
             if rt.bus_tasks:
                 await asyncio.gather(*rt.bus_tasks, return_exceptions=True)
-            await self._flush_store()
+            if cut or not await self._flush_store(deadline):
+                self._report_store_timeout(store_timeout_s, cut)
             tracer = self._events.tracer
             if tracer is not None:
                 tracer.flow_stopped(self)
@@ -321,18 +357,47 @@ class PenguiFlow:
             rt.stopping = False
             rt.stopped = True
 
-    async def _flush_store(self) -> None:
-        # Buffering stores (PenguiFlow's SQLite/Postgres stores) write in the
-        # background; stop() makes what the flow recorded durable. Duck-typed so a
-        # plain 2.1 StateStore needs no flush().
+    async def _flush_store(self, deadline: float | None) -> bool:
+        """Flush a buffering store before ``deadline``; False if it did not finish in time.
+
+        Buffering stores (PenguiFlow's SQLite/Postgres stores) write in the
+        background; stop() makes what the flow recorded durable. Duck-typed so a
+        plain 2.1 StateStore needs no flush().
+        """
         flush = getattr(self._state_store, "flush", None)
         if flush is None:
+            return True
+        task: asyncio.Future[Any] = asyncio.ensure_future(flush())
+        if await _settle([task], deadline):
+            return False
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            self._events.failures["state_store_flush_failed"] += 1
+            logger.error("state_store_flush_failed", exc_info=exc, extra={"error": safe_repr(exc)})
+        return True
+
+    def _report_store_timeout(self, timeout_s: float | None, workers_cut: int) -> None:
+        """One WARNING for a stop() that ran out of ``store_timeout_s`` (never raises)."""
+        store = self._state_store
+        if store is None:
+            # No store: the workers' last events waited on a middleware or the tracer.
+            self._events.failures["observer_stop_timeout"] += 1
+            logger.warning("observer_stop_timeout",
+                           extra={"timeout_s": timeout_s, "workers_cut": workers_cut})
             return
         try:
-            await flush()
-        except Exception as exc:
-            self._events.failures["state_store_flush_failed"] += 1
-            logger.exception("state_store_flush_failed", extra={"error": safe_repr(exc)})
+            pending = getattr(store, "pending_events", None)
+        except Exception:  # a store's property that raises: the count is unknown
+            pending = None
+        self._events.failures["state_store_flush_timeout"] += 1
+        kind = type(store)
+        logger.warning("state_store_flush_timeout", extra={
+            "store": f"{kind.__module__}.{kind.__qualname__}",
+            "timeout_s": timeout_s,
+            # Events saved but not yet written; None when the store does not say.
+            "pending_events": pending if isinstance(pending, int) else None,
+            "workers_cut": workers_cut,
+        })
 
     # -- emit / fetch ------------------------------------------------------------
 
@@ -574,6 +639,39 @@ class PenguiFlow:
     def __repr__(self) -> str:
         return (f"PenguiFlow(name={self.name!r}, nodes={len(self._nodes)}, "
                 f"running={self.running})")
+
+
+async def _settle(tasks: Sequence[asyncio.Future[Any]], deadline: float | None) -> int:
+    """Wait for ``tasks`` until ``deadline`` (loop time; None: no limit).
+
+    Tasks still running at the deadline are cancelled (again) and given one loop
+    turn to end, no more: a task that ignores cancellation must not hang
+    ``stop()``. Returns
+    how many were cut short. Their outcomes are retrieved, so nothing is
+    reported as "never retrieved".
+    """
+    if not tasks:
+        return 0
+    timeout = None if deadline is None else max(
+        0.0, deadline - asyncio.get_running_loop().time())
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in done:
+        _retrieve(task)
+    for task in pending:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+    if pending:
+        # One loop turn to take the cancellation: a worker cut short while its last
+        # event waited for the store ends here, before stop() returns.
+        await asyncio.wait(pending, timeout=0)
+    return len(pending)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    # What a worker or a flush raised was logged where it happened (or is judged
+    # by the caller): marking it retrieved keeps asyncio from reporting it again.
+    if not task.cancelled():
+        task.exception()
 
 
 def _check_adjacency(adjacency: Any) -> tuple[Node, Sequence[Node]]:

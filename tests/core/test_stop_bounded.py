@@ -1,0 +1,191 @@
+"""stop() is bounded when the state store hangs (``stop(store_timeout_s=...)``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from pfcore_support import msg, within
+
+from penguiflow import Node, NodePolicy, create
+from penguiflow.errors import InvalidArgument, PenguiFlowError
+from penguiflow.state import RemoteBinding, StoredEvent
+
+NONE = NodePolicy(validate="none")
+
+
+async def echo(message: Any, ctx: Any) -> Any:
+    return message
+
+
+class HungWriterStore:
+    """A buffering store whose writer hangs: ``flush()`` waits for ``release``.
+
+    ``pending_events`` counts what was saved and never written, as the
+    durable stores report it.
+    """
+
+    def __init__(self) -> None:
+        self.buffered: list[StoredEvent] = []
+        self.release = asyncio.Event()
+        self.flush_started = asyncio.Event()
+        self.flush_cancelled = False
+
+    @property
+    def pending_events(self) -> int:
+        return len(self.buffered)
+
+    async def save_event(self, event: StoredEvent) -> None:
+        self.buffered.append(event)
+
+    async def load_history(self, trace_id: str) -> Sequence[StoredEvent]:
+        return [e for e in self.buffered if e.trace_id == trace_id]
+
+    async def save_remote_binding(self, binding: RemoteBinding) -> None:
+        return None
+
+    async def flush(self) -> None:
+        self.flush_started.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.flush_cancelled = True
+            raise
+        self.buffered.clear()
+
+
+class HungDatabaseStore:
+    """A store without a buffer whose ``save_event`` hangs once ``hang`` is set."""
+
+    def __init__(self) -> None:
+        self.hang = False
+        self.saved: list[StoredEvent] = []
+
+    async def save_event(self, event: StoredEvent) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
+        self.saved.append(event)
+
+    async def load_history(self, trace_id: str) -> Sequence[StoredEvent]:
+        return [e for e in self.saved if e.trace_id == trace_id]
+
+    async def save_remote_binding(self, binding: RemoteBinding) -> None:
+        return None
+
+
+def timeouts(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == "state_store_flush_timeout"]
+
+
+async def test_a_hung_flush_costs_at_most_the_timeout_and_is_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = HungWriterStore()
+    flow = create(Node(echo, name="echo", policy=NONE).to(), state_store=store)
+    flow.run()
+    await flow.emit(msg("hello"))
+    await within(flow.fetch())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await within(flow.stop(store_timeout_s=0.2))
+    elapsed = loop.time() - started
+
+    assert 0.2 <= elapsed < 2.0
+    assert not flow.running
+    assert store.flush_cancelled  # no flush is left running behind stop()
+    (record,) = timeouts(caplog)
+    assert record.levelno == logging.WARNING
+    assert record.store == f"{__name__}.HungWriterStore"  # type: ignore[attr-defined]
+    assert record.timeout_s == 0.2  # type: ignore[attr-defined]
+    # node_start, node_success of the message and node_cancelled at stop: never written.
+    assert record.pending_events == store.pending_events == 3  # type: ignore[attr-defined]
+    assert flow.observer_failures["state_store_flush_timeout"] == 1
+
+
+async def test_the_flow_runs_again_after_a_hung_flush(caplog: pytest.LogCaptureFixture) -> None:
+    store = HungWriterStore()
+    flow = create(Node(echo, name="echo", policy=NONE).to(), state_store=store)
+    flow.run()
+    await within(flow.stop(store_timeout_s=0.05))
+    assert len(timeouts(caplog)) == 1
+
+    flow.run()
+    await flow.emit(msg("again"))
+    assert (await within(flow.fetch())).payload == "again"
+    store.release.set()  # the writer recovered: this stop flushes in time
+    await within(flow.stop(store_timeout_s=0.2))
+    assert store.pending_events == 0
+    assert len(timeouts(caplog)) == 1
+
+
+async def test_a_hung_save_at_stop_is_cut_short_too(caplog: pytest.LogCaptureFixture) -> None:
+    # The workers' last events (node_cancelled) go to a store whose database hangs.
+    store = HungDatabaseStore()
+    a = Node(echo, name="a", policy=NONE)
+    b = Node(echo, name="b", policy=NONE)
+    flow = create(a.to(b), b.to(), state_store=store)
+    flow.run()
+    await flow.emit(msg(1))
+    await within(flow.fetch())
+    store.hang = True
+    await within(flow.stop(store_timeout_s=0.1))
+
+    assert not flow.running
+    (record,) = timeouts(caplog)
+    assert record.pending_events is None  # type: ignore[attr-defined]  # the store cannot say
+    assert flow.observer_failures["state_store_flush_timeout"] == 1
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("penguiflow:")]
+
+    store.hang = False
+    flow.run()
+    await flow.emit(msg(2))
+    assert (await within(flow.fetch())).payload == 2
+    await within(flow.stop())
+
+
+async def test_no_timeout_waits_for_the_store(caplog: pytest.LogCaptureFixture) -> None:
+    store = HungWriterStore()
+    flow = create(Node(echo, name="echo", policy=NONE).to(), state_store=store)
+    flow.run()
+    stopping = asyncio.ensure_future(flow.stop(store_timeout_s=None))
+    await within(store.flush_started.wait())
+    assert not stopping.done()
+    store.release.set()
+    await within(stopping)
+    assert store.pending_events == 0
+    assert timeouts(caplog) == []
+    assert "state_store_flush_timeout" not in flow.observer_failures
+
+
+async def test_a_negative_timeout_is_refused_before_anything_stops() -> None:
+    flow = create(Node(echo, name="echo", policy=NONE).to())
+    flow.run()
+    with pytest.raises(InvalidArgument, match="store_timeout_s must be >= 0") as info:
+        await flow.stop(store_timeout_s=-1.0)
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, PenguiFlowError)
+    assert flow.running
+    await within(flow.stop())
+
+
+async def test_without_a_store_a_hung_middleware_is_cut_short_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hang = asyncio.Event()
+
+    async def stuck_at_stop(event: Any) -> None:
+        if hang.is_set():
+            await asyncio.Event().wait()
+
+    flow = create(Node(echo, name="echo", policy=NONE).to(), middlewares=[stuck_at_stop])
+    flow.run()
+    hang.set()
+    await within(flow.stop(store_timeout_s=0.1))
+    assert not flow.running
+    (record,) = [r for r in caplog.records if r.getMessage() == "observer_stop_timeout"]
+    assert record.workers_cut == 1  # type: ignore[attr-defined]
+    assert flow.observer_failures["observer_stop_timeout"] == 1
+    assert timeouts(caplog) == []
