@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._tracer import enter_client_span, enter_derived_client_span, exit_client_span
 from ._traces import TraceCancelled
@@ -24,7 +24,14 @@ from .node import Node, NodePolicy
 from .state import RemoteBinding
 from .types import Message
 
+if TYPE_CHECKING:
+    from ._memory_transport import AgentTask, InMemoryAgent, InMemoryTransport, RemoteAgentError
+
 __all__ = [
+    "AgentTask",
+    "InMemoryAgent",
+    "InMemoryTransport",
+    "RemoteAgentError",
     "RemoteError",
     "RemoteStreamError",
     "RemoteCallRequest",
@@ -323,13 +330,15 @@ def RemoteNode(
     return node
 
 
-# The in-memory transport lives in its own module; it is part of this public
-# module so that tests and examples import it from where RemoteTransport is.
-from ._memory_transport import (  # noqa: E402
-    AgentTask,
-    InMemoryAgent,
-    InMemoryTransport,
-    RemoteAgentError,
-)
+#: The in-memory fakes of this seam, re-exported here (``penguiflow.remote.InMemoryTransport``)
+#: and imported on first use: they build on this module's names, so an import at
+#: import time would make the contract and its fake import each other.
+_FAKES = frozenset({"AgentTask", "InMemoryAgent", "InMemoryTransport", "RemoteAgentError"})
 
-__all__ += ["AgentTask", "InMemoryAgent", "InMemoryTransport", "RemoteAgentError"]
+
+def __getattr__(name: str) -> Any:
+    if name in _FAKES:
+        from . import _memory_transport
+
+        return getattr(_memory_transport, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,7 @@ from .errors import PenguiFlowError
 from .metrics import event_payload
 
 if TYPE_CHECKING:
+    from ._memory_store import InMemoryStateStore
     from .metrics import FlowEvent
 
 __all__ = [
@@ -456,4 +457,13 @@ class TraceStore(StateStore, Protocol):
         ...
 
 
-from ._memory_store import InMemoryStateStore  # noqa: E402  (it builds on the names above)
+
+def __getattr__(name: str) -> Any:
+    # The fake is re-exported here (``penguiflow.state.InMemoryStateStore``), lazily:
+    # it builds on this module's names, so importing it at import time would make
+    # the contract module and its fake import each other (style guide §17).
+    if name == "InMemoryStateStore":
+        from ._memory_store import InMemoryStateStore
+
+        return InMemoryStateStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
