@@ -289,7 +289,8 @@ async def test_traces_screen_filters_and_opens_a_trace() -> None:
             table = screen.query_one(DataTable)
             # newest first
             assert [str(table.get_row_at(i)[0]) for i in range(3)] == ids[::-1]
-            await pilot.press("s", "s", "s")  # any -> cancelled -> failed -> running
+            await pilot.press("s", "s", "s")  # any -> cancelled -> failed -> incomplete
+            await pilot.press("s")  # -> running
             await pilot.press("s")  # -> succeeded
             await wait_for(pilot, lambda: table.row_count == 1)
             assert screen.status == "succeeded"

@@ -164,7 +164,7 @@ def test_remote_calls_ids_bytes_states_and_time_to_first_chunk() -> None:
     view = build_trace(remote_trace().events)
     writer, researcher = view.remote_calls
     assert writer.call_id == f"{derived_span_id(TRACE, A, 'remote', '0'):016x}"
-    assert view.invocation(A) is not None and view.invocation(A).remote_calls == [writer.call_id]
+    assert view.invocation(A) is not None and view.invocation(A).remote_calls == (writer.call_id,)
     assert view.remote_call(writer.call_id) is writer
     assert (writer.agent_url, writer.skill, writer.context_id, writer.task_id) == (
         "inmemory://writer", "write", "ctx-1", "task-1")

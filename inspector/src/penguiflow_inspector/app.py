@@ -27,7 +27,6 @@ from .screens.help import HelpScreen
 from .screens.message import MessageScreen
 from .screens.trace import TraceScreen
 from .screens.traces import TracesScreen
-from .widgets._gc import release_gc
 
 if TYPE_CHECKING:
     from penguiflow.state import TraceStore
@@ -131,10 +130,6 @@ class InspectorApp(App[None]):
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
-
-    def post_display_hook(self) -> None:
-        # A frame has been written: the key that paused the GC has been answered.
-        release_gc()
 
     def action_toggle_theme(self) -> None:
         self.theme = "textual-light" if self.current_theme.dark else "textual-dark"

@@ -197,7 +197,40 @@ def _run_tui(err: TextIO, **kwargs: Any) -> int | None:
 
 
 def _dump(data: Any, out: TextIO) -> None:
-    json.dump(data, out, indent=2)
+    """Write ``json.dumps(data, indent=2)`` and a newline, one list item at a time.
+
+    Not ``json.dump``: it writes each token on its own, and with an unbuffered
+    stdout (``PYTHONUNBUFFERED=1``, common in containers) each write is a system
+    call, ~9M for a 100k-event trace (6.5 s of CPU instead of 3.3). Nor one
+    ``json.dumps``: with ``indent`` it joins a list of every token (~9M strings,
+    +400 MB at 100k events). The items of the top-level value's lists are
+    encoded one by one and shifted right; JSON strings hold no raw newline, so
+    the text is exactly ``json.dumps(data, indent=2)``'s.
+    """
+    encode = json.JSONEncoder(indent=2).encode
+
+    def nested(value: Any, pad: str) -> str:
+        return encode(value).replace("\n", "\n" + pad)
+
+    def items(values: list[Any], pad: str) -> None:
+        out.write("[\n")
+        for n, value in enumerate(values):
+            out.write(("" if n == 0 else ",\n") + pad + "  " + nested(value, pad + "  "))
+        out.write("\n" + pad + "]")
+
+    if isinstance(data, list) and data:
+        items(data, "")
+    elif isinstance(data, dict) and data:
+        out.write("{")
+        for n, (key, value) in enumerate(data.items()):
+            out.write(("\n  " if n == 0 else ",\n  ") + json.dumps(key) + ": ")
+            if isinstance(value, list) and value:
+                items(value, "  ")
+            else:
+                out.write(nested(value, "  "))
+        out.write("\n}")
+    else:
+        out.write(encode(data))
     out.write("\n")
     out.flush()
 

@@ -41,7 +41,6 @@ from penguiflow.state import StateStoreError, StoredEvent
 
 from ..messages import EventsArrived, LoadFailed, RowSelected, ScrubTo, SummaryLoaded, TraceLoaded
 from ..model import TraceView
-from ..widgets._gc import hold_gc_until_painted, release_gc
 from ..widgets.cancel_table import CancelTable
 from ..widgets.detail import DetailPane
 from ..widgets.event_log import EventLog
@@ -134,9 +133,6 @@ class TraceScreen(Screen[None]):
                     id="search")
         yield ReplayBar(id="replay")
         yield Footer()
-
-    def on_unmount(self) -> None:
-        release_gc()
 
     def on_mount(self) -> None:
         self._mounted_at = time.perf_counter()
@@ -387,7 +383,6 @@ class TraceScreen(Screen[None]):
 
     def _show_at(self, t: float) -> None:
         assert self.full is not None
-        hold_gc_until_painted(self)
         self.replay_t = t
         self._show(view_at(self.full, t), now=t)
 
@@ -413,7 +408,6 @@ class TraceScreen(Screen[None]):
         else:
             self._stop_play()
             self.replay_t = None
-            hold_gc_until_painted(self)
             self._show(self.full, now=None)
 
     def action_step(self, direction: int) -> None:

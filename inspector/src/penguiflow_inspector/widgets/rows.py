@@ -164,12 +164,11 @@ def glyphs(row: Row) -> str:
 
 @dataclass(slots=True)
 class Rows:
-    """The rows of one view, its critical path and its per-invocation event index."""
+    """The rows of one view, its critical path, and the whole trace's event times."""
 
     view: TraceView
     rows: list[Row] = field(default_factory=list)
-    events_by_inv: dict[str, list[EventRow]] = field(default_factory=dict)
-    event_ts: list[float] = field(default_factory=list)
+    event_ts: Sequence[float] = ()
     _critical: frozenset[str] | None = None
     _positions: dict[str, int] | None = None
     #: Of a full view's rows, for the replayed views made from it (see ``_replayed``):
@@ -193,30 +192,23 @@ class Rows:
 
     @classmethod
     def of(cls, view: TraceView, base: Rows | None = None) -> Rows:
-        """Flatten ``view``; with ``base`` (the full trace's rows), reuse its event index.
+        """Flatten ``view``; with ``base`` (the full trace's rows), reuse its rows.
 
-        A replayed view (``view.at(t)``) shares the full trace's events up to
-        ``t``, so its per-invocation index is the full one cut at ``t`` (see
-        :meth:`events_for`); rebuilding it would cost O(events) per step. Its
-        rows are the full trace's up to the last invocation started by ``t``,
+        A replayed view's (``view.at(t)``) rows are the full trace's up to the
+        last invocation started by ``t``,
         with the few that ``at`` re-folded (in flight at ``t``) swapped in: a
         list slice and a few replacements instead of ~50k new rows per step at
         100k events (and the garbage collections they set off).
         """
         if base is None:
-            by_inv: dict[str, list[EventRow]] = {}
-            for ev in view.events:
-                if ev.invocation_id is not None:
-                    by_inv.setdefault(ev.invocation_id, []).append(ev)
-            return cls(view, _flatten(view), by_inv, [ev.ts for ev in view.events])
+            return cls(view, _flatten(view), view.event_times)
         full = base.view
         if (view.replay_t is not None and full.replay_t is None
                 and view._index is not None and view._index is full._index
                 and not base.served):
             rows, edits = base._replayed(view)
-            return cls(view, rows, base.events_by_inv, base.event_ts, _base=base,
-                       _edits=edits)
-        return cls(view, _flatten(view), base.events_by_inv, base.event_ts)
+            return cls(view, rows, base.event_ts, _base=base, _edits=edits)
+        return cls(view, _flatten(view), base.event_ts)
 
     def _replayed(self, view: TraceView) -> tuple[list[Row], list[tuple[int, int, int]]]:
         """The rows of ``view = self.view.at(t)``: what :func:`_flatten` gives, for less.
@@ -316,9 +308,7 @@ class Rows:
             return events
         item = row.item
         key = item.invocation_id
-        inv_events: Sequence[EventRow] = self.events_by_inv.get(key or "", [])
-        if until is not None:
-            inv_events = [e for e in inv_events if e.ts <= until]
+        inv_events = self.view.events_of(key) if key is not None else []
         if isinstance(item, InvocationView):
             return inv_events
         return [e for e in inv_events if e.kind.startswith("remote_")

@@ -29,7 +29,6 @@ from textual.strip import Strip
 
 from ..messages import RowSelected
 from ..model import InvocationView
-from ._gc import hold_gc_until_painted
 from ._scroll import set_virtual_size
 from .rows import Query, Row, Rows, glyphs
 
@@ -179,21 +178,18 @@ class Waterfall(ScrollView, can_focus=True):
             self.scroll_to(y=self.cursor - body + 1, animate=False, immediate=True)
 
     def action_cursor(self, delta: int) -> None:
-        hold_gc_until_painted(self)
         self.cursor = max(0, min(self.row_count - 1, self.cursor + delta))
 
     def action_page(self, direction: int) -> None:
         self.action_cursor(direction * max(1, self.scrollable_content_region.height - 2))
 
     def action_jump(self, where: int) -> None:
-        hold_gc_until_painted(self)
         self.cursor = 0 if where == 0 else max(0, self.row_count - 1)
 
     def on_click(self, event: Click) -> None:
         if event.y >= 1:
             position = int(self.scroll_offset.y) + event.y - 1
             if 0 <= position < self.row_count:
-                hold_gc_until_painted(self)
                 self.cursor = position
 
     def on_resize(self) -> None:
@@ -310,11 +306,12 @@ class Waterfall(ScrollView, can_focus=True):
             ok = style_of("waterfall--ok")
             fill(start_col, end_col + 1, "█", status_style)
             # Each failed attempt keeps its own colour: a retry reads as red, then green.
-            for attempt in item.attempts:
+            attempts = item.attempts
+            for n, attempt in enumerate(attempts, 1):
                 a_end = attempt.end if attempt.end is not None else end
                 a_style = (style_of(f"waterfall--{attempt.outcome}")
                            if attempt.outcome in _STATUS_CLASSES else ok)
-                if item.status != "ok" and attempt is item.attempts[-1]:
+                if item.status != "ok" and n == len(attempts):
                     a_style = status_style
                 a0, a1 = self._col(attempt.start, bar_w), self._col(a_end, bar_w)
                 fill(a0, max(a0, a1) + 1, "█", a_style)
