@@ -1,9 +1,11 @@
 """Fixtures for the store contract suite: a Postgres DSN and one store per backend.
 
 ``pg_dsn`` (session): ``$TEST_PG_DSN`` if set; else a throwaway cluster
-(``initdb`` + ``pg_ctl`` as user ``postgres``, trust auth, 127.0.0.1, a free
-port, stopped and removed at session end) when the Postgres binaries exist and
-we are root; else the Postgres cases are skipped -- or fail when ``CI=true``.
+(store_support.PgCluster: ``initdb`` + ``pg_ctl`` as user ``postgres``, trust auth,
+127.0.0.1, a free port, stopped and removed at session end) when the Postgres
+binaries exist and we are root; else the Postgres cases are skipped -- or fail
+when ``CI=true``. ``pg_cluster`` (module): a cluster of the module's own, for tests
+that restart the server.
 
 ``store`` is parametrised over ``memory``, ``sqlite`` and ``postgres``; the
 SQLite/Postgres modules are imported lazily, so the memory cases run on their own.
@@ -11,32 +13,20 @@ SQLite/Postgres modules are imported lazily, so the memory cases run on their ow
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from otlp_receiver import OTLPReceiver
-from store_support import STORE_KINDS, StoreFactory
+from store_support import STORE_KINDS, PgCluster, StoreFactory
 
 
 def _no_postgres(reason: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI=true but no Postgres for the store tests: {reason}", pytrace=False)
     pytest.skip(f"no Postgres: {reason} (set TEST_PG_DSN=postgresql://...)")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="session")
@@ -46,43 +36,30 @@ def pg_dsn() -> Iterator[str]:
     if dsn:
         yield dsn
         return
-    initdbs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not initdbs:
-        _no_postgres("TEST_PG_DSN is unset and /usr/lib/postgresql/*/bin/initdb is missing")
-    if os.geteuid() != 0:
-        _no_postgres("TEST_PG_DSN is unset and starting a cluster needs root (runuser)")
-    bindir = Path(initdbs[-1]).parent
-    tmp = tempfile.mkdtemp(prefix="pf-pgtest.")
-    data = os.path.join(tmp, "data")
-    port = _free_port()
-    started = False
     try:
-        shutil.chown(tmp, user="postgres")
-        subprocess.run(
-            ["runuser", "-u", "postgres", "--", str(bindir / "initdb"), "-D", data, "-A", "trust",
-             "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"],
-            check=True, capture_output=True, timeout=120)
-        options = (f"-c listen_addresses=127.0.0.1 -p {port} -k {tmp} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off")
-        subprocess.run(
-            ["runuser", "-u", "postgres", "--", str(bindir / "pg_ctl"), "-D", data,
-             "-l", os.path.join(tmp, "pg.log"), "-w", "-t", "60", "-o", options, "start"],
-            check=True, capture_output=True, timeout=120)
-        started = True
-    except (OSError, LookupError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        shutil.rmtree(tmp, ignore_errors=True)
-        _no_postgres(f"could not start a throwaway cluster: {exc!r} "
-                     f"{detail.decode(errors='replace').strip()}")
+        cluster = PgCluster()
+        dsn = cluster.start()
+    except RuntimeError as exc:
+        _no_postgres(f"TEST_PG_DSN is unset and {exc}")
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield dsn
     finally:
-        if started:
-            subprocess.run(
-                ["runuser", "-u", "postgres", "--", str(bindir / "pg_ctl"), "-D", data,
-                 "-m", "immediate", "stop"],
-                check=False, capture_output=True, timeout=120)
-        shutil.rmtree(tmp, ignore_errors=True)
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A Postgres cluster of the module's own (not TEST_PG_DSN's), for tests that stop
+    or restart the server; skipped where none can be started, or fails when ``CI=true``."""
+    try:
+        cluster = PgCluster()
+        cluster.start()
+    except RuntimeError as exc:
+        _no_postgres(str(exc))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(params=STORE_KINDS)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import importlib
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -74,6 +79,72 @@ async def drop_schemas(dsn: str, schemas: list[str]) -> None:
 
 def unique_schema() -> str:
     return f"pf_test_{uuid.uuid4().hex[:16]}"
+
+
+class PgCluster:
+    """A throwaway Postgres cluster: ``initdb`` + ``pg_ctl`` as user ``postgres``, trust
+    auth, 127.0.0.1 on a free port, no fsync; ``stop()`` removes it.
+
+    Raises (from the constructor and ``start``): ``RuntimeError`` saying why no
+    cluster can be started here (no Postgres binaries, not root, initdb failed).
+    """
+
+    def __init__(self) -> None:
+        initdbs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not initdbs:
+            raise RuntimeError("/usr/lib/postgresql/*/bin/initdb is missing")
+        if os.geteuid() != 0:
+            raise RuntimeError("starting a cluster needs root (runuser)")
+        self._bindir = Path(initdbs[-1]).parent
+        self._tmp = ""
+        self._started = False
+        self.port = 0
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(self._bindir / "pg_ctl"),
+                        "-D", os.path.join(self._tmp, "data"), *args],
+                       check=True, capture_output=True, timeout=120)
+
+    def start(self) -> str:
+        """Create and start the cluster; its DSN."""
+        self._tmp = tempfile.mkdtemp(prefix="pf-pgtest.")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        try:
+            shutil.chown(self._tmp, user="postgres")
+            subprocess.run(
+                ["runuser", "-u", "postgres", "--", str(self._bindir / "initdb"), "-D",
+                 os.path.join(self._tmp, "data"), "-A", "trust", "-U", "postgres",
+                 "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"],
+                check=True, capture_output=True, timeout=120)
+            options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self._tmp} "
+                       "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+            self._ctl("-l", os.path.join(self._tmp, "pg.log"), "-w", "-t", "60",
+                      "-o", options, "start")
+            self._started = True
+        except (OSError, LookupError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            self.stop()
+            raise RuntimeError(f"could not start a throwaway cluster: {exc!r} "
+                               f"{detail.decode(errors='replace').strip()}") from exc
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def restart(self) -> None:
+        """Restart the server (fast shutdown: sessions are terminated); blocks until up."""
+        # -l again: else the new server writes its log to our pipe, which then never closes.
+        self._ctl("-l", os.path.join(self._tmp, "pg.log"), "-m", "fast", "-w", "-t", "60",
+                  "restart")
+
+    def stop(self) -> None:
+        """Stop the server (immediate) and remove its files; idempotent."""
+        if self._started:
+            self._started = False
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                self._ctl("-m", "immediate", "stop")
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = ""
 
 
 class StoreFactory:
@@ -199,9 +270,9 @@ def runtime_columns(ev: Any) -> tuple[Any, ...] | None:
 def fields(trace: str | None, seq: int, kind: str = "node_start", *, flow: str = "flow-r",
            node: str = "a", extra: dict[str, Any] | None = None) -> EventRecord:
     """A runtime EventRecord, as PenguiFlow hands it to ``save_event_fields``."""
-    return EventRecord(trace, 1000.0 + seq, kind, node, f"{node}-id", f"inv{seq}", ("p",), f"s{seq}",
-            None, seq, 0, 999.0 + seq, "demo", flow, 0.25, 1, 2, 1, 64, 3, False,
-            None if seq % 2 else 2, extra)
+    return EventRecord(trace, 1000.0 + seq, kind, node, f"{node}-id", f"inv{seq}", ("p",),
+                       f"s{seq}", None, seq, 0, 999.0 + seq, "demo", flow, 0.25, 1, 2, 1, 64,
+                       3, False, None if seq % 2 else 2, extra)
 
 
 async def kill_writer_mid_batch(store: Any, events: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,35 +2,42 @@
 
 The server comes from the ``pg_dsn`` fixture (tests/exporters/conftest.py):
 ``$TEST_PG_DSN``, else a throwaway cluster; without either the tests skip, or fail
-when ``CI=true``. Every test works in schemas of its own (``pf_test_<random>``),
-dropped at teardown. A second store on the same schema stands for another
-process: it has its own pool and its own server sessions. The tests taking ``make``
-run with each writer (``writer="process"``, the default, and ``"loop"``).
+when ``CI=true``. The restart test uses a cluster of its own (``pg_cluster``).
+Every test works in schemas of its own (``pf_test_<random>``), dropped at
+teardown. A second store on the same schema stands for another process: it has
+its own pool, writer and server sessions. The tests taking ``make`` run with each
+writer (``writer="process"``, the default, and ``"loop"``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 import logging
 import math
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
-from store_support import fields, kill_writer_mid_batch
+from store_support import PgCluster, fields
 
+import penguiflow_exporters
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow.state import (
+    ERROR_KINDS,
+    EVENTS_LOST_KIND,
+    TERMINAL_KINDS,
     InMemoryStateStore,
     RemoteBinding,
     StateStoreError,
@@ -40,8 +47,9 @@ from penguiflow.state import (
     TraceSummaryBuilder,
     stored_from_fields,
 )
-from penguiflow_exporters._blocks import decode_block, encode_block
+from penguiflow_exporters._records import Row, encode_block, fold_rows, merge_ranges, rows_of
 from penguiflow_exporters.postgres import SCHEMA_VERSION, PostgresStateStore
+from penguiflow_exporters.writer import WriteResult
 
 MakeStore = Callable[..., Awaitable[PostgresStateStore]]
 
@@ -96,15 +104,32 @@ async def sql(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-def ev(trace: str | None, seq: int, kind: str = "node_start", node: str | None = "a", *,
+@pytest.fixture
+async def schema(sql: asyncpg.Connection) -> AsyncIterator[str]:
+    """A schema name nothing uses yet, dropped at teardown (for schemas built by hand)."""
+    name = f"pf_test_{uuid.uuid4().hex[:8]}"
+    try:
+        yield name
+    finally:
+        await sql.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def ev(trace: Any, seq: int, kind: str = "node_start", node: Any = "a", *,
        flow: str | None = "flow-1", ts: float | None = None, attempt: int = 0,
-       **ids: Any) -> StoredEvent:
+       payload: dict[str, Any] | None = None, **ids: Any) -> StoredEvent:
     return StoredEvent(trace, 1000.0 + seq if ts is None else ts, kind, node,
-                       None if node is None else f"{node}-id", {"seq": seq, "kind": kind},
+                       None if node is None else f"{node}-id",
+                       {"seq": seq, "kind": kind} if payload is None else payload,
                        seq=seq, flow_id=flow, flow_name="demo", attempt=attempt, **ids)
 
 
-def fold(trace_id: str, events: list[StoredEvent]) -> Any:
+def lost_marker(trace: str, count: int, *, ts: float) -> StoredEvent:
+    """A ``store_events_lost`` marker, as the processor writes one."""
+    return StoredEvent(trace, ts, EVENTS_LOST_KIND, None, None,
+                       {"events_lost": count, "reason": "test"})
+
+
+def fold(trace_id: str, events: Sequence[StoredEvent]) -> Any:
     builder = TraceSummaryBuilder(trace_id)
     for event in events:
         builder.add(event)
@@ -119,29 +144,61 @@ def refused_port() -> int:
     return port
 
 
+def writer_of(store: PostgresStateStore) -> Any:
+    """The store's writer, once its first batch made it (None before)."""
+    assert store._processor is not None
+    return store._processor.writer._writer  # type: ignore[attr-defined]
+
+
+def process_of(store: PostgresStateStore) -> Any:
+    """The store's writer process (AsyncWriterProcess), if it writes through one."""
+    writer = writer_of(store)
+    return None if writer is None or writer.process is None else writer.process.process
+
+
+async def catalog(sql: asyncpg.Connection, schema: str) -> list[tuple[Any, ...]]:
+    """What a schema holds: its tables' columns (name, type, nullability, default,
+    generation) and its indexes, sorted; empty when the schema does not exist."""
+    columns = await sql.fetch(
+        "SELECT table_name, column_name, data_type, is_nullable, column_default, "
+        "generation_expression FROM information_schema.columns WHERE table_schema = $1",
+        schema)
+    indexes = await sql.fetch(
+        "SELECT 'index', tablename, indexdef FROM pg_indexes WHERE schemaname = $1", schema)
+    exists = await sql.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", schema)
+    # The schema's name, where it appears (index definitions, sequence defaults), as S.
+    return sorted([("schema", exists), *(
+        tuple(v.replace(schema, "S") if isinstance(v, str) else v for v in row)
+        for row in [*columns, *indexes])], key=repr)
+
+
 # -- schema ------------------------------------------------------------------------------
 
 
-async def test_open_creates_the_schema_and_records_its_version(
+async def test_open_creates_the_current_schema_directly(
         make: MakeStore, sql: asyncpg.Connection) -> None:
     store = await make()
     tables = {r[0] for r in await sql.fetch(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
         store.schema)}
     assert tables == {"blocks", "flow_seqs", "traces", "bindings", "schema_version"}
-    again = await make(schema=store.schema)  # already migrated: nothing to do
+    assert await sql.fetchval(
+        "SELECT data_type FROM information_schema.columns WHERE table_schema = $1 "
+        "AND table_name = 'blocks' AND column_name = 'data'", store.schema) == "text"
+    again = await make(schema=store.schema)  # current already: nothing to do
     assert again.schema == store.schema
     rows = await sql.fetch(f'SELECT version FROM "{store.schema}".schema_version')
-    assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
+    assert [r[0] for r in rows] == [SCHEMA_VERSION] == [5]
 
 
-async def test_concurrent_opens_migrate_once(make: MakeStore, sql: asyncpg.Connection) -> None:
+async def test_concurrent_opens_create_the_schema_once(make: MakeStore,
+                                                      sql: asyncpg.Connection) -> None:
     first = await make()
     await sql.execute(f'DROP SCHEMA "{first.schema}" CASCADE')  # start from nothing
     # Separate pools, so separate server sessions: what several processes would do.
     await asyncio.gather(*(make(schema=first.schema) for _ in range(4)))
     rows = await sql.fetch(f'SELECT version FROM "{first.schema}".schema_version')
-    assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
+    assert [r[0] for r in rows] == [SCHEMA_VERSION]
 
 
 async def test_a_newer_schema_version_is_refused(make: MakeStore,
@@ -154,9 +211,314 @@ async def test_a_newer_schema_version_is_refused(make: MakeStore,
     assert not isinstance(info.value, StoreUnavailable)
 
 
+@pytest.mark.parametrize("version", [1, 2, 3])
+async def test_an_old_schema_version_is_refused_and_left_unchanged(
+        pg_dsn: str, sql: asyncpg.Connection, schema: str, version: int) -> None:
+    s = f'"{schema}"'
+    await sql.execute(
+        f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer PRIMARY KEY, "
+        f"applied_ts double precision NOT NULL DEFAULT 0);"
+        f"CREATE TABLE {s}.events (id bigserial PRIMARY KEY, trace_id text, payload json);"
+        f"INSERT INTO {s}.events (trace_id, payload) VALUES ('t', '{{}}')")
+    await sql.executemany(f"INSERT INTO {s}.schema_version (version) VALUES ($1)",
+                          [(v,) for v in range(1, version + 1)])
+    before = await catalog(sql, schema)
+    store = PostgresStateStore(pg_dsn, schema=schema, writer="loop")
+    with pytest.raises(StateStoreError) as info:
+        await store.open()
+    await store.close()
+    message = str(info.value)
+    assert f"has version {version}" in message and "migrates version 4" in message
+    assert "another schema" in message and not isinstance(info.value, StoreUnavailable)
+    assert await catalog(sql, schema) == before
+    assert await sql.fetchval(f"SELECT max(version) FROM {s}.schema_version") == version
+    assert await sql.fetchval(f"SELECT count(*) FROM {s}.events") == 1
+
+
 def test_schema_name_is_validated() -> None:
     with pytest.raises(ValueError, match="lowercase identifier"):
         PostgresStateStore("postgresql://x@127.0.0.1/db", schema='Bad"Name')
+
+
+# -- schema 4: built by hand as the version-4 store left it ------------------------------
+
+# The version-4 layout, frozen (the DDL the store wrote through migrations 1-4).
+_V4_DDL = """
+CREATE SCHEMA {s};
+CREATE TABLE {s}.schema_version (version integer PRIMARY KEY,
+    applied_ts double precision NOT NULL DEFAULT extract(epoch FROM now()));
+INSERT INTO {s}.schema_version (version) VALUES (1), (2), (3), (4);
+CREATE TABLE {s}.traces (
+    trace_id text COLLATE "C" PRIMARY KEY,
+    first_seen bigint GENERATED BY DEFAULT AS IDENTITY,
+    flow_name text, started_ts double precision NOT NULL, ended_ts double precision NOT NULL,
+    node_count integer NOT NULL, error_count integer NOT NULL,
+    remote_call_count integer NOT NULL, event_count bigint NOT NULL,
+    open_count integer NOT NULL, cancelled boolean NOT NULL, failed boolean NOT NULL,
+    nodes text[] NOT NULL,
+    status text GENERATED ALWAYS AS (
+        CASE WHEN cancelled THEN 'cancelled' WHEN failed THEN 'failed'
+             WHEN open_count > 0 THEN 'running' ELSE 'succeeded' END) STORED);
+CREATE INDEX traces_started_idx ON {s}.traces (started_ts DESC);
+CREATE UNIQUE INDEX traces_first_seen_idx ON {s}.traces (first_seen);
+CREATE TABLE {s}.bindings (id bigserial PRIMARY KEY, trace_id text COLLATE "C" NOT NULL,
+    context_id text, task_id text, agent_url text);
+CREATE UNIQUE INDEX bindings_unique_idx ON {s}.bindings (trace_id,
+    (context_id IS NULL), COALESCE(context_id, ''), (task_id IS NULL), COALESCE(task_id, ''),
+    (agent_url IS NULL), COALESCE(agent_url, ''));
+CREATE INDEX bindings_context_idx ON {s}.bindings (context_id);
+CREATE INDEX bindings_task_idx ON {s}.bindings (task_id);
+CREATE TABLE {s}.blocks (id bigserial PRIMARY KEY, trace_key bigint, first bigint NOT NULL,
+    n integer NOT NULL, ts_lo double precision NOT NULL, ts_hi double precision NOT NULL,
+    data bytea NOT NULL);
+CREATE INDEX blocks_trace_idx ON {s}.blocks (trace_key, first);
+CREATE TABLE {s}.flow_seqs (flow_id text COLLATE "C" NOT NULL, lo bigint NOT NULL,
+    hi bigint NOT NULL, PRIMARY KEY (flow_id, lo));
+"""
+
+
+def v4_block(items: Sequence[tuple[Any, ...]]) -> bytes:
+    """A block as the version-4 store pickled it: one pickle of the items when all are
+    runtime items (23 fields), else two with one memo (the first 14 fields, the rest)."""
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, 5)
+    if all(len(item) == 23 for item in items):
+        pickler.dump(list(items))
+    else:
+        pickler.dump([item[:14] for item in items])
+        pickler.dump([item[14:] for item in items])
+    return buffer.getvalue()
+
+
+def v4_item(event: Any) -> tuple[Any, ...]:
+    """The item the version-4 store kept for a buffered event (EventRecord or StoredEvent)."""
+    if isinstance(event, tuple):
+        return tuple(event)
+    return (event.trace_id, event.ts, event.kind, event.node_name, event.node_id,
+            event.invocation_id, event.parent_invocation_ids, event.span_id,
+            event.parent_span_id, event.seq, event.attempt, event.queued_ts, event.flow_name,
+            event.flow_id, event.payload)
+
+
+async def make_v4_schema(sql: asyncpg.Connection, schema: str,
+                         batches: Sequence[Sequence[Any]], block_events: int = 2000) -> None:
+    """A schema as the version-4 store left it after writing ``batches`` (EventRecords
+    and StoredEvents): per batch, each trace's share as blocks of at most
+    ``block_events`` events, summaries folded, seq ranges per flow."""
+    s = f'"{schema}"'
+    await sql.execute(_V4_DDL.format(s=s))
+    ranges: dict[Any, list[tuple[int, int]]] = {}
+    for batch in batches:
+        rows = rows_of(batch)
+        folds = fold_rows(rows, terminal=TERMINAL_KINDS, errors=ERROR_KINDS)
+        for trace_id, f in folds.items():
+            await sql.execute(
+                f"INSERT INTO {s}.traces AS t (trace_id, flow_name, started_ts, ended_ts, "
+                f"node_count, error_count, remote_call_count, event_count, open_count, "
+                f"cancelled, failed, nodes) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) "
+                f"ON CONFLICT (trace_id) DO UPDATE SET ended_ts = GREATEST(t.ended_ts, "
+                f"EXCLUDED.ended_ts), started_ts = LEAST(t.started_ts, EXCLUDED.started_ts), "
+                f"node_count = t.node_count + EXCLUDED.node_count, error_count = "
+                f"t.error_count + EXCLUDED.error_count, event_count = t.event_count + "
+                f"EXCLUDED.event_count, open_count = t.open_count + EXCLUDED.open_count, "
+                f"failed = t.failed OR EXCLUDED.failed, cancelled = t.cancelled OR "
+                f"EXCLUDED.cancelled, nodes = ARRAY(SELECT DISTINCT n FROM "
+                f"unnest(t.nodes || EXCLUDED.nodes) AS n)",
+                trace_id, f.flow_name, f.started, f.ended, f.starts, f.errors, f.remotes,
+                f.events, f.open, f.cancelled, f.failed, sorted(f.nodes))
+        groups: dict[Any, list[Any]] = {}
+        for event in batch:
+            groups.setdefault(event[0] if isinstance(event, tuple) else event.trace_id,
+                              []).append(event)
+        for trace_id, group in groups.items():
+            first = 0 if trace_id is None else await sql.fetchval(
+                f"SELECT coalesce(max(first + n), 0) FROM {s}.blocks WHERE trace_key = "
+                f"(SELECT first_seen FROM {s}.traces WHERE trace_id = $1)", trace_id)
+            for offset in range(0, len(group), block_events):
+                chunk = [v4_item(e) for e in group[offset:offset + block_events]]
+                stamps = [item[1] for item in chunk]
+                await sql.execute(
+                    f"INSERT INTO {s}.blocks (trace_key, first, n, ts_lo, ts_hi, data) "
+                    f"VALUES ((SELECT first_seen FROM {s}.traces WHERE trace_id = $1), $2, $3, "
+                    f"$4, $5, $6)", trace_id, first + offset if trace_id is not None else 0,
+                    len(chunk), min(stamps), max(stamps), v4_block(chunk))
+        for row in rows:
+            if row.flow_id is not None:
+                ranges[row.flow_id] = merge_ranges(ranges.get(row.flow_id, []), [row.seq])
+    await sql.executemany(f"INSERT INTO {s}.flow_seqs (flow_id, lo, hi) VALUES ($1, $2, $3)",
+                          [(f, lo, hi) for f, rs in ranges.items() for lo, hi in rs])
+
+
+def v4_batches() -> list[list[Any]]:
+    """Two batches of what a version-4 store held: runtime events (with and without
+    extras and parents, two flows), StoredEvents with nested payloads and non-ASCII
+    text, an event without a trace; trace "rt" spans several blocks."""
+    runtime = [fields("rt", i, "node_start" if i % 2 else "node_success", node=f"n{i % 3}",
+                      extra={"k": i, "deep": {"l": [1, 2.5, None]}} if i % 5 == 0 else None)
+               for i in range(1, 26)]
+    stored = [ev("st", 100 + i, "node_error" if i % 3 == 0 else "custom", "x",
+                 payload={"i": i, "text": "pingüino ✓ \x00 \udc80", "nested": {"l": [True, None]}},
+                 parent_invocation_ids=("a", "b"), span_id=f"q{i}") for i in range(6)]
+    traceless = [ev(None, 200, "flow_cancelled", node=None)]
+    return [[*runtime[:15], *stored[:3]], [*runtime[15:], *stored[3:], *traceless]]
+
+
+async def test_a_v4_schema_is_migrated_in_place_and_every_event_reads_back_equal(
+        make: MakeStore, sql: asyncpg.Connection, schema: str) -> None:
+    batches = v4_batches()
+    await make_v4_schema(sql, schema, batches, block_events=10)  # "rt": blocks of 10
+    expected = [stored_from_fields(e) if isinstance(e, tuple) else e
+                for batch in batches for e in batch]
+    reference = InMemoryStateStore()
+    await reference.save_events(expected)
+    store = await make(schema=schema)
+    for trace_id in ("rt", "st"):
+        history = await store.load_history(trace_id)
+        assert history == [e for e in expected if e.trace_id == trace_id]
+        assert history == await reference.load_history(trace_id)
+        assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
+        assert await store.load_history_page(trace_id, offset=2, limit=11) == history[2:13]
+    assert await store.list_traces() == await reference.list_traces()
+    rows = await sql.fetch(f'SELECT version FROM "{schema}".schema_version ORDER BY 1')
+    assert [r[0] for r in rows] == [1, 2, 3, 4, SCHEMA_VERSION]
+    # Later writes: old events re-delivered are dropped (the seq ranges were kept), new
+    # ones go after them.
+    later = [fields("rt", 26, "node_success"), ev("st", 150)]
+    await store.save_events([*batches[0][:3], ev("st", 101)])
+    store.save_event_fields(later[0])  # type: ignore[arg-type]
+    await store.save_events(later[1:])
+    await reference.save_events([stored_from_fields(later[0]), later[1]])  # type: ignore[arg-type]
+    for trace_id in ("rt", "st"):
+        assert await store.load_history(trace_id) == await reference.load_history(trace_id)
+        assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
+    assert store.failures == {}
+
+
+async def test_a_migrated_schema_has_the_layout_of_a_new_one(
+        make: MakeStore, sql: asyncpg.Connection, schema: str) -> None:
+    await make_v4_schema(sql, schema, v4_batches())
+    migrated = await make(schema=schema)
+    fresh = await make()
+    assert await catalog(sql, migrated.schema) == await catalog(sql, fresh.schema)
+
+
+async def test_a_v4_block_that_is_not_plain_data_stops_the_migration_unchanged(
+        pg_dsn: str, sql: asyncpg.Connection, schema: str) -> None:
+    await make_v4_schema(sql, schema, v4_batches())
+    s = f'"{schema}"'
+    block_id = await sql.fetchval(f"SELECT max(id) FROM {s}.blocks")
+
+    class Evil:
+        def __reduce__(self) -> Any:
+            return (os.system, ("echo pwned",))
+
+    await sql.execute(f"UPDATE {s}.blocks SET data = $1 WHERE id = $2",
+                      pickle.dumps([Evil()], 5), block_id)
+    before = await catalog(sql, schema)
+    store = PostgresStateStore(pg_dsn, schema=schema, writer="loop")
+    with pytest.raises(StateStoreError, match=rf"event block {block_id} \(blocks.id\) cannot "
+                                              rf"be read .*nothing was changed") as info:
+        await store.open()
+    await store.close()
+    assert "system" in str(info.value)  # it names what the block asked for, unrun
+    assert await catalog(sql, schema) == before
+    assert await sql.fetchval(f"SELECT max(version) FROM {s}.schema_version") == 4
+
+
+class _BytesByCount:
+    def __reduce__(self) -> Any:
+        return (bytes, (10**9,))
+
+
+@pytest.mark.parametrize("payload", [
+    # bytes(n) would allocate n bytes (here 1 GB): refused, not run.
+    pytest.param(lambda: pickle.dumps([_BytesByCount()], 5), id="bytes-by-count"),
+    # One list referred to over and over: small as a pickle, huge once written out.
+    pytest.param(lambda: _nested_references(40), id="unfolding-references"),
+])
+async def test_a_crafted_v4_block_is_refused_not_expanded(
+        pg_dsn: str, sql: asyncpg.Connection, schema: str,
+        payload: Callable[[], bytes]) -> None:
+    await make_v4_schema(sql, schema, v4_batches())
+    s = f'"{schema}"'
+    block_id = await sql.fetchval(f"SELECT max(id) FROM {s}.blocks")
+    await sql.execute(f"UPDATE {s}.blocks SET data = $1 WHERE id = $2", payload(), block_id)
+    store = PostgresStateStore(pg_dsn, schema=schema, writer="loop")
+    with pytest.raises(StateStoreError, match=rf"event block {block_id} .*nothing was changed"):
+        await asyncio.wait_for(store.open(), 30)
+    await store.close()
+    assert await sql.fetchval(f"SELECT max(version) FROM {s}.schema_version") == 4
+
+
+def _nested_references(levels: int) -> bytes:
+    """A v4 block whose one event's payload is a list holding the same list twice,
+    ``levels`` deep: ~2**levels values once unfolded."""
+    value: Any = ["x"]
+    for _ in range(levels):
+        value = [value, value]
+    item = v4_item(ev("rt", 1, payload={"v": value}))
+    return v4_block([item])
+
+
+# -- read-only stores never write --------------------------------------------------------
+
+
+async def test_readonly_refuses_a_missing_schema_and_creates_nothing(
+        pg_dsn: str, sql: asyncpg.Connection, schema: str) -> None:
+    for store in (PostgresStateStore(pg_dsn, schema=schema, readonly=True),
+                  penguiflow_exporters.open_store(pg_dsn, schema=schema, readonly=True)):
+        with pytest.raises(StateStoreError, match=rf"has no schema '{schema}'") as info:
+            await store.open()  # type: ignore[attr-defined]
+        await store.close()
+        assert "\n" not in str(info.value) and not isinstance(info.value, StoreUnavailable)
+    assert await catalog(sql, schema) == [("schema", 0)]
+
+
+async def test_readonly_refuses_a_foreign_schema_and_leaves_it_unchanged(
+        pg_dsn: str, sql: asyncpg.Connection, schema: str) -> None:
+    s = f'"{schema}"'
+    await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.things (id int PRIMARY KEY, "
+                      f"name text); INSERT INTO {s}.things VALUES (1, 'one')")
+    before = await catalog(sql, schema)
+    store = PostgresStateStore(pg_dsn, schema=schema, readonly=True)
+    with pytest.raises(StateStoreError, match="is not a penguiflow store") as info:
+        await store.list_traces()
+    await store.close()
+    assert "\n" not in str(info.value)
+    assert await catalog(sql, schema) == before
+    assert await sql.fetch(f"SELECT * FROM {s}.things") == [(1, "one")]
+
+
+async def test_readonly_refuses_a_v4_schema_without_migrating_it(
+        pg_dsn: str, sql: asyncpg.Connection, schema: str) -> None:
+    await make_v4_schema(sql, schema, v4_batches())
+    before = await catalog(sql, schema)
+    store = PostgresStateStore(pg_dsn, schema=schema, readonly=True)
+    with pytest.raises(StateStoreError, match=r"version 4; .*without readonly=True"):
+        await store.open()
+    await store.close()
+    assert await catalog(sql, schema) == before
+
+
+async def test_readonly_reads_a_store_and_refuses_every_write(
+        make: MakeStore, pg_dsn: str, sql: asyncpg.Connection) -> None:
+    written = await make()
+    events = [ev("t", 1), ev("t", 2, "node_success")]
+    await written.save_events(events)
+    await written.save_remote_binding(RemoteBinding("t", "c", "k", None))
+    await written.flush()
+    before = await catalog(sql, written.schema)
+    reader = penguiflow_exporters.open_store(pg_dsn, schema=written.schema, readonly=True)
+    async with reader:  # type: ignore[attr-defined]
+        assert list(await reader.load_history("t")) == events
+        assert await reader.get_trace("t") == await written.get_trace("t")
+        assert await reader.load_bindings(trace_id="t") == [RemoteBinding("t", "c", "k", None)]
+        with pytest.raises(StoreUnavailable, match="readonly"):
+            await reader.save_event(ev("t", 3))
+        with pytest.raises(StoreUnavailable, match="readonly"):
+            await reader.save_remote_binding(RemoteBinding("t", "x", None, None))
+        assert reader.failures == {}  # type: ignore[attr-defined]
+    assert await catalog(sql, written.schema) == before
 
 
 # -- writes ------------------------------------------------------------------------------
@@ -214,19 +576,25 @@ async def test_history_keeps_the_order_and_every_field(make: MakeStore) -> None:
     assert await store.load_history("missing") == []
 
 
-async def test_payload_values_are_stored_as_plain_data(make: MakeStore) -> None:
-    # Blocks keep any float (JSON could not hold NaN or the infinities); what is
-    # not plain data is stored as its str (see _blocks.py).
+async def test_payloads_keep_any_text_and_float_and_odd_values_become_plain(
+        make: MakeStore, sql: asyncpg.Connection) -> None:
+    # Blocks are JSON written ASCII-only: NUL, control characters and lone
+    # surrogates travel as \\u escapes in a text column, NaN and the infinities as
+    # JSON's extensions; what is not plain data is stored as its str.
     store = await make()
+    text = "nul \x00 esc \x1b surrogate \udc80 pingüino ✓ 🐧"
     await store.save_events([
         StoredEvent("t1", 1.0, "node_error", "a", "a-id",
-                    {"latency_ms": math.nan, "limit": -math.inf, "error": ValueError("boom")},
+                    {"latency_ms": math.nan, "limit": -math.inf, "error": ValueError("boom"),
+                     "text": text, text: [text]},
                     seq=1, flow_id="f"),
     ])
     (stored,) = await store.load_history("t1")
     assert math.isnan(stored.payload["latency_ms"])
     assert {k: v for k, v in stored.payload.items() if k != "latency_ms"} == {
-        "limit": -math.inf, "error": "boom"}
+        "limit": -math.inf, "error": "boom", "text": text, text: [text]}
+    data = await sql.fetchval(f'SELECT data FROM "{store.schema}".blocks')
+    assert data.isascii() and "\x00" not in data
     assert store.failures == {}
 
 
@@ -285,7 +653,6 @@ async def ranges_of(sql: asyncpg.Connection, store: PostgresStateStore,
 async def test_a_redelivered_runtime_event_is_stored_and_counted_once(
         make: MakeStore, sql: asyncpg.Connection) -> None:
     store = await make(batch_size=100)  # each flush below writes one batch
-    await store._writer_started()  # writer="process": every batch goes to the writer
     first = [fields("t1", i, "node_start" if i % 2 else "node_success") for i in range(1, 6)]
     for item in first:
         assert store.save_event_fields(item) is None
@@ -311,39 +678,34 @@ async def test_a_redelivered_runtime_event_is_stored_and_counted_once(
     assert store.failures == {}
 
 
-async def test_write_returns_the_buffered_objects_it_stored(make: MakeStore) -> None:
-    # The base class hands these to in-process followers: they must be the
-    # buffered objects themselves (runtime tuples or StoredEvents), in order.
+async def test_the_writer_reports_what_it_skipped_and_refused(make: MakeStore) -> None:
+    # The EventWriter contract (writer.py), with either writer: positions in the batch
+    # of the events stored before (or repeated in it), and of those refused.
     store = await make()
-    await store._writer_started()  # writer="process": _prepare makes its payloads
-    a, b, c = fields("t", 1), ev("t", 2, flow="flow-r"), fields("t", 3)
-    traceless, d = ev(None, 4, flow="flow-r"), fields("t", 5)
+    writer = store._make_writer()
+    try:
+        a, b, c = fields("t", 1), ev("t", 2, flow="flow-r"), fields("t", 3)
+        traceless, d = ev(None, 4, flow="flow-r"), fields("t", 5)
 
-    async def write(batch: list[Any]) -> list[int]:
-        return [id(x) for x in await store._write(await store._prepare(batch))]
+        async def write(items: list[Any]) -> tuple[list[int], list[tuple[int, str]]]:
+            result = await writer.write(items)
+            assert isinstance(result, WriteResult)
+            return list(result.skipped), [tuple(r) for r in result.rejected]
 
-    assert await write([a, b]) == [id(a), id(b)]
-    assert await write([a, c, b, c, traceless]) == [id(c), id(traceless)]
-    assert await write([c, d, traceless]) == [id(d)]  # stored before, none repeated here
-    assert await write([a, b, c]) == []
-    # Runtime tuples alone (the writer process groups them itself), re-delivered too.
-    e, f = fields("t", 6), fields("u", 7)
-    assert await write([e, d, f, e]) == [id(e), id(f)]
-
-
-async def test_write_returns_the_new_events_of_a_batch_mixing_traces(make: MakeStore) -> None:
-    store = await make()
-    await store._writer_started()  # writer="process": _prepare makes its payloads
-    for a1, b2, c in ((ev("t1", 1), ev("t2", 2), ev("t2", 3, "node_success")),
-                      (fields("t3", 4), fields("t4", 5), fields("t4", 6, "node_success"))):
-        assert await store._write(await store._prepare([a1])) == [a1]
-        # StoredEvents go to the writer process grouped by trace (t2's two events,
-        # then t1's), runtime tuples in batch order; either way the events returned
-        # (what followers get) are in batch order, the re-delivery left out.
-        assert await store._write(await store._prepare([b2, a1, c])) == [b2, c]
-    assert [e.seq for e in await store.load_history("t2")] == [2, 3]
-    assert [e.seq for e in await store.load_history("t4")] == [5, 6]
-    assert store.failures == {}
+        assert await write([a, b]) == ([], [])
+        assert await write([a, c, b, c, traceless]) == ([0, 2, 3], [])
+        assert await write([c, d, traceless]) == ([0, 2], [])  # stored before
+        assert await write([a, b, c]) == ([0, 1, 2], [])
+        bad = [ev("t\x00", 6, flow="flow-r"), ev("t", 7, node=7, flow="flow-r")]
+        e = fields("u", 8)
+        assert await write([bad[0], e, bad[1], e]) == ([3], [
+            (0, "trace_id holds a control character (NUL, ESC, ...)"),
+            (2, "node_name is a int, not a str")])
+    finally:
+        await writer.close()
+    history = await store.load_history("t")
+    assert [x.seq for x in history] == [1, 2, 3, 5]
+    assert await store.load_history("u") == [stored_from_fields(e)]
 
 
 async def test_seq_ranges_stay_one_row_per_flow_in_a_normal_run(
@@ -385,6 +747,81 @@ async def test_seq_ranges_record_gaps_and_join_when_filled(
     assert summary is not None and summary.event_count == 9
 
 
+async def test_node_names_with_any_printable_character_are_summarised(
+        make: MakeStore) -> None:
+    store = await make()
+    odd = ["a,b", "é ✓", '"q"', "{}", "c d", ""]
+    for i, name in enumerate(odd):
+        await store.save_events([ev(f"t{i}", 10 * i + 1, node=name),
+                                 ev("all", 10 * i + 2, node=name)])
+        await store.flush()
+    for i, name in enumerate(odd):
+        summary = await store.get_trace(f"t{i}")
+        assert summary is not None and summary.nodes == ((name,) if name else ())
+    summary = await store.get_trace("all")
+    assert summary is not None and summary.nodes == tuple(sorted(n for n in odd if n))
+
+
+# -- events the store cannot hold --------------------------------------------------------
+
+
+async def test_an_event_the_store_cannot_hold_is_lost_alone_and_counted(
+        make: MakeStore, caplog: pytest.LogCaptureFixture) -> None:
+    store = await make()
+    good = [ev("ok", 1), ev("ok", 2, "node_success"), ev("other", 3)]
+    bad = [ev("nul\x00id", 10), ev("lone\ud800", 11), ev("x" * 5_000_000, 12),
+           ev(12345, 13), ev("ok", 14, node="a\x00b")]
+    with caplog.at_level(logging.WARNING, logger="penguiflow_exporters"):
+        await store.save_events([x for pair in itertools.zip_longest(good, bad)
+                                 for x in pair if x is not None])
+        await store.flush()
+    assert store.failures["rejected"] == store.failures["events_lost"] == len(bad)
+    assert store.failures["write_failed"] == 0
+    (record,) = [r for r in caplog.records if r.getMessage() == "state_store_events_rejected"]
+    reasons = " | ".join(record.__dict__["reasons"])
+    for words in ("trace_id holds a control character", "trace_id holds a lone surrogate",
+                  "trace_id is 5000000 characters long", "trace_id is a int",
+                  "node_name holds a control character"):
+        assert words in reasons, reasons
+    # Everything else is stored; a trace that lost an event says so (marker, summary).
+    ok = await store.load_history("ok")
+    assert ok[:2] == good[:2]
+    assert [(e.kind, e.payload["events_lost"]) for e in ok[2:]] == [(EVENTS_LOST_KIND, 1)]
+    assert "refused" in ok[2].payload["reason"]
+    summary = await store.get_trace("ok")
+    assert summary is not None and (summary.status, summary.events_lost) == ("incomplete", 1)
+    assert await store.load_history("other") == good[2:]
+    other = await store.get_trace("other")
+    assert other is not None and (other.status, other.events_lost) == ("running", 0)
+    assert {s.trace_id for s in await store.list_traces()} == {"ok", "other"}
+
+
+async def test_summaries_count_lost_events_and_say_incomplete_unless_cancelled_or_failed(
+        make: MakeStore) -> None:
+    store = await make()
+    reference = InMemoryStateStore()
+    events = [
+        ev("incomplete-running", 1), lost_marker("incomplete-running", 2, ts=1001.5),
+        ev("incomplete", 2), ev("incomplete", 3, "node_success"),
+        lost_marker("incomplete", 1, ts=1003.5),
+        ev("failed", 4), ev("failed", 5, "node_failed"), lost_marker("failed", 3, ts=1005.5),
+        ev("cancelled", 6), ev("cancelled", 7, "trace_cancel_start"),
+        ev("cancelled", 8, "node_failed"), lost_marker("cancelled", 1, ts=1008.5),
+        ev("cancelled", 9, "node_success"), lost_marker("cancelled", 4, ts=1009.5),
+        ev("whole", 10), ev("whole", 11, "node_success"),
+    ]
+    await store.save_events(events)
+    await reference.save_events(events)
+    statuses = {s.trace_id: (s.status, s.events_lost) for s in await store.list_traces()}
+    assert statuses == {"incomplete-running": ("incomplete", 2), "incomplete": ("incomplete", 1),
+                        "failed": ("failed", 3), "cancelled": ("cancelled", 5),
+                        "whole": ("succeeded", 0)}
+    for trace_filter in (TraceFilter(), TraceFilter(status="incomplete"),
+                         TraceFilter(status="failed"), TraceFilter(status="succeeded")):
+        assert await store.list_traces(trace_filter) == await reference.list_traces(
+            trace_filter), trace_filter
+
+
 # -- queries -----------------------------------------------------------------------------
 
 
@@ -416,6 +853,7 @@ def fleet() -> list[StoredEvent]:
                 seq += 1
                 events.append(ev(trace, seq, kind, node, ts=float(ts), attempt=attempt,
                                  flow="fleet"))
+    events.append(lost_marker("ok-2", 1, ts=21.0))  # ok-2 becomes incomplete
     return events
 
 
@@ -424,7 +862,8 @@ FILTERS = [
     TraceFilter(limit=3),
     TraceFilter(order="slowest"),
     TraceFilter(order="slowest", limit=2),
-    *(TraceFilter(status=s) for s in ("cancelled", "failed", "running", "succeeded")),
+    *(TraceFilter(status=s) for s in ("cancelled", "failed", "incomplete", "running",
+                                      "succeeded")),
     TraceFilter(node="a"),
     TraceFilter(node="zzz"),
     TraceFilter(has_errors=True),
@@ -450,13 +889,9 @@ async def test_list_traces_and_get_trace_match_the_in_memory_store(make: MakeSto
 
 
 async def test_history_pages_across_block_boundaries_are_slices_of_the_history(
-        make: MakeStore, sql: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
-    from penguiflow_exporters import _blocks, postgres
-
-    # A trace's share of a batch: 1-2 blocks (encoded on the loop, or for the writer).
-    monkeypatch.setattr(postgres, "BLOCK_EVENTS", 4)
-    monkeypatch.setattr(_blocks, "BLOCK_EVENTS", 4)
+        make: MakeStore, sql: asyncpg.Connection) -> None:
     store = await make(batch_size=7)
+    store._block_events = 4  # before the first batch makes the writer
     # One trace's events spread over blocks of many sizes: batches shared with
     # another trace, single events, a lone full batch.
     seq = iter(range(1, 1000))
@@ -587,7 +1022,7 @@ async def test_follow_handles_batches_touching_many_or_long_trace_ids(
         make: MakeStore) -> None:
     writer = await make()
     reader = await make(schema=writer.schema)
-    long_id = "L" * 9000  # longer than a NOTIFY payload may be
+    long_id = "L" * 256  # with many ids, more than one NOTIFY payload may hold
     seen: list[StoredEvent] = []
     everything: list[StoredEvent] = []
     follower = asyncio.create_task(collect(reader.follow(long_id), seen,
@@ -698,9 +1133,10 @@ async def test_an_unreachable_server_is_store_unavailable() -> None:
 
 
 async def test_a_flow_completes_while_its_store_is_unreachable(
-        caplog: pytest.LogCaptureFixture) -> None:
+        writer: str, caplog: pytest.LogCaptureFixture) -> None:
     store = PostgresStateStore(f"postgresql://pf@127.0.0.1:{refused_port()}/db",
-                               schema="pf_unreachable", connect_timeout_s=5)
+                               schema="pf_unreachable", connect_timeout_s=5, writer=writer,
+                               retries=1)
 
     async def echo(message: Message, ctx: Any) -> Message:
         return message
@@ -713,7 +1149,7 @@ async def test_a_flow_completes_while_its_store_is_unreachable(
         assert (await asyncio.wait_for(flow.fetch(), 5)).payload == "hi"
     finally:
         await asyncio.wait_for(flow.stop(), 10)  # its flush fails; stop() does not
-    assert store.failures["write_failed"] >= 1
+    assert store.failures["write_failed"] >= 1 and store.failures["retried"] >= 1
     assert store.failures["events_lost"] >= 2
     assert "state_store_write_failed" in caplog.text
     await store.close()
@@ -729,11 +1165,6 @@ async def test_other_driver_errors_are_state_store_errors(make: MakeStore,
     assert isinstance(info.value.__cause__, asyncpg.PostgresError)
 
 
-class _Evil:
-    def __reduce__(self) -> Any:
-        return (print, ("not plain data",))
-
-
 async def test_a_corrupt_block_is_a_state_store_error_naming_it(
         make: MakeStore, sql: asyncpg.Connection) -> None:
     store = await make()
@@ -744,8 +1175,7 @@ async def test_a_corrupt_block_is_a_state_store_error_naming_it(
     s = f'"{store.schema}"'
     first_id, second_id = [r[0] for r in await sql.fetch(
         f"SELECT id FROM {s}.blocks ORDER BY id")]
-    await sql.execute(f"UPDATE {s}.blocks SET data = $1 WHERE id = $2",
-                      b"\x80\x05garbage", first_id)
+    await sql.execute(f"UPDATE {s}.blocks SET data = $1 WHERE id = $2", "{garbage", first_id)
     pattern = rf"{store.schema}.*event block {first_id} \(blocks.id\) cannot be read: corrupt"
     with pytest.raises(StateStoreError, match=pattern) as info:
         await store.load_history("t1")
@@ -754,16 +1184,114 @@ async def test_a_corrupt_block_is_a_state_store_error_naming_it(
         await store.load_history_page("t1", offset=1, limit=2)
     # The other block still reads.
     assert await store.load_history_page("t1", offset=2, limit=2) == events[2:]
-    # A block naming anything but plain data is refused, never run.
+    # JSON of another shape is refused too.
     await sql.execute(f"UPDATE {s}.blocks SET data = $1 WHERE id = $2",
-                      pickle.dumps([_Evil()], 5), second_id)
-    with pytest.raises(StateStoreError, match=rf"event block {second_id} .*builtins.print"):
+                      '{"v": 2, "n": 2, "cols": {}}', second_id)
+    with pytest.raises(StateStoreError, match=rf"event block {second_id} .*version-1 block"):
         await store.load_history_page("t1", offset=2, limit=2)
-    # So is an item of neither layout.
+    # And a runtime event whose columns are not the runtime's.
+    odd = Row(*fields("t1", 3)[:15], "three", *fields("t1", 3)[16:], None)  # type: ignore[misc]
     await sql.execute(f"UPDATE {s}.blocks SET data = $1 WHERE id = $2",
-                      encode_block([("t1", 1.0)]), second_id)
-    with pytest.raises(StateStoreError, match=rf"event block {second_id} .*2 fields"):
+                      encode_block([odd]), second_id)
+    with pytest.raises(StateStoreError, match=rf"event block {second_id} .*runtime event"):
         await store.load_history_page("t1", offset=2, limit=2)
+
+
+def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [str(r.__dict__["error"]) for r in caplog.records
+            if r.getMessage() == "state_store_write_failed"]
+
+
+async def test_an_event_the_database_refuses_is_lost_alone(
+        make: MakeStore, sql: asyncpg.Connection, caplog: pytest.LogCaptureFixture) -> None:
+    store = await make(flush_interval_s=3600.0)
+    s = f'"{store.schema}"'
+    await sql.execute(f"""
+        CREATE FUNCTION {s}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'refused by a trigger'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON {s}.blocks
+        FOR EACH ROW WHEN (NEW.data LIKE '%poison%') EXECUTE FUNCTION {s}.refuse()""")
+    first = [ev("t", 1), ev("t", 2, "node_success")]
+    await store.save_events(first)
+    await store.flush()
+    poisoned = ev("t", 3, payload={"poison": True})
+    with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
+        await store.save_events([ev("u", 4), poisoned, ev("u", 5, "node_success")])
+        await store.flush()
+    # The batch was split until the one block the server refuses stood alone.
+    assert store.failures["write_failed"] == 1 and store.failures["events_lost"] == 1
+    (error,) = _errors_logged(caplog)
+    assert "refused by a trigger" in error and "RaiseError" in error
+    assert store.schema in error and store._where in error
+    assert [e.seq for e in await store.load_history("u")] == [4, 5]
+    history = await store.load_history("t")
+    assert history[:2] == first and [e.kind for e in history[2:]] == [EVENTS_LOST_KIND]
+    summary = await store.get_trace("t")
+    assert summary is not None and (summary.status, summary.events_lost) == ("incomplete", 1)
+    # Its seq was not taken: once the server takes it, it is stored.
+    await sql.execute(f"DROP TRIGGER refuse ON {s}.blocks")
+    await store.save_events([poisoned])
+    assert (await store.load_history("t"))[-1] == poisoned
+
+
+async def test_a_lost_writer_connection_is_retried_and_nothing_is_lost(
+        make: MakeStore, sql: asyncpg.Connection) -> None:
+    store = await make(flush_interval_s=3600.0)
+    await store.save_events([ev("t", 1)])
+    await store.flush()
+    killed = await sql.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = 'penguiflow-writer' AND datname = current_database()")
+    assert killed >= 1
+    await store.save_events([ev("t", 2)])
+    await store.flush()
+    await store.save_events([ev("t", 3)])
+    assert [e.seq for e in await store.load_history("t")] == [1, 2, 3]
+    assert store.failures["events_lost"] == 0
+    if store.writer == "process":  # its connection finds out on the next batch
+        assert store.failures["retried"] == 1
+
+
+async def test_a_server_restart_loses_exactly_what_it_counts(
+        pg_cluster: PgCluster, writer: str, caplog: pytest.LogCaptureFixture) -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:{pg_cluster.port}/postgres"
+    schema = f"pf_test_{uuid.uuid4().hex[:8]}"
+    # No retries: every batch the restart hits is lost, and must be counted.
+    store = PostgresStateStore(dsn, schema=schema, writer=writer, retries=0, max_batch=40,
+                               max_buffer=200, connect_timeout_s=5)
+    await store.open()
+    saved = 0
+
+    async def save(count: int) -> None:
+        nonlocal saved
+        for _ in range(count):
+            await store.save_event(ev(f"t{saved % 7}", saved, "node_start", f"n{saved % 3}",
+                                      flow="restart"))
+            saved += 1
+            await asyncio.sleep(0)  # a turn for the writer
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
+            await save(300)
+            await store.flush()
+            restarting = asyncio.ensure_future(asyncio.to_thread(pg_cluster.restart))
+            while not restarting.done():
+                await save(20)
+            await restarting
+            await save(300)
+    finally:
+        await store.close()
+    lost = store.failures["events_lost"]
+    assert lost > 0 and store.failures["write_failed"] >= 1
+    async with PostgresStateStore(dsn, schema=schema, readonly=True) as reader:
+        summaries = await reader.list_traces(TraceFilter(limit=100))
+        histories = [await reader.load_history(s.trace_id) for s in summaries]
+    stored = [e for history in histories for e in history if e.kind != EVENTS_LOST_KIND]
+    assert len(stored) + lost == saved
+    assert len({e.seq for e in stored}) == len(stored)  # none twice
+    # Every lost event is in its trace's count, and those traces say incomplete.
+    assert sum(s.events_lost for s in summaries) == lost
+    assert all(s.status == "incomplete" for s in summaries if s.events_lost)
 
 
 # -- the writer process ------------------------------------------------------------------
@@ -787,478 +1315,80 @@ def test_the_writer_module_starts_without_importing_penguiflow() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[BaseException]:
-    return [r.exc_info[1] for r in caplog.records
-            if r.getMessage() == "state_store_write_failed" and r.exc_info and r.exc_info[1]]
-
-
-@PROCESS_ONLY
 async def test_a_store_opened_and_queried_but_never_written_to_starts_no_writer(
         make: MakeStore) -> None:
-    store = await make(writer="process")
+    store = await make()
     assert await store.list_traces() == [] and await store.get_trace("t") is None
     assert await store.load_history("t") == []
     await store.flush()
-    writer = store._proc_writer
-    assert writer is not None and writer.started == 0 and writer.pid is None
+    assert writer_of(store) is None
     await store.close()
-    assert writer.started == 0
+    assert writer_of(store) is None
 
 
 @PROCESS_ONLY
-async def test_the_writer_process_starts_with_the_first_buffered_event(
-        make: MakeStore) -> None:
-    store = await make(writer="process", flush_interval_s=3600.0)
-    assert store._starting is None  # open() starts none
+async def test_the_writer_process_starts_with_the_first_batch(make: MakeStore) -> None:
+    store = await make(flush_interval_s=3600.0)
     await store.save_events([ev("t", 1)])
-    assert store._starting is not None  # the event did
-    await store._writer_started()
-    writer = store._proc_writer
-    assert writer is not None and writer.started == 1 and writer.pid is not None
+    assert writer_of(store) is None  # buffered only
     await store.flush()
+    process = process_of(store)
+    assert process is not None and process.started == 1 and process.pid is not None
     assert await store.load_history("t") == [ev("t", 1)]
 
 
 @PROCESS_ONLY
 async def test_a_writer_process_that_died_between_batches_is_replaced(
         make: MakeStore) -> None:
-    store = await make(writer="process", flush_interval_s=3600.0)
-    await store._writer_started()  # else the first batches are written on the loop
+    store = await make(flush_interval_s=3600.0)
     first = [ev("t", 1), ev("t", 2, "node_success")]
     await store.save_events(first)
     await store.flush()
-    writer = store._proc_writer
-    assert writer is not None and writer._proc is not None and writer.started == 1
-    dead = writer._proc
+    process = process_of(store)
+    assert process is not None and process._proc is not None and process.started == 1
+    dead = process._proc
     dead.kill()
     await dead.wait()
     later = [ev("t", 3, node="b")]
     await store.save_events(later)
     assert await store.load_history("t") == [*first, *later]  # nothing lost
-    assert writer.started == 2 and store.failures["write_failed"] == 0
+    assert process.started == 2 and store.failures["events_lost"] == 0
 
 
 @PROCESS_ONLY
-async def test_a_writer_process_that_dies_mid_batch_loses_that_batch_only(
-        make: MakeStore, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    store = await make(writer="process", flush_interval_s=3600.0)
-    await store._writer_started()  # else the first batches are written on the loop
+async def test_a_writer_process_that_dies_mid_batch_is_replaced_and_the_batch_retried(
+        make: MakeStore, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from penguiflow_exporters._writer_proc import AsyncWriterProcess
+
+    store = await make(flush_interval_s=3600.0)
     first = [ev("t", 1), ev("t", 2, "node_success")]
     await store.save_events(first)
     await store.flush()
-    writer = store._proc_writer
-    assert writer is not None and writer.pid is not None and writer.started == 1
-    with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
-        await kill_writer_mid_batch(store, [ev("t", 3)], monkeypatch)
-    assert store.failures["write_failed"] == 1 and store.failures["events_lost"] == 1
-    (error,) = _errors_logged(caplog)
-    assert isinstance(error, StoreUnavailable) and "writer process exited" in str(error)
-    assert store._where in str(error)  # names the server (never the password)
-    later = [ev("t", 4, "node_success")]
-    await store.save_events(later)
-    assert await store.load_history("t") == [*first, *later]
-    assert writer.started == 2
+    process = process_of(store)
+    assert process is not None and process.pid is not None and process.started == 1
+    sending = asyncio.Event()
+    exchange = AsyncWriterProcess._exchange
 
+    async def signalling_exchange(self: Any, proc: Any, op: bytes, payload: bytes) -> Any:
+        if op == b"W" and not sending.is_set():
+            sending.set()  # the batch is handed to this very process
+            await asyncio.sleep(0)  # let the test kill it first
+        return await exchange(self, proc, op, payload)
 
-@PROCESS_ONLY
-async def test_a_failure_inside_the_writer_is_reported_and_the_store_carries_on(
-        make: MakeStore, sql: asyncpg.Connection, caplog: pytest.LogCaptureFixture) -> None:
-    store = await make(writer="process", flush_interval_s=3600.0)
-    await store._writer_started()  # else the first batches are written on the loop
-    s = f'"{store.schema}"'
-    await sql.execute(f"""
-        CREATE FUNCTION {s}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN RAISE EXCEPTION 'refused by a trigger'; END $$;
-        CREATE TRIGGER refuse BEFORE INSERT ON {s}.blocks
-        FOR EACH ROW WHEN (NEW.trace_key IS NOT NULL AND NEW.first > 0)
-        EXECUTE FUNCTION {s}.refuse()""")
-    first = [ev("t", 1), ev("t", 2, "node_success")]
-    await store.save_events(first)
-    await store.flush()
-    with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
-        await store.save_events([ev("t", 3), ev("u", 4)])  # t's block starts at 2: refused
-        await store.flush()
-    assert store.failures["write_failed"] == 1 and store.failures["events_lost"] == 2
-    (error,) = _errors_logged(caplog)
-    assert isinstance(error, StateStoreError) and not isinstance(error, StoreUnavailable)
-    message = str(error)
-    assert "refused by a trigger" in message and "RaiseError" in message
-    assert store.schema in message and store._where in message
-    # Rolled back whole: no summary for u, t untouched, its seqs not taken.
-    assert await store.get_trace("u") is None
-    assert await store.load_history("t") == first
-    await sql.execute(f"DROP TRIGGER refuse ON {s}.blocks")
-    again = [ev("t", 3), ev("u", 4)]
-    await store.save_events(again)
-    assert await store.load_history("t") == [*first, again[0]]
-    assert await store.load_history("u") == [again[1]]
-    assert store._proc_writer is not None and store._proc_writer.started == 1
-
-
-@PROCESS_ONLY
-async def test_a_writer_whose_connection_is_lost_reports_unavailable_then_reconnects(
-        make: MakeStore, sql: asyncpg.Connection, caplog: pytest.LogCaptureFixture) -> None:
-    store = await make(writer="process", flush_interval_s=3600.0)
-    await store._writer_started()  # else the first batches are written on the loop
-    await store.save_events([ev("t", 1)])
-    await store.flush()
-    killed = await sql.fetchval(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-        "WHERE application_name = 'penguiflow-writer' AND datname = current_database()")
-    assert killed >= 1
-    with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
-        await store.save_events([ev("t", 2)])
-        await store.flush()
-    assert store.failures["write_failed"] == 1
-    (error,) = _errors_logged(caplog)
-    assert isinstance(error, StoreUnavailable), error
-    assert f"cannot reach Postgres at {store._where}" in str(error)
-    await store.save_events([ev("t", 3)])
-    assert [e.seq for e in await store.load_history("t")] == [1, 3]
-    assert store._proc_writer is not None and store._proc_writer.started == 1
-
-
-@PROCESS_ONLY
-async def test_close_stops_the_writer_process(make: MakeStore) -> None:
-    store = await make(writer="process")
-    await store._writer_started()  # else the first batches are written on the loop
-    await store.save_events([ev("t", 1)])
-    await store.flush()
-    writer = store._proc_writer
-    assert writer is not None
-    pid = writer.pid
-    assert pid is not None
-    await store.close()
-    assert writer.pid is None
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)  # reaped, not a zombie
-
-
-# -- throughput (printed, not asserted) ----------------------------------------------------
-
-
-async def test_ingest_rate_and_load_time(make: MakeStore,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
-    count = 100_000
-    flow = uuid.uuid4().hex[:16]
-    t0 = time.time()
-    events = [
-        StoredEvent(
-            "big", t0 + i * 1e-5, "node_start" if i % 2 == 0 else "node_success",
-            f"s{i % 5}", f"node-{i % 5}",
-            {"ts": t0 + i * 1e-5, "event": "node_start" if i % 2 == 0 else "node_success",
-             "node_name": f"s{i % 5}", "node_id": f"node-{i % 5}", "trace_id": "big",
-             "latency_ms": 0.021, "q_depth_in": 3, "q_depth_out": 1, "q_depth_total": 4,
-             "outgoing": 1, "queue_maxsize": 64, "attempt": 0, "trace_inflight": 1,
-             "trace_cancelled": False, "trace_pending": 1},
-            invocation_id=f"{i:016x}", span_id=f"{i:016x}", seq=i, queued_ts=t0,
-            flow_name="bench", flow_id=flow)
-        for i in range(count)
-    ]
-    store = await make()
-    started = time.perf_counter()
-    await store.save_events(events)
-    await store.flush()
-    ingest = count / (time.perf_counter() - started)
-    started = time.perf_counter()
-    history = await store.load_history("big")
-    load_ms = (time.perf_counter() - started) * 1000
-    assert len(history) == count and history[-1] == events[-1]
-    assert store.failures == {}
-    with capsys.disabled():
-        print(f"\nPostgresStateStore: raw ingest {ingest:,.0f} events/s; "
-              f"load_history of {count:,} events {load_ms:,.0f} ms")
-
-
-# -- migration from schema version 1 -------------------------------------------------
-
-
-def migration_sql(index: int, s: str) -> str:
-    """The SQL of migration ``index`` (0: the v1 DDL) for the quoted schema ``s``."""
-    from penguiflow_exporters.postgres import _MIGRATIONS
-
-    step = _MIGRATIONS[index]
-    assert isinstance(step, str), f"migration {index} is code, not SQL"
-    return step.format(s=s)
-
-
-async def _make_v1_schema(sql: asyncpg.Connection, schema: str,
-                          events: list[StoredEvent]) -> None:
-    """A schema as a version-1 store left it: the v1 DDL, full JSON payloads, summaries."""
-    import json
-
-    s = f'"{schema}"'
-    await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer "
-                      f"PRIMARY KEY, applied_ts double precision NOT NULL DEFAULT 0)")
-    await sql.execute(migration_sql(0, s))
-    await sql.execute(f"INSERT INTO {s}.schema_version (version) VALUES (1)")
-    for e in events:
-        await sql.execute(
-            f"INSERT INTO {s}.events (event_key, trace_id, ts, kind, node_name, node_id, "
-            f"attempt, invocation_id, parent_invocation_ids, span_id, parent_span_id, seq, "
-            f"queued_ts, flow_name, flow_id, payload) VALUES "
-            f"($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
-            e.event_key, e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.attempt,
-            e.invocation_id, list(e.parent_invocation_ids), e.span_id, e.parent_span_id,
-            e.seq, e.queued_ts, e.flow_name, e.flow_id, json.dumps(dict(e.payload)))
-    assert all(e.trace_id == "t" for e in events)
-    summary = fold("t", events)
-    await sql.execute(
-        f"INSERT INTO {s}.traces (trace_id, flow_name, started_ts, ended_ts, node_count, "
-        f"error_count, remote_call_count, event_count, open_count, cancelled, failed, nodes) "
-        f"VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,false,false,$10)",
-        "t", summary.flow_name, summary.started_ts, summary.ended_ts, summary.node_count,
-        summary.error_count, summary.remote_call_count, summary.event_count,
-        summary.node_count - sum(e.kind == "node_success" for e in events),
-        list(summary.nodes))
-
-
-async def test_a_v1_schema_is_migrated_and_keeps_its_events_and_summaries(
-        make: MakeStore, sql: asyncpg.Connection) -> None:
-    schema = f"pf_test_{uuid.uuid4().hex[:8]}"
-    old = [ev("t", 1), ev("t", 2, "node_success"), ev("t", 3, node="b")]
-    try:
-        await _make_v1_schema(sql, schema, old)
-        store = await make(schema=schema)
-        assert await store.load_history("t") == old
-        assert await store.get_trace("t") == fold("t", old)
-        more = [ev("t", 4, "node_success", node="b"), old[0]]  # old[0] is re-delivered
-        await store.save_events(more)
-        assert await store.load_history("t") == [*old, more[0]]
-        assert await store.get_trace("t") == fold("t", [*old, more[0]])
-        rows = await sql.fetch(f'SELECT version FROM "{schema}".schema_version ORDER BY 1')
-        assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
-    finally:
-        await sql.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-def runtime_ev(trace: str | None, seq: int, kind: str = "node_start", *, ts: float,
-               flow: str = "flow-2", **extra: Any) -> StoredEvent:
-    """A StoredEvent whose payload is exactly a runtime payload (columns since v2)."""
-    from penguiflow.metrics import event_payload
-
-    payload = event_payload(kind, ts, "a", "a-id", trace, 0.25, 1, 2, 1, 64, 0, 1, False, 3,
-                            extra)
-    return StoredEvent(trace, ts, kind, "a", "a-id", payload, seq=seq, flow_id=flow,
-                       flow_name="demo", parent_invocation_ids=("p",))
-
-
-def _old_row(e: StoredEvent) -> tuple[Any, ...]:
-    """The ``events`` values of a schema-2/3 row (trace id first, payload last): runtime
-    payloads split into columns, others whole."""
-    import json
-
-    from store_support import runtime_columns
-
-    columns = runtime_columns(e)
-    runtime = (None,) * 8 if columns is None else columns[:8]
-    payload = dict(e.payload) if columns is None else columns[8]
-    return (e.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id,
-            list(e.parent_invocation_ids), e.span_id, e.parent_span_id, e.seq, e.attempt,
-            e.queued_ts, e.flow_name, e.flow_id, *runtime,
-            json.dumps(payload) if payload else None)
-
-
-async def _insert_old_summaries(sql: asyncpg.Connection, s: str,
-                                events: list[StoredEvent]) -> None:
-    """The ``traces`` rows of a schema-2/3 store (``s``: the quoted schema)."""
-    for trace_id in dict.fromkeys(e.trace_id for e in events if e.trace_id is not None):
-        of_trace = [e for e in events if e.trace_id == trace_id]
-        summary = fold(trace_id, of_trace)
-        opened = summary.node_count - sum(e.kind == "node_success" for e in of_trace)
-        await sql.execute(
-            f"INSERT INTO {s}.traces (trace_id, flow_name, started_ts, ended_ts, node_count, "
-            f"error_count, remote_call_count, event_count, open_count, cancelled, failed, "
-            f"nodes) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,false,false,$10)",
-            trace_id, summary.flow_name, summary.started_ts, summary.ended_ts,
-            summary.node_count, summary.error_count, summary.remote_call_count,
-            summary.event_count, opened, list(summary.nodes))
-
-
-async def _make_v2_schema(sql: asyncpg.Connection, schema: str,
-                          events: list[StoredEvent]) -> None:
-    """A schema as a version-2 store left it: text trace ids in ``events``, runtime
-    payloads split into columns (others whole), summaries in arrival order."""
-    s = f'"{schema}"'
-    await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer "
-                      f"PRIMARY KEY, applied_ts double precision NOT NULL DEFAULT 0)")
-    await sql.execute(migration_sql(0, s))
-    await sql.execute(migration_sql(1, s))
-    await sql.execute(f"INSERT INTO {s}.schema_version (version) VALUES (1), (2)")
-    for e in events:
-        await sql.execute(
-            f"INSERT INTO {s}.events (trace_id, ts, kind, node_name, node_id, invocation_id, "
-            f"parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, "
-            f"flow_name, flow_id, latency_ms, q_in, q_out, outgoing, queue_maxsize, "
-            f"trace_inflight, trace_cancelled, trace_pending, payload) VALUES ($1,$2,$3,$4,$5,"
-            f"$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23)",
-            *_old_row(e))
-    await _insert_old_summaries(sql, s, events)
-
-
-async def test_node_names_with_any_character_are_summarised(make: MakeStore) -> None:
-    # Names travel to the summary upsert joined by a unit separator, or as JSON when
-    # a name contains one.
-    store = await make()
-    odd = ["a,b", "c\x1fd", "é ✓", '"q"', "{}", ""]
-    for i, name in enumerate(odd):
-        await store.save_events([ev(f"t{i}", 10 * i + 1, node=name),
-                                 ev("all", 10 * i + 2, node=name)])
-        await store.flush()
-    for i, name in enumerate(odd):
-        summary = await store.get_trace(f"t{i}")
-        assert summary is not None and summary.nodes == ((name,) if name else ())
-    summary = await store.get_trace("all")
-    assert summary is not None and summary.nodes == tuple(sorted(n for n in odd if n))
-
-
-async def test_a_v2_schema_is_migrated_to_trace_keys_and_keeps_everything(
-        make: MakeStore, sql: asyncpg.Connection) -> None:
-    schema = f"pf_test_{uuid.uuid4().hex[:8]}"
-    # Two traces starting at the same ts (the tie-break is the order they were first
-    # stored), runtime-split and whole payloads, and an event without a trace.
-    old = [runtime_ev("u", 1, ts=1.0), ev("t", 7, ts=1.0),
-           runtime_ev("u", 2, "node_error", ts=1.5, exception="ValueError('x')"),
-           ev("t", 8, "node_success", ts=2.0), runtime_ev(None, 3, "node_cancelled", ts=3.0)]
-    reference = InMemoryStateStore()
-    await reference.save_events(old)
-    try:
-        await _make_v2_schema(sql, schema, old)
-        store = await make(schema=schema)
-        for trace_id in ("t", "u"):
-            assert await store.load_history(trace_id) == await reference.load_history(trace_id)
-            assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
-        assert await store.list_traces() == await reference.list_traces()
-        more = [old[0], old[3], runtime_ev("u", 4, "node_success", ts=4.0),
-                ev("t", 9, ts=5.0, node="b")]  # the first two are re-delivered
-        await store.save_events(more)
-        await reference.save_events(more[2:])
-        for trace_id in ("t", "u"):
-            assert await store.load_history(trace_id) == await reference.load_history(trace_id)
-            assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
-        assert await store.list_traces() == await reference.list_traces()
-        rows = await sql.fetch(f'SELECT version FROM "{schema}".schema_version ORDER BY 1')
-        assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
-        assert await sql.fetchval(f'SELECT sum(n) FROM "{schema}".blocks') == len(old) + 2
-        assert await sql.fetchval("SELECT to_regclass($1)", f'"{schema}".events') is None
-    finally:
-        await sql.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-async def test_a_failing_migration_is_rolled_back_and_reported(
-        make: MakeStore, sql: asyncpg.Connection) -> None:
-    schema = f"pf_test_{uuid.uuid4().hex[:8]}"
-    try:
-        await _make_v1_schema(sql, schema, [ev("t", 1), ev("t", 1, node="b", flow="f:1")])
-        # Someone else's column in the way of migration 2.
-        await sql.execute(f'ALTER TABLE "{schema}".events ADD COLUMN q_in text')
-        with pytest.raises(StateStoreError, match='column "q_in"'):
-            await make(schema=schema)
-        rows = await sql.fetch(f'SELECT version FROM "{schema}".schema_version')
-        assert [r[0] for r in rows] == [1]
-        assert await sql.fetchval(
-            "SELECT count(*) FROM information_schema.columns WHERE table_schema = $1 "
-            "AND column_name = 'latency_ms'", schema) == 0
-    finally:
-        await sql.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-async def _make_v3_schema(sql: asyncpg.Connection, schema: str,
-                          events: list[StoredEvent]) -> None:
-    """A schema as a version-3 store left it: one ``events`` row per event keyed by its
-    trace's ``first_seen``, runtime payloads split into columns (others whole)."""
-    s = f'"{schema}"'
-    await sql.execute(f"CREATE SCHEMA {s}; CREATE TABLE {s}.schema_version (version integer "
-                      f"PRIMARY KEY, applied_ts double precision NOT NULL DEFAULT 0)")
-    for version in range(3):
-        await sql.execute(migration_sql(version, s))
-    await sql.execute(f"INSERT INTO {s}.schema_version (version) VALUES (1), (2), (3)")
-    await _insert_old_summaries(sql, s, events)
-    for e in events:
-        await sql.execute(
-            f"INSERT INTO {s}.events (trace_key, ts, kind, node_name, node_id, invocation_id, "
-            f"parent_invocation_ids, span_id, parent_span_id, seq, attempt, queued_ts, "
-            f"flow_name, flow_id, latency_ms, q_in, q_out, outgoing, queue_maxsize, "
-            f"trace_inflight, trace_cancelled, trace_pending, payload) VALUES ("
-            f"(SELECT first_seen FROM {s}.traces WHERE trace_id = $1),$2,$3,$4,$5,$6,$7,$8,"
-            f"$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23)",
-            *_old_row(e))
-
-
-def cancelled_runtime_ev(trace: str, seq: int, *, ts: float) -> StoredEvent:
-    """A runtime-shaped StoredEvent with trace_cancelled set and no trace_pending."""
-    from penguiflow.metrics import event_payload
-
-    payload = event_payload("node_success", ts, "a", "a-id", trace, None, 0, 0, 1, 64, 0, 0,
-                            True, None, {})
-    return StoredEvent(trace, ts, "node_success", "a", "a-id", payload, seq=seq,
-                       flow_id="flow-2", flow_name="demo")
-
-
-async def test_a_v3_schema_is_migrated_to_blocks_and_keeps_everything(
-        make: MakeStore, sql: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
-    from penguiflow_exporters import postgres
-
-    # Small blocks and fetches, so the conversion splits a trace and its reads.
-    monkeypatch.setattr(postgres, "BLOCK_EVENTS", 10)
-    monkeypatch.setattr(postgres, "_MIGRATION_FETCH", 7)
-    schema = f"pf_test_{uuid.uuid4().hex[:8]}"
-    # "t": 25 events, runtime-split (with and without extras) and whole payloads,
-    # from two flows, flow-1's seqs with a gap; "u" interleaved; two trace-less.
-    old: list[StoredEvent] = []
-    for i in range(25):
-        if i % 3 == 0:
-            old.append(runtime_ev("t", 100 + i, "node_error" if i % 2 else "node_start",
-                                  ts=10.0 + i, **({"exception": f"E{i}"} if i % 2 else {})))
-        elif i == 7:
-            old.append(cancelled_runtime_ev("t", 100 + i, ts=10.0 + i))
-        else:
-            old.append(ev("t", i if i < 12 else i + 5, "node_success" if i % 2 else "node_start",
-                          f"n{i % 4}", ts=10.0 + i))
-        if i in (4, 11, 20):
-            old.append(ev("u", 50 + i, ts=9.0 + i, node="b"))
-        if i in (2, 17):
-            old.append(runtime_ev(None, 200 + i, "node_cancelled", ts=30.0 + i))
-    reference = InMemoryStateStore()
-    await reference.save_events(old)
-    try:
-        await _make_v3_schema(sql, schema, old)
-        store = await make(schema=schema)
-        rows = await sql.fetch(f'SELECT version FROM "{schema}".schema_version ORDER BY 1')
-        assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
-        assert await sql.fetchval("SELECT to_regclass($1)", f'"{schema}".events') is None
-        for trace_id in ("t", "u"):
-            assert await store.load_history(trace_id) == await reference.load_history(trace_id)
-            assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
-        assert await store.list_traces() == await reference.list_traces()
-        assert await blocks_of(sql, store, "t") == [(0, 10), (10, 10), (20, 5)]
-        assert await blocks_of(sql, store, "u") == [(0, 3)]
-        assert await blocks_of(sql, store, None) == [(0, 2)]
-        # Rows with runtime columns became runtime tuples, the others whole payloads.
-        layouts = {len(item) for row in await sql.fetch(f'SELECT data FROM "{schema}".blocks')
-                   for item in decode_block(row[0])}
-        assert layouts == {15, 23}
-        for flow_id in ("flow-1", "flow-2"):
-            seqs = sorted(e.seq for e in old if e.flow_id == flow_id)
-            islands = [(lo, hi) for lo, hi in zip(
-                [s for s in seqs if s - 1 not in seqs], [s for s in seqs if s + 1 not in seqs],
-                strict=True)]
-            assert len(islands) > 1  # gaps
-            assert await ranges_of(sql, store, flow_id) == islands
-        history = await store.load_history("t")
-        assert await store.load_history_page("t", offset=8, limit=5) == history[8:13]
-        # Later writes: old events re-delivered are dropped, new ones go after them.
-        more = [old[0], old[5], runtime_ev("t", 300, "node_success", ts=50.0),
-                ev("u", 301, ts=51.0, node="b")]
-        await store.save_events(more)
-        await reference.save_events(more[2:])
-        for trace_id in ("t", "u"):
-            assert await store.load_history(trace_id) == await reference.load_history(trace_id)
-            assert await store.get_trace(trace_id) == await reference.get_trace(trace_id)
-        assert (await blocks_of(sql, store, "t"))[-1] == (25, 1)
-    finally:
-        await sql.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    monkeypatch.setattr(AsyncWriterProcess, "_exchange", signalling_exchange)
+    with caplog.at_level(logging.WARNING, logger="penguiflow_exporters"):
+        await store.save_events([ev("t", 3)])
+        flushing = asyncio.ensure_future(store.flush())
+        await sending.wait()
+        os.kill(process.pid, signal.SIGKILL)
+        await flushing
+    assert store.failures["retried"] == 1 and store.failures["events_lost"] == 0
+    (retry,) = [r for r in caplog.records if r.getMessage() == "state_store_write_retry"]
+    assert "writer process exited" in str(retry.__dict__["error"])
+    assert store._where in str(retry.__dict__["error"])  # names the server, no password
+    assert await store.load_history("t") == [*first, ev("t", 3)]
+    assert process.started == 2
 
 
 @PROCESS_ONLY
@@ -1278,8 +1408,60 @@ async def test_a_writer_process_that_cannot_start_falls_back_to_the_loop(
         later = [ev("t", 3, "node_start", "b")]
         await store.save_events(later)
         assert await store.load_history("t") == [*first, *later]  # nothing lost
-    assert store._proc_writer is None  # writing on the loop from now on
-    assert store.failures["write_failed"] == 0
+    assert writer_of(store).process is None  # writing on the loop from now on
+    assert store.failures == {}
     warnings = [r for r in caplog.records
                 if r.getMessage() == "state_store_writer_process_unavailable"]
     assert len(warnings) == 1 and "not allowed" in str(warnings[0].__dict__["error"])
+
+
+@PROCESS_ONLY
+async def test_close_stops_the_writer_process(make: MakeStore) -> None:
+    store = await make()
+    await store.save_events([ev("t", 1)])
+    await store.flush()
+    process = process_of(store)
+    assert process is not None
+    pid = process.pid
+    assert pid is not None
+    await store.close()
+    assert process.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped, not a zombie
+
+
+# -- throughput (printed, not asserted) ----------------------------------------------------
+
+
+async def test_ingest_rate_and_load_time(make: MakeStore, writer: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    count = 100_000
+    flow = uuid.uuid4().hex[:16]
+    t0 = time.time()
+    events = [
+        StoredEvent(
+            "big", t0 + i * 1e-5, "node_start" if i % 2 == 0 else "node_success",
+            f"s{i % 5}", f"node-{i % 5}",
+            {"ts": t0 + i * 1e-5, "event": "node_start" if i % 2 == 0 else "node_success",
+             "node_name": f"s{i % 5}", "node_id": f"node-{i % 5}", "trace_id": "big",
+             "latency_ms": 0.021, "q_depth_in": 3, "q_depth_out": 1, "q_depth_total": 4,
+             "outgoing": 1, "queue_maxsize": 64, "attempt": 0, "trace_inflight": 1,
+             "trace_cancelled": False, "trace_pending": 1},
+            invocation_id=f"{i:016x}", span_id=f"{i:016x}", seq=i, queued_ts=t0,
+            flow_name="bench", flow_id=flow)
+        for i in range(count)
+    ]
+    store = await make()
+    started = time.perf_counter()
+    for event in events:
+        await store.save_event(event)
+    await store.flush()
+    ingest = count / (time.perf_counter() - started)
+    started = time.perf_counter()
+    history = await store.load_history("big")
+    load_ms = (time.perf_counter() - started) * 1000
+    assert len(history) == count and history[-1] == events[-1]
+    assert store.failures == {}
+    with capsys.disabled():
+        print(f"\nPostgresStateStore(writer={writer!r}): raw ingest {ingest:,.0f} events/s; "
+              f"load_history of {count:,} events {load_ms:,.0f} ms")
