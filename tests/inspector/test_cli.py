@@ -132,8 +132,10 @@ def test_inspect_json_has_stable_keys(store_url: str,
     assert main(["inspect", OK_TRACE, "--json", "--store", store_url]) == 0
     view = json.loads(capsys.readouterr().out)
     assert list(view) == ["trace_id", "otel_trace_id", "root_span_id", "flow_name", "status",
-                          "start", "end", "duration_ms", "invocations", "remote_calls",
-                          "remote_stats", "cancels", "deadlines", "critical_path", "events"]
+                          "events_lost", "start", "end", "duration_ms", "invocations",
+                          "remote_calls", "remote_stats", "cancels", "deadlines", "critical_path",
+                          "events"]
+    assert view["events_lost"] == 0
     assert view["status"] == "ok" and view["duration_ms"] == pytest.approx(100.0, abs=0.01)
     assert [e["kind"] for e in view["events"]] == ["node_start", "node_success"]
 

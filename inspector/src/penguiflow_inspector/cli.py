@@ -51,7 +51,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
 )
 #: ``--status`` values: the inspector's words and the store's.
 STATUSES: Final = {"ok": "succeeded", "error": "failed", "cancelled": "cancelled",
-                   "running": "running", "succeeded": "succeeded", "failed": "failed"}
+                   "running": "running", "incomplete": "incomplete",
+                   "succeeded": "succeeded", "failed": "failed"}
 #: How often ``pf tail`` polls a store that cannot push events across processes.
 POLL_INTERVAL_S: Final = 0.2
 #: Traces ``pf tail`` (without an id) watches when it polls: the most recently started.
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     traces = cmds["traces"]
     traces.add_argument("--store", metavar="URL", help=_STORE_HELP)
     traces.add_argument("--status", choices=sorted(STATUSES), metavar="STATUS",
-                        help="ok, error, cancelled or running")
+                        help="ok, error, cancelled, running or incomplete (the store "
+                             "lost some of its events)")
     traces.add_argument("--node", metavar="NAME", help="only traces in which this node ran")
     traces.add_argument("--errors", action="store_true", help="only traces with errors")
     traces.add_argument("--since", type=parse_when, metavar="WHEN",

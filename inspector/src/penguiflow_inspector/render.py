@@ -13,7 +13,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any, Final
 
-from penguiflow.state import StoredEvent, TraceSummary
+from penguiflow.state import EVENTS_LOST_KIND, StoredEvent, TraceSummary
 
 from .model import (
     AttemptView,
@@ -30,6 +30,7 @@ from .model import (
 __all__ = [
     "event_json",
     "event_line",
+    "lost_line",
     "summary_json",
     "summary_table",
     "trace_json",
@@ -104,6 +105,7 @@ def trace_json(view: TraceView) -> dict[str, Any]:
         "root_span_id": view.root_span_id,
         "flow_name": view.flow_name,
         "status": view.status,
+        "events_lost": view.events_lost,
         "start": view.start,
         "end": view.end,
         "duration_ms": view.duration_ms,
@@ -125,7 +127,8 @@ def summary_json(summary: TraceSummary) -> dict[str, Any]:
         "started_ts": summary.started_ts, "ended_ts": summary.ended_ts,
         "duration_ms": summary.duration_ms, "node_count": summary.node_count,
         "error_count": summary.error_count, "remote_call_count": summary.remote_call_count,
-        "event_count": summary.event_count, "nodes": list(summary.nodes),
+        "event_count": summary.event_count, "events_lost": summary.events_lost,
+        "nodes": list(summary.nodes),
     }
 
 
@@ -183,15 +186,39 @@ def _glyphs(inv: InvocationView) -> str:
     return " ".join(marks)
 
 
+def lost_line(marker: StoredEvent | EventRow) -> str:
+    """What a ``store_events_lost`` marker says, as one line for people:
+    ``store lost 3 events of this trace: <reason>`` (the event log, ``--plain``,
+    ``pf tail``)."""
+    items = marker.payload if isinstance(marker, StoredEvent) else marker.extra
+    count = items.get("events_lost")
+    count = count if type(count) is int else 0
+    reason = str(items.get("reason") or "") or "no reason recorded"
+    return f"store lost {count} event{'' if count == 1 else 's'} of this trace: {reason}"
+
+
 def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
-    """A readable report of one trace (``pf inspect --plain``)."""
+    """A readable report of one trace (``pf inspect --plain``).
+
+    A trace whose store lost events says so on its first line (``status
+    incomplete (N events lost)``, or the lost count beside a cancelled or failed
+    status) and lists each ``store_events_lost`` marker under ``incomplete``.
+    """
     names = {i.invocation_id: i.node_name for i in view.invocations}
+    lost = (f" ({view.events_lost} event{'s' if view.events_lost != 1 else ''} lost)"
+            if view.events_lost else "")
     lines = [
-        f"trace {view.trace_id}  flow {view.flow_name or '-'}  status {view.status}  "
+        f"trace {view.trace_id}  flow {view.flow_name or '-'}  status {view.status}{lost}  "
         f"{_ms(view.duration_ms)}  {len(view.invocations)} invocations  "
         f"{len(view.remote_calls)} remote calls  {len(view.events)} events",
         f"started {_clock(view.start)}  otel trace id {view.otel_trace_id}  "
         f"root span id {view.root_span_id}",
+    ]
+    if view.events_lost:
+        lines += ["", "incomplete: what follows lacks the events the store could not keep"]
+        lines += [f"  +{_ms((row.ts - view.start) * 1000)}: {lost_line(row)}"
+                  for row in _markers(view)][:max_rows]
+    lines += [
         "",
         f"waterfall (0 .. {_ms(view.duration_ms)}; █ ran, ▒ still running; "
         "↻ retries, ⏱ timeouts, ≡ chunks, ✕ cancelled; * on the critical path)",
@@ -248,6 +275,12 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
         path = " → ".join(names.get(i, "?") for i in view.critical_path)
         lines += ["", f"critical path: {path}"]
     return "\n".join(lines) + "\n"
+
+
+def _markers(view: TraceView) -> list[EventRow]:
+    """The trace's ``store_events_lost`` rows (a scan of the event log: only when some
+    were folded)."""
+    return [row for row in view.events if row.kind == EVENTS_LOST_KIND]
 
 
 def _waterfall_rows(view: TraceView) -> list[str]:
@@ -307,19 +340,24 @@ def _waterfall_rows(view: TraceView) -> list[str]:
 
 
 def summary_table(summaries: Sequence[TraceSummary]) -> str:
-    """``pf traces --plain``: one row per trace, a header first."""
-    header = (f"{'TRACE ID':<32}  {'STARTED':<23}  {'DURATION':>9}  {'STATUS':<9}  "
-              f"{'NODES':>5}  {'ERRORS':>6}  {'REMOTE':>6}  {'EVENTS':>6}  FLOW")
+    """``pf traces --plain``: one row per trace, a header first (LOST: events of the
+    trace the store could not keep, ``-`` for none)."""
+    header = (f"{'TRACE ID':<32}  {'STARTED':<23}  {'DURATION':>9}  {'STATUS':<10}  "
+              f"{'NODES':>5}  {'ERRORS':>6}  {'REMOTE':>6}  {'EVENTS':>6}  {'LOST':>6}  FLOW")
     lines = [header]
     for s in summaries:
         lines.append(f"{s.trace_id:<32}  {_clock(s.started_ts):<23}  {_ms(s.duration_ms):>9}  "
-                     f"{s.status:<9}  {s.node_count:>5}  {s.error_count:>6}  "
-                     f"{s.remote_call_count:>6}  {s.event_count:>6}  {s.flow_name or '-'}")
+                     f"{s.status:<10}  {s.node_count:>5}  {s.error_count:>6}  "
+                     f"{s.remote_call_count:>6}  {s.event_count:>6}  "
+                     f"{s.events_lost or '-':>6}  {s.flow_name or '-'}")
     return "\n".join(lines) + "\n"
 
 
 def event_line(event: StoredEvent) -> str:
-    """``pf tail --plain``: one event on one line."""
+    """``pf tail --plain``: one event on one line (a lost-events marker says what it means)."""
+    if event.kind == EVENTS_LOST_KIND:
+        return " ".join([_clock(event.ts), (event.trace_id or "-")[:12],
+                         lost_line(event)])
     payload = event.payload
     latency = payload.get("latency_ms")
     extra = {k: v for k, v in payload.items() if k in _SHOWN_EXTRA and v is not None}

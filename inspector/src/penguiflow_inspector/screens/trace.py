@@ -317,20 +317,23 @@ class TraceScreen(Screen[None]):
         text = Text()
         status: str
         if view is not None:
-            status, duration = view.status, format_ms(view.duration_ms)
+            status, duration, lost = view.status, format_ms(view.duration_ms), view.events_lost
             flow, counts = view.flow_name or "", (f"{len(view.invocations)} inv · "
                                                   f"{len(view.remote_calls)} remote · "
                                                   f"{len(view.events)} ev")
         elif s is not None:
-            status, duration = s.status, format_ms(s.duration_ms)
+            status, duration, lost = s.status, format_ms(s.duration_ms), s.events_lost
             flow, counts = s.flow_name or "", f"{s.node_count} inv · {s.event_count} ev"
         else:
             return
         style = {"ok": "green", "succeeded": "green", "error": "bold red", "failed": "bold red",
-                 "cancelled": "bold magenta", "running": "cyan"}.get(status, "")
+                 "cancelled": "bold magenta", "running": "cyan",
+                 "incomplete": "bold yellow"}.get(status, "")
         text.append(f"{self.trace_id[:16]} ", style="bold")
         text.append(f"{flow} ")
         text.append(f"{status} ", style=style)
+        if lost:  # the store could not keep some events: say how many, beside any status
+            text.append(f"({lost} event{'' if lost == 1 else 's'} lost) ", style="bold yellow")
         text.append(f"{duration} · {counts}")
         if view is not None and view.critical_path:
             text.append(f" · ◆ critical {len(view.critical_path)}", style="yellow")

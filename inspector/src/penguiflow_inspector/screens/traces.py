@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["TracesScreen"]
 
 _STATUS_STYLE = {"succeeded": "green", "failed": "bold red", "cancelled": "bold magenta",
-                 "running": "cyan"}
+                 "running": "cyan", "incomplete": "bold yellow"}
 _STATUSES: tuple[str | None, ...] = (None, *TRACE_STATUSES)
 _ERRORS: tuple[bool | None, ...] = (None, True, False)
 
@@ -126,8 +126,9 @@ class TracesScreen(Screen[None]):
         table.clear()
         for s in summaries:
             started = datetime.fromtimestamp(s.started_ts, UTC).strftime("%m-%d %H:%M:%S")
+            status = s.status + (f" ({s.events_lost} lost)" if s.events_lost else "")
             table.add_row(s.trace_id, s.flow_name or "—",
-                          Text(s.status, style=_STATUS_STYLE.get(s.status, "")), started,
+                          Text(status, style=_STATUS_STYLE.get(s.status, "")), started,
                           format_ms(s.duration_ms), str(s.node_count),
                           Text(str(s.error_count), style="red" if s.error_count else "dim"),
                           str(s.event_count), key=s.trace_id)

@@ -44,6 +44,7 @@ def render_detail(view: TraceView, row: Row | None,
     if row is None:
         _kv(table, "trace", view.trace_id)
         _kv(table, "status", view.status)
+        _kv(table, "events lost", view.events_lost or None, "bold yellow")
         _kv(table, "duration", format_ms(view.duration_ms))
         _kv(table, "otel trace", view.otel_trace_id)
         return Group(*parts)

@@ -14,18 +14,24 @@ from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from penguiflow.state import EVENTS_LOST_KIND
+
 from ..model import EventRow
+from ..render import lost_line
 from ._scroll import set_virtual_size
 from .waterfall import format_ms
 
 __all__ = ["EventLog", "format_event"]
 
 _ERROR_KINDS = frozenset({"node_error", "node_failed", "remote_call_error", "remote_cancel_error"})
-_WARN_KINDS = frozenset({"node_timeout", "deadline_skip", "node_retry"})
+_WARN_KINDS = frozenset({"node_timeout", "deadline_skip", "node_retry", EVENTS_LOST_KIND})
 
 
 def format_event(ev: EventRow, t0: float) -> str:
-    """``+12.3ms  node_start  name #0  key=value ...`` for one event."""
+    """``+12.3ms  node_start  name #0  key=value ...`` for one event; a store's
+    lost-events marker reads ``+12.3ms  store lost 3 events of this trace: <reason>``."""
+    if ev.kind == EVENTS_LOST_KIND:
+        return f"{'+' + format_ms((ev.ts - t0) * 1000.0):>8} {lost_line(ev)}"
     extra = " ".join(f"{k}={v}" for k, v in ev.extra.items())
     name = ev.node_name or ""
     latency = f" {format_ms(ev.latency_ms)}" if ev.latency_ms else ""
