@@ -247,14 +247,14 @@ async def test_store_down_shows_a_message_and_exits_1() -> None:
     assert app.return_code == 1
 
 
-async def test_bad_store_url_shows_a_message_and_exits_1() -> None:
+async def test_bad_store_url_shows_a_message_and_exits_2() -> None:
     app = InspectorApp("nosuch://x", TRACE)
     async with app.run_test() as pilot:
         await wait_for(pilot, lambda: isinstance(app.screen, MessageScreen))
         assert "cannot open the store" in text_of(app.screen.query_one("#message-title"))
         assert "unsupported store URL" in text_of(app.screen.query_one("#message-detail"))
         await pilot.press("q")
-    assert app.return_code == 1
+    assert app.return_code == 2
 
 
 async def test_opens_its_own_sqlite_store(tmp_path: Path) -> None:

@@ -257,7 +257,7 @@ READERS = [("inspect", ["inspect", "X"]), ("traces", ["traces"]), ("tail", ["tai
 def test_a_missing_sqlite_file_is_not_created(command: str, argv: list[str], tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path}/typo.db"
-    assert main([*argv, "--store", url]) == 1
+    assert main([*argv, "--store", url]) == 2
     assert "no trace store at" in one_line_error(capsys.readouterr().err, command)
     assert not (tmp_path / "typo.db").exists()
 
@@ -301,7 +301,7 @@ def test_stores_a_command_cannot_use_are_usage_errors(
 
 def test_traceback_free_subprocess_error(tmp_path: Path) -> None:
     proc = pf("inspect", "abc", "--store", f"sqlite:///{tmp_path}/none.db")
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == ""
     one_line_error(proc.stderr, "inspect")
 
 

@@ -372,7 +372,7 @@ def test_unreachable_postgres_fails_in_one_line() -> None:
 def test_a_missing_sqlite_file_is_not_created(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "nowhere" / "traces.db"
-    assert main(["export", "abc", "--store", f"sqlite:///{path}"]) == 1
+    assert main(["export", "abc", "--store", f"sqlite:///{path}"]) == 2
     assert "no trace store at" in _one_line(capsys.readouterr().err)
     assert not path.exists() and not path.parent.exists()
 
@@ -380,9 +380,12 @@ def test_a_missing_sqlite_file_is_not_created(
 def test_a_file_that_is_not_a_store_fails_in_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "notes.db"
-    path.write_bytes(b"these are not the traces you are looking for" * 100)
-    assert main(["export", "abc", "--store", f"sqlite:///{path}"]) == 1
-    assert _one_line(capsys.readouterr().err).startswith("pf export: trace store:")
+    text = b"these are not the traces you are looking for" * 100
+    path.write_bytes(text)
+    assert main(["export", "abc", "--store", f"sqlite:///{path}"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("pf export: SQLite store") and "not a penguiflow trace" in line
+    assert path.read_bytes() == text
 
 
 @pytest.mark.parametrize("url", ["memory://", "redis://localhost/0"])

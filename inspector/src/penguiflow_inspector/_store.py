@@ -1,9 +1,16 @@
 """Opening a trace store for a ``pf`` command, and the errors every command reports alike.
 
 Every failure a user can cause or fix (an unknown or ambiguous trace id, a store
-URL that is not supported, a SQLite file that does not exist, a store that
-cannot be reached) is a :class:`CommandError`: one line for stderr and an exit
-status. ``pf`` prints it as ``pf <command>: <message>``, never a traceback.
+URL that is not supported, a SQLite file that does not exist or is not a trace
+store, a store that cannot be reached) is a :class:`CommandError`: one line for
+stderr and an exit status. ``pf`` prints it as ``pf <command>: <message>``, never
+a traceback.
+
+Readers never write: ``pf inspect``, ``pf traces``, ``pf tail``, ``pf export`` and
+the terminal UI open their store with ``open_store(url, readonly=True)``, which
+creates nothing and refuses (leaving it byte-for-byte unchanged) a file that is
+missing, empty, foreign or of another schema version. Only ``pf demo`` and ``pf
+migrate`` open a store for writing.
 
 Store selection, for every command: ``--store URL``, else ``$PENGUIFLOW_STORE``,
 else the SQLite default (:func:`penguiflow_exporters.default_store_url`).
@@ -11,13 +18,14 @@ else the SQLite default (:func:`penguiflow_exporters.default_store_url`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
-from penguiflow.state import StateStoreError, TraceFilter, TraceStore
+from penguiflow.state import StateStoreError, StoreUnavailable, TraceFilter, TraceStore
 from penguiflow_exporters import default_store_url, open_store
 
 __all__ = [
@@ -28,6 +36,8 @@ __all__ = [
     "choose",
     "ensure_not_empty",
     "one_line",
+    "open_for_reading",
+    "open_reader",
     "reading",
     "redact",
     "resolve",
@@ -58,15 +68,14 @@ def store_url(option: str | None) -> str:
 
 
 def open_for_reading(url: str) -> TraceStore:
-    """Build the store ``url`` names for reading (not yet opened).
+    """Build the store ``url`` names, read-only (``readonly=True``), not yet opened.
 
     Raises:
-        CommandError: the scheme is not supported or is ``memory://`` (which
-            is empty in a new process) (exit 2), or the SQLite file does not
-            exist (exit 1: opening it would create an empty one).
+        CommandError: (exit 2) the scheme is not supported, or is ``memory://``
+            (which is empty in a new process), or the SQLite file does not exist.
     """
     try:
-        store = open_store(url)
+        store = open_store(url, readonly=True)
     except ValueError as exc:
         raise CommandError(str(exc).replace(url, redact(url)), EXIT_USAGE) from None
     if url.startswith("memory:"):
@@ -76,23 +85,58 @@ def open_for_reading(url: str) -> TraceStore:
             EXIT_USAGE)
     path = getattr(store, "path", None)
     if isinstance(path, Path) and not path.exists():
-        # Opening a SQLite store creates the file; reading from a typo must not.
+        # (The read-only store refuses it too; this says what pf users can do.)
         raise CommandError(
             f"no trace store at {str(path)!r}: nothing was recorded there; "
-            "pass --store URL or set PENGUIFLOW_STORE to where the flow recorded its trace")
+            "pass --store URL or set PENGUIFLOW_STORE to where the flow recorded its trace",
+            EXIT_USAGE)
     return store
+
+
+async def open_reader(url: str) -> TraceStore:
+    """Build and open, read-only, the store ``url`` names; the caller closes it.
+
+    Raises:
+        CommandError: (exit 2) as :func:`open_for_reading`, or the store refused
+            to be read: an empty or foreign file, another schema version (the
+            store's one-line message says which and what to do); (exit 1) the
+            store cannot be reached or opened (down, locked, no permission).
+    """
+    store = open_for_reading(url)
+    opener = getattr(store, "open", None)
+    if opener is None:
+        return store
+    try:
+        await opener()
+    except StateStoreError as exc:
+        await _close_quietly(store)
+        message = one_line(exc).replace(url, redact(url))
+        if isinstance(exc, StoreUnavailable):  # down, locked, no permission
+            raise CommandError(f"trace store: {message}") from None
+        raise CommandError(message, EXIT_USAGE) from None  # refused: not a store it can read
+    except OSError as exc:  # a driver error the store did not translate
+        await _close_quietly(store)
+        raise CommandError(
+            f"cannot reach the trace store {redact(url)}: {one_line(exc)}") from None
+    return store
+
+
+async def _close_quietly(store: TraceStore) -> None:
+    with contextlib.suppress(StateStoreError, OSError):
+        await store.close()
 
 
 @asynccontextmanager
 async def reading(url: str) -> AsyncIterator[TraceStore]:
-    """Open the store ``url`` names for the block, and close it after.
+    """Open the store ``url`` names read-only (:func:`open_reader`) for the block, and
+    close it after.
 
     Store and driver errors raised in the block become :class:`CommandError`
     (exit 1) naming the store; CommandErrors pass through.
     """
-    store = open_for_reading(url)
+    store = await open_reader(url)
     try:
-        try:  # a store opens itself on first use
+        try:
             yield store
         finally:
             await store.close()

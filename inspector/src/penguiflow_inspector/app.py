@@ -6,9 +6,14 @@ the store live. The store is reached through the same ``TraceStore`` seam the
 runtime writes to, so tests run the app on the in-memory store and production
 on SQLite or Postgres.
 
-Exit status (``app.return_code`` after ``run()``): 0, or 1 when the store
-could not be opened or read, 2 when the app was opened on an unknown or
-ambiguous trace id. The error is shown in the app first; ``q`` leaves.
+The app only reads: it opens its store with ``readonly=True`` (see ``_store``),
+so it never creates or alters a file.
+
+Exit status (``app.return_code`` after ``run()``), as ``pf``'s: 0; 1 when the
+store could not be reached or read; 2 when the store URL is not supported or
+names something that is not a trace store (missing, empty, foreign, another
+schema version), or the app was opened on an unknown or ambiguous trace id.
+The error is shown in the app first; ``q`` leaves.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from textual.binding import Binding, BindingType
 
 from penguiflow.state import StateStoreError
 
+from ._store import CommandError, open_reader, store_url
 from .messages import LoadFailed
 from .screens.help import HelpScreen
 from .screens.message import MessageScreen
@@ -87,16 +93,12 @@ class InspectorApp(App[None]):
 
     @work(exclusive=True, group="store")
     async def open_store(self) -> None:
-        """Open ``store_url``; a bad URL or an unreachable store becomes a message."""
-        from penguiflow_exporters import open_store
-
+        """Open ``store_url`` read-only; a bad URL, a refused or unreachable store
+        becomes a message."""
         try:
-            store = open_store(self.store_url)
-            opener = getattr(store, "open", None)
-            if opener is not None:
-                await opener()
-        except (StateStoreError, ValueError, OSError) as exc:
-            self.post_message(LoadFailed("cannot open the store", str(exc), 1))
+            store = await open_reader(store_url(self.store_url))
+        except CommandError as exc:
+            self.post_message(LoadFailed("cannot open the store", exc.message, exc.exit_code))
             return
         self.store = store
         self.call_later(self._open_first_screen)

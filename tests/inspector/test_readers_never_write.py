@@ -1,0 +1,167 @@
+"""Readers never write (issue 14 §4).
+
+``pf inspect``, ``pf traces``, ``pf tail``, ``pf export`` and
+``open_store(..., readonly=True)`` never create or alter anything: pointed at a
+foreign SQLite database, an empty file or a path where nothing exists, they
+refuse with one clear line (exit 2 for ``pf``) and leave the file byte-for-byte
+unchanged (checked with its sha256 before and after), with no ``-wal``,
+``-shm`` or ``-journal`` file beside it, and create nothing at a missing path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from penguiflow.state import StateStoreError, StoredEvent, StoreUnavailable
+from penguiflow_exporters import open_store
+from penguiflow_inspector.cli import main
+
+#: Each reading command, with a trace id where it takes one.
+READERS = {
+    "inspect": ["inspect", "abc", "--plain"],
+    "traces": ["traces"],
+    "tail": ["tail", "abc"],
+    "export": ["export", "abc", "--json", "-"],
+}
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def foreign_database(path: Path) -> None:
+    """Somebody else's SQLite database: a table ``people`` with a few rows."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("CREATE TABLE people (id INTEGER PRIMARY KEY, name TEXT, born INTEGER)")
+        conn.executemany("INSERT INTO people (name, born) VALUES (?, ?)",
+                         [("Ada", 1815), ("Grace", 1906), ("Edsger", 1930)])
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def empty_file(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+#: target name -> (how to make it, a phrase the refusal must contain)
+TARGETS: dict[str, tuple[Callable[[Path], None] | None, str]] = {
+    "foreign": (foreign_database, "is not a penguiflow trace database"),
+    "empty": (empty_file, "holds no penguiflow traces"),
+    "missing": (None, "no trace store at"),
+}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(params=sorted(TARGETS))
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Path]:
+    make, _ = TARGETS[request.param]
+    path = tmp_path / "store" / "traces.db"
+    if make is not None:
+        path.parent.mkdir()
+        make(path)
+    return request.param, path
+
+
+@pytest.mark.parametrize("command", sorted(READERS))
+def test_a_reader_refuses_in_one_line_and_leaves_the_file_unchanged(
+        command: str, target: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    kind, path = target
+    before = sha256(path) if path.exists() else None
+    folder = path.parent if path.parent.exists() else path.parent.parent
+    files_before = listing(folder)
+
+    code = main([*READERS[command], "--store", f"sqlite:///{path}"])
+
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pf {command}: "), captured.err
+    assert TARGETS[kind][1] in lines[0] and "Traceback" not in captured.err
+    assert captured.out == ""
+    assert listing(folder) == files_before  # no side file, nothing created
+    if before is None:
+        assert not path.exists() and not path.parent.exists()
+    else:
+        assert sha256(path) == before
+        assert not any(path.with_name(path.name + s).exists() for s in SIDE_FILES)
+
+
+async def test_open_store_readonly_refuses_with_one_line_and_changes_nothing(
+        target: tuple[str, Path]) -> None:
+    kind, path = target
+    before = sha256(path) if path.exists() else None
+    store = open_store(f"sqlite:///{path}", readonly=True)
+    try:
+        with pytest.raises(StateStoreError) as info:
+            await store.open()
+        with pytest.raises(StateStoreError):  # a query opens it first: the same refusal
+            await store.list_traces()
+    finally:
+        await store.close()
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    if kind == "missing":
+        assert isinstance(info.value, StoreUnavailable) and "does not exist" in message
+        assert not path.exists() and not path.parent.exists()
+    else:
+        assert TARGETS[kind][1] in message
+        assert sha256(path) == before
+        assert listing(path.parent) == ["traces.db"]
+
+
+async def test_a_read_only_store_refuses_writes(tmp_path: Path) -> None:
+    path = tmp_path / "traces.db"
+    async with open_store(f"sqlite:///{path}") as store:  # a real, writable one first
+        await store.save_events([_event()])
+    before = sha256(path)
+    reader = open_store(f"sqlite:///{path}", readonly=True)
+    try:
+        assert [s.trace_id for s in await reader.list_traces()] == [TRACE]
+        with pytest.raises(StoreUnavailable, match="readonly"):
+            await reader.save_event(_event(seq=2))
+    finally:
+        await reader.close()
+    assert sha256(path) == before
+
+
+TRACE = "5afe" * 8
+
+
+def _event(seq: int = 1) -> StoredEvent:
+    return StoredEvent(TRACE, 1_700_000_000.0 + seq, "node_start", "n", "n", {},
+                       invocation_id="a" * 16, flow_id="f", seq=seq, flow_name="safe")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "exporters: a mode=ro connection to a WAL-mode store creates the -wal and -shm files "
+    "when they are absent (SQLite needs them to read a WAL database) and, read-only, "
+    "cannot remove them on close"))
+@pytest.mark.parametrize("command", ["inspect", "traces"])
+def test_reading_a_real_store_creates_no_file_beside_it(
+        command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "traces.db"
+
+    async def record() -> None:
+        async with open_store(f"sqlite:///{path}") as store:
+            await store.save_events([_event()])
+
+    asyncio.run(record())
+    assert listing(tmp_path) == ["traces.db"]  # the writer cleaned up after itself
+    before = sha256(path)
+    argv = ["inspect", TRACE, "--plain"] if command == "inspect" else ["traces"]
+    assert main([*argv, "--store", f"sqlite:///{path}"]) == 0
+    assert TRACE in capsys.readouterr().out
+    assert sha256(path) == before
+    assert listing(tmp_path) == ["traces.db"]
