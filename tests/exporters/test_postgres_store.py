@@ -1237,15 +1237,15 @@ async def test_an_event_the_database_refuses_is_lost_alone(
 async def test_a_lost_writer_connection_is_retried_and_nothing_is_lost(
         make: MakeStore, sql: asyncpg.Connection) -> None:
     store = await make(flush_interval_s=3600.0)
-    await store.save_events([ev("t", 1)])
+    save_runtime(store, fields("t", 1))
     await store.flush()
     killed = await sql.fetchval(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
         "WHERE application_name = 'penguiflow-writer' AND datname = current_database()")
     assert killed >= 1
-    await store.save_events([ev("t", 2)])
+    save_runtime(store, fields("t", 2))
     await store.flush()
-    await store.save_events([ev("t", 3)])
+    save_runtime(store, fields("t", 3))
     assert [e.seq for e in await store.load_history("t")] == [1, 2, 3]
     assert store.failures["events_lost"] == 0
     if store.writer == "process":  # its connection finds out on the next batch
@@ -1265,8 +1265,10 @@ async def test_a_server_restart_loses_exactly_what_it_counts(
     async def save(count: int) -> None:
         nonlocal saved
         for _ in range(count):
-            await store.save_event(ev(f"t{saved % 7}", saved, "node_start", f"n{saved % 3}",
-                                      flow="restart"))
+            waiter = store.save_event_fields(  # the runtime's events: the child's, if any
+                fields(f"t{saved % 7}", saved, node=f"n{saved % 3}", flow="restart"))
+            if waiter is not None:
+                await waiter
             saved += 1
             await asyncio.sleep(0)  # a turn for the writer
 
@@ -1326,32 +1328,60 @@ async def test_a_store_opened_and_queried_but_never_written_to_starts_no_writer(
     assert writer_of(store) is None
 
 
+def runtime(*records: Any) -> list[StoredEvent]:
+    """What the store reads back for EventRecords."""
+    return [stored_from_fields(r) for r in records]
+
+
+def save_runtime(store: PostgresStateStore, *records: Any) -> None:
+    """Buffer EventRecords as the runtime does (the batches a writer process takes)."""
+    for record in records:
+        assert store.save_event_fields(record) is None
+
+
 @PROCESS_ONLY
-async def test_the_writer_process_starts_with_the_first_batch(make: MakeStore) -> None:
+async def test_the_writer_process_takes_the_runtime_batches_from_the_first_one(
+        make: MakeStore) -> None:
     store = await make(flush_interval_s=3600.0)
-    await store.save_events([ev("t", 1)])
+    save_runtime(store, fields("t", 1))
     assert writer_of(store) is None  # buffered only
     await store.flush()
     process = process_of(store)
     assert process is not None and process.started == 1 and process.pid is not None
-    assert await store.load_history("t") == [ev("t", 1)]
+    assert await store.load_history("t") == runtime(fields("t", 1))
+
+
+@PROCESS_ONLY
+async def test_batches_of_stored_events_alone_are_written_on_the_loop(
+        make: MakeStore) -> None:
+    # An import: pickling payloads to the child would cost what writing them here does.
+    store = await make(flush_interval_s=3600.0)
+    imported = [ev("t", 1), ev("t", 2, "node_success")]
+    await store.save_events(imported)
+    await store.flush()
+    assert writer_of(store) is not None and process_of(store).started == 0
+    save_runtime(store, fields("t", 3))
+    await store.save_events([ev("t", 4)])  # with a runtime event: the child's
+    await store.flush()
+    assert process_of(store).started == 1
+    assert await store.load_history("t") == [*imported, *runtime(fields("t", 3)), ev("t", 4)]
 
 
 @PROCESS_ONLY
 async def test_a_writer_process_that_died_between_batches_is_replaced(
         make: MakeStore) -> None:
     store = await make(flush_interval_s=3600.0)
-    first = [ev("t", 1), ev("t", 2, "node_success")]
-    await store.save_events(first)
+    first = [fields("t", 1), fields("t", 2, "node_success")]
+    save_runtime(store, *first)
     await store.flush()
     process = process_of(store)
     assert process is not None and process._proc is not None and process.started == 1
     dead = process._proc
     dead.kill()
     await dead.wait()
-    later = [ev("t", 3, node="b")]
-    await store.save_events(later)
-    assert await store.load_history("t") == [*first, *later]  # nothing lost
+    later = [fields("t", 3, node="b")]
+    save_runtime(store, *later)
+    assert await store.load_history("t") == runtime(*first, *later)  # nothing lost
     assert process.started == 2 and store.failures["events_lost"] == 0
 
 
@@ -1362,8 +1392,8 @@ async def test_a_writer_process_that_dies_mid_batch_is_replaced_and_the_batch_re
     from penguiflow_exporters._writer_proc import AsyncWriterProcess
 
     store = await make(flush_interval_s=3600.0)
-    first = [ev("t", 1), ev("t", 2, "node_success")]
-    await store.save_events(first)
+    first = [fields("t", 1), fields("t", 2, "node_success")]
+    save_runtime(store, *first)
     await store.flush()
     process = process_of(store)
     assert process is not None and process.pid is not None and process.started == 1
@@ -1378,7 +1408,7 @@ async def test_a_writer_process_that_dies_mid_batch_is_replaced_and_the_batch_re
 
     monkeypatch.setattr(AsyncWriterProcess, "_exchange", signalling_exchange)
     with caplog.at_level(logging.WARNING, logger="penguiflow_exporters"):
-        await store.save_events([ev("t", 3)])
+        save_runtime(store, fields("t", 3))
         flushing = asyncio.ensure_future(store.flush())
         await sending.wait()
         os.kill(process.pid, signal.SIGKILL)
@@ -1387,7 +1417,7 @@ async def test_a_writer_process_that_dies_mid_batch_is_replaced_and_the_batch_re
     (retry,) = [r for r in caplog.records if r.getMessage() == "state_store_write_retry"]
     assert "writer process exited" in str(retry.__dict__["error"])
     assert store._where in str(retry.__dict__["error"])  # names the server, no password
-    assert await store.load_history("t") == [*first, ev("t", 3)]
+    assert await store.load_history("t") == runtime(*first, fields("t", 3))
     assert process.started == 2
 
 
@@ -1402,12 +1432,12 @@ async def test_a_writer_process_that_cannot_start_falls_back_to_the_loop(
     monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse)
     store = await make(flush_interval_s=3600.0)
     with caplog.at_level(logging.WARNING, logger="penguiflow_exporters"):
-        first = [ev("t", 1, "node_start"), ev("t", 2, "node_success")]
-        await store.save_events(first)
+        first = [fields("t", 1, "node_start"), fields("t", 2, "node_success")]
+        save_runtime(store, *first)
         await store.flush()
-        later = [ev("t", 3, "node_start", "b")]
-        await store.save_events(later)
-        assert await store.load_history("t") == [*first, *later]  # nothing lost
+        later = [fields("t", 3, "node_start", node="b")]
+        save_runtime(store, *later)
+        assert await store.load_history("t") == runtime(*first, *later)  # nothing lost
     assert writer_of(store).process is None  # writing on the loop from now on
     assert store.failures == {}
     warnings = [r for r in caplog.records
@@ -1418,7 +1448,7 @@ async def test_a_writer_process_that_cannot_start_falls_back_to_the_loop(
 @PROCESS_ONLY
 async def test_close_stops_the_writer_process(make: MakeStore) -> None:
     store = await make()
-    await store.save_events([ev("t", 1)])
+    save_runtime(store, fields("t", 1))
     await store.flush()
     process = process_of(store)
     assert process is not None
