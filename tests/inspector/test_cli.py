@@ -95,7 +95,8 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for name, _ in COMMANDS:
         assert name in out
-    assert [name for name, _ in COMMANDS] == ["inspect", "traces", "tail", "export", "demo"]
+    assert [name for name, _ in COMMANDS] == ["inspect", "traces", "tail", "export", "demo",
+                                              "migrate"]
 
 
 def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,13 +1,16 @@
-"""``pf``: inspect, list, follow, export and demo PenguiFlow traces.
+"""``pf``: inspect, list, follow, export and demo PenguiFlow traces; migrate a store.
 
 Every command reads the store ``--store URL`` names, else ``$PENGUIFLOW_STORE``,
-else the SQLite default (``sqlite:///.penguiflow/traces.db``). Output: the
+else the SQLite default (``sqlite:///.penguiflow/traces.db``); the readers open it
+read-only (they never create or alter anything), ``pf demo`` and ``pf migrate``
+for writing. Output: the
 terminal UI when stdout is a terminal (``inspect``, ``traces``, ``demo``),
 else ``--plain`` text; ``--json`` for scripts. Failures are one line on
 stderr (``pf <command>: ...``), never a traceback.
 
 Exit status: 0 success, 1 a runtime failure (store, collector, output file),
-2 a usage error (bad flags or values, an unknown or ambiguous trace id).
+2 a usage error (bad flags or values, an unknown or ambiguous trace id, a store
+URL naming something that is not a trace store it can read).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Final, NoReturn, TextIO, cast
 from penguiflow.state import StateStoreError, StoredEvent, TraceFilter, TraceStore
 from penguiflow_exporters import open_store
 
-from . import export, render
+from . import export, migrate, render
 from ._store import (
     EXIT_OK,
     EXIT_USAGE,
@@ -48,6 +51,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("tail", "follow live traces as their events arrive"),
     ("export", "rebuild a stored trace's spans and send them over OTLP or write OTLP-JSON"),
     ("demo", "run a built-in demo flow, record it, and print its trace id"),
+    ("migrate", "upgrade a trace store to the current schema (the readers refuse older ones)"),
 )
 #: ``--status`` values: the inspector's words and the store's.
 STATUSES: Final = {"ok": "succeeded", "error": "failed", "cancelled": "cancelled",
@@ -145,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-open", action="store_true",
                       help="do not open the inspector on the recorded trace")
     _output_flags(demo)
+
+    migrate.add_arguments(cmds["migrate"])
     return parser
 
 
@@ -458,7 +464,8 @@ def _demo(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-_COMMANDS: Final = {"inspect": _inspect, "traces": _traces, "tail": _tail, "demo": _demo}
+_COMMANDS: Final = {"inspect": _inspect, "traces": _traces, "tail": _tail, "demo": _demo,
+                    "migrate": migrate.run}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,149 @@
+"""``pf migrate``: upgrade a trace store to the schema this penguiflow-exporters writes.
+
+The readers (``pf inspect``, ``pf traces``, ``pf tail``, ``pf export``, the
+terminal UI) never write, so they refuse a store at an older schema version and
+say to run this. ``pf migrate`` opens the store with a writing store
+(``open_store(url)``, then ``open()``: opening is what migrates) and closes it,
+then prints one line saying what it did: ``upgraded '<path>' from schema 4 to 5``
+or ``'<path>' is already at schema 5; nothing to do``.
+
+SQLite: the file's version is read first, through a read-only ``sqlite3``
+connection (``mode=ro``), so that a missing, empty or foreign file is refused
+without ever being opened for writing (a writing store sets its pragmas, WAL
+mode among them, before it looks at the tables), and so that the line can say
+which version it upgraded from. Other stores (Postgres) are opened and closed
+with a writing store, which upgrades an older schema.
+
+Every failure is a :class:`~penguiflow_inspector._store.CommandError`: exit 2
+when the URL names something that is not a trace store this version can
+upgrade, 1 when the store cannot be reached or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import quote
+
+from penguiflow.state import StateStoreError, StoreUnavailable
+from penguiflow_exporters import open_store
+
+from ._store import EXIT_OK, EXIT_USAGE, CommandError, one_line, redact, store_url
+
+__all__ = ["add_arguments", "migrate", "run", "sqlite_schema_version"]
+
+_STORE_HELP = ("the store to upgrade: sqlite:///path.db or postgresql://user@host:port/db "
+               "(default: $PENGUIFLOW_STORE, else sqlite:///.penguiflow/traces.db)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``pf migrate``'s arguments to its sub-parser."""
+    parser.add_argument("--store", metavar="URL", help=_STORE_HELP)
+
+
+def run(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Run ``pf migrate``; prints what it did on ``out``. Raises :class:`CommandError`."""
+    out.write(asyncio.run(migrate(store_url(ns.store))) + "\n")
+    return EXIT_OK
+
+
+def sqlite_schema_version(path: Path, *, readonly: bool = True) -> int | None:
+    """The schema version of the SQLite file at ``path``; it only reads.
+
+    Returns 0 for a database without tables (an empty file included) and None
+    for one with tables but no ``schema_version`` (not a penguiflow store).
+    ``readonly`` (``mode=ro``) guarantees no write even to a foreign file; a
+    read-write connection, used on a file known to be a trace store, removes the
+    ``-wal``/``-shm`` files of a WAL database when it closes (a read-only one
+    creates them and cannot).
+
+    Raises:
+        sqlite3.Error: the file cannot be read or is not a SQLite database.
+    """
+    conn = (sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
+            if readonly else sqlite3.connect(path))
+    try:
+        tables = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+        if not tables:
+            return 0
+        if "schema_version" not in tables:
+            return None
+        (version,) = conn.execute("SELECT ifnull(max(version), 0) FROM schema_version").fetchone()
+        return int(version)
+    finally:
+        conn.close()
+
+
+async def migrate(url: str) -> str:
+    """Upgrade the store at ``url`` to the current schema; returns what was done, one line.
+
+    Raises:
+        CommandError: (exit 2) ``memory://`` or an unsupported URL; a SQLite path
+            with nothing there, an empty or foreign file, or a version the store
+            cannot upgrade (the file is left as it was); (exit 1) the store cannot
+            be reached, opened or written.
+    """
+    try:
+        store = open_store(url)
+    except ValueError as exc:
+        raise CommandError(str(exc).replace(url, redact(url)), EXIT_USAGE) from None
+    if url.startswith("memory:"):
+        raise CommandError("memory:// has nothing to migrate (it starts empty in every "
+                           "process); pass --store sqlite:///... or postgresql://...",
+                           EXIT_USAGE)
+    path = getattr(store, "path", None)
+    before = _sqlite_before(path) if isinstance(path, Path) else None
+    try:
+        try:
+            opener = getattr(store, "open", None)
+            if opener is not None:  # every durable store: opening creates or migrates
+                await opener()
+        finally:
+            await store.close()
+    except StoreUnavailable as exc:
+        raise CommandError(f"trace store: {one_line(exc).replace(url, redact(url))}") from None
+    except StateStoreError as exc:  # refused: a version it cannot upgrade (file unchanged)
+        raise CommandError(one_line(exc).replace(url, redact(url)), EXIT_USAGE) from None
+    except OSError as exc:
+        raise CommandError(
+            f"cannot reach the trace store {redact(url)}: {one_line(exc)}") from None
+    if not isinstance(path, Path):
+        return (f"{redact(url)} is at the schema this penguiflow-exporters writes "
+                "(opening it with a writing store upgrades an older one)")
+    after = sqlite_schema_version(path, readonly=False)
+    if after == before:
+        return f"{str(path)!r} is already at schema {after}; nothing to do"
+    return f"upgraded {str(path)!r} from schema {before} to {after}"
+
+
+def _sqlite_before(path: Path) -> int:
+    """The version of a SQLite store that ``pf migrate`` may open for writing.
+
+    Raises:
+        CommandError: (exit 2) nothing at ``path``, an empty or foreign file;
+            (exit 1) it cannot be read.
+    """
+    if not path.exists():
+        raise CommandError(f"no trace store at {str(path)!r}: nothing to migrate; pass "
+                           "--store URL or set PENGUIFLOW_STORE to the store to upgrade",
+                           EXIT_USAGE)
+    try:
+        version = sqlite_schema_version(path)
+    except sqlite3.DatabaseError as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF == sqlite3.SQLITE_NOTADB:
+            raise CommandError(f"{str(path)!r} is not a SQLite database; nothing to migrate",
+                               EXIT_USAGE) from None
+        raise CommandError(f"cannot read {str(path)!r}: {one_line(exc)}") from None
+    if version is None:
+        raise CommandError(f"{str(path)!r} is not a penguiflow trace database (it has other "
+                           "tables); nothing to migrate, and it was not changed", EXIT_USAGE)
+    if version == 0:
+        raise CommandError(f"{str(path)!r} holds no penguiflow traces (an empty database); "
+                           "nothing to migrate, and it was not changed", EXIT_USAGE)
+    return version
+
