@@ -24,8 +24,12 @@ One batch, one transaction, on the writer's own connection:
    JSON column blocks of at most BLOCK_EVENTS events), then NOTIFY the schema's
    channel with the ids of the traces touched (live ``follow()``).
 
-Errors are the driver's (asyncpg exceptions, OSError): the store translates them
-(``translate``), or the writer process reports them to its parent, which does.
+Steps 4 and 5 overlap the writer's work with the server's: blocks are encoded while
+the server runs the upsert, and the COPY streams them as they are encoded.
+
+Errors are the driver's (asyncpg exceptions, OSError; a connection the driver found
+closed, however it says so, is a ``ConnectionResetError``): the store translates
+them (``translate``), or the writer process reports them to its parent, which does.
 """
 
 from __future__ import annotations
