@@ -494,7 +494,7 @@ async def test_readonly_refuses_a_v4_schema_without_migrating_it(
     await make_v4_schema(sql, schema, v4_batches())
     before = await catalog(sql, schema)
     store = PostgresStateStore(pg_dsn, schema=schema, readonly=True)
-    with pytest.raises(StateStoreError, match=r"version 4; .*without readonly=True"):
+    with pytest.raises(StateStoreError, match=r"version 4, .*pf migrate .*without readonly"):
         await store.open()
     await store.close()
     assert await catalog(sql, schema) == before

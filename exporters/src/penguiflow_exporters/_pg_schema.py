@@ -182,9 +182,9 @@ async def check_schema(conn: Any, schema: str, where: str) -> None:
             f"schema_version table); check the schema name (schema=...)")
     if version == 4:
         raise StateStoreError(
-            f"Postgres schema {schema!r} at {where} has version 4; a read-only store "
-            f"changes nothing, so open it once without readonly=True to migrate it to "
-            f"version {SCHEMA_VERSION}")
+            f"Postgres schema {schema!r} at {where} has version 4, which a read-only store "
+            f"does not migrate; run pf migrate --store <url> (or open it once without "
+            f"readonly=True) to migrate it to version {SCHEMA_VERSION}")
     if version != SCHEMA_VERSION:
         raise _refuse(version, schema, where)
 
