@@ -26,6 +26,7 @@ __all__ = [
     "TRACE_STATUSES",
     "InMemoryStateStore",
     "EVENT_FIELDS",
+    "EVENTS_LOST_KIND",
     "ERROR_KINDS",
     "EventRecord",
     "TERMINAL_KINDS",
@@ -200,7 +201,13 @@ class StoreUnavailable(StateStoreError):
 
 
 #: Trace statuses, in the order a status wins over another when several apply.
-TRACE_STATUSES = ("cancelled", "failed", "running", "succeeded")
+#: ``"incomplete"``: the store lost some of the trace's events (see
+#: ``TraceSummary.events_lost``), so whether it still runs or succeeded is unknown.
+TRACE_STATUSES = ("cancelled", "failed", "incomplete", "running", "succeeded")
+
+#: Kind of the marker event a store writes into a trace that lost events (payload
+#: ``{"events_lost": n, "reason": "..."}``; see penguiflow_exporters.processor).
+EVENTS_LOST_KIND = "store_events_lost"
 
 #: Event kinds a trace summary counts as errors (``TraceSummary.error_count``).
 ERROR_KINDS = frozenset({"node_error", "node_timeout", "node_failed", "remote_call_error",
@@ -223,12 +230,15 @@ def check_page(offset: int, limit: int) -> None:
                          "the first page is offset=0")
 
 
-def trace_status(cancelled: bool, failed: bool, open_count: int) -> str:
-    """A trace's status from its fold: cancelled > failed > running > succeeded."""
+def trace_status(cancelled: bool, failed: bool, open_count: int, events_lost: int = 0) -> str:
+    """A trace's status from its fold: cancelled > failed > incomplete > running >
+    succeeded (see :data:`TRACE_STATUSES`)."""
     if cancelled:
         return "cancelled"
     if failed:
         return "failed"
+    if events_lost > 0:
+        return "incomplete"
     return "running" if open_count > 0 else "succeeded"
 
 
@@ -240,8 +250,9 @@ class TraceSummary:
         trace_id: the trace.
         flow_name: the flow that recorded its first event.
         status: ``"cancelled"`` (a cancel was requested), else ``"failed"`` (a
-            node failed after its retries), else ``"running"`` (an invocation
-            has no terminal event yet), else ``"succeeded"``.
+            node failed after its retries), else ``"incomplete"`` (the store lost
+            some of its events: ``events_lost``), else ``"running"`` (an
+            invocation has no terminal event yet), else ``"succeeded"``.
         started_ts / ended_ts: first and last event times (epoch seconds).
         node_count: node invocations started.
         error_count: error events (node errors, timeouts and failures, remote
@@ -249,6 +260,9 @@ class TraceSummary:
         remote_call_count: remote calls started.
         event_count: events stored.
         nodes: the distinct node names that ran, sorted.
+        events_lost: events of the trace the store could not keep (dropped on a
+            full buffer, refused, or lost with a failed write), as its
+            ``store_events_lost`` markers count them.
     """
 
     trace_id: str
@@ -261,6 +275,7 @@ class TraceSummary:
     remote_call_count: int
     event_count: int
     nodes: tuple[str, ...]
+    events_lost: int = 0
 
     @property
     def duration_ms(self) -> float:
@@ -275,8 +290,8 @@ class TraceSummaryBuilder:
     stored event exactly once; ``summary()`` is then O(1).
     """
 
-    __slots__ = ("cancelled", "ended", "errors", "events", "failed", "flow_name", "nodes",
-                 "open", "remotes", "started", "starts", "trace_id")
+    __slots__ = ("cancelled", "ended", "errors", "events", "events_lost", "failed", "flow_name",
+                 "nodes", "open", "remotes", "started", "starts", "trace_id")
 
     def __init__(self, trace_id: str) -> None:
         self.trace_id = trace_id
@@ -284,12 +299,17 @@ class TraceSummaryBuilder:
         self.started = float("inf")
         self.ended = float("-inf")
         self.starts = self.errors = self.remotes = self.events = self.open = 0
+        self.events_lost = 0
         self.cancelled = self.failed = False
         self.nodes: set[str] = set()
 
     def add(self, event: StoredEvent) -> None:
         """Fold one event in."""
         self.add_fields(event.ts, event.kind, event.node_name, event.attempt, event.flow_name)
+        if event.kind == EVENTS_LOST_KIND:
+            lost = event.payload.get("events_lost")
+            if type(lost) is int and lost > 0:
+                self.events_lost += lost
 
     def add_fields(self, ts: float, kind: str, node_name: str | None, attempt: int,
                    flow_name: str | None) -> None:
@@ -321,11 +341,12 @@ class TraceSummaryBuilder:
 
     def summary(self) -> TraceSummary:
         """The summary of everything folded so far."""
-        status = trace_status(self.cancelled, self.failed, self.open)
+        status = trace_status(self.cancelled, self.failed, self.open, self.events_lost)
         started = self.started if self.events else 0.0
         ended = self.ended if self.events else 0.0
         return TraceSummary(self.trace_id, self.flow_name, status, started, ended, self.starts,
-                            self.errors, self.remotes, self.events, tuple(sorted(self.nodes)))
+                            self.errors, self.remotes, self.events, tuple(sorted(self.nodes)),
+                            self.events_lost)
 
 
 @dataclass(frozen=True, slots=True)

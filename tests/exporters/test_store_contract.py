@@ -263,8 +263,29 @@ def failing_saves(base: type[Any], kind: str) -> type[Any]:
     return FailingSaves
 
 
+class _GatedWriter:
+    """The store's real writer, each batch held until ``store.gate`` opens."""
+
+    def __init__(self, store: Any, inner: Any) -> None:
+        self._store = store
+        self._inner = inner
+
+    async def write(self, items: Any) -> Any:
+        store = self._store
+        store.entered.set()
+        await store.gate.wait()
+        result = await self._inner.write(items)
+        store.batches_written += 1
+        store.committed += 1
+        store.written.set()
+        return result
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 def held_writes(base: type[Any]) -> type[Any]:
-    """A buffered store whose batch writes wait for ``store.gate``."""
+    """A durable store whose batch writes (its real writer's) wait for ``store.gate``."""
 
     class HeldWrites(base):  # type: ignore[misc,valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -273,21 +294,19 @@ def held_writes(base: type[Any]) -> type[Any]:
             self.entered = asyncio.Event()
             self.written = asyncio.Event()
             self.blocked = asyncio.Event()
-            self.batches_written = 0
+            self.batches_written = self.committed = 0
 
-        async def _write(self, batch: list[StoredEvent]) -> Any:
-            self.entered.set()
-            await self.gate.wait()
-            result = await super()._write(batch)
-            self.batches_written += 1
-            self.written.set()
-            return result
+        def _make_writer(self) -> Any:
+            return _GatedWriter(self, super()._make_writer())
 
-        def save_event_fields(self, fields: tuple[Any, ...]) -> Any:
+        def save_event_fields(self, fields: Any) -> Any:
             waiter = super().save_event_fields(fields)
             if waiter is not None:
                 self.blocked.set()
             return waiter
+
+        def release(self) -> None:
+            self.gate.set()
 
         async def close(self) -> None:
             self.gate.set()
@@ -296,17 +315,29 @@ def held_writes(base: type[Any]) -> type[Any]:
     return HeldWrites
 
 
+class _FailingWriter:
+    """The store's real writer, whose first ``fails`` writes raise StoreUnavailable."""
+
+    def __init__(self, inner: Any, fails: int) -> None:
+        self._inner = inner
+        self.fails = fails
+
+    async def write(self, items: Any) -> Any:
+        if self.fails > 0:
+            self.fails -= 1
+            raise StoreUnavailable("injected: the database went away")
+        return await self._inner.write(items)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 def failing_first_write(base: type[Any]) -> type[Any]:
-    """A buffered store whose first batch write raises."""
+    """A durable store whose first batch fails every attempt (retries included)."""
 
     class FailingFirstWrite(base):  # type: ignore[misc,valid-type]
-        fail_next = True
-
-        async def _write(self, batch: list[StoredEvent]) -> Any:
-            if self.fail_next:
-                self.fail_next = False
-                raise OSError("injected write failure")
-            return await super()._write(batch)
+        def _make_writer(self) -> Any:
+            return _FailingWriter(super()._make_writer(), fails=self._processor.retries + 1)
 
     return FailingFirstWrite
 
@@ -943,9 +974,9 @@ async def test_open_store_sqlite_paths_and_options(
     assert absolute.is_file()
 
     monkeypatch.chdir(tmp_path)
-    relative = penguiflow_exporters.open_store("sqlite:///rel/traces.db", on_full="block")
+    relative = penguiflow_exporters.open_store("sqlite:///rel/traces.db", on_full="drop")
     assert isinstance(relative, cls)
-    assert relative.on_full == "block"
+    assert relative.on_full == "drop"
     await _round_trip(relative)
     assert (tmp_path / "rel" / "traces.db").is_file()
 
@@ -1039,13 +1070,19 @@ async def test_full_buffer_drop_policy_counts_drops_and_spares_the_flow(
     store.gate.set()
     await within(store.written.wait())
     await store.flush()
-    stored = 0
+    stored = marked = 0
     for m in messages:
-        history = list(await store.load_history(m.trace_id))
+        everything = list(await store.load_history(m.trace_id))
+        history = [e for e in everything if e.kind != "store_events_lost"]
         full = expected_history(recorder, m.trace_id)
         assert all(e in full for e in history)  # whatever was kept is intact
         stored += len(history)
+        # a trace that lost events says how many (the marker the store writes)
+        lost = sum(e.payload["events_lost"] for e in everything if e not in history)
+        assert len(history) + lost == len(full)
+        marked += lost
     assert stored + store.failures["dropped"] == len(recorder.events)
+    assert marked == store.failures["dropped"]
 
 
 async def check_tuples_and_stored_events_keep_their_order(store: Any) -> None:
@@ -1120,7 +1157,8 @@ async def test_full_buffer_block_policy_loses_nothing(
 async def test_a_failed_batch_is_counted_and_later_batches_are_written(
     make_store: StoreFactory, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    store = await make_store.make(failing_first_write(make_store.cls), flush_interval_s=3600.0)
+    store = await make_store.make(failing_first_write(make_store.cls), flush_interval_s=3600.0,
+                                  retries=1)
     lost = [ev("trace-lost", BASE_TS + 1, "node_start", "a"),
             ev("trace-lost", BASE_TS + 2, "node_success", "a")]
     kept = [ev("trace-kept", BASE_TS + 3, "node_start", "a"),
@@ -1137,68 +1175,22 @@ async def test_a_failed_batch_is_counted_and_later_batches_are_written(
     await within(store.flush())
     assert store.failures["write_failed"] == 1
     assert list(await store.load_history("trace-kept")) == kept
-    assert list(await store.load_history("trace-lost")) == []
-    assert await store.get_trace("trace-lost") is None
-    assert ids(await store.list_traces()) == ["trace-kept"]
+    # The lost trace keeps a marker saying so: never a status its missing events hid.
+    (marker,) = await store.load_history("trace-lost")
+    assert marker.kind == "store_events_lost" and marker.payload["events_lost"] == 2
+    assert "injected: the database went away" in marker.payload["reason"]
+    lost = await store.get_trace("trace-lost")
+    assert lost is not None and lost.status == "incomplete" and lost.events_lost == 2
+    assert sorted(ids(await store.list_traces())) == ["trace-kept", "trace-lost"]
 
 
 def held_inside_write(kind: str, base: type[Any]) -> type[Any]:
     """A store whose batch write blocks *inside* the real write, until ``release()``.
 
-    Not at the top of ``_write`` (as :func:`held_writes` does): each store guards
-    the batch it is writing in its own way, so the batch must be held where the
-    store writes it: where SQLite hands it to its writer (process or thread), in
-    Postgres's transaction.
+    Both durable stores' writer (an EventWriter: a SQLite or Postgres transaction,
+    in a writer process or not) is the write, so the batch is held around it.
     """
-    if kind.startswith("sqlite"):
-        class HeldSQLite(base):  # type: ignore[misc,valid-type]
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                self.entered = asyncio.Event()
-                self.committed = 0
-                self._gate = asyncio.Event()
-
-            async def _store_batch(self, data: Any) -> Any:  # both writers go through it
-                self.entered.set()
-                await self._gate.wait()
-                result = await super()._store_batch(data)
-                self.committed += 1
-                return result
-
-            def release(self) -> None:
-                self._gate.set()
-
-            async def close(self) -> None:
-                self.release()
-                await super().close()
-
-        return HeldSQLite
-
-    class HeldPostgres(base):  # type: ignore[misc,valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.entered = asyncio.Event()
-            self.committed = 0
-            self._gate = asyncio.Event()
-
-        async def _write(self, batch: list[StoredEvent]) -> Any:
-            result = await super()._write(batch)
-            self.committed += 1
-            return result
-
-        async def _write_locked(self, *args: Any) -> Any:  # under the write lock
-            self.entered.set()
-            await self._gate.wait()
-            return await super()._write_locked(*args)
-
-        def release(self) -> None:
-            self._gate.set()
-
-        async def close(self) -> None:
-            self.release()
-            await super().close()
-
-    return HeldPostgres
+    return held_writes(base)
 
 
 @BUFFERED

@@ -38,7 +38,10 @@ def open_store(url: str | None = None, **options: Any) -> TraceStore:
 
     Args:
         url: the store URL; None means :func:`default_store_url`.
-        **options: passed to the store's constructor (e.g. ``on_full="block"``).
+        **options: passed to the store's constructor (e.g. ``on_full="drop"``,
+            ``close_timeout_s=10``). ``readonly=True`` opens a durable store for
+            reading only: it never creates or alters anything, and refuses a
+            missing, empty or foreign database with one clear line.
 
     Raises:
         ValueError: the URL's scheme is not one of the supported ones.
@@ -47,6 +50,7 @@ def open_store(url: str | None = None, **options: Any) -> TraceStore:
     if url == "memory://" or url.startswith("memory:"):
         from penguiflow.state import InMemoryStateStore
 
+        options.pop("readonly", None)  # nothing to protect: it starts empty
         return InMemoryStateStore()
     if url.startswith("sqlite://"):
         from .sqlite import SQLiteStateStore

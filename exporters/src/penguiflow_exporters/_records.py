@@ -35,8 +35,10 @@ the seqs stored as sorted, disjoint ranges and drop every event already in them
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import pickle
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
@@ -67,9 +69,10 @@ __all__ = [
 #: Sorted, disjoint, inclusive ``(lo, hi)`` seq ranges of one flow.
 Ranges = list[tuple[int, int]]
 
-#: What a writer's transaction returns: positions skipped (stored before), and
-#: positions refused with their reasons (``writer.WriteResult``'s two fields).
-WriteReply = tuple[list[int], list[tuple[int, str]]]
+#: What a writer's transaction returns: positions skipped (stored before), positions
+#: refused with their reasons, and notices ``(counter, message)`` for the processor to
+#: log and count (``writer.WriteResult``'s fields).
+WriteReply = tuple[list[int], list[tuple[int, str]], list[tuple[str, str]]]
 
 #: Most events in one block: decoding one is a C call that holds the GIL ~1 us per
 #: event, so 2,000 keeps it under a few ms, and a 100k-event trace is 50 rows.
@@ -132,6 +135,19 @@ def row_of(item: Any) -> Row:
 def rows_of(items: Iterable[Any]) -> list[Row]:
     """:func:`row_of` of each item, in order."""
     return list(map(row_of, items))
+
+
+def loads_rows(payload: bytes) -> list[Row]:
+    """The rows a store's parent process sent its writer process (``_writer_proc``).
+
+    The pipe is between a store and the child it started: its bytes are trusted
+    (the database never holds pickle; see the module docstring).
+    """
+    rows: list[Row] = []
+    stream = io.BytesIO(payload)
+    while stream.tell() < len(payload):  # one pickle per slice of the batch
+        rows += [_new(Row, values) for values in pickle.load(stream)]
+    return rows
 
 
 # -- validation ----------------------------------------------------------------------------
@@ -234,17 +250,32 @@ _encode = _encoder.encode
 _ENCODE_ERRORS = (TypeError, ValueError, RecursionError, OverflowError)
 
 
+def _safe_value(value: Any, label: str) -> Any:
+    """``value`` if JSON can write it; a mapping keeps its writable items and gets
+    the others' text; anything else becomes ``{label: its text}``."""
+    try:
+        _encode(value)
+        return value
+    except _ENCODE_ERRORS:
+        pass
+    if isinstance(value, Mapping):
+        kept: dict[Any, Any] = {}
+        for key, item in value.items():
+            key = key if type(key) in (str, int, float, bool) else _safe_text(key)
+            try:
+                _encode(item)
+                kept[key] = item
+            except _ENCODE_ERRORS:
+                kept[key] = _safe_text_repr(item)
+        return kept
+    return {label: _safe_text_repr(value)}
+
+
 def safe_row(row: Row) -> Row:
-    """``row`` with an ``extra`` or ``payload`` that JSON cannot write replaced by its text."""
-    extra, payload = row.extra, row.payload
-    try:
-        _encode(extra)
-    except _ENCODE_ERRORS:
-        extra = {"unserialisable_extra": _safe_text_repr(extra)}
-    try:
-        _encode(payload)
-    except _ENCODE_ERRORS:
-        payload = {"unserialisable_payload": _safe_text_repr(payload)}
+    """``row`` with what JSON cannot write in ``extra`` or ``payload`` (a cycle, nesting
+    too deep) replaced by its text, item by item."""
+    extra = _safe_value(row.extra, "unserialisable_extra")
+    payload = _safe_value(row.payload, "unserialisable_payload")
     safe = row._replace(extra=extra, payload=payload)
     try:
         _encode(list(safe))
@@ -380,7 +411,7 @@ class Fold:
 
 
 #: The kind of the marker event a store writes when it lost events of a trace
-#: (payload ``{"events_lost": n, "reason": ...}``); see BatchProcessor.
+#: (payload ``{"events_lost": n, "reason": ...}``): penguiflow.state.EVENTS_LOST_KIND.
 LOST_KIND = "store_events_lost"
 
 

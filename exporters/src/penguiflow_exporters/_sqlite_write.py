@@ -1,61 +1,276 @@
-"""The SQLite store's write transaction, and the writer process that runs it (stdlib only).
+"""The SQLite store's schema and writer (stdlib only: a writer process runs it).
 
-:class:`BatchWriter` stores a batch of block items (see _batch.py) in one
-transaction: trace and flow keys, the seq ranges that make writes idempotent, the
-summaries, the blocks. :class:`~penguiflow_exporters.sqlite.SQLiteStateStore`
-runs it in a child process by default (``writer="process"``, see _writer_proc.py
-for why), or on its worker thread (``writer="thread"``).
+:class:`SQLiteWriter` stores one batch of :class:`~._records.Row` in one
+transaction. :class:`~penguiflow_exporters.sqlite.SQLiteStateStore` runs it in a
+child process (``writer="process"``, the default, through ``_writer_proc``) or on a
+thread of its own (``writer="thread"``).
 
-The child's batches (``W`` frames) are a pickled ``(grouped, chunks)``. A batch of
-StoredEvents (an import) comes as blocks (``grouped``): the parent groups it by
-trace and encodes each block (see :meth:`BatchWriter.write_blocks`), so the child
-stores them as they came, decoding them only to fold and deduplicate. The
-runtime's events come as encoded slices of the batch, which the child groups and
-encodes: the flow's process then does the least (see sqlite._prepare).
-On the 2-core CI machine a thread writer put the chain benchmark at ~2.8x its time
-without a store, the process writer at ~2x.
+Schema (version 5, :data:`SCHEMA_VERSION`):
+
+* ``traces``: one summary row per trace, folded from each batch's new events in
+  Python (``_records.fold_rows``); ``key`` numbers traces in order of first event.
+* ``blocks``: the events, as JSON column blocks (``_records``), one row per trace
+  per batch (at most 2,000 events); ``first`` is the index in its trace of the
+  block's first event, so a page of a trace seeks on ``(trace_key, first)``.
+* ``flows`` and ``flow_seqs``: per flow, the seqs stored as disjoint ranges, so a
+  re-delivered event is stored once.
+* ``bindings``: remote bindings; ``schema_version``: one row per version applied.
+
+:func:`migrate` creates version 5 in an empty file and upgrades version 4 (the
+layout before, with pickled blocks: decoded by a restricted unpickler, once,
+re-encoded as JSON) in one transaction. Any other file (another version, or a
+database that is not a penguiflow one) is refused with :class:`SchemaError`, and
+left unchanged.
+
+File identity. A writer remembers the device and inode of the file it opened and
+checks them before each batch: a file deleted or replaced under a running store
+is reopened (a notice the processor logs and counts as ``file_replaced``), never
+written into an unlinked inode for ever. The WAL is checkpointed whenever it
+passes :data:`WAL_CHECKPOINT_BYTES`, and truncated to that size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import pickle
+import os
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
-from operator import itemgetter
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ._batch import (
+from ._records import (
+    BlockError,
+    Fold,
     Ranges,
-    block_items,
+    Row,
+    WriteReply,
     block_rows,
+    check_row,
     fold_rows,
-    heads_and_rows,
-    skipped_positions,
+    group_by_trace,
+    loads_rows,
     split_fresh,
 )
 from ._serve import serve
 
-__all__ = ["BatchWriter", "main"]
+__all__ = ["SCHEMA_VERSION", "SQLiteWriter", "SchemaError", "check_schema", "connect", "main",
+           "migrate", "release"]
+
+#: The schema version this module writes.
+SCHEMA_VERSION = 5
+#: The WAL size past which a writer checkpoints, and to which SQLite truncates it.
+WAL_CHECKPOINT_BYTES = 4 << 20
+BUSY_TIMEOUT_MS = 5000
+
+_TABLES = (
+    """CREATE TABLE traces (
+        key INTEGER PRIMARY KEY,
+        trace_id TEXT NOT NULL UNIQUE,
+        flow_name TEXT,
+        status TEXT NOT NULL,
+        started_ts REAL NOT NULL,
+        ended_ts REAL NOT NULL,
+        node_count INTEGER NOT NULL,
+        error_count INTEGER NOT NULL,
+        remote_call_count INTEGER NOT NULL,
+        event_count INTEGER NOT NULL,
+        nodes TEXT NOT NULL,
+        open_count INTEGER NOT NULL,
+        failed INTEGER NOT NULL,
+        cancelled INTEGER NOT NULL,
+        events_lost INTEGER NOT NULL DEFAULT 0
+    )""",
+    "CREATE INDEX traces_started ON traces (started_ts)",
+    "CREATE TABLE flows (key INTEGER PRIMARY KEY, flow_id TEXT NOT NULL UNIQUE)",
+    """CREATE TABLE blocks (
+        id INTEGER PRIMARY KEY,
+        trace_key INTEGER,
+        first INTEGER NOT NULL,
+        n INTEGER NOT NULL,
+        ts_lo REAL NOT NULL,
+        ts_hi REAL NOT NULL,
+        data TEXT NOT NULL
+    )""",
+    "CREATE INDEX blocks_trace ON blocks (trace_key, first)",
+    "CREATE TABLE flow_seqs (flow_key INTEGER NOT NULL, lo INTEGER NOT NULL, "
+    "hi INTEGER NOT NULL, PRIMARY KEY (flow_key, lo)) WITHOUT ROWID",
+    "CREATE TABLE bindings (id INTEGER PRIMARY KEY, trace_id TEXT NOT NULL, "
+    "context_id TEXT, task_id TEXT, agent_url TEXT)",
+    "CREATE UNIQUE INDEX bindings_ids ON bindings (trace_id, ifnull(context_id, x''), "
+    "ifnull(task_id, x''), ifnull(agent_url, x''))",
+    "CREATE INDEX bindings_context ON bindings (context_id)",
+    "CREATE INDEX bindings_task ON bindings (task_id)",
+)
+_SCHEMA_VERSION_TABLE = (
+    "CREATE TABLE schema_version (version INTEGER NOT NULL, applied_ts REAL NOT NULL "
+    "DEFAULT ((julianday('now') - 2440587.5) * 86400.0))")
+# The tables a version-4 file has (besides schema_version); see _to_v5.
+_V4_TABLES = frozenset({"traces", "flows", "blocks", "flow_seqs", "bindings"})
+
+
+class SchemaError(Exception):
+    """The file is not a penguiflow trace database this version can use (unchanged)."""
+
+
+def _version(conn: sqlite3.Connection) -> int | None:
+    """The file's schema version: 0 for an empty database, None for a foreign one."""
+    tables = {name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+    if not tables:
+        return 0
+    if "schema_version" not in tables:
+        return None
+    (version,) = conn.execute("SELECT ifnull(max(version), 0) FROM schema_version").fetchone()
+    return int(version)
+
+
+def check_schema(conn: sqlite3.Connection, path: str) -> None:
+    """Refuse (:class:`SchemaError`) a file a reader cannot read; never writes."""
+    version = _version(conn)
+    if version == SCHEMA_VERSION:
+        return
+    if version == 0:
+        raise SchemaError(f"{path!r} holds no penguiflow traces (an empty database); "
+                          "point the reader at a store a flow has written")
+    if version is None:
+        raise SchemaError(f"{path!r} is not a penguiflow trace database (it has other "
+                          "tables); point the reader at a penguiflow store")
+    if version == 4:
+        raise SchemaError(f"{path!r} has schema version 4; open it once with a writing "
+                          "store (e.g. run a flow with it, or `pf migrate` it) to upgrade "
+                          f"it to {SCHEMA_VERSION}, then read it")
+    raise SchemaError(_unsupported(path, version))
+
+
+def _unsupported(path: str, version: int) -> str:
+    if version > SCHEMA_VERSION:
+        return (f"{path!r} has schema version {version}, newer than this "
+                f"penguiflow-exporters supports ({SCHEMA_VERSION}); upgrade "
+                "penguiflow-exporters or use another path")
+    return (f"{path!r} has schema version {version}, which this penguiflow-exporters "
+            f"cannot upgrade (only version 4 is migrated to {SCHEMA_VERSION}); "
+            "start a new store at another path")
+
+
+def migrate(conn: sqlite3.Connection, path: str) -> None:
+    """Create the schema in an empty file, or upgrade version 4; else SchemaError.
+
+    One ``BEGIN IMMEDIATE`` transaction, so two processes opening a new file migrate
+    it once, and a refused or failed migration leaves the file as it was.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = _version(conn)
+        if version == SCHEMA_VERSION:
+            conn.execute("COMMIT")
+            return
+        if version is None:
+            raise SchemaError(f"{path!r} is not a penguiflow trace database (it has other "
+                              "tables); use another path")
+        if version == 0:
+            conn.execute(_SCHEMA_VERSION_TABLE)
+            for statement in _TABLES:
+                conn.execute(statement)
+        elif version == 4:
+            _to_v5(conn)
+        else:
+            raise SchemaError(_unsupported(path, version))
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _to_v5(conn: sqlite3.Connection) -> None:
+    """Version 4 -> 5: blocks re-encoded from pickle to JSON; traces gain events_lost."""
+    from ._legacy_v4 import decode_v4_block  # only ever needed here
+    from ._records import encode_block
+
+    conn.execute("ALTER TABLE traces ADD COLUMN events_lost INTEGER NOT NULL DEFAULT 0")
+    conn.execute("CREATE TABLE blocks_v5 (id INTEGER PRIMARY KEY, trace_key INTEGER, "
+                 "first INTEGER NOT NULL, n INTEGER NOT NULL, ts_lo REAL NOT NULL, "
+                 "ts_hi REAL NOT NULL, data TEXT NOT NULL)")
+    rows = conn.execute("SELECT id, trace_key, first, n, ts_lo, ts_hi, data FROM blocks "
+                        "ORDER BY id")
+    for block_id, trace_key, first, n, ts_lo, ts_hi, data in rows.fetchall():
+        try:
+            converted = decode_v4_block(data)
+        except BlockError as exc:
+            raise SchemaError(f"cannot upgrade schema 4 to {SCHEMA_VERSION}: block {block_id} "
+                              f"({exc}); the file is unchanged") from exc
+        conn.execute("INSERT INTO blocks_v5 VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (block_id, trace_key, first, n, ts_lo, ts_hi, encode_block(converted)))
+    conn.execute("DROP TABLE blocks")
+    conn.execute("ALTER TABLE blocks_v5 RENAME TO blocks")
+    conn.execute("CREATE INDEX blocks_trace ON blocks (trace_key, first)")
+
+
+def connect(path: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    """A writing connection to a penguiflow store: checked, set up and migrated.
+
+    The file is checked before anything is written to it: a foreign database, or
+    one at a version this module cannot migrate, raises :class:`SchemaError` with
+    the file unchanged (not even switched to WAL).
+    """
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        version = _version(conn)
+        if version is None:
+            raise SchemaError(f"{path!r} is not a penguiflow trace database (it has other "
+                              "tables); use another path")
+        if version not in (0, 4, SCHEMA_VERSION):
+            raise SchemaError(_unsupported(path, version))
+        if version == 0:
+            # A new file only (before its first table): big pages mean fewer page
+            # splits and WAL frames per batch (~10-20% more events/s than 16 KiB).
+            conn.execute("PRAGMA page_size = 65536")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_BYTES}")
+        migrate(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def release(path: str) -> None:
+    """Leave a closed store as one plain file: back to rollback-journal mode.
+
+    So a reader opening it read-only (``mode=ro``) creates no ``-wal``/``-shm`` files
+    beside it. Best effort: while another process has the file open, it stays in
+    WAL mode (that process's close will try again).
+    """
+    with contextlib.suppress(sqlite3.Error):
+        conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+        try:
+            conn.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            conn.close()
+
+
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_quote = json.encoder.encode_basestring_ascii
+_KEY_CACHE_MAX = 100_000
 
 _INSERT_BLOCK = ("INSERT INTO blocks (trace_key, first, n, ts_lo, ts_hi, data) "
                  "VALUES (?, ?, ?, ?, ?, ?)")
 _SUMMARY_COLUMNS = (
     "trace_id, flow_name, status, started_ts, ended_ts, node_count, error_count, "
-    "remote_call_count, event_count, nodes, open_count, failed, cancelled")
-# A batch's summaries are folded in Python (fold_rows) while its items are at hand: one
-# row per trace reaches SQLite instead of a GROUP BY over the batch's events with two
-# correlated sub-queries per trace (~4 us per event, measured). New traces are inserted
-# whole, in order of their first event (their key is list_traces' tie-break); stored
-# ones are merged, with TraceSummaryBuilder's semantics. The status rule (cancelled >
-# failed > running > succeeded, penguiflow.state._trace_status) is stated in SQL.
+    "remote_call_count, event_count, nodes, open_count, failed, cancelled, events_lost")
+# The status rule (penguiflow.state.trace_status) stated in SQL.
 _INSERT_TRACE = (
     f"INSERT INTO traces (key, {_SUMMARY_COLUMNS}) VALUES (?1, ?2, ?3, "
-    "CASE WHEN ?13 THEN 'cancelled' WHEN ?12 THEN 'failed' WHEN ?11 > 0 THEN 'running' "
-    "ELSE 'succeeded' END, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)")
+    "CASE WHEN ?13 THEN 'cancelled' WHEN ?12 THEN 'failed' WHEN ?14 > 0 THEN 'incomplete' "
+    "WHEN ?11 > 0 THEN 'running' ELSE 'succeeded' END, "
+    "?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)")
 _UPDATE_TRACE = (
     "UPDATE traces SET flow_name = ifnull(flow_name, ?1), "
     "status = CASE WHEN cancelled OR ?2 THEN 'cancelled' WHEN failed OR ?3 THEN 'failed' "
+    "WHEN events_lost + ?14 > 0 THEN 'incomplete' "
     "WHEN open_count + ?4 > 0 THEN 'running' ELSE 'succeeded' END, "
     "started_ts = min(started_ts, ?5), ended_ts = max(ended_ts, ?6), "
     "node_count = node_count + ?7, error_count = error_count + ?8, "
@@ -63,22 +278,13 @@ _UPDATE_TRACE = (
     "nodes = CASE WHEN ?11 = '[]' OR ?11 = nodes THEN nodes "
     "ELSE (SELECT json_group_array(value) FROM (SELECT value FROM json_each(nodes) "
     "UNION SELECT value FROM json_each(?11) ORDER BY 1)) END, "
-    "open_count = open_count + ?4, failed = failed OR ?3, cancelled = cancelled OR ?2 "
+    "open_count = open_count + ?4, failed = failed OR ?3, cancelled = cancelled OR ?2, "
+    "events_lost = events_lost + ?14 "
     "WHERE key = ?12 AND trace_id = ?13")
-# Keys cached per writer (keys never change once committed); cleared past this size.
-_KEY_CACHE_MAX = 100_000
-
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-_quote = json.encoder.encode_basestring
-_flow_of, _ts_of = itemgetter(13), itemgetter(1)
 
 
 def _names(nodes: Iterable[str]) -> str:
-    """The sorted JSON array of node names (``traces.nodes``).
-
-    Joined from C-quoted names: a json encoder call per trace cost ~0.8 us per event
-    of a 10-event trace, measured.
-    """
+    """The sorted JSON array of node names (``traces.nodes``)."""
     return f"[{','.join(map(_quote, sorted(nodes)))}]" if nodes else "[]"
 
 
@@ -86,114 +292,120 @@ class _StaleKeys(Exception):
     """A cached trace key no longer names its trace (rolled back, retried uncached)."""
 
 
-class BatchWriter:
-    """Stores batches of block items in one SQLite file; one transaction per batch.
+class SQLiteWriter:
+    """Writes batches of Rows into one SQLite file; one transaction per batch.
 
     Args:
-        conn: an open connection (autocommit mode: ``isolation_level=None``) to a
-            file at the current schema version.
-        terminal / errors: the core's terminal and error kinds (see fold_rows).
+        path: the database file (created with its schema on :meth:`open`).
+        terminal / errors: the core's TERMINAL_KINDS and ERROR_KINDS.
     """
 
-    def __init__(self, conn: sqlite3.Connection, *, terminal: frozenset[str],
-                 errors: frozenset[str]) -> None:
-        self.conn = conn
+    def __init__(self, path: str, *, terminal: frozenset[str], errors: frozenset[str],
+                 busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+        self.path = path
         self._terminal = terminal
         self._errors = errors
-        # Committed trace and flow keys; see _keys.
+        self._busy_timeout_ms = busy_timeout_ms
+        self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None
         self._trace_keys: dict[Any, int] = {}
         self._flow_keys: dict[Any, int] = {}
 
-    def write(self, items: list[tuple[Any, ...]]) -> list[int] | None:
-        """Store the items not stored yet (see split_fresh), in order.
+    def open(self) -> None:
+        """Connect and create or migrate the schema (SchemaError: refused, unchanged)."""
+        if self._conn is not None:
+            return
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        self._conn = connect(self.path, busy_timeout_ms=self._busy_timeout_ms)
+        self._identity = _identity(self.path)
+        self._trace_keys.clear()
+        self._flow_keys.clear()
+
+    def close(self) -> None:
+        """Checkpoint and truncate the WAL, close the file; idempotent."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        # Another connection may be reading: then the next writer checkpoints.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+
+    def _reopen_if_replaced(self) -> list[tuple[str, str]]:
+        if self._conn is not None and _identity(self.path) == self._identity:
+            return []
+        was_open = self._conn is not None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self.open()
+        if not was_open:
+            return []
+        return [("file_replaced", f"{self.path!r} was deleted or replaced while the store "
+                 "was writing to it; the store reopened the path (events written before "
+                 "went with the old file)")]
+
+    def write(self, rows: list[Row]) -> WriteReply:
+        """Store ``rows`` (see the writer contract in ``writer.py``).
 
         Returns:
-            None when every item was stored, else the positions (in ``items``) of
-            those skipped because their ``(flow_id, seq)`` was stored already or
-            came earlier in the batch.
+            ``(skipped, rejected, notices)``: positions already stored, positions
+            refused with the reason, and what the writer noticed.
         """
-        groups: dict[Any, list[tuple[Any, ...]]] = {}
-        folds = fold_rows(items, 0, 1, 2, 3, 10, 12, terminal=self._terminal,
-                          errors=self._errors, groups=groups)
-        return self._retrying(items, folds, block_rows(groups, folds))
-
-    def write_blocks(self, blocks: list[bytes]) -> list[int] | None:
-        """Store a batch the parent already encoded as blocks (the writer process's way).
-
-        ``blocks`` are encode_block() outputs, each of one trace's consecutive
-        events (at most BLOCK_EVENTS), in batch order. Only their heads are decoded
-        (to fold and deduplicate; a StoredEvent's payload is most of a block's
-        decoding), and they are stored as they came: the parent's encoding is not
-        redone, unless some events were stored already. Returns what :meth:`write`
-        does, positions counted over the blocks' items.
-        """
-        heads, rows = heads_and_rows(blocks)
-        folds = fold_rows(heads, 0, 1, 2, 3, 10, 12, terminal=self._terminal,
-                          errors=self._errors)
-
-        def items() -> list[tuple[Any, ...]]:
-            return [item for data in blocks for item in block_items(data)]
-
-        return self._retrying(heads, folds, list(rows), items)
-
-    def _retrying(self, items: list[tuple[Any, ...]], folds: dict[Any, list[Any]],
-                  blocks: list[tuple[Any, ...]],
-                  whole: Callable[[], list[tuple[Any, ...]]] | None = None
-                  ) -> list[int] | None:
+        notices = self._reopen_if_replaced()
+        rejected: list[tuple[int, str]] = []
+        problems = list(map(check_row, rows))
+        if any(problems):
+            keep: list[int] = []
+            for i, problem in enumerate(problems):
+                if problem is None:
+                    keep.append(i)
+                else:
+                    rejected.append((i, problem))
+            good = [rows[i] for i in keep]
+        else:
+            keep = []
+            good = rows
         while True:
             try:
-                return self._store(items, folds, blocks, whole)
+                skipped = self._store(good)
+                break
             except _StaleKeys:
                 self._trace_keys.clear()
                 self._flow_keys.clear()
+        if keep:
+            skipped = [keep[i] for i in skipped]
+        self._maintain_wal()
+        return skipped, rejected, notices
 
-    def _store(self, items: list[tuple[Any, ...]], folds: dict[Any, list[Any]],
-               blocks: list[tuple[Any, ...]],
-               whole: Callable[[], list[tuple[Any, ...]]] | None) -> list[int] | None:
-        """Store a folded batch; ``items`` may be heads only (``item[:14]``), then
-        ``whole()`` gives the whole items, which a re-delivery needs to re-encode."""
-        conn = self.conn
+    def _store(self, rows: list[Row]) -> list[int]:
+        conn = self._conn
+        assert conn is not None
+        if not rows:
+            return []
         # The write lock up front: a batch reads the keys, ranges and counts it updates.
         conn.execute("BEGIN IMMEDIATE")
         try:
             trace_keys, new_traces, flow_keys, new_flows = self._keys(
-                [block[0] for block in blocks], set(map(_flow_of, items)))
-            fresh, ranges = split_fresh(items, self._stored_ranges(flow_keys, new_flows))
-            skipped: list[int] | None = None
-            if fresh is not items:  # re-delivered events: keep only the others
-                skipped = skipped_positions(items, fresh)
-                if whole is not None:
-                    dropped = set(skipped)
-                    fresh = [item for i, item in enumerate(whole()) if i not in dropped]
-                groups: dict[Any, list[tuple[Any, ...]]] = {}
-                folds = fold_rows(fresh, 0, 1, 2, 3, 10, 12, terminal=self._terminal,
-                                  errors=self._errors, groups=groups)
-                blocks = block_rows(groups, folds)
+                (row.trace_id for row in rows), (row.flow_id for row in rows))
+            skipped, ranges = split_fresh(rows, self._stored_ranges(flow_keys, new_flows))
+            if skipped:
+                dropped = set(skipped)
+                rows = [row for i, row in enumerate(rows) if i not in dropped]
             for flow_id, flow_ranges in ranges.items():
                 key = flow_keys[flow_id]
                 conn.execute("DELETE FROM flow_seqs WHERE flow_key = ?", (key,))
                 conn.executemany("INSERT INTO flow_seqs (flow_key, lo, hi) VALUES (?, ?, ?)",
                                  [(key, lo, hi) for lo, hi in flow_ranges])
+            folds = fold_rows(rows, terminal=self._terminal, errors=self._errors)
             counts = self._event_counts(trace_keys, new_traces)
-            inserts: list[tuple[Any, ...]] = []
-            updates: list[tuple[Any, ...]] = []
-            for trace_id, (flow_name, started, ended, starts, errors, remotes, count, opened,
-                           failed, cancelled, nodes) in folds.items():
-                if trace_id in new_traces:
-                    inserts.append((trace_keys[trace_id], trace_id, flow_name, started, ended,
-                                    starts, errors, remotes, count, _names(nodes), opened,
-                                    int(failed), int(cancelled)))
-                else:
-                    updates.append((flow_name, int(cancelled), int(failed), opened, started,
-                                    ended, starts, errors, remotes, count, _names(nodes),
-                                    trace_keys[trace_id], trace_id))
-            if inserts:
-                conn.executemany(_INSERT_TRACE, inserts)
-            if updates:
-                conn.executemany(_UPDATE_TRACE, updates)
+            self._store_summaries(folds, trace_keys, new_traces)
             conn.executemany(_INSERT_BLOCK, [
-                (trace_keys.get(trace_id), counts.get(trace_id, 0) + offset, n, lo, hi, data)
-                for trace_id, offset, n, lo, hi, data in blocks])
+                (trace_keys.get(block.trace_id), counts.get(block.trace_id, 0) + block.offset,
+                 block.n, block.ts_lo, block.ts_hi, block.data)
+                for block in block_rows(group_by_trace(rows))])
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -206,20 +418,53 @@ class BatchWriter:
             cache.update(added)
         return skipped
 
+    def _store_summaries(self, folds: Mapping[Any, Fold], trace_keys: Mapping[Any, int],
+                         new_traces: Mapping[Any, int]) -> None:
+        inserts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        for trace_id, f in folds.items():
+            if trace_id in new_traces:
+                inserts.append((trace_keys[trace_id], trace_id, f.flow_name, f.started, f.ended,
+                                f.starts, f.errors, f.remotes, f.events, _names(f.nodes), f.open,
+                                int(f.failed), int(f.cancelled), f.events_lost))
+            else:
+                updates.append((f.flow_name, int(f.cancelled), int(f.failed), f.open, f.started,
+                                f.ended, f.starts, f.errors, f.remotes, f.events,
+                                _names(f.nodes), trace_keys[trace_id], trace_id,
+                                f.events_lost))
+        assert self._conn is not None
+        if inserts:
+            self._conn.executemany(_INSERT_TRACE, inserts)
+        if updates:
+            self._conn.executemany(_UPDATE_TRACE, updates)
+
+    def _maintain_wal(self) -> None:
+        """Checkpoint once the WAL passes WAL_CHECKPOINT_BYTES (readers may keep the
+        auto-checkpoint from resetting it; journal_size_limit then truncates it)."""
+        try:
+            size = os.path.getsize(self.path + "-wal")
+        except OSError:
+            return
+        if size > WAL_CHECKPOINT_BYTES and self._conn is not None:
+            # A reader may hold the WAL: the next batch tries again.
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def _event_counts(self, trace_keys: Mapping[Any, int],
                       new_traces: Mapping[Any, int]) -> dict[Any, int]:
         """Events stored so far of the batch's known traces (their blocks' ``first``).
 
         Raises:
             _StaleKeys: a cached key no longer names its trace (deleted meanwhile by
-                retention, see the guide, and its key possibly reused).
+                retention, and its key possibly reused).
         """
         known = {key: trace_id for trace_id, key in trace_keys.items()
                  if trace_id not in new_traces}
         if not known:
             return {}
         counts: dict[Any, int] = {}
-        for key, trace_id, count in self.conn.execute(
+        assert self._conn is not None
+        for key, trace_id, count in self._conn.execute(
                 "SELECT key, trace_id, event_count FROM traces "
                 "WHERE key IN (SELECT value FROM json_each(?))", (_encode(list(known)),)):
             if known.get(key) == trace_id:
@@ -230,12 +475,12 @@ class BatchWriter:
 
     def _stored_ranges(self, flow_keys: Mapping[Any, int],
                        new_flows: Mapping[Any, int]) -> dict[Any, Ranges]:
-        """The seq ranges stored of the batch's known flows, by flow id."""
         known = {key: flow_id for flow_id, key in flow_keys.items() if flow_id not in new_flows}
         if not known:
             return {}
         ranges: dict[Any, Ranges] = {}
-        for key, lo, hi in self.conn.execute(
+        assert self._conn is not None
+        for key, lo, hi in self._conn.execute(
                 "SELECT flow_key, lo, hi FROM flow_seqs "
                 "WHERE flow_key IN (SELECT value FROM json_each(?)) ORDER BY flow_key, lo",
                 (_encode(list(known)),)):
@@ -244,19 +489,15 @@ class BatchWriter:
 
     def _keys(self, trace_ids: Iterable[Any], flow_ids: Iterable[Any]
               ) -> tuple[dict[Any, int], dict[Any, int], dict[Any, int], dict[Any, int]]:
-        """Trace and flow keys of a batch (under the write lock), and those new here.
-
-        Keys already committed come from the cache or the file (another process may
-        have stored the trace); new ones are numbered after the largest key, in order
-        of first appearance. New flows are inserted here, new traces with their fold.
-        """
+        """Trace and flow keys of a batch (under the write lock), and those new here."""
         trace_keys, new_traces = self._resolve(dict.fromkeys(trace_ids), self._trace_keys,
                                                "traces", "trace_id")
         flow_keys, new_flows = self._resolve(dict.fromkeys(flow_ids), self._flow_keys,
                                              "flows", "flow_id")
         if new_flows:
-            self.conn.executemany("INSERT INTO flows (key, flow_id) VALUES (?, ?)",
-                                  [(key, flow_id) for flow_id, key in new_flows.items()])
+            assert self._conn is not None
+            self._conn.executemany("INSERT INTO flows (key, flow_id) VALUES (?, ?)",
+                                   [(key, flow_id) for flow_id, key in new_flows.items()])
         return trace_keys, new_traces, flow_keys, new_flows
 
     def _resolve(self, ids: dict[Any, None], cache: dict[Any, int], table: str,
@@ -266,40 +507,55 @@ class BatchWriter:
         if len(keys) == len(ids):
             return keys, {}
         missing = [i for i in ids if i not in keys]
+        assert self._conn is not None
         # Table and column names are the constants passed by _keys.
-        keys.update(self.conn.execute(
+        keys.update(self._conn.execute(
             f"SELECT {column}, key FROM {table} WHERE {column} IN "
             f"(SELECT value FROM json_each(?))", (_encode(missing),)))
         cache.update((i, keys[i]) for i in missing if i in keys)
-        (last,) = self.conn.execute(f"SELECT ifnull(max(key), 0) FROM {table}").fetchone()
+        (last,) = self._conn.execute(f"SELECT ifnull(max(key), 0) FROM {table}").fetchone()
         new = {i: last + n for n, i in enumerate((i for i in missing if i not in keys), 1)}
         keys.update(new)
         return keys, new
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class _Handler:
     """The SQLite writer process's handler (see _serve.serve)."""
 
     def __init__(self) -> None:
-        self._writer: BatchWriter | None = None
+        self._writer: SQLiteWriter | None = None
 
     def init(self, options: dict[str, Any]) -> None:
-        conn = sqlite3.connect(options["path"], isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout = {int(options['busy_timeout_ms'])}")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        self._writer = BatchWriter(conn, terminal=options["terminal"], errors=options["errors"])
+        writer = SQLiteWriter(options["path"], terminal=options["terminal"],
+                              errors=options["errors"],
+                              busy_timeout_ms=options.get("busy_timeout_ms", BUSY_TIMEOUT_MS))
+        writer.open()
+        self._writer = writer
 
-    def write(self, payload: bytes) -> list[int] | None:
+    def write(self, payload: bytes) -> WriteReply:
         assert self._writer is not None
-        grouped, chunks = pickle.loads(payload)
-        if grouped:
-            return self._writer.write_blocks(chunks)
-        return self._writer.write([item for chunk in chunks for item in block_items(chunk)])
+        return self._writer.write(loads_rows(payload))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 def main() -> None:
     """The child's entry point (``python -m penguiflow_exporters._sqlite_write``)."""
-    serve(_Handler())
+    handler = _Handler()
+    try:
+        serve(handler)
+    finally:
+        handler.close()
 
 
 if __name__ == "__main__":

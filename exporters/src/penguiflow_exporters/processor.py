@@ -128,7 +128,12 @@ class BatchProcessor:
         self._flushing = 0
         self._closed = False
         self._lost_by_trace: Counter[str] = Counter()
+        # True when markers should be written even without events to ride with: set
+        # by a new loss, cleared when a markers-only write failed (the database is
+        # down: they wait for the next batch of events instead of looping).
+        self._markers_due = False
         self._lost_reason: dict[str, str] = {}
+        self._lost_ts: dict[str, float] = {}
         self._last_drop_log = 0.0
 
     # -- producers ------------------------------------------------------------------
@@ -157,7 +162,10 @@ class BatchProcessor:
         buffer = self._buffer
         if len(buffer) < self._limit:
             buffer.append(item)
-            if len(buffer) >= self.max_batch:
+            # Wake the writer for the first event (it then waits schedule_delay_s for
+            # more) and for a full batch; Event.set is a no-op when already set.
+            n = len(buffer)
+            if n == 1 or n >= self.max_batch:
                 self._wake.set()  # type: ignore[union-attr]  # set once running
             return None
         return self._submit_slow(item)
@@ -170,6 +178,8 @@ class BatchProcessor:
             return self.submit(item)
         if len(self._buffer) + len(self._waiters) < self.max_buffer and not self._waiters:
             self._buffer.append(item)
+            assert self._wake is not None
+            self._wake.set()
             return None
         if self.on_full == "drop":
             self._drop(item)
@@ -215,7 +225,7 @@ class BatchProcessor:
         while True:
             if len(self._buffer) < self.max_batch and not self._waiters and not self._flushing:
                 wake.clear()
-                if not self._buffer and not self._lost_by_trace:
+                if not self._buffer and not (self._lost_by_trace and self._markers_due):
                     idle.set()
                     await wake.wait()
                 else:
@@ -240,7 +250,7 @@ class BatchProcessor:
         else:
             popleft = buffer.popleft
             batch = [popleft() for _ in range(limit)]
-        if self._lost_by_trace:
+        if self._lost_by_trace and (batch or self._markers_due):
             batch += self._markers()
         self._in_flight = len(batch)
         self._admit_waiters()
@@ -258,13 +268,15 @@ class BatchProcessor:
             self._limit = self.max_buffer
 
     def _markers(self) -> list[_Marker]:
-        now = time.time()
+        # Stamped with the latest lost event's time: a marker must not stretch the
+        # trace's duration to the moment it was written.
         markers = [
-            _Marker(trace_id, now, LOST_KIND, None, None,
+            _Marker(trace_id, self._lost_ts.get(trace_id, time.time()), LOST_KIND, None, None,
                     {"events_lost": count, "reason": self._lost_reason.get(trace_id, "")})
             for trace_id, count in self._lost_by_trace.items()]
         self._lost_by_trace.clear()
         self._lost_reason.clear()
+        self._lost_ts.clear()
         return markers
 
     async def _write(self, batch: list[Any]) -> None:
@@ -301,6 +313,10 @@ class BatchProcessor:
 
     def _written(self, batch: list[Any], result: WriteResult) -> None:
         stored: Sequence[Any] = batch
+        for counter, message in result.notices:
+            self.failures[counter] += 1
+            logger.warning("state_store_notice", extra={
+                "store": self.name, "notice": counter, "detail": message})
         if result.rejected:
             rejected = {i: reason for i, reason in result.rejected}
             lost = [batch[i] for i in rejected if type(batch[i]) is not _Marker]
@@ -326,10 +342,12 @@ class BatchProcessor:
         self.failures["write_failed"] += 1
         self.failures["write_failed_events"] += len(events)
         self._lost(events, f"not written: {_text(exc)}")
-        for marker in batch:  # markers are re-sent with the next batch
+        for marker in batch:  # markers are re-sent with the next batch of events
             if type(marker) is _Marker:
                 self._count_lost(marker.trace_id, int(marker.payload["events_lost"]),
-                                 str(marker.payload["reason"]))
+                                 str(marker.payload["reason"]), marker.ts, due=False)
+        if not events:
+            self._markers_due = False
         logger.error("state_store_write_failed", extra={
             "store": self.name, "events": len(events), "error": _text(exc)})
 
@@ -337,16 +355,26 @@ class BatchProcessor:
         """Count ``items`` as lost and remember their traces for the markers."""
         self.failures["events_lost"] += len(items)
         for item in items:
-            trace_id = item[0] if isinstance(item, tuple) else getattr(item, "trace_id", None)
+            if isinstance(item, tuple):
+                trace_id, ts = item[0], item[1]
+            else:
+                trace_id, ts = getattr(item, "trace_id", None), getattr(item, "ts", None)
+            # Only a trace id a store can hold gets a marker (a refused id has none).
             if type(trace_id) is str and 0 < len(trace_id) <= 256 and trace_id.isprintable():
-                self._count_lost(trace_id, 1, reason)
+                self._count_lost(trace_id, 1, reason,
+                                 ts if type(ts) is float and ts == ts else None)
 
-    def _count_lost(self, trace_id: str | None, count: int, reason: str) -> None:
+    def _count_lost(self, trace_id: str | None, count: int, reason: str,
+                    ts: float | None = None, *, due: bool = True) -> None:
         if trace_id is None:
             return
+        if due:
+            self._markers_due = True
         if trace_id in self._lost_by_trace or len(self._lost_by_trace) < _MAX_LOST_TRACES:
             self._lost_by_trace[trace_id] += count
             self._lost_reason[trace_id] = reason
+            if ts is not None and ts > self._lost_ts.get(trace_id, float("-inf")):
+                self._lost_ts[trace_id] = ts
         else:
             self.failures["untracked_losses"] += count
         if self._wake is not None:
@@ -361,7 +389,8 @@ class BatchProcessor:
         assert self._wake is not None and self._idle is not None
         self._flushing += 1
         try:
-            while self._buffer or self._waiters or self._in_flight or self._lost_by_trace \
+            while self._buffer or self._waiters or self._in_flight or (
+                    self._lost_by_trace and self._markers_due) \
                     or not self._idle.is_set():
                 self._wake.set()
                 self._idle.clear()

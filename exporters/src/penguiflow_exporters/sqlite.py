@@ -1,32 +1,28 @@
 """SQLiteStateStore: a TraceStore in one SQLite file (stdlib ``sqlite3``).
 
-Writes. Batches are written by a child process (``writer="process"``, the
-default; see _writer_proc.py for why, and _sqlite_write.py for the transaction)
-that the event loop feeds through a pipe, or, with ``writer="thread"``, on the
-worker thread below. Either way a batch is one transaction storing its events as
-blocks (see _batch.py), folding them into the trace summaries and recording
-their ``(flow_id, seq)`` ranges, so a re-delivered event is stored once.
+Shape. A :class:`~penguiflow_exporters.processor.BatchProcessor` buffers events
+and hands batches to the SQLite writer (``_sqlite_write.SQLiteWriter``: schema,
+migration, one transaction per batch), which runs in a child process
+(``writer="process"``, the default) or on a thread of the store
+(``writer="thread"``). Why a process: the writer's work (validating, folding,
+encoding JSON, binding rows: ~3 us per event) would otherwise share the flow's
+GIL; in a child it runs on the machine's other core, and the flow's process only
+pickles each batch onto a pipe. Measured on the 2-core CI machine: see
+docs/guides/state-stores.md and benchmarks/README.md.
 
-Threading. Reads, bindings, opening and migrating run on ONE worker thread that
-owns the store's connection (a single-thread executor); coroutines await it with
-``run_in_executor`` and the event loop never waits on the disk. One thread, not a
-pool: the jobs run in submission order, and ``close()`` runs after every job
-already submitted. Every query flushes first, and a flush returns once the
-writer has committed, so a query reads what was saved before it.
+Reads, bindings, opening and migrating run on ONE worker thread that owns the
+store's reading connection (a single-thread executor): the event loop never
+waits on the disk. Every query flushes first, so it reads what was saved before.
 
-Durability. WAL mode with ``synchronous=NORMAL``: a commit is not fsynced (the
-WAL is, at checkpoints), so a power cut may lose the last commits but cannot
-corrupt the file, and a process crash loses nothing committed. Readers never
-block the writer.
+Durability. WAL mode with ``synchronous=NORMAL``: a power cut may lose the last
+commits but cannot corrupt the file; a process crash loses nothing committed.
+The WAL is checkpointed as it passes 4 MB. Several processes may share one file:
+a batch takes the write lock up front (``BEGIN IMMEDIATE``), a second writer
+waits up to ``busy_timeout`` (5 s).
 
-Several processes may share one file (the default path is relative to the
-working directory). A batch reads the summaries it updates, so it takes the
-write lock up front (``BEGIN IMMEDIATE``); a second writer waits up to
-``busy_timeout`` (5 s) instead of failing at once.
-
-Schema. Created and migrated by the store; ``schema_version`` records each
-version applied. A file written by a newer version is refused (StateStoreError),
-never altered.
+Read-only (``readonly=True``, what ``pf`` opens): the file is opened with
+``mode=ro``; a missing, empty or foreign file, or one at another schema version,
+is refused with one clear line and left byte-for-byte unchanged.
 
 Errors. ``sqlite3`` exceptions are translated where a job is awaited:
 :class:`StoreUnavailable` when the file cannot be opened or written (bad path,
@@ -36,9 +32,7 @@ permissions, lock held too long, disk full), :class:`StateStoreError` otherwise.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import json.encoder
 import logging
 import os
 import sqlite3
@@ -46,6 +40,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
 from penguiflow.state import (
     ERROR_KINDS,
@@ -59,210 +54,30 @@ from penguiflow.state import (
     check_page,
 )
 
-from ._blocks import (
-    BLOCK_EVENTS,
-    decode_block,
-    encode_block,
-    events_of,
-    expand,
-    kept_items,
-    stored_item,
-    writer_payload,
+from ._base import ProcessedStore
+from ._events import events_of
+from ._records import BlockError, decode_block, rows_of
+from ._sqlite_write import (
+    BUSY_TIMEOUT_MS,
+    SCHEMA_VERSION,
+    SchemaError,
+    SQLiteWriter,
+    check_schema,
+    connect,
+    release,
 )
-from ._buffered import BufferedStore
-from ._gc import gc_paused
-from ._sqlite_write import BatchWriter
-from ._writer_proc import AsyncWriterProcess, WriterError
+from ._writer_proc import ProcessWriter, WriterError
+from .writer import EventWriter, WriteResult
 
 __all__ = ["DEFAULT_PATH", "SCHEMA_VERSION", "SQLiteStateStore"]
 
 #: Where the store lives when no path is given (relative to the working directory).
 DEFAULT_PATH = ".penguiflow/traces.db"
 
-#: The schema this module writes (see ``_MIGRATIONS``).
-SCHEMA_VERSION = 4
-
 _T = TypeVar("_T")
 
 logger = logging.getLogger("penguiflow_exporters.store")
 
-# Versions 1-3 are SQL; version 4 (_to_v4, below) encodes blocks in Python.
-_SQL_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        # `id` orders events by occurrence. A plain INTEGER PRIMARY KEY (rowid alias)
-        # rather than AUTOINCREMENT: that keyword updates sqlite_sequence on every row
-        # and cost 30% of ingest throughput (measured); a new rowid is always above
-        # every existing one, so the order of the rows present is the same.
-        """CREATE TABLE events (
-            id INTEGER PRIMARY KEY,
-            event_key TEXT UNIQUE,
-            trace_id TEXT,
-            ts REAL NOT NULL,
-            kind TEXT NOT NULL,
-            node_name TEXT,
-            node_id TEXT,
-            attempt INTEGER NOT NULL,
-            invocation_id TEXT,
-            parent_invocation_ids TEXT NOT NULL,
-            span_id TEXT,
-            parent_span_id TEXT,
-            seq INTEGER NOT NULL,
-            queued_ts REAL,
-            flow_name TEXT,
-            flow_id TEXT,
-            payload TEXT NOT NULL
-        )""",
-        "CREATE INDEX events_trace ON events (trace_id, id)",
-        # One row per trace: the TraceSummary fields plus the builder's state that
-        # the summary does not show (open invocations, failed, cancelled), so a
-        # batch folds only its new events in. `nodes` is a sorted JSON array.
-        """CREATE TABLE traces (
-            trace_id TEXT PRIMARY KEY,
-            flow_name TEXT,
-            status TEXT NOT NULL,
-            started_ts REAL NOT NULL,
-            ended_ts REAL NOT NULL,
-            node_count INTEGER NOT NULL,
-            error_count INTEGER NOT NULL,
-            remote_call_count INTEGER NOT NULL,
-            event_count INTEGER NOT NULL,
-            nodes TEXT NOT NULL,
-            open_count INTEGER NOT NULL,
-            failed INTEGER NOT NULL,
-            cancelled INTEGER NOT NULL
-        )""",
-        "CREATE INDEX traces_started ON traces (started_ts)",
-        "CREATE TABLE bindings (id INTEGER PRIMARY KEY, trace_id TEXT NOT NULL, "
-        "context_id TEXT, task_id TEXT, agent_url TEXT)",
-        # Unique on all four ids. NULLs are distinct in a UNIQUE constraint, so they
-        # are mapped to x'' (an empty BLOB, which never equals a TEXT value).
-        "CREATE UNIQUE INDEX bindings_ids ON bindings (trace_id, ifnull(context_id, x''), "
-        "ifnull(task_id, x''), ifnull(agent_url, x''))",
-        "CREATE INDEX bindings_context ON bindings (context_id)",
-        "CREATE INDEX bindings_task ON bindings (task_id)",
-    ),
-    (
-        # v2: the payload's runtime fields become columns, so a batch binds the
-        # runtime's tuples almost as they come instead of building and encoding a
-        # payload dict per event on the writer thread (which holds the GIL the flow's
-        # loop needs). `q_in IS NULL` marks a row whose `payload` is the whole
-        # payload as JSON (every v1 row, and events saved as StoredEvents); otherwise
-        # `payload` holds only the kind's `extra` items ('{}' when none) and the
-        # payload is rebuilt on read with penguiflow.metrics.event_payload, the
-        # function the runtime builds it with. Added columns are NULL in v1 rows, so
-        # the migration rewrites nothing.
-        "ALTER TABLE events ADD COLUMN latency_ms REAL",
-        "ALTER TABLE events ADD COLUMN q_in INTEGER",
-        "ALTER TABLE events ADD COLUMN q_out INTEGER",
-        "ALTER TABLE events ADD COLUMN outgoing INTEGER",
-        "ALTER TABLE events ADD COLUMN queue_maxsize INTEGER",
-        "ALTER TABLE events ADD COLUMN trace_inflight INTEGER",
-        "ALTER TABLE events ADD COLUMN trace_cancelled INTEGER",
-        "ALTER TABLE events ADD COLUMN trace_pending INTEGER",
-    ),
-    (
-        # v3: integer keys instead of text ids in the two indexes every event
-        # inserts into. A trace's key is its `traces` row (`key`, an INTEGER PRIMARY
-        # KEY, so VACUUM keeps it), a flow's its `flows` row. `events_trace` becomes
-        # (trace_key, id): new traces get increasing keys, so inserts land at the
-        # index's end instead of at random 32-character trace ids across the whole
-        # index (which, past the page cache, rewrote a random page per event), and
-        # the `event_key` TEXT UNIQUE index becomes UNIQUE (flow_key, seq): the same
-        # identity (keys were exactly "<flow_id>:<seq>"), appended too. The events
-        # lose their trace_id, flow_id and event_key texts (~70 bytes a row). With the
-        # multi-row INSERT and the summary fold in Python (see _store_rows), raw ingest
-        # went from ~32k to ~75k events/s on the 2-core CI machine (benchmarks/stores.py).
-        # Tables are rebuilt (SQLite cannot drop a UNIQUE column): old rows keep their
-        # ids, so their order, and traces keep their rowids (list_traces' tie-break).
-        "CREATE TABLE flows (key INTEGER PRIMARY KEY, flow_id TEXT NOT NULL UNIQUE)",
-        "INSERT INTO flows (flow_id) SELECT flow_id FROM events WHERE flow_id IS NOT NULL "
-        "GROUP BY flow_id ORDER BY min(id)",
-        """CREATE TABLE traces_v3 (
-            key INTEGER PRIMARY KEY,
-            trace_id TEXT NOT NULL UNIQUE,
-            flow_name TEXT,
-            status TEXT NOT NULL,
-            started_ts REAL NOT NULL,
-            ended_ts REAL NOT NULL,
-            node_count INTEGER NOT NULL,
-            error_count INTEGER NOT NULL,
-            remote_call_count INTEGER NOT NULL,
-            event_count INTEGER NOT NULL,
-            nodes TEXT NOT NULL,
-            open_count INTEGER NOT NULL,
-            failed INTEGER NOT NULL,
-            cancelled INTEGER NOT NULL
-        )""",
-        "INSERT INTO traces_v3 SELECT rowid, trace_id, flow_name, status, started_ts, "
-        "ended_ts, node_count, error_count, remote_call_count, event_count, nodes, open_count, "
-        "failed, cancelled FROM traces ORDER BY rowid",
-        "DROP TABLE traces",
-        "ALTER TABLE traces_v3 RENAME TO traces",
-        "CREATE INDEX traces_started ON traces (started_ts)",
-        """CREATE TABLE events_v3 (
-            id INTEGER PRIMARY KEY,
-            trace_key INTEGER,
-            flow_key INTEGER,
-            seq INTEGER NOT NULL,
-            ts REAL NOT NULL,
-            kind TEXT NOT NULL,
-            node_name TEXT,
-            node_id TEXT,
-            invocation_id TEXT,
-            parent_invocation_ids TEXT NOT NULL,
-            span_id TEXT,
-            parent_span_id TEXT,
-            attempt INTEGER NOT NULL,
-            queued_ts REAL,
-            flow_name TEXT,
-            latency_ms REAL,
-            q_in INTEGER,
-            q_out INTEGER,
-            outgoing INTEGER,
-            queue_maxsize INTEGER,
-            trace_inflight INTEGER,
-            trace_cancelled INTEGER,
-            trace_pending INTEGER,
-            payload TEXT NOT NULL
-        )""",
-        "INSERT INTO events_v3 SELECT e.id, t.key, f.key, e.seq, e.ts, e.kind, e.node_name, "
-        "e.node_id, e.invocation_id, e.parent_invocation_ids, e.span_id, e.parent_span_id, "
-        "e.attempt, e.queued_ts, e.flow_name, e.latency_ms, e.q_in, e.q_out, e.outgoing, "
-        "e.queue_maxsize, e.trace_inflight, e.trace_cancelled, e.trace_pending, e.payload "
-        "FROM events e LEFT JOIN traces t ON t.trace_id = e.trace_id "
-        "LEFT JOIN flows f ON f.flow_id = e.flow_id ORDER BY e.id",
-        "DROP TABLE events",
-        "ALTER TABLE events_v3 RENAME TO events",
-        "CREATE INDEX events_trace ON events (trace_key, id)",
-        "CREATE UNIQUE INDEX events_flow_seq ON events (flow_key, seq)",
-    ),
-)
-
-# Migration 3 -> 4 (_to_v4, below): events move into blocks (see _blocks.py),
-# several per row: a row per event capped ingest at ~80k events/s and a 100k-event
-# load_history at ~1.2 s here, whatever the row held (schema 3's figures, see the
-# state-stores guide). `first` is the index in its trace of the block's first event
-# (its trace's event_count before the batch), so a page of a trace is found on the
-# (trace_key, first) index; `ts_lo` / `ts_hi` bound its events' times (retention of
-# trace-less events). flow_seqs holds, per flow, the seq numbers stored, as
-# disjoint ranges (usually one per flow): a re-delivered event is found there
-# instead of in a unique index that every event inserted into.
-_V4_TABLES = (
-    """CREATE TABLE blocks (
-        id INTEGER PRIMARY KEY,
-        trace_key INTEGER,
-        first INTEGER NOT NULL,
-        n INTEGER NOT NULL,
-        ts_lo REAL NOT NULL,
-        ts_hi REAL NOT NULL,
-        data BLOB NOT NULL
-    )""",
-    "CREATE INDEX blocks_trace ON blocks (trace_key, first)",
-    "CREATE TABLE flow_seqs (flow_key INTEGER NOT NULL, lo INTEGER NOT NULL, "
-    "hi INTEGER NOT NULL, PRIMARY KEY (flow_key, lo)) WITHOUT ROWID",
-)
-_INSERT_BLOCK = ("INSERT INTO blocks (trace_key, first, n, ts_lo, ts_hi, data) "
-                 "VALUES (?, ?, ?, ?, ?, ?)")
 _SELECT_BLOCKS = (
     "SELECT data FROM blocks "
     "WHERE trace_key = (SELECT key FROM traces WHERE trace_id = ?) ORDER BY first")
@@ -274,10 +89,8 @@ _SELECT_PAGE = (
     "AND first < ?3 ORDER BY first")
 _TRACE_COLUMNS = (
     "trace_id, flow_name, status, started_ts, ended_ts, node_count, error_count, "
-    "remote_call_count, event_count, nodes"
+    "remote_call_count, event_count, nodes, events_lost"
 )
-_BUSY_TIMEOUT_MS = 5000
-_BATCH_SIZE = 10_000
 _RESOLVE_LIMIT = 10
 _UNAVAILABLE_CODES = frozenset({
     sqlite3.SQLITE_PERM, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY,
@@ -285,164 +98,176 @@ _UNAVAILABLE_CODES = frozenset({
 })
 _PATH_FIX = ("pass a writable path: SQLiteStateStore('/path/to/traces.db') or "
              "PENGUIFLOW_STORE=sqlite:////path/to/traces.db")
-
-
-# -- JSON (node lists, id lists, schema-3 rows) -------------------------------------------
-
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_READER_FIX = "point the reader at a store a flow has written (pf traces --store URL)"
 _decode = json.loads
-# -- migration 3 -> 4 -----------------------------------------------------------------------
-
-# A schema-3 row in the layout of the runtime's EVENT_FIELDS tuple (trace_id,
-# flow_id by join), `payload` last.
-_V3_ROWS = (
-    "SELECT t.trace_id, e.ts, e.kind, e.node_name, e.node_id, e.invocation_id, "
-    "e.parent_invocation_ids, e.span_id, e.parent_span_id, e.seq, e.attempt, e.queued_ts, "
-    "e.flow_name, f.flow_id, e.latency_ms, e.q_in, e.q_out, e.outgoing, e.queue_maxsize, "
-    "e.trace_inflight, e.trace_cancelled, e.trace_pending, e.payload, e.trace_key "
-    "FROM events e LEFT JOIN traces t ON t.key = e.trace_key "
-    "LEFT JOIN flows f ON f.key = e.flow_key ORDER BY e.trace_key, e.id")
-
-
-def _v3_item(row: Sequence[Any]) -> tuple[Any, ...]:
-    """The block item of a schema-3 row: a runtime tuple when its payload was split
-    into columns (``q_in`` set), else the whole payload's 15-tuple."""
-    parents = tuple(_decode(row[6])) if row[6] != "[]" else ()
-    head = (*row[:6], parents, *row[7:14])
-    if row[15] is None:  # stored whole (v1 rows, StoredEvents)
-        return (*head, _decode(row[22]))
-    extra = None if row[22] == "{}" else _decode(row[22])
-    return (*head, *row[14:20], bool(row[20]), row[21], extra)
-
-
-def _to_v4(conn: sqlite3.Connection) -> None:
-    """Schema 3 -> 4: events into blocks (in Python: blocks are pickled), flow seq
-    ranges from the events' (flow_key, seq), then the events table dropped."""
-    for statement in _V4_TABLES:
-        conn.execute(statement)
-    # Gaps and islands: consecutive seqs of a flow share seq - row_number().
-    conn.execute(
-        "INSERT INTO flow_seqs SELECT flow_key, min(seq), max(seq) FROM ("
-        "SELECT flow_key, seq, seq - row_number() OVER (PARTITION BY flow_key ORDER BY seq) "
-        "AS island FROM events WHERE flow_key IS NOT NULL) GROUP BY flow_key, island")
-    blocks: list[tuple[Any, ...]] = []
-    cursor = conn.execute(_V3_ROWS)
-    trace_key: Any = object()
-    first = 0
-    items: list[tuple[Any, ...]] = []
-
-    def close_block() -> None:
-        stamps = [item[1] for item in items]
-        blocks.append((trace_key, first, len(items), min(stamps), max(stamps),
-                       encode_block(items)))
-
-    while rows := cursor.fetchmany(BLOCK_EVENTS):
-        for row in rows:
-            if row[23] != trace_key or len(items) == BLOCK_EVENTS:
-                if items:
-                    close_block()
-                first = first + len(items) if row[23] == trace_key else 0
-                trace_key, items = row[23], []
-            items.append(_v3_item(row))
-        conn.executemany(_INSERT_BLOCK, blocks)
-        blocks.clear()
-    if items:
-        close_block()
-        conn.executemany(_INSERT_BLOCK, blocks)
-    conn.execute("DROP TABLE events")
-
-
-#: ``_MIGRATIONS[v]`` takes a file from version v to v + 1.
-_MIGRATIONS: tuple[tuple[str, ...] | Callable[[sqlite3.Connection], None], ...] = (
-    *_SQL_MIGRATIONS, _to_v4)
-
-
-class _NoWriterProcess(Exception):
-    """No writer process could be started (see SQLiteStateStore._store_batch)."""
-
-
-def _items_of(batch: list[Any]) -> list[tuple[Any, ...]]:
-    """The block items of ``batch`` (StoredEvents and runtime tuples), for the thread
-    writer."""
-    with gc_paused():
-        return [item if isinstance(item, tuple) else stored_item(item) for item in expand(batch)]
-
-
-# -- rows <-> objects ------------------------------------------------------------------
 
 
 def _summary(row: Sequence[Any]) -> TraceSummary:
     """A TraceSummary from a row of the ``_TRACE_COLUMNS``."""
     (trace_id, flow_name, status, started, ended, node_count, error_count, remote_count,
-     event_count, nodes) = row
+     event_count, nodes, events_lost) = row
     return TraceSummary(trace_id, flow_name, status, started, ended, node_count, error_count,
-                        remote_count, event_count, tuple(_decode(nodes)))
+                        remote_count, event_count, tuple(_decode(nodes)), events_lost)
 
 
-# -- the store ---------------------------------------------------------------------------
+def translate(path: str, code: int | None, message: str) -> StateStoreError:
+    """The store's error for an SQLite error code (StoreUnavailable: try again later)."""
+    primary = None if code is None else code & 0xFF  # extended codes keep it in the low byte
+    if primary in _UNAVAILABLE_CODES:
+        if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            fix = (f"another connection held the write lock for more than "
+                   f"{BUSY_TIMEOUT_MS / 1000:g} s")
+        elif primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+            fix = "check the disk (full or failing)"
+        else:
+            fix = _PATH_FIX
+        return StoreUnavailable(f"SQLite store {path!r}: {message}; {fix}")
+    if primary == sqlite3.SQLITE_NOTADB:
+        return StateStoreError(f"SQLite store {path!r}: {message}; the file is not a "
+                               f"penguiflow trace database, {_PATH_FIX}")
+    return StateStoreError(f"SQLite store {path!r}: {message}")
 
 
-_Item = StoredEvent | tuple[Any, ...]
+class _CannotStart(StoreUnavailable):
+    """No writer process can be started here (a sandbox that forbids subprocesses)."""
 
 
-class SQLiteStateStore(BufferedStore):
+def _translate_writer(path: str, exc: WriterError) -> StateStoreError:
+    if exc.gone and exc.starting:
+        return _CannotStart(f"SQLite store {path!r}: {exc}")
+    if exc.gone:
+        return StoreUnavailable(f"SQLite store {path!r}: {exc}; the next batch starts a new "
+                                "writer process")
+    if "SchemaError" in exc.types:
+        return StateStoreError(str(exc).removeprefix("SchemaError: "))
+    if "OSError" in exc.types:
+        return StoreUnavailable(f"SQLite store {path!r}: {exc}; {_PATH_FIX}")
+    return translate(path, exc.code, str(exc))
+
+
+class _ThreadWriter:
+    """The SQLite writer on a thread of the store's process (``writer="thread"``)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._sync = SQLiteWriter(path, terminal=TERMINAL_KINDS, errors=ERROR_KINDS)
+        self._executor = ThreadPoolExecutor(max_workers=1,
+                                            thread_name_prefix="penguiflow-sqlite-writer")
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as exc:
+            raise translate(self._path, getattr(exc, "sqlite_errorcode", None),
+                            str(exc)) from exc
+        except SchemaError as exc:
+            raise StateStoreError(str(exc)) from exc
+        except OSError as exc:
+            raise StoreUnavailable(f"SQLite store {self._path!r}: {exc}; {_PATH_FIX}") from exc
+
+    def _write_sync(self, items: Sequence[Any]) -> Any:
+        self._sync.open()
+        return self._sync.write(rows_of(items))
+
+    async def write(self, items: Sequence[Any]) -> WriteResult:
+        skipped, rejected, notices = await self._run(self._write_sync, items)
+        return WriteResult(skipped, rejected, notices)
+
+    async def close(self) -> None:
+        try:
+            await self._run(self._sync.close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+
+class _ProcessOrThread:
+    """The process writer, or the thread writer once no process can be started.
+
+    A host that forbids subprocesses (a sandbox) still gets its events stored: the
+    first batch that cannot start a writer process is written on a thread instead,
+    from then on, with one warning.
+    """
+
+    def __init__(self, path: str, process: ProcessWriter) -> None:
+        self._path = path
+        self._writer: EventWriter = process
+        self._fell_back = False
+
+    async def write(self, items: Sequence[Any]) -> WriteResult:
+        try:
+            return await self._writer.write(items)
+        except _CannotStart as exc:
+            if self._fell_back:
+                raise
+            self._fell_back = True
+            logger.warning("state_store_writer_process_unavailable", extra={
+                "store": f"SQLiteStateStore({self._path!r})", "error": str(exc),
+                "fallback": "writing on a thread of this process (writer='thread')"})
+            await self._writer.close()
+            self._writer = _ThreadWriter(self._path)
+            return await self._writer.write(items)
+
+    async def close(self) -> None:
+        await self._writer.close()
+
+
+class SQLiteStateStore(ProcessedStore):
     """A :class:`~penguiflow.state.TraceStore` in one SQLite file.
 
-    ``save_event`` only buffers (see :class:`BufferedStore` for batching and the
-    full-buffer policy); batches, queries and bindings run on the store's worker
-    thread. Every query first flushes the buffer, so it sees every event saved
-    before it. Use it as ``async with SQLiteStateStore(path) as store:`` or call
-    ``close()``; it opens itself on first use.
+    ``save_event`` only buffers (see :class:`~penguiflow_exporters.processor.BatchProcessor`
+    for batching and ``on_full``); batches are written by the writer (``writer``),
+    queries and bindings run on the store's worker thread, each after a flush.
+    Use it as ``async with SQLiteStateStore(path) as store:`` or call ``close()``;
+    it opens itself on first use.
 
     Args:
-        path: the database file; its parent directories are created.
-        **buffer_kwargs: ``batch_size``, ``max_buffer``, ``flush_interval_s``,
-            ``on_full`` (see :class:`BufferedStore`).
+        path: the database file; its parent directories are created (unless
+            ``readonly``).
+        writer: ``"process"`` (default) or ``"thread"``: where batches are written.
+        readonly: open for reading only (see the module docstring).
+        close_timeout_s: how long ``close()`` (and so ``PenguiFlow.stop()``) waits
+            for buffered events to be written before giving them up (counted).
+        **options: the processor's ``on_full`` (``"block"``), ``max_batch``,
+            ``max_buffer``, ``schedule_delay_s``, ``retries`` (``batch_size`` and
+            ``flush_interval_s`` are accepted as older names).
 
     Raises:
         StoreUnavailable: (on open, from any call) the file cannot be created,
             opened or written; or the store is closed.
-        StateStoreError: the file is not a database, or was written by a newer
-            schema version than :data:`SCHEMA_VERSION`.
+        StateStoreError: the file is not a penguiflow trace database, or has a
+            schema version this one cannot use (the message says which and what
+            to do); the file is not changed.
     """
 
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_PATH, *,
-                 writer: Literal["process", "thread"] = "process",
-                 **buffer_kwargs: Any) -> None:
+                 writer: Literal["process", "thread"] = "process", readonly: bool = False,
+                 close_timeout_s: float = 5.0, **options: Any) -> None:
         if writer not in ("process", "thread"):
             raise ValueError(f"writer must be 'process' or 'thread'; got {writer!r}")
-        # Bigger batches than the base's 2,000: fewer commits and WAL page writes
-        # (~10% more events/s with 10,000, measured); a batch holds the write lock
-        # for ~0.1 s.
-        buffer_kwargs.setdefault(
-            "batch_size", min(_BATCH_SIZE, buffer_kwargs.get("max_buffer", _BATCH_SIZE)))
-        super().__init__(**buffer_kwargs)
-        self._takes_fields = True
+        super().__init__(readonly=readonly, close_timeout_s=close_timeout_s, **options)
         self.path = Path(path)
-        # Threads are started on first use; the executor is shut down by close().
+        #: ``"process"`` or ``"thread"``: where batches are written.
+        self.writer = writer
         self._executor = ThreadPoolExecutor(max_workers=1,
                                             thread_name_prefix="penguiflow-sqlite")
         self._shut_down = False
         #: Owned by the worker thread: only touched from functions run by ``_call``.
         self._conn: sqlite3.Connection | None = None
-        #: ``"process"`` or ``"thread"``: where batches are written (see _sqlite_write).
-        self.writer = writer
-        # The writer process (started by the first batch), or, for writer="thread",
-        # the BatchWriter on the worker thread's connection (built on first use).
-        self._proc_writer: AsyncWriterProcess | None = (
-            None if writer == "thread" else AsyncWriterProcess(
-            "penguiflow_exporters._sqlite_write",
-                {"path": str(self.path), "terminal": TERMINAL_KINDS, "errors": ERROR_KINDS,
-                 "busy_timeout_ms": _BUSY_TIMEOUT_MS}))
-        # Started with the first buffered event (see _ensure_writer), not at open():
-        # a store opened only to read never starts a writer.
-        self._starting: asyncio.Task[None] | None = None
-        self._batch_writer: BatchWriter | None = None
-        # The runtime's tuples go to the writer process encoded as they come (Sealed).
-        self._sealing = self._proc_writer is not None
+        self._identity: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteStateStore({str(self.path)!r})"
+
+    def _make_writer(self) -> EventWriter:
+        path = str(self.path)
+        if self.writer == "thread":
+            return _ThreadWriter(path)
+        return _ProcessOrThread(path, ProcessWriter(
+            "penguiflow_exporters._sqlite_write",
+            {"path": path, "terminal": TERMINAL_KINDS, "errors": ERROR_KINDS,
+             "busy_timeout_ms": BUSY_TIMEOUT_MS},
+            translate=lambda exc: _translate_writer(path, exc)))
 
     # -- worker-thread plumbing ------------------------------------------------------
 
@@ -452,34 +277,25 @@ class SQLiteStateStore(BufferedStore):
         try:
             return await loop.run_in_executor(self._executor, fn, *args)
         except sqlite3.Error as exc:
-            raise self._translate(exc) from exc
+            error = translate(str(self.path), getattr(exc, "sqlite_errorcode", None), str(exc))
+            if self.readonly:  # a reader is not asked for a writable path
+                error = type(error)(str(error).replace(_PATH_FIX, _READER_FIX))
+            raise error from exc
+        except SchemaError as exc:
+            raise StateStoreError(f"SQLite store: {exc}") from exc
         except RuntimeError as exc:
             if self._shut_down:  # the executor refused the job: the store was closed meanwhile
                 raise StoreUnavailable(f"{self!r} is closed; create a new one") from exc
             raise
 
-    def _translate(self, exc: sqlite3.Error) -> StateStoreError:
-        return self._translate_code(getattr(exc, "sqlite_errorcode", None), str(exc))
-
-    def _translate_code(self, code: int | None, exc: str) -> StateStoreError:
-        primary = None if code is None else code & 0xFF  # extended codes keep it in the low byte
-        if primary in _UNAVAILABLE_CODES:
-            if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                fix = (f"another connection held the write lock for more than "
-                       f"{_BUSY_TIMEOUT_MS / 1000:g} s")
-            elif primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
-                fix = "check the disk (full or failing)"
-            else:
-                fix = _PATH_FIX
-            return StoreUnavailable(f"SQLite store {str(self.path)!r}: {exc}; {fix}")
-        if primary == sqlite3.SQLITE_NOTADB:
-            return StateStoreError(f"SQLite store {str(self.path)!r}: {exc}; the file is not a "
-                                   f"penguiflow trace database, {_PATH_FIX}")
-        return StateStoreError(f"SQLite store {str(self.path)!r}: {exc}")
-
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             raise StoreUnavailable(f"{self!r} is closed; create a new one")
+        if self._identity is not None and _identity(str(self.path)) != self._identity:
+            # Deleted or replaced under us: read (and write bindings to) the file now there.
+            self._close_sync()
+            self._open_sync()
+            assert self._conn is not None
         return self._conn
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -491,77 +307,34 @@ class SQLiteStateStore(BufferedStore):
         if self._conn is not None:  # two opens raced; both ran here, in turn
             return
         path = self.path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreUnavailable(
-                f"SQLite store {str(path)!r}: cannot create the directory "
-                f"{str(path.parent)!r} ({exc.strerror or exc}); {_PATH_FIX}") from exc
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below).
-        conn = sqlite3.connect(path, isolation_level=None)
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            # Applies to a new file only (before its first table). Schema 3's indexes
-            # are appended to, so big pages mean fewer page splits and WAL frames per
-            # batch: 64 KiB (the maximum) ingested ~10-20% faster than 16 KiB, itself
-            # ~20% faster than the default 4 KiB, into fresh files and into one holding
-            # 1M events alike (measured on the 2-core CI machine).
-            conn.execute("PRAGMA page_size = 65536")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            self._migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
+        if self.readonly:
+            if not path.is_file():
+                raise StoreUnavailable(f"SQLite store {str(path)!r} does not exist; point the "
+                                       "reader at a store a flow has written")
+            # mode=ro: SQLite never writes the file (nor creates one).
+            conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True,
+                                   isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                check_schema(conn, str(path))
+            except BaseException:
+                conn.close()
+                raise
+        else:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnavailable(
+                    f"SQLite store {str(path)!r}: cannot create the directory "
+                    f"{str(path.parent)!r} ({exc.strerror or exc}); {_PATH_FIX}") from exc
+            conn = connect(str(path))
         self._conn = conn
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")  # two processes opening a new file migrate once
-        try:
-            # applied_ts: epoch seconds (unixepoch() needs SQLite 3.38).
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, "
-                         "applied_ts REAL NOT NULL "
-                         "DEFAULT ((julianday('now') - 2440587.5) * 86400.0))")
-            (current,) = conn.execute(
-                "SELECT ifnull(max(version), 0) FROM schema_version").fetchone()
-            if current > SCHEMA_VERSION:
-                raise StateStoreError(
-                    f"SQLite store {str(self.path)!r} has schema version {current}, newer than "
-                    f"this penguiflow-exporters supports ({SCHEMA_VERSION}); upgrade "
-                    f"penguiflow-exporters or use another path")
-            for version in range(current, SCHEMA_VERSION):
-                migration = _MIGRATIONS[version]
-                if callable(migration):
-                    migration(conn)
-                else:
-                    for statement in migration:
-                        conn.execute(statement)
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version + 1,))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        self._identity = _identity(str(path))
 
     async def _close(self) -> None:
-        if self._starting is not None:
-            await asyncio.wait([self._starting])
-        if self._proc_writer is not None:
-            await self._proc_writer.close()
-        await self._call(self._close_sync)
-
-    async def close(self) -> None:
-        """Flush what is buffered, close the file and stop the worker thread; idempotent."""
         try:
-            if not self._closed and not self._opened and (self._buffer or self._tail):
-                # BufferedStore.close() flushes an opened store only, and a store
-                # opens lazily on its first write: events saved just before close()
-                # would be dropped. flush() opens it (or logs and counts the loss).
-                await self.flush()
-            await super().close()
+            await self._call(self._close_sync)
         finally:
-            # Also when the store never opened (its thread may have tried). The
-            # thread is idle once the connection is closed: no need to wait for it.
             self._shut_down = True
             self._executor.shutdown(wait=False)
 
@@ -570,110 +343,26 @@ class SQLiteStateStore(BufferedStore):
             self._conn.close()
             self._conn = None
 
-    # -- writes ------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Write what is buffered (within ``close_timeout_s``), close the file; idempotent.
 
-    async def flush(self) -> None:
-        """Write everything buffered so far, and wait for batches being written.
-
-        Raises:
-            StoreUnavailable: the store was opened and is closed.
+        A writing store then returns the file to rollback-journal mode when no other
+        connection has it open (``_sqlite_write.release``), so that read-only readers
+        create nothing beside it.
         """
-        if self._closed and self._opened:
-            raise StoreUnavailable(f"{self!r} is closed; create a new one")
-        await super().flush()
-
-    async def _prepare(self, batch: list[Any]) -> tuple[list[_Item], Any, bool]:
-        """``batch`` ready for the writer: its block items, or its blocks (encoded) for
-        the writer process.
-
-        ``batch`` may hold the runtime's EVENT_FIELDS tuples (``_takes_fields``):
-        they are written as they are, never as StoredEvents. Runs on the event loop
-        while the writer commits the previous batch (see writer_payload).
-        """
-        if self._proc_writer is None:
-            return batch, _items_of(batch), False
-        data, grouped = await writer_payload(batch)
-        return batch, data, grouped
-
-    def _ensure_writer(self) -> None:
-        super()._ensure_writer()
-        if self._proc_writer is not None and self._starting is None:
-            # Start the writer process while the first batch fills (~0.05 s).
-            self._starting = asyncio.get_running_loop().create_task(self._start_writer())
-
-    async def _start_writer(self) -> None:
-        assert self._proc_writer is not None
-        # A failure here is not lost: the first batch starts it again, and reports.
-        with contextlib.suppress(Exception):
-            await self.open()
-            await self._proc_writer.start()
-
-    async def _write(self, prepared: tuple[list[_Item], Any, bool]
-                     ) -> Sequence[StoredEvent | tuple[Any, ...]]:
-        """Store a prepared batch as blocks and fold it into ``traces``; one transaction.
-
-        Returns:
-            The events actually stored, in order, as buffered: those whose
-            ``(flow_id, seq)`` was not stored before (first occurrence within the
-            batch), and every event without a flow id.
-        """
-        batch, data, grouped = prepared
-        if self._proc_writer is not None:
-            try:
-                skipped = await self._store_batch(data)
-            except _NoWriterProcess:
-                # Written here instead, as writer="thread" would: nothing is lost.
-                skipped, grouped = await self._store_batch(_items_of(batch)), False
-        else:
-            skipped = await self._store_batch(data)
-        # Positions are the blocks' (grouped by trace) when the batch went as blocks.
-        return kept_items(batch, skipped, grouped=grouped)
-
-    async def _store_batch(self, data: Any) -> list[int] | None:
-        """Have the writer store a prepared batch; the positions it skipped, if any.
-
-        Raises:
-            _NoWriterProcess: no writer process could be started; the store writes
-                on its worker thread from now on (logged once).
-        """
-        writer = self._proc_writer
-        if writer is None:
-            return await self._call(self._write_sync, data)
+        was_closed = self._closed
         try:
-            skipped: list[int] | None = await writer.request(b"W", data)
-        except WriterError as exc:
-            if exc.starting and exc.gone:  # no process (not: a database error in one)
-                self._proc_writer = None
-                self._sealing = False
-                logger.warning("state_store_writer_process_unavailable", extra={
-                    "store": repr(self), "error": str(exc),
-                    "fallback": "writing on the store's worker thread (writer='thread')"})
-                raise _NoWriterProcess from exc
-            raise self._writer_error(exc) from exc
-        return skipped
-
-    def _write_sync(self, items: list[tuple[Any, ...]]) -> list[int] | None:
-        # The batch allocates a tuple per event and a block per trace: with a big heap
-        # (a flow's messages, a buffer of events), the collections those allocations
-        # trigger cost more than the batch (~40% of an import, measured).
-        with gc_paused():
-            return self._thread_writer().write(items)
-
-    def _thread_writer(self) -> BatchWriter:
-        if self._batch_writer is None:
-            self._batch_writer = BatchWriter(self._connection(), terminal=TERMINAL_KINDS,
-                                             errors=ERROR_KINDS)
-        return self._batch_writer
-
-    def _writer_error(self, exc: WriterError) -> StateStoreError:
-        if exc.gone:
-            return StoreUnavailable(
-                f"SQLite store {str(self.path)!r}: {exc}; the batch was not stored, and "
-                f"the next one starts a new writer (or pass writer='thread')")
-        return self._translate_code(exc.code, str(exc))
+            await ProcessedStore.close(self)
+        finally:
+            if not self._shut_down:
+                self._shut_down = True
+                self._executor.shutdown(wait=False)
+        if not was_closed and not self.readonly and self._opened:
+            await asyncio.to_thread(release, str(self.path))
 
     async def save_remote_binding(self, binding: RemoteBinding) -> None:
         """Store a binding, once (an identical one is ignored); written at once, not buffered."""
+        self._writable()
         await self.open()
         await self._call(self._save_binding_sync, binding)
 
@@ -713,17 +402,16 @@ class SQLiteStateStore(BufferedStore):
     def _load_history_sync(self, trace_id: str, offset: int = 0,
                            limit: int | None = None) -> list[StoredEvent]:
         conn = self._connection()
-        with gc_paused():
-            try:
-                if limit is None:
-                    events: list[StoredEvent] = []
-                    for (data,) in conn.execute(_SELECT_BLOCKS, (trace_id,)):
-                        events += events_of(decode_block(data))
-                    return events
-                return self._page(conn, trace_id, offset, offset + limit)
-            except StateStoreError as exc:
-                raise StateStoreError(f"SQLite store {str(self.path)!r}, trace {trace_id!r}: "
-                                      f"{exc}") from exc
+        try:
+            if limit is None:
+                events: list[StoredEvent] = []
+                for (data,) in conn.execute(_SELECT_BLOCKS, (trace_id,)):
+                    events += events_of(decode_block(data))
+                return events
+            return self._page(conn, trace_id, offset, offset + limit)
+        except BlockError as exc:
+            raise StateStoreError(f"SQLite store {str(self.path)!r}, trace {trace_id!r}: "
+                                  f"{exc}") from exc
 
     @staticmethod
     def _page(conn: sqlite3.Connection, trace_id: str, start: int,
@@ -822,3 +510,11 @@ class SQLiteStateStore(BufferedStore):
             f"SELECT trace_id, context_id, task_id, agent_url FROM bindings WHERE {where} "
             "ORDER BY id", list(wanted.values()))
         return [RemoteBinding(*row) for row in rows]
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

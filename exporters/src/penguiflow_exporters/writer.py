@@ -43,6 +43,10 @@ class WriteResult(NamedTuple):
     skipped: Sequence[int] = ()
     #: Positions of items refused, each with the reason (a sentence naming the field).
     rejected: Sequence[tuple[int, str]] = ()
+    #: Things the writer noticed and handled, ``(counter, message)``: the processor
+    #: logs each as a warning and counts it in ``failures[counter]`` (e.g.
+    #: ``("file_replaced", "...")`` when a SQLite file was replaced and reopened).
+    notices: Sequence[tuple[str, str]] = ()
 
 
 @runtime_checkable

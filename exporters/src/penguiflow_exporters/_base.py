@@ -1,0 +1,206 @@
+"""ProcessedStore: what the durable stores share around their BatchProcessor.
+
+A durable store is three parts: a :class:`~penguiflow_exporters.processor.BatchProcessor`
+(the write path, written once), its backend's
+:class:`~penguiflow_exporters.writer.EventWriter`, and the backend's queries. This
+base wires the first two to the TraceStore surface (``save_event``, the runtime's
+``save_event_fields``, ``flush``, ``close``, ``follow``) so each backend writes only
+its writer and its queries.
+
+Read-only stores (``readonly=True``: ``pf inspect``, ``pf traces``, ``pf export``)
+have no processor: every write raises :class:`~penguiflow.state.StoreUnavailable`
+naming the option, and opening never creates or alters anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from types import TracebackType
+from typing import Any
+
+from penguiflow.followers import Followers
+from penguiflow.state import EventRecord, StoredEvent, StoreUnavailable, stored_from_fields
+
+from .processor import BatchProcessor, OnFull
+from .writer import EventWriter
+
+__all__ = ["ProcessedStore"]
+
+
+class ProcessedStore:
+    """Base of the durable stores: a processor in front of ``_make_writer()``'s writer.
+
+    Subclasses implement ``_make_writer``, ``_open`` (connect for reading; create or
+    migrate the schema unless read-only), ``_close`` and the queries, and call
+    ``super().__init__`` with the processor's options.
+    """
+
+    def __init__(self, *, readonly: bool = False, on_full: OnFull = "block",
+                 max_batch: int = 2000, max_buffer: int = 100_000,
+                 schedule_delay_s: float = 0.05, close_timeout_s: float = 5.0,
+                 retries: int = 3, batch_size: int | None = None,
+                 flush_interval_s: float | None = None) -> None:
+        # batch_size / flush_interval_s: the names these options had before the
+        # processor (kept so that existing code runs unchanged).
+        if batch_size is not None:
+            max_batch = batch_size
+        if flush_interval_s is not None:
+            schedule_delay_s = flush_interval_s
+        if close_timeout_s <= 0:
+            raise ValueError(f"close_timeout_s must be > 0; got {close_timeout_s!r}")
+        self.readonly = readonly
+        self.close_timeout_s = close_timeout_s
+        self._followers = Followers()
+        self._opened = False
+        self._closed = False
+        self._processor: BatchProcessor | None = None
+        if not readonly:
+            self._processor = BatchProcessor(
+                _LazyWriter(self), max_batch=max_batch, max_buffer=max_buffer,
+                schedule_delay_s=schedule_delay_s, on_full=on_full, retries=retries,
+                on_stored=self._publish, name=type(self).__name__)
+
+    # -- what subclasses implement ----------------------------------------------------
+
+    def _make_writer(self) -> EventWriter:
+        raise NotImplementedError
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect (and, unless read-only, create or migrate the schema); idempotent."""
+        if self._closed:
+            raise StoreUnavailable(f"{self!r} is closed; create a new one")
+        if not self._opened:
+            await self._open()
+            self._opened = True
+
+    async def __aenter__(self) -> Any:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Write what is buffered (within ``close_timeout_s``), then release everything.
+
+        Idempotent. Events that could not be written in time are logged and counted
+        (``failures["abandoned"]``, ``failures["events_lost"]``).
+        """
+        if self._closed:
+            return
+        try:
+            if self._processor is not None:
+                await self._processor.shutdown(self.close_timeout_s)
+        finally:
+            self._closed = True
+            self._followers.close()
+            if self._opened:
+                await self._close()
+
+    @property
+    def failures(self) -> Counter[str]:
+        """What went wrong on the write path (see BatchProcessor); empty when read-only."""
+        return self._processor.failures if self._processor is not None else Counter()
+
+    @property
+    def on_full(self) -> str | None:
+        """The full-buffer policy (``"block"`` or ``"drop"``); None when read-only."""
+        return self._processor.on_full if self._processor is not None else None
+
+    @property
+    def pending_events(self) -> int:
+        """Events saved and not yet written (``PenguiFlow.stop`` reports them on timeout)."""
+        return self._processor.pending_events if self._processor is not None else 0
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def _writable(self) -> BatchProcessor:
+        if self._processor is None:
+            raise StoreUnavailable(
+                f"{self!r} was opened read-only (readonly=True); open it without "
+                f"readonly to write")
+        if self._closed:
+            raise StoreUnavailable(f"{self!r} is closed; create a new one")
+        return self._processor
+
+    async def save_event(self, event: StoredEvent) -> None:
+        """Buffer one event (no I/O); waits only while the buffer is full (``on_full``)."""
+        waiter = self._writable().submit(event)
+        if waiter is not None:
+            await waiter
+
+    def save_event_fields(self, fields: EventRecord) -> Awaitable[None] | None:
+        """The runtime's fast path: buffer an EventRecord; an awaitable only when full."""
+        processor = self._processor
+        if processor is None:
+            self._writable()
+        assert processor is not None
+        return processor.submit(fields)
+
+    async def save_events(self, events: Sequence[StoredEvent]) -> None:
+        """Buffer several events, in order."""
+        await self._writable().submit_many(events)
+
+    async def flush(self) -> None:
+        """Return once everything saved so far is written (or counted as lost).
+
+        Raises:
+            StoreUnavailable: the store is closed.
+        """
+        if self._closed:
+            raise StoreUnavailable(f"{self!r} is closed; create a new one")
+        if self._processor is not None:
+            await self._processor.flush()
+
+    # -- follow ---------------------------------------------------------------------------
+
+    def _publish(self, items: Sequence[Any]) -> None:
+        if self._followers:
+            self._followers.publish(
+                stored_from_fields(item) if type(item) is EventRecord else item
+                for item in items)
+
+    async def follow(self, trace_id: str | None = None) -> AsyncIterator[StoredEvent]:
+        """Yield each event of ``trace_id`` (or of every trace) once this store wrote it.
+
+        Only events written after the call; read ``load_history`` first for the
+        past. Ends when the store is closed.
+        """
+        if self._closed:
+            raise StoreUnavailable(f"{self!r} is closed; create a new one")
+        async for event in self._followers.iterate(trace_id):
+            yield event
+
+
+class _LazyWriter:
+    """The store's writer, built (and the store opened) on the first write.
+
+    So a store that is only read never starts a writer (a process, a connection).
+    """
+
+    def __init__(self, store: ProcessedStore) -> None:
+        self._store = store
+        self._writer: EventWriter | None = None
+
+    async def write(self, items: Sequence[Any]) -> Any:
+        if self._writer is None:
+            await self._store.open()
+            self._writer = self._store._make_writer()
+        return await self._writer.write(items)
+
+    async def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                await writer.close()

@@ -1,0 +1,161 @@
+"""Rows and blocks (``penguiflow_exporters._records``): what the durable stores put in a file.
+
+Blocks are JSON: any event round-trips (or, for a value JSON cannot hold, comes
+back as its text), a crafted block is refused with a clear error instead of being
+executed, and schema-4's pickled blocks are read once, by a restricted reader.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from penguiflow.state import EventRecord, StoredEvent
+from penguiflow_exporters._legacy_v4 import decode_v4_block
+from penguiflow_exporters._records import (
+    COLUMNS,
+    BlockError,
+    Row,
+    check_row,
+    decode_block,
+    encode_block,
+    row_of,
+    rows_of,
+)
+
+
+def record(trace: Any = "t-1", seq: int = 1, **changes: Any) -> EventRecord:
+    base = EventRecord("t-1", 1000.0 + seq, "node_start", "a", "a-id", f"inv{seq}", ("p",),
+                       f"s{seq}", None, seq, 0, 999.0, "demo", "flow-r", 0.25, 1, 2, 1, 64, 3,
+                       False, None, None)
+    return base._replace(trace_id=trace, **changes)
+
+
+def test_rows_extend_the_runtime_record_by_name() -> None:
+    assert COLUMNS[:len(EventRecord._fields)] == EventRecord._fields
+    assert COLUMNS[-1] == "payload"
+
+
+def test_a_block_round_trips_runtime_records_and_stored_events() -> None:
+    stored = StoredEvent("t-1", 5.0, "custom", None, None, {"a": [1, 2], "b": None},
+                         flow_id="f", seq=9, parent_invocation_ids=("x", "y"))
+    rows = rows_of([record(), stored, record(seq=2, extra=MappingProxyType({"k": "v"}))])
+    back = decode_block(encode_block(rows))
+    assert back[0] == rows[0]
+    assert back[1].payload == {"a": [1, 2], "b": None}
+    assert back[1].parent_invocation_ids == ("x", "y")
+    assert back[2].extra == {"k": "v"}
+    assert all(type(row) is Row for row in back)
+
+
+_text = st.text(alphabet=st.characters(codec=None), max_size=40)  # NUL, surrogates, ESC...
+_json_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+    max_leaves=20)
+
+
+@given(payload=st.dictionaries(_text, _json_like, max_size=6), node=_text)
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+def test_any_plain_payload_round_trips_exactly(payload: dict[str, Any], node: str) -> None:
+    event = StoredEvent("t-1", 1.0, "k", node, None, payload, flow_id="f", seq=1)
+    (row,) = decode_block(encode_block([row_of(event)]))
+    assert row.payload == payload
+    assert row.node_name == node
+
+
+class Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+    __str__ = __repr__
+
+
+def test_values_json_cannot_hold_come_back_as_text() -> None:
+    deep: dict[str, Any] = {}
+    cursor = deep
+    for _ in range(10_000):
+        cursor["d"] = {}
+        cursor = cursor["d"]
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    rows = rows_of([record(extra={"odd": Unprintable(), "set": {3}}),
+                    record(seq=2, extra={"deep": deep}),
+                    record(seq=3, extra={"cycle": cyclic})])
+    back = decode_block(encode_block(rows))
+    assert back[0].extra["odd"].startswith("<")  # the object's placeholder text
+    assert back[0].extra["set"] == [3]
+    # only the value JSON cannot hold becomes text; its key and neighbours stay
+    assert isinstance(back[1].extra["deep"], str)
+    assert back[2].extra == {"cycle": "[[...]]"}
+    assert len(encode_block(rows)) < 200_000  # the deep value's text is bounded
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("not json", "corrupt event block"),
+    (json.dumps({"v": 2, "n": 0, "cols": {}}), "not a version-1 block"),
+    (json.dumps({"v": 1, "n": -1, "cols": {}}), "bad event count"),
+    (json.dumps({"v": 1, "n": 2, "cols": {"ts": [1.0]}}), "column 'ts' is not 2 values"),
+    ("[" * 100_000, "corrupt event block"),
+])
+def test_a_crafted_block_is_refused_with_the_reason(text: str, problem: str) -> None:
+    with pytest.raises(BlockError, match=problem):
+        decode_block(text)
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"trace_id": 5}, "trace_id is a int"),
+    ({"trace_id": "a\x00b"}, "trace_id holds a control character"),
+    ({"trace_id": "a\x1b]0;x\x07"}, "trace_id holds a control character"),
+    ({"trace_id": "a\ud800"}, "trace_id holds a lone surrogate"),
+    ({"trace_id": "x" * 5_000_000}, "trace_id is 5000000 characters long"),
+    ({"trace_id": ""}, "trace_id is empty"),
+    ({"node_name": "n\x00"}, "node_name holds a control character"),
+    ({"node_name": "n\udfff"}, "node_name holds a lone surrogate"),
+    ({"flow_id": 3}, "flow_id is a int"),
+    ({"ts": float("nan")}, "ts is not a finite number"),
+])
+def test_check_row_names_what_is_wrong(change: dict[str, Any], reason: str) -> None:
+    assert reason in (check_row(row_of(record()._replace(**change))) or "")
+
+
+def test_check_row_accepts_unicode_names_and_trace_less_events() -> None:
+    assert check_row(row_of(record(node_name="nœud-é-日本"))) is None
+    assert check_row(row_of(record(trace=None))) is None
+
+
+# -- schema-4 blocks (migration only) ---------------------------------------------------
+
+
+def test_v4_blocks_of_both_layouts_decode_to_rows() -> None:
+    runtime = tuple(record())
+    head, payload = tuple(record(seq=2))[:14], {"x": 1}
+    one = pickle.dumps([runtime], 5)
+    two = pickle.dumps([head], 5) + pickle.dumps([(payload,)], 5)
+    assert decode_v4_block(one) == [row_of(record())]
+    (row,) = decode_v4_block(two)
+    assert row.payload == {"x": 1} and row.seq == 2 and row.latency_ms is None
+
+
+class _Evil:
+    def __reduce__(self) -> Any:
+        import os
+
+        return (os.system, ("true",))
+
+
+class _Huge:
+    def __reduce__(self) -> Any:
+        return (bytearray, (10**9,))
+
+
+@pytest.mark.parametrize("obj", [_Evil(), _Huge()], ids=["code", "1gb"])
+def test_a_crafted_v4_block_is_refused_not_executed(obj: Any) -> None:
+    with pytest.raises(BlockError, match="corrupt schema-4 block"):
+        decode_v4_block(pickle.dumps([obj], 5))

@@ -1,0 +1,502 @@
+"""The durable stores' write path under faults (issue 14 §2), on a real SQLite file.
+
+Each test is a fault a probe from outside found: sustained load, one bad event in a
+big batch, a writer killed mid-batch, the file deleted under a running store, a WAL
+that grew without bound, a hung database at close. The processor is the same for
+Postgres (tests/exporters/test_postgres_store.py covers its own faults).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import logging
+import os
+import signal
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from penguiflow import Headers, Message, Node, NodePolicy, create
+from penguiflow.state import EventRecord, StateStoreError, StoredEvent, StoreUnavailable
+from penguiflow_exporters import open_store
+from penguiflow_exporters.sqlite import SQLiteStateStore
+
+WRITERS = pytest.mark.parametrize("writer", ["process", "thread"])
+
+
+def event(trace: Any, seq: int, *, node: Any = "a", kind: str = "node_start",
+          flow: str = "flow-w") -> StoredEvent:
+    return StoredEvent(trace, 1000.0 + seq, kind, node, None, {"seq": seq}, flow_id=flow,
+                       seq=seq)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def _double(msg: Message, ctx: Any) -> Message:
+    return msg.model_copy(update={"payload": msg.payload * 2})
+
+
+def chain(store: Any, **kwargs: Any) -> Any:
+    a = Node(_double, name="a", policy=NodePolicy(validate="none"))
+    b = Node(_double, name="b", policy=NodePolicy(validate="none"))
+    return create(a.to(b), b.to(), state_store=store, **kwargs)
+
+
+class Gated:
+    """The store's real writer, each batch held until ``gate`` opens."""
+
+    def __init__(self, inner: Any, gate: asyncio.Event, entered: asyncio.Event) -> None:
+        self.inner, self.gate, self.entered = inner, gate, entered
+
+    async def write(self, items: Any) -> Any:
+        self.entered.set()
+        await self.gate.wait()
+        return await self.inner.write(items)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class GatedStore(SQLiteStateStore):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate, self.entered = asyncio.Event(), asyncio.Event()
+
+    def _make_writer(self) -> Any:
+        return Gated(super()._make_writer(), self.gate, self.entered)
+
+
+# -- load -------------------------------------------------------------------------------
+
+
+@WRITERS
+async def test_sustained_load_loses_nothing_by_default(tmp_path: Path, writer: str) -> None:
+    # A small buffer, so the flow runs into it again and again: by default it waits.
+    store = SQLiteStateStore(tmp_path / "t.db", writer=writer, max_buffer=256, max_batch=64)
+    flow = chain(store)
+    flow.run()
+    messages = [Message(payload=i, headers=Headers(tenant="t")) for i in range(1500)]
+    async def emit_all() -> None:  # while fetching: the flow's own queues are bounded too
+        for m in messages:
+            await flow.emit(m)
+
+    emitter = asyncio.ensure_future(emit_all())
+    try:
+        results = [await asyncio.wait_for(flow.fetch(), 30) for _ in messages]
+        await emitter
+    finally:
+        emitter.cancel()
+        await flow.stop()
+    assert sorted(r.payload for r in results) == [4 * i for i in range(1500)]
+    await store.flush()
+    assert not store.failures, dict(store.failures)
+    for m in messages[::100]:
+        kinds = Counter(e.kind for e in await store.load_history(m.trace_id))
+        assert kinds["node_start"] == 2 and kinds["node_success"] == 2
+        summary = await store.get_trace(m.trace_id)
+        assert summary is not None and summary.status == "succeeded"
+    await store.close()
+
+
+async def test_drop_is_explicit_counted_exactly_and_marks_traces_incomplete(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = GatedStore(tmp_path / "t.db", writer="thread", on_full="drop", max_buffer=40,
+                       max_batch=10)
+    saved: Counter[str] = Counter()
+    with caplog.at_level(logging.WARNING, logger="penguiflow_exporters"):
+        for seq in range(200):
+            trace = f"trace-{seq % 4}"
+            await store.save_event(event(trace, seq))
+            saved[trace] += 1
+        await asyncio.wait_for(store.entered.wait(), 10)
+        store.gate.set()
+        await store.flush()
+    dropped = store.failures["dropped"]
+    assert dropped > 0 and store.failures["events_lost"] == dropped
+    assert "state_store_buffer_full" in caplog.text
+    lost_total = stored_total = 0
+    for trace, count in saved.items():
+        history = await store.load_history(trace)
+        events = [e for e in history if e.kind != "store_events_lost"]
+        markers = [e for e in history if e.kind == "store_events_lost"]
+        lost = sum(m.payload["events_lost"] for m in markers)
+        assert len(events) + lost == count  # every event is stored or counted, once
+        summary = await store.get_trace(trace)
+        assert summary is not None and summary.events_lost == lost
+        assert summary.status == ("incomplete" if lost else "running")
+        lost_total += lost
+        stored_total += len(events)
+    assert lost_total == dropped and stored_total + dropped == 200
+    await store.close()
+
+
+# -- one bad event loses only itself ------------------------------------------------------
+
+_BAD_TRACE_IDS = st.one_of(
+    st.just("nul\x00id"), st.just("esc\x1b]0;pwned\x07"), st.just("lone\ud800"),
+    st.just("x" * 5_000_000), st.integers(), st.just(b"bytes"), st.just(""))
+_BAD_NODES = st.one_of(st.just("n\x00"), st.just("n\udfff"), st.just("n" * 5000),
+                       st.integers())
+
+
+@given(bad=st.lists(st.one_of(_BAD_TRACE_IDS.map(lambda t: ("trace", t)),
+                              _BAD_NODES.map(lambda n: ("node", n))), min_size=1, max_size=5),
+       positions=st.lists(st.integers(0, 299), min_size=5, max_size=5))
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_a_bad_event_loses_only_itself(tmp_path: Path, bad: list[tuple[str, Any]],
+                                       positions: list[int]) -> None:
+    async def scenario() -> None:
+        path = tmp_path / f"bad-{time.monotonic_ns()}.db"
+        async with SQLiteStateStore(path, writer="thread", max_batch=10_000) as store:
+            good = [event(f"good-{seq % 7}", seq) for seq in range(300)]
+            items: list[StoredEvent] = list(good)
+            for (what, value), at in zip(bad, positions, strict=False):
+                seq = 10_000 + at
+                odd = event(value, seq) if what == "trace" else event("good-0", seq, node=value)
+                items.insert(at, odd)
+            await store.save_events(items)
+            await store.flush()
+            assert store.failures["rejected"] == len(bad)
+            assert store.failures["events_lost"] == len(bad)
+            for t in range(7):
+                history = [e for e in await store.load_history(f"good-{t}")
+                           if e.kind != "store_events_lost"]
+                assert history == [e for e in good if e.trace_id == f"good-{t}"]
+
+    asyncio.run(scenario())
+
+
+@WRITERS
+async def test_one_bad_event_in_a_10k_batch_of_other_traces(
+    tmp_path: Path, writer: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with SQLiteStateStore(tmp_path / "t.db", writer=writer, max_batch=10_000) as store:
+        items = [event(f"t-{i % 1000}", i) for i in range(10_000)]
+        items[5000] = event("bad\x00trace", 5000)
+        with caplog.at_level(logging.WARNING, logger="penguiflow_exporters"):
+            await store.save_events(items)
+            await store.flush()
+        assert store.failures["rejected"] == 1 and store.failures["events_lost"] == 1
+        record = next(r for r in caplog.records if r.getMessage() == "state_store_events_rejected")
+        assert "trace_id holds a control character" in str(record.reasons)  # type: ignore[attr-defined]
+        traces = await store.list_traces()
+        assert sum(s.event_count for s in await _all(store)) == 9_999
+        assert traces
+
+
+async def _all(store: Any) -> list[Any]:
+    from penguiflow.state import TraceFilter
+
+    return await store.list_traces(TraceFilter(limit=100_000))
+
+
+# -- a writer that dies, a database that fails ---------------------------------------------
+
+
+async def test_a_writer_process_killed_mid_batch_loses_nothing(tmp_path: Path) -> None:
+    store = GatedStore(tmp_path / "t.db", writer="process")
+    async with store:
+        await store.save_event(event("warm", 0))
+        store.gate.set()
+        await store.flush()  # the writer process runs
+        process = store._processor.writer._writer.inner._writer.process  # type: ignore[union-attr]
+        pid = process.pid
+        assert pid is not None
+        store.gate.clear()
+        store.entered.clear()
+        await store.save_events([event("t-kill", i) for i in range(1, 501)])
+        await asyncio.wait_for(store.entered.wait(), 10)
+        os.kill(pid, signal.SIGKILL)
+        store.gate.set()
+        await store.flush()
+        # The dead process was StoreUnavailable: the batch was retried in a new one.
+        assert process.started == 2
+        assert store.failures["retried"] >= 1 and store.failures["events_lost"] == 0
+        assert len(await store.load_history("t-kill")) == 500
+
+
+class FailingWriter:
+    def __init__(self, fails: int) -> None:
+        self.fails = fails
+
+    async def write(self, items: Any) -> Any:
+        raise StoreUnavailable("injected: the database is down")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_events_lost_counts_events_exactly_across_batches(tmp_path: Path) -> None:
+    class Down(SQLiteStateStore):
+        def _make_writer(self) -> Any:
+            return FailingWriter(0)
+
+    store = Down(tmp_path / "t.db", writer="thread", max_batch=7, retries=1,
+                 close_timeout_s=30)
+    await store.save_events([event(f"t-{i % 3}", i) for i in range(100)])
+    await store.flush()
+    # 100 events in 15 batches of at most 7: every event counted once, not a batch once.
+    assert store.failures["events_lost"] == 100
+    assert store.failures["write_failed_events"] == 100
+    assert store.failures["write_failed"] >= 15  # the batches (and their markers' retry)
+    # The markers could not be written either, and do not loop: flush returned.
+    await store.close()
+
+
+# -- the file under a running store ------------------------------------------------------
+
+
+@WRITERS
+async def test_a_deleted_file_is_detected_and_the_store_reopens(
+    tmp_path: Path, writer: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "t.db"
+    async with SQLiteStateStore(path, writer=writer) as store:
+        await store.save_events([event("before", i) for i in range(10)])
+        await store.flush()
+        for suffix in ("", "-wal", "-shm"):
+            await asyncio.to_thread(Path(f"{path}{suffix}").unlink, missing_ok=True)
+        with caplog.at_level(logging.WARNING, logger="penguiflow_exporters"):
+            await store.save_events([event("after", i) for i in range(10, 20)])
+            await store.flush()
+        assert store.failures["file_replaced"] == 1
+        assert any("deleted or replaced" in getattr(r, "detail", "") for r in caplog.records)
+        assert path.is_file()
+        assert [e.seq for e in await store.load_history("after")] == list(range(10, 20))
+    # what is on disk now is a whole store: another reader sees it
+    async with open_store(f"sqlite:///{path}", readonly=True) as reader:
+        assert len(await reader.load_history("after")) == 10
+
+
+async def test_the_wal_stays_within_a_few_mb(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    # with a reader that keeps the file open the whole time (the inspector, say)
+    async with SQLiteStateStore(path, writer="thread") as store, \
+            open_store(f"sqlite:///{path}", readonly=True) as reader:
+        for chunk in range(15):
+            await store.save_events([event(f"w-{i % 50}", chunk * 10_000 + i)
+                                     for i in range(10_000)])
+            await store.flush()
+            await reader.list_traces()
+            wal = _size(f"{path}-wal")
+            assert wal <= 12 << 20, f"WAL at {wal} bytes after {chunk + 1}0k events"
+    assert _size(str(path)) > 4 << 20
+
+
+def _size(path: str) -> int:
+    return os.path.getsize(path)
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# -- close is bounded -----------------------------------------------------------------------
+
+
+@WRITERS
+async def test_close_returns_in_bounded_time_when_the_database_hangs(
+    tmp_path: Path, writer: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "t.db"
+    async with SQLiteStateStore(path, writer=writer) as store:
+        await store.save_event(event("ok", 0))
+        await store.flush()
+    store = SQLiteStateStore(path, writer=writer, close_timeout_s=0.5)
+    await store.open()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # the database hangs: every write waits on it
+    try:
+        await store.save_events([event("stuck", i) for i in range(1, 301)])
+        started = time.monotonic()
+        with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
+            await store.close()
+        elapsed = time.monotonic() - started
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert elapsed < 3.0
+    assert store.failures["abandoned"] == 300 and store.failures["events_lost"] == 300
+    assert "state_store_close_timeout" in caplog.text
+
+
+# -- schema ---------------------------------------------------------------------------------
+
+_V4_DDL = (
+    "CREATE TABLE schema_version (version INTEGER NOT NULL, applied_ts REAL NOT NULL "
+    "DEFAULT 0)",
+    """CREATE TABLE traces (key INTEGER PRIMARY KEY, trace_id TEXT NOT NULL UNIQUE,
+        flow_name TEXT, status TEXT NOT NULL, started_ts REAL NOT NULL, ended_ts REAL NOT NULL,
+        node_count INTEGER NOT NULL, error_count INTEGER NOT NULL,
+        remote_call_count INTEGER NOT NULL, event_count INTEGER NOT NULL, nodes TEXT NOT NULL,
+        open_count INTEGER NOT NULL, failed INTEGER NOT NULL, cancelled INTEGER NOT NULL)""",
+    "CREATE INDEX traces_started ON traces (started_ts)",
+    "CREATE TABLE bindings (id INTEGER PRIMARY KEY, trace_id TEXT NOT NULL, context_id TEXT, "
+    "task_id TEXT, agent_url TEXT)",
+    "CREATE TABLE flows (key INTEGER PRIMARY KEY, flow_id TEXT NOT NULL UNIQUE)",
+    """CREATE TABLE blocks (id INTEGER PRIMARY KEY, trace_key INTEGER, first INTEGER NOT NULL,
+        n INTEGER NOT NULL, ts_lo REAL NOT NULL, ts_hi REAL NOT NULL, data BLOB NOT NULL)""",
+    "CREATE INDEX blocks_trace ON blocks (trace_key, first)",
+    "CREATE TABLE flow_seqs (flow_key INTEGER NOT NULL, lo INTEGER NOT NULL, "
+    "hi INTEGER NOT NULL, PRIMARY KEY (flow_key, lo)) WITHOUT ROWID",
+)
+
+
+def _v4_file(path: Path) -> list[StoredEvent]:
+    """A schema-4 file as the previous store wrote it: one trace, two blocks (a block
+    of runtime tuples, a block of StoredEvents in the two-pickle layout)."""
+    import pickle
+
+    runtime = [EventRecord("old", 10.0 + i, "node_start" if i == 0 else "node_success", "a",
+                           "a-id", "inv", (), "s", None, i, 0, 9.0, "legacy", "flow-old", 1.5,
+                           0, 0, 1, 64, 1, False, None, None) for i in range(2)]
+    stored = StoredEvent("old", 20.0, "custom", None, None, {"note": "kept"}, flow_id="flow-old",
+                         seq=2)
+    heads = [(stored.trace_id, stored.ts, stored.kind, None, None, None, (), None, None, 2, 0,
+              None, None, "flow-old")]
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in _V4_DDL:
+        conn.execute(statement)
+    conn.executemany("INSERT INTO schema_version (version) VALUES (?)", [(1,), (2,), (3,), (4,)])
+    conn.execute("INSERT INTO traces VALUES (1, 'old', 'legacy', 'succeeded', 10.0, 20.0, 1, 0, "
+                 "0, 3, '[\"a\"]', 0, 0, 0)")
+    conn.execute("INSERT INTO flows VALUES (1, 'flow-old')")
+    conn.execute("INSERT INTO flow_seqs VALUES (1, 0, 2)")
+    conn.execute("INSERT INTO blocks (trace_key, first, n, ts_lo, ts_hi, data) VALUES "
+                 "(1, 0, 2, 10.0, 11.0, ?)", (pickle.dumps([tuple(r) for r in runtime], 5),))
+    conn.execute("INSERT INTO blocks (trace_key, first, n, ts_lo, ts_hi, data) VALUES "
+                 "(1, 2, 1, 20.0, 20.0, ?)",
+                 (pickle.dumps(heads, 5) + pickle.dumps([(stored.payload,)], 5),))
+    conn.close()
+    from penguiflow.state import stored_from_fields
+
+    return [*map(stored_from_fields, runtime), stored]
+
+
+async def test_a_schema_4_file_is_upgraded_and_reads_back_equal(tmp_path: Path) -> None:
+    path = tmp_path / "v4.db"
+    expected = _v4_file(path)
+    async with SQLiteStateStore(path, writer="thread") as store:
+        assert list(await store.load_history("old")) == expected
+        summary = await store.get_trace("old")
+        assert summary is not None and summary.status == "succeeded"
+        await store.save_event(event("old", 3, flow="flow-old"))  # already stored: seq 3 is new
+        await store.save_event(StoredEvent("old", 30.0, "custom", None, None, {},
+                                           flow_id="flow-old", seq=2))  # a re-delivery
+        await store.flush()
+        assert len(await store.load_history("old")) == 4
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (5,)
+    assert conn.execute("SELECT count(*) FROM blocks WHERE typeof(data) = 'blob'").fetchone() \
+        == (0,)  # no pickle is left in the file
+    conn.close()
+
+
+@pytest.mark.parametrize(("version", "message"), [
+    (3, "schema version 3, which this penguiflow-exporters cannot upgrade"),
+    (6, "schema version 6, newer than this penguiflow-exporters supports"),
+])
+async def test_other_schema_versions_are_refused_and_left_unchanged(
+    tmp_path: Path, version: int, message: str,
+) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_ts REAL)")
+    conn.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
+    conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, payload TEXT)")
+    conn.close()
+    before = sha256(path)
+    store = SQLiteStateStore(path, writer="thread")
+    with pytest.raises(StateStoreError, match=message):
+        await store.open()
+    await store.close()
+    assert sha256(path) == before
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+async def test_a_foreign_database_is_refused_byte_for_byte_unchanged(
+    tmp_path: Path, readonly: bool,
+) -> None:
+    path = tmp_path / "people.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE people (name TEXT)")
+    conn.execute("INSERT INTO people VALUES ('ada')")
+    conn.close()
+    before = sha256(path)
+    store = open_store(f"sqlite:///{path}", readonly=readonly)
+    with pytest.raises(StateStoreError, match="not a penguiflow trace database"):
+        await store.open()  # type: ignore[attr-defined]
+    await store.close()
+    assert sha256(path) == before
+    assert _names(tmp_path) == ["people.db"]
+
+
+async def test_a_readonly_store_refuses_empty_and_missing_files_and_writes(
+    tmp_path: Path,
+) -> None:
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    with pytest.raises(StateStoreError, match="holds no penguiflow traces"):
+        await open_store(f"sqlite:///{empty}", readonly=True).open()  # type: ignore[attr-defined]
+    assert empty.read_bytes() == b""
+    missing = tmp_path / "missing.db"
+    with pytest.raises(StoreUnavailable, match="does not exist"):
+        await open_store(f"sqlite:///{missing}", readonly=True).open()  # type: ignore[attr-defined]
+    assert _names(tmp_path) == ["empty.db"]
+
+    path = tmp_path / "t.db"
+    async with SQLiteStateStore(path) as store:
+        await store.save_event(event("r", 1))
+    async with open_store(f"sqlite:///{path}", readonly=True) as reader:
+        assert len(await reader.load_history("r")) == 1
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            await reader.save_event(event("r", 2))
+
+
+# -- the host process is left alone ---------------------------------------------------------
+
+
+async def test_stores_never_touch_the_garbage_collector(tmp_path: Path) -> None:
+    threshold, enabled = gc.get_threshold(), gc.isenabled()
+    store = SQLiteStateStore(tmp_path / "t.db")
+    flow = chain(store)
+    flow.run()
+    try:
+        for i in range(200):
+            await flow.emit(Message(payload=i, headers=Headers(tenant="t")))
+            await asyncio.wait_for(flow.fetch(), 10)
+            assert gc.isenabled() == enabled and gc.get_threshold() == threshold
+    finally:
+        await flow.stop()
+    await store.flush()
+    await _all(store)
+    assert gc.isenabled() == enabled and gc.get_threshold() == threshold
+    await store.close()
+
+
+def test_no_library_module_switches_the_garbage_collector() -> None:
+    root = Path(__file__).resolve().parents[2]
+    offenders = []
+    for package in ("penguiflow", "penguiflow_a2a", "exporters/src", "inspector/src",
+                    "distributed/src"):
+        for source in sorted((root / package).rglob("*.py")):
+            text = source.read_text()
+            # _serve.py runs only in the store's own writer process, never in the host's.
+            if source.name == "_serve.py":
+                continue
+            for call in ("gc.disable(", "gc.set_threshold(", "gc.freeze(", "gc.enable("):
+                if call in text:
+                    offenders.append(f"{source.relative_to(root)}: {call}")
+    assert not offenders, offenders
