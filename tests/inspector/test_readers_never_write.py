@@ -144,10 +144,6 @@ def _event(seq: int = 1) -> StoredEvent:
                        invocation_id="a" * 16, flow_id="f", seq=seq, flow_name="safe")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "exporters: a mode=ro connection to a WAL-mode store creates the -wal and -shm files "
-    "when they are absent (SQLite needs them to read a WAL database) and, read-only, "
-    "cannot remove them on close"))
 @pytest.mark.parametrize("command", ["inspect", "traces"])
 def test_reading_a_real_store_creates_no_file_beside_it(
         command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
