@@ -234,12 +234,12 @@ class StoreObserver:
         await self._kind.aclose()
 
 
-def _kind(name: str) -> Callable[[], StoreKind]:
+def _kind(name: str, **options: Any) -> Callable[[], StoreKind]:
     def make() -> StoreKind:
         import stores
 
         return {"memory": stores.MemoryKind, "sqlite": stores.SQLiteKind,
-                "postgres": stores.PostgresKind}[name]()
+                "postgres": stores.PostgresKind}[name](**options)
 
     return make
 
@@ -249,6 +249,8 @@ OBSERVERS: dict[str, Callable[[], ObserverSetup]] = {
     "no-op middleware": NoopMiddleware,
     "InMemoryStateStore": StoreObserver.factory(_kind("memory")),
     "SQLiteStateStore": StoreObserver.factory(_kind("sqlite")),
+    # The same store with its writer on a thread: whether the writer process still pays.
+    "SQLiteStateStore writer=thread": StoreObserver.factory(_kind("sqlite", writer="thread")),
     "PostgresStateStore": StoreObserver.factory(_kind("postgres")),
     "OTel SDK + BatchSpanProcessor": OtelSdkObserver,
     "OTel SDK via start_span (writer declined)": OtelSdkApiPath,

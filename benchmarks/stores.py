@@ -27,6 +27,7 @@ when the server does not answer, the Postgres rows are printed as skipped.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import shutil
@@ -118,12 +119,12 @@ class SQLiteKind(StoreKind):
 
     name = "SQLiteStateStore"
 
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
         try:
             from penguiflow_exporters.sqlite import SQLiteStateStore
         except ImportError as exc:
             raise StoreUnavailable(f"penguiflow_exporters.sqlite not importable: {exc}") from exc
-        self._cls: Callable[..., Any] = SQLiteStateStore
+        self._cls: Callable[..., Any] = functools.partial(SQLiteStateStore, **options)
         self._dir = Path(tempfile.mkdtemp(prefix="pf-bench-sqlite-"))
         self._count = 0
 

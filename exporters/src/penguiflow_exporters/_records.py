@@ -14,7 +14,8 @@ has its payload and None in the runtime columns. ``tests/exporters`` check that
 Blocks. A batch's events are grouped by trace, and each trace's share becomes one
 *block*: one database row holding up to :data:`BLOCK_EVENTS` events in order, as
 one JSON document of columns (``{"v": 1, "n": 3, "trace_id": "t", "cols": {"ts":
-[...], "kind": [...], ...}}``; a column that is None for every event is left out).
+[...], "kind": [...], ...}, "same": {"flow_name": "demo", ...}}``: a column of one
+value is written once under ``same``, one that is None for every event not at all).
 Why blocks: a database row costs 5-10 us to insert into an indexed table whatever
 its size, and one object per column to read back, so a row per event capped
 ingest at ~80k events/s; a block costs one row and one C call to encode or decode.
@@ -55,6 +56,7 @@ __all__ = [
     "WriteReply",
     "block_rows",
     "check_row",
+    "check_rows",
     "decode_block",
     "encode_block",
     "fold_rows",
@@ -132,6 +134,12 @@ def row_of(item: Any) -> Row:
     return _new(Row, (*_stored_head(item), *_NONE_RUNTIME, item.payload))
 
 
+def plain_rows(items: Iterable[Any]) -> list[tuple[Any, ...]]:
+    """Each item as a plain tuple: an EventRecord's 23 values, a StoredEvent's row."""
+    return [tuple(item) if isinstance(item, tuple) else
+            (*_stored_head(item), *_NONE_RUNTIME, item.payload) for item in items]
+
+
 def rows_of(items: Iterable[Any]) -> list[Row]:
     """:func:`row_of` of each item, in order."""
     return list(map(row_of, items))
@@ -146,7 +154,8 @@ def loads_rows(payload: bytes) -> list[Row]:
     rows: list[Row] = []
     stream = io.BytesIO(payload)
     while stream.tell() < len(payload):  # one pickle per slice of the batch
-        rows += [_new(Row, values) for values in pickle.load(stream)]
+        rows += [_new(Row, values if len(values) > _RUNTIME_LEN else (*values, None))
+                 for values in pickle.load(stream)]
     return rows
 
 
@@ -203,6 +212,46 @@ def check_row(row: Row) -> str | None:
     if type(row.seq) is not int:
         return f"seq is a {type(row.seq).__name__}, not an int"
     return None
+
+
+_TEXT_FIELDS = ("trace_id", "kind", "node_name", "node_id", "flow_name", "flow_id")
+_FIELD_INDEX = {name: i for i, name in enumerate(COLUMNS)}
+
+
+def check_rows(rows: Sequence[Row]) -> list[tuple[int, str]]:
+    """``(position, reason)`` of each row :func:`check_row` refuses, in order.
+
+    Checks each distinct value of a column once (a batch holds few distinct trace
+    ids, node names and kinds), so a clean batch costs a few C-level passes instead
+    of a Python call per event (~2.5 us per event, measured, against ~0.2).
+    """
+    if not rows:
+        return []
+    probe = Row(None, 0.0, "k", None, None, None, (), None, None, 0, 0, None, None, None)
+    columns = list(zip(*rows, strict=True))
+    suspect = False
+    for name in _TEXT_FIELDS:
+        column = columns[_FIELD_INDEX[name]]
+        try:
+            distinct = set(column)
+        except TypeError:  # an unhashable value: certainly not a str
+            suspect = True
+            break
+        for value in distinct:
+            if check_row(probe._replace(**{name: value})) is not None:
+                suspect = True
+                break
+        if suspect:
+            break
+    if not suspect:
+        ts = columns[_FIELD_INDEX["ts"]]
+        seq = columns[_FIELD_INDEX["seq"]]
+        suspect = not (set(map(type, ts)) <= {float, int} and all(map(math.isfinite, ts))
+                       and set(map(type, seq)) == {int})
+    if not suspect:
+        return []
+    return [(i, problem) for i, problem in enumerate(map(check_row, rows))
+            if problem is not None]
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -301,14 +350,21 @@ def encode_block(rows: Sequence[Row]) -> str:
     """
     n = len(rows)
     columns = list(zip(*rows, strict=True)) if n else [()] * len(COLUMNS)
-    cols: dict[str, list[Any]] = {}
+    # A column of one value (None included) is written once, under "same"; most of
+    # a trace's columns are (its flow, its queue sizes, no extra), which halves the
+    # values JSON writes.
+    cols: dict[str, Any] = {}
+    same: dict[str, Any] = {}
     for name, column in zip(COLUMNS, columns, strict=True):
-        if name == "trace_id":
-            continue
-        if column.count(None) == n:
-            continue
-        cols[name] = list(column)
-    doc = {"v": 1, "n": n, "trace_id": rows[0].trace_id if n else None, "cols": cols}
+        first = column[0] if n else None
+        if column.count(first) == n:
+            if first is not None:
+                same[name] = first
+        else:
+            cols[name] = column
+    same.pop("trace_id", None)
+    doc = {"v": 1, "n": n, "trace_id": rows[0].trace_id if n else None, "cols": cols,
+           "same": same}
     try:
         return _encode(doc)
     except _ENCODE_ERRORS:
@@ -336,11 +392,17 @@ def decode_block(text: str | bytes) -> list[Row]:
     if type(n) is not int or n < 0:
         raise BlockError("corrupt event block (bad event count)")
     cols: dict[str, Any] = doc["cols"]
+    same = doc.get("same") or {}
+    if type(same) is not dict:
+        raise BlockError("corrupt event block (bad 'same' columns)")
     none = [None] * n
     columns: list[list[Any]] = []
     for name in COLUMNS:
         if name == "trace_id":
             columns.append([doc.get("trace_id")] * n)
+            continue
+        if name in same:
+            columns.append([same[name]] * n)
             continue
         column = cols.get(name, none)
         if type(column) is not list or len(column) != n:
@@ -377,6 +439,8 @@ def group_by_trace(rows: Iterable[Row]) -> dict[Any, list[Row]]:
 
 
 _ts_of = attrgetter("ts")
+_flow_of = attrgetter("flow_id")
+_seq_of = attrgetter("seq")
 
 
 def block_rows(groups: Mapping[Any, Sequence[Row]],
@@ -478,6 +542,15 @@ def split_fresh(rows: Sequence[Row], stored: Mapping[Any, Ranges]
     ``stored`` maps flow ids to the ranges already stored (missing: none). Rows
     without a flow id are always fresh.
     """
+    flows = set(map(_flow_of, rows))
+    if len(flows) == 1:  # the usual batch: one runtime's events, in seq order
+        (flow,) = flows
+        if flow is None:
+            return [], {}
+        seqs = list(map(_seq_of, rows))
+        ranges = stored.get(flow)
+        if len(set(seqs)) == len(seqs) and (not ranges or min(seqs) > ranges[-1][1]):
+            return [], {flow: merge_ranges(ranges or [], seqs)}
     seen: dict[Any, set[int]] = {}
     skipped: list[int] = []
     by_flow: dict[Any, list[int]] = {}

@@ -45,7 +45,7 @@ from ._records import (
     Row,
     WriteReply,
     block_rows,
-    check_row,
+    check_rows,
     fold_rows,
     group_by_trace,
     loads_rows,
@@ -355,19 +355,13 @@ class SQLiteWriter:
             refused with the reason, and what the writer noticed.
         """
         notices = self._reopen_if_replaced()
-        rejected: list[tuple[int, str]] = []
-        problems = list(map(check_row, rows))
-        if any(problems):
-            keep: list[int] = []
-            for i, problem in enumerate(problems):
-                if problem is None:
-                    keep.append(i)
-                else:
-                    rejected.append((i, problem))
+        rejected = check_rows(rows)
+        keep: list[int] = []
+        good = rows
+        if rejected:
+            refused = {i for i, _ in rejected}
+            keep = [i for i in range(len(rows)) if i not in refused]
             good = [rows[i] for i in keep]
-        else:
-            keep = []
-            good = rows
         while True:
             try:
                 skipped = self._store(good)

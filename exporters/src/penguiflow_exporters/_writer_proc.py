@@ -31,7 +31,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._records import Row, WriteReply, plain, rows_of, safe_row
+from ._records import WriteReply, plain, plain_rows, rows_of, safe_row
 from ._serve import HEADER as _HEADER
 from ._serve import Handler, describe, read_frame, serve, write_frame
 from .writer import WriteResult
@@ -233,19 +233,19 @@ def _child_env() -> dict[str, str]:
 # -- the EventWriter over a writer process ---------------------------------------------------
 
 class _RowPickler(pickle.Pickler):
-    """Pickles rows as plain tuples of plain data (the child imports no penguiflow).
+    """Pickles plain tuples of plain data (the child imports no penguiflow).
 
     The C pickler calls reducer_override only for objects not of an exact built-in
-    type: a Row (a tuple subclass) becomes a plain tuple; anything else odd (an
-    enum, a read-only mapping, a user object in ``extra``) its plain equivalent or
-    its text, as the JSON encoder would write it (``_records.plain``).
+    type, so rows of plain values cost nothing here; anything odd (a read-only
+    mapping, an enum, a user object in ``extra``) becomes its plain equivalent or its
+    text, as the JSON encoder would write it (``_records.plain``).
     """
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, type) or (callable(obj) and type(obj).__name__ in (
                 "builtin_function_or_method", "function")):
             return NotImplemented  # the constructors the reductions below name
-        if type(obj) is Row:
+        if isinstance(obj, tuple):  # a named tuple (a Row, an EventRecord)
             return (tuple, (tuple(obj),))
         value = plain(obj)
         return (type(value), (value,))
@@ -257,13 +257,18 @@ _SLICE = 2000
 
 def dumps_rows(items: Sequence[Any]) -> bytes:
     """``items`` (EventRecords, StoredEvents, Rows) as one pickle of plain tuples (a
-    slice of the child's ``W`` payload; ``_records.loads_rows`` reads them back)."""
+    slice of the child's ``W`` payload; ``_records.loads_rows`` reads them back).
+
+    An EventRecord goes as its 23 values (the child adds the payload column), a
+    StoredEvent as a whole row: plain tuples, so the pickler's per-object hook runs
+    only for odd values (~0.5 us per event, against ~1.4 through Row objects).
+    """
     buffer = io.BytesIO()
     try:
-        _RowPickler(buffer, 5).dump(rows_of(items))
+        _RowPickler(buffer, 5).dump(plain_rows(items))
     except (pickle.PicklingError, TypeError, ValueError, RecursionError, AttributeError):
         buffer = io.BytesIO()
-        _RowPickler(buffer, 5).dump([safe_row(row) for row in rows_of(items)])
+        _RowPickler(buffer, 5).dump([tuple(safe_row(row)) for row in rows_of(items)])
     return buffer.getvalue()
 
 

@@ -300,7 +300,9 @@ class BatchProcessor:
                 raise
             except Exception as exc:
                 if len(batch) == 1:
-                    self._write_failed(batch, exc)
+                    # Refused for good: a marker is not re-sent (it would be refused
+                    # again, for ever); it is counted instead.
+                    self._write_failed(batch, exc, requeue=False)
                     return
                 # Something in the batch was refused: write the halves, so only the
                 # events the backend cannot take are lost.
@@ -337,13 +339,16 @@ class BatchProcessor:
                 logger.error("state_store_follow_failed", extra={
                     "store": self.name, "error": _text(exc)})
 
-    def _write_failed(self, batch: list[Any], exc: BaseException) -> None:
+    def _write_failed(self, batch: list[Any], exc: BaseException, *,
+                      requeue: bool = True) -> None:
         events = [item for item in batch if type(item) is not _Marker]
         self.failures["write_failed"] += 1
         self.failures["write_failed_events"] += len(events)
         self._lost(events, f"not written: {_text(exc)}")
+        if not requeue:
+            self.failures["markers_lost"] += len(batch) - len(events)
         for marker in batch:  # markers are re-sent with the next batch of events
-            if type(marker) is _Marker:
+            if type(marker) is _Marker and requeue:
                 self._count_lost(marker.trace_id, int(marker.payload["events_lost"]),
                                  str(marker.payload["reason"]), marker.ts, due=False)
         if not events:
