@@ -22,6 +22,7 @@ from ._traces import TraceCancelled
 from .errors import ContextDetached, PenguiFlowError, safe_repr
 from .node import Node, NodePolicy
 from .state import RemoteBinding
+from .tracing import note_remote_ids
 from .types import Message
 
 if TYPE_CHECKING:
@@ -204,6 +205,8 @@ def RemoteNode(
                          remote_agent_url=ids["agent_url"])
 
         async def bind(context_id: str | None, task_id: str | None, url: str | None) -> None:
+            # Log lines from here on (any transport's, the runtime's) carry the ids.
+            note_remote_ids(context_id, task_id)
             if context_id is not None:
                 ids["context_id"] = context_id
             if task_id is not None:

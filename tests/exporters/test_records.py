@@ -159,3 +159,14 @@ class _Huge:
 def test_a_crafted_v4_block_is_refused_not_executed(obj: Any) -> None:
     with pytest.raises(BlockError, match="corrupt schema-4 block"):
         decode_v4_block(pickle.dumps([obj], 5))
+
+
+class _Str(str):
+    def isprintable(self) -> bool:  # a subclass that lies about itself
+        return True
+
+
+def test_a_str_subclass_is_checked_as_the_plain_str_it_holds() -> None:
+    assert check_row(row_of(record(trace=_Str("t-1")))) is None
+    assert "control character" in (check_row(row_of(record(trace=_Str("t\x00")))) or "")
+    assert "control character" in (check_row(row_of(record(node_name=_Str("n\x1b")))) or "")

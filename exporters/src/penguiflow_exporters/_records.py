@@ -188,8 +188,11 @@ def check_row(row: Row) -> str | None:
     """
     trace_id = row.trace_id
     if trace_id is not None:
-        if type(trace_id) is not str:
+        if not isinstance(trace_id, str):
             return f"trace_id is a {type(trace_id).__name__}, not a str"
+        # A str subclass is checked (and stored: JSON and SQLite read its characters,
+        # not its methods) as the plain str it holds, whichever writer runs.
+        trace_id = str.__str__(trace_id)
         if not trace_id:
             return "trace_id is empty"
         problem = _text_problem(trace_id, MAX_TRACE_ID)
@@ -201,9 +204,9 @@ def check_row(row: Row) -> str | None:
         value = getattr(row, name)
         if value is None:
             continue
-        if type(value) is not str:
+        if not isinstance(value, str):
             return f"{name} is a {type(value).__name__}, not a str"
-        problem = _text_problem(value, MAX_NAME)
+        problem = _text_problem(str.__str__(value), MAX_NAME)
         if problem is not None:
             return f"{name} {problem}"
     ts = row.ts
