@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 import pytest
+from store_support import fields
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow.state import (
@@ -606,6 +607,15 @@ def test_the_writer_module_starts_without_importing_penguiflow_or_asyncio() -> N
     assert out.stdout.strip() == "[]"
 
 
+async def save_records(store: SQLiteStateStore, trace: str, seqs: range) -> None:
+    """The runtime's records (what goes to the writer process; StoredEvents alone are
+    written on the store's thread)."""
+    for seq in seqs:
+        waiter = store.save_event_fields(fields(trace, seq))
+        if waiter is not None:
+            await waiter
+
+
 def _process(store: SQLiteStateStore) -> Any:
     """The store's writer process (AsyncWriterProcess), once a batch started it."""
     lazy = store._processor.writer  # type: ignore[union-attr]
@@ -615,17 +625,15 @@ def _process(store: SQLiteStateStore) -> Any:
 async def test_a_writer_process_that_died_between_batches_is_replaced(
         tmp_path: Path) -> None:
     async with SQLiteStateStore(tmp_path / "t.db", flush_interval_s=3600.0) as store:
-        first = invocation("t", "a", 1.0, 2.0)
-        await store.save_events(first)
+        await save_records(store, "t", range(1, 3))
         await store.flush()
         writer = _process(store)
         assert writer._proc is not None and writer.started == 1
         dead = writer._proc
         dead.kill()
         await dead.wait()
-        later = [ev("t", "node_start", 3.0, node="b")]
-        await store.save_events(later)
-        assert await store.load_history("t") == [*first, *later]  # nothing lost
+        await save_records(store, "t", range(3, 5))
+        assert [e.seq for e in await store.load_history("t")] == [1, 2, 3, 4]  # nothing lost
         assert writer.started == 2 and store.failures["events_lost"] == 0
 
 
@@ -639,10 +647,11 @@ async def test_a_failure_inside_the_writer_loses_only_the_refused_events(
                          "WHEN NEW.trace_id = 'u' "
                          "BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END")
         conn.close()
-        await store.save_events(invocation("t", "a", 1.0, 2.0))
+        await save_records(store, "t", range(1, 3))
         await store.flush()
         with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
-            await store.save_events([ev("u", "node_start", 3.0), ev("v", "node_start", 3.5)])
+            await save_records(store, "u", range(3, 4))
+            await save_records(store, "v", range(4, 5))
             await store.flush()
         # The batch was split: v's event is stored, u's (refused) is lost and counted.
         assert store.failures["events_lost"] == 1 and store.failures["write_failed"] >= 1
@@ -650,13 +659,13 @@ async def test_a_failure_inside_the_writer_loses_only_the_refused_events(
         assert any("refused by a trigger" in e and str(path) in e for e in errors), errors
         assert await store.get_trace("u") is None
         assert [e.kind for e in await store.load_history("v")] == ["node_start"]
-        assert [e.kind for e in await store.load_history("t")] == ["node_start", "node_success"]
+        assert [e.seq for e in await store.load_history("t")] == [1, 2]
         assert _process(store).started == 1
 
 
 async def test_close_stops_the_writer_process(tmp_path: Path) -> None:
     store = SQLiteStateStore(tmp_path / "t.db")
-    await store.save_events(invocation("t", "a", 1.0, 2.0))
+    await save_records(store, "t", range(1, 3))
     await store.flush()
     writer = _process(store)
     pid = writer.pid
@@ -702,12 +711,10 @@ async def test_a_writer_process_that_cannot_start_falls_back_to_the_thread(
     monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse)
     with caplog.at_level(logging.WARNING, logger="penguiflow_exporters"):
         async with SQLiteStateStore(tmp_path / "t.db", flush_interval_s=3600.0) as store:
-            first = invocation("t", "a", 1.0, 2.0)
-            await store.save_events(first)
+            await save_records(store, "t", range(1, 3))
             await store.flush()
-            later = [ev("t", "node_start", 3.0, node="b")]
-            await store.save_events(later)
-            assert await store.load_history("t") == [*first, *later]  # nothing lost
+            await save_records(store, "t", range(3, 4))
+            assert [e.seq for e in await store.load_history("t")] == [1, 2, 3]  # nothing lost
             assert store.failures["events_lost"] == 0
     warnings = [r for r in caplog.records
                 if r.getMessage() == "state_store_writer_process_unavailable"]

@@ -208,7 +208,7 @@ async def _all(store: Any) -> list[Any]:
 async def test_a_writer_process_killed_mid_batch_loses_nothing(tmp_path: Path) -> None:
     store = GatedStore(tmp_path / "t.db", writer="process")
     async with store:
-        await store.save_event(event("warm", 0))
+        assert store.save_event_fields(next(iter(_records("warm", range(1)))) ) is None
         store.gate.set()
         await store.flush()  # the writer process runs
         process = store._processor.writer._writer.inner._writer.process  # type: ignore[union-attr]
@@ -216,7 +216,8 @@ async def test_a_writer_process_killed_mid_batch_loses_nothing(tmp_path: Path) -
         assert pid is not None
         store.gate.clear()
         store.entered.clear()
-        await store.save_events([event("t-kill", i) for i in range(1, 501)])
+        for record in _records("t-kill", range(1, 501)):  # runtime records: to the child
+            assert store.save_event_fields(record) is None
         await asyncio.wait_for(store.entered.wait(), 10)
         os.kill(pid, signal.SIGKILL)
         store.gate.set()
@@ -225,6 +226,12 @@ async def test_a_writer_process_killed_mid_batch_loses_nothing(tmp_path: Path) -
         assert process.started == 2
         assert store.failures["retried"] >= 1 and store.failures["events_lost"] == 0
         assert len(await store.load_history("t-kill")) == 500
+
+
+def _records(trace: str, seqs: range) -> list[EventRecord]:
+    return [EventRecord(trace, 1000.0 + seq, "node_start", "a", None, None, (), None, None, seq,
+                        0, None, "f", "flow-w", None, 0, 0, 1, 64, 1, False, None, None)
+            for seq in seqs]
 
 
 class FailingWriter:

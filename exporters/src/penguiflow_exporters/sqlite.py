@@ -192,9 +192,17 @@ class _ProcessOrThread:
     def __init__(self, path: str, process: ProcessWriter) -> None:
         self._path = path
         self._writer: EventWriter = process
+        self._thread: _ThreadWriter | None = None
         self._fell_back = False
 
     async def write(self, items: Sequence[Any]) -> WriteResult:
+        if not self._fell_back and tuple not in set(map(type, items)):
+            # StoredEvents alone (an import, a replay): their payload dicts cost as much
+            # to pickle to the child as to write here, and the two would take turns
+            # (raw ingest measured ~200k events/s through the child, ~280k here).
+            if self._thread is None:
+                self._thread = _ThreadWriter(self._path)
+            return await self._thread.write(items)
         try:
             return await self._writer.write(items)
         except _CannotStart as exc:
@@ -209,7 +217,11 @@ class _ProcessOrThread:
             return await self._writer.write(items)
 
     async def close(self) -> None:
-        await self._writer.close()
+        try:
+            await self._writer.close()
+        finally:
+            if self._thread is not None:
+                await self._thread.close()
 
 
 class SQLiteStateStore(ProcessedStore):
