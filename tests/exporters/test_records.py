@@ -170,3 +170,26 @@ def test_a_str_subclass_is_checked_as_the_plain_str_it_holds() -> None:
     assert check_row(row_of(record(trace=_Str("t-1")))) is None
     assert "control character" in (check_row(row_of(record(trace=_Str("t\x00")))) or "")
     assert "control character" in (check_row(row_of(record(node_name=_Str("n\x1b")))) or "")
+
+
+@given(keys=st.lists(_text, max_size=6, unique=True),
+       values=st.lists(st.lists(_json_like, min_size=6, max_size=6), min_size=2, max_size=8))
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+def test_payloads_of_one_shape_round_trip_through_the_payload_table(
+    keys: list[str], values: list[list[Any]],
+) -> None:
+    payloads = [dict(zip(keys, row, strict=False)) for row in values]
+    events = [StoredEvent("t-1", float(i), "k", None, None, p, flow_id="f", seq=i)
+              for i, p in enumerate(payloads)]
+    text = encode_block(rows_of(events))
+    assert [row.payload for row in decode_block(text)] == payloads
+    if len(payloads) > 1:
+        assert '"payload"' in text  # the table form, keys written once
+
+
+def test_payloads_of_different_shapes_keep_their_own_keys() -> None:
+    events = [StoredEvent("t-1", 1.0, "k", None, None, {"a": 1}, flow_id="f", seq=1),
+              StoredEvent("t-1", 2.0, "k", None, None, {"b": 2, 3: "int key"}, flow_id="f",
+                          seq=2)]
+    back = decode_block(encode_block(rows_of(events)))
+    assert [row.payload for row in back] == [{"a": 1}, {"b": 2, "3": "int key"}]

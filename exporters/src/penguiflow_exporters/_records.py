@@ -345,6 +345,66 @@ def _safe_text_repr(value: Any) -> str:
     return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "...[cut]"
 
 
+_PAYLOAD = COLUMNS.index("payload")
+
+
+def _columns(names: Sequence[Any], columns: Sequence[Sequence[Any]], n: int
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Columns by name, and those of one value (written once); all-None ones left out."""
+    cols: dict[str, Any] = {}
+    same: dict[str, Any] = {}
+    for name, column in zip(names, columns, strict=True):
+        first = column[0] if n else None
+        if column.count(first) == n:
+            if first is not None:
+                same[name] = first
+        else:
+            cols[name] = column
+    return cols, same
+
+
+def _payload_table(payloads: Sequence[Any]) -> dict[str, Any] | None:
+    """The payloads as a table when they are dicts with the same str keys in the same
+    order (a store's saved events usually are): the keys once, then a column per key,
+    so JSON writes each key once per block instead of once per event (~40% of
+    encoding a StoredEvent, measured). None otherwise."""
+    n = len(payloads)
+    if n < 2 or set(map(type, payloads)) != {dict}:
+        return None
+    shapes = set(map(tuple, map(dict.keys, payloads)))
+    if len(shapes) != 1:
+        return None
+    (keys,) = shapes
+    if set(map(type, keys)) - {str}:
+        return None
+    values = list(zip(*map(dict.values, payloads), strict=True)) if keys else []
+    cols, same = _columns(keys, values, n)
+    return {"keys": list(keys), "cols": cols, "same": same}
+
+
+def _payload_rows(table: Any, n: int) -> list[dict[str, Any]]:
+    if type(table) is not dict or type(table.get("keys")) is not list:
+        raise BlockError("corrupt event block (bad payload table)")
+    keys: list[Any] = table["keys"]
+    cols, same = table.get("cols") or {}, table.get("same") or {}
+    if type(cols) is not dict or type(same) is not dict:
+        raise BlockError("corrupt event block (bad payload table)")
+    columns: list[Any] = []
+    for key in keys:
+        if key in same:
+            columns.append([same[key]] * n)
+            continue
+        column = cols.get(key)
+        if column is None:
+            column = [None] * n
+        if type(column) is not list or len(column) != n:
+            raise BlockError(f"corrupt event block (payload column {key!r} is not {n} values)")
+        columns.append(column)
+    if not keys:
+        return [{} for _ in range(n)]
+    return [dict(zip(keys, values, strict=True)) for values in zip(*columns, strict=True)]
+
+
 def encode_block(rows: Sequence[Row]) -> str:
     """One block (see the module docstring) of ``rows``, all of one trace.
 
@@ -352,22 +412,21 @@ def encode_block(rows: Sequence[Row]) -> str:
     nesting too deep) is written with that value replaced by its text.
     """
     n = len(rows)
-    columns = list(zip(*rows, strict=True)) if n else [()] * len(COLUMNS)
+    columns: list[tuple[Any, ...]] = (list(zip(*rows, strict=True)) if n
+                                      else [()] * len(COLUMNS))
     # A column of one value (None included) is written once, under "same"; most of
     # a trace's columns are (its flow, its queue sizes, no extra), which halves the
     # values JSON writes.
-    cols: dict[str, Any] = {}
-    same: dict[str, Any] = {}
-    for name, column in zip(COLUMNS, columns, strict=True):
-        first = column[0] if n else None
-        if column.count(first) == n:
-            if first is not None:
-                same[name] = first
-        else:
-            cols[name] = column
+    payloads = columns[_PAYLOAD] if n else ()
+    table = _payload_table(payloads)
+    if table is not None:
+        columns[_PAYLOAD] = (None,) * n
+    cols, same = _columns(COLUMNS, columns, n)
     same.pop("trace_id", None)
     doc = {"v": 1, "n": n, "trace_id": rows[0].trace_id if n else None, "cols": cols,
            "same": same}
+    if table is not None:
+        doc["payload"] = table
     try:
         return _encode(doc)
     except _ENCODE_ERRORS:
@@ -411,6 +470,8 @@ def decode_block(text: str | bytes) -> list[Row]:
         if type(column) is not list or len(column) != n:
             raise BlockError(f"corrupt event block (column {name!r} is not {n} values)")
         columns.append(column)
+    if "payload" in doc:
+        columns[_PAYLOAD] = _payload_rows(doc["payload"], n)
     parents = columns[COLUMNS.index("parent_invocation_ids")]
     for i, value in enumerate(parents):
         parents[i] = tuple(value) if type(value) is list else ()
