@@ -53,7 +53,8 @@ from ._records import (
 )
 from ._serve import serve
 
-__all__ = ["SCHEMA_VERSION", "SQLiteWriter", "SchemaError", "check_schema", "connect", "main",
+__all__ = ["SCHEMA_VERSION", "SQLiteWriter", "SchemaError", "check_schema", "connect",
+           "file_identity", "main",
            "migrate", "release"]
 
 #: The schema version this module writes.
@@ -319,7 +320,7 @@ class SQLiteWriter:
         if directory:
             os.makedirs(directory, exist_ok=True)
         self._conn = connect(self.path, busy_timeout_ms=self._busy_timeout_ms)
-        self._identity = _identity(self.path)
+        self._identity = file_identity(self.path)
         self._trace_keys.clear()
         self._flow_keys.clear()
 
@@ -334,7 +335,7 @@ class SQLiteWriter:
         conn.close()
 
     def _reopen_if_replaced(self) -> list[tuple[str, str]]:
-        if self._conn is not None and _identity(self.path) == self._identity:
+        if self._conn is not None and file_identity(self.path) == self._identity:
             return []
         was_open = self._conn is not None
         if self._conn is not None:
@@ -513,7 +514,9 @@ class SQLiteWriter:
         return keys, new
 
 
-def _identity(path: str) -> tuple[int, int] | None:
+def file_identity(path: str) -> tuple[int, int] | None:
+    """``(device, inode)`` of the file at ``path``, None when there is none: a file
+    deleted or replaced under a store changes it."""
     try:
         st = os.stat(path)
     except OSError:

@@ -64,6 +64,7 @@ from ._sqlite_write import (
     SQLiteWriter,
     check_schema,
     connect,
+    file_identity,
     release,
 )
 from ._writer_proc import ProcessWriter, WriterError
@@ -303,7 +304,7 @@ class SQLiteStateStore(ProcessedStore):
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             raise StoreUnavailable(f"{self!r} is closed; create a new one")
-        if self._identity is not None and _identity(str(self.path)) != self._identity:
+        if self._identity is not None and file_identity(str(self.path)) != self._identity:
             # Deleted or replaced under us: read (and write bindings to) the file now there.
             self._close_sync()
             self._open_sync()
@@ -341,7 +342,7 @@ class SQLiteStateStore(ProcessedStore):
                     f"{str(path.parent)!r} ({exc.strerror or exc}); {_PATH_FIX}") from exc
             conn = connect(str(path))
         self._conn = conn
-        self._identity = _identity(str(path))
+        self._identity = file_identity(str(path))
 
     async def _close(self) -> None:
         try:
@@ -522,11 +523,3 @@ class SQLiteStateStore(ProcessedStore):
             f"SELECT trace_id, context_id, task_id, agent_url FROM bindings WHERE {where} "
             "ORDER BY id", list(wanted.values()))
         return [RemoteBinding(*row) for row in rows]
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
