@@ -60,7 +60,9 @@ _MAX_LOST_TRACES = 10_000
 
 
 class _Marker(StoredEvent):
-    """A ``store_events_lost`` marker: synthetic, so never counted as an event."""
+    """A ``store_events_lost`` marker. Synthetic: never counted in ``failures`` (a
+    marker lost is ``markers_lost``, not ``events_lost``); once stored it is an event
+    of its trace like any other (``load_history`` returns it, ``event_count`` counts it)."""
 
     __slots__ = ()
 
