@@ -14,8 +14,8 @@ nothing per event. Without a MeterProvider the API's no-op instruments are used.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import metrics
 
@@ -26,9 +26,33 @@ from .spandata import SpanData
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
-    from .core import PenguiFlow
+    from ._graph import Floe
 
-__all__ = ["FlowMetrics"]
+__all__ = ["FlowMetrics", "ObservedFlow"]
+
+
+class ObservedFlow(Protocol):
+    """What the tracer and the metrics read of a running flow (a PenguiFlow).
+
+    A protocol rather than ``PenguiFlow`` itself, so that these modules do not
+    import ``core`` (not even for types): the core imports them.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def flow_id(self) -> str: ...
+
+    @property
+    def floes(self) -> tuple[Floe, ...]: ...
+
+    @property
+    def observer_failures(self) -> Mapping[str, int]: ...
+
+    @property
+    def _traces(self) -> Mapping[Any, Any]:
+        """The traces in flight (a trace id per key)."""
 
 
 def _seconds(span: SpanData) -> float:
@@ -60,7 +84,7 @@ class FlowMetrics:
             description="Trace cancel: requested to acknowledged")
         self._ttfc = meter.create_histogram(
             sc.M_TIME_TO_FIRST_CHUNK, unit="s", description="Time to the first stream chunk")
-        self._flows: Iterable[PenguiFlow] = ()
+        self._flows: Iterable[ObservedFlow] = ()
         meter.create_observable_gauge(
             sc.M_QUEUE_DEPTH, callbacks=[self._observe_queues], unit="{item}",
             description="Items waiting on each edge")
@@ -71,7 +95,7 @@ class FlowMetrics:
             sc.M_OBSERVER_FAILURES, callbacks=[self._observe_failures], unit="{failure}",
             description="Observer (store, middleware) failures, by kind")
 
-    def watch(self, flows: Iterable[PenguiFlow]) -> None:
+    def watch(self, flows: Iterable[ObservedFlow]) -> None:
         """Read the gauges from ``flows`` (a live, weak collection)."""
         self._flows = flows
 

@@ -59,7 +59,7 @@ from opentelemetry.trace import (
 )
 
 from ._ids import otel_trace_id
-from ._otel_metrics import FlowMetrics
+from ._otel_metrics import FlowMetrics, ObservedFlow
 from ._spans import SpanModel
 from .spandata import SpanData
 from .tracing import (
@@ -75,7 +75,6 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
-    from .core import PenguiFlow
 
 __all__ = ["LiveTracer", "enter_client_span", "enter_derived_client_span", "enter_invocation",
            "exit_client_span", "exit_invocation", "tracer_for"]
@@ -173,11 +172,11 @@ class LiveTracer:
         self.failures = 0
         #: Spans the provider started with other ids than the runtime's (logged once).
         self.foreign_ids = 0
-        self._flows: weakref.WeakSet[PenguiFlow] = weakref.WeakSet()
+        self._flows: weakref.WeakSet[ObservedFlow] = weakref.WeakSet()
 
     # -- wiring -----------------------------------------------------------------------------
 
-    def attach(self, flow: PenguiFlow) -> None:
+    def attach(self, flow: ObservedFlow) -> None:
         """Track ``flow`` for the queue-depth and traces-in-flight gauges."""
         self._flows.add(flow)
         self.metrics.watch(self._flows)
@@ -193,7 +192,7 @@ class LiveTracer:
         """``flow_id`` holds nothing more of ``trace_id``: end the root if it was the last."""
         self.model.end_trace(trace_id, flow_id)
 
-    def flow_stopped(self, flow: PenguiFlow) -> None:
+    def flow_stopped(self, flow: ObservedFlow) -> None:
         """End the traces ``flow`` still had open (their spans end at their last event)."""
         for trace_id in self.model.open_traces():
             self.model.end_trace(trace_id, flow.flow_id)
