@@ -54,7 +54,7 @@ from ._records import (
 from ._serve import serve
 
 __all__ = ["SCHEMA_VERSION", "SQLiteWriter", "SchemaError", "check_schema", "connect",
-           "file_identity", "main",
+           "file_identity", "main", "schema_version_of",
            "migrate", "release"]
 
 #: The schema version this module writes.
@@ -113,7 +113,7 @@ class SchemaError(Exception):
     """The file is not a penguiflow trace database this version can use (unchanged)."""
 
 
-def _version(conn: sqlite3.Connection) -> int | None:
+def schema_version_of(conn: sqlite3.Connection) -> int | None:
     """The file's schema version: 0 for an empty database, None for a foreign one."""
     tables = {name for (name,) in conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
@@ -127,7 +127,7 @@ def _version(conn: sqlite3.Connection) -> int | None:
 
 def check_schema(conn: sqlite3.Connection, path: str) -> None:
     """Refuse (:class:`SchemaError`) a file a reader cannot read; never writes."""
-    version = _version(conn)
+    version = schema_version_of(conn)
     if version == SCHEMA_VERSION:
         return
     if version == 0:
@@ -161,7 +161,7 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
-        version = _version(conn)
+        version = schema_version_of(conn)
         if version == SCHEMA_VERSION:
             conn.execute("COMMIT")
             return
@@ -218,7 +218,7 @@ def connect(path: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Con
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        version = _version(conn)
+        version = schema_version_of(conn)
         if version is None:
             raise SchemaError(f"{path!r} is not a penguiflow trace database (it has other "
                               "tables); use another path")

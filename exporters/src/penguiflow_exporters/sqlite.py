@@ -66,11 +66,12 @@ from ._sqlite_write import (
     connect,
     file_identity,
     release,
+    schema_version_of,
 )
 from ._writer_proc import ProcessWriter, WriterError
 from .writer import EventWriter, WriteResult
 
-__all__ = ["DEFAULT_PATH", "SCHEMA_VERSION", "SQLiteStateStore"]
+__all__ = ["DEFAULT_PATH", "SCHEMA_VERSION", "SQLiteStateStore", "schema_version"]
 
 #: Where the store lives when no path is given (relative to the working directory).
 DEFAULT_PATH = ".penguiflow/traces.db"
@@ -128,6 +129,22 @@ def translate(path: str, code: int | None, message: str) -> StateStoreError:
         return StateStoreError(f"SQLite store {path!r}: {message}; the file is not a "
                                f"penguiflow trace database, {_PATH_FIX}")
     return StateStoreError(f"SQLite store {path!r}: {message}")
+
+
+def schema_version(path: str | os.PathLike[str]) -> int | None:
+    """The schema version of the SQLite file at ``path``, read without writing (``mode=ro``).
+
+    Returns 0 for a database without tables (an empty file included) and None for one
+    with tables but no ``schema_version`` (not a penguiflow store).
+
+    Raises:
+        sqlite3.Error: the file cannot be read or is not a SQLite database.
+    """
+    conn = sqlite3.connect(f"file:{quote(str(Path(path).resolve()))}?mode=ro", uri=True)
+    try:
+        return schema_version_of(conn)
+    finally:
+        conn.close()
 
 
 class _CannotStart(StoreUnavailable):

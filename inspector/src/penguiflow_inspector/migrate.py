@@ -26,10 +26,10 @@ import asyncio
 import sqlite3
 from pathlib import Path
 from typing import TextIO
-from urllib.parse import quote
 
 from penguiflow.state import StateStoreError, StoreUnavailable
 from penguiflow_exporters import open_store
+from penguiflow_exporters.sqlite import schema_version
 
 from ._store import EXIT_OK, EXIT_USAGE, CommandError, one_line, redact, store_url
 
@@ -50,32 +50,11 @@ def run(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-def sqlite_schema_version(path: Path, *, readonly: bool = True) -> int | None:
-    """The schema version of the SQLite file at ``path``; it only reads.
-
-    Returns 0 for a database without tables (an empty file included) and None
-    for one with tables but no ``schema_version`` (not a penguiflow store).
-    ``readonly`` (``mode=ro``) guarantees no write even to a foreign file; a
-    read-write connection, used on a file known to be a trace store, removes the
-    ``-wal``/``-shm`` files of a WAL database when it closes (a read-only one
-    creates them and cannot).
-
-    Raises:
-        sqlite3.Error: the file cannot be read or is not a SQLite database.
-    """
-    conn = (sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
-            if readonly else sqlite3.connect(path))
-    try:
-        tables = {name for (name,) in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
-        if not tables:
-            return 0
-        if "schema_version" not in tables:
-            return None
-        (version,) = conn.execute("SELECT ifnull(max(version), 0) FROM schema_version").fetchone()
-        return int(version)
-    finally:
-        conn.close()
+def sqlite_schema_version(path: Path) -> int | None:
+    """The schema version of the SQLite file at ``path``; it only reads (``mode=ro``:
+    a writing store leaves its file in rollback-journal mode on close, so nothing is
+    created beside it). See ``penguiflow_exporters.sqlite.schema_version``."""
+    return schema_version(path)
 
 
 async def migrate(url: str) -> str:
@@ -114,7 +93,7 @@ async def migrate(url: str) -> str:
     if not isinstance(path, Path):
         return (f"{redact(url)} is at the schema this penguiflow-exporters writes "
                 "(opening it with a writing store upgrades an older one)")
-    after = sqlite_schema_version(path, readonly=False)
+    after = sqlite_schema_version(path)
     if after == before:
         return f"{str(path)!r} is already at schema {after}; nothing to do"
     return f"upgraded {str(path)!r} from schema {before} to {after}"
