@@ -1296,6 +1296,26 @@ async def test_a_server_restart_loses_exactly_what_it_counts(
     assert all(s.status == "incomplete" for s in summaries if s.events_lost)
 
 
+@pytest.mark.parametrize("writer", ["loop"])
+async def test_a_connection_left_in_a_transaction_is_replaced_and_the_batch_retried(
+        pg_cluster: PgCluster, writer: str) -> None:
+    # A reply lost mid-transaction can leave the driver believing a transaction is
+    # open: every later batch on that connection would be refused ("cannot use
+    # Connection.transaction() in a manually started transaction"), for ever.
+    dsn = f"postgresql://postgres@127.0.0.1:{pg_cluster.port}/postgres"
+    schema = f"pf_test_{uuid.uuid4().hex[:8]}"
+    async with PostgresStateStore(dsn, schema=schema, writer=writer, retries=1) as store:
+        await store.save_event(ev("t", 1))
+        await store.flush()
+        conn = writer_of(store)._conn
+        await conn.execute("BEGIN")  # the state a lost reply leaves behind
+        await store.save_event(ev("t", 2))
+        await store.flush()
+        assert conn.is_closed()  # dropped, not reused
+        assert store.failures["retried"] == 1 and store.failures["events_lost"] == 0
+        assert [e.seq for e in await store.load_history("t")] == [1, 2]
+
+
 # -- the writer process ------------------------------------------------------------------
 
 

@@ -191,13 +191,19 @@ class PostgresWriter:
             raise
         except Exception as exc:
             error: BaseException = exc
-            if self._conn is not None and self._conn.is_closed() and not isinstance(exc, OSError):
-                # The connection went away, however the driver put it (InterfaceError
-                # "connection is closed" when it noticed first): a lost connection,
-                # to retry, not a batch to split.
-                error = ConnectionResetError(
-                    f"lost the connection to Postgres ({type(exc).__name__}: {exc})")
-                error.__cause__ = exc
+            conn = self._conn
+            if conn is not None and _in_doubt(conn, exc):
+                # The connection went away, or is left in a state no next batch can
+                # use (asyncpg still "in a transaction" after a reply was lost, which
+                # refuses every later transaction): drop it, so the next batch opens
+                # a new one, and report a lost connection, to retry, not a batch to
+                # split (splitting would blame rows for the connection's fault).
+                self._conn = None
+                conn.terminate()
+                if not isinstance(exc, OSError):
+                    error = ConnectionResetError(
+                        f"lost the connection to Postgres ({type(exc).__name__}: {exc})")
+                    error.__cause__ = exc
             if self._translate is None:
                 raise error from exc
             raise self._translate(error) from error
@@ -364,6 +370,16 @@ async def _records(ready: list[Block], blocks: Iterator[Block],
         if encoded >= _TURN_EVENTS:
             encoded = 0
             await asyncio.sleep(0)
+
+
+def _in_doubt(conn: Any, exc: BaseException) -> bool:
+    """Whether ``conn`` may not serve another batch after ``exc``: closed, still in a
+    transaction, or failed by the client side or the link rather than refused by the
+    server (a server's refusal, e.g. a value out of range, leaves it usable)."""
+    if conn.is_closed() or conn.is_in_transaction():
+        return True
+    return isinstance(exc, (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                            asyncpg.PostgresConnectionError))
 
 
 def notify_payloads(trace_ids: Iterable[str | None]) -> list[str]:
