@@ -24,8 +24,10 @@ __all__ = ["OPEN_SEA", "ROOKERY", "CycleError", "Endpoint", "Floe", "Owner", "ch
 
 #: ``(producing invocation id, wall-clock enqueue time)`` or None when unobserved; a
 #: plain value (no ``trace_id`` of its own) a node returned also carries its trace id
-#: third, for ``PenguiFlow.fetch_traced``.
-Origin: TypeAlias = "tuple[str | None, float] | tuple[str | None, float, Any] | None"
+#: third, for ``PenguiFlow.fetch_traced``; an item a delivering bus brought is tagged
+#: with its ``penguiflow.binding.Inbound`` (those three first, then the parcel's ids).
+Origin: TypeAlias = (
+    "tuple[str | None, float] | tuple[str | None, float, Any] | tuple[Any, ...] | None")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +107,16 @@ class FloeQueue(asyncio.Queue[Any]):
 
     def remove_where(self, predicate: Callable[[Any], bool]) -> list[Any]:
         """Remove and return every queued item matching ``predicate``; wake putters."""
-        removed: list[Any] = []
+        return [item for item, _origin in self.remove_tagged_where(predicate)]
+
+    def remove_tagged_where(self, predicate: Callable[[Any], bool]) -> list[tuple[Any, Origin]]:
+        """:meth:`remove_where`, returning ``(item, origin)`` pairs."""
+        removed: list[tuple[Any, Origin]] = []
         kept: deque[Any] = deque()
         kept_origins: deque[Origin] = deque()
         for item, origin in zip(self._queue, self._origins, strict=True):
             if predicate(item):
-                removed.append(item)
+                removed.append((item, origin))
             else:
                 kept.append(item)
                 kept_origins.append(origin)

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from ._context import Context
     from ._events import EventPipeline
     from ._graph import Floe, Origin
+    from .binding import BusBinding
     from .bus import MessageBus
     from .node import Node
     from .registry import ModelRegistry
@@ -67,6 +68,7 @@ class FlowRuntime:
     """
 
     __slots__ = (
+        "binding",
         "bus_tasks",
         "drained",
         "egress",
@@ -128,6 +130,9 @@ class FlowRuntime:
         self.drained: set[Any] = set()
         #: Background bus publishes (``emit_nowait`` paths) and cancel finishes.
         self.bus_tasks: set[asyncio.Task[None]] = set()
+        #: Set while the flow runs over a delivering bus (see ``penguiflow.binding``):
+        #: every put is then sent through it instead of a local queue.
+        self.binding: BusBinding | None = None
 
     def attach_graph(self, nodes: Sequence[Node], rookery: Context,
                      egress: Sequence[Floe]) -> None:
@@ -160,6 +165,12 @@ class FlowRuntime:
 
     async def put(self, floe: Floe, item: Any, origin: Origin) -> None:
         """Count ``item``, publish it to the bus (if any), put it; waits while full."""
+        binding = self.binding
+        if binding is not None:
+            # Bound to a delivering bus: the item leaves this process; it is counted
+            # where (and when) the bus delivers it to a local floe.
+            await binding.send(floe, item, origin)
+            return
         self.count(item)
         try:
             if self.message_bus is not None:
@@ -174,7 +185,16 @@ class FlowRuntime:
             raise
 
     def put_nowait(self, floe: Floe, item: Any, origin: Origin) -> None:
-        """Put ``item`` now (``asyncio.QueueFull`` when full); the bus publish runs later."""
+        """Put ``item`` now (``asyncio.QueueFull`` when full); the bus publish runs later.
+
+        Bound to a delivering bus, the send runs in the background (in order with
+        other sends of this task) and ``QueueFull`` is never raised: the edge's
+        capacity is the broker's, and the send waits for it.
+        """
+        binding = self.binding
+        if binding is not None:
+            self.spawn(binding.send(floe, item, origin))
+            return
         floe.queue.put_tagged_nowait(item, origin)
         self.count(item)
         if self.message_bus is not None:

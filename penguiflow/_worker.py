@@ -26,6 +26,7 @@ from ._events import logger
 from ._ids import new_invocation_id
 from ._tracer import enter_invocation, exit_invocation
 from ._traces import TraceCancelled
+from .binding import Inbound
 from .errors import FlowError, FlowErrorCode, safe_repr, safe_str
 from .tracing import _log_scope
 from .types import FinalAnswer, Message
@@ -91,6 +92,8 @@ class NodeWorker:
         incoming = list(ctx._incoming.values())
         single: FloeQueue | None = incoming[0].queue if len(incoming) == 1 else None
         process = self.process
+        if self.rt.binding is not None:
+            process = self._process_delivered
         try:
             if not incoming:
                 await asyncio.get_running_loop().create_future()  # nothing can arrive
@@ -111,6 +114,30 @@ class NodeWorker:
             self.running_trace = None
             await self.rt.emit_event("node_cancelled", ctx, None)
             raise
+
+    async def _process_delivered(self, item: Any, origin: Origin) -> None:
+        """:meth:`process` for a flow bound to a delivering bus: the item's outputs
+        derive their hop ids from its parcel, and the parcel is settled (acknowledged)
+        only once they are sent; an item whose processing was cut short (stop, a
+        worker bug) is left unsettled, to be delivered again."""
+        binding = self.rt.binding
+        if binding is None or type(origin) is not Inbound:
+            await self.process(item, origin)
+            return
+        token = binding.begin(origin)
+        try:
+            await self.process(item, origin)
+        except asyncio.CancelledError:
+            raise  # stop(): left unsettled, delivered again (here or elsewhere)
+        except BaseException:
+            # A runtime or observer bug (counted by run()): the item is lost once,
+            # not redelivered for ever.
+            await binding.settle(origin)
+            raise
+        else:
+            await binding.settle(origin)
+        finally:
+            binding.end(token)
 
     def _worker_error(self, exc: Exception) -> None:
         self.rt.events.failures["worker_error"] += 1

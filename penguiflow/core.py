@@ -26,18 +26,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._context import Context, Targets
 from ._events import EventPipeline, logger
-from ._graph import OPEN_SEA, ROOKERY, CycleError, Endpoint, Floe, Owner, check_acyclic
+from ._graph import (
+    OPEN_SEA,
+    ROOKERY,
+    CycleError,
+    Endpoint,
+    Floe,
+    Owner,
+    check_acyclic,
+    owner_label,
+)
 from ._ids import new_invocation_id
 from ._playbook import call_playbook
 from ._runtime import FlowRuntime
 from ._tracer import tracer_for
 from ._traces import TraceCancelled, TraceState
 from ._worker import NodeWorker
+from .binding import BusBinding, Inbound, is_delivering
 from .errors import (
     ConfigurationError,
     FlowAlreadyRunning,
@@ -47,6 +57,7 @@ from .errors import (
     safe_repr,
 )
 from .types import WM, Message
+from .wire import WireTypes
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -234,6 +245,7 @@ class PenguiFlow:
         registry: ModelRegistry | None = None,
         state_store: StateStore | None = None,
         message_bus: MessageBus | None = None,
+        nodes: Iterable[str] | None = None,
     ) -> None:
         """Start one worker task per node (needs a running event loop).
 
@@ -241,7 +253,14 @@ class PenguiFlow:
             registry: models for nodes that validate.
             state_store: attach (or replace) the state store for this run
                 (PenguiFlow addition; same as the constructor argument).
-            message_bus: attach (or replace) the message bus for this run.
+            message_bus: attach (or replace) the message bus for this run. A
+                *delivering* bus (``penguiflow.binding.DeliveringBus``, e.g.
+                ``penguiflow_distributed.RedisMessageBus``) carries every put
+                between processes instead of only publishing it.
+            nodes: with a delivering bus, the names of the nodes this process
+                runs (keyword-only addition): None runs every node, ``[]`` none
+                (a client that only emits and fetches). Results come back to the
+                process that emitted their trace.
 
         Raises:
             FlowAlreadyRunning: (a ``RuntimeError``) the flow is running.
@@ -272,6 +291,7 @@ class PenguiFlow:
                     f"{', '.join(missing)}",
                     hint="register each with registry.register(name, InModel, OutModel), "
                          "or build those nodes with NodePolicy(validate='none')")
+        local = self._local_nodes(nodes, rt.message_bus)
         rt.registry = registry
         tracer = tracer_for(self._tracer_provider, self._meter_provider)
         self._events.set_tracer(tracer)
@@ -279,10 +299,62 @@ class PenguiFlow:
             tracer.attach(self)
         rt.running = True
         rt.stopped = False
+        if local is not None:
+            self._bind(local, registry)
         for node in self._nodes:
+            if local is not None and owner_label(node) not in local:
+                continue
             worker = NodeWorker(rt, node, self._contexts[node])
             worker.task = loop.create_task(worker.run(), name=f"penguiflow:{node.name}")
             self._workers.append(worker)
+
+    def _local_nodes(self, nodes: Iterable[str] | None,
+                     bus: MessageBus | None) -> frozenset[str] | None:
+        """The labels of the nodes to run here when bound to a delivering bus, else None."""
+        if bus is None or not is_delivering(bus):
+            if nodes is not None:
+                raise ConfigurationError(
+                    "nodes= needs a delivering message bus",
+                    hint="pass message_bus=RedisMessageBus(url) (penguiflow-distributed) to "
+                         "run a share of the flow's nodes in this process, or drop nodes=")
+            return None
+        labels = [owner_label(n) for n in self._nodes]
+        if nodes is None:
+            return frozenset(labels)
+        if isinstance(nodes, str):
+            raise InvalidArgumentType(
+                f"nodes must be a list of node names, not a str ({nodes!r}); "
+                f"e.g. nodes=[{nodes!r}]")
+        chosen = frozenset(nodes)
+        unknown = sorted(chosen.difference(labels))
+        if unknown:
+            raise ConfigurationError(
+                f"nodes= names no node of this flow: {', '.join(map(repr, unknown))}",
+                hint=f"the flow's nodes are {', '.join(sorted(labels))}")
+        return chosen
+
+    def _bind(self, local: frozenset[str], registry: ModelRegistry | None) -> None:
+        rt = self._rt
+        bus = rt.message_bus
+        assert bus is not None
+        types = WireTypes(registry.models() if registry is not None else ())
+        extra = getattr(bus, "types", None)
+        if extra:
+            types.add(extra)
+        binding = BusBinding(
+            rt=rt, bus=bus, floes={f.label: f for f in self._floes},  # type: ignore[arg-type]
+            contexts=self._contexts, local_nodes=local, types=types,
+            cancel_local=self._cancel_local)
+        rt.binding = binding
+        task = asyncio.get_running_loop().create_task(
+            bus.bind(binding), name=f"penguiflow:bind:{self.name}")  # type: ignore[attr-defined]
+        rt.external.add(task)
+        task.add_done_callback(_bind_done)
+
+    @property
+    def binding(self) -> BusBinding | None:
+        """The flow's binding to a delivering bus while it runs bound, else None."""
+        return self._rt.binding
 
     async def stop(self, *, store_timeout_s: float | None = STOP_STORE_TIMEOUT_S) -> None:
         """Stop every worker and background task; the flow can ``run()`` again.
@@ -326,6 +398,14 @@ class PenguiFlow:
         loop = asyncio.get_running_loop()
         deadline = None if store_timeout_s is None else loop.time() + store_timeout_s
         try:
+            binding = rt.binding
+            if binding is not None:
+                # No more deliveries: what was delivered and not settled goes to
+                # another process once this one's entries are claimed.
+                try:
+                    await binding.bus.unbind()
+                except Exception as exc:
+                    logger.error("message_bus_unbind_failed", extra={"error": safe_repr(exc)})
             tasks = [w.task for w in self._workers if w.task is not None]
             for task in tasks:
                 task.cancel()
@@ -353,6 +433,7 @@ class PenguiFlow:
         finally:
             self._workers.clear()
             rt.external.clear()
+            rt.binding = None
             rt.running = False
             rt.stopping = False
             rt.stopped = True
@@ -588,6 +669,24 @@ class PenguiFlow:
             raise FlowNotRunning(
                 "PenguiFlow is not running",
                 hint="call flow.run() first; a stopped flow has no traces left to cancel")
+        binding = rt.binding
+        if binding is not None:
+            # Its work may be in any process: every one is told (and this one too).
+            # Bound, work held elsewhere cannot be seen from here: True unless this
+            # process knew the trace as cancelled already.
+            fresh = not binding.is_cancelled(trace_id)
+            had_work = self._has_work(trace_id)
+            await binding.cancel(trace_id)
+            return had_work or fresh
+        return await self._cancel_local(trace_id)
+
+    def _has_work(self, trace_id: str) -> bool:
+        state = self._rt.traces.get(trace_id)
+        return state is not None and (state.pending > 0 or state.inflight > 0)
+
+    async def _cancel_local(self, trace_id: str) -> bool:
+        """Cancel the work of ``trace_id`` held in this process; True if it had some."""
+        rt = self._rt
         state = rt.traces.get(trace_id)
         if state is None or (state.pending <= 0 and state.inflight <= 0):
             return False
@@ -601,8 +700,12 @@ class PenguiFlow:
             return getattr(item, "trace_id", None) == trace_id
 
         drained = False
+        binding = rt.binding
         for floe in self._floes:
-            for _ in floe.queue.remove_where(belongs):
+            for _item, origin in floe.queue.remove_tagged_where(belongs):
+                if binding is not None and type(origin) is Inbound:
+                    # Dropped by the cancel: done, never to be delivered again.
+                    rt.spawn(binding.settle(origin))
                 drained = rt.release(trace_id) or drained
         for worker in self._workers:
             worker.request_trace_cancel(trace_id)
@@ -665,6 +768,15 @@ async def _settle(tasks: Sequence[asyncio.Future[Any]], deadline: float | None) 
         # event waited for the store ends here, before stop() returns.
         await asyncio.wait(pending, timeout=0)
     return len(pending)
+
+
+def _bind_done(task: asyncio.Task[Any]) -> None:
+    """Log a bind that failed (the bus could not start delivering)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        logger.error("message_bus_bind_failed", exc_info=exc, extra={"error": safe_repr(exc)})
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

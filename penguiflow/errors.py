@@ -18,6 +18,9 @@ parentheses is a second base)::
      └── PenguiFlowError               every error PenguiFlow raises on its own behalf
           ├── FlowError                a node's final failure (to Rookery on request)
           ├── TraceCancelled           signal: the trace was cancelled (never retried)
+          ├── WireError                penguiflow.wire: an item cannot cross processes
+          │    ├── WireEncodingError   (TypeError) no JSON form (names the edge and type)
+          │    └── WireDecodingError   (ValueError) bytes that are no encoded item
           ├── UsageError               misuse of the API; says how to fix it
           │    ├── FlowNotRunning      (RuntimeError) emit/fetch/cancel, flow not running
           │    ├── FlowAlreadyRunning  (RuntimeError) run() on a running flow
@@ -68,6 +71,9 @@ __all__ = [
     "TraceCancelled",
     "UnknownTarget",
     "UsageError",
+    "WireDecodingError",
+    "WireEncodingError",
+    "WireError",
     "safe_repr",
     "safe_str",
 ]
@@ -225,6 +231,18 @@ class TraceCancelled(PenguiFlowError):
     def __init__(self, trace_id: str | None) -> None:
         super().__init__(f"trace cancelled: {trace_id}")
         self.trace_id = trace_id
+
+
+class WireError(PenguiFlowError):
+    """An item cannot cross a process boundary (see :mod:`penguiflow.wire`)."""
+
+
+class WireEncodingError(WireError, TypeError):
+    """An item (or its payload) has no JSON form; the message names the edge and type."""
+
+
+class WireDecodingError(WireError, ValueError):
+    """Bytes from a bus are not an encoded item, or a known model refuses its data."""
 
 
 class FlowErrorCode(str, Enum):

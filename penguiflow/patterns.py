@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import TypeAdapter
 
+from penguiflow.binding import current_binding
 from penguiflow.errors import InvalidArgument
 from penguiflow.node import Node, NodePolicy
 from penguiflow.policies import (
@@ -199,6 +200,16 @@ def union_router(name: str, union_model: Any, *, policy: PolicyLike | None = Non
     return node
 
 
+def _joined(bucket: list[Any]) -> Any:
+    """A complete group as join_k returns it (see there)."""
+    first = bucket[0]
+    if isinstance(first, Message):
+        payloads = [getattr(item, "payload", item) for item in bucket]
+        # model_copy is shallow: give the joined message its own meta dict.
+        return first.model_copy(update={"payload": payloads, "meta": dict(first.meta)})
+    return bucket
+
+
 def join_k(name: str, k: int) -> Node:
     """Build a node that joins ``k`` messages of the same trace into one.
 
@@ -236,6 +247,14 @@ def join_k(name: str, k: int) -> Node:
                 f"join_k node '{name}' requires messages with a trace_id; got a "
                 f"{type(message).__name__}: send Messages (or objects with a trace_id) into "
                 "a join, so that it can group them by trace")
+        bound = current_binding()
+        if bound is not None:
+            # Over a delivering bus the inputs land in any process: the group is
+            # the bus's, shared (and safe under redelivery; see BusBinding.gather).
+            group = await bound.gather(name, str(trace_id), message, k)
+            if group is None:
+                return None
+            return _joined(group)
         bucket = buckets.get(trace_id)
         if bucket is None:
             bucket = buckets[trace_id] = []
@@ -249,12 +268,7 @@ def join_k(name: str, k: int) -> Node:
         joined = upstreams.pop(trace_id, None)
         if joined and hasattr(ctx, "_parents"):
             ctx._parents = tuple(dict.fromkeys(joined))
-        first = bucket[0]
-        if isinstance(first, Message):
-            payloads = [getattr(item, "payload", item) for item in bucket]
-            # model_copy is shallow: give the joined message its own meta dict.
-            return first.model_copy(update={"payload": payloads, "meta": dict(first.meta)})
-        return bucket
+        return _joined(bucket)
 
     def forget(trace_id: Any) -> None:
         # The trace was cancelled: its incomplete group can never complete, and a

@@ -16,10 +16,11 @@ class ModelRegistry:
     costs only the validation itself.
     """
 
-    __slots__ = ("_adapters",)
+    __slots__ = ("_adapters", "_models")
 
     def __init__(self) -> None:
         self._adapters: dict[str, tuple[TypeAdapter[Any], TypeAdapter[Any]]] = {}
+        self._models: list[type[BaseModel]] = []
 
     def register(
         self, node_name: str, in_model: type[BaseModel], out_model: type[BaseModel]
@@ -39,6 +40,7 @@ class ModelRegistry:
         if node_name in self._adapters:
             raise ValueError(f"Node '{node_name}' already registered")
         self._adapters[node_name] = (TypeAdapter(in_model), TypeAdapter(out_model))
+        self._models += (in_model, out_model)
 
     def adapters(self, node_name: str) -> tuple[TypeAdapter[Any], TypeAdapter[Any]]:
         """Return ``(in_adapter, out_adapter)``; ``KeyError`` if unknown."""
@@ -53,3 +55,8 @@ class ModelRegistry:
     def names(self) -> frozenset[str]:
         """The registered node names."""
         return frozenset(self._adapters)
+
+    def models(self) -> tuple[type[BaseModel], ...]:
+        """Every registered model class, in and out, once each (PenguiFlow addition:
+        a flow bound to a delivering bus rebuilds payloads of these types by name)."""
+        return tuple(dict.fromkeys(self._models))

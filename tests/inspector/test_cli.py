@@ -24,7 +24,7 @@ import pytest
 from penguiflow.state import StoredEvent
 from penguiflow_exporters import open_store
 from penguiflow_inspector import cli
-from penguiflow_inspector.cli import COMMANDS, main, parse_when
+from penguiflow_inspector.cli import COMMANDS, WORKER_MISSING, main, parse_when
 
 NOW = time.time()
 OK_TRACE = "feed" + "0" * 27 + "1"
@@ -96,7 +96,25 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     for name, _ in COMMANDS:
         assert name in out
     assert [name for name, _ in COMMANDS] == ["inspect", "traces", "tail", "export", "demo",
-                                              "migrate"]
+                                              "migrate", "worker"]
+
+
+def test_pf_worker_without_penguiflow_distributed_says_how_to_install_it(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "penguiflow_distributed.worker", None)  # not installed
+    assert main(["worker", "app:flow", "--bus", "redis://127.0.0.1:1/0"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == WORKER_MISSING and "pip install penguiflow-distributed" in err
+
+
+def test_pf_worker_hands_its_arguments_to_penguiflow_distributed(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worker", "no_such_module_here:flow", "--bus", "redis://127.0.0.1:1/0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "pf worker: error: cannot import 'no_such_module_here': "
+        "No module named 'no_such_module_here'")
 
 
 def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:

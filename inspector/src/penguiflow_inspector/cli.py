@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import importlib
 import json
 import re
 import sys
@@ -52,7 +53,12 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("export", "rebuild a stored trace's spans and send them over OTLP or write OTLP-JSON"),
     ("demo", "run a built-in demo flow, record it, and print its trace id"),
     ("migrate", "upgrade a trace store to the current schema (the readers refuse older ones)"),
+    ("worker", "run a share of a flow's nodes over Redis Streams (penguiflow-distributed)"),
 )
+#: What ``pf worker`` says when penguiflow-distributed is not installed.
+WORKER_MISSING: Final = (
+    "pf worker: needs penguiflow-distributed, which is not installed: "
+    "pip install penguiflow-distributed (in this repository: uv sync --all-packages)")
 #: ``--status`` values: the inspector's words and the store's.
 STATUSES: Final = {"ok": "succeeded", "error": "failed", "cancelled": "cancelled",
                    "running": "running", "incomplete": "incomplete",
@@ -151,13 +157,29 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flags(demo)
 
     migrate.add_arguments(cmds["migrate"])
+    cmds["worker"].add_argument("rest", nargs=argparse.REMAINDER,
+                                help="MODULE:ATTR --bus URL ... (pf worker --help)")
     return parser
+
+
+def _worker(argv: Sequence[str]) -> int:
+    """``pf worker``: handed whole to penguiflow-distributed, found at run time (the
+    inspector does not depend on it)."""
+    try:
+        worker = importlib.import_module("penguiflow_distributed.worker")
+    except ImportError:
+        print(WORKER_MISSING, file=sys.stderr)
+        return EXIT_USAGE
+    return int(worker.main(list(argv), prog="pf worker"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pf``; returns the process exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["worker"]:
+        return _worker(args[1:])
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(args)
     if ns.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -465,7 +487,8 @@ def _demo(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 _COMMANDS: Final = {"inspect": _inspect, "traces": _traces, "tail": _tail, "demo": _demo,
-                    "migrate": migrate.run}
+                    "migrate": migrate.run,
+                    "worker": lambda ns, _out, _err: _worker(ns.rest)}
 
 
 if __name__ == "__main__":  # pragma: no cover

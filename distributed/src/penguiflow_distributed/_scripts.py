@@ -1,0 +1,41 @@
+"""The bus's Lua scripts: each one atomic in Redis, so a crash never leaves half of one.
+
+SEND    KEYS: stream, hop key. ARGV: capacity (0: none), hop TTL (s), then field/value
+        pairs. Returns -1 when the stream holds ``capacity`` entries (undelivered +
+        unacknowledged: settled entries are deleted), 0 when the hop was sent before
+        (a duplicate: nothing added), else the new entry id.
+SETTLE  KEYS: stream. ARGV: group, entry id. Acknowledge and delete: the entry no
+        longer counts against the edge's capacity.
+GATHER  KEYS: items list, members set. ARGV: member, data, k, TTL (s). Adds ``data``
+        once per member; returns {complete, was_new, items...}: the first ``k`` items in
+        arrival order once there are ``k`` (every time it is asked again: a redelivered
+        input finds the same group), else {0, was_new}.
+"""
+
+from __future__ import annotations
+
+SEND = """
+local cap = tonumber(ARGV[1])
+if cap > 0 and redis.call('XLEN', KEYS[1]) >= cap then return -1 end
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) == false then return 0 end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+"""
+
+SETTLE = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
+"""
+
+GATHER = """
+local new = redis.call('SADD', KEYS[2], ARGV[1])
+if new == 1 then redis.call('RPUSH', KEYS[1], ARGV[2]) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+local k = tonumber(ARGV[3])
+if redis.call('LLEN', KEYS[1]) >= k then
+  local out = {1, new}
+  for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, k - 1)) do table.insert(out, item) end
+  return out
+end
+return {0, new}
+"""

@@ -1,0 +1,555 @@
+"""RedisMessageBus: a flow's edges as Redis Streams, consumed by consumer groups.
+
+Layout, for a flow named ``F`` under namespace ``N`` (``P = "N:F"``):
+
+* ``P:edge:<source>-><target>`` — one stream per edge whose target is a node; every
+  process running the target reads it in the consumer group ``pf`` (its consumer
+  name is its worker id), so each entry goes to one of them;
+* ``P:reply:<worker id>`` — the results (``-> Rookery`` edges) of the traces one
+  process emitted, read by that process only;
+* ``P:control`` — cancels, read by every process (no group: a broadcast);
+* ``P:hop:<hop>`` — one key per sent parcel (TTL ``dedup_ttl_s``): a parcel sent
+  twice (its producer ran again after a crash) is dropped the second time;
+* ``P:join:<node>|<trace>:items`` / ``:members`` — ``join_k`` groups shared by every
+  process running the join (TTL ``join_ttl_s``).
+
+Delivery is at-least-once: an entry is acknowledged (and deleted, so that a
+stream's length is what it holds undelivered + unacknowledged, which the edge's
+capacity bounds) only when the flow settles it, after the node's outputs are sent.
+Entries a process holds are kept alive (XCLAIM, every ``claim_idle_s / 3``); the
+entries of a process that died go idle, and after ``claim_idle_s`` any process
+reading that edge claims them (XAUTOCLAIM) and runs them again.
+
+Redis unreachable: every loop backs off (up to ``max_backoff_s``) and retries, a
+send waits (its input stays unacknowledged), and the counts are in :attr:`stats`,
+logged, and exported as OpenTelemetry metrics (``penguiflow.bus.*``). A Redis that
+restarts keeps entries only if it persists them (AOF): see the distributed guide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from penguiflow.binding import BusBinding, Inbound, Parcel
+from penguiflow.bus import BusEnvelope
+from penguiflow.errors import ConfigurationError, InvalidArgument
+
+from . import _scripts
+
+__all__ = ["RedisMessageBus"]
+
+logger = logging.getLogger("penguiflow_distributed")
+
+GROUP = "pf"
+#: Errors that mean "Redis is not reachable now": retried with backoff.
+_LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+#: The keywords that may ride on the URL (``from_url``), with their types.
+_URL_KEYWORDS: dict[str, type] = {
+    "namespace": str, "claim_idle_s": float, "dedup_ttl_s": float, "join_ttl_s": float,
+    "block_ms": int, "max_backoff_s": float, "prefetch": int}
+_STATS = ("sent", "duplicates", "full_waits", "delivered", "claimed", "settled",
+          "cancels_sent", "cancels_received", "link_errors", "reconnects", "undecodable")
+
+
+@dataclass(frozen=True, slots=True)
+class _Handle:
+    """Where a delivered entry lives: what :meth:`RedisMessageBus.settle` acknowledges."""
+
+    stream: str
+    entry: str
+
+    def __str__(self) -> str:
+        return f"{self.stream}/{self.entry}"
+
+
+class RedisMessageBus:
+    """A delivering message bus on Redis Streams (see the module docstring).
+
+    Args:
+        url: the Redis URL (``redis://host:6379/0``, ``rediss://`` for TLS).
+        namespace: prefix of every key this bus touches.
+        claim_idle_s: how long an entry stays with a process that stopped
+            refreshing it (it died) before another process claims it.
+        dedup_ttl_s: how long a sent hop is remembered (duplicates within it
+            are dropped).
+        join_ttl_s: how long a ``join_k`` group is kept.
+        block_ms: longest wait of one blocking read (a stop is seen this late).
+        max_backoff_s: longest pause between retries while Redis is unreachable.
+        prefetch: most entries one read takes per edge.
+        types: pydantic models to rebuild by name on receipt, beyond the
+            registry's and penguiflow's own.
+        client: an existing ``redis.asyncio.Redis`` to use instead of ``url``
+            (not closed by the bus).
+
+    Raises:
+        InvalidArgument: (a ``ValueError``) a value out of range.
+    """
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *,
+                 namespace: str = "penguiflow", claim_idle_s: float = 30.0,
+                 dedup_ttl_s: float = 86_400.0, join_ttl_s: float = 86_400.0,
+                 block_ms: int = 1000, max_backoff_s: float = 5.0, prefetch: int = 16,
+                 types: Iterable[type[BaseModel]] = (), client: Any = None) -> None:
+        for name, value in (("claim_idle_s", claim_idle_s), ("dedup_ttl_s", dedup_ttl_s),
+                            ("join_ttl_s", join_ttl_s), ("max_backoff_s", max_backoff_s)):
+            if not value > 0:
+                raise InvalidArgument(f"{name} must be > 0 seconds; got {value!r}")
+        if block_ms < 1 or prefetch < 1:
+            raise InvalidArgument(
+                f"block_ms and prefetch must be >= 1; got block_ms={block_ms!r}, "
+                f"prefetch={prefetch!r}")
+        if not namespace or any(c in namespace for c in ": \n\r\t"):
+            raise InvalidArgument(
+                f"namespace must be a non-empty name without ':' or whitespace; got "
+                f"{namespace!r}")
+        self.url = url
+        self.namespace = namespace
+        self.claim_idle_s = float(claim_idle_s)
+        self.dedup_ttl_s = float(dedup_ttl_s)
+        self.join_ttl_s = float(join_ttl_s)
+        self.block_ms = int(block_ms)
+        self.max_backoff_s = float(max_backoff_s)
+        self.prefetch = int(prefetch)
+        #: Extra models rebuilt by name on receipt (the flow adds its registry's).
+        self.types: tuple[type[BaseModel], ...] = tuple(types)
+        self._own_client = client is None
+        self._redis: Any = client
+        self._binding: BusBinding | None = None
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._reading = True
+        self._tasks: list[asyncio.Task[None]] = []
+        #: Entries delivered here and not settled yet, per stream (kept alive).
+        self._in_hand: dict[str, set[str]] = {}
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._down_since: float | None = None
+        self._scripts: dict[str, Any] = {}
+        #: Counters (see the module docstring); also OTel metrics ``penguiflow.bus.<name>``.
+        self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> RedisMessageBus:
+        """A bus from a URL whose query may carry the keywords
+        (``redis://h:6379/0?namespace=x&claim_idle_s=2``); ``overrides`` win.
+
+        Raises:
+            InvalidArgument: (a ``ValueError``) an unknown keyword, or a value that
+                is not of the keyword's type.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise InvalidArgument(
+                f"a Redis URL starts with redis://, rediss:// or unix://; got {url!r}")
+        keep: list[tuple[str, str]] = []
+        options: dict[str, Any] = {}
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            kind = _URL_KEYWORDS.get(key)
+            if kind is None:
+                keep.append((key, value))  # redis-py's own (socket_timeout, ...)
+                continue
+            try:
+                options[key] = kind(value)
+            except ValueError:
+                raise InvalidArgument(
+                    f"{key} in the bus URL must be a {kind.__name__}; got {value!r}") from None
+        options.update(overrides)
+        plain = urlunsplit(parts._replace(query=urlencode(keep)))
+        return cls(plain, **options)
+
+    def __repr__(self) -> str:
+        return f"RedisMessageBus({_redact(self.url)!r}, namespace={self.namespace!r})"
+
+    # -- names ----------------------------------------------------------------------
+
+    def _prefix(self) -> str:
+        binding = self._binding
+        assert binding is not None, "bound first"
+        return f"{self.namespace}:{binding.flow_name}"
+
+    def edge_stream(self, label: str) -> str:
+        """The stream of edge ``label`` (``source->target``)."""
+        return f"{self._prefix()}:edge:{label}"
+
+    def reply_stream(self, worker_id: str) -> str:
+        """The stream of the results of the traces ``worker_id`` emitted."""
+        return f"{self._prefix()}:reply:{worker_id}"
+
+    def _stream_of(self, parcel: Parcel) -> str:
+        binding = self._binding
+        assert binding is not None
+        edge = binding.edges.get(parcel.edge)
+        if edge is not None and edge.to_rookery:
+            return self.reply_stream(parcel.reply_to)
+        return self.edge_stream(parcel.edge)
+
+    # -- the 2.1 hook ---------------------------------------------------------------
+
+    async def publish(self, envelope: BusEnvelope) -> None:
+        """Not used: a flow bound to this bus sends every put through :meth:`send`."""
+
+    # -- binding ----------------------------------------------------------------------
+
+    async def bind(self, binding: BusBinding) -> None:
+        """Create the consumer groups of ``binding``'s local edges and start reading."""
+        if self._binding is not None:
+            raise ConfigurationError(
+                "this RedisMessageBus is bound to a running flow already",
+                hint="give each flow (and each run) its own RedisMessageBus")
+        self._binding = binding
+        self._stopping = False
+        self._reading = True
+        if self._redis is None:
+            self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=5,
+                                                  health_check_interval=10)
+        r = self._redis
+        self._scripts = {name: r.register_script(getattr(_scripts, name))
+                         for name in ("SEND", "SETTLE", "GATHER")}
+        streams = [self.edge_stream(e.label) for e in binding.edges.values()
+                   if e.local and not e.to_rookery]
+        streams.append(self.reply_stream(binding.worker_id))
+        await self._retrying("create the consumer groups", self._create_groups, streams)
+        control = f"{self._prefix()}:control"
+        last = await self._retrying("read past cancels", self._past_cancels, control)
+        self._tasks = [asyncio.create_task(self._read(s), name=f"pf-bus:read:{s}")
+                       for s in streams]
+        self._tasks.append(asyncio.create_task(self._control(control, last),
+                                               name="pf-bus:control"))
+        self._tasks.append(asyncio.create_task(self._keep_alive(streams[:-1]),
+                                               name="pf-bus:claim"))
+        self._register_metrics()
+        self._ready.set()
+        logger.info("bus_bound", extra={
+            "worker_id": binding.worker_id, "flow": binding.flow_name,
+            "nodes": sorted(binding.local_nodes), "url": _redact(self.url)})
+
+    async def ready(self) -> None:
+        """Return once :meth:`bind` finished (the process reads its edges)."""
+        await self._ready.wait()
+
+    async def _create_groups(self, streams: Sequence[str]) -> None:
+        for stream in streams:
+            await self._ensure_group(stream)
+
+    async def _ensure_group(self, stream: str) -> None:
+        try:
+            await self._redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _past_cancels(self, control: str) -> bytes:
+        # Cancels broadcast before this process started still hold for entries
+        # still queued: the last ones are applied first.
+        binding = self._binding
+        assert binding is not None
+        entries = await self._redis.xrevrange(control, count=1000)
+        for _entry, fields in reversed(entries):
+            trace = fields.get(b"cancel")
+            if trace:
+                await binding.cancelled_elsewhere(trace.decode("utf-8", "surrogatepass"))
+        return entries[0][0] if entries else b"0-0"
+
+    async def drain(self, timeout: float | None) -> int:
+        """Stop taking new entries and wait (up to ``timeout`` s) until those held here
+        are settled; returns how many were not (they will be claimed elsewhere)."""
+        self._reading = False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        return sum(len(ids) for ids in self._in_hand.values())
+
+    async def unbind(self) -> None:
+        """Stop every loop and close the connection (entries held and not settled are
+        left pending, to be claimed by another process after ``claim_idle_s``)."""
+        self._stopping = True
+        self._reading = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._redis is not None and self._own_client:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+            self._redis = None
+        self._binding = None
+        self._ready.clear()
+        self._in_hand.clear()
+        self._drained.set()
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def send(self, parcel: Parcel, *, maxsize: int) -> str | None:
+        """Add ``parcel`` to its edge's stream (see :class:`penguiflow.binding.DeliveringBus`).
+
+        Waits while the edge is full and while Redis is unreachable.
+        """
+        await self._ready.wait()
+        stream = self._stream_of(parcel)
+        hop_key = f"{self._prefix()}:hop:{parcel.hop}"
+        args = [max(maxsize, 0), int(self.dedup_ttl_s),
+                b"e", parcel.edge, b"d", parcel.data, b"t", _text(parcel.trace_id),
+                b"r", parcel.reply_to, b"h", parcel.hop, b"i", _text(parcel.inv),
+                b"s", repr(parcel.ts), b"p", _text(parcel.traceparent)]
+        pause = 0.0005
+        while True:
+            result = await self._retrying(
+                "send", self._scripts["SEND"], keys=[stream, hop_key], args=args)
+            if result == -1:  # the edge is full: wait for its consumers
+                self.stats["full_waits"] += 1
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                continue
+            if result == 0:
+                self.stats["duplicates"] += 1
+                return None
+            self.stats["sent"] += 1
+            return result.decode() if isinstance(result, bytes) else str(result)
+
+    # -- delivering ------------------------------------------------------------------
+
+    async def _read(self, stream: str) -> None:
+        binding = self._binding
+        assert binding is not None
+        consumer = binding.worker_id
+        while not self._stopping:
+            if not self._reading:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                reply = await self._redis.xreadgroup(GROUP, consumer, {stream: ">"},
+                                                     count=self.prefetch, block=self.block_ms)
+                self._link_up()
+            except _LINK_ERRORS as exc:
+                await self._link_down("read", exc)
+                continue
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis lost the stream (a restart without AOF)
+                    await self._retrying("recreate a group", self._ensure_group, stream)
+                    continue
+                raise
+            for _stream, entries in reply or ():
+                for entry, fields in entries:
+                    await self._deliver(stream, entry, fields, 1)
+
+    async def _deliver(self, stream: str, entry: bytes | str, fields: Mapping[bytes, bytes],
+                       deliveries: int) -> None:
+        binding = self._binding
+        assert binding is not None
+        entry_id = entry.decode() if isinstance(entry, bytes) else entry
+        handle = _Handle(stream, entry_id)
+        held = self._in_hand.setdefault(stream, set())
+        held.add(entry_id)
+        self._drained.clear()
+        try:
+            parcel = _parcel(fields)
+        except (KeyError, ValueError, UnicodeDecodeError) as exc:
+            self.stats["undecodable"] += 1
+            logger.error("bus_entry_undecodable", extra={
+                "stream": stream, "entry": entry_id, "error": repr(exc)[:500]})
+            await self.settle(Inbound(None, 0.0, None, "?", handle, "", "", deliveries))
+            return
+        self.stats["delivered"] += 1
+        await binding.deliver(parcel, handle=handle, deliveries=deliveries)
+
+    async def settle(self, inbound: Inbound) -> None:
+        """Acknowledge and delete the entry of ``inbound`` (retried while Redis is away;
+        given up at unbind, when the entry is left to be delivered again)."""
+        handle = inbound.handle
+        if not isinstance(handle, _Handle):
+            return
+        try:
+            await self._retrying("settle", self._scripts["SETTLE"], keys=[handle.stream],
+                                 args=[GROUP, handle.entry])
+            self.stats["settled"] += 1
+        finally:
+            held = self._in_hand.get(handle.stream)
+            if held is not None:
+                held.discard(handle.entry)
+            if not any(self._in_hand.values()):
+                self._drained.set()
+
+    async def _keep_alive(self, streams: Sequence[str]) -> None:
+        """Refresh the entries held here; claim the idle ones of dead processes."""
+        binding = self._binding
+        assert binding is not None
+        consumer = binding.worker_id
+        idle_ms = int(self.claim_idle_s * 1000)
+        period = self.claim_idle_s / 3
+        while not self._stopping:
+            await asyncio.sleep(period)
+            try:
+                for stream, held in list(self._in_hand.items()):
+                    if held:  # JUSTID: resets the idle time, not the delivery count
+                        await self._redis.xclaim(stream, GROUP, consumer, 0, list(held),
+                                                 justid=True)
+                if not self._reading:
+                    continue
+                for stream in streams:
+                    await self._claim(stream, consumer, idle_ms)
+                self._link_up()
+            except _LINK_ERRORS as exc:
+                await self._link_down("claim", exc)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    logger.error("bus_claim_failed", extra={"error": str(exc)})
+
+    async def _claim(self, stream: str, consumer: str, idle_ms: int) -> None:
+        start = "0-0"
+        while True:
+            reply = await self._redis.xautoclaim(stream, GROUP, consumer, idle_ms,
+                                                 start_id=start, count=self.prefetch)
+            start = reply[0]
+            claimed = reply[1]
+            for gone in reply[2] if len(reply) > 2 else ():
+                # Deleted while pending: nothing to run, only the pending entry to drop.
+                await self._redis.xack(stream, GROUP, gone)
+            if claimed:
+                counts = await self._deliveries(stream, claimed)
+                for entry, fields in claimed:
+                    if fields is None:
+                        continue
+                    self.stats["claimed"] += 1
+                    key = entry.decode() if isinstance(entry, bytes) else entry
+                    await self._deliver(stream, entry, fields, counts.get(key, 2))
+            if start in (b"0-0", "0-0"):
+                return
+
+    async def _deliveries(self, stream: str, claimed: Sequence[Any]) -> dict[str, int]:
+        ids = [e.decode() if isinstance(e, bytes) else e for e, _ in claimed]
+        rows = await self._redis.xpending_range(stream, GROUP, min=min(ids), max=max(ids),
+                                                count=len(ids) * 4 + 10)
+        return {(row["message_id"].decode() if isinstance(row["message_id"], bytes)
+                 else row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+    # -- cancellation ----------------------------------------------------------------
+
+    async def cancel(self, trace_id: str) -> None:
+        """Broadcast that ``trace_id`` is cancelled (every bound process applies it)."""
+        await self._ready.wait()
+        await self._retrying("cancel", self._redis.xadd, f"{self._prefix()}:control",
+                             {b"cancel": trace_id.encode("utf-8", "surrogatepass")},
+                             maxlen=10_000, approximate=True)
+        self.stats["cancels_sent"] += 1
+
+    async def _control(self, control: str, last: bytes) -> None:
+        binding = self._binding
+        assert binding is not None
+        while not self._stopping:
+            try:
+                reply = await self._redis.xread({control: last}, block=self.block_ms,
+                                                count=100)
+                self._link_up()
+            except _LINK_ERRORS as exc:
+                await self._link_down("control", exc)
+                continue
+            for _stream, entries in reply or ():
+                for entry, fields in entries:
+                    last = entry
+                    trace = fields.get(b"cancel")
+                    if trace:
+                        self.stats["cancels_received"] += 1
+                        try:
+                            await binding.cancelled_elsewhere(
+                                trace.decode("utf-8", "surrogatepass"))
+                        except Exception as exc:
+                            logger.error("bus_cancel_failed", extra={"error": repr(exc)})
+
+    # -- join_k ----------------------------------------------------------------------
+
+    async def gather(self, key: str, member: str, data: bytes, k: int
+                     ) -> tuple[list[bytes] | None, bool]:
+        """Add ``data`` (once per ``member``) to the shared group ``key``; the group's
+        first ``k`` items once complete (else None), and whether ``member`` was new."""
+        base = f"{self._prefix()}:join:{key}"
+        reply = await self._retrying(
+            "join", self._scripts["GATHER"], keys=[f"{base}:items", f"{base}:members"],
+            args=[member, data, k, int(self.join_ttl_s)])
+        complete, new = int(reply[0]), bool(int(reply[1]))
+        return (list(reply[2:]) if complete else None), new
+
+    # -- the link --------------------------------------------------------------------
+
+    async def _retrying(self, doing: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """``await call(...)``, retried with backoff while Redis is unreachable."""
+        while True:
+            try:
+                result = await call(*args, **kwargs)
+            except _LINK_ERRORS as exc:
+                if self._stopping and doing == "settle":
+                    raise
+                await self._link_down(doing, exc)
+                continue
+            self._link_up()
+            return result
+
+    async def _link_down(self, doing: str, exc: BaseException) -> None:
+        self.stats["link_errors"] += 1
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            logger.warning("bus_redis_unreachable", extra={
+                "doing": doing, "error": repr(exc)[:300], "url": _redact(self.url)})
+        down = now - self._down_since
+        await asyncio.sleep(min(self.max_backoff_s, 0.05 * 2 ** min(down, 10)))
+
+    def _link_up(self) -> None:
+        if self._down_since is not None:
+            down = time.monotonic() - self._down_since
+            self._down_since = None
+            self.stats["reconnects"] += 1
+            logger.warning("bus_redis_reconnected", extra={
+                "down_s": round(down, 3), "link_errors": self.stats["link_errors"],
+                "reconnects": self.stats["reconnects"]})
+
+    def _register_metrics(self) -> None:
+        from opentelemetry import metrics
+
+        meter = metrics.get_meter("penguiflow_distributed")
+
+        def observe(name: str) -> Any:
+            def callback(_options: Any) -> Iterable[metrics.Observation]:
+                yield metrics.Observation(self.stats[name])
+            return callback
+
+        for name in _STATS:
+            meter.create_observable_counter(f"penguiflow.bus.{name}",
+                                            callbacks=[observe(name)])
+
+
+def _text(value: str | None) -> bytes:
+    return b"" if value is None else value.encode("utf-8", "surrogatepass")
+
+
+def _none(value: bytes | None) -> str | None:
+    return value.decode("utf-8", "surrogatepass") if value else None
+
+
+def _parcel(fields: Mapping[bytes, bytes]) -> Parcel:
+    """A stream entry's fields as the Parcel that was sent."""
+    return Parcel(
+        edge=fields[b"e"].decode(), data=fields[b"d"], trace_id=_none(fields.get(b"t")),
+        reply_to=fields[b"r"].decode(), hop=fields[b"h"].decode(), inv=_none(fields.get(b"i")),
+        ts=float(fields[b"s"]), traceparent=_none(fields.get(b"p")))
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+

@@ -1,0 +1,444 @@
+"""One flow over several processes: what a delivering message bus and a flow share.
+
+A 2.1 :class:`~penguiflow.bus.MessageBus` only *publishes* a copy of each floe put.
+A **delivering bus** (:class:`DeliveringBus`; ``penguiflow_distributed.RedisMessageBus``
+is one) carries the puts instead: when a flow runs with one,
+``flow.run(message_bus=bus, nodes=[...])`` builds a :class:`BusBinding` and hands it
+to ``bus.bind``. From then on, in this process:
+
+* every put on a floe is sent through the bus (:meth:`BusBinding.send`): the item
+  as JSON (:mod:`penguiflow.wire`) in a :class:`Parcel`, to the edge's queue in the
+  broker; nothing goes on a local queue directly;
+* the bus hands back the parcels of the edges whose target runs here
+  (:meth:`BusBinding.deliver`): the nodes listed in ``nodes=``, and the results of
+  the traces this process emitted (their ``-> Rookery`` edges), so ``fetch()``
+  returns only those;
+* a node's worker acknowledges a parcel (:meth:`DeliveringBus.settle`) only once the
+  node's outputs are sent: at-least-once. A parcel whose worker died is delivered
+  again elsewhere (``deliveries > 1``); every parcel carries a ``hop`` id derived
+  from the parcel that caused it, so the outputs of a node run twice are the same
+  hops, which the bus drops as duplicates;
+* ``flow.cancel(trace_id)`` reaches every process (:meth:`DeliveringBus.cancel` ->
+  :meth:`BusBinding.cancelled_elsewhere`), and parcels of a cancelled trace are
+  acknowledged and dropped (``trace_cancel_drop``) instead of run.
+
+Events added in this mode (none in a single-process flow): ``message_emit`` (a parcel
+put on its edge; extra: ``edge``, ``entry``, ``hop``), ``message_fetch`` (taken by
+this process; extra: ``edge``, ``entry``, ``deliveries``, ``worker_id``; its
+``queued_ts`` is when it was sent, so the wait in the broker is
+``ts - queued_ts``), ``stream_chunk`` (a streamed chunk sent) and
+``message_undeliverable`` (a parcel that cannot be decoded, dropped).
+
+The worker id of a process is its flow's ``flow_id``, which every stored event and
+span of the process carries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+from ._graph import ROOKERY, Floe, owner_label
+from .errors import ConfigurationError, WireDecodingError, safe_repr
+from .types import Message, StreamChunk
+from .wire import WireTypes, dumps_item, loads_item
+
+if TYPE_CHECKING:
+    from ._context import Context
+    from ._runtime import FlowRuntime
+    from .bus import BusEnvelope
+
+__all__ = [
+    "BusBinding",
+    "BusEdge",
+    "DeliveringBus",
+    "Inbound",
+    "Parcel",
+    "current_binding",
+    "is_delivering",
+]
+
+logger = logging.getLogger("penguiflow.binding")
+
+#: How many traces a process remembers as cancelled (oldest forgotten first), and
+#: how many traces' emitters it remembers (to route their results home).
+_REMEMBERED = 100_000
+
+
+class BusEdge(NamedTuple):
+    """One edge of the flow as the bus sees it.
+
+    ``label`` is the stable ``"source->target"`` name (streams are named from it);
+    ``local``: this process consumes it (its target runs here, or it is an edge to
+    Rookery: results come home to their emitter).
+    """
+
+    label: str
+    source: str
+    target: str
+    local: bool
+    to_rookery: bool
+
+
+class Parcel(NamedTuple):
+    """One item on its way along an edge: what a bus stores and hands back verbatim.
+
+    ``data``: the item (:func:`penguiflow.wire.dumps_item`); ``reply_to``: the worker id
+    of the process that emitted the trace (results go there); ``hop``: a stable id
+    of this item across redeliveries (duplicates share it); ``inv``: the invocation
+    that sent it (its span is the parent of the receiver's); ``ts``: when it was
+    sent (epoch seconds); ``traceparent``: the W3C header of the sender's span.
+    """
+
+    edge: str
+    data: bytes
+    trace_id: str | None
+    reply_to: str
+    hop: str
+    inv: str | None
+    ts: float
+    traceparent: str | None
+
+
+class Inbound(NamedTuple):
+    """The origin of an item a bus delivered here (what the worker settles).
+
+    Its first two fields are an origin's (the sending invocation and when it was
+    sent), so the runtime reads it like any origin. ``handle`` is the bus's own.
+    """
+
+    inv: str | None
+    ts: float
+    trace_id: str | None
+    edge: str
+    handle: Any
+    reply_to: str
+    hop: str
+    deliveries: int
+
+
+class DeliveringBus(Protocol):
+    """A message bus that carries a flow's puts between processes (see the module)."""
+
+    async def publish(self, envelope: BusEnvelope) -> None:
+        """The 2.1 hook (not called while bound: the bus sees every put as a send)."""
+        ...
+
+    async def bind(self, binding: BusBinding) -> None:
+        """Start delivering ``binding``'s local edges to it; returns once ready."""
+        ...
+
+    async def send(self, parcel: Parcel, *, maxsize: int) -> str | None:
+        """Put ``parcel`` on its edge, waiting while the edge holds ``maxsize``
+        unacknowledged parcels (``<= 0``: unbounded); the entry id, or None when a
+        parcel with the same ``hop`` was sent before (a duplicate, dropped)."""
+        ...
+
+    async def settle(self, inbound: Inbound) -> None:
+        """Acknowledge a delivered parcel: it is done and will not come again."""
+        ...
+
+    async def cancel(self, trace_id: str) -> None:
+        """Tell every bound process that ``trace_id`` is cancelled."""
+        ...
+
+    async def unbind(self) -> None:
+        """Stop delivering; parcels delivered and not settled will come again elsewhere."""
+        ...
+
+
+def is_delivering(bus: object) -> bool:
+    """Whether ``bus`` delivers (has the :class:`DeliveringBus` methods), not only publishes."""
+    return all(callable(getattr(bus, name, None))
+               for name in ("bind", "send", "settle", "cancel", "unbind"))
+
+
+class _Turn:
+    """The parcel a task is handling, and how many items it sent so far (hop ids)."""
+
+    __slots__ = ("binding", "hop", "inbound", "sent")
+
+    def __init__(self, binding: BusBinding, inbound: Inbound) -> None:
+        self.binding = binding
+        self.inbound = inbound
+        self.hop = inbound.hop
+        self.sent = 0
+
+
+#: The parcel the current task (a node's worker, and tasks it starts) is handling.
+_TURN: ContextVar[_Turn | None] = ContextVar("penguiflow_bus_turn", default=None)
+
+
+def _hop(base: str, edge: str, n: int) -> str:
+    return hashlib.blake2b(f"{base}|{edge}|{n}".encode("utf-8", "surrogatepass"),
+                           digest_size=12).hexdigest()
+
+
+class BusBinding:
+    """What a delivering bus sees of one flow running in this process.
+
+    Built by ``PenguiFlow.run`` (never by users). Attributes are read-only for the
+    bus: ``flow_name``, ``worker_id``, ``edges`` (by label), ``local_nodes``,
+    ``queue_maxsize`` and ``types`` (the models parcels are rebuilt with).
+    """
+
+    def __init__(self, *, rt: FlowRuntime, bus: DeliveringBus, floes: Mapping[str, Floe],
+                 contexts: Mapping[Any, Context], local_nodes: frozenset[str],
+                 types: WireTypes, cancel_local: Callable[[str], Awaitable[bool]]) -> None:
+        self._rt = rt
+        self.bus = bus
+        self.flow_name: str = rt.name
+        self.worker_id: str = rt.flow_id
+        self.queue_maxsize: int = rt.queue_maxsize
+        self.local_nodes = local_nodes
+        self.types = types
+        self._floes = dict(floes)
+        self._contexts = contexts
+        self._cancel_local = cancel_local
+        self.edges: dict[str, BusEdge] = {}
+        for label, floe in floes.items():
+            to_rookery = floe.target is ROOKERY
+            target = owner_label(floe.target)
+            self.edges[label] = BusEdge(label, owner_label(floe.source), target,
+                                        to_rookery or target in local_nodes, to_rookery)
+        #: Traces cancelled anywhere (trace id -> when it was learned), oldest first.
+        self._cancelled: OrderedDict[str, float] = OrderedDict()
+        #: Emitters of the traces seen here: their results go home.
+        self._replies: OrderedDict[str, str] = OrderedDict()
+        #: Counters: parcels delivered, settled, dropped as cancelled or undeliverable,
+        #: duplicates refused by the bus, redeliveries seen.
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("sent", "duplicates", "delivered", "redelivered", "settled", "cancel_drops",
+             "undeliverable"), 0)
+
+    # -- sending (the runtime's puts) ----------------------------------------------
+
+    def _reply_to(self, trace_id: str | None, turn: _Turn | None) -> str:
+        if turn is not None:
+            return turn.inbound.reply_to
+        if trace_id is not None:
+            home = self._replies.get(trace_id)
+            if home is not None:
+                return home
+        return self.worker_id
+
+    async def send(self, floe: Floe, item: Any, origin: Any) -> None:
+        """Send ``item`` along ``floe``'s edge (the runtime's put, while bound).
+
+        Raises:
+            WireEncodingError: (a ``TypeError``) ``item`` has no JSON form.
+        """
+        label = floe.label
+        data = dumps_item(item, edge=label)
+        trace_id = item.trace_id if isinstance(item, Message) else getattr(item, "trace_id", None)
+        if trace_id is not None and not isinstance(trace_id, str):
+            trace_id = str(trace_id)
+        turn = _TURN.get()
+        if turn is not None:
+            hop = _hop(turn.hop, label, turn.sent)
+            turn.sent += 1
+        else:
+            hop = uuid.uuid4().hex
+        inv = origin[0] if origin is not None else None
+        now = time.time()
+        parcel = Parcel(label, data, trace_id, self._reply_to(trace_id, turn), hop, inv, now,
+                        _traceparent(trace_id, inv))
+        entry = await self.bus.send(parcel, maxsize=self.queue_maxsize)
+        if entry is None:
+            self.stats["duplicates"] += 1
+        else:
+            self.stats["sent"] += 1
+        rt = self._rt
+        if rt.events.listening and trace_id is not None:
+            ctx = self._contexts.get(floe.source) or self._contexts[ROOKERY]
+            extra: dict[str, Any] = {"edge": label, "entry": entry, "hop": hop}
+            if entry is None:
+                extra["duplicate"] = True
+            kind = "stream_chunk" if isinstance(item, Message) and isinstance(
+                item.payload, StreamChunk) else "message_emit"
+            await rt.emit_event(kind, ctx, trace_id, extra=extra, invocation_id=inv)
+
+    # -- delivering (the bus's side) -------------------------------------------------
+
+    async def deliver(self, parcel: Parcel, *, handle: Any, deliveries: int = 1) -> None:
+        """Put a parcel the bus took for this process on its local floe.
+
+        Waits while the floe is full. A parcel of a cancelled trace is settled and
+        dropped (``trace_cancel_drop``); one that cannot be decoded is settled and
+        dropped too (``message_undeliverable``, logged): it could never succeed.
+        """
+        rt = self._rt
+        floe = self._floes.get(parcel.edge)
+        inbound = Inbound(parcel.inv, parcel.ts, parcel.trace_id, parcel.edge, handle,
+                          parcel.reply_to, parcel.hop, deliveries)
+        trace_id = parcel.trace_id
+        if floe is None:
+            await self._undeliverable(inbound, f"this flow has no edge {parcel.edge!r}")
+            return
+        ctx = self._contexts.get(floe.target)
+        if trace_id is not None:
+            if trace_id in self._cancelled:
+                self.stats["cancel_drops"] += 1
+                await self.bus.settle(inbound)
+                if ctx is not None:
+                    await rt.emit_event("trace_cancel_drop", ctx, trace_id,
+                                        extra={"edge": parcel.edge, "entry": str(handle)})
+                return
+            self._remember(self._replies, trace_id, parcel.reply_to)
+        try:
+            item = loads_item(parcel.data, self.types)
+        except WireDecodingError as exc:
+            await self._undeliverable(inbound, str(exc))
+            return
+        self.stats["delivered"] += 1
+        if deliveries > 1:
+            self.stats["redelivered"] += 1
+        if ctx is not None and trace_id is not None and rt.events.listening:
+            await rt.emit_event(
+                "message_fetch", ctx, trace_id, parents=(parcel.inv,) if parcel.inv else (),
+                queued_ts=parcel.ts,
+                extra={"edge": parcel.edge, "entry": str(handle), "hop": parcel.hop,
+                       "deliveries": deliveries, "worker_id": self.worker_id})
+        if floe.target is ROOKERY:
+            # A result is settled once it is here: fetch() is its end, and a process
+            # that dies before fetching has no caller left to give it to.
+            await self.bus.settle(inbound)
+            inbound = inbound._replace(handle=None)
+        rt.count(item)
+        try:
+            await floe.queue.put_tagged(item, inbound)
+        except BaseException:
+            if trace_id is not None:
+                rt.release(trace_id)
+            raise
+
+    async def _undeliverable(self, inbound: Inbound, reason: str) -> None:
+        self.stats["undeliverable"] += 1
+        logger.error("message_undeliverable", extra={
+            "edge": inbound.edge, "trace_id": inbound.trace_id, "error": reason})
+        await self.bus.settle(inbound)
+        ctx = self._contexts.get(ROOKERY)
+        if ctx is not None and inbound.trace_id is not None:
+            await self._rt.emit_event("message_undeliverable", ctx, inbound.trace_id,
+                                      extra={"edge": inbound.edge, "error": reason[:2000]},
+                                      level=logging.ERROR)
+
+    async def settle(self, inbound: Inbound) -> None:
+        """Acknowledge ``inbound`` (the worker, once the node's outputs are sent)."""
+        if inbound.handle is None:
+            return
+        self.stats["settled"] += 1
+        await self.bus.settle(inbound)
+
+    # -- cancellation --------------------------------------------------------------
+
+    def is_cancelled(self, trace_id: str) -> bool:
+        """Whether ``trace_id`` was cancelled (here or in another process)."""
+        return trace_id in self._cancelled
+
+    async def cancelled_elsewhere(self, trace_id: str) -> None:
+        """Apply a cancel another process (or this one) broadcast."""
+        if trace_id in self._cancelled:
+            return
+        self._remember(self._cancelled, trace_id, time.time())
+        await self._cancel_local(trace_id)
+
+    async def cancel(self, trace_id: str) -> None:
+        """Cancel ``trace_id`` here and tell every other process."""
+        self._remember(self._cancelled, trace_id, time.time())
+        await self._cancel_local(trace_id)
+        await self.bus.cancel(trace_id)
+
+    @staticmethod
+    def _remember(table: OrderedDict[str, Any], key: str, value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        if len(table) > _REMEMBERED:
+            table.popitem(last=False)
+
+    # -- the worker's turn ------------------------------------------------------------
+
+    def begin(self, inbound: Inbound) -> Any:
+        """Mark the current task as handling ``inbound`` (a token for :meth:`end`)."""
+        return _TURN.set(_Turn(self, inbound))
+
+    @staticmethod
+    def end(token: Any) -> None:
+        """The current task is done with its parcel."""
+        with contextlib.suppress(ValueError):
+            _TURN.reset(token)
+
+    @staticmethod
+    def rebase(key: str) -> None:
+        """Derive the current turn's next hop ids from ``key`` instead of its parcel:
+        a join's output is then the same hop whichever input completed it."""
+        turn = _TURN.get()
+        if turn is not None:
+            turn.hop = key
+            turn.sent = 0
+
+    @staticmethod
+    def current() -> Inbound | None:
+        """The parcel the current task is handling, if any."""
+        turn = _TURN.get()
+        return None if turn is None else turn.inbound
+
+    # -- join_k across processes ----------------------------------------------------
+
+    async def gather(self, node: str, trace_id: str, item: Any, k: int) -> list[Any] | None:
+        """Add ``item`` to ``node``'s shared group for ``trace_id``; the ``k`` items in
+        arrival order once the group is complete (in whichever process completes it),
+        else None.
+
+        The member id is the current parcel's hop, so a redelivered input counts
+        once; a complete group is returned again to a redelivered input, and the
+        join's output hop is derived from the group, so sending it again is a
+        duplicate the bus drops. One group per trace and join node (for the bus's
+        ``join_ttl_s``): an input beyond ``k`` gets the same group back, so its
+        output is a duplicate, dropped.
+
+        Raises:
+            ConfigurationError: the bus cannot share groups (no ``gather``).
+        """
+        gather = getattr(self.bus, "gather", None)
+        if gather is None:
+            raise ConfigurationError(
+                f"join_k node {node!r} runs over a bus that cannot share its groups",
+                hint="use a bus with gather() (penguiflow_distributed.RedisMessageBus)")
+        turn = _TURN.get()
+        member = turn.inbound.hop if turn is not None else uuid.uuid4().hex
+        key = f"{node}|{trace_id}"
+        datas, _new = await gather(key, member, dumps_item(item, edge=f"join:{node}"), k)
+        if datas is None:
+            return None
+        self.rebase(f"join|{key}")
+        return [loads_item(data, self.types) for data in datas]
+
+    def __repr__(self) -> str:
+        return (f"BusBinding(flow={self.flow_name!r}, worker={self.worker_id!r}, "
+                f"nodes={sorted(self.local_nodes)!r})")
+
+
+def current_binding() -> BusBinding | None:
+    """The binding whose parcel the current task handles (None outside a bound node)."""
+    turn = _TURN.get()
+    return None if turn is None else turn.binding
+
+
+def _traceparent(trace_id: str | None, inv: str | None) -> str | None:
+    if trace_id is None or inv is None:
+        return None
+    from ._ids import otel_trace_id
+    try:
+        return f"00-{otel_trace_id(trace_id)}-{inv}-01"
+    except Exception as exc:  # an id the tracer cannot map: no header, not a failure
+        logger.debug("traceparent_unavailable", extra={"error": safe_repr(exc)})
+        return None
+
