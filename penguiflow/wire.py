@@ -17,8 +17,9 @@ What an item becomes:
 A tagged value is ``{"t": tag, "v": json}``: ``tag`` is ``"module:QualName"`` for a
 pydantic model instance, else null. On the way in, a tag the receiver knows gives
 the model back; an unknown tag leaves the plain JSON data (a node that validates
-with a registry turns it into its input model then). Tuples arrive as lists,
-other containers of models as containers of dicts: JSON has no more.
+with a registry turns it into its input model then). Tuples and sets arrive as
+lists, containers of models as containers of dicts: JSON has no more. NaN and
+infinities are kept (written as ``NaN`` / ``Infinity``).
 
 Encoding fails with :class:`~penguiflow.errors.WireEncodingError` (a
 ``TypeError``) naming the edge and the type; decoding fails with
@@ -103,7 +104,8 @@ def dumps_item(item: Any, *, edge: str = "?") -> bytes:
             doc = {"e": item.to_payload()}
         else:
             doc = _tagged(item)
-        return pydantic_core.to_json(doc)
+        # NaN and infinities as JSON5-style constants: kept, not silently nulled.
+        return pydantic_core.to_json(doc, inf_nan_mode="constants")
     except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
         payload = item.payload if isinstance(item, Message) else item
         raise WireEncodingError(

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
 import os
 import signal
@@ -101,7 +102,12 @@ def load_flow(target: str) -> tuple[PenguiFlow, ModelRegistry | None]:
     except AttributeError:
         raise UsageFailure(f"module {module_name!r} has no attribute {attr!r}") from None
     if not isinstance(value, PenguiFlow) and callable(value):
-        value = value()
+        try:
+            value = value()
+        except Exception as exc:
+            raise UsageFailure(
+                f"{target}() raised {type(exc).__name__}: {exc} (ATTR must be a PenguiFlow "
+                f"or a callable taking no arguments that returns one)") from exc
     registry = getattr(module, "registry", None)
     if isinstance(value, tuple) and len(value) == 2:
         value, registry = value
@@ -152,6 +158,9 @@ async def serve(flow: PenguiFlow, bus: RedisMessageBus, *, registry: ModelRegist
         logger.info("worker_draining_done", extra={
             "worker_id": binding.worker_id, "left_to_others": left, "stats": dict(bus.stats)})
         await flow.stop()
+        print(f"pf worker: worker {binding.worker_id} stopped ({left} entries left to other "
+              f"workers); stats {json.dumps(bus.stats, sort_keys=True)}",
+              file=sys.stderr, flush=True)
         return EXIT_OK
     finally:
         if own_signals:

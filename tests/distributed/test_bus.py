@@ -1,0 +1,251 @@
+"""RedisMessageBus and the binding, in one process (two flows = two "processes").
+
+Faster than real processes, and able to reach inside: capacity, duplicates,
+poison entries, joins under redelivery, cancels, misuse and an unreachable Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import dist_flows
+import pytest
+import redis.asyncio as aioredis
+from dist_support import eventually, free_port
+
+from penguiflow import Headers, Message, Node, NodePolicy, create
+from penguiflow.binding import Parcel, is_delivering
+from penguiflow.bus import InMemoryMessageBus
+from penguiflow.core import PenguiFlow
+from penguiflow.errors import ConfigurationError, InvalidArgument, WireEncodingError
+from penguiflow.state import InMemoryStateStore
+from penguiflow_distributed import RedisMessageBus
+
+NONE = NodePolicy(validate="none")
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Any]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+class Pair:
+    """A client flow (no nodes) and a worker flow (every node) on one Redis."""
+
+    def __init__(self, build: Any, url: str, namespace: str, **bus: Any) -> None:
+        self.client, self.worker = build(), build()
+        self.client_bus = RedisMessageBus(url, namespace=namespace, **bus)
+        self.worker_bus = RedisMessageBus(url, namespace=namespace, **bus)
+
+    async def start(self, *, worker: bool = True, **run: Any) -> Pair:
+        if worker:
+            self.worker.run(message_bus=self.worker_bus, **run)
+            await self.worker_bus.ready()
+        self.client.run(message_bus=self.client_bus, nodes=[])
+        await self.client_bus.ready()
+        return self
+
+    async def stop(self) -> None:
+        await self.client.stop()
+        await self.worker.stop()
+
+
+def msg(payload: Any, trace_id: str | None = None, **meta: Any) -> Message:
+    extra = {} if trace_id is None else {"trace_id": trace_id}
+    return Message(payload=payload, headers=Headers(tenant="t"), meta=meta, **extra)
+
+
+# -- the surface -----------------------------------------------------------------------
+
+
+def test_the_redis_bus_delivers_and_the_2_1_buses_only_publish() -> None:
+    assert is_delivering(RedisMessageBus())
+    assert not is_delivering(InMemoryMessageBus())
+
+
+def test_every_keyword_can_ride_on_the_url() -> None:
+    bus = RedisMessageBus.from_url(
+        "redis://u:secret@h:6380/2?namespace=shop&claim_idle_s=2.5&prefetch=4&socket_timeout=3")
+    assert (bus.namespace, bus.claim_idle_s, bus.prefetch) == ("shop", 2.5, 4)
+    # redis-py's own options stay on the URL; the password never shows.
+    assert bus.url == "redis://u:secret@h:6380/2?socket_timeout=3"
+    assert "secret" not in repr(bus) and "***" in repr(bus)
+    assert RedisMessageBus.from_url("redis://h/0?namespace=a", namespace="b").namespace == "b"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"claim_idle_s": 0}, "claim_idle_s must be > 0 seconds; got 0"),
+    ({"prefetch": 0}, "block_ms and prefetch must be >= 1"),
+    ({"namespace": "a:b"}, "namespace must be a non-empty name without ':'"),
+])
+def test_bad_bus_options_are_refused_with_what_to_fix(kwargs: dict[str, Any],
+                                                     message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        RedisMessageBus(**kwargs)
+
+
+async def test_nodes_needs_a_delivering_bus_and_names_real_nodes() -> None:
+    flow = dist_flows.chain()
+    with pytest.raises(ConfigurationError, match="nodes= needs a delivering message bus"):
+        flow.run(nodes=["a"])
+    with pytest.raises(ConfigurationError, match="nodes= needs a delivering message bus"):
+        flow.run(message_bus=InMemoryMessageBus(), nodes=[])
+    with pytest.raises(ConfigurationError, match=r"names no node of this flow: 'x'") as info:
+        flow.run(message_bus=RedisMessageBus(), nodes=["a", "x"])
+    assert info.value.hint == "the flow's nodes are a, b, c, d, e"
+    with pytest.raises(TypeError, match="nodes must be a list of node names, not a str"):
+        flow.run(message_bus=RedisMessageBus(), nodes="a")
+    assert not flow.running
+
+
+# -- delivery ------------------------------------------------------------------------
+
+
+async def test_an_edge_holds_at_most_queue_maxsize_entries(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    def build() -> PenguiFlow:
+        async def sink(m: Message, ctx: Any) -> Message:
+            return m
+        return create(Node(sink, name="sink", policy=NONE).to(), queue_maxsize=3,
+                      name="bounded")
+
+    pair = await Pair(build, redis_url, namespace).start(worker=False)  # nobody consumes
+    try:
+        for i in range(3):
+            await pair.client.emit(msg(i))
+        blocked = asyncio.ensure_future(pair.client.emit(msg(3)))
+        done, _ = await asyncio.wait([blocked], timeout=0.3)
+        assert not done and pair.client_bus.stats["full_waits"] > 0
+        assert await redis.xlen(f"{namespace}:bounded:edge:OpenSea->sink") == 3
+        # A consumer frees room: the waiting emit goes through, and all four arrive.
+        pair.worker.run(message_bus=pair.worker_bus)
+        await blocked
+        got = sorted([(await asyncio.wait_for(pair.client.fetch(), 10)).payload
+                      for _ in range(4)])
+        assert got == [0, 1, 2, 3]
+    finally:
+        await pair.stop()
+
+
+async def test_a_parcel_sent_twice_is_delivered_once(
+        redis_url: str, namespace: str) -> None:
+    pair = await Pair(dist_flows.chain, redis_url, namespace).start(worker=False)
+    try:
+        binding = pair.client.binding
+        assert binding is not None
+        from penguiflow.wire import dumps_item
+
+        item = msg("x:")
+        parcel = Parcel("OpenSea->a", dumps_item(item), item.trace_id, binding.worker_id,
+                        "hop-1", None, 1.0, None)
+        assert await pair.client_bus.send(parcel, maxsize=0) is not None
+        assert await pair.client_bus.send(parcel, maxsize=0) is None  # the same hop
+        assert pair.client_bus.stats["duplicates"] == 1
+        pair.worker.run(message_bus=pair.worker_bus)
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "x:abcde"
+        with pytest.raises(asyncio.QueueEmpty):
+            pair.client.fetch_nowait()
+    finally:
+        await pair.stop()
+
+
+async def test_a_poison_entry_is_dropped_counted_and_the_flow_goes_on(
+        redis_url: str, namespace: str, redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    store = InMemoryStateStore()
+    pair = Pair(dist_flows.chain, redis_url, namespace)
+    pair.worker.run(message_bus=pair.worker_bus, state_store=store)
+    await pair.worker_bus.ready()
+    await pair.start(worker=False)
+    stream = f"{namespace}:chain:edge:OpenSea->a"
+    try:
+        with caplog.at_level(logging.ERROR):
+            await redis.xadd(stream, {b"junk": b"\x00\xff"})  # not a parcel at all
+            await redis.xadd(stream, {b"e": b"OpenSea->a", b"d": b"{not json", b"t": b"tp",
+                                      b"r": b"w", b"h": b"h1", b"i": b"", b"s": b"1.0",
+                                      b"p": b""})  # a parcel whose item is not JSON
+            await pair.client.emit(msg("ok:"))
+            assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "ok:abcde"
+        assert pair.worker_bus.stats["undecodable"] == 1
+        binding = pair.worker.binding
+        assert binding is not None and binding.stats["undeliverable"] == 1
+        assert await redis.xlen(stream) == 0  # both settled: never delivered again
+        assert {"bus_entry_undecodable", "message_undeliverable"} <= {
+            r.getMessage() for r in caplog.records}
+        kinds = [e.kind for e in await store.load_history("tp")]
+        assert kinds == ["message_undeliverable"]
+    finally:
+        await pair.stop()
+
+
+async def test_a_payload_with_no_json_form_fails_at_emit_naming_edge_and_type(
+        redis_url: str, namespace: str) -> None:
+    pair = await Pair(dist_flows.chain, redis_url, namespace).start(worker=False)
+    try:
+        with pytest.raises(WireEncodingError,
+                           match=r"cannot send a object on edge 'OpenSea->a'") as info:
+            await pair.client.emit(msg(object()))
+        assert isinstance(info.value, TypeError)
+    finally:
+        await pair.stop()
+
+
+async def test_a_join_counts_a_redelivered_input_once(
+        redis_url: str, namespace: str) -> None:
+    pair = await Pair(dist_flows.fanout, redis_url, namespace).start(worker=False)
+    try:
+        bus = pair.client_bus
+        first = await bus.gather("join|t1", "hop-a", b"1", 2)
+        again = await bus.gather("join|t1", "hop-a", b"1", 2)  # hop-a redelivered
+        assert first == (None, True) and again == (None, False)
+        assert await bus.gather("join|t1", "hop-b", b"2", 2) == ([b"1", b"2"], True)
+        # The complete group is the answer to any input that comes again.
+        assert await bus.gather("join|t1", "hop-a", b"1", 2) == ([b"1", b"2"], False)
+    finally:
+        await pair.stop()
+
+
+async def test_a_cancel_drops_the_traces_queued_entries_and_stops_its_node(
+        redis_url: str, namespace: str, redis: Any, tmp_path: Any) -> None:
+    store = InMemoryStateStore()
+    pair = Pair(dist_flows.blocking, redis_url, namespace)
+    pair.worker.run(message_bus=pair.worker_bus, state_store=store)
+    await pair.worker_bus.ready()
+    await pair.start(worker=False)
+    try:
+        meta = {"started": str(tmp_path / "s"), "mark": str(tmp_path / "m")}
+        first = msg("one", trace_id="tc", **meta)
+        await pair.client.emit(first)
+        await pair.client.emit(msg("two", trace_id="tc", **meta))  # queued behind it
+        await eventually((tmp_path / "s").exists, "the node started")
+        assert await pair.client.cancel("tc") is True
+        await eventually((tmp_path / "m").exists, "the node saw the cancel")
+        binding = pair.worker.binding
+        assert binding is not None
+        await eventually(lambda: binding.stats["cancel_drops"] + binding.stats["settled"] >= 3,
+                         "every entry of the trace settled")
+        assert await redis.xlen(f"{namespace}:blocking:edge:gate->hold") == 0
+        kinds = [e.kind for e in await store.load_history("tc")]
+        assert "trace_cancel_start" in kinds and "node_cancelled" not in kinds
+        assert await pair.client.cancel("tc") is False  # known as cancelled already
+    finally:
+        await pair.stop()
+
+
+async def test_an_unreachable_redis_is_retried_logged_once_and_stop_still_returns(
+        caplog: pytest.LogCaptureFixture) -> None:
+    bus = RedisMessageBus(f"redis://127.0.0.1:{free_port()}/0", max_backoff_s=0.05)
+    flow = dist_flows.chain()
+    with caplog.at_level(logging.WARNING, logger="penguiflow_distributed"):
+        flow.run(message_bus=bus)
+        await eventually(lambda: bus.stats["link_errors"] >= 3, "three failed attempts")
+        await asyncio.wait_for(flow.stop(), 5)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings.count("bus_redis_unreachable") == 1
+    assert not flow.running
