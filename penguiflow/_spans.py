@@ -69,8 +69,8 @@ def _ns(ts: float) -> int:
 class _TraceSpans:
     """The open spans of one trace."""
 
-    __slots__ = ("flows", "inv_nodes", "nodes", "otel_id", "remote_count", "remotes", "root",
-                 "trace_id")
+    __slots__ = ("emitters", "flows", "inv_nodes", "nodes", "otel_id", "remote_count",
+                 "remotes", "root", "seen_flows", "trace_id")
 
     def __init__(self, trace_id: str, start_ts: float, flow_name: str | None) -> None:
         self.trace_id = trace_id
@@ -94,6 +94,12 @@ class _TraceSpans:
         self.inv_nodes: dict[str, str | None] = {}
         #: flow ids that recorded events here (a playbook subflow shares the trace).
         self.flows: set[str | None] = set()
+        #: Over a delivering bus (penguiflow.binding): the worker ids that emitted the
+        #: trace (``emitter`` of message events), and every flow id ever seen. Only
+        #: the emitter's process exports the root span: a worker's spans hang under
+        #: the spans of the processes that sent it their inputs.
+        self.emitters: set[str] | None = None
+        self.seen_flows: set[str | None] = set()
 
 
 class SpanModel:
@@ -147,6 +153,7 @@ class SpanModel:
             spans = self._traces[tid] = _TraceSpans(tid, start_ts, flow_name)
         root = spans.root
         spans.flows.add(flow_id)
+        spans.seen_flows.add(flow_id)
         ns = _ns(ts)
         if _ns(start_ts) < root.start_ns:
             root.start_ns = _ns(start_ts)
@@ -157,6 +164,16 @@ class SpanModel:
         if handler is not None:
             handler(self, spans, ns, node_name, node_id, invocation_id, parents, attempt,
                     latency_ms, extra)
+            if spans.emitters is not None and kind == "node_start" and invocation_id:
+                span = spans.nodes.get(invocation_id)
+                if span is not None and flow_id is not None:
+                    span.attributes[sc.PF_WORKER_ID] = flow_id
+        elif kind == "message_fetch" or kind == "message_emit":
+            emitter = extra.get("emitter")
+            if isinstance(emitter, str):
+                if spans.emitters is None:
+                    spans.emitters = set()
+                spans.emitters.add(emitter)
 
     def end_trace(self, trace_id: Any, flow_id: str | None = None) -> None:
         """End the root span (and any span still open) of ``trace_id``.
@@ -179,7 +196,9 @@ class SpanModel:
             # Still open when its trace ended (e.g. the flow stopped mid-call).
             span.end_ns = end
             self._on_end(span)
-        self._on_end(spans.root)
+        emitters = spans.emitters
+        if emitters is None or not emitters.isdisjoint(spans.seen_flows):
+            self._on_end(spans.root)
 
     def end_all(self) -> None:
         """End every open trace (the flow stopped)."""

@@ -23,14 +23,20 @@ to ``bus.bind``. From then on, in this process:
   acknowledged and dropped (``trace_cancel_drop``) instead of run.
 
 Events added in this mode (none in a single-process flow): ``message_emit`` (a parcel
-put on its edge; extra: ``edge``, ``entry``, ``hop``), ``message_fetch`` (taken by
-this process; extra: ``edge``, ``entry``, ``deliveries``, ``worker_id``; its
+put on its edge; extra: ``edge``, ``entry`` (None for a duplicate, then also
+``duplicate``), ``hop``, ``emitter``: the worker id the trace's results go to), ``message_fetch`` (taken by
+this process; extra: ``edge``, ``entry``, ``hop``, ``deliveries``, ``worker_id``, and
+``emitter``, and ``previous_worker`` for a parcel claimed from a process that stopped; its
 ``queued_ts`` is when it was sent, so the wait in the broker is
 ``ts - queued_ts``), ``stream_chunk`` (a streamed chunk sent) and
 ``message_undeliverable`` (a parcel that cannot be decoded, dropped).
 
-The worker id of a process is its flow's ``flow_id``, which every stored event and
-span of the process carries.
+The worker id of a process is its flow's ``flow_id``, which every stored event of the
+process carries, and its invocation spans as ``pf.worker.id``. Spans: the trace id is
+derived from the flow's trace id, so every process's spans are one OTel trace; an
+invocation's parent is the span of the invocation that sent its input (the parcel's
+``inv``, also sent as a W3C ``traceparent``); only the emitting process exports the
+root ``invoke_workflow`` span.
 """
 
 from __future__ import annotations
@@ -258,7 +264,8 @@ class BusBinding:
         rt = self._rt
         if rt.events.listening and trace_id is not None:
             ctx = self._contexts.get(floe.source) or self._contexts[ROOKERY]
-            extra: dict[str, Any] = {"edge": label, "entry": entry, "hop": hop}
+            extra: dict[str, Any] = {"edge": label, "entry": entry, "hop": hop,
+                                     "emitter": parcel.reply_to}
             if entry is None:
                 extra["duplicate"] = True
             kind = "stream_chunk" if isinstance(item, Message) and isinstance(
@@ -267,8 +274,13 @@ class BusBinding:
 
     # -- delivering (the bus's side) -------------------------------------------------
 
-    async def deliver(self, parcel: Parcel, *, handle: Any, deliveries: int = 1) -> None:
+    async def deliver(self, parcel: Parcel, *, handle: Any, deliveries: int = 1,
+                      previous: str | None = None) -> None:
         """Put a parcel the bus took for this process on its local floe.
+
+        ``deliveries``: how many times the bus handed it out, this time included;
+        ``previous``: the worker id that held it before (a parcel claimed from a
+        process that died), recorded on ``message_fetch`` as ``previous_worker``.
 
         Waits while the floe is full. A parcel of a cancelled trace is settled and
         dropped (``trace_cancel_drop``); one that cannot be decoded is settled and
@@ -305,7 +317,9 @@ class BusBinding:
                 "message_fetch", ctx, trace_id, parents=(parcel.inv,) if parcel.inv else (),
                 queued_ts=parcel.ts,
                 extra={"edge": parcel.edge, "entry": str(handle), "hop": parcel.hop,
-                       "deliveries": deliveries, "worker_id": self.worker_id})
+                       "deliveries": deliveries, "worker_id": self.worker_id,
+                       "emitter": parcel.reply_to,
+                       **({"previous_worker": previous} if previous else {})})
         if floe.target is ROOKERY:
             # A result is settled once it is here: fetch() is its end, and a process
             # that dies before fetching has no caller left to give it to.

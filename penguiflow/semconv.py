@@ -39,6 +39,8 @@ PF_TRACE_ID: Final = "pf.trace_id"
 PF_FLOW_ID: Final = "pf.flow.id"
 PF_NODE_ID: Final = "pf.node.id"
 PF_INVOCATION_ID: Final = "pf.invocation.id"
+#: The worker (process) an invocation ran in, over a delivering bus: its flow id.
+PF_WORKER_ID: Final = "pf.worker.id"
 PF_ATTEMPT: Final = "pf.attempt"
 PF_ATTEMPTS: Final = "pf.attempts"
 PF_BACKOFF_MS: Final = "pf.backoff_ms"

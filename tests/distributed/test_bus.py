@@ -249,3 +249,122 @@ async def test_an_unreachable_redis_is_retried_logged_once_and_stop_still_return
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings.count("bus_redis_unreachable") == 1
     assert not flow.running
+
+
+# -- one trace across processes -----------------------------------------------------------
+
+
+async def test_spans_of_every_process_make_one_trace_with_one_root(
+        redis_url: str, namespace: str) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    def build() -> PenguiFlow:
+        async def a(m: Message, ctx: Any) -> Message:
+            return m
+        async def b(m: Message, ctx: Any) -> Message:
+            return m
+        na, nb = Node(a, name="a", policy=NONE), Node(b, name="b", policy=NONE)
+        return create(na.to(nb), nb.to(), name="traced", tracer_provider=provider)
+
+    client, first, second = build(), build(), build()
+    buses = [RedisMessageBus(redis_url, namespace=namespace) for _ in range(3)]
+    first.run(message_bus=buses[1], nodes=["a"])
+    second.run(message_bus=buses[2], nodes=["b"])
+    client.run(message_bus=buses[0], nodes=[])
+    for bus in buses:
+        await bus.ready()
+    try:
+        sent = msg("x", trace_id="one-trace")
+        await client.emit(sent)
+        assert (await asyncio.wait_for(client.fetch(), 10)).payload == "x"
+    finally:
+        for flow in (client, first, second):
+            await flow.stop()
+    spans = exporter.get_finished_spans()
+    assert len({s.context.trace_id for s in spans}) == 1
+    roots = [s for s in spans if s.parent is None]
+    assert len(roots) == 1 and roots[0].name.startswith("invoke_workflow")
+    nodes = {s.attributes["pf.invocation.id"]: s for s in spans
+             if s.attributes and "pf.invocation.id" in s.attributes}
+    by_worker = {s.attributes["pf.worker.id"]: s for s in nodes.values()}
+    assert set(by_worker) == {first.flow_id, second.flow_id}
+    span_a, span_b = by_worker[first.flow_id], by_worker[second.flow_id]
+    assert span_a.parent is not None and span_a.parent.span_id == roots[0].context.span_id
+    # b ran in another process, under the span of the invocation that sent it its input.
+    assert span_b.parent is not None and span_b.parent.span_id == span_a.context.span_id
+
+
+# -- policies across processes ---------------------------------------------------------------
+
+_ATTEMPTS: dict[str, int] = {}
+
+
+def _policies() -> PenguiFlow:
+    async def gate(m: Message, ctx: Any) -> Message:
+        return m
+
+    async def flaky(m: Message, ctx: Any) -> Message:
+        _ATTEMPTS[m.trace_id] = _ATTEMPTS.get(m.trace_id, 0) + 1
+        if m.payload == "retry" and _ATTEMPTS[m.trace_id] == 1:
+            raise RuntimeError("first attempt fails")
+        if m.payload == "slow":
+            await asyncio.sleep(5)
+        return m.model_copy(update={"payload": f"ok after {_ATTEMPTS[m.trace_id]}"})
+
+    g = Node(gate, name="gate", policy=NONE)
+    f = Node(flaky, name="flaky", policy=NodePolicy(validate="none", max_retries=1,
+                                                    timeout_s=0.2, backoff_base=0.01))
+    return create(g.to(f), f.to(), name="policies", emit_errors_to_rookery=True)
+
+
+async def test_retries_timeouts_and_deadlines_hold_across_processes(
+        redis_url: str, namespace: str) -> None:
+    import time
+
+    from penguiflow import FinalAnswer
+    from penguiflow.errors import FlowError
+
+    pair = await Pair(_policies, redis_url, namespace).start()
+    try:
+        await pair.client.emit(msg("retry", trace_id="r1"))
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "ok after 2"
+        await pair.client.emit(msg("slow", trace_id="s1"))
+        error = await asyncio.wait_for(pair.client.fetch(), 10)
+        # The worker's FlowError crossed the wire (its exception object stayed behind).
+        assert isinstance(error, FlowError) and error.code == "NODE_TIMEOUT"
+        assert (error.trace_id, error.node_name) == ("s1", "flaky") and _ATTEMPTS["s1"] == 2
+        expired = Message(payload="late", headers=Headers(tenant="t"), trace_id="d1",
+                          deadline_s=time.time() - 1)
+        await pair.client.emit(expired)
+        answer = await asyncio.wait_for(pair.client.fetch(), 10)
+        assert answer.payload == FinalAnswer(text="Deadline exceeded") and "d1" not in _ATTEMPTS
+    finally:
+        await pair.stop()
+
+
+async def test_bus_counters_are_exported_as_metrics(redis_url: str, namespace: str) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    pair = Pair(dist_flows.chain, redis_url, namespace,
+                meter_provider=MeterProvider(metric_readers=[reader]))
+    await pair.start()
+    try:
+        await pair.client.emit(msg("m:"))
+        await asyncio.wait_for(pair.client.fetch(), 10)
+    finally:
+        await pair.stop()
+    data = reader.get_metrics_data()
+    assert data is not None
+    points = {m.name: sum(p.value for p in m.data.data_points)
+              for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    # Two buses (client and worker) on one provider: the client sent 1, the worker 5.
+    assert points["penguiflow.bus.sent"] == 6 and points["penguiflow.bus.settled"] >= 6
+    assert points["penguiflow.bus.reconnects"] == 0

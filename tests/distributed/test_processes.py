@@ -201,6 +201,7 @@ async def test_a_worker_killed_mid_node_loses_no_trace(
                    if e.kind == "message_fetch" and e.payload.get("deliveries", 1) > 1]
     assert fetched and {e.payload["worker_id"] for e in fetched} <= {
         survivor.worker_id, restarted.worker_id}
+    assert {e.payload["previous_worker"] for e in fetched} == {victim.worker_id}
 
 
 async def test_a_redis_restart_mid_run_loses_no_trace(

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,8 @@ class RedisMessageBus:
             registry's and penguiflow's own.
         client: an existing ``redis.asyncio.Redis`` to use instead of ``url``
             (not closed by the bus).
+        meter_provider: where the ``penguiflow.bus.*`` counters go (default: the
+            global OpenTelemetry MeterProvider; a no-op until one is configured).
 
     Raises:
         InvalidArgument: (a ``ValueError``) a value out of range.
@@ -102,7 +105,8 @@ class RedisMessageBus:
                  namespace: str = "penguiflow", claim_idle_s: float = 30.0,
                  dedup_ttl_s: float = 86_400.0, join_ttl_s: float = 86_400.0,
                  block_ms: int = 1000, max_backoff_s: float = 5.0, prefetch: int = 16,
-                 types: Iterable[type[BaseModel]] = (), client: Any = None) -> None:
+                 types: Iterable[type[BaseModel]] = (), client: Any = None,
+                 meter_provider: Any = None) -> None:
         for name, value in (("claim_idle_s", claim_idle_s), ("dedup_ttl_s", dedup_ttl_s),
                             ("join_ttl_s", join_ttl_s), ("max_backoff_s", max_backoff_s)):
             if not value > 0:
@@ -125,6 +129,8 @@ class RedisMessageBus:
         self.prefetch = int(prefetch)
         #: Extra models rebuilt by name on receipt (the flow adds its registry's).
         self.types: tuple[type[BaseModel], ...] = tuple(types)
+        self._meter_provider = meter_provider
+        self._worker_id = ""
         self._own_client = client is None
         self._redis: Any = client
         self._binding: BusBinding | None = None
@@ -230,6 +236,7 @@ class RedisMessageBus:
                                                name="pf-bus:control"))
         self._tasks.append(asyncio.create_task(self._keep_alive(streams[:-1]),
                                                name="pf-bus:claim"))
+        self._worker_id = binding.worker_id
         self._register_metrics()
         self._ready.set()
         logger.info("bus_bound", extra={
@@ -345,7 +352,7 @@ class RedisMessageBus:
                     await self._deliver(stream, entry, fields, 1)
 
     async def _deliver(self, stream: str, entry: bytes | str, fields: Mapping[bytes, bytes],
-                       deliveries: int) -> None:
+                       deliveries: int, *, previous: str | None = None) -> None:
         binding = self._binding
         assert binding is not None
         entry_id = entry.decode() if isinstance(entry, bytes) else entry
@@ -362,7 +369,7 @@ class RedisMessageBus:
             await self.settle(Inbound(None, 0.0, None, "?", handle, "", "", deliveries))
             return
         self.stats["delivered"] += 1
-        await binding.deliver(parcel, handle=handle, deliveries=deliveries)
+        await binding.deliver(parcel, handle=handle, deliveries=deliveries, previous=previous)
 
     async def settle(self, inbound: Inbound) -> None:
         """Acknowledge and delete the entry of ``inbound`` (retried while Redis is away;
@@ -407,32 +414,31 @@ class RedisMessageBus:
                     logger.error("bus_claim_failed", extra={"error": str(exc)})
 
     async def _claim(self, stream: str, consumer: str, idle_ms: int) -> None:
-        start = "0-0"
-        while True:
-            reply = await self._redis.xautoclaim(stream, GROUP, consumer, idle_ms,
-                                                 start_id=start, count=self.prefetch)
-            start = reply[0]
-            claimed = reply[1]
-            for gone in reply[2] if len(reply) > 2 else ():
-                # Deleted while pending: nothing to run, only the pending entry to drop.
+        """Take over the entries idle for ``idle_ms`` (their process stopped refreshing
+        them: it died). XPENDING first, for who held them and how often they were
+        delivered (the store records both), then XCLAIM, which skips any entry its
+        holder refreshed meanwhile."""
+        rows = await self._redis.xpending_range(stream, GROUP, min="-", max="+",
+                                                count=self.prefetch, idle=idle_ms)
+        if not rows:
+            return
+        held = {_str(row["message_id"]): (_str(row["consumer"]), int(row["times_delivered"]))
+                for row in rows}
+        claimed = await self._redis.xclaim(stream, GROUP, consumer, idle_ms, list(held))
+        found = set()
+        for entry, fields in claimed:
+            entry_id = _str(entry)
+            found.add(entry_id)
+            if not fields:
+                continue
+            previous, times = held.get(entry_id, (None, 1))
+            self.stats["claimed"] += 1
+            await self._deliver(stream, entry, fields, times + 1, previous=previous)
+        for gone in set(held) - found:
+            # Deleted while pending (or claimed by another process first): nothing to
+            # run here; XACK drops a deleted one from the pending list, else a no-op.
+            if not await self._redis.xrange(stream, min=gone, max=gone):
                 await self._redis.xack(stream, GROUP, gone)
-            if claimed:
-                counts = await self._deliveries(stream, claimed)
-                for entry, fields in claimed:
-                    if fields is None:
-                        continue
-                    self.stats["claimed"] += 1
-                    key = entry.decode() if isinstance(entry, bytes) else entry
-                    await self._deliver(stream, entry, fields, counts.get(key, 2))
-            if start in (b"0-0", "0-0"):
-                return
-
-    async def _deliveries(self, stream: str, claimed: Sequence[Any]) -> dict[str, int]:
-        ids = [e.decode() if isinstance(e, bytes) else e for e, _ in claimed]
-        rows = await self._redis.xpending_range(stream, GROUP, min=min(ids), max=max(ids),
-                                                count=len(ids) * 4 + 10)
-        return {(row["message_id"].decode() if isinstance(row["message_id"], bytes)
-                 else row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     # -- cancellation ----------------------------------------------------------------
 
@@ -515,18 +521,42 @@ class RedisMessageBus:
                 "reconnects": self.stats["reconnects"]})
 
     def _register_metrics(self) -> None:
-        from opentelemetry import metrics
+        """Report :attr:`stats` as ``penguiflow.bus.<name>`` counters, one point per bus
+        (attribute ``pf.worker.id``). Instruments are made once per meter provider
+        (a second one of the same name would be refused), for every bus using it."""
+        key = self._meter_provider if self._meter_provider is not None else _GLOBAL_METER
+        buses = _METERED.get(key)
+        if buses is None:
+            buses = _METERED[key] = weakref.WeakSet()
+            _make_instruments(self._meter_provider, buses)
+        buses.add(self)
 
-        meter = metrics.get_meter("penguiflow_distributed")
 
-        def observe(name: str) -> Any:
-            def callback(_options: Any) -> Iterable[metrics.Observation]:
-                yield metrics.Observation(self.stats[name])
-            return callback
+_GLOBAL_METER = type("_GlobalMeterProvider", (), {})()
+#: The buses each meter provider reports (instruments made once per provider).
+_METERED: weakref.WeakKeyDictionary[Any, weakref.WeakSet[RedisMessageBus]] = (
+    weakref.WeakKeyDictionary())
 
-        for name in _STATS:
-            meter.create_observable_counter(f"penguiflow.bus.{name}",
-                                            callbacks=[observe(name)])
+
+def _make_instruments(provider: Any, buses: weakref.WeakSet[RedisMessageBus]) -> None:
+    from opentelemetry import metrics
+
+    meter = (provider.get_meter("penguiflow_distributed") if provider is not None
+             else metrics.get_meter("penguiflow_distributed"))
+
+    def observe(name: str) -> Any:
+        def callback(_options: Any) -> Iterable[metrics.Observation]:
+            for bus in list(buses):
+                binding_id = bus._worker_id
+                yield metrics.Observation(bus.stats[name], {"pf.worker.id": binding_id})
+        return callback
+
+    for name in _STATS:
+        meter.create_observable_counter(f"penguiflow.bus.{name}", callbacks=[observe(name)])
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _text(value: str | None) -> bytes:
