@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -202,6 +204,12 @@ async def test_a_worker_killed_mid_node_loses_no_trace(
     assert fetched and {e.payload["worker_id"] for e in fetched} <= {
         survivor.worker_id, restarted.worker_id}
     assert {e.payload["previous_worker"] for e in fetched} == {victim.worker_id}
+    # pf inspect marks the redelivery on a trace that crossed the workers.
+    shown = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "penguiflow_inspector.cli", "inspect", fetched[0].trace_id,
+        "--plain", "--store", store_url], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert f"taken from stopped worker {victim.worker_id}" in shown.stdout
 
 
 async def test_a_redis_restart_mid_run_loses_no_trace(

@@ -153,7 +153,8 @@ def test_inspect_json_has_stable_keys(store_url: str,
     assert list(view) == ["trace_id", "otel_trace_id", "root_span_id", "flow_name", "status",
                           "events_lost", "start", "end", "duration_ms", "invocations",
                           "remote_calls", "remote_stats", "cancels", "deadlines", "critical_path",
-                          "events"]
+                          "hops", "abandoned", "events"]
+    assert view["hops"] == [] and view["abandoned"] == []
     assert view["events_lost"] == 0
     assert view["status"] == "ok" and view["duration_ms"] == pytest.approx(100.0, abs=0.01)
     assert [e["kind"] for e in view["events"]] == ["node_start", "node_success"]

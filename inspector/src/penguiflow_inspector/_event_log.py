@@ -87,6 +87,12 @@ class EventRows(Sequence[EventRow]):
             return EventRows(self._events, self._positions[index])
         return event_row(self._events[self._positions[index]])
 
+    def stored(self) -> Iterator[StoredEvent]:
+        """The stored events behind the rows, in order (flow ids, queued times)."""
+        events = self._events
+        for position in self._positions:
+            yield events[position]
+
     def __iter__(self) -> Iterator[EventRow]:
         events = self._events
         for position in self._positions:

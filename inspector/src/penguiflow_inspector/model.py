@@ -31,8 +31,11 @@ if TYPE_CHECKING:
     from penguiflow.state import StoredEvent
 
 __all__ = [
+    "AbandonedView",
     "AttemptView",
+    "HopView",
     "build_trace",
+    "bus_hops",
     "critical_path",
     "remote_stats",
     "CancelView",
@@ -734,6 +737,62 @@ def _waited_for(inv: InvocationView, lookup: Mapping[str, InvocationView],
         if parent_end > best_end:
             best, best_end = parent, parent_end
     return best
+
+
+@dataclass(frozen=True, slots=True)
+class HopView:
+    """One message a process took from the message bus (a ``message_fetch`` event)."""
+
+    ts: float
+    edge: str
+    node_name: str | None
+    worker: str | None
+    """The worker id (flow id) of the process that took it."""
+    waited_ms: float | None
+    """From when it was sent to when it was taken: the time it spent in the broker."""
+    deliveries: int
+    previous_worker: str | None
+    """Who held it before, when it was claimed from a worker that stopped."""
+
+
+@dataclass(frozen=True, slots=True)
+class AbandonedView:
+    """An attempt that started on a worker that stopped before it ended; its input
+    was delivered again to another worker (see :func:`bus_hops`)."""
+
+    invocation_id: str
+    node_name: str | None
+    worker: str
+
+
+def bus_hops(view: TraceView) -> tuple[list[HopView], list[AbandonedView]]:
+    """The trace's hops across processes (empty for a single-process flow) and the
+    attempts abandoned by workers that stopped mid-node.
+
+    An invocation is abandoned when it has no end, ran on a worker that a later
+    delivery names as ``previous_worker``, and the trace went on without it.
+    """
+    hops: list[HopView] = []
+    started: dict[str, tuple[str | None, str | None]] = {}
+    for ev in view.events.stored() if isinstance(view.events, EventRows) else ():
+        if ev.kind == "message_fetch":
+            p = ev.payload
+            deliveries = p.get("deliveries")
+            previous = p.get("previous_worker")
+            hops.append(HopView(
+                ev.ts, str(p.get("edge", "?")), ev.node_name, ev.flow_id,
+                None if ev.queued_ts is None else (ev.ts - ev.queued_ts) * 1000.0,
+                deliveries if isinstance(deliveries, int) else 1,
+                previous if isinstance(previous, str) else None))
+        elif ev.kind == "node_start" and ev.invocation_id is not None:
+            started.setdefault(ev.invocation_id, (ev.node_name, ev.flow_id))
+    gone = {h.previous_worker for h in hops if h.previous_worker}
+    abandoned: list[AbandonedView] = []
+    for inv in view.invocations:
+        worker = started.get(inv.invocation_id, (None, None))[1]
+        if inv.end is None and worker is not None and worker in gone:
+            abandoned.append(AbandonedView(inv.invocation_id, inv.node_name, worker))
+    return hops, abandoned
 
 
 def build_trace(events: Sequence[StoredEvent]) -> TraceView:

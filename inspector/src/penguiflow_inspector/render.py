@@ -23,6 +23,7 @@ from .model import (
     InvocationView,
     RemoteCallView,
     TraceView,
+    bus_hops,
     remote_stats,
     served_runs,
 )
@@ -116,7 +117,19 @@ def trace_json(view: TraceView) -> dict[str, Any]:
         "cancels": [_cancel(c) for c in view.cancels],
         "deadlines": [_deadline(d) for d in view.deadlines],
         "critical_path": list(view.critical_path),
+        **_hops_json(view),
         "events": [_event_row(e) for e in view.events],
+    }
+
+
+def _hops_json(view: TraceView) -> dict[str, Any]:
+    hops, abandoned = bus_hops(view)
+    return {
+        "hops": [{"ts": h.ts, "edge": h.edge, "node_name": h.node_name, "worker": h.worker,
+                  "waited_ms": h.waited_ms, "deliveries": h.deliveries,
+                  "previous_worker": h.previous_worker} for h in hops],
+        "abandoned": [{"invocation_id": a.invocation_id, "node_name": a.node_name,
+                       "worker": a.worker} for a in abandoned],
     }
 
 
@@ -223,7 +236,7 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
         f"waterfall (0 .. {_ms(view.duration_ms)}; █ ran, ▒ still running; "
         "↻ retries, ⏱ timeouts, ≡ chunks, ✕ cancelled; * on the critical path)",
     ]
-    rows = _waterfall_rows(view)
+    rows = _waterfall_rows(view, {a.invocation_id for a in bus_hops(view)[1]})
     lines.extend(rows[:max_rows])
     if len(rows) > max_rows:
         lines.append(f"  ... {len(rows) - max_rows} more rows (pf inspect --json has them all)")
@@ -271,10 +284,39 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
         lines += [f"  {d.node_name or '-'} skipped at +{_ms((d.ts - view.start) * 1000)}: "
                   f"deadline passed {_ms(-(d.remaining_ms or 0.0))} before"
                   for d in view.deadlines]
+    lines += _hop_lines(view, max_rows)
     if view.critical_path:
         path = " → ".join(names.get(i, "?") for i in view.critical_path)
         lines += ["", f"critical path: {path}"]
     return "\n".join(lines) + "\n"
+
+
+def _hop_lines(view: TraceView, max_rows: int) -> list[str]:
+    """The hops across processes (a flow run over a message bus), and the attempts
+    abandoned by workers that stopped mid-node; nothing for a single-process trace."""
+    hops, abandoned = bus_hops(view)
+    if not hops:
+        return []
+    waits = sorted(h.waited_ms for h in hops if h.waited_ms is not None)
+    workers = {h.worker for h in hops if h.worker}
+    lines = ["", f"hops across processes: {len(hops)} on {len(workers)} "
+                 f"worker{'s' if len(workers) != 1 else ''}"
+                 + (f", waited in the broker p50 {_ms(waits[len(waits) // 2])}, "
+                    f"max {_ms(waits[-1])}" if waits else "")]
+    for h in hops[:max_rows]:
+        again = (f"  redelivered (delivery {h.deliveries}"
+                 + (f", taken from stopped worker {h.previous_worker}" if h.previous_worker
+                    else "") + ")") if h.deliveries > 1 else ""
+        lines.append(f"  +{_ms((h.ts - view.start) * 1000):>9} {h.edge:<24} "
+                     f"worker {h.worker or '-'}  waited {_ms(h.waited_ms)}{again}")
+    if len(hops) > max_rows:
+        lines.append(f"  ... {len(hops) - max_rows} more hops (pf inspect --json has them all)")
+    if abandoned:
+        lines += ["", "abandoned attempts (their worker stopped mid-node; the input ran "
+                      "again elsewhere)"]
+        lines += [f"  {a.node_name or '-'} ({a.invocation_id}) on worker {a.worker}"
+                  for a in abandoned[:max_rows]]
+    return lines
 
 
 def _markers(view: TraceView) -> list[EventRow]:
@@ -283,12 +325,14 @@ def _markers(view: TraceView) -> list[EventRow]:
     return [row for row in view.events if row.kind == EVENTS_LOST_KIND]
 
 
-def _waterfall_rows(view: TraceView) -> list[str]:
+def _waterfall_rows(view: TraceView, abandoned: frozenset[str] | set[str] = frozenset()
+                    ) -> list[str]:
     """The ``--plain`` waterfall lines: invocations and remote calls in start order.
 
     A served run (the invocations of another agent's flow that served a remote
     call in this trace, see :func:`served_runs`) is listed right under its
-    call's line, one level deeper (``⤷``), with its own calls (``↳``).
+    call's line, one level deeper (``⤷``), with its own calls (``↳``). An
+    invocation in ``abandoned`` (its worker stopped mid-node) says so as its status.
     """
     span = view.end - view.start
     critical = set(view.critical_path)
@@ -296,7 +340,8 @@ def _waterfall_rows(view: TraceView) -> list[str]:
     def inv_line(inv: InvocationView, depth: int) -> str:
         mark = "*" if inv.invocation_id in critical else " "
         name = f"{'  ' * depth}⤷ {inv.node_name}" if depth else inv.node_name
-        return (f"{mark} {name[:18]:<18} {inv.status:<9} "
+        status = "abandoned" if inv.invocation_id in abandoned else inv.status
+        return (f"{mark} {name[:18]:<18} {status:<9} "
                 f"+{_ms((inv.start - view.start) * 1000):>9} "
                 f"{_ms(inv.duration_ms):>9} "
                 f"|{_bar(inv.start, inv.end, view.start, span)}| {_glyphs(inv)}").rstrip()
