@@ -398,14 +398,6 @@ class PenguiFlow:
         loop = asyncio.get_running_loop()
         deadline = None if store_timeout_s is None else loop.time() + store_timeout_s
         try:
-            binding = rt.binding
-            if binding is not None:
-                # No more deliveries: what was delivered and not settled goes to
-                # another process once this one's entries are claimed.
-                try:
-                    await binding.bus.unbind()
-                except Exception as exc:
-                    logger.error("message_bus_unbind_failed", extra={"error": safe_repr(exc)})
             tasks = [w.task for w in self._workers if w.task is not None]
             for task in tasks:
                 task.cancel()
@@ -416,6 +408,17 @@ class PenguiFlow:
             for fut in externals:
                 fut.cancel()
             await asyncio.gather(*externals, return_exceptions=True)
+            binding = rt.binding
+            if binding is not None:
+                # Sends and settles still on their way get a moment (an edge may be
+                # full with nobody left to drain it), then the bus stops: what was
+                # delivered here and not settled goes to another process once its
+                # entries are claimed.
+                await _settle(list(rt.bus_tasks), loop.time() + BOUND_STOP_S)
+                try:
+                    await binding.bus.unbind()
+                except Exception as exc:
+                    logger.error("message_bus_unbind_failed", extra={"error": safe_repr(exc)})
             if rt.bus_tasks:
                 await asyncio.gather(*rt.bus_tasks, return_exceptions=True)
             if cut or not await self._flush_store(deadline):
@@ -768,6 +771,10 @@ async def _settle(tasks: Sequence[asyncio.Future[Any]], deadline: float | None) 
         # event waited for the store ends here, before stop() returns.
         await asyncio.wait(pending, timeout=0)
     return len(pending)
+
+
+#: How long ``stop()`` waits for a bound flow's sends and settles in flight.
+BOUND_STOP_S = 2.0
 
 
 def _bind_done(task: asyncio.Task[Any]) -> None:

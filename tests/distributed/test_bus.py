@@ -368,3 +368,20 @@ async def test_bus_counters_are_exported_as_metrics(redis_url: str, namespace: s
     # Two buses (client and worker) on one provider: the client sent 1, the worker 5.
     assert points["penguiflow.bus.sent"] == 6 and points["penguiflow.bus.settled"] >= 6
     assert points["penguiflow.bus.reconnects"] == 0
+
+
+async def test_a_redis_that_refuses_the_bus_fails_every_send_with_the_reason(
+        redis_url: str, namespace: str, redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from penguiflow_distributed import BusBindError
+
+    # A plain string where the bus needs its stream: Redis answers WRONGTYPE.
+    await redis.set(f"{namespace}:chain:edge:OpenSea->a", "not a stream")
+    flow = dist_flows.chain()
+    bus = RedisMessageBus(redis_url, namespace=namespace)
+    with caplog.at_level(logging.ERROR):
+        flow.run(message_bus=bus)
+        with pytest.raises(BusBindError, match="refused the bus for flow 'chain'") as info:
+            await asyncio.wait_for(flow.emit(msg("x")), 5)
+        await flow.stop()
+    assert "WRONGTYPE" in str(info.value) and isinstance(info.value, RuntimeError)
+    assert "message_bus_bind_failed" in [r.getMessage() for r in caplog.records]

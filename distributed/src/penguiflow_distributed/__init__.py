@@ -12,6 +12,6 @@ worker process. See ``docs/guides/distributed.md``.
 
 from __future__ import annotations
 
-from .bus import RedisMessageBus
+from .bus import BusBindError, RedisMessageBus
 
-__all__ = ["RedisMessageBus"]
+__all__ = ["BusBindError", "RedisMessageBus"]

@@ -46,11 +46,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from penguiflow.binding import BusBinding, Inbound, Parcel
 from penguiflow.bus import BusEnvelope
-from penguiflow.errors import ConfigurationError, InvalidArgument
+from penguiflow.errors import ConfigurationError, InvalidArgument, PenguiFlowError
 
 from . import _scripts
 
-__all__ = ["RedisMessageBus"]
+__all__ = ["BusBindError", "RedisMessageBus"]
 
 logger = logging.getLogger("penguiflow_distributed")
 
@@ -63,6 +63,11 @@ _URL_KEYWORDS: dict[str, type] = {
     "block_ms": int, "max_backoff_s": float, "prefetch": int}
 _STATS = ("sent", "duplicates", "full_waits", "delivered", "claimed", "settled",
           "cancels_sent", "cancels_received", "link_errors", "reconnects", "undecodable")
+
+
+class BusBindError(PenguiFlowError, RuntimeError):
+    """The bus could not start (Redis refused it: bad credentials, a wrong database,
+    a key of another type under the namespace); every send and cancel raises it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +148,7 @@ class RedisMessageBus:
         self._drained = asyncio.Event()
         self._drained.set()
         self._down_since: float | None = None
+        self._bind_error: BusBindError | None = None
         self._scripts: dict[str, Any] = {}
         #: Counters (see the module docstring); also OTel metrics ``penguiflow.bus.<name>``.
         self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
@@ -227,9 +233,17 @@ class RedisMessageBus:
         streams = [self.edge_stream(e.label) for e in binding.edges.values()
                    if e.local and not e.to_rookery]
         streams.append(self.reply_stream(binding.worker_id))
-        await self._retrying("create the consumer groups", self._create_groups, streams)
         control = f"{self._prefix()}:control"
-        last = await self._retrying("read past cancels", self._past_cancels, control)
+        try:
+            await self._retrying("create the consumer groups", self._create_groups, streams)
+            last = await self._retrying("read past cancels", self._past_cancels, control)
+        except ResponseError as exc:
+            # Not a link problem, so retrying will not help: every send says why.
+            self._bind_error = BusBindError(
+                f"Redis at {_redact(self.url)} refused the bus for flow "
+                f"{binding.flow_name!r} (namespace {self.namespace!r}): {exc}")
+            self._ready.set()
+            raise self._bind_error from exc
         self._tasks = [asyncio.create_task(self._read(s), name=f"pf-bus:read:{s}")
                        for s in streams]
         self._tasks.append(asyncio.create_task(self._control(control, last),
@@ -292,6 +306,7 @@ class RedisMessageBus:
                 await self._redis.aclose()
             self._redis = None
         self._binding = None
+        self._bind_error = None
         self._ready.clear()
         self._in_hand.clear()
         self._drained.set()
@@ -304,6 +319,8 @@ class RedisMessageBus:
         Waits while the edge is full and while Redis is unreachable.
         """
         await self._ready.wait()
+        if self._bind_error is not None:
+            raise self._bind_error
         stream = self._stream_of(parcel)
         hop_key = f"{self._prefix()}:hop:{parcel.hop}"
         args = [max(maxsize, 0), int(self.dedup_ttl_s),
@@ -445,6 +462,8 @@ class RedisMessageBus:
     async def cancel(self, trace_id: str) -> None:
         """Broadcast that ``trace_id`` is cancelled (every bound process applies it)."""
         await self._ready.wait()
+        if self._bind_error is not None:
+            raise self._bind_error
         await self._retrying("cancel", self._redis.xadd, f"{self._prefix()}:control",
                              {b"cancel": trace_id.encode("utf-8", "surrogatepass")},
                              maxlen=10_000, approximate=True)
