@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = [
@@ -70,3 +74,54 @@ def test_benchmarks_quick_mode_prints_table(tmp_path: Path) -> None:
     assert len(doc["rows"]) == len(table) - 2
     assert all(r["ours"] is not None and r["floor"] is not None
                for r in doc["rows"] if not r["note"].startswith("skipped"))
+
+
+DISTRIBUTED_ROWS = [
+    "floor: redis-py XADD→XREADGROUP→XACK, 2 processes, msgs/s",
+    "floor: one-hop latency p50 (XADD stamp → XREADGROUP return), µs",
+    "chain N=5, 2 workers (a,b,c / d,e), throughput per hop, msgs/s",
+    "chain N=5, 2 workers (a,b,c / d,e), one-hop latency p50 = e2e/6, µs",
+    "chain N=5, 2 workers (a,b,c / d,e), one-hop latency p50, send→node stamps, µs",
+    "chain N=5, 1 worker (all nodes each), throughput per hop, msgs/s",
+    "chain N=5, 2 workers (all nodes each), throughput per hop, msgs/s",
+    "chain N=5, 4 workers (all nodes each), throughput per hop, msgs/s",
+]
+
+
+def test_distributed_benchmark_quick_mode_prints_table(tmp_path: Path) -> None:
+    """benchmarks/distributed.py --quick (~7 s): against $TEST_REDIS_URL when set, else
+    the script's own throwaway redis-server; neither: skipped, or failed under CI=true."""
+    env = dict(os.environ)
+    env.pop("PF_BENCH_REDIS_URL", None)
+    if os.environ.get("TEST_REDIS_URL"):
+        env["PF_BENCH_REDIS_URL"] = os.environ["TEST_REDIS_URL"]
+    elif shutil.which("redis-server") is None:
+        reason = "TEST_REDIS_URL is unset and redis-server is not installed"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but no Redis for the distributed benchmark: {reason}",
+                        pytrace=False)
+        pytest.skip(reason)
+    out_json = tmp_path / "dist.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--quick",
+         "--json", str(out_json)],
+        cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    table = [_cells(line) for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert table[0] == ["workload", "floor", "ours", "ratio"]
+    rows = {cells[0]: cells for cells in table[2:]}
+    assert len(rows) == len(DISTRIBUTED_ROWS), proc.stdout
+    for name in DISTRIBUTED_ROWS:
+        matches = [key for key in rows if key.startswith(name)]
+        assert matches, f"missing row {name!r} in:\n{proc.stdout}"
+        _, floor, ours, ratio = rows[matches[0]]
+        assert float(floor) > 0, rows[matches[0]]
+        if name.startswith("floor:"):
+            assert ours == ratio == "—", rows[matches[0]]
+        else:
+            assert float(ours) > 0 and ratio.endswith("\u00d7"), rows[matches[0]]
+    assert "Redis commands per hop" in proc.stdout
+    doc = json.loads(out_json.read_text(encoding="utf-8"))
+    assert len(doc["rows"]) == len(DISTRIBUTED_ROWS)
