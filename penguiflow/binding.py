@@ -24,11 +24,11 @@ to ``bus.bind``. From then on, in this process:
 
 Events added in this mode (none in a single-process flow): ``message_emit`` (a parcel
 put on its edge; extra: ``edge``, ``entry`` (None for a duplicate, then also
-``duplicate``), ``hop``, ``emitter``: the worker id the trace's results go to), ``message_fetch`` (taken by
-this process; extra: ``edge``, ``entry``, ``hop``, ``deliveries``, ``worker_id``,
-``emitter``, and ``previous_worker`` for a parcel claimed from a process that stopped; its
-``queued_ts`` is when it was sent, so the wait in the broker is
-``ts - queued_ts``), ``stream_chunk`` (a streamed chunk sent) and
+``duplicate``), ``hop``, ``emitter``: the worker id the trace's results go to),
+``message_fetch`` (taken by this process; extra: ``edge``, ``entry``, ``hop``,
+``deliveries``, ``worker_id``, ``emitter``, and ``previous_worker`` for a parcel
+claimed from a process that stopped; its ``queued_ts`` is when it was sent, so the wait
+in the broker is ``ts - queued_ts``), ``stream_chunk`` (a streamed chunk sent) and
 ``message_undeliverable`` (a parcel that cannot be decoded, dropped).
 
 The worker id of a process is its flow's ``flow_id``, which every stored event of the
