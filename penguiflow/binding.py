@@ -333,6 +333,15 @@ class BusBinding:
                 rt.release(trace_id)
             raise
 
+    async def reject(self, parcel: Parcel, *, handle: Any, deliveries: int,
+                     reason: str) -> None:
+        """Settle a parcel the bus will not deliver again (it was handed out too many
+        times; the bus keeps it elsewhere): ``message_undeliverable`` with ``reason``,
+        logged and counted in ``stats["undeliverable"]``."""
+        await self._undeliverable(
+            Inbound(parcel.inv, parcel.ts, parcel.trace_id, parcel.edge, handle,
+                    parcel.reply_to, parcel.hop, deliveries), reason)
+
     async def _undeliverable(self, inbound: Inbound, reason: str) -> None:
         self.stats["undeliverable"] += 1
         logger.error("message_undeliverable", extra={

@@ -82,7 +82,9 @@ def test_every_keyword_can_ride_on_the_url() -> None:
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"claim_idle_s": 0}, "claim_idle_s must be > 0 seconds; got 0"),
-    ({"prefetch": 0}, "block_ms and prefetch must be >= 1"),
+    ({"prefetch": 0}, "block_ms, prefetch and max_deliveries must be >= 1"),
+    ({"max_deliveries": 0}, "max_deliveries=0"),
+    ({"reply_ttl_s": -1}, "reply_ttl_s must be > 0 seconds; got -1"),
     ({"namespace": "a:b"}, "namespace must be a non-empty name without ':'"),
 ])
 def test_bad_bus_options_are_refused_with_what_to_fix(kwargs: dict[str, Any],
@@ -180,6 +182,74 @@ async def test_a_poison_entry_is_dropped_counted_and_the_flow_goes_on(
             r.getMessage() for r in caplog.records}
         kinds = [e.kind for e in await store.load_history("tp")]
         assert kinds == ["message_undeliverable"]
+    finally:
+        await pair.stop()
+
+
+async def test_results_never_wait_for_a_client_that_went_away(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    def build() -> PenguiFlow:
+        async def echo(m: Message, ctx: Any) -> Message:
+            return m
+        return create(Node(echo, name="echo", policy=NONE).to(), queue_maxsize=2,
+                      name="replies")
+
+    gone = await Pair(build, redis_url, namespace).start()
+    other = RedisMessageBus(redis_url, namespace=namespace)
+    client = build()
+    client.run(message_bus=other, nodes=[])
+    await other.ready()
+    try:
+        # Ten results for a client that never fetches them, more than the edges hold:
+        # the worker must not wait for room in that client's reply stream.
+        for i in range(10):
+            await gone.client.emit(msg(i))
+        reply = other.reply_stream(gone.client.flow_id)
+        await eventually(lambda: gone.worker_bus.stats["sent"] >= 10, "ten results sent")
+        assert await redis.xlen(reply) > 2  # more than an edge's capacity, waiting
+        assert 0 < await redis.ttl(reply) <= 3600  # it expires without its reader
+        await gone.client.stop()
+        assert await redis.exists(reply) == 0  # a clean stop deletes it at once
+        await client.emit(msg("still served"))
+        assert (await asyncio.wait_for(client.fetch(), 10)).payload == "still served"
+    finally:
+        await client.stop()
+        await gone.worker.stop()
+    # A clean stop leaves no consumer behind in the edges' groups.
+    consumers = await redis.xinfo_consumers(f"{namespace}:replies:edge:OpenSea->echo", "pf")
+    assert consumers == []
+
+
+async def test_an_entry_every_taker_died_on_goes_to_the_dead_letter_stream(
+        redis_url: str, namespace: str, redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    store = InMemoryStateStore()
+    pair = await Pair(dist_flows.chain, redis_url, namespace, max_deliveries=2,
+                      claim_idle_s=0.3).start(worker=False)
+    stream = f"{namespace}:chain:edge:OpenSea->a"
+    try:
+        await redis.xgroup_create(stream, "pf", id="0", mkstream=True)
+        await pair.client.emit(msg("poison:", trace_id="dl"))
+        # Two processes took it and died before settling it (delivered twice).
+        await redis.xreadgroup("pf", "died-1", {stream: ">"}, count=1)
+        [entry] = await redis.xpending_range(stream, "pf", min="-", max="+", count=1)
+        await redis.xclaim(stream, "pf", "died-2", 0, [entry["message_id"]])
+        with caplog.at_level(logging.ERROR):
+            pair.worker.run(message_bus=pair.worker_bus, state_store=store)
+            await eventually(lambda: pair.worker_bus.stats["dead_lettered"] == 1,
+                             "the entry dead-lettered", timeout=10)
+            await eventually(lambda: not pair.worker_bus._in_hand.get(stream),
+                             "the entry settled")
+        dead = await redis.xrange(f"{namespace}:chain:dead:OpenSea->a")
+        assert len(dead) == 1 and dead[0][1][b"previous_worker"] == b"died-2"
+        assert b"delivered 2 times (max_deliveries=2)" in dead[0][1][b"reason"]
+        assert await redis.xlen(stream) == 0 and pair.worker_bus.stats["claimed"] == 0
+        [event] = [e for e in await store.load_history("dl")
+                   if e.kind == "message_undeliverable"]
+        assert "died-2" in event.payload["error"]
+        assert "message_undeliverable" in [r.getMessage() for r in caplog.records]
+        # The flow goes on with the next message.
+        await pair.client.emit(msg("ok:"))
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "ok:abcde"
     finally:
         await pair.stop()
 

@@ -4,12 +4,18 @@ SEND    KEYS: stream, hop key. ARGV: capacity (0: none), hop TTL (s), then field
         pairs. Returns -1 when the stream holds ``capacity`` entries (undelivered +
         unacknowledged: settled entries are deleted), 0 when the hop was sent before
         (a duplicate: nothing added), else the new entry id.
+        A capacity of 0 is a reply stream: never full, and its TTL (ARGV 3 when its
+        name is ``ttl``) is refreshed so a departed client's results expire.
 SETTLE  KEYS: stream. ARGV: group, entry id. Acknowledge and delete: the entry no
         longer counts against the edge's capacity.
 GATHER  KEYS: items list, members set. ARGV: member, data, k, TTL (s). Adds ``data``
         once per member; returns {complete, was_new, items...}: the first ``k`` items in
         arrival order once there are ``k`` (every time it is asked again: a redelivered
         input finds the same group), else {0, was_new}.
+RETIRE  KEYS: streams. ARGV: group, consumer. Drops ``consumer`` from each stream's
+        group when it holds no pending entry there (a clean stop); a consumer that
+        still holds entries is kept, so they can be claimed. Returns how many were
+        dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +24,11 @@ SEND = """
 local cap = tonumber(ARGV[1])
 if cap > 0 and redis.call('XLEN', KEYS[1]) >= cap then return -1 end
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) == false then return 0 end
+if cap == 0 and ARGV[3] == 'ttl' then
+  local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5))
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return id
+end
 return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 """
 
@@ -38,4 +49,18 @@ if redis.call('LLEN', KEYS[1]) >= k then
   return out
 end
 return {0, new}
+"""
+
+RETIRE = """
+local dropped = 0
+for _, stream in ipairs(KEYS) do
+  if redis.call('EXISTS', stream) == 1 then
+    local ok, held = pcall(redis.call, 'XPENDING', stream, ARGV[1], '-', '+', 1, ARGV[2])
+    if ok and #held == 0 then
+      redis.call('XGROUP', 'DELCONSUMER', stream, ARGV[1], ARGV[2])
+      dropped = dropped + 1
+    end
+  end
+end
+return dropped
 """

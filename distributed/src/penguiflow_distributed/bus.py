@@ -6,7 +6,12 @@ Layout, for a flow named ``F`` under namespace ``N`` (``P = "N:F"``):
   process running the target reads it in the consumer group ``pf`` (its consumer
   name is its worker id), so each entry goes to one of them;
 * ``P:reply:<worker id>`` — the results (``-> Rookery`` edges) of the traces one
-  process emitted, read by that process only;
+  process emitted, read by that process only. It has no capacity (a result never
+  waits for its reader) and expires ``reply_ttl_s`` after its last write or its
+  reader's last refresh, so a client that went away leaves nothing behind for long;
+  a clean stop deletes it at once;
+* ``P:dead:<source>-><target>`` — entries delivered ``max_deliveries`` times without
+  being settled (every process that took them died): kept there, not run again;
 * ``P:control`` — cancels, read by every process (no group: a broadcast);
 * ``P:hop:<hop>`` — one key per sent parcel (TTL ``dedup_ttl_s``): a parcel sent
   twice (its producer ran again after a crash) is dropped the second time;
@@ -60,9 +65,11 @@ _LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 #: The keywords that may ride on the URL (``from_url``), with their types.
 _URL_KEYWORDS: dict[str, type] = {
     "namespace": str, "claim_idle_s": float, "dedup_ttl_s": float, "join_ttl_s": float,
-    "block_ms": int, "max_backoff_s": float, "prefetch": int}
+    "reply_ttl_s": float, "max_deliveries": int, "block_ms": int, "max_backoff_s": float,
+    "prefetch": int}
 _STATS = ("sent", "duplicates", "full_waits", "delivered", "claimed", "settled",
-          "cancels_sent", "cancels_received", "link_errors", "reconnects", "undecodable")
+          "cancels_sent", "cancels_received", "link_errors", "reconnects", "undecodable",
+          "dead_lettered")
 
 
 class BusBindError(PenguiFlowError, RuntimeError):
@@ -89,9 +96,17 @@ class RedisMessageBus:
         namespace: prefix of every key this bus touches.
         claim_idle_s: how long an entry stays with a process that stopped
             refreshing it (it died) before another process claims it.
-        dedup_ttl_s: how long a sent hop is remembered (duplicates within it
-            are dropped).
-        join_ttl_s: how long a ``join_k`` group is kept.
+        dedup_ttl_s: how long a sent hop is remembered: a producer that runs again
+            within it (its process died before settling its input) is not sent
+            twice. Each hop key costs Redis ~100 bytes for this long, so the
+            default (1 h) holds ~360 MB at 1,000 hops/s; keep it well above
+            ``claim_idle_s`` plus the longest a backlog waits.
+        join_ttl_s: how long a ``join_k`` group is kept after its last arrival.
+        reply_ttl_s: how long a reply stream outlives its reader (a client that
+            stopped without a clean stop, or is cut off from Redis this long).
+        max_deliveries: how many times an entry is handed out before it is moved
+            to the edge's dead-letter stream (``message_undeliverable``) instead
+            of being run again: a message that kills every process taking it.
         block_ms: longest wait of one blocking read (a stop is seen this late).
         max_backoff_s: longest pause between retries while Redis is unreachable.
         prefetch: most entries one read takes per edge.
@@ -108,18 +123,21 @@ class RedisMessageBus:
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *,
                  namespace: str = "penguiflow", claim_idle_s: float = 30.0,
-                 dedup_ttl_s: float = 86_400.0, join_ttl_s: float = 86_400.0,
+                 dedup_ttl_s: float = 3600.0, join_ttl_s: float = 3600.0,
+                 reply_ttl_s: float = 3600.0, max_deliveries: int = 5,
                  block_ms: int = 1000, max_backoff_s: float = 5.0, prefetch: int = 16,
                  types: Iterable[type[BaseModel]] = (), client: Any = None,
                  meter_provider: Any = None) -> None:
         for name, value in (("claim_idle_s", claim_idle_s), ("dedup_ttl_s", dedup_ttl_s),
-                            ("join_ttl_s", join_ttl_s), ("max_backoff_s", max_backoff_s)):
+                            ("join_ttl_s", join_ttl_s), ("reply_ttl_s", reply_ttl_s),
+                            ("max_backoff_s", max_backoff_s)):
             if not value > 0:
                 raise InvalidArgument(f"{name} must be > 0 seconds; got {value!r}")
-        if block_ms < 1 or prefetch < 1:
+        if block_ms < 1 or prefetch < 1 or max_deliveries < 1:
             raise InvalidArgument(
-                f"block_ms and prefetch must be >= 1; got block_ms={block_ms!r}, "
-                f"prefetch={prefetch!r}")
+                f"block_ms, prefetch and max_deliveries must be >= 1; got "
+                f"block_ms={block_ms!r}, prefetch={prefetch!r}, "
+                f"max_deliveries={max_deliveries!r}")
         if not namespace or any(c in namespace for c in ": \n\r\t"):
             raise InvalidArgument(
                 f"namespace must be a non-empty name without ':' or whitespace; got "
@@ -129,6 +147,8 @@ class RedisMessageBus:
         self.claim_idle_s = float(claim_idle_s)
         self.dedup_ttl_s = float(dedup_ttl_s)
         self.join_ttl_s = float(join_ttl_s)
+        self.reply_ttl_s = float(reply_ttl_s)
+        self.max_deliveries = int(max_deliveries)
         self.block_ms = int(block_ms)
         self.max_backoff_s = float(max_backoff_s)
         self.prefetch = int(prefetch)
@@ -145,6 +165,7 @@ class RedisMessageBus:
         self._tasks: list[asyncio.Task[None]] = []
         #: Entries delivered here and not settled yet, per stream (kept alive).
         self._in_hand: dict[str, set[str]] = {}
+        self._edge_streams: list[str] = []
         self._drained = asyncio.Event()
         self._drained.set()
         self._down_since: float | None = None
@@ -200,13 +221,9 @@ class RedisMessageBus:
         """The stream of the results of the traces ``worker_id`` emitted."""
         return f"{self._prefix()}:reply:{worker_id}"
 
-    def _stream_of(self, parcel: Parcel) -> str:
-        binding = self._binding
-        assert binding is not None
-        edge = binding.edges.get(parcel.edge)
-        if edge is not None and edge.to_rookery:
-            return self.reply_stream(parcel.reply_to)
-        return self.edge_stream(parcel.edge)
+    def dead_stream(self, label: str) -> str:
+        """The dead-letter stream of edge ``label`` (see ``max_deliveries``)."""
+        return f"{self._prefix()}:dead:{label}"
 
     # -- the 2.1 hook ---------------------------------------------------------------
 
@@ -229,7 +246,7 @@ class RedisMessageBus:
                                                   health_check_interval=10)
         r = self._redis
         self._scripts = {name: r.register_script(getattr(_scripts, name))
-                         for name in ("SEND", "SETTLE", "GATHER")}
+                         for name in ("SEND", "SETTLE", "GATHER", "RETIRE")}
         streams = [self.edge_stream(e.label) for e in binding.edges.values()
                    if e.local and not e.to_rookery]
         streams.append(self.reply_stream(binding.worker_id))
@@ -248,6 +265,7 @@ class RedisMessageBus:
                        for s in streams]
         self._tasks.append(asyncio.create_task(self._control(control, last),
                                                name="pf-bus:control"))
+        self._edge_streams = streams[:-1]
         self._tasks.append(asyncio.create_task(self._keep_alive(streams[:-1]),
                                                name="pf-bus:claim"))
         self._worker_id = binding.worker_id
@@ -255,6 +273,7 @@ class RedisMessageBus:
         self._ready.set()
         logger.info("bus_bound", extra={
             "worker_id": binding.worker_id, "flow": binding.flow_name,
+            "namespace": self.namespace,
             "nodes": sorted(binding.local_nodes), "url": _redact(self.url)})
 
     async def ready(self) -> None:
@@ -293,14 +312,21 @@ class RedisMessageBus:
         return sum(len(ids) for ids in self._in_hand.values())
 
     async def unbind(self) -> None:
-        """Stop every loop and close the connection (entries held and not settled are
-        left pending, to be claimed by another process after ``claim_idle_s``)."""
+        """Stop every loop, tidy up and close the connection.
+
+        Entries held and not settled are left pending, to be claimed by another
+        process after ``claim_idle_s``. Tidying (best effort, at most 2 s): this
+        process's reply stream is deleted (its results have no reader any more), and
+        its consumer leaves each edge's group where it holds no pending entry.
+        """
         self._stopping = True
         self._reading = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._binding is not None and self._redis is not None and self._bind_error is None:
+            await self._tidy(self._binding.worker_id)
         if self._redis is not None and self._own_client:
             with contextlib.suppress(Exception):
                 await self._redis.aclose()
@@ -310,6 +336,17 @@ class RedisMessageBus:
         self._ready.clear()
         self._in_hand.clear()
         self._drained.set()
+
+    async def _tidy(self, worker_id: str) -> None:
+        async def tidy() -> None:
+            await self._redis.delete(self.reply_stream(worker_id))
+            if self._edge_streams:
+                await self._scripts["RETIRE"](keys=self._edge_streams,
+                                              args=[GROUP, worker_id])
+        try:
+            await asyncio.wait_for(tidy(), 2.0)
+        except (Exception, TimeoutError) as exc:  # Redis away: the TTLs tidy up later
+            logger.info("bus_tidy_skipped", extra={"error": repr(exc)[:300]})
 
     # -- sending ---------------------------------------------------------------------
 
@@ -321,10 +358,19 @@ class RedisMessageBus:
         await self._ready.wait()
         if self._bind_error is not None:
             raise self._bind_error
-        stream = self._stream_of(parcel)
+        binding = self._binding
+        assert binding is not None
         hop_key = f"{self._prefix()}:hop:{parcel.hop}"
-        args = [max(maxsize, 0), int(self.dedup_ttl_s),
-                b"e", parcel.edge, b"d", parcel.data, b"t", _text(parcel.trace_id),
+        edge = binding.edges.get(parcel.edge)
+        if edge is not None and edge.to_rookery:
+            # A result never waits for its reader (a departed client would stall the
+            # senders for ever): no capacity, and the stream expires without a reader.
+            stream = self.reply_stream(parcel.reply_to)
+            head: list[Any] = [0, int(self.dedup_ttl_s), b"ttl", int(self.reply_ttl_s)]
+        else:
+            stream = self.edge_stream(parcel.edge)
+            head = [max(maxsize, 0), int(self.dedup_ttl_s)]
+        args = [*head, b"e", parcel.edge, b"d", parcel.data, b"t", _text(parcel.trace_id),
                 b"r", parcel.reply_to, b"h", parcel.hop, b"i", _text(parcel.inv),
                 b"s", repr(parcel.ts), b"p", _text(parcel.traceparent)]
         pause = 0.0005
@@ -412,9 +458,13 @@ class RedisMessageBus:
         consumer = binding.worker_id
         idle_ms = int(self.claim_idle_s * 1000)
         period = self.claim_idle_s / 3
+        reply = self.reply_stream(consumer)
         while not self._stopping:
             await asyncio.sleep(period)
             try:
+                # The reply stream lives while its reader does (see reply_ttl_s); this
+                # is also the command that proves the link is up when idle.
+                await self._redis.expire(reply, int(self.reply_ttl_s))
                 for stream, held in list(self._in_hand.items()):
                     if held:  # JUSTID: resets the idle time, not the delivery count
                         await self._redis.xclaim(stream, GROUP, consumer, 0, list(held),
@@ -449,6 +499,9 @@ class RedisMessageBus:
             if not fields:
                 continue
             previous, times = held.get(entry_id, (None, 1))
+            if times >= self.max_deliveries:
+                await self._dead_letter(stream, entry_id, fields, times, previous)
+                continue
             self.stats["claimed"] += 1
             await self._deliver(stream, entry, fields, times + 1, previous=previous)
         for gone in set(held) - found:
@@ -456,6 +509,30 @@ class RedisMessageBus:
             # run here; XACK drops a deleted one from the pending list, else a no-op.
             if not await self._redis.xrange(stream, min=gone, max=gone):
                 await self._redis.xack(stream, GROUP, gone)
+
+    async def _dead_letter(self, stream: str, entry_id: str, fields: Mapping[bytes, bytes],
+                           times: int, previous: str | None) -> None:
+        """Move an entry handed out ``times`` times, never settled, to the edge's
+        dead-letter stream, then settle it (``message_undeliverable``)."""
+        binding = self._binding
+        assert binding is not None
+        label = fields.get(b"e", b"?").decode("utf-8", "replace")
+        reason = (f"delivered {times} times (max_deliveries={self.max_deliveries}) and "
+                  f"never settled: every process that took it stopped (last: "
+                  f"{previous or '?'}); kept in {self.dead_stream(label)}")
+        await self._redis.xadd(self.dead_stream(label), {
+            **fields, b"entry": entry_id, b"deliveries": str(times),
+            b"previous_worker": previous or "", b"reason": reason})
+        self.stats["dead_lettered"] += 1
+        handle = _Handle(stream, entry_id)
+        self._in_hand.setdefault(stream, set()).add(entry_id)
+        self._drained.clear()
+        try:
+            parcel = _parcel(fields)
+        except (KeyError, ValueError, UnicodeDecodeError):
+            await self.settle(Inbound(None, 0.0, None, label, handle, "", "", times))
+            return
+        await binding.reject(parcel, handle=handle, deliveries=times, reason=reason)
 
     # -- cancellation ----------------------------------------------------------------
 

@@ -152,7 +152,7 @@ async def serve(flow: PenguiFlow, bus: RedisMessageBus, *, registry: ModelRegist
             "nodes": sorted(binding.local_nodes), "bus": _redact(bus.url), "pid": os.getpid()})
         print(f"pf worker: worker {binding.worker_id} (pid {os.getpid()}) runs "
               f"{', '.join(sorted(binding.local_nodes)) or 'no nodes'} of flow {flow.name!r} "
-              f"on {_redact(bus.url)}", file=sys.stderr, flush=True)
+              f"on {_redact(bus.url)} (namespace {bus.namespace!r})", file=sys.stderr, flush=True)
         await stop.wait()
         left = await bus.drain(grace_s)
         logger.info("worker_draining_done", extra={

@@ -786,6 +786,8 @@ def bus_hops(view: TraceView) -> tuple[list[HopView], list[AbandonedView]]:
                 previous if isinstance(previous, str) else None))
         elif ev.kind == "node_start" and ev.invocation_id is not None:
             started.setdefault(ev.invocation_id, (ev.node_name, ev.flow_id))
+    # Stored per process, so interleaved out of order across processes: by time.
+    hops.sort(key=lambda h: h.ts)
     gone = {h.previous_worker for h in hops if h.previous_worker}
     abandoned: list[AbandonedView] = []
     for inv in view.invocations:
