@@ -170,8 +170,7 @@ async def test_a_poison_entry_is_dropped_counted_and_the_flow_goes_on(
         with caplog.at_level(logging.ERROR):
             await redis.xadd(stream, {b"junk": b"\x00\xff"})  # not a parcel at all
             await redis.xadd(stream, {b"e": b"OpenSea->a", b"d": b"{not json", b"t": b"tp",
-                                      b"r": b"w", b"h": b"h1", b"i": b"", b"s": b"1.0",
-                                      b"p": b""})  # a parcel whose item is not JSON
+                                      b"m": b"w h1 - 1.0 -"})  # its item is not JSON
             await pair.client.emit(msg("ok:"))
             assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "ok:abcde"
         assert pair.worker_bus.stats["undecodable"] == 1

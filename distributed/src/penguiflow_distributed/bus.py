@@ -370,9 +370,11 @@ class RedisMessageBus:
         else:
             stream = self.edge_stream(parcel.edge)
             head = [max(maxsize, 0), int(self.dedup_ttl_s)]
+        # Four fields, not eight: redis-py encodes each argument and parses each reply
+        # string in Python, per hop. ``m`` joins the generated ASCII ids (no spaces).
         args = [*head, b"e", parcel.edge, b"d", parcel.data, b"t", _text(parcel.trace_id),
-                b"r", parcel.reply_to, b"h", parcel.hop, b"i", _text(parcel.inv),
-                b"s", repr(parcel.ts), b"p", _text(parcel.traceparent)]
+                b"m", f"{parcel.reply_to} {parcel.hop} {parcel.inv or '-'} {parcel.ts!r} "
+                      f"{parcel.traceparent or '-'}"]
         pause = 0.0005
         while True:
             result = await self._retrying(
@@ -665,10 +667,11 @@ def _none(value: bytes | None) -> str | None:
 
 def _parcel(fields: Mapping[bytes, bytes]) -> Parcel:
     """A stream entry's fields as the Parcel that was sent."""
+    reply_to, hop, inv, ts, traceparent = fields[b"m"].decode().split(" ")
     return Parcel(
         edge=fields[b"e"].decode(), data=fields[b"d"], trace_id=_none(fields.get(b"t")),
-        reply_to=fields[b"r"].decode(), hop=fields[b"h"].decode(), inv=_none(fields.get(b"i")),
-        ts=float(fields[b"s"]), traceparent=_none(fields.get(b"p")))
+        reply_to=reply_to, hop=hop, inv=None if inv == "-" else inv, ts=float(ts),
+        traceparent=None if traceparent == "-" else traceparent)
 
 
 def _redact(url: str) -> str:

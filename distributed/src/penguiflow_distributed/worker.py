@@ -77,8 +77,11 @@ def build_parser(prog: str = "pf worker") -> argparse.ArgumentParser:
                         help="run N worker processes (default 1)")
     parser.add_argument("--grace", type=float, default=30.0, metavar="S",
                         help="on SIGTERM, wait this long for work in hand (default 30)")
-    parser.add_argument("--log-level", default="INFO", metavar="LEVEL",
-                        help="log level of the worker's log lines on stderr (default INFO)")
+    # WARNING by default: at INFO the runtime logs a line per node run, which a busy
+    # worker pays for in CPU and its operator in log volume.
+    parser.add_argument("--log-level", default="WARNING", metavar="LEVEL",
+                        help="log level of the worker's log lines on stderr (default "
+                             "WARNING; INFO adds a line per node run)")
     return parser
 
 
