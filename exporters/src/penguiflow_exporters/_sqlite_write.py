@@ -34,7 +34,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import sqlite3
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -215,27 +217,47 @@ def connect(path: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Con
     one at a version this module cannot migrate, raises :class:`SchemaError` with
     the file unchanged (not even switched to WAL).
     """
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        version = schema_version_of(conn)
-        if version is None:
-            raise SchemaError(f"{path!r} is not a penguiflow trace database (it has other "
-                              "tables); use another path")
-        if version not in (0, 4, SCHEMA_VERSION):
-            raise SchemaError(_unsupported(path, version))
-        if version == 0:
-            # A new file only (before its first table): big pages mean fewer page
-            # splits and WAL frames per batch (~10-20% more events/s than 16 KiB).
-            conn.execute("PRAGMA page_size = 65536")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_BYTES}")
-        migrate(conn, path)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+    # Switching a file to WAL while another process sets it up (or switches it back at
+    # its close) fails with SQLITE_BUSY at once, without the busy handler: two
+    # workers opening one new file failed 13 times in 120. Retried within the
+    # busy timeout, as a lock wait would be.
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    pause = 0.005
+    while True:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            _set_up(conn, path, busy_timeout_ms)
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+            if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or (
+                    time.monotonic() + pause > deadline):
+                raise
+            time.sleep(pause * (0.5 + random.random()))  # jitter: racers do not collide again
+            pause = min(pause * 2, 0.1)
+            continue
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+
+def _set_up(conn: sqlite3.Connection, path: str, busy_timeout_ms: int) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    version = schema_version_of(conn)
+    if version is None:
+        raise SchemaError(f"{path!r} is not a penguiflow trace database (it has other "
+                          "tables); use another path")
+    if version not in (0, 4, SCHEMA_VERSION):
+        raise SchemaError(_unsupported(path, version))
+    if version == 0:
+        # A new file only (before its first table): big pages mean fewer page
+        # splits and WAL frames per batch (~10-20% more events/s than 16 KiB).
+        conn.execute("PRAGMA page_size = 65536")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_BYTES}")
+    migrate(conn, path)
 
 
 def release(path: str) -> None:
