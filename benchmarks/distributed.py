@@ -22,7 +22,7 @@ workers) is stopped on the way out, also after a failure, Ctrl-C or SIGTERM.
   fed and drained by this process (``flow.run(nodes=[])``, ``emit``/``fetch``).
   Every put crosses Redis: a trace makes **6 stream hops** (client->a, a->b, ...,
   d->e, and e's result to the client's reply stream), each one SEND script, one
-  XREADGROUP and one SETTLE script (the reply is settled on receipt).
+  XREADGROUP and a share of one batched SETTLE script (the reply is settled on receipt).
   *Throughput per hop* = 6·M / t for M traces, a producer task awaiting ``emit``
   and a consumer task awaiting ``fetch`` (as ``benchmarks/run.py``), after a
   warm-up. *One-hop latency*: one trace in flight; ``e2e/6`` = the p50 of

@@ -253,6 +253,27 @@ async def test_an_entry_every_taker_died_on_goes_to_the_dead_letter_stream(
         await pair.stop()
 
 
+async def test_a_settle_redis_refuses_is_logged_and_later_settles_still_happen(
+        redis_url: str, namespace: str, redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from penguiflow.binding import Inbound
+    from penguiflow_distributed.bus import _Handle
+
+    pair = await Pair(dist_flows.chain, redis_url, namespace).start()
+    try:
+        await redis.set(f"{namespace}:not-a-stream", "x")
+        with caplog.at_level(logging.ERROR, logger="penguiflow_distributed"):
+            await pair.worker_bus.settle(Inbound(None, 0.0, None, "a->b", _Handle(
+                f"{namespace}:not-a-stream", "1-0"), "", "", 1))  # WRONGTYPE in Redis
+            await eventually(lambda: "bus_settle_failed" in caplog.messages,
+                             "the refused settle logged")
+        await pair.client.emit(msg("after:"))
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "after:abcde"
+        await eventually(lambda: pair.worker_bus.stats["settled"] >= 5, "five settles written")
+        assert await redis.xlen(f"{namespace}:chain:edge:OpenSea->a") == 0
+    finally:
+        await pair.stop()
+
+
 async def test_a_payload_with_no_json_form_fails_at_emit_naming_edge_and_type(
         redis_url: str, namespace: str) -> None:
     pair = await Pair(dist_flows.chain, redis_url, namespace).start(worker=False)

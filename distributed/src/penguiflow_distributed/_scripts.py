@@ -6,8 +6,9 @@ SEND    KEYS: stream, hop key. ARGV: capacity (0: none), hop TTL (s), then field
         (a duplicate: nothing added), else the new entry id.
         A capacity of 0 is a reply stream: never full, and its TTL (ARGV 3 when its
         name is ``ttl``) is refreshed so a departed client's results expire.
-SETTLE  KEYS: stream. ARGV: group, entry id. Acknowledge and delete: the entry no
-        longer counts against the edge's capacity.
+SETTLE  KEYS: the stream of each entry. ARGV: group, then the entry ids (one per
+        key, in order). Acknowledge and delete each: it no longer counts against its
+        edge's capacity. Settles are batched: one call for all that are due.
 GATHER  KEYS: items list, members set. ARGV: member, data, k, TTL (s). Adds ``data``
         once per member; returns {complete, was_new, items...}: the first ``k`` items in
         arrival order once there are ``k`` (every time it is asked again: a redelivered
@@ -33,8 +34,11 @@ return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 """
 
 SETTLE = """
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-return redis.call('XDEL', KEYS[1], ARGV[2])
+for i, stream in ipairs(KEYS) do
+  redis.call('XACK', stream, ARGV[1], ARGV[i + 1])
+  redis.call('XDEL', stream, ARGV[i + 1])
+end
+return #KEYS
 """
 
 GATHER = """
