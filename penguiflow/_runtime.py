@@ -37,7 +37,7 @@ from ._graph import owner_label as _label
 from ._ids import root_span_id
 from ._traces import TraceCancelled, TraceState
 from .bus import BusEnvelope
-from .errors import safe_repr
+from .errors import SAFE_TEXT_LIMIT, safe_repr
 from .metrics import event_from_fields
 from .state import EventRecord, stored_from_fields
 from .types import WM, FinalAnswer, Message
@@ -73,6 +73,7 @@ class FlowRuntime:
         "drained",
         "egress",
         "emit_errors_to_rookery",
+        "error_text_max",
         "events",
         "external",
         "flow_id",
@@ -98,6 +99,7 @@ class FlowRuntime:
         emit_errors_to_rookery: bool,
         message_bus: MessageBus | None,
         events: EventPipeline,
+        error_text_max: int = SAFE_TEXT_LIMIT,
     ) -> None:
         #: The flow's name and instance id (event fields).
         self.name = name
@@ -105,6 +107,8 @@ class FlowRuntime:
         #: Capacity of every floe; ``<= 0``: unbounded (and no chunk backpressure).
         self.queue_maxsize = queue_maxsize
         self.emit_errors_to_rookery = emit_errors_to_rookery
+        #: Characters of a failure's exception text and traceback kept per event.
+        self.error_text_max = error_text_max
         self.message_bus = message_bus
         #: The event pipeline (logger, store, middlewares, tracer) and its failure counts.
         self.events = events

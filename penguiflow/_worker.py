@@ -22,12 +22,12 @@ import time
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from ._events import logger
+from ._events import EVENT_LEVELS, logger
 from ._ids import new_invocation_id
 from ._tracer import enter_invocation, exit_invocation
 from ._traces import TraceCancelled
 from .binding import Inbound
-from .errors import FlowError, FlowErrorCode, safe_repr, safe_str
+from .errors import FlowError, FlowErrorCode, safe_repr, safe_str, safe_traceback
 from .tracing import _log_scope
 from .types import FinalAnswer, Message
 
@@ -43,6 +43,23 @@ _DEBUG = logging.DEBUG
 _INFO = logging.INFO
 _perf = time.perf_counter
 _now = time.time
+_LEVELS = {kind: EVENT_LEVELS[kind] for kind in ("node_error", "node_timeout")}
+
+
+def _unreported(trace_id: Any, node_name: object) -> None:
+    """Say, once per failed message, that its FlowError reaches no one.
+
+    Without ``emit_errors_to_rookery`` nothing reaches Rookery for a failed
+    message, so a caller awaiting ``fetch()`` for this trace waits forever.
+    """
+    with contextlib.suppress(Exception):  # a failing logger: nothing left to report to
+        logger.warning(
+            "trace %s failed at node %r and its FlowError reaches no one: a fetch() for "
+            "this trace waits forever. Pass create(..., emit_errors_to_rookery=True) to "
+            "receive the FlowError from fetch(); the node_failed event has the details.",
+            safe_str(trace_id, 256), safe_str(node_name, 256),
+            extra={"trace_id": trace_id, "node_name": node_name,
+                   "event": "node_failed_unreported"})
 
 
 class NodeWorker:
@@ -324,11 +341,18 @@ class NodeWorker:
         ctx = self.ctx
         policy = node.policy
         kind = "node_timeout" if timed_out else "node_error"
+        cap = rt.error_text_max
         # Never repr() a user's exception directly: it may raise or recurse (safe_repr).
-        shown = safe_repr(error)
+        shown = safe_repr(error, cap)
+        # The traceback is formatted here only, on a failure, and only when the
+        # event has a consumer (a listener or the logger): the success path never
+        # pays for it, and an unobserved failure neither (it reads source lines).
+        trace_text = safe_traceback(error, cap) if rt.events.wants(_LEVELS[kind]) else None
+        extra: dict[str, Any] = {"exception": shown}
+        if trace_text is not None:
+            extra["traceback"] = trace_text
         await rt.emit_event(kind, ctx, trace_id, attempt=attempt, latency_ms=latency_ms,
-                               extra={"exception": shown}, invocation_id=inv,
-                               parents=parents)
+                               extra=extra, invocation_id=inv, parents=parents)
         if attempt < policy.max_retries:
             attempt += 1
             sleep_s = policy.backoff_for(attempt)
@@ -360,17 +384,21 @@ class NodeWorker:
             flow_error = FlowError.from_exception(
                 trace_id=trace_id, node_name=name, node_id=node.node_id, exc=error,
                 code=FlowErrorCode.NODE_EXCEPTION,
-                message=f"Node '{name}' raised {type(error).__name__}: {safe_str(error)}",
+                message=f"Node '{name}' raised {type(error).__name__}: {safe_str(error, cap)}",
                 metadata={"attempt": attempt, "latency_ms": latency_ms,
                           "exception_repr": shown},
             )
+        extra = {"exception": shown, "flow_error": flow_error.to_payload()}
+        if trace_text is not None:
+            extra["traceback"] = trace_text
         await rt.emit_event("node_failed", ctx, trace_id, attempt=attempt,
-                               latency_ms=latency_ms,
-                               extra={"exception": shown,
-                                      "flow_error": flow_error.to_payload()},
+                               latency_ms=latency_ms, extra=extra,
                                invocation_id=inv, parents=parents)
-        if rt.emit_errors_to_rookery and trace_id is not None:
-            await rt.deliver_rookery(ctx, flow_error, rt.origin_for(inv))
+        if trace_id is not None:
+            if rt.emit_errors_to_rookery:
+                await rt.deliver_rookery(ctx, flow_error, rt.origin_for(inv))
+            else:
+                _unreported(trace_id, name)
         return -1
 
     async def _trace_cancelled(self, trace_id: Any, attempt: int, inv: str | None,

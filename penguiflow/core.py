@@ -49,6 +49,7 @@ from ._traces import TraceCancelled, TraceState
 from ._worker import NodeWorker
 from .binding import BusBinding, Inbound, is_delivering
 from .errors import (
+    SAFE_TEXT_LIMIT,
     ConfigurationError,
     FlowAlreadyRunning,
     FlowNotRunning,
@@ -109,10 +110,17 @@ class PenguiFlow:
             no SDK configured nothing is traced and nothing is paid.
         meter_provider: the OTel meter provider for the flow's metrics
             (keyword-only addition); default: the global one.
+        error_text_max: how many characters of a failed node's exception text
+            (``exception``, the FlowError's message) and of its formatted
+            traceback (``traceback``) an event keeps (keyword-only addition;
+            default 8192). Longer text keeps its first ``error_text_max``
+            characters and ends with ``"… [cut: N more characters]"``.
 
     Raises:
         CycleError: the graph has a cycle and ``allow_cycles`` is False.
-        InvalidArgumentType: an adjacency is not ``(Node, (Node, ...))``.
+        InvalidArgumentType: an adjacency is not ``(Node, (Node, ...))``, or
+            ``error_text_max`` is not an int.
+        InvalidArgument: ``error_text_max`` is below 1.
     """
 
     def __init__(
@@ -127,7 +135,9 @@ class PenguiFlow:
         name: str = "penguiflow",
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        error_text_max: int = SAFE_TEXT_LIMIT,
     ) -> None:
+        _check_error_text_max(error_text_max)
         # None: the global providers, looked up at run(); with no SDK configured
         # the runtime does no tracing work at all.
         self._tracer_provider = tracer_provider
@@ -138,7 +148,7 @@ class PenguiFlow:
         rt = self._rt = FlowRuntime(
             name=name, flow_id=new_invocation_id(), queue_maxsize=queue_maxsize,
             emit_errors_to_rookery=emit_errors_to_rookery, message_bus=message_bus,
-            events=events)
+            events=events, error_text_max=error_text_max)
         # The same objects as the runtime's, read under these names by the live
         # tracer and the OTel metrics (penguiflow._tracer, _otel_metrics).
         self._events = events
@@ -807,6 +817,17 @@ def _check_adjacency(adjacency: Any) -> tuple[Node, Sequence[Node]]:
     raise InvalidArgumentType(
         "create() takes adjacencies built with node.to(successor, ...), i.e. "
         f"(Node, (Node, ...)) pairs; got {adjacency!r}{hint}")
+
+
+def _check_error_text_max(value: object) -> None:
+    if type(value) is not int:  # bool is an int, but True characters is no bound
+        raise InvalidArgumentType(
+            f"error_text_max must be an int, the characters of exception text and traceback "
+            f"an event keeps (default 8192); got {safe_repr(value, 80)}")
+    if value < 1:
+        raise InvalidArgument(
+            f"error_text_max must be >= 1 character (default 8192; longer text is cut and "
+            f"the cut said); got {value}")
 
 
 def create(*adjacencies: Adjacency, **kwargs: Any) -> PenguiFlow:

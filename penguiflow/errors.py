@@ -51,6 +51,7 @@ Not errors: ``asyncio.QueueFull`` / ``QueueEmpty`` (``emit_nowait`` /
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
@@ -76,6 +77,7 @@ __all__ = [
     "WireError",
     "safe_repr",
     "safe_str",
+    "safe_traceback",
 ]
 
 #: Default bound, in characters, of :func:`safe_repr` / :func:`safe_str` (8 KiB).
@@ -92,8 +94,9 @@ def safe_repr(obj: object, limit: int = SAFE_TEXT_LIMIT) -> str:
     * if ``repr`` raises (including ``RecursionError`` from a deeply nested
       value), the text is a placeholder naming the type and what went wrong,
       e.g. ``"<unprintable ValueError: repr raised RecursionError>"``;
-    * text longer than ``limit`` is cut to ``limit`` characters and the cut is
-      marked: ``"…[+N chars]"`` (N = the characters left out);
+    * text longer than ``limit`` is cut to its first ``limit`` characters and
+      the cut is said: ``"… [cut: 1,234 more characters]"`` (the characters
+      left out);
     * the result is a plain ``str`` that encodes to UTF-8: NUL and lone
       surrogates are written as ``\\x00`` / ``\\udXXX`` escapes.
     """
@@ -115,6 +118,28 @@ def safe_str(obj: object, limit: int = SAFE_TEXT_LIMIT) -> str:
         text = str(obj)
     except Exception as exc:
         return _unprintable(obj, "str", exc)
+    return _bounded(text, limit)
+
+
+def safe_traceback(exc: BaseException, limit: int = SAFE_TEXT_LIMIT) -> str:
+    """``traceback.format_exception(exc)`` as one text that never raises, bounded.
+
+    The text is what Python prints for an uncaught ``exc`` (its frames, its
+    chained causes and contexts, its notes), cut like :func:`safe_repr` (the
+    first ``limit`` characters, then ``"… [cut: N more characters]"``) and
+    UTF-8-safe. An exception whose ``__str__`` raises shows Python's own
+    ``<exception str() failed>`` in the last line; if formatting fails as a
+    whole, the text is a placeholder such as
+    ``"<traceback unavailable: ValueError, formatting raised TypeError>"``.
+
+    Cost: it reads the source line of every frame (``linecache``, cached after
+    the first read); call it on a failure path only.
+    """
+    try:
+        text = "".join(traceback.format_exception(exc))
+    except Exception as error:
+        return _bounded(f"<traceback unavailable: {_type_name(exc)}, formatting raised "
+                        f"{_type_name(error)}>", SAFE_TEXT_LIMIT)
     return _bounded(text, limit)
 
 
@@ -141,7 +166,7 @@ def _bounded(text: str, limit: int) -> str:
         text = str.__str__(text)
     if len(text) > limit:
         cut = max(limit, 0)
-        text = f"{text[:cut]}…[+{len(text) - cut} chars]"
+        text = f"{text[:cut]}… [cut: {len(text) - cut:,} more characters]"
     if not text.isascii():
         try:
             text.encode("utf-8")

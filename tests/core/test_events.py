@@ -502,13 +502,15 @@ PAYLOAD_KEYS = {
     "trace_cancelled",
 }
 
+# The spec's keys, plus PenguiFlow's one addition: ``traceback`` on the three
+# failure kinds (the formatted traceback, capped like ``exception``).
 EXTRA_KEYS = {
     "node_start": set(),
     "node_success": set(),
-    "node_error": {"exception"},
-    "node_timeout": {"exception"},
+    "node_error": {"exception", "traceback"},
+    "node_timeout": {"exception", "traceback"},
     "node_retry": {"sleep_s", "exception"},
-    "node_failed": {"exception", "flow_error"},
+    "node_failed": {"exception", "flow_error", "traceback"},
     "deadline_skip": {"deadline_s"},
     "trace_cancel_drop": set(),
     "node_trace_cancelled": set(),

@@ -84,8 +84,9 @@ def test_safe_repr_and_safe_str_never_raise() -> None:
 
 def test_safe_text_is_bounded_and_marks_the_cut() -> None:
     text = safe_str("x" * (SAFE_TEXT_LIMIT + 123))
-    assert text == "x" * SAFE_TEXT_LIMIT + "…[+123 chars]"
-    assert safe_repr("abcdef", limit=3) == "'ab…[+5 chars]"
+    assert text == "x" * SAFE_TEXT_LIMIT + "… [cut: 123 more characters]"
+    assert safe_repr("abcdef", limit=3) == "'ab… [cut: 5 more characters]"
+    assert safe_str("y" * 1_000_000, limit=10).endswith("… [cut: 999,990 more characters]")
     assert safe_str("a" * 10, limit=10) == "a" * 10
 
 
