@@ -141,7 +141,7 @@ def test_inspect_prints_plain_text_when_stdout_is_not_a_terminal(
         store_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", FAILED_TRACE[:31], "--store", store_url]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"trace {FAILED_TRACE}  flow cli-test  status error")
+    assert out.startswith(f"trace {FAILED_TRACE}  flow cli-test  status failed")
     assert "check" in out and "ValueError('bad')" in out
     assert "critical path: check" in out
 
@@ -156,7 +156,7 @@ def test_inspect_json_has_stable_keys(store_url: str,
                           "hops", "abandoned", "events"]
     assert view["hops"] == [] and view["abandoned"] == []
     assert view["events_lost"] == 0
-    assert view["status"] == "ok" and view["duration_ms"] == pytest.approx(100.0, abs=0.01)
+    assert view["status"] == "succeeded" and view["duration_ms"] == pytest.approx(100.0, abs=0.01)
     assert [e["kind"] for e in view["events"]] == ["node_start", "node_success"]
 
 

@@ -29,7 +29,7 @@ def test_plain_report_has_every_section() -> None:
     view, _ = asyncio.run(_demo_view())
     text = render.trace_text(view)
     assert text.startswith(f"trace {view.trace_id}  flow pf-demo  status cancelled")
-    assert "↻1" in text and "⏱1" in text and "≡4" in text and "✕" in text
+    assert "↻1" in text and "◔1" in text and "≋4" in text and "✕" in text
     assert "remote calls" in text and "states: submitted" in text and "per agent:" in text
     assert "propagated to task task-" in text and "(trace_cancel, round trip" in text
     assert "interrupted researcher" in text and "kept running after the request: nothing" in text

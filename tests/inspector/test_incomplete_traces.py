@@ -88,7 +88,7 @@ def test_pf_inspect_json_has_the_status_and_the_count(
     view = json.loads(capsys.readouterr().out)
     assert view["status"] == "incomplete" and view["events_lost"] == LOST
     assert len(view["invocations"]) == KEPT // 2
-    assert all(i["status"] == "ok" for i in view["invocations"])
+    assert all(i["status"] == "succeeded" for i in view["invocations"])
     (marker,) = [e for e in view["events"] if e["kind"] == EVENTS_LOST_KIND]
     assert marker["node_name"] is None and marker["invocation_id"] is None
     assert marker["extra"] == {"events_lost": LOST, "reason": REASON}
@@ -100,10 +100,11 @@ def test_pf_traces_shows_the_status_and_the_lost_column(
     header, row = capsys.readouterr().out.splitlines()
     columns = header.split()
     assert columns[columns.index("STATUS"):] == [
-        "STATUS", "NODES", "ERRORS", "REMOTE", "EVENTS", "LOST", "FLOW"]
+        "STATUS", "NODES", "INVOCATIONS", "ERROR", "EVENTS", "REMOTE", "EVENTS", "LOST",
+        "FLOW"]
     cells = row.split()
     assert cells[0] == LOSSY
-    assert (cells[-7], cells[-6], cells[-2], cells[-1]) == (
+    assert (cells[-8], cells[-6], cells[-2], cells[-1]) == (
         "incomplete", str(KEPT // 2), str(LOST), "lossy")
     assert main(["traces", "--json", "--store", lossy_url, "--status", "incomplete"]) == 0
     (summary,) = json.loads(capsys.readouterr().out)
@@ -181,7 +182,7 @@ def test_a_cancel_or_a_failure_that_was_kept_wins_and_the_count_is_still_shown()
     view = build_trace(failed)
     assert (view.status, view.events_lost) == ("error", 3)
     assert render.trace_text(view).startswith(
-        f"trace {LOSSY}  flow lossy  status error (3 events lost)  ")
+        f"trace {LOSSY}  flow lossy  status failed (3 events lost)  ")
     cancel = StoredEvent(LOSSY, T0 + 0.0002, "trace_cancel_start", None, None, {})
     view = build_trace([failed[0], cancel, failed[2]])
     assert (view.status, view.events_lost) == ("cancelled", 3)

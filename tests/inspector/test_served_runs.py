@@ -233,7 +233,7 @@ def test_plain_lists_the_served_run_under_its_call() -> None:
     assert labels == ["ask", "↳ answer", "  ⤷ answer", "  ⤷ polish", "side", "done"]
     call = labels.index("↳ answer")
     assert lines[call].startswith("  ↳ answer") and lines[call].endswith("remote")
-    assert lines[call + 1][1:].startswith("   ⤷ answer") and "ok" in lines[call + 1]
+    assert lines[call + 1][1:].startswith("   ⤷ answer") and "succeeded" in lines[call + 1]
     # Truncated like the other rows.
     assert render.trace_text(view, max_rows=3).count("\n  ... 3 more rows") == 1
 

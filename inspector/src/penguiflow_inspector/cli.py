@@ -25,9 +25,10 @@ import re
 import sys
 import time
 from collections.abc import AsyncGenerator, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, NoReturn, TextIO, cast
 
-from penguiflow.state import StateStoreError, StoredEvent, TraceFilter, TraceStore
+from penguiflow.state import StateStoreError, StoredEvent, TraceFilter, TraceStore, TraceSummary
 from penguiflow_exporters import open_store
 
 from . import export, migrate, render
@@ -43,7 +44,7 @@ from ._store import (
     store_url,
 )
 from .demo import record_demo
-from .model import TraceView, build_trace
+from .model import TraceView, build_trace, format_duration, printable, status_word
 
 #: (command, one-line help) in the order ``pf --help`` lists them.
 COMMANDS: tuple[tuple[str, str], ...] = (
@@ -113,9 +114,23 @@ def _output_flags(cmd: argparse.ArgumentParser) -> None:
                      help="plain text (the default when stdout is not a terminal)")
 
 
+def version_line() -> str:
+    """``pf (penguiflow-inspector) X.Y.Z; penguiflow A.B.C`` (``pf --version``)."""
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            return "unknown"
+
+    return f"pf (penguiflow-inspector) {of('penguiflow-inspector')}; penguiflow {of('penguiflow')}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``pf`` argument parser."""
     parser = _Parser(prog="pf", description="Inspect, follow and export PenguiFlow traces.")
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print pf's and penguiflow's versions and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     cmds = {name: sub.add_parser(name, help=text, description=text) for name, text in COMMANDS}
 
@@ -144,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tail = cmds["tail"]
     tail.add_argument("trace_id", metavar="TRACE_ID", nargs="?",
-                      help="follow this trace only (its history is printed first)")
+                      help="follow this trace only (its history is printed first); "
+                           "pf tail exits when it has ended")
     tail.add_argument("--store", metavar="URL", help=_STORE_HELP)
     _output_flags(tail)
 
@@ -188,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     try:
         return int(_COMMANDS[ns.command](ns, out, err))
-    except CommandError as exc:
-        print(f"pf {ns.command}: {exc.message}", file=err)
+    except CommandError as exc:  # may quote store text (ids, names): escaped
+        print(f"pf {ns.command}: {printable(exc.message)}", file=err)
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C ends `pf tail`; elsewhere it is just as final
         return EXIT_OK
@@ -390,14 +406,18 @@ async def tail(url: str, reference: str | None, show: Any, err: TextIO,
         else:  # only what is stored from now on
             counts = {s.trace_id: s.event_count
                       for s in await store.list_traces(TraceFilter(limit=TAIL_TRACES))}
-        what = f"trace {trace_id}" if trace_id else "every trace"
+        what = f"trace {printable(trace_id)}" if trace_id else "every trace"
         print(f"pf tail: following {what} in {redact(url)} (Ctrl-C to stop)", file=err,
               flush=True)
         wake = asyncio.Event()
         pushed = (asyncio.create_task(_wake_on_commit(store, trace_id, wake))
                   if url.startswith(("postgresql:", "postgres:")) else None)
         try:
-            await _poll(store, trace_id, counts, show, interval_s, wake)
+            ended = await _poll(store, trace_id, counts, show, interval_s, wake)
+            if ended is not None:
+                print(f"pf tail: trace {printable(ended.trace_id)} ended: "
+                      f"{status_word(ended.status)} after {format_duration(ended.duration_ms)}, "
+                      f"{ended.event_count} events", file=err, flush=True)
         finally:
             if pushed is not None:
                 pushed.cancel()
@@ -416,11 +436,22 @@ async def _wake_on_commit(store: TraceStore, trace_id: str | None,
 
 
 async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int], show: Any,
-                interval_s: float, wake: asyncio.Event) -> None:
+                interval_s: float, wake: asyncio.Event) -> TraceSummary | None:
+    """Show new events until cancelled, or, following one trace, until it has ended:
+    returns its summary once its status has left ``running`` and stayed so, with no
+    new event, for one more poll (a chain's next node may start a moment after the
+    previous one's end is stored, when no invocation is open)."""
+    ended_seen: int | None = None  # the event count when the trace was first seen ended
     while True:
         if trace_id is not None:
             summary = await store.get_trace(trace_id)
             changed = [summary] if summary is not None else []
+            if summary is not None and summary.status != "running":
+                if ended_seen == summary.event_count == counts.get(trace_id):
+                    return summary
+                ended_seen = summary.event_count
+            else:
+                ended_seen = None
         else:
             changed = await store.list_traces(TraceFilter(limit=TAIL_TRACES))
         for summary in sorted(changed, key=lambda s: s.started_ts):
@@ -478,7 +509,7 @@ def _demo(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return code
         out.write(render.trace_text(asyncio.run(load_view(url, trace_id))))
         return EXIT_OK
-    out.write(trace_id + "\n")
+    out.write(printable(trace_id) + "\n")
     store_flag = "" if ns.store is None else f" --store {redact(url)}"
     print(f"pf demo: recorded a trace with a fan-out and join, a retry, a timeout, two "
           f"streaming remote agents and a cancel to {redact(url)}; see it with: "

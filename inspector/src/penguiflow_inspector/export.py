@@ -39,6 +39,7 @@ from ._store import (
 from ._store import (
     store_url as _store_url,
 )
+from .model import printable
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -142,9 +143,9 @@ def run(ns: argparse.Namespace, stdout: TextIO | None = None,
         trace = asyncio.run(load_trace(url, ns.trace_id))
         where = _deliver(trace, ns, out)
     except ExportError as exc:
-        print(f"pf export: {exc.message}", file=err)
+        print(f"pf export: {printable(exc.message)}", file=err)
         return exc.exit_code
-    print(f"exported {len(trace.spans)} spans of trace {trace.trace_id} "
+    print(f"exported {len(trace.spans)} spans of trace {printable(trace.trace_id)} "
           f"({trace.event_count} events) to {where}", file=err)
     return EXIT_OK
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
-from penguiflow.state import EVENTS_LOST_KIND
+from penguiflow.state import ERROR_KINDS, EVENTS_LOST_KIND
 from penguiflow.tracing import derived_span_id, otel_trace_id, root_span_id
 
 from ._event_log import EventRow, EventRows
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from penguiflow.state import StoredEvent
 
 __all__ = [
+    "MARK_SYMBOL",
+    "STATUS_SYMBOL",
+    "STATUS_WORD",
     "AbandonedView",
     "AttemptView",
     "HopView",
@@ -45,11 +49,126 @@ __all__ = [
     "RemoteCallView",
     "RemoteStats",
     "TraceView",
+    "display_edge",
+    "display_name",
+    "error_event_count",
+    "format_duration",
+    "format_offset",
+    "matches_kind",
+    "printable",
     "served_runs",
+    "status_word",
 ]
 
 Status = Literal["running", "ok", "error", "timeout", "cancelled", "skipped", "incomplete"]
 """A trace's or an invocation's status; only a trace is ``"incomplete"`` (see TraceView)."""
+
+
+# -- shared vocabulary: what every output (pf traces, --plain, the TUI, --json) says --------
+
+STATUS_WORD: Final[Mapping[str, str]] = {
+    "ok": "succeeded", "error": "failed", "timeout": "failed", "cancelled": "cancelled",
+    "running": "running", "skipped": "skipped", "incomplete": "incomplete",
+    "succeeded": "succeeded", "failed": "failed", "success": "succeeded",
+}
+"""A model status (:data:`Status`, a remote call's outcome) -> the store's word for it.
+
+The words are the store's (``TraceSummary.status``: succeeded, failed, cancelled,
+running, incomplete) plus ``skipped`` (a message dropped because its deadline had
+passed). A timeout is a failure: it says ``failed`` (its symbol is
+``MARK_SYMBOL["timeout"]``). The store's own words map to themselves."""
+
+STATUS_SYMBOL: Final[Mapping[str, str]] = {
+    "succeeded": "✓", "failed": "!", "cancelled": "✕", "running": "▸", "skipped": "↷",
+    "incomplete": "?",
+}
+"""A status word (:data:`STATUS_WORD`'s values) -> its one-cell symbol."""
+
+MARK_SYMBOL: Final[Mapping[str, str]] = {
+    "retry": "↻", "timeout": "◔", "chunks": "≋", "critical": "◆", "remote": "↳",
+}
+"""Markers after a row's name: ``↻n`` retries, ``◔`` an attempt timed out, ``≋n``
+stream chunks; ``◆`` the critical path; ``↳`` a remote call under its invocation."""
+
+
+def status_word(status: str) -> str:
+    """The word every output shows for a model status or remote outcome (see
+    :data:`STATUS_WORD`); an unknown status is returned as it is."""
+    return STATUS_WORD.get(status, status)
+
+
+def format_duration(ms: float | None) -> str:
+    """A duration in milliseconds for people, in at most 9 cells: ``0.8 ms``,
+    ``812.4 ms``, ``1.23 s``, ``143 s``; ``-`` for None. Every output formats
+    durations with it, so two screens showing one duration print the same text."""
+    if ms is None or math.isnan(ms):
+        return "-"
+    sign, ms = ("-", -ms) if ms < 0 else ("", ms)
+    if ms < 999.95:
+        return f"{sign}{ms:.1f} ms"
+    if ms < 99_995:
+        return f"{sign}{ms / 1000:.2f} s"
+    return f"{sign}{ms / 1000:.0f} s"
+
+
+def format_offset(ts: float | None, origin: float) -> str:
+    """``ts`` relative to ``origin`` (both epoch seconds): ``+1.23 s`` after it,
+    ``-0.8 ms`` before it (never ``+-``); ``-`` for None."""
+    if ts is None:
+        return "-"
+    ms = (ts - origin) * 1000.0
+    return ("-" if ms < 0 else "+") + format_duration(abs(ms))
+
+
+#: Characters a terminal could act on: C0 controls, DEL, C1 controls (U+0080-U+009F,
+#: e.g. U+009B, a one-character CSI), and lone surrogates (not encodable: a crash).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_UNPRINTABLE_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_SHORT_ESCAPES: Final = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    short = _SHORT_ESCAPES.get(char)
+    if short is not None:
+        return short
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
+
+
+def printable(text: object, *, multiline: bool = False) -> str:
+    """``text`` (from a store: names, ids, errors, payloads) safe to print to a terminal.
+
+    Every control character is shown escaped, never written raw: C0 (``\\x1b``,
+    ``\\x07``, ``\\x00``, ``\\n``, ``\\t``, ``\\r``), DEL (``\\x7f``), C1
+    (``\\u009b``) and lone surrogates (``\\ud800``). With ``multiline`` newlines are
+    kept (a traceback); everything else is. Other Unicode passes unchanged. A node
+    named ``"x\\x1b]0;pwned\\x07"`` would otherwise retitle the user's terminal.
+    Non-str values are ``str()``-ed first; the text is returned as is when clean
+    (one regex search).
+    """
+    text = text if isinstance(text, str) else str(text)
+    pattern = _UNPRINTABLE_BUT_NEWLINE if multiline else _UNPRINTABLE
+    return pattern.sub(_escape, text) if pattern.search(text) else text
+
+
+#: The runtime's internal endpoints (``penguiflow.core``): messages enter a flow from
+#: OpenSea and leave it to Rookery. Users see the words below instead.
+_ENDPOINT_WORDS: Final = {"OpenSea": "emit", "Rookery": "result"}
+
+
+def display_name(name: str) -> str:
+    """A node name as users see it: the runtime's endpoints ``OpenSea`` and ``Rookery``
+    (named on events such as ``trace_cancel_finish``) read ``emit`` and ``result``."""
+    return _ENDPOINT_WORDS.get(name, name)
+
+
+def display_edge(edge: str) -> str:
+    """An edge label as users see it: ``OpenSea->a`` reads ``emit->a``, ``a->Rookery``
+    reads ``a->result`` (the runtime's internal endpoint names never reach the user;
+    ``--json`` keeps the raw label)."""
+    parts = edge.split("->")
+    return "->".join(_ENDPOINT_WORDS.get(p.strip(), p) for p in parts)
 
 
 class AttemptView(NamedTuple):
@@ -232,6 +351,10 @@ class TraceView:
     markers count them (at the replay time: the markers recorded by then)."""
     lost_reasons: tuple[str, ...] = ()
     """Why, per marker, in order (``"dropped: the store's buffer was full ..."``)."""
+    first_event_ts: float | None = None
+    """``ts`` of the trace's first event, where :attr:`duration_ms` starts (``start``,
+    the root span's start and the waterfall's axis, may be earlier: the first
+    ingress' ``queued_ts``)."""
     _index: _Index | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
@@ -244,7 +367,10 @@ class TraceView:
 
     @property
     def duration_ms(self) -> float:
-        return (self.end - self.start) * 1000.0
+        """First event to last (at a replay time: to ``end``), in ms: the store's
+        ``TraceSummary.duration_ms``, so ``pf traces`` and ``pf inspect`` agree."""
+        origin = self.start if self.first_event_ts is None else self.first_event_ts
+        return max(0.0, (self.end - origin) * 1000.0)
 
     @property
     def event_times(self) -> Sequence[float]:
@@ -871,7 +997,8 @@ def _finish(trace_id: str, events: Sequence[StoredEvent], fold: _Fold) -> TraceV
         critical_path=critical_path(invocations, fold.end),
         otel_trace_id=otel_trace_id(trace_id) if trace_id else "",
         root_span_id=root_span_id(trace_id) if trace_id else "",
-        events_lost=fold.events_lost, lost_reasons=tuple(fold.lost_reasons))
+        events_lost=fold.events_lost, lost_reasons=tuple(fold.lost_reasons),
+        first_event_ts=min(times))
     view._index = _Index(view, events, fold, times)
     return view
 
@@ -1134,7 +1261,8 @@ class _Index:
             critical_path=self._critical_path(t, running, sub.invocations),
             otel_trace_id=view.otel_trace_id, root_span_id=view.root_span_id,
             replay_t=t, events_lost=trace_level.events_lost,
-            lost_reasons=tuple(trace_level.lost_reasons), _index=self)
+            lost_reasons=tuple(trace_level.lost_reasons),
+            first_event_ts=view.first_event_ts, _index=self)
 
     def call_ends_after(self, t: float) -> dict[str, float]:
         """Ids of the calls whose last event (their outcome) comes after ``t``."""
@@ -1221,3 +1349,48 @@ def remote_stats(view: TraceView) -> list[RemoteStats]:
         out.append(RemoteStats(agent, len(calls), sum(c.outcome == "error" for c in calls),
                                _percentile(latencies, 50), _percentile(latencies, 95)))
     return out
+
+
+# -- filters and counts shared by the outputs ---------------------------------------------------
+
+
+def matches_kind(item: InvocationView | RemoteCallView, kind: str) -> bool:
+    """Whether a waterfall row matches ``kind:KIND`` of the filter syntax.
+
+    ``inv`` / ``remote``: the row's type. ``error`` (or ``failed``): an invocation
+    with a failed attempt -- a ``node_error`` or ``node_timeout`` in any attempt, even
+    if a retry then succeeded (what ``pf traces`` counts under ERROR EVENTS) -- or a
+    remote call that failed. ``timeout``: an invocation with an attempt that timed
+    out. Any other word is a status, in the model's words or the store's
+    (``cancelled``, ``running``, ``succeeded``/``ok``, ``skipped``).
+    """
+    kind = kind.lower()
+    is_inv = isinstance(item, InvocationView)
+    status: str
+    if kind in ("inv", "remote"):
+        return is_inv == (kind == "inv")
+    if isinstance(item, InvocationView):
+        if kind in ("error", "failed"):
+            return item.status in ("error", "timeout") or any(
+                _outcome(a) in ("error", "timeout") for a in item.raw_attempts)
+        if kind == "timeout":
+            return item.status == "timeout" or any(
+                _outcome(a) == "timeout" for a in item.raw_attempts)
+        status = item.status
+    else:
+        if kind in ("error", "failed"):
+            return item.outcome == "error"
+        if kind == "timeout":
+            return False
+        status = item.outcome
+    return kind == status or kind == status_word(status)
+
+
+def error_event_count(view: TraceView) -> int:
+    """The trace's error events, as ``TraceSummary.error_count`` counts them (node
+    errors, timeouts and failures, remote call and remote cancel errors): the number
+    ``pf traces`` shows under ERROR EVENTS. A retried failure counts; it is not a
+    count of failed invocations (see :func:`matches_kind` for those rows)."""
+    events = view.events
+    stored = events.stored() if isinstance(events, EventRows) else events
+    return sum(1 for ev in stored if ev.kind in ERROR_KINDS)

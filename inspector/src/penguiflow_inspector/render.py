@@ -16,6 +16,8 @@ from typing import Any, Final
 from penguiflow.state import EVENTS_LOST_KIND, StoredEvent, TraceSummary
 
 from .model import (
+    MARK_SYMBOL,
+    STATUS_SYMBOL,
     AttemptView,
     CancelView,
     DeadlineView,
@@ -24,8 +26,16 @@ from .model import (
     RemoteCallView,
     TraceView,
     bus_hops,
+    display_edge,
+    display_name,
+    error_event_count,
+    format_duration,
+    format_offset,
+    matches_kind,
+    printable,
     remote_stats,
     served_runs,
+    status_word,
 )
 
 __all__ = [
@@ -42,6 +52,8 @@ __all__ = [
 BAR_WIDTH: Final = 40
 #: Waterfall rows ``--plain`` prints before saying how many more there are.
 MAX_ROWS: Final = 200
+#: Lines of a failure's traceback ``--plain`` prints (``--json`` has all of it).
+TRACEBACK_LINES: Final = 20
 
 
 # -- JSON -------------------------------------------------------------------------------------
@@ -55,7 +67,8 @@ def _attempt(a: AttemptView) -> dict[str, Any]:
 def _invocation(i: InvocationView) -> dict[str, Any]:
     return {
         "invocation_id": i.invocation_id, "node_name": i.node_name, "node_id": i.node_id,
-        "status": i.status, "start": i.start, "end": i.end, "duration_ms": i.duration_ms,
+        "status": status_word(i.status), "start": i.start, "end": i.end,
+        "duration_ms": i.duration_ms,
         "queued_ts": i.queued_ts, "queue_wait_ms": i.queue_wait_ms, "parents": list(i.parents),
         "attempts": [_attempt(a) for a in i.attempts], "error": i.error, "chunks": i.chunks,
         "remote_calls": list(i.remote_calls), "span_id": i.span_id,
@@ -105,7 +118,7 @@ def trace_json(view: TraceView) -> dict[str, Any]:
         "otel_trace_id": view.otel_trace_id,
         "root_span_id": view.root_span_id,
         "flow_name": view.flow_name,
-        "status": view.status,
+        "status": status_word(view.status),
         "events_lost": view.events_lost,
         "start": view.start,
         "end": view.end,
@@ -125,7 +138,8 @@ def trace_json(view: TraceView) -> dict[str, Any]:
 def _hops_json(view: TraceView) -> dict[str, Any]:
     hops, abandoned = bus_hops(view)
     return {
-        "hops": [{"ts": h.ts, "edge": h.edge, "node_name": h.node_name, "worker": h.worker,
+        "hops": [{"ts": h.ts, "edge": h.edge, "edge_display": display_edge(h.edge),
+                  "node_name": h.node_name, "worker": h.worker,
                   "waited_ms": h.waited_ms, "deliveries": h.deliveries,
                   "previous_worker": h.previous_worker} for h in hops],
         "abandoned": [{"invocation_id": a.invocation_id, "node_name": a.node_name,
@@ -161,12 +175,8 @@ def event_json(event: StoredEvent) -> dict[str, Any]:
 # -- plain text -------------------------------------------------------------------------------
 
 
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if abs(value) >= 1000:
-        return f"{value / 1000:.2f} s"
-    return f"{value:.1f} ms"
+_ms = format_duration
+_p = printable
 
 
 def _clock(ts: float) -> str:
@@ -188,26 +198,76 @@ def _glyphs(inv: InvocationView) -> str:
     marks = []
     retries = len(inv.attempts) - 1
     if retries > 0:
-        marks.append(f"↻{retries}")
+        marks.append(f"{MARK_SYMBOL['retry']}{retries}")
     timeouts = sum(a.outcome == "timeout" for a in inv.attempts)
     if timeouts:
-        marks.append(f"⏱{timeouts}")
+        marks.append(f"{MARK_SYMBOL['timeout']}{timeouts}")
     if inv.chunks:
-        marks.append(f"≡{inv.chunks}")
-    if inv.status == "cancelled":
-        marks.append("✕")
+        marks.append(f"{MARK_SYMBOL['chunks']}{inv.chunks}")
+    word = status_word(inv.status)
+    if word != "succeeded":
+        marks.append(STATUS_SYMBOL.get(word, ""))
     return " ".join(marks)
 
 
 def lost_line(marker: StoredEvent | EventRow) -> str:
     """What a ``store_events_lost`` marker says, as one line for people:
     ``store lost 3 events of this trace: <reason>`` (the event log, ``--plain``,
-    ``pf tail``)."""
+    ``pf tail``); the reason is escaped (:func:`~penguiflow_inspector.model.printable`)."""
     items = marker.payload if isinstance(marker, StoredEvent) else marker.extra
     count = items.get("events_lost")
     count = count if type(count) is int else 0
-    reason = str(items.get("reason") or "") or "no reason recorded"
+    reason = _p(items.get("reason") or "") or "no reason recorded"
     return f"store lost {count} event{'' if count == 1 else 's'} of this trace: {reason}"
+
+
+def _traceback_lines(view: TraceView, inv: InvocationView,
+                     limit: int = TRACEBACK_LINES) -> list[str]:
+    """The last ``traceback`` item among the invocation's events, indented and
+    escaped, cut at ``limit`` lines; nothing when no event has one."""
+    found: Any = None
+    for row in view.events_of(inv.invocation_id):
+        value = row.extra.get("traceback")
+        if value:
+            found = value
+    # split("\n"), not splitlines(): that also breaks at \r, \x1c-\x1e and \x85, which
+    # are shown escaped in the line they belong to.
+    if isinstance(found, str):
+        text_lines = found.rstrip("\n").split("\n")
+    elif isinstance(found, list | tuple):
+        text_lines = [line for item in found for line in str(item).rstrip("\n").split("\n")]
+    else:
+        return []
+    out = [f"      {_p(line)}" for line in text_lines[:limit]]
+    if len(text_lines) > limit:
+        more = len(text_lines) - limit
+        out.append(f"      … {more} more line{'s' if more != 1 else ''} (pf inspect --json "
+                   "has the whole traceback)")
+    return out
+
+
+def _error_lines(view: TraceView, max_rows: int) -> list[str]:
+    """Every invocation with a failed attempt: its final error, or the attempts that
+    failed before a retry worked; the failure's traceback when one was recorded."""
+    failed = [i for i in view.invocations if matches_kind(i, "error")]
+    if not failed:
+        return []
+    lines = ["", f"errors ({sum(i.status in ('error', 'timeout') for i in failed)} "
+                 f"failed invocations, {len(failed)} with a failed attempt)"]
+    for inv in failed[:max_rows]:
+        head = f"  {_p(inv.node_name)} ({_p(inv.invocation_id)})"
+        if inv.error:
+            lines.append(f"{head} {status_word(inv.status)}: {_p(inv.error)}")
+        else:
+            lines.append(f"{head} {status_word(inv.status)} after a retry")
+        for a in inv.attempts:
+            if a.outcome in ("error", "timeout") and (a.error or a.outcome) != inv.error:
+                how = "timed out" if a.outcome == "timeout" else "failed"
+                lines.append(f"    attempt {a.attempt} {how}: {_p(a.error or a.outcome)}")
+        lines += _traceback_lines(view, inv)
+    if len(failed) > max_rows:
+        lines.append(f"  ... {len(failed) - max_rows} more (pf inspect --json has them all)")
+    return lines
 
 
 def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
@@ -216,79 +276,96 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
     A trace whose store lost events says so on its first line (``status
     incomplete (N events lost)``, or the lost count beside a cancelled or failed
     status) and lists each ``store_events_lost`` marker under ``incomplete``.
+    Every text from the store is escaped (:func:`~penguiflow_inspector.model.printable`);
+    statuses are the store's words (:data:`~penguiflow_inspector.model.STATUS_WORD`).
     """
-    names = {i.invocation_id: i.node_name for i in view.invocations}
+    names = {i.invocation_id: _p(i.node_name) for i in view.invocations}
     lost = (f" ({view.events_lost} event{'s' if view.events_lost != 1 else ''} lost)"
             if view.events_lost else "")
+    failed = sum(i.status in ("error", "timeout") for i in view.invocations)
+    nodes = len({i.node_name for i in view.invocations})
+    skipped = f"  {len(view.deadlines)} skipped" if view.deadlines else ""
     lines = [
-        f"trace {view.trace_id}  flow {view.flow_name or '-'}  status {view.status}{lost}  "
-        f"{_ms(view.duration_ms)}  {len(view.invocations)} invocations  "
+        f"trace {_p(view.trace_id)}  flow {_p(view.flow_name or '-')}  "
+        f"status {status_word(view.status)}{lost}  {_ms(view.duration_ms)}  "
+        f"{len(view.invocations)} invocations ({failed} failed) of {nodes} nodes{skipped}  "
+        f"{error_event_count(view)} error events  "
         f"{len(view.remote_calls)} remote calls  {len(view.events)} events",
         f"started {_clock(view.start)}  otel trace id {view.otel_trace_id}  "
         f"root span id {view.root_span_id}",
     ]
     if view.events_lost:
         lines += ["", "incomplete: what follows lacks the events the store could not keep"]
-        lines += [f"  +{_ms((row.ts - view.start) * 1000)}: {lost_line(row)}"
+        lines += [f"  {format_offset(row.ts, view.start)}: {lost_line(row)}"
                   for row in _markers(view)][:max_rows]
     lines += [
         "",
-        f"waterfall (0 .. {_ms(view.duration_ms)}; █ ran, ▒ still running; "
-        "↻ retries, ⏱ timeouts, ≡ chunks, ✕ cancelled; * on the critical path)",
+        f"waterfall (0 .. {_ms((view.end - view.start) * 1000)}; █ ran, ▒ still running; "
+        f"{MARK_SYMBOL['retry']} retries, {MARK_SYMBOL['timeout']} timeouts, "
+        f"{MARK_SYMBOL['chunks']} chunks, {STATUS_SYMBOL['failed']} failed, "
+        f"{STATUS_SYMBOL['cancelled']} cancelled, {STATUS_SYMBOL['skipped']} skipped "
+        "(deadline passed); * on the critical path)",
     ]
     rows = _waterfall_rows(view, {a.invocation_id for a in bus_hops(view)[1]})
     lines.extend(rows[:max_rows])
     if len(rows) > max_rows:
         lines.append(f"  ... {len(rows) - max_rows} more rows (pf inspect --json has them all)")
-    failed = [i for i in view.invocations if i.error]
-    if failed:
-        lines += ["", "errors"]
-        lines += [f"  {i.node_name} ({i.invocation_id}): {i.error}" for i in failed[:max_rows]]
+    lines += _error_lines(view, max_rows)
     if view.remote_calls:
         lines += ["", "remote calls"]
         for c in view.remote_calls[:max_rows]:
-            split = " → ".join(f"{s} {_ms(ms)}" for s, ms in c.state_split_ms())
+            split = " → ".join(f"{_p(s)} {_ms(ms)}" for s, ms in c.state_split_ms())
+            first = ("" if c.time_to_first_chunk_ms is None
+                     else ", first chunk " + _ms(c.time_to_first_chunk_ms))
             lines.append(
-                f"  {c.node_name or '-'} → {c.agent_url or '-'} skill {c.skill or '-'}: "
-                f"{c.outcome} in {_ms(c.latency_ms)}"
-                f"{'' if c.time_to_first_chunk_ms is None else ', first chunk ' + _ms(c.time_to_first_chunk_ms)}"  # noqa: E501
+                f"  {_p(c.node_name or '-')} → {_p(c.agent_url or '-')} "
+                f"skill {_p(c.skill or '-')}: "
+                f"{status_word(c.outcome)} in {_ms(c.latency_ms)}{first}"
                 f", sent {c.bytes_sent if c.bytes_sent is not None else '-'} B"
                 f", received {c.bytes_received if c.bytes_received is not None else '-'} B"
                 f", {c.stream_events} stream events")
-            lines.append(f"      context {c.context_id or '-'}  task {c.task_id or '-'}  "
-                         f"span {c.call_id}" + (f"  states: {split}" if split else ""))
+            lines.append(f"      context {_p(c.context_id or '-')}  task {_p(c.task_id or '-')}  "
+                         f"span {_p(c.call_id)}" + (f"  states: {split}" if split else ""))
             if c.error:
-                lines.append(f"      {c.error}")
+                lines.append(f"      {_p(c.error)}")
         lines.append("  per agent:")
         for s in remote_stats(view):
-            lines.append(f"    {s.agent}: {s.calls} calls, {s.errors} errors, "
+            lines.append(f"    {_p(s.agent)}: {s.calls} calls, {s.errors} errors, "
                          f"p50 {_ms(s.p50_ms)}, p95 {_ms(s.p95_ms)}")
     for n, cancel in enumerate(view.cancels, 1):
-        at = (cancel.requested - view.start) * 1000
-        lines += ["", f"cancel {n}: requested at +{_ms(at)}"]
+        lines += ["", f"cancel {n}: requested at {format_offset(cancel.requested, view.start)}"]
         for task, ts, rtt, reason in cancel.propagated:
-            lines.append(f"  propagated to task {task or '?'} at "
-                         f"+{_ms((ts - cancel.requested) * 1000)} ({reason}, "
+            lines.append(f"  propagated to task {_p(task or '?')} at "
+                         f"{format_offset(ts, cancel.requested)} ({_p(reason)}, "
                          f"round trip {_ms(rtt)})")
         if cancel.acknowledged is not None:
             lines.append(f"  acknowledged after {_ms(cancel.latency_ms)}")
         else:
             lines.append("  not acknowledged (yet)")
         for inv_id, ts in cancel.interrupted:
-            lines.append(f"  interrupted {names.get(inv_id, '?')} ({inv_id}) after "
+            lines.append(f"  interrupted {names.get(inv_id, '?')} ({_p(inv_id)}) after "
                          f"{_ms((ts - cancel.requested) * 1000)}")
-        kept = ", ".join(f"{names.get(i, '?')} ({i})" for i in cancel.kept_running)
+        kept = ", ".join(f"{names.get(i, '?')} ({_p(i)})" for i in cancel.kept_running)
         lines.append(f"  kept running after the request: {kept or 'nothing'}")
     if view.deadlines:
-        lines += ["", "deadlines"]
-        lines += [f"  {d.node_name or '-'} skipped at +{_ms((d.ts - view.start) * 1000)}: "
-                  f"deadline passed {_ms(-(d.remaining_ms or 0.0))} before"
-                  for d in view.deadlines]
+        lines += ["", "deadlines (times from the trace's start)"]
+        lines += [f"  {_p(d.node_name or '-')} skipped at {format_offset(d.ts, view.start)}: "
+                  + _deadline_words(d, view.start) for d in view.deadlines[:max_rows]]
     lines += _hop_lines(view, max_rows)
     if view.critical_path:
         path = " → ".join(names.get(i, "?") for i in view.critical_path)
         lines += ["", f"critical path: {path}"]
     return "\n".join(lines) + "\n"
+
+
+def _deadline_words(d: DeadlineView, origin: float) -> str:
+    """``deadline was at +0.3 ms, passed 0.2 ms before`` (never an epoch)."""
+    if d.deadline is None:
+        return "its deadline had passed"
+    late = "" if d.remaining_ms is None else (
+        f", {_ms(-d.remaining_ms)} before the skip" if d.remaining_ms <= 0
+        else f", {_ms(d.remaining_ms)} still left")
+    return f"deadline was at {format_offset(d.deadline, origin)}{late}"
 
 
 def _hop_lines(view: TraceView, max_rows: int) -> list[str]:
@@ -298,23 +375,23 @@ def _hop_lines(view: TraceView, max_rows: int) -> list[str]:
     if not hops:
         return []
     waits = sorted(h.waited_ms for h in hops if h.waited_ms is not None)
-    workers = {h.worker for h in hops if h.worker}
+    workers = {h.worker for h in hops if h.worker}  # (counted raw, printed escaped)
     lines = ["", f"hops across processes: {len(hops)} on {len(workers)} "
                  f"worker{'s' if len(workers) != 1 else ''}"
                  + (f", waited in the broker p50 {_ms(waits[len(waits) // 2])}, "
                     f"max {_ms(waits[-1])}" if waits else "")]
     for h in hops[:max_rows]:
         again = (f"  redelivered (delivery {h.deliveries}"
-                 + (f", taken from stopped worker {h.previous_worker}" if h.previous_worker
+                 + (f", taken from stopped worker {_p(h.previous_worker)}" if h.previous_worker
                     else "") + ")") if h.deliveries > 1 else ""
-        lines.append(f"  +{_ms((h.ts - view.start) * 1000):>9} {h.edge:<24} "
-                     f"worker {h.worker or '-'}  waited {_ms(h.waited_ms)}{again}")
+        lines.append(f"  {format_offset(h.ts, view.start):>10} {_p(display_edge(h.edge)):<24} "
+                     f"worker {_p(h.worker or '-')}  waited {_ms(h.waited_ms)}{again}")
     if len(hops) > max_rows:
         lines.append(f"  ... {len(hops) - max_rows} more hops (pf inspect --json has them all)")
     if abandoned:
         lines += ["", "abandoned attempts (their worker stopped mid-node; the input ran "
                       "again elsewhere)"]
-        lines += [f"  {a.node_name or '-'} ({a.invocation_id}) on worker {a.worker}"
+        lines += [f"  {_p(a.node_name or '-')} ({_p(a.invocation_id)}) on worker {_p(a.worker)}"
                   for a in abandoned[:max_rows]]
     return lines
 
@@ -339,83 +416,107 @@ def _waterfall_rows(view: TraceView, abandoned: frozenset[str] | set[str] = froz
 
     def inv_line(inv: InvocationView, depth: int) -> str:
         mark = "*" if inv.invocation_id in critical else " "
-        name = f"{'  ' * depth}⤷ {inv.node_name}" if depth else inv.node_name
-        status = "abandoned" if inv.invocation_id in abandoned else inv.status
-        return (f"{mark} {name[:18]:<18} {status:<9} "
-                f"+{_ms((inv.start - view.start) * 1000):>9} "
+        name = _p(inv.node_name)
+        name = f"{'  ' * depth}⤷ {name}" if depth else name
+        status = "abandoned" if inv.invocation_id in abandoned else status_word(inv.status)
+        return (f"{mark} {name[:18]:<18} {status:<10} "
+                f"{format_offset(inv.start, view.start):>10} "
                 f"{_ms(inv.duration_ms):>9} "
                 f"|{_bar(inv.start, inv.end, view.start, span)}| {_glyphs(inv)}").rstrip()
 
     def call_line(call: RemoteCallView, depth: int) -> str:
-        label = f"{'  ' * depth}↳ {call.skill or call.node_name or '?'}"[:18]
-        return (f"  {label:<18} {call.outcome:<9} "
-                f"+{_ms((call.start - view.start) * 1000):>9} "
+        label = f"{'  ' * depth}{MARK_SYMBOL['remote']} {_p(call.skill or call.node_name or '?')}"
+        return (f"  {label[:18]:<18} {status_word(call.outcome):<10} "
+                f"{format_offset(call.start, view.start):>10} "
                 f"{_ms(call.latency_ms):>9} "
                 f"|{_bar(call.start, call.end, view.start, span)}| remote").rstrip()
+
+    def skip_line(d: DeadlineView) -> str:
+        # A message dropped at a node because its deadline had passed: the node never ran.
+        return (f"  {_p(display_name(d.node_name or '?'))[:18]:<18} {'skipped':<10} "
+                f"{format_offset(d.ts, view.start):>10} {'-':>9} "
+                f"|{_bar(d.ts, d.ts, view.start, span).replace('█', STATUS_SYMBOL['skipped'])}| "
+                f"{STATUS_SYMBOL['skipped']} deadline passed")
 
     served = served_runs(view)
     nested = {inv.invocation_id for runs in served.values() for inv in runs}
     # Per level: its invocations and the calls they made, by start (a stable sort:
     # an invocation before a call that started at the same time).
-    top: list[InvocationView | RemoteCallView] = [
+    top: list[InvocationView | RemoteCallView | DeadlineView] = [
         i for i in view.invocations if i.invocation_id not in nested]
+    top += view.deadlines
     made: dict[str, list[RemoteCallView]] = {}
     for call in view.remote_calls:
         if call.invocation_id is not None and call.invocation_id in nested:
             made.setdefault(call.invocation_id, []).append(call)
         else:
             top.append(call)
-    top.sort(key=lambda item: item.start)
+    top.sort(key=lambda item: item.ts if isinstance(item, DeadlineView) else item.start)
     out: list[str] = []
-    stack: list[tuple[InvocationView | RemoteCallView, int]] = [(x, 0) for x in reversed(top)]
+    stack: list[tuple[InvocationView | RemoteCallView | DeadlineView, int]] = [
+        (x, 0) for x in reversed(top)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, InvocationView):
             out.append(inv_line(item, depth))
             continue
+        if isinstance(item, DeadlineView):
+            out.append(skip_line(item))
+            continue
         out.append(call_line(item, depth))
         runs = served.get(item.call_id)
         if runs:
-            level: list[InvocationView | RemoteCallView] = list(runs)
+            level: list[InvocationView | RemoteCallView | DeadlineView] = list(runs)
             for inv in runs:
                 level += made.get(inv.invocation_id, [])
-            level.sort(key=lambda x: x.start)
+            level.sort(key=lambda x: x.ts if isinstance(x, DeadlineView) else x.start)
             stack.extend((x, depth + 1) for x in reversed(level))
     return out
 
 
 def summary_table(summaries: Sequence[TraceSummary]) -> str:
-    """``pf traces --plain``: one row per trace, a header first (LOST: events of the
-    trace the store could not keep, ``-`` for none)."""
-    header = (f"{'TRACE ID':<32}  {'STARTED':<23}  {'DURATION':>9}  {'STATUS':<10}  "
-              f"{'NODES':>5}  {'ERRORS':>6}  {'REMOTE':>6}  {'EVENTS':>6}  {'LOST':>6}  FLOW")
+    """``pf traces --plain``: one row per trace, a header first.
+
+    STATUS is the store's word; NODES the distinct nodes that ran; INVOCATIONS the
+    node invocations started; ERROR EVENTS the store's ``error_count`` (node errors,
+    timeouts and failures, remote errors: a failure that a retry fixed counts);
+    LOST the events the store could not keep (``-`` for none). Store text is escaped.
+    """
+    header = (f"{'TRACE ID':<32}  {'STARTED':<23}  {'DURATION':>9}  {'STATUS':<12}  "
+              f"{'NODES':>5}  {'INVOCATIONS':>11}  {'ERROR EVENTS':>12}  {'REMOTE':>6}  "
+              f"{'EVENTS':>6}  {'LOST':>6}  FLOW")
     lines = [header]
     for s in summaries:
-        lines.append(f"{s.trace_id:<32}  {_clock(s.started_ts):<23}  {_ms(s.duration_ms):>9}  "
-                     f"{s.status:<10}  {s.node_count:>5}  {s.error_count:>6}  "
+        word = status_word(s.status)
+        lines.append(f"{_p(s.trace_id):<32}  {_clock(s.started_ts):<23}  "
+                     f"{_ms(s.duration_ms):>9}  {STATUS_SYMBOL.get(word, ' ')} {_p(word):<10}  "
+                     f"{len(s.nodes):>5}  {s.node_count:>11}  {s.error_count:>12}  "
                      f"{s.remote_call_count:>6}  {s.event_count:>6}  "
-                     f"{s.events_lost or '-':>6}  {s.flow_name or '-'}")
+                     f"{s.events_lost or '-':>6}  {_p(s.flow_name or '-')}")
     return "\n".join(lines) + "\n"
 
 
 def event_line(event: StoredEvent) -> str:
-    """``pf tail --plain``: one event on one line (a lost-events marker says what it means)."""
+    """``pf tail --plain``: one event on one line (a lost-events marker says what it
+    means); store text escaped, edges in their display form."""
     if event.kind == EVENTS_LOST_KIND:
-        return " ".join([_clock(event.ts), (event.trace_id or "-")[:12],
+        return " ".join([_clock(event.ts), _p((event.trace_id or "-")[:12]),
                          lost_line(event)])
     payload = event.payload
     latency = payload.get("latency_ms")
     extra = {k: v for k, v in payload.items() if k in _SHOWN_EXTRA and v is not None}
-    parts = [_clock(event.ts), (event.trace_id or "-")[:12], f"{event.kind:<22}",
-             f"{event.node_name or '-':<14}"]
+    if isinstance(extra.get("edge"), str):
+        extra["edge"] = display_edge(extra["edge"])
+    parts = [_clock(event.ts), _p((event.trace_id or "-")[:12]), f"{_p(event.kind):<22}",
+             f"{_p(display_name(event.node_name or '-')):<14}"]
     if event.attempt:
         parts.append(f"attempt {event.attempt}")
     if isinstance(latency, int | float) and latency:
         parts.append(_ms(float(latency)))
-    parts += [f"{k}={v}" for k, v in extra.items()]
+    parts += [f"{k}={_p(v)}" for k, v in extra.items()]
     return " ".join(parts).rstrip()
 
 
 #: Extra items ``pf tail --plain`` shows (the rest is in --json).
 _SHOWN_EXTRA: Final = ("exception", "remote_task_state", "remote_skill", "remote_error",
-                       "remote_cancel_reason", "deadline_s")
+                       "remote_cancel_reason", "edge")
