@@ -181,3 +181,28 @@ def _delete(path: Path) -> None:
 def _notified(app: Any, text: str) -> bool:
     return any(text in str(n.message) for n in app._notifications)
 
+
+
+async def test_an_event_stored_while_the_history_is_read_is_not_lost() -> None:
+    """The follower starts before the history read: an event committed just after
+    the read (before a late follower would have started) still shows."""
+    from tui_traces import TRACE, demo_events, running_events
+
+    from penguiflow.state import InMemoryStateStore
+
+    late = demo_events()[5]  # the next event after the running prefix
+
+    class CommitsDuringRead(InMemoryStateStore):
+        async def load_history_page(self, trace_id: str, **page: Any) -> Any:
+            events = await super().load_history_page(trace_id, **page)
+            await self.save_event(late)  # committed after the read
+            return events
+
+    async with CommitsDuringRead() as store:
+        await store.save_events(running_events())
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = await opened(pilot)
+            await wait_for(pilot, lambda: any(e.event_key == late.event_key
+                                              for e in screen.events),
+                           what="the event stored during the read")

@@ -13,7 +13,9 @@ Loading (all in ``@work`` workers that post back, see ``messages.py``):
 
 Live: when the trace is running (or the app was opened by ``pf tail``), a
 worker follows the store and posts each event; a 4 Hz timer folds what arrived
-into a rebuild, so a busy trace costs at most four rebuilds a second.
+into a rebuild, so a busy trace costs at most four rebuilds a second. The
+follower starts before the history is read (what both see is folded once, by
+event key), so no event committed in between is missed.
 
 Replay: ``r`` enters replay at the trace's first event; the screen then shows
 ``view.at(t)`` (in-flight invocations drawn open-ended) on the full trace's
@@ -24,6 +26,7 @@ plays at the chosen speed, a click on the replay bar jumps there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -40,7 +43,7 @@ from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 from penguiflow.state import StateStoreError, StoredEvent
 
 from ..messages import EventsArrived, LoadFailed, RowSelected, ScrubTo, SummaryLoaded, TraceLoaded
-from ..model import TraceView
+from ..model import TraceView, printable
 from ..widgets.cancel_table import CancelTable
 from ..widgets.detail import DetailPane
 from ..widgets.event_log import EventLog
@@ -101,6 +104,8 @@ class TraceScreen(Screen[None]):
         self.events: list[StoredEvent] = []
         self._keys: set[str] = set()
         self._pending: list[StoredEvent] = []
+        #: Set once the live follower has started (see :meth:`follow`).
+        self._following = asyncio.Event()
         self.replay_t: float | None = None
         self.playing = False
         self.speed_index = SPEEDS.index(1.0)
@@ -170,6 +175,10 @@ class TraceScreen(Screen[None]):
             self.trace_id = matches[0]
             summary = await store.get_trace(self.trace_id)
             if summary is not None:
+                if summary.status == "running" and not self.workers_in("follow"):
+                    self.live = True
+                    self.follow()  # before reading the history: nothing falls in between
+                    await self._following.wait()
                 self.post_message(SummaryLoaded(summary))
             page_of = getattr(store, "load_history_page", None)
             if page_of is None:  # a TraceStore from before load_history_page
@@ -211,15 +220,34 @@ class TraceScreen(Screen[None]):
 
     @work(group="follow")
     async def follow(self) -> None:
-        """Post each event stored for this trace from now on (ends with the screen)."""
+        """Post each event stored for this trace from now on (ends with the screen).
+
+        Sets ``_following`` once the store's follower has taken its first step: a
+        SQLite or in-memory follower has then marked where it starts (on the
+        store's one reading thread, ahead of any later read), so the history read
+        after it (see :meth:`load`) leaves no gap between the two.
+        """
         assert self.store is not None
+        events = self.store.follow(self.trace_id or None)
+        first = asyncio.ensure_future(anext(events, None))
         try:
-            async for event in self.store.follow(self.trace_id or None):
-                if self.trace_id and event.trace_id != self.trace_id:
-                    continue
-                self.post_message(EventsArrived([event]))
+            await asyncio.sleep(0)  # the follower's first step runs
+            self._following.set()
+            event = await first
+            while event is not None:
+                if not self.trace_id or event.trace_id == self.trace_id:
+                    self.post_message(EventsArrived([event]))
+                event = await anext(events, None)
         except StateStoreError as exc:
-            self.notify(f"live updates stopped: {exc}", severity="warning")
+            self.notify(f"live updates stopped: {printable(exc)}", severity="warning",
+                        markup=False)
+        finally:
+            self._following.set()
+            if not first.done():  # the screen closed before the first event
+                first.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await first
+            await events.aclose()
 
     @work(exclusive=True, group="rebuild")
     async def _rebuild(self, events: list[StoredEvent]) -> None:
@@ -231,10 +259,6 @@ class TraceScreen(Screen[None]):
         self.summary = message.summary
         self.timings.setdefault("summary", time.perf_counter() - self._mounted_at)
         s = message.summary
-        if s.status == "running":
-            self.live = True
-            if not self.workers_in("follow"):
-                self.follow()
         if self.full is None:
             self._paint_summary(f"loading {s.event_count} events…")
 

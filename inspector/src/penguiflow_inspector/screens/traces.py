@@ -21,6 +21,7 @@ from textual.widgets import DataTable, Footer, Input, Static
 from penguiflow.state import TRACE_STATUSES, StateStoreError, TraceFilter, TraceSummary
 
 from ..messages import EventsArrived, LoadFailed, TracesLoaded
+from ..model import printable
 from ..widgets.waterfall import format_ms
 from .trace import TraceScreen
 
@@ -99,7 +100,8 @@ class TracesScreen(Screen[None]):
             async for event in self.store.follow(None):
                 self.post_message(EventsArrived([event]))
         except StateStoreError as exc:
-            self.notify(f"live updates stopped: {exc}", severity="warning")
+            self.notify(f"live updates stopped: {printable(exc)}", severity="warning",
+                        markup=False)
 
     def on_events_arrived(self, _message: EventsArrived) -> None:
         self._dirty = True
