@@ -168,3 +168,65 @@ def test_tail_plain_lines(sqlite_url: str) -> None:
     finally:
         tail.stop()
     assert trace_id[:12] in line and "node_start" in line and "seed" in line
+
+
+async def _run_held_flow(url: str, trace_id: str, started: threading.Event,
+                         release: threading.Event) -> None:
+    """A flow whose one node waits for ``release``; ``started`` is set once its
+    node_start is stored (flushed), so a reader in another process can see the trace."""
+    async with open_store(url) as store:
+        async def held(msg: Message, ctx: Any) -> Message:
+            await store.flush()
+            started.set()
+            await asyncio.to_thread(release.wait, DEADLINE_S)
+            return msg
+
+        flow = create(Node(held, name="held", policy=NodePolicy(validate="none")).to(),
+                      state_store=store, name="tailed")
+        flow.run()
+        try:
+            await flow.emit(Message(payload=1, headers=Headers(tenant="t"), trace_id=trace_id))
+            await asyncio.wait_for(flow.fetch(), DEADLINE_S)
+        finally:
+            await flow.stop()
+
+
+def test_tail_of_one_trace_exits_when_it_ends(sqlite_url: str) -> None:
+    trace_id = uuid.uuid4().hex
+    started, release = threading.Event(), threading.Event()
+    runner = threading.Thread(target=lambda: asyncio.run(
+        _run_held_flow(sqlite_url, trace_id, started, release)), daemon=True)
+    runner.start()
+    tail: Tail | None = None
+    try:
+        assert started.wait(DEADLINE_S)
+        tail = Tail(trace_id[:12], "--plain", "--store", sqlite_url)
+        tail.wait_following()  # it has read the running trace's history
+        release.set()  # the node returns: the trace succeeds
+        code = tail.proc.wait(timeout=DEADLINE_S)  # no Ctrl-C: it ends by itself
+        for pump in tail.pumps:
+            pump.join(timeout=DEADLINE_S)
+        out = "".join(tail.out.queue)
+        last = "".join(tail.err.queue).strip().splitlines()[-1]
+    finally:
+        release.set()
+        runner.join(timeout=DEADLINE_S)
+        if tail is not None:
+            tail.stop()
+    assert code == 0
+    assert "node_success" in out and "held" in out
+    assert last.startswith(f"pf tail: trace {trace_id} ended: succeeded after ")
+    assert last.endswith(" events")
+
+
+def test_tail_of_every_trace_does_not_exit_when_one_ends(sqlite_url: str) -> None:
+    asyncio.run(_seed(sqlite_url, uuid.uuid4().hex))
+    tail = Tail("--json", "--store", sqlite_url)
+    try:
+        tail.wait_following()
+        asyncio.run(_run_flow(sqlite_url, uuid.uuid4().hex))  # a whole trace, ended
+        tail.events_until(lambda e: e["kind"] == "node_success")
+        assert tail.proc.poll() is None  # still following
+    finally:
+        code = tail.stop()
+    assert code == 0
