@@ -25,6 +25,11 @@ What it guarantees:
   flooding (the first failure with the likely fix, then one summary a minute);
   :meth:`TelemetryHandle.force_flush` and :meth:`TelemetryHandle.shutdown`
   return within their timeout even when the collector stalls.
+* **Every lost span is counted.** The SDK's ``BatchSpanProcessor`` drops a span
+  when its queue (``max_queue_size``) is full, and says so only in a log line;
+  here the queue is admitted through a counter (:class:`_CountingBatchProcessor`),
+  so after a flush ``spans ended == spans_exported + spans_failed +
+  spans_dropped + spans_lost_at_shutdown``, exactly.
 
 Converting stored spans (:class:`penguiflow.spandata.SpanData`) for ``pf
 export`` -- :func:`readable_spans`, :func:`export_spans`, :func:`otlp_json` --
@@ -55,7 +60,7 @@ from opentelemetry.sdk.metrics.export import (
     MetricsData,
     PeriodicExportingMetricReader,
 )
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SimpleSpanProcessor,
@@ -107,6 +112,9 @@ register_span_writer(sdk_span_writer)
 DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 5.0
 #: At most one "exports still failing" summary per this many seconds.
 FAILURE_LOG_INTERVAL_S: Final = 60.0
+# The SDK's BatchSpanProcessor defaults (its OTEL_BSP_* variables win over them).
+_DEFAULT_MAX_QUEUE_SIZE: Final = 2048
+_DEFAULT_MAX_EXPORT_BATCH_SIZE: Final = 512
 
 _PROTOCOLS: Final = ("http/protobuf", "grpc")
 _GRPC_MISSING: Final = (
@@ -173,7 +181,14 @@ class ExportStats:
     metric_exports_failed: int = 0
     """Failed metric export calls."""
     last_error: str | None = None
-    """The most recent failure, as the exporter reported it."""
+    """The most recent failure, as the exporter reported it (its exception, or the
+    error the SDK exporter logged, e.g. the collector's HTTP status)."""
+    spans_dropped: int = 0
+    """Spans refused because the export queue was full (``max_queue_size``
+    spans waiting: the collector is slower than the flow); never sent."""
+    spans_lost_at_shutdown: int = 0
+    """Spans ended after :meth:`TelemetryHandle.shutdown`, or still queued when
+    it gave up waiting (see its ``timeout_s``); never sent."""
 
 
 class _FailureLog:
@@ -194,6 +209,8 @@ class _FailureLog:
         self._failing = False
         self._next_log = 0.0
         self._since_log = 0
+        self._next_drop_log = 0.0
+        self._drops_since_log = 0
 
     def success(self, spans: int) -> None:
         with self._lock:
@@ -210,7 +227,9 @@ class _FailureLog:
                 self.stats.spans_failed += spans
             else:
                 self.stats.metric_exports_failed += 1
-            self.stats.last_error = error or self.stats.last_error
+            # No reason given (the SDK exporter logged none we saw): keep the last one.
+            self.stats.last_error = (error or self.stats.last_error
+                                     or f"{signal} export failed (the exporter gave no reason)")
             first, self._failing = not self._failing, True
             self._since_log += 1
             if not first and now < self._next_log:
@@ -232,6 +251,46 @@ class _FailureLog:
         with self._lock:
             return dataclasses.replace(self.stats)
 
+    def dropped(self, capacity: int) -> None:
+        """Count one span refused by a full queue; log the first, then one a minute."""
+        now = self._clock()
+        with self._lock:
+            self.stats.spans_dropped += 1
+            first = self.stats.spans_dropped == 1
+            self._drops_since_log += 1
+            if not first and now < self._next_drop_log:
+                return
+            count, self._drops_since_log = self._drops_since_log, 0
+            self._next_drop_log = now + FAILURE_LOG_INTERVAL_S
+        if first:
+            _log.warning(
+                "span export queue full (%d spans waiting for %s): spans are dropped and "
+                "counted in TelemetryHandle.stats.spans_dropped. The collector is slower than "
+                "the flow; raise configure_tracing(max_queue_size=...) / OTEL_BSP_MAX_QUEUE_SIZE "
+                "or sample fewer traces.", capacity, self.endpoints.get("spans"))
+        else:
+            _log.warning("span export queue still full: %d more spans dropped", count)
+
+    def lost_at_shutdown(self, spans: int) -> None:
+        with self._lock:
+            self.stats.spans_lost_at_shutdown += spans
+
+
+# The last ERROR an SDK exporter logged, per thread (set by _RateLimitFilter).
+_sdk_error = threading.local()
+
+
+def _last_sdk_error() -> str | None:
+    message = getattr(_sdk_error, "message", None)
+    retry = getattr(_sdk_error, "retry", None)
+    if isinstance(message, str) and isinstance(retry, str):
+        return f"{message} (last retry: {retry})"
+    return message if isinstance(message, str) else None
+
+
+def _forget_sdk_error() -> None:
+    _sdk_error.message = _sdk_error.retry = None
+
 
 class _RateLimitFilter(logging.Filter):
     """Let each (logger, message template) through at most once per interval."""
@@ -243,6 +302,18 @@ class _RateLimitFilter(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            # What the SDK exporter logs right before it returns FAILURE (e.g. the
+            # collector's HTTP status), and the retries' cause before that (e.g.
+            # connection refused), on the exporting thread: its last_error.
+            try:
+                text = record.getMessage()
+            except Exception:
+                text = str(record.msg)
+            if record.levelno >= logging.ERROR:
+                _sdk_error.message = text
+            else:
+                _sdk_error.retry = text
         key = (record.name, record.msg)
         now = time.monotonic()
         with self._lock:
@@ -258,8 +329,13 @@ class _CountingSpanExporter(SpanExporter):
     def __init__(self, inner: SpanExporter, failures: _FailureLog) -> None:
         self._inner = inner
         self._failures = failures
+        #: Told how many spans left the batch queue (see _CountingBatchProcessor).
+        self.on_taken: Callable[[int], None] | None = None
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self.on_taken is not None:
+            self.on_taken(len(spans))
+        _forget_sdk_error()
         try:
             result = self._inner.export(spans)
         except Exception as exc:  # an observer never raises into the SDK's thread
@@ -268,7 +344,7 @@ class _CountingSpanExporter(SpanExporter):
         if result is SpanExportResult.SUCCESS:
             self._failures.success(len(spans))
         else:
-            self._failures.failure("spans", len(spans), None)
+            self._failures.failure("spans", len(spans), _last_sdk_error())
         return result
 
     def shutdown(self) -> None:
@@ -290,13 +366,14 @@ class _CountingMetricExporter(MetricExporter):
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
                **kwargs: Any) -> MetricExportResult:
+        _forget_sdk_error()
         try:
             result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
         except Exception as exc:
             self._failures.failure("metrics", 0, repr(exc))
             return MetricExportResult.FAILURE
         if result is not MetricExportResult.SUCCESS:
-            self._failures.failure("metrics", 0, None)
+            self._failures.failure("metrics", 0, _last_sdk_error())
         return result
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
@@ -306,13 +383,93 @@ class _CountingMetricExporter(MetricExporter):
         self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
-def _bounded(call: Callable[[], object], timeout_s: float, what: str) -> bool:
+class _CountingBatchProcessor(SpanProcessor):
+    """The SDK's ``BatchSpanProcessor`` with its queue admitted through a counter.
+
+    The SDK drops a span when ``max_queue_size`` spans wait, logging a line and
+    counting nothing the handle can read. Here every sampled span is admitted
+    first: ``queued`` counts the spans handed to the SDK and not yet taken by
+    an export (the exporter calls :meth:`taken` as a batch starts), so it is
+    never below the SDK queue's real length and the SDK's own drop never
+    happens; a span arriving when ``queued == max_queue_size`` is refused here
+    (the newest, where the SDK would have evicted the oldest) and counted in
+    :attr:`ExportStats.spans_dropped`. After a flush every ended span is in
+    exactly one counter. What ``shutdown`` leaves queued, or what ends after
+    it, is counted in :attr:`ExportStats.spans_lost_at_shutdown`; a batch an
+    export takes after that count (a shutdown that timed out) moves back out.
+    """
+
+    def __init__(self, exporter: _CountingSpanExporter, failures: _FailureLog, *,
+                 max_queue_size: int, max_export_batch_size: int) -> None:
+        self._failures = failures
+        self._capacity = max_queue_size
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._closed = False
+        self._settled = False
+        exporter.on_taken = self.taken
+        self._inner = BatchSpanProcessor(exporter, max_queue_size=max_queue_size,
+                                         max_export_batch_size=max_export_batch_size)
+
+    # on_start and _on_ending stay SpanProcessor's no-ops, as the SDK's batch
+    # processor leaves them: the live tracer's fast path (_sdkwriter) needs that.
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not (span.context and span.context.trace_flags.sampled):
+            return  # the SDK skips these too: not ended spans to export
+        with self._lock:
+            closed = self._closed
+            admitted = not closed and self._queued < self._capacity
+            if admitted:
+                self._queued += 1
+        if admitted:
+            self._inner.on_end(span)
+        elif closed:
+            self._failures.lost_at_shutdown(1)
+        else:
+            self._failures.dropped(self._capacity)
+
+    def taken(self, spans: int) -> None:
+        """An export took ``spans`` spans off the queue (called by the exporter)."""
+        with self._lock:
+            self._queued -= spans
+            late = self._settled
+        if late:
+            self._failures.lost_at_shutdown(-spans)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._inner.shutdown()  # type: ignore[no-untyped-call]  # the SDK leaves it unannotated
+        with self._lock:
+            left, self._queued, self._settled = self._queued, 0, True
+        if left:
+            self._failures.lost_at_shutdown(left)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+def _bounded(call: Callable[[], object], timeout_s: float, what: str,
+             threads: list[threading.Thread]) -> bool:
     """Run ``call`` on a daemon thread; True when it returned a truthy/None result in time.
 
     The SDK's ``force_flush`` ignores its timeout (it exports synchronously) and
     ``shutdown`` joins the export thread for up to 30 s, so either can block the
     caller for as long as a stalled collector holds the request. A daemon
-    thread bounds the wait; what it leaves running dies with the process.
+    thread bounds the wait. A thread that finished in time is joined before
+    returning; one that did not is added to ``threads`` (the handle joins those
+    at shutdown, bounded; what is still running then dies with the process).
     """
     done = threading.Event()
     ok = [False]
@@ -325,11 +482,14 @@ def _bounded(call: Callable[[], object], timeout_s: float, what: str) -> bool:
         finally:
             done.set()
 
-    threading.Thread(target=run, name=f"penguiflow-telemetry-{what}", daemon=True).start()
+    thread = threading.Thread(target=run, name=f"penguiflow-telemetry-{what}", daemon=True)
+    thread.start()
     if not done.wait(max(timeout_s, 0.0)):
+        threads.append(thread)
         _log.warning("telemetry %s did not finish within %.2f s (collector slow or down?); "
                      "not waiting longer, spans still queued may be lost", what, timeout_s)
         return False
+    thread.join()  # done is its last act: it returns at once
     return ok[0]
 
 
@@ -356,6 +516,8 @@ class TelemetryHandle:
         self._shutdown_timeout_s = shutdown_timeout_s
         self._lock = threading.Lock()
         self._closed = False
+        #: Threads of a force_flush/shutdown that ran out of time (joined at shutdown).
+        self._stragglers: list[threading.Thread] = []
         self._filter = _RateLimitFilter()
         for name in _SDK_EXPORTER_LOGGERS:
             logging.getLogger(name).addFilter(self._filter)
@@ -392,7 +554,7 @@ class TelemetryHandle:
                 flushed = meter.force_flush(millis) and flushed
             return flushed
 
-        flushed = _bounded(flush, timeout_s, "force_flush")
+        flushed = _bounded(flush, timeout_s, "force_flush", self._stragglers)
         # The SDK's flush reports "done", not "delivered": an export that failed
         # meanwhile shows in the counters only.
         after = self._failures.snapshot()
@@ -407,7 +569,10 @@ class TelemetryHandle:
                 :func:`configure_tracing`); spans still unsent then are dropped.
 
         Returns:
-            True when everything shut down in time.
+            True when everything shut down in time, and then no thread the
+            handle started is left (``penguiflow-telemetry-*``). On False, the
+            threads still blocked on the collector end with its answer or
+            their export timeout (or with the process: they are daemons).
         """
         with self._lock:
             if self._closed:
@@ -424,8 +589,15 @@ class TelemetryHandle:
             if meter is not None:
                 meter.shutdown(timeout_millis=millis)
 
+        deadline = time.monotonic() + max(timeout, 0.0)
         try:
-            return _bounded(stop, timeout, "shutdown")
+            ok = _bounded(stop, timeout, "shutdown", self._stragglers)
+            # Threads of an earlier force_flush that timed out: the stop ended their
+            # exports, or they end now; waited for within the same bound.
+            for thread in self._stragglers:
+                thread.join(max(deadline - time.monotonic(), 0.0))
+            self._stragglers = [t for t in self._stragglers if t.is_alive()]
+            return ok and not self._stragglers
         finally:
             for name in _SDK_EXPORTER_LOGGERS:
                 logging.getLogger(name).removeFilter(self._filter)
@@ -527,6 +699,8 @@ def configure_tracing(
     export_timeout_s: float | None = None,
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
     set_global: bool = True,
+    max_queue_size: int | None = None,
+    max_export_batch_size: int | None = None,
 ) -> TelemetryHandle:
     """Set up the OTel SDK so PenguiFlow's spans and metrics reach an OTLP collector.
 
@@ -568,16 +742,30 @@ def configure_tracing(
         set_global: register the providers as OpenTelemetry's global ones (what
             the runtime and instrumented libraries use). The API allows that
             once per process: a second time warns with :class:`TelemetryWarning`.
+        max_queue_size: ``"batch"`` only: spans that may wait for export; one
+            more is dropped and counted (:attr:`ExportStats.spans_dropped`);
+            else ``OTEL_BSP_MAX_QUEUE_SIZE``, else 2048.
+        max_export_batch_size: ``"batch"`` only: spans per export request; else
+            ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``, else 512 (never above
+            ``max_queue_size``).
 
     Returns:
         The handle: flush, shut down, inspect :attr:`TelemetryHandle.stats`.
 
     Raises:
-        ValueError: ``protocol`` or ``span_processor`` is not a supported value.
+        ValueError: ``protocol`` or ``span_processor`` is not a supported value,
+            or a queue size is below 1.
         ImportError: ``protocol="grpc"`` without the ``[grpc]`` extra installed.
     """
     if span_processor not in ("batch", "simple"):
         raise ValueError(f"span_processor must be 'batch' or 'simple', not {span_processor!r}")
+    queue_size = (_env_int("OTEL_BSP_MAX_QUEUE_SIZE", _DEFAULT_MAX_QUEUE_SIZE)
+                  if max_queue_size is None else max_queue_size)
+    batch_size = (_env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", _DEFAULT_MAX_EXPORT_BATCH_SIZE)
+                  if max_export_batch_size is None else max_export_batch_size)
+    if queue_size < 1 or batch_size < 1:
+        raise ValueError(f"max_queue_size and max_export_batch_size must be >= 1 span; got "
+                         f"{queue_size} and {batch_size} (arguments or OTEL_BSP_* variables)")
     resource = make_resource(service_name, resource_attributes)
     traces_url: str | None = None
     if exporter is None:
@@ -592,7 +780,9 @@ def configure_tracing(
         # to 30 s per processor on a stalled collector.
         shutdown_on_exit=False)
     tracer_provider.add_span_processor(
-        BatchSpanProcessor(counted) if span_processor == "batch" else SimpleSpanProcessor(counted))
+        _CountingBatchProcessor(counted, failures, max_queue_size=queue_size,
+                                max_export_batch_size=min(batch_size, queue_size))
+        if span_processor == "batch" else SimpleSpanProcessor(counted))
 
     meter_provider: MeterProvider | None = None
     metrics_url: str | None = None
