@@ -11,6 +11,12 @@ Usage::
     penguiflow-admin replay <trace_id> --state-store myapp.stores:make_store \\
         [--tail N] [--delay SECONDS]
 
+``<trace_id>`` may be a prefix of the id, as with ``pf inspect``, when the store
+can resolve one (``resolve_trace_id``: PenguiFlow's in-memory, SQLite and
+Postgres stores): a prefix of exactly one trace is that trace; of several, an
+error listing them; ``history`` of an id no trace starts with is an error too.
+An id with stored events is used as given, and its output is unchanged.
+
 Exit status: 0 on success, 1 when the command fails (the message is printed to
 stderr as ``error: <exc>``), 2 on a usage error (argparse).
 """
@@ -35,6 +41,7 @@ __all__ = ["load_state_store", "render_events", "main"]
 
 _SPEC_FORM = "'package.module:callable'"
 _REQUIRED_METHODS = ("save_event", "load_history", "save_remote_binding")
+_SHOWN_CANDIDATES = 10
 _Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, None]]
 
 
@@ -135,10 +142,17 @@ def render_events(events: Iterable[StoredEvent], *, tail: int | None = None) -> 
     return lines
 
 
-async def _load_history(spec: str, trace_id: str) -> Sequence[StoredEvent]:
+async def _load_history(spec: str, reference: str, *, unknown_is_error: bool,
+                        ) -> tuple[str, Sequence[StoredEvent]]:
     store = await load_state_store(spec)
     try:
-        return await store.load_history(trace_id)
+        history = await store.load_history(reference)
+        if history:
+            return reference, history  # an exact id: exactly as in 2.1
+        trace_id = await _resolve(store, reference, unknown_is_error=unknown_is_error)
+        if trace_id == reference:
+            return reference, history
+        return trace_id, await store.load_history(trace_id)
     finally:
         # Stores that hold connections or threads (PenguiFlow's SQLite/Postgres
         # stores) are closed here; a plain 2.1 store needs no close().
@@ -147,19 +161,51 @@ async def _load_history(spec: str, trace_id: str) -> Sequence[StoredEvent]:
             await close()
 
 
+async def _resolve(store: Any, reference: str, *, unknown_is_error: bool) -> str:
+    """The one trace id ``reference`` is a prefix of, for a store that can tell
+    (``resolve_trace_id``, as PenguiFlow's stores and ``pf inspect`` have); else
+    ``reference`` itself (a 2.1 store: no events is simply no output).
+
+    Raises:
+        LookupError: several traces match (they are listed), or, with
+            ``unknown_is_error``, none does.
+    """
+    resolve = getattr(store, "resolve_trace_id", None)
+    if not callable(resolve):
+        return reference
+    candidates = sorted(await resolve(reference))
+    if reference in candidates:
+        return reference
+    if len(candidates) == 1:
+        return str(candidates[0])
+    if not candidates:
+        if unknown_is_error:
+            raise LookupError(f"no trace id starts with {reference!r} in this store; check "
+                              "the id, or point --state-store at where the trace was recorded")
+        return reference
+    shown = ", ".join(candidates[:_SHOWN_CANDIDATES])
+    more = ", ..." if len(candidates) > _SHOWN_CANDIDATES else ""
+    # resolve_trace_id returns at most 10: 10 may mean more.
+    count = f"{len(candidates)}{'+' if len(candidates) >= 10 else ''}"
+    raise LookupError(f"trace id prefix {reference!r} is ambiguous ({count} traces match: "
+                      f"{shown}{more}); give more characters")
+
+
 async def _history(args: argparse.Namespace) -> None:
-    for line in render_events(await _load_history(args.state_store, args.trace_id),
-                              tail=args.tail):
+    _, history = await _load_history(args.state_store, args.trace_id, unknown_is_error=True)
+    for line in render_events(history, tail=args.tail):
         print(line)
 
 
 async def _replay(args: argparse.Namespace) -> None:
-    history = await _load_history(args.state_store, args.trace_id)
+    # Spec §19: a trace with no events is a comment line, not an error.
+    trace_id, history = await _load_history(args.state_store, args.trace_id,
+                                            unknown_is_error=False)
     if not history:
-        print(f"# trace {args.trace_id} has no stored events")
+        print(f"# trace {trace_id} has no stored events")
         return
     lines = render_events(history, tail=args.tail)
-    print(f"# replay trace={args.trace_id} events={len(lines)}", flush=True)
+    print(f"# replay trace={trace_id} events={len(lines)}", flush=True)
     for index, line in enumerate(lines):
         if index and args.delay:
             await asyncio.sleep(args.delay)
@@ -186,7 +232,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_text: str, handler: _Handler) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("trace_id", help="the trace whose events to load")
+        sub.add_argument("trace_id", help="the trace whose events to load (or a prefix of "
+                         "its id, with a store that resolves prefixes)")
         sub.add_argument(
             "--state-store",
             required=True,

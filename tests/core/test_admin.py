@@ -518,3 +518,85 @@ def test_main_leaves_sys_path_as_it_found_it(
         sys.modules.pop("cli_store", None)
     assert sys.path == before
     assert json.loads(out_lines(capsys)[0])["x"] == 1
+
+
+# --- trace id prefixes ---------------------------------------------------------------
+
+
+class ResolvingStore(MemoryStore):
+    """A store that resolves trace id prefixes, as PenguiFlow's own stores do."""
+
+    async def resolve_trace_id(self, prefix: str) -> list[str]:
+        return sorted(t for t in self.rows if t is not None and t.startswith(prefix))[:10]
+
+
+def make_resolving_store() -> ResolvingStore:
+    return ResolvingStore(DATABASE)
+
+
+RESOLVING = f"{__name__}:make_resolving_store"
+
+
+def test_history_resolves_a_unique_prefix(
+    trace_id: str, database: dict[str | None, list[StoredEvent]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["history", trace_id[:6], "--state-store", RESOLVING]) == 0
+    assert out_lines(capsys) == [expected_line(e) for e in database[trace_id]]
+    assert main(["replay", trace_id[:6], "--state-store", RESOLVING]) == 0
+    assert out_lines(capsys)[0] == f"# replay trace={trace_id} events=4"
+
+
+def test_an_exact_id_prints_what_it_printed_before(
+    trace_id: str, database: dict[str | None, list[StoredEvent]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Another trace whose id extends this one: the exact id still means this one.
+    database[trace_id + "-retry"] = database[trace_id][:1]
+    assert main(["history", trace_id, "--state-store", SPEC]) == 0
+    plain = out_lines(capsys)
+    assert main(["history", trace_id, "--state-store", RESOLVING]) == 0
+    assert out_lines(capsys) == plain == [expected_line(e) for e in database[trace_id]]
+
+
+def test_an_ambiguous_prefix_is_an_error_listing_the_candidates(
+    trace_id: str, database: dict[str | None, list[StoredEvent]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    database["ab12"] = database["ab34"] = database[trace_id][:1]
+    for command in ("history", "replay"):
+        assert main([command, "ab", "--state-store", RESOLVING]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == ("error: trace id prefix 'ab' is ambiguous (2 traces match: "
+                                "ab12, ab34); give more characters\n")
+
+
+def test_ten_candidates_may_mean_more(
+    trace_id: str, database: dict[str | None, list[StoredEvent]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for n in range(12):
+        database[f"ff{n:02d}"] = database[trace_id][:1]
+    assert main(["history", "ff", "--state-store", RESOLVING]) == 1
+    err = capsys.readouterr().err
+    assert "ambiguous (10+ traces match: ff00, ff01," in err and "ff09)" in err
+
+
+def test_an_unknown_prefix_is_an_error_for_history_and_a_comment_for_replay(
+    trace_id: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["history", "zz", "--state-store", RESOLVING]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: no trace id starts with 'zz' in this store")
+    # Spec §19: replay of a trace without events says so and succeeds.
+    assert main(["replay", "zz", "--state-store", RESOLVING]) == 0
+    assert out_lines(capsys) == ["# trace zz has no stored events"]
+
+
+def test_a_store_that_cannot_resolve_keeps_the_2_1_behaviour(
+    trace_id: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["history", trace_id[:6], "--state-store", SPEC]) == 0
+    assert out_lines(capsys) == []

@@ -16,7 +16,8 @@ from penguiflow_exporters import default_store_url, open_store
 ADMIN = Path(sys.executable).with_name("penguiflow-admin")
 
 
-async def record_a_trace(url: str) -> str:
+async def record_a_trace(url: str, *trace_ids: str) -> str:
+    """Run one message per trace id (one random one by default); the last trace id."""
     async def shout(message: Any, ctx: Any) -> Any:
         return message.model_copy(update={"payload": str(message.payload).upper()})
 
@@ -24,13 +25,15 @@ async def record_a_trace(url: str) -> str:
         node = Node(shout, policy=NodePolicy(validate="none"))
         flow = create(node.to(), state_store=store)
         flow.run()
-        message = Message(payload="hi", headers=Headers(tenant="t"))
+        messages = [Message(payload="hi", headers=Headers(tenant="t"), trace_id=t)
+                    for t in trace_ids] or [Message(payload="hi", headers=Headers(tenant="t"))]
         try:
-            await flow.emit(message)
-            await asyncio.wait_for(flow.fetch(), 5)
+            for message in messages:
+                await flow.emit(message)
+                await asyncio.wait_for(flow.fetch(), 5)
         finally:
             await flow.stop()
-    return message.trace_id
+    return messages[-1].trace_id
 
 
 def admin(*args: str, store_url: str) -> subprocess.CompletedProcess[str]:
@@ -68,3 +71,22 @@ def test_default_store_url_prefers_the_environment(monkeypatch: Any) -> None:
     assert default_store_url() == "sqlite:///.penguiflow/traces.db"
     monkeypatch.setenv("PENGUIFLOW_STORE", "memory://")
     assert default_store_url() == "memory://"
+
+
+def test_history_resolves_trace_id_prefixes_like_pf_inspect(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/traces.db"
+    asyncio.run(record_a_trace(url, "abc100", "abc200", "def300"))
+    exact = admin("history", "abc100", store_url=url)
+    unique = admin("history", "de", store_url=url)
+    assert exact.returncode == unique.returncode == 0, exact.stderr + unique.stderr
+    assert {json.loads(line)["trace_id"] for line in unique.stdout.splitlines()} == {"def300"}
+    assert [json.loads(line)["trace_id"] for line in exact.stdout.splitlines()] == [
+        "abc100", "abc100"]
+
+    ambiguous = admin("history", "abc", store_url=url)
+    assert ambiguous.returncode == 1 and ambiguous.stdout == ""
+    assert ambiguous.stderr == ("error: trace id prefix 'abc' is ambiguous (2 traces match: "
+                                "abc100, abc200); give more characters\n")
+    unknown = admin("history", "zzz", store_url=url)
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert unknown.stderr.startswith("error: no trace id starts with 'zzz'")
