@@ -279,9 +279,13 @@ class SpanModel:
             span.events.append(SpanEventData(sc.EV_TIMEOUT, ns, {sc.PF_ATTEMPT: attempt}))
             span.attributes[sc.ERROR_TYPE] = sc.ERROR_TIMEOUT
         else:
-            span.events.append(SpanEventData("exception", ns, {
+            attributes: dict[str, Any] = {
                 "exception.type": error_type_of(exc), "exception.message": safe_str(exc),
-                sc.PF_ATTEMPT: attempt}))
+                sc.PF_ATTEMPT: attempt}
+            stacktrace = extra.get("traceback")
+            if type(stacktrace) is str:  # stored by the runtime since issue 15 §2
+                attributes["exception.stacktrace"] = stacktrace
+            span.events.append(SpanEventData("exception", ns, attributes))
             span.attributes[sc.ERROR_TYPE] = error_type_of(exc)
 
     def _node_timeout(self, spans: _TraceSpans, ns: int, node_name: str | None,

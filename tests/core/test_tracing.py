@@ -198,6 +198,10 @@ async def test_retry_then_success_records_retry_events_on_one_span(
     assert retry.attributes["pf.backoff_ms"] == pytest.approx(1.0)
     (exc,) = [e for e in span.events if e.name == "exception"]
     assert exc.attributes["exception.type"] == "ValueError"
+    # The stored traceback, as OTel's semantic conventions name it (Jaeger shows it).
+    stacktrace = exc.attributes["exception.stacktrace"]
+    assert stacktrace.startswith("Traceback (most recent call last):\n")
+    assert "ValueError" in stacktrace.splitlines()[-1]
 
 
 async def test_timeout_then_failure_is_an_error_span_with_timeout_events(
