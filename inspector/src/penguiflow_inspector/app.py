@@ -121,6 +121,17 @@ class InspectorApp(App[None]):
             self._exit_code = exit_code
         self.push_screen(MessageScreen(title, detail))
 
+    def show_trace_list(self) -> None:
+        """Esc on the trace the app was opened on (``pf inspect ID``): the trace list
+        replaces it (Enter opens a trace again, Esc comes back to the list). The user
+        has moved on from a trace that failed to load: ``q`` then exits 0."""
+        if self.store is None:
+            self.notify("no trace list: this trace was opened without a store",
+                        severity="warning", markup=False)
+            return
+        self._exit_code = 0
+        self.switch_screen(TracesScreen(self.store, live=self.mode == "tail"))
+
     @property
     def exit_code(self) -> int:
         """What ``q`` will exit with (0 unless the first screen failed to load)."""

@@ -17,10 +17,11 @@ __all__ = ["HELP_KEYS", "HelpScreen"]
 #: (keys, what) per section; the README and docs quote this table.
 HELP_KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("Trace", (
-        ("j / k, ↓ / ↑", "move the selection"),
+        ("j / k, ↓ / ↑", "move the selection (in every tab: the Remote tab's calls, "
+                         "the Cancel & deadline text)"),
         ("PgUp / PgDn, g / G", "page, top, bottom"),
         ("1 / 2 / 3", "Waterfall, Remote, Cancel & deadline tabs"),
-        ("/", "filter: node:NAME kind:remote|error|timeout|cancelled text"),
+        ("/", "filter: node:NAME kind:inv|remote|error|timeout|cancelled|running|skipped text"),
         ("Esc", "close the filter, clear it, then go back to the trace list"),
         ("c", "toggle the critical-path highlight (◆)"),
     )),
@@ -32,15 +33,16 @@ HELP_KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("- / +", "slower / faster (0.01x … 100x)"),
     )),
     ("Trace list", (
+        ("j / k, ↓ / ↑", "move"),
         ("Enter", "open the highlighted trace"),
-        ("s", "status filter: any, running, succeeded, failed, cancelled"),
+        ("s", "status filter: any, cancelled, failed, incomplete, running, succeeded"),
         ("e", "errors filter: any, with errors, without"),
         ("o", "order: newest first / slowest first"),
-        ("n", "node filter"),
+        ("n", "node filter (Esc closes the box)"),
         ("R", "reload"),
     )),
     ("Anywhere", (
-        ("?", "this help"),
+        ("?", "this help (Esc, q or ? closes it)"),
         ("t", "dark / light theme"),
         ("q", "quit"),
     )),

@@ -11,6 +11,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from ..model import printable
+
 __all__ = ["MessageScreen"]
 
 
@@ -36,6 +38,6 @@ class MessageScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Static(Text(self.title_text, style="bold red"), id="message-title")
-            yield Static(self.detail, id="message-detail")
+            yield Static(Text(printable(self.title_text), style="bold red"), id="message-title")
+            yield Static(Text(printable(self.detail, multiline=True)), id="message-detail")
             yield Static(Text("q quit · Esc back", style="dim"))

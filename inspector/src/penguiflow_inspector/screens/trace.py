@@ -35,7 +35,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
@@ -44,6 +44,7 @@ from penguiflow.state import StateStoreError, StoredEvent
 
 from ..messages import EventsArrived, LoadFailed, RowSelected, ScrubTo, SummaryLoaded, TraceLoaded
 from ..model import TraceView, printable
+from ..widgets._keys import KeyedScroll
 from ..widgets.cancel_table import CancelTable
 from ..widgets.detail import DetailPane
 from ..widgets.event_log import EventLog
@@ -128,11 +129,11 @@ class TraceScreen(Screen[None]):
                 with Vertical(id="waterfall-left"):
                     yield Waterfall(id="wf", on_select=self._show_selection)
                     yield EventLog(id="log")
-                with VerticalScroll(id="detail-scroll"):
+                with KeyedScroll(id="detail-scroll"):
                     yield DetailPane(id="detail")
             with TabPane("Remote", id="remote"):
                 yield RemoteTable(id="remote-table")
-            with TabPane("Cancel & deadline", id="cancel"), VerticalScroll(id="cancel-scroll"):
+            with TabPane("Cancel & deadline", id="cancel"), KeyedScroll(id="cancel-scroll"):
                 yield CancelTable(id="cancel-table")
         yield Input(placeholder="filter: node:NAME kind:remote|error|timeout|cancelled text",
                     id="search")
@@ -281,10 +282,9 @@ class TraceScreen(Screen[None]):
         self._show_full(message.view)
 
     def on_load_failed(self, message: LoadFailed) -> None:
-        self.query_one("#summary", Static).update(Text(message.title, style="bold red"))
-        show_error = getattr(self.app, "show_error", None)
-        if show_error is not None:
-            show_error(message.title, message.detail, message.exit_code)
+        # (The message then bubbles up to the app, which shows it: once.)
+        self.query_one("#summary", Static).update(Text(printable(message.title),
+                                                       style="bold red"))
 
     def on_events_arrived(self, message: EventsArrived) -> None:
         for event in message.events:
@@ -530,6 +530,10 @@ class TraceScreen(Screen[None]):
             search.value = ""
         elif len(self.app.screen_stack) > 2:
             self.app.pop_screen()
+        else:  # the app was opened on this trace: the list takes its place
+            show_list = getattr(self.app, "show_trace_list", None)
+            if show_list is not None:
+                show_list()
 
     def action_critical(self) -> None:
         wf = self.query_one(Waterfall)

@@ -22,6 +22,7 @@ from penguiflow.state import TRACE_STATUSES, StateStoreError, TraceFilter, Trace
 
 from ..messages import EventsArrived, LoadFailed, TracesLoaded
 from ..model import printable
+from ..widgets._keys import KeyedTable
 from ..widgets.waterfall import format_ms
 from .trace import TraceScreen
 
@@ -63,8 +64,7 @@ class TracesScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield Static(id="filters")
-        table: DataTable[str | Text] = DataTable(id="traces", cursor_type="row",
-                                                 zebra_stripes=True)
+        table = KeyedTable(id="traces", cursor_type="row", zebra_stripes=True)
         table.add_columns("trace", "flow", "status", "started (UTC)", "duration", "nodes",
                           "errors", "events")
         yield table
@@ -114,11 +114,6 @@ class TracesScreen(Screen[None]):
     def on_traces_loaded(self, message: TracesLoaded) -> None:
         self.summaries = list(message.summaries)
         self._fill(self.summaries)
-
-    def on_load_failed(self, message: LoadFailed) -> None:
-        show_error = getattr(self.app, "show_error", None)
-        if show_error is not None:
-            show_error(message.title, message.detail, message.exit_code)
 
     def _fill(self, summaries: Sequence[TraceSummary]) -> None:
         table: DataTable[str | Text] = self.query_one(DataTable)

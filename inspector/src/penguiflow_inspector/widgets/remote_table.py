@@ -9,6 +9,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
 from ..model import RemoteCallView, TraceView
+from ._keys import KeyedTable
 from .rows import remote_stats_for, state_split
 from .waterfall import format_ms
 
@@ -27,8 +28,7 @@ class RemoteTable(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static(id="remote-stats")
-        table: DataTable[str | Text] = DataTable(id="remote-calls", cursor_type="row",
-                                                 zebra_stripes=True)
+        table = KeyedTable(id="remote-calls", cursor_type="row", zebra_stripes=True)
         table.add_columns("agent", "skill", "contextId", "taskId", "latency", "bytes ⇅",
                           "outcome")
         yield table
