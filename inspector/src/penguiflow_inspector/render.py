@@ -168,11 +168,13 @@ def _hops_json(view: TraceView) -> dict[str, Any]:
 
 
 def summary_json(summary: TraceSummary) -> dict[str, Any]:
-    """One ``pf traces`` row as JSON-ready data."""
+    """One ``pf traces`` row as JSON-ready data (``node_count`` is the store's name for
+    the invocations started, kept; ``invocation_count`` says what it is)."""
     return {
         "trace_id": summary.trace_id, "flow_name": summary.flow_name, "status": summary.status,
         "started_ts": summary.started_ts, "ended_ts": summary.ended_ts,
         "duration_ms": summary.duration_ms, "node_count": summary.node_count,
+        "invocation_count": summary.node_count,
         "error_count": summary.error_count, "remote_call_count": summary.remote_call_count,
         "event_count": summary.event_count, "events_lost": summary.events_lost,
         "nodes": list(summary.nodes),
