@@ -754,7 +754,8 @@ def configure_tracing(
 
     Raises:
         ValueError: ``protocol`` or ``span_processor`` is not a supported value,
-            or a queue size is below 1.
+            a queue size is below 1, or ``OTEL_BSP_MAX_QUEUE_SIZE`` /
+            ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` is not an integer.
         ImportError: ``protocol="grpc"`` without the ``[grpc]`` extra installed.
     """
     if span_processor not in ("batch", "simple"):
