@@ -260,7 +260,7 @@ def _traceback_lines(view: TraceView, inv: InvocationView,
         text_lines = [line for item in found for line in str(item).rstrip("\n").split("\n")]
     else:
         return []
-    out = [f"      {_p(line)}" for line in text_lines[:limit]]
+    out = [f"      {_p(line)}".rstrip() for line in text_lines[:limit]]
     if len(text_lines) > limit:
         more = len(text_lines) - limit
         out.append(f"      … {more} more line{'s' if more != 1 else ''} (pf inspect --json "
