@@ -28,12 +28,6 @@ from typing import Any, Final, TextIO
 import penguiflow
 from penguiflow.spandata import SpanData
 from penguiflow.tracing import spans_from_events
-from penguiflow_exporters.otel import (
-    OTLPExportError,
-    export_spans,
-    make_resource,
-    signal_endpoint,
-)
 
 from ._store import (
     EXIT_FAILURE,
@@ -162,6 +156,9 @@ def run(ns: argparse.Namespace, stdout: TextIO | None = None,
 def _deliver(trace: LoadedTrace, ns: argparse.Namespace, out: TextIO) -> str:
     """Send or write the spans; returns where they went (for the summary line)."""
     if ns.otlp is not None:
+        # Imported here: the OTel SDK is ~120 ms of every pf command's start otherwise.
+        from penguiflow_exporters.otel import OTLPExportError, export_spans, signal_endpoint
+
         try:
             export_spans(trace.spans, endpoint=ns.otlp, service_name=ns.service_name,
                          timeout_s=ns.timeout)
@@ -263,6 +260,8 @@ def write_otlp_json(spans: Sequence[SpanData], out: TextIO, *,
     if not spans:
         out.write('{"resourceSpans": []}\n')
         return
+    from penguiflow_exporters.otel import make_resource  # (the SDK: see _deliver)
+
     resource = make_resource(service_name)
     scope = {"name": _SCOPE_NAME, "version": penguiflow.__version__}
     dumps = json.JSONEncoder(ensure_ascii=True).encode
