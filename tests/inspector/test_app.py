@@ -80,19 +80,20 @@ async def test_navigation_selection_detail_and_log(demo_store: InMemoryStateStor
         wf = screen.query_one(Waterfall)
         assert screen.trace_id == TRACE
         assert [wf.row_at(i).name for i in range(wf.row_count)] == [  # type: ignore[union-attr]
-            "plan", "search", "fetch", "summarise", "summarise", "merge", "critic", "review"]
+            "plan", "search", "fetch", "summarise", "summarise", "merge", "critic", "review",
+            "late"]  # a deadline skip: a row at its time, the node never ran
         assert wf.selected is not None and wf.selected.name == "plan"
         await pilot.press("j", "j")
         assert wf.selected is not None and wf.selected.name == "fetch"
         detail = text_of(screen.query_one(DetailPane))
-        assert "b200000000000002" in detail and "timeout" in detail and TRACE in detail
+        assert "b200000000000002" in detail and "timed out" in detail and TRACE in detail
         assert [line.split()[1] for line in screen.query_one(EventLog).lines] == [
             "node_start", "node_timeout", "node_retry", "node_start", "node_success"]
         await pilot.press("k")
         assert wf.selected is not None and wf.selected.name == "search"
         assert "ConnectionError('search backend reset')" in text_of(screen.query_one(DetailPane))
         await pilot.press("G")
-        assert wf.selected is not None and wf.selected.name == "review"
+        assert wf.selected is not None and wf.selected.name == "late"
         await pilot.press("g")
         assert wf.cursor == 0
         # Mouse: line 0 is the axis, so the 4th line of the waterfall is row 3.
@@ -112,17 +113,17 @@ async def test_tabs_remote_and_cancel(demo_store: InMemoryStateStore) -> None:
         assert table.row_count == 2
         assert "task-91c2" in [str(c) for c in table.get_row_at(0)]
         stats = text_of(screen.query_one("#remote-stats"))
-        assert "http://agents.local/summarise" in stats and "75.0ms" in stats
+        assert "http://agents.local/summarise" in stats and "75.0 ms" in stats
         split = text_of(screen.query_one("#remote-split"))
-        assert "submitted 10.5ms" in split and "working 57.0ms" in split
+        assert "submitted 10.5 ms" in split and "working 57.0 ms" in split
         await pilot.press("down")
         assert "no task states" not in text_of(screen.query_one("#remote-split"))
         await pilot.press("3")
         assert tabs.active == "cancel"
         cancel = text_of(screen.query_one("#cancel-table"))
         assert "task task-44d0 (trace_cancel)" in cancel
-        assert "acknowledged" in cancel and "11.0ms" in cancel
-        assert "-25.0ms" in cancel  # the deadline skip's remaining budget
+        assert "acknowledged" in cancel and "11.0 ms" in cancel
+        assert "late by" in cancel and "25.0 ms" in cancel  # how late the skipped message was
         await pilot.press("1")
         assert tabs.active == "waterfall"
         assert isinstance(app.focused, Waterfall)
@@ -172,7 +173,7 @@ async def test_replay_stepping_scrub_and_play(demo_store: InMemoryStateStore) ->
         await wait_for(pilot, lambda: not screen.playing, what="playback to reach the end")
         assert screen.replay_t == pytest.approx(screen.full.end)  # type: ignore[union-attr]
         await pilot.press("r")
-        assert screen.replay_t is None and wf.row_count == 8
+        assert screen.replay_t is None and wf.row_count == 9
 
 
 async def test_filter_by_node_kind_and_text(demo_store: InMemoryStateStore) -> None:
@@ -194,7 +195,7 @@ async def test_filter_by_node_kind_and_text(demo_store: InMemoryStateStore) -> N
         assert not search.display and isinstance(app.focused, Waterfall)
         assert "filter" in text_of(screen.query_one("#summary"))
         await pilot.press("escape")  # clears the filter
-        assert wf.row_count == 8
+        assert wf.row_count == 9
 
 
 async def test_live_updates_as_events_are_stored() -> None:
@@ -210,7 +211,7 @@ async def test_live_updates_as_events_are_stored() -> None:
             await wait_for(pilot, lambda: screen.workers_in("follow"), what="the follower")
             await pilot.pause()
             await store.save_events(events[5:])
-            await wait_for(pilot, lambda: wf.row_count == 8, what="the live rebuild")
+            await wait_for(pilot, lambda: wf.row_count == 9, what="the live rebuild")
             assert screen.full is not None and screen.full.status == "cancelled"
             assert "● live" in text_of(screen.query_one("#replay"))
 
@@ -266,7 +267,7 @@ async def test_opens_its_own_sqlite_store(tmp_path: Path) -> None:
     app = InspectorApp(url, TRACE)
     async with app.run_test() as pilot:
         screen = await opened(pilot)
-        assert screen.query_one(Waterfall).row_count == 8
+        assert screen.query_one(Waterfall).row_count == 9
         assert screen.timings["summary"] <= screen.timings["waterfall"]
         await pilot.press("q")
     assert app.return_code == 0
@@ -287,8 +288,11 @@ async def test_traces_screen_filters_and_opens_a_trace() -> None:
             screen = app.screen
             assert isinstance(screen, TracesScreen)
             table = screen.query_one(DataTable)
-            # newest first
-            assert [str(table.get_row_at(i)[0]) for i in range(3)] == ids[::-1]
+            # newest first; the id column shows a 12-character prefix (pf inspect takes one)
+            assert [table.coordinate_to_cell_key((i, 0)).row_key.value
+                    for i in range(3)] == ids[::-1]
+            assert [str(table.get_row_at(i)[0]) for i in range(3)] == [
+                i[:12] for i in ids[::-1]]
             await pilot.press("s", "s", "s")  # any -> cancelled -> failed -> incomplete
             await pilot.press("s")  # -> running
             await pilot.press("s")  # -> succeeded

@@ -99,7 +99,7 @@ async def test_esc_first_closes_the_filter_then_clears_it_then_goes_back() -> No
         await pilot.press("escape")  # closes the box, keeps the filter
         assert not screen.query_one("#search").display and wf.row_count == 1
         await pilot.press("escape")  # clears it
-        assert wf.row_count == 8 and isinstance(app.screen, TraceScreen)
+        assert wf.row_count == 9 and isinstance(app.screen, TraceScreen)
         await pilot.press("escape")
         await wait_for(pilot, lambda: isinstance(app.screen, TracesScreen), what="the list")
     await store.close()

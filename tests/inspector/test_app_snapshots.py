@@ -25,6 +25,8 @@ def demo_app() -> InspectorApp:
 @pytest.mark.parametrize(("name", "press", "size"), [
     ("waterfall", ["j", "j", "j"], (120, 32)),
     ("waterfall_80x24", ["j"], (80, 24)),
+    ("remote_80x24", ["2"], (80, 24)),
+    ("cancel_80x24", ["3"], (80, 24)),
     ("remote", ["2"], (120, 32)),
     ("cancel", ["3"], (120, 32)),
     ("replay", ["r", *["full_stop"] * 8], (120, 32)),
@@ -36,7 +38,8 @@ def test_trace_screens(snap_compare: Any, name: str, press: list[str],
     assert snap_compare(demo_app(), press=press, terminal_size=size)
 
 
-def test_traces_screen(snap_compare: Any) -> None:
+@pytest.mark.parametrize("size", [(100, 20), (80, 24)], ids=["100x20", "80x24"])
+def test_traces_screen(snap_compare: Any, size: tuple[int, int]) -> None:
     store = InMemoryStateStore()
     ids = [f"{i:x}{i:x}f7651916cd43dd8448eb211c8031{i:x}c" for i in range(1, 4)]
 
@@ -54,5 +57,5 @@ def test_traces_screen(snap_compare: Any) -> None:
             await pilot.pause(0.01)
 
     app = InspectorApp(store=store, mode="traces")
-    assert snap_compare(app, run_before=fill_and_wait, terminal_size=(100, 20))
+    assert snap_compare(app, run_before=fill_and_wait, terminal_size=size)
     assert TRACE  # the fixture's main id is not in this list

@@ -79,7 +79,7 @@ def test_inspect_in_tmux(tmp_path: Path) -> None:
     _tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "30", cmd)
     try:
         screen = _wait_screen(session, lambda s: "merge" in s and "dur" in s)
-        assert "0af7651916cd43dd" in screen and "cancelled" in screen
+        assert "0af7651916cd" in screen and "cancelled" in screen
         assert "plan" in screen and "summarise" in screen
         _tmux("send-keys", "-t", session, "j", "j")
         _wait_screen(session, lambda s: "b200000000000002" in s)  # fetch's detail

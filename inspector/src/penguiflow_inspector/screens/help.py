@@ -48,9 +48,12 @@ HELP_KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     )),
 )
 
-_LEGEND = ("█ invocation (colour = outcome: green ok, red error, yellow timeout, magenta "
-           "cancelled, cyan running)   ▬ remote call   ░ queue wait   ▸ still running   "
-           "↻n retries   ◔ timeout   ≋n chunks   ✕ cancelled   ! error   ◆ critical path")
+_LEGEND = ("█ invocation (colour = outcome: green succeeded, red failed, yellow timed out, "
+           "magenta cancelled, cyan running)   ▬ remote call   ░ queue wait   ▸ still running   "
+           "↻n retries   ◔ timed out   ≋n chunks   ✕ cancelled   ! failed   "
+           "↷ skipped (its deadline had passed: the node never ran)   ◆ critical path.   "
+           "Status words are pf traces's: ✓ succeeded, ! failed, ✕ cancelled, ▸ running, "
+           "? incomplete (the store lost events), ↷ skipped.")
 
 
 class HelpScreen(ModalScreen[None]):

@@ -43,7 +43,7 @@ from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 from penguiflow.state import StateStoreError, StoredEvent
 
 from ..messages import EventsArrived, LoadFailed, RowSelected, ScrubTo, SummaryLoaded, TraceLoaded
-from ..model import TraceView, printable
+from ..model import STATUS_SYMBOL, TraceView, format_duration, printable, status_word
 from ..widgets._keys import KeyedScroll
 from ..widgets.cancel_table import CancelTable
 from ..widgets.detail import DetailPane
@@ -51,7 +51,7 @@ from ..widgets.event_log import EventLog
 from ..widgets.remote_table import RemoteTable
 from ..widgets.replay_bar import ReplayBar
 from ..widgets.rows import Row, Rows, build_view, parse_query, view_at
-from ..widgets.waterfall import Waterfall, format_ms
+from ..widgets.waterfall import Waterfall
 
 if TYPE_CHECKING:
     from penguiflow.state import TraceStore, TraceSummary
@@ -341,29 +341,35 @@ class TraceScreen(Screen[None]):
         text = Text()
         status: str
         if view is not None:
-            status, duration, lost = view.status, format_ms(view.duration_ms), view.events_lost
+            status, lost = view.status, view.events_lost
+            duration = format_duration(view.duration_ms)
             flow, counts = view.flow_name or "", (f"{len(view.invocations)} inv · "
                                                   f"{len(view.remote_calls)} remote · "
                                                   f"{len(view.events)} ev")
         elif s is not None:
-            status, duration, lost = s.status, format_ms(s.duration_ms), s.events_lost
+            status, duration, lost = s.status, format_duration(s.duration_ms), s.events_lost
             flow, counts = s.flow_name or "", f"{s.node_count} inv · {s.event_count} ev"
         else:
             return
-        style = {"ok": "green", "succeeded": "green", "error": "bold red", "failed": "bold red",
-                 "cancelled": "bold magenta", "running": "cyan",
-                 "incomplete": "bold yellow"}.get(status, "")
-        text.append(f"{self.trace_id[:16]} ", style="bold")
-        text.append(f"{flow} ")
-        text.append(f"{status} ", style=style)
+        word = status_word(status)
+        style = {"succeeded": "green", "failed": "bold red", "cancelled": "bold magenta",
+                 "running": "cyan", "incomplete": "bold yellow", "skipped": "dim"}.get(word, "")
+        symbol = STATUS_SYMBOL.get(word)
+        if symbol:
+            text.append(f"{symbol} ", style=style)
+        text.append(f"{printable(self.trace_id[:12])} ", style="bold")
+        if flow:
+            text.append(f"{printable(flow)} ")
+        text.append(f"{word} ", style=style)
         if lost:  # the store could not keep some events: say how many, beside any status
             text.append(f"({lost} event{'' if lost == 1 else 's'} lost) ", style="bold yellow")
         text.append(f"{duration} · {counts}")
         if view is not None and view.critical_path:
-            text.append(f" · ◆ critical {len(view.critical_path)}", style="yellow")
+            text.append(f" · ◆ {len(view.critical_path)}", style="yellow")
         wf = self.query_one(Waterfall)
         if wf.query_text:
-            text.append(f" · filter {wf.query_text!r}: {wf.row_count}", style="italic")
+            text.append(f" · filter {printable(wf.query_text)!r}: {wf.row_count}",
+                        style="italic")
         if note := note or self.loading_note:
             text.append(f" · {note}", style="italic dim")
         self.query_one("#summary", Static).update(text, layout=False)  # one line (trace.tcss)

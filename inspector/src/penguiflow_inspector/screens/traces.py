@@ -21,9 +21,8 @@ from textual.widgets import DataTable, Footer, Input, Static
 from penguiflow.state import TRACE_STATUSES, StateStoreError, TraceFilter, TraceSummary
 
 from ..messages import EventsArrived, LoadFailed, TracesLoaded
-from ..model import printable
+from ..model import STATUS_SYMBOL, format_duration, printable
 from ..widgets._keys import KeyedTable
-from ..widgets.waterfall import format_ms
 from .trace import TraceScreen
 
 if TYPE_CHECKING:
@@ -65,8 +64,8 @@ class TracesScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Static(id="filters")
         table = KeyedTable(id="traces", cursor_type="row", zebra_stripes=True)
-        table.add_columns("trace", "flow", "status", "started (UTC)", "duration", "nodes",
-                          "errors", "events")
+        table.add_columns("trace", "started (UTC)", "duration", "status", "nodes", "inv",
+                          "errors", "events", "flow")
         yield table
         yield Input(placeholder="node name (empty: any node), Enter to apply", id="node-filter")
         yield Footer()
@@ -123,12 +122,19 @@ class TracesScreen(Screen[None]):
         table.clear()
         for s in summaries:
             started = datetime.fromtimestamp(s.started_ts, UTC).strftime("%m-%d %H:%M:%S")
-            status = s.status + (f" ({s.events_lost} lost)" if s.events_lost else "")
-            table.add_row(s.trace_id, s.flow_name or "—",
-                          Text(status, style=_STATUS_STYLE.get(s.status, "")), started,
-                          format_ms(s.duration_ms), str(s.node_count),
+            symbol = STATUS_SYMBOL.get(s.status)
+            status = (f"{symbol} " if symbol else "") + s.status + (
+                f" ({s.events_lost} lost)" if s.events_lost else "")
+            # pf traces's columns and words, narrowed to fit 80 columns: a 12-character
+            # id prefix (pf inspect takes a prefix), the flow last. Stored text as
+            # Text: a str cell would be read as markup ("[red]...").
+            table.add_row(Text(printable(s.trace_id[:12])), started,
+                          format_duration(s.duration_ms),
+                          Text(status, style=_STATUS_STYLE.get(s.status, "")),
+                          str(len(s.nodes)), str(s.node_count),
                           Text(str(s.error_count), style="red" if s.error_count else "dim"),
-                          str(s.event_count), key=s.trace_id)
+                          str(s.event_count), Text(printable(s.flow_name or "-")),
+                          key=s.trace_id)
         if key is not None and key in table.rows:
             table.move_cursor(row=table.get_row_index(key))
         self._paint_filters()
@@ -138,7 +144,7 @@ class TracesScreen(Screen[None]):
         text = Text()
         text.append(f"{len(self.summaries)} traces", style="bold")
         text.append(f" · {self.order} first · status {self.status or 'any'} · {errors}"
-                    f" · node {self.node or 'any'}")
+                    f" · node {printable(self.node or 'any')}")
         if self.live:
             text.append(" · ● live", style="cyan")
         self.query_one("#filters", Static).update(text)

@@ -13,15 +13,19 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
-from ..model import TraceView
-from .waterfall import format_ms
+from ..model import TraceView, display_name, format_duration, format_offset, printable
 
 __all__ = ["CancelTable", "render_cancels"]
 
 
 def render_cancels(view: TraceView) -> RenderableType:
-    """The tab's content for ``view``."""
+    """The tab's content for ``view``; stored text (names, ids, reasons) is escaped and
+    never read as markup; times are relative (to the trace's start, the request)."""
     names = {inv.invocation_id: inv.node_name for inv in view.invocations}
+
+    def who(inv_id: str) -> Text:
+        return Text(printable(f"{names.get(inv_id, '?')} {inv_id}"))
+
     parts: list[RenderableType] = []
     if not view.cancels:
         parts.append(Text("No cancel in this trace.", style="dim"))
@@ -31,31 +35,32 @@ def render_cancels(view: TraceView) -> RenderableType:
                       header_style="bold", title=f"cancel {n}", title_justify="left",
                       title_style="bold magenta")
         table.add_row("requested", "trace_cancel_start",
-                      f"+{format_ms((t0 - view.start) * 1e3)} in trace", "")
+                      f"{format_offset(t0, view.start)} in trace", "")
         for task_id, ts, rtt, reason in cancel.propagated:
-            table.add_row("propagated", f"task {task_id or '?'} ({reason})",
-                          format_ms((ts - t0) * 1e3), format_ms(rtt))
+            table.add_row("propagated", Text(printable(f"task {task_id or '?'} ({reason})")),
+                          format_duration((ts - t0) * 1e3), format_duration(rtt))
         for inv_id, ts in cancel.interrupted:
-            table.add_row("interrupted", f"{names.get(inv_id, '?')} {inv_id}",
-                          format_ms((ts - t0) * 1e3), "")
+            table.add_row("interrupted", who(inv_id), format_duration((ts - t0) * 1e3), "")
         table.add_row("acknowledged", "trace_cancel_finish",
-                      format_ms(cancel.latency_ms) if cancel.acknowledged else "never", "")
+                      format_duration(cancel.latency_ms) if cancel.acknowledged else "never", "")
         parts.append(table)
         if cancel.kept_running:
-            kept = ", ".join(f"{names.get(i, '?')} {i}" for i in cancel.kept_running)
-            parts.append(Text(f"kept running after the cancel: {kept}", style="yellow"))
+            kept = Text("kept running after the cancel: ", style="yellow")
+            kept.append(", ".join(str(who(i)) for i in cancel.kept_running))
+            parts.append(kept)
     parts.append(Text(""))
     if not view.deadlines:
         parts.append(Text("No deadline skips in this trace.", style="dim"))
     else:
-        dl = Table("node", "at", "deadline", "remaining", box=None, padding=(0, 1),
-                   header_style="bold", title="deadlines", title_justify="left",
-                   title_style="bold")
+        dl = Table("node", "skipped at", "deadline", "late by", box=None, padding=(0, 1),
+                   header_style="bold", title="deadlines (the node never ran)",
+                   title_justify="left", title_style="bold")
         for d in view.deadlines:
-            deadline = ("—" if d.deadline is None
-                        else f"+{format_ms((d.deadline - view.start) * 1e3)}")
-            dl.add_row(d.node_name or "—", f"+{format_ms((d.ts - view.start) * 1e3)}",
-                       deadline, format_ms(d.remaining_ms))
+            late = None if d.remaining_ms is None else -d.remaining_ms
+            dl.add_row(Text(printable(display_name(d.node_name or "-"))),
+                       format_offset(d.ts, view.start),
+                       "-" if d.deadline is None else format_offset(d.deadline, view.start),
+                       format_duration(late))
         parts.append(dl)
     return Group(*parts)
 

@@ -16,10 +16,16 @@ from textual.strip import Strip
 
 from penguiflow.state import EVENTS_LOST_KIND
 
-from ..model import EventRow
+from ..model import (
+    EventRow,
+    display_edge,
+    display_name,
+    format_duration,
+    format_offset,
+    printable,
+)
 from ..render import lost_line
 from ._scroll import set_virtual_size
-from .waterfall import format_ms
 
 __all__ = ["EventLog", "format_event"]
 
@@ -28,15 +34,26 @@ _WARN_KINDS = frozenset({"node_timeout", "deadline_skip", "node_retry", EVENTS_L
 
 
 def format_event(ev: EventRow, t0: float) -> str:
-    """``+12.3ms  node_start  name #0  key=value ...`` for one event; a store's
-    lost-events marker reads ``+12.3ms  store lost 3 events of this trace: <reason>``."""
+    """``+12.3ms  node_start  name #0  key=value ...`` for one event, every stored text
+    escaped (:func:`~penguiflow_inspector.model.printable`); a store's lost-events marker
+    reads ``+12.3ms  store lost 3 events of this trace: <reason>``.
+
+    The offset is :func:`~penguiflow_inspector.model.format_offset`'s, without its
+    space: one token in a dense column (the kind is the line's second word)."""
+    offset = format_offset(ev.ts, t0).replace(" ", "")
     if ev.kind == EVENTS_LOST_KIND:
-        return f"{'+' + format_ms((ev.ts - t0) * 1000.0):>8} {lost_line(ev)}"
-    extra = " ".join(f"{k}={v}" for k, v in ev.extra.items())
-    name = ev.node_name or ""
-    latency = f" {format_ms(ev.latency_ms)}" if ev.latency_ms else ""
-    return (f"{'+' + format_ms((ev.ts - t0) * 1000.0):>8} {ev.kind:<19} {name}"
+        return f"{offset:<9} {lost_line(ev)}"
+    extra = " ".join(f"{printable(k)}={_value(k, v)}" for k, v in ev.extra.items())
+    name = printable(display_name(ev.node_name or ""))
+    latency = f" {format_duration(ev.latency_ms)}" if ev.latency_ms else ""
+    return (f"{offset:<9} {printable(ev.kind):<19} {name}"
             f" #{ev.attempt}{latency}  {extra}")
+
+
+def _value(key: str, value: object) -> str:
+    if key == "edge" and isinstance(value, str):  # OpenSea->a reads emit->a
+        value = display_edge(value)
+    return printable(value)
 
 
 class EventLog(ScrollView, can_focus=False):

@@ -8,10 +8,9 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from ..model import RemoteCallView, TraceView
+from ..model import RemoteCallView, TraceView, format_duration, printable, status_word
 from ._keys import KeyedTable
 from .rows import remote_stats_for, state_split
-from .waterfall import format_ms
 
 __all__ = ["RemoteTable"]
 
@@ -29,8 +28,9 @@ class RemoteTable(Vertical):
     def compose(self) -> ComposeResult:
         yield Static(id="remote-stats")
         table = KeyedTable(id="remote-calls", cursor_type="row", zebra_stripes=True)
-        table.add_columns("agent", "skill", "contextId", "taskId", "latency", "bytes ⇅",
-                          "outcome")
+        # What a narrow terminal must show first: who, what, how it ended, how long.
+        table.add_columns("agent", "skill", "outcome", "latency", "contextId", "taskId",
+                          "bytes ⇅")
         yield table
         yield Static(id="remote-split")
 
@@ -39,8 +39,8 @@ class RemoteTable(Vertical):
         stats = Table("agent", "calls", "errors", "p50", "p95", box=None, padding=(0, 1),
                       header_style="bold")
         for s in remote_stats_for(view):
-            stats.add_row(s.agent, str(s.calls), str(s.errors), format_ms(s.p50_ms),
-                          format_ms(s.p95_ms))
+            stats.add_row(Text(printable(s.agent)), str(s.calls), str(s.errors),
+                          format_duration(s.p50_ms), format_duration(s.p95_ms))
         if not self._calls:
             self.query_one("#remote-stats", Static).update("No remote calls in this trace.")
         else:
@@ -48,10 +48,15 @@ class RemoteTable(Vertical):
         table: DataTable[str | Text] = self.query_one("#remote-calls", DataTable)
         table.clear()
         for call in self._calls:
-            table.add_row(call.agent_url or "—", call.skill or "—", call.context_id or "—",
-                          call.task_id or "—", format_ms(call.latency_ms),
+            # Stored text as Text: a str cell would be read as markup ("[red]...").
+            table.add_row(Text(printable(call.agent_url or "-")),
+                          Text(printable(call.skill or "-")),
+                          Text(status_word(call.outcome),
+                               style=_OUTCOME_STYLE.get(call.outcome, "")),
+                          format_duration(call.latency_ms),
+                          Text(printable(call.context_id or "-")),
+                          Text(printable(call.task_id or "-")),
                           f"{call.bytes_sent or 0}/{call.bytes_received or 0}",
-                          Text(call.outcome, style=_OUTCOME_STYLE.get(call.outcome, "")),
                           key=call.call_id)
         self._show_split(0)
 
@@ -65,9 +70,12 @@ class RemoteTable(Vertical):
             return
         call = self._calls[index]
         split = state_split(call)
-        head = f"{call.skill or 'call'} {format_ms(call.latency_ms)}"
+        # The ids too: at 80 columns the table's own id columns are scrolled out of view.
+        head = (f"{printable(call.skill or 'call')} {format_duration(call.latency_ms)}"
+                f" · task {printable(call.task_id or '-')}"
+                f" · context {printable(call.context_id or '-')}")
         if not split:
-            split_pane.update(f"{head}: no task states reported")
+            split_pane.update(Text(f"{head}: no task states reported"))
             return
-        split_pane.update(head + ": " + "  →  ".join(f"{state} {format_ms(ms)}"
-                                                     for state, ms in split))
+        split_pane.update(Text(head + ": " + "  →  ".join(
+            f"{printable(state)} {format_duration(ms)}" for state, ms in split)))

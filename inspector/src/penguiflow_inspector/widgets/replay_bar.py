@@ -11,7 +11,7 @@ from textual.events import Click
 from textual.widgets import Static
 
 from ..messages import ScrubTo
-from .waterfall import format_ms
+from ..model import format_duration
 
 __all__ = ["ReplayBar"]
 
@@ -34,7 +34,7 @@ class ReplayBar(Static):
         frac = 0.0 if total_ms <= 0 else max(0.0, min(1.0, t_ms / total_ms))
         done = int(frac * width)
         head = (f"{icon} {speed:g}x".ljust(8)
-                + f"{'+' + format_ms(t_ms)}/{format_ms(total_ms)}".ljust(16)
+                + f"{'+' + format_duration(t_ms)}/{format_duration(total_ms)}".ljust(16)
                 + f"ev {event_no}/{event_count}".ljust(_PREFIX - 24))[:_PREFIX]
         text = Text(head.ljust(_PREFIX), style="bold")
         text.append("━" * done, style="bold cyan")

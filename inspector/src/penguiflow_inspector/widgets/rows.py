@@ -25,7 +25,14 @@ from operator import attrgetter, is_not
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from .. import model
-from ..model import EventRow, InvocationView, RemoteCallView, RemoteStats, TraceView
+from ..model import (
+    DeadlineView,
+    EventRow,
+    InvocationView,
+    RemoteCallView,
+    RemoteStats,
+    TraceView,
+)
 
 if TYPE_CHECKING:
     from penguiflow.state import StoredEvent
@@ -41,11 +48,13 @@ __all__ = [
     "view_at",
 ]
 
-RowKind = Literal["inv", "remote"]
+RowKind = Literal["inv", "remote", "skip"]
 
 
 class Row(NamedTuple):
-    """One waterfall row: an invocation, or a remote call (drawn indented under it).
+    """One waterfall row: an invocation, a remote call (drawn indented under it), or
+    a message skipped at a node because its deadline had passed (``"skip"``: the
+    node never ran; placed at its time among the invocations).
 
     A NamedTuple: a 100k-event trace has ~50k rows, built once per full view
     (a replay step reuses them), so construction cost matters (~0.2 µs here
@@ -53,7 +62,7 @@ class Row(NamedTuple):
     """
 
     kind: RowKind
-    item: InvocationView | RemoteCallView
+    item: InvocationView | RemoteCallView | DeadlineView
     depth: int = 0
     """Nesting: 0 for an invocation, 1 for its remote calls, 2 for an invocation that
     served one of those calls (another agent's flow in the same trace), 3 for its calls..."""
@@ -62,21 +71,29 @@ class Row(NamedTuple):
     def key(self) -> str:
         """A stable id across rebuilds (replay, live): the invocation or call id."""
         item = self.item
-        return item.invocation_id if isinstance(item, InvocationView) else item.call_id
+        if isinstance(item, InvocationView):
+            return item.invocation_id
+        if isinstance(item, DeadlineView):
+            return f"skip:{item.ts!r}:{item.node_name}"
+        return item.call_id
 
     @property
     def start(self) -> float:
-        return self.item.start
+        item = self.item
+        return item.ts if isinstance(item, DeadlineView) else item.start
 
     @property
     def end(self) -> float | None:
-        return self.item.end
+        item = self.item
+        return item.ts if isinstance(item, DeadlineView) else item.end
 
     @property
     def name(self) -> str:
         item = self.item
         if isinstance(item, InvocationView):
             return item.node_name
+        if isinstance(item, DeadlineView):
+            return model.display_name(item.node_name or "?")
         return item.skill or item.agent_url or "remote"
 
     @property
@@ -85,6 +102,8 @@ class Row(NamedTuple):
         item = self.item
         if isinstance(item, InvocationView):
             return item.status
+        if isinstance(item, DeadlineView):
+            return "skipped"
         return {"success": "ok"}.get(item.outcome, item.outcome)
 
 
@@ -94,7 +113,8 @@ class Query:
 
     node: str | None = None
     kind: str | None = None
-    """``inv``, ``remote``, or a status (``error``, ``timeout``, ``cancelled``, ...)."""
+    """``inv``, ``remote``, or a status (``error``, ``timeout``, ``cancelled``,
+    ``skipped``...), as ``pf``'s filters (:func:`~penguiflow_inspector.model.matches_kind`)."""
     text: str = ""
 
     @property
@@ -104,7 +124,7 @@ class Query:
     def matches(self, row: Row) -> bool:
         if self.node is not None and self.node not in _node_of(row).lower():
             return False
-        if self.kind is not None and self.kind not in (row.kind, row.status):
+        if self.kind is not None and not _kind_matches(row, self.kind):
             return False
         if self.text:
             return any(self.text in h for h in _haystack(row))
@@ -125,6 +145,13 @@ def parse_query(text: str) -> Query:
     return Query(node, kind, " ".join(words))
 
 
+def _kind_matches(row: Row, kind: str) -> bool:
+    item = row.item
+    if isinstance(item, DeadlineView):
+        return kind in ("skip", "skipped")
+    return model.matches_kind(item, kind)
+
+
 def _node_of(row: Row) -> str:
     item = row.item
     if isinstance(item, InvocationView):
@@ -134,6 +161,8 @@ def _node_of(row: Row) -> str:
 
 def _haystack(row: Row) -> list[str]:
     item = row.item
+    if isinstance(item, DeadlineView):
+        return [row.name.lower(), row.status]
     parts = [row.name, row.key, row.status, item.error or ""]
     if isinstance(item, RemoteCallView):
         parts += [item.agent_url or "", item.context_id or "", item.task_id or ""]
@@ -146,6 +175,8 @@ def glyphs(row: Row) -> str:
     """Short markers after a row's name: retries, timeout, chunks, cancel, error."""
     item = row.item
     out: list[str] = []
+    if isinstance(item, DeadlineView):
+        return model.STATUS_SYMBOL["skipped"]
     if isinstance(item, InvocationView):
         if len(item.attempts) > 1:
             out.append(f"↻{len(item.attempts) - 1}")
@@ -186,8 +217,11 @@ class Rows:
 
     @property
     def served(self) -> bool:
+        """Whether a replayed view's rows are flattened afresh: served runs, or deadline
+        skips (rows placed by time among the invocations), break the fast path."""
         if self._served is None:
-            self._served = any(map(_SERVED_UNDER, self.view.invocations))
+            self._served = bool(self.view.deadlines) or any(
+                map(_SERVED_UNDER, self.view.invocations))
         return self._served
 
     @classmethod
@@ -307,6 +341,9 @@ class Rows:
                 events = events[: self.events_until(until)]
             return events
         item = row.item
+        if isinstance(item, DeadlineView):  # its deadline_skip event (a scan: rare rows)
+            return [e for e in self.view.events if e.kind == "deadline_skip"
+                    and e.ts == item.ts and e.node_name == item.node_name]
         key = item.invocation_id
         inv_events = self.view.events_of(key) if key is not None else []
         if isinstance(item, InvocationView):
@@ -333,6 +370,27 @@ _SERVED_UNDER = attrgetter("served_under")
 
 
 def _flatten(view: TraceView) -> list[Row]:
+    """The rows of ``view`` (:func:`_flatten_calls`), with each deadline skip placed at
+    its time among the top-level invocations (after those that started at the same
+    time), as ``pf inspect --plain`` lists them."""
+    rows = _flatten_calls(view)
+    if not view.deadlines:
+        return rows
+    tops = [i for i, row in enumerate(rows) if row.depth == 0 and row.kind == "inv"]
+    starts = [rows[i].start for i in tops]
+    out: list[Row] = []
+    taken = 0
+    for deadline in sorted(view.deadlines, key=attrgetter("ts")):
+        at = bisect.bisect_right(starts, deadline.ts)
+        cut = tops[at] if at < len(tops) else len(rows)  # (after the last one: at the end)
+        out += rows[taken:cut]
+        out.append(Row("skip", deadline))
+        taken = cut
+    out += rows[taken:]
+    return out
+
+
+def _flatten_calls(view: TraceView) -> list[Row]:
     """Each invocation followed by the remote calls it made, then the calls no
     invocation made, in start order.
 

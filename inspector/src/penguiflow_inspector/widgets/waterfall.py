@@ -2,7 +2,9 @@
 
 Remote calls are drawn indented under their invocation (``└``), and the
 invocations that served a call (the called agent recording into the same
-store) one level deeper under it (``⤷``).
+store) one level deeper under it (``⤷``). A message skipped because its
+deadline had passed is a row of its own at its time (``↷ skipped``: the node
+never ran).
 
 Virtualised with the Line API (the Toolong approach): the widget holds the
 flattened :class:`~.rows.Rows` and draws only the lines in view, each computed
@@ -28,24 +30,13 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from ..messages import RowSelected
-from ..model import InvocationView
+from ..model import STATUS_SYMBOL, InvocationView, display_name, format_duration, printable
 from ._scroll import set_virtual_size
 from .rows import Query, Row, Rows, glyphs
 
-__all__ = ["Waterfall", "format_ms"]
+__all__ = ["Waterfall"]
 
 _STATUS_CLASSES = ("ok", "error", "timeout", "cancelled", "running", "skipped")
-
-
-def format_ms(ms: float | None) -> str:
-    """``12.3ms`` / ``4.56s`` / ``—`` in at most 8 cells."""
-    if ms is None:
-        return "—"
-    if ms < 1000:
-        return f"{ms:.1f}ms"
-    if ms < 100_000:
-        return f"{ms / 1000:.2f}s"
-    return f"{ms / 1000:.0f}s"
 
 
 class Waterfall(ScrollView, can_focus=True):
@@ -199,7 +190,7 @@ class Waterfall(ScrollView, can_focus=True):
 
     def _layout(self, width: int) -> tuple[int, int, int]:
         label = max(14, min(30, width // 3))
-        dur = 8
+        dur = 9  # format_duration's widest: "-812.4 ms"
         return label, max(8, width - label - dur - 1), dur
 
     def render_lines(self, crop: Region) -> list[Strip]:
@@ -230,13 +221,18 @@ class Waterfall(ScrollView, can_focus=True):
         total_ms = (t1 - t0) * 1000.0
         cells = [" "] * bar_w
         ticks = 4 if bar_w >= 40 else 2
-        for k in range(ticks + 1):
+        # The end label first, then the others left to right where they fit with a
+        # space on each side (at 80 columns "66.5 ms" and "133.0 ms" would touch).
+        taken: list[tuple[int, int]] = []
+        for k in (ticks, *range(ticks)):
             col = min(bar_w - 1, round(k * (bar_w - 1) / ticks))
-            text = format_ms(total_ms * k / ticks) if k else "0"
+            text = format_duration(total_ms * k / ticks) if k else "0"
             start = min(max(0, col - len(text) // 2), bar_w - len(text)) if k else 0
-            for i, ch in enumerate(text):
-                if 0 <= start + i < bar_w:
-                    cells[start + i] = ch
+            end = start + len(text)
+            if start < 0 or any(start <= b and a <= end for a, b in taken):
+                continue
+            taken.append((start, end))
+            cells[start:end] = text
         style = self.get_component_rich_style("waterfall--axis")
         head = f"{'node / call':<{label_w}}"
         tail = f"{'dur':>{dur_w}} "
@@ -262,7 +258,8 @@ class Waterfall(ScrollView, can_focus=True):
         indent = "  " * depth + ("└ " if row.kind == "remote" else "⤷ ") if depth else ""
         marks = glyphs(row)
         room = label_w - 3 - len(marks)
-        name = (indent + row.name)
+        # Escaped: a stored name is never written raw (ESC, BEL... would act on the terminal).
+        name = indent + printable(display_name(row.name))
         name = name if len(name) <= room else name[: max(1, room - 1)] + "…"
         name_style = style_of("waterfall--name")
         if critical:
@@ -275,8 +272,8 @@ class Waterfall(ScrollView, can_focus=True):
         ]
         segments += self._bar(row, bar_w, status_style)
         end = row.end if row.end is not None else self._now
-        dur = None if end is None else (end - row.start) * 1000.0
-        segments.append(Segment(" " + f"{format_ms(dur):>{dur_w}}", status_style))
+        dur = None if end is None or row.kind == "skip" else (end - row.start) * 1000.0
+        segments.append(Segment(" " + f"{format_duration(dur):>{dur_w}}", status_style))
         if is_cursor:
             # Over each segment's own style (Strip.apply_style would go under it).
             cursor = style_of("waterfall--cursor")
@@ -317,6 +314,8 @@ class Waterfall(ScrollView, can_focus=True):
                 fill(a0, max(a0, a1) + 1, "█", a_style)
                 if attempt.attempt > 0:
                     chars[a0], styles[a0] = "▌", a_style
+        elif row.kind == "skip":  # the node never ran: a mark where its message was dropped
+            chars[start_col], styles[start_col] = STATUS_SYMBOL["skipped"], status_style
         else:
             remote = style_of("waterfall--remote") if row.status == "ok" else status_style
             fill(start_col, end_col + 1, "▬", remote)
