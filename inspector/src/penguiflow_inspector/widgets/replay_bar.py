@@ -15,7 +15,7 @@ from ..model import format_duration
 
 __all__ = ["ReplayBar"]
 
-_PREFIX = 34  # cells before the progress line; a click maps x - _PREFIX onto it
+_PREFIX = 44  # cells before the progress line; a click maps x - _PREFIX onto it
 
 
 class ReplayBar(Static):
@@ -33,9 +33,10 @@ class ReplayBar(Static):
         icon = "▶" if playing else "‖"
         frac = 0.0 if total_ms <= 0 else max(0.0, min(1.0, t_ms / total_ms))
         done = int(frac * width)
+        # (at most 8 + 20 + 1 + 13 cells: durations are up to 9 wide, "+131.0 ms/...")
         head = (f"{icon} {speed:g}x".ljust(8)
-                + f"{'+' + format_duration(t_ms)}/{format_duration(total_ms)}".ljust(16)
-                + f"ev {event_no}/{event_count}".ljust(_PREFIX - 24))[:_PREFIX]
+                + f"+{format_duration(t_ms)}/{format_duration(total_ms)}".ljust(20) + " "
+                + f"ev {event_no}/{event_count}")[:_PREFIX - 1]
         text = Text(head.ljust(_PREFIX), style="bold")
         text.append("━" * done, style="bold cyan")
         text.append("─" * (width - done), style="dim")
