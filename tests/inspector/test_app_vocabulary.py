@@ -85,3 +85,24 @@ async def test_the_runtime_endpoints_are_never_named() -> None:
                 await pilot.pause()
                 text = screen_text(app) + lines
                 assert "OpenSea" not in text and "Rookery" not in text
+
+
+async def test_a_deadline_skip_with_no_node_or_deadline_is_still_a_row() -> None:
+    """Error path: a ``deadline_skip`` written without a node name or a deadline (another
+    writer, an older runtime) is a ``?`` skipped row; the pane leaves out what it lacks."""
+    events = [e for e in demo_events() if e.kind != "deadline_skip"]
+    skip = next(e for e in demo_events() if e.kind == "deadline_skip")
+    skip.node_name = None
+    skip.payload = {k: v for k, v in skip.payload.items()
+                    if k not in ("deadline_s", "node_name")}
+    async with InMemoryStateStore() as store:
+        await store.save_events([*events, skip])
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(120, 32)) as pilot:
+            screen = await opened(pilot)
+            await pilot.press("G")
+            row = screen.query_one(Waterfall).selected
+            assert row is not None and (row.name, row.status) == ("?", "skipped")
+            detail = text_of(screen.query_one(DetailPane))
+            assert "skipped at +127.0 ms" in detail
+            assert "deadline   " not in detail and "late by" not in detail
