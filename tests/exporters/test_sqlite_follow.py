@@ -218,3 +218,20 @@ async def test_follow_reports_a_file_that_stops_being_a_store(db: Path) -> None:
         await follower.until(lambda evs: False, 5)
     await follower.aclose()
     await store.close()
+
+
+async def test_following_survives_writers_coming_and_going(db: Path) -> None:
+    """One writing process ends, another starts later: the reader follows across both
+    (its connection outlives the writers' and reads what the next one commits)."""
+    store = await reader(db)
+    follower = Follower(store, "t")
+    try:
+        async with writer(db) as w:
+            await subscribed(follower, w, "t")
+        async with writer(db) as w:
+            w.seq = 1000
+            seq = await w.write("t", "after")
+            await follower.until(lambda evs: any(e.seq == seq for e in evs), 5)
+    finally:
+        await follower.aclose()
+        await store.close()
