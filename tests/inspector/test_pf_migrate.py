@@ -152,7 +152,7 @@ def test_pf_migrate_upgrades_it_and_the_readers_show_what_was_recorded(
 
     assert main(["inspect", MADE, "--json", "--store", url]) == 0
     view = json.loads(capsys.readouterr().out)
-    assert (view["status"], view["flow_name"], view["events_lost"]) == ("ok", "made", 0)
+    assert (view["status"], view["flow_name"], view["events_lost"]) == ("succeeded", "made", 0)
     assert [e["kind"] for e in view["events"]] == [
         "node_start", "node_error", "node_retry", "node_start", "remote_call_start",
         "remote_call_success", "node_success"]
