@@ -166,7 +166,7 @@ def test_pf_migrate_upgrades_it_and_the_readers_show_what_was_recorded(
     for trace_id in (RUN, RUN_BY_PROCESS):
         assert main(["inspect", trace_id, "--json", "--store", url]) == 0
         run = json.loads(capsys.readouterr().out)
-        assert (run["status"], run["flow_name"]) == ("ok", "run")
+        assert (run["status"], run["flow_name"]) == ("succeeded", "run")
         assert [i["node_name"] for i in run["invocations"]] == ["work"]
         assert {"node_start", "node_success"} <= {e["kind"] for e in run["events"]}
         notes = [e["extra"] for e in run["events"] if e["kind"] == "app_note"]
