@@ -274,6 +274,19 @@ async def test_a_settle_redis_refuses_is_logged_and_later_settles_still_happen(
         await pair.stop()
 
 
+async def test_scripts_redis_forgot_are_loaded_again(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    pair = await Pair(dist_flows.chain, redis_url, namespace).start()
+    try:
+        await pair.client.emit(msg("one:"))
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "one:abcde"
+        await redis.script_flush()  # as a Redis restart does
+        await pair.client.emit(msg("two:"))
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "two:abcde"
+    finally:
+        await pair.stop()
+
+
 async def test_a_payload_with_no_json_form_fails_at_emit_naming_edge_and_type(
         redis_url: str, namespace: str) -> None:
     pair = await Pair(dist_flows.chain, redis_url, namespace).start(worker=False)

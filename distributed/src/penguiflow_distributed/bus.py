@@ -46,7 +46,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from penguiflow.binding import BusBinding, Inbound, Parcel
@@ -354,8 +354,7 @@ class RedisMessageBus:
         async def tidy() -> None:
             await self._redis.delete(self.reply_stream(worker_id))
             if self._edge_streams:
-                await self._scripts["RETIRE"](keys=self._edge_streams,
-                                              args=[GROUP, worker_id])
+                await self._eval("RETIRE", self._edge_streams, [GROUP, worker_id])
         try:
             await asyncio.wait_for(tidy(), 2.0)
         except (Exception, TimeoutError) as exc:  # Redis away: the TTLs tidy up later
@@ -391,7 +390,7 @@ class RedisMessageBus:
         pause = 0.0005
         while True:
             result = await self._retrying(
-                "send", self._scripts["SEND"], keys=[stream, hop_key], args=args)
+                "send", self._eval, "SEND", [stream, hop_key], args)
             if result == -1:  # the edge is full: wait for its consumers
                 self.stats["full_waits"] += 1
                 await asyncio.sleep(pause)
@@ -479,8 +478,8 @@ class RedisMessageBus:
                 batch, self._settling = self._settling, []
                 try:
                     await self._retrying(
-                        "settle", self._scripts["SETTLE"], keys=[s for s, _ in batch],
-                        args=[GROUP, *(e for _, e in batch)])
+                        "settle", self._eval, "SETTLE", [s for s, _ in batch],
+                        [GROUP, *(e for _, e in batch)])
                     self.stats["settled"] += len(batch)
                 except _LINK_ERRORS:
                     raise  # only when stopping: the entries will be delivered again
@@ -621,10 +620,23 @@ class RedisMessageBus:
         first ``k`` items once complete (else None), and whether ``member`` was new."""
         base = f"{self._prefix()}:join:{key}"
         reply = await self._retrying(
-            "join", self._scripts["GATHER"], keys=[f"{base}:items", f"{base}:members"],
-            args=[member, data, k, int(self.join_ttl_s)])
+            "join", self._eval, "GATHER", [f"{base}:items", f"{base}:members"],
+            [member, data, k, int(self.join_ttl_s)])
         complete, new = int(reply[0]), bool(int(reply[1]))
         return (list(reply[2:]) if complete else None), new
+
+    async def _eval(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run script ``name`` by its SHA: EVALSHA sent as is (redis-py's Script
+        wrapper cost ~20 us per call, on every hop), loaded again if Redis lost it
+        (a restart empties the script cache)."""
+        script = self._scripts[name]
+        try:
+            return await self._redis.execute_command("EVALSHA", script.sha, len(keys),
+                                                     *keys, *args)
+        except NoScriptError:
+            await self._redis.script_load(script.script)
+            return await self._redis.execute_command("EVALSHA", script.sha, len(keys),
+                                                     *keys, *args)
 
     # -- the link --------------------------------------------------------------------
 
