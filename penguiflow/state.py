@@ -28,6 +28,8 @@ __all__ = [
     "EVENT_FIELDS",
     "EVENTS_LOST_KIND",
     "ERROR_KINDS",
+    "PER_ATTEMPT_ERROR_KINDS",
+    "counts_as_failed_invocation",
     "EventRecord",
     "TERMINAL_KINDS",
     "check_page",
@@ -210,9 +212,23 @@ TRACE_STATUSES = ("cancelled", "failed", "incomplete", "running", "succeeded")
 #: ``{"events_lost": n, "reason": "..."}``; see penguiflow_exporters.processor).
 EVENTS_LOST_KIND = "store_events_lost"
 
-#: Event kinds a trace summary counts as errors (``TraceSummary.error_count``).
+#: Event kinds that report an error (node errors, timeouts and failures, remote call
+#: and remote cancel errors).
 ERROR_KINDS = frozenset({"node_error", "node_timeout", "node_failed", "remote_call_error",
                          "remote_cancel_error"})
+#: Error kinds recorded once per attempt. ``TraceSummary.error_count`` counts failed
+#: invocations, so of these only attempt 0's: an invocation whose attempt fails is
+#: tried again and a success ends it, so its first failed attempt is always attempt 0.
+PER_ATTEMPT_ERROR_KINDS = frozenset({"node_error", "node_timeout"})
+
+
+def counts_as_failed_invocation(kind: str, attempt: int | None) -> bool:
+    """Whether an event of ``kind`` at ``attempt`` adds one to ``error_count``: a
+    node invocation's first failed attempt (``node_error``/``node_timeout`` at
+    attempt 0; not its retries nor its ``node_failed``) or a failed remote call."""
+    if kind in PER_ATTEMPT_ERROR_KINDS:
+        return not attempt
+    return kind in ERROR_KINDS and kind != "node_failed"
 #: Event kinds that end an invocation (``node_start`` opens one).
 TERMINAL_KINDS = frozenset({"node_success", "node_failed", "node_trace_cancelled"})
 
@@ -256,8 +272,9 @@ class TraceSummary:
             invocation has no terminal event yet), else ``"succeeded"``.
         started_ts / ended_ts: first and last event times (epoch seconds).
         node_count: node invocations started.
-        error_count: error events (node errors, timeouts and failures, remote
-            call and remote cancel errors).
+        error_count: failed invocations: node invocations with a failed
+            attempt (retried or not), plus failed remote calls and remote cancels
+            (:func:`counts_as_failed_invocation`).
         remote_call_count: remote calls started.
         event_count: events stored.
         nodes: the distinct node names that ran, sorted.
@@ -331,7 +348,7 @@ class TraceSummaryBuilder:
                 self.nodes.add(node_name)
         elif kind in TERMINAL_KINDS:
             self.open -= 1
-        if kind in ERROR_KINDS:
+        if kind in ERROR_KINDS and counts_as_failed_invocation(kind, attempt):
             self.errors += 1
         if kind == "node_failed":
             self.failed = True

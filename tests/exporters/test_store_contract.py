@@ -27,6 +27,7 @@ from penguiflow import FlowError, Headers, Message, Node, NodePolicy, create
 from penguiflow.metrics import FlowEvent
 from penguiflow.remote import InMemoryAgent, InMemoryTransport, RemoteNode
 from penguiflow.state import (
+    ERROR_KINDS,
     TRACE_STATUSES,
     InMemoryStateStore,
     RemoteBinding,
@@ -491,6 +492,28 @@ async def test_history_page_rejects_a_bad_limit_or_offset(store: Any) -> None:
         await store.load_history_page("trace-page-args", offset=-1, limit=5)
 
 
+async def test_error_count_counts_failed_invocations_not_error_events(store: Any) -> None:
+    # What pf traces shows under ERRORS and kind:error finds: an invocation failing
+    # three attempts is one, as is one that failed once and then succeeded; a failed
+    # remote call is one more. Six error events, three failed invocations.
+    t = "trace-failed-invocations"
+    events = [ev(t, BASE_TS + 1, "node_start", "a"), ev(t, BASE_TS + 2, "node_error", "a")]
+    for attempt in (1, 2):
+        events += [ev(t, BASE_TS + 2 + attempt, "node_start", "a", attempt=attempt),
+                   ev(t, BASE_TS + 2.5 + attempt, "node_timeout", "a", attempt=attempt)]
+    events += [ev(t, BASE_TS + 5, "node_failed", "a", attempt=2),
+               ev(t, BASE_TS + 6, "node_start", "b"), ev(t, BASE_TS + 7, "node_error", "b"),
+               ev(t, BASE_TS + 8, "node_start", "b", attempt=1),
+               ev(t, BASE_TS + 9, "node_success", "b", attempt=1),
+               ev(t, BASE_TS + 10, "remote_call_error", "b", attempt=1)]
+    await store.save_events(events)
+    await store.flush()
+    summary = await store.get_trace(t)
+    assert summary == reference_summary(t, events)
+    assert sum(e.kind in ERROR_KINDS for e in events) == 6
+    assert summary is not None and summary.error_count == 3 and summary.node_count == 2
+
+
 async def test_resaving_the_same_events_stores_them_once(store: Any) -> None:
     t = "trace-idempotent"
     events = [ev(t, BASE_TS + 1, "node_start", "a"), ev(t, BASE_TS + 1.5, "node_error", "a"),
@@ -609,7 +632,8 @@ async def test_list_traces_statuses_come_from_real_flows(
         m_running.trace_id]
     assert await store.list_traces(TraceFilter(node="work", status="failed")) == []
     failed = await store.get_trace(m_failed.trace_id)
-    assert failed is not None and failed.error_count == 2  # node_error + node_failed
+    # One failed invocation: its node_error counts, its node_failed does not again.
+    assert failed is not None and failed.error_count == 1
     for trace_id in expected:
         history = await store.load_history(trace_id)
         assert await store.get_trace(trace_id) == reference_summary(trace_id, history)

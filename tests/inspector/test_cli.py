@@ -37,9 +37,13 @@ def _events(trace_id: str, start: float, node: str, *, fail: bool = False,
     inv = trace_id[-16:]
     end_kind = "node_failed" if fail else "node_success"
     extra = {"exception": "ValueError('bad')"} if fail else {}
+    # As the runtime records a failure: the attempt's node_error, then node_failed.
+    error = [StoredEvent(trace_id, start + duration, "node_error", node, node, extra,
+                         invocation_id=inv, flow_id=trace_id, seq=3, flow_name="cli-test")]
     return [
         StoredEvent(trace_id, start, "node_start", node, node, {}, invocation_id=inv,
                     flow_id=trace_id, seq=1, flow_name="cli-test"),
+        *(error if fail else []),
         StoredEvent(trace_id, start + duration, end_kind, node, node, extra,
                     invocation_id=inv, flow_id=trace_id, seq=2, flow_name="cli-test"),
     ]

@@ -31,7 +31,7 @@ from penguiflow_inspector.model import (
     STATUS_SYMBOL,
     STATUS_WORD,
     build_trace,
-    error_event_count,
+    failed_invocation_count,
     format_duration,
     format_offset,
     matches_kind,
@@ -68,8 +68,9 @@ def test_kind_error_finds_the_invocations_whose_failure_was_retried(
     assert [i.node_name for i in model.invocations if matches_kind(i, "timeout")] == [
         "slow_tool"]
     assert all(i.status == "ok" for i in model.invocations if matches_kind(i, "error"))
-    # The same number pf traces shows, with the same meaning: error events.
-    assert summary["error_count"] == error_event_count(model) == 2
+    # The same number pf traces shows under ERRORS, with the same meaning: the
+    # invocations kind:error finds (here every failure was retried successfully).
+    assert summary["error_count"] == failed_invocation_count(model) == 2
     assert [i.node_name for i in model.invocations if matches_kind(i, "cancelled")] == [
         "researcher"]
     assert {c.skill for c in model.remote_calls if matches_kind(c, "remote")} == {
@@ -83,8 +84,7 @@ def test_traces_and_inspect_say_the_same(demo_url: tuple[str, str],
     table = run(capsys, "traces", "--store", url, "--plain").splitlines()
     header, row = table[0].split(), table[1].split()
     assert header[header.index("STATUS"):] == [
-        "STATUS", "NODES", "INVOCATIONS", "ERROR", "EVENTS", "REMOTE", "EVENTS", "LOST",
-        "FLOW"]
+        "STATUS", "NODES", "INVOCATIONS", "ERRORS", "REMOTE", "EVENTS", "LOST", "FLOW"]
     symbol, word, nodes, invocations, errors = row[row.index("✕"):][:5]
     plain = run(capsys, "inspect", trace_id, "--store", url, "--plain")
     first = plain.splitlines()[0]
@@ -93,8 +93,7 @@ def test_traces_and_inspect_say_the_same(demo_url: tuple[str, str],
     assert (symbol, word) == (STATUS_SYMBOL["cancelled"], "cancelled")
     assert view["status"] == summary["status"] == "cancelled"
     assert f"status {word}" in first
-    assert f"{invocations} invocations (0 failed) of {nodes} nodes" in first
-    assert f"{errors} error events" in first
+    assert f"{invocations} invocations of {nodes} nodes ({errors} with errors, 0 failed)" in first
     assert (nodes, invocations) == ("7", "8")
     # One duration, printed by one function: the same text in both commands.
     shown = format_duration(summary["duration_ms"])

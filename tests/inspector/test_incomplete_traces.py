@@ -100,8 +100,7 @@ def test_pf_traces_shows_the_status_and_the_lost_column(
     header, row = capsys.readouterr().out.splitlines()
     columns = header.split()
     assert columns[columns.index("STATUS"):] == [
-        "STATUS", "NODES", "INVOCATIONS", "ERROR", "EVENTS", "REMOTE", "EVENTS", "LOST",
-        "FLOW"]
+        "STATUS", "NODES", "INVOCATIONS", "ERRORS", "REMOTE", "EVENTS", "LOST", "FLOW"]
     cells = row.split()
     assert cells[0] == LOSSY
     assert (cells[-8], cells[-6], cells[-2], cells[-1]) == (

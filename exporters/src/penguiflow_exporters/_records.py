@@ -543,6 +543,11 @@ class Fold:
 LOST_KIND = "store_events_lost"
 
 
+#: The core's PER_ATTEMPT_ERROR_KINDS (penguiflow.state), spelled here: this module
+#: imports no penguiflow.
+_PER_ATTEMPT = frozenset({"node_error", "node_timeout"})
+
+
 def fold_rows(rows: Iterable[Row], *, terminal: frozenset[str],
               errors: frozenset[str]) -> dict[Any, Fold]:
     """Per trace id (in order of first event), the summary of ``rows``.
@@ -579,11 +584,13 @@ def fold_rows(rows: Iterable[Row], *, terminal: frozenset[str],
                 f.nodes.add(row.node_name)
         elif k in terminal:
             f.open -= 1
-            if k == "node_failed":  # the one kind both terminal and an error
+            if k == "node_failed":  # an error, but its invocation's first failure counted
                 f.failed = True
-                f.errors += 1
         elif k in errors:
-            f.errors += 1
+            # error_count counts failed invocations: a node's per-attempt errors only
+            # at attempt 0 (its first failure is always there), remote errors each.
+            if row.attempt == 0 or k not in _PER_ATTEMPT:
+                f.errors += 1
         elif k == "trace_cancel_start":
             f.cancelled = True
         elif k == "remote_call_start":

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
-from penguiflow.state import ERROR_KINDS, EVENTS_LOST_KIND
+from penguiflow.state import ERROR_KINDS, EVENTS_LOST_KIND, counts_as_failed_invocation
 from penguiflow.tracing import derived_span_id, otel_trace_id, root_span_id
 
 from ._event_log import EventRow, EventRows
@@ -51,7 +51,7 @@ __all__ = [
     "TraceView",
     "display_edge",
     "display_name",
-    "error_event_count",
+    "failed_invocation_count",
     "format_duration",
     "format_offset",
     "matches_kind",
@@ -1359,7 +1359,7 @@ def matches_kind(item: InvocationView | RemoteCallView, kind: str) -> bool:
 
     ``inv`` / ``remote``: the row's type. ``error`` (or ``failed``): an invocation
     with a failed attempt -- a ``node_error`` or ``node_timeout`` in any attempt, even
-    if a retry then succeeded (what ``pf traces`` counts under ERROR EVENTS) -- or a
+    if a retry then succeeded (what ``pf traces`` counts under ERRORS) -- or a
     remote call that failed. ``timeout``: an invocation with an attempt that timed
     out. Any other word is a status, in the model's words or the store's
     (``cancelled``, ``running``, ``succeeded``/``ok``, ``skipped``).
@@ -1386,11 +1386,12 @@ def matches_kind(item: InvocationView | RemoteCallView, kind: str) -> bool:
     return kind == status or kind == status_word(status)
 
 
-def error_event_count(view: TraceView) -> int:
-    """The trace's error events, as ``TraceSummary.error_count`` counts them (node
-    errors, timeouts and failures, remote call and remote cancel errors): the number
-    ``pf traces`` shows under ERROR EVENTS. A retried failure counts; it is not a
-    count of failed invocations (see :func:`matches_kind` for those rows)."""
+def failed_invocation_count(view: TraceView) -> int:
+    """The trace's failed invocations, as ``TraceSummary.error_count`` counts them
+    (:func:`penguiflow.state.counts_as_failed_invocation`): node invocations with a
+    failed attempt, retried or not, and failed remote calls -- the number ``pf
+    traces`` shows under ERRORS, and the rows ``kind:error`` finds."""
     events = view.events
     stored = events.stored() if isinstance(events, EventRows) else events
-    return sum(1 for ev in stored if ev.kind in ERROR_KINDS)
+    return sum(1 for ev in stored
+               if ev.kind in ERROR_KINDS and counts_as_failed_invocation(ev.kind, ev.attempt))

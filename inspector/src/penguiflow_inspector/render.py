@@ -31,7 +31,7 @@ from .model import (
     bus_hops,
     display_edge,
     display_name,
-    error_event_count,
+    failed_invocation_count,
     format_duration,
     format_offset,
     matches_kind,
@@ -310,8 +310,8 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
     lines = [
         f"trace {_p(view.trace_id)}  flow {_p(view.flow_name or '-')}  "
         f"status {status_word(view.status)}{lost}  {_ms(view.duration_ms)}  "
-        f"{len(view.invocations)} invocations ({failed} failed) of {nodes} nodes{skipped}  "
-        f"{error_event_count(view)} error events  "
+        f"{len(view.invocations)} invocations of {nodes} nodes "
+        f"({failed_invocation_count(view)} with errors, {failed} failed){skipped}  "
         f"{len(view.remote_calls)} remote calls  {len(view.events)} events",
         f"started {_clock(view.start)}  otel trace id {view.otel_trace_id}  "
         f"root span id {view.root_span_id}",
@@ -509,19 +509,20 @@ def summary_table(summaries: Sequence[TraceSummary]) -> str:
     """``pf traces --plain``: one row per trace, a header first.
 
     STATUS is the store's word; NODES the distinct nodes that ran; INVOCATIONS the
-    node invocations started; ERROR EVENTS the store's ``error_count`` (node errors,
-    timeouts and failures, remote errors: a failure that a retry fixed counts);
+    node invocations started; ERRORS the store's ``error_count``: failed invocations
+    (an invocation with a failed attempt counts once, also when a retry fixed it;
+    a failed remote call counts too);
     LOST the events the store could not keep (``-`` for none). Store text is escaped.
     """
     header = (f"{'TRACE ID':<32}  {'STARTED':<23}  {'DURATION':>9}  {'STATUS':<12}  "
-              f"{'NODES':>5}  {'INVOCATIONS':>11}  {'ERROR EVENTS':>12}  {'REMOTE':>6}  "
+              f"{'NODES':>5}  {'INVOCATIONS':>11}  {'ERRORS':>6}  {'REMOTE':>6}  "
               f"{'EVENTS':>6}  {'LOST':>6}  FLOW")
     lines = [header]
     for s in summaries:
         word = status_word(s.status)
         lines.append(f"{_p(s.trace_id):<32}  {_clock(s.started_ts):<23}  "
                      f"{_ms(s.duration_ms):>9}  {STATUS_SYMBOL.get(word, ' ')} {_p(word):<10}  "
-                     f"{len(s.nodes):>5}  {s.node_count:>11}  {s.error_count:>12}  "
+                     f"{len(s.nodes):>5}  {s.node_count:>11}  {s.error_count:>6}  "
                      f"{s.remote_call_count:>6}  {s.event_count:>6}  "
                      f"{s.events_lost or '-':>6}  {_p(s.flow_name or '-')}")
     return "\n".join(lines) + "\n"
