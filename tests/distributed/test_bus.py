@@ -84,7 +84,8 @@ def test_every_keyword_can_ride_on_the_url() -> None:
     ({"claim_idle_s": 0}, "claim_idle_s must be > 0 seconds; got 0"),
     ({"prefetch": 0}, "block_ms, prefetch and max_deliveries must be >= 1"),
     ({"max_deliveries": 0}, "max_deliveries=0"),
-    ({"reply_ttl_s": -1}, "reply_ttl_s must be > 0 seconds; got -1"),
+    ({"reply_ttl_s": -1}, "reply_ttl_s must be >= 1 second"),
+    ({"dedup_ttl_s": 0.5}, r"dedup_ttl_s must be >= 1 second \(a Redis TTL\); got 0.5"),
     ({"namespace": "a:b"}, "namespace must be a non-empty name without ':'"),
 ])
 def test_bad_bus_options_are_refused_with_what_to_fix(kwargs: dict[str, Any],
@@ -253,23 +254,65 @@ async def test_an_entry_every_taker_died_on_goes_to_the_dead_letter_stream(
         await pair.stop()
 
 
-async def test_a_settle_redis_refuses_is_logged_and_later_settles_still_happen(
+async def test_a_settle_redis_refuses_loses_only_its_own_entry(
         redis_url: str, namespace: str, redis: Any, caplog: pytest.LogCaptureFixture) -> None:
     from penguiflow.binding import Inbound
     from penguiflow_distributed.bus import _Handle
 
     pair = await Pair(dist_flows.chain, redis_url, namespace).start()
     try:
-        await redis.set(f"{namespace}:not-a-stream", "x")
+        bad, good = f"{namespace}:not-a-stream", f"{namespace}:side"
+        await redis.set(bad, "x")
+        await redis.xgroup_create(good, "pf", id="0", mkstream=True)
+        entry = await redis.xadd(good, {b"k": b"v"})
+        await redis.xreadgroup("pf", "someone", {good: ">"})  # pending, to be settled
+        bus = pair.worker_bus
+        before = bus.stats["settled"]
         with caplog.at_level(logging.ERROR, logger="penguiflow_distributed"):
-            await pair.worker_bus.settle(Inbound(None, 0.0, None, "a->b", _Handle(
-                f"{namespace}:not-a-stream", "1-0"), "", "", 1))  # WRONGTYPE in Redis
-            await eventually(lambda: "bus_settle_failed" in caplog.messages,
+            # Both in one batch: Redis refuses the first (WRONGTYPE), not the second.
+            await bus.settle(Inbound(None, 0.0, None, "a->b", _Handle(bad, "1-0"), "", "", 1))
+            await bus.settle(Inbound(None, 0.0, None, "a->b",
+                                     _Handle(good, entry.decode()), "", "", 1))
+            await eventually(lambda: "bus_settle_refused" in caplog.messages,
                              "the refused settle logged")
+        assert (await redis.xpending(good, "pf"))["pending"] == 0
+        assert await redis.xlen(good) == 0 and bus.stats["settled"] == before + 1
+        # The flow goes on.
         await pair.client.emit(msg("after:"))
         assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "after:abcde"
-        await eventually(lambda: pair.worker_bus.stats["settled"] >= 5, "five settles written")
-        assert await redis.xlen(f"{namespace}:chain:edge:OpenSea->a") == 0
+    finally:
+        await pair.stop()
+
+
+async def test_a_reply_stream_deleted_under_its_reader_is_read_again(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    pair = await Pair(dist_flows.chain, redis_url, namespace).start()
+    try:
+        await pair.client.emit(msg("one:"))
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "one:abcde"
+        # Expired (reply_ttl_s) or deleted while the reader blocks: Redis answers
+        # UNBLOCKED; the reader recreates its group instead of dying.
+        await redis.delete(pair.client_bus.reply_stream(pair.client.flow_id))
+        await pair.client.emit(msg("two:"))
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "two:abcde"
+    finally:
+        await pair.stop()
+
+
+async def test_an_entry_written_before_the_compact_field_is_still_delivered(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    from penguiflow.wire import dumps_item
+
+    pair = await Pair(dist_flows.chain, redis_url, namespace).start()
+    try:
+        item = msg("old:")
+        # The parcel layout of the first release (eight fields), as a rolling deploy
+        # or an AOF-persisted Redis may still hold it.
+        await redis.xadd(f"{namespace}:chain:edge:OpenSea->a", {
+            b"e": b"OpenSea->a", b"d": dumps_item(item), b"t": item.trace_id.encode(),
+            b"r": pair.client.flow_id.encode(), b"h": b"old-hop-1", b"i": b"",
+            b"s": b"1.0", b"p": b""})
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "old:abcde"
     finally:
         await pair.stop()
 

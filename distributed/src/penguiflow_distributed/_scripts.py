@@ -8,7 +8,9 @@ SEND    KEYS: stream, hop key. ARGV: capacity (0: none), hop TTL (s), then field
         name is ``ttl``) is refreshed so a departed client's results expire.
 SETTLE  KEYS: the stream of each entry. ARGV: group, then the entry ids (one per
         key, in order). Acknowledge and delete each: it no longer counts against its
-        edge's capacity. Settles are batched: one call for all that are due.
+        edge's capacity. Settles are batched: one call for all that are due; an entry
+        Redis refuses (a key of another type) loses only itself: returns the
+        1-based positions refused.
 GATHER  KEYS: items list, members set. ARGV: member, data, k, TTL (s). Adds ``data``
         once per member; returns {complete, was_new, items...}: the first ``k`` items in
         arrival order once there are ``k`` (every time it is asked again: a redelivered
@@ -34,11 +36,16 @@ return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 """
 
 SETTLE = """
+local refused = {}
 for i, stream in ipairs(KEYS) do
-  redis.call('XACK', stream, ARGV[1], ARGV[i + 1])
-  redis.call('XDEL', stream, ARGV[i + 1])
+  local ok = redis.pcall('XACK', stream, ARGV[1], ARGV[i + 1])
+  if type(ok) == 'table' and ok.err then
+    table.insert(refused, i)
+  else
+    redis.pcall('XDEL', stream, ARGV[i + 1])
+  end
 end
-return #KEYS
+return refused
 """
 
 GATHER = """

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -128,11 +129,15 @@ class RedisMessageBus:
                  block_ms: int = 1000, max_backoff_s: float = 5.0, prefetch: int = 16,
                  types: Iterable[type[BaseModel]] = (), client: Any = None,
                  meter_provider: Any = None) -> None:
-        for name, value in (("claim_idle_s", claim_idle_s), ("dedup_ttl_s", dedup_ttl_s),
-                            ("join_ttl_s", join_ttl_s), ("reply_ttl_s", reply_ttl_s),
-                            ("max_backoff_s", max_backoff_s)):
+        for name, value in (("claim_idle_s", claim_idle_s), ("max_backoff_s", max_backoff_s)):
             if not value > 0:
                 raise InvalidArgument(f"{name} must be > 0 seconds; got {value!r}")
+        for name, value in (("dedup_ttl_s", dedup_ttl_s), ("join_ttl_s", join_ttl_s),
+                            ("reply_ttl_s", reply_ttl_s)):
+            # Redis TTLs are whole seconds (EX/EXPIRE): 0 would delete at once.
+            if not value >= 1:
+                raise InvalidArgument(f"{name} must be >= 1 second (a Redis TTL); got "
+                                      f"{value!r}")
         if block_ms < 1 or prefetch < 1 or max_deliveries < 1:
             raise InvalidArgument(
                 f"block_ms, prefetch and max_deliveries must be >= 1; got "
@@ -145,9 +150,9 @@ class RedisMessageBus:
         self.url = url
         self.namespace = namespace
         self.claim_idle_s = float(claim_idle_s)
-        self.dedup_ttl_s = float(dedup_ttl_s)
-        self.join_ttl_s = float(join_ttl_s)
-        self.reply_ttl_s = float(reply_ttl_s)
+        self.dedup_ttl_s = float(math.ceil(dedup_ttl_s))
+        self.join_ttl_s = float(math.ceil(join_ttl_s))
+        self.reply_ttl_s = float(math.ceil(reply_ttl_s))
         self.max_deliveries = int(max_deliveries)
         self.block_ms = int(block_ms)
         self.max_backoff_s = float(max_backoff_s)
@@ -326,7 +331,7 @@ class RedisMessageBus:
         its consumer leaves each edge's group where it holds no pending entry.
         """
         self._reading = False
-        if self._settling and self._bind_error is None:
+        if not self._flushed.is_set() and self._bind_error is None:
             # Settles still due are flushed first (else their entries would run again).
             with contextlib.suppress(Exception, TimeoutError):
                 await asyncio.wait_for(self._flushed.wait(), 2.0)
@@ -420,10 +425,16 @@ class RedisMessageBus:
                 await self._link_down("read", exc)
                 continue
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # Redis lost the stream (a restart without AOF)
+                # The stream is gone: lost by a restart without AOF (NOGROUP), or
+                # deleted or expired under the blocked read (UNBLOCKED): again.
+                if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
                     await self._retrying("recreate a group", self._ensure_group, stream)
                     continue
-                raise
+                # Anything else: said and retried, never a reader that silently died
+                # (its edge, or its client's results, would wait for ever).
+                logger.error("bus_read_failed", extra={"stream": stream, "error": str(exc)})
+                await asyncio.sleep(self.max_backoff_s)
+                continue
             for _stream, entries in reply or ():
                 for entry, fields in entries:
                     await self._deliver(stream, entry, fields, 1)
@@ -477,15 +488,20 @@ class RedisMessageBus:
             while self._settling:
                 batch, self._settling = self._settling, []
                 try:
-                    await self._retrying(
+                    failed = await self._retrying(
                         "settle", self._eval, "SETTLE", [s for s, _ in batch],
                         [GROUP, *(e for _, e in batch)])
-                    self.stats["settled"] += len(batch)
                 except _LINK_ERRORS:
                     raise  # only when stopping: the entries will be delivered again
-                except Exception as exc:  # a lost stream (Redis restarted empty): gone anyway
+                except Exception as exc:  # not the script's own refusals (see SETTLE)
+                    failed = list(range(1, len(batch) + 1))
                     logger.error("bus_settle_failed", extra={
                         "entries": len(batch), "error": repr(exc)[:300]})
+                if failed:  # each refused entry loses only itself (a key of another type)
+                    logger.error("bus_settle_refused", extra={
+                        "entries": [f"{batch[int(i) - 1][0]}/{batch[int(i) - 1][1]}"
+                                    for i in failed[:20]], "refused": len(failed)})
+                self.stats["settled"] += len(batch) - len(failed or ())
                 for stream, entry in batch:
                     held = self._in_hand.get(stream)
                     if held is not None:
@@ -500,7 +516,8 @@ class RedisMessageBus:
         assert binding is not None
         consumer = binding.worker_id
         idle_ms = int(self.claim_idle_s * 1000)
-        period = self.claim_idle_s / 3
+        # Often enough for the reply stream's TTL too (it must not expire under us).
+        period = min(self.claim_idle_s, self.reply_ttl_s) / 3
         reply = self.reply_stream(consumer)
         while not self._stopping:
             await asyncio.sleep(period)
@@ -522,6 +539,8 @@ class RedisMessageBus:
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     logger.error("bus_claim_failed", extra={"error": str(exc)})
+            except Exception as exc:  # never a keep-alive that silently died
+                logger.error("bus_claim_failed", extra={"error": repr(exc)[:300]})
 
     async def _claim(self, stream: str, consumer: str, idle_ms: int) -> None:
         """Take over the entries idle for ``idle_ms`` (their process stopped refreshing
@@ -721,7 +740,14 @@ def _none(value: bytes | None) -> str | None:
 
 def _parcel(fields: Mapping[bytes, bytes]) -> Parcel:
     """A stream entry's fields as the Parcel that was sent."""
-    reply_to, hop, inv, ts, traceparent = fields[b"m"].decode().split(" ")
+    meta = fields.get(b"m")
+    if meta is None:  # written by penguiflow-distributed before the compact field
+        return Parcel(
+            edge=fields[b"e"].decode(), data=fields[b"d"], trace_id=_none(fields.get(b"t")),
+            reply_to=fields[b"r"].decode(), hop=fields[b"h"].decode(),
+            inv=_none(fields.get(b"i")), ts=float(fields[b"s"]),
+            traceparent=_none(fields.get(b"p")))
+    reply_to, hop, inv, ts, traceparent = meta.decode().split(" ")
     return Parcel(
         edge=fields[b"e"].decode(), data=fields[b"d"], trace_id=_none(fields.get(b"t")),
         reply_to=reply_to, hop=hop, inv=None if inv == "-" else inv, ts=float(ts),
