@@ -410,6 +410,28 @@ def test_an_unwritable_json_file_fails_in_one_line(
     assert _one_line(capsys.readouterr().err).startswith(f"pf export: cannot write {target}")
 
 
+def test_a_write_failing_midway_leaves_the_file_there_untouched(
+        sqlite_recording: Recording, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    from penguiflow_inspector import export
+
+    target = tmp_path / "trace.json"
+    target.write_text("the previous export\n")
+
+    def half_then_full_disk(spans: Any, out: Any, **_: Any) -> None:
+        out.write('{"resourceSpans": [')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "write_otlp_json", half_then_full_disk)
+    assert main(["export", PREFIX, "--store", sqlite_recording.store_url,
+                 "--json", str(target)]) == 1
+    assert "No space left on device" in _one_line(capsys.readouterr().err)
+    assert target.read_text() == "the previous export\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.json"]
+
+
 def test_collector_down_fails_in_one_line_within_the_timeout(
         sqlite_recording: Recording) -> None:
     url = down_url()

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -172,9 +173,17 @@ def _deliver(trace: LoadedTrace, ns: argparse.Namespace, out: TextIO) -> str:
         write_otlp_json(trace.spans, out, service_name=ns.service_name)
         out.flush()
         return "stdout"
+    # Streamed into a temporary file beside FILE, renamed over it once complete: a
+    # failure midway never leaves a truncated FILE (nor destroys the one there).
+    target = Path(ns.json)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
-        with Path(ns.json).open("w", encoding="utf-8") as file:
-            write_otlp_json(trace.spans, file, service_name=ns.service_name)
+        try:
+            with partial.open("w", encoding="utf-8") as file:
+                write_otlp_json(trace.spans, file, service_name=ns.service_name)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
     except OSError as exc:
         raise ExportError(f"cannot write {ns.json}: {exc.strerror or exc}") from None
     return str(ns.json)
