@@ -402,9 +402,9 @@ async def tail(url: str, reference: str | None, show: Any, err: TextIO,
     Works across processes for every durable store: it reads the traces'
     summaries, and the new events of those whose event count grew, every
     ``interval_s`` -- and, on Postgres, as soon as ``store.follow`` (LISTEN/
-    NOTIFY) says something was committed. ``follow`` alone is not enough:
-    SQLite's sees only the writes of the same store object, and Postgres'
-    starts listening when first iterated, so events committed before then
+    NOTIFY) says something was committed. ``follow`` alone is not enough: it
+    starts when first iterated (Postgres listens from then; a read-only SQLite
+    store polls its file every 0.2 s from then), so events committed before
     would be missed; the summaries' counts leave no gap. Runs until cancelled
     (Ctrl-C).
     """
