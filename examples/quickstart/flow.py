@@ -38,7 +38,10 @@ async def shout(msg: Message, ctx: object) -> Message:
 
 async def main() -> None:
     tokenize_node, count_node, shout_node = Node(tokenize), Node(count), Node(shout)
-    flow = create(tokenize_node.to(count_node), count_node.to(shout_node), shout_node.to())
+    # emit_errors_to_rookery: a failing node's FlowError reaches fetch() instead of
+    # leaving it waiting for a result that never comes.
+    flow = create(tokenize_node.to(count_node), count_node.to(shout_node), shout_node.to(),
+                  emit_errors_to_rookery=True)
 
     # Each node validates its input and output; the envelope is a Message whose
     # payload type changes from node to node.
