@@ -191,6 +191,27 @@ class ExportStats:
     it gave up waiting (see its ``timeout_s``); never sent."""
 
 
+class _LogWindow:
+    """Occurrences of one thing to log, at most one line per
+    :data:`FAILURE_LOG_INTERVAL_S` (the caller holds its lock)."""
+
+    __slots__ = ("_count", "_next")
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._next = 0.0
+
+    def due(self, now: float, *, first: bool) -> int | None:
+        """Count one; the occurrences since the last line when a line is due now (the
+        ``first`` of a series always is), else None."""
+        self._count += 1
+        if not first and now < self._next:
+            return None
+        count, self._count = self._count, 0
+        self._next = now + FAILURE_LOG_INTERVAL_S
+        return count
+
+
 class _FailureLog:
     """Counts export outcomes and logs failures without flooding the application's log.
 
@@ -207,10 +228,8 @@ class _FailureLog:
         self.stats = ExportStats()
         self._lock = threading.Lock()
         self._failing = False
-        self._next_log = 0.0
-        self._since_log = 0
-        self._next_drop_log = 0.0
-        self._drops_since_log = 0
+        self._failures = _LogWindow()
+        self._drops = _LogWindow()
 
     def success(self, spans: int) -> None:
         with self._lock:
@@ -231,11 +250,9 @@ class _FailureLog:
             self.stats.last_error = (error or self.stats.last_error
                                      or f"{signal} export failed (the exporter gave no reason)")
             first, self._failing = not self._failing, True
-            self._since_log += 1
-            if not first and now < self._next_log:
-                return
-            count, self._since_log = self._since_log, 0
-            self._next_log = now + FAILURE_LOG_INTERVAL_S
+            count = self._failures.due(now, first=first)
+        if count is None:
+            return
         if first:
             _log.warning(
                 "OTLP export of %s to %s failed (%s); the flow goes on and the data is dropped. "
@@ -257,11 +274,9 @@ class _FailureLog:
         with self._lock:
             self.stats.spans_dropped += 1
             first = self.stats.spans_dropped == 1
-            self._drops_since_log += 1
-            if not first and now < self._next_drop_log:
-                return
-            count, self._drops_since_log = self._drops_since_log, 0
-            self._next_drop_log = now + FAILURE_LOG_INTERVAL_S
+            count = self._drops.due(now, first=first)
+        if count is None:
+            return
         if first:
             _log.warning(
                 "span export queue full (%d spans waiting for %s): spans are dropped and "
