@@ -254,6 +254,58 @@ async def test_an_entry_every_taker_died_on_goes_to_the_dead_letter_stream(
         await pair.stop()
 
 
+_RUNS: dict[str, int] = {}
+
+
+async def test_entries_waiting_for_room_stay_with_their_worker_and_run_once(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    gate = asyncio.Event()
+
+    def build() -> PenguiFlow:
+        async def slow(m: Message, ctx: Any) -> Message:
+            _RUNS[m.payload] = _RUNS.get(m.payload, 0) + 1
+            await gate.wait()
+            return m
+        return create(Node(slow, name="slow", policy=NONE).to(), queue_maxsize=2,
+                      name="roomless")
+
+    # Six entries a dead process left pending: more than a floe holds (2), so the
+    # process claiming them waits for room while holding the rest. They must stay
+    # refreshed meanwhile: not claimed again elsewhere, each run once.
+    options = {"claim_idle_s": 0.3, "max_deliveries": 3}
+    pair = await Pair(build, redis_url, namespace, **options).start(worker=False)
+    stream = f"{namespace}:roomless:edge:OpenSea->slow"
+    other_bus = RedisMessageBus(redis_url, namespace=namespace, **options)
+    other = build()
+    try:
+        from penguiflow.wire import dumps_item
+
+        await redis.xgroup_create(stream, "pf", id="0", mkstream=True)
+        sent = [msg(f"m{i}") for i in range(6)]
+        for i, item in enumerate(sent):
+            await redis.xadd(stream, {b"e": b"OpenSea->slow", b"d": dumps_item(item),
+                                      b"t": item.trace_id.encode(),
+                                      b"m": f"{pair.client.flow_id} hop-{i} - 1.0 -".encode()})
+        await redis.xreadgroup("pf", "died", {stream: ">"}, count=6)
+        pair.worker.run(message_bus=pair.worker_bus)
+        other.run(message_bus=other_bus)
+        await eventually(lambda: pair.worker_bus.stats["claimed"]
+                         + other_bus.stats["claimed"] >= 4, "the entries claimed")
+        # Several claim periods while the nodes are blocked.
+        await asyncio.sleep(1.5)  # nothing to await: claims that must NOT happen
+        gate.set()
+        got = sorted([(await asyncio.wait_for(pair.client.fetch(), 10)).payload
+                      for _ in range(6)])
+        assert got == sorted(m.payload for m in sent)
+        assert {m.payload: _RUNS.get(m.payload) for m in sent} == {
+            m.payload: 1 for m in sent}
+        assert pair.worker_bus.stats["claimed"] + other_bus.stats["claimed"] == 6
+        assert pair.worker_bus.stats["dead_lettered"] + other_bus.stats["dead_lettered"] == 0
+    finally:
+        await other.stop()
+        await pair.stop()
+
+
 async def test_a_settle_redis_refuses_loses_only_its_own_entry(
         redis_url: str, namespace: str, redis: Any, caplog: pytest.LogCaptureFixture) -> None:
     from penguiflow.binding import Inbound

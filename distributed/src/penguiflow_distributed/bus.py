@@ -23,7 +23,7 @@ stream's length is what it holds undelivered + unacknowledged, which the edge's
 capacity bounds) only when the flow settles it, after the node's outputs are sent.
 Entries a process holds are kept alive (XCLAIM, every ``claim_idle_s / 3``); the
 entries of a process that died go idle, and after ``claim_idle_s`` any process
-reading that edge claims them (XAUTOCLAIM) and runs them again.
+reading that edge claims them (XPENDING + XCLAIM) and runs them again.
 
 Redis unreachable: every loop backs off (up to ``max_backoff_s``) and retries, a
 send waits (its input stays unacknowledged), and the counts are in :attr:`stats`,
@@ -277,8 +277,8 @@ class RedisMessageBus:
                                                name="pf-bus:control"))
         self._tasks.append(asyncio.create_task(self._settler(), name="pf-bus:settle"))
         self._edge_streams = streams[:-1]
-        self._tasks.append(asyncio.create_task(self._keep_alive(streams[:-1]),
-                                               name="pf-bus:claim"))
+        self._tasks.append(asyncio.create_task(self._keep_alive(), name="pf-bus:refresh"))
+        self._tasks.append(asyncio.create_task(self._claimer(), name="pf-bus:claim"))
         self._worker_id = binding.worker_id
         self._register_metrics()
         self._ready.set()
@@ -436,6 +436,10 @@ class RedisMessageBus:
                 await asyncio.sleep(self.max_backoff_s)
                 continue
             for _stream, entries in reply or ():
+                # All of the read is in hand (refreshed) at once: delivering one may
+                # wait for room on its floe, and the rest must not go idle meanwhile.
+                for entry, _fields in entries:
+                    self._hold(stream, _str(entry))
                 for entry, fields in entries:
                     await self._deliver(stream, entry, fields, 1)
             if reply:
@@ -448,10 +452,7 @@ class RedisMessageBus:
         binding = self._binding
         assert binding is not None
         entry_id = entry.decode() if isinstance(entry, bytes) else entry
-        handle = _Handle(stream, entry_id)
-        held = self._in_hand.setdefault(stream, set())
-        held.add(entry_id)
-        self._drained.clear()
+        handle = self._hold(stream, entry_id)
         try:
             parcel = _parcel(fields)
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
@@ -462,6 +463,13 @@ class RedisMessageBus:
             return
         self.stats["delivered"] += 1
         await binding.deliver(parcel, handle=handle, deliveries=deliveries, previous=previous)
+
+    def _hold(self, stream: str, entry_id: str) -> _Handle:
+        """Count an entry as in hand (kept alive, awaited by :meth:`drain`) until its
+        settle is written; its handle."""
+        self._in_hand.setdefault(stream, set()).add(entry_id)
+        self._drained.clear()
+        return _Handle(stream, entry_id)
 
     async def settle(self, inbound: Inbound) -> None:
         """Acknowledge and delete the entry of ``inbound``.
@@ -510,12 +518,11 @@ class RedisMessageBus:
                     self._drained.set()
             self._flushed.set()
 
-    async def _keep_alive(self, streams: Sequence[str]) -> None:
-        """Refresh the entries held here; claim the idle ones of dead processes."""
+    async def _keep_alive(self) -> None:
+        """Refresh the entries held here, and the reply stream's TTL."""
         binding = self._binding
         assert binding is not None
         consumer = binding.worker_id
-        idle_ms = int(self.claim_idle_s * 1000)
         # Often enough for the reply stream's TTL too (it must not expire under us).
         period = min(self.claim_idle_s, self.reply_ttl_s) / 3
         reply = self.reply_stream(consumer)
@@ -529,9 +536,27 @@ class RedisMessageBus:
                     if held:  # JUSTID: resets the idle time, not the delivery count
                         await self._redis.xclaim(stream, GROUP, consumer, 0, list(held),
                                                  justid=True)
-                if not self._reading:
-                    continue
-                for stream in streams:
+                self._link_up()
+            except _LINK_ERRORS as exc:
+                await self._link_down("refresh", exc)
+            except Exception as exc:  # never a keep-alive that silently died
+                logger.error("bus_refresh_failed", extra={"error": repr(exc)[:300]})
+
+    async def _claimer(self) -> None:
+        """Claim the idle entries of dead processes. A task of its own, apart from
+        :meth:`_keep_alive`: delivering a claimed entry may wait for room on its floe,
+        and meanwhile the entries held here must still be refreshed (else they go
+        idle, are claimed elsewhere and count deliveries towards ``max_deliveries``)."""
+        binding = self._binding
+        assert binding is not None
+        consumer = binding.worker_id
+        idle_ms = int(self.claim_idle_s * 1000)
+        while not self._stopping:
+            await asyncio.sleep(self.claim_idle_s / 3)
+            if not self._reading:
+                continue
+            try:
+                for stream in self._edge_streams:
                     await self._claim(stream, consumer, idle_ms)
                 self._link_up()
             except _LINK_ERRORS as exc:
@@ -539,7 +564,7 @@ class RedisMessageBus:
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     logger.error("bus_claim_failed", extra={"error": str(exc)})
-            except Exception as exc:  # never a keep-alive that silently died
+            except Exception as exc:  # never a claimer that silently died
                 logger.error("bus_claim_failed", extra={"error": repr(exc)[:300]})
 
     async def _claim(self, stream: str, consumer: str, idle_ms: int) -> None:
@@ -554,6 +579,9 @@ class RedisMessageBus:
         held = {_str(row["message_id"]): (_str(row["consumer"]), int(row["times_delivered"]))
                 for row in rows}
         claimed = await self._redis.xclaim(stream, GROUP, consumer, idle_ms, list(held))
+        for entry, fields in claimed:  # all in hand at once, as a read's (see _read)
+            if fields:
+                self._hold(stream, _str(entry))
         found = set()
         for entry, fields in claimed:
             entry_id = _str(entry)
@@ -586,9 +614,7 @@ class RedisMessageBus:
             **fields, b"entry": entry_id, b"deliveries": str(times),
             b"previous_worker": previous or "", b"reason": reason})
         self.stats["dead_lettered"] += 1
-        handle = _Handle(stream, entry_id)
-        self._in_hand.setdefault(stream, set()).add(entry_id)
-        self._drained.clear()
+        handle = self._hold(stream, entry_id)
         try:
             parcel = _parcel(fields)
         except (KeyError, ValueError, UnicodeDecodeError):
