@@ -351,24 +351,6 @@ async def test_a_reply_stream_deleted_under_its_reader_is_read_again(
         await pair.stop()
 
 
-async def test_an_entry_written_before_the_compact_field_is_still_delivered(
-        redis_url: str, namespace: str, redis: Any) -> None:
-    from penguiflow.wire import dumps_item
-
-    pair = await Pair(dist_flows.chain, redis_url, namespace).start()
-    try:
-        item = msg("old:")
-        # The parcel layout of the first release (eight fields), as a rolling deploy
-        # or an AOF-persisted Redis may still hold it.
-        await redis.xadd(f"{namespace}:chain:edge:OpenSea->a", {
-            b"e": b"OpenSea->a", b"d": dumps_item(item), b"t": item.trace_id.encode(),
-            b"r": pair.client.flow_id.encode(), b"h": b"old-hop-1", b"i": b"",
-            b"s": b"1.0", b"p": b""})
-        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "old:abcde"
-    finally:
-        await pair.stop()
-
-
 async def test_scripts_redis_forgot_are_loaded_again(
         redis_url: str, namespace: str, redis: Any) -> None:
     pair = await Pair(dist_flows.chain, redis_url, namespace).start()

@@ -766,14 +766,7 @@ def _none(value: bytes | None) -> str | None:
 
 def _parcel(fields: Mapping[bytes, bytes]) -> Parcel:
     """A stream entry's fields as the Parcel that was sent."""
-    meta = fields.get(b"m")
-    if meta is None:  # written by penguiflow-distributed before the compact field
-        return Parcel(
-            edge=fields[b"e"].decode(), data=fields[b"d"], trace_id=_none(fields.get(b"t")),
-            reply_to=fields[b"r"].decode(), hop=fields[b"h"].decode(),
-            inv=_none(fields.get(b"i")), ts=float(fields[b"s"]),
-            traceparent=_none(fields.get(b"p")))
-    reply_to, hop, inv, ts, traceparent = meta.decode().split(" ")
+    reply_to, hop, inv, ts, traceparent = fields[b"m"].decode().split(" ")
     return Parcel(
         edge=fields[b"e"].decode(), data=fields[b"d"], trace_id=_none(fields.get(b"t")),
         reply_to=reply_to, hop=hop, inv=None if inv == "-" else inv, ts=float(ts),
