@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from penguiflow.bus import InMemoryMessageBus
 from penguiflow.core import PenguiFlow
 from penguiflow.errors import ConfigurationError, InvalidArgument, WireEncodingError
 from penguiflow.state import InMemoryStateStore
+from penguiflow.wire import dumps_item
 from penguiflow_distributed import RedisMessageBus
 
 NONE = NodePolicy(validate="none")
@@ -347,6 +349,33 @@ async def test_a_reply_stream_deleted_under_its_reader_is_read_again(
         await redis.delete(pair.client_bus.reply_stream(pair.client.flow_id))
         await pair.client.emit(msg("two:"))
         assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "two:abcde"
+    finally:
+        await pair.stop()
+
+
+async def test_a_read_whose_reply_the_link_lost_is_read_back(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    pair = await Pair(dist_flows.chain, redis_url, namespace).start(worker=False)
+    try:
+        bus, consumer = pair.client_bus, pair.client.flow_id
+        reply = bus.reply_stream(consumer)
+        bus._reading = False  # the reader stays off once its link breaks (below)
+        await redis.client_kill_filter(_type="normal", skipme=True)
+        await eventually(lambda: bus.stats["link_errors"] >= 1, "the reader saw the link break")
+        result = msg("lost")
+        await redis.xadd(reply, {b"e": "e->Rookery", b"d": dumps_item(result),
+                                 b"t": result.trace_id,
+                                 b"m": f"{consumer} hop1 - {time.time()!r} -"})
+        # Redis hands the entry to the client's consumer, and the reply carrying it is
+        # lost with the link: only the consumer's pending list still knows it.
+        assert await redis.xreadgroup("pf", consumer, {reply: ">"})
+        bus._reading = True
+        got = await asyncio.wait_for(pair.client.fetch(), 10)
+        assert (got.payload, got.trace_id) == ("lost", result.trace_id)
+        assert bus.stats["recovered"] == 1
+        await pair.client.emit(msg("next:"))  # and the reader reads on as before
+        pair.worker.run(message_bus=pair.worker_bus)
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "next:abcde"
     finally:
         await pair.stop()
 

@@ -23,7 +23,9 @@ stream's length is what it holds undelivered + unacknowledged, which the edge's
 capacity bounds) only when the flow settles it, after the node's outputs are sent.
 Entries a process holds are kept alive (XCLAIM, every ``claim_idle_s / 3``); the
 entries of a process that died go idle, and after ``claim_idle_s`` any process
-reading that edge claims them (XPENDING + XCLAIM) and runs them again.
+reading that edge claims them (XPENDING + XCLAIM) and runs them again. A reader
+whose link broke reads back, once reconnected, the entries Redis handed it on the
+lost reply (its consumer's pending entries not held here: ``stats["recovered"]``).
 
 Redis unreachable: every loop backs off (up to ``max_backoff_s``) and retries, a
 send waits (its input stays unacknowledged), and the counts are in :attr:`stats`,
@@ -70,7 +72,7 @@ _URL_KEYWORDS: dict[str, type] = {
     "prefetch": int}
 _STATS = ("sent", "duplicates", "full_waits", "delivered", "claimed", "settled",
           "cancels_sent", "cancels_received", "link_errors", "reconnects", "undecodable",
-          "dead_lettered")
+          "dead_lettered", "recovered")
 
 
 class BusBindError(PenguiFlowError, RuntimeError):
@@ -413,39 +415,96 @@ class RedisMessageBus:
         binding = self._binding
         assert binding is not None
         consumer = binding.worker_id
-        while not self._stopping:
-            if not self._reading:
-                await asyncio.sleep(0.05)
-                continue
-            try:
-                reply = await self._redis.xreadgroup(GROUP, consumer, {stream: ">"},
-                                                     count=self.prefetch, block=self.block_ms)
-                self._link_up()
-            except _LINK_ERRORS as exc:
-                await self._link_down("read", exc)
-                continue
-            except ResponseError as exc:
-                # The stream is gone: lost by a restart without AOF (NOGROUP), or
-                # deleted or expired under the blocked read (UNBLOCKED): again.
-                if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
-                    await self._retrying("recreate a group", self._ensure_group, stream)
+        # A blocking read holds a connection anyway: this reader keeps its own and
+        # sends one command packed once, past redis-py's per-call pool, retry and
+        # reply-callback layers (about 40 us per read here, on every hop's path).
+        pool = self._redis.connection_pool
+        conn: Any = None
+        packed: Any = None
+        recover = False
+        try:
+            while not self._stopping:
+                if not self._reading:
+                    await asyncio.sleep(0.05)
                     continue
-                # Anything else: said and retried, never a reader that silently died
-                # (its edge, or its client's results, would wait for ever).
-                logger.error("bus_read_failed", extra={"stream": stream, "error": str(exc)})
-                await asyncio.sleep(self.max_backoff_s)
-                continue
-            for _stream, entries in reply or ():
-                # All of the read is in hand (refreshed) at once: delivering one may
-                # wait for room on its floe, and the rest must not go idle meanwhile.
-                for entry, _fields in entries:
-                    self._hold(stream, _str(entry))
-                for entry, fields in entries:
-                    await self._deliver(stream, entry, fields, 1)
-            if reply:
+                try:
+                    if conn is None:
+                        conn = await pool.get_connection()
+                        packed = conn.pack_command(
+                            "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", self.prefetch,
+                            "BLOCK", self.block_ms, "STREAMS", stream, ">")
+                    if recover:
+                        await self._recover(conn, stream, consumer)
+                        recover = False
+                    await conn.send_packed_command(packed, check_health=False)
+                    reply = await conn.read_response()
+                    self._link_up()
+                except _LINK_ERRORS as exc:
+                    await _drop(pool, conn)
+                    conn = None
+                    # A read whose reply the broken link lost still handed its entries
+                    # to this consumer: read them back first (a reply stream has no
+                    # claimer; an edge's would wait claim_idle_s).
+                    recover = True
+                    await self._link_down("read", exc)
+                    continue
+                except ResponseError as exc:
+                    # The stream is gone: lost by a restart without AOF (NOGROUP), or
+                    # deleted or expired under the blocked read (UNBLOCKED): again.
+                    if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
+                        await self._retrying("recreate a group", self._ensure_group, stream)
+                        continue
+                    # Anything else: said and retried, never a reader that silently died
+                    # (its edge, or its client's results, would wait for ever).
+                    logger.error("bus_read_failed", extra={"stream": stream, "error": str(exc)})
+                    await asyncio.sleep(self.max_backoff_s)
+                    continue
+                if not reply:
+                    continue
+                # RESP2: [[stream, entries]]; RESP3: {stream: entries}. An entry is
+                # [id, [field, value, ...]].
+                for _stream, entries in (reply.items() if isinstance(reply, dict) else reply):
+                    # All of the read is in hand (refreshed) at once: delivering one may
+                    # wait for room on its floe, and the rest must not go idle meanwhile.
+                    for entry, _flat in entries:
+                        self._hold(stream, _str(entry))
+                    for entry, flat in entries:
+                        await self._deliver(stream, entry, _pairs(flat), 1)
                 # Let the nodes just handed work start before the next read is sent
                 # (a trace's path; the read only waits): -40 us per hop at low load.
                 await asyncio.sleep(0)
+        finally:
+            # Stopped (or cancelled) mid-read: the reply may still come, so the
+            # connection cannot serve another command; closed, then handed back.
+            await _drop(pool, conn)
+
+    async def _recover(self, conn: Any, stream: str, consumer: str) -> None:
+        """Deliver the entries Redis counts as handed to this consumer on ``stream``
+        and this process does not hold (a read's reply lost with the link)."""
+        after = "0"
+        while True:
+            await conn.send_packed_command(conn.pack_command(
+                "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", self.prefetch,
+                "STREAMS", stream, after), check_health=False)
+            reply = await conn.read_response()
+            entries = [e for _s, es in (reply.items() if isinstance(reply, dict) else
+                                        reply or ()) for e in es]
+            if not entries:
+                return
+            held = self._in_hand.get(stream, set())
+            fresh = []
+            for entry, flat in entries:
+                after = _str(entry)
+                if after in held:
+                    continue
+                if not flat:  # deleted while pending: nothing to run, only to drop
+                    await self._redis.xack(stream, GROUP, after)
+                    continue
+                self._hold(stream, after)
+                fresh.append((entry, flat))
+            for entry, flat in fresh:
+                self.stats["recovered"] += 1
+                await self._deliver(stream, entry, _pairs(flat), 2)
 
     async def _deliver(self, stream: str, entry: bytes | str, fields: Mapping[bytes, bytes],
                        deliveries: int, *, previous: str | None = None) -> None:
@@ -578,6 +637,12 @@ class RedisMessageBus:
             return
         held = {_str(row["message_id"]): (_str(row["consumer"]), int(row["times_delivered"]))
                 for row in rows}
+        mine = self._in_hand.get(stream, set())
+        # An entry this process holds is being run here (refreshed, or read back by
+        # a reader after a broken link): claiming it would run it twice.
+        held = {entry: row for entry, row in held.items() if entry not in mine}
+        if not held:
+            return
         claimed = await self._redis.xclaim(stream, GROUP, consumer, idle_ms, list(held))
         for entry, fields in claimed:  # all in hand at once, as a read's (see _read)
             if fields:
@@ -750,6 +815,23 @@ def _make_instruments(provider: Any, buses: weakref.WeakSet[RedisMessageBus]) ->
 
     for name in _STATS:
         meter.create_observable_counter(f"penguiflow.bus.{name}", callbacks=[observe(name)])
+
+
+async def _drop(pool: Any, conn: Any) -> None:
+    """Close a reader's own connection and give it back to ``pool`` (None: nothing)."""
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            await conn.disconnect()
+        with contextlib.suppress(Exception):
+            await pool.release(conn)
+
+
+def _pairs(flat: Any) -> Mapping[bytes, bytes]:
+    """An entry's ``[field, value, ...]`` as a mapping (RESP3 may give one already)."""
+    if isinstance(flat, dict):
+        return flat
+    it = iter(flat)
+    return dict(zip(it, it, strict=True))
 
 
 def _str(value: bytes | str) -> str:
