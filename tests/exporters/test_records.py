@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from penguiflow.state import EventRecord, StoredEvent
+from penguiflow_exporters import _records
 from penguiflow_exporters._legacy_v4 import decode_v4_block
 from penguiflow_exporters._records import (
     COLUMNS,
@@ -193,3 +194,52 @@ def test_payloads_of_different_shapes_keep_their_own_keys() -> None:
                           seq=2)]
     back = decode_block(encode_block(rows_of(events)))
     assert [row.payload for row in back] == [{"a": 1}, {"b": 2, "3": "int key"}]
+
+
+_scalar = (st.none() | st.booleans() | st.integers(min_value=-2**80, max_value=2**80)
+           | st.floats() | _text)
+_flat = _scalar | st.lists(_scalar, max_size=3) | st.dictionaries(_text, _scalar, max_size=3)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, NaN equal to NaN (JSON keeps NaN; NaN != NaN in Python)."""
+    return json.dumps(a, sort_keys=True, default=repr) == json.dumps(b, sort_keys=True,
+                                                                      default=repr)
+
+
+@given(payloads=st.lists(st.dictionaries(st.sampled_from(["a", "b", "é", "\x00"]), _flat,
+                                         min_size=2, max_size=2), min_size=1, max_size=6),
+       extra=_flat, node=_text)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_the_fast_encoder_stores_what_the_stdlib_encoder_stores(
+    payloads: list[dict[str, Any]], extra: Any, node: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Blocks of JSON's own types go through pydantic-core's encoder, anything else
+    # through json's: a reader must get the same values either way.
+    events = [StoredEvent("t-1", 1.0 + i, "k", node, None, p, flow_id="f", seq=i,
+                          parent_invocation_ids=("p", node)) for i, p in enumerate(payloads)]
+    rows = [row._replace(extra=extra) for row in rows_of(events)]
+    fast = decode_block(encode_block(rows))
+    with monkeypatch.context() as patched:
+        def refuse(*_args: Any, **_kwargs: Any) -> bytes:
+            raise TypeError("stdlib only")
+        patched.setattr(_records, "_fast_encode", refuse)
+        slow = decode_block(encode_block(rows))
+    assert _same([tuple(r) for r in fast], [tuple(r) for r in slow])
+
+
+def test_the_fast_encoder_leaves_values_it_would_write_its_own_way_to_json() -> None:
+    # pydantic-core writes a datetime, a set or a None key differently from ``plain``:
+    # such a block goes through json's encoder, so the text never depends on the
+    # values stored next to it.
+    import datetime
+
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    events = [StoredEvent("t-1", 1.0, "k", None, None, {"at": when, "n": None}, flow_id="f",
+                          seq=1),
+              StoredEvent("t-1", 2.0, "k", None, None, {"at": "x", "n": {None: 1}},
+                          flow_id="f", seq=2)]
+    back = decode_block(encode_block(rows_of(events)))
+    assert [row.payload for row in back] == [{"at": str(when), "n": None},
+                                             {"at": "x", "n": {"null": 1}}]
