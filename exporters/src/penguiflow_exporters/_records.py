@@ -1,7 +1,8 @@
-"""Rows, blocks and batch folds: what the durable stores' writers share (stdlib only).
+"""Rows, blocks and batch folds: what the durable stores' writers share.
 
-This module imports nothing from penguiflow: a writer process runs it and starts in
-~0.1 s because of that (importing the core takes ~0.7 s). Its names are private to
+This module imports nothing from penguiflow (only the stdlib and pydantic-core): a
+writer process runs it and starts in ~0.2 s because of that (importing the core
+takes ~0.7 s). Its names are private to
 ``penguiflow_exporters``; the public side is :mod:`penguiflow_exporters.writer`.
 
 Rows. A writer sees every event as a :class:`Row`: the 23 fields of the runtime's
