@@ -701,11 +701,18 @@ async def test_the_writer_reports_what_it_skipped_and_refused(make: MakeStore) -
         assert await write([bad[0], e, bad[1], e]) == ([3], [
             (0, "trace_id holds a control character (NUL, ESC, ...)"),
             (2, "node_name is a int, not a str")])
+        wide = [ev("v", 1 << 63, flow="flow-r"), ev("v", -(1 << 63) - 1, flow="flow-r")]
+        f = fields("v", 9)
+        assert await write([wide[0], bad[0], f, wide[1]]) == ([], [
+            (0, "seq does not fit in 64 bits"),
+            (1, "trace_id holds a control character (NUL, ESC, ...)"),
+            (3, "seq does not fit in 64 bits")])
     finally:
         await writer.close()
     history = await store.load_history("t")
     assert [x.seq for x in history] == [1, 2, 3, 5]
     assert await store.load_history("u") == [stored_from_fields(e)]
+    assert await store.load_history("v") == [stored_from_fields(f)]
 
 
 async def test_seq_ranges_stay_one_row_per_flow_in_a_normal_run(

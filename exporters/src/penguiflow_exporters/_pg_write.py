@@ -51,7 +51,7 @@ from ._records import (
     Row,
     WriteReply,
     block_rows,
-    check_row,
+    check_rows,
     fold_rows,
     group_by_trace,
     loads_rows,
@@ -80,14 +80,6 @@ _NODE_SEP: Final = "\x1f"
 _INT8: Final = 1 << 63
 
 _quote = json.encoder.encode_basestring_ascii
-
-
-def _refusal(row: Row) -> str | None:
-    """Why ``row`` cannot be stored here: check_row's reasons, and a seq beyond int8."""
-    problem = check_row(row)
-    if problem is None and not -_INT8 <= row.seq < _INT8:
-        return "seq does not fit in 64 bits"
-    return problem
 
 
 class _Sql:
@@ -218,16 +210,19 @@ class PostgresWriter:
                 conn.terminate()
 
     async def _transaction(self, conn: Any, rows: Sequence[Row]) -> WriteReply:
-        rejected: list[tuple[int, str]] = []
-        positions: list[int] = []  # of the rows checked, in `rows`
-        good: list[Row] = []
-        for i, row in enumerate(rows):
-            problem = _refusal(row)
-            if problem is None:
-                positions.append(i)
-                good.append(row)
-            else:
-                rejected.append((i, problem))
+        # check_rows checks a batch by its distinct values (~0.2 us per event against
+        # ~5 for check_row per row); int8 then bounds the seqs it found to be ints.
+        rejected = check_rows(rows)
+        refused = {i for i, _ in rejected}
+        positions = [i for i in range(len(rows)) if i not in refused] if refused \
+            else list(range(len(rows)))  # of the rows kept, in `rows`
+        seqs = [rows[i].seq for i in positions]
+        if seqs and not (min(seqs) >= -_INT8 and max(seqs) < _INT8):
+            wide = {i for i, seq in zip(positions, seqs, strict=True)
+                    if not -_INT8 <= seq < _INT8}
+            rejected = sorted([*rejected, *((i, "seq does not fit in 64 bits") for i in wide)])
+            positions = [i for i in positions if i not in wide]
+        good: list[Row] = [rows[i] for i in positions]
         if not good:
             return [], rejected, []
         sql = self._sql

@@ -44,6 +44,7 @@ import pickle
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
+from itertools import chain, compress
 from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple
 
@@ -359,29 +360,32 @@ _SCALARS = frozenset({str, int, float, bool, type(None)})
 _CONTAINERS = frozenset({list, tuple, dict})
 
 
-def _plain_values(values: Mapping[str, Any] | Sequence[Any]) -> bool:
-    """Whether ``values`` (a mapping's values, or a sequence) are JSON's own types:
-    scalars, or lists/tuples/str-keyed dicts of scalars (one level; deeper is left to
-    the stdlib encoder)."""
-    items = values.values() if isinstance(values, Mapping) else values
-    types = set(map(type, items))
+def _plain(values: list[Any]) -> bool:
+    """Whether ``values`` are JSON's own types: scalars, or lists/tuples/str-keyed
+    dicts of scalars (one level; deeper is left to the stdlib encoder). C-level
+    passes only: a block of a few events must not pay a Python step per value."""
+    types = set(map(type, values))
     if types <= _SCALARS:
         return True
     if not types <= _SCALARS | _CONTAINERS:
         return False
-    for value in items:
-        kind = type(value)
-        if kind is dict:
-            if not (set(map(type, value)) <= {str}
-                    and set(map(type, value.values())) <= _SCALARS):
-                return False
-        elif kind in (list, tuple) and not set(map(type, value)) <= _SCALARS:
-            return False
-    return True
+    nested = list(compress(values, map(_CONTAINERS.__contains__, map(type, values))))
+    if dict not in types:  # lists and tuples (parent ids): their items only
+        return set(map(type, chain.from_iterable(nested))) <= _SCALARS
+    dicts = [value for value in nested if type(value) is dict]
+    seqs = [value for value in nested if type(value) is not dict]
+    return (set(map(type, chain.from_iterable(seqs))) <= _SCALARS
+            and set(map(type, chain.from_iterable(dicts))) <= {str}
+            and set(map(type, chain.from_iterable(map(dict.values, dicts)))) <= _SCALARS)
 
 
-def _plain_columns(cols: Mapping[str, Sequence[Any]]) -> bool:
-    return all(map(_plain_values, cols.values()))
+def _plain_doc(*parts: tuple[dict[str, Any], dict[str, Any]]) -> bool:
+    """Whether every value of ``(same, cols)`` pairs is :func:`_plain`."""
+    values: list[Any] = []
+    for same, cols in parts:
+        values += same.values()
+        values += chain.from_iterable(cols.values())
+    return _plain(values)
 
 
 def _columns(names: Sequence[Any], columns: Sequence[Sequence[Any]], n: int
@@ -468,10 +472,9 @@ def encode_block(rows: Sequence[Row]) -> str:
            "same": same}
     if table is not None:
         doc["payload"] = table
-        plain_doc = _plain_values(same) and _plain_columns(cols) and \
-            _plain_values(table["same"]) and _plain_columns(table["cols"])
+        plain_doc = _plain_doc((same, cols), (table["same"], table["cols"]))
     else:
-        plain_doc = _plain_values(same) and _plain_columns(cols)
+        plain_doc = _plain_doc((same, cols))
     if plain_doc:
         # Only JSON's own types (checked above): the Rust encoder writes the same
         # JSON as ``_encode`` (floats by shortest repr, NaN as NaN), ~5x faster.
