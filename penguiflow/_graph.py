@@ -64,6 +64,7 @@ class FloeQueue(asyncio.Queue[Any]):
     """
 
     _queue: deque[Any]
+    _maxsize: int
     _origins: deque[Origin]
     _getters: deque[asyncio.Future[Any]]
 
@@ -73,6 +74,17 @@ class FloeQueue(asyncio.Queue[Any]):
         self.next_origin: Origin = None
         self.last_origin: Origin = None
         self.doorbell: Callable[[FloeQueue], None] | None = None
+
+    # asyncio's full() calls qsize(), and put_nowait/get call full()/empty() on every
+    # item: the same answers, one call and one len() each (hot path, ~0.1 us per hop).
+    def qsize(self) -> int:
+        return len(self._queue)
+
+    def empty(self) -> bool:
+        return not self._queue
+
+    def full(self) -> bool:
+        return 0 < self._maxsize <= len(self._queue)
 
     def _put(self, item: Any) -> None:
         if type(item) is _Tagged:
