@@ -1522,3 +1522,39 @@ async def test_ingest_rate_and_load_time(make: MakeStore, writer: str,
     with capsys.disabled():
         print(f"\nPostgresStateStore(writer={writer!r}): raw ingest {ingest:,.0f} events/s; "
               f"load_history of {count:,} events {load_ms:,.0f} ms")
+
+
+async def test_a_database_not_in_utf8_stores_any_payload_and_refuses_only_its_row(
+        pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Blocks are ASCII (JSON escapes): a LATIN1 database, which refuses "日本" in a
+    # text value, stores any payload, and it comes back as written. A node name the
+    # database cannot hold in its column loses its own event only, with the reason.
+    name = f"pf_latin1_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' "
+                            "LC_CTYPE 'C' TEMPLATE template0")
+        base, _, query = pg_dsn.partition("?")
+        dsn = base.rsplit("/", 1)[0] + f"/{name}" + (f"?{query}" if query else "")
+        store = PostgresStateStore(dsn, writer="loop")
+        try:
+            events = [StoredEvent("t-latin1", 1000.0 + i, "node_start",
+                                  "nœud" if i == 1 else "café", "a-id",
+                                  {"text": "日本 é 🐧", "i": i}, seq=i, flow_id="f",
+                                  flow_name="demo") for i in range(3)]
+            with caplog.at_level(logging.WARNING):
+                await store.save_events(events)
+                back = await store.load_history("t-latin1")
+        finally:
+            await store.close()
+        stored = [(e.payload, e.node_name) for e in back if e.kind == "node_start"]
+        assert stored == [({"text": "日本 é 🐧", "i": i}, "café") for i in (0, 2)]
+        assert store.failures["events_lost"] == 1
+        [warned] = [r for r in caplog.records if r.msg == "state_store_events_rejected"]
+        assert warned.reasons == ["node_name holds 'œ', which the database's encoding "  # type: ignore[attr-defined]
+                                  "(iso8859-1) cannot hold: create the database WITH "
+                                  "ENCODING 'UTF8'"]
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()

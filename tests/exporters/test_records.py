@@ -197,7 +197,7 @@ def test_payloads_of_different_shapes_keep_their_own_keys() -> None:
 
 
 _scalar = (st.none() | st.booleans() | st.integers(min_value=-2**80, max_value=2**80)
-           | st.floats() | _text)
+           | st.floats() | _text | st.sampled_from([10**4300, -(10**5000)]))  # past int()
 _flat = _scalar | st.lists(_scalar, max_size=3) | st.dictionaries(_text, _scalar, max_size=3)
 
 
@@ -243,3 +243,46 @@ def test_the_fast_encoder_leaves_values_it_would_write_its_own_way_to_json() -> 
     back = decode_block(encode_block(rows_of(events)))
     assert [row.payload for row in back] == [{"at": str(when), "n": None},
                                              {"at": "x", "n": {"null": 1}}]
+
+
+def test_a_block_is_ascii_so_a_database_not_in_utf8_stores_it() -> None:
+    # A LATIN1 Postgres refuses "日本" in a text value: blocks escape what is not
+    # ASCII (JSON's \u escapes; an astral character as a surrogate pair), and read
+    # back to the same text.
+    events = [StoredEvent("t-é", 1.0 + i, "k", "nœud", None, {"text": "日本 é 🐧", "i": i},
+                          flow_id="f", seq=i) for i in range(3)]
+    block = encode_block(rows_of(events))
+    assert block.isascii()
+    back = decode_block(block)
+    assert [row.payload["text"] for row in back] == ["日本 é 🐧"] * 3
+    assert {row.trace_id for row in back} == {"t-é"}
+    assert {row.node_name for row in back} == {"nœud"}
+
+
+@pytest.mark.parametrize("path", ["fast", "stdlib"])
+def test_an_int_too_long_for_json_loads_is_stored_as_its_digits(
+        path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # int() and json.loads convert at most 4,300 digits by default (a process-wide
+    # limit a library leaves alone): a longer int comes back as its digits' text,
+    # whichever encoder wrote the block; its neighbours come back as values.
+    if path == "stdlib":
+        monkeypatch.setattr(_records, "_plain_doc", lambda *_args: False)
+    huge = 10**5000
+    digits = "1" + "0" * 5000
+    events = [StoredEvent("t-1", 1.0, "k", None, None, {"n": huge, "m": 1}, flow_id="f",
+                          seq=1),
+              StoredEvent("t-1", 2.0, "k", None, None, {"n": 2, "m": [huge, 5]},
+                          flow_id="f", seq=2),
+              StoredEvent("t-1", 3.0, "k", None, None, {"n": 10**4000, "m": 3},
+                          flow_id="f", seq=3)]
+    back = decode_block(encode_block(rows_of(events)))
+    assert [row.seq for row in back] == [1, 2, 3]
+    assert [row.payload for row in back] == [{"n": digits, "m": 1}, {"n": 2, "m": [digits, 5]},
+                                             {"n": 10**4000, "m": 3}]
+
+
+def test_a_huge_int_trace_id_does_not_make_the_block_unreadable() -> None:
+    events = [StoredEvent(10**5000, 1.0, "k", None, None, {"i": 1}, flow_id="f",  # type: ignore[arg-type]
+                          seq=1)]
+    back = decode_block(encode_block(rows_of(events)))
+    assert back[0].trace_id == "1" + "0" * 5000 and back[0].payload == {"i": 1}

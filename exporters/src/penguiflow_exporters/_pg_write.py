@@ -35,6 +35,7 @@ them (``translate``), or the writer process reports them to its parent, which do
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import itertools
 import json
@@ -162,6 +163,7 @@ class PostgresWriter:
         self._block_events: int = options.get("block_events", BLOCK_EVENTS)
         self._translate = translate
         self._conn: Any = None
+        self._encoding = "utf-8"  # the database's, as a Python codec (see _codec)
 
     async def write(self, items: Sequence[Any]) -> WriteResult:
         """Store ``items`` (EventRecords, StoredEvents, Rows) in one transaction."""
@@ -178,6 +180,7 @@ class PostgresWriter:
                 conn = self._conn = await asyncpg.connect(
                     options["dsn"], timeout=options["connect_timeout_s"],
                     server_settings={"application_name": "penguiflow-writer"})
+                self._encoding = _codec(await conn.fetchval("SHOW server_encoding"))
             return await self._transaction(conn, rows)
         except asyncio.CancelledError:
             raise
@@ -212,7 +215,7 @@ class PostgresWriter:
     async def _transaction(self, conn: Any, rows: Sequence[Row]) -> WriteReply:
         # check_rows checks a batch by its distinct values (~0.2 us per event against
         # ~5 for check_row per row); int8 then bounds the seqs it found to be ints.
-        rejected = check_rows(rows)
+        rejected = check_rows(rows, self._encoding)
         refused = {i for i, _ in rejected}
         positions = [i for i in range(len(rows)) if i not in refused] if refused \
             else list(range(len(rows)))  # of the rows kept, in `rows`
@@ -365,6 +368,20 @@ async def _records(ready: list[Block], blocks: Iterator[Block],
         if encoded >= _TURN_EVENTS:
             encoded = 0
             await asyncio.sleep(0)
+
+
+def _codec(server_encoding: str) -> str:
+    """The Python codec of a Postgres server encoding ("utf-8" for UTF8, SQL_ASCII,
+    which stores any bytes, and one Python does not know: then only what UTF-8
+    cannot hold is refused, and the server refuses the rest, batch by batch)."""
+    name = server_encoding.upper()
+    if name in ("UTF8", "SQL_ASCII"):
+        return "utf-8"
+    name = {"KOI8R": "koi8_r", "KOI8U": "koi8_u"}.get(name, name.replace("WIN", "cp"))
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        return "utf-8"
 
 
 def _in_doubt(conn: Any, exc: BaseException) -> bool:

@@ -43,8 +43,9 @@ import math
 import pickle
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
 from enum import Enum
-from itertools import chain, compress
+from itertools import chain, compress, repeat
 from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple
 
@@ -166,7 +167,7 @@ def loads_rows(payload: bytes) -> list[Row]:
 # -- validation ----------------------------------------------------------------------------
 
 
-def _text_problem(value: str, limit: int) -> str | None:
+def _text_problem(value: str, limit: int, encoding: str = "utf-8") -> str | None:
     if len(value) > limit:
         return f"is {len(value)} characters long (at most {limit})"
     if value.isascii():
@@ -177,18 +178,25 @@ def _text_problem(value: str, limit: int) -> str | None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         return "holds a lone surrogate (not encodable as UTF-8)"
+    if encoding != "utf-8":
+        try:
+            value.encode(encoding)
+        except UnicodeEncodeError as exc:
+            return (f"holds {value[exc.start]!r}, which the database's encoding "
+                    f"({encoding}) cannot hold: create the database WITH ENCODING 'UTF8'")
     if any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 for ch in value):
         return "holds a control character (NUL, ESC, ...)"
     return None
 
 
-def check_row(row: Row) -> str | None:
+def check_row(row: Row, encoding: str = "utf-8") -> str | None:
     """Why ``row`` cannot be stored, or None when it can.
 
     A trace id is None or a str of 1-256 characters with no control characters or
     lone surrogates (the rule ``PenguiFlow.emit`` applies); node and flow names and
     ids, and the kind, are None or such a str of at most 1,024 characters; ``ts``
-    and ``seq`` are numbers.
+    and ``seq`` are numbers. ``encoding`` (a Python codec) is the database's: a
+    Postgres database not in UTF-8 cannot hold every character in its columns.
     """
     trace_id = row.trace_id
     if trace_id is not None:
@@ -199,7 +207,7 @@ def check_row(row: Row) -> str | None:
         trace_id = str.__str__(trace_id)
         if not trace_id:
             return "trace_id is empty"
-        problem = _text_problem(trace_id, MAX_TRACE_ID)
+        problem = _text_problem(trace_id, MAX_TRACE_ID, encoding)
         if problem is not None:
             return f"trace_id {problem}"
     if type(row.kind) is not str or not row.kind:
@@ -210,7 +218,7 @@ def check_row(row: Row) -> str | None:
             continue
         if not isinstance(value, str):
             return f"{name} is a {type(value).__name__}, not a str"
-        problem = _text_problem(str.__str__(value), MAX_NAME)
+        problem = _text_problem(str.__str__(value), MAX_NAME, encoding)
         if problem is not None:
             return f"{name} {problem}"
     ts = row.ts
@@ -226,7 +234,7 @@ _FIELD_INDEX = {name: i for i, name in enumerate(COLUMNS)}
 _COLUMN_OF = {name: itemgetter(i) for i, name in enumerate(COLUMNS)}
 
 
-def check_rows(rows: Sequence[Row]) -> list[tuple[int, str]]:
+def check_rows(rows: Sequence[Row], encoding: str = "utf-8") -> list[tuple[int, str]]:
     """``(position, reason)`` of each row :func:`check_row` refuses, in order.
 
     Checks each distinct value of a column once (a batch holds few distinct trace
@@ -247,7 +255,7 @@ def check_rows(rows: Sequence[Row]) -> list[tuple[int, str]]:
             suspect = True
             break
         for value in distinct:
-            if check_row(probe._replace(**{name: value})) is not None:
+            if check_row(probe._replace(**{name: value}), encoding) is not None:
                 suspect = True
                 break
         if suspect:
@@ -259,8 +267,8 @@ def check_rows(rows: Sequence[Row]) -> list[tuple[int, str]]:
                        and set(map(type, seq)) == {int})
     if not suspect:
         return []
-    return [(i, problem) for i, problem in enumerate(map(check_row, rows))
-            if problem is not None]
+    return [(i, problem) for i, problem in
+            enumerate(map(check_row, rows, repeat(encoding))) if problem is not None]
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -273,15 +281,38 @@ def _safe_text(value: Any) -> str:
     try:
         text = str(value)
     except Exception:
+        if isinstance(value, int):  # too many digits for str(): its digits anyway
+            return _cut(_long_int_text(value))
         try:
             text = object.__repr__(value)
         except Exception:  # pragma: no cover - object.__repr__ does not fail
             text = "<unprintable>"
     if type(text) is not str:  # a str subclass whose __str__ returns one
         text = str.__str__(text)
+    return _cut(text)
+
+
+def _cut(text: str) -> str:
     if len(text) > _MAX_TEXT:
         text = text[:_MAX_TEXT] + f"...[cut: {len(text) - _MAX_TEXT} more characters]"
     return text
+
+
+def _long_int_text(value: int) -> str:
+    """The decimal digits of an int ``str()`` refuses (Decimal's conversion has no
+    digit limit); past ~1.2 million digits, where even that gets slow, its hex."""
+    if value.bit_length() > 4_000_000:
+        return f"{value:#x}"
+    return str(Decimal(value))
+
+
+def _read_long_int(digits: str) -> int | str:
+    """``json.loads``'s ``parse_int`` for a block holding an int too long for
+    ``int()``: that int as :func:`_safe_text` writes it (its digits' text)."""
+    try:
+        return int(digits)
+    except ValueError:
+        return _cut(digits)
 
 
 def plain(obj: Any) -> Any:
@@ -310,25 +341,48 @@ _fast_encode = pydantic_core.to_json
 _FAST_ERRORS = (pydantic_core.PydanticSerializationError, ValueError, TypeError)
 
 
+def _writable(value: Any, depth: int) -> Any:
+    """``value`` if JSON can write it; else its text (``repr``); else, when that
+    raises ValueError (an int too long for decimal text inside), a mapping or list
+    of its items made writable the same way, ``depth`` levels down."""
+    try:
+        _encode(value)
+        return value
+    except _ENCODE_ERRORS:
+        pass
+    try:
+        text = repr(value)
+    except ValueError:
+        text = None
+    except BaseException:
+        return _safe_text_repr(value)
+    if text is not None or not depth:
+        return _safe_text_repr(value)
+    if isinstance(value, Mapping):
+        return {key if type(key) in (str, int, float, bool) else _safe_text(key):
+                _writable(item, depth - 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_writable(item, depth - 1) for item in value]
+    return _safe_text(value)
+
+
 def _safe_value(value: Any, label: str) -> Any:
     """``value`` if JSON can write it; a mapping keeps its writable items and gets
-    the others' text; anything else becomes ``{label: its text}``."""
+    the others' text (see :func:`_writable`); anything else becomes
+    ``{label: its text}``, or, a list holding an int too long for decimal text, its
+    items made writable."""
     try:
         _encode(value)
         return value
     except _ENCODE_ERRORS:
         pass
     if isinstance(value, Mapping):
-        kept: dict[Any, Any] = {}
-        for key, item in value.items():
-            key = key if type(key) in (str, int, float, bool) else _safe_text(key)
-            try:
-                _encode(item)
-                kept[key] = item
-            except _ENCODE_ERRORS:
-                kept[key] = _safe_text_repr(item)
-        return kept
-    return {label: _safe_text_repr(value)}
+        return {key if type(key) in (str, int, float, bool) else _safe_text(key):
+                _writable(item, 2) for key, item in value.items()}
+    if isinstance(value, int):  # too long for decimal text: its digits, as text
+        return _safe_text(value)
+    kept = _writable(value, 3)
+    return {label: kept} if type(kept) is str else kept
 
 
 def safe_row(row: Row) -> Row:
@@ -340,8 +394,10 @@ def safe_row(row: Row) -> Row:
     try:
         _encode(list(safe))
     except _ENCODE_ERRORS:  # an id column of an odd type: its text
-        safe = _new(Row, [v if v is None or type(v) in (str, int, float, bool) else
-                          _safe_text(v) for v in safe])
+        safe = _new(Row, [v if v is None or type(v) in (str, float, bool)
+                          or (type(v) is int and v.bit_length() <= _MAX_INT_BITS)
+                          or i in _MADE_SAFE else _safe_text(v)
+                          for i, v in enumerate(safe)])
     return safe
 
 
@@ -354,12 +410,22 @@ def _safe_text_repr(value: Any) -> str:
 
 
 _PAYLOAD = COLUMNS.index("payload")
+#: The columns ``safe_row`` has already made writable value by value.
+_MADE_SAFE = frozenset({COLUMNS.index("extra"), _PAYLOAD})
 
 
 #: Values JSON writes as themselves: a value of another type goes through ``plain``
 #: (stdlib encoder), which the Rust encoder would write its own way.
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _CONTAINERS = frozenset({list, tuple, dict})
+
+
+#: Bits past which an int's decimal text may exceed the 4,300 digits ``str()`` and
+#: ``json.loads`` convert by default (``sys.int_info.default_max_str_digits``;
+#: raising the limit is process-wide: a library does not). pydantic-core writes such
+#: an int; :func:`decode_block` reads it back as its digits' text, as
+#: :func:`_safe_text` writes it on the stdlib path.
+_MAX_INT_BITS = 14_000
 
 
 def _plain(values: list[Any]) -> bool:
@@ -381,9 +447,9 @@ def _plain(values: list[Any]) -> bool:
             and set(map(type, chain.from_iterable(map(dict.values, dicts)))) <= _SCALARS)
 
 
-def _plain_doc(*parts: tuple[dict[str, Any], dict[str, Any]]) -> bool:
-    """Whether every value of ``(same, cols)`` pairs is :func:`_plain`."""
-    values: list[Any] = []
+def _plain_doc(head: list[Any], *parts: tuple[dict[str, Any], dict[str, Any]]) -> bool:
+    """Whether ``head`` and every value of ``(same, cols)`` pairs are :func:`_plain`."""
+    values = list(head)
     for same, cols in parts:
         values += same.values()
         values += chain.from_iterable(cols.values())
@@ -474,15 +540,18 @@ def encode_block(rows: Sequence[Row]) -> str:
            "same": same}
     if table is not None:
         doc["payload"] = table
-        plain_doc = _plain_doc((same, cols), (table["same"], table["cols"]))
+        plain_doc = _plain_doc([doc["trace_id"]], (same, cols),
+                               (table["same"], table["cols"]))
     else:
-        plain_doc = _plain_doc((same, cols))
+        plain_doc = _plain_doc([doc["trace_id"]], (same, cols))
     if plain_doc:
         # Only JSON's own types (checked above): the Rust encoder writes the same
         # JSON as ``_encode`` (floats by shortest repr, NaN as NaN), ~5x faster.
-        # A lone surrogate makes it refuse: then ``_encode`` escapes it.
+        # A lone surrogate makes it refuse: then ``_encode`` escapes it. ASCII
+        # like ``_encode``'s: a block must store in a database whose encoding is
+        # not UTF-8 (a LATIN1 Postgres refuses "日本").
         try:
-            return _fast_encode(doc, inf_nan_mode="constants").decode()
+            return _fast_encode(doc, inf_nan_mode="constants", ensure_ascii=True).decode()
         except _FAST_ERRORS:
             pass
     try:
@@ -503,7 +572,15 @@ def decode_block(text: str | bytes) -> list[Row]:
             different lengths).
     """
     try:
-        doc = json.loads(text)
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            # An int of more digits than int() converts (written by pydantic-core):
+            # read again, such ints as text (not the first try: a parse_int hook is
+            # a Python call per int).
+            if isinstance(exc, json.JSONDecodeError) or "integer string" not in str(exc):
+                raise
+            doc = json.loads(text, parse_int=_read_long_int)
     except (ValueError, RecursionError) as exc:
         raise BlockError(f"corrupt event block ({type(exc).__name__}: {exc})") from exc
     if type(doc) is not dict or doc.get("v") != 1 or type(doc.get("cols")) is not dict:
