@@ -380,6 +380,45 @@ async def test_a_read_whose_reply_the_link_lost_is_read_back(
         await pair.stop()
 
 
+async def test_an_entry_a_recovering_reader_and_the_claimer_both_get_runs_once(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    # A reader reading back its lost read, and the claimer whose XCLAIM of the same
+    # entry is in flight, both receive it from Redis: only one may deliver it.
+    pair = await Pair(dist_flows.chain, redis_url, namespace, claim_idle_s=1000).start()
+    try:
+        bus, consumer = pair.worker_bus, pair.worker.flow_id
+        stream = bus.edge_stream("a->b")
+        bus._reading = False
+        await redis.client_kill_filter(_type="normal", skipme=True)
+        await eventually(lambda: bus.stats["link_errors"] >= 1, "the reader saw the link break")
+        sent = msg("x:")
+        await redis.xadd(stream, {b"e": "a->b", b"d": dumps_item(sent), b"t": sent.trace_id,
+                                  b"m": f"{pair.client.flow_id} hop1 - {time.time()!r} -"})
+        assert await redis.xreadgroup("pf", consumer, {stream: ">"})  # the lost read
+        conn = await bus._redis.connection_pool.get_connection()
+        claim = bus._redis.xclaim
+
+        async def xclaim_then_recover(*args: Any, **kwargs: Any) -> Any:
+            claimed = await claim(*args, **kwargs)  # done at Redis; its reply not yet seen
+            await bus._recover(conn, stream, consumer)
+            return claimed
+
+        bus._redis.xclaim = xclaim_then_recover  # type: ignore[method-assign]
+        try:
+            await bus._claim(stream, consumer, 0)
+        finally:
+            bus._redis.xclaim = claim  # type: ignore[method-assign]
+            await bus._redis.connection_pool.release(conn)
+        assert (bus.stats["recovered"], bus.stats["claimed"]) == (1, 0)
+        bus._reading = True
+        got = await asyncio.wait_for(pair.client.fetch(), 10)
+        assert (got.payload, got.trace_id) == ("x:bcde", sent.trace_id)
+        await eventually(lambda: not any(bus._in_hand.values()), "the entry was settled")
+        assert bus.stats["delivered"] == 4  # a->b and the three hops after it, once each
+    finally:
+        await pair.stop()
+
+
 async def test_scripts_redis_forgot_are_loaded_again(
         redis_url: str, namespace: str, redis: Any) -> None:
     pair = await Pair(dist_flows.chain, redis_url, namespace).start()

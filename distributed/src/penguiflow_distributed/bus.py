@@ -491,17 +491,22 @@ class RedisMessageBus:
                                         reply or ()) for e in es]
             if not entries:
                 return
-            held = self._in_hand.get(stream, set())
-            fresh = []
+            # The live set, checked and added to with no await in between: the
+            # claimer may take (and hold) one of these entries while an XACK below
+            # is in flight, and an entry must be delivered by one of the two only.
+            held = self._in_hand.setdefault(stream, set())
+            fresh, deleted = [], []
             for entry, flat in entries:
                 after = _str(entry)
                 if after in held:
                     continue
                 if not flat:  # deleted while pending: nothing to run, only to drop
-                    await self._redis.xack(stream, GROUP, after)
+                    deleted.append(after)
                     continue
                 self._hold(stream, after)
                 fresh.append((entry, flat))
+            for entry_id in deleted:
+                await self._redis.xack(stream, GROUP, entry_id)
             for entry, flat in fresh:
                 self.stats["recovered"] += 1
                 await self._deliver(stream, entry, _pairs(flat), 2)
@@ -644,14 +649,19 @@ class RedisMessageBus:
         if not held:
             return
         claimed = await self._redis.xclaim(stream, GROUP, consumer, idle_ms, list(held))
+        # A reader recovering after a broken link may have taken one of these while
+        # XCLAIM was in flight: checked against the live set and held with no await
+        # in between, so each entry is delivered once here.
+        mine = self._in_hand.setdefault(stream, set())
+        taken = {_str(entry) for entry, _fields in claimed} & mine
         for entry, fields in claimed:  # all in hand at once, as a read's (see _read)
-            if fields:
+            if fields and _str(entry) not in taken:
                 self._hold(stream, _str(entry))
         found = set()
         for entry, fields in claimed:
             entry_id = _str(entry)
             found.add(entry_id)
-            if not fields:
+            if not fields or entry_id in taken:
                 continue
             previous, times = held.get(entry_id, (None, 1))
             if times >= self.max_deliveries:
