@@ -463,12 +463,36 @@ def _columns(names: Sequence[Any], columns: Sequence[Sequence[Any]], n: int
     same: dict[str, Any] = {}
     for name, column in zip(names, columns, strict=True):
         first = column[0] if n else None
-        if column.count(first) == n:
+        if column.count(first) == n and (type(first) in _EXACT or _alike(first, column)):
             if first is not None:
                 same[name] = first
         else:
             cols[name] = column
     return cols, same
+
+
+#: Types whose equal values JSON writes alike: a str equals only a str, None only None.
+_EXACT = frozenset({str, type(None)})
+_TEXT_ITEMS = frozenset({str, type(None)})
+
+
+def _alike(first: Any, column: Sequence[Any]) -> bool:
+    """Whether the values of ``column``, all equal to ``first``, are written as one
+    JSON value: ``1 == True == 1.0`` and ``0.0 == -0.0``, but JSON writes each its
+    own way, and a column written once would give them all ``first``'s. Containers
+    only when their keys and items are text (parent ids): C-level passes, no
+    per-value step."""
+    kind = type(first)
+    if set(map(type, column)) != {kind}:
+        return False
+    if kind is float:
+        return first != 0.0 or len(set(map(math.copysign, repeat(1.0), column))) == 1
+    if kind in (int, bool):
+        return True
+    if kind is dict:
+        return (set(map(type, chain.from_iterable(column))) <= _TEXT_ITEMS and
+                set(map(type, chain.from_iterable(map(dict.values, column)))) <= _TEXT_ITEMS)
+    return kind in (list, tuple) and set(map(type, chain.from_iterable(column))) <= _TEXT_ITEMS
 
 
 def _payload_table(payloads: Sequence[Any]) -> dict[str, Any] | None:
