@@ -41,7 +41,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -720,17 +720,16 @@ class RedisMessageBus:
             except _LINK_ERRORS as exc:
                 await self._link_down("control", exc)
                 continue
-            for _stream, entries in reply or ():
-                for entry, fields in entries:
-                    last = entry
-                    trace = fields.get(b"cancel")
-                    if trace:
-                        self.stats["cancels_received"] += 1
-                        try:
-                            await binding.cancelled_elsewhere(
-                                trace.decode("utf-8", "surrogatepass"))
-                        except Exception as exc:
-                            logger.error("bus_cancel_failed", extra={"error": repr(exc)})
+            for entry, fields in _read_entries(reply):
+                last = entry
+                trace = fields.get(b"cancel")
+                if trace:
+                    self.stats["cancels_received"] += 1
+                    try:
+                        await binding.cancelled_elsewhere(
+                            trace.decode("utf-8", "surrogatepass"))
+                    except Exception as exc:
+                        logger.error("bus_cancel_failed", extra={"error": repr(exc)})
 
     # -- join_k ----------------------------------------------------------------------
 
@@ -825,6 +824,22 @@ def _make_instruments(provider: Any, buses: weakref.WeakSet[RedisMessageBus]) ->
 
     for name in _STATS:
         meter.create_observable_counter(f"penguiflow.bus.{name}", callbacks=[observe(name)])
+
+
+def _read_entries(reply: Any) -> Iterator[tuple[Any, Any]]:
+    """``(id, fields)`` of each entry of an XREAD reply as redis-py parses it: RESP2
+    ``[[stream, entries]]``; RESP3 ``{stream: [entries]}``, where redis-py's parser
+    (8.x) wraps each stream's entries in one more list."""
+    if not reply:
+        return
+    groups = reply.values() if isinstance(reply, dict) else (group for _s, group in reply)
+    for group in groups:
+        for item in group:
+            if item and isinstance(item[0], (bytes, str)):
+                yield item[0], item[1]
+            else:  # the RESP3 wrapper: a list of entries
+                for entry in item:
+                    yield entry[0], entry[1]
 
 
 async def _drop(pool: Any, conn: Any) -> None:
