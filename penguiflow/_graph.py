@@ -86,6 +86,43 @@ class FloeQueue(asyncio.Queue[Any]):
     def full(self) -> bool:
         return 0 < self._maxsize <= len(self._queue)
 
+    # asyncio's put_nowait/get_nowait, inlined (same semantics, Python 3.13's
+    # shutdown included): each is on every hop, and the calls they make to full(),
+    # empty(), _finished.clear() and _wakeup_next cost ~0.15 us per hop together.
+    _is_shutdown = False  # set by asyncio.Queue.shutdown() (3.13+)
+
+    def put_nowait(self, item: Any) -> None:
+        if self._is_shutdown:
+            raise asyncio.QueueShutDown  # type: ignore[attr-defined]  # 3.13+
+        if 0 < self._maxsize <= len(self._queue):
+            raise asyncio.QueueFull
+        self._put(item)
+        if not self._unfinished_tasks:  # type: ignore[attr-defined]
+            self._finished.clear()  # type: ignore[attr-defined]
+        self._unfinished_tasks += 1  # type: ignore[attr-defined]
+        getters = self._getters
+        while getters:
+            getter = getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                break
+
+    def get_nowait(self) -> Any:
+        queue = self._queue
+        if not queue:
+            if self._is_shutdown:
+                raise asyncio.QueueShutDown  # type: ignore[attr-defined]  # 3.13+
+            raise asyncio.QueueEmpty
+        self.last_origin = self._origins.popleft()
+        item = queue.popleft()
+        putters = self._putters  # type: ignore[attr-defined]
+        while putters:
+            putter = putters.popleft()
+            if not putter.done():
+                putter.set_result(None)
+                break
+        return item
+
     def _put(self, item: Any) -> None:
         if type(item) is _Tagged:
             self._queue.append(item.item)

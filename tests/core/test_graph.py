@@ -469,3 +469,39 @@ def test_successors_must_be_nodes() -> None:
     a = passthrough("a")
     with pytest.raises(TypeError, match=r"adjacencies built with node\.to"):
         create((a, ["b"]))
+
+
+# -- FloeQueue: asyncio.Queue's contract, with each item's origin --------------------------
+
+
+async def test_a_floe_queue_keeps_asyncio_queues_contract_and_each_items_origin() -> None:
+    from penguiflow._graph import FloeQueue
+
+    queue = FloeQueue(maxsize=2)
+    with pytest.raises(asyncio.QueueEmpty):
+        queue.get_nowait()
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)  # the getter waits on the empty queue
+    queue.put_tagged_nowait("a", ("inv-a", 1.0))
+    assert await getter == "a" and queue.last_origin == ("inv-a", 1.0)
+    queue.put_tagged_nowait("b", ("inv-b", 2.0))
+    queue.put_nowait("c")  # an untagged put: no origin
+    assert queue.full() and queue.qsize() == 2
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait("d")
+    putter = asyncio.ensure_future(queue.put_tagged("d", ("inv-d", 4.0)))
+    await asyncio.sleep(0)
+    assert not putter.done()  # waits for room
+    assert queue.get_nowait() == "b" and queue.last_origin == ("inv-b", 2.0)
+    await putter  # the get woke it
+    assert [queue.get_nowait(), queue.last_origin] == ["c", None]
+    assert [queue.get_nowait(), queue.last_origin] == ["d", ("inv-d", 4.0)]
+    # join() waits for every put item's task_done(), as asyncio.Queue's does.
+    joined = asyncio.ensure_future(queue.join())
+    await asyncio.sleep(0)
+    assert not joined.done()
+    for _ in range(4):
+        queue.task_done()
+    await joined
+    with pytest.raises(ValueError):
+        queue.task_done()
