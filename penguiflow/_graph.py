@@ -140,11 +140,29 @@ class FloeQueue(asyncio.Queue[Any]):
 
     async def put_tagged(self, item: Any, origin: Origin) -> None:
         """Put ``item`` with its origin, waiting while the queue is full."""
-        if self.full():
-            await self.put(_Tagged(item, origin))
-        else:
-            self.next_origin = origin
-            self.put_nowait(item)
+        if self._is_shutdown or 0 < self._maxsize <= len(self._queue):
+            await self.put(_Tagged(item, origin))  # waits (or raises QueueShutDown)
+            return
+        # put_nowait inlined (the hot path: every hop's put comes here).
+        self._queue.append(item)
+        self._origins.append(origin)
+        if self.doorbell is not None:
+            self.doorbell(self)
+        if not self._unfinished_tasks:  # type: ignore[attr-defined]
+            self._finished.clear()  # type: ignore[attr-defined]
+        self._unfinished_tasks += 1  # type: ignore[attr-defined]
+        getters = self._getters
+        while getters:
+            getter = getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                break
+
+    async def get(self) -> Any:
+        """Remove and return an item, waiting while the queue is empty."""
+        if self._queue:  # the hot path: no wait, no extra coroutine
+            return self.get_nowait()
+        return await super().get()
 
     def put_tagged_nowait(self, item: Any, origin: Origin) -> None:
         """Put ``item`` with its origin; ``asyncio.QueueFull`` when full."""

@@ -505,3 +505,10 @@ async def test_a_floe_queue_keeps_asyncio_queues_contract_and_each_items_origin(
     await joined
     with pytest.raises(ValueError):
         queue.task_done()
+    # put_tagged with room wakes a waiting getter and rings the doorbell.
+    rung: list[FloeQueue] = []
+    queue.doorbell = rung.append
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    await queue.put_tagged("e", ("inv-e", 5.0))
+    assert await getter == "e" and queue.last_origin == ("inv-e", 5.0) and rung == [queue]
