@@ -202,12 +202,15 @@ class NodeWorker:
         direct = registry is None or policy.validate == "none"
         func = node.func
         timeout = policy.timeout_s
+        # One logger check per invocation on the hot path: DEBUG implies INFO.
+        info = logger.isEnabledFor(_INFO)
         # An invocation id is needed by any listener, the DEBUG log, and log scopes.
-        observed = events.listening or _log_scope.on or logger.isEnabledFor(_DEBUG)
+        observed = (events.listening or _log_scope.on
+                    or (info and logger.isEnabledFor(_DEBUG)))
         inv = new_invocation_id() if observed else None
         # Only a fast-path store listens (the common production set-up): record
         # start and success synchronously, without an _emit_event coroutine each.
-        record = rt.record if events.direct and not logger.isEnabledFor(_INFO) else None
+        record = rt.record if events.direct and not info else None
         parents: tuple[str, ...] = ()
         queued: float | None = None
         if origin is not None:
@@ -306,7 +309,7 @@ class NodeWorker:
                                             streamed, inv, parents, queued)
                             if waiter is not None:
                                 await waiter
-                        elif observed or events.wants(logging.INFO):
+                        elif observed or info:  # events.wants(INFO), known already
                             await rt.emit_event("node_success", ctx, trace_id,
                                                    attempt=attempt, latency_ms=latency_ms,
                                                    extra=streamed, invocation_id=inv,
