@@ -245,14 +245,15 @@ def test_the_fast_encoder_leaves_values_it_would_write_its_own_way_to_json() -> 
                                              {"at": "x", "n": {"null": 1}}]
 
 
-def test_a_block_is_ascii_so_a_database_not_in_utf8_stores_it() -> None:
-    # A LATIN1 Postgres refuses "日本" in a text value: blocks escape what is not
-    # ASCII (JSON's \u escapes; an astral character as a surrogate pair), and read
-    # back to the same text.
+def test_an_ascii_block_for_a_database_not_in_utf8_reads_back_the_same() -> None:
+    # A LATIN1 Postgres refuses "日本" in a text value: its blocks escape what is
+    # not ASCII (JSON's \u escapes; an astral character as a surrogate pair), and
+    # read back to the same text.
     events = [StoredEvent("t-é", 1.0 + i, "k", "nœud", None, {"text": "日本 é 🐧", "i": i},
                           flow_id="f", seq=i) for i in range(3)]
-    block = encode_block(rows_of(events))
+    block = encode_block(rows_of(events), ascii_only=True)
     assert block.isascii()
+    assert not encode_block(rows_of(events)).isascii()  # UTF-8 by default: faster
     back = decode_block(block)
     assert [row.payload["text"] for row in back] == ["日本 é 🐧"] * 3
     assert {row.trace_id for row in back} == {"t-é"}

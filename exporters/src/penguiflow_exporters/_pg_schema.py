@@ -250,7 +250,7 @@ async def _v4_to_v5(conn: Any, schema: str, lz4: bool) -> None:
             try:
                 block = decode_v4_block(data)
                 _bounded(block, _VALUES_PER_BYTE * len(data) + 10_000)
-                docs.append((block_id, encode_block(block)))
+                docs.append((block_id, encode_block(block, ascii_only=True)))  # any encoding
             except BlockError as exc:
                 raise StateStoreError(
                     f"cannot migrate Postgres schema {schema!r} to version "

@@ -242,7 +242,9 @@ class PostgresWriter:
                     return skipped, rejected, []
             folds = fold_rows(good, terminal=self._terminal, errors=self._errors)
             groups = group_by_trace(good)
-            blocks = _blocks_of(groups, self._block_events)  # encoded as they are taken
+            # ASCII only for a database not in UTF-8: escaping costs ~0.3 us an event.
+            # Encoded as they are taken.
+            blocks = _blocks_of(groups, self._block_events, self._encoding != "utf-8")
             # The server upserts the summaries while this process encodes the first
             # blocks, then stores blocks while it encodes the next ones (the COPY
             # streams): its work and the server's overlap (see _encode_while).
@@ -311,10 +313,11 @@ class PostgresWriter:
         return {row[0]: (row[1], row[2]) for row in rows}
 
 
-def _blocks_of(groups: Mapping[Any, Sequence[Row]], block_events: int) -> Iterator[Block]:
+def _blocks_of(groups: Mapping[Any, Sequence[Row]], block_events: int, ascii_only: bool
+               ) -> Iterator[Block]:
     """The blocks of ``groups`` (block_rows), each encoded when it is taken."""
     for trace_id, group in groups.items():
-        yield from block_rows({trace_id: group}, block_events)
+        yield from block_rows({trace_id: group}, block_events, ascii_only=ascii_only)
 
 
 # Events encoded between two turns of the event loop while a statement runs or a COPY

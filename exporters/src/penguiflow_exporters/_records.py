@@ -542,8 +542,12 @@ def _payload_rows(table: Any, n: int) -> list[dict[str, Any]]:
     return [dict(zip(keys, values, strict=True)) for values in zip(*columns, strict=True)]
 
 
-def encode_block(rows: Sequence[Row]) -> str:
+def encode_block(rows: Sequence[Row], *, ascii_only: bool = False) -> str:
     """One block (see the module docstring) of ``rows``, all of one trace.
+
+    ``ascii_only``: write only ASCII (``\\u`` escapes), for a database whose encoding is
+    not UTF-8 (a LATIN1 Postgres refuses "日本"); else the text is UTF-8's, which
+    the Rust encoder writes ~1.6x faster. Both read back to the same values.
 
     Never raises: a row whose ``extra`` or ``payload`` JSON cannot write (a cycle,
     nesting too deep) is written with that value replaced by its text.
@@ -571,17 +575,16 @@ def encode_block(rows: Sequence[Row]) -> str:
     if plain_doc:
         # Only JSON's own types (checked above): the Rust encoder writes the same
         # JSON as ``_encode`` (floats by shortest repr, NaN as NaN), ~5x faster.
-        # A lone surrogate makes it refuse: then ``_encode`` escapes it. ASCII
-        # like ``_encode``'s: a block must store in a database whose encoding is
-        # not UTF-8 (a LATIN1 Postgres refuses "日本").
+        # A lone surrogate makes it refuse: then ``_encode`` escapes it (and writes
+        # ASCII whatever ``ascii_only`` says).
         try:
-            return _fast_encode(doc, inf_nan_mode="constants", ensure_ascii=True).decode()
+            return _fast_encode(doc, inf_nan_mode="constants", ensure_ascii=ascii_only).decode()
         except _FAST_ERRORS:
             pass
     try:
         return _encode(doc)
     except _ENCODE_ERRORS:
-        return encode_block([safe_row(row) for row in rows])
+        return encode_block([safe_row(row) for row in rows], ascii_only=ascii_only)
 
 
 class BlockError(ValueError):
@@ -667,15 +670,16 @@ _seq_of = attrgetter("seq")
 
 
 def block_rows(groups: Mapping[Any, Sequence[Row]],
-               max_events: int = BLOCK_EVENTS) -> list[Block]:
-    """The blocks of ``groups`` (:func:`group_by_trace`), in order."""
+               max_events: int = BLOCK_EVENTS, *, ascii_only: bool = False) -> list[Block]:
+    """The blocks of ``groups`` (:func:`group_by_trace`), in order (``ascii_only``: see
+    :func:`encode_block`)."""
     blocks: list[Block] = []
     for trace_id, group in groups.items():
         for offset in range(0, len(group), max_events):
             chunk = group[offset:offset + max_events]
             stamps = list(map(_ts_of, chunk))
             blocks.append(Block(trace_id, offset, len(chunk), min(stamps), max(stamps),
-                                encode_block(chunk)))
+                                encode_block(chunk, ascii_only=ascii_only)))
     return blocks
 
 
