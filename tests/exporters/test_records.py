@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from types import MappingProxyType
 from typing import Any
 
@@ -100,7 +101,7 @@ def test_values_json_cannot_hold_come_back_as_text() -> None:
 
 @pytest.mark.parametrize(("text", "problem"), [
     ("not json", "corrupt event block"),
-    (json.dumps({"v": 2, "n": 0, "cols": {}}), "not a version-1 block"),
+    (json.dumps({"v": 3, "n": 0, "cols": {}}), "not a version-1 or -2 block"),
     (json.dumps({"v": 1, "n": -1, "cols": {}}), "bad event count"),
     (json.dumps({"v": 1, "n": 2, "cols": {"ts": [1.0]}}), "column 'ts' is not 2 values"),
     ("[" * 100_000, "corrupt event block"),
@@ -305,3 +306,77 @@ def test_equal_values_json_writes_differently_come_back_each_as_written(
     assert [repr(row.payload["v"]) for row in back] == [repr(e["v"]) for e in expected]
     assert [repr(row.extra) for row in back] == [repr(json.loads(json.dumps({"v": v})))
                                                  for v in values]
+
+
+def test_a_stored_events_repeated_fields_and_few_node_names_are_written_once() -> None:
+    # A StoredEvent made from a runtime event repeats its ts, kind and node in its
+    # payload, and a trace has a handful of nodes: version 2 writes those once, and
+    # reads back exactly what was written.
+    events = []
+    for i in range(40):
+        ts, kind, node = 1000.0 + i, ["node_start", "node_success"][i % 2], f"n{i % 3}"
+        node_id = f"{i % 3:032x}"
+        events.append(StoredEvent("t-1", ts, kind, node, node_id,
+                                  {"ts": ts, "event": kind, "node_name": node,
+                                   "node_id": node_id, "latency_ms": i * 0.5,
+                                   "trace_id": "t-1"}, flow_id="f", seq=i))
+    rows = rows_of(events)
+    block = encode_block(rows)
+    doc = json.loads(block)
+    assert doc["v"] == 2
+    assert doc["payload"]["alias"] == {"ts": "ts", "event": "kind", "node_name": "node_name",
+                                       "node_id": "node_id"}
+    assert doc["cols"]["node_id"]["d"] == [f"{i:032x}" for i in range(3)]
+    assert decode_block(block) == rows
+    # An equal but distinct payload value is not an alias: it keeps its own type.
+    rows[3] = rows[3]._replace(payload={**rows[3].payload, "ts": 1003})
+    back = decode_block(encode_block(rows))
+    assert back[3].payload["ts"] == 1003 and type(back[3].payload["ts"]) is int
+    assert back == rows
+
+
+@pytest.mark.parametrize(("column", "problem"), [
+    ({"d": ["a"], "i": [0, -1]}, "indexed column 'kind' is not 2 values"),
+    ({"d": ["a"], "i": [0, 1]}, "indexed column 'kind' is not 2 values"),
+    ({"d": ["a"], "i": [0]}, "indexed column 'kind' is not 2 values"),
+    ({"d": "ab", "i": [0, 1]}, "indexed column 'kind' is not 2 values"),
+    ({"d": ["a"], "i": [0, "0"]}, "indexed column 'kind' is not 2 values"),
+])
+def test_a_crafted_indexed_column_is_refused(column: dict[str, Any], problem: str) -> None:
+    text = json.dumps({"v": 2, "n": 2, "cols": {"kind": column}})
+    with pytest.raises(BlockError, match=re.escape(problem)):
+        decode_block(text)
+
+
+def test_a_crafted_alias_is_refused() -> None:
+    text = json.dumps({"v": 2, "n": 1, "cols": {}, "payload": {
+        "keys": ["a"], "cols": {}, "same": {}, "alias": {"a": "no such column"}}})
+    with pytest.raises(BlockError, match="payload column 'a' names no event column"):
+        decode_block(text)
+
+
+def test_a_version_1_block_still_reads() -> None:
+    text = json.dumps({"v": 1, "n": 2, "trace_id": "t", "cols": {
+        "ts": [1.0, 2.0], "kind": ["a", "b"], "seq": [1, 2]}, "same": {"flow_id": "f"},
+        "payload": {"keys": ["x"], "cols": {"x": [1, 2]}, "same": {}}})
+    back = decode_block(text)
+    assert [(r.ts, r.kind, r.seq, r.flow_id, r.payload) for r in back] == [
+        (1.0, "a", 1, "f", {"x": 1}), (2.0, "b", 2, "f", {"x": 2})]
+
+
+@given(kinds=st.lists(_text, min_size=1, max_size=3), nodes=st.lists(_text, min_size=1, max_size=3),
+       n=st.integers(min_value=1, max_value=80), data=st.data())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_indexed_and_aliased_columns_read_back_as_written(
+        kinds: list[str], nodes: list[str], n: int, data: st.DataObject) -> None:
+    rows = []
+    for i in range(n):
+        kind = data.draw(st.sampled_from(kinds))
+        node = data.draw(st.sampled_from([*nodes, None]))
+        ts = data.draw(st.floats(allow_nan=False))
+        payload = {"ts": ts, "event": kind, "node_name": data.draw(st.sampled_from([node, "x"]))}
+        rows.append(StoredEvent("t-1", ts, kind or "k", node, None, payload, flow_id="f",
+                                seq=i))
+    rows_in = rows_of(rows)
+    assert _same([tuple(r) for r in decode_block(encode_block(rows_in))],
+                 [tuple(r) for r in rows_in])
