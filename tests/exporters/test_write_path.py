@@ -507,3 +507,59 @@ def test_no_library_module_switches_the_garbage_collector() -> None:
                 if call in text:
                     offenders.append(f"{source.relative_to(root)}: {call}")
     assert not offenders, offenders
+
+
+# -- the writer process starts early, batches overlap ----------------------------------------
+
+
+def _child(store: SQLiteStateStore) -> Any:
+    """The store's writer process handle (None before the store built its writer)."""
+    built = store._processor.writer._writer  # type: ignore[union-attr]
+    return None if built is None else built._writer.process
+
+
+async def test_the_writer_process_starts_with_the_first_runtime_event(tmp_path: Path) -> None:
+    # The first batch used to wait ~80 ms for the process to spawn: it now starts
+    # when the first runtime event is saved, long before the batch is due.
+    store = SQLiteStateStore(tmp_path / "t.db", schedule_delay_s=60)
+    async with store:
+        waiter = store.save_event_fields(_records("early", range(1))[0])
+        assert waiter is None
+        starting = store._processor._starting  # type: ignore[union-attr]
+        assert starting is not None
+        await asyncio.wait_for(asyncio.shield(starting), 30)
+        child = _child(store)
+        assert child is not None and child.pid is not None
+        assert store.pending_events == 1  # started, and nothing written yet
+    async with open_store(f"sqlite:///{tmp_path / 't.db'}", readonly=True) as reader:
+        assert len(await reader.load_history("early")) == 1
+
+
+async def test_an_import_of_stored_events_starts_no_writer_process(tmp_path: Path) -> None:
+    async with SQLiteStateStore(tmp_path / "t.db") as store:
+        await store.save_events([event("import", i) for i in range(10)])
+        await store.flush()
+        child = _child(store)
+        assert child is None or child.pid is None  # written on the thread
+        assert len(await store.load_history("import")) == 10
+
+
+async def test_a_producer_that_never_waits_lets_the_writer_take_full_batches(
+        tmp_path: Path) -> None:
+    # A bulk loop of save_event_fields never has to wait for room; once per full
+    # batch it gets one turn of the event loop, so the writer starts on that batch
+    # while the loop goes on (the two processes overlap instead of taking turns).
+    store = SQLiteStateStore(tmp_path / "t.db", max_batch=100, schedule_delay_s=60)
+    async with store:
+        records = _records("bulk", range(1, 1001))
+        turns = 0
+        for record in records:
+            waiter = store.save_event_fields(record)
+            if waiter is not None:
+                turns += 1
+                await waiter
+        # At least the first full batch gave the writer its turn; at most one turn
+        # per full batch (while the writer is busy the buffer grows past a batch).
+        assert 1 <= turns <= len(records) // 100
+        await store.flush()
+        assert [e.seq for e in await store.load_history("bulk")] == list(range(1, 1001))

@@ -14,6 +14,7 @@ naming the option, and opening never creates or alters anything.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -197,12 +198,34 @@ class _LazyWriter:
     def __init__(self, store: ProcessedStore) -> None:
         self._store = store
         self._writer: EventWriter | None = None
+        self._lock = asyncio.Lock()
+
+    async def _built(self) -> EventWriter:
+        if self._writer is None:
+            async with self._lock:  # start() and the first write may both get here
+                if self._writer is None:
+                    await self._store.open()
+                    self._writer = self._store._make_writer()
+        return self._writer
+
+    async def start(self, first: Any = None) -> None:
+        """Open the store and start the writer's process (if it has one) now;
+        ``first``: the first item saved (a hint of what will follow)."""
+        start = getattr(await self._built(), "start", None)
+        if start is not None:
+            await start(first)
 
     async def write(self, items: Sequence[Any]) -> Any:
-        if self._writer is None:
-            await self._store.open()
-            self._writer = self._store._make_writer()
-        return await self._writer.write(items)
+        return await (await self._built()).write(items)
+
+    async def prepare(self, items: Sequence[Any]) -> Any:
+        """The writer's ``prepare`` (None when it has none: ``write`` then)."""
+        prepare = getattr(await self._built(), "prepare", None)
+        return None if prepare is None else await prepare(items)
+
+    async def write_prepared(self, items: Sequence[Any], prepared: Any) -> Any:
+        return await (await self._built()).write_prepared(  # type: ignore[attr-defined]
+            items, prepared)
 
     async def close(self) -> None:
         writer, self._writer = self._writer, None

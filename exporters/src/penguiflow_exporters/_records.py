@@ -559,10 +559,12 @@ def _payload_table(payloads: Sequence[Any]) -> dict[str, Any] | None:
         return {"keys": [], "cols": {}, "same": {}}
     try:
         # Same size and every key found: the same keys (no per-payload key tuple).
-        found = list(map(itemgetter(*keys), payloads))
+        # A column per key, straight from the dicts: one list per key, and no
+        # tuple per payload (each a GC-tracked allocation: in a process holding many
+        # objects the collector's passes cost more than the reads).
+        values = [tuple(map(itemgetter(key), payloads)) for key in keys]
     except KeyError:
         return None
-    values = list(zip(*found, strict=True)) if len(keys) > 1 else [tuple(found)]
     cols, same = _columns(keys, values, n)
     return {"keys": list(keys), "cols": cols, "same": same}
 

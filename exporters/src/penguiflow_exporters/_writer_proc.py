@@ -308,8 +308,17 @@ class ProcessWriter:
             raise self._translate(exc) from exc
 
     async def write(self, items: Sequence[Any]) -> WriteResult:
+        return await self.write_prepared(items, await dumps_batch(items))
+
+    async def prepare(self, items: Sequence[Any]) -> bytes:
+        """``items`` as the child's payload: the processor prepares the next batch
+        while the child writes the previous one (see ``writer.py``)."""
+        return await dumps_batch(items)
+
+    async def write_prepared(self, items: Sequence[Any], prepared: bytes) -> WriteResult:
+        """:meth:`write` of ``items``, which :meth:`prepare` made ``prepared``."""
         try:
-            reply: WriteReply = await self.process.request(b"W", await dumps_batch(items))
+            reply: WriteReply = await self.process.request(b"W", prepared)
         except WriterError as exc:
             raise self._translate(exc) from exc
         skipped, rejected, notices = reply

@@ -587,11 +587,35 @@ class _ProcessOrLoop:
         self.process: ProcessWriter | None = process
         self.loop = loop
 
+    async def start(self, first: Any = None) -> None:
+        """Start the writer process now (the processor does when it starts, so the
+        first batch does not wait for it), unless the first item saved is a
+        StoredEvent (an import: those are written on the loop); one that cannot
+        start is left to the first write, which falls back to the loop."""
+        if self.process is not None and isinstance(first, tuple):
+            with contextlib.suppress(StateStoreError):
+                await self.process.start()
+
+    async def prepare(self, items: Sequence[Any]) -> Any:
+        """The child's payload for a batch it will write; None for the loop's."""
+        process = self.process
+        if process is None or not any(isinstance(item, tuple) for item in items):
+            return None
+        return await process.prepare(items)
+
+    async def write_prepared(self, items: Sequence[Any], prepared: Any) -> WriteResult:
+        return await self._write(items, prepared)
+
     async def write(self, items: Sequence[Any]) -> WriteResult:
+        return await self._write(items, None)
+
+    async def _write(self, items: Sequence[Any], prepared: Any) -> WriteResult:
         process = self.process
         # Any runtime event (a tuple; usually the first) sends the batch to the child.
         if process is not None and any(isinstance(item, tuple) for item in items):
             try:
+                if prepared is not None:
+                    return await process.write_prepared(items, prepared)
                 return await process.write(items)
             except _NoProcess as exc:
                 self.process = None

@@ -21,6 +21,12 @@ retries the same batch with back-off. Any other exception means the batch holds
 something the backend refused: the processor splits the batch and writes the
 halves, so only the offending events are lost.
 
+Optional: ``prepare(items)`` returns what ``write_prepared(items, prepared)``
+then stores (a writer process's pickled batch). The processor prepares the next
+batch while the previous one is written, so the flow's process and the writer
+work at the same time; batches are still written one at a time, in order. A
+writer without ``prepare`` gets ``write`` only.
+
 Items are the runtime's :class:`~penguiflow.state.EventRecord` tuples and
 :class:`~penguiflow.state.StoredEvent` objects, in any mix.
 """
