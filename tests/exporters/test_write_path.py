@@ -563,3 +563,20 @@ async def test_a_producer_that_never_waits_lets_the_writer_take_full_batches(
         assert 1 <= turns <= len(records) // 100
         await store.flush()
         assert [e.seq for e in await store.load_history("bulk")] == list(range(1, 1001))
+
+
+async def test_an_event_whose_payload_no_reader_could_read_is_refused_alone(
+        tmp_path: Path) -> None:
+    # A payload of None, 5 or [1, 2] used to be stored, and then every read of its
+    # trace failed ("corrupt event block"): the one event is refused instead.
+    bad = [StoredEvent("mixed", 1000.5 + i, "node_start", "a", None, payload,  # type: ignore[arg-type]
+                       flow_id="flow-w", seq=100 + i)
+           for i, payload in enumerate([None, 5, [1, 2]])]
+    async with SQLiteStateStore(tmp_path / "t.db") as store:
+        await store.save_events([event("mixed", 1), *bad, event("mixed", 2)])
+        await store.flush()
+        history = await store.load_history("mixed")
+        assert [e.seq for e in history if e.kind == "node_start"] == [1, 2]
+        assert store.failures["rejected"] == 3 and store.failures["events_lost"] == 3
+        summary = await store.get_trace("mixed")
+        assert summary is not None and summary.events_lost == 3

@@ -78,7 +78,6 @@ _NOTIFY_MAX_BYTES: Final = 7900
 # Joins a trace's node names for the summary upsert: check_row refuses control
 # characters in names, so the unit separator never occurs in one.
 _NODE_SEP: Final = "\x1f"
-_INT8: Final = 1 << 63
 
 _quote = json.encoder.encode_basestring_ascii
 
@@ -214,17 +213,11 @@ class PostgresWriter:
 
     async def _transaction(self, conn: Any, rows: Sequence[Row]) -> WriteReply:
         # check_rows checks a batch by its distinct values (~0.2 us per event against
-        # ~5 for check_row per row); int8 then bounds the seqs it found to be ints.
+        # ~5 for check_row per row), seqs within int8 included.
         rejected = check_rows(rows, self._encoding)
         refused = {i for i, _ in rejected}
         positions = [i for i in range(len(rows)) if i not in refused] if refused \
             else list(range(len(rows)))  # of the rows kept, in `rows`
-        seqs = [rows[i].seq for i in positions]
-        if seqs and not (min(seqs) >= -_INT8 and max(seqs) < _INT8):
-            wide = {i for i, seq in zip(positions, seqs, strict=True)
-                    if not -_INT8 <= seq < _INT8}
-            rejected = sorted([*rejected, *((i, "seq does not fit in 64 bits") for i in wide)])
-            positions = [i for i in positions if i not in wide]
         good: list[Row] = [rows[i] for i in positions]
         if not good:
             return [], rejected, []

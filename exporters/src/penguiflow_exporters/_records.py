@@ -229,11 +229,26 @@ def check_row(row: Row, encoding: str = "utf-8") -> str | None:
         if problem is not None:
             return f"{name} {problem}"
     ts = row.ts
-    if type(ts) not in (int, float) or not math.isfinite(ts):
+    if type(ts) not in (int, float) or (type(ts) is int and not -_INT8 <= ts < _INT8) \
+            or not math.isfinite(ts):
         return "ts is not a finite number"
     if type(row.seq) is not int:
         return f"seq is a {type(row.seq).__name__}, not an int"
+    if not -_INT8 <= row.seq < _INT8:
+        return "seq does not fit in 64 bits"
+    if type(row.attempt) is int and not -_INT8 <= row.attempt < _INT8:
+        return "attempt does not fit in 64 bits"
+    payload = row.payload
+    if payload is None:
+        # A runtime event's payload is made when it is read, from its queue columns.
+        if type(row.queue_depth_in) is not int or type(row.queue_depth_out) is not int:
+            return "payload is None (a StoredEvent's payload is a mapping)"
+    elif not isinstance(payload, Mapping):
+        return f"payload is a {type(payload).__name__}, not a mapping"
     return None
+
+
+_INT8 = 1 << 63  # seqs, attempts and int timestamps are 64-bit integers in every store
 
 
 _TEXT_FIELDS = ("trace_id", "kind", "node_name", "node_id", "flow_name", "flow_id")
@@ -270,12 +285,35 @@ def check_rows(rows: Sequence[Row], encoding: str = "utf-8") -> list[tuple[int, 
     if not suspect:
         ts = list(map(_COLUMN_OF["ts"], rows))
         seq = list(map(_COLUMN_OF["seq"], rows))
-        suspect = not (set(map(type, ts)) <= {float, int} and all(map(math.isfinite, ts))
-                       and set(map(type, seq)) == {int})
+        attempt = list(map(_COLUMN_OF["attempt"], rows))
+        # Bounds first: math.isfinite raises on an int past a float's range.
+        suspect = not (set(map(type, ts)) <= {float, int} and _int8(ts)
+                       and all(map(math.isfinite, ts))
+                       and set(map(type, seq)) == {int} and _int8(seq)
+                       and set(map(type, attempt)) == {int} and _int8(attempt)
+                       and _payloads_ok(rows))
     if not suspect:
         return []
     return [(i, problem) for i, problem in
             enumerate(map(check_row, rows, repeat(encoding))) if problem is not None]
+
+
+def _int8(numbers: list[Any]) -> bool:
+    """Whether ``numbers`` (ints and floats) lie within a 64-bit integer's range."""
+    return bool(min(numbers) >= -_INT8 and max(numbers) < _INT8)
+
+
+def _payloads_ok(rows: Sequence[Row]) -> bool:
+    """Whether every payload is a dict, or None on a runtime event (int queue columns)."""
+    payloads = list(map(_COLUMN_OF["payload"], rows))
+    types = set(map(type, payloads))
+    if types <= {dict}:
+        return True
+    if not types <= {dict, type(None)}:
+        return False
+    runtime = list(compress(rows, map(is_, payloads, repeat(None))))
+    return (set(map(type, map(_COLUMN_OF["queue_depth_in"], runtime))) == {int}
+            and set(map(type, map(_COLUMN_OF["queue_depth_out"], runtime))) == {int})
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -322,6 +360,15 @@ def _read_long_int(digits: str) -> int | str:
         return _cut(digits)
 
 
+def _key(key: Any) -> Any:
+    """``key`` if JSON writes it as an object key (a str, float, bool, or an int short
+    enough for decimal text), else its text."""
+    if type(key) in (str, float, bool) or (type(key) is int and
+                                           key.bit_length() <= _MAX_INT_BITS):
+        return key
+    return _safe_text(key)
+
+
 def plain(obj: Any) -> Any:
     """What JSON writes for an object it has no encoding for: its plain equivalent
     (mapping -> dict, set/tuple -> list, enum -> value) or its text."""
@@ -329,8 +376,7 @@ def plain(obj: Any) -> Any:
         value = obj.value
         return value if type(value) in (bool, int, float, str) else _safe_text(value)
     if isinstance(obj, Mapping):
-        return {key if type(key) in (str, int, float, bool) else _safe_text(key): value
-                for key, value in obj.items()}
+        return {_key(key): value for key, value in obj.items()}
     if isinstance(obj, (set, frozenset, tuple, list)):
         return list(obj)
     if isinstance(obj, (bytes, bytearray, memoryview)):
@@ -366,8 +412,7 @@ def _writable(value: Any, depth: int) -> Any:
     if text is not None or not depth:
         return _safe_text_repr(value)
     if isinstance(value, Mapping):
-        return {key if type(key) in (str, int, float, bool) else _safe_text(key):
-                _writable(item, depth - 1) for key, item in value.items()}
+        return {_key(key): _writable(item, depth - 1) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_writable(item, depth - 1) for item in value]
     return _safe_text(value)
@@ -384,8 +429,7 @@ def _safe_value(value: Any, label: str) -> Any:
     except _ENCODE_ERRORS:
         pass
     if isinstance(value, Mapping):
-        return {key if type(key) in (str, int, float, bool) else _safe_text(key):
-                _writable(item, 2) for key, item in value.items()}
+        return {_key(key): _writable(item, 2) for key, item in value.items()}
     if isinstance(value, int):  # too long for decimal text: its digits, as text
         return _safe_text(value)
     kept = _writable(value, 3)
@@ -408,6 +452,20 @@ def safe_row(row: Row) -> Row:
     return safe
 
 
+def _text_row(row: Row) -> Row:
+    """``row`` with its extra and payload as their text, and every other value that
+    is not a str, float, bool, None or 64-bit int as its text: what JSON writes."""
+    values = [v if v is None or type(v) in (str, float, bool)
+              or (type(v) is int and -_INT8 <= v < _INT8) else _safe_text(v)
+              for v in row[:_PAYLOAD]]
+    extra_at = COLUMNS.index("extra")
+    if row.extra is not None:
+        values[extra_at] = {"unserialisable_extra": _safe_text(row.extra)}
+    payload = row.payload
+    return _new(Row, (*values, None if payload is None else
+                      {"unserialisable_payload": _safe_text(payload)}))
+
+
 def _safe_text_repr(value: Any) -> str:
     try:
         text = repr(value)
@@ -418,8 +476,8 @@ def _safe_text_repr(value: Any) -> str:
 
 _PAYLOAD = COLUMNS.index("payload")
 #: The columns whose values' type the schema fixes (see _columns): all but the
-#: user's own data, ``extra`` and ``payload``.
-_TYPED = frozenset(COLUMNS) - {"extra", "payload"}
+#: user's own data, ``payload`` (``extra`` is the runtime's).
+_TYPED = frozenset(COLUMNS) - {"payload"}
 #: The columns ``safe_row`` has already made writable value by value.
 _MADE_SAFE = frozenset({COLUMNS.index("extra"), _PAYLOAD})
 
@@ -438,36 +496,73 @@ _CONTAINERS = frozenset({list, tuple, dict})
 _MAX_INT_BITS = 14_000
 
 
-def _plain(values: list[Any]) -> bool:
+def _small_ints(values: Sequence[Any], types: set[type]) -> bool:
+    """Whether the ints among ``values`` (whose types are ``types``) have at most
+    ``_MAX_INT_BITS`` bits. Longer ones go through the stdlib encoder, which writes
+    them as their (cut) text: pydantic-core would write every digit, in time
+    quadratic in their length (a 1.2-million-digit int took 2.6 s)."""
+    if int not in types:
+        return True
+    if len(types) == 1:  # ints only: two C-level passes
+        return bool(max(max(values).bit_length(), min(values).bit_length()) <= _MAX_INT_BITS)
+    ints = compress(values, map(is_, map(type, values), repeat(int)))
+    return max(map(int.bit_length, ints), default=0) <= _MAX_INT_BITS
+
+
+def _plain(values: list[Any], ints: bool = True) -> bool:
     """Whether ``values`` are JSON's own types: scalars, or lists/tuples/str-keyed
-    dicts of scalars (one level; deeper is left to the stdlib encoder). C-level
-    passes only: a block of a few events must not pay a Python step per value."""
+    dicts of scalars (one level; deeper is left to the stdlib encoder); with
+    ``ints``, ints of at most ``_MAX_INT_BITS`` bits. C-level passes only: a block
+    of a few events must not pay a Python step per value."""
     types = set(map(type, values))
     if types <= _SCALARS:
-        return True
+        return not ints or _small_ints(values, types)
     if not types <= _SCALARS | _CONTAINERS:
         return False
     nested = list(compress(values, map(_CONTAINERS.__contains__, map(type, values))))
     if dict not in types:  # lists and tuples (parent ids): their items only
-        return set(map(type, chain.from_iterable(nested))) <= _SCALARS
+        items = list(chain.from_iterable(nested))
+        item_types = set(map(type, items))
+        return item_types <= _SCALARS and (not ints or (_small_ints(items, item_types)
+                                                        and _small_ints(values, types)))
     dicts = [value for value in nested if type(value) is dict]
-    seqs = [value for value in nested if type(value) is not dict]
-    return (set(map(type, chain.from_iterable(seqs))) <= _SCALARS
+    items = list(chain.from_iterable(value for value in nested if type(value) is not dict))
+    items += chain.from_iterable(map(dict.values, dicts))
+    item_types = set(map(type, items))
+    return (item_types <= _SCALARS
             and set(map(type, chain.from_iterable(dicts))) <= {str}
-            and set(map(type, chain.from_iterable(map(dict.values, dicts)))) <= _SCALARS)
+            and (not ints or (_small_ints(items, item_types)
+                              and _small_ints(values, types))))
 
 
-def _plain_doc(head: list[Any], *parts: tuple[dict[str, Any], dict[str, Any]]) -> bool:
-    """Whether ``head`` and every value of ``(same, cols)`` pairs are :func:`_plain`.
+def _plain_doc(head: list[Any], events: tuple[dict[str, Any], dict[str, Any]],
+               payloads: tuple[dict[str, Any], dict[str, Any]] | None = None) -> bool:
+    """Whether ``head`` and every value of the ``(same, cols)`` pairs ``events`` (the
+    event columns) and ``payloads`` (the payload table's) are :func:`_plain`.
 
-    The columns (most of the values) are looked at by type first, in one pass with
-    no copy: columns of scalars only (the usual) need nothing more."""
+    The columns (most of the values) are looked at by type first, with no copy:
+    columns of scalars only (the usual) need nothing more. Ints are looked at only
+    in payloads (the user's data): an event's are bounded by :func:`check_rows`
+    (seq, attempt) or are the runtime's (queue sizes, its ``extra``)."""
     values = list(head)
-    for same, cols in parts:
-        values += same.values()
-        if not set(map(type, chain.from_iterable(cols.values()))) <= _SCALARS:
-            values += chain.from_iterable(cols.values())
-    return _plain(values)
+    user: list[Any] = []
+    same, cols = events
+    values += same.values()
+    if not set(map(type, chain.from_iterable(cols.values()))) <= _SCALARS:
+        values += chain.from_iterable(cols.values())
+    if "payload" in same:
+        user.append(same["payload"])
+    user += cols.get("payload", ())
+    if payloads is not None:
+        same, cols = payloads
+        user += same.values()
+        for column in cols.values():
+            types = set(map(type, column))
+            if not types <= _SCALARS:
+                user += column
+            elif not _small_ints(column, types):
+                return False
+    return _plain(values, ints=False) and (not user or _plain(user))
 
 
 def _columns(names: Sequence[Any], columns: Sequence[Sequence[Any]], n: int,
@@ -487,14 +582,16 @@ def _columns(names: Sequence[Any], columns: Sequence[Sequence[Any]], n: int,
         if column.count(first) == n:
             if first is not None:
                 same[name] = first
-                if type(first) is not str and name not in typed:
-                    checked.append((name, column))
+            # The event columns' None is None: check_rows lets a payload be None
+            # only on a runtime event, and refuses any non-mapping payload.
+            if n and name not in typed and (first is not None or not typed):
+                checked.append((name, column))
         else:
             cols[name] = column
     if checked and not _all_alike([column for _name, column in checked], n):
         for name, column in checked:
             if not _alike(column[0], column):
-                del same[name]
+                same.pop(name, None)
                 cols[name] = column
     return cols, same
 
@@ -515,28 +612,32 @@ def _all_alike(columns: list[Sequence[Any]], n: int) -> bool:
         if column[0] == 0.0 and type(column[0]) is float and \
                 len(set(map(math.copysign, repeat(1.0), column))) != 1:
             return False
-    if dict in kinds:
-        return False  # rare as one value: each checked on its own
-    seqs = [column for column, kind in zip(columns, kinds, strict=True) if kind in _SEQUENCES]
-    return not seqs or set(map(type, chain.from_iterable(chain.from_iterable(seqs)))
-                           ) <= _TEXT_ITEMS
+    return all(_alike_objects(column) for column, kind in zip(columns, kinds, strict=True)
+               if kind not in _SCALARS)
 
 
 def _alike(first: Any, column: Sequence[Any]) -> bool:
     """Whether the values of ``column``, all equal to ``first``, are written as one
     JSON value: ``1 == True == 1.0`` and ``0.0 == -0.0``, but JSON writes each its
-    own way, and a column written once would give them all ``first``'s. Containers
-    only when their keys and items are text (parent ids): C-level passes, no
-    per-value step."""
+    own way, and a column written once would give them all ``first``'s; an object
+    whose ``==`` says True to anything (``mock.ANY``) would become its neighbour."""
     kind = type(first)
-    if kind is str or first is None:
-        return True
     if set(map(type, column)) != {kind}:
         return False
     if kind is float:
         return first != 0.0 or len(set(map(math.copysign, repeat(1.0), column))) == 1
-    if kind in (int, bool):
+    return kind in _SCALARS or _alike_objects(column)
+
+
+def _alike_objects(column: Sequence[Any]) -> bool:
+    """For a column of equal containers or other objects (of one type): whether they
+    are written alike. The very same object, always; else containers whose keys and
+    items are text (parent ids); anything else (``[1]`` and ``[True]``, two equal
+    Decimals of different text) is written value by value."""
+    first = column[0]
+    if all(map(is_, column, repeat(first))):
         return True
+    kind = type(first)
     if kind is dict:
         return (set(map(type, chain.from_iterable(column))) <= _TEXT_ITEMS and
                 set(map(type, chain.from_iterable(map(dict.values, column)))) <= _TEXT_ITEMS)
@@ -603,7 +704,7 @@ def _payload_rows(table: Any, n: int, events: Sequence[Sequence[Any]]
     return [dict(zip(keys, values, strict=True)) for values in zip(*columns, strict=True)]
 
 
-def encode_block(rows: Sequence[Row], *, ascii_only: bool = False) -> str:
+def encode_block(rows: Sequence[Row], *, ascii_only: bool = False, _stage: int = 0) -> str:
     """One block (see the module docstring) of ``rows``, all of one trace.
 
     ``ascii_only``: write only ASCII (``\\u`` escapes), for a database whose encoding is
@@ -648,7 +749,15 @@ def encode_block(rows: Sequence[Row], *, ascii_only: bool = False) -> str:
     try:
         return _encode(doc)
     except _ENCODE_ERRORS:
-        return encode_block([safe_row(row) for row in rows], ascii_only=ascii_only)
+        # The values JSON cannot write as their text (_stage 1); if anything still
+        # fails, the whole extra and payload as text (_stage 2): never a loop.
+        if _stage == 0:
+            return encode_block([safe_row(row) for row in rows], ascii_only=ascii_only,
+                                _stage=1)
+        if _stage == 1:
+            return encode_block([_text_row(row) for row in rows], ascii_only=ascii_only,
+                                _stage=2)
+        raise  # pragma: no cover - text and numbers only: JSON writes them
 
 
 #: Payload keys that often hold the very objects of an event's column (a StoredEvent
