@@ -491,9 +491,10 @@ class RedisMessageBus:
                                         reply or ()) for e in es]
             if not entries:
                 return
-            # The live set, checked and added to with no await in between: the
-            # claimer may take (and hold) one of these entries while an XACK below
-            # is in flight, and an entry must be delivered by one of the two only.
+            # The live set (setdefault: a fresh set from get() would not be the one
+            # the claimer looks at), checked and added to with no await in between,
+            # and the XACKs after: the claimer must see every entry held here, or
+            # both would deliver it.
             held = self._in_hand.setdefault(stream, set())
             fresh, deleted = [], []
             for entry, flat in entries:
