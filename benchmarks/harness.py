@@ -164,6 +164,9 @@ def render_table(rows: Sequence[Row]) -> str:
             name += f" ({r.note})"
         if r.ratio is None:
             ratio = "—"
+        elif 0.9 <= r.ratio < 1.1:
+            # Near a target: two decimals, so that 0.95 never reads as "1.0x".
+            ratio = f"{r.ratio:.2f}×"  # noqa: RUF001
         elif r.ratio >= 0.95:
             ratio = f"{r.ratio:.1f}×"  # noqa: RUF001
         else:
