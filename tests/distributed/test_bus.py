@@ -179,6 +179,9 @@ async def test_a_poison_entry_is_dropped_counted_and_the_flow_goes_on(
         assert pair.worker_bus.stats["undecodable"] == 1
         binding = pair.worker.binding
         assert binding is not None and binding.stats["undeliverable"] == 1
+        # Settles are flushed by a task of their own, after the result may be fetched.
+        await eventually(lambda: not any(pair.worker_bus._in_hand.values()),
+                         "every entry taken was settled")
         assert await redis.xlen(stream) == 0  # both settled: never delivered again
         assert {"bus_entry_undecodable", "message_undeliverable"} <= {
             r.getMessage() for r in caplog.records}
@@ -428,6 +431,52 @@ async def test_scripts_redis_forgot_are_loaded_again(
         await redis.script_flush()  # as a Redis restart does
         await pair.client.emit(msg("two:"))
         assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "two:abcde"
+    finally:
+        await pair.stop()
+
+
+async def test_a_script_call_cut_off_mid_reply_leaves_no_stale_reply_behind(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    # The bus sends its scripts on connections of its own: one whose call was
+    # cancelled before the reply came must not serve the next call (which would read
+    # the late reply of the first as its own).
+    pair = await Pair(dist_flows.fanout, redis_url, namespace).start(worker=False)
+    bus = pair.client_bus
+    try:
+        await redis.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
+        try:
+            stuck = asyncio.create_task(bus.gather("join|t1", "hop-a", b"1", 2))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            # Wait until Redis holds the call (postponed by the pause): the bytes left.
+            while not any(c.get("cmd") == "evalsha" and "b" in c.get("flags", "")
+                          for c in await redis.client_list()):
+                assert loop.time() < deadline, "the script call never reached Redis"
+                await asyncio.sleep(0.01)
+            stuck.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await stuck
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
+        # A different question, whose answer the first call's reply ({0, 1}) is not.
+        assert await bus.gather("join|t2", "hop-x", b"x", 1) == ([b"x"], True)
+        assert await bus.gather("join|t2", "hop-y", b"y", 1) == ([b"x"], True)
+    finally:
+        await pair.stop()
+
+
+async def test_a_script_refused_by_redis_raises_and_the_next_call_is_answered(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    pair = await Pair(dist_flows.fanout, redis_url, namespace).start(worker=False)
+    bus = pair.client_bus
+    try:
+        # A key of another type where the join keeps its items: Redis refuses the
+        # script with an error reply (not a broken link): raised, not retried.
+        await redis.set(f"{namespace}:{pair.client.name}:join:join|t1:items", b"x")
+        with pytest.raises(aioredis.ResponseError, match="WRONGTYPE"):
+            await bus.gather("join|t1", "hop-a", b"1", 2)
+        # The error reply was read whole: the same link answers the next call rightly.
+        assert await bus.gather("join|t2", "hop-a", b"1", 1) == ([b"1"], True)
     finally:
         await pair.stop()
 

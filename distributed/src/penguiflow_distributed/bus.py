@@ -183,6 +183,8 @@ class RedisMessageBus:
         self._down_since: float | None = None
         self._bind_error: BusBindError | None = None
         self._scripts: dict[str, Any] = {}
+        #: Idle connections of the bus's own for script calls (see :meth:`_eval`).
+        self._spare: list[Any] = []
         #: Counters (see the module docstring); also OTel metrics ``penguiflow.bus.<name>``.
         self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
 
@@ -345,6 +347,9 @@ class RedisMessageBus:
         self._tasks = []
         if self._binding is not None and self._redis is not None and self._bind_error is None:
             await self._tidy(self._binding.worker_id)
+        spare, self._spare = self._spare, []
+        for conn in spare:
+            await _drop(self._redis.connection_pool, conn)
         if self._redis is not None and self._own_client:
             with contextlib.suppress(Exception):
                 await self._redis.aclose()
@@ -746,17 +751,43 @@ class RedisMessageBus:
         return (list(reply[2:]) if complete else None), new
 
     async def _eval(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """Run script ``name`` by its SHA: EVALSHA sent as is (redis-py's Script
-        wrapper cost ~20 us per call, on every hop), loaded again if Redis lost it
-        (a restart empties the script cache)."""
+        """Run script ``name`` by its SHA, loaded again if Redis lost it (a restart
+        empties the script cache).
+
+        On a connection of the bus's own (:attr:`_spare`), with the command packed
+        and its reply read directly: redis-py's ``execute_command`` takes a pooled
+        connection (a lock, connection metrics, a readiness probe), wraps the call in
+        its retry layer and releases it, ~40 us of a SEND's ~100 here, on every
+        hop's path. A connection whose exchange did not complete (a broken link, a
+        cancel mid-reply) may hold part of a reply: it is closed, never reused; one
+        that carried a whole reply, an error reply included, is kept.
+        """
         script = self._scripts[name]
+        pool = self._redis.connection_pool
+        conn = self._spare.pop() if self._spare else await pool.get_connection()
+        whole = False
         try:
-            return await self._redis.execute_command("EVALSHA", script.sha, len(keys),
-                                                     *keys, *args)
-        except NoScriptError:
-            await self._redis.script_load(script.script)
-            return await self._redis.execute_command("EVALSHA", script.sha, len(keys),
-                                                     *keys, *args)
+            try:
+                await conn.send_packed_command(conn.pack_command(
+                    "EVALSHA", script.sha, len(keys), *keys, *args), check_health=False)
+                reply = await conn.read_response()
+            except NoScriptError:
+                await conn.send_packed_command(conn.pack_command(
+                    "SCRIPT", "LOAD", script.script), check_health=False)
+                await conn.read_response()
+                await conn.send_packed_command(conn.pack_command(
+                    "EVALSHA", script.sha, len(keys), *keys, *args), check_health=False)
+                reply = await conn.read_response()
+            whole = True
+            return reply
+        except ResponseError:
+            whole = True  # an error reply is a whole reply: the link is in step
+            raise
+        finally:
+            if whole and not self._stopping:
+                self._spare.append(conn)
+            else:
+                await _drop(pool, conn)
 
     # -- the link --------------------------------------------------------------------
 
