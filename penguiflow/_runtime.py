@@ -531,12 +531,25 @@ class FlowRuntime:
         # is untracked by the GC, which matters while thousands are buffered.
         # tuple.__new__ rather than EventRecord(...): the named tuple's own __new__
         # parses 23 arguments in Python (~0.4 us against ~0.15, measured).
-        fields = _new_record(EventRecord, (
+        values = (
             trace_id, _wall(), kind, ctx._owner.name, ctx._owner_id, invocation_id, parents,
             span_id, parent_span, seq, attempt, queued_ts, self.name, self.flow_id,
             latency_ms, depth_in, depth_out, len(ctx._out_queues),
             self.queue_maxsize, inflight, cancelled, pending, extra,
-        ))
+        )
+        if not collect:
+            # The store alone, taking plain tuples: the values as they are, no
+            # EventRecord built here nor copied back to a plain tuple there (the
+            # store buffers plain tuples, which the collector untracks): -0.2 us an
+            # event, 2.34x -> 2.14x on chain N=5 + SQLite (measured).
+            values_sink = events.sole_values
+            if values_sink is not None:
+                try:
+                    return values_sink(values)
+                except Exception as exc:
+                    events.store_failed(kind, trace_id, exc)
+                    return None
+        fields = _new_record(EventRecord, values)
         if collect:
             return fields
         sink = events.sole_store

@@ -436,6 +436,12 @@ class TraceStore(StateStore, Protocol):
           ``save_event_fields(record) -> Awaitable | None`` takes an
           :class:`EventRecord` without doing I/O; the runtime uses it
           instead of ``save_event`` when present (see :func:`stored_from_fields`).
+        * Optional fastest path, beside ``save_event_fields``:
+          ``event_values_sink() -> Callable | None``, asked once when the store
+          is attached; the callable takes each event as the plain tuple of its
+          EventRecord's values (``EventRecord(*values)`` rebuilds it) and
+          returns what ``save_event_fields`` would. Used only when defined by
+          the class defining ``save_event_fields`` or a subclass of it.
     """
 
     async def save_events(self, events: Sequence[StoredEvent]) -> None:

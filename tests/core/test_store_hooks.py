@@ -236,3 +236,82 @@ async def test_the_in_memory_store_keeps_what_the_runtime_recorded() -> None:
     assert await store.load_history(message.trace_id) == history  # read twice, same
     summary = await store.get_trace(message.trace_id)
     assert summary is not None and summary.node_count == 2 and summary.status == "succeeded"
+
+
+class ValuesStore(FieldsStore):
+    """Also offers the plain-tuple sink (``event_values_sink``), as the durable stores."""
+
+    def __init__(self, *, fail: bool = False, factory_fails: bool = False) -> None:
+        super().__init__(fail=fail)
+        self.values: list[tuple[Any, ...]] = []
+        self.factory_fails = factory_fails
+
+    def event_values_sink(self) -> Any:
+        if self.factory_fails:
+            raise RuntimeError("no sink today")
+        return self._take_values
+
+    def _take_values(self, values: tuple[Any, ...]) -> None:
+        if self.fail:
+            raise ConnectionError("buffer unavailable")
+        self.values.append(values)
+
+
+async def test_a_store_offering_a_values_sink_gets_plain_tuples_of_the_same_events() -> None:
+    from penguiflow.state import EventRecord, stored_from_fields
+
+    fast, slow = ValuesStore(), InMemoryStateStore()
+    for store in (fast, slow):
+        a, b = passthrough("a"), passthrough("b")
+        await one_message_through(create(a.to(b), b.to(), state_store=store))
+    # The hot path's node_start/node_success came as plain tuples, nothing else did.
+    assert {type(v) for v in fast.values} == {tuple}
+    assert [v[2] for v in fast.values] == ["node_start", "node_success"] * 2
+    rebuilt = [stored_from_fields(EventRecord(*v)) for v in fast.values]
+    (trace,) = {e.trace_id for e in rebuilt}
+    expected = await slow.load_history(next(t for t in slow._events if t))
+    assert [(e.kind, e.node_name, set(e.payload)) for e in rebuilt] == [
+        (e.kind, e.node_name, set(e.payload)) for e in expected]
+    assert all(e.trace_id == trace for e in rebuilt)
+
+
+async def test_a_values_sink_that_raises_is_counted_and_the_flow_completes() -> None:
+    store = ValuesStore(fail=True)
+    flow = create(passthrough("a").to(), state_store=store)
+    flow.run()
+    try:
+        await flow.emit(msg(1))
+        assert (await within(flow.fetch())).payload == 1
+    finally:
+        await flow.stop()
+    assert flow.observer_failures["state_store_save_failed"] == 3  # + stop()'s event
+
+
+async def test_a_values_sink_factory_that_raises_falls_back_to_save_event_fields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = ValuesStore(factory_fails=True)
+    with caplog.at_level(logging.WARNING, logger="penguiflow"):
+        message = await one_message_through(create(passthrough("a").to(), state_store=store))
+    assert store.values == []
+    assert [f[2] for f in store.fields if f[0] == message.trace_id] == [
+        "node_start", "node_success"]
+    (record,) = [r for r in caplog.records if r.getMessage() == "state_store_values_sink_failed"]
+    assert "no sink today" in record.error  # type: ignore[attr-defined]
+
+
+async def test_a_subclass_overriding_save_event_fields_is_not_bypassed_by_the_values_sink(
+) -> None:
+    class Auditing(ValuesStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.audited: list[str] = []
+
+        def save_event_fields(self, fields: tuple[Any, ...]) -> None:
+            self.audited.append(fields[2])
+            super().save_event_fields(fields)
+
+    store = Auditing()
+    await one_message_through(create(passthrough("a").to(), state_store=store))
+    assert store.values == []  # its own override is the path, not the base's sink
+    assert store.audited[:2] == ["node_start", "node_success"]

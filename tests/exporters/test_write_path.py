@@ -472,6 +472,36 @@ async def test_a_readonly_store_refuses_empty_and_missing_files_and_writes(
             await reader.save_event(event("r", 2))
 
 
+async def test_the_runtime_values_sink_buffers_plain_tuples_and_refuses_when_closed(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStateStore(path)
+    sink = store.event_values_sink()
+    assert sink is not None
+    node = Node(_echo, name="a", policy=NodePolicy(validate="none"))
+    flow = create(node.to(), state_store=store)
+    flow.run()
+    message = Message(payload=1, headers=Headers(tenant="t"))
+    try:
+        await flow.emit(message)
+        await asyncio.wait_for(flow.fetch(), 10)
+    finally:
+        await flow.stop()
+    kinds = [e.kind for e in await store.load_history(message.trace_id)]
+    assert kinds == ["node_start", "node_success"]
+    await store.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        sink(tuple(EventRecord(*([None] * 23))))
+    async with open_store(f"sqlite:///{path}", readonly=True) as reader:
+        # Read-only: no sink; the runtime's save_event_fields says why it cannot write.
+        assert reader.event_values_sink() is None  # type: ignore[attr-defined]
+
+
+async def _echo(message: Any, ctx: Any) -> Any:
+    return message
+
+
 # -- the host process is left alone ---------------------------------------------------------
 
 

@@ -4,8 +4,8 @@ A durable store is three parts: a :class:`~penguiflow_exporters.processor.BatchP
 (the write path, written once), its backend's
 :class:`~penguiflow_exporters.writer.EventWriter`, and the backend's queries. This
 base wires the first two to the TraceStore surface (``save_event``, the runtime's
-``save_event_fields``, ``flush``, ``close``, ``follow``) so each backend writes only
-its writer and its queries.
+``save_event_fields`` and ``event_values_sink``, ``flush``, ``close``, ``follow``) so
+each backend writes only its writer and its queries.
 
 Read-only stores (``readonly=True``: ``pf inspect``, ``pf traces``, ``pf export``)
 have no processor: every write raises :class:`~penguiflow.state.StoreUnavailable`
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -153,6 +153,16 @@ class ProcessedStore:
             self._writable()
         assert processor is not None
         return processor.submit(tuple(fields))
+
+    def event_values_sink(self) -> Callable[[tuple[Any, ...]], Awaitable[None] | None] | None:
+        """The runtime's fastest path (optional, see ``penguiflow.state.TraceStore``): a
+        callable taking an event as its EventRecord's values in a plain tuple, which
+        it buffers as is (no copy); an awaitable only when full, as
+        :meth:`save_event_fields`. None when read-only (the runtime then calls
+        ``save_event_fields``, whose error says how to write). Raises
+        ``StoreUnavailable`` once the store is closed.
+        """
+        return self._processor.submit if self._processor is not None else None
 
     async def save_events(self, events: Sequence[StoredEvent]) -> None:
         """Buffer several events, in order."""
