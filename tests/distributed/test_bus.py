@@ -481,6 +481,53 @@ async def test_a_script_refused_by_redis_raises_and_the_next_call_is_answered(
         await pair.stop()
 
 
+async def test_a_burst_of_script_calls_keeps_few_connections_back(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    # Sixty joins at once each need a connection; after the burst the bus keeps at
+    # most _SPARE_MAX of them for itself and gives the rest back to the pool that its
+    # readers, keep-alive and claimer share (else a burst could starve them).
+    from penguiflow_distributed.bus import _SPARE_MAX
+
+    pair = await Pair(dist_flows.fanout, redis_url, namespace).start(worker=False)
+    bus = pair.client_bus
+    try:
+        replies = await asyncio.gather(*(
+            bus.gather(f"join|burst{i}", "hop-a", b"1", 1) for i in range(60)))
+        assert replies == [([b"1"], True)] * 60
+        pool = bus._redis.connection_pool
+        assert len(bus._spare) <= _SPARE_MAX
+        # What is not kept went back to the pool: held only by the bus's loops.
+        assert len(pool._in_use_connections) <= len(bus._tasks) + len(bus._spare)
+    finally:
+        await pair.stop()
+
+
+async def test_script_connections_killed_by_redis_are_all_replaced(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    # As after a Redis restart: every connection the bus keeps for its scripts is
+    # dead. The next call fails on one, drops them all, and is answered on a new one.
+    pair = await Pair(dist_flows.fanout, redis_url, namespace).start(worker=False)
+    bus = pair.client_bus
+    try:
+        await asyncio.gather(*(bus.gather(f"join|k{i}", "hop-a", b"1", 1) for i in range(4)))
+        kept = len(bus._spare)
+        assert kept >= 2
+        killed = 0
+        for client in await redis.client_list():
+            if client.get("cmd") == "evalsha":
+                await redis.execute_command("CLIENT", "KILL", "ID", client["id"])
+                killed += 1
+        assert killed >= kept
+        errors = bus.stats["link_errors"]
+        assert await bus.gather("join|after", "hop-a", b"z", 1) == ([b"z"], True)
+        # One failed try, not one per dead connection: the first failure dropped all.
+        assert bus.stats["link_errors"] == errors + 1
+        assert len(bus._spare) == 1  # the new one; the dead ones are gone
+        assert await bus.gather("join|after2", "hop-a", b"y", 1) == ([b"y"], True)
+    finally:
+        await pair.stop()
+
+
 async def test_a_payload_with_no_json_form_fails_at_emit_naming_edge_and_type(
         redis_url: str, namespace: str) -> None:
     pair = await Pair(dist_flows.chain, redis_url, namespace).start(worker=False)

@@ -65,6 +65,10 @@ logger = logging.getLogger("penguiflow_distributed")
 GROUP = "pf"
 #: Errors that mean "Redis is not reachable now": retried with backoff.
 _LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+#: Connections a bus keeps for its script calls (:meth:`RedisMessageBus._eval`):
+#: enough for the sends of a busy worker in flight together, few enough that the
+#: pool (shared with the readers, the keep-alive and the claimer) never runs dry.
+_SPARE_MAX = 8
 #: The keywords that may ride on the URL (``from_url``), with their types.
 _URL_KEYWORDS: dict[str, type] = {
     "namespace": str, "claim_idle_s": float, "dedup_ttl_s": float, "join_ttl_s": float,
@@ -347,9 +351,8 @@ class RedisMessageBus:
         self._tasks = []
         if self._binding is not None and self._redis is not None and self._bind_error is None:
             await self._tidy(self._binding.worker_id)
-        spare, self._spare = self._spare, []
-        for conn in spare:
-            await _drop(self._redis.connection_pool, conn)
+        while self._spare:
+            await _drop(self._redis.connection_pool, self._spare.pop())
         if self._redis is not None and self._own_client:
             with contextlib.suppress(Exception):
                 await self._redis.aclose()
@@ -760,7 +763,11 @@ class RedisMessageBus:
         its retry layer and releases it, ~40 us of a SEND's ~100 here, on every
         hop's path. A connection whose exchange did not complete (a broken link, a
         cancel mid-reply) may hold part of a reply: it is closed, never reused; one
-        that carried a whole reply, an error reply included, is kept.
+        that carried a whole reply, an error reply included, is kept, up to
+        :data:`_SPARE_MAX` (more go back to the pool, which the other loops share).
+        A kept connection idle past the client's health-check interval is pinged
+        before use; a link error drops every kept one (after a Redis restart they
+        are all dead).
         """
         script = self._scripts[name]
         pool = self._redis.connection_pool
@@ -769,7 +776,7 @@ class RedisMessageBus:
         try:
             try:
                 await conn.send_packed_command(conn.pack_command(
-                    "EVALSHA", script.sha, len(keys), *keys, *args), check_health=False)
+                    "EVALSHA", script.sha, len(keys), *keys, *args), check_health=True)
                 reply = await conn.read_response()
             except NoScriptError:
                 await conn.send_packed_command(conn.pack_command(
@@ -783,11 +790,18 @@ class RedisMessageBus:
         except ResponseError:
             whole = True  # an error reply is a whole reply: the link is in step
             raise
+        except _LINK_ERRORS:
+            stale, self._spare = self._spare, []
+            for other in stale:
+                await _drop(pool, other)
+            raise
         finally:
-            if whole and not self._stopping:
+            if not whole or self._stopping:
+                await _drop(pool, conn)
+            elif len(self._spare) < _SPARE_MAX:
                 self._spare.append(conn)
             else:
-                await _drop(pool, conn)
+                await pool.release(conn)
 
     # -- the link --------------------------------------------------------------------
 
@@ -875,12 +889,16 @@ def _read_entries(reply: Any) -> Iterator[tuple[Any, Any]]:
 
 
 async def _drop(pool: Any, conn: Any) -> None:
-    """Close a reader's own connection and give it back to ``pool`` (None: nothing)."""
+    """Close a connection of the bus's own and give it back to ``pool`` (None:
+    nothing). The slot goes back to the pool even when closing fails or the caller
+    is cancelled meanwhile, so the pool's connection cap is never eaten away."""
     if conn is not None:
-        with contextlib.suppress(Exception):
-            await conn.disconnect()
-        with contextlib.suppress(Exception):
-            await pool.release(conn)
+        try:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+        finally:
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
 
 
 def _pairs(flat: Any) -> Mapping[bytes, bytes]:
