@@ -89,11 +89,15 @@ def values_path_of(store: Any) -> ValuesSink | None:
     (:func:`fast_path_of`) and the class that defines ``event_values_sink`` is the
     one that defines ``save_event_fields`` or a subclass of it: a subclass that
     overrides ``save_event_fields`` alone (to log each event, say) gets every event
-    through its override. A store whose ``event_values_sink()`` returns None or
-    raises (logged) gets ``save_event_fields``.
+    through its override, and so does a store whose ``save_event_fields`` was set
+    on the instance (a wrapper or a test's spy). A store whose
+    ``event_values_sink()`` returns None or raises (logged) gets
+    ``save_event_fields``.
     """
     factory = getattr(store, "event_values_sink", None)
     if factory is None or fast_path_of(store) is None:
+        return None
+    if "save_event_fields" in getattr(store, "__dict__", ()):
         return None
     cls = type(store)
     fields_owner = _owner(cls, "save_event_fields")

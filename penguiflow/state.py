@@ -441,7 +441,8 @@ class TraceStore(StateStore, Protocol):
           is attached; the callable takes each event as the plain tuple of its
           EventRecord's values (``EventRecord(*values)`` rebuilds it) and
           returns what ``save_event_fields`` would. Used only when defined by
-          the class defining ``save_event_fields`` or a subclass of it.
+          the class defining ``save_event_fields`` or a subclass of it, and
+          not when ``save_event_fields`` is set on the instance.
     """
 
     async def save_events(self, events: Sequence[StoredEvent]) -> None:

@@ -244,6 +244,7 @@ class ValuesStore(FieldsStore):
     def __init__(self, *, fail: bool = False, factory_fails: bool = False) -> None:
         super().__init__(fail=fail)
         self.values: list[tuple[Any, ...]] = []
+        self.sink_calls = 0
         self.factory_fails = factory_fails
 
     def event_values_sink(self) -> Any:
@@ -252,6 +253,7 @@ class ValuesStore(FieldsStore):
         return self._take_values
 
     def _take_values(self, values: tuple[Any, ...]) -> None:
+        self.sink_calls += 1
         if self.fail:
             raise ConnectionError("buffer unavailable")
         self.values.append(values)
@@ -284,7 +286,8 @@ async def test_a_values_sink_that_raises_is_counted_and_the_flow_completes() -> 
         assert (await within(flow.fetch())).payload == 1
     finally:
         await flow.stop()
-    assert flow.observer_failures["state_store_save_failed"] == 3  # + stop()'s event
+    assert store.sink_calls == 2  # the hot path (node_start, node_success) took the sink
+    assert flow.observer_failures["state_store_save_failed"] == 3  # each counted once
 
 
 async def test_a_values_sink_factory_that_raises_falls_back_to_save_event_fields(
@@ -315,3 +318,20 @@ async def test_a_subclass_overriding_save_event_fields_is_not_bypassed_by_the_va
     await one_message_through(create(passthrough("a").to(), state_store=store))
     assert store.values == []  # its own override is the path, not the base's sink
     assert store.audited[:2] == ["node_start", "node_success"]
+
+
+async def test_a_save_event_fields_set_on_the_instance_is_not_bypassed_by_the_values_sink(
+) -> None:
+    # A wrapper or a spy put on the instance (not the class) is the path too.
+    store = ValuesStore()
+    spied: list[str] = []
+    real = store.save_event_fields
+
+    def spy(fields: tuple[Any, ...]) -> None:
+        spied.append(fields[2])
+        real(fields)
+
+    store.save_event_fields = spy  # type: ignore[method-assign]
+    await one_message_through(create(passthrough("a").to(), state_store=store))
+    assert store.sink_calls == 0
+    assert spied[:2] == ["node_start", "node_success"]

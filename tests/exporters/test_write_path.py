@@ -475,8 +475,22 @@ async def test_a_readonly_store_refuses_empty_and_missing_files_and_writes(
 async def test_the_runtime_values_sink_buffers_plain_tuples_and_refuses_when_closed(
     tmp_path: Path,
 ) -> None:
+    class Watched(SQLiteStateStore):
+        """Both paths, each counting what takes it (defined together: the sink is used)."""
+
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self.fields_kinds: list[str] = []
+
+        def save_event_fields(self, fields: Any) -> Any:
+            self.fields_kinds.append(fields[2])
+            return super().save_event_fields(fields)
+
+        def event_values_sink(self) -> Any:
+            return super().event_values_sink()
+
     path = tmp_path / "t.db"
-    store = SQLiteStateStore(path)
+    store = Watched(path)
     sink = store.event_values_sink()
     assert sink is not None
     node = Node(_echo, name="a", policy=NodePolicy(validate="none"))
@@ -490,6 +504,8 @@ async def test_the_runtime_values_sink_buffers_plain_tuples_and_refuses_when_clo
         await flow.stop()
     kinds = [e.kind for e in await store.load_history(message.trace_id)]
     assert kinds == ["node_start", "node_success"]
+    # The hot path's events took the sink; only stop()'s came through the fields.
+    assert store.fields_kinds == ["node_cancelled"]
     await store.close()
     with pytest.raises(StoreUnavailable, match="closed"):
         sink(tuple(EventRecord(*([None] * 23))))
