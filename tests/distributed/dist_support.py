@@ -177,3 +177,67 @@ class Worker:
         return code
 
 
+
+
+class SilentProxy:
+    """A TCP proxy in front of Redis (in the test's loop) that can go silent.
+
+    ``silence()`` makes every connection open now stop forwarding, in both
+    directions, without closing anything: a link dropped by a NAT or a firewall, as
+    its endpoints see it. Connections made afterwards are forwarded normally.
+    """
+
+    def __init__(self, target_url: str) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(target_url)
+        self._target = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        self._db = parts.path or "/0"
+        self._server: asyncio.AbstractServer | None = None
+        self._live: list[list[bool]] = []  # per connection: [forwarding]
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}{self._db}"
+
+    async def start(self) -> SilentProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def silence(self) -> None:
+        for flag in self._live:
+            flag[0] = False
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        flag = [True]
+        self._live.append(flag)
+        self._writers += [writer, up_writer]
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst, flag))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                    flag: list[bool]) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await src.read(65536):
+                if flag[0]:  # silenced: swallowed, and the connection stays open
+                    dst.write(data)
+                    await dst.drain()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -15,7 +15,7 @@ from typing import Any
 import dist_flows
 import pytest
 import redis.asyncio as aioredis
-from dist_support import eventually, free_port
+from dist_support import SilentProxy, eventually, free_port
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow.binding import Parcel, is_delivering
@@ -422,6 +422,46 @@ async def test_an_entry_a_recovering_reader_and_the_claimer_both_get_runs_once(
         await pair.stop()
 
 
+async def test_an_entry_recovered_and_settled_while_a_claim_was_in_flight_runs_once(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    # As above, and the recovered entry is run and settled before the claim's reply
+    # is seen: no longer in hand, it must still not be delivered by the claim.
+    pair = await Pair(dist_flows.chain, redis_url, namespace, claim_idle_s=1000).start()
+    try:
+        bus, consumer = pair.worker_bus, pair.worker.flow_id
+        stream = bus.edge_stream("a->b")
+        bus._reading = False
+        await redis.client_kill_filter(_type="normal", skipme=True)
+        await eventually(lambda: bus.stats["link_errors"] >= 1, "the reader saw the link break")
+        sent = msg("x:")
+        await redis.xadd(stream, {b"e": "a->b", b"d": dumps_item(sent), b"t": sent.trace_id,
+                                  b"m": f"{pair.client.flow_id} hop1 - {time.time()!r} -"})
+        assert await redis.xreadgroup("pf", consumer, {stream: ">"})  # the lost read
+        conn = await bus._redis.connection_pool.get_connection()
+        claim = bus._redis.xclaim
+
+        async def xclaim_then_recover(*args: Any, **kwargs: Any) -> Any:
+            claimed = await claim(*args, **kwargs)  # done at Redis; its reply not yet seen
+            bus._reading = True  # the node may run and settle what _recover delivers
+            await bus._recover(conn, stream, consumer)
+            await eventually(lambda: not any(bus._in_hand.values()), "recovered, settled")
+            return claimed
+
+        bus._redis.xclaim = xclaim_then_recover  # type: ignore[method-assign]
+        try:
+            await bus._claim(stream, consumer, 0)
+        finally:
+            bus._redis.xclaim = claim  # type: ignore[method-assign]
+            await bus._redis.connection_pool.release(conn)
+        assert (bus.stats["recovered"], bus.stats["claimed"]) == (1, 0)
+        got = await asyncio.wait_for(pair.client.fetch(), 10)
+        assert (got.payload, got.trace_id) == ("x:bcde", sent.trace_id)
+        await eventually(lambda: not any(bus._in_hand.values()), "the entry was settled")
+        assert bus.stats["delivered"] == 4  # a->b and the three hops after it, once each
+    finally:
+        await pair.stop()
+
+
 async def test_scripts_redis_forgot_are_loaded_again(
         redis_url: str, namespace: str, redis: Any) -> None:
     pair = await Pair(dist_flows.chain, redis_url, namespace).start()
@@ -526,6 +566,44 @@ async def test_script_connections_killed_by_redis_are_all_replaced(
         assert await bus.gather("join|after2", "hop-a", b"y", 1) == ([b"y"], True)
     finally:
         await pair.stop()
+
+
+async def test_a_link_that_goes_silent_is_replaced_after_link_timeout_s(
+        redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture) -> None:
+    # A NAT or firewall drops the client's connections without a word: no reply, no
+    # reset. The client's next send (and its blocked reply read) must give up after
+    # link_timeout_s, reconnect and go on, not wait for TCP's ~15 minutes.
+    proxy = await SilentProxy(redis_url).start()
+    client, worker = dist_flows.chain(), dist_flows.chain()
+    worker_bus = RedisMessageBus(redis_url, namespace=namespace)
+    client_bus = RedisMessageBus(proxy.url, namespace=namespace, link_timeout_s=1,
+                                 block_ms=100, max_backoff_s=0.2)
+    worker.run(message_bus=worker_bus)
+    await worker_bus.ready()
+    client.run(message_bus=client_bus, nodes=[])
+    await client_bus.ready()
+    try:
+        await client.emit(msg("one:"))
+        assert (await asyncio.wait_for(client.fetch(), 10)).payload == "one:abcde"
+        proxy.silence()
+        # Bounded well below TCP's ~15 minutes: link_timeout_s (1 s) per dead call.
+        with caplog.at_level(logging.WARNING, logger="penguiflow_distributed"):
+            await asyncio.wait_for(client.emit(msg("two:")), 15)
+            assert (await asyncio.wait_for(client.fetch(), 15)).payload == "two:abcde"
+        assert client_bus.stats["link_errors"] >= 1
+        assert client_bus.stats["reconnects"] >= 1
+        assert any(r.getMessage() == "bus_redis_unreachable" for r in caplog.records)
+    finally:
+        await client.stop()
+        await worker.stop()
+        await proxy.stop()
+
+
+def test_link_timeout_s_must_be_positive_and_rides_on_the_url() -> None:
+    with pytest.raises(InvalidArgument, match="link_timeout_s must be > 0"):
+        RedisMessageBus("redis://127.0.0.1:6379/0", link_timeout_s=0)
+    bus = RedisMessageBus.from_url("redis://127.0.0.1:6379/0?link_timeout_s=2.5")
+    assert bus.link_timeout_s == 2.5 and "link_timeout_s" not in bus.url
 
 
 async def test_a_payload_with_no_json_form_fails_at_emit_naming_edge_and_type(

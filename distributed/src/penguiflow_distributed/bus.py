@@ -27,10 +27,11 @@ reading that edge claims them (XPENDING + XCLAIM) and runs them again. A reader
 whose link broke reads back, once reconnected, the entries Redis handed it on the
 lost reply (its consumer's pending entries not held here: ``stats["recovered"]``).
 
-Redis unreachable: every loop backs off (up to ``max_backoff_s``) and retries, a
-send waits (its input stays unacknowledged), and the counts are in :attr:`stats`,
-logged, and exported as OpenTelemetry metrics (``penguiflow.bus.*``). A Redis that
-restarts keeps entries only if it persists them (AOF): see the distributed guide.
+Redis unreachable (or a link silent for ``link_timeout_s``): every loop backs off
+(up to ``max_backoff_s``) and retries, a send waits (its input stays
+unacknowledged), and the counts are in :attr:`stats`, logged, and exported as
+OpenTelemetry metrics (``penguiflow.bus.*``). A Redis that restarts keeps entries
+only if it persists them (AOF): see the distributed guide.
 """
 
 from __future__ import annotations
@@ -69,11 +70,15 @@ _LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 #: enough for the sends of a busy worker in flight together, few enough that the
 #: pool (shared with the readers, the keep-alive and the claimer) never runs dry.
 _SPARE_MAX = 8
+#: Settled entries remembered (see RedisMessageBus._claim): far more than the
+#: entries one claim can return (``prefetch``) that a reader could have settled
+#: while the claim was in flight.
+_SETTLED_LATELY_MAX = 4096
 #: The keywords that may ride on the URL (``from_url``), with their types.
 _URL_KEYWORDS: dict[str, type] = {
     "namespace": str, "claim_idle_s": float, "dedup_ttl_s": float, "join_ttl_s": float,
     "reply_ttl_s": float, "max_deliveries": int, "block_ms": int, "max_backoff_s": float,
-    "prefetch": int}
+    "prefetch": int, "link_timeout_s": float}
 _STATS = ("sent", "duplicates", "full_waits", "delivered", "claimed", "settled",
           "cancels_sent", "cancels_received", "link_errors", "reconnects", "undecodable",
           "dead_lettered", "recovered")
@@ -134,8 +139,9 @@ class RedisMessageBus:
                  reply_ttl_s: float = 3600.0, max_deliveries: int = 5,
                  block_ms: int = 1000, max_backoff_s: float = 5.0, prefetch: int = 16,
                  types: Iterable[type[BaseModel]] = (), client: Any = None,
-                 meter_provider: Any = None) -> None:
-        for name, value in (("claim_idle_s", claim_idle_s), ("max_backoff_s", max_backoff_s)):
+                 meter_provider: Any = None, link_timeout_s: float = 30.0) -> None:
+        for name, value in (("claim_idle_s", claim_idle_s), ("max_backoff_s", max_backoff_s),
+                            ("link_timeout_s", link_timeout_s)):
             if not value > 0:
                 raise InvalidArgument(f"{name} must be > 0 seconds; got {value!r}")
         for name, value in (("dedup_ttl_s", dedup_ttl_s), ("join_ttl_s", join_ttl_s),
@@ -163,6 +169,11 @@ class RedisMessageBus:
         self.block_ms = int(block_ms)
         self.max_backoff_s = float(max_backoff_s)
         self.prefetch = int(prefetch)
+        #: Longest wait for a reply (beyond a blocking read's ``block_ms``) before the
+        #: link counts as broken: closed, reconnected, the call retried. A link that
+        #: died silently (a NAT or firewall dropping an idle connection, a peer
+        #: frozen) would otherwise hold a call until TCP gives up, ~15 minutes.
+        self.link_timeout_s = float(link_timeout_s)
         #: Extra models rebuilt by name on receipt (the flow adds its registry's).
         self.types: tuple[type[BaseModel], ...] = tuple(types)
         self._meter_provider = meter_provider
@@ -189,6 +200,9 @@ class RedisMessageBus:
         self._scripts: dict[str, Any] = {}
         #: Idle connections of the bus's own for script calls (see :meth:`_eval`).
         self._spare: list[Any] = []
+        #: The last entries settled here, (stream, entry id), oldest first: a claim
+        #: sent before one was settled may still return it (see :meth:`_claim`).
+        self._settled_lately: dict[tuple[str, str], None] = {}
         #: Counters (see the module docstring); also OTel metrics ``penguiflow.bus.<name>``.
         self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
 
@@ -260,8 +274,13 @@ class RedisMessageBus:
         self._stopping = False
         self._reading = True
         if self._redis is None:
-            self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=5,
-                                                  health_check_interval=10)
+            # For redis-py's own calls (keep-alive, claims, cancels, set-up); the
+            # bus's exchanges set theirs (see _own). A socket_timeout in the URL
+            # (redis-py's own option) wins over ours.
+            self._redis = aioredis.Redis.from_url(
+                self.url, socket_connect_timeout=5, health_check_interval=10,
+                socket_timeout=self.link_timeout_s + self.block_ms / 1000,
+                socket_keepalive=True)
         r = self._redis
         self._scripts = {name: r.register_script(getattr(_scripts, name))
                          for name in ("SEND", "SETTLE", "GATHER", "RETIRE")}
@@ -437,15 +456,16 @@ class RedisMessageBus:
                     continue
                 try:
                     if conn is None:
-                        conn = await pool.get_connection()
+                        conn = _own(await pool.get_connection())
                         packed = conn.pack_command(
                             "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", self.prefetch,
                             "BLOCK", self.block_ms, "STREAMS", stream, ">")
                     if recover:
                         await self._recover(conn, stream, consumer)
                         recover = False
-                    await conn.send_packed_command(packed, check_health=False)
-                    reply = await conn.read_response()
+                    async with asyncio.timeout(self.block_ms / 1000 + self.link_timeout_s):
+                        await conn.send_packed_command(packed, check_health=False)
+                        reply = await conn.read_response()
                     self._link_up()
                 except _LINK_ERRORS as exc:
                     await _drop(pool, conn)
@@ -491,10 +511,11 @@ class RedisMessageBus:
         and this process does not hold (a read's reply lost with the link)."""
         after = "0"
         while True:
-            await conn.send_packed_command(conn.pack_command(
-                "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", self.prefetch,
-                "STREAMS", stream, after), check_health=False)
-            reply = await conn.read_response()
+            async with asyncio.timeout(self.link_timeout_s):
+                await conn.send_packed_command(conn.pack_command(
+                    "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", self.prefetch,
+                    "STREAMS", stream, after), check_health=False)
+                reply = await conn.read_response()
             entries = [e for _s, es in (reply.items() if isinstance(reply, dict) else
                                         reply or ()) for e in es]
             if not entries:
@@ -583,10 +604,14 @@ class RedisMessageBus:
                         "entries": [f"{batch[int(i) - 1][0]}/{batch[int(i) - 1][1]}"
                                     for i in failed[:20]], "refused": len(failed)})
                 self.stats["settled"] += len(batch) - len(failed or ())
+                lately = self._settled_lately
                 for stream, entry in batch:
                     held = self._in_hand.get(stream)
                     if held is not None:
                         held.discard(entry)
+                    lately[stream, entry] = None
+                while len(lately) > _SETTLED_LATELY_MAX:
+                    del lately[next(iter(lately))]
                 if not any(self._in_hand.values()):
                     self._drained.set()
             self._flushed.set()
@@ -659,10 +684,13 @@ class RedisMessageBus:
             return
         claimed = await self._redis.xclaim(stream, GROUP, consumer, idle_ms, list(held))
         # A reader recovering after a broken link may have taken one of these while
-        # XCLAIM was in flight: checked against the live set and held with no await
-        # in between, so each entry is delivered once here.
+        # XCLAIM was in flight, and even run and settled it since: checked against
+        # the live set and the entries settled lately, and held with no await in
+        # between, so each entry is delivered once here.
         mine = self._in_hand.setdefault(stream, set())
-        taken = {_str(entry) for entry, _fields in claimed} & mine
+        lately = self._settled_lately
+        taken = {entry_id for entry_id in map(_str, (e for e, _f in claimed))
+                 if entry_id in mine or (stream, entry_id) in lately}
         for entry, fields in claimed:  # all in hand at once, as a read's (see _read)
             if fields and _str(entry) not in taken:
                 self._hold(stream, _str(entry))
@@ -771,20 +799,21 @@ class RedisMessageBus:
         """
         script = self._scripts[name]
         pool = self._redis.connection_pool
-        conn = self._spare.pop() if self._spare else await pool.get_connection()
+        conn = self._spare.pop() if self._spare else _own(await pool.get_connection())
         whole = False
         try:
-            try:
-                await conn.send_packed_command(conn.pack_command(
-                    "EVALSHA", script.sha, len(keys), *keys, *args), check_health=True)
-                reply = await conn.read_response()
-            except NoScriptError:
-                await conn.send_packed_command(conn.pack_command(
-                    "SCRIPT", "LOAD", script.script), check_health=False)
-                await conn.read_response()
-                await conn.send_packed_command(conn.pack_command(
-                    "EVALSHA", script.sha, len(keys), *keys, *args), check_health=False)
-                reply = await conn.read_response()
+            async with asyncio.timeout(self.link_timeout_s):
+                try:
+                    await conn.send_packed_command(conn.pack_command(
+                        "EVALSHA", script.sha, len(keys), *keys, *args), check_health=True)
+                    reply = await conn.read_response()
+                except NoScriptError:
+                    await conn.send_packed_command(conn.pack_command(
+                        "SCRIPT", "LOAD", script.script), check_health=False)
+                    await conn.read_response()
+                    await conn.send_packed_command(conn.pack_command(
+                        "EVALSHA", script.sha, len(keys), *keys, *args), check_health=False)
+                    reply = await conn.read_response()
             whole = True
             return reply
         except ResponseError:
@@ -801,7 +830,7 @@ class RedisMessageBus:
             elif len(self._spare) < _SPARE_MAX:
                 self._spare.append(conn)
             else:
-                await pool.release(conn)
+                await pool.release(_shared(pool, conn))
 
     # -- the link --------------------------------------------------------------------
 
@@ -888,6 +917,21 @@ def _read_entries(reply: Any) -> Iterator[tuple[Any, Any]]:
                     yield entry[0], entry[1]
 
 
+def _own(conn: Any) -> Any:
+    """A pool's connection taken for the bus's own exchanges (scripts, blocking
+    reads), whose deadlines the bus sets itself (``asyncio.timeout`` around each
+    exchange): redis-py's ``socket_timeout`` would wrap every write in
+    ``asyncio.wait_for``, a task and a loop turn more per send on every hop."""
+    conn.socket_timeout = None
+    return conn
+
+
+def _shared(pool: Any, conn: Any) -> Any:
+    """``conn`` with the pool's own socket timeout again, to be given back."""
+    conn.socket_timeout = pool.connection_kwargs.get("socket_timeout")
+    return conn
+
+
 async def _drop(pool: Any, conn: Any) -> None:
     """Close a connection of the bus's own and give it back to ``pool`` (None:
     nothing). The slot goes back to the pool even when closing fails or the caller
@@ -898,7 +942,7 @@ async def _drop(pool: Any, conn: Any) -> None:
                 await conn.disconnect(nowait=True)
         finally:
             with contextlib.suppress(Exception):
-                await pool.release(conn)
+                await pool.release(_shared(pool, conn))
 
 
 def _pairs(flat: Any) -> Mapping[bytes, bytes]:
