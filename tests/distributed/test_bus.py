@@ -334,6 +334,10 @@ async def test_a_settle_redis_refuses_loses_only_its_own_entry(
                              "the refused settle logged")
         assert (await redis.xpending(good, "pf"))["pending"] == 0
         assert await redis.xlen(good) == 0 and bus.stats["settled"] == before + 1
+        # Only the settled one is remembered as settled: the refused one is still
+        # pending, and a claim must be free to take it again.
+        assert (good, entry.decode()) in bus._settled_lately
+        assert (bad, "1-0") not in bus._settled_lately
         # The flow goes on.
         await pair.client.emit(msg("after:"))
         assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "after:abcde"
@@ -442,8 +446,8 @@ async def test_an_entry_recovered_and_settled_while_a_claim_was_in_flight_runs_o
 
         async def xclaim_then_recover(*args: Any, **kwargs: Any) -> Any:
             claimed = await claim(*args, **kwargs)  # done at Redis; its reply not yet seen
-            bus._reading = True  # the node may run and settle what _recover delivers
             await bus._recover(conn, stream, consumer)
+            # The node runs what _recover delivered and its input is settled.
             await eventually(lambda: not any(bus._in_hand.values()), "recovered, settled")
             return claimed
 
@@ -454,10 +458,39 @@ async def test_an_entry_recovered_and_settled_while_a_claim_was_in_flight_runs_o
             bus._redis.xclaim = claim  # type: ignore[method-assign]
             await bus._redis.connection_pool.release(conn)
         assert (bus.stats["recovered"], bus.stats["claimed"]) == (1, 0)
+        bus._reading = True
         got = await asyncio.wait_for(pair.client.fetch(), 10)
         assert (got.payload, got.trace_id) == ("x:bcde", sent.trace_id)
         await eventually(lambda: not any(bus._in_hand.values()), "the entry was settled")
         assert bus.stats["delivered"] == 4  # a->b and the three hops after it, once each
+    finally:
+        await pair.stop()
+
+
+async def test_a_recovering_reader_skips_an_entry_settled_since_its_read_was_sent(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    # The read-back's reply can come after the settle of an entry it lists (run and
+    # settled here meanwhile): that entry is not delivered again.
+    pair = await Pair(dist_flows.chain, redis_url, namespace, claim_idle_s=1000).start()
+    try:
+        bus, consumer = pair.worker_bus, pair.worker.flow_id
+        stream = bus.edge_stream("a->b")
+        bus._reading = False
+        # The blocked read ends (its link cut) and the reader parks.
+        await redis.client_kill_filter(_type="normal", skipme=True)
+        await eventually(lambda: bus.stats["link_errors"] >= 1, "the reader saw the link break")
+        sent = msg("x:")
+        entry = await redis.xadd(stream, {
+            b"e": "a->b", b"d": dumps_item(sent), b"t": sent.trace_id,
+            b"m": f"{pair.client.flow_id} hop1 - {time.time()!r} -"})
+        assert await redis.xreadgroup("pf", consumer, {stream: ">"})  # the lost read
+        bus._settled_lately[stream, entry.decode()] = None  # as if run and settled
+        conn = await bus._redis.connection_pool.get_connection()
+        try:
+            await bus._recover(conn, stream, consumer)
+        finally:
+            await bus._redis.connection_pool.release(conn)
+        assert bus.stats["recovered"] == 0 and not bus._in_hand.get(stream)
     finally:
         await pair.stop()
 

@@ -40,8 +40,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +72,13 @@ _LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 #: enough for the sends of a busy worker in flight together, few enough that the
 #: pool (shared with the readers, the keep-alive and the claimer) never runs dry.
 _SPARE_MAX = 8
+#: TCP keep-alive: a probe after 30 s of silence, every 10 s, 3 unanswered = dead
+#: (the OS default waits 2 hours): keeps a NAT's or firewall's entry for an idle
+#: connection alive, and notices a dead peer on a connection waiting for nothing.
+_KEEPALIVE: dict[int, int] = {
+    opt: value for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10),
+                                   ("TCP_KEEPCNT", 3))
+    if (opt := getattr(socket, name, None)) is not None}
 #: Settled entries remembered (see RedisMessageBus._claim): far more than the
 #: entries one claim can return (``prefetch``) that a reader could have settled
 #: while the claim was in flight.
@@ -202,7 +211,7 @@ class RedisMessageBus:
         self._spare: list[Any] = []
         #: The last entries settled here, (stream, entry id), oldest first: a claim
         #: sent before one was settled may still return it (see :meth:`_claim`).
-        self._settled_lately: dict[tuple[str, str], None] = {}
+        self._settled_lately: OrderedDict[tuple[str, str], None] = OrderedDict()
         #: Counters (see the module docstring); also OTel metrics ``penguiflow.bus.<name>``.
         self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
 
@@ -280,7 +289,7 @@ class RedisMessageBus:
             self._redis = aioredis.Redis.from_url(
                 self.url, socket_connect_timeout=5, health_check_interval=10,
                 socket_timeout=self.link_timeout_s + self.block_ms / 1000,
-                socket_keepalive=True)
+                socket_keepalive=True, socket_keepalive_options=_KEEPALIVE)
         r = self._redis
         self._scripts = {name: r.register_script(getattr(_scripts, name))
                          for name in ("SEND", "SETTLE", "GATHER", "RETIRE")}
@@ -528,8 +537,8 @@ class RedisMessageBus:
             fresh, deleted = [], []
             for entry, flat in entries:
                 after = _str(entry)
-                if after in held:
-                    continue
+                if after in held or (stream, after) in self._settled_lately:
+                    continue  # held here, or run and settled since this read was sent
                 if not flat:  # deleted while pending: nothing to run, only to drop
                     deleted.append(after)
                     continue
@@ -604,14 +613,16 @@ class RedisMessageBus:
                         "entries": [f"{batch[int(i) - 1][0]}/{batch[int(i) - 1][1]}"
                                     for i in failed[:20]], "refused": len(failed)})
                 self.stats["settled"] += len(batch) - len(failed or ())
+                refused = {int(i) - 1 for i in failed or ()}
                 lately = self._settled_lately
-                for stream, entry in batch:
+                for at, (stream, entry) in enumerate(batch):
                     held = self._in_hand.get(stream)
                     if held is not None:
                         held.discard(entry)
-                    lately[stream, entry] = None
+                    if at not in refused:  # a refused one is still pending: claimable
+                        lately[stream, entry] = None
                 while len(lately) > _SETTLED_LATELY_MAX:
-                    del lately[next(iter(lately))]
+                    lately.popitem(last=False)
                 if not any(self._in_hand.values()):
                     self._drained.set()
             self._flushed.set()
@@ -820,9 +831,8 @@ class RedisMessageBus:
             whole = True  # an error reply is a whole reply: the link is in step
             raise
         except _LINK_ERRORS:
-            stale, self._spare = self._spare, []
-            for other in stale:
-                await _drop(pool, other)
+            while self._spare:
+                await _drop(pool, self._spare.pop())
             raise
         finally:
             if not whole or self._stopping:
@@ -921,14 +931,19 @@ def _own(conn: Any) -> Any:
     """A pool's connection taken for the bus's own exchanges (scripts, blocking
     reads), whose deadlines the bus sets itself (``asyncio.timeout`` around each
     exchange): redis-py's ``socket_timeout`` would wrap every write in
-    ``asyncio.wait_for``, a task and a loop turn more per send on every hop."""
+    ``asyncio.wait_for``, a task and a loop turn more per send on every hop. The
+    connection's own timeout is kept aside for :func:`_shared`."""
+    if not hasattr(conn, "_pf_socket_timeout"):
+        conn._pf_socket_timeout = conn.socket_timeout
     conn.socket_timeout = None
     return conn
 
 
 def _shared(pool: Any, conn: Any) -> Any:
-    """``conn`` with the pool's own socket timeout again, to be given back."""
-    conn.socket_timeout = pool.connection_kwargs.get("socket_timeout")
+    """``conn`` with its own socket timeout again (see :func:`_own`), to be given back
+    to ``pool`` (a user's client's pool keeps its settings)."""
+    if hasattr(conn, "_pf_socket_timeout"):
+        conn.socket_timeout = conn._pf_socket_timeout
     return conn
 
 
