@@ -137,6 +137,13 @@ class RedisMessageBus:
             (not closed by the bus).
         meter_provider: where the ``penguiflow.bus.*`` counters go (default: the
             global OpenTelemetry MeterProvider; a no-op until one is configured).
+        link_timeout_s: longest wait for a reply (beyond ``block_ms`` for a
+            blocking read) before the connection counts as broken: closed,
+            reconnected, the call retried. A link that died silently (a NAT or a
+            firewall dropping it, a frozen Redis) is noticed this late, not after
+            TCP's ~15 minutes. With a ``client`` you pass, the bus's own
+            exchanges (scripts, reads) use it; redis-py's calls keep the
+            client's ``socket_timeout``.
 
     Raises:
         InvalidArgument: (a ``ValueError``) a value out of range.
