@@ -29,8 +29,11 @@ from penguiflow_exporters._records import (
     check_rows,
     decode_block,
     encode_block,
+    fold_rows,
     row_of,
     rows_of,
+    split_fresh,
+    tuple_rows,
 )
 
 
@@ -56,6 +59,33 @@ def test_a_block_round_trips_runtime_records_and_stored_events() -> None:
     assert back[1].parent_invocation_ids == ("x", "y")
     assert back[2].extra == {"k": "v"}
     assert all(type(row) is Row for row in back)
+
+
+def test_plain_tuple_rows_are_written_exactly_as_rows() -> None:
+    # The host-side writers take plain tuples (tuple_rows): the same values, and
+    # every step of the write path gives the same answer for them as for Rows.
+    stored = StoredEvent("t-2", 5.0, "node_failed", "b", "b-id", {"a": 1}, flow_id="f",
+                         seq=9, attempt=0)
+    lost = StoredEvent("t-2", 6.0, _records.LOST_KIND, None, None,
+                       {"events_lost": 3, "reason": "x"}, flow_id="f", seq=10)
+    items = [record(), record(seq=2, kind="node_success"), stored, lost,
+             (*record(seq=3), None)]
+    rows, plain = rows_of(items), tuple_rows(items)
+    assert plain == [tuple(row) for row in rows]
+    assert all(type(row) is tuple for row in plain)
+    assert decode_block(encode_block(plain[:2])) == rows[:2]
+    assert _records.group_by_trace(plain) == {
+        key: [tuple(r) for r in group] for key, group in _records.group_by_trace(rows).items()}
+    terminal, errors = frozenset({"node_success", "node_failed"}), frozenset({"node_failed"})
+    folds = [fold_rows(x, terminal=terminal, errors=errors) for x in (rows, plain)]
+    assert [{k: (f.events, f.starts, f.open, f.failed, f.events_lost, f.nodes)
+             for k, f in fold.items()} for fold in folds] == [
+        {"t-1": (3, 2, 1, False, 0, {"a"}), "t-2": (2, 0, -1, True, 3, set())}] * 2
+    assert split_fresh(plain, {"flow-r": [(1, 2)]}) == split_fresh(rows, {"flow-r": [(1, 2)]})
+    # One bad row is refused alone, with its reason, whichever form it takes.
+    bad = [*plain, tuple(row_of(record(trace="t\x00")))]
+    assert check_rows(bad) == check_rows([*rows, row_of(record(trace="t\x00"))])
+    assert check_rows(bad)[0][0] == len(plain)
 
 
 _text = st.text(alphabet=st.characters(codec=None), max_size=40)  # NUL, surrogates, ESC...

@@ -49,15 +49,16 @@ from ._records import (
     Block,
     Fold,
     Ranges,
-    Row,
+    RowLike,
     WriteReply,
     block_rows,
     check_rows,
+    flow_id_of,
     fold_rows,
     group_by_trace,
     loads_rows,
-    rows_of,
     split_fresh,
+    tuple_rows,
 )
 from ._serve import serve
 from .writer import WriteResult
@@ -166,9 +167,9 @@ class PostgresWriter:
 
     async def write(self, items: Sequence[Any]) -> WriteResult:
         """Store ``items`` (EventRecords, StoredEvents, Rows) in one transaction."""
-        return WriteResult(*await self.write_rows(rows_of(items)))
+        return WriteResult(*await self.write_rows(tuple_rows(items)))
 
-    async def write_rows(self, rows: Sequence[Row]) -> WriteReply:
+    async def write_rows(self, rows: Sequence[RowLike]) -> WriteReply:
         """Store ``rows`` in one transaction; the positions skipped and refused (and no
         notices: this writer has none)."""
         try:
@@ -211,14 +212,14 @@ class PostgresWriter:
             except Exception:
                 conn.terminate()
 
-    async def _transaction(self, conn: Any, rows: Sequence[Row]) -> WriteReply:
+    async def _transaction(self, conn: Any, rows: Sequence[RowLike]) -> WriteReply:
         # check_rows checks a batch by its distinct values (~0.2 us per event against
         # ~5 for check_row per row), seqs within int8 included.
         rejected = check_rows(rows, self._encoding)
         refused = {i for i, _ in rejected}
         positions = [i for i in range(len(rows)) if i not in refused] if refused \
             else list(range(len(rows)))  # of the rows kept, in `rows`
-        good: list[Row] = [rows[i] for i in positions]
+        good: list[RowLike] = [rows[i] for i in positions]
         if not good:
             return [], rejected, []
         sql = self._sql
@@ -255,9 +256,9 @@ class PostgresWriter:
                                sql.channel, notify_payloads(groups))
         return skipped, rejected, []
 
-    async def _stored_ranges(self, conn: Any, rows: Iterable[Row]) -> dict[Any, Ranges]:
+    async def _stored_ranges(self, conn: Any, rows: Iterable[RowLike]) -> dict[Any, Ranges]:
         """The stored seq ranges of the flows of ``rows`` (see split_fresh)."""
-        flows = {row.flow_id for row in rows}
+        flows = set(map(flow_id_of, rows))
         flows.discard(None)
         if not flows:
             return {}
@@ -306,7 +307,7 @@ class PostgresWriter:
         return {row[0]: (row[1], row[2]) for row in rows}
 
 
-def _blocks_of(groups: Mapping[Any, Sequence[Row]], block_events: int, ascii_only: bool
+def _blocks_of(groups: Mapping[Any, Sequence[RowLike]], block_events: int, ascii_only: bool
                ) -> Iterator[Block]:
     """The blocks of ``groups`` (block_rows), each encoded when it is taken."""
     for trace_id, group in groups.items():

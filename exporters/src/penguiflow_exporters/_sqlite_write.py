@@ -37,21 +37,23 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ._records import (
     BlockError,
     Fold,
     Ranges,
-    Row,
+    RowLike,
     WriteReply,
     block_rows,
     check_rows,
+    flow_id_of,
     fold_rows,
     group_by_trace,
     loads_rows,
     split_fresh,
+    trace_id_of,
 )
 from ._serve import serve
 
@@ -370,7 +372,7 @@ class SQLiteWriter:
                  "was writing to it; the store reopened the path (events written before "
                  "went with the old file)")]
 
-    def write(self, rows: list[Row]) -> WriteReply:
+    def write(self, rows: Sequence[RowLike]) -> WriteReply:
         """Store ``rows`` (see the writer contract in ``writer.py``).
 
         Returns:
@@ -397,7 +399,7 @@ class SQLiteWriter:
         self._maintain_wal()
         return skipped, rejected, notices
 
-    def _store(self, rows: list[Row]) -> list[int]:
+    def _store(self, rows: Sequence[RowLike]) -> list[int]:
         conn = self._conn
         assert conn is not None
         if not rows:
@@ -406,7 +408,7 @@ class SQLiteWriter:
         conn.execute("BEGIN IMMEDIATE")
         try:
             trace_keys, new_traces, flow_keys, new_flows = self._keys(
-                (row.trace_id for row in rows), (row.flow_id for row in rows))
+                map(trace_id_of, rows), map(flow_id_of, rows))
             skipped, ranges = split_fresh(rows, self._stored_ranges(flow_keys, new_flows))
             if skipped:
                 dropped = set(skipped)

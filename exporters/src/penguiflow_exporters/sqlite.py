@@ -63,7 +63,7 @@ from penguiflow.state import (
 
 from ._base import ProcessedStore
 from ._events import events_of
-from ._records import BlockError, decode_block, rows_of
+from ._records import BlockError, decode_block, tuple_rows
 from ._sqlite_write import (
     BUSY_TIMEOUT_MS,
     SCHEMA_VERSION,
@@ -207,7 +207,7 @@ class _ThreadWriter:
 
     def _write_sync(self, items: Sequence[Any]) -> Any:
         self._sync.open()
-        return self._sync.write(rows_of(items))
+        return self._sync.write(tuple_rows(items))
 
     async def write(self, items: Sequence[Any]) -> WriteResult:
         skipped, rejected, notices = await self._run(self._write_sync, items)
