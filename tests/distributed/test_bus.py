@@ -259,6 +259,39 @@ async def test_an_entry_every_taker_died_on_goes_to_the_dead_letter_stream(
         await pair.stop()
 
 
+async def test_dead_lettering_moves_the_entry_in_one_step(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    # The entry is added to the dead-letter stream and removed from its edge in one
+    # Redis call: with the later settle never happening (a crash right after), it
+    # is already gone from the edge and its pending list, so it is not dead-lettered
+    # a second time by the next claimer.
+    pair = await Pair(dist_flows.chain, redis_url, namespace, max_deliveries=2,
+                      claim_idle_s=0.3).start(worker=False)
+    stream = f"{namespace}:chain:edge:OpenSea->a"
+    try:
+        await redis.xgroup_create(stream, "pf", id="0", mkstream=True)
+        await pair.client.emit(msg("poison:", trace_id="dl1"))
+        await redis.xreadgroup("pf", "died-1", {stream: ">"}, count=1)
+        [entry] = await redis.xpending_range(stream, "pf", min="-", max="+", count=1)
+        await redis.xclaim(stream, "pf", "died-2", 0, [entry["message_id"]])
+        settled: list[Any] = []
+
+        async def no_settle(inbound: Any) -> None:  # the process "dies" before it
+            settled.append(inbound)
+
+        pair.worker_bus.settle = no_settle  # type: ignore[method-assign]
+        pair.worker.run(message_bus=pair.worker_bus)
+        await eventually(lambda: pair.worker_bus.stats["dead_lettered"] == 1,
+                         "the entry dead-lettered", timeout=10)
+        assert len(await redis.xrange(f"{namespace}:chain:dead:OpenSea->a")) == 1
+        assert await redis.xlen(stream) == 0
+        assert (await redis.xpending(stream, "pf"))["pending"] == 0
+        assert settled  # the settle did come after (and found nothing left to do)
+    finally:
+        pair.worker_bus._in_hand.clear()
+        await pair.stop()
+
+
 _RUNS: dict[str, int] = {}
 
 

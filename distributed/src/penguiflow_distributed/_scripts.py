@@ -15,6 +15,10 @@ GATHER  KEYS: items list, members set. ARGV: member, data, k, TTL (s). Adds ``da
         once per member; returns {complete, was_new, items...}: the first ``k`` items in
         arrival order once there are ``k`` (every time it is asked again: a redelivered
         input finds the same group), else {0, was_new}.
+DEAD    KEYS: dead-letter stream, the entry's stream. ARGV: group, entry id, then
+        field/value pairs. Adds the entry to the dead-letter stream, then
+        acknowledges and deletes it where it was, in one step: a process that dies
+        in between cannot leave it in both (it would be dead-lettered twice).
 RETIRE  KEYS: streams. ARGV: group, consumer. Drops ``consumer`` from each stream's
         group when it holds no pending entry there (a clean stop); a consumer that
         still holds entries is kept, so they can be claimed. Returns how many were
@@ -46,6 +50,13 @@ for i, stream in ipairs(KEYS) do
   end
 end
 return refused
+"""
+
+DEAD = """
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+return 1
 """
 
 GATHER = """

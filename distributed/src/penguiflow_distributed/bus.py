@@ -299,7 +299,7 @@ class RedisMessageBus:
                 socket_keepalive=True, socket_keepalive_options=_KEEPALIVE)
         r = self._redis
         self._scripts = {name: r.register_script(getattr(_scripts, name))
-                         for name in ("SEND", "SETTLE", "GATHER", "RETIRE")}
+                         for name in ("SEND", "SETTLE", "GATHER", "RETIRE", "DEAD")}
         streams = [self.edge_stream(e.label) for e in binding.edges.values()
                    if e.local and not e.to_rookery]
         streams.append(self.reply_stream(binding.worker_id))
@@ -740,9 +740,13 @@ class RedisMessageBus:
         reason = (f"delivered {times} times (max_deliveries={self.max_deliveries}) and "
                   f"never settled: every process that took it stopped (last: "
                   f"{previous or '?'}); kept in {self.dead_stream(label)}")
-        await self._redis.xadd(self.dead_stream(label), {
-            **fields, b"entry": entry_id, b"deliveries": str(times),
-            b"previous_worker": previous or "", b"reason": reason})
+        # Moved in one step (the DEAD script): a crash cannot leave it both here and
+        # there. The settle below (a no-op at Redis by then) ends its time in hand.
+        pairs = {**fields, b"entry": entry_id, b"deliveries": str(times),
+                 b"previous_worker": previous or "", b"reason": reason}
+        await self._retrying("dead-letter", self._eval, "DEAD",
+                             [self.dead_stream(label), stream],
+                             [GROUP, entry_id, *(x for kv in pairs.items() for x in kv)])
         self.stats["dead_lettered"] += 1
         handle = self._hold(stream, entry_id)
         try:
