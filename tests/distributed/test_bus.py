@@ -292,6 +292,36 @@ async def test_dead_lettering_moves_the_entry_in_one_step(
         await pair.stop()
 
 
+async def test_dead_lettering_is_idempotent_and_takes_a_foreign_entry_of_many_fields(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    pair = await Pair(dist_flows.chain, redis_url, namespace, max_deliveries=2,
+                      claim_idle_s=0.3).start(worker=False)
+    bus = pair.worker_bus
+    stream = f"{namespace}:chain:edge:OpenSea->a"
+    dead = f"{namespace}:chain:dead:OpenSea->a"
+    try:
+        await redis.xgroup_create(stream, "pf", id="0", mkstream=True)
+        sent = msg("many:", trace_id="dl2")
+        # Past what Lua's unpack takes (~8,000 values): the parcel's own fields are kept.
+        junk = {f"x{i}".encode(): b"v" for i in range(5000)}
+        entry = (await redis.xadd(stream, {
+            b"e": "OpenSea->a", b"d": dumps_item(sent), b"t": sent.trace_id,
+            b"m": f"{pair.client.flow_id} hop-dl2 - {time.time()!r} -", **junk})).decode()
+        await redis.xreadgroup("pf", "died-1", {stream: ">"}, count=1)
+        await redis.xclaim(stream, "pf", "died-2", 0, [entry])
+        pair.worker.run(message_bus=bus)
+        await eventually(lambda: bus.stats["dead_lettered"] == 1, "dead-lettered", timeout=10)
+        [(_id, fields)] = await redis.xrange(dead)
+        assert fields[b"dropped_fields"] == b"5000" and fields[b"entry"] == entry.encode()
+        assert {b"e", b"d", b"t", b"m"} <= set(fields) and b"x1" not in fields
+        assert await redis.xlen(stream) == 0
+        # Asked again (a retry after a lost reply): the entry is gone, nothing added.
+        assert await bus._eval("DEAD", [dead, stream], ["pf", entry, b"k", b"v"]) == 0
+        assert await redis.xlen(dead) == 1
+    finally:
+        await pair.stop()
+
+
 _RUNS: dict[str, int] = {}
 
 

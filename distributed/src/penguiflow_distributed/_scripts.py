@@ -19,6 +19,8 @@ DEAD    KEYS: dead-letter stream, the entry's stream. ARGV: group, entry id, the
         field/value pairs. Adds the entry to the dead-letter stream, then
         acknowledges and deletes it where it was, in one step: a process that dies
         in between cannot leave it in both (it would be dead-lettered twice).
+        Returns 0, doing nothing, when the entry is gone already (a retry after a
+        lost reply, or its holder settled it meanwhile), else 1.
 RETIRE  KEYS: streams. ARGV: group, consumer. Drops ``consumer`` from each stream's
         group when it holds no pending entry there (a clean stop); a consumer that
         still holds entries is kept, so they can be claimed. Returns how many were
@@ -53,6 +55,7 @@ return refused
 """
 
 DEAD = """
+if #redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2]) == 0 then return 0 end
 redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[2], ARGV[2])

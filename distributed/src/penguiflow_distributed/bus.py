@@ -83,6 +83,9 @@ _KEEPALIVE: dict[int, int] = {
 #: entries one claim can return (``prefetch``) that a reader could have settled
 #: while the claim was in flight.
 _SETTLED_LATELY_MAX = 4096
+#: A dead-lettered entry keeps all its fields up to this many (see _dead_letter).
+_DEAD_FIELDS_MAX = 256
+_PARCEL_FIELDS = frozenset({b"e", b"d", b"t", b"m"})
 #: The keywords that may ride on the URL (``from_url``), with their types.
 _URL_KEYWORDS: dict[str, type] = {
     "namespace": str, "claim_idle_s": float, "dedup_ttl_s": float, "join_ttl_s": float,
@@ -741,9 +744,16 @@ class RedisMessageBus:
                   f"never settled: every process that took it stopped (last: "
                   f"{previous or '?'}); kept in {self.dead_stream(label)}")
         # Moved in one step (the DEAD script): a crash cannot leave it both here and
-        # there. The settle below (a no-op at Redis by then) ends its time in hand.
-        pairs = {**fields, b"entry": entry_id, b"deliveries": str(times),
+        # there. The settle below (a no-op at Redis by then) ends its time in hand;
+        # a process dying before it records message_undeliverable loses only that
+        # event. A foreign entry of very many fields keeps the parcel's own (the
+        # script passes them through Lua's unpack, which takes ~8,000 values).
+        kept = fields if len(fields) <= _DEAD_FIELDS_MAX else {
+            k: v for k, v in fields.items() if k in _PARCEL_FIELDS}
+        pairs = {**kept, b"entry": entry_id, b"deliveries": str(times),
                  b"previous_worker": previous or "", b"reason": reason}
+        if kept is not fields:
+            pairs[b"dropped_fields"] = str(len(fields) - len(kept))
         await self._retrying("dead-letter", self._eval, "DEAD",
                              [self.dead_stream(label), stream],
                              [GROUP, entry_id, *(x for kv in pairs.items() for x in kv)])
