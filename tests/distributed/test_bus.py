@@ -322,6 +322,34 @@ async def test_dead_lettering_is_idempotent_and_takes_a_foreign_entry_of_many_fi
         await pair.stop()
 
 
+async def test_an_entry_that_cannot_be_dead_lettered_strands_no_other_claimed_entry(
+        redis_url: str, namespace: str, redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    pair = await Pair(dist_flows.chain, redis_url, namespace, max_deliveries=2,
+                      claim_idle_s=0.3).start(worker=False)
+    bus = pair.worker_bus
+    stream = f"{namespace}:chain:edge:OpenSea->a"
+    try:
+        await redis.xgroup_create(stream, "pf", id="0", mkstream=True)
+        # A key of another type where the dead letters go: Redis refuses the move.
+        await redis.set(f"{namespace}:chain:dead:OpenSea->a", "x")
+        await pair.client.emit(msg("poison:", trace_id="dl3"))
+        await pair.client.emit(msg("fine:", trace_id="ok3"))
+        # Both taken by a process that died; the first one twice (max_deliveries).
+        await redis.xreadgroup("pf", "died-1", {stream: ">"}, count=2)
+        first, _second = await redis.xpending_range(stream, "pf", min="-", max="+", count=2)
+        await redis.xclaim(stream, "pf", "died-2", 0, [first["message_id"]])
+        with caplog.at_level(logging.ERROR, logger="penguiflow_distributed"):
+            pair.worker.run(message_bus=bus)
+            # The second is claimed in the same batch and still runs.
+            got = await asyncio.wait_for(pair.client.fetch(), 10)
+            assert (got.trace_id, got.payload) == ("ok3", "fine:abcde")
+            await eventually(lambda: "bus_claim_entry_failed" in caplog.messages,
+                             "the refused move logged")
+    finally:
+        await redis.delete(f"{namespace}:chain:dead:OpenSea->a")
+        await pair.stop()
+
+
 _RUNS: dict[str, int] = {}
 
 

@@ -584,6 +584,14 @@ class RedisMessageBus:
         self._drained.clear()
         return _Handle(stream, entry_id)
 
+    def _let_go(self, stream: str, entry_id: str) -> None:
+        """Stop holding an entry not settled (it goes idle: claimable again)."""
+        held = self._in_hand.get(stream)
+        if held is not None:
+            held.discard(entry_id)
+        if not any(self._in_hand.values()):
+            self._drained.set()
+
     async def settle(self, inbound: Inbound) -> None:
         """Acknowledge and delete the entry of ``inbound``.
 
@@ -722,11 +730,19 @@ class RedisMessageBus:
             if not fields or entry_id in taken:
                 continue
             previous, times = held.get(entry_id, (None, 1))
-            if times >= self.max_deliveries:
-                await self._dead_letter(stream, entry_id, fields, times, previous)
-                continue
-            self.stats["claimed"] += 1
-            await self._deliver(stream, entry, fields, times + 1, previous=previous)
+            try:
+                if times >= self.max_deliveries:
+                    await self._dead_letter(stream, entry_id, fields, times, previous)
+                    continue
+                self.stats["claimed"] += 1
+                await self._deliver(stream, entry, fields, times + 1, previous=previous)
+            except Exception as exc:
+                # One entry Redis refuses to move (a dead-letter key of another type)
+                # loses only its turn: let go of it (claimed again later), go on with
+                # the rest, which are held and would otherwise never be delivered.
+                logger.error("bus_claim_entry_failed", extra={
+                    "stream": stream, "entry": entry_id, "error": repr(exc)[:300]})
+                self._let_go(stream, entry_id)
         for gone in set(held) - found:
             # Deleted while pending (or claimed by another process first): nothing to
             # run here; XACK drops a deleted one from the pending list, else a no-op.
