@@ -225,6 +225,15 @@ async def test_results_never_wait_for_a_client_that_went_away(
     assert consumers == []
 
 
+async def _taken_by_the_dead(redis: Any, stream: str, count: int = 1) -> None:
+    """The next ``count`` entries of ``stream`` taken by a process that died
+    ("died-1"), the first of them then by another that died too ("died-2"): the
+    first delivered twice, the others once, none settled."""
+    await redis.xreadgroup("pf", "died-1", {stream: ">"}, count=count)
+    first = (await redis.xpending_range(stream, "pf", min="-", max="+", count=1))[0]
+    await redis.xclaim(stream, "pf", "died-2", 0, [first["message_id"]])
+
+
 async def test_an_entry_every_taker_died_on_goes_to_the_dead_letter_stream(
         redis_url: str, namespace: str, redis: Any, caplog: pytest.LogCaptureFixture) -> None:
     store = InMemoryStateStore()
@@ -235,9 +244,7 @@ async def test_an_entry_every_taker_died_on_goes_to_the_dead_letter_stream(
         await redis.xgroup_create(stream, "pf", id="0", mkstream=True)
         await pair.client.emit(msg("poison:", trace_id="dl"))
         # Two processes took it and died before settling it (delivered twice).
-        await redis.xreadgroup("pf", "died-1", {stream: ">"}, count=1)
-        [entry] = await redis.xpending_range(stream, "pf", min="-", max="+", count=1)
-        await redis.xclaim(stream, "pf", "died-2", 0, [entry["message_id"]])
+        await _taken_by_the_dead(redis, stream)
         with caplog.at_level(logging.ERROR):
             pair.worker.run(message_bus=pair.worker_bus, state_store=store)
             await eventually(lambda: pair.worker_bus.stats["dead_lettered"] == 1,
@@ -271,9 +278,7 @@ async def test_dead_lettering_moves_the_entry_in_one_step(
     try:
         await redis.xgroup_create(stream, "pf", id="0", mkstream=True)
         await pair.client.emit(msg("poison:", trace_id="dl1"))
-        await redis.xreadgroup("pf", "died-1", {stream: ">"}, count=1)
-        [entry] = await redis.xpending_range(stream, "pf", min="-", max="+", count=1)
-        await redis.xclaim(stream, "pf", "died-2", 0, [entry["message_id"]])
+        await _taken_by_the_dead(redis, stream)
         settled: list[Any] = []
 
         async def no_settle(inbound: Any) -> None:  # the process "dies" before it
@@ -307,8 +312,7 @@ async def test_dead_lettering_is_idempotent_and_takes_a_foreign_entry_of_many_fi
         entry = (await redis.xadd(stream, {
             b"e": "OpenSea->a", b"d": dumps_item(sent), b"t": sent.trace_id,
             b"m": f"{pair.client.flow_id} hop-dl2 - {time.time()!r} -", **junk})).decode()
-        await redis.xreadgroup("pf", "died-1", {stream: ">"}, count=1)
-        await redis.xclaim(stream, "pf", "died-2", 0, [entry])
+        await _taken_by_the_dead(redis, stream)
         pair.worker.run(message_bus=bus)
         await eventually(lambda: bus.stats["dead_lettered"] == 1, "dead-lettered", timeout=10)
         [(_id, fields)] = await redis.xrange(dead)
@@ -335,9 +339,7 @@ async def test_an_entry_that_cannot_be_dead_lettered_strands_no_other_claimed_en
         await pair.client.emit(msg("poison:", trace_id="dl3"))
         await pair.client.emit(msg("fine:", trace_id="ok3"))
         # Both taken by a process that died; the first one twice (max_deliveries).
-        await redis.xreadgroup("pf", "died-1", {stream: ">"}, count=2)
-        first, _second = await redis.xpending_range(stream, "pf", min="-", max="+", count=2)
-        await redis.xclaim(stream, "pf", "died-2", 0, [first["message_id"]])
+        await _taken_by_the_dead(redis, stream, count=2)
         with caplog.at_level(logging.ERROR, logger="penguiflow_distributed"):
             pair.worker.run(message_bus=bus)
             # The second is claimed in the same batch and still runs.
