@@ -14,7 +14,12 @@ queue 64, 500 warm-up, a producer awaiting ``emit`` and a consumer awaiting
 * ``sqlite``: ``SQLiteStateStore`` with its defaults (100k-event buffer, writer
   process): what ``run.py``'s row measures;
 * ``sqlite-1M``: the same with a buffer that never fills in the window: the
-  store's cost in the flow's process, whatever the writer's pace.
+  store's cost in the flow's process, whatever the writer's pace;
+* ``postgres``: ``PostgresStateStore`` with its defaults, in a new schema per run
+  (dropped after it) on ``$PF_BENCH_PG_DSN`` / ``$TEST_PG_DSN``.
+
+``taskset -c 0 uv run python benchmarks/store_overhead.py --stores none,sqlite``
+gives the figures on one busy core: the flow and its writer process share it.
 
 ``durable`` adds ``stop()`` (which flushes the store) to the window. Medians.
 """
@@ -32,6 +37,7 @@ from typing import Any
 
 import flows
 import harness
+import stores
 
 from penguiflow import Node, NodePolicy, create
 from penguiflow.state import InMemoryStateStore
@@ -58,7 +64,15 @@ def _discard(values: tuple[Any, ...]) -> None:
     return None
 
 
-def _store(kind: str, directory: Path) -> Any:
+_PG: stores.PostgresKind | None = None
+
+
+async def _store(kind: str, directory: Path) -> Any:
+    global _PG
+    if kind == "postgres":
+        if _PG is None:
+            _PG = stores.PostgresKind()  # StoreUnavailable without a DSN: said, exit
+        return await _PG.new()
     if kind == "none":
         return None
     if kind in ("discard", "list"):
@@ -72,7 +86,7 @@ def _store(kind: str, directory: Path) -> Any:
 
 async def _one(kind: str, m: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        store = _store(kind, Path(tmp))
+        store = await _store(kind, Path(tmp))
         policy = NodePolicy(validate="none")
         nodes = [Node(flows.identity, name=f"s{i}", policy=policy) for i in range(5)]
         adjacencies: list[Any] = [nodes[i].to(nodes[i + 1]) for i in range(4)]
@@ -81,7 +95,7 @@ async def _one(kind: str, m: int) -> tuple[float, float]:
         flow = create(*adjacencies, queue_maxsize=flows.QUEUE_MAXSIZE, **extra)
         flow.run()
         await harness.pump(flow.emit, flow.fetch, flows.make_messages(500), 500)
-        if isinstance(store, SQLiteStateStore):
+        if kind.startswith(("sqlite", "postgres")):
             await store.flush()
         elapsed, out = await harness.pump(flow.emit, flow.fetch, flows.make_messages(m), m)
         if len(out) != m:
@@ -91,6 +105,9 @@ async def _one(kind: str, m: int) -> tuple[float, float]:
         stopping = time.perf_counter() - t0
         if isinstance(store, SQLiteStateStore):
             await store.close()
+        elif kind == "postgres":
+            assert _PG is not None
+            await _PG.discard(store)
     hops = m * 5
     return elapsed / hops * 1e6, (elapsed + stopping) / hops * 1e6
 
@@ -103,9 +120,15 @@ async def main() -> None:
     args = parser.parse_args()
     kinds = args.stores.split(",")
     samples: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
-    for _ in range(args.reps):
-        for kind in kinds:
-            samples[kind].append(await _one(kind, args.m))
+    try:
+        for _ in range(args.reps):
+            for kind in kinds:
+                samples[kind].append(await _one(kind, args.m))
+    except stores.StoreUnavailable as exc:
+        raise SystemExit(f"store_overhead: {exc}") from None
+    finally:
+        if _PG is not None:
+            await _PG.aclose()
     base = statistics.median(s[0] for s in samples[kinds[0]])
     print(f"# chain N=5, M={args.m}, {args.reps} reps; ratios to {kinds[0]!r}'s {base:.2f} µs/hop")
     print("| store | µs/hop | ratio | until durable, µs/hop | ratio |")
