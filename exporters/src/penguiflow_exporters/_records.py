@@ -284,7 +284,6 @@ _INT8 = 1 << 63  # seqs, attempts and int timestamps are 64-bit integers in ever
 
 
 _TEXT_FIELDS = ("trace_id", "kind", "node_name", "node_id", "flow_name", "flow_id")
-_FIELD_INDEX = {name: i for i, name in enumerate(COLUMNS)}
 _COLUMN_OF = {name: itemgetter(i) for i, name in enumerate(COLUMNS)}
 
 
@@ -944,7 +943,7 @@ def group_by_trace(rows: Iterable[RowLike]) -> dict[Any, list[RowLike]]:
 
 
 _ts_of = itemgetter(_TS)
-_flow_of = flow_id_of = itemgetter(_FLOW_ID)
+flow_id_of = itemgetter(_FLOW_ID)
 _seq_of = itemgetter(_SEQ)
 trace_id_of = itemgetter(_TRACE_ID)
 
@@ -1057,7 +1056,7 @@ def split_fresh(rows: Sequence[RowLike], stored: Mapping[Any, Ranges]
     ``stored`` maps flow ids to the ranges already stored (missing: none). Rows
     without a flow id are always fresh.
     """
-    flows = set(map(_flow_of, rows))
+    flows = set(map(flow_id_of, rows))
     if len(flows) == 1:  # the usual batch: one runtime's events, in seq order
         (flow,) = flows
         if flow is None:
