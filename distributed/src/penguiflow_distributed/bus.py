@@ -98,7 +98,7 @@ _STATS = ("sent", "duplicates", "full_waits", "delivered", "claimed", "settled",
 
 class BusBindError(PenguiFlowError, RuntimeError):
     """The bus could not start (Redis refused it: bad credentials, a wrong database,
-    a key of another type under the namespace); every send and cancel raises it."""
+    a key of another type under the namespace); ready(), every send and cancel raise it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,8 +334,14 @@ class RedisMessageBus:
             "nodes": sorted(binding.local_nodes), "url": _redact(self.url)})
 
     async def ready(self) -> None:
-        """Return once :meth:`bind` finished (the process reads its edges)."""
+        """Return once :meth:`bind` finished (the process reads its edges).
+
+        Raises:
+            BusBindError: Redis refused the bus (bind finished without reading).
+        """
         await self._ready.wait()
+        if self._bind_error is not None:
+            raise self._bind_error
 
     async def _create_groups(self, streams: Sequence[str]) -> None:
         for stream in streams:

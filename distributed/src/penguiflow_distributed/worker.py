@@ -143,11 +143,24 @@ async def serve(flow: PenguiFlow, bus: RedisMessageBus, *, registry: ModelRegist
     if own_signals:  # the command owns the process: its signals are its to handle
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    if store is not None and hasattr(store, "open"):
-        await store.open()
     try:
+        # Inside the try: a store that cannot open must not leave our handlers on
+        # the host's loop (a later Ctrl-C would set an Event nobody waits for).
+        if store is not None and hasattr(store, "open"):
+            await store.open()
         flow.run(registry=registry, message_bus=bus, state_store=store, nodes=nodes)
-        await bus.ready()
+        try:
+            bound = await _bound_or_stopped(bus, stop)
+        except BaseException:
+            await flow.stop()  # Redis refused the bus (BusBindError): said by main()
+            raise
+        if not bound:
+            # Redis never answered (bind retries link errors for ever): a stop
+            # request must still end the process, with nothing taken to hand back.
+            await flow.stop()
+            print(f"pf worker: stopped before Redis at {_redact(bus.url)} answered; "
+                  "nothing was read", file=sys.stderr, flush=True)
+            return EXIT_OK
         binding = flow.binding
         assert binding is not None
         logger.info("worker_started", extra={
@@ -172,6 +185,25 @@ async def serve(flow: PenguiFlow, bus: RedisMessageBus, *, registry: ModelRegist
         if store is not None and hasattr(store, "close"):
             with contextlib.suppress(Exception):
                 await store.close()
+
+
+async def _bound_or_stopped(bus: RedisMessageBus, stop: asyncio.Event) -> bool:
+    """True once ``bus`` is bound, False if ``stop`` is set first.
+
+    Raises:
+        BusBindError: Redis refused the bus.
+    """
+    ready = asyncio.ensure_future(bus.ready())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ready.cancel()  # no-ops on the one that finished
+        stopped.cancel()
+    if ready.done() and not ready.cancelled():
+        ready.result()  # BusBindError when Redis refused the bus
+        return True
+    return False
 
 
 def _supervise(argv: Sequence[str], count: int) -> int:

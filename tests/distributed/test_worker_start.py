@@ -1,0 +1,123 @@
+"""``pf worker`` before its bus is bound: Redis unreachable, Redis refusing, a store
+that cannot open. A stop request must end the process at every point, a refusal
+must fail it with the reason, and the host's loop must get its signals back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import dist_flows
+import pytest
+from dist_support import bus_url, eventually, free_port
+
+from penguiflow_distributed import BusBindError, RedisMessageBus
+from penguiflow_distributed.worker import EXIT_OK, main, serve
+
+HERE = Path(__file__).parent
+
+
+async def test_a_stop_ends_a_worker_whose_redis_never_answers(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Nothing listens on this port: bind retries its link errors for ever.
+    bus = RedisMessageBus(f"redis://127.0.0.1:{free_port()}/0", max_backoff_s=0.2)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(serve(dist_flows.chain(), bus, registry=None,
+                                        nodes=["a"], stop=stop))
+    await eventually(lambda: bus.stats["link_errors"] >= 2, "bind retrying its link")
+    stop.set()
+    assert await asyncio.wait_for(serving, 15) == EXIT_OK
+    assert "stopped before Redis at redis://127.0.0.1:" in capsys.readouterr().err
+
+
+def test_pf_worker_exits_0_on_sigterm_while_redis_is_unreachable() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "penguiflow_distributed.worker", "dist_flows:chain",
+         "--bus", f"redis://127.0.0.1:{free_port()}/0?max_backoff_s=0.2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        # Its first link error is logged once the loop (and its handlers) run.
+        lines: list[str] = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "bus_redis_unreachable" in line:
+                break
+        else:
+            raise AssertionError(f"no link error logged: {''.join(lines)[-2000:]}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert "stopped before Redis" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_pf_worker_fails_with_the_reason_when_redis_refuses_the_bus(
+        redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    # A plain string where the bus needs its stream: Redis answers WRONGTYPE.
+    client.set(f"{namespace}:chain:edge:OpenSea->a", "not a stream")
+    monkeypatch.syspath_prepend(str(HERE))
+    try:
+        code = main(["dist_flows:chain", "--bus", bus_url(redis_url, namespace),
+                     "--nodes", "a"])
+    finally:
+        client.delete(f"{namespace}:chain:edge:OpenSea->a")
+        client.close()
+    assert code == 2  # before: it idled, reading nothing, and exited 0 on SIGTERM
+    err = capsys.readouterr().err
+    assert "refused the bus for flow 'chain'" in err and "WRONGTYPE" in err
+
+
+async def test_ready_raises_the_bind_error(redis_url: str, namespace: str) -> None:
+    import redis.asyncio as aioredis
+
+    client: Any = aioredis.Redis.from_url(redis_url)
+    key = f"{namespace}:chain:edge:OpenSea->a"
+    await client.set(key, "not a stream")
+    flow = dist_flows.chain()
+    bus = RedisMessageBus(redis_url, namespace=namespace)
+    flow.run(message_bus=bus, nodes=["a"])
+    try:
+        with pytest.raises(BusBindError, match="WRONGTYPE"):
+            await asyncio.wait_for(bus.ready(), 10)
+    finally:
+        await flow.stop()
+        await client.delete(key)
+        await client.aclose()
+
+
+class _StoreThatCannotOpen:
+    async def open(self) -> None:
+        raise OSError("database is down")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_store_that_cannot_open_leaves_the_loop_its_signals() -> None:
+    loop = asyncio.get_running_loop()
+    bus = RedisMessageBus(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(OSError, match="database is down"):
+        await serve(dist_flows.chain(), bus, registry=None, nodes=["a"],
+                    store=_StoreThatCannotOpen())
+    # remove_signal_handler says whether one was still installed.
+    removed = [loop.remove_signal_handler(sig) for sig in (signal.SIGTERM, signal.SIGINT)]
+    with contextlib.suppress(Exception):
+        await bus.unbind()
+    assert removed == [False, False]
