@@ -197,7 +197,7 @@ class FlowRuntime:
         """
         binding = self.binding
         if binding is not None:
-            self.spawn(binding.send(floe, item, origin))
+            binding.send_soon(floe, item, origin)
             return
         floe.queue.put_tagged_nowait(item, origin)
         self.count(item)
@@ -369,11 +369,12 @@ class FlowRuntime:
                              extra={"edge": envelope.edge, "trace_id": envelope.trace_id,
                                     "error": safe_repr(exc)})
 
-    def spawn(self, coro: Any) -> None:
-        """Run ``coro`` in the background; ``stop()`` awaits it."""
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background; ``stop()`` awaits it. The task."""
         task = asyncio.get_running_loop().create_task(coro)
         self.bus_tasks.add(task)
         task.add_done_callback(self.bus_tasks.discard)
+        return task
 
     # -- external tasks and root spans -------------------------------------------
 

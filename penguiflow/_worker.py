@@ -152,7 +152,10 @@ class NodeWorker:
             await binding.settle(origin)
             raise
         else:
-            await binding.settle(origin)
+            # Outputs sent in the background (emit_nowait) must be on their edges
+            # before the input goes: a crash in between would lose them for good.
+            if await binding.sends_done():
+                await binding.settle(origin)
         finally:
             binding.end(token)
 

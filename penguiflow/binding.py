@@ -41,6 +41,7 @@ root ``invoke_workflow`` span.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -52,7 +53,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ._graph import ROOKERY, Floe, owner_label
-from .errors import ConfigurationError, WireDecodingError, safe_repr
+from .errors import ConfigurationError, WireDecodingError, safe_repr, safe_str
 from .types import Message, StreamChunk
 from .wire import WireTypes, dumps_item, loads_item
 
@@ -169,13 +170,16 @@ def is_delivering(bus: object) -> bool:
 class _Turn:
     """The parcel a task is handling, and how many items it sent so far (hop ids)."""
 
-    __slots__ = ("binding", "hop", "inbound", "sent")
+    __slots__ = ("binding", "hop", "inbound", "pending", "sent")
 
     def __init__(self, binding: BusBinding, inbound: Inbound) -> None:
         self.binding = binding
         self.inbound = inbound
         self.hop = inbound.hop
         self.sent = 0
+        #: Sends started in the background (``emit_nowait``): the parcel is settled
+        #: only once they are done.
+        self.pending: list[asyncio.Task[Any]] = []
 
 
 #: The parcel the current task (a node's worker, and tasks it starts) is handling.
@@ -219,10 +223,10 @@ class BusBinding:
         #: Emitters of the traces seen here: their results go home.
         self._replies: OrderedDict[str, str] = OrderedDict()
         #: Counters: parcels delivered, settled, dropped as cancelled or undeliverable,
-        #: duplicates refused by the bus, redeliveries seen.
+        #: duplicates refused by the bus, redeliveries seen, background sends failed.
         self.stats: dict[str, int] = dict.fromkeys(
             ("sent", "duplicates", "delivered", "redelivered", "settled", "cancel_drops",
-             "undeliverable"), 0)
+             "undeliverable", "send_failures"), 0)
 
     # -- sending (the runtime's puts) ----------------------------------------------
 
@@ -235,14 +239,18 @@ class BusBinding:
                 return home
         return self.worker_id
 
-    async def send(self, floe: Floe, item: Any, origin: Any) -> None:
+    async def send(self, floe: Floe, item: Any, origin: Any, *,
+                   data: bytes | None = None) -> None:
         """Send ``item`` along ``floe``'s edge (the runtime's put, while bound).
+
+        ``data``: ``item`` encoded already (:meth:`send_soon`).
 
         Raises:
             WireEncodingError: (a ``TypeError``) ``item`` has no JSON form.
         """
         label = floe.label
-        data = dumps_item(item, edge=label)
+        if data is None:
+            data = dumps_item(item, edge=label)
         trace_id = item.trace_id if isinstance(item, Message) else getattr(item, "trace_id", None)
         if trace_id is not None and not isinstance(trace_id, str):
             trace_id = str(trace_id)
@@ -271,6 +279,48 @@ class BusBinding:
             kind = "stream_chunk" if isinstance(item, Message) and isinstance(
                 item.payload, StreamChunk) else "message_emit"
             await rt.emit_event(kind, ctx, trace_id, extra=extra, invocation_id=inv)
+
+    def send_soon(self, floe: Floe, item: Any, origin: Any) -> None:
+        """:meth:`send` in the background (``emit_nowait``), in order with the other
+        sends of this task. ``item`` is encoded now, so an item with no JSON form
+        fails the caller; the parcel being handled, if any, is settled only once
+        the send is done (:meth:`sends_done`).
+
+        Raises:
+            WireEncodingError: (a ``TypeError``) ``item`` has no JSON form.
+        """
+        data = dumps_item(item, edge=floe.label)
+        task = self._rt.spawn(self.send(floe, item, origin, data=data))
+        turn = _TURN.get()
+        if turn is not None:
+            turn.pending.append(task)
+
+    async def sends_done(self) -> bool:
+        """Wait for the sends the current task started with :meth:`send_soon`.
+
+        Returns False if one was cancelled (``stop()``): its output may not be on
+        its edge, so the parcel must stay unsettled, to be delivered again. A send
+        that failed otherwise is logged (``bus_send_failed``) and counted in
+        ``stats["send_failures"]``: it could never succeed, and running its node
+        again would not change that.
+        """
+        turn = _TURN.get()
+        if turn is None or not turn.pending:
+            return True
+        pending, turn.pending = turn.pending, []
+        await asyncio.wait(pending)
+        sent = True
+        for task in pending:
+            if task.cancelled():
+                sent = False
+                continue
+            exc = task.exception()
+            if exc is not None:
+                self.stats["send_failures"] += 1
+                logger.error("bus_send_failed", extra={
+                    "trace_id": safe_str(turn.inbound.trace_id),
+                    "error": f"{type(exc).__name__}: {safe_str(exc)}"})
+        return sent
 
     # -- delivering (the bus's side) -------------------------------------------------
 

@@ -139,6 +139,98 @@ async def test_an_edge_holds_at_most_queue_maxsize_entries(
         await pair.stop()
 
 
+def _nowait_flow() -> PenguiFlow:
+    """a forwards with emit_nowait (and returns nothing) to b; edges hold one entry."""
+    async def a(m: Message, ctx: Any) -> None:
+        ctx.emit_nowait(m)
+
+    async def b(m: Message, ctx: Any) -> Message:
+        return m
+    nb = Node(b, name="b", policy=NONE)
+    return create(Node(a, name="a", policy=NONE).to(nb), nb.to(), queue_maxsize=1,
+                  name="nowait")
+
+
+async def test_an_input_is_settled_only_once_its_emit_nowait_output_is_sent(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    pair = await Pair(_nowait_flow, redis_url, namespace).start(nodes=["a"])
+    consumer = _nowait_flow()
+    try:
+        binding = pair.worker.binding
+        assert binding is not None
+        await pair.client.emit(msg(1))  # forwarded: a->b now holds its one entry
+        await eventually(lambda: binding.stats["settled"] == 1, "the first input settled")
+        await pair.client.emit(msg(2))  # its forward waits for room on a->b
+        await eventually(lambda: pair.worker_bus.stats["full_waits"] >= 5,
+                         "the second forward waiting for room")
+        # The node returned long ago, but its output is not on its edge: the input
+        # stays unsettled (a crash now redelivers it; before, it was acknowledged
+        # and the output lost with the process).
+        assert binding.stats["settled"] == 1
+        pending = await redis.xpending(f"{namespace}:nowait:edge:OpenSea->a", "pf")
+        assert pending["pending"] == 1
+        # b starts consuming: the forward goes through, then the input is settled.
+        consumer.run(message_bus=RedisMessageBus(redis_url, namespace=namespace),
+                     nodes=["b"])
+        got = sorted([(await asyncio.wait_for(pair.client.fetch(), 10)).payload
+                      for _ in range(2)])
+        assert got == [1, 2]
+        await eventually(lambda: binding.stats["settled"] == 2, "the second input settled")
+    finally:
+        await consumer.stop()
+        await pair.stop()
+
+
+async def test_emit_nowait_refuses_an_unencodable_payload_at_once(
+        redis_url: str, namespace: str) -> None:
+    seen: list[BaseException] = []
+
+    def build() -> PenguiFlow:
+        async def a(m: Message, ctx: Any) -> None:
+            try:
+                ctx.emit_nowait(m.model_copy(update={"payload": object()}))
+            except WireEncodingError as exc:
+                seen.append(exc)
+            ctx.emit_nowait(m)
+
+        async def b(m: Message, ctx: Any) -> Message:
+            return m
+        nb = Node(b, name="b", policy=NONE)
+        return create(Node(a, name="a", policy=NONE).to(nb), nb.to(), name="nowait2")
+
+    pair = await Pair(build, redis_url, namespace).start()
+    try:
+        await pair.client.emit(msg("ok"))
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "ok"
+        assert len(seen) == 1 and "on edge 'a->b'" in str(seen[0])
+        assert pair.worker.binding is not None
+        assert pair.worker.binding.stats["send_failures"] == 0
+    finally:
+        await pair.stop()
+
+
+async def test_an_emit_nowait_send_redis_refuses_is_logged_counted_and_settled(
+        redis_url: str, namespace: str, redis: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A plain string where a->b's stream should be: Redis refuses the send (WRONGTYPE).
+    await redis.set(f"{namespace}:nowait:edge:a->b", "not a stream")
+    pair = await Pair(_nowait_flow, redis_url, namespace).start(nodes=["a"])
+    try:
+        binding = pair.worker.binding
+        assert binding is not None
+        with caplog.at_level(logging.ERROR, logger="penguiflow.binding"):
+            await pair.client.emit(msg(1))
+            await eventually(lambda: binding.stats["settled"] == 1, "the input settled")
+        assert binding.stats["send_failures"] == 1
+        failed = [r for r in caplog.records if r.getMessage() == "bus_send_failed"]
+        assert len(failed) == 1 and "WRONGTYPE" in failed[0].error  # type: ignore[attr-defined]
+        # Settled, not held for ever: running the node again could not send it either.
+        pending = await redis.xpending(f"{namespace}:nowait:edge:OpenSea->a", "pf")
+        assert pending["pending"] == 0
+    finally:
+        await pair.stop()
+
+
 async def test_a_parcel_sent_twice_is_delivered_once(
         redis_url: str, namespace: str) -> None:
     pair = await Pair(dist_flows.chain, redis_url, namespace).start(worker=False)
