@@ -231,6 +231,32 @@ async def test_an_emit_nowait_send_redis_refuses_is_logged_counted_and_settled(
         await pair.stop()
 
 
+async def test_a_complete_join_group_does_not_outlive_its_output(
+        namespace: str, redis: Any) -> None:
+    from penguiflow_distributed import _scripts
+
+    items, members = f"{namespace}:join:g:items", f"{namespace}:join:g:members"
+
+    async def gather(member: str, data: str) -> list[Any]:
+        return list(await redis.eval(_scripts.GATHER, 2, items, members, member, data,
+                                     2, 100))
+
+    assert await gather("A", "a") == [0, 1]
+    await redis.expire(items, 50)
+    await redis.expire(members, 50)
+    assert await gather("B", "b") == [1, 1, b"a", b"b"]  # grew: its TTL starts again
+    assert 90 < await redis.ttl(items) <= 100 and 90 < await redis.ttl(members) <= 100
+    # Time passes; then a late redelivery of A, and an input past k: the group answers
+    # the same, but its TTL runs on (refreshed, it outlived its output's hop key and a
+    # later arrival sent the joined message a second time).
+    await redis.expire(items, 30)
+    await redis.expire(members, 30)
+    assert await gather("A", "a") == [1, 0, b"a", b"b"]
+    assert await gather("C", "c") == [1, 1, b"a", b"b"]
+    assert await redis.ttl(items) <= 30 and await redis.ttl(members) <= 30
+    assert await redis.lrange(items, 0, -1) == [b"a", b"b"]
+
+
 async def test_a_parcel_sent_twice_is_delivered_once(
         redis_url: str, namespace: str) -> None:
     pair = await Pair(dist_flows.chain, redis_url, namespace).start(worker=False)

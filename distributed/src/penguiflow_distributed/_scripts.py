@@ -14,7 +14,9 @@ SETTLE  KEYS: the stream of each entry. ARGV: group, then the entry ids (one per
 GATHER  KEYS: items list, members set. ARGV: member, data, k, TTL (s). Adds ``data``
         once per member; returns {complete, was_new, items...}: the first ``k`` items in
         arrival order once there are ``k`` (every time it is asked again: a redelivered
-        input finds the same group), else {0, was_new}.
+        input finds the same group), else {0, was_new}. The TTL restarts only while
+        the group grows: a complete group must not outlive its output's hop key (a
+        late redelivery would then send the joined message again).
 DEAD    KEYS: dead-letter stream, the entry's stream. ARGV: group, entry id, then
         field/value pairs. Adds the entry to the dead-letter stream, then
         acknowledges and deletes it where it was, in one step: a process that dies
@@ -63,12 +65,15 @@ return 1
 """
 
 GATHER = """
-local new = redis.call('SADD', KEYS[2], ARGV[1])
-if new == 1 then redis.call('RPUSH', KEYS[1], ARGV[2]) end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
 local k = tonumber(ARGV[3])
-if redis.call('LLEN', KEYS[1]) >= k then
+local before = redis.call('LLEN', KEYS[1])
+local new = redis.call('SADD', KEYS[2], ARGV[1])
+if new == 1 and before < k then
+  redis.call('RPUSH', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+if before + new >= k then
   local out = {1, new}
   for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, k - 1)) do table.insert(out, item) end
   return out

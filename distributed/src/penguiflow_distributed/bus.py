@@ -125,7 +125,7 @@ class RedisMessageBus:
             twice. Each hop key costs Redis ~100 bytes for this long, so the
             default (1 h) holds ~360 MB at 1,000 hops/s; keep it well above
             ``claim_idle_s`` plus the longest a backlog waits.
-        join_ttl_s: how long a ``join_k`` group is kept after its last arrival.
+        join_ttl_s: how long a ``join_k`` group is kept after its last new input.
         reply_ttl_s: how long a reply stream outlives its reader (a client that
             stopped without a clean stop, or is cut off from Redis this long).
         max_deliveries: how many times an entry is handed out before it is moved
