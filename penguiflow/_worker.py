@@ -242,6 +242,12 @@ class NodeWorker:
                     await rt.emit_event("node_start", ctx, trace_id, attempt=attempt,
                                            latency_ms=0.0, invocation_id=inv, parents=parents,
                                            queued_ts=queued)
+                if state is not None and state.cancelled:
+                    # Cancelled while node_start was recorded (a slow observer, a full
+                    # store buffer): not interruptible then, so the cancel found
+                    # nothing to interrupt; the node must not run at all.
+                    await self._trace_cancelled(trace_id, attempt, inv, None)
+                    return
                 started = _perf()
                 error: Exception | None = None
                 timed_out = False

@@ -608,7 +608,10 @@ class PenguiFlow:
         if trace_id is not None:
             rt = self._rt
             if rt.release(trace_id):
-                await rt.cancel_finished(trace_id)
+                # In the background (stop() awaits it): the item has left Rookery, so
+                # a fetch cancelled here (a caller's timeout) would lose it, and the
+                # trace's trace_cancel_finish with it.
+                rt.spawn(rt.cancel_finished(trace_id))
 
     # -- events ----------------------------------------------------------------
 

@@ -289,3 +289,63 @@ async def test_a_cancelled_trace_leaves_nothing_in_a_join(start: Any, recorder: 
     await flow.emit(again)
     out = await within(flow.fetch())
     assert sorted(out.payload) == ["go", "go:fast"]
+
+
+async def test_a_cancel_while_node_start_is_recorded_keeps_the_node_from_running(
+        start: Any, recorder: Recorder) -> None:
+    """The worker has dequeued the message and awaits a slow observer on node_start:
+    the cancel finds nothing to interrupt, and the node must still never run."""
+    in_start = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow_observer(event: Any) -> None:
+        if event.event_type == "node_start":
+            in_start.set()
+            await go_on.wait()
+
+    ran: list[Any] = []
+
+    async def body(message: Any, ctx: Any) -> Any:
+        ran.append(message)
+        return message
+
+    flow = start(create(Node(body, name="n", policy=NONE).to(),
+                        middlewares=[slow_observer, recorder]))
+    m = msg("x")
+    await flow.emit(m)
+    await within(in_start.wait())
+    assert await within(flow.cancel(m.trace_id)) is True
+    go_on.set()
+    await recorder.wait_for("trace_cancel_finish", trace_id=m.trace_id)
+    (cancelled,) = recorder.of("node_trace_cancelled", trace_id=m.trace_id)
+    assert cancelled.node_name == "n"
+    assert ran == []  # before: the node ran, and its result reached Rookery
+    assert not recorder.of("node_success", trace_id=m.trace_id)
+
+
+async def test_fetch_returns_at_once_while_a_slow_observer_records_the_cancel_finish(
+        start: Any, recorder: Recorder) -> None:
+    """Fetching the last item of a cancelled trace finishes the cancel; a slow
+    observer of trace_cancel_finish must not hold the fetch (a caller's timeout
+    there lost the item, which had left Rookery already, and the finish event)."""
+    gate = asyncio.Event()
+
+    async def slow_observer(event: Any) -> None:
+        if event.event_type == "trace_cancel_finish":
+            await gate.wait()
+
+    async def body(message: Any, ctx: Any) -> Any:
+        return message
+
+    flow = start(create(Node(body, name="n", policy=NONE).to(),
+                        middlewares=[slow_observer, recorder]))
+    m = msg("x")
+    await flow.emit(m)
+    await recorder.wait_for("node_success", trace_id=m.trace_id)
+    # The trace is cancelled by its event (as a remote peer does), its result kept.
+    flow.ensure_trace_event(m.trace_id).set()
+    item = await within(flow.fetch())
+    assert item.payload == "x"
+    assert not recorder.of("trace_cancel_finish", trace_id=m.trace_id)
+    gate.set()
+    await recorder.wait_for("trace_cancel_finish", trace_id=m.trace_id)
