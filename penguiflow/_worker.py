@@ -265,12 +265,22 @@ class NodeWorker:
                                 result = await func(item, ctx)
                             else:
                                 result = await node.invoke(item, ctx, registry=registry)
-                except asyncio.CancelledError:
+                except asyncio.CancelledError as exc:
                     self.interruptible = False
                     if self._consume_cancel_request():
                         await self._trace_cancelled(trace_id, attempt, inv, started)
                         return
-                    raise
+                    task = asyncio.current_task()
+                    if rt.stopping or task is None or task.cancelling():
+                        raise  # stop() (or a cancel of this task): left as it is
+                    # Nobody cancelled this task: the node awaited a task or future
+                    # someone else cancelled. A failure of this attempt, as any
+                    # exception; re-raised, it would end the worker for good.
+                    error = RuntimeError(
+                        f"node {node.name!r} raised CancelledError, but neither stop() nor "
+                        "a cancel of its trace cancelled it (it awaited a task or future "
+                        "that something else cancelled); counted as a failed attempt")
+                    error.__cause__ = exc
                 except TraceCancelled:
                     # Raised by code that found the trace cancelled (call_playbook,
                     # RemoteNode): a cancellation, never a failure to retry.

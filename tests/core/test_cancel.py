@@ -349,3 +349,27 @@ async def test_fetch_returns_at_once_while_a_slow_observer_records_the_cancel_fi
     assert not recorder.of("trace_cancel_finish", trace_id=m.trace_id)
     gate.set()
     await recorder.wait_for("trace_cancel_finish", trace_id=m.trace_id)
+
+
+async def test_a_stray_cancelled_error_fails_one_attempt_not_the_worker(
+        start: Any, recorder: Recorder) -> None:
+    """A node awaiting a task something else cancelled sees CancelledError that
+    neither stop() nor a trace cancel sent: a failed attempt; the worker goes on."""
+    async def body(message: Any, ctx: Any) -> Any:
+        if message.payload == "bad":
+            child = asyncio.ensure_future(asyncio.Event().wait())
+            await asyncio.sleep(0)
+            child.cancel()
+            await child  # CancelledError, this task's cancelling() == 0
+        return message
+
+    flow = start(create(Node(body, name="n", policy=NodePolicy(validate="none")).to(),
+                        middlewares=[recorder], emit_errors_to_rookery=True))
+    bad, good = msg("bad"), msg("good")
+    await flow.emit(bad)
+    failure = await within(flow.fetch())
+    assert failure.trace_id == bad.trace_id and "raised CancelledError" in failure.message
+    (failed,) = await recorder.wait_for("node_failed", trace_id=bad.trace_id)
+    assert failed.node_name == "n"
+    await flow.emit(good)  # before: the worker had ended, and this waited for ever
+    assert (await within(flow.fetch())).payload == "good"
