@@ -626,3 +626,139 @@ async def test_an_event_whose_payload_no_reader_could_read_is_refused_alone(
         assert store.failures["rejected"] == 3 and store.failures["events_lost"] == 3
         summary = await store.get_trace("mixed")
         assert summary is not None and summary.events_lost == 3
+
+
+# -- closing while the database hangs (found by a review) ------------------------------
+
+
+class _HungDatabase:
+    """An exclusive lock on the file: every write of the store waits on it."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("BEGIN EXCLUSIVE")
+
+    def release(self) -> None:
+        self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+async def _hung_store(path: Path, **options: Any) -> tuple[SQLiteStateStore, _HungDatabase]:
+    async with SQLiteStateStore(path) as first:  # the schema, written before the lock
+        await first.save_event(event("ok", 0))
+    store = SQLiteStateStore(path, close_timeout_s=0.5, **options)
+    await store.open()
+    return store, _HungDatabase(path)
+
+
+def _writer_children() -> list[int]:
+    """Pids of this process's children running a store writer (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == os.getpid() and b"_sqlite_write" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+async def test_two_closes_at_once_count_the_events_left_once(tmp_path: Path) -> None:
+    store, hung = await _hung_store(tmp_path / "t.db")
+    try:
+        await store.save_events([event("stuck", i) for i in range(1, 301)])
+        await asyncio.gather(store.close(), store.close())
+    finally:
+        hung.release()
+    # Before: each close counted the 300 events it found unwritten (600 lost of 300).
+    assert store.failures["abandoned"] == 300 and store.failures["events_lost"] == 300
+
+
+async def test_a_close_cancelled_by_its_caller_still_finishes(tmp_path: Path) -> None:
+    store, hung = await _hung_store(tmp_path / "t.db")
+    try:
+        await store.save_events([event("stuck", i) for i in range(1, 301)])
+        await asyncio.sleep(0)  # the writer process takes its batch
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store.close(), 0.1)  # the caller gives up
+        # The shutdown goes on by itself: the events are counted, the writer
+        # process ends (before: neither, and the child lived on). Polled: nothing
+        # of it is awaitable from here.
+        deadline = time.monotonic() + 15
+        while store.failures["abandoned"] != 300 or _writer_children():
+            assert time.monotonic() < deadline, (dict(store.failures), _writer_children())
+            await asyncio.sleep(0.05)
+    finally:
+        hung.release()
+    assert store.failures["events_lost"] == 300
+
+
+async def test_a_flush_waiting_when_close_times_out_returns(tmp_path: Path) -> None:
+    store, hung = await _hung_store(tmp_path / "t.db")
+    try:
+        await store.save_events([event("stuck", i) for i in range(1, 11)])
+        flushing = asyncio.ensure_future(store.flush())
+        await asyncio.sleep(0)
+        await store.close()
+        await asyncio.wait_for(flushing, 5)  # before: it waited for ever
+    finally:
+        hung.release()
+
+
+async def test_closing_a_store_under_a_flow_waiting_for_room_does_not_fail_the_flow(
+        tmp_path: Path) -> None:
+    store, hung = await _hung_store(tmp_path / "t.db", max_batch=1, max_buffer=2)
+    flow = chain(store)
+    flow.run()
+    try:
+        await flow.emit(Message(payload=1, headers=Headers(tenant="t")))
+        # The buffer is full and the writer hangs: the nodes wait for room.
+        deadline = time.monotonic() + 10
+        while store.pending_events < 3:  # 2 buffered or in flight + 1 waiting: polled
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await store.close()
+        out = await asyncio.wait_for(flow.fetch(), 10)
+        assert out.payload == 4
+    finally:
+        hung.release()
+        await flow.stop()
+    assert store.failures["events_lost"] >= 1
+    # Before: the waiting node got StoreUnavailable, which cost its worker the item
+    # it was processing (counted as a worker error).
+    assert "worker_error" not in flow.observer_failures
+
+
+async def test_loss_markers_are_not_counted_as_lost_events(tmp_path: Path) -> None:
+    store, hung = await _hung_store(tmp_path / "t.db", on_full="drop", max_batch=2,
+                                    max_buffer=2)
+    try:
+        for i in range(1, 4):  # no await suspends: the third finds the buffer full
+            await store.save_event(event("t", i))
+        await asyncio.sleep(0.05)  # the writer takes the two, with the drop's marker
+        await store.close()
+    finally:
+        hung.release()
+    assert store.failures["dropped"] == 1
+    # 1 dropped + 2 left at the close; before: 4, the marker counted as an event.
+    assert store.failures["abandoned"] == 2 and store.failures["events_lost"] == 3
+
+
+async def test_events_lost_while_a_batch_is_split_are_not_counted_again(
+        tmp_path: Path) -> None:
+    path = tmp_path / "foreign.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE other (x)")
+    conn.commit()
+    conn.close()
+    store = SQLiteStateStore(path, writer="thread", close_timeout_s=0.5)
+    await store.save_events([event("t", i) for i in range(2000)])
+    await store.close()
+    # Every write is refused (a foreign file): the batch is split, part of it counted
+    # lost, then the close times out. Before: those parts were counted again.
+    assert store.failures["events_lost"] == 2000

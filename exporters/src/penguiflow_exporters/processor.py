@@ -136,7 +136,13 @@ class BatchProcessor:
         # The fast path appends while len(buffer) < _limit: max_buffer while running
         # and nobody waits for room, else 0 (every submit takes the slow path).
         self._limit = 0
+        # Events (never markers) taken for the write in flight and not yet resolved
+        # (stored, refused or counted lost): a batch being split resolves part by
+        # part, and only what is still unresolved may be counted at a close timeout.
         self._in_flight = 0
+        self._resolved = 0
+        #: The one shutdown (a second close() awaits it instead of counting again).
+        self._closing: asyncio.Task[int] | None = None
         self._waiters: deque[tuple[Any, asyncio.Future[None]]] = deque()
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
@@ -313,11 +319,18 @@ class BatchProcessor:
             return None
 
     async def _send(self, batch: list[Any], prepared: Any) -> None:
+        self._resolved = 0
         try:
             await self._write(batch, prepared)
         finally:
-            self._in_flight -= len(batch)
+            self._in_flight -= _events_in(batch) - self._resolved
+            self._resolved = 0
             self._admit_waiters()
+
+    def _resolve(self, events: int) -> None:
+        """``events`` of the write in flight are stored, refused or counted lost."""
+        self._resolved += events
+        self._in_flight -= events
 
     def _take(self) -> list[Any]:
         buffer, limit = self._buffer, self.max_batch
@@ -327,9 +340,11 @@ class BatchProcessor:
         else:
             popleft = buffer.popleft
             batch = [popleft() for _ in range(limit)]
+        # Markers are not events: pending_events (and a close timeout's count of
+        # events not stored) must not include them.
+        self._in_flight += len(batch)
         if self._lost_by_trace and (batch or self._markers_due):
             batch += self._markers()
-        self._in_flight += len(batch)
         self._admit_waiters()
         return batch
 
@@ -396,6 +411,7 @@ class BatchProcessor:
             return
 
     def _written(self, batch: list[Any], result: WriteResult) -> None:
+        self._resolve(_events_in(batch))
         stored: Sequence[Any] = batch
         for counter, message in result.notices:
             self.failures[counter] += 1
@@ -424,6 +440,7 @@ class BatchProcessor:
     def _write_failed(self, batch: list[Any], exc: BaseException, *,
                       requeue: bool = True) -> None:
         events = [item for item in batch if type(item) is not _Marker]
+        self._resolve(len(events))
         self.failures["write_failed"] += 1
         self.failures["write_failed_events"] += len(events)
         self._lost(events, f"not written: {_text(exc)}")
@@ -479,6 +496,8 @@ class BatchProcessor:
             while self._buffer or self._waiters or self._in_flight or (
                     self._lost_by_trace and self._markers_due) \
                     or not self._idle.is_set():
+                if self._task.done():
+                    return  # shut down meanwhile (shutdown counted what was left)
                 self._wake.set()
                 self._idle.clear()
                 await self._idle.wait()
@@ -492,8 +511,16 @@ class BatchProcessor:
             The number of events not stored because the time ran out (also
             counted as ``abandoned`` and ``events_lost``, and logged).
         """
-        if self._closed:
-            return 0
+        if self._closing is None:
+            if self._closed:
+                return 0
+            # A task of its own: a second caller awaits the same one (counting the
+            # events left once), and a caller cancelled mid-way (its own timeout)
+            # does not leave the writer task running and the writer open.
+            self._closing = asyncio.get_running_loop().create_task(self._shutdown(timeout))
+        return await asyncio.shield(self._closing)
+
+    async def _shutdown(self, timeout: float | None) -> int:
         abandoned = 0
         try:
             await asyncio.wait_for(self.flush(), timeout)
@@ -505,6 +532,8 @@ class BatchProcessor:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if self._idle is not None:
+            self._idle.set()  # a flush() still waiting returns (see flush)
         if abandoned:
             items = list(self._buffer) + [item for item, _ in self._waiters]
             self.failures["abandoned"] += abandoned
@@ -515,8 +544,11 @@ class BatchProcessor:
                         "longer"})
             del items
         for _, future in self._waiters:
+            # Resolved, not failed: the runtime awaits these on a node's path, and
+            # an observer closing must not fail the flow it observes. Their events
+            # were counted above (abandoned) and logged.
             if not future.done():
-                future.set_exception(StoreUnavailable(f"{self.name} closed while waiting"))
+                future.set_result(None)
         self._waiters.clear()
         self._buffer.clear()
         try:
@@ -525,6 +557,14 @@ class BatchProcessor:
             logger.error("state_store_writer_close_timeout", extra={
                 "store": self.name, "timeout_s": timeout})
         return abandoned
+
+
+def _events_in(batch: Sequence[Any]) -> int:
+    """The events of a batch (its markers, if any, are at its end)."""
+    n = len(batch)
+    while n and type(batch[n - 1]) is _Marker:
+        n -= 1
+    return n
 
 
 def _text(exc: BaseException) -> str:
