@@ -195,6 +195,15 @@ class FloeQueue(asyncio.Queue[Any]):
                 self._wakeup_next(self._putters)  # type: ignore[attr-defined]
         return removed
 
+    def fail_putters(self, exc: BaseException) -> None:
+        """Make every coroutine blocked in ``put()`` raise ``exc`` (used by stop: an
+        emit waiting for room that nobody will make)."""
+        putters = self._putters  # type: ignore[attr-defined]
+        while putters:
+            putter = putters.popleft()
+            if not putter.done():
+                putter.set_exception(exc)
+
     def fail_getters(self, exc: BaseException) -> None:
         """Make every coroutine blocked in ``get()`` raise ``exc`` (used by stop)."""
         while self._getters:

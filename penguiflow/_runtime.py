@@ -37,7 +37,7 @@ from ._graph import owner_label as _label
 from ._ids import root_span_id
 from ._traces import TraceCancelled, TraceState
 from .bus import BusEnvelope
-from .errors import SAFE_TEXT_LIMIT, safe_repr
+from .errors import SAFE_TEXT_LIMIT, FlowNotRunning, safe_repr
 from .metrics import event_from_fields
 from .state import EventRecord, stored_from_fields
 from .types import WM, FinalAnswer, Message
@@ -254,7 +254,10 @@ class FlowRuntime:
             if state.cancelled:
                 raise TraceCancelled(trace_id)
             if self.stopping or not self.running:
-                return
+                # Returning would put the chunk on a floe nobody drains any more.
+                raise FlowNotRunning(
+                    "PenguiFlow stopped while emit_chunk() waited for room; call run() "
+                    "again first")
 
     # -- results (workers) -------------------------------------------------------
 

@@ -443,6 +443,12 @@ class PenguiFlow:
             rt.traces.clear()
             self._contexts[ROOKERY].fail_waiters(FlowNotRunning(
                 "PenguiFlow stopped while fetch() was waiting; call run() again first"))
+            # An emit() waiting for room: the nodes that would make it are stopped.
+            stopped = FlowNotRunning(
+                "PenguiFlow stopped while emit() waited for room on a full floe; its "
+                "message was not put; call run() again first")
+            for floe in self._floes:
+                floe.queue.fail_putters(stopped)
         finally:
             self._workers.clear()
             rt.external.clear()

@@ -18,6 +18,7 @@ from penguiflow import (
     StreamChunk,
     create,
 )
+from penguiflow.errors import FlowNotRunning
 
 NONE = NodePolicy(validate="none")
 
@@ -305,3 +306,44 @@ async def test_flow_emit_chunk_with_target_and_stream_id(start: Any) -> None:
     assert out.meta == {}
     with pytest.raises(KeyError):
         await flow.emit_chunk(parent=parent, text="x", to=echo("nowhere", policy=NONE))
+
+
+async def test_an_emit_waiting_for_room_raises_when_the_flow_stops(start: Any) -> None:
+    entered = asyncio.Event()
+
+    async def stuck(message: Any, ctx: Any) -> Any:
+        entered.set()
+        await asyncio.Event().wait()
+
+    flow = start(create(Node(stuck, name="stuck", policy=NONE).to(), queue_maxsize=1))
+    await flow.emit(msg(0))  # taken by the node, which never returns
+    await within(entered.wait())
+    await flow.emit(msg(1))  # fills the floe
+    blocked = asyncio.ensure_future(flow.emit(msg(2)))
+    await asyncio.sleep(0)  # it reaches the full floe and waits
+    assert not blocked.done()
+    await within(flow.stop())
+    # Before: still waiting after stop() returned, for ever.
+    with pytest.raises(FlowNotRunning, match="waited for room"):
+        await within(blocked)
+
+
+async def test_an_emit_chunk_waiting_for_room_raises_when_the_flow_stops(start: Any) -> None:
+    entered = asyncio.Event()
+
+    async def stuck(message: Any, ctx: Any) -> Any:
+        entered.set()
+        await asyncio.Event().wait()
+
+    flow = start(create(Node(stuck, name="stuck", policy=NONE).to(), queue_maxsize=1))
+    parent = msg("p")
+    await flow.emit_chunk(parent=parent, text="0")
+    await within(entered.wait())
+    await flow.emit_chunk(parent=parent, text="1")
+    blocked = asyncio.ensure_future(flow.emit_chunk(parent=parent, text="2"))
+    await asyncio.sleep(0)  # waits for the trace's chunk capacity
+    assert not blocked.done()
+    await within(flow.stop())
+    # Before: released by stop(), it went on to wait on the full floe for ever.
+    with pytest.raises(FlowNotRunning):
+        await within(blocked)
