@@ -568,10 +568,17 @@ class PenguiFlow:
         """
         rt = self._rt
         rookery = self._contexts[ROOKERY]
-        if rt.stopped and not rt.running and not rookery._buffer and not any(
-                f.queue.qsize() for f in rookery._incoming.values()):
-            raise FlowNotRunning("PenguiFlow is stopped and Rookery is empty: call run() first")
-        item = await rookery.fetch(from_)
+        if rt.stopped and not rt.running:
+            # Nothing will arrive any more: what is there now, else the error (a
+            # wait on the floe named by from_ would be for ever when what is left
+            # is elsewhere).
+            try:
+                item = rookery.fetch_nowait(from_)
+            except asyncio.QueueEmpty:
+                raise FlowNotRunning(
+                    "PenguiFlow is stopped and Rookery is empty: call run() first") from None
+        else:
+            item = await rookery.fetch(from_)
         await self._consumed(item)
         return item
 

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from pfcore_support import msg, within
+from pfcore_support import Recorder, msg, within
 from pydantic import BaseModel
 
 from penguiflow import (
@@ -347,3 +347,20 @@ async def test_an_emit_chunk_waiting_for_room_raises_when_the_flow_stops(start: 
     # Before: released by stop(), it went on to wait on the full floe for ever.
     with pytest.raises(FlowNotRunning):
         await within(blocked)
+
+
+async def test_fetch_from_a_drained_egress_of_a_stopped_flow_raises(
+        start: Any, recorder: Recorder) -> None:
+    async def same(message: Any, ctx: Any) -> Any:
+        return message
+
+    a, b = Node(same, name="a", policy=NONE), Node(same, name="b", policy=NONE)
+    flow = start(create(a.to(), b.to(), middlewares=[recorder]))
+    m = msg(1)
+    await flow.emit(m, to=a)
+    await recorder.wait_for("node_success", trace_id=m.trace_id)  # routed to Rookery
+    await within(flow.stop())
+    # The result left is on a's egress: before, fetch(from_=b) waited for ever.
+    with pytest.raises(FlowNotRunning, match="Rookery is empty"):
+        await within(flow.fetch(from_=b))
+    assert (await within(flow.fetch(from_=a))).payload == 1
