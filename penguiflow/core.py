@@ -441,6 +441,14 @@ class PenguiFlow:
             for state in rt.traces.values():
                 state.wake_chunk_waiters()
             rt.traces.clear()
+            # What stays queued (taken up again after run(), or fetched) is counted
+            # anew: the counts just cleared covered it, and a restarted flow whose
+            # traces undercount it finishes a cancel before they drain.
+            for floe in self._floes:
+                for item in floe.queue._queue:
+                    rt.count(item)
+            for item in self._contexts[ROOKERY]._buffer:
+                rt.count(item)
             self._contexts[ROOKERY].fail_waiters(FlowNotRunning(
                 "PenguiFlow stopped while fetch() was waiting; call run() again first"))
             # An emit() waiting for room: the nodes that would make it are stopped.

@@ -373,3 +373,35 @@ async def test_a_stray_cancelled_error_fails_one_attempt_not_the_worker(
     assert failed.node_name == "n"
     await flow.emit(good)  # before: the worker had ended, and this waited for ever
     assert (await within(flow.fetch())).payload == "good"
+
+
+async def test_a_cancel_after_a_restart_finishes_only_once_the_trace_drains(
+        start: Any, recorder: Recorder) -> None:
+    """stop() leaves a queued message of a trace; after run() again, that trace's
+    count must include it, or a cancel finishes while the trace still runs."""
+    first, third = asyncio.Event(), asyncio.Event()
+
+    async def body(message: Any, ctx: Any) -> Any:
+        if message.payload == 1:
+            first.set()
+            await asyncio.Event().wait()  # cut by stop()
+        if message.payload == 3:
+            third.set()
+            await asyncio.Event().wait()  # cut by the cancel
+        return message
+
+    flow = start(create(Node(body, name="a", policy=NONE).to(), middlewares=[recorder]))
+    one = msg(1)
+    await flow.emit(one)
+    await within(first.wait())
+    await flow.emit(one.model_copy(update={"payload": 2}))  # stays queued
+    await within(flow.stop())
+    flow.run()
+    await flow.emit(one.model_copy(update={"payload": 3}))
+    await within(third.wait())  # 2 went through to Rookery; 3 runs
+    assert await within(flow.cancel(one.trace_id)) is True
+    await recorder.wait_for("trace_cancel_finish", trace_id=one.trace_id)
+    kinds = recorder.kinds(trace_id=one.trace_id)
+    # Before: the finish came first, while the third message still ran.
+    assert kinds.index("node_trace_cancelled") < kinds.index("trace_cancel_finish")
+    assert kinds.count("trace_cancel_finish") == 1
