@@ -762,3 +762,25 @@ async def test_events_lost_while_a_batch_is_split_are_not_counted_again(
     # Every write is refused (a foreign file): the batch is split, part of it counted
     # lost, then the close times out. Before: those parts were counted again.
     assert store.failures["events_lost"] == 2000
+
+
+async def test_a_store_that_refuses_every_write_fails_a_batch_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "foreign.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE other (x)")
+    conn.commit()
+    conn.close()
+    before = sha256(path)
+    store = SQLiteStateStore(path, writer="thread", max_batch=2000)
+    with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
+        await store.save_events([event("t", i) for i in range(2000)])
+        await store.flush()
+    # Before: split down to single events, ~4,000 attempts and 2,001 error lines.
+    assert store.failures["write_failed"] <= 2  # the batch, and its loss marker's
+    assert store.failures["events_lost"] == 2000
+    failed = [r for r in caplog.records if r.getMessage() == "state_store_write_failed"]
+    assert 1 <= len(failed) <= 2
+    assert "penguiflow" in failed[0].error  # type: ignore[attr-defined]  # says why
+    await store.close()
+    assert sha256(path) == before

@@ -43,12 +43,12 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, Literal
 
-from penguiflow.state import StoredEvent, StoreUnavailable
+from penguiflow.state import StateStoreError, StoredEvent, StoreUnavailable
 
 from ._records import LOST_KIND
 from .writer import EventWriter, WriteResult
 
-__all__ = ["BatchProcessor", "OnFull"]
+__all__ = ["BatchProcessor", "OnFull", "StoreRefused"]
 
 logger = logging.getLogger("penguiflow_exporters.store")
 
@@ -57,6 +57,12 @@ OnFull = Literal["block", "drop"]
 # Traces whose lost events are tracked for markers, at most (a flood of drops across
 # a million traces must not grow memory without bound; past it only totals count).
 _MAX_LOST_TRACES = 10_000
+
+
+class StoreRefused(StateStoreError):
+    """The store as a whole refuses every write (a file that is not a penguiflow
+    database, a schema newer than this version): no event of any batch is at fault,
+    so a writer raises this and the processor does not split the batch."""
 
 
 class _Marker(StoredEvent):
@@ -396,9 +402,11 @@ class BatchProcessor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if len(batch) == 1:
+                if len(batch) == 1 or isinstance(exc, StoreRefused):
                     # Refused for good: a marker is not re-sent (it would be refused
-                    # again, for ever); it is counted instead.
+                    # again, for ever); it is counted instead. A store that refuses
+                    # every write is not split down to single events (2N attempts,
+                    # N error lines, for nothing).
                     self._write_failed(batch, exc, requeue=False)
                     return
                 # Something in the batch was refused: write the halves, so only the

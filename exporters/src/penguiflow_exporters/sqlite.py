@@ -76,6 +76,7 @@ from ._sqlite_write import (
     schema_version_of,
 )
 from ._writer_proc import ProcessWriter, WriterError
+from .processor import StoreRefused
 from .writer import EventWriter, WriteResult
 
 __all__ = ["DEFAULT_PATH", "FOLLOW_POLL_S", "SCHEMA_VERSION", "SQLiteStateStore", "schema_version"]
@@ -146,8 +147,8 @@ def translate(path: str, code: int | None, message: str) -> StateStoreError:
             fix = _PATH_FIX
         return StoreUnavailable(f"SQLite store {path!r}: {message}; {fix}")
     if primary == sqlite3.SQLITE_NOTADB:
-        return StateStoreError(f"SQLite store {path!r}: {message}; the file is not a "
-                               f"penguiflow trace database, {_PATH_FIX}")
+        return StoreRefused(f"SQLite store {path!r}: {message}; the file is not a "
+                            f"penguiflow trace database, {_PATH_FIX}")
     return StateStoreError(f"SQLite store {path!r}: {message}")
 
 
@@ -178,7 +179,7 @@ def _translate_writer(path: str, exc: WriterError) -> StateStoreError:
         return StoreUnavailable(f"SQLite store {path!r}: {exc}; the next batch starts a new "
                                 "writer process")
     if "SchemaError" in exc.types:
-        return StateStoreError(str(exc).removeprefix("SchemaError: "))
+        return StoreRefused(str(exc).removeprefix("SchemaError: "))
     if "OSError" in exc.types:
         return StoreUnavailable(f"SQLite store {path!r}: {exc}; {_PATH_FIX}")
     return translate(path, exc.code, str(exc))
@@ -201,7 +202,7 @@ class _ThreadWriter:
             raise translate(self._path, getattr(exc, "sqlite_errorcode", None),
                             str(exc)) from exc
         except SchemaError as exc:
-            raise StateStoreError(str(exc)) from exc
+            raise StoreRefused(str(exc)) from exc
         except OSError as exc:
             raise StoreUnavailable(f"SQLite store {self._path!r}: {exc}; {_PATH_FIX}") from exc
 
@@ -365,7 +366,7 @@ class SQLiteStateStore(ProcessedStore):
                 error = type(error)(str(error).replace(_PATH_FIX, _READER_FIX))
             raise error from exc
         except SchemaError as exc:
-            raise StateStoreError(f"SQLite store: {exc}") from exc
+            raise StoreRefused(f"SQLite store: {exc}") from exc
         except RuntimeError as exc:
             if self._shut_down:  # the executor refused the job: the store was closed meanwhile
                 raise StoreUnavailable(f"{self!r} is closed; create a new one") from exc

@@ -17,9 +17,12 @@ writes: it never buffers, retries or drops on its own.
 
 Errors: :class:`~penguiflow.state.StoreUnavailable` means "try again later" (the
 server is down, the file is locked or gone, the disk is full): the processor
-retries the same batch with back-off. Any other exception means the batch holds
-something the backend refused: the processor splits the batch and writes the
-halves, so only the offending events are lost.
+retries the same batch with back-off.
+:class:`~penguiflow_exporters.processor.StoreRefused` means the store as a whole
+takes no write (a foreign database, a newer schema): the batch is counted lost at
+once, not split. Any other exception means the batch holds something the backend
+refused: the processor splits the batch and writes the halves, so only the
+offending events are lost.
 
 Optional: ``prepare(items)`` returns what ``write_prepared(items, prepared)``
 then stores (a writer process's pickled batch). The processor prepares the next
