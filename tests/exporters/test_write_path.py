@@ -784,3 +784,45 @@ async def test_a_store_that_refuses_every_write_fails_a_batch_once(
     assert "penguiflow" in failed[0].error  # type: ignore[attr-defined]  # says why
     await store.close()
     assert sha256(path) == before
+
+
+class _AnswerLostOnce:
+    """The real writer; the first batch carrying a loss marker is committed, then its
+    answer is lost (a connection dropped after COMMIT): the processor retries it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.lost = inner, False
+
+    async def write(self, items: Any) -> Any:
+        result = await self.inner.write(items)
+        if not self.lost and any(getattr(i, "kind", None) == "store_events_lost"
+                                 for i in items):
+            self.lost = True
+            raise StoreUnavailable("the connection dropped after COMMIT")
+        return result
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class _AnswerLostStore(SQLiteStateStore):
+    def _make_writer(self) -> Any:
+        return _AnswerLostOnce(super()._make_writer())
+
+
+async def test_a_loss_marker_retried_after_its_commit_is_stored_once(tmp_path: Path) -> None:
+    store = _AnswerLostStore(tmp_path / "t.db", writer="thread", on_full="drop",
+                             max_batch=2, max_buffer=2)
+    async with store:
+        for i in range(1, 4):  # the third is dropped: the trace gets a marker
+            await store.save_event(event("t", i))
+        await store.flush()
+        for i in range(4, 6):
+            await store.save_event(event("t", i))
+        await store.flush()
+        history = await store.load_history("t")
+        assert store.failures["retried"] == 1 and store.failures["dropped"] == 1
+    markers = [e for e in history if e.kind == "store_events_lost"]
+    # Before: the retry stored the marker again (the events were skipped as stored).
+    assert len(markers) == 1 and markers[0].payload["events_lost"] == 1
+    assert len(history) == 5

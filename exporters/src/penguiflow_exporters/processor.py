@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, Literal
@@ -157,6 +158,8 @@ class BatchProcessor:
         self._flushing = 0
         self._closed = False
         self._lost_by_trace: Counter[str] = Counter()
+        self._marker_flow = f"penguiflow-lost-{uuid.uuid4().hex}"
+        self._marker_seq = 0
         # True when markers should be written even without events to ride with: set
         # by a new loss, cleared when a markers-only write failed (the database is
         # down: they wait for the next batch of events instead of looping).
@@ -368,10 +371,16 @@ class BatchProcessor:
     def _markers(self) -> list[_Marker]:
         # Stamped with the latest lost event's time: a marker must not stretch the
         # trace's duration to the moment it was written.
+        # Each with an event key of its own (this processor's marker flow, a seq):
+        # a write that committed but whose answer was lost is retried, and the
+        # store must skip the marker then as it skips the events.
+        first = self._marker_seq + 1
+        self._marker_seq += len(self._lost_by_trace)
         markers = [
             _Marker(trace_id, self._lost_ts.get(trace_id, time.time()), LOST_KIND, None, None,
-                    {"events_lost": count, "reason": self._lost_reason.get(trace_id, "")})
-            for trace_id, count in self._lost_by_trace.items()]
+                    {"events_lost": count, "reason": self._lost_reason.get(trace_id, "")},
+                    flow_id=self._marker_flow, seq=seq)
+            for seq, (trace_id, count) in enumerate(self._lost_by_trace.items(), first)]
         self._lost_by_trace.clear()
         self._lost_reason.clear()
         self._lost_ts.clear()
