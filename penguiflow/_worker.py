@@ -315,6 +315,13 @@ class NodeWorker:
                         except Exception as exc:  # e.g. a controller without a self-edge
                             error = exc
                         self.interruptible = False
+                        if self._consume_cancel_request():
+                            # Cancelled while routing, and something on the way (a
+                            # message bus's publish) swallowed the CancelledError: the
+                            # request must not outlive this item (the next one would
+                            # be taken for cancelled, this task's cancel count stay up).
+                            await self._trace_cancelled(trace_id, attempt, inv, started)
+                            return
                     if error is None:
                         # A join widened its wait graph to every input it joined.
                         parents = ctx._parents

@@ -405,3 +405,43 @@ async def test_a_cancel_after_a_restart_finishes_only_once_the_trace_drains(
     # Before: the finish came first, while the third message still ran.
     assert kinds.index("node_trace_cancelled") < kinds.index("trace_cancel_finish")
     assert kinds.count("trace_cancel_finish") == 1
+
+
+class _SwallowingBus:
+    """A 2.1 publish-only bus whose first publish on a->b waits, and swallows a
+    cancellation."""
+
+    def __init__(self) -> None:
+        self.waiting = asyncio.Event()
+        self.hold = True
+
+    async def publish(self, envelope: Any) -> None:
+        if not self.hold or envelope.edge != "a->b":
+            return
+        self.hold = False
+        self.waiting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return  # swallowed: bad manners, but a user's bus may do it
+
+
+async def test_a_cancel_swallowed_while_routing_does_not_outlive_its_item(
+        start: Any, recorder: Recorder) -> None:
+    bus = _SwallowingBus()
+
+    async def same(message: Any, ctx: Any) -> Any:
+        return message
+
+    a = Node(same, name="a", policy=NONE)
+    b = Node(same, name="b", policy=NONE)
+    flow = start(create(a.to(b), b.to(), message_bus=bus, middlewares=[recorder]))
+    first, second = msg("1"), msg("2")
+    await flow.emit(first)
+    await within(bus.waiting.wait())  # a routes its result: the publish holds it
+    assert await within(flow.cancel(first.trace_id)) is True
+    await recorder.wait_for("trace_cancel_finish", trace_id=first.trace_id)
+    # The next message through the same worker is not taken for cancelled.
+    await flow.emit(second)
+    assert (await within(flow.fetch())).payload == "2"
+    assert not recorder.of("node_trace_cancelled", trace_id=second.trace_id)
