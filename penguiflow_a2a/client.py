@@ -121,6 +121,8 @@ class A2AClientTransport:
         self._poll_s = poll_interval_s
         self._cancel_timeout_s = cancel_timeout_s
         self._cards: dict[str, tuple[Endpoint, float]] = {}
+        #: Endpoints from cards given inline (RemoteNode(agent_card=...)), by agent URL.
+        self._inline: dict[str, Endpoint] = {}
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> A2AClientTransport:
@@ -145,7 +147,14 @@ class A2AClientTransport:
         """
         if agent_card is not None and ("supportedInterfaces" in agent_card
                                        or "url" in agent_card):
-            return parse_card(agent_card, agent_url=agent_url, source=agent_url)
+            ep = parse_card(agent_card, agent_url=agent_url, source=agent_url)
+            # Kept: a later call without the card (CancelTask) must reach the same
+            # endpoint, not fetch a card the agent URL may not serve.
+            self._inline[agent_url] = ep
+            return ep
+        inline = self._inline.get(agent_url)
+        if inline is not None:
+            return inline
         cached = self._cards.get(agent_url)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]

@@ -411,3 +411,30 @@ async def test_the_sdk_server_rejects_a_1_0_method_without_the_version_header(
                                        headers={"A2A-Version": "1.0"})).json()
     assert bare["error"]["code"] == -32009
     assert versioned["error"]["code"] == -32001  # the header is what makes it 1.0
+
+
+async def test_a_cancel_reaches_an_agent_given_by_an_inline_card(
+        agent: SdkAgent, transport: A2AClientTransport) -> None:
+    # The card is given to the node; its agent URL serves none (a gateway path).
+    async with httpx.AsyncClient() as client:
+        card = (await client.get(f"{agent.base_url}/.well-known/agent-card.json")).json()
+    events = Events()
+    node = RemoteNode(transport=transport, skill="echo", agent_url=f"{agent.base_url}/nocard",
+                      agent_card=card, name="remote", streaming=True,
+                      policy=NodePolicy(validate="none"))
+    flow = create(node.to(), middlewares=[events], state_store=InMemoryStateStore())
+    flow.run()
+    try:
+        m = Message(payload="slow cancel-me", headers=Headers(tenant="t"))
+        await flow.emit(m)
+        async with asyncio.timeout(WAIT):
+            await agent.parked.wait()
+        await events.wait_for("remote_stream_event")  # the node knows the task id
+        assert await asyncio.wait_for(flow.cancel(m.trace_id), WAIT) is True
+        cancelled = await events.wait_for("remote_call_cancelled")
+    finally:
+        await flow.stop()
+    # Before: CancelTask fetched <agent_url>/.well-known/agent-card.json (404) and
+    # was never sent; the remote task ran on.
+    assert agent.cancelled == [cancelled.extra["remote_task_id"]]
+    assert events.of("remote_cancel_error") == []
