@@ -310,6 +310,14 @@ class A2AServerAdapter:
         record.launched = True
         try:
             await self._flow.emit(message, to=self._target)
+        except asyncio.CancelledError:
+            # The caller left while the flow waited for room (the 2.1 stream route
+            # emits in its request): the message was never put, and nothing else
+            # would end the task, which held a task slot for ever.
+            if not record.terminal:
+                self.tasks.publish(record, record.failed(
+                    "the client left before the flow accepted the message"))
+            raise
         except Exception as exc:
             logger.exception("a2a_emit_failed", extra={"task_id": record.task_id})
             self.tasks.publish(record, record.failed(f"could not start the flow: {exc}"))

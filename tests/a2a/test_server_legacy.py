@@ -314,3 +314,40 @@ async def test_flow_error_outside_rookery_unrouted_is_counted() -> None:
     finally:
         await adapter.stop()
     assert isinstance(FlowError, type)
+
+
+async def test_a_stream_client_leaving_before_its_message_is_taken_ends_its_task() -> None:
+    """The 2.1 stream route emits in the request: a client that leaves while the
+    flow waits for room cancels that emit; the task must end (it held a slot for ever)."""
+    gate = Gate()
+    async with served(gate.flow(queue_maxsize=1), max_tasks=3) as (url, adapter):
+        port = int(url.rsplit(":", 1)[1])
+        async with httpx.AsyncClient(timeout=30) as client:
+            first = asyncio.ensure_future(client.post(f"{url}/message/send", json={"payload": 1}))
+            await asyncio.wait_for(gate.started.wait(), 10)  # the node holds the first
+            second = asyncio.ensure_future(client.post(f"{url}/message/send",
+                                                       json={"payload": 2}))
+            # Polled (no event to await across the server): the second is queued.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while sum(t.state == "TASK_STATE_WORKING" for t in adapter.tasks) < 2:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.01)
+            # A third, on the stream route: its emit waits for room; its client leaves.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            body = json.dumps({"payload": 3}).encode()
+            writer.write(b"POST /message/stream HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: " + str(len(body)).encode()
+                         + b"\r\n\r\n" + body)
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(100), 10)  # the stream began
+            writer.close()
+            # Polled: the server notices the departure on its own. Before, the task
+            # stayed SUBMITTED for ever.
+            deadline = loop.time() + 10
+            while not any(t.state == "TASK_STATE_FAILED" for t in adapter.tasks):
+                assert loop.time() < deadline, [(t.state, t.launched) for t in adapter.tasks]
+                await asyncio.sleep(0.01)
+            gate.release.set()
+            assert (await first).status_code == 200 and (await second).status_code == 200
+            assert adapter.tasks.running() == []
