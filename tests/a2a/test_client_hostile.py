@@ -486,3 +486,17 @@ def test_sse_decoder_never_raises_anything_but_sse_error(blobs: list[bytes]) -> 
         decoder.close()
     except SSEError:
         pass
+
+
+def test_an_sse_line_that_never_ends_is_refused_at_the_cap_in_linear_time() -> None:
+    # A hostile peer: "data: xxx..." with no line break, in 4 KB chunks. Before, each
+    # chunk re-joined and re-scanned the whole pending line: 18.6 s of CPU (with the
+    # event loop blocked) to reach the 16 MB cap; now each chunk costs its own size.
+    decoder = SSEDecoder()
+    chunk = b"x" * 4096
+    started = time.process_time()
+    with pytest.raises(SSEError, match="exceeds 16777216 bytes"):
+        decoder.feed(b"data: ")
+        for _ in range(5000):
+            decoder.feed(chunk)
+    assert time.process_time() - started < 2.0
