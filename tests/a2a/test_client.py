@@ -353,11 +353,10 @@ async def test_remote_node_in_a_flow(agent: SdkAgent, transport: A2AClientTransp
         assert success["remote_method"] == "SendMessage"
 
 
-async def test_flow_cancel_mid_stream_cancels_the_remote_task(
-        agent: SdkAgent, transport: A2AClientTransport) -> None:
+async def _cancel_mid_stream(agent: SdkAgent, node: RemoteNode) -> tuple[Events, Any]:
+    """Run ``node`` on a message the agent parks, cancel its trace once the node knows
+    the remote task id; the flow's events and its ``remote_call_cancelled``."""
     events = Events()
-    node = RemoteNode(transport=transport, skill="echo", agent_url=agent.base_url,
-                      name="remote", streaming=True, policy=NodePolicy(validate="none"))
     flow = create(node.to(), middlewares=[events], state_store=InMemoryStateStore())
     flow.run()
     try:
@@ -370,6 +369,14 @@ async def test_flow_cancel_mid_stream_cancels_the_remote_task(
         cancelled = await events.wait_for("remote_call_cancelled")
     finally:
         await flow.stop()
+    return events, cancelled
+
+
+async def test_flow_cancel_mid_stream_cancels_the_remote_task(
+        agent: SdkAgent, transport: A2AClientTransport) -> None:
+    node = RemoteNode(transport=transport, skill="echo", agent_url=agent.base_url,
+                      name="remote", streaming=True, policy=NodePolicy(validate="none"))
+    events, cancelled = await _cancel_mid_stream(agent, node)
     assert agent.cancel_seen.is_set()
     assert agent.cancelled == [cancelled.extra["remote_task_id"]]
     assert cancelled.extra["remote_cancel_reason"] == "trace_cancel"
@@ -418,22 +425,10 @@ async def test_a_cancel_reaches_an_agent_given_by_an_inline_card(
     # The card is given to the node; its agent URL serves none (a gateway path).
     async with httpx.AsyncClient() as client:
         card = (await client.get(f"{agent.base_url}/.well-known/agent-card.json")).json()
-    events = Events()
     node = RemoteNode(transport=transport, skill="echo", agent_url=f"{agent.base_url}/nocard",
                       agent_card=card, name="remote", streaming=True,
                       policy=NodePolicy(validate="none"))
-    flow = create(node.to(), middlewares=[events], state_store=InMemoryStateStore())
-    flow.run()
-    try:
-        m = Message(payload="slow cancel-me", headers=Headers(tenant="t"))
-        await flow.emit(m)
-        async with asyncio.timeout(WAIT):
-            await agent.parked.wait()
-        await events.wait_for("remote_stream_event")  # the node knows the task id
-        assert await asyncio.wait_for(flow.cancel(m.trace_id), WAIT) is True
-        cancelled = await events.wait_for("remote_call_cancelled")
-    finally:
-        await flow.stop()
+    events, cancelled = await _cancel_mid_stream(agent, node)
     # Before: CancelTask fetched <agent_url>/.well-known/agent-card.json (404) and
     # was never sent; the remote task ran on.
     assert agent.cancelled == [cancelled.extra["remote_task_id"]]

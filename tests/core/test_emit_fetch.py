@@ -308,14 +308,20 @@ async def test_flow_emit_chunk_with_target_and_stream_id(start: Any) -> None:
         await flow.emit_chunk(parent=parent, text="x", to=echo("nowhere", policy=NONE))
 
 
-async def test_an_emit_waiting_for_room_raises_when_the_flow_stops(start: Any) -> None:
+def _stuck(start: Any) -> tuple[Any, asyncio.Event]:
+    """A running flow of one node that never returns, floes of one item; and the
+    event its node sets once it holds a message."""
     entered = asyncio.Event()
 
     async def stuck(message: Any, ctx: Any) -> Any:
         entered.set()
         await asyncio.Event().wait()
 
-    flow = start(create(Node(stuck, name="stuck", policy=NONE).to(), queue_maxsize=1))
+    return start(create(Node(stuck, name="stuck", policy=NONE).to(), queue_maxsize=1)), entered
+
+
+async def test_an_emit_waiting_for_room_raises_when_the_flow_stops(start: Any) -> None:
+    flow, entered = _stuck(start)
     await flow.emit(msg(0))  # taken by the node, which never returns
     await within(entered.wait())
     await flow.emit(msg(1))  # fills the floe
@@ -329,13 +335,7 @@ async def test_an_emit_waiting_for_room_raises_when_the_flow_stops(start: Any) -
 
 
 async def test_an_emit_chunk_waiting_for_room_raises_when_the_flow_stops(start: Any) -> None:
-    entered = asyncio.Event()
-
-    async def stuck(message: Any, ctx: Any) -> Any:
-        entered.set()
-        await asyncio.Event().wait()
-
-    flow = start(create(Node(stuck, name="stuck", policy=NONE).to(), queue_maxsize=1))
+    flow, entered = _stuck(start)
     parent = msg("p")
     await flow.emit_chunk(parent=parent, text="0")
     await within(entered.wait())
