@@ -529,8 +529,6 @@ class BatchProcessor:
             counted as ``abandoned`` and ``events_lost``, and logged).
         """
         if self._closing is None:
-            if self._closed:
-                return 0
             # A task of its own: a second caller awaits the same one (counting the
             # events left once), and a caller cancelled mid-way (its own timeout)
             # does not leave the writer task running and the writer open.
