@@ -15,6 +15,7 @@ annotations at runtime, and some name classes imported inside :func:`build_app`.
 
 import asyncio
 import inspect
+import json
 import logging
 import math
 import re
@@ -25,7 +26,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.datastructures import Headers as HTTPHeaders
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from ._jsonrpc import handle_rpc
 from .protocol import V0_3, V1_0
@@ -36,7 +37,7 @@ from .server import (
     A2ATaskCancelRequest,
 )
 
-__all__ = ["Guard", "agent_card_v1", "build_app", "parse_traceparent"]
+__all__ = ["Guard", "SafeJSONResponse", "agent_card_v1", "build_app", "parse_traceparent"]
 
 logger = logging.getLogger("penguiflow_a2a.server")
 
@@ -47,6 +48,19 @@ Send = Callable[[Message], Awaitable[None]]
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _MODES = ["text/plain", "application/json"]
+
+
+class SafeJSONResponse(JSONResponse):
+    """Starlette's JSON response (compact UTF-8, non-ASCII as is), except that a value
+    with a lone surrogate (legal in a Python str: a flow's output, an error text) is
+    written with ``\\u`` escapes instead of failing the request with a 500: the
+    client reads back the very same string."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
 
 
 def parse_traceparent(values: list[str]) -> tuple[str, str] | None:
@@ -130,8 +144,6 @@ async def _send_json(send: Send, status: int, body: bytes,
 
 
 def _detail(detail: Any) -> bytes:
-    import json
-
     return json.dumps({"detail": detail}, default=str).encode()
 
 
@@ -254,7 +266,7 @@ class EventStream(Response):
 def build_app(adapter: A2AServerAdapter, *, include_docs: bool) -> Any:
     """The FastAPI app; see :func:`penguiflow_a2a.server.create_a2a_app`."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import StreamingResponse
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
@@ -268,12 +280,13 @@ def build_app(adapter: A2AServerAdapter, *, include_docs: bool) -> Any:
     app = FastAPI(title=card.name, description=card.description, version=card.version,
                   lifespan=lifespan, docs_url="/docs" if include_docs else None,
                   redoc_url="/redoc" if include_docs else None,
-                  openapi_url="/openapi.json" if include_docs else None)
+                  openapi_url="/openapi.json" if include_docs else None,
+                  default_response_class=SafeJSONResponse)
     app.add_middleware(Guard, adapter=adapter)
 
-    async def request_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def request_error(_request: Request, exc: Exception) -> SafeJSONResponse:
         assert isinstance(exc, A2ARequestError)
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return SafeJSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
     app.add_exception_handler(A2ARequestError, request_error)
 

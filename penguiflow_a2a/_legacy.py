@@ -17,7 +17,18 @@ from penguiflow.streaming import format_sse_event
 
 from ._tasks import Subscriber, TaskRecord
 
-__all__ = ["jsonable", "legacy_frames", "legacy_response"]
+__all__ = ["jsonable", "legacy_frames", "legacy_response", "utf8"]
+
+
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8, a lone surrogate (legal in a Python str, not in UTF-8) as
+    U+FFFD: a chunk's text goes on the wire raw (not as JSON, which could escape it),
+    and one unencodable character must not cut the client's stream short."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # Through UTF-16, which keeps a paired surrogate and replaces a lone one.
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
 
 
 def jsonable(value: Any) -> Any:
@@ -66,7 +77,7 @@ async def legacy_frames(record: TaskRecord, sub: Subscriber,
         while (event := await sub.queue.get()) is not None:
             if event.chunk is not None:
                 chunk = event.chunk.model_copy(update={"meta": {**event.chunk.meta, **ids}})
-                yield format_sse_event(chunk).encode()
+                yield utf8(format_sse_event(chunk))
             elif event.final:
                 break
         outcome = record.outcome

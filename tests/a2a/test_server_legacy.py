@@ -351,3 +351,26 @@ async def test_a_stream_client_leaving_before_its_message_is_taken_ends_its_task
             gate.release.set()
             assert (await first).status_code == 200 and (await second).status_code == 200
             assert adapter.tasks.running() == []
+
+
+async def test_a_lone_surrogate_in_an_output_or_chunk_reaches_the_client() -> None:
+    # Legal in a Python str, not in UTF-8: the send reply was a 500, and the stream
+    # was cut short at the chunk (the client saw an incomplete chunked body).
+    async def work(message: Message, ctx: Any) -> Message:
+        return message.model_copy(update={"payload": "a\ud800b 日本"})
+
+    async with served(create(node(work).to())) as (url, _), http() as client:
+        response = await client.post(url + "/message/send",
+                                     json={"payload": "hi", "traceId": "t1"})
+        assert response.status_code == 200
+        assert response.json()["output"] == "a\ud800b 日本"
+
+    flow = chunk_flow(["a", "b\ud800c", "d"], final={"t": "x\udfffy"})
+    async with (served(flow) as (url, _), http() as client,
+                client.stream("POST", url + "/message/stream",
+                              json={"payload": "go", "traceId": "tr"}) as response):
+        got = frames((await response.aread()).decode())
+    assert [name for name, _ in got] == ["status", "chunk", "chunk", "done", "artifact",
+                                         "done"]
+    assert got[2][1][0] == "b\ufffdc"  # raw text on the wire: the surrogate replaced
+    assert json.loads(got[4][1][0])["output"] == {"t": "x\udfffy"}  # JSON: escaped
