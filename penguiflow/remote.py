@@ -120,16 +120,29 @@ def _method(meta: Mapping[str, Any] | None) -> Any:
 
 
 def _size(value: Any) -> int:
+    """The UTF-8 size of ``value`` as JSON (text as is), for the bytes metrics.
+
+    Never raises: a measurement must not fail the call it measures. A lone
+    surrogate (valid JSON ``"\\udcff"`` decodes to one) counts as its 3 bytes; a
+    payload pydantic cannot write is measured by its text, as anything else JSON
+    refuses; and one whose text fails too counts as 0.
+    """
     if value is None:
         return 0
-    if isinstance(value, str):
-        return len(value.encode())
-    if hasattr(value, "model_dump_json"):
-        return len(value.model_dump_json().encode())
     try:
-        return len(json.dumps(value, default=str).encode())
-    except (TypeError, ValueError):
-        return len(str(value).encode())
+        if isinstance(value, str):
+            return len(value.encode("utf-8", "surrogatepass"))
+        if hasattr(value, "model_dump_json"):
+            try:
+                return len(value.model_dump_json().encode("utf-8", "surrogatepass"))
+            except Exception:
+                return len(safe_repr(value).encode("utf-8", "surrogatepass"))
+        try:
+            return len(json.dumps(value, default=str).encode("utf-8", "surrogatepass"))
+        except (TypeError, ValueError, RecursionError):
+            return len(str(value).encode("utf-8", "surrogatepass"))
+    except Exception:
+        return 0
 
 
 def _clean(extra: dict[str, Any]) -> dict[str, Any]:

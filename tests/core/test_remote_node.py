@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -544,3 +545,37 @@ async def test_stop_cleans_up_in_flight_remote_call(start: Any, recorder: Record
                for e in recorder.of("remote_call_cancelled"))
     assert recorder.of("remote_call_success") == []
     assert [t for t in asyncio.all_tasks() if t.get_name() == "penguiflow:remote"] == []
+
+
+# -- byte counting never fails the call ------------------------------------------------
+
+
+async def test_hostile_texts_and_payloads_are_measured_not_fatal(start: Any,
+                                                                 recorder: Recorder) -> None:
+    # A lone surrogate arrives in a chunk's text (valid JSON "\udcff" decodes to one),
+    # and a payload pydantic cannot write goes to a transport that handles it itself:
+    # measuring their bytes made the call fail (UnicodeEncodeError after the chunk had
+    # reached the caller; PydanticSerializationError before the transport was called).
+    class Opaque:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr either")
+
+    lone = json.loads('"hello \\udcff"')
+    transport = FakeTransport(events=[RemoteStreamEvent(text=lone),
+                                      RemoteStreamEvent(done=True, result="ok")])
+    flow = start(create(remote(transport, streaming=True, policy=fast_retry(0)).to(),
+                        middlewares=[recorder]))
+    streamed = msg("x")
+    opaque = msg(Opaque())
+    for m in (streamed, opaque):
+        await flow.emit(m)
+        await settled(recorder, m.trace_id, ["remote_call_success", "remote_call_error"])
+    for m in (streamed, opaque):
+        assert remote_kinds(recorder, m.trace_id) == [
+            "remote_call_start", "remote_stream_event", "remote_stream_event",
+            "remote_call_success"]
+    chunk = recorder.of("remote_stream_event", trace_id=streamed.trace_id)[0]
+    assert chunk.extra["remote_chunk_bytes"] == len("hello ") + 3
+    assert transport.requests[-1].message is opaque
+    (start_event,) = recorder.of("remote_call_start", trace_id=opaque.trace_id)
+    assert start_event.extra["remote_request_bytes"] >= 0
