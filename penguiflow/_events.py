@@ -238,7 +238,9 @@ class EventPipeline:
         tracer = self.tracer
         if tracer is not None:
             try:
-                tracer.on_fields(fields)
+                refused = tracer.on_fields(fields)
+                if refused:  # spans the SDK refused (logged by the tracer)
+                    self.failures["tracer_failed"] += refused
             except Exception as exc:
                 self.failures["tracer_failed"] += 1
                 logger.exception("tracer_failed", extra={

@@ -422,7 +422,9 @@ class FlowRuntime:
     def _trace_done(self, trace_id: Any) -> None:
         tracer = self.events.tracer
         if tracer is not None:
-            tracer.trace_done(trace_id, self.flow_id)
+            refused = tracer.trace_done(trace_id, self.flow_id)
+            if refused:
+                self.events.failures["tracer_failed"] += refused
 
     # -- events ----------------------------------------------------------------
 

@@ -181,21 +181,35 @@ class LiveTracer:
         self._flows.add(flow)
         self.metrics.watch(self._flows)
 
-    def on_fields(self, fields: tuple[Any, ...]) -> None:
-        """Feed one EVENT_FIELDS tuple (see :data:`penguiflow.state.EVENT_FIELDS`)."""
+    def on_fields(self, fields: tuple[Any, ...]) -> int:
+        """Feed one EVENT_FIELDS tuple (see :data:`penguiflow.state.EVENT_FIELDS`).
+
+        Returns how many spans (or metric points) the SDK refused meanwhile: the
+        caller counts them as its flow's ``tracer_failed`` (this tracer serves every
+        flow of its provider, so :attr:`failures` is not one flow's)."""
         (trace_id, ts, kind, node_name, node_id, invocation_id, parents, _span, _parent,
          _seq, attempt, queued_ts, flow_name, flow_id, latency_ms, *_rest, extra) = fields
+        before = self.failures
         self.model.feed(trace_id, ts, kind, node_name, node_id, invocation_id, parents,
                         attempt, latency_ms, flow_name, flow_id, queued_ts, extra)
+        return self.failures - before
 
-    def trace_done(self, trace_id: Any, flow_id: str | None) -> None:
-        """``flow_id`` holds nothing more of ``trace_id``: end the root if it was the last."""
+    def trace_done(self, trace_id: Any, flow_id: str | None) -> int:
+        """``flow_id`` holds nothing more of ``trace_id``: end the root if it was the last.
+
+        Returns the failures meanwhile, as :meth:`on_fields`."""
+        before = self.failures
         self.model.end_trace(trace_id, flow_id)
+        return self.failures - before
 
-    def flow_stopped(self, flow: ObservedFlow) -> None:
-        """End the traces ``flow`` still had open (their spans end at their last event)."""
+    def flow_stopped(self, flow: ObservedFlow) -> int:
+        """End the traces ``flow`` still had open (their spans end at their last event).
+
+        Returns the failures meanwhile, as :meth:`on_fields`."""
+        before = self.failures
         for trace_id in self.model.open_traces():
             self.model.end_trace(trace_id, flow.flow_id)
+        return self.failures - before
 
     # -- contexts for user code -------------------------------------------------------------
 

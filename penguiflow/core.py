@@ -435,7 +435,9 @@ class PenguiFlow:
                 self._report_store_timeout(store_timeout_s, cut)
             tracer = self._events.tracer
             if tracer is not None:
-                tracer.flow_stopped(self)
+                refused = tracer.flow_stopped(self)
+                if refused:
+                    self._events.failures["tracer_failed"] += refused
             rt.trace_tasks.clear()
             rt.drained.clear()
             for state in rt.traces.values():

@@ -197,3 +197,41 @@ def test_through_the_writer_spans_carry_the_stored_ids_whatever_the_id_generator
         (TRACE, 0x1), (TRACE, 0x2), (TRACE, 0x3)]
     assert [s.parent.span_id if s.parent else None for s in spans] == [None, 0x1, 0x2]
     tp.shutdown()
+
+
+@pytest.mark.parametrize("path", ["writer", "api"])
+async def test_a_raising_processor_counts_per_flow_and_starves_no_other_processor(
+        path: str) -> None:
+    # The tracer's failures were its own (shared by every flow of the provider) and
+    # never reached flow.observer_failures / pf.observer.failures as documented; and
+    # through the writer the SDK's loop stopped at the raising processor, so the
+    # healthy one after it got no span at all.
+    from penguiflow import Headers, Message, Node, NodePolicy, create
+
+    class Down(SpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            raise RuntimeError("processor down")
+
+    extra: tuple[SpanProcessor, ...] = (_Starting(),) if path == "api" else ()
+    exporter = InMemorySpanExporter()
+    tp = TracerProvider()
+    tp.add_span_processor(Down())
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    for processor in extra:
+        tp.add_span_processor(processor)
+
+    async def ok(msg: Any, ctx: Any) -> Any:
+        return msg
+
+    policy = NodePolicy(validate="none")
+    a, b = Node(ok, name="a", policy=policy), Node(ok, name="b", policy=policy)
+    flow = create(a.to(b), b.to(), tracer_provider=tp)
+    flow.run()
+    for i in range(3):
+        await flow.emit(Message(payload=i, headers=Headers(tenant="t")))
+        await flow.fetch()
+    await flow.stop()
+    assert flow.observer_failures == {"tracer_failed": 9}  # 3 traces x (root + 2 nodes)
+    # The SDK's own loop (the API path) still stops at the first raising processor.
+    assert len(exporter.get_finished_spans()) == (9 if path == "writer" else 0)
+    tp.shutdown()

@@ -155,7 +155,20 @@ class SdkSpanWriter:
             return False
         readable = readable_span(span, self._resource, self._scope, copy=False)
         self.written += 1
-        multi.on_end(readable)
+        if type(multi) is not SynchronousMultiSpanProcessor:
+            multi.on_end(readable)
+            return True
+        # The SDK's own loop stops at the first processor that raises, and the ones
+        # after it never see the span: each gets it here; the first error is raised
+        # afterwards, for the tracer to log and count (once per span).
+        failed: Exception | None = None
+        for processor in self._checked:  # type: ignore[attr-defined]  # a tuple when _ok
+            try:
+                processor.on_end(readable)
+            except Exception as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         return True
 
 
