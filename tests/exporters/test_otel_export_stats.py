@@ -143,6 +143,28 @@ def test_a_flush_that_timed_out_is_joined_by_shutdown(otlp_receiver: OTLPReceive
     assert handle.stats.spans_exported == 2
 
 
+def test_a_shutdown_that_gives_up_counts_what_did_not_go_out(
+        otlp_receiver: OTLPReceiver) -> None:
+    # The stats said nothing was lost while every span was stuck behind a hung export:
+    # the count came only once the SDK's own shutdown returned, i.e. never if the
+    # collector never answers. Then an export that still ends moves its spans back.
+    otlp_receiver.mode = "stall"
+    handle = small_queue(otlp_receiver.url, export_timeout_s=20)
+    try:
+        end_spans(handle, BATCH + 2)  # a full batch goes out (and hangs), 2 wait
+        otlp_receiver.wait_for_requests(1)
+        assert handle.shutdown(timeout_s=0.3) is False
+        stats = handle.stats
+        assert (stats.spans_exported, stats.spans_lost_at_shutdown) == (0, BATCH + 2)
+    finally:
+        otlp_receiver.release()
+    for thread in threading.enumerate():
+        if thread.name.startswith("penguiflow-telemetry-"):
+            thread.join(10)
+    stats = handle.stats
+    assert (stats.spans_exported, stats.spans_lost_at_shutdown) == (BATCH + 2, 0)
+
+
 @pytest.mark.parametrize("option", ["max_queue_size", "max_export_batch_size"])
 def test_queue_sizes_below_one_are_refused(option: str) -> None:
     with pytest.raises(ValueError, match=r"must be >= 1 span"):

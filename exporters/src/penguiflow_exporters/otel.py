@@ -187,8 +187,10 @@ class ExportStats:
     """Spans refused because the export queue was full (``max_queue_size``
     spans waiting: the collector is slower than the flow); never sent."""
     spans_lost_at_shutdown: int = 0
-    """Spans ended after :meth:`TelemetryHandle.shutdown`, or still queued when
-    it gave up waiting (see its ``timeout_s``); never sent."""
+    """Spans ended after :meth:`TelemetryHandle.shutdown`, or still queued or
+    being exported when it gave up waiting (see its ``timeout_s``): not sent, as
+    far as anyone knows then. An export that still ends afterwards moves its spans
+    from here to ``spans_exported`` or ``spans_failed``."""
 
 
 class _LogWindow:
@@ -344,8 +346,10 @@ class _CountingSpanExporter(SpanExporter):
     def __init__(self, inner: SpanExporter, failures: _FailureLog) -> None:
         self._inner = inner
         self._failures = failures
-        #: Told how many spans left the batch queue (see _CountingBatchProcessor).
+        #: Told how many spans left the batch queue, and how many an export ended
+        #: with (see _CountingBatchProcessor).
         self.on_taken: Callable[[int], None] | None = None
+        self.on_done: Callable[[int], None] | None = None
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self.on_taken is not None:
@@ -354,13 +358,19 @@ class _CountingSpanExporter(SpanExporter):
         try:
             result = self._inner.export(spans)
         except Exception as exc:  # an observer never raises into the SDK's thread
+            self._ended(len(spans))
             self._failures.failure("spans", len(spans), repr(exc))
             return SpanExportResult.FAILURE
+        self._ended(len(spans))
         if result is SpanExportResult.SUCCESS:
             self._failures.success(len(spans))
         else:
             self._failures.failure("spans", len(spans), _last_sdk_error())
         return result
+
+    def _ended(self, spans: int) -> None:
+        if self.on_done is not None:
+            self.on_done(spans)
 
     def shutdown(self) -> None:
         self._inner.shutdown()
@@ -409,9 +419,11 @@ class _CountingBatchProcessor(SpanProcessor):
     happens; a span arriving when ``queued == max_queue_size`` is refused here
     (the newest, where the SDK would have evicted the oldest) and counted in
     :attr:`ExportStats.spans_dropped`. After a flush every ended span is in
-    exactly one counter. What ``shutdown`` leaves queued, or what ends after
-    it, is counted in :attr:`ExportStats.spans_lost_at_shutdown`; a batch an
-    export takes after that count (a shutdown that timed out) moves back out.
+    exactly one counter. What ``shutdown`` leaves queued or being exported, or
+    what ends after it, is counted in :attr:`ExportStats.spans_lost_at_shutdown`
+    (:meth:`settle`; also when the handle's shutdown gave up waiting on a hung
+    export); an export that still ends after that count moves its spans back
+    out, into exported or failed.
     """
 
     def __init__(self, exporter: _CountingSpanExporter, failures: _FailureLog, *,
@@ -420,9 +432,12 @@ class _CountingBatchProcessor(SpanProcessor):
         self._capacity = max_queue_size
         self._lock = threading.Lock()
         self._queued = 0
+        #: Spans taken off the queue by an export that has not ended.
+        self._exporting = 0
         self._closed = False
         self._settled = False
         exporter.on_taken = self.taken
+        exporter.on_done = self.done
         self._inner = BatchSpanProcessor(exporter, max_queue_size=max_queue_size,
                                          max_export_batch_size=max_export_batch_size)
 
@@ -448,18 +463,36 @@ class _CountingBatchProcessor(SpanProcessor):
         """An export took ``spans`` spans off the queue (called by the exporter)."""
         with self._lock:
             self._queued -= spans
+            self._exporting += spans
+
+    def done(self, spans: int) -> None:
+        """An export of ``spans`` spans ended, either way (called by the exporter)."""
+        with self._lock:
+            self._exporting -= spans
             late = self._settled
-        if late:
+        if late:  # counted as lost by settle(): it is exported or failed after all
             self._failures.lost_at_shutdown(-spans)
+
+    def settle(self) -> None:
+        """Count what is still queued or being exported as lost at shutdown (once).
+
+        Called when shutdown ends, and by :meth:`TelemetryHandle.shutdown` when it
+        gave up waiting (a hung export): the stats then say what did not go out,
+        instead of nothing until the hung export ends, if ever.
+        """
+        with self._lock:
+            if self._settled:
+                return
+            self._closed = self._settled = True
+            left = self._queued + self._exporting
+        if left:
+            self._failures.lost_at_shutdown(left)
 
     def shutdown(self) -> None:
         with self._lock:
             self._closed = True
         self._inner.shutdown()  # type: ignore[no-untyped-call]  # the SDK leaves it unannotated
-        with self._lock:
-            left, self._queued, self._settled = self._queued, 0, True
-        if left:
-            self._failures.lost_at_shutdown(left)
+        self.settle()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
@@ -533,6 +566,8 @@ class TelemetryHandle:
         self._closed = False
         #: Threads of a force_flush/shutdown that ran out of time (joined at shutdown).
         self._stragglers: list[threading.Thread] = []
+        #: Counts what a shutdown that gave up waiting leaves unsent as lost.
+        self._settle: Callable[[], None] | None = None
         self._filter = _RateLimitFilter()
         for name in _SDK_EXPORTER_LOGGERS:
             logging.getLogger(name).addFilter(self._filter)
@@ -612,6 +647,8 @@ class TelemetryHandle:
             for thread in self._stragglers:
                 thread.join(max(deadline - time.monotonic(), 0.0))
             self._stragglers = [t for t in self._stragglers if t.is_alive()]
+            if not ok and self._settle is not None:
+                self._settle()
             return ok and not self._stragglers
         finally:
             for name in _SDK_EXPORTER_LOGGERS:
@@ -795,10 +832,11 @@ def configure_tracing(
         # Our handle's exit hook shuts down bounded; the SDK's own would wait up
         # to 30 s per processor on a stalled collector.
         shutdown_on_exit=False)
-    tracer_provider.add_span_processor(
+    processor: SpanProcessor = (
         _CountingBatchProcessor(counted, failures, max_queue_size=queue_size,
                                 max_export_batch_size=min(batch_size, queue_size))
         if span_processor == "batch" else SimpleSpanProcessor(counted))
+    tracer_provider.add_span_processor(processor)
 
     meter_provider: MeterProvider | None = None
     metrics_url: str | None = None
@@ -822,6 +860,8 @@ def configure_tracing(
     handle = TelemetryHandle(tracer_provider, meter_provider, failures,
                              shutdown_timeout_s=shutdown_timeout_s,
                              traces_endpoint=traces_url, metrics_endpoint=metrics_url)
+    if isinstance(processor, _CountingBatchProcessor):
+        handle._settle = processor.settle
     if set_global:
         _set_globals(tracer_provider, meter_provider)
     return handle
