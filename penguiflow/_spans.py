@@ -66,6 +66,19 @@ def _ns(ts: float) -> int:
     return round(ts * 1e9)
 
 
+def _streamed(span: SpanData, extra: Mapping[str, Any]) -> None:
+    """The chunks an invocation streamed (ctx.emit_chunk with text, RemoteNode's
+    included) and its time to the first, on its span: whether it then succeeded,
+    failed or was cancelled (the runtime reports them with each outcome)."""
+    chunks = extra.get("stream_chunks")
+    if isinstance(chunks, int):
+        span.attributes[sc.PF_STREAM_CHUNKS] = chunks
+        first = extra.get("stream_first_chunk_ts")
+        if isinstance(first, int | float):
+            span.attributes[sc.GEN_AI_TIME_TO_FIRST_CHUNK] = max(
+                0.0, (_ns(first) - span.start_ns) / 1e9)
+
+
 class _TraceSpans:
     """The open spans of one trace."""
 
@@ -250,14 +263,8 @@ class SpanModel:
                       attempt: int, latency_ms: float | None,
                       extra: Mapping[str, Any]) -> None:
         span = spans.nodes.get(inv) if inv is not None else None
-        chunks = extra.get("stream_chunks")
-        if span is not None and isinstance(chunks, int):
-            # Chunks the node emitted (ctx.emit_chunk with text), RemoteNode's included.
-            span.attributes[sc.PF_STREAM_CHUNKS] = chunks
-            first = extra.get("stream_first_chunk_ts")
-            if isinstance(first, int | float):
-                span.attributes[sc.GEN_AI_TIME_TO_FIRST_CHUNK] = max(
-                    0.0, (_ns(first) - span.start_ns) / 1e9)
+        if span is not None:
+            _streamed(span, extra)
         if span is not None and len(parents) > 1 and not span.links:
             # A join reports every input it joined at the end: a child of the
             # root, linked to each upstream invocation.
@@ -322,6 +329,7 @@ class SpanModel:
         message = None
         if isinstance(flow_error, Mapping):
             message = flow_error.get("message")
+        _streamed(span, extra)
         span.attributes.setdefault(sc.ERROR_TYPE, error_type_of(extra.get("exception")))
         span.status = "error"
         span.status_description = safe_str(message) if message is not None else None
@@ -334,6 +342,7 @@ class SpanModel:
         span = spans.nodes.get(inv) if inv is not None else None
         if span is None:
             return
+        _streamed(span, extra)
         span.attributes[sc.ERROR_TYPE] = sc.ERROR_CANCELLED
         span.status = "error"
         span.status_description = "trace cancelled"
@@ -505,6 +514,7 @@ class SpanModel:
         if span is None:
             return
         span.events.append(SpanEventData(sc.EV_CANCEL_PROPAGATED, ns, dict(attributes)))
+        _streamed(span, extra)
         span.attributes[sc.ERROR_TYPE] = sc.ERROR_CANCELLED
         span.status = "error"
         span.status_description = f"cancelled ({reason})"

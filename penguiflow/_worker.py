@@ -420,6 +420,9 @@ class NodeWorker:
         extra = {"exception": shown, "flow_error": flow_error.to_payload()}
         if trace_text is not None:
             extra["traceback"] = trace_text
+        if ctx._chunks:  # what streamed before it failed (the span's TTFC, the metric's)
+            extra["stream_chunks"] = ctx._chunks
+            extra["stream_first_chunk_ts"] = ctx._first_chunk
         await rt.emit_event("node_failed", ctx, trace_id, attempt=attempt,
                                latency_ms=latency_ms, extra=extra,
                                invocation_id=inv, parents=parents)
@@ -433,5 +436,10 @@ class NodeWorker:
     async def _trace_cancelled(self, trace_id: Any, attempt: int, inv: str | None,
                                started: float | None) -> None:
         latency = None if started is None else (_perf() - started) * 1000.0
-        await self.rt.emit_event("node_trace_cancelled", self.ctx, trace_id, attempt=attempt,
-                                  latency_ms=latency, invocation_id=inv)
+        ctx = self.ctx
+        streamed = None
+        if ctx._chunks:  # what streamed before the cancel (the span's TTFC, the metric's)
+            streamed = {"stream_chunks": ctx._chunks,
+                        "stream_first_chunk_ts": ctx._first_chunk}
+        await self.rt.emit_event("node_trace_cancelled", ctx, trace_id, attempt=attempt,
+                                  latency_ms=latency, extra=streamed, invocation_id=inv)

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from pfcore_support import msg, within
+from pfcore_support import Recorder, msg, within
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow._tracer import tracer_for
@@ -525,6 +525,46 @@ async def test_a_streaming_node_reports_its_chunks_on_its_span_and_event(
     assert success.payload["stream_chunks"] == 3
     assert success.payload["stream_first_chunk_ts"] >= success.ts - (span.end_time -
                                                                     span.start_time) / 1e9
+
+
+@pytest.mark.parametrize("outcome", ["node_failed", "node_trace_cancelled"])
+async def test_chunks_streamed_before_a_failure_or_cancel_are_on_the_span_and_event(
+        provider: TracerProvider, exporter: InMemorySpanExporter, outcome: str) -> None:
+    # Only a success reported them: an LLM node that streamed and then failed (or
+    # was cancelled) lost its time to first chunk on the span, the metric and the store.
+    streamed = asyncio.Event()
+
+    async def talk(msg: Message, ctx: Any) -> Message:
+        await ctx.emit_chunk(parent=msg, text="a")
+        await ctx.emit_chunk(parent=msg, text="b")
+        if outcome == "node_failed":
+            raise RuntimeError("model error after streaming")
+        streamed.set()
+        await asyncio.Event().wait()  # until cancelled
+        return msg
+
+    store = InMemoryStateStore()
+    recorder = Recorder()
+    flow = create(_node(talk, "talk").to(), tracer_provider=provider, state_store=store,
+                  middlewares=[recorder])
+    m = msg("x")
+    flow.run()
+    try:
+        await flow.emit(m)
+        if outcome == "node_trace_cancelled":
+            await within(streamed.wait())
+            assert await flow.cancel(m.trace_id)
+        await within(recorder.wait_for(outcome, trace_id=m.trace_id))
+    finally:
+        await flow.stop()
+
+    span = _by_name(exporter.get_finished_spans())["invoke_agent talk"]
+    assert span.attributes["pf.stream.chunks"] == 2
+    assert 0 <= span.attributes["gen_ai.response.time_to_first_chunk"] <= (
+        span.end_time - span.start_time) / 1e9
+    (event,) = [e for e in await store.load_history(m.trace_id) if e.kind == outcome]
+    assert event.payload["stream_chunks"] == 2
+    assert event.payload["stream_first_chunk_ts"] <= event.ts
 
 
 async def test_a_slow_remote_cancel_lands_in_the_same_trace_after_the_acknowledgement(
