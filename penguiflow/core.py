@@ -25,9 +25,12 @@ long, and what was not stored is reported (``state_store_flush_timeout``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
 
 from ._context import Context, Targets
 from ._events import EventPipeline, logger
@@ -47,7 +50,7 @@ from ._runtime import FlowRuntime
 from ._tracer import tracer_for
 from ._traces import TraceCancelled, TraceState
 from ._worker import NodeWorker
-from .binding import BusBinding, Inbound, is_delivering
+from .binding import _TURN, BusBinding, Inbound, is_delivering
 from .errors import (
     SAFE_TEXT_LIMIT,
     ConfigurationError,
@@ -57,6 +60,7 @@ from .errors import (
     InvalidArgumentType,
     safe_repr,
 )
+from .tracing import current_scope
 from .types import WM, Message
 from .wire import WireTypes
 
@@ -309,13 +313,18 @@ class PenguiFlow:
             tracer.attach(self)
         rt.running = True
         rt.stopped = False
+        workers_context = contextvars.copy_context()
+        workers_context.run(_forget_the_callers_request)
         if local is not None:
-            self._bind(local, registry)
+            self._bind(local, registry, workers_context)
         for node in self._nodes:
             if local is not None and owner_label(node) not in local:
                 continue
             worker = NodeWorker(rt, node, self._contexts[node])
-            worker.task = loop.create_task(worker.run(), name=f"penguiflow:{node.name}")
+            # Long-lived tasks serve every later trace: they must not keep what is
+            # the caller's own request (its current span, log scope, bus turn).
+            worker.task = loop.create_task(worker.run(), name=f"penguiflow:{node.name}",
+                                           context=workers_context)
             self._workers.append(worker)
 
     def _local_nodes(self, nodes: Iterable[str] | None,
@@ -343,7 +352,8 @@ class PenguiFlow:
                 hint=f"the flow's nodes are {', '.join(sorted(labels))}")
         return chosen
 
-    def _bind(self, local: frozenset[str], registry: ModelRegistry | None) -> None:
+    def _bind(self, local: frozenset[str], registry: ModelRegistry | None,
+              context: contextvars.Context) -> None:
         rt = self._rt
         bus = rt.message_bus
         assert bus is not None
@@ -357,7 +367,8 @@ class PenguiFlow:
             cancel_local=self._cancel_local)
         rt.binding = binding
         task = asyncio.get_running_loop().create_task(
-            bus.bind(binding), name=f"penguiflow:bind:{self.name}")  # type: ignore[attr-defined]
+            bus.bind(binding), name=f"penguiflow:bind:{self.name}",  # type: ignore[attr-defined]
+            context=context)
         rt.external.add(task)
         task.add_done_callback(_bind_done)
 
@@ -859,3 +870,12 @@ def _check_error_text_max(value: object) -> None:
 def create(*adjacencies: Adjacency, **kwargs: Any) -> PenguiFlow:
     """Build a :class:`PenguiFlow` (forwards everything to the constructor)."""
     return PenguiFlow(*adjacencies, **kwargs)
+
+
+def _forget_the_callers_request() -> None:
+    """Run in the copy of ``run()``'s caller's context the workers get: they keep its
+    other variables (an application's own), not its current span (user spans in nodes
+    of later, unrelated traces were parented to it), log scope or bus turn."""
+    otel_context.attach(otel_context.Context())
+    current_scope.set(None)
+    _TURN.set(None)

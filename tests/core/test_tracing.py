@@ -815,3 +815,35 @@ async def test_a_trace_cancel_records_its_latency_and_the_remote_call_as_cancell
         (times["pf.cancel.acknowledged"] - times["pf.cancel.requested"]) / 1e9)
     (latency,) = points["pf.remote.duration"]
     assert latency.attributes["pf.remote.outcome"] == "cancelled"
+
+
+async def test_workers_do_not_keep_the_span_run_was_called_in(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    # The worker tasks copied run()'s context: a flow started lazily inside a request's
+    # span parented every later user span (of unrelated work) to that ended span.
+    # An application's own context variables still reach the nodes.
+    import contextvars
+
+    app_var: contextvars.ContextVar[str] = contextvars.ContextVar("app_var")
+    seen: list[str] = []
+    tracer = provider.get_tracer("app")
+
+    async def work(item: Any, ctx: Any) -> Any:
+        seen.append(app_var.get("unset"))
+        with tracer.start_as_current_span("user.work"):
+            pass
+        return item
+
+    flow = create(_node(work, "a").to(), tracer_provider=provider)
+    app_var.set("app-wide")
+    with tracer.start_as_current_span("startup-request"):
+        flow.run()
+    try:
+        await flow.emit({"job": 2})  # no trace: the node has no span of its own
+        await within(flow.fetch())
+    finally:
+        await flow.stop()
+    spans = _by_name(exporter.get_finished_spans())
+    assert spans["user.work"].parent is None
+    assert spans["user.work"].context.trace_id != spans["startup-request"].context.trace_id
+    assert seen == ["app-wide"]
