@@ -85,9 +85,25 @@ M_OBSERVER_FAILURES: Final = "pf.observer.failures"
 
 def workflow_span_name(flow_name: str | None) -> str:
     """``invoke_workflow {flow name}`` (the root span of a trace)."""
-    return f"{OP_INVOKE_WORKFLOW} {flow_name}" if flow_name else OP_INVOKE_WORKFLOW
+    return f"{OP_INVOKE_WORKFLOW} {_utf8(flow_name)}" if flow_name else OP_INVOKE_WORKFLOW
 
 
 def agent_span_name(name: str | None) -> str:
     """``invoke_agent {node or remote skill name}`` (node and remote-call spans)."""
-    return f"{OP_INVOKE_AGENT} {name}" if name else OP_INVOKE_AGENT
+    return f"{OP_INVOKE_AGENT} {_utf8(name)}" if name else OP_INVOKE_AGENT
+
+
+def _utf8(name: str) -> str:
+    """``name`` with each lone surrogate (legal in a str, not in UTF-8) as U+FFFD.
+
+    An exporter must encode a span's name: the OTLP encoder refuses one it cannot,
+    and with it the whole batch (up to 512 spans of other traces); an attribute it
+    cannot encode loses only itself.
+    """
+    if name.isascii():
+        return name
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return name.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return name

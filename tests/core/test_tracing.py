@@ -847,3 +847,16 @@ async def test_workers_do_not_keep_the_span_run_was_called_in(
     assert spans["user.work"].parent is None
     assert spans["user.work"].context.trace_id != spans["startup-request"].context.trace_id
     assert seen == ["app-wide"]
+
+
+async def test_a_node_name_utf8_cannot_hold_does_not_sink_the_span_batch(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    # A lone surrogate in a node or flow name went into the span names, and the OTLP
+    # encoder refused the whole batch for it (up to 512 spans of other traces).
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    flow = create(_node(_noop, "a\udcffb").to(), name="f\ud800", tracer_provider=provider)
+    await _run_one(flow, msg("x"))
+    spans = _by_name(exporter.get_finished_spans())
+    assert set(spans) == {"invoke_workflow f\ufffd", "invoke_agent a\ufffdb"}
+    assert encode_spans(list(spans.values())).resource_spans
