@@ -1241,6 +1241,58 @@ async def test_an_event_the_database_refuses_is_lost_alone(
     assert (await store.load_history("t"))[-1] == poisoned
 
 
+async def test_a_store_the_server_refuses_whole_loses_whole_batches_not_one_by_one(
+        make: MakeStore, sql: asyncpg.Connection, caplog: pytest.LogCaptureFixture) -> None:
+    # A table dropped (or a privilege revoked) under the store: every batch was
+    # split down to single events, 2N transactions and N error lines for nothing.
+    store = await make(flush_interval_s=3600.0, max_batch=100)
+    await store.save_events([ev("t", 0)])
+    await store.flush()
+    await sql.execute(f'DROP TABLE "{store.schema}".blocks')
+    with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
+        await store.save_events([ev("t", seq) for seq in range(1, 201)])
+        await store.flush()
+    # One failure per batch of 100, and for the trace's lost-events markers: not the
+    # ~400 transactions and ~200 error lines of splitting each batch to single events.
+    assert store.failures["events_lost"] == 200
+    errors = _errors_logged(caplog)
+    assert len(errors) == store.failures["write_failed"] <= 4, errors
+    assert "UndefinedTableError" in errors[0]
+    assert "privileges" in errors[0]  # says what to do
+
+
+async def test_a_lock_held_past_lock_timeout_is_retried_not_lost(
+        pg_dsn: str, make: MakeStore, sql: asyncpg.Connection) -> None:
+    # LockNotAvailableError (lock_timeout) was taken for "these events are refused":
+    # split and lost one by one while the server was only busy.
+    dsn = pg_dsn + ("&" if "?" in pg_dsn else "?") + "lock_timeout=200"  # a server setting
+    store = await make()  # the schema, made (and dropped at teardown) by the fixture
+    retried = asyncio.Event()
+
+    class Retry(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "state_store_write_retry":
+                retried.set()
+
+    timed = PostgresStateStore(dsn, schema=store.schema, writer=store.writer,
+                               flush_interval_s=3600.0)
+    handler = Retry()
+    logging.getLogger("penguiflow_exporters").addHandler(handler)
+    try:
+        await timed.open()
+        async with sql.transaction():
+            await sql.execute(f'LOCK TABLE "{store.schema}".blocks IN ACCESS EXCLUSIVE MODE')
+            await timed.save_events([ev("t", seq) for seq in range(1, 9)])
+            flushed = asyncio.ensure_future(timed.flush())
+            await asyncio.wait_for(retried.wait(), 30)
+        await asyncio.wait_for(flushed, 30)
+        assert timed.failures["events_lost"] == 0 and timed.failures["retried"] >= 1
+        assert [e.seq for e in await timed.load_history("t")] == list(range(1, 9))
+    finally:
+        logging.getLogger("penguiflow_exporters").removeHandler(handler)
+        await timed.close()
+
+
 async def test_a_lost_writer_connection_is_retried_and_nothing_is_lost(
         make: MakeStore, sql: asyncpg.Connection) -> None:
     store = await make(flush_interval_s=3600.0)

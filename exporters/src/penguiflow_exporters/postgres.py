@@ -29,10 +29,15 @@ Where the writer runs (``writer``):
   no core to spare: the child and the flow's process take turns on each batch).
 
 Errors: a server that cannot be reached (refused, down, restarting, too many
-connections, a lost connection) is :class:`~penguiflow.state.StoreUnavailable`: the
-processor retries the batch, queries raise it. Anything else the driver raises is
-a :class:`~penguiflow.state.StateStoreError` naming the server and schema (never
-the password); a batch that raises one is split.
+connections, a lost connection) or cannot take a write now (a lock held past
+``lock_timeout``, a ``statement_timeout``, a deadlock, a server turned read-only)
+is :class:`~penguiflow.state.StoreUnavailable`: the processor retries the batch,
+queries raise it. One that refuses every write whatever the events (a revoked
+privilege, a table or schema dropped under the store) is
+:class:`~penguiflow_exporters.processor.StoreRefused`: the batch is lost whole,
+counted, not split. Anything else the driver raises is a
+:class:`~penguiflow.state.StateStoreError` naming the server and schema (never the
+password); a batch that raises one is split, down to the events refused.
 
 Schema: see _pg_schema.py (version 5; version 4 is migrated on open, other versions
 refused unchanged). ``readonly=True`` (``pf inspect``, ``pf export``) never creates
@@ -79,6 +84,7 @@ from ._pg_schema import SCHEMA_VERSION, check_schema, create_or_migrate
 from ._pg_write import ANY_TRACE, PostgresWriter
 from ._records import BLOCK_EVENTS, BlockError, Row, decode_block
 from ._writer_proc import ProcessWriter, WriterError
+from .processor import StoreRefused
 from .writer import EventWriter, WriteResult
 
 logger = logging.getLogger("penguiflow_exporters.store")
@@ -105,11 +111,32 @@ _UNAVAILABLE: Final[tuple[type[BaseException], ...]] = (
     asyncpg.InsufficientResourcesError,  # too many connections, disk full, out of memory
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.InvalidCatalogNameError,  # no such database (yet)
+)
+# Reached, but it cannot take the write now: also StoreUnavailable (retried).
+_BUSY: Final[tuple[type[BaseException], ...]] = (
     asyncpg.TransactionRollbackError,  # serialization failure, deadlock: try again
+    # A lock held past lock_timeout, statement_timeout, a query cancelled by an
+    # admin; and a server that turned read-only (a failover).
+    asyncpg.LockNotAvailableError,
+    asyncpg.QueryCanceledError,
+    asyncpg.ReadOnlySQLTransactionError,
+)
+# Errors meaning "this server refuses every write, whatever the events": StoreRefused,
+# so the processor does not split a batch down to single events for nothing (2N
+# transactions, N error lines). A revoked privilege, a table or schema dropped under
+# the store. Every other driver error may be one event's fault: the batch is split.
+_REFUSED: Final[tuple[type[BaseException], ...]] = (
+    asyncpg.InsufficientPrivilegeError,
+    asyncpg.UndefinedTableError,
+    asyncpg.UndefinedColumnError,
+    asyncpg.UndefinedFunctionError,
+    asyncpg.InvalidSchemaNameError,
 )
 # The same, by class name: how a writer process reports its exceptions (WriterError.types
 # lists every class of the exception's MRO, so subclasses match).
 _UNAVAILABLE_NAMES: Final = frozenset(t.__name__ for t in _UNAVAILABLE)
+_BUSY_NAMES: Final = frozenset(t.__name__ for t in _BUSY)
+_REFUSED_NAMES: Final = frozenset(t.__name__ for t in _REFUSED)
 _DRIVER_ERRORS: Final[tuple[type[BaseException], ...]] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
@@ -229,7 +256,7 @@ class PostgresStateStore(ProcessedStore):
             yield
         except StateStoreError:
             raise
-        except (*_UNAVAILABLE, *_DRIVER_ERRORS) as exc:
+        except (*_UNAVAILABLE, *_BUSY, *_DRIVER_ERRORS) as exc:
             raise self._translated(exc, doing) from exc
 
     def _translated(self, exc: BaseException, doing: str = "writing events") -> StateStoreError:
@@ -239,7 +266,23 @@ class PostgresStateStore(ProcessedStore):
         error = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, _UNAVAILABLE):
             return self._unavailable(doing, error)
+        if isinstance(exc, _BUSY):
+            return self._busy(doing, error)
+        if isinstance(exc, _REFUSED):
+            return self._refused(doing, error)
         return self._failed_while(doing, error)
+
+    def _busy(self, doing: str, error: str) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"Postgres at {self._where} (schema {self.schema!r}) cannot take it now while "
+            f"{doing}: {error} (a lock another session holds past lock_timeout, a "
+            f"statement_timeout, a deadlock, or a server that turned read-only)")
+
+    def _refused(self, doing: str, error: str) -> StoreRefused:
+        return StoreRefused(
+            f"Postgres at {self._where} (schema {self.schema!r}) refuses the store while "
+            f"{doing}: {error}. Grant the store's role its privileges on the schema, or "
+            f"point it at a schema it owns (the store creates its tables on open)")
 
     def _unavailable(self, doing: str, error: str) -> StoreUnavailable:
         return StoreUnavailable(
@@ -260,6 +303,10 @@ class PostgresStateStore(ProcessedStore):
                 f"writer='loop')")
         if _UNAVAILABLE_NAMES.intersection(exc.types):
             return self._unavailable("writing events", str(exc))
+        if _BUSY_NAMES.intersection(exc.types):
+            return self._busy("writing events", str(exc))
+        if _REFUSED_NAMES.intersection(exc.types):
+            return self._refused("writing events", str(exc))
         return self._failed_while("writing events", str(exc))
 
     def _checked_pool(self) -> Any:
