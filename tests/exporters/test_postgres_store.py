@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
@@ -233,6 +234,57 @@ async def test_an_old_schema_version_is_refused_and_left_unchanged(
     assert await catalog(sql, schema) == before
     assert await sql.fetchval(f"SELECT max(version) FROM {s}.schema_version") == version
     assert await sql.fetchval(f"SELECT count(*) FROM {s}.events") == 1
+
+
+_FOREIGN_SCHEMAS = {
+    # Another application's: it counts its own migrations in a schema_version table.
+    "its own version 5": "CREATE TABLE {s}.schema_version (version integer); "
+                         "INSERT INTO {s}.schema_version VALUES (5); "
+                         "CREATE TABLE {s}.users (id int PRIMARY KEY)",
+    "flyway's table": "CREATE TABLE {s}.schema_version (version varchar(50), script text); "
+                      "INSERT INTO {s}.schema_version VALUES ('1.0', 'V1__init.sql')",
+    "a traces table": "CREATE TABLE {s}.traces (id int PRIMARY KEY, note text)",
+}
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+@pytest.mark.parametrize("shape", sorted(_FOREIGN_SCHEMAS))
+async def test_a_foreign_schema_is_refused_at_open_and_left_unchanged(
+        pg_dsn: str, sql: asyncpg.Connection, schema: str, shape: str,
+        readonly: bool) -> None:
+    # A foreign schema_version holding 5 was taken for a store: open succeeded and
+    # every write then failed (split event by event); Flyway's gave a type error; a
+    # foreign traces table, DuplicateTableError.
+    s = f'"{schema}"'
+    await sql.execute(f"CREATE SCHEMA {s}; " + _FOREIGN_SCHEMAS[shape].format(s=s))
+    before = await catalog(sql, schema)
+    store = PostgresStateStore(pg_dsn, schema=schema, writer="loop", readonly=readonly)
+    with pytest.raises(StateStoreError, match="is not a penguiflow store") as info:
+        await store.open()
+    await store.close()
+    assert "\n" not in str(info.value) and not isinstance(info.value, StoreUnavailable)
+    assert await catalog(sql, schema) == before
+
+
+async def test_a_role_without_create_on_the_database_opens_a_schema_made_for_it(
+        pg_dsn: str, sql: asyncpg.Connection, schema: str) -> None:
+    # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema
+    # exists: the usual production set-up (a DBA makes the schema for the app's role)
+    # failed with "permission denied for database".
+    role = f"pf_role_{uuid.uuid4().hex[:8]}"
+    await sql.execute(f"CREATE ROLE {role} LOGIN; "
+                      f'CREATE SCHEMA "{schema}" AUTHORIZATION {role}')
+    # (A role gets no CREATE on a database by default: PUBLIC has CONNECT and TEMP.)
+    parts = urlsplit(pg_dsn)
+    dsn = parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port or 5432}").geturl()
+    store = PostgresStateStore(dsn, schema=schema, writer="loop")
+    try:
+        await store.save_events([ev("t", 1)])
+        await store.flush()
+        assert [e.seq for e in await store.load_history("t")] == [1]
+    finally:
+        await store.close()
+        await sql.execute(f'DROP SCHEMA "{schema}" CASCADE; DROP ROLE {role}')
 
 
 def test_schema_name_is_validated() -> None:

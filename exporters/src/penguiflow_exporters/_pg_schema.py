@@ -44,6 +44,7 @@ from penguiflow.state import StateStoreError
 
 from ._legacy_v4 import decode_v4_block
 from ._records import BlockError, encode_block
+from .processor import StoreRefused
 
 __all__ = ["MIGRATE_LOCK", "SCHEMA_VERSION", "check_schema", "create_or_migrate"]
 
@@ -134,13 +135,58 @@ def _quoted(schema: str) -> str:
     return f'"{schema}"'
 
 
-async def _version(conn: Any, schema: str) -> int | None:
+async def _version(conn: Any, schema: str, where: str) -> int | None:
     """The schema's recorded version; None without a ``schema_version`` table, 0 when
-    that table is empty."""
+    that table is empty.
+
+    Raises:
+        StateStoreError: a ``schema_version`` table that is not ours (another tool's,
+            e.g. Flyway's, with a text ``version`` column).
+    """
     s = _quoted(schema)
     if await conn.fetchval("SELECT to_regclass($1)", f"{s}.schema_version") is None:
         return None
+    kind = await conn.fetchval(
+        "SELECT data_type FROM information_schema.columns WHERE table_schema = $1 "
+        "AND table_name = 'schema_version' AND column_name = 'version'", schema)
+    if kind != "integer":
+        raise _foreign(schema, where, "its schema_version table is another tool's")
     return int(await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {s}.schema_version"))
+
+
+#: What a version-5 store has (tables and columns), checked on open: a schema that
+#: records version 5 but lacks them is another application's, refused at once, not
+#: a store whose every write then fails.
+_V5_COLUMNS: Final = {
+    "blocks": frozenset({"id", "trace_key", "first", "n", "ts_lo", "ts_hi", "data"}),
+    "flow_seqs": frozenset({"flow_id", "lo", "hi"}),
+    "traces": frozenset({
+        "trace_id", "first_seen", "flow_name", "started_ts", "ended_ts", "node_count",
+        "error_count", "remote_call_count", "event_count", "open_count", "cancelled",
+        "failed", "nodes", "events_lost", "status"}),
+    "bindings": frozenset({"id", "trace_id", "context_id", "task_id", "agent_url"}),
+}
+
+
+async def _check_layout(conn: Any, schema: str, where: str) -> None:
+    """Raise unless ``schema`` has every table and column of version 5 (catalog reads)."""
+    rows = await conn.fetch(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = $1 AND table_name = ANY($2::text[])", schema, list(_V5_COLUMNS))
+    found: dict[str, set[str]] = {}
+    for row in rows:
+        found.setdefault(row["table_name"], set()).add(row["column_name"])
+    missing = sorted(f"{table}.{column}" for table, columns in _V5_COLUMNS.items()
+                     for column in columns - found.get(table, set()))
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise _foreign(schema, where, f"it records version {SCHEMA_VERSION} but lacks {shown}")
+
+
+def _foreign(schema: str, where: str, why: str) -> StateStoreError:
+    return StoreRefused(
+        f"Postgres schema {schema!r} at {where} is not a penguiflow store ({why}); nothing "
+        f"was changed. Use another schema (schema=...)")
 
 
 def _refuse(version: int, schema: str, where: str) -> StateStoreError:
@@ -175,7 +221,7 @@ async def check_schema(conn: Any, schema: str, where: str) -> None:
         raise StateStoreError(
             f"Postgres at {where} has no schema {schema!r}: nothing was recorded there "
             f"(a read-only store creates nothing); check the schema name (schema=...)")
-    version = await _version(conn, schema)
+    version = await _version(conn, schema, where)
     if version is None:
         raise StateStoreError(
             f"Postgres schema {schema!r} at {where} is not a penguiflow store (it has no "
@@ -187,6 +233,7 @@ async def check_schema(conn: Any, schema: str, where: str) -> None:
             f"readonly=True) to migrate it to version {SCHEMA_VERSION}")
     if version != SCHEMA_VERSION:
         raise _refuse(version, schema, where)
+    await _check_layout(conn, schema, where)
 
 
 async def create_or_migrate(conn: Any, schema: str, where: str, lock_key: int) -> None:
@@ -200,20 +247,32 @@ async def create_or_migrate(conn: Any, schema: str, where: str, lock_key: int) -
         StateStoreError: a version neither current nor 4, or a v4 block that cannot
             be read (the message names it).
     """
-    version = await _version(conn, schema)
+    version = await _version(conn, schema, where)
     if version == SCHEMA_VERSION:
+        await _check_layout(conn, schema, where)
         return
     if version is not None and version != 4:
         raise _refuse(version, schema, where)
     s = _quoted(schema)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", MIGRATE_LOCK, lock_key)
-        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
-        version = await _version(conn, schema)  # another process may have done it
+        # Looked up first: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even
+        # when the schema exists, which a role given a schema made for it lacks.
+        if await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1",
+                               schema) is None:
+            await conn.execute(f"CREATE SCHEMA {s}")
+        version = await _version(conn, schema, where)  # another process may have done it
         if version == SCHEMA_VERSION:
+            await _check_layout(conn, schema, where)
             return
         lz4 = bool(await conn.fetchval(_HAS_LZ4))
         if version is None:
+            tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1 "
+                                      "ORDER BY tablename LIMIT 4", schema)
+            if tables:  # another application's schema: never add our tables beside them
+                names = ", ".join(row["tablename"] for row in tables[:3])
+                raise _foreign(schema, where, f"it holds tables of its own: {names}"
+                                              + (", ..." if len(tables) > 3 else ""))
             await conn.execute(_V5.format(s=s))
             if lz4:
                 await conn.execute(f"ALTER TABLE {s}.blocks ALTER COLUMN data "
