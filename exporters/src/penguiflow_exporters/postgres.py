@@ -325,9 +325,18 @@ class PostgresStateStore(ProcessedStore):
             if self.readonly:  # the server itself refuses any write on these sessions
                 settings["default_transaction_read_only"] = "on"
             with self._errors("connecting"):
-                pool = await asyncpg.create_pool(
-                    self._dsn, min_size=self._pool_min, max_size=self._pool_max,
-                    timeout=self._connect_timeout_s, server_settings=settings)
+                try:
+                    pool = await asyncpg.create_pool(
+                        self._dsn, min_size=self._pool_min, max_size=self._pool_max,
+                        timeout=self._connect_timeout_s, server_settings=settings)
+                except (ValueError, OverflowError, TypeError) as exc:
+                    # The driver could not parse the DSN. Its message may quote a part
+                    # of it (the password, cut at a reserved character): not shown.
+                    raise StoreRefused(
+                        f"the Postgres DSN {self._where} cannot be used "
+                        f"({type(exc).__name__} while parsing it): check its host, port "
+                        f"and database, and percent-encode any / ? # @ : in the user name "
+                        f"or password (e.g. %2F for /)") from None
             try:
                 with self._errors("checking the schema" if self.readonly
                                   else "creating or migrating the schema"):
@@ -695,7 +704,12 @@ def _mentions(payload: str | None, trace_id: str) -> bool:
 
 
 def _describe_dsn(dsn: str) -> str:
-    """The DSN without password or query string (which may carry one)."""
+    """The DSN without password or query string (which may carry one).
+
+    A DSN whose parts cannot be told apart for sure says nothing of itself: a
+    password with an unencoded ``/``, ``?`` or ``#`` ends the URL's host part early,
+    and what follows it (the rest of the password) would be shown as host and path.
+    """
     try:
         parts = urlsplit(dsn)
         query_host = parse_qs(parts.query).get("host", [""])[0]
@@ -703,9 +717,23 @@ def _describe_dsn(dsn: str) -> str:
         return "<unparseable DSN>"
     if not parts.scheme:
         return "<key=value DSN>"  # libpq keyword form: do not echo it (password=...)
+    rest = dsn.partition("://")[2]
+    end = min([i for i in map(rest.find, "/?#") if i >= 0], default=len(rest))
+    if "@" in rest[end:] or not _ports_ok(parts.netloc.rpartition("@")[2]):
+        return "<unparseable DSN>"
     user, _, hosts = parts.netloc.rpartition("@")
     user = user.partition(":")[0]
     hosts = hosts or query_host or "localhost"
     if "," not in hosts and not hosts.startswith("/") and not re.search(r":\d+$", hosts):
         hosts += ":5432"
     return f"{parts.scheme}://{user + '@' if user else ''}{hosts}{parts.path}"
+
+
+def _ports_ok(hosts: str) -> bool:
+    """Whether each ``host[:port]`` of ``hosts`` (comma-separated) has a numeric port."""
+    for host in hosts.split(","):
+        if host.startswith("["):  # [IPv6]:port
+            host = host.partition("]")[2]
+        if ":" in host and not host.rpartition(":")[2].isdigit():
+            return False
+    return True

@@ -1,0 +1,47 @@
+"""A Postgres URL the driver cannot parse: one line, exit 2, no part of the password.
+
+A password with an unencoded ``/`` or ``#`` ends the URL's host part early: the
+store's description showed the rest of it as host and path, and the driver's
+``ValueError`` (which quotes a piece) went out as a traceback. Nothing here
+reaches a server: every URL fails while it is parsed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from penguiflow.state import StateStoreError, StoreUnavailable
+from penguiflow_exporters.postgres import PostgresStateStore
+from penguiflow_inspector.cli import main
+
+URLS = [
+    "postgresql://pf:S3C/RETpw@127.0.0.1:5432/db",  # / in the password
+    "postgresql://pf:S3C#RETpw@127.0.0.1:5432/db",  # # in the password
+    "postgresql://pf:S3CRETpw@[::1/db",  # an IPv6 host never closed
+    "postgresql://pf:S3CRETpw@127.0.0.1:99999/db",  # no such port
+]
+PIECES = ("S3C", "RETpw")
+
+
+@pytest.mark.parametrize("url", URLS)
+async def test_the_store_says_what_to_fix_and_nothing_of_the_password(url: str) -> None:
+    store = PostgresStateStore(url, writer="loop")
+    assert not any(piece in repr(store) for piece in PIECES), repr(store)
+    with pytest.raises(StateStoreError) as info:
+        await store.open()
+    await store.close()
+    message = str(info.value)
+    assert "percent-encode" in message and "\n" not in message
+    assert not isinstance(info.value, StoreUnavailable)  # retrying cannot help
+    assert not any(piece in message for piece in PIECES), message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_pf_prints_one_line_and_exits_2(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["traces", "--store", url]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pf traces: "), err
+    assert "percent-encode" in err
+    assert not any(piece in err for piece in PIECES), err
