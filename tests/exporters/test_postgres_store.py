@@ -1345,6 +1345,47 @@ async def test_a_lock_held_past_lock_timeout_is_retried_not_lost(
         await timed.close()
 
 
+async def _until_a_lock_is_awaited(sql: asyncpg.Connection) -> None:
+    """Return once some session waits for a lock (the server's view: no event to await)."""
+    async with asyncio.timeout(10):
+        while not await sql.fetchval(  # noqa: ASYNC110 - the server's state: no event
+                "SELECT count(*) FROM pg_locks WHERE NOT granted"):
+            await asyncio.sleep(0.01)
+
+
+async def test_close_is_bounded_by_close_timeout_while_a_query_waits_on_a_lock(
+        make: MakeStore, sql: asyncpg.Connection) -> None:
+    # The pool's close waited connect_timeout_s more for the stuck query's connection.
+    store = await make(close_timeout_s=0.5, connect_timeout_s=30.0)
+    await store.save_events([ev("t", 1)])
+    async with sql.transaction():
+        await sql.execute(f'LOCK TABLE "{store.schema}".blocks IN ACCESS EXCLUSIVE MODE')
+        reading = asyncio.ensure_future(store.load_history("t"))
+        await _until_a_lock_is_awaited(sql)
+        started = time.monotonic()
+        await asyncio.wait_for(store.close(), 20)
+        assert time.monotonic() - started < 2.5  # 0.5 s, grace and scheduling; was 30
+    with pytest.raises(StoreUnavailable):
+        await reading
+
+
+async def test_open_is_bounded_while_its_schema_is_locked(
+        pg_dsn: str, make: MakeStore, sql: asyncpg.Connection) -> None:
+    # A schema_version table locked elsewhere (VACUUM FULL, another tool's migration)
+    # held open() for ever.
+    store = await make()
+    async with sql.transaction():
+        await sql.execute(
+            f'LOCK TABLE "{store.schema}".schema_version IN ACCESS EXCLUSIVE MODE')
+        for readonly in (False, True):
+            late = PostgresStateStore(pg_dsn, schema=store.schema, writer="loop",
+                                      readonly=readonly, connect_timeout_s=0.5)
+            with pytest.raises(StoreUnavailable, match="lock"):
+                await asyncio.wait_for(late.open(), 20)
+            await late.close()
+    assert (await make(schema=store.schema)).schema == store.schema  # then it opens
+
+
 async def test_a_lost_writer_connection_is_retried_and_nothing_is_lost(
         make: MakeStore, sql: asyncpg.Connection) -> None:
     store = await make(flush_interval_s=3600.0)

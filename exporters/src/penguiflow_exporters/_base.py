@@ -24,7 +24,7 @@ from typing import Any
 from penguiflow.followers import Followers
 from penguiflow.state import EventRecord, StoredEvent, StoreUnavailable, stored_from_fields
 
-from .processor import BatchProcessor, OnFull
+from .processor import RELEASE_GRACE_S, BatchProcessor, OnFull
 from .writer import EventWriter
 
 __all__ = ["ProcessedStore"]
@@ -92,6 +92,14 @@ class ProcessedStore:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.close()
 
+    def _close_time_left(self, default: float) -> float:
+        """What is left of ``close_timeout_s`` for :meth:`_close`'s releasing (a short
+        grace at least); ``default`` outside close()."""
+        deadline: float | None = getattr(self, "_close_deadline", None)
+        if deadline is None:
+            return default
+        return max(deadline - asyncio.get_running_loop().time(), RELEASE_GRACE_S)
+
     async def close(self) -> None:
         """Write what is buffered (within ``close_timeout_s``), then release everything.
 
@@ -100,6 +108,8 @@ class ProcessedStore:
         """
         if self._closed:
             return
+        #: When close() should be done (see _close_time_left).
+        self._close_deadline = asyncio.get_running_loop().time() + self.close_timeout_s
         try:
             if self._processor is not None:
                 await self._processor.shutdown(self.close_timeout_s)

@@ -209,6 +209,9 @@ class PostgresWriter:
         if conn is not None and not conn.is_closed():
             try:
                 await asyncio.wait_for(conn.close(), 5.0)
+            except asyncio.CancelledError:  # the caller's own deadline: still released
+                conn.terminate()
+                raise
             except Exception:
                 conn.terminate()
 

@@ -341,11 +341,19 @@ class PostgresStateStore(ProcessedStore):
                 with self._errors("checking the schema" if self.readonly
                                   else "creating or migrating the schema"):
                     async with pool.acquire() as conn:
-                        if self.readonly:
-                            await check_schema(conn, self.schema, self._where)
-                        else:
-                            await create_or_migrate(conn, self.schema, self._where,
-                                                    self._lock_key)
+                        # A table locked elsewhere (VACUUM FULL, another tool's
+                        # migration) must not hold open() for ever: it is then
+                        # StoreUnavailable, after connect_timeout_s.
+                        await conn.execute(
+                            f"SET lock_timeout = {max(int(self._connect_timeout_s * 1000), 1)}")
+                        try:
+                            if self.readonly:
+                                await check_schema(conn, self.schema, self._where)
+                            else:
+                                await create_or_migrate(conn, self.schema, self._where,
+                                                        self._lock_key)
+                        finally:
+                            await conn.execute("RESET lock_timeout")
             except BaseException:
                 pool.terminate()
                 raise
@@ -358,7 +366,10 @@ class PostgresStateStore(ProcessedStore):
         if pool is None:
             return
         try:
-            await asyncio.wait_for(pool.close(), self._connect_timeout_s)
+            # Within what is left of close_timeout_s: a query stuck on a lock held
+            # elsewhere would otherwise keep close() waiting connect_timeout_s more.
+            await asyncio.wait_for(pool.close(),
+                                   self._close_time_left(self._connect_timeout_s))
         except Exception:
             # Closing must release the connections whatever state the server is in.
             pool.terminate()

@@ -49,11 +49,16 @@ from penguiflow.state import StateStoreError, StoredEvent, StoreUnavailable
 from ._records import LOST_KIND
 from .writer import EventWriter, WriteResult
 
-__all__ = ["BatchProcessor", "OnFull", "StoreRefused"]
+__all__ = ["RELEASE_GRACE_S", "BatchProcessor", "OnFull", "StoreRefused"]
 
 logger = logging.getLogger("penguiflow_exporters.store")
 
 OnFull = Literal["block", "drop"]
+
+#: The least time a closing step is given to release a connection or process (its
+#: writer's close, a store's pool) once the close deadline has passed.
+RELEASE_GRACE_S = 0.1
+_RELEASE_S = RELEASE_GRACE_S
 
 # Traces whose lost events are tracked for markers, at most (a flood of drops across
 # a million traces must not grow memory without bound; past it only totals count).
@@ -537,6 +542,11 @@ class BatchProcessor:
 
     async def _shutdown(self, timeout: float | None) -> int:
         abandoned = 0
+        # One deadline for the whole shutdown: writing what is left, then closing the
+        # writer with what remains of it (a grace of _RELEASE_S at least, to release
+        # the backend's connection or process cleanly).
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         try:
             await asyncio.wait_for(self.flush(), timeout)
         except TimeoutError:
@@ -566,8 +576,9 @@ class BatchProcessor:
                 future.set_result(None)
         self._waiters.clear()
         self._buffer.clear()
+        left = None if deadline is None else max(deadline - loop.time(), _RELEASE_S)
         try:
-            await asyncio.wait_for(self.writer.close(), timeout)
+            await asyncio.wait_for(self.writer.close(), left)
         except TimeoutError:
             logger.error("state_store_writer_close_timeout", extra={
                 "store": self.name, "timeout_s": timeout})
