@@ -679,6 +679,24 @@ async def test_two_closes_at_once_count_the_events_left_once(tmp_path: Path) -> 
     assert store.failures["abandoned"] == 300 and store.failures["events_lost"] == 300
 
 
+def test_a_store_never_closed_says_what_the_ending_loop_lost(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # asyncio.run() ended with events still buffered and no close(): they were lost
+    # with no count and no log line.
+    store = SQLiteStateStore(tmp_path / "t.db", flush_interval_s=3600.0)
+
+    async def forgetful() -> None:
+        await store.save_events([event("t", 1)])
+        await store.flush()
+        await store.save_events([event("t", i) for i in range(2, 52)])  # then returns
+
+    with caplog.at_level(logging.ERROR, logger="penguiflow_exporters"):
+        asyncio.run(forgetful())
+    assert store.failures["abandoned"] == 50 and store.failures["events_lost"] == 50
+    (line,) = [r for r in caplog.records if r.getMessage() == "state_store_not_closed"]
+    assert line.__dict__["events_not_stored"] == 50 and "close()" in line.__dict__["hint"]
+
+
 async def test_a_close_cancelled_by_its_caller_still_finishes(tmp_path: Path) -> None:
     store, hung = await _hung_store(tmp_path / "t.db")
     try:

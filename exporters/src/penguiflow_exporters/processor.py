@@ -319,6 +319,21 @@ class BatchProcessor:
             if sending is not None and not sending.done():
                 sending.cancel()
                 await asyncio.gather(sending, return_exceptions=True)
+            if not self._closed:
+                self._cut_short()
+
+    def _cut_short(self) -> None:
+        """The writing task was cancelled without shutdown(): the event loop is ending
+        (``asyncio.run`` returned) with the store never closed. What it still held is
+        lost: counted and said, not silently."""
+        left = self.pending_events
+        if not left:
+            return
+        self.failures["abandoned"] += left
+        self.failures["events_lost"] += left
+        logger.error("state_store_not_closed", extra={
+            "store": self.name, "events_not_stored": left,
+            "hint": "await store.close() (or flow.stop()) before the event loop ends"})
 
     async def _prepare(self, batch: list[Any]) -> Any:
         """The writer's ``prepare(batch)`` (optional; see ``writer.py``), or None."""
