@@ -11,7 +11,10 @@ timings by construction. The model never reads a clock: every time is an
 event's ``ts`` (epoch seconds), so replaying stored events is exact.
 
 Ids. The root span's id is derived from the trace id (``_ids.root_span_id``);
-a node span's id is its invocation id; a remote call's CLIENT span id is
+a node span's id is its invocation id (:func:`span_id_of`: the runtime's ids are
+16 hex digits; any other id a store holds, e.g. one saved through
+``save_event``, maps to a deterministic digest of it, the same for a span and
+for the parents and links naming it); a remote call's CLIENT span id is
 derived from the invocation id and the call's index within it. A node span's
 parent is its single upstream invocation, else the root; an invocation that
 consumed several upstream outputs (a join) gets one link per upstream.
@@ -37,7 +40,7 @@ from .spandata import SpanData, SpanEventData, SpanLinkData
 if TYPE_CHECKING:
     from .state import StoredEvent
 
-__all__ = ["SpanModel", "derived_span_id", "error_type_of", "spans_from_events"]
+__all__ = ["SpanModel", "derived_span_id", "error_type_of", "span_id_of", "spans_from_events"]
 
 _EXC_NAME = re.compile(r"^(?:<unprintable ([A-Za-z_][\w.]*):|([A-Za-z_][\w.]*)\()")
 _EMPTY: Mapping[str, Any] = {}
@@ -53,9 +56,39 @@ def error_type_of(exception_repr: Any) -> str:
 
 
 def derived_span_id(*parts: str) -> int:
-    """A deterministic, non-zero 64-bit span id from ``parts``."""
-    digest = hashlib.blake2b(":".join(parts).encode(), digest_size=8, person=b"pf-span")
+    """A deterministic, non-zero 64-bit span id from ``parts``.
+
+    Any str is accepted: lone surrogates are encoded with ``surrogatepass`` (the
+    same bytes as plain UTF-8 for every other str), as in ``_ids.root_span_id``.
+    """
+    digest = hashlib.blake2b(":".join(parts).encode("utf-8", "surrogatepass"),
+                             digest_size=8, person=b"pf-span")
     return int.from_bytes(digest.digest(), "big") or 1
+
+
+def _hex_span_id(text: str) -> int:
+    """``text`` as a span id when it is 16 hex digits and not all zero, else 0."""
+    if len(text) == 16:
+        try:
+            value = int(text, 16)
+        except ValueError:
+            return 0
+        if value > 0:
+            return value
+    return 0
+
+
+def span_id_of(invocation_id: str) -> int:
+    """The span id of the invocation ``invocation_id``: never raises, never zero.
+
+    16 hex digits (every id the runtime makes, ``_ids.new_invocation_id``) are
+    the span id itself; any other str (a stored id such as ``"inv-1"``, or all
+    zeros, which is not a valid span id) maps to a deterministic 64-bit digest
+    of it, so a span and every parent or link naming its id still agree. (A
+    16-character spelling ``int()`` also takes, such as ``"_"`` separators, is the
+    number it spells: deterministic as well.)
+    """
+    return _hex_span_id(invocation_id) or derived_span_id("invocation", invocation_id)
 
 
 def _count(value: Any) -> int:
@@ -235,15 +268,15 @@ class SpanModel:
             attributes[sc.PF_NODE_ID] = node_id
         links: list[SpanLinkData] = []
         if len(parents) == 1:
-            parent = int(parents[0], 16)
+            parent = span_id_of(parents[0])
         else:
             parent = spans.root.span_id
             for up in parents:
-                links.append(SpanLinkData(spans.otel_id, int(up, 16), {
+                links.append(SpanLinkData(spans.otel_id, span_id_of(up), {
                     sc.PF_EDGE: f"{spans.inv_nodes.get(up) or '?'}->{node_name}"}))
         spans.inv_nodes[inv] = node_name
         spans.nodes[inv] = SpanData(
-            name=sc.agent_span_name(node_name), trace_id=spans.otel_id, span_id=int(inv, 16),
+            name=sc.agent_span_name(node_name), trace_id=spans.otel_id, span_id=span_id_of(inv),
             parent_span_id=parent, kind="internal", start_ns=ns, attributes=attributes,
             links=links)
 
@@ -269,7 +302,7 @@ class SpanModel:
             # A join reports every input it joined at the end: a child of the
             # root, linked to each upstream invocation.
             span.parent_span_id = spans.root.span_id
-            span.links = [SpanLinkData(spans.otel_id, int(up, 16), {
+            span.links = [SpanLinkData(spans.otel_id, span_id_of(up), {
                 sc.PF_EDGE: f"{spans.inv_nodes.get(up) or '?'}->{node_name}"})
                 for up in parents]
         self._end_node(spans, inv, ns, attempt)
@@ -534,11 +567,12 @@ class SpanModel:
                       extra: Mapping[str, Any]) -> None:
         # The trace continues a caller's trace (PenguiFlow.adopt_trace_parent): the
         # root hangs under the caller's span; the other keys are root attributes.
-        parent = extra.get("parent_span_id")
-        try:
-            spans.root.parent_span_id = int(str(parent), 16) or None
-        except ValueError:
+        # Only a valid W3C span id: the caller's span is in another process's
+        # trace, so a digest of anything else would name no span at all.
+        parent = _hex_span_id(str(extra.get("parent_span_id")))
+        if not parent:
             return
+        spans.root.parent_span_id = parent
         for key, value in extra.items():
             if key != "parent_span_id" and isinstance(value, str | bool | int | float):
                 spans.root.attributes[key] = value

@@ -60,7 +60,7 @@ from opentelemetry.trace import (
 
 from ._ids import otel_trace_id
 from ._otel_metrics import FlowMetrics, ObservedFlow
-from ._spans import SpanModel
+from ._spans import SpanModel, span_id_of
 from .spandata import SpanData
 from .tracing import (
     LogScope,
@@ -215,7 +215,7 @@ class LiveTracer:
 
     def context_for(self, trace_id: Any, span_id: str) -> otel_context.Context:
         """An OTel context whose current span has ``span_id`` in ``trace_id``'s trace."""
-        span_context = SpanContext(self.model.otel_id_of(trace_id), int(span_id, 16),
+        span_context = SpanContext(self.model.otel_id_of(trace_id), span_id_of(span_id),
                                    is_remote=False, trace_flags=_SAMPLED)
         return trace.set_span_in_context(NonRecordingSpan(span_context))
 

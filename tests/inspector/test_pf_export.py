@@ -462,3 +462,43 @@ def test_a_refusing_or_stalled_collector_fails_within_the_timeout(
     assert otlp_receiver.requests >= 1
     assert otlp_receiver.spans() == []
     assert elapsed < 10
+
+
+# -- ids the runtime did not make ---------------------------------------------------------------
+
+
+def test_export_nests_spans_whose_ids_are_not_hex(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # save_event takes any invocation id; an id that is no 16-hex span id (or is
+    # all zeros) must still export, as a derived span id its children agree on.
+    from penguiflow.state import StoredEvent
+
+    ids = {"root": "inv-1", "child": "inv-2 \u00e9", "zero": "0" * 16}
+    parents = {"root": (), "child": ("inv-1",), "zero": ("inv-2 \u00e9",)}
+
+    def event(kind: str, name: str, ts: float, seq: int) -> StoredEvent:
+        inv = ids[name]
+        return StoredEvent("t-nonhex", ts, kind, name, name, {"latency_ms": 1.0},
+                           invocation_id=inv, span_id=inv,
+                           parent_invocation_ids=parents[name], flow_id="f", seq=seq)
+
+    async def record(url: str) -> None:
+        async with open_store(url) as store:
+            for seq, name in enumerate(ids):
+                await store.save_event(event("node_start", name, 1.7e9 + seq, 2 * seq + 1))
+                await store.save_event(event("node_success", name, 1.7e9 + seq + 0.5,
+                                             2 * seq + 2))
+
+    url = f"sqlite:///{tmp_path / 'traces.db'}"
+    asyncio.run(record(url))
+    target = tmp_path / "trace.json"
+    assert main(["export", "t-nonhex", "--store", url, "--json", str(target)]) == 0
+    assert _one_line(capsys.readouterr().err).startswith("exported 4 spans of trace t-nonhex")
+    views, _ = _json_views(json.loads(target.read_text(encoding="utf-8")))
+    by_name = {v["attributes"].get("gen_ai.agent.name", "root span"): v for v in views}
+    root, first = by_name["root span"], by_name["root"]
+    assert first["parent_span_id"] == root["span_id"]
+    assert by_name["child"]["parent_span_id"] == first["span_id"]
+    assert by_name["zero"]["parent_span_id"] == by_name["child"]["span_id"]
+    assert len({v["span_id"] for v in views}) == 4 and 0 not in {v["span_id"] for v in views}
+    assert {v["attributes"].get("pf.invocation.id") for v in views} == {*ids.values(), None}
