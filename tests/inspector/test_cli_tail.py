@@ -10,6 +10,8 @@ SQLite is polled (its ``follow`` is in-process); Postgres pushes (LISTEN/NOTIFY)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import queue
 import signal
@@ -26,6 +28,7 @@ import pytest
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow.state import StoredEvent
 from penguiflow_exporters import open_store
+from penguiflow_inspector.cli import tail
 
 DEADLINE_S = 30.0
 
@@ -230,3 +233,93 @@ def test_tail_of_every_trace_does_not_exit_when_one_ends(sqlite_url: str) -> Non
     finally:
         code = tail.stop()
     assert code == 0
+
+
+# -- a big trace: each poll reads only what is new -------------------------------------------
+
+
+def _event(trace_id: str, seq: int) -> StoredEvent:
+    return StoredEvent(trace_id, 1.7e9 + seq, "node_start", "n", "n", {},
+                       invocation_id=f"{seq:016x}", flow_id="f", seq=seq)
+
+
+class _Stderr(io.StringIO):
+    """tail's stderr: ``following`` is set once tail has read what was already there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.following = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        if "following" in text:
+            self.following.set()
+        return super().write(text)
+
+
+async def _tail_appended(url: str, trace_id: str | None, appended: list[StoredEvent],
+                         expected: int) -> list[StoredEvent]:
+    """Run ``tail`` in-process, append ``appended`` (one commit each) once it follows,
+    and return what it showed once it has shown ``expected`` events."""
+    shown: list[StoredEvent] = []
+    enough = asyncio.Event()
+
+    def show(event: StoredEvent) -> None:
+        shown.append(event)
+        if len(shown) >= expected:
+            enough.set()
+
+    err = _Stderr()
+    task = asyncio.create_task(tail(url, trace_id, show, err, interval_s=0.01))
+    try:
+        await asyncio.wait_for(err.following.wait(), DEADLINE_S)
+        async with open_store(url) as writer:
+            for event in appended:
+                await writer.save_event(event)
+                await writer.flush()
+        await asyncio.wait_for(enough.wait(), DEADLINE_S)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return shown
+
+
+def test_tail_reads_only_the_new_events_of_a_big_trace(
+        sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Re-reading the whole history on each poll cost 76% of a core on a 150k-event trace.
+    from penguiflow_exporters import sqlite as sqlite_store
+
+    big = 20_000
+
+    async def seed() -> None:
+        async with open_store(sqlite_url) as store:
+            await store.save_events([_event("big", seq) for seq in range(1, big + 1)])
+
+    asyncio.run(seed())
+    built: list[int] = []  # events the reader's store built from the file, per call
+
+    appended = [_event("big", seq) for seq in range(big + 1, big + 4)]
+    with monkeypatch.context() as patch:
+        # The real decoder, counted: only the reader built events while patched.
+        events_of = sqlite_store.events_of
+        patch.setattr(sqlite_store, "events_of",
+                      lambda items: built.append(len(items)) or events_of(items))
+        shown = asyncio.run(_tail_appended(sqlite_url, None, appended, expected=3))
+    assert [e.seq for e in shown] == [big + 1, big + 2, big + 3]
+    assert sum(built) == 3, f"tail built {sum(built)} events to show 3"
+
+
+def test_tail_shows_a_long_history_page_by_page_then_the_new_events(
+        sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from penguiflow_inspector import cli
+
+    monkeypatch.setattr(cli, "TAIL_PAGE", 7)  # 25 stored events: four pages, the last short
+
+    async def seed() -> None:
+        async with open_store(sqlite_url) as store:
+            await store.save_events([_event("long", seq) for seq in range(1, 26)])
+
+    asyncio.run(seed())
+    appended = [_event("long", seq) for seq in range(26, 29)]
+    shown = asyncio.run(_tail_appended(sqlite_url, "long", appended, expected=28))
+    assert [e.seq for e in shown] == list(range(1, 29))

@@ -68,6 +68,9 @@ STATUSES: Final = {"ok": "succeeded", "error": "failed", "cancelled": "cancelled
 POLL_INTERVAL_S: Final = 0.2
 #: Traces ``pf tail`` (without an id) watches when it polls: the most recently started.
 TAIL_TRACES: Final = 200
+#: Events ``pf tail`` reads per ``load_history_page`` call: a trace's history and its
+#: new events are read page by page, never the whole trace again.
+TAIL_PAGE: Final = 2000
 _STORE_HELP: Final = ("where traces are recorded: sqlite:///path.db or "
                       "postgresql://user@host:port/db (default: $PENGUIFLOW_STORE, "
                       "else sqlite:///.penguiflow/traces.db)")
@@ -405,16 +408,14 @@ async def tail(url: str, reference: str | None, show: Any, err: TextIO,
     NOTIFY) says something was committed. ``follow`` alone is not enough: it
     starts when first iterated (Postgres listens from then; a read-only SQLite
     store polls its file every 0.2 s from then), so events committed before
-    would be missed; the summaries' counts leave no gap. Runs until cancelled
-    (Ctrl-C).
+    would be missed; the summaries' counts leave no gap. New events are read with
+    ``load_history_page`` from the count already shown, so a poll costs what is
+    new, not the trace's whole history. Runs until cancelled (Ctrl-C).
     """
     async with reading(url) as store:
         trace_id = None if reference is None else await _resolve_checked(store, reference, url)
         if trace_id is not None:
-            history = await store.load_history(trace_id)
-            for event in history:
-                show(event)
-            counts = {trace_id: len(history)}
+            counts = {trace_id: await _show_from(store, trace_id, 0, show)}
         else:  # only what is stored from now on
             counts = {s.trace_id: s.event_count
                       for s in await store.list_traces(TraceFilter(limit=TAIL_TRACES))}
@@ -447,6 +448,18 @@ async def _wake_on_commit(store: TraceStore, trace_id: str | None,
             wake.set()
 
 
+async def _show_from(store: TraceStore, trace_id: str, offset: int, show: Any) -> int:
+    """Show the events of ``trace_id`` after the first ``offset``, a page at a time;
+    returns the count shown so far (``offset`` plus the events read)."""
+    while True:
+        page = await store.load_history_page(trace_id, offset=offset, limit=TAIL_PAGE)
+        for event in page:
+            show(event)
+        offset += len(page)
+        if len(page) < TAIL_PAGE:  # a short page is the last (TraceStore's contract)
+            return offset
+
+
 async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int], show: Any,
                 interval_s: float, wake: asyncio.Event) -> TraceSummary | None:
     """Show new events until cancelled, or, following one trace, until it has ended:
@@ -469,10 +482,8 @@ async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int],
         for summary in sorted(changed, key=lambda s: s.started_ts):
             before = counts.get(summary.trace_id, 0)
             if summary.event_count > before:
-                events = await store.load_history(summary.trace_id)
-                for event in events[before:]:
-                    show(event)
-                counts[summary.trace_id] = len(events)
+                counts[summary.trace_id] = await _show_from(
+                    store, summary.trace_id, before, show)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), interval_s)
         wake.clear()
