@@ -44,6 +44,18 @@ def foreign_database(path: Path) -> None:
         conn.close()
 
 
+def foreign_wal_database(path: Path) -> None:
+    """Somebody else's database in WAL mode, closed: no ``-wal``/``-shm`` beside it, but
+    ``mode=ro`` alone would create both."""
+    foreign_database(path)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode = WAL").fetchone() == ("wal",)
+    finally:
+        conn.close()
+    assert listing(path.parent) == [path.name]
+
+
 def empty_file(path: Path) -> None:
     path.write_bytes(b"")
 
@@ -51,6 +63,7 @@ def empty_file(path: Path) -> None:
 #: target name -> (how to make it, a phrase the refusal must contain)
 TARGETS: dict[str, tuple[Callable[[Path], None] | None, str]] = {
     "foreign": (foreign_database, "is not a penguiflow trace database"),
+    "foreign-wal": (foreign_wal_database, "is not a penguiflow trace database"),
     "empty": (empty_file, "holds no penguiflow traces"),
     "missing": (None, "no trace store at"),
 }
@@ -144,9 +157,21 @@ def _event(seq: int = 1) -> StoredEvent:
                        invocation_id="a" * 16, flow_id="f", seq=seq, flow_name="safe")
 
 
+def _to_wal(path: Path) -> None:
+    """Leave a closed store in WAL mode (copied while a writer had it, say): no side
+    file beside it, but ``mode=ro`` alone would create ``-wal`` and ``-shm``."""
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode = WAL").fetchone() == ("wal",)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("journal", ["rollback", "wal"])
 @pytest.mark.parametrize("command", ["inspect", "traces"])
 def test_reading_a_real_store_creates_no_file_beside_it(
-        command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        command: str, journal: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "traces.db"
 
     async def record() -> None:
@@ -154,6 +179,8 @@ def test_reading_a_real_store_creates_no_file_beside_it(
             await store.save_events([_event()])
 
     asyncio.run(record())
+    if journal == "wal":
+        _to_wal(path)
     assert listing(tmp_path) == ["traces.db"]  # the writer cleaned up after itself
     before = sha256(path)
     argv = ["inspect", TRACE, "--plain"] if command == "inspect" else ["traces"]
@@ -161,3 +188,95 @@ def test_reading_a_real_store_creates_no_file_beside_it(
     assert TRACE in capsys.readouterr().out
     assert sha256(path) == before
     assert listing(tmp_path) == ["traces.db"]
+
+
+async def test_a_read_only_store_on_a_wal_file_creates_nothing_and_sees_a_later_writer(
+        tmp_path: Path) -> None:
+    path = tmp_path / "traces.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        await store.save_events([_event()])
+    _to_wal(path)
+    before = sha256(path)
+    reader = open_store(f"sqlite:///{path}", readonly=True)
+    try:
+        assert [s.trace_id for s in await reader.list_traces()] == [TRACE]
+        assert listing(tmp_path) == ["traces.db"] and sha256(path) == before
+        # A writer opens the file (WAL, side files), writes and closes: the reader,
+        # still open, reads the new trace then, and after the writer is gone.
+        async with open_store(f"sqlite:///{path}") as writer:
+            await writer.save_events([StoredEvent("later", 1_700_000_100.0, "node_start",
+                                                  "n", "n", {}, invocation_id="b" * 16,
+                                                  flow_id="g", seq=1)])
+            await writer.flush()
+            assert {s.trace_id for s in await reader.list_traces()} == {TRACE, "later"}
+        assert {s.trace_id for s in await reader.list_traces()} == {TRACE, "later"}
+        assert len(await reader.load_history("later")) == 1
+    finally:
+        await reader.close()
+
+
+def _crashed_writer(path: Path, folder: Path) -> Path:
+    """A copy of the store at ``path``, in ``folder``, as a writer that died left it:
+    writes in its ``-wal`` not checkpointed, and no ``-shm``."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute("UPDATE traces SET flow_name = 'recovered'")
+        conn.commit()
+        folder.mkdir()
+        for suffix in ("", "-wal"):  # copied while the connection is open: a crash
+            (folder / (path.name + suffix)).write_bytes(
+                path.with_name(path.name + suffix).read_bytes())
+    finally:
+        conn.close()
+    crashed = folder / path.name
+    assert listing(folder) == ["traces.db", "traces.db-wal"]
+    assert crashed.with_name("traces.db-wal").stat().st_size > 0
+    return crashed
+
+
+def test_a_wal_its_writer_did_not_close_is_refused_and_migrate_recovers_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "traces.db"
+
+    async def record() -> None:
+        async with open_store(f"sqlite:///{path}") as store:
+            await store.save_events([_event()])
+
+    asyncio.run(record())
+    crashed = _crashed_writer(path, tmp_path / "crashed")
+    url = f"sqlite:///{crashed}"
+    before = {name: sha256(crashed.parent / name) for name in listing(crashed.parent)}
+    # Reading it would create its -shm: refused (exit 1: the store exists, but
+    # cannot be read as it is), saying how to recover it.
+    assert main(["traces", "--store", url]) == 1
+    line, = capsys.readouterr().err.splitlines()
+    assert "did not close" in line and f"pf migrate --store {url}" in line
+    assert {name: sha256(crashed.parent / name) for name in listing(crashed.parent)} == before
+    assert main(["migrate", "--store", url]) == 0
+    capsys.readouterr()
+    assert main(["traces", "--json", "--store", url]) == 0
+    assert '"flow_name": "recovered"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", sorted(READERS))
+def test_a_directory_is_not_a_trace_store(
+        command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "traces.db"
+    folder.mkdir()
+    assert main([*READERS[command], "--store", f"sqlite:///{folder}"]) == 2
+    line, = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"pf {command}: {str(folder)!r} is a directory, not a trace store")
+    assert listing(tmp_path) == ["traces.db"] and listing(folder) == []
+
+
+async def test_open_store_readonly_refuses_a_directory(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path}", readonly=True)
+    try:
+        with pytest.raises(StateStoreError, match="is a directory, not a trace store") as info:
+            await store.open()
+    finally:
+        await store.close()
+    assert not isinstance(info.value, StoreUnavailable)  # refused: not a store, not down
+    assert listing(tmp_path) == []

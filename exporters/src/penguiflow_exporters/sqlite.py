@@ -21,8 +21,14 @@ a batch takes the write lock up front (``BEGIN IMMEDIATE``), a second writer
 waits up to ``busy_timeout`` (5 s).
 
 Read-only (``readonly=True``, what ``pf`` opens): the file is opened with
-``mode=ro``; a missing, empty or foreign file, or one at another schema version,
-is refused with one clear line and left byte-for-byte unchanged.
+``mode=ro``; a missing, empty or foreign file, a directory, or one at another
+schema version, is refused with one clear line and left byte-for-byte
+unchanged. Nothing is created beside it either: a WAL-mode file without a
+``-wal`` holding writes is read ``immutable=1`` (``mode=ro`` alone would create
+its ``-wal`` and ``-shm``), reopened as soon as the file or its side files
+change; one with both (a live writer) is read ``mode=ro``; one whose ``-wal``
+holds writes but has no ``-shm`` (its writer did not close) is refused
+(:class:`StoreUnavailable`) and names the fix, ``pf migrate``.
 
 Following. A writing store's ``follow()`` yields what this store object writes,
 as it is written. A read-only store's reads the file every :data:`FOLLOW_POLL_S`
@@ -152,16 +158,69 @@ def translate(path: str, code: int | None, message: str) -> StateStoreError:
     return StateStoreError(f"SQLite store {path!r}: {message}")
 
 
+def _is_wal(path: Path) -> bool:
+    """Whether the SQLite file at ``path`` is in WAL mode (header bytes 18-19 are 2).
+
+    False when it cannot be read or is no SQLite file: opening it then reports why.
+    """
+    try:
+        with open(path, "rb") as file:
+            header = file.read(100)
+    except OSError:
+        return False
+    return header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x02\x02"
+
+
+def _wal_size(path: Path) -> int | None:
+    """The size of the ``-wal`` file beside ``path``; None when there is none."""
+    try:
+        return os.stat(f"{path}-wal").st_size
+    except OSError:
+        return None
+
+
+def _read_only_uri(path: Path, *, recovering: bool = False) -> tuple[str, bool]:
+    """The URI that reads ``path`` without creating anything beside it, and whether it
+    is ``immutable``.
+
+    ``mode=ro`` alone makes SQLite create the ``-wal`` and ``-shm`` files of a
+    WAL-mode file when they are missing. So a WAL-mode file without a ``-wal``
+    (or with an empty one: nothing un-checkpointed) is opened ``immutable=1``:
+    no lock, no side file; the caller reopens it once a writer shows up (see
+    ``SQLiteStateStore._connection``). With both ``-wal`` and ``-shm`` (a live
+    writer) ``mode=ro`` creates nothing. A ``-wal`` holding writes with no
+    ``-shm`` (its writer did not close) cannot be read without creating the
+    ``-shm``: :class:`StoreUnavailable` naming the fix, unless ``recovering``
+    (``pf migrate``, about to open a writer that recovers them anyway).
+    """
+    base = f"file:{quote(str(path.resolve()))}?mode=ro"
+    if not _is_wal(path):
+        return base, False
+    wal = _wal_size(path)
+    if not wal:
+        return base + "&immutable=1", True
+    if recovering or os.path.exists(f"{path}-shm"):
+        return base, False
+    raise StoreUnavailable(
+        f"SQLite store {str(path)!r}: '{path}-wal' holds writes its writer never "
+        f"checkpointed (it did not close) and no '{path}-shm' is beside it, so reading "
+        f"would create one; run `pf migrate --store sqlite:///{path}` (or any flow with "
+        "this store) once to recover them, then read it")
+
+
 def schema_version(path: str | os.PathLike[str]) -> int | None:
     """The schema version of the SQLite file at ``path``, read without writing (``mode=ro``).
 
     Returns 0 for a database without tables (an empty file included) and None for one
-    with tables but no ``schema_version`` (not a penguiflow store).
+    with tables but no ``schema_version`` (not a penguiflow store). Creates nothing
+    beside a WAL-mode file, except the ``-shm`` of one whose writer did not close
+    (``pf migrate`` reads this before a writer recovers that file).
 
     Raises:
         sqlite3.Error: the file cannot be read or is not a SQLite database.
     """
-    conn = sqlite3.connect(f"file:{quote(str(Path(path).resolve()))}?mode=ro", uri=True)
+    uri, _ = _read_only_uri(Path(path), recovering=True)
+    conn = sqlite3.connect(uri, uri=True)
     try:
         return schema_version_of(conn)
     finally:
@@ -339,6 +398,9 @@ class SQLiteStateStore(ProcessedStore):
         #: Owned by the worker thread: only touched from functions run by ``_call``.
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
+        #: A read-only store's connection is ``immutable`` (see ``_read_only_uri``):
+        #: the file's state then, reopened when it changes (a writer showed up).
+        self._immutable: tuple[object, ...] | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteStateStore({str(self.path)!r})"
@@ -375,12 +437,30 @@ class SQLiteStateStore(ProcessedStore):
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             raise StoreUnavailable(f"{self!r} is closed; create a new one")
-        if self._identity is not None and file_identity(str(self.path)) != self._identity:
+        if self._immutable is not None:
+            # An immutable connection sees no other process's writes and takes no
+            # lock: reopen when anything changed (a writer opened, wrote, checkpointed).
+            if self._immutable_state() != self._immutable:
+                self._close_sync()
+                self._open_sync()
+                assert self._conn is not None
+        elif self._identity is not None and file_identity(str(self.path)) != self._identity:
             # Deleted or replaced under us: read (and write bindings to) the file now there.
             self._close_sync()
             self._open_sync()
             assert self._conn is not None
         return self._conn
+
+    def _immutable_state(self) -> tuple[object, ...]:
+        """What an immutable connection's reads depend on: the file's identity, size and
+        modification time, and which side files exist (two stats more per query)."""
+        path = str(self.path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return ()
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, _wal_size(self.path),
+                os.path.exists(f"{path}-shm"))
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -392,18 +472,27 @@ class SQLiteStateStore(ProcessedStore):
             return
         path = self.path
         if self.readonly:
+            if path.is_dir():
+                raise StoreRefused(f"SQLite store {str(path)!r} is a directory, not a trace "
+                                   "store; point the reader at the store's file "
+                                   "(sqlite:///path/to/traces.db)")
             if not path.is_file():
                 raise StoreUnavailable(f"SQLite store {str(path)!r} does not exist; point the "
                                        "reader at a store a flow has written")
-            # mode=ro: SQLite never writes the file (nor creates one).
-            conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True,
-                                   isolation_level=None, check_same_thread=False)
+            # mode=ro: SQLite never writes the file (nor creates one); immutable=1 for a
+            # WAL-mode file with nothing to read beside it, so no side file is created.
+            # Taken before the connection: a change after is seen by the next query.
+            state = self._immutable_state()
+            uri, immutable = _read_only_uri(path)
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                   check_same_thread=False)
             try:
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
                 check_schema(conn, str(path))
             except BaseException:
                 conn.close()
                 raise
+            self._immutable = state if immutable else None
         else:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -423,6 +512,7 @@ class SQLiteStateStore(ProcessedStore):
             self._executor.shutdown(wait=False)
 
     def _close_sync(self) -> None:
+        self._immutable = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None

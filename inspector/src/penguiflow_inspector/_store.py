@@ -72,7 +72,8 @@ def open_for_reading(url: str) -> TraceStore:
 
     Raises:
         CommandError: (exit 2) the scheme is not supported, or is ``memory://``
-            (which is empty in a new process), or the SQLite file does not exist.
+            (which is empty in a new process), or the SQLite path does not exist or
+            is a directory.
     """
     try:
         store = open_store(url, readonly=True)
@@ -84,6 +85,10 @@ def open_for_reading(url: str) -> TraceStore:
             "the flow that recorded into it); pass --store sqlite:///... or postgresql://...",
             EXIT_USAGE)
     path = getattr(store, "path", None)
+    if isinstance(path, Path) and path.is_dir():
+        raise CommandError(
+            f"{str(path)!r} is a directory, not a trace store; pass the store's file: "
+            "--store sqlite:///path/to/traces.db (or set PENGUIFLOW_STORE to it)", EXIT_USAGE)
     if isinstance(path, Path) and not path.exists():
         # (The read-only store refuses it too; this says what pf users can do.)
         raise CommandError(
