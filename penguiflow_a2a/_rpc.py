@@ -36,9 +36,11 @@ class RpcChannel:
     def __init__(self, *, headers: Mapping[str, str] | None, timeout_s: float | None,
                  httpx_client: httpx.AsyncClient | None,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-                 max_body_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+                 stream_idle_timeout_s: float | None = None) -> None:
         self._headers = dict(headers or {})
         self._timeout_s = timeout_s
+        self._idle_s = stream_idle_timeout_s
         self._client = httpx_client
         self._owns_client = httpx_client is None
         self._max_event_bytes = max_event_bytes
@@ -57,7 +59,10 @@ class RpcChannel:
 
     def _httpx_timeout(self, *, stream: bool) -> httpx.Timeout:
         connect = self._timeout_s if self._timeout_s is not None else 30.0
-        return httpx.Timeout(connect, read=None if stream else self._timeout_s)
+        # A stream's read timeout is its idle bound: any bytes (an event or a
+        # keep-alive comment) restart it. Its whole length is bounded by timeout_s,
+        # by the caller (asyncio), not here.
+        return httpx.Timeout(connect, read=self._idle_s if stream else self._timeout_s)
 
     def _request_headers(self, version: str, *, stream: bool = False) -> dict[str, str]:
         headers = {VERSION_HEADER: version, **self._headers}
@@ -159,6 +164,13 @@ class RpcChannel:
                 async for sse in aiter_sse(resp.aiter_bytes(),
                                            max_event_bytes=self._max_event_bytes):
                     yield self._sse_result(sse.event, sse.data, ep, method)
+        except httpx.ReadTimeout as exc:
+            # Silent past the idle bound: no event and no keep-alive (servers ping
+            # every 15 s). A lost stream, resumed with SubscribeToTask where it can be.
+            raise A2AConnectionError(
+                f"A2A agent {ep.agent_url}: the {method} stream sent nothing (no event, no "
+                f"keep-alive) for {self._idle_s} s", agent_url=ep.agent_url,
+                method=method) from exc
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, url=ep.rpc_url, agent_url=ep.agent_url,
                                         method=method) from exc

@@ -100,6 +100,12 @@ class A2AClientTransport:
             when ``timeout_s`` is None).
         max_event_bytes: cap on one SSE event.
         max_body_bytes: cap on one JSON response body.
+        stream_idle_timeout_s: how long a stream may send nothing at all (no event,
+            no keep-alive comment: servers send one every 15 s) before it counts as
+            lost: it is then resumed with SubscribeToTask (``resubscribe_attempts``),
+            or the call fails with :class:`A2AConnectionError`, instead of waiting
+            for ever on a peer that hangs. None: no bound (a peer that neither
+            streams nor pings for minutes).
     """
 
     def __init__(self, *, headers: Mapping[str, str] | None = None,
@@ -109,12 +115,17 @@ class A2AClientTransport:
                  card_ttl_s: float = 300.0, poll_interval_s: float = 0.05,
                  cancel_timeout_s: float = 10.0,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-                 max_body_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+                 stream_idle_timeout_s: float | None = 60.0) -> None:
+        if stream_idle_timeout_s is not None and not stream_idle_timeout_s > 0:
+            raise ValueError(f"stream_idle_timeout_s must be > 0 seconds, or None for no "
+                             f"bound; got {stream_idle_timeout_s!r}")
         self._timeout_s = timeout_s
         self._channel = RpcChannel(headers=headers, timeout_s=timeout_s,
                                    httpx_client=httpx_client,
                                    max_event_bytes=max_event_bytes,
-                                   max_body_bytes=max_body_bytes)
+                                   max_body_bytes=max_body_bytes,
+                                   stream_idle_timeout_s=stream_idle_timeout_s)
         self._resubscribe_attempts = max(0, resubscribe_attempts)
         self._backoff_s = resubscribe_backoff_s
         self._card_ttl_s = card_ttl_s

@@ -404,6 +404,53 @@ async def test_a_stream_dropped_before_any_task_cannot_be_resumed() -> None:
             await collect(t.stream(request(p.url)))
 
 
+async def test_a_stream_gone_silent_is_resumed_then_given_up_without_a_timeout() -> None:
+    # With no timeout_s (the default), a peer that stopped sending (no event, no
+    # keep-alive) held the call for ever; it is now a lost stream after the idle bound.
+    forever = asyncio.Event()
+
+    async def hung(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "SendStreamingMessage":
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")})))
+            writer.write(frame(chunk("a", append=False)))
+        else:  # the resubscribe: the snapshot, then silence again
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING", ["a"])})))
+        await writer.drain()
+        await forever.wait()
+
+    async with peer(hung) as p, client(timeout_s=None, stream_idle_timeout_s=0.3,
+                                       resubscribe_attempts=1) as t:
+        seen: list[RemoteStreamEvent] = []
+        with pytest.raises(A2AConnectionError, match=r"sent nothing .* for 0\.3 s"):
+            async with asyncio.timeout(WAIT):
+                async for event in t.stream(request(p.url)):
+                    seen.append(event)
+    assert [e.text for e in seen if e.text] == ["a"]
+    assert p.rpcs() == ["SendStreamingMessage", "SubscribeToTask"]
+
+
+async def test_keep_alive_comments_hold_a_quiet_stream_open() -> None:
+    # The idle bound counts bytes, not events: a slow task whose server pings lives on.
+    async def slow(req: Req, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")})))
+        for _ in range(6):  # 6 x 0.1 s of pings: twice the 0.3 s idle bound
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(b": ping\r\n\r\n")
+        writer.write(frame(wrap({"statusUpdate": {"taskId": TASK, "contextId": CTX,
+                                                  "status": status("TASK_STATE_COMPLETED")}})))
+        writer.close()
+
+    async with peer(slow) as p, client(timeout_s=None, stream_idle_timeout_s=0.3) as t:
+        events = await collect(t.stream(request(p.url)))
+    assert events[-1].done and p.rpcs() == ["SendStreamingMessage"]
+
+
+def test_a_stream_idle_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="stream_idle_timeout_s must be > 0"):
+        A2AClientTransport(stream_idle_timeout_s=0)
+
+
 # -- polling ------------------------------------------------------------------------------------
 async def test_send_polls_get_task_when_the_agent_answers_early() -> None:
     answers = iter([task("TASK_STATE_WORKING"), task("TASK_STATE_COMPLETED", ["x", "y"])])
