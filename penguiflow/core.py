@@ -322,9 +322,11 @@ class PenguiFlow:
                 continue
             worker = NodeWorker(rt, node, self._contexts[node])
             # Long-lived tasks serve every later trace: they must not keep what is
-            # the caller's own request (its current span, log scope, bus turn).
+            # the caller's own request (its current span, log scope, bus turn). A
+            # copy each: a task's ContextVar.set (its turn, its log scope) writes to
+            # its own context, and one shared by every worker would leak across them.
             worker.task = loop.create_task(worker.run(), name=f"penguiflow:{node.name}",
-                                           context=workers_context)
+                                           context=workers_context.copy())
             self._workers.append(worker)
 
     def _local_nodes(self, nodes: Iterable[str] | None,
@@ -368,7 +370,7 @@ class PenguiFlow:
         rt.binding = binding
         task = asyncio.get_running_loop().create_task(
             bus.bind(binding), name=f"penguiflow:bind:{self.name}",  # type: ignore[attr-defined]
-            context=context)
+            context=context.copy())
         rt.external.add(task)
         task.add_done_callback(_bind_done)
 

@@ -860,3 +860,30 @@ async def test_a_node_name_utf8_cannot_hold_does_not_sink_the_span_batch(
     spans = _by_name(exporter.get_finished_spans())
     assert set(spans) == {"invoke_workflow f\ufffd", "invoke_agent a\ufffdb"}
     assert encode_spans(list(spans.values())).resource_spans
+
+
+async def test_a_context_variable_a_node_sets_stays_in_its_worker() -> None:
+    # Every worker ran in one shared context copy for a while: a ContextVar one node
+    # set (its bus turn, its log scope, a user's own) was seen by every other node.
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("per_worker", default="unset")
+    seen: list[str] = []
+
+    async def setter(item: Any, ctx: Any) -> Any:
+        var.set("set by a")
+        return item
+
+    async def reader(item: Any, ctx: Any) -> Any:
+        seen.append(var.get())
+        return item
+
+    a, b = _node(setter, "a"), _node(reader, "b")
+    flow = create(a.to(b), b.to())
+    flow.run()
+    try:
+        await flow.emit({"x": 1})
+        await within(flow.fetch())
+    finally:
+        await flow.stop()
+    assert seen == ["unset"]
