@@ -331,10 +331,15 @@ class FlowRuntime:
             return
         looped = result.model_copy(update={"payload": wm.model_copy(update={"hops": next_hops}),
                                            "meta": dict(result.meta)})
-        await ctx.emit(looped, to=ctx.owner)
+        snapshot = None
         if wm.budget_hops is None and wm.budget_tokens is None:
-            # Unbounded loop: stream every intermediate state to the caller.
-            await self.deliver_rookery(ctx, looped.model_copy(deep=True), origin)
+            # Unbounded loop: stream every intermediate state to the caller. Taken
+            # before the loop goes on: nothing after the emit may fail, or a retry of
+            # this attempt would start a second loop (and each hop double it).
+            snapshot = _snapshot(looped)
+        await ctx.emit(looped, to=ctx.owner)
+        if snapshot is not None:
+            await self.deliver_rookery(ctx, snapshot, origin)
 
     async def cancel_finished(self, trace_id: Any) -> None:
         """A cancelled trace drained: forget nodes' per-trace state, ``trace_cancel_finish``."""
@@ -567,3 +572,16 @@ class FlowRuntime:
         except Exception as exc:
             events.store_failed(kind, trace_id, exc)
             return None
+
+
+def _snapshot(message: Message) -> Message:
+    """A copy of a looping controller's message for Rookery, immune to the next hop's
+    in-place changes: a deep copy; facts no deep copy can take (a client holding a
+    lock, nesting past the recursion limit) are shared, in a list of their own."""
+    try:
+        return message.model_copy(deep=True)
+    except Exception:
+        wm = message.payload
+        return message.model_copy(update={
+            "payload": wm.model_copy(update={"facts": list(wm.facts)}),
+            "meta": dict(message.meta)})

@@ -217,6 +217,29 @@ async def test_unbounded_loop_streams_progress_snapshots(start: Any) -> None:
     assert items[0].payload.facts is not calls[1].payload.facts
 
 
+async def test_a_loop_whose_facts_cannot_be_deep_copied_loops_once(start: Any) -> None:
+    # The snapshot's deep copy raised after the loop was emitted: the attempt failed
+    # and its retry emitted a second loop, so each hop doubled the loops (1+2+4+...).
+    import threading
+
+    async def step(message: Message, calls: list[Message]) -> Message:
+        wm = message.payload
+        if wm.hops >= 3:
+            return message.model_copy(update={"payload": FinalAnswer(text="finished")})
+        return message
+
+    node, _adj, calls = controller(step)
+    node.policy = NodePolicy(validate="none", max_retries=1, backoff_base=0.001)
+    flow = start(create(node.to(node), emit_errors_to_rookery=True))
+    lock = threading.Lock()  # a client holding one, say: no deep copy of it
+    await flow.emit(msg(WM(query="q", budget_hops=None, facts=[lock])))
+    items = [await within(flow.fetch()) for _ in range(4)]
+    assert [type(i.payload).__name__ for i in items] == ["WM", "WM", "WM", "FinalAnswer"]
+    assert [c.payload.hops for c in calls] == [0, 1, 2, 3]
+    assert items[0].payload.facts == [lock]  # shared: the one object there is
+    assert items[0].payload.facts is not calls[1].payload.facts
+
+
 async def test_re_emitting_a_delivered_snapshot_is_dropped(start: Any) -> None:
     blocked = asyncio.Event()
     gate = asyncio.Event()
