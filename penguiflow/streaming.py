@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 
 __all__ = ["chunk_to_ws_json", "emit_stream_events", "format_sse_event", "stream_flow"]
 
+# The line ends of SSE (WHATWG HTML, "event stream interpretation"): CRLF, LF, CR.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
 
 def format_sse_event(
     chunk: StreamChunk, *, event_name: str | None = None, retry_ms: int | None = None
@@ -33,15 +37,24 @@ def format_sse_event(
     chunk and ``chunk`` otherwise), ``id: <seq>``, ``data: <text>``, then
     ``data: <meta as JSON>`` when the chunk has meta, then ``retry: <ms>`` when
     ``retry_ms`` is given. A multi-line text becomes one ``data:`` line per line, as SSE
-    requires (a single-line text gives exactly one).
+    requires (a single-line text gives exactly one); a lone CR ends a line too, as
+    it does for every SSE reader, so no text can add a field or an event.
 
     Returns:
         The frame, terminated by a blank line (it ends with ``"\\n\\n"``).
+
+    Raises:
+        ValueError: ``event_name`` holds a line break.
     """
+    if event_name is not None and _LINE_BREAK.search(event_name):
+        raise ValueError(f"event_name must be one line (SSE ends a field at CR or LF); "
+                         f"got {event_name!r}")
     name = event_name or ("done" if chunk.done else "chunk")
     lines = [f"event: {name}", f"id: {chunk.seq}"]
-    # A bare newline inside a data line would end the frame early and lose the rest.
-    lines.extend(f"data: {line}" for line in chunk.text.replace("\r\n", "\n").split("\n"))
+    # Every line break SSE knows (CRLF, LF, and a lone CR) starts another data line:
+    # left inside one, it would end the field there and let the text after it write
+    # fields (an event name, an id) or whole events of its own.
+    lines.extend(f"data: {line}" for line in _LINE_BREAK.split(chunk.text))
     if chunk.meta:
         lines.append(f"data: {json.dumps(chunk.meta, ensure_ascii=False)}")
     if retry_ms is not None:

@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from penguiflow.core import Context, PenguiFlow, create
 from penguiflow.errors import FlowError
@@ -63,6 +65,31 @@ def test_sse_event_name_override_and_zero_retry() -> None:
     assert format_sse_event(chunk, event_name="token", retry_ms=0) == (
         "event: token\nid: 0\ndata: \nretry: 0\n\n"
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(st.sampled_from(
+    ["a", " ", ":", "\r", "\n", "\r\n", "data: x", "event: evil", "id: 9", "retry: 1",
+     "\x00", "\u2028", "é"])).map("".join))
+def test_no_chunk_text_adds_a_field_or_an_event(text: str) -> None:
+    # A lone CR was left inside a data line; SSE readers end a line there, so the
+    # text after it could set the event name or id, or start an event of its own.
+    from penguiflow_a2a.sse import SSEDecoder
+
+    decoder = SSEDecoder()
+    frame = format_sse_event(StreamChunk(stream_id="s", seq=4, text=text))
+    events = decoder.feed(frame.encode("utf-8", "surrogatepass"))
+    assert len(events) == 1, (text, frame)
+    (event,) = events
+    assert (event.event, event.id) == ("chunk", "4")
+    assert event.data == text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def test_an_event_name_with_a_line_break_is_refused() -> None:
+    chunk = StreamChunk(stream_id="s", seq=0, text="t")
+    for name in ("chunk\ndata: injected", "a\rb", "a\r\nb"):
+        with pytest.raises(ValueError, match="event_name must be one line"):
+            format_sse_event(chunk, event_name=name)
 
 
 def test_sse_multiline_text_stays_in_one_frame() -> None:
