@@ -188,8 +188,13 @@ class FloeQueue(asyncio.Queue[Any]):
                 kept.append(item)
                 kept_origins.append(origin)
         if removed:
-            self._queue = kept
-            self._origins = kept_origins
+            # In place, not a new deque: contexts keep a reference to this one to
+            # read queue depths cheaply (Context._in_one / _out_one), and a new one
+            # left them reporting the old depth for ever.
+            self._queue.clear()
+            self._queue.extend(kept)
+            self._origins.clear()
+            self._origins.extend(kept_origins)
             for _ in removed:
                 # Each removal frees one slot: let one blocked producer in per slot.
                 self._wakeup_next(self._putters)  # type: ignore[attr-defined]

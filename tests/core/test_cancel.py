@@ -153,6 +153,28 @@ async def test_cancel_removes_queued_messages_and_spares_other_traces(
     assert recorder.kinds(trace_id=survivor.trace_id) == ["node_start", "node_success"]
 
 
+async def test_queue_depths_after_a_cancel_are_the_live_ones(
+    start: Any, recorder: Recorder
+) -> None:
+    # Removing a cancelled trace's items gave the queue a new deque while contexts
+    # read depths from the old one: every later event, of any trace, said 5 for ever.
+    node, body = blocking_node()
+    flow = start(create(node.to(), middlewares=[recorder]))
+    blocker, later = msg("block"), msg("later")
+    await flow.emit(blocker)
+    await within(body.started.wait())
+    doomed = msg("doomed")
+    for i in range(5):
+        await flow.emit(doomed.model_copy(update={"payload": i}))
+    assert await within(flow.cancel(doomed.trace_id)) is True
+    body.gate.set()
+    assert await within(flow.fetch()) is blocker
+    await flow.emit(later)
+    assert await within(flow.fetch()) is later
+    (started,) = recorder.of("node_start", trace_id=later.trace_id)
+    assert started.queue_depth_in == 0 == flow.context(node).queue_depth_in()
+
+
 async def test_cancel_removes_undelivered_results_from_rookery(
     start: Any, recorder: Recorder
 ) -> None:
