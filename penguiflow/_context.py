@@ -56,6 +56,11 @@ class ContextRuntime(Protocol):
         """Wait until ``trace_id`` may have one more chunk outstanding (spec §9)."""
         ...
 
+    def stream_open(self, ctx: Context) -> None:
+        """``ctx`` holds the seq of an unfinished stream: forget a trace's streams there
+        once the trace is over (see ``Context._stream_seq``)."""
+        ...
+
 
 class Context:
     """Wiring and I/O of one flow participant.
@@ -329,6 +334,8 @@ class Context:
             self._stream_seq.pop(sid, None)
         else:
             self._stream_seq[sid] = seq
+            if rt is not None and previous is None:
+                rt.stream_open(self)
         chunk = StreamChunk(stream_id=sid, seq=seq, text=text, done=done,
                             meta=dict(meta) if meta else {})
         message = Message(payload=chunk, headers=parent.headers, trace_id=parent.trace_id,

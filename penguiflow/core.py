@@ -456,6 +456,16 @@ class PenguiFlow:
             for state in rt.traces.values():
                 state.wake_chunk_waiters()
             rt.traces.clear()
+            # Per-trace state of nodes and contexts goes with the runtime's (spec: stop
+            # "clears all per-trace bookkeeping"): a join's incomplete groups, the seqs
+            # of unfinished streams. Else a later run reusing a trace id gets them.
+            for node in self._nodes:
+                forget_all = getattr(node.func, "_forget_all", None)
+                if forget_all is not None:
+                    forget_all()
+            for ctx in rt.stream_contexts:
+                ctx._stream_seq.clear()
+            rt.stream_contexts.clear()
             # What stays queued (taken up again after run(), or fetched) is counted
             # anew: the counts just cleared covered it, and a restarted flow whose
             # traces undercount it finishes a cancel before they drain.
@@ -741,6 +751,9 @@ class PenguiFlow:
         rt = self._rt
         state = rt.traces.get(trace_id)
         if state is None or (state.pending <= 0 and state.inflight <= 0):
+            # Nothing in flight, but nodes may still hold a part of it (a join's
+            # incomplete group, whose other inputs failed): the cancel drops it.
+            rt.forget_trace(trace_id)
             return False
         event = rt.ensure_trace_event(trace_id)
         if not event.is_set():

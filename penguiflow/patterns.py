@@ -225,7 +225,9 @@ def join_k(name: str, k: int) -> Node:
         runs, an object without a ``trace_id`` raises ``ValueError``. Incomplete groups
         are held until completed (they are not expired), except that the group of a
         cancelled trace is dropped once the cancel has finished
-        (``trace_cancel_finish``).
+        (``trace_cancel_finish``), or at once when nothing of the trace was still in
+        flight (``cancel`` returned False: say the group's other inputs failed), and
+        every group is dropped by ``stop()``.
 
     Raises:
         InvalidArgument: (a ``ValueError``) If ``k <= 0``.
@@ -276,7 +278,14 @@ def join_k(name: str, k: int) -> Node:
         buckets.pop(trace_id, None)
         upstreams.pop(trace_id, None)
 
-    # The runtime calls this once a cancelled trace has drained (see
-    # PenguiFlow._cancel_finished): per-trace state of a node goes with the trace.
+    def forget_all() -> None:
+        # The flow stopped: its per-trace bookkeeping goes, this join's included.
+        buckets.clear()
+        upstreams.clear()
+
+    # The runtime calls these once a cancelled trace has drained, or when cancel()
+    # finds nothing in flight (the rest of the group failed), and at stop():
+    # per-trace state of a node goes with the trace.
     join._forget_trace = forget  # type: ignore[attr-defined]
+    join._forget_all = forget_all  # type: ignore[attr-defined]
     return Node(join, name=name, policy=NodePolicy(validate="none"))

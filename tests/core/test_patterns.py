@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import pytest
+from pfcore_support import Recorder
 from pydantic import BaseModel, Field, ValidationError
 
 from penguiflow.core import PenguiFlow, create
@@ -172,6 +173,42 @@ def test_join_k_node_shape() -> None:
     assert isinstance(node, Node)
     assert node.name == "join"
     assert node.policy.validate == "none"
+
+
+async def test_a_join_drops_a_group_whose_trace_is_cancelled_or_stopped() -> None:
+    # A group whose other input failed was kept: cancel() found nothing in flight and
+    # returned False without dropping it, and stop() kept it too, so a later run of
+    # the same trace id was joined with the leftover ("Afail" with "Aok").
+    none = NodePolicy(validate="none")
+
+    async def a(message: Message, ctx: Any) -> Message:
+        return message.model_copy(update={"payload": f"A{message.payload}"})
+
+    async def b(message: Message, ctx: Any) -> Message:
+        if message.payload == "fail":
+            raise RuntimeError("b failed")
+        return message.model_copy(update={"payload": f"B{message.payload}"})
+
+    async def src(message: Message, ctx: Any) -> Message:
+        return message
+
+    source, left, right = (Node(src, name="src", policy=none), Node(a, name="a", policy=none),
+                           Node(b, name="b", policy=none))
+    join = join_k("join", 2)
+    recorder = Recorder()
+    flow = create(source.to(left, right), left.to(join), right.to(join), join.to(),
+                  emit_errors_to_rookery=True, middlewares=[recorder])
+    for ending in ("cancel", "stop"):
+        async with running(flow):
+            trace = f"order-{ending}"
+            await flow.emit(_msg("fail", trace_id=trace))
+            assert isinstance(await fetch(flow), FlowError)
+            await recorder.wait_for("node_success", trace_id=trace, node="join")  # "Afail" held
+            if ending == "cancel":
+                assert await flow.cancel(trace) is False  # nothing in flight
+        async with running(flow):
+            await flow.emit(_msg("ok", trace_id=trace))
+            assert sorted((await fetch(flow)).payload) == ["Aok", "Bok"]
 
 
 async def test_join_k_groups_messages_per_trace() -> None:

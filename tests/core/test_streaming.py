@@ -293,3 +293,33 @@ async def test_emit_stream_events_in_a_flow() -> None:
         ("", 2, True, {"n": 2}),
     ]
     assert items[-1] == "complete"
+
+
+async def test_a_stream_cut_short_numbers_the_next_run_of_its_trace_from_zero() -> None:
+    # The seq of a stream that never sent done (its node failed) was kept for ever:
+    # one entry per failed trace, and a retry of the same trace id numbered on (2, 3).
+    attempts: list[int] = []
+
+    async def talk(message: Message, ctx: Context) -> Message:
+        attempts.append(1)
+        await ctx.emit_chunk(parent=message, text="a")
+        await ctx.emit_chunk(parent=message, text="b")
+        if len(attempts) == 1:
+            raise RuntimeError("model error after streaming")
+        await ctx.emit_chunk(parent=message, text="", done=True)
+        return message
+
+    node = Node(talk, name="talk", policy=NodePolicy(validate="none"))
+    flow = create(node.to(), emit_errors_to_rookery=True)
+    flow.run()
+    try:
+        first = Message(payload="x", headers=Headers(tenant="t"), trace_id="same")
+        await flow.emit(first)
+        got = [await asyncio.wait_for(flow.fetch(), 5) for _ in range(3)]
+        assert isinstance(got[-1], FlowError)
+        assert flow.context(node)._stream_seq == {}
+        await flow.emit(first)
+        chunks = [await asyncio.wait_for(flow.fetch(), 5) for _ in range(3)]
+        assert [c.payload.seq for c in chunks] == [0, 1, 2]
+    finally:
+        await flow.stop()
