@@ -1386,6 +1386,31 @@ async def test_open_is_bounded_while_its_schema_is_locked(
     assert (await make(schema=store.schema)).schema == store.schema  # then it opens
 
 
+async def test_a_reader_outlives_the_server_dropping_its_idle_connections(
+        pg_dsn: str, make: MakeStore, sql: asyncpg.Connection) -> None:
+    # Each pooled connection the server dropped while idle (a restart, a proxy's idle
+    # cut) failed the next query sent on it: a long-lived reader (pf tail, the TUI)
+    # showed an error after every server restart.
+    store = await make()
+    await store.save_events([ev("t", 1)])
+    await store.flush()
+    reader = PostgresStateStore(pg_dsn, schema=store.schema, readonly=True, pool_min=3,
+                                pool_max=3)
+    try:
+        assert len(await reader.load_history("t")) == 1
+        dropped = await sql.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'penguiflow' AND state = 'idle' "
+            "AND pid <> pg_backend_pid()")
+        assert dropped >= 3  # the whole pool
+        assert len(await reader.load_history("t")) == 1
+        assert (await reader.get_trace("t")) is not None
+        assert [s.trace_id for s in await reader.list_traces()] == ["t"]
+        assert await reader.resolve_trace_id("t") == ["t"]
+    finally:
+        await reader.close()
+
+
 async def test_a_lost_writer_connection_is_retried_and_nothing_is_lost(
         make: MakeStore, sql: asyncpg.Connection) -> None:
     store = await make(flush_interval_s=3600.0)

@@ -142,6 +142,15 @@ _DRIVER_ERRORS: Final[tuple[type[BaseException], ...]] = (
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
 )
+# What a query meets on a connection the pool kept idle while the server dropped it
+# (a restart, pg_terminate_backend, a proxy's idle cut): asyncpg reports it as one of
+# these when the query is sent. A read (or an idempotent write) is sent once more.
+_STALE: Final[tuple[type[BaseException], ...]] = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InternalClientError,  # "cannot switch to state ...": the server's goodbye
+    ConnectionResetError,
+    BrokenPipeError,
+)
 _WRITER_MODULE: Final = "penguiflow_exporters._pg_write"
 
 # Positions match _summary() below.
@@ -398,15 +407,34 @@ class PostgresStateStore(ProcessedStore):
         await self.open()
         return self._checked_pool()
 
+    async def _query(self, doing: str, method: str, *args: Any) -> Any:
+        """``pool.<method>(*args)`` (a read, or an idempotent write), errors translated.
+
+        Sent again when the pool's connection turns out dropped by the server while
+        idle (``_STALE``): each such connection failed one query otherwise, so
+        a long-lived reader (``pf tail``, the inspector) showed an error after every
+        server restart.
+        """
+        pool = self._checked_pool()
+        with self._errors(doing):
+            # Every idle connection of the pool may have been dropped at once: one try
+            # per connection it can hold, and one on a new connection.
+            for _ in range(self._pool_max):
+                try:
+                    return await getattr(pool, method)(*args)
+                except _STALE as exc:
+                    logger.info("state_store_stale_connection", extra={
+                        "store": self._where, "doing": doing, "error": type(exc).__name__})
+            return await getattr(pool, method)(*args)
+
     async def load_history(self, trace_id: str) -> list[StoredEvent]:
         """The events of ``trace_id`` in order of occurrence (all fields restored).
 
         Raises:
             StateStoreError: also when a block of the trace cannot be decoded.
         """
-        pool = await self._ready()
-        with self._errors("loading a trace"):
-            rows = await pool.fetch(self._sql_history, trace_id)
+        await self._ready()
+        rows = await self._query("loading a trace", "fetch", self._sql_history, trace_id)
         events: list[StoredEvent] = []
         for block_id, data in rows:
             events += self._events(block_id, data)
@@ -424,9 +452,9 @@ class PostgresStateStore(ProcessedStore):
             StateStoreError: also when one of those blocks cannot be decoded.
         """
         check_page(offset, limit)
-        pool = await self._ready()
-        with self._errors("loading a trace"):
-            rows = await pool.fetch(self._sql_history_page, trace_id, offset, limit)
+        await self._ready()
+        rows = await self._query("loading a trace", "fetch", self._sql_history_page,
+                                 trace_id, offset, limit)
         events: list[StoredEvent] = []
         if not rows:
             return events
@@ -497,28 +525,26 @@ class PostgresStateStore(ProcessedStore):
         sql = (f"SELECT {_SUMMARY_COLUMNS} FROM {self._s}.traces"
                f"{' WHERE ' + ' AND '.join(where) if where else ''}"
                f" ORDER BY {order} LIMIT {arg(f.limit)}")
-        pool = await self._ready()
-        with self._errors("listing traces"):
-            rows = await pool.fetch(sql, *args)
+        await self._ready()
+        rows = await self._query("listing traces", "fetch", sql, *args)
         return [_summary(row) for row in rows]
 
     async def get_trace(self, trace_id: str) -> TraceSummary | None:
         """The summary of ``trace_id``, or None."""
-        pool = await self._ready()
-        with self._errors("reading a trace summary"):
-            row = await pool.fetchrow(
-                f"SELECT {_SUMMARY_COLUMNS} FROM {self._s}.traces WHERE trace_id = $1",
-                trace_id)
+        await self._ready()
+        row = await self._query(
+            "reading a trace summary", "fetchrow",
+            f"SELECT {_SUMMARY_COLUMNS} FROM {self._s}.traces WHERE trace_id = $1", trace_id)
         return None if row is None else _summary(row)
 
     async def resolve_trace_id(self, prefix: str) -> list[str]:
         """Trace ids starting with ``prefix`` (at most 10, sorted by code point)."""
         pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        pool = await self._ready()
-        with self._errors("resolving a trace id"):
-            rows = await pool.fetch(
-                f"SELECT trace_id FROM {self._s}.traces WHERE trace_id LIKE $1 ESCAPE '\\' "
-                f"ORDER BY trace_id LIMIT 10", pattern)
+        await self._ready()
+        rows = await self._query(
+            "resolving a trace id", "fetch",
+            f"SELECT trace_id FROM {self._s}.traces WHERE trace_id LIKE $1 ESCAPE '\\' "
+            f"ORDER BY trace_id LIMIT 10", pattern)
         return [str(row[0]) for row in rows]
 
     async def save_remote_binding(self, binding: RemoteBinding) -> None:
@@ -529,12 +555,12 @@ class PostgresStateStore(ProcessedStore):
         """
         self._writable()
         await self.open()
-        pool = self._checked_pool()
-        with self._errors("saving a remote binding"):
-            await pool.execute(
-                f"INSERT INTO {self._s}.bindings (trace_id, context_id, task_id, agent_url) "
-                f"VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                binding.trace_id, binding.context_id, binding.task_id, binding.agent_url)
+        # Idempotent (ON CONFLICT DO NOTHING): safe to send again on a stale connection.
+        await self._query(
+            "saving a remote binding", "execute",
+            f"INSERT INTO {self._s}.bindings (trace_id, context_id, task_id, agent_url) "
+            f"VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            binding.trace_id, binding.context_id, binding.task_id, binding.agent_url)
 
     async def load_bindings(self, *, trace_id: str | None = None,
                             context_id: str | None = None,
@@ -553,11 +579,10 @@ class PostgresStateStore(ProcessedStore):
                 args.append(value)
                 where.append(f"{column} = ${len(args)}")
         await self.open()
-        pool = self._checked_pool()
-        with self._errors("loading remote bindings"):
-            rows = await pool.fetch(
-                f"SELECT trace_id, context_id, task_id, agent_url FROM {self._s}.bindings "
-                f"WHERE {' AND '.join(where)} ORDER BY id", *args)
+        rows = await self._query(
+            "loading remote bindings", "fetch",
+            f"SELECT trace_id, context_id, task_id, agent_url FROM {self._s}.bindings "
+            f"WHERE {' AND '.join(where)} ORDER BY id", *args)
         return [RemoteBinding(row[0], row[1], row[2], row[3]) for row in rows]
 
     # -- follow -------------------------------------------------------------------
