@@ -411,6 +411,36 @@ async def test_a_schema_4_file_is_upgraded_and_reads_back_equal(tmp_path: Path) 
     conn.close()
 
 
+async def test_a_crafted_schema_4_block_is_refused_not_unfolded(tmp_path: Path) -> None:
+    # A 249-byte block of one list referring to itself twice per level, 25 levels deep,
+    # passed the restricted unpickler and unfolded into 571 MB of JSON (2.2 GB of RAM)
+    # while the file was migrated; the Postgres migration already refused it.
+    import io
+    import pickle
+
+    path = tmp_path / "v4.db"
+    _v4_file(path)
+    bomb: list[Any] = ["x" * 10]
+    for _ in range(40):  # 2**40 leaves once written out
+        bomb = [bomb, bomb]
+    heads = [("old", 30.0, "custom", None, None, None, (), None, None, 9, 0, None, None,
+              "flow-old")]
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, 5)  # one memo for both pickles, as schema 4 wrote
+    pickler.dump(heads)
+    pickler.dump([({"bomb": bomb},)])
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("INSERT INTO blocks (trace_key, first, n, ts_lo, ts_hi, data) VALUES "
+                 "(1, 3, 1, 30.0, 30.0, ?)", (buffer.getvalue(),))
+    conn.close()
+    before = sha256(path)
+    store = SQLiteStateStore(path, writer="thread")
+    with pytest.raises(StateStoreError, match="unfolds into too many values"):
+        await asyncio.wait_for(store.open(), 30)
+    await store.close()
+    assert sha256(path) == before
+
+
 @pytest.mark.parametrize(("version", "message"), [
     (3, "schema version 3, which this penguiflow-exporters cannot upgrade"),
     (6, "schema version 6, newer than this penguiflow-exporters supports"),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import pickle
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from ._records import BlockError, Row
 
@@ -56,12 +56,19 @@ class _Unpickler(pickle.Unpickler):
 
 
 def decode_v4_block(data: bytes) -> list[Row]:
-    """The Rows of one schema-4 block.
+    """The Rows of one schema-4 block, of bounded size (see :func:`_bounded`).
 
     Raises:
         BlockError: the bytes are not a schema-4 block (corrupt, truncated, or naming
-            anything but plain data).
+            anything but plain data), or unfold into far more values than such a
+            block holds (a crafted one: its JSON would fill memory and disk).
     """
+    rows = _decode(data)
+    _bounded(rows, _VALUES_PER_BYTE * len(data) + 10_000)
+    return rows
+
+
+def _decode(data: bytes) -> list[Row]:
     try:
         unpickler = _Unpickler(io.BytesIO(bytes(data)))
         heads = unpickler.load()
@@ -87,3 +94,36 @@ def decode_v4_block(data: bytes) -> list[Row]:
         else:
             raise BlockError("corrupt schema-4 block (an item of neither layout)")
     return rows
+
+
+# A block's values, nested containers counted, per byte of its pickle: a block holds
+# a string once and refers to it by 2-5 bytes after, so the plain data of real blocks
+# is a few values per byte; a crafted one can refer to one list many times, over and
+# over, to unfold into more than memory holds when encoded.
+_VALUES_PER_BYTE: Final = 64
+_MAX_DEPTH: Final = 100
+_ATOMS: Final = (str, int, float, bool, bytes, bytearray, complex, type(None))
+
+
+def _bounded(value: Any, budget: int) -> None:
+    """Raise BlockError if ``value`` unfolds into more than ``budget`` values, or nests
+    deeper than _MAX_DEPTH (a cycle does both): checked before encoding it as JSON,
+    which writes each reference to a shared object out in full."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise BlockError("the block unfolds into too many values")
+        if isinstance(item, _ATOMS):
+            continue
+        if depth >= _MAX_DEPTH:
+            raise BlockError(f"the block nests deeper than {_MAX_DEPTH} levels")
+        if isinstance(item, dict):
+            for key, nested in item.items():
+                stack.append((key, depth + 1))
+                stack.append((nested, depth + 1))
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend((nested, depth + 1) for nested in item)
+        else:  # pragma: no cover - the v4 unpickler builds nothing else
+            raise BlockError(f"the block holds a {type(item).__name__}")

@@ -307,8 +307,7 @@ async def _v4_to_v5(conn: Any, schema: str, lz4: bool) -> None:
         docs = []
         for block_id, data in rows:
             try:
-                block = decode_v4_block(data)
-                _bounded(block, _VALUES_PER_BYTE * len(data) + 10_000)
+                block = decode_v4_block(data)  # bounded: see _legacy_v4
                 docs.append((block_id, encode_block(block, ascii_only=True)))  # any encoding
             except BlockError as exc:
                 raise StateStoreError(
@@ -327,36 +326,3 @@ async def _v4_to_v5(conn: Any, schema: str, lz4: bool) -> None:
         f"ALTER TABLE {s}.traces DROP COLUMN status;"
         f"ALTER TABLE {s}.traces ADD COLUMN events_lost bigint NOT NULL DEFAULT 0,"
         f" ADD COLUMN {_STATUS.strip()}")
-
-
-# A block's values, nested containers counted, per byte of its pickle: a block holds
-# a string once and refers to it by 2-5 bytes after, so the plain data of real blocks
-# is a few values per byte; a crafted one can refer to one list many times, over and
-# over, to unfold into more than memory holds when encoded.
-_VALUES_PER_BYTE: Final = 64
-_MAX_DEPTH: Final = 100
-_ATOMS: Final = (str, int, float, bool, bytes, bytearray, complex, type(None))
-
-
-def _bounded(value: Any, budget: int) -> None:
-    """Raise BlockError if ``value`` unfolds into more than ``budget`` values, or nests
-    deeper than _MAX_DEPTH (a cycle does both): checked before encoding it as JSON,
-    which writes each reference to a shared object out in full."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        budget -= 1
-        if budget < 0:
-            raise BlockError("the block unfolds into too many values")
-        if isinstance(item, _ATOMS):
-            continue
-        if depth >= _MAX_DEPTH:
-            raise BlockError(f"the block nests deeper than {_MAX_DEPTH} levels")
-        if isinstance(item, dict):
-            for key, nested in item.items():
-                stack.append((key, depth + 1))
-                stack.append((nested, depth + 1))
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend((nested, depth + 1) for nested in item)
-        else:  # pragma: no cover - the v4 unpickler builds nothing else
-            raise BlockError(f"the block holds a {type(item).__name__}")

@@ -256,6 +256,10 @@ def _set_up(conn: sqlite3.Connection, path: str, busy_timeout_ms: int) -> None:
         # A new file only (before its first table): big pages mean fewer page
         # splits and WAL frames per batch (~10-20% more events/s than 16 KiB).
         conn.execute("PRAGMA page_size = 65536")
+    if version == 4:
+        # Upgraded before the switch to WAL (itself a change to the file's header): a
+        # block the upgrade refuses rolls back to the file as it was, byte for byte.
+        migrate(conn, path)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_BYTES}")
