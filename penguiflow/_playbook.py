@@ -98,10 +98,4 @@ async def call_playbook(
         pending = [t for t in (cancel_wait, fetch) if t is not None]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        if cancel_wait is not None:
-            # Outside a node of the parent the trace has no work there and never
-            # drains: what ensure_trace_event made for it goes now.
-            forget = getattr(runtime, "forget_idle_trace", None)
-            if forget is not None:
-                forget(trace_id)
         await asyncio.shield(flow.stop())

@@ -714,16 +714,6 @@ class PenguiFlow:
         """Return (creating if needed) the cancel event of ``trace_id``."""
         return self._rt.ensure_trace_event(trace_id)
 
-    def forget_idle_trace(self, trace_id: str) -> None:
-        """Drop what :meth:`ensure_trace_event` made for a trace with nothing pending or
-        in flight here (keyword-free addition). ``call_playbook(..., runtime=flow)``
-        called outside a node calls it when done: such a trace never drains, so its
-        state was kept until ``stop()``, one per call."""
-        rt = self._rt
-        state = rt.traces.get(trace_id)
-        if state is not None and state.pending <= 0 and state.inflight <= 0:
-            del rt.traces[trace_id]
-
     def register_external_task(self, trace_id: str | None, task: asyncio.Future[Any]) -> None:
         """Track ``task`` for ``trace_id`` so that ``stop()`` cancels it."""
         if trace_id is None:

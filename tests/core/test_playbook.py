@@ -168,20 +168,6 @@ async def test_pre_cancelled_parent_raises_without_emitting(start: Any) -> None:
         await sub.cleanup()
 
 
-async def test_calls_outside_a_node_leave_no_trace_state_in_the_parent(start: Any) -> None:
-    # ensure_trace_event made a state for each call's trace, which never drained (no
-    # work of it in the parent): one kept per call until stop().
-    parent_flow = start(create(Node(Sub("parent_quiet").body, name="parent_quiet",
-                                    policy=NONE).to()))
-    sub = Sub("pb_many", result=lambda m: m)
-    try:
-        for i in range(20):
-            assert await within(call_playbook(sub, msg(i), runtime=parent_flow)) == i
-        assert parent_flow._rt.traces == {}
-    finally:
-        await sub.cleanup()
-
-
 async def test_parent_cancel_while_running_cancels_subflow_trace(start: Any) -> None:
     parent_flow = start(create(Node(Sub("parent_idle2").body, name="parent_idle2",
                                     policy=NONE).to()))
