@@ -10,7 +10,6 @@ and per-trace backpressure); this module only formats them (:func:`format_sse_ev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
@@ -103,10 +102,7 @@ async def stream_flow(
 
     The caller must have started the flow and remains responsible for stopping it; this
     generator never stops it. Items are not filtered by trace, so the caller should not
-    run other traces through the same flow concurrently. A stream its caller leaves
-    before its end (``aclose()``, a ``break``, a fetch ``timeout``, a cancelled
-    consumer) cancels ``parent_msg``'s trace: its producer stops, and what it still
-    had on its way to Rookery is removed, not handed to the next caller.
+    run other traces through the same flow concurrently.
 
     Args:
         flow: A running flow.
@@ -119,26 +115,15 @@ async def stream_flow(
         TimeoutError: If a fetch takes longer than ``timeout``.
     """
     await flow.emit(parent_msg, to=to)
-    ended = False
-    try:
-        while True:
-            if timeout is None:
-                item = await flow.fetch()
-            else:
-                item = await asyncio.wait_for(flow.fetch(), timeout)
-            payload = getattr(item, "payload", item)
-            if not isinstance(payload, StreamChunk) or (payload.done and not include_final):
-                ended = True
-            yield payload
-            if ended:
-                return
-    finally:
-        trace_id = getattr(parent_msg, "trace_id", None)
-        if not ended and trace_id is not None:
-            # Left mid-stream: the rest would otherwise wait (a producer blocked on
-            # chunk backpressure for ever) and go to whoever fetches next.
-            with contextlib.suppress(Exception):
-                await flow.cancel(trace_id)
+    while True:
+        if timeout is None:
+            item = await flow.fetch()
+        else:
+            item = await asyncio.wait_for(flow.fetch(), timeout)
+        payload = getattr(item, "payload", item)
+        yield payload
+        if not isinstance(payload, StreamChunk) or (payload.done and not include_final):
+            return
 
 
 async def emit_stream_events(

@@ -149,25 +149,6 @@ def _chunking_flow(words: list[str], *, final: bool = True, **kwargs: Any) -> Pe
     return create(node.to(), **kwargs)
 
 
-async def test_a_stream_left_early_is_cancelled_not_handed_to_the_next_caller() -> None:
-    # Client 1 left after its first chunk: its producer went on (or blocked on chunk
-    # backpressure for ever) and client 2, strictly afterwards, got client 1's chunks.
-    async def streamer(message: Message, ctx: Context) -> None:
-        for i in range(5):
-            await ctx.emit_chunk(parent=message, text=f"{message.payload}-{i}", done=i == 4)
-            await asyncio.sleep(0)  # let the consumer run between chunks
-
-    flow = create(Node(streamer, name="s", policy=NodePolicy(validate="none")).to())
-    async with running(flow):
-        first = stream_flow(flow, _msg("req1"), timeout=5)
-        async for chunk in first:
-            assert chunk.text == "req1-0"
-            break
-        await first.aclose()
-        second = [chunk.text async for chunk in stream_flow(flow, _msg("req2"), timeout=5)]
-    assert second == [f"req2-{i}" for i in range(5)]
-
-
 async def test_stream_flow_stops_after_done_chunk() -> None:
     flow = _chunking_flow(["a", "b", "c"])
     parent = _msg("q")
