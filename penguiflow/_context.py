@@ -56,11 +56,6 @@ class ContextRuntime(Protocol):
         """Wait until ``trace_id`` may have one more chunk outstanding (spec §9)."""
         ...
 
-    def stream_open(self, ctx: Context) -> None:
-        """``ctx`` holds the seq of an unfinished stream: forget a trace's streams there
-        once the trace is over (see ``Context._stream_seq``)."""
-        ...
-
 
 class Context:
     """Wiring and I/O of one flow participant.
@@ -90,6 +85,8 @@ class Context:
         "_in_queues",
         "_incoming",
         "_inv",
+        "_is_node",
+        "_opened_streams",
         "_out_one",
         "_out_queues",
         "_outgoing",
@@ -125,6 +122,9 @@ class Context:
         self._arrivals_cap = 1024
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._stream_seq: dict[str, int] = {}
+        #: Streams the current invocation opened and has not ended (see emit_chunk).
+        self._opened_streams: list[str] = []
+        self._is_node = not isinstance(owner, Endpoint)
         # The invocation this node is running right now (set by its worker when
         # the flow is observed); outputs emitted through this context record it
         # as their origin.
@@ -334,8 +334,12 @@ class Context:
             self._stream_seq.pop(sid, None)
         else:
             self._stream_seq[sid] = seq
-            if rt is not None and previous is None:
-                rt.stream_open(self)
+            if previous is None and self._is_node:
+                # Opened by the invocation running now: if it fails or is cancelled,
+                # its worker forgets the stream (see NodeWorker), so a retry of the
+                # trace numbers its chunks from 0 again. (An endpoint's streams, e.g.
+                # flow.emit_chunk's, run no invocation: kept until done or stop().)
+                self._opened_streams.append(sid)
         chunk = StreamChunk(stream_id=sid, seq=seq, text=text, done=done,
                             meta=dict(meta) if meta else {})
         message = Message(payload=chunk, headers=parent.headers, trace_id=parent.trace_id,

@@ -86,7 +86,6 @@ class FlowRuntime:
         "running",
         "stopped",
         "stopping",
-        "stream_contexts",
         "trace_tasks",
         "traces",
     )
@@ -133,8 +132,6 @@ class FlowRuntime:
         #: span waits for those tasks to end.
         self.trace_tasks: dict[Any, set[asyncio.Future[Any]]] = {}
         self.drained: set[Any] = set()
-        #: Contexts holding the seq of a stream not ended yet (see forget_streams).
-        self.stream_contexts: set[Context] = set()
         #: Background bus publishes (``emit_nowait`` paths) and cancel finishes.
         self.bus_tasks: set[asyncio.Task[None]] = set()
         #: Set while the flow runs over a delivering bus (see ``penguiflow.binding``):
@@ -222,26 +219,10 @@ class FlowRuntime:
             return False
         del self.traces[trace_id]
         state.wake_chunk_waiters()
-        if self.stream_contexts:
-            self.forget_streams(trace_id)
         if self.events.tracer is not None and not state.cancelled:
             # A cancelled trace ends its root span after trace_cancel_finish.
             self.trace_drained(trace_id)
         return state.cancelled
-
-    def stream_open(self, ctx: Context) -> None:
-        """See :meth:`ContextRuntime.stream_open`."""
-        self.stream_contexts.add(ctx)
-
-    def forget_streams(self, trace_id: Any) -> None:
-        """``trace_id`` is over: the seqs of its streams that never sent ``done`` (a node
-        that failed or was cancelled mid-stream) go, or they would be kept for ever and
-        a later run of the same trace id would number its chunks on from them."""
-        for ctx in list(self.stream_contexts):
-            seqs = ctx._stream_seq
-            seqs.pop(trace_id, None)
-            if not seqs:
-                self.stream_contexts.discard(ctx)
 
     def refuse_if_cancelled(self, trace_id: Any) -> None:
         """Raise :class:`TraceCancelled` if ``trace_id`` is cancelled."""
@@ -362,13 +343,11 @@ class FlowRuntime:
 
     def forget_trace(self, trace_id: Any) -> None:
         """Drop the per-trace state nodes hold for ``trace_id`` (join_k's incomplete
-        group: its ``_forget_trace`` hook) and its unfinished streams' seqs."""
+        group: its ``_forget_trace`` hook)."""
         for node in self.nodes:
             forget = getattr(node.func, "_forget_trace", None)
             if forget is not None:
                 forget(trace_id)
-        if self.stream_contexts:
-            self.forget_streams(trace_id)
 
     async def cancel_finished(self, trace_id: Any) -> None:
         """A cancelled trace drained: forget nodes' per-trace state, ``trace_cancel_finish``."""

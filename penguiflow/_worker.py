@@ -356,6 +356,8 @@ class NodeWorker:
             if ctx._chunks:
                 ctx._chunks = 0
                 ctx._first_chunk = None
+            if ctx._opened_streams:
+                ctx._opened_streams.clear()
             if tokens is not None:
                 exit_invocation(tokens)
             if state is not None:
@@ -423,6 +425,7 @@ class NodeWorker:
         if ctx._chunks:  # what streamed before it failed (the span's TTFC, the metric's)
             extra["stream_chunks"] = ctx._chunks
             extra["stream_first_chunk_ts"] = ctx._first_chunk
+        _forget_opened_streams(ctx)
         await rt.emit_event("node_failed", ctx, trace_id, attempt=attempt,
                                latency_ms=latency_ms, extra=extra,
                                invocation_id=inv, parents=parents)
@@ -441,5 +444,15 @@ class NodeWorker:
         if ctx._chunks:  # what streamed before the cancel (the span's TTFC, the metric's)
             streamed = {"stream_chunks": ctx._chunks,
                         "stream_first_chunk_ts": ctx._first_chunk}
+        _forget_opened_streams(ctx)
         await self.rt.emit_event("node_trace_cancelled", ctx, trace_id, attempt=attempt,
                                   latency_ms=latency, extra=streamed, invocation_id=inv)
+
+
+def _forget_opened_streams(ctx: Context) -> None:
+    """The invocation failed for good or was cancelled: the streams it opened and did not
+    end are over. Their seqs go, or they would be kept for ever and a retry of the trace
+    would number its chunks on from them."""
+    for sid in ctx._opened_streams:
+        ctx._stream_seq.pop(sid, None)
+    ctx._opened_streams.clear()

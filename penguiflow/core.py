@@ -456,16 +456,12 @@ class PenguiFlow:
             for state in rt.traces.values():
                 state.wake_chunk_waiters()
             rt.traces.clear()
-            # Per-trace state of nodes and contexts goes with the runtime's (spec: stop
-            # "clears all per-trace bookkeeping"): a join's incomplete groups, the seqs
-            # of unfinished streams. Else a later run reusing a trace id gets them.
-            for node in self._nodes:
-                forget_all = getattr(node.func, "_forget_all", None)
-                if forget_all is not None:
-                    forget_all()
-            for ctx in rt.stream_contexts:
+            # The seqs of streams left unfinished go with the runtime's per-trace
+            # bookkeeping (spec: stop "clears all per-trace bookkeeping"); a join's
+            # groups stay: its node may serve other flows (a playbook's, built anew
+            # per call from the same node), whose groups are theirs.
+            for ctx in self._contexts.values():
                 ctx._stream_seq.clear()
-            rt.stream_contexts.clear()
             # What stays queued (taken up again after run(), or fetched) is counted
             # anew: the counts just cleared covered it, and a restarted flow whose
             # traces undercount it finishes a cancel before they drain.

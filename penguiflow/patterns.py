@@ -226,8 +226,7 @@ def join_k(name: str, k: int) -> Node:
         are held until completed (they are not expired), except that the group of a
         cancelled trace is dropped once the cancel has finished
         (``trace_cancel_finish``), or at once when nothing of the trace was still in
-        flight (``cancel`` returned False: say the group's other inputs failed), and
-        every group is dropped by ``stop()``.
+        flight (``cancel`` returned False: say the group's other inputs failed).
 
     Raises:
         InvalidArgument: (a ``ValueError``) If ``k <= 0``.
@@ -278,14 +277,8 @@ def join_k(name: str, k: int) -> Node:
         buckets.pop(trace_id, None)
         upstreams.pop(trace_id, None)
 
-    def forget_all() -> None:
-        # The flow stopped: its per-trace bookkeeping goes, this join's included.
-        buckets.clear()
-        upstreams.clear()
-
-    # The runtime calls these once a cancelled trace has drained, or when cancel()
-    # finds nothing in flight (the rest of the group failed), and at stop():
-    # per-trace state of a node goes with the trace.
+    # The runtime calls this once a cancelled trace has drained, or when cancel()
+    # finds nothing in flight (the rest of the group failed): per-trace state of a
+    # node goes with the trace.
     join._forget_trace = forget  # type: ignore[attr-defined]
-    join._forget_all = forget_all  # type: ignore[attr-defined]
     return Node(join, name=name, policy=NodePolicy(validate="none"))

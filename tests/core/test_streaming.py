@@ -323,3 +323,39 @@ async def test_a_stream_cut_short_numbers_the_next_run_of_its_trace_from_zero() 
         assert [c.payload.seq for c in chunks] == [0, 1, 2]
     finally:
         await flow.stop()
+
+
+async def test_an_endpoint_stream_numbers_on_across_drains_and_a_named_stream_is_forgotten(
+) -> None:
+    # flow.emit_chunk from outside the flow runs no invocation: its trace drains at
+    # each fetch, and its seq must go on (spec §9: previous + 1). A stream with its own
+    # stream_id opened by an invocation that then failed goes with that invocation.
+    async def passthrough(message: Message, ctx: Context) -> Message:
+        return message
+
+    async def named(message: Message, ctx: Context) -> Message:
+        await ctx.emit_chunk(parent=message, text="x", stream_id=f"custom-{message.trace_id}")
+        raise RuntimeError("fails mid-stream")
+
+    flow = create(Node(passthrough, name="pass", policy=NodePolicy(validate="none")).to())
+    flow.run()
+    try:
+        parent = Message(payload="q", headers=Headers(tenant="t"), trace_id="tr1")
+        seqs = []
+        for i in range(3):
+            await flow.emit_chunk(parent=parent, text=f"part{i}")
+            seqs.append((await asyncio.wait_for(flow.fetch(), 5)).payload.seq)
+        assert seqs == [0, 1, 2]
+    finally:
+        await flow.stop()
+    node = Node(named, name="named", policy=NodePolicy(validate="none"))
+    flow = create(node.to(), emit_errors_to_rookery=True)
+    flow.run()
+    try:
+        for i in range(3):
+            await flow.emit(Message(payload="q", headers=Headers(tenant="t"), trace_id=f"t{i}"))
+            assert isinstance((await asyncio.wait_for(flow.fetch(), 5)).payload, StreamChunk)
+            assert isinstance(await asyncio.wait_for(flow.fetch(), 5), FlowError)
+        assert flow.context(node)._stream_seq == {}
+    finally:
+        await flow.stop()
