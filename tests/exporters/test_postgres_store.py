@@ -1411,6 +1411,30 @@ async def test_a_reader_outlives_the_server_dropping_its_idle_connections(
         await reader.close()
 
 
+async def test_open_waits_for_another_process_creating_the_schema(
+        pg_dsn: str, sql: asyncpg.Connection, schema: str) -> None:
+    # open()'s lock timeout (for its catalog reads) also cut the wait for the advisory
+    # lock another process holds while it creates or migrates the schema: every other
+    # worker starting meanwhile failed instead of finding the work done.
+    from penguiflow_exporters._pg_schema import MIGRATE_LOCK
+
+    store = PostgresStateStore(pg_dsn, schema=schema, writer="loop", connect_timeout_s=0.3)
+    await sql.execute("SELECT pg_advisory_lock($1, $2)", MIGRATE_LOCK, store._lock_key)
+    try:
+        opening = asyncio.ensure_future(store.open())
+        await _until_a_lock_is_awaited(sql)
+        await asyncio.sleep(0.6)  # twice connect_timeout_s: still waiting, not failed
+        assert not opening.done()
+    finally:
+        await sql.execute("SELECT pg_advisory_unlock($1, $2)", MIGRATE_LOCK, store._lock_key)
+    try:
+        await asyncio.wait_for(opening, 20)
+        await store.save_events([ev("t", 1)])
+        assert len(await store.load_history("t")) == 1
+    finally:
+        await store.close()
+
+
 async def test_a_lost_writer_connection_is_retried_and_nothing_is_lost(
         make: MakeStore, sql: asyncpg.Connection) -> None:
     store = await make(flush_interval_s=3600.0)

@@ -45,3 +45,15 @@ def test_pf_prints_one_line_and_exits_2(url: str, capsys: pytest.CaptureFixture[
     assert len(lines) == 1 and lines[0].startswith("pf traces: "), err
     assert "percent-encode" in err
     assert not any(piece in err for piece in PIECES), err
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://app@db.example:5432/traces?application_name=svc@prod",
+     "postgresql://app@db.example:5432/traces"),
+    ("postgresql://app:pw@db:5432/t?sslrootcert=/etc/ssl/ca@2024.pem",
+     "postgresql://app@db:5432/t"),
+])
+def test_an_at_sign_in_a_query_value_keeps_the_description(url: str, shown: str) -> None:
+    # The check for a password cut at a reserved character took these valid URLs for
+    # such, and every message lost the host it names.
+    assert repr(PostgresStateStore(url)).startswith(f"PostgresStateStore({shown!r}")

@@ -255,6 +255,10 @@ async def create_or_migrate(conn: Any, schema: str, where: str, lock_key: int) -
         raise _refuse(version, schema, where)
     s = _quoted(schema)
     async with conn.transaction():
+        # No lock timeout from here (the store's open sets one for its catalog reads):
+        # another process creating or migrating the schema holds this lock as long as
+        # that takes, and this one must wait for it, then find the work done.
+        await conn.execute("SET LOCAL lock_timeout = 0")
         await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", MIGRATE_LOCK, lock_key)
         # Looked up first: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even
         # when the schema exists, which a role given a schema made for it lacks.

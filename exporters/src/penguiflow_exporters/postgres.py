@@ -755,7 +755,12 @@ def _describe_dsn(dsn: str) -> str:
         return "<key=value DSN>"  # libpq keyword form: do not echo it (password=...)
     rest = dsn.partition("://")[2]
     end = min([i for i in map(rest.find, "/?#") if i >= 0], default=len(rest))
-    if "@" in rest[end:] or not _ports_ok(parts.netloc.rpartition("@")[2]):
+    # An @ after the host part, before any query (a / or # in the password), or in
+    # the query while the host part has none (a ? in it): the credentials did not end
+    # where the URL parser thinks. An @ in a query value is fine otherwise.
+    after, _, query = rest[end:].partition("?")
+    if "@" in after or ("@" in query and "@" not in parts.netloc) \
+            or not _ports_ok(parts.netloc.rpartition("@")[2]):
         return "<unparseable DSN>"
     user, _, hosts = parts.netloc.rpartition("@")
     user = user.partition(":")[0]
