@@ -280,3 +280,47 @@ async def test_open_store_readonly_refuses_a_directory(tmp_path: Path) -> None:
         await store.close()
     assert not isinstance(info.value, StoreUnavailable)  # refused: not a store, not down
     assert listing(tmp_path) == []
+
+
+async def test_a_reader_goes_on_after_its_file_was_away_a_moment(tmp_path: Path) -> None:
+    # A reopen that failed (the file deleted, about to be replaced) left the store
+    # "closed; create a new one" for good: pf tail ended at a rotation.
+    path = tmp_path / "traces.db"
+    async with open_store(f"sqlite:///{path}") as store:
+        await store.save_events([_event()])
+    reader = open_store(f"sqlite:///{path}", readonly=True)
+    try:
+        assert [s.trace_id for s in await reader.list_traces()] == [TRACE]
+        path.unlink()
+        with pytest.raises(StateStoreError):
+            await reader.list_traces()
+        async with open_store(f"sqlite:///{path}") as store:  # the file is back
+            await store.save_events([StoredEvent("later", 1_700_000_100.0, "node_start", "n",
+                                                 "n", {}, invocation_id="b" * 16,
+                                                 flow_id="g", seq=1)])
+        assert [s.trace_id for s in await reader.list_traces()] == ["later"]
+    finally:
+        await reader.close()
+    with pytest.raises(StoreUnavailable, match="is closed"):
+        await reader.list_traces()
+
+
+async def test_a_reader_beside_a_live_writer_reads_under_its_locks(tmp_path: Path) -> None:
+    # Right after the writer truncated its WAL (-wal empty, -shm there) the reader
+    # took the file for writer-less and read it immutable: without locks, a checkpoint
+    # during a long read could tear it. Both side files there: mode=ro, locked reads.
+    path = tmp_path / "traces.db"
+    async with open_store(f"sqlite:///{path}") as writer:
+        await writer.save_events([_event()])
+        await writer.flush()
+        conn = sqlite3.connect(path)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        assert path.with_name("traces.db-wal").stat().st_size == 0
+        assert path.with_name("traces.db-shm").exists()
+        reader = open_store(f"sqlite:///{path}", readonly=True)
+        try:
+            assert [s.trace_id for s in await reader.list_traces()] == [TRACE]
+            assert reader._immutable is None  # type: ignore[attr-defined]
+        finally:
+            await reader.close()

@@ -185,10 +185,11 @@ def _read_only_uri(path: Path, *, recovering: bool = False) -> tuple[str, bool]:
 
     ``mode=ro`` alone makes SQLite create the ``-wal`` and ``-shm`` files of a
     WAL-mode file when they are missing. So a WAL-mode file without a ``-wal``
-    (or with an empty one: nothing un-checkpointed) is opened ``immutable=1``:
-    no lock, no side file; the caller reopens it once a writer shows up (see
-    ``SQLiteStateStore._connection``). With both ``-wal`` and ``-shm`` (a live
-    writer) ``mode=ro`` creates nothing. A ``-wal`` holding writes with no
+    (or with an empty one and no ``-shm``: nothing un-checkpointed) is opened
+    ``immutable=1``: no lock, no side file; the caller reopens it once a writer
+    shows up (see ``SQLiteStateStore._connection``). With both ``-wal`` and
+    ``-shm`` (a live writer, even one that just truncated its WAL) ``mode=ro``
+    creates nothing and reads under the writer's locks. A ``-wal`` holding writes with no
     ``-shm`` (its writer did not close) cannot be read without creating the
     ``-shm``: :class:`StoreUnavailable` naming the fix, unless ``recovering``
     (``pf migrate``, about to open a writer that recovers them anyway).
@@ -197,9 +198,13 @@ def _read_only_uri(path: Path, *, recovering: bool = False) -> tuple[str, bool]:
     if not _is_wal(path):
         return base, False
     wal = _wal_size(path)
+    if wal is not None and os.path.exists(f"{path}-shm"):
+        # Both side files (a live writer, even right after it truncated its WAL):
+        # mode=ro creates nothing, and reads under the writer's locks, never torn.
+        return base, False
     if not wal:
         return base + "&immutable=1", True
-    if recovering or os.path.exists(f"{path}-shm"):
+    if recovering:
         return base, False
     raise StoreUnavailable(
         f"SQLite store {str(path)!r}: '{path}-wal' holds writes its writer never "
@@ -401,6 +406,8 @@ class SQLiteStateStore(ProcessedStore):
         #: A read-only store's connection is ``immutable`` (see ``_read_only_uri``):
         #: the file's state then, reopened when it changes (a writer showed up).
         self._immutable: tuple[object, ...] | None = None
+        #: A reopen under way or failed: the next query opens the file again.
+        self._reopening = False
 
     def __repr__(self) -> str:
         return f"SQLiteStateStore({str(self.path)!r})"
@@ -436,20 +443,28 @@ class SQLiteStateStore(ProcessedStore):
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            raise StoreUnavailable(f"{self!r} is closed; create a new one")
-        if self._immutable is not None:
+            if not self._reopening:
+                raise StoreUnavailable(f"{self!r} is closed; create a new one")
+            self._reopen()  # the last reopen failed (the file was away): try again
+        elif self._immutable is not None:
             # An immutable connection sees no other process's writes and takes no
             # lock: reopen when anything changed (a writer opened, wrote, checkpointed).
             if self._immutable_state() != self._immutable:
-                self._close_sync()
-                self._open_sync()
-                assert self._conn is not None
+                self._reopen()
         elif self._identity is not None and file_identity(str(self.path)) != self._identity:
             # Deleted or replaced under us: read (and write bindings to) the file now there.
-            self._close_sync()
-            self._open_sync()
-            assert self._conn is not None
+            self._reopen()
+        assert self._conn is not None
         return self._conn
+
+    def _reopen(self) -> None:
+        """Close and open the file again. A failure (the file gone a moment, being
+        replaced) is raised for this query only: the next one tries again, where the
+        store would otherwise stay "closed" for good (``pf tail`` ended by a rotation)."""
+        self._close_sync()
+        self._reopening = True
+        self._open_sync()
+        self._reopening = False
 
     def _immutable_state(self) -> tuple[object, ...]:
         """What an immutable connection's reads depend on: the file's identity, size and
@@ -505,6 +520,7 @@ class SQLiteStateStore(ProcessedStore):
         self._identity = file_identity(str(path))
 
     async def _close(self) -> None:
+        self._reopening = False  # closed for good: no query opens it again
         try:
             await self._call(self._close_sync)
         finally:
