@@ -12,6 +12,7 @@ import asyncio
 import gc
 import hashlib
 import logging
+import math
 import os
 import signal
 import sqlite3
@@ -874,3 +875,26 @@ async def test_a_loss_marker_retried_after_its_commit_is_stored_once(tmp_path: P
     # Before: the retry stored the marker again (the events were skipped as stored).
     assert len(markers) == 1 and markers[0].payload["events_lost"] == 1
     assert len(history) == 5
+
+
+@pytest.mark.parametrize("bad_ts", [float("inf"), 1004])
+async def test_a_lost_event_gives_its_trace_a_marker_at_its_own_time(
+        tmp_path: Path, bad_ts: float) -> None:
+    # ts=inf: refused (rightly), and its marker, stamped inf too, refused and not even
+    # counted: the trace showed "running" with nothing lost. An int ts (valid) that is
+    # lost for another reason: the marker took the time it was made, so the trace
+    # lasted from 1000 to now.
+    async with SQLiteStateStore(tmp_path / "t.db", writer="thread") as store:
+        lost = StoredEvent("t", bad_ts, "node_start", "bad\x00node" if bad_ts == 1004 else "a",
+                           None, {}, flow_id="f", seq=2)
+        await store.save_events([event("t", 1, flow="f"), lost, event("t", 3, flow="f")])
+        await store.flush()
+        summary = await store.get_trace("t")
+        assert summary is not None
+        assert (summary.status, summary.events_lost) == ("incomplete", 1)
+        (marker,) = [e for e in await store.load_history("t") if e.kind == "store_events_lost"]
+        if bad_ts == 1004:
+            assert marker.ts == 1004.0
+        else:  # no time of its own to give: the marker's is when it was made
+            assert math.isfinite(marker.ts)
+    assert store.failures["events_lost"] == 1 and "markers_lost" not in store.failures

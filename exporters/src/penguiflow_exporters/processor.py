@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections import Counter, deque
@@ -457,6 +458,9 @@ class BatchProcessor:
         if result.rejected:
             rejected = {i: reason for i, reason in result.rejected}
             lost = [batch[i] for i in rejected if type(batch[i]) is not _Marker]
+            markers = len(rejected) - len(lost)
+            if markers:  # never expected (a marker is stamped to be storable): counted
+                self.failures["markers_lost"] += markers
             self.failures["rejected"] += len(lost)
             self._lost(lost, "refused by the store")
             reasons = sorted(set(rejected.values()))
@@ -502,8 +506,7 @@ class BatchProcessor:
                 trace_id, ts = getattr(item, "trace_id", None), getattr(item, "ts", None)
             # Only a trace id a store can hold gets a marker (a refused id has none).
             if type(trace_id) is str and 0 < len(trace_id) <= 256 and trace_id.isprintable():
-                self._count_lost(trace_id, 1, reason,
-                                 ts if type(ts) is float and ts == ts else None)
+                self._count_lost(trace_id, 1, reason, _marker_ts(ts))
 
     def _count_lost(self, trace_id: str | None, count: int, reason: str,
                     ts: float | None = None, *, due: bool = True) -> None:
@@ -613,3 +616,13 @@ def _text(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc}"[:2000]
     except Exception:
         return type(exc).__name__
+
+
+def _marker_ts(ts: Any) -> float | None:
+    """The time a lost event gives its trace's marker: a finite int or float (the store
+    refuses any other), else None (the marker then takes the time it is made)."""
+    if type(ts) is float:
+        return ts if math.isfinite(ts) else None
+    if type(ts) is int and -(1 << 53) <= ts <= 1 << 53:
+        return float(ts)
+    return None
