@@ -229,6 +229,39 @@ async def test_a_writer_process_killed_mid_batch_loses_nothing(tmp_path: Path) -
         assert len(await store.load_history("t-kill")) == 500
 
 
+async def test_a_replacement_writer_killed_while_it_starts_is_started_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The child died (the OOM killer), and so did its replacement while it started:
+    # that was taken for "no writer process can be started here", and the store
+    # wrote on a thread (slower) for the rest of its life.
+    from penguiflow_exporters import _writer_proc
+
+    exchange = _writer_proc.AsyncWriterProcess._exchange
+    kill_at_init = asyncio.Event()
+
+    async def dying(self: Any, proc: Any, op: bytes, payload: bytes) -> Any:
+        if op == b"I" and kill_at_init.is_set():  # fault injection: SIGKILL at start
+            kill_at_init.clear()
+            os.kill(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        return await exchange(self, proc, op, payload)
+
+    monkeypatch.setattr(_writer_proc.AsyncWriterProcess, "_exchange", dying)
+    async with SQLiteStateStore(tmp_path / "t.db", writer="process") as store:
+        for record in _records("t", range(1, 11)):
+            store.save_event_fields(record)
+        await store.flush()
+        process = store._processor.writer._writer._writer.process  # type: ignore[union-attr]
+        os.kill(process.pid, signal.SIGKILL)
+        kill_at_init.set()
+        for record in _records("t", range(11, 31)):
+            store.save_event_fields(record)
+        await store.flush()
+        assert type(store._processor.writer._writer._writer).__name__ == "ProcessWriter"  # type: ignore[union-attr]
+        assert process.started == 3 and store.failures["events_lost"] == 0
+        assert len(await store.load_history("t")) == 30
+
+
 def _records(trace: str, seqs: range) -> list[EventRecord]:
     return [EventRecord(trace, 1000.0 + seq, "node_start", "a", None, None, (), None, None, seq,
                         0, None, "f", "flow-w", None, 0, 0, 1, 64, 1, False, None, None)

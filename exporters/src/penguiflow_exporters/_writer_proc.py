@@ -79,6 +79,8 @@ class AsyncWriterProcess:
         self._lock = asyncio.Lock()
         #: Processes started so far (1 unless one died).
         self.started = 0
+        #: Processes that got ready (took their options) so far.
+        self.ready = 0
 
     @property
     def pid(self) -> int | None:
@@ -116,8 +118,15 @@ class AsyncWriterProcess:
         except WriterError as exc:
             if not exc.gone:  # it refused its options: a writer that can't write
                 await self._reap(proc)
-            exc.starting = True
+                exc.starting = True
+            else:
+                # It died before it was ready. When none ever was, no writer process
+                # can be had here (it cannot even start); after one was, this is a
+                # death like any other (the OOM killer twice in a row), not a reason
+                # to give up writer processes for the life of the store.
+                exc.starting = not self.ready
             raise
+        self.ready += 1
         return proc
 
     async def request(self, op: bytes, payload: bytes) -> Any:
