@@ -235,3 +235,33 @@ async def test_following_survives_writers_coming_and_going(db: Path) -> None:
     finally:
         await follower.aclose()
         await store.close()
+
+
+async def test_a_follower_reads_a_replaced_file_from_its_start(db: Path) -> None:
+    # The follower kept the old file's last block id as its mark: every block of the
+    # new file with a smaller id (all of them, for a while) was skipped.
+    async def write(trace: str, n: int) -> None:
+        async with SQLiteStateStore(db, writer="thread") as store:
+            await store.save_events([StoredEvent(trace, 1.0 + i, "node_start", "n", "n", {},
+                                                 seq=i, flow_id=trace) for i in range(n)])
+
+    for i in range(10):  # ten blocks in the old file
+        await write(f"old{i}", 2)
+    store = await reader(db)
+    everything = Follower(store, None)
+    try:
+        for k in range(50):  # probes, until the follower has its mark and reads
+            await write(f"old-late{k}", 1)
+            with contextlib.suppress(TimeoutError):
+                await everything.until(lambda evs: bool(evs), 4 * FOLLOW_POLL_S)
+                break
+        assert everything.events, "follow() never yielded a probe event"
+        for suffix in ("", "-wal", "-shm"):  # the file goes; another takes its place
+            await asyncio.to_thread(db.with_name(db.name + suffix).unlink, missing_ok=True)
+        for i in range(3):
+            await write(f"new{i}", 2)
+        await everything.until(lambda evs: sum(e.trace_id.startswith("new") for e in evs) == 6,
+                               10)
+    finally:
+        await everything.aclose()
+        await store.close()

@@ -408,6 +408,8 @@ class SQLiteStateStore(ProcessedStore):
         self._immutable: tuple[object, ...] | None = None
         #: A reopen under way or failed: the next query opens the file again.
         self._reopening = False
+        #: How many times the file was found replaced (a follower's marks are per file).
+        self._generation = 0
 
     def __repr__(self) -> str:
         return f"SQLiteStateStore({str(self.path)!r})"
@@ -517,7 +519,10 @@ class SQLiteStateStore(ProcessedStore):
                     f"{str(path.parent)!r} ({exc.strerror or exc}); {_PATH_FIX}") from exc
             conn = connect(str(path))
         self._conn = conn
-        self._identity = file_identity(str(path))
+        identity = file_identity(str(path))
+        if self._identity is not None and identity != self._identity:
+            self._generation += 1  # another file now: followers read it from its start
+        self._identity = identity
 
     async def _close(self) -> None:
         self._reopening = False  # closed for good: no query opens it again
@@ -592,17 +597,23 @@ class SQLiteStateStore(ProcessedStore):
                 await waiter
             await closed.aclose()
 
-    def _follow_mark_sync(self, trace_id: str | None) -> int:
-        """Where following starts: the last block id, or the trace's next event index."""
+    def _follow_mark_sync(self, trace_id: str | None) -> tuple[int, int]:
+        """Where following starts: the file's generation, and its last block id or the
+        trace's next event index."""
         conn = self._connection()
         row = (conn.execute(_LAST_BLOCK) if trace_id is None
                else conn.execute(_TRACE_END, (trace_id,))).fetchone()
-        return int(row[0])
+        return self._generation, int(row[0])
 
     def _follow_sync(self, trace_id: str | None,
-                     last: int) -> tuple[list[StoredEvent], int]:
-        """The events stored after ``last`` (see :meth:`_follow_mark_sync`), and the new mark."""
+                     mark: tuple[int, int]) -> tuple[list[StoredEvent], tuple[int, int]]:
+        """The events stored after ``mark`` (see :meth:`_follow_mark_sync`), and the new
+        mark. A file replaced since is read from its start: the old file's block ids and
+        positions say nothing of the new one's (its blocks were all skipped)."""
         conn = self._connection()
+        generation, last = mark
+        if generation != self._generation:
+            last = 0
         events: list[StoredEvent] = []
         try:
             if trace_id is None:
@@ -615,7 +626,7 @@ class SQLiteStateStore(ProcessedStore):
                     last = first + n
         except BlockError as exc:
             raise StateStoreError(f"SQLite store {str(self.path)!r}: {exc}") from exc
-        return events, last
+        return events, (self._generation, last)
 
     async def save_remote_binding(self, binding: RemoteBinding) -> None:
         """Store a binding, once (an identical one is ignored); written at once, not buffered."""
