@@ -287,6 +287,29 @@ async def test_a_role_without_create_on_the_database_opens_a_schema_made_for_it(
         await sql.execute(f'DROP SCHEMA "{schema}" CASCADE; DROP ROLE {role}')
 
 
+async def test_a_reader_role_granted_some_tables_only_reads_them(
+        pg_dsn: str, make: MakeStore, sql: asyncpg.Connection) -> None:
+    # The layout check read information_schema, which shows a role only the columns
+    # it has a privilege on: a reader granted the trace tables alone was refused as
+    # "not a penguiflow store".
+    store = await make()
+    await store.save_events([ev("t", 1)])
+    await store.flush()
+    role = f"pf_reader_{uuid.uuid4().hex[:8]}"
+    s = f'"{store.schema}"'
+    await sql.execute(f"CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA {s} TO {role}; "
+                      f"GRANT SELECT ON {s}.schema_version, {s}.traces, {s}.blocks TO {role}")
+    parts = urlsplit(pg_dsn)
+    dsn = parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port or 5432}").geturl()
+    reader = PostgresStateStore(dsn, schema=store.schema, readonly=True)
+    try:
+        assert [t.trace_id for t in await reader.list_traces()] == ["t"]
+        assert len(await reader.load_history("t")) == 1
+    finally:
+        await reader.close()
+        await sql.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
 def test_schema_name_is_validated() -> None:
     with pytest.raises(ValueError, match="lowercase identifier"):
         PostgresStateStore("postgresql://x@127.0.0.1/db", schema='Bad"Name')

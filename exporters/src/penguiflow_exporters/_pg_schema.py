@@ -146,9 +146,13 @@ async def _version(conn: Any, schema: str, where: str) -> int | None:
     s = _quoted(schema)
     if await conn.fetchval("SELECT to_regclass($1)", f"{s}.schema_version") is None:
         return None
+    # The catalog, not information_schema: that one shows only the columns the role
+    # has a privilege on, and a reader's role may have SELECT on some tables only.
     kind = await conn.fetchval(
-        "SELECT data_type FROM information_schema.columns WHERE table_schema = $1 "
-        "AND table_name = 'schema_version' AND column_name = 'version'", schema)
+        "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+        "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = $1 AND c.relname = 'schema_version' AND a.attname = 'version' "
+        "AND NOT a.attisdropped", schema)
     if kind != "integer":
         raise _foreign(schema, where, "its schema_version table is another tool's")
     return int(await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {s}.schema_version"))
@@ -170,12 +174,14 @@ _V5_COLUMNS: Final = {
 
 async def _check_layout(conn: Any, schema: str, where: str) -> None:
     """Raise unless ``schema`` has every table and column of version 5 (catalog reads)."""
-    rows = await conn.fetch(
-        "SELECT table_name, column_name FROM information_schema.columns "
-        "WHERE table_schema = $1 AND table_name = ANY($2::text[])", schema, list(_V5_COLUMNS))
+    rows = await conn.fetch(  # the catalog: see _version
+        "SELECT c.relname, a.attname FROM pg_attribute a "
+        "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = $1 AND c.relname = ANY($2::text[]) AND a.attnum > 0 "
+        "AND NOT a.attisdropped", schema, list(_V5_COLUMNS))
     found: dict[str, set[str]] = {}
     for row in rows:
-        found.setdefault(row["table_name"], set()).add(row["column_name"])
+        found.setdefault(row["relname"], set()).add(row["attname"])
     missing = sorted(f"{table}.{column}" for table, columns in _V5_COLUMNS.items()
                      for column in columns - found.get(table, set()))
     if missing:
