@@ -1458,6 +1458,25 @@ async def test_open_waits_for_another_process_creating_the_schema(
         await store.close()
 
 
+async def test_a_v4_upgrade_blocked_by_a_table_lock_is_bounded(
+        pg_dsn: str, sql: asyncpg.Connection, schema: str) -> None:
+    # Waiting for another process's upgrade must not cut (the advisory lock), but the
+    # upgrade's own DDL on a table locked elsewhere must: it waited for ever, and every
+    # other worker behind it.
+    await make_v4_schema(sql, schema, v4_batches())
+    async with sql.transaction():
+        await sql.execute(f'LOCK TABLE "{schema}".blocks IN ACCESS SHARE MODE')
+        store = PostgresStateStore(pg_dsn, schema=schema, writer="loop", connect_timeout_s=0.5)
+        with pytest.raises(StoreUnavailable, match="lock"):
+            await asyncio.wait_for(store.open(), 20)
+        await store.close()
+    store = PostgresStateStore(pg_dsn, schema=schema, writer="loop")
+    try:
+        await store.open()  # and once the lock is gone, the upgrade runs
+    finally:
+        await store.close()
+
+
 async def test_a_lost_writer_connection_is_retried_and_nothing_is_lost(
         make: MakeStore, sql: asyncpg.Connection) -> None:
     store = await make(flush_interval_s=3600.0)

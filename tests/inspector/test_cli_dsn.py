@@ -19,8 +19,9 @@ URLS = [
     "postgresql://pf:S3C#RETpw@127.0.0.1:5432/db",  # # in the password
     "postgresql://pf:S3CRETpw@[::1/db",  # an IPv6 host never closed
     "postgresql://pf:S3CRETpw@127.0.0.1:99999/db",  # no such port
+    "postgresql://pf:S3C@RET?pw@127.0.0.1:5432/db",  # @ and ? in the password
 ]
-PIECES = ("S3C", "RETpw")
+PIECES = ("S3C", "RETpw", "RET?pw")
 
 
 @pytest.mark.parametrize("url", URLS)

@@ -261,11 +261,14 @@ async def create_or_migrate(conn: Any, schema: str, where: str, lock_key: int) -
         raise _refuse(version, schema, where)
     s = _quoted(schema)
     async with conn.transaction():
-        # No lock timeout from here (the store's open sets one for its catalog reads):
-        # another process creating or migrating the schema holds this lock as long as
-        # that takes, and this one must wait for it, then find the work done.
+        # No lock timeout for this one lock (the store's open sets one for the rest):
+        # another process creating or migrating the schema holds it as long as that
+        # takes, and this one must wait for it, then find the work done. The DDL
+        # after keeps the timeout: a table locked elsewhere must not hold it for ever.
+        timeout = await conn.fetchval("SHOW lock_timeout")
         await conn.execute("SET LOCAL lock_timeout = 0")
         await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", MIGRATE_LOCK, lock_key)
+        await conn.execute("SELECT set_config('lock_timeout', $1, true)", timeout)
         # Looked up first: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even
         # when the schema exists, which a role given a schema made for it lacks.
         if await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1",

@@ -415,17 +415,19 @@ class PostgresStateStore(ProcessedStore):
         a long-lived reader (``pf tail``, the inspector) showed an error after every
         server restart.
         """
-        pool = self._checked_pool()
         with self._errors(doing):
             # Every idle connection of the pool may have been dropped at once: one try
-            # per connection it can hold, and one on a new connection.
+            # per connection it can hold, and one on a new connection. Not once the
+            # store is closed (its close cut the query): that is "closed", as before.
             for _ in range(self._pool_max):
                 try:
-                    return await getattr(pool, method)(*args)
+                    return await getattr(self._checked_pool(), method)(*args)
                 except _STALE as exc:
+                    if self._pool is None:
+                        raise
                     logger.info("state_store_stale_connection", extra={
                         "store": self._where, "doing": doing, "error": type(exc).__name__})
-            return await getattr(pool, method)(*args)
+            return await getattr(self._checked_pool(), method)(*args)
 
     async def load_history(self, trace_id: str) -> list[StoredEvent]:
         """The events of ``trace_id`` in order of occurrence (all fields restored).
@@ -759,8 +761,10 @@ def _describe_dsn(dsn: str) -> str:
     # the query while the host part has none (a ? in it): the credentials did not end
     # where the URL parser thinks. An @ in a query value is fine otherwise.
     after, _, query = rest[end:].partition("?")
-    if "@" in after or ("@" in query and "@" not in parts.netloc) \
-            or not _ports_ok(parts.netloc.rpartition("@")[2]):
+    # In the query, an @ only inside a key=value pair's value (application_name=a@b);
+    # one in a pair without = before it is the rest of the netloc (a ? in a password).
+    stray = any("@" in pair and "@" in pair.partition("=")[0] for pair in query.split("&"))
+    if "@" in after or stray or not _ports_ok(parts.netloc.rpartition("@")[2]):
         return "<unparseable DSN>"
     user, _, hosts = parts.netloc.rpartition("@")
     user = user.partition(":")[0]
