@@ -262,6 +262,26 @@ async def test_a_replacement_writer_killed_while_it_starts_is_started_again(
         assert len(await store.load_history("t")) == 30
 
 
+async def test_writer_processes_that_can_no_longer_start_give_way_to_the_thread(
+        tmp_path: Path) -> None:
+    # After one writer was ready, every later death at start was taken for a passing
+    # one: with children that can never start again (the environment changed under a
+    # long-lived service), every batch was retried, then lost, for ever.
+    async with SQLiteStateStore(tmp_path / "t.db", writer="process") as store:
+        for record in _records("t", range(1, 11)):
+            store.save_event_fields(record)
+        await store.flush()
+        process = store._processor.writer._writer._writer.process  # type: ignore[union-attr]
+        process.module = "penguiflow_exporters._no_such_module"  # children now die at start
+        await process.kill()
+        for record in _records("t", range(11, 31)):
+            store.save_event_fields(record)
+        await asyncio.wait_for(store.flush(), 60)
+        assert type(store._processor.writer._writer._writer).__name__ == "_ThreadWriter"  # type: ignore[union-attr]
+        assert store.failures["events_lost"] == 0
+        assert len(await store.load_history("t")) == 30
+
+
 def _records(trace: str, seqs: range) -> list[EventRecord]:
     return [EventRecord(trace, 1000.0 + seq, "node_start", "a", None, None, (), None, None, seq,
                         0, None, "f", "flow-w", None, 0, 0, 1, 64, 1, False, None, None)

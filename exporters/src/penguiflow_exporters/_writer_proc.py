@@ -55,6 +55,10 @@ class WriterError(Exception):
         self.starting = starting
 
 
+#: Starts in a row that fail, after a writer was ready, before the store gives up on
+#: writer processes (see AsyncWriterProcess._running).
+_STARTS_BEFORE_GIVING_UP = 3
+
 # Reaping tasks of killed writers (a reference, so they are not collected mid-way).
 _REAPING: set[asyncio.Task[None]] = set()
 
@@ -81,6 +85,7 @@ class AsyncWriterProcess:
         self.started = 0
         #: Processes that got ready (took their options) so far.
         self.ready = 0
+        self._failed_starts = 0  # in a row, since the last that got ready
 
     @property
     def pid(self) -> int | None:
@@ -108,8 +113,9 @@ class AsyncWriterProcess:
                 sys.executable, "-m", self.module, stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, env=_child_env())
         except OSError as exc:
+            self._failed_starts += 1
             raise WriterError(f"cannot start the writer process ({exc})", gone=True,
-                              starting=True) from exc
+                              starting=self._cannot_start()) from exc
         self._proc = proc
         self.started += 1
         _widen(proc)
@@ -120,14 +126,20 @@ class AsyncWriterProcess:
                 await self._reap(proc)
                 exc.starting = True
             else:
-                # It died before it was ready. When none ever was, no writer process
-                # can be had here (it cannot even start); after one was, this is a
-                # death like any other (the OOM killer twice in a row), not a reason
-                # to give up writer processes for the life of the store.
-                exc.starting = not self.ready
+                # It died before it was ready. One such death after a writer was ready
+                # is a death like any other (the OOM killer twice in a row); only a
+                # writer that never got ready, or that cannot start again (its
+                # environment changed under a long-lived service), means none can be
+                # had here: the store then writes without one.
+                self._failed_starts += 1
+                exc.starting = self._cannot_start()
             raise
         self.ready += 1
+        self._failed_starts = 0
         return proc
+
+    def _cannot_start(self) -> bool:
+        return not self.ready or self._failed_starts >= _STARTS_BEFORE_GIVING_UP
 
     async def request(self, op: bytes, payload: bytes) -> Any:
         """Send one frame and return the reply's result.
