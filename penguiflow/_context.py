@@ -86,7 +86,7 @@ class Context:
         "_incoming",
         "_inv",
         "_is_node",
-        "_opened_streams",
+        "_open_streams",
         "_out_one",
         "_out_queues",
         "_outgoing",
@@ -122,8 +122,8 @@ class Context:
         self._arrivals_cap = 1024
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._stream_seq: dict[str, int] = {}
-        #: Streams the current invocation opened and has not ended (see emit_chunk).
-        self._opened_streams: list[str] = []
+        #: A node's streams not ended yet, with their trace (see emit_chunk).
+        self._open_streams: dict[str, Any] = {}
         self._is_node = not isinstance(owner, Endpoint)
         # The invocation this node is running right now (set by its worker when
         # the flow is observed); outputs emitted through this context record it
@@ -332,14 +332,16 @@ class Context:
             seq = 0 if previous is None else previous + 1
         if done:
             self._stream_seq.pop(sid, None)
+            if self._open_streams:
+                self._open_streams.pop(sid, None)
         else:
             self._stream_seq[sid] = seq
             if previous is None and self._is_node:
-                # Opened by the invocation running now: if it fails or is cancelled,
-                # its worker forgets the stream (see NodeWorker), so a retry of the
-                # trace numbers its chunks from 0 again. (An endpoint's streams, e.g.
-                # flow.emit_chunk's, run no invocation: kept until done or stop().)
-                self._opened_streams.append(sid)
+                # When an invocation of this trace fails for good or is cancelled, its
+                # worker forgets the trace's open streams (see NodeWorker), so a rerun
+                # of the trace numbers its chunks from 0 again. (An endpoint's streams,
+                # e.g. flow.emit_chunk's, run no invocation: kept until done or stop().)
+                self._open_streams[sid] = parent.trace_id
         chunk = StreamChunk(stream_id=sid, seq=seq, text=text, done=done,
                             meta=dict(meta) if meta else {})
         message = Message(payload=chunk, headers=parent.headers, trace_id=parent.trace_id,

@@ -356,8 +356,6 @@ class NodeWorker:
             if ctx._chunks:
                 ctx._chunks = 0
                 ctx._first_chunk = None
-            if ctx._opened_streams:
-                ctx._opened_streams.clear()
             if tokens is not None:
                 exit_invocation(tokens)
             if state is not None:
@@ -425,7 +423,8 @@ class NodeWorker:
         if ctx._chunks:  # what streamed before it failed (the span's TTFC, the metric's)
             extra["stream_chunks"] = ctx._chunks
             extra["stream_first_chunk_ts"] = ctx._first_chunk
-        _forget_opened_streams(ctx)
+        if ctx._open_streams:
+            _forget_streams(ctx, trace_id)
         await rt.emit_event("node_failed", ctx, trace_id, attempt=attempt,
                                latency_ms=latency_ms, extra=extra,
                                invocation_id=inv, parents=parents)
@@ -444,15 +443,18 @@ class NodeWorker:
         if ctx._chunks:  # what streamed before the cancel (the span's TTFC, the metric's)
             streamed = {"stream_chunks": ctx._chunks,
                         "stream_first_chunk_ts": ctx._first_chunk}
-        _forget_opened_streams(ctx)
+        if ctx._open_streams:
+            _forget_streams(ctx, trace_id)
         await self.rt.emit_event("node_trace_cancelled", ctx, trace_id, attempt=attempt,
                                   latency_ms=latency, extra=streamed, invocation_id=inv)
 
 
-def _forget_opened_streams(ctx: Context) -> None:
-    """The invocation failed for good or was cancelled: the streams it opened and did not
-    end are over. Their seqs go, or they would be kept for ever and a retry of the trace
-    would number its chunks on from them."""
-    for sid in ctx._opened_streams:
+def _forget_streams(ctx: Context, trace_id: Any) -> None:
+    """An invocation of ``trace_id`` failed for good or was cancelled: the trace's streams
+    still open at this node are over (this invocation's, and one an earlier invocation
+    of the trace opened). Their seqs go, or they would be kept for ever and a rerun of
+    the trace would number its chunks on from them."""
+    ended = [sid for sid, trace in ctx._open_streams.items() if trace == trace_id]
+    for sid in ended:
+        del ctx._open_streams[sid]
         ctx._stream_seq.pop(sid, None)
-    ctx._opened_streams.clear()

@@ -462,6 +462,7 @@ class PenguiFlow:
             # per call from the same node), whose groups are theirs.
             for ctx in self._contexts.values():
                 ctx._stream_seq.clear()
+                ctx._open_streams.clear()
             # What stays queued (taken up again after run(), or fetched) is counted
             # anew: the counts just cleared covered it, and a restarted flow whose
             # traces undercount it finishes a cancel before they drain.

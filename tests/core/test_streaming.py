@@ -359,3 +359,41 @@ async def test_an_endpoint_stream_numbers_on_across_drains_and_a_named_stream_is
         assert flow.context(node)._stream_seq == {}
     finally:
         await flow.stop()
+
+
+async def test_a_trace_stream_spanning_invocations_goes_when_one_of_them_fails() -> None:
+    # The stream opened by the trace's first message went on in its second; that one
+    # failed, and the stream (not opened by it) was kept: a rerun numbered on from 2.
+    async def talk(message: Message, ctx: Context) -> None:
+        await ctx.emit_chunk(parent=message, text=f"part-{message.payload}")
+        if message.payload == "boom":
+            raise RuntimeError("model error mid-stream")
+
+    node = Node(talk, name="talk", policy=NodePolicy(validate="none"))
+    flow = create(node.to(), emit_errors_to_rookery=True)
+    flow.run()
+    try:
+        def part(payload: str) -> Message:
+            return Message(payload=payload, headers=Headers(tenant="t"), trace_id="conv")
+
+        await flow.emit(part("a"))
+        assert (await asyncio.wait_for(flow.fetch(), 5)).payload.seq == 0
+        await flow.emit(part("boom"))
+        assert (await asyncio.wait_for(flow.fetch(), 5)).payload.seq == 1
+        assert isinstance(await asyncio.wait_for(flow.fetch(), 5), FlowError)
+        await flow.emit(part("a"))
+        assert (await asyncio.wait_for(flow.fetch(), 5)).payload.seq == 0
+    finally:
+        await flow.stop()
+
+
+async def test_streams_ended_with_done_are_not_kept() -> None:
+    # A node streaming many answers (each ended with done) kept every stream id.
+    flow = _chunking_flow(["a", "b"], final=False)
+    async with running(flow):
+        for _ in range(50):
+            await flow.emit(_msg("q"))
+            for _ in range(2):
+                await asyncio.wait_for(flow.fetch(), 5)
+        contexts = [c for c in flow._contexts.values() if c._is_node]
+        assert [(c._open_streams, c._stream_seq) for c in contexts] == [({}, {})]
