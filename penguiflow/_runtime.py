@@ -347,7 +347,7 @@ class FlowRuntime:
         for node in self.nodes:
             forget = getattr(node.func, "_forget_trace", None)
             if forget is not None:
-                forget(trace_id)
+                forget(trace_id, self)
 
     async def cancel_finished(self, trace_id: Any) -> None:
         """A cancelled trace drained: forget nodes' per-trace state, ``trace_cancel_finish``."""

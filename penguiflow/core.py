@@ -456,13 +456,16 @@ class PenguiFlow:
             for state in rt.traces.values():
                 state.wake_chunk_waiters()
             rt.traces.clear()
-            # The seqs of streams left unfinished go with the runtime's per-trace
-            # bookkeeping (spec: stop "clears all per-trace bookkeeping"); a join's
-            # groups stay: its node may serve other flows (a playbook's, built anew
-            # per call from the same node), whose groups are theirs.
+            # Nodes' and contexts' per-trace state goes with the runtime's (spec: stop
+            # "clears all per-trace bookkeeping"): unfinished streams' seqs, and this
+            # flow's join groups (a join node serving other flows keeps theirs).
             for ctx in self._contexts.values():
                 ctx._stream_seq.clear()
                 ctx._open_streams.clear()
+            for node in self._nodes:
+                forget_all = getattr(node.func, "_forget_all", None)
+                if forget_all is not None:
+                    forget_all(rt)
             # What stays queued (taken up again after run(), or fetched) is counted
             # anew: the counts just cleared covered it, and a restarted flow whose
             # traces undercount it finishes a cancel before they drain.

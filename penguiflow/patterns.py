@@ -226,18 +226,23 @@ def join_k(name: str, k: int) -> Node:
         are held until completed (they are not expired), except that the group of a
         cancelled trace is dropped once the cancel has finished
         (``trace_cancel_finish``), or at once when nothing of the trace was still in
-        flight (``cancel`` returned False: say the group's other inputs failed).
+        flight (``cancel`` returned False: say the group's other inputs failed), and
+        a flow's ``stop()`` drops its groups. Groups are the flow's: a node shared
+        by several flows keeps each one's apart.
 
     Raises:
         InvalidArgument: (a ``ValueError``) If ``k <= 0``.
     """
     if k <= 0:
         raise InvalidArgument(f"k must be a positive integer, got {k}")
-    buckets: dict[str, list[Any]] = {}
+    # Groups by (the flow's runtime, trace id): one node may serve several flows at
+    # once (a playbook's subflows, built anew per call from module-level nodes), and
+    # a flow's cancel or stop must not touch another's groups.
+    buckets: dict[tuple[Any, Any], list[Any]] = {}
     # The upstream invocations of each bucket: the completing invocation reports
     # them all as its parents, so spans link every joined input (fan-in) and the
     # critical path sees the join wait on its slowest input.
-    upstreams: dict[str, list[str]] = {}
+    upstreams: dict[tuple[Any, Any], list[str]] = {}
 
     async def join(message: Any, ctx: Context) -> Any:
         trace_id = getattr(message, "trace_id", None)
@@ -256,29 +261,36 @@ def join_k(name: str, k: int) -> Node:
             if group is None:
                 return None
             return _joined(group)
-        bucket = buckets.get(trace_id)
+        key = (getattr(ctx, "_rt", None), trace_id)
+        bucket = buckets.get(key)
         if bucket is None:
-            bucket = buckets[trace_id] = []
+            bucket = buckets[key] = []
         bucket.append(message)
         parents = getattr(ctx, "_parents", ())
         if parents:
-            upstreams.setdefault(trace_id, []).extend(parents)
+            upstreams.setdefault(key, []).extend(parents)
         if len(bucket) < k:
             return None
-        del buckets[trace_id]
-        joined = upstreams.pop(trace_id, None)
+        del buckets[key]
+        joined = upstreams.pop(key, None)
         if joined and hasattr(ctx, "_parents"):
             ctx._parents = tuple(dict.fromkeys(joined))
         return _joined(bucket)
 
-    def forget(trace_id: Any) -> None:
+    def forget(trace_id: Any, runtime: Any = None) -> None:
         # The trace was cancelled: its incomplete group can never complete, and a
         # later trace reusing the id must not be joined with its leftovers.
-        buckets.pop(trace_id, None)
-        upstreams.pop(trace_id, None)
+        buckets.pop((runtime, trace_id), None)
+        upstreams.pop((runtime, trace_id), None)
 
-    # The runtime calls this once a cancelled trace has drained, or when cancel()
-    # finds nothing in flight (the rest of the group failed): per-trace state of a
-    # node goes with the trace.
+    def forget_all(runtime: Any) -> None:
+        # The flow stopped: its groups go with its per-trace bookkeeping (others stay).
+        for key in [key for key in buckets if key[0] is runtime]:
+            del buckets[key]
+            upstreams.pop(key, None)
+
+    # The runtime calls these once a cancelled trace has drained, or when cancel()
+    # finds nothing in flight (the rest of the group failed), and at stop().
     join._forget_trace = forget  # type: ignore[attr-defined]
+    join._forget_all = forget_all  # type: ignore[attr-defined]
     return Node(join, name=name, policy=NodePolicy(validate="none"))

@@ -175,11 +175,11 @@ def test_join_k_node_shape() -> None:
     assert node.policy.validate == "none"
 
 
-async def test_a_join_drops_a_group_whose_trace_is_cancelled_with_nothing_in_flight(
-) -> None:
+@pytest.mark.parametrize("ending", ["cancel", "stop"])
+async def test_a_join_drops_its_flows_group_at_cancel_or_stop(ending: str) -> None:
     # A group whose other input failed was kept: cancel() found nothing in flight and
-    # returned False without dropping it, so a later run of the same trace id was
-    # joined with the leftover ("Afail" with "Aok").
+    # returned False without dropping it, and stop() kept it too, so a later run of
+    # the same trace id was joined with the leftover ("Afail" with "Aok").
     none = NodePolicy(validate="none")
 
     async def a(message: Message, ctx: Any) -> Message:
@@ -203,9 +203,45 @@ async def test_a_join_drops_a_group_whose_trace_is_cancelled_with_nothing_in_fli
         await flow.emit(_msg("fail", trace_id="order-42"))
         assert isinstance(await fetch(flow), FlowError)
         await recorder.wait_for("node_success", trace_id="order-42", node="join")  # held
-        assert await flow.cancel("order-42") is False  # nothing in flight
+        if ending == "cancel":
+            assert await flow.cancel("order-42") is False  # nothing in flight
+    async with running(flow):
         await flow.emit(_msg("ok", trace_id="order-42"))
         assert sorted((await fetch(flow)).payload) == ["Aok", "Bok"]
+
+
+async def test_a_join_node_shared_by_two_flows_keeps_their_groups_apart() -> None:
+    # One join node in two flows at once (a playbook's subflows built from module-level
+    # nodes): the first flow's stop() dropped the second's half-filled group as well.
+    none = NodePolicy(validate="none")
+    gate = asyncio.Event()
+
+    async def fan(message: Message, ctx: Any) -> Message:
+        return message
+
+    async def held(message: Message, ctx: Any) -> Message:
+        if message.payload == "slow":
+            await gate.wait()
+        return message
+
+    fan_node, a, b = (Node(fan, name="fan", policy=none), Node(fan, name="a", policy=none),
+                      Node(held, name="b", policy=none))
+    join = join_k("join", 2)
+    recorder = Recorder()
+
+    def build() -> PenguiFlow:
+        return create(fan_node.to(a, b), a.to(join), b.to(join), join.to(),
+                      middlewares=[recorder])
+
+    slow, fast = build(), build()
+    async with running(slow):
+        await slow.emit(_msg("slow", trace_id="S"))
+        await recorder.wait_for("node_success", trace_id="S", node="join")  # "slow" of a held
+        async with running(fast):
+            await fast.emit(_msg("fast", trace_id="F"))
+            assert (await fetch(fast)).payload == ["fast", "fast"]
+        gate.set()
+        assert (await fetch(slow)).payload == ["slow", "slow"]
 
 
 async def test_join_k_groups_messages_per_trace() -> None:
