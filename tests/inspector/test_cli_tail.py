@@ -323,3 +323,43 @@ def test_tail_shows_a_long_history_page_by_page_then_the_new_events(
     appended = [_event("long", seq) for seq in range(26, 29)]
     shown = asyncio.run(_tail_appended(sqlite_url, "long", appended, expected=28))
     assert [e.seq for e in shown] == list(range(1, 29))
+
+
+def test_tail_waits_out_a_store_file_away_for_a_moment(sqlite_url: str) -> None:
+    # A poll that found no file (a rotation, a replace in two steps) ended pf tail.
+    path = Path(sqlite_url.removeprefix("sqlite:///"))
+
+    async def seed() -> None:
+        async with open_store(sqlite_url) as store:
+            await store.save_events([_event("old", 1)])
+
+    asyncio.run(seed())
+
+    async def scenario() -> list[StoredEvent]:
+        shown: list[StoredEvent] = []
+        arrived = asyncio.Event()
+
+        def show(event: StoredEvent) -> None:
+            shown.append(event)
+            arrived.set()
+
+        err = _Stderr()
+        task = asyncio.create_task(tail(sqlite_url, None, show, err, interval_s=0.01))
+        try:
+            await asyncio.wait_for(err.following.wait(), DEADLINE_S)
+            for suffix in ("", "-wal", "-shm"):
+                await asyncio.to_thread(path.with_name(path.name + suffix).unlink,
+                                        missing_ok=True)
+            await asyncio.sleep(0.1)  # polls that find no file (time must pass)
+            assert not task.done()
+            async with open_store(sqlite_url) as store:
+                await store.save_events([_event("new", 1)])
+            await asyncio.wait_for(arrived.wait(), DEADLINE_S)
+            assert "trying again" in err.getvalue()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return shown
+
+    assert [e.trace_id for e in asyncio.run(scenario())] == ["new"]

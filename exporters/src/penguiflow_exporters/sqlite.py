@@ -410,6 +410,7 @@ class SQLiteStateStore(ProcessedStore):
         self._reopening = False
         #: How many times the file was found replaced (a follower's marks are per file).
         self._generation = 0
+        self._went_away = False  # the file was missing at a reopen: a new one comes
 
     def __repr__(self) -> str:
         return f"SQLiteStateStore({str(self.path)!r})"
@@ -465,6 +466,10 @@ class SQLiteStateStore(ProcessedStore):
         store would otherwise stay "closed" for good (``pf tail`` ended by a rotation)."""
         self._close_sync()
         self._reopening = True
+        if not self.path.exists():
+            # Whatever file is there next is another one, even with the old one's
+            # inode number (freed once closed, and reused: seen on ext4 and overlayfs).
+            self._went_away = True
         self._open_sync()
         self._reopening = False
 
@@ -505,6 +510,11 @@ class SQLiteStateStore(ProcessedStore):
                                    check_same_thread=False)
             try:
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                if self._reopening and self._went_away and schema_version_of(conn) == 0:
+                    # The file came back empty: its new writer is setting it up (a
+                    # rotation). Not there yet, rather than "not a store".
+                    raise StoreUnavailable(f"SQLite store {str(path)!r} is being set up "
+                                           "anew (an empty database for now)")
                 check_schema(conn, str(path))
             except BaseException:
                 conn.close()
@@ -520,8 +530,9 @@ class SQLiteStateStore(ProcessedStore):
             conn = connect(str(path))
         self._conn = conn
         identity = file_identity(str(path))
-        if self._identity is not None and identity != self._identity:
+        if self._identity is not None and (identity != self._identity or self._went_away):
             self._generation += 1  # another file now: followers read it from its start
+        self._went_away = False
         self._identity = identity
 
     async def _close(self) -> None:

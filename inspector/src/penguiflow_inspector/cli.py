@@ -28,7 +28,14 @@ from collections.abc import AsyncGenerator, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, NoReturn, TextIO, cast
 
-from penguiflow.state import StateStoreError, StoredEvent, TraceFilter, TraceStore, TraceSummary
+from penguiflow.state import (
+    StateStoreError,
+    StoredEvent,
+    StoreUnavailable,
+    TraceFilter,
+    TraceStore,
+    TraceSummary,
+)
 from penguiflow_exporters import open_store
 
 from . import export, migrate, render
@@ -68,6 +75,8 @@ STATUSES: Final = {"ok": "succeeded", "error": "failed", "cancelled": "cancelled
 POLL_INTERVAL_S: Final = 0.2
 #: Traces ``pf tail`` (without an id) watches when it polls: the most recently started.
 TAIL_TRACES: Final = 200
+#: How long ``pf tail`` polls a store that became unavailable before it gives up.
+TAIL_GRACE_S: Final = 30.0
 #: Events ``pf tail`` reads per ``load_history_page`` call: a trace's history and its
 #: new events are read page by page, never the whole trace again.
 TAIL_PAGE: Final = 2000
@@ -426,7 +435,7 @@ async def tail(url: str, reference: str | None, show: Any, err: TextIO,
         pushed = (asyncio.create_task(_wake_on_commit(store, trace_id, wake))
                   if url.startswith(("postgresql:", "postgres:")) else None)
         try:
-            ended = await _poll(store, trace_id, counts, show, interval_s, wake)
+            ended = await _poll(store, trace_id, counts, show, interval_s, wake, err)
             if ended is not None:
                 print(f"pf tail: trace {printable(ended.trace_id)} ended: "
                       f"{status_word(ended.status)} after {format_duration(ended.duration_ms)}, "
@@ -461,29 +470,46 @@ async def _show_from(store: TraceStore, trace_id: str, offset: int, show: Any) -
 
 
 async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int], show: Any,
-                interval_s: float, wake: asyncio.Event) -> TraceSummary | None:
+                interval_s: float, wake: asyncio.Event, err: TextIO) -> TraceSummary | None:
     """Show new events until cancelled, or, following one trace, until it has ended:
     returns its summary once its status has left ``running`` and stayed so, with no
     new event, for one more poll (a chain's next node may start a moment after the
-    previous one's end is stored, when no invocation is open)."""
+    previous one's end is stored, when no invocation is open).
+
+    A store unavailable for a moment (its file rotated or replaced, so missing or
+    empty a while, a database restarting) is polled again, for up to
+    :data:`TAIL_GRACE_S`; longer, its error ends the command."""
     ended_seen: int | None = None  # the event count when the trace was first seen ended
+    away_since: float | None = None
     while True:
-        if trace_id is not None:
-            summary = await store.get_trace(trace_id)
-            changed = [summary] if summary is not None else []
-            if summary is not None and summary.status != "running":
-                if ended_seen == summary.event_count == counts.get(trace_id):
-                    return summary
-                ended_seen = summary.event_count
+        try:
+            if trace_id is not None:
+                summary = await store.get_trace(trace_id)
+                changed = [summary] if summary is not None else []
+                if summary is not None and summary.status != "running":
+                    if ended_seen == summary.event_count == counts.get(trace_id):
+                        return summary
+                    ended_seen = summary.event_count
+                else:
+                    ended_seen = None
             else:
-                ended_seen = None
-        else:
-            changed = await store.list_traces(TraceFilter(limit=TAIL_TRACES))
-        for summary in sorted(changed, key=lambda s: s.started_ts):
-            before = counts.get(summary.trace_id, 0)
-            if summary.event_count > before:
-                counts[summary.trace_id] = await _show_from(
-                    store, summary.trace_id, before, show)
+                changed = await store.list_traces(TraceFilter(limit=TAIL_TRACES))
+            for summary in sorted(changed, key=lambda s: s.started_ts):
+                before = counts.get(summary.trace_id, 0)
+                if summary.event_count > before:
+                    counts[summary.trace_id] = await _show_from(
+                        store, summary.trace_id, before, show)
+            if away_since is not None:
+                print("pf tail: the trace store is back", file=err, flush=True)
+                away_since = None
+        except StoreUnavailable as exc:  # missing, or empty while made anew
+            now = time.monotonic()
+            if away_since is None:
+                away_since = now
+                print(f"pf tail: {one_line(exc)}; trying again for up to {TAIL_GRACE_S:.0f} s",
+                      file=err, flush=True)
+            elif now - away_since > TAIL_GRACE_S:
+                raise
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), interval_s)
         wake.clear()
