@@ -122,8 +122,8 @@ class Context:
         self._arrivals_cap = 1024
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._stream_seq: dict[str, int] = {}
-        #: A node's streams not ended yet, with their trace (see emit_chunk).
-        self._open_streams: dict[str, Any] = {}
+        #: A node's streams not ended yet, with the traces that used them (emit_chunk).
+        self._open_streams: dict[str, set[Any]] = {}
         self._is_node = not isinstance(owner, Endpoint)
         # The invocation this node is running right now (set by its worker when
         # the flow is observed); outputs emitted through this context record it
@@ -185,6 +185,19 @@ class Context:
     def outgoing_count(self) -> int:
         """Number of outgoing floes."""
         return len(self._outgoing)
+
+    def forget_streams(self, trace_id: Any) -> None:
+        """``trace_id`` is over for these streams (an invocation of it failed for good,
+        or it was cancelled): a stream no other trace uses goes with it, seq and all,
+        or a rerun of the trace would number its chunks on from it."""
+        ended = []
+        for sid, users in self._open_streams.items():
+            users.discard(trace_id)
+            if not users:
+                ended.append(sid)
+        for sid in ended:
+            del self._open_streams[sid]
+            self._stream_seq.pop(sid, None)
 
     def queue_depth_in(self) -> int:
         """Items waiting on the incoming floes."""
@@ -336,12 +349,16 @@ class Context:
                 self._open_streams.pop(sid, None)
         else:
             self._stream_seq[sid] = seq
-            if previous is None and self._is_node:
-                # When an invocation of this trace fails for good or is cancelled, its
-                # worker forgets the trace's open streams (see NodeWorker), so a rerun
-                # of the trace numbers its chunks from 0 again. (An endpoint's streams,
-                # e.g. flow.emit_chunk's, run no invocation: kept until done or stop().)
-                self._open_streams[sid] = parent.trace_id
+            if self._is_node:
+                # When every trace that used the stream has failed for good or been
+                # cancelled, the stream is over (forget_streams), so a rerun numbers
+                # its chunks from 0 again. (An endpoint's streams, e.g. those of
+                # flow.emit_chunk, run no invocation: kept until done or stop().)
+                users = self._open_streams.get(sid)
+                if users is None:
+                    self._open_streams[sid] = {parent.trace_id}
+                else:
+                    users.add(parent.trace_id)
         chunk = StreamChunk(stream_id=sid, seq=seq, text=text, done=done,
                             meta=dict(meta) if meta else {})
         message = Message(payload=chunk, headers=parent.headers, trace_id=parent.trace_id,

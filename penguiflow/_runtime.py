@@ -79,6 +79,7 @@ class FlowRuntime:
         "flow_id",
         "message_bus",
         "name",
+        "node_contexts",
         "nodes",
         "queue_maxsize",
         "registry",
@@ -132,6 +133,8 @@ class FlowRuntime:
         #: span waits for those tasks to end.
         self.trace_tasks: dict[Any, set[asyncio.Future[Any]]] = {}
         self.drained: set[Any] = set()
+        #: The nodes' contexts (set with the graph; see forget_trace).
+        self.node_contexts: list[Context] = []
         #: Background bus publishes (``emit_nowait`` paths) and cancel finishes.
         self.bus_tasks: set[asyncio.Task[None]] = set()
         #: Set while the flow runs over a delivering bus (see ``penguiflow.binding``):
@@ -343,11 +346,15 @@ class FlowRuntime:
 
     def forget_trace(self, trace_id: Any) -> None:
         """Drop the per-trace state nodes hold for ``trace_id`` (join_k's incomplete
-        group: its ``_forget_trace`` hook)."""
+        group: its ``_forget_trace`` hook), and the streams it left open at any node
+        (also at those it had moved on from)."""
         for node in self.nodes:
             forget = getattr(node.func, "_forget_trace", None)
             if forget is not None:
                 forget(trace_id, self)
+        for ctx in self.node_contexts:
+            if ctx._open_streams:
+                ctx.forget_streams(trace_id)
 
     async def cancel_finished(self, trace_id: Any) -> None:
         """A cancelled trace drained: forget nodes' per-trace state, ``trace_cancel_finish``."""

@@ -424,7 +424,7 @@ class NodeWorker:
             extra["stream_chunks"] = ctx._chunks
             extra["stream_first_chunk_ts"] = ctx._first_chunk
         if ctx._open_streams:
-            _forget_streams(ctx, trace_id)
+            ctx.forget_streams(trace_id)
         await rt.emit_event("node_failed", ctx, trace_id, attempt=attempt,
                                latency_ms=latency_ms, extra=extra,
                                invocation_id=inv, parents=parents)
@@ -444,17 +444,6 @@ class NodeWorker:
             streamed = {"stream_chunks": ctx._chunks,
                         "stream_first_chunk_ts": ctx._first_chunk}
         if ctx._open_streams:
-            _forget_streams(ctx, trace_id)
+            ctx.forget_streams(trace_id)
         await self.rt.emit_event("node_trace_cancelled", ctx, trace_id, attempt=attempt,
                                   latency_ms=latency, extra=streamed, invocation_id=inv)
-
-
-def _forget_streams(ctx: Context, trace_id: Any) -> None:
-    """An invocation of ``trace_id`` failed for good or was cancelled: the trace's streams
-    still open at this node are over (this invocation's, and one an earlier invocation
-    of the trace opened). Their seqs go, or they would be kept for ever and a rerun of
-    the trace would number its chunks on from them."""
-    ended = [sid for sid, trace in ctx._open_streams.items() if trace == trace_id]
-    for sid in ended:
-        del ctx._open_streams[sid]
-        ctx._stream_seq.pop(sid, None)

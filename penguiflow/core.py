@@ -195,6 +195,7 @@ class PenguiFlow:
                 egress.append(floe)
         self._floes = floes
         rt.attach_graph(nodes, self._contexts[ROOKERY], egress)
+        rt.node_contexts = [self._contexts[node] for node in nodes]
 
     def _connect(self, source: Owner, target: Owner) -> Floe:
         floe = Floe(source, target, maxsize=self._rt.queue_maxsize)
@@ -456,16 +457,12 @@ class PenguiFlow:
             for state in rt.traces.values():
                 state.wake_chunk_waiters()
             rt.traces.clear()
-            # Nodes' and contexts' per-trace state goes with the runtime's (spec: stop
-            # "clears all per-trace bookkeeping"): unfinished streams' seqs, and this
-            # flow's join groups (a join node serving other flows keeps theirs).
+            # Unfinished streams' seqs go with the runtime's per-trace bookkeeping (spec:
+            # stop "clears all per-trace bookkeeping"). A join's groups stay, as the
+            # queued items do: an input still queued completes its group after run().
             for ctx in self._contexts.values():
                 ctx._stream_seq.clear()
                 ctx._open_streams.clear()
-            for node in self._nodes:
-                forget_all = getattr(node.func, "_forget_all", None)
-                if forget_all is not None:
-                    forget_all(rt)
             # What stays queued (taken up again after run(), or fetched) is counted
             # anew: the counts just cleared covered it, and a restarted flow whose
             # traces undercount it finishes a cancel before they drain.

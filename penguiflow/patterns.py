@@ -226,9 +226,11 @@ def join_k(name: str, k: int) -> Node:
         are held until completed (they are not expired), except that the group of a
         cancelled trace is dropped once the cancel has finished
         (``trace_cancel_finish``), or at once when nothing of the trace was still in
-        flight (``cancel`` returned False: say the group's other inputs failed), and
-        a flow's ``stop()`` drops its groups. Groups are the flow's: a node shared
-        by several flows keeps each one's apart.
+        flight (``cancel`` returned False: say the group's other inputs failed).
+        ``stop()`` keeps them, as it keeps queued items (an input still queued
+        completes its group after ``run()``). Groups are the flow's: a node shared by
+        several flows keeps each one's apart, and one flow's cancel leaves the
+        others' groups of that trace id.
 
     Raises:
         InvalidArgument: (a ``ValueError``) If ``k <= 0``.
@@ -283,14 +285,7 @@ def join_k(name: str, k: int) -> Node:
         buckets.pop((runtime, trace_id), None)
         upstreams.pop((runtime, trace_id), None)
 
-    def forget_all(runtime: Any) -> None:
-        # The flow stopped: its groups go with its per-trace bookkeeping (others stay).
-        for key in [key for key in buckets if key[0] is runtime]:
-            del buckets[key]
-            upstreams.pop(key, None)
-
-    # The runtime calls these once a cancelled trace has drained, or when cancel()
-    # finds nothing in flight (the rest of the group failed), and at stop().
+    # The runtime calls this once a cancelled trace has drained, or when cancel()
+    # finds nothing in flight (the rest of the group failed).
     join._forget_trace = forget  # type: ignore[attr-defined]
-    join._forget_all = forget_all  # type: ignore[attr-defined]
     return Node(join, name=name, policy=NodePolicy(validate="none"))

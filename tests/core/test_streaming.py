@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pfcore_support import Recorder
 
 from penguiflow.core import Context, PenguiFlow, create
 from penguiflow.errors import FlowError
@@ -397,3 +398,44 @@ async def test_streams_ended_with_done_are_not_kept() -> None:
                 await asyncio.wait_for(flow.fetch(), 5)
         contexts = [c for c in flow._contexts.values() if c._is_node]
         assert [(c._open_streams, c._stream_seq) for c in contexts] == [({}, {})]
+
+
+async def test_a_stream_goes_with_the_trace_that_used_it_last_and_with_a_cancel() -> None:
+    # A stream id two traces share went when the trace that opened it failed, though
+    # the other still used it (its next chunk restarted at 0); and a cancel left the
+    # stream at a node the trace had moved on from (a rerun numbered on from it).
+    gate = asyncio.Event()
+
+    async def speak(message: Message, ctx: Context) -> Message:
+        sid = message.meta.get("sid")
+        await ctx.emit_chunk(parent=message, text="x", stream_id=sid)
+        if message.payload == "fail":
+            raise RuntimeError("fails for good")
+        return message
+
+    async def after(message: Message, ctx: Context) -> Message:
+        if message.payload == "slow":
+            await gate.wait()
+        return message
+
+    s = Node(speak, name="s", policy=NodePolicy(validate="none"))
+    w = Node(after, name="w", policy=NodePolicy(validate="none"))
+    recorder = Recorder()
+    flow = create(s.to(w), w.to(), middlewares=[recorder])
+    ctx = flow.context(s)
+
+    def part(payload: str, trace: str, sid: str | None = None) -> Message:
+        return Message(payload=payload, headers=Headers(tenant="t"), trace_id=trace,
+                       meta={"sid": sid} if sid else {})
+
+    async with running(flow):
+        for payload, trace in [("ok", "A"), ("ok", "B"), ("fail", "A")]:
+            await flow.emit(part(payload, trace, "answer"))
+            await recorder.wait_for("node_success" if payload == "ok" else "node_failed",
+                                    trace_id=trace, node="s")
+        assert ctx._stream_seq == {"answer": 2}  # B used it last: it goes on
+        await flow.emit(part("slow", "T"))
+        await recorder.wait_for("node_start", trace_id="T", node="w")
+        assert await flow.cancel("T") is True
+        await recorder.wait_for("trace_cancel_finish", trace_id="T")
+        assert "T" not in ctx._stream_seq
