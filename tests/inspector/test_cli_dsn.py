@@ -58,3 +58,16 @@ def test_an_at_sign_in_a_query_value_keeps_the_description(url: str, shown: str)
     # The check for a password cut at a reserved character took these valid URLs for
     # such, and every message lost the host it names.
     assert repr(PostgresStateStore(url)).startswith(f"PostgresStateStore({shown!r}")
+
+
+async def test_a_password_cut_at_a_question_mark_is_not_shown_as_a_port() -> None:
+    # "pf:2024?S3C=RETpw@host": the URL's host part ends at the ?, so "pf:2024" looked
+    # like a host and port, and the description showed the password's "2024". (The
+    # driver reads it that way too: here that host is not found; nothing is shown.)
+    url = "postgresql://pf:2024?S3C=RETpw@127.0.0.1:5432/db"
+    store = PostgresStateStore(url, writer="loop", connect_timeout_s=2.0)
+    assert "2024" not in repr(store)
+    with pytest.raises(StateStoreError) as info:
+        await store.open()
+    await store.close()
+    assert "2024" not in str(info.value) and "RETpw" not in str(info.value)

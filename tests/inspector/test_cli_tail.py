@@ -363,3 +363,44 @@ def test_tail_waits_out_a_store_file_away_for_a_moment(sqlite_url: str) -> None:
         return shown
 
     assert [e.trace_id for e in asyncio.run(scenario())] == ["new"]
+
+
+def test_tail_follows_a_store_file_rotated_under_it(sqlite_url: str) -> None:
+    # Renamed away and made anew between two polls: the reader found another file,
+    # empty a moment, and took it for "not a trace store", ending pf tail.
+    path = Path(sqlite_url.removeprefix("sqlite:///"))
+
+    async def seed() -> None:
+        async with open_store(sqlite_url) as store:
+            await store.save_events([_event("old", 1)])
+
+    asyncio.run(seed())
+
+    async def scenario() -> list[StoredEvent]:
+        shown: list[StoredEvent] = []
+        arrived = asyncio.Event()
+
+        def show(event: StoredEvent) -> None:
+            shown.append(event)
+            arrived.set()
+
+        err = _Stderr()
+        task = asyncio.create_task(tail(sqlite_url, None, show, err, interval_s=0.01))
+        try:
+            await asyncio.wait_for(err.following.wait(), DEADLINE_S)
+            rotated = path.with_name(path.name + ".1")
+            await asyncio.to_thread(path.rename, rotated)
+            await asyncio.to_thread(path.touch)  # the new file, empty for a moment
+            await asyncio.sleep(0.1)  # polls that find it empty (time must pass)
+            assert not task.done()
+            await asyncio.to_thread(path.unlink)
+            async with open_store(sqlite_url) as store:
+                await store.save_events([_event("new", 1)])
+            await asyncio.wait_for(arrived.wait(), DEADLINE_S)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return shown
+
+    assert [e.trace_id for e in asyncio.run(scenario())] == ["new"]

@@ -764,7 +764,10 @@ def _describe_dsn(dsn: str) -> str:
     # In the query, an @ only inside a key=value pair's value (application_name=a@b);
     # one in a pair without = before it is the rest of the netloc (a ? in a password).
     stray = any("@" in pair and "@" in pair.partition("=")[0] for pair in query.split("&"))
-    if "@" in after or stray or not _ports_ok(parts.netloc.rpartition("@")[2]):
+    # And an @ in the query while the netloc has none: the netloc was cut at a ? in
+    # the password, before its @ ("alice:2024?x=y@db" would show "2024" as a port).
+    cut = "@" in query and "@" not in parts.netloc and bool(parts.netloc)
+    if "@" in after or stray or cut or not _ports_ok(parts.netloc.rpartition("@")[2]):
         return "<unparseable DSN>"
     user, _, hosts = parts.netloc.rpartition("@")
     user = user.partition(":")[0]

@@ -464,12 +464,12 @@ class SQLiteStateStore(ProcessedStore):
         """Close and open the file again. A failure (the file gone a moment, being
         replaced) is raised for this query only: the next one tries again, where the
         store would otherwise stay "closed" for good (``pf tail`` ended by a rotation)."""
+        if self._identity is not None and file_identity(str(self.path)) != self._identity:
+            # Missing or another file (a rotation): whatever is there next is another
+            # one, even with the old one's inode number (freed once closed, reused).
+            self._went_away = True
         self._close_sync()
         self._reopening = True
-        if not self.path.exists():
-            # Whatever file is there next is another one, even with the old one's
-            # inode number (freed once closed, and reused: seen on ext4 and overlayfs).
-            self._went_away = True
         self._open_sync()
         self._reopening = False
 
