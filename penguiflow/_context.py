@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeAlias
 
 from ._graph import Endpoint, Floe, FloeQueue, Origin, Owner, owner_label
@@ -30,11 +30,18 @@ __all__ = ["Context", "ContextRuntime"]
 Targets: TypeAlias = "Owner | Sequence[Owner] | None"
 
 _DETACHED = "Context is not attached to a running flow"  # 2.1's text, exactly
+# A stream's recorded traces past which those that finished are let go (emit_chunk).
+_STREAM_USERS_PRUNE = 8
 _NO_INCOMING = "context has no incoming floes to fetch from"  # 2.1's text, exactly
 
 
 class ContextRuntime(Protocol):
     """What a context needs from the flow that drives it (``FlowRuntime`` is one)."""
+
+    @property
+    def traces(self) -> Mapping[Any, Any]:
+        """The traces with work in the flow (read only: which are still in flight)."""
+        ...
 
     def origin_of(self, ctx: Context) -> Origin:
         """The origin to tag an item ``ctx`` emits now with."""
@@ -357,7 +364,11 @@ class Context:
                 users = self._open_streams.get(sid)
                 if users is None:
                     self._open_streams[sid] = {parent.trace_id}
-                else:
+                elif parent.trace_id not in users:
+                    if len(users) >= _STREAM_USERS_PRUNE and rt is not None:
+                        # A long-lived stream id many traces share ("status"): keep
+                        # the traces still in flight only, or the set grows for ever.
+                        users.intersection_update(rt.traces)
                     users.add(parent.trace_id)
         chunk = StreamChunk(stream_id=sid, seq=seq, text=text, done=done,
                             meta=dict(meta) if meta else {})

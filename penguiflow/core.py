@@ -458,8 +458,7 @@ class PenguiFlow:
                 state.wake_chunk_waiters()
             rt.traces.clear()
             # Unfinished streams' seqs go with the runtime's per-trace bookkeeping (spec:
-            # stop "clears all per-trace bookkeeping"). A join's groups stay, as the
-            # queued items do: an input still queued completes its group after run().
+            # stop "clears all per-trace bookkeeping").
             for ctx in self._contexts.values():
                 ctx._stream_seq.clear()
                 ctx._open_streams.clear()
@@ -471,6 +470,14 @@ class PenguiFlow:
                     rt.count(item)
             for item in self._contexts[ROOKERY]._buffer:
                 rt.count(item)
+            # This flow's join groups go too, except those of traces with items still
+            # queued (just counted anew): such an input completes its group after
+            # run(). A group whose other input failed, or was cut by this stop, would
+            # otherwise join a later run of its trace id with the leftover.
+            for node in self._nodes:
+                forget_all = getattr(node.func, "_forget_all", None)
+                if forget_all is not None:
+                    forget_all(rt, rt.traces.keys())
             self._contexts[ROOKERY].fail_waiters(FlowNotRunning(
                 "PenguiFlow stopped while fetch() was waiting; call run() again first"))
             # An emit() waiting for room: the nodes that would make it are stopped.

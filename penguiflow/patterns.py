@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import TypeAdapter
@@ -226,10 +226,10 @@ def join_k(name: str, k: int) -> Node:
         are held until completed (they are not expired), except that the group of a
         cancelled trace is dropped once the cancel has finished
         (``trace_cancel_finish``), or at once when nothing of the trace was still in
-        flight (``cancel`` returned False: say the group's other inputs failed).
-        ``stop()`` keeps them, as it keeps queued items (an input still queued
-        completes its group after ``run()``). Groups are the flow's: a node shared by
-        several flows keeps each one's apart, and one flow's cancel leaves the
+        flight (``cancel`` returned False: say the group's other inputs failed), and
+        at ``stop()``, except the groups of traces with items still queued (which
+        complete them after ``run()``). Groups are the flow's: a node shared by
+        several flows keeps each one's apart, and one flow's cancel or stop leaves the
         others' groups of that trace id.
 
     Raises:
@@ -285,7 +285,15 @@ def join_k(name: str, k: int) -> Node:
         buckets.pop((runtime, trace_id), None)
         upstreams.pop((runtime, trace_id), None)
 
-    # The runtime calls this once a cancelled trace has drained, or when cancel()
-    # finds nothing in flight (the rest of the group failed).
+    def forget_all(runtime: Any, keep: Collection[Any]) -> None:
+        # The flow stopped: its groups go, but those of traces in ``keep`` (items still
+        # queued, which complete them after run()); other flows' groups stay.
+        for key in [key for key in buckets if key[0] is runtime and key[1] not in keep]:
+            del buckets[key]
+            upstreams.pop(key, None)
+
+    # The runtime calls these once a cancelled trace has drained, or when cancel()
+    # finds nothing in flight (the rest of the group failed), and at stop().
     join._forget_trace = forget  # type: ignore[attr-defined]
+    join._forget_all = forget_all  # type: ignore[attr-defined]
     return Node(join, name=name, policy=NodePolicy(validate="none"))

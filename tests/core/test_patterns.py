@@ -175,10 +175,11 @@ def test_join_k_node_shape() -> None:
     assert node.policy.validate == "none"
 
 
-async def test_a_join_drops_its_flows_group_at_cancel() -> None:
+@pytest.mark.parametrize("ending", ["cancel", "stop"])
+async def test_a_join_drops_its_flows_group_at_cancel_or_stop(ending: str) -> None:
     # A group whose other input failed was kept: cancel() found nothing in flight and
-    # returned False without dropping it, so a later run of the same trace id was
-    # joined with the leftover ("Afail" with "Aok").
+    # returned False without dropping it, and stop() kept it too, so a later run of
+    # the same trace id was joined with the leftover ("Afail" with "Aok").
     none = NodePolicy(validate="none")
 
     async def a(message: Message, ctx: Any) -> Message:
@@ -202,7 +203,8 @@ async def test_a_join_drops_its_flows_group_at_cancel() -> None:
         await flow.emit(_msg("fail", trace_id="order-42"))
         assert isinstance(await fetch(flow), FlowError)
         await recorder.wait_for("node_success", trace_id="order-42", node="join")  # held
-        assert await flow.cancel("order-42") is False  # nothing in flight
+        if ending == "cancel":
+            assert await flow.cancel("order-42") is False  # nothing in flight
     async with running(flow):
         await flow.emit(_msg("ok", trace_id="order-42"))
         assert sorted((await fetch(flow)).payload) == ["Aok", "Bok"]

@@ -439,3 +439,20 @@ async def test_a_stream_goes_with_the_trace_that_used_it_last_and_with_a_cancel(
         assert await flow.cancel("T") is True
         await recorder.wait_for("trace_cancel_finish", trace_id="T")
         assert "T" not in ctx._stream_seq
+
+
+async def test_a_stream_id_every_trace_shares_keeps_a_bounded_record() -> None:
+    # Each trace sending a chunk on a shared, never-ended stream id ("status") was
+    # recorded for good: one entry per trace, for the life of the flow.
+    async def status(message: Message, ctx: Context) -> None:
+        await ctx.emit_chunk(parent=message, text="working", stream_id="status")
+
+    node = Node(status, name="status", policy=NodePolicy(validate="none"))
+    flow = create(node.to())
+    async with running(flow):
+        for _ in range(200):
+            await flow.emit(_msg("q"))
+            await asyncio.wait_for(flow.fetch(), 5)
+        ctx = flow.context(node)
+        assert ctx._stream_seq == {"status": 199}
+        assert len(ctx._open_streams["status"]) <= 8

@@ -53,6 +53,8 @@ def test_pf_prints_one_line_and_exits_2(url: str, capsys: pytest.CaptureFixture[
      "postgresql://app@db.example:5432/traces"),
     ("postgresql://app:pw@db:5432/t?sslrootcert=/etc/ssl/ca@2024.pem",
      "postgresql://app@db:5432/t"),
+    ("postgresql://db.example:5432/traces?application_name=svc@prod",  # user: PGUSER
+     "postgresql://db.example:5432/traces"),
 ])
 def test_an_at_sign_in_a_query_value_keeps_the_description(url: str, shown: str) -> None:
     # The check for a password cut at a reserved character took these valid URLs for

@@ -766,7 +766,7 @@ def _describe_dsn(dsn: str) -> str:
     stray = any("@" in pair and "@" in pair.partition("=")[0] for pair in query.split("&"))
     # And an @ in the query while the netloc has none: the netloc was cut at a ? in
     # the password, before its @ ("alice:2024?x=y@db" would show "2024" as a port).
-    cut = "@" in query and "@" not in parts.netloc and bool(parts.netloc)
+    cut = "@" in query and "@" not in parts.netloc and bool(parts.netloc) and not after
     if "@" in after or stray or cut or not _ports_ok(parts.netloc.rpartition("@")[2]):
         return "<unparseable DSN>"
     user, _, hosts = parts.netloc.rpartition("@")
