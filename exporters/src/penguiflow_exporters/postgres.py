@@ -60,7 +60,7 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Final, Literal
 from urllib.parse import parse_qs, urlsplit
 
@@ -132,11 +132,6 @@ _REFUSED: Final[tuple[type[BaseException], ...]] = (
     asyncpg.UndefinedFunctionError,
     asyncpg.InvalidSchemaNameError,
 )
-# The same, by class name: how a writer process reports its exceptions (WriterError.types
-# lists every class of the exception's MRO, so subclasses match).
-_UNAVAILABLE_NAMES: Final = frozenset(t.__name__ for t in _UNAVAILABLE)
-_BUSY_NAMES: Final = frozenset(t.__name__ for t in _BUSY)
-_REFUSED_NAMES: Final = frozenset(t.__name__ for t in _REFUSED)
 _DRIVER_ERRORS: Final[tuple[type[BaseException], ...]] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
@@ -272,12 +267,18 @@ class PostgresStateStore(ProcessedStore):
         """The store's error for a driver exception (see the module docstring)."""
         if isinstance(exc, StateStoreError):
             return exc
-        error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, _UNAVAILABLE):
+        return self._classified(doing, f"{type(exc).__name__}: {exc}",
+                                lambda classes: isinstance(exc, classes))
+
+    def _classified(self, doing: str, error: str,
+                    is_a: Callable[[tuple[type[BaseException], ...]], bool]) -> StateStoreError:
+        """The store's error for a driver error that ``is_a`` places among _UNAVAILABLE,
+        _BUSY or _REFUSED, else a plain StateStoreError (a batch then is split)."""
+        if is_a(_UNAVAILABLE):
             return self._unavailable(doing, error)
-        if isinstance(exc, _BUSY):
+        if is_a(_BUSY):
             return self._busy(doing, error)
-        if isinstance(exc, _REFUSED):
+        if is_a(_REFUSED):
             return self._refused(doing, error)
         return self._failed_while(doing, error)
 
@@ -310,13 +311,11 @@ class PostgresStateStore(ProcessedStore):
                 f"Postgres store at {self._where} (schema {self.schema!r}): {exc}; the "
                 f"batch was not stored, and the next one starts a new writer (or pass "
                 f"writer='loop')")
-        if _UNAVAILABLE_NAMES.intersection(exc.types):
-            return self._unavailable("writing events", str(exc))
-        if _BUSY_NAMES.intersection(exc.types):
-            return self._busy("writing events", str(exc))
-        if _REFUSED_NAMES.intersection(exc.types):
-            return self._refused("writing events", str(exc))
-        return self._failed_while("writing events", str(exc))
+        # By class name: WriterError.types lists every class of the exception's MRO
+        # in the writer process, so subclasses match as isinstance would.
+        names = frozenset(exc.types)
+        return self._classified("writing events", str(exc), lambda classes: any(
+            cls.__name__ in names for cls in classes))
 
     def _checked_pool(self) -> Any:
         if self._pool is None:
