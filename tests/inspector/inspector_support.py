@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import uuid
 from collections.abc import Iterator
 
@@ -27,3 +28,17 @@ def fresh_database(pg_dsn: str, prefix: str) -> Iterator[str]:
         yield pg_dsn.rsplit("/", 1)[0] + f"/{database}"
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+
+
+class FollowingStderr(io.StringIO):
+    """``pf tail``'s stderr: ``following`` is set once it prints its following line
+    (it has read what was already stored)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.following = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        if "following" in text:
+            self.following.set()
+        return super().write(text)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import queue
 import signal
@@ -20,10 +19,12 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import pytest
+from inspector_support import FollowingStderr
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow.state import StoredEvent
@@ -243,19 +244,6 @@ def _event(trace_id: str, seq: int) -> StoredEvent:
                        invocation_id=f"{seq:016x}", flow_id="f", seq=seq)
 
 
-class _Stderr(io.StringIO):
-    """tail's stderr: ``following`` is set once tail has read what was already there."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.following = asyncio.Event()
-
-    def write(self, text: str) -> int:
-        if "following" in text:
-            self.following.set()
-        return super().write(text)
-
-
 async def _tail_appended(url: str, trace_id: str | None, appended: list[StoredEvent],
                          expected: int) -> list[StoredEvent]:
     """Run ``tail`` in-process, append ``appended`` (one commit each) once it follows,
@@ -268,7 +256,7 @@ async def _tail_appended(url: str, trace_id: str | None, appended: list[StoredEv
         if len(shown) >= expected:
             enough.set()
 
-    err = _Stderr()
+    err = FollowingStderr()
     task = asyncio.create_task(tail(url, trace_id, show, err, interval_s=0.01))
     try:
         await asyncio.wait_for(err.following.wait(), DEADLINE_S)
@@ -325,17 +313,16 @@ def test_tail_shows_a_long_history_page_by_page_then_the_new_events(
     assert [e.seq for e in shown] == list(range(1, 29))
 
 
-def test_tail_waits_out_a_store_file_away_for_a_moment(sqlite_url: str) -> None:
-    # A poll that found no file (a rotation, a replace in two steps) ended pf tail.
-    path = Path(sqlite_url.removeprefix("sqlite:///"))
+def _tail_across(url: str, away: Callable[[Path], Awaitable[None]]
+                 ) -> tuple[list[StoredEvent], str]:
+    """Run ``tail`` (every trace) on the SQLite store ``url`` holding one trace; once it
+    follows, let ``away`` take the file away, check that tail is still running, store a
+    trace "new" in a new file there; return what tail showed, and its stderr."""
+    path = Path(url.removeprefix("sqlite:///"))
 
-    async def seed() -> None:
-        async with open_store(sqlite_url) as store:
+    async def scenario() -> tuple[list[StoredEvent], str]:
+        async with open_store(url) as store:
             await store.save_events([_event("old", 1)])
-
-    asyncio.run(seed())
-
-    async def scenario() -> list[StoredEvent]:
         shown: list[StoredEvent] = []
         arrived = asyncio.Event()
 
@@ -343,64 +330,43 @@ def test_tail_waits_out_a_store_file_away_for_a_moment(sqlite_url: str) -> None:
             shown.append(event)
             arrived.set()
 
-        err = _Stderr()
-        task = asyncio.create_task(tail(sqlite_url, None, show, err, interval_s=0.01))
+        err = FollowingStderr()
+        task = asyncio.create_task(tail(url, None, show, err, interval_s=0.01))
         try:
             await asyncio.wait_for(err.following.wait(), DEADLINE_S)
-            for suffix in ("", "-wal", "-shm"):
-                await asyncio.to_thread(path.with_name(path.name + suffix).unlink,
-                                        missing_ok=True)
-            await asyncio.sleep(0.1)  # polls that find no file (time must pass)
+            await away(path)
+            await asyncio.sleep(0.1)  # polls that find no store there (time must pass)
             assert not task.done()
-            async with open_store(sqlite_url) as store:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+            async with open_store(url) as store:
                 await store.save_events([_event("new", 1)])
             await asyncio.wait_for(arrived.wait(), DEADLINE_S)
-            assert "trying again" in err.getvalue()
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        return shown
+        return shown, err.getvalue()
 
-    assert [e.trace_id for e in asyncio.run(scenario())] == ["new"]
+    return asyncio.run(scenario())
+
+
+def test_tail_waits_out_a_store_file_away_for_a_moment(sqlite_url: str) -> None:
+    # A poll that found no file (a rotation, a replace in two steps) ended pf tail.
+    async def deleted(path: Path) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            await asyncio.to_thread(path.with_name(path.name + suffix).unlink, missing_ok=True)
+
+    shown, err = _tail_across(sqlite_url, deleted)
+    assert [e.trace_id for e in shown] == ["new"]
+    assert "trying again" in err
 
 
 def test_tail_follows_a_store_file_rotated_under_it(sqlite_url: str) -> None:
     # Renamed away and made anew between two polls: the reader found another file,
     # empty a moment, and took it for "not a trace store", ending pf tail.
-    path = Path(sqlite_url.removeprefix("sqlite:///"))
+    async def rotated(path: Path) -> None:
+        await asyncio.to_thread(path.rename, path.with_name(path.name + ".1"))
+        await asyncio.to_thread(path.touch)  # the new file, empty for a moment
 
-    async def seed() -> None:
-        async with open_store(sqlite_url) as store:
-            await store.save_events([_event("old", 1)])
-
-    asyncio.run(seed())
-
-    async def scenario() -> list[StoredEvent]:
-        shown: list[StoredEvent] = []
-        arrived = asyncio.Event()
-
-        def show(event: StoredEvent) -> None:
-            shown.append(event)
-            arrived.set()
-
-        err = _Stderr()
-        task = asyncio.create_task(tail(sqlite_url, None, show, err, interval_s=0.01))
-        try:
-            await asyncio.wait_for(err.following.wait(), DEADLINE_S)
-            rotated = path.with_name(path.name + ".1")
-            await asyncio.to_thread(path.rename, rotated)
-            await asyncio.to_thread(path.touch)  # the new file, empty for a moment
-            await asyncio.sleep(0.1)  # polls that find it empty (time must pass)
-            assert not task.done()
-            await asyncio.to_thread(path.unlink)
-            async with open_store(sqlite_url) as store:
-                await store.save_events([_event("new", 1)])
-            await asyncio.wait_for(arrived.wait(), DEADLINE_S)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        return shown
-
-    assert [e.trace_id for e in asyncio.run(scenario())] == ["new"]
+    shown, _ = _tail_across(sqlite_url, rotated)
+    assert [e.trace_id for e in shown] == ["new"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from inspector_support import FollowingStderr
 from test_app import opened, text_of
 
 from penguiflow.state import EVENTS_LOST_KIND, StoredEvent
@@ -112,22 +113,9 @@ def test_pf_traces_shows_the_status_and_the_lost_column(
     assert json.loads(capsys.readouterr().out) == []
 
 
-class _Following(io.StringIO):
-    """``pf tail``'s stderr: ``following`` is set once it prints its following line."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.following = asyncio.Event()
-
-    def write(self, text: str) -> int:
-        if "following" in text:
-            self.following.set()
-        return super().write(text)
-
-
 async def test_pf_tail_prints_the_marker_as_a_sentence(lossy_url: str) -> None:
     shown: list[str] = []
-    err = _Following()
+    err = FollowingStderr()
     tail = asyncio.create_task(cli.tail(lossy_url, LOSSY, lambda e: shown.append(
         render.event_line(e)), err))
     following = asyncio.create_task(err.following.wait())
