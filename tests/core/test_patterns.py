@@ -7,7 +7,7 @@ end in a running flow.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -210,26 +210,34 @@ async def test_a_join_drops_its_flows_group_at_cancel_or_stop(ending: str) -> No
         assert sorted((await fetch(flow)).payload) == ["Aok", "Bok"]
 
 
-async def test_a_join_group_waiting_on_a_queued_input_completes_after_stop_and_run(
-) -> None:
-    # stop() keeps queued items for the next run(): a join's group must stay too, or
-    # the input still queued starts a group of one that never completes.
+def _gated_join(gate: asyncio.Event, held: str, recorder: Recorder
+                ) -> Callable[[], PenguiFlow]:
+    """fan -> a, b -> join_k(2) -> Rookery, where b waits for ``gate`` on the payload
+    ``held``: a builder of flows, every one made of these very nodes."""
     none = NodePolicy(validate="none")
-    gate = asyncio.Event()
-    recorder = Recorder()
 
     async def fan(message: Message, ctx: Any) -> Message:
         return message
 
-    async def held(message: Message, ctx: Any) -> Message:
-        if message.payload == "first":
+    async def gated(message: Message, ctx: Any) -> Message:
+        if message.payload == held:
             await gate.wait()
         return message
 
     fan_node, a, b = (Node(fan, name="fan", policy=none), Node(fan, name="a", policy=none),
-                      Node(held, name="b", policy=none))
+                      Node(gated, name="b", policy=none))
     join = join_k("join", 2)
-    flow = create(fan_node.to(a, b), a.to(join), b.to(join), join.to(), middlewares=[recorder])
+    return lambda: create(fan_node.to(a, b), a.to(join), b.to(join), join.to(),
+                          middlewares=[recorder])
+
+
+async def test_a_join_group_waiting_on_a_queued_input_completes_after_stop_and_run(
+) -> None:
+    # stop() keeps queued items for the next run(): a join's group must stay too, or
+    # the input still queued starts a group of one that never completes.
+    gate = asyncio.Event()
+    recorder = Recorder()
+    flow = _gated_join(gate, "first", recorder)()
     async with running(flow):
         await flow.emit(_msg("first", trace_id="T1"))
         await flow.emit(_msg("second", trace_id="T2"))  # its b input queues behind T1's
@@ -243,26 +251,9 @@ async def test_a_join_group_waiting_on_a_queued_input_completes_after_stop_and_r
 async def test_a_join_node_shared_by_two_flows_keeps_their_groups_apart() -> None:
     # One join node in two flows at once (a playbook's subflows built from module-level
     # nodes): the first flow's stop() dropped the second's half-filled group as well.
-    none = NodePolicy(validate="none")
     gate = asyncio.Event()
-
-    async def fan(message: Message, ctx: Any) -> Message:
-        return message
-
-    async def held(message: Message, ctx: Any) -> Message:
-        if message.payload == "slow":
-            await gate.wait()
-        return message
-
-    fan_node, a, b = (Node(fan, name="fan", policy=none), Node(fan, name="a", policy=none),
-                      Node(held, name="b", policy=none))
-    join = join_k("join", 2)
     recorder = Recorder()
-
-    def build() -> PenguiFlow:
-        return create(fan_node.to(a, b), a.to(join), b.to(join), join.to(),
-                      middlewares=[recorder])
-
+    build = _gated_join(gate, "slow", recorder)
     slow, fast = build(), build()
     async with running(slow):
         await slow.emit(_msg("slow", trace_id="S"))
