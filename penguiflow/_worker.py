@@ -443,7 +443,5 @@ class NodeWorker:
         if ctx._chunks:  # what streamed before the cancel (the span's TTFC, the metric's)
             streamed = {"stream_chunks": ctx._chunks,
                         "stream_first_chunk_ts": ctx._first_chunk}
-        if ctx._open_streams:
-            ctx.forget_streams(trace_id)
         await self.rt.emit_event("node_trace_cancelled", ctx, trace_id, attempt=attempt,
                                   latency_ms=latency, extra=streamed, invocation_id=inv)

@@ -56,6 +56,8 @@ class ProcessedStore:
         self._followers = Followers()
         self._opened = False
         self._closed = False
+        #: When close() should be done (set by close(); see _close_time_left).
+        self._close_deadline: float | None = None
         self._processor: BatchProcessor | None = None
         if not readonly:
             self._processor = BatchProcessor(
@@ -95,7 +97,7 @@ class ProcessedStore:
     def _close_time_left(self, default: float) -> float:
         """What is left of ``close_timeout_s`` for :meth:`_close`'s releasing (a short
         grace at least); ``default`` outside close()."""
-        deadline: float | None = getattr(self, "_close_deadline", None)
+        deadline = self._close_deadline
         if deadline is None:
             return default
         return max(deadline - asyncio.get_running_loop().time(), RELEASE_GRACE_S)
@@ -108,7 +110,6 @@ class ProcessedStore:
         """
         if self._closed:
             return
-        #: When close() should be done (see _close_time_left).
         self._close_deadline = asyncio.get_running_loop().time() + self.close_timeout_s
         try:
             if self._processor is not None:

@@ -59,7 +59,6 @@ OnFull = Literal["block", "drop"]
 #: The least time a closing step is given to release a connection or process (its
 #: writer's close, a store's pool) once the close deadline has passed.
 RELEASE_GRACE_S = 0.1
-_RELEASE_S = RELEASE_GRACE_S
 
 # Traces whose lost events are tracked for markers, at most (a flood of drops across
 # a million traces must not grow memory without bound; past it only totals count).
@@ -561,7 +560,7 @@ class BatchProcessor:
     async def _shutdown(self, timeout: float | None) -> int:
         abandoned = 0
         # One deadline for the whole shutdown: writing what is left, then closing the
-        # writer with what remains of it (a grace of _RELEASE_S at least, to release
+        # writer with what remains of it (a grace of RELEASE_GRACE_S at least, to release
         # the backend's connection or process cleanly).
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -594,7 +593,7 @@ class BatchProcessor:
                 future.set_result(None)
         self._waiters.clear()
         self._buffer.clear()
-        left = None if deadline is None else max(deadline - loop.time(), _RELEASE_S)
+        left = None if deadline is None else max(deadline - loop.time(), RELEASE_GRACE_S)
         try:
             await asyncio.wait_for(self.writer.close(), left)
         except TimeoutError:

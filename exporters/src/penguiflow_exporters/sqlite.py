@@ -410,7 +410,7 @@ class SQLiteStateStore(ProcessedStore):
         self._reopening = False
         #: How many times the file was found replaced (a follower's marks are per file).
         self._generation = 0
-        self._went_away = False  # the file was missing at a reopen: a new one comes
+        self._went_away = False  # missing or another file at a reopen: a new one comes
 
     def __repr__(self) -> str:
         return f"SQLiteStateStore({str(self.path)!r})"
