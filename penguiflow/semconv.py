@@ -85,25 +85,28 @@ M_OBSERVER_FAILURES: Final = "pf.observer.failures"
 
 def workflow_span_name(flow_name: str | None) -> str:
     """``invoke_workflow {flow name}`` (the root span of a trace)."""
-    return f"{OP_INVOKE_WORKFLOW} {_utf8(flow_name)}" if flow_name else OP_INVOKE_WORKFLOW
+    return f"{OP_INVOKE_WORKFLOW} {utf8_text(flow_name)}" if flow_name else OP_INVOKE_WORKFLOW
 
 
 def agent_span_name(name: str | None) -> str:
     """``invoke_agent {node or remote skill name}`` (node and remote-call spans)."""
-    return f"{OP_INVOKE_AGENT} {_utf8(name)}" if name else OP_INVOKE_AGENT
+    return f"{OP_INVOKE_AGENT} {utf8_text(name)}" if name else OP_INVOKE_AGENT
 
 
-def _utf8(name: str) -> str:
-    """``name`` with each lone surrogate (legal in a str, not in UTF-8) as U+FFFD.
+def utf8_text(text: str) -> str:
+    """``text`` with each lone surrogate (legal in a str, not in UTF-8) as U+FFFD;
+    ``text`` itself when it encodes as UTF-8. Never raises.
 
-    An exporter must encode a span's name: the OTLP encoder refuses one it cannot,
-    and with it the whole batch (up to 512 spans of other traces); an attribute it
-    cannot encode loses only itself.
+    For text that leaves the process: an exporter must encode a span's name (the
+    OTLP encoder refuses one it cannot, and with it the whole batch, up to 512 spans
+    of other traces), and a chunk written raw on an SSE stream must not cut the
+    client's stream short. A paired surrogate is kept as its character.
     """
-    if name.isascii():
-        return name
+    if text.isascii():
+        return text
     try:
-        name.encode()
+        text.encode()
     except UnicodeEncodeError:
-        return name.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return name
+        # Through UTF-16, which keeps a paired surrogate and replaces a lone one.
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from penguiflow.semconv import utf8_text
 from penguiflow.streaming import format_sse_event
 
 from ._tasks import Subscriber, TaskRecord
@@ -24,11 +25,7 @@ def utf8(text: str) -> bytes:
     """``text`` as UTF-8, a lone surrogate (legal in a Python str, not in UTF-8) as
     U+FFFD: a chunk's text goes on the wire raw (not as JSON, which could escape it),
     and one unencodable character must not cut the client's stream short."""
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        # Through UTF-16, which keeps a paired surrogate and replaces a lone one.
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
+    return utf8_text(text).encode()
 
 
 def jsonable(value: Any) -> Any:

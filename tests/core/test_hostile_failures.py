@@ -21,6 +21,7 @@ from pfcore_support import Recorder, msg
 
 from penguiflow import FlowError, Headers, Message, Node, NodePolicy, create
 from penguiflow.errors import SAFE_TEXT_LIMIT, safe_repr, safe_str
+from penguiflow.semconv import utf8_text
 from penguiflow.state import InMemoryStateStore
 from penguiflow.types import check_trace_id
 
@@ -95,6 +96,23 @@ def test_safe_text_always_encodes_to_utf8() -> None:
     text.encode("utf-8")
     assert "\\ud800" in text and "\\x00" in text
     safe_repr(ValueError("\udfff")).encode("utf-8")
+
+
+@given(st.text())
+def test_utf8_text_encodes_anything_and_keeps_what_already_encodes(text: str) -> None:
+    out = utf8_text(text)
+    out.encode("utf-8")  # never raises
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        assert len(out) <= len(text) and "\ufffd" in out
+    else:
+        assert out == text
+
+
+def test_utf8_text_replaces_only_the_lone_surrogate() -> None:
+    assert utf8_text("a\ud800b\udfffc") == "a\ufffdb\ufffdc"
+    assert utf8_text("\U0001f427 \ud800") == "\U0001f427 \ufffd"
 
 
 # ------------------------------------------------------- unprintable exceptions
