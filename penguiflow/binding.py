@@ -255,6 +255,14 @@ class BusBinding:
         if trace_id is not None and not isinstance(trace_id, str):
             trace_id = str(trace_id)
         turn = _TURN.get()
+        if trace_id is None:
+            # A plain value (a dict, a str) carries no trace id: the trace that made
+            # it does (its origin, as in one process, or the parcel being handled),
+            # so fetch_traced names it, a cancel drops it and its hop is recorded.
+            if origin is not None and len(origin) > 2 and isinstance(origin[2], str):
+                trace_id = origin[2]
+            elif turn is not None:
+                trace_id = turn.inbound.trace_id
         if turn is not None:
             hop = _hop(turn.hop, label, turn.sent)
             turn.sent += 1
@@ -347,11 +355,7 @@ class BusBinding:
         ctx = self._contexts.get(floe.target)
         if trace_id is not None:
             if trace_id in self._cancelled:
-                self.stats["cancel_drops"] += 1
-                await self.bus.settle(inbound)
-                if ctx is not None:
-                    await rt.emit_event("trace_cancel_drop", ctx, trace_id,
-                                        extra={"edge": parcel.edge, "entry": str(handle)})
+                await self._drop_cancelled(inbound, ctx, trace_id)
                 return
             self._remember(self._replies, trace_id, parcel.reply_to)
         try:
@@ -370,6 +374,13 @@ class BusBinding:
                        "deliveries": deliveries, "worker_id": self.worker_id,
                        "emitter": parcel.reply_to,
                        **({"previous_worker": previous} if previous else {})})
+        if trace_id is not None and trace_id in self._cancelled:
+            # Cancelled while the event above was recorded (a store or middleware
+            # may take its time): the trace had no item counted here yet, so the
+            # cancel found nothing to stop; this parcel is dropped as it would
+            # have been before.
+            await self._drop_cancelled(inbound, ctx, trace_id)
+            return
         if floe.target is ROOKERY:
             # A result is settled once it is here: fetch() is its end, and a process
             # that dies before fetching has no caller left to give it to.
@@ -382,6 +393,15 @@ class BusBinding:
             if trace_id is not None:
                 rt.release(trace_id)
             raise
+
+    async def _drop_cancelled(self, inbound: Inbound, ctx: Context | None,
+                              trace_id: str) -> None:
+        self.stats["cancel_drops"] += 1
+        await self.bus.settle(inbound)
+        if ctx is not None:
+            await self._rt.emit_event("trace_cancel_drop", ctx, trace_id,
+                                      extra={"edge": inbound.edge,
+                                             "entry": str(inbound.handle)})
 
     async def reject(self, parcel: Parcel, *, handle: Any, deliveries: int,
                      reason: str) -> None:

@@ -17,9 +17,12 @@ What an item becomes:
 A tagged value is ``{"t": tag, "v": json}``: ``tag`` is ``"module:QualName"`` for a
 pydantic model instance, else null. On the way in, a tag the receiver knows gives
 the model back; an unknown tag leaves the plain JSON data (a node that validates
-with a registry turns it into its input model then). Tuples and sets arrive as
-lists, containers of models as containers of dicts: JSON has no more. NaN and
-infinities are kept (written as ``NaN`` / ``Infinity``).
+with a registry turns it into its input model then). A plain value arrives as its
+JSON form, which JSON's few types make lossy (``docs/guides/distributed.md`` has
+the table): tuples and sets as lists, non-str dict keys as str, bytes, datetimes,
+Decimals and UUIDs as str, an Enum as its value, containers of models as
+containers of dicts. NaN and infinities are kept (written as ``NaN`` /
+``Infinity``). A node that needs the types back takes a model.
 
 Encoding fails with :class:`~penguiflow.errors.WireEncodingError` (a
 ``TypeError``) naming the edge and the type; decoding fails with
@@ -107,11 +110,50 @@ def dumps_item(item: Any, *, edge: str = "?") -> bytes:
         # NaN and infinities as JSON5-style constants: kept, not silently nulled.
         return pydantic_core.to_json(doc, inf_nan_mode="constants")
     except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
-        payload = item.payload if isinstance(item, Message) else item
+        kind, where = _culprit(item)
         raise WireEncodingError(
-            f"cannot send a {type(payload).__name__} on edge {edge!r}: it has no JSON form "
+            f"cannot send a {kind} on edge {edge!r}{where}: it has no JSON form "
             f"({safe_repr(exc)}); send a pydantic model or JSON data (dict, list, str, "
             f"number, bool, None) across processes") from exc
+
+
+def _culprit(item: Any) -> tuple[str, str]:
+    """The type JSON could not write, and where in ``item`` it is: a Message's
+    payload when that alone fails, else the Message field that does (its meta)."""
+    if not isinstance(item, Message):
+        return type(item).__name__, ""
+    try:
+        pydantic_core.to_json(_tagged(item.payload), inf_nan_mode="constants")
+    except Exception:
+        return type(item.payload).__name__, " (the Message's payload)"
+    for name in type(item).model_fields:
+        if name == "payload":
+            continue
+        try:
+            pydantic_core.to_json(item.model_dump(mode="json", include={name}))
+        except Exception:
+            return _refused_types(getattr(item, name)), f" (in the Message's {name!r})"
+    return type(item.payload).__name__, ""
+
+
+def _refused_types(value: Any) -> str:
+    """The type names of the values in ``value`` (a dict: meta) JSON refuses."""
+    values = value.values() if isinstance(value, dict) else [value]
+    bad: dict[str, None] = {}
+    for v in values:
+        try:
+            pydantic_core.to_json(v)
+        except Exception:
+            bad[type(v).__name__] = None
+    return ", ".join(bad) or type(value).__name__
+
+
+def _text_or_none(e: dict[str, Any], key: str) -> str | None:
+    value = e.get(key)
+    if value is not None and not isinstance(value, str):
+        raise WireDecodingError(f"a FlowError's {key!r} must be a string or null, "
+                                f"not {type(value).__name__}")
+    return value
 
 
 def _value(doc: Any, types: WireTypes) -> Any:
@@ -144,10 +186,21 @@ def loads_item(data: bytes | str, types: WireTypes) -> Any:
             return Message.model_validate({**fields, "payload": _value(doc.get("p"), types)})
         if "e" in doc:
             e = doc["e"]
-            error = FlowError(trace_id=e.get("trace_id"), node_name=e.get("node_name"),
-                              node_id=e.get("node_id"), code=e["code"], message=e["message"],
-                              metadata=e.get("metadata"))
-            error.exception_type = e.get("exception_type")
+            if not isinstance(e, dict):
+                raise WireDecodingError("a FlowError's fields must be an object")
+            # From the broker, so untrusted: a trace id that is not a str would
+            # break every table keyed by it (the reader that took it, with it).
+            code, message = e["code"], e["message"]
+            if not isinstance(code, str) or not isinstance(message, str):
+                raise WireDecodingError("a FlowError's 'code' and 'message' must be strings")
+            metadata = e.get("metadata")
+            if metadata is not None and not isinstance(metadata, dict):
+                raise WireDecodingError("a FlowError's 'metadata' must be an object or null")
+            error = FlowError(trace_id=_text_or_none(e, "trace_id"),
+                              node_name=_text_or_none(e, "node_name"),
+                              node_id=_text_or_none(e, "node_id"), code=code, message=message,
+                              metadata=metadata)
+            error.exception_type = _text_or_none(e, "exception_type")
             return error
         return _value(doc, types)
     except WireDecodingError:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import threading
 from typing import Any
 
 import pytest
@@ -67,6 +69,25 @@ def test_a_value_with_no_json_form_is_refused_naming_edge_and_type(payload: Any)
         dumps_item(Message(payload=payload, headers=Headers(tenant="t")), edge="x->y")
     assert f"cannot send a {type(payload).__name__} on edge 'x->y'" in str(info.value)
     assert isinstance(info.value, TypeError)
+
+
+def test_a_meta_value_with_no_json_form_is_named_not_the_payload() -> None:
+    with pytest.raises(WireEncodingError) as info:
+        dumps_item(Message(payload="fine", headers=Headers(tenant="t"),
+                           meta={"ok": 1, "lock": threading.Lock()}), edge="x->y")
+    assert "cannot send a lock on edge 'x->y' (in the Message's 'meta')" in str(info.value)
+    assert "a str" not in str(info.value)
+
+
+@pytest.mark.parametrize("fields", [
+    {"trace_id": ["not", "text"]}, {"node_name": {"a": 1}}, {"node_id": 3},
+    {"exception_type": 1.5}, {"code": 7}, {"message": None}, {"metadata": [1]}])
+def test_a_flow_error_with_fields_of_the_wrong_type_is_refused(fields: dict[str, Any]) -> None:
+    e = {"trace_id": "t", "node_name": "n", "node_id": "i", "code": "C", "message": "m",
+         "metadata": None, **fields}
+    with pytest.raises(WireDecodingError) as info:
+        loads_item(json.dumps({"e": e}).encode(), WireTypes())
+    assert next(iter(fields)) in str(info.value) or "strings" in str(info.value)
 
 
 def test_wire_types_must_be_models() -> None:

@@ -309,6 +309,108 @@ async def test_a_poison_entry_is_dropped_counted_and_the_flow_goes_on(
         await pair.stop()
 
 
+async def test_a_hostile_entry_that_decodes_yet_breaks_delivery_loses_only_itself(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    # Both decode to an item; the first's FlowError has a trace id that is not text
+    # (it killed the edge's reader), the second names an edge its stream does not
+    # carry (held for ever, on a queue no node here takes from).
+    pair = Pair(dist_flows.chain, redis_url, namespace)
+    pair.worker.run(message_bus=pair.worker_bus, nodes=["a", "b"])
+    other = dist_flows.chain()
+    other_bus = RedisMessageBus(redis_url, namespace=namespace)
+    other.run(message_bus=other_bus, nodes=["c", "d", "e"])
+    await pair.worker_bus.ready()
+    await other_bus.ready()
+    await pair.start(worker=False)
+    first = f"{namespace}:chain:edge:OpenSea->a"
+    second = f"{namespace}:chain:edge:a->b"
+    try:
+        await redis.xadd(first, {
+            b"e": b"OpenSea->a", b"t": b"", b"m": b"x h1 - 1.0 -",
+            b"d": b'{"e": {"trace_id": [1], "code": "X", "message": "m"}}'})
+        for i in range(3):
+            await redis.xadd(second, {b"e": b"c->d", b"d": dumps_item(msg("bad", "bad")),
+                                      b"t": b"bad", b"m": f"x h{i} - 1.0 -".encode()})
+        for n in range(3):  # both edges still carry every message
+            await pair.client.emit(msg(f"ok{n}:"))
+            assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == f"ok{n}:abcde"
+        binding = pair.worker.binding
+        assert binding is not None and binding.stats["undeliverable"] == 4
+        await eventually(lambda: not any(pair.worker_bus._in_hand.values()),
+                         "every entry taken was settled")
+        assert await redis.xlen(first) == 0 and await redis.xlen(second) == 0
+    finally:
+        await other.stop()
+        await pair.stop()
+
+
+async def test_a_bad_cancel_entry_does_not_stop_a_process_from_starting(
+        redis_url: str, namespace: str, redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    await redis.xadd(f"{namespace}:chain:control", {b"cancel": b"\xff\xfe not utf-8"})
+    with caplog.at_level(logging.ERROR):
+        pair = await asyncio.wait_for(Pair(dist_flows.chain, redis_url, namespace).start(), 10)
+    try:
+        await pair.client.emit(msg("ok:"))
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "ok:abcde"
+        assert "bus_cancel_failed" in {r.getMessage() for r in caplog.records}
+    finally:
+        await pair.stop()
+
+
+async def test_a_plain_result_over_the_bus_names_its_trace_as_in_one_process(
+        redis_url: str, namespace: str) -> None:
+    def build() -> PenguiFlow:
+        async def answer(m: Message, ctx: Any) -> dict[str, str]:
+            return {"answer": m.payload}
+        return create(Node(answer, name="answer", policy=NONE).to(), name="plain")
+
+    pair = await Pair(build, redis_url, namespace).start()
+    try:
+        await pair.client.emit(msg("x", "T-bus"))
+        got = await asyncio.wait_for(pair.client.fetch_traced(), 10)
+        assert got == ("T-bus", {"answer": "x"})
+    finally:
+        await pair.stop()
+
+
+async def test_a_cancel_while_the_fetch_event_is_recorded_still_stops_the_trace(
+        redis_url: str, namespace: str) -> None:
+    # The worker records message_fetch through a middleware that holds it until the
+    # client's cancel has reached the worker: the node must not run the trace.
+    ran: list[str] = []
+    cancel_seen = asyncio.Event()
+    holding = asyncio.Event()
+
+    async def hold(event: Any) -> None:
+        if event.event_type == "message_fetch" and event.trace_id == "T1":
+            holding.set()
+            await cancel_seen.wait()
+
+    def build() -> PenguiFlow:
+        async def a(m: Message, ctx: Any) -> Message:
+            ran.append(m.trace_id)
+            return m
+        return create(Node(a, name="a", policy=NONE).to(), name="held")
+
+    pair = Pair(build, redis_url, namespace)
+    pair.worker.add_middleware(hold)
+    await pair.start()
+    try:
+        await pair.client.emit(msg("x", "T1"))
+        await asyncio.wait_for(holding.wait(), 10)
+        assert await pair.client.cancel("T1")
+        binding = pair.worker.binding
+        assert binding is not None
+        await eventually(lambda: binding.is_cancelled("T1"), "the cancel reached the worker")
+        cancel_seen.set()
+        await eventually(lambda: binding.stats["cancel_drops"] == 1, "the parcel dropped")
+        await pair.client.emit(msg("y", "T2"))  # the worker goes on with the next trace
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "y"
+        assert ran == ["T2"]
+    finally:
+        await pair.stop()
+
+
 async def test_results_never_wait_for_a_client_that_went_away(
         redis_url: str, namespace: str, redis: Any) -> None:
     def build() -> PenguiFlow:

@@ -64,6 +64,56 @@ def test_pf_worker_exits_0_on_sigterm_while_redis_is_unreachable() -> None:
             proc.stderr.close()
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                # The field after the command's closing parenthesis: state, then ppid.
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree in /proc")
+def test_pf_worker_concurrency_starts_that_many_single_workers_and_no_more() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "penguiflow_distributed.worker", "dist_flows:chain",
+         "--bus", f"redis://127.0.0.1:{free_port()}/0?max_backoff_s=0.2",
+         "--concurrency=2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        seen = 0
+        for line in proc.stderr:  # each worker logs its first link error once
+            seen += "bus_redis_unreachable" in line
+            if seen == 2:
+                break
+        children = _children(proc.pid)
+        assert len(children) == 2
+        assert not [c for child in children for c in _children(child)]  # no chain
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_an_abbreviated_option_is_refused_rather_than_guessed(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Guessed, --concurr 2 reached every child too, each starting two more.
+    with pytest.raises(SystemExit) as info:
+        main(["dist_flows:chain", "--bus", "redis://127.0.0.1:1/0", "--concurr", "2"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --concurr 2" in capsys.readouterr().err
+
+
 def test_pf_worker_fails_with_the_reason_when_redis_refuses_the_bus(
         redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

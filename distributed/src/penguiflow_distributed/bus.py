@@ -207,6 +207,7 @@ class RedisMessageBus:
         #: Entries delivered here and not settled yet, per stream (kept alive).
         self._in_hand: dict[str, set[str]] = {}
         self._edge_streams: list[str] = []
+        self._stream_edges: dict[str, str] = {}
         self._drained = asyncio.Event()
         self._drained.set()
         #: Settles due, flushed together by one task (one Redis call for all of them).
@@ -310,13 +311,20 @@ class RedisMessageBus:
         try:
             await self._retrying("create the consumer groups", self._create_groups, streams)
             last = await self._retrying("read past cancels", self._past_cancels, control)
-        except ResponseError as exc:
-            # Not a link problem, so retrying will not help: every send says why.
+        except Exception as exc:
+            # Not a link problem (those are retried above), so retrying will not
+            # help: ready() and every send say why, none waits for ever.
             self._bind_error = BusBindError(
                 f"Redis at {_redact(self.url)} refused the bus for flow "
-                f"{binding.flow_name!r} (namespace {self.namespace!r}): {exc}")
+                f"{binding.flow_name!r} (namespace {self.namespace!r}): "
+                f"{exc if isinstance(exc, ResponseError) else repr(exc)[:500]}")
             self._ready.set()
             raise self._bind_error from exc
+        # What each stream may carry: its own edge's entries; the reply stream,
+        # results (an edge to Rookery). An entry naming another edge is refused.
+        self._stream_edges = {self.edge_stream(e.label): e.label
+                              for e in binding.edges.values()
+                              if e.local and not e.to_rookery}
         self._tasks = [asyncio.create_task(self._read(s), name=f"pf-bus:read:{s}")
                        for s in streams]
         self._tasks.append(asyncio.create_task(self._control(control, last),
@@ -360,10 +368,16 @@ class RedisMessageBus:
         binding = self._binding
         assert binding is not None
         entries = await self._redis.xrevrange(control, count=1000)
-        for _entry, fields in reversed(entries):
+        for entry, fields in reversed(entries):
             trace = fields.get(b"cancel")
             if trace:
-                await binding.cancelled_elsewhere(trace.decode("utf-8", "surrogatepass"))
+                try:
+                    await binding.cancelled_elsewhere(trace.decode("utf-8", "surrogatepass"))
+                except Exception as exc:
+                    # Anyone who can write to Redis can write here: one bad entry
+                    # loses only itself, never the start of every later process.
+                    logger.error("bus_cancel_failed", extra={
+                        "entry": _str(entry), "error": repr(exc)[:300]})
         return entries[0][0] if entries else b"0-0"
 
     async def drain(self, timeout: float | None) -> int:
@@ -581,7 +595,39 @@ class RedisMessageBus:
             await self.settle(Inbound(None, 0.0, None, "?", handle, "", "", deliveries))
             return
         self.stats["delivered"] += 1
-        await binding.deliver(parcel, handle=handle, deliveries=deliveries, previous=previous)
+        misplaced = self._misplaced(stream, parcel.edge)
+        if misplaced is not None:
+            await binding.reject(parcel, handle=handle, deliveries=deliveries,
+                                 reason=misplaced)
+            return
+        try:
+            await binding.deliver(parcel, handle=handle, deliveries=deliveries,
+                                  previous=previous)
+        except Exception as exc:
+            # An entry whose fields decode yet break delivery (written by someone
+            # else than a bus) loses only itself: the reader that took it goes on.
+            await binding.reject(parcel, handle=handle, deliveries=deliveries,
+                                 reason=f"cannot deliver it: {type(exc).__name__}: "
+                                        f"{repr(exc)[:300]}")
+
+    def _misplaced(self, stream: str, edge: str) -> str | None:
+        """Why an entry of ``stream`` naming ``edge`` cannot be delivered, or None.
+
+        A stream carries its own edge's entries, the reply stream only results: an
+        entry naming another edge (not written by a bus) would be put on a queue
+        that no node here takes from, and held, never settled, for ever."""
+        binding = self._binding
+        assert binding is not None
+        expected = self._stream_edges.get(stream)
+        if expected is not None:
+            if edge == expected:
+                return None
+        else:
+            found = binding.edges.get(edge)
+            if found is not None and found.to_rookery:
+                return None
+        return (f"an entry of stream {stream!r} names edge {edge!r}: a stream carries "
+                f"only {'its edge ' + repr(expected) if expected else 'results'}")
 
     def _hold(self, stream: str, entry_id: str) -> _Handle:
         """Count an entry as in hand (kept alive, awaited by :meth:`drain`) until its

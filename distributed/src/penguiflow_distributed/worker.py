@@ -59,7 +59,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(prog: str = "pf worker") -> argparse.ArgumentParser:
     """The ``pf worker`` argument parser."""
-    parser = _Parser(prog=prog, description=(
+    # allow_abbrev=False: a child is told its own --concurrency, and an abbreviated
+    # spelling the parent took (--concurr 2) would otherwise reach it too.
+    parser = _Parser(prog=prog, allow_abbrev=False, description=(
         "Run a share of a flow's nodes in this process, over Redis Streams "
         "(at-least-once; SIGTERM drains and exits 0)."))
     parser.add_argument("target", metavar="MODULE:ATTR",
@@ -217,8 +219,9 @@ def _supervise(argv: Sequence[str], count: int) -> int:
             skip = True
         elif not arg.startswith("--concurrency="):
             cleaned.append(arg)
+    # Each child runs one worker, whatever else argv said (the last option wins).
     children = [subprocess.Popen([sys.executable, "-m", "penguiflow_distributed.worker",
-                                  *cleaned]) for _ in range(count)]
+                                  *cleaned, "--concurrency", "1"]) for _ in range(count)]
 
     def forward(sig: int, _frame: Any) -> None:
         for child in children:
