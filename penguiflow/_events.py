@@ -41,6 +41,7 @@ EVENT_LEVELS: dict[str, int] = {
     "deadline_skip": logging.INFO,
     "trace_cancel_drop": logging.INFO,
     "node_trace_cancelled": logging.INFO,
+    "node_abandoned": logging.WARNING,
     "node_cancelled": logging.DEBUG,
     "trace_cancel_start": logging.INFO,
     "trace_cancel_finish": logging.INFO,
@@ -151,6 +152,11 @@ class EventPipeline:
         self.direct = self.listening and store_ok and not self.middlewares
         self.sole_store = self.fast_store if self.tracer is None else None
         self.sole_values = self.fast_values if self.tracer is None else None
+
+    @property
+    def state_store(self) -> StateStore | None:
+        """The flow's state store, if any."""
+        return self._store
 
     def set_store(self, store: StateStore) -> None:
         """Attach ``store`` (counters and the event sequence carry on)."""

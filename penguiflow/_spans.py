@@ -381,6 +381,23 @@ class SpanModel:
         span.status_description = "trace cancelled"
         self._end_node(spans, inv, ns, attempt)
 
+    def _node_abandoned(self, spans: _TraceSpans, ns: int, node_name: str | None,
+                        node_id: str | None, inv: str | None, parents: tuple[str, ...],
+                        attempt: int, latency_ms: float | None,
+                        extra: Mapping[str, Any]) -> None:
+        # Recorded by the process that took the input again: the span exists only
+        # where its start was recorded too (``pf export``), never in that process.
+        span = spans.nodes.get(inv) if inv is not None else None
+        if span is None:
+            return
+        span.attributes[sc.ERROR_TYPE] = sc.ERROR_ABANDONED
+        worker = extra.get("worker_id")
+        if isinstance(worker, str):
+            span.attributes[sc.PF_WORKER_ID] = worker
+        span.status = "error"
+        span.status_description = "abandoned: its worker stopped mid-node"
+        self._end_node(spans, inv, ns, attempt)
+
     # -- trace-level events ------------------------------------------------------------
 
     def _deadline_skip(self, spans: _TraceSpans, ns: int, node_name: str | None,
@@ -587,6 +604,7 @@ _HANDLERS: dict[str, _Handler] = {
     "node_retry": SpanModel._node_retry,
     "node_failed": SpanModel._node_failed,
     "node_trace_cancelled": SpanModel._node_cancelled,
+    "node_abandoned": SpanModel._node_abandoned,
     "deadline_skip": SpanModel._deadline_skip,
     "trace_cancel_start": SpanModel._cancel_start,
     "trace_cancel_finish": SpanModel._cancel_finish,

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ._graph import ROOKERY, Floe, owner_label
 from .errors import ConfigurationError, WireDecodingError, safe_repr, safe_str
+from .state import TERMINAL_KINDS
 from .types import Message, StreamChunk
 from .wire import WireTypes, dumps_item, loads_item
 
@@ -77,6 +78,9 @@ logger = logging.getLogger("penguiflow.binding")
 #: How many traces a process remembers as cancelled (oldest forgotten first), and
 #: how many traces' emitters it remembers (to route their results home).
 _REMEMBERED = 100_000
+#: How long a claim waits for the store to list a trace's events (see
+#: ``BusBinding._close_abandoned``).
+_ABANDONED_READ_S = 10.0
 
 
 class BusEdge(NamedTuple):
@@ -223,10 +227,11 @@ class BusBinding:
         #: Emitters of the traces seen here: their results go home.
         self._replies: OrderedDict[str, str] = OrderedDict()
         #: Counters: parcels delivered, settled, dropped as cancelled or undeliverable,
-        #: duplicates refused by the bus, redeliveries seen, background sends failed.
+        #: duplicates refused by the bus, redeliveries seen, background sends failed,
+        #: invocations of stopped workers closed (``node_abandoned``).
         self.stats: dict[str, int] = dict.fromkeys(
             ("sent", "duplicates", "delivered", "redelivered", "settled", "cancel_drops",
-             "undeliverable", "send_failures"), 0)
+             "undeliverable", "send_failures", "abandoned"), 0)
 
     # -- sending (the runtime's puts) ----------------------------------------------
 
@@ -374,6 +379,11 @@ class BusBinding:
                        "deliveries": deliveries, "worker_id": self.worker_id,
                        "emitter": parcel.reply_to,
                        **({"previous_worker": previous} if previous else {})})
+        if previous and ctx is not None and trace_id is not None and floe.target is not ROOKERY:
+            store = rt.events.state_store
+            if store is not None:
+                rt.spawn(self._close_abandoned(store, ctx, trace_id, previous, parcel,
+                                               str(handle)))
         if trace_id is not None and trace_id in self._cancelled:
             # Cancelled while the event above was recorded (a store or middleware
             # may take its time): the trace had no item counted here yet, so the
@@ -393,6 +403,48 @@ class BusBinding:
             if trace_id is not None:
                 rt.release(trace_id)
             raise
+
+    async def _close_abandoned(self, store: Any, ctx: Context, trace_id: str, worker: str,
+                               parcel: Parcel, entry: str) -> None:
+        """Record ``node_abandoned`` for the invocations ``worker`` started on this
+        parcel and never ended: that worker stopped holding it (it was claimed from
+        it), so they never will, and the trace would show as running for ever.
+
+        Read from the store, where the stopped worker recorded them: an invocation
+        of this node on that worker, with this parcel's sender as its parent,
+        started and with no end. In the background (a claim is rare; the delivery
+        does not wait), bounded, and, like any observer, never failing the flow:
+        a store that cannot answer is logged and the invocation left open.
+        """
+        parents = (parcel.inv,) if parcel.inv else ()
+        try:
+            history = await asyncio.wait_for(store.load_history(trace_id), _ABANDONED_READ_S)
+        except Exception as exc:
+            logger.warning("bus_abandoned_lookup_failed", extra={
+                "trace_id": trace_id, "worker_id": worker,
+                "error": f"{type(exc).__name__}: {safe_str(exc)}"})
+            return
+        started: dict[str, int] = {}
+        ended: set[str] = set()
+        for ev in history:
+            inv = ev.invocation_id
+            if inv is None:
+                continue
+            if ev.kind == "node_start":
+                if ev.flow_id == worker and ev.node_name == ctx.owner.name \
+                        and tuple(ev.parent_invocation_ids or ()) == parents:
+                    started[inv] = max(started.get(inv, 0), ev.attempt or 0)
+            elif ev.kind in TERMINAL_KINDS:
+                ended.add(inv)
+        for inv, attempt in started.items():
+            if inv in ended:
+                continue
+            self.stats["abandoned"] += 1
+            await self._rt.emit_event(
+                "node_abandoned", ctx, trace_id, attempt=attempt, invocation_id=inv,
+                parents=parents,
+                extra={"worker_id": worker, "claimed_by": self.worker_id,
+                       "edge": parcel.edge, "entry": entry})
 
     async def _drop_cancelled(self, inbound: Inbound, ctx: Context | None,
                               trace_id: str) -> None:

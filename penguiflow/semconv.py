@@ -59,6 +59,7 @@ ERROR_TIMEOUT: Final = "timeout"
 ERROR_CANCELLED: Final = "cancelled"
 ERROR_DEADLINE: Final = "deadline_exceeded"
 ERROR_BUDGET: Final = "budget_exhausted"
+ERROR_ABANDONED: Final = "abandoned"
 
 # -- span event names ------------------------------------------------------------------
 EV_RETRY: Final = "pf.node.retry"

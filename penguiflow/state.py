@@ -229,8 +229,12 @@ def counts_as_failed_invocation(kind: str, attempt: int | None) -> bool:
     if kind in PER_ATTEMPT_ERROR_KINDS:
         return not attempt
     return kind in ERROR_KINDS and kind != "node_failed"
-#: Event kinds that end an invocation (``node_start`` opens one).
-TERMINAL_KINDS = frozenset({"node_success", "node_failed", "node_trace_cancelled"})
+#: Event kinds that end an invocation (``node_start`` opens one). ``node_abandoned``
+#: is recorded by another process: the worker that ran the invocation stopped
+#: mid-node, and the one that took its input again closes it (see
+#: ``penguiflow.binding``).
+TERMINAL_KINDS = frozenset({"node_success", "node_failed", "node_trace_cancelled",
+                            "node_abandoned"})
 
 
 def check_page(offset: int, limit: int) -> None:

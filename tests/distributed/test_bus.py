@@ -411,6 +411,67 @@ async def test_a_cancel_while_the_fetch_event_is_recorded_still_stops_the_trace(
         await pair.stop()
 
 
+class _UnreadableStore(InMemoryStateStore):
+    async def load_history(self, trace_id: str) -> list[Any]:
+        raise OSError("the database went away")
+
+
+@pytest.mark.parametrize("readable", [True, False])
+async def test_an_attempt_of_a_stopped_worker_is_closed_by_the_one_that_ran_it_again(
+        redis_url: str, namespace: str, readable: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Worker 1 starts `a` on the trace's input and stops mid-node without settling
+    # it (as a killed process would); worker 2 claims the input and runs `a` again.
+    # The first attempt never ends where it ran: worker 2 records that it was
+    # abandoned, so the trace does not show as running for ever.
+    store = InMemoryStateStore() if readable else _UnreadableStore()
+    started = asyncio.Event()
+
+    def build() -> PenguiFlow:
+        async def a(m: Message, ctx: Any) -> Message:
+            if not started.is_set():
+                started.set()
+                await asyncio.Event().wait()  # the first attempt never ends
+            return m
+        return create(Node(a, name="a", policy=NONE).to(), name="abandon")
+
+    first, second, client = build(), build(), build()
+    first_bus, second_bus, client_bus = (
+        RedisMessageBus(redis_url, namespace=namespace, claim_idle_s=0.3) for _ in range(3))
+    first.run(message_bus=first_bus, state_store=store)
+    client.run(message_bus=client_bus, nodes=[])
+    await first_bus.ready()
+    await client_bus.ready()
+    try:
+        await client.emit(msg("x", "T-ab"))
+        await asyncio.wait_for(started.wait(), 10)
+        first_id = first.binding.worker_id if first.binding else None
+        await first.stop()  # holds the entry unsettled: claimable after 0.3 s
+        with caplog.at_level(logging.WARNING):
+            second.run(message_bus=second_bus, state_store=store)
+            assert (await asyncio.wait_for(client.fetch(), 10)).payload == "x"
+            binding = second.binding
+            assert binding is not None
+            await second.stop()  # awaits the background close
+        history = await InMemoryStateStore.load_history(store, "T-ab")
+        starts = [e for e in history if e.kind == "node_start"]
+        assert len(starts) == 2 and starts[0].flow_id == first_id
+        closed = [e for e in history if e.kind == "node_abandoned"]
+        [summary] = [t for t in await store.list_traces() if t.trace_id == "T-ab"]
+        if readable:
+            assert [(e.invocation_id, e.node_name, e.flow_id) for e in closed] == [
+                (starts[0].invocation_id, "a", binding.worker_id)]
+            assert closed[0].payload["worker_id"] == first_id
+            assert binding.stats["abandoned"] == 1 and summary.status == "succeeded"
+        else:  # logged, the attempt left open, the flow unharmed
+            assert closed == [] and summary.status == "running"
+            assert "bus_abandoned_lookup_failed" in {r.getMessage() for r in caplog.records}
+    finally:
+        await client.stop()
+        await second.stop()
+        await first.stop()
+
+
 async def test_results_never_wait_for_a_client_that_went_away(
         redis_url: str, namespace: str, redis: Any) -> None:
     def build() -> PenguiFlow:

@@ -204,6 +204,15 @@ async def test_a_worker_killed_mid_node_loses_no_trace(
     assert fetched and {e.payload["worker_id"] for e in fetched} <= {
         survivor.worker_id, restarted.worker_id}
     assert {e.payload["previous_worker"] for e in fetched} == {victim.worker_id}
+    # An attempt the victim had started (and written) is closed by the worker that
+    # ran its input again, never one of another worker.
+    async with SQLiteStateStore(tmp_path / "traces.db", readonly=True) as store:
+        histories = [await store.load_history(m.trace_id) for m in messages]
+    victims = {e.invocation_id for h in histories for e in h
+               if e.kind == "node_start" and e.flow_id == victim.worker_id}
+    for e in (e for h in histories for e in h if e.kind == "node_abandoned"):
+        assert e.invocation_id in victims and e.payload["worker_id"] == victim.worker_id
+        assert e.flow_id in {survivor.worker_id, restarted.worker_id}
     # pf inspect marks the redelivery on a trace that crossed the workers.
     shown = await asyncio.to_thread(subprocess.run, [
         sys.executable, "-m", "penguiflow_inspector.cli", "inspect", fetched[0].trace_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from penguiflow.state import StoredEvent
+from penguiflow.tracing import spans_from_events
 from penguiflow_inspector.model import AbandonedView, build_trace, bus_hops
 from penguiflow_inspector.render import trace_json, trace_text
 
@@ -62,3 +63,30 @@ def test_a_single_process_trace_has_no_hops_section() -> None:
     view = build_trace(events)
     assert bus_hops(view) == ([], [])
     assert "hops across processes" not in trace_text(view)
+
+
+def test_an_attempt_closed_as_abandoned_ends_there_and_the_trace_is_not_running() -> None:
+    events = crossed()
+    # ALIVE recorded, when it took b's input again, that DEAD's attempt was abandoned.
+    events.insert(6, event(8, 1.0055, "node_abandoned", "b", "j" * 16, ALIVE,
+                           worker_id=DEAD, claimed_by=ALIVE, edge="a->b"))
+    view = build_trace(events)
+    assert view.status == "ok"  # without the record: "running", for ever
+    [dead] = [i for i in view.invocations if i.invocation_id == "j" * 16]
+    assert dead.end == T0 + 1.0055 and "abandoned: worker " + DEAD in (dead.error or "")
+    assert bus_hops(view)[1] == [AbandonedView("j" * 16, "b", DEAD)]
+    # The critical path runs through the attempt that finished, not the abandoned one.
+    assert view.critical_path == ["k" * 16]
+    text = trace_text(view)
+    assert "status succeeded" in text and f"b ({'j' * 16}) on worker {DEAD}" in text
+    # pf export ends its span there too, as an error naming the worker that stopped.
+    [span] = [s for s in spans_from_events(events)
+              if s.attributes.get("pf.invocation.id") == "j" * 16]
+    assert span.end_ns == int((T0 + 1.0055) * 1e9) and span.status == "error"
+    assert span.attributes["error.type"] == "abandoned"
+    assert span.attributes["pf.worker.id"] == DEAD
+
+
+def test_without_the_record_an_open_attempt_keeps_the_trace_running() -> None:
+    view = build_trace(crossed())
+    assert view.status == "running"

@@ -597,6 +597,16 @@ class _Fold:
             self._close_attempt(inv, ev.ts, "cancelled")
             inv.end, inv.status = ev.ts, "cancelled"
 
+    def node_abandoned(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        """Another worker took the input again: its worker had stopped mid-node."""
+        inv = self._invocation(ev)
+        if inv is not None:
+            worker = _text(payload.get("worker_id")) or "?"
+            self._close_attempt(inv, ev.ts, "cancelled", f"abandoned: worker {worker} stopped")
+            inv.end, inv.status = ev.ts, "cancelled"
+            inv.error = (f"abandoned: worker {worker} stopped mid-node; worker "
+                         f"{_text(payload.get('claimed_by')) or '?'} ran its input again")
+
     # -- remote calls ---------------------------------------------------------------
 
     def remote_call_start(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
@@ -784,7 +794,8 @@ _Handler = Any  # Callable[[_Fold, StoredEvent, Mapping[str, Any]], None]
 _HANDLERS: dict[str, _Handler] = {
     name: getattr(_Fold, name) for name in (
         "node_start", "node_error", "node_timeout", "node_retry", "node_success",
-        "node_failed", "node_trace_cancelled", "remote_call_start", "remote_stream_event",
+        "node_failed", "node_trace_cancelled", "node_abandoned", "remote_call_start",
+        "remote_stream_event",
         "remote_call_success", "remote_call_error", "remote_call_cancelled",
         "trace_cancel_start", "trace_cancel_finish", "deadline_skip", "trace_parent",
         EVENTS_LOST_KIND)
@@ -895,11 +906,14 @@ def bus_hops(view: TraceView) -> tuple[list[HopView], list[AbandonedView]]:
     """The trace's hops across processes (empty for a single-process flow) and the
     attempts abandoned by workers that stopped mid-node.
 
-    An invocation is abandoned when it has no end, ran on a worker that a later
-    delivery names as ``previous_worker``, and the trace went on without it.
+    An invocation is abandoned when the worker that took its input again recorded
+    so (``node_abandoned``), or, where that record is missing (no store on that
+    worker), when it has no end, ran on a worker that a later delivery names as
+    ``previous_worker``, and the trace went on without it.
     """
     hops: list[HopView] = []
     started: dict[str, tuple[str | None, str | None]] = {}
+    closed: dict[str, str] = {}
     for ev in view.events.stored() if isinstance(view.events, EventRows) else ():
         if ev.kind == "message_fetch":
             p = ev.payload
@@ -912,13 +926,18 @@ def bus_hops(view: TraceView) -> tuple[list[HopView], list[AbandonedView]]:
                 previous if isinstance(previous, str) else None))
         elif ev.kind == "node_start" and ev.invocation_id is not None:
             started.setdefault(ev.invocation_id, (ev.node_name, ev.flow_id))
+        elif ev.kind == "node_abandoned" and ev.invocation_id is not None:
+            closed[ev.invocation_id] = _text(ev.payload.get("worker_id")) or "?"
     # Stored per process, so interleaved out of order across processes: by time.
     hops.sort(key=lambda h: h.ts)
     gone = {h.previous_worker for h in hops if h.previous_worker}
     abandoned: list[AbandonedView] = []
     for inv in view.invocations:
         worker = started.get(inv.invocation_id, (None, None))[1]
-        if inv.end is None and worker is not None and worker in gone:
+        if inv.invocation_id in closed:
+            abandoned.append(AbandonedView(inv.invocation_id, inv.node_name,
+                                           worker or closed[inv.invocation_id]))
+        elif inv.end is None and worker is not None and worker in gone:
             abandoned.append(AbandonedView(inv.invocation_id, inv.node_name, worker))
     return hops, abandoned
 
