@@ -15,7 +15,7 @@ from typing import Any
 import dist_flows
 import pytest
 import redis.asyncio as aioredis
-from dist_support import SilentProxy, eventually, free_port
+from dist_support import RedisServer, SilentProxy, eventually, free_port
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow.binding import Parcel, is_delivering
@@ -470,6 +470,38 @@ async def test_an_attempt_of_a_stopped_worker_is_closed_by_the_one_that_ran_it_a
         await client.stop()
         await second.stop()
         await first.stop()
+
+
+async def test_redis_refusing_writes_for_a_while_holds_the_input_and_loses_nothing(
+        own_redis: RedisServer, namespace: str) -> None:
+    # Out of memory under noeviction (the guide's advice) or a replica after a
+    # failover answers writes with an error for a while: the node's output send
+    # waits it out instead of failing the node, whose input would then be
+    # acknowledged with nothing on its edge: the trace lost.
+    release = asyncio.Event()
+
+    def build() -> PenguiFlow:
+        async def a(m: Message, ctx: Any) -> Message:
+            await release.wait()
+            return m.model_copy(update={"payload": m.payload + "a"})
+        return create(Node(a, name="a", policy=NONE).to(), name="oom")
+
+    pair = await Pair(build, own_redis.url, namespace, max_backoff_s=0.05).start()
+    redis = aioredis.Redis.from_url(own_redis.url)
+    try:
+        await pair.client.emit(msg("x:", "T-oom"))
+        await eventually(lambda: any(pair.worker_bus._in_hand.values()), "the input taken")
+        await redis.config_set("maxmemory", "1")
+        release.set()
+        await eventually(lambda: pair.worker_bus.stats["link_errors"] >= 2,
+                         "the refused send retried")
+        assert await redis.xlen(f"{namespace}:oom:edge:OpenSea->a") == 1  # not settled
+        await redis.config_set("maxmemory", "0")
+        assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "x:a"
+    finally:
+        await redis.config_set("maxmemory", "0")
+        await redis.aclose()
+        await pair.stop()
 
 
 async def test_results_never_wait_for_a_client_that_went_away(

@@ -51,8 +51,16 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from penguiflow.binding import BusBinding, Inbound, Parcel
@@ -68,6 +76,24 @@ logger = logging.getLogger("penguiflow_distributed")
 GROUP = "pf"
 #: Errors that mean "Redis is not reachable now": retried with backoff.
 _LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+#: Error replies that mean "Redis refuses this now, not for ever": out of memory
+#: under ``noeviction``, a replica after a failover (READONLY), a script running
+#: too long (BUSY), a failover or a cluster in progress. Retried with backoff like
+#: a broken link: failing the send would fail the node, whose input is then
+#: acknowledged, and the trace would be lost although nothing reached its edge.
+#: redis-py maps some to classes (and strips their prefix); the rest are read from
+#: the text, which inside a script's error reply is not at its start.
+_TEMPORARY_CLASSES = (OutOfMemoryError, ReadOnlyError, TryAgainError, MasterDownError,
+                      ClusterDownError)
+_TEMPORARY_STARTS = ("BUSY ", "NOREPLICAS", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+_TEMPORARY_WITHIN = ("OOM command not allowed", "READONLY You can't write")
+
+
+def _temporary(exc: ResponseError) -> bool:
+    if isinstance(exc, _TEMPORARY_CLASSES):
+        return True
+    text = str(exc)
+    return text.startswith(_TEMPORARY_STARTS) or any(t in text for t in _TEMPORARY_WITHIN)
 #: Connections a bus keeps for its script calls (:meth:`RedisMessageBus._eval`):
 #: enough for the sends of a busy worker in flight together, few enough that the
 #: pool (shared with the readers, the keep-alive and the claimer) never runs dry.
@@ -940,6 +966,11 @@ class RedisMessageBus:
                 result = await call(*args, **kwargs)
             except _LINK_ERRORS as exc:
                 if self._stopping and doing == "settle":
+                    raise
+                await self._link_down(doing, exc)
+                continue
+            except ResponseError as exc:
+                if not _temporary(exc) or self._stopping:
                     raise
                 await self._link_down(doing, exc)
                 continue
