@@ -62,6 +62,12 @@ def _unreported(trace_id: Any, node_name: object) -> None:
                    "event": "node_failed_unreported"})
 
 
+
+class _StrayCancel(RuntimeError):
+    """A node's own CancelledError that neither ``stop()`` nor a trace cancel sent:
+    its invocation fails, never retried (a RuntimeError to the user)."""
+
+
 class NodeWorker:
     """Runs ``node`` over its incoming floes until cancelled by ``stop()``.
 
@@ -274,12 +280,13 @@ class NodeWorker:
                     if rt.stopping or task is None or task.cancelling():
                         raise  # stop() (or a cancel of this task): left as it is
                     # Nobody cancelled this task: the node awaited a task or future
-                    # someone else cancelled. A failure of this attempt, as any
-                    # exception; re-raised, it would end the worker for good.
-                    error = RuntimeError(
+                    # someone else cancelled. The invocation fails (re-raised, it
+                    # would end the worker for good), without retries: CancelledError
+                    # is never retried (spec §7.4).
+                    error = _StrayCancel(
                         f"node {node.name!r} raised CancelledError, but neither stop() nor "
                         "a cancel of its trace cancelled it (it awaited a task or future "
-                        "that something else cancelled); counted as a failed attempt")
+                        "that something else cancelled); failed, not retried")
                     error.__cause__ = exc
                 except TraceCancelled:
                     # Raised by code that found the trace cancelled (call_playbook,
@@ -382,7 +389,7 @@ class NodeWorker:
             extra["traceback"] = trace_text
         await rt.emit_event(kind, ctx, trace_id, attempt=attempt, latency_ms=latency_ms,
                                extra=extra, invocation_id=inv, parents=parents)
-        if attempt < policy.max_retries:
+        if attempt < policy.max_retries and type(error) is not _StrayCancel:
             attempt += 1
             sleep_s = policy.backoff_for(attempt)
             await rt.emit_event("node_retry", ctx, trace_id, attempt=attempt,

@@ -105,7 +105,8 @@ class RemoteError(PenguiFlowError):
 
 
 class RemoteStreamError(RemoteError, RuntimeError):
-    """A transport broke the stream contract (e.g. sent events after ``done``)."""
+    """A transport broke the stream contract (a transport raises it: RemoteNode
+    takes every event of a stream, one after ``done`` included)."""
 
 
 def _task_state(meta: Mapping[str, Any] | None) -> Any:
@@ -275,13 +276,10 @@ def RemoteNode(
                 final_state = _task_state(result.meta)
                 method = _method(result.meta)
             else:
-                done_seen = False
                 async for event in transport.stream(request):
-                    if done_seen:
-                        raise RemoteStreamError(
-                            f"transport {transport_name} sent a stream event after done "
-                            f"(agent {ids['agent_url']}, task {ids['task_id']})")
-                    done_seen = event.done
+                    # Every event counts, one after a done one too (a final result
+                    # or state after the last chunk): the spec (§15.3) iterates the
+                    # whole stream and returns the last non-None result.
                     await bind(event.context_id, event.task_id, event.agent_url)
                     meta = dict(event.meta) if event.meta else None
                     if event.text is not None:

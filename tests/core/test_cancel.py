@@ -373,11 +373,15 @@ async def test_fetch_returns_at_once_while_a_slow_observer_records_the_cancel_fi
     await recorder.wait_for("trace_cancel_finish", trace_id=m.trace_id)
 
 
-async def test_a_stray_cancelled_error_fails_one_attempt_not_the_worker(
+async def test_a_stray_cancelled_error_fails_the_invocation_unretried_not_the_worker(
         start: Any, recorder: Recorder) -> None:
     """A node awaiting a task something else cancelled sees CancelledError that
-    neither stop() nor a trace cancel sent: a failed attempt; the worker goes on."""
+    neither stop() nor a trace cancel sent: its invocation fails, without the
+    retries its policy allows (CancelledError is never retried); the worker goes on."""
+    calls: list[Any] = []
+
     async def body(message: Any, ctx: Any) -> Any:
+        calls.append(message.payload)
         if message.payload == "bad":
             child = asyncio.ensure_future(asyncio.Event().wait())
             await asyncio.sleep(0)
@@ -385,7 +389,8 @@ async def test_a_stray_cancelled_error_fails_one_attempt_not_the_worker(
             await child  # CancelledError, this task's cancelling() == 0
         return message
 
-    flow = start(create(Node(body, name="n", policy=NodePolicy(validate="none")).to(),
+    policy = NodePolicy(validate="none", max_retries=2, backoff_base=0.001)
+    flow = start(create(Node(body, name="n", policy=policy).to(),
                         middlewares=[recorder], emit_errors_to_rookery=True))
     bad, good = msg("bad"), msg("good")
     await flow.emit(bad)
@@ -393,6 +398,7 @@ async def test_a_stray_cancelled_error_fails_one_attempt_not_the_worker(
     assert failure.trace_id == bad.trace_id and "raised CancelledError" in failure.message
     (failed,) = await recorder.wait_for("node_failed", trace_id=bad.trace_id)
     assert failed.node_name == "n"
+    assert not recorder.of("node_retry", trace_id=bad.trace_id) and calls == ["bad"]
     await flow.emit(good)  # before: the worker had ended, and this waited for ever
     assert (await within(flow.fetch())).payload == "good"
 
