@@ -250,19 +250,15 @@ class Context:
         return KeyError(message)
 
     def _unwired(self) -> None:
-        """Emitting without a runtime: an error, except the 2.1 no-op of an attached
-        context with no outgoing floes (one built by hand as ``Context(node, flow)``)."""
+        """Emitting without a flow's runtime: an error for a detached context; a
+        context built by hand as ``Context(node, flow)`` puts on its own floes, as
+        2.1 did (spec §9), with none of the flow's per-trace accounting."""
         if self._runtime is None:
             raise ContextDetached(
                 _DETACHED,
                 hint="a Context built as Context(owner) can only be passed to Node.invoke; "
                      "emit through the ctx a running flow gives the node, or through "
                      "flow.emit(...)")
-        if self._outgoing:
-            raise ContextDetached(
-                _DETACHED,
-                hint="this Context was built by hand, so the flow does not drive it; use "
-                     "flow.context(owner), the flow's own context of that node")
 
     # -- emit ----------------------------------------------------------------
 
@@ -285,8 +281,10 @@ class Context:
                                     and len(tid) <= 256):
             check_trace_id(tid)  # the fast accept path above is check_trace_id's own
         floes = self._outgoing.values() if to is None else self._resolve(to, self._outgoing)
-        if rt is None:
-            return  # attached by hand, no floes: nothing to put on (see _unwired)
+        if rt is None:  # built by hand with a flow (see _unwired): its floes only
+            for floe in floes:
+                await floe.queue.put_tagged(msg, None)
+            return
         origin = rt.origin_of(self)
         put = rt.put
         for floe in floes:
@@ -312,7 +310,9 @@ class Context:
             to, self._outgoing)
         if any(f.queue.full() for f in floes):
             raise asyncio.QueueFull
-        if rt is None:
+        if rt is None:  # built by hand with a flow (see _unwired)
+            for floe in floes:
+                floe.queue.put_tagged_nowait(msg, None)
             return
         origin = rt.origin_of(self)
         for floe in floes:

@@ -206,6 +206,28 @@ async def test_attached_context_without_floes_emits_nowhere(start: Any) -> None:
     assert ctx.queue_depth_out() == 0
 
 
+async def test_a_context_built_by_hand_with_a_flow_puts_on_its_own_floes(start: Any) -> None:
+    # 2.1 (spec section 9): Context(owner, runtime) wired with add_outgoing_floe emits
+    # onto those floes; only a detached one (runtime None) refuses.
+    a, b, c = plain("a"), plain("b"), plain("c")
+    flow = start(create(a.to()))
+    ctx = Context(a, flow)
+    to_b, to_c = Floe(a, b, maxsize=1), Floe(a, c, maxsize=1)
+    ctx.add_outgoing_floe(to_b)
+    ctx.add_outgoing_floe(to_c)
+    await within(ctx.emit("x"))
+    assert (to_b.queue.qsize(), to_c.queue.qsize()) == (1, 1)
+    with pytest.raises(asyncio.QueueFull):
+        ctx.emit_nowait("y", to=b)  # full: nothing put anywhere
+    inbox = Context(b)
+    inbox.add_incoming_floe(to_b)
+    assert await within(inbox.fetch()) == "x"
+    ctx.emit_nowait("y", to=b)
+    assert (to_b.queue.qsize(), to_c.queue.qsize()) == (1, 1)
+    with pytest.raises(RuntimeError, match="Context is not attached to a running flow"):
+        await Context(a).emit("z")
+
+
 # --- emit_chunk -----------------------------------------------------------------------
 
 
