@@ -111,17 +111,19 @@ async def test_a_detached_context_cannot_emit() -> None:
     assert info.value.hint is not None and "Node.invoke" in info.value.hint
 
 
-async def test_a_hand_built_context_with_floes_points_to_the_flows_own(start: Any) -> None:
+async def test_a_hand_built_context_with_the_flows_floe_feeds_the_flow(start: Any) -> None:
+    # spec section 9: Context(owner, flow) wired by hand puts on the floes it was given;
+    # here that is the flow's own a -> b floe, so b runs the message and it reaches fetch.
     a = Node(echo, name="a", policy=NONE)
     b = Node(echo, name="b", policy=NONE)
     flow = start(create(a.to(b), b.to()))
     ctx = Context(a, flow)
     ctx.add_outgoing_floe(flow.context(a)._outgoing[b])
-    with pytest.raises(ContextDetached) as info:
-        await ctx.emit(msg(1))
-    assert info.value.hint is not None and "flow.context(owner)" in info.value.hint
-    await flow.context(OPEN_SEA).emit(msg(2))  # the flow's own contexts work
-    assert (await within(flow.fetch())).payload == 2
+    await within(ctx.emit(msg(1)))
+    assert (await within(flow.fetch())).payload == 1
+    with pytest.raises(ContextDetached) as info:  # only a detached context refuses
+        await Context(a).emit(msg(2))
+    assert info.value.hint is not None and "Node.invoke" in info.value.hint
 
 
 async def test_fetch_from_a_context_without_inputs(start: Any) -> None:
