@@ -17,6 +17,10 @@ alone. Contracts:
   SubscribeToTask, delivering each chunk once. A task that ends FAILED,
   REJECTED or CANCELED raises :class:`~penguiflow_a2a.errors.A2ATaskFailed`; one
   that stops for input or auth raises ``A2ATaskInterrupted``.
+* Nothing is waited on for ever unless asked: without ``timeout_s``, the calls
+  that should answer at once (the agent card, GetTask) are each bounded by
+  ``stream_idle_timeout_s`` and a stream by its idle bound; only a blocking
+  SendMessage, which answers when the task ends, is unbounded.
 * Every failure is an :class:`~penguiflow_a2a.errors.A2AError` naming the agent
   URL and method; no httpx exception escapes.
 * As soon as an answer names the task, its ``contextId``/``taskId`` go into the
@@ -88,7 +92,9 @@ class A2AClientTransport:
     Args:
         headers: added to every request (e.g. ``Authorization``).
         timeout_s: default overall bound of one call (card, RPCs, polling and
-            the whole stream); a request's own ``timeout_s`` wins. None: no bound.
+            the whole stream); a request's own ``timeout_s`` wins. None: no overall
+            bound (the card fetch and each GetTask are still bounded by
+            ``stream_idle_timeout_s``, and a stream by its idle bound).
         httpx_client: the client to use; never closed by this transport.
             Without one, a client is created on first use and closed by
             :meth:`aclose`.
@@ -104,8 +110,10 @@ class A2AClientTransport:
             no keep-alive comment: servers send one every 15 s) before it counts as
             lost: it is then resumed with SubscribeToTask (``resubscribe_attempts``),
             or the call fails with :class:`A2AConnectionError`, instead of waiting
-            for ever on a peer that hangs. None: no bound (a peer that neither
-            streams nor pings for minutes).
+            for ever on a peer that hangs. When the call has no ``timeout_s``, it
+            also bounds each quick call (agent card, GetTask): past it,
+            :class:`A2ATimeoutError` naming that call. None: no bound (a peer that
+            neither streams nor pings for minutes).
     """
 
     def __init__(self, *, headers: Mapping[str, str] | None = None,
@@ -121,6 +129,7 @@ class A2AClientTransport:
             raise ValueError(f"stream_idle_timeout_s must be > 0 seconds, or None for no "
                              f"bound; got {stream_idle_timeout_s!r}")
         self._timeout_s = timeout_s
+        self._idle_s = stream_idle_timeout_s
         self._channel = RpcChannel(headers=headers, timeout_s=timeout_s,
                                    httpx_client=httpx_client,
                                    max_event_bytes=max_event_bytes,
@@ -186,6 +195,16 @@ class A2AClientTransport:
     def _bound(self, request_timeout: float | None) -> float | None:
         return request_timeout if request_timeout is not None else self._timeout_s
 
+    def _quick_bound(self, bound: float | None) -> float | None:
+        """The bound of each quick call (card, GetTask) inside a call bounded by ``bound``.
+
+        None when ``bound`` is set (it covers them already); otherwise
+        ``stream_idle_timeout_s``: a peer that accepts the connection and never
+        answers must not hold an unbounded call for ever (httpx's read timeout is
+        None then, and the card fetch is not a stream).
+        """
+        return self._idle_s if bound is None else None
+
     # -- messages and tasks ----------------------------------------------------------
     @staticmethod
     def _params(ep: Endpoint, request: RemoteCallRequest) -> dict[str, Any]:
@@ -199,16 +218,51 @@ class A2AClientTransport:
             return {"message": message_to_v03(message), "configuration": {"blocking": True}}
         return {"message": message, "configuration": {}}
 
-    async def _get_task(self, ep: Endpoint, task_id: str) -> Mapping[str, Any]:
+    async def _quick(self, coro: Awaitable[_T], quick: float | None, *, agent_url: str,
+                     what: str, method: str | None = None) -> _T:
+        """``coro``, a quick call, bounded by ``quick`` (see :meth:`_quick_bound`).
+
+        Raises:
+            A2ATimeoutError: naming ``what`` and where the bound comes from.
+        """
+        if quick is None:
+            return await coro
+        try:
+            async with asyncio.timeout(quick):
+                return await coro
+        except TimeoutError as exc:
+            if isinstance(exc, A2AError):
+                raise
+            raise A2ATimeoutError(
+                f"A2A agent {agent_url}: {what} took more than {quick} s (the call has no "
+                "timeout_s, so stream_idle_timeout_s bounds each card fetch and GetTask)",
+                agent_url=agent_url, method=method) from exc
+
+    async def _card(self, request: RemoteCallRequest, quick: float | None) -> Endpoint:
+        """The endpoint of ``request``'s agent, its card fetch bounded by ``quick``."""
+        return await self._quick(self.endpoint(request.agent_url, request.agent_card), quick,
+                                 agent_url=request.agent_url, what="reading the agent card")
+
+    async def _get_task(self, ep: Endpoint, task_id: str,
+                        quick: float | None = None) -> Mapping[str, Any]:
+        """GetTask (no history), bounded by ``quick`` (see :meth:`_quick_bound`)."""
         params: dict[str, Any] = {"id": task_id}
         if ep.version == V1_0:
             params["historyLength"] = 0
-        task = await self._channel.call(ep, "get", params)
+        method = method_name("get", ep.version)
+        task = await self._quick(self._channel.call(ep, "get", params), quick,
+                                 agent_url=ep.agent_url, what=f"{method} of task {task_id}",
+                                 method=method)
         return task_from_v03(task) if ep.version == V0_3 else task
 
     async def _poll(self, ep: Endpoint, task: Mapping[str, Any],
-                    done: frozenset[str] = FINAL_STATES) -> Mapping[str, Any]:
-        """GetTask with growing pauses until the task's state is in ``done``."""
+                    done: frozenset[str] = FINAL_STATES,
+                    quick: float | None = None) -> Mapping[str, Any]:
+        """GetTask with growing pauses until the task's state is in ``done``.
+
+        Each GetTask is bounded by ``quick``; the polling itself is not (the task
+        may legitimately run for hours while its agent answers every poll).
+        """
         pause = self._poll_s
         while task_state(task) not in done:
             await asyncio.sleep(pause)
@@ -217,7 +271,7 @@ class A2AClientTransport:
             if not isinstance(task_id, str):
                 raise A2AProtocolError(f"A2A agent {ep.agent_url} answered a task without "
                                        "an id", agent_url=ep.agent_url)
-            task = await self._get_task(ep, task_id)
+            task = await self._get_task(ep, task_id, quick)
         return task
 
     async def _bounded(self, coro: Awaitable[_T], bound: float | None, *, agent_url: str,
@@ -239,13 +293,16 @@ class A2AClientTransport:
             A2ATaskFailed / A2ATaskInterrupted: the task did not complete.
             A2AError: any transport, protocol or JSON-RPC failure.
         """
+        bound = self._bound(request.timeout_s)
         result: RemoteCallResult = await self._bounded(
-            self._send(request), self._bound(request.timeout_s),
+            self._send(request, self._quick_bound(bound)), bound,
             agent_url=request.agent_url, what="SendMessage")
         return result
 
-    async def _send(self, request: RemoteCallRequest) -> RemoteCallResult:
-        ep = await self.endpoint(request.agent_url, request.agent_card)
+    async def _send(self, request: RemoteCallRequest, quick: float | None) -> RemoteCallResult:
+        """SendMessage itself is unbounded here (it answers when the task ends); the
+        card fetch and the GetTask polls are bounded by ``quick``."""
+        ep = await self._card(request, quick)
         method = method_name("send", ep.version)
         answer = await self._channel.call(ep, "send", self._params(ep, request))
         if ep.version == V0_3:
@@ -268,7 +325,7 @@ class A2AClientTransport:
                                    "a task nor a message", agent_url=ep.agent_url,
                                    method=method)
         note_remote_ids(_id(task.get("contextId")), _id(task.get("id")))
-        task = await self._poll(ep, task)
+        task = await self._poll(ep, task, quick=quick)
         value = task_outcome(task, agent_url=ep.agent_url, method=method)
         return RemoteCallResult(result=value, context_id=task.get("contextId"),
                                 task_id=task.get("id"), agent_url=request.agent_url,
@@ -289,8 +346,9 @@ class A2AClientTransport:
         """
         bound = self._bound(request.timeout_s)
         deadline = None if bound is None else asyncio.get_running_loop().time() + bound
-        ep = await self._bounded(self.endpoint(request.agent_url, request.agent_card), bound,
-                                 agent_url=request.agent_url, what="reading the agent card")
+        quick = self._quick_bound(bound)
+        ep = await self._bounded(self._card(request, quick), bound, agent_url=request.agent_url,
+                                 what="reading the agent card")
         if not ep.streaming:
             logger.warning("A2A agent %s does not stream (its card's capabilities.streaming "
                            "is not true): falling back to %s", request.agent_url,
@@ -298,7 +356,7 @@ class A2AClientTransport:
             remaining = None if deadline is None else max(
                 0.0, deadline - asyncio.get_running_loop().time())
             result: RemoteCallResult = await self._bounded(
-                self._send(request), remaining, agent_url=request.agent_url,
+                self._send(request, quick), remaining, agent_url=request.agent_url,
                 what="SendMessage")
             yield RemoteStreamEvent(text="", done=True, meta=result.meta,
                                     context_id=result.context_id, task_id=result.task_id,
@@ -306,7 +364,7 @@ class A2AClientTransport:
             return
         tracker = StreamTracker(agent_url=request.agent_url,
                                 method=method_name("stream", ep.version))
-        steps = self._follow(ep, request, tracker)
+        steps = self._follow(ep, request, tracker, quick)
         try:
             while True:
                 try:
@@ -331,9 +389,13 @@ class A2AClientTransport:
         yield tracker.final_event()
 
     async def _follow(self, ep: Endpoint, request: RemoteCallRequest,
-                      tracker: StreamTracker
+                      tracker: StreamTracker, quick: float | None,
                       ) -> AsyncGenerator[list[RemoteStreamEvent], None]:
-        """Batches of events until the tracker is finished, resubscribing on drops."""
+        """Batches of events until the tracker is finished, resubscribing on drops.
+
+        The GetTask calls of the fallback (the task ended while we were away) are
+        bounded by ``quick``; the streams by their idle bound.
+        """
         source = self._channel.events(ep, "stream", self._params(ep, request))
         attempts = 0
         subscribing = False
@@ -352,8 +414,8 @@ class A2AClientTransport:
                 if not subscribing or tracker.task_id is None:
                     raise
                 # The task ended while we were away: read what is missing from GetTask.
-                task = await self._get_task(ep, tracker.task_id)
-                yield tracker.apply({"task": await self._poll(ep, task)})
+                task = await self._get_task(ep, tracker.task_id, quick)
+                yield tracker.apply({"task": await self._poll(ep, task, quick=quick)})
                 return
             finally:
                 await source.aclose()

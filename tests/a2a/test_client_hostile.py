@@ -446,6 +446,60 @@ async def test_keep_alive_comments_hold_a_quiet_stream_open() -> None:
     assert events[-1].done and p.rpcs() == ["SendStreamingMessage"]
 
 
+@pytest.mark.parametrize("call", ["send", "stream"])
+async def test_without_timeout_s_a_card_that_never_comes_times_out(call: str) -> None:
+    # The docs promise a stream is never waited on for ever; a peer that accepted
+    # the card request and never answered held the call for ever (no timeout_s).
+    forever = asyncio.Event()
+
+    async def silent(req: Req, writer: asyncio.StreamWriter) -> None:
+        await forever.wait()
+
+    async with peer(silent, card_for=None) as p, client(timeout_s=None,
+                                                          stream_idle_timeout_s=0.3) as t:
+        started = time.monotonic()
+        with pytest.raises(A2ATimeoutError, match=r"reading the agent card took more than "
+                                                  r"0\.3 s.*stream_idle_timeout_s") as info:
+            async with asyncio.timeout(WAIT):
+                if call == "send":
+                    await t.send(request(p.url))
+                else:
+                    await collect(t.stream(request(p.url)))
+        assert info.value.agent_url == p.url and time.monotonic() - started < 3.0
+        assert [r.path for r in p.requests] == ["/.well-known/agent-card.json"]
+
+
+@pytest.mark.parametrize("call", ["send", "stream"])
+async def test_without_timeout_s_a_get_task_that_never_answers_times_out(call: str) -> None:
+    # GetTask: polled by send after an early answer, and read by a stream whose task
+    # ended while it was away (SubscribeToTask -> TaskNotFound). Each was unbounded.
+    forever = asyncio.Event()
+
+    async def early_then_silent(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "SendMessage":
+            writer.write(rpc_result(req, {"task": task("TASK_STATE_SUBMITTED")}))
+        elif req.rpc == "SendStreamingMessage":  # the task, then the stream drops
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")})))
+            await writer.drain()
+            writer.close()
+        elif req.rpc == "SubscribeToTask":
+            writer.write(rpc_error(req, -32001, "Task not found"))
+        else:  # GetTask
+            await forever.wait()
+
+    async with peer(early_then_silent) as p, client(timeout_s=None,
+                                                     stream_idle_timeout_s=0.3) as t:
+        with pytest.raises(A2ATimeoutError, match=rf"GetTask of task {TASK} took more than "
+                                                  r"0\.3 s") as info:
+            async with asyncio.timeout(WAIT):
+                if call == "send":
+                    await t.send(request(p.url))
+                else:
+                    await collect(t.stream(request(p.url)))
+        assert info.value.method == "GetTask"
+        assert p.rpcs()[-1] == "GetTask"
+
+
 def test_a_stream_idle_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError, match="stream_idle_timeout_s must be > 0"):
         A2AClientTransport(stream_idle_timeout_s=0)
