@@ -7,7 +7,8 @@ Routes: the 2.1 ones of spec §16 (``GET /agent``, ``POST /message/send``,
 Every non-GET request first passes :class:`Guard`: authentication (401/403),
 the per-principal rate limit (429 + ``Retry-After``) and the body size limit
 (413, decided from ``Content-Length`` before anything is read, and by counting
-while a chunked body arrives). Only then is the body handed to the route.
+while a chunked body arrives). Only then is the body handed to the route, with the
+principal ``auth`` returned: every route acts on the caller's own tasks only.
 
 No ``from __future__ import annotations`` here: FastAPI reads the endpoints'
 annotations at runtime, and some name classes imported inside :func:`build_app`.
@@ -20,15 +21,17 @@ import logging
 import math
 import re
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.datastructures import Headers as HTTPHeaders
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ._jsonrpc import handle_rpc
+from ._legacy import LegacyFrames
 from .protocol import V0_3, V1_0
 from .server import (
     A2AMessagePayload,
@@ -37,7 +40,8 @@ from .server import (
     A2ATaskCancelRequest,
 )
 
-__all__ = ["Guard", "SafeJSONResponse", "agent_card_v1", "build_app", "parse_traceparent"]
+__all__ = ["Guard", "SafeJSONResponse", "agent_card_v1", "build_app", "header_value",
+           "parse_traceparent"]
 
 logger = logging.getLogger("penguiflow_a2a.server")
 
@@ -48,6 +52,12 @@ Send = Callable[[Message], Awaitable[None]]
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _MODES = ["text/plain", "application/json"]
+# A header value sent as is: Latin-1 text without controls (what 2.1 sent), no
+# leading or trailing blank (h11 refuses those), not empty.
+_HEADER_SAFE = re.compile(
+    r"[\x21-\x7e\xa0-\xff](?:[\x20-\x7e\xa0-\xff]*[\x21-\x7e\xa0-\xff])?")
+# Kept as is when a value is percent-encoded: printable ASCII except "%".
+_QUOTE_SAFE = "".join(chr(c) for c in range(0x21, 0x7f) if chr(c) != "%")
 
 
 class SafeJSONResponse(JSONResponse):
@@ -80,6 +90,28 @@ def parse_traceparent(values: list[str]) -> tuple[str, str] | None:
             or span_id == "0" * 16:
         return None
     return trace_id, span_id
+
+
+def header_value(value: str) -> str:
+    """``value`` as an HTTP response header can carry it.
+
+    Unchanged when it is Latin-1 text without control characters and without
+    leading/trailing blanks (every id 2.1 could send). Anything else (non-Latin-1
+    like ``"ctx-\u2603"``, CR, LF, NUL, other controls, edge blanks) would fail the
+    response (a 500 or a dropped connection, leaving the task behind) or inject
+    headers: such a value is sent percent-encoded as UTF-8 (RFC 3986, ``%`` itself
+    encoded too), e.g. ``ctx-%E2%98%83``. The exact ids are in the stream's first
+    frame.
+    """
+    if _HEADER_SAFE.fullmatch(value):
+        return value
+    return urllib.parse.quote(value, safe=_QUOTE_SAFE, errors="surrogatepass")
+
+
+def principal_of(scope: Scope) -> Any:
+    """The principal :class:`Guard` stored for this request (None without ``auth``)."""
+    state = scope.get("state")
+    return state.get("a2a_principal") if isinstance(state, dict) else None
 
 
 def agent_card_v1(adapter: A2AServerAdapter) -> dict[str, Any]:
@@ -220,6 +252,24 @@ class Guard:
         await self.app(scope, replay, send)
 
 
+class LegacyStream(StreamingResponse):
+    """The 2.1 ``/message/stream`` response: closes its frames however it ends.
+
+    The frames' ``aclose`` ends a task whose message was never emitted; calling it
+    here covers a response that failed or was given up before its first frame.
+    """
+
+    def __init__(self, frames: LegacyFrames, headers: dict[str, str]) -> None:
+        super().__init__(frames, media_type="text/event-stream", headers=headers)
+        self.frames = frames
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.frames.aclose()
+
+
 class EventStream(Response):
     """An SSE response that ends when its frames end, the client leaves, or ``cut`` is set.
 
@@ -266,7 +316,6 @@ class EventStream(Response):
 def build_app(adapter: A2AServerAdapter, *, include_docs: bool) -> Any:
     """The FastAPI app; see :func:`penguiflow_a2a.server.create_a2a_app`."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
@@ -303,19 +352,24 @@ def build_app(adapter: A2AServerAdapter, *, include_docs: bool) -> Any:
 
     @app.post("/message/send", response_model=None)
     async def message_send(payload: A2AMessagePayload, request: Request) -> dict[str, Any]:
-        return await adapter.handle_send(payload, traceparent=traceparent(request))
+        return await adapter.handle_send(payload, traceparent=traceparent(request),
+                                         principal=principal_of(request.scope))
 
     @app.post("/message/stream")
     async def message_stream(payload: A2AMessagePayload, request: Request) -> StreamingResponse:
         frames, task_id, context_id = await adapter.stream(
-            payload, traceparent=traceparent(request))
-        return StreamingResponse(frames, media_type="text/event-stream", headers={
-            "Cache-Control": "no-cache", "X-A2A-Task-Id": task_id,
-            "X-A2A-Context-Id": context_id})
+            payload, traceparent=traceparent(request), principal=principal_of(request.scope))
+        try:
+            return LegacyStream(frames, headers={
+                "Cache-Control": "no-cache", "X-A2A-Task-Id": header_value(task_id),
+                "X-A2A-Context-Id": header_value(context_id)})
+        except BaseException:
+            await frames.aclose()  # the task must not stay SUBMITTED for ever
+            raise
 
     @app.post("/tasks/cancel", response_model=None)
-    async def tasks_cancel(payload: A2ATaskCancelRequest) -> dict[str, Any]:
-        return await adapter.cancel(payload)
+    async def tasks_cancel(payload: A2ATaskCancelRequest, request: Request) -> dict[str, Any]:
+        return await adapter.cancel(payload, principal=principal_of(request.scope))
 
     @app.post("/", include_in_schema=False)
     async def jsonrpc(request: Request) -> Response:
@@ -323,7 +377,8 @@ def build_app(adapter: A2AServerAdapter, *, include_docs: bool) -> Any:
         if version is None:
             version = request.query_params.get("A2A-Version")
         reply = await handle_rpc(adapter, await request.body(), version=version,
-                                 traceparent=traceparent(request))
+                                 traceparent=traceparent(request),
+                                 principal=principal_of(request.scope))
         if reply.stream is not None:
             return EventStream(reply.stream, reply.cut)
         return Response(reply.body, media_type="application/json")

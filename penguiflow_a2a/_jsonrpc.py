@@ -14,6 +14,14 @@ names still works (the SDK server answers -32603 there; being lenient costs
 nothing and the answer is unambiguous). Internally everything is 1.0; the
 ``protocol`` converters rewrite 0.3 messages in and results out.
 
+Tasks belong to the principal that created them (the ``auth`` callable's value):
+every lookup is made on the caller's behalf, so another principal's task is
+TaskNotFound (-32001), exactly like an unknown id, and ListTasks lists only the
+caller's tasks. Without ``auth`` every caller is the same (None) principal.
+
+Push notifications are not offered (the card says ``pushNotifications: false``): the
+push-config methods answer -32003 PushNotificationNotSupported, as a2a-sdk does.
+
 JSON is emitted with ``ensure_ascii`` so text with lone surrogates (legal in a
 JSON string escape, not encodable as UTF-8) can never crash a response.
 """
@@ -55,7 +63,10 @@ _REASONS: Final[Mapping[int, str]] = {
     ErrorCode.UNSUPPORTED_OPERATION: "UNSUPPORTED_OPERATION",
     ErrorCode.VERSION_NOT_SUPPORTED: "VERSION_NOT_SUPPORTED",
     ErrorCode.INVALID_PARAMS: "INVALID_PARAMS",
+    ErrorCode.PUSH_NOT_SUPPORTED: "PUSH_NOTIFICATION_NOT_SUPPORTED",
 }
+#: The pseudo-operation of the push-config methods (answered -32003, never run).
+_PUSH = "push-config"
 
 
 class RpcError(Exception):
@@ -118,8 +129,12 @@ def _count(obj: Mapping[str, Any], key: str, path: str) -> int | None:
 
 
 async def handle_rpc(adapter: A2AServerAdapter, body: bytes, *, version: str | None,
-                     traceparent: tuple[str, str] | None) -> RpcReply:
-    """Answer one JSON-RPC request ``body`` (bytes as received; never raises)."""
+                     traceparent: tuple[str, str] | None, principal: Any = None) -> RpcReply:
+    """Answer one JSON-RPC request ``body`` (bytes as received; never raises).
+
+    ``principal`` is the caller as ``auth`` identified it (None without auth): new
+    tasks are recorded as its own, and it sees and acts on its own tasks only.
+    """
     rpc_id: Any = None
     answer_version = p.V1_0
     try:
@@ -149,6 +164,10 @@ async def handle_rpc(adapter: A2AServerAdapter, body: bytes, *, version: str | N
         if not isinstance(params, dict):
             raise RpcError(ErrorCode.INVALID_PARAMS, "Invalid params: 'params' must be an object")
         found = p.operation_of(method)
+        if found is None and method in p.PUSH_CONFIG_METHODS:
+            # Known A2A methods of a capability this server does not have: the
+            # spec's answer is -32003, not "no such method" (after the version check).
+            found = (_PUSH, p.PUSH_CONFIG_METHODS[method])
         if found is None:
             raise RpcError(ErrorCode.METHOD_NOT_FOUND, "Method not found")
         operation, answer_version = found
@@ -161,7 +180,10 @@ async def handle_rpc(adapter: A2AServerAdapter, body: bytes, *, version: str | N
             raise RpcError(ErrorCode.VERSION_NOT_SUPPORTED,
                            f"A2A version '{spoken}' is not supported by this handler for method "
                            f"{method}; send the header {p.VERSION_HEADER}: {p.V1_0}")
-        call = _Call(adapter, rpc_id, answer_version == p.V0_3, traceparent, method)
+        if operation == _PUSH:
+            raise RpcError(ErrorCode.PUSH_NOT_SUPPORTED,
+                           "Push notifications are not supported by the agent")
+        call = _Call(adapter, rpc_id, answer_version == p.V0_3, traceparent, method, principal)
         return await call.run(operation, params)
     except RpcError as exc:
         return RpcReply(body=_error(rpc_id, exc, answer_version))
@@ -189,9 +211,9 @@ class _Call:
     """One validated call; methods return the reply or raise :class:`RpcError`."""
 
     def __init__(self, adapter: A2AServerAdapter, rpc_id: Any, v03: bool,
-                 traceparent: tuple[str, str] | None, method: str) -> None:
+                 traceparent: tuple[str, str] | None, method: str, principal: Any) -> None:
         self.adapter, self.rpc_id, self.v03 = adapter, rpc_id, v03
-        self.traceparent, self.method = traceparent, method
+        self.traceparent, self.method, self.principal = traceparent, method, principal
 
     def result(self, result: Any) -> RpcReply:
         return RpcReply(body=_dumps({"result": result, "id": self.rpc_id, "jsonrpc": "2.0"}))
@@ -221,7 +243,8 @@ class _Call:
 
     def task(self, params: Mapping[str, Any]) -> TaskRecord:
         task_id: str = _get(params, "id", str, "a string", "id", required=True)
-        record = self.adapter.tasks.get(task_id)
+        # Another principal's task is not found: the answer must not say it exists.
+        record = self.adapter.tasks.find(task_id, self.principal)
         if record is None:
             raise RpcError(ErrorCode.TASK_NOT_FOUND, "Task not found")
         return record
@@ -247,7 +270,8 @@ class _Call:
         history = _count(params, "historyLength", "historyLength")
         artifacts = _get(params, "includeArtifacts", bool, "a boolean", "includeArtifacts")
         page, total, cursor = self.adapter.tasks.page(
-            context_id=context_id, state=state, page_size=size, after_seq=after)
+            context_id=context_id, state=state, page_size=size, after_seq=after,
+            principal=self.principal)
         return self.result({
             "tasks": [t.snapshot(history_length=history, include_artifacts=bool(artifacts))
                       for t in page],
@@ -297,7 +321,7 @@ class _Call:
             record = await adapter.open_task(
                 message=message, task_id=str(uuid.uuid4()), user_message=user,
                 context_id=context_id or str(uuid.uuid4()), parent_span_id=parent,
-                method=self.method)
+                method=self.method, owner=self.principal)
         except A2ARequestError as exc:
             raise RpcError(ErrorCode.INTERNAL_ERROR, str(exc.detail)) from None
         if stream:
@@ -316,7 +340,7 @@ class _Call:
                            else {"task": snapshot})
 
     def follow_up(self, task_id: str, context_id: str | None) -> None:
-        record = self.adapter.tasks.get(task_id)
+        record = self.adapter.tasks.find(task_id, self.principal)
         if record is None:
             raise RpcError(ErrorCode.TASK_NOT_FOUND, f"Task {task_id} not found")
         if context_id is not None and context_id != record.context_id:

@@ -3,12 +3,16 @@
 Kept byte-for-byte as 2.1 wrote them: non-chunk frames are
 ``event: <name>\\ndata: <json>\\n\\n``; chunk frames are ``format_sse_event`` of the
 chunk with ``taskId`` / ``contextId`` added to its meta.
+
+The stream's frames come as a :class:`LegacyFrames`, whose ``aclose`` ends a task
+whose message was never emitted (see :meth:`A2AServerAdapter.abandon`), however
+early the response was given up.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 
 from pydantic import BaseModel
@@ -18,7 +22,7 @@ from penguiflow.streaming import format_sse_event
 
 from ._tasks import Subscriber, TaskRecord
 
-__all__ = ["jsonable", "legacy_frames", "legacy_response", "utf8"]
+__all__ = ["LegacyFrames", "jsonable", "legacy_frames", "legacy_response", "utf8"]
 
 
 def utf8(text: str) -> bytes:
@@ -65,8 +69,13 @@ def legacy_response(record: TaskRecord) -> dict[str, Any]:
 
 
 async def legacy_frames(record: TaskRecord, sub: Subscriber,
-                        launch: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
-    """The ``message/stream`` frames; ``launch`` (the emit) runs on the first advance."""
+                        launch: Callable[[], Awaitable[None]],
+                        abandon: Callable[[], None]) -> AsyncGenerator[bytes, None]:
+    """The ``message/stream`` frames; ``launch`` (the emit) runs on the first advance.
+
+    ``abandon`` runs when the frames end however they end (it fails the task only if
+    ``launch`` never ran: the client left right after the ``accepted`` frame).
+    """
     ids = {"taskId": record.task_id, "contextId": record.context_id}
     try:
         yield _frame("status", {"status": "accepted", **ids})
@@ -93,3 +102,35 @@ async def legacy_frames(record: TaskRecord, sub: Subscriber,
         yield _frame("done", ids)
     finally:
         record.subscribers.discard(sub)
+        abandon()
+
+
+class LegacyFrames:
+    """The ``message/stream`` frames: an async iterator of bytes whose ``aclose`` is total.
+
+    An async generator closed before its first advance never runs its ``finally``,
+    so a response that never started streaming (its headers could not be sent, the
+    client left first) left the task SUBMITTED and never launched, holding a task
+    slot for ever. :meth:`aclose` always calls ``abandon`` (idempotent), and the app
+    always calls :meth:`aclose`.
+    """
+
+    __slots__ = ("_abandon", "_frames")
+
+    def __init__(self, frames: AsyncGenerator[bytes, None],
+                 abandon: Callable[[], None]) -> None:
+        self._frames = frames
+        self._abandon = abandon
+
+    def __aiter__(self) -> LegacyFrames:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._frames.__anext__()
+
+    async def aclose(self) -> None:
+        """Close the frames; a task whose message was never emitted ends FAILED."""
+        try:
+            await self._frames.aclose()
+        finally:
+            self._abandon()

@@ -12,6 +12,12 @@ Events are A2A 1.0 ``StreamResponse`` objects (``{"statusUpdate": ...}`` /
 ``{"artifactUpdate": ...}``); the JSON-RPC layer converts them to 0.3 at the wire
 and the 2.1 routes read the raw chunk / outcome riding along.
 
+Each record keeps its ``owner``: the principal the server's ``auth`` callable returned
+for the request that created it (None without ``auth``). Lookups on a caller's behalf
+(:meth:`TaskRegistry.find`, :meth:`TaskRegistry.page` with ``principal``) only see the
+caller's own tasks, so another principal's task is indistinguishable from one that
+does not exist.
+
 Memory is bounded on two axes: each subscriber's queue has ``queue_size`` slots
 and a subscriber whose queue is full is dropped (its stream ends) instead of
 buffering without bound; the registry keeps at most ``max_tasks`` records and
@@ -113,7 +119,7 @@ class Subscriber:
 
 @dataclass(slots=True, eq=False)
 class TaskRecord:
-    """One task: ids, 1.0 state, history, artifacts, subscribers, outcome."""
+    """One task: ids, owner, 1.0 state, history, artifacts, subscribers, outcome."""
 
     task_id: str
     context_id: str
@@ -129,12 +135,27 @@ class TaskRecord:
     created: float = field(default_factory=time.monotonic)
     ended: float | None = None
     seq: int = field(default_factory=lambda: next(_seq))
+    #: The principal that created the task (``auth``'s return value; None without auth).
+    owner: Any = None
     _streams: set[str] = field(default_factory=set)
 
     @property
     def terminal(self) -> bool:
         """True once the task reached a final state (it never changes again)."""
         return self.state in FINAL_STATES
+
+    def visible_to(self, principal: Any) -> bool:
+        """Whether ``principal`` may see or act on this task: it is the task's owner.
+
+        Principals are compared with ``==`` (so ``auth`` must return an equal value,
+        e.g. the same user id string, for every request of one caller). Without
+        ``auth`` every caller and every owner is None, so every task is visible.
+        A principal whose ``==`` raises sees nothing (never a 500, never a leak).
+        """
+        try:
+            return bool(self.owner == principal)
+        except Exception:
+            return False
 
     # -- 1.0 views ----------------------------------------------------------------------
     def snapshot(self, *, history_length: int | None = None,
@@ -267,9 +288,18 @@ class TaskRegistry:
         return iter(list(self._tasks.values()))
 
     def get(self, task_id: str) -> TaskRecord | None:
-        """The task ``task_id`` if it is still kept."""
+        """The task ``task_id`` if it is still kept, whoever owns it (server-side use)."""
         self.purge()
         return self._tasks.get(task_id)
+
+    def find(self, task_id: str, principal: Any) -> TaskRecord | None:
+        """The task ``task_id`` if it is kept and ``principal`` owns it, else None.
+
+        Another principal's task is answered exactly like an unknown one, so a caller
+        cannot even learn that it exists.
+        """
+        record = self.get(task_id)
+        return record if record is not None and record.visible_to(principal) else None
 
     def by_trace(self, trace_id: Any) -> TaskRecord | None:
         """The running task of ``trace_id``, if any."""
@@ -321,14 +351,17 @@ class TaskRegistry:
             del self._tasks[task_id]
 
     def page(self, *, context_id: str | None, state: str | None, page_size: int,
-             after_seq: int | None) -> tuple[list[TaskRecord], int, int | None]:
-        """Tasks newest first, filtered, from after cursor ``after_seq``.
+             after_seq: int | None, principal: Any = None,
+             ) -> tuple[list[TaskRecord], int, int | None]:
+        """``principal``'s tasks newest first, filtered, from after cursor ``after_seq``.
 
-        Returns ``(page, total matching, cursor of the next page or None)``.
+        Returns ``(page, total matching, cursor of the next page or None)``; the
+        total counts only ``principal``'s tasks.
         """
         self.purge()
         matching = sorted((t for t in self._tasks.values()
-                           if (context_id is None or t.context_id == context_id)
+                           if t.visible_to(principal)
+                           and (context_id is None or t.context_id == context_id)
                            and (state is None or t.state == state)),
                           key=lambda t: t.seq, reverse=True)
         start = [t for t in matching if after_seq is None or t.seq < after_seq]

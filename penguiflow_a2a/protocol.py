@@ -28,6 +28,7 @@ __all__ = [
     "METHODS_V03",
     "method_name",
     "operation_of",
+    "PUSH_CONFIG_METHODS",
     "TERMINAL_STATES",
     "INTERRUPTED_STATES",
     "FINAL_STATES",
@@ -69,6 +70,19 @@ METHODS_V03: Final[Mapping[str, str]] = {
     "get": "tasks/get",
     "cancel": "tasks/cancel",
     "subscribe": "tasks/resubscribe",
+}
+#: The push-notification config methods (method -> version). This implementation has
+#: no push notifications (card: ``pushNotifications: false``); a server answers them
+#: -32003 PushNotificationNotSupported, as a2a-sdk does (a2a.md §3, §8).
+PUSH_CONFIG_METHODS: Final[Mapping[str, str]] = {
+    "CreateTaskPushNotificationConfig": V1_0,
+    "GetTaskPushNotificationConfig": V1_0,
+    "ListTaskPushNotificationConfigs": V1_0,
+    "DeleteTaskPushNotificationConfig": V1_0,
+    "tasks/pushNotificationConfig/set": V0_3,
+    "tasks/pushNotificationConfig/get": V0_3,
+    "tasks/pushNotificationConfig/list": V0_3,
+    "tasks/pushNotificationConfig/delete": V0_3,
 }
 _OP_V1 = {name: op for op, name in METHODS_V1.items()}
 _OP_V03 = {name: op for op, name in METHODS_V03.items()}

@@ -21,17 +21,17 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import to_jsonable_python
 
-from penguiflow.errors import FlowError, PenguiFlowError
+from penguiflow.errors import FlowError, InvalidTraceId, PenguiFlowError
 from penguiflow.state import RemoteBinding
-from penguiflow.types import Headers, Message, StreamChunk
+from penguiflow.types import Headers, Message, StreamChunk, check_trace_id
 
-from ._legacy import legacy_frames, legacy_response
+from ._legacy import LegacyFrames, legacy_frames, legacy_response
 from ._tasks import Subscriber, TaskRecord, TaskRegistry
 from .protocol import payload_to_parts
 
@@ -121,7 +121,10 @@ class A2AServerAdapter:
 
     * ``auth``: ``callable(headers) -> principal`` (sync or async); raise
       ``A2ARequestError(status_code=401|403, detail=...)`` to refuse. ``auth_scheme``
-      names it on the card (default: an HTTP Bearer scheme).
+      names it on the card (default: an HTTP Bearer scheme). Each task belongs to
+      the principal that created it: another principal gets "not found" for it
+      (compared with ``==``, so return the same value, e.g. a user id, for every
+      request of one caller; returning None for everyone shares every task).
     * ``rate_limit``: requests per second per principal (client host without auth).
     * ``redact_headers``: header names whose values are never stored or forwarded.
     * ``max_body_bytes``: larger request bodies get HTTP 413 unread.
@@ -267,8 +270,13 @@ class A2AServerAdapter:
     async def open_task(
         self, *, message: Message, task_id: str, context_id: str,
         user_message: dict[str, Any], parent_span_id: str | None = None, method: str,
+        owner: Any = None,
     ) -> TaskRecord:
         """Register a task for ``message`` and persist its RemoteBinding (not emitted yet).
+
+        ``owner`` is the principal of the request (None without ``auth``); only it
+        sees the task. If the caller is cancelled while the binding is saved, the
+        task ends FAILED (it would otherwise hold a slot, SUBMITTED, for ever).
 
         Raises:
             A2ARequestError: 503 when not started or when ``max_tasks`` tasks all run;
@@ -285,8 +293,19 @@ class A2AServerAdapter:
                 f"too many running tasks ({self.tasks.max_tasks}); retry later"))
         user_message = {**user_message, "contextId": context_id, "taskId": task_id}
         record = TaskRecord(task_id=task_id, context_id=context_id, trace_id=message.trace_id,
-                            history=[user_message])
+                            history=[user_message], owner=owner)
         self.tasks.add(record)
+        try:
+            await self._record_task(record, message, parent_span_id, method)
+        except BaseException:
+            # Cancelled (the client left) before anyone could launch the task.
+            self.abandon(record, "the request ended before its task started")
+            raise
+        return record
+
+    async def _record_task(self, record: TaskRecord, message: Message,
+                           parent_span_id: str | None, method: str) -> None:
+        task_id, context_id = record.task_id, record.context_id
         binding = RemoteBinding(message.trace_id, context_id, task_id, self.agent_url)
         try:
             await self._flow.save_remote_binding(binding)
@@ -301,7 +320,17 @@ class A2AServerAdapter:
                                     attributes=attributes)
             except Exception:
                 logger.exception("a2a_adopt_trace_parent_failed", extra={"task_id": task_id})
-        return record
+
+    def abandon(self, record: TaskRecord, reason: str) -> None:
+        """End ``record`` FAILED with ``reason`` if its message was never emitted.
+
+        For a request that went away before launching its task (a 2.1 stream whose
+        response never started, a cancelled request): without this the task stayed
+        SUBMITTED, holding a ``max_tasks`` slot and its trace id, for ever. A task
+        already launched or ended is left alone. Idempotent.
+        """
+        if not record.launched and not record.terminal:
+            self.tasks.publish(record, record.failed(reason))
 
     async def launch(self, record: TaskRecord, message: Message) -> None:
         """Emit ``message`` to the target; the task goes WORKING (or FAILED if emit fails)."""
@@ -347,13 +376,22 @@ class A2AServerAdapter:
 
     # -- the 2.1 API (spec §16) -------------------------------------------------------------
     async def _open_legacy(self, request: A2AMessagePayload | Mapping[str, Any],
-                           parent: tuple[str, str] | None, method: str,
+                           parent: tuple[str, str] | None, method: str, principal: Any,
                            ) -> tuple[A2AMessagePayload, TaskRecord, Message]:
         if not isinstance(request, A2AMessagePayload):
             request = A2AMessagePayload.model_validate(request)
         if not self._started:
             raise A2ARequestError(status_code=503, detail="A2A server adapter is not started")
         headers = self.headers_for(request.headers)
+        if request.trace_id is not None:
+            # Checked before the task exists: the flow refuses to emit such an id, and
+            # then the task had already failed and its binding was saved for a trace
+            # that never ran (and the answer was a 500).
+            try:
+                check_trace_id(request.trace_id)
+            except InvalidTraceId as exc:
+                raise A2ARequestError(status_code=422, detail=f"invalid traceId: {exc}"
+                                      ) from None
         trace_id = request.trace_id
         if trace_id is None and parent is not None and not self.tasks.trace_active(parent[0]):
             trace_id = parent[0]
@@ -369,21 +407,26 @@ class A2AServerAdapter:
                 "parts": payload_to_parts(to_jsonable_python(request.payload, fallback=repr))}
         record = await self.open_task(message=message, task_id=task_id, context_id=context_id,
                                       user_message=user, method=method,
-                                      parent_span_id=parent[1] if parent else None)
+                                      parent_span_id=parent[1] if parent else None,
+                                      owner=principal)
         return request, record, message
 
     async def handle_send(self, request: A2AMessagePayload | Mapping[str, Any], *,
-                          traceparent: tuple[str, str] | None = None) -> dict[str, Any]:
+                          traceparent: tuple[str, str] | None = None,
+                          principal: Any = None) -> dict[str, Any]:
         """``message/send``: run the request and answer with its outcome (spec §16).
 
-        ``traceparent`` (keyword-only addition): ``(trace_id, parent_span_id)`` of a
-        validated W3C traceparent; the run joins that trace unless it is active.
+        Keyword-only additions: ``traceparent``, the ``(trace_id, parent_span_id)`` of
+        a validated W3C traceparent (the run joins that trace unless it is active);
+        ``principal``, the caller as ``auth`` identified it (the task's owner).
 
         Raises:
-            A2ARequestError: 503 (not started / shutting down), 422 (headers), 409
-                (task already active), 500 (the flow could not be started).
+            A2ARequestError: 503 (not started / shutting down), 422 (headers, or a
+                ``traceId`` that is not a valid trace id), 409 (task already active),
+                500 (the flow could not be started).
         """
-        request, record, message = await self._open_legacy(request, traceparent, "message/send")
+        request, record, message = await self._open_legacy(request, traceparent, "message/send",
+                                                           principal)
         await self.launch(record, message)
         await record.done.wait()
         try:
@@ -393,22 +436,35 @@ class A2AServerAdapter:
                                   detail=str(exc)) from None
 
     async def stream(self, request: A2AMessagePayload | Mapping[str, Any], *,
-                     traceparent: tuple[str, str] | None = None,
-                     ) -> tuple[AsyncIterator[bytes], str, str]:
+                     traceparent: tuple[str, str] | None = None, principal: Any = None,
+                     ) -> tuple[LegacyFrames, str, str]:
         """``message/stream``: ``(SSE frames, task id, context id)`` (spec §16).
 
-        The message is emitted when the iterator is first advanced.
+        The message is emitted when the iterator is first advanced. The iterator
+        has an ``aclose()``: closing it before the message was emitted (the response
+        never started, the client left) ends the task FAILED instead of leaving it
+        SUBMITTED for ever; whoever drops the iterator unread must call it.
+        ``traceparent`` and ``principal`` as for :meth:`handle_send`.
         """
-        _, record, message = await self._open_legacy(request, traceparent, "message/stream")
+        _, record, message = await self._open_legacy(request, traceparent, "message/stream",
+                                                     principal)
         sub = self.subscribe(record)
-        frames = legacy_frames(record, sub, functools.partial(self.launch, record, message))
+        abandon = functools.partial(self.abandon, record,
+                                    "the stream ended before the message was sent to the flow")
+        frames = LegacyFrames(legacy_frames(
+            record, sub, functools.partial(self.launch, record, message), abandon), abandon)
         return frames, record.task_id, record.context_id
 
-    async def cancel(self, request: A2ATaskCancelRequest | Mapping[str, Any]) -> dict[str, Any]:
-        """``tasks/cancel``: cancel the task's trace (spec §16)."""
+    async def cancel(self, request: A2ATaskCancelRequest | Mapping[str, Any], *,
+                     principal: Any = None) -> dict[str, Any]:
+        """``tasks/cancel``: cancel the task's trace (spec §16).
+
+        ``principal`` (keyword-only addition): the caller as ``auth`` identified it;
+        another principal's task is answered as an unknown one.
+        """
         if not isinstance(request, A2ATaskCancelRequest):
             request = A2ATaskCancelRequest.model_validate(request)
-        record = self.tasks.get(request.task_id)
+        record = self.tasks.find(request.task_id, principal)
         if record is None:
             return {"taskId": request.task_id, "cancelled": False}
         if record.terminal:

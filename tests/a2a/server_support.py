@@ -91,10 +91,15 @@ def make_adapter(flow: Any, port: int, **kwargs: Any) -> A2AServerAdapter:
 
 
 @contextlib.asynccontextmanager
-async def serve(adapter: A2AServerAdapter, port: int) -> AsyncIterator[str]:
-    """Serve ``create_a2a_app(adapter)`` on 127.0.0.1:``port``; yields the base URL."""
+async def serve(adapter: A2AServerAdapter, port: int, *,
+                wrap: Callable[[Any], Any] | None = None) -> AsyncIterator[str]:
+    """Serve ``create_a2a_app(adapter)`` on 127.0.0.1:``port``; yields the base URL.
+
+    ``wrap``: an ASGI middleware put around the app (to inject a server-side fault).
+    """
     app = create_a2a_app(adapter)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(app if wrap is None else wrap(app),
+                                           host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())
     try:

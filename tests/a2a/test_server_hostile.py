@@ -4,6 +4,7 @@ auth, rate limits, secrets, trace context, and fuzzed JSON-RPC bodies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -12,18 +13,24 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_support import (
     CARD,
+    TIMEOUT,
     V1,
+    Gate,
     collect_stream,
     echo_flow,
+    free_port,
     http,
+    make_adapter,
     no_running_tasks,
     node,
     rpc,
     served,
+    sse_results,
     user_message,
 )
 
@@ -80,6 +87,29 @@ async def test_envelope_and_param_errors() -> None:
         assert (await code(deep))[0] == -32700
         assert (await code(b'{"id": ' + b"9" * 5000 + b"}"))[0] == -32700
         assert (await code(b'{"id": NaN}'))[0] == -32700
+
+
+@pytest.mark.parametrize(("method", "headers"), [
+    ("CreateTaskPushNotificationConfig", V1), ("GetTaskPushNotificationConfig", V1),
+    ("ListTaskPushNotificationConfigs", V1), ("DeleteTaskPushNotificationConfig", V1),
+    ("tasks/pushNotificationConfig/set", {}), ("tasks/pushNotificationConfig/get", {}),
+    ("tasks/pushNotificationConfig/list", {}), ("tasks/pushNotificationConfig/delete", {})])
+async def test_push_config_methods_are_not_supported_not_unknown(
+        method: str, headers: dict[str, str]) -> None:
+    # Before: -32601 Method not found. The card says pushNotifications: false, and
+    # the spec's (and a2a-sdk's) answer is -32003 PushNotificationNotSupported.
+    params = {"taskId": "t", "id": "c", "url": "http://127.0.0.1:9/hook"}
+    async with served(echo_flow()) as (url, _), http() as client:
+        error = (await call(client, url, rpc(method, params), headers))["error"]
+        assert error["code"] == -32003
+        assert error["message"] == "Push notifications are not supported by the agent"
+        if headers:  # 1.0 errors carry the ErrorInfo reason; 0.3 errors do not
+            assert error["data"][0]["reason"] == "PUSH_NOTIFICATION_NOT_SUPPORTED"
+            # The version is still checked first, as for every 1.0 method.
+            no_header = (await call(client, url, rpc(method, params), {}))["error"]
+            assert no_header["code"] == -32009
+        else:
+            assert "data" not in error
 
 
 async def test_terminal_task_and_tenant_errors() -> None:
@@ -239,6 +269,67 @@ async def test_auth_and_rate_limit() -> None:
         assert int(answers[2].headers["retry-after"]) >= 1
 
 
+def two_principals(headers: Any) -> str:
+    """``auth`` for two callers: ``Bearer alice`` and ``Bearer bob``."""
+    value = headers.get("authorization", "")
+    if value not in ("Bearer alice", "Bearer bob"):
+        raise A2ARequestError(status_code=401, detail="unknown caller")
+    return value.split()[1]
+
+
+async def test_tasks_are_private_to_the_principal_that_created_them() -> None:
+    # Before, any authenticated caller could list, read, cancel and subscribe to
+    # any other caller's task: lookups were by id alone.
+    gate = Gate()
+    flow = gate.flow()
+    alice = {**V1, "authorization": "Bearer alice"}
+    bob = {**V1, "authorization": "Bearer bob"}
+    async with served(flow, auth=two_principals) as (url, adapter), http() as client:
+        task = (await call(client, url, rpc("SendMessage", {
+            "message": user_message("alice's secret"),
+            "configuration": {"returnImmediately": True}}), alice))["result"]["task"]
+        await asyncio.wait_for(gate.started.wait(), 10)
+        tid = task["id"]
+
+        async def error(method: str, params: Any, headers: Any) -> tuple[int, str]:
+            answer = await call(client, url, rpc(method, params), headers)
+            assert "result" not in answer, (method, answer)
+            return answer["error"]["code"], answer["error"]["message"]
+
+        # Bob: exactly what an unknown id gets (TaskNotFound), and an empty list.
+        unknown = await error("GetTask", {"id": "no-such-task"}, bob)
+        assert await error("GetTask", {"id": tid}, bob) == unknown
+        assert (await error("CancelTask", {"id": tid}, bob))[0] == -32001
+        assert (await error("SubscribeToTask", {"id": tid}, bob))[0] == -32001
+        assert (await error("tasks/get", {"id": tid}, bob))[0] == -32001
+        assert (await error("SendMessage", {"message": user_message(
+            "follow", taskId=tid)}, bob))[0] == -32001
+        listed = (await call(client, url, rpc("ListTasks", {}), bob))["result"]
+        assert listed["tasks"] == [] and listed["totalSize"] == 0
+        legacy = await client.post(url + "/tasks/cancel", json={"taskId": tid},
+                                   headers={"authorization": "Bearer bob"})
+        assert legacy.json() == {"taskId": tid, "cancelled": False}  # the unknown-task answer
+        assert adapter.tasks.get(tid).state == "TASK_STATE_WORKING"  # untouched
+
+        # Alice still sees and controls her task.
+        mine = (await call(client, url, rpc("ListTasks", {}), alice))["result"]
+        assert [t["id"] for t in mine["tasks"]] == [tid] and mine["totalSize"] == 1
+        got = (await call(client, url, rpc("GetTask", {"id": tid}), alice))["result"]
+        assert got["history"][0]["parts"] == [{"text": "alice's secret"}]
+        cancelled = (await call(client, url, rpc("CancelTask", {"id": tid}), alice))["result"]
+        assert cancelled["status"]["state"] == "TASK_STATE_CANCELED"
+
+        # The 2.1 routes record the owner too.
+        gate.release.set()
+        sent = await client.post(url + "/message/send", json={"payload": "x", "taskId": "k1"},
+                                 headers={"authorization": "Bearer alice"})
+        assert sent.status_code == 200
+        assert (await error("GetTask", {"id": "k1"}, bob))[0] == -32001
+        assert (await call(client, url, rpc("GetTask", {"id": "k1"}), alice))["result"]["id"] \
+            == "k1"
+        no_running_tasks(adapter, flow)
+
+
 async def test_secret_headers_never_reach_store_binding_or_message(
         caplog: pytest.LogCaptureFixture) -> None:
     seen: list[Message] = []
@@ -289,6 +380,60 @@ async def test_traceparent_sets_the_served_trace_id() -> None:
     parents = [e for e in await store.load_history(trace_id) if e.kind == "trace_parent"]
     assert parents and parents[0].payload["parent_span_id"] == span_id
     assert parents[0].payload["a2a.method"] == "SendMessage"
+
+
+@pytest.mark.parametrize("how", ["timeout_graceful_shutdown", "adapter.stop() first"])
+async def test_shutdown_with_open_streams_and_blocking_sends_is_bounded(how: str) -> None:
+    """uvicorn waits for open responses to end before the lifespan shutdown that would
+    stop the adapter, and a server cannot observe that wait without signal handlers
+    (a library installs none): the documented bounds are uvicorn's
+    ``timeout_graceful_shutdown``, or stopping the adapter before the server."""
+    gate = Gate()
+    port = free_port()
+    adapter = make_adapter(gate.flow(), port)
+    grace = 0.5 if how == "timeout_graceful_shutdown" else None
+    server = uvicorn.Server(uvicorn.Config(create_a2a_app(adapter), host="127.0.0.1",
+                                           port=port, log_level="critical", lifespan="on",
+                                           timeout_graceful_shutdown=grace))
+    serving = asyncio.create_task(server.serve())
+    async with asyncio.timeout(TIMEOUT):
+        while not server.started:  # polled, as server_support.serve does
+            if serving.done():
+                serving.result()
+            await asyncio.sleep(0.01)
+    url = f"http://127.0.0.1:{port}"
+    async with http() as client:
+        async def stream() -> list[Any]:
+            seen: list[Any] = []
+            with contextlib.suppress(httpx.HTTPError):  # cut by the graceful timeout
+                async with client.stream("POST", url + "/", headers=V1, json=rpc(
+                        "SendStreamingMessage", {"message": user_message("s")})) as response:
+                    seen += [envelope async for envelope in sse_results(response)]
+            return seen
+
+        streaming = asyncio.create_task(stream())
+        blocking = asyncio.create_task(client.post(url + "/", headers=V1, json=rpc(
+            "SendMessage", {"message": user_message("b")})))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TIMEOUT
+        while sum(t.state == "TASK_STATE_WORKING" for t in adapter.tasks) < 2:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        started = loop.time()
+        if grace is None:
+            await adapter.stop()
+        server.should_exit = True
+        await asyncio.wait_for(serving, TIMEOUT)  # before: never, while the task ran
+        assert loop.time() - started < 5.0
+        assert not adapter.started and adapter.tasks.running() == []
+        seen, answer = await streaming, await blocking
+    if grace is None:  # every open response ended properly, with the reason
+        last = seen[-1]["result"]["statusUpdate"]["status"]
+        assert last["state"] == "TASK_STATE_FAILED"
+        assert "shutting down" in last["message"]["parts"][0]["text"]
+        task = answer.json()["result"]["task"]
+        assert task["status"]["state"] == "TASK_STATE_FAILED"
+    gate.release.set()
 
 
 # -- fuzz -----------------------------------------------------------------------------------

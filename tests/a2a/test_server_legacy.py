@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -13,9 +14,12 @@ from server_support import (
     Gate,
     chunk_flow,
     echo_flow,
+    free_port,
     http,
+    make_adapter,
     no_running_tasks,
     node,
+    serve,
     served,
 )
 
@@ -374,3 +378,115 @@ async def test_a_lone_surrogate_in_an_output_or_chunk_reaches_the_client() -> No
                                          "done"]
     assert got[2][1][0] == "b\ufffdc"  # raw text on the wire: the surrogate replaced
     assert json.loads(got[4][1][0])["output"] == {"t": "x\udfffy"}  # JSON: escaped
+
+
+# -- ids a header cannot carry, responses that never start, invalid trace ids --------------
+@pytest.mark.parametrize(("field", "value", "header"), [
+    ("contextId", "ctx-\u2603", "ctx-%E2%98%83"),  # not Latin-1: was a 500
+    ("taskId", "task\r\nX-Evil: 1", "task%0D%0AX-Evil:%201"),  # was a dropped connection
+    ("taskId", "task\x00", "task%00"),
+    ("taskId", "edge ", "edge%20"),  # h11 refuses a trailing blank
+    ("taskId", "t\u00e2che-\u00e9", "t\u00e2che-\u00e9"),  # Latin-1: sent as is, as 2.1 did
+])
+async def test_stream_ids_a_header_cannot_carry_are_percent_encoded(
+        field: str, value: str, header: str) -> None:
+    flow = echo_flow()
+    async with (served(flow) as (url, adapter), http() as client,
+                client.stream("POST", url + "/message/stream",
+                              json={"payload": "hi", field: value}) as response):
+        assert response.status_code == 200
+        name = "x-a2a-task-id" if field == "taskId" else "x-a2a-context-id"
+        assert response.headers[name] == header
+        assert "x-evil" not in response.headers
+        got = frames((await response.aread()).decode())
+        assert [n for n, _ in got] == ["status", "artifact", "done"]
+        assert json.loads(got[0][1][0])[field] == value  # the exact id, in the body
+        no_running_tasks(adapter, flow)
+
+
+async def test_ids_a_header_cannot_carry_never_leave_tasks_behind() -> None:
+    # Each such stream left a task SUBMITTED for ever: three exhausted max_tasks=3.
+    flow = echo_flow()
+    async with served(flow, max_tasks=3) as (url, adapter), http() as client:
+        for i in range(4):
+            response = await client.post(url + "/message/stream",
+                                         json={"payload": i, "contextId": f"ctx-{i}-\u2603"})
+            assert response.status_code == 200
+        sent = await client.post(url + "/message/send", json={"payload": "normal"})
+        assert sent.status_code == 200 and sent.json()["output"] == {"n": "normal"}
+        no_running_tasks(adapter, flow)
+
+
+def failing_response_start(app: Any) -> Any:
+    """ASGI middleware: ``/message/stream``'s response start fails (as an unsendable
+    header did), so the response never streams a byte."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/message/stream":
+            await app(scope, receive, send)
+            return
+
+        async def broken(message: Any) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 200:
+                raise OSError("the response could not be started")
+            await send(message)
+
+        await app(scope, receive, broken)
+
+    return wrapped
+
+
+async def test_a_stream_response_that_never_starts_ends_its_task() -> None:
+    flow = echo_flow()
+    port = free_port()
+    adapter = make_adapter(flow, port, max_tasks=1)
+    async with serve(adapter, port, wrap=failing_response_start) as url, http() as client:
+        with contextlib.suppress(httpx.HTTPError):  # a 500 or a closed connection
+            response = await client.post(url + "/message/stream",
+                                         json={"payload": 1, "taskId": "K"})
+            assert response.status_code != 200
+        record = adapter.tasks.get("K")
+        assert record is not None and not record.launched
+        assert record.state == "TASK_STATE_FAILED"  # was SUBMITTED for ever
+        assert "before the message was sent" in record.outcome.detail
+        # Its slot is free again (max_tasks=1).
+        sent = await client.post(url + "/message/send", json={"payload": 2})
+        assert sent.status_code == 200
+        no_running_tasks(adapter, flow)
+
+
+@pytest.mark.parametrize("advance", [0, 1])
+async def test_stream_frames_closed_before_the_emit_end_the_task(advance: int) -> None:
+    # An async generator closed before its first advance never runs its finally, and
+    # one closed at its first frame ("accepted") had not emitted the message yet.
+    flow = echo_flow()
+    adapter = A2AServerAdapter(flow, agent_card=CARD, agent_url="http://a",
+                               default_headers={"tenant": "t"})
+    await adapter.start()
+    try:
+        frames_iter, task_id, _ = await adapter.stream({"payload": "p"})
+        for _ in range(advance):
+            await anext(frames_iter)
+        await frames_iter.aclose()
+        record = adapter.tasks.get(task_id)
+        assert record is not None and record.state == "TASK_STATE_FAILED"
+        assert adapter.tasks.running() == [] and record.subscribers == set()
+        assert (await adapter.handle_send({"payload": "next"}))["output"] == {"n": "next"}
+    finally:
+        await adapter.stop()
+
+
+@pytest.mark.parametrize("trace_id", ["", "bad\x00trace", "x" * 300, "line\nbreak"])
+async def test_an_invalid_trace_id_is_a_422_before_any_task(trace_id: str) -> None:
+    # Was: HTTP 500, a FAILED task, and a RemoteBinding saved for a trace that never ran.
+    store = InMemoryStateStore()
+    flow = echo_flow(state_store=store)
+    async with served(flow) as (url, adapter), http() as client:
+        for route in ("/message/send", "/message/stream"):
+            response = await client.post(url + route,
+                                         json={"payload": "hi", "traceId": trace_id})
+            assert response.status_code == 422
+            assert response.json()["detail"].startswith("invalid traceId: ")
+        assert len(adapter.tasks) == 0 and store._bindings == []
+        ok = await client.post(url + "/message/send", json={"payload": "hi", "traceId": "ok-1"})
+        assert ok.status_code == 200 and ok.json()["traceId"] == "ok-1"

@@ -26,9 +26,11 @@ from a2a.types import (
     SendMessageRequest,
     StreamResponse,
     SubscribeToTaskRequest,
+    TaskPushNotificationConfig,
     TaskState,
 )
 from a2a.utils.errors import (
+    PushNotificationNotSupportedError,
     TaskNotCancelableError,
     TaskNotFoundError,
     UnsupportedOperationError,
@@ -168,6 +170,15 @@ async def test_failed_flow_is_a_failed_task_with_the_error_text() -> None:
         last = events[-1].status_update.status
         assert last.state == TaskState.TASK_STATE_FAILED
         assert "kaboom" in last.message.parts[0].text
+
+
+async def test_push_config_calls_raise_push_not_supported() -> None:
+    # The card says pushNotifications: false; the SDK client maps -32003 to its
+    # PushNotificationNotSupportedError (before: MethodNotFoundError).
+    async with served(echo_flow()) as (url, _), sdk_client(url) as client:
+        with pytest.raises(PushNotificationNotSupportedError):
+            await client.create_task_push_notification_config(TaskPushNotificationConfig(
+                task_id="t", url="http://127.0.0.1:9/hook"))
 
 
 # -- 0.3 -------------------------------------------------------------------------------------

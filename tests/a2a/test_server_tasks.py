@@ -1,13 +1,17 @@
 """The task registry's bounds: max_tasks (oldest ended task evicted, refusal when all run),
-TTL of ended tasks, ListTasks cursors, and a full subscriber cut off with its memory freed."""
+TTL of ended tasks, ListTasks cursors, a full subscriber cut off with its memory freed,
+and tasks seen only by the principal that owns them."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from penguiflow_a2a._tasks import Subscriber, TaskRecord, TaskRegistry
 
 
-def record(task_id: str) -> TaskRecord:
-    return TaskRecord(task_id=task_id, context_id="c", trace_id="t-" + task_id, history=[])
+def record(task_id: str, owner: Any = None) -> TaskRecord:
+    return TaskRecord(task_id=task_id, context_id="c", trace_id="t-" + task_id, history=[],
+                      owner=owner)
 
 
 def test_max_tasks_evicts_the_oldest_ended_and_refuses_when_all_run() -> None:
@@ -54,3 +58,29 @@ def test_a_full_subscriber_is_cut_off_and_its_queue_freed() -> None:
     tasks.publish(r, r.working())
     assert slow.cut.is_set() and slow.queue.qsize() == 1 and slow.queue.get_nowait() is None
     assert r.subscribers == {fast} and tasks.dropped_subscribers == 1
+
+
+class _Touchy:
+    """A principal whose ``==`` raises."""
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("no comparing")
+
+    __hash__ = object.__hash__
+
+
+def test_lookups_on_a_callers_behalf_see_only_its_own_tasks() -> None:
+    tasks = TaskRegistry(max_tasks=10, ttl_s=3600)
+    mine, theirs, anonymous = record("a", "alice"), record("b", "bob"), record("n")
+    for r in (mine, theirs, anonymous):
+        tasks.add(r)
+    assert tasks.find("a", "alice") is mine and tasks.find("b", "alice") is None
+    assert tasks.find("n", None) is anonymous and tasks.find("n", "alice") is None
+    assert tasks.get("b") is theirs  # server-side lookups are not filtered
+    page, total, _ = tasks.page(context_id=None, state=None, page_size=10, after_seq=None,
+                                principal="alice")
+    assert page == [mine] and total == 1
+    # Without auth every caller is None and sees the None-owned tasks, as before.
+    page, total, _ = tasks.page(context_id=None, state=None, page_size=10, after_seq=None)
+    assert page == [anonymous] and total == 1
+    assert tasks.find("a", _Touchy()) is None  # a bad principal sees nothing, never raises
