@@ -226,6 +226,10 @@ class BusBinding:
         self._cancelled: OrderedDict[str, float] = OrderedDict()
         #: Emitters of the traces seen here: their results go home.
         self._replies: OrderedDict[str, str] = OrderedDict()
+        #: Invocations this process has closed with ``node_abandoned``: parcels
+        #: claimed together often share their sender (a fan-out), and each claim
+        #: finds the same open invocations; each is closed once.
+        self._abandoned: OrderedDict[str, float] = OrderedDict()
         #: Counters: parcels delivered, settled, dropped as cancelled or undeliverable,
         #: duplicates refused by the bus, redeliveries seen, background sends failed,
         #: invocations of stopped workers closed (``node_abandoned``).
@@ -400,8 +404,12 @@ class BusBinding:
         try:
             await floe.queue.put_tagged(item, inbound)
         except BaseException:
-            if trace_id is not None:
-                rt.release(trace_id)
+            # Give back exactly what count() took: the item's own trace id (a plain
+            # value carries none, whatever the parcel says).
+            counted = (item.trace_id if isinstance(item, Message)
+                       else getattr(item, "trace_id", None))
+            if counted is not None and rt.release(counted):
+                rt.spawn(rt.cancel_finished(counted))
             raise
 
     async def _close_abandoned(self, store: Any, ctx: Context, trace_id: str, worker: str,
@@ -437,8 +445,10 @@ class BusBinding:
             elif ev.kind in TERMINAL_KINDS:
                 ended.add(inv)
         for inv, attempt in started.items():
-            if inv in ended:
+            if inv in ended or inv in self._abandoned:
                 continue
+            # Marked before the await: a sibling claim's lookup may run meanwhile.
+            self._remember(self._abandoned, inv, time.time())
             self.stats["abandoned"] += 1
             await self._rt.emit_event(
                 "node_abandoned", ctx, trace_id, attempt=attempt, invocation_id=inv,

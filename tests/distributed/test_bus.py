@@ -472,6 +472,102 @@ async def test_an_attempt_of_a_stopped_worker_is_closed_by_the_one_that_ran_it_a
         await first.stop()
 
 
+async def test_a_delivery_given_up_while_waiting_leaves_other_counts_alone(
+        redis_url: str, namespace: str) -> None:
+    # A parcel whose header names trace T but whose item is a plain value (no trace
+    # of its own: a foreign writer) counts nothing when delivered; if its delivery
+    # is given up while the floe is full, T's own count must stay as it was, or T
+    # would look drained while its message is still in the node (a cancel would
+    # find nothing to stop).
+    release = asyncio.Event()
+    holding = asyncio.Event()
+
+    def build() -> PenguiFlow:
+        async def a(m: Any, ctx: Any) -> Any:
+            holding.set()
+            await release.wait()
+            return m
+        return create(Node(a, name="a", policy=NONE).to(), name="gave-up", queue_maxsize=1)
+
+    pair = Pair(build, redis_url, namespace)
+    await pair.start()
+    binding = pair.worker.binding
+    assert binding is not None
+    try:
+        await pair.client.emit(msg("held", "T-real"))
+        await asyncio.wait_for(holding.wait(), 10)
+        # Fill the local floe by hand (the broker would hold a second emit back).
+        fills = msg("fills", "T-other")
+        await binding.deliver(Parcel("OpenSea->a", dumps_item(fills), "T-other",
+                                     binding.worker_id, "hop-fills", None, time.time(), None),
+                              handle=None)
+        parcel = Parcel("OpenSea->a", dumps_item("plain"), "T-real", binding.worker_id,
+                        "hop-foreign", None, time.time(), None)
+        delivery = asyncio.ensure_future(binding.deliver(parcel, handle=None))
+        await asyncio.sleep(0)  # it is waiting on the full floe: give it up
+        delivery.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await delivery
+        assert pair.worker._rt.traces["T-real"].pending == 1
+        assert await pair.worker.cancel("T-real")  # still found running, and stopped
+    finally:
+        release.set()
+        await pair.stop()
+
+
+async def test_a_fan_out_claimed_together_closes_the_stopped_attempt_once(
+        redis_url: str, namespace: str) -> None:
+    # `a` sends three parcels to `b`: all three share `a`'s invocation as parent.
+    # Worker 1 starts `b` on the first and stops; worker 2 claims all three. Each
+    # claim finds the same open attempt; it is closed once, not once per parcel
+    # (three node_abandoned would leave the trace's open count negative).
+    store = InMemoryStateStore()
+    started = asyncio.Event()
+
+    def build() -> PenguiFlow:
+        async def a(m: Message, ctx: Any) -> None:
+            for i in range(3):
+                await ctx.emit(m.model_copy(update={"payload": f"{m.payload}{i}"}))
+
+        async def b(m: Message, ctx: Any) -> Message:
+            if not started.is_set():
+                started.set()
+                await asyncio.Event().wait()  # the first attempt never ends
+            return m
+
+        na, nb = Node(a, name="a", policy=NONE), Node(b, name="b", policy=NONE)
+        return create(na.to(nb), nb.to(), name="fan-abandon")
+
+    first, second, client = build(), build(), build()
+    first_bus, second_bus, client_bus = (
+        RedisMessageBus(redis_url, namespace=namespace, claim_idle_s=0.3) for _ in range(3))
+    first.run(message_bus=first_bus, state_store=store)
+    client.run(message_bus=client_bus, nodes=[])
+    await first_bus.ready()
+    await client_bus.ready()
+    try:
+        await client.emit(msg("x", "T-fan"))
+        await asyncio.wait_for(started.wait(), 10)
+        await first.stop()
+        second.run(message_bus=second_bus, state_store=store)
+        got = sorted([(await asyncio.wait_for(client.fetch(), 10)).payload for _ in range(3)])
+        assert got == ["x0", "x1", "x2"]
+        binding = second.binding
+        assert binding is not None
+        await second.stop()  # awaits the background closes
+        history = await InMemoryStateStore.load_history(store, "T-fan")
+        b_starts = [e for e in history if e.kind == "node_start" and e.node_name == "b"]
+        closed = [e for e in history if e.kind == "node_abandoned"]
+        assert [e.invocation_id for e in closed] == [b_starts[0].invocation_id]
+        assert binding.stats["abandoned"] == 1
+        [summary] = [t for t in await store.list_traces() if t.trace_id == "T-fan"]
+        assert summary.status == "succeeded"
+    finally:
+        await client.stop()
+        await second.stop()
+        await first.stop()
+
+
 async def test_redis_refusing_writes_for_a_while_holds_the_input_and_loses_nothing(
         own_redis: RedisServer, namespace: str) -> None:
     # Out of memory under noeviction (the guide's advice) or a replica after a
@@ -500,6 +596,41 @@ async def test_redis_refusing_writes_for_a_while_holds_the_input_and_loses_nothi
         assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "x:a"
     finally:
         await redis.config_set("maxmemory", "0")
+        await redis.aclose()
+        await pair.stop()
+
+
+async def test_a_failover_to_read_only_is_waited_out_by_every_loop(
+        own_redis: RedisServer, namespace: str, caplog: pytest.LogCaptureFixture) -> None:
+    # After a failover the old primary is a replica: every write (XADD, XREADGROUP,
+    # XCLAIM, EXPIRE) answers READONLY until it is promoted again. Reader,
+    # keep-alive, claimer and sends all back off as for a broken link (one warning,
+    # counted), never an ERROR per turn, and the work resumes where it stood.
+    pair = await Pair(dist_flows.chain, own_redis.url, namespace, claim_idle_s=0.3,
+                      max_backoff_s=0.05).start()
+    redis = aioredis.Redis.from_url(own_redis.url)
+    try:
+        with caplog.at_level(logging.WARNING):
+            await redis.replicaof("127.0.0.1", str(free_port()))  # a primary that is gone
+            sending = asyncio.ensure_future(pair.client.emit(msg("x:", "T-ro")))
+            await eventually(lambda: pair.client_bus.stats["link_errors"] >= 1,
+                             "the client's send refused")
+            for _ in range(2000):  # until both keep-alives were refused (Redis counts)
+                stats = await redis.info("commandstats")
+                if stats.get("cmdstat_expire", {}).get("rejected_calls", 0) >= 4:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail("the keep-alives never ran during the outage")
+            assert not sending.done()  # the emit waits; it does not fail
+            await redis.replicaof("no", "one")
+            await asyncio.wait_for(sending, 10)
+            assert (await asyncio.wait_for(pair.client.fetch(), 10)).payload == "x:abcde"
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == []
+        assert "bus_redis_unreachable" in {r.getMessage() for r in caplog.records}
+    finally:
+        await redis.replicaof("no", "one")
         await redis.aclose()
         await pair.stop()
 

@@ -210,7 +210,10 @@ async def test_a_worker_killed_mid_node_loses_no_trace(
         histories = [await store.load_history(m.trace_id) for m in messages]
     victims = {e.invocation_id for h in histories for e in h
                if e.kind == "node_start" and e.flow_id == victim.worker_id}
-    for e in (e for h in histories for e in h if e.kind == "node_abandoned"):
+    abandoned = [e for h in histories for e in h if e.kind == "node_abandoned"]
+    # Each stopped attempt is closed once.
+    assert len({e.invocation_id for e in abandoned}) == len(abandoned)
+    for e in abandoned:
         assert e.invocation_id in victims and e.payload["worker_id"] == victim.worker_id
         assert e.flow_id in {survivor.worker_id, restarted.worker_id}
     # pf inspect marks the redelivery on a trace that crossed the workers.

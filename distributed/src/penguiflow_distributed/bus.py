@@ -547,6 +547,9 @@ class RedisMessageBus:
                     if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
                         await self._retrying("recreate a group", self._ensure_group, stream)
                         continue
+                    if _temporary(exc):  # a replica after a failover: wait it out
+                        await self._link_down("read", exc)
+                        continue
                     # Anything else: said and retried, never a reader that silently died
                     # (its edge, or its client's results, would wait for ever).
                     logger.error("bus_read_failed", extra={"stream": stream, "error": str(exc)})
@@ -744,6 +747,11 @@ class RedisMessageBus:
                 self._link_up()
             except _LINK_ERRORS as exc:
                 await self._link_down("refresh", exc)
+            except ResponseError as exc:
+                if _temporary(exc):
+                    await self._link_down("refresh", exc)
+                else:
+                    logger.error("bus_refresh_failed", extra={"error": str(exc)[:300]})
             except Exception as exc:  # never a keep-alive that silently died
                 logger.error("bus_refresh_failed", extra={"error": repr(exc)[:300]})
 
@@ -767,7 +775,9 @@ class RedisMessageBus:
             except _LINK_ERRORS as exc:
                 await self._link_down("claim", exc)
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if _temporary(exc):
+                    await self._link_down("claim", exc)
+                elif "NOGROUP" not in str(exc):
                     logger.error("bus_claim_failed", extra={"error": str(exc)})
             except Exception as exc:  # never a claimer that silently died
                 logger.error("bus_claim_failed", extra={"error": repr(exc)[:300]})
