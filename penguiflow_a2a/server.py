@@ -280,7 +280,8 @@ class A2AServerAdapter:
 
         Raises:
             A2ARequestError: 503 when not started or when ``max_tasks`` tasks all run;
-                409 when ``task_id`` or the trace id is already running.
+                409 when ``task_id`` or the trace id is already running, or
+                ``task_id`` is a finished task of another principal.
         """
         if not self._started:
             raise A2ARequestError(status_code=503, detail="A2A server adapter is not started")
@@ -288,6 +289,11 @@ class A2AServerAdapter:
         if (existing is not None and not existing.terminal) or self.tasks.trace_active(
                 message.trace_id):
             raise A2ARequestError(status_code=409, detail=f"task {task_id} is already active")
+        if existing is not None and not existing.visible_to(owner):
+            # Task ids are one namespace (2.1's), but a finished task stays its
+            # owner's: reusing its id would hand its record to another caller.
+            raise A2ARequestError(status_code=409, detail=(
+                f"task id {task_id} is taken; send without taskId or choose another"))
         if not self.tasks.room():
             raise A2ARequestError(status_code=503, detail=(
                 f"too many running tasks ({self.tasks.max_tasks}); retry later"))

@@ -327,6 +327,14 @@ async def test_tasks_are_private_to_the_principal_that_created_them() -> None:
         assert (await error("GetTask", {"id": "k1"}, bob))[0] == -32001
         assert (await call(client, url, rpc("GetTask", {"id": "k1"}), alice))["result"]["id"] \
             == "k1"
+        # Bob cannot take over alice's finished task by sending under its id: its
+        # record (and history) would have become his.
+        taken = await client.post(url + "/message/send", json={"payload": "y", "taskId": "k1"},
+                                  headers={"authorization": "Bearer bob"})
+        assert taken.status_code == 409 and "k1" in taken.json()["detail"]
+        mine = (await call(client, url, rpc("GetTask", {"id": "k1"}), alice))["result"]
+        assert mine["id"] == "k1" and mine["status"]["state"] == "TASK_STATE_COMPLETED"
+        assert (await error("GetTask", {"id": "k1"}, bob))[0] == -32001
         no_running_tasks(adapter, flow)
 
 
