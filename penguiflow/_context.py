@@ -75,11 +75,12 @@ class Context:
     Args:
         owner: the Node or Endpoint.
         runtime: the flow, or None for a detached context.
-        flow_runtime: what the context emits through; ``PenguiFlow`` passes its
-            own when it wires its contexts (keyword-only addition). A context
-            built by hand with a flow but without it has no floes of that flow:
-            emitting is a no-op until floes are added, then an error (use
-            ``flow.context(owner)`` to get the flow's own context).
+        flow_runtime: what the context emits through (keyword-only addition);
+            by default the runtime of ``runtime`` when it is a ``PenguiFlow``.
+            A context built by hand as ``Context(node, flow)`` has no floes
+            until some are added (spec §9: emitting puts on exactly those); what
+            it puts is accounted to its trace as the flow's own puts are. Use
+            ``flow.context(owner)`` for the flow's own, wired context.
     """
 
     __slots__ = (
@@ -111,6 +112,11 @@ class Context:
                  flow_runtime: ContextRuntime | None = None) -> None:
         self._owner = owner
         self._runtime = runtime
+        if flow_runtime is None and runtime is not None:
+            # Context(node, flow) built by hand: it emits through that flow's
+            # runtime, so what it puts is counted for its trace (cancel and
+            # drain see it) and crosses the flow's bus, like the flow's own.
+            flow_runtime = getattr(runtime, "_rt", None)
         self._rt = flow_runtime
         #: ``node_id`` for nodes, the endpoint's name for endpoints (event field).
         self._owner_id: str = owner.name if isinstance(owner, Endpoint) else owner.node_id

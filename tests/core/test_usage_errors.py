@@ -126,6 +126,26 @@ async def test_a_hand_built_context_with_the_flows_floe_feeds_the_flow(start: An
     assert info.value.hint is not None and "Node.invoke" in info.value.hint
 
 
+async def test_what_a_hand_built_context_puts_belongs_to_its_trace(start: Any) -> None:
+    # Counted like the flow's own puts: a cancel of the trace finds it in b and
+    # stops it (before, the trace had nothing counted and the cancel found nothing).
+    holding = asyncio.Event()
+
+    async def hold(message: Any, ctx: Any) -> Any:
+        holding.set()
+        await asyncio.Event().wait()
+
+    a = Node(echo, name="a", policy=NONE)
+    b = Node(hold, name="b", policy=NONE)
+    flow = start(create(a.to(b), b.to()))
+    ctx = Context(a, flow)
+    ctx.add_outgoing_floe(flow.context(a)._outgoing[b])
+    message = msg(1)
+    await within(ctx.emit(message))
+    await within(holding.wait())
+    assert await within(flow.cancel(message.trace_id))
+
+
 async def test_fetch_from_a_context_without_inputs(start: Any) -> None:
     flow = start(one_node())
     with pytest.raises(ConfigurationError,
