@@ -63,11 +63,6 @@ def _unreported(trace_id: Any, node_name: object) -> None:
 
 
 
-class _StrayCancel(RuntimeError):
-    """A node's own CancelledError that neither ``stop()`` nor a trace cancel sent:
-    its invocation fails, never retried (a RuntimeError to the user)."""
-
-
 class NodeWorker:
     """Runs ``node`` over its incoming floes until cancelled by ``stop()``.
 
@@ -256,6 +251,7 @@ class NodeWorker:
                     return
                 started = _perf()
                 error: Exception | None = None
+                retry = True
                 timed_out = False
                 result: Any = None
                 self.interruptible = True
@@ -283,7 +279,8 @@ class NodeWorker:
                     # someone else cancelled. The invocation fails (re-raised, it
                     # would end the worker for good), without retries: CancelledError
                     # is never retried (spec §7.4).
-                    error = _StrayCancel(
+                    retry = False
+                    error = RuntimeError(
                         f"node {node.name!r} raised CancelledError, but neither stop() nor "
                         "a cancel of its trace cancelled it (it awaited a task or future "
                         "that something else cancelled); failed, not retried")
@@ -349,7 +346,7 @@ class NodeWorker:
                                                    parents=parents, queued_ts=queued)
                         return
                 attempt = await self._failed_attempt(item, trace_id, attempt, error, timed_out,
-                                                     latency_ms, inv, parents)
+                                                     latency_ms, inv, parents, retry=retry)
                 if attempt < 0:
                     return
                 if state is not None and state.cancelled:
@@ -370,8 +367,11 @@ class NodeWorker:
 
     async def _failed_attempt(self, item: Any, trace_id: Any, attempt: int, error: Exception,
                               timed_out: bool, latency_ms: float, inv: str | None,
-                              parents: tuple[str, ...]) -> int:
-        """Report a failed attempt; back off and return the next attempt, or -1."""
+                              parents: tuple[str, ...], *, retry: bool = True) -> int:
+        """Report a failed attempt; back off and return the next attempt, or -1.
+
+        ``retry=False``: the failure is final whatever the policy allows (a stray
+        CancelledError: never retried, spec §7.4)."""
         rt = self.rt
         node = self.node
         ctx = self.ctx
@@ -389,7 +389,7 @@ class NodeWorker:
             extra["traceback"] = trace_text
         await rt.emit_event(kind, ctx, trace_id, attempt=attempt, latency_ms=latency_ms,
                                extra=extra, invocation_id=inv, parents=parents)
-        if attempt < policy.max_retries and type(error) is not _StrayCancel:
+        if retry and attempt < policy.max_retries:
             attempt += 1
             sleep_s = policy.backoff_for(attempt)
             await rt.emit_event("node_retry", ctx, trace_id, attempt=attempt,

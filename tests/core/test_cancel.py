@@ -396,6 +396,7 @@ async def test_a_stray_cancelled_error_fails_the_invocation_unretried_not_the_wo
     await flow.emit(bad)
     failure = await within(flow.fetch())
     assert failure.trace_id == bad.trace_id and "raised CancelledError" in failure.message
+    assert failure.exception_type == "RuntimeError"  # no private class leaks out
     (failed,) = await recorder.wait_for("node_failed", trace_id=bad.trace_id)
     assert failed.node_name == "n"
     assert not recorder.of("node_retry", trace_id=bad.trace_id) and calls == ["bad"]
