@@ -287,7 +287,9 @@ class LiveTracer:
 
 
 # One tracer per tracer provider (see module docstring: subflows share traces).
-_TRACERS: weakref.WeakKeyDictionary[Any, LiveTracer] = weakref.WeakKeyDictionary()
+# Per tracer provider, one live tracer per meter provider (None: the global one):
+# two flows on one tracer provider may report their metrics to different meters.
+_TRACERS: weakref.WeakKeyDictionary[Any, dict[Any, LiveTracer]] = weakref.WeakKeyDictionary()
 
 
 def tracer_for(tracer_provider: TracerProvider | None,
@@ -295,13 +297,21 @@ def tracer_for(tracer_provider: TracerProvider | None,
     """The live tracer of ``tracer_provider`` (default: the global one), or None.
 
     None when no SDK is configured: the runtime then pays nothing for tracing.
+
+    Raises:
+        Exception: whatever the provider raised while handing out its tracer or
+            meter (the caller, ``flow.run()``, logs and counts it and runs the
+            flow untraced: an observer never stops the flow it observes).
     """
     provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
     if not _sdk_configured(provider):
         return None
-    tracer = _TRACERS.get(provider)
+    by_meter = _TRACERS.get(provider)
+    if by_meter is None:
+        by_meter = _TRACERS[provider] = {}
+    tracer = by_meter.get(meter_provider)
     if tracer is None:
-        tracer = _TRACERS[provider] = LiveTracer(provider, meter_provider)
+        tracer = by_meter[meter_provider] = LiveTracer(provider, meter_provider)
     return tracer
 
 

@@ -59,6 +59,7 @@ from .errors import (
     InvalidArgument,
     InvalidArgumentType,
     safe_repr,
+    safe_str,
 )
 from .tracing import current_scope
 from .types import WM, Message
@@ -113,7 +114,11 @@ class PenguiFlow:
             addition); default: the global one, looked up at ``run()``. With
             no SDK configured nothing is traced and nothing is paid.
         meter_provider: the OTel meter provider for the flow's metrics
-            (keyword-only addition); default: the global one.
+            (keyword-only addition); default: the global one. The metrics are
+            measured from the flow's spans: with no SDK tracer provider (nothing
+            traced) none are recorded. A provider that raises while handing out
+            its tracer or meter is logged and counted (``tracer_failed``) and the
+            flow runs untraced.
         error_text_max: how many characters of a failed node's exception text
             (``exception``, the FlowError's message) and of its formatted
             traceback (``traceback``) an event keeps (keyword-only addition;
@@ -308,7 +313,15 @@ class PenguiFlow:
                          "or build those nodes with NodePolicy(validate='none')")
         local = self._local_nodes(nodes, rt.message_bus)
         rt.registry = registry
-        tracer = tracer_for(self._tracer_provider, self._meter_provider)
+        try:
+            tracer = tracer_for(self._tracer_provider, self._meter_provider)
+        except Exception as exc:  # a broken provider: the flow runs, untraced
+            tracer = None
+            self._events.failures["tracer_failed"] += 1
+            logger.error("tracer_failed", extra={
+                "flow": rt.name, "error": f"{type(exc).__name__}: {safe_str(exc)}",
+                "hint": "the tracer or meter provider raised while handing out its "
+                        "tracer or meter; this flow runs without tracing"})
         self._events.set_tracer(tracer)
         if tracer is not None:
             tracer.attach(self)

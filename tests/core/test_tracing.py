@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from pfcore_support import Recorder, msg, within
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
-from penguiflow._tracer import tracer_for
+from penguiflow._tracer import _TRACERS
 from penguiflow.patterns import join_k
 from penguiflow.remote import InMemoryAgent, InMemoryTransport, RemoteNode
 from penguiflow.state import InMemoryStateStore
@@ -66,12 +66,14 @@ def provider(request: pytest.FixtureRequest,
     spans = exporter.get_finished_spans()
     ours = [s for s in spans if s.instrumentation_scope
             and s.instrumentation_scope.name == "penguiflow"]
-    writer = getattr(tracer_for(tp), "_writer", None)
+    # One live tracer per meter provider the flows of this provider used.
+    writers = [t._writer for t in _TRACERS.get(tp, {}).values()]
+    written = sum(w.written for w in writers if w is not None)
     if request.param == "start_span":
-        assert writer is None or writer.written == 0
+        assert written == 0
         assert starting.started == len(spans)
     else:
-        assert writer is not None and writer.written == len(ours)
+        assert writers and None not in writers and written == len(ours)
 
 
 def _by_name(spans: tuple[ReadableSpan, ...] | list[ReadableSpan]) -> dict[str, ReadableSpan]:
@@ -416,6 +418,51 @@ async def test_a_failing_span_processor_never_breaks_the_flow(
     assert out.payload == "x"
     assert flow._events.tracer is not None
     assert flow._events.tracer.failures >= 1  # the node span, at least: counted, not raised
+    tp.shutdown()
+
+
+class _NoTracer(TracerProvider):
+    def get_tracer(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("vendor tracer broken")
+
+
+class _NoMeter:
+    def get_meter(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("meter broken")
+
+
+@pytest.mark.parametrize("broken", ["tracer", "meter"])
+async def test_a_provider_that_cannot_hand_out_its_tracer_never_stops_the_flow(
+        broken: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Before, flow.run() raised whatever get_tracer / get_meter raised.
+    tp = _NoTracer() if broken == "tracer" else TracerProvider()
+    extra: dict[str, Any] = {"meter_provider": _NoMeter()} if broken == "meter" else {}
+    flow = create(_node(_noop, "n").to(), tracer_provider=tp, **extra)
+    out = await _run_one(flow, msg("x"))
+    assert out.payload == "x"
+    assert flow.observer_failures == {"tracer_failed": 1}
+    [record] = [r for r in caplog.records if r.getMessage() == "tracer_failed"]
+    assert "broken" in record.error  # type: ignore[attr-defined]
+    tp.shutdown()
+
+
+async def test_each_flow_reports_its_metrics_to_its_own_meter_provider(
+        exporter: InMemorySpanExporter) -> None:
+    # Two flows on one tracer provider, two meter providers: before, the second
+    # flow's metrics went to the first flow's meters (one tracer per provider).
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    tp = TracerProvider(id_generator=PenguiFlowIdGenerator())
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    readers = [InMemoryMetricReader(), InMemoryMetricReader()]
+    for name, reader in zip("ab", readers, strict=True):
+        flow = create(_node(_noop, f"node_{name}").to(), tracer_provider=tp,
+                      meter_provider=MeterProvider(metric_readers=[reader]))
+        await _run_one(flow, msg(name))
+    seen = [{p.attributes["gen_ai.agent.name"] for p in _metric_points(r)["pf.node.duration"]}
+            for r in readers]
+    assert seen == [{"node_a"}, {"node_b"}]
     tp.shutdown()
 
 
