@@ -156,8 +156,7 @@ def _adopt_ids(tracer: Any) -> bool:
 class LiveTracer:
     """Spans (and metrics) for every flow traced through one tracer provider."""
 
-    def __init__(self, tracer_provider: TracerProvider,
-                 meter_provider: MeterProvider | None = None) -> None:
+    def __init__(self, tracer_provider: TracerProvider) -> None:
         version = _version()
         self._tracer = tracer_provider.get_tracer("penguiflow", version)
         # Through the API, the parked ids win over the provider's id generator.
@@ -167,19 +166,39 @@ class LiveTracer:
         self._writer = span_writer_for(tracer_provider, version)
         self._provider_name = type(tracer_provider).__qualname__
         self.model = SpanModel(self._emit)
-        self.metrics = FlowMetrics(meter_provider)
+        # Metrics per meter provider (None: the global one), each flow's span ends
+        # recorded with its own: flows of one tracer provider share its trace model
+        # (a playbook subflow adds to its parent's trace) but not their meters.
+        self._meters: dict[Any, tuple[FlowMetrics, weakref.WeakSet[ObservedFlow]]] = {}
+        self._flow_metrics: dict[str, FlowMetrics] = {}
+        #: The metrics of the flow whose event is being fed (its spans end now).
+        self._metrics: FlowMetrics | None = None
         #: Count of spans the SDK refused (logged once per kind of failure).
         self.failures = 0
         #: Spans the provider started with other ids than the runtime's (logged once).
         self.foreign_ids = 0
-        self._flows: weakref.WeakSet[ObservedFlow] = weakref.WeakSet()
 
     # -- wiring -----------------------------------------------------------------------------
 
-    def attach(self, flow: ObservedFlow) -> None:
-        """Track ``flow`` for the queue-depth and traces-in-flight gauges."""
-        self._flows.add(flow)
-        self.metrics.watch(self._flows)
+    def attach(self, flow: ObservedFlow, meter_provider: MeterProvider | None = None) -> None:
+        """Record ``flow``'s metrics with ``meter_provider`` (default: the global one)
+        and track it for that provider's queue-depth and traces-in-flight gauges.
+
+        Raises:
+            Exception: whatever the meter provider raised making the instruments
+                (``flow.run()`` logs, counts it and runs the flow untraced).
+        """
+        entry = self._meters.get(meter_provider)
+        if entry is None:
+            entry = self._meters[meter_provider] = (FlowMetrics(meter_provider),
+                                                    weakref.WeakSet())
+        metrics, flows = entry
+        flows.add(flow)
+        metrics.watch(flows)
+        self._flow_metrics[flow.flow_id] = metrics
+
+    def _metrics_of(self, flow_id: str | None) -> FlowMetrics | None:
+        return self._flow_metrics.get(flow_id) if flow_id is not None else None
 
     def on_fields(self, fields: tuple[Any, ...]) -> int:
         """Feed one EVENT_FIELDS tuple (see :data:`penguiflow.state.EVENT_FIELDS`).
@@ -190,6 +209,7 @@ class LiveTracer:
         (trace_id, ts, kind, node_name, node_id, invocation_id, parents, _span, _parent,
          _seq, attempt, queued_ts, flow_name, flow_id, latency_ms, *_rest, extra) = fields
         before = self.failures
+        self._metrics = self._metrics_of(flow_id)
         self.model.feed(trace_id, ts, kind, node_name, node_id, invocation_id, parents,
                         attempt, latency_ms, flow_name, flow_id, queued_ts, extra)
         return self.failures - before
@@ -199,6 +219,7 @@ class LiveTracer:
 
         Returns the failures meanwhile, as :meth:`on_fields`."""
         before = self.failures
+        self._metrics = self._metrics_of(flow_id)
         self.model.end_trace(trace_id, flow_id)
         return self.failures - before
 
@@ -207,8 +228,11 @@ class LiveTracer:
 
         Returns the failures meanwhile, as :meth:`on_fields`."""
         before = self.failures
+        self._metrics = self._metrics_of(flow.flow_id)
         for trace_id in self.model.open_traces():
             self.model.end_trace(trace_id, flow.flow_id)
+        # A flow run again attaches again; one never run again is forgotten.
+        self._flow_metrics.pop(flow.flow_id, None)
         return self.failures - before
 
     # -- contexts for user code -------------------------------------------------------------
@@ -242,8 +266,10 @@ class LiveTracer:
             self.failures += 1
             logger.warning("otel_span_failed", exc_info=True, extra={
                 "span": span.name, "error": repr(exc)})
+        metrics = self._metrics
         try:
-            self.metrics.record(span)
+            if metrics is not None:
+                metrics.record(span)
         except Exception as exc:
             self.failures += 1
             logger.warning("otel_metrics_failed", exc_info=True, extra={"error": repr(exc)})
@@ -287,31 +313,25 @@ class LiveTracer:
 
 
 # One tracer per tracer provider (see module docstring: subflows share traces).
-# Per tracer provider, one live tracer per meter provider (None: the global one):
-# two flows on one tracer provider may report their metrics to different meters.
-_TRACERS: weakref.WeakKeyDictionary[Any, dict[Any, LiveTracer]] = weakref.WeakKeyDictionary()
+_TRACERS: weakref.WeakKeyDictionary[Any, LiveTracer] = weakref.WeakKeyDictionary()
 
 
-def tracer_for(tracer_provider: TracerProvider | None,
-               meter_provider: MeterProvider | None = None) -> LiveTracer | None:
+def tracer_for(tracer_provider: TracerProvider | None) -> LiveTracer | None:
     """The live tracer of ``tracer_provider`` (default: the global one), or None.
 
     None when no SDK is configured: the runtime then pays nothing for tracing.
 
     Raises:
-        Exception: whatever the provider raised while handing out its tracer or
-            meter (the caller, ``flow.run()``, logs and counts it and runs the
-            flow untraced: an observer never stops the flow it observes).
+        Exception: whatever the provider raised while handing out its tracer (the
+            caller, ``flow.run()``, logs and counts it and runs the flow untraced:
+            an observer never stops the flow it observes).
     """
     provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
     if not _sdk_configured(provider):
         return None
-    by_meter = _TRACERS.get(provider)
-    if by_meter is None:
-        by_meter = _TRACERS[provider] = {}
-    tracer = by_meter.get(meter_provider)
+    tracer = _TRACERS.get(provider)
     if tracer is None:
-        tracer = by_meter[meter_provider] = LiveTracer(provider, meter_provider)
+        tracer = _TRACERS[provider] = LiveTracer(provider)
     return tracer
 
 

@@ -314,7 +314,9 @@ class PenguiFlow:
         local = self._local_nodes(nodes, rt.message_bus)
         rt.registry = registry
         try:
-            tracer = tracer_for(self._tracer_provider, self._meter_provider)
+            tracer = tracer_for(self._tracer_provider)
+            if tracer is not None:
+                tracer.attach(self, self._meter_provider)
         except Exception as exc:  # a broken provider: the flow runs, untraced
             tracer = None
             self._events.failures["tracer_failed"] += 1
@@ -323,8 +325,6 @@ class PenguiFlow:
                 "hint": "the tracer or meter provider raised while handing out its "
                         "tracer or meter; this flow runs without tracing"})
         self._events.set_tracer(tracer)
-        if tracer is not None:
-            tracer.attach(self)
         rt.running = True
         rt.stopped = False
         workers_context = contextvars.copy_context()

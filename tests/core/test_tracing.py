@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from pfcore_support import Recorder, msg, within
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
-from penguiflow._tracer import _TRACERS
+from penguiflow._tracer import tracer_for
 from penguiflow.patterns import join_k
 from penguiflow.remote import InMemoryAgent, InMemoryTransport, RemoteNode
 from penguiflow.state import InMemoryStateStore
@@ -66,14 +66,12 @@ def provider(request: pytest.FixtureRequest,
     spans = exporter.get_finished_spans()
     ours = [s for s in spans if s.instrumentation_scope
             and s.instrumentation_scope.name == "penguiflow"]
-    # One live tracer per meter provider the flows of this provider used.
-    writers = [t._writer for t in _TRACERS.get(tp, {}).values()]
-    written = sum(w.written for w in writers if w is not None)
+    writer = getattr(tracer_for(tp), "_writer", None)
     if request.param == "start_span":
-        assert written == 0
+        assert writer is None or writer.written == 0
         assert starting.started == len(spans)
     else:
-        assert writers and None not in writers and written == len(ours)
+        assert writer is not None and writer.written == len(ours)
 
 
 def _by_name(spans: tuple[ReadableSpan, ...] | list[ReadableSpan]) -> dict[str, ReadableSpan]:
