@@ -29,8 +29,12 @@ the user starts in a node is a child of the node span. Likewise the CLIENT span
 of a remote call is current while the transport runs, so the transport injects
 its ``traceparent``.
 
-Sampling: the model's spans are marked sampled in the parent contexts it
-hands out; tail sampling in a collector is the way to thin traces out.
+Sampling: one decision per trace, asked of the provider's sampler once (as for
+a root span: no parent) and carried as the sampled flag of every parent context
+the model hands out (node and CLIENT spans, user spans, links). A parent-based
+sampler then keeps or drops a trace whole: never a root dropped while its node
+and user spans are exported as orphans. The SDK's default sampler (parent-based,
+always on) is not asked: everything is sampled.
 
 One tracer serves every flow of a tracer provider in the process, so a playbook
 subflow, which shares its parent's trace, adds its spans to the same trace and
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -86,6 +91,12 @@ _KINDS = {
     "producer": SpanKind.PRODUCER, "consumer": SpanKind.CONSUMER,
 }
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
+#: Samplers that sample every trace: not asked (see LiveTracer._flags).
+_ALWAYS_ON = ("AlwaysOnSampler", "ParentBased{root:AlwaysOnSampler,")
+#: Traces whose sampling decision a live tracer remembers (oldest forgotten first;
+#: a deterministic sampler, as the ratio ones are, gives the same answer again).
+_DECISIONS_MAX = 65_536
 _ROOT_CONTEXT = otel_context.Context()
 
 
@@ -166,6 +177,8 @@ class LiveTracer:
         self._writer = span_writer_for(tracer_provider, version)
         self._provider_name = type(tracer_provider).__qualname__
         self.model = SpanModel(self._emit)
+        self._sampler = _asked_sampler(tracer_provider)
+        self._decisions: OrderedDict[int, TraceFlags] = OrderedDict()
         # Metrics per meter provider (None: the global one), each flow's span ends
         # recorded with its own: flows of one tracer provider share its trace model
         # (a playbook subflow adds to its parent's trace) but not their meters.
@@ -239,8 +252,9 @@ class LiveTracer:
 
     def context_for(self, trace_id: Any, span_id: str) -> otel_context.Context:
         """An OTel context whose current span has ``span_id`` in ``trace_id``'s trace."""
-        span_context = SpanContext(self.model.otel_id_of(trace_id), span_id_of(span_id),
-                                   is_remote=False, trace_flags=_SAMPLED)
+        otel_id = self.model.otel_id_of(trace_id)
+        span_context = SpanContext(otel_id, span_id_of(span_id), is_remote=False,
+                                   trace_flags=self._flags(otel_id))
         return trace.set_span_in_context(NonRecordingSpan(span_context))
 
     def remote_context(self, trace_id: Any, invocation_id: str | None
@@ -250,7 +264,8 @@ class LiveTracer:
         if span is None:
             return None
         return trace.set_span_in_context(NonRecordingSpan(SpanContext(
-            span.trace_id, span.span_id, is_remote=False, trace_flags=_SAMPLED)))
+            span.trace_id, span.span_id, is_remote=False,
+            trace_flags=self._flags(span.trace_id))))
 
     # -- emitting -------------------------------------------------------------------------
 
@@ -274,14 +289,36 @@ class LiveTracer:
             self.failures += 1
             logger.warning("otel_metrics_failed", exc_info=True, extra={"error": repr(exc)})
 
+    def _flags(self, otel_id: int) -> TraceFlags:
+        """The sampled flag of the trace ``otel_id``: decided once per trace."""
+        sampler = self._sampler
+        if sampler is None:
+            return _SAMPLED
+        flags = self._decisions.get(otel_id)
+        if flags is None:
+            try:
+                sampled = sampler.should_sample(None, otel_id, "invoke_workflow") \
+                    .decision.is_sampled()
+            except Exception as exc:
+                # A broken sampler: the SDK could not start this trace's root either,
+                # so the trace is dropped whole (counted), never exported as orphans.
+                self.failures += 1
+                logger.warning("otel_sampler_failed", extra={"error": repr(exc)[:300]})
+                sampled = False
+            flags = self._decisions[otel_id] = _SAMPLED if sampled else _UNSAMPLED
+            if len(self._decisions) > _DECISIONS_MAX:
+                self._decisions.popitem(last=False)
+        return flags
+
     def _start_and_end(self, span: SpanData) -> None:
+        flags = self._flags(span.trace_id)
         if span.parent_span_id is None:
             parent = _ROOT_CONTEXT
         else:
             parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
-                span.trace_id, span.parent_span_id, is_remote=False, trace_flags=_SAMPLED)))
+                span.trace_id, span.parent_span_id, is_remote=False, trace_flags=flags)))
         links = [Link(SpanContext(link.trace_id, link.span_id, is_remote=False,
-                                  trace_flags=_SAMPLED), link.attributes)
+                                  trace_flags=self._flags(link.trace_id)), link.attributes)
                  for link in span.links] if span.links else None
         park_ids(span.trace_id, span.span_id)
         # Attributes are passed as they are: the SDK copies them into its own
@@ -313,6 +350,18 @@ class LiveTracer:
 
 
 # One tracer per tracer provider (see module docstring: subflows share traces).
+def _asked_sampler(tracer_provider: Any) -> Any:
+    """The provider's sampler, or None when it samples everything (not asked)."""
+    sampler = getattr(tracer_provider, "sampler", None)
+    if sampler is None or not callable(getattr(sampler, "should_sample", None)):
+        return None
+    try:
+        description = str(sampler.get_description())
+    except Exception:
+        return sampler
+    return None if description.startswith(_ALWAYS_ON) else sampler
+
+
 _TRACERS: weakref.WeakKeyDictionary[Any, LiveTracer] = weakref.WeakKeyDictionary()
 
 

@@ -464,6 +464,66 @@ async def test_each_flow_reports_its_metrics_to_its_own_meter_provider(
     tp.shutdown()
 
 
+class _EvenTraces:
+    """A sampler keeping the traces whose id is even (deterministic, like ratio ones)."""
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str,
+                      *args: Any, **kwargs: Any) -> Any:
+        from opentelemetry.sdk.trace.sampling import Decision, SamplingResult
+
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if trace_id % 2 == 0
+                              else Decision.DROP)
+
+    def get_description(self) -> str:
+        return "EvenTraces"
+
+
+@pytest.mark.parametrize("root", ["even", "off", "raises"])
+async def test_a_sampler_keeps_or_drops_each_trace_whole(
+        exporter: InMemorySpanExporter, root: str) -> None:
+    # Before, node and user spans were always marked sampled: a parent-based
+    # sampler dropped the root and exported its children as orphans.
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    class _Raising(_EvenTraces):
+        def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("sampler bug")
+
+    chosen = {"even": _EvenTraces(), "off": ALWAYS_OFF, "raises": _Raising()}[root]
+    tp = TracerProvider(sampler=ParentBased(root=chosen))
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    user = tp.get_tracer("app")
+
+    async def traced(message: Message, ctx: Any) -> Message:
+        with user.start_as_current_span("user.work"):
+            return message
+
+    a, b = _node(traced, "a"), _node(_noop, "b")
+    flow = create(a.to(b), b.to(), tracer_provider=tp)
+    messages = [msg(i) for i in range(16)]
+    flow.run()
+    try:
+        for m in messages:
+            await flow.emit(m)
+            await within(flow.fetch())
+    finally:
+        await flow.stop()
+    tp.shutdown()
+    spans = exporter.get_finished_spans()
+    by_trace: dict[int, list[ReadableSpan]] = {}
+    for span in spans:
+        by_trace.setdefault(span.context.trace_id, []).append(span)
+    for trace_spans in by_trace.values():  # each exported trace is whole: no orphan
+        ids = {s.context.span_id for s in trace_spans}
+        assert sorted(s.name for s in trace_spans) == [
+            "invoke_agent a", "invoke_agent b", "invoke_workflow penguiflow", "user.work"]
+        assert all(s.parent is None or s.parent.span_id in ids for s in trace_spans)
+    kept = {int(m.trace_id, 16) for m in messages if int(m.trace_id, 16) % 2 == 0}
+    assert set(by_trace) == {"even": kept, "off": set(), "raises": set()}[root]
+    if root == "raises":  # a broken sampler: the traces dropped, counted, the flow unharmed
+        assert flow.observer_failures.get("tracer_failed", 0) >= len(messages)
+
+
 async def test_without_an_sdk_nothing_is_traced_or_built() -> None:
     node = _node(_noop, "n")
     flow = create(node.to())  # the global provider is the API's no-op proxy

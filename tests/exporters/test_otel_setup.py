@@ -22,6 +22,7 @@ from penguiflow_exporters._spanexport import make_resource, signal_endpoint
 from penguiflow_exporters.otel import (
     DEFAULT_SERVICE_NAME,
     PenguiFlowIdGenerator,
+    PenguiFlowRatioSampler,
     TelemetryHandle,
     TelemetryWarning,
     configure_tracing,
@@ -36,6 +37,7 @@ _OTEL_VARS = (
     "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
     "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
     "OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+    "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG",
 )
 
 
@@ -106,6 +108,43 @@ def test_a_sampler_is_honoured_and_ids_still_taken() -> None:
         span.end()
     assert span.get_span_context().span_id == SPAN and not span.is_recording()
     assert exporter.get_finished_spans() == ()
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.25, 0.5, 0.8])
+def test_the_ratio_sampler_samples_that_fraction_of_default_trace_ids(rate: float) -> None:
+    # The SDK's TraceIdRatioBased reads the low 64 bits, fixed to [0.5, 0.75) of
+    # the range in a uuid4: 0.1 and 0.25 sampled nothing, 0.8 everything.
+    from penguiflow.types import Message
+
+    ids = [int(Message(payload=None, headers={"tenant": "t"}).trace_id, 16)
+           for _ in range(20_000)]
+    sampler = PenguiFlowRatioSampler(rate)
+    kept = sum(sampler.should_sample(None, i, "x").decision.is_sampled() for i in ids)
+    assert abs(kept / len(ids) - rate) < 0.02  # 6 standard deviations and more
+    assert [sampler.should_sample(None, i, "x").decision for i in ids[:50]] == [
+        sampler.should_sample(None, i, "x").decision for i in ids[:50]]  # deterministic
+
+
+@pytest.mark.parametrize(("name", "parent_based"), [
+    ("traceidratio", False), ("parentbased_traceidratio", True)])
+def test_the_environments_ratio_samplers_read_penguiflows_ids(
+        monkeypatch: pytest.MonkeyPatch, name: str, parent_based: bool) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", name)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    handle, _ = _in_memory()
+    with handle:
+        description = handle.tracer_provider.sampler.get_description()
+    assert "PenguiFlowRatioSampler{0.25}" in description
+    assert description.startswith("ParentBased") is parent_based
+
+
+def test_a_ratio_that_is_not_a_rate_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "25%")
+    with pytest.warns(TelemetryWarning, match=r"OTEL_TRACES_SAMPLER_ARG='25%'"):
+        handle, _ = _in_memory()
+    with handle:
+        assert "PenguiFlowRatioSampler{1.0}" in handle.tracer_provider.sampler.get_description()
 
 
 # -- resolution: argument -> environment -> constant --------------------------------------

@@ -68,7 +68,13 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 
 from penguiflow.tracing import register_span_writer, take_pending_span_id, take_pending_trace_id
 
@@ -89,6 +95,7 @@ __all__ = [
     "ExportStats",
     "OTLPExportError",
     "PenguiFlowIdGenerator",
+    "PenguiFlowRatioSampler",
     "TelemetryHandle",
     "TelemetryWarning",
     "configure_tracing",
@@ -133,6 +140,59 @@ _SDK_EXPORTER_LOGGERS: Final = (
 
 class TelemetryWarning(UserWarning):
     """Telemetry was set up in a way that will not do what the caller expects."""
+
+
+class PenguiFlowRatioSampler(TraceIdRatioBased):
+    """``TraceIdRatioBased`` that samples the fraction ``rate`` of PenguiFlow's traces.
+
+    The SDK's ratio sampler compares the trace id's low 64 bits with the rate.
+    PenguiFlow's default trace ids are ``uuid4().hex`` (spec), whose low 64 bits
+    start with the fixed variant bits ``10``: every such id falls in
+    ``[0.5, 0.75)`` of the range, so a rate of 0.25 sampled no trace and 0.8
+    every one. This sampler reads the top 48 bits instead, random both in a
+    uuid4 and in a W3C random trace id. Deterministic per trace id, like the
+    SDK's: every process deciding on one trace decides alike.
+    :func:`configure_tracing` uses it for ``OTEL_TRACES_SAMPLER=traceidratio``
+    and ``parentbased_traceidratio``.
+    """
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str,
+                      kind: Any = None, attributes: Any = None, links: Any = None,
+                      trace_state: Any = None) -> SamplingResult:
+        """Sample when the trace id's top 48 bits, scaled to 64, are below the bound."""
+        sampled = ((trace_id >> 80) << 16) < self.bound
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP,
+                              attributes if sampled else None,
+                              _parent_trace_state(parent_context))
+
+    def get_description(self) -> str:
+        return f"PenguiFlowRatioSampler{{{self.rate}}}"
+
+
+def _parent_trace_state(parent_context: Any) -> Any:
+    from opentelemetry import trace as _trace
+
+    span_context = _trace.get_current_span(parent_context).get_span_context()
+    return span_context.trace_state if span_context.is_valid else None
+
+
+def _env_sampler() -> Sampler | None:
+    """The ratio samplers of ``OTEL_TRACES_SAMPLER`` as :class:`PenguiFlowRatioSampler`;
+    None for any other value (the SDK reads those itself)."""
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if name not in ("traceidratio", "parentbased_traceidratio"):
+        return None
+    raw = os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0")
+    try:
+        rate = float(raw)
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(raw)
+    except ValueError:
+        warnings.warn(f"OTEL_TRACES_SAMPLER_ARG={raw!r} is not a rate in [0, 1]; "
+                      "sampling every trace", TelemetryWarning, stacklevel=3)
+        rate = 1.0
+    ratio = PenguiFlowRatioSampler(rate)
+    return ratio if name == "traceidratio" else ParentBased(root=ratio)
 
 
 class PenguiFlowIdGenerator(IdGenerator):
@@ -775,7 +835,9 @@ def configure_tracing(
             ``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``.
         resource_attributes: merged over ``OTEL_RESOURCE_ATTRIBUTES``.
         sampler: an SDK sampler; default from ``OTEL_TRACES_SAMPLER``
-            (parent-based always-on).
+            (parent-based always-on), its ratio samplers as
+            :class:`PenguiFlowRatioSampler`. Sampling is decided once per trace:
+            a trace is exported whole or not at all.
         exporter: a span exporter to use instead of OTLP (tests pass the SDK's
             ``InMemorySpanExporter``).
         span_processor: ``"batch"`` (background thread; the only choice that
@@ -828,7 +890,8 @@ def configure_tracing(
     failures = _FailureLog({"spans": traces_url or type(exporter).__name__})
     counted = _CountingSpanExporter(exporter, failures)
     tracer_provider = TracerProvider(
-        sampler=sampler, resource=resource, id_generator=PenguiFlowIdGenerator(),
+        sampler=sampler if sampler is not None else _env_sampler(),
+        resource=resource, id_generator=PenguiFlowIdGenerator(),
         # Our handle's exit hook shuts down bounded; the SDK's own would wait up
         # to 30 s per processor on a stalled collector.
         shutdown_on_exit=False)
