@@ -16,6 +16,8 @@ import math
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -761,6 +763,34 @@ async def test_two_closes_at_once_count_the_events_left_once(tmp_path: Path) -> 
         hung.release()
     # Before: each close counted the 300 events it found unwritten (600 lost of 300).
     assert store.failures["abandoned"] == 300 and store.failures["events_lost"] == 300
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_buffer_of_one_batch_under_a_fast_producer_never_holds_the_loop(
+        tmp_path: Path, writer: str) -> None:
+    # max_buffer alone sets max_batch to the same size: with one batch in flight
+    # and producers waiting, the writer task looped without ever awaiting and the
+    # event loop froze for good. In a child process, so that a regression fails
+    # after the timeout instead of hanging the suite.
+    script = f"""
+import asyncio
+from penguiflow.state import StoredEvent
+from penguiflow_exporters.sqlite import SQLiteStateStore
+
+async def main():
+    store = SQLiteStateStore({str(tmp_path / "t.db")!r}, writer={writer!r}, max_buffer=100)
+    await store.save_events([StoredEvent(f"t{{i % 10}}", 1000.0 + i, "node_start", "a", None,
+                                         {{"i": i}}, flow_id="f", seq=i) for i in range(500)])
+    await store.close()
+    print(sum(t.event_count for t in await SQLiteStateStore(
+        {str(tmp_path / "t.db")!r}, readonly=True).list_traces()))
+
+asyncio.run(main())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["500"]
 
 
 def test_a_store_never_closed_says_what_the_ending_loop_lost(

@@ -290,8 +290,12 @@ class BatchProcessor:
         try:
             while True:
                 if sending is not None:
-                    if sending.done() or (len(self._buffer) < self.max_batch
-                                          and not self._waiters):
+                    # Nothing buffered (waiting producers too: they are let in only as
+                    # the write in flight makes room) or less than a batch: nothing
+                    # to prepare meanwhile, so wait for the write. Never loop without
+                    # awaiting: that would hold the event loop for ever.
+                    if sending.done() or not self._buffer or (
+                            len(self._buffer) < self.max_batch and not self._waiters):
                         await sending  # done, or nothing worth preparing meanwhile
                         sending = None
                         continue
