@@ -793,6 +793,36 @@ asyncio.run(main())
     assert done.stdout.split() == ["500"]
 
 
+async def test_a_read_returns_under_sustained_load(tmp_path: Path) -> None:
+    # A read flushes first; flush() waited until the buffer was empty and no write
+    # was in flight at once, which a producer at the writer's pace never allows:
+    # load_history hung for as long as the load lasted.
+    store = SQLiteStateStore(tmp_path / "t.db", writer="thread")
+    await store.save_event(event("ready", 0))
+    stop = asyncio.Event()
+    produced = 0
+
+    async def producer() -> None:
+        nonlocal produced
+        while not stop.is_set():
+            await store.save_events([event(f"t{produced % 10}", produced + i + 1)
+                                     for i in range(1000)])
+            produced += 1000
+            await asyncio.sleep(0.001)
+
+    load = asyncio.ensure_future(producer())
+    try:
+        while produced < 20_000:  # the load is on
+            await asyncio.sleep(0.01)
+        history = await asyncio.wait_for(store.load_history("ready"), 10)
+        assert [e.trace_id for e in history] == ["ready"]
+        assert not load.done()  # returned while the producer still ran
+    finally:
+        stop.set()
+        await load
+        await store.close()
+
+
 def test_a_store_never_closed_says_what_the_ending_loop_lost(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # asyncio.run() ended with events still buffered and no close(): they were lost

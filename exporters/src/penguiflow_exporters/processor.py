@@ -161,6 +161,14 @@ class BatchProcessor:
         self._task: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
         self._flushing = 0
+        # Flush marks: events taken from the buffer so far, events whose write ended
+        # (stored or lost), and the last marker seq whose write ended. A flush waits
+        # for the marks of what was submitted before it, not for an idle writer
+        # (which a producer at the writer's pace never lets happen).
+        self._taken = 0
+        self._finished = 0
+        self._markers_finished = 0
+        self._flushes: list[tuple[int, int, asyncio.Future[None]]] = []
         self._closed = False
         self._lost_by_trace: Counter[str] = Counter()
         self._marker_flow = f"penguiflow-lost-{uuid.uuid4().hex}"
@@ -323,6 +331,7 @@ class BatchProcessor:
             if sending is not None and not sending.done():
                 sending.cancel()
                 await asyncio.gather(sending, return_exceptions=True)
+            self._resolve_flushes(all_=True)  # stopped: nothing more will be written
             if not self._closed:
                 self._cut_short()
 
@@ -356,9 +365,32 @@ class BatchProcessor:
         try:
             await self._write(batch, prepared)
         finally:
-            self._in_flight -= _events_in(batch) - self._resolved
+            events = _events_in(batch)
+            self._in_flight -= events - self._resolved
             self._resolved = 0
+            self._finished += events
+            if events < len(batch):
+                self._markers_finished = max(self._markers_finished, batch[-1].seq or 0)
             self._admit_waiters()
+            if self._flushes:
+                self._resolve_flushes()
+
+    def _flushed(self, events: int, markers: int) -> bool:
+        if self._finished < events:
+            return False
+        # Markers due then: written, or waiting for events to ride with (not due).
+        return (not markers or self._markers_finished >= markers
+                or (not self._markers_due and self._marker_seq < markers))
+
+    def _resolve_flushes(self, *, all_: bool = False) -> None:
+        left = []
+        for events, markers, future in self._flushes:
+            if all_ or self._flushed(events, markers):
+                if not future.done():
+                    future.set_result(None)
+            else:
+                left.append((events, markers, future))
+        self._flushes = left
 
     def _resolve(self, events: int) -> None:
         """``events`` of the write in flight are stored, refused or counted lost."""
@@ -376,6 +408,7 @@ class BatchProcessor:
         # Markers are not events: pending_events (and a close timeout's count of
         # events not stored) must not include them.
         self._in_flight += len(batch)
+        self._taken += len(batch)
         if self._lost_by_trace and (batch or self._markers_due):
             batch += self._markers()
         self._admit_waiters()
@@ -530,22 +563,28 @@ class BatchProcessor:
     # -- flush and shutdown -------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Return once everything submitted before the call is written (or lost)."""
+        """Return once everything submitted before the call is written (or lost).
+
+        Events submitted after the call are not waited for: a flush returns under
+        sustained load too (it is what every read of the store starts with)."""
         if self._task is None or self._task.done():
             return
-        assert self._wake is not None and self._idle is not None
-        self._flushing += 1
+        assert self._wake is not None
+        events = self._taken + len(self._buffer) + len(self._waiters)
+        markers = self._marker_seq + len(self._lost_by_trace) if self._lost_by_trace else 0
+        if self._flushed(events, markers):
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flushes.append((events, markers, future))
+        self._flushing += 1  # the writer takes a partial batch at once meanwhile
         try:
-            while self._buffer or self._waiters or self._in_flight or (
-                    self._lost_by_trace and self._markers_due) \
-                    or not self._idle.is_set():
-                if self._task.done():
-                    return  # shut down meanwhile (shutdown counted what was left)
-                self._wake.set()
-                self._idle.clear()
-                await self._idle.wait()
+            self._wake.set()
+            await future
         finally:
             self._flushing -= 1
+            if not future.done():  # the caller gave up
+                future.cancel()
+                self._flushes = [f for f in self._flushes if f[2] is not future]
 
     async def shutdown(self, timeout: float | None = 5.0) -> int:
         """Write what is buffered (within ``timeout`` seconds), stop, close the writer.
