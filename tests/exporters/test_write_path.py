@@ -119,7 +119,8 @@ async def test_drop_is_explicit_counted_exactly_and_marks_traces_incomplete(
     saved: Counter[str] = Counter()
     with caplog.at_level(logging.WARNING, logger="penguiflow_exporters"):
         for seq in range(200):
-            trace = f"trace-{seq % 4}"
+            # Valid ids a printable-ASCII check would refuse get their markers too.
+            trace = ("trace-0", "order\xa07", "line\u2028sep", "zw\u200bsp")[seq % 4]
             await store.save_event(event(trace, seq))
             saved[trace] += 1
         await asyncio.wait_for(store.entered.wait(), 10)

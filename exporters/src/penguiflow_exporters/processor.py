@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 from penguiflow.state import StateStoreError, StoredEvent, StoreUnavailable
 
-from ._records import LOST_KIND
+from ._records import LOST_KIND, MAX_TRACE_ID, _text_problem
 from .writer import EventWriter, WriteResult
 
 __all__ = ["RELEASE_GRACE_S", "BatchProcessor", "OnFull", "StoreRefused"]
@@ -541,7 +541,9 @@ class BatchProcessor:
             else:
                 trace_id, ts = getattr(item, "trace_id", None), getattr(item, "ts", None)
             # Only a trace id a store can hold gets a marker (a refused id has none).
-            if type(trace_id) is str and 0 < len(trace_id) <= 256 and trace_id.isprintable():
+            # (The store's own rule: NBSP or U+2028 are fine, isprintable() is not it.)
+            if type(trace_id) is str and trace_id and \
+                    _text_problem(trace_id, MAX_TRACE_ID) is None:
                 self._count_lost(trace_id, 1, reason, _marker_ts(ts))
 
     def _count_lost(self, trace_id: str | None, count: int, reason: str,
