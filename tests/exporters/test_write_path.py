@@ -344,6 +344,37 @@ async def test_a_deleted_file_is_detected_and_the_store_reopens(
         assert len(await reader.load_history("after")) == 10
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_a_file_moved_away_without_its_wal_keeps_what_was_written(
+        tmp_path: Path, writer: str) -> None:
+    # Rotation by `mv t.db t.db.1` leaves -wal/-shm behind: reopening the path
+    # used to delete that WAL (with every commit not yet checkpointed) when the
+    # new, empty file opened, and the old file had no tables at all.
+    path = tmp_path / "t.db"
+    async with SQLiteStateStore(path, writer=writer) as store:
+        await store.save_events([event("before", i) for i in range(3000)])
+        await store.flush()
+        await asyncio.to_thread(path.rename, tmp_path / "t.db.1")
+        await store.save_events([event("after", i) for i in range(3000, 3100)])
+        await store.flush()
+        assert store.failures["file_replaced"] == 1
+    async with open_store(f"sqlite:///{tmp_path / 't.db.1'}", readonly=True) as old:
+        assert len(await old.load_history("before")) == 3000
+    async with open_store(f"sqlite:///{path}", readonly=True) as new:
+        assert len(await new.load_history("after")) == 100
+
+
+async def test_closing_after_the_file_was_deleted_creates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    store = SQLiteStateStore(path, writer="thread")
+    await store.save_events([event("t", i) for i in range(10)])
+    await store.flush()
+    for suffix in ("", "-wal", "-shm"):
+        await asyncio.to_thread(Path(f"{path}{suffix}").unlink, missing_ok=True)
+    await store.close()
+    assert _names(tmp_path) == []  # before: an empty t.db, which readers took for a store
+
+
 async def test_the_wal_stays_within_a_few_mb(tmp_path: Path) -> None:
     path = tmp_path / "t.db"
     # with a reader that keeps the file open the whole time (the inspector, say)
@@ -800,7 +831,7 @@ async def test_a_read_returns_under_sustained_load(tmp_path: Path) -> None:
     # load_history hung for as long as the load lasted.
     store = SQLiteStateStore(tmp_path / "t.db", writer="thread")
     await store.save_event(event("ready", 0))
-    stop = asyncio.Event()
+    stop, loaded = asyncio.Event(), asyncio.Event()
     produced = 0
 
     async def producer() -> None:
@@ -809,12 +840,13 @@ async def test_a_read_returns_under_sustained_load(tmp_path: Path) -> None:
             await store.save_events([event(f"t{produced % 10}", produced + i + 1)
                                      for i in range(1000)])
             produced += 1000
+            if produced >= 20_000:
+                loaded.set()  # the load is on
             await asyncio.sleep(0.001)
 
     load = asyncio.ensure_future(producer())
     try:
-        while produced < 20_000:  # the load is on
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(loaded.wait(), 30)
         history = await asyncio.wait_for(store.load_history("ready"), 10)
         assert [e.trace_id for e in history] == ["ready"]
         assert not load.done()  # returned while the producer still ran

@@ -37,6 +37,7 @@ import os
 import random
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -274,7 +275,9 @@ def release(path: str) -> None:
     WAL mode (that process's close will try again).
     """
     with contextlib.suppress(sqlite3.Error):
-        conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+        # mode=rw: a file deleted meanwhile is not created again (empty) by its close.
+        uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=rw"
+        conn = sqlite3.connect(uri, isolation_level=None, timeout=0, uri=True)
         try:
             conn.execute("PRAGMA journal_mode = DELETE")
         finally:
@@ -367,6 +370,11 @@ class SQLiteWriter:
             return []
         was_open = self._conn is not None
         if self._conn is not None:
+            # Checkpoint into the old file first (the connection still holds it):
+            # a file moved away without its -wal would otherwise lose the commits
+            # still in the WAL, which SQLite deletes when the new, empty file opens.
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.close()
             self._conn = None
         self.open()
