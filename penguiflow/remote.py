@@ -22,7 +22,7 @@ from ._traces import TraceCancelled
 from .errors import ContextDetached, PenguiFlowError, safe_repr
 from .node import Node, NodePolicy
 from .state import RemoteBinding
-from .tracing import note_remote_ids
+from .tracing import _forget_remote_ids, note_remote_ids
 from .types import Message
 
 if TYPE_CHECKING:
@@ -247,6 +247,7 @@ def RemoteNode(
             watcher.append(task)
             runtime.register_external_task(trace_id, task)
 
+        _forget_remote_ids()  # a retry's lines must not carry the last call's task id
         await record("remote_call_start", 0.0, remote_skill=skill,
                      remote_transport=transport_name, remote_streaming=streaming,
                      remote_request_bytes=_size(message), remote_agent_url=agent_url)

@@ -222,7 +222,8 @@ def note_remote_ids(context_id: str | None, task_id: str | None) -> None:
     Transports and ``RemoteNode`` call it as soon as they learn the ids, so the
     log lines written from then until the invocation ends (the call's own, the
     HTTP client's, the runtime's ``remote_*`` events) carry ``context_id`` and
-    ``task_id``. A None leaves that id as it is. Outside a node invocation, or
+    ``task_id``, until the next remote call of the invocation (a retry) starts
+    without them. A None leaves that id as it is. Outside a node invocation, or
     with log scopes disabled (:func:`set_log_scope_enabled`), it does nothing.
     The scope is a context variable: the ids stay until the runtime resets the
     scope at the end of the invocation, and a task started afterwards (a remote
@@ -235,6 +236,14 @@ def note_remote_ids(context_id: str | None, task_id: str | None) -> None:
     task_id = scope.task_id if task_id is None else str(task_id)
     if (context_id, task_id) != (scope.context_id, scope.task_id):
         current_scope.set(replace(scope, context_id=context_id, task_id=task_id))
+
+
+def _forget_remote_ids() -> None:
+    """A new remote call starts (a retry, a second call): the ids of the previous
+    one must not label its lines. Called by ``RemoteNode`` before each call."""
+    scope = current_scope.get()
+    if scope is not None and (scope.context_id is not None or scope.task_id is not None):
+        current_scope.set(replace(scope, context_id=None, task_id=None))
 
 
 def set_log_scope_enabled(enabled: bool) -> None:

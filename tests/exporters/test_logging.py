@@ -6,6 +6,7 @@ Each test configures logging into a StringIO and restores the global state
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -220,3 +221,53 @@ def test_remote_ids_join_the_scope_of_the_invocation_only(stream: io.StringIO) -
     assert (polling["context_id"], polling["task_id"]) == ("ctx-2", "task-7")
     assert polling["trace_id"] == TRACE
     assert "context_id" not in after and "task_id" not in after
+
+
+def test_a_retried_remote_call_logs_its_own_task_id_not_the_last_ones(
+        stream: io.StringIO) -> None:
+    # The scope kept the first call's task id until the invocation ended: the
+    # retry's remote_call_start and its transport's lines said task-1.
+    from penguiflow.remote import RemoteCallResult, RemoteNode
+
+    transport_log = logging.getLogger("app.transport")
+
+    class Flaky:
+        calls = 0
+
+        async def send(self, request: Any) -> Any:
+            Flaky.calls += 1
+            n = Flaky.calls
+            transport_log.info("sending", extra={"call": n})
+            note_remote_ids("ctx", f"task-{n}")  # the agent's answer names the task
+            if n == 1:
+                raise RuntimeError("the agent failed task-1")
+            return RemoteCallResult(result="ok", context_id="ctx", task_id=f"task-{n}")
+
+        def stream(self, request: Any) -> Any:
+            raise NotImplementedError
+
+        async def cancel(self, *, agent_url: str, task_id: str) -> None:
+            return None
+
+    async def run() -> None:
+        node = RemoteNode(transport=Flaky(), skill="s", agent_url="http://agent:1/", name="r",
+                          policy=NodePolicy(validate="none", max_retries=1, backoff_base=0.001))
+        flow = create(node.to())
+        flow.run()
+        try:
+            await flow.emit(Message(payload=1, headers=Headers(tenant="t")))
+            assert await flow.fetch() == "ok"
+        finally:
+            await flow.stop()
+
+    with configure_logging(json=True, level=logging.INFO, stream=stream):
+        asyncio.run(run())
+    lines = _lines(stream)
+    starts = [line.get("task_id") for line in lines if line["event"] == "remote_call_start"]
+    sends = [(line.get("call"), line.get("task_id")) for line in lines
+             if line["event"] == "sending"]
+    assert starts == [None, None]  # neither call knows its task when it starts
+    assert sends == [(1, None), (2, None)]
+    (done,) = [line for line in lines if line["event"] == "remote_call_success"]
+    assert done["task_id"] == "task-2"
+
