@@ -116,7 +116,7 @@ class _TraceSpans:
     """The open spans of one trace."""
 
     __slots__ = ("emitters", "flows", "inv_nodes", "nodes", "otel_id", "remote_count",
-                 "remotes", "root", "seen_flows", "trace_id")
+                 "remote_index", "remotes", "root", "seen_flows", "trace_id")
 
     def __init__(self, trace_id: str, start_ts: float, flow_name: str | None) -> None:
         self.trace_id = trace_id
@@ -136,6 +136,9 @@ class _TraceSpans:
         #: The open remote CLIENT span of each invocation making a call.
         self.remotes: dict[str, SpanData] = {}
         self.remote_count: dict[str, int] = {}
+        #: The call index (``remote_call_index``) of each open CLIENT span: an event
+        #: of an earlier call (a late local cancel) must not end a later call's span.
+        self.remote_index: dict[str, int] = {}
         #: Node name of every invocation seen (for ``pf.edge`` on fan-in links).
         self.inv_nodes: dict[str, str | None] = {}
         #: flow ids that recorded events here (a playbook subflow shares the trace).
@@ -280,7 +283,26 @@ class SpanModel:
             parent_span_id=parent, kind="internal", start_ns=ns, attributes=attributes,
             links=links)
 
-    def _end_node(self, spans: _TraceSpans, inv: str | None, ns: int, attempt: int) -> None:
+    def _cut_remote(self, spans: _TraceSpans, inv: str | None, ns: int,
+                    error_type: str | None, description: str) -> None:
+        """End the CLIENT span ``inv``'s attempt left open: its call was cut short
+        (the node's timeout, an error around it, the node ending) and no remote
+        event will end it, or a retry's call would take its place."""
+        span = spans.remotes.pop(inv or "", None)
+        if span is None:
+            return
+        spans.remote_index.pop(inv or "", None)
+        span.end_ns = max(ns, span.start_ns)
+        if error_type is not None:
+            span.attributes[sc.ERROR_TYPE] = error_type
+            span.status = "error"
+            span.status_description = description
+        self._on_end(span)
+
+    def _end_node(self, spans: _TraceSpans, inv: str | None, ns: int, attempt: int, *,
+                  cut_remote: bool = True) -> None:
+        if cut_remote and spans.remotes:
+            self._cut_remote(spans, inv, ns, None, "")
         span = spans.nodes.pop(inv, None) if inv is not None else None
         if span is None:
             return
@@ -311,6 +333,11 @@ class SpanModel:
                              node_id: str | None, inv: str | None, parents: tuple[str, ...],
                              attempt: int, latency_ms: float | None,
                              extra: Mapping[str, Any], *, timeout: bool = False) -> None:
+        if spans.remotes:
+            exc = extra.get("exception")
+            self._cut_remote(spans, inv, ns, sc.ERROR_TIMEOUT if timeout else error_type_of(exc),
+                             "cut short by the node's timeout" if timeout
+                             else f"cut short: {safe_str(exc)}")
         span = spans.nodes.get(inv) if inv is not None else None
         if span is None:
             return
@@ -355,6 +382,9 @@ class SpanModel:
     def _node_failed(self, spans: _TraceSpans, ns: int, node_name: str | None,
                      node_id: str | None, inv: str | None, parents: tuple[str, ...],
                      attempt: int, latency_ms: float | None, extra: Mapping[str, Any]) -> None:
+        if spans.remotes:
+            self._cut_remote(spans, inv, ns, error_type_of(extra.get("exception")),
+                             "cut short: the node failed")
         span = spans.nodes.get(inv) if inv is not None else None
         if span is None:
             return
@@ -372,6 +402,10 @@ class SpanModel:
                         node_id: str | None, inv: str | None, parents: tuple[str, ...],
                         attempt: int, latency_ms: float | None,
                         extra: Mapping[str, Any]) -> None:
+        remote = spans.remotes.get(inv or "")
+        if remote is not None and sc.A2A_TASK_ID not in remote.attributes:
+            # No task known: no remote cancel will follow to end the call's span.
+            self._cut_remote(spans, inv, ns, sc.ERROR_CANCELLED, "cancelled (trace_cancel)")
         span = spans.nodes.get(inv) if inv is not None else None
         if span is None:
             return
@@ -379,7 +413,8 @@ class SpanModel:
         span.attributes[sc.ERROR_TYPE] = sc.ERROR_CANCELLED
         span.status = "error"
         span.status_description = "trace cancelled"
-        self._end_node(spans, inv, ns, attempt)
+        # A call whose task is known stays open: the remote cancel's event ends it.
+        self._end_node(spans, inv, ns, attempt, cut_remote=False)
 
     def _node_abandoned(self, spans: _TraceSpans, ns: int, node_name: str | None,
                         node_id: str | None, inv: str | None, parents: tuple[str, ...],
@@ -443,8 +478,14 @@ class SpanModel:
                       attempt: int, latency_ms: float | None,
                       extra: Mapping[str, Any]) -> None:
         key = inv or ""
+        if spans.remotes.get(key) is not None:  # an earlier call nothing ended
+            self._cut_remote(spans, inv, ns, sc.ERROR_CANCELLED, "cut short by the next call")
         index = spans.remote_count.get(key, 0)
+        given = extra.get("remote_call_index", 0)  # absent on an invocation's first call
+        if type(given) is int and given >= 0:
+            index = given  # RemoteNode's own count: the same ids in every process
         spans.remote_count[key] = index + 1
+        spans.remote_index[key] = index
         skill = extra.get("remote_skill")
         url = extra.get("remote_agent_url")
         streaming = bool(extra.get("remote_streaming"))
@@ -478,6 +519,18 @@ class SpanModel:
             parent_span_id=parent, kind="client", start_ns=ns, attributes=attributes)
 
     @staticmethod
+    def _open_remote(spans: _TraceSpans, inv: str | None,
+                     extra: Mapping[str, Any]) -> SpanData | None:
+        """The open CLIENT span this remote event belongs to: None when the event
+        names another call (an earlier one, ended already) by its index."""
+        key = inv or ""
+        span = spans.remotes.get(key)
+        given = extra.get("remote_call_index", 0)  # absent: the invocation's first call
+        if span is not None and type(given) is int and given != spans.remote_index.get(key):
+            return None
+        return span
+
+    @staticmethod
     def _remote_ids(span: SpanData, extra: Mapping[str, Any]) -> None:
         context_id = extra.get("remote_context_id")
         task_id = extra.get("remote_task_id")
@@ -495,7 +548,7 @@ class SpanModel:
                        node_id: str | None, inv: str | None, parents: tuple[str, ...],
                        attempt: int, latency_ms: float | None,
                        extra: Mapping[str, Any]) -> None:
-        span = spans.remotes.get(inv or "")
+        span = self._open_remote(spans, inv, extra)
         if span is None:
             return
         self._remote_ids(span, extra)
@@ -512,9 +565,10 @@ class SpanModel:
 
     def _end_remote(self, spans: _TraceSpans, inv: str | None, ns: int,
                     extra: Mapping[str, Any]) -> SpanData | None:
-        span = spans.remotes.pop(inv or "", None)
-        if span is None:
+        if self._open_remote(spans, inv, extra) is None:
             return None
+        span = spans.remotes.pop(inv or "")
+        spans.remote_index.pop(inv or "", None)
         self._remote_ids(span, extra)
         received = extra.get("remote_response_bytes")
         if isinstance(received, int):
@@ -559,7 +613,8 @@ class SpanModel:
             attributes[sc.A2A_TASK_ID] = str(task_id)
         if latency_ms is not None:
             attributes["pf.cancel.round_trip_ms"] = float(latency_ms)
-        spans.root.events.append(SpanEventData(sc.EV_CANCEL_PROPAGATED, ns, attributes))
+        if reason != "local_cancel":  # a call cut short locally: the trace lives on
+            spans.root.events.append(SpanEventData(sc.EV_CANCEL_PROPAGATED, ns, attributes))
         span = self._end_remote(spans, inv, ns, extra)
         if span is None:
             return
@@ -574,9 +629,20 @@ class SpanModel:
                              node_id: str | None, inv: str | None, parents: tuple[str, ...],
                              attempt: int, latency_ms: float | None,
                              extra: Mapping[str, Any]) -> None:
-        spans.root.events.append(SpanEventData("pf.cancel.propagation_failed", ns, {
+        attributes: dict[str, Any] = {
             sc.PF_CANCEL_REASON: str(extra.get("remote_cancel_reason")),
-            "exception.message": safe_str(extra.get("remote_error"))}))
+            "exception.message": safe_str(extra.get("remote_error"))}
+        spans.root.events.append(SpanEventData("pf.cancel.propagation_failed", ns, attributes))
+        span = self._end_remote(spans, inv, ns, extra)
+        if span is None:
+            return
+        # The call was cancelled here; telling the agent failed: said on the span.
+        span.events.append(SpanEventData("pf.cancel.propagation_failed", ns, dict(attributes)))
+        span.attributes[sc.ERROR_TYPE] = sc.ERROR_CANCELLED
+        span.status = "error"
+        span.status_description = (f"cancelled ({extra.get('remote_cancel_reason')}); "
+                                   "the remote cancel failed")
+        self._on_end(span)
 
     def _trace_parent(self, spans: _TraceSpans, ns: int, node_name: str | None,
                       node_id: str | None, inv: str | None, parents: tuple[str, ...],

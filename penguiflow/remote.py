@@ -189,7 +189,8 @@ def RemoteNode(
         request = RemoteCallRequest(message=message, skill=skill, agent_url=agent_url,
                                     agent_card=agent_card, metadata=message.meta,
                                     timeout_s=node.policy.timeout_s)
-        ids: dict[str, Any] = {"context_id": None, "task_id": None, "agent_url": agent_url}
+        ids: dict[str, Any] = {"context_id": None, "task_id": None, "agent_url": agent_url,
+                               "index": None}
         watcher: list[asyncio.Task[None]] = []
         # Captured now: a remote cancel records its events from another task, maybe
         # after this invocation ended, and they still belong to this call.
@@ -197,6 +198,8 @@ def RemoteNode(
 
         async def record(kind: str, latency_ms: float | None, *, level: int = logging.INFO,
                          **extra: Any) -> None:
+            if ids["index"]:  # a later call of the invocation (a retry): which one
+                extra["remote_call_index"] = ids["index"]
             await runtime.record_remote_event(event=kind, node=node, context=ctx,
                                               trace_id=trace_id, latency_ms=latency_ms,
                                               level=level, extra=_clean(extra),
@@ -248,20 +251,22 @@ def RemoteNode(
             runtime.register_external_task(trace_id, task)
 
         _forget_remote_ids()  # a retry's lines must not carry the last call's task id
+        index = 0
+        if invocation is not None:
+            index = calls_by_invocation.pop(invocation, -1) + 1
+            calls_by_invocation[invocation] = index
+            if len(calls_by_invocation) > 1024:
+                del calls_by_invocation[next(iter(calls_by_invocation))]
+            ids["index"] = index
         await record("remote_call_start", 0.0, remote_skill=skill,
                      remote_transport=transport_name, remote_streaming=streaming,
                      remote_request_bytes=_size(message), remote_agent_url=agent_url)
         # The call's CLIENT span is current while the transport runs, so a transport
         # that injects `traceparent` names this span (no-op without tracing).
         span_token = enter_client_span(runtime, trace_id, invocation)
-        if invocation is not None:
-            index = calls_by_invocation.pop(invocation, -1) + 1
-            calls_by_invocation[invocation] = index
-            if len(calls_by_invocation) > 1024:
-                del calls_by_invocation[next(iter(calls_by_invocation))]
-            if span_token is None and trace_id is not None:
-                # No SDK: still name this call in the traceparent the transport sends.
-                span_token = enter_derived_client_span(trace_id, invocation, index)
+        if invocation is not None and span_token is None and trace_id is not None:
+            # No SDK: still name this call in the traceparent the transport sends.
+            span_token = enter_derived_client_span(trace_id, invocation, index)
         started = time.perf_counter()
         final_state: Any = None
         method: Any = None

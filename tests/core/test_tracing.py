@@ -992,3 +992,92 @@ async def test_a_context_variable_a_node_sets_stays_in_its_worker() -> None:
     finally:
         await flow.stop()
     assert seen == ["unset"]
+
+
+async def test_a_remote_call_cut_by_the_timeout_ends_its_span_and_the_retry_gets_its_own(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    # Before: the cut call's CLIENT span stayed open and the retry's replaced it,
+    # so it was never exported and the transport's span under it was an orphan.
+    from penguiflow.remote import RemoteCallResult
+
+    user = provider.get_tracer("app")
+    calls = 0
+
+    class SlowFirst:
+        async def send(self, request: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            with user.start_as_current_span(f"transport.send{calls}"):
+                if calls == 1:
+                    await asyncio.Event().wait()  # cut by the node's timeout
+                return RemoteCallResult(result="ok", context_id="ctx", task_id=f"task{calls}")
+
+        def stream(self, request: Any) -> Any:
+            raise NotImplementedError
+
+        async def cancel(self, *, agent_url: str, task_id: str) -> None:
+            return None
+
+    store = InMemoryStateStore()
+    remote = RemoteNode(transport=SlowFirst(), skill="s", agent_url=URL, name="remote",
+                        policy=NodePolicy(validate="none", timeout_s=0.1, max_retries=1,
+                                          backoff_base=0.001))
+    flow = create(remote.to(), tracer_provider=provider, state_store=store)
+    m = msg("x")
+    assert await _run_one(flow, m) == "ok"
+    spans = exporter.get_finished_spans()
+    ids = {s.context.span_id for s in spans}
+    assert all(s.parent is None or s.parent.span_id in ids for s in spans)  # no orphan
+    first, second = sorted((s for s in spans if s.name == "invoke_agent s"),
+                           key=lambda s: s.start_time)
+    assert first.status.status_code is StatusCode.ERROR
+    assert first.attributes["error.type"] == "timeout"
+    assert first.end_time <= second.start_time
+    assert second.status.status_code is StatusCode.UNSET
+    assert second.attributes["a2a.task.id"] == "task2"
+    # pf export rebuilds the same spans from the stored events.
+    rebuilt = {s.span_id for s in spans_from_events(await store.load_history(m.trace_id))}
+    assert {s.context.span_id for s in spans if s.instrumentation_scope
+            and s.instrumentation_scope.name == "penguiflow"} == rebuilt
+
+
+async def test_a_remote_cancel_that_fails_still_ends_the_client_span_cancelled(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    from penguiflow.remote import RemoteStreamEvent
+
+    started = asyncio.Event()
+
+    class Refusing:
+        def stream(self, request: Any) -> Any:
+            async def events() -> Any:
+                yield RemoteStreamEvent(text="c", context_id="ctx", task_id="task1")
+                started.set()
+                await asyncio.Event().wait()
+                yield RemoteStreamEvent(text="never", done=True)
+            return events()
+
+        async def send(self, request: Any) -> Any:
+            raise NotImplementedError
+
+        async def cancel(self, *, agent_url: str, task_id: str) -> None:
+            raise RuntimeError("CancelTask refused: agent unreachable")
+
+    remote = RemoteNode(transport=Refusing(), skill="s", agent_url=URL, name="remote",
+                        streaming=True, policy=NodePolicy(validate="none"))
+    recorder = Recorder()
+    flow = create(remote.to(), tracer_provider=provider, middlewares=[recorder])
+    flow.run()
+    m = msg("x")
+    try:
+        await flow.emit(m)
+        await within(started.wait())
+        assert await within(flow.cancel(m.trace_id))
+        await recorder.wait_for("trace_cancel_finish", trace_id=m.trace_id)
+        await recorder.wait_for("remote_cancel_error", trace_id=m.trace_id)
+    finally:
+        await flow.stop()
+    client = _by_name(exporter.get_finished_spans())["invoke_agent s"]
+    # Before: ended only with the trace, UNSET, as if the call had succeeded.
+    assert client.status.status_code is StatusCode.ERROR
+    assert client.attributes["error.type"] == "cancelled"
+    assert "pf.cancel.propagation_failed" in [e.name for e in client.events]
