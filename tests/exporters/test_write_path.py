@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sqlite3
+import threading
 import subprocess
 import sys
 import time
@@ -425,6 +426,16 @@ async def test_close_returns_in_bounded_time_when_the_database_hangs(
     assert elapsed < 3.0
     assert store.failures["abandoned"] == 300 and store.failures["events_lost"] == 300
     assert "state_store_close_timeout" in caplog.text
+    # The write given up on must not commit once the lock is free: those 300 were
+    # counted as not stored (before, a thread writer stored them all the same).
+    for thread in [t for t in threading.enumerate() if t.name.startswith("penguiflow-sqlite")]:
+        await asyncio.to_thread(thread.join, 10)
+    check = sqlite3.connect(path)
+    try:
+        assert check.execute("SELECT count(*) FROM traces WHERE trace_id = 'stuck'"
+                             ).fetchone() == (0,)
+    finally:
+        check.close()
 
 
 # -- schema ---------------------------------------------------------------------------------

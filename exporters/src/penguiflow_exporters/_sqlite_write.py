@@ -339,6 +339,9 @@ class SQLiteWriter:
         self._errors = errors
         self._busy_timeout_ms = busy_timeout_ms
         self._conn: sqlite3.Connection | None = None
+        #: Set by interrupt(): the write in progress must not commit (its batch was
+        #: counted as not stored by a close that gave up waiting for it).
+        self._given_up = False
         self._identity: tuple[int, int] | None = None
         self._trace_keys: dict[Any, int] = {}
         self._flow_keys: dict[Any, int] = {}
@@ -364,6 +367,17 @@ class SQLiteWriter:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
+
+    def interrupt(self) -> None:
+        """Abort the write running on another thread: it rolls back instead of
+        committing (also when it is still waiting for the file's lock, which
+        SQLite's own interrupt does not cut short). Safe from any thread; every
+        later write of this writer is refused the same way."""
+        self._given_up = True
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.interrupt()
 
     def _reopen_if_replaced(self) -> list[tuple[str, str]]:
         if self._conn is not None and file_identity(self.path) == self._identity:
@@ -437,6 +451,8 @@ class SQLiteWriter:
                 (trace_keys.get(block.trace_id), counts.get(block.trace_id, 0) + block.offset,
                  block.n, block.ts_lo, block.ts_hi, block.data)
                 for block in block_rows(group_by_trace(rows))])
+            if self._given_up:
+                raise sqlite3.OperationalError("interrupted: the store gave up on this write")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

@@ -275,7 +275,14 @@ class _ThreadWriter:
         return self._sync.write(tuple_rows(items))
 
     async def write(self, items: Sequence[Any]) -> WriteResult:
-        skipped, rejected, notices = await self._run(self._write_sync, items)
+        try:
+            skipped, rejected, notices = await self._run(self._write_sync, items)
+        except asyncio.CancelledError:
+            # Given up on (a close that timed out): the thread cannot be cancelled,
+            # so its transaction is interrupted (rolled back) instead of committing
+            # after the batch was counted as not stored.
+            self._sync.interrupt()
+            raise
         return WriteResult(skipped, rejected, notices)
 
     async def close(self) -> None:
