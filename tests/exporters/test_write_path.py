@@ -16,9 +16,9 @@ import math
 import os
 import signal
 import sqlite3
-import threading
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
