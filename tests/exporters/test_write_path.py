@@ -601,6 +601,34 @@ async def test_a_readonly_store_refuses_empty_and_missing_files_and_writes(
             await reader.save_event(event("r", 2))
 
 
+class _UserThing:
+    """A class of the test module: the writer child must never import it."""
+
+
+async def test_user_classes_and_functions_in_an_event_reach_the_writer_process_as_text(
+        tmp_path: Path) -> None:
+    # The pickle to the child named them by reference: the child imported the
+    # user's module (or failed on a lambda, and the event was lost).
+    store = SQLiteStateStore(tmp_path / "t.db", writer="process")
+    sink = store.event_values_sink()
+    assert sink is not None
+    odd = EventRecord("odd", 1000.0, "node_start", "a", None, None, (), None, None, 1,
+                      0, None, "f", "flow-w", None, 0, 0, 1, 64, 1, False, None,
+                      {"cls": _UserThing, "fn": lambda: 1, "builtin": len})
+    for record in [*_records("good", range(2, 302)), odd]:
+        waiter = sink(tuple(record))
+        if waiter is not None:
+            await waiter
+    await store.flush()
+    try:
+        assert store.failures["events_lost"] == 0
+        (stored,) = await store.load_history("odd")
+        assert "_UserThing" in stored.payload["cls"] and "lambda" in stored.payload["fn"]
+        assert len(await store.load_history("good")) == 300
+    finally:
+        await store.close()
+
+
 async def test_the_runtime_values_sink_buffers_plain_tuples_and_refuses_when_closed(
     tmp_path: Path,
 ) -> None:

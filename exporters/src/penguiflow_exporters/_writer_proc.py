@@ -263,9 +263,14 @@ class _RowPickler(pickle.Pickler):
     """
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, type) or (callable(obj) and type(obj).__name__ in (
-                "builtin_function_or_method", "function")):
-            return NotImplemented  # the constructors the reductions below name
+        if (isinstance(obj, type) or (callable(obj) and type(obj).__name__ in (
+                "builtin_function_or_method", "function"))) \
+                and getattr(obj, "__module__", None) == "builtins":
+            # The constructors the reductions below name (str, dict, tuple, ...).
+            # Any other class or function (a user's, in an event's extra) goes as
+            # its text: pickled by reference, it would make the child import the
+            # user's module (or fail, and lose the event).
+            return NotImplemented
         if isinstance(obj, tuple):  # a named tuple (a Row, an EventRecord)
             return (tuple, (tuple(obj),))
         value = plain(obj)
