@@ -913,6 +913,28 @@ def test_a_store_never_closed_says_what_the_ending_loop_lost(
     assert line.__dict__["events_not_stored"] == 50 and "close()" in line.__dict__["hint"]
 
 
+def test_a_store_whose_event_loop_ended_refuses_the_next_one_plainly(tmp_path: Path) -> None:
+    # Reused in a second asyncio.run(), the store took events onto a writer task of
+    # the ended loop: never written, never counted, and close() raised
+    # "Event loop is closed".
+    store = SQLiteStateStore(tmp_path / "t.db", writer="thread")
+
+    async def first() -> None:
+        await store.save_events([event("one", i) for i in range(10)])
+        await store.flush()
+
+    async def second() -> None:
+        try:
+            with pytest.raises(StoreUnavailable, match="event loop that ended without close"):
+                await store.save_events([event("two", i) for i in range(10, 20)])
+        finally:
+            await store.close()
+
+    asyncio.run(first())
+    asyncio.run(second())
+    assert store.failures["events_lost"] == 0  # nothing was taken and then lost
+
+
 async def test_a_close_cancelled_by_its_caller_still_finishes(tmp_path: Path) -> None:
     store, hung = await _hung_store(tmp_path / "t.db")
     try:

@@ -161,6 +161,9 @@ class BatchProcessor:
         self._task: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
         self._flushing = 0
+        # The event loop that ran the writer task ended without shutdown(): the store
+        # (its tasks, a writer process's pipes) belonged to it and is unusable now.
+        self._loop_ended = False
         # Flush marks: events taken from the buffer so far, events whose write ended
         # (stored or lost), and the last marker seq whose write ended. A flush waits
         # for the marks of what was submitted before it, not for an idle writer
@@ -226,6 +229,10 @@ class BatchProcessor:
     def _submit_slow(self, item: Any) -> Awaitable[None] | None:
         if self._closed:
             raise StoreUnavailable(f"{self.name} is closed; create a new one")
+        if self._loop_ended:
+            raise StoreUnavailable(
+                f"{self.name} was used by an event loop that ended without close(); "
+                "create a new store in this event loop, and close it before the loop ends")
         if self._task is None:
             self._start(item)
             return self.submit(item)
@@ -334,6 +341,9 @@ class BatchProcessor:
             self._resolve_flushes(all_=True)  # stopped: nothing more will be written
             if not self._closed:
                 self._cut_short()
+                self._loop_ended = True
+                self._limit = 0  # every later submit takes the slow path, and refuses
+                self._buffer.clear()
 
     def _cut_short(self) -> None:
         """The writing task was cancelled without shutdown(): the event loop is ending
@@ -616,7 +626,8 @@ class BatchProcessor:
         self._closed = True
         self._limit = 0
         for task in (self._task, self._starting):
-            if task is not None:
+            # Done already (or of an event loop that ended): nothing to wait for.
+            if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         if self._idle is not None:
@@ -644,6 +655,12 @@ class BatchProcessor:
         except TimeoutError:
             logger.error("state_store_writer_close_timeout", extra={
                 "store": self.name, "timeout_s": timeout})
+        except Exception as exc:
+            if not self._loop_ended:
+                raise
+            # Its pipes belonged to the loop that ended: released as far as possible.
+            logger.warning("state_store_writer_close_failed", extra={
+                "store": self.name, "error": _text(exc)})
         return abandoned
 
 
