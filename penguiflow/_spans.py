@@ -161,6 +161,10 @@ class SpanModel:
     def __init__(self, on_end: Callable[[SpanData], None]) -> None:
         self._on_end = on_end
         self._traces: dict[str, _TraceSpans] = {}
+        #: Traces whose root a stop() ended while the flow still held their work:
+        #: run() again continues them under the same (derived) root id, which must
+        #: not be exported a second time. Oldest forgotten first.
+        self._stopped_roots: dict[str, None] = {}
 
     def open_traces(self) -> list[str]:
         """Trace ids with a root span not yet ended."""
@@ -224,12 +228,15 @@ class SpanModel:
                     spans.emitters = set()
                 spans.emitters.add(emitter)
 
-    def end_trace(self, trace_id: Any, flow_id: str | None = None) -> None:
+    def end_trace(self, trace_id: Any, flow_id: str | None = None, *,
+                  stopped: bool = False) -> None:
         """End the root span (and any span still open) of ``trace_id``.
 
         With ``flow_id``, only that flow is done with the trace: the root ends
         once every flow that recorded events in it (a playbook subflow shares its
-        parent's trace) is done.
+        parent's trace) is done. ``stopped``: the flow stopped with work of the
+        trace left; if it runs again and the trace goes on, its root (exported
+        now) is not exported again when the trace ends.
         """
         key = str(trace_id)
         spans = self._traces.get(key)
@@ -246,6 +253,13 @@ class SpanModel:
             span.end_ns = end
             self._on_end(span)
         emitters = spans.emitters
+        if key in self._stopped_roots:
+            del self._stopped_roots[key]  # the continued trace: its root went already
+            return
+        if stopped:
+            self._stopped_roots[key] = None
+            if len(self._stopped_roots) > 10_000:
+                del self._stopped_roots[next(iter(self._stopped_roots))]
         if emitters is None or not emitters.isdisjoint(spans.seen_flows):
             self._on_end(spans.root)
 

@@ -243,7 +243,8 @@ class LiveTracer:
         before = self.failures
         self._metrics = self._metrics_of(flow.flow_id)
         for trace_id in self.model.open_traces():
-            self.model.end_trace(trace_id, flow.flow_id)
+            self.model.end_trace(trace_id, flow.flow_id,
+                                 stopped=trace_id in flow._traces)
         # A flow run again attaches again; one never run again is forgotten.
         self._flow_metrics.pop(flow.flow_id, None)
         return self.failures - before

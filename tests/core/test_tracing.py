@@ -1081,3 +1081,34 @@ async def test_a_remote_cancel_that_fails_still_ends_the_client_span_cancelled(
     assert client.status.status_code is StatusCode.ERROR
     assert client.attributes["error.type"] == "cancelled"
     assert "pf.cancel.propagation_failed" in [e.name for e in client.events]
+
+
+async def test_a_trace_continued_after_stop_and_run_exports_its_root_once(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    # stop() ends the root of a trace whose second message is still queued; run()
+    # again continues the trace under the same root id, which was exported twice.
+    started = asyncio.Event()
+
+    async def slow(message: Message, ctx: Any) -> Message:
+        started.set()
+        if message.payload == 1:
+            await asyncio.Event().wait()  # cut by stop()
+        return message
+
+    flow = create(_node(slow, "slow").to(), tracer_provider=provider)
+    first = msg(1)
+    second = Message(payload=2, headers=first.headers, trace_id=first.trace_id)
+    flow.run()
+    await flow.emit(first)
+    await flow.emit(second)
+    await within(started.wait())
+    await flow.stop()
+    flow.run()
+    try:
+        assert (await within(flow.fetch())).payload == 2
+    finally:
+        await flow.stop()
+    spans = exporter.get_finished_spans()
+    roots = [s for s in spans if s.parent is None]
+    assert len(roots) == 1
+    assert all(s.parent.span_id == roots[0].context.span_id for s in spans if s.parent)
