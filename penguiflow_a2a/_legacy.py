@@ -74,12 +74,15 @@ async def legacy_frames(record: TaskRecord, sub: Subscriber,
     """The ``message/stream`` frames; ``launch`` (the emit) runs on the first advance.
 
     ``abandon`` runs when the frames end however they end (it fails the task only if
-    ``launch`` never ran: the client left right after the ``accepted`` frame).
+    ``launch`` never ran: the frames were closed before their first advance, or the
+    launch itself failed).
     """
     ids = {"taskId": record.task_id, "contextId": record.context_id}
     try:
-        yield _frame("status", {"status": "accepted", **ids})
+        # Spec §16: the message is emitted when the iterator is first advanced, so a
+        # caller that read the accepted frame can cancel a stream that is running.
         await launch()
+        yield _frame("status", {"status": "accepted", **ids})
         while (event := await sub.queue.get()) is not None:
             if event.chunk is not None:
                 chunk = event.chunk.model_copy(update={"meta": {**event.chunk.meta, **ids}})

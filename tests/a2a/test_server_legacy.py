@@ -455,18 +455,15 @@ async def test_a_stream_response_that_never_starts_ends_its_task() -> None:
         no_running_tasks(adapter, flow)
 
 
-@pytest.mark.parametrize("advance", [0, 1])
-async def test_stream_frames_closed_before_the_emit_end_the_task(advance: int) -> None:
-    # An async generator closed before its first advance never runs its finally, and
-    # one closed at its first frame ("accepted") had not emitted the message yet.
+async def test_stream_frames_closed_before_the_emit_end_the_task() -> None:
+    # An async generator closed before its first advance never runs its finally:
+    # the message was never emitted, and the task stayed SUBMITTED for ever.
     flow = echo_flow()
     adapter = A2AServerAdapter(flow, agent_card=CARD, agent_url="http://a",
                                default_headers={"tenant": "t"})
     await adapter.start()
     try:
         frames_iter, task_id, _ = await adapter.stream({"payload": "p"})
-        for _ in range(advance):
-            await anext(frames_iter)
         await frames_iter.aclose()
         record = adapter.tasks.get(task_id)
         assert record is not None and record.state == "TASK_STATE_FAILED"
@@ -490,3 +487,26 @@ async def test_an_invalid_trace_id_is_a_422_before_any_task(trace_id: str) -> No
         assert len(adapter.tasks) == 0 and store._bindings == []
         ok = await client.post(url + "/message/send", json={"payload": "hi", "traceId": "ok-1"})
         assert ok.status_code == 200 and ok.json()["traceId"] == "ok-1"
+
+
+async def test_the_first_advance_of_a_stream_emits_the_message_so_it_can_be_cancelled() -> None:
+    # Spec §16: "the message is emitted when the iterator is first advanced", and a
+    # cancel of a stream still running answers True. The accepted frame came first
+    # and the emit only at the second advance: a cancel after reading it found no
+    # trace running (False), and the node never ran.
+    gate = Gate()
+    adapter = A2AServerAdapter(gate.flow(), agent_card=CARD, agent_url="http://a",
+                               default_headers={"tenant": "t"})
+    await adapter.start()
+    try:
+        frames_iter, task_id, _ = await adapter.stream({"payload": "p"})
+        first = await anext(frames_iter)
+        assert first.startswith(b"event: status") and b"accepted" in first
+        await asyncio.wait_for(gate.started.wait(), 10)  # the node runs already
+        answer = await adapter.cancel({"taskId": task_id})
+        assert answer["cancelled"] is True
+        rest = b"".join([frame async for frame in frames_iter])
+        assert b"TRACE_CANCELLED" in rest and rest.endswith(b"\n\n")
+    finally:
+        await adapter.stop()
+
