@@ -27,6 +27,7 @@ or the flow stops; the exporter: after the last stored event).
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -95,8 +96,17 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) else 0
 
 
+#: Nanosecond times are clamped to what OTLP's fixed64 fields hold.
+_NS_MAX = (1 << 63) - 1
+
+
 def _ns(ts: float) -> int:
-    return round(ts * 1e9)
+    # A stored time that is no time (NaN, infinite, 1e300: read back by pf export)
+    # is clamped, never an OverflowError that loses the whole trace's export.
+    try:
+        return min(max(round(ts * 1e9), 0), _NS_MAX)
+    except (OverflowError, ValueError):
+        return 0 if ts != ts or ts < 0 else _NS_MAX
 
 
 def _streamed(span: SpanData, extra: Mapping[str, Any]) -> None:
@@ -455,7 +465,7 @@ class SpanModel:
                        extra: Mapping[str, Any]) -> None:
         attributes: dict[str, Any] = {sc.GEN_AI_AGENT_NAME: node_name or "?"}
         deadline = extra.get("deadline_s")
-        if isinstance(deadline, int | float):
+        if isinstance(deadline, int | float) and math.isfinite(deadline):
             attributes[sc.PF_DEADLINE_UNIX_MS] = int(deadline * 1000)
             attributes[sc.PF_DEADLINE_REMAINING_MS] = deadline * 1000 - ns / 1e6
         spans.root.events.append(SpanEventData(sc.EV_DEADLINE_SKIP, ns, attributes))

@@ -21,6 +21,7 @@ import contextlib
 import datetime as dt
 import importlib
 import json
+import math
 import re
 import sys
 import time
@@ -29,6 +30,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, NoReturn, TextIO, cast
 
 from penguiflow.state import (
+    TERMINAL_KINDS,
     StateStoreError,
     StoredEvent,
     StoreUnavailable,
@@ -268,7 +270,7 @@ def _dump(data: Any, out: TextIO) -> None:
     Writes are batched (~64 KiB): under an unbuffered stdout
     (``PYTHONUNBUFFERED=1``) each write is a system call.
     """
-    encode = json.JSONEncoder().encode
+    encode = strict_json
     chunk: list[str] = []
     size = 0
 
@@ -393,12 +395,34 @@ def _traces(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 # -- tail -------------------------------------------------------------------------------------
 
 
+_strict = json.JSONEncoder(allow_nan=False).encode
+
+
+def strict_json(value: Any) -> str:
+    """``value`` as JSON every parser reads: a stored NaN or infinity (nothing checks
+    payload numbers on the way in) is written ``null``, never ``NaN``/``Infinity``."""
+    try:
+        return _strict(value)
+    except ValueError:
+        return _strict(_finite_tree(value))
+
+
+def _finite_tree(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_tree(v) for v in value]
+    return value
+
+
 def _tail(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     url = store_url(ns.store)
     fmt = "json" if ns.json else "plain"
 
     def show(event: StoredEvent) -> None:
-        line = (json.dumps(render.event_json(event)) if fmt == "json"
+        line = (strict_json(render.event_json(event)) if fmt == "json"
                 else render.event_line(event))
         out.write(line + "\n")
         out.flush()
@@ -421,6 +445,20 @@ async def tail(url: str, reference: str | None, show: Any, err: TextIO,
     ``load_history_page`` from the count already shown, so a poll costs what is
     new, not the trace's whole history. Runs until cancelled (Ctrl-C).
     """
+    # Invocations of the followed trace started and not yet ended, from the events
+    # shown: a trace whose store lost events reads "incomplete", whether it still
+    # runs or not, so that word alone cannot end the tail.
+    open_invocations: set[str] = set()
+    shown = show
+
+    def show(event: StoredEvent) -> None:
+        if event.invocation_id is not None:
+            if event.kind == "node_start":
+                open_invocations.add(event.invocation_id)
+            elif event.kind in TERMINAL_KINDS:
+                open_invocations.discard(event.invocation_id)
+        shown(event)
+
     async with reading(url) as store:
         trace_id = None if reference is None else await _resolve_checked(store, reference, url)
         if trace_id is not None:
@@ -435,7 +473,8 @@ async def tail(url: str, reference: str | None, show: Any, err: TextIO,
         pushed = (asyncio.create_task(_wake_on_commit(store, trace_id, wake))
                   if url.startswith(("postgresql:", "postgres:")) else None)
         try:
-            ended = await _poll(store, trace_id, counts, show, interval_s, wake, err)
+            ended = await _poll(store, trace_id, counts, show, interval_s, wake, err,
+                                open_invocations)
             if ended is not None:
                 print(f"pf tail: trace {printable(ended.trace_id)} ended: "
                       f"{status_word(ended.status)} after {format_duration(ended.duration_ms)}, "
@@ -470,7 +509,8 @@ async def _show_from(store: TraceStore, trace_id: str, offset: int, show: Any) -
 
 
 async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int], show: Any,
-                interval_s: float, wake: asyncio.Event, err: TextIO) -> TraceSummary | None:
+                interval_s: float, wake: asyncio.Event, err: TextIO,
+                open_invocations: set[str] | None = None) -> TraceSummary | None:
     """Show new events until cancelled, or, following one trace, until it has ended:
     returns its summary once its status has left ``running`` and stayed so, with no
     new event, for one more poll (a chain's next node may start a moment after the
@@ -486,7 +526,8 @@ async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int],
             if trace_id is not None:
                 summary = await store.get_trace(trace_id)
                 changed = [summary] if summary is not None else []
-                if summary is not None and summary.status != "running":
+                if summary is not None and summary.status != "running" and not (
+                        summary.status == "incomplete" and open_invocations):
                     if ended_seen == summary.event_count == counts.get(trace_id):
                         return summary
                     ended_seen = summary.event_count

@@ -15,6 +15,7 @@ not from span nesting. Replay rebuilds the trace as it was at time ``t``
 from __future__ import annotations
 
 import bisect
+import datetime as dt
 import math
 import re
 from array import array
@@ -95,6 +96,25 @@ def status_word(status: str) -> str:
     """The word every output shows for a model status or remote outcome (see
     :data:`STATUS_WORD`); an unknown status is returned as it is."""
     return STATUS_WORD.get(status, status)
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` if it is a finite number, else None: a stored ``queued_ts`` of NaN
+    or infinity (nothing checks it on the way in) is shown as unknown, never drawn."""
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def format_clock(ts: float, pattern: str | None = None, *, utc: bool = False) -> str:
+    """``ts`` (epoch seconds) as a local (or UTC) time, by ``pattern`` (strftime) or
+    to the millisecond. A stored time that is no time (NaN, infinite, or out of
+    the calendar's range: a writer that recorded milliseconds) is shown as its
+    number (``ts=1.7e+12``), never an error: one odd event must not stop a view."""
+    try:
+        moment = dt.datetime.fromtimestamp(ts, dt.UTC if utc else None)
+    except (OverflowError, OSError, ValueError, TypeError):
+        return f"ts={ts:.3g}" if isinstance(ts, float | int) else "ts=?"
+    return (moment.strftime(pattern) if pattern
+            else moment.isoformat(sep=" ", timespec="milliseconds"))
 
 
 def format_duration(ms: float | None) -> str:
@@ -533,7 +553,8 @@ class _Fold:
         inv = self.invocations.get(inv_id)
         if inv is None:
             inv = self.invocations[inv_id] = InvocationView(
-                inv_id, ev.node_name or "?", ev.node_id, ev.ts, None, "running", ev.queued_ts,
+                inv_id, ev.node_name or "?", ev.node_id, ev.ts, None, "running",
+                _finite(ev.queued_ts),
                 tuple(ev.parent_invocation_ids), span_id=ev.span_id or inv_id,
                 parent_span_id=ev.parent_span_id,
                 served_under=self.flow_parents.get(ev.flow_id or "") if self.flow_parents else None)
@@ -921,7 +942,7 @@ def bus_hops(view: TraceView) -> tuple[list[HopView], list[AbandonedView]]:
             previous = p.get("previous_worker")
             hops.append(HopView(
                 ev.ts, str(p.get("edge", "?")), ev.node_name, ev.flow_id,
-                None if ev.queued_ts is None else (ev.ts - ev.queued_ts) * 1000.0,
+                None if _finite(ev.queued_ts) is None else (ev.ts - ev.queued_ts) * 1000.0,
                 deliveries if isinstance(deliveries, int) else 1,
                 previous if isinstance(previous, str) else None))
         elif ev.kind == "node_start" and ev.invocation_id is not None:

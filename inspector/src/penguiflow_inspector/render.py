@@ -9,7 +9,6 @@ the critical path.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
@@ -32,6 +31,7 @@ from .model import (
     display_edge,
     display_name,
     failed_invocation_count,
+    format_clock,
     format_duration,
     format_offset,
     matches_kind,
@@ -201,8 +201,7 @@ _ms = format_duration
 _p = printable
 
 
-def _clock(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="milliseconds")
+_clock = format_clock
 
 
 def _bar(start: float, end: float | None, t0: float, span: float, width: int = BAR_WIDTH) -> str:

@@ -176,7 +176,9 @@ class TraceScreen(Screen[None]):
             self.trace_id = matches[0]
             summary = await store.get_trace(self.trace_id)
             if summary is not None:
-                if summary.status == "running" and not self.workers_in("follow"):
+                # An incomplete trace (its store lost events) may still be running.
+                if summary.status in ("running", "incomplete") \
+                        and not self.workers_in("follow"):
                     self.live = True
                     self.follow()  # before reading the history: nothing falls in between
                     await self._following.wait()

@@ -8,7 +8,6 @@ tail``) a second worker follows every trace and marks the list dirty, and a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, ClassVar
 
 from rich.text import Text
@@ -21,7 +20,7 @@ from textual.widgets import DataTable, Footer, Input, Static
 from penguiflow.state import TRACE_STATUSES, StateStoreError, TraceFilter, TraceSummary
 
 from ..messages import EventsArrived, LoadFailed, TracesLoaded
-from ..model import STATUS_SYMBOL, format_duration, printable
+from ..model import STATUS_SYMBOL, format_clock, format_duration, printable
 from ..widgets._keys import KeyedTable
 from .trace import TraceScreen
 
@@ -121,7 +120,7 @@ class TracesScreen(Screen[None]):
             key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
         table.clear()
         for s in summaries:
-            started = datetime.fromtimestamp(s.started_ts, UTC).strftime("%m-%d %H:%M:%S")
+            started = format_clock(s.started_ts, "%m-%d %H:%M:%S", utc=True)
             symbol = STATUS_SYMBOL.get(s.status)
             status = (f"{symbol} " if symbol else "") + s.status + (
                 f" ({s.events_lost} lost)" if s.events_lost else "")
