@@ -14,6 +14,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,3 +114,91 @@ async def test_tail_of_an_incomplete_trace_waits_for_its_open_invocation(
         await store.save_event(_event(trace, now + 1, "node_success", 2))
     await asyncio.wait_for(following, 10)
     assert shown[-1] == "node_success"
+
+
+def test_export_of_an_empty_store_says_so_like_every_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+
+    async def make() -> None:
+        async with open_store(url):
+            pass
+
+    asyncio.run(make())
+    for command in ("inspect", "export"):
+        assert main([command, "abc", "--store", url]) == 1  # export said 2, "no trace id"
+        assert "holds no traces yet" in capsys.readouterr().err
+
+
+def test_plain_says_how_many_rows_of_each_list_it_left_out(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'long.db'}"
+    trace = "e" * 31 + "5"
+    now = time.time()
+
+    async def fill() -> None:
+        async with open_store(url) as store:
+            await store.save_events([
+                _event(trace, now + i * 1e-3, "deadline_skip", i, {"deadline_s": now})
+                for i in range(250)])
+
+    asyncio.run(fill())
+    assert main(["inspect", trace[:8], "--plain", "--store", url]) == 0
+    assert "... 50 more deadline skips" in capsys.readouterr().out
+
+
+def test_a_terminal_that_cannot_encode_the_glyphs_gets_them_escaped(odd_store: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "penguiflow_inspector.cli", "traces", "--store", odd_store],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0, done.stderr  # before: a UnicodeEncodeError traceback
+    assert "\\u2713" in done.stdout
+
+
+async def test_a_remote_cancel_that_failed_is_shown_under_its_cancel(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # remote_cancel_error was ignored: the call read "cut short locally (no remote
+    # outcome recorded)" and the cancel showed no propagation at all.
+    from penguiflow import Headers, Message, NodePolicy, create
+    from penguiflow.remote import InMemoryAgent, InMemoryTransport, RemoteNode
+    from penguiflow_exporters.sqlite import SQLiteStateStore
+
+    class RefusingCancel(InMemoryTransport):
+        async def cancel(self, *, agent_url: str, task_id: str) -> None:
+            raise RuntimeError("cancel endpoint down")
+
+    url = "inmemory://slow"
+    gate = asyncio.Event()
+    transport = RefusingCancel({url: InMemoryAgent(chunks=["a", "b"], gate=gate)})
+    remote = RemoteNode(transport=transport, skill="s", agent_url=url, name="caller",
+                        streaming=True, policy=NodePolicy(validate="none"))
+    path = tmp_path / "t.db"
+    store = SQLiteStateStore(path)
+    seen = {kind: asyncio.Event() for kind in ("remote_stream_event", "remote_cancel_error")}
+
+    async def watch(event: Any) -> None:
+        if event.event_type in seen:
+            seen[event.event_type].set()
+
+    flow = create(remote.to(), state_store=store, middlewares=[watch])
+    flow.run()
+    message = Message(payload=1, headers=Headers(tenant="t"))
+    try:
+        await flow.emit(message)
+        # The task is known (its first status event), so a cancel goes to the agent.
+        await asyncio.wait_for(seen["remote_stream_event"].wait(), 10)
+        assert await flow.cancel(message.trace_id)
+        await asyncio.wait_for(seen["remote_cancel_error"].wait(), 10)
+    finally:
+        await flow.stop()
+        await store.close()
+    argv = ["inspect", message.trace_id, "--plain", "--store", f"sqlite:///{path}"]
+    assert await asyncio.to_thread(main, argv) == 0  # it runs its own event loop
+    out = capsys.readouterr().out
+    assert "the remote cancel failed: RuntimeError('cancel endpoint down')" in out
+    assert "FAILED" in out and "cut short locally" not in out

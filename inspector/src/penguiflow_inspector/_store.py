@@ -156,9 +156,13 @@ async def resolve(store: TraceStore, reference: str, url: str) -> str:
     """The one trace id ``reference`` (a full id or a unique prefix) names in ``store``.
 
     Raises:
-        CommandError: no trace or several traces match (exit 2).
+        CommandError: the store holds no traces at all (exit 1, as every command
+            says it), or no trace or several traces match (exit 2).
     """
-    return choose(reference, await store.resolve_trace_id(reference), url)
+    candidates = await store.resolve_trace_id(reference)
+    if not candidates:
+        await ensure_not_empty(store, url)  # "holds no traces" says more than "no such id"
+    return choose(reference, candidates, url)
 
 
 def choose(reference: str, candidates: Sequence[str], url: str) -> str:

@@ -216,6 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "export":
         return export.run(ns)
     out, err = sys.stdout, sys.stderr
+    for stream in (out, err):
+        # A terminal or pipe that cannot encode the bars and arrows (LANG=C,
+        # PYTHONIOENCODING=ascii): escaped, not a UnicodeEncodeError traceback.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and (getattr(stream, "encoding", "") or "").lower() \
+                .replace("-", "") not in ("utf8", "utf16", "utf32"):
+            with contextlib.suppress(Exception):
+                reconfigure(errors="backslashreplace")
     try:
         return int(_COMMANDS[ns.command](ns, out, err))
     except CommandError as exc:  # may quote store text (ids, names): escaped
@@ -449,15 +457,17 @@ async def tail(url: str, reference: str | None, show: Any, err: TextIO,
     # shown: a trace whose store lost events reads "incomplete", whether it still
     # runs or not, so that word alone cannot end the tail.
     open_invocations: set[str] = set()
-    shown = show
+    show_event = show
 
-    def show(event: StoredEvent) -> None:
+    def tracked(event: StoredEvent) -> None:
         if event.invocation_id is not None:
             if event.kind == "node_start":
                 open_invocations.add(event.invocation_id)
             elif event.kind in TERMINAL_KINDS:
                 open_invocations.discard(event.invocation_id)
-        shown(event)
+        show_event(event)
+
+    show = tracked
 
     async with reading(url) as store:
         trace_id = None if reference is None else await _resolve_checked(store, reference, url)

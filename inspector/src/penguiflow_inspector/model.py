@@ -273,6 +273,8 @@ class RemoteCallView:
     bytes_sent: int | None = None
     bytes_received: int | None = None
     stream_events: int = 0
+    chunks: int = 0
+    """Stream events that carried text (``≋``): status-only events are not chunks."""
     time_to_first_chunk_ms: float | None = None
     states: list[tuple[str, float]] = field(default_factory=list)
     """A2A task states as reported, with the time each was seen."""
@@ -322,6 +324,9 @@ class CancelView:
     acknowledged: float | None
     propagated: list[tuple[str | None, float, float | None, str]] = field(default_factory=list)
     """Per remote CancelTask: (task id, time, round trip ms, reason)."""
+    failed: list[tuple[str | None, float, float | None, str, str]] = field(default_factory=list)
+    """Per remote CancelTask that failed (``remote_cancel_error``): (task id, time,
+    round trip ms, reason, the error)."""
     interrupted: list[tuple[str, float]] = field(default_factory=list)
     """Invocations interrupted by the cancel: (invocation id, time)."""
     kept_running: list[str] = field(default_factory=list)
@@ -685,8 +690,13 @@ class _Fold:
                   outcome: Literal["success", "error", "cancelled"]) -> None:
         call.end, call.outcome = ts, outcome
         open_calls = self.open_calls.get(call.invocation_id or "")
-        if open_calls and call in open_calls:
-            open_calls.remove(call)
+        if open_calls:
+            # By identity, from the end (usually the last call): `in`/`remove` compared
+            # dataclasses field by field, O(n^2) for thousands of calls at once.
+            for i in range(len(open_calls) - 1, -1, -1):
+                if open_calls[i] is call:
+                    del open_calls[i]
+                    break
 
     @staticmethod
     def _state(call: RemoteCallView, state: Any, ts: float) -> None:
@@ -703,6 +713,7 @@ class _Fold:
             call.bytes_received = (call.bytes_received or 0) + chunk_bytes
         text_bytes = payload.get("remote_text_bytes")
         if isinstance(text_bytes, int) and text_bytes > 0:  # status-only events carry no text
+            call.chunks += 1
             if call.time_to_first_chunk_ms is None:
                 call.time_to_first_chunk_ms = (ev.ts - call.start) * 1000.0
             inv = self.invocations.get(ev.invocation_id or "")
@@ -737,6 +748,20 @@ class _Fold:
         call = self._call(ev, payload)
         if call is not None:
             call.error = f"cancelled ({reason})"
+            self._end_call(call, ev.ts, "cancelled")
+
+    def remote_cancel_error(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
+        """The remote CancelTask failed: the call was cancelled here all the same."""
+        reason = str(payload.get("remote_cancel_reason") or "trace_cancel")
+        error = _text(payload.get("remote_error")) or "?"
+        if reason != "local_cancel" and self.cancels:
+            latency = payload.get("latency_ms")
+            self.cancels[-1].failed.append((
+                _text(payload.get("remote_task_id")), ev.ts,
+                float(latency) if isinstance(latency, int | float) else None, reason, error))
+        call = self._call(ev, payload)
+        if call is not None:
+            call.error = f"cancelled ({reason}); the remote cancel failed: {error}"
             self._end_call(call, ev.ts, "cancelled")
 
     # -- served runs ----------------------------------------------------------------
@@ -818,8 +843,8 @@ _HANDLERS: dict[str, _Handler] = {
         "node_failed", "node_trace_cancelled", "node_abandoned", "remote_call_start",
         "remote_stream_event",
         "remote_call_success", "remote_call_error", "remote_call_cancelled",
-        "trace_cancel_start", "trace_cancel_finish", "deadline_skip", "trace_parent",
-        EVENTS_LOST_KIND)
+        "remote_cancel_error", "trace_cancel_start", "trace_cancel_finish", "deadline_skip",
+        "trace_parent", EVENTS_LOST_KIND)
 }
 
 
@@ -942,7 +967,7 @@ def bus_hops(view: TraceView) -> tuple[list[HopView], list[AbandonedView]]:
             previous = p.get("previous_worker")
             hops.append(HopView(
                 ev.ts, str(p.get("edge", "?")), ev.node_name, ev.flow_id,
-                None if _finite(ev.queued_ts) is None else (ev.ts - ev.queued_ts) * 1000.0,
+                None if (queued := _finite(ev.queued_ts)) is None else (ev.ts - queued) * 1000.0,
                 deliveries if isinstance(deliveries, int) else 1,
                 previous if isinstance(previous, str) else None))
         elif ev.kind == "node_start" and ev.invocation_id is not None:

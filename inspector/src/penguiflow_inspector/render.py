@@ -99,6 +99,9 @@ def _cancel(c: CancelView) -> dict[str, Any]:
         "requested": c.requested, "acknowledged": c.acknowledged, "latency_ms": c.latency_ms,
         "propagated": [{"task_id": task, "ts": ts, "round_trip_ms": rtt, "reason": reason}
                        for task, ts, rtt, reason in c.propagated],
+        "propagation_failed": [
+            {"task_id": task, "ts": ts, "round_trip_ms": rtt, "reason": reason, "error": error}
+            for task, ts, rtt, reason, error in c.failed],
         "interrupted": [{"invocation_id": inv, "ts": ts} for inv, ts in c.interrupted],
         "kept_running": list(c.kept_running),
     }
@@ -317,8 +320,10 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
     ]
     if view.events_lost:
         lines += ["", "incomplete: what follows lacks the events the store could not keep"]
+        markers = _markers(view)
         lines += [f"  {format_offset(row.ts, view.start)}: {lost_line(row)}"
-                  for row in _markers(view)][:max_rows]
+                  for row in markers[:max_rows]]
+        lines += _more(len(markers), max_rows, "markers")
     lines += [
         "",
         f"waterfall (0 .. {_ms((view.end - view.start) * 1000)}; █ ran, ▒ still running; "
@@ -350,6 +355,7 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
                          f"span {_p(c.call_id)}" + (f"  states: {split}" if split else ""))
             if c.error:
                 lines.append(f"      {_p(c.error)}")
+        lines += _more(len(view.remote_calls), max_rows, "remote calls")
         lines.append("  per agent:")
         for s in remote_stats(view):
             lines.append(f"    {_p(s.agent)}: {s.calls} calls, {s.errors} errors, "
@@ -360,6 +366,10 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
             lines.append(f"  propagated to task {_p(task or '?')} at "
                          f"{format_offset(ts, cancel.requested)} ({_p(reason)}, "
                          f"round trip {_ms(rtt)})")
+        for task, ts, rtt, reason, error in cancel.failed:
+            lines.append(f"  propagation to task {_p(task or '?')} FAILED at "
+                         f"{format_offset(ts, cancel.requested)} ({_p(reason)}, "
+                         f"after {_ms(rtt)}): {_p(error)}")
         if cancel.acknowledged is not None:
             lines.append(f"  acknowledged after {_ms(cancel.latency_ms)}")
         else:
@@ -373,6 +383,7 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
         lines += ["", "deadlines (times from the trace's start)"]
         lines += [f"  {_p(d.node_name or '-')} skipped at {format_offset(d.ts, view.start)}: "
                   + _deadline_words(d, view.start) for d in view.deadlines[:max_rows]]
+        lines += _more(len(view.deadlines), max_rows, "deadline skips")
     lines += _hop_lines(view, max_rows, hops)
     if view.critical_path:
         path = " → ".join(names.get(i, "?") for i in view.critical_path)
@@ -416,7 +427,15 @@ def _hop_lines(view: TraceView, max_rows: int,
                       "again elsewhere)"]
         lines += [f"  {_p(a.node_name or '-')} ({_p(a.invocation_id)}) on worker {_p(a.worker)}"
                   for a in abandoned[:max_rows]]
+        lines += _more(len(abandoned), max_rows, "abandoned attempts")
     return lines
+
+
+def _more(total: int, shown: int, what: str) -> list[str]:
+    """The line saying how many of a list ``--plain`` left out, if it left any out."""
+    if total <= shown:
+        return []
+    return [f"  ... {total - shown} more {what} (pf inspect --json has them all)"]
 
 
 def _markers(view: TraceView) -> list[EventRow]:

@@ -39,6 +39,10 @@ def render_cancels(view: TraceView) -> RenderableType:
         for task_id, ts, rtt, reason in cancel.propagated:
             table.add_row("propagated", Text(printable(f"task {task_id or '?'} ({reason})")),
                           format_duration((ts - t0) * 1e3), format_duration(rtt))
+        for task_id, ts, rtt, reason, error in cancel.failed:
+            table.add_row(Text("propagation failed", style="red"),
+                          Text(printable(f"task {task_id or '?'} ({reason}): {error}")),
+                          format_duration((ts - t0) * 1e3), format_duration(rtt))
         for inv_id, ts in cancel.interrupted:
             table.add_row("interrupted", who(inv_id), format_duration((ts - t0) * 1e3), "")
         table.add_row("acknowledged", "trace_cancel_finish",

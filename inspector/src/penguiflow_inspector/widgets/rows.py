@@ -184,8 +184,8 @@ def glyphs(row: Row) -> str:
             out.append("◔")
         if item.chunks:
             out.append(f"≋{item.chunks}")
-    elif item.stream_events:
-        out.append(f"≋{item.stream_events}")
+    elif item.chunks:  # chunks, as every output counts them (not status-only events)
+        out.append(f"≋{item.chunks}")
     if row.status == "cancelled":
         out.append("✕")
     elif row.status == "error":
