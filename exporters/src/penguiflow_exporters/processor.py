@@ -157,7 +157,6 @@ class BatchProcessor:
         self._closing: asyncio.Task[int] | None = None
         self._waiters: deque[tuple[Any, asyncio.Future[None]]] = deque()
         self._wake: asyncio.Event | None = None
-        self._idle: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
         self._flushing = 0
@@ -261,8 +260,6 @@ class BatchProcessor:
     def _start(self, first: Any = None) -> None:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._task = loop.create_task(self._run(), name=f"{self.name}-writer")
         self._limit = self.max_buffer
         if hasattr(self.writer, "start"):
@@ -294,8 +291,8 @@ class BatchProcessor:
     # -- the writer task --------------------------------------------------------------
 
     async def _run(self) -> None:
-        wake, idle = self._wake, self._idle
-        assert wake is not None and idle is not None
+        wake = self._wake
+        assert wake is not None
         loop = asyncio.get_running_loop()
         # The write in flight. While it runs, a full next batch is taken and prepared
         # (a writer process's batch is pickled here: ~1.5 us an event) so that this
@@ -318,22 +315,20 @@ class BatchProcessor:
                         and not self._flushing:
                     wake.clear()
                     if not self._buffer and not (self._lost_by_trace and self._markers_due):
-                        idle.set()
                         await wake.wait()
                     else:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(wake.wait(), self.schedule_delay_s)
-                idle.clear()
                 batch = self._take()
                 if batch:
                     prepared = await self._prepare(batch)
                     if sending is not None:
                         await sending
                     sending = loop.create_task(self._send(batch, prepared))
-                elif sending is None and not self._waiters:
-                    idle.set()
-                    if self._flushing:
-                        await asyncio.sleep(0)  # let flush() see the idle state
+                elif sending is None and not self._waiters and self._flushing:
+                    # Nothing to write while a flush waits (it is resolved by the
+                    # write that ended it): never a loop that does not yield.
+                    await asyncio.sleep(0)
         finally:
             if sending is not None and not sending.done():
                 sending.cancel()
@@ -630,8 +625,6 @@ class BatchProcessor:
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        if self._idle is not None:
-            self._idle.set()  # a flush() still waiting returns (see flush)
         if abandoned:
             items = list(self._buffer) + [item for item, _ in self._waiters]
             self.failures["abandoned"] += abandoned
