@@ -161,14 +161,16 @@ class FlowRuntime:
         """The origin of an item produced by invocation ``inv`` (None: unobserved)."""
         return None if inv is None else (inv, time.time())
 
-    def count(self, item: Any) -> None:
-        """Count one more pending item for ``item``'s trace (if it has one)."""
+    def count(self, item: Any) -> Any:
+        """Count one more pending item for ``item``'s trace (if it has one); returns
+        that trace id (None: nothing counted), what :meth:`release` gives back."""
         trace_id = item.trace_id if type(item) is Message else getattr(item, "trace_id", None)
         if trace_id is not None:
             state = self.traces.get(trace_id)
             if state is None:
                 state = self.traces[trace_id] = TraceState()
             state.pending += 1
+        return trace_id
 
     async def put(self, floe: Floe, item: Any, origin: Origin) -> None:
         """Count ``item``, publish it to the bus (if any), put it; waits while full."""

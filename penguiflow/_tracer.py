@@ -210,9 +210,6 @@ class LiveTracer:
         metrics.watch(flows)
         self._flow_metrics[flow.flow_id] = metrics
 
-    def _metrics_of(self, flow_id: str | None) -> FlowMetrics | None:
-        return self._flow_metrics.get(flow_id) if flow_id is not None else None
-
     def on_fields(self, fields: tuple[Any, ...]) -> int:
         """Feed one EVENT_FIELDS tuple (see :data:`penguiflow.state.EVENT_FIELDS`).
 
@@ -222,7 +219,7 @@ class LiveTracer:
         (trace_id, ts, kind, node_name, node_id, invocation_id, parents, _span, _parent,
          _seq, attempt, queued_ts, flow_name, flow_id, latency_ms, *_rest, extra) = fields
         before = self.failures
-        self._metrics = self._metrics_of(flow_id)
+        self._metrics = self._flow_metrics.get(flow_id)
         self.model.feed(trace_id, ts, kind, node_name, node_id, invocation_id, parents,
                         attempt, latency_ms, flow_name, flow_id, queued_ts, extra)
         return self.failures - before
@@ -232,7 +229,7 @@ class LiveTracer:
 
         Returns the failures meanwhile, as :meth:`on_fields`."""
         before = self.failures
-        self._metrics = self._metrics_of(flow_id)
+        self._metrics = self._flow_metrics.get(flow_id) if flow_id is not None else None
         self.model.end_trace(trace_id, flow_id)
         return self.failures - before
 
@@ -241,7 +238,7 @@ class LiveTracer:
 
         Returns the failures meanwhile, as :meth:`on_fields`."""
         before = self.failures
-        self._metrics = self._metrics_of(flow.flow_id)
+        self._metrics = self._flow_metrics.get(flow.flow_id)
         for trace_id in self.model.open_traces():
             self.model.end_trace(trace_id, flow.flow_id,
                                  stopped=trace_id in flow._traces)

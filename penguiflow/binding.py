@@ -400,14 +400,12 @@ class BusBinding:
             # that dies before fetching has no caller left to give it to.
             await self.bus.settle(inbound)
             inbound = inbound._replace(handle=None)
-        rt.count(item)
+        # The item's own trace id (a plain value carries none, whatever the parcel
+        # says): exactly what is given back if the put never happens.
+        counted = rt.count(item)
         try:
             await floe.queue.put_tagged(item, inbound)
         except BaseException:
-            # Give back exactly what count() took: the item's own trace id (a plain
-            # value carries none, whatever the parcel says).
-            counted = (item.trace_id if isinstance(item, Message)
-                       else getattr(item, "trace_id", None))
             if counted is not None and rt.release(counted):
                 rt.spawn(rt.cancel_finished(counted))
             raise
