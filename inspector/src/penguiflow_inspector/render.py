@@ -289,8 +289,7 @@ def _error_lines(view: TraceView, max_rows: int) -> list[str]:
                 how = "timed out" if a.outcome == "timeout" else "failed"
                 lines.append(f"    attempt {a.attempt} {how}: {_p(a.error or a.outcome)}")
         lines += _traceback_lines(view, inv)
-    if len(failed) > max_rows:
-        lines.append(f"  ... {len(failed) - max_rows} more (pf inspect --json has them all)")
+    lines += _more(len(failed), max_rows)
     return lines
 
 
@@ -335,8 +334,7 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
     hops = bus_hops(view)
     rows, total = _waterfall_rows(view, {a.invocation_id for a in hops[1]}, max_rows)
     lines.extend(rows)
-    if total > max_rows:
-        lines.append(f"  ... {total - max_rows} more rows (pf inspect --json has them all)")
+    lines += _more(total, max_rows, "rows")
     lines += _error_lines(view, max_rows)
     if view.remote_calls:
         lines += ["", "remote calls"]
@@ -420,8 +418,7 @@ def _hop_lines(view: TraceView, max_rows: int,
                     else "") + ")") if h.deliveries > 1 else ""
         lines.append(f"  {format_offset(h.ts, view.start):>10} {_p(display_edge(h.edge)):<24} "
                      f"worker {_p(h.worker or '-')}  waited {_ms(h.waited_ms)}{again}")
-    if len(hops) > max_rows:
-        lines.append(f"  ... {len(hops) - max_rows} more hops (pf inspect --json has them all)")
+    lines += _more(len(hops), max_rows, "hops")
     if abandoned:
         lines += ["", "abandoned attempts (their worker stopped mid-node; the input ran "
                       "again elsewhere)"]
@@ -431,11 +428,12 @@ def _hop_lines(view: TraceView, max_rows: int,
     return lines
 
 
-def _more(total: int, shown: int, what: str) -> list[str]:
+def _more(total: int, shown: int, what: str = "") -> list[str]:
     """The line saying how many of a list ``--plain`` left out, if it left any out."""
     if total <= shown:
         return []
-    return [f"  ... {total - shown} more {what} (pf inspect --json has them all)"]
+    return [f"  ... {total - shown} more {what + ' ' if what else ''}"
+            "(pf inspect --json has them all)"]
 
 
 def _markers(view: TraceView) -> list[EventRow]:
