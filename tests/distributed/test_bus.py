@@ -416,6 +416,20 @@ class _UnreadableStore(InMemoryStateStore):
         raise OSError("the database went away")
 
 
+async def _first_worker_and_client(build: Any, url: str, namespace: str, store: Any
+                                   ) -> tuple[PenguiFlow, PenguiFlow, RedisMessageBus, PenguiFlow]:
+    """Worker 1 and a client running on one Redis (entries claimable after 0.3 s), and
+    worker 2 built with its bus, not yet running: it takes over once worker 1 stops."""
+    first, second, client = build(), build(), build()
+    first_bus, second_bus, client_bus = (
+        RedisMessageBus(url, namespace=namespace, claim_idle_s=0.3) for _ in range(3))
+    first.run(message_bus=first_bus, state_store=store)
+    client.run(message_bus=client_bus, nodes=[])
+    await first_bus.ready()
+    await client_bus.ready()
+    return first, second, second_bus, client
+
+
 @pytest.mark.parametrize("readable", [True, False])
 async def test_an_attempt_of_a_stopped_worker_is_closed_by_the_one_that_ran_it_again(
         redis_url: str, namespace: str, readable: bool,
@@ -435,13 +449,8 @@ async def test_an_attempt_of_a_stopped_worker_is_closed_by_the_one_that_ran_it_a
             return m
         return create(Node(a, name="a", policy=NONE).to(), name="abandon")
 
-    first, second, client = build(), build(), build()
-    first_bus, second_bus, client_bus = (
-        RedisMessageBus(redis_url, namespace=namespace, claim_idle_s=0.3) for _ in range(3))
-    first.run(message_bus=first_bus, state_store=store)
-    client.run(message_bus=client_bus, nodes=[])
-    await first_bus.ready()
-    await client_bus.ready()
+    first, second, second_bus, client = await _first_worker_and_client(
+        build, redis_url, namespace, store)
     try:
         await client.emit(msg("x", "T-ab"))
         await asyncio.wait_for(started.wait(), 10)
@@ -538,13 +547,8 @@ async def test_a_fan_out_claimed_together_closes_the_stopped_attempt_once(
         na, nb = Node(a, name="a", policy=NONE), Node(b, name="b", policy=NONE)
         return create(na.to(nb), nb.to(), name="fan-abandon")
 
-    first, second, client = build(), build(), build()
-    first_bus, second_bus, client_bus = (
-        RedisMessageBus(redis_url, namespace=namespace, claim_idle_s=0.3) for _ in range(3))
-    first.run(message_bus=first_bus, state_store=store)
-    client.run(message_bus=client_bus, nodes=[])
-    await first_bus.ready()
-    await client_bus.ready()
+    first, second, second_bus, client = await _first_worker_and_client(
+        build, redis_url, namespace, store)
     try:
         await client.emit(msg("x", "T-fan"))
         await asyncio.wait_for(started.wait(), 10)
