@@ -262,6 +262,62 @@ def test_the_fast_encoder_stores_what_the_stdlib_encoder_stores(
     assert _same([tuple(r) for r in fast], [tuple(r) for r in slow])
 
 
+_alike_values = st.sampled_from([0.0, -0.0, 0, False, 1, True, 1.0, None, "x", float("nan")])
+
+
+@given(traces=st.lists(st.integers(1, 6), min_size=2, max_size=12),
+       depth=st.lists(st.integers(0, 2), min_size=1, max_size=3),
+       extra=st.lists(st.none() | _alike_values | _flat, min_size=1, max_size=3),
+       node=_text,
+       latency=st.lists(st.sampled_from([0.0, 2.5, None, float("nan")]), min_size=1,
+                        max_size=3))
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+def test_a_batch_of_many_traces_stores_what_each_block_on_its_own_stores(
+    traces: list[int], depth: list[int], extra: list[Any], node: str, latency: list[Any],
+) -> None:
+    # A batch of runtime events is looked at once (the columns it shares, the types
+    # it holds), then cut into blocks: each block must read back exactly as the
+    # block encode_block makes of the same rows alone (extras of 1, True and 1.0,
+    # of -0.0, NaN, a lone surrogate in a node name; the columns whose type the
+    # schema fixes hold that type).
+    rows = tuple_rows(
+        record(trace=f"t{trace}", seq=i + 1, node_name=node,
+               queue_depth_in=depth[i % len(depth)], latency_ms=latency[i % len(latency)],
+               extra=extra[i % len(extra)], parent_invocation_ids=(node, "p"))
+        for i, trace in enumerate(traces))
+    groups = _records.group_by_trace(rows)
+    batch = _records.block_rows(groups)
+    assert [block.trace_id for block in batch] == list(groups)
+    for block, group in zip(batch, groups.values(), strict=True):
+        alone = decode_block(encode_block(group))
+        assert _same([tuple(r) for r in decode_block(block.data)], [tuple(r) for r in alone])
+        assert (block.n, block.ts_lo, block.ts_hi) == (
+            len(group), min(r[1] for r in group), max(r[1] for r in group))
+
+
+def test_equal_extras_of_different_types_read_back_as_written() -> None:
+    # 0 == False and {"a": 1} == {"a": True}: a column of equal values is written
+    # once, but not when JSON writes them differently.
+    for first, second in ((0, False), ({"a": 1}, {"a": True}), (1.0, 1)):
+        rows = rows_of([record(seq=1, extra=first), record(seq=2, extra=second)])
+        back = [row.extra for row in decode_block(encode_block(rows))]
+        assert _same(back, [first, second]), (first, second)
+
+
+def test_a_batch_of_plain_runtime_events_takes_the_batch_path() -> None:
+    # The test above compares the two paths; this one makes sure the batch path is
+    # the one a usual batch takes (else the comparison would prove nothing).
+    rows = tuple_rows(record(trace=f"t{i % 5}", seq=i + 1) for i in range(40))
+    assert _records._BatchShape.of(_records.group_by_trace(rows)) is not None
+    odd = tuple_rows([*(record(trace="t0", seq=1 + i) for i in range(3)),
+                      record(trace="t0", seq=9, extra={"k": object()})])
+    assert _records._BatchShape.of(_records.group_by_trace(odd)) is None
+    stored = [row_of(StoredEvent("t-1", 1.0 + i, "k", None, None, {"a": i}, flow_id="f",
+                                 seq=i)) for i in range(4)]
+    assert _records._BatchShape.of(_records.group_by_trace(stored)) is None
+
+
 def test_the_fast_encoder_leaves_values_it_would_write_its_own_way_to_json() -> None:
     # pydantic-core writes a datetime, a set or a None key differently from ``plain``:
     # such a block goes through json's encoder, so the text never depends on the

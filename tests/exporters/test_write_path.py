@@ -391,6 +391,50 @@ async def test_the_wal_stays_within_a_few_mb(tmp_path: Path) -> None:
     assert _size(str(path)) > 4 << 20
 
 
+def test_the_wal_restarts_under_sustained_writes_of_small_traces(tmp_path: Path) -> None:
+    # Batches of many 10-event traces (a busy flow): the checkpoint runs on a thread
+    # of its own while the next batch is encoded; the WAL must still restart (not
+    # grow to the writer's own last-resort checkpoint), every event stay, and no
+    # checkpoint thread outlive close().
+    from penguiflow_exporters import _sqlite_write
+    from penguiflow_exporters._records import tuple_rows
+
+    path = str(tmp_path / "t.db")
+    writer = _sqlite_write.SQLiteWriter(path, terminal=frozenset({"node_success"}),
+                                        errors=frozenset())
+    writer.open()
+    seq, largest = 0, 0
+    for batch in range(30):
+        rows = []
+        for i in range(2000):
+            seq += 1
+            trace = f"trace-{batch}-{i % 200}"
+            rows.append(EventRecord(trace, 1000.0 + seq, "node_start", f"n{i % 5}", "nid",
+                                    f"{seq:016x}", (f"{seq - 1:016x}",), f"{seq:016x}", None,
+                                    seq, 0, 999.5 + seq, "demo", "flow-w", 0.25, 1, 2, 1, 64,
+                                    1, False, 1, None))
+        assert writer.write(tuple_rows(rows)) == ([], [], [])
+        largest = max(largest, _size(f"{path}-wal"))
+    writer.close()
+    # Restarted: about the threshold plus the batches written meanwhile, well
+    # below the size past which the writer checkpoints at once.
+    assert largest <= 2 * _sqlite_write.WAL_CHECKPOINT_BYTES < _sqlite_write.WAL_HARD_BYTES
+    assert not [t for t in threading.enumerate() if t.name == "penguiflow-sqlite-checkpoint"]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT sum(n) FROM blocks").fetchone() == (seq,)
+        assert conn.execute("SELECT count(*), sum(event_count) FROM traces").fetchone() == (
+            30 * 200, seq)
+
+
+def test_a_checkpoint_of_a_deleted_file_creates_nothing(tmp_path: Path) -> None:
+    from penguiflow_exporters import _sqlite_write
+
+    checkpointer = _sqlite_write._Checkpointer(str(tmp_path / "gone.db"), 1000)
+    assert checkpointer.start()
+    checkpointer.join()
+    assert _names(tmp_path) == []
+
+
 def _size(path: str) -> int:
     return os.path.getsize(path)
 

@@ -20,7 +20,7 @@ One batch, one transaction, on the writer's own connection:
 4. Upsert one summary row per trace, folded in Python (:func:`~._records.fold_rows`);
    it RETURNs each trace's key and new event count, so a block's ``first`` is the
    count before this batch. Replace the touched flows' ranges.
-5. COPY the blocks (:func:`~._records.block_rows`: a trace's share of the batch, as
+5. COPY the blocks (:func:`~._records.iter_blocks`: a trace's share of the batch, as
    JSON column blocks of at most BLOCK_EVENTS events), then NOTIFY the schema's
    channel with the ids of the traces touched (live ``follow()``).
 
@@ -51,11 +51,11 @@ from ._records import (
     Ranges,
     RowLike,
     WriteReply,
-    block_rows,
     check_rows,
     flow_id_of,
     fold_rows,
     group_by_trace,
+    iter_blocks,
     loads_rows,
     split_fresh,
     tuple_rows,
@@ -241,7 +241,8 @@ class PostgresWriter:
             groups = group_by_trace(good)
             # ASCII only for a database not in UTF-8: escaping costs ~0.3 us an event.
             # Encoded as they are taken.
-            blocks = _blocks_of(groups, self._block_events, self._encoding != "utf-8")
+            blocks = iter_blocks(groups, self._block_events,
+                                 ascii_only=self._encoding != "utf-8")
             # The server upserts the summaries while this process encodes the first
             # blocks, then stores blocks while it encodes the next ones (the COPY
             # streams): its work and the server's overlap (see _encode_while).
@@ -310,11 +311,6 @@ class PostgresWriter:
         return {row[0]: (row[1], row[2]) for row in rows}
 
 
-def _blocks_of(groups: Mapping[Any, Sequence[RowLike]], block_events: int, ascii_only: bool
-               ) -> Iterator[Block]:
-    """The blocks of ``groups`` (block_rows), each encoded when it is taken."""
-    for trace_id, group in groups.items():
-        yield from block_rows({trace_id: group}, block_events, ascii_only=ascii_only)
 
 
 # Events encoded between two turns of the event loop while a statement runs or a COPY

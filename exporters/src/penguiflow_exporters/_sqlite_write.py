@@ -26,7 +26,8 @@ File identity. A writer remembers the device and inode of the file it opened and
 checks them before each batch: a file deleted or replaced under a running store
 is reopened (a notice the processor logs and counts as ``file_replaced``), never
 written into an unlinked inode for ever. The WAL is checkpointed whenever it
-passes :data:`WAL_CHECKPOINT_BYTES`, and truncated to that size.
+passes :data:`WAL_CHECKPOINT_BYTES` (on a thread of its own, so its syncs overlap
+the next batch), and truncated to that size.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import json
 import os
 import random
 import sqlite3
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
@@ -66,7 +68,13 @@ __all__ = ["SCHEMA_VERSION", "SQLiteWriter", "SchemaError", "check_schema", "con
 SCHEMA_VERSION = 5
 #: The WAL size past which a writer checkpoints, and to which SQLite truncates it.
 WAL_CHECKPOINT_BYTES = 4 << 20
+#: The WAL size past which a writer checkpoints at once, not waiting for its
+#: background checkpoint (see SQLiteWriter._maintain_wal).
+WAL_HARD_BYTES = 3 * WAL_CHECKPOINT_BYTES
+_CHECKPOINT_ROUNDS = 4
 BUSY_TIMEOUT_MS = 5000
+#: The page size of a new file.
+PAGE_SIZE = 65536
 
 _TABLES = (
     """CREATE TABLE traces (
@@ -256,7 +264,7 @@ def _set_up(conn: sqlite3.Connection, path: str, busy_timeout_ms: int) -> None:
     if version == 0:
         # A new file only (before its first table): big pages mean fewer page
         # splits and WAL frames per batch (~10-20% more events/s than 16 KiB).
-        conn.execute("PRAGMA page_size = 65536")
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
     if version == 4:
         # Upgraded before the switch to WAL (itself a change to the file's header): a
         # block the upgrade refuses rolls back to the file as it was, byte for byte.
@@ -345,6 +353,7 @@ class SQLiteWriter:
         self._identity: tuple[int, int] | None = None
         self._trace_keys: dict[Any, int] = {}
         self._flow_keys: dict[Any, int] = {}
+        self._checkpointer = _Checkpointer(path, busy_timeout_ms)
 
     def open(self) -> None:
         """Connect and create or migrate the schema (SchemaError: refused, unchanged)."""
@@ -360,6 +369,7 @@ class SQLiteWriter:
 
     def close(self) -> None:
         """Checkpoint and truncate the WAL, close the file; idempotent."""
+        self._checkpointer.join()
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -383,6 +393,7 @@ class SQLiteWriter:
         if self._conn is not None and file_identity(self.path) == self._identity:
             return []
         was_open = self._conn is not None
+        self._checkpointer.join()  # it may hold the old file too
         if self._conn is not None:
             # Checkpoint into the old file first (the connection still holds it):
             # a file moved away without its -wal would otherwise lose the commits
@@ -430,6 +441,15 @@ class SQLiteWriter:
         assert conn is not None
         if not rows:
             return []
+        # The batch's summaries and blocks before the transaction (most of its
+        # work): meanwhile the checkpoint started after the last batch syncs, and
+        # the write lock is held only for the statements. Made again, rarely, when
+        # some events turn out to be stored already.
+        folds = fold_rows(rows, terminal=self._terminal, errors=self._errors)
+        blocks = block_rows(group_by_trace(rows))
+        # Caught up with (nothing is written meanwhile), so that this transaction
+        # restarts the WAL from its beginning.
+        self._checkpointer.join()
         # The write lock up front: a batch reads the keys, ranges and counts it updates.
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -439,18 +459,19 @@ class SQLiteWriter:
             if skipped:
                 dropped = set(skipped)
                 rows = [row for i, row in enumerate(rows) if i not in dropped]
+                folds = fold_rows(rows, terminal=self._terminal, errors=self._errors)
+                blocks = block_rows(group_by_trace(rows))
             for flow_id, flow_ranges in ranges.items():
                 key = flow_keys[flow_id]
                 conn.execute("DELETE FROM flow_seqs WHERE flow_key = ?", (key,))
                 conn.executemany("INSERT INTO flow_seqs (flow_key, lo, hi) VALUES (?, ?, ?)",
                                  [(key, lo, hi) for lo, hi in flow_ranges])
-            folds = fold_rows(rows, terminal=self._terminal, errors=self._errors)
             counts = self._event_counts(trace_keys, new_traces)
             self._store_summaries(folds, trace_keys, new_traces)
             conn.executemany(_INSERT_BLOCK, [
                 (trace_keys.get(block.trace_id), counts.get(block.trace_id, 0) + block.offset,
                  block.n, block.ts_lo, block.ts_hi, block.data)
-                for block in block_rows(group_by_trace(rows))])
+                for block in blocks])
             if self._given_up:
                 raise sqlite3.OperationalError("interrupted: the store gave up on this write")
             conn.execute("COMMIT")
@@ -487,15 +508,27 @@ class SQLiteWriter:
 
     def _maintain_wal(self) -> None:
         """Checkpoint once the WAL passes WAL_CHECKPOINT_BYTES (readers may keep the
-        auto-checkpoint from resetting it; journal_size_limit then truncates it)."""
+        auto-checkpoint from resetting it; journal_size_limit then truncates it).
+
+        On a thread of its own (:class:`_Checkpointer`), so that its syncs overlap
+        the encoding of the next batch, which waits for it before its transaction
+        (so that the WAL restarts): inline, they were ~a quarter of a batch of small
+        traces (measured). Past WAL_HARD_BYTES (a reader kept the WAL from being
+        restarted), here and at once.
+        """
         try:
             size = os.path.getsize(self.path + "-wal")
         except OSError:
             return
-        if size > WAL_CHECKPOINT_BYTES and self._conn is not None:
-            # A reader may hold the WAL: the next batch tries again.
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if size <= WAL_CHECKPOINT_BYTES or self._conn is None:
+            return
+        if size <= WAL_HARD_BYTES:
+            self._checkpointer.start()  # unless one is running already
+            return
+        self._checkpointer.join()
+        # A reader may hold the WAL: the next batch tries again.
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _event_counts(self, trace_keys: Mapping[Any, int],
                       new_traces: Mapping[Any, int]) -> dict[Any, int]:
@@ -564,6 +597,58 @@ class SQLiteWriter:
         new = {i: last + n for n, i in enumerate((i for i in missing if i not in keys), 1)}
         keys.update(new)
         return keys, new
+
+
+class _Checkpointer:
+    """Passive WAL checkpoints on a thread and a connection of their own.
+
+    A passive checkpoint runs beside the writer's transactions (it takes no write
+    lock): it copies the frames committed so far into the file and syncs it; the
+    writer's next transaction then restarts the WAL, which ``journal_size_limit``
+    truncates. One at a time; a failure is left to the next one (or to the
+    writer's own checkpoint past WAL_HARD_BYTES).
+    """
+
+    def __init__(self, path: str, busy_timeout_ms: int) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> bool:
+        """Start a checkpoint; False when one is still running."""
+        if self._thread is not None and self._thread.is_alive():
+            return False
+        # A daemon: a process that exits without closing its store is not held up.
+        self._thread = threading.Thread(target=self._run, name="penguiflow-sqlite-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+        return True
+
+    def join(self) -> None:
+        """Wait for the checkpoint running, if any."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        # mode=rw: a file deleted meanwhile is not created again, empty.
+        uri = f"file:{urllib.parse.quote(os.path.abspath(self._path))}?mode=rw"
+        with contextlib.suppress(sqlite3.Error):
+            conn = sqlite3.connect(uri, isolation_level=None, uri=True,
+                                   timeout=self._busy_timeout_ms / 1000,
+                                   check_same_thread=False)
+            try:
+                # Until it catches up with the writer (then the writer's next
+                # transaction restarts the WAL): each round copies what the writer
+                # committed during the last, less and less. Bounded: under a writer
+                # that outpaces it, the writer checkpoints itself past WAL_HARD_BYTES.
+                for _ in range(_CHECKPOINT_ROUNDS):
+                    busy, frames, copied = conn.execute(
+                        "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if busy or copied >= frames:
+                        break
+            finally:
+                conn.close()
 
 
 def file_identity(path: str) -> tuple[int, int] | None:
