@@ -305,6 +305,21 @@ def test_equal_extras_of_different_types_read_back_as_written() -> None:
         assert _same(back, [first, second]), (first, second)
 
 
+def test_a_value_of_one_trace_never_becomes_another_traces() -> None:
+    # Across a batch, 1 == 1.0 == True and 0.0 == -0.0: a column of equal values
+    # is written once for the batch only when JSON writes them alike.
+    cases = {"latency_ms": (1, 1.0), "queued_ts": (0.0, -0.0), "trace_cancelled": (0, False),
+             "parent_invocation_ids": ((1,), (True,))}
+    for column, (first, second) in cases.items():
+        rows = tuple_rows([record(trace="t1", seq=1, **{column: first}),
+                           record(trace="t1", seq=2, **{column: first}),
+                           record(trace="t2", seq=3, **{column: second}),
+                           record(trace="t2", seq=4, **{column: second})])
+        blocks = _records.block_rows(_records.group_by_trace(rows))
+        back = [getattr(row, column) for block in blocks for row in decode_block(block.data)]
+        assert _same(back, [first, first, second, second]), column
+
+
 def test_a_batch_of_plain_runtime_events_takes_the_batch_path() -> None:
     # The test above compares the two paths; this one makes sure the batch path is
     # the one a usual batch takes (else the comparison would prove nothing).

@@ -9,11 +9,13 @@ Postgres (tests/exporters/test_postgres_store.py covers its own faults).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import logging
 import math
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -397,23 +399,14 @@ def test_the_wal_restarts_under_sustained_writes_of_small_traces(tmp_path: Path)
     # grow to the writer's own last-resort checkpoint), every event stay, and no
     # checkpoint thread outlive close().
     from penguiflow_exporters import _sqlite_write
-    from penguiflow_exporters._records import tuple_rows
 
     path = str(tmp_path / "t.db")
     writer = _sqlite_write.SQLiteWriter(path, terminal=frozenset({"node_success"}),
                                         errors=frozenset())
     writer.open()
-    seq, largest = 0, 0
+    largest = 0
     for batch in range(30):
-        rows = []
-        for i in range(2000):
-            seq += 1
-            trace = f"trace-{batch}-{i % 200}"
-            rows.append(EventRecord(trace, 1000.0 + seq, "node_start", f"n{i % 5}", "nid",
-                                    f"{seq:016x}", (f"{seq - 1:016x}",), f"{seq:016x}", None,
-                                    seq, 0, 999.5 + seq, "demo", "flow-w", 0.25, 1, 2, 1, 64,
-                                    1, False, 1, None))
-        assert writer.write(tuple_rows(rows)) == ([], [], [])
+        assert writer.write(_busy_rows(batch)) == ([], [], [])
         largest = max(largest, _size(f"{path}-wal"))
     writer.close()
     # Restarted: about the threshold plus the batches written meanwhile, well
@@ -421,18 +414,89 @@ def test_the_wal_restarts_under_sustained_writes_of_small_traces(tmp_path: Path)
     assert largest <= 2 * _sqlite_write.WAL_CHECKPOINT_BYTES < _sqlite_write.WAL_HARD_BYTES
     assert not [t for t in threading.enumerate() if t.name == "penguiflow-sqlite-checkpoint"]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT sum(n) FROM blocks").fetchone() == (seq,)
+        assert conn.execute("SELECT sum(n) FROM blocks").fetchone() == (30 * 2000,)
         assert conn.execute("SELECT count(*), sum(event_count) FROM traces").fetchone() == (
-            30 * 200, seq)
+            30 * 200, 30 * 2000)
 
 
 def test_a_checkpoint_of_a_deleted_file_creates_nothing(tmp_path: Path) -> None:
     from penguiflow_exporters import _sqlite_write
 
-    checkpointer = _sqlite_write._Checkpointer(str(tmp_path / "gone.db"), 1000)
-    assert checkpointer.start()
-    checkpointer.join()
+    checkpointer = _sqlite_write._Checkpointer()
+    checkpointer.open(str(tmp_path / "gone.db"), 1000)
+    assert not checkpointer.start()  # nothing to checkpoint: no connection
+    checkpointer.close()
     assert _names(tmp_path) == []
+
+
+def _busy_rows(batch: int, n: int = 2000, flow: str = "flow-w") -> list[tuple[Any, ...]]:
+    from penguiflow_exporters._records import tuple_rows
+
+    rows = []
+    for i in range(n):
+        seq = batch * n + i + 1
+        rows.append(EventRecord(f"trace-{flow}-{batch}-{i % 200}", 1000.0 + seq, "node_start",
+                                f"n{i % 5}", "nid", f"{seq:016x}", (f"{seq - 1:016x}",),
+                                f"{seq:016x}", None, seq, 0, 999.5 + seq, "demo", flow, 0.25,
+                                1, 2, 1, 64, 1, False, 1, None))
+    return tuple_rows(rows)
+
+
+def test_a_file_restored_under_a_running_checkpoint_is_not_written_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A backup restored with `mv` over the store's file just as a checkpoint starts:
+    # the checkpoint belongs to the old file (its WAL); copied into the restored
+    # file, it left that file corrupt ("database disk image is malformed").
+    from penguiflow_exporters import _sqlite_write
+    from penguiflow_exporters._records import Row, tuple_rows
+
+    def rows(batch: int, n: int = 2000, flow: str = "flow-w") -> list[tuple[Any, ...]]:
+        return tuple_rows(
+            Row(f"tr-{batch}-{i % 200}", 1000.0 + s, "node_start", f"n{i % 5}", "nid",
+                f"{s:016x}", (f"{s - 1:016x}",), f"{s:016x}", None, s, 0, 999.5 + s, "demo",
+                flow, 0.25, 1, 2, 1, 64, 1, False, 1, None, None)
+            for i in range(n) for s in [batch * n + i + 1])
+
+    path, backup = str(tmp_path / "t.db"), str(tmp_path / "backup.db")
+    # The backup: a copy taken while its store ran (a file in WAL mode).
+    other = _sqlite_write.SQLiteWriter(str(tmp_path / "o.db"), terminal=frozenset(),
+                                       errors=frozenset())
+    other.open()
+    for batch in range(100, 103):
+        other.write(rows(batch, 700, "flow-o"))
+    assert other._conn is not None
+    other._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    shutil.copy(tmp_path / "o.db", backup)
+    other.close()
+    with contextlib.closing(sqlite3.connect(backup)) as conn:  # closed: no lock left
+        restored = conn.execute("SELECT count(*), sum(event_count) FROM traces").fetchone()
+
+    writer = _sqlite_write.SQLiteWriter(path, terminal=frozenset(), errors=frozenset())
+    writer.open()
+    for batch in range(3):
+        writer.write(rows(batch))
+    batch = 3
+    start = _sqlite_write._Checkpointer.start
+
+    def restore_then_start(self: Any) -> bool:
+        # The first checkpoint after batch 12 (the WAL has restarted since the first).
+        if batch >= 12 and os.path.exists(backup):
+            os.replace(backup, path)
+        return start(self)
+
+    monkeypatch.setattr(_sqlite_write._Checkpointer, "start", restore_then_start)
+    notices: list[tuple[str, str]] = []
+    for batch in range(3, 40):  # restore_then_start reads it
+        notices += writer.write(rows(batch))[2]
+        if notices:
+            break
+    writer.close()
+    assert [counter for counter, _ in notices] == ["file_replaced"]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT count(*), sum(event_count) FROM traces").fetchone() == (
+            restored[0] + 200, restored[1] + 2000)  # the restored file, and the last batch
 
 
 def _size(path: str) -> int:

@@ -311,8 +311,6 @@ class PostgresWriter:
         return {row[0]: (row[1], row[2]) for row in rows}
 
 
-
-
 # Events encoded between two turns of the event loop while a statement runs or a COPY
 # streams: ~2-5 ms of work. A turn lets a finished statement's reply be read, and on
 # the flow's loop (writer="loop") lets the flow run.

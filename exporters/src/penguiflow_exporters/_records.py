@@ -967,7 +967,8 @@ def block_rows(groups: Mapping[Any, Sequence[RowLike]],
 def iter_blocks(groups: Mapping[Any, Sequence[RowLike]],
                 max_events: int = BLOCK_EVENTS, *, ascii_only: bool = False
                 ) -> Iterator[Block]:
-    """:func:`block_rows`, each block encoded when it is taken.
+    """:func:`block_rows`, each block encoded when it is taken (the batch is looked
+    at as a whole when the first one is).
 
     A batch of runtime events (no payloads) of plain values is looked at once, as a
     whole (:class:`_BatchShape`), and each block then costs a transpose and one C
@@ -1015,7 +1016,10 @@ class _BatchShape:
         if list(map(_payload_of, rows)).count(None) != n:  # before the transpose
             return None
         columns: list[tuple[Any, ...]] = list(zip(*rows, strict=True))
-        cols, same = _columns(COLUMNS, columns, n, _TYPED)
+        # Every column of one value checked to be written alike (1 and 1.0, -0.0),
+        # the typed ones too: once per batch it is cheap, and a trace's value must
+        # not become another trace's.
+        cols, same = _columns(COLUMNS, columns, n)
         same.pop("trace_id", None)
         cols.pop("payload", None)
         # JSON's own values only: a pass per column (the usual: scalars, and tuples

@@ -353,7 +353,7 @@ class SQLiteWriter:
         self._identity: tuple[int, int] | None = None
         self._trace_keys: dict[Any, int] = {}
         self._flow_keys: dict[Any, int] = {}
-        self._checkpointer = _Checkpointer(path, busy_timeout_ms)
+        self._checkpointer = _Checkpointer()
 
     def open(self) -> None:
         """Connect and create or migrate the schema (SchemaError: refused, unchanged)."""
@@ -363,13 +363,14 @@ class SQLiteWriter:
         if directory:
             os.makedirs(directory, exist_ok=True)
         self._conn = connect(self.path, busy_timeout_ms=self._busy_timeout_ms)
+        self._checkpointer.open(self.path, self._busy_timeout_ms)
         self._identity = file_identity(self.path)
         self._trace_keys.clear()
         self._flow_keys.clear()
 
     def close(self) -> None:
         """Checkpoint and truncate the WAL, close the file; idempotent."""
-        self._checkpointer.join()
+        self._checkpointer.close()  # first: the writer's is then the last connection
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -393,7 +394,7 @@ class SQLiteWriter:
         if self._conn is not None and file_identity(self.path) == self._identity:
             return []
         was_open = self._conn is not None
-        self._checkpointer.join()  # it may hold the old file too
+        self._checkpointer.close()  # it holds the old file too
         if self._conn is not None:
             # Checkpoint into the old file first (the connection still holds it):
             # a file moved away without its -wal would otherwise lose the commits
@@ -607,20 +608,33 @@ class _Checkpointer:
     writer's next transaction then restarts the WAL, which ``journal_size_limit``
     truncates. One at a time; a failure is left to the next one (or to the
     writer's own checkpoint past WAL_HARD_BYTES).
+
+    The connection is opened with the writer's (:meth:`open`), not by name when a
+    checkpoint starts: a file replaced meanwhile (a backup restored with ``mv``)
+    would get the old file's WAL copied into it, and be corrupt.
     """
 
-    def __init__(self, path: str, busy_timeout_ms: int) -> None:
-        self._path = path
-        self._busy_timeout_ms = busy_timeout_ms
+    def __init__(self) -> None:
+        self._conn: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
 
+    def open(self, path: str, busy_timeout_ms: int) -> None:
+        """Connect to ``path``, which the writer has just opened (and checked)."""
+        self.close()
+        with contextlib.suppress(sqlite3.Error):
+            # mode=rw: never creates the file; used on the checkpoint thread only.
+            uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=rw"
+            self._conn = sqlite3.connect(uri, isolation_level=None, uri=True,
+                                         timeout=busy_timeout_ms / 1000,
+                                         check_same_thread=False)
+
     def start(self) -> bool:
-        """Start a checkpoint; False when one is still running."""
-        if self._thread is not None and self._thread.is_alive():
+        """Start a checkpoint; False when one is still running (or none can run)."""
+        if self._conn is None or (self._thread is not None and self._thread.is_alive()):
             return False
         # A daemon: a process that exits without closing its store is not held up.
-        self._thread = threading.Thread(target=self._run, name="penguiflow-sqlite-checkpoint",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(self._conn,),
+                                        name="penguiflow-sqlite-checkpoint", daemon=True)
         self._thread.start()
         return True
 
@@ -630,25 +644,24 @@ class _Checkpointer:
         if thread is not None:
             thread.join()
 
-    def _run(self) -> None:
-        # mode=rw: a file deleted meanwhile is not created again, empty.
-        uri = f"file:{urllib.parse.quote(os.path.abspath(self._path))}?mode=rw"
+    def close(self) -> None:
+        """Wait for the checkpoint running, then close the connection."""
+        self.join()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    @staticmethod
+    def _run(conn: sqlite3.Connection) -> None:
         with contextlib.suppress(sqlite3.Error):
-            conn = sqlite3.connect(uri, isolation_level=None, uri=True,
-                                   timeout=self._busy_timeout_ms / 1000,
-                                   check_same_thread=False)
-            try:
-                # Until it catches up with the writer (then the writer's next
-                # transaction restarts the WAL): each round copies what the writer
-                # committed during the last, less and less. Bounded: under a writer
-                # that outpaces it, the writer checkpoints itself past WAL_HARD_BYTES.
-                for _ in range(_CHECKPOINT_ROUNDS):
-                    busy, frames, copied = conn.execute(
-                        "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if busy or copied >= frames:
-                        break
-            finally:
-                conn.close()
+            # Until it catches up with the writer (then the writer's next
+            # transaction restarts the WAL): each round copies what the writer
+            # committed during the last, less and less. Bounded: under a writer
+            # that outpaces it, the writer checkpoints itself past WAL_HARD_BYTES.
+            for _ in range(_CHECKPOINT_ROUNDS):
+                busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if busy or copied >= frames:
+                    break
 
 
 def file_identity(path: str) -> tuple[int, int] | None:
