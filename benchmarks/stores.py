@@ -190,11 +190,12 @@ class PostgresKind(StoreKind):
         except Exception as exc:
             raise StoreUnavailable(f"Postgres unreachable ({type(exc).__name__})") from exc
 
-    async def new(self) -> BenchStore:
+    async def new(self, **options: Any) -> BenchStore:
+        """A fresh store (``options``: the store's keywords, e.g. ``max_buffer``)."""
         self._count += 1
         schema = f"{self._prefix}_{self._count}"
         self._schemas.append(schema)
-        return await _opened(self._cls(self._dsn, schema=schema))
+        return await _opened(self._cls(self._dsn, schema=schema, **options))
 
     async def _drop(self, schema: str) -> None:
         await self._execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
