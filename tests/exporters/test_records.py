@@ -325,6 +325,10 @@ def test_a_batch_of_plain_runtime_events_takes_the_batch_path() -> None:
     # the one a usual batch takes (else the comparison would prove nothing).
     rows = tuple_rows(record(trace=f"t{i % 5}", seq=i + 1) for i in range(40))
     assert _records._BatchShape.of(_records.group_by_trace(rows)) is not None
+    # Big blocks pay their own steps once per many events: the general path, which
+    # was faster for them (one long trace's events).
+    long = tuple_rows(record(trace="t0", seq=i + 1) for i in range(500))
+    assert _records._BatchShape.of(_records.group_by_trace(long)) is None
     odd = tuple_rows([*(record(trace="t0", seq=1 + i) for i in range(3)),
                       record(trace="t0", seq=9, extra={"k": object()})])
     assert _records._BatchShape.of(_records.group_by_trace(odd)) is None

@@ -988,6 +988,10 @@ def iter_blocks(groups: Mapping[Any, Sequence[RowLike]],
                         encode_block(chunk, ascii_only=ascii_only))
 
 
+#: Events per block on average above which a batch takes the general path.
+_SHAPE_MAX_AVERAGE = 64
+
+
 class _BatchShape:
     """What the blocks of one batch of runtime events share: the columns of one
     value across the batch (``same``: the same in each of its blocks) and the
@@ -1011,7 +1015,11 @@ class _BatchShape:
         (a payload, a value JSON does not write as itself, a single event)."""
         rows = list(chain.from_iterable(groups.values()))
         n = len(rows)
-        if n < 2 or len(groups) * 2 > n:  # blocks of one or two events: nothing shared
+        # Only for many small blocks, whose own steps it saves. Blocks of one or two
+        # events share nothing; large ones pay their steps once per many events, and
+        # looking at the whole batch (every column's types) cost more: one 100k-event
+        # trace's runtime events, 290k -> 250k events/s (measured).
+        if n < 2 or len(groups) * 2 > n or len(groups) * _SHAPE_MAX_AVERAGE < n:
             return None
         if list(map(_payload_of, rows)).count(None) != n:  # before the transpose
             return None
