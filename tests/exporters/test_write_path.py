@@ -419,6 +419,33 @@ def test_the_wal_restarts_under_sustained_writes_of_small_traces(tmp_path: Path)
             30 * 200, 30 * 2000)
 
 
+def test_a_reader_holding_a_snapshot_does_not_hold_each_batch_up(tmp_path: Path) -> None:
+    # An open read transaction keeps the WAL from restarting; past WAL_HARD_BYTES
+    # each batch checkpoints at once, and that checkpoint waited the whole busy
+    # timeout (5 s) for the reader: every batch, for as long as the reader lived.
+    from penguiflow_exporters import _sqlite_write
+
+    path = str(tmp_path / "t.db")
+    writer = _sqlite_write.SQLiteWriter(path, terminal=frozenset(), errors=frozenset())
+    writer.open()
+    writer.write(_busy_rows(0))
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM traces").fetchone()  # a snapshot, held
+    batch = 0
+    while _size(f"{path}-wal") <= _sqlite_write.WAL_HARD_BYTES + (2 << 20):
+        batch += 1
+        started = time.monotonic()
+        writer.write(_busy_rows(batch))
+        assert time.monotonic() - started < 2.0, f"batch {batch} waited for the reader"
+    reader.execute("COMMIT")
+    reader.close()
+    for more in range(2):  # the reader gone: the next checkpoint truncates the WAL
+        writer.write(_busy_rows(batch + 1 + more))
+    assert _size(f"{path}-wal") <= 2 * _sqlite_write.WAL_CHECKPOINT_BYTES
+    writer.close()
+
+
 def test_a_checkpoint_of_a_deleted_file_creates_nothing(tmp_path: Path) -> None:
     from penguiflow_exporters import _sqlite_write
 

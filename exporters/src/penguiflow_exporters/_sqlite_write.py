@@ -72,6 +72,8 @@ WAL_CHECKPOINT_BYTES = 4 << 20
 #: background checkpoint (see SQLiteWriter._maintain_wal).
 WAL_HARD_BYTES = 3 * WAL_CHECKPOINT_BYTES
 _CHECKPOINT_ROUNDS = 4
+#: How long a truncating checkpoint waits for readers to move to the latest commit.
+TRUNCATE_WAIT_MS = 50
 BUSY_TIMEOUT_MS = 5000
 #: The page size of a new file.
 PAGE_SIZE = 65536
@@ -375,8 +377,7 @@ class SQLiteWriter:
         if conn is None:
             return
         # Another connection may be reading: then the next writer checkpoints.
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._truncate_wal(conn)
         conn.close()
 
     def interrupt(self) -> None:
@@ -527,9 +528,22 @@ class SQLiteWriter:
             self._checkpointer.start()  # unless one is running already
             return
         self._checkpointer.join()
-        # A reader may hold the WAL: the next batch tries again.
+        self._truncate_wal(self._conn)
+
+    def _truncate_wal(self, conn: sqlite3.Connection) -> None:
+        """Checkpoint the whole WAL and truncate it, unless a reader holds it.
+
+        Waiting only ``TRUNCATE_WAIT_MS`` for readers, not the busy timeout: a reader
+        holding a snapshot for long (an open read transaction) made every batch
+        wait the full 5 s, the flow then held up by the full buffer. The WAL then
+        grows while that reader lives; the next batch after it ends truncates it.
+        """
         with contextlib.suppress(sqlite3.Error):
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute(f"PRAGMA busy_timeout = {TRUNCATE_WAIT_MS}")
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
 
     def _event_counts(self, trace_keys: Mapping[Any, int],
                       new_traces: Mapping[Any, int]) -> dict[Any, int]:
