@@ -549,9 +549,22 @@ async def test_a_fan_out_claimed_together_closes_the_stopped_attempt_once(
 
     first, second, second_bus, client = await _first_worker_and_client(
         build, redis_url, namespace, store)
+    a_ended = asyncio.Event()
+
+    async def watch() -> None:
+        async for event in store.follow("T-fan"):
+            if event.kind == "node_success" and event.node_name == "a":
+                a_ended.set()
+                return
+
+    # Registered before any event of the trace is stored (the emit goes through Redis).
+    watcher = asyncio.create_task(watch())
     try:
         await client.emit(msg("x", "T-fan"))
         await asyncio.wait_for(started.wait(), 10)
+        # `a` may still be emitting its third parcel when `b` starts on the first:
+        # stopped then, its attempt is open too, and rightly closed as abandoned.
+        await asyncio.wait_for(a_ended.wait(), 10)
         await first.stop()
         second.run(message_bus=second_bus, state_store=store)
         got = sorted([(await asyncio.wait_for(client.fetch(), 10)).payload for _ in range(3)])
@@ -567,6 +580,7 @@ async def test_a_fan_out_claimed_together_closes_the_stopped_attempt_once(
         [summary] = [t for t in await store.list_traces() if t.trace_id == "T-fan"]
         assert summary.status == "succeeded"
     finally:
+        watcher.cancel()
         await client.stop()
         await second.stop()
         await first.stop()
