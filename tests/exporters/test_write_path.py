@@ -476,14 +476,6 @@ def test_a_file_restored_under_a_running_checkpoint_is_not_written_into(
     # the checkpoint belongs to the old file (its WAL); copied into the restored
     # file, it left that file corrupt ("database disk image is malformed").
     from penguiflow_exporters import _sqlite_write
-    from penguiflow_exporters._records import Row, tuple_rows
-
-    def rows(batch: int, n: int = 2000, flow: str = "flow-w") -> list[tuple[Any, ...]]:
-        return tuple_rows(
-            Row(f"tr-{batch}-{i % 200}", 1000.0 + s, "node_start", f"n{i % 5}", "nid",
-                f"{s:016x}", (f"{s - 1:016x}",), f"{s:016x}", None, s, 0, 999.5 + s, "demo",
-                flow, 0.25, 1, 2, 1, 64, 1, False, 1, None, None)
-            for i in range(n) for s in [batch * n + i + 1])
 
     path, backup = str(tmp_path / "t.db"), str(tmp_path / "backup.db")
     # The backup: a copy taken while its store ran (a file in WAL mode).
@@ -491,7 +483,7 @@ def test_a_file_restored_under_a_running_checkpoint_is_not_written_into(
                                        errors=frozenset())
     other.open()
     for batch in range(100, 103):
-        other.write(rows(batch, 700, "flow-o"))
+        other.write(_busy_rows(batch, 700, "flow-o"))
     assert other._conn is not None
     other._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     shutil.copy(tmp_path / "o.db", backup)
@@ -502,7 +494,7 @@ def test_a_file_restored_under_a_running_checkpoint_is_not_written_into(
     writer = _sqlite_write.SQLiteWriter(path, terminal=frozenset(), errors=frozenset())
     writer.open()
     for batch in range(3):
-        writer.write(rows(batch))
+        writer.write(_busy_rows(batch))
     batch = 3
     start = _sqlite_write._Checkpointer.start
 
@@ -515,7 +507,7 @@ def test_a_file_restored_under_a_running_checkpoint_is_not_written_into(
     monkeypatch.setattr(_sqlite_write._Checkpointer, "start", restore_then_start)
     notices: list[tuple[str, str]] = []
     for batch in range(3, 40):  # restore_then_start reads it
-        notices += writer.write(rows(batch))[2]
+        notices += writer.write(_busy_rows(batch))[2]
         if notices:
             break
     writer.close()
