@@ -181,3 +181,17 @@ def _ids_of_a_child() -> list[str]:
     from penguiflow._ids import new_invocation_id
 
     return [new_invocation_id() for _ in range(100)]
+
+
+def test_a_root_span_id_is_the_same_in_every_version_and_thread() -> None:
+    """Stored events and exported spans of earlier runs name root spans by this
+    derivation: it must never change (values computed by the first release's code),
+    and the shared keyed-up hasher must not leak one call's input into another's."""
+    import concurrent.futures
+
+    known = {"trace-1": "92490ee17f6752c2", "": "60ed33a27d070051",
+             "\ud800x": "7c7a57c0896c1cd7", "\u00e9" * 3: "7c1ae9359df74613"}
+    assert {t: root_span_id(t) for t in known} == known
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(root_span_id, list(known) * 500))
+    assert results == list(known.values()) * 500
