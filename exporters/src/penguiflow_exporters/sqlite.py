@@ -49,7 +49,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -310,7 +310,10 @@ class _ProcessOrThread:
         # StoredEvents alone (an import, a replay): their payload dicts cost as much
         # to pickle to the child as to write here (raw ingest measured ~130k events/s
         # through the child, ~200k here).
-        return not self._fell_back and tuple not in set(map(type, items))
+        # Any runtime tuple sends the batch to the child; the first item is one in a
+        # runtime batch, so the scan stops there (a set of every item's type was a
+        # pass over the batch twice per write on the flow's thread).
+        return not self._fell_back and not any(type(item) is tuple for item in items)
 
     async def start(self, first: Any = None) -> None:
         """Start the writer process now (the processor does when it starts, so the
@@ -573,7 +576,7 @@ class SQLiteStateStore(ProcessedStore):
         if not was_closed and not self.readonly and self._opened:
             await asyncio.to_thread(release, str(self.path))
 
-    async def follow(self, trace_id: str | None = None) -> AsyncIterator[StoredEvent]:
+    async def follow(self, trace_id: str | None = None) -> AsyncGenerator[StoredEvent, None]:
         """Yield each event of ``trace_id`` (or of every trace) stored from now on.
 
         A writing store yields the events it writes itself, once each batch is
