@@ -32,7 +32,8 @@ parentheses is a second base)::
           │    │    └── InvalidTraceId a trace id that is not a clean str of 1-256 chars
           │    └── InvalidArgumentType (TypeError) not async def, an adjacency, a Message
           ├── StateStoreError          penguiflow.state: a store failed
-          │    └── StoreUnavailable    penguiflow.state: unreachable, or closed
+          │    ├── StoreUnavailable    penguiflow.state: unreachable, or closed
+          │    └── FollowerLagged      penguiflow.state: a follow() fell too far behind
           ├── RemoteError              penguiflow.remote: a remote call failed
           │    ├── RemoteStreamError   (RuntimeError) a transport broke the stream contract
           │    ├── RemoteAgentError    (RuntimeError) the in-memory fake agent failed

@@ -19,6 +19,7 @@ __all__ = [
     "StoredEvent",
     "StateStoreError",
     "StoreUnavailable",
+    "FollowerLagged",
     "TraceFilter",
     "TraceStore",
     "TraceSummary",
@@ -201,6 +202,18 @@ class StateStoreError(PenguiFlowError):
 
 class StoreUnavailable(StateStoreError):
     """The store cannot be reached (server down, bad path, closed store)."""
+
+
+class FollowerLagged(StateStoreError):
+    """A ``follow()`` iterator fell so far behind the store that events meant for it
+    were not kept (see :class:`penguiflow.followers.Followers`). Everything before
+    the gap was yielded; ``skipped`` says how many were not. Catch it to catch up
+    with ``load_history_page`` and follow again."""
+
+    def __init__(self, message: str, *, skipped: int) -> None:
+        super().__init__(message)
+        #: Events not delivered to the iterator, up to the moment it raised.
+        self.skipped = skipped
 
 
 #: Trace statuses, in the order a status wins over another when several apply.

@@ -216,6 +216,31 @@ async def test_live_updates_as_events_are_stored() -> None:
             assert "● live" in text_of(screen.query_one("#replay"))
 
 
+async def test_a_live_screen_that_falls_behind_reloads_and_misses_nothing() -> None:
+    """A follower bounded to 2 events gets 4 at once: it lags; the screen says so,
+    follows again and re-reads the history, ending with every event shown."""
+    from penguiflow.followers import Followers
+
+    events = demo_events()
+    async with InMemoryStateStore() as store:
+        store._followers = Followers(max_pending=2)
+        await store.save_events(running_events())
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = await opened(pilot)
+            wf = screen.query_one(Waterfall)
+            assert screen.live and wf.row_count == 4
+            await wait_for(pilot, lambda: screen.workers_in("follow"), what="the follower")
+            await pilot.pause()
+            await store.save_events(events[5:])  # one publish: more than it may hold
+            await wait_for(pilot, lambda: any(
+                "fell" in str(n.message) and "reloading" in str(n.message)
+                for n in app._notifications), what="the lag notice")
+            await wait_for(pilot, lambda: wf.row_count == 9, what="the reload")
+            assert screen.full is not None and screen.full.status == "cancelled"
+            assert len(screen.events) == len(events)  # each event once
+
+
 async def test_unknown_id_shows_a_message_and_exits_2(demo_store: InMemoryStateStore) -> None:
     app = InspectorApp(trace_id="ffff", store=demo_store)
     async with app.run_test(size=(80, 24)) as pilot:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -198,7 +198,7 @@ class ProcessedStore:
                 stored_from_fields(item) if isinstance(item, tuple) else item  # type: ignore[arg-type]
                 for item in items)
 
-    async def follow(self, trace_id: str | None = None) -> AsyncIterator[StoredEvent]:
+    async def follow(self, trace_id: str | None = None) -> AsyncGenerator[StoredEvent, None]:
         """Yield each event of ``trace_id`` (or of every trace) once this store wrote it.
 
         Only events written after the call; read ``load_history`` first for the

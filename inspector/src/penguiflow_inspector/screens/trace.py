@@ -40,7 +40,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
-from penguiflow.state import StateStoreError, StoredEvent
+from penguiflow.state import FollowerLagged, StateStoreError, StoredEvent
 
 from ..messages import EventsArrived, LoadFailed, RowSelected, ScrubTo, SummaryLoaded, TraceLoaded
 from ..model import STATUS_SYMBOL, TraceView, format_duration, printable, status_word
@@ -233,6 +233,7 @@ class TraceScreen(Screen[None]):
         assert self.store is not None
         events = self.store.follow(self.trace_id or None)
         first = asyncio.ensure_future(anext(events, None))
+        lagged = False
         try:
             await asyncio.sleep(0)  # the follower's first step runs
             self._following.set()
@@ -241,6 +242,13 @@ class TraceScreen(Screen[None]):
                 if not self.trace_id or event.trace_id == self.trace_id:
                     self.post_message(EventsArrived([event]))
                 event = await anext(events, None)
+        except FollowerLagged as exc:
+            # The screen fell behind a very busy trace: what it missed is in the
+            # store, so follow again and re-read the history (arrivals are
+            # deduplicated against it by event key).
+            lagged = True
+            self.notify(f"live updates fell {exc.skipped:,} events behind; reloading",
+                        severity="warning", markup=False)
         except StateStoreError as exc:
             self.notify(f"live updates stopped: {printable(exc)}", severity="warning",
                         markup=False)
@@ -250,7 +258,14 @@ class TraceScreen(Screen[None]):
                 first.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await first
-            await events.aclose()
+            # A TraceStore's follow() need only be an AsyncIterator; ours are
+            # generators, closed here to release what they hold.
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if lagged:
+            self.follow()
+            self.load()
 
     @work(exclusive=True, group="rebuild")
     async def _rebuild(self, events: list[StoredEvent]) -> None:
