@@ -60,7 +60,7 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from typing import Any, Final, Literal
 from urllib.parse import parse_qs, urlsplit
 
@@ -588,7 +588,7 @@ class PostgresStateStore(ProcessedStore):
 
     # -- follow -------------------------------------------------------------------
 
-    async def follow(self, trace_id: str | None = None) -> AsyncIterator[StoredEvent]:
+    async def follow(self, trace_id: str | None = None) -> AsyncGenerator[StoredEvent, None]:
         """Yield each event of ``trace_id`` (or of every trace) once it is committed.
 
         Events written by any store on this schema, in any process, are yielded,

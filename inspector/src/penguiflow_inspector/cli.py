@@ -25,7 +25,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, NoReturn, TextIO, cast
 
@@ -617,9 +617,10 @@ def _demo(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-_COMMANDS: Final = {"inspect": _inspect, "traces": _traces, "tail": _tail, "demo": _demo,
-                    "migrate": migrate.run,
-                    "worker": lambda ns, _out, _err: _worker(ns.rest)}
+#: ``pf <command>``'s function: ``(namespace, out, err) -> exit code``.
+_COMMANDS: Final[dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]]] = {
+    "inspect": _inspect, "traces": _traces, "tail": _tail, "demo": _demo,
+    "migrate": migrate.run, "worker": lambda ns, _out, _err: _worker(ns.rest)}
 
 
 if __name__ == "__main__":  # pragma: no cover
