@@ -895,6 +895,44 @@ async def test_a_producer_that_never_waits_lets_the_writer_take_full_batches(
         assert [e.seq for e in await store.load_history("bulk")] == list(range(1, 1001))
 
 
+class _CountingWriter:
+    """Records each batch's size; says when it wrote one."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.wrote = asyncio.Event()
+
+    async def write(self, items: Any) -> Any:
+        from penguiflow_exporters.writer import WriteResult
+
+        self.batches.append(len(items))
+        self.wrote.set()
+        return WriteResult()
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("on_full", ["block", "drop"])
+async def test_a_writer_waiting_for_more_is_woken_by_a_full_batch(on_full: str) -> None:
+    # The writer waits schedule_delay_s (a minute here) for a partial batch to fill;
+    # the item that fills it must wake it at once.
+    from penguiflow_exporters.processor import BatchProcessor
+
+    writer = _CountingWriter()
+    processor = BatchProcessor(writer, max_batch=100, schedule_delay_s=60,
+                               on_full=on_full)  # type: ignore[arg-type]
+    records = [tuple(r) for r in _records("wake", range(1, 151))]
+    processor.submit(records[0])
+    await asyncio.sleep(0)  # the writer task starts: one item, so it waits for more
+    for record in records[1:]:
+        processor.submit(record)  # (the turn "block" offers at 100 is not taken)
+    await asyncio.wait_for(writer.wrote.wait(), 10)
+    assert writer.batches == [100]
+    assert await processor.shutdown() == 0
+    assert writer.batches == [100, 50]
+
+
 async def test_an_event_whose_payload_no_reader_could_read_is_refused_alone(
         tmp_path: Path) -> None:
     # A payload of None, 5 or [1, 2] used to be stored, and then every read of its

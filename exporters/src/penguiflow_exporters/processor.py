@@ -212,9 +212,12 @@ class BatchProcessor:
         if len(buffer) < self._limit:
             buffer.append(item)
             # Wake the writer for the first event (it then waits schedule_delay_s for
-            # more) and for a full batch; Event.set is a no-op when already set.
+            # more) and for a full batch. Only as the length reaches them: the writer
+            # waits only below a full batch, and items arrive one at a time, so a
+            # rise past max_batch passes through it. (Setting it for every item of a
+            # buffer behind the writer was ~0.2 us an event, measured.)
             n = len(buffer)
-            if n == 1 or n >= self.max_batch:
+            if n == 1 or n == self.max_batch:
                 self._wake.set()  # type: ignore[union-attr]  # set once running
                 if n == self.max_batch and self.on_full == "block":
                     # A full batch: one turn of the event loop, so that the writer
