@@ -277,6 +277,8 @@ class _RowPickler(pickle.Pickler):
         return (type(value), (value,))
 
 
+_PLAIN = {tuple}
+
 # Rows pickled between two yields to the event loop (a few ms of work).
 _SLICE = 2000
 
@@ -290,8 +292,12 @@ def dumps_rows(items: Sequence[Any]) -> bytes:
     only for odd values (~0.5 us per event, against ~1.4 through Row objects).
     """
     buffer = io.BytesIO()
+    # The runtime's batches are plain tuples already (its values path): pickled as
+    # they are, without a pass that copies the list (~0.1 us an event, measured).
+    rows = items if type(items) is list and set(map(type, items)) == _PLAIN \
+        else plain_rows(items)
     try:
-        _RowPickler(buffer, 5).dump(plain_rows(items))
+        _RowPickler(buffer, 5).dump(rows)
     except (pickle.PicklingError, TypeError, ValueError, RecursionError, AttributeError):
         buffer = io.BytesIO()
         _RowPickler(buffer, 5).dump([tuple(safe_row(row)) for row in rows_of(items)])
