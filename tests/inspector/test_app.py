@@ -217,28 +217,40 @@ async def test_live_updates_as_events_are_stored() -> None:
 
 
 async def test_a_live_screen_that_falls_behind_reloads_and_misses_nothing() -> None:
-    """A follower bounded to 2 events gets 4 at once: it lags; the screen says so,
-    follows again and re-reads the history, ending with every event shown."""
+    """A follower bounded to 50 events gets a burst of 200 while a flow keeps storing
+    one event per turn of the loop: it lags; the screen says so, follows again and
+    re-reads the history while events keep coming, and ends showing each stored
+    event once (none lost between the new follower and the history read)."""
+    import dataclasses
+
     from penguiflow.followers import Followers
 
-    events = demo_events()
+    more = [dataclasses.replace(e, seq=e.seq + 100) for e in chain_events(1500)]
     async with InMemoryStateStore() as store:
-        store._followers = Followers(max_pending=2)
+        store._followers = Followers(max_pending=50)
         await store.save_events(running_events())
         app = InspectorApp(trace_id=TRACE, store=store)
         async with app.run_test(size=(100, 30)) as pilot:
             screen = await opened(pilot)
-            wf = screen.query_one(Waterfall)
-            assert screen.live and wf.row_count == 4
+            assert screen.live
             await wait_for(pilot, lambda: screen.workers_in("follow"), what="the follower")
-            await pilot.pause()
-            await store.save_events(events[5:])  # one publish: more than it may hold
-            await wait_for(pilot, lambda: any(
-                "fell" in str(n.message) and "reloading" in str(n.message)
-                for n in app._notifications), what="the lag notice")
-            await wait_for(pilot, lambda: wf.row_count == 9, what="the reload")
-            assert screen.full is not None and screen.full.status == "cancelled"
-            assert len(screen.events) == len(events)  # each event once
+
+            async def flow() -> None:
+                await store.save_events(more[:200])  # one publish: more than it may hold
+                for stored in more[200:]:
+                    await store.save_event(stored)
+                    await asyncio.sleep(0)  # a busy flow: one event per turn
+
+            writer = asyncio.create_task(flow())
+            await wait_for(pilot, writer.done, what="the flow")
+            history = await store.load_history(TRACE)
+            await wait_for(pilot, lambda: len(screen.events) == len(history),
+                           what="every stored event on screen")
+            assert any("fell" in str(n.message) and "reloading" in str(n.message)
+                       for n in app._notifications)
+            shown = [e.event_key for e in screen.events]  # in time order
+            assert len(set(shown)) == len(shown)
+            assert set(shown) == {e.event_key for e in history}
 
 
 async def test_unknown_id_shows_a_message_and_exits_2(demo_store: InMemoryStateStore) -> None:

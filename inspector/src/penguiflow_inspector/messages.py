@@ -41,16 +41,18 @@ class TraceLoaded(Message):
     """The trace's events, loaded and rebuilt into a view.
 
     ``partial``: the view holds only the first events of a trace of this many
-    (a first screen); a full ``TraceLoaded`` follows.
+    (a first screen); a full ``TraceLoaded`` follows. ``generation``: the screen's
+    load generation it was made in (a reload starts a new one; older ones are stale).
     """
 
     def __init__(self, view: TraceView, events: Sequence[StoredEvent], load_s: float,
-                 partial: int = 0) -> None:
+                 partial: int = 0, *, generation: int = 0) -> None:
         super().__init__()
         self.view = view
         self.events = events
         self.load_s = load_s
         self.partial = partial
+        self.generation = generation
 
 
 class LoadFailed(Message):

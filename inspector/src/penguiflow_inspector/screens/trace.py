@@ -107,6 +107,9 @@ class TraceScreen(Screen[None]):
         self._pending: list[StoredEvent] = []
         #: Set once the live follower has started (see :meth:`follow`).
         self._following = asyncio.Event()
+        #: Bumped by a reload: a view made from events of an earlier generation
+        #: (a live rebuild still running) must not replace the reloaded history.
+        self._generation = 0
         self.replay_t: float | None = None
         self.playing = False
         self.speed_index = SPEEDS.index(1.0)
@@ -160,6 +163,7 @@ class TraceScreen(Screen[None]):
         assert self.store is not None
         store = self.store
         t0 = time.perf_counter()
+        generation = self._generation
         try:
             matches = await store.resolve_trace_id(self.trace_id)
             if not matches:
@@ -190,22 +194,24 @@ class TraceScreen(Screen[None]):
                 events = list(await page_of(self.trace_id, limit=FIRST_PAGE))
                 if len(events) == FIRST_PAGE:
                     total = summary.event_count if summary is not None else 0
-                    await self._load_rest(page_of, events, total, t0)
+                    await self._load_rest(page_of, events, total, t0, generation)
         except StateStoreError as exc:
             self.loading_note = ""
             self.post_message(LoadFailed("the store is unavailable", str(exc), 1))
             return
         view = await asyncio.to_thread(build_view, events)
-        self.post_message(TraceLoaded(view, events, time.perf_counter() - t0))
+        self.post_message(TraceLoaded(view, events, time.perf_counter() - t0,
+                                      generation=generation))
 
     async def _load_rest(self, page_of: Any, events: list[StoredEvent], total: int,
-                         t0: float) -> None:
+                         t0: float, generation: int) -> None:
         """A big trace: paint a first screen from ``events`` (the first page), then
         append the rest page by page, updating the "loading n / total" note."""
         head = await asyncio.to_thread(build_view, list(events))
         self._set_loading(len(events), total)
         self.post_message(TraceLoaded(head, list(events), time.perf_counter() - t0,
-                                      partial=max(total, len(events))))
+                                      partial=max(total, len(events)),
+                                      generation=generation))
         while True:
             page = await page_of(self.trace_id, offset=len(events), limit=REST_PAGE)
             events += page
@@ -264,14 +270,32 @@ class TraceScreen(Screen[None]):
             if aclose is not None:
                 await aclose()
         if lagged:
-            self.follow()
-            self.load()
+            await self._reload_live()
+
+    async def _reload_live(self) -> None:
+        """After a lag: follow again, then re-read the history, leaving no gap.
+
+        The new follower must have subscribed before the history is read (an
+        event stored in between is then in one or the other, or both:
+        deduplicated by key), and arrivals wait unfolded until the reloaded
+        history is shown (folded into the old events, they would be replaced by
+        it); a view a live rebuild is still making is stale.
+        """
+        self._generation += 1
+        self.loaded.clear()
+        self.workers.cancel_group(self, "rebuild")
+        self._following.clear()
+        self.follow()
+        await self._following.wait()
+        self.load()
 
     @work(exclusive=True, group="rebuild")
     async def _rebuild(self, events: list[StoredEvent]) -> None:
         t0 = time.perf_counter()
+        generation = self._generation
         view = await asyncio.to_thread(build_view, events)
-        self.post_message(TraceLoaded(view, events, time.perf_counter() - t0))
+        self.post_message(TraceLoaded(view, events, time.perf_counter() - t0,
+                                      generation=generation))
 
     def on_summary_loaded(self, message: SummaryLoaded) -> None:
         self.summary = message.summary
@@ -284,6 +308,8 @@ class TraceScreen(Screen[None]):
         return any(w.group == group and not w.is_finished for w in self.workers)
 
     def on_trace_loaded(self, message: TraceLoaded) -> None:
+        if message.generation != self._generation:
+            return  # made before a reload: the reloaded history replaces it
         if message.partial:
             if self.loaded.is_set():  # the full view won the race (cannot happen today)
                 return
