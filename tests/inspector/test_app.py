@@ -233,7 +233,7 @@ async def test_a_live_screen_that_falls_behind_reloads_and_misses_nothing() -> N
         async with app.run_test(size=(100, 30)) as pilot:
             screen = await opened(pilot)
             assert screen.live
-            await wait_for(pilot, lambda: screen.workers_in("follow"), what="the follower")
+            await wait_for(pilot, screen._following.is_set, what="the follower subscribed")
             # Recorded as said: a notification leaves the screen after a few
             # seconds, which a slow machine can take before the last check.
             notices: list[str] = []
