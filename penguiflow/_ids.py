@@ -21,6 +21,8 @@ __all__ = ["new_invocation_id", "otel_trace_id", "root_span_id"]
 
 _HEX = frozenset("0123456789abcdef")
 _ZERO = "0" * 16
+# root_span_id's hasher, keyed up once; each call hashes from a copy of it.
+_ROOT_HASHER = hashlib.blake2b(digest_size=8, person=b"pf-root")
 # Ids made at a time (32 KiB of random bits).
 _BATCH = 4096
 # Ids made ahead and not handed out yet; popped from the end.
@@ -66,9 +68,6 @@ def root_span_id(trace_id: str) -> str:
     hasher.update(trace_id.encode("utf-8", "surrogatepass"))
     digest = hasher.hexdigest()
     return digest if digest != _ZERO else "0" * 15 + "1"
-
-
-_ROOT_HASHER = hashlib.blake2b(digest_size=8, person=b"pf-root")
 
 
 def otel_trace_id(trace_id: str) -> str:
