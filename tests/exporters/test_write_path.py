@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -756,6 +757,57 @@ async def test_user_classes_and_functions_in_an_event_reach_the_writer_process_a
         await store.close()
 
 
+class _Name(str):
+    """A str subclass as a node name: a value marshal refuses."""
+
+
+async def test_the_writer_process_stores_what_the_thread_writer_stores(tmp_path: Path) -> None:
+    # Runtime batches go to the child by marshal, which writes an object with the
+    # buffer protocol as raw bytes and refuses subclasses: the child must still store
+    # exactly what a writer in this process stores, whatever the batch holds.
+    plain = _records("plain", range(1, 201))
+    named = [r._replace(trace_id="named", node_name=_Name("sub"), seq=r.seq + 1000)
+             for r in _records("x", range(1, 101))]
+    extra = [r._replace(trace_id="extra", seq=r.seq + 2000,
+                        extra={"buf": bytearray(b"ab\x00"), "z": 1 + 2j, "set": {3},
+                               "array": array("d", [1.5, 2.5])})
+             for r in _records("x", range(1, 51))]
+    histories = {}
+    for writer in ("process", "thread"):
+        store = SQLiteStateStore(tmp_path / f"{writer}.db", writer=writer)
+        sink = store.event_values_sink()
+        assert sink is not None
+        try:
+            for batch in (plain, named, plain[:0], extra):
+                for record in batch:
+                    waiter = sink(tuple(record))
+                    if waiter is not None:
+                        await waiter
+                await store.flush()
+            assert store.failures["events_lost"] == 0
+            histories[writer] = {trace: list(await store.load_history(trace))
+                                 for trace in ("plain", "named", "extra")}
+        finally:
+            await store.close()
+    assert [len(h) for h in histories["process"].values()] == [200, 100, 50]
+    assert histories["process"] == histories["thread"]
+    assert histories["process"]["named"][0].node_name == "sub"
+    assert "1.5" in str(histories["process"]["extra"][0].payload["array"])
+
+
+def test_a_cut_writer_payload_is_refused_naming_the_slice() -> None:
+    from penguiflow_exporters._records import loads_rows
+    from penguiflow_exporters._writer_proc import dumps_rows
+
+    rows = [tuple(r) for r in _records("t", range(1, 11))]
+    payload = dumps_rows(rows) + dumps_rows([*rows[:2], (*rows[2][:-1], {"k": 1})])
+    assert [row[:23] for row in loads_rows(payload)][:10] == rows
+    with pytest.raises(ValueError, match="cut short or untagged"):
+        loads_rows(payload[:-3])
+    with pytest.raises(ValueError, match="untagged"):
+        loads_rows(b"X" + payload[1:])
+
+
 async def test_the_runtime_values_sink_buffers_plain_tuples_and_refuses_when_closed(
     tmp_path: Path,
 ) -> None:
@@ -1010,6 +1062,7 @@ def test_a_buffer_of_one_batch_under_a_fast_producer_never_holds_the_loop(
     # after the timeout instead of hanging the suite.
     script = f"""
 import asyncio
+from array import array
 from penguiflow.state import StoredEvent
 from penguiflow_exporters.sqlite import SQLiteStateStore
 
