@@ -266,11 +266,11 @@ _alike_values = st.sampled_from([0.0, -0.0, 0, False, 1, True, 1.0, None, "x", f
 
 
 @given(traces=st.lists(st.integers(1, 6), min_size=2, max_size=12),
-       depth=st.lists(st.integers(0, 2), min_size=1, max_size=3),
+       depth=st.lists(st.integers(0, 2) | st.just(2**70), min_size=1, max_size=3),
        extra=st.lists(st.none() | _alike_values | _flat, min_size=1, max_size=3),
        node=_text,
-       latency=st.lists(st.sampled_from([0.0, 2.5, None, float("nan")]), min_size=1,
-                        max_size=3))
+       latency=st.lists(st.sampled_from([0.0, 2.5, None, float("nan"), float("inf"),
+                                         -float("inf"), 1e308]), min_size=1, max_size=3))
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 def test_a_batch_of_many_traces_stores_what_each_block_on_its_own_stores(
@@ -280,7 +280,8 @@ def test_a_batch_of_many_traces_stores_what_each_block_on_its_own_stores(
     # it holds), then cut into blocks: each block must read back exactly as the
     # block encode_block makes of the same rows alone (extras of 1, True and 1.0,
     # of -0.0, NaN, a lone surrogate in a node name; the columns whose type the
-    # schema fixes hold that type).
+    # schema fixes hold that type; NaN, infinities and a sum that overflows, which
+    # orjson would write as null, and an int past 64 bits, which it refuses).
     rows = tuple_rows(
         record(trace=f"t{trace}", seq=i + 1, node_name=node,
                queue_depth_in=depth[i % len(depth)], latency_ms=latency[i % len(latency)],
@@ -323,8 +324,14 @@ def test_a_value_of_one_trace_never_becomes_another_traces() -> None:
 def test_a_batch_of_plain_runtime_events_takes_the_batch_path() -> None:
     # The test above compares the two paths; this one makes sure the batch path is
     # the one a usual batch takes (else the comparison would prove nothing).
-    rows = tuple_rows(record(trace=f"t{i % 5}", seq=i + 1) for i in range(40))
-    assert _records._BatchShape.of(_records.group_by_trace(rows)) is not None
+    rows = tuple_rows(record(trace=f"t{i % 5}", seq=i + 1, latency_ms=0.5)
+                      for i in range(40))
+    shape = _records._BatchShape.of(_records.group_by_trace(rows))
+    assert shape is not None and shape.finite  # orjson's path
+    nan = tuple_rows(record(trace=f"t{i % 5}", seq=i + 1,
+                            latency_ms=float("nan") if i == 7 else 0.5) for i in range(40))
+    shape = _records._BatchShape.of(_records.group_by_trace(nan))
+    assert shape is not None and not shape.finite
     # Big blocks pay their own steps once per many events: the general path, which
     # was faster for them (one long trace's events).
     long = tuple_rows(record(trace="t0", seq=i + 1) for i in range(500))
