@@ -45,8 +45,8 @@ the seqs stored as sorted, disjoint ranges and drop every event already in them
 
 from __future__ import annotations
 
+import io
 import json
-import marshal
 import math
 import pickle
 from bisect import bisect_right
@@ -198,23 +198,14 @@ def loads_rows(payload: bytes) -> list[RowLike]:
     as plain 24-tuples (the write path reads rows by position: a Row each was ~10%
     of the SQLite writer process's time, measured).
 
-    ``payload`` is slices back to back, each a tag (``M``: marshal, ``P``: pickle),
-    its length (8 bytes, little-endian) and the rows. The pipe is between a store and
-    the child it started, on the same interpreter: its bytes are trusted (the
-    database never holds pickle or marshal; see the module docstring).
+    The pipe is between a store and the child it started: its bytes are trusted
+    (the database never holds pickle; see the module docstring).
     """
     rows: list[RowLike] = []
-    view = memoryview(payload)
-    at, end = 0, len(payload)
-    while at < end:
-        tag, size = payload[at:at + 1], int.from_bytes(payload[at + 1:at + 9], "little")
-        data = view[at + 9:at + 9 + size]
-        if len(data) != size or tag not in (b"M", b"P"):
-            raise ValueError(f"a writer payload's slice at byte {at} is cut short or "
-                             f"untagged (tag {tag!r}, {size} bytes said)")
-        at += 9 + size
-        values = marshal.loads(data) if tag == b"M" else pickle.loads(data)
-        rows += [row if len(row) > _RUNTIME_LEN else (*row, None) for row in values]
+    stream = io.BytesIO(payload)
+    while stream.tell() < len(payload):  # one pickle per slice of the batch
+        rows += [values if len(values) > _RUNTIME_LEN else (*values, None)
+                 for values in pickle.load(stream)]
     return rows
 
 

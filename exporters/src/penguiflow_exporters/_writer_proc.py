@@ -25,12 +25,10 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
-import marshal
 import pickle
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from operator import itemgetter
 from typing import Any
 
 from ._records import WriteReply, plain, plain_rows, rows_of, safe_row
@@ -280,43 +278,22 @@ class _RowPickler(pickle.Pickler):
 
 
 _PLAIN = {tuple}
-_RUNTIME_LEN = {23}  # len(EventRecord._fields): a runtime event's values
-_extra_of = itemgetter(22)  # EventRecord.extra: a runtime row's only user-given column
 
 # Rows pickled between two yields to the event loop (a few ms of work).
 _SLICE = 2000
 
 
 def dumps_rows(items: Sequence[Any]) -> bytes:
-    """``items`` (EventRecords, StoredEvents, Rows) as one slice of the child's ``W``
-    payload (``_records.loads_rows`` reads them back): a tag (``M``: marshal, ``P``:
-    pickle), the length (8 bytes, little-endian), then the rows as plain tuples.
+    """``items`` (EventRecords, StoredEvents, Rows) as one pickle of plain tuples (a
+    slice of the child's ``W`` payload; ``_records.loads_rows`` reads them back).
 
-    The runtime's batches (plain 23-tuples, its values path) with no ``extra`` go
-    by ``marshal``: every value in them is the runtime's own (str ids, numbers,
-    tuples of ids), and marshal writes them in ~0.8 us an event, against ~1.4 for
-    the pickler, on the flow's own thread (measured on chain N=5's batches).
-    marshal refuses any value not of an exact built-in type (a str subclass as a
-    name, an enum): such a slice is pickled instead. It is never used for a user's
-    values (``extra``, payloads): it would write an object with the buffer protocol
-    (a numpy array) as its raw bytes, where the pickler below writes its plain
-    equivalent. Both sides run the same interpreter, so marshal's format matches.
-
-    Anything else goes as plain tuples through the pickler, whose per-object hook
-    runs only for odd values (~0.5 us per event, against ~1.4 through Row objects).
+    An EventRecord goes as its 23 values (the child adds the payload column), a
+    StoredEvent as a whole row: plain tuples, so the pickler's per-object hook runs
+    only for odd values (~0.5 us per event, against ~1.4 through Row objects).
     """
-    if type(items) is list and set(map(type, items)) == _PLAIN \
-            and set(map(len, items)) == _RUNTIME_LEN \
-            and list(map(_extra_of, items)).count(None) == len(items):
-        try:
-            data = marshal.dumps(items)
-        except ValueError:  # a value of a subclass (or nested past marshal's depth)
-            pass
-        else:
-            return b"M" + len(data).to_bytes(8, "little") + data
     buffer = io.BytesIO()
-    # Plain tuples already: pickled as they are, without a pass that copies the list
-    # (~0.1 us an event, measured).
+    # The runtime's batches are plain tuples already (its values path): pickled as
+    # they are, without a pass that copies the list (~0.1 us an event, measured).
     rows = items if type(items) is list and set(map(type, items)) == _PLAIN \
         else plain_rows(items)
     try:
@@ -324,8 +301,7 @@ def dumps_rows(items: Sequence[Any]) -> bytes:
     except (pickle.PicklingError, TypeError, ValueError, RecursionError, AttributeError):
         buffer = io.BytesIO()
         _RowPickler(buffer, 5).dump([tuple(safe_row(row)) for row in rows_of(items)])
-    data = buffer.getvalue()
-    return b"P" + len(data).to_bytes(8, "little") + data
+    return buffer.getvalue()
 
 
 async def dumps_batch(items: Sequence[Any]) -> bytes:

@@ -298,7 +298,7 @@ class BatchProcessor:
         assert wake is not None
         loop = asyncio.get_running_loop()
         # The write in flight. While it runs, a full next batch is taken and prepared
-        # (a writer process's batch is serialised here: ~0.8 us an event) so that this
+        # (a writer process's batch is pickled here: ~1.5 us an event) so that this
         # process's share overlaps the writer's; batches are still written one at
         # a time, in order.
         sending: asyncio.Task[None] | None = None
