@@ -23,7 +23,8 @@ queue 64, 500 warm-up, a producer awaiting ``emit`` and a consumer awaiting
 gives the figures on one busy core: the flow and its writer process share it.
 
 ``durable`` adds ``stop()`` (which flushes the store) to the window. Medians; the
-order of the stores is rotated each repetition.
+order of the stores is rotated each repetition. "paired ratio" is the median (and
+range) of each repetition's figure over the same repetition's first store's.
 """
 
 from __future__ import annotations
@@ -135,13 +136,18 @@ async def main() -> None:
             await _PG.aclose()
     base = statistics.median(s[0] for s in samples[kinds[0]])
     print(f"# chain N=5, M={args.m}, {args.reps} reps; ratios to {kinds[0]!r}'s {base:.2f} µs/hop")
-    print("| store | µs/hop | ratio | until durable, µs/hop | ratio |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| store | µs/hop | ratio | paired ratio (range) | until durable, µs/hop | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for kind in kinds:
         pump = statistics.median(s[0] for s in samples[kind])
         durable = statistics.median(s[1] for s in samples[kind])
-        print(f"| {kind} | {pump:.2f} | {pump / base:.2f}\u00d7 | {durable:.2f} | "
-              f"{durable / base:.2f}\u00d7 |")
+        # Each repetition's figure over the same repetition's first kind: the
+        # machine's speed drifts from minute to minute (a no-store hop of 5 to 9 us
+        # in one session), and a pair measured a few seconds apart shares it.
+        paired = [s[0] / b[0] for s, b in zip(samples[kind], samples[kinds[0]], strict=True)]
+        print(f"| {kind} | {pump:.2f} | {pump / base:.2f}\u00d7 | "
+              f"{statistics.median(paired):.2f}\u00d7 ({min(paired):.2f}\u2013{max(paired):.2f}) | "
+              f"{durable:.2f} | {durable / base:.2f}\u00d7 |")
 
 
 if __name__ == "__main__":
