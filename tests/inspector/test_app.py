@@ -262,6 +262,37 @@ async def test_a_live_screen_that_falls_behind_reloads_and_misses_nothing() -> N
             assert set(shown) == {e.event_key for e in history}
 
 
+async def test_a_rebuild_overtaken_by_a_later_fold_never_puts_back_fewer_events() -> None:
+    """A live fold's rebuild can post its view after a later fold extended the screen's
+    events (a slow build under load): that view must not replace them. It did, and
+    the events folded since were gone from the screen for good (the test above saw
+    29-48 of 3,005 missing on a busy machine)."""
+    import dataclasses
+
+    from penguiflow_inspector.messages import TraceLoaded
+    from penguiflow_inspector.widgets.rows import build_view
+
+    async with InMemoryStateStore() as store:
+        await store.save_events(running_events())
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = await opened(pilot)
+            assert screen.live
+            await wait_for(pilot, screen._following.is_set, what="the follower subscribed")
+            earlier = list(screen.events)  # what a first fold's rebuild was made of
+            more = [dataclasses.replace(e, seq=e.seq + 100) for e in chain_events(20)]
+            await store.save_events(more)
+            total = len(earlier) + len(more)
+            await wait_for(pilot, lambda: len(screen.events) == total, what="the fold")
+            grown = screen.events
+            screen.post_message(TraceLoaded(build_view(earlier), earlier, 0.0,
+                                            generation=screen._generation, rebuilt=True))
+            await pilot.pause()
+            await pilot.pause()
+            assert screen.events is grown and len(screen.events) == total
+            assert len(screen.full.events) == total if screen.full is not None else False
+
+
 async def test_unknown_id_shows_a_message_and_exits_2(demo_store: InMemoryStateStore) -> None:
     app = InspectorApp(trace_id="ffff", store=demo_store)
     async with app.run_test(size=(80, 24)) as pilot:

@@ -43,16 +43,19 @@ class TraceLoaded(Message):
     ``partial``: the view holds only the first events of a trace of this many
     (a first screen); a full ``TraceLoaded`` follows. ``generation``: the screen's
     load generation it was made in (a reload starts a new one; older ones are stale).
+    ``rebuilt``: made by a live rebuild from the screen's own list of events (``events``
+    is that very list), not read from the store.
     """
 
     def __init__(self, view: TraceView, events: Sequence[StoredEvent], load_s: float,
-                 partial: int = 0, *, generation: int = 0) -> None:
+                 partial: int = 0, *, generation: int = 0, rebuilt: bool = False) -> None:
         super().__init__()
         self.view = view
         self.events = events
         self.load_s = load_s
         self.partial = partial
         self.generation = generation
+        self.rebuilt = rebuilt
 
 
 class LoadFailed(Message):

@@ -295,7 +295,7 @@ class TraceScreen(Screen[None]):
         generation = self._generation
         view = await asyncio.to_thread(build_view, events)
         self.post_message(TraceLoaded(view, events, time.perf_counter() - t0,
-                                      generation=generation))
+                                      generation=generation, rebuilt=True))
 
     def on_summary_loaded(self, message: SummaryLoaded) -> None:
         self.summary = message.summary
@@ -310,6 +310,15 @@ class TraceScreen(Screen[None]):
     def on_trace_loaded(self, message: TraceLoaded) -> None:
         if message.generation != self._generation:
             return  # made before a reload: the reloaded history replaces it
+        if message.rebuilt:
+            # The screen's events are already what the rebuild was made of, or more:
+            # a fold after it extended them (its own rebuild follows). A rebuild's view
+            # that was overtaken so must not put back its shorter list: the events
+            # folded since would be lost from the screen, their keys with them (seen
+            # under load: 29-48 of 3,005 events missing for good).
+            if message.events is self.events:
+                self._show_full(message.view)
+            return
         if message.partial:
             if self.loaded.is_set():  # the full view won the race (cannot happen today)
                 return
