@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import types
+from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
@@ -229,8 +230,11 @@ def test_traces_newest_first_and_filtered(store_url: str,
     assert listed(capsys, *s, "--status", "failed") == [FAILED_TRACE]
     assert listed(capsys, *s, "--errors") == [FAILED_TRACE]
     assert listed(capsys, *s, "--node", "work") == [OK_TRACE]
-    assert listed(capsys, *s, "--since", "10m") == [FAILED_TRACE, OK_TRACE]
-    assert listed(capsys, *s, "--until", "10m") == [OLD_TRACE]
+    # Ten minutes before the traces were stored, as an ISO time: "10m" counts from
+    # the wall clock, and a slow run reached this test over 9 minutes after NOW.
+    cutoff = datetime.fromtimestamp(NOW - 600, UTC).isoformat()
+    assert listed(capsys, *s, "--since", cutoff) == [FAILED_TRACE, OK_TRACE]
+    assert listed(capsys, *s, "--until", cutoff) == [OLD_TRACE]
     assert listed(capsys, *s, "--slowest") == [OLD_TRACE, FAILED_TRACE, OK_TRACE]
     assert listed(capsys, *s, "--limit", "1") == [FAILED_TRACE]
     assert listed(capsys, *s, "--status", "cancelled") == []
