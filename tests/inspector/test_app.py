@@ -8,8 +8,9 @@ passes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,19 @@ async def opened(pilot: Pilot[Any]) -> TraceScreen:
     await wait_for(pilot, lambda: isinstance(app.screen, TraceScreen)
                    and app.screen.loaded.is_set(), what="the trace to load")
     return trace_screen(app)
+
+
+@contextlib.asynccontextmanager
+async def live_screen(store: InMemoryStateStore) -> AsyncIterator[tuple[Pilot[Any], TraceScreen]]:
+    """``pf inspect`` of TRACE's running events in ``store``: its screen, live, once it
+    follows the store."""
+    await store.save_events(running_events())
+    app = InspectorApp(trace_id=TRACE, store=store)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await opened(pilot)
+        assert screen.live
+        await wait_for(pilot, screen._following.is_set, what="the follower subscribed")
+        yield pilot, screen
 
 
 def text_of(widget: Any) -> str:
@@ -228,12 +242,7 @@ async def test_a_live_screen_that_falls_behind_reloads_and_misses_nothing() -> N
     more = [dataclasses.replace(e, seq=e.seq + 100) for e in chain_events(1500)]
     async with InMemoryStateStore() as store:
         store._followers = Followers(max_pending=50)
-        await store.save_events(running_events())
-        app = InspectorApp(trace_id=TRACE, store=store)
-        async with app.run_test(size=(100, 30)) as pilot:
-            screen = await opened(pilot)
-            assert screen.live
-            await wait_for(pilot, screen._following.is_set, what="the follower subscribed")
+        async with live_screen(store) as (pilot, screen):
             # Recorded as said: a notification leaves the screen after a few
             # seconds, which a slow machine can take before the last check.
             notices: list[str] = []
@@ -272,25 +281,19 @@ async def test_a_rebuild_overtaken_by_a_later_fold_never_puts_back_fewer_events(
     from penguiflow_inspector.messages import TraceLoaded
     from penguiflow_inspector.widgets.rows import build_view
 
-    async with InMemoryStateStore() as store:
-        await store.save_events(running_events())
-        app = InspectorApp(trace_id=TRACE, store=store)
-        async with app.run_test(size=(100, 30)) as pilot:
-            screen = await opened(pilot)
-            assert screen.live
-            await wait_for(pilot, screen._following.is_set, what="the follower subscribed")
-            earlier = list(screen.events)  # what a first fold's rebuild was made of
-            more = [dataclasses.replace(e, seq=e.seq + 100) for e in chain_events(20)]
-            await store.save_events(more)
-            total = len(earlier) + len(more)
-            await wait_for(pilot, lambda: len(screen.events) == total, what="the fold")
-            grown = screen.events
-            screen.post_message(TraceLoaded(build_view(earlier), earlier, 0.0,
-                                            generation=screen._generation, rebuilt=True))
-            await pilot.pause()
-            await pilot.pause()
-            assert screen.events is grown and len(screen.events) == total
-            assert len(screen.full.events) == total if screen.full is not None else False
+    async with InMemoryStateStore() as store, live_screen(store) as (pilot, screen):
+        earlier = list(screen.events)  # what a first fold's rebuild was made of
+        more = [dataclasses.replace(e, seq=e.seq + 100) for e in chain_events(20)]
+        await store.save_events(more)
+        total = len(earlier) + len(more)
+        await wait_for(pilot, lambda: len(screen.events) == total, what="the fold")
+        grown = screen.events
+        screen.post_message(TraceLoaded(build_view(earlier), earlier, 0.0,
+                                        generation=screen._generation, rebuilt=True))
+        await pilot.pause()
+        await pilot.pause()
+        assert screen.events is grown and len(screen.events) == total
+        assert len(screen.full.events) == total if screen.full is not None else False
 
 
 async def test_unknown_id_shows_a_message_and_exits_2(demo_store: InMemoryStateStore) -> None:
