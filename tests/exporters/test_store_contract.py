@@ -13,10 +13,12 @@ stores closed by the fixtures. A store known to break a case is listed in
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -1242,3 +1244,123 @@ async def test_flush_waits_for_the_batch_the_writer_is_writing(
         "flush() returned while the writer's batch was still uncommitted")
     reader = await make_store.make(same_as=store)
     assert list(await reader.load_history("trace-in-flight")) == [event]
+
+
+# -- runtime events packed for a writer process (penguiflow_exporters._packs) ----------
+
+PROCESS_WRITERS = pytest.mark.parametrize("store_kind", ["sqlite", "postgres"])
+
+
+def runtime_values(trace_id: Any, seq: int, kind: str = "node_start",
+                   extra: Any = None) -> tuple[Any, ...]:
+    """An event as the runtime hands it to ``event_values_sink()``: 23 plain values."""
+    return (trace_id, BASE_TS + seq, kind, "a", "a-id", f"{seq:016x}", (), None, None, seq,
+            0, None, "packed", "flow-packed", 0.5, 0, 0, 1, 64, 1, False, None, extra)
+
+
+async def warmed_sink(store: Any) -> Callable[[tuple[Any, ...]], Any]:
+    """The store's values sink, once its writer (process) runs: one event written."""
+    sink = store.event_values_sink()
+    assert sink is not None
+    await store.save_event(ev("warm-up", BASE_TS, "probe", flow_id="probe", seq=1))
+    await store.flush()
+    return sink  # type: ignore[no-any-return]
+
+
+@PROCESS_WRITERS
+async def test_runtime_events_waiting_for_the_writer_do_not_make_the_collector_run(
+    store: Any,
+) -> None:
+    # Held as tuples, 20k events waiting for the writer made CPython's collector run
+    # a young pass every ~700 of them, each examining every tuple still young: ~1 us
+    # a hop of chain N=5. Packed for the writer process as they come, they are freed
+    # while young. Nothing yields below, so the writer takes none of them meanwhile.
+    sink = await warmed_sink(store)
+    gc.collect()
+    young = gc.get_stats()[0]["collections"]
+    for seq in range(1, 20_001):
+        sink(("held", BASE_TS + seq, "node_start", "a", "a-id", None, (), None, None, seq,
+              0, None, "packed", "flow-packed", None, 0, 0, 1, 64, 1, False, None, None))
+    young = gc.get_stats()[0]["collections"] - young
+    await within(store.flush(), 60)
+    assert [e.seq for e in await store.load_history("held")] == list(range(1, 20_001))
+    assert store.failures["events_lost"] == 0
+    assert young <= 3, f"{young} young collections while 20,000 events waited"
+
+
+@PROCESS_WRITERS
+async def test_a_follower_gets_packed_events_as_they_were_saved(store: Any) -> None:
+    sink = await warmed_sink(store)
+    follower = await subscribed(store, "followed")
+    try:
+        for seq in range(1, 1001):
+            extra = {"n": seq, "tag": "\u2028 \x1b[31m"} if seq % 100 == 0 else None
+            sink(runtime_values("followed", seq, extra=MappingProxyType(extra)
+                                if extra else None))
+        await within(store.flush())
+        await follower.wait_until(lambda evs: sum(e.kind == "node_start" for e in evs) == 1000)
+    finally:
+        await follower.aclose()
+    live = [e for e in follower.events if e.kind == "node_start"]
+    assert live == [e for e in await store.load_history("followed") if e.kind == "node_start"]
+    assert [e.seq for e in live] == list(range(1, 1001))
+    assert live[99].payload["n"] == 100 and live[99].payload["tag"] == "\u2028 \x1b[31m"
+    assert live[0].invocation_id == f"{1:016x}" and live[0].payload["latency_ms"] == 0.5
+
+
+@PROCESS_WRITERS
+async def test_one_event_a_process_writer_refuses_inside_a_pack_is_the_only_one_lost(
+    store: Any,
+) -> None:
+    sink = await warmed_sink(store)
+    for seq in range(1, 601):
+        sink(runtime_values("bad\x00id" if seq == 300 else "good", seq))
+    await within(store.flush())
+    assert store.failures["rejected"] == 1 and store.failures["events_lost"] == 1
+    assert [e.seq for e in await store.load_history("good")] == \
+        [seq for seq in range(1, 601) if seq != 300]
+
+
+class _SplitOnPoison:
+    """The store's real writer (packing too), whose writes raise for a batch holding
+    an event of kind ``poison``: the processor splits the batch, down to that event."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.sizes: list[int] = []
+
+    def pack(self, items: list[Any]) -> Any:
+        return self._inner.pack(items)
+
+    async def write(self, items: Any) -> Any:
+        self.sizes.append(len(items))
+        if any(type(item) is tuple and item[2] == "poison" for item in items):
+            raise ValueError("injected: this batch holds a poison event")
+        return await self._inner.write(items)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+@PROCESS_WRITERS
+async def test_a_packed_batch_split_after_an_error_loses_only_the_event_at_fault(
+    make_store: StoreFactory,
+) -> None:
+    writers: list[_SplitOnPoison] = []
+
+    class Splitting(make_store.cls):  # type: ignore[misc,name-defined]
+        def _make_writer(self) -> Any:
+            writers.append(_SplitOnPoison(super()._make_writer()))
+            return writers[-1]
+
+    store = await make_store.make(Splitting)
+    sink = await warmed_sink(store)
+    for seq in range(1, 1001):
+        sink(runtime_values("split", seq, "poison" if seq == 777 else "node_start"))
+    await within(store.flush())
+    assert store.failures["events_lost"] == 1
+    history = await store.load_history("split")
+    assert [e.seq for e in history if e.kind == "node_start"] == \
+        [seq for seq in range(1, 1001) if seq != 777]
+    assert [e.payload["events_lost"] for e in history if e.kind == "store_events_lost"] == [1]
+    assert writers[0].sizes[1] == 1000 and 1 in writers[0].sizes  # split down to one

@@ -239,6 +239,11 @@ class _LazyWriter:
     async def write(self, items: Sequence[Any]) -> Any:
         return await (await self._built()).write(items)
 
+    def pack(self, items: list[Any]) -> Any:
+        """The writer's ``pack`` (None before the writer is built, or without one)."""
+        pack = getattr(self._writer, "pack", None)
+        return None if pack is None else pack(items)
+
     async def prepare(self, items: Sequence[Any]) -> Any:
         """The writer's ``prepare`` (None when it has none: ``write`` then)."""
         prepare = getattr(await self._built(), "prepare", None)

@@ -31,13 +31,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._packs import Pack, PackedBatch
 from ._records import WriteReply, plain, plain_rows, rows_of, safe_row
 from ._serve import HEADER as _HEADER
 from ._serve import Handler, describe, read_frame, serve, write_frame
 from .writer import WriteResult
 
 __all__ = ["AsyncWriterProcess", "Handler", "ProcessWriter", "WriterError", "describe",
-           "dumps_batch", "dumps_rows", "read_frame", "serve", "write_frame"]
+           "dumps_batch", "dumps_rows", "pack_rows", "read_frame", "serve", "write_frame"]
 
 class WriterError(Exception):
     """The writer process reported a failure (``types``: the exception's class names,
@@ -304,9 +305,27 @@ def dumps_rows(items: Sequence[Any]) -> bytes:
     return buffer.getvalue()
 
 
+def pack_rows(items: list[Any]) -> Pack | None:
+    """``items`` (the runtime's plain tuples) as a :class:`~._packs.Pack`: one slice of
+    a ``W`` payload; None when one is not a plain tuple or the fast pickling fails
+    (they are then left as they are, and ``dumps_rows`` handles them in the batch).
+    """
+    if set(map(type, items)) != _PLAIN:
+        return None
+    buffer = io.BytesIO()
+    try:
+        _RowPickler(buffer, 5).dump(items)
+    except (pickle.PicklingError, TypeError, ValueError, RecursionError, AttributeError):
+        return None
+    return Pack(buffer.getvalue(), len(items))
+
+
 async def dumps_batch(items: Sequence[Any]) -> bytes:
     """A batch as the child's ``W`` payload: pickles of ``_SLICE`` rows back to back,
-    the event loop served between two (a 50k-event batch held it ~0.4 s in one go)."""
+    the event loop served between two (a 50k-event batch held it ~0.4 s in one go).
+    A :class:`~._packs.PackedBatch`'s packs go as they are, its other items as slices."""
+    if type(items) is PackedBatch:
+        return await _dumps_packed(items)
     if len(items) <= _SLICE:
         return dumps_rows(items)
     parts: list[bytes] = []
@@ -314,6 +333,22 @@ async def dumps_batch(items: Sequence[Any]) -> bytes:
         if start:
             await asyncio.sleep(0)
         parts.append(dumps_rows(items[start:start + _SLICE]))
+    return b"".join(parts)
+
+
+async def _dumps_packed(batch: PackedBatch) -> bytes:
+    parts: list[bytes] = []
+    loose: list[Any] = []
+    for entry in [*batch.entries, *batch.tail]:
+        if type(entry) is Pack:
+            if loose:
+                parts.append(await dumps_batch(loose))
+                loose = []
+            parts.append(entry.data)
+        else:
+            loose.append(entry)
+    if loose:
+        parts.append(await dumps_batch(loose))
     return b"".join(parts)
 
 
@@ -341,6 +376,10 @@ class ProcessWriter:
 
     async def write(self, items: Sequence[Any]) -> WriteResult:
         return await self.write_prepared(items, await dumps_batch(items))
+
+    def pack(self, items: list[Any]) -> Pack | None:
+        """``items`` pickled now, to be sent with a later batch (see ``_packs``)."""
+        return pack_rows(items)
 
     async def prepare(self, items: Sequence[Any]) -> bytes:
         """``items`` as the child's payload: the processor prepares the next batch

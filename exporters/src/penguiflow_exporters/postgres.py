@@ -80,6 +80,7 @@ from penguiflow.state import (
 
 from ._base import ProcessedStore
 from ._events import events_of
+from ._packs import Pack, PackedBatch, as_list
 from ._pg_schema import SCHEMA_VERSION, check_schema, create_or_migrate
 from ._pg_write import ANY_TRACE, PostgresWriter
 from ._records import BLOCK_EVENTS, BlockError, Row, decode_block
@@ -689,10 +690,15 @@ class _ProcessOrLoop:
             with contextlib.suppress(StateStoreError):
                 await self.process.start()
 
+    def pack(self, items: list[Any]) -> Pack | None:
+        """The runtime events ``items`` pickled for the writer process now (see
+        ``_packs``); None once the loop writes instead."""
+        return None if self.process is None else self.process.pack(items)
+
     async def prepare(self, items: Sequence[Any]) -> Any:
         """The child's payload for a batch it will write; None for the loop's."""
         process = self.process
-        if process is None or not any(isinstance(item, tuple) for item in items):
+        if process is None or not _for_child(items):
             return None
         return await process.prepare(items)
 
@@ -705,7 +711,7 @@ class _ProcessOrLoop:
     async def _write(self, items: Sequence[Any], prepared: Any) -> WriteResult:
         process = self.process
         # Any runtime event (a tuple; usually the first) sends the batch to the child.
-        if process is not None and any(isinstance(item, tuple) for item in items):
+        if process is not None and _for_child(items):
             try:
                 if prepared is not None:
                     return await process.write_prepared(items, prepared)
@@ -715,7 +721,7 @@ class _ProcessOrLoop:
                 await process.close()
                 logger.warning("state_store_writer_process_unavailable", extra={
                     "error": str(exc), "fallback": "writing on the event loop (writer='loop')"})
-        return await self.loop.write(items)
+        return await self.loop.write(as_list(items))
 
     async def close(self) -> None:
         if self.process is not None:
@@ -724,6 +730,12 @@ class _ProcessOrLoop:
 
 
 # -- helpers ------------------------------------------------------------------------
+
+
+def _for_child(items: Sequence[Any]) -> bool:
+    """Whether a batch goes to the writer process: any runtime event (a tuple) in it;
+    a PackedBatch holds some by construction (no pass that would unpack it)."""
+    return type(items) is PackedBatch or any(isinstance(item, tuple) for item in items)
 
 
 def _summary(row: Any) -> TraceSummary:

@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 from penguiflow.state import StateStoreError, StoredEvent, StoreUnavailable
 
+from ._packs import Pack, PackedBatch
 from ._records import LOST_KIND, MAX_TRACE_ID, _text_problem
 from .writer import EventWriter, WriteResult
 
@@ -59,6 +60,12 @@ OnFull = Literal["block", "drop"]
 #: The least time a closing step is given to release a connection or process (its
 #: writer's close, a store's pool) once the close deadline has passed.
 RELEASE_GRACE_S = 0.1
+
+# Runtime events per pack at most (see ``_packs``): well under the collector's young
+# threshold (700 allocations), so that the tuples are freed before a young pass.
+_PACK_MAX = 256
+# No packing for smaller batches: a pickler per few events costs more than it saves.
+_PACK_MIN = 64
 
 # Traces whose lost events are tracked for markers, at most (a flood of drops across
 # a million traces must not grow memory without bound; past it only totals count).
@@ -144,9 +151,23 @@ class BatchProcessor:
         self.name = name
         #: Counts of what went wrong (see the module docstring).
         self.failures: Counter[str] = Counter()
+        # Events and packs, in order: ``len(_buffer) + _extra`` events.
         self._buffer: deque[Any] = deque()
-        # The fast path appends while len(buffer) < _limit: max_buffer while running
-        # and nobody waits for room, else 0 (every submit takes the slow path).
+        # Events in the buffer's packs beyond one each (0 without packs).
+        self._extra = 0
+        # Runtime events per pack (a divisor of max_batch, so that a batch is whole
+        # packs), or 0: no packing (small batches, or a writer without ``pack``).
+        self._pack_size = 0
+        if max_batch >= _PACK_MIN and callable(getattr(writer, "pack", None)):
+            self._pack_size = max_batch // -(-max_batch // _PACK_MAX)
+        # The buffer's length at which the fast path calls _marked(): when its newest
+        # _pack_size entries are events to pack (packing), or when it holds a full
+        # batch (no packing).
+        self._mark = self._pack_size or max_batch
+        # Packing: whether the writer was woken for the full batch the buffer holds.
+        self._batch_woken = False
+        # The fast path appends while len(buffer) < _limit: max_buffer - _extra while
+        # running and nobody waits for room, else 0 (every submit takes the slow path).
         self._limit = 0
         # Events (never markers) taken for the write in flight and not yet resolved
         # (stored, refused or counted lost): a batch being split resolves part by
@@ -188,7 +209,7 @@ class BatchProcessor:
     @property
     def pending_events(self) -> int:
         """Events accepted and not yet written (buffered, waiting, or being written)."""
-        return len(self._buffer) + len(self._waiters) + self._in_flight
+        return len(self._buffer) + self._extra + len(self._waiters) + self._in_flight
 
     @property
     def closed(self) -> bool:
@@ -212,21 +233,71 @@ class BatchProcessor:
         if len(buffer) < self._limit:
             buffer.append(item)
             # Wake the writer for the first event (it then waits schedule_delay_s for
-            # more) and for a full batch. Only as the length reaches them: the writer
-            # waits only below a full batch, and items arrive one at a time, so a
-            # rise past max_batch passes through it. (Setting it for every item of a
-            # buffer behind the writer was ~0.2 us an event, measured.)
+            # more) and for a full batch; pack the newest events. Only as the length
+            # reaches a mark: items arrive one at a time, so a rise passes through
+            # it. (Setting the wake for every item of a buffer behind the writer was
+            # ~0.2 us an event, measured.)
             n = len(buffer)
-            if n == 1 or n == self.max_batch:
-                self._wake.set()  # type: ignore[union-attr]  # set once running
-                if n == self.max_batch and self.on_full == "block":
-                    # A full batch: one turn of the event loop, so that the writer
-                    # starts on it now even under a producer that never waits (a
-                    # bulk save_event loop): its work and the producer's overlap.
-                    # Not under "drop", whose producer is never held up at all.
-                    return _ONE_TURN
+            if n == 1 or n == self._mark:
+                return self._marked(n)
             return None
         return self._submit_slow(item)
+
+    def _marked(self, n: int) -> Awaitable[None] | None:
+        wake = self._wake
+        assert wake is not None  # set once running
+        if n != self._mark:  # the first event: the writer waits schedule_delay_s for more
+            wake.set()
+            return None
+        if self._pack_size:
+            # (A mark is never 1 then: the first event is not packed on its own.)
+            self._pack_newest()
+            if self._batch_woken or len(self._buffer) + self._extra < self.max_batch:
+                return None
+            self._batch_woken = True  # until the writer takes a batch
+        wake.set()
+        if self.on_full == "block":
+            # A full batch: one turn of the event loop, so that the writer starts on
+            # it now even under a producer that never waits (a bulk save_event
+            # loop): its work and the producer's overlap. Not under "drop", whose
+            # producer is never held up at all.
+            return _ONE_TURN
+        return None
+
+    def _pack_newest(self) -> None:
+        """Pack the buffer's newest ``_pack_size`` entries (events, by ``_mark``)."""
+        buffer, size = self._buffer, self._pack_size
+        pop = buffer.pop
+        items = [pop() for _ in range(size)]
+        items.reverse()
+        pack = None
+        try:
+            pack = self.writer.pack(items)  # type: ignore[attr-defined]
+        except Exception as exc:  # the events stay as they are: dumps_rows takes them
+            logger.debug("state_store_pack_failed", extra={
+                "store": self.name, "error": _text(exc)})
+        if type(pack) is Pack and pack.count == size:
+            buffer.append(pack)
+            self._extra += size - 1
+            if self._limit:
+                self._limit = self.max_buffer - self._extra
+        else:  # not now (a writer without a process, odd values): left as events
+            buffer.extend(items)
+        self._mark = len(buffer) + size
+
+    def _settle(self) -> None:
+        """Set ``_mark`` after the buffer changed other than by the fast path: the
+        fast path packs when the entries after the newest pack number _pack_size."""
+        size = self._pack_size
+        if not size:
+            return
+        buffer = self._buffer
+        loose = 0
+        for entry in reversed(buffer):
+            if type(entry) is Pack or loose == size - 1:
+                break
+            loose += 1
+        self._mark = len(buffer) + size - loose
 
     def _submit_slow(self, item: Any) -> Awaitable[None] | None:
         if self._closed:
@@ -238,8 +309,10 @@ class BatchProcessor:
         if self._task is None:
             self._start(item)
             return self.submit(item)
-        if len(self._buffer) + len(self._waiters) < self.max_buffer and not self._waiters:
+        if len(self._buffer) + self._extra + len(self._waiters) < self.max_buffer \
+                and not self._waiters:
             self._buffer.append(item)
+            self._settle()
             assert self._wake is not None
             self._wake.set()
             return None
@@ -264,7 +337,7 @@ class BatchProcessor:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._task = loop.create_task(self._run(), name=f"{self.name}-writer")
-        self._limit = self.max_buffer
+        self._limit = self.max_buffer - self._extra
         if hasattr(self.writer, "start"):
             # The writer's process (if it has one) starts while the first batch fills:
             # spawning it took ~80 ms, which the first write waited out.
@@ -310,11 +383,12 @@ class BatchProcessor:
                     # to prepare meanwhile, so wait for the write. Never loop without
                     # awaiting: that would hold the event loop for ever.
                     if sending.done() or not self._buffer or (
-                            len(self._buffer) < self.max_batch and not self._waiters):
+                            len(self._buffer) + self._extra < self.max_batch
+                            and not self._waiters):
                         await sending  # done, or nothing worth preparing meanwhile
                         sending = None
                         continue
-                elif len(self._buffer) < self.max_batch and not self._waiters \
+                elif len(self._buffer) + self._extra < self.max_batch and not self._waiters \
                         and not self._flushing:
                     wake.clear()
                     if not self._buffer and not (self._lost_by_trace and self._markers_due):
@@ -342,6 +416,7 @@ class BatchProcessor:
                 self._loop_ended = True
                 self._limit = 0  # every later submit takes the slow path, and refuses
                 self._buffer.clear()
+                self._extra = 0
 
     def _cut_short(self) -> None:
         """The writing task was cancelled without shutdown(): the event loop is ending
@@ -356,7 +431,7 @@ class BatchProcessor:
             "store": self.name, "events_not_stored": left,
             "hint": "await store.close() (or flow.stop()) before the event loop ends"})
 
-    async def _prepare(self, batch: list[Any]) -> Any:
+    async def _prepare(self, batch: Sequence[Any]) -> Any:
         """The writer's ``prepare(batch)`` (optional; see ``writer.py``), or None."""
         prepare = getattr(self.writer, "prepare", None)
         if prepare is None:
@@ -368,7 +443,7 @@ class BatchProcessor:
         except Exception:  # then write() prepares it again, and reports what fails
             return None
 
-    async def _send(self, batch: list[Any], prepared: Any) -> None:
+    async def _send(self, batch: Sequence[Any], prepared: Any) -> None:
         self._resolved = 0
         try:
             await self._write(batch, prepared)
@@ -405,14 +480,19 @@ class BatchProcessor:
         self._resolved += events
         self._in_flight -= events
 
-    def _take(self) -> list[Any]:
+    def _take(self) -> Sequence[Any]:
         buffer, limit = self._buffer, self.max_batch
-        if len(buffer) <= limit:
+        batch: Any
+        if self._extra:
+            batch = self._take_packed()
+        elif len(buffer) <= limit:
             batch = list(buffer)
             buffer.clear()
         else:
             popleft = buffer.popleft
             batch = [popleft() for _ in range(limit)]
+        self._batch_woken = False
+        self._settle()
         # Markers are not events: pending_events (and a close timeout's count of
         # events not stored) must not include them.
         self._in_flight += len(batch)
@@ -420,18 +500,43 @@ class BatchProcessor:
         if self._lost_by_trace and (batch or self._markers_due):
             batch += self._markers()
         self._admit_waiters()
-        return batch
+        return batch  # type: ignore[no-any-return]
+
+    def _take_packed(self) -> PackedBatch | list[Any]:
+        """Up to max_batch events from a buffer holding packs (whole packs only)."""
+        buffer, limit = self._buffer, self.max_batch
+        popleft = buffer.popleft
+        entries: list[Any] = []
+        events = 0
+        packs = 0
+        while buffer:
+            entry = buffer[0]
+            size = entry.count if type(entry) is Pack else 1
+            if events + size > limit and entries:
+                break
+            entries.append(popleft())
+            events += size
+            if type(entry) is Pack:
+                packs += 1
+                self._extra -= size - 1
+        if self._limit:
+            self._limit = self.max_buffer - self._extra
+        return PackedBatch(entries, events) if packs else entries
 
     def _admit_waiters(self) -> None:
         """Move waiting producers' items into the buffer, in order, while there is room."""
         waiters, buffer = self._waiters, self._buffer
-        while waiters and len(buffer) + self._in_flight < self.max_buffer:
+        admitted = False
+        while waiters and len(buffer) + self._extra + self._in_flight < self.max_buffer:
             item, future = waiters.popleft()
             buffer.append(item)
+            admitted = True
             if not future.done():
                 future.set_result(None)
+        if admitted:
+            self._settle()
         if not waiters and not self._closed:
-            self._limit = self.max_buffer
+            self._limit = self.max_buffer - self._extra
 
     def _markers(self) -> list[_Marker]:
         # Stamped with the latest lost event's time: a marker must not stretch the
@@ -451,7 +556,7 @@ class BatchProcessor:
         self._lost_ts.clear()
         return markers
 
-    async def _write(self, batch: list[Any], prepared: Any = None) -> None:
+    async def _write(self, batch: Sequence[Any], prepared: Any = None) -> None:
         """Write ``batch`` (retrying, then splitting it; see the module docstring);
         ``prepared``: what the writer's ``prepare`` made of it, for the first try."""
         delay = self.retry_delay_s
@@ -492,7 +597,7 @@ class BatchProcessor:
             self._written(batch, result)
             return
 
-    def _written(self, batch: list[Any], result: WriteResult) -> None:
+    def _written(self, batch: Sequence[Any], result: WriteResult) -> None:
         self._resolve(_events_in(batch))
         stored: Sequence[Any] = batch
         for counter, message in result.notices:
@@ -522,7 +627,7 @@ class BatchProcessor:
                 logger.error("state_store_follow_failed", extra={
                     "store": self.name, "error": _text(exc)})
 
-    def _write_failed(self, batch: list[Any], exc: BaseException, *,
+    def _write_failed(self, batch: Sequence[Any], exc: BaseException, *,
                       requeue: bool = True) -> None:
         events = [item for item in batch if type(item) is not _Marker]
         self._resolve(len(events))
@@ -580,7 +685,7 @@ class BatchProcessor:
         if self._task is None or self._task.done():
             return
         assert self._wake is not None
-        events = self._taken + len(self._buffer) + len(self._waiters)
+        events = self._taken + len(self._buffer) + self._extra + len(self._waiters)
         markers = self._marker_seq + len(self._lost_by_trace) if self._lost_by_trace else 0
         if self._flushed(events, markers):
             return
@@ -645,6 +750,7 @@ class BatchProcessor:
                 future.set_result(None)
         self._waiters.clear()
         self._buffer.clear()
+        self._extra = 0
         left = None if deadline is None else max(deadline - loop.time(), RELEASE_GRACE_S)
         try:
             await asyncio.wait_for(self.writer.close(), left)
@@ -662,6 +768,8 @@ class BatchProcessor:
 
 def _events_in(batch: Sequence[Any]) -> int:
     """The events of a batch (its markers, if any, are at its end)."""
+    if type(batch) is PackedBatch:
+        return batch.events + _events_in(batch.tail)
     n = len(batch)
     while n and type(batch[n - 1]) is _Marker:
         n -= 1

@@ -69,6 +69,7 @@ from penguiflow.state import (
 
 from ._base import ProcessedStore
 from ._events import events_of
+from ._packs import Pack, PackedBatch, as_list
 from ._records import BlockError, decode_block, tuple_rows
 from ._sqlite_write import (
     BUSY_TIMEOUT_MS,
@@ -313,7 +314,17 @@ class _ProcessOrThread:
         # Any runtime tuple sends the batch to the child; the first item is one in a
         # runtime batch, so the scan stops there (a set of every item's type was a
         # pass over the batch twice per write on the flow's thread).
-        return not self._fell_back and not any(type(item) is tuple for item in items)
+        # A PackedBatch holds runtime events by construction (packs come only from
+        # pack(), below, before any fall-back).
+        return not self._fell_back and type(items) is not PackedBatch and \
+            not any(type(item) is tuple for item in items)
+
+    def pack(self, items: list[Any]) -> Pack | None:
+        """The runtime events ``items`` pickled for the writer process now (see
+        ``_packs``); None once the thread writes instead."""
+        if self._fell_back:
+            return None
+        return self._writer.pack(items)  # type: ignore[attr-defined,no-any-return]
 
     async def start(self, first: Any = None) -> None:
         """Start the writer process now (the processor does when it starts, so the
@@ -340,12 +351,12 @@ class _ProcessOrThread:
         if self._to_thread(items):
             if self._thread is None:
                 self._thread = _ThreadWriter(self._path)
-            return await self._thread.write(items)
+            return await self._thread.write(as_list(items))
         try:
             if prepared is not None and not self._fell_back:
                 return await self._writer.write_prepared(  # type: ignore[attr-defined,no-any-return]
                     items, prepared)
-            return await self._writer.write(items)
+            return await self._writer.write(as_list(items) if self._fell_back else items)
         except _CannotStart as exc:
             if self._fell_back:
                 raise
@@ -355,7 +366,7 @@ class _ProcessOrThread:
                 "fallback": "writing on a thread of this process (writer='thread')"})
             await self._writer.close()
             self._writer = _ThreadWriter(self._path)
-            return await self._writer.write(items)
+            return await self._writer.write(as_list(items))
 
     async def close(self) -> None:
         try:

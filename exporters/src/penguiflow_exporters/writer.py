@@ -30,6 +30,14 @@ batch while the previous one is written, so the flow's process and the writer
 work at the same time; batches are still written one at a time, in order. A
 writer without ``prepare`` gets ``write`` only.
 
+Optional: ``pack(items)``, synchronous, takes a list of the runtime's plain
+tuples and returns a :class:`Pack` of them (their pickle, for a writer process) or
+None (not now). The processor calls it on the flow's path for each run of a few
+hundred runtime events as they arrive, and holds the pack instead of the tuples
+(the collector examines every tuple held, see ``_packs``). A writer with ``pack``
+may then be handed a :class:`PackedBatch`: a read-only sequence of the batch's items,
+in order, which unpacks itself when iterated, indexed inside a pack or sliced.
+
 Items are the runtime's :class:`~penguiflow.state.EventRecord` tuples and
 :class:`~penguiflow.state.StoredEvent` objects, in any mix.
 """
@@ -42,7 +50,9 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from penguiflow.state import EventRecord, StoredEvent
 
-__all__ = ["EventWriter", "WriteResult"]
+from ._packs import Pack, PackedBatch
+
+__all__ = ["EventWriter", "Pack", "PackedBatch", "WriteResult"]
 
 
 class WriteResult(NamedTuple):
