@@ -1364,3 +1364,51 @@ async def test_a_packed_batch_split_after_an_error_loses_only_the_event_at_fault
         [seq for seq in range(1, 1001) if seq != 777]
     assert [e.payload["events_lost"] for e in history if e.kind == "store_events_lost"] == [1]
     assert writers[0].sizes[1] == 1000 and 1 in writers[0].sizes  # split down to one
+
+
+class _PackFailsOnce:
+    """The store's real writer, whose first ``pack`` raises (a writer's bug)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.packs = 0
+
+    def pack(self, items: list[Any]) -> Any:
+        self.packs += 1
+        if self.packs == 1:
+            raise RuntimeError("injected: pack() failed")
+        return self._inner.pack(items)
+
+    async def write(self, items: Any) -> Any:
+        return await self._inner.write(items)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+@PROCESS_WRITERS
+async def test_events_that_cannot_be_packed_are_written_with_the_packed_ones(
+    make_store: StoreFactory,
+) -> None:
+    # Three runs of 250: the first meets a pack() that raises, the second holds an
+    # extra nested past the pickler's recursion limit; both stay events, which the
+    # batch writes between the packs, in order, with the third run (packed).
+    writers: list[_PackFailsOnce] = []
+
+    class PackFailsOnce(make_store.cls):  # type: ignore[misc,name-defined]
+        def _make_writer(self) -> Any:
+            writers.append(_PackFailsOnce(super()._make_writer()))
+            return writers[-1]
+
+    store = await make_store.make(PackFailsOnce)
+    sink = await warmed_sink(store)
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    for seq in range(1, 751):
+        sink(runtime_values("mixed", seq, extra={"deep": deep} if seq == 400 else None))
+    await within(store.flush())
+    assert writers[0].packs == 3 and store.failures["events_lost"] == 0
+    history = await store.load_history("mixed")
+    assert [e.seq for e in history] == list(range(1, 751))
+    assert "deep" in history[399].payload
