@@ -109,6 +109,13 @@ def _ns(ts: float) -> int:
         return 0 if ts != ts or ts < 0 else _NS_MAX
 
 
+def _call_index(extra: Mapping[str, Any]) -> int | None:
+    """The remote call's index as RemoteNode counted it (``remote_call_index``; absent
+    on an invocation's first call, so 0); None when it is not an int >= 0."""
+    given = extra.get("remote_call_index", 0)
+    return given if type(given) is int and given >= 0 else None
+
+
 def _streamed(span: SpanData, extra: Mapping[str, Any]) -> None:
     """The chunks an invocation streamed (ctx.emit_chunk with text, RemoteNode's
     included) and its time to the first, on its span: whether it then succeeded,
@@ -505,8 +512,8 @@ class SpanModel:
         if spans.remotes.get(key) is not None:  # an earlier call nothing ended
             self._cut_remote(spans, inv, ns, sc.ERROR_CANCELLED, "cut short by the next call")
         index = spans.remote_count.get(key, 0)
-        given = extra.get("remote_call_index", 0)  # absent on an invocation's first call
-        if type(given) is int and given >= 0:
+        given = _call_index(extra)
+        if given is not None:
             index = given  # RemoteNode's own count: the same ids in every process
         spans.remote_count[key] = index + 1
         spans.remote_index[key] = index
@@ -549,8 +556,8 @@ class SpanModel:
         names another call (an earlier one, ended already) by its index."""
         key = inv or ""
         span = spans.remotes.get(key)
-        given = extra.get("remote_call_index", 0)  # absent: the invocation's first call
-        if span is not None and type(given) is int and given != spans.remote_index.get(key):
+        given = _call_index(extra)
+        if span is not None and given is not None and given != spans.remote_index.get(key):
             return None
         return span
 

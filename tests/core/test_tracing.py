@@ -8,6 +8,7 @@ no global state is touched.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -1112,3 +1113,35 @@ async def test_a_trace_continued_after_stop_and_run_exports_its_root_once(
     roots = [s for s in spans if s.parent is None]
     assert len(roots) == 1
     assert all(s.parent.span_id == roots[0].context.span_id for s in spans if s.parent)
+
+
+@pytest.mark.parametrize("index", [-1, "0", True, 2.0, None])
+async def test_a_stored_remote_call_index_that_is_not_a_count_leaves_the_call_whole(
+        index: Any) -> None:
+    # ``remote_call_index`` is RemoteNode's own count (an int >= 0). A stored value
+    # that is not one (an old or foreign writer, a hand-edited file) is ignored by
+    # every remote event alike: the call keeps its chunks and its end.
+    store = InMemoryStateStore()
+    transport = InMemoryTransport({URL: InMemoryAgent(chunks=["a", "b"])})
+    remote = RemoteNode(transport=transport, skill="s", agent_url=URL, name="remote",
+                        streaming=True, policy=NodePolicy(validate="none"))
+    flow = create(remote.to(), state_store=store)
+    flow.run()
+    m = msg("x")
+    try:
+        await flow.emit(m)
+        await within(flow.fetch())
+    finally:
+        await flow.stop()
+    history = await store.load_history(m.trace_id)
+    odd = [dataclasses.replace(e, payload={**e.payload, "remote_call_index": index})
+           if e.kind.startswith("remote_") else e for e in history]
+
+    def client(events: Any) -> Any:
+        (span,) = [s for s in spans_from_events(events) if s.kind == "client"]
+        return span
+
+    expected, got = client(history), client(odd)
+    assert got.end_ns == expected.end_ns is not None
+    assert [e.name for e in got.events] == [e.name for e in expected.events]
+    assert got.attributes == expected.attributes and got.span_id == expected.span_id
