@@ -753,3 +753,30 @@ async def test_a_writer_process_that_cannot_start_falls_back_to_the_thread(
     warnings = [r for r in caplog.records
                 if r.getMessage() == "state_store_writer_process_unavailable"]
     assert len(warnings) == 1 and "not allowed" in str(warnings[0].__dict__["error"])
+
+
+async def test_events_packed_for_a_writer_process_that_never_started_go_to_the_thread(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Packing needs no process (it is a pickle), so runs of events are packed while
+    # the first batch waits; that batch then finds no process, and the thread writer
+    # takes it, packs unpacked.
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError("subprocesses are not allowed here")
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse)
+    with caplog.at_level(logging.WARNING, logger="penguiflow_exporters"):
+        async with SQLiteStateStore(tmp_path / "t.db", flush_interval_s=3600.0) as store:
+            sink = store.event_values_sink()
+            assert sink is not None
+            sink(tuple(fields("t", 1)))
+            assert store._processor is not None and store._processor._starting is not None
+            await asyncio.wait_for(store._processor._starting, 10)  # the writer is built
+            for seq in range(2, 602):
+                sink(tuple(fields("t", seq)))
+            await store.flush()
+            assert [e.seq for e in await store.load_history("t")] == list(range(1, 602))
+            assert store.failures["events_lost"] == 0
+    warnings = [r for r in caplog.records
+                if r.getMessage() == "state_store_writer_process_unavailable"]
+    assert len(warnings) == 1
