@@ -774,6 +774,7 @@ async def test_events_packed_for_a_writer_process_that_never_started_go_to_the_t
             await asyncio.wait_for(store._processor._starting, 10)  # the writer is built
             for seq in range(2, 602):
                 sink(tuple(fields("t", seq)))
+            assert store._processor._extra == 2 * 249  # packed while the batch waited
             await store.flush()
             assert [e.seq for e in await store.load_history("t")] == list(range(1, 602))
             assert store.failures["events_lost"] == 0

@@ -13,6 +13,7 @@ stores closed by the fixtures. A store known to break a case is listed in
 from __future__ import annotations
 
 import asyncio
+import enum
 import gc
 import itertools
 import logging
@@ -1288,23 +1289,33 @@ async def test_runtime_events_waiting_for_the_writer_do_not_make_the_collector_r
     assert young <= 3, f"{young} young collections while 20,000 events waited"
 
 
+class Colour(enum.Enum):
+    RED = "red"
+
+
 @PROCESS_WRITERS
-async def test_a_follower_gets_packed_events_as_they_were_saved(store: Any) -> None:
+async def test_a_follower_gets_each_event_as_stored_packed_or_not(store: Any) -> None:
+    # 1010 events: four packs of 250, then 10 left as they are. A follower gets the
+    # odd values of an extra (a read-only mapping, an enum) as the store writes them,
+    # whichever way the event went.
     sink = await warmed_sink(store)
     follower = await subscribed(store, "followed")
     try:
-        for seq in range(1, 1001):
-            extra = {"n": seq, "tag": "\u2028 \x1b[31m"} if seq % 100 == 0 else None
+        for seq in range(1, 1011):
+            extra = {"n": seq, "tag": "\u2028 \x1b[31m", "colour": Colour.RED} \
+                if seq % 100 == 0 or seq == 1005 else None
             sink(runtime_values("followed", seq, extra=MappingProxyType(extra)
                                 if extra else None))
+        assert store._processor._extra == 4 * 249  # packed, as the writer is held up
         await within(store.flush())
-        await follower.wait_until(lambda evs: sum(e.kind == "node_start" for e in evs) == 1000)
+        await follower.wait_until(lambda evs: sum(e.kind == "node_start" for e in evs) == 1010)
     finally:
         await follower.aclose()
     live = [e for e in follower.events if e.kind == "node_start"]
     assert live == [e for e in await store.load_history("followed") if e.kind == "node_start"]
-    assert [e.seq for e in live] == list(range(1, 1001))
+    assert [e.seq for e in live] == list(range(1, 1011))
     assert live[99].payload["n"] == 100 and live[99].payload["tag"] == "\u2028 \x1b[31m"
+    assert live[99].payload["colour"] == live[1004].payload["colour"] == "red"
     assert live[0].invocation_id == f"{1:016x}" and live[0].payload["latency_ms"] == 0.5
 
 
@@ -1315,6 +1326,7 @@ async def test_one_event_a_process_writer_refuses_inside_a_pack_is_the_only_one_
     sink = await warmed_sink(store)
     for seq in range(1, 601):
         sink(runtime_values("bad\x00id" if seq == 300 else "good", seq))
+    assert store._processor._extra == 2 * 249  # the bad one is inside the first pack
     await within(store.flush())
     assert store.failures["rejected"] == 1 and store.failures["events_lost"] == 1
     assert [e.seq for e in await store.load_history("good")] == \
@@ -1357,6 +1369,7 @@ async def test_a_packed_batch_split_after_an_error_loses_only_the_event_at_fault
     sink = await warmed_sink(store)
     for seq in range(1, 1001):
         sink(runtime_values("split", seq, "poison" if seq == 777 else "node_start"))
+    assert store._processor._extra == 4 * 249
     await within(store.flush())
     assert store.failures["events_lost"] == 1
     history = await store.load_history("split")
@@ -1371,11 +1384,11 @@ class _PackFailsOnce:
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
-        self.packs = 0
+        self.calls = 0
 
     def pack(self, items: list[Any]) -> Any:
-        self.packs += 1
-        if self.packs == 1:
+        self.calls += 1
+        if self.calls == 1:
             raise RuntimeError("injected: pack() failed")
         return self._inner.pack(items)
 
@@ -1407,8 +1420,9 @@ async def test_events_that_cannot_be_packed_are_written_with_the_packed_ones(
         deep = [deep]
     for seq in range(1, 751):
         sink(runtime_values("mixed", seq, extra={"deep": deep} if seq == 400 else None))
+    assert store._processor._extra == 249  # the third run alone was packed
     await within(store.flush())
-    assert writers[0].packs == 3 and store.failures["events_lost"] == 0
+    assert writers[0].calls == 3 and store.failures["events_lost"] == 0
     history = await store.load_history("mixed")
     assert [e.seq for e in history] == list(range(1, 751))
     assert "deep" in history[399].payload

@@ -24,6 +24,7 @@ from typing import Any
 from penguiflow.followers import Followers
 from penguiflow.state import EventRecord, StoredEvent, StoreUnavailable, stored_from_fields
 
+from ._writer_proc import as_sent
 from .processor import RELEASE_GRACE_S, BatchProcessor, OnFull
 from .writer import EventWriter
 
@@ -194,8 +195,10 @@ class ProcessedStore:
 
     def _publish(self, items: Sequence[Any]) -> None:
         if self._followers:
+            # A runtime event as its writer stores it (odd values of its extra made
+            # plain): the same whether it reached the writer packed or not.
             self._followers.publish(
-                stored_from_fields(item) if isinstance(item, tuple) else item  # type: ignore[arg-type]
+                stored_from_fields(as_sent(item)) if isinstance(item, tuple) else item  # type: ignore[arg-type]
                 for item in items)
 
     async def follow(self, trace_id: str | None = None) -> AsyncGenerator[StoredEvent, None]:
@@ -238,6 +241,14 @@ class _LazyWriter:
 
     async def write(self, items: Sequence[Any]) -> Any:
         return await (await self._built()).write(items)
+
+    def packs(self) -> bool:
+        """Whether :meth:`pack` would pack now: the writer is built and packs."""
+        writer = self._writer
+        if writer is None or getattr(writer, "pack", None) is None:
+            return False
+        packs = getattr(writer, "packs", None)
+        return not callable(packs) or bool(packs())
 
     def pack(self, items: list[Any]) -> Any:
         """The writer's ``pack`` (None before the writer is built, or without one)."""

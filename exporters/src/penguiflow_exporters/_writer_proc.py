@@ -38,7 +38,9 @@ from ._serve import Handler, describe, read_frame, serve, write_frame
 from .writer import WriteResult
 
 __all__ = ["AsyncWriterProcess", "Handler", "ProcessWriter", "WriterError", "describe",
-           "dumps_batch", "dumps_rows", "pack_rows", "read_frame", "serve", "write_frame"]
+           "as_sent", "dumps_batch", "dumps_rows", "pack_rows", "read_frame", "serve",
+           "write_frame"]
+
 
 class WriterError(Exception):
     """The writer process reported a failure (``types``: the exception's class names,
@@ -279,6 +281,7 @@ class _RowPickler(pickle.Pickler):
 
 
 _PLAIN = {tuple}
+_RUNTIME_LEN = 23  # an EventRecord's values
 
 # Rows pickled between two yields to the event loop (a few ms of work).
 _SLICE = 2000
@@ -318,6 +321,21 @@ def pack_rows(items: list[Any]) -> Pack | None:
     except (pickle.PicklingError, TypeError, ValueError, RecursionError, AttributeError):
         return None
     return Pack(buffer.getvalue(), len(items))
+
+
+def as_sent(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A runtime event's values as a writer process is sent them: the odd values of
+    its extra (a read-only mapping, an enum, a user object) made plain, as pickling
+    them for the writer does, so a follower gets the same event packed or not.
+    Values without an extra are returned as they are."""
+    if len(values) != _RUNTIME_LEN or values[-1] is None:
+        return values
+    buffer = io.BytesIO()
+    try:
+        _RowPickler(buffer, 5).dump(tuple(values))
+    except (pickle.PicklingError, TypeError, ValueError, RecursionError, AttributeError):
+        return values
+    return pickle.loads(buffer.getvalue())  # type: ignore[no-any-return]
 
 
 async def dumps_batch(items: Sequence[Any]) -> bytes:

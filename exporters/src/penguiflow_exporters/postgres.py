@@ -690,6 +690,10 @@ class _ProcessOrLoop:
             with contextlib.suppress(StateStoreError):
                 await self.process.start()
 
+    def packs(self) -> bool:
+        """Whether :meth:`pack` packs: until the loop writes instead."""
+        return self.process is not None
+
     def pack(self, items: list[Any]) -> Pack | None:
         """The runtime events ``items`` pickled for the writer process now (see
         ``_packs``); None once the loop writes instead."""

@@ -155,8 +155,10 @@ class BatchProcessor:
         self._buffer: deque[Any] = deque()
         # Events in the buffer's packs beyond one each (0 without packs).
         self._extra = 0
-        # Runtime events per pack (a divisor of max_batch, so that a batch is whole
-        # packs), or 0: no packing (small batches, or a writer without ``pack``).
+        # Runtime events per pack: max_batch cut into the fewest equal runs of at most
+        # _PACK_MAX, rounded down (2000 -> 250: a batch is whole packs; 2001 -> 250,
+        # and the full-batch wake comes a run later); 0: no packing (small batches,
+        # or a writer without ``pack``).
         self._pack_size = 0
         if max_batch >= _PACK_MIN and callable(getattr(writer, "pack", None)):
             self._pack_size = max_batch // -(-max_batch // _PACK_MAX)
@@ -267,6 +269,11 @@ class BatchProcessor:
     def _pack_newest(self) -> None:
         """Pack the buffer's newest ``_pack_size`` entries (events, by ``_mark``)."""
         buffer, size = self._buffer, self._pack_size
+        self._mark = len(buffer) + size  # the next run, whatever becomes of this one
+        if type(buffer[-1]) is not tuple or not self._writer_packs():
+            # StoredEvents (an import), or a writer that writes in this process now
+            # (a thread, the event loop, a fall-back): nothing to pack, nothing popped.
+            return
         pop = buffer.pop
         items = [pop() for _ in range(size)]
         items.reverse()
@@ -276,14 +283,27 @@ class BatchProcessor:
         except Exception as exc:  # the events stay as they are: dumps_rows takes them
             logger.debug("state_store_pack_failed", extra={
                 "store": self.name, "error": _text(exc)})
-        if type(pack) is Pack and pack.count == size:
-            buffer.append(pack)
-            self._extra += size - 1
-            if self._limit:
-                self._limit = self.max_buffer - self._extra
-        else:  # not now (a writer without a process, odd values): left as events
-            buffer.extend(items)
-        self._mark = len(buffer) + size
+        finally:  # (whatever pack() raised, the events are back in the buffer)
+            if type(pack) is Pack and pack.count == size:
+                buffer.append(pack)
+                self._extra += size - 1
+                if self._limit:
+                    self._limit = self.max_buffer - self._extra
+            else:  # not now (odd values): left as events, which dumps_rows takes
+                buffer.extend(items)
+            self._mark = len(buffer) + size
+
+    def _writer_packs(self) -> bool:
+        """The writer's ``packs()`` (True without one); False when it raises."""
+        packs = getattr(self.writer, "packs", None)
+        if packs is None:
+            return True
+        try:
+            return bool(packs())
+        except Exception as exc:
+            logger.debug("state_store_pack_failed", extra={
+                "store": self.name, "error": _text(exc)})
+            return False
 
     def _settle(self) -> None:
         """Set ``_mark`` after the buffer changed other than by the fast path: the

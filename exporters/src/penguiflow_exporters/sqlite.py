@@ -319,6 +319,10 @@ class _ProcessOrThread:
         return not self._fell_back and type(items) is not PackedBatch and \
             not any(type(item) is tuple for item in items)
 
+    def packs(self) -> bool:
+        """Whether :meth:`pack` packs: until the thread writes instead."""
+        return not self._fell_back
+
     def pack(self, items: list[Any]) -> Pack | None:
         """The runtime events ``items`` pickled for the writer process now (see
         ``_packs``); None once the thread writes instead."""

@@ -37,6 +37,9 @@ hundred runtime events as they arrive, and holds the pack instead of the tuples
 (the collector examines every tuple held, see ``_packs``). A writer with ``pack``
 may then be handed a :class:`PackedBatch`: a read-only sequence of the batch's items,
 in order, which unpacks itself when iterated, indexed inside a pack or sliced.
+A writer whose ability to pack can change (a fall-back to writing in this
+process) may also define ``packs() -> bool``: while it returns False, the
+processor does not offer it events to pack.
 
 Items are the runtime's :class:`~penguiflow.state.EventRecord` tuples and
 :class:`~penguiflow.state.StoredEvent` objects, in any mix.
