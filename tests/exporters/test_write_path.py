@@ -1120,6 +1120,68 @@ def test_a_store_never_closed_says_what_the_ending_loop_lost(
     assert line.__dict__["events_not_stored"] == 50 and "close()" in line.__dict__["hint"]
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_write_cut_off_by_the_ending_loop_is_counted_lost_and_not_stored(
+        tmp_path: Path, writer: str) -> None:
+    # The loop ended while a batch was being written: the write was cancelled (and
+    # rolled back), but its events had already left pending_events, so they were
+    # neither stored nor counted (0 of 300 lost).
+    held: list[_HungDatabase] = []
+    stores: list[SQLiteStateStore] = []
+
+    async def forgetful() -> None:
+        store, hung = await _hung_store(tmp_path / "t.db", writer=writer)
+        stores.append(store)
+        held.append(hung)
+        await store.save_events([event("stuck", i) for i in range(1, 301)])
+        deadline = time.monotonic() + 15
+        while store._processor._taken < 300:  # the batch is in the writer's hands
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        # ... and returns, never closing the store
+
+    try:
+        asyncio.run(forgetful())
+    finally:
+        for hung in held:
+            hung.release()
+    (store,) = stores
+    assert store.failures["abandoned"] == 300 and store.failures["events_lost"] == 300
+
+    async def stored() -> int:
+        async with SQLiteStateStore(tmp_path / "t.db", readonly=True) as reader:
+            return len(await reader.load_history("stuck"))
+
+    assert asyncio.run(stored()) == 0  # counted lost, and not also stored
+
+
+async def test_events_saved_while_close_writes_are_stored_or_counted(tmp_path: Path) -> None:
+    # close() flushed what was there when it was called, then cleared the buffer:
+    # events a concurrent task saved meanwhile were neither stored nor counted.
+    store = SQLiteStateStore(tmp_path / "t.db")
+    await store.save_events([event("before", i) for i in range(1, 1001)])
+    saved = 0
+
+    async def producer() -> None:
+        nonlocal saved
+        with contextlib.suppress(StoreUnavailable):  # once the store is closed
+            while True:
+                await store.save_event(event("during", 2000 + saved))
+                saved += 1
+                await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(producer())
+    await asyncio.sleep(0)
+    await store.close()
+    await task
+    async with SQLiteStateStore(tmp_path / "t.db", readonly=True) as reader:
+        during = len(await reader.load_history("during"))
+        before = len(await reader.load_history("before"))
+    assert before == 1000 and saved > 0
+    assert during + store.failures["events_lost"] == saved
+    assert store.failures["events_lost"] == 0  # nothing hung: all of them written
+
+
 def test_a_store_whose_event_loop_ended_refuses_the_next_one_plainly(tmp_path: Path) -> None:
     # Reused in a second asyncio.run(), the store took events onto a writer task of
     # the ended loop: never written, never counted, and close() raised

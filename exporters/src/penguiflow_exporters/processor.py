@@ -30,7 +30,11 @@ its cause: ``dropped``, ``rejected``, ``write_failed_events`` or ``abandoned``
 writes and ``write_failed`` batches.
 
 Shutdown is bounded: ``shutdown(timeout)`` writes what it can within the time and
-reports (logs, counts, returns) how many events it could not store.
+reports (logs, counts, returns) how many events it could not store, the batch being
+written when the time ran out included. Events submitted while its flush runs are
+written too; from then on ``submit`` raises. An event loop that ends with the
+processor never shut down cancels the write in flight: its events, and those
+buffered, are counted ``abandoned``.
 """
 
 from __future__ import annotations
@@ -465,11 +469,21 @@ class BatchProcessor:
 
     async def _send(self, batch: Sequence[Any], prepared: Any) -> None:
         self._resolved = 0
+        cut = False
         try:
             await self._write(batch, prepared)
+        except BaseException:
+            cut = True
+            raise
         finally:
             events = _events_in(batch)
-            self._in_flight -= events - self._resolved
+            if not cut:
+                self._in_flight -= events - self._resolved
+            # Cut off (a shutdown's deadline, the event loop ending): its unresolved
+            # events stay pending, and whoever ended the write counts them lost. A
+            # cancelled write is rolled back (the thread's transaction interrupted,
+            # the writer process killed mid-frame); before, they left pending_events
+            # uncounted: neither stored nor lost.
             self._resolved = 0
             self._finished += events
             if events < len(batch):
@@ -735,17 +749,23 @@ class BatchProcessor:
             self._closing = asyncio.get_running_loop().create_task(self._shutdown(timeout))
         return await asyncio.shield(self._closing)
 
+    async def _flush_to_close(self) -> None:
+        await self.flush()
+        # No event is taken from here on (submit raises StoreUnavailable), and those
+        # submitted while the flush above ran are written too: they were left in the
+        # buffer and cleared, neither stored nor counted.
+        self._closed = True
+        self._limit = 0
+        await self.flush()
+
     async def _shutdown(self, timeout: float | None) -> int:
-        abandoned = 0
         # One deadline for the whole shutdown: writing what is left, then closing the
         # writer with what remains of it (a grace of RELEASE_GRACE_S at least, to release
         # the backend's connection or process cleanly).
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        try:
-            await asyncio.wait_for(self.flush(), timeout)
-        except TimeoutError:
-            abandoned = self.pending_events
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flush_to_close(), timeout)
         self._closed = True
         self._limit = 0
         for task in (self._task, self._starting):
@@ -753,6 +773,9 @@ class BatchProcessor:
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        # Counted once the writer task is stopped: the batch it was writing when the
+        # time ran out is among them (see _send).
+        abandoned = self.pending_events
         if abandoned:
             items = list(self._buffer) + [item for item, _ in self._waiters]
             self.failures["abandoned"] += abandoned
