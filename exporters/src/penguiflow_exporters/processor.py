@@ -199,6 +199,10 @@ class BatchProcessor:
         self._markers_finished = 0
         self._flushes: list[tuple[int, int, asyncio.Future[None]]] = []
         self._closed = False
+        # Set by shutdown once it stops taking events (its second flush): submit
+        # raises from then on. Not _closed, which ends retries and tells the writer
+        # task that shutdown counts what is left.
+        self._refusing = False
         self._lost_by_trace: Counter[str] = Counter()
         self._marker_flow = f"penguiflow-lost-{uuid.uuid4().hex}"
         self._marker_seq = 0
@@ -324,7 +328,7 @@ class BatchProcessor:
         self._mark = len(buffer) + size - loose
 
     def _submit_slow(self, item: Any) -> Awaitable[None] | None:
-        if self._closed:
+        if self._closed or self._refusing:
             raise StoreUnavailable(f"{self.name} is closed; create a new one")
         if self._loop_ended:
             raise StoreUnavailable(
@@ -439,21 +443,35 @@ class BatchProcessor:
                 self._cut_short()
                 self._loop_ended = True
                 self._limit = 0  # every later submit takes the slow path, and refuses
-                self._buffer.clear()
-                self._extra = 0
 
     def _cut_short(self) -> None:
         """The writing task was cancelled without shutdown(): the event loop is ending
         (``asyncio.run`` returned) with the store never closed. What it still held is
         lost: counted and said, not silently."""
-        left = self.pending_events
-        if not left:
-            return
-        self.failures["abandoned"] += left
-        self.failures["events_lost"] += left
-        logger.error("state_store_not_closed", extra={
-            "store": self.name, "events_not_stored": left,
+        self._abandon("state_store_not_closed", {
             "hint": "await store.close() (or flow.stop()) before the event loop ends"})
+
+    def _abandon(self, message: str, details: dict[str, Any]) -> int:
+        """Count what is still pending as abandoned (once: it is then forgotten, so a
+        later close() finds nothing more), log ``message`` if anything was, and let
+        waiting producers go on. Returns the count."""
+        left = self.pending_events
+        if left:
+            self.failures["abandoned"] += left
+            self.failures["events_lost"] += left
+            logger.error(message, extra={
+                "store": self.name, "events_not_stored": left, **details})
+        for _, future in self._waiters:
+            # Resolved, not failed: the runtime awaits these on a node's path, and
+            # an observer closing must not fail the flow it observes. Their events
+            # were counted above.
+            if not future.done():
+                future.set_result(None)
+        self._waiters.clear()
+        self._buffer.clear()
+        self._extra = 0
+        self._in_flight = 0
+        return left
 
     async def _prepare(self, batch: Sequence[Any]) -> Any:
         """The writer's ``prepare(batch)`` (optional; see ``writer.py``), or None."""
@@ -480,10 +498,12 @@ class BatchProcessor:
             if not cut:
                 self._in_flight -= events - self._resolved
             # Cut off (a shutdown's deadline, the event loop ending): its unresolved
-            # events stay pending, and whoever ended the write counts them lost. A
-            # cancelled write is rolled back (the thread's transaction interrupted,
-            # the writer process killed mid-frame); before, they left pending_events
-            # uncounted: neither stored nor lost.
+            # events stay pending, and whoever ended the write counts them lost
+            # (before, they left pending_events uncounted: neither stored nor lost).
+            # A cancelled write is rolled back (the thread's transaction interrupted,
+            # the writer process killed mid-frame), unless the database committed it
+            # in the instant before the cut: then its events are stored and counted
+            # too. The race errs that way, never towards a loss left uncounted.
             self._resolved = 0
             self._finished += events
             if events < len(batch):
@@ -569,7 +589,7 @@ class BatchProcessor:
                 future.set_result(None)
         if admitted:
             self._settle()
-        if not waiters and not self._closed:
+        if not waiters and not self._closed and not self._refusing:
             self._limit = self.max_buffer - self._extra
 
     def _markers(self) -> list[_Marker]:
@@ -754,7 +774,7 @@ class BatchProcessor:
         # No event is taken from here on (submit raises StoreUnavailable), and those
         # submitted while the flush above ran are written too: they were left in the
         # buffer and cleared, neither stored nor counted.
-        self._closed = True
+        self._refusing = True
         self._limit = 0
         await self.flush()
 
@@ -768,32 +788,21 @@ class BatchProcessor:
             await asyncio.wait_for(self._flush_to_close(), timeout)
         self._closed = True
         self._limit = 0
-        for task in (self._task, self._starting):
-            # Done already (or of an event loop that ended): nothing to wait for.
-            if task is not None and not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        # Counted once the writer task is stopped: the batch it was writing when the
-        # time ran out is among them (see _send).
-        abandoned = self.pending_events
-        if abandoned:
-            items = list(self._buffer) + [item for item, _ in self._waiters]
-            self.failures["abandoned"] += abandoned
-            self.failures["events_lost"] += abandoned
-            logger.error("state_store_close_timeout", extra={
-                "store": self.name, "timeout_s": timeout, "events_not_stored": abandoned,
+        try:
+            for task in (self._task, self._starting):
+                # Done already (or of an event loop that ended): nothing to wait for.
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+        finally:
+            # Counted once the writer task is stopped: the batch it was writing when
+            # the time ran out is among them (see _send). In a finally: a shutdown
+            # cancelled here (the event loop ending) still counts them, the writer
+            # task no longer does (_closed).
+            abandoned = self._abandon("state_store_close_timeout", {
+                "timeout_s": timeout,
                 "hint": "the database or the writer hangs; raise close_timeout_s to wait "
                         "longer"})
-            del items
-        for _, future in self._waiters:
-            # Resolved, not failed: the runtime awaits these on a node's path, and
-            # an observer closing must not fail the flow it observes. Their events
-            # were counted above (abandoned) and logged.
-            if not future.done():
-                future.set_result(None)
-        self._waiters.clear()
-        self._buffer.clear()
-        self._extra = 0
         left = None if deadline is None else max(deadline - loop.time(), RELEASE_GRACE_S)
         try:
             await asyncio.wait_for(self.writer.close(), left)
