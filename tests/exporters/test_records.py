@@ -295,6 +295,16 @@ def test_a_batch_of_many_traces_stores_what_each_block_on_its_own_stores(
         assert _same([tuple(r) for r in decode_block(block.data)], [tuple(r) for r in alone])
         assert (block.n, block.ts_lo, block.ts_hi) == (
             len(group), min(r[1] for r in group), max(r[1] for r in group))
+    # Traces longer than a block: each block holds its own slice of the batch's rows.
+    chunks = [(trace, offset, group[offset:offset + 3]) for trace, group in groups.items()
+              for offset in range(0, len(group), 3)]
+    small = _records.block_rows(groups, 3)
+    assert [(b.trace_id, b.offset, b.n) for b in small] == [
+        (trace, offset, len(chunk)) for trace, offset, chunk in chunks]
+    for block, (_trace, _offset, chunk) in zip(small, chunks, strict=True):
+        alone = decode_block(encode_block(chunk))
+        assert _same([tuple(r) for r in decode_block(block.data)], [tuple(r) for r in alone])
+        assert (block.ts_lo, block.ts_hi) == (min(r[1] for r in chunk), max(r[1] for r in chunk))
 
 
 def test_equal_extras_of_different_types_read_back_as_written() -> None:
