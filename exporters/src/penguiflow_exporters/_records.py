@@ -984,17 +984,15 @@ def iter_blocks(groups: Mapping[Any, Sequence[RowLike]],
     SQLite batch's time (measured).
     """
     shape = _BatchShape.of(groups)
-    start = 0  # the group's first row among the batch's (in the order of ``groups``)
     for trace_id, group in groups.items():
         for offset in range(0, len(group), max_events):
             chunk = group[offset:offset + max_events]
             if shape is not None:
-                yield shape.block(trace_id, offset, start + offset, chunk, ascii_only)
+                yield shape.block(trace_id, offset, chunk, ascii_only)
                 continue
             stamps = list(map(_ts_of, chunk))
             yield Block(trace_id, offset, len(chunk), min(stamps), max(stamps),
                         encode_block(chunk, ascii_only=ascii_only))
-        start += len(group)
 
 
 #: Events per block on average above which a batch takes the general path.
@@ -1011,17 +1009,12 @@ class _BatchShape:
     text (a few %) for a fraction of the time.
     """
 
-    __slots__ = ("columns", "finite", "names", "same", "stamps")
+    __slots__ = ("finite", "names", "positions", "same")
 
-    def __init__(self, same: dict[str, Any], names: list[str], finite: bool,
-                 columns: Sequence[tuple[Any, ...]]) -> None:
+    def __init__(self, same: dict[str, Any], names: list[str], finite: bool) -> None:
         self.same = same
         self.names = names
-        #: The batch's columns of ``names`` (rows in the order of its groups), and its
-        #: timestamps: a block's are slices of them, where transposing each block's
-        #: rows again cost ~0.4 us an event (measured on chain N=5's batches).
-        self.columns = [columns[_COLUMN_INDEX[name]] for name in names]
-        self.stamps = columns[_TS]
+        self.positions = [_COLUMN_INDEX[name] for name in names]
         #: No NaN or infinity anywhere in the batch: its blocks may go through orjson,
         #: which writes them as null (pydantic-core writes NaN, Infinity).
         self.finite = finite
@@ -1078,19 +1071,17 @@ class _BatchShape:
         if odd and not _plain(odd, ints=False):
             return None
         return cls(same, [name for name in COLUMNS if name in cols and name != "trace_id"],
-                   finite, columns)
+                   finite)
 
-    def block(self, trace_id: Any, offset: int, start: int, chunk: Sequence[RowLike],
+    def block(self, trace_id: Any, offset: int, chunk: Sequence[RowLike],
               ascii_only: bool) -> Block:
-        """The block of ``chunk``: rows of ``trace_id`` in this batch, the batch's
-        rows ``start`` onwards (in the order of its groups)."""
+        """The block of ``chunk`` (rows of ``trace_id`` in this batch)."""
         n = len(chunk)
-        end = start + n
-        cols = {name: column[start:end]
-                for name, column in zip(self.names, self.columns, strict=True)}
+        columns = list(zip(*chunk, strict=True))
+        cols = dict(zip(self.names, map(columns.__getitem__, self.positions), strict=True))
         if n >= _INDEXED_MIN:
             _index(cols)
-        stamps = self.stamps[start:end]
+        stamps = columns[_TS]
         doc = {"v": 2, "n": n, "trace_id": trace_id, "cols": cols, "same": self.same}
         if self.finite and not ascii_only:
             # orjson writes JSON's own values as pydantic-core does, ~2.5x faster
