@@ -1158,6 +1158,9 @@ def test_a_write_cut_off_by_the_ending_loop_is_counted_lost_and_not_stored(
     assert store.failures["events_lost"] == 300 and store.pending_events == 0
 
 
+_DURING_CLOSE = 3000  # events a test saves while close() runs, at most
+
+
 class _OnceRefusing:
     """The store's real writer, until its processor refuses new events (the second
     flush of a close): then a write hangs (``hang``) or fails once as unavailable."""
@@ -1194,13 +1197,13 @@ def _refusing_store(path: Path, hang: bool) -> Any:
 
 
 async def _save_during_close(store: SQLiteStateStore) -> tuple[asyncio.Future[None], list[int]]:
-    """Save 1,000 events, then start a task saving more until the store refuses."""
+    """Save 1,000 events, then start a task saving more (until the store refuses)."""
     await store.save_events([event("before", i) for i in range(1, 1001)])
     saved = [1000]
 
     async def producer() -> None:
         with contextlib.suppress(StoreUnavailable):
-            while True:
+            while saved[0] < 1000 + _DURING_CLOSE:
                 await store.save_event(event("during", 2000 + saved[0]))
                 saved[0] += 1
                 await asyncio.sleep(0)
@@ -1259,8 +1262,11 @@ async def test_events_saved_while_close_writes_are_stored_or_counted(tmp_path: P
 
     async def producer() -> None:
         nonlocal saved
+        # A few thousand: all of them within close's time even on a slow machine (a
+        # producer that never stops saves faster than a writer writes: then close
+        # rightly gives up what it could not write in time).
         with contextlib.suppress(StoreUnavailable):  # once the store is closed
-            while True:
+            while saved < _DURING_CLOSE:
                 await store.save_event(event("during", 2000 + saved))
                 saved += 1
                 await asyncio.sleep(0)
