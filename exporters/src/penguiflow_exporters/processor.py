@@ -26,7 +26,8 @@ back-off, then lost; one that raises anything else is split in halves, each
 written on its own, down to the single events the backend refuses. Every event
 not stored is counted exactly once in ``failures["events_lost"]``, and once under
 its cause: ``dropped``, ``rejected``, ``write_failed_events`` or ``abandoned``
-(still buffered when ``shutdown`` gave up). ``failures`` also counts ``retried``
+(still buffered or being written when ``shutdown`` gave up or the event loop
+ended). ``failures`` also counts ``retried``
 writes and ``write_failed`` batches.
 
 Shutdown is bounded: ``shutdown(timeout)`` writes what it can within the time and
@@ -223,7 +224,8 @@ class BatchProcessor:
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`shutdown` was called."""
+        """True once :meth:`shutdown` has stopped writing (it refuses new events a
+        little earlier: from its second flush on, see the module docstring)."""
         return self._closed
 
     def submit(self, item: Any) -> Awaitable[None] | None:
