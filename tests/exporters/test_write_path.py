@@ -1147,18 +1147,16 @@ def test_a_write_cut_off_by_the_ending_loop_is_counted_lost_and_not_stored(
             hung.release()
     (store,) = stores
     assert store.failures["abandoned"] == 300 and store.failures["events_lost"] == 300
-
-    async def stored() -> int:
-        async with SQLiteStateStore(tmp_path / "t.db", readonly=True) as reader:
-            return len(await reader.load_history("stuck"))
-
-    assert asyncio.run(stored()) == 0  # counted lost, and not also stored
+    assert asyncio.run(_stored(tmp_path / "t.db", "stuck")) == 0  # not also stored
     # A close() in a later loop finds nothing more to count (it counted them again).
     asyncio.run(store.close())
     assert store.failures["events_lost"] == 300 and store.pending_events == 0
 
 
-_DURING_CLOSE = 3000  # events a test saves while close() runs, at most
+# Events a test saves while close() runs, at most: a few thousand are written within
+# close's time even on a slow machine (a producer that never stops saves faster than
+# a writer writes: then close rightly gives up what it could not write in time).
+_DURING_CLOSE = 3000
 
 
 class _OnceRefusing:
@@ -1257,29 +1255,12 @@ async def test_events_saved_while_close_writes_are_stored_or_counted(tmp_path: P
     # close() flushed what was there when it was called, then cleared the buffer:
     # events a concurrent task saved meanwhile were neither stored nor counted.
     store = SQLiteStateStore(tmp_path / "t.db")
-    await store.save_events([event("before", i) for i in range(1, 1001)])
-    saved = 0
-
-    async def producer() -> None:
-        nonlocal saved
-        # A few thousand: all of them within close's time even on a slow machine (a
-        # producer that never stops saves faster than a writer writes: then close
-        # rightly gives up what it could not write in time).
-        with contextlib.suppress(StoreUnavailable):  # once the store is closed
-            while saved < _DURING_CLOSE:
-                await store.save_event(event("during", 2000 + saved))
-                saved += 1
-                await asyncio.sleep(0)
-
-    task = asyncio.ensure_future(producer())
-    await asyncio.sleep(0)
+    producer, saved = await _save_during_close(store)
     await store.close()
-    await task
-    async with SQLiteStateStore(tmp_path / "t.db", readonly=True) as reader:
-        during = len(await reader.load_history("during"))
-        before = len(await reader.load_history("before"))
-    assert before == 1000 and saved > 0
-    assert during + store.failures["events_lost"] == saved
+    await producer
+    during = await _stored(tmp_path / "t.db", "during")
+    assert await _stored(tmp_path / "t.db", "before") == 1000 and saved[0] > 1000
+    assert 1000 + during + store.failures["events_lost"] == saved[0]
     assert store.failures["events_lost"] == 0  # nothing hung: all of them written
 
 

@@ -200,9 +200,9 @@ class BatchProcessor:
         self._markers_finished = 0
         self._flushes: list[tuple[int, int, asyncio.Future[None]]] = []
         self._closed = False
-        # Set by shutdown once it stops taking events (its second flush): submit
-        # raises from then on. Not _closed, which ends retries and tells the writer
-        # task that shutdown counts what is left.
+        # Set by shutdown once it stops taking events (its second flush, or when
+        # it closes): submit raises from then on. Not _closed, which ends retries
+        # and tells the writer task that shutdown counts what is left.
         self._refusing = False
         self._lost_by_trace: Counter[str] = Counter()
         self._marker_flow = f"penguiflow-lost-{uuid.uuid4().hex}"
@@ -330,7 +330,7 @@ class BatchProcessor:
         self._mark = len(buffer) + size - loose
 
     def _submit_slow(self, item: Any) -> Awaitable[None] | None:
-        if self._closed or self._refusing:
+        if self._refusing:
             raise StoreUnavailable(f"{self.name} is closed; create a new one")
         if self._loop_ended:
             raise StoreUnavailable(
@@ -489,23 +489,19 @@ class BatchProcessor:
 
     async def _send(self, batch: Sequence[Any], prepared: Any) -> None:
         self._resolved = 0
-        cut = False
+        events = _events_in(batch)
         try:
             await self._write(batch, prepared)
-        except BaseException:
-            cut = True
-            raise
+            # Only a write that ran to its end settles its events here. One cut off
+            # (a shutdown's deadline, the event loop ending) leaves its unresolved
+            # events pending, and whoever ended it counts them lost (before, they
+            # left pending_events uncounted: neither stored nor lost). A cancelled
+            # write is rolled back (the thread's transaction interrupted, the writer
+            # process killed mid-frame), unless the database committed it in the
+            # instant before the cut: then its events are stored and counted too.
+            # The race errs that way, never towards a loss left uncounted.
+            self._in_flight -= events - self._resolved
         finally:
-            events = _events_in(batch)
-            if not cut:
-                self._in_flight -= events - self._resolved
-            # Cut off (a shutdown's deadline, the event loop ending): its unresolved
-            # events stay pending, and whoever ended the write counts them lost
-            # (before, they left pending_events uncounted: neither stored nor lost).
-            # A cancelled write is rolled back (the thread's transaction interrupted,
-            # the writer process killed mid-frame), unless the database committed it
-            # in the instant before the cut: then its events are stored and counted
-            # too. The race errs that way, never towards a loss left uncounted.
             self._resolved = 0
             self._finished += events
             if events < len(batch):
@@ -591,7 +587,7 @@ class BatchProcessor:
                 future.set_result(None)
         if admitted:
             self._settle()
-        if not waiters and not self._closed and not self._refusing:
+        if not waiters and not self._refusing:
             self._limit = self.max_buffer - self._extra
 
     def _markers(self) -> list[_Marker]:
@@ -788,7 +784,7 @@ class BatchProcessor:
         deadline = None if timeout is None else loop.time() + timeout
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._flush_to_close(), timeout)
-        self._closed = True
+        self._closed = self._refusing = True
         self._limit = 0
         try:
             for task in (self._task, self._starting):
