@@ -36,23 +36,53 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@contextlib.asynccontextmanager
-async def serving(kind: str, chunks: int = 0) -> AsyncIterator[str]:
-    """Run ``a2a_servers.py KIND`` in a child process; yield its base URL."""
-    port = _free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(HERE / "a2a_servers.py"), kind, str(port), str(chunks),
-        stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+class _Server:
+    """``a2a_servers.py KIND`` started in a child process; :meth:`url` waits until it
+    listens."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, kind: str, port: int) -> None:
+        self.proc, self.kind, self.port = proc, kind, port
+        self._ready: asyncio.Future[str] | None = None
+
+    async def url(self) -> str:
+        """The base URL, once the server said ``ready``; RuntimeError if it did not."""
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(self._wait_ready())
+        return await self._ready
+
+    async def _wait_ready(self) -> str:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 30)
         if line.strip() != b"ready":
-            raise RuntimeError(f"the {kind} A2A server did not start (said {line!r})")
-        yield f"http://127.0.0.1:{port}"
+            raise RuntimeError(f"the {self.kind} A2A server did not start (said {line!r})")
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def serving(*specs: tuple[str, int]) -> AsyncIterator[dict[str, _Server]]:
+    """Start every ``(kind, chunks)`` server at once (their imports overlap: each
+    takes ~2 s to start, most of the quick mode's time when started one after
+    another) and wait until each listens or failed, so that none is still starting
+    while a row is timed; yield them by kind; stop them all on exit."""
+    servers: dict[str, _Server] = {}
+    try:
+        for kind, chunks in specs:
+            port = _free_port()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(HERE / "a2a_servers.py"), kind, str(port), str(chunks),
+                stdout=subprocess.PIPE)
+            servers[kind] = _Server(proc, kind, port)
+        # A server that failed to start fails its row (when it asks for the URL) only.
+        await asyncio.gather(*(server.url() for server in servers.values()),
+                             return_exceptions=True)
+        yield servers
     finally:
-        proc.terminate()
-        with contextlib.suppress(ProcessLookupError):
-            await asyncio.wait_for(proc.wait(), 10)
+        for server in servers.values():
+            with contextlib.suppress(ProcessLookupError):
+                server.proc.terminate()
+        for server in servers.values():
+            with contextlib.suppress(ProcessLookupError, asyncio.TimeoutError):
+                await asyncio.wait_for(server.proc.wait(), 10)
 
 
 def _send_body(text: str) -> bytes:
@@ -74,11 +104,11 @@ async def _round_trips(client: Any, url: str, count: int) -> dict[str, float]:
     return {"us": (time.perf_counter() - start) / count * 1e6}
 
 
-async def round_trip_row(reps: int, count: int) -> Row:
+async def round_trip_row(servers: dict[str, _Server], reps: int, count: int) -> Row:
     import httpx
 
-    async with serving("ours") as ours_url, serving("sdk") as sdk_url, \
-            httpx.AsyncClient(timeout=30) as client:
+    ours_url, sdk_url = await servers["ours"].url(), await servers["sdk"].url()
+    async with httpx.AsyncClient(timeout=30) as client:
         for url in (ours_url, sdk_url):  # warm-up: connections, first-call imports
             await _round_trips(client, url, max(10, count // 10))
         sdk, ours = await interleave([
@@ -125,13 +155,13 @@ async def _stream_ours(transport: Any, url: str, chunks: int) -> dict[str, float
     return {"chunks_s": seen / elapsed}
 
 
-async def streaming_row(reps: int, chunks: int) -> Row:
+async def streaming_row(servers: dict[str, _Server], reps: int, chunks: int) -> Row:
     import httpx
 
     from penguiflow_a2a import A2AClientTransport
 
-    async with serving("sdk-stream", chunks) as url, \
-            httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client:
+    url = await servers["sdk-stream"].url()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client:
         transport = A2AClientTransport(httpx_client=client)
         await _stream_httpx(client, url, chunks)  # warm-up (and the card is cached)
         await _stream_ours(transport, url, chunks)
@@ -149,11 +179,14 @@ async def streaming_row(reps: int, chunks: int) -> Row:
 async def a2a_rows(reps: int, quick: bool, progress: Callable[[str], None]) -> list[Row]:
     """Both rows; a row that cannot run says why instead of failing the table."""
     rows: list[Row] = []
-    for name, make in (("A2A round trip", lambda: round_trip_row(reps, 20 if quick else 300)),
-                       ("A2A streaming", lambda: streaming_row(reps, 50 if quick else 2000))):
-        progress(name)
-        try:
-            rows.append(await make())
-        except Exception as exc:
-            rows.append(Row(name, "", None, None, note=f"skipped: {exc!r}"))
+    chunks = 50 if quick else 2000
+    async with serving(("ours", 0), ("sdk", 0), ("sdk-stream", chunks)) as servers:
+        for name, make in (
+                ("A2A round trip", lambda: round_trip_row(servers, reps, 20 if quick else 300)),
+                ("A2A streaming", lambda: streaming_row(servers, reps, chunks))):
+            progress(name)
+            try:
+                rows.append(await make())
+            except Exception as exc:
+                rows.append(Row(name, "", None, None, note=f"skipped: {exc!r}"))
     return rows
