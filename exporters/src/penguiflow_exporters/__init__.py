@@ -1,4 +1,5 @@
-"""PenguiFlow exporters: durable StateStores (SQLite, Postgres) and, later, tracing.
+"""PenguiFlow exporters: durable StateStores (SQLite, Postgres), OpenTelemetry set-up
+(``otel``) and log correlation (``logging``).
 
 Dependency direction: this package depends on ``penguiflow``; the core never
 imports it.

@@ -394,8 +394,9 @@ class SQLiteStateStore(ProcessedStore):
             ``readonly``).
         writer: ``"process"`` (default) or ``"thread"``: where batches are written.
         readonly: open for reading only (see the module docstring).
-        close_timeout_s: how long ``close()`` (and so ``PenguiFlow.stop()``) waits
-            for buffered events to be written before giving them up (counted).
+        close_timeout_s: how long ``close()`` waits for buffered events to be
+            written before giving them up (counted). ``PenguiFlow.stop()`` does not
+            close the store: it flushes it, bounded by its own ``store_timeout_s``.
         **options: the processor's ``on_full`` (``"block"``), ``max_batch`` (here
             10,000 by default), ``max_buffer``, ``schedule_delay_s``, ``retries``
             (``batch_size`` and ``flush_interval_s`` are accepted as older names).
@@ -695,7 +696,8 @@ class SQLiteStateStore(ProcessedStore):
                                 limit: int) -> Sequence[StoredEvent]:
         """At most ``limit`` events of ``trace_id`` after the first ``offset`` (see TraceStore).
 
-        The skipped rows are walked on the ``(trace_id, id)`` index, not decoded.
+        Only the blocks holding those events are read, sought on the
+        ``blocks (trace_key, first)`` index; the skipped events are not decoded.
 
         Raises:
             ValueError: ``limit < 1`` or ``offset < 0``.

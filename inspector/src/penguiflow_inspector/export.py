@@ -79,8 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("trace_id", metavar="TRACE_ID",
                         help="the trace to export; a unique prefix of its id is enough")
     parser.add_argument("--store", metavar="URL", default=None,
-                        help="where the trace was recorded: sqlite:///path.db, "
-                             "postgresql://user@host:port/db or memory:// "
+                        help="where the trace was recorded: sqlite:///path.db or "
+                             "postgresql://user@host:port/db "
                              "(default: $PENGUIFLOW_STORE, else sqlite:///.penguiflow/traces.db)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--otlp", metavar="URL", default=None,
