@@ -108,7 +108,7 @@ class FlowMetrics:
                 "cancelled" if error_type == sc.ERROR_CANCELLED else
                 "error" if error_type is not None else "success")
             labels: dict[str, Any] = {
-                "pf.remote.outcome": outcome,
+                sc.PF_REMOTE_OUTCOME: outcome,
                 sc.A2A_METHOD_NAME: attrs.get(sc.A2A_METHOD_NAME, "?"),
                 sc.GEN_AI_AGENT_NAME: attrs.get(sc.GEN_AI_AGENT_NAME, "?"),
             }
@@ -176,5 +176,5 @@ class FlowMetrics:
         for flow in list(self._flows):
             for kind, count in flow.observer_failures.items():
                 totals[kind] = totals.get(kind, 0) + count
-        return [Observation(count, {"pf.observer.failure": kind})
+        return [Observation(count, {sc.PF_OBSERVER_FAILURE: kind})
                 for kind, count in totals.items()]

@@ -499,7 +499,7 @@ class SpanModel:
                      node_id: str | None, inv: str | None, parents: tuple[str, ...],
                      attempt: int, latency_ms: float | None,
                      extra: Mapping[str, Any]) -> None:
-        spans.root.events.append(SpanEventData("pf.cancel.dropped", ns, {
+        spans.root.events.append(SpanEventData(sc.EV_CANCEL_DROPPED, ns, {
             sc.GEN_AI_AGENT_NAME: node_name or "?"}))
 
     # -- remote calls ---------------------------------------------------------------------
@@ -643,7 +643,7 @@ class SpanModel:
         if task_id is not None:
             attributes[sc.A2A_TASK_ID] = str(task_id)
         if latency_ms is not None:
-            attributes["pf.cancel.round_trip_ms"] = float(latency_ms)
+            attributes[sc.PF_CANCEL_ROUND_TRIP_MS] = float(latency_ms)
         if reason != "local_cancel":  # a call cut short locally: the trace lives on
             spans.root.events.append(SpanEventData(sc.EV_CANCEL_PROPAGATED, ns, attributes))
         span = self._end_remote(spans, inv, ns, extra)
@@ -663,12 +663,12 @@ class SpanModel:
         attributes: dict[str, Any] = {
             sc.PF_CANCEL_REASON: str(extra.get("remote_cancel_reason")),
             "exception.message": safe_str(extra.get("remote_error"))}
-        spans.root.events.append(SpanEventData("pf.cancel.propagation_failed", ns, attributes))
+        spans.root.events.append(SpanEventData(sc.EV_CANCEL_PROPAGATION_FAILED, ns, attributes))
         span = self._end_remote(spans, inv, ns, extra)
         if span is None:
             return
         # The call was cancelled here; telling the agent failed: said on the span.
-        span.events.append(SpanEventData("pf.cancel.propagation_failed", ns, dict(attributes)))
+        span.events.append(SpanEventData(sc.EV_CANCEL_PROPAGATION_FAILED, ns, dict(attributes)))
         span.attributes[sc.ERROR_TYPE] = sc.ERROR_CANCELLED
         span.status = "error"
         span.status_description = (f"cancelled ({extra.get('remote_cancel_reason')}); "

@@ -53,6 +53,11 @@ PF_REMOTE_BYTES_SENT: Final = "pf.remote.bytes_sent"
 PF_REMOTE_BYTES_RECEIVED: Final = "pf.remote.bytes_received"
 PF_REMOTE_TASK_STATE: Final = "pf.remote.task_state"
 PF_CANCEL_REASON: Final = "pf.cancel.reason"
+#: On a cancel's propagation events: ms from the cancel to the remote's answer.
+PF_CANCEL_ROUND_TRIP_MS: Final = "pf.cancel.round_trip_ms"
+#: Metric attributes: a remote call's outcome, and the kind of an observer's failure.
+PF_REMOTE_OUTCOME: Final = "pf.remote.outcome"
+PF_OBSERVER_FAILURE: Final = "pf.observer.failure"
 
 # -- error.type values ----------------------------------------------------------------
 ERROR_TIMEOUT: Final = "timeout"
@@ -68,6 +73,8 @@ EV_CHUNK: Final = "pf.stream.chunk"
 EV_CANCEL_REQUESTED: Final = "pf.cancel.requested"
 EV_CANCEL_PROPAGATED: Final = "pf.cancel.propagated"
 EV_CANCEL_ACKNOWLEDGED: Final = "pf.cancel.acknowledged"
+EV_CANCEL_DROPPED: Final = "pf.cancel.dropped"
+EV_CANCEL_PROPAGATION_FAILED: Final = "pf.cancel.propagation_failed"
 EV_DEADLINE_SKIP: Final = "pf.deadline.skip"
 
 # -- metric instrument names ------------------------------------------------------------
