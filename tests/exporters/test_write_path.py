@@ -707,6 +707,44 @@ async def test_a_foreign_database_is_refused_byte_for_byte_unchanged(
     assert _names(tmp_path) == ["people.db"]
 
 
+_FOREIGN_VERSIONS = {
+    # Other applications' schema_version tables, and versions penguiflow never writes.
+    "its own version 5": ["CREATE TABLE users (id INTEGER PRIMARY KEY)",
+                          "CREATE TABLE schema_version (version INTEGER)",
+                          "INSERT INTO schema_version VALUES (5)"],
+    "text": ["CREATE TABLE schema_version (version TEXT)",
+             "INSERT INTO schema_version VALUES ('alembic-123')"],
+    "blob": ["CREATE TABLE schema_version (version)", "INSERT INTO schema_version VALUES (x'05')"],
+    "infinite": ["CREATE TABLE schema_version (version)",
+                 "INSERT INTO schema_version VALUES (1e999)"],
+    "no version column": ["CREATE TABLE schema_version (id INTEGER, script TEXT)",
+                          "INSERT INTO schema_version VALUES (1, 'V1__init.sql')"],
+    "empty, beside its tables": ["CREATE TABLE users (id INTEGER PRIMARY KEY)",
+                                 "CREATE TABLE schema_version (version INTEGER)"],
+}
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+@pytest.mark.parametrize("shape", sorted(_FOREIGN_VERSIONS))
+async def test_a_foreign_schema_version_table_is_refused_unchanged(
+        tmp_path: Path, shape: str, readonly: bool) -> None:
+    # Each was taken for a store before: a traceback (int('alembic-123'),
+    # int(inf)), "no such column"/"no such table" at the first read, or (an empty
+    # table beside another application's) a writing store created its tables there.
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in _FOREIGN_VERSIONS[shape]:
+        conn.execute(statement)
+    conn.close()
+    before = sha256(path)
+    store = open_store(f"sqlite:///{path}", readonly=readonly, writer="thread")
+    with pytest.raises(StateStoreError, match="not a penguiflow trace database"):
+        await store.open()  # type: ignore[attr-defined]
+    await store.close()
+    assert sha256(path) == before
+    assert _names(tmp_path) == ["app.db"]
+
+
 async def test_a_readonly_store_refuses_empty_and_missing_files_and_writes(
     tmp_path: Path,
 ) -> None:

@@ -129,15 +129,30 @@ class SchemaError(Exception):
 
 
 def schema_version_of(conn: sqlite3.Connection) -> int | None:
-    """The file's schema version: 0 for an empty database, None for a foreign one."""
+    """The file's schema version: 0 for an empty database, None for a foreign one.
+
+    Foreign: tables but no ``schema_version``, or one penguiflow never writes: no
+    ``version`` column, no row (a migration commits its row with its tables), a
+    version that is not a whole number (``'alembic-123'``, a blob, ``1e999``), or
+    version 4 or 5 without the tables they have. Another application's table of
+    that name must be refused, not read as ours (nor written into)."""
     tables = {name for (name,) in conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
     if not tables:
         return 0
     if "schema_version" not in tables:
         return None
-    (version,) = conn.execute("SELECT ifnull(max(version), 0) FROM schema_version").fetchone()
-    return int(version)
+    try:
+        versions = {version for (version,) in conn.execute(
+            "SELECT DISTINCT typeof(version) FROM schema_version")}
+        (version,) = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    except sqlite3.OperationalError:  # no version column
+        return None
+    if versions != {"integer"} or type(version) is not int or version < 1:
+        return None
+    if version in (4, SCHEMA_VERSION) and not _V4_TABLES.issubset(tables):
+        return None
+    return version
 
 
 def check_schema(conn: sqlite3.Connection, path: str) -> None:
