@@ -129,6 +129,26 @@ def _streamed(span: SpanData, extra: Mapping[str, Any]) -> None:
                 0.0, (_ns(first) - span.start_ns) / 1e9)
 
 
+
+def _server_of(url: str) -> dict[str, Any]:
+    """``server.address`` and ``server.port`` of an agent URL, as far as it has them:
+    none for one ``urlsplit`` refuses (``http://[evil``: an unclosed IPv6 bracket,
+    from a stored event or a user's card), or a port out of range."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return {}
+    if not parts.hostname:
+        return {}
+    attributes: dict[str, Any] = {sc.SERVER_ADDRESS: parts.hostname}
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is not None:
+        attributes[sc.SERVER_PORT] = port
+    return attributes
+
 class _TraceSpans:
     """The open spans of one trace."""
 
@@ -529,15 +549,7 @@ class SpanModel:
             attributes[sc.GEN_AI_AGENT_NAME] = str(skill)
         if isinstance(url, str) and url:
             attributes[sc.PF_REMOTE_AGENT_URL] = url
-            parts = urlsplit(url)
-            if parts.hostname:
-                attributes[sc.SERVER_ADDRESS] = parts.hostname
-                try:
-                    port = parts.port
-                except ValueError:
-                    port = None
-                if port is not None:
-                    attributes[sc.SERVER_PORT] = port
+            attributes.update(_server_of(url))
         sent = extra.get("remote_request_bytes")
         if isinstance(sent, int):
             attributes[sc.PF_REMOTE_BYTES_SENT] = sent

@@ -1145,3 +1145,36 @@ async def test_a_stored_remote_call_index_that_is_not_a_count_leaves_the_call_wh
     assert got.end_ns == expected.end_ns is not None
     assert [e.name for e in got.events] == [e.name for e in expected.events]
     assert got.attributes == expected.attributes and got.span_id == expected.span_id
+
+
+@pytest.mark.parametrize(("url", "server"), [
+    ("http://[evil", {}),  # urlsplit refuses an unclosed IPv6 bracket
+    ("http://\x1b[2Jhost:1/", {}),  # the same, from an escape sequence
+    ("http://Ho\x1bst:1/", {"server.address": "ho\x1bst", "server.port": 1}),
+    ("http://host:99999/", {"server.address": "host"}),  # a port out of range
+    ("not a url", {}),
+])
+async def test_a_stored_agent_url_that_is_no_url_keeps_the_client_span(
+        url: str, server: dict[str, Any]) -> None:
+    # A stored remote_agent_url is rebuilt into the CLIENT span by pf export and the
+    # span model; one urlsplit refuses made the whole export fail with a traceback.
+    store = InMemoryStateStore()
+    transport = InMemoryTransport({URL: InMemoryAgent(chunks=["a"])})
+    remote = RemoteNode(transport=transport, skill="s", agent_url=URL, name="remote",
+                        streaming=True, policy=NodePolicy(validate="none"))
+    flow = create(remote.to(), state_store=store)
+    flow.run()
+    m = msg("x")
+    try:
+        await flow.emit(m)
+        await within(flow.fetch())
+    finally:
+        await flow.stop()
+    history = await store.load_history(m.trace_id)
+    odd = [dataclasses.replace(e, payload={**e.payload, "remote_agent_url": url})
+           if e.kind.startswith("remote_") else e for e in history]
+    (span,) = [s for s in spans_from_events(odd) if s.kind == "client"]
+    assert span.attributes["pf.remote.agent_url"] == url
+    got = {k: v for k, v in span.attributes.items() if k.startswith("server.")}
+    assert got == server
+    assert span.end_ns is not None
