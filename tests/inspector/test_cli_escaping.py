@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -215,3 +216,16 @@ def test_any_stored_text_is_inert_in_the_real_pf(text: str) -> None:
 def test_printable_escapes_visibly(raw: str, shown: str) -> None:
     assert printable(raw) == shown
     assert printable("a\nb", multiline=True) == "a\nb"
+
+
+def test_a_stored_status_is_escaped_in_pf_tails_last_line(tmp_path: Path) -> None:
+    # The summary's status is shown as stored when it is no status of ours (a
+    # foreign or hand-edited row): pf tail's "ended:" line wrote it raw, so an
+    # escape sequence there cleared the screen and set the terminal's title.
+    url = store_with("x", tmp_path)
+    with sqlite3.connect(tmp_path / "hostile.db") as conn:
+        conn.execute("UPDATE traces SET status = ?", (HOSTILE.replace("\x00", ""),))
+    run = pf("tail", "feed", "--store", url, "--plain")
+    assert run.returncode == 0, run.stderr
+    check_bytes("tail (stderr)", run.stderr)
+    assert "ended: x\\x1b]0;pwned\\x07" in run.stderr.decode()

@@ -487,7 +487,8 @@ async def tail(url: str, reference: str | None, show: Any, err: TextIO,
                                 open_invocations)
             if ended is not None:
                 print(f"pf tail: trace {printable(ended.trace_id)} ended: "
-                      f"{status_word(ended.status)} after {format_duration(ended.duration_ms)}, "
+                      f"{printable(status_word(ended.status))} after "
+                      f"{format_duration(ended.duration_ms)}, "
                       f"{ended.event_count} events", file=err, flush=True)
         finally:
             if pushed is not None:
