@@ -781,3 +781,56 @@ async def test_events_packed_for_a_writer_process_that_never_started_go_to_the_t
     warnings = [r for r in caplog.records
                 if r.getMessage() == "state_store_writer_process_unavailable"]
     assert len(warnings) == 1
+
+
+_BAD_SUMMARIES = {
+    # Values SQLite keeps whatever the column says, from a file edited by another tool.
+    "nodes not json": ("nodes", "not json"),
+    "nodes a number": ("nodes", 5),
+    "nodes nested deep": ("nodes", "[" * 100_000),
+    "nodes of numbers": ("nodes", "[1, 2]"),
+    "started text": ("started_ts", "abc"),
+    "ended a blob": ("ended_ts", b"\x00\x01"),
+    "count text": ("event_count", "many"),
+    "flow name not utf-8": ("flow_name", b"\xff\xfeA"),  # TEXT holding these bytes
+    "status not utf-8": ("status", b"\xc3("),
+    "flow name a blob": ("flow_name", memoryview(b"\xff")),  # a BLOB
+}
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+@pytest.mark.parametrize("case", sorted(_BAD_SUMMARIES))
+async def test_one_bad_summary_row_loses_only_what_it_holds(
+        tmp_path: Path, case: str, readonly: bool) -> None:
+    # Each failed list_traces() as a whole before (JSONDecodeError, TypeError,
+    # RecursionError, "Could not decode to UTF-8"), so pf traces listed nothing.
+    path = tmp_path / "traces.db"
+    async with SQLiteStateStore(path, writer="thread") as writing:
+        await writing.save_events(invocation("good", "a", 10.0, 11.0)
+                                  + invocation("bad", "b", 20.0, 21.0))
+    column, value = _BAD_SUMMARIES[case]
+    with sqlite3.connect(path) as conn:
+        cell = "CAST(? AS TEXT)" if type(value) is bytes else "?"
+        conn.execute(f"UPDATE traces SET {column} = {cell} WHERE trace_id = 'bad'", (value,))
+    async with SQLiteStateStore(path, readonly=readonly) as store:
+        listed = {s.trace_id: s for s in await store.list_traces()}
+        assert sorted(listed) == ["bad", "good"]
+        good = await store.get_trace("good")
+        assert good == listed["good"] and good is not None
+        assert (good.nodes, good.event_count, good.status) == (("a",), 2, "succeeded")
+        bad = await store.get_trace("bad")
+        assert bad == listed["bad"] and bad is not None
+        assert len(await store.load_history("bad")) == 2  # its events are all there
+    shown = {"nodes": bad.nodes, "started_ts": bad.started_ts, "ended_ts": bad.ended_ts,
+             "event_count": bad.event_count, "flow_name": bad.flow_name,
+             "status": bad.status}[column]
+    if column == "nodes":
+        assert shown == ()
+    elif column.endswith("_ts"):
+        assert math.isnan(shown)
+    elif column == "event_count":
+        assert shown == 0
+    elif case == "flow name a blob":
+        assert shown == "b'\\xff'"
+    else:
+        assert isinstance(shown, str) and "\ufffd" in shown

@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import sqlite3
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -134,11 +135,51 @@ _decode = json.loads
 
 
 def _summary(row: Sequence[Any]) -> TraceSummary:
-    """A TraceSummary from a row of the ``_TRACE_COLUMNS``."""
+    """A TraceSummary from a row of the ``_TRACE_COLUMNS``.
+
+    Never raises: the row is read as the writer wrote it, and a value of another
+    type (a file edited by hand or by another tool: SQLite keeps what it is given)
+    is read as unknown (a time as NaN, a count as 0, ``nodes`` that are no JSON list
+    of names as none), so one bad row cannot fail the fleet view around it."""
     (trace_id, flow_name, status, started, ended, node_count, error_count, remote_count,
      event_count, nodes, events_lost) = row
-    return TraceSummary(trace_id, flow_name, status, started, ended, node_count, error_count,
-                        remote_count, event_count, tuple(_decode(nodes)), events_lost)
+    return TraceSummary(_str(trace_id), _str_or_none(flow_name), _str(status),
+                        _time(started), _time(ended), _int(node_count), _int(error_count),
+                        _int(remote_count), _int(event_count), _names_of(nodes),
+                        _int(events_lost))
+
+
+def _str(value: Any) -> str:
+    return value if type(value) is str else str(value)
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _time(value: Any) -> float:
+    return value if type(value) is float or type(value) is int else math.nan
+
+
+def _int(value: Any) -> int:
+    return value if type(value) is int else 0
+
+
+def _names_of(nodes: Any) -> tuple[str, ...]:
+    try:
+        names = _decode(nodes) if type(nodes) is str else None
+    except (ValueError, RecursionError):
+        return ()
+    if type(names) is not list:
+        return ()
+    return tuple(name for name in names if type(name) is str)
+
+
+def _text(data: bytes) -> str:
+    """A stored TEXT value (the reading connections' text factory): what is not
+    UTF-8 (SQLite stores what another tool gives it) has U+FFFD in place, where
+    sqlite3 failed the whole query (every trace of a list, for one bad row)."""
+    return data.decode("utf-8", "replace")
 
 
 def translate(path: str, code: int | None, message: str) -> StateStoreError:
@@ -554,6 +595,7 @@ class SQLiteStateStore(ProcessedStore):
                     f"SQLite store {str(path)!r}: cannot create the directory "
                     f"{str(path.parent)!r} ({exc.strerror or exc}); {_PATH_FIX}") from exc
             conn = connect(str(path))
+        conn.text_factory = _text
         self._conn = conn
         identity = file_identity(str(path))
         if self._identity is not None and (identity != self._identity or self._went_away):
