@@ -745,6 +745,74 @@ async def test_a_foreign_schema_version_table_is_refused_unchanged(
     assert _names(tmp_path) == ["app.db"]
 
 
+async def _a_written_store(path: Path) -> None:
+    async with SQLiteStateStore(path, writer="thread") as store:
+        await store.save_events([StoredEvent("t1", 1.0 + i, "node_start", "a", "a", {},
+                                             flow_id="f", seq=i + 1) for i in range(50)])
+    assert _names(path.parent) == [path.name]
+
+
+def _reader_refusal(path: Path) -> str:
+    """The one-line refusal of a read-only open of ``path`` (a store error)."""
+    async def attempt() -> str:
+        store = open_store(f"sqlite:///{path}", readonly=True)
+        try:
+            with pytest.raises(StateStoreError) as info:
+                await asyncio.wait_for(store.open(), 10)  # type: ignore[attr-defined]
+        finally:
+            await store.close()
+        return str(info.value)
+    return asyncio.run(attempt())
+
+
+def test_readers_name_what_is_wrong_with_a_file_that_is_no_store(tmp_path: Path) -> None:
+    # Each got a message naming something else before: a FIFO or /dev/null "does
+    # not exist"; a cut-short store "database disk image is malformed" with no fix;
+    # a writer's leftover rollback journal "attempt to write a readonly database".
+    fifo = tmp_path / "fifo.db"
+    os.mkfifo(fifo)
+    assert "not a regular file (a FIFO" in _reader_refusal(fifo)  # and no hang
+    device = tmp_path / "null.db"
+    device.symlink_to("/dev/null")
+    assert "not a regular file" in _reader_refusal(device)
+    cut = tmp_path / "cut" / "traces.db"
+    cut.parent.mkdir()
+    asyncio.run(_a_written_store(cut))
+    cut.write_bytes(cut.read_bytes()[:4096])  # the header and part of the first page
+    before = sha256(cut)
+    assert "the file is damaged (cut short or overwritten)" in _reader_refusal(cut)
+    assert sha256(cut) == before and _names(cut.parent) == ["traces.db"]
+    hot = tmp_path / "hot" / "traces.db"
+    hot.parent.mkdir()
+    asyncio.run(_a_written_store(hot))
+    conn = sqlite3.connect(hot, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=DELETE")
+    conn.execute("PRAGMA cache_size=1")
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE blocks SET data = data || ' '")  # spills: the journal is hot
+    copy = tmp_path / "copy" / "traces.db"
+    copy.parent.mkdir()
+    shutil.copy(hot, copy)
+    shutil.copy(hot.with_name("traces.db-journal"), copy.with_name("traces.db-journal"))
+    conn.execute("ROLLBACK")
+    conn.close()
+    sums = {name: sha256(copy.parent / name) for name in _names(copy.parent)}
+    assert "rollback journal left by a writer that stopped mid-write" in _reader_refusal(copy)
+    assert {name: sha256(copy.parent / name) for name in _names(copy.parent)} == sums
+
+
+def test_a_reader_without_permission_says_so(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Root reads any file, so the refusal is checked with os.access answering as it
+    # does for another user; it said "unable to open database file" before.
+    path = tmp_path / "traces.db"
+    asyncio.run(_a_written_store(path))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == path
+                        else real_access(p, mode, **kw))
+    assert "cannot be read (permission denied)" in _reader_refusal(path)
+
+
 async def test_a_readonly_store_refuses_empty_and_missing_files_and_writes(
     tmp_path: Path,
 ) -> None:

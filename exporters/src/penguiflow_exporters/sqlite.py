@@ -197,7 +197,21 @@ def translate(path: str, code: int | None, message: str) -> StateStoreError:
     if primary == sqlite3.SQLITE_NOTADB:
         return StoreRefused(f"SQLite store {path!r}: {message}; the file is not a "
                             f"penguiflow trace database, {_PATH_FIX}")
+    if primary == sqlite3.SQLITE_CORRUPT:
+        return StoreRefused(f"SQLite store {path!r}: {message}; the file is damaged (cut "
+                            "short or overwritten): restore it from a copy, or use another path")
     return StateStoreError(f"SQLite store {path!r}: {message}")
+
+
+def _has_hot_journal(path: Path) -> bool:
+    """Whether a non-empty ``-journal`` lies beside ``path`` (a writer in rollback-journal
+    mode stopped mid-transaction; a read-only connection fails on it, "attempt to write
+    a readonly database", which names the wrong fix)."""
+    try:
+        return (path.with_name(path.name + "-journal").stat().st_size > 0
+                and not _is_wal(path))
+    except OSError:
+        return False
 
 
 def _is_wal(path: Path) -> bool:
@@ -566,8 +580,21 @@ class SQLiteStateStore(ProcessedStore):
                                    "store; point the reader at the store's file "
                                    "(sqlite:///path/to/traces.db)")
             if not path.is_file():
+                if path.exists():  # a FIFO would hang the open; a device reads as nothing
+                    raise StoreRefused(f"SQLite store {str(path)!r} is not a regular file "
+                                       "(a FIFO, a device or a socket); point the reader at "
+                                       "the store's file (sqlite:///path/to/traces.db)")
                 raise StoreUnavailable(f"SQLite store {str(path)!r} does not exist; point the "
                                        "reader at a store a flow has written")
+            if not os.access(path, os.R_OK):
+                raise StoreUnavailable(f"SQLite store {str(path)!r} cannot be read (permission "
+                                       "denied); run as a user who may read it, or copy it")
+            if _has_hot_journal(path):
+                raise StoreUnavailable(
+                    f"SQLite store {str(path)!r} has a rollback journal left by a writer that "
+                    "stopped mid-write (-journal), which only a writer can roll back; open "
+                    "it once with a writing store (SQLiteStateStore(path), or a flow using "
+                    "it), then read it")
             # mode=ro: SQLite never writes the file (nor creates one); immutable=1 for a
             # WAL-mode file with nothing to read beside it, so no side file is created.
             # Taken before the connection: a change after is seen by the next query.
