@@ -25,6 +25,7 @@ from penguiflow_inspector.cli import main, tail
 MS_TRACE = "a" * 31 + "1"
 INF_TRACE = "b" * 31 + "2"
 NAN_TRACE = "c" * 31 + "3"
+FAR_TRACE = "d" * 31 + "4"  # finite times whose difference overflows to infinity
 
 
 def _event(trace: str, ts: float, kind: str, seq: int, payload: dict[str, object] | None = None,
@@ -50,6 +51,8 @@ def odd_store(tmp_path: Path) -> str:
                 _event(NAN_TRACE, now, "node_start", 6, queued_ts=math.nan),
                 _event(NAN_TRACE, now + 1, "node_retry", 7, {"sleep_s": math.nan}),
                 _event(NAN_TRACE, now + 2, "node_success", 8),
+                _event(FAR_TRACE, -1e308, "node_start", 9),
+                _event(FAR_TRACE, 1e308, "node_success", 10),
             ])
 
     asyncio.run(fill())
@@ -58,11 +61,13 @@ def odd_store(tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("argv", [
     ["traces"], ["inspect", MS_TRACE[:8], "--plain"], ["inspect", INF_TRACE[:8], "--plain"],
-    ["export", MS_TRACE[:8]], ["export", INF_TRACE[:8]], ["inspect", NAN_TRACE[:8], "--plain"]])
+    ["export", MS_TRACE[:8]], ["export", INF_TRACE[:8]], ["inspect", NAN_TRACE[:8], "--plain"],
+    ["inspect", FAR_TRACE[:8], "--plain"], ["export", FAR_TRACE[:8]]])
 def test_odd_times_never_crash_a_command(odd_store: str, argv: list[str],
                                          capsys: pytest.CaptureFixture[str]) -> None:
     # Before: ValueError "year 58901 is out of range" (pf traces: the whole store),
-    # OverflowError on an infinite queued_ts or deadline.
+    # OverflowError on an infinite queued_ts or deadline; "cannot convert float NaN
+    # to integer" drawing the waterfall of a trace from -1e308 to 1e308.
     assert main([*argv, "--store", odd_store]) == 0
     out = capsys.readouterr().out
     if argv[0] == "traces":
@@ -73,7 +78,8 @@ def test_odd_times_never_crash_a_command(odd_store: str, argv: list[str],
 
 
 @pytest.mark.parametrize("argv", [["inspect", NAN_TRACE[:8], "--json"],
-                                  ["inspect", INF_TRACE[:8], "--json"]])
+                                  ["inspect", INF_TRACE[:8], "--json"],
+                                  ["inspect", FAR_TRACE[:8], "--json"]])
 def test_json_output_never_holds_nan_or_infinity(odd_store: str, argv: list[str],
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*argv, "--store", odd_store]) == 0

@@ -98,6 +98,17 @@ def status_word(status: str) -> str:
     return STATUS_WORD.get(status, status)
 
 
+def axis_fraction(t: float, t0: float, t1: float) -> float:
+    """Where ``t`` falls on the time axis ``t0``..``t1``, as a fraction in [0, 1]; 0
+    when that is no number: stored times so far apart that their difference
+    overflows (``1e308`` and ``-1e308``: an infinite span) or not finite at all."""
+    try:
+        frac = (t - t0) / (t1 - t0)
+    except (ZeroDivisionError, OverflowError):
+        return 0.0
+    return min(max(frac, 0.0), 1.0) if math.isfinite(frac) else 0.0
+
+
 def _finite(value: Any) -> float | None:
     """``value`` if it is a finite number, else None: a stored ``queued_ts`` of NaN
     or infinity (nothing checks it on the way in) is shown as unknown, never drawn."""

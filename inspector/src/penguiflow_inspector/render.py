@@ -27,6 +27,7 @@ from .model import (
     InvocationView,
     RemoteCallView,
     TraceView,
+    axis_fraction,
     bus_hops,
     display_edge,
     display_name,
@@ -210,8 +211,11 @@ _clock = format_clock
 def _bar(start: float, end: float | None, t0: float, span: float, width: int = BAR_WIDTH) -> str:
     """``start``..``end`` on a ``width``-column axis from ``t0`` over ``span`` seconds."""
     stop = end if end is not None else t0 + span
-    left = int((start - t0) / span * width) if span > 0 else 0
-    right = int((stop - t0) / span * width + 0.999) if span > 0 else width
+    if span > 0:
+        left = int(axis_fraction(start, t0, t0 + span) * width)
+        right = int(axis_fraction(stop, t0, t0 + span) * width + 0.999)
+    else:
+        left, right = 0, width
     left = min(max(left, 0), width - 1)
     right = min(max(right, left + 1), width)
     fill = "█" if end is not None else "▒"  # in flight: shaded to the axis' end

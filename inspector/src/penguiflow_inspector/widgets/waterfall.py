@@ -30,7 +30,14 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from ..messages import RowSelected
-from ..model import STATUS_SYMBOL, InvocationView, display_name, format_duration, printable
+from ..model import (
+    STATUS_SYMBOL,
+    InvocationView,
+    axis_fraction,
+    display_name,
+    format_duration,
+    printable,
+)
 from ._scroll import set_virtual_size
 from .rows import Query, Row, Rows, glyphs
 
@@ -241,7 +248,7 @@ class Waterfall(ScrollView, can_focus=True):
 
     def _col(self, t: float, bar_w: int) -> int:
         t0, t1 = self._span
-        frac = (t - t0) / (t1 - t0) if t1 > t0 else 0.0
+        frac = axis_fraction(t, t0, t1) if t1 > t0 else 0.0
         return max(0, min(bar_w - 1, int(frac * bar_w)))
 
     def _row_strip(self, row: Row, width: int, is_cursor: bool) -> Strip:
