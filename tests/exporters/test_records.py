@@ -320,7 +320,7 @@ def test_a_value_of_one_trace_never_becomes_another_traces() -> None:
     # Across a batch, 1 == 1.0 == True and 0.0 == -0.0: a column of equal values
     # is written once for the batch only when JSON writes them alike.
     cases = {"latency_ms": (1, 1.0), "queued_ts": (0.0, -0.0), "trace_cancelled": (0, False),
-             "parent_invocation_ids": ((1,), (True,))}
+             "extra": ((1,), (True,))}  # parent ids are str: decode_block refuses others
     for column, (first, second) in cases.items():
         rows = tuple_rows([record(trace="t1", seq=1, **{column: first}),
                            record(trace="t1", seq=2, **{column: first}),
@@ -499,7 +499,7 @@ def test_indexed_and_aliased_columns_read_back_as_written(
     for i in range(n):
         kind = data.draw(st.sampled_from(kinds))
         node = data.draw(st.sampled_from([*nodes, None]))
-        ts = data.draw(st.floats(allow_nan=False))
+        ts = data.draw(st.floats(allow_nan=False, allow_infinity=False))  # as check_row
         payload = {"ts": ts, "event": kind, "node_name": data.draw(st.sampled_from([node, "x"]))}
         rows.append(StoredEvent("t-1", ts, kind or "k", node, None, payload, flow_id="f",
                                 seq=i))
@@ -592,3 +592,166 @@ def test_a_clean_batch_is_checked_without_a_step_per_row(
     monkeypatch.setattr(_records, "check_row", row_by_row)
     assert check_rows(runtime) == [] and check_rows(stored) == []
     assert check_rows([*runtime, *stored]) == []
+
+
+# -- crafted blocks: sizes and types a writer never stores -----------------------------
+
+
+@pytest.mark.parametrize("n", [10**9, 10**7, _records._MAX_BLOCK_EVENTS + 1])
+def test_a_block_claiming_more_events_than_any_writer_wrote_is_refused_at_once(
+        n: int) -> None:
+    # A few bytes claiming 10**9 events were a MemoryError ([None] * n), 10**7 a
+    # 7.4 GB list of Rows: refused before anything of n's size is made.
+    import time
+    import tracemalloc
+
+    text = json.dumps({"v": 2, "n": n, "trace_id": "t", "cols": {},
+                       "same": {"ts": 1.0, "kind": "k", "seq": 1}})
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(BlockError, match="at most 10000"):
+            decode_block(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 0.5
+    assert peak < 100_000
+
+
+def test_the_bound_is_the_largest_block_the_v4_upgrade_wrote() -> None:
+    # Postgres's schema 4 wrote blocks of up to 10,000 events, which the upgrade to
+    # schema 5 re-encodes whole (_pg_schema._v4_to_v5): such a block reads; one
+    # event more is refused.
+    n = _records._MAX_BLOCK_EVENTS
+    rows = decode_v4_block(pickle.dumps([tuple(record(seq=i + 1)) for i in range(n)], 5))
+    back = decode_block(encode_block(rows))
+    assert len(back) == n and back == rows
+    with pytest.raises(BlockError, match="at most 10000"):
+        decode_block(encode_block([*rows, row_of(record(seq=n + 1))]))
+
+
+def _block_with(column: str, value: Any) -> str:
+    """A block of two runtime events written by encode_block, with the first event's
+    ``column`` replaced by ``value`` (written in full, as a column of two values)."""
+    rows = rows_of([record(seq=1), record(seq=2)])
+    doc = json.loads(encode_block(rows))
+    values = [list(v) if type(v) is tuple else v for v in
+              (getattr(rows[0], column), getattr(rows[1], column))]
+    doc["same"].pop(column, None)
+    doc["cols"][column] = [value, values[1]]
+    return json.dumps(doc)
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("ts", float("nan")), ("ts", float("inf")), ("ts", "abc"), ("ts", None), ("ts", True),
+    pytest.param("ts", 10**400, id="ts-10**400"),
+    ("invocation_id", ["x"]), ("invocation_id", 12345),
+    ("span_id", {"a": 1}), ("parent_span_id", 1.5), ("node_name", 7), ("node_id", [1]),
+    ("flow_id", False), ("flow_name", {"f": 1}),
+    ("parent_invocation_ids", [["a"], {"b": 1}]), ("parent_invocation_ids", [1]),
+    ("parent_invocation_ids", "ab"), ("parent_invocation_ids", {"b": 1}),
+    ("kind", {"k": 1}), ("kind", None), ("kind", ""), ("kind", 3),
+    ("queued_ts", "abc"), ("queued_ts", float("-inf")), ("queued_ts", [1.0]),
+    ("seq", "1"), ("seq", 1.5), ("seq", True), ("seq", None),
+    ("payload", 5), ("payload", [1]), ("payload", "p"),
+])
+def test_a_value_no_writer_stores_in_its_column_is_refused_by_name(
+        column: str, value: Any) -> None:
+    # Such a block read back made the readers fail later, with a TypeError (the
+    # trace view, spans): decode_block says which column is not what was written.
+    with pytest.raises(BlockError, match=f"column '{column}'"):
+        decode_block(_block_with(column, value))
+
+
+def test_a_wrong_type_in_a_column_of_one_value_or_the_trace_id_is_refused() -> None:
+    doc = json.loads(encode_block(rows_of([record(seq=1), record(seq=2)])))
+    for key, column, value in (("same", "flow_name", ["demo"]), ("same", "kind", 5),
+                               ("same", "seq", 1.0), ("same", "ts", "now")):
+        with pytest.raises(BlockError, match=f"column '{column}'"):
+            decode_block(json.dumps({**doc, key: {**doc[key], column: value}}))
+    with pytest.raises(BlockError, match="column 'trace_id'"):
+        decode_block(json.dumps({**doc, "trace_id": 5}))
+
+
+def test_a_runtime_event_without_int_queue_sizes_needs_its_payload() -> None:
+    # A payload is null only on a runtime event, whose payload a reader makes of its
+    # queue sizes (check_row refuses any other).
+    runtime = json.loads(encode_block(rows_of([record(seq=1), record(seq=2)])))
+    runtime["same"]["queue_depth_out"] = "2"
+    with pytest.raises(BlockError, match="column 'payload'"):
+        decode_block(json.dumps(runtime))
+    stored = StoredEvent("t-1", 3.0, "k", None, None, {"a": 1}, flow_id="f", seq=3)
+    mixed = json.loads(encode_block(rows_of([record(seq=1), stored, record(seq=2)])))
+    mixed["cols"]["queue_depth_in"][2] = None
+    with pytest.raises(BlockError, match="column 'payload'"):
+        decode_block(json.dumps(mixed))
+    mixed["cols"]["queue_depth_in"][2] = 4
+    assert [r.queue_depth_in for r in decode_block(json.dumps(mixed))] == [1, None, 4]
+
+
+# Values of each checked column a writer stores (check_row's, and the StoredEvent's
+# types for ids, parent ids and queued_ts), and values of types it never stores.
+_id = st.none() | st.text(max_size=8)
+_time = st.floats(allow_nan=False, allow_infinity=False) | st.integers(-2**53, 2**53)
+_wrong = {
+    "trace_id": st.integers() | st.booleans() | st.lists(st.text(max_size=2), max_size=2),
+    "ts": st.none() | st.text(max_size=3) | st.booleans()
+    | st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+    "kind": st.none() | st.just("") | st.integers() | st.dictionaries(st.text(max_size=2),
+                                                                       st.integers()),
+    "invocation_id": st.integers() | st.floats() | st.booleans() | st.lists(_id, max_size=2),
+    "parent_invocation_ids": st.lists(st.integers() | st.none() | st.lists(_id, max_size=1)
+                                      | st.dictionaries(st.text(max_size=2), st.integers()),
+                                      min_size=1, max_size=3) | st.integers() | st.text(),
+    "seq": st.floats() | st.booleans() | st.text(max_size=3) | st.none(),
+    "queued_ts": st.text(max_size=3) | st.booleans() | st.lists(_time, max_size=1)
+    | st.sampled_from([float("nan"), float("inf")]),
+    "payload": st.integers() | st.text(max_size=3) | st.lists(st.integers(), max_size=2),
+}
+
+
+@given(data=st.data(), n=st.integers(1, 40),
+       stored=st.lists(st.booleans(), min_size=1, max_size=40))
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_block_of_storable_rows_reads_and_one_wrong_value_is_a_block_error(
+        data: st.DataObject, n: int, stored: list[bool]) -> None:
+    # Whatever a writer stores reads back (whichever of its layouts: columns of one
+    # value, indexed, payload tables, a mix of runtime and stored events); one value
+    # of a type it never stores, in any event's column, makes decode_block raise
+    # BlockError (naming the column), never another exception.
+    rows = []
+    for i in range(n):
+        event = record(seq=i + 1, kind=data.draw(st.sampled_from(["node_start", "x"])),
+                       node_name=data.draw(st.sampled_from(["a", "b", None])),
+                       invocation_id=data.draw(_id), span_id=data.draw(_id),
+                       parent_invocation_ids=tuple(data.draw(st.lists(st.text(max_size=4),
+                                                                      max_size=2))),
+                       ts=data.draw(_time), queued_ts=data.draw(st.none() | _time),
+                       attempt=data.draw(st.integers(0, 3)))
+        row = row_of(event)
+        if stored[i % len(stored)]:
+            row = row._replace(payload={"i": i}, latency_ms=None, queue_depth_in=None,
+                               queue_depth_out=None)
+        assert check_row(row) is None
+        rows.append(row)
+    text = encode_block(rows)
+    back = decode_block(text)
+    assert _same([tuple(r) for r in back], [tuple(r) for r in rows])
+    column = data.draw(st.sampled_from(sorted(_wrong)))
+    value = data.draw(_wrong[column])
+    at = data.draw(st.integers(0, n - 1))
+    if column == "payload" and rows[at].payload is None:
+        value = data.draw(st.integers() | st.text(max_size=3))  # a null one is right here
+    doc = json.loads(text)
+    if column == "trace_id":
+        doc["trace_id"] = value
+    else:
+        values = [list(v) if type(v) is tuple else v for v in
+                  (getattr(row, column) for row in decode_block(text))]
+        values[at] = value
+        doc["same"].pop(column, None)
+        doc["cols"][column] = values
+        doc.pop("payload", None) if column == "payload" else None
+    with pytest.raises(BlockError, match=f"column '{column}'"):
+        decode_block(json.dumps(doc))
