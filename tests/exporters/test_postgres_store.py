@@ -1275,7 +1275,8 @@ async def test_a_corrupt_block_is_a_state_store_error_naming_it(
     odd = Row(*fields("t1", 3)[:15], "three", *fields("t1", 3)[16:], None)  # type: ignore[misc]
     await sql.execute(f"UPDATE {s}.blocks SET data = $1 WHERE id = $2",
                       encode_block([odd]), second_id)
-    with pytest.raises(StateStoreError, match=rf"event block {second_id} .*runtime event"):
+    with pytest.raises(StateStoreError,
+                       match=rf"event block {second_id} .*without int queue sizes"):
         await store.load_history_page("t1", offset=2, limit=2)
 
 

@@ -55,7 +55,7 @@ from decimal import Decimal
 from enum import Enum
 from functools import partial
 from itertools import chain, compress, repeat
-from operator import attrgetter, is_, itemgetter
+from operator import attrgetter, is_, is_not, itemgetter
 from typing import Any, NamedTuple
 
 import orjson
@@ -279,6 +279,18 @@ def check_row(row: Row | tuple[Any, ...], encoding: str = "utf-8") -> str | None
         return "seq does not fit in 64 bits"
     if type(row.attempt) is int and not -_INT8 <= row.attempt < _INT8:
         return "attempt does not fit in 64 bits"
+    # What readers need of these (decode_block refuses a block holding anything
+    # else): ids to index by, parent ids to join, a queued time to subtract.
+    for name in _ID_FIELDS:
+        value = getattr(row, name)
+        if value is not None and not isinstance(value, str):
+            return f"{name} is a {type(value).__name__}, not a str"
+    parents = row.parent_invocation_ids
+    if parents is not None and (not isinstance(parents, tuple | list)
+                                or not all(isinstance(p, str) for p in parents)):
+        return "parent_invocation_ids is not a tuple of str"
+    if row.queued_ts is not None and type(row.queued_ts) not in (int, float):
+        return f"queued_ts is a {type(row.queued_ts).__name__}, not a number"
     payload = row.payload
     if payload is None:
         # A runtime event's payload is made when it is read, from its queue columns.
@@ -293,6 +305,7 @@ _INT8 = 1 << 63  # seqs, attempts and int timestamps are 64-bit integers in ever
 
 
 _TEXT_FIELDS = ("trace_id", "kind", "node_name", "node_id", "flow_name", "flow_id")
+_ID_FIELDS = ("invocation_id", "span_id", "parent_span_id")
 _COLUMN_OF = {name: itemgetter(i) for i, name in enumerate(COLUMNS)}
 
 
@@ -339,7 +352,7 @@ def check_rows(rows: Sequence[RowLike], encoding: str = "utf-8") -> list[tuple[i
                        and all(map(math.isfinite, ts))
                        and set(map(type, seq)) == {int} and _int8(seq)
                        and set(map(type, attempt)) == {int} and _int8(attempt)
-                       and _payloads_ok(rows))
+                       and _payloads_ok(rows) and _stored_ids_ok(rows))
     if not suspect:
         return []
     return [(i, problem) for i, problem in
@@ -363,6 +376,30 @@ def _payloads_ok(rows: Sequence[RowLike]) -> bool:
         compress(rows, map(is_, payloads, repeat(None))))
     return (set(map(type, map(_COLUMN_OF["queue_depth_in"], runtime))) == {int}
             and set(map(type, map(_COLUMN_OF["queue_depth_out"], runtime))) == {int})
+
+
+def _stored_ids_ok(rows: Sequence[RowLike]) -> bool:
+    """Whether the ids, parent ids and queued times of the rows that are not the
+    runtime's (those with a payload: StoredEvents, from any caller) are of the
+    types :func:`check_row` wants; the runtime's own rows are made of those types
+    and are not looked at (a clean runtime batch: one pass over its payloads)."""
+    payloads = list(map(_COLUMN_OF["payload"], rows))
+    runtime = payloads.count(None)
+    if runtime == len(rows):
+        return True
+    stored = rows if not runtime else list(
+        compress(rows, map(is_not, payloads, repeat(None))))
+    for name in _ID_FIELDS:
+        if not set(map(type, map(_COLUMN_OF[name], stored))) <= _STR_OR_NONE:
+            return False
+    if not set(map(type, map(_COLUMN_OF["queued_ts"], stored))) <= {int, float, type(None)}:
+        return False
+    parents = list(map(_COLUMN_OF["parent_invocation_ids"], stored))
+    return (set(map(type, parents)) <= {tuple, list, type(None)}
+            and set(map(type, chain.from_iterable(filter(None, parents)))) <= {str})
+
+
+_STR_OR_NONE = frozenset({str, type(None)})
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -889,6 +926,8 @@ class BlockError(ValueError):
 #: refused before anything of that size is made: a few bytes claiming 10**9 events
 #: were a MemoryError (10**7: 7.4 GB); now a block makes at most 10,000 Rows.
 _MAX_BLOCK_EVENTS = 10_000
+#: Payload cells (keys x events) a block's payload table may make whatever its size.
+_CELLS_MIN = 1_000_000
 
 #: What a decoded event column may hold (see _check_columns): the types check_row
 #: lets a writer store (trace id, kind, names and flow ids, ts, seq, payload), and
@@ -943,7 +982,6 @@ def _check_columns(columns: Sequence[list[Any]], views: Sequence[list[Any]]) -> 
         if (head.count(str) + head.count(_NONE) == t and all(views[_KIND])
                 and mid.count(float) + mid.count(int) + mid.count(_NONE) == m
                 and _all_finite(views[_TS]) and type(sum(views[_SEQ])) is int
-                and _all_finite(list(filter(None, views[_QUEUED_TS])))
                 and tail.count(list) + tail.count(_NONE) == len(tail)
                 # join: TypeError unless every parent id is a str
                 and "".join(map("".join, filter(None, parents))) is not None
@@ -990,7 +1028,7 @@ def _name_the_column(columns: Sequence[list[Any]], views: Sequence[list[Any]]) -
         try:
             if name == "kind" and not all(values):
                 problem = "an empty kind"
-            elif name in ("ts", "queued_ts") and not _all_finite(list(filter(None, values))):
+            elif name == "ts" and not _all_finite(values):
                 problem = "a number that is not finite"
         except OverflowError:
             problem = "a number that is not finite"
@@ -1067,7 +1105,15 @@ def decode_block(text: str | bytes) -> list[Row]:
             views.append(column)
         columns.append(column)
     if "payload" in doc:
-        columns[_PAYLOAD] = _payload_rows(doc["payload"], n, columns)
+        table = doc["payload"]
+        keys = table.get("keys") if type(table) is dict else None
+        # Every key of the table is a cell of each of its n payloads, written once
+        # or not at all when its value repeats: 100,000 keys of no value in ~600 kB
+        # would make 10**9 cells. An honest table's cells are bounded by its text.
+        if type(keys) is list and len(keys) * n > max(_CELLS_MIN, 16 * len(text)):
+            raise BlockError(f"corrupt event block (a payload table of {len(keys)} keys "
+                             f"for {n} events in {len(text)} characters)")
+        columns[_PAYLOAD] = _payload_rows(table, n, columns)
         views[_PAYLOAD] = [{}]  # dicts, every one (made by _payload_rows)
     _check_columns(columns, views)
     # Lists (or null) of str (checked above) as tuples; a new list, as the column may
