@@ -611,7 +611,7 @@ def test_a_block_claiming_more_events_than_any_writer_wrote_is_refused_at_once(
     tracemalloc.start()
     started = time.perf_counter()
     try:
-        with pytest.raises(BlockError, match="at most 10000"):
+        with pytest.raises(BlockError, match="at most 100000"):
             decode_block(text)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -628,7 +628,7 @@ def test_the_bound_is_the_largest_block_the_v4_upgrade_wrote() -> None:
     rows = decode_v4_block(pickle.dumps([tuple(record(seq=i + 1)) for i in range(n)], 5))
     back = decode_block(encode_block(rows))
     assert len(back) == n and back == rows
-    with pytest.raises(BlockError, match="at most 10000"):
+    with pytest.raises(BlockError, match="at most 100000"):
         decode_block(encode_block([*rows, row_of(record(seq=n + 1))]))
 
 
@@ -647,13 +647,8 @@ def _block_with(column: str, value: Any) -> str:
 @pytest.mark.parametrize(("column", "value"), [
     ("ts", float("nan")), ("ts", float("inf")), ("ts", "abc"), ("ts", None), ("ts", True),
     pytest.param("ts", 10**400, id="ts-10**400"),
-    ("invocation_id", ["x"]), ("invocation_id", 12345),
-    ("span_id", {"a": 1}), ("parent_span_id", 1.5), ("node_name", 7), ("node_id", [1]),
-    ("flow_id", False), ("flow_name", {"f": 1}),
-    ("parent_invocation_ids", [["a"], {"b": 1}]), ("parent_invocation_ids", [1]),
-    ("parent_invocation_ids", "ab"), ("parent_invocation_ids", {"b": 1}),
+    ("node_name", 7), ("node_id", [1]), ("flow_id", False), ("flow_name", {"f": 1}),
     ("kind", {"k": 1}), ("kind", None), ("kind", ""), ("kind", 3),
-    ("queued_ts", "abc"), ("queued_ts", [1.0]),
     ("seq", "1"), ("seq", 1.5), ("seq", True), ("seq", None),
     ("payload", 5), ("payload", [1]), ("payload", "p"),
 ])
@@ -663,6 +658,26 @@ def test_a_value_no_writer_stores_in_its_column_is_refused_by_name(
     # trace view, spans): decode_block says which column is not what was written.
     with pytest.raises(BlockError, match=f"column '{column}'"):
         decode_block(_block_with(column, value))
+
+
+@pytest.mark.parametrize(("column", "value", "read"), [
+    ("invocation_id", ["x"], "['x']"), ("invocation_id", 12345, "12345"),
+    ("span_id", {"a": 1}, "{'a': 1}"), ("parent_span_id", 1.5, "1.5"),
+    ("parent_invocation_ids", [["a"], {"b": 1}], ("['a']", "{'b': 1}")),
+    ("parent_invocation_ids", [1], ("1",)), ("parent_invocation_ids", "ab", ()),
+    ("parent_invocation_ids", {"b": 1}, ()),
+    ("queued_ts", "abc", None), ("queued_ts", [1.0], None), ("queued_ts", True, None),
+    pytest.param("queued_ts", 10**400, None, id="queued_ts-10**400"),
+    ("queued_ts", 2**63, None),
+])
+def test_a_value_older_writers_stored_unchecked_is_read_mended(
+        column: str, value: Any, read: Any) -> None:
+    # check_row let any value into these columns until 2026-12-07: such a block must
+    # still read (a store written then), with what readers cannot use mended (an id
+    # as its text, parent ids as texts, a queued time as unknown), never refused.
+    first, second = decode_block(_block_with(column, value))
+    assert getattr(first, column) == read
+    assert getattr(second, column) == getattr(row_of(record(seq=2)), column)
 
 
 def test_a_wrong_type_in_a_column_of_one_value_or_the_trace_id_is_refused() -> None:
@@ -701,13 +716,7 @@ _wrong = {
     | st.sampled_from([float("nan"), float("inf"), -float("inf")]),
     "kind": st.none() | st.just("") | st.integers() | st.dictionaries(st.text(max_size=2),
                                                                        st.integers()),
-    "invocation_id": st.integers() | st.floats() | st.booleans() | st.lists(_id, max_size=2),
-    "parent_invocation_ids": st.lists(st.integers() | st.none() | st.lists(_id, max_size=1)
-                                      | st.dictionaries(st.text(max_size=2), st.integers()),
-                                      min_size=1, max_size=3) | st.integers() | st.text(),
     "seq": st.floats() | st.booleans() | st.text(max_size=3) | st.none(),
-    # (NaN and the infinities are stored there: a clock gone wrong, shown as unknown.)
-    "queued_ts": st.text(max_size=3) | st.booleans() | st.lists(_time, max_size=1),
     "payload": st.integers() | st.text(max_size=3) | st.lists(st.integers(), max_size=2),
 }
 
@@ -789,6 +798,7 @@ _GOOD = StoredEvent("t", 1.0, "node_start", "n", "n", {"a": 1}, flow_id="f", seq
     ({"parent_invocation_ids": "ab"}, "parent_invocation_ids is not a tuple of str"),
     ({"queued_ts": "abc"}, "queued_ts is a str, not a number"),
     ({"queued_ts": True}, "queued_ts is a bool, not a number"),
+    ({"queued_ts": 10**400}, "queued_ts does not fit in 64 bits"),  # crashed pf inspect
 ])
 def test_a_stored_event_a_reader_could_not_use_is_refused_alone(
         change: dict[str, Any], reason: str) -> None:
@@ -810,3 +820,20 @@ def test_a_queued_time_that_is_not_finite_is_stored_and_read_back() -> None:
     assert check_rows(rows) == []
     back = decode_block(encode_block(rows))
     assert math.isnan(back[0].queued_ts) and back[1].queued_ts == -math.inf
+
+
+def test_payloads_too_wide_for_a_table_are_written_whole_and_read_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reader refuses a payload table of more cells (keys x events) than
+    # _TABLE_CELLS unless its text is as long: values that repeat are written once,
+    # so the writer must not write such a table (2,000 events of a 600-key payload
+    # of one value each were 1.2M cells from 42 kB). Shown here with a small bound.
+    monkeypatch.setattr(_records, "_TABLE_CELLS", 100)
+    wide = [StoredEvent("t", 1.0 + i, "k", None, None, {f"k{j}": 1 for j in range(20)},
+                        flow_id="f", seq=i + 1) for i in range(10)]
+    text = encode_block(rows_of(wide))
+    assert "payload" not in json.loads(text)  # 200 cells: payloads whole, no table
+    assert [r.payload for r in decode_block(text)] == [e.payload for e in wide]
+    narrow = encode_block(rows_of(wide[:5]))  # 100 cells: a table
+    assert "payload" in json.loads(narrow)
+    assert [r.payload for r in decode_block(narrow)] == [e.payload for e in wide[:5]]

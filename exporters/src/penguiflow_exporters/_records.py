@@ -291,6 +291,8 @@ def check_row(row: Row | tuple[Any, ...], encoding: str = "utf-8") -> str | None
         return "parent_invocation_ids is not a tuple of str"
     if row.queued_ts is not None and type(row.queued_ts) not in (int, float):
         return f"queued_ts is a {type(row.queued_ts).__name__}, not a number"
+    if type(row.queued_ts) is int and not -_INT8 <= row.queued_ts < _INT8:
+        return "queued_ts does not fit in 64 bits"
     payload = row.payload
     if payload is None:
         # A runtime event's payload is made when it is read, from its queue columns.
@@ -392,7 +394,10 @@ def _stored_ids_ok(rows: Sequence[RowLike]) -> bool:
     for name in _ID_FIELDS:
         if not set(map(type, map(_COLUMN_OF[name], stored))) <= _STR_OR_NONE:
             return False
-    if not set(map(type, map(_COLUMN_OF["queued_ts"], stored))) <= {int, float, type(None)}:
+    queued = list(map(_COLUMN_OF["queued_ts"], stored))
+    types = set(map(type, queued))
+    if not types <= {int, float, type(None)} or (int in types and not _int8(
+            list(compress(queued, map(is_, map(type, queued), repeat(int)))))):
         return False
     parents = list(map(_COLUMN_OF["parent_invocation_ids"], stored))
     return (set(map(type, parents)) <= {tuple, list, type(None)}
@@ -751,7 +756,8 @@ def _payload_table(payloads: Sequence[Any]) -> dict[str, Any] | None:
     if n < 2 or set(map(type, payloads)) != {dict}:
         return None
     keys = tuple(payloads[0])
-    if set(map(type, keys)) - {str} or set(map(len, payloads)) != {len(keys)}:
+    if set(map(type, keys)) - {str} or set(map(len, payloads)) != {len(keys)} \
+            or len(keys) * n > _TABLE_CELLS:  # more than a reader makes of a table
         return None
     if not keys:
         return {"keys": [], "cols": {}, "same": {}}
@@ -921,13 +927,16 @@ class BlockError(ValueError):
 #: Most events a block may say it holds. Every writer of this schema (5) writes at
 #: most BLOCK_EVENTS, and so did SQLite's schema 4, whose upgrade re-encodes each
 #: block as one; Postgres's schema 4 wrote a trace's share of a batch as one block
-#: (up to its batch_size, 10,000 by default) and its migration from schema 3 blocks
-#: of 10,000, which the upgrade to 5 also keeps whole. A block claiming more is
-#: refused before anything of that size is made: a few bytes claiming 10**9 events
-#: were a MemoryError (10**7: 7.4 GB); now a block makes at most 10,000 Rows.
-_MAX_BLOCK_EVENTS = 10_000
-#: Payload cells (keys x events) a block's payload table may make whatever its size.
-_CELLS_MIN = 1_000_000
+#: (up to its batch_size: 10,000 by default, at most its max_buffer, 100,000 by
+#: default), which the upgrade to 5 keeps whole. A block claiming more is refused
+#: before anything of that size is made: a few bytes claiming 10**9 events were a
+#: MemoryError (10**7: 7.4 GB); a claim of 100,000 makes ~50 MB of Rows.
+_MAX_BLOCK_EVENTS = 100_000
+#: Payload cells (keys x events) a payload table may make whatever the size of its
+#: text (values that repeat are written once, absent ones not at all): encode_block
+#: writes no table of more (the payloads then go whole, as text as long as they), and
+#: decode_block refuses one (100,000 empty keys for 10,000 events: 10**9 cells).
+_TABLE_CELLS = 4_000_000
 
 #: What a decoded event column may hold (see _check_columns): the types check_row
 #: lets a writer store (trace id, kind, names and flow ids, ts, seq, payload), and
@@ -990,6 +999,38 @@ def _check_columns(columns: Sequence[list[Any]], views: Sequence[list[Any]]) -> 
     except (TypeError, OverflowError):  # a null ts; an int past a float's range
         pass
     _name_the_column(columns, views)
+
+
+#: The columns check_row did not look at before 2026-12-07 (any value was stored):
+#: a block holding another type there is read with it mended, not refused.
+_UNCHECKED_IDS = tuple(COLUMNS.index(name) for name in _ID_FIELDS)
+
+
+def _mend_unchecked(columns: list[list[Any]], views: list[list[Any]]) -> None:
+    """Mend, in place, the values of the columns older writers stored unchecked
+    (ids, parent ids, queued_ts) that readers cannot use: an id that is not a str
+    as its text, parent ids as a tuple of their texts (anything but a list: none),
+    a queued time that is not a number of 64 bits (a bool, text, a long int) as
+    None. A clean block pays a few C-level passes."""
+    for position in _UNCHECKED_IDS:
+        if not set(map(type, views[position])) <= _STR_OR_NONE:
+            columns[position] = [v if v is None or type(v) is str else _safe_text(v)
+                                 for v in columns[position]]
+            views[position] = columns[position]
+    parents = views[_PARENTS]
+    if not (set(map(type, parents)) <= _LIST_OR_NONE
+            and set(map(type, chain.from_iterable(filter(None, parents)))) <= _TEXT):
+        columns[_PARENTS] = [[v if type(v) is str else _safe_text(v) for v in value]
+                             if type(value) is list else None for value in columns[_PARENTS]]
+        views[_PARENTS] = columns[_PARENTS]
+    queued = views[_QUEUED_TS]
+    types = set(map(type, queued))
+    if not types <= _NUMBER_OR_NONE or (int in types and not _int8(
+            [v for v in queued if type(v) is int])):
+        columns[_QUEUED_TS] = [v if type(v) is float or v is None
+                               or (type(v) is int and -_INT8 <= v < _INT8) else None
+                               for v in columns[_QUEUED_TS]]
+        views[_QUEUED_TS] = columns[_QUEUED_TS]
 
 
 def _all_finite(numbers: list[Any]) -> bool:
@@ -1110,11 +1151,12 @@ def decode_block(text: str | bytes) -> list[Row]:
         # Every key of the table is a cell of each of its n payloads, written once
         # or not at all when its value repeats: 100,000 keys of no value in ~600 kB
         # would make 10**9 cells. An honest table's cells are bounded by its text.
-        if type(keys) is list and len(keys) * n > max(_CELLS_MIN, 16 * len(text)):
+        if type(keys) is list and len(keys) * n > max(_TABLE_CELLS, 16 * len(text)):
             raise BlockError(f"corrupt event block (a payload table of {len(keys)} keys "
                              f"for {n} events in {len(text)} characters)")
         columns[_PAYLOAD] = _payload_rows(table, n, columns)
         views[_PAYLOAD] = [{}]  # dicts, every one (made by _payload_rows)
+    _mend_unchecked(columns, views)
     _check_columns(columns, views)
     # Lists (or null) of str (checked above) as tuples; a new list, as the column may
     # be ``none``, every absent column's.
