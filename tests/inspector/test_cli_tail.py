@@ -14,6 +14,7 @@ import contextlib
 import json
 import queue
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -370,3 +371,46 @@ def test_tail_follows_a_store_file_rotated_under_it(sqlite_url: str) -> None:
 
     shown, _ = _tail_across(sqlite_url, rotated)
     assert [e.trace_id for e in shown] == ["new"]
+
+
+def test_tail_of_every_trace_passes_over_a_trace_it_cannot_read(sqlite_url: str) -> None:
+    # A new trace with a corrupt block ended the whole tail with exit 1; it is said
+    # once on stderr and passed over, and the other traces are still followed.
+    asyncio.run(_seed(sqlite_url, uuid.uuid4().hex))
+    path = sqlite_url.removeprefix("sqlite:///")
+    shown: list[StoredEvent] = []
+    err = FollowingStderr()
+
+    async def run() -> None:
+        good = asyncio.Event()
+
+        def show(event: StoredEvent) -> None:
+            shown.append(event)
+            if event.trace_id == "good":
+                good.set()
+
+        task = asyncio.create_task(tail(sqlite_url, None, show, err, interval_s=0.01))
+        try:
+            await asyncio.wait_for(err.following.wait(), DEADLINE_S)
+            with sqlite3.connect(path) as conn:  # a summary and its block, one commit
+                conn.execute(
+                    "INSERT INTO traces (key, trace_id, flow_name, status, started_ts, "
+                    "ended_ts, node_count, error_count, remote_call_count, event_count, "
+                    "nodes, open_count, failed, cancelled, events_lost) VALUES "
+                    "(9999, 'bad', 'f', 'running', 1.7e9, 1.7e9, 1, 0, 0, 1, '[\"n\"]', 1, "
+                    "0, 0, 0)")
+                conn.execute("INSERT INTO blocks (trace_key, first, n, ts_lo, ts_hi, data) "
+                             "VALUES (9999, 0, 1, 1.7e9, 1.7e9, '{garbage')")
+            async with open_store(sqlite_url) as writer:
+                await writer.save_event(_event("good", 1))
+            await asyncio.wait_for(good.wait(), DEADLINE_S)
+            assert not task.done()  # still following
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(run())
+    assert [e.trace_id for e in shown] == ["good"]
+    assert "pf tail: trace bad skipped: " in err.getvalue()
+    assert "corrupt event block" in err.getvalue()

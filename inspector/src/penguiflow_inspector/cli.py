@@ -549,8 +549,19 @@ async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int],
             for summary in sorted(changed, key=lambda s: s.started_ts):
                 before = counts.get(summary.trace_id, 0)
                 if summary.event_count > before:
-                    counts[summary.trace_id] = await _show_from(
-                        store, summary.trace_id, before, show)
+                    try:
+                        counts[summary.trace_id] = await _show_from(
+                            store, summary.trace_id, before, show)
+                    except StoreUnavailable:
+                        raise
+                    except StateStoreError as exc:
+                        if trace_id is not None:  # the trace asked for: its error ends it
+                            raise
+                        # Following every trace, one that cannot be read (a corrupt
+                        # block) is said once and passed over, not the end of the tail.
+                        print(f"pf tail: trace {printable(summary.trace_id)} skipped: "
+                              f"{one_line(exc)}", file=err, flush=True)
+                        counts[summary.trace_id] = summary.event_count
             if away_since is not None:
                 print("pf tail: the trace store is back", file=err, flush=True)
                 away_since = None
