@@ -1115,12 +1115,10 @@ async def test_a_trace_continued_after_stop_and_run_exports_its_root_once(
     assert all(s.parent.span_id == roots[0].context.span_id for s in spans if s.parent)
 
 
-@pytest.mark.parametrize("index", [-1, "0", True, 2.0, None])
-async def test_a_stored_remote_call_index_that_is_not_a_count_leaves_the_call_whole(
-        index: Any) -> None:
-    # ``remote_call_index`` is RemoteNode's own count (an int >= 0). A stored value
-    # that is not one (an old or foreign writer, a hand-edited file) is ignored by
-    # every remote event alike: the call keeps its chunks and its end.
+async def _streamed_call_stored_with(key: str, value: Any) -> tuple[list[Any], list[Any]]:
+    """The stored history of one streaming remote call (two chunks), and the same
+    with ``key`` of every remote event's payload set to ``value`` (a foreign or
+    hand-edited store's)."""
     store = InMemoryStateStore()
     transport = InMemoryTransport({URL: InMemoryAgent(chunks=["a", "b"])})
     remote = RemoteNode(transport=transport, skill="s", agent_url=URL, name="remote",
@@ -1133,9 +1131,18 @@ async def test_a_stored_remote_call_index_that_is_not_a_count_leaves_the_call_wh
         await within(flow.fetch())
     finally:
         await flow.stop()
-    history = await store.load_history(m.trace_id)
-    odd = [dataclasses.replace(e, payload={**e.payload, "remote_call_index": index})
-           if e.kind.startswith("remote_") else e for e in history]
+    history = list(await store.load_history(m.trace_id))
+    return history, [dataclasses.replace(e, payload={**e.payload, key: value})
+                     if e.kind.startswith("remote_") else e for e in history]
+
+
+@pytest.mark.parametrize("index", [-1, "0", True, 2.0, None])
+async def test_a_stored_remote_call_index_that_is_not_a_count_leaves_the_call_whole(
+        index: Any) -> None:
+    # ``remote_call_index`` is RemoteNode's own count (an int >= 0). A stored value
+    # that is not one (an old or foreign writer, a hand-edited file) is ignored by
+    # every remote event alike: the call keeps its chunks and its end.
+    history, odd = await _streamed_call_stored_with("remote_call_index", index)
 
     def client(events: Any) -> Any:
         (span,) = [s for s in spans_from_events(events) if s.kind == "client"]
@@ -1158,21 +1165,7 @@ async def test_a_stored_agent_url_that_is_no_url_keeps_the_client_span(
         url: str, server: dict[str, Any]) -> None:
     # A stored remote_agent_url is rebuilt into the CLIENT span by pf export and the
     # span model; one urlsplit refuses made the whole export fail with a traceback.
-    store = InMemoryStateStore()
-    transport = InMemoryTransport({URL: InMemoryAgent(chunks=["a"])})
-    remote = RemoteNode(transport=transport, skill="s", agent_url=URL, name="remote",
-                        streaming=True, policy=NodePolicy(validate="none"))
-    flow = create(remote.to(), state_store=store)
-    flow.run()
-    m = msg("x")
-    try:
-        await flow.emit(m)
-        await within(flow.fetch())
-    finally:
-        await flow.stop()
-    history = await store.load_history(m.trace_id)
-    odd = [dataclasses.replace(e, payload={**e.payload, "remote_agent_url": url})
-           if e.kind.startswith("remote_") else e for e in history]
+    _, odd = await _streamed_call_stored_with("remote_agent_url", url)
     (span,) = [s for s in spans_from_events(odd) if s.kind == "client"]
     assert span.attributes["pf.remote.agent_url"] == url
     got = {k: v for k, v in span.attributes.items() if k.startswith("server.")}
