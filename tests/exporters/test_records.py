@@ -8,6 +8,7 @@ executed, and schema-4's pickled blocks are read once, by a restricted reader.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import pickle
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from penguiflow.state import EventRecord, StoredEvent
-from penguiflow_exporters import _records
+from penguiflow_exporters import _legacy_v4, _records
 from penguiflow_exporters._legacy_v4 import decode_v4_block
 from penguiflow_exporters._records import (
     COLUMNS,
@@ -176,6 +177,67 @@ def test_v4_blocks_of_both_layouts_decode_to_rows() -> None:
     assert decode_v4_block(one) == [row_of(record())]
     (row,) = decode_v4_block(two)
     assert row.payload == {"x": 1} and row.seq == 2 and row.latency_ms is None
+
+
+def _v4_payload_block(payload: Any) -> bytes:
+    """A schema-4 block of one stored event (two pickles, one memo) with ``payload``."""
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, 5)
+    pickler.dump([tuple(record())[:14]])
+    pickler.dump([(payload,)])
+    return buffer.getvalue()
+
+
+def test_a_v4_block_that_refers_to_itself_is_refused_not_walked_forever() -> None:
+    cyclic: list[Any] = ["x"]
+    cyclic.append(cyclic)
+    with pytest.raises(BlockError, match="nests deeper than 100 levels"):
+        decode_v4_block(_v4_payload_block({"loop": cyclic}))
+    bomb: list[Any] = ["x" * 10]
+    for _ in range(30):  # 2**30 strings once written out, in a few hundred bytes
+        bomb = [bomb, bomb]
+    with pytest.raises(BlockError, match="unfolds into too many values"):
+        decode_v4_block(_v4_payload_block(bomb))
+
+
+_v4_atom = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+            | st.text(max_size=3) | st.binary(max_size=3))
+_v4_value = st.recursive(
+    _v4_atom, lambda inner: (st.lists(inner, max_size=4) | st.tuples(inner, inner)
+                             | st.dictionaries(_v4_atom, inner, max_size=3)
+                             | st.frozensets(_v4_atom, max_size=3)),
+    max_leaves=40)
+
+
+def _unfolded(value: Any) -> tuple[int, int]:
+    """(values, the depth of the deepest container), walked one value at a time."""
+    count, deepest, stack = 0, -1, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if isinstance(item, (dict, list, tuple, frozenset)):
+            deepest = max(deepest, depth)
+            items = [*item, *item.values()] if isinstance(item, dict) else list(item)
+            stack.extend((nested, depth + 1) for nested in items)
+    return count, deepest
+
+
+@given(value=_v4_value, wraps=st.integers(0, 4) | st.integers(96, 102),
+       slack=st.integers(-2, 2))
+@settings(max_examples=200, deadline=None)
+def test_the_v4_bounds_refuse_exactly_the_values_too_many_or_too_deep(
+        value: Any, wraps: int, slack: int) -> None:
+    # _bounded counts whole containers of atoms at once; this walks value by value.
+    # The budget is drawn about the value's own count, the depth about the limit.
+    for _ in range(wraps):
+        value = [value]
+    count, deepest = _unfolded(value)
+    budget = max(1, count + slack)
+    if count > budget or deepest >= 100:
+        with pytest.raises(BlockError, match=r"too many values|nests deeper"):
+            _legacy_v4._bounded(value, budget)
+    else:
+        _legacy_v4._bounded(value, budget)
 
 
 class _Evil:
@@ -625,7 +687,11 @@ def test_the_bound_is_the_largest_block_the_v4_upgrade_wrote() -> None:
     # schema 5 re-encodes whole (_pg_schema._v4_to_v5): such a block reads; one
     # event more is refused.
     n = _records._MAX_BLOCK_EVENTS
-    rows = decode_v4_block(pickle.dumps([tuple(record(seq=i + 1)) for i in range(n)], 5))
+    # n events that differ in their seq (built as plain tuples: _replace n times cost
+    # ~1 s); the block's other columns are one value each.
+    head, at = tuple(record()), EventRecord._fields.index("seq")
+    heads = [(*head[:at], i + 1, *head[at + 1:]) for i in range(n)]
+    rows = decode_v4_block(pickle.dumps(heads, 5))
     back = decode_block(encode_block(rows))
     assert len(back) == n and back == rows
     with pytest.raises(BlockError, match="at most 100000"):

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import io
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from itertools import compress, repeat
+from operator import not_
 from typing import Any, Final
 
 from ._records import BlockError, Row
@@ -103,27 +105,40 @@ def _decode(data: bytes) -> list[Row]:
 _VALUES_PER_BYTE: Final = 64
 _MAX_DEPTH: Final = 100
 _ATOMS: Final = (str, int, float, bool, bytes, bytearray, complex, type(None))
+# The restricted unpickler builds these exact types only (no subclass can appear).
+_ATOM_TYPES: Final = frozenset(_ATOMS)
 
 
 def _bounded(value: Any, budget: int) -> None:
     """Raise BlockError if ``value`` unfolds into more than ``budget`` values, or nests
     deeper than _MAX_DEPTH (a cycle does both): checked before encoding it as JSON,
-    which writes each reference to a shared object out in full."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
+    which writes each reference to a shared object out in full.
+
+    Each value counts once: a container counts its items (a dict its keys and values)
+    and goes on to walk those that are containers themselves. The counting and the
+    picking of containers run in C: walking a 100,000-event block value by value in
+    Python took ~2 s."""
+    budget -= 1
+    stack: list[tuple[Any, int]] = [] if type(value) in _ATOM_TYPES else [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        budget -= 1
-        if budget < 0:
-            raise BlockError("the block unfolds into too many values")
-        if isinstance(item, _ATOMS):
-            continue
         if depth >= _MAX_DEPTH:
             raise BlockError(f"the block nests deeper than {_MAX_DEPTH} levels")
         if isinstance(item, dict):
-            for key, nested in item.items():
-                stack.append((key, depth + 1))
-                stack.append((nested, depth + 1))
+            budget -= 2 * len(item)
+            nested = [*_containers(item), *_containers(item.values())]
         elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend((nested, depth + 1) for nested in item)
+            budget -= len(item)
+            nested = _containers(item)
         else:  # pragma: no cover - the v4 unpickler builds nothing else
             raise BlockError(f"the block holds a {type(item).__name__}")
+        if budget < 0:
+            raise BlockError("the block unfolds into too many values")
+        stack.extend(zip(nested, repeat(depth + 1)))
+    if budget < 0:
+        raise BlockError("the block unfolds into too many values")
+
+
+def _containers(items: Iterable[Any]) -> list[Any]:
+    """The items of ``items`` that are no atom, in order (C iterators only)."""
+    return list(compress(items, map(not_, map(_ATOM_TYPES.__contains__, map(type, items)))))
