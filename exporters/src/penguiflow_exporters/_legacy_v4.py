@@ -104,9 +104,8 @@ def _decode(data: bytes) -> list[Row]:
 # over, to unfold into more than memory holds when encoded.
 _VALUES_PER_BYTE: Final = 64
 _MAX_DEPTH: Final = 100
-_ATOMS: Final = (str, int, float, bool, bytes, bytearray, complex, type(None))
 # The restricted unpickler builds these exact types only (no subclass can appear).
-_ATOM_TYPES: Final = frozenset(_ATOMS)
+_ATOM_TYPES: Final = frozenset({str, int, float, bool, bytes, bytearray, complex, type(None)})
 
 
 def _bounded(value: Any, budget: int) -> None:

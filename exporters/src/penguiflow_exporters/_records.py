@@ -392,19 +392,16 @@ def _stored_ids_ok(rows: Sequence[RowLike]) -> bool:
     stored = rows if not runtime else list(
         compress(rows, map(is_not, payloads, repeat(None))))
     for name in _ID_FIELDS:
-        if not set(map(type, map(_COLUMN_OF[name], stored))) <= _STR_OR_NONE:
+        if not set(map(type, map(_COLUMN_OF[name], stored))) <= _TEXT_OR_NONE:
             return False
     queued = list(map(_COLUMN_OF["queued_ts"], stored))
     types = set(map(type, queued))
-    if not types <= {int, float, type(None)} or (int in types and not _int8(
+    if not types <= _NUMBER_OR_NONE or (int in types and not _int8(
             list(compress(queued, map(is_, map(type, queued), repeat(int)))))):
         return False
     parents = list(map(_COLUMN_OF["parent_invocation_ids"], stored))
     return (set(map(type, parents)) <= {tuple, list, type(None)}
-            and set(map(type, chain.from_iterable(filter(None, parents)))) <= {str})
-
-
-_STR_OR_NONE = frozenset({str, type(None)})
+            and set(map(type, chain.from_iterable(filter(None, parents)))) <= _TEXT)
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -1013,7 +1010,7 @@ def _mend_unchecked(columns: list[list[Any]], views: list[list[Any]]) -> None:
     a queued time that is not a number of 64 bits (a bool, text, a long int) as
     None. A clean block pays a few C-level passes."""
     for position in _UNCHECKED_IDS:
-        if not set(map(type, views[position])) <= _STR_OR_NONE:
+        if not set(map(type, views[position])) <= _TEXT_OR_NONE:
             columns[position] = [v if v is None or type(v) is str else _safe_text(v)
                                  for v in columns[position]]
             views[position] = columns[position]
