@@ -22,8 +22,11 @@ from typing import Any
 import pytest
 
 # Two at a time: the second core's worth. More only queue on a 2-core machine and
-# stretch each child's wall time (some examples bound their own run).
-WORKERS = max(1, min(2, os.cpu_count() or 1))
+# stretch each child's wall time (some examples bound their own run). Under
+# pytest-xdist (CI runs `-n 2`) the other worker already has the second core, so
+# each worker takes its share of the cores.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+WORKERS = max(1, min(2, (os.cpu_count() or 1) // max(1, _XDIST_WORKERS)))
 
 Command = Callable[[Any], tuple[list[str], dict[str, Any]]]
 
