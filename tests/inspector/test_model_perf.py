@@ -1,32 +1,27 @@
-"""``build_trace`` and ``TraceView.at`` stay fast on a 100k-event trace.
+"""``build_trace`` and ``TraceView.at`` on a 100k-event trace: the deepest shape.
 
-The trace is one chain of 50k invocations (node_start + node_success each):
-the worst case for the critical path (50k long) and for replay (a step that
-walked it back to its root cost 18-21 ms; it now joins the whole trace's path
-and slices it). Bounds are CPU time, with the cyclic GC running as usual (the
-inspector never switches it), and 3-5x the figures measured on the loaded 2-core
-CI machine on its busiest days (build 0.47-0.72 s, replay step 2-3 ms; on a
-quieter day 0.17-0.25 s and 0.2 ms), so they catch a regression by a factor, not
-noise. The targets they protect: first paint
-< 1 s including the store's load, replay < 50 ms per step on screen (the
-model's share of it must stay small: Textual's repaint takes most of it). Under a tracer
-(coverage, a debugger) every line costs ~4x more, so the bounds are 5x wider
-there: still a guard against an accidental O(n^2).
+The trace is one chain of 50k invocations (node_start + node_success each): a
+critical path 50k long, which a recursive walk could not follow (Python's
+recursion limit is 1,000), and the replay's worst case (a step used to walk the
+path back to its root).
+
+How fast they are is measured by ``benchmarks/inspector.py`` (``whole waterfall``
+and ``step`` on a stored 100k-event trace, with targets), not asserted here:
+benchmarks are scripts, and these tests check what the user sees.
 """
 
 from __future__ import annotations
 
+import bisect
 import random
-import sys
-import time
+from operator import attrgetter
 
 from penguiflow.state import StoredEvent
 from penguiflow_inspector.model import build_trace
 
 TRACE = "ab" * 16
 T0 = 1_700_000_000.0
-#: How much slower this run is than a plain interpreter (coverage traces every line).
-SLOWDOWN = 5.0 if sys.gettrace() is not None else 1.0
+STEP_S, RUN_S = 0.001, 0.0015  # invocation i starts at T0 + i * STEP_S and runs RUN_S
 
 
 def chain(n_events: int) -> list[StoredEvent]:
@@ -34,8 +29,8 @@ def chain(n_events: int) -> list[StoredEvent]:
     previous: tuple[str, ...] = ()
     for i in range(n_events // 2):
         inv = f"{i + 1:016x}"
-        start = T0 + i * 0.001
-        for kind, ts in (("node_start", start), ("node_success", start + 0.0015)):
+        start = T0 + i * STEP_S
+        for kind, ts in (("node_start", start), ("node_success", start + RUN_S)):
             events.append(StoredEvent(TRACE, ts, kind, f"n{i % 7}", "x",
                                       {"ts": ts, "event": kind, "latency_ms": 1.5},
                                       invocation_id=inv, parent_invocation_ids=previous,
@@ -47,20 +42,33 @@ def chain(n_events: int) -> list[StoredEvent]:
     return events
 
 
-def test_build_and_replay_100k_events() -> None:
+def test_a_50k_deep_chain_builds_whole_and_replays_as_of_each_time() -> None:
     events = chain(100_000)
-    started = time.process_time()
     view = build_trace(events)
-    build_s = time.process_time() - started
-    assert len(view.invocations) == 50_000 and len(view.critical_path) == 50_000
-    assert build_s < 2.0 * SLOWDOWN, f"build_trace took {build_s:.2f} s CPU for 100k events"
+    ids = [f"{i + 1:016x}" for i in range(50_000)]
+    assert [inv.invocation_id for inv in view.invocations] == ids
+    assert view.critical_path == ids  # followed to the root, not cut by recursion
+    assert view.status == "ok" and all(inv.status == "ok" for inv in view.invocations)
 
+    starts = [T0 + i * STEP_S for i in range(50_000)]
     view.prepare_replay()
     rng = random.Random(6)
-    times = [rng.uniform(view.start, view.end) for _ in range(40)]
-    started = time.process_time()
-    for t in times:
+    times = [e.ts for e in events]
+    for t in [rng.uniform(view.start, view.end) for _ in range(40)]:
         at = view.at(t)
         assert at.replay_t == t
-    step_ms = (time.process_time() - started) / len(times) * 1000
-    assert step_ms < 15.0 * SLOWDOWN, f"TraceView.at took {step_ms:.1f} ms CPU per step"
+        started = bisect.bisect_right(starts, t)  # events with ts <= t are in the view
+        assert list(map(attrgetter("invocation_id"), at.invocations)) == ids[:started]
+        # Only the last two can still run (each runs 1.5 steps); C-level passes
+        # over the rest keep this test quick under coverage.
+        assert None not in list(map(attrgetter("end"), at.invocations[:-3]))
+        tail = at.invocations[-3:]
+        running = [inv.invocation_id for inv in tail if inv.end is None]
+        assert running == [ids[i] for i in range(max(0, started - 3), started)
+                           if t < starts[i] + RUN_S]
+        assert [inv.status for inv in tail if inv.end is None] == ["running"] * len(running)
+        # The path ends at the invocation that ended last, the running ones ending
+        # "at t" (the first of them, on that tie), and goes back to the root.
+        last = running[0] if running else ids[started - 1]
+        assert at.critical_path == ids[: ids.index(last, max(0, started - 3)) + 1]
+        assert len(at.events) == bisect.bisect_right(times, t)

@@ -465,8 +465,9 @@ class TraceView:
         running as usual: ~0.2 ms CPU per step (0.4 ms at 200k events; 18-21 ms
         when the path was walked to its root at every step; the target for a
         whole replay step on screen is < 50 ms), after a one-off index build
-        (see :meth:`prepare_replay`). ``tests/inspector/test_model_perf.py``
-        guards it.
+        (see :meth:`prepare_replay`). ``benchmarks/inspector.py`` measures a step
+        on screen (``step``); ``tests/inspector/test_model_perf.py`` checks the
+        view it gives on that trace.
         """
         index = self._index
         if index is None:
@@ -1011,10 +1012,11 @@ def build_trace(events: Sequence[StoredEvent]) -> TraceView:
     afterwards. Raises ValueError for no events (there is no trace to show).
 
     Cost at 100k events (50k invocations), CPU on the shared 2-core machine:
-    ~0.25 s with the cyclic GC running as usual (``tests/inspector/test_model_perf.py``
-    guards it). The fold keeps about three GC-tracked objects per invocation and
-    none per event (the event log is built when read, the per-invocation index is
-    a chain of ints): each long-lived container costs every later full collection.
+    ~0.25 s with the cyclic GC running as usual (``benchmarks/inspector.py``'s
+    ``whole waterfall`` row includes it). The fold keeps about three GC-tracked
+    objects per invocation and none per event (the event log is built when read,
+    the per-invocation index is a chain of ints): each long-lived container costs
+    every later full collection.
     """
     if not events:
         raise ValueError("build_trace needs at least one event")
