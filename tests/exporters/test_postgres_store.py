@@ -48,7 +48,9 @@ from penguiflow.state import (
     TraceSummaryBuilder,
     stored_from_fields,
 )
-from penguiflow_exporters._records import Row, encode_block, fold_rows, merge_ranges, rows_of
+from penguiflow_exporters._blocks import encode_block
+from penguiflow_exporters._folds import fold_rows, merge_ranges
+from penguiflow_exporters._records import Row, rows_of
 from penguiflow_exporters.postgres import SCHEMA_VERSION, PostgresStateStore
 from penguiflow_exporters.writer import WriteResult
 

@@ -1,4 +1,5 @@
-"""Rows and blocks (``penguiflow_exporters._records``): what the durable stores put in a file.
+"""Rows and blocks: what the durable stores put in a file (``penguiflow_exporters``'
+``_records``, ``_blocks``, ``_block_read`` and ``_folds``).
 
 Blocks are JSON: any event round-trips (or, for a value JSON cannot hold, comes
 back as its text), a crafted block is refused with a clear error instead of being
@@ -21,7 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from penguiflow.state import EventRecord, StoredEvent
-from penguiflow_exporters import _legacy_v4, _records
+from penguiflow_exporters import _block_read, _blocks, _folds, _legacy_v4, _records
+from penguiflow_exporters._block_read import decode_block
+from penguiflow_exporters._blocks import encode_block
+from penguiflow_exporters._folds import fold_rows, split_fresh
 from penguiflow_exporters._legacy_v4 import decode_v4_block
 from penguiflow_exporters._records import (
     COLUMNS,
@@ -29,12 +33,8 @@ from penguiflow_exporters._records import (
     Row,
     check_row,
     check_rows,
-    decode_block,
-    encode_block,
-    fold_rows,
     row_of,
     rows_of,
-    split_fresh,
     tuple_rows,
 )
 
@@ -68,7 +68,7 @@ def test_plain_tuple_rows_are_written_exactly_as_rows() -> None:
     # every step of the write path gives the same answer for them as for Rows.
     stored = StoredEvent("t-2", 5.0, "node_failed", "b", "b-id", {"a": 1}, flow_id="f",
                          seq=9, attempt=0)
-    lost = StoredEvent("t-2", 6.0, _records.LOST_KIND, None, None,
+    lost = StoredEvent("t-2", 6.0, _folds.LOST_KIND, None, None,
                        {"events_lost": 3, "reason": "x"}, flow_id="f", seq=10)
     items = [record(), record(seq=2, kind="node_success"), stored, lost,
              (*record(seq=3), None)]
@@ -76,8 +76,8 @@ def test_plain_tuple_rows_are_written_exactly_as_rows() -> None:
     assert plain == [tuple(row) for row in rows]
     assert all(type(row) is tuple for row in plain)
     assert decode_block(encode_block(plain[:2])) == rows[:2]
-    assert _records.group_by_trace(plain) == {
-        key: [tuple(r) for r in group] for key, group in _records.group_by_trace(rows).items()}
+    assert _blocks.group_by_trace(plain) == {
+        key: [tuple(r) for r in group] for key, group in _blocks.group_by_trace(rows).items()}
     terminal, errors = frozenset({"node_success", "node_failed"}), frozenset({"node_failed"})
     folds = [fold_rows(x, terminal=terminal, errors=errors) for x in (rows, plain)]
     assert [{k: (f.events, f.starts, f.open, f.failed, f.events_lost, f.nodes)
@@ -327,7 +327,7 @@ def test_the_fast_encoder_stores_what_the_stdlib_encoder_stores(
     with monkeypatch.context() as patched:
         def refuse(*_args: Any, **_kwargs: Any) -> bytes:
             raise TypeError("stdlib only")
-        patched.setattr(_records, "_fast_encode", refuse)
+        patched.setattr(_blocks, "_fast_encode", refuse)
         slow = decode_block(encode_block(rows))
     assert _same([tuple(r) for r in fast], [tuple(r) for r in slow])
 
@@ -357,8 +357,8 @@ def test_a_batch_of_many_traces_stores_what_each_block_on_its_own_stores(
                queue_depth_in=depth[i % len(depth)], latency_ms=latency[i % len(latency)],
                extra=extra[i % len(extra)], parent_invocation_ids=(node, "p"))
         for i, trace in enumerate(traces))
-    groups = _records.group_by_trace(rows)
-    batch = _records.block_rows(groups)
+    groups = _blocks.group_by_trace(rows)
+    batch = _blocks.block_rows(groups)
     assert [block.trace_id for block in batch] == list(groups)
     for block, group in zip(batch, groups.values(), strict=True):
         alone = decode_block(encode_block(group))
@@ -368,7 +368,7 @@ def test_a_batch_of_many_traces_stores_what_each_block_on_its_own_stores(
     # Traces longer than a block: each block holds its own slice of the batch's rows.
     chunks = [(trace, offset, group[offset:offset + 3]) for trace, group in groups.items()
               for offset in range(0, len(group), 3)]
-    small = _records.block_rows(groups, 3)
+    small = _blocks.block_rows(groups, 3)
     assert [(b.trace_id, b.offset, b.n) for b in small] == [
         (trace, offset, len(chunk)) for trace, offset, chunk in chunks]
     for block, (_trace, _offset, chunk) in zip(small, chunks, strict=True):
@@ -396,7 +396,7 @@ def test_a_value_of_one_trace_never_becomes_another_traces() -> None:
                            record(trace="t1", seq=2, **{column: first}),
                            record(trace="t2", seq=3, **{column: second}),
                            record(trace="t2", seq=4, **{column: second})])
-        blocks = _records.block_rows(_records.group_by_trace(rows))
+        blocks = _blocks.block_rows(_blocks.group_by_trace(rows))
         back = [getattr(row, column) for block in blocks for row in decode_block(block.data)]
         assert _same(back, [first, first, second, second]), column
 
@@ -406,22 +406,22 @@ def test_a_batch_of_plain_runtime_events_takes_the_batch_path() -> None:
     # the one a usual batch takes (else the comparison would prove nothing).
     rows = tuple_rows(record(trace=f"t{i % 5}", seq=i + 1, latency_ms=0.5)
                       for i in range(40))
-    shape = _records._BatchShape.of(_records.group_by_trace(rows))
+    shape = _blocks._BatchShape.of(_blocks.group_by_trace(rows))
     assert shape is not None and shape.finite  # orjson's path
     nan = tuple_rows(record(trace=f"t{i % 5}", seq=i + 1,
                             latency_ms=float("nan") if i == 7 else 0.5) for i in range(40))
-    shape = _records._BatchShape.of(_records.group_by_trace(nan))
+    shape = _blocks._BatchShape.of(_blocks.group_by_trace(nan))
     assert shape is not None and not shape.finite
     # Big blocks pay their own steps once per many events: the general path, which
     # was faster for them (one long trace's events).
     long = tuple_rows(record(trace="t0", seq=i + 1) for i in range(500))
-    assert _records._BatchShape.of(_records.group_by_trace(long)) is None
+    assert _blocks._BatchShape.of(_blocks.group_by_trace(long)) is None
     odd = tuple_rows([*(record(trace="t0", seq=1 + i) for i in range(3)),
                       record(trace="t0", seq=9, extra={"k": object()})])
-    assert _records._BatchShape.of(_records.group_by_trace(odd)) is None
+    assert _blocks._BatchShape.of(_blocks.group_by_trace(odd)) is None
     stored = [row_of(StoredEvent("t-1", 1.0 + i, "k", None, None, {"a": i}, flow_id="f",
                                  seq=i)) for i in range(4)]
-    assert _records._BatchShape.of(_records.group_by_trace(stored)) is None
+    assert _blocks._BatchShape.of(_blocks.group_by_trace(stored)) is None
 
 
 def test_the_fast_encoder_leaves_values_it_would_write_its_own_way_to_json() -> None:
@@ -462,7 +462,7 @@ def test_an_int_too_long_for_json_loads_is_stored_as_its_digits(
     # limit a library leaves alone): a longer int comes back as its digits' text,
     # whichever encoder wrote the block; its neighbours come back as values.
     if path == "stdlib":
-        monkeypatch.setattr(_records, "_plain_doc", lambda *_args: False)
+        monkeypatch.setattr(_blocks, "_plain_doc", lambda *_args: False)
     huge = 10**5000
     digits = "1" + "0" * 5000
     events = [StoredEvent("t-1", 1.0, "k", None, None, {"n": huge, "m": 1}, flow_id="f",
@@ -667,7 +667,7 @@ def test_a_clean_batch_is_checked_without_a_step_per_row(
 # -- crafted blocks: sizes and types a writer never stores -----------------------------
 
 
-@pytest.mark.parametrize("n", [10**9, 10**7, _records._MAX_BLOCK_EVENTS + 1])
+@pytest.mark.parametrize("n", [10**9, 10**7, _block_read._MAX_BLOCK_EVENTS + 1])
 def test_a_block_claiming_more_events_than_any_writer_wrote_is_refused_at_once(
         n: int) -> None:
     # A few bytes claiming 10**9 events were a MemoryError ([None] * n), 10**7 a
@@ -693,7 +693,7 @@ def test_the_bound_is_the_largest_block_the_v4_upgrade_wrote() -> None:
     # Postgres's schema 4 wrote blocks of up to 10,000 events, which the upgrade to
     # schema 5 re-encodes whole (_pg_schema._v4_to_v5): such a block reads; one
     # event more is refused.
-    n = _records._MAX_BLOCK_EVENTS
+    n = _block_read._MAX_BLOCK_EVENTS
     # n events that differ in their seq (built as plain tuples: _replace n times cost
     # ~1 s); the block's other columns are one value each.
     head, at = tuple(record()), EventRecord._fields.index("seq")
@@ -901,7 +901,9 @@ def test_payloads_too_wide_for_a_table_are_written_whole_and_read_back(
     # _TABLE_CELLS unless its text is as long: values that repeat are written once,
     # so the writer must not write such a table (2,000 events of a 600-key payload
     # of one value each were 1.2M cells from 42 kB). Shown here with a small bound.
-    monkeypatch.setattr(_records, "_TABLE_CELLS", 100)
+    # The writer's bound and the reader's are one constant, imported by each.
+    monkeypatch.setattr(_blocks, "_TABLE_CELLS", 100)
+    monkeypatch.setattr(_block_read, "_TABLE_CELLS", 100)
     wide = [StoredEvent("t", 1.0 + i, "k", None, None, {f"k{j}": 1 for j in range(20)},
                         flow_id="f", seq=i + 1) for i in range(10)]
     text = encode_block(rows_of(wide))

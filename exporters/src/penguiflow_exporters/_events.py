@@ -1,4 +1,4 @@
-"""Stored rows back to StoredEvents: the readers' side of the blocks (see _records.py)."""
+"""Stored rows back to StoredEvents: the readers' side of the blocks (see _block_read.py)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Schema 4 stored a trace's events as a pickle (protocol 5) of tuples in one of tw
 layouts, told apart by their length: 23 items (the runtime's fields) in one
 pickle, or two pickles back to back (each item's first 14 fields, then the rest:
 the 15-item layout's payload, or the runtime columns). Migration to schema 5
-decodes each block here and re-encodes it as JSON (``_records.encode_block``);
+decodes each block here and re-encodes it as JSON (``_blocks.encode_block``);
 nothing else reads pickle.
 
 The unpickler is restricted: it resolves only the constructors of plain data, and

@@ -18,7 +18,7 @@ created or altered.
 
 Layout (version 5):
 
-* ``blocks``: events, a trace's share of a batch to a row (_records.py): ``data`` is
+* ``blocks``: events, a trace's share of a batch to a row (_blocks.py): ``data`` is
   one JSON document of columns, ASCII only (json escapes every other character,
   NUL and lone surrogates included, so any str survives; ``text`` rather than
   ``jsonb``, which refuses ``\\u0000``). ``trace_key`` is the trace's
@@ -42,8 +42,9 @@ from typing import Any, Final
 
 from penguiflow.state import StateStoreError
 
+from ._blocks import encode_block
 from ._legacy_v4 import decode_v4_block
-from ._records import BlockError, encode_block
+from ._records import BlockError
 from .processor import StoreRefused
 
 __all__ = ["MIGRATE_LOCK", "SCHEMA_VERSION", "check_schema", "create_or_migrate"]
@@ -305,7 +306,7 @@ _MIGRATION_FETCH: Final = 500  # blocks per round trip (at most ~2,000 events ea
 
 async def _v4_to_v5(conn: Any, schema: str, lz4: bool) -> None:
     """Version 4 -> 5, in the caller's transaction: every block's pickle becomes JSON
-    (_legacy_v4.decode_v4_block, then _records.encode_block), ``blocks.data`` becomes
+    (_legacy_v4.decode_v4_block, then _blocks.encode_block), ``blocks.data`` becomes
     ``text``, and ``traces`` gains ``events_lost`` (its ``status`` regenerated with
     "incomplete"). Block ids, keys and positions are kept."""
     s = _quoted(schema)

@@ -16,11 +16,11 @@ One batch, one transaction, on the writer's own connection:
    block ids become visible in id order (a follower reading ``id > last`` never
    skips a block that committed late), and summary upserts cannot deadlock.
 3. Read the batch's flows' stored seq ranges; drop the rows stored already or
-   repeated in the batch (:func:`~._records.split_fresh`), reported in ``skipped``.
-4. Upsert one summary row per trace, folded in Python (:func:`~._records.fold_rows`);
+   repeated in the batch (:func:`~._folds.split_fresh`), reported in ``skipped``.
+4. Upsert one summary row per trace, folded in Python (:func:`~._folds.fold_rows`);
    it RETURNs each trace's key and new event count, so a block's ``first`` is the
    count before this batch. Replace the touched flows' ranges.
-5. COPY the blocks (:func:`~._records.iter_blocks`: a trace's share of the batch, as
+5. COPY the blocks (:func:`~._blocks.iter_blocks`: a trace's share of the batch, as
    JSON column blocks of at most BLOCK_EVENTS events), then NOTIFY the schema's
    channel with the ids of the traces touched (live ``follow()``).
 
@@ -44,20 +44,16 @@ from typing import Any, Final
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
+from ._blocks import Block, group_by_trace, iter_blocks
+from ._folds import Fold, fold_rows, split_fresh
 from ._records import (
     BLOCK_EVENTS,
-    Block,
-    Fold,
     Ranges,
     RowLike,
     WriteReply,
     check_rows,
     flow_id_of,
-    fold_rows,
-    group_by_trace,
-    iter_blocks,
     loads_rows,
-    split_fresh,
     tuple_rows,
 )
 from ._serve import serve

@@ -8,7 +8,7 @@ thread of its own (``writer="thread"``).
 Schema (version 5, :data:`SCHEMA_VERSION`):
 
 * ``traces``: one summary row per trace, folded from each batch's new events in
-  Python (``_records.fold_rows``); ``key`` numbers traces in order of first event.
+  Python (``_folds.fold_rows``); ``key`` numbers traces in order of first event.
 * ``blocks``: the events, as JSON column blocks (``_records``), one row per trace
   per batch (at most 2,000 events); ``first`` is the index in its trace of the
   block's first event, so a page of a trace seeks on ``(trace_key, first)``.
@@ -43,19 +43,16 @@ import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ._blocks import block_rows, group_by_trace
+from ._folds import Fold, fold_rows, split_fresh
 from ._records import (
     BlockError,
-    Fold,
     Ranges,
     RowLike,
     WriteReply,
-    block_rows,
     check_rows,
     flow_id_of,
-    fold_rows,
-    group_by_trace,
     loads_rows,
-    split_fresh,
     trace_id_of,
 )
 from ._serve import serve
@@ -216,8 +213,8 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
 
 def _to_v5(conn: sqlite3.Connection) -> None:
     """Version 4 -> 5: blocks re-encoded from pickle to JSON; traces gain events_lost."""
+    from ._blocks import encode_block
     from ._legacy_v4 import decode_v4_block  # only ever needed here
-    from ._records import encode_block
 
     conn.execute("ALTER TABLE traces ADD COLUMN events_lost INTEGER NOT NULL DEFAULT 0")
     conn.execute("CREATE TABLE blocks_v5 (id INTEGER PRIMARY KEY, trace_key INTEGER, "

@@ -31,8 +31,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._blocks import plain, safe_row
 from ._packs import Pack, PackedBatch
-from ._records import WriteReply, plain, plain_rows, rows_of, safe_row
+from ._records import WriteReply, plain_rows, rows_of
 from ._serve import HEADER as _HEADER
 from ._serve import Handler, describe, read_frame, serve, write_frame
 from .writer import WriteResult
@@ -262,7 +263,7 @@ class _RowPickler(pickle.Pickler):
     The C pickler calls reducer_override only for objects not of an exact built-in
     type, so rows of plain values cost nothing here; anything odd (a read-only
     mapping, an enum, a user object in ``extra``) becomes its plain equivalent or its
-    text, as the JSON encoder would write it (``_records.plain``).
+    text, as the JSON encoder would write it (``_blocks.plain``).
     """
 
     def reducer_override(self, obj: Any) -> Any:

@@ -79,11 +79,12 @@ from penguiflow.state import (
 )
 
 from ._base import ProcessedStore
+from ._block_read import decode_block
 from ._events import events_of
 from ._packs import Pack, PackedBatch, as_list
 from ._pg_schema import SCHEMA_VERSION, check_schema, create_or_migrate
 from ._pg_write import ANY_TRACE, PostgresWriter
-from ._records import BLOCK_EVENTS, BlockError, Row, decode_block
+from ._records import BLOCK_EVENTS, BlockError, Row
 from ._writer_proc import ProcessWriter, WriterError
 from .processor import StoreRefused
 from .writer import EventWriter, WriteResult

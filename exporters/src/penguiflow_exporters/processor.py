@@ -52,8 +52,9 @@ from typing import Any, Literal
 
 from penguiflow.state import StateStoreError, StoredEvent, StoreUnavailable
 
+from ._folds import LOST_KIND
 from ._packs import Pack, PackedBatch
-from ._records import LOST_KIND, MAX_TRACE_ID, _text_problem
+from ._records import MAX_TRACE_ID, _text_problem
 from .writer import EventWriter, WriteResult
 
 __all__ = ["RELEASE_GRACE_S", "BatchProcessor", "OnFull", "StoreRefused"]

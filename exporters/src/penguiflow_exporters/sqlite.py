@@ -69,9 +69,10 @@ from penguiflow.state import (
 )
 
 from ._base import ProcessedStore
+from ._block_read import decode_block
 from ._events import events_of
 from ._packs import Pack, PackedBatch, as_list
-from ._records import BlockError, decode_block, tuple_rows
+from ._records import BlockError, tuple_rows
 from ._sqlite_write import (
     BUSY_TIMEOUT_MS,
     SCHEMA_VERSION,
