@@ -200,3 +200,53 @@ def test_a_malformed_marker_is_listed_but_changes_nothing(payload: dict[str, Any
     assert (view.status, view.events_lost) == ("ok", 0)
     assert [row.kind for row in view.events][-1] == EVENTS_LOST_KIND
     assert "incomplete" not in render.trace_text(view)
+
+
+async def test_pf_tail_says_once_why_a_trace_that_lost_its_ends_may_never_end(
+        tmp_path: Path) -> None:
+    # Eight node_starts are kept and their eight node_successes dropped: the trace
+    # reads "incomplete" with invocations open for ever, so pf tail cannot see it end.
+    # It keeps following (the ends may still come, from a flow still running) and
+    # says why, once, instead of waiting in silence.
+    path = tmp_path / "traces.db"
+    store = SQLiteStateStore(path, on_full="drop", max_buffer=KEPT, max_batch=4,
+                             writer="thread")
+    try:
+        await store.open()
+        for kind in ("node_start", "node_success"):
+            for i in range(KEPT):
+                await store.save_event(_node("0e0d" * 8, i, kind))
+        await store.flush()
+        assert store.failures["dropped"] == KEPT
+    finally:
+        await store.close()
+
+    class Notices(FollowingStderr):
+        def __init__(self) -> None:
+            super().__init__()
+            self.warned = asyncio.Event()
+
+        def write(self, text: str) -> int:
+            if "will not end by itself" in text:
+                self.warned.set()
+            return super().write(text)
+
+    err = Notices()
+    shown: list[str] = []
+    tail = asyncio.create_task(cli.tail(f"sqlite:///{path}", "0e0d" * 8, lambda e: shown.append(
+        render.event_line(e)), err, interval_s=0.01))
+    warned = asyncio.create_task(err.warned.wait())
+    done, _ = await asyncio.wait({tail, warned}, timeout=30,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    assert warned in done, err.getvalue()
+    # ~30 more polls (10 ms apart), and still following: the notice is not repeated.
+    await asyncio.wait({tail}, timeout=0.3)
+    assert not tail.done(), err.getvalue()
+    tail.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await tail
+    notices = [line for line in err.getvalue().splitlines() if "lost" in line]
+    assert notices == [f"pf tail: trace {'0e0d' * 8} lost {KEPT} events; {KEPT} invocation(s) "
+                       "shown have no end yet, and if their ends were lost the tail will "
+                       "not end by itself (Ctrl-C to stop)"]
+    assert len(shown) == KEPT + 1  # the kept starts and the marker

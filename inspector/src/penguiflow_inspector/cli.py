@@ -532,11 +532,22 @@ async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int],
     :data:`TAIL_GRACE_S`; longer, its error ends the command."""
     ended_seen: int | None = None  # the event count when the trace was first seen ended
     away_since: float | None = None
+    warned_lost = False
     while True:
         try:
             if trace_id is not None:
                 summary = await store.get_trace(trace_id)
                 changed = [summary] if summary is not None else []
+                if (summary is not None and summary.status == "incomplete"
+                        and open_invocations and not warned_lost):
+                    # Said once: the tail ends when every invocation shown has
+                    # ended, and the end of one may be among the lost events.
+                    warned_lost = True
+                    print(f"pf tail: trace {printable(trace_id)} lost "
+                          f"{summary.events_lost} events; {len(open_invocations)} "
+                          "invocation(s) shown have no end yet, and if their ends were "
+                          "lost the tail will not end by itself (Ctrl-C to stop)",
+                          file=err, flush=True)
                 if summary is not None and summary.status != "running" and not (
                         summary.status == "incomplete" and open_invocations):
                     if ended_seen == summary.event_count == counts.get(trace_id):
