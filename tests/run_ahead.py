@@ -1,4 +1,4 @@
-"""Start a module's child Pythons ahead of its tests, two at a time.
+"""Start a module's child Pythons ahead of its tests, two at a time (one per xdist worker).
 
 The doc-block and example tests each wait on one child Python that spends most of
 its ~1 s starting up (imports, and coverage's start when it measures children).
