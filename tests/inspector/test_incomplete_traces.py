@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -202,24 +203,36 @@ def test_a_malformed_marker_is_listed_but_changes_nothing(payload: dict[str, Any
     assert "incomplete" not in render.trace_text(view)
 
 
-async def test_pf_tail_says_once_why_a_trace_that_lost_its_ends_may_never_end(
-        tmp_path: Path) -> None:
-    # Eight node_starts are kept and their eight node_successes dropped: the trace
-    # reads "incomplete" with invocations open for ever, so pf tail cannot see it end.
-    # It keeps following (the ends may still come, from a flow still running) and
-    # says why, once, instead of waiting in silence.
-    path = tmp_path / "traces.db"
+ENDLESS = "0e0d" * 8
+
+
+async def _record_lost_ends(path: Path) -> None:
+    """Eight node_starts kept, their eight node_successes dropped: the trace reads
+    "incomplete", with invocations open for ever."""
     store = SQLiteStateStore(path, on_full="drop", max_buffer=KEPT, max_batch=4,
                              writer="thread")
     try:
         await store.open()
         for kind in ("node_start", "node_success"):
             for i in range(KEPT):
-                await store.save_event(_node("0e0d" * 8, i, kind))
+                await store.save_event(_node(ENDLESS, i, kind))
         await store.flush()
         assert store.failures["dropped"] == KEPT
     finally:
         await store.close()
+
+
+def _notices(err: io.StringIO) -> list[str]:
+    return [line for line in err.getvalue().splitlines() if "will not end" in line]
+
+
+async def test_pf_tail_says_once_why_a_trace_that_lost_its_ends_may_never_end(
+        tmp_path: Path) -> None:
+    # pf tail cannot see this trace end. It keeps following (the ends may still
+    # come, from a flow still running) and says why, once, instead of waiting in
+    # silence.
+    path = tmp_path / "traces.db"
+    await _record_lost_ends(path)
 
     class Notices(FollowingStderr):
         def __init__(self) -> None:
@@ -233,7 +246,7 @@ async def test_pf_tail_says_once_why_a_trace_that_lost_its_ends_may_never_end(
 
     err = Notices()
     shown: list[str] = []
-    tail = asyncio.create_task(cli.tail(f"sqlite:///{path}", "0e0d" * 8, lambda e: shown.append(
+    tail = asyncio.create_task(cli.tail(f"sqlite:///{path}", ENDLESS, lambda e: shown.append(
         render.event_line(e)), err, interval_s=0.01))
     warned = asyncio.create_task(err.warned.wait())
     done, _ = await asyncio.wait({tail, warned}, timeout=30,
@@ -245,8 +258,36 @@ async def test_pf_tail_says_once_why_a_trace_that_lost_its_ends_may_never_end(
     tail.cancel()
     with pytest.raises(asyncio.CancelledError):
         await tail
-    notices = [line for line in err.getvalue().splitlines() if "lost" in line]
-    assert notices == [f"pf tail: trace {'0e0d' * 8} lost {KEPT} events; {KEPT} invocation(s) "
-                       "shown have no end yet, and if their ends were lost the tail will "
-                       "not end by itself (Ctrl-C to stop)"]
+    assert _notices(err) == [
+        f"pf tail: trace {ENDLESS} lost {KEPT} events; {KEPT} invocation(s) shown have no "
+        "end yet, and if their ends were lost the tail will not end by itself (Ctrl-C to stop)"]
     assert len(shown) == KEPT + 1  # the kept starts and the marker
+
+
+async def test_pf_tail_says_nothing_of_the_sort_when_the_ends_come(tmp_path: Path) -> None:
+    # The ends are stored after the history was shown and before the first poll
+    # (from pf tail's own "following" line, so in that order): the tail reads them,
+    # ends by itself, and never said it might not.
+    path = tmp_path / "traces.db"
+    await _record_lost_ends(path)
+
+    async def store_the_ends() -> None:
+        async with SQLiteStateStore(path, writer="thread") as late:
+            for i in range(KEPT):
+                await late.save_event(_node(ENDLESS, i, "node_success"))
+
+    class EndsComeLater(FollowingStderr):
+        def write(self, text: str) -> int:
+            if "following" in text:  # on another thread: this one runs the tail
+                ends = threading.Thread(target=asyncio.run, args=(store_the_ends(),))
+                ends.start()
+                ends.join()
+            return super().write(text)
+
+    err = EndsComeLater()
+    shown: list[str] = []
+    await asyncio.wait_for(cli.tail(f"sqlite:///{path}", ENDLESS, lambda e: shown.append(
+        render.event_line(e)), err, interval_s=0.01), 30)
+    assert "ended: incomplete" in err.getvalue()
+    assert _notices(err) == []
+    assert len(shown) == 2 * KEPT + 1

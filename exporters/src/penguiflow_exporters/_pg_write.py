@@ -1,4 +1,5 @@
-"""The Postgres store's writer: one batch, one transaction (stdlib, asyncpg, _records).
+"""The Postgres store's writer: one batch, one transaction (stdlib, asyncpg, _records,
+_blocks, _folds).
 
 Imports nothing from penguiflow, so that ``python -m penguiflow_exporters._pg_write``
 (the store's writer process, ``writer="process"``; see _writer_proc.py) starts in

@@ -9,7 +9,7 @@ Schema (version 5, :data:`SCHEMA_VERSION`):
 
 * ``traces``: one summary row per trace, folded from each batch's new events in
   Python (``_folds.fold_rows``); ``key`` numbers traces in order of first event.
-* ``blocks``: the events, as JSON column blocks (``_records``), one row per trace
+* ``blocks``: the events, as JSON column blocks (``_blocks``), one row per trace
   per batch (at most 2,000 events); ``first`` is the index in its trace of the
   block's first event, so a page of a trace seeks on ``(trace_key, first)``.
 * ``flows`` and ``flow_seqs``: per flow, the seqs stored as disjoint ranges, so a

@@ -532,22 +532,15 @@ async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int],
     :data:`TAIL_GRACE_S`; longer, its error ends the command."""
     ended_seen: int | None = None  # the event count when the trace was first seen ended
     away_since: float | None = None
-    warned_lost = False
+    # The event count when the followed trace was first seen incomplete, wholly
+    # shown, with invocations open; -1 once that has been said.
+    stuck_seen: int | None = None
     while True:
         try:
+            followed: TraceSummary | None = None
             if trace_id is not None:
-                summary = await store.get_trace(trace_id)
+                followed = summary = await store.get_trace(trace_id)
                 changed = [summary] if summary is not None else []
-                if (summary is not None and summary.status == "incomplete"
-                        and open_invocations and not warned_lost):
-                    # Said once: the tail ends when every invocation shown has
-                    # ended, and the end of one may be among the lost events.
-                    warned_lost = True
-                    print(f"pf tail: trace {printable(trace_id)} lost "
-                          f"{summary.events_lost} events; {len(open_invocations)} "
-                          "invocation(s) shown have no end yet, and if their ends were "
-                          "lost the tail will not end by itself (Ctrl-C to stop)",
-                          file=err, flush=True)
                 if summary is not None and summary.status != "running" and not (
                         summary.status == "incomplete" and open_invocations):
                     if ended_seen == summary.event_count == counts.get(trace_id):
@@ -573,6 +566,8 @@ async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int],
                         print(f"pf tail: trace {printable(summary.trace_id)} skipped: "
                               f"{one_line(exc)}", file=err, flush=True)
                         counts[summary.trace_id] = summary.event_count
+            if followed is not None and stuck_seen != -1:
+                stuck_seen = _say_if_stuck(followed, counts, open_invocations, stuck_seen, err)
             if away_since is not None:
                 print("pf tail: the trace store is back", file=err, flush=True)
                 away_since = None
@@ -587,6 +582,25 @@ async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int],
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), interval_s)
         wake.clear()
+
+
+def _say_if_stuck(summary: TraceSummary, counts: dict[str, int],
+                  open_invocations: set[str] | None, seen: int | None,
+                  err: TextIO) -> int | None:
+    """Say, once, that a followed trace may never be seen to end: it lost events,
+    everything stored is shown, invocations are still open, and nothing came for
+    one more poll (the ends of those may be among the lost events: the tail ends
+    only when every invocation shown has ended). Returns the new ``seen`` mark:
+    the event count first seen so, None, or -1 once said."""
+    if not (summary.status == "incomplete" and open_invocations
+            and counts.get(summary.trace_id) == summary.event_count):
+        return None
+    if seen != summary.event_count:
+        return summary.event_count
+    print(f"pf tail: trace {printable(summary.trace_id)} lost {summary.events_lost} events; "
+          f"{len(open_invocations)} invocation(s) shown have no end yet, and if their ends "
+          "were lost the tail will not end by itself (Ctrl-C to stop)", file=err, flush=True)
+    return -1
 
 
 # -- demo -------------------------------------------------------------------------------------
