@@ -32,13 +32,18 @@ def fresh_database(pg_dsn: str, prefix: str) -> Iterator[str]:
 
 class FollowingStderr(io.StringIO):
     """``pf tail``'s stderr: ``following`` is set once it prints its following line
-    (it has read what was already stored)."""
+    (it has read what was already stored), and ``said`` once it prints text holding
+    ``phrase``, when one is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, phrase: str | None = None) -> None:
         super().__init__()
         self.following = asyncio.Event()
+        self.said = asyncio.Event()
+        self._phrase = phrase
 
     def write(self, text: str) -> int:
         if "following" in text:
             self.following.set()
+        if self._phrase is not None and self._phrase in text:
+            self.said.set()
         return super().write(text)

@@ -234,21 +234,11 @@ async def test_pf_tail_says_once_why_a_trace_that_lost_its_ends_may_never_end(
     path = tmp_path / "traces.db"
     await _record_lost_ends(path)
 
-    class Notices(FollowingStderr):
-        def __init__(self) -> None:
-            super().__init__()
-            self.warned = asyncio.Event()
-
-        def write(self, text: str) -> int:
-            if "will not end by itself" in text:
-                self.warned.set()
-            return super().write(text)
-
-    err = Notices()
+    err = FollowingStderr("will not end by itself")
     shown: list[str] = []
     tail = asyncio.create_task(cli.tail(f"sqlite:///{path}", ENDLESS, lambda e: shown.append(
         render.event_line(e)), err, interval_s=0.01))
-    warned = asyncio.create_task(err.warned.wait())
+    warned = asyncio.create_task(err.said.wait())
     done, _ = await asyncio.wait({tail, warned}, timeout=30,
                                  return_when=asyncio.FIRST_COMPLETED)
     assert warned in done, err.getvalue()
