@@ -284,7 +284,7 @@ async def test_writer_processes_that_can_no_longer_start_give_way_to_the_thread(
         for record in _records("t", range(11, 31)):
             store.save_event_fields(record)
         await asyncio.wait_for(store.flush(), 60)
-        assert type(store._processor.writer._writer._writer).__name__ == "_ThreadWriter"  # type: ignore[union-attr]
+        assert type(store._processor.writer._writer._writer).__name__ == "ThreadWriter"  # type: ignore[union-attr]
         assert store.failures["events_lost"] == 0
         assert len(await store.load_history("t")) == 30
 

@@ -54,7 +54,6 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
-from urllib.parse import quote
 
 from penguiflow.state import (
     ERROR_KINDS,
@@ -71,22 +70,30 @@ from penguiflow.state import (
 from ._base import ProcessedStore
 from ._block_read import decode_block
 from ._events import events_of
-from ._packs import Pack, PackedBatch, as_list
-from ._records import BlockError, tuple_rows
+from ._records import BlockError
+from ._sqlite_files import (
+    PATH_FIX,
+    has_hot_journal,
+    read_only_uri,
+    schema_version,
+    text_factory,
+    translate,
+    wal_size,
+)
 from ._sqlite_write import (
     BUSY_TIMEOUT_MS,
     SCHEMA_VERSION,
     SchemaError,
-    SQLiteWriter,
     check_schema,
     connect,
     file_identity,
     release,
     schema_version_of,
 )
-from ._writer_proc import ProcessWriter, WriterError
+from ._sqlite_writers import ProcessOrThread, ThreadWriter, translate_writer
+from ._writer_proc import ProcessWriter
 from .processor import StoreRefused
-from .writer import EventWriter, WriteResult
+from .writer import EventWriter
 
 __all__ = ["DEFAULT_PATH", "FOLLOW_POLL_S", "SCHEMA_VERSION", "SQLiteStateStore", "schema_version"]
 
@@ -125,12 +132,6 @@ _FOLLOW_TRACE = ("SELECT first, n, data FROM blocks "
                  "WHERE trace_key = (SELECT key FROM traces WHERE trace_id = ?) "
                  "AND first >= ? ORDER BY first, id")
 _MAX_BATCH = 10_000
-_UNAVAILABLE_CODES = frozenset({
-    sqlite3.SQLITE_PERM, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY,
-    sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN,
-})
-_PATH_FIX = ("pass a writable path: SQLiteStateStore('/path/to/traces.db') or "
-             "PENGUIFLOW_STORE=sqlite:////path/to/traces.db")
 _READER_FIX = "point the reader at a store a flow has written (pf traces --store URL)"
 _decode = json.loads
 
@@ -174,266 +175,6 @@ def _names_of(nodes: Any) -> tuple[str, ...]:
     if type(names) is not list:
         return ()
     return tuple(name for name in names if type(name) is str)
-
-
-def _text(data: bytes) -> str:
-    """A stored TEXT value (the reading connections' text factory): what is not
-    UTF-8 (SQLite stores what another tool gives it) has U+FFFD in place, where
-    sqlite3 failed the whole query (every trace of a list, for one bad row)."""
-    return data.decode("utf-8", "replace")
-
-
-def translate(path: str, code: int | None, message: str) -> StateStoreError:
-    """The store's error for an SQLite error code (StoreUnavailable: try again later)."""
-    primary = None if code is None else code & 0xFF  # extended codes keep it in the low byte
-    if primary in _UNAVAILABLE_CODES:
-        if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-            fix = (f"another connection held the write lock for more than "
-                   f"{BUSY_TIMEOUT_MS / 1000:g} s")
-        elif primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
-            fix = "check the disk (full or failing)"
-        else:
-            fix = _PATH_FIX
-        return StoreUnavailable(f"SQLite store {path!r}: {message}; {fix}")
-    if primary == sqlite3.SQLITE_NOTADB:
-        return StoreRefused(f"SQLite store {path!r}: {message}; the file is not a "
-                            f"penguiflow trace database, {_PATH_FIX}")
-    if primary == sqlite3.SQLITE_CORRUPT:
-        return StoreRefused(f"SQLite store {path!r}: {message}; the file is damaged (cut "
-                            "short or overwritten): restore it from a copy, or use another path")
-    return StateStoreError(f"SQLite store {path!r}: {message}")
-
-
-def _has_hot_journal(path: Path) -> bool:
-    """Whether a non-empty ``-journal`` lies beside ``path`` (a writer in rollback-journal
-    mode stopped mid-transaction; a read-only connection fails on it, "attempt to write
-    a readonly database", which names the wrong fix)."""
-    try:
-        return (path.with_name(path.name + "-journal").stat().st_size > 0
-                and not _is_wal(path))
-    except OSError:
-        return False
-
-
-def _is_wal(path: Path) -> bool:
-    """Whether the SQLite file at ``path`` is in WAL mode (header bytes 18-19 are 2).
-
-    False when it cannot be read or is no SQLite file: opening it then reports why.
-    """
-    try:
-        with open(path, "rb") as file:
-            header = file.read(100)
-    except OSError:
-        return False
-    return header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x02\x02"
-
-
-def _wal_size(path: Path) -> int | None:
-    """The size of the ``-wal`` file beside ``path``; None when there is none."""
-    try:
-        return os.stat(f"{path}-wal").st_size
-    except OSError:
-        return None
-
-
-def _read_only_uri(path: Path, *, recovering: bool = False) -> tuple[str, bool]:
-    """The URI that reads ``path`` without creating anything beside it, and whether it
-    is ``immutable``.
-
-    ``mode=ro`` alone makes SQLite create the ``-wal`` and ``-shm`` files of a
-    WAL-mode file when they are missing. So a WAL-mode file without a ``-wal``
-    (or with an empty one and no ``-shm``: nothing un-checkpointed) is opened
-    ``immutable=1``: no lock, no side file; the caller reopens it once a writer
-    shows up (see ``SQLiteStateStore._connection``). With both ``-wal`` and
-    ``-shm`` (a live writer, even one that just truncated its WAL) ``mode=ro``
-    creates nothing and reads under the writer's locks. A ``-wal`` holding writes with no
-    ``-shm`` (its writer did not close) cannot be read without creating the
-    ``-shm``: :class:`StoreUnavailable` naming the fix, unless ``recovering``
-    (``pf migrate``, about to open a writer that recovers them anyway).
-    """
-    base = f"file:{quote(str(path.resolve()))}?mode=ro"
-    if not _is_wal(path):
-        return base, False
-    wal = _wal_size(path)
-    if wal is not None and os.path.exists(f"{path}-shm"):
-        # Both side files (a live writer, even right after it truncated its WAL):
-        # mode=ro creates nothing, and reads under the writer's locks, never torn.
-        return base, False
-    if not wal:
-        return base + "&immutable=1", True
-    if recovering:
-        return base, False
-    raise StoreUnavailable(
-        f"SQLite store {str(path)!r}: '{path}-wal' holds writes its writer never "
-        f"checkpointed (it did not close) and no '{path}-shm' is beside it, so reading "
-        f"would create one; run `pf migrate --store sqlite:///{path}` (or any flow with "
-        "this store) once to recover them, then read it")
-
-
-def schema_version(path: str | os.PathLike[str]) -> int | None:
-    """The schema version of the SQLite file at ``path``, read without writing (``mode=ro``).
-
-    Returns 0 for a database without tables (an empty file included) and None for one
-    with tables but no ``schema_version`` (not a penguiflow store). Creates nothing
-    beside a WAL-mode file, except the ``-shm`` of one whose writer did not close
-    (``pf migrate`` reads this before a writer recovers that file).
-
-    Raises:
-        sqlite3.Error: the file cannot be read or is not a SQLite database.
-    """
-    uri, _ = _read_only_uri(Path(path), recovering=True)
-    conn = sqlite3.connect(uri, uri=True)
-    try:
-        return schema_version_of(conn)
-    finally:
-        conn.close()
-
-
-class _CannotStart(StoreUnavailable):
-    """No writer process can be started here (a sandbox that forbids subprocesses)."""
-
-
-def _translate_writer(path: str, exc: WriterError) -> StateStoreError:
-    if exc.gone and exc.starting:
-        return _CannotStart(f"SQLite store {path!r}: {exc}")
-    if exc.gone:
-        return StoreUnavailable(f"SQLite store {path!r}: {exc}; the next batch starts a new "
-                                "writer process")
-    if "SchemaError" in exc.types:
-        return StoreRefused(str(exc).removeprefix("SchemaError: "))
-    if "OSError" in exc.types:
-        return StoreUnavailable(f"SQLite store {path!r}: {exc}; {_PATH_FIX}")
-    return translate(path, exc.code, str(exc))
-
-
-class _ThreadWriter:
-    """The SQLite writer on a thread of the store's process (``writer="thread"``)."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._sync = SQLiteWriter(path, terminal=TERMINAL_KINDS, errors=ERROR_KINDS)
-        self._executor = ThreadPoolExecutor(max_workers=1,
-                                            thread_name_prefix="penguiflow-sqlite-writer")
-
-    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except sqlite3.Error as exc:
-            raise translate(self._path, getattr(exc, "sqlite_errorcode", None),
-                            str(exc)) from exc
-        except SchemaError as exc:
-            raise StoreRefused(str(exc)) from exc
-        except OSError as exc:
-            raise StoreUnavailable(f"SQLite store {self._path!r}: {exc}; {_PATH_FIX}") from exc
-
-    def _write_sync(self, items: Sequence[Any]) -> Any:
-        self._sync.open()
-        return self._sync.write(tuple_rows(items))
-
-    async def write(self, items: Sequence[Any]) -> WriteResult:
-        try:
-            skipped, rejected, notices = await self._run(self._write_sync, items)
-        except asyncio.CancelledError:
-            # Given up on (a close that timed out): the thread cannot be cancelled,
-            # so its transaction is interrupted (rolled back) instead of committing
-            # after the batch was counted as not stored.
-            self._sync.interrupt()
-            raise
-        return WriteResult(skipped, rejected, notices)
-
-    async def close(self) -> None:
-        try:
-            await self._run(self._sync.close)
-        finally:
-            self._executor.shutdown(wait=False)
-
-
-class _ProcessOrThread:
-    """The process writer, or the thread writer once no process can be started.
-
-    A host that forbids subprocesses (a sandbox) still gets its events stored: the
-    first batch that cannot start a writer process is written on a thread instead,
-    from then on, with one warning.
-    """
-
-    def __init__(self, path: str, process: ProcessWriter) -> None:
-        self._path = path
-        self._writer: EventWriter = process
-        self._thread: _ThreadWriter | None = None
-        self._fell_back = False
-
-    def _to_thread(self, items: Sequence[Any]) -> bool:
-        # StoredEvents alone (an import, a replay): their payload dicts cost as much
-        # to pickle to the child as to write here (raw ingest measured ~130k events/s
-        # through the child, ~200k here).
-        # Any runtime tuple sends the batch to the child; the first item is one in a
-        # runtime batch, so the scan stops there (a set of every item's type was a
-        # pass over the batch twice per write on the flow's thread).
-        # A PackedBatch holds runtime events by construction (packs come only from
-        # pack(), below, before any fall-back).
-        return not self._fell_back and type(items) is not PackedBatch and \
-            not any(type(item) is tuple for item in items)
-
-    def packs(self) -> bool:
-        """Whether :meth:`pack` packs: until the thread writes instead."""
-        return not self._fell_back
-
-    def pack(self, items: list[Any]) -> Pack | None:
-        """The runtime events ``items`` pickled for the writer process now (see
-        ``_packs``); None once the thread writes instead."""
-        if self._fell_back:
-            return None
-        return self._writer.pack(items)  # type: ignore[attr-defined,no-any-return]
-
-    async def start(self, first: Any = None) -> None:
-        """Start the writer process now (the processor does when it starts, so the
-        first batch does not wait ~80 ms for it), unless the first item saved is a
-        StoredEvent (an import: those go to the thread); one that cannot start is
-        left to the first write, which falls back to the thread."""
-        if not self._fell_back and isinstance(first, tuple):
-            with contextlib.suppress(StateStoreError):
-                await self._writer.start()  # type: ignore[attr-defined]
-
-    async def prepare(self, items: Sequence[Any]) -> Any:
-        """The child's payload for a batch it will write; None for the thread's."""
-        if self._to_thread(items) or self._fell_back:
-            return None
-        return await self._writer.prepare(items)  # type: ignore[attr-defined]
-
-    async def write_prepared(self, items: Sequence[Any], prepared: Any) -> WriteResult:
-        return await self._write(items, prepared)
-
-    async def write(self, items: Sequence[Any]) -> WriteResult:
-        return await self._write(items, None)
-
-    async def _write(self, items: Sequence[Any], prepared: Any) -> WriteResult:
-        if self._to_thread(items):
-            if self._thread is None:
-                self._thread = _ThreadWriter(self._path)
-            return await self._thread.write(as_list(items))
-        try:
-            if prepared is not None and not self._fell_back:
-                return await self._writer.write_prepared(  # type: ignore[attr-defined,no-any-return]
-                    items, prepared)
-            return await self._writer.write(as_list(items) if self._fell_back else items)
-        except _CannotStart as exc:
-            if self._fell_back:
-                raise
-            self._fell_back = True
-            logger.warning("state_store_writer_process_unavailable", extra={
-                "store": f"SQLiteStateStore({self._path!r})", "error": str(exc),
-                "fallback": "writing on a thread of this process (writer='thread')"})
-            await self._writer.close()
-            self._writer = _ThreadWriter(self._path)
-            return await self._writer.write(as_list(items))
-
-    async def close(self) -> None:
-        try:
-            await self._writer.close()
-        finally:
-            if self._thread is not None:
-                await self._thread.close()
 
 
 class SQLiteStateStore(ProcessedStore):
@@ -485,7 +226,7 @@ class SQLiteStateStore(ProcessedStore):
         #: Owned by the worker thread: only touched from functions run by ``_call``.
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
-        #: A read-only store's connection is ``immutable`` (see ``_read_only_uri``):
+        #: A read-only store's connection is ``immutable`` (see ``_sqlite_files.read_only_uri``):
         #: the file's state then, reopened when it changes (a writer showed up).
         self._immutable: tuple[object, ...] | None = None
         #: A reopen under way or failed: the next query opens the file again.
@@ -500,12 +241,12 @@ class SQLiteStateStore(ProcessedStore):
     def _make_writer(self) -> EventWriter:
         path = str(self.path)
         if self.writer == "thread":
-            return _ThreadWriter(path)
-        return _ProcessOrThread(path, ProcessWriter(
+            return ThreadWriter(path)
+        return ProcessOrThread(path, ProcessWriter(
             "penguiflow_exporters._sqlite_write",
             {"path": path, "terminal": TERMINAL_KINDS, "errors": ERROR_KINDS,
              "busy_timeout_ms": BUSY_TIMEOUT_MS},
-            translate=lambda exc: _translate_writer(path, exc)))
+            translate=lambda exc: translate_writer(path, exc)))
 
     # -- worker-thread plumbing ------------------------------------------------------
 
@@ -517,7 +258,7 @@ class SQLiteStateStore(ProcessedStore):
         except sqlite3.Error as exc:
             error = translate(str(self.path), getattr(exc, "sqlite_errorcode", None), str(exc))
             if self.readonly:  # a reader is not asked for a writable path
-                error = type(error)(str(error).replace(_PATH_FIX, _READER_FIX))
+                error = type(error)(str(error).replace(PATH_FIX, _READER_FIX))
             raise error from exc
         except SchemaError as exc:
             raise StoreRefused(f"SQLite store: {exc}") from exc
@@ -563,7 +304,7 @@ class SQLiteStateStore(ProcessedStore):
             st = os.stat(path)
         except OSError:
             return ()
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, _wal_size(self.path),
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, wal_size(self.path),
                 os.path.exists(f"{path}-shm"))
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -590,7 +331,7 @@ class SQLiteStateStore(ProcessedStore):
             if not os.access(path, os.R_OK):
                 raise StoreUnavailable(f"SQLite store {str(path)!r} cannot be read (permission "
                                        "denied); run as a user who may read it, or copy it")
-            if _has_hot_journal(path):
+            if has_hot_journal(path):
                 raise StoreUnavailable(
                     f"SQLite store {str(path)!r} has a rollback journal left by a writer that "
                     "stopped mid-write (-journal), which only a writer can roll back; open "
@@ -600,7 +341,7 @@ class SQLiteStateStore(ProcessedStore):
             # WAL-mode file with nothing to read beside it, so no side file is created.
             # Taken before the connection: a change after is seen by the next query.
             state = self._immutable_state()
-            uri, immutable = _read_only_uri(path)
+            uri, immutable = read_only_uri(path)
             conn = sqlite3.connect(uri, uri=True, isolation_level=None,
                                    check_same_thread=False)
             try:
@@ -621,9 +362,9 @@ class SQLiteStateStore(ProcessedStore):
             except OSError as exc:
                 raise StoreUnavailable(
                     f"SQLite store {str(path)!r}: cannot create the directory "
-                    f"{str(path.parent)!r} ({exc.strerror or exc}); {_PATH_FIX}") from exc
+                    f"{str(path.parent)!r} ({exc.strerror or exc}); {PATH_FIX}") from exc
             conn = connect(str(path))
-        conn.text_factory = _text
+        conn.text_factory = text_factory
         self._conn = conn
         identity = file_identity(str(path))
         if self._identity is not None and (identity != self._identity or self._went_away):
