@@ -325,9 +325,10 @@ def test_metric_export_failures_are_counted(otlp_receiver: OTLPReceiver) -> None
 
 def test_failures_are_summarised_not_repeated(caplog: pytest.LogCaptureFixture) -> None:
     from penguiflow_exporters import otel
+    from penguiflow_exporters._export_counting import FailureLog
 
     now = [100.0]
-    log = otel._FailureLog({"spans": "http://collector/v1/traces"}, clock=lambda: now[0])
+    log = FailureLog({"spans": "http://collector/v1/traces"}, clock=lambda: now[0])
     caplog.set_level(logging.INFO, logger="penguiflow_exporters.otel")
     for _ in range(5):
         log.failure("spans", 10, "refused")
