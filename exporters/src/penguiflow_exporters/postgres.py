@@ -23,7 +23,7 @@ Where the writer runs (``writer``):
   driver's work (~6 us) run on another core. Chain N=5 with the store attached ran
   at 4.7x its time without a store this way, 6.5x with ``"loop"`` (2-core machine,
   medians of 5). Batches of StoredEvents alone (imports, replays) are written on
-  the loop (see ``_ProcessOrLoop``). Where no process can be started (a sandbox),
+  the loop (see ``_pg_writers.ProcessOrLoop``). Where no process can be started (a sandbox),
   the store writes on the loop instead, and says so once.
 * ``"loop"``: on the flow's event loop (faster until durable when the machine has
   no core to spare: the child and the flow's process take turns on each batch).
@@ -60,9 +60,8 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any, Final, Literal
-from urllib.parse import parse_qs, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
@@ -81,13 +80,14 @@ from penguiflow.state import (
 from ._base import ProcessedStore
 from ._block_read import decode_block
 from ._events import events_of
-from ._packs import Pack, PackedBatch, as_list
+from ._pg_dsn import describe_dsn
 from ._pg_schema import SCHEMA_VERSION, check_schema, create_or_migrate
 from ._pg_write import ANY_TRACE, PostgresWriter
+from ._pg_writers import NoProcess, ProcessOrLoop
 from ._records import BLOCK_EVENTS, BlockError, Row
 from ._writer_proc import ProcessWriter, WriterError
 from .processor import StoreRefused
-from .writer import EventWriter, WriteResult
+from .writer import EventWriter
 
 logger = logging.getLogger("penguiflow_exporters.store")
 
@@ -217,7 +217,7 @@ class PostgresStateStore(ProcessedStore):
         #: ``"process"`` or ``"loop"``: where batches are written.
         self.writer = writer
         self._dsn = dsn
-        self._where = _describe_dsn(dsn)
+        self._where = describe_dsn(dsn)
         self._pool_min = pool_min
         self._pool_max = pool_max
         self._connect_timeout_s = connect_timeout_s
@@ -392,12 +392,12 @@ class PostgresStateStore(ProcessedStore):
         loop = PostgresWriter(options, translate=self._translated)
         if self.writer == "loop":
             return loop
-        return _ProcessOrLoop(
+        return ProcessOrLoop(
             ProcessWriter(_WRITER_MODULE, options, translate=self._process_error), loop)
 
     def _process_error(self, exc: WriterError) -> BaseException:
-        if exc.starting and exc.gone:  # no process can be had here: see _ProcessOrLoop
-            return _NoProcess(str(exc))
+        if exc.starting and exc.gone:  # no process can be had here: see ProcessOrLoop
+            return NoProcess(str(exc))
         return self._writer_error(exc)
 
     # -- queries ------------------------------------------------------------------
@@ -655,92 +655,7 @@ class PostgresStateStore(ProcessedStore):
                 conn.terminate()  # the server is gone or slow: drop the socket
 
 
-# -- writers ------------------------------------------------------------------------
-
-
-class _NoProcess(StoreUnavailable):
-    """No writer process can be started here (spawning failed, or it died starting)."""
-
-
-class _ProcessOrLoop:
-    """``writer="process"``: the runtime's batches go to the writer process.
-
-    A batch of StoredEvents alone (an import, a replay: not the runtime's fast path)
-    is written on the loop: pickling a payload dict to the child costs about what
-    encoding it here does (~3.4 against ~4.5 us per event, measured), and the
-    processor writes one batch at a time, so the two processes took turns: 100k
-    StoredEvents went in at ~74k events/s through the child, ~127k on the loop.
-    The runtime's EventRecords (no payload) pickle for ~2 us against ~6 of work
-    moved off the flow's process.
-
-    Where spawning is refused (a sandbox) or the child dies before it answers, the
-    store writes on the loop from then on, this batch included, and logs it once:
-    nothing is lost. A database error a live child reports is not this case.
-    """
-
-    def __init__(self, process: ProcessWriter, loop: PostgresWriter) -> None:
-        self.process: ProcessWriter | None = process
-        self.loop = loop
-
-    async def start(self, first: Any = None) -> None:
-        """Start the writer process now (the processor does when it starts, so the
-        first batch does not wait for it), unless the first item saved is a
-        StoredEvent (an import: those are written on the loop); one that cannot
-        start is left to the first write, which falls back to the loop."""
-        if self.process is not None and isinstance(first, tuple):
-            with contextlib.suppress(StateStoreError):
-                await self.process.start()
-
-    def packs(self) -> bool:
-        """Whether :meth:`pack` packs: until the loop writes instead."""
-        return self.process is not None
-
-    def pack(self, items: list[Any]) -> Pack | None:
-        """The runtime events ``items`` pickled for the writer process now (see
-        ``_packs``); None once the loop writes instead."""
-        return None if self.process is None else self.process.pack(items)
-
-    async def prepare(self, items: Sequence[Any]) -> Any:
-        """The child's payload for a batch it will write; None for the loop's."""
-        process = self.process
-        if process is None or not _for_child(items):
-            return None
-        return await process.prepare(items)
-
-    async def write_prepared(self, items: Sequence[Any], prepared: Any) -> WriteResult:
-        return await self._write(items, prepared)
-
-    async def write(self, items: Sequence[Any]) -> WriteResult:
-        return await self._write(items, None)
-
-    async def _write(self, items: Sequence[Any], prepared: Any) -> WriteResult:
-        process = self.process
-        # Any runtime event (a tuple; usually the first) sends the batch to the child.
-        if process is not None and _for_child(items):
-            try:
-                if prepared is not None:
-                    return await process.write_prepared(items, prepared)
-                return await process.write(items)
-            except _NoProcess as exc:
-                self.process = None
-                await process.close()
-                logger.warning("state_store_writer_process_unavailable", extra={
-                    "error": str(exc), "fallback": "writing on the event loop (writer='loop')"})
-        return await self.loop.write(as_list(items))
-
-    async def close(self) -> None:
-        if self.process is not None:
-            await self.process.close()
-        await self.loop.close()
-
-
 # -- helpers ------------------------------------------------------------------------
-
-
-def _for_child(items: Sequence[Any]) -> bool:
-    """Whether a batch goes to the writer process: any runtime event (a tuple) in it;
-    a PackedBatch holds some by construction (no pass that would unpack it)."""
-    return type(items) is PackedBatch or any(isinstance(item, tuple) for item in items)
 
 
 def _summary(row: Any) -> TraceSummary:
@@ -755,49 +670,3 @@ def _mentions(payload: str | None, trace_id: str) -> bool:
         return trace_id in json.loads(payload)
     except ValueError:  # not ours: check rather than miss an event
         return True
-
-
-def _describe_dsn(dsn: str) -> str:
-    """The DSN without password or query string (which may carry one).
-
-    A DSN whose parts cannot be told apart for sure says nothing of itself: a
-    password with an unencoded ``/``, ``?`` or ``#`` ends the URL's host part early,
-    and what follows it (the rest of the password) would be shown as host and path.
-    """
-    try:
-        parts = urlsplit(dsn)
-        query_host = parse_qs(parts.query).get("host", [""])[0]
-    except ValueError:
-        return "<unparseable DSN>"
-    if not parts.scheme:
-        return "<key=value DSN>"  # libpq keyword form: do not echo it (password=...)
-    rest = dsn.partition("://")[2]
-    end = min([i for i in map(rest.find, "/?#") if i >= 0], default=len(rest))
-    # An @ after the host part, before any query (a / or # in the password), or in
-    # the query while the host part has none (a ? in it): the credentials did not end
-    # where the URL parser thinks. An @ in a query value is fine otherwise.
-    after, _, query = rest[end:].partition("?")
-    # In the query, an @ only inside a key=value pair's value (application_name=a@b);
-    # one in a pair without = before it is the rest of the netloc (a ? in a password).
-    stray = any("@" in pair and "@" in pair.partition("=")[0] for pair in query.split("&"))
-    # And an @ in the query while the netloc has none: the netloc was cut at a ? in
-    # the password, before its @ ("alice:2024?x=y@db" would show "2024" as a port).
-    cut = "@" in query and "@" not in parts.netloc and bool(parts.netloc) and not after
-    if "@" in after or stray or cut or not _ports_ok(parts.netloc.rpartition("@")[2]):
-        return "<unparseable DSN>"
-    user, _, hosts = parts.netloc.rpartition("@")
-    user = user.partition(":")[0]
-    hosts = hosts or query_host or "localhost"
-    if "," not in hosts and not hosts.startswith("/") and not re.search(r":\d+$", hosts):
-        hosts += ":5432"
-    return f"{parts.scheme}://{user + '@' if user else ''}{hosts}{parts.path}"
-
-
-def _ports_ok(hosts: str) -> bool:
-    """Whether each ``host[:port]`` of ``hosts`` (comma-separated) has a numeric port."""
-    for host in hosts.split(","):
-        if host.startswith("["):  # [IPv6]:port
-            host = host.partition("]")[2]
-        if ":" in host and not host.rpartition(":")[2].isdigit():
-            return False
-    return True
