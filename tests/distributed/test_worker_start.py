@@ -15,7 +15,7 @@ from typing import Any
 
 import dist_flows
 import pytest
-from dist_support import bus_url, eventually, free_port
+from dist_support import RedisServer, bus_url, eventually, free_port
 
 from penguiflow_distributed import BusBindError, RedisMessageBus
 from penguiflow_distributed.worker import EXIT_OK, main, serve
@@ -150,6 +150,52 @@ async def test_ready_raises_the_bind_error(redis_url: str, namespace: str) -> No
         await flow.stop()
         await client.delete(key)
         await client.aclose()
+
+
+def _require_password(server: RedisServer) -> None:
+    import redis
+
+    client = redis.Redis(port=server.port)
+    try:
+        client.config_set("requirepass", "the-right-one")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("credentials", "refusal"), [
+    (":not-the-password@", "invalid username-password pair"),  # WRONGPASS
+    ("", "Authentication required"),  # NOAUTH
+])
+async def test_a_bad_or_missing_password_fails_the_bind_instead_of_retrying(
+        own_redis: RedisServer, credentials: str, refusal: str) -> None:
+    _require_password(own_redis)
+    flow = dist_flows.chain()
+    bus = RedisMessageBus(f"redis://{credentials}127.0.0.1:{own_redis.port}/0",
+                          max_backoff_s=0.05)
+    flow.run(message_bus=bus, nodes=["a"])
+    try:
+        # Before: retried for ever as "Redis unreachable", ready() never returned.
+        with pytest.raises(BusBindError, match="refused the bus for flow 'chain'") as info:
+            await asyncio.wait_for(bus.ready(), 10)
+    finally:
+        await flow.stop()
+    assert refusal in str(info.value)
+    assert "check the user name and password in the bus URL" in str(info.value)
+    assert "not-the-password" not in str(info.value)
+    assert bus.stats["link_errors"] == 0
+
+
+def test_pf_worker_exits_2_on_a_wrong_password(own_redis: RedisServer) -> None:
+    _require_password(own_redis)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run(
+        [sys.executable, "-m", "penguiflow_distributed.worker", "dist_flows:chain",
+         "--bus", f"redis://:not-the-password@127.0.0.1:{own_redis.port}/0?max_backoff_s=0.05"],
+        env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "refused the bus" in done.stderr and "AuthenticationError" in done.stderr
+    assert "not-the-password" not in done.stderr
 
 
 class _StoreThatCannotOpen:

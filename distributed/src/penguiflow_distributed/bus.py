@@ -52,6 +52,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
     ClusterDownError,
     MasterDownError,
     NoScriptError,
@@ -76,6 +78,12 @@ logger = logging.getLogger("penguiflow_distributed")
 GROUP = "pf"
 #: Errors that mean "Redis is not reachable now": retried with backoff.
 _LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+#: Redis refusing the credentials (WRONGPASS, NOAUTH, a user that may not log in):
+#: redis-py raises them as ConnectionError subclasses, but waiting does not fix a
+#: wrong password. While binding they fail the bind (BusBindError); once bound
+#: (credentials rotated under a running process) they are retried like a broken
+#: link, so that nothing held is lost when the credentials are fixed.
+_REFUSALS = (AuthenticationError, AuthorizationError)
 #: Error replies that mean "Redis refuses this now, not for ever": out of memory
 #: under ``noeviction``, a replica after a failover (READONLY), a script running
 #: too long (BUSY), a failover or a cluster in progress. Retried with backoff like
@@ -335,15 +343,23 @@ class RedisMessageBus:
         streams.append(self.reply_stream(binding.worker_id))
         control = f"{self._prefix()}:control"
         try:
-            await self._retrying("create the consumer groups", self._create_groups, streams)
-            last = await self._retrying("read past cancels", self._past_cancels, control)
+            await self._retrying("create the consumer groups", self._create_groups, streams,
+                                 fail_refused=True)
+            last = await self._retrying("read past cancels", self._past_cancels, control,
+                                        fail_refused=True)
         except Exception as exc:
             # Not a link problem (those are retried above), so retrying will not
             # help: ready() and every send say why, none waits for ever.
+            if isinstance(exc, ResponseError):
+                why = str(exc)
+            elif isinstance(exc, _REFUSALS):
+                why = (f"{type(exc).__name__}: {exc} (check the user name and password in "
+                       f"the bus URL)")
+            else:  # redis-py's repr() of its errors drops their message
+                why = f"{type(exc).__name__}: {exc}"[:500]
             self._bind_error = BusBindError(
                 f"Redis at {_redact(self.url)} refused the bus for flow "
-                f"{binding.flow_name!r} (namespace {self.namespace!r}): "
-                f"{exc if isinstance(exc, ResponseError) else repr(exc)[:500]}")
+                f"{binding.flow_name!r} (namespace {self.namespace!r}): {why}")
             self._ready.set()
             raise self._bind_error from exc
         # What each stream may carry: its own edge's entries; the reply stream,
@@ -969,12 +985,18 @@ class RedisMessageBus:
 
     # -- the link --------------------------------------------------------------------
 
-    async def _retrying(self, doing: str, call: Any, *args: Any, **kwargs: Any) -> Any:
-        """``await call(...)``, retried with backoff while Redis is unreachable."""
+    async def _retrying(self, doing: str, call: Any, *args: Any, fail_refused: bool = False,
+                        **kwargs: Any) -> Any:
+        """``await call(...)``, retried with backoff while Redis is unreachable.
+
+        ``fail_refused``: a refusal of the credentials (:data:`_REFUSALS`) is raised,
+        not retried (binding: a wrong password is no outage to wait out)."""
         while True:
             try:
                 result = await call(*args, **kwargs)
             except _LINK_ERRORS as exc:
+                if fail_refused and isinstance(exc, _REFUSALS):
+                    raise
                 if self._stopping and doing == "settle":
                     raise
                 await self._link_down(doing, exc)
