@@ -18,12 +18,21 @@ from opentelemetry import propagate
 
 from ._card import Endpoint
 from .errors import A2AConnectionError, A2AError, A2AProtocolError, A2ATimeoutError, rpc_error
-from .protocol import V0_3, V1_0, VERSION_HEADER, method_name, stream_result_from_v03
+from .protocol import (
+    V0_3,
+    V1_0,
+    VERSION_HEADER,
+    method_name,
+    stream_result_from_v03,
+    wire_json,
+)
 from .sse import DEFAULT_MAX_EVENT_BYTES, SSEError, aiter_sse
 
 __all__ = ["RpcChannel"]
 
 _RESPONSE_KEYS = ("task", "message", "statusUpdate", "artifactUpdate")
+#: ``read_timeout_s`` default: the transport's ``timeout_s``.
+_TRANSPORT: Any = object()
 
 
 class RpcChannel:
@@ -45,24 +54,36 @@ class RpcChannel:
         self._owns_client = httpx_client is None
         self._max_event_bytes = max_event_bytes
         self._max_body_bytes = max_body_bytes
+        self._closed = False
 
     async def aclose(self) -> None:
-        """Close the httpx client if this channel created it (idempotent)."""
+        """Close the httpx client if this channel created it (idempotent). Every
+        later request raises :class:`A2AConnectionError` (none opens a new client
+        that nobody would close)."""
+        self._closed = True
         if self._owns_client and self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
 
     def _http(self) -> httpx.AsyncClient:
+        if self._closed:
+            raise A2AConnectionError(
+                "A2AClientTransport is closed (aclose() or its async with block ended): "
+                "create a new transport, or close it only after its calls and streams end")
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self._httpx_timeout(stream=False))
         return self._client
 
-    def _httpx_timeout(self, *, stream: bool) -> httpx.Timeout:
+    def _httpx_timeout(self, *, stream: bool, read_s: float | None = _TRANSPORT
+                       ) -> httpx.Timeout:
         connect = self._timeout_s if self._timeout_s is not None else 30.0
         # A stream's read timeout is its idle bound: any bytes (an event or a
         # keep-alive comment) restart it. Its whole length is bounded by timeout_s,
         # by the caller (asyncio), not here.
-        return httpx.Timeout(connect, read=self._idle_s if stream else self._timeout_s)
+        if stream:
+            return httpx.Timeout(connect, read=self._idle_s)
+        read = self._timeout_s if read_s is _TRANSPORT else read_s
+        return httpx.Timeout(connect, read=read)
 
     def _request_headers(self, version: str, *, stream: bool = False) -> dict[str, str]:
         headers = {VERSION_HEADER: version, **self._headers}
@@ -124,17 +145,24 @@ class RpcChannel:
         if ep.version == V1_0 and ep.tenant:
             params = {**params, "tenant": ep.tenant}
         body = {"jsonrpc": "2.0", "id": str(uuid.uuid4()), "method": method, "params": params}
-        return method, json.dumps(body, default=str).encode()
+        return method, wire_json(body, separators=None, default=str).encode()
 
-    async def call(self, ep: Endpoint, op: str, params: dict[str, Any]) -> Mapping[str, Any]:
-        """One unary JSON-RPC call; its ``result`` object."""
+    async def call(self, ep: Endpoint, op: str, params: dict[str, Any], *,
+                   read_timeout_s: float | None = _TRANSPORT) -> Mapping[str, Any]:
+        """One unary JSON-RPC call; its ``result`` object.
+
+        ``read_timeout_s``: how long the answer may take (httpx's read timeout):
+        by default the transport's ``timeout_s``; a blocking SendMessage passes its
+        call's own bound (a request's ``timeout_s`` wins over the transport's).
+        """
         method, content = self.envelope(ep, op, params)
         headers = self._request_headers(ep.version)
         headers["Content-Type"] = "application/json"
         try:
             async with self._http().stream("POST", ep.rpc_url, content=content,
                                            headers=headers,
-                                           timeout=self._httpx_timeout(stream=False)) as resp:
+                                           timeout=self._httpx_timeout(
+                                               stream=False, read_s=read_timeout_s)) as resp:
                 body = await self._read_body(resp, agent_url=ep.agent_url, method=method)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, url=ep.rpc_url, agent_url=ep.agent_url,

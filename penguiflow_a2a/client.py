@@ -295,16 +295,19 @@ class A2AClientTransport:
         """
         bound = self._bound(request.timeout_s)
         result: RemoteCallResult = await self._bounded(
-            self._send(request, self._quick_bound(bound)), bound,
+            self._send(request, self._quick_bound(bound), bound), bound,
             agent_url=request.agent_url, what="SendMessage")
         return result
 
-    async def _send(self, request: RemoteCallRequest, quick: float | None) -> RemoteCallResult:
-        """SendMessage itself is unbounded here (it answers when the task ends); the
-        card fetch and the GetTask polls are bounded by ``quick``."""
+    async def _send(self, request: RemoteCallRequest, quick: float | None,
+                    bound: float | None) -> RemoteCallResult:
+        """SendMessage itself is bounded by the call's ``bound`` only (it answers when
+        the task ends: the transport's ``timeout_s`` must not cut a request that
+        allows longer); the card fetch and the GetTask polls by ``quick``."""
         ep = await self._card(request, quick)
         method = method_name("send", ep.version)
-        answer = await self._channel.call(ep, "send", self._params(ep, request))
+        answer = await self._channel.call(ep, "send", self._params(ep, request),
+                                          read_timeout_s=bound)
         if ep.version == V0_3:
             try:
                 answer = send_result_from_v03(answer)
@@ -356,8 +359,8 @@ class A2AClientTransport:
             remaining = None if deadline is None else max(
                 0.0, deadline - asyncio.get_running_loop().time())
             result: RemoteCallResult = await self._bounded(
-                self._send(request, quick), remaining, agent_url=request.agent_url,
-                what="SendMessage")
+                self._send(request, quick, remaining), remaining,
+                agent_url=request.agent_url, what="SendMessage")
             yield RemoteStreamEvent(text="", done=True, meta=result.meta,
                                     context_id=result.context_id, task_id=result.task_id,
                                     agent_url=request.agent_url, result=result.result)
@@ -394,7 +397,10 @@ class A2AClientTransport:
         """Batches of events until the tracker is finished, resubscribing on drops.
 
         The GetTask calls of the fallback (the task ended while we were away) are
-        bounded by ``quick``; the streams by their idle bound.
+        bounded by ``quick``; the streams by their idle bound. The resubscribe
+        budget counts consecutive failures: a resumed stream that brings new events
+        earns it back, so a long stream behind a proxy that cuts connections now and
+        then is followed to its end, while an agent that keeps failing is given up.
         """
         source = self._channel.events(ep, "stream", self._params(ep, request))
         attempts = 0
@@ -404,11 +410,19 @@ class A2AClientTransport:
                 async for response in source:
                     events = tracker.apply(response)
                     note_remote_ids(tracker.context_id, tracker.task_id)
+                    if events:
+                        attempts = 0  # progress: this resume worked
                     yield events
                     if tracker.finished:
                         return
                 reason = "the agent closed the stream before the task reached a final state"
             except A2AConnectionError as exc:
+                reason = str(exc)
+            except A2ATimeoutError as exc:
+                # A resubscribe that could not connect in time (connect, pool or
+                # write timeout) is one failed attempt, as a refused connection is.
+                if not subscribing:
+                    raise
                 reason = str(exc)
             except (UnsupportedOperationError, TaskNotFoundError):
                 if not subscribing or tracker.task_id is None:
@@ -428,7 +442,7 @@ class A2AClientTransport:
             if attempts > self._resubscribe_attempts:
                 raise A2AConnectionError(
                     f"A2A agent {ep.agent_url}: lost the stream of task {tracker.task_id} "
-                    f"and {self._resubscribe_attempts} resubscribe attempts failed "
+                    f"and {self._resubscribe_attempts} consecutive resubscribe attempts failed "
                     f"(last: {reason})", agent_url=ep.agent_url,
                     method=method_name("subscribe", ep.version))
             logger.info("A2A agent %s: stream of task %s dropped (%s); resubscribing "

@@ -16,10 +16,13 @@ notes (``a2a.md`` §2-§9).
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+import json
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 __all__ = [
+    "wire_json",
     "VERSION_HEADER",
     "V1_0",
     "V0_3",
@@ -215,6 +218,40 @@ ERROR_MESSAGES: Final[Mapping[int, str]] = {
 }
 
 
+# -- JSON on the wire -------------------------------------------------------------------
+def wire_json(value: Any, *, separators: tuple[str, str] | None = (",", ":"),
+              default: Callable[[Any], Any] | None = None) -> str:
+    """``value`` as strict JSON text (RFC 8259), for every body and frame on the wire.
+
+    Python's ``json`` writes NaN and the infinities as ``NaN`` / ``Infinity``, which
+    are not JSON: strict parsers (JavaScript's, this server's own, a2a-sdk's) refuse
+    the whole message, and Starlette's encoder raises (an HTTP 500). A flow's result
+    holding one (a score of ``nan``) is therefore written with each non-finite
+    float as ``null``, as JavaScript's ``JSON.stringify`` writes them; everything else
+    is unchanged. Encoding is strict first, so values without them cost one pass.
+    """
+    try:
+        return json.dumps(value, allow_nan=False, separators=separators, default=default)
+    except ValueError as exc:
+        if "Out of range float" not in str(exc):
+            raise
+    return json.dumps(_finite(value, default), allow_nan=False, separators=separators,
+                      default=default)
+
+
+def _finite(value: Any, default: Callable[[Any], Any] | None) -> Any:
+    """``value`` with every non-finite float (in dicts, lists and tuples) as None."""
+    if type(value) is float or isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v, default) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v, default) for v in value]
+    if default is not None and not isinstance(value, str | int | bool | type(None)):
+        return _finite(default(value), None)
+    return value
+
+
 # -- parts and payloads -------------------------------------------------------------------
 def payload_to_parts(payload: Any) -> list[dict[str, Any]]:
     """1.0 parts for a PenguiFlow payload: str -> one text part, anything else -> data.
@@ -301,6 +338,10 @@ def _part_from_v03(part: Any) -> Any:
         out = {"data": part.get("data")}
     elif kind == "file" or "file" in part:
         file = part.get("file") or {}
+        if not isinstance(file, Mapping):
+            # Not a 0.3 file object ("file": "uri", 5): passed on as it came, for
+            # the 1.0 part checks to refuse as bad params (not a TypeError here).
+            return dict(part)
         out = {}
         if "uri" in file:
             out["url"] = file["uri"]

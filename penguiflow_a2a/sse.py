@@ -41,8 +41,8 @@ class SSEEvent:
 class SSEDecoder:
     """Turns chunks of bytes into :class:`SSEEvent`s, in order."""
 
-    __slots__ = ("_cr", "_data", "_decoder", "_event", "_id", "_max", "_pending", "_pending_len",
-                 "_size")
+    __slots__ = ("_began", "_cr", "_data", "_decoder", "_event", "_id", "_max", "_pending",
+                 "_pending_len", "_size")
 
     def __init__(self, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -57,10 +57,13 @@ class SSEDecoder:
         self._id: str | None = None
         self._max = max_event_bytes
         self._size = 0
+        self._began = False  # some text was decoded (a leading BOM is behind us)
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Decode ``chunk``; return the events it completed (maybe none)."""
         piece = self._decoder.decode(chunk)
+        if not self._began and piece:
+            piece = self._without_bom(piece)
         if not self._cr and "\n" not in piece and "\r" not in piece:
             if piece:
                 self._pending.append(piece)
@@ -94,6 +97,12 @@ class SSEDecoder:
             raise SSEError(f"an event stream event exceeds {self._max} bytes")
         return events
 
+    def _without_bom(self, text: str) -> str:
+        """The stream's first text without its byte order mark: WHATWG strips one
+        leading U+FEFF (else the first field reads as "\ufeffdata" and is ignored)."""
+        self._began = True
+        return text[1:] if text[0] == "\ufeff" else text
+
     def _line(self, line: str, events: list[SSEEvent]) -> None:
         if not line:
             if self._data:
@@ -122,7 +131,10 @@ class SSEDecoder:
     def close(self) -> list[SSEEvent]:
         """End of stream: a last line without its break still counts; an
         undispatched event is discarded (WHATWG)."""
-        tail = "".join(self._pending) + self._decoder.decode(b"", final=True)
+        last = self._decoder.decode(b"", final=True)
+        if not self._began and last:
+            last = self._without_bom(last)
+        tail = "".join(self._pending) + last
         self._pending = []
         self._pending_len = 0
         self._cr = False

@@ -7,6 +7,7 @@ Plus property tests of the SSE decoder the client parses streams with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -223,6 +224,44 @@ async def test_a_peer_that_never_answers_times_out(where: str) -> None:
         assert time.monotonic() - started < 3.0
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_a_requests_own_timeout_wins_over_the_transports(streaming: bool) -> None:
+    # A blocking SendMessage answers when the task ends: a request that allows 10 s
+    # must not be cut at the transport's 0.3 s (httpx's read timeout did), also
+    # where stream() falls back to SendMessage for an agent that does not stream.
+    async def slow_agent(req: Req, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.8)  # the agent's work, longer than the transport's bound
+        writer.write(rpc_result(req, {"task": task("TASK_STATE_COMPLETED", ["done"])}))
+
+    async with peer(slow_agent, card_for=lambda url: card(url, streaming=False)) as p, \
+            client(timeout_s=0.3) as t:
+        if streaming:
+            events = await collect(t.stream(request(p.url, timeout_s=WAIT)))
+            assert events[-1].done and events[-1].result == "done"
+        else:
+            assert (await t.send(request(p.url, timeout_s=WAIT))).result == "done"
+        with pytest.raises(A2ATimeoutError):  # without its own timeout: the transport's
+            await t.send(request(p.url))
+
+
+async def test_a_closed_transport_refuses_calls_instead_of_opening_a_new_client() -> None:
+    async def answer(req: Req, writer: asyncio.StreamWriter) -> None:
+        writer.write(rpc_result(req, {"task": task("TASK_STATE_COMPLETED", ["ok"])}))
+
+    async with peer(answer) as p:
+        t = client()
+        assert (await t.send(request(p.url))).result == "ok"
+        await t.aclose()
+        calls: list[Callable[[], Awaitable[Any]]] = [
+            lambda: t.send(request(p.url)), lambda: collect(t.stream(request(p.url))),
+            lambda: t.cancel(agent_url=p.url, task_id=TASK)]
+        for call in calls:
+            with pytest.raises(A2AConnectionError, match="A2AClientTransport is closed"):
+                await call()
+        assert t._channel._client is None  # no new httpx client was opened (and leaked)
+        await t.aclose()  # still idempotent
+
+
 @pytest.mark.parametrize("body", [b"<html>oops</html>", b"[" * 200_000])
 async def test_non_json_body_is_a_protocol_error(body: bytes) -> None:
     async def garbage(req: Req, writer: asyncio.StreamWriter) -> None:
@@ -389,9 +428,81 @@ async def test_a_peer_that_keeps_dropping_gives_up_after_bounded_attempts() -> N
         writer.close()  # resubscribes: closed without a word
 
     async with peer(flaky) as p, client(resubscribe_attempts=3) as t:
-        with pytest.raises(A2AConnectionError, match=f"{p.url}.*{TASK}.*3 resubscribe"):
+        with pytest.raises(A2AConnectionError,
+                           match=f"{p.url}.*{TASK}.*3 consecutive resubscribe"):
             await collect(t.stream(request(p.url)))
     assert p.rpcs() == ["SendStreamingMessage"] + ["SubscribeToTask"] * 3
+
+
+async def test_resumes_that_bring_events_earn_back_the_resubscribe_budget() -> None:
+    # A proxy that cuts the connection after every event: each resume works (it brings
+    # the next chunk), so the stream is followed to its end however many cuts it
+    # takes; the budget counts consecutive failures, not resumes.
+    cuts = 6
+
+    async def cutting(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "SendStreamingMessage":
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")})))
+            writer.write(frame(chunk("c0", append=False)))
+        else:
+            n = sum(r.rpc == "SubscribeToTask" for r in p.requests)
+            done = [f"c{i}" for i in range(n)]
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING", done)})))
+            writer.write(frame(chunk(f"c{n}", append=True)))
+            if n == cuts:
+                writer.write(frame(wrap({"statusUpdate": {
+                    "taskId": TASK, "contextId": CTX,
+                    "status": status("TASK_STATE_COMPLETED")}})))
+        writer.close()
+
+    async with peer(cutting) as p, client(resubscribe_attempts=2) as t:
+        events = await collect(t.stream(request(p.url)))
+    assert [e.text for e in events if e.text] == [f"c{i}" for i in range(cuts + 1)]
+    assert events[-1].done and events[-1].result == "".join(f"c{i}" for i in range(cuts + 1))
+    assert p.rpcs() == ["SendStreamingMessage"] + ["SubscribeToTask"] * cuts
+
+
+async def test_a_resubscribe_that_cannot_connect_in_time_is_one_failed_attempt() -> None:
+    # The agent's RPC address goes dark mid-stream: its port then belongs to a
+    # listener whose accept queue is full, so a connect hangs until the transport's
+    # connect timeout. Each resubscribe is a failed attempt within the budget (an
+    # A2AConnectionError in the end), not an A2ATimeoutError at the first one.
+    dark: list[socket.socket] = []
+    rpc_port = 0
+
+    async def first_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")})))
+        await writer.drain()
+        rpc_server.close()  # from now on nothing answers on this port...
+        hole = socket.socket()
+        hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        hole.bind(("127.0.0.1", rpc_port))
+        hole.listen(0)
+        dark.append(hole)
+        for _ in range(4):  # ...and connects hang: the accept queue is full
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", rpc_port))
+            dark.append(filler)
+        writer.close()  # the stream drops
+
+    rpc_server = await asyncio.start_server(first_stream, "127.0.0.1", 0)
+    rpc_port = rpc_server.sockets[0].getsockname()[1]
+
+    def card_elsewhere(_url: str) -> dict[str, Any]:
+        return card(f"http://127.0.0.1:{rpc_port}")
+
+    try:
+        async with peer(lambda req, w: asyncio.sleep(0), card_for=card_elsewhere) as p, \
+                client(timeout_s=0.3, resubscribe_attempts=2) as t:
+            with pytest.raises(A2AConnectionError, match=r"2 consecutive resubscribe.*Timeout"):
+                await collect(t.stream(request(p.url, timeout_s=WAIT)))
+    finally:
+        rpc_server.close()
+        for sock in dark:
+            sock.close()
 
 
 async def test_a_stream_dropped_before_any_task_cannot_be_resumed() -> None:
@@ -587,6 +698,19 @@ def test_sse_decoder_never_raises_anything_but_sse_error(blobs: list[bytes]) -> 
         decoder.close()
     except SSEError:
         pass
+
+
+def test_a_leading_byte_order_mark_is_dropped_not_the_first_event() -> None:
+    # WHATWG: one leading U+FEFF is skipped; the first event (a stream's Task
+    # snapshot) used to be read as a field named "\ufeffdata" and ignored.
+    stream = "\ufeffdata: first\n\ndata: \ufeffsecond\n\n".encode()
+    for size in (1, 2, len(stream)):  # the BOM's 3 bytes split across chunks too
+        decoder = SSEDecoder()
+        events = [e for i in range(0, len(stream), size) for e in decoder.feed(stream[i:i + size])]
+        assert [e.data for e in events] == ["first", "\ufeffsecond"]
+    decoder = SSEDecoder()  # a stream of one unterminated line, BOM included
+    assert decoder.feed("\ufeffdata: only".encode()) == []
+    assert decoder.close() == []  # undispatched: discarded, as without the BOM
 
 
 def test_an_sse_line_that_never_ends_is_refused_at_the_cap_in_linear_time() -> None:
