@@ -16,7 +16,6 @@ annotations at runtime, and some name classes imported inside :func:`build_app`.
 
 import asyncio
 import inspect
-import json
 import logging
 import math
 import re
@@ -32,7 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ._jsonrpc import handle_rpc
 from ._legacy import LegacyFrames
-from .protocol import V0_3, V1_0
+from .protocol import V0_3, V1_0, wire_json
 from .server import (
     A2AMessagePayload,
     A2ARequestError,
@@ -63,14 +62,15 @@ _QUOTE_SAFE = "".join(chr(c) for c in range(0x21, 0x7f) if chr(c) != "%")
 class SafeJSONResponse(JSONResponse):
     """Starlette's JSON response (compact UTF-8, non-ASCII as is), except that a value
     with a lone surrogate (legal in a Python str: a flow's output, an error text) is
-    written with ``\\u`` escapes instead of failing the request with a 500: the
-    client reads back the very same string."""
+    written with ``\\u`` escapes, and a NaN or infinity as ``null``
+    (:func:`~penguiflow_a2a.protocol.wire_json`), instead of failing the request
+    with a 500: the client reads back the very same string."""
 
     def render(self, content: Any) -> bytes:
         try:
             return super().render(content)
-        except UnicodeEncodeError:
-            return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+        except (UnicodeEncodeError, ValueError):
+            return wire_json(content).encode()
 
 
 def parse_traceparent(values: list[str]) -> tuple[str, str] | None:
@@ -176,7 +176,7 @@ async def _send_json(send: Send, status: int, body: bytes,
 
 
 def _detail(detail: Any) -> bytes:
-    return json.dumps({"detail": detail}, default=str).encode()
+    return wire_json({"detail": detail}, separators=None, default=str).encode()
 
 
 class Guard:
@@ -252,47 +252,89 @@ class Guard:
         await self.app(scope, replay, send)
 
 
+class _ClientStalled(Exception):
+    """A stream's client took no bytes for the response's ``send_timeout_s``."""
+
+
+def _bounded_send(send: Send, timeout_s: float | None) -> Send:
+    """``send`` that gives up after ``timeout_s``: an ASGI server's ``send`` waits
+    while the socket's buffers are full, so a client that stopped reading would
+    hold the response's coroutine (and its task's subscriber) for ever."""
+    if timeout_s is None:
+        return send
+
+    async def bounded(message: Message) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await send(message)
+        except TimeoutError:
+            raise _ClientStalled from None
+
+    return bounded
+
+
+def _log_stalled(scope: Scope, timeout_s: float | None) -> None:
+    client = scope.get("client")
+    logger.warning("a2a_stream_client_stalled", extra={
+        "client": f"{client[0]}:{client[1]}" if client else None, "send_timeout_s": timeout_s,
+        "detail": "the client read nothing for send_timeout_s: the stream is given up"})
+
+
 class LegacyStream(StreamingResponse):
     """The 2.1 ``/message/stream`` response: closes its frames however it ends.
 
     The frames' ``aclose`` ends a task whose message was never emitted; calling it
     here covers a response that failed or was given up before its first frame.
+    A client that reads nothing for ``send_timeout_s`` is given up (logged).
     """
 
-    def __init__(self, frames: LegacyFrames, headers: dict[str, str]) -> None:
+    def __init__(self, frames: LegacyFrames, headers: dict[str, str], *,
+                 send_timeout_s: float | None = None) -> None:
         super().__init__(frames, media_type="text/event-stream", headers=headers)
         self.frames = frames
+        self.send_timeout_s = send_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, _bounded_send(send, self.send_timeout_s))
+        except _ClientStalled:
+            _log_stalled(scope, self.send_timeout_s)
         finally:
             await self.frames.aclose()
 
 
 class EventStream(Response):
-    """An SSE response that ends when its frames end, the client leaves, or ``cut`` is set.
+    """An SSE response that ends when its frames end, the client leaves, ``cut`` is
+    set, or one write waits longer than ``send_timeout_s``.
 
-    ``cut`` is the subscriber's "dropped" signal: a client that reads nothing
-    leaves the writer blocked in ``send`` forever, so the response is abandoned
-    (the server closes the connection) instead of waiting on it.
+    ``cut`` is the subscriber's "dropped" signal (its queue overflowed). A client
+    that reads nothing leaves the writer blocked in ``send`` for ever, and when the
+    task ends before the queue overflows nothing would cut it: ``send_timeout_s``
+    bounds each write, and the response is abandoned (logged) instead of waiting.
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, frames: AsyncIterator[bytes], cut: asyncio.Event | None) -> None:
+    def __init__(self, frames: AsyncIterator[bytes], cut: asyncio.Event | None, *,
+                 send_timeout_s: float | None = None) -> None:
         self.frames, self.cut = frames, cut
+        self.send_timeout_s = send_timeout_s
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        bounded = _bounded_send(send, self.send_timeout_s)
 
         async def write() -> None:
-            async for frame in self.frames:
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            try:
+                async for frame in self.frames:
+                    await bounded({"type": "http.response.body", "body": frame,
+                                   "more_body": True})
+                await bounded({"type": "http.response.body", "body": b"", "more_body": False})
+            except _ClientStalled:
+                _log_stalled(scope, self.send_timeout_s)
 
         async def left() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -362,7 +404,8 @@ def build_app(adapter: A2AServerAdapter, *, include_docs: bool) -> Any:
         try:
             return LegacyStream(frames, headers={
                 "Cache-Control": "no-cache", "X-A2A-Task-Id": header_value(task_id),
-                "X-A2A-Context-Id": header_value(context_id)})
+                "X-A2A-Context-Id": header_value(context_id)},
+                send_timeout_s=adapter.stream_send_timeout_s)
         except BaseException:
             await frames.aclose()  # the task must not stay SUBMITTED for ever
             raise
@@ -380,7 +423,8 @@ def build_app(adapter: A2AServerAdapter, *, include_docs: bool) -> Any:
                                  traceparent=traceparent(request),
                                  principal=principal_of(request.scope))
         if reply.stream is not None:
-            return EventStream(reply.stream, reply.cut)
+            return EventStream(reply.stream, reply.cut,
+                               send_timeout_s=adapter.stream_send_timeout_s)
         return Response(reply.body, media_type="application/json")
 
     return app

@@ -88,7 +88,7 @@ class RpcReply:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return p.wire_json(obj).encode()
 
 
 def _error(rpc_id: Any, exc: RpcError, version: str) -> bytes:
@@ -263,7 +263,8 @@ class _Call:
         token = _get(params, "pageToken", str, "a string", "pageToken")
         after = None
         if token:
-            if not token.isdigit() or len(token) > 20:
+            # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
+            if not (token.isascii() and token.isdigit()) or len(token) > 20:
                 raise RpcError(ErrorCode.INVALID_PARAMS,
                                "Invalid params: 'pageToken' is not a token this server issued")
             after = int(token)
@@ -360,8 +361,8 @@ class _Call:
 
     def frame(self, result: dict[str, Any]) -> bytes:
         body = p.stream_result_to_v03(result) if self.v03 else result
-        return b"data: " + json.dumps({"result": body, "id": self.rpc_id,
-                                       "jsonrpc": "2.0"}).encode() + b"\r\n\r\n"
+        return b"data: " + p.wire_json({"result": body, "id": self.rpc_id, "jsonrpc": "2.0"},
+                                       separators=None).encode() + b"\r\n\r\n"
 
     async def frames(self, record: TaskRecord, sub: Subscriber,
                      first: dict[str, Any]) -> AsyncIterator[bytes]:

@@ -11,7 +11,6 @@ early the response was given up.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -21,6 +20,7 @@ from penguiflow.semconv import utf8_text
 from penguiflow.streaming import format_sse_event
 
 from ._tasks import Subscriber, TaskRecord
+from .protocol import wire_json
 
 __all__ = ["LegacyFrames", "jsonable", "legacy_frames", "legacy_response", "utf8"]
 
@@ -44,7 +44,7 @@ def jsonable(value: Any) -> Any:
 
 
 def _frame(event: str, data: Mapping[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+    return f"event: {event}\ndata: {wire_json(data, separators=None, default=str)}\n\n".encode()
 
 
 def legacy_response(record: TaskRecord) -> dict[str, Any]:

@@ -131,6 +131,13 @@ class A2AServerAdapter:
     * ``max_tasks`` / ``task_ttl_s``: how many tasks are kept, and how long after
       they end; ``subscriber_queue_size``: events buffered per stream before a
       stream that does not keep up is dropped.
+    * ``stream_send_timeout_s``: how long one write of a stream may wait for its
+      client to take bytes (default 30 s; None: no bound). A client that stopped
+      reading is then given up (logged ``a2a_stream_client_stalled``) rather than
+      holding its response, and its task's subscriber, for ever.
+
+    Raises:
+        ValueError: ``stream_send_timeout_s`` is not a positive number or None.
     """
 
     def __init__(
@@ -140,8 +147,14 @@ class A2AServerAdapter:
         auth: AuthCallable | None = None, auth_scheme: Mapping[str, Any] | None = None,
         rate_limit: float | None = None, redact_headers: Collection[str] = DEFAULT_REDACT_HEADERS,
         max_body_bytes: int = 1 << 20, max_tasks: int = 10_000, task_ttl_s: float = 3600.0,
-        subscriber_queue_size: int = 1024,
+        subscriber_queue_size: int = 1024, stream_send_timeout_s: float | None = 30.0,
     ) -> None:
+        if stream_send_timeout_s is not None and not (
+                isinstance(stream_send_timeout_s, int | float)
+                and not isinstance(stream_send_timeout_s, bool) and stream_send_timeout_s > 0):
+            raise ValueError(f"stream_send_timeout_s must be a number of seconds > 0, or None "
+                             f"for no bound; got {stream_send_timeout_s!r}")
+        self.stream_send_timeout_s = stream_send_timeout_s
         self.agent_card = (agent_card if isinstance(agent_card, A2AAgentCard)
                            else A2AAgentCard.model_validate(agent_card))
         self.agent_url = agent_url
@@ -157,6 +170,7 @@ class A2AServerAdapter:
         self._default_headers = {k: v for k, v in (default_headers or {}).items()
                                  if k.lower() not in self.redact_headers}
         self._started = False
+        self._failure: str | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
@@ -164,8 +178,20 @@ class A2AServerAdapter:
     # -- lifecycle ------------------------------------------------------------------------
     @property
     def started(self) -> bool:
-        """Whether the adapter is started (requests are accepted)."""
+        """Whether the adapter is started (requests are accepted unless :attr:`failure`)."""
         return self._started
+
+    @property
+    def failure(self) -> str | None:
+        """Why the adapter can no longer serve requests, or None while it can.
+
+        Set when the flow's results can no longer be read (its ``fetch`` raised):
+        no request could ever be answered, so new ones get HTTP 503 (JSON-RPC:
+        an internal error) naming this reason instead of waiting for ever, and the
+        tasks that were running ended FAILED. A health check can report it; a
+        restart of the server (``stop()`` then ``start()``) clears it.
+        """
+        return self._failure
 
     async def start(self) -> None:
         """Run the flow and the Rookery dispatcher (idempotent)."""
@@ -173,6 +199,7 @@ class A2AServerAdapter:
             if self._started:
                 return
             self._flow.run(registry=self._registry)
+            self._failure = None
             self._dispatcher = asyncio.create_task(self._dispatch(), name="a2a-dispatcher")
             self._started = True
 
@@ -216,6 +243,8 @@ class A2AServerAdapter:
             except Exception as exc:
                 # The flow cannot be read any more: no waiting request could ever finish.
                 logger.exception("a2a_dispatcher_failed")
+                self._failure = (f"the flow's results can no longer be read "
+                                 f"({type(exc).__name__}: {str(exc)[:200]}); restart the server")
                 self._fail_running(f"the flow failed: {type(exc).__name__}")
                 return
             try:
@@ -279,12 +308,16 @@ class A2AServerAdapter:
         task ends FAILED (it would otherwise hold a slot, SUBMITTED, for ever).
 
         Raises:
-            A2ARequestError: 503 when not started or when ``max_tasks`` tasks all run;
+            A2ARequestError: 503 when not started, when the flow's results can no
+                longer be read (:attr:`failure`), or when ``max_tasks`` tasks all run;
                 409 when ``task_id`` or the trace id is already running, or
                 ``task_id`` is a finished task of another principal.
         """
         if not self._started:
             raise A2ARequestError(status_code=503, detail="A2A server adapter is not started")
+        if self._failure is not None:
+            raise A2ARequestError(status_code=503, detail=(
+                f"A2A server adapter cannot serve requests: {self._failure}"))
         existing = self.tasks.get(task_id)
         if (existing is not None and not existing.terminal) or self.tasks.trace_active(
                 message.trace_id):

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,6 +38,7 @@ from server_support import (
 from penguiflow import Message, create
 from penguiflow.state import InMemoryStateStore
 from penguiflow_a2a.server import A2ARequestError, A2AServerAdapter, create_a2a_app
+from penguiflow_a2a.sse import aiter_sse
 
 
 async def call(client: httpx.AsyncClient, url: str, body: Any, headers: Any = None) -> Any:
@@ -87,6 +89,14 @@ async def test_envelope_and_param_errors() -> None:
         assert (await code(deep))[0] == -32700
         assert (await code(b'{"id": ' + b"9" * 5000 + b"}"))[0] == -32700
         assert (await code(b'{"id": NaN}'))[0] == -32700
+        # Digits outside ASCII ('²'.isdigit() is True, int('²') raises) and 0.3 file
+        # parts whose file is no object were internal errors (-32603).
+        assert (await code(rpc("ListTasks", {"pageToken": "\u00b2"})))[0] == -32602
+        for file in ("https://x/y.png", 5, ["uri"]):
+            bad_file = await code(rpc("message/send", {"message": {
+                "messageId": "m", "role": "user", "parts": [{"kind": "file", "file": file}]}}),
+                headers={})
+            assert bad_file[0] == -32602 and "message.parts" in bad_file[1]
 
 
 @pytest.mark.parametrize(("method", "headers"), [
@@ -442,6 +452,150 @@ async def test_shutdown_with_open_streams_and_blocking_sends_is_bounded(how: str
         task = answer.json()["result"]["task"]
         assert task["status"]["state"] == "TASK_STATE_FAILED"
     gate.release.set()
+
+
+async def test_results_holding_nan_or_infinity_are_sent_as_strict_json() -> None:
+    # Python writes NaN / Infinity, which is not JSON: the 2.1 reply was an HTTP 500
+    # and the JSON-RPC answers were refused by strict parsers. They are null now.
+    async def score(message: Message, _ctx: Any) -> Any:
+        await _ctx.emit_chunk(parent=message, text="scoring", meta={"p": math.inf})
+        return {"score": math.nan, "range": [-math.inf, 1.5], "name": "x"}
+
+    def strict(text: str) -> Any:
+        def refuse(constant: str) -> Any:
+            raise AssertionError(f"{constant} on the wire: {text[:200]}")
+        return json.loads(text, parse_constant=refuse)
+
+    expected = {"score": None, "range": [None, 1.5], "name": "x"}
+    async with served(create(node(score).to())) as (url, _), http() as client:
+        legacy = await client.post(url + "/message/send", json={"payload": "go"})
+        assert legacy.status_code == 200
+        assert strict(legacy.text)["output"] == expected
+        answer = await client.post(url + "/", headers=V1, json=rpc(
+            "SendMessage", {"message": user_message("go")}))
+        task = strict(answer.text)["result"]["task"]
+        assert task["artifacts"][-1]["parts"][0]["data"] == expected
+        async with client.stream("POST", url + "/", headers=V1, json=rpc(
+                "SendStreamingMessage", {"message": user_message("go")})) as response:
+            frames = [strict(event.data) async for event in aiter_sse(response.aiter_raw())]
+        assert frames[-1]["result"]["statusUpdate"]["status"]["state"] == "TASK_STATE_COMPLETED"
+        async with client.stream("POST", url + "/message/stream",
+                                 json={"payload": "go"}) as response:
+            legacy_frames = [event async for event in aiter_sse(response.aiter_raw())]
+        done = [e for e in legacy_frames if e.event == "artifact"]
+        assert done and strict(done[-1].data)["output"] == expected
+
+
+async def test_after_the_flow_can_no_longer_be_read_requests_get_503_not_a_hang(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The Rookery read raised: no result can ever be routed again. A request accepted
+    # after that waited for ever; it is refused now, with the reason, and the
+    # adapter says why (``failure``).
+    class BrokenRookery:
+        def __init__(self) -> None:
+            self.queue: asyncio.Queue[Any] = asyncio.Queue()
+            self.read = asyncio.Event()
+
+        def run(self, *, registry: Any = None) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+        async def emit(self, message: Any, to: Any = None) -> None:
+            await self.queue.put(message)
+
+        async def fetch(self) -> Any:
+            self.read.set()
+            raise RuntimeError("rookery read failed")
+
+        async def cancel(self, trace_id: str) -> bool:
+            return True
+
+        async def save_remote_binding(self, binding: Any) -> None:
+            pass
+
+    flow = BrokenRookery()
+    caplog.set_level(logging.ERROR, logger="penguiflow_a2a")
+    async with served(flow) as (url, adapter), http() as client:
+        await asyncio.wait_for(flow.read.wait(), TIMEOUT)
+        assert adapter._dispatcher is not None
+        await asyncio.wait_for(asyncio.shield(adapter._dispatcher), TIMEOUT)
+        assert adapter.started and adapter.failure is not None
+        assert "RuntimeError: rookery read failed" in adapter.failure
+        legacy = await asyncio.wait_for(
+            client.post(url + "/message/send", json={"payload": "hi"}), TIMEOUT)
+        assert legacy.status_code == 503
+        assert "rookery read failed" in legacy.json()["detail"]
+        answer = await asyncio.wait_for(client.post(url + "/", headers=V1, json=rpc(
+            "SendMessage", {"message": user_message("hi")})), TIMEOUT)
+        error = answer.json()["error"]
+        assert error["code"] == -32603 and "rookery read failed" in error["message"]
+        assert adapter.tasks.running() == []
+    assert any(r.getMessage() == "a2a_dispatcher_failed" for r in caplog.records)
+
+
+@pytest.mark.parametrize("route", ["SendStreamingMessage", "/message/stream"])
+async def test_a_stream_client_that_stops_reading_is_given_up(route: str) -> None:
+    # The task ends before the subscriber's queue overflows, so no "dropped" cut:
+    # the response's writer waited in send() for ever, for a client that reads
+    # nothing. Each write is bounded (stream_send_timeout_s) now.
+    big = "x" * 200_000
+
+    async def work(message: Message, ctx: Any) -> str:
+        for i in range(40):
+            await ctx.emit_chunk(parent=message, text=big, done=i == 39)
+        return "done"
+
+    stalled = asyncio.Event()
+
+    class Notice(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "a2a_stream_client_stalled":
+                stalled.set()
+
+    notice = Notice()
+    logging.getLogger("penguiflow_a2a").addHandler(notice)
+    port = free_port()
+    adapter = make_adapter(create(node(work).to()), port, stream_send_timeout_s=0.5)
+    server = uvicorn.Server(uvicorn.Config(create_a2a_app(adapter), host="127.0.0.1",
+                                           port=port, log_level="critical", lifespan="on",
+                                           timeout_graceful_shutdown=0.5))
+    serving = asyncio.create_task(server.serve())
+    reader = socket.socket()
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while not server.started:  # noqa: ASYNC110 - polled, as server_support.serve does
+                await asyncio.sleep(0.01)
+        if route.startswith("/"):
+            path, body, extra = route, json.dumps({"payload": "go"}).encode(), ""
+        else:
+            path, extra = "/", "A2A-Version: 1.0\r\n"
+            body = json.dumps(rpc(route, {"message": user_message("go")})).encode()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(reader, ("127.0.0.1", port))
+        await loop.sock_sendall(reader, (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\n{extra}Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        await asyncio.wait_for(stalled.wait(), TIMEOUT)  # before: never
+        # The response's coroutine has ended: uvicorn holds no task for it.
+        async with asyncio.timeout(TIMEOUT):
+            while server.server_state.tasks:  # noqa: ASYNC110 - no event to wait on
+                await asyncio.sleep(0.01)
+        assert [t.state for t in adapter.tasks] == ["TASK_STATE_COMPLETED"]
+    finally:
+        logging.getLogger("penguiflow_a2a").removeHandler(notice)
+        server.should_exit = True
+        await asyncio.wait_for(serving, TIMEOUT)
+        reader.close()
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, True, "30"])
+def test_stream_send_timeout_must_be_positive_seconds(bad: Any) -> None:
+    with pytest.raises(ValueError, match="stream_send_timeout_s must be a number of seconds"):
+        make_adapter(echo_flow(), 1, stream_send_timeout_s=bad)
 
 
 # -- fuzz -----------------------------------------------------------------------------------
