@@ -234,6 +234,12 @@ class _Call:
             if record.terminal:
                 raise RpcError(ErrorCode.TASK_NOT_CANCELABLE, "Task cannot be canceled")
             await self.adapter.cancel_record(record)
+            if record.state != p.CANCELED:
+                # It reached another final state while the flow was cancelling it
+                # (its result was routed meanwhile): not cancelled, as the spec's
+                # -32002 says, rather than a 200 carrying a COMPLETED task.
+                raise RpcError(ErrorCode.TASK_NOT_CANCELABLE, (
+                    f"Task cannot be canceled: it ended {record.state} first"))
             return self.task_result(record.snapshot())
         if record.terminal:  # subscribe
             raise RpcError(ErrorCode.UNSUPPORTED_OPERATION,

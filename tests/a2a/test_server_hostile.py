@@ -535,6 +535,51 @@ async def test_after_the_flow_can_no_longer_be_read_requests_get_503_not_a_hang(
     assert any(r.getMessage() == "a2a_dispatcher_failed" for r in caplog.records)
 
 
+async def test_cancel_racing_the_tasks_own_end_answers_not_cancelable() -> None:
+    # The task's result is routed while the flow is cancelling it: the task ends
+    # COMPLETED, so CancelTask must say -32002 (not cancelable), not answer 200
+    # with a COMPLETED task as if the cancel had worked.
+    class RacingFlow:
+        def __init__(self) -> None:
+            self.results: asyncio.Queue[Any] = asyncio.Queue()
+            self.fetches = 0
+            self.next_fetch = asyncio.Event()
+
+        def run(self, *, registry: Any = None) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+        async def emit(self, message: Any, to: Any = None) -> None:
+            pass
+
+        async def fetch(self) -> Any:
+            self.fetches += 1
+            if self.fetches > 1:
+                self.next_fetch.set()  # the previous result has been routed
+            return await self.results.get()
+
+        async def cancel(self, trace_id: str) -> bool:
+            await self.results.put("finished first")
+            await self.next_fetch.wait()
+            return True
+
+        async def save_remote_binding(self, binding: Any) -> None:
+            pass
+
+    async with served(RacingFlow()) as (url, adapter), http() as client:
+        started = await call(client, url, rpc("SendMessage", {
+            "message": user_message("go"), "configuration": {"returnImmediately": True}}), V1)
+        task_id = started["result"]["task"]["id"]
+        answer = await asyncio.wait_for(call(client, url, rpc("CancelTask", {"id": task_id}),
+                                             V1), TIMEOUT)
+        assert answer["error"]["code"] == -32002, answer
+        assert "TASK_STATE_COMPLETED" in answer["error"]["message"]
+        record = adapter.tasks.get(task_id)
+        assert record is not None and record.state == "TASK_STATE_COMPLETED"
+
+
 @pytest.mark.parametrize("route", ["SendStreamingMessage", "/message/stream"])
 async def test_a_stream_client_that_stops_reading_is_given_up(route: str) -> None:
     # The task ends before the subscriber's queue overflows, so no "dropped" cut:
