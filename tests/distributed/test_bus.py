@@ -1251,6 +1251,33 @@ async def test_a_cancel_drops_the_traces_queued_entries_and_stops_its_node(
         await pair.stop()
 
 
+async def test_cancels_still_arrive_after_redis_refused_a_read_of_the_control_stream(
+        redis_url: str, namespace: str, redis: Any, tmp_path: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    pair = Pair(dist_flows.blocking, redis_url, namespace, block_ms=50, max_backoff_s=0.05)
+    await pair.start()
+    control = f"{namespace}:blocking:control"
+    try:
+        with caplog.at_level(logging.ERROR, logger="penguiflow_distributed"):
+            # A key of another type where the control stream goes: XREAD -> WRONGTYPE.
+            await redis.set(control, "not a stream")
+            reader = next(t for t in pair.worker_bus._tasks if t.get_name() == "pf-bus:control")
+            await eventually(lambda: pair.worker_bus.stats.get("read_errors", 0) >= 1
+                             or reader.done(), "the worker's control read refused")
+            await redis.delete(control)
+        meta = {"started": str(tmp_path / "s"), "mark": str(tmp_path / "m")}
+        await pair.client.emit(msg("one", trace_id="tc", **meta))
+        await eventually((tmp_path / "s").exists, "the node started")
+        assert await pair.client.cancel("tc") is True
+        # Before: the control reader had died on WRONGTYPE, and the cancel never came.
+        await eventually((tmp_path / "m").exists, "the node saw the cancel")
+        assert pair.worker_bus.stats["cancels_received"] == 1
+        assert any(r.getMessage() == "bus_read_failed" and "WRONGTYPE" in r.error
+                   and r.stream == control for r in caplog.records)
+    finally:
+        await pair.stop()
+
+
 async def test_an_unreachable_redis_is_retried_logged_once_and_stop_still_returns(
         caplog: pytest.LogCaptureFixture) -> None:
     bus = RedisMessageBus(f"redis://127.0.0.1:{free_port()}/0", max_backoff_s=0.05)

@@ -127,7 +127,7 @@ _URL_KEYWORDS: dict[str, type] = {
     "prefetch": int, "link_timeout_s": float}
 _STATS = ("sent", "duplicates", "full_waits", "delivered", "claimed", "settled",
           "cancels_sent", "cancels_received", "link_errors", "reconnects", "undecodable",
-          "dead_lettered", "recovered")
+          "dead_lettered", "recovered", "read_errors")
 
 
 class BusBindError(PenguiFlowError, RuntimeError):
@@ -568,8 +568,7 @@ class RedisMessageBus:
                         continue
                     # Anything else: said and retried, never a reader that silently died
                     # (its edge, or its client's results, would wait for ever).
-                    logger.error("bus_read_failed", extra={"stream": stream, "error": str(exc)})
-                    await asyncio.sleep(self.max_backoff_s)
+                    await self._read_failed(stream, exc)
                     continue
                 if not reply:
                     continue
@@ -906,10 +905,24 @@ class RedisMessageBus:
                 reply = await self._redis.xread({control: last}, block=self.block_ms,
                                                 count=100)
                 self._link_up()
+                entries = list(_read_entries(reply))
             except _LINK_ERRORS as exc:
                 await self._link_down("control", exc)
                 continue
-            for entry, fields in _read_entries(reply):
+            except ResponseError as exc:
+                if "UNBLOCKED" in str(exc):  # Redis became a replica under the read: again
+                    continue
+                if _temporary(exc):
+                    await self._link_down("control", exc)
+                else:
+                    await self._read_failed(control, exc)
+                continue
+            except Exception as exc:
+                # Never a control reader that silently died: cancels from other
+                # processes would no longer be applied here.
+                await self._read_failed(control, exc)
+                continue
+            for entry, fields in entries:
                 last = entry
                 trace = fields.get(b"cancel")
                 if trace:
@@ -919,6 +932,15 @@ class RedisMessageBus:
                             trace.decode("utf-8", "surrogatepass"))
                     except Exception as exc:
                         logger.error("bus_cancel_failed", extra={"error": repr(exc)})
+
+    async def _read_failed(self, stream: str, exc: Exception) -> None:
+        """A read Redis refused (not a link error, not a temporary refusal: a key of
+        another type, ...): logged, counted (``read_errors``), retried after
+        ``max_backoff_s``."""
+        self.stats["read_errors"] += 1
+        logger.error("bus_read_failed", extra={
+            "stream": stream, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        await asyncio.sleep(self.max_backoff_s)
 
     # -- join_k ----------------------------------------------------------------------
 
