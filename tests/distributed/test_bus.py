@@ -21,7 +21,12 @@ from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow.binding import Parcel, is_delivering
 from penguiflow.bus import InMemoryMessageBus
 from penguiflow.core import PenguiFlow
-from penguiflow.errors import ConfigurationError, InvalidArgument, WireEncodingError
+from penguiflow.errors import (
+    ConfigurationError,
+    FlowNotRunning,
+    InvalidArgument,
+    WireEncodingError,
+)
 from penguiflow.state import InMemoryStateStore
 from penguiflow.wire import dumps_item
 from penguiflow_distributed import RedisMessageBus
@@ -1289,6 +1294,57 @@ async def test_an_unreachable_redis_is_retried_logged_once_and_stop_still_return
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings.count("bus_redis_unreachable") == 1
     assert not flow.running
+
+
+async def test_an_emit_waiting_for_a_redis_that_never_answered_ends_when_the_flow_stops(
+        ) -> None:
+    bus = RedisMessageBus(f"redis://127.0.0.1:{free_port()}/0", max_backoff_s=0.05)
+    flow = dist_flows.chain()
+    flow.run(message_bus=bus, nodes=[])
+    sending = asyncio.ensure_future(flow.emit(msg("x")))
+    ready = asyncio.ensure_future(bus.ready())
+    await eventually(lambda: bus.stats["link_errors"] >= 2, "the bind retrying its link")
+    await asyncio.wait_for(flow.stop(), 10)
+    # Before: the emit (and ready()) waited for ever for a bind that was given up.
+    with pytest.raises(FlowNotRunning, match="stopped before its bus was bound"):
+        await asyncio.wait_for(sending, 5)
+    with pytest.raises(FlowNotRunning, match="the bus never read"):
+        await asyncio.wait_for(ready, 5)
+
+
+async def test_sends_and_cancels_retrying_while_redis_is_down_end_when_the_flow_stops(
+        own_redis: RedisServer, namespace: str) -> None:
+    bus = RedisMessageBus(own_redis.url, namespace=namespace, max_backoff_s=0.05)
+    flow = dist_flows.chain()
+    flow.run(message_bus=bus, nodes=[])
+    await bus.ready()
+    own_redis.stop()
+    sending = asyncio.ensure_future(flow.emit(msg("x", trace_id="T-down")))
+    cancelling = asyncio.ensure_future(flow.cancel("T-other"))
+    await eventually(lambda: bus.stats["link_errors"] >= 4, "the send and cancel retrying")
+    await asyncio.wait_for(flow.stop(), 10)
+    # Before: an AttributeError ('NoneType' object has no attribute 'connection_pool').
+    for waiting, what in ((sending, "send"), (cancelling, "cancel")):
+        with pytest.raises(FlowNotRunning, match=f"stopped while this {what} was retried "
+                                                 r"\(Redis at redis://127.0.0.1:"):
+            await asyncio.wait_for(waiting, 5)
+
+
+async def test_an_emit_waiting_for_room_on_a_full_edge_ends_when_the_flow_stops(
+        redis_url: str, namespace: str) -> None:
+    flow = create(Node(_echo, name="sink", policy=NONE).to(), queue_maxsize=1, name="full")
+    bus = RedisMessageBus(redis_url, namespace=namespace)
+    flow.run(message_bus=bus, nodes=[])
+    await flow.emit(msg(0))  # nobody consumes: the edge is full now
+    blocked = asyncio.ensure_future(flow.emit(msg(1)))
+    await eventually(lambda: bus.stats["full_waits"] > 0, "the emit waiting for room")
+    await asyncio.wait_for(flow.stop(), 10)
+    with pytest.raises(FlowNotRunning, match="waited for room on edge 'OpenSea->sink'"):
+        await asyncio.wait_for(blocked, 5)
+
+
+async def _echo(m: Message, ctx: Any) -> Message:
+    return m
 
 
 # -- one trace across processes -----------------------------------------------------------

@@ -67,7 +67,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from penguiflow.binding import BusBinding, Inbound, Parcel
 from penguiflow.bus import BusEnvelope
-from penguiflow.errors import ConfigurationError, InvalidArgument, PenguiFlowError
+from penguiflow.errors import (
+    ConfigurationError,
+    FlowNotRunning,
+    InvalidArgument,
+    PenguiFlowError,
+)
 
 from . import _scripts
 
@@ -235,6 +240,9 @@ class RedisMessageBus:
         self._redis: Any = client
         self._binding: BusBinding | None = None
         self._ready = asyncio.Event()
+        #: Set when unbind starts: sends, cancels and ready() waiting for the bind or
+        #: retrying while Redis is away end (FlowNotRunning) instead of waiting on.
+        self._unbinding = asyncio.Event()
         self._stopping = False
         self._reading = True
         self._tasks: list[asyncio.Task[None]] = []
@@ -325,6 +333,7 @@ class RedisMessageBus:
                 "this RedisMessageBus is bound to a running flow already",
                 hint="give each flow (and each run) its own RedisMessageBus")
         self._binding = binding
+        self._unbinding.clear()
         self._stopping = False
         self._reading = True
         if self._redis is None:
@@ -347,6 +356,8 @@ class RedisMessageBus:
                                  fail_refused=True)
             last = await self._retrying("read past cancels", self._past_cancels, control,
                                         fail_refused=True)
+        except FlowNotRunning:
+            raise  # unbind started meanwhile: no refusal of Redis's
         except Exception as exc:
             # Not a link problem (those are retried above), so retrying will not
             # help: ready() and every send say why, none waits for ever.
@@ -388,10 +399,27 @@ class RedisMessageBus:
 
         Raises:
             BusBindError: Redis refused the bus (bind finished without reading).
+            FlowNotRunning: (a ``RuntimeError``) the flow stopped first.
+        """
+        await self._bound("the bus never read")
+
+    async def _bound(self, unmade: str) -> BusBinding:
+        """Wait until :meth:`bind` finished; the binding. ``unmade``: what the caller
+        says did not happen when the flow stops first.
+
+        Raises:
+            BusBindError: Redis refused the bus.
+            FlowNotRunning: the flow stopped (unbind started) before, or meanwhile.
         """
         await self._ready.wait()
         if self._bind_error is not None:
             raise self._bind_error
+        binding = self._binding
+        if binding is None or self._unbinding.is_set():
+            raise FlowNotRunning(
+                f"PenguiFlow stopped before its bus was bound (Redis at "
+                f"{_redact(self.url)} had not answered): {unmade}; call run() again first")
+        return binding
 
     async def _create_groups(self, streams: Sequence[str]) -> None:
         for stream in streams:
@@ -439,6 +467,10 @@ class RedisMessageBus:
         its consumer leaves each edge's group where it holds no pending entry.
         """
         self._reading = False
+        # Sends, cancels and ready() waiting for the bind, or retrying while Redis is
+        # away, end now (FlowNotRunning); settles still due are flushed below.
+        self._unbinding.set()
+        self._ready.set()
         if not self._flushed.is_set() and self._bind_error is None:
             # Settles still due are flushed first (else their entries would run again).
             with contextlib.suppress(Exception, TimeoutError):
@@ -481,12 +513,13 @@ class RedisMessageBus:
         """Add ``parcel`` to its edge's stream (see :class:`penguiflow.binding.DeliveringBus`).
 
         Waits while the edge is full and while Redis is unreachable.
+
+        Raises:
+            BusBindError: Redis refused the bus.
+            FlowNotRunning: (a ``RuntimeError``) the flow stopped while the send
+                waited (for the bind, for Redis, or for room on the edge).
         """
-        await self._ready.wait()
-        if self._bind_error is not None:
-            raise self._bind_error
-        binding = self._binding
-        assert binding is not None
+        binding = await self._bound("this send was not made")
         hop_key = f"{self._prefix()}:hop:{parcel.hop}"
         edge = binding.edges.get(parcel.edge)
         if edge is not None and edge.to_rookery:
@@ -510,6 +543,10 @@ class RedisMessageBus:
                 self.stats["full_waits"] += 1
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.05)
+                if self._unbinding.is_set():
+                    raise FlowNotRunning(
+                        f"PenguiFlow stopped while this send waited for room on edge "
+                        f"{parcel.edge!r} (full): it was not sent; call run() again first")
                 continue
             if result == 0:
                 self.stats["duplicates"] += 1
@@ -888,10 +925,14 @@ class RedisMessageBus:
     # -- cancellation ----------------------------------------------------------------
 
     async def cancel(self, trace_id: str) -> None:
-        """Broadcast that ``trace_id`` is cancelled (every bound process applies it)."""
-        await self._ready.wait()
-        if self._bind_error is not None:
-            raise self._bind_error
+        """Broadcast that ``trace_id`` is cancelled (every bound process applies it).
+
+        Raises:
+            BusBindError: Redis refused the bus.
+            FlowNotRunning: (a ``RuntimeError``) the flow stopped while the cancel
+                waited (for the bind, or for Redis).
+        """
+        await self._bound("this cancel was not broadcast")
         await self._retrying("cancel", self._redis.xadd, f"{self._prefix()}:control",
                              {b"cancel": trace_id.encode("utf-8", "surrogatepass")},
                              maxlen=10_000, approximate=True)
@@ -1012,26 +1053,49 @@ class RedisMessageBus:
         """``await call(...)``, retried with backoff while Redis is unreachable.
 
         ``fail_refused``: a refusal of the credentials (:data:`_REFUSALS`) is raised,
-        not retried (binding: a wrong password is no outage to wait out)."""
+        not retried (binding: a wrong password is no outage to wait out).
+
+        Raises:
+            FlowNotRunning: unbind started. Not for a settle: unbind flushes the
+                settles due first; once it stops, a settle raises its link error.
+        """
+        settle = doing == "settle"
+        failed: Exception | None = None
         while True:
+            if self._unbinding.is_set() and not settle:
+                if failed is None:
+                    raise FlowNotRunning(
+                        f"PenguiFlow stopped before this {doing} was sent to Redis; call "
+                        f"run() again first")
+                raise FlowNotRunning(
+                    f"PenguiFlow stopped while this {doing} was retried (Redis at "
+                    f"{_redact(self.url)}: {type(failed).__name__}: {failed}): it may not "
+                    f"have reached Redis; call run() again first") from failed
             try:
                 result = await call(*args, **kwargs)
             except _LINK_ERRORS as exc:
                 if fail_refused and isinstance(exc, _REFUSALS):
                     raise
-                if self._stopping and doing == "settle":
+                if self._stopping and settle:
                     raise
-                await self._link_down(doing, exc)
+                failed = exc
+                await self._link_down(doing, exc, interrupt=not settle)
                 continue
             except ResponseError as exc:
-                if not _temporary(exc) or self._stopping:
+                if not _temporary(exc) or (self._stopping and settle):
                     raise
-                await self._link_down(doing, exc)
+                failed = exc
+                await self._link_down(doing, exc, interrupt=not settle)
                 continue
             self._link_up()
             return result
 
-    async def _link_down(self, doing: str, exc: BaseException) -> None:
+    async def _link_down(self, doing: str, exc: BaseException, *,
+                         interrupt: bool = False) -> None:
+        """Count and log (once per outage) a failed call, then back off.
+
+        ``interrupt``: the back-off ends early when unbind starts (a send or a
+        cancel, which then ends instead of retrying)."""
         self.stats["link_errors"] += 1
         now = time.monotonic()
         if self._down_since is None:
@@ -1039,7 +1103,13 @@ class RedisMessageBus:
             logger.warning("bus_redis_unreachable", extra={
                 "doing": doing, "error": repr(exc)[:300], "url": _redact(self.url)})
         down = now - self._down_since
-        await asyncio.sleep(min(self.max_backoff_s, 0.05 * 2 ** min(down, 10)))
+        pause = min(self.max_backoff_s, 0.05 * 2 ** min(down, 10))
+        if interrupt:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._unbinding.wait()
+        else:
+            await asyncio.sleep(pause)
 
     def _link_up(self) -> None:
         if self._down_since is not None:
