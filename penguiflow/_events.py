@@ -13,6 +13,7 @@ event costs one cached ``isEnabledFor`` call and nothing is allocated.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -214,7 +215,9 @@ class EventPipeline:
         for mw in self.middlewares:
             try:
                 await mw(event)
-            except Exception as exc:
+            except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # a library's own BaseException too: an observer
                 self.failures["middleware_error"] += 1
                 logger.exception(
                     "middleware_error",

@@ -44,6 +44,10 @@ _INFO = logging.INFO
 _perf = time.perf_counter
 _now = time.time
 _LEVELS = {kind: EVENT_LEVELS[kind] for kind in ("node_error", "node_timeout")}
+# BaseExceptions a worker lets through: the process is exiting (Ctrl-C, sys.exit),
+# and, in its loop, a cancel (stop(), or a trace cancel it handles itself).
+_EXITING = (KeyboardInterrupt, SystemExit)
+_PROPAGATED = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
 
 
 def _unreported(trace_id: Any, node_name: object) -> None:
@@ -70,8 +74,8 @@ class NodeWorker:
     (``penguiflow._runtime.FlowRuntime``).
     """
 
-    __slots__ = ("cancel_requested", "ctx", "interruptible", "node", "rt", "running_trace",
-                 "task")
+    __slots__ = ("_cancel_sent", "cancel_requested", "ctx", "interruptible", "node", "rt",
+                 "running_trace", "task")
 
     def __init__(self, rt: FlowRuntime, node: Node, ctx: Context) -> None:
         self.rt = rt
@@ -84,14 +88,27 @@ class NodeWorker:
         self.interruptible = False
         #: Set by ``PenguiFlow.cancel`` right before it cancels ``task``.
         self.cancel_requested = False
+        #: Whether that request cancelled ``task`` (not when the node cancelled its
+        #: own trace: see :meth:`request_trace_cancel`).
+        self._cancel_sent = False
 
     def request_trace_cancel(self, trace_id: Any) -> bool:
-        """Interrupt the current invocation if it belongs to ``trace_id``."""
+        """Interrupt the current invocation if it belongs to ``trace_id``.
+
+        A node that cancels its own trace (a guard aborting the request it handles,
+        a routing policy) is not interrupted: it is the caller, and cancelling the
+        running task from inside would leave a cancel pending that ``uncancel()``
+        does not withdraw (Python 3.11 and 3.12), so the worker's next wait for an
+        item would raise it and the node would stop taking messages for good. Its
+        invocation ends as cancelled when it returns instead (its result dropped).
+        """
         task = self.task
         if (self.interruptible and self.running_trace == trace_id and task is not None
                 and not self.cancel_requested):
             self.cancel_requested = True
-            task.cancel()
+            self._cancel_sent = task is not asyncio.current_task()
+            if self._cancel_sent:
+                task.cancel()
             return True
         return False
 
@@ -99,7 +116,8 @@ class NodeWorker:
         # True when a trace cancel (not stop) interrupted us; re-arms the task.
         if self.cancel_requested and not self.rt.stopping:
             self.cancel_requested = False
-            if self.task is not None:
+            if self._cancel_sent and self.task is not None:
+                self._cancel_sent = False
                 self.task.uncancel()
             return True
         return False
@@ -124,9 +142,13 @@ class NodeWorker:
                     origin = ctx.last_origin
                 try:
                     await process(item, origin)
-                except Exception as exc:
+                except _PROPAGATED:
+                    raise
+                except BaseException as exc:
                     # A runtime or observer bug must cost one item, not the node:
                     # a dead worker would leave every later message waiting forever.
+                    # (Any BaseException but a cancel or the process exiting: a
+                    # library's own BaseException subclass included.)
                     self._worker_error(exc)
         except asyncio.CancelledError:
             self.running_trace = None
@@ -160,7 +182,7 @@ class NodeWorker:
         finally:
             binding.end(token)
 
-    def _worker_error(self, exc: Exception) -> None:
+    def _worker_error(self, exc: BaseException) -> None:
         self.rt.events.failures["worker_error"] += 1
         with contextlib.suppress(Exception):  # a failing logger: nothing left to report to
             logger.error("node_worker_error", exc_info=exc, extra={
@@ -250,7 +272,7 @@ class NodeWorker:
                     await self._trace_cancelled(trace_id, attempt, inv, None)
                     return
                 started = _perf()
-                error: Exception | None = None
+                error: BaseException | None = None
                 retry = True
                 timed_out = False
                 result: Any = None
@@ -296,6 +318,15 @@ class NodeWorker:
                     error = exc
                     timed_out = timeout is not None and isinstance(exc, TimeoutError) and \
                         scope.expired()
+                except _EXITING:
+                    raise  # the process is exiting (Ctrl-C, sys.exit): not the node's failure
+                except BaseException as exc:
+                    # Another BaseException (a library's own subclass): the invocation
+                    # fails, as for an Exception, but is not retried (as CancelledError
+                    # is not: it says "stop", not "try again"). Re-raised, it would end
+                    # the worker silently and leave every later message waiting.
+                    error = exc
+                    retry = False
                 self.interruptible = False
                 if self._consume_cancel_request():
                     # The user's code swallowed the CancelledError; the trace is
@@ -365,7 +396,7 @@ class NodeWorker:
             if state is not None:
                 state.inflight -= 1
 
-    async def _failed_attempt(self, item: Any, trace_id: Any, attempt: int, error: Exception,
+    async def _failed_attempt(self, item: Any, trace_id: Any, attempt: int, error: BaseException,
                               timed_out: bool, latency_ms: float, inv: str | None,
                               parents: tuple[str, ...], *, retry: bool = True) -> int:
         """Report a failed attempt; back off and return the next attempt, or -1.
@@ -389,6 +420,11 @@ class NodeWorker:
             extra["traceback"] = trace_text
         await rt.emit_event(kind, ctx, trace_id, attempt=attempt, latency_ms=latency_ms,
                                extra=extra, invocation_id=inv, parents=parents)
+        # A cancel that came while the event was recorded (not interruptible then)
+        # found nothing to interrupt: an interrupted invocation is neither retried
+        # nor reported failed (spec §7.3).
+        if await self._cancelled_meanwhile(trace_id, attempt, inv):
+            return -1
         if retry and attempt < policy.max_retries:
             attempt += 1
             sleep_s = policy.backoff_for(attempt)
@@ -396,6 +432,8 @@ class NodeWorker:
                                    latency_ms=None,
                                    extra={"sleep_s": sleep_s, "exception": shown},
                                    invocation_id=inv, parents=parents)
+            if await self._cancelled_meanwhile(trace_id, attempt, inv):
+                return -1
             self.interruptible = True
             try:
                 await asyncio.sleep(sleep_s)
@@ -441,6 +479,16 @@ class NodeWorker:
             else:
                 _unreported(trace_id, name)
         return -1
+
+    async def _cancelled_meanwhile(self, trace_id: Any, attempt: int, inv: str | None) -> bool:
+        """Whether ``trace_id`` was cancelled while this invocation could not be
+        interrupted; if so, the invocation is ended as cancelled here."""
+        state = self.rt.traces.get(trace_id) if trace_id is not None else None
+        if state is None or not state.cancelled:
+            return False
+        self._consume_cancel_request()
+        await self._trace_cancelled(trace_id, attempt, inv, None)
+        return True
 
     async def _trace_cancelled(self, trace_id: Any, attempt: int, inv: str | None,
                                started: float | None) -> None:

@@ -163,6 +163,8 @@ class PenguiFlow:
         self._events = events
         self._traces: dict[Any, TraceState] = rt.traces
         self._workers: list[NodeWorker] = []
+        #: The shutdown in progress: a stop() that comes while it runs awaits it.
+        self._stopping: asyncio.Future[None] | None = None
 
         nodes: list[Node] = []
         edges: dict[Node, list[Node]] = {}
@@ -422,11 +424,19 @@ class PenguiFlow:
                 f"store_timeout_s must be >= 0 seconds, or None to wait for the store as "
                 f"long as it takes; got {store_timeout_s!r}")
         rt = self._rt
-        if not rt.running or rt.stopping:
-            return
+        stopping = self._stopping
+        if stopping is None or stopping.done():
+            if not rt.running:
+                return
+            # One shutdown, whoever asks: a stop() arriving while it runs (the app and
+            # an A2A adapter both stopping the flow) waits for the same one, so that
+            # every caller returns once the flow has stopped (spec §7.1), and two
+            # callers at the same instant cannot run two shutdowns.
+            stopping = self._stopping = asyncio.ensure_future(
+                self._shutdown(asyncio.current_task(), store_timeout_s))
         # Shielded: a caller cancelled mid-stop must not leave workers behind;
         # the shutdown finishes in the background and the caller sees the cancel.
-        await asyncio.shield(self._shutdown(asyncio.current_task(), store_timeout_s))
+        await asyncio.shield(stopping)
 
     async def _shutdown(self, current: asyncio.Task[Any] | None,
                         store_timeout_s: float | None) -> None:
