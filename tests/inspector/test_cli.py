@@ -261,12 +261,31 @@ def test_parse_when_relative_and_iso() -> None:
     (["--since", "yesterday-ish"], "not a time"),
     (["--limit", "0"], "must be 1 or more"),
     (["--limit", "ten"], "not a whole number"),
+    (["--limit", "9" * 20], "must be at most"),  # before: an OverflowError traceback
 ])
 def test_bad_filter_values_are_one_line_usage_errors(args: list[str], needle: str) -> None:
     proc = pf("traces", *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("tail", 0), ("traces", 130), ("inspect", 130), ("export", 130)])
+def test_ctrl_c_ends_pf_tail_and_interrupts_anything_else(
+        command: str, expected: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C is how `pf tail` ends; any other command was cut short, its output maybe
+    # partial (half a --json document): exit 130, not 0 (nor export's traceback).
+    def interrupted(*_args: Any, **_kwargs: Any) -> int:
+        raise KeyboardInterrupt
+
+    if command == "export":
+        monkeypatch.setattr(cli.export, "run", interrupted)
+    else:
+        monkeypatch.setitem(cli._COMMANDS, command, interrupted)
+    argv = {"tail": ["tail"], "traces": ["traces"], "inspect": ["inspect", "abc"],
+            "export": ["export", "abc"]}[command]
+    assert main(argv) == expected
 
 
 def test_since_after_until_is_a_usage_error(store_url: str,

@@ -373,6 +373,80 @@ def test_tail_follows_a_store_file_rotated_under_it(sqlite_url: str) -> None:
     assert [e.trace_id for e in shown] == ["new"]
 
 
+def test_tail_reads_a_replaced_store_file_from_its_start(sqlite_url: str,
+                                                        tmp_path: Path) -> None:
+    # A log rotation that carries on a running trace in the new file: its events
+    # there start again at position 0. Counting the old file's 3 events as shown,
+    # tail skipped the new file's first 3 and said the trace ended with 3 events.
+    path = Path(sqlite_url.removeprefix("sqlite:///"))
+    trace_id = "7" * 32
+
+    def stored(kind: str, node: str, seq: int) -> StoredEvent:
+        return StoredEvent(trace_id, 1.7e9 + seq, kind, node, node, {},
+                           invocation_id=f"{node}{node}", flow_id="f", seq=seq)
+
+    async def scenario() -> list[str]:
+        async with open_store(sqlite_url) as store:  # the old file: b still runs
+            await store.save_events([stored("node_start", "a", 1),
+                                     stored("node_success", "a", 2),
+                                     stored("node_start", "b", 3)])
+        shown: list[str] = []
+        three = asyncio.Event()
+
+        def show(event: StoredEvent) -> None:
+            shown.append(f"{event.kind} {event.node_name}")
+            if len(shown) == 3:
+                three.set()
+
+        err = FollowingStderr()
+        task = asyncio.create_task(tail(sqlite_url, trace_id, show, err, interval_s=0.01))
+        try:
+            await asyncio.wait_for(three.wait(), DEADLINE_S)
+            new = tmp_path / "new.db"
+            async with open_store(f"sqlite:///{new}") as store:  # the rest, rotated in
+                await store.save_events([stored("node_success", "b", 4),
+                                         stored("node_start", "c", 5),
+                                         stored("node_success", "c", 6)])
+            await asyncio.to_thread(new.replace, path)
+            await asyncio.wait_for(task, DEADLINE_S)  # it ends by itself: the trace ended
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert "ended" in err.getvalue()
+        return shown
+
+    assert asyncio.run(scenario()) == [
+        "node_start a", "node_success a", "node_start b",
+        "node_success b", "node_start c", "node_success c"]
+
+
+def test_tail_into_a_closed_pipe_ends_quietly(sqlite_url: str) -> None:
+    # `pf tail ID | head -1`: the reader goes; before, "cannot reach the trace
+    # store ...: Broken pipe" and exit 1, as if the store had failed.
+    trace_id = "e" * 32
+
+    async def record() -> None:
+        async with open_store(sqlite_url) as store:
+            await store.save_events([_event(trace_id, seq) for seq in range(1, 3001)])
+
+    asyncio.run(record())
+    proc = subprocess.Popen([sys.executable, "-m", "penguiflow_inspector.cli", "tail",
+                             trace_id, "--store", sqlite_url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()  # one line, then the reader is gone
+    proc.stdout.close()
+    try:
+        err = proc.stderr.read()
+        assert proc.wait(timeout=DEADLINE_S) == 0
+    finally:
+        proc.stderr.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert "Broken pipe" not in err and "cannot reach" not in err and "Traceback" not in err
+
+
 def test_tail_of_every_trace_passes_over_a_trace_it_cannot_read(sqlite_url: str) -> None:
     # A new trace with a corrupt block ended the whole tail with exit 1; it is said
     # once on stderr and passed over, and the other traces are still followed.

@@ -410,6 +410,79 @@ def test_an_unwritable_json_file_fails_in_one_line(
     assert _one_line(capsys.readouterr().err).startswith(f"pf export: cannot write {target}")
 
 
+def test_json_through_a_symlink_or_a_fifo_writes_through_it(
+        sqlite_recording: Recording, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The file was written beside the name and renamed over it: a symlink became a
+    # regular file (its target untouched) and a FIFO's reader got nothing.
+    real = tmp_path / "real.json"
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    assert main(["export", PREFIX, "--store", sqlite_recording.store_url,
+                 "--json", str(link)]) == 0
+    capsys.readouterr()
+    assert link.is_symlink()
+    views, _ = _json_views(json.loads(real.read_text(encoding="utf-8")))
+    _assert_same_spans(sqlite_recording.live, views)
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    import threading
+
+    def read() -> None:
+        with open(fifo, "rb") as pipe:
+            received.append(pipe.read())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert main(["export", PREFIX, "--store", sqlite_recording.store_url,
+                 "--json", str(fifo)]) == 0
+    reader.join(HANG_GUARD_S)
+    assert not reader.is_alive()
+    assert fifo.is_fifo()
+    views, _ = _json_views(json.loads(received[0]))
+    _assert_same_spans(sqlite_recording.live, views)
+
+
+@pytest.mark.parametrize("where", ["", ".", "/", "dir"])
+def test_json_naming_a_directory_is_a_usage_error(
+        where: str, sqlite_recording: Recording, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    if where == "dir":
+        where = str(tmp_path)
+    assert main(["export", PREFIX, "--store", sqlite_recording.store_url,
+                 "--json", where]) == 2  # before: a ValueError traceback
+    assert "names a directory, not a file" in _one_line(capsys.readouterr().err)
+
+
+def test_export_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    # `pf export ID | head -c 100`: the reader goes; before, a BrokenPipeError traceback.
+    # A trace whose JSON is far bigger than a pipe's buffer: written after the close.
+    from penguiflow.state import StoredEvent
+
+    url = f"sqlite:///{tmp_path}/big.db"
+    trace_id = "b" * 32
+
+    async def record() -> None:
+        async with open_store(url) as store:
+            await store.save_events([StoredEvent(
+                trace_id, 1.7e9 + i, "node_start" if i % 2 == 0 else "node_success",
+                "n", "n", {}, invocation_id=f"{i // 2:016x}", flow_id="f", seq=i + 1)
+                for i in range(4000)])
+
+    asyncio.run(record())
+    proc = subprocess.Popen([sys.executable, "-m", "penguiflow_inspector.cli", "export",
+                             trace_id, "--store", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(10) == b'{"resource'
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=HANG_GUARD_S) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
 def test_a_write_failing_midway_leaves_the_file_there_untouched(
         sqlite_recording: Recording, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

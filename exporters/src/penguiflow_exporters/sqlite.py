@@ -238,6 +238,18 @@ class SQLiteStateStore(ProcessedStore):
     def __repr__(self) -> str:
         return f"SQLiteStateStore({str(self.path)!r})"
 
+    @property
+    def generation(self) -> int:
+        """How many times this store found its file replaced by another (rotated,
+        moved over, deleted and made anew) and reopened it: 0 until then.
+
+        What a reader shows as "new since the last look" is per file: a reader that
+        counts events already shown (``pf tail``) starts again from nothing when
+        this changes, since the new file's traces and positions say nothing of the
+        old one's.
+        """
+        return self._generation
+
     def _make_writer(self) -> EventWriter:
         path = str(self.path)
         if self.writer == "thread":

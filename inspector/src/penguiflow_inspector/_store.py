@@ -30,6 +30,7 @@ from penguiflow_exporters import default_store_url, open_store
 
 __all__ = [
     "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
     "CommandError",
@@ -49,6 +50,8 @@ EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 #: The command line was wrong: bad flags, an unknown or ambiguous trace id.
 EXIT_USAGE: Final = 2
+#: Cut short by Ctrl-C (but ``pf tail``, which ends so): 128 + SIGINT, as shells say.
+EXIT_INTERRUPTED: Final = 130
 #: Candidates an "ambiguous prefix" message names.
 _SHOWN_CANDIDATES: Final = 5
 
@@ -147,6 +150,8 @@ async def reading(url: str) -> AsyncIterator[TraceStore]:
             await store.close()
     except StateStoreError as exc:  # its message names the store and the likely fix
         raise CommandError(f"trace store: {one_line(exc)}") from None
+    except BrokenPipeError:
+        raise  # the output's reader has gone (`pf tail | head`): not the store's failure
     except OSError as exc:  # a driver error the store did not translate
         raise CommandError(
             f"cannot reach the trace store {redact(url)}: {one_line(exc)}") from None

@@ -42,6 +42,7 @@ from penguiflow_exporters import open_store
 
 from . import export, migrate, render
 from ._store import (
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
@@ -95,6 +96,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+#: The largest count a flag takes (a store's 64-bit integer).
+MAX_COUNT = 2**63 - 1
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -102,6 +107,8 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT}: {text!r}")
     return value
 
 
@@ -213,8 +220,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return EXIT_USAGE
-    if ns.command == "export":
-        return export.run(ns)
     out, err = sys.stdout, sys.stderr
     for stream in (out, err):
         # A terminal or pipe that cannot encode the bars and arrows (LANG=C,
@@ -225,12 +230,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 reconfigure(errors="backslashreplace")
     try:
+        if ns.command == "export":
+            return export.run(ns)
         return int(_COMMANDS[ns.command](ns, out, err))
     except CommandError as exc:  # may quote store text (ids, names): escaped
         print(f"pf {ns.command}: {printable(exc.message)}", file=err)
         return exc.exit_code
-    except KeyboardInterrupt:  # Ctrl-C ends `pf tail`; elsewhere it is just as final
-        return EXIT_OK
+    except KeyboardInterrupt:
+        # Ctrl-C is how `pf tail` ends (success); any other command was cut short,
+        # its output maybe partial (`--json` half written): 130, as a shell says.
+        return EXIT_OK if ns.command == "tail" else EXIT_INTERRUPTED
     except BrokenPipeError:  # `pf traces | head`: the reader has gone
         with contextlib.suppress(OSError):
             sys.stdout = open("/dev/null", "w")  # noqa: SIM115 -- silence the final flush
@@ -484,7 +493,7 @@ async def tail(url: str, reference: str | None, show: Any, err: TextIO,
                   if url.startswith(("postgresql:", "postgres:")) else None)
         try:
             ended = await _poll(store, trace_id, counts, show, interval_s, wake, err,
-                                open_invocations)
+                                open_invocations, getattr(store, "generation", None))
             if ended is not None:
                 print(f"pf tail: trace {printable(ended.trace_id)} ended: "
                       f"{printable(status_word(ended.status))} after "
@@ -521,7 +530,8 @@ async def _show_from(store: TraceStore, trace_id: str, offset: int, show: Any) -
 
 async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int], show: Any,
                 interval_s: float, wake: asyncio.Event, err: TextIO,
-                open_invocations: set[str] | None = None) -> TraceSummary | None:
+                open_invocations: set[str] | None = None,
+                generation: int | None = None) -> TraceSummary | None:
     """Show new events until cancelled, or, following one trace, until it has ended:
     returns its summary once its status has left ``running`` and stayed so, with no
     new event, for one more poll (a chain's next node may start a moment after the
@@ -529,7 +539,9 @@ async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int],
 
     A store unavailable for a moment (its file rotated or replaced, so missing or
     empty a while, a database restarting) is polled again, for up to
-    :data:`TAIL_GRACE_S`; longer, its error ends the command."""
+    :data:`TAIL_GRACE_S`; longer, its error ends the command. A file found replaced
+    by another (the store's ``generation`` changed) is read from its start: the
+    counts shown so far were the old file's."""
     ended_seen: int | None = None  # the event count when the trace was first seen ended
     away_since: float | None = None
     # The event count when the followed trace was first seen incomplete, wholly
@@ -541,6 +553,7 @@ async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int],
             if trace_id is not None:
                 followed = summary = await store.get_trace(trace_id)
                 changed = [summary] if summary is not None else []
+                generation = _read_anew(store, generation, counts, open_invocations)
                 if summary is not None and summary.status != "running" and not (
                         summary.status == "incomplete" and open_invocations):
                     if ended_seen == summary.event_count == counts.get(trace_id):
@@ -550,6 +563,7 @@ async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int],
                     ended_seen = None
             else:
                 changed = await store.list_traces(TraceFilter(limit=TAIL_TRACES))
+                generation = _read_anew(store, generation, counts, open_invocations)
             for summary in sorted(changed, key=lambda s: s.started_ts):
                 before = counts.get(summary.trace_id, 0)
                 if summary.event_count > before:
@@ -582,6 +596,19 @@ async def _poll(store: TraceStore, trace_id: str | None, counts: dict[str, int],
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), interval_s)
         wake.clear()
+
+
+def _read_anew(store: TraceStore, generation: int | None, counts: dict[str, int],
+               open_invocations: set[str] | None) -> int | None:
+    """The store's file generation now; when it changed (the file was replaced by
+    another), forget what was shown of the old one, so the new one is read from its
+    start (its traces and positions say nothing of the old file's)."""
+    now = getattr(store, "generation", None)
+    if now != generation:
+        counts.clear()
+        if open_invocations is not None:
+            open_invocations.clear()
+    return now
 
 
 def _say_if_stuck(summary: TraceSummary, counts: dict[str, int],

@@ -20,6 +20,7 @@ import asyncio
 import json
 import math
 import os
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -173,20 +174,40 @@ def _deliver(trace: LoadedTrace, ns: argparse.Namespace, out: TextIO) -> str:
         write_otlp_json(trace.spans, out, service_name=ns.service_name)
         out.flush()
         return "stdout"
-    # Streamed into a temporary file beside FILE, renamed over it once complete: a
-    # failure midway never leaves a truncated FILE (nor destroys the one there).
     target = Path(ns.json)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    if not target.name or target.is_dir():
+        raise ExportError(f"--json {ns.json!r} names a directory, not a file: give a file "
+                          "name (--json trace.json), or - for standard output", EXIT_USAGE)
     try:
-        try:
-            with partial.open("w", encoding="utf-8") as file:
+        if _replaceable(target):
+            # Streamed into a temporary file beside FILE, renamed over it once
+            # complete: a failure midway never leaves a truncated FILE (nor
+            # destroys the one there).
+            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+            try:
+                with partial.open("w", encoding="utf-8") as file:
+                    write_otlp_json(trace.spans, file, service_name=ns.service_name)
+                os.replace(partial, target)
+            finally:
+                partial.unlink(missing_ok=True)
+        else:
+            # A symlink, a FIFO, a device, /dev/fd/N, a shell's >(...): written
+            # through, as a shell's > would; renaming over it would replace the link
+            # or pipe itself with a file, and its reader would get nothing.
+            with target.open("w", encoding="utf-8") as file:
                 write_otlp_json(trace.spans, file, service_name=ns.service_name)
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
     except OSError as exc:
         raise ExportError(f"cannot write {ns.json}: {exc.strerror or exc}") from None
     return str(ns.json)
+
+
+def _replaceable(target: Path) -> bool:
+    """Whether ``target`` is a regular file, or nothing yet (not a symlink to one)."""
+    try:
+        mode = target.lstat().st_mode
+    except FileNotFoundError:
+        return True
+    return stat.S_ISREG(mode)
 
 
 # -- OTLP/JSON, streamed ------------------------------------------------------------------------
