@@ -414,7 +414,10 @@ class PenguiFlow:
                 ``pending_events``, when it has one), the failure is counted in
                 :attr:`observer_failures`, and ``stop()`` returns. Without a
                 store the same bound applies to the workers' last events
-                reaching middlewares (``observer_stop_timeout``).
+                reaching middlewares (``observer_stop_timeout``). The same
+                deadline bounds the wait for background message-bus publishes
+                and registered external tasks: those still running then are
+                cancelled, counted and logged (``background_stop_timeout``).
 
         Raises:
             InvalidArgument: (a ``ValueError``) ``store_timeout_s`` is negative.
@@ -454,7 +457,8 @@ class PenguiFlow:
             externals: list[asyncio.Future[Any]] = [t for t in rt.external if t is not current]
             for fut in externals:
                 fut.cancel()
-            await asyncio.gather(*externals, return_exceptions=True)
+            # Bounded too: a registered task that ignores its cancel must not hang stop().
+            others_cut = await _settle(externals, deadline)
             binding = rt.binding
             if binding is not None:
                 # Sends and settles still on their way get a moment (an edge may be
@@ -466,8 +470,16 @@ class PenguiFlow:
                     await binding.bus.unbind()
                 except Exception as exc:
                     logger.error("message_bus_unbind_failed", extra={"error": safe_repr(exc)})
-            if rt.bus_tasks:
-                await asyncio.gather(*rt.bus_tasks, return_exceptions=True)
+            # Background publishes (emit_nowait to a message bus) are awaited, up to the
+            # same deadline: a broker that never answers (no client timeout) must not
+            # hang stop(); those cut short are counted and named in one warning.
+            others_cut += await _settle(list(rt.bus_tasks), deadline)
+            if others_cut:
+                self._events.failures["background_stop_timeout"] += others_cut
+                logger.warning("background_stop_timeout", extra={
+                    "timeout_s": store_timeout_s, "tasks_cut": others_cut,
+                    "detail": "message-bus publishes or registered tasks still running "
+                              "when stop()'s store_timeout_s ran out were cancelled"})
             if cut or not await self._flush_store(deadline):
                 self._report_store_timeout(store_timeout_s, cut)
             tracer = self._events.tracer

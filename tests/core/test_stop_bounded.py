@@ -189,3 +189,28 @@ async def test_without_a_store_a_hung_middleware_is_cut_short_too(
     assert record.workers_cut == 1  # type: ignore[attr-defined]
     assert flow.observer_failures["observer_stop_timeout"] == 1
     assert timeouts(caplog) == []
+
+
+async def test_a_hung_message_bus_publish_is_cut_short_and_reported(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # emit_nowait publishes to the bus in the background; stop() awaits those
+    # publishes (spec), and one to a broker that never answers hung stop() for ever.
+    publishing = asyncio.Event()
+
+    class HungBus:
+        async def publish(self, envelope: Any) -> None:
+            publishing.set()
+            await asyncio.Event().wait()  # an unreachable broker, no client timeout
+
+    flow = create(Node(echo, name="echo", policy=NONE).to(), message_bus=HungBus())
+    flow.run()
+    flow.emit_nowait(msg("x"))
+    await within(publishing.wait())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await within(flow.stop(store_timeout_s=0.2))
+    assert loop.time() - started < 2.0
+    assert not flow.running
+    assert flow.observer_failures["background_stop_timeout"] == 1
+    [record] = [r for r in caplog.records if r.getMessage() == "background_stop_timeout"]
+    assert record.tasks_cut == 1  # type: ignore[attr-defined]
