@@ -487,6 +487,18 @@ class PenguiFlow:
                 refused = tracer.flow_stopped(self)
                 if refused:
                     self._events.failures["tracer_failed"] += refused
+            self._contexts[ROOKERY].fail_waiters(FlowNotRunning(
+                "PenguiFlow stopped while fetch() was waiting; call run() again first"))
+            # An emit() waiting for room: the nodes that would make it are stopped.
+            # Failed before the counts below are made anew, and given a loop turn to
+            # give back the count each took for its message: a give-back after the
+            # recount would take one from an item still queued.
+            stopped = FlowNotRunning(
+                "PenguiFlow stopped while emit() waited for room on a full floe; its "
+                "message was not put; call run() again first")
+            for floe in self._floes:
+                floe.queue.fail_putters(stopped)
+            await asyncio.sleep(0)
             rt.trace_tasks.clear()
             rt.drained.clear()
             for state in rt.traces.values():
@@ -513,14 +525,6 @@ class PenguiFlow:
                 forget_all = getattr(node.func, "_forget_all", None)
                 if forget_all is not None:
                     forget_all(rt, rt.traces.keys())
-            self._contexts[ROOKERY].fail_waiters(FlowNotRunning(
-                "PenguiFlow stopped while fetch() was waiting; call run() again first"))
-            # An emit() waiting for room: the nodes that would make it are stopped.
-            stopped = FlowNotRunning(
-                "PenguiFlow stopped while emit() waited for room on a full floe; its "
-                "message was not put; call run() again first")
-            for floe in self._floes:
-                floe.queue.fail_putters(stopped)
         finally:
             self._workers.clear()
             rt.external.clear()

@@ -237,3 +237,51 @@ async def test_a_stop_during_another_stop_returns_once_the_flow_has_stopped() ->
     assert await within(second_stop()) == (False, 0)
     await within(first)
     assert not flow.running
+
+
+async def test_an_emit_failed_by_stop_does_not_take_a_count_from_queued_items() -> None:
+    # stop() failed an emit() waiting for room only after it had counted the queued
+    # items anew: the failed emit then gave back a count it no longer held, so after
+    # run() the trace looked drained with an item still queued, and a cancel said
+    # "finished" before the invocation it interrupted had ended.
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def work(m: Message, ctx: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return m
+
+    recorder = Recorder()
+    flow = create(Node(work, name="work", policy=NodePolicy(validate="none")).to(),
+                  queue_maxsize=2, middlewares=[recorder])
+    flow.run()
+    trace_id = "t" * 32
+
+    def message(i: int) -> Message:
+        return msg(i, trace_id=trace_id)
+
+    await flow.emit(message(0))
+    await within(entered.wait())  # the node holds item 0
+    await flow.emit(message(1))
+    await flow.emit(message(2))  # the floe is full now
+    blocked = asyncio.ensure_future(flow.emit(message(3)))
+    await asyncio.sleep(0)  # one turn: the emit finds the floe full and waits for room
+    assert not blocked.done()
+    await within(flow.stop())
+    with pytest.raises(Exception, match="stopped while emit"):
+        await within(blocked)
+    assert flow._rt.traces[trace_id].pending == 2  # items 1 and 2, still queued
+    entered.clear()
+    recorder.events.clear()
+    flow.run()
+    try:
+        await within(entered.wait())  # item 1 in the node, item 2 queued
+        assert await flow.cancel(trace_id)
+        await recorder.wait_for("trace_cancel_finish", trace_id=trace_id)
+        kinds = recorder.kinds(trace_id=trace_id)
+        assert kinds.index("node_trace_cancelled") < kinds.index("trace_cancel_finish")
+        assert trace_id not in flow._rt.traces
+    finally:
+        gate.set()
+        await within(flow.stop())
