@@ -99,3 +99,9 @@ async def call_playbook(
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.shield(flow.stop())
+        if runtime is not None and trace_id is not None:
+            # The cancel event above made the parent hold state for this trace; with
+            # no work of it there (a call outside any node), nothing else drops it.
+            discard = getattr(runtime, "_discard_idle_trace", None)
+            if discard is not None:
+                discard(trace_id)

@@ -408,6 +408,16 @@ class FlowRuntime:
             state.cancel_event = asyncio.Event()
         return state.cancel_event
 
+    def discard_idle(self, trace_id: Any) -> None:
+        """Forget ``trace_id``'s state if it holds nothing: no work pending or in
+        flight, not cancelled, no chunk waiting for room. Only :meth:`release` drops a
+        state otherwise, so one made by :meth:`ensure_trace_event` for a trace with
+        no work here (a top-level ``call_playbook``) would stay for ever."""
+        state = self.traces.get(trace_id)
+        if (state is not None and state.pending <= 0 and state.inflight <= 0
+                and not state.cancelled and not state.chunk_waiters):
+            del self.traces[trace_id]
+
     def register_external_task(self, trace_id: Any, task: asyncio.Future[Any]) -> None:
         """Track ``task`` for ``trace_id`` so that ``stop()`` cancels it."""
         self.external.add(task)

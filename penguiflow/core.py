@@ -757,6 +757,11 @@ class PenguiFlow:
         """Return (creating if needed) the cancel event of ``trace_id``."""
         return self._rt.ensure_trace_event(trace_id)
 
+    def _discard_idle_trace(self, trace_id: str) -> None:
+        """Forget ``trace_id``'s bookkeeping if it holds no work (``call_playbook``
+        calls it when done: its ``ensure_trace_event`` made one)."""
+        self._rt.discard_idle(trace_id)
+
     def register_external_task(self, trace_id: str | None, task: asyncio.Future[Any]) -> None:
         """Track ``task`` for ``trace_id`` so that ``stop()`` cancels it."""
         if trace_id is None:
@@ -795,8 +800,10 @@ class PenguiFlow:
         state = rt.traces.get(trace_id)
         if state is None or (state.pending <= 0 and state.inflight <= 0):
             # Nothing in flight, but nodes may still hold a part of it (a join's
-            # incomplete group, whose other inputs failed): the cancel drops it.
+            # incomplete group, whose other inputs failed): the cancel drops it; and
+            # an idle state (made by ensure_trace_event) goes too.
             rt.forget_trace(trace_id)
+            rt.discard_idle(trace_id)
             return False
         event = rt.ensure_trace_event(trace_id)
         if not event.is_set():

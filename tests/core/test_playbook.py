@@ -312,3 +312,27 @@ async def test_parent_trace_cancel_interrupts_node_and_subflow(
             flow.fetch_nowait()
     finally:
         await sub.cleanup()
+
+
+async def test_calls_outside_a_node_leave_no_state_in_the_parent(start: Any) -> None:
+    # Each call made the parent hold a cancel event for the trace (spec §11), and with
+    # no work of it in the parent nothing ever dropped it: one leaked state per call
+    # in a long-running flow. A pre-cancel (the caller's own set event) still holds.
+    parent_flow = start(create(Node(Sub("parent_host").body, name="parent_host",
+                                    policy=NONE).to()))
+    sub = Sub("pb_many", result="ok")
+    try:
+        for _ in range(3):
+            assert await within(call_playbook(sub, msg("x"), runtime=parent_flow)) == "ok"
+        assert len(parent_flow._rt.traces) == 0
+        cancelled = msg("y")
+        parent_flow.ensure_trace_event(cancelled.trace_id).set()
+        with pytest.raises(TraceCancelled):
+            await within(call_playbook(sub, cancelled, runtime=parent_flow))
+        assert list(parent_flow._rt.traces) == [cancelled.trace_id]
+        idle = msg("z")
+        parent_flow.ensure_trace_event(idle.trace_id)
+        assert await parent_flow.cancel(idle.trace_id) is False  # nothing to cancel
+        assert idle.trace_id not in parent_flow._rt.traces
+    finally:
+        await sub.cleanup()
