@@ -78,6 +78,42 @@ def test_kind_error_finds_the_invocations_whose_failure_was_retried(
     assert not any(matches_kind(i, "no-such-kind") for i in model.invocations)
 
 
+def test_a_remote_node_whose_calls_failed_is_one_invocation_with_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A RemoteNode retried twice, each attempt's remote call failing: ERRORS counts
+    # the invocation and the three failed calls (4), and --plain said "1 invocations
+    # ... (4 with errors, 1 failed)": more invocations with errors than invocations.
+    from penguiflow import Headers, Message, NodePolicy, create
+    from penguiflow.remote import InMemoryAgent, InMemoryTransport, RemoteNode
+
+    url = f"sqlite:///{tmp_path}/remote.db"
+
+    async def down(request: Any) -> Any:
+        raise ConnectionError("agent down")
+
+    async def record() -> str:
+        transport = InMemoryTransport({"inmemory://a": InMemoryAgent(handler=down)})
+        node = RemoteNode(transport=transport, skill="s", agent_url="inmemory://a",
+                          name="caller", policy=NodePolicy(validate="none", max_retries=2,
+                                                           backoff_base=0.001))
+        async with open_store(url) as store:
+            flow = create(node.to(), state_store=store, emit_errors_to_rookery=True)
+            flow.run()
+            message = Message(payload="x", headers=Headers(tenant="t"))
+            await flow.emit(message)
+            await asyncio.wait_for(flow.fetch(), 10)
+            await flow.stop()
+        return message.trace_id
+
+    trace_id = asyncio.run(record())
+    row = run(capsys, "traces", "--store", url, "--plain").splitlines()[1].split()
+    errors, remote = row[row.index("failed") + 3:][:2]
+    first = run(capsys, "inspect", trace_id, "--store", url, "--plain").splitlines()[0]
+    assert "1 invocations of 1 nodes (1 with errors, 1 failed)" in first
+    assert "3 remote calls (3 failed)" in first
+    assert (errors, remote) == ("4", "3")  # ERRORS: the invocation + its 3 failed calls
+
+
 def test_traces_and_inspect_say_the_same(demo_url: tuple[str, str],
                                          capsys: pytest.CaptureFixture[str]) -> None:
     url, trace_id = demo_url

@@ -31,7 +31,6 @@ from .model import (
     bus_hops,
     display_edge,
     display_name,
-    failed_invocation_count,
     format_clock,
     format_duration,
     format_offset,
@@ -312,12 +311,19 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
     failed = sum(i.status in ("error", "timeout") for i in view.invocations)
     nodes = len({i.node_name for i in view.invocations})
     skipped = f"  {len(view.deadlines)} skipped" if view.deadlines else ""
+    # Invocations with errors and failed remote calls apart: together they are
+    # ERRORS (the store's error_count), but "4 with errors" of 1 invocation (a
+    # remote node whose 3 attempts' calls failed) read as a contradiction.
+    with_errors = sum(matches_kind(i, "error") for i in view.invocations)
+    calls_failed = sum(c.outcome == "error" for c in view.remote_calls)
+    calls = f"{len(view.remote_calls)} remote calls" + (
+        f" ({calls_failed} failed)" if calls_failed else "")
     lines = [
         f"trace {_p(view.trace_id)}  flow {_p(view.flow_name or '-')}  "
         f"status {status_word(view.status)}{lost}  {_ms(view.duration_ms)}  "
         f"{len(view.invocations)} invocations of {nodes} nodes "
-        f"({failed_invocation_count(view)} with errors, {failed} failed){skipped}  "
-        f"{len(view.remote_calls)} remote calls  {len(view.events)} events",
+        f"({with_errors} with errors, {failed} failed){skipped}  "
+        f"{calls}  {len(view.events)} events",
         f"started {_clock(view.start)}  otel trace id {view.otel_trace_id}  "
         f"root span id {view.root_span_id}",
     ]
