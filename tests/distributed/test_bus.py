@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -87,12 +88,38 @@ def test_every_keyword_can_ride_on_the_url() -> None:
     assert RedisMessageBus.from_url("redis://h/0?namespace=a", namespace="b").namespace == "b"
 
 
+@pytest.mark.parametrize("url", [
+    "redis://h:6379/0?password=s3cret&namespace=shop",  # redis-py takes it as the password
+    "redis://u:s3cret@h:6379/0?ssl_password=s3cret",
+    "rediss://h/0?socket_timeout=3&Password=s3cret",
+])
+def test_a_password_in_the_url_query_never_shows(url: str) -> None:
+    bus = RedisMessageBus.from_url(url)
+    assert "s3cret" not in repr(bus) and "***" in repr(bus)
+    with pytest.raises(InvalidArgument, match="starts with redis://") as info:
+        RedisMessageBus.from_url(url.replace("redis", "http", 1))
+    assert "s3cret" not in str(info.value)
+
+
+def test_a_ttl_out_of_redis_range_on_the_url_is_refused_naming_it() -> None:
+    with pytest.raises(InvalidArgument, match="dedup_ttl_s must be from 1 second"):
+        RedisMessageBus.from_url("redis://h/0?dedup_ttl_s=inf")
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"claim_idle_s": 0}, "claim_idle_s must be > 0 seconds; got 0"),
+    ({"claim_idle_s": 0}, r"claim_idle_s must be > 0 and at most 1e\+15 seconds; got 0"),
+    ({"claim_idle_s": math.inf}, "claim_idle_s must be > 0 and at most 1e"),
+    ({"link_timeout_s": math.nan}, "link_timeout_s must be > 0 and at most 1e"),
     ({"prefetch": 0}, "block_ms, prefetch and max_deliveries must be >= 1"),
     ({"max_deliveries": 0}, "max_deliveries=0"),
-    ({"reply_ttl_s": -1}, "reply_ttl_s must be >= 1 second"),
-    ({"dedup_ttl_s": 0.5}, r"dedup_ttl_s must be >= 1 second \(a Redis TTL\); got 0.5"),
+    ({"reply_ttl_s": -1}, "reply_ttl_s must be from 1 second"),
+    ({"dedup_ttl_s": 0.5}, r"dedup_ttl_s must be from 1 second \(a Redis TTL\) to 1e\+15 "
+                           r"seconds \(Redis's expiry limit\); got 0.5"),
+    # Before: an OverflowError traceback (inf), or accepted and every send then
+    # refused by Redis ("invalid expire time").
+    ({"dedup_ttl_s": math.inf}, "dedup_ttl_s must be from 1 second .*; got inf"),
+    ({"join_ttl_s": 1e18}, r"join_ttl_s must be from 1 second .*; got 1e\+18"),
+    ({"reply_ttl_s": math.nan}, "reply_ttl_s must be from 1 second .*; got nan"),
     ({"namespace": "a:b"}, "namespace must be a non-empty name without ':'"),
 ])
 def test_bad_bus_options_are_refused_with_what_to_fix(kwargs: dict[str, Any],

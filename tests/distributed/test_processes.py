@@ -275,6 +275,8 @@ async def test_pf_worker_logs_its_id_and_drains_on_sigterm(
     (["dist_flows:chain", "--bus", "http://x"], "a Redis URL starts with redis://"),
     (["dist_flows:chain", "--bus", "redis://h/0?claim_idle_s=soon"],
      "claim_idle_s in the bus URL must be a float; got 'soon'"),
+    (["dist_flows:chain", "--bus", "redis://h/0?dedup_ttl_s=inf"],
+     "dedup_ttl_s must be from 1 second (a Redis TTL) to 1e+15 seconds"),
     (["dist_flows:message", "--bus", "redis://127.0.0.1:1/0"],
      "dist_flows:message() raised TypeError"),
     (["dist_flows:NONE", "--bus", "redis://127.0.0.1:1/0"],

@@ -114,6 +114,22 @@ def test_an_abbreviated_option_is_refused_rather_than_guessed(
     assert "unrecognized arguments: --concurr 2" in capsys.readouterr().err
 
 
+def test_a_bad_log_level_is_a_usage_error() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # A process of its own: logging.basicConfig, where the level was refused, does
+    # nothing under pytest (whose handlers are on the root logger already).
+    done = subprocess.run(
+        [sys.executable, "-m", "penguiflow_distributed.worker", "dist_flows:chain",
+         "--bus", "redis://127.0.0.1:1/0", "--log-level", "foo"],
+        env=env, capture_output=True, text=True, timeout=30)
+    # Before: a ValueError traceback ("Unknown level: 'FOO'") and exit status 1.
+    assert done.returncode == 2
+    err = done.stderr.strip()
+    assert len(err.splitlines()) == 1
+    assert "--log-level: 'foo' is no log level: use one of DEBUG, INFO, WARNING" in err
+
+
 def test_pf_worker_fails_with_the_reason_when_redis_refuses_the_bus(
         redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -196,6 +212,28 @@ def test_pf_worker_exits_2_on_a_wrong_password(own_redis: RedisServer) -> None:
     assert done.returncode == 2
     assert "refused the bus" in done.stderr and "AuthenticationError" in done.stderr
     assert "not-the-password" not in done.stderr
+
+
+async def test_pf_worker_never_shows_a_password_given_as_a_query_item(
+        own_redis: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
+    _require_password(own_redis)
+    url = f"{own_redis.url}?password=the-right-one&max_backoff_s=0.05"
+    bus = RedisMessageBus.from_url(url)  # redis-py takes the query item as the password
+    stop = asyncio.Event()
+    serving = asyncio.create_task(serve(dist_flows.chain(), bus, registry=None,
+                                        nodes=["a"], stop=stop))
+    await asyncio.wait_for(bus.ready(), 10)
+    stop.set()
+    assert await asyncio.wait_for(serving, 15) == EXIT_OK
+    wrong = RedisMessageBus.from_url(url.replace("the-right-one", "not-the-password"))
+    with pytest.raises(BusBindError) as info:
+        await asyncio.wait_for(serve(dist_flows.chain(), wrong, registry=None, nodes=["a"],
+                                     stop=asyncio.Event()), 15)
+    err = capsys.readouterr().err
+    assert "runs a of flow 'chain' on redis://127.0.0.1:" in err  # the start line
+    for shown in (err, str(info.value)):
+        assert "password=***" in shown
+        assert "the-right-one" not in shown and "not-the-password" not in shown
 
 
 class _StoreThatCannotOpen:

@@ -47,7 +47,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
@@ -125,6 +125,9 @@ _SETTLED_LATELY_MAX = 4096
 #: A dead-lettered entry keeps all its fields up to this many (see _dead_letter).
 _DEAD_FIELDS_MAX = 256
 _PARCEL_FIELDS = frozenset({b"e", b"d", b"t", b"m"})
+#: Longest duration option: a TTL Redis accepts (its limit is ~9.2e15 s: the
+#: expiry time in milliseconds must fit 64 bits), and ``claim_idle_s`` in ms too.
+_SECONDS_MAX = 10**15
 #: The keywords that may ride on the URL (``from_url``), with their types.
 _URL_KEYWORDS: dict[str, type] = {
     "namespace": str, "claim_idle_s": float, "dedup_ttl_s": float, "join_ttl_s": float,
@@ -200,14 +203,18 @@ class RedisMessageBus:
                  meter_provider: Any = None, link_timeout_s: float = 30.0) -> None:
         for name, value in (("claim_idle_s", claim_idle_s), ("max_backoff_s", max_backoff_s),
                             ("link_timeout_s", link_timeout_s)):
-            if not value > 0:
-                raise InvalidArgument(f"{name} must be > 0 seconds; got {value!r}")
+            if not 0 < value <= _SECONDS_MAX:  # NaN too
+                raise InvalidArgument(
+                    f"{name} must be > 0 and at most {_SECONDS_MAX:.0e} seconds; got "
+                    f"{value!r}")
         for name, value in (("dedup_ttl_s", dedup_ttl_s), ("join_ttl_s", join_ttl_s),
                             ("reply_ttl_s", reply_ttl_s)):
-            # Redis TTLs are whole seconds (EX/EXPIRE): 0 would delete at once.
-            if not value >= 1:
-                raise InvalidArgument(f"{name} must be >= 1 second (a Redis TTL); got "
-                                      f"{value!r}")
+            # Redis TTLs are whole seconds (EX/EXPIRE): 0 would delete at once, and
+            # Redis refuses one past its expiry limit ("invalid expire time").
+            if not 1 <= value <= _SECONDS_MAX:
+                raise InvalidArgument(
+                    f"{name} must be from 1 second (a Redis TTL) to {_SECONDS_MAX:.0e} "
+                    f"seconds (Redis's expiry limit); got {value!r}")
         if block_ms < 1 or prefetch < 1 or max_deliveries < 1:
             raise InvalidArgument(
                 f"block_ms, prefetch and max_deliveries must be >= 1; got "
@@ -280,7 +287,8 @@ class RedisMessageBus:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise InvalidArgument(
-                f"a Redis URL starts with redis://, rediss:// or unix://; got {url!r}")
+                f"a Redis URL starts with redis://, rediss:// or unix://; got "
+                f"{_redact(url)!r}")
         keep: list[tuple[str, str]] = []
         options: dict[str, Any] = {}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -1233,11 +1241,23 @@ def _parcel(fields: Mapping[bytes, bytes]) -> Parcel:
         traceparent=None if traceparent == "-" else traceparent)
 
 
-def _redact(url: str) -> str:
-    """``url`` without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+#: Query items whose value is hidden by :func:`_redact` (redis-py takes a
+#: ``?password=`` as the password, and a name with any of these parts may be one).
+_SECRET_WORDS = ("pass", "pwd", "secret", "token", "auth", "credential", "key")
 
+
+def _redact(url: str) -> str:
+    """``url`` without its password: in the user part (``redis://u:***@h``) and in
+    any query item whose name looks like a secret (``?password=***``)."""
+    base, question, rest = url.partition("?")
+    password = urlsplit(url).password
+    if password is not None:
+        base = base.replace(f":{password}@", ":***@", 1)
+    query, hash_, fragment = rest.partition("#")
+    items = []
+    for item in query.split("&") if query else ():
+        name, sep, _value = item.partition("=")
+        if sep and any(w in unquote_plus(name).lower() for w in _SECRET_WORDS):
+            item = f"{name}=***"
+        items.append(item)
+    return base + question + "&".join(items) + hash_ + fragment

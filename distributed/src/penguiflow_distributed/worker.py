@@ -17,8 +17,9 @@ another worker (claimed after the bus's ``claim_idle_s``). ``--concurrency N`` r
 N worker processes under this one, which forwards the signals and exits with the
 worst status.
 
-Exit status: 0 after a drain, 2 for a usage error (bad MODULE:ATTR, bus URL or
-node names), 1 when a child worker failed.
+Exit status: 0 after a drain, 2 for a usage error (bad MODULE:ATTR, bus URL, bus
+option, --log-level or node names) or a Redis that refuses the bus, 1 when a child
+worker failed.
 """
 
 from __future__ import annotations
@@ -81,10 +82,21 @@ def build_parser(prog: str = "pf worker") -> argparse.ArgumentParser:
                         help="on SIGTERM, wait this long for work in hand (default 30)")
     # WARNING by default: at INFO the runtime logs a line per node run, which a busy
     # worker pays for in CPU and its operator in log volume.
-    parser.add_argument("--log-level", default="WARNING", metavar="LEVEL",
+    parser.add_argument("--log-level", default="WARNING", metavar="LEVEL", type=_log_level,
                         help="log level of the worker's log lines on stderr (default "
                              "WARNING; INFO adds a line per node run)")
     return parser
+
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    """``--log-level``: a level name, in any case (a usage error otherwise)."""
+    if value.upper() not in _LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is no log level: use one of {', '.join(_LEVELS)}")
+    return value.upper()
 
 
 def load_flow(target: str) -> tuple[PenguiFlow, ModelRegistry | None]:
@@ -246,7 +258,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "pf worker") -> int:
         return EXIT_USAGE
     if ns.concurrency > 1:
         return _supervise(argv, ns.concurrency)
-    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=ns.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         if not ns.bus:
