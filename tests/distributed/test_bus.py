@@ -974,6 +974,53 @@ async def test_a_read_whose_reply_the_link_lost_is_read_back(
         await pair.stop()
 
 
+async def _cut_blocked_reads(redis: Any) -> None:
+    """Kill every connection blocked in XREADGROUP; return once as many are blocked
+    again (each reader reconnected and read back its pending entries first)."""
+    blocked = {c["id"] for c in await redis.client_list() if c.get("cmd") == "xreadgroup"}
+    for client_id in blocked:
+        await redis.client_kill_filter(_id=client_id)
+    async def again() -> int:
+        return sum(1 for c in await redis.client_list()
+                   if c.get("cmd") == "xreadgroup" and c["id"] not in blocked)
+    for _ in range(2000):  # polled: Redis's client list has nothing to await
+        if await again() >= len(blocked):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the readers never read again")
+
+
+async def test_link_flaps_while_a_node_runs_do_not_dead_letter_its_input(
+        redis_url: str, namespace: str, redis: Any, tmp_path: Any) -> None:
+    # max_deliveries=2: the input is handed out once; a read-back after a broken
+    # link counted as a delivery (XREADGROUP <id>) would put it at the limit.
+    options: dict[str, Any] = {"max_deliveries": 2, "claim_idle_s": 0.5, "block_ms": 100,
+                               "max_backoff_s": 0.05}
+    pair = await Pair(dist_flows.blocking, redis_url, namespace, **options).start()
+    other = dist_flows.blocking()
+    other_bus = RedisMessageBus(redis_url, namespace=namespace, **options)
+    started = tmp_path / "s"
+    try:
+        meta = {"started": str(started), "mark": str(tmp_path / "m")}
+        await pair.client.emit(msg("one", trace_id="flap", **meta))
+        await eventually(started.exists, "the node started")
+        for _ in range(3):  # the worker's links break while the node runs
+            await _cut_blocked_reads(redis)
+        assert pair.worker_bus.stats["recovered"] == 0  # held here: nothing to read back
+        await pair.worker.stop()  # it dies with the input unsettled
+        started.unlink()
+        other.run(message_bus=other_bus)
+        await eventually(lambda: started.exists() or other_bus.stats["dead_lettered"] > 0,
+                         "the input taken by another worker")
+        # Before: claimed with 4 deliveries counted, and dead-lettered unrun.
+        assert other_bus.stats["dead_lettered"] == 0 and started.exists()
+        assert other_bus.stats["claimed"] == 1
+        assert await redis.xlen(f"{namespace}:blocking:dead:gate->hold") == 0
+    finally:
+        await other.stop()
+        await pair.stop()
+
+
 async def test_an_entry_a_recovering_reader_and_the_claimer_both_get_runs_once(
         redis_url: str, namespace: str, redis: Any) -> None:
     # A reader reading back its lost read, and the claimer whose XCLAIM of the same

@@ -25,7 +25,8 @@ Entries a process holds are kept alive (XCLAIM, every ``claim_idle_s / 3``); the
 entries of a process that died go idle, and after ``claim_idle_s`` any process
 reading that edge claims them (XPENDING + XCLAIM) and runs them again. A reader
 whose link broke reads back, once reconnected, the entries Redis handed it on the
-lost reply (its consumer's pending entries not held here: ``stats["recovered"]``).
+lost reply (its consumer's pending entries not held here: ``stats["recovered"]``),
+with XPENDING and XRANGE, which count no delivery towards ``max_deliveries``.
 
 Redis unreachable (or a link silent for ``link_timeout_s``): every loop backs off
 (up to ``max_backoff_s``) and retries, a send waits (its input stays
@@ -636,38 +637,50 @@ class RedisMessageBus:
 
     async def _recover(self, conn: Any, stream: str, consumer: str) -> None:
         """Deliver the entries Redis counts as handed to this consumer on ``stream``
-        and this process does not hold (a read's reply lost with the link)."""
-        after = "0"
+        and this process does not hold (a read's reply lost with the link).
+
+        Found with XPENDING (this consumer's) and read with XRANGE: neither counts
+        as a delivery. XREADGROUP with an id would add one to every pending entry,
+        those being run here included, each time a link breaks, until a healthy
+        entry reached ``max_deliveries`` and was dead-lettered by a claimer.
+        """
+        start = "-"
         while True:
             async with asyncio.timeout(self.link_timeout_s):
                 await conn.send_packed_command(conn.pack_command(
-                    "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", self.prefetch,
-                    "STREAMS", stream, after), check_health=False)
-                reply = await conn.read_response()
-            entries = [e for _s, es in (reply.items() if isinstance(reply, dict) else
-                                        reply or ()) for e in es]
-            if not entries:
+                    "XPENDING", stream, GROUP, start, "+", self.prefetch, consumer),
+                    check_health=False)
+                rows = await conn.read_response()
+            if not rows:
                 return
-            # The live set (setdefault: a fresh set from get() would not be the one
-            # the claimer looks at), checked and added to with no await in between,
-            # and the XACKs after: the claimer must see every entry held here, or
-            # both would deliver it.
+            # Checked against the live set and the entries settled lately, and held,
+            # with no await in between: the claimer must see every entry held here
+            # (setdefault: the set it looks at), or both would deliver it; and an
+            # entry run and settled since XPENDING answered is not run again.
             held = self._in_hand.setdefault(stream, set())
-            fresh, deleted = [], []
-            for entry, flat in entries:
-                after = _str(entry)
-                if after in held or (stream, after) in self._settled_lately:
-                    continue  # held here, or run and settled since this read was sent
-                if not flat:  # deleted while pending: nothing to run, only to drop
-                    deleted.append(after)
+            found: list[tuple[str, int]] = []
+            for row in rows:
+                entry_id = _str(row[0])
+                if entry_id in held or (stream, entry_id) in self._settled_lately:
                     continue
-                self._hold(stream, after)
-                fresh.append((entry, flat))
-            for entry_id in deleted:
-                await self._redis.xack(stream, GROUP, entry_id)
-            for entry, flat in fresh:
+                self._hold(stream, entry_id)
+                found.append((entry_id, int(row[3])))
+            start = _after(_str(rows[-1][0]))
+            if not found:
+                continue
+            async with asyncio.timeout(self.link_timeout_s):
+                await conn.send_packed_command(conn.pack_commands(
+                    [("XRANGE", stream, entry_id, entry_id) for entry_id, _n in found]),
+                    check_health=False)
+                replies = [await conn.read_response() for _ in found]
+            for (entry_id, times), reply in zip(found, replies, strict=True):
+                if not reply or not reply[0][1]:
+                    # Deleted while pending: nothing to run, only to drop.
+                    self._let_go(stream, entry_id)
+                    await self._redis.xack(stream, GROUP, entry_id)
+                    continue
                 self.stats["recovered"] += 1
-                await self._deliver(stream, entry, _pairs(flat), 2)
+                await self._deliver(stream, entry_id, _pairs(reply[0][1]), max(times, 1))
 
     async def _deliver(self, stream: str, entry: bytes | str, fields: Mapping[bytes, bytes],
                        deliveries: int, *, previous: str | None = None) -> None:
@@ -1218,6 +1231,12 @@ def _pairs(flat: Any) -> Mapping[bytes, bytes]:
         return flat
     it = iter(flat)
     return dict(zip(it, it, strict=True))
+
+
+def _after(entry_id: str) -> str:
+    """The smallest stream entry id after ``entry_id`` (``ms-seq``)."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
 
 
 def _str(value: bytes | str) -> str:
