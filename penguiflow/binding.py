@@ -236,6 +236,10 @@ class BusBinding:
         self.stats: dict[str, int] = dict.fromkeys(
             ("sent", "duplicates", "delivered", "redelivered", "settled", "cancel_drops",
              "undeliverable", "send_failures", "abandoned"), 0)
+        #: Per task, its last background send (:meth:`send_soon`) not yet done: the
+        #: task's next one waits for it, so they reach their edges in order, one
+        #: connection at a time.
+        self._soon_tail: dict[asyncio.Task[Any], asyncio.Task[Any]] = {}
 
     # -- sending (the runtime's puts) ----------------------------------------------
 
@@ -307,10 +311,27 @@ class BusBinding:
             WireEncodingError: (a ``TypeError``) ``item`` has no JSON form.
         """
         data = dumps_item(item, edge=floe.label)
-        task = self._rt.spawn(self.send(floe, item, origin, data=data))
+        caller = asyncio.current_task()
+        previous = self._soon_tail.get(caller) if caller is not None else None
+        task = self._rt.spawn(self._send_after(previous, floe, item, origin, data))
+        if caller is not None:
+            self._soon_tail[caller] = task
+            task.add_done_callback(lambda done: self._forget_tail(caller, done))
         turn = _TURN.get()
         if turn is not None:
             turn.pending.append(task)
+
+    async def _send_after(self, previous: asyncio.Task[Any] | None, floe: Floe, item: Any,
+                          origin: Any, data: bytes) -> None:
+        """:meth:`send`, once ``previous`` (the caller's last background send) is done
+        (sent, failed or cancelled: each is accounted for by :meth:`sends_done`)."""
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        await self.send(floe, item, origin, data=data)
+
+    def _forget_tail(self, caller: asyncio.Task[Any], task: asyncio.Task[Any]) -> None:
+        if self._soon_tail.get(caller) is task:
+            del self._soon_tail[caller]
 
     async def sends_done(self) -> bool:
         """Wait for the sends the current task started with :meth:`send_soon`.

@@ -213,6 +213,35 @@ async def test_an_input_is_settled_only_once_its_emit_nowait_output_is_sent(
         await pair.stop()
 
 
+async def test_a_large_emit_nowait_fan_out_arrives_in_order_without_draining_the_pool(
+        redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture) -> None:
+    count = 300  # more than redis-py's pool holds (100): one send task each ran dry
+    seen: list[int] = []
+
+    def build() -> PenguiFlow:
+        async def fan(m: Message, ctx: Any) -> None:
+            for i in range(count):
+                ctx.emit_nowait(m.model_copy(update={"payload": i}))
+
+        async def sink(m: Message, ctx: Any) -> None:
+            seen.append(m.payload)
+        to = Node(sink, name="sink", policy=NONE)
+        return create(Node(fan, name="fan", policy=NONE).to(to), to.to(), name="fanout")
+
+    pair = await Pair(build, redis_url, namespace).start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="penguiflow_distributed"):
+            await pair.client.emit(msg("go"))
+            await eventually(lambda: len(seen) == count, f"{count} items at the sink")
+        # Before: dozens out of order, and hundreds of MaxConnectionsError retried
+        # as "Redis unreachable".
+        assert seen == list(range(count))
+        assert pair.worker_bus.stats["link_errors"] == 0
+        assert "bus_redis_unreachable" not in [r.getMessage() for r in caplog.records]
+    finally:
+        await pair.stop()
+
+
 async def test_emit_nowait_refuses_an_unencodable_payload_at_once(
         redis_url: str, namespace: str) -> None:
     seen: list[BaseException] = []
