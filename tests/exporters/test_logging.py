@@ -103,6 +103,29 @@ def test_a_span_of_another_trace_wins_over_the_scope() -> None:
     assert fields["node"] == "retrieve"
 
 
+def test_a_line_naming_another_trace_gets_none_of_the_scopes_or_spans_ids() -> None:
+    # A node of trace A cancelling trace B: the runtime logs trace_cancel_start with
+    # B's trace id from inside A's invocation. It got A's span id, node and
+    # invocation id beside B's trace id: a (trace, span) pair that matches no span.
+    other = "b" * 32
+    token = current_scope.set(SCOPE)
+    try:
+        fields = add_trace_ids(None, "info", {"event": "trace_cancel_start",
+                                              "trace_id": other, "node_name": "OpenSea"})
+        same = add_trace_ids(None, "info", {"event": "node_start", "trace_id": TRACE})
+    finally:
+        current_scope.reset(token)
+    assert fields["trace_id"] == other
+    assert "span_id" not in fields and "invocation_id" not in fields
+    assert fields["node"] == "OpenSea"  # the record's own node name
+    assert same["span_id"] == SCOPE.span_id and same["node"] == "retrieve"
+    provider = TracerProvider(shutdown_on_exit=False)  # and inside another trace's span
+    with provider.get_tracer("app").start_as_current_span("ingress"):
+        fields = add_trace_ids(None, "info", {"event": "x", "trace_id": other})
+    provider.shutdown()
+    assert fields == {"event": "x", "trace_id": other}
+
+
 def test_a_non_hex_trace_id_also_gives_the_otel_one() -> None:
     scope = LogScope(trace_id="order-42", otel_trace_id="ab" * 16, span_id="1" * 16,
                      node_name="n", node_id=None, invocation_id="1" * 16)

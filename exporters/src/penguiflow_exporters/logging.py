@@ -50,7 +50,10 @@ def add_trace_ids(logger: Any, method_name: str, event_dict: EventDict) -> Event
     taskId), then the current OTel span when valid (its 32/16-hex ids; its
     span id wins, since a span the user started inside a node is the more
     precise place). A stdlib record's ``node_name`` extra (the runtime's event
-    logs) becomes ``node``. Keys already in ``event_dict`` (unless None) are kept.
+    logs) becomes ``node``. Keys already in ``event_dict`` (unless None) are kept;
+    a line that names another trace than the scope's or the span's gets none of
+    their ids (a span id of one trace beside the trace id of another matches no
+    span anywhere).
     """
     fields: dict[str, Any] = {}
     scope = current_scope.get()
@@ -69,6 +72,14 @@ def add_trace_ids(logger: Any, method_name: str, event_dict: EventDict) -> Event
             # line belongs to the span.
             fields["trace_id"] = trace_hex
             fields.pop("otel_trace_id", None)
+    given = event_dict.get("trace_id")
+    if given is not None and fields and str(given) not in {
+            fields.get("trace_id"), fields.get("otel_trace_id"),
+            scope.otel_trace_id if scope is not None else None}:
+        # The line names its own trace (the runtime's events do: a node of trace A
+        # cancelling trace B logs trace_cancel_start for B): the invocation and span
+        # it was logged in belong to another trace, so none of their ids are its.
+        fields = {}
     if fields.get("node") is None and event_dict.get("node_name") is not None:
         fields["node"] = event_dict["node_name"]
     for key, value in fields.items():
