@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from . import semconv as sc
 from ._ids import otel_trace_id, root_span_id
-from .errors import safe_str
+from .errors import peer_text, safe_str
 from .spandata import SpanData, SpanEventData, SpanLinkData
 
 if TYPE_CHECKING:
@@ -575,17 +575,21 @@ class SpanModel:
 
     @staticmethod
     def _remote_ids(span: SpanData, extra: Mapping[str, Any]) -> None:
+        # What the peer said (its ids, its method): bounded and made UTF-8 like any
+        # text from outside. A 5 MB task id made one span bigger than a collector
+        # takes (the whole batch of 512 refused) and a lone surrogate failed the
+        # attribute's encoding at every export.
         context_id = extra.get("remote_context_id")
         task_id = extra.get("remote_task_id")
         if context_id is not None:
-            span.attributes[sc.GEN_AI_CONVERSATION_ID] = str(context_id)
+            span.attributes[sc.GEN_AI_CONVERSATION_ID] = peer_text(context_id)
         if task_id is not None:
-            span.attributes[sc.A2A_TASK_ID] = str(task_id)
+            span.attributes[sc.A2A_TASK_ID] = peer_text(task_id)
         # The method the transport actually sent (SendMessage, message/stream, or a
         # fallback from streaming to SendMessage), when it reports one.
         method = extra.get("remote_method")
         if isinstance(method, str) and method:
-            span.attributes[sc.A2A_METHOD_NAME] = method
+            span.attributes[sc.A2A_METHOD_NAME] = peer_text(method)
 
     def _remote_stream(self, spans: _TraceSpans, ns: int, node_name: str | None,
                        node_id: str | None, inv: str | None, parents: tuple[str, ...],
@@ -601,10 +605,12 @@ class SpanModel:
             if chunks == 1:
                 span.attributes[sc.GEN_AI_TIME_TO_FIRST_CHUNK] = (ns - span.start_ns) / 1e9
         state = extra.get("remote_task_state")
-        if state is not None and span.attributes.get(sc.PF_REMOTE_TASK_STATE) != state:
-            span.attributes[sc.PF_REMOTE_TASK_STATE] = str(state)
-            span.events.append(SpanEventData(sc.PF_REMOTE_TASK_STATE, ns, {
-                sc.PF_REMOTE_TASK_STATE: str(state)}))
+        if state is not None:
+            state = peer_text(state)
+            if span.attributes.get(sc.PF_REMOTE_TASK_STATE) != state:
+                span.attributes[sc.PF_REMOTE_TASK_STATE] = state
+                span.events.append(SpanEventData(sc.PF_REMOTE_TASK_STATE, ns, {
+                    sc.PF_REMOTE_TASK_STATE: state}))
 
     def _end_remote(self, spans: _TraceSpans, inv: str | None, ns: int,
                     extra: Mapping[str, Any]) -> SpanData | None:
@@ -618,7 +624,7 @@ class SpanModel:
             span.attributes[sc.PF_REMOTE_BYTES_RECEIVED] = received
         state = extra.get("remote_task_state")
         if state is not None:
-            span.attributes[sc.PF_REMOTE_TASK_STATE] = str(state)
+            span.attributes[sc.PF_REMOTE_TASK_STATE] = peer_text(state)
         span.end_ns = ns
         return span
 

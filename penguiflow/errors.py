@@ -162,6 +162,19 @@ def _part(value: object) -> str:
     return value if type(value) is str else safe_str(value)
 
 
+#: The longest text a remote peer's id, state or method name is kept at (in span
+#: attributes and log scopes): ids are tens of characters; more is a peer's bug.
+PEER_TEXT_LIMIT = 256
+
+
+def peer_text(value: object) -> str:
+    """A value a remote peer sent (an A2A ``contextId``, ``taskId``, task state, ...)
+    as text fit for a span attribute or a log line: :func:`safe_str` bounded at
+    :data:`PEER_TEXT_LIMIT` characters (the cut marked), lone surrogates and NUL
+    escaped. Never raises."""
+    return safe_str(value, PEER_TEXT_LIMIT)
+
+
 def _bounded(text: str, limit: int) -> str:
     if type(text) is not str:  # a str subclass returned by __repr__/__str__
         text = str.__str__(text)

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ._ids import otel_trace_id, root_span_id
 from ._spans import derived_span_id, spans_from_events
+from .errors import peer_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -232,8 +233,10 @@ def note_remote_ids(context_id: str | None, task_id: str | None) -> None:
     scope = current_scope.get()
     if scope is None:
         return
-    context_id = scope.context_id if context_id is None else str(context_id)
-    task_id = scope.task_id if task_id is None else str(task_id)
+    # Bounded and escaped: the ids come from the peer (a 5 MB task id would be in
+    # every log line of the invocation).
+    context_id = scope.context_id if context_id is None else peer_text(context_id)
+    task_id = scope.task_id if task_id is None else peer_text(task_id)
     if (context_id, task_id) != (scope.context_id, scope.task_id):
         current_scope.set(replace(scope, context_id=context_id, task_id=task_id))
 

@@ -394,3 +394,48 @@ async def test_a_span_writer_factory_that_raises_costs_nothing_but_a_log_line(
     _assert_one_trace_and_stored_ids(list(exporter.get_finished_spans()),
                                      list(await store.load_history(m.trace_id)), m)
     provider.shutdown()
+
+
+async def test_ids_a_remote_peer_sends_are_bounded_and_utf8_in_span_attributes() -> None:
+    # A peer's taskId of 5 MB made one CLIENT span bigger than a collector takes (the
+    # batch of 512 spans refused with it), and a lone surrogate in its contextId made
+    # the OTLP encoder log an error and drop the attribute at every export.
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from penguiflow.errors import PEER_TEXT_LIMIT
+    from penguiflow.remote import RemoteCallResult
+
+    class HostilePeer:
+        async def send(self, request: Any) -> RemoteCallResult:
+            return RemoteCallResult(result="ok", context_id="ctx\ud800",
+                                    task_id="t" * 5_000_000, agent_url=request.agent_url,
+                                    meta={"task_state": "s" * 10_000})
+
+        async def stream(self, request: Any) -> Any:
+            raise NotImplementedError
+
+        async def cancel(self, **_: Any) -> None:
+            pass
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    remote = RemoteNode(transport=HostilePeer(), skill="s", agent_url="http://a:1/x",
+                        name="remote", policy=NodePolicy(validate="none"))
+    flow = create(remote.to(), tracer_provider=provider)
+    flow.run()
+    try:
+        await flow.emit(Message(payload="x", headers=Headers(tenant="t")))
+        await asyncio.wait_for(flow.fetch(), 5)
+    finally:
+        await flow.stop()
+    spans = list(exporter.get_finished_spans())
+    provider.shutdown()
+    [client] = [s for s in spans if s.kind is SpanKind.CLIENT]
+    attributes = client.attributes or {}
+    for key in ("a2a.task.id", "gen_ai.conversation.id"):
+        value = attributes[key]
+        assert isinstance(value, str) and len(value) < PEER_TEXT_LIMIT + 50
+        value.encode("utf-8")  # encodable: no lone surrogate left
+    assert attributes["a2a.task.id"].startswith("t" * PEER_TEXT_LIMIT + "… [cut:")
+    assert len(encode_spans(spans).SerializeToString()) < 20_000
