@@ -17,7 +17,7 @@ import enum
 import gc
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -1426,3 +1426,35 @@ async def test_events_that_cannot_be_packed_are_written_with_the_packed_ones(
     history = await store.load_history("mixed")
     assert [e.seq for e in history] == list(range(1, 751))
     assert "deep" in history[399].payload
+
+
+class _ClosedCache(Mapping[str, Any]):
+    """A payload value like a closed ``dbm`` database: reading it raises OSError."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise OSError("cache file closed")
+
+    def __iter__(self) -> Any:
+        raise OSError("cache file closed")
+
+    def __len__(self) -> int:
+        return 1
+
+
+async def test_an_event_whose_value_raises_oserror_loses_only_itself(
+        make_store: StoreFactory) -> None:
+    # An OSError is what an unreachable database raises: a durable store took it as
+    # the database's, retried the batch, then lost it whole. It is the event's fault.
+    store = await make_store.make(**options(make_store, retries=1))
+    events = [StoredEvent("t-oserror", 1000.0 + i, "node_start", "a", None, {"i": i},
+                          flow_id="f-oserror", seq=i) for i in range(20)]
+    events[10] = StoredEvent("t-oserror", 1010.0, "node_start", "a", None,
+                             {"cache": _ClosedCache()}, flow_id="f-oserror", seq=10)
+    await store.save_events(events)
+    history = await store.load_history("t-oserror")
+    kept = [e for e in history if e.kind != "store_events_lost"]
+    if make_store.buffered:
+        assert len(kept) == 19
+        assert store.failures["events_lost"] == 1 and store.failures["retried"] == 0
+    else:  # the memory store keeps the object as it is
+        assert len(kept) == 20

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import gc
 import hashlib
 import logging
@@ -24,6 +25,7 @@ import threading
 import time
 from array import array
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +149,78 @@ async def test_drop_is_explicit_counted_exactly_and_marks_traces_incomplete(
         stored_total += len(events)
     assert lost_total == dropped and stored_total + dropped == 200
     await store.close()
+
+
+@WRITERS
+async def test_a_reader_right_after_flush_sees_the_losses_of_its_writes(
+        tmp_path: Path, writer: str) -> None:
+    # The marker of an event refused by the flush's own write was made after the flush
+    # had decided what to wait for: a reader right after (pf inspect after
+    # flow.stop()) saw a trace that lost an event as "running", for up to
+    # schedule_delay_s; with the event loop ending after a flush, for good.
+    path = tmp_path / "t.db"
+    async with SQLiteStateStore(path, writer=writer, schedule_delay_s=30.0) as store:
+        for seq in range(10):
+            await store.save_event(event("t0", seq, node="bad\x00" if seq == 5 else "a"))
+        await asyncio.wait_for(store.flush(), 10)  # before: long before the marker
+        assert store.failures["rejected"] == 1
+        async with SQLiteStateStore(path, readonly=True) as reader:
+            summary = await reader.get_trace("t0")
+        assert summary is not None
+        assert (summary.status, summary.events_lost, summary.event_count) == (
+            "incomplete", 1, 10)  # 9 events and the marker
+
+
+class _ClosedCache(Mapping[str, Any]):
+    """A payload value like a closed ``dbm`` database: reading it raises OSError."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise OSError("cache file closed")
+
+    def __iter__(self) -> Iterator[str]:
+        raise OSError("cache file closed")
+
+    def __len__(self) -> int:
+        return 1
+
+
+@WRITERS
+async def test_an_event_whose_value_raises_oserror_loses_only_itself(
+        tmp_path: Path, writer: str) -> None:
+    # An OSError is what the database being unreachable raises: the batch was retried,
+    # then lost whole (20 events for one bad value). It is the event's fault.
+    async with SQLiteStateStore(tmp_path / "t.db", writer=writer, retries=1) as store:
+        events = [event("t0", seq) for seq in range(20)]
+        events[10] = StoredEvent("t0", 1010.0, "node_start", "a", None,
+                                 {"cache": _ClosedCache()}, flow_id="flow-w", seq=10)
+        await store.save_events(events)
+        await store.flush()
+        history = await store.load_history("t0")
+        failures = dict(store.failures)
+    assert len([e for e in history if e.kind != "store_events_lost"]) == 19
+    assert failures["events_lost"] == 1 and failures.get("retried", 0) == 0
+
+
+class _TraceId(str, enum.Enum):
+    ORDER = "order-7"
+
+
+async def test_a_str_subclass_trace_id_that_lost_events_is_marked_incomplete(
+        tmp_path: Path) -> None:
+    # Stored as its text, but its losses got no marker (the marker wanted a plain
+    # str): the trace read "running" with events missing.
+    store = GatedStore(tmp_path / "t.db", writer="thread", on_full="drop", max_buffer=3,
+                       max_batch=1)
+    for seq in range(8):
+        await store.save_event(event(_TraceId.ORDER, seq))
+    await asyncio.wait_for(store.entered.wait(), 10)
+    store.gate.set()
+    await store.flush()
+    dropped = store.failures["dropped"]
+    summary = await store.get_trace("order-7")
+    await store.close()
+    assert dropped > 0 and summary is not None
+    assert (summary.status, summary.events_lost) == ("incomplete", dropped)
 
 
 # -- one bad event loses only itself ------------------------------------------------------

@@ -49,12 +49,14 @@ from ._blocks import Block, group_by_trace, iter_blocks
 from ._folds import Fold, fold_rows, split_fresh
 from ._records import (
     BLOCK_EVENTS,
+    EventValueError,
     Ranges,
     RowLike,
     WriteReply,
     check_rows,
     flow_id_of,
     loads_rows,
+    reading_events,
     tuple_rows,
 )
 from ._serve import serve
@@ -164,7 +166,9 @@ class PostgresWriter:
 
     async def write(self, items: Sequence[Any]) -> WriteResult:
         """Store ``items`` (EventRecords, StoredEvents, Rows) in one transaction."""
-        return WriteResult(*await self.write_rows(tuple_rows(items)))
+        with reading_events():
+            rows = tuple_rows(items)
+        return WriteResult(*await self.write_rows(rows))
 
     async def write_rows(self, rows: Sequence[RowLike]) -> WriteReply:
         """Store ``rows`` in one transaction; the positions skipped and refused (and no
@@ -215,7 +219,8 @@ class PostgresWriter:
     async def _transaction(self, conn: Any, rows: Sequence[RowLike]) -> WriteReply:
         # check_rows checks a batch by its distinct values (~0.2 us per event against
         # ~5 for check_row per row), seqs within int8 included.
-        rejected = check_rows(rows, self._encoding)
+        with reading_events():
+            rejected = check_rows(rows, self._encoding)
         refused = {i for i, _ in rejected}
         positions = [i for i in range(len(rows)) if i not in refused] if refused \
             else list(range(len(rows)))  # of the rows kept, in `rows`
@@ -234,12 +239,18 @@ class PostgresWriter:
                 good = [row for j, row in enumerate(good) if j not in gone]
                 if not good:
                     return skipped, rejected, []
-            folds = fold_rows(good, terminal=self._terminal, errors=self._errors)
-            groups = group_by_trace(good)
+            with reading_events():
+                folds = fold_rows(good, terminal=self._terminal, errors=self._errors)
+                groups = group_by_trace(good)
             # ASCII only for a database not in UTF-8: escaping costs ~0.3 us an event.
-            # Encoded as they are taken.
-            blocks = iter_blocks(groups, self._block_events,
-                                 ascii_only=self._encoding != "utf-8")
+            # Encoded as they are taken, inside the COPY: an event whose values raise
+            # meanwhile ends the blocks early (an error raised into the COPY would
+            # leave the connection unusable) and is raised once the COPY is done, so
+            # the transaction rolls back and the batch is split, not lost whole.
+            unreadable: list[EventValueError] = []
+            blocks = _read_events(iter_blocks(groups, self._block_events,
+                                              ascii_only=self._encoding != "utf-8"),
+                                  unreadable)
             # The server upserts the summaries while this process encodes the first
             # blocks, then stores blocks while it encodes the next ones (the COPY
             # streams): its work and the server's overlap (see _encode_while).
@@ -253,6 +264,8 @@ class PostgresWriter:
             await conn.copy_records_to_table(
                 "blocks", schema_name=sql.schema, columns=BLOCK_COLUMNS,
                 records=_records(ready, blocks, counts, folds))
+            if unreadable:
+                raise unreadable[0]
             await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
                                sql.channel, notify_payloads(groups))
         return skipped, rejected, []
@@ -430,6 +443,18 @@ class _Handler:
                 self._loop.run_until_complete(self._writer.close())
         with contextlib.suppress(Exception):
             self._loop.close()
+
+
+
+def _read_events(blocks: Iterator[Block], unreadable: list[EventValueError]
+                 ) -> Iterator[Block]:
+    """``blocks`` as they are encoded; ended early, with the error in ``unreadable``,
+    when an event's values raise (see :func:`~._records.reading_events`)."""
+    try:
+        with reading_events():
+            yield from blocks
+    except EventValueError as exc:
+        unreadable.append(exc)
 
 
 def main() -> None:

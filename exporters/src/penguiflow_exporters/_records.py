@@ -25,10 +25,11 @@ bounded, never-raising text of any value (``_safe_text``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import pickle
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not, itemgetter
@@ -38,6 +39,7 @@ __all__ = [
     "BLOCK_EVENTS",
     "COLUMNS",
     "BlockError",
+    "EventValueError",
     "Ranges",
     "Row",
     "RowLike",
@@ -49,6 +51,7 @@ __all__ = [
     "rows_of",
     "trace_id_of",
     "tuple_rows",
+    "reading_events",
 ]
 
 #: Sorted, disjoint, inclusive ``(lo, hi)`` seq ranges of one flow.
@@ -395,6 +398,28 @@ _NONE = type(None)
 _TEXT: frozenset[type] = frozenset({str})
 _TEXT_OR_NONE: frozenset[type] = frozenset({str, _NONE})
 _NUMBER_OR_NONE: frozenset[type] = frozenset({int, float, _NONE})
+
+
+class EventValueError(ValueError):
+    """A value of an event raised while a writer read it (a user object's ``__eq__``,
+    a Mapping whose ``items()`` fails): the event's fault, not the database's."""
+
+
+@contextlib.contextmanager
+def reading_events() -> Iterator[None]:
+    """Around a writer's reading of event values (rows, checks, folds, blocks): an
+    ``OSError`` raised there (``TimeoutError`` included) comes from a value of an
+    event, not from the file or the server, and is raised as :class:`EventValueError`.
+
+    Why: the processor retries a batch that raised ``StoreUnavailable`` (which an
+    ``OSError`` becomes: the database unreachable) and then loses it whole; any other
+    error splits the batch down to the one event at fault, which alone is lost.
+    """
+    try:
+        yield
+    except OSError as exc:
+        raise EventValueError(f"a value of an event raised {type(exc).__name__} while it "
+                              f"was read: {exc}") from exc
 
 
 # -- shared by the encoder (_blocks) and the reader (_block_read) ---------------------------

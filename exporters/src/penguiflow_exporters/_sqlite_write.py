@@ -53,6 +53,7 @@ from ._records import (
     check_rows,
     flow_id_of,
     loads_rows,
+    reading_events,
     trace_id_of,
 )
 from ._serve import serve
@@ -431,7 +432,8 @@ class SQLiteWriter:
             refused with the reason, and what the writer noticed.
         """
         notices = self._reopen_if_replaced()
-        rejected = check_rows(rows)
+        with reading_events():
+            rejected = check_rows(rows)
         keep: list[int] = []
         good = rows
         if rejected:
@@ -459,8 +461,9 @@ class SQLiteWriter:
         # work): meanwhile the checkpoint started after the last batch syncs, and
         # the write lock is held only for the statements. Made again, rarely, when
         # some events turn out to be stored already.
-        folds = fold_rows(rows, terminal=self._terminal, errors=self._errors)
-        blocks = block_rows(group_by_trace(rows))
+        with reading_events():
+            folds = fold_rows(rows, terminal=self._terminal, errors=self._errors)
+            blocks = block_rows(group_by_trace(rows))
         # Caught up with (nothing is written meanwhile), so that this transaction
         # restarts the WAL from its beginning.
         self._checkpointer.join()
@@ -473,8 +476,9 @@ class SQLiteWriter:
             if skipped:
                 dropped = set(skipped)
                 rows = [row for i, row in enumerate(rows) if i not in dropped]
-                folds = fold_rows(rows, terminal=self._terminal, errors=self._errors)
-                blocks = block_rows(group_by_trace(rows))
+                with reading_events():
+                    folds = fold_rows(rows, terminal=self._terminal, errors=self._errors)
+                    blocks = block_rows(group_by_trace(rows))
             for flow_id, flow_ranges in ranges.items():
                 key = flow_keys[flow_id]
                 conn.execute("DELETE FROM flow_seqs WHERE flow_key = ?", (key,))

@@ -236,7 +236,9 @@ class SQLiteStateStore(ProcessedStore):
         self._went_away = False  # missing or another file at a reopen: a new one comes
 
     def __repr__(self) -> str:
-        return f"SQLiteStateStore({str(self.path)!r})"
+        # getattr: a repr that raises (of a store whose __init__ refused its arguments,
+        # shown in that traceback) would hide the error it is shown beside.
+        return f"SQLiteStateStore({str(getattr(self, 'path', '?'))!r})"
 
     @property
     def generation(self) -> int:
