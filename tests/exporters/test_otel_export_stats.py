@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from otlp_receiver import OTLPReceiver, down_url
@@ -177,3 +178,37 @@ def test_a_queue_size_from_the_environment_must_be_an_integer(
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "lots")
     with pytest.raises(ValueError, match=r"OTEL_BSP_MAX_QUEUE_SIZE='lots' is not an integer"):
         configure_tracing("bad", "http://127.0.0.1:9", metrics=False, set_global=False)
+
+
+def test_flushes_against_a_stalled_exporter_do_not_pile_up_threads() -> None:
+    # Each force_flush that timed out left a thread blocked on the SDK's export lock,
+    # and the next one started another: a service flushing per request piled them up.
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from penguiflow_exporters.otel import configure_tracing
+
+    release = threading.Event()
+
+    class Stalled(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            release.wait(30)
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+    def flush_threads() -> int:
+        return sum(t.name == "penguiflow-telemetry-force_flush" and t.is_alive()
+                   for t in threading.enumerate())
+
+    handle = configure_tracing("t", exporter=Stalled(), metrics=False, set_global=False)
+    try:
+        tracer = handle.tracer_provider.get_tracer("x")
+        for i in range(5):
+            with tracer.start_as_current_span(f"s{i}"):
+                pass
+            assert handle.force_flush(0.1) is False
+            assert flush_threads() == 1  # before: i + 1
+    finally:
+        release.set()
+        handle.shutdown(5.0)

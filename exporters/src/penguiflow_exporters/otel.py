@@ -328,6 +328,19 @@ class TelemetryHandle:
         if self._closed:
             _log.warning("TelemetryHandle.force_flush() after shutdown(): nothing to flush")
             return False
+        # A flush that timed out earlier still blocks on the SDK's export lock (a
+        # stalled collector): a new thread would only queue behind it, one more per
+        # call for as long as the stall lasts. Wait on that one instead, bounded.
+        started = time.monotonic()
+        self._stragglers = [t for t in self._stragglers if t.is_alive()]
+        flushing = [t for t in self._stragglers if t.name == "penguiflow-telemetry-force_flush"]
+        for thread in flushing:
+            thread.join(max(timeout_s - (time.monotonic() - started), 0.0))
+        if any(t.is_alive() for t in flushing):
+            _log.warning("telemetry force_flush: an earlier flush is still stuck exporting "
+                         "(collector slow or down?); not starting another")
+            return False
+        timeout_s = max(timeout_s - (time.monotonic() - started), 0.0)
         tracer, meter = self.tracer_provider, self.meter_provider
         millis = max(int(timeout_s * 1000), 1)
         before = self._failures.snapshot()
