@@ -34,7 +34,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
-from penguiflow.state import EventRecord, StateStoreError, StoredEvent, StoreUnavailable
+from penguiflow.state import (
+    EventRecord,
+    RemoteBinding,
+    StateStoreError,
+    StoredEvent,
+    StoreUnavailable,
+)
 from penguiflow_exporters import open_store
 from penguiflow_exporters.sqlite import SQLiteStateStore
 
@@ -1636,3 +1642,36 @@ async def test_a_lost_event_gives_its_trace_a_marker_at_its_own_time(
         else:  # no time of its own to give: the marker's is when it was made
             assert math.isfinite(marker.ts)
     assert store.failures["events_lost"] == 1 and "markers_lost" not in store.failures
+
+
+async def test_close_is_bounded_while_a_query_waits_on_a_lock_held_elsewhere(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # close() waited for the store's reading thread without a bound: a query waiting
+    # on another connection's write lock held it for the whole busy_timeout (5 s).
+    entered = threading.Event()
+
+    class Watched(SQLiteStateStore):
+        def _save_binding_sync(self, binding: Any) -> None:
+            entered.set()
+            super()._save_binding_sync(binding)
+
+    path = tmp_path / "t.db"
+    store = Watched(path, writer="thread", close_timeout_s=0.5)
+    await store.save_event(event("t0", 1))
+    await store.flush()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    binding = asyncio.ensure_future(store.save_remote_binding(
+        RemoteBinding("t0", "ctx", "task", "http://agent")))
+    try:
+        assert await asyncio.to_thread(entered.wait, 10)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await store.close()
+        assert loop.time() - started < 1.5  # before: ~5 s (the busy timeout)
+        assert "state_store_close_timeout" in caplog.text
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        with contextlib.suppress(Exception):
+            await binding

@@ -389,7 +389,19 @@ class SQLiteStateStore(ProcessedStore):
     async def _close(self) -> None:
         self._reopening = False  # closed for good: no query opens it again
         try:
-            await self._call(self._close_sync)
+            # Bounded: the reading thread may be stuck in a query waiting on another
+            # connection's lock (up to busy_timeout); its connection is interrupted
+            # and closed by the thread once the query ends, without us.
+            await asyncio.wait_for(self._call(self._close_sync),
+                                   self._close_time_left(self.close_timeout_s))
+        except TimeoutError:
+            conn = self._conn
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.interrupt()  # safe from another thread (sqlite3_interrupt)
+            logger.warning("state_store_close_timeout", extra={
+                "store": repr(self), "detail": "a query of the store was still waiting "
+                "(a lock held elsewhere): interrupted, its connection closed after it"})
         finally:
             self._shut_down = True
             self._executor.shutdown(wait=False)
