@@ -266,14 +266,16 @@ class SpanModel:
                 spans.emitters.add(emitter)
 
     def end_trace(self, trace_id: Any, flow_id: str | None = None, *,
-                  stopped: bool = False) -> None:
+                  stopped: bool = False, end_ns: int | None = None) -> None:
         """End the root span (and any span still open) of ``trace_id``.
 
         With ``flow_id``, only that flow is done with the trace: the root ends
         once every flow that recorded events in it (a playbook subflow shares its
         parent's trace) is done. ``stopped``: the flow stopped with work of the
         trace left; if it runs again and the trace goes on, its root (exported
-        now) is not exported again when the trace ends.
+        now) is not exported again when the trace ends. ``end_ns``: when the trace
+        was cut (the stop's time): node and remote spans still open end then, with
+        ``error.type=unfinished`` (without it, at the trace's last event).
         """
         key = str(trace_id)
         spans = self._traces.get(key)
@@ -285,9 +287,20 @@ class SpanModel:
                 return
         del self._traces[key]
         end = spans.root.end_ns
+        if end_ns is not None and end is not None and (spans.remotes or spans.nodes):
+            # The root spans what ran in it, to the stop that cut it.
+            spans.root.end_ns = end = max(end, end_ns)
         for span in list(spans.remotes.values()) + list(spans.nodes.values()):
-            # Still open when its trace ended (e.g. the flow stopped mid-call).
-            span.end_ns = end
+            # Still open when its trace ended: the flow stopped mid-invocation (live:
+            # ``end_ns``, the stop's time) or the stored events end here. Not a 0 ms
+            # success at its own start: unfinished, an error, as long as it ran.
+            cut = end if end_ns is None else end_ns
+            span.end_ns = cut if cut is None else max(cut, span.start_ns)
+            span.attributes.setdefault(sc.ERROR_TYPE, sc.ERROR_UNFINISHED)
+            span.status = "error"
+            span.status_description = (
+                "still running when the flow stopped" if end_ns is not None
+                else "no end recorded: the events stop while it runs")
             self._on_end(span)
         emitters = spans.emitters
         if key in self._stopped_roots:

@@ -47,6 +47,7 @@ Observer rule: whatever the OTel SDK raises is logged and counted
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -230,7 +231,8 @@ class LiveTracer:
         Returns the failures meanwhile, as :meth:`on_fields`."""
         before = self.failures
         self._metrics = self._flow_metrics.get(flow_id) if flow_id is not None else None
-        self.model.end_trace(trace_id, flow_id)
+        # Now, for spans still open (a worker cut by stop() ends its trace here).
+        self.model.end_trace(trace_id, flow_id, end_ns=time.time_ns())
         return self.failures - before
 
     def flow_stopped(self, flow: ObservedFlow) -> int:
@@ -239,9 +241,10 @@ class LiveTracer:
         Returns the failures meanwhile, as :meth:`on_fields`."""
         before = self.failures
         self._metrics = self._flow_metrics.get(flow.flow_id)
+        now = time.time_ns()
         for trace_id in self.model.open_traces():
             self.model.end_trace(trace_id, flow.flow_id,
-                                 stopped=trace_id in flow._traces)
+                                 stopped=trace_id in flow._traces, end_ns=now)
         # A flow run again attaches again; one never run again is forgotten.
         self._flow_metrics.pop(flow.flow_id, None)
         return self.failures - before

@@ -65,6 +65,9 @@ ERROR_CANCELLED: Final = "cancelled"
 ERROR_DEADLINE: Final = "deadline_exceeded"
 ERROR_BUDGET: Final = "budget_exhausted"
 ERROR_ABANDONED: Final = "abandoned"
+#: A node or remote-call span still open when its trace was ended: the flow stopped
+#: mid-invocation (live), or the stored events end there (``pf export``).
+ERROR_UNFINISHED: Final = "unfinished"
 
 # -- span event names ------------------------------------------------------------------
 EV_RETRY: Final = "pf.node.retry"

@@ -439,3 +439,35 @@ async def test_ids_a_remote_peer_sends_are_bounded_and_utf8_in_span_attributes()
         value.encode("utf-8")  # encodable: no lone surrogate left
     assert attributes["a2a.task.id"].startswith("t" * PEER_TEXT_LIMIT + "… [cut:")
     assert len(encode_spans(spans).SerializeToString()) < 20_000
+
+
+async def test_a_node_cut_by_stop_ends_as_unfinished_around_what_ran_in_it() -> None:
+    # A node interrupted by stop() was exported as a 0 ms span at its own start with no
+    # error: interrupted work looked like an instant success, and the user's span in
+    # it outlived its parent.
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    inside = asyncio.Event()
+
+    async def slow(message: Message, ctx: Any) -> Message:
+        with trace.get_tracer("app", tracer_provider=provider).start_as_current_span(
+                "user.work"):
+            inside.set()
+            await asyncio.Event().wait()  # works until the flow stops
+        return message
+
+    flow = create(Node(slow, name="slow", policy=NodePolicy(validate="none")).to(),
+                  tracer_provider=provider)
+    flow.run()
+    await flow.emit(Message(payload="x", headers=Headers(tenant="t")))
+    await asyncio.wait_for(inside.wait(), 5)
+    await flow.stop()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    provider.shutdown()
+    node, user, root = spans["invoke_agent slow"], spans["user.work"], spans[
+        "invoke_workflow penguiflow"]
+    assert node.status.status_code.name == "ERROR"
+    assert (node.attributes or {})["error.type"] == "unfinished"
+    assert node.start_time <= user.start_time and user.end_time <= node.end_time
+    assert node.end_time <= root.end_time
