@@ -241,7 +241,7 @@ def wire_json(value: Any, *, separators: tuple[str, str] | None = (",", ":"),
 
 def _finite(value: Any, default: Callable[[Any], Any] | None) -> Any:
     """``value`` with every non-finite float (in dicts, lists and tuples) as None."""
-    if type(value) is float or isinstance(value, float):
+    if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
         return {k: _finite(v, default) for k, v in value.items()}

@@ -486,34 +486,41 @@ async def test_results_holding_nan_or_infinity_are_sent_as_strict_json() -> None
         assert done and strict(done[-1].data)["output"] == expected
 
 
+class QuietFlow:
+    """A duck-typed flow (what the adapter needs of one) doing nothing; the tests below
+    give it the ``fetch`` (and ``cancel``) whose behaviour they are about."""
+
+    def run(self, *, registry: Any = None) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def emit(self, message: Any, to: Any = None) -> None:
+        pass
+
+    async def fetch(self) -> Any:
+        await asyncio.Event().wait()  # nothing ever comes
+
+    async def cancel(self, trace_id: str) -> bool:
+        return True
+
+    async def save_remote_binding(self, binding: Any) -> None:
+        pass
+
+
 async def test_after_the_flow_can_no_longer_be_read_requests_get_503_not_a_hang(
         caplog: pytest.LogCaptureFixture) -> None:
     # The Rookery read raised: no result can ever be routed again. A request accepted
     # after that waited for ever; it is refused now, with the reason, and the
     # adapter says why (``failure``).
-    class BrokenRookery:
+    class BrokenRookery(QuietFlow):
         def __init__(self) -> None:
-            self.queue: asyncio.Queue[Any] = asyncio.Queue()
             self.read = asyncio.Event()
-
-        def run(self, *, registry: Any = None) -> None:
-            pass
-
-        async def stop(self) -> None:
-            pass
-
-        async def emit(self, message: Any, to: Any = None) -> None:
-            await self.queue.put(message)
 
         async def fetch(self) -> Any:
             self.read.set()
             raise RuntimeError("rookery read failed")
-
-        async def cancel(self, trace_id: str) -> bool:
-            return True
-
-        async def save_remote_binding(self, binding: Any) -> None:
-            pass
 
     flow = BrokenRookery()
     caplog.set_level(logging.ERROR, logger="penguiflow_a2a")
@@ -539,20 +546,11 @@ async def test_cancel_racing_the_tasks_own_end_answers_not_cancelable() -> None:
     # The task's result is routed while the flow is cancelling it: the task ends
     # COMPLETED, so CancelTask must say -32002 (not cancelable), not answer 200
     # with a COMPLETED task as if the cancel had worked.
-    class RacingFlow:
+    class RacingFlow(QuietFlow):
         def __init__(self) -> None:
             self.results: asyncio.Queue[Any] = asyncio.Queue()
             self.fetches = 0
             self.next_fetch = asyncio.Event()
-
-        def run(self, *, registry: Any = None) -> None:
-            pass
-
-        async def stop(self) -> None:
-            pass
-
-        async def emit(self, message: Any, to: Any = None) -> None:
-            pass
 
         async def fetch(self) -> Any:
             self.fetches += 1
@@ -564,9 +562,6 @@ async def test_cancel_racing_the_tasks_own_end_answers_not_cancelable() -> None:
             await self.results.put("finished first")
             await self.next_fetch.wait()
             return True
-
-        async def save_remote_binding(self, binding: Any) -> None:
-            pass
 
     async with served(RacingFlow()) as (url, adapter), http() as client:
         started = await call(client, url, rpc("SendMessage", {

@@ -24,6 +24,15 @@ class LibrarySignal(BaseException):
     """A library's own BaseException subclass (neither a cancel nor an exit)."""
 
 
+def running(func: Any, name: str) -> tuple[Any, Recorder]:
+    """A one-node flow of ``func``, run, and the recorder of its events."""
+    recorder = Recorder()
+    flow = create(Node(func, name=name, policy=NodePolicy(validate="none")).to(),
+                  middlewares=[recorder])
+    flow.run()
+    return flow, recorder
+
+
 def alive(flow: Any) -> bool:
     return bool(flow._workers) and all(
         w.task is not None and not w.task.done() for w in flow._workers)
@@ -38,11 +47,8 @@ async def test_a_node_that_cancels_its_own_trace_keeps_taking_messages() -> None
             return m  # dropped: the trace is cancelled
         return m
 
-    recorder = Recorder()
-    flow = create(Node(guard, name="guard", policy=NodePolicy(validate="none")).to(),
-                  middlewares=[recorder])
+    flow, recorder = running(guard, "guard")
     flows.append(flow)
-    flow.run()
     try:
         aborted = msg("abort")
         await flow.emit(aborted)
@@ -69,11 +75,8 @@ async def test_a_routing_policy_that_cancels_the_trace_keeps_the_router_alive() 
             return None
         return m
 
-    recorder = Recorder()
-    flow = create(Node(route, name="route", policy=NodePolicy(validate="none")).to(),
-                  middlewares=[recorder])
+    flow, recorder = running(route, "route")
     flows.append(flow)
-    flow.run()
     try:
         for payload in ("abort", "abort", "ok"):
             await flow.emit(msg(payload))
