@@ -193,10 +193,15 @@ class SpanModel:
 
     Args:
         on_end: called with each span as it ends (root spans included).
+        on_parent: called as ``on_parent(otel_trace_id, parent_span_id, sampled)``
+            when a trace adopts a caller's span as its root's parent (a
+            ``trace_parent`` event), before any span of it ends.
     """
 
-    def __init__(self, on_end: Callable[[SpanData], None]) -> None:
+    def __init__(self, on_end: Callable[[SpanData], None],
+                 on_parent: Callable[[int, int, bool], None] | None = None) -> None:
         self._on_end = on_end
+        self._on_parent = on_parent
         self._traces: dict[str, _TraceSpans] = {}
         #: Traces whose root a stop() ended while the flow still held their work:
         #: run() again continues them under the same (derived) root id, which must
@@ -719,9 +724,14 @@ class SpanModel:
             return
         spans.root.parent_span_id = parent
         for key, value in extra.items():
-            if key != "parent_span_id" and isinstance(value, str | bool | int | float):
+            if key not in _PARENT_KEYS and isinstance(value, str | bool | int | float):
                 spans.root.attributes[key] = value
+        if self._on_parent is not None:
+            self._on_parent(spans.otel_id, parent, extra.get("parent_sampled") is not False)
 
+
+# Keys of a trace_parent event that describe the parent, not the root span.
+_PARENT_KEYS = frozenset({"parent_span_id", "parent_sampled"})
 
 _Handler = Callable[..., None]
 _HANDLERS: dict[str, _Handler] = {

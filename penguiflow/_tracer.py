@@ -34,7 +34,11 @@ a root span: no parent) and carried as the sampled flag of every parent context
 the model hands out (node and CLIENT spans, user spans, links). A parent-based
 sampler then keeps or drops a trace whole: never a root dropped while its node
 and user spans are exported as orphans. The SDK's default sampler (parent-based,
-always on) is not asked: everything is sampled.
+always on) is not asked: everything is sampled. A trace that continues a
+caller's (``PenguiFlow.adopt_trace_parent``, a W3C ``traceparent``) is decided
+as the SDK decides a span with a remote parent: the sampler is asked with the
+caller's span (and its sampled flag) as parent, so the default sampler keeps it
+only if the caller sampled it. The writer fast path takes sampled spans only.
 
 One tracer serves every flow of a tracer provider in the process, so a playbook
 subflow, which shares its parent's trace, adds its spans to the same trace and
@@ -177,8 +181,11 @@ class LiveTracer:
         # records a finished span for a fraction of start_span + end.
         self._writer = span_writer_for(tracer_provider, version)
         self._provider_name = type(tracer_provider).__qualname__
-        self.model = SpanModel(self._emit)
+        self.model = SpanModel(self._emit, self._on_parent)
         self._sampler = _asked_sampler(tracer_provider)
+        #: Any sampler, asked for traces with a remote parent (None: the remote
+        #: flag decides, as a provider without a sampler records nothing anyway).
+        self._provider_sampler: Any = getattr(tracer_provider, "sampler", None)
         self._decisions: OrderedDict[int, TraceFlags] = OrderedDict()
         # Metrics per meter provider (None: the global one), each flow's span ends
         # recorded with its own: flows of one tracer provider share its trace model
@@ -273,7 +280,10 @@ class LiveTracer:
     def _emit(self, span: SpanData) -> None:
         writer = self._writer
         try:
-            if writer is None or not writer(span):
+            # The writer records as sampled: an unsampled trace takes the API path,
+            # where the sampler drops (or records only) it as configured.
+            if writer is None or (self._decisions and self._decisions.get(span.trace_id)
+                                  is _UNSAMPLED) or not writer(span):
                 try:
                     self._start_and_end(span)
                 finally:
@@ -290,11 +300,41 @@ class LiveTracer:
             self.failures += 1
             logger.warning("otel_metrics_failed", exc_info=True, extra={"error": repr(exc)})
 
+    def _on_parent(self, otel_id: int, parent_span_id: int, sampled: bool) -> None:
+        """Decide ``otel_id`` as a trace under the remote span ``parent_span_id``.
+
+        A trace already decided keeps its decision (a trace is kept or dropped
+        whole)."""
+        if otel_id in self._decisions:
+            return
+        remote = SpanContext(otel_id, parent_span_id, is_remote=True,
+                             trace_flags=_SAMPLED if sampled else _UNSAMPLED)
+        sampler = self._provider_sampler
+        if sampler is None or not callable(getattr(sampler, "should_sample", None)):
+            keep = sampled
+        else:
+            try:
+                keep = sampler.should_sample(
+                    trace.set_span_in_context(NonRecordingSpan(remote)), otel_id,
+                    "invoke_workflow").decision.is_sampled()
+            except Exception as exc:
+                self.failures += 1
+                logger.warning("otel_sampler_failed", extra={"error": repr(exc)[:300]})
+                keep = False
+        self._decide(otel_id, _SAMPLED if keep else _UNSAMPLED)
+
+    def _decide(self, otel_id: int, flags: TraceFlags) -> TraceFlags:
+        self._decisions[otel_id] = flags
+        if len(self._decisions) > _DECISIONS_MAX:
+            self._decisions.popitem(last=False)
+        return flags
+
     def _flags(self, otel_id: int) -> TraceFlags:
         """The sampled flag of the trace ``otel_id``: decided once per trace."""
         sampler = self._sampler
         if sampler is None:
-            return _SAMPLED
+            # Everything is sampled but traces a remote parent decided otherwise.
+            return self._decisions.get(otel_id, _SAMPLED) if self._decisions else _SAMPLED
         flags = self._decisions.get(otel_id)
         if flags is None:
             try:
@@ -306,9 +346,7 @@ class LiveTracer:
                 self.failures += 1
                 logger.warning("otel_sampler_failed", extra={"error": repr(exc)[:300]})
                 sampled = False
-            flags = self._decisions[otel_id] = _SAMPLED if sampled else _UNSAMPLED
-            if len(self._decisions) > _DECISIONS_MAX:
-                self._decisions.popitem(last=False)
+            flags = self._decide(otel_id, _SAMPLED if sampled else _UNSAMPLED)
         return flags
 
     def _start_and_end(self, span: SpanData) -> None:

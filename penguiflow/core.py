@@ -727,7 +727,8 @@ class PenguiFlow:
                                   invocation_id=invocation_id or context.invocation_id)
 
     async def adopt_trace_parent(self, trace_id: str, *, parent_span_id: str,
-                                 attributes: Mapping[str, Any] | None = None) -> None:
+                                 attributes: Mapping[str, Any] | None = None,
+                                 sampled: bool = True) -> None:
         """Make ``trace_id``'s root span a child of ``parent_span_id`` (another process's span).
 
         A server that runs a request inside its caller's trace (W3C ``traceparent``:
@@ -738,6 +739,13 @@ class PenguiFlow:
         which is how stores and ``pf export`` learn the parent too
         (keyword-only addition).
 
+        ``sampled`` is the caller's sampled flag (the traceparent's ``01`` bit).
+        With tracing on, the provider's sampler decides the trace as the SDK
+        decides a span with a remote parent: the default (parent-based) sampler
+        then keeps the trace only if the caller sampled it, so a caller sampling
+        1% does not get 100% of its callees' traces as orphans. An unsampled
+        parent is recorded in the event as ``parent_sampled: False``.
+
         Raises:
             InvalidArgument: (a ``ValueError``) ``parent_span_id`` is not 16
                 lowercase hex digits, non-zero.
@@ -747,7 +755,9 @@ class PenguiFlow:
             raise InvalidArgument(
                 f"parent_span_id must be 16 lowercase hex digits, not all zero (the span id "
                 f"of a W3C traceparent), got {parent_span_id!r}")
-        extra = {**(attributes or {}), "parent_span_id": parent_span_id}
+        extra: dict[str, Any] = {**(attributes or {}), "parent_span_id": parent_span_id}
+        if not sampled:
+            extra["parent_sampled"] = False
         await self._rt.emit_event("trace_parent", self._contexts[OPEN_SEA], trace_id,
                                   extra=extra)
 

@@ -73,8 +73,11 @@ class SafeJSONResponse(JSONResponse):
             return wire_json(content).encode()
 
 
-def parse_traceparent(values: list[str]) -> tuple[str, str] | None:
-    """``(trace_id, parent_span_id)`` of a valid W3C ``traceparent``, else None.
+def parse_traceparent(values: list[str]) -> tuple[str, str, bool] | None:
+    """``(trace_id, parent_span_id, sampled)`` of a valid W3C ``traceparent``, else None.
+
+    ``sampled`` is the flags' ``01`` bit: the run's trace is then sampled as a
+    span with that remote parent (see ``PenguiFlow.adopt_trace_parent``).
 
     Strict (W3C Trace Context §3.2): exactly one header; lowercase hex fields;
     version ``ff`` invalid; version ``00`` has nothing after the flags; trace id
@@ -85,11 +88,11 @@ def parse_traceparent(values: list[str]) -> tuple[str, str] | None:
     match = _TRACEPARENT.fullmatch(values[0].strip())
     if match is None:
         return None
-    version, trace_id, span_id, _flags, rest = match.groups()
+    version, trace_id, span_id, flags, rest = match.groups()
     if version == "ff" or (version == "00" and rest) or trace_id == "0" * 32 \
             or span_id == "0" * 16:
         return None
-    return trace_id, span_id
+    return trace_id, span_id, bool(int(flags, 16) & 1)
 
 
 def header_value(value: str) -> str:
@@ -381,7 +384,7 @@ def build_app(adapter: A2AServerAdapter, *, include_docs: bool) -> Any:
 
     app.add_exception_handler(A2ARequestError, request_error)
 
-    def traceparent(request: Request) -> tuple[str, str] | None:
+    def traceparent(request: Request) -> tuple[str, str, bool] | None:
         return parse_traceparent(request.headers.getlist("traceparent"))
 
     @app.get("/agent")

@@ -40,7 +40,7 @@ from penguiflow.types import Message
 
 from . import protocol as p
 from .protocol import ErrorCode
-from .server import A2ARequestError
+from .server import A2ARequestError, TraceParent, traceparent_sampled
 
 if TYPE_CHECKING:
     from ._tasks import Subscriber, TaskRecord
@@ -129,7 +129,7 @@ def _count(obj: Mapping[str, Any], key: str, path: str) -> int | None:
 
 
 async def handle_rpc(adapter: A2AServerAdapter, body: bytes, *, version: str | None,
-                     traceparent: tuple[str, str] | None, principal: Any = None) -> RpcReply:
+                     traceparent: TraceParent | None, principal: Any = None) -> RpcReply:
     """Answer one JSON-RPC request ``body`` (bytes as received; never raises).
 
     ``principal`` is the caller as ``auth`` identified it (None without auth): new
@@ -211,7 +211,7 @@ class _Call:
     """One validated call; methods return the reply or raise :class:`RpcError`."""
 
     def __init__(self, adapter: A2AServerAdapter, rpc_id: Any, v03: bool,
-                 traceparent: tuple[str, str] | None, method: str, principal: Any) -> None:
+                 traceparent: TraceParent | None, method: str, principal: Any) -> None:
         self.adapter, self.rpc_id, self.v03 = adapter, rpc_id, v03
         self.traceparent, self.method, self.principal = traceparent, method, principal
 
@@ -316,9 +316,10 @@ class _Call:
             raise RpcError(ErrorCode.INVALID_PARAMS, (
                 "Invalid params: no tenant for this request: send 'params.tenant' (A2A 1.0) "
                 "or configure A2AServerAdapter(default_headers={'tenant': ...})")) from None
-        trace_id, parent = uuid.uuid4().hex, None
-        if self.traceparent is not None and not adapter.tasks.trace_active(self.traceparent[0]):
-            trace_id, parent = self.traceparent
+        trace_id, parent, sampled = uuid.uuid4().hex, None, True
+        tp = self.traceparent
+        if tp is not None and not adapter.tasks.trace_active(tp[0]):
+            trace_id, parent, sampled = tp[0], tp[1], traceparent_sampled(tp)
         redact = adapter.redact_headers
         meta = {k: v for k, v in metadata.items() if k.lower() not in redact}
         message = Message(payload=payload, headers=headers, trace_id=trace_id, meta=meta)
@@ -328,6 +329,7 @@ class _Call:
             record = await adapter.open_task(
                 message=message, task_id=str(uuid.uuid4()), user_message=user,
                 context_id=context_id or str(uuid.uuid4()), parent_span_id=parent,
+                parent_sampled=sampled,
                 method=self.method, owner=self.principal)
         except A2ARequestError as exc:
             raise RpcError(ErrorCode.INTERNAL_ERROR, str(exc.detail)) from None

@@ -44,6 +44,16 @@ __all__ = [
     "create_a2a_app",
 ]
 
+#: A validated W3C traceparent: ``(trace_id, parent_span_id)``, optionally with the
+#: caller's sampled flag as a third item (absent: sampled).
+TraceParent = tuple[str, str] | tuple[str, str, bool]
+
+
+def traceparent_sampled(parent: TraceParent) -> bool:
+    """The sampled flag of ``parent`` (True unless its third item is False)."""
+    return len(parent) < 3 or parent[2] is not False
+
+
 logger = logging.getLogger("penguiflow_a2a.server")
 
 #: Request headers whose values never reach the flow, the store, spans or logs.
@@ -299,13 +309,15 @@ class A2AServerAdapter:
     async def open_task(
         self, *, message: Message, task_id: str, context_id: str,
         user_message: dict[str, Any], parent_span_id: str | None = None, method: str,
-        owner: Any = None,
+        owner: Any = None, parent_sampled: bool = True,
     ) -> TaskRecord:
         """Register a task for ``message`` and persist its RemoteBinding (not emitted yet).
 
         ``owner`` is the principal of the request (None without ``auth``); only it
-        sees the task. If the caller is cancelled while the binding is saved, the
-        task ends FAILED (it would otherwise hold a slot, SUBMITTED, for ever).
+        sees the task. ``parent_span_id`` and ``parent_sampled``: the caller's span
+        and sampled flag (W3C ``traceparent``) the trace continues. If the caller is
+        cancelled while the binding is saved, the task ends FAILED (it would
+        otherwise hold a slot, SUBMITTED, for ever).
 
         Raises:
             A2ARequestError: 503 when not started, when the flow's results can no
@@ -335,7 +347,8 @@ class A2AServerAdapter:
                             history=[user_message], owner=owner)
         self.tasks.add(record)
         try:
-            await self._record_task(record, message, parent_span_id, method)
+            await self._record_task(record, message, parent_span_id, method,
+                                    parent_sampled)
         except BaseException:
             # Cancelled (the client left) before anyone could launch the task.
             self.abandon(record, "the request ended before its task started")
@@ -343,7 +356,8 @@ class A2AServerAdapter:
         return record
 
     async def _record_task(self, record: TaskRecord, message: Message,
-                           parent_span_id: str | None, method: str) -> None:
+                           parent_span_id: str | None, method: str,
+                           parent_sampled: bool = True) -> None:
         task_id, context_id = record.task_id, record.context_id
         binding = RemoteBinding(message.trace_id, context_id, task_id, self.agent_url)
         try:
@@ -354,9 +368,12 @@ class A2AServerAdapter:
         if parent_span_id is not None and record_parent is not None:
             attributes = {"a2a.task.id": task_id, "a2a.context.id": context_id,
                           "a2a.method": method}
+            # Passed only when False: a duck-typed flow written before the flag
+            # still adopts sampled parents.
+            sampled = {} if parent_sampled else {"sampled": False}
             try:
                 await record_parent(message.trace_id, parent_span_id=parent_span_id,
-                                    attributes=attributes)
+                                    attributes=attributes, **sampled)
             except Exception:
                 logger.exception("a2a_adopt_trace_parent_failed", extra={"task_id": task_id})
 
@@ -415,7 +432,7 @@ class A2AServerAdapter:
 
     # -- the 2.1 API (spec §16) -------------------------------------------------------------
     async def _open_legacy(self, request: A2AMessagePayload | Mapping[str, Any],
-                           parent: tuple[str, str] | None, method: str, principal: Any,
+                           parent: TraceParent | None, method: str, principal: Any,
                            ) -> tuple[A2AMessagePayload, TaskRecord, Message]:
         if not isinstance(request, A2AMessagePayload):
             request = A2AMessagePayload.model_validate(request)
@@ -447,16 +464,19 @@ class A2AServerAdapter:
         record = await self.open_task(message=message, task_id=task_id, context_id=context_id,
                                       user_message=user, method=method,
                                       parent_span_id=parent[1] if parent else None,
+                                      parent_sampled=parent is None or traceparent_sampled(
+                                          parent),
                                       owner=principal)
         return request, record, message
 
     async def handle_send(self, request: A2AMessagePayload | Mapping[str, Any], *,
-                          traceparent: tuple[str, str] | None = None,
+                          traceparent: TraceParent | None = None,
                           principal: Any = None) -> dict[str, Any]:
         """``message/send``: run the request and answer with its outcome (spec §16).
 
-        Keyword-only additions: ``traceparent``, the ``(trace_id, parent_span_id)`` of
-        a validated W3C traceparent (the run joins that trace unless it is active);
+        Keyword-only additions: ``traceparent``, the ``(trace_id, parent_span_id)``
+        (optionally ``+ (sampled,)``) of a validated W3C traceparent (the run joins
+        that trace unless it is active);
         ``principal``, the caller as ``auth`` identified it (the task's owner).
 
         Raises:
@@ -475,7 +495,7 @@ class A2AServerAdapter:
                                   detail=str(exc)) from None
 
     async def stream(self, request: A2AMessagePayload | Mapping[str, Any], *,
-                     traceparent: tuple[str, str] | None = None, principal: Any = None,
+                     traceparent: TraceParent | None = None, principal: Any = None,
                      ) -> tuple[LegacyFrames, str, str]:
         """``message/stream``: ``(SSE frames, task id, context id)`` (spec §16).
 

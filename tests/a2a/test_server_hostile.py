@@ -398,6 +398,12 @@ async def test_traceparent_sets_the_served_trace_id() -> None:
     parents = [e for e in await store.load_history(trace_id) if e.kind == "trace_parent"]
     assert parents and parents[0].payload["parent_span_id"] == span_id
     assert parents[0].payload["a2a.method"] == "SendMessage"
+    assert "parent_sampled" not in parents[0].payload
+    # flags 00: the caller did not sample its span; the trace is decided so (dropped
+    # by the default sampler, see test_tracing) and the flag is kept in the store.
+    unsampled = [e for e in await store.load_history("1" * 32) if e.kind == "trace_parent"]
+    assert unsampled[0].payload["parent_sampled"] is False
+    assert unsampled[0].payload["a2a.method"] == "message/send"
 
 
 @pytest.mark.parametrize("how", ["timeout_graceful_shutdown", "adapter.stop() first"])

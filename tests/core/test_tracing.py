@@ -747,6 +747,90 @@ async def test_an_adopted_trace_parent_hangs_the_root_under_the_callers_span(
     assert [s.name for s in rebuilt] == ["invoke_workflow penguiflow"]
 
 
+async def test_a_trace_under_an_unsampled_caller_is_dropped_whole(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    # A caller sampling 1% sends flags 00 on 99% of its calls: with the default
+    # (parent-based) sampler those traces were exported anyway, 100% of them as
+    # orphans whose parent no backend ever receives.
+    user = provider.get_tracer("app")
+    sent: list[dict[str, str]] = []
+
+    class Recording(InMemoryTransport):
+        async def send(self, request: Any) -> Any:
+            headers: dict[str, str] = {}
+            inject_trace_headers(headers)
+            sent.append(headers)
+            return await super().send(request)
+
+    async def traced(message: Message, ctx: Any) -> Message:
+        with user.start_as_current_span("user.work"):
+            return message
+
+    remote = RemoteNode(transport=Recording({URL: InMemoryAgent()}), skill="lookup",
+                        agent_url=URL, name="remote", policy=NodePolicy(validate="none"))
+    a = _node(traced, "a")
+    store = InMemoryStateStore()
+    flow = create(a.to(remote), remote.to(), state_store=store, tracer_provider=provider)
+    kept, dropped = msg("kept"), msg("dropped")
+    flow.run()
+    try:
+        for m, sampled in ((kept, True), (dropped, False)):
+            await flow.adopt_trace_parent(m.trace_id, parent_span_id="00f067aa0ba902b7",
+                                          sampled=sampled)
+            await flow.emit(m)
+            await within(flow.fetch())
+    finally:
+        await flow.stop()
+    spans = exporter.get_finished_spans()
+    assert {s.context.trace_id for s in spans} == {int(kept.trace_id, 16)}
+    assert sorted(s.name for s in spans) == [
+        "invoke_agent a", "invoke_agent lookup", "invoke_agent remote",
+        "invoke_workflow penguiflow", "user.work"]
+    # Downstream agents are told too: the call made in the dropped trace says 00.
+    assert [h["traceparent"][-2:] for h in sent] == ["01", "00"]
+    assert sent[1]["traceparent"].split("-")[1] == dropped.trace_id
+    # The store records the caller's flag (only when unsampled: older events unchanged).
+    parents = {m.trace_id: next(e for e in await store.load_history(m.trace_id)
+                                if e.kind == "trace_parent") for m in (kept, dropped)}
+    assert "parent_sampled" not in parents[kept.trace_id].payload
+    assert parents[dropped.trace_id].payload["parent_sampled"] is False
+    assert flow.observer_failures.get("tracer_failed", 0) == 0
+
+
+@pytest.mark.parametrize("sampler", ["always_on", "raises"])
+async def test_the_providers_sampler_decides_a_trace_under_a_remote_parent(
+        exporter: InMemorySpanExporter, sampler: str) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+    class _Raising(_EvenTraces):
+        def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("sampler bug")
+
+    # ALWAYS_ON ignores parents (as the SDK applies it to a remote parent); a
+    # ParentBased whose remote-sampled delegate raises drops the trace, counted.
+    chosen = ALWAYS_ON if sampler == "always_on" else ParentBased(
+        root=_EvenTraces(), remote_parent_sampled=_Raising())
+    tp = TracerProvider(sampler=chosen)
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    flow = create(_node(_noop, "a").to(), tracer_provider=tp)
+    m = msg("x")
+    flow.run()
+    try:
+        await flow.adopt_trace_parent(m.trace_id, parent_span_id="00f067aa0ba902b7",
+                                      sampled=sampler != "always_on")
+        await flow.emit(m)
+        await within(flow.fetch())
+    finally:
+        await flow.stop()
+    tp.shutdown()
+    names = sorted(s.name for s in exporter.get_finished_spans())
+    if sampler == "always_on":
+        assert names == ["invoke_agent a", "invoke_workflow penguiflow"]
+    else:
+        assert names == []
+        assert flow.observer_failures.get("tracer_failed", 0) >= 1
+
+
 @pytest.mark.parametrize("bad", ["0" * 16, "00F067AA0BA902B7", "abc", "z" * 16])
 async def test_adopt_trace_parent_refuses_a_span_id_that_is_not_w3c(bad: str) -> None:
     flow = create(_node(_noop, "a").to())
