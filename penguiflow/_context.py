@@ -543,7 +543,8 @@ class Context:
         timeout: float | None = None,
     ) -> Any:
         """Run ``playbook`` as a subflow of this context's flow (see ``call_playbook``)."""
-        return await call_playbook(playbook, parent_msg, timeout, runtime=self._runtime)
+        return await call_playbook(playbook, parent_msg, timeout, runtime=self._runtime,
+                                   invocation_id=self._inv)
 
     def __repr__(self) -> str:
         return f"Context(owner={owner_label(self._owner)!r})"

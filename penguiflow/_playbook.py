@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._traces import TraceCancelled
@@ -21,7 +22,13 @@ from .types import Message
 if TYPE_CHECKING:
     from .registry import ModelRegistry
 
-__all__ = ["call_playbook"]
+__all__ = ["call_playbook", "emit_parent"]
+
+#: The invocation a subflow's message comes from, while ``call_playbook`` emits it:
+#: the runtime gives it as the origin of an OpenSea emit, so the subflow's entry
+#: invocation names it as its parent (stored ``parent_invocation_ids``, and its
+#: node span nests under the calling node's span). Set only around that emit.
+emit_parent: ContextVar[str | None] = ContextVar("penguiflow_emit_parent", default=None)
 
 
 # What call_playbook uses of a PenguiFlow, as shapes: this module is imported by
@@ -51,6 +58,7 @@ async def call_playbook(
     timeout: float | None = None,
     *,
     runtime: _ParentFlow | None = None,
+    invocation_id: str | None = None,
 ) -> Any:
     """Run a subflow for ``parent_msg`` and return its first Rookery payload.
 
@@ -59,6 +67,11 @@ async def call_playbook(
     (same trace id, headers, meta). With ``runtime``, the parent trace's
     cancellation cancels the subflow's trace and raises :class:`TraceCancelled`.
     The subflow is always stopped before this returns or raises.
+
+    ``invocation_id`` (keyword-only addition; ``Context.call_playbook`` passes
+    its own): the calling invocation. The subflow's entry invocation then names
+    it as its parent, so in a store and in the exported trace the subflow's work
+    hangs under the node that called it, not beside it under the root.
 
     Raises:
         TraceCancelled: the parent trace is (or becomes) cancelled.
@@ -75,7 +88,11 @@ async def call_playbook(
             if cancel_event.is_set():
                 raise TraceCancelled(trace_id)
             cancel_wait = asyncio.ensure_future(cancel_event.wait())
-        await flow.emit(parent_msg)
+        token = emit_parent.set(invocation_id)
+        try:
+            await flow.emit(parent_msg)
+        finally:
+            emit_parent.reset(token)
         fetch = asyncio.ensure_future(flow.fetch())
         waiting = {fetch} if cancel_wait is None else {fetch, cancel_wait}
         done, _ = await asyncio.wait(waiting, timeout=timeout,

@@ -35,6 +35,7 @@ from ._events import EVENT_LEVELS, logger
 from ._graph import ROOKERY
 from ._graph import owner_label as _label
 from ._ids import root_span_id
+from ._playbook import emit_parent
 from ._traces import TraceCancelled, TraceState
 from .bus import BusEnvelope
 from .errors import SAFE_TEXT_LIMIT, FlowNotRunning, safe_repr
@@ -153,8 +154,11 @@ class FlowRuntime:
     def origin_of(self, ctx: Context) -> Origin:
         """The origin of an item ``ctx`` emits now: its invocation and the time."""
         inv = ctx._inv
-        if inv is None and not self.events.listening:
-            return None
+        if inv is None:
+            if not self.events.listening:
+                return None
+            # OpenSea: a playbook's message names the invocation that called it.
+            inv = emit_parent.get()
         return (inv, time.time())
 
     def origin_for(self, inv: str | None) -> Origin:

@@ -747,6 +747,36 @@ async def test_an_adopted_trace_parent_hangs_the_root_under_the_callers_span(
     assert [s.name for s in rebuilt] == ["invoke_workflow penguiflow"]
 
 
+async def test_a_playbooks_spans_nest_under_the_node_that_called_it(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    # The subflow's node span was a child of the root, beside the caller: a
+    # waterfall could not tell which node's time the playbook was part of.
+    store = InMemoryStateStore()
+
+    def playbook() -> tuple[Any, None]:
+        inner, after = _node(_noop, "inner"), _node(_noop, "inner2")
+        return create(inner.to(after), after.to(), state_store=store,
+                      tracer_provider=provider), None
+
+    async def caller(message: Message, ctx: Any) -> Message:
+        await ctx.call_playbook(playbook, message)
+        return message
+
+    m = msg("x")
+    await _run_one(create(_node(caller, "caller").to(), state_store=store,
+                          tracer_provider=provider), m)
+    spans = _by_name(exporter.get_finished_spans())
+    calling, inner = spans["invoke_agent caller"], spans["invoke_agent inner"]
+    assert inner.parent is not None and inner.parent.span_id == calling.context.span_id
+    assert inner.context.trace_id == calling.context.trace_id
+    assert inner.start_time >= calling.start_time and inner.end_time <= calling.end_time
+    # The store says the same: the entry invocation's parent is the calling one.
+    starts = {e.node_name: e for e in await store.load_history(m.trace_id)
+              if e.kind == "node_start"}
+    assert starts["inner"].parent_invocation_ids == (starts["caller"].invocation_id,)
+    assert starts["caller"].parent_invocation_ids == ()
+
+
 async def test_a_trace_under_an_unsampled_caller_is_dropped_whole(
         provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
     # A caller sampling 1% sends flags 00 on 99% of its calls: with the default
