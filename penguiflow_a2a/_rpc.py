@@ -8,10 +8,11 @@ SSE event), and hands back 1.0 JSON only (0.3 answers are converted here).
 
 from __future__ import annotations
 
+import enum
 import json
 import uuid
 from collections.abc import AsyncGenerator, Mapping
-from typing import Any
+from typing import Any, Final
 
 import httpx
 from opentelemetry import propagate
@@ -31,8 +32,13 @@ from .sse import DEFAULT_MAX_EVENT_BYTES, SSEError, aiter_sse
 __all__ = ["RpcChannel"]
 
 _RESPONSE_KEYS = ("task", "message", "statusUpdate", "artifactUpdate")
-#: ``read_timeout_s`` default: the transport's ``timeout_s``.
-_TRANSPORT: Any = object()
+class _Default(enum.Enum):
+    """``read_timeout_s``'s default, told apart from None (no bound) by type."""
+
+    TRANSPORT = "the transport's timeout_s"
+
+
+_TRANSPORT: Final = _Default.TRANSPORT
 
 
 class RpcChannel:
@@ -74,7 +80,7 @@ class RpcChannel:
             self._client = httpx.AsyncClient(timeout=self._httpx_timeout(stream=False))
         return self._client
 
-    def _httpx_timeout(self, *, stream: bool, read_s: float | None = _TRANSPORT
+    def _httpx_timeout(self, *, stream: bool, read_s: float | _Default | None = _TRANSPORT
                        ) -> httpx.Timeout:
         connect = self._timeout_s if self._timeout_s is not None else 30.0
         # A stream's read timeout is its idle bound: any bytes (an event or a
@@ -82,7 +88,7 @@ class RpcChannel:
         # by the caller (asyncio), not here.
         if stream:
             return httpx.Timeout(connect, read=self._idle_s)
-        read = self._timeout_s if read_s is _TRANSPORT else read_s
+        read = self._timeout_s if read_s is _Default.TRANSPORT else read_s
         return httpx.Timeout(connect, read=read)
 
     def _request_headers(self, version: str, *, stream: bool = False) -> dict[str, str]:
@@ -148,7 +154,7 @@ class RpcChannel:
         return method, wire_json(body, separators=None, default=str).encode()
 
     async def call(self, ep: Endpoint, op: str, params: dict[str, Any], *,
-                   read_timeout_s: float | None = _TRANSPORT) -> Mapping[str, Any]:
+                   read_timeout_s: float | _Default | None = _TRANSPORT) -> Mapping[str, Any]:
         """One unary JSON-RPC call; its ``result`` object.
 
         ``read_timeout_s``: how long the answer may take (httpx's read timeout):
