@@ -7,14 +7,18 @@ splits, cancel round trips, the critical path, and replay at several times.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from penguiflow._ids import otel_trace_id, root_span_id
 from penguiflow._spans import derived_span_id
 from penguiflow.state import StoredEvent
 from penguiflow_inspector.model import TraceView, build_trace, critical_path, remote_stats
+from penguiflow_inspector.render import trace_text
+from penguiflow_inspector.widgets.cancel_table import render_cancels
 
 T0 = 1_700_000_000.0
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -34,14 +38,15 @@ class Recorder:
     def __call__(self, dt: float, kind: str, node: str | None = None, inv: str | None = None,
                  *, parents: tuple[str, ...] = (), attempt: int = 0,
                  queued: float | None = None, latency_ms: float | None = None,
-                 **extra: Any) -> StoredEvent:
+                 flow: str = "f1", **extra: Any) -> StoredEvent:
         payload: dict[str, Any] = {"ts": T0 + dt, "event": kind, "node_name": node,
                                    "node_id": node, "trace_id": TRACE,
                                    "latency_ms": latency_ms, "attempt": attempt, **extra}
         ev = StoredEvent(TRACE, T0 + dt, kind, node, node, payload, invocation_id=inv,
                          parent_invocation_ids=parents, span_id=inv, attempt=attempt,
                          queued_ts=None if queued is None else T0 + queued,
-                         seq=len(self.events), flow_name="demo", flow_id="f1")
+                         seq=len(self.events), flow_name="demo" if flow == "f1" else f"demo-{flow}",
+                         flow_id=flow)
         self.events.append(ev)
         return ev
 
@@ -200,6 +205,45 @@ def test_cancel_requested_propagated_acknowledged_and_kept_running() -> None:
     researcher = view.invocation(B)
     assert researcher is not None and researcher.status == "cancelled"
     assert researcher.attempts[-1].outcome == "cancelled"
+
+
+def test_each_flow_of_a_trace_has_its_own_cancel() -> None:
+    # An orchestrator (f1) cancels; its CancelTask makes the agent serving it in the
+    # same trace (f2, same store) cancel its part. Each cancel was credited with
+    # the other's work: f1 with f2's interruption as "kept running", f2 with the
+    # propagation f1 made, because every event went to the latest cancel.
+    r = Recorder()
+    r(0.000, "node_start", "ask", A)
+    r(0.001, "remote_call_start", "ask", A, remote_skill="research", remote_streaming=True,
+      remote_agent_url="http://agent")
+    r(0.010, "node_start", "research", B, flow="f2")
+    r(0.101, "trace_cancel_start", flow="f1")
+    r(0.102, "node_trace_cancelled", "ask", A)
+    r(0.103, "trace_cancel_finish", flow="f1")
+    r(0.104, "trace_cancel_start", flow="f2")
+    r(0.105, "node_trace_cancelled", "research", B, flow="f2")
+    r(0.106, "trace_cancel_finish", flow="f2")
+    r(0.107, "remote_call_cancelled", "ask", A, remote_cancel_reason="trace_cancel",
+      remote_task_id="task-1", latency_ms=6.0)
+    view = build_trace(r.events)
+    first, second = view.cancels
+    assert (first.flow_id, second.flow_id) == ("f1", "f2")
+    assert first.propagated == [("task-1", T0 + 0.107, 6.0, "trace_cancel")]
+    assert second.propagated == []
+    assert first.interrupted == [(A, T0 + 0.102)] and second.interrupted == [(B, T0 + 0.105)]
+    assert first.kept_running == [] and second.kept_running == []
+    assert first.latency_ms == near(2.0) and second.latency_ms == near(2.0)
+    text = trace_text(view)
+    assert "cancel 1: requested at +101.0 ms in flow demo" in text
+    assert "cancel 2: requested at +104.0 ms in flow demo-f2" in text
+    # The Cancel tab names the flows too, as stored text (never read as markup).
+    r.events[-4] = dataclasses.replace(r.events[-4], flow_name="[bold]agent[/]")
+    tab = Console(width=100, record=True)
+    tab.print(render_cancels(build_trace(r.events)))
+    assert "cancel 2 in flow [bold]agent[/]" in tab.export_text()
+    # Replayed between the two: only the first, already with its own interruption.
+    (early,) = view.at(T0 + 0.1035).cancels
+    assert early.interrupted == [(A, T0 + 0.102)] and early.kept_running == []
 
 
 def test_remote_error_and_unary_call_and_percentiles() -> None:

@@ -58,6 +58,11 @@ def _flow_error_message(payload: Mapping[str, Any]) -> str | None:
     return text_or_none(payload.get("exception"))
 
 
+def _same_flow(cancel: CancelView, flow_id: str | None) -> bool:
+    # A store without flow ids (older rows, save_event callers): one flow.
+    return flow_id is None or cancel.flow_id is None or cancel.flow_id == flow_id
+
+
 class Fold:
     """Applies one trace's events, in order, to the rows of a TraceView.
 
@@ -110,11 +115,19 @@ class Fold:
         if handler is not None:
             handler(self, ev, ev.payload)
 
-    def note_after_cancel(self, inv: str, ts: float) -> None:
-        """Remember the first event of ``inv`` after each cancel request (kept running?)."""
+    def note_after_cancel(self, inv: str, ts: float, flow_id: str | None = None) -> None:
+        """Remember the first event of ``inv`` after each cancel request of its flow
+        (kept running?)."""
         for cancel, seen in zip(self.cancels, self.first_after, strict=True):
-            if ts > cancel.requested and inv not in seen:
+            if ts > cancel.requested and inv not in seen and _same_flow(cancel, flow_id):
                 seen[inv] = ts
+
+    def cancel_of(self, ev: StoredEvent) -> CancelView | None:
+        """The latest cancel of ``ev``'s flow (events without a flow id: the latest)."""
+        for cancel in reversed(self.cancels):
+            if _same_flow(cancel, ev.flow_id):
+                return cancel
+        return None
 
     # -- invocations ----------------------------------------------------------------
 
@@ -307,9 +320,10 @@ class Fold:
 
     def remote_call_cancelled(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
         reason = str(payload.get("remote_cancel_reason") or "trace_cancel")
-        if reason != "local_cancel" and self.cancels:
+        cancel = self.cancel_of(ev) if reason != "local_cancel" else None
+        if cancel is not None:
             latency = payload.get("latency_ms")
-            self.cancels[-1].propagated.append((
+            cancel.propagated.append((
                 text_or_none(payload.get("remote_task_id")), ev.ts,
                 float(latency) if isinstance(latency, int | float) else None, reason))
         call = self._call(ev, payload)
@@ -321,9 +335,10 @@ class Fold:
         """The remote CancelTask failed: the call was cancelled here all the same."""
         reason = str(payload.get("remote_cancel_reason") or "trace_cancel")
         error = text_or_none(payload.get("remote_error")) or "?"
-        if reason != "local_cancel" and self.cancels:
+        cancel = self.cancel_of(ev) if reason != "local_cancel" else None
+        if cancel is not None:
             latency = payload.get("latency_ms")
-            self.cancels[-1].failed.append((
+            cancel.failed.append((
                 text_or_none(payload.get("remote_task_id")), ev.ts,
                 float(latency) if isinstance(latency, int | float) else None, reason, error))
         call = self._call(ev, payload)
@@ -345,16 +360,19 @@ class Fold:
     # -- cancels and deadlines ------------------------------------------------------
 
     def trace_cancel_start(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
-        self.cancels.append(CancelView(requested=ev.ts, acknowledged=None))
+        self.cancels.append(CancelView(requested=ev.ts, acknowledged=None,
+                                       flow_id=ev.flow_id, flow_name=ev.flow_name))
         self.first_after.append({})
 
     def trace_cancel_finish(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
-        if self.cancels and self.cancels[-1].acknowledged is None:
-            self.cancels[-1].acknowledged = ev.ts
+        cancel = self.cancel_of(ev)
+        if cancel is not None and cancel.acknowledged is None:
+            cancel.acknowledged = ev.ts
 
     def _cancel_interrupted(self, ev: StoredEvent) -> None:
-        if self.cancels and ev.invocation_id is not None:
-            self.cancels[-1].interrupted.append((ev.invocation_id, ev.ts))
+        cancel = self.cancel_of(ev) if ev.invocation_id is not None else None
+        if cancel is not None and ev.invocation_id is not None:
+            cancel.interrupted.append((ev.invocation_id, ev.ts))
 
     def deadline_skip(self, ev: StoredEvent, payload: Mapping[str, Any]) -> None:
         deadline = _num(payload.get("deadline_s"))

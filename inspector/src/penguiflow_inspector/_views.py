@@ -178,6 +178,11 @@ class CancelView:
     """Invocations interrupted by the cancel: (invocation id, time)."""
     kept_running: list[str] = field(default_factory=list)
     """Invocation ids that still produced events after the cancel was requested."""
+    flow_id: str | None = None
+    """The flow whose trace was cancelled: a trace can span several flows (a served
+    agent recording into the same store, a playbook); each cancels its own part,
+    and only that flow's events (its invocations, its remote cancels) count here."""
+    flow_name: str | None = None
 
     @property
     def latency_ms(self) -> float | None:

@@ -81,6 +81,7 @@ __all__ = [
     "RemoteCallView",
     "RemoteStats",
     "TraceView",
+    "cancel_flow",
     "display_edge",
     "display_name",
     "failed_invocation_count",
@@ -180,7 +181,7 @@ def _fold_all(fold: Fold, events: Sequence[StoredEvent]) -> None:
                 nxt[before] = pos
             last[inv] = pos
             if fold.cancels:
-                fold.note_after_cancel(inv, ev.ts)
+                fold.note_after_cancel(inv, ev.ts, ev.flow_id)
         if kind in trace_kinds:
             trace_level.append(pos)
         handler = handlers.get(kind)
@@ -348,3 +349,11 @@ def failed_invocation_count(view: TraceView) -> int:
     stored = events.stored() if isinstance(events, EventRows) else events
     return sum(1 for ev in stored
                if ev.kind in ERROR_KINDS and counts_as_failed_invocation(ev.kind, ev.attempt))
+
+
+def cancel_flow(view: TraceView, cancel: CancelView) -> str:
+    """``" in flow <name>"`` when ``view``'s cancels come from several flows (an agent
+    serving a call in the same trace cancels its own part), else ``""``."""
+    if len({c.flow_id for c in view.cancels}) < 2:
+        return ""
+    return f" in flow {cancel.flow_name or cancel.flow_id or '?'}"

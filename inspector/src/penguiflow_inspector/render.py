@@ -29,6 +29,7 @@ from .model import (
     TraceView,
     axis_fraction,
     bus_hops,
+    cancel_flow,
     display_edge,
     display_name,
     format_clock,
@@ -104,6 +105,7 @@ def _cancel(c: CancelView) -> dict[str, Any]:
             for task, ts, rtt, reason, error in c.failed],
         "interrupted": [{"invocation_id": inv, "ts": ts} for inv, ts in c.interrupted],
         "kept_running": list(c.kept_running),
+        "flow_id": c.flow_id, "flow_name": c.flow_name,
     }
 
 
@@ -369,7 +371,8 @@ def trace_text(view: TraceView, *, max_rows: int = MAX_ROWS) -> str:
             lines.append(f"    {_p(s.agent)}: {s.calls} calls, {s.errors} errors, "
                          f"p50 {_ms(s.p50_ms)}, p95 {_ms(s.p95_ms)}")
     for n, cancel in enumerate(view.cancels, 1):
-        lines += ["", f"cancel {n}: requested at {format_offset(cancel.requested, view.start)}"]
+        lines += ["", f"cancel {n}: requested at {format_offset(cancel.requested, view.start)}"
+                  + _p(cancel_flow(view, cancel))]
         for task, ts, rtt, reason in cancel.propagated:
             lines.append(f"  propagated to task {_p(task or '?')} at "
                          f"{format_offset(ts, cancel.requested)} ({_p(reason)}, "

@@ -13,7 +13,14 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
-from ..model import TraceView, display_name, format_duration, format_offset, printable
+from ..model import (
+    TraceView,
+    cancel_flow,
+    display_name,
+    format_duration,
+    format_offset,
+    printable,
+)
 
 __all__ = ["CancelTable", "render_cancels"]
 
@@ -32,8 +39,11 @@ def render_cancels(view: TraceView) -> RenderableType:
     for n, cancel in enumerate(view.cancels, 1):
         t0 = cancel.requested
         table = Table("step", "what", "after request", "round trip", box=None, padding=(0, 1),
-                      header_style="bold", title=f"cancel {n}", title_justify="left",
-                      title_style="bold magenta")
+                      header_style="bold", title_justify="left",
+                      # Text, not str: a flow name is stored text, never markup.
+                      # (Rich applies title_style to a str title only.)
+                      title=Text(printable(f"cancel {n}{cancel_flow(view, cancel)}"),
+                                 style="bold magenta"))
         table.add_row("requested", "trace_cancel_start",
                       f"{format_offset(t0, view.start)} in trace", "")
         for task_id, ts, rtt, reason in cancel.propagated:
