@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -538,10 +539,13 @@ class PenguiFlow:
 
         Buffering stores (PenguiFlow's SQLite/Postgres stores) write in the
         background; stop() makes what the flow recorded durable. Duck-typed so a
-        plain 2.1 StateStore needs no flush().
+        plain 2.1 StateStore needs no flush(); only an ``async def flush()`` is
+        called: a 2.1 store's own synchronous ``flush`` helper is not part of the
+        store protocol, and calling it (or failing on its result) is not stop()'s
+        business.
         """
         flush = getattr(self._state_store, "flush", None)
-        if flush is None:
+        if flush is None or not inspect.iscoroutinefunction(flush):
             return True
         task: asyncio.Future[Any] = asyncio.ensure_future(flush())
         if await _settle([task], deadline):

@@ -70,6 +70,35 @@ async def test_a_failing_flush_is_logged_and_counted_not_raised(
     assert [r.getMessage() for r in caplog.records] == ["state_store_flush_failed"]
 
 
+async def test_a_2_1_stores_own_synchronous_flush_is_left_alone() -> None:
+    # flush() is not in the 2.1 store protocol: a store with a synchronous helper
+    # of that name made stop() raise TypeError half-way through its shutdown
+    # (per-trace state, fetch waiters and join groups left behind).
+    class SyncFlushStore(InMemoryStateStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flushes = 0
+
+        def flush(self) -> None:  # e.g. writes a file the application reads
+            self.flushes += 1
+
+    store = SyncFlushStore()
+    flow = create(passthrough("a").to(), state_store=store)
+    flow.run()
+    message = msg(1)
+    await flow.emit(message)
+    await within(flow.fetch())
+    await flow.stop()
+    assert not flow.running and store.flushes == 0
+    assert flow.observer_failures.get("state_store_flush_failed", 0) == 0
+    flow.run()  # and the flow is whole: it runs again
+    try:
+        await flow.emit(msg(2))
+        assert (await within(flow.fetch())).payload == 2
+    finally:
+        await flow.stop()
+
+
 async def test_in_memory_bus_records_one_envelope_per_floe_put() -> None:
     bus = InMemoryMessageBus()
     a, b = passthrough("a"), passthrough("b")
