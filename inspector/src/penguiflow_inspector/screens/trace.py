@@ -199,6 +199,12 @@ class TraceScreen(Screen[None]):
             self.loading_note = ""
             self.post_message(LoadFailed("the store is unavailable", str(exc), 1))
             return
+        if not events:  # resolved a moment ago, its events since deleted (as `--plain` says)
+            self.post_message(LoadFailed(
+                f"trace {self.trace_id} has no stored events",
+                "The store lists this trace but holds none of its events "
+                "(deleted, or not written yet). `pf traces` lists the recorded ones.", 1))
+            return
         view = await asyncio.to_thread(build_view, events)
         self.post_message(TraceLoaded(view, events, time.perf_counter() - t0,
                                       generation=generation))
