@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from test_app import text_of, wait_for
-from tui_traces import TRACE, demo_events
+from textual.widgets import DataTable
+from tui_traces import T0, TRACE, chain_events, demo_events
 
-from penguiflow.state import InMemoryStateStore, StoredEvent
+from penguiflow.state import InMemoryStateStore, StoredEvent, TraceFilter
 from penguiflow_inspector.app import InspectorApp
 from penguiflow_inspector.screens.message import MessageScreen
+from penguiflow_inspector.screens.traces import TracesScreen
 
 
 class EventsGoneStore(InMemoryStateStore):
@@ -34,3 +36,34 @@ async def test_a_trace_without_stored_events_says_so_instead_of_crashing() -> No
             assert f"trace {TRACE} has no stored events" in title
             await pilot.press("q")
         assert app.return_code == 1
+
+
+async def test_the_trace_list_opens_with_the_filter_it_is_given() -> None:
+    """``pf traces --errors --since … --limit 1`` in a terminal: the list the TUI shows."""
+    async with InMemoryStateStore() as store:
+        ids = [f"{i:032x}" for i in range(1, 5)]
+        for n, trace_id in enumerate(ids):  # trace n starts n seconds later; 1 has no errors
+            events = demo_events(trace_id) if n != 1 else chain_events(3, trace_id)
+            for ev in events:
+                ev.ts += n
+            await store.save_events(events)
+        wanted = TraceFilter(has_errors=True, since=T0 + 0.5, until=T0 + 3.5, order="slowest",
+                             limit=1)
+        app = InspectorApp(store=store, mode="traces", trace_filter=wanted)
+        async with app.run_test(size=(100, 24)) as pilot:
+            await wait_for(pilot, lambda: isinstance(app.screen, TracesScreen)
+                           and app.screen.summaries != [], what="the list")
+            screen = app.screen
+            assert isinstance(screen, TracesScreen)
+            table = screen.query_one(DataTable)
+            # ids[2] and ids[3] have errors and start in the window; the slowest, one row.
+            assert table.row_count == 1
+            assert table.coordinate_to_cell_key((0, 0)).row_key.value in ids[2:]
+            filters = text_of(screen.query_one("#filters"))
+            assert "slowest first" in filters and "with errors" in filters
+            assert "since 11-14 22:13:20" in filters and "until 11-14 22:13:23" in filters
+            await pilot.press("e")  # the keys change the filter it started from
+            await wait_for(pilot, lambda: screen.has_errors is False
+                           and "no errors" in text_of(screen.query_one("#filters")))
+            await wait_for(pilot, lambda: [s.trace_id for s in screen.summaries] == [ids[1]],
+                           what="the trace without errors in the window")

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from penguiflow.state import StoredEvent
+from penguiflow.state import StoredEvent, TraceFilter
 from penguiflow_exporters import open_store
 from penguiflow_inspector import cli
 from penguiflow_inspector.cli import COMMANDS, WORKER_MISSING, main, parse_when
@@ -200,7 +200,24 @@ def test_a_terminal_opens_the_tui_on_the_resolved_trace(
     assert main(["traces", "--store", store_url]) == 0
     assert FakeApp.started == [
         {"store_url": store_url, "trace_id": OK_TRACE, "mode": "trace"},
-        {"store_url": store_url, "mode": "traces"}]
+        {"store_url": store_url, "mode": "traces", "trace_filter": TraceFilter(limit=50)}]
+
+
+def test_the_tui_lists_the_traces_pf_traces_flags_select(
+        store_url: str, terminal: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.ModuleType("penguiflow_inspector.app")
+    fake.InspectorApp = FakeApp  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "penguiflow_inspector.app", fake)
+    FakeApp.started.clear()
+    since, until = (datetime.fromtimestamp(NOW - 600, UTC), datetime.fromtimestamp(NOW + 600, UTC))
+    assert main(["traces", "--store", store_url, "--errors", "--status", "ok", "--node", "work",
+                 "--since", since.isoformat(), "--until", until.isoformat(), "--slowest",
+                 "--limit", "7"]) == 0
+    assert FakeApp.started == [{"store_url": store_url, "mode": "traces", "trace_filter":
+                                TraceFilter(status="succeeded", node="work", has_errors=True,
+                                            since=since.timestamp(),
+                                            until=until.timestamp(),
+                                            order="slowest", limit=7)}]
 
 
 def test_without_the_tui_a_terminal_gets_plain_text_and_a_note(

@@ -35,7 +35,7 @@ from .screens.trace import TraceScreen
 from .screens.traces import TracesScreen
 
 if TYPE_CHECKING:
-    from penguiflow.state import TraceStore
+    from penguiflow.state import TraceFilter, TraceStore
 
     from .model import TraceView
 
@@ -55,6 +55,7 @@ class InspectorApp(App[None]):
             either of them following the store live.
         store: an already opened store (tests, embedding); the app does not close it.
         view: a built TraceView to show without any store (fixtures, demos).
+        trace_filter: the trace list's filter to start from (``pf traces``' flags).
     """
 
     TITLE = "pf inspect"
@@ -71,7 +72,8 @@ class InspectorApp(App[None]):
 
     def __init__(self, store_url: str | None = None, trace_id: str | None = None, *,
                  mode: Mode = "trace", store: TraceStore | None = None,
-                 view: TraceView | None = None) -> None:
+                 view: TraceView | None = None,
+                 trace_filter: TraceFilter | None = None) -> None:
         super().__init__()
         if mode == "trace" and trace_id is None and view is None:
             raise ValueError("InspectorApp(mode='trace') needs a trace_id (or a view)")
@@ -81,6 +83,7 @@ class InspectorApp(App[None]):
         self.store: TraceStore | None = store
         self._owns_store = store is None
         self._view = view
+        self.trace_filter = trace_filter
         self._exit_code = 0
 
     def on_mount(self) -> None:
@@ -109,7 +112,7 @@ class InspectorApp(App[None]):
         if self.trace_id is not None and self.mode != "traces":
             self.push_screen(TraceScreen(self.store, self.trace_id, live=live))
         else:
-            self.push_screen(TracesScreen(self.store, live=live))
+            self.push_screen(TracesScreen(self.store, live=live, wanted=self.trace_filter))
 
     def on_load_failed(self, message: LoadFailed) -> None:
         self.show_error(message.title, message.detail, message.exit_code)

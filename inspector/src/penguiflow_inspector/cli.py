@@ -396,7 +396,7 @@ def _traces(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     fmt = _fmt(ns, out)
     if fmt == "tui":
         asyncio.run(_list(url, TraceFilter(limit=1)))  # store errors before the UI
-        code = _run_tui(err, store_url=url, mode="traces")
+        code = _run_tui(err, store_url=url, mode="traces", trace_filter=wanted)
         if code is not None:
             return code
     found = asyncio.run(_list(url, wanted))

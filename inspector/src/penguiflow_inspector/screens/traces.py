@@ -48,15 +48,21 @@ class TracesScreen(Screen[None]):
         Binding("escape", "close_node_filter", "Close filter", show=False),
     ]
 
-    def __init__(self, store: TraceStore, *, live: bool = False, limit: int = 200) -> None:
+    def __init__(self, store: TraceStore, *, live: bool = False, limit: int = 200,
+                 wanted: TraceFilter | None = None) -> None:
+        """``wanted``: the filter to start from (``pf traces``' flags; its limit
+        replaces ``limit``); the keys then change it."""
         super().__init__()
         self.store = store
         self.live = live
-        self.limit = limit
-        self.status: str | None = None
-        self.has_errors: bool | None = None
-        self.order = "newest"
-        self.node: str | None = None
+        self.limit = limit if wanted is None else wanted.limit
+        self.status: str | None = None if wanted is None else wanted.status
+        self.has_errors: bool | None = None if wanted is None else wanted.has_errors
+        self.order = "newest" if wanted is None else wanted.order
+        self.node: str | None = None if wanted is None else wanted.node
+        #: ``--since`` / ``--until`` (no key changes them).
+        self.since: float | None = None if wanted is None else wanted.since
+        self.until: float | None = None if wanted is None else wanted.until
         self.summaries: list[TraceSummary] = []
         self._dirty = False
 
@@ -81,7 +87,8 @@ class TracesScreen(Screen[None]):
     def trace_filter(self) -> TraceFilter:
         """The filter the screen's keys have set."""
         return TraceFilter(status=self.status, node=self.node, has_errors=self.has_errors,
-                           order=self.order, limit=self.limit)
+                           since=self.since, until=self.until, order=self.order,
+                           limit=self.limit)
 
     @work(exclusive=True, group="list")
     async def reload(self) -> None:
@@ -144,6 +151,10 @@ class TracesScreen(Screen[None]):
         text.append(f"{len(self.summaries)} traces", style="bold")
         text.append(f" · {self.order} first · status {self.status or 'any'} · {errors}"
                     f" · node {printable(self.node or 'any')}")
+        if self.since is not None:
+            text.append(f" · since {format_clock(self.since, '%m-%d %H:%M:%S', utc=True)}")
+        if self.until is not None:
+            text.append(f" · until {format_clock(self.until, '%m-%d %H:%M:%S', utc=True)}")
         if self.live:
             text.append(" · ● live", style="cyan")
         self.query_one("#filters", Static).update(text)
