@@ -22,8 +22,8 @@ from typing import Any, Protocol, TypeAlias
 
 from ._graph import Endpoint, Floe, FloeQueue, Origin, Owner, owner_label
 from ._playbook import call_playbook
-from .errors import ConfigurationError, ContextDetached, UnknownTarget
-from .types import Message, StreamChunk, check_trace_id
+from .errors import ConfigurationError, ContextDetached, InvalidTraceId, UnknownTarget, safe_repr
+from .types import TRACE_ID_RULE, Message, StreamChunk, check_trace_id
 
 __all__ = ["Context", "ContextRuntime"]
 
@@ -285,7 +285,7 @@ class Context:
         tid = msg.trace_id if type(msg) is Message else getattr(msg, "trace_id", None)
         if tid is not None and not (type(tid) is str and tid.isascii() and tid.isalnum()
                                     and len(tid) <= 256):
-            check_trace_id(tid)  # the fast accept path above is check_trace_id's own
+            _check_trace_id(tid)  # the fast accept path above is check_trace_id's own
         floes = self._outgoing.values() if to is None else self._resolve(to, self._outgoing)
         if rt is None:  # built by hand with a flow (see _unwired): its floes only
             for floe in floes:
@@ -311,7 +311,7 @@ class Context:
         tid = msg.trace_id if type(msg) is Message else getattr(msg, "trace_id", None)
         if tid is not None and not (type(tid) is str and tid.isascii() and tid.isalnum()
                                     and len(tid) <= 256):
-            check_trace_id(tid)
+            _check_trace_id(tid)
         floes = list(self._outgoing.values()) if to is None else self._resolve(
             to, self._outgoing)
         if any(f.queue.full() for f in floes):
@@ -548,6 +548,30 @@ class Context:
 
     def __repr__(self) -> str:
         return f"Context(owner={owner_label(self._owner)!r})"
+
+
+def _check_trace_id(trace_id: object) -> None:
+    """``check_trace_id``, but an object's own id type (2.1 allowed any: an order
+    number, a ``uuid.UUID``) is taken when it is hashable and its ``str()`` is a
+    valid trace id: the runtime keys the trace by the object's id, and events
+    record its ``str()``.
+
+    Raises:
+        InvalidTraceId: the id is an invalid str, unhashable, or its ``str()``
+            fails or is not a valid trace id.
+    """
+    if isinstance(trace_id, str):
+        check_trace_id(trace_id)
+        return
+    try:
+        hash(trace_id)
+        text = str(trace_id)
+    except Exception as exc:
+        raise InvalidTraceId(
+            f"invalid trace_id: a {type(trace_id).__name__} that cannot be hashed or "
+            f"printed ({safe_repr(exc)[:200]}); an object's trace id may also be a hashable "
+            f"value (an int, a uuid.UUID) whose str() is one: {TRACE_ID_RULE}") from None
+    check_trace_id(text)
 
 
 def _no_incoming(owner: Owner) -> ConfigurationError:

@@ -550,6 +550,9 @@ class FlowRuntime:
             else:
                 pending, inflight, cancelled = 0, 0, False
                 root = root_span_id(str(trace_id))
+            if type(trace_id) is not str:
+                # A user object's own id type (an int, a UUID): events record its text.
+                trace_id = str(trace_id)
             if invocation_id is not None:
                 span_id = invocation_id
                 parent_span = parents[0] if len(parents) == 1 else root

@@ -22,7 +22,7 @@ __all__ = ["TRACE_ID_MAX_LEN", "FinalAnswer", "Headers", "Message", "PlanStep", 
 #: The longest valid trace id, in characters.
 TRACE_ID_MAX_LEN = 256
 
-_TRACE_ID_RULE = (
+TRACE_ID_RULE = (
     "a trace id must be a str of 1 to 256 characters, without control characters "
     "(U+0000-U+001F, U+007F-U+009F) and without lone surrogates (it must encode to "
     "UTF-8); leave Message.trace_id to its default (uuid4().hex), or use e.g. a UUID "
@@ -56,13 +56,13 @@ def check_trace_id(trace_id: object) -> str:
         return trace_id  # the common case (hex ids): no scan
     if not isinstance(trace_id, str):
         raise InvalidTraceId(f"invalid trace_id: got {type(trace_id).__name__}, not a str; "
-                         f"{_TRACE_ID_RULE}")
+                         f"{TRACE_ID_RULE}")
     size = len(trace_id)
     if size == 0:
-        raise InvalidTraceId(f"invalid trace_id: it is empty; {_TRACE_ID_RULE}")
+        raise InvalidTraceId(f"invalid trace_id: it is empty; {TRACE_ID_RULE}")
     if size > TRACE_ID_MAX_LEN:
         raise InvalidTraceId(f"invalid trace_id: {size} characters long (at most "
-                         f"{TRACE_ID_MAX_LEN}); {_TRACE_ID_RULE}")
+                         f"{TRACE_ID_MAX_LEN}); {TRACE_ID_RULE}")
     bad = _BAD_TRACE_CHAR.search(trace_id)
     if bad is not None:
         code = ord(bad.group())
@@ -73,7 +73,7 @@ def check_trace_id(trace_id: object) -> str:
             what = f"a control character U+{code:04X}" + (f" ({name})" if name else "")
         # repr() escapes controls and surrogates: the message itself is printable.
         raise InvalidTraceId(f"invalid trace_id {trace_id[:40]!r}: {what} at position "
-                         f"{bad.start()}; {_TRACE_ID_RULE}")
+                         f"{bad.start()}; {TRACE_ID_RULE}")
     return trace_id
 
 

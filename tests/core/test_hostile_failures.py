@@ -9,8 +9,10 @@ worker leaves every later message of its node waiting forever).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -21,6 +23,7 @@ from pfcore_support import Recorder, msg
 
 from penguiflow import FlowError, Headers, Message, Node, NodePolicy, create
 from penguiflow.errors import SAFE_TEXT_LIMIT, safe_repr, safe_str
+from penguiflow.patterns import join_k
 from penguiflow.semconv import utf8_text
 from penguiflow.state import InMemoryStateStore
 from penguiflow.types import check_trace_id
@@ -263,7 +266,8 @@ INVALID_IDS = {
     "c1_control": ("x\x85", "U+0085 at position 1"),
     "five_mb": ("x" * 5_000_000, "5000000 characters long (at most 256)"),
     "empty": ("", "it is empty"),
-    "int": (123, "got int, not a str"),
+    "unhashable": (["a"], "a list that cannot be hashed or printed"),
+    "int_too_long": (10**300, "301 characters long (at most 256)"),
 }
 
 
@@ -364,6 +368,40 @@ async def test_unusual_valid_trace_ids_accepted(trace_id: str, started: list[Any
     assert [e.trace_id for e in recorder.of("node_success")] == [trace_id]
     history = await flow.load_history(trace_id)
     assert [e.kind for e in history][-1] == "node_success"
+
+
+async def test_an_objects_own_trace_id_type_is_taken_as_in_2_1(started: list[Any]) -> None:
+    # 2.1 keyed per-trace accounting (and join_k's buckets) by any trace_id an
+    # object carried: an order number, a UUID. Such ids were refused as "not a str".
+    @dataclasses.dataclass
+    class Part:
+        trace_id: Any
+        value: str
+
+    class Unprintable:
+        def __hash__(self) -> int:
+            return 1
+
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    store = InMemoryStateStore()
+    join = join_k("join", 2)
+    flow = create(join.to(), state_store=store)
+    flow.run()
+    started.append(flow)
+    order = uuid.UUID(int=5)
+    for tid in (7, order):
+        for value in "ab":
+            await flow.emit(Part(tid, value))
+        joined = await asyncio.wait_for(flow.fetch(), HANG_GUARD)
+        assert [(p.trace_id, p.value) for p in joined] == [(tid, "a"), (tid, "b")]
+    # Keyed by the object's id at run time; recorded as its text.
+    assert [e.kind for e in await store.load_history("7")] == ["node_start", "node_success"] * 2
+    assert await store.load_history(str(order)) != []
+    with pytest.raises(ValueError, match="Unprintable that cannot be hashed or printed"):
+        await flow.emit(Part(Unprintable(), "x"))
+    assert alive(flow)
 
 
 def test_default_trace_ids_take_the_fast_path() -> None:
@@ -497,7 +535,9 @@ async def _run_batch(batch: list[tuple[str, Any, Any]]) -> None:
                     meta={"i": i},
                 )
             try:
-                check_trace_id(m.trace_id)
+                # An id that is not a str counts by its text (2.1 took any id).
+                tid = m.trace_id
+                check_trace_id(tid if isinstance(tid, str) else str(tid))
                 valid = True
             except ValueError:
                 valid = False
