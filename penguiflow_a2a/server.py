@@ -449,7 +449,12 @@ class A2AServerAdapter:
                 raise A2ARequestError(status_code=422, detail=f"invalid traceId: {exc}"
                                       ) from None
         trace_id = request.trace_id
-        if trace_id is None and parent is not None and not self.tasks.trace_active(parent[0]):
+        # The caller's trace is joined once: 2.1 defaults taskId and contextId to the
+        # trace id, so a second request from the same client span (an instrumented
+        # client sends the same traceparent) would reuse the first one's task id and
+        # history. It runs under a fresh trace id, as in 2.1.
+        if (trace_id is None and parent is not None and not self.tasks.trace_active(parent[0])
+                and self.tasks.get(parent[0]) is None):
             trace_id = parent[0]
         else:
             parent = None

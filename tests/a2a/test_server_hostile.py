@@ -406,6 +406,29 @@ async def test_traceparent_sets_the_served_trace_id() -> None:
     assert unsampled[0].payload["a2a.method"] == "message/send"
 
 
+async def test_a_second_2_1_request_from_the_same_client_span_gets_its_own_task() -> None:
+    # An instrumented 2.1 client sends the same traceparent on every request made in
+    # one span. taskId and contextId default to the trace id (2.1), so the second
+    # request reused the first one's task id, and their histories merged.
+    async def work(message: Message, ctx: Any) -> str:
+        return f"done {message.payload}"
+
+    store = InMemoryStateStore()
+    trace_id, span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with served(create(node(work).to(), state_store=store)) as (url, _), http() as client:
+        answers = [(await client.post(url + "/message/send", json={"payload": n},
+                                      headers={"traceparent": f"00-{trace_id}-{span_id}-01"}
+                                      )).json() for n in (1, 2)]
+    first, second = answers
+    assert first["traceId"] == first["taskId"] == trace_id  # the caller's trace, joined
+    assert second["taskId"] == second["traceId"] != trace_id
+    assert [a["output"] for a in answers] == ["done 1", "done 2"]
+    for answer in answers:
+        ends = [e for e in await store.load_history(answer["traceId"])
+                if e.kind == "node_success"]
+        assert len(ends) == 1
+
+
 @pytest.mark.parametrize("how", ["timeout_graceful_shutdown", "adapter.stop() first"])
 async def test_shutdown_with_open_streams_and_blocking_sends_is_bounded(how: str) -> None:
     """uvicorn waits for open responses to end before the lifespan shutdown that would
