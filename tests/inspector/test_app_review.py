@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from test_app import text_of, wait_for
+from test_app import opened, text_of, wait_for
 from textual.widgets import DataTable
 from tui_traces import T0, TRACE, chain_events, demo_events
 
@@ -12,6 +13,7 @@ from penguiflow.state import InMemoryStateStore, StoredEvent, TraceFilter
 from penguiflow_inspector.app import InspectorApp
 from penguiflow_inspector.screens.message import MessageScreen
 from penguiflow_inspector.screens.traces import TracesScreen
+from penguiflow_inspector.widgets.replay_bar import ReplayBar
 
 
 class EventsGoneStore(InMemoryStateStore):
@@ -67,3 +69,59 @@ async def test_the_trace_list_opens_with_the_filter_it_is_given() -> None:
                            and "no errors" in text_of(screen.query_one("#filters")))
             await wait_for(pilot, lambda: [s.trace_id for s in screen.summaries] == [ids[1]],
                            what="the trace without errors in the window")
+
+
+def _two_processes(trace_id: str = TRACE) -> list[StoredEvent]:
+    """One trace recorded by two processes (flow ids): each stored its batch, so the
+    log's order is b's events (20, 30, 60, 70 ms) then a's (0, 10, 40, 50 ms)."""
+    def recorder(flow: str) -> Any:
+        events: list[StoredEvent] = []
+
+        def ev(ms: float, kind: str, node: str, inv: str, parents: tuple[str, ...] = ()) -> None:
+            ts = T0 + ms / 1000.0
+            events.append(StoredEvent(
+                trace_id, ts, kind, node, node, {"event": kind, "ts": ts, "node_name": node},
+                invocation_id=inv, parent_invocation_ids=parents, span_id=inv,
+                seq=len(events) + 1, flow_name="demo", flow_id=flow))
+        return events, ev
+
+    a, a_ev = recorder("worker-a")
+    b, b_ev = recorder("worker-b")
+    a_ev(0, "node_start", "a1", "ia1")
+    a_ev(10, "node_success", "a1", "ia1")
+    b_ev(20, "node_start", "b1", "ib1", ("ia1",))
+    b_ev(30, "node_success", "b1", "ib1")
+    a_ev(40, "node_start", "a2", "ia2", ("ib1",))
+    a_ev(50, "node_success", "a2", "ia2")
+    b_ev(60, "node_start", "b2", "ib2", ("ia2",))
+    b_ev(70, "node_success", "b2", "ib2")
+    return b + a
+
+
+async def test_replay_steps_in_time_order_when_the_log_is_not() -> None:
+    async with InMemoryStateStore() as store:
+        await store.save_events(_two_processes())
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(120, 30)) as pilot:
+            screen = await opened(pilot)
+            bar = screen.query_one(ReplayBar)
+            assert screen.full is not None
+            assert [round((e.ts - T0) * 1000) for e in screen.full.events][:2] == [20, 30]
+
+            def where() -> tuple[int, str]:
+                assert screen.replay_t is not None
+                return (round((screen.replay_t - T0) * 1000),
+                        text_of(bar).split("ev ")[1].split()[0])
+
+            await pilot.press("r")
+            seen = [where()]
+            for _ in range(8):
+                await pilot.press("full_stop")
+                seen.append(where())
+            assert seen == [(0, "1/8"), (10, "2/8"), (20, "3/8"), (30, "4/8"), (40, "5/8"),
+                            (50, "6/8"), (60, "7/8"), (70, "8/8"), (70, "8/8")]
+            back = []
+            for _ in range(8):
+                await pilot.press("comma")
+                back.append(where()[0])
+            assert back == [60, 50, 40, 30, 20, 10, 0, 0]

@@ -494,7 +494,10 @@ class TraceScreen(Screen[None]):
         if self.full is None:
             return
         if self.replay_t is None:
-            first = self.full.events[0].ts if self.full.events else self.full.start
+            # The earliest event (not the log's first: several processes' batches
+            # are stored in the order they were written).
+            first = self.full.first_event_ts
+            first = self.full.start if first is None else first
             self._show_at(first)
         else:
             self._stop_play()

@@ -20,8 +20,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import compress
-from operator import attrgetter, is_not
+from itertools import compress, islice
+from operator import attrgetter, is_not, le
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from .. import model
@@ -200,6 +200,8 @@ class Rows:
     view: TraceView
     rows: list[Row] = field(default_factory=list)
     event_ts: Sequence[float] = ()
+    """In time order (the log's order is not, when several processes record one
+    trace): stepping and the replay bar's count bisect it."""
     _critical: frozenset[str] | None = None
     _positions: dict[str, int] | None = None
     #: Of a full view's rows, for the replayed views made from it (see ``_replayed``):
@@ -235,7 +237,7 @@ class Rows:
         100k events (and the garbage collections they set off).
         """
         if base is None:
-            return cls(view, _flatten(view), view.event_times)
+            return cls(view, _flatten(view), _in_time_order(view.event_times))
         full = base.view
         if (view.replay_t is not None and full.replay_t is None
                 and view._index is not None and view._index is full._index
@@ -367,6 +369,13 @@ class Rows:
 
 
 _SERVED_UNDER = attrgetter("served_under")
+
+
+def _in_time_order(times: Sequence[float]) -> Sequence[float]:
+    """``times`` sorted (itself when it already is: one pass, no copy)."""
+    if all(map(le, times, islice(times, 1, None))):
+        return times
+    return sorted(times)
 
 
 def _flatten(view: TraceView) -> list[Row]:
