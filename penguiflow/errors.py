@@ -325,6 +325,12 @@ class FlowError(PenguiFlowError):
             type(original_exc).__name__ if original_exc is not None else None
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The keyword-only __init__ cannot take the default rebuild, FlowError(*args):
+        # a FlowError crossing a process (a process pool, multiprocessing) failed
+        # to unpickle. Rebuilt from its attributes; ``original_exc`` must pickle too.
+        return (_restore_flow_error, (type(self), self.args, dict(self.__dict__)))
+
     def __str__(self) -> str:
         # The parts may be anything a user passed: str() of a FlowError must not raise.
         text = f"[{_part(self.code)}] {_part(self.message)}"
@@ -381,3 +387,12 @@ class FlowError(PenguiFlowError):
             original_exc=exc,
             metadata=metadata,
         )
+
+
+def _restore_flow_error(cls: type[FlowError], args: tuple[Any, ...],
+                        state: dict[str, Any]) -> FlowError:
+    """Unpickle a :class:`FlowError` (see ``FlowError.__reduce__``)."""
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err

@@ -174,6 +174,22 @@ def test_flow_error_can_be_raised_and_caught() -> None:
     assert info.value.trace_id == "t"
 
 
+def test_a_flow_error_crosses_a_process_boundary_whole() -> None:
+    # Its keyword-only __init__ broke the default unpickling: a FlowError returned
+    # from a process pool worker raised TypeError in the parent instead.
+    import pickle
+
+    err = FlowError(trace_id="t", node_name="n", node_id="id", code=FlowErrorCode.NODE_TIMEOUT,
+                    message="Node 'n' timed out", original_exc=TimeoutError("slow"),
+                    metadata={"attempts": 3})
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is FlowError and back.args == err.args and str(back) == str(err)
+    assert (back.trace_id, back.node_name, back.node_id, back.code, back.metadata) == (
+        "t", "n", "id", "NODE_TIMEOUT", {"attempts": 3})
+    assert isinstance(back.unwrap(), TimeoutError) and back.exception_type == "TimeoutError"
+    assert back.to_payload() == err.to_payload()
+
+
 # --- the error tree (penguiflow.errors' docstring) ------------------------------------------
 
 _TREE_MODULES = (
