@@ -13,7 +13,10 @@ from penguiflow.state import InMemoryStateStore, StoredEvent, TraceFilter
 from penguiflow_inspector.app import InspectorApp
 from penguiflow_inspector.screens.message import MessageScreen
 from penguiflow_inspector.screens.traces import TracesScreen
+from penguiflow_inspector.widgets.detail import DetailPane
+from penguiflow_inspector.widgets.event_log import EventLog
 from penguiflow_inspector.widgets.replay_bar import ReplayBar
+from penguiflow_inspector.widgets.waterfall import Waterfall
 
 
 class EventsGoneStore(InMemoryStateStore):
@@ -125,3 +128,53 @@ async def test_replay_steps_in_time_order_when_the_log_is_not() -> None:
                 await pilot.press("comma")
                 back.append(where()[0])
             assert back == [60, 50, 40, 30, 20, 10, 0, 0]
+
+
+def _gather_events(trace_id: str = TRACE) -> list[StoredEvent]:
+    """One invocation makes two remote calls at once: alpha (task-A) and beta (task-B)."""
+    events: list[StoredEvent] = []
+
+    def ev(ms: float, kind: str, **extra: Any) -> None:
+        ts = T0 + ms / 1000.0
+        events.append(StoredEvent(
+            trace_id, ts, kind, "fan", "fan", {"event": kind, "ts": ts, "node_name": "fan",
+                                               **extra},
+            invocation_id="i1", span_id="i1", seq=len(events) + 1, flow_name="demo",
+            flow_id="f1"))
+
+    ev(0, "node_start")
+    ev(1, "remote_call_start", remote_agent_url="http://A", remote_skill="alpha")
+    ev(2, "remote_call_start", remote_agent_url="http://B", remote_skill="beta")
+    ev(5, "remote_stream_event", remote_task_id="task-A", remote_task_state="working",
+       remote_text_bytes=3)
+    ev(6, "remote_stream_event", remote_task_id="task-B", remote_task_state="input-required",
+       remote_text_bytes=3)
+    ev(20, "remote_call_success", remote_task_id="task-B", remote_task_state="completed")
+    ev(30, "remote_call_success", remote_task_id="task-A", remote_task_state="completed")
+    ev(31, "node_success")
+    return events
+
+
+async def test_two_concurrent_calls_each_show_only_their_own_events() -> None:
+    async with InMemoryStateStore() as store:
+        await store.save_events(_gather_events())
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(160, 36)) as pilot:
+            screen = await opened(pilot)
+            wf = screen.query_one(Waterfall)
+            shown: dict[str, tuple[list[str], str]] = {}
+            for position in range(wf.row_count):
+                if position:
+                    await pilot.press("j")
+                row = wf.selected
+                if row is not None and row.kind == "remote":
+                    shown[row.name] = (screen.query_one(EventLog).lines,
+                                       text_of(screen.query_one(DetailPane)))
+            alpha_log, alpha_detail = shown["alpha"]
+            beta_log, beta_detail = shown["beta"]
+            assert [line.split()[0] for line in alpha_log] == ["+1.0ms", "+5.0ms", "+30.0ms"]
+            assert [line.split()[0] for line in beta_log] == ["+2.0ms", "+6.0ms", "+20.0ms"]
+            assert not any("task-B" in line or "beta" in line for line in alpha_log)
+            # The payload preview: alpha's own skill and states, none of beta's.
+            assert "beta" not in alpha_detail and "input-required" not in alpha_detail
+            assert "alpha" not in beta_detail and "task-A" not in beta_detail

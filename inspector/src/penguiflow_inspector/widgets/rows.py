@@ -24,6 +24,8 @@ from itertools import compress, islice
 from operator import attrgetter, is_not, le
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from penguiflow.tracing import derived_span_id
+
 from .. import model
 from ..model import (
     DeadlineView,
@@ -350,8 +352,7 @@ class Rows:
         inv_events = self.view.events_of(key) if key is not None else []
         if isinstance(item, InvocationView):
             return inv_events
-        return [e for e in inv_events if e.kind.startswith("remote_")
-                and e.ts >= item.start and (item.end is None or e.ts <= item.end)]
+        return _call_events(self.view.trace_id, key or "", item, inv_events)
 
     def next_event_ts(self, t: float) -> float | None:
         """The first event time strictly after ``t``."""
@@ -369,6 +370,52 @@ class Rows:
 
 
 _SERVED_UNDER = attrgetter("served_under")
+
+#: The events ``Fold._call`` gives to an open call of their invocation; the last four
+#: end it.
+_CALL_EVENTS = frozenset({"remote_stream_event", "remote_call_success", "remote_call_error",
+                          "remote_call_cancelled", "remote_cancel_error"})
+_CALL_ENDS = _CALL_EVENTS - {"remote_stream_event"}
+
+
+def _call_events(trace_id: str, key: str, call: RemoteCallView,
+                 inv_events: Sequence[EventRow]) -> list[EventRow]:
+    """The events of ``call`` among its invocation's, assigned as ``Fold`` assigns
+    them: the n-th ``remote_call_start`` opens the invocation's n-th call; a later
+    event goes to the open call with its task id, else to the first open call
+    without one, else to the last opened. Two calls in flight at once (a gather)
+    so keep their own events, which a time window mixed."""
+    opened: list[list[Any]] = []  # [call index, task id] of the calls still open
+    mine: list[EventRow] = []
+    count = 0
+    for ev in inv_events:
+        kind = ev.kind
+        if kind == "remote_call_start":
+            index = count
+            count += 1
+            opened.append([index, None])
+        elif kind in _CALL_EVENTS:
+            if not opened:
+                continue
+            target = opened[-1]
+            task_id = ev.extra.get("remote_task_id")
+            if task_id is not None:
+                task_id = str(task_id)
+                target = next((c for c in opened if c[1] == task_id),
+                              next((c for c in opened if c[1] is None), target))
+                target[1] = task_id
+            index = target[0]
+            if kind in _CALL_ENDS:
+                opened.remove(target)
+        elif kind.startswith("remote_"):  # another kind: by the call's time window
+            if ev.ts >= call.start and (call.end is None or ev.ts <= call.end):
+                mine.append(ev)
+            continue
+        else:
+            continue
+        if f"{derived_span_id(trace_id, key, 'remote', str(index)):016x}" == call.call_id:
+            mine.append(ev)
+    return mine
 
 
 def _in_time_order(times: Sequence[float]) -> Sequence[float]:
