@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rich.cells import cell_len
 from test_app import opened, text_of, wait_for
 from textual.widgets import DataTable
 from tui_traces import T0, TRACE, chain_events, demo_events
@@ -178,3 +179,34 @@ async def test_two_concurrent_calls_each_show_only_their_own_events() -> None:
             # The payload preview: alpha's own skill and states, none of beta's.
             assert "beta" not in alpha_detail and "input-required" not in alpha_detail
             assert "alpha" not in beta_detail and "task-A" not in beta_detail
+
+
+WIDE_NAMES = ("数据处理节点数据处理节点数据处理节点", "🐧" * 15, "e\u0301" * 15, "短", "plain")
+
+
+async def test_wide_and_combining_names_keep_the_waterfall_columns_aligned() -> None:
+    events: list[StoredEvent] = []
+    for n, name in enumerate(WIDE_NAMES):  # all start at 0 ms, all end at 10 ms
+        for ms, kind in ((0, "node_start"), (10, "node_success")):
+            ts = T0 + ms / 1000.0
+            events.append(StoredEvent(TRACE, ts, kind, name, name,
+                                      {"event": kind, "ts": ts, "node_name": name},
+                                      invocation_id=f"{n + 1:016x}", span_id=f"{n + 1:016x}",
+                                      seq=len(events) + 1, flow_name="demo", flow_id="f1"))
+    async with InMemoryStateStore() as store:
+        await store.save_events(events)
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(120, 30)) as pilot:
+            screen = await opened(pilot)
+            wf = screen.query_one(Waterfall)
+            width = wf.scrollable_content_region.width
+            lines = [wf.render_line(y).text for y in range(1, len(WIDE_NAMES) + 1)]
+            # The bar starts, and the duration ends, in the same terminal cell on every row.
+            bar_cells = {cell_len(line[: line.index("█")]) for line in lines}
+            assert len(bar_cells) == 1, lines
+            assert {cell_len(line) for line in lines} == {width}, lines
+            assert all(line.endswith(" 10.0 ms") for line in lines), lines
+            # (The first cell is the critical path's mark.)
+            assert lines[0][1:].startswith("数据处理") and "…" in lines[0]
+            assert lines[1][1:].startswith("🐧🐧") and "…" in lines[1]
+            assert lines[2][1:].startswith("e\u0301" * 15 + " ") and "…" not in lines[2]

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar
 
+from rich.cells import cell_len, set_cell_size
 from rich.segment import Segment
 from rich.style import Style
 from textual.binding import Binding, BindingType
@@ -264,16 +265,21 @@ class Waterfall(ScrollView, can_focus=True):
         depth = row.depth or (1 if row.kind == "remote" else 0)
         indent = "  " * depth + ("└ " if row.kind == "remote" else "⤷ ") if depth else ""
         marks = glyphs(row)
-        room = label_w - 3 - len(marks)
+        room = label_w - 3 - cell_len(marks)
         # Escaped: a stored name is never written raw (ESC, BEL... would act on the terminal).
         name = indent + printable(display_name(row.name))
-        name = name if len(name) <= room else name[: max(1, room - 1)] + "…"
+        # Cut and padded by terminal cells, not characters: a CJK or emoji name takes
+        # two cells a character, a combining accent none (the columns stay aligned).
+        if cell_len(name) > room:
+            # (A wide character cut in half leaves a padding space: the … goes there.)
+            name = set_cell_size(name, max(1, room - 1)).rstrip(" ") + "…"
+        name = set_cell_size(name, room)
         name_style = style_of("waterfall--name")
         if critical:
             name_style += Style(bold=True)
         segments = [
             Segment(mark, style_of("waterfall--critical")),
-            Segment(f"{name:<{room}}", name_style),
+            Segment(name, name_style),
             Segment(f" {marks}" if marks else " ", status_style),
             Segment(" ", base),
         ]
