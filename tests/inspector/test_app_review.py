@@ -210,3 +210,19 @@ async def test_wide_and_combining_names_keep_the_waterfall_columns_aligned() -> 
             assert lines[0][1:].startswith("数据处理") and "…" in lines[0]
             assert lines[1][1:].startswith("🐧🐧") and "…" in lines[1]
             assert lines[2][1:].startswith("e\u0301" * 15 + " ") and "…" not in lines[2]
+
+
+async def test_the_remote_tab_keeps_the_highlighted_call_through_a_replay_step() -> None:
+    async with InMemoryStateStore() as store:
+        await store.save_events(demo_events())
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(120, 30)) as pilot:
+            screen = await opened(pilot)
+            await pilot.press("r", *["right_square_bracket"] * 20, "2", "j")
+            table = screen.query_one("#remote-calls", DataTable)
+            split = screen.query_one("#remote-split")
+            assert table.cursor_row == 1 and text_of(split).startswith("review")
+            await pilot.press("comma")  # one event back: the tab is painted again
+            assert screen.replay_t is not None and screen.replay_t < T0 + 0.131
+            assert table.cursor_row == 1
+            assert text_of(split).startswith("review"), text_of(split)

@@ -46,6 +46,10 @@ class RemoteTable(Vertical):
         else:
             self.query_one("#remote-stats", Static).update(stats)
         table: DataTable[str | Text] = self.query_one("#remote-calls", DataTable)
+        # A repaint (a replay step, a live rebuild) keeps the highlighted call.
+        was = table.cursor_row
+        key = (table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+               if 0 <= was < table.row_count else None)
         table.clear()
         for call in self._calls:
             # Stored text as Text: a str cell would be read as markup ("[red]...").
@@ -58,7 +62,11 @@ class RemoteTable(Vertical):
                           Text(printable(call.task_id or "-")),
                           f"{call.bytes_sent or 0}/{call.bytes_received or 0}",
                           key=call.call_id)
-        self._show_split(0)
+        row = (table.get_row_index(key) if key is not None and key in table.rows
+               else min(max(was, 0), max(table.row_count - 1, 0)))
+        if row:
+            table.move_cursor(row=row, animate=False)
+        self._show_split(row)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._show_split(event.cursor_row)
