@@ -226,3 +226,27 @@ async def test_the_remote_tab_keeps_the_highlighted_call_through_a_replay_step()
             assert screen.replay_t is not None and screen.replay_t < T0 + 0.131
             assert table.cursor_row == 1
             assert text_of(split).startswith("review"), text_of(split)
+
+
+async def test_a_huge_error_is_cut_in_the_detail_pane_saying_how_much() -> None:
+    error = "ValueError('" + "y" * 1_000_000 + "')"
+    events: list[StoredEvent] = []
+    for ms, kind, extra in ((0, "node_start", {}), (5, "node_failed", {"exception": error})):
+        ts = T0 + ms / 1000.0
+        events.append(StoredEvent(TRACE, ts, kind, "big", "big",
+                                  {"event": kind, "ts": ts, "node_name": "big", **extra},
+                                  invocation_id="i1", span_id="i1", seq=len(events) + 1,
+                                  flow_name="demo", flow_id="f1"))
+    async with InMemoryStateStore() as store:
+        await store.save_events(events)
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(120, 40)) as pilot:
+            screen = await opened(pilot)
+            wf = screen.query_one(Waterfall)
+            assert wf.selected is not None and wf.selected.name == "big"
+            detail = text_of(screen.query_one(DetailPane))
+            shown = 4000  # the pane's cap (widgets/detail.py ERROR_CHARS)
+            assert f"… {len(error) - shown:,} more characters (pf inspect --json has " \
+                   "the whole error)" in " ".join(detail.split())
+            assert "ValueError('yyyy" in detail
+            assert len(detail) < 20 * shown

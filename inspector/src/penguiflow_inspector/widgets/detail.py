@@ -38,6 +38,8 @@ __all__ = ["DetailPane", "render_detail"]
 
 #: Lines of a failure's traceback the pane shows (it scrolls; --json has all of it).
 TRACEBACK_LINES = 60
+#: Characters of a row's error the pane shows (a 1 MB error took ~2 s a selection).
+ERROR_CHARS = 4000
 _ATTEMPT_WORD = {"ok": "succeeded", "error": "failed", "timeout": "timed out"}
 
 
@@ -148,7 +150,12 @@ def render_detail(view: TraceView, row: Row | None,
         error = item.error
     if error:
         parts.append(Text("error", style="bold"))
-        parts.append(Text(printable(error, multiline=True), style="bold red"))
+        cut = len(error) - ERROR_CHARS
+        parts.append(Text(printable(error[:ERROR_CHARS] if cut > 0 else error, multiline=True),
+                          style="bold red"))
+        if cut > 0:
+            parts.append(Text(f"… {cut:,} more characters (pf inspect --json has the whole "
+                              "error)", style="dim"))
     lines = traceback_of(events) if row.status != "ok" or error else None
     if lines:
         shown = [printable(line) for line in lines[-TRACEBACK_LINES:]]
