@@ -250,3 +250,37 @@ async def test_a_huge_error_is_cut_in_the_detail_pane_saying_how_much() -> None:
                    "the whole error)" in " ".join(detail.split())
             assert "ValueError('yyyy" in detail
             assert len(detail) < 20 * shown
+
+
+async def test_the_replay_bar_measures_time_and_total_from_the_first_event() -> None:
+    """The first message waited 4 s in a queue (queued_ts 4 s before the first event):
+    the trace lasted 1 s, and the bar counts from its first event."""
+    events: list[StoredEvent] = []
+    steps = ((0, "node_start", "a", -4000.0), (500, "node_success", "a", None),
+             (500, "node_start", "b", 500.0), (1000, "node_success", "b", None))
+    for ms, kind, node, queued in steps:
+        ts = T0 + ms / 1000.0
+        events.append(StoredEvent(TRACE, ts, kind, node, node,
+                                  {"event": kind, "ts": ts, "node_name": node},
+                                  invocation_id=f"i{node}", span_id=f"i{node}",
+                                  seq=len(events) + 1, flow_name="demo", flow_id="f1",
+                                  queued_ts=None if queued is None else T0 + queued / 1000.0))
+    async with InMemoryStateStore() as store:
+        await store.save_events(events)
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(120, 20)) as pilot:
+            screen = await opened(pilot)
+            bar = screen.query_one(ReplayBar)
+
+            def head() -> str:
+                return " ".join(text_of(bar).split(" ev ")[0].split())
+
+            await pilot.press("r")
+            assert head() == "‖ 1x +0.0 ms/1.00 s", text_of(bar)
+            assert "━" not in text_of(bar)
+            await pilot.press("full_stop")
+            assert head() == "‖ 1x +500.0 ms/1.00 s", text_of(bar)
+            await pilot.press(*["left_square_bracket"] * 30)  # scrubbing stops at the start
+            assert screen.replay_t == T0 and head() == "‖ 1x +0.0 ms/1.00 s"
+            await pilot.press(*["right_square_bracket"] * 30)
+            assert head() == "‖ 1x +1.00 s/1.00 s" and "─" not in text_of(bar)

@@ -483,9 +483,12 @@ class TraceScreen(Screen[None]):
             return
         t = self.replay_t
         total = len(full.events)
+        # Time and total from one origin, the first event (where duration_ms starts):
+        # the root's queued start may be earlier.
         self.query_one(ReplayBar).show(
             replaying=t is not None, playing=self.playing, speed=SPEEDS[self.speed_index],
-            t_ms=0.0 if t is None else (t - full.start) * 1e3, total_ms=full.duration_ms,
+            t_ms=0.0 if t is None else max(0.0, t - _origin(full)) * 1e3,
+            total_ms=full.duration_ms,
             event_no=total if t is None else index.events_until(t), event_count=total,
             live=self.live)
 
@@ -521,12 +524,14 @@ class TraceScreen(Screen[None]):
         if self.full is None:
             return
         full = self.full
-        t = self.replay_t if self.replay_t is not None else full.start
-        self._show_at(max(full.start, min(full.end, t + fraction * (full.end - full.start))))
+        origin = _origin(full)  # the replay bar's 0 (see _paint_replay)
+        t = self.replay_t if self.replay_t is not None else origin
+        self._show_at(max(origin, min(full.end, t + fraction * (full.end - origin))))
 
     def on_scrub_to(self, message: ScrubTo) -> None:
         if self.full is not None:
-            self._show_at(self.full.start + message.fraction * (self.full.end - self.full.start))
+            origin = _origin(self.full)
+            self._show_at(origin + message.fraction * (self.full.end - origin))
 
     def action_speed(self, delta: int) -> None:
         self.speed_index = max(0, min(len(SPEEDS) - 1, self.speed_index + delta))
@@ -606,6 +611,11 @@ class TraceScreen(Screen[None]):
         wf = self.query_one(Waterfall)
         wf.show_critical = not wf.show_critical
         wf.refresh()
+
+
+def _origin(view: TraceView) -> float:
+    """Where the replay bar starts: the first event (``duration_ms``'s origin)."""
+    return view.start if view.first_event_ts is None else view.first_event_ts
 
 
 def stored_events_sorted(events: Sequence[StoredEvent]) -> list[StoredEvent]:
