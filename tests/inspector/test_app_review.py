@@ -284,3 +284,29 @@ async def test_the_replay_bar_measures_time_and_total_from_the_first_event() -> 
             assert screen.replay_t == T0 and head() == "‖ 1x +0.0 ms/1.00 s"
             await pilot.press(*["right_square_bracket"] * 30)
             assert head() == "‖ 1x +1.00 s/1.00 s" and "─" not in text_of(bar)
+
+
+async def test_the_filter_matches_the_shown_words_and_ands_them() -> None:
+    async with InMemoryStateStore() as store:
+        await store.save_events(demo_events())
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(120, 30)) as pilot:
+            screen = await opened(pilot)
+            wf = screen.query_one(Waterfall)
+
+            async def names(query: str) -> list[str]:
+                await pilot.press("slash", *query, "enter")
+                shown = [row.name for i in range(wf.row_count)
+                         if (row := wf.row_at(i)) is not None]
+                await pilot.press("escape")  # clears the filter
+                assert wf.query_text == ""
+                return shown
+
+            # The status words the screen shows, not the model's.
+            assert await names("succeeded") == ["plan", "search", "fetch", "summarise",
+                                                "summarise", "merge"]
+            assert "plan" not in await names("ok")
+            # Several words: each must match (a name and an id prefix here).
+            assert await names("search b1000") == ["search"]
+            assert await names("summarise succeeded") == ["summarise", "summarise"]
+            assert await names("critic succeeded") == []

@@ -129,7 +129,9 @@ class Query:
         if self.kind is not None and not _kind_matches(row, self.kind):
             return False
         if self.text:
-            return any(self.text in h for h in _haystack(row))
+            # Each word somewhere in the row (words ANDed, as the parts are).
+            haystack = _haystack(row)
+            return all(any(word in h for h in haystack) for word in self.text.split())
         return True
 
 
@@ -163,9 +165,12 @@ def _node_of(row: Row) -> str:
 
 def _haystack(row: Row) -> list[str]:
     item = row.item
+    # The words the screen shows: its status word ("succeeded", "failed", "timed
+    # out"...), the endpoints' display names ("emit", "result").
+    status = model.status_word(row.status)
     if isinstance(item, DeadlineView):
-        return [row.name.lower(), row.status]
-    parts = [row.name, row.key, row.status, item.error or ""]
+        return [row.name.lower(), status]
+    parts = [row.name, model.display_name(row.name), row.key, status, item.error or ""]
     if isinstance(item, RemoteCallView):
         parts += [item.agent_url or "", item.context_id or "", item.task_id or ""]
     else:
