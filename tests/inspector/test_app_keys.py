@@ -150,7 +150,7 @@ def test_every_key_the_help_names_is_bound() -> None:
              ",": "comma", ".": "full_stop", "[": "left_square_bracket",
              "]": "right_square_bracket", "-": "minus", "+": "plus", "Enter": "enter",
              "s": "s", "e": "e", "o": "o", "n": "n", "R": "R", "?": "question_mark",
-             "t": "t", "q": "q"}
+             "t": "t", "q": "q", "Ctrl-C": "ctrl+c"}
     bound = {
         "Trace": _bound_keys(TraceScreen, Waterfall, KeyedTable, KeyedScroll),
         "Replay": _bound_keys(TraceScreen),

@@ -310,3 +310,19 @@ async def test_the_filter_matches_the_shown_words_and_ands_them() -> None:
             assert await names("search b1000") == ["search"]
             assert await names("summarise succeeded") == ["summarise", "summarise"]
             assert await names("critic succeeded") == []
+
+
+async def test_ctrl_c_exits_130_from_the_trace_the_list_and_the_search_box() -> None:
+    async with InMemoryStateStore() as store:
+        await store.save_events(demo_events())
+        for mode, keys in (("trace", ()), ("trace", ("slash", "x")), ("traces", ())):
+            app = InspectorApp(trace_id=TRACE, store=store, mode=mode)  # type: ignore[arg-type]
+            async with app.run_test(size=(100, 30)) as pilot:
+                if mode == "trace":
+                    await opened(pilot)
+                else:
+                    await wait_for(pilot, lambda app=app: isinstance(app.screen, TracesScreen))
+                await pilot.press(*keys, "ctrl+c")
+                await wait_for(pilot, lambda app=app: app.return_code is not None,
+                               what="the app to exit")
+            assert app.return_code == 130, (mode, keys)

@@ -13,7 +13,7 @@ Exit status (``app.return_code`` after ``run()``), as ``pf``'s: 0; 1 when the
 store could not be reached or read; 2 when the store URL is not supported or
 names something that is not a trace store (missing, empty, foreign, another
 schema version), or the app was opened on an unknown or ambiguous trace id.
-The error is shown in the app first; ``q`` leaves.
+The error is shown in the app first; ``q`` leaves. Ctrl-C exits 130 at once.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from textual.binding import Binding, BindingType
 
 from penguiflow.state import StateStoreError
 
-from ._store import CommandError, open_reader, store_url
+from ._store import EXIT_INTERRUPTED, CommandError, open_reader, store_url
 from .messages import LoadFailed
 from .screens.help import HelpScreen
 from .screens.message import MessageScreen
@@ -68,6 +68,9 @@ class InspectorApp(App[None]):
         Binding("q", "quit", "Quit"),
         Binding("question_mark", "help", "Help"),
         Binding("t", "toggle_theme", "Theme", show=False),
+        # Ctrl-C ends the app as it ends every other `pf` command: exit 130 (Textual's
+        # own binding only says how to quit). Priority: a focused Input keeps it too.
+        Binding("ctrl+c", "interrupt", "Quit", show=False, priority=True),
     ]
 
     def __init__(self, store_url: str | None = None, trace_id: str | None = None, *,
@@ -142,6 +145,10 @@ class InspectorApp(App[None]):
 
     async def action_quit(self) -> None:
         self.exit(return_code=self._exit_code)
+
+    def action_interrupt(self) -> None:
+        """Ctrl-C: exit 130 (128 + SIGINT), as ``pf``'s other commands."""
+        self.exit(return_code=EXIT_INTERRUPTED)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -45,6 +45,7 @@ HELP_KEYS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("?", "this help (Esc, q or ? closes it)"),
         ("t", "dark / light theme"),
         ("q", "quit"),
+        ("Ctrl-C", "quit at once (exit status 130)"),
     )),
 )
 
