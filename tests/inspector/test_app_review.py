@@ -326,3 +326,35 @@ async def test_ctrl_c_exits_130_from_the_trace_the_list_and_the_search_box() -> 
                 await wait_for(pilot, lambda app=app: app.return_code is not None,
                                what="the app to exit")
             assert app.return_code == 130, (mode, keys)
+
+
+def _cycle_events() -> list[StoredEvent]:
+    """A malformed wait graph: a names b as its parent, and b names a."""
+    events: list[StoredEvent] = []
+    for ms, kind, node, parent in ((0, "node_start", "a", "ib"), (1, "node_start", "b", "ia"),
+                                   (5, "node_success", "a", "ib"),
+                                   (6, "node_success", "b", "ia")):
+        ts = T0 + ms / 1000.0
+        events.append(StoredEvent(TRACE, ts, kind, node, node,
+                                  {"event": kind, "ts": ts, "node_name": node},
+                                  invocation_id=f"i{node}", parent_invocation_ids=(parent,),
+                                  span_id=f"i{node}", seq=len(events) + 1, flow_name="demo",
+                                  flow_id="f1"))
+    return events
+
+
+async def test_a_cycle_in_the_wait_graph_lists_each_invocation_once_on_the_critical_path(
+) -> None:
+    async with InMemoryStateStore() as store:
+        await store.save_events(_cycle_events())
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=(120, 20)) as pilot:
+            screen = await opened(pilot)
+            assert screen.full is not None
+            assert screen.full.critical_path == ["ia", "ib"]
+            assert text_of(screen.query_one("#summary")).rstrip().endswith("◆ 2")
+            await pilot.press("r", *["full_stop"] * 3)  # at the last event
+            assert screen.rows is not None and screen.rows.view.replay_t == T0 + 0.006
+            assert screen.rows.view.critical_path == ["ia", "ib"]
+            await pilot.press("comma")  # b still running: it "ends" last
+            assert screen.rows.view.critical_path == ["ia", "ib"]

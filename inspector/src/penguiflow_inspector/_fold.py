@@ -483,11 +483,12 @@ def critical_path(invocations: Sequence[InvocationView], end: float,
 
     current: InvocationView | None = max(invocations, key=finished)
     chain: list[str] = []
-    while current is not None:
+    seen: set[str] = set()
+    # A malformed wait graph may have a cycle: the path stops before its first revisit.
+    while current is not None and current.invocation_id not in seen:
+        seen.add(current.invocation_id)
         chain.append(current.invocation_id)
         current = waited_for(current, lookup, end)
-        if len(chain) > len(lookup):  # a cycle: a malformed wait graph
-            break
     chain.reverse()
     return chain
 

@@ -248,8 +248,10 @@ class ReplayIndex:
         waited, final = self.waited, self.waited_final
         spine_at, spine_final = self.spine_at, self.spine_final
         chain: list[str] = []
-        limit = len(self.by_id)
-        while last is not None and len(chain) <= limit:
+        seen: set[str] = set()
+        # (A malformed wait graph may have a cycle: stop before the first revisit.)
+        while last is not None and last not in seen:
+            seen.add(last)
             on_spine = spine_at.get(last)
             if on_spine is not None and spine_final[on_spine] <= t:
                 # From here back, every choice is the whole trace's: a slice of the spine.
