@@ -415,7 +415,9 @@ class PenguiFlow:
                 ``pending_events``, when it has one), the failure is counted in
                 :attr:`observer_failures`, and ``stop()`` returns. Without a
                 store the same bound applies to the workers' last events
-                reaching middlewares (``observer_stop_timeout``). The same
+                reaching middlewares (``observer_stop_timeout``). A node that
+                ignores its cancellation (catches ``CancelledError`` and goes on)
+                is named in a ``node_stop_timeout`` WARNING instead. The same
                 deadline bounds the wait for background message-bus publishes
                 and registered external tasks: those still running then are
                 cancelled, counted and logged (``background_stop_timeout``).
@@ -455,6 +457,8 @@ class PenguiFlow:
             # A worker's last act is recording node_cancelled, which waits while a
             # blocking store's buffer is full: bounded by the store's deadline.
             cut = await _settle([t for t in tasks if t is not current], deadline)
+            if cut:
+                cut -= self._report_stuck_nodes(store_timeout_s, current)
             externals: list[asyncio.Future[Any]] = [t for t in rt.external if t is not current]
             for fut in externals:
                 fut.cancel()
@@ -555,6 +559,26 @@ class PenguiFlow:
             self._events.failures["state_store_flush_failed"] += 1
             logger.error("state_store_flush_failed", exc_info=exc, extra={"error": safe_repr(exc)})
         return True
+
+    def _report_stuck_nodes(self, timeout_s: float | None,
+                            current: asyncio.Task[Any] | None) -> int:
+        """Name the nodes whose workers outlived a second cancel; how many there are.
+
+        A worker waiting for the store ends at the cancel that cut it; one still
+        running after it is in node code that ignores cancellation (catches
+        ``CancelledError`` and goes on): that is the node's doing, not the
+        store's or a middleware's, so it is reported as such (``node_stop_timeout``)
+        and left running, as asyncio cannot end it.
+        """
+        stuck = [w.node.name for w in self._workers
+                 if w.task is not None and w.task is not current and not w.task.done()]
+        if stuck:
+            self._events.failures["node_stop_timeout"] += len(stuck)
+            logger.warning("node_stop_timeout", extra={
+                "timeout_s": timeout_s, "nodes": stuck[:20],
+                "detail": "these nodes ignored their cancellation (a CancelledError "
+                          "caught and not re-raised?) and still run after stop()"})
+        return len(stuck)
 
     def _report_store_timeout(self, timeout_s: float | None, workers_cut: int) -> None:
         """One WARNING for a stop() that ran out of ``store_timeout_s`` (never raises)."""

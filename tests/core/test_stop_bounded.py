@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from pfcore_support import msg, within
+from pfcore_support import Recorder, msg, within
 
 from penguiflow import Node, NodePolicy, create
 from penguiflow.errors import InvalidArgument, PenguiFlowError
@@ -189,6 +189,47 @@ async def test_without_a_store_a_hung_middleware_is_cut_short_too(
     assert record.workers_cut == 1  # type: ignore[attr-defined]
     assert flow.observer_failures["observer_stop_timeout"] == 1
     assert timeouts(caplog) == []
+
+
+async def test_a_node_that_ignores_its_cancellation_is_named_not_blamed_on_observers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # It was reported as observer_stop_timeout (or the store's flush timeout): the
+    # user went looking for a slow middleware or database that did not exist.
+    running, release, returned = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def stubborn(message: Any, ctx: Any) -> Any:
+        running.set()
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue  # the bug: swallowed
+        returned.set()
+        return message
+
+    flow = create(Node(stubborn, name="stubborn", policy=NONE).to(), middlewares=[Recorder()])
+    flow.run()
+    await flow.emit(msg("x"))
+    await within(running.wait())
+    worker = flow._workers[0].task
+    assert worker is not None
+    caplog.set_level(logging.WARNING, logger="penguiflow.core")
+    try:
+        await within(flow.stop(store_timeout_s=0.1))
+        assert not flow.running
+        (record,) = [r for r in caplog.records if r.getMessage() == "node_stop_timeout"]
+        assert record.nodes == ["stubborn"]  # type: ignore[attr-defined]
+        assert flow.observer_failures["node_stop_timeout"] == 1
+        assert "observer_stop_timeout" not in flow.observer_failures
+        assert "observer_stop_timeout" not in caplog.text
+    finally:
+        # Let it end, so the test leaves no task behind: its worker then waits for
+        # the next item, where a cancel ends it.
+        release.set()
+        await within(returned.wait())
+        worker.cancel()
+        await within(asyncio.gather(worker, return_exceptions=True))
 
 
 async def test_a_hung_message_bus_publish_is_cut_short_and_reported(
