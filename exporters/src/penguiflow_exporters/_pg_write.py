@@ -62,12 +62,18 @@ from ._records import (
 from ._serve import serve
 from .writer import WriteResult
 
-__all__ = ["ANY_TRACE", "BLOCK_COLUMNS", "PostgresWriter", "WRITE_LOCK", "main",
-           "notify_payloads"]
+__all__ = ["ANY_TRACE", "BLOCK_BYTES", "BLOCK_COLUMNS", "PostgresWriter", "WRITE_LOCK",
+           "main", "notify_payloads"]
 
 #: First key of the two-key advisory lock writers serialise on ("PFwr"); the
 #: second is derived from the schema name (the store's ``lock_key``).
 WRITE_LOCK: Final = 0x50467772
+#: Most bytes of one block's ``data`` (a block of more events is cut in parts): a
+#: COPY row is one protocol message, and the server drops the connection on a message
+#: over 1 GB, so a batch holding such a block was retried, then lost whole. A single
+#: event bigger than this stays one block (refused alone if over 1 GB). The store
+#: passes it to its writer (``block_bytes``), so a test can lower it.
+BLOCK_BYTES: Final = 64 << 20
 #: The ``blocks`` columns a batch COPYs.
 BLOCK_COLUMNS: Final = ("trace_key", "first", "n", "ts_lo", "ts_hi", "data")
 #: A notification meaning "something changed, whatever the trace" (for trace ids
@@ -147,7 +153,8 @@ class PostgresWriter:
         options: ``dsn``, ``schema``, ``lock_key`` (the write lock's second key),
             ``channel`` (NOTIFY), ``terminal`` / ``errors`` (the core's
             TERMINAL_KINDS and ERROR_KINDS, see fold_rows), ``connect_timeout_s``,
-            and optionally ``block_events`` (most events per block).
+            and optionally ``block_events`` (most events per block) and
+            ``block_bytes`` (most bytes per block, see :data:`BLOCK_BYTES`).
         translate: turns a driver exception into the store's error (the store's
             ``StoreUnavailable`` for "try again later", another ``StateStoreError``
             for the rest); None leaves them as they are (the writer process).
@@ -160,6 +167,7 @@ class PostgresWriter:
         self._terminal: frozenset[str] = options["terminal"]
         self._errors: frozenset[str] = options["errors"]
         self._block_events: int = options.get("block_events", BLOCK_EVENTS)
+        self._block_bytes: int = options.get("block_bytes", BLOCK_BYTES)
         self._translate = translate
         self._conn: Any = None
         self._encoding = "utf-8"  # the database's, as a Python codec (see _codec)
@@ -248,8 +256,10 @@ class PostgresWriter:
             # leave the connection unusable) and is raised once the COPY is done, so
             # the transaction rolls back and the batch is split, not lost whole.
             unreadable: list[EventValueError] = []
-            blocks = _read_events(iter_blocks(groups, self._block_events,
-                                              ascii_only=self._encoding != "utf-8"),
+            ascii_only = self._encoding != "utf-8"
+            blocks = _read_events(_capped(iter_blocks(groups, self._block_events,
+                                                      ascii_only=ascii_only),
+                                          groups, self._block_bytes, ascii_only),
                                   unreadable)
             # The server upserts the summaries while this process encodes the first
             # blocks, then stores blocks while it encodes the next ones (the COPY
@@ -372,6 +382,31 @@ async def _records(ready: list[Block], blocks: Iterator[Block],
         if encoded >= _TURN_EVENTS:
             encoded = 0
             await asyncio.sleep(0)
+
+
+def _capped(blocks: Iterator[Block], groups: Mapping[Any, Sequence[RowLike]],
+            max_bytes: int, ascii_only: bool) -> Iterator[Block]:
+    """``blocks``, each over ``max_bytes`` (UTF-8) cut into blocks that are not (but
+    for single events). Costs a ``len`` per block; only oversized ones are encoded
+    again."""
+    for block in blocks:
+        if len(block.data) * 4 <= max_bytes or block.n == 1 \
+                or _size(block.data) <= max_bytes:
+            yield block
+            continue
+        rows = groups[block.trace_id][block.offset:block.offset + block.n]
+        parts = min(block.n, _size(block.data) // max_bytes + 1)
+        step = -(-block.n // parts)
+        for start in range(0, block.n, step):
+            part = {block.trace_id: rows[start:start + step]}
+            for sub in _capped(iter_blocks(part, step, ascii_only=ascii_only), part,
+                               max_bytes, ascii_only):
+                yield sub._replace(offset=block.offset + start + sub.offset)
+
+
+def _size(data: str) -> int:
+    """``data``'s length in UTF-8 (``isascii`` is O(1) in CPython)."""
+    return len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
 
 
 def _codec(server_encoding: str) -> str:

@@ -77,6 +77,7 @@ from penguiflow.state import (
     check_page,
 )
 
+from . import _pg_write
 from ._base import ProcessedStore
 from ._block_read import decode_block
 from ._events import events_of
@@ -388,7 +389,8 @@ class PostgresStateStore(ProcessedStore):
         options = {
             "dsn": self._dsn, "schema": self.schema, "lock_key": self._lock_key,
             "channel": self._channel, "terminal": TERMINAL_KINDS, "errors": ERROR_KINDS,
-            "connect_timeout_s": self._connect_timeout_s, "block_events": self._block_events}
+            "connect_timeout_s": self._connect_timeout_s, "block_events": self._block_events,
+            "block_bytes": _pg_write.BLOCK_BYTES}
         loop = PostgresWriter(options, translate=self._translated)
         if self.writer == "loop":
             return loop
