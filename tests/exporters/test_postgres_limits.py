@@ -4,14 +4,20 @@ block sizes, a server that stops answering, ids the server cannot hold, DSN opti
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 import test_postgres_store as pgs
 
 import penguiflow_exporters._pg_write as pg_write
+from penguiflow.state import StoreUnavailable
+from penguiflow_exporters.postgres import PostgresStateStore
 
 # The Postgres suite's fixtures, used here too.
 writer, make, sql, schema = pgs.writer, pgs.make, pgs.sql, pgs.schema
@@ -51,3 +57,104 @@ async def test_a_block_over_the_byte_cap_is_cut_and_every_event_stored(
     summary = await store.get_trace("big")
     assert summary is not None and summary.event_count == 30
 
+
+
+# -- a server that stops answering ---------------------------------------------------
+
+
+class FreezingProxy:
+    """A TCP proxy to the test server that stops forwarding on :meth:`freeze` while
+    keeping every connection open: a hung server, or a network partition."""
+
+    def __init__(self, dsn: str) -> None:
+        parts = urlsplit(dsn)
+        self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        self._dsn = dsn
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        """Listen; the DSN that goes through the proxy."""
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        parts = urlsplit(self._dsn)
+        user = parts.netloc.rpartition("@")[0]
+        return urlunsplit(parts._replace(netloc=f"{user}@127.0.0.1:{port}"))
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
+    async def _handle(self, client_r: asyncio.StreamReader,
+                      client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(*self._target)
+        self._writers += [client_w, server_w]
+        for reader, writer in ((client_r, server_w), (server_r, client_w)):
+            task = asyncio.create_task(self._pipe(reader, writer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@pytest.fixture
+async def proxy(pg_dsn: str) -> AsyncIterator[FreezingProxy]:
+    proxy = FreezingProxy(pg_dsn)
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+async def test_a_server_that_stops_answering_fails_reads_and_writes_in_bounded_time(
+        proxy: FreezingProxy, schema: str, writer: str) -> None:
+    """Reads raise StoreUnavailable naming the store and command_timeout_s, and
+    flush() returns with the batch counted lost, when the server stops answering
+    (connection open, no replies); get_trace and flush() waited for ever."""
+    store = PostgresStateStore(await proxy.start(), schema=schema, writer=writer,
+                               connect_timeout_s=1.0, command_timeout_s=0.5, retries=1,
+                               close_timeout_s=2.0)
+    try:
+        await store.save_event(ev("t", 0))
+        await store.flush()
+        assert (summary := await store.get_trace("t")) is not None
+        assert summary.event_count == 1
+        proxy.freeze()
+        with pytest.raises(StoreUnavailable, match=(
+                rf"Postgres at .*{schema}.* did not answer while reading a trace summary"
+                rf".*command_timeout_s=0\.5")):
+            await asyncio.wait_for(store.get_trace("t"), 30)
+        for seq in range(1, 6):
+            await store.save_event(ev("t", seq))
+        await asyncio.wait_for(store.flush(), 30)
+        assert store.failures["events_lost"] == 5
+        assert store.failures["retried"] >= 1
+        proxy.thaw()
+    finally:
+        await store.close()
+
+
+def test_command_timeout_is_validated() -> None:
+    for bad in (0, -1.0, "60", None):
+        with pytest.raises(ValueError, match="command_timeout_s"):
+            PostgresStateStore("postgresql://u@h/d", command_timeout_s=bad)

@@ -153,6 +153,8 @@ class PostgresWriter:
         options: ``dsn``, ``schema``, ``lock_key`` (the write lock's second key),
             ``channel`` (NOTIFY), ``terminal`` / ``errors`` (the core's
             TERMINAL_KINDS and ERROR_KINDS, see fold_rows), ``connect_timeout_s``,
+            ``command_timeout_s`` (each statement's deadline: a server that stops
+            answering fails the batch with a TimeoutError, its connection dropped),
             and optionally ``block_events`` (most events per block) and
             ``block_bytes`` (most bytes per block, see :data:`BLOCK_BYTES`).
         translate: turns a driver exception into the store's error (the store's
@@ -186,13 +188,30 @@ class PostgresWriter:
             if conn is None or conn.is_closed():
                 self._conn = None
                 options = self._options
-                conn = self._conn = await asyncpg.connect(
-                    options["dsn"], timeout=options["connect_timeout_s"],
-                    server_settings={"application_name": "penguiflow-writer"})
+                try:
+                    conn = self._conn = await asyncpg.connect(
+                        options["dsn"], timeout=options["connect_timeout_s"],
+                        command_timeout=options.get("command_timeout_s"),
+                        server_settings={"application_name": "penguiflow-writer"})
+                except TimeoutError as exc:
+                    raise TimeoutError(
+                        f"no answer to connecting within connect_timeout_s="
+                        f"{options['connect_timeout_s']:g}") from exc
                 self._encoding = _codec(await conn.fetchval("SHOW server_encoding"))
             return await self._transaction(conn, rows)
         except asyncio.CancelledError:
             raise
+        except TimeoutError as exc:
+            # A statement the server did not answer within command_timeout_s: the
+            # connection is in doubt (a reply may still come), so it is dropped.
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.terminate()
+            timed_out = exc if str(exc) else TimeoutError(
+                f"no answer within command_timeout_s={self._options.get('command_timeout_s')}")
+            if self._translate is None:
+                raise timed_out from exc
+            raise self._translate(timed_out) from timed_out
         except Exception as exc:
             error: BaseException = exc
             conn = self._conn

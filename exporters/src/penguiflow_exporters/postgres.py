@@ -177,6 +177,12 @@ class PostgresStateStore(ProcessedStore):
         pool_min / pool_max: the query pool's bounds (the writer and each
             ``follow`` use a connection of their own besides).
         connect_timeout_s: how long connecting may take before StoreUnavailable.
+        command_timeout_s: how long one query, or one statement of a batch's write,
+            may wait for the server's answer (default 60 s): a server that stops
+            answering (a hung host, a network partition that leaves the connection
+            open) is then StoreUnavailable, the batch retried then counted lost,
+            instead of a read, ``flush()`` or a flow under ``on_full="block"``
+            waiting for ever. Opening (and migrating) the schema is not bounded by it.
         **options: the processor's options (see ProcessedStore and BatchProcessor):
             ``on_full``, ``max_batch`` (here 10,000 by default), ``max_buffer``,
             ``schedule_delay_s``, ``retries``, ``close_timeout_s``.
@@ -199,6 +205,7 @@ class PostgresStateStore(ProcessedStore):
         pool_min: int = 1,
         pool_max: int = 4,
         connect_timeout_s: float = 10.0,
+        command_timeout_s: float = 60.0,
         **options: Any,
     ) -> None:
         if writer not in ("process", "loop"):
@@ -211,6 +218,10 @@ class PostgresStateStore(ProcessedStore):
             raise ValueError(
                 f"need 0 <= pool_min <= pool_max and pool_max >= 1; "
                 f"got pool_min={pool_min}, pool_max={pool_max}")
+        if not (isinstance(command_timeout_s, (int, float)) and 0 < command_timeout_s < 1e9):
+            raise ValueError(
+                f"command_timeout_s must be a positive number of seconds; "
+                f"got {command_timeout_s!r}")
         if options.get("max_batch") is None and options.get("batch_size") is None:
             options["max_batch"] = min(_MAX_BATCH, options.get("max_buffer", 100_000))
         super().__init__(readonly=readonly, **options)
@@ -222,6 +233,7 @@ class PostgresStateStore(ProcessedStore):
         self._pool_min = pool_min
         self._pool_max = pool_max
         self._connect_timeout_s = connect_timeout_s
+        self._command_timeout_s = float(command_timeout_s)
         self._pool: Any = None
         self._open_lock = asyncio.Lock()
         self._follow_wakes: set[asyncio.Queue[str | None]] = set()
@@ -270,8 +282,19 @@ class PostgresStateStore(ProcessedStore):
         """The store's error for a driver exception (see the module docstring)."""
         if isinstance(exc, StateStoreError):
             return exc
+        if isinstance(exc, TimeoutError):
+            return self._hung(doing, str(exc))
         return self._classified(doing, f"{type(exc).__name__}: {exc}",
                                 lambda classes: isinstance(exc, classes))
+
+    def _hung(self, doing: str, error: str) -> StoreUnavailable:
+        """A query or write the server did not answer in time (a TimeoutError)."""
+        return StoreUnavailable(
+            f"Postgres at {self._where} (schema {self.schema!r}) did not answer while "
+            f"{doing}: {error or 'no answer'} (command_timeout_s={self._command_timeout_s:g}, "
+            f"connect_timeout_s={self._connect_timeout_s:g} for a new connection). The "
+            f"server or the network to it is hung or overloaded; raise command_timeout_s "
+            f"only if its queries are this slow")
 
     def _classified(self, doing: str, error: str,
                     is_a: Callable[[tuple[type[BaseException], ...]], bool]) -> StateStoreError:
@@ -317,6 +340,8 @@ class PostgresStateStore(ProcessedStore):
         # By class name: WriterError.types lists every class of the exception's MRO
         # in the writer process, so subclasses match as isinstance would.
         names = frozenset(exc.types)
+        if "TimeoutError" in names:
+            return self._hung("writing events", str(exc))
         return self._classified("writing events", str(exc), lambda classes: any(
             cls.__name__ in names for cls in classes))
 
@@ -389,7 +414,8 @@ class PostgresStateStore(ProcessedStore):
         options = {
             "dsn": self._dsn, "schema": self.schema, "lock_key": self._lock_key,
             "channel": self._channel, "terminal": TERMINAL_KINDS, "errors": ERROR_KINDS,
-            "connect_timeout_s": self._connect_timeout_s, "block_events": self._block_events,
+            "connect_timeout_s": self._connect_timeout_s,
+            "command_timeout_s": self._command_timeout_s, "block_events": self._block_events,
             "block_bytes": _pg_write.BLOCK_BYTES}
         loop = PostgresWriter(options, translate=self._translated)
         if self.writer == "loop":
@@ -413,10 +439,11 @@ class PostgresStateStore(ProcessedStore):
     async def _query(self, doing: str, method: str, *args: Any) -> Any:
         """``pool.<method>(*args)`` (a read, or an idempotent write), errors translated.
 
-        Sent again when the pool's connection turns out dropped by the server while
-        idle (``_STALE``): each such connection failed one query otherwise, so
-        a long-lived reader (``pf tail``, the inspector) showed an error after every
-        server restart.
+        Bounded by ``command_timeout_s`` (a server that stops answering is then
+        StoreUnavailable, see :meth:`_hung`). Sent again when the pool's
+        connection turns out dropped by the server while idle (``_STALE``): each
+        such connection failed one query otherwise, so a long-lived reader (``pf
+        tail``, the inspector) showed an error after every server restart.
         """
         with self._errors(doing):
             # Every idle connection of the pool may have been dropped at once: one try
@@ -424,13 +451,32 @@ class PostgresStateStore(ProcessedStore):
             # store is closed (its close cut the query): that is "closed", as before.
             for _ in range(self._pool_max):
                 try:
-                    return await getattr(self._checked_pool(), method)(*args)
+                    return await self._call(method, *args)
                 except _STALE as exc:
                     if self._pool is None:
                         raise
                     logger.info("state_store_stale_connection", extra={
                         "store": self._where, "doing": doing, "error": type(exc).__name__})
-            return await getattr(self._checked_pool(), method)(*args)
+            return await self._call(method, *args)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        """``<method>(*args)`` on a connection of the pool, within command_timeout_s.
+
+        One the server did not answer in time is terminated, not released to the
+        pool: asyncpg would wait for its cancel request to be answered, for ever on a
+        server that answers nothing. Waiting for a free connection (or a new one) is
+        bounded too.
+        """
+        pool = self._checked_pool()
+        timeout = self._command_timeout_s
+        conn = await pool.acquire(timeout=self._connect_timeout_s + timeout)
+        try:
+            return await getattr(conn, method)(*args, timeout=timeout)
+        except TimeoutError:
+            conn.terminate()
+            raise
+        finally:
+            await pool.release(conn, timeout=timeout)
 
     async def load_history(self, trace_id: str) -> list[StoredEvent]:
         """The events of ``trace_id`` in order of occurrence (all fields restored).
