@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -16,8 +17,10 @@ import pytest
 import test_postgres_store as pgs
 
 import penguiflow_exporters._pg_write as pg_write
-from penguiflow.state import StoreUnavailable
+from penguiflow.state import StateStoreError, StoreUnavailable
+from penguiflow_exporters import open_store
 from penguiflow_exporters.postgres import PostgresStateStore
+from penguiflow_inspector.cli import main as pf_main
 
 # The Postgres suite's fixtures, used here too.
 writer, make, sql, schema = pgs.writer, pgs.make, pgs.sql, pgs.schema
@@ -158,3 +161,77 @@ def test_command_timeout_is_validated() -> None:
     for bad in (0, -1.0, "60", None):
         with pytest.raises(ValueError, match="command_timeout_s"):
             PostgresStateStore("postgresql://u@h/d", command_timeout_s=bad)
+
+
+# -- the schema a store URL names ----------------------------------------------------
+
+
+def with_schema(dsn: str, schema: str) -> str:
+    return f"{dsn}{'&' if '?' in dsn else '?'}schema={schema}"
+
+
+def test_the_schema_query_parameter_is_taken_out_of_the_dsn() -> None:
+    from penguiflow_exporters.postgres import split_schema
+
+    dsn = "postgresql://u:p%40w@h:5433/db?sslmode=disable&schema=myapp&application_name=a"
+    assert split_schema(dsn) == (
+        "postgresql://u:p%40w@h:5433/db?sslmode=disable&application_name=a", "myapp")
+    assert split_schema("postgresql://u@h/db?schema=x") == ("postgresql://u@h/db", "x")
+    assert split_schema("postgresql://u@h/db") == ("postgresql://u@h/db", None)
+    assert PostgresStateStore("postgresql://u@h/db?schema=myapp").schema == "myapp"
+    assert PostgresStateStore("postgresql://u@h/db").schema == "penguiflow"
+    with pytest.raises(ValueError, match="schema"):
+        PostgresStateStore("postgresql://u@h/db?schema=a", schema="b")
+    with pytest.raises(ValueError, match="schema"):
+        PostgresStateStore("postgresql://u@h/db?schema=Not-Valid")
+
+
+async def test_a_store_url_selects_its_schema_and_pf_reads_it(
+        pg_dsn: str, schema: str, sql: asyncpg.Connection,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``?schema=`` in a store URL selects the schema, for open_store and pf alike;
+    there was no way to point pf at a schema other than penguiflow."""
+    url = with_schema(pg_dsn, schema)
+    async with open_store(url, writer="loop") as store:
+        await store.save_event(ev("in-myapp", 0))
+    assert await sql.fetchval(f'SELECT count(*) FROM "{schema}".traces') == 1
+    async with open_store(url, readonly=True) as reader:
+        assert [e.seq for e in await reader.load_history("in-myapp")] == [0]
+    capsys.readouterr()
+    assert await asyncio.to_thread(pf_main, ["traces", "--json", "--store", url]) == 0
+    assert [t["trace_id"] for t in json.loads(capsys.readouterr().out)] == ["in-myapp"]
+
+
+async def test_pf_migrate_refuses_a_schema_with_no_store_and_creates_nothing(
+        pg_dsn: str, schema: str, sql: asyncpg.Connection,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Like SQLite's: exit 2 and nothing created; it created an empty store."""
+    assert await asyncio.to_thread(
+        pf_main, ["migrate", "--store", with_schema(pg_dsn, schema)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"pf migrate: no penguiflow trace store in Postgres schema "
+                           f"{schema!r}")
+    assert await sql.fetchval(
+        "SELECT count(*) FROM pg_namespace WHERE nspname = $1", schema) == 0
+
+
+async def test_pf_migrate_upgrades_the_v4_schema_its_url_names_and_says_what_it_did(
+        pg_dsn: str, schema: str, sql: asyncpg.Connection,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A read-only store's advice names the schema, and pf migrate with that URL
+    upgrades it, saying from which version; the advice acted on penguiflow."""
+    await pgs.make_v4_schema(sql, schema, pgs.v4_batches())
+    with pytest.raises(StateStoreError, match=(
+            rf"has version 4.*run pf migrate --store '<url>\?schema={schema}'")):
+        async with PostgresStateStore(pg_dsn, schema=schema, readonly=True):
+            pass
+    url = with_schema(pg_dsn, schema)
+    capsys.readouterr()
+    assert await asyncio.to_thread(pf_main, ["migrate", "--store", url]) == 0
+    assert capsys.readouterr().out == (
+        f"upgraded {url} (Postgres schema {schema!r}) from schema 4 to 5\n")
+    assert await asyncio.to_thread(pf_main, ["migrate", "--store", url]) == 0
+    assert capsys.readouterr().out == (
+        f"{url} (Postgres schema {schema!r}) is already at schema 5; nothing to do\n")
+    assert await asyncio.to_thread(pf_main, ["traces", "--json", "--store", url]) == 0
+    assert sorted(t["trace_id"] for t in json.loads(capsys.readouterr().out)) == ["rt", "st"]

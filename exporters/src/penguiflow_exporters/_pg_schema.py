@@ -47,7 +47,8 @@ from ._legacy_v4 import decode_v4_block
 from ._records import BlockError
 from .processor import StoreRefused
 
-__all__ = ["MIGRATE_LOCK", "SCHEMA_VERSION", "check_schema", "create_or_migrate"]
+__all__ = ["MIGRATE_LOCK", "SCHEMA_VERSION", "check_schema", "create_or_migrate",
+           "stored_version"]
 
 #: The schema version this module creates; version 4 is migrated, others refused.
 SCHEMA_VERSION: Final = 5
@@ -214,6 +215,23 @@ def _refuse(version: int, schema: str, where: str) -> StateStoreError:
         f"or use another schema (schema=...). Nothing was changed")
 
 
+def _store_url(schema: str) -> str:
+    """What ``pf migrate --store`` takes for ``schema`` (a placeholder for the URL)."""
+    return "<url>" if schema == "penguiflow" else f"'<url>?schema={schema}'"
+
+
+async def stored_version(conn: Any, schema: str, where: str) -> int | None:
+    """The version ``schema`` records, reading the catalog only: None when the schema
+    does not exist or has no ``schema_version`` table, 0 when that table is empty.
+
+    Raises:
+        StateStoreError: a ``schema_version`` table that is not ours.
+    """
+    if await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema) is None:
+        return None
+    return await _version(conn, schema, where)
+
+
 async def check_schema(conn: Any, schema: str, where: str) -> None:
     """A read-only store's check: ``schema`` holds a version-5 penguiflow store.
 
@@ -236,8 +254,8 @@ async def check_schema(conn: Any, schema: str, where: str) -> None:
     if version == 4:
         raise StateStoreError(
             f"Postgres schema {schema!r} at {where} has version 4, which a read-only store "
-            f"does not migrate; run pf migrate --store <url> (or open it once without "
-            f"readonly=True) to migrate it to version {SCHEMA_VERSION}")
+            f"does not migrate; run pf migrate --store {_store_url(schema)} (or open it "
+            f"once without readonly=True) to migrate it to version {SCHEMA_VERSION}")
     if version != SCHEMA_VERSION:
         raise _refuse(version, schema, where)
     await _check_layout(conn, schema, where)

@@ -62,6 +62,7 @@ import re
 import zlib
 from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any, Final, Literal
+from urllib.parse import unquote_plus
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
@@ -82,7 +83,7 @@ from ._base import ProcessedStore
 from ._block_read import decode_block
 from ._events import events_of
 from ._pg_dsn import describe_dsn
-from ._pg_schema import SCHEMA_VERSION, check_schema, create_or_migrate
+from ._pg_schema import SCHEMA_VERSION, check_schema, create_or_migrate, stored_version
 from ._pg_write import ANY_TRACE, PostgresWriter
 from ._pg_writers import NoProcess, ProcessOrLoop
 from ._records import BLOCK_EVENTS, BlockError, Row
@@ -92,7 +93,10 @@ from .writer import EventWriter
 
 logger = logging.getLogger("penguiflow_exporters.store")
 
-__all__ = ["PostgresStateStore", "SCHEMA_VERSION"]
+__all__ = ["DEFAULT_SCHEMA", "PostgresStateStore", "SCHEMA_VERSION", "split_schema"]
+
+#: The schema a store uses when neither ``schema=`` nor the DSN names one.
+DEFAULT_SCHEMA: Final = "penguiflow"
 
 # Lowercase only, so the name means the same quoted or not; <= 56 characters so
 # that the NOTIFY channel "<schema>.events" fits Postgres' 63-byte identifiers.
@@ -168,7 +172,11 @@ class PostgresStateStore(ProcessedStore):
         dsn: ``postgresql://user[:password]@host:port/database``. Messages name the
             host, port and database, never the password.
         schema: the Postgres schema holding the tables (lowercase identifier, at
-            most 56 characters); created or migrated on ``open()`` unless read-only.
+            most 56 characters; default ``penguiflow``); created or migrated on
+            ``open()`` unless read-only. The DSN may name it instead, as a query
+            parameter (``postgresql://u@h/db?schema=myapp``: how a store URL given to
+            ``open_store`` or ``pf --store`` selects it); it is taken out of the DSN
+            before the driver sees it.
         writer: where batches are written: ``"process"`` (default), by a child
             process with its own connection, or ``"loop"``, on the event loop (see
             the module docstring).
@@ -199,7 +207,7 @@ class PostgresStateStore(ProcessedStore):
         self,
         dsn: str,
         *,
-        schema: str = "penguiflow",
+        schema: str | None = None,
         writer: Literal["process", "loop"] = "process",
         readonly: bool = False,
         pool_min: int = 1,
@@ -210,6 +218,11 @@ class PostgresStateStore(ProcessedStore):
     ) -> None:
         if writer not in ("process", "loop"):
             raise ValueError(f"writer must be 'process' or 'loop'; got {writer!r}")
+        dsn, url_schema = split_schema(dsn)
+        if schema is not None and url_schema is not None and schema != url_schema:
+            raise ValueError(f"the DSN says schema={url_schema!r} but schema={schema!r} "
+                             f"was passed; give one")
+        schema = schema or url_schema or DEFAULT_SCHEMA
         if not _SCHEMA_NAME.fullmatch(schema):
             raise ValueError(
                 f"schema must be a lowercase identifier of at most 56 characters "
@@ -366,13 +379,7 @@ class PostgresStateStore(ProcessedStore):
                         self._dsn, min_size=self._pool_min, max_size=self._pool_max,
                         timeout=self._connect_timeout_s, server_settings=settings)
                 except (ValueError, OverflowError, TypeError) as exc:
-                    # The driver could not parse the DSN. Its message may quote a part
-                    # of it (the password, cut at a reserved character): not shown.
-                    raise StoreRefused(
-                        f"the Postgres DSN {self._where} cannot be used "
-                        f"({type(exc).__name__} while parsing it): check its host, port "
-                        f"and database, and percent-encode any / ? # @ : in the user name "
-                        f"or password (e.g. %2F for /)") from None
+                    raise self._bad_dsn(exc) from None
             try:
                 with self._errors("checking the schema" if self.readonly
                                   else "creating or migrating the schema"):
@@ -394,6 +401,43 @@ class PostgresStateStore(ProcessedStore):
                 pool.terminate()
                 raise
             self._pool = pool
+
+    async def stored_schema_version(self) -> int | None:
+        """The schema version this store's schema records, read on a connection of its
+        own without writing anything (``pf migrate`` asks before and after opening):
+        None when the schema does not exist or has no ``schema_version`` table (no
+        store there), 0 when that table is empty.
+
+        Raises:
+            StoreUnavailable: the server cannot be reached.
+            StateStoreError: the DSN cannot be used, or the schema's
+                ``schema_version`` table is another tool's.
+        """
+        with self._errors("reading the schema version"):
+            conn = await self._connect(self._dsn, timeout=self._connect_timeout_s,
+                                       command_timeout=self._command_timeout_s,
+                                       server_settings={"application_name": "penguiflow"})
+            try:
+                await conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+                return await stored_version(conn, self.schema, self._where)
+            finally:
+                conn.terminate()
+
+    async def _connect(self, *args: Any, **kwargs: Any) -> Any:
+        """``asyncpg.connect``; a DSN the driver cannot parse refused without quoting it."""
+        try:
+            return await asyncpg.connect(*args, **kwargs)
+        except (ValueError, OverflowError, TypeError) as exc:
+            raise self._bad_dsn(exc) from None
+
+    def _bad_dsn(self, exc: BaseException) -> StoreRefused:
+        # The driver could not parse the DSN. Its message may quote a part of it (the
+        # password, cut at a reserved character): not shown.
+        return StoreRefused(
+            f"the Postgres DSN {self._where} cannot be used "
+            f"({type(exc).__name__} while parsing it): check its host, port "
+            f"and database, and percent-encode any / ? # @ : in the user name "
+            f"or password (e.g. %2F for /)")
 
     async def _close(self) -> None:
         for wake in list(self._follow_wakes):
@@ -704,6 +748,34 @@ class PostgresStateStore(ProcessedStore):
 
 
 # -- helpers ------------------------------------------------------------------------
+
+
+def split_schema(dsn: str) -> tuple[str, str | None]:
+    """``dsn`` without its ``schema`` query parameter, and that parameter's value (None
+    without one). The rest of the DSN is kept as written (only the pair is cut out).
+
+    Raises:
+        ValueError: ``schema`` is given more than once.
+    """
+    start = dsn.find("?")
+    if start < 0 or "schema" not in dsn[start:]:
+        return dsn, None
+    end = dsn.find("#", start)
+    end = len(dsn) if end < 0 else end
+    kept: list[str] = []
+    found: list[str] = []
+    for pair in dsn[start + 1:end].split("&"):
+        key, eq, value = pair.partition("=")
+        if eq and unquote_plus(key) == "schema":
+            found.append(unquote_plus(value))
+        else:
+            kept.append(pair)
+    if not found:
+        return dsn, None
+    if len(found) > 1:
+        raise ValueError(f"the DSN names its schema {len(found)} times; give schema= once")
+    query = "&".join(pair for pair in kept if pair)
+    return dsn[:start] + ("?" + query if query else "") + dsn[end:], found[0]
 
 
 def _summary(row: Any) -> TraceSummary:

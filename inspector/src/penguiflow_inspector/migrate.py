@@ -11,8 +11,11 @@ SQLite: the file's version is read first, through a read-only ``sqlite3``
 connection (``mode=ro``), so that a missing, empty or foreign file is refused
 without ever being opened for writing (a writing store sets its pragmas, WAL
 mode among them, before it looks at the tables), and so that the line can say
-which version it upgraded from. Other stores (Postgres) are opened and closed
-with a writing store, which upgrades an older schema.
+which version it upgraded from. Postgres: the schema's version is read first on a
+read-only session (``stored_schema_version``), so a database with no store in
+that schema (``?schema=NAME`` in the URL selects one other than ``penguiflow``)
+is refused, exit 2, instead of getting an empty store, and the line says which
+version it upgraded from.
 
 Every failure is a :class:`~penguiflow_inspector._store.CommandError`: exit 2
 when the URL names something that is not a trace store this version can
@@ -24,8 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from penguiflow.state import StateStoreError, StoreUnavailable
 from penguiflow_exporters import open_store
@@ -35,7 +39,10 @@ from ._store import EXIT_OK, EXIT_USAGE, CommandError, one_line, redact, store_u
 
 __all__ = ["add_arguments", "migrate", "run", "sqlite_schema_version"]
 
+_T = TypeVar("_T")
+
 _STORE_HELP = ("the store to upgrade: sqlite:///path.db or postgresql://user@host:port/db "
+               "(?schema=NAME for a Postgres schema other than penguiflow) "
                "(default: $PENGUIFLOW_STORE, else sqlite:///.penguiflow/traces.db)")
 
 
@@ -76,13 +83,47 @@ async def migrate(url: str) -> str:
                            EXIT_USAGE)
     path = getattr(store, "path", None)
     before = _sqlite_before(path) if isinstance(path, Path) else None
-    try:
+    version_of = getattr(store, "stored_schema_version", None)  # Postgres
+    if version_of is not None:
+        before = await _store_step(version_of, url)
+        if not before:
+            await store.close()
+            schema = getattr(store, "schema", "penguiflow")
+            raise CommandError(
+                f"no penguiflow trace store in Postgres schema {schema!r} at {redact(url)}"
+                f"{' (an empty schema_version table)' if before == 0 else ''}: nothing to "
+                "migrate, and nothing was created; pass --store URL (with ?schema=NAME for "
+                "another schema) or set PENGUIFLOW_STORE to the store to upgrade",
+                EXIT_USAGE)
+
+    async def open_and_close() -> None:
         try:
             opener = getattr(store, "open", None)
             if opener is not None:  # every durable store: opening creates or migrates
                 await opener()
         finally:
             await store.close()
+
+    await _store_step(open_and_close, url)
+    if version_of is not None:
+        after = await _store_step(version_of, url)
+        where = f"{redact(url)} (Postgres schema {getattr(store, 'schema', '?')!r})"
+    elif isinstance(path, Path):
+        after = sqlite_schema_version(path)
+        where = repr(str(path))
+    else:
+        return (f"{redact(url)} is at the schema this penguiflow-exporters writes "
+                "(opening it with a writing store upgrades an older one)")
+    if after == before:
+        return f"{where} is already at schema {after}; nothing to do"
+    return f"upgraded {where} from schema {before} to {after}"
+
+
+async def _store_step(step: Callable[[], Awaitable[_T]], url: str) -> _T:
+    """``await step()``, the store's errors as :class:`CommandError`: exit 1 when it
+    cannot be reached, 2 when it refuses (a version it cannot upgrade, unchanged)."""
+    try:
+        return await step()
     except StoreUnavailable as exc:
         raise CommandError(f"trace store: {one_line(exc).replace(url, redact(url))}") from None
     except StateStoreError as exc:  # refused: a version it cannot upgrade (file unchanged)
@@ -90,13 +131,6 @@ async def migrate(url: str) -> str:
     except OSError as exc:
         raise CommandError(
             f"cannot reach the trace store {redact(url)}: {one_line(exc)}") from None
-    if not isinstance(path, Path):
-        return (f"{redact(url)} is at the schema this penguiflow-exporters writes "
-                "(opening it with a writing store upgrades an older one)")
-    after = sqlite_schema_version(path)
-    if after == before:
-        return f"{str(path)!r} is already at schema {after}; nothing to do"
-    return f"upgraded {str(path)!r} from schema {before} to {after}"
 
 
 def _sqlite_before(path: Path) -> int:
