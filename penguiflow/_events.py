@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ._tracer import LiveTracer
     from .state import StateStore
 
-__all__ = ["EVENT_LEVELS", "EventPipeline", "logger"]
+__all__ = ["EVENT_LEVELS", "EventPipeline", "cancelling", "logger"]
 
 logger = logging.getLogger("penguiflow.core")
 
@@ -54,6 +54,14 @@ _RESERVED = frozenset(
 )
 
 EventSink = Callable[[FlowEvent], Awaitable[None]]
+
+
+def cancelling() -> bool:
+    """Whether the current task is being cancelled: a ``CancelledError`` is then its
+    own and must propagate; otherwise an observer raised it, and it is the
+    observer's failure (outside a task there is nothing to keep alive)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def fast_path_of(store: Any) -> Callable[[EventRecord], Awaitable[None] | None] | None:
@@ -215,7 +223,18 @@ class EventPipeline:
         for mw in self.middlewares:
             try:
                 await mw(event)
-            except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            except asyncio.CancelledError as exc:
+                if cancelling():
+                    raise
+                # Not this task's cancel (the middleware awaited something another
+                # task cancelled): re-raising it ended the worker for good.
+                self.failures["middleware_error"] += 1
+                logger.error("middleware_error", extra={
+                    "event": event.event_type, "trace_id": event.trace_id,
+                    "middleware": safe_repr(mw),
+                    "error": f"{safe_repr(exc)} (raised by the middleware, not a cancel "
+                             "of the flow)"})
+            except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as exc:  # a library's own BaseException too: an observer
                 self.failures["middleware_error"] += 1
@@ -229,7 +248,19 @@ class EventPipeline:
         """Step 2 through the tuple consumers; failures are logged and counted."""
         waiter = self.take_fields(fields)
         if waiter is not None:
+            await self.wait_store(waiter, fields.kind, fields.trace_id)
+
+    async def wait_store(self, waiter: Awaitable[None], kind: str, trace_id: Any) -> None:
+        """Await a store's waiter (its buffer was full); a ``CancelledError`` that is
+        not this task's own cancel (the store cancelled its waiter, say while
+        closing) is a store failure, logged and counted, not the end of the caller."""
+        try:
             await waiter
+        except asyncio.CancelledError as exc:
+            if cancelling():
+                raise
+            self.store_failed(kind, trace_id, RuntimeError(
+                f"the store's wait for buffer room was cancelled by the store ({safe_repr(exc)})"))
 
     def take_fields(self, fields: EventRecord) -> Awaitable[None] | None:
         """Hand ``fields`` to the fast-path store and the tracer, synchronously.
@@ -269,5 +300,10 @@ class EventPipeline:
             return
         try:
             await store.save_event(stored)
+        except asyncio.CancelledError as exc:
+            if cancelling():
+                raise
+            self.store_failed(stored.kind, stored.trace_id, RuntimeError(
+                f"save_event raised {safe_repr(exc)}, not a cancel of the flow"))
         except Exception as exc:
             self.store_failed(stored.kind, stored.trace_id, exc)

@@ -489,7 +489,7 @@ class FlowRuntime:
             # store's writer builds the StoredEvent later, off the hot path.
             waiter = events.take_fields(fields)
             if waiter is not None:
-                await waiter
+                await events.wait_store(waiter, kind, fields[0])
             return
         if log or events.middlewares or events.tracer is not None:
             await events.deliver(event_from_fields(fields), fields, level, log)

@@ -260,7 +260,7 @@ class NodeWorker:
                     waiter = record("node_start", ctx, trace_id, attempt, 0.0, None, inv,
                                     parents, queued)
                     if waiter is not None:
-                        await waiter
+                        await events.wait_store(waiter, "node_start", trace_id)
                 elif observed:
                     await rt.emit_event("node_start", ctx, trace_id, attempt=attempt,
                                            latency_ms=0.0, invocation_id=inv, parents=parents,
@@ -369,7 +369,7 @@ class NodeWorker:
                             waiter = record("node_success", ctx, trace_id, attempt, latency_ms,
                                             streamed, inv, parents, queued)
                             if waiter is not None:
-                                await waiter
+                                await events.wait_store(waiter, "node_success", trace_id)
                         elif observed or info:  # events.wants(INFO), known already
                             await rt.emit_event("node_success", ctx, trace_id,
                                                    attempt=attempt, latency_ms=latency_ms,

@@ -288,3 +288,60 @@ async def test_an_emit_failed_by_stop_does_not_take_a_count_from_queued_items() 
     finally:
         gate.set()
         await within(flow.stop())
+
+
+class _CancelledFuture:
+    """What an observer meets when something it awaits was cancelled by another task
+    (a closed HTTP client's pending request, a pool torn down): a CancelledError."""
+
+    async def __call__(self, *_: Any) -> None:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+
+
+@pytest.mark.parametrize("observer", ["middleware", "store", "store_waiter"])
+async def test_an_observer_raising_cancelled_error_costs_one_event_not_the_worker(
+        observer: str, caplog: pytest.LogCaptureFixture) -> None:
+    # A middleware (or save_event) re-raised a CancelledError that was not the
+    # flow's: the worker took it for stop(), ended, and every later message of the
+    # node waited for ever (the trace never drained).
+    from penguiflow.state import InMemoryStateStore
+
+    broken = _CancelledFuture()
+
+    class CancellingStore(InMemoryStateStore):
+        async def save_event(self, event: Any) -> None:
+            await broken()
+
+    class CancellingWaiterStore(InMemoryStateStore):
+        """A fast-path store whose "buffer full" waiter it cancels (closing, say)."""
+
+        def save_event_fields(self, fields: Any) -> Any:
+            return broken()
+
+    async def echo(m: Message, ctx: Any) -> Message:
+        return m
+
+    node = Node(echo, name="echo", policy=NodePolicy(validate="none"))
+    if observer == "middleware":
+        flow = create(node.to(), middlewares=[broken])
+        counter = "middleware_error"
+    else:
+        store = CancellingStore() if observer == "store" else CancellingWaiterStore()
+        flow = create(node.to(), state_store=store)
+        counter = "state_store_save_failed"
+    flow.run()
+    try:
+        for n in range(3):
+            m = msg(n)
+            await flow.emit(m)
+            out = await within(flow.fetch())
+            assert out.trace_id == m.trace_id
+        assert alive(flow)
+        assert flow._rt.traces == {}  # every trace drained
+        # node_start and node_success of each message: counted, each one.
+        assert flow.observer_failures[counter] == 6
+        assert counter in caplog.text
+    finally:
+        await within(flow.stop())
