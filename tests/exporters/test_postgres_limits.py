@@ -235,3 +235,28 @@ async def test_pf_migrate_upgrades_the_v4_schema_its_url_names_and_says_what_it_
         f"{url} (Postgres schema {schema!r}) is already at schema 5; nothing to do\n")
     assert await asyncio.to_thread(pf_main, ["traces", "--json", "--store", url]) == 0
     assert sorted(t["trace_id"] for t in json.loads(capsys.readouterr().out)) == ["rt", "st"]
+
+
+# -- read-only sessions ----------------------------------------------------------------
+
+
+async def test_a_reader_opens_with_target_session_attrs_read_write_and_stays_read_only(
+        make: Any, pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``?target_session_attrs=read-write`` in the DSN (common for a primary behind
+    several hosts) no longer makes every read-only store, so every pf reader, fail to
+    connect; its sessions are still read-only, after the pool has reset them too."""
+    store = await make()
+    await store.save_event(ev("t", 0))
+    await store.flush()
+    url = with_schema(f"{pg_dsn}?target_session_attrs=read-write", store.schema)
+    async with PostgresStateStore(url, readonly=True, pool_max=1) as reader:
+        for _ in range(3):  # the one connection, released and reset between queries
+            assert (summary := await reader.get_trace("t")) is not None
+            assert summary.event_count == 1
+        assert await reader._query("checking", "fetchval", "SHOW transaction_read_only") == "on"
+        with pytest.raises(StateStoreError):
+            await reader._query("writing", "execute",
+                                f'DELETE FROM "{store.schema}".traces')
+    capsys.readouterr()
+    assert await asyncio.to_thread(pf_main, ["traces", "--json", "--store", url]) == 0
+    assert [t["trace_id"] for t in json.loads(capsys.readouterr().out)] == ["t"]

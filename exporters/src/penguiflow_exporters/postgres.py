@@ -370,14 +370,17 @@ class PostgresStateStore(ProcessedStore):
         async with self._open_lock:
             if self._pool is not None:
                 return
-            settings = {"application_name": "penguiflow"}
-            if self.readonly:  # the server itself refuses any write on these sessions
-                settings["default_transaction_read_only"] = "on"
+            # A read-only store's sessions are made read-only once connected (the
+            # server itself refuses any write on them), and again by each reset (its
+            # RESET ALL). Not as a startup setting: with target_session_attrs=read-write
+            # in the DSN, asyncpg then took every host for a read-only standby.
+            readonly = {"init": _read_only, "reset": _reset_read_only} if self.readonly else {}
             with self._errors("connecting"):
                 try:
                     pool = await asyncpg.create_pool(
                         self._dsn, min_size=self._pool_min, max_size=self._pool_max,
-                        timeout=self._connect_timeout_s, server_settings=settings)
+                        timeout=self._connect_timeout_s,
+                        server_settings={"application_name": "penguiflow"}, **readonly)
                 except (ValueError, OverflowError, TypeError) as exc:
                     raise self._bad_dsn(exc) from None
             try:
@@ -418,7 +421,7 @@ class PostgresStateStore(ProcessedStore):
                                        command_timeout=self._command_timeout_s,
                                        server_settings={"application_name": "penguiflow"})
             try:
-                await conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+                await _read_only(conn)
                 return await stored_version(conn, self.schema, self._where)
             finally:
                 conn.terminate()
@@ -748,6 +751,20 @@ class PostgresStateStore(ProcessedStore):
 
 
 # -- helpers ------------------------------------------------------------------------
+
+
+_READ_ONLY: Final = "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"
+
+
+async def _read_only(conn: Any) -> None:
+    """Make ``conn``'s session read-only (a read-only store's pool ``init``)."""
+    await conn.execute(_READ_ONLY)
+
+
+async def _reset_read_only(conn: Any) -> None:
+    """The pool's reset of a read-only store's connection: asyncpg's own (its RESET
+    ALL would make the session writable again), then read-only again; one round trip."""
+    await conn.execute(f"{conn.get_reset_query() or ''};{_READ_ONLY}")
 
 
 def split_schema(dsn: str) -> tuple[str, str | None]:
