@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from penguiflow.errors import InvalidArgumentType
 from penguiflow.types import StreamChunk
 
 if TYPE_CHECKING:
@@ -26,6 +28,56 @@ __all__ = ["chunk_to_ws_json", "emit_stream_events", "format_sse_event", "stream
 
 # The line ends of SSE (WHATWG HTML, "event stream interpretation"): CRLF, LF, CR.
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# UTF-16 surrogate code points: a str may hold them (lone, or as two code points that
+# would pair in UTF-16), but UTF-8 cannot encode them, so a text holding one cannot
+# be sent.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# How json writes a non-finite float used as a dict key (a key is a string, so these
+# are valid JSON and are kept).
+_NON_FINITE_KEYS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (in dicts, lists, tuples) as ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {
+            (_NON_FINITE_KEYS[repr(float(key))]
+             if isinstance(key, float) and not math.isfinite(key) else key): _finite(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _json_text(value: Any) -> str:
+    """``value`` as strict JSON (RFC 8259) text, ``ensure_ascii=False`` otherwise.
+
+    Python's json writes NaN and the infinities as bare ``NaN`` / ``Infinity``, which
+    no strict parser (JavaScript's ``JSON.parse``) accepts: each is written as ``null``,
+    as ``JSON.stringify`` does. A surrogate code point (which UTF-8 cannot encode) is
+    written as its ``\\uXXXX`` escape, which a parser reads back (a pair as the one
+    character it stands for). Anything else is exactly ``json.dumps(value,
+    ensure_ascii=False)``.
+    """
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        if "Out of range float" not in str(exc):
+            raise
+        text = json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
+    # Surrogates only occur inside JSON strings, where an escape stands for the char.
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _sse_text(text: str) -> str:
+    """``text`` made UTF-8 encodable: a surrogate pair becomes the character it stands
+    for, a lone surrogate U+FFFD (as a UTF-8 decoder reads an invalid byte)."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def format_sse_event(
@@ -40,23 +92,37 @@ def format_sse_event(
     requires (a single-line text gives exactly one); a lone CR ends a line too, as
     it does for every SSE reader, so no text can add a field or an event.
 
+    The frame is always valid to send: the meta is strict JSON (a NaN or infinite
+    float is ``null``, a surrogate code point a ``\\uXXXX`` escape), and a surrogate in
+    the text or ``event_name`` (which UTF-8 cannot encode) is replaced: a pair by the
+    character it stands for, a lone one by U+FFFD. Other values render exactly as
+    ``json.dumps(meta, ensure_ascii=False)`` and the text as is.
+
     Returns:
         The frame, terminated by a blank line (it ends with ``"\\n\\n"``).
 
     Raises:
         ValueError: ``event_name`` holds a line break.
+        TypeError: ``retry_ms`` is not an int (a bool is refused too) or None
+            (:class:`~penguiflow.errors.InvalidArgumentType`).
     """
     if event_name is not None and _LINE_BREAK.search(event_name):
         raise ValueError(f"event_name must be one line (SSE ends a field at CR or LF); "
                          f"got {event_name!r}")
-    name = event_name or ("done" if chunk.done else "chunk")
+    if retry_ms is not None and (isinstance(retry_ms, bool) or not isinstance(retry_ms, int)):
+        # Rendered as is, a str could add fields or events ("1\nevent: x"), and
+        # a float is a retry field every SSE reader ignores.
+        raise InvalidArgumentType(
+            f"retry_ms must be an int (milliseconds) or None, got "
+            f"{type(retry_ms).__name__} {retry_ms!r}")
+    name = _sse_text(event_name or ("done" if chunk.done else "chunk"))
     lines = [f"event: {name}", f"id: {chunk.seq}"]
     # Every line break SSE knows (CRLF, LF, and a lone CR) starts another data line:
     # left inside one, it would end the field there and let the text after it write
     # fields (an event name, an id) or whole events of its own.
-    lines.extend(f"data: {line}" for line in _LINE_BREAK.split(chunk.text))
+    lines.extend(f"data: {line}" for line in _LINE_BREAK.split(_sse_text(chunk.text)))
     if chunk.meta:
-        lines.append(f"data: {json.dumps(chunk.meta, ensure_ascii=False)}")
+        lines.append(f"data: {_json_text(chunk.meta)}")
     if retry_ms is not None:
         lines.append(f"retry: {retry_ms}")
     return "\n".join(lines) + "\n\n"
@@ -70,6 +136,12 @@ def chunk_to_ws_json(chunk: StreamChunk, *, extra: Mapping[str, Any] | None = No
         extra: Keys merged on top of ``stream_id``, ``seq``, ``text``, ``done``, ``meta``
             (they win on collisions).
 
+    Returns:
+        ``json.dumps(payload, ensure_ascii=False)``, except that the text is always
+        strict JSON a WebSocket can carry: a NaN or infinite float is ``null`` (not
+        the bare ``NaN`` / ``Infinity`` ``JSON.parse`` refuses) and a surrogate code
+        point (which UTF-8 cannot encode) is its ``\\uXXXX`` escape.
+
     Raises:
         TypeError: If the meta or ``extra`` hold values JSON cannot encode.
     """
@@ -82,7 +154,7 @@ def chunk_to_ws_json(chunk: StreamChunk, *, extra: Mapping[str, Any] | None = No
     }
     if extra:
         payload.update(extra)
-    return json.dumps(payload, ensure_ascii=False)
+    return _json_text(payload)
 
 
 async def stream_flow(

@@ -1,0 +1,124 @@
+"""Streaming helpers (spec §14): review regressions.
+
+Frames that must be sendable (strict JSON, UTF-8 encodable) and stream_flow that only
+yields its own trace's items.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from penguiflow.streaming import chunk_to_ws_json, format_sse_event
+from penguiflow.types import StreamChunk
+
+
+def _strict_loads(text: str) -> Any:
+    """json.loads as JavaScript's JSON.parse: bare NaN / Infinity are errors."""
+
+    def refuse(token: str) -> Any:
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+# --- strict JSON: non-finite floats -----------------------------------------------------
+
+
+def test_sse_meta_with_nan_and_infinities_is_strict_json() -> None:
+    chunk = StreamChunk(
+        stream_id="s",
+        seq=2,
+        text="x",
+        meta={"score": math.nan, "hi": math.inf, "lo": [-math.inf, 1.5], "ok": "é"},
+    )
+    frame = format_sse_event(chunk)
+    assert frame == (
+        "event: chunk\nid: 2\ndata: x\n"
+        'data: {"score": null, "hi": null, "lo": [null, 1.5], "ok": "é"}\n\n'
+    )
+    meta_line = frame.split("\n")[3]
+    assert _strict_loads(meta_line.removeprefix("data: ")) == {
+        "score": None,
+        "hi": None,
+        "lo": [None, 1.5],
+        "ok": "é",
+    }
+
+
+def test_ws_json_with_nan_and_infinities_is_strict_json() -> None:
+    chunk = StreamChunk(stream_id="s", seq=0, text="x", meta={"score": math.nan})
+    text = chunk_to_ws_json(chunk, extra={"cost": math.inf, "t": (math.nan, 2)})
+    assert _strict_loads(text) == {
+        "stream_id": "s",
+        "seq": 0,
+        "text": "x",
+        "done": False,
+        "meta": {"score": None},
+        "cost": None,
+        "t": [None, 2],
+    }
+
+
+def test_a_non_finite_float_key_keeps_its_json_spelling() -> None:
+    # A key is written as a string ("NaN"), which is valid JSON: unchanged.
+    chunk = StreamChunk(stream_id="s", seq=0, text="x", meta={"v": math.nan})
+    chunk.meta[math.nan] = 1  # type: ignore[index]
+    assert _strict_loads(chunk_to_ws_json(chunk))["meta"] == {"v": None, "NaN": 1}
+
+
+def test_ordinary_values_render_exactly_as_json_dumps() -> None:
+    meta = {"lang": "français", "n": [1, 2.5, None, True], "nested": {"emoji": "😀"}}
+    chunk = StreamChunk(stream_id="s", seq=4, text="héllo", done=True, meta=meta)
+    assert chunk_to_ws_json(chunk, extra={"type": "delta"}) == json.dumps(
+        {"stream_id": "s", "seq": 4, "text": "héllo", "done": True, "meta": meta, "type": "delta"},
+        ensure_ascii=False,
+    )
+    assert format_sse_event(chunk) == (
+        f"event: done\nid: 4\ndata: héllo\ndata: {json.dumps(meta, ensure_ascii=False)}\n\n"
+    )
+
+
+# --- UTF-8: surrogate code points -------------------------------------------------------
+
+
+def test_ws_json_escapes_surrogates_so_it_can_be_sent() -> None:
+    chunk = StreamChunk(
+        stream_id="s\ud800", seq=0, text="a\udc00b\ud83d\ude00", meta={"k": "\ud800"}
+    )
+    text = chunk_to_ws_json(chunk)
+    text.encode("utf-8")  # raised UnicodeEncodeError: surrogates not allowed
+    assert '"text": "a\\udc00b\\ud83d\\ude00"' in text
+    decoded = _strict_loads(text)
+    # Read back as written; the escaped pair is the one character it stands for.
+    assert (decoded["stream_id"], decoded["text"], decoded["meta"]) == (
+        "s\ud800",
+        "a\udc00b😀",
+        {"k": "\ud800"},
+    )
+
+
+def test_sse_frame_with_surrogates_can_be_sent() -> None:
+    chunk = StreamChunk(stream_id="s", seq=0, text="a\udc00b\ud83d\ude00", meta={"k": "\ud800"})
+    frame = format_sse_event(chunk, event_name="ev\ud800")
+    frame.encode("utf-8")  # raised UnicodeEncodeError: surrogates not allowed
+    # Text: a lone surrogate is U+FFFD, a pair the character it stands for.
+    assert frame == 'event: ev\ufffd\nid: 0\ndata: a\ufffdb😀\ndata: {"k": "\\ud800"}\n\n'
+
+
+# --- retry_ms ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("retry_ms", ["1\nevent: pwn", "1500", 1.5, True, False])
+def test_retry_ms_must_be_an_int(retry_ms: Any) -> None:
+    chunk = StreamChunk(stream_id="s", seq=1, text="x")
+    with pytest.raises(TypeError, match=r"retry_ms must be an int \(milliseconds\) or None"):
+        format_sse_event(chunk, retry_ms=retry_ms)
+
+
+def test_retry_ms_int_still_renders() -> None:
+    chunk = StreamChunk(stream_id="s", seq=1, text="x")
+    assert format_sse_event(chunk, retry_ms=0) == "event: chunk\nid: 1\ndata: x\nretry: 0\n\n"
