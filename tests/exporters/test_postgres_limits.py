@@ -8,7 +8,8 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -17,9 +18,10 @@ import pytest
 import test_postgres_store as pgs
 
 import penguiflow_exporters._pg_write as pg_write
-from penguiflow.state import StateStoreError, StoreUnavailable
+from penguiflow.state import RemoteBinding, StateStoreError, StoreUnavailable, TraceFilter
 from penguiflow_exporters import open_store
 from penguiflow_exporters.postgres import PostgresStateStore
+from penguiflow_exporters.sqlite import SQLiteStateStore
 from penguiflow_inspector.cli import main as pf_main
 
 # The Postgres suite's fixtures, used here too.
@@ -260,3 +262,76 @@ async def test_a_reader_opens_with_target_session_attrs_read_write_and_stays_rea
     capsys.readouterr()
     assert await asyncio.to_thread(pf_main, ["traces", "--json", "--store", url]) == 0
     assert [t["trace_id"] for t in json.loads(capsys.readouterr().out)] == ["t"]
+
+
+# -- lookups of values no store can hold ---------------------------------------------
+
+
+def _lookups(trace_id: Any) -> list[tuple[str, Callable[[Any], Awaitable[Any]], Any]]:
+    return [
+        ("load_history", lambda s: s.load_history(trace_id), []),
+        ("load_history_page", lambda s: s.load_history_page(trace_id, limit=5), []),
+        ("get_trace", lambda s: s.get_trace(trace_id), None),
+        ("resolve_trace_id", lambda s: s.resolve_trace_id(trace_id), []),
+        ("list_traces(node=)", lambda s: s.list_traces(TraceFilter(node=trace_id)), []),
+        ("load_bindings", lambda s: s.load_bindings(context_id=trace_id), []),
+        ("load_bindings", lambda s: s.load_bindings(trace_id="t", task_id=trace_id), []),
+    ]
+
+
+async def test_lookups_of_ids_postgres_cannot_hold_find_nothing_as_on_sqlite(
+        make: Any, tmp_path: Any) -> None:
+    """A NUL in an id is not found, on Postgres as on SQLite; Postgres raised a
+    StateStoreError (CharacterNotInRepertoire) from every lookup. A lone surrogate
+    (an undecodable argv byte) finds nothing either."""
+    pg = await make()
+    async with SQLiteStateStore(tmp_path / "t.db") as lite:
+        for store in (pg, lite):
+            await store.save_event(ev("t", 0))
+            await store.save_remote_binding(RemoteBinding("t", "c", "k", "u"))
+            for name, lookup, nothing in _lookups("t\x00"):
+                assert await lookup(store) == nothing, (store, name)
+    for name, lookup, nothing in _lookups("t\udcff"):
+        assert await lookup(pg) == nothing, name
+    assert await pg.load_bindings(trace_id="t") == [RemoteBinding("t", "c", "k", "u")]
+
+
+@pytest.fixture
+async def latin1_dsn(pg_dsn: str, sql: asyncpg.Connection) -> AsyncIterator[str]:
+    """A LATIN1 database of the test's own, dropped after."""
+    name = f"pf_latin1_{uuid.uuid4().hex[:8]}"
+    await sql.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' "
+                      f"LC_CTYPE 'C' TEMPLATE template0")
+    parts = urlsplit(pg_dsn)
+    try:
+        yield urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        await sql.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+async def test_lookups_of_characters_a_latin1_database_lacks_find_nothing(
+        latin1_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a LATIN1 database, looking up an id with a character LATIN1 lacks (which
+    no event could store) finds nothing; it raised UntranslatableCharacterError."""
+    async with PostgresStateStore(latin1_dsn, writer="loop") as store:
+        await store.save_event(ev("café", 0))
+        assert [e.trace_id for e in await store.load_history("café")] == ["café"]
+        for name, lookup, nothing in _lookups("🐧"):
+            assert await lookup(store) == nothing, name
+    capsys.readouterr()
+    assert await asyncio.to_thread(pf_main, ["inspect", "🐧", "--store", latin1_dsn]) == 2
+    assert "no trace id starts with '🐧'" in capsys.readouterr().err
+
+
+async def test_pf_inspect_of_an_undecodable_argument_says_no_trace_matches(
+        make: Any, pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``pf inspect $'\\xff'`` (a lone surrogate in argv) says no trace id starts with
+    it, exit 2; it exited 1 with a DataError."""
+    store = await make()
+    await store.save_event(ev("abc", 0))
+    await store.flush()
+    capsys.readouterr()
+    url = with_schema(pg_dsn, store.schema)
+    assert await asyncio.to_thread(pf_main, ["inspect", "\udcff", "--store", url]) == 2
+    err = capsys.readouterr().err
+    assert "no trace id starts with" in err and "DataError" not in err

@@ -63,7 +63,7 @@ from ._serve import serve
 from .writer import WriteResult
 
 __all__ = ["ANY_TRACE", "BLOCK_BYTES", "BLOCK_COLUMNS", "PostgresWriter", "WRITE_LOCK",
-           "main", "notify_payloads"]
+           "main", "notify_payloads", "server_codec"]
 
 #: First key of the two-key advisory lock writers serialise on ("PFwr"); the
 #: second is derived from the schema name (the store's ``lock_key``).
@@ -172,7 +172,7 @@ class PostgresWriter:
         self._block_bytes: int = options.get("block_bytes", BLOCK_BYTES)
         self._translate = translate
         self._conn: Any = None
-        self._encoding = "utf-8"  # the database's, as a Python codec (see _codec)
+        self._encoding = "utf-8"  # the database's, as a Python codec (see server_codec)
 
     async def write(self, items: Sequence[Any]) -> WriteResult:
         """Store ``items`` (EventRecords, StoredEvents, Rows) in one transaction."""
@@ -197,7 +197,7 @@ class PostgresWriter:
                     raise TimeoutError(
                         f"no answer to connecting within connect_timeout_s="
                         f"{options['connect_timeout_s']:g}") from exc
-                self._encoding = _codec(await conn.fetchval("SHOW server_encoding"))
+                self._encoding = server_codec(await conn.fetchval("SHOW server_encoding"))
             return await self._transaction(conn, rows)
         except asyncio.CancelledError:
             raise
@@ -428,7 +428,7 @@ def _size(data: str) -> int:
     return len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
 
 
-def _codec(server_encoding: str) -> str:
+def server_codec(server_encoding: str) -> str:
     """The Python codec of a Postgres server encoding ("utf-8" for UTF8, SQL_ASCII,
     which stores any bytes, and one Python does not know: then only what UTF-8
     cannot hold is refused, and the server refuses the rest, batch by batch)."""

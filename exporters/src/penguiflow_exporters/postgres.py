@@ -84,7 +84,7 @@ from ._block_read import decode_block
 from ._events import events_of
 from ._pg_dsn import describe_dsn
 from ._pg_schema import SCHEMA_VERSION, check_schema, create_or_migrate, stored_version
-from ._pg_write import ANY_TRACE, PostgresWriter
+from ._pg_write import ANY_TRACE, PostgresWriter, server_codec
 from ._pg_writers import NoProcess, ProcessOrLoop
 from ._records import BLOCK_EVENTS, BlockError, Row
 from ._writer_proc import ProcessWriter, WriterError
@@ -248,6 +248,9 @@ class PostgresStateStore(ProcessedStore):
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = float(command_timeout_s)
         self._pool: Any = None
+        # The database's encoding, as a Python codec (read on open): a value it cannot
+        # hold is looked up as "not found", never sent (see _unstorable).
+        self._encoding = "utf-8"
         self._open_lock = asyncio.Lock()
         self._follow_wakes: set[asyncio.Queue[str | None]] = set()
         # Most events per block (tests make it small to cut traces into many blocks).
@@ -358,6 +361,19 @@ class PostgresStateStore(ProcessedStore):
         return self._classified("writing events", str(exc), lambda classes: any(
             cls.__name__ in names for cls in classes))
 
+    def _unstorable(self, value: object) -> bool:
+        """Whether no stored text can equal ``value``: not a str, or one the database
+        cannot hold (NUL, a lone surrogate, a character outside its encoding). Such a
+        lookup finds nothing, as on SQLite; sent, the driver or server raised."""
+        if not isinstance(value, str):
+            return True
+        if not value.isascii():
+            try:
+                value.encode(self._encoding)
+            except UnicodeEncodeError:
+                return True
+        return "\x00" in value
+
     def _checked_pool(self) -> Any:
         if self._pool is None:
             raise StoreUnavailable(f"{self!r} is closed; create a new one")
@@ -393,6 +409,8 @@ class PostgresStateStore(ProcessedStore):
                         await conn.execute(
                             f"SET lock_timeout = {max(int(self._connect_timeout_s * 1000), 1)}")
                         try:
+                            self._encoding = server_codec(
+                                await conn.fetchval("SHOW server_encoding"))
                             if self.readonly:
                                 await check_schema(conn, self.schema, self._where)
                             else:
@@ -532,6 +550,8 @@ class PostgresStateStore(ProcessedStore):
             StateStoreError: also when a block of the trace cannot be decoded.
         """
         await self._ready()
+        if self._unstorable(trace_id):
+            return []
         rows = await self._query("loading a trace", "fetch", self._sql_history, trace_id)
         events: list[StoredEvent] = []
         for block_id, data in rows:
@@ -551,6 +571,8 @@ class PostgresStateStore(ProcessedStore):
         """
         check_page(offset, limit)
         await self._ready()
+        if self._unstorable(trace_id):
+            return []
         rows = await self._query("loading a trace", "fetch", self._sql_history_page,
                                  trace_id, offset, limit)
         events: list[StoredEvent] = []
@@ -624,12 +646,16 @@ class PostgresStateStore(ProcessedStore):
                f"{' WHERE ' + ' AND '.join(where) if where else ''}"
                f" ORDER BY {order} LIMIT {arg(f.limit)}")
         await self._ready()
+        if f.node is not None and self._unstorable(f.node):
+            return []
         rows = await self._query("listing traces", "fetch", sql, *args)
         return [_summary(row) for row in rows]
 
     async def get_trace(self, trace_id: str) -> TraceSummary | None:
         """The summary of ``trace_id``, or None."""
         await self._ready()
+        if self._unstorable(trace_id):
+            return None
         row = await self._query(
             "reading a trace summary", "fetchrow",
             f"SELECT {_SUMMARY_COLUMNS} FROM {self._s}.traces WHERE trace_id = $1", trace_id)
@@ -637,8 +663,10 @@ class PostgresStateStore(ProcessedStore):
 
     async def resolve_trace_id(self, prefix: str) -> list[str]:
         """Trace ids starting with ``prefix`` (at most 10, sorted by code point)."""
-        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         await self._ready()
+        if self._unstorable(prefix):
+            return []
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         rows = await self._query(
             "resolving a trace id", "fetch",
             f"SELECT trace_id FROM {self._s}.traces WHERE trace_id LIKE $1 ESCAPE '\\' "
@@ -677,6 +705,8 @@ class PostgresStateStore(ProcessedStore):
                 args.append(value)
                 where.append(f"{column} = ${len(args)}")
         await self.open()
+        if any(self._unstorable(value) for value in args):
+            return []
         rows = await self._query(
             "loading remote bindings", "fetch",
             f"SELECT trace_id, context_id, task_id, agent_url FROM {self._s}.bindings "
