@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from penguiflow.types import Message
 
 __all__ = ["chunk_to_ws_json", "emit_stream_events", "format_sse_event", "stream_flow"]
+
+logger = logging.getLogger("penguiflow.streaming")
 
 # The line ends of SSE (WHATWG HTML, "event stream interpretation"): CRLF, LF, CR.
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -172,30 +175,63 @@ async def stream_flow(
     in which case fetching continues. The first non-chunk payload (for instance a
     FlowError, or the final answer) is yielded and ends the stream.
 
+    Only ``parent_msg``'s trace is streamed: an item whose ``trace_id`` is set and
+    differs from ``parent_msg.trace_id`` (say the final answer an earlier call left in
+    Rookery when it stopped at its ``done`` chunk) is fetched and dropped, and a
+    WARNING on the ``penguiflow.streaming`` logger says how many were dropped. 2.1
+    yielded such an item, handing one request another request's result. Items without
+    a trace id (plain values a node returned) cannot be told apart and are yielded.
+    Another trace's items are consumed, so do not run other traces through the same
+    flow concurrently.
+
     The caller must have started the flow and remains responsible for stopping it; this
-    generator never stops it. Items are not filtered by trace, so the caller should not
-    run other traces through the same flow concurrently.
+    generator never stops it.
 
     Args:
         flow: A running flow.
         parent_msg: The object to emit.
         to: Ingress node(s) to emit to; ``None`` broadcasts.
-        timeout: Seconds to wait for each fetch; ``None`` waits forever.
+        timeout: Seconds to wait for each item of the trace (items of other traces
+            skipped meanwhile do not restart it); ``None`` waits forever.
         include_final: Keep going after a ``done`` chunk until a non-chunk payload.
 
     Raises:
-        TimeoutError: If a fetch takes longer than ``timeout``.
+        TimeoutError: If the next item of the trace takes longer than ``timeout``.
     """
+    trace_id = getattr(parent_msg, "trace_id", None)
+    skipped: list[Any] = []
+
+    def report_skipped() -> None:
+        if skipped:
+            logger.warning(
+                "stream_flow skipped %d Rookery item(s) of other traces (%s) while "
+                "streaming trace %r; run one trace at a time through a flow that "
+                "stream_flow reads, or fetch each call's leftovers (include_final=True)",
+                len(skipped), ", ".join(sorted({repr(t) for t in skipped})[:5]), trace_id)
+            skipped.clear()
+
     await flow.emit(parent_msg, to=to)
-    while True:
-        if timeout is None:
-            item = await flow.fetch()
-        else:
-            item = await asyncio.wait_for(flow.fetch(), timeout)
-        payload = getattr(item, "payload", item)
-        yield payload
-        if not isinstance(payload, StreamChunk) or (payload.done and not include_final):
-            return
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            deadline = None if timeout is None else loop.time() + timeout
+            while True:
+                if deadline is None:
+                    item = await flow.fetch()
+                else:
+                    item = await asyncio.wait_for(flow.fetch(), max(0.0, deadline - loop.time()))
+                item_trace = getattr(item, "trace_id", None)
+                if trace_id is None or item_trace is None or item_trace == trace_id:
+                    break
+                skipped.append(item_trace)
+            report_skipped()
+            payload = getattr(item, "payload", item)
+            yield payload
+            if not isinstance(payload, StreamChunk) or (payload.done and not include_final):
+                return
+    finally:
+        # A timeout (or the caller leaving) after skipping: still say so.
+        report_skipped()
 
 
 async def emit_stream_events(

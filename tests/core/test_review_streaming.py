@@ -6,14 +6,21 @@ yields its own trace's items.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from penguiflow.streaming import chunk_to_ws_json, format_sse_event
-from penguiflow.types import StreamChunk
+from penguiflow.core import Context, PenguiFlow, create
+from penguiflow.node import Node, NodePolicy
+from penguiflow.streaming import chunk_to_ws_json, format_sse_event, stream_flow
+from penguiflow.types import Headers, Message, StreamChunk
+
+TIMEOUT = 5.0
 
 
 def _strict_loads(text: str) -> Any:
@@ -122,3 +129,74 @@ def test_retry_ms_must_be_an_int(retry_ms: Any) -> None:
 def test_retry_ms_int_still_renders() -> None:
     chunk = StreamChunk(stream_id="s", seq=1, text="x")
     assert format_sse_event(chunk, retry_ms=0) == "event: chunk\nid: 1\ndata: x\nretry: 0\n\n"
+
+
+# --- stream_flow: only the caller's trace -----------------------------------------------
+
+
+def _llm_flow() -> PenguiFlow:
+    async def llm(message: Message, ctx: Context) -> Message:
+        for i, token in enumerate(["hel", "lo"]):
+            await ctx.emit_chunk(parent=message, text=token, done=(i == 1))
+        return message.model_copy(update={"payload": f"final answer for {message.payload}"})
+
+    return create(Node(llm, name="llm", policy=NodePolicy(validate="none")).to())
+
+
+def _req(payload: str) -> Message:
+    return Message(payload=payload, headers=Headers(tenant="acme"))
+
+
+async def _collect(stream: AsyncIterator[Any]) -> list[Any]:
+    async def drain() -> list[Any]:
+        return [getattr(item, "text", item) async for item in stream]
+
+    return await asyncio.wait_for(drain(), TIMEOUT)
+
+
+async def test_stream_flow_does_not_hand_a_request_another_requests_result(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    flow = _llm_flow()
+    flow.run()
+    try:
+        first = await _collect(stream_flow(flow, _req("A"), timeout=TIMEOUT))
+        second_msg = _req("B")
+        with caplog.at_level(logging.WARNING, logger="penguiflow.streaming"):
+            # A's final answer is still in Rookery (include_final=False stopped at done):
+            # 2.1 returned ['final answer for A'] here.
+            second = await _collect(
+                stream_flow(flow, second_msg, timeout=TIMEOUT, include_final=True)
+            )
+    finally:
+        await flow.stop()
+    assert first == ["hel", "lo"]
+    assert second == ["hel", "lo", "final answer for B"]
+    (record,) = [r for r in caplog.records if r.name == "penguiflow.streaming"]
+    assert record.levelno == logging.WARNING
+    assert "skipped 1 Rookery item(s) of other traces" in record.getMessage()
+    assert repr(second_msg.trace_id) in record.getMessage()
+
+
+async def test_stream_flow_timeout_still_reports_the_skipped_items(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def answer_old(message: Message, ctx: Context) -> Message | None:
+        return message if message.payload == "old" else None
+
+    flow = create(Node(answer_old, name="answer_old", policy=NodePolicy(validate="none")).to())
+    flow.run()
+    try:
+        stale = _req("old")
+        await flow.emit(stale)  # its answer reaches Rookery; nothing of "new" ever does
+        with (
+            caplog.at_level(logging.WARNING, logger="penguiflow.streaming"),
+            pytest.raises(TimeoutError),
+        ):
+            await _collect(stream_flow(flow, _req("new"), timeout=0.3))
+    finally:
+        await flow.stop()
+    messages = [r.getMessage() for r in caplog.records if r.name == "penguiflow.streaming"]
+    assert len(messages) == 1
+    assert "skipped 1 Rookery item(s) of other traces" in messages[0]
+    assert repr(stale.trace_id) in messages[0]
