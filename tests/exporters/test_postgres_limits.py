@@ -20,6 +20,7 @@ import test_postgres_store as pgs
 import penguiflow_exporters._pg_write as pg_write
 from penguiflow.state import RemoteBinding, StateStoreError, StoreUnavailable, TraceFilter
 from penguiflow_exporters import open_store
+from penguiflow_exporters._pg_dsn import describe_dsn
 from penguiflow_exporters.postgres import PostgresStateStore
 from penguiflow_exporters.sqlite import SQLiteStateStore
 from penguiflow_inspector.cli import main as pf_main
@@ -335,3 +336,29 @@ async def test_pf_inspect_of_an_undecodable_argument_says_no_trace_matches(
     assert await asyncio.to_thread(pf_main, ["inspect", "\udcff", "--store", url]) == 2
     err = capsys.readouterr().err
     assert "no trace id starts with" in err and "DataError" not in err
+
+
+# -- an unencoded @ in the password ----------------------------------------------------
+
+
+async def test_an_unencoded_at_in_the_password_is_refused_naming_no_host(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The driver splits user info at the first @, the description at the last: the
+    error named 127.0.0.1 while the driver looked up a host 'RETpw@127.0.0.1'. Now
+    the DSN is refused as unparseable, with the percent-encoding hint, before
+    connecting anywhere."""
+    url = "postgresql://pf:S3C@RETpw@127.0.0.1:5432/db"
+    assert describe_dsn(url) == "<unparseable DSN>"
+    assert describe_dsn("postgresql://pf:S3C%40RETpw@127.0.0.1:5432/db") == (
+        "postgresql://pf@127.0.0.1:5432/db")
+    store = PostgresStateStore(url, writer="loop")
+    with pytest.raises(StateStoreError) as info:
+        await store.open()
+    await store.close()
+    message = str(info.value)
+    assert not isinstance(info.value, StoreUnavailable)
+    assert "percent-encode" in message and "%40 for @" in message
+    assert "127.0.0.1" not in message and "RETpw" not in message
+    assert await asyncio.to_thread(pf_main, ["traces", "--store", url]) == 2
+    err = capsys.readouterr().err
+    assert "percent-encode" in err and "RETpw" not in err and "Start the server" not in err

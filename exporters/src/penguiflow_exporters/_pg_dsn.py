@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["describe_dsn"]
+__all__ = ["describe_dsn", "several_at_signs"]
 
 
 def describe_dsn(dsn: str) -> str:
@@ -39,7 +39,11 @@ def describe_dsn(dsn: str) -> str:
     # And an @ in the query while the netloc has none: the netloc was cut at a ? in
     # the password, before its @ ("alice:2024?x=y@db" would show "2024" as a port).
     cut = "@" in query and "@" not in parts.netloc and bool(parts.netloc) and not after
-    if "@" in after or stray or cut or not _ports_ok(parts.netloc.rpartition("@")[2]):
+    # Two @ in the netloc: an unencoded @ in the password. The driver splits at the
+    # first, the URL parser at the last: the host the message named was not the one
+    # the driver tried.
+    if "@" in after or stray or cut or parts.netloc.count("@") > 1 \
+            or not _ports_ok(parts.netloc.rpartition("@")[2]):
         return "<unparseable DSN>"
     user, _, hosts = parts.netloc.rpartition("@")
     user = user.partition(":")[0]
@@ -47,6 +51,16 @@ def describe_dsn(dsn: str) -> str:
     if "," not in hosts and not hosts.startswith("/") and not re.search(r":\d+$", hosts):
         hosts += ":5432"
     return f"{parts.scheme}://{user + '@' if user else ''}{hosts}{parts.path}"
+
+
+def several_at_signs(dsn: str) -> bool:
+    """Whether the host part of the URL ``dsn`` holds more than one ``@`` (an
+    unencoded ``@`` in the user name or password): the driver would connect to a host
+    made of the rest of the password."""
+    try:
+        return urlsplit(dsn).netloc.count("@") > 1
+    except ValueError:
+        return False
 
 
 def _ports_ok(hosts: str) -> bool:

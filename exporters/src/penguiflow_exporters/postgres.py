@@ -82,7 +82,7 @@ from . import _pg_write
 from ._base import ProcessedStore
 from ._block_read import decode_block
 from ._events import events_of
-from ._pg_dsn import describe_dsn
+from ._pg_dsn import describe_dsn, several_at_signs
 from ._pg_schema import SCHEMA_VERSION, check_schema, create_or_migrate, stored_version
 from ._pg_write import ANY_TRACE, PostgresWriter, server_codec
 from ._pg_writers import NoProcess, ProcessOrLoop
@@ -391,6 +391,7 @@ class PostgresStateStore(ProcessedStore):
             # RESET ALL). Not as a startup setting: with target_session_attrs=read-write
             # in the DSN, asyncpg then took every host for a read-only standby.
             readonly = {"init": _read_only, "reset": _reset_read_only} if self.readonly else {}
+            self._check_dsn()
             with self._errors("connecting"):
                 try:
                     pool = await asyncpg.create_pool(
@@ -398,7 +399,7 @@ class PostgresStateStore(ProcessedStore):
                         timeout=self._connect_timeout_s,
                         server_settings={"application_name": "penguiflow"}, **readonly)
                 except (ValueError, OverflowError, TypeError) as exc:
-                    raise self._bad_dsn(exc) from None
+                    raise self._bad_dsn(f"{type(exc).__name__} while parsing it") from None
             try:
                 with self._errors("checking the schema" if self.readonly
                                   else "creating or migrating the schema"):
@@ -446,19 +447,26 @@ class PostgresStateStore(ProcessedStore):
 
     async def _connect(self, *args: Any, **kwargs: Any) -> Any:
         """``asyncpg.connect``; a DSN the driver cannot parse refused without quoting it."""
+        self._check_dsn()
         try:
             return await asyncpg.connect(*args, **kwargs)
         except (ValueError, OverflowError, TypeError) as exc:
-            raise self._bad_dsn(exc) from None
+            raise self._bad_dsn(f"{type(exc).__name__} while parsing it") from None
 
-    def _bad_dsn(self, exc: BaseException) -> StoreRefused:
+    def _check_dsn(self) -> None:
+        """Refuse a DSN whose host the driver would take from the password (an
+        unencoded ``@`` in it) before connecting anywhere."""
+        if several_at_signs(self._dsn):
+            raise self._bad_dsn("more than one @ before its host")
+
+    def _bad_dsn(self, why: str) -> StoreRefused:
         # The driver could not parse the DSN. Its message may quote a part of it (the
         # password, cut at a reserved character): not shown.
         return StoreRefused(
             f"the Postgres DSN {self._where} cannot be used "
-            f"({type(exc).__name__} while parsing it): check its host, port "
+            f"({why}): check its host, port "
             f"and database, and percent-encode any / ? # @ : in the user name "
-            f"or password (e.g. %2F for /)")
+            f"or password (e.g. %2F for /, %40 for @)")
 
     async def _close(self) -> None:
         for wake in list(self._follow_wakes):
