@@ -63,6 +63,10 @@ class ContextRuntime(Protocol):
         """Wait until ``trace_id`` may have one more chunk outstanding (spec §9)."""
         ...
 
+    def own_stream_opened(self, ctx: Context, trace_id: Any) -> None:
+        """``ctx`` opened ``trace_id``'s own stream (the default stream id)."""
+        ...
+
 
 class Context:
     """Wiring and I/O of one flow participant.
@@ -356,10 +360,11 @@ class Context:
         previous = self._stream_seq.get(sid)
         if seq is None:
             seq = 0 if previous is None else previous + 1
+        closed: set[Any] | None = None
         if done:
             self._stream_seq.pop(sid, None)
             if self._open_streams:
-                self._open_streams.pop(sid, None)
+                closed = self._open_streams.pop(sid, None)
         else:
             self._stream_seq[sid] = seq
             if self._is_node:
@@ -370,20 +375,36 @@ class Context:
                 users = self._open_streams.get(sid)
                 if users is None:
                     self._open_streams[sid] = {parent.trace_id}
+                    if rt is not None and sid == parent.trace_id:
+                        rt.own_stream_opened(self, sid)
                 elif parent.trace_id not in users:
                     if len(users) >= _STREAM_USERS_PRUNE and rt is not None:
                         # A long-lived stream id many traces share ("status"): keep
                         # the traces still in flight only, or the set grows for ever.
                         users.intersection_update(rt.traces)
                     users.add(parent.trace_id)
-        chunk = StreamChunk(stream_id=sid, seq=seq, text=text, done=done,
-                            meta=dict(meta) if meta else {})
-        message = Message(payload=chunk, headers=parent.headers, trace_id=parent.trace_id,
-                          deadline_s=parent.deadline_s, meta=dict(parent.meta))
-        if previous is not None and rt is not None:
-            await rt.wait_chunk_capacity(parent.trace_id)
-            rt.refuse_if_cancelled(parent.trace_id)
-        await self.emit(message, to)
+        try:
+            chunk = StreamChunk(stream_id=sid, seq=seq, text=text, done=done,
+                                meta=dict(meta) if meta else {})
+            message = Message(payload=chunk, headers=parent.headers,
+                              trace_id=parent.trace_id, deadline_s=parent.deadline_s,
+                              meta=dict(parent.meta))
+            if previous is not None and rt is not None:
+                await rt.wait_chunk_capacity(parent.trace_id)
+                rt.refuse_if_cancelled(parent.trace_id)
+            await self.emit(message, to)
+        except BaseException:
+            # Nothing was emitted (a bad target or text, a cancel while waiting for
+            # room): the stream's number goes back, so the consumer sees no gap --
+            # unless another chunk of the stream took a number meanwhile.
+            if self._stream_seq.get(sid) == (None if done else seq):
+                if previous is None:
+                    self._stream_seq.pop(sid, None)
+                else:
+                    self._stream_seq[sid] = previous
+                if closed is not None:
+                    self._open_streams[sid] = closed
+            raise
         if text and self._inv is not None:  # only observed invocations have an id
             self._chunks += 1
             if self._first_chunk is None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -60,6 +61,10 @@ _new_record = tuple.__new__
 _wall = time.time
 
 
+#: Streams whose trace drained without a done chunk whose numbers are kept.
+IDLE_STREAMS_MAX = 10_000
+
+
 class FlowRuntime:
     """The engine of one ``PenguiFlow``: per-trace accounting, puts, events, routing.
 
@@ -78,6 +83,7 @@ class FlowRuntime:
         "events",
         "external",
         "flow_id",
+        "idle_streams",
         "message_bus",
         "name",
         "node_contexts",
@@ -88,6 +94,7 @@ class FlowRuntime:
         "running",
         "stopped",
         "stopping",
+        "stream_contexts",
         "trace_tasks",
         "traces",
     )
@@ -136,6 +143,12 @@ class FlowRuntime:
         self.drained: set[Any] = set()
         #: The nodes' contexts (set with the graph; see forget_trace).
         self.node_contexts: list[Context] = []
+        #: Node contexts with a trace's own stream (default stream id) open, and the
+        #: streams whose trace drained without a done chunk, oldest first: their
+        #: numbers are kept (2.1: a stream numbers on until done, and the trace id
+        #: may come again, a conversation's next message), up to IDLE_STREAMS_MAX.
+        self.stream_contexts: set[Context] = set()
+        self.idle_streams: OrderedDict[tuple[Context, Any], None] = OrderedDict()
         #: Background bus publishes (``emit_nowait`` paths) and cancel finishes.
         self.bus_tasks: set[asyncio.Task[None]] = set()
         #: Set while the flow runs over a delivering bus (see ``penguiflow.binding``):
@@ -228,10 +241,44 @@ class FlowRuntime:
             return False
         del self.traces[trace_id]
         state.wake_chunk_waiters()
+        if self.stream_contexts:
+            self._end_own_streams(trace_id, state.cancelled)
         if self.events.tracer is not None and not state.cancelled:
             # A cancelled trace ends its root span after trace_cancel_finish.
             self.trace_drained(trace_id)
         return state.cancelled
+
+    def own_stream_opened(self, ctx: Context, trace_id: Any) -> None:
+        """``ctx`` opened ``trace_id``'s own stream (the default stream id): it goes
+        idle when the trace drains without a done chunk (see :meth:`release`)."""
+        self.stream_contexts.add(ctx)
+        if self.idle_streams:
+            self.idle_streams.pop((ctx, trace_id), None)
+
+    def _end_own_streams(self, trace_id: Any, cancelled: bool) -> None:
+        """``trace_id`` drained: its own stream (the default stream id) goes idle at
+        every node. Its number is kept, so the trace id's next message numbers on
+        (2.1), but only for the last :data:`IDLE_STREAMS_MAX` idle streams: without
+        a done chunk, a server kept one entry per request for ever. A cancelled
+        trace's stream is over (see ``Context.forget_streams``): forgotten."""
+        idle = self.idle_streams
+        for ctx in list(self.stream_contexts):
+            streams = ctx._open_streams
+            users = streams.get(trace_id)
+            if users is not None:
+                users.discard(trace_id)
+                if not (users & self.traces.keys()):
+                    del streams[trace_id]
+                    if cancelled:
+                        ctx._stream_seq.pop(trace_id, None)
+                    else:
+                        idle[(ctx, trace_id)] = None
+            if not streams:
+                self.stream_contexts.discard(ctx)
+        while len(idle) > IDLE_STREAMS_MAX:
+            (ctx, sid), _ = idle.popitem(last=False)
+            if sid not in ctx._open_streams:  # (reopened since: not idle after all)
+                ctx._stream_seq.pop(sid, None)
 
     def refuse_if_cancelled(self, trace_id: Any) -> None:
         """Raise :class:`TraceCancelled` if ``trace_id`` is cancelled."""

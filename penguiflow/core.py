@@ -514,6 +514,8 @@ class PenguiFlow:
             for ctx in self._contexts.values():
                 ctx._stream_seq.clear()
                 ctx._open_streams.clear()
+            rt.stream_contexts.clear()
+            rt.idle_streams.clear()
             # What stays queued (taken up again after run(), or fetched) is counted
             # anew: the counts just cleared covered it, and a restarted flow whose
             # traces undercount it finishes a cancel before they drain.
