@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from penguiflow.errors import FlowAlreadyRunning
 from penguiflow.types import Message
 
 if TYPE_CHECKING:
@@ -67,10 +68,12 @@ async def run_one(
 ) -> Any:
     """Run ``message`` through ``flow`` and return the first item that reaches Rookery.
 
-    The flow must not be running. It is started with ``registry``, the message is emitted
-    to every ingress node, and the flow is stopped whatever happens. Events of the
-    message's trace are recorded (replacing any earlier recording of the same trace) for
-    :func:`assert_node_sequence`.
+    The flow must not be running: a running flow is refused with
+    :class:`~penguiflow.errors.FlowAlreadyRunning` and left running (2.1 stopped the
+    caller's flow on the way out). Otherwise it is started with ``registry``, the
+    message is emitted to every ingress node, and the flow is stopped whatever happens.
+    Events of the message's trace are recorded (replacing any earlier recording of the
+    same trace) for :func:`assert_node_sequence`.
 
     Args:
         flow: The flow under test.
@@ -84,10 +87,17 @@ async def run_one(
     Raises:
         TypeError: If ``message`` is not a Message.
         TimeoutError: If nothing reaches Rookery within ``timeout_s``.
-        RuntimeError: From ``flow.run`` (already running, registry gaps).
+        FlowAlreadyRunning: (a ``RuntimeError``) The flow is running; it is left so.
+        RuntimeError: From ``flow.run`` (registry gaps).
     """
     if not isinstance(message, Message):
         raise TypeError(f"run_one expects a penguiflow Message, got {type(message).__name__}")
+    if flow.running:
+        # Refused before anything is touched: the flow is the caller's, not ours to stop.
+        raise FlowAlreadyRunning(
+            "PenguiFlow already running",
+            hint="run_one starts and stops the flow itself: pass a flow that is not "
+                 "running (the running flow was left running)")
     _attach_recorder(flow)
     _EVENTS.pop(message.trace_id, None)
 
