@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,7 +19,13 @@ import pytest
 import test_postgres_store as pgs
 
 import penguiflow_exporters._pg_write as pg_write
-from penguiflow.state import RemoteBinding, StateStoreError, StoreUnavailable, TraceFilter
+from penguiflow.state import (
+    EVENTS_LOST_KIND,
+    RemoteBinding,
+    StateStoreError,
+    StoreUnavailable,
+    TraceFilter,
+)
 from penguiflow_exporters import open_store
 from penguiflow_exporters._pg_dsn import describe_dsn
 from penguiflow_exporters.postgres import PostgresStateStore
@@ -362,3 +369,32 @@ async def test_an_unencoded_at_in_the_password_is_refused_naming_no_host(
     assert await asyncio.to_thread(pf_main, ["traces", "--store", url]) == 2
     err = capsys.readouterr().err
     assert "percent-encode" in err and "RETpw" not in err and "Start the server" not in err
+
+
+# -- a flow id's length in bytes ---------------------------------------------------------
+
+
+async def test_a_flow_id_over_1024_utf8_bytes_is_refused_alike_on_sqlite_and_postgres(
+        make: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """1,000 CJK characters (3,000 bytes) passed check_row's 1,024-character limit,
+    and Postgres' flow_seqs index (2,704 bytes at most) refused the event with a
+    driver error while SQLite stored it. Now both refuse it alone, saying why."""
+    rng = random.Random(5)
+    cjk = "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(1000))
+    long_ascii = "f" * 1024
+    pg = await make()
+    async with SQLiteStateStore(tmp_path / "t.db") as lite:
+        for store in (pg, lite):
+            caplog.clear()
+            await store.save_event(ev("t", 1, flow=cjk))
+            await store.save_event(ev("t", 2, flow=long_ascii))
+            await store.save_event(ev("t", 3, flow="short"))
+            await store.flush()
+            assert store.failures["rejected"] == 1, store
+            assert store.failures["events_lost"] == 1, store
+            history = await store.load_history("t")
+            assert [e.seq for e in history if e.kind != EVENTS_LOST_KIND] == [2, 3]
+            assert [e.payload["events_lost"] for e in history
+                    if e.kind == EVENTS_LOST_KIND] == [1]
+            (record,) = [r for r in caplog.records if r.msg == "state_store_events_rejected"]
+            assert record.reasons == ["flow_id is 3000 bytes long in UTF-8 (at most 1024)"]

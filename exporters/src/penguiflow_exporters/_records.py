@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from itertools import chain, compress, repeat
 from operator import attrgetter, is_, is_not, itemgetter
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 __all__ = [
     "BLOCK_EVENTS",
@@ -74,6 +74,10 @@ MAX_TRACE_ID = 256
 
 
 MAX_NAME = 1024
+#: The flow id is counted in UTF-8 bytes, not characters: Postgres indexes it
+#: (``flow_seqs``' primary key), and a btree entry holds at most 2,704 bytes, which
+#: 1,000 CJK characters (3,000 bytes) exceeded: the server refused the event.
+_BYTES_COUNTED: Final = frozenset({"flow_id"})
 
 
 class Row(NamedTuple):
@@ -193,7 +197,10 @@ def loads_rows(payload: bytes) -> list[RowLike]:
     return rows
 
 
-def _text_problem(value: str, limit: int, encoding: str = "utf-8") -> str | None:
+def _text_problem(value: str, limit: int, encoding: str = "utf-8", *,
+                  in_bytes: bool = False) -> str | None:
+    """Why ``value`` cannot be stored as an id or name of at most ``limit``
+    characters (``in_bytes``: bytes of UTF-8), or None."""
     if len(value) > limit:
         return f"is {len(value)} characters long (at most {limit})"
     if value.isascii():
@@ -201,9 +208,11 @@ def _text_problem(value: str, limit: int, encoding: str = "utf-8") -> str | None
             return None
         return "holds a control character (NUL, ESC, ...)"
     try:
-        value.encode("utf-8")
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
         return "holds a lone surrogate (not encodable as UTF-8)"
+    if in_bytes and size > limit:
+        return f"is {size} bytes long in UTF-8 (at most {limit})"
     if encoding != "utf-8":
         try:
             value.encode(encoding)
@@ -220,7 +229,8 @@ def check_row(row: Row | tuple[Any, ...], encoding: str = "utf-8") -> str | None
 
     A trace id is None or a str of 1-256 characters with no control characters or
     lone surrogates (the rule ``PenguiFlow.emit`` applies); node and flow names and
-    ids, and the kind, are None or such a str of at most 1,024 characters; ``ts``
+    ids, and the kind, are None or such a str of at most 1,024 characters (the flow
+    id: 1,024 bytes of UTF-8, since Postgres indexes it); ``ts``
     and ``seq`` are numbers. ``encoding`` (a Python codec) is the database's: a
     Postgres database not in UTF-8 cannot hold every character in its columns.
     """
@@ -246,7 +256,8 @@ def check_row(row: Row | tuple[Any, ...], encoding: str = "utf-8") -> str | None
             continue
         if not isinstance(value, str):
             return f"{name} is a {type(value).__name__}, not a str"
-        problem = _text_problem(str.__str__(value), MAX_NAME, encoding)
+        problem = _text_problem(str.__str__(value), MAX_NAME, encoding,
+                                in_bytes=name in _BYTES_COUNTED)
         if problem is not None:
             return f"{name} {problem}"
     ts = row.ts
@@ -318,13 +329,14 @@ def check_rows(rows: Sequence[RowLike], encoding: str = "utf-8") -> list[tuple[i
         # 10-event traces has a thousand trace ids): None where allowed, else a
         # non-empty exact str without a text problem. Anything else: row by row.
         limit = MAX_TRACE_ID if name == "trace_id" else MAX_NAME
+        in_bytes = name in _BYTES_COUNTED
         for value in distinct:
             if value is None:
                 if name == "kind":
                     suspect = True
                     break
             elif type(value) is not str or not value \
-                    or _text_problem(value, limit, encoding) is not None:
+                    or _text_problem(value, limit, encoding, in_bytes=in_bytes) is not None:
                 suspect = True
                 break
         if suspect:
