@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from penguiflow.registry import ModelRegistry
 
 __all__ = ["run_one", "assert_node_sequence", "simulate_error"]
+
+logger = logging.getLogger("penguiflow.testkit")
 
 _MAX_TRACES = 64
 # trace_id -> events in order of occurrence; the least recently started trace is evicted.
@@ -75,18 +78,24 @@ async def run_one(
     Events of the message's trace are recorded (replacing any earlier recording of the
     same trace) for :func:`assert_node_sequence`.
 
+    Only ``message``'s trace is returned: an item whose ``trace_id`` is set and differs
+    (a result an earlier run left in Rookery, say the second result of a fan-out) is
+    fetched and dropped, and a WARNING on the ``penguiflow.testkit`` logger says how
+    many were dropped (2.1 returned it). Items without a trace id are returned.
+
     Args:
         flow: The flow under test.
         message: The message to emit.
         registry: Passed to ``flow.run``.
-        timeout_s: Seconds allowed for emitting and fetching; ``None`` waits forever.
+        timeout_s: Seconds allowed for emitting and fetching (items of other traces
+            skipped included); ``None`` waits forever.
 
     Returns:
         The raw Rookery item: a Message, a plain value, or a FlowError.
 
     Raises:
         TypeError: If ``message`` is not a Message.
-        TimeoutError: If nothing reaches Rookery within ``timeout_s``.
+        TimeoutError: If nothing of the trace reaches Rookery within ``timeout_s``.
         FlowAlreadyRunning: (a ``RuntimeError``) The flow is running; it is left so.
         RuntimeError: From ``flow.run`` (registry gaps).
     """
@@ -100,10 +109,16 @@ async def run_one(
                  "running (the running flow was left running)")
     _attach_recorder(flow)
     _EVENTS.pop(message.trace_id, None)
+    skipped: list[str] = []
 
     async def emit_and_fetch() -> Any:
         await flow.emit(message)
-        return await flow.fetch()
+        while True:
+            item = await flow.fetch()
+            item_trace = getattr(item, "trace_id", None)
+            if item_trace is None or item_trace == message.trace_id:
+                return item
+            skipped.append(item_trace)
 
     try:
         flow.run(registry=registry)
@@ -111,7 +126,15 @@ async def run_one(
             return await emit_and_fetch()
         return await asyncio.wait_for(emit_and_fetch(), timeout_s)
     finally:
-        await flow.stop()
+        try:
+            await flow.stop()
+        finally:
+            if skipped:
+                logger.warning(
+                    "run_one skipped %d Rookery item(s) of other traces (%s) while "
+                    "waiting for trace %r: results an earlier run left in the flow",
+                    len(skipped), ", ".join(sorted({repr(t) for t in skipped})[:5]),
+                    message.trace_id)
 
 
 def assert_node_sequence(trace_id: str, expected: Sequence[str]) -> None:
