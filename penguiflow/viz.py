@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 __all__ = ["flow_to_dot", "flow_to_mermaid"]
 
 _UNSAFE = re.compile(r"[^0-9A-Za-z_]")
+# DOT's keywords (matched case-insensitively by Graphviz): as a bare identifier each is
+# a syntax error or, worse, a statement (``node -> edge``); quoted, it is a plain ID.
+_DOT_KEYWORDS = frozenset({"node", "edge", "graph", "digraph", "subgraph", "strict"})
 
 _MERMAID_CLASSDEFS = {
     "controller_loop": "fill:#fef3c7,stroke:#b45309,stroke-width:1px",
@@ -54,7 +57,8 @@ def _describe(flow: PenguiFlow) -> _Graph:
         if found is not None:
             return found
         if isinstance(obj, Node):
-            label = obj.name or obj.node_id
+            # str(): a name that is not a str (Node(name=123)) is labelled by its text.
+            label = str(obj.name or obj.node_id)
             classes = ["controller_loop"] if obj.allow_cycle else []
         else:
             label = str(getattr(obj, "name", obj))
@@ -97,23 +101,56 @@ def flow_to_mermaid(flow: PenguiFlow, *, direction: str = "TD") -> str:
         The lines joined by ``"\\n"``, without a trailing newline.
     """
     graph = _describe(flow)
+    ids = _mermaid_ids(graph)
     lines = [f"graph {direction}"]
     for ent in graph.entities:
         label = ent.label.replace('"', '\\"')
-        lines.append(f'    {ent.ident}["{label}"]')
+        lines.append(f'    {ids[ent.ident]}["{label}"]')
     in_use = sorted({name for ent in graph.entities for name in ent.classes})
     lines.extend(f"    classDef {name} {_MERMAID_CLASSDEFS[name]}" for name in in_use)
     lines.extend(
-        f"    class {ent.ident} {','.join(ent.classes)}" for ent in graph.entities if ent.classes
+        f"    class {ids[ent.ident]} {','.join(ent.classes)}"
+        for ent in graph.entities
+        if ent.classes
     )
     for source, target, edge_label in graph.edges:
         arrow = "-->" if edge_label is None else f"-->|{edge_label}|"
-        lines.append(f"    {source} {arrow} {target}")
+        lines.append(f"    {ids[source]} {arrow} {ids[target]}")
     return "\n".join(lines)
+
+
+def _mermaid_ids(graph: _Graph) -> dict[str, str]:
+    """Each identifier as Mermaid gets it: itself, except ``end`` (in any case).
+
+    ``end`` closes a subgraph in Mermaid, so a node with that id breaks the whole
+    flowchart; it gets the next free de-duplication suffix (``end_2``, ...) instead.
+    """
+    # Compared case-insensitively, so the new id cannot clash with another id in any case.
+    used = {ent.ident.lower() for ent in graph.entities}
+    ids: dict[str, str] = {}
+    for ent in graph.entities:
+        ident = ent.ident
+        if ident.lower() == "end":
+            n = 1
+            while ident.lower() in used:
+                n += 1
+                ident = f"{ent.ident}_{n}"
+            used.add(ident.lower())
+        ids[ent.ident] = ident
+    return ids
 
 
 def _dot_quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _dot_id(ident: str) -> str:
+    """``ident`` as a DOT ID: quoted when bare it is a DOT keyword (any case) or starts
+    with a digit (not a DOT ID: ``1st_step`` reads as ``1`` then ``st_step``), else as is.
+    """
+    if ident.lower() in _DOT_KEYWORDS or ident[:1].isdigit():
+        return f'"{ident}"'
+    return ident
 
 
 def flow_to_dot(flow: PenguiFlow, *, rankdir: str = "TB") -> str:
@@ -138,9 +175,9 @@ def flow_to_dot(flow: PenguiFlow, *, rankdir: str = "TB") -> str:
     for ent in graph.entities:
         attrs = [f'label="{_dot_quote(ent.label)}"']
         attrs.extend(_DOT_STYLES[name] for name in ent.classes)
-        lines.append(f"    {ent.ident} [{', '.join(attrs)}]")
+        lines.append(f"    {_dot_id(ent.ident)} [{', '.join(attrs)}]")
     for source, target, edge_label in graph.edges:
         suffix = "" if edge_label is None else f' [label="{edge_label}"]'
-        lines.append(f"    {source} -> {target}{suffix}")
+        lines.append(f"    {_dot_id(source)} -> {_dot_id(target)}{suffix}")
     lines.append("}")
     return "\n".join(lines)
