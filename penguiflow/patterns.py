@@ -81,9 +81,21 @@ async def map_concurrent(
 
 
 def _successor_named(ctx: Context, name: str) -> Node:
-    for target in ctx._outgoing:
-        if isinstance(target, Node) and target.name == name:
-            return target
+    found = [
+        target for target in ctx._outgoing if isinstance(target, Node) and target.name == name
+    ]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        # Several successors share the name: 2.1 silently took the first. A builtin
+        # LookupError raised in the router's attempt, so it fails that invocation as
+        # the other router errors do (its type is the node's FlowError's).
+        owner = getattr(ctx.owner, "name", None)
+        ids = ", ".join(node.node_id for node in found)
+        raise LookupError(
+            f"Ambiguous successor name '{name}': router '{owner}' has {len(found)} "
+            f"successors named so (node ids {ids}); route to the Node object, or give "
+            f"the successors distinct names")
     # A plain KeyError with 2.1's exact text: raised inside the router's attempt, its
     # type is what the node's FlowError reports, and spec §12 documents both.
     raise KeyError(f"No successor named '{name}'")

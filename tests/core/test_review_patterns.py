@@ -1,0 +1,60 @@
+"""Patterns (spec §12): review regressions (ambiguous successor names, max_concurrency)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from penguiflow.core import create
+from penguiflow.errors import FlowError
+from penguiflow.node import Node, NodePolicy
+from penguiflow.patterns import predicate_router
+from penguiflow.types import Headers, Message
+
+TIMEOUT = 5.0
+
+
+def _msg(payload: Any = None) -> Message:
+    return Message(payload=payload, headers=Headers(tenant="acme"))
+
+
+def _leaf(tag: str) -> Node:
+    async def leaf(message: Message, ctx: Any) -> Message:
+        return message.model_copy(update={"payload": tag})
+
+    return Node(leaf, name="worker", policy=NodePolicy(validate="none"))
+
+
+async def test_routing_to_a_name_two_successors_share_fails_the_invocation() -> None:
+    first, second = _leaf("first"), _leaf("second")
+    router = predicate_router("r", lambda m: "worker")
+    flow = create(router.to(first, second), first.to(), second.to(), emit_errors_to_rookery=True)
+    message = _msg("x")
+    flow.run()
+    try:
+        await flow.emit(message)
+        error = await asyncio.wait_for(flow.fetch(), TIMEOUT)
+    finally:
+        await flow.stop()
+    # 2.1 silently sent every message to the first successor named 'worker'.
+    assert isinstance(error, FlowError)
+    assert (error.node_name, error.trace_id) == ("r", message.trace_id)
+    assert error.exception_type == "LookupError"
+    text = str(error.unwrap())
+    assert text.startswith(
+        "Ambiguous successor name 'worker': router 'r' has 2 successors named so"
+    )
+    assert first.node_id in text and second.node_id in text
+
+
+async def test_routing_to_the_node_object_still_works_with_shared_names() -> None:
+    first, second = _leaf("first"), _leaf("second")
+    router = predicate_router("r", lambda m: second)
+    flow = create(router.to(first, second), first.to(), second.to(), emit_errors_to_rookery=True)
+    flow.run()
+    try:
+        await flow.emit(_msg("x"))
+        result = await asyncio.wait_for(flow.fetch(), TIMEOUT)
+    finally:
+        await flow.stop()
+    assert result.payload == "second"
