@@ -398,3 +398,81 @@ async def test_a_flow_id_over_1024_utf8_bytes_is_refused_alike_on_sqlite_and_pos
                     if e.kind == EVENTS_LOST_KIND] == [1]
             (record,) = [r for r in caplog.records if r.msg == "state_store_events_rejected"]
             assert record.reasons == ["flow_id is 3000 bytes long in UTF-8 (at most 1024)"]
+
+
+# -- remote bindings -------------------------------------------------------------------
+
+_OLD_BINDINGS_INDEXES = """
+DROP INDEX {s}.bindings_unique_idx, {s}.bindings_trace_idx, {s}.bindings_context_idx,
+    {s}.bindings_task_idx;
+CREATE UNIQUE INDEX bindings_unique_idx ON {s}.bindings (
+    trace_id,
+    (context_id IS NULL), COALESCE(context_id, ''),
+    (task_id IS NULL), COALESCE(task_id, ''),
+    (agent_url IS NULL), COALESCE(agent_url, ''));
+CREATE INDEX bindings_context_idx ON {s}.bindings (context_id);
+CREATE INDEX bindings_task_idx ON {s}.bindings (task_id);
+"""
+
+
+def _long_text(n: int, seed: int) -> str:
+    """``n`` characters that do not compress (an index keeps a compressed value)."""
+    rng = random.Random(seed)
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(n))
+
+
+async def test_remote_bindings_with_long_values_are_stored_as_on_sqlite(
+        make: Any, tmp_path: Any) -> None:
+    """A ~3 KB agent_url (a URL with a signed query) or context id is stored and
+    found; Postgres refused it (index row size exceeds btree maximum 2704)."""
+    url = "https://agent.example/a2a?sig=" + _long_text(3000, 1)
+    context = _long_text(4000, 2)
+    bindings = [RemoteBinding("t", context, "k", url), RemoteBinding("t", None, None, None),
+                RemoteBinding("t", "", None, None)]
+    pg = await make()
+    async with SQLiteStateStore(tmp_path / "t.db") as lite:
+        for store in (pg, lite):
+            for binding in bindings + bindings:  # each stored once
+                await store.save_remote_binding(binding)
+            assert await store.load_bindings(trace_id="t") == bindings, store
+            assert await store.load_bindings(context_id=context) == bindings[:1], store
+            assert await store.load_bindings(task_id="k", trace_id="t") == bindings[:1]
+
+
+async def test_a_writing_open_gives_an_older_schema_the_bindings_hash_indexes(
+        make: Any, sql: asyncpg.Connection) -> None:
+    """A version-5 schema made before (bindings indexed by value) gets the hash
+    indexes when a writing store opens it, keeping its bindings and their
+    uniqueness; then a long binding is stored there too."""
+    store = await make()
+    s = f'"{store.schema}"'
+    await sql.execute(_OLD_BINDINGS_INDEXES.format(s=s))
+    await store.save_remote_binding(RemoteBinding("t", "c", None, "u"))
+    await store.close()
+    again = await make(schema=store.schema)
+    definition = await sql.fetchval(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 "
+        "AND indexname = 'bindings_unique_idx'", store.schema)
+    assert "md5" in definition
+    await again.save_remote_binding(RemoteBinding("t", "c", None, "u"))  # stored once
+    long = RemoteBinding("t", "c", None, "https://a/?" + _long_text(3000, 3))
+    await again.save_remote_binding(long)
+    assert await again.load_bindings(trace_id="t") == [
+        RemoteBinding("t", "c", None, "u"), long]
+
+
+@pytest.mark.parametrize(("binding", "says"), [
+    (RemoteBinding("t", "c\x00", "k", "u"), "context_id holds NUL"),
+    (RemoteBinding("t", "c", "\ud800", "u"), "task_id holds a lone surrogate"),
+    (RemoteBinding("t", 5, "k", "u"), "context_id is a int, not a str or None"),  # type: ignore[arg-type]
+    (RemoteBinding(7, "c", "k", "u"), "trace_id is a int, not a str"),  # type: ignore[arg-type]
+])
+async def test_a_binding_postgres_cannot_hold_is_refused_naming_the_field(
+        make: Any, binding: RemoteBinding, says: str) -> None:
+    """A clear StateStoreError naming the field, not the driver's DataError or the
+    server's CharacterNotInRepertoire; the store goes on."""
+    store = await make()
+    with pytest.raises(StateStoreError, match=rf"cannot store the remote binding.*{says}"):
+        await store.save_remote_binding(binding)
+    await store.save_remote_binding(RemoteBinding("t", "c", "k", "u"))
+    assert await store.load_bindings(trace_id="t") == [RemoteBinding("t", "c", "k", "u")]

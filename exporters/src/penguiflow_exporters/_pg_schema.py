@@ -33,12 +33,17 @@ Layout (version 5):
 * ``traces``: one summary row per trace, folded in Python by each batch's
   transaction (see _pg_write.py); ``status`` is generated from the counters with
   TRACE_STATUSES' precedence, ``events_lost`` sums the trace's lost-event markers.
-* ``bindings``: remote bindings, unique on all four columns.
+* ``bindings``: remote bindings, unique on all four columns (through a hash of them;
+  hash indexes for the lookups, so a value of any length is stored: see
+  _BINDINGS_INDEXES; a writing open gives an older version-5 schema these).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Final
+
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
 from penguiflow.state import StateStoreError
 
@@ -49,6 +54,8 @@ from .processor import StoreRefused
 
 __all__ = ["MIGRATE_LOCK", "SCHEMA_VERSION", "check_schema", "create_or_migrate",
            "stored_version"]
+
+logger = logging.getLogger("penguiflow_exporters.store")
 
 #: The schema version this module creates; version 4 is migrated, others refused.
 SCHEMA_VERSION: Final = 5
@@ -63,6 +70,23 @@ _STATUS: Final = """
              WHEN events_lost > 0 THEN 'incomplete'
              WHEN open_count > 0 THEN 'running'
              ELSE 'succeeded' END) STORED"""
+
+#: The bindings' indexes. Unique on all four columns, NULLs equal to each other but
+#: not to '' (quote_nullable writes NULL unquoted), through a hash of them, and hash
+#: indexes for the lookups: a btree entry holds at most 2,704 bytes, so indexing the
+#: values themselves refused a binding with a ~3 KB agent_url (SQLite stores it).
+#: Schemas made before (the values in btrees) are given these on a writing open.
+_BINDINGS_INDEXES: Final = """
+CREATE UNIQUE INDEX bindings_unique_idx ON {s}.bindings ((md5(
+    quote_nullable(trace_id) || ',' || quote_nullable(context_id) || ',' ||
+    quote_nullable(task_id) || ',' || quote_nullable(agent_url))));
+CREATE INDEX bindings_trace_idx ON {s}.bindings USING hash (trace_id);
+CREATE INDEX bindings_context_idx ON {s}.bindings USING hash (context_id);
+CREATE INDEX bindings_task_idx ON {s}.bindings USING hash (task_id);
+"""
+_OLD_BINDINGS_INDEXES: Final = (
+    "DROP INDEX IF EXISTS {s}.bindings_unique_idx, {s}.bindings_trace_idx, "
+    "{s}.bindings_context_idx, {s}.bindings_task_idx;")
 
 _V5: Final = """
 CREATE TABLE {s}.schema_version (
@@ -114,17 +138,8 @@ CREATE TABLE {s}.bindings (
     task_id text,
     agent_url text
 );
--- Unique on all four columns with NULLs equal to each other but not to '' (what
--- UNIQUE NULLS NOT DISTINCT says on Postgres >= 15, written for older servers).
--- It leads with trace_id, so it is also the by-trace index.
-CREATE UNIQUE INDEX bindings_unique_idx ON {s}.bindings (
-    trace_id,
-    (context_id IS NULL), COALESCE(context_id, ''),
-    (task_id IS NULL), COALESCE(task_id, ''),
-    (agent_url IS NULL), COALESCE(agent_url, ''));
-CREATE INDEX bindings_context_idx ON {s}.bindings (context_id);
-CREATE INDEX bindings_task_idx ON {s}.bindings (task_id);
-"""
+""" + _BINDINGS_INDEXES
+
 
 # lz4 (Postgres >= 14 built with it) compresses a large block ~4x faster than the
 # default pglz (a 10,000-event block took ~30 ms to COPY with pglz, ~7 ms with lz4,
@@ -275,6 +290,8 @@ async def create_or_migrate(conn: Any, schema: str, where: str, lock_key: int) -
     version = await _version(conn, schema, where)
     if version == SCHEMA_VERSION:
         await _check_layout(conn, schema, where)
+        if await _old_bindings_indexes(conn, schema):
+            await _upgrade_bindings_indexes(conn, schema, lock_key)
         return
     if version is not None and version != 4:
         raise _refuse(version, schema, where)
@@ -311,10 +328,38 @@ async def create_or_migrate(conn: Any, schema: str, where: str, lock_key: int) -
                                    f"SET COMPRESSION lz4")
         elif version == 4:
             await _v4_to_v5(conn, schema, lz4)
+            if await _old_bindings_indexes(conn, schema):
+                await conn.execute((_OLD_BINDINGS_INDEXES + _BINDINGS_INDEXES).format(s=s))
         else:
             raise _refuse(version, schema, where)
         await conn.execute(f"INSERT INTO {s}.schema_version (version) VALUES ($1)",
                            SCHEMA_VERSION)
+
+
+async def _old_bindings_indexes(conn: Any, schema: str) -> bool:
+    """Whether ``schema``'s bindings are indexed by their values (btrees, before the
+    hash indexes of _BINDINGS_INDEXES)."""
+    definition = await conn.fetchval(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 "
+        "AND indexname = 'bindings_unique_idx'", schema)
+    return definition is not None and "md5" not in definition
+
+
+async def _upgrade_bindings_indexes(conn: Any, schema: str, lock_key: int) -> None:
+    """Replace the bindings' value btrees by _BINDINGS_INDEXES (same uniqueness, so no
+    row conflicts), once, under the migration lock. A role that may not (it does not
+    own the table) keeps the old ones, and the store opens all the same: only a
+    binding with a value of over ~2.7 KB is then refused, as before."""
+    s = _quoted(schema)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", MIGRATE_LOCK, lock_key)
+            if await _old_bindings_indexes(conn, schema):  # not done meanwhile
+                await conn.execute((_OLD_BINDINGS_INDEXES + _BINDINGS_INDEXES).format(s=s))
+    except asyncpg.InsufficientPrivilegeError as exc:
+        logger.warning("state_store_bindings_index_kept", extra={
+            "schema": schema, "error": str(exc),
+            "effect": "remote bindings with a value over ~2.7 KB are refused"})
 
 
 # -- migration 4 -> 5 ---------------------------------------------------------------------

@@ -361,6 +361,26 @@ class PostgresStateStore(ProcessedStore):
         return self._classified("writing events", str(exc), lambda classes: any(
             cls.__name__ in names for cls in classes))
 
+    def _binding_problem(self, binding: RemoteBinding) -> str | None:
+        """Why Postgres cannot store ``binding``, or None."""
+        for field in ("trace_id", "context_id", "task_id", "agent_url"):
+            value = getattr(binding, field)
+            if value is None and field != "trace_id":
+                continue
+            if not isinstance(value, str):
+                return (f"{field} is a {type(value).__name__}, not a str"
+                        + ("" if field == "trace_id" else " or None"))
+            if "\x00" in value:
+                return f"{field} holds NUL, which Postgres text cannot hold"
+            if self._unstorable(value):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"{field} holds a lone surrogate (not encodable as UTF-8)"
+                return (f"{field} holds a character the database's encoding "
+                        f"({self._encoding}) cannot hold")
+        return None
+
     def _unstorable(self, value: object) -> bool:
         """Whether no stored text can equal ``value``: not a str, or one the database
         cannot hold (NUL, a lone surrogate, a character outside its encoding). Such a
@@ -686,9 +706,18 @@ class PostgresStateStore(ProcessedStore):
 
         Raises:
             StoreUnavailable: also when the store is read-only.
+            StateStoreError: a binding Postgres cannot hold, naming the field: a
+                ``trace_id`` that is not a str, another id that is neither None nor
+                a str, or a value holding NUL, a lone surrogate or (a database not
+                in UTF-8) a character its encoding lacks. Checked before sending.
         """
         self._writable()
         await self.open()
+        problem = self._binding_problem(binding)
+        if problem is not None:
+            raise StateStoreError(
+                f"Postgres at {self._where} (schema {self.schema!r}) cannot store the "
+                f"remote binding of trace {str(binding.trace_id)[:80]!r}: {problem}")
         # Idempotent (ON CONFLICT DO NOTHING): safe to send again on a stale connection.
         await self._query(
             "saving a remote binding", "execute",
