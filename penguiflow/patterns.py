@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import operator
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import TypeAdapter
 
 from penguiflow.binding import current_binding
-from penguiflow.errors import InvalidArgument
+from penguiflow.errors import InvalidArgument, InvalidArgumentType
 from penguiflow.node import Node, NodePolicy
 from penguiflow.policies import (
     PolicyLike,
@@ -49,15 +50,33 @@ async def map_concurrent(
     Args:
         items: The inputs; consumed once, up front.
         worker: Async function applied to each item.
-        max_concurrency: Upper bound on in-flight calls; values below 1 count as 1.
+        max_concurrency: Upper bound on in-flight calls, an int; values below 1 count
+            as 1.
 
     Returns:
         The results in input order (not completion order).
 
     Raises:
+        InvalidArgumentType: (a ``TypeError``) ``max_concurrency`` is not an int (a
+            bool, a float such as ``2.5``, ``None``); raised before ``items`` is read
+            or ``worker`` called.
         Exception: The first exception raised by ``worker``; the calls still running are
             cancelled and awaited before it propagates.
     """
+    if isinstance(max_concurrency, bool):
+        limit: int | None = None
+    else:
+        try:
+            limit = operator.index(max_concurrency)
+        except TypeError:
+            limit = None
+    if limit is None:
+        # 2.1 failed later with "'float' object cannot be interpreted as an integer"
+        # or "'>' not supported between instances of 'NoneType' and 'int'".
+        raise InvalidArgumentType(
+            f"map_concurrent: max_concurrency must be an int (the number of calls "
+            f"in flight; values below 1 count as 1), got {type(max_concurrency).__name__} "
+            f"{max_concurrency!r}")
     pending = list(enumerate(items))
     results: list[Any] = [_MISSING] * len(pending)
     # A fixed pool of lanes pulling from one iterator bounds concurrency without a task
@@ -68,7 +87,7 @@ async def map_concurrent(
         for index, item in feed:
             results[index] = await worker(item)
 
-    width = min(max(1, max_concurrency), len(pending))
+    width = min(max(1, limit), len(pending))
     lanes = [asyncio.ensure_future(lane()) for _ in range(width)]
     try:
         await asyncio.gather(*lanes)
