@@ -545,15 +545,24 @@ class PenguiFlow:
 
         Buffering stores (PenguiFlow's SQLite/Postgres stores) write in the
         background; stop() makes what the flow recorded durable. Duck-typed so a
-        plain 2.1 StateStore needs no flush(); only an ``async def flush()`` is
-        called: a 2.1 store's own synchronous ``flush`` helper is not part of the
-        store protocol, and calling it (or failing on its result) is not stop()'s
-        business.
+        plain 2.1 StateStore needs no flush(). What ``flush()`` returns is awaited
+        when it is awaitable (an ``async def``, a wrapper returning the inner
+        store's coroutine) and otherwise ignored: a 2.1 store's own synchronous
+        ``flush`` helper has then done its work (it made stop() raise TypeError).
         """
         flush = getattr(self._state_store, "flush", None)
-        if flush is None or not inspect.iscoroutinefunction(flush):
+        if flush is None:
             return True
-        task: asyncio.Future[Any] = asyncio.ensure_future(flush())
+        try:
+            result = flush()
+            if not inspect.isawaitable(result):
+                return True
+            task: asyncio.Future[Any] = asyncio.ensure_future(result)
+        except Exception as raised:  # a synchronous flush that raised: a failed flush
+            self._events.failures["state_store_flush_failed"] += 1
+            logger.error("state_store_flush_failed", exc_info=raised,
+                         extra={"error": safe_repr(raised)})
+            return True
         if await _settle([task], deadline):
             return False
         exc = None if task.cancelled() else task.exception()
@@ -564,16 +573,20 @@ class PenguiFlow:
 
     def _report_stuck_nodes(self, timeout_s: float | None,
                             current: asyncio.Task[Any] | None) -> int:
-        """Name the nodes whose workers outlived a second cancel; how many there are.
+        """Name the nodes whose workers outlived a second cancel in the node's own
+        code; how many there are.
 
-        A worker waiting for the store ends at the cancel that cut it; one still
-        running after it is in node code that ignores cancellation (catches
-        ``CancelledError`` and goes on): that is the node's doing, not the
-        store's or a middleware's, so it is reported as such (``node_stop_timeout``)
-        and left running, as asyncio cannot end it.
+        Such a node ignores cancellation (catches ``CancelledError`` and goes on):
+        that is the node's doing, not the store's or a middleware's, so it is
+        reported as such (``node_stop_timeout``) and left running, as asyncio
+        cannot end it. A worker still in observer code is not counted here.
         """
+        # In the node's own code (interruptible: awaiting it), not in an observer's
+        # (recording node_cancelled, a middleware slow to unwind): that stays the
+        # observer's or the store's timeout, reported by the caller.
         stuck = [w.node.name for w in self._workers
-                 if w.task is not None and w.task is not current and not w.task.done()]
+                 if w.task is not None and w.task is not current and not w.task.done()
+                 and w.interruptible]
         if stuck:
             self._events.failures["node_stop_timeout"] += len(stuck)
             logger.warning("node_stop_timeout", extra={

@@ -232,6 +232,32 @@ async def test_a_node_that_ignores_its_cancellation_is_named_not_blamed_on_obser
         await within(asyncio.gather(worker, return_exceptions=True))
 
 
+async def test_a_middleware_slow_to_unwind_is_not_blamed_on_the_node(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An exporter-like middleware, slow on node_cancelled and bounded by wait_for,
+    # needs more than one loop turn to unwind the second cancel: the node that was
+    # cancelled cleanly was named as ignoring its cancellation.
+    started = asyncio.Event()
+
+    async def exporter(event: Any) -> None:
+        if event.event_type == "node_cancelled":
+            await asyncio.wait_for(asyncio.Event().wait(), 30)
+
+    async def work(message: Any, ctx: Any) -> Any:
+        started.set()
+        await asyncio.Event().wait()  # cancellable
+
+    flow = create(Node(work, name="innocent", policy=NONE).to(), middlewares=[exporter])
+    flow.run()
+    await flow.emit(msg("x"))
+    await within(started.wait())
+    caplog.set_level(logging.WARNING, logger="penguiflow.core")
+    await within(flow.stop(store_timeout_s=0.1))
+    assert "node_stop_timeout" not in flow.observer_failures
+    assert flow.observer_failures["observer_stop_timeout"] == 1
+
+
 async def test_a_hung_message_bus_publish_is_cut_short_and_reported(
         caplog: pytest.LogCaptureFixture) -> None:
     # emit_nowait publishes to the bus in the background; stop() awaits those

@@ -70,27 +70,57 @@ async def test_a_failing_flush_is_logged_and_counted_not_raised(
     assert [r.getMessage() for r in caplog.records] == ["state_store_flush_failed"]
 
 
-async def test_a_2_1_stores_own_synchronous_flush_is_left_alone() -> None:
-    # flush() is not in the 2.1 store protocol: a store with a synchronous helper
-    # of that name made stop() raise TypeError half-way through its shutdown
-    # (per-trace state, fetch waiters and join groups left behind).
-    class SyncFlushStore(InMemoryStateStore):
+@pytest.mark.parametrize("shape", ["sync", "sync_raising", "delegating", "decorated"])
+async def test_any_flush_shape_is_called_and_awaited_only_when_awaitable(shape: str) -> None:
+    # A 2.1 store's synchronous flush helper made stop() raise TypeError half-way
+    # through its shutdown (per-trace state, fetch waiters and join groups left
+    # behind). And a flush that returns the inner store's coroutine, or an async
+    # flush under a plain decorator, must still be awaited (stop() makes the
+    # events durable).
+    import functools
+
+    class Shaped(BufferingStore):
         def __init__(self) -> None:
             super().__init__()
-            self.flushes = 0
+            self.sync_calls = 0
 
-        def flush(self) -> None:  # e.g. writes a file the application reads
-            self.flushes += 1
+    def plain(func: Any) -> Any:
+        @functools.wraps(func)
+        def wrapper(*args: Any) -> Any:
+            return func(*args)
+        return wrapper
 
-    store = SyncFlushStore()
+    class SyncFlush(Shaped):
+        def flush(self) -> None:  # type: ignore[override]
+            self.sync_calls += 1
+            if shape == "sync_raising":
+                raise OSError("disk full")
+
+    class Delegating(Shaped):
+        def flush(self) -> Any:  # type: ignore[override]
+            return BufferingStore.flush(self)
+
+    class Decorated(Shaped):
+        @plain
+        async def flush(self) -> None:
+            await BufferingStore.flush(self)
+
+    store: Shaped = {"sync": SyncFlush, "sync_raising": SyncFlush, "delegating": Delegating,
+                     "decorated": Decorated}[shape]()
     flow = create(passthrough("a").to(), state_store=store)
     flow.run()
     message = msg(1)
     await flow.emit(message)
     await within(flow.fetch())
     await flow.stop()
-    assert not flow.running and store.flushes == 0
-    assert flow.observer_failures.get("state_store_flush_failed", 0) == 0
+    assert not flow.running
+    stored = [e.kind for e in await store.load_history(message.trace_id)]
+    if shape.startswith("sync"):
+        assert store.sync_calls == 1 and stored == []
+        assert flow.observer_failures.get("state_store_flush_failed", 0) == (
+            1 if shape == "sync_raising" else 0)
+    else:
+        assert stored == ["node_start", "node_success"]
     flow.run()  # and the flow is whole: it runs again
     try:
         await flow.emit(msg(2))
