@@ -389,14 +389,17 @@ class Context:
             message = Message(payload=chunk, headers=parent.headers,
                               trace_id=parent.trace_id, deadline_s=parent.deadline_s,
                               meta=dict(parent.meta))
+            if to is not None:
+                self._resolve(to, self._outgoing)  # an unknown target: before any put
+            _check_trace_id(parent.trace_id)
             if previous is not None and rt is not None:
                 await rt.wait_chunk_capacity(parent.trace_id)
                 rt.refuse_if_cancelled(parent.trace_id)
-            await self.emit(message, to)
         except BaseException:
             # Nothing was emitted (a bad target or text, a cancel while waiting for
             # room): the stream's number goes back, so the consumer sees no gap --
-            # unless another chunk of the stream took a number meanwhile.
+            # unless another chunk of the stream took a number meanwhile. (Once the
+            # puts start, a floe or the bus may have the chunk: its number stays.)
             if self._stream_seq.get(sid) == (None if done else seq):
                 if previous is None:
                     self._stream_seq.pop(sid, None)
@@ -405,6 +408,7 @@ class Context:
                 if closed is not None:
                     self._open_streams[sid] = closed
             raise
+        await self.emit(message, to)
         if text and self._inv is not None:  # only observed invocations have an id
             self._chunks += 1
             if self._first_chunk is None:

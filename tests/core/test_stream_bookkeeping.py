@@ -53,7 +53,14 @@ async def test_a_chunk_cancelled_while_waiting_for_room_gives_its_number_back() 
     async def streamer(m: Message, ctx: Any) -> None:
         await ctx.emit_chunk(parent=m, text="first")
         task = asyncio.ensure_future(ctx.emit_chunk(parent=m, text="blocked"))
-        await asyncio.sleep(0)  # it is waiting for room now (Rookery is full)
+        state = ctx.runtime._rt.traces[m.trace_id]
+        # Until it waits for room (Rookery is full): the runtime offers no event for
+        # "a chunk started waiting", so yield turns (a few), bounded.
+        for _ in range(100):
+            if state.chunk_waiters:
+                break
+            await asyncio.sleep(0)
+        assert state.chunk_waiters
         waiting.set()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -123,4 +130,45 @@ async def test_a_shared_explicit_stream_id_keeps_numbering_across_traces() -> No
             seqs += [c.seq for c in await _chunks(flow, 1)]
         assert seqs == [0, 1, 2]
     finally:
+        await within(flow.stop())
+
+
+async def test_a_chunk_one_successor_took_keeps_its_number_when_the_next_put_is_cut() -> None:
+    # The number went back when the chunk had already reached one of two successors
+    # (the other full, the put cut by the node's timeout): the retry's chunk reused
+    # it, and the first successor saw seq 0 twice.
+    seen: list[tuple[int, str]] = []
+    busy, release, both = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    attempts = 0
+
+    async def streamer(m: Message, ctx: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        await ctx.emit_chunk(parent=m, text=f"attempt{attempts}")
+
+    async def fast(m: Message, ctx: Any) -> None:
+        seen.append((m.payload.seq, m.payload.text))
+        if len(seen) == 2:
+            both.set()
+
+    async def slow(m: Message, ctx: Any) -> None:
+        busy.set()
+        await release.wait()
+
+    s = Node(streamer, name="s", policy=NodePolicy(validate="none", timeout_s=0.2,
+                                                   max_retries=1, backoff_base=0.0))
+    a, b = Node(fast, name="a", policy=NONE), Node(slow, name="b", policy=NONE)
+    flow = create(s.to(a, b), a.to(), b.to(), queue_maxsize=1)
+    flow.run()
+    try:
+        to_b = next(f for f in flow._floes if f.source is s and f.target is b)
+        filler = msg("fill")
+        await flow._rt.put(to_b, filler, None)  # b takes it and blocks
+        await within(busy.wait())
+        await flow._rt.put(to_b, filler, None)  # queued: s -> b is full
+        await flow.emit(msg("x"))
+        await within(both.wait())  # both attempts reached a
+        assert [seq for seq, _ in seen] == [0, 1]
+    finally:
+        release.set()
         await within(flow.stop())
