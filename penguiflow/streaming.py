@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -160,6 +161,20 @@ def chunk_to_ws_json(chunk: StreamChunk, *, extra: Mapping[str, Any] | None = No
     return _json_text(payload)
 
 
+#: How many trace ids :func:`stream_flow` remembers having emitted, to tell an
+#: earlier call's leftover (dropped) from this call's answer.
+RECENT_TRACES = 4096
+_STREAMED: OrderedDict[Any, None] = OrderedDict()
+
+
+def _is_hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
 async def stream_flow(
     flow: PenguiFlow,
     parent_msg: Any,
@@ -175,14 +190,14 @@ async def stream_flow(
     in which case fetching continues. The first non-chunk payload (for instance a
     FlowError, or the final answer) is yielded and ends the stream.
 
-    Only ``parent_msg``'s trace is streamed: an item whose ``trace_id`` is set and
-    differs from ``parent_msg.trace_id`` (say the final answer an earlier call left in
-    Rookery when it stopped at its ``done`` chunk) is fetched and dropped, and a
-    WARNING on the ``penguiflow.streaming`` logger says how many were dropped. 2.1
-    yielded such an item, handing one request another request's result. Items without
-    a trace id (plain values a node returned) cannot be told apart and are yielded.
-    Another trace's items are consumed, so do not run other traces through the same
-    flow concurrently.
+    An item of a trace an earlier ``stream_flow`` call emitted (say the final answer
+    that call left in Rookery when it stopped at its ``done`` chunk) is fetched and
+    dropped, and a WARNING on the ``penguiflow.streaming`` logger says how many were
+    dropped: 2.1 yielded it, handing one request another request's result. Any other
+    item is this call's, as in 2.1: a node may answer with a new ``Message`` (a fresh
+    trace id), or a plain value. The last :data:`RECENT_TRACES` trace ids this
+    function emitted are remembered for this. Items are consumed, so do not run
+    other traces through the same flow concurrently.
 
     The caller must have started the flow and remains responsible for stopping it; this
     generator never stops it.
@@ -200,6 +215,7 @@ async def stream_flow(
     """
     trace_id = getattr(parent_msg, "trace_id", None)
     skipped: list[Any] = []
+    earlier = _STREAMED
 
     def report_skipped() -> None:
         if skipped:
@@ -211,19 +227,34 @@ async def stream_flow(
             skipped.clear()
 
     await flow.emit(parent_msg, to=to)
+    if trace_id is not None:
+        try:
+            earlier[trace_id] = None
+            earlier.move_to_end(trace_id)
+            if len(earlier) > RECENT_TRACES:
+                earlier.popitem(last=False)
+        except TypeError:  # an unhashable id (refused by emit already, in practice)
+            pass
     loop = asyncio.get_running_loop()
+
+    async def next_item() -> Any:
+        while True:
+            item = await flow.fetch()
+            item_trace = getattr(item, "trace_id", None)
+            if (item_trace is None or item_trace == trace_id
+                    or not _is_hashable(item_trace) or item_trace not in earlier):
+                return item
+            skipped.append(item_trace)
+
     try:
         while True:
-            deadline = None if timeout is None else loop.time() + timeout
-            while True:
-                if deadline is None:
-                    item = await flow.fetch()
-                else:
-                    item = await asyncio.wait_for(flow.fetch(), max(0.0, deadline - loop.time()))
-                item_trace = getattr(item, "trace_id", None)
-                if trace_id is None or item_trace is None or item_trace == trace_id:
-                    break
-                skipped.append(item_trace)
+            if timeout is None:
+                item = await next_item()
+            else:
+                # One deadline for the item, skipped items included; an item already
+                # there is taken even when the time is up (wait_for(0) would not).
+                async with asyncio.timeout_at(loop.time() + timeout):
+                    item = await next_item()
             report_skipped()
             payload = getattr(item, "payload", item)
             yield payload

@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import logging
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -33,6 +33,9 @@ logger = logging.getLogger("penguiflow.testkit")
 _MAX_TRACES = 64
 # trace_id -> events in order of occurrence; the least recently started trace is evicted.
 _EVENTS: OrderedDict[str, list[FlowEvent]] = OrderedDict()
+#: The trace ids the last runs emitted: a Rookery item of one of them is an earlier
+#: run's leftover (dropped), any other is the current run's answer.
+_RUN_TRACES: deque[str] = deque(maxlen=1024)
 
 
 class _Recorder:
@@ -78,10 +81,11 @@ async def run_one(
     Events of the message's trace are recorded (replacing any earlier recording of the
     same trace) for :func:`assert_node_sequence`.
 
-    Only ``message``'s trace is returned: an item whose ``trace_id`` is set and differs
-    (a result an earlier run left in Rookery, say the second result of a fan-out) is
-    fetched and dropped, and a WARNING on the ``penguiflow.testkit`` logger says how
-    many were dropped (2.1 returned it). Items without a trace id are returned.
+    An item of a trace an earlier ``run_one`` emitted (a result that run left in
+    Rookery, say the second result of a fan-out) is fetched and dropped, and a
+    WARNING on the ``penguiflow.testkit`` logger says how many were dropped (2.1
+    returned it). Any other item is this run's, as in 2.1: a node may answer with
+    a new ``Message`` (a fresh trace id) or a plain value.
 
     Args:
         flow: The flow under test.
@@ -110,13 +114,16 @@ async def run_one(
     _attach_recorder(flow)
     _EVENTS.pop(message.trace_id, None)
     skipped: list[str] = []
+    earlier = set(_RUN_TRACES)
+    _RUN_TRACES.append(message.trace_id)
 
     async def emit_and_fetch() -> Any:
         await flow.emit(message)
         while True:
             item = await flow.fetch()
             item_trace = getattr(item, "trace_id", None)
-            if item_trace is None or item_trace == message.trace_id:
+            if (item_trace is None or item_trace == message.trace_id
+                    or not isinstance(item_trace, str) or item_trace not in earlier):
                 return item
             skipped.append(item_trace)
 

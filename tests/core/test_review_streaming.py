@@ -182,13 +182,16 @@ async def test_stream_flow_timeout_still_reports_the_skipped_items(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def answer_old(message: Message, ctx: Context) -> Message | None:
-        return message if message.payload == "old" else None
+        if message.payload == "old":
+            await ctx.emit_chunk(parent=message, text="o", done=True)
+            return message  # left in Rookery: the first call stops at its done chunk
+        return None
 
     flow = create(Node(answer_old, name="answer_old", policy=NodePolicy(validate="none")).to())
     flow.run()
     try:
         stale = _req("old")
-        await flow.emit(stale)  # its answer reaches Rookery; nothing of "new" ever does
+        assert await _collect(stream_flow(flow, stale, timeout=TIMEOUT)) == ["o"]
         with (
             caplog.at_level(logging.WARNING, logger="penguiflow.streaming"),
             pytest.raises(TimeoutError),
@@ -200,3 +203,18 @@ async def test_stream_flow_timeout_still_reports_the_skipped_items(
     assert len(messages) == 1
     assert "skipped 1 Rookery item(s) of other traces" in messages[0]
     assert repr(stale.trace_id) in messages[0]
+
+
+async def test_stream_flow_yields_a_new_message_a_node_answers_with() -> None:
+    # Valid 2.1: a node answers with a new Message (a fresh trace id); a first
+    # version of the leftover filter dropped it and timed out.
+    async def answer(message: Message, ctx: Context) -> Message:
+        return Message(payload=42, headers=message.headers)
+
+    flow = create(Node(answer, name="answer", policy=NodePolicy(validate="none")).to())
+    flow.run()
+    try:
+        assert await _collect(stream_flow(flow, _req("a"), timeout=TIMEOUT)) == [42]
+        assert await _collect(stream_flow(flow, _req("b"), timeout=TIMEOUT)) == [42]
+    finally:
+        await flow.stop()
