@@ -21,6 +21,7 @@ import contextlib
 import functools
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
@@ -47,6 +48,10 @@ __all__ = [
 #: A validated W3C traceparent: ``(trace_id, parent_span_id)``, optionally with the
 #: caller's sampled flag as a third item (absent: sampled).
 TraceParent = tuple[str, str] | tuple[str, str, bool]
+
+
+#: Caller trace ids remembered as joined by a 2.1 request (see ``_open_legacy``).
+_JOINED_MAX = 65_536
 
 
 def traceparent_sampled(parent: TraceParent) -> bool:
@@ -174,6 +179,9 @@ class A2AServerAdapter:
         self.redact_headers = frozenset(h.lower() for h in redact_headers)
         self.subscriber_queue_size = subscriber_queue_size
         self.tasks = TaskRegistry(max_tasks=max_tasks, ttl_s=task_ttl_s)
+        #: Caller trace ids a 2.1 request joined (traceparent), the latest kept: a
+        #: later 2.1 request under the same one runs under a fresh trace id.
+        self._joined: OrderedDict[str, None] = OrderedDict()
         #: Rookery items no task claimed (late after a cancel, or not attributable).
         self.unrouted_items = 0
         self._flow, self._target, self._registry = flow, target, registry
@@ -454,8 +462,11 @@ class A2AServerAdapter:
         # client sends the same traceparent) would reuse the first one's task id and
         # history. It runs under a fresh trace id, as in 2.1.
         if (trace_id is None and parent is not None and not self.tasks.trace_active(parent[0])
-                and self.tasks.get(parent[0]) is None):
+                and parent[0] not in self._joined and self.tasks.get(parent[0]) is None):
             trace_id = parent[0]
+            self._joined[trace_id] = None
+            if len(self._joined) > _JOINED_MAX:
+                self._joined.popitem(last=False)
         else:
             parent = None
         message = Message(payload=request.payload, headers=headers,

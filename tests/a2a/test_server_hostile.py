@@ -415,14 +415,25 @@ async def test_a_second_2_1_request_from_the_same_client_span_gets_its_own_task(
 
     store = InMemoryStateStore()
     trace_id, span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    header = {"traceparent": f"00-{trace_id}-{span_id}-01"}
     async with served(create(node(work).to(), state_store=store)) as (url, _), http() as client:
         answers = [(await client.post(url + "/message/send", json={"payload": n},
-                                      headers={"traceparent": f"00-{trace_id}-{span_id}-01"}
-                                      )).json() for n in (1, 2)]
+                                      headers=header)).json() for n in (1, 2)]
+        # A first request with a taskId of its own joins the trace too; the next
+        # one without (its taskId would default to the trace id) does not.
+        other = "5bf92f3577b34da6a3ce929d0e0e4736"
+        header2 = {"traceparent": f"00-{other}-{span_id}-01"}
+        named = (await client.post(url + "/message/send", json={
+            "payload": 3, "taskId": "mine"}, headers=header2)).json()
+        unnamed = (await client.post(url + "/message/send", json={"payload": 4},
+                                     headers=header2)).json()
     first, second = answers
     assert first["traceId"] == first["taskId"] == trace_id  # the caller's trace, joined
     assert second["taskId"] == second["traceId"] != trace_id
     assert [a["output"] for a in answers] == ["done 1", "done 2"]
+    assert (named["traceId"], named["taskId"]) == (other, "mine")
+    assert unnamed["traceId"] == unnamed["taskId"] not in (other, "mine")
+    answers += [named, unnamed]
     for answer in answers:
         ends = [e for e in await store.load_history(answer["traceId"])
                 if e.kind == "node_success"]
