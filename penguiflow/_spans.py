@@ -212,6 +212,10 @@ class SpanModel:
         """Trace ids with a root span not yet ended."""
         return list(self._traces)
 
+    def is_open(self, trace_id: Any) -> bool:
+        """Whether ``trace_id``'s root span has not ended yet."""
+        return str(trace_id) in self._traces
+
     def node_span(self, invocation_id: str) -> SpanData | None:
         """The open span of ``invocation_id`` (for making it current around user code)."""
         for spans in self._traces.values():

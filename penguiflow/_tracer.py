@@ -238,8 +238,15 @@ class LiveTracer:
         Returns the failures meanwhile, as :meth:`on_fields`."""
         before = self.failures
         self._metrics = self._flow_metrics.get(flow_id) if flow_id is not None else None
+        model = self.model
+        otel_id = model.otel_id_of(trace_id) if self._decisions else None
         # Now, for spans still open (a worker cut by stop() ends its trace here).
-        self.model.end_trace(trace_id, flow_id, end_ns=time.time_ns())
+        model.end_trace(trace_id, flow_id, end_ns=time.time_ns())
+        if otel_id is not None and not model.is_open(trace_id):
+            # Decided for the trace's life only: the table then holds live traces,
+            # so its bound never evicts the decision of one still running (its
+            # later spans were exported as orphans of an unsampled caller).
+            self._decisions.pop(otel_id, None)
         return self.failures - before
 
     def flow_stopped(self, flow: ObservedFlow) -> int:

@@ -827,6 +827,49 @@ async def test_a_trace_under_an_unsampled_caller_is_dropped_whole(
     assert flow.observer_failures.get("tracer_failed", 0) == 0
 
 
+async def test_a_long_trace_under_an_unsampled_caller_stays_dropped_while_others_come_and_go(
+        provider: TracerProvider, exporter: InMemorySpanExporter,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Decisions were kept in a bounded table, oldest evicted first and never
+    # removed when their trace ended: after that many newer traces, a long one's
+    # decision was gone and its later spans exported as orphans.
+    import penguiflow._tracer as tracer_module
+
+    monkeypatch.setattr(tracer_module, "_DECISIONS_MAX", 4)
+    gate, started = asyncio.Event(), asyncio.Event()
+
+    async def maybe_slow(message: Message, ctx: Any) -> Message:
+        if message.payload == "long":
+            started.set()
+            await gate.wait()
+        return message
+
+    # Two flows of one provider (one tracer): the long trace holds the first one.
+    flow = create(_node(maybe_slow, "a").to(), tracer_provider=provider)
+    other = create(_node(maybe_slow, "b").to(), tracer_provider=provider)
+    long = msg("long")
+    flow.run()
+    other.run()
+    try:
+        await flow.adopt_trace_parent(long.trace_id, parent_span_id="00f067aa0ba902b7",
+                                      sampled=False)
+        await flow.emit(long)
+        await within(started.wait())
+        for n in range(10):  # short traces, unsampled callers too: they come and go
+            m = msg(n)
+            await other.adopt_trace_parent(m.trace_id, parent_span_id="00f067aa0ba902b7",
+                                           sampled=False)
+            await other.emit(m)
+            await within(other.fetch())
+        gate.set()
+        await within(flow.fetch())
+    finally:
+        await flow.stop()
+        await other.stop()
+    assert exporter.get_finished_spans() == ()
+    assert tracer_for(provider)._decisions == {}  # only live traces are decided
+
+
 @pytest.mark.parametrize("sampler", ["always_on", "raises"])
 async def test_the_providers_sampler_decides_a_trace_under_a_remote_parent(
         exporter: InMemorySpanExporter, sampler: str) -> None:
