@@ -1444,6 +1444,37 @@ async def test_a_reader_outlives_the_server_dropping_its_idle_connections(
         await reader.close()
 
 
+@pytest.mark.parametrize("readonly", [True, False])
+async def test_open_outlives_the_server_dropping_the_pools_first_connections(
+        pg_dsn: str, make: MakeStore, sql: asyncpg.Connection, readonly: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pool's connections, dropped by the server between their making and the
+    # schema check (a restart, or an admin's pg_terminate_backend of idle sessions:
+    # a parallel test run did it), failed open() with a driver error about a
+    # connection "released back to the pool" that hid the real one.
+    store = await make()
+    await store.save_events([ev("t", 1)])
+    await store.flush()
+    made: list[Any] = []
+    create_pool = asyncpg.create_pool
+
+    async def pool_then_drop(*args: Any, **kwargs: Any) -> Any:
+        pool = await create_pool(*args, **kwargs)
+        pids = [h._con.get_server_pid() for h in pool._holders if h._con is not None]
+        made.append(len(pids))
+        await sql.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid", pids)
+        return pool
+
+    monkeypatch.setattr(asyncpg, "create_pool", pool_then_drop)
+    other = PostgresStateStore(pg_dsn, schema=store.schema, readonly=readonly, pool_min=2,
+                               pool_max=2)
+    try:
+        assert len(await other.load_history("t")) == 1
+        assert made == [2]  # both of its connections were dropped before the check
+    finally:
+        await other.close()
+
+
 async def test_open_waits_for_another_process_creating_the_schema(
         pg_dsn: str, sql: asyncpg.Connection, schema: str) -> None:
     # open()'s lock timeout (for its catalog reads) also cut the wait for the advisory

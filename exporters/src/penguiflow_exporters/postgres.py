@@ -423,26 +423,38 @@ class PostgresStateStore(ProcessedStore):
             try:
                 with self._errors("checking the schema" if self.readonly
                                   else "creating or migrating the schema"):
-                    async with pool.acquire() as conn:
-                        # A table locked elsewhere (VACUUM FULL, another tool's
-                        # migration) must not hold open() for ever: it is then
-                        # StoreUnavailable, after connect_timeout_s.
-                        await conn.execute(
-                            f"SET lock_timeout = {max(int(self._connect_timeout_s * 1000), 1)}")
+                    # A pool connection the server dropped meanwhile (a restart,
+                    # pg_terminate_backend of idle sessions) fails its first query:
+                    # again on the next, until the pool has had to make a new one.
+                    for attempt in range(self._pool_min + 1):
                         try:
-                            self._encoding = server_codec(
-                                await conn.fetchval("SHOW server_encoding"))
-                            if self.readonly:
-                                await check_schema(conn, self.schema, self._where)
-                            else:
-                                await create_or_migrate(conn, self.schema, self._where,
-                                                        self._lock_key)
-                        finally:
-                            await conn.execute("RESET lock_timeout")
+                            await self._prepare(pool)
+                            break
+                        except _STALE:
+                            if attempt == self._pool_min:
+                                raise
             except BaseException:
                 pool.terminate()
                 raise
             self._pool = pool
+
+    async def _prepare(self, pool: Any) -> None:
+        """Read the server's encoding and check (or create, or migrate) the schema."""
+        async with pool.acquire() as conn:
+            # A table locked elsewhere (VACUUM FULL, another tool's migration) must
+            # not hold open() for ever: it is then StoreUnavailable, after
+            # connect_timeout_s.
+            await conn.execute(
+                f"SET lock_timeout = {max(int(self._connect_timeout_s * 1000), 1)}")
+            self._encoding = server_codec(await conn.fetchval("SHOW server_encoding"))
+            if self.readonly:
+                await check_schema(conn, self.schema, self._where)
+            else:
+                await create_or_migrate(conn, self.schema, self._where, self._lock_key)
+            # Not in a finally: on a failure the connection may be gone (the RESET then
+            # raised in place of the failure), and the pool's reset on release runs
+            # RESET ALL anyway (or drops the connection).
+            await conn.execute("RESET lock_timeout")
 
     async def stored_schema_version(self) -> int | None:
         """The schema version this store's schema records, read on a connection of its
