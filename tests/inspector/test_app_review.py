@@ -328,6 +328,29 @@ async def test_ctrl_c_exits_130_from_the_trace_the_list_and_the_search_box() -> 
             assert app.return_code == 130, (mode, keys)
 
 
+async def test_ctrl_c_copies_a_selection_in_the_search_box_and_quits_without_one() -> None:
+    # The quit binding took Ctrl-C from the search box's copy (Textual's own Ctrl-C
+    # copies a selection): with text selected it copies, as before; else it quits.
+    from textual.widgets import Input
+    from textual.widgets.input import Selection
+
+    async with InMemoryStateStore() as store:
+        await store.save_events(demo_events())
+        app = InspectorApp(trace_id=TRACE, store=store, mode="trace")
+        async with app.run_test(size=(100, 30)) as pilot:
+            await opened(pilot)
+            await pilot.press("slash", *"fetch")
+            box = app.screen.query_one(Input)
+            box.selection = Selection(0, len(box.value))
+            await pilot.press("ctrl+c")
+            await pilot.pause()
+            assert app.return_code is None  # still open
+            assert app.clipboard == "fetch"
+            await pilot.press("ctrl+c")  # nothing selected now: quits
+            await wait_for(pilot, lambda: app.return_code is not None, what="the app to exit")
+        assert app.return_code == 130
+
+
 def _cycle_events() -> list[StoredEvent]:
     """A malformed wait graph: a names b as its parent, and b names a."""
     events: list[StoredEvent] = []

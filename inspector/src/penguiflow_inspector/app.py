@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from textual import work
 from textual.app import App
 from textual.binding import Binding, BindingType
+from textual.widgets import Input
+from textual.widgets.input import Selection
 
 from penguiflow.state import StateStoreError
 
@@ -147,7 +149,23 @@ class InspectorApp(App[None]):
         self.exit(return_code=self._exit_code)
 
     def action_interrupt(self) -> None:
-        """Ctrl-C: exit 130 (128 + SIGINT), as ``pf``'s other commands."""
+        """Ctrl-C: copy the selected text when there is some (in the search box, or
+        selected with the mouse: a trace id, an error), as Textual's Ctrl-C does;
+        else exit 130 (128 + SIGINT), as ``pf``'s other commands."""
+        focused = self.focused
+        text: str | None = None
+        if isinstance(focused, Input) and not focused.selection.is_empty:
+            text = focused.selected_text
+        if not text:
+            text = self.screen.get_selected_text()
+        if text:
+            self.copy_to_clipboard(text)
+            self.notify("copied; Ctrl-C again (nothing selected) quits", timeout=3)
+            if isinstance(focused, Input):
+                focused.selection = Selection.cursor(focused.cursor_position)
+            else:
+                self.screen.clear_selection()
+            return
         self.exit(return_code=EXIT_INTERRUPTED)
 
     def action_help(self) -> None:
