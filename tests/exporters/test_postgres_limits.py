@@ -439,26 +439,43 @@ async def test_remote_bindings_with_long_values_are_stored_as_on_sqlite(
             assert await store.load_bindings(task_id="k", trace_id="t") == bindings[:1]
 
 
-async def test_a_writing_open_gives_an_older_schema_the_bindings_hash_indexes(
-        make: Any, sql: asyncpg.Connection) -> None:
-    """A version-5 schema made before (bindings indexed by value) gets the hash
-    indexes when a writing store opens it, keeping its bindings and their
-    uniqueness; then a long binding is stored there too."""
+async def test_an_older_schemas_bindings_indexes_are_kept_on_open_and_rebuilt_by_migrate(
+        make: Any, sql: asyncpg.Connection, pg_dsn: str) -> None:
+    """A version-5 schema made before (bindings indexed by value) is left as it is by
+    a writing open: rebuilding its indexes holds the table's lock (a first version
+    did it on open, failing every open behind a long transaction that had read the
+    table, and queueing every bindings query). A binding over the old limit is
+    refused early, naming the fix; pf migrate rebuilds the indexes, keeping the
+    bindings and their uniqueness, and says so."""
+    from penguiflow_inspector.migrate import migrate
+
     store = await make()
     s = f'"{store.schema}"'
-    await sql.execute(_OLD_BINDINGS_INDEXES.format(s=s))
+    await sql.execute(_OLD_BINDINGS_INDEXES.format(s=s))  # the earlier layout
     await store.save_remote_binding(RemoteBinding("t", "c", None, "u"))
     await store.close()
     again = await make(schema=store.schema)
+    assert await again.load_bindings(trace_id="t") == [RemoteBinding("t", "c", None, "u")]
+    definition = await sql.fetchval(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 "
+        "AND indexname = 'bindings_unique_idx'", store.schema)
+    assert "md5" not in definition  # untouched by the open
+    long = RemoteBinding("t", "c", None, "https://a/?" + _long_text(3000, 3))
+    with pytest.raises(StateStoreError, match=r"take \d+ bytes.*pf migrate"):
+        await again.save_remote_binding(long)
+    await again.close()
+    url = f"{pg_dsn}{'&' if '?' in pg_dsn else '?'}schema={store.schema}"
+    said = await migrate(url)
+    assert "rebuilt its remote-bindings indexes" in said
+    assert "nothing to do" in await migrate(url)  # once
     definition = await sql.fetchval(
         "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 "
         "AND indexname = 'bindings_unique_idx'", store.schema)
     assert "md5" in definition
-    await again.save_remote_binding(RemoteBinding("t", "c", None, "u"))  # stored once
-    long = RemoteBinding("t", "c", None, "https://a/?" + _long_text(3000, 3))
-    await again.save_remote_binding(long)
-    assert await again.load_bindings(trace_id="t") == [
-        RemoteBinding("t", "c", None, "u"), long]
+    third = await make(schema=store.schema)
+    await third.save_remote_binding(RemoteBinding("t", "c", None, "u"))  # stored once
+    await third.save_remote_binding(long)
+    assert await third.load_bindings(trace_id="t") == [RemoteBinding("t", "c", None, "u"), long]
 
 
 @pytest.mark.parametrize(("binding", "says"), [

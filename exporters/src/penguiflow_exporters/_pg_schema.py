@@ -35,15 +35,13 @@ Layout (version 5):
   TRACE_STATUSES' precedence, ``events_lost`` sums the trace's lost-event markers.
 * ``bindings``: remote bindings, unique on all four columns (through a hash of them;
   hash indexes for the lookups, so a value of any length is stored: see
-  _BINDINGS_INDEXES; a writing open gives an older version-5 schema these).
+  _BINDINGS_INDEXES; ``pf migrate`` gives an older version-5 schema these).
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any, Final
-
-import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
 from penguiflow.state import StateStoreError
 
@@ -52,8 +50,9 @@ from ._legacy_v4 import decode_v4_block
 from ._records import BlockError
 from .processor import StoreRefused
 
-__all__ = ["MIGRATE_LOCK", "SCHEMA_VERSION", "check_schema", "create_or_migrate",
-           "stored_version"]
+__all__ = ["MIGRATE_LOCK", "OLD_BINDINGS_MAX_BYTES", "SCHEMA_VERSION", "check_schema",
+           "create_or_migrate", "old_bindings_indexes", "stored_version",
+           "upgrade_bindings_indexes"]
 
 logger = logging.getLogger("penguiflow_exporters.store")
 
@@ -289,9 +288,10 @@ async def create_or_migrate(conn: Any, schema: str, where: str, lock_key: int) -
     """
     version = await _version(conn, schema, where)
     if version == SCHEMA_VERSION:
+        # (An older version 5's value btrees on the bindings are kept: rebuilding
+        # them takes the table's lock for as long as it runs, which an open must not
+        # do behind a production database's back; `pf migrate` does it.)
         await _check_layout(conn, schema, where)
-        if await _old_bindings_indexes(conn, schema):
-            await _upgrade_bindings_indexes(conn, schema, lock_key)
         return
     if version is not None and version != 4:
         raise _refuse(version, schema, where)
@@ -328,7 +328,7 @@ async def create_or_migrate(conn: Any, schema: str, where: str, lock_key: int) -
                                    f"SET COMPRESSION lz4")
         elif version == 4:
             await _v4_to_v5(conn, schema, lz4)
-            if await _old_bindings_indexes(conn, schema):
+            if await old_bindings_indexes(conn, schema):
                 await conn.execute((_OLD_BINDINGS_INDEXES + _BINDINGS_INDEXES).format(s=s))
         else:
             raise _refuse(version, schema, where)
@@ -336,30 +336,41 @@ async def create_or_migrate(conn: Any, schema: str, where: str, lock_key: int) -
                            SCHEMA_VERSION)
 
 
-async def _old_bindings_indexes(conn: Any, schema: str) -> bool:
-    """Whether ``schema``'s bindings are indexed by their values (btrees, before the
-    hash indexes of _BINDINGS_INDEXES)."""
+async def old_bindings_indexes(conn: Any, schema: str) -> bool:
+    """Whether ``schema``'s bindings are indexed by their values (btrees, made before
+    the hash indexes of _BINDINGS_INDEXES): a binding whose ids take more than
+    :data:`OLD_BINDINGS_MAX_BYTES` is then refused by the server."""
     definition = await conn.fetchval(
         "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 "
         "AND indexname = 'bindings_unique_idx'", schema)
     return definition is not None and "md5" not in definition
 
 
-async def _upgrade_bindings_indexes(conn: Any, schema: str, lock_key: int) -> None:
+#: What the four ids of a binding may take (UTF-8 bytes) under the old value btrees
+#: (Postgres' limit is 2,704 bytes per index row, overhead included).
+OLD_BINDINGS_MAX_BYTES: Final = 2_600
+
+
+async def upgrade_bindings_indexes(conn: Any, schema: str, lock_key: int) -> bool:
     """Replace the bindings' value btrees by _BINDINGS_INDEXES (same uniqueness, so no
-    row conflicts), once, under the migration lock. A role that may not (it does not
-    own the table) keeps the old ones, and the store opens all the same: only a
-    binding with a value of over ~2.7 KB is then refused, as before."""
+    row conflicts), under the migration lock; True when it did. ``pf migrate`` runs
+    it: it holds the table's lock while the indexes are rebuilt, which a store's
+    open must not do unasked.
+
+    Raises:
+        asyncpg.PostgresError: as the DDL raised it (a lock not had in time, a role
+            that does not own the table).
+    """
     s = _quoted(schema)
-    try:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", MIGRATE_LOCK, lock_key)
-            if await _old_bindings_indexes(conn, schema):  # not done meanwhile
-                await conn.execute((_OLD_BINDINGS_INDEXES + _BINDINGS_INDEXES).format(s=s))
-    except asyncpg.InsufficientPrivilegeError as exc:
-        logger.warning("state_store_bindings_index_kept", extra={
-            "schema": schema, "error": str(exc),
-            "effect": "remote bindings with a value over ~2.7 KB are refused"})
+    async with conn.transaction():
+        # Processes migrating together wait for each other, then find the work done.
+        await conn.execute("SET LOCAL lock_timeout = 0")
+        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", MIGRATE_LOCK, lock_key)
+        await conn.execute("SET LOCAL lock_timeout = '30s'")
+        if not await old_bindings_indexes(conn, schema):  # done meanwhile
+            return False
+        await conn.execute((_OLD_BINDINGS_INDEXES + _BINDINGS_INDEXES).format(s=s))
+    return True
 
 
 # -- migration 4 -> 5 ---------------------------------------------------------------------

@@ -83,7 +83,15 @@ from ._base import ProcessedStore
 from ._block_read import decode_block
 from ._events import events_of
 from ._pg_dsn import describe_dsn, several_at_signs
-from ._pg_schema import SCHEMA_VERSION, check_schema, create_or_migrate, stored_version
+from ._pg_schema import (
+    OLD_BINDINGS_MAX_BYTES,
+    SCHEMA_VERSION,
+    check_schema,
+    create_or_migrate,
+    old_bindings_indexes,
+    stored_version,
+    upgrade_bindings_indexes,
+)
 from ._pg_write import ANY_TRACE, PostgresWriter, server_codec
 from ._pg_writers import NoProcess, ProcessOrLoop
 from ._records import BLOCK_EVENTS, BlockError, Row
@@ -251,6 +259,9 @@ class PostgresStateStore(ProcessedStore):
         # The database's encoding, as a Python codec (read on open): a value it cannot
         # hold is looked up as "not found", never sent (see _unstorable).
         self._encoding = "utf-8"
+        # The schema's bindings have an older version's value btrees (pf migrate
+        # rebuilds them): a binding over their limit is refused early, named.
+        self._narrow_bindings = False
         self._open_lock = asyncio.Lock()
         self._follow_wakes: set[asyncio.Queue[str | None]] = set()
         # Most events per block (tests make it small to cut traces into many blocks).
@@ -379,6 +390,15 @@ class PostgresStateStore(ProcessedStore):
                     return f"{field} holds a lone surrogate (not encodable as UTF-8)"
                 return (f"{field} holds a character the database's encoding "
                         f"({self._encoding}) cannot hold")
+        if self._narrow_bindings:
+            size = sum(len(v.encode("utf-8")) for v in (
+                binding.trace_id, binding.context_id, binding.task_id, binding.agent_url)
+                if isinstance(v, str))
+            if size > OLD_BINDINGS_MAX_BYTES:
+                return (f"its ids take {size} bytes, over the {OLD_BINDINGS_MAX_BYTES} "
+                        "this schema's bindings indexes (made by an older version) can "
+                        "take; run `pf migrate --store <this store's URL>` to give it "
+                        "indexes without that limit")
         return None
 
     def _unstorable(self, value: object) -> bool:
@@ -451,10 +471,37 @@ class PostgresStateStore(ProcessedStore):
                 await check_schema(conn, self.schema, self._where)
             else:
                 await create_or_migrate(conn, self.schema, self._where, self._lock_key)
+                self._narrow_bindings = await old_bindings_indexes(conn, self.schema)
+                if self._narrow_bindings:
+                    logger.warning("state_store_bindings_index_old", extra={
+                        "store": repr(self), "schema": self.schema,
+                        "effect": f"remote bindings whose ids take over "
+                                  f"{OLD_BINDINGS_MAX_BYTES} bytes are refused",
+                        "fix": "pf migrate --store <this store's URL>"})
             # Not in a finally: on a failure the connection may be gone (the RESET then
             # raised in place of the failure), and the pool's reset on release runs
             # RESET ALL anyway (or drops the connection).
             await conn.execute("RESET lock_timeout")
+
+    async def upgrade_binding_indexes(self) -> bool:
+        """Give a schema made by an older version the bindings indexes of this one
+        (hashes: ids of any length), if it lacks them; True when it did. ``pf
+        migrate`` calls it. It holds the bindings table's lock while the indexes are
+        rebuilt (other processes' bindings wait), waits at most 30 s for that lock,
+        and waits for other processes migrating the schema.
+
+        Raises:
+            StoreUnavailable: also when the store is read-only, or the lock was not
+                had in time (try again when the table is quieter).
+            StateStoreError: the role may not change the table's indexes.
+        """
+        self._writable()
+        await self.open()
+        with self._errors("rebuilding the bindings indexes"):
+            async with self._checked_pool().acquire() as conn:
+                done = await upgrade_bindings_indexes(conn, self.schema, self._lock_key)
+        self._narrow_bindings = False
+        return done
 
     async def stored_schema_version(self) -> int | None:
         """The schema version this store's schema records, read on a connection of its

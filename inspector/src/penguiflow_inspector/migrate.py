@@ -96,15 +96,19 @@ async def migrate(url: str) -> str:
                 "another schema) or set PENGUIFLOW_STORE to the store to upgrade",
                 EXIT_USAGE)
 
-    async def open_and_close() -> None:
+    async def open_and_close() -> bool:
         try:
             opener = getattr(store, "open", None)
             if opener is not None:  # every durable store: opening creates or migrates
                 await opener()
+            # Postgres: the bindings indexes of an older version 5 (an open leaves
+            # them: rebuilding takes the table's lock, which only this command may).
+            upgrade = getattr(store, "upgrade_binding_indexes", None)
+            return bool(await upgrade()) if upgrade is not None else False
         finally:
             await store.close()
 
-    await _store_step(open_and_close, url)
+    indexes = await _store_step(open_and_close, url)
     if version_of is not None:
         after = await _store_step(version_of, url)
         where = f"{redact(url)} (Postgres schema {getattr(store, 'schema', '?')!r})"
@@ -114,9 +118,14 @@ async def migrate(url: str) -> str:
     else:
         return (f"{redact(url)} is at the schema this penguiflow-exporters writes "
                 "(opening it with a writing store upgrades an older one)")
+    rebuilt = (" and rebuilt its remote-bindings indexes (ids of any length are stored "
+               "now)") if indexes else ""
     if after == before:
+        if indexes:
+            return f"{where}: schema {after}; rebuilt its remote-bindings indexes (ids of " \
+                   "any length are stored now)"
         return f"{where} is already at schema {after}; nothing to do"
-    return f"upgraded {where} from schema {before} to {after}"
+    return f"upgraded {where} from schema {before} to {after}{rebuilt}"
 
 
 async def _store_step(step: Callable[[], Awaitable[_T]], url: str) -> _T:
