@@ -493,3 +493,26 @@ async def test_a_binding_postgres_cannot_hold_is_refused_naming_the_field(
         await store.save_remote_binding(binding)
     await store.save_remote_binding(RemoteBinding("t", "c", "k", "u"))
     assert await store.load_bindings(trace_id="t") == [RemoteBinding("t", "c", "k", "u")]
+
+
+async def test_a_timed_out_reads_query_is_cancelled_on_the_server(
+        make: Any, sql: asyncpg.Connection) -> None:
+    """A server that is slow, not hung: the timed-out read's query ran on after its
+    socket closed, and every retry added one (six timeouts left six backends busy)."""
+    store = await make(command_timeout_s=0.3)
+    await store.open()
+    marker = f"pf-cancel-{uuid.uuid4().hex}"
+    with pytest.raises(TimeoutError):
+        await store._call("fetchval", f"SELECT pg_sleep(30), '{marker}'")
+
+    # Polled: the server's view of its sessions has no event to await.
+    running = 1
+    for _ in range(100):  # up to ~5 s, not the query's 30 s: cancelled
+        running = await sql.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+            "AND query LIKE $1 AND pid <> pg_backend_pid()", f"%{marker}%")
+        if not running:
+            break
+        await asyncio.sleep(0.05)
+    assert running == 0
+    await store.close()

@@ -262,6 +262,8 @@ class PostgresStateStore(ProcessedStore):
         # The schema's bindings have an older version's value btrees (pf migrate
         # rebuilds them): a binding over their limit is refused early, named.
         self._narrow_bindings = False
+        #: Cancels of timed-out reads' queries on their way (see _call).
+        self._cancelling: set[asyncio.Future[None]] = set()
         self._open_lock = asyncio.Lock()
         self._follow_wakes: set[asyncio.Queue[str | None]] = set()
         # Most events per block (tests make it small to cut traces into many blocks).
@@ -550,6 +552,8 @@ class PostgresStateStore(ProcessedStore):
     async def _close(self) -> None:
         for wake in list(self._follow_wakes):
             wake.put_nowait(None)
+        for task in list(self._cancelling):
+            task.cancel()  # (bounded anyway; the pool goes now)
         pool, self._pool = self._pool, None
         if pool is None:
             return
@@ -621,14 +625,41 @@ class PostgresStateStore(ProcessedStore):
         """
         pool = self._checked_pool()
         timeout = self._command_timeout_s
-        conn = await pool.acquire(timeout=self._connect_timeout_s + timeout)
+        try:
+            conn = await pool.acquire(timeout=self._connect_timeout_s + timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"no connection of the pool (pool_max={self._pool_max}) free or made within "
+                f"{self._connect_timeout_s + timeout:g} s") from None
         try:
             return await getattr(conn, method)(*args, timeout=timeout)
         except TimeoutError:
+            # The server may be alive but slow (overloaded): its query would run on
+            # after the socket closes, and each retry would add one. Cancelled from
+            # another connection, in the background, within connect_timeout_s.
+            pid = conn.get_server_pid()
             conn.terminate()
+            task = asyncio.ensure_future(self._cancel_backend(pid))
+            self._cancelling.add(task)
+            task.add_done_callback(self._cancelling.discard)
             raise
         finally:
             await pool.release(conn, timeout=timeout)
+
+    async def _cancel_backend(self, pid: int) -> None:
+        """Ask the server to cancel the query of backend ``pid`` (a timed-out read);
+        bounded by connect_timeout_s; a failure (the server hung) is only logged."""
+        pool = self._pool
+        if pool is None:
+            return
+        bound = self._connect_timeout_s
+        try:
+            async with asyncio.timeout(bound):
+                async with pool.acquire() as conn:
+                    await conn.fetchval("SELECT pg_cancel_backend($1)", pid)
+        except Exception as exc:
+            logger.debug("state_store_cancel_failed", extra={
+                "store": repr(self), "pid": pid, "error": repr(exc)[:200]})
 
     async def load_history(self, trace_id: str) -> list[StoredEvent]:
         """The events of ``trace_id`` in order of occurrence (all fields restored).
