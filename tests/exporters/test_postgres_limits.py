@@ -194,6 +194,13 @@ def test_the_schema_query_parameter_is_taken_out_of_the_dsn() -> None:
         PostgresStateStore("postgresql://u@h/db?schema=a", schema="b")
     with pytest.raises(ValueError, match="schema"):
         PostgresStateStore("postgresql://u@h/db?schema=Not-Valid")
+    # An unset variable in the URL must not land in the shared default schema.
+    for empty in ("?schema=", "?schema", "?sslmode=disable&schema=%20", "?sch%65ma="):
+        with pytest.raises(ValueError, match="schema= is empty"):
+            PostgresStateStore("postgresql://u@h/db" + empty)
+    with pytest.raises(ValueError, match="not empty"):
+        PostgresStateStore("postgresql://u@h/db", schema="")
+    assert split_schema("postgresql://u@h/db?sch%65ma=x") == ("postgresql://u@h/db", "x")
 
 
 async def test_a_store_url_selects_its_schema_and_pf_reads_it(

@@ -230,6 +230,9 @@ class PostgresStateStore(ProcessedStore):
         if schema is not None and url_schema is not None and schema != url_schema:
             raise ValueError(f"the DSN says schema={url_schema!r} but schema={schema!r} "
                              f"was passed; give one")
+        if schema is not None and not schema.strip():
+            raise ValueError("schema must name a schema (not empty); leave it out for the "
+                             "default 'penguiflow'")
         schema = schema or url_schema or DEFAULT_SCHEMA
         if not _SCHEMA_NAME.fullmatch(schema):
             raise ValueError(
@@ -932,7 +935,7 @@ def split_schema(dsn: str) -> tuple[str, str | None]:
         ValueError: ``schema`` is given more than once.
     """
     start = dsn.find("?")
-    if start < 0 or "schema" not in dsn[start:]:
+    if start < 0:
         return dsn, None
     end = dsn.find("#", start)
     end = len(dsn) if end < 0 else end
@@ -940,14 +943,19 @@ def split_schema(dsn: str) -> tuple[str, str | None]:
     found: list[str] = []
     for pair in dsn[start + 1:end].split("&"):
         key, eq, value = pair.partition("=")
-        if eq and unquote_plus(key) == "schema":
-            found.append(unquote_plus(value))
+        if unquote_plus(key).strip() == "schema":
+            found.append(unquote_plus(value) if eq else "")
         else:
             kept.append(pair)
     if not found:
         return dsn, None
     if len(found) > 1:
         raise ValueError(f"the DSN names its schema {len(found)} times; give schema= once")
+    if not found[0].strip():
+        # An unset variable in a URL (?schema=$APP_SCHEMA) must not write into the
+        # default schema, shared with every other store of the database.
+        raise ValueError("the DSN's schema= is empty; name the schema (schema=NAME), or "
+                         "leave the parameter out for the default 'penguiflow'")
     query = "&".join(pair for pair in kept if pair)
     return dsn[:start] + ("?" + query if query else "") + dsn[end:], found[0]
 
