@@ -200,7 +200,9 @@ def test_a_terminal_opens_the_tui_on_the_resolved_trace(
     assert main(["traces", "--store", store_url]) == 0
     assert FakeApp.started == [
         {"store_url": store_url, "trace_id": OK_TRACE, "mode": "trace"},
-        {"store_url": store_url, "mode": "traces", "trace_filter": TraceFilter(limit=50)}]
+        # The screen scrolls: the 200 newest, as before it took pf traces' flags
+        # (a first version gave it --limit's printing default, 50).
+        {"store_url": store_url, "mode": "traces", "trace_filter": TraceFilter(limit=200)}]
 
 
 def test_the_tui_lists_the_traces_pf_traces_flags_select(

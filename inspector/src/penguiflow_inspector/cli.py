@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="started before WHEN")
     traces.add_argument("--slowest", action="store_true",
                         help="slowest first instead of newest first")
-    traces.add_argument("--limit", type=_positive_int, default=50, metavar="N",
-                        help="at most N traces (default 50)")
+    traces.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                        help=f"at most N traces (default {LIST_LIMIT}; the terminal "
+                             f"UI: {TUI_LIST_LIMIT})")
     _output_flags(traces)
 
     tail = cmds["tail"]
@@ -372,14 +373,21 @@ def _inspect(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 # -- traces -----------------------------------------------------------------------------------
 
 
-def trace_filter(ns: argparse.Namespace) -> TraceFilter:
-    """The ``TraceFilter`` of ``pf traces``' flags."""
+#: ``pf traces``' default --limit when it prints, and when it opens the terminal UI
+#: (a screen scrolls: it showed the 200 newest before it took the flags).
+LIST_LIMIT = 50
+TUI_LIST_LIMIT = 200
+
+
+def trace_filter(ns: argparse.Namespace, *, tui: bool = False) -> TraceFilter:
+    """The ``TraceFilter`` of ``pf traces``' flags (``tui``: for the terminal UI)."""
     if ns.since is not None and ns.until is not None and ns.since >= ns.until:
         raise CommandError("--since must be before --until", EXIT_USAGE)
     return TraceFilter(status=STATUSES[ns.status] if ns.status else None, node=ns.node,
                        has_errors=True if ns.errors else None, since=ns.since,
                        until=ns.until, order="slowest" if ns.slowest else "newest",
-                       limit=ns.limit)
+                       limit=ns.limit if ns.limit is not None
+                       else TUI_LIST_LIMIT if tui else LIST_LIMIT)
 
 
 async def _list(url: str, wanted: TraceFilter) -> list[Any]:
@@ -396,7 +404,8 @@ def _traces(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     fmt = _fmt(ns, out)
     if fmt == "tui":
         asyncio.run(_list(url, TraceFilter(limit=1)))  # store errors before the UI
-        code = _run_tui(err, store_url=url, mode="traces", trace_filter=wanted)
+        code = _run_tui(err, store_url=url, mode="traces",
+                        trace_filter=trace_filter(ns, tui=True))
         if code is not None:
             return code
     found = asyncio.run(_list(url, wanted))
