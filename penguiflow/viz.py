@@ -104,7 +104,7 @@ def flow_to_mermaid(flow: PenguiFlow, *, direction: str = "TD") -> str:
     ids = _mermaid_ids(graph)
     lines = [f"graph {direction}"]
     for ent in graph.entities:
-        label = ent.label.replace('"', '\\"')
+        label = _mermaid_lines(ent.label).replace('"', '\\"')
         lines.append(f'    {ids[ent.ident]}["{label}"]')
     in_use = sorted({name for ent in graph.entities for name in ent.classes})
     lines.extend(f"    classDef {name} {_MERMAID_CLASSDEFS[name]}" for name in in_use)
@@ -140,8 +140,23 @@ def _mermaid_ids(graph: _Graph) -> dict[str, str]:
     return ids
 
 
+def _mermaid_lines(text: str) -> str:
+    """``text`` with its line breaks as Mermaid's ``<br/>`` and other control
+    characters as spaces: a raw line break ended the node's line, breaking the whole
+    diagram (the spec is silent on them; other labels are unchanged)."""
+    if text.isprintable():
+        return text
+    text = text.replace("\r\n", "<br/>").replace("\n", "<br/>").replace("\r", "<br/>")
+    return "".join(c if c.isprintable() or c == " " else " " for c in text)
+
+
 def _dot_quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+    quoted = text.replace("\\", "\\\\").replace('"', '\\"')
+    if quoted.isprintable():
+        return quoted
+    # A line break as DOT's own \n (a centred line), other controls as spaces.
+    quoted = quoted.replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n")
+    return "".join(c if c.isprintable() else " " for c in quoted)
 
 
 def _dot_id(ident: str) -> str:

@@ -110,3 +110,18 @@ def test_a_node_name_that_is_not_a_str_is_labelled_by_its_text(
 
 def _dot(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def test_a_line_break_in_a_name_stays_inside_its_label() -> None:
+    # A raw line break in a label ended the Mermaid line (the diagram no longer
+    # parsed) and put a raw newline in a DOT string; a tab was kept as is.
+    flow = _chain("two\nlines", "cr\r\nlf", "tab\there")
+    mermaid = flow_to_mermaid(flow)
+    assert '["two<br/>lines"]' in mermaid and '["cr<br/>lf"]' in mermaid
+    assert '["tab here"]' in mermaid
+    assert all(line.startswith(("graph ", "    ")) for line in mermaid.split("\n"))
+    dot = flow_to_dot(flow)
+    assert 'label="two\\nlines"' in dot and 'label="tab here"' in dot
+    assert all(line.startswith(("digraph ", "    ", "}")) for line in dot.split("\n"))
+    # Names without controls are written exactly as the spec says.
+    assert '["plain \\"q\\""]' in flow_to_mermaid(_chain('plain "q"'))
