@@ -140,23 +140,28 @@ def _mermaid_ids(graph: _Graph) -> dict[str, str]:
     return ids
 
 
+#: Control characters (Unicode Cc): what a label may not hold as is. Format and
+#: space characters (a zero-width joiner in an emoji, U+00A0) are kept.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _mermaid_lines(text: str) -> str:
     """``text`` with its line breaks as Mermaid's ``<br/>`` and other control
     characters as spaces: a raw line break ended the node's line, breaking the whole
     diagram (the spec is silent on them; other labels are unchanged)."""
-    if text.isprintable():
+    if not _CONTROL.search(text):
         return text
     text = text.replace("\r\n", "<br/>").replace("\n", "<br/>").replace("\r", "<br/>")
-    return "".join(c if c.isprintable() or c == " " else " " for c in text)
+    return _CONTROL.sub(" ", text)
 
 
 def _dot_quote(text: str) -> str:
     quoted = text.replace("\\", "\\\\").replace('"', '\\"')
-    if quoted.isprintable():
+    if not _CONTROL.search(quoted):
         return quoted
     # A line break as DOT's own \n (a centred line), other controls as spaces.
     quoted = quoted.replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n")
-    return "".join(c if c.isprintable() else " " for c in quoted)
+    return _CONTROL.sub(" ", quoted)
 
 
 def _dot_id(ident: str) -> str:

@@ -123,5 +123,9 @@ def test_a_line_break_in_a_name_stays_inside_its_label() -> None:
     dot = flow_to_dot(flow)
     assert 'label="two\\nlines"' in dot and 'label="tab here"' in dot
     assert all(line.startswith(("digraph ", "    ", "}")) for line in dot.split("\n"))
-    # Names without controls are written exactly as the spec says.
+    # Names without controls are written exactly as the spec says: quotes escaped,
+    # an emoji's zero-width joiner, a no-break space and an ideographic space kept.
     assert '["plain \\"q\\""]' in flow_to_mermaid(_chain('plain "q"'))
+    family = "\U0001F468\u200d\U0001F469 a\u00a0b\u3000c"
+    assert f'["{family}"]' in flow_to_mermaid(_chain(family))
+    assert f'label="{family}"' in flow_to_dot(_chain(family))
