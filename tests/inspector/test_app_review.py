@@ -351,6 +351,31 @@ async def test_ctrl_c_copies_a_selection_in_the_search_box_and_quits_without_one
         assert app.return_code == 130
 
 
+async def test_ctrl_c_copies_a_mouse_selection_once_then_quits_with_the_search_box_focused(
+) -> None:
+    # A mouse selection copied while the search box had the focus was never
+    # cleared: every Ctrl-C copied it again and none quit.
+    from textual.selection import Selection as ScreenSelection
+
+    async with InMemoryStateStore() as store:
+        await store.save_events(demo_events())
+        app = InspectorApp(trace_id=TRACE, store=store, mode="trace")
+        async with app.run_test(size=(100, 30)) as pilot:
+            await opened(pilot)
+            await pilot.press("slash")
+            summary = app.screen.query_one("#summary")
+            app.screen.selections = {summary: ScreenSelection(None, None)}
+            await pilot.pause()
+            selected = app.screen.get_selected_text()
+            assert selected
+            await pilot.press("ctrl+c")
+            await pilot.pause()
+            assert app.return_code is None and app.clipboard == selected
+            await pilot.press("ctrl+c")
+            await wait_for(pilot, lambda: app.return_code is not None, what="the app to exit")
+        assert app.return_code == 130
+
+
 def _cycle_events() -> list[StoredEvent]:
     """A malformed wait graph: a names b as its parent, and b names a."""
     events: list[StoredEvent] = []

@@ -153,20 +153,16 @@ class InspectorApp(App[None]):
         selected with the mouse: a trace id, an error), as Textual's Ctrl-C does;
         else exit 130 (128 + SIGINT), as ``pf``'s other commands."""
         focused = self.focused
-        text: str | None = None
         if isinstance(focused, Input) and not focused.selection.is_empty:
-            text = focused.selected_text
-        if not text:
-            text = self.screen.get_selected_text()
-        if text:
+            self.copy_to_clipboard(focused.selected_text)
+            focused.selection = Selection.cursor(focused.cursor_position)
+        elif text := self.screen.get_selected_text():
             self.copy_to_clipboard(text)
-            self.notify("copied; Ctrl-C again (nothing selected) quits", timeout=3)
-            if isinstance(focused, Input):
-                focused.selection = Selection.cursor(focused.cursor_position)
-            else:
-                self.screen.clear_selection()
+            self.screen.clear_selection()  # (whatever has the focus)
+        else:
+            self.exit(return_code=EXIT_INTERRUPTED)
             return
-        self.exit(return_code=EXIT_INTERRUPTED)
+        self.notify("copied; Ctrl-C again (nothing selected) quits", timeout=3)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
