@@ -468,9 +468,12 @@ async def test_an_older_schemas_bindings_indexes_are_kept_on_open_and_rebuilt_by
         "AND indexname = 'bindings_unique_idx'", store.schema)
     assert "md5" not in definition  # untouched by the open
     long = RemoteBinding("t", "c", None, "https://a/?" + _long_text(3000, 3))
-    with pytest.raises(StateStoreError, match=r"take \d+ bytes.*pf migrate"):
+    with pytest.raises(StateStoreError, match=r"too long for the bindings indexes.*pf migrate"):
         await again.save_remote_binding(long)
-    await again.close()
+    # What the old indexes can take is the server's to say (it compresses index
+    # values): a long but compressible id is stored (a first version refused it).
+    repetitive = RemoteBinding("t", "c", None, "https://a/?" + "x" * 5000)
+    await again.save_remote_binding(repetitive)
     url = f"{pg_dsn}{'&' if '?' in pg_dsn else '?'}schema={store.schema}"
     said = await migrate(url)
     assert "rebuilt its remote-bindings indexes" in said
@@ -479,10 +482,11 @@ async def test_an_older_schemas_bindings_indexes_are_kept_on_open_and_rebuilt_by
         "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 "
         "AND indexname = 'bindings_unique_idx'", store.schema)
     assert "md5" in definition
-    third = await make(schema=store.schema)
-    await third.save_remote_binding(RemoteBinding("t", "c", None, "u"))  # stored once
-    await third.save_remote_binding(long)
-    assert await third.load_bindings(trace_id="t") == [RemoteBinding("t", "c", None, "u"), long]
+    # A store open all along stores it now too (a first version kept refusing).
+    await again.save_remote_binding(RemoteBinding("t", "c", None, "u"))  # stored once
+    await again.save_remote_binding(long)
+    assert await again.load_bindings(trace_id="t") == [
+        RemoteBinding("t", "c", None, "u"), repetitive, long]
 
 
 @pytest.mark.parametrize(("binding", "says"), [
@@ -511,6 +515,9 @@ async def test_a_timed_out_reads_query_is_cancelled_on_the_server(
     marker = f"pf-cancel-{uuid.uuid4().hex}"
     with pytest.raises(TimeoutError):
         await store._call("fetchval", f"SELECT pg_sleep(30), '{marker}'")
+    # Closed at once (a one-shot pf command showing the error): the cancel still
+    # goes out first (a first version dropped it with the pool).
+    await store.close()
 
     # Polled: the server's view of its sessions has no event to await.
     running = 1
@@ -522,4 +529,29 @@ async def test_a_timed_out_reads_query_is_cancelled_on_the_server(
             break
         await asyncio.sleep(0.05)
     assert running == 0
+
+
+async def test_pf_migrate_names_the_owner_when_its_role_may_not_rebuild_the_indexes(
+        make: Any, sql: asyncpg.Connection, pg_dsn: str) -> None:
+    """A role that may use the store but does not own its tables: the command said
+    the store was refused and to grant privileges, which cannot help."""
+    from penguiflow_inspector.migrate import CommandError, migrate
+
+    store = await make()
     await store.close()
+    s = f'"{store.schema}"'
+    await sql.execute(_OLD_BINDINGS_INDEXES.format(s=s))
+    role = f"pf_user_{uuid.uuid4().hex[:8]}"
+    await sql.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        await sql.execute(f"GRANT USAGE ON SCHEMA {s} TO {role}; "
+                          f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA {s} TO {role}; "
+                          f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {s} TO {role}")
+        parts = urlsplit(pg_dsn)
+        as_role = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+        url = f"{as_role}{'&' if '?' in as_role else '?'}schema={store.schema}"
+        with pytest.raises(CommandError, match="only the owner of the bindings table") as info:
+            await migrate(url)
+        assert info.value.exit_code == 1
+    finally:
+        await sql.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")

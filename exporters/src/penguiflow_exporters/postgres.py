@@ -395,15 +395,6 @@ class PostgresStateStore(ProcessedStore):
                     return f"{field} holds a lone surrogate (not encodable as UTF-8)"
                 return (f"{field} holds a character the database's encoding "
                         f"({self._encoding}) cannot hold")
-        if self._narrow_bindings:
-            size = sum(len(v.encode("utf-8")) for v in (
-                binding.trace_id, binding.context_id, binding.task_id, binding.agent_url)
-                if isinstance(v, str))
-            if size > OLD_BINDINGS_MAX_BYTES:
-                return (f"its ids take {size} bytes, over the {OLD_BINDINGS_MAX_BYTES} "
-                        "this schema's bindings indexes (made by an older version) can "
-                        "take; run `pf migrate --store <this store's URL>` to give it "
-                        "indexes without that limit")
         return None
 
     def _unstorable(self, value: object) -> bool:
@@ -480,8 +471,9 @@ class PostgresStateStore(ProcessedStore):
                 if self._narrow_bindings:
                     logger.warning("state_store_bindings_index_old", extra={
                         "store": repr(self), "schema": self.schema,
-                        "effect": f"remote bindings whose ids take over "
-                                  f"{OLD_BINDINGS_MAX_BYTES} bytes are refused",
+                        "effect": f"remote bindings whose ids take over about "
+                                  f"{OLD_BINDINGS_MAX_BYTES} bytes (compressed) are "
+                                  "refused",
                         "fix": "pf migrate --store <this store's URL>"})
             # Not in a finally: on a failure the connection may be gone (the RESET then
             # raised in place of the failure), and the pool's reset on release runs
@@ -498,13 +490,24 @@ class PostgresStateStore(ProcessedStore):
         Raises:
             StoreUnavailable: also when the store is read-only, or the lock was not
                 had in time (try again when the table is quieter).
-            StateStoreError: the role may not change the table's indexes.
+            StateStoreError: the role may not change the table's indexes (it does
+                not own the table); the message says so.
         """
         self._writable()
         await self.open()
-        with self._errors("rebuilding the bindings indexes"):
-            async with self._checked_pool().acquire() as conn:
-                done = await upgrade_bindings_indexes(conn, self.schema, self._lock_key)
+        try:
+            with self._errors("rebuilding the bindings indexes"):
+                async with self._checked_pool().acquire() as conn:
+                    done = await upgrade_bindings_indexes(conn, self.schema, self._lock_key)
+        except StateStoreError as exc:
+            if not isinstance(exc.__cause__, asyncpg.InsufficientPrivilegeError):
+                raise
+            raise StateStoreError(
+                f"Postgres at {self._where} (schema {self.schema!r}): the store's role may "
+                f"not rebuild the bindings indexes ({exc.__cause__}): only the owner of "
+                "the bindings table can; run pf migrate as that role. The store works "
+                "without: bindings whose ids are too long for the old indexes are "
+                "refused, naming this") from exc.__cause__
         self._narrow_bindings = False
         return done
 
@@ -555,8 +558,11 @@ class PostgresStateStore(ProcessedStore):
     async def _close(self) -> None:
         for wake in list(self._follow_wakes):
             wake.put_nowait(None)
-        for task in list(self._cancelling):
-            task.cancel()  # (bounded anyway; the pool goes now)
+        if self._cancelling:
+            # A timed-out read's cancel still on its way (bounded by connect_timeout_s):
+            # let it reach the server before the pool goes, or its query runs on.
+            await asyncio.wait(list(self._cancelling),
+                               timeout=self._close_time_left(self._connect_timeout_s))
         pool, self._pool = self._pool, None
         if pool is None:
             return
@@ -812,11 +818,24 @@ class PostgresStateStore(ProcessedStore):
                 f"Postgres at {self._where} (schema {self.schema!r}) cannot store the "
                 f"remote binding of trace {str(binding.trace_id)[:80]!r}: {problem}")
         # Idempotent (ON CONFLICT DO NOTHING): safe to send again on a stale connection.
-        await self._query(
-            "saving a remote binding", "execute",
-            f"INSERT INTO {self._s}.bindings (trace_id, context_id, task_id, agent_url) "
-            f"VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-            binding.trace_id, binding.context_id, binding.task_id, binding.agent_url)
+        try:
+            await self._query(
+                "saving a remote binding", "execute",
+                f"INSERT INTO {self._s}.bindings (trace_id, context_id, task_id, agent_url) "
+                f"VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                binding.trace_id, binding.context_id, binding.task_id, binding.agent_url)
+        except StateStoreError as exc:
+            if not isinstance(exc.__cause__, asyncpg.ProgramLimitExceededError):
+                raise
+            # An older version's value btrees (their index row limit, ~2.7 KB after
+            # compression): what the server refused, and the fix.
+            raise StateStoreError(
+                f"Postgres at {self._where} (schema {self.schema!r}) cannot store the "
+                f"remote binding of trace {str(binding.trace_id)[:80]!r}: its ids are too "
+                f"long for the bindings indexes an older version made "
+                f"({str(exc.__cause__).splitlines()[0]}); run `pf migrate --store <this "
+                "store's URL>` to give the schema indexes without that limit"
+            ) from exc.__cause__
 
     async def load_bindings(self, *, trace_id: str | None = None,
                             context_id: str | None = None,

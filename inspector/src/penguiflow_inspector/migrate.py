@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -97,6 +98,8 @@ async def migrate(url: str) -> str:
                 EXIT_USAGE)
 
     async def open_and_close() -> bool:
+        store_log = logging.getLogger("penguiflow_exporters.store")
+        store_log.addFilter(_not_the_index_warning)  # this command is its fix
         try:
             opener = getattr(store, "open", None)
             if opener is not None:  # every durable store: opening creates or migrates
@@ -104,8 +107,16 @@ async def migrate(url: str) -> str:
             # Postgres: the bindings indexes of an older version 5 (an open leaves
             # them: rebuilding takes the table's lock, which only this command may).
             upgrade = getattr(store, "upgrade_binding_indexes", None)
-            return bool(await upgrade()) if upgrade is not None else False
+            if upgrade is None:
+                return False
+            try:
+                return bool(await upgrade())
+            except StoreUnavailable:
+                raise
+            except StateStoreError as exc:  # the role may not: schema current, indexes not
+                raise CommandError(one_line(exc).replace(url, redact(url))) from None
         finally:
+            store_log.removeFilter(_not_the_index_warning)
             await store.close()
 
     indexes = await _store_step(open_and_close, url)
@@ -126,6 +137,11 @@ async def migrate(url: str) -> str:
                    "any length are stored now)"
         return f"{where} is already at schema {after}; nothing to do"
     return f"upgraded {where} from schema {before} to {after}{rebuilt}"
+
+
+def _not_the_index_warning(record: logging.LogRecord) -> bool:
+    """Drop the store's "run pf migrate" warning while pf migrate opens the store."""
+    return record.getMessage() != "state_store_bindings_index_old"
 
 
 async def _store_step(step: Callable[[], Awaitable[_T]], url: str) -> _T:
