@@ -50,7 +50,7 @@ from ._legacy_v4 import decode_v4_block
 from ._records import BlockError
 from .processor import StoreRefused
 
-__all__ = ["MIGRATE_LOCK", "OLD_BINDINGS_MAX_BYTES", "SCHEMA_VERSION", "check_schema",
+__all__ = ["MIGRATE_LOCK", "SCHEMA_VERSION", "check_schema",
            "create_or_migrate", "old_bindings_indexes", "stored_version",
            "upgrade_bindings_indexes"]
 
@@ -338,17 +338,12 @@ async def create_or_migrate(conn: Any, schema: str, where: str, lock_key: int) -
 
 async def old_bindings_indexes(conn: Any, schema: str) -> bool:
     """Whether ``schema``'s bindings are indexed by their values (btrees, made before
-    the hash indexes of _BINDINGS_INDEXES): a binding whose ids take more than
-    :data:`OLD_BINDINGS_MAX_BYTES` is then refused by the server."""
+    the hash indexes of _BINDINGS_INDEXES): the server then refuses a binding whose
+    ids exceed a btree's index row limit (2,704 bytes, after compression)."""
     definition = await conn.fetchval(
         "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 "
         "AND indexname = 'bindings_unique_idx'", schema)
     return definition is not None and "md5" not in definition
-
-
-#: What the four ids of a binding may take (UTF-8 bytes) under the old value btrees
-#: (Postgres' limit is 2,704 bytes per index row, overhead included).
-OLD_BINDINGS_MAX_BYTES: Final = 2_600
 
 
 async def upgrade_bindings_indexes(conn: Any, schema: str, lock_key: int) -> bool:

@@ -84,7 +84,6 @@ from ._block_read import decode_block
 from ._events import events_of
 from ._pg_dsn import describe_dsn, several_at_signs
 from ._pg_schema import (
-    OLD_BINDINGS_MAX_BYTES,
     SCHEMA_VERSION,
     check_schema,
     create_or_migrate,
@@ -262,9 +261,6 @@ class PostgresStateStore(ProcessedStore):
         # The database's encoding, as a Python codec (read on open): a value it cannot
         # hold is looked up as "not found", never sent (see _unstorable).
         self._encoding = "utf-8"
-        # The schema's bindings have an older version's value btrees (pf migrate
-        # rebuilds them): a binding over their limit is refused early, named.
-        self._narrow_bindings = False
         #: Cancels of timed-out reads' queries on their way (see _call).
         self._cancelling: set[asyncio.Future[None]] = set()
         self._open_lock = asyncio.Lock()
@@ -467,13 +463,11 @@ class PostgresStateStore(ProcessedStore):
                 await check_schema(conn, self.schema, self._where)
             else:
                 await create_or_migrate(conn, self.schema, self._where, self._lock_key)
-                self._narrow_bindings = await old_bindings_indexes(conn, self.schema)
-                if self._narrow_bindings:
+                if await old_bindings_indexes(conn, self.schema):
                     logger.warning("state_store_bindings_index_old", extra={
                         "store": repr(self), "schema": self.schema,
-                        "effect": f"remote bindings whose ids take over about "
-                                  f"{OLD_BINDINGS_MAX_BYTES} bytes (compressed) are "
-                                  "refused",
+                        "effect": "remote bindings whose ids take over ~2.7 KB "
+                                  "(compressed) are refused",
                         "fix": "pf migrate --store <this store's URL>"})
             # Not in a finally: on a failure the connection may be gone (the RESET then
             # raised in place of the failure), and the pool's reset on release runs
@@ -495,21 +489,17 @@ class PostgresStateStore(ProcessedStore):
         """
         self._writable()
         await self.open()
-        try:
-            with self._errors("rebuilding the bindings indexes"):
-                async with self._checked_pool().acquire() as conn:
-                    done = await upgrade_bindings_indexes(conn, self.schema, self._lock_key)
-        except StateStoreError as exc:
-            if not isinstance(exc.__cause__, asyncpg.InsufficientPrivilegeError):
-                raise
-            raise StateStoreError(
-                f"Postgres at {self._where} (schema {self.schema!r}): the store's role may "
-                f"not rebuild the bindings indexes ({exc.__cause__}): only the owner of "
-                "the bindings table can; run pf migrate as that role. The store works "
-                "without: bindings whose ids are too long for the old indexes are "
-                "refused, naming this") from exc.__cause__
-        self._narrow_bindings = False
-        return done
+        def refused(cause: str) -> str:
+            return (f"Postgres at {self._where} (schema {self.schema!r}): the store's role "
+                    f"may not rebuild the bindings indexes ({cause}): only the owner of "
+                    "the bindings table can; run pf migrate as that role. The store works "
+                    "without: bindings whose ids are too long for the old indexes are "
+                    "refused, naming this")
+
+        with (_reworded(asyncpg.InsufficientPrivilegeError, refused),
+              self._errors("rebuilding the bindings indexes")):
+            async with self._checked_pool().acquire() as conn:
+                return await upgrade_bindings_indexes(conn, self.schema, self._lock_key)
 
     async def stored_schema_version(self) -> int | None:
         """The schema version this store's schema records, read on a connection of its
@@ -817,25 +807,20 @@ class PostgresStateStore(ProcessedStore):
             raise StateStoreError(
                 f"Postgres at {self._where} (schema {self.schema!r}) cannot store the "
                 f"remote binding of trace {str(binding.trace_id)[:80]!r}: {problem}")
-        # Idempotent (ON CONFLICT DO NOTHING): safe to send again on a stale connection.
-        try:
+        # An older version's value btrees (their index row limit, ~2.7 KB after
+        # compression) refuse a long binding: what the server refused, and the fix.
+        with _reworded(asyncpg.ProgramLimitExceededError, lambda cause: (
+                f"Postgres at {self._where} (schema {self.schema!r}) cannot store the "
+                f"remote binding of trace {str(binding.trace_id)[:80]!r}: its ids are too "
+                f"long for the bindings indexes an older version made ({cause}); run "
+                "`pf migrate --store <this store's URL>` to give the schema indexes "
+                "without that limit")):
+            # Idempotent (ON CONFLICT DO NOTHING): safe to send again on a stale connection.
             await self._query(
                 "saving a remote binding", "execute",
                 f"INSERT INTO {self._s}.bindings (trace_id, context_id, task_id, agent_url) "
                 f"VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
                 binding.trace_id, binding.context_id, binding.task_id, binding.agent_url)
-        except StateStoreError as exc:
-            if not isinstance(exc.__cause__, asyncpg.ProgramLimitExceededError):
-                raise
-            # An older version's value btrees (their index row limit, ~2.7 KB after
-            # compression): what the server refused, and the fix.
-            raise StateStoreError(
-                f"Postgres at {self._where} (schema {self.schema!r}) cannot store the "
-                f"remote binding of trace {str(binding.trace_id)[:80]!r}: its ids are too "
-                f"long for the bindings indexes an older version made "
-                f"({str(exc.__cause__).splitlines()[0]}); run `pf migrate --store <this "
-                "store's URL>` to give the schema indexes without that limit"
-            ) from exc.__cause__
 
     async def load_bindings(self, *, trace_id: str | None = None,
                             context_id: str | None = None,
@@ -944,6 +929,20 @@ async def _reset_read_only(conn: Any) -> None:
     """The pool's reset of a read-only store's connection: asyncpg's own (its RESET
     ALL would make the session writable again), then read-only again; one round trip."""
     await conn.execute(f"{conn.get_reset_query() or ''};{_READ_ONLY}")
+
+
+@contextlib.contextmanager
+def _reworded(cause: type[BaseException],
+              message: Callable[[str], str]) -> Iterator[None]:
+    """Re-raise a StateStoreError caused by a driver error of type ``cause`` as a
+    StateStoreError of ``message(<the driver's first line>)``: one that names the fix."""
+    try:
+        yield
+    except StateStoreError as exc:
+        if not isinstance(exc.__cause__, cause):
+            raise
+        first_line = str(exc.__cause__).splitlines()[0] if str(exc.__cause__) else ""
+        raise StateStoreError(message(first_line)) from exc.__cause__
 
 
 def split_schema(dsn: str) -> tuple[str, str | None]:
