@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from rich.cells import cell_len
 from test_app import opened, text_of, wait_for
+from textual.pilot import Pilot
 from textual.widgets import DataTable
 from tui_traces import T0, TRACE, chain_events, demo_events
 
 from penguiflow.state import InMemoryStateStore, StoredEvent, TraceFilter
 from penguiflow_inspector.app import InspectorApp
 from penguiflow_inspector.screens.message import MessageScreen
+from penguiflow_inspector.screens.trace import TraceScreen
 from penguiflow_inspector.screens.traces import TracesScreen
 from penguiflow_inspector.widgets.detail import DetailPane
 from penguiflow_inspector.widgets.event_log import EventLog
 from penguiflow_inspector.widgets.replay_bar import ReplayBar
 from penguiflow_inspector.widgets.waterfall import Waterfall
+
+
+@contextlib.asynccontextmanager
+async def opened_on(events: Sequence[StoredEvent], size: tuple[int, int],
+                    ) -> AsyncIterator[tuple[InspectorApp, Pilot[Any], TraceScreen]]:
+    """``pf inspect TRACE`` over a store holding ``events``, in a terminal of ``size``,
+    once the trace is loaded: the app, its pilot and the trace screen."""
+    async with InMemoryStateStore() as store:
+        await store.save_events(events)
+        app = InspectorApp(trace_id=TRACE, store=store)
+        async with app.run_test(size=size) as pilot:
+            yield app, pilot, await opened(pilot)
 
 
 class EventsGoneStore(InMemoryStateStore):
@@ -103,32 +118,28 @@ def _two_processes(trace_id: str = TRACE) -> list[StoredEvent]:
 
 
 async def test_replay_steps_in_time_order_when_the_log_is_not() -> None:
-    async with InMemoryStateStore() as store:
-        await store.save_events(_two_processes())
-        app = InspectorApp(trace_id=TRACE, store=store)
-        async with app.run_test(size=(120, 30)) as pilot:
-            screen = await opened(pilot)
-            bar = screen.query_one(ReplayBar)
-            assert screen.full is not None
-            assert [round((e.ts - T0) * 1000) for e in screen.full.events][:2] == [20, 30]
+    async with opened_on(_two_processes(), (120, 30)) as (_app, pilot, screen):
+        bar = screen.query_one(ReplayBar)
+        assert screen.full is not None
+        assert [round((e.ts - T0) * 1000) for e in screen.full.events][:2] == [20, 30]
 
-            def where() -> tuple[int, str]:
-                assert screen.replay_t is not None
-                return (round((screen.replay_t - T0) * 1000),
-                        text_of(bar).split("ev ")[1].split()[0])
+        def where() -> tuple[int, str]:
+            assert screen.replay_t is not None
+            return (round((screen.replay_t - T0) * 1000),
+                    text_of(bar).split("ev ")[1].split()[0])
 
-            await pilot.press("r")
-            seen = [where()]
-            for _ in range(8):
-                await pilot.press("full_stop")
-                seen.append(where())
-            assert seen == [(0, "1/8"), (10, "2/8"), (20, "3/8"), (30, "4/8"), (40, "5/8"),
-                            (50, "6/8"), (60, "7/8"), (70, "8/8"), (70, "8/8")]
-            back = []
-            for _ in range(8):
-                await pilot.press("comma")
-                back.append(where()[0])
-            assert back == [60, 50, 40, 30, 20, 10, 0, 0]
+        await pilot.press("r")
+        seen = [where()]
+        for _ in range(8):
+            await pilot.press("full_stop")
+            seen.append(where())
+        assert seen == [(0, "1/8"), (10, "2/8"), (20, "3/8"), (30, "4/8"), (40, "5/8"),
+                        (50, "6/8"), (60, "7/8"), (70, "8/8"), (70, "8/8")]
+        back = []
+        for _ in range(8):
+            await pilot.press("comma")
+            back.append(where()[0])
+        assert back == [60, 50, 40, 30, 20, 10, 0, 0]
 
 
 def _gather_events(trace_id: str = TRACE) -> list[StoredEvent]:
@@ -157,28 +168,24 @@ def _gather_events(trace_id: str = TRACE) -> list[StoredEvent]:
 
 
 async def test_two_concurrent_calls_each_show_only_their_own_events() -> None:
-    async with InMemoryStateStore() as store:
-        await store.save_events(_gather_events())
-        app = InspectorApp(trace_id=TRACE, store=store)
-        async with app.run_test(size=(160, 36)) as pilot:
-            screen = await opened(pilot)
-            wf = screen.query_one(Waterfall)
-            shown: dict[str, tuple[list[str], str]] = {}
-            for position in range(wf.row_count):
-                if position:
-                    await pilot.press("j")
-                row = wf.selected
-                if row is not None and row.kind == "remote":
-                    shown[row.name] = (screen.query_one(EventLog).lines,
-                                       text_of(screen.query_one(DetailPane)))
-            alpha_log, alpha_detail = shown["alpha"]
-            beta_log, beta_detail = shown["beta"]
-            assert [line.split()[0] for line in alpha_log] == ["+1.0ms", "+5.0ms", "+30.0ms"]
-            assert [line.split()[0] for line in beta_log] == ["+2.0ms", "+6.0ms", "+20.0ms"]
-            assert not any("task-B" in line or "beta" in line for line in alpha_log)
-            # The payload preview: alpha's own skill and states, none of beta's.
-            assert "beta" not in alpha_detail and "input-required" not in alpha_detail
-            assert "alpha" not in beta_detail and "task-A" not in beta_detail
+    async with opened_on(_gather_events(), (160, 36)) as (_app, pilot, screen):
+        wf = screen.query_one(Waterfall)
+        shown: dict[str, tuple[list[str], str]] = {}
+        for position in range(wf.row_count):
+            if position:
+                await pilot.press("j")
+            row = wf.selected
+            if row is not None and row.kind == "remote":
+                shown[row.name] = (screen.query_one(EventLog).lines,
+                                   text_of(screen.query_one(DetailPane)))
+        alpha_log, alpha_detail = shown["alpha"]
+        beta_log, beta_detail = shown["beta"]
+        assert [line.split()[0] for line in alpha_log] == ["+1.0ms", "+5.0ms", "+30.0ms"]
+        assert [line.split()[0] for line in beta_log] == ["+2.0ms", "+6.0ms", "+20.0ms"]
+        assert not any("task-B" in line or "beta" in line for line in alpha_log)
+        # The payload preview: alpha's own skill and states, none of beta's.
+        assert "beta" not in alpha_detail and "input-required" not in alpha_detail
+        assert "alpha" not in beta_detail and "task-A" not in beta_detail
 
 
 WIDE_NAMES = ("数据处理节点数据处理节点数据处理节点", "🐧" * 15, "e\u0301" * 15, "短", "plain")
@@ -193,39 +200,31 @@ async def test_wide_and_combining_names_keep_the_waterfall_columns_aligned() -> 
                                       {"event": kind, "ts": ts, "node_name": name},
                                       invocation_id=f"{n + 1:016x}", span_id=f"{n + 1:016x}",
                                       seq=len(events) + 1, flow_name="demo", flow_id="f1"))
-    async with InMemoryStateStore() as store:
-        await store.save_events(events)
-        app = InspectorApp(trace_id=TRACE, store=store)
-        async with app.run_test(size=(120, 30)) as pilot:
-            screen = await opened(pilot)
-            wf = screen.query_one(Waterfall)
-            width = wf.scrollable_content_region.width
-            lines = [wf.render_line(y).text for y in range(1, len(WIDE_NAMES) + 1)]
-            # The bar starts, and the duration ends, in the same terminal cell on every row.
-            bar_cells = {cell_len(line[: line.index("█")]) for line in lines}
-            assert len(bar_cells) == 1, lines
-            assert {cell_len(line) for line in lines} == {width}, lines
-            assert all(line.endswith(" 10.0 ms") for line in lines), lines
-            # (The first cell is the critical path's mark.)
-            assert lines[0][1:].startswith("数据处理") and "…" in lines[0]
-            assert lines[1][1:].startswith("🐧🐧") and "…" in lines[1]
-            assert lines[2][1:].startswith("e\u0301" * 15 + " ") and "…" not in lines[2]
+    async with opened_on(events, (120, 30)) as (_app, _pilot, screen):
+        wf = screen.query_one(Waterfall)
+        width = wf.scrollable_content_region.width
+        lines = [wf.render_line(y).text for y in range(1, len(WIDE_NAMES) + 1)]
+        # The bar starts, and the duration ends, in the same terminal cell on every row.
+        bar_cells = {cell_len(line[: line.index("█")]) for line in lines}
+        assert len(bar_cells) == 1, lines
+        assert {cell_len(line) for line in lines} == {width}, lines
+        assert all(line.endswith(" 10.0 ms") for line in lines), lines
+        # (The first cell is the critical path's mark.)
+        assert lines[0][1:].startswith("数据处理") and "…" in lines[0]
+        assert lines[1][1:].startswith("🐧🐧") and "…" in lines[1]
+        assert lines[2][1:].startswith("e\u0301" * 15 + " ") and "…" not in lines[2]
 
 
 async def test_the_remote_tab_keeps_the_highlighted_call_through_a_replay_step() -> None:
-    async with InMemoryStateStore() as store:
-        await store.save_events(demo_events())
-        app = InspectorApp(trace_id=TRACE, store=store)
-        async with app.run_test(size=(120, 30)) as pilot:
-            screen = await opened(pilot)
-            await pilot.press("r", *["right_square_bracket"] * 20, "2", "j")
-            table = screen.query_one("#remote-calls", DataTable)
-            split = screen.query_one("#remote-split")
-            assert table.cursor_row == 1 and text_of(split).startswith("review")
-            await pilot.press("comma")  # one event back: the tab is painted again
-            assert screen.replay_t is not None and screen.replay_t < T0 + 0.131
-            assert table.cursor_row == 1
-            assert text_of(split).startswith("review"), text_of(split)
+    async with opened_on(demo_events(), (120, 30)) as (_app, pilot, screen):
+        await pilot.press("r", *["right_square_bracket"] * 20, "2", "j")
+        table = screen.query_one("#remote-calls", DataTable)
+        split = screen.query_one("#remote-split")
+        assert table.cursor_row == 1 and text_of(split).startswith("review")
+        await pilot.press("comma")  # one event back: the tab is painted again
+        assert screen.replay_t is not None and screen.replay_t < T0 + 0.131
+        assert table.cursor_row == 1
+        assert text_of(split).startswith("review"), text_of(split)
 
 
 async def test_a_huge_error_is_cut_in_the_detail_pane_saying_how_much() -> None:
@@ -237,19 +236,15 @@ async def test_a_huge_error_is_cut_in_the_detail_pane_saying_how_much() -> None:
                                   {"event": kind, "ts": ts, "node_name": "big", **extra},
                                   invocation_id="i1", span_id="i1", seq=len(events) + 1,
                                   flow_name="demo", flow_id="f1"))
-    async with InMemoryStateStore() as store:
-        await store.save_events(events)
-        app = InspectorApp(trace_id=TRACE, store=store)
-        async with app.run_test(size=(120, 40)) as pilot:
-            screen = await opened(pilot)
-            wf = screen.query_one(Waterfall)
-            assert wf.selected is not None and wf.selected.name == "big"
-            detail = text_of(screen.query_one(DetailPane))
-            shown = 4000  # the pane's cap (widgets/detail.py ERROR_CHARS)
-            assert f"… {len(error) - shown:,} more characters (pf inspect --json has " \
-                   "the whole error)" in " ".join(detail.split())
-            assert "ValueError('yyyy" in detail
-            assert len(detail) < 20 * shown
+    async with opened_on(events, (120, 40)) as (_app, _pilot, screen):
+        wf = screen.query_one(Waterfall)
+        assert wf.selected is not None and wf.selected.name == "big"
+        detail = text_of(screen.query_one(DetailPane))
+        shown = 4000  # the pane's cap (widgets/detail.py ERROR_CHARS)
+        assert f"… {len(error) - shown:,} more characters (pf inspect --json has " \
+               "the whole error)" in " ".join(detail.split())
+        assert "ValueError('yyyy" in detail
+        assert len(detail) < 20 * shown
 
 
 async def test_the_replay_bar_measures_time_and_total_from_the_first_event() -> None:
@@ -265,51 +260,43 @@ async def test_the_replay_bar_measures_time_and_total_from_the_first_event() -> 
                                   invocation_id=f"i{node}", span_id=f"i{node}",
                                   seq=len(events) + 1, flow_name="demo", flow_id="f1",
                                   queued_ts=None if queued is None else T0 + queued / 1000.0))
-    async with InMemoryStateStore() as store:
-        await store.save_events(events)
-        app = InspectorApp(trace_id=TRACE, store=store)
-        async with app.run_test(size=(120, 20)) as pilot:
-            screen = await opened(pilot)
-            bar = screen.query_one(ReplayBar)
+    async with opened_on(events, (120, 20)) as (_app, pilot, screen):
+        bar = screen.query_one(ReplayBar)
 
-            def head() -> str:
-                return " ".join(text_of(bar).split(" ev ")[0].split())
+        def head() -> str:
+            return " ".join(text_of(bar).split(" ev ")[0].split())
 
-            await pilot.press("r")
-            assert head() == "‖ 1x +0.0 ms/1.00 s", text_of(bar)
-            assert "━" not in text_of(bar)
-            await pilot.press("full_stop")
-            assert head() == "‖ 1x +500.0 ms/1.00 s", text_of(bar)
-            await pilot.press(*["left_square_bracket"] * 30)  # scrubbing stops at the start
-            assert screen.replay_t == T0 and head() == "‖ 1x +0.0 ms/1.00 s"
-            await pilot.press(*["right_square_bracket"] * 30)
-            assert head() == "‖ 1x +1.00 s/1.00 s" and "─" not in text_of(bar)
+        await pilot.press("r")
+        assert head() == "‖ 1x +0.0 ms/1.00 s", text_of(bar)
+        assert "━" not in text_of(bar)
+        await pilot.press("full_stop")
+        assert head() == "‖ 1x +500.0 ms/1.00 s", text_of(bar)
+        await pilot.press(*["left_square_bracket"] * 30)  # scrubbing stops at the start
+        assert screen.replay_t == T0 and head() == "‖ 1x +0.0 ms/1.00 s"
+        await pilot.press(*["right_square_bracket"] * 30)
+        assert head() == "‖ 1x +1.00 s/1.00 s" and "─" not in text_of(bar)
 
 
 async def test_the_filter_matches_the_shown_words_and_ands_them() -> None:
-    async with InMemoryStateStore() as store:
-        await store.save_events(demo_events())
-        app = InspectorApp(trace_id=TRACE, store=store)
-        async with app.run_test(size=(120, 30)) as pilot:
-            screen = await opened(pilot)
-            wf = screen.query_one(Waterfall)
+    async with opened_on(demo_events(), (120, 30)) as (_app, pilot, screen):
+        wf = screen.query_one(Waterfall)
 
-            async def names(query: str) -> list[str]:
-                await pilot.press("slash", *query, "enter")
-                shown = [row.name for i in range(wf.row_count)
-                         if (row := wf.row_at(i)) is not None]
-                await pilot.press("escape")  # clears the filter
-                assert wf.query_text == ""
-                return shown
+        async def names(query: str) -> list[str]:
+            await pilot.press("slash", *query, "enter")
+            shown = [row.name for i in range(wf.row_count)
+                     if (row := wf.row_at(i)) is not None]
+            await pilot.press("escape")  # clears the filter
+            assert wf.query_text == ""
+            return shown
 
-            # The status words the screen shows, not the model's.
-            assert await names("succeeded") == ["plan", "search", "fetch", "summarise",
-                                                "summarise", "merge"]
-            assert "plan" not in await names("ok")
-            # Several words: each must match (a name and an id prefix here).
-            assert await names("search b1000") == ["search"]
-            assert await names("summarise succeeded") == ["summarise", "summarise"]
-            assert await names("critic succeeded") == []
+        # The status words the screen shows, not the model's.
+        assert await names("succeeded") == ["plan", "search", "fetch", "summarise",
+                                            "summarise", "merge"]
+        assert "plan" not in await names("ok")
+        # Several words: each must match (a name and an id prefix here).
+        assert await names("search b1000") == ["search"]
+        assert await names("summarise succeeded") == ["summarise", "summarise"]
+        assert await names("critic succeeded") == []
 
 
 async def test_ctrl_c_exits_130_from_the_trace_the_list_and_the_search_box() -> None:
@@ -334,21 +321,17 @@ async def test_ctrl_c_copies_a_selection_in_the_search_box_and_quits_without_one
     from textual.widgets import Input
     from textual.widgets.input import Selection
 
-    async with InMemoryStateStore() as store:
-        await store.save_events(demo_events())
-        app = InspectorApp(trace_id=TRACE, store=store, mode="trace")
-        async with app.run_test(size=(100, 30)) as pilot:
-            await opened(pilot)
-            await pilot.press("slash", *"fetch")
-            box = app.screen.query_one(Input)
-            box.selection = Selection(0, len(box.value))
-            await pilot.press("ctrl+c")
-            await pilot.pause()
-            assert app.return_code is None  # still open
-            assert app.clipboard == "fetch"
-            await pilot.press("ctrl+c")  # nothing selected now: quits
-            await wait_for(pilot, lambda: app.return_code is not None, what="the app to exit")
-        assert app.return_code == 130
+    async with opened_on(demo_events(), (100, 30)) as (app, pilot, _):
+        await pilot.press("slash", *"fetch")
+        box = app.screen.query_one(Input)
+        box.selection = Selection(0, len(box.value))
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert app.return_code is None  # still open
+        assert app.clipboard == "fetch"
+        await pilot.press("ctrl+c")  # nothing selected now: quits
+        await wait_for(pilot, lambda: app.return_code is not None, what="the app to exit")
+    assert app.return_code == 130
 
 
 async def test_ctrl_c_copies_a_mouse_selection_once_then_quits_with_the_search_box_focused(
@@ -357,23 +340,19 @@ async def test_ctrl_c_copies_a_mouse_selection_once_then_quits_with_the_search_b
     # cleared: every Ctrl-C copied it again and none quit.
     from textual.selection import Selection as ScreenSelection
 
-    async with InMemoryStateStore() as store:
-        await store.save_events(demo_events())
-        app = InspectorApp(trace_id=TRACE, store=store, mode="trace")
-        async with app.run_test(size=(100, 30)) as pilot:
-            await opened(pilot)
-            await pilot.press("slash")
-            summary = app.screen.query_one("#summary")
-            app.screen.selections = {summary: ScreenSelection(None, None)}
-            await pilot.pause()
-            selected = app.screen.get_selected_text()
-            assert selected
-            await pilot.press("ctrl+c")
-            await pilot.pause()
-            assert app.return_code is None and app.clipboard == selected
-            await pilot.press("ctrl+c")
-            await wait_for(pilot, lambda: app.return_code is not None, what="the app to exit")
-        assert app.return_code == 130
+    async with opened_on(demo_events(), (100, 30)) as (app, pilot, _):
+        await pilot.press("slash")
+        summary = app.screen.query_one("#summary")
+        app.screen.selections = {summary: ScreenSelection(None, None)}
+        await pilot.pause()
+        selected = app.screen.get_selected_text()
+        assert selected
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert app.return_code is None and app.clipboard == selected
+        await pilot.press("ctrl+c")
+        await wait_for(pilot, lambda: app.return_code is not None, what="the app to exit")
+    assert app.return_code == 130
 
 
 def _cycle_events() -> list[StoredEvent]:
@@ -393,16 +372,12 @@ def _cycle_events() -> list[StoredEvent]:
 
 async def test_a_cycle_in_the_wait_graph_lists_each_invocation_once_on_the_critical_path(
 ) -> None:
-    async with InMemoryStateStore() as store:
-        await store.save_events(_cycle_events())
-        app = InspectorApp(trace_id=TRACE, store=store)
-        async with app.run_test(size=(120, 20)) as pilot:
-            screen = await opened(pilot)
-            assert screen.full is not None
-            assert screen.full.critical_path == ["ia", "ib"]
-            assert text_of(screen.query_one("#summary")).rstrip().endswith("◆ 2")
-            await pilot.press("r", *["full_stop"] * 3)  # at the last event
-            assert screen.rows is not None and screen.rows.view.replay_t == T0 + 0.006
-            assert screen.rows.view.critical_path == ["ia", "ib"]
-            await pilot.press("comma")  # b still running: it "ends" last
-            assert screen.rows.view.critical_path == ["ia", "ib"]
+    async with opened_on(_cycle_events(), (120, 20)) as (_app, pilot, screen):
+        assert screen.full is not None
+        assert screen.full.critical_path == ["ia", "ib"]
+        assert text_of(screen.query_one("#summary")).rstrip().endswith("◆ 2")
+        await pilot.press("r", *["full_stop"] * 3)  # at the last event
+        assert screen.rows is not None and screen.rows.view.replay_t == T0 + 0.006
+        assert screen.rows.view.critical_path == ["ia", "ib"]
+        await pilot.press("comma")  # b still running: it "ends" last
+        assert screen.rows.view.critical_path == ["ia", "ib"]

@@ -190,12 +190,17 @@ def terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "_is_terminal", lambda stream: True)
 
 
-def test_a_terminal_opens_the_tui_on_the_resolved_trace(
-        store_url: str, terminal: None, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def fake_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TUI replaced by FakeApp, which records how it was started."""
     fake = types.ModuleType("penguiflow_inspector.app")
     fake.InspectorApp = FakeApp  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "penguiflow_inspector.app", fake)
     FakeApp.started.clear()
+
+
+def test_a_terminal_opens_the_tui_on_the_resolved_trace(
+        store_url: str, terminal: None, fake_app: None) -> None:
     assert main(["inspect", OK_TRACE[:31], "--store", store_url]) == 0
     assert main(["traces", "--store", store_url]) == 0
     assert FakeApp.started == [
@@ -206,11 +211,7 @@ def test_a_terminal_opens_the_tui_on_the_resolved_trace(
 
 
 def test_the_tui_lists_the_traces_pf_traces_flags_select(
-        store_url: str, terminal: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = types.ModuleType("penguiflow_inspector.app")
-    fake.InspectorApp = FakeApp  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "penguiflow_inspector.app", fake)
-    FakeApp.started.clear()
+        store_url: str, terminal: None, fake_app: None) -> None:
     since, until = (datetime.fromtimestamp(NOW - 600, UTC), datetime.fromtimestamp(NOW + 600, UTC))
     assert main(["traces", "--store", store_url, "--errors", "--status", "ok", "--node", "work",
                  "--since", since.isoformat(), "--until", until.isoformat(), "--slowest",
