@@ -912,3 +912,61 @@ def test_payloads_too_wide_for_a_table_are_written_whole_and_read_back(
     narrow = encode_block(rows_of(wide[:5]))  # 100 cells: a table
     assert "payload" in json.loads(narrow)
     assert [r.payload for r in decode_block(narrow)] == [e.payload for e in wide[:5]]
+
+
+# -- StoredEvents by column (ColumnRows) ------------------------------------------------
+
+# Mostly storable values, so that batches hold several traces' events among the bad.
+_odd_names = st.sampled_from(["a", "b", "é日本", None, "a", "b", "n\x00", "x\ud800", "\x1b[2J"])
+_stored_payloads = st.one_of(
+    st.dictionaries(st.sampled_from(["k", "ts", "events_lost"]), _json_small, max_size=3),
+    st.fixed_dictionaries({"k": _json_scalar}), st.none(), st.just(["not", "a", "mapping"]))
+
+
+@given(events=st.lists(st.tuples(
+    st.sampled_from(["t-1", "t-2", "t-1", "t-2", None, "t\x00", 7]),  # bad and none too
+    _odd_names, st.integers(0, 6),                                    # node, seq (repeats)
+    st.sampled_from(["node_start", "node_success", "node_error", _folds.LOST_KIND]),
+    _stored_payloads, st.sampled_from([1.5, -0.0, 2, 3.25, float("nan")])),
+    min_size=1, max_size=16),
+    redelivered=st.lists(st.integers(0, 6), max_size=3))
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_stored_events_by_column_are_written_exactly_as_their_tuple_rows(
+    events: list[tuple[Any, ...]], redelivered: list[int],
+) -> None:
+    # save_event's batches (StoredEvents only) reach the writers as columns, with no
+    # tuple per event: every step of the write path must answer for them exactly
+    # as for the same events' plain tuple rows (hostile names, refused events,
+    # payloads that are not mappings, repeated seqs, several traces, none).
+    items = [StoredEvent(trace, ts, kind, node, None, payload, flow_id="f", seq=seq,
+                         invocation_id=f"i{seq}", parent_invocation_ids=("p",))
+             for trace, node, seq, kind, payload, ts in events]
+    by_column, plain = _records.event_rows(items), tuple_rows(items)
+    assert type(by_column) is _records.ColumnRows
+    assert list(by_column) == plain and len(by_column) == len(plain)
+    assert by_column[-1] == plain[-1] and list(by_column[1::2]) == plain[1::2]
+    assert check_rows(by_column) == check_rows(plain)
+    refused = {i for i, _ in check_rows(plain)}
+    keep = [i for i in range(len(plain)) if i not in refused]
+    good, good_plain = _records.select(by_column, keep), [plain[i] for i in keep]
+    assert list(good) == good_plain
+    terminal, errors = frozenset({"node_success"}), frozenset({"node_error"})
+    folds = [{k: [sorted(f.nodes) if name == "nodes" else getattr(f, name)
+                  for name in f.__slots__]
+              for k, f in fold_rows(x, terminal=terminal, errors=errors).items()}
+             for x in (good, good_plain)]
+    assert _same(folds[0], folds[1])  # NaN times: equal as written
+    stored = {"f": [(s, s) for s in redelivered]}
+    assert split_fresh(good, stored) == split_fresh(good_plain, stored)
+    groups, plain_groups = _blocks.group_by_trace(good), _blocks.group_by_trace(good_plain)
+    assert {k: list(g) for k, g in groups.items()} == plain_groups
+    assert _blocks.block_rows(groups, 3) == _blocks.block_rows(plain_groups, 3)
+
+
+def test_a_batch_holding_a_runtime_record_is_read_row_by_row() -> None:
+    stored = StoredEvent("t-1", 5.0, "custom", None, None, {"a": 1}, flow_id="f", seq=9)
+    assert type(_records.event_rows([stored])) is _records.ColumnRows
+    assert _records.event_rows([stored, record()]) == tuple_rows([stored, record()])
+    assert _records.event_rows([]) == []
+    with pytest.raises(IndexError):
+        _records.event_rows([stored])[1]

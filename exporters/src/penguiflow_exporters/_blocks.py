@@ -45,10 +45,12 @@ from ._records import (
     _TS,
     BLOCK_EVENTS,
     COLUMNS,
+    ColumnRows,
     Row,
     RowLike,
     _new,
     _safe_text,
+    values_of,
 )
 
 __all__ = [
@@ -410,8 +412,9 @@ def encode_block(rows: Sequence[RowLike], *, ascii_only: bool = False, _stage: i
     nesting too deep) is written with that value replaced by its text.
     """
     n = len(rows)
-    columns: list[tuple[Any, ...]] = (list(zip(*rows, strict=True)) if n
-                                      else [()] * len(COLUMNS))
+    columns: list[Sequence[Any]] = (list(rows.columns) if type(rows) is ColumnRows
+                                    else list(zip(*rows, strict=True)) if n
+                                    else [()] * len(COLUMNS))
     # A column of one value (None included) is written once, under "same"; most of
     # a trace's columns are (its flow, its queue sizes, no extra), which halves the
     # values JSON writes.
@@ -421,7 +424,7 @@ def encode_block(rows: Sequence[RowLike], *, ascii_only: bool = False, _stage: i
         columns[_PAYLOAD] = (None,) * n
     cols, same = _columns(COLUMNS, columns, n, _TYPED)
     same.pop("trace_id", None)
-    doc = {"v": 2, "n": n, "trace_id": rows[0][_TRACE_ID] if n else None, "cols": cols,
+    doc = {"v": 2, "n": n, "trace_id": columns[_TRACE_ID][0] if n else None, "cols": cols,
            "same": same}
     if table is not None:
         doc["payload"] = table
@@ -514,8 +517,11 @@ class Block(NamedTuple):
     data: str
 
 
-def group_by_trace(rows: Iterable[RowLike]) -> dict[Any, list[RowLike]]:
-    """``rows`` per trace id (None for trace-less events), in order of first appearance."""
+def group_by_trace(rows: Iterable[RowLike]) -> Mapping[Any, Sequence[RowLike]]:
+    """``rows`` per trace id (None for trace-less events), in order of first appearance
+    (a :class:`ColumnRows`' groups are ColumnRows)."""
+    if type(rows) is ColumnRows:
+        return _column_groups(rows)
     groups: dict[Any, list[RowLike]] = {}
     get = groups.get
     for row in rows:
@@ -528,7 +534,22 @@ def group_by_trace(rows: Iterable[RowLike]) -> dict[Any, list[RowLike]]:
     return groups
 
 
-_ts_of = itemgetter(_TS)
+def _column_groups(rows: ColumnRows) -> dict[Any, Sequence[RowLike]]:
+    trace_ids = rows.columns[_TRACE_ID]
+    first = trace_ids[0] if trace_ids else None
+    if len(rows) < 2 or trace_ids.count(first) == len(rows):  # one trace: the usual
+        return {first: rows} if len(rows) else {}
+    positions: dict[Any, list[int]] = {}
+    get = positions.get
+    for i, trace_id in enumerate(trace_ids):
+        group = get(trace_id)
+        if group is None:
+            positions[trace_id] = [i]
+        else:
+            group.append(i)
+    return {trace_id: rows.take(group) for trace_id, group in positions.items()}
+
+
 
 
 _payload_of = itemgetter(_PAYLOAD)
@@ -560,7 +581,7 @@ def iter_blocks(groups: Mapping[Any, Sequence[RowLike]],
             if shape is not None:
                 yield shape.block(trace_id, offset, chunk, ascii_only)
                 continue
-            stamps = list(map(_ts_of, chunk))
+            stamps = values_of(chunk, _TS)
             yield Block(trace_id, offset, len(chunk), min(stamps), max(stamps),
                         encode_block(chunk, ascii_only=ascii_only))
 
@@ -593,6 +614,8 @@ class _BatchShape:
     def of(cls, groups: Mapping[Any, Sequence[RowLike]]) -> _BatchShape | None:
         """The shape of the batch ``groups``, or None when it needs the general path
         (a payload, a value JSON does not write as itself, a single event)."""
+        if any(type(group) is ColumnRows for group in groups.values()):
+            return None  # StoredEvents': their payloads take the general path
         rows = list(chain.from_iterable(groups.values()))
         n = len(rows)
         # Only for many small blocks, whose own steps it saves. Blocks of one or two

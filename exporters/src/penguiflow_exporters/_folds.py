@@ -27,8 +27,7 @@ from ._records import (
     _TS,
     Ranges,
     RowLike,
-    _seq_of,
-    flow_id_of,
+    values_of,
 )
 
 __all__ = [
@@ -127,12 +126,12 @@ def split_fresh(rows: Sequence[RowLike], stored: Mapping[Any, Ranges]
     ``stored`` maps flow ids to the ranges already stored (missing: none). Rows
     without a flow id are always fresh.
     """
-    flows = set(map(flow_id_of, rows))
+    flows = set(values_of(rows, _FLOW_ID))
     if len(flows) == 1:  # the usual batch: one runtime's events, in seq order
         (flow,) = flows
         if flow is None:
             return [], {}
-        seqs = list(map(_seq_of, rows))
+        seqs = values_of(rows, _SEQ)
         ranges = stored.get(flow)
         if len(set(seqs)) == len(seqs) and (not ranges or min(seqs) > ranges[-1][1]):
             return [], {flow: merge_ranges(ranges or [], seqs)}

@@ -48,16 +48,18 @@ import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type informat
 from ._blocks import Block, group_by_trace, iter_blocks
 from ._folds import Fold, fold_rows, split_fresh
 from ._records import (
+    _FLOW_ID,
     BLOCK_EVENTS,
     EventValueError,
     Ranges,
     RowLike,
     WriteReply,
     check_rows,
-    flow_id_of,
+    event_rows,
     loads_rows,
     reading_events,
-    tuple_rows,
+    select,
+    values_of,
 )
 from ._serve import serve
 from .writer import WriteResult
@@ -177,7 +179,7 @@ class PostgresWriter:
     async def write(self, items: Sequence[Any]) -> WriteResult:
         """Store ``items`` (EventRecords, StoredEvents, Rows) in one transaction."""
         with reading_events():
-            rows = tuple_rows(items)
+            rows = event_rows(items)
         return WriteResult(*await self.write_rows(rows))
 
     async def write_rows(self, rows: Sequence[RowLike]) -> WriteReply:
@@ -251,7 +253,7 @@ class PostgresWriter:
         refused = {i for i, _ in rejected}
         positions = [i for i in range(len(rows)) if i not in refused] if refused \
             else list(range(len(rows)))  # of the rows kept, in `rows`
-        good: list[RowLike] = [rows[i] for i in positions]
+        good = select(rows, positions) if refused else rows
         if not good:
             return [], rejected, []
         sql = self._sql
@@ -263,7 +265,7 @@ class PostgresWriter:
             skipped = [positions[j] for j in dropped]
             if dropped:
                 gone = set(dropped)
-                good = [row for j, row in enumerate(good) if j not in gone]
+                good = select(good, [j for j in range(len(good)) if j not in gone])
                 if not good:
                     return skipped, rejected, []
             with reading_events():
@@ -299,9 +301,9 @@ class PostgresWriter:
                                sql.channel, notify_payloads(groups))
         return skipped, rejected, []
 
-    async def _stored_ranges(self, conn: Any, rows: Iterable[RowLike]) -> dict[Any, Ranges]:
+    async def _stored_ranges(self, conn: Any, rows: Sequence[RowLike]) -> dict[Any, Ranges]:
         """The stored seq ranges of the flows of ``rows`` (see split_fresh)."""
-        flows = set(map(flow_id_of, rows))
+        flows = set(values_of(rows, _FLOW_ID))
         flows.discard(None)
         if not flows:
             return {}

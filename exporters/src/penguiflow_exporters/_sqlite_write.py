@@ -46,15 +46,17 @@ from typing import Any
 from ._blocks import block_rows, group_by_trace
 from ._folds import Fold, fold_rows, split_fresh
 from ._records import (
+    _FLOW_ID,
+    _TRACE_ID,
     BlockError,
     Ranges,
     RowLike,
     WriteReply,
     check_rows,
-    flow_id_of,
     loads_rows,
     reading_events,
-    trace_id_of,
+    select,
+    values_of,
 )
 from ._serve import serve
 
@@ -439,7 +441,7 @@ class SQLiteWriter:
         if rejected:
             refused = {i for i, _ in rejected}
             keep = [i for i in range(len(rows)) if i not in refused]
-            good = [rows[i] for i in keep]
+            good = select(rows, keep)
         while True:
             try:
                 skipped = self._store(good)
@@ -471,11 +473,11 @@ class SQLiteWriter:
         conn.execute("BEGIN IMMEDIATE")
         try:
             trace_keys, new_traces, flow_keys, new_flows = self._keys(
-                map(trace_id_of, rows), map(flow_id_of, rows))
+                values_of(rows, _TRACE_ID), values_of(rows, _FLOW_ID))
             skipped, ranges = split_fresh(rows, self._stored_ranges(flow_keys, new_flows))
             if skipped:
                 dropped = set(skipped)
-                rows = [row for i, row in enumerate(rows) if i not in dropped]
+                rows = select(rows, [i for i in range(len(rows)) if i not in dropped])
                 with reading_events():
                     folds = fold_rows(rows, terminal=self._terminal, errors=self._errors)
                     blocks = block_rows(group_by_trace(rows))

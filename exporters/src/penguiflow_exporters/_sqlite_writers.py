@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from penguiflow.state import ERROR_KINDS, TERMINAL_KINDS, StateStoreError, StoreUnavailable
 
 from ._packs import Pack, PackedBatch, as_list
-from ._records import reading_events, tuple_rows
+from ._records import event_rows, reading_events
 from ._sqlite_files import PATH_FIX, translate
 from ._sqlite_write import SchemaError, SQLiteWriter
 from ._writer_proc import ProcessWriter, WriterError
@@ -77,7 +77,7 @@ class ThreadWriter:
     def _write_sync(self, items: Sequence[Any]) -> Any:
         self._sync.open()
         with reading_events():
-            rows = tuple_rows(items)
+            rows = event_rows(items)
         return self._sync.write(rows)
 
     async def write(self, items: Sequence[Any]) -> WriteResult:
