@@ -941,8 +941,7 @@ def test_stored_events_by_column_are_written_exactly_as_their_tuple_rows(
     items = [StoredEvent(trace, ts, kind, node, None, payload, flow_id="f", seq=seq,
                          invocation_id=f"i{seq}", parent_invocation_ids=("p",))
              for trace, node, seq, kind, payload, ts in events]
-    by_column, plain = _records.event_rows(items), tuple_rows(items)
-    assert type(by_column) is _records.ColumnRows
+    by_column, plain = _records.ColumnRows.of_events(items), tuple_rows(items)
     assert list(by_column) == plain and len(by_column) == len(plain)
     assert by_column[-1] == plain[-1] and list(by_column[1::2]) == plain[1::2]
     assert check_rows(by_column) == check_rows(plain)
@@ -963,10 +962,21 @@ def test_stored_events_by_column_are_written_exactly_as_their_tuple_rows(
     assert _blocks.block_rows(groups, 3) == _blocks.block_rows(plain_groups, 3)
 
 
-def test_a_batch_holding_a_runtime_record_is_read_row_by_row() -> None:
-    stored = StoredEvent("t-1", 5.0, "custom", None, None, {"a": 1}, flow_id="f", seq=9)
-    assert type(_records.event_rows([stored])) is _records.ColumnRows
-    assert _records.event_rows([stored, record()]) == tuple_rows([stored, record()])
+def test_stored_events_go_by_column_only_in_batches_of_long_traces() -> None:
+    def stored(trace: str, seq: int) -> StoredEvent:
+        return StoredEvent(trace, 5.0, "custom", None, None, {"a": seq}, flow_id="f",
+                           seq=seq)
+
+    one_trace = [stored("t-1", seq) for seq in range(64)]
+    assert type(_records.event_rows(one_trace)) is _records.ColumnRows
+    assert list(_records.event_rows(one_trace)) == tuple_rows(one_trace)
+    # Traces of 32 events in the batch, a runtime record, an unhashable trace id:
+    # tuple rows, as before.
+    two_traces = [stored(f"t-{seq % 2}", seq) for seq in range(64)]
+    unhashable = [*one_trace[:-1], dataclasses.replace(one_trace[-1], trace_id=[])]
+    for items in (two_traces, [*one_trace, record()], unhashable):
+        assert type(_records.event_rows(items)) is list
+        assert _records.event_rows(items) == tuple_rows(items)
     assert _records.event_rows([]) == []
     with pytest.raises(IndexError):
-        _records.event_rows([stored])[1]
+        _records.event_rows(one_trace)[64]

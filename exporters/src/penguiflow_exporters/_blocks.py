@@ -577,7 +577,9 @@ def iter_blocks(groups: Mapping[Any, Sequence[RowLike]],
     shape = _BatchShape.of(groups)
     for trace_id, group in groups.items():
         for offset in range(0, len(group), max_events):
-            chunk = group[offset:offset + max_events]
+            # A group of one block is its own chunk: no copy (a ColumnRows' slice
+            # copies each of its columns).
+            chunk = group if len(group) <= max_events else group[offset:offset + max_events]
             if shape is not None:
                 yield shape.block(trace_id, offset, chunk, ascii_only)
                 continue

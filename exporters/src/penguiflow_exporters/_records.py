@@ -208,12 +208,15 @@ class ColumnRows(Sequence[RowLike]):
         self._n = n
 
     @classmethod
-    def of_events(cls, items: Sequence[Any]) -> ColumnRows:
+    def of_events(cls, items: Sequence[Any], trace_ids: list[Any] | None = None
+                  ) -> ColumnRows:
         """The rows of ``items``, objects with StoredEvent's attributes (no runtime
-        columns: their values are None)."""
+        columns: their values are None); ``trace_ids``: their trace ids, if read."""
         n = len(items)
         nones = (None,) * n
-        columns: list[Sequence[Any]] = [list(map(get, items)) for get in _STORED_GETTERS]
+        columns: list[Sequence[Any]] = [
+            trace_ids if trace_ids is not None and get is _STORED_GETTERS[0]
+            else list(map(get, items)) for get in _STORED_GETTERS]
         columns += [nones] * len(_NONE_RUNTIME)
         columns.append(list(map(_payload_attr, items)))
         return cls(columns, n)
@@ -249,10 +252,30 @@ _payload_attr = attrgetter("payload")
 
 def event_rows(items: Sequence[Any]) -> Sequence[RowLike]:
     """The rows of a writer's batch, in the host's process: a :class:`ColumnRows` when
-    every item is a StoredEvent (no tuple), else :func:`tuple_rows`."""
+    every item is a StoredEvent (no tuple) and its traces are long in the batch,
+    else :func:`tuple_rows`.
+
+    Why not columns for short traces: a batch of 10-event traces is a block per
+    trace, and gathering each one's columns (24 per block) cost more than the
+    collections the tuples set off: raw ingest of 10-event traces, 81-92k -> 73-83k
+    events/s with columns (measured); one 100k-event trace, ~165k -> ~250k.
+    """
     if items and not any(map(isinstance, items, repeat(tuple))):
-        return ColumnRows.of_events(items)
+        trace_ids = list(map(_trace_id_attr, items))
+        try:
+            traces = len(set(trace_ids))
+        except TypeError:  # an unhashable trace id (refused, row by row)
+            traces = len(items)
+        if traces * _COLUMNS_MIN_AVERAGE <= len(items):
+            return ColumnRows.of_events(items, trace_ids)
     return tuple_rows(items)
+
+
+#: Events per trace, on average in a batch, from which its StoredEvents go by column.
+_COLUMNS_MIN_AVERAGE = 64
+
+
+_trace_id_attr = attrgetter("trace_id")
 
 
 def select(rows: Sequence[RowLike], positions: Sequence[int]) -> Sequence[RowLike]:
