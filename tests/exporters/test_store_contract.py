@@ -31,6 +31,7 @@ from penguiflow.metrics import FlowEvent
 from penguiflow.remote import InMemoryAgent, InMemoryTransport, RemoteNode
 from penguiflow.state import (
     ERROR_KINDS,
+    EVENTS_LOST_KIND,
     TRACE_STATUSES,
     InMemoryStateStore,
     RemoteBinding,
@@ -1182,6 +1183,32 @@ async def test_full_buffer_block_policy_loses_nothing(
     for m in messages:
         assert list(await store.load_history(m.trace_id)) == expected_history(
             recorder, m.trace_id)
+
+
+@BUFFERED
+async def test_a_batch_of_long_traces_with_bad_and_repeated_events_is_stored_exactly(
+    make_store: StoreFactory,
+) -> None:
+    # Batches of long traces' StoredEvents reach the writers by column (ColumnRows):
+    # the event refused, the ones stored before and the one repeated in the batch
+    # must be told apart exactly as in a batch of tuples.
+    store = await make_store.make(make_store.cls, batch_size=1000)
+    first = [ev(t, BASE_TS + i, "node_start" if i % 2 == 0 else "node_success",
+                f"n{i % 7}") for i in range(150) for t in ("long-a", "long-b")]
+    await store.save_events(first[:100])
+    await within(store.flush())
+    bad = ev("long-a", BASE_TS + 500, "node_start", "bad\x00name")
+    again = ev("long-b", BASE_TS + 501, "node_start", "n1")
+    await store.save_events([*first[40:100], *first[100:], bad, again, again])
+    await within(store.flush())
+    for t in ("long-a", "long-b"):
+        history = list(await store.load_history(t))
+        markers = [e.payload["events_lost"] for e in history if e.kind == EVENTS_LOST_KIND]
+        assert [e for e in history if e.kind != EVENTS_LOST_KIND] == [
+            e for e in [*first, again] if e.trace_id == t]
+        assert markers == ([1] if t == "long-a" else [])  # the refused event, said
+        assert await store.get_trace(t) == reference_summary(t, history)
+    assert store.failures["rejected"] == 1 and store.failures["events_lost"] == 1
 
 
 @BUFFERED
