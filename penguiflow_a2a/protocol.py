@@ -294,6 +294,12 @@ def parts_to_payload(parts: Any) -> Any:
         elif "data" in part:
             values.append(part["data"])
         elif "url" in part or "raw" in part:
+            for key, v03 in (("url", "file.uri"), ("raw", "file.bytes")):
+                if key in part and not isinstance(part[key], str):
+                    kind = "a URL" if key == "url" else "base64 text"
+                    raise ValueError(
+                        f"a file part's {key!r} (0.3: {v03!r}) must be {kind} in a "
+                        f"string, got {type(part[key]).__name__}")
             values.append({k: part[k] for k in ("url", "raw", "mediaType", "filename")
                            if k in part})
         else:
@@ -347,7 +353,11 @@ def _part_from_v03(part: Any) -> Any:
             out["url"] = file["uri"]
         if "bytes" in file:
             raw = file["bytes"]
-            out["raw"] = raw if isinstance(raw, str) else base64.b64encode(raw).decode()
+            # bytes (a Python caller) are encoded; anything else but text (5, [1, 2],
+            # true from a hostile peer) is passed on for the part check to refuse as
+            # bad params, not a TypeError (-32603) here.
+            out["raw"] = (base64.b64encode(raw).decode()
+                          if isinstance(raw, (bytes, bytearray)) else raw)
         if "mimeType" in file:
             out["mediaType"] = file["mimeType"]
         if "name" in file:

@@ -99,6 +99,26 @@ async def test_envelope_and_param_errors() -> None:
             assert bad_file[0] == -32602 and "message.parts" in bad_file[1]
 
 
+async def test_file_parts_whose_bytes_or_url_are_not_text_are_bad_params() -> None:
+    # Before: a 0.3 file part with "bytes": 5 / [1, 2] / {} / true was base64-encoded
+    # as it stood; the TypeError came back as -32603 "Internal error: TypeError" (and a
+    # logged traceback). The 1.0 raw / url fields were not checked at all.
+    async with served(echo_flow()) as (url, _), http() as client:
+        for value in (5, [1, 2], {"a": 1}, True):
+            for file, part in (({"bytes": value, "mimeType": "x/y"}, {"raw": value}),
+                               ({"uri": value}, {"url": value})):
+                old = (await call(client, url, rpc("message/send", {"message": {
+                    "messageId": "m", "role": "user",
+                    "parts": [{"kind": "file", "file": file}]}}), headers={}))["error"]
+                new = (await call(client, url, rpc("SendMessage", {"message": {
+                    "messageId": "m", "role": "ROLE_USER", "parts": [part]}}), V1))["error"]
+                for error in (old, new):
+                    assert error["code"] == -32602, error
+                    assert "message.parts" in error["message"]
+                    assert type(value).__name__ in error["message"]
+                assert "file.bytes" in old["message"] or "file.uri" in old["message"]
+
+
 @pytest.mark.parametrize(("method", "headers"), [
     ("CreateTaskPushNotificationConfig", V1), ("GetTaskPushNotificationConfig", V1),
     ("ListTaskPushNotificationConfigs", V1), ("DeleteTaskPushNotificationConfig", V1),
