@@ -31,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from penguiflow.types import Message
@@ -119,6 +121,32 @@ def _get(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], expect
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         _invalid(path, expected, value)
     return value
+
+
+_RFC3339: Final = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _timestamp(obj: Mapping[str, Any], key: str, path: str) -> datetime | None:
+    """``obj[key]`` as an aware datetime: an RFC 3339 timestamp string (None if absent)."""
+    value: str | None = _get(obj, key, str, "an RFC 3339 timestamp string", path)
+    if value is None:
+        return None
+    match = _RFC3339.fullmatch(value)
+    when = None
+    if match is not None:
+        date, clock, fraction, offset = match.groups()
+        fraction = (fraction or "0")[:6].ljust(6, "0")  # datetime keeps microseconds
+        offset = "+00:00" if offset in ("Z", "z") else offset
+        try:
+            when = datetime.fromisoformat(f"{date}T{clock}.{fraction}{offset}")
+        except ValueError:  # 2026-02-30, 25:00:00 ...
+            when = None
+    if when is None:
+        raise RpcError(ErrorCode.INVALID_PARAMS, (
+            f"Invalid params: '{path}' must be an RFC 3339 timestamp such as "
+            f"'2026-01-31T12:00:00Z' (date, 'T', time, 'Z' or an offset), got {value[:64]!r}"))
+    return when
 
 
 def _count(obj: Mapping[str, Any], key: str, path: str) -> int | None:
@@ -276,9 +304,11 @@ class _Call:
             after = int(token)
         history = _count(params, "historyLength", "historyLength")
         artifacts = _get(params, "includeArtifacts", bool, "a boolean", "includeArtifacts")
+        # Only tasks whose status changed at or after this time (as a2a-sdk's stores).
+        since = _timestamp(params, "statusTimestampAfter", "statusTimestampAfter")
         page, total, cursor = self.adapter.tasks.page(
             context_id=context_id, state=state, page_size=size, after_seq=after,
-            principal=self.principal)
+            principal=self.principal, status_since=since)
         return self.result({
             "tasks": [t.snapshot(history_length=history, include_artifacts=bool(artifacts))
                       for t in page],

@@ -126,7 +126,8 @@ class TaskRecord:
     trace_id: str
     history: list[dict[str, Any]]
     state: str = SUBMITTED
-    status: dict[str, Any] = field(default_factory=lambda: {"state": SUBMITTED})
+    status: dict[str, Any] = field(
+        default_factory=lambda: {"state": SUBMITTED, "timestamp": now_iso()})
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     subscribers: set[Subscriber] = field(default_factory=set)
     outcome: Outcome | None = None
@@ -143,6 +144,14 @@ class TaskRecord:
     def terminal(self) -> bool:
         """True once the task reached a final state (it never changes again)."""
         return self.state in FINAL_STATES
+
+    def status_time(self) -> datetime | None:
+        """When the task's status last changed (its ``status.timestamp``), or None."""
+        stamp = self.status.get("timestamp")
+        try:
+            return datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
+        except ValueError:
+            return None
 
     def visible_to(self, principal: Any) -> bool:
         """Whether ``principal`` may see or act on this task: it is the task's owner.
@@ -352,17 +361,27 @@ class TaskRegistry:
 
     def page(self, *, context_id: str | None, state: str | None, page_size: int,
              after_seq: int | None, principal: Any = None,
+             status_since: datetime | None = None,
              ) -> tuple[list[TaskRecord], int, int | None]:
         """``principal``'s tasks newest first, filtered, from after cursor ``after_seq``.
 
-        Returns ``(page, total matching, cursor of the next page or None)``; the
-        total counts only ``principal``'s tasks.
+        ``status_since`` (aware) keeps only tasks whose status timestamp is at or
+        after it. Returns ``(page, total matching, cursor of the next page or
+        None)``; the total counts only ``principal``'s tasks.
         """
         self.purge()
+
+        def changed_since(task: TaskRecord) -> bool:
+            if status_since is None:
+                return True
+            when = task.status_time()
+            return when is not None and when >= status_since
+
         matching = sorted((t for t in self._tasks.values()
                            if t.visible_to(principal)
                            and (context_id is None or t.context_id == context_id)
-                           and (state is None or t.state == state)),
+                           and (state is None or t.state == state)
+                           and changed_since(t)),
                           key=lambda t: t.seq, reverse=True)
         start = [t for t in matching if after_seq is None or t.seq < after_seq]
         page = start[:page_size]

@@ -20,6 +20,7 @@ from a2a.types import (
     AgentInterface,
     CancelTaskRequest,
     GetTaskRequest,
+    ListTasksRequest,
     Message,
     Part,
     Role,
@@ -35,7 +36,18 @@ from a2a.utils.errors import (
     TaskNotFoundError,
     UnsupportedOperationError,
 )
-from server_support import Gate, chunk_flow, echo_flow, http, no_running_tasks, served
+from google.protobuf.timestamp_pb2 import Timestamp
+from server_support import (
+    V1,
+    Gate,
+    chunk_flow,
+    echo_flow,
+    http,
+    no_running_tasks,
+    rpc,
+    served,
+    user_message,
+)
 
 TEXTS = ["echo:", " hello", " (done)"]
 
@@ -104,6 +116,58 @@ async def test_streaming_send_event_order_and_context_reuse() -> None:
         assert again[0].task.id != first.id
         task = await client.get_task(GetTaskRequest(id=first.id))
         assert [p.text for p in task.artifacts[0].parts] == TEXTS
+
+
+async def test_list_tasks_status_timestamp_after_keeps_tasks_changed_since() -> None:
+    # Before: statusTimestampAfter was ignored (a poller asking "what changed since T"
+    # got every task) and a value of the wrong type (5) was accepted.
+    def stamp(text: str) -> Timestamp:
+        value = Timestamp()
+        value.FromJsonString(text)
+        return value
+
+    async with served(echo_flow()) as (url, adapter), sdk_client(url, streaming=False) as client:
+        async def sent(text: str) -> Any:
+            events = [e async for e in client.send_message(request(text))]
+            return events[-1].task
+
+        old = await sent("old")
+        record = adapter.tasks.get(old.id)
+        assert record is not None
+        # As if it had ended in 2020 (no sleeping until the clock moves on).
+        record.status["timestamp"] = "2020-06-01T00:00:00.000Z"
+        new = await sent("new")
+
+        async def listed(after: str) -> list[str]:
+            page = await client.list_tasks(ListTasksRequest(status_timestamp_after=stamp(after)))
+            assert page.total_size == len(page.tasks)
+            return [t.id for t in page.tasks]
+
+        assert await listed("2025-01-01T00:00:00Z") == [new.id]
+        assert await listed("2020-06-01T00:00:00Z") == [new.id, old.id]  # at or after
+        assert await listed("2020-06-01T00:00:00.001Z") == [new.id]
+        assert await listed("2999-01-01T00:00:00Z") == []
+        all_tasks = await client.list_tasks(ListTasksRequest())
+        assert {t.id for t in all_tasks.tasks} == {old.id, new.id}
+
+        async with http() as raw:
+            async def answer(after: object) -> dict[str, object]:
+                response = await raw.post(url + "/", headers=V1, json=rpc(
+                    "ListTasks", {"statusTimestampAfter": after}))
+                return dict(response.json())
+
+            ok = await answer("2020-06-01T02:00:00+02:00")  # an offset is RFC 3339 too
+            assert [t["id"] for t in ok["result"]["tasks"]] == [new.id, old.id]
+            for bad in (5, "yesterday", "2026-01-01", "2026-01-01T00:00:00",
+                        "2026-02-30T00:00:00Z"):
+                error = (await answer(bad))["error"]
+                assert error["code"] == -32602, (bad, error)
+                assert "statusTimestampAfter" in error["message"]
+                assert "RFC 3339" in error["message"]
+            # A task that has just been submitted has a status timestamp too.
+            sent = await raw.post(url + "/", headers=V1, json=rpc("SendMessage", {
+                "message": user_message("x"), "configuration": {"returnImmediately": True}}))
+            assert "timestamp" in sent.json()["result"]["task"]["status"]
 
 
 async def test_cancel_a_running_task_closes_the_open_stream() -> None:
