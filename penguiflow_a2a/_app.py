@@ -22,9 +22,9 @@ import re
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 from starlette.datastructures import Headers as HTTPHeaders
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -140,10 +140,55 @@ def agent_card_v1(adapter: A2AServerAdapter) -> dict[str, Any]:
     if card.documentation_url:
         out["documentationUrl"] = card.documentation_url
     if adapter.auth_scheme:
-        out["securitySchemes"] = adapter.auth_scheme
+        # Each scheme in 1.0 form with its 0.3 form merged in, plus 0.3's "security"
+        # list, as a2a-sdk's union card has them: the card lists a 0.3 interface, and a
+        # 0.3 client reads "type" (without it, a2a-sdk's 0.3 model takes a Bearer
+        # scheme for mutualTLS) and "security" (without it, no auth is required).
+        out["securitySchemes"] = {name: _with_v03_scheme(scheme)
+                                  for name, scheme in adapter.auth_scheme.items()}
         out["securityRequirements"] = [{"schemes": {name: {"list": []}}}
                                        for name in adapter.auth_scheme]
+        out["security"] = [{name: []} for name in adapter.auth_scheme]
     out.update({"preferredTransport": "JSONRPC", "protocolVersion": V0_3, "url": url})
+    return out
+
+
+#: 1.0 SecurityScheme member -> (0.3 "type", {1.0 field: 0.3 field}).
+_SCHEMES_V03: Final[Mapping[str, tuple[str, Mapping[str, str]]]] = {
+    "apiKeySecurityScheme": ("apiKey", {"location": "in", "name": "name"}),
+    "httpAuthSecurityScheme": ("http", {"scheme": "scheme", "bearerFormat": "bearerFormat"}),
+    "oauth2SecurityScheme": ("oauth2", {"flows": "flows",
+                                        "oauth2MetadataUrl": "oauth2MetadataUrl"}),
+    "openIdConnectSecurityScheme": ("openIdConnect", {"openIdConnectUrl": "openIdConnectUrl"}),
+    "mtlsSecurityScheme": ("mutualTLS", {}),
+}
+#: The OAuth2 flows 0.3 knows (1.0's deviceCode is not one), and their fields.
+_FLOWS_V03: Final = ("authorizationCode", "clientCredentials", "implicit", "password")
+_FLOW_FIELDS_V03: Final = ("authorizationUrl", "tokenUrl", "refreshUrl", "scopes")
+
+
+def _with_v03_scheme(scheme: Any) -> Any:
+    """A 1.0 SecurityScheme with its 0.3 fields (``type`` ...) added beside, as
+    a2a-sdk's union card writes it; a scheme in another form is kept as given."""
+    if not isinstance(scheme, Mapping) or "type" in scheme:
+        return scheme
+    out = dict(scheme)
+    for member, (kind, fields) in _SCHEMES_V03.items():
+        inner = scheme.get(member)
+        if not isinstance(inner, Mapping):
+            continue
+        v03: dict[str, Any] = {"type": kind}
+        for field_v1, field_v03 in (*fields.items(), ("description", "description")):
+            if field_v1 in inner:
+                v03[field_v03] = inner[field_v1]
+        if isinstance(v03.get("flows"), Mapping):
+            v03["flows"] = {
+                name: {k: flow[k] for k in _FLOW_FIELDS_V03 if k in flow}
+                for name, flow in v03["flows"].items()
+                if name in _FLOWS_V03 and isinstance(flow, Mapping)}
+        for key, value in v03.items():
+            out.setdefault(key, value)
+        break
     return out
 
 

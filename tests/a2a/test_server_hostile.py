@@ -284,7 +284,8 @@ async def test_auth_and_rate_limit() -> None:
     async with served(echo_flow(), auth=auth, rate_limit=2) as (url, _), http() as client:
         card = (await client.get(url + "/.well-known/agent-card.json")).json()
         assert card["securitySchemes"] == {"bearer": {"httpAuthSecurityScheme": {
-            "scheme": "Bearer"}}}
+            "scheme": "Bearer"}, "type": "http", "scheme": "Bearer"}}
+        assert card["security"] == [{"bearer": []}]
         body = rpc("GetTask", {"id": "x"})
         missing = await client.post(url + "/", json=body, headers=V1)
         assert missing.status_code == 401 and missing.json() == {"detail": "missing token"}
@@ -297,6 +298,47 @@ async def test_auth_and_rate_limit() -> None:
         assert [a.status_code for a in answers[:2]] == [200, 200]
         assert answers[2].status_code == 429
         assert int(answers[2].headers["retry-after"]) >= 1
+
+
+SCHEMES = {
+    "bearer": {"httpAuthSecurityScheme": {"scheme": "Bearer", "bearerFormat": "JWT"}},
+    "key": {"apiKeySecurityScheme": {"location": "header", "name": "X-Key",
+                                     "description": "a key"}},
+    "oidc": {"openIdConnectSecurityScheme": {"openIdConnectUrl": "https://o/.well-known"}},
+    "mtls": {"mtlsSecurityScheme": {"description": "m"}},
+    "oauth": {"oauth2SecurityScheme": {"oauth2MetadataUrl": "https://m", "flows": {
+        "authorizationCode": {"authorizationUrl": "https://a", "tokenUrl": "https://t",
+                              "scopes": {"r": "read"}, "pkceRequired": True}}}},
+}
+
+
+@pytest.mark.parametrize("auth_scheme", [None, SCHEMES])
+async def test_the_card_tells_0_3_clients_which_auth_it_wants(auth_scheme: Any) -> None:
+    # Before: securitySchemes were written in 1.0 form only and there was no 0.3
+    # "security" list, though the card lists a 0.3 interface: a2a-sdk's 0.3 card model
+    # read the Bearer scheme as mutualTLS and saw no auth required. a2a-sdk's own union
+    # card (agent_card_to_dict) is the reference for the same 1.0 card.
+    from a2a.compat.v0_3 import types as t03
+    from a2a.server.request_handlers.response_helpers import agent_card_to_dict
+    from a2a.types import AgentCard
+    from google.protobuf.json_format import ParseDict
+
+    async with served(echo_flow(), auth=lambda _headers: "alice",
+                      auth_scheme=auth_scheme) as (url, _), http() as client:
+        card = (await client.get(url + "/.well-known/agent-card.json")).json()
+    v03 = t03.AgentCard.model_validate(card)
+    assert v03.security_schemes is not None
+    bearer = v03.security_schemes["bearer"].root
+    assert isinstance(bearer, t03.HTTPAuthSecurityScheme) and bearer.scheme == "Bearer"
+    assert v03.security and {"bearer": []} in v03.security
+    sdk = agent_card_to_dict(ParseDict(card, AgentCard(), ignore_unknown_fields=True))
+    assert card["securitySchemes"] == sdk["securitySchemes"]
+    assert card["security"] == sdk["security"]
+    if auth_scheme is not None:
+        kinds = {name: type(s.root).__name__ for name, s in v03.security_schemes.items()}
+        assert kinds == {"bearer": "HTTPAuthSecurityScheme", "key": "APIKeySecurityScheme",
+                         "oidc": "OpenIdConnectSecurityScheme",
+                         "mtls": "MutualTLSSecurityScheme", "oauth": "OAuth2SecurityScheme"}
 
 
 def two_principals(headers: Any) -> str:
