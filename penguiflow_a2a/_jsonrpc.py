@@ -348,7 +348,11 @@ class _Call:
                 "or configure A2AServerAdapter(default_headers={'tenant': ...})")) from None
         trace_id, parent, sampled = uuid.uuid4().hex, None, True
         tp = self.traceparent
-        if tp is not None and not adapter.tasks.trace_active(tp[0]):
+        # The caller's trace is joined by its first request only: a retry under the
+        # same traceparent (RemoteNode after a cancel) must not land in a trace the
+        # flow may still be cancelling. Later ones run under a fresh trace id, with
+        # no parent span (that span is in another trace).
+        if tp is not None and adapter._join_caller_trace(tp[0]):
             trace_id, parent, sampled = tp[0], tp[1], traceparent_sampled(tp)
         redact = adapter.redact_headers
         meta = {k: v for k, v in metadata.items() if k.lower() not in redact}

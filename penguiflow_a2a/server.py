@@ -179,8 +179,8 @@ class A2AServerAdapter:
         self.redact_headers = frozenset(h.lower() for h in redact_headers)
         self.subscriber_queue_size = subscriber_queue_size
         self.tasks = TaskRegistry(max_tasks=max_tasks, ttl_s=task_ttl_s)
-        #: Caller trace ids a 2.1 request joined (traceparent), the latest kept: a
-        #: later 2.1 request under the same one runs under a fresh trace id.
+        #: Caller trace ids a request joined (traceparent), the latest kept: a later
+        #: request under the same one runs under a fresh trace id (_join_caller_trace).
         self._joined: OrderedDict[str, None] = OrderedDict()
         #: Rookery items no task claimed (late after a cancel, or not attributable).
         self.unrouted_items = 0
@@ -385,6 +385,24 @@ class A2AServerAdapter:
             except Exception:
                 logger.exception("a2a_adopt_trace_parent_failed", extra={"task_id": task_id})
 
+    def _join_caller_trace(self, trace_id: str) -> bool:
+        """Whether a request may run under its caller's ``trace_id`` (traceparent).
+
+        Only the first request under a caller trace joins it (True, and it is
+        remembered); later ones (False) run under a fresh trace id. A trace id the
+        flow used before may still be in use there after its task ended: a cancelled
+        task's trace is cancelled until its nodes' cleanup is over, and a message
+        emitted under it meanwhile is dropped (its task stayed WORKING for ever, a
+        blocking send never answered). 2.1 also defaults taskId to the trace id.
+        """
+        if (self.tasks.trace_active(trace_id) or trace_id in self._joined
+                or self.tasks.get(trace_id) is not None):
+            return False
+        self._joined[trace_id] = None
+        if len(self._joined) > _JOINED_MAX:
+            self._joined.popitem(last=False)
+        return True
+
     def abandon(self, record: TaskRecord, reason: str) -> None:
         """End ``record`` FAILED with ``reason`` if its message was never emitted.
 
@@ -461,12 +479,8 @@ class A2AServerAdapter:
         # trace id, so a second request from the same client span (an instrumented
         # client sends the same traceparent) would reuse the first one's task id and
         # history. It runs under a fresh trace id, as in 2.1.
-        if (trace_id is None and parent is not None and not self.tasks.trace_active(parent[0])
-                and parent[0] not in self._joined and self.tasks.get(parent[0]) is None):
+        if trace_id is None and parent is not None and self._join_caller_trace(parent[0]):
             trace_id = parent[0]
-            self._joined[trace_id] = None
-            if len(self._joined) > _JOINED_MAX:
-                self._joined.popitem(last=False)
         else:
             parent = None
         message = Message(payload=request.payload, headers=headers,

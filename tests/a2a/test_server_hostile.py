@@ -502,6 +502,64 @@ async def test_a_second_2_1_request_from_the_same_client_span_gets_its_own_task(
         assert len(ends) == 1
 
 
+async def test_a_retry_under_a_just_cancelled_callers_trace_is_answered() -> None:
+    # A RemoteNode retry after its timeout cancelled the first call sends the same
+    # traceparent. The retry was given the caller's trace id again (no *running* task
+    # had it) while the flow was still cancelling that trace (a node's cleanup): the
+    # cancel swallowed its message, the task stayed WORKING and the blocking
+    # SendMessage never answered.
+    started, cleaning, cleaned = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    seen: list[Message] = []
+
+    async def work(message: Message, ctx: Any) -> str:
+        seen.append(message)
+        if message.payload == "slow":
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cleaning.set()
+                await asyncio.shield(cleaned.wait())  # e.g. a remote cancel round trip
+                raise
+        return f"ok {message.payload}"
+
+    flow = create(node(work).to())
+    emitted = asyncio.Event()
+    emit = flow.emit
+
+    async def emit_and_tell(message: Message, *args: Any, **kwargs: Any) -> None:
+        await emit(message, *args, **kwargs)
+        if message.payload == "retry":
+            emitted.set()
+
+    flow.emit = emit_and_tell  # type: ignore[method-assign]
+    trace_id, span_id = "ab" * 16, "cd" * 8
+    header = {**V1, "traceparent": f"00-{trace_id}-{span_id}-01"}
+    async with served(flow) as (url, adapter), http() as client:
+        try:
+            first = (await call(client, url, rpc("SendMessage", {
+                "message": user_message("slow"), "configuration": {"returnImmediately": True}}),
+                header))["result"]["task"]
+            await asyncio.wait_for(started.wait(), TIMEOUT)
+            cancelled = (await call(client, url, rpc("CancelTask", {"id": first["id"]}),
+                                    V1))["result"]
+            assert cancelled["status"]["state"] == "TASK_STATE_CANCELED"
+            await asyncio.wait_for(cleaning.wait(), TIMEOUT)  # the trace is still cancelling
+            sending = asyncio.ensure_future(call(client, url, rpc("SendMessage", {
+                "message": user_message("retry")}), header))
+            await asyncio.wait_for(emitted.wait(), TIMEOUT)  # emitted while cancelling
+            cleaned.set()  # the node is free again (it runs one message at a time)
+            retry = await asyncio.wait_for(sending, TIMEOUT)
+            task = retry["result"]["task"]
+            assert task["status"]["state"] == "TASK_STATE_COMPLETED"
+            assert task["artifacts"][0]["parts"] == [{"text": "ok retry"}]
+            assert seen[0].trace_id == trace_id  # the first request joined the caller's trace
+            assert seen[1].trace_id != trace_id
+        finally:
+            cleaned.set()
+            await adapter.stop()  # ends a stuck blocking send, so the server can exit
+
+
 @pytest.mark.parametrize("how", ["timeout_graceful_shutdown", "adapter.stop() first"])
 async def test_shutdown_with_open_streams_and_blocking_sends_is_bounded(how: str) -> None:
     """uvicorn waits for open responses to end before the lifespan shutdown that would
