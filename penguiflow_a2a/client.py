@@ -20,7 +20,9 @@ alone. Contracts:
 * Nothing is waited on for ever unless asked: without ``timeout_s``, the calls
   that should answer at once (the agent card, GetTask) are each bounded by
   ``stream_idle_timeout_s`` and a stream by its idle bound; only a blocking
-  SendMessage, which answers when the task ends, is unbounded.
+  SendMessage, which answers when the task ends, is unbounded. A call that gives
+  up at its ``timeout_s`` on a task whose id it knows sends CancelTask for it first
+  (best effort, bounded like :meth:`A2AClientTransport.cancel`).
 * Every failure is an :class:`~penguiflow_a2a.errors.A2AError` naming the agent
   URL and method; no httpx exception escapes.
 * As soon as an answer names the task, its ``contextId``/``taskId`` go into the
@@ -294,16 +296,51 @@ class A2AClientTransport:
             A2AError: any transport, protocol or JSON-RPC failure.
         """
         bound = self._bound(request.timeout_s)
-        result: RemoteCallResult = await self._bounded(
-            self._send(request, self._quick_bound(bound), bound), bound,
-            agent_url=request.agent_url, what="SendMessage")
-        return result
+        return await self._send_bounded(request, self._quick_bound(bound), bound)
+
+    async def _send_bounded(self, request: RemoteCallRequest, quick: float | None,
+                            bound: float | None) -> RemoteCallResult:
+        """:meth:`_send` bounded by ``bound``; a task it gave up on is cancelled."""
+        known: dict[str, str] = {}
+        try:
+            async with asyncio.timeout(bound):
+                return await self._send(request, quick, bound, known)
+        except TimeoutError as exc:
+            if isinstance(exc, A2AError):
+                raise  # a quick call's own bound (an unresponsive agent): no cancel
+            task_id = known.get("task_id")
+            cancelled = await self._cancel_given_up(request.agent_url, task_id)
+            raise A2ATimeoutError(
+                f"A2A agent {request.agent_url}: SendMessage took more than {bound} s"
+                + (f" (task {task_id}){cancelled}" if task_id else ""),
+                agent_url=request.agent_url) from exc
+
+    async def _cancel_given_up(self, agent_url: str, task_id: str | None) -> str:
+        """Best-effort CancelTask of a task the call gave up on (its timeout passed),
+        so it does not keep running, and holding a task slot, with nobody waiting.
+
+        Bounded like :meth:`cancel`; never raises an A2AError. Returns what happened,
+        as the end of the timeout's message.
+        """
+        if task_id is None:
+            return ""
+        try:
+            await self.cancel(agent_url=agent_url, task_id=task_id)
+        except TaskNotCancelableError:
+            return " (it had ended meanwhile)"
+        except A2AError as exc:
+            logger.warning("A2A agent %s: could not cancel task %s after its timeout: %s",
+                           agent_url, task_id, exc)
+            return f"; cancelling it failed: {exc}"
+        return "; the task was cancelled (CancelTask)"
 
     async def _send(self, request: RemoteCallRequest, quick: float | None,
-                    bound: float | None) -> RemoteCallResult:
+                    bound: float | None, known: dict[str, str] | None = None,
+                    ) -> RemoteCallResult:
         """SendMessage itself is bounded by the call's ``bound`` only (it answers when
         the task ends: the transport's ``timeout_s`` must not cut a request that
-        allows longer); the card fetch and the GetTask polls by ``quick``."""
+        allows longer); the card fetch and the GetTask polls by ``quick``. The task
+        id, once an answer names it, goes into ``known`` (for a cancel on timeout)."""
         ep = await self._card(request, quick)
         method = method_name("send", ep.version)
         answer = await self._channel.call(ep, "send", self._params(ep, request),
@@ -328,6 +365,9 @@ class A2AClientTransport:
                                    "a task nor a message", agent_url=ep.agent_url,
                                    method=method)
         note_remote_ids(_id(task.get("contextId")), _id(task.get("id")))
+        task_id = _id(task.get("id"))
+        if known is not None and task_id is not None and task_state(task) not in FINAL_STATES:
+            known["task_id"] = task_id
         task = await self._poll(ep, task, quick=quick)
         value = task_outcome(task, agent_url=ep.agent_url, method=method)
         return RemoteCallResult(result=value, context_id=task.get("contextId"),
@@ -358,9 +398,7 @@ class A2AClientTransport:
                            method_name("send", ep.version))
             remaining = None if deadline is None else max(
                 0.0, deadline - asyncio.get_running_loop().time())
-            result: RemoteCallResult = await self._bounded(
-                self._send(request, quick, remaining), remaining,
-                agent_url=request.agent_url, what="SendMessage")
+            result = await self._send_bounded(request, quick, remaining)
             yield RemoteStreamEvent(text="", done=True, meta=result.meta,
                                     context_id=result.context_id, task_id=result.task_id,
                                     agent_url=request.agent_url, result=result.result)
@@ -381,9 +419,12 @@ class A2AClientTransport:
                 except TimeoutError as exc:
                     if isinstance(exc, A2AError):
                         raise
+                    await steps.aclose()  # the stream first: it holds a connection
+                    cancelled = await self._cancel_given_up(request.agent_url,
+                                                            tracker.task_id)
                     raise A2ATimeoutError(
                         f"A2A agent {request.agent_url}: the stream of task "
-                        f"{tracker.task_id} did not finish within {bound} s",
+                        f"{tracker.task_id} did not finish within {bound} s{cancelled}",
                         agent_url=request.agent_url, method=tracker.method) from exc
                 for event in events:
                     yield event

@@ -385,6 +385,33 @@ async def test_flow_cancel_mid_stream_cancels_the_remote_task(
     assert "CancelTask" in [r.rpc_method for r in agent.rpc_requests()]
 
 
+async def test_a_remote_node_whose_transport_times_out_cancels_the_remote_task(
+        agent: SdkAgent) -> None:
+    # A2AClientTransport(timeout_s=...) gave up on the stream and the node failed,
+    # but no CancelTask was sent: the agent's task stayed WORKING (and each retry of
+    # the node started another one).
+    events = Events()
+    async with A2AClientTransport(timeout_s=1.0) as transport:
+        node = RemoteNode(transport=transport, skill="echo", agent_url=agent.base_url,
+                          name="remote", streaming=True, policy=NodePolicy(validate="none"))
+        flow = create(node.to(), middlewares=[events], emit_errors_to_rookery=True)
+        flow.run()
+        try:
+            await flow.emit(Message(payload="slow timeout", headers=Headers(tenant="t")))
+            error = await events.wait_for("remote_call_error")
+            out = await asyncio.wait_for(flow.fetch(), WAIT)
+            while getattr(getattr(out, "payload", None), "text", None) is not None:
+                out = await asyncio.wait_for(flow.fetch(), WAIT)  # the chunks first
+        finally:
+            await flow.stop()
+    task_id = error.extra["remote_task_id"]
+    assert agent.cancelled == [task_id]
+    assert "A2ATimeoutError" in error.extra["remote_error"]
+    assert "the task was cancelled (CancelTask)" in error.extra["remote_error"]
+    assert "A2ATimeoutError" in str(getattr(out, "message", out))
+    agent.release.set()
+
+
 # -- trace context and the version header ------------------------------------------------------
 async def test_traceparent_names_the_remote_client_span(
         agent: SdkAgent, transport: A2AClientTransport) -> None:

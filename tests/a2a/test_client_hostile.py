@@ -611,6 +611,56 @@ async def test_without_timeout_s_a_get_task_that_never_answers_times_out(call: s
         assert p.rpcs()[-1] == "GetTask"
 
 
+@pytest.mark.parametrize("call", ["send", "stream"])
+async def test_a_call_past_its_timeout_cancels_the_task_it_gave_up_on(call: str) -> None:
+    # timeout_s gave up on a task whose id it knew, but sent no CancelTask: the
+    # agent's task kept running (each retry started another) with nobody waiting.
+    forever = asyncio.Event()
+    cancels: list[Any] = []
+
+    async def never_ends(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "SendMessage":
+            writer.write(rpc_result(req, {"task": task("TASK_STATE_SUBMITTED")}))
+        elif req.rpc == "SendStreamingMessage":
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")})))
+            await writer.drain()
+            await forever.wait()
+        elif req.rpc == "CancelTask":
+            cancels.append(req.body["params"])
+            writer.write(rpc_result(req, task("TASK_STATE_CANCELED")))
+        else:  # GetTask
+            writer.write(rpc_result(req, task("TASK_STATE_WORKING")))
+
+    async with peer(never_ends) as p, client(timeout_s=0.5, poll_interval_s=0.01) as t:
+        with pytest.raises(A2ATimeoutError, match=r"within 0\.5 s|more than 0\.5 s") as info:
+            async with asyncio.timeout(WAIT):
+                if call == "send":
+                    await t.send(request(p.url))
+                else:
+                    await collect(t.stream(request(p.url)))
+    assert cancels == [{"id": TASK}]
+    assert TASK in str(info.value) and "the task was cancelled (CancelTask)" in str(info.value)
+    assert info.value.agent_url == p.url
+
+
+async def test_a_cancel_after_a_timeout_that_fails_is_said_not_raised() -> None:
+    forever = asyncio.Event()
+
+    async def uncancellable(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "SendStreamingMessage":
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")})))
+            await writer.drain()
+            await forever.wait()
+        else:  # CancelTask
+            writer.write(rpc_error(req, -32603, "Internal error"))
+
+    async with peer(uncancellable) as p, client(timeout_s=0.5) as t:
+        with pytest.raises(A2ATimeoutError, match=r"within 0\.5 s; cancelling it failed: .*"
+                                                  r"Internal error"):
+            await collect(t.stream(request(p.url)))
+    assert p.rpcs() == ["SendStreamingMessage", "CancelTask"]
+
+
 def test_a_stream_idle_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError, match="stream_idle_timeout_s must be > 0"):
         A2AClientTransport(stream_idle_timeout_s=0)
