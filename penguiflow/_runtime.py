@@ -473,6 +473,22 @@ class FlowRuntime:
         """Track ``task`` for ``trace_id`` so that ``stop()`` cancels it."""
         self.external.add(task)
         task.add_done_callback(self.external.discard)
+        self._track_for_trace(trace_id, task)
+
+    def spawn_for_trace(self, trace_id: Any, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background for ``trace_id``: ``stop()`` waits for it
+        (up to its deadline, then cuts it) instead of cancelling it at once.
+
+        For work that must outlive the node call that started it and that a stop
+        must not cut short: a remote cancel's round trip (a RemoteNode cut short by
+        ``stop()`` cancels its remote task). A traced run's root span waits for it
+        too, as for a registered external task. The task.
+        """
+        task = self.spawn(coro)
+        self._track_for_trace(trace_id, task)
+        return task
+
+    def _track_for_trace(self, trace_id: Any, task: asyncio.Future[Any]) -> None:
         if self.events.tracer is not None:
             # Such a task may still record events (a remote cancel's round trip)
             # after the trace drained: the root span waits for it (see trace_drained).

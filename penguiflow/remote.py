@@ -221,6 +221,19 @@ def RemoteNode(
                          remote_context_id=ids["context_id"], remote_task_id=ids["task_id"],
                          remote_agent_url=ids["agent_url"])
 
+        def in_background(coro: Any) -> asyncio.Future[Any]:
+            # A remote cancel outlives this call, and flow.stop() (which cancels the
+            # call) waits for it, bounded by stop()'s deadline, rather than cancelling
+            # it: otherwise the CancelTask never left and the remote task ran on.
+            flow_runtime = getattr(ctx, "_rt", None)
+            spawn = getattr(flow_runtime, "spawn_for_trace", None)
+            if spawn is not None:
+                task: asyncio.Future[Any] = spawn(trace_id, coro)
+                return task
+            task = asyncio.get_running_loop().create_task(coro)
+            runtime.register_external_task(trace_id, task)
+            return task
+
         async def bind(context_id: str | None, task_id: str | None, url: str | None) -> None:
             # Log lines from here on (any transport's, the runtime's) carry the ids.
             note_remote_ids(context_id, task_id)
@@ -244,7 +257,9 @@ def RemoteNode(
 
             async def watch() -> None:
                 await cancel_event.wait()
-                await cancel_remote("trace_cancel")
+                # Shielded, in a task stop() waits for: a stop() arriving meanwhile
+                # cancels this watcher, not the CancelTask on its way.
+                await asyncio.shield(in_background(cancel_remote("trace_cancel")))
 
             task = asyncio.get_running_loop().create_task(watch())
             watcher.append(task)
@@ -320,8 +335,7 @@ def RemoteNode(
             # leave the remote task running. A trace cancel is the watcher's job.
             cancel_event = runtime.ensure_trace_event(trace_id)
             if ids["task_id"] is not None and not cancel_event.is_set():
-                task = asyncio.get_running_loop().create_task(cancel_remote("local_cancel"))
-                runtime.register_external_task(trace_id, task)
+                in_background(cancel_remote("local_cancel"))
             raise
         except Exception as exc:
             await record("remote_call_error", (time.perf_counter() - started) * 1000,

@@ -385,6 +385,33 @@ async def test_flow_cancel_mid_stream_cancels_the_remote_task(
     assert "CancelTask" in [r.rpc_method for r in agent.rpc_requests()]
 
 
+async def test_flow_stop_mid_stream_cancels_the_remote_task(
+        agent: SdkAgent, transport: A2AClientTransport) -> None:
+    # The docs say a call cut short by flow.stop() leaves no remote task running; the
+    # node's CancelTask ran in a task registered for stop() to cancel, so stop()
+    # cancelled it before it was sent and the agent's task stayed WORKING.
+    events = Events()
+    node = RemoteNode(transport=transport, skill="echo", agent_url=agent.base_url,
+                      name="remote", streaming=True, policy=NodePolicy(validate="none"))
+    flow = create(node.to(), middlewares=[events], state_store=InMemoryStateStore())
+    flow.run()
+    try:
+        await flow.emit(Message(payload="slow stop-me", headers=Headers(tenant="t")))
+        async with asyncio.timeout(WAIT):
+            await agent.parked.wait()
+        stream_event = await events.wait_for("remote_stream_event")  # the task id is known
+    finally:
+        async with asyncio.timeout(WAIT):
+            await flow.stop()
+    # stop() returned after the CancelTask round trip: no waiting needed here.
+    task_id = stream_event.extra["remote_task_id"]
+    assert agent.cancelled == [task_id]
+    (cancelled,) = events.of("remote_call_cancelled")
+    assert cancelled.extra["remote_cancel_reason"] == "local_cancel"
+    assert cancelled.extra["remote_task_id"] == task_id
+    agent.release.set()
+
+
 async def test_a_remote_node_whose_transport_times_out_cancels_the_remote_task(
         agent: SdkAgent) -> None:
     # A2AClientTransport(timeout_s=...) gave up on the stream and the node failed,
