@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,10 @@ class NodePolicy:
                                   hint=f"NodePolicy(validate=...) got {self.validate!r}")
         for name in ("timeout_s", "backoff_base", "max_backoff"):
             value = getattr(self, name)
-            if value is not None and value < 0:
+            # ``not >= 0`` also refuses NaN (a config value read as "nan"), which
+            # ``< 0`` lets through: a NaN timeout timed out every attempt at once, a
+            # NaN cap removed the cap.
+            if value is not None and not value >= 0:
                 raise InvalidArgument(
                     f"NodePolicy.{name} must be >= 0 (or None); got {value!r}")
         if self.max_retries < 0:
@@ -56,8 +60,13 @@ class NodePolicy:
                 f"NodePolicy.max_retries must be >= 0; got {self.max_retries!r}")
 
     def backoff_for(self, attempt: int) -> float:
-        """Seconds to sleep before ``attempt`` (1-based retry number)."""
-        delay = self.backoff_base * self.backoff_mult ** (attempt - 1)
+        """Seconds to sleep before ``attempt`` (1-based retry number): ``backoff_base *
+        backoff_mult ** (attempt - 1)``, at most ``max_backoff``. Never raises: a
+        power too large for a float is infinite (so the cap, when there is one)."""
+        try:
+            delay = self.backoff_base * self.backoff_mult ** (attempt - 1)
+        except OverflowError:  # 2.0 ** 1024: a policy retrying for ever, capped
+            delay = math.inf
         if self.max_backoff is not None:
             delay = min(delay, self.max_backoff)
         return delay

@@ -332,8 +332,20 @@ async def test_invoke_propagates_node_exceptions() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("timeout_s", -1.0), ("backoff_base", -0.1), ("max_backoff", -2.0), ("max_retries", -1)],
+    [("timeout_s", -1.0), ("backoff_base", -0.1), ("max_backoff", -2.0), ("max_retries", -1),
+     # NaN (a config value read as "nan") compares False to everything: a NaN timeout
+     # timed every attempt out at once, a NaN cap removed the cap.
+     ("timeout_s", float("nan")), ("backoff_base", float("nan")),
+     ("max_backoff", float("nan"))],
 )
 def test_negative_policy_values_are_rejected(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"NodePolicy.{field} must be >= 0"):
         NodePolicy(**{field: value})
+
+
+def test_backoff_is_capped_even_where_the_power_overflows_a_float() -> None:
+    # A policy retrying "for ever, at most 30 s apart": 2.0 ** 1024 overflows.
+    policy = NodePolicy(max_retries=10_000, max_backoff=30.0)
+    assert policy.backoff_for(3) == 2.0
+    assert policy.backoff_for(1_100) == 30.0
+    assert NodePolicy(max_retries=10_000).backoff_for(1_100) == float("inf")  # no cap

@@ -345,3 +345,27 @@ async def test_an_observer_raising_cancelled_error_costs_one_event_not_the_worke
         assert counter in caplog.text
     finally:
         await within(flow.stop())
+
+
+async def test_a_node_retried_past_a_float_sized_backoff_still_fails_with_its_error() -> None:
+    # backoff_base * backoff_mult ** attempt overflowed before the cap applied: the
+    # OverflowError cost the item (no node_failed, no FlowError, fetch() waited).
+    attempts = 0
+
+    async def flaky(message: Any, ctx: Any) -> Any:
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("backend down")
+
+    policy = NodePolicy(validate="none", max_retries=320, backoff_base=1e-9,
+                        backoff_mult=10.0, max_backoff=1e-9)
+    flow = create(Node(flaky, name="flaky", policy=policy).to(), emit_errors_to_rookery=True)
+    flow.run()
+    try:
+        await flow.emit(msg(1))
+        error = await within(flow.fetch())
+        assert isinstance(error, FlowError) and "backend down" in str(error)
+        assert attempts == 321
+        assert flow.observer_failures.get("worker_error", 0) == 0
+    finally:
+        await flow.stop()
