@@ -15,6 +15,7 @@ queue directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -187,9 +188,10 @@ class Context:
         self._in_queues = [f.queue for f in self._incoming.values()]
         self._in_one = self._in_queues[0]._queue if len(self._in_queues) == 1 else None
         if len(self._incoming) > 1:
-            ring = self._ring
+            ring, unring = self._ring, self._unring
             for incoming in self._incoming.values():
                 incoming.queue.doorbell = ring
+                incoming.queue.unring = unring
 
     def add_outgoing_floe(self, floe: Floe) -> None:
         """Register ``floe`` as an output (ignored when its target is None)."""
@@ -427,6 +429,31 @@ class Context:
                 waiter.set_result(None)
                 break
 
+    def _unring(self, queue: FloeQueue, positions: list[int], size: int) -> None:
+        """Forget the rings of the items at ``positions`` of ``queue`` (``size`` items
+        before they were removed: a cancel). Its last ``size`` rings are its items',
+        in order (a ring is forgotten when its item is taken, see :meth:`_took`), so
+        the others keep the order they arrived in."""
+        gone = set(positions)
+        index = size  # the item of the ring looked at, counted from the queue's end
+        kept: deque[FloeQueue] = deque()
+        for rung in reversed(self._arrivals):
+            if rung is queue:
+                index -= 1
+                if index < 0 or index in gone:  # < 0: more rings than items, stale
+                    continue
+            kept.appendleft(rung)
+        self._arrivals = kept
+
+    def _took(self, queue: FloeQueue) -> None:
+        """``queue``'s front item was taken without its ring (a fetch from a named
+        floe): forget its oldest ring, which was that item's, so the next fetch in
+        arrival order does not take a later item of ``queue`` before an earlier one
+        of another floe."""
+        if queue.doorbell is not None:
+            with contextlib.suppress(ValueError):  # compacted away already
+                self._arrivals.remove(queue)
+
     def _compact_arrivals(self) -> None:
         # Entries go stale when items are taken by a targeted fetch or removed by
         # cancel; keep only as many (latest) entries per queue as it holds items.
@@ -484,6 +511,7 @@ class Context:
                 if queue.qsize():
                     item = queue.get_nowait()
                     self.last_origin = queue.last_origin
+                    self._took(queue)
                     return item
             await self._wait_ring()
 
@@ -515,6 +543,8 @@ class Context:
     async def _get(self, queue: FloeQueue) -> Any:
         item = await queue.get()
         self.last_origin = queue.last_origin
+        if queue.doorbell is not None:  # one of several incoming floes, named
+            self._took(queue)
         return item
 
     def fetch_nowait(self, from_: Targets = None) -> Any:
@@ -540,6 +570,7 @@ class Context:
             if floe.queue.qsize():
                 item = floe.queue.get_nowait()
                 self.last_origin = floe.queue.last_origin
+                self._took(floe.queue)
                 return item
         raise asyncio.QueueEmpty("no messages available")
 

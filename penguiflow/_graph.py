@@ -74,6 +74,10 @@ class FloeQueue(asyncio.Queue[Any]):
         self.next_origin: Origin = None
         self.last_origin: Origin = None
         self.doorbell: Callable[[FloeQueue], None] | None = None
+        #: Called with the queue, the positions of the items a removal took (in the
+        #: queue's order before it) and its size before, so a context that keeps
+        #: the order queues rang in can forget exactly those items' rings.
+        self.unring: Callable[[FloeQueue, list[int], int], None] | None = None
 
     # asyncio's full() calls qsize(), and put_nowait/get call full()/empty() on every
     # item: the same answers, one call and one len() each (hot path, ~0.1 us per hop).
@@ -179,15 +183,19 @@ class FloeQueue(asyncio.Queue[Any]):
     def remove_tagged_where(self, predicate: Callable[[Any], bool]) -> list[tuple[Any, Origin]]:
         """:meth:`remove_where`, returning ``(item, origin)`` pairs."""
         removed: list[tuple[Any, Origin]] = []
+        positions: list[int] = []
         kept: deque[Any] = deque()
         kept_origins: deque[Origin] = deque()
-        for item, origin in zip(self._queue, self._origins, strict=True):
+        for i, (item, origin) in enumerate(zip(self._queue, self._origins, strict=True)):
             if predicate(item):
                 removed.append((item, origin))
+                positions.append(i)
             else:
                 kept.append(item)
                 kept_origins.append(origin)
         if removed:
+            if self.unring is not None:
+                self.unring(self, positions, len(self._queue))
             # In place, not a new deque: contexts keep a reference to this one to
             # read queue depths cheaply (Context._in_one / _out_one), and a new one
             # left them reporting the old depth for ever.

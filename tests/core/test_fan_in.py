@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from pfcore_support import msg, within
+from pfcore_support import Recorder, msg, within
 
 from penguiflow import Node, NodePolicy, create
 from penguiflow._ids import otel_trace_id, root_span_id
@@ -214,3 +214,49 @@ async def test_a_stop_cancelled_midway_still_stops_every_worker() -> None:
     await within(asyncio.gather(*workers, return_exceptions=True))
     await within(asyncio.gather(external, return_exceptions=True))
     assert external.cancelled()
+
+
+async def test_a_targeted_fetch_keeps_the_arrival_order_of_what_remains() -> None:
+    # The item a fetch from a named floe takes leaves its ring behind: the next
+    # plain fetch took a later item of that floe before an earlier one of another.
+    flow, a, b = two_egress_flow()
+    rookery = flow.context(ROOKERY)
+    for ctx, item in ((a, "a1"), (b, "b1"), (a, "a2"), (b, "b2"), (a, "a3")):
+        flow.context(ctx).emit_nowait(item)
+    assert await within(rookery.fetch(from_=a)) == "a1"
+    assert rookery.fetch_nowait(from_=a) == "a2"
+    assert await within(rookery.fetch(from_=[b])) == "b1"
+    assert [await within(rookery.fetch()) for _ in range(2)] == ["b2", "a3"]
+
+
+async def test_a_cancel_keeps_the_arrival_order_of_what_remains() -> None:
+    # cancel() removes a trace's queued items; their rings went stale and made the
+    # join take z (queued after y) first: spec §6, strictly in arrival order.
+    gate = asyncio.Event()
+    taken: list[str] = []
+
+    async def join(message: Any, ctx: Any) -> Any:
+        taken.append(message.payload)
+        if message.payload == "first":
+            await gate.wait()
+        return message
+
+    a, b = node("a"), node("b")
+    j = Node(join, name="j", policy=NodePolicy(validate="none"))
+    recorder = Recorder()
+    flow = create(a.to(j), b.to(j), j.to(), middlewares=[recorder])
+    ctx_a, ctx_b = flow.context(a), flow.context(b)
+    first, cancelled, y, z = msg("first"), msg("cancelled"), msg("y"), msg("z")
+    ctx_a.emit_nowait(first)
+    flow.run()
+    try:
+        await recorder.wait_for("node_start", node="j")  # j holds "first"
+        for ctx, item in ((ctx_a, cancelled), (ctx_b, y), (ctx_a, z)):
+            ctx.emit_nowait(item)
+        await within(flow.cancel(cancelled.trace_id))
+        gate.set()
+        for _ in range(3):
+            await within(flow.fetch())
+        assert taken == ["first", "y", "z"]
+    finally:
+        await flow.stop()
