@@ -255,3 +255,15 @@ async def test_a_store_that_cannot_open_leaves_the_loop_its_signals() -> None:
     with contextlib.suppress(Exception):
         await bus.unbind()
     assert removed == [False, False]
+
+
+def test_pf_worker_exits_2_on_a_bus_url_redis_py_cannot_take() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # Before: accepted, then the bind failed unseen and the worker idled for ever.
+    done = subprocess.run(
+        [sys.executable, "-m", "penguiflow_distributed.worker", "dist_flows:chain",
+         "--bus", "redis://127.0.0.1:notaport/0"],
+        env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "Port could not be cast to integer" in done.stderr

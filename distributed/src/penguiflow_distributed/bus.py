@@ -52,11 +52,13 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunspli
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
+from redis.asyncio.connection import parse_url
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     ClusterDownError,
     MasterDownError,
+    MaxConnectionsError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -112,6 +114,9 @@ def _temporary(exc: ResponseError) -> bool:
 #: enough for the sends of a busy worker in flight together, few enough that the
 #: pool (shared with the readers, the keep-alive and the claimer) never runs dry.
 _SPARE_MAX = 8
+#: Pool connections a bus needs beyond one per reader: the control reader's, and
+#: one each for the keep-alive, the claimer and a script call (see _connect).
+_POOL_OTHERS = 4
 #: TCP keep-alive: a probe after 30 s of silence, every 10 s, 3 unanswered = dead
 #: (the OS default waits 2 hours): keeps a NAT's or firewall's entry for an idle
 #: connection alive, and notices a dead peer on a connection waiting for nothing.
@@ -136,7 +141,7 @@ _URL_KEYWORDS: dict[str, type] = {
     "prefetch": int, "link_timeout_s": float}
 _STATS = ("sent", "duplicates", "full_waits", "delivered", "claimed", "settled",
           "cancels_sent", "cancels_received", "link_errors", "reconnects", "undecodable",
-          "dead_lettered", "recovered", "read_errors")
+          "dead_lettered", "recovered", "read_errors", "pool_waits")
 
 
 class BusBindError(PenguiFlowError, RuntimeError):
@@ -225,6 +230,10 @@ class RedisMessageBus:
             raise InvalidArgument(
                 f"namespace must be a non-empty name without ':' or whitespace; got "
                 f"{namespace!r}")
+        if client is None:
+            _check_url(url)
+        else:
+            _check_client(client)
         self.url = url
         self.namespace = namespace
         self.claim_idle_s = float(claim_idle_s)
@@ -248,6 +257,9 @@ class RedisMessageBus:
         self._redis: Any = client
         self._binding: BusBinding | None = None
         self._ready = asyncio.Event()
+        #: Set when unbind finished (cleared by the next bind): ready(), sends and
+        #: cancels then raise FlowNotRunning instead of waiting for a bind.
+        self._unbound = False
         #: Set when unbind starts: sends, cancels and ready() waiting for the bind or
         #: retrying while Redis is away end (FlowNotRunning) instead of waiting on.
         self._unbinding = asyncio.Event()
@@ -343,24 +355,19 @@ class RedisMessageBus:
                 hint="give each flow (and each run) its own RedisMessageBus")
         self._binding = binding
         self._unbinding.clear()
+        self._unbound = False
+        self._bind_error = None
         self._stopping = False
         self._reading = True
-        if self._redis is None:
-            # For redis-py's own calls (keep-alive, claims, cancels, set-up); the
-            # bus's exchanges set theirs (see _own). A socket_timeout in the URL
-            # (redis-py's own option) wins over ours.
-            self._redis = aioredis.Redis.from_url(
-                self.url, socket_connect_timeout=5, health_check_interval=10,
-                socket_timeout=self.link_timeout_s + self.block_ms / 1000,
-                socket_keepalive=True, socket_keepalive_options=_KEEPALIVE)
-        r = self._redis
-        self._scripts = {name: r.register_script(getattr(_scripts, name))
-                         for name in ("SEND", "SETTLE", "GATHER", "RETIRE", "DEAD")}
         streams = [self.edge_stream(e.label) for e in binding.edges.values()
                    if e.local and not e.to_rookery]
         streams.append(self.reply_stream(binding.worker_id))
         control = f"{self._prefix()}:control"
         try:
+            # Inside the try: whatever makes the client fail (a URL redis-py cannot
+            # take, a pool too small for the readers) fails the bind, said by ready()
+            # and every send, instead of leaving them waiting for a bind that ended.
+            self._connect(len(streams))
             await self._retrying("create the consumer groups", self._create_groups, streams,
                                  fail_refused=True)
             last = await self._retrying("read past cancels", self._past_cancels, control,
@@ -370,6 +377,12 @@ class RedisMessageBus:
         except Exception as exc:
             # Not a link problem (those are retried above), so retrying will not
             # help: ready() and every send say why, none waits for ever.
+            if isinstance(exc, (InvalidArgument, ConfigurationError)):
+                hint = f" ({exc.hint})" if exc.hint else ""
+                self._bind_error = BusBindError(
+                    f"the bus for flow {binding.flow_name!r} cannot start: {exc}{hint}")
+                self._ready.set()
+                raise self._bind_error from exc
             if isinstance(exc, ResponseError):
                 why = str(exc)
             elif isinstance(exc, _REFUSALS):
@@ -403,6 +416,41 @@ class RedisMessageBus:
             "namespace": self.namespace,
             "nodes": sorted(binding.local_nodes), "url": _redact(self.url)})
 
+    def _connect(self, streams: int) -> None:
+        """Make the client (from :attr:`url`, unless one was passed), and check that its
+        pool can serve this bus: ``streams`` readers each keep a connection, and the
+        control reader, the keep-alive, the claimer and the script calls need theirs.
+
+        Raises:
+            ConfigurationError: a client whose pool is capped below that.
+            InvalidArgument: a URL redis-py cannot take.
+        """
+        need = streams + _POOL_OTHERS
+        if self._redis is None:
+            _check_url(self.url)
+            # For redis-py's own calls (keep-alive, claims, cancels, set-up); the
+            # bus's exchanges set theirs (see _own). A socket_timeout in the URL
+            # (redis-py's own option) wins over ours. Room for every reader and
+            # the script connections kept (redis-py's default cap is 100).
+            self._redis = aioredis.Redis.from_url(
+                self.url, socket_connect_timeout=5, health_check_interval=10,
+                socket_timeout=self.link_timeout_s + self.block_ms / 1000,
+                socket_keepalive=True, socket_keepalive_options=_KEEPALIVE,
+                max_connections=max(100, need + _SPARE_MAX + 16))
+        r = self._redis
+        self._scripts = {name: r.register_script(getattr(_scripts, name))
+                         for name in ("SEND", "SETTLE", "GATHER", "RETIRE", "DEAD")}
+        cap = getattr(r.connection_pool, "max_connections", None)
+        if isinstance(cap, int) and cap < need:
+            raise ConfigurationError(
+                f"the client's connection pool is capped at max_connections={cap}, and "
+                f"this bus needs at least {need} ({streams} blocking readers, one per "
+                f"stream it reads, keep a connection each; {_POOL_OTHERS} more serve "
+                f"cancels, keep-alives, claims and sends); with fewer, every send would "
+                f"wait for a connection for ever",
+                hint=f"pass a client with max_connections >= {need + _SPARE_MAX} (room "
+                     f"for concurrent sends), or pass the URL instead of a client")
+
     async def ready(self) -> None:
         """Return once :meth:`bind` finished (the process reads its edges).
 
@@ -420,6 +468,14 @@ class RedisMessageBus:
             BusBindError: Redis refused the bus.
             FlowNotRunning: the flow stopped (unbind started) before, or meanwhile.
         """
+        if self._unbound:
+            # The flow stopped: nothing will set _ready. A run() just made may have
+            # scheduled its bind, which starts (and clears this) at the next turn.
+            await asyncio.sleep(0)
+            if self._unbound:
+                raise FlowNotRunning(
+                    f"PenguiFlow is stopped (its bus on Redis at {_redact(self.url)} is "
+                    f"unbound): {unmade}; call run() again first")
         await self._ready.wait()
         if self._bind_error is not None:
             raise self._bind_error
@@ -501,6 +557,7 @@ class RedisMessageBus:
         self._binding = None
         self._bind_error = None
         self._ready.clear()
+        self._unbound = True
         self._in_hand.clear()
         self._settling.clear()
         self._flushed.set()
@@ -1117,6 +1174,23 @@ class RedisMessageBus:
 
         ``interrupt``: the back-off ends early when unbind starts (a send or a
         cancel, which then ends instead of retrying)."""
+        if isinstance(exc, MaxConnectionsError):
+            # Not Redis: the client's pool is out of connections (a capped client=
+            # shared with other users). Waited out, said as what it is.
+            self.stats["pool_waits"] += 1
+            if self.stats["pool_waits"] == 1 or self.stats["pool_waits"] % 1000 == 0:
+                logger.warning("bus_pool_exhausted", extra={
+                    "doing": doing, "waits": self.stats["pool_waits"],
+                    "hint": "the client's connection pool (max_connections) is too "
+                            "small for this bus and its other users: raise it"})
+            pause = 0.01
+            if interrupt:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await self._unbinding.wait()
+            else:
+                await asyncio.sleep(pause)
+            return
         self.stats["link_errors"] += 1
         now = time.monotonic()
         if self._down_since is None:
@@ -1223,6 +1297,36 @@ async def _drop(pool: Any, conn: Any) -> None:
         finally:
             with contextlib.suppress(Exception):
                 await pool.release(_shared(pool, conn))
+
+
+def _check_url(url: str) -> None:
+    """Refuse, now, a Redis URL redis-py would refuse on the first connection.
+
+    Raises:
+        InvalidArgument: a port that is no number, an option of the wrong type, ...
+    """
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"the bus URL {_redact(url)!r} cannot be used: {exc} (e.g. "
+            f"redis://host:6379/0?socket_timeout=5)") from None
+
+
+def _check_client(client: Any) -> None:
+    """Refuse a client the bus cannot read entries with.
+
+    Raises:
+        InvalidArgument: a client that decodes replies (``decode_responses=True``).
+    """
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None) or {}
+    if kwargs.get("decode_responses"):
+        raise InvalidArgument(
+            "client= decodes replies (decode_responses=True): the bus stores binary "
+            "payloads and reads entries as bytes, so every entry would be refused as "
+            "undecodable and deleted; pass a client made without decode_responses "
+            "(another client of the same URL may keep it), or pass the URL instead")
 
 
 def _pairs(flat: Any) -> Mapping[bytes, bytes]:
