@@ -391,7 +391,7 @@ class BusBinding:
         try:
             item = loads_item(parcel.data, self.types)
         except WireDecodingError as exc:
-            await self._undeliverable(inbound, str(exc))
+            await self._undeliverable(inbound, safe_str(exc))
             return
         self.stats["delivered"] += 1
         if deliveries > 1:

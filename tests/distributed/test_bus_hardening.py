@@ -7,16 +7,23 @@ Each test fails on the code before its fix (found by a review of the bus)."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import dist_flows
 import pytest
 import redis.asyncio as aioredis
+from dist_support import eventually
+from pydantic import BaseModel, model_validator
+from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow.core import PenguiFlow
 from penguiflow.errors import FlowNotRunning, InvalidArgument
+from penguiflow.wire import dumps_item
 from penguiflow_distributed import BusBindError, RedisMessageBus
 
 NONE = NodePolicy(validate="none")
@@ -132,3 +139,131 @@ async def test_ready_and_cancel_after_stop_raise_flow_not_running(
         assert (await asyncio.wait_for(flow.fetch(), 10)).payload == "again!"
     finally:
         await flow.stop()
+
+
+# -- readers never stranded, never dead ---------------------------------------------------
+
+
+async def test_a_link_break_during_recovery_strands_no_entry(
+        redis_url: str, namespace: str, redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    bus = RedisMessageBus(redis_url, namespace=namespace, block_ms=100, max_backoff_s=0.05)
+    flow = echo()
+    flow.run(message_bus=bus, nodes=[])
+    try:
+        await asyncio.wait_for(bus.ready(), 10)
+        consumer = flow.flow_id
+        reply = bus.reply_stream(consumer)
+        bus._reading = False  # the reader stays off once its link breaks (below)
+        await redis.client_kill_filter(_type="normal", skipme=True)
+        await eventually(lambda: bus.stats["link_errors"] >= 1, "the reader saw the break")
+        result = msg("lost")
+        await redis.xadd(reply, {b"e": "echo->Rookery", b"d": dumps_item(result),
+                                 b"t": result.trace_id,
+                                 b"m": f"{consumer} hop1 - {time.time()!r} -"})
+        assert await redis.xreadgroup("pf", consumer, {reply: ">"})  # the lost reply
+        # The recovery finds the entry (XPENDING), then the link breaks before its
+        # XRANGE is answered.
+        original = Connection.pack_commands
+        calls = 0
+
+        def breaking(self: Any, commands: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RedisConnectionError("the link broke during recovery (test)")
+            return original(self, commands)
+
+        monkeypatch.setattr(Connection, "pack_commands", breaking)
+        bus._reading = True
+        # Before: held for ever (skipped by the next recovery, kept alive, never
+        # claimed): fetch() never returned.
+        got = await asyncio.wait_for(flow.fetch(), 10)
+        assert got.payload == "lost" and calls >= 2
+        assert bus.stats["recovered"] == 1
+    finally:
+        await flow.stop()
+
+
+class _Unprintable(Exception):
+    def __repr__(self) -> str:
+        raise RuntimeError("repr refused")
+
+    def __str__(self) -> str:
+        raise RuntimeError("str refused")
+
+
+class Sku(BaseModel):
+    sku: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def check(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("sku") == "boom":
+            raise _Unprintable()
+        return value
+
+
+async def test_an_entry_whose_error_cannot_be_rendered_loses_only_itself(
+        redis_url: str, namespace: str, redis: Any) -> None:
+    bus = RedisMessageBus(redis_url, namespace=namespace, types=[Sku], block_ms=100)
+
+    async def same(m: Message, ctx: Any) -> Message:
+        return m
+    flow = create(Node(same, name="echo", policy=NONE).to(), name="hostile")
+    flow.run(message_bus=bus)
+    try:
+        await asyncio.wait_for(bus.ready(), 10)
+        await flow.emit(msg(Sku.model_construct(sku="boom")))  # the hostile one
+        # Before: the edge's reader died on it, and every later entry waited for ever.
+        await flow.emit(msg(Sku(sku="ok")))
+        got = await asyncio.wait_for(flow.fetch(), 10)
+        assert got.payload == Sku(sku="ok")
+        binding = flow.binding
+        assert binding is not None and binding.stats["undeliverable"] == 1
+        assert not [t for t in bus._tasks if t.done()]
+    finally:
+        await flow.stop()
+
+
+async def test_a_reader_lets_go_of_an_entry_that_breaks_its_delivery_and_reads_on(
+        redis_url: str, namespace: str, redis: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    bus = RedisMessageBus(redis_url, namespace=namespace, block_ms=100)
+    flow = echo()
+    flow.run(message_bus=bus)
+    try:
+        await asyncio.wait_for(bus.ready(), 10)
+        binding = flow.binding
+        assert binding is not None
+        deliver = binding.deliver
+        broken = asyncio.Event()
+
+        async def once_broken(parcel: Any, **kw: Any) -> None:
+            if parcel.trace_id == "bad" and not broken.is_set():
+                broken.set()
+                raise _Unprintable()
+            await deliver(parcel, **kw)
+
+        async def reject_fails(*_a: Any, **_kw: Any) -> None:
+            raise _Unprintable()
+
+        monkeypatch.setattr(binding, "deliver", once_broken)
+        monkeypatch.setattr(binding, "reject", reject_fails)
+        with caplog.at_level(logging.ERROR):
+            await flow.emit(msg("bad", trace_id="bad"))
+            await broken.wait()
+            await flow.emit(msg("next"))
+            assert (await asyncio.wait_for(flow.fetch(), 10)).payload == "next!"
+        assert bus.stats["deliver_errors"] == 1
+        assert "bus_deliver_failed" in {r.getMessage() for r in caplog.records}
+        stream = bus.edge_stream("OpenSea->echo")
+        held = bus._in_hand.get(stream, set())
+        # Let go (not held, so claimable again), still pending in Redis.
+        pending = await redis.xpending(stream, "pf")
+        assert pending["pending"] == 1 and _str(pending["min"]) not in held
+    finally:
+        await flow.stop()
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

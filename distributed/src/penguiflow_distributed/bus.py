@@ -75,6 +75,8 @@ from penguiflow.errors import (
     FlowNotRunning,
     InvalidArgument,
     PenguiFlowError,
+    safe_repr,
+    safe_str,
 )
 
 from . import _scripts
@@ -141,7 +143,7 @@ _URL_KEYWORDS: dict[str, type] = {
     "prefetch": int, "link_timeout_s": float}
 _STATS = ("sent", "duplicates", "full_waits", "delivered", "claimed", "settled",
           "cancels_sent", "cancels_received", "link_errors", "reconnects", "undecodable",
-          "dead_lettered", "recovered", "read_errors", "pool_waits")
+          "dead_lettered", "recovered", "read_errors", "pool_waits", "deliver_errors")
 
 
 class BusBindError(PenguiFlowError, RuntimeError):
@@ -389,7 +391,7 @@ class RedisMessageBus:
                 why = (f"{type(exc).__name__}: {exc} (check the user name and password in "
                        f"the bus URL)")
             else:  # redis-py's repr() of its errors drops their message
-                why = f"{type(exc).__name__}: {exc}"[:500]
+                why = f"{type(exc).__name__}: {safe_str(exc, 500)}"
             self._bind_error = BusBindError(
                 f"Redis at {_redact(self.url)} refused the bus for flow "
                 f"{binding.flow_name!r} (namespace {self.namespace!r}): {why}")
@@ -512,7 +514,7 @@ class RedisMessageBus:
                     # Anyone who can write to Redis can write here: one bad entry
                     # loses only itself, never the start of every later process.
                     logger.error("bus_cancel_failed", extra={
-                        "entry": _str(entry), "error": repr(exc)[:300]})
+                        "entry": _str(entry), "error": safe_repr(exc, 300)})
         return entries[0][0] if entries else b"0-0"
 
     async def drain(self, timeout: float | None) -> int:
@@ -571,7 +573,7 @@ class RedisMessageBus:
         try:
             await asyncio.wait_for(tidy(), 2.0)
         except (Exception, TimeoutError) as exc:  # Redis away: the TTLs tidy up later
-            logger.info("bus_tidy_skipped", extra={"error": repr(exc)[:300]})
+            logger.info("bus_tidy_skipped", extra={"error": safe_repr(exc, 300)})
 
     # -- sending ---------------------------------------------------------------------
 
@@ -683,7 +685,7 @@ class RedisMessageBus:
                     for entry, _flat in entries:
                         self._hold(stream, _str(entry))
                     for entry, flat in entries:
-                        await self._deliver(stream, entry, _pairs(flat), 1)
+                        await self._deliver_or_let_go(stream, entry, flat, 1)
                 # Let the nodes just handed work start before the next read is sent
                 # (a trace's path; the read only waits): -40 us per hop at low load.
                 await asyncio.sleep(0)
@@ -725,19 +727,47 @@ class RedisMessageBus:
             start = _after(_str(rows[-1][0]))
             if not found:
                 continue
-            async with asyncio.timeout(self.link_timeout_s):
-                await conn.send_packed_command(conn.pack_commands(
-                    [("XRANGE", stream, entry_id, entry_id) for entry_id, _n in found]),
-                    check_health=False)
-                replies = [await conn.read_response() for _ in found]
-            for (entry_id, times), reply in zip(found, replies, strict=True):
-                if not reply or not reply[0][1]:
-                    # Deleted while pending: nothing to run, only to drop.
+            # Held from here on: whatever cuts this short (the link breaking before
+            # XRANGE answers, a stop) lets go of those not yet delivered, or they
+            # would stay held here for ever: skipped by the next recovery, kept
+            # alive (so never claimed) and never run.
+            undelivered = dict(found)
+            try:
+                async with asyncio.timeout(self.link_timeout_s):
+                    await conn.send_packed_command(conn.pack_commands(
+                        [("XRANGE", stream, entry_id, entry_id) for entry_id, _n in found]),
+                        check_health=False)
+                    replies = [await conn.read_response() for _ in found]
+                for (entry_id, times), reply in zip(found, replies, strict=True):
+                    del undelivered[entry_id]
+                    if not reply or not reply[0][1]:
+                        # Deleted while pending: nothing to run, only to drop.
+                        self._let_go(stream, entry_id)
+                        await self._redis.xack(stream, GROUP, entry_id)
+                        continue
+                    self.stats["recovered"] += 1
+                    await self._deliver_or_let_go(stream, entry_id, reply[0][1],
+                                                  max(times, 1))
+            finally:
+                for entry_id in undelivered:
                     self._let_go(stream, entry_id)
-                    await self._redis.xack(stream, GROUP, entry_id)
-                    continue
-                self.stats["recovered"] += 1
-                await self._deliver(stream, entry_id, _pairs(reply[0][1]), max(times, 1))
+
+    async def _deliver_or_let_go(self, stream: str, entry: bytes | str, flat: Any,
+                                 deliveries: int) -> None:
+        """:meth:`_deliver`, for a reader: an entry that breaks it anyway (a hostile
+        one whose error cannot even be rendered, a binding that failed on it) is
+        logged (``bus_deliver_failed``), counted (``deliver_errors``) and let go:
+        claimed again after ``claim_idle_s``, and dead-lettered after
+        ``max_deliveries``. The reader goes on with the next entry."""
+        try:
+            await self._deliver(stream, entry, _pairs(flat), deliveries)
+        except Exception as exc:
+            entry_id = _str(entry) if isinstance(entry, (bytes, str)) else safe_repr(entry)
+            self.stats["deliver_errors"] += 1
+            logger.error("bus_deliver_failed", extra={
+                "stream": stream, "entry": entry_id,
+                "error": f"{type(exc).__name__}: {safe_str(exc, 300)}"})
+            self._let_go(stream, entry_id)
 
     async def _deliver(self, stream: str, entry: bytes | str, fields: Mapping[bytes, bytes],
                        deliveries: int, *, previous: str | None = None) -> None:
@@ -750,7 +780,7 @@ class RedisMessageBus:
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             self.stats["undecodable"] += 1
             logger.error("bus_entry_undecodable", extra={
-                "stream": stream, "entry": entry_id, "error": repr(exc)[:500]})
+                "stream": stream, "entry": entry_id, "error": safe_repr(exc, 500)})
             await self.settle(Inbound(None, 0.0, None, "?", handle, "", "", deliveries))
             return
         self.stats["delivered"] += 1
@@ -767,7 +797,7 @@ class RedisMessageBus:
             # else than a bus) loses only itself: the reader that took it goes on.
             await binding.reject(parcel, handle=handle, deliveries=deliveries,
                                  reason=f"cannot deliver it: {type(exc).__name__}: "
-                                        f"{repr(exc)[:300]}")
+                                        f"{safe_str(exc, 300)}")
 
     def _misplaced(self, stream: str, edge: str) -> str | None:
         """Why an entry of ``stream`` naming ``edge`` cannot be delivered, or None.
@@ -836,7 +866,7 @@ class RedisMessageBus:
                 except Exception as exc:  # not the script's own refusals (see SETTLE)
                     failed = list(range(1, len(batch) + 1))
                     logger.error("bus_settle_failed", extra={
-                        "entries": len(batch), "error": repr(exc)[:300]})
+                        "entries": len(batch), "error": safe_repr(exc, 300)})
                 if failed:  # each refused entry loses only itself (a key of another type)
                     logger.error("bus_settle_refused", extra={
                         "entries": [f"{batch[int(i) - 1][0]}/{batch[int(i) - 1][1]}"
@@ -883,7 +913,7 @@ class RedisMessageBus:
                 else:
                     logger.error("bus_refresh_failed", extra={"error": str(exc)[:300]})
             except Exception as exc:  # never a keep-alive that silently died
-                logger.error("bus_refresh_failed", extra={"error": repr(exc)[:300]})
+                logger.error("bus_refresh_failed", extra={"error": safe_repr(exc, 300)})
 
     async def _claimer(self) -> None:
         """Claim the idle entries of dead processes. A task of its own, apart from
@@ -910,7 +940,7 @@ class RedisMessageBus:
                 elif "NOGROUP" not in str(exc):
                     logger.error("bus_claim_failed", extra={"error": str(exc)})
             except Exception as exc:  # never a claimer that silently died
-                logger.error("bus_claim_failed", extra={"error": repr(exc)[:300]})
+                logger.error("bus_claim_failed", extra={"error": safe_repr(exc, 300)})
 
     async def _claim(self, stream: str, consumer: str, idle_ms: int) -> None:
         """Take over the entries idle for ``idle_ms`` (their process stopped refreshing
@@ -959,7 +989,7 @@ class RedisMessageBus:
                 # loses only its turn: let go of it (claimed again later), go on with
                 # the rest, which are held and would otherwise never be delivered.
                 logger.error("bus_claim_entry_failed", extra={
-                    "stream": stream, "entry": entry_id, "error": repr(exc)[:300]})
+                    "stream": stream, "entry": entry_id, "error": safe_repr(exc, 300)})
                 self._let_go(stream, entry_id)
         for gone in set(held) - found:
             # Deleted while pending (or claimed by another process first): nothing to
@@ -1050,7 +1080,7 @@ class RedisMessageBus:
                         await binding.cancelled_elsewhere(
                             trace.decode("utf-8", "surrogatepass"))
                     except Exception as exc:
-                        logger.error("bus_cancel_failed", extra={"error": repr(exc)})
+                        logger.error("bus_cancel_failed", extra={"error": safe_repr(exc)})
 
     async def _read_failed(self, stream: str, exc: Exception) -> None:
         """A read Redis refused (not a link error, not a temporary refusal: a key of
@@ -1058,7 +1088,7 @@ class RedisMessageBus:
         ``max_backoff_s``."""
         self.stats["read_errors"] += 1
         logger.error("bus_read_failed", extra={
-            "stream": stream, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            "stream": stream, "error": f"{type(exc).__name__}: {safe_str(exc, 300)}"})
         await asyncio.sleep(self.max_backoff_s)
 
     # -- join_k ----------------------------------------------------------------------
@@ -1196,7 +1226,7 @@ class RedisMessageBus:
         if self._down_since is None:
             self._down_since = now
             logger.warning("bus_redis_unreachable", extra={
-                "doing": doing, "error": repr(exc)[:300], "url": _redact(self.url)})
+                "doing": doing, "error": safe_repr(exc, 300), "url": _redact(self.url)})
         down = now - self._down_since
         pause = min(self.max_backoff_s, 0.05 * 2 ** min(down, 10))
         if interrupt:
