@@ -516,6 +516,20 @@ class PenguiFlow:
                 ctx._open_streams.clear()
             rt.stream_contexts.clear()
             rt.idle_streams.clear()
+            if binding is not None:
+                # Parcels the bus delivered here and nobody settled are still pending
+                # in the broker, under this flow's worker id: they are delivered again
+                # (to whichever process claims them, or read back by this flow's next
+                # run). Kept here too, the same process would run them twice.
+                for floe in self._floes:
+                    unsettled: set[int] = {
+                        id(item) for item, origin in zip(
+                            floe.queue._queue, floe.queue._origins, strict=True)
+                        if type(origin) is Inbound and origin.handle is not None}
+                    if unsettled:
+                        def delivered(item: Any, ids: set[int] = unsettled) -> bool:
+                            return id(item) in ids
+                        floe.queue.remove_tagged_where(delivered)
             # What stays queued (taken up again after run(), or fetched) is counted
             # anew: the counts just cleared covered it, and a restarted flow whose
             # traces undercount it finishes a cancel before they drain.

@@ -7,6 +7,7 @@ Each test fails on the code before its fix (found by a review of the bus)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -267,3 +268,41 @@ async def test_a_reader_lets_go_of_an_entry_that_breaks_its_delivery_and_reads_o
 
 def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- a flow run again, a trace id used again -------------------------------------------------
+
+
+async def test_messages_queued_at_stop_run_once_after_run_again(
+        redis_url: str, namespace: str) -> None:
+    runs: collections.Counter[str] = collections.Counter()
+    first = asyncio.Event()
+
+    async def slow(m: Message, ctx: Any) -> Message:
+        runs[m.payload] += 1
+        first.set()
+        await asyncio.sleep(0.3)
+        return m
+    flow = create(Node(slow, name="slow", policy=NONE).to(), name="rerun")
+    bus = RedisMessageBus(redis_url, namespace=namespace, claim_idle_s=0.5, block_ms=100)
+    flow.run(message_bus=bus)
+    await asyncio.wait_for(bus.ready(), 10)
+    for n in range(6):
+        await flow.emit(msg(f"m{n}"))
+    await first.wait()
+    await eventually(lambda: bus.stats["delivered"] >= 2, "more delivered than the one running")
+    await flow.stop()
+    flow.run(message_bus=bus)
+    try:
+        await asyncio.wait_for(bus.ready(), 10)
+        got = {(await asyncio.wait_for(flow.fetch(), 15)).payload for _ in range(6)}
+        assert got == {f"m{n}" for n in range(6)}
+        # Past claim_idle_s: before, the claimer took the entries still queued here
+        # (no longer held by the bus) and this same process ran each twice.
+        await asyncio.sleep(2 * bus.claim_idle_s)  # waiting for a claim that must not come
+        assert bus.stats["claimed"] == 0
+        twice = {p: n for p, n in runs.items() if n > 1}
+        # Only the one running at stop() runs again (it was cut off).
+        assert len(twice) <= 1, twice
+    finally:
+        await flow.stop()

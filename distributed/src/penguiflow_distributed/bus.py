@@ -634,7 +634,11 @@ class RedisMessageBus:
         pool = self._redis.connection_pool
         conn: Any = None
         packed: Any = None
-        recover = False
+        # First, the entries Redis counts as handed to this consumer already: those
+        # an earlier run of this flow (same worker id) took and did not settle
+        # before it stopped (stop() drops them from the local queues). Read back at
+        # once, not claimed after claim_idle_s; none for a new worker id.
+        recover = True
         try:
             while not self._stopping:
                 if not self._reading:
