@@ -52,8 +52,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from ._graph import ROOKERY, Floe, owner_label
-from .errors import ConfigurationError, WireDecodingError, safe_repr, safe_str
+from ._graph import OPEN_SEA, ROOKERY, Floe, owner_label
+from .errors import (
+    ConfigurationError,
+    InvalidArgument,
+    WireDecodingError,
+    safe_repr,
+    safe_str,
+)
 from .state import TERMINAL_KINDS
 from .types import Message, StreamChunk
 from .wire import WireTypes, dumps_item, loads_item
@@ -268,6 +274,7 @@ class BusBinding:
         if trace_id is not None and not isinstance(trace_id, str):
             trace_id = str(trace_id)
         turn = _TURN.get()
+        self._refuse_cancelled(floe, trace_id, turn)
         if trace_id is None:
             # A plain value (a dict, a str) carries no trace id: the trace that made
             # it does (its origin, as in one process, or the parcel being handled),
@@ -301,6 +308,22 @@ class BusBinding:
                 item.payload, StreamChunk) else "message_emit"
             await rt.emit_event(kind, ctx, trace_id, extra=extra, invocation_id=inv)
 
+    def _refuse_cancelled(self, floe: Floe, trace_id: str | None, turn: _Turn | None) -> None:
+        """Refuse a new emit (from OpenSea, outside any node) of a trace id cancelled
+        before: every process remembers a cancelled trace id and drops its parcels,
+        so it would be dropped silently and its fetch() never return.
+
+        Raises:
+            InvalidArgument: (a ``ValueError``) ``trace_id`` was cancelled.
+        """
+        if (turn is None and trace_id is not None and floe.source is OPEN_SEA
+                and trace_id in self._cancelled):
+            raise InvalidArgument(
+                f"trace id {trace_id!r} was cancelled: over a message bus a cancelled "
+                f"trace id stays cancelled (every process drops its messages, including "
+                f"ones emitted after the cancel); emit the new run under a new trace id "
+                f"(e.g. {trace_id + ':2'!r})")
+
     def send_soon(self, floe: Floe, item: Any, origin: Any) -> None:
         """:meth:`send` in the background (``emit_nowait``), in order with the other
         sends of this task. ``item`` is encoded now, so an item with no JSON form
@@ -311,6 +334,9 @@ class BusBinding:
             WireEncodingError: (a ``TypeError``) ``item`` has no JSON form.
         """
         data = dumps_item(item, edge=floe.label)
+        trace_id = getattr(item, "trace_id", None)
+        self._refuse_cancelled(floe, trace_id if isinstance(trace_id, str) else None,
+                               _TURN.get())
         caller = asyncio.current_task()
         previous = self._soon_tail.get(caller) if caller is not None else None
         task = self._rt.spawn(self._send_after(previous, floe, item, origin, data))

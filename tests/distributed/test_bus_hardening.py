@@ -306,3 +306,23 @@ async def test_messages_queued_at_stop_run_once_after_run_again(
         assert len(twice) <= 1, twice
     finally:
         await flow.stop()
+
+
+async def test_emitting_a_cancelled_trace_id_again_is_refused_naming_the_fix(
+        redis_url: str, namespace: str) -> None:
+    bus = RedisMessageBus(redis_url, namespace=namespace, block_ms=100)
+    flow = echo()
+    flow.run(message_bus=bus)
+    try:
+        await asyncio.wait_for(bus.ready(), 10)
+        await flow.cancel("order-42")
+        # Before: sent, dropped by every process as cancelled, and fetch() hung.
+        with pytest.raises(InvalidArgument, match=r"trace id 'order-42' was cancelled.*"
+                                                  r"new trace id \(e.g. 'order-42:2'\)"):
+            await flow.emit(msg("retry", trace_id="order-42"))
+        with pytest.raises(InvalidArgument, match="was cancelled"):
+            flow.emit_nowait(msg("retry", trace_id="order-42"))
+        await flow.emit(msg("retry", trace_id="order-42:2"))
+        assert (await asyncio.wait_for(flow.fetch(), 10)).payload == "retry!"
+    finally:
+        await flow.stop()
