@@ -267,3 +267,26 @@ def test_pf_worker_exits_2_on_a_bus_url_redis_py_cannot_take() -> None:
         env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "Port could not be cast to integer" in done.stderr
+
+
+@pytest.mark.parametrize("bad", [
+    ["nosuchmod:x", "--bus", "redis://127.0.0.1:1/0"],
+    ["dist_flows:chain", "--bus", "redis://127.0.0.1:notaport/0"],
+])
+def test_a_usage_error_under_concurrency_is_said_once_and_exits_2(bad: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run(
+        [sys.executable, "-m", "penguiflow_distributed.worker", *bad, "--concurrency", "3"],
+        env=env, capture_output=True, text=True, timeout=60)
+    # Before: each child said it, and the supervisor exited 1.
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_the_supervisor_exits_with_the_worst_child_status() -> None:
+    from penguiflow_distributed.worker import _worst
+
+    assert _worst([0, 0]) == 0
+    assert _worst([2, 2]) == 2 and _worst([0, 2]) == 2  # Redis refused the bus
+    assert _worst([2, 1]) == 1 and _worst([0, -15]) == 1

@@ -19,7 +19,9 @@ worst status.
 
 Exit status: 0 after a drain, 2 for a usage error (bad MODULE:ATTR, bus URL, bus
 option, --log-level or node names) or a Redis that refuses the bus, 1 when a child
-worker failed.
+worker failed. With ``--concurrency N``, MODULE:ATTR and the bus URL are checked
+once, before any child starts; the status is then the worst child's (2 when every
+child that did not drain exited 2, else 1).
 """
 
 from __future__ import annotations
@@ -246,7 +248,32 @@ def _supervise(argv: Sequence[str], count: int) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return EXIT_OK if all(c == 0 for c in codes) else EXIT_FAILED
+    return _worst(codes)
+
+
+def _worst(codes: Sequence[int]) -> int:
+    """The status of a supervisor whose children exited with ``codes``: 0 when all
+    drained, 2 when the worst was a usage error (or Redis refusing the bus), else
+    1 (a child failed, or was killed by a signal)."""
+    if all(c == EXIT_OK for c in codes):
+        return EXIT_OK
+    if all(c in (EXIT_OK, EXIT_USAGE) for c in codes):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+def _prepared(ns: argparse.Namespace) -> tuple[RedisMessageBus, PenguiFlow,
+                                               ModelRegistry | None]:
+    """The bus and the flow ``ns`` names.
+
+    Raises:
+        UsageFailure, PenguiFlowError, ValueError: a usage error (exit status 2).
+    """
+    if not ns.bus:
+        raise UsageFailure("no bus: pass --bus redis://host:6379/0 or set PENGUIFLOW_BUS")
+    bus = RedisMessageBus.from_url(ns.bus)
+    flow, registry = load_flow(ns.target)
+    return bus, flow, registry
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "pf worker") -> int:
@@ -257,14 +284,18 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "pf worker") -> int:
         print(f"{prog}: error: --concurrency must be 1 or more", file=sys.stderr)
         return EXIT_USAGE
     if ns.concurrency > 1:
+        # A usage error is said once, here, before any child starts (each child
+        # would say it again, and the supervisor exited 1 for it).
+        try:
+            _prepared(ns)
+        except (UsageFailure, PenguiFlowError, ValueError) as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         return _supervise(argv, ns.concurrency)
     logging.basicConfig(level=ns.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        if not ns.bus:
-            raise UsageFailure("no bus: pass --bus redis://host:6379/0 or set PENGUIFLOW_BUS")
-        bus = RedisMessageBus.from_url(ns.bus)
-        flow, registry = load_flow(ns.target)
+        bus, flow, registry = _prepared(ns)
         nodes = None if ns.nodes is None else [n.strip() for n in ns.nodes.split(",")
                                                if n.strip()]
         store = _open_store(ns.store) if ns.store else None
