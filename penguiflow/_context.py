@@ -56,6 +56,10 @@ class ContextRuntime(Protocol):
         """Count, put and (later) publish ``item``; ``asyncio.QueueFull`` when full."""
         ...
 
+    def put_past_full(self, floe: Floe, item: Any, origin: Origin) -> None:
+        """:meth:`put_nowait`, past the floe's maxsize if it is full."""
+        ...
+
     def refuse_if_cancelled(self, trace_id: Any) -> None:
         """Raise ``TraceCancelled`` if ``trace_id`` is cancelled."""
         ...
@@ -329,6 +333,21 @@ class Context:
         origin = rt.origin_of(self)
         for floe in floes:
             rt.put_nowait(floe, msg, origin)
+
+    def loop_back(self, floe: Floe, msg: Any) -> None:
+        """Put ``msg`` (a controller's next step) on ``floe``, this node's floe to
+        itself, now, past its maxsize if it is full (see the runtime's controller
+        step). Checks the trace id as :meth:`emit` does."""
+        rt = self._rt
+        if rt is None:
+            self._unwired()
+        tid = msg.trace_id if type(msg) is Message else getattr(msg, "trace_id", None)
+        if tid is not None:
+            _check_trace_id(tid)
+        if rt is None:  # built by hand with a flow (see _unwired): its floe only
+            floe.queue.put_tagged_past_full(msg, None)
+            return
+        rt.put_past_full(floe, msg, rt.origin_of(self))
 
     async def emit_chunk(
         self,

@@ -162,6 +162,23 @@ class FloeQueue(asyncio.Queue[Any]):
                 getter.set_result(None)
                 break
 
+    def put_tagged_past_full(self, item: Any, origin: Origin) -> None:
+        """Put ``item`` with its origin now, past ``maxsize`` if the queue is full: for
+        a controller's loop back to itself, whose own worker is the only one that
+        makes room (waiting would wait for ever)."""
+        if self._is_shutdown:
+            raise asyncio.QueueShutDown  # type: ignore[attr-defined]  # 3.13+
+        self._put(_Tagged(item, origin))
+        if not self._unfinished_tasks:  # type: ignore[attr-defined]
+            self._finished.clear()  # type: ignore[attr-defined]
+        self._unfinished_tasks += 1  # type: ignore[attr-defined]
+        getters = self._getters
+        while getters:
+            getter = getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                break
+
     async def get(self) -> Any:
         """Remove and return an item, waiting while the queue is empty."""
         if self._queue:  # the hot path: no wait, no extra coroutine

@@ -393,9 +393,36 @@ class FlowRuntime:
             # before the loop goes on: nothing after the emit may fail, or a retry of
             # this attempt would start a second loop (and each hop double it).
             snapshot = _snapshot(looped)
-        await ctx.emit(looped, to=ctx.owner)
+        own = ctx._outgoing.get(ctx.owner)
+        if own is None:
+            try:
+                await ctx.emit(looped, to=ctx.owner)  # raises 2.1's KeyError
+            except KeyError as exc:
+                exc.add_note(
+                    f"Node {_label(ctx.owner)!r} returned a Message carrying a WM: a controller "
+                    "step, which loops back to the node itself. Create the node with "
+                    "allow_cycle=True and wire it to itself (node.to(node, ...)), or "
+                    "return a FinalAnswer to end the loop.")
+                raise
+        elif self.binding is None:
+            # Never waits for room: the node's own worker is the only one that takes
+            # from this floe, so waiting on a full one deadlocked every trace once
+            # more than queue_maxsize looped at once. The floe then holds at most
+            # one message per looping trace; new work waits on the node's other
+            # incoming floes, which stay bounded.
+            ctx.loop_back(own, looped)
+        else:  # over a bus: the broker's edge, which other processes may drain
+            await ctx.emit(looped, to=ctx.owner)
         if snapshot is not None:
             await self.deliver_rookery(ctx, snapshot, origin)
+
+    def put_past_full(self, floe: Floe, item: Any, origin: Origin) -> None:
+        """:meth:`put_nowait`, past the floe's maxsize if it is full (a controller's
+        loop back to itself; see :meth:`_controller_step`). Not for a bound bus."""
+        floe.queue.put_tagged_past_full(item, origin)
+        self.count(item)
+        if self.message_bus is not None:
+            self.spawn(self._publish(floe, item))
 
     def forget_trace(self, trace_id: Any) -> None:
         """Drop the per-trace state nodes hold for ``trace_id`` (join_k's incomplete

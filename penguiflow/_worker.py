@@ -455,12 +455,15 @@ class NodeWorker:
                           "timeout_s": policy.timeout_s},
             )
         else:
+            metadata = {"attempt": attempt, "latency_ms": latency_ms, "exception_repr": shown}
+            notes = getattr(error, "__notes__", None)
+            if notes:  # what the raiser added (PEP 678): the runtime's hints among them
+                metadata["hint"] = safe_str(" ".join(map(safe_str, notes)), cap)
             flow_error = FlowError.from_exception(
                 trace_id=trace_id, node_name=name, node_id=node.node_id, exc=error,
                 code=FlowErrorCode.NODE_EXCEPTION,
                 message=f"Node '{name}' raised {type(error).__name__}: {safe_str(error, cap)}",
-                metadata={"attempt": attempt, "latency_ms": latency_ms,
-                          "exception_repr": shown},
+                metadata=metadata,
             )
         extra = {"exception": shown, "flow_error": flow_error.to_payload()}
         if trace_text is not None:

@@ -317,3 +317,30 @@ async def test_wm_without_self_edge_is_a_node_error(start: Any, recorder: Record
     (error,) = recorder.of("node_error", trace_id=m.trace_id)
     assert "KeyError" in error.extra["exception"]
     assert len(calls) == 1
+    # 2.1's KeyError and message, with the fix said beside them.
+    assert str(err.unwrap()) == "'Unknown target controller for controller'"
+    assert "allow_cycle=True" in err.metadata["hint"]
+    assert "node.to(node" in err.metadata["hint"]
+
+
+async def test_more_traces_looping_at_once_than_the_queue_holds_all_finish(
+        start: Any) -> None:
+    # The loop back to itself waited for room on the node's own floe, which only
+    # its own worker drains: past queue_maxsize looping traces, every one hung.
+    async def three_hops(message: Message, calls: list[Message]) -> Message:
+        await asyncio.sleep(0)  # a step that awaits something (a model call)
+        if message.payload.hops >= 3:
+            return message.model_copy(update={"payload": FinalAnswer(text="done")})
+        return message
+
+    _node, adj, calls = controller(three_hops)
+    flow = start(create(adj, queue_maxsize=4))
+    sent = [msg(WM(query=str(i))) for i in range(12)]
+
+    async def fetch_all() -> list[Any]:
+        return [await flow.fetch() for _ in sent]
+
+    *_, answers = await within(asyncio.gather(*map(flow.emit, sent), fetch_all()))
+    assert sorted(a.trace_id for a in answers) == sorted(m.trace_id for m in sent)
+    assert all(a.payload == FinalAnswer(text="done") for a in answers)
+    assert len(calls) == 12 * 4  # hops 0..3 each
