@@ -735,7 +735,14 @@ class PenguiFlow:
         return trace_id, item
 
     async def fetch_any(self, from_: Targets = None) -> Any:
-        """Like :meth:`fetch` but always races the egress floes."""
+        """Like :meth:`fetch` but always races the egress floes.
+
+        Raises:
+            FlowNotRunning: as :meth:`fetch` (a stopped flow waited for ever here).
+        """
+        rt = self._rt
+        if rt.stopped and not rt.running:
+            return await self.fetch(from_)  # what is left, else FlowNotRunning
         item = await self._contexts[ROOKERY].fetch_any(from_)
         await self._consumed(item)
         return item

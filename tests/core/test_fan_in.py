@@ -146,6 +146,21 @@ async def test_after_stop_leftovers_can_be_fetched_then_fetch_fails_fast(
         await flow.fetch()
 
 
+async def test_fetch_any_after_stop_takes_what_is_left_then_fails_fast(
+    recorder: Any,
+) -> None:
+    # fetch_any skipped fetch's stopped check: on a stopped flow it waited for ever.
+    flow, a, b = two_egress_flow(middlewares=[recorder])
+    flow.run()
+    await flow.emit(msg("left"), to=b)
+    await recorder.wait_for("node_success")
+    await flow.stop()
+    assert (await within(flow.fetch_any())).payload == "left"
+    for from_ in (None, [a, b]):
+        with pytest.raises(RuntimeError, match="stopped and Rookery is empty"):
+            await within(flow.fetch_any(from_))
+
+
 async def test_emit_after_stop_is_refused_and_run_again_accepts() -> None:
     a = node("a")
     flow = create(a.to())
