@@ -68,8 +68,8 @@ class ContextRuntime(Protocol):
         """Wait until ``trace_id`` may have one more chunk outstanding (spec §9)."""
         ...
 
-    def own_stream_opened(self, ctx: Context, trace_id: Any) -> None:
-        """``ctx`` opened ``trace_id``'s own stream (the default stream id)."""
+    def stream_used(self, ctx: Context, stream_id: Any, trace_id: Any) -> None:
+        """``trace_id`` chunked on ``ctx``'s stream ``stream_id`` (opened or joined it)."""
         ...
 
 
@@ -396,14 +396,16 @@ class Context:
                 users = self._open_streams.get(sid)
                 if users is None:
                     self._open_streams[sid] = {parent.trace_id}
-                    if rt is not None and sid == parent.trace_id:
-                        rt.own_stream_opened(self, sid)
+                    if rt is not None:
+                        rt.stream_used(self, sid, parent.trace_id)
                 elif parent.trace_id not in users:
                     if len(users) >= _STREAM_USERS_PRUNE and rt is not None:
                         # A long-lived stream id many traces share ("status"): keep
                         # the traces still in flight only, or the set grows for ever.
                         users.intersection_update(rt.traces)
                     users.add(parent.trace_id)
+                    if rt is not None:
+                        rt.stream_used(self, sid, parent.trace_id)
         try:
             chunk = StreamChunk(stream_id=sid, seq=seq, text=text, done=done,
                                 meta=dict(meta) if meta else {})

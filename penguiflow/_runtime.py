@@ -94,7 +94,7 @@ class FlowRuntime:
         "running",
         "stopped",
         "stopping",
-        "stream_contexts",
+        "trace_streams",
         "trace_tasks",
         "traces",
     )
@@ -143,11 +143,12 @@ class FlowRuntime:
         self.drained: set[Any] = set()
         #: The nodes' contexts (set with the graph; see forget_trace).
         self.node_contexts: list[Context] = []
-        #: Node contexts with a trace's own stream (default stream id) open, and the
-        #: streams whose trace drained without a done chunk, oldest first: their
-        #: numbers are kept (2.1: a stream numbers on until done, and the trace id
-        #: may come again, a conversation's next message), up to IDLE_STREAMS_MAX.
-        self.stream_contexts: set[Context] = set()
+        #: Per trace in flight, the node streams it chunked on (``(context, stream
+        #: id)``), and the streams whose traces drained without a done chunk, oldest
+        #: first: their numbers are kept (2.1: a stream numbers on until done, and
+        #: the trace id may come again, a conversation's next message), up to
+        #: IDLE_STREAMS_MAX.
+        self.trace_streams: dict[Any, set[tuple[Context, Any]]] = {}
         self.idle_streams: OrderedDict[tuple[Context, Any], None] = OrderedDict()
         #: Background bus publishes (``emit_nowait`` paths) and cancel finishes.
         self.bus_tasks: set[asyncio.Task[None]] = set()
@@ -241,40 +242,50 @@ class FlowRuntime:
             return False
         del self.traces[trace_id]
         state.wake_chunk_waiters()
-        if self.stream_contexts:
-            self._end_own_streams(trace_id, state.cancelled)
+        if self.trace_streams:
+            self._end_streams(trace_id, state.cancelled)
         if self.events.tracer is not None and not state.cancelled:
             # A cancelled trace ends its root span after trace_cancel_finish.
             self.trace_drained(trace_id)
         return state.cancelled
 
-    def own_stream_opened(self, ctx: Context, trace_id: Any) -> None:
-        """``ctx`` opened ``trace_id``'s own stream (the default stream id): it goes
-        idle when the trace drains without a done chunk (see :meth:`release`)."""
-        self.stream_contexts.add(ctx)
+    def stream_used(self, ctx: Context, stream_id: Any, trace_id: Any) -> None:
+        """``trace_id`` chunked on ``ctx``'s stream ``stream_id`` (opened it, or joined
+        it): the stream goes idle when its last trace drains without a done chunk
+        (see :meth:`release`)."""
+        streams = self.trace_streams.get(trace_id)
+        if streams is None:
+            self.trace_streams[trace_id] = {(ctx, stream_id)}
+        else:
+            streams.add((ctx, stream_id))
         if self.idle_streams:
-            self.idle_streams.pop((ctx, trace_id), None)
+            self.idle_streams.pop((ctx, stream_id), None)
 
-    def _end_own_streams(self, trace_id: Any, cancelled: bool) -> None:
-        """``trace_id`` drained: its own stream (the default stream id) goes idle at
-        every node. Its number is kept, so the trace id's next message numbers on
-        (2.1), but only for the last :data:`IDLE_STREAMS_MAX` idle streams: without
-        a done chunk, a server kept one entry per request for ever. A cancelled
-        trace's stream is over (see ``Context.forget_streams``): forgotten."""
+    def _end_streams(self, trace_id: Any, cancelled: bool) -> None:
+        """``trace_id`` drained: each node stream it chunked on that no trace in
+        flight still uses goes idle. Its number is kept, so the next message of a
+        trace using it numbers on (2.1), but only for the last
+        :data:`IDLE_STREAMS_MAX` idle streams: without a done chunk, a server kept
+        one entry per request for ever (a per-request stream id as well as the
+        default, the trace id). A cancelled trace's streams are over (see
+        ``Context.forget_streams``): forgotten."""
+        used = self.trace_streams.pop(trace_id, None)
+        if not used:
+            return
         idle = self.idle_streams
-        for ctx in list(self.stream_contexts):
+        live = self.traces.keys()
+        for ctx, sid in used:
             streams = ctx._open_streams
-            users = streams.get(trace_id)
-            if users is not None:
-                users.discard(trace_id)
-                if not (users & self.traces.keys()):
-                    del streams[trace_id]
-                    if cancelled:
-                        ctx._stream_seq.pop(trace_id, None)
-                    else:
-                        idle[(ctx, trace_id)] = None
-            if not streams:
-                self.stream_contexts.discard(ctx)
+            users = streams.get(sid)
+            if users is None:  # done, or forgotten, since
+                continue
+            users.discard(trace_id)
+            if not (users & live):
+                del streams[sid]
+                if cancelled:
+                    ctx._stream_seq.pop(sid, None)
+                else:
+                    idle[(ctx, sid)] = None
         while len(idle) > IDLE_STREAMS_MAX:
             (ctx, sid), _ = idle.popitem(last=False)
             if sid not in ctx._open_streams:  # (reopened since: not idle after all)

@@ -514,7 +514,7 @@ class PenguiFlow:
             for ctx in self._contexts.values():
                 ctx._stream_seq.clear()
                 ctx._open_streams.clear()
-            rt.stream_contexts.clear()
+            rt.trace_streams.clear()
             rt.idle_streams.clear()
             if binding is not None:
                 # Parcels the bus delivered here and nobody settled are still pending

@@ -106,12 +106,38 @@ async def test_streams_left_without_done_are_kept_for_the_last_requests_only(
         ctx = flow.context(node)
         assert flow._rt.traces == {} and ctx._open_streams == {}
         assert len(ctx._stream_seq) == 10 and len(flow._rt.idle_streams) == 10
-        assert flow._rt.stream_contexts == set()
+        assert flow._rt.trace_streams == {}
         await flow.emit(conversation)  # long forgotten: a new stream
         assert [c.seq for c in await _chunks(flow, 3)] == [0, 1, 2]
     finally:
         await within(flow.stop())
     assert flow._rt.idle_streams == {} and ctx._stream_seq == {}
+
+
+async def test_per_request_stream_ids_left_without_done_are_bounded_too(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bound held only for the default stream id (the trace id): a node
+    # streaming under f"{trace}-answer" without done kept an entry per request in
+    # both its numbers and its open streams, for ever.
+    monkeypatch.setattr(runtime_module, "IDLE_STREAMS_MAX", 10)
+
+    async def streamer(m: Message, ctx: Any) -> None:
+        for n in range(2):
+            await ctx.emit_chunk(parent=m, text=f"t{n}", stream_id=f"{m.trace_id}-answer")
+
+    node = Node(streamer, name="streamer", policy=NONE)
+    flow = create(node.to())
+    flow.run()
+    try:
+        for _ in range(40):
+            await flow.emit(msg("x"))
+            assert [c.seq for c in await _chunks(flow, 2)] == [0, 1]
+        ctx = flow.context(node)
+        assert flow._rt.traces == {} and ctx._open_streams == {}
+        assert len(ctx._stream_seq) == 10 and len(flow._rt.idle_streams) == 10
+        assert flow._rt.trace_streams == {}
+    finally:
+        await within(flow.stop())
 
 
 async def test_a_shared_explicit_stream_id_keeps_numbering_across_traces() -> None:
