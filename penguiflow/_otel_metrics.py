@@ -85,6 +85,14 @@ class FlowMetrics:
         self._ttfc = meter.create_histogram(
             sc.M_TIME_TO_FIRST_CHUNK, unit="s", description="Time to the first stream chunk")
         self._flows: Iterable[ObservedFlow] = ()
+        #: Observer failures of flows no longer live (their last counts), and each
+        #: live flow's last counts: the cumulative counter never goes back when a
+        #: flow is garbage-collected.
+        self._failures_gone: dict[str, int] = {}
+        self._failures_seen: dict[str, dict[str, int]] = {}
+        #: Node spans (by span id) whose remote CLIENT span recorded the time to first
+        #: chunk: the same chunk is not measured again from the node span.
+        self._ttfc_nodes: set[int] = set()
         meter.create_observable_gauge(
             sc.M_QUEUE_DEPTH, callbacks=[self._observe_queues], unit="{item}",
             description="Items waiting on each edge")
@@ -124,8 +132,13 @@ class FlowMetrics:
             ttfc = attrs.get(sc.GEN_AI_TIME_TO_FIRST_CHUNK)
             if isinstance(ttfc, float):
                 self._ttfc.record(ttfc, labels)
+                if span.parent_span_id is not None:
+                    nodes = self._ttfc_nodes
+                    if len(nodes) >= _TTFC_NODES_MAX:  # node spans that never ended here
+                        nodes.clear()
+                    nodes.add(span.parent_span_id)
             return
-        if span.parent_span_id is None:  # the root span of a trace
+        if span.root:  # a trace's root span (under a caller's span too)
             requested = acknowledged = None
             for event in span.events:
                 if event.name == sc.EV_CANCEL_REQUESTED and requested is None:
@@ -145,7 +158,12 @@ class FlowMetrics:
             self._node_duration.record(_seconds(span), labels)
         ttfc = attrs.get(sc.GEN_AI_TIME_TO_FIRST_CHUNK)
         if isinstance(ttfc, float):
-            self._ttfc.record(ttfc, labels)
+            # A RemoteNode re-emits its call's chunks: measured once, by the call.
+            nodes = self._ttfc_nodes
+            if span.span_id in nodes:
+                nodes.discard(span.span_id)
+            else:
+                self._ttfc.record(ttfc, labels)
         retries = sum(1 for event in span.events if event.name == sc.EV_RETRY)
         if retries:
             self._retries.add(retries, labels)
@@ -155,26 +173,53 @@ class FlowMetrics:
     def _observe_queues(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
 
-        out: list[Observation] = []
+        # Summed per attribute set: flows sharing a name (and edge labels) would
+        # otherwise report several values for one series, of which one is kept.
+        depths: dict[tuple[str, str], int] = {}
         for flow in list(self._flows):
+            name = flow.name
             for floe in flow.floes:
-                edge = f"{owner_label(floe.source)}->{owner_label(floe.target)}"
-                out.append(Observation(floe.queue.qsize(), {
-                    sc.PF_EDGE: edge, sc.GEN_AI_WORKFLOW_NAME: flow.name}))
-        return out
+                key = (f"{owner_label(floe.source)}->{owner_label(floe.target)}", name)
+                depths[key] = depths.get(key, 0) + floe.queue.qsize()
+        return [Observation(depth, {sc.PF_EDGE: edge, sc.GEN_AI_WORKFLOW_NAME: name})
+                for (edge, name), depth in depths.items()]
 
     def _observe_traces(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
 
-        return [Observation(len(flow._traces), {sc.GEN_AI_WORKFLOW_NAME: flow.name})
-                for flow in list(self._flows)]
+        counts: dict[str, int] = {}
+        for flow in list(self._flows):
+            counts[flow.name] = counts.get(flow.name, 0) + len(flow._traces)
+        return [Observation(count, {sc.GEN_AI_WORKFLOW_NAME: name})
+                for name, count in counts.items()]
+
+    def note_failures(self, flow: ObservedFlow) -> None:
+        """Remember ``flow``'s observer failures so far (it stops: it may be gone
+        by the next collection)."""
+        seen = self._failures_seen.setdefault(flow.flow_id, {})
+        for kind, count in flow.observer_failures.items():
+            if count > seen.get(kind, 0):
+                seen[kind] = count
 
     def _observe_failures(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
 
-        totals: dict[str, int] = {}
+        # A running total: what flows no longer live counted stays counted.
+        live: set[str] = set()
         for flow in list(self._flows):
-            for kind, count in flow.observer_failures.items():
+            live.add(flow.flow_id)
+            self.note_failures(flow)
+        gone = self._failures_gone
+        for flow_id in [f for f in self._failures_seen if f not in live]:
+            for kind, count in self._failures_seen.pop(flow_id).items():
+                gone[kind] = gone.get(kind, 0) + count
+        totals = dict(gone)
+        for seen in self._failures_seen.values():
+            for kind, count in seen.items():
                 totals[kind] = totals.get(kind, 0) + count
         return [Observation(count, {sc.PF_OBSERVER_FAILURE: kind})
                 for kind, count in totals.items()]
+
+
+#: Node spans remembered as measured by their CLIENT span, at most (see FlowMetrics).
+_TTFC_NODES_MAX = 4096

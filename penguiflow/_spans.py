@@ -167,7 +167,7 @@ class _TraceSpans:
         self.root = SpanData(
             name=sc.workflow_span_name(flow_name), trace_id=self.otel_id,
             span_id=int(root_span_id(trace_id), 16), parent_span_id=None, kind="internal",
-            start_ns=_ns(start_ts), end_ns=_ns(start_ts), attributes=attributes)
+            start_ns=_ns(start_ts), end_ns=_ns(start_ts), attributes=attributes, root=True)
         #: Open node spans by invocation id; ``names`` remembers every node seen.
         self.nodes: dict[str, SpanData] = {}
         #: The open remote CLIENT span of each invocation making a call.

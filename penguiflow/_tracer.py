@@ -259,6 +259,13 @@ class LiveTracer:
         for trace_id in self.model.open_traces():
             self.model.end_trace(trace_id, flow.flow_id,
                                  stopped=trace_id in flow._traces, end_ns=now)
+        metrics = self._metrics
+        if metrics is not None:
+            try:
+                metrics.note_failures(flow)
+            except Exception as exc:
+                self.failures += 1
+                logger.warning("otel_metrics_failed", exc_info=True, extra={"error": repr(exc)})
         # A flow run again attaches again; one never run again is forgotten.
         self._flow_metrics.pop(flow.flow_id, None)
         return self.failures - before

@@ -58,6 +58,9 @@ class SpanData:
     links: list[SpanLinkData] = field(default_factory=list)
     status: Literal["unset", "ok", "error"] = "unset"
     status_description: str | None = None
+    #: The trace's root span (``invoke_workflow``), even when it has a parent: a
+    #: trace continuing a caller's (``PenguiFlow.adopt_trace_parent``).
+    root: bool = False
 
     @property
     def trace_id_hex(self) -> str:

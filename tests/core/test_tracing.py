@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -1017,16 +1018,14 @@ async def test_remote_metrics_record_latency_bytes_and_time_to_first_chunk(
     assert dict(sent.attributes) == dict(received.attributes) == labels
     assert sent.value == start.payload["remote_request_bytes"] > 0
     assert received.value == success.payload["remote_response_bytes"] > 0
-    # Time to first chunk: the remote call's and the node's (it re-emits the chunks).
-    ttfc = {p.attributes.get("a2a.method.name", "node"): p
-            for p in points["pf.stream.time_to_first_chunk"]}
-    assert set(ttfc) == {"message/stream", "node"}
-    assert ttfc["message/stream"].count == ttfc["node"].count == 1
-    assert ttfc["message/stream"].sum == pytest.approx(
-        client.attributes["gen_ai.response.time_to_first_chunk"])
-    assert ttfc["node"].sum == pytest.approx(
-        node_span.attributes["gen_ai.response.time_to_first_chunk"])
-    assert dict(ttfc["node"].attributes) == {"gen_ai.agent.name": "remote"}
+    # Time to first chunk: one stream, one sample, the call's. The RemoteNode
+    # re-emits the chunks (its span says so) but the same first chunk was
+    # measured twice before, once without the call's labels.
+    (ttfc,) = points["pf.stream.time_to_first_chunk"]
+    assert dict(ttfc.attributes) == labels
+    assert ttfc.count == 1
+    assert ttfc.sum == pytest.approx(client.attributes["gen_ai.response.time_to_first_chunk"])
+    assert node_span.attributes["gen_ai.response.time_to_first_chunk"] >= 0
 
 
 async def test_a_failed_remote_call_is_measured_with_outcome_error(
@@ -1328,3 +1327,159 @@ async def test_a_stored_agent_url_that_is_no_url_keeps_the_client_span(
     got = {k: v for k, v in span.attributes.items() if k.startswith("server.")}
     assert got == server
     assert span.end_ns is not None
+
+
+async def test_a_served_request_under_a_callers_span_is_measured_as_a_trace_not_a_node(
+        provider: TracerProvider, reader: Any) -> None:
+    # The root under the caller's span (adopt_trace_parent, as the A2A server does)
+    # was taken for a node span: pf.node.duration{agent="?"} for every request, and a
+    # cancelled one counted a node error "?" and no pf.cancel.latency.
+    entered = asyncio.Event()
+
+    async def maybe_slow(message: Message, ctx: Any) -> Message:
+        if message.payload == "slow":
+            entered.set()
+            await asyncio.Event().wait()
+        return message
+
+    flow = create(_node(maybe_slow, "a").to(), name="served", tracer_provider=provider,
+                  meter_provider=_meters(reader))
+    done, cancelled = msg("fast"), msg("slow")
+    flow.run()
+    try:
+        for m in (done, cancelled):
+            await flow.adopt_trace_parent(m.trace_id, parent_span_id="00f067aa0ba902b7")
+            await flow.emit(m)
+        await within(flow.fetch())
+        await within(entered.wait())
+        assert await within(flow.cancel(cancelled.trace_id)) is True
+    finally:
+        await flow.stop()
+
+    points = _metric_points(reader)
+    agents = sorted(p.attributes["gen_ai.agent.name"] for p in points["pf.node.duration"])
+    assert agents == ["a", "a"]
+    (error,) = points["pf.node.errors"]
+    assert dict(error.attributes) == {"gen_ai.agent.name": "a", "error.type": "cancelled"}
+    (latency,) = points["pf.cancel.latency"]
+    assert dict(latency.attributes) == {"gen_ai.workflow.name": "served"}
+    assert latency.count == 1
+
+
+async def test_gauges_add_up_the_flows_that_share_a_name(
+        provider: TracerProvider, reader: Any) -> None:
+    # Two replicas of one flow: each reported one observation with the same
+    # attributes and the SDK kept one: 4 traces in flight read as 1 or 3.
+    gate = asyncio.Event()
+    entered: list[int] = []
+    all_in = asyncio.Event()
+
+    async def slow(message: Message, ctx: Any) -> Message:
+        entered.append(1)
+        if len(entered) == 2:
+            all_in.set()
+        await gate.wait()
+        return message
+
+    meters = _meters(reader)
+    flows = [create(_node(slow, "a").to(), name="checkout", tracer_provider=provider,
+                    meter_provider=meters, queue_maxsize=8) for _ in range(2)]
+    for flow in flows:
+        flow.run()
+    try:
+        for _ in range(3):
+            await flows[0].emit(msg("x"))
+        await flows[1].emit(msg("y"))
+        await within(all_in.wait())  # each flow's node holds one, the rest queued
+        points = _metric_points(reader)
+        in_flight = sum(len(flow._traces) for flow in flows)
+        queued = sum(floe.queue.qsize() for flow in flows for floe in flow.floes)
+        gate.set()
+        for flow in flows:
+            for _ in range(len(flow._traces)):
+                await within(flow.fetch())
+    finally:
+        gate.set()
+        for flow in flows:
+            await flow.stop()
+    assert in_flight == 4 and queued == 2
+    (traces,) = points["pf.traces.in_flight"]
+    assert dict(traces.attributes) == {"gen_ai.workflow.name": "checkout"}
+    assert traces.value == 4
+    depth = {p.attributes["pf.edge"]: p.value for p in points["pf.queue.depth"]}
+    assert sum(depth.values()) == 2
+    assert len(points["pf.queue.depth"]) == len(depth)  # one point per edge
+
+
+async def test_the_observer_failures_counter_keeps_a_collected_flows_failures(
+        provider: TracerProvider, reader: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # The cumulative counter was re-summed over the live flows: a flow garbage-
+    # collected took its failures with it (3 -> 0), which a backend reads as a reset.
+    import gc
+    import weakref
+
+    # The failures' log records (their tracebacks) would keep the flow alive.
+    caplog.set_level(logging.CRITICAL, logger="penguiflow")
+
+    async def broken(event: Any) -> None:
+        raise RuntimeError("middleware bug")
+
+    def total() -> int:
+        return sum(p.value for p in _metric_points(reader).get("pf.observer.failures", []))
+
+    meters = _meters(reader)
+    flow = create(_node(_noop, "a").to(), tracer_provider=provider, meter_provider=meters,
+                  middlewares=[broken])
+    await _run_one(flow, msg("x"))
+    failed = sum(flow.observer_failures.values())
+    assert failed > 0
+    assert total() == failed
+    gone = weakref.ref(flow)
+    del flow
+    gc.collect()
+    assert gone() is None
+    other = create(_node(_noop, "b").to(), tracer_provider=provider, meter_provider=meters)
+    await _run_one(other, msg("y"))
+    assert total() == failed  # and stays so
+    assert total() == failed
+
+
+async def test_a_flow_stopped_and_dropped_between_collections_keeps_its_failures(
+        provider: TracerProvider, reader: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import gc
+    import weakref
+
+    # The failures' log records (their tracebacks) would keep the flow alive.
+    caplog.set_level(logging.CRITICAL, logger="penguiflow")
+
+    async def broken(event: Any) -> None:
+        raise RuntimeError("middleware bug")
+
+    flow = create(_node(_noop, "a").to(), tracer_provider=provider,
+                  meter_provider=_meters(reader), middlewares=[broken])
+    await _run_one(flow, msg("x"))  # never collected while it lived
+    failed = sum(flow.observer_failures.values())
+    gone = weakref.ref(flow)
+    del flow
+    gc.collect()
+    assert gone() is None
+    assert sum(p.value for p in _metric_points(reader)["pf.observer.failures"]) == failed
+
+
+async def test_a_streaming_node_without_a_remote_call_measures_its_first_chunk(
+        provider: TracerProvider, reader: Any) -> None:
+    async def talk(message: Message, ctx: Any) -> Message:
+        await ctx.emit_chunk(parent=message, text="a")
+        return message
+
+    flow = create(_node(talk, "talk").to(), tracer_provider=provider,
+                  meter_provider=_meters(reader))
+    flow.run()
+    try:
+        await flow.emit(msg("x"))
+        while not isinstance((await within(flow.fetch())).payload, str):
+            pass
+    finally:
+        await flow.stop()
+    (ttfc,) = _metric_points(reader)["pf.stream.time_to_first_chunk"]
+    assert dict(ttfc.attributes) == {"gen_ai.agent.name": "talk"} and ttfc.count == 1
