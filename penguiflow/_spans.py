@@ -677,11 +677,12 @@ class SpanModel:
                           node_id: str | None, inv: str | None, parents: tuple[str, ...],
                           attempt: int, latency_ms: float | None,
                           extra: Mapping[str, Any]) -> None:
-        reason = str(extra.get("remote_cancel_reason") or "trace_cancel")
+        # The task id is the peer's and the reason may quote it: bounded, UTF-8.
+        reason = peer_text(extra.get("remote_cancel_reason") or "trace_cancel")
         attributes: dict[str, Any] = {sc.PF_CANCEL_REASON: reason}
         task_id = extra.get("remote_task_id")
         if task_id is not None:
-            attributes[sc.A2A_TASK_ID] = str(task_id)
+            attributes[sc.A2A_TASK_ID] = peer_text(task_id)
         if latency_ms is not None:
             attributes[sc.PF_CANCEL_ROUND_TRIP_MS] = float(latency_ms)
         if reason != "local_cancel":  # a call cut short locally: the trace lives on
@@ -700,8 +701,9 @@ class SpanModel:
                              node_id: str | None, inv: str | None, parents: tuple[str, ...],
                              attempt: int, latency_ms: float | None,
                              extra: Mapping[str, Any]) -> None:
+        reason = peer_text(extra.get("remote_cancel_reason"))
         attributes: dict[str, Any] = {
-            sc.PF_CANCEL_REASON: str(extra.get("remote_cancel_reason")),
+            sc.PF_CANCEL_REASON: reason,
             "exception.message": safe_str(extra.get("remote_error"))}
         spans.root.events.append(SpanEventData(sc.EV_CANCEL_PROPAGATION_FAILED, ns, attributes))
         span = self._end_remote(spans, inv, ns, extra)
@@ -711,8 +713,7 @@ class SpanModel:
         span.events.append(SpanEventData(sc.EV_CANCEL_PROPAGATION_FAILED, ns, dict(attributes)))
         span.attributes[sc.ERROR_TYPE] = sc.ERROR_CANCELLED
         span.status = "error"
-        span.status_description = (f"cancelled ({extra.get('remote_cancel_reason')}); "
-                                   "the remote cancel failed")
+        span.status_description = f"cancelled ({reason}); the remote cancel failed"
         self._on_end(span)
 
     def _trace_parent(self, spans: _TraceSpans, ns: int, node_name: str | None,

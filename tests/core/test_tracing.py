@@ -1483,3 +1483,52 @@ async def test_a_streaming_node_without_a_remote_call_measures_its_first_chunk(
         await flow.stop()
     (ttfc,) = _metric_points(reader)["pf.stream.time_to_first_chunk"]
     assert dict(ttfc.attributes) == {"gen_ai.agent.name": "talk"} and ttfc.count == 1
+
+
+async def test_a_peers_huge_task_id_is_bounded_on_the_cancel_events_too(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    # _remote_ids bounded the task id on the CLIENT span, the cancel path copied it
+    # as it came: 2 MB in pf.cancel.propagated, on the root and the CLIENT span.
+    from penguiflow.errors import PEER_TEXT_LIMIT
+    from penguiflow.remote import RemoteStreamEvent
+
+    huge = "t" * 2_000_000
+
+    class Hostile:
+        def __init__(self) -> None:
+            self.streaming, self.cancelled = asyncio.Event(), asyncio.Event()
+
+        async def send(self, request: Any) -> Any:
+            raise NotImplementedError
+
+        async def stream(self, request: Any) -> Any:
+            yield RemoteStreamEvent(text="a", context_id="ctx", task_id=huge)
+            self.streaming.set()  # the node took the event: the task id is known
+            await asyncio.Event().wait()
+
+        async def cancel(self, *, agent_url: str, task_id: str) -> None:
+            self.cancelled.set()
+
+    transport = Hostile()
+    remote = RemoteNode(transport=transport, skill="s", agent_url=URL, name="remote",
+                        streaming=True, policy=NodePolicy(validate="none"))
+    flow = create(remote.to(), tracer_provider=provider)
+    m = msg("x")
+    flow.run()
+    try:
+        await flow.emit(m)
+        await within(transport.streaming.wait())
+        assert await within(flow.cancel(m.trace_id)) is True
+        await within(transport.cancelled.wait())
+    finally:
+        await flow.stop()
+
+    spans = _by_name(exporter.get_finished_spans())
+    propagated = [e for name in ("invoke_agent s", "invoke_workflow penguiflow")
+                  for e in spans[name].events if e.name == "pf.cancel.propagated"]
+    assert len(propagated) == 2
+    for event in propagated:
+        task_id = event.attributes["a2a.task.id"]
+        assert isinstance(task_id, str) and task_id.startswith("tttt")
+        assert len(task_id) <= PEER_TEXT_LIMIT + 64
+        assert all(len(str(v)) <= PEER_TEXT_LIMIT + 64 for v in event.attributes.values())
