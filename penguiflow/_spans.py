@@ -19,6 +19,10 @@ derived from the invocation id and the call's index within it. A node span's
 parent is its single upstream invocation, else the root; an invocation that
 consumed several upstream outputs (a join) gets one link per upstream.
 
+A ``trace_parent`` event (``PenguiFlow.adopt_trace_parent``) of a trace not
+started yet is kept aside (bounded) and applied by the trace's first other
+event: a trace only adopted opens nothing.
+
 A span is handed to ``on_end`` when it ends; the root span ends when
 :meth:`SpanModel.end_trace` is called (the live tracer: when the trace drains
 or the flow stops; the exporter: after the last stored event).
@@ -193,13 +197,14 @@ class SpanModel:
 
     Args:
         on_end: called with each span as it ends (root spans included).
-        on_parent: called as ``on_parent(otel_trace_id, parent_span_id, sampled)``
+        on_parent: called as ``on_parent(root_span, parent_span_id, sampled)``
             when a trace adopts a caller's span as its root's parent (a
-            ``trace_parent`` event), before any span of it ends.
+            ``trace_parent`` event, applied when the trace's first other event
+            comes), before any span of it ends.
     """
 
     def __init__(self, on_end: Callable[[SpanData], None],
-                 on_parent: Callable[[int, int, bool], None] | None = None) -> None:
+                 on_parent: Callable[[SpanData, int, bool], None] | None = None) -> None:
         self._on_end = on_end
         self._on_parent = on_parent
         self._traces: dict[str, _TraceSpans] = {}
@@ -207,6 +212,19 @@ class SpanModel:
         #: run() again continues them under the same (derived) root id, which must
         #: not be exported a second time. Oldest forgotten first.
         self._stopped_roots: dict[str, None] = {}
+        #: Open traces by OTel trace id (the tracer's sampler reads their roots).
+        self._by_otel: dict[int, _TraceSpans] = {}
+        #: ``trace_parent`` events of traces not started yet (PenguiFlow.adopt_trace_parent
+        #: comes before the emit): applied by the trace's first other event, so a
+        #: trace only adopted (its emit refused, the client gone) opens nothing.
+        #: Oldest forgotten first.
+        self._pending_parents: dict[str, tuple[float, Mapping[str, Any]]] = {}
+        #: The trace (its id) and node name of each recent invocation, two
+        #: generations of at most _INVS_MAX each: a node answering with a new trace
+        #: id hands its output to an invocation in another trace (ended by then,
+        #: often), whose span must not name a parent there.
+        self._invs: dict[str, tuple[str, str | None]] = {}
+        self._invs_old: dict[str, tuple[str, str | None]] = {}
 
     def open_traces(self) -> list[str]:
         """Trace ids with a root span not yet ended."""
@@ -223,6 +241,18 @@ class SpanModel:
             if span is not None:
                 return span
         return None
+
+    def root_of(self, otel_id: int) -> SpanData | None:
+        """The root span of the open trace whose OTel trace id is ``otel_id``, if any."""
+        spans = self._by_otel.get(otel_id)
+        return None if spans is None else spans.root
+
+    def drop_pending(self, flow_id: str | None) -> None:
+        """Forget the adopted parents ``flow_id`` recorded for traces never started."""
+        pending = self._pending_parents
+        for key in [k for k, (_ts, extra) in pending.items()
+                    if extra.get(_PENDING_FLOW) == flow_id]:
+            del pending[key]
 
     def otel_id_of(self, trace_id: Any) -> int:
         """The OTel trace id of ``trace_id``: kept while its spans are open, else derived."""
@@ -249,7 +279,25 @@ class SpanModel:
         spans = self._traces.get(tid)
         start_ts = queued_ts if queued_ts is not None and queued_ts < ts else ts
         if spans is None:
+            if kind == "trace_parent":
+                # Kept until the trace starts (see _pending_parents): the trace's
+                # flows and its sampling decision are the ones of its real events.
+                pending = self._pending_parents
+                pending.pop(tid, None)
+                pending[tid] = (ts, {**(extra or _EMPTY), _PENDING_FLOW: flow_id})
+                if len(pending) > _PENDING_MAX:
+                    del pending[next(iter(pending))]
+                return
             spans = self._traces[tid] = _TraceSpans(tid, start_ts, flow_name)
+            self._by_otel[spans.otel_id] = spans
+            if self._pending_parents:
+                adopted = self._pending_parents.pop(tid, None)
+                if adopted is not None:
+                    adopted_ts, adopted_extra = adopted
+                    if _ns(adopted_ts) < spans.root.start_ns:
+                        spans.root.start_ns = _ns(adopted_ts)
+                    self._trace_parent(spans, _ns(adopted_ts), None, None, None, (), 0, None,
+                                       adopted_extra)
         root = spans.root
         spans.flows.add(flow_id)
         spans.seen_flows.add(flow_id)
@@ -289,12 +337,23 @@ class SpanModel:
         key = str(trace_id)
         spans = self._traces.get(key)
         if spans is None:
+            if self._pending_parents:
+                self._pending_parents.pop(key, None)
             return
         if flow_id is not None:
             spans.flows.discard(flow_id)
             if spans.flows:
                 return
         del self._traces[key]
+        try:
+            self._end_spans(key, spans, stopped, end_ns)
+        finally:
+            # Only now: the spans ended above are decided on this root (root_of).
+            if self._by_otel.get(spans.otel_id) is spans:
+                del self._by_otel[spans.otel_id]
+
+    def _end_spans(self, key: str, spans: _TraceSpans, stopped: bool,
+                   end_ns: int | None) -> None:
         end = spans.root.end_ns
         if end_ns is not None and end is not None and (spans.remotes or spans.nodes):
             # The root spans what ran in it, to the stop that cut it.
@@ -323,9 +382,11 @@ class SpanModel:
             self._on_end(spans.root)
 
     def end_all(self) -> None:
-        """End every open trace (the flow stopped)."""
+        """End every open trace (the flow stopped); adopted parents of traces that
+        never started are dropped."""
         for trace_id in list(self._traces):
             self.end_trace(trace_id)
+        self._pending_parents.clear()
 
     # -- node spans ----------------------------------------------------------------------
 
@@ -344,17 +405,49 @@ class SpanModel:
             attributes[sc.PF_NODE_ID] = node_id
         links: list[SpanLinkData] = []
         if len(parents) == 1:
-            parent = span_id_of(parents[0])
+            up = parents[0]
+            parent = span_id_of(up)
+            if up not in spans.inv_nodes and (
+                    up in self._invs or up in self._invs_old):
+                upstream = self._upstream_trace(spans, up)
+                if upstream != spans.otel_id:
+                    # The upstream node answered with a new trace id: its span is in
+                    # the old trace. Under this trace's root, linked to it there.
+                    parent = spans.root.span_id
+                    links.append(self._link(spans, up, node_name))
         else:
             parent = spans.root.span_id
             for up in parents:
-                links.append(SpanLinkData(spans.otel_id, span_id_of(up), {
-                    sc.PF_EDGE: f"{spans.inv_nodes.get(up) or '?'}->{node_name}"}))
+                links.append(self._link(spans, up, node_name))
         spans.inv_nodes[inv] = node_name
+        invs = self._invs
+        invs[inv] = (spans.trace_id, node_name)
+        if len(invs) > _INVS_MAX:
+            self._invs_old = invs
+            self._invs = {}
         spans.nodes[inv] = SpanData(
             name=sc.agent_span_name(node_name), trace_id=spans.otel_id, span_id=span_id_of(inv),
             parent_span_id=parent, kind="internal", start_ns=ns, attributes=attributes,
             links=links)
+
+    def _upstream_trace(self, spans: _TraceSpans, up: str) -> int:
+        """The OTel trace id of the upstream invocation ``up``: this trace's unless
+        a recent invocation of another trace has that id."""
+        if up in spans.inv_nodes:
+            return spans.otel_id
+        other = self._invs.get(up) or self._invs_old.get(up)
+        if other is None or other[0] == spans.trace_id:
+            return spans.otel_id
+        return self.otel_id_of(other[0])
+
+    def _link(self, spans: _TraceSpans, up: str, node_name: str | None) -> SpanLinkData:
+        """A link to the upstream invocation ``up``'s span, in its own trace."""
+        name = spans.inv_nodes.get(up)
+        if name is None:
+            other = self._invs.get(up) or self._invs_old.get(up)
+            name = other[1] if other is not None else None
+        return SpanLinkData(self._upstream_trace(spans, up), span_id_of(up), {
+            sc.PF_EDGE: f"{name or '?'}->{node_name}"})
 
     def _cut_remote(self, spans: _TraceSpans, inv: str | None, ns: int,
                     error_type: str | None, description: str) -> None:
@@ -397,9 +490,7 @@ class SpanModel:
             # A join reports every input it joined at the end: a child of the
             # root, linked to each upstream invocation.
             span.parent_span_id = spans.root.span_id
-            span.links = [SpanLinkData(spans.otel_id, span_id_of(up), {
-                sc.PF_EDGE: f"{spans.inv_nodes.get(up) or '?'}->{node_name}"})
-                for up in parents]
+            span.links = [self._link(spans, up, node_name) for up in parents]
         self._end_node(spans, inv, ns, attempt)
 
     def _node_attempt_failed(self, spans: _TraceSpans, ns: int, node_name: str | None,
@@ -732,11 +823,19 @@ class SpanModel:
             if key not in _PARENT_KEYS and isinstance(value, str | bool | int | float):
                 spans.root.attributes[key] = value
         if self._on_parent is not None:
-            self._on_parent(spans.otel_id, parent, extra.get("parent_sampled") is not False)
+            self._on_parent(spans.root, parent, extra.get("parent_sampled") is not False)
 
 
-# Keys of a trace_parent event that describe the parent, not the root span.
-_PARENT_KEYS = frozenset({"parent_span_id", "parent_sampled"})
+# Keys of a trace_parent event that describe the parent, not the root span (the
+# operation name says which span is the root: the caller's keys do not rename it).
+_PENDING_FLOW = "\x00flow_id"  # a pending trace_parent's flow (no str event key)
+_PARENT_KEYS = frozenset({"parent_span_id", "parent_sampled", _PENDING_FLOW,
+                          sc.GEN_AI_OPERATION_NAME})
+#: Adopted parents kept for traces not started yet (see SpanModel._pending_parents).
+_PENDING_MAX = 4096
+#: Invocations per generation of SpanModel._invs (a new trace's node finds its
+#: upstream in another trace within the last 8k-16k invocations started).
+_INVS_MAX = 8192
 
 _Handler = Callable[..., None]
 _HANDLERS: dict[str, _Handler] = {

@@ -29,8 +29,10 @@ the user starts in a node is a child of the node span. Likewise the CLIENT span
 of a remote call is current while the transport runs, so the transport injects
 its ``traceparent``.
 
-Sampling: one decision per trace, asked of the provider's sampler once (as for
-a root span: no parent) and carried as the sampled flag of every parent context
+Sampling: one decision per trace, asked of the provider's sampler once as the
+SDK asks it for the root span (no parent; the root's name, kind and attributes
+at start, which are all the root starts with: its outcome, ``error.type``, is
+set after) and carried as the sampled flag of every parent context
 the model hands out (node and CLIENT spans, user spans, links). A parent-based
 sampler then keeps or drops a trace whole: never a root dropped while its node
 and user spans are exported as orphans. The SDK's default sampler (parent-based,
@@ -182,10 +184,10 @@ class LiveTracer:
         self._writer = span_writer_for(tracer_provider, version)
         self._provider_name = type(tracer_provider).__qualname__
         self.model = SpanModel(self._emit, self._on_parent)
-        self._sampler = _asked_sampler(tracer_provider)
         #: Any sampler, asked for traces with a remote parent (None: the remote
         #: flag decides, as a provider without a sampler records nothing anyway).
         self._provider_sampler: Any = getattr(tracer_provider, "sampler", None)
+        self._sampler = _asked_sampler(self._provider_sampler)
         self._decisions: OrderedDict[int, TraceFlags] = OrderedDict()
         # Metrics per meter provider (None: the global one), each flow's span ends
         # recorded with its own: flows of one tracer provider share its trace model
@@ -259,6 +261,8 @@ class LiveTracer:
         for trace_id in self.model.open_traces():
             self.model.end_trace(trace_id, flow.flow_id,
                                  stopped=trace_id in flow._traces, end_ns=now)
+        # Parents it adopted for traces it never started: they never will here.
+        self.model.drop_pending(flow.flow_id)
         metrics = self._metrics
         if metrics is not None:
             try:
@@ -273,11 +277,12 @@ class LiveTracer:
     # -- contexts for user code -------------------------------------------------------------
 
     def context_for(self, trace_id: Any, span_id: str) -> otel_context.Context:
-        """An OTel context whose current span has ``span_id`` in ``trace_id``'s trace."""
-        otel_id = self.model.otel_id_of(trace_id)
-        span_context = SpanContext(otel_id, span_id_of(span_id), is_remote=False,
-                                   trace_flags=self._flags(otel_id))
-        return trace.set_span_in_context(NonRecordingSpan(span_context))
+        """An OTel context whose current span has ``span_id`` in ``trace_id``'s trace.
+
+        Its sampled flag is asked for when first read (a user span starting, a
+        transport injecting): the worker makes it current before the invocation's
+        first event, and a trace is decided on its root as the model has it."""
+        return trace.set_span_in_context(_InvocationSpan(self, trace_id, span_id))
 
     def remote_context(self, trace_id: Any, invocation_id: str | None
                        ) -> otel_context.Context | None:
@@ -314,11 +319,12 @@ class LiveTracer:
             self.failures += 1
             logger.warning("otel_metrics_failed", exc_info=True, extra={"error": repr(exc)})
 
-    def _on_parent(self, otel_id: int, parent_span_id: int, sampled: bool) -> None:
-        """Decide ``otel_id`` as a trace under the remote span ``parent_span_id``.
+    def _on_parent(self, root: SpanData, parent_span_id: int, sampled: bool) -> None:
+        """Decide ``root``'s trace as a trace under the remote span ``parent_span_id``.
 
         A trace already decided keeps its decision (a trace is kept or dropped
         whole)."""
+        otel_id = root.trace_id
         if otel_id in self._decisions:
             return
         remote = SpanContext(otel_id, parent_span_id, is_remote=True,
@@ -329,8 +335,8 @@ class LiveTracer:
         else:
             try:
                 keep = sampler.should_sample(
-                    trace.set_span_in_context(NonRecordingSpan(remote)), otel_id,
-                    "invoke_workflow").decision.is_sampled()
+                    trace.set_span_in_context(NonRecordingSpan(remote)), otel_id, root.name,
+                    SpanKind.INTERNAL, _start_attributes(root)).decision.is_sampled()
             except Exception as exc:
                 self.failures += 1
                 logger.warning("otel_sampler_failed", extra={"error": repr(exc)[:300]})
@@ -343,17 +349,29 @@ class LiveTracer:
             self._decisions.popitem(last=False)
         return flags
 
-    def _flags(self, otel_id: int) -> TraceFlags:
-        """The sampled flag of the trace ``otel_id``: decided once per trace."""
+    def _flags(self, otel_id: int, root: SpanData | None = None) -> TraceFlags:
+        """The sampled flag of the trace ``otel_id``: decided once per trace.
+
+        Asked as the SDK asks for the root span when it starts (its name, kind and
+        start attributes; see :func:`_start_attributes`), so a sampler reading them
+        decides the root as it decided the trace: never a root dropped under
+        exported children, nor the reverse."""
         sampler = self._sampler
         if sampler is None:
             # Everything is sampled but traces a remote parent decided otherwise.
             return self._decisions.get(otel_id, _SAMPLED) if self._decisions else _SAMPLED
         flags = self._decisions.get(otel_id)
         if flags is None:
+            if root is None:
+                root = self.model.root_of(otel_id)
+            # An empty context, not None: None is the *current* one, which may be
+            # a node's (the sampler would read it as the root's parent).
             try:
-                sampled = sampler.should_sample(None, otel_id, "invoke_workflow") \
-                    .decision.is_sampled()
+                sampled = (sampler.should_sample(
+                    _ROOT_CONTEXT, otel_id, root.name, SpanKind.INTERNAL,
+                    _start_attributes(root)) if root is not None else sampler.should_sample(
+                        _ROOT_CONTEXT, otel_id, _ROOT_NAME, SpanKind.INTERNAL)
+                           ).decision.is_sampled()
             except Exception as exc:
                 # A broken sampler: the SDK could not start this trace's root either,
                 # so the trace is dropped whole (counted), never exported as orphans.
@@ -364,7 +382,7 @@ class LiveTracer:
         return flags
 
     def _start_and_end(self, span: SpanData) -> None:
-        flags = self._flags(span.trace_id)
+        flags = self._flags(span.trace_id, span if span.root else None)
         if span.parent_span_id is None:
             parent = _ROOT_CONTEXT
         else:
@@ -375,10 +393,15 @@ class LiveTracer:
                  for link in span.links] if span.links else None
         park_ids(span.trace_id, span.span_id)
         # Attributes are passed as they are: the SDK copies them into its own
-        # bounded mapping, so a copy here would be paid twice.
+        # bounded mapping, so a copy here would be paid twice. A root starts with
+        # what the trace was decided on (_flags); the rest is set once started.
+        attributes = _start_attributes(span) if span.root else span.attributes
         otel_span = self._tracer.start_span(
             span.name, context=parent, kind=_KINDS[span.kind],
-            attributes=span.attributes, links=links, start_time=span.start_ns)
+            attributes=attributes, links=links, start_time=span.start_ns)
+        if attributes is not span.attributes and otel_span.is_recording():
+            otel_span.set_attributes({key: value for key, value in span.attributes.items()
+                                      if key not in attributes})
         if otel_span.is_recording() and otel_span.get_span_context().span_id != span.span_id:
             self._foreign_ids()
         for event in span.events:
@@ -402,10 +425,23 @@ class LiveTracer:
                                             "takes_ids": self._takes_ids})
 
 
+#: Root span attributes that the runtime sets as the trace goes (its outcome): a
+#: root span starts without them, so its sampler sees what the trace's decision saw.
+_END_ATTRIBUTES = frozenset({"error.type"})
+_ROOT_NAME = "invoke_workflow"
+
+
+def _start_attributes(root: SpanData) -> Any:
+    """``root``'s attributes as a sampler sees them at its start (no outcome)."""
+    attributes = root.attributes
+    if _END_ATTRIBUTES.isdisjoint(attributes):
+        return attributes
+    return {key: value for key, value in attributes.items() if key not in _END_ATTRIBUTES}
+
+
 # One tracer per tracer provider (see module docstring: subflows share traces).
-def _asked_sampler(tracer_provider: Any) -> Any:
+def _asked_sampler(sampler: Any) -> Any:
     """The provider's sampler, or None when it samples everything (not asked)."""
-    sampler = getattr(tracer_provider, "sampler", None)
     if sampler is None or not callable(getattr(sampler, "should_sample", None)):
         return None
     try:
@@ -416,6 +452,38 @@ def _asked_sampler(tracer_provider: Any) -> Any:
 
 
 _TRACERS: weakref.WeakKeyDictionary[Any, LiveTracer] = weakref.WeakKeyDictionary()
+
+
+class _InvocationSpan(NonRecordingSpan):
+    """The current span around a node's code: its context built when first read."""
+
+    def __init__(self, tracer: LiveTracer, trace_id: Any, span_id: str) -> None:
+        self._tracer = tracer
+        self._trace_id = trace_id
+        self._span_id = span_id
+        self._built: SpanContext | None = None
+        self._deciding = False
+
+    @property
+    def _context(self) -> SpanContext:  # type: ignore[override]
+        return self.get_span_context()
+
+    def get_span_context(self) -> SpanContext:
+        built = self._built
+        if built is None:
+            tracer = self._tracer
+            otel_id = tracer.model.otel_id_of(self._trace_id)
+            span_id = span_id_of(self._span_id)
+            if self._deciding:  # a sampler reading the current span while it decides
+                return SpanContext(otel_id, span_id, is_remote=False, trace_flags=_UNSAMPLED)
+            self._deciding = True
+            try:
+                flags = tracer._flags(otel_id)
+            finally:
+                self._deciding = False
+            built = self._built = SpanContext(otel_id, span_id, is_remote=False,
+                                              trace_flags=flags)
+        return built
 
 
 def tracer_for(tracer_provider: TracerProvider | None) -> LiveTracer | None:

@@ -1532,3 +1532,147 @@ async def test_a_peers_huge_task_id_is_bounded_on_the_cancel_events_too(
         assert isinstance(task_id, str) and task_id.startswith("tttt")
         assert len(task_id) <= PEER_TEXT_LIMIT + 64
         assert all(len(str(v)) <= PEER_TEXT_LIMIT + 64 for v in event.attributes.values())
+
+
+class _DropHealthChecks:
+    """A sampler dropping the traces of the workflow ``healthcheck`` by the root's
+    name or its ``gen_ai.workflow.name``: what it is given at the root's start."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, Any]] = []
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
+                      attributes: Any = None, *args: Any, **kwargs: Any) -> Any:
+        from opentelemetry.sdk.trace.sampling import Decision, SamplingResult
+
+        self.asked.append((name, dict(attributes or {})))
+        drop = (name.endswith(" healthcheck")
+                or (attributes or {}).get("gen_ai.workflow.name") == "healthcheck")
+        return SamplingResult(Decision.DROP if drop else Decision.RECORD_AND_SAMPLE,
+                              None if drop else attributes)
+
+    def get_description(self) -> str:
+        return "DropHealthChecks"
+
+
+class _ErroredOnly(_DropHealthChecks):
+    """A sampler keeping the spans that start with ``error.type``: it cannot know
+    at a root's start, so the trace is dropped (never its root alone)."""
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
+                      attributes: Any = None, *args: Any, **kwargs: Any) -> Any:
+        from opentelemetry.sdk.trace.sampling import Decision, SamplingResult
+
+        keep = "error.type" in (attributes or {})
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if keep else Decision.DROP,
+                              attributes if keep else None)
+
+
+@pytest.mark.parametrize("sampler", ["drop-healthchecks", "errored-only"])
+async def test_a_sampler_reading_the_roots_name_and_attributes_decides_the_trace_whole(
+        exporter: InMemorySpanExporter, sampler: str) -> None:
+    # The trace was decided with the name "invoke_workflow" and no attributes, its
+    # root started as "invoke_workflow healthcheck" with them: the root dropped, the
+    # node spans exported as orphans; or (errored-only) the root kept for its
+    # end-time error.type and every node span dropped.
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    chosen = _DropHealthChecks() if sampler == "drop-healthchecks" else _ErroredOnly()
+    tp = TracerProvider(sampler=ParentBased(root=chosen))
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    user = tp.get_tracer("app")
+
+    async def traced(message: Message, ctx: Any) -> Message:
+        with user.start_as_current_span("user.work"):
+            return message
+
+    for name in ("healthcheck", "checkout"):
+        a, b = _node(traced, "a"), _node(_noop, "b")
+        flow = create(a.to(b), b.to(), name=name, tracer_provider=tp)
+        flow.run()
+        try:
+            await flow.emit(msg("ok"))
+            await within(flow.fetch())
+            # Skipped for its deadline at its first node: the root ends with
+            # error.type=deadline_exceeded, which a sampler never sees at its start.
+            await flow.emit(msg("late", deadline_s=1.0))
+            await within(flow.fetch())
+        finally:
+            await flow.stop()
+    tp.shutdown()
+    spans = exporter.get_finished_spans()
+    ids = {s.context.span_id for s in spans}
+    assert [s.name for s in spans if s.parent is not None and s.parent.span_id not in ids] == []
+    roots = sorted(s.name for s in spans if s.parent is None)
+    if sampler == "drop-healthchecks":
+        assert roots == ["invoke_workflow checkout"] * 2
+        # Both checkout traces whole (the late one is its root alone).
+        assert sorted(s.name for s in spans) == sorted(
+            ["invoke_workflow checkout"] * 2 + ["invoke_agent a", "invoke_agent b", "user.work"])
+    else:
+        assert spans == ()
+    # The decision saw what the root starts with: its name, never its outcome.
+    assert {name for name, _ in chosen.asked if name.startswith("invoke_workflow")} <= {
+        "invoke_workflow healthcheck", "invoke_workflow checkout"}
+    assert all("error.type" not in attributes for name, attributes in chosen.asked
+               if name.startswith("invoke_workflow"))
+
+
+async def test_a_node_answering_with_a_new_trace_id_starts_that_trace_under_its_root(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    # b's span went into the new trace with a's span (in the old trace) as parent:
+    # an orphan there, whose parent no backend shows in that trace.
+    async def split(message: Message, ctx: Any) -> Message:
+        return Message(payload="child", headers=message.headers)  # a fresh trace id
+
+    a, b = _node(split, "a"), _node(_noop, "b")
+    flow = create(a.to(b), b.to(), name="f", tracer_provider=provider)
+    m = msg("x")
+    out = await _run_one(flow, m)
+    assert out.trace_id != m.trace_id
+
+    spans = exporter.get_finished_spans()
+    by_trace: dict[int, dict[str, ReadableSpan]] = {}
+    for span in spans:
+        by_trace.setdefault(span.context.trace_id, {})[span.name] = span
+    old, new = by_trace[int(m.trace_id, 16)], by_trace[int(out.trace_id, 16)]
+    assert set(old) == {"invoke_workflow f", "invoke_agent a"}
+    assert set(new) == {"invoke_workflow f", "invoke_agent b"}
+    sb = new["invoke_agent b"]
+    assert sb.parent is not None and sb.parent.span_id == new["invoke_workflow f"].context.span_id
+    (link,) = sb.links
+    assert (link.context.trace_id, link.context.span_id) == (
+        int(m.trace_id, 16), old["invoke_agent a"].context.span_id)
+    assert link.attributes["pf.edge"] == "a->b"
+
+
+async def test_a_trace_only_adopted_opens_nothing_in_the_tracer(
+        provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+    # The A2A server adopts the caller's traceparent before it emits; when the emit
+    # was refused (or the client left) the trace stayed open in the tracer, with
+    # its sampling decision, until stop(): one per such request.
+    flow = create(_node(_noop, "a").to(), tracer_provider=provider)
+    flow.run()
+    tracer = tracer_for(provider)
+    assert tracer is not None
+    try:
+        for _ in range(50):
+            await flow.adopt_trace_parent(msg("refused").trace_id,
+                                          parent_span_id="00f067aa0ba902b7")
+        served = msg("served")
+        await flow.adopt_trace_parent(served.trace_id, parent_span_id="00f067aa0ba902b7")
+        await flow.emit(served)
+        await within(flow.fetch())
+        await within(flow.emit(msg("plain")))
+        await within(flow.fetch())
+        assert tracer.model.open_traces() == []
+        assert tracer._decisions == {}
+    finally:
+        await flow.stop()
+    assert tracer.model._pending_parents == {}
+    # The request that ran is exported whole, under its caller's span.
+    roots = [s for s in exporter.get_finished_spans() if s.name == "invoke_workflow penguiflow"]
+    assert len(roots) == 2
+    (adopted,) = [s for s in roots if s.parent is not None]
+    assert adopted.context.trace_id == int(served.trace_id, 16)
+    assert _hex(adopted.parent.span_id, 16) == "00f067aa0ba902b7"
