@@ -41,6 +41,9 @@ caller's (``PenguiFlow.adopt_trace_parent``, a W3C ``traceparent``) is decided
 as the SDK decides a span with a remote parent: the sampler is asked with the
 caller's span (and its sampled flag) as parent, so the default sampler keeps it
 only if the caller sampled it. The writer fast path takes sampled spans only.
+The SDK's ``TraceIdRatioBased`` (bare or as a ``ParentBased`` root) reads bits
+PenguiFlow's uuid4 trace ids fix: the penguiflow tracer applies its rate to the
+top bits instead (:class:`_TopBitsRatio`), logged once.
 
 One tracer serves every flow of a tracer provider in the process, so a playbook
 subflow, which shares its parent's trace, adds its spans to the same trace and
@@ -186,7 +189,8 @@ class LiveTracer:
         self.model = SpanModel(self._emit, self._on_parent)
         #: Any sampler, asked for traces with a remote parent (None: the remote
         #: flag decides, as a provider without a sampler records nothing anyway).
-        self._provider_sampler: Any = getattr(tracer_provider, "sampler", None)
+        self._provider_sampler: Any = _penguiflow_sampler(
+            self._tracer, getattr(tracer_provider, "sampler", None), self._provider_name)
         self._sampler = _asked_sampler(self._provider_sampler)
         self._decisions: OrderedDict[int, TraceFlags] = OrderedDict()
         # Metrics per meter provider (None: the global one), each flow's span ends
@@ -449,6 +453,77 @@ def _asked_sampler(sampler: Any) -> Any:
     except Exception:
         return sampler
     return None if description.startswith(_ALWAYS_ON) else sampler
+
+
+_SDK_SAMPLING = "opentelemetry.sdk.trace.sampling"
+
+
+def _is_sdk(sampler: Any, name: str) -> bool:
+    kind = type(sampler)
+    return kind.__name__ == name and kind.__module__ == _SDK_SAMPLING
+
+
+class _TopBitsRatio:
+    """The SDK's ``TraceIdRatioBased`` rate applied to a trace id's top 48 bits.
+
+    ``TraceIdRatioBased`` reads the low 64 bits, which in PenguiFlow's default
+    trace ids (``uuid4().hex``) start with the fixed variant bits ``10``: a rate
+    of 0.5 or below sampled no trace at all. Same rule as
+    ``penguiflow_exporters.otel.PenguiFlowRatioSampler`` (this core module does
+    not import the exporters package): deterministic per trace id.
+    """
+
+    def __init__(self, rate: float, bound: int) -> None:
+        self.rate = rate
+        self.bound = bound
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
+                      attributes: Any = None, links: Any = None, trace_state: Any = None
+                      ) -> Any:
+        from opentelemetry.sdk.trace.sampling import Decision, SamplingResult
+
+        sampled = ((trace_id >> 80) << 16) < self.bound
+        parent = trace.get_current_span(parent_context).get_span_context()
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if sampled else Decision.DROP,
+                              attributes if sampled else None,
+                              parent.trace_state if parent.is_valid else None)
+
+    def get_description(self) -> str:
+        return f"PenguiFlowRatioSampler{{{self.rate}}}"
+
+
+def _penguiflow_sampler(tracer: Any, sampler: Any, provider_name: str) -> Any:
+    """``sampler``, or, when it is the SDK's ``TraceIdRatioBased`` (bare or as a
+    ``ParentBased`` root), the same rate on the trace id's top bits (see
+    :class:`_TopBitsRatio`), set on the penguiflow tracer only; logged."""
+    try:
+        if _is_sdk(sampler, "TraceIdRatioBased"):
+            fixed: Any = _TopBitsRatio(sampler.rate, sampler.bound)
+            others = "every other tracer's spans, a node's own spans included"
+        elif _is_sdk(sampler, "ParentBased") and _is_sdk(sampler._root, "TraceIdRatioBased"):
+            root = sampler._root
+            fixed = type(sampler)(
+                _TopBitsRatio(root.rate, root.bound),
+                remote_parent_sampled=sampler._remote_parent_sampled,
+                remote_parent_not_sampled=sampler._remote_parent_not_sampled,
+                local_parent_sampled=sampler._local_parent_sampled,
+                local_parent_not_sampled=sampler._local_parent_not_sampled)
+            others = "root spans of other tracers"
+        else:
+            return sampler
+        tracer.sampler = fixed
+    except Exception as exc:  # not the SDK's shape after all: left as it is
+        logger.warning("otel_ratio_sampler_kept", extra={"error": repr(exc)[:300]})
+        return sampler
+    logger.warning(
+        "otel_ratio_sampler_replaced: the tracer provider %s samples with %s, which reads "
+        "a trace id's low 64 bits: PenguiFlow's uuid4 trace ids fix two of them, so it "
+        "would keep a wrong share of traces (none at a rate <= 0.5). PenguiFlow's spans "
+        "are sampled with %s instead; %s still use the SDK's rule (use "
+        "penguiflow_exporters.otel.PenguiFlowRatioSampler on the provider)",
+        provider_name, sampler.get_description(), fixed.get_description(), others,
+        extra={"provider": provider_name})
+    return fixed
 
 
 _TRACERS: weakref.WeakKeyDictionary[Any, LiveTracer] = weakref.WeakKeyDictionary()

@@ -180,6 +180,22 @@ def _parent_trace_state(parent_context: Any) -> Any:
     return span_context.trace_state if span_context.is_valid else None
 
 
+def _penguiflow_ratio(sampler: Sampler) -> Sampler:
+    """``sampler`` with the SDK's ``TraceIdRatioBased`` (bare, or as a ``ParentBased``
+    root) swapped for :class:`PenguiFlowRatioSampler` of the same rate: the SDK's
+    rule sampled none of PenguiFlow's default trace ids at a rate <= 0.5."""
+    if type(sampler) is TraceIdRatioBased:
+        return PenguiFlowRatioSampler(sampler.rate)
+    if type(sampler) is ParentBased and type(sampler._root) is TraceIdRatioBased:
+        return ParentBased(
+            root=PenguiFlowRatioSampler(sampler._root.rate),
+            remote_parent_sampled=sampler._remote_parent_sampled,
+            remote_parent_not_sampled=sampler._remote_parent_not_sampled,
+            local_parent_sampled=sampler._local_parent_sampled,
+            local_parent_not_sampled=sampler._local_parent_not_sampled)
+    return sampler
+
+
 def _env_sampler() -> Sampler | None:
     """The ratio samplers of ``OTEL_TRACES_SAMPLER`` as :class:`PenguiFlowRatioSampler`;
     None for any other value (the SDK reads those itself)."""
@@ -523,8 +539,10 @@ def configure_tracing(
         resource_attributes: merged over ``OTEL_RESOURCE_ATTRIBUTES``.
         sampler: an SDK sampler; default from ``OTEL_TRACES_SAMPLER``
             (parent-based always-on), its ratio samplers as
-            :class:`PenguiFlowRatioSampler`. Sampling is decided once per trace:
-            a trace is exported whole or not at all.
+            :class:`PenguiFlowRatioSampler`. An SDK ``TraceIdRatioBased`` given
+            here (bare or as a ``ParentBased`` root) is used as
+            :class:`PenguiFlowRatioSampler` of the same rate too. Sampling is
+            decided once per trace: a trace is exported whole or not at all.
         exporter: a span exporter to use instead of OTLP (tests pass the SDK's
             ``InMemorySpanExporter``).
         span_processor: ``"batch"`` (background thread; the only choice that
@@ -577,7 +595,7 @@ def configure_tracing(
     failures = FailureLog({"spans": traces_url or type(exporter).__name__})
     counted = CountingSpanExporter(exporter, failures)
     tracer_provider = TracerProvider(
-        sampler=sampler if sampler is not None else _env_sampler(),
+        sampler=_penguiflow_ratio(sampler) if sampler is not None else _env_sampler(),
         resource=resource, id_generator=PenguiFlowIdGenerator(),
         # Our handle's exit hook shuts down bounded; the SDK's own would wait up
         # to 30 s per processor on a stalled collector.
