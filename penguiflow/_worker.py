@@ -456,9 +456,9 @@ class NodeWorker:
             )
         else:
             metadata = {"attempt": attempt, "latency_ms": latency_ms, "exception_repr": shown}
-            notes = getattr(error, "__notes__", None)
-            if notes:  # what the raiser added (PEP 678): the runtime's hints among them
-                metadata["hint"] = safe_str(" ".join(map(safe_str, notes)), cap)
+            hint = _notes_of(error, cap)
+            if hint:  # what the raiser added (PEP 678): the runtime's hints among them
+                metadata["hint"] = hint
             flow_error = FlowError.from_exception(
                 trace_id=trace_id, node_name=name, node_id=node.node_id, exc=error,
                 code=FlowErrorCode.NODE_EXCEPTION,
@@ -503,3 +503,16 @@ class NodeWorker:
                         "stream_first_chunk_ts": ctx._first_chunk}
         await self.rt.emit_event("node_trace_cancelled", ctx, trace_id, attempt=attempt,
                                   latency_ms=latency, extra=streamed, invocation_id=inv)
+
+
+def _notes_of(error: BaseException, cap: int) -> str | None:
+    """The notes added to ``error`` (PEP 678) as one bounded text, or None (none, or
+    notes that cannot be read: a hostile ``__notes__`` must not cost the failure
+    its report)."""
+    try:
+        notes = getattr(error, "__notes__", None)
+        if not isinstance(notes, list | tuple) or not notes:
+            return None
+        return safe_str(" ".join(map(safe_str, notes)), cap)
+    except Exception:
+        return None
