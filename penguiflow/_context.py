@@ -15,7 +15,6 @@ queue directly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -107,11 +106,13 @@ class Context:
         "_out_one",
         "_out_queues",
         "_outgoing",
+        "_own_queue",
         "_owner",
         "_owner_id",
         "_parents",
         "_rt",
         "_runtime",
+        "_stale",
         "_stream_seq",
         "_waiters",
         "last_origin",
@@ -142,6 +143,12 @@ class Context:
         self._buffer: deque[Any] = deque()
         self._arrivals: deque[FloeQueue] = deque()
         self._arrivals_cap = 1024
+        #: Per incoming queue, how many of its oldest rings are stale: their items
+        #: were taken by a fetch from a named floe (skipped when popped).
+        self._stale: dict[FloeQueue, int] = {}
+        #: The node's floe to itself, when it has one and other incoming floes (a
+        #: controller): taken first while full (see _take_arrival).
+        self._own_queue: FloeQueue | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._stream_seq: dict[str, int] = {}
         #: A node's streams not ended yet, with the traces that used them (emit_chunk).
@@ -196,6 +203,8 @@ class Context:
             for incoming in self._incoming.values():
                 incoming.queue.doorbell = ring
                 incoming.queue.unring = unring
+            own = self._incoming.get(self._owner)
+            self._own_queue = own.queue if own is not None else None
 
     def add_outgoing_floe(self, floe: Floe) -> None:
         """Register ``floe`` as an output (ignored when its target is None)."""
@@ -465,15 +474,33 @@ class Context:
                     continue
             kept.appendleft(rung)
         self._arrivals = kept
+        self._stale.pop(queue, None)  # its stale rings went with the others
 
     def _took(self, queue: FloeQueue) -> None:
         """``queue``'s front item was taken without its ring (a fetch from a named
-        floe): forget its oldest ring, which was that item's, so the next fetch in
-        arrival order does not take a later item of ``queue`` before an earlier one
-        of another floe."""
+        floe): its oldest ring, that item's, is stale, and is skipped when popped,
+        so the next fetch in arrival order does not take a later item of ``queue``
+        before an earlier one of another floe. (Counted, not removed: removing it
+        scanned the rings of every other floe, per fetch.)"""
         if queue.doorbell is not None:
-            with contextlib.suppress(ValueError):  # compacted away already
-                self._arrivals.remove(queue)
+            self._stale[queue] = self._stale.get(queue, 0) + 1
+
+    def _pop_ring(self) -> FloeQueue | None:
+        """The oldest ring that is not stale (None: no ring left)."""
+        arrivals = self._arrivals
+        stale = self._stale
+        while arrivals:
+            queue = arrivals.popleft()
+            if stale:
+                skip = stale.get(queue)
+                if skip:
+                    if skip == 1:
+                        del stale[queue]
+                    else:
+                        stale[queue] = skip - 1
+                    continue
+            return queue
+        return None
 
     def _compact_arrivals(self) -> None:
         # Entries go stale when items are taken by a targeted fetch or removed by
@@ -486,6 +513,7 @@ class Context:
                 kept.appendleft(queue)
         self._arrivals = kept
         self._arrivals_cap = max(1024, 2 * len(kept))
+        self._stale.clear()  # only live rings are kept
 
     async def _wait_ring(self) -> None:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -512,10 +540,21 @@ class Context:
             floe.queue.fail_getters(exc)
 
     async def _take_arrival(self) -> Any:
+        own = self._own_queue
+        if own is not None and 0 < own._maxsize <= len(own._queue):
+            # A controller whose floe to itself is full: its looping traces go first.
+            # Its loop back never waits for room (its own worker is the only one
+            # that makes any), so admitting new work now would let that floe grow
+            # with every request taken in; this keeps it within maxsize + 1.
+            item = own.get_nowait()
+            self.last_origin = own.last_origin
+            self._took(own)
+            return item
         while True:
-            arrivals = self._arrivals
-            while arrivals:
-                queue = arrivals.popleft()
+            while True:
+                queue = self._pop_ring()
+                if queue is None:
+                    break
                 if queue.qsize():
                     item = queue.get_nowait()
                     self.last_origin = queue.last_origin
@@ -581,8 +620,10 @@ class Context:
                  else self._resolve(from_, self._incoming))
         if from_ is None:
             # Honour arrival order across floes when it is tracked.
-            while self._arrivals:
-                queue = self._arrivals.popleft()
+            while True:
+                queue = self._pop_ring()
+                if queue is None:
+                    break
                 if queue.qsize():
                     item = queue.get_nowait()
                     self.last_origin = queue.last_origin

@@ -55,6 +55,9 @@ class NodePolicy:
             if value is not None and not value >= 0:
                 raise InvalidArgument(
                     f"NodePolicy.{name} must be >= 0 (or None); got {value!r}")
+        if not self.backoff_mult >= 0:  # NaN too: its sleep never ended
+            raise InvalidArgument(
+                f"NodePolicy.backoff_mult must be >= 0; got {self.backoff_mult!r}")
         if self.max_retries < 0:
             raise InvalidArgument(
                 f"NodePolicy.max_retries must be >= 0; got {self.max_retries!r}")
@@ -66,7 +69,7 @@ class NodePolicy:
         try:
             delay = self.backoff_base * self.backoff_mult ** (attempt - 1)
         except OverflowError:  # 2.0 ** 1024: a policy retrying for ever, capped
-            delay = math.inf
+            delay = math.inf if self.backoff_base else 0.0
         if self.max_backoff is not None:
             delay = min(delay, self.max_backoff)
         return delay

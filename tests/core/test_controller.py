@@ -327,15 +327,20 @@ async def test_more_traces_looping_at_once_than_the_queue_holds_all_finish(
         start: Any) -> None:
     # The loop back to itself waited for room on the node's own floe, which only
     # its own worker drains: past queue_maxsize looping traces, every one hung.
-    async def three_hops(message: Message, calls: list[Message]) -> Message:
+    depths: list[int] = []
+
+    async def twenty_hops(message: Message, calls: list[Message]) -> Message:
+        depths.append(ctx_of[0].queue_depth_in())
         await asyncio.sleep(0)  # a step that awaits something (a model call)
-        if message.payload.hops >= 3:
+        if message.payload.hops >= 20:
             return message.model_copy(update={"payload": FinalAnswer(text="done")})
         return message
 
-    _node, adj, calls = controller(three_hops)
+    ctx_of: list[Any] = []
+    node, adj, calls = controller(twenty_hops)
     flow = start(create(adj, queue_maxsize=4))
-    sent = [msg(WM(query=str(i))) for i in range(12)]
+    ctx_of.append(flow.context(node))
+    sent = [msg(WM(query=str(i), budget_hops=100)) for i in range(40)]
 
     async def fetch_all() -> list[Any]:
         return [await flow.fetch() for _ in sent]
@@ -343,4 +348,8 @@ async def test_more_traces_looping_at_once_than_the_queue_holds_all_finish(
     *_, answers = await within(asyncio.gather(*map(flow.emit, sent), fetch_all()))
     assert sorted(a.trace_id for a in answers) == sorted(m.trace_id for m in sent)
     assert all(a.payload == FinalAnswer(text="done") for a in answers)
-    assert len(calls) == 12 * 4  # hops 0..3 each
+    assert len(calls) == 40 * 21  # hops 0..20 each
+    # Still bounded: its floe to itself goes first while full (at most maxsize + 1),
+    # so the node holds at most that plus its bounded incoming floe. (Admitting a
+    # request per loop step grew it with every request, to hundreds.)
+    assert max(depths) <= 4 + 1 + 4

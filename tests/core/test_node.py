@@ -336,7 +336,7 @@ async def test_invoke_propagates_node_exceptions() -> None:
      # NaN (a config value read as "nan") compares False to everything: a NaN timeout
      # timed every attempt out at once, a NaN cap removed the cap.
      ("timeout_s", float("nan")), ("backoff_base", float("nan")),
-     ("max_backoff", float("nan"))],
+     ("max_backoff", float("nan")), ("backoff_mult", float("nan")), ("backoff_mult", -2.0)],
 )
 def test_negative_policy_values_are_rejected(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=f"NodePolicy.{field} must be >= 0"):
@@ -349,3 +349,5 @@ def test_backoff_is_capped_even_where_the_power_overflows_a_float() -> None:
     assert policy.backoff_for(3) == 2.0
     assert policy.backoff_for(1_100) == 30.0
     assert NodePolicy(max_retries=10_000).backoff_for(1_100) == float("inf")  # no cap
+    # No backoff at all stays none, however far the power would go.
+    assert NodePolicy(max_retries=10_000, backoff_base=0.0).backoff_for(1_100) == 0.0

@@ -980,3 +980,18 @@ def test_stored_events_go_by_column_only_in_batches_of_long_traces() -> None:
     assert _records.event_rows([]) == []
     with pytest.raises(IndexError):
         _records.event_rows(one_trace)[64]
+
+
+def test_by_column_traces_are_told_apart_by_hash_and_equality_as_by_row() -> None:
+    # A str subclass whose == says yes to every str: grouping by == alone put
+    # another trace's events in its block (the tuple path groups with a dict).
+    class Loose(str):
+        __hash__ = str.__hash__
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, str)
+
+    items = [StoredEvent(Loose("t-1") if i % 2 else "t-2", float(i), "k", None, None, {},
+                         flow_id="f", seq=i) for i in range(128)]
+    groups = _blocks.group_by_trace(_records.ColumnRows.of_events(items))
+    assert sorted(map(len, groups.values())) == [64, 64]

@@ -537,7 +537,9 @@ def group_by_trace(rows: Iterable[RowLike]) -> Mapping[Any, Sequence[RowLike]]:
 def _column_groups(rows: ColumnRows) -> dict[Any, Sequence[RowLike]]:
     trace_ids = rows.columns[_TRACE_ID]
     first = trace_ids[0] if trace_ids else None
-    if len(rows) < 2 or trace_ids.count(first) == len(rows):  # one trace: the usual
+    # One trace (the usual) told as the tuple path tells groups, by hash and ==
+    # (a dict), not by == alone: a str subclass's odd __eq__ must not merge traces.
+    if len(rows) < 2 or len(dict.fromkeys(trace_ids)) == 1:
         return {first: rows} if len(rows) else {}
     positions: dict[Any, list[int]] = {}
     get = positions.get
