@@ -201,12 +201,16 @@ class SpanModel:
             when a trace adopts a caller's span as its root's parent (a
             ``trace_parent`` event, applied when the trace's first other event
             comes), before any span of it ends.
+        on_open: called with a trace's root span as the trace opens (its first
+            event, an adopted parent applied), before that event is applied.
     """
 
     def __init__(self, on_end: Callable[[SpanData], None],
-                 on_parent: Callable[[SpanData, int, bool], None] | None = None) -> None:
+                 on_parent: Callable[[SpanData, int, bool], None] | None = None,
+                 on_open: Callable[[SpanData], None] | None = None) -> None:
         self._on_end = on_end
         self._on_parent = on_parent
+        self._on_open = on_open
         self._traces: dict[str, _TraceSpans] = {}
         #: Traces whose root a stop() ended while the flow still held their work:
         #: run() again continues them under the same (derived) root id, which must
@@ -246,6 +250,14 @@ class SpanModel:
         """The root span of the open trace whose OTel trace id is ``otel_id``, if any."""
         spans = self._by_otel.get(otel_id)
         return None if spans is None else spans.root
+
+    def pending_sampled(self, trace_id: Any) -> bool | None:
+        """The sampled flag of the caller ``trace_id`` adopted, not started yet (None:
+        no valid parent kept for it)."""
+        adopted = self._pending_parents.get(str(trace_id)) if self._pending_parents else None
+        if adopted is None or not _hex_span_id(str(adopted[1].get("parent_span_id"))):
+            return None
+        return adopted[1].get("parent_sampled") is not False
 
     def drop_pending(self, flow_id: str | None) -> None:
         """Forget the adopted parents ``flow_id`` recorded for traces never started."""
@@ -298,6 +310,8 @@ class SpanModel:
                         spans.root.start_ns = _ns(adopted_ts)
                     self._trace_parent(spans, _ns(adopted_ts), None, None, None, (), 0, None,
                                        adopted_extra)
+            if self._on_open is not None:
+                self._on_open(spans.root)
         root = spans.root
         spans.flows.add(flow_id)
         spans.seen_flows.add(flow_id)

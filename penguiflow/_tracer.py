@@ -29,11 +29,15 @@ the user starts in a node is a child of the node span. Likewise the CLIENT span
 of a remote call is current while the transport runs, so the transport injects
 its ``traceparent``.
 
-Sampling: one decision per trace, asked of the provider's sampler once as the
-SDK asks it for the root span (no parent; the root's name, kind and attributes
-at start, which are all the root starts with: its outcome, ``error.type``, is
-set after) and carried as the sampled flag of every parent context
-the model hands out (node and CLIENT spans, user spans, links). A parent-based
+Sampling: one decision per trace, asked of the provider's sampler once, as the
+trace opens in the model (its first event; an adopted caller's parent applied
+first), and as the SDK asks it for the root span (no parent; the root's name,
+kind and attributes at start, which are all the root starts with: its outcome,
+``error.type``, is set after); carried as the sampled flag of every parent
+context the model hands out (node and CLIENT spans, user spans, links). Nothing
+read before the trace opens (a log-correlation hook reading the node's context
+while ``node_start`` is logged) decides it, and a link only reads the linked
+trace's decision: a trace is never decided twice, nor on other inputs. A parent-based
 sampler then keeps or drops a trace whole: never a root dropped while its node
 and user spans are exported as orphans. The SDK's default sampler (parent-based,
 always on) is not asked: everything is sampled. A trace that continues a
@@ -59,6 +63,7 @@ import logging
 import time
 import weakref
 from collections import OrderedDict
+from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -186,13 +191,16 @@ class LiveTracer:
         # records a finished span for a fraction of start_span + end.
         self._writer = span_writer_for(tracer_provider, version)
         self._provider_name = type(tracer_provider).__qualname__
-        self.model = SpanModel(self._emit, self._on_parent)
         #: Any sampler, asked for traces with a remote parent (None: the remote
         #: flag decides, as a provider without a sampler records nothing anyway).
         self._provider_sampler: Any = _penguiflow_sampler(
             self._tracer, getattr(tracer_provider, "sampler", None), self._provider_name)
         self._sampler = _asked_sampler(self._provider_sampler)
         self._decisions: OrderedDict[int, TraceFlags] = OrderedDict()
+        # A sampler asked decides each trace as it opens (see _on_open); none asked,
+        # the model calls nothing more per trace.
+        self.model = SpanModel(self._emit, self._on_parent,
+                               self._on_open if self._sampler is not None else None)
         # Metrics per meter provider (None: the global one), each flow's span ends
         # recorded with its own: flows of one tracer provider share its trace model
         # (a playbook subflow adds to its parent's trace) but not their meters.
@@ -283,9 +291,12 @@ class LiveTracer:
     def context_for(self, trace_id: Any, span_id: str) -> otel_context.Context:
         """An OTel context whose current span has ``span_id`` in ``trace_id``'s trace.
 
-        Its sampled flag is asked for when first read (a user span starting, a
-        transport injecting): the worker makes it current before the invocation's
-        first event, and a trace is decided on its root as the model has it."""
+        Its sampled flag is read when first used (a user span starting, a
+        transport injecting): the trace's decision, made as the trace opened in
+        the model (:meth:`_on_open`). The worker makes it current before the
+        invocation's first event reaches the model, and a log-correlation hook
+        may read it while that event is logged: the trace is not open then, so
+        the flag is provisional and not kept (see :class:`_InvocationSpan`)."""
         return trace.set_span_in_context(_InvocationSpan(self, trace_id, span_id))
 
     def remote_context(self, trace_id: Any, invocation_id: str | None
@@ -347,11 +358,30 @@ class LiveTracer:
                 keep = False
         self._decide(otel_id, _SAMPLED if keep else _UNSAMPLED)
 
+    def _on_open(self, root: SpanData) -> None:
+        """Decide the trace of ``root``, just opened in the model (its adopted parent,
+        if any, applied already): before any node of it runs user code, so no
+        thread of a node ever asks the sampler (only a sampler asked is called)."""
+        self._flags(root.trace_id, root)
+
     def _decide(self, otel_id: int, flags: TraceFlags) -> TraceFlags:
-        self._decisions[otel_id] = flags
+        # The first decision stands: two threads deciding at once (a node's threads
+        # reading its context after the decision was forgotten) agree.
+        flags = self._decisions.setdefault(otel_id, flags)
         if len(self._decisions) > _DECISIONS_MAX:
             self._decisions.popitem(last=False)
         return flags
+
+    def provisional_flags(self, trace_id: Any) -> TraceFlags:
+        """The sampled flag to show for ``trace_id`` before it opens in the model:
+        its decision if it has one, else its adopted caller's flag, else sampled.
+        Not a decision: nothing is asked of the sampler, nothing kept."""
+        otel_id = self.model.otel_id_of(trace_id)
+        flags = self._decisions.get(otel_id) if self._decisions else None
+        if flags is not None:
+            return flags
+        sampled = self.model.pending_sampled(trace_id)
+        return _UNSAMPLED if sampled is False else _SAMPLED
 
     def _flags(self, otel_id: int, root: SpanData | None = None) -> TraceFlags:
         """The sampled flag of the trace ``otel_id``: decided once per trace.
@@ -368,14 +398,17 @@ class LiveTracer:
         if flags is None:
             if root is None:
                 root = self.model.root_of(otel_id)
+                if root is None:
+                    # Not open: nothing to decide on (the root's name and attributes
+                    # are unknown, an adopted parent not applied yet). Provisional,
+                    # never kept: the trace is decided as it opens.
+                    return _SAMPLED
             # An empty context, not None: None is the *current* one, which may be
             # a node's (the sampler would read it as the root's parent).
             try:
-                sampled = (sampler.should_sample(
+                sampled = sampler.should_sample(
                     _ROOT_CONTEXT, otel_id, root.name, SpanKind.INTERNAL,
-                    _start_attributes(root)) if root is not None else sampler.should_sample(
-                        _ROOT_CONTEXT, otel_id, _ROOT_NAME, SpanKind.INTERNAL)
-                           ).decision.is_sampled()
+                    _start_attributes(root)).decision.is_sampled()
             except Exception as exc:
                 # A broken sampler: the SDK could not start this trace's root either,
                 # so the trace is dropped whole (counted), never exported as orphans.
@@ -392,8 +425,13 @@ class LiveTracer:
         else:
             parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
                 span.trace_id, span.parent_span_id, is_remote=False, trace_flags=flags)))
+        # A link's flag is read, never decided: the linked trace (another one, a
+        # node behind a new trace id) has usually ended, its decision forgotten;
+        # deciding it again kept one stale decision per such handoff.
+        decisions = self._decisions
         links = [Link(SpanContext(link.trace_id, link.span_id, is_remote=False,
-                                  trace_flags=self._flags(link.trace_id)), link.attributes)
+                                  trace_flags=decisions.get(link.trace_id, flags)
+                                  if decisions else flags), link.attributes)
                  for link in span.links] if span.links else None
         park_ids(span.trace_id, span.span_id)
         # Attributes are passed as they are: the SDK copies them into its own
@@ -432,7 +470,6 @@ class LiveTracer:
 #: Root span attributes that the runtime sets as the trace goes (its outcome): a
 #: root span starts without them, so its sampler sees what the trace's decision saw.
 _END_ATTRIBUTES = frozenset({"error.type"})
-_ROOT_NAME = "invoke_workflow"
 
 
 def _start_attributes(root: SpanData) -> Any:
@@ -530,14 +567,22 @@ _TRACERS: weakref.WeakKeyDictionary[Any, LiveTracer] = weakref.WeakKeyDictionary
 
 
 class _InvocationSpan(NonRecordingSpan):
-    """The current span around a node's code: its context built when first read."""
+    """The current span around a node's code: its context built when first read.
+
+    Built with its trace's decision, once the trace is open in the model. Read
+    before (a log-correlation hook reading the current span while the worker
+    logs ``node_start``, which then reaches the model), it shows a provisional
+    flag (:meth:`LiveTracer.provisional_flags`) and keeps nothing: deciding then
+    decided the trace without its root and before its adopted parent.
+    """
 
     def __init__(self, tracer: LiveTracer, trace_id: Any, span_id: str) -> None:
         self._tracer = tracer
         self._trace_id = trace_id
         self._span_id = span_id
         self._built: SpanContext | None = None
-        self._deciding = False
+        #: The thread asking the sampler for this span's trace (0: none).
+        self._deciding = 0
 
     @property
     def _context(self) -> SpanContext:  # type: ignore[override]
@@ -547,15 +592,23 @@ class _InvocationSpan(NonRecordingSpan):
         built = self._built
         if built is None:
             tracer = self._tracer
-            otel_id = tracer.model.otel_id_of(self._trace_id)
+            model = tracer.model
+            otel_id = model.otel_id_of(self._trace_id)
             span_id = span_id_of(self._span_id)
-            if self._deciding:  # a sampler reading the current span while it decides
+            if model.root_of(otel_id) is None:
+                return SpanContext(otel_id, span_id, is_remote=False,
+                                   trace_flags=tracer.provisional_flags(self._trace_id))
+            thread = get_ident()
+            if self._deciding == thread:
+                # A sampler reading the current span while this thread asks it.
                 return SpanContext(otel_id, span_id, is_remote=False, trace_flags=_UNSAMPLED)
-            self._deciding = True
+            # Another thread of the node may be deciding too (the decision was
+            # forgotten): both ask, the first answer kept is the one both get.
+            self._deciding = thread
             try:
                 flags = tracer._flags(otel_id)
             finally:
-                self._deciding = False
+                self._deciding = 0
             built = self._built = SpanContext(otel_id, span_id, is_remote=False,
                                               trace_flags=flags)
         return built

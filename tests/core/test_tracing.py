@@ -1676,3 +1676,206 @@ async def test_a_trace_only_adopted_opens_nothing_in_the_tracer(
     (adopted,) = [s for s in roots if s.parent is not None]
     assert adopted.context.trace_id == int(served.trace_id, 16)
     assert _hex(adopted.parent.span_id, 16) == "00f067aa0ba902b7"
+
+
+class _ReadsCurrentSpan(logging.Filter):
+    """What OTel log correlation does per record (opentelemetry-instrumentation-logging,
+    the SDK's LoggingHandler): read the current span's context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flags: dict[int, list[bool]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            self.flags.setdefault(context.trace_id, []).append(context.trace_flags.sampled)
+        return True
+
+
+@pytest.fixture
+def log_correlation() -> Iterator[_ReadsCurrentSpan]:
+    hook = _ReadsCurrentSpan()
+    handler = logging.Handler()  # its filters run for each record (NullHandler's do not)
+    handler.emit = lambda record: None  # type: ignore[method-assign]
+    handler.addFilter(hook)
+    penguiflow_logger = logging.getLogger("penguiflow")
+    level = penguiflow_logger.level
+    penguiflow_logger.addHandler(handler)
+    # The worker logs node_start at DEBUG, in the node's context, before the
+    # event reaches the tracer's model.
+    penguiflow_logger.setLevel(logging.DEBUG)
+    try:
+        yield hook
+    finally:
+        penguiflow_logger.removeHandler(handler)
+        penguiflow_logger.setLevel(level)
+
+
+@pytest.mark.parametrize("sampler", ["default", "parent-based-ratio"])
+async def test_a_log_hook_reading_the_span_never_exports_an_unsampled_callers_trace(
+        exporter: InMemorySpanExporter, log_correlation: _ReadsCurrentSpan,
+        sampler: str) -> None:
+    # The hook read the node's context while node_start was logged, before the
+    # adopted parent was applied: the trace was decided as a new root and kept
+    # (every user span an orphan under the default sampler, the whole trace under
+    # ParentBased(ratio 1.0)), although the caller did not sample it.
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    from penguiflow_exporters.otel import PenguiFlowRatioSampler
+
+    tp = (TracerProvider() if sampler == "default"
+          else TracerProvider(sampler=ParentBased(PenguiFlowRatioSampler(1.0))))
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    user = tp.get_tracer("app")
+
+    async def traced(message: Message, ctx: Any) -> Message:
+        with user.start_as_current_span("user.work"):
+            return message
+
+    flow = create(_node(traced, "a").to(), tracer_provider=tp)
+    kept, dropped = msg("kept"), msg("dropped")
+    flow.run()
+    try:
+        for m, sampled in ((kept, True), (dropped, False), (msg("plain"), None)):
+            if sampled is not None:
+                await flow.adopt_trace_parent(m.trace_id, parent_span_id="00f067aa0ba902b7",
+                                              sampled=sampled)
+            await flow.emit(m)
+            await within(flow.fetch())
+    finally:
+        await flow.stop()
+    tp.shutdown()
+    spans = exporter.get_finished_spans()
+    assert int(dropped.trace_id, 16) not in {s.context.trace_id for s in spans}
+    ids = {s.context.span_id for s in spans}
+    assert [s.name for s in spans
+            if s.parent is not None and s.parent.span_id not in ids
+            and s.name != "invoke_workflow penguiflow"] == []
+    assert sorted(s.name for s in spans if s.context.trace_id == int(kept.trace_id, 16)) == [
+        "invoke_agent a", "invoke_workflow penguiflow", "user.work"]
+    # The log lines of the unsampled caller's trace say so, even the early one.
+    assert log_correlation.flags[int(dropped.trace_id, 16)]
+    assert not any(log_correlation.flags[int(dropped.trace_id, 16)])
+    assert all(log_correlation.flags[int(kept.trace_id, 16)])
+
+
+async def test_a_log_hook_reading_the_span_never_decides_a_trace_without_its_root(
+        exporter: InMemorySpanExporter, log_correlation: _ReadsCurrentSpan) -> None:
+    # The same early read asked the sampler with the bare name "invoke_workflow"
+    # and no attributes, and kept that answer: a sampler keeping the workflow
+    # "important" dropped its node and user spans and kept the root alone.
+    from opentelemetry.sdk.trace.sampling import Decision, ParentBased, SamplingResult
+
+    asked: list[tuple[str, Any]] = []
+
+    class KeepImportant:
+        def should_sample(self, parent_context: Any, trace_id: int, name: str,
+                          kind: Any = None, attributes: Any = None, *args: Any,
+                          **kwargs: Any) -> Any:
+            asked.append((name, dict(attributes or {})))
+            keep = (attributes or {}).get("gen_ai.workflow.name") == "important"
+            return SamplingResult(Decision.RECORD_AND_SAMPLE if keep else Decision.DROP,
+                                  attributes if keep else None)
+
+        def get_description(self) -> str:
+            return "KeepImportant"
+
+    tp = TracerProvider(sampler=ParentBased(root=KeepImportant()))
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    user = tp.get_tracer("app")
+
+    async def traced(message: Message, ctx: Any) -> Message:
+        with user.start_as_current_span("user.work"):
+            return message
+
+    for name in ("important", "other"):
+        await _run_one(create(_node(traced, "a").to(), name=name, tracer_provider=tp),
+                       msg(name))
+    tp.shutdown()
+    assert sorted(s.name for s in exporter.get_finished_spans()) == [
+        "invoke_agent a", "invoke_workflow important", "user.work"]
+    assert {name for name, _ in asked} <= {"invoke_workflow important", "invoke_workflow other"}
+
+
+async def test_two_threads_of_a_node_both_nest_their_spans_in_a_sampled_trace(
+        exporter: InMemorySpanExporter) -> None:
+    # While one thread of the node was inside the sampler (deciding the trace when
+    # it first read the node's context), the other got an unsampled context:
+    # ParentBased dropped its span from a sampled trace.
+    import threading
+
+    from opentelemetry.sdk.trace.sampling import Decision, ParentBased, SamplingResult
+
+    released = threading.Event()
+    held = []
+
+    class HeldInAThread:
+        def should_sample(self, parent_context: Any, trace_id: int, name: str,
+                          *args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is not threading.main_thread():
+                held.append(name)
+                released.wait(10)  # the node's other thread reads its context meanwhile
+            return SamplingResult(Decision.RECORD_AND_SAMPLE)
+
+        def get_description(self) -> str:
+            return "HeldInAThread"
+
+    tp = TracerProvider(sampler=ParentBased(root=HeldInAThread()))
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    user = tp.get_tracer("app")
+
+    def tool(i: int) -> None:
+        try:
+            with user.start_as_current_span(f"tool{i}"):
+                pass
+        finally:
+            released.set()
+
+    async def threaded(message: Message, ctx: Any) -> Message:
+        await asyncio.gather(asyncio.to_thread(tool, 1), asyncio.to_thread(tool, 2))
+        return message
+
+    await _run_one(create(_node(threaded, "a").to(), tracer_provider=tp), msg("x"))
+    tp.shutdown()
+    spans = _by_name(exporter.get_finished_spans())
+    assert set(spans) == {"invoke_workflow penguiflow", "invoke_agent a", "tool1", "tool2"}
+    node = spans["invoke_agent a"].context.span_id
+    assert spans["tool1"].parent.span_id == spans["tool2"].parent.span_id == node
+    # Decided before the node's code ran: no thread of it waits on the sampler.
+    assert held == []
+
+
+async def test_linking_to_an_ended_trace_decides_nothing_again(
+        exporter: InMemorySpanExporter) -> None:
+    # The link of a node behind a new trace id asked for the upstream trace's
+    # flag by deciding it again: that trace had ended (its decision forgotten), so
+    # one stale decision stayed per handoff, until 65,536 of them evicted the
+    # decisions of live traces (their spans then exported under unsampled callers).
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    from penguiflow_exporters.otel import PenguiFlowRatioSampler
+
+    tp = TracerProvider(sampler=ParentBased(PenguiFlowRatioSampler(1.0)))
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def split(message: Message, ctx: Any) -> Message:
+        return Message(payload="child", headers=message.headers)  # a fresh trace id
+
+    a, b = _node(split, "a"), _node(_noop, "b")
+    flow = create(a.to(b), b.to(), name="f", tracer_provider=tp)
+    tracer = tracer_for(tp)
+    assert tracer is not None
+    flow.run()
+    try:
+        for i in range(20):
+            await flow.emit(msg(i))
+            await within(flow.fetch())
+        assert tracer.model.open_traces() == []
+        assert len(tracer._decisions) == 0
+    finally:
+        await flow.stop()
+    tp.shutdown()
+    linked = [s for s in exporter.get_finished_spans() if s.links]
+    assert len(linked) == 20
+    assert all(link.context.trace_flags.sampled for s in linked for link in s.links)
