@@ -107,6 +107,23 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def named(url: str, name: str) -> str:
+    """``url`` whose connections carry the client name ``name`` (CLIENT SETNAME), so
+    that :func:`cut_links` can break them and no one else's."""
+    return f"{url}{'&' if '?' in url else '?'}client_name={name}"
+
+
+async def cut_links(redis: Any, name: str) -> None:
+    """Kill the connections named ``name`` (see :func:`named`) on the server: a link
+    break for the buses made with that name only. Never every client of the server:
+    the shared TEST_REDIS_URL serves other tests at the same time (another pytest
+    run, an xdist worker), whose buses would see link errors of no cause of theirs."""
+    ids = [c["id"] for c in await redis.client_list() if c.get("name") == name]
+    assert ids, f"no connection named {name!r} to cut"
+    for client_id in ids:
+        await redis.client_kill_filter(_id=client_id)
+
+
 def bus_url(url: str, namespace: str, **options: Any) -> str:
     query = "&".join(f"{k}={v}" for k, v in {"namespace": namespace, **options}.items())
     return f"{url}?{query}"

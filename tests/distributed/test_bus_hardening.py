@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +19,9 @@ from typing import Any
 import dist_flows
 import pytest
 import redis.asyncio as aioredis
-from dist_support import eventually
+from dist_support import HERE, cut_links, eventually, named
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel, model_validator
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -26,6 +31,7 @@ from penguiflow.core import PenguiFlow
 from penguiflow.errors import FlowNotRunning, InvalidArgument
 from penguiflow.wire import dumps_item
 from penguiflow_distributed import BusBindError, RedisMessageBus
+from penguiflow_distributed.bus import _redact
 
 NONE = NodePolicy(validate="none")
 
@@ -66,6 +72,63 @@ def test_a_url_redis_py_cannot_take_is_refused_at_once_naming_it(url: str, why: 
     assert "cannot be used" in str(info.value) and "s3cret" not in str(info.value)
     with pytest.raises(InvalidArgument, match=why):
         RedisMessageBus(url)
+
+
+#: Characters a password may hold that a URL reserves ('/', '?', '#' end the
+#: authority when unescaped: urllib and redis-py then read the password as the host,
+#: the port or the path).
+_HOSTILE = "/?#@:%&=;[] .aZ9"
+
+
+@settings(max_examples=300, deadline=None)
+@given(before=st.text(_HOSTILE, max_size=6), after=st.text(_HOSTILE, max_size=6),
+       user=st.sampled_from(["", "admin"]))
+def test_a_password_with_reserved_characters_never_shows(
+        before: str, after: str, user: str) -> None:
+    # Before: redis://admin:Sup3rS3cret/x@h:6390/0 was refused with "the bus URL
+    # 'redis://admin:Sup3rS3cret/x@...' cannot be used: Port could not be cast to
+    # integer value as 'Sup3rS3cret'": the password twice (also in pf worker's output).
+    secret = "Sup3rS3cret"
+    url = f"redis://{user}:{before}{secret}{after}@127.0.0.1:6390/0?db=1"
+    for make in (RedisMessageBus, RedisMessageBus.from_url):
+        try:
+            bus = make(url)
+        except InvalidArgument as exc:
+            assert secret not in str(exc) and secret not in repr(exc)
+            if any(c in before for c in "/?#"):
+                # What is wrong, and the fix.
+                assert "percent-encode" in str(exc)
+        else:
+            assert secret not in repr(bus)
+    assert secret not in _redact(url)
+
+
+def test_a_password_with_a_slash_is_refused_naming_the_fix() -> None:
+    with pytest.raises(InvalidArgument, match=r"'redis://\*\*\*@127.0.0.1:6390/0' cannot "
+                                              r"be used: .*unescaped '/', '\?' or '#'.*"
+                                              r"percent-encode") as info:
+        RedisMessageBus.from_url("redis://admin:Sup3rS3cret/x@127.0.0.1:6390/0")
+    assert "Sup3rS3cret" not in str(info.value)
+
+
+def test_pf_worker_never_prints_a_password_holding_a_slash() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run(
+        [sys.executable, "-m", "penguiflow_distributed.worker", "dist_flows:chain",
+         "--bus", "redis://admin:Sup3rS3cret/x@127.0.0.1:6390/0"],
+        env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "percent-encode" in done.stderr and "Sup3rS3cret" not in done.stderr
+
+
+def test_a_unix_socket_url_rides_from_url_with_its_keywords() -> None:
+    # Before: from_url rebuilt it as unix:/tmp/redis.sock and refused it.
+    bus = RedisMessageBus.from_url("unix:///tmp/redis.sock?db=10&namespace=shop")
+    assert (bus.url, bus.namespace) == ("unix:///tmp/redis.sock?db=10", "shop")
+    bus = RedisMessageBus.from_url("unix://u:pw@/tmp/redis.sock?namespace=shop")
+    assert bus.url == "unix://u:pw@/tmp/redis.sock"
+    assert "pw" not in repr(bus)
 
 
 async def test_a_client_that_decodes_replies_is_refused_with_the_fix(redis_url: str) -> None:
@@ -117,6 +180,42 @@ async def test_a_client_pool_with_room_for_the_bus_carries_messages(
         await client.aclose()
 
 
+async def test_the_bus_s_own_pool_carries_a_burst_of_sends_without_waiting(
+        redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Before: the bus's own client was capped at 100 connections; 400 concurrent
+    # emits waited ~2,000 times for one, and the warning told the user to raise a
+    # pool they never made.
+    async def step(m: Message, ctx: Any) -> Message:
+        return m
+    flow = create(Node(step, name="e", policy=NONE).to(), name="burst", queue_maxsize=1000)
+    bus = RedisMessageBus(redis_url, namespace=namespace, block_ms=100)
+    flow.run(message_bus=bus)
+    try:
+        await asyncio.wait_for(bus.ready(), 10)
+        with caplog.at_level(logging.WARNING):
+            await asyncio.gather(*(flow.emit(msg(n)) for n in range(400)))
+            got = {(await asyncio.wait_for(flow.fetch(), 20)).payload for _ in range(400)}
+        assert got == set(range(400))
+        assert bus.stats["pool_waits"] == 0
+        assert not [r for r in caplog.records if r.getMessage() == "bus_pool_exhausted"]
+    finally:
+        await flow.stop()
+
+
+async def test_a_max_connections_in_the_url_too_small_names_the_url(
+        redis_url: str, namespace: str) -> None:
+    flow = dist_flows.chain()
+    bus = RedisMessageBus(f"{redis_url}?max_connections=4", namespace=namespace)
+    flow.run(message_bus=bus)
+    try:
+        with pytest.raises(BusBindError, match=r"the bus URL caps the bus's connection pool "
+                                               r"at max_connections=4.*raise max_connections "
+                                               r"in the bus URL to >= 18 .*, or drop it"):
+            await asyncio.wait_for(bus.ready(), 10)
+    finally:
+        await flow.stop()
+
+
 # -- a stopped bus -----------------------------------------------------------------------
 
 
@@ -147,7 +246,8 @@ async def test_ready_and_cancel_after_stop_raise_flow_not_running(
 
 async def test_a_link_break_during_recovery_strands_no_entry(
         redis_url: str, namespace: str, redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    bus = RedisMessageBus(redis_url, namespace=namespace, block_ms=100, max_backoff_s=0.05)
+    bus = RedisMessageBus(named(redis_url, namespace), namespace=namespace, block_ms=100,
+                          max_backoff_s=0.05)
     flow = echo()
     flow.run(message_bus=bus, nodes=[])
     try:
@@ -155,7 +255,7 @@ async def test_a_link_break_during_recovery_strands_no_entry(
         consumer = flow.flow_id
         reply = bus.reply_stream(consumer)
         bus._reading = False  # the reader stays off once its link breaks (below)
-        await redis.client_kill_filter(_type="normal", skipme=True)
+        await cut_links(redis, namespace)
         await eventually(lambda: bus.stats["link_errors"] >= 1, "the reader saw the break")
         result = msg("lost")
         await redis.xadd(reply, {b"e": "echo->Rookery", b"d": dumps_item(result),

@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import socket
 import time
 import weakref
@@ -48,7 +49,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
@@ -116,6 +117,10 @@ def _temporary(exc: ResponseError) -> bool:
 #: enough for the sends of a busy worker in flight together, few enough that the
 #: pool (shared with the readers, the keep-alive and the claimer) never runs dry.
 _SPARE_MAX = 8
+#: The cap of the bus's own pool (URL given, no max_connections in it): none.
+#: redis-py's default, 100, would make a burst of concurrent sends wait
+#: (``pool_waits``, ``bus_pool_exhausted``) for a pool the user never sized.
+_UNCAPPED = 2**31
 #: Pool connections a bus needs beyond one per reader: the control reader's, and
 #: one each for the keep-alive, the claimer and a script call (see _connect).
 _POOL_OTHERS = 4
@@ -299,11 +304,12 @@ class RedisMessageBus:
             InvalidArgument: (a ``ValueError``) an unknown keyword, or a value that
                 is not of the keyword's type.
         """
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss", "unix"):
+        if url.partition(":")[0].lower() not in ("redis", "rediss", "unix"):
             raise InvalidArgument(
                 f"a Redis URL starts with redis://, rediss:// or unix://; got "
                 f"{_redact(url)!r}")
+        _check_url(url)  # as written: the query rebuilt below would hide what is wrong
+        parts = urlsplit(url)
         keep: list[tuple[str, str]] = []
         options: dict[str, Any] = {}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -317,7 +323,12 @@ class RedisMessageBus:
                 raise InvalidArgument(
                     f"{key} in the bus URL must be a {kind.__name__}; got {value!r}") from None
         options.update(overrides)
-        plain = urlunsplit(parts._replace(query=urlencode(keep)))
+        # The URL as written, with only the query changed: urlunsplit would drop the
+        # empty authority of unix:///path (unix:/path, which redis-py refuses).
+        head = url.partition("#")[0].partition("?")[0]
+        query = urlencode(keep)
+        plain = (head + (f"?{query}" if query else "")
+                 + (f"#{parts.fragment}" if parts.fragment else ""))
         return cls(plain, **options)
 
     def __repr__(self) -> str:
@@ -423,35 +434,43 @@ class RedisMessageBus:
         pool can serve this bus: ``streams`` readers each keep a connection, and the
         control reader, the keep-alive, the claimer and the script calls need theirs.
 
+        The bus's own pool is uncapped (redis-py's default cap, 100, would make
+        a burst of concurrent sends wait for connections), unless the URL sets
+        ``max_connections``: then, as for a ``client=``, that cap is checked.
+
         Raises:
-            ConfigurationError: a client whose pool is capped below that.
+            ConfigurationError: a pool capped below that.
             InvalidArgument: a URL redis-py cannot take.
         """
         need = streams + _POOL_OTHERS
         if self._redis is None:
             _check_url(self.url)
             # For redis-py's own calls (keep-alive, claims, cancels, set-up); the
-            # bus's exchanges set theirs (see _own). A socket_timeout in the URL
-            # (redis-py's own option) wins over ours. Room for every reader and
-            # the script connections kept (redis-py's default cap is 100).
+            # bus's exchanges set theirs (see _own). A socket_timeout or a
+            # max_connections in the URL (redis-py's own options) wins over ours.
             self._redis = aioredis.Redis.from_url(
                 self.url, socket_connect_timeout=5, health_check_interval=10,
                 socket_timeout=self.link_timeout_s + self.block_ms / 1000,
                 socket_keepalive=True, socket_keepalive_options=_KEEPALIVE,
-                max_connections=max(100, need + _SPARE_MAX + 16))
+                max_connections=_UNCAPPED)
         r = self._redis
         self._scripts = {name: r.register_script(getattr(_scripts, name))
                          for name in ("SEND", "SETTLE", "GATHER", "RETIRE", "DEAD")}
         cap = getattr(r.connection_pool, "max_connections", None)
         if isinstance(cap, int) and cap < need:
+            whose, fix = (
+                (f"the client's connection pool is capped at max_connections={cap}",
+                 f"pass a client with max_connections >= {need + _SPARE_MAX} (room for "
+                 f"concurrent sends), or pass the URL instead of a client")
+                if not self._own_client else
+                (f"the bus URL caps the bus's connection pool at max_connections={cap}",
+                 f"raise max_connections in the bus URL to >= {need + _SPARE_MAX} (room "
+                 f"for concurrent sends), or drop it: the bus's own pool is uncapped"))
             raise ConfigurationError(
-                f"the client's connection pool is capped at max_connections={cap}, and "
-                f"this bus needs at least {need} ({streams} blocking readers, one per "
-                f"stream it reads, keep a connection each; {_POOL_OTHERS} more serve "
-                f"cancels, keep-alives, claims and sends); with fewer, every send would "
-                f"wait for a connection for ever",
-                hint=f"pass a client with max_connections >= {need + _SPARE_MAX} (room "
-                     f"for concurrent sends), or pass the URL instead of a client")
+                f"{whose}, and this bus needs at least {need} ({streams} blocking "
+                f"readers, one per stream it reads, keep a connection each; "
+                f"{_POOL_OTHERS} more serve cancels, keep-alives, claims and sends); with "
+                f"fewer, every send would wait for a connection for ever", hint=fix)
 
     async def ready(self) -> None:
         """Return once :meth:`bind` finished (the process reads its edges).
@@ -1209,14 +1228,20 @@ class RedisMessageBus:
         ``interrupt``: the back-off ends early when unbind starts (a send or a
         cancel, which then ends instead of retrying)."""
         if isinstance(exc, MaxConnectionsError):
-            # Not Redis: the client's pool is out of connections (a capped client=
-            # shared with other users). Waited out, said as what it is.
+            # Not Redis: the pool is out of connections (a capped client= shared
+            # with other users, or a max_connections in the URL). Waited out, said
+            # as what it is.
             self.stats["pool_waits"] += 1
             if self.stats["pool_waits"] == 1 or self.stats["pool_waits"] % 1000 == 0:
                 logger.warning("bus_pool_exhausted", extra={
                     "doing": doing, "waits": self.stats["pool_waits"],
-                    "hint": "the client's connection pool (max_connections) is too "
-                            "small for this bus and its other users: raise it"})
+                    "hint": ("the connection pool of the client passed as client= "
+                             "(max_connections) is too small for this bus and its "
+                             "other users: raise its max_connections"
+                             if not self._own_client else
+                             "max_connections in the bus URL is too small for this "
+                             "bus's concurrent sends: raise it, or drop it (the bus's "
+                             "own pool is then uncapped)")})
             pause = 0.01
             if interrupt:
                 with contextlib.suppress(TimeoutError):
@@ -1334,17 +1359,78 @@ async def _drop(pool: Any, conn: Any) -> None:
 
 
 def _check_url(url: str) -> None:
-    """Refuse, now, a Redis URL redis-py would refuse on the first connection.
+    """Refuse, now, a Redis URL redis-py would refuse on the first connection, or
+    would read otherwise than meant: an ``@`` after the host part (a password
+    holding an unescaped ``/``, ``?`` or ``#`` is read as the host, the port or
+    the path). redis-py's reason is given with the URL's user part masked.
 
     Raises:
         InvalidArgument: a port that is no number, an option of the wrong type, ...
     """
+    if _userinfo_misread(url):
+        # Refused even where redis-py would take it: it would read another host,
+        # port or option than meant (and show the password in its errors).
+        raise InvalidArgument(
+            f"the bus URL {_redact(url)!r} cannot be used: an '@' stands after its "
+            f"host part, so a user name or password before it that holds an unescaped "
+            f"'/', '?' or '#' would be read as the host, port, path or options; "
+            f"percent-encode them, e.g. urllib.parse.quote(password, safe='') (an '@' "
+            f"in the path or the options: %40)")
     try:
         parse_url(url)
     except ValueError as exc:
         raise InvalidArgument(
-            f"the bus URL {_redact(url)!r} cannot be used: {exc} (e.g. "
+            f"the bus URL {_redact(url)!r} cannot be used: {_scrub(str(exc), url)} (e.g. "
             f"redis://host:6379/0?socket_timeout=5)") from None
+
+
+def _userinfo_span(url: str) -> tuple[int, int] | None:
+    """Where the text that may be a user part is: from after ``://`` to the last
+    ``@`` (None: no ``@`` after ``://``)."""
+    start = url.find("://")
+    at = url.rfind("@")
+    if start < 0 or at < start + 3:
+        return None
+    return start + 3, at
+
+
+def _userinfo_misread(url: str) -> bool:
+    """Whether the URL's last ``@`` is not in the authority urllib (and redis-py)
+    read: a user part holding an unescaped ``/``, ``?`` or ``#`` (or an ``@``
+    further on, in the path or the query)."""
+    span = _userinfo_span(url)
+    if span is None:
+        return False
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:  # an unbalanced '[' ...
+        return True
+    return netloc.rpartition("@")[0] != url[span[0]:span[1]]
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` (redis-py's reason) without any piece of ``url``'s user part, its
+    password, or a secret-looking query value: each shown as ``***``."""
+    pieces: set[str] = set()
+    span = _userinfo_span(url)
+    if span is not None:
+        zone = url[span[0]:span[1]]
+        pieces.add(zone)
+        pieces.update(re.split(r"[:/?#@&=;]", zone))
+        pieces.update(unquote_plus(p) for p in list(pieces))
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(url)
+        if parts.password:
+            pieces.update((parts.password, unquote_plus(parts.password)))
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            if any(w in name.lower() for w in _SECRET_WORDS):
+                pieces.add(value)
+    for piece in sorted((p for p in pieces if p), key=len, reverse=True):
+        if len(piece) >= 4:
+            text = text.replace(piece, "***")
+        else:  # short: only where it stands alone ('u' of a user name, not of 'out')
+            text = re.sub(rf"(?<![0-9A-Za-z]){re.escape(piece)}(?![0-9A-Za-z])", "***", text)
+    return text
 
 
 def _check_client(client: Any) -> None:
@@ -1405,11 +1491,19 @@ _SECRET_WORDS = ("pass", "pwd", "secret", "token", "auth", "credential", "key")
 
 def _redact(url: str) -> str:
     """``url`` without its password: in the user part (``redis://u:***@h``) and in
-    any query item whose name looks like a secret (``?password=***``)."""
+    any query item whose name looks like a secret (``?password=***``).
+
+    Fails closed: when the URL's last ``@`` is not in the authority urllib reads
+    (a password with an unescaped ``/``, ``?`` or ``#``, or an ``@`` further on),
+    everything between ``://`` and that ``@`` is masked (``redis://***@h``)."""
+    span = _userinfo_span(url)
+    if span is not None:
+        if _userinfo_misread(url):
+            url = url[:span[0]] + "***" + url[span[1]:]
+        else:
+            user, colon, _password = url[span[0]:span[1]].partition(":")
+            url = url[:span[0]] + user + (":***" if colon else "") + url[span[1]:]
     base, question, rest = url.partition("?")
-    password = urlsplit(url).password
-    if password is not None:
-        base = base.replace(f":{password}@", ":***@", 1)
     query, hash_, fragment = rest.partition("#")
     items = []
     for item in query.split("&") if query else ():
