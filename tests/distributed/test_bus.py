@@ -16,7 +16,7 @@ from typing import Any
 import dist_flows
 import pytest
 import redis.asyncio as aioredis
-from dist_support import RedisServer, SilentProxy, eventually, free_port
+from dist_support import RedisServer, SilentProxy, cut_links, eventually, free_port, named
 
 from penguiflow import Headers, Message, Node, NodePolicy, create
 from penguiflow.binding import Parcel, is_delivering
@@ -978,12 +978,12 @@ async def test_a_reply_stream_deleted_under_its_reader_is_read_again(
 
 async def test_a_read_whose_reply_the_link_lost_is_read_back(
         redis_url: str, namespace: str, redis: Any) -> None:
-    pair = await Pair(dist_flows.chain, redis_url, namespace).start(worker=False)
+    pair = await Pair(dist_flows.chain, named(redis_url, namespace), namespace).start(worker=False)
     try:
         bus, consumer = pair.client_bus, pair.client.flow_id
         reply = bus.reply_stream(consumer)
         bus._reading = False  # the reader stays off once its link breaks (below)
-        await redis.client_kill_filter(_type="normal", skipme=True)
+        await cut_links(redis, namespace)
         await eventually(lambda: bus.stats["link_errors"] >= 1, "the reader saw the link break")
         result = msg("lost")
         await redis.xadd(reply, {b"e": "e->Rookery", b"d": dumps_item(result),
@@ -1003,15 +1003,18 @@ async def test_a_read_whose_reply_the_link_lost_is_read_back(
         await pair.stop()
 
 
-async def _cut_blocked_reads(redis: Any) -> None:
-    """Kill every connection blocked in XREADGROUP; return once as many are blocked
-    again (each reader reconnected and read back its pending entries first)."""
-    blocked = {c["id"] for c in await redis.client_list() if c.get("cmd") == "xreadgroup"}
+async def _cut_blocked_reads(redis: Any, name: str) -> None:
+    """Kill every connection named ``name`` (see dist_support.named) blocked in
+    XREADGROUP; return once as many are blocked again (each reader reconnected and
+    read back its pending entries first)."""
+    def reading(c: dict[str, Any]) -> bool:
+        return c.get("cmd") == "xreadgroup" and c.get("name") == name
+    blocked = {c["id"] for c in await redis.client_list() if reading(c)}
     for client_id in blocked:
         await redis.client_kill_filter(_id=client_id)
     async def again() -> int:
         return sum(1 for c in await redis.client_list()
-                   if c.get("cmd") == "xreadgroup" and c["id"] not in blocked)
+                   if reading(c) and c["id"] not in blocked)
     for _ in range(2000):  # polled: Redis's client list has nothing to await
         if await again() >= len(blocked):
             return
@@ -1025,16 +1028,17 @@ async def test_link_flaps_while_a_node_runs_do_not_dead_letter_its_input(
     # link counted as a delivery (XREADGROUP <id>) would put it at the limit.
     options: dict[str, Any] = {"max_deliveries": 2, "claim_idle_s": 0.5, "block_ms": 100,
                                "max_backoff_s": 0.05}
-    pair = await Pair(dist_flows.blocking, redis_url, namespace, **options).start()
+    url = named(redis_url, namespace)
+    pair = await Pair(dist_flows.blocking, url, namespace, **options).start()
     other = dist_flows.blocking()
-    other_bus = RedisMessageBus(redis_url, namespace=namespace, **options)
+    other_bus = RedisMessageBus(url, namespace=namespace, **options)
     started = tmp_path / "s"
     try:
         meta = {"started": str(started), "mark": str(tmp_path / "m")}
         await pair.client.emit(msg("one", trace_id="flap", **meta))
         await eventually(started.exists, "the node started")
         for _ in range(3):  # the worker's links break while the node runs
-            await _cut_blocked_reads(redis)
+            await _cut_blocked_reads(redis, namespace)
         assert pair.worker_bus.stats["recovered"] == 0  # held here: nothing to read back
         await pair.worker.stop()  # it dies with the input unsettled
         started.unlink()
@@ -1054,12 +1058,13 @@ async def test_an_entry_a_recovering_reader_and_the_claimer_both_get_runs_once(
         redis_url: str, namespace: str, redis: Any) -> None:
     # A reader reading back its lost read, and the claimer whose XCLAIM of the same
     # entry is in flight, both receive it from Redis: only one may deliver it.
-    pair = await Pair(dist_flows.chain, redis_url, namespace, claim_idle_s=1000).start()
+    pair = await Pair(dist_flows.chain, named(redis_url, namespace), namespace,
+                      claim_idle_s=1000).start()
     try:
         bus, consumer = pair.worker_bus, pair.worker.flow_id
         stream = bus.edge_stream("a->b")
         bus._reading = False
-        await redis.client_kill_filter(_type="normal", skipme=True)
+        await cut_links(redis, namespace)
         await eventually(lambda: bus.stats["link_errors"] >= 1, "the reader saw the link break")
         sent = msg("x:")
         await redis.xadd(stream, {b"e": "a->b", b"d": dumps_item(sent), b"t": sent.trace_id,
@@ -1093,12 +1098,13 @@ async def test_an_entry_recovered_and_settled_while_a_claim_was_in_flight_runs_o
         redis_url: str, namespace: str, redis: Any) -> None:
     # As above, and the recovered entry is run and settled before the claim's reply
     # is seen: no longer in hand, it must still not be delivered by the claim.
-    pair = await Pair(dist_flows.chain, redis_url, namespace, claim_idle_s=1000).start()
+    pair = await Pair(dist_flows.chain, named(redis_url, namespace), namespace,
+                      claim_idle_s=1000).start()
     try:
         bus, consumer = pair.worker_bus, pair.worker.flow_id
         stream = bus.edge_stream("a->b")
         bus._reading = False
-        await redis.client_kill_filter(_type="normal", skipme=True)
+        await cut_links(redis, namespace)
         await eventually(lambda: bus.stats["link_errors"] >= 1, "the reader saw the link break")
         sent = msg("x:")
         await redis.xadd(stream, {b"e": "a->b", b"d": dumps_item(sent), b"t": sent.trace_id,
@@ -1134,13 +1140,14 @@ async def test_a_recovering_reader_skips_an_entry_settled_since_its_read_was_sen
         redis_url: str, namespace: str, redis: Any) -> None:
     # The read-back's reply can come after the settle of an entry it lists (run and
     # settled here meanwhile): that entry is not delivered again.
-    pair = await Pair(dist_flows.chain, redis_url, namespace, claim_idle_s=1000).start()
+    pair = await Pair(dist_flows.chain, named(redis_url, namespace), namespace,
+                      claim_idle_s=1000).start()
     try:
         bus, consumer = pair.worker_bus, pair.worker.flow_id
         stream = bus.edge_stream("a->b")
         bus._reading = False
         # The blocked read ends (its link cut) and the reader parks.
-        await redis.client_kill_filter(_type="normal", skipme=True)
+        await cut_links(redis, namespace)
         await eventually(lambda: bus.stats["link_errors"] >= 1, "the reader saw the link break")
         sent = msg("x:")
         entry = await redis.xadd(stream, {
@@ -1242,15 +1249,16 @@ async def test_script_connections_killed_by_redis_are_all_replaced(
         redis_url: str, namespace: str, redis: Any) -> None:
     # As after a Redis restart: every connection the bus keeps for its scripts is
     # dead. The next call fails on one, drops them all, and is answered on a new one.
-    pair = await Pair(dist_flows.fanout, redis_url, namespace).start(worker=False)
+    pair = await Pair(dist_flows.fanout, named(redis_url, namespace), namespace).start(
+        worker=False)
     bus = pair.client_bus
     try:
         await asyncio.gather(*(bus.gather(f"join|k{i}", "hop-a", b"1", 1) for i in range(4)))
         kept = len(bus._spare)
         assert kept >= 2
         killed = 0
-        for client in await redis.client_list():
-            if client.get("cmd") == "evalsha":
+        for client in await redis.client_list():  # this bus's only (others share Redis)
+            if client.get("cmd") == "evalsha" and client.get("name") == namespace:
                 await redis.execute_command("CLIENT", "KILL", "ID", client["id"])
                 killed += 1
         assert killed >= kept
