@@ -45,9 +45,11 @@ caller's (``PenguiFlow.adopt_trace_parent``, a W3C ``traceparent``) is decided
 as the SDK decides a span with a remote parent: the sampler is asked with the
 caller's span (and its sampled flag) as parent, so the default sampler keeps it
 only if the caller sampled it. The writer fast path takes sampled spans only.
-The SDK's ``TraceIdRatioBased`` (bare or as a ``ParentBased`` root) reads bits
-PenguiFlow's uuid4 trace ids fix: the penguiflow tracer applies its rate to the
-top bits instead (:class:`_TopBitsRatio`), logged once.
+The SDK's ``TraceIdRatioBased`` reads bits PenguiFlow's uuid4 trace ids fix: as a
+``ParentBased`` root, the penguiflow tracer applies its rate to the top bits
+instead (:class:`_TopBitsRatio`), logged once (a node's own spans follow their
+node span). A bare one is kept, logged once: every tracer of the provider
+samples every span by it, so a swap on the penguiflow tracer alone split traces.
 
 One tracer serves every flow of a tracer provider in the process, so a playbook
 subflow, which shares its parent's trace, adds its spans to the same trace and
@@ -530,24 +532,38 @@ class _TopBitsRatio:
 
 
 def _penguiflow_sampler(tracer: Any, sampler: Any, provider_name: str) -> Any:
-    """``sampler``, or, when it is the SDK's ``TraceIdRatioBased`` (bare or as a
-    ``ParentBased`` root), the same rate on the trace id's top bits (see
-    :class:`_TopBitsRatio`), set on the penguiflow tracer only; logged."""
+    """``sampler``, or, when it is ``ParentBased`` with the SDK's ``TraceIdRatioBased``
+    root, the same with that rate on the trace id's top bits (see
+    :class:`_TopBitsRatio`), set on the penguiflow tracer only; logged.
+
+    A bare ``TraceIdRatioBased`` is kept (and logged): every tracer of the
+    provider samples each span by it, a node's own spans (the application's
+    tracers) included, so a swap on the penguiflow tracer alone would split
+    traces. Under ``ParentBased``, only root spans read the rate: a node's own
+    spans follow their node span's flag.
+    """
     try:
         if _is_sdk(sampler, "TraceIdRatioBased"):
-            fixed: Any = _TopBitsRatio(sampler.rate, sampler.bound)
-            others = "every other tracer's spans, a node's own spans included"
-        elif _is_sdk(sampler, "ParentBased") and _is_sdk(sampler._root, "TraceIdRatioBased"):
-            root = sampler._root
-            fixed = type(sampler)(
-                _TopBitsRatio(root.rate, root.bound),
-                remote_parent_sampled=sampler._remote_parent_sampled,
-                remote_parent_not_sampled=sampler._remote_parent_not_sampled,
-                local_parent_sampled=sampler._local_parent_sampled,
-                local_parent_not_sampled=sampler._local_parent_not_sampled)
-            others = "root spans of other tracers"
-        else:
+            logger.warning(
+                "otel_ratio_sampler_low_bits: the tracer provider %s samples with %s, which "
+                "reads a trace id's low 64 bits: PenguiFlow's uuid4 trace ids fix two of "
+                "them, so it keeps a wrong share of PenguiFlow's traces (none at a rate of "
+                "0.5 or less, all at 0.75 or more). Every tracer of the provider applies it "
+                "to every span, so traces stay whole; use "
+                "penguiflow_exporters.otel.PenguiFlowRatioSampler on the provider (or "
+                "ParentBased(TraceIdRatioBased(rate))) to sample the rate asked",
+                provider_name, sampler.get_description(), extra={"provider": provider_name})
             return sampler
+        if not (_is_sdk(sampler, "ParentBased")
+                and _is_sdk(sampler._root, "TraceIdRatioBased")):
+            return sampler
+        root = sampler._root
+        fixed = type(sampler)(
+            _TopBitsRatio(root.rate, root.bound),
+            remote_parent_sampled=sampler._remote_parent_sampled,
+            remote_parent_not_sampled=sampler._remote_parent_not_sampled,
+            local_parent_sampled=sampler._local_parent_sampled,
+            local_parent_not_sampled=sampler._local_parent_not_sampled)
         tracer.sampler = fixed
     except Exception as exc:  # not the SDK's shape after all: left as it is
         logger.warning("otel_ratio_sampler_kept", extra={"error": repr(exc)[:300]})
@@ -556,9 +572,9 @@ def _penguiflow_sampler(tracer: Any, sampler: Any, provider_name: str) -> Any:
         "otel_ratio_sampler_replaced: the tracer provider %s samples with %s, which reads "
         "a trace id's low 64 bits: PenguiFlow's uuid4 trace ids fix two of them, so it "
         "would keep a wrong share of traces (none at a rate <= 0.5). PenguiFlow's spans "
-        "are sampled with %s instead; %s still use the SDK's rule (use "
-        "penguiflow_exporters.otel.PenguiFlowRatioSampler on the provider)",
-        provider_name, sampler.get_description(), fixed.get_description(), others,
+        "are sampled with %s instead; root spans of other tracers still use the SDK's "
+        "rule (use penguiflow_exporters.otel.PenguiFlowRatioSampler on the provider)",
+        provider_name, sampler.get_description(), fixed.get_description(),
         extra={"provider": provider_name})
     return fixed
 

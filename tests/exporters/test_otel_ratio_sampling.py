@@ -81,12 +81,10 @@ async def test_configure_tracing_samples_the_ratio_asked_of_default_trace_ids(
     _check_whole(exporter.get_finished_spans(), _expected(messages))
 
 
-@pytest.mark.parametrize("parent_based", [True, False])
-async def test_an_applications_provider_with_the_sdks_ratio_sampler_samples_that_ratio(
-        parent_based: bool, caplog: pytest.LogCaptureFixture) -> None:
+async def test_an_applications_provider_with_the_sdks_parent_based_ratio_samples_that_ratio(
+        caplog: pytest.LogCaptureFixture) -> None:
     exporter = InMemorySpanExporter()
-    ratio = TraceIdRatioBased(RATE)
-    tp = TracerProvider(sampler=ParentBased(ratio) if parent_based else ratio)
+    tp = TracerProvider(sampler=ParentBased(TraceIdRatioBased(RATE)))
     tp.add_span_processor(SimpleSpanProcessor(exporter))
     messages = _messages()
     with caplog.at_level(logging.WARNING, logger="penguiflow.tracing"):
@@ -97,3 +95,47 @@ async def test_an_applications_provider_with_the_sdks_ratio_sampler_samples_that
     (said,) = [r for r in caplog.records
                if r.getMessage().startswith("otel_ratio_sampler_replaced")]
     assert "PenguiFlowRatioSampler" in said.getMessage()
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.75])
+async def test_an_applications_bare_ratio_sampler_keeps_each_trace_whole_with_its_user_spans(
+        rate: float, caplog: pytest.LogCaptureFixture) -> None:
+    # The penguiflow tracer alone sampled a bare TraceIdRatioBased on the top bits
+    # while the application's tracers (the user's spans in a node) kept the SDK's
+    # low-bits rule: at 0.75, 50 of 200 user spans orphans (their node span
+    # dropped); at 0.25, 44 traces exported without their user spans. Every tracer
+    # of the provider applies a bare ratio to every span: it is kept, and said.
+    exporter = InMemorySpanExporter()
+    tp = TracerProvider(sampler=TraceIdRatioBased(rate))
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    app = tp.get_tracer("my.app")
+
+    async def work(message: Message, ctx: Any) -> Message:
+        with app.start_as_current_span("llm.call"):
+            return message
+
+    flow = create(Node(work, name="a", policy=NodePolicy(validate="none")).to(),
+                  tracer_provider=tp)
+    messages = _messages()
+    with caplog.at_level(logging.WARNING, logger="penguiflow.tracing"):
+        flow.run()
+        try:
+            for m in messages:
+                await flow.emit(m)
+                await flow.fetch()
+        finally:
+            await flow.stop()
+    tp.shutdown()
+    spans = exporter.get_finished_spans()
+    ids = {s.context.span_id for s in spans}
+    assert [s.name for s in spans if s.parent is not None and s.parent.span_id not in ids] == []
+    names: dict[int, list[str]] = {}
+    for span in spans:
+        names.setdefault(span.context.trace_id, []).append(span.name)
+    assert all(sorted(n) == ["invoke_agent a", "invoke_workflow penguiflow", "llm.call"]
+               for n in names.values())
+    (said,) = [r for r in caplog.records
+               if r.getMessage().startswith("otel_ratio_sampler_low_bits")]
+    assert "PenguiFlowRatioSampler" in said.getMessage()
+    assert not [r for r in caplog.records
+                if r.getMessage().startswith("otel_ratio_sampler_replaced")]

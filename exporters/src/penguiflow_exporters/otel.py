@@ -541,8 +541,12 @@ def configure_tracing(
             (parent-based always-on), its ratio samplers as
             :class:`PenguiFlowRatioSampler`. An SDK ``TraceIdRatioBased`` given
             here (bare or as a ``ParentBased`` root) is used as
-            :class:`PenguiFlowRatioSampler` of the same rate too. Sampling is
-            decided once per trace: a trace is exported whole or not at all.
+            :class:`PenguiFlowRatioSampler` of the same rate too: set on the
+            provider built here, so every tracer of it (the application's, a
+            node's own spans) samples alike. Sampling is decided once per
+            trace: a trace is exported whole or not at all. (On an
+            application's own provider, a bare ``TraceIdRatioBased`` is kept,
+            with a warning: see the observability guide.)
         exporter: a span exporter to use instead of OTLP (tests pass the SDK's
             ``InMemorySpanExporter``).
         span_processor: ``"batch"`` (background thread; the only choice that
