@@ -14,6 +14,7 @@ nothing per event. Without a MeterProvider the API's no-op instruments are used.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -90,9 +91,9 @@ class FlowMetrics:
         #: flow is garbage-collected.
         self._failures_gone: dict[str, int] = {}
         self._failures_seen: dict[str, dict[str, int]] = {}
-        #: Node spans (by span id) whose remote CLIENT span recorded the time to first
-        #: chunk: the same chunk is not measured again from the node span.
-        self._ttfc_nodes: set[int] = set()
+        #: The reader's thread (callbacks) and the loop (a flow stopping) both
+        #: update the failure totals.
+        self._failures_lock = threading.Lock()
         meter.create_observable_gauge(
             sc.M_QUEUE_DEPTH, callbacks=[self._observe_queues], unit="{item}",
             description="Items waiting on each edge")
@@ -132,11 +133,6 @@ class FlowMetrics:
             ttfc = attrs.get(sc.GEN_AI_TIME_TO_FIRST_CHUNK)
             if isinstance(ttfc, float):
                 self._ttfc.record(ttfc, labels)
-                if span.parent_span_id is not None:
-                    nodes = self._ttfc_nodes
-                    if len(nodes) >= _TTFC_NODES_MAX:  # node spans that never ended here
-                        nodes.clear()
-                    nodes.add(span.parent_span_id)
             return
         if span.root:  # a trace's root span (under a caller's span too)
             requested = acknowledged = None
@@ -157,13 +153,10 @@ class FlowMetrics:
         else:
             self._node_duration.record(_seconds(span), labels)
         ttfc = attrs.get(sc.GEN_AI_TIME_TO_FIRST_CHUNK)
-        if isinstance(ttfc, float):
-            # A RemoteNode re-emits its call's chunks: measured once, by the call.
-            nodes = self._ttfc_nodes
-            if span.span_id in nodes:
-                nodes.discard(span.span_id)
-            else:
-                self._ttfc.record(ttfc, labels)
+        if isinstance(ttfc, float) and not span.remote_first_chunk:
+            # A RemoteNode re-emits its call's chunks: measured once, by the call
+            # (the model says so on the node span, whichever span ends first).
+            self._ttfc.record(ttfc, labels)
         retries = sum(1 for event in span.events if event.name == sc.EV_RETRY)
         if retries:
             self._retries.add(retries, labels)
@@ -196,10 +189,12 @@ class FlowMetrics:
     def note_failures(self, flow: ObservedFlow) -> None:
         """Remember ``flow``'s observer failures so far (it stops: it may be gone
         by the next collection)."""
-        seen = self._failures_seen.setdefault(flow.flow_id, {})
-        for kind, count in flow.observer_failures.items():
-            if count > seen.get(kind, 0):
-                seen[kind] = count
+        counts = flow.observer_failures
+        with self._failures_lock:
+            seen = self._failures_seen.setdefault(flow.flow_id, {})
+            for kind, count in counts.items():
+                if count > seen.get(kind, 0):
+                    seen[kind] = count
 
     def _observe_failures(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
@@ -209,17 +204,15 @@ class FlowMetrics:
         for flow in list(self._flows):
             live.add(flow.flow_id)
             self.note_failures(flow)
-        gone = self._failures_gone
-        for flow_id in [f for f in self._failures_seen if f not in live]:
-            for kind, count in self._failures_seen.pop(flow_id).items():
-                gone[kind] = gone.get(kind, 0) + count
-        totals = dict(gone)
-        for seen in self._failures_seen.values():
-            for kind, count in seen.items():
-                totals[kind] = totals.get(kind, 0) + count
+        with self._failures_lock:  # a flow stopping on the loop notes its counts
+            gone = self._failures_gone
+            for flow_id in [f for f in self._failures_seen if f not in live]:
+                for kind, count in self._failures_seen.pop(flow_id).items():
+                    gone[kind] = gone.get(kind, 0) + count
+            totals = dict(gone)
+            for seen in self._failures_seen.values():
+                for kind, count in seen.items():
+                    totals[kind] = totals.get(kind, 0) + count
         return [Observation(count, {sc.PF_OBSERVER_FAILURE: kind})
                 for kind, count in totals.items()]
 
-
-#: Node spans remembered as measured by their CLIENT span, at most (see FlowMetrics).
-_TTFC_NODES_MAX = 4096

@@ -731,6 +731,7 @@ class SpanModel:
             span.attributes[sc.PF_STREAM_CHUNKS] = chunks
             if chunks == 1:
                 span.attributes[sc.GEN_AI_TIME_TO_FIRST_CHUNK] = (ns - span.start_ns) / 1e9
+                self._call_streamed(spans, inv)
         state = extra.get("remote_task_state")
         if state is not None:
             state = peer_text(state)
@@ -738,6 +739,14 @@ class SpanModel:
                 span.attributes[sc.PF_REMOTE_TASK_STATE] = state
                 span.events.append(SpanEventData(sc.PF_REMOTE_TASK_STATE, ns, {
                     sc.PF_REMOTE_TASK_STATE: state}))
+
+    @staticmethod
+    def _call_streamed(spans: _TraceSpans, inv: str | None) -> None:
+        # Said on the node span as it happens, whichever of the two spans ends
+        # first (a cancel with the task known ends the node span first).
+        node = spans.nodes.get(inv or "")
+        if node is not None:
+            node.remote_first_chunk = True
 
     def _end_remote(self, spans: _TraceSpans, inv: str | None, ns: int,
                     extra: Mapping[str, Any]) -> SpanData | None:
@@ -797,6 +806,8 @@ class SpanModel:
             return
         span.events.append(SpanEventData(sc.EV_CANCEL_PROPAGATED, ns, dict(attributes)))
         _streamed(span, extra)
+        if sc.GEN_AI_TIME_TO_FIRST_CHUNK in span.attributes:
+            self._call_streamed(spans, inv)
         span.attributes[sc.ERROR_TYPE] = sc.ERROR_CANCELLED
         span.status = "error"
         span.status_description = f"cancelled ({reason})"

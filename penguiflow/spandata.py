@@ -61,6 +61,9 @@ class SpanData:
     #: The trace's root span (``invoke_workflow``), even when it has a parent: a
     #: trace continuing a caller's (``PenguiFlow.adopt_trace_parent``).
     root: bool = False
+    #: A node span whose first chunk came from its remote call's stream: that call's
+    #: CLIENT span measures the time to it (metrics count one stream once).
+    remote_first_chunk: bool = False
 
     @property
     def trace_id_hex(self) -> str:

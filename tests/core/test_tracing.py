@@ -1879,3 +1879,40 @@ async def test_linking_to_an_ended_trace_decides_nothing_again(
     linked = [s for s in exporter.get_finished_spans() if s.links]
     assert len(linked) == 20
     assert all(link.context.trace_flags.sampled for s in linked for link in s.links)
+
+
+async def test_a_cancelled_stream_with_its_task_known_is_one_first_chunk_sample(
+        provider: TracerProvider, exporter: InMemorySpanExporter, reader: Any) -> None:
+    # The node span ends first (node_trace_cancelled) and was measured, its call's
+    # CLIENT span still open; the remote cancel's event then ended the CLIENT span,
+    # measured again: two samples for one stream (and a node id kept for ever).
+    hold = asyncio.Event()
+
+    async def one_then_hold(request: Any) -> Any:
+        yield "first"
+        await hold.wait()
+        yield "never"
+
+    transport = InMemoryTransport({URL: InMemoryAgent(chunks=one_then_hold)})
+    remote = RemoteNode(transport=transport, skill="slow", agent_url=URL, name="remote",
+                        streaming=True, policy=NodePolicy(validate="none"))
+    flow = create(remote.to(), tracer_provider=provider, meter_provider=_meters(reader))
+    flow.run()
+    m = msg("x")
+    try:
+        await flow.emit(m)
+        task = await within(transport.next_task(URL))
+        await within(flow.fetch())  # the first chunk, re-emitted by the RemoteNode
+        assert await within(flow.cancel(m.trace_id)) is True
+        await within(task.cancel_requested.wait())
+    finally:
+        await flow.stop()
+
+    spans = _by_name(exporter.get_finished_spans())
+    client, node_span = spans["invoke_agent slow"], spans["invoke_agent remote"]
+    assert client.attributes["error.type"] == node_span.attributes["error.type"] == "cancelled"
+    assert node_span.end_time <= client.end_time
+    (ttfc,) = _metric_points(reader)["pf.stream.time_to_first_chunk"]
+    assert ttfc.count == 1
+    assert ttfc.attributes["gen_ai.agent.name"] == "slow"
+    assert ttfc.sum == pytest.approx(client.attributes["gen_ai.response.time_to_first_chunk"])
