@@ -52,8 +52,12 @@ _seq = itertools.count()
 
 
 def now_iso() -> str:
-    """Current UTC time as A2A writes timestamps (ISO-8601, milliseconds, ``Z``)."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Current UTC time as A2A writes timestamps (ISO-8601, ``Z``), to the
+    microsecond, as a2a-sdk writes them: ListTasks' ``statusTimestampAfter`` compares
+    them with the caller's time, and a change made after that time within the same
+    millisecond, stored truncated to it, would read as made before and never be
+    listed as changed since."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)

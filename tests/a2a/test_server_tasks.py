@@ -4,9 +4,14 @@ and tasks seen only by the principal that owns them."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
+from penguiflow_a2a import _tasks
 from penguiflow_a2a._tasks import Subscriber, TaskRecord, TaskRegistry
+from penguiflow_a2a.protocol import WORKING
 
 
 def record(task_id: str, owner: Any = None) -> TaskRecord:
@@ -84,3 +89,26 @@ def test_lookups_on_a_callers_behalf_see_only_its_own_tasks() -> None:
     page, total, _ = tasks.page(context_id=None, state=None, page_size=10, after_seq=None)
     assert page == [anonymous] and total == 1
     assert tasks.find("a", _Touchy()) is None  # a bad principal sees nothing, never raises
+
+
+def test_a_status_change_after_t_in_the_same_millisecond_is_listed_as_changed_since_t(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: status timestamps were kept to the millisecond, so a change at
+    # 12:00:00.000700 was stored as 12:00:00.000 and a poller asking for what changed
+    # since 12:00:00.000500 (ListTasks statusTimestampAfter) never saw it.
+    since = datetime(2026, 1, 31, 12, 0, 0, 500, tzinfo=UTC)
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Clock:  # type: ignore[override]
+            return cls(2026, 1, 31, 12, 0, 0, 700, tzinfo=tz)
+
+    monkeypatch.setattr(_tasks, "datetime", Clock)
+    tasks = TaskRegistry(max_tasks=10, ttl_s=3600)
+    r = record("x")
+    tasks.add(r)
+    tasks.publish(r, r.status_event(WORKING))
+    page, total, _ = tasks.page(context_id=None, state=None, page_size=10, after_seq=None,
+                                status_since=since)
+    assert page == [r] and total == 1
+    assert r.status["timestamp"] == "2026-01-31T12:00:00.000700Z"
