@@ -223,10 +223,13 @@ class SpanModel:
         #: trace only adopted (its emit refused, the client gone) opens nothing.
         #: Oldest forgotten first.
         self._pending_parents: dict[str, tuple[float, Mapping[str, Any]]] = {}
-        #: The trace (its id) and node name of each recent invocation, two
-        #: generations of at most _INVS_MAX each: a node answering with a new trace
-        #: id hands its output to an invocation in another trace (ended by then,
-        #: often), whose span must not name a parent there.
+        #: A node answering with a new trace id hands its output to an invocation in
+        #: another trace, whose span must not name a parent there: the trace of the
+        #: upstream invocation is looked up. Invocations of open traces (their
+        #: trace's spans) are all known, however long they run; those of ended
+        #: traces are remembered (trace id, node name) as their trace ends, two
+        #: generations of at most _INVS_MAX each.
+        self._open_invs: dict[str, _TraceSpans] = {}
         self._invs: dict[str, tuple[str, str | None]] = {}
         self._invs_old: dict[str, tuple[str, str | None]] = {}
 
@@ -365,6 +368,21 @@ class SpanModel:
             # Only now: the spans ended above are decided on this root (root_of).
             if self._by_otel.get(spans.otel_id) is spans:
                 del self._by_otel[spans.otel_id]
+            self._remember_invs(spans)
+
+    def _remember_invs(self, spans: _TraceSpans) -> None:
+        """Move the invocations of ``spans`` (its trace ended) from the open ones to
+        the remembered ones: a node of another trace may take one's output later."""
+        open_invs = self._open_invs
+        invs = self._invs
+        trace_id = spans.trace_id
+        for inv, node_name in spans.inv_nodes.items():
+            if open_invs.get(inv) is spans:
+                del open_invs[inv]
+            invs[inv] = (trace_id, node_name)
+            if len(invs) > _INVS_MAX:
+                self._invs_old = invs
+                self._invs = invs = {}
 
     def _end_spans(self, key: str, spans: _TraceSpans, stopped: bool,
                    end_ns: int | None) -> None:
@@ -421,10 +439,9 @@ class SpanModel:
         if len(parents) == 1:
             up = parents[0]
             parent = span_id_of(up)
-            if up not in spans.inv_nodes and (
-                    up in self._invs or up in self._invs_old):
-                upstream = self._upstream_trace(spans, up)
-                if upstream != spans.otel_id:
+            if up not in spans.inv_nodes:
+                other = self._inv_elsewhere(up)
+                if other is not None and other[0] != spans.trace_id:
                     # The upstream node answered with a new trace id: its span is in
                     # the old trace. Under this trace's root, linked to it there.
                     parent = spans.root.span_id
@@ -434,22 +451,26 @@ class SpanModel:
             for up in parents:
                 links.append(self._link(spans, up, node_name))
         spans.inv_nodes[inv] = node_name
-        invs = self._invs
-        invs[inv] = (spans.trace_id, node_name)
-        if len(invs) > _INVS_MAX:
-            self._invs_old = invs
-            self._invs = {}
+        self._open_invs[inv] = spans
         spans.nodes[inv] = SpanData(
             name=sc.agent_span_name(node_name), trace_id=spans.otel_id, span_id=span_id_of(inv),
             parent_span_id=parent, kind="internal", start_ns=ns, attributes=attributes,
             links=links)
 
+    def _inv_elsewhere(self, up: str) -> tuple[str, str | None] | None:
+        """The trace id and node name of the invocation ``up`` of an open trace or a
+        recently ended one, if known."""
+        spans = self._open_invs.get(up)
+        if spans is not None:
+            return spans.trace_id, spans.inv_nodes.get(up)
+        return self._invs.get(up) or self._invs_old.get(up)
+
     def _upstream_trace(self, spans: _TraceSpans, up: str) -> int:
         """The OTel trace id of the upstream invocation ``up``: this trace's unless
-        a recent invocation of another trace has that id."""
+        an invocation of another trace (open, or ended recently) has that id."""
         if up in spans.inv_nodes:
             return spans.otel_id
-        other = self._invs.get(up) or self._invs_old.get(up)
+        other = self._inv_elsewhere(up)
         if other is None or other[0] == spans.trace_id:
             return spans.otel_id
         return self.otel_id_of(other[0])
@@ -458,7 +479,7 @@ class SpanModel:
         """A link to the upstream invocation ``up``'s span, in its own trace."""
         name = spans.inv_nodes.get(up)
         if name is None:
-            other = self._invs.get(up) or self._invs_old.get(up)
+            other = self._inv_elsewhere(up)
             name = other[1] if other is not None else None
         return SpanLinkData(self._upstream_trace(spans, up), span_id_of(up), {
             sc.PF_EDGE: f"{name or '?'}->{node_name}"})
@@ -859,7 +880,7 @@ _PARENT_KEYS = frozenset({"parent_span_id", "parent_sampled", _PENDING_FLOW,
 #: Adopted parents kept for traces not started yet (see SpanModel._pending_parents).
 _PENDING_MAX = 4096
 #: Invocations per generation of SpanModel._invs (a new trace's node finds its
-#: upstream in another trace within the last 8k-16k invocations started).
+#: upstream in an ended trace among the last 8k-16k invocations whose trace ended).
 _INVS_MAX = 8192
 
 _Handler = Callable[..., None]

@@ -1916,3 +1916,45 @@ async def test_a_cancelled_stream_with_its_task_known_is_one_first_chunk_sample(
     assert ttfc.count == 1
     assert ttfc.attributes["gen_ai.agent.name"] == "slow"
     assert ttfc.sum == pytest.approx(client.attributes["gen_ai.response.time_to_first_chunk"])
+
+
+@pytest.mark.parametrize("upstream_ended", [True, False])
+def test_a_new_traces_node_hangs_under_its_root_however_long_its_upstream_ran(
+        upstream_ended: bool) -> None:
+    # The upstream invocation's trace was looked up among the last 8k-16k
+    # invocations *started*: an upstream running long (an LLM call) while more
+    # started elsewhere was forgotten, and the downstream span of the new trace
+    # named the upstream's span (old trace) as its parent: an orphan there.
+    import os
+    import uuid
+
+    from penguiflow._spans import SpanModel
+
+    out: list[Any] = []
+    model = SpanModel(out.append)
+    old, new = uuid.uuid4().hex, uuid.uuid4().hex
+    up, down = os.urandom(8).hex(), os.urandom(8).hex()
+
+    def feed(trace_id: str, ts: float, kind: str, name: str, inv: str,
+             parents: tuple[str, ...] = ()) -> None:
+        model.feed(trace_id, ts, kind, name, name, inv, parents, 0, None, "f", "f1", None, None)
+
+    feed(old, 1.0, "node_start", "slow", up)
+    for i in range(17_000):  # other traces' invocations while "slow" runs
+        other = os.urandom(8).hex()
+        feed(f"other{i % 200}", 1.0, "node_start", "x", other)
+        feed(f"other{i % 200}", 1.0, "node_success", "x", other)
+    if upstream_ended:
+        feed(old, 2.0, "node_success", "slow", up)
+        model.end_trace(old, "f1")
+    # "slow" answered with a Message of the trace ``new`` (its downstream may start
+    # before the upstream's own end is recorded: a full queue).
+    feed(new, 3.0, "node_start", "next", down, (up,))
+    feed(new, 4.0, "node_success", "next", down, (up,))
+    model.end_trace(new, "f1")
+    spans = {s.name: s for s in out if s.trace_id == int(new, 16)}
+    assert set(spans) == {"invoke_workflow f", "invoke_agent next"}
+    node = spans["invoke_agent next"]
+    assert node.parent_span_id == spans["invoke_workflow f"].span_id
+    (link,) = node.links
+    assert (link.trace_id, link.attributes["pf.edge"]) == (int(old, 16), "slow->next")
