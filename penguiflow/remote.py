@@ -146,6 +146,29 @@ def _size(value: Any) -> int:
         return 0
 
 
+#: The longest a RemoteNode waits for ``transport.cancel()`` (a trace cancel, or a
+#: call cut short by its timeout or by ``flow.stop()``): past it the cancel is
+#: given up and recorded as ``remote_cancel_error``. ``flow.stop()`` waits for a
+#: remote cancel on its way, so this bounds that wait too, whatever its
+#: ``store_timeout_s`` (``None`` included): a transport whose cancel never returns
+#: (an unreachable agent, no timeout of its own) cannot hold ``stop()`` longer.
+REMOTE_CANCEL_TIMEOUT_S = 2.0
+
+
+def _cancelled_by_transport(transport: Any, agent_url: str, task_id: str) -> bool:
+    """Whether ``transport`` says it cancelled that task itself (an A2A call that gave
+    up at its timeout sends CancelTask): an optional, duck-typed
+    ``already_cancelled(*, agent_url, task_id) -> bool`` beside the RemoteTransport
+    protocol. Never raises (a transport without it, or whose answer fails: False)."""
+    asked = getattr(transport, "already_cancelled", None)
+    if not callable(asked):
+        return False
+    try:
+        return asked(agent_url=agent_url, task_id=task_id) is True
+    except Exception:
+        return False
+
+
 def _clean(extra: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in extra.items() if v is not None}
 
@@ -206,13 +229,25 @@ def RemoteNode(
                                               invocation_id=invocation)
 
         async def cancel_remote(reason: str) -> None:
+            if _cancelled_by_transport(transport, ids["agent_url"], ids["task_id"]):
+                return  # the transport cancelled it already (its call gave up)
             started = time.perf_counter()
             try:
-                await transport.cancel(agent_url=ids["agent_url"], task_id=ids["task_id"])
+                # Bounded: flow.stop() waits for this (whatever its store_timeout_s,
+                # None included), and a transport's cancel may never return.
+                async with asyncio.timeout(REMOTE_CANCEL_TIMEOUT_S):
+                    await transport.cancel(agent_url=ids["agent_url"],
+                                           task_id=ids["task_id"])
             except Exception as exc:
+                error = safe_repr(exc)
+                if isinstance(exc, TimeoutError):
+                    error = (f"{transport_name}.cancel() did not return within "
+                             f"REMOTE_CANCEL_TIMEOUT_S={REMOTE_CANCEL_TIMEOUT_S} s and was "
+                             f"given up: the agent may not have received it (an "
+                             f"unreachable agent, or one slow to confirm the cancel)")
                 await record("remote_cancel_error", (time.perf_counter() - started) * 1000,
                              level=logging.WARNING,
-                             remote_cancel_reason=reason, remote_error=safe_repr(exc),
+                             remote_cancel_reason=reason, remote_error=error,
                              remote_context_id=ids["context_id"],
                              remote_task_id=ids["task_id"], remote_agent_url=ids["agent_url"])
                 return

@@ -12,6 +12,7 @@ from pfcore_support import Recorder, msg, within
 from pydantic import BaseModel
 
 from penguiflow import FlowError, FlowErrorCode, Node, NodePolicy, StreamChunk, create
+from penguiflow import remote as remote_module
 from penguiflow.core import Context
 from penguiflow.remote import (
     RemoteCallRequest,
@@ -545,6 +546,56 @@ async def test_stop_cleans_up_in_flight_remote_call(start: Any, recorder: Record
                for e in recorder.of("remote_call_cancelled"))
     assert recorder.of("remote_call_success") == []
     assert [t for t in asyncio.all_tasks() if t.get_name() == "penguiflow:remote"] == []
+
+
+class HangingCancel(FakeTransport):
+    """A 2.1 transport whose cancel never returns (an unreachable agent, no timeout)."""
+
+    async def cancel(self, *, agent_url: str, task_id: str) -> None:
+        self.cancels.append((agent_url, task_id))
+        self.cancel_called.set()
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("stop_kwargs", [{}, {"store_timeout_s": None}])
+async def test_stop_waits_for_a_remote_cancel_that_never_returns_only_its_own_bound(
+        start: Any, recorder: Recorder, monkeypatch: pytest.MonkeyPatch,
+        stop_kwargs: dict[str, Any]) -> None:
+    # Before: stop() waited for the node's local_cancel up to its store_timeout_s
+    # (5 s, then background_stop_timeout), and stop(store_timeout_s=None) for ever.
+    monkeypatch.setattr(remote_module, "REMOTE_CANCEL_TIMEOUT_S", 0.2, raising=False)
+    transport = HangingCancel(block=True, events=[RemoteStreamEvent(context_id="c",
+                                                                    task_id="t")])
+    flow, _m, _ = await _start_blocked_stream(start, recorder, transport)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(4):
+        await flow.stop(**stop_kwargs)
+    assert loop.time() - started < 2.0
+    assert transport.cancels == [(URL, "t")]  # the cancel was tried
+    (error,) = recorder.of("remote_cancel_error")
+    assert error.extra["remote_cancel_reason"] == "local_cancel"
+    assert ("HangingCancel.cancel() did not return within REMOTE_CANCEL_TIMEOUT_S=0.2 s"
+            in error.extra["remote_error"])
+
+
+class CancelsItself(FakeTransport):
+    """A transport that cancelled the task itself (as A2AClientTransport does when a
+    call gives up at its timeout), and says so through ``already_cancelled``."""
+
+    def already_cancelled(self, *, agent_url: str, task_id: str) -> bool:
+        return (agent_url, task_id) == (URL, "t")
+
+
+async def test_a_task_the_transport_cancelled_itself_is_not_cancelled_again(
+        start: Any, recorder: Recorder) -> None:
+    transport = CancelsItself(block=True, events=[RemoteStreamEvent(context_id="c",
+                                                                    task_id="t")])
+    flow, _m, _ = await _start_blocked_stream(start, recorder, transport)
+    await within(flow.stop())
+    assert transport.stream_cancelled.is_set()
+    assert transport.cancels == []
+    assert recorder.of("remote_cancel_error") == []
 
 
 # -- byte counting never fails the call ------------------------------------------------
