@@ -22,7 +22,8 @@ alone. Contracts:
   ``stream_idle_timeout_s`` and a stream by its idle bound; only a blocking
   SendMessage, which answers when the task ends, is unbounded. A call that gives
   up at its ``timeout_s`` on a task whose id it knows sends CancelTask for it first
-  (best effort, bounded like :meth:`A2AClientTransport.cancel`).
+  (best effort, once, bounded by :data:`GIVE_UP_CANCEL_S`; CANCELED is not waited
+  for), and remembers it (:meth:`A2AClientTransport.already_cancelled`).
 * Every failure is an :class:`~penguiflow_a2a.errors.A2AError` naming the agent
   URL and method; no httpx exception escapes.
 * As soon as an answer names the task, its ``contextId``/``taskId`` go into the
@@ -38,6 +39,7 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -79,6 +81,13 @@ from .sse import DEFAULT_MAX_EVENT_BYTES
 __all__ = ["A2AClientTransport"]
 
 logger = logging.getLogger("penguiflow_a2a.client")
+
+#: The longest a call that gave up at its ``timeout_s`` spends sending CancelTask for
+#: its task (once, CANCELED not waited for): the call is already late, and raises
+#: this much later at most.
+GIVE_UP_CANCEL_S = 1.0
+#: How many given-up tasks :meth:`A2AClientTransport.already_cancelled` remembers.
+_GIVEN_UP_KEPT = 1024
 
 _T = TypeVar("_T")
 
@@ -145,6 +154,12 @@ class A2AClientTransport:
         self._cards: dict[str, tuple[Endpoint, float]] = {}
         #: Endpoints from cards given inline (RemoteNode(agent_card=...)), by agent URL.
         self._inline: dict[str, Endpoint] = {}
+        #: The tasks this transport cancelled itself (a call giving up at its
+        #: timeout_s), most recent last: see :meth:`already_cancelled`.
+        self._given_up: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: CancelTask requests of given-up calls still on their way (kept referenced:
+        #: a caller cancelled meanwhile does not cut them; :meth:`aclose` ends them).
+        self._cancelling: set[asyncio.Task[str]] = set()
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> A2AClientTransport:
@@ -155,8 +170,20 @@ class A2AClientTransport:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the httpx client if this transport created it (idempotent)."""
+        """Close the httpx client if this transport created it (idempotent).
+
+        A give-up CancelTask still on its way (at most :data:`GIVE_UP_CANCEL_S`)
+        is waited for first."""
+        if self._cancelling:
+            await asyncio.wait(set(self._cancelling))
         await self._channel.aclose()
+
+    def already_cancelled(self, *, agent_url: str, task_id: str) -> bool:
+        """Whether this transport itself sent (or is sending) CancelTask for that task:
+        a call that gave up at its ``timeout_s``. RemoteNode asks (duck-typed, an
+        optional addition to the RemoteTransport protocol) before cancelling a call
+        cut short, so the remote task is not cancelled twice."""
+        return (agent_url, task_id) in self._given_up
 
     # -- cards -----------------------------------------------------------------------
     async def endpoint(self, agent_url: str,
@@ -319,20 +346,44 @@ class A2AClientTransport:
         """Best-effort CancelTask of a task the call gave up on (its timeout passed),
         so it does not keep running, and holding a task slot, with nobody waiting.
 
-        Bounded like :meth:`cancel`; never raises an A2AError. Returns what happened,
-        as the end of the timeout's message.
+        Sent once; CANCELED is not waited for (the call is already late), and the
+        request is bounded by :data:`GIVE_UP_CANCEL_S` (or the transport's
+        ``cancel_timeout_s``/``timeout_s`` when shorter). It runs in a task of its
+        own: a caller cancelled meanwhile (flow.stop()) does not cut it, and the
+        task is remembered (:meth:`already_cancelled`). Never raises an A2AError.
+        Returns what happened, as the end of the timeout's message.
         """
         if task_id is None:
             return ""
+        self._given_up[agent_url, task_id] = None
+        self._given_up.move_to_end((agent_url, task_id))
+        while len(self._given_up) > _GIVEN_UP_KEPT:
+            self._given_up.popitem(last=False)
+        sending = asyncio.get_running_loop().create_task(
+            self._send_give_up_cancel(agent_url, task_id))
+        self._cancelling.add(sending)
+        sending.add_done_callback(self._cancelling.discard)
+        return await asyncio.shield(sending)
+
+    async def _send_give_up_cancel(self, agent_url: str, task_id: str) -> str:
+        bounds = [GIVE_UP_CANCEL_S, self._cancel_timeout_s]
+        if self._timeout_s is not None:
+            bounds.append(self._timeout_s)
+        bound = min(bounds)
         try:
-            await self.cancel(agent_url=agent_url, task_id=task_id)
+            state = await self._bounded(self._cancel_once(agent_url, task_id), bound,
+                                        agent_url=agent_url,
+                                        what=f"sending CancelTask for task {task_id}")
         except TaskNotCancelableError:
             return " (it had ended meanwhile)"
         except A2AError as exc:
             logger.warning("A2A agent %s: could not cancel task %s after its timeout: %s",
                            agent_url, task_id, exc)
             return f"; cancelling it failed: {exc}"
-        return "; the task was cancelled (CancelTask)"
+        if state == CANCELED:
+            return "; the task was cancelled (CancelTask)"
+        return (f"; CancelTask was accepted (the task was still "
+                f"{state_to_v03(state) if state else 'in an unknown state'}, winding down)")
 
     async def _send(self, request: RemoteCallRequest, quick: float | None,
                     bound: float | None, known: dict[str, str] | None = None,
@@ -504,6 +555,15 @@ class A2AClientTransport:
         bound = self._timeout_s if self._timeout_s is not None else self._cancel_timeout_s
         await self._bounded(self._cancel(agent_url, task_id), bound, agent_url=agent_url,
                             what=f"cancelling task {task_id}")
+
+    async def _cancel_once(self, agent_url: str, task_id: str) -> Any:
+        """CancelTask, once; the task's state in the answer (None: not said)."""
+        note_remote_ids(None, task_id)
+        ep = await self.endpoint(agent_url)
+        task = await self._channel.call(ep, "cancel", {"id": task_id})
+        if ep.version == V0_3:
+            task = task_from_v03(task)
+        return task_state(task) if isinstance(task, Mapping) else None
 
     async def _cancel(self, agent_url: str, task_id: str) -> None:
         note_remote_ids(None, task_id)

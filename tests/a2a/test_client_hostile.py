@@ -20,9 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from penguiflow import Headers, Message
-from penguiflow.remote import RemoteCallRequest, RemoteStreamEvent
-from penguiflow_a2a.client import A2AClientTransport
+from penguiflow import Headers, Message, NodePolicy, create
+from penguiflow.remote import RemoteCallRequest, RemoteNode, RemoteStreamEvent
+from penguiflow_a2a.client import GIVE_UP_CANCEL_S, A2AClientTransport
 from penguiflow_a2a.errors import (
     A2AConnectionError,
     A2AProtocolError,
@@ -659,6 +659,91 @@ async def test_a_cancel_after_a_timeout_that_fails_is_said_not_raised() -> None:
                                                   r"Internal error"):
             await collect(t.stream(request(p.url)))
     assert p.rpcs() == ["SendStreamingMessage", "CancelTask"]
+
+
+@pytest.mark.parametrize("call", ["send", "stream"])
+@pytest.mark.parametrize("agent", ["slow_to_cancel", "silent_on_cancel"])
+async def test_a_call_past_its_timeout_raises_promptly_whatever_the_cancel_does(
+        call: str, agent: str) -> None:
+    # Before: the CancelTask sent on giving up then polled for CANCELED, bounded by
+    # cancel_timeout_s (10 s): timeout_s=0.5 raised after ~10.5 s.
+    forever = asyncio.Event()
+
+    async def respond(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "SendMessage":
+            writer.write(rpc_result(req, {"task": task("TASK_STATE_SUBMITTED")}))
+        elif req.rpc == "SendStreamingMessage":
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")})))
+            await writer.drain()
+            await forever.wait()
+        elif req.rpc == "CancelTask" and agent == "silent_on_cancel":
+            await forever.wait()
+        else:  # GetTask, or a CancelTask accepted: the task is still winding down
+            writer.write(rpc_result(req, task("TASK_STATE_WORKING")))
+
+    async with peer(respond) as p, client(timeout_s=None, poll_interval_s=0.01) as t:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(A2ATimeoutError) as info:
+            async with asyncio.timeout(WAIT):
+                if call == "send":
+                    await t.send(request(p.url, timeout_s=0.5))
+                else:
+                    await collect(t.stream(request(p.url, timeout_s=0.5)))
+        took = loop.time() - started
+        rpcs = p.rpcs()
+    # timeout_s, plus at most GIVE_UP_CANCEL_S (1 s) for the CancelTask (slack for load).
+    assert took < 0.5 + GIVE_UP_CANCEL_S + 1.0, took
+    assert rpcs.count("CancelTask") == 1
+    assert rpcs[rpcs.index("CancelTask"):] == ["CancelTask"]  # sent once, CANCELED not polled
+    if agent == "slow_to_cancel":
+        assert "CancelTask was accepted (the task was still working" in str(info.value)
+    else:
+        assert "cancelling it failed" in str(info.value)
+    assert t.already_cancelled(agent_url=p.url, task_id=TASK)
+
+
+async def test_a_flow_stop_while_the_transport_cancels_a_given_up_task_cancels_it_once(
+        ) -> None:
+    # Before: the transport gave up on the stream and sent CancelTask; flow.stop() in
+    # that window cut the node, whose own local_cancel sent a second CancelTask for
+    # the same task (and recorded a remote_cancel_error when it failed).
+    forever, got_cancel, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def respond(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "SendStreamingMessage":
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")}))
+                         + frame(wrap(chunk("part", append=False)["result"])))
+            await writer.drain()
+            await forever.wait()
+        elif req.rpc == "CancelTask":
+            got_cancel.set()
+            await release.wait()  # the give-up cancel is on its way when stop() comes
+            writer.write(rpc_result(req, task("TASK_STATE_CANCELED")))
+        else:
+            writer.write(rpc_result(req, task("TASK_STATE_WORKING")))
+
+    events: list[Any] = []
+
+    async def keep(event: Any) -> None:
+        events.append(event)
+
+    async with peer(respond) as p, client(timeout_s=0.5, poll_interval_s=0.01) as t:
+        node = RemoteNode(transport=t, skill="s", agent_url=p.url, name="remote",
+                          streaming=True, policy=NodePolicy(validate="none", max_retries=0))
+        flow = create(node.to(), middlewares=[keep], emit_errors_to_rookery=True)
+        flow.run()
+        try:
+            await flow.emit(Message(payload="hi", headers=Headers(tenant="t")))
+            async with asyncio.timeout(WAIT):
+                await got_cancel.wait()
+        finally:
+            async with asyncio.timeout(WAIT):
+                await flow.stop()
+            release.set()
+        rpcs = p.rpcs()
+    assert rpcs.count("CancelTask") == 1, rpcs
+    assert [e for e in events if e.event_type == "remote_cancel_error"] == []
 
 
 def test_a_stream_idle_timeout_must_be_positive() -> None:
