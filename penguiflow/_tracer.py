@@ -391,7 +391,9 @@ class LiveTracer:
         Asked as the SDK asks for the root span when it starts (its name, kind and
         start attributes; see :func:`_start_attributes`), so a sampler reading them
         decides the root as it decided the trace: never a root dropped under
-        exported children, nor the reverse."""
+        exported children, nor the reverse. Only an open trace (``root`` given or
+        known to the model) is decided; for any other, a provisional flag is
+        returned and nothing kept."""
         sampler = self._sampler
         if sampler is None:
             # Everything is sampled but traces a remote parent decided otherwise.
