@@ -262,6 +262,12 @@ class SpanModel:
             return None
         return adopted[1].get("parent_sampled") is not False
 
+    def invocation_ended(self, invocation_id: str) -> bool:
+        """Whether ``invocation_id`` started in a trace that has ended since (as far
+        as remembered: the invocations of recently ended traces)."""
+        return invocation_id not in self._open_invs and (
+            invocation_id in self._invs or invocation_id in self._invs_old)
+
     def drop_pending(self, flow_id: str | None) -> None:
         """Forget the adopted parents ``flow_id`` recorded for traces never started."""
         pending = self._pending_parents

@@ -385,6 +385,42 @@ class LiveTracer:
         sampled = self.model.pending_sampled(trace_id)
         return _UNSAMPLED if sampled is False else _SAMPLED
 
+    def opening(self, trace_id: Any, invocation_id: str) -> bool:
+        """Whether ``trace_id``, not open in the model, is about to open: its caller
+        adopted (a parent pending), or a flow of this tracer has it in flight while
+        ``invocation_id`` never started in it (the worker logging the trace's first
+        ``node_start``, which then reaches the model). Otherwise its trace has ended
+        (a task or a thread the node left running reads its context late)."""
+        model = self.model
+        if model.pending_sampled(trace_id) is not None:
+            return True
+        if model.invocation_ended(invocation_id):
+            return False
+        try:
+            return any(trace_id in flow._traces
+                       for _metrics, flows in self._meters.values() for flow in flows)
+        except RuntimeError:  # a flow attached meanwhile (a read from another thread)
+            return False
+
+    def _unkept_flags(self, otel_id: int) -> TraceFlags:
+        """The sampled flag of the trace ``otel_id``, not open (ended, its decision
+        forgotten): the sampler asked as the SDK asks for a root span of which only
+        the trace id is known (bare name, no attributes), and not kept, so ended
+        traces add nothing to the decisions. A deterministic sampler (the ratio
+        ones) gives the answer the trace had."""
+        sampler = self._sampler
+        if sampler is None:
+            return _SAMPLED
+        try:
+            sampled = sampler.should_sample(_ROOT_CONTEXT, otel_id, _ROOT_NAME,
+                                            SpanKind.INTERNAL).decision.is_sampled()
+        except Exception as exc:
+            self.failures += 1
+            logger.warning("otel_sampler_failed", extra={"error": repr(exc)[:300]})
+            sampled = False
+        return _SAMPLED if sampled else _UNSAMPLED
+
+
     def _flags(self, otel_id: int, root: SpanData | None = None) -> TraceFlags:
         """The sampled flag of the trace ``otel_id``: decided once per trace.
 
@@ -392,8 +428,9 @@ class LiveTracer:
         start attributes; see :func:`_start_attributes`), so a sampler reading them
         decides the root as it decided the trace: never a root dropped under
         exported children, nor the reverse. Only an open trace (``root`` given or
-        known to the model) is decided; for any other, a provisional flag is
-        returned and nothing kept."""
+        known to the model) is decided; any other has ended (a read before a trace
+        opens is provisional, see :class:`_InvocationSpan`): the sampler is asked
+        again and nothing kept (:meth:`_unkept_flags`)."""
         sampler = self._sampler
         if sampler is None:
             # Everything is sampled but traces a remote parent decided otherwise.
@@ -403,10 +440,9 @@ class LiveTracer:
             if root is None:
                 root = self.model.root_of(otel_id)
                 if root is None:
-                    # Not open: nothing to decide on (the root's name and attributes
-                    # are unknown, an adopted parent not applied yet). Provisional,
-                    # never kept: the trace is decided as it opens.
-                    return _SAMPLED
+                    # Ended, its decision forgotten: asked again, never kept (the
+                    # table holds live traces only).
+                    return self._unkept_flags(otel_id)
             # An empty context, not None: None is the *current* one, which may be
             # a node's (the sampler would read it as the root's parent).
             try:
@@ -474,6 +510,8 @@ class LiveTracer:
 #: Root span attributes that the runtime sets as the trace goes (its outcome): a
 #: root span starts without them, so its sampler sees what the trace's decision saw.
 _END_ATTRIBUTES = frozenset({"error.type"})
+#: The name a sampler is asked with for a trace whose root is gone (ended).
+_ROOT_NAME = "invoke_workflow"
 
 
 def _start_attributes(root: SpanData) -> Any:
@@ -591,7 +629,11 @@ class _InvocationSpan(NonRecordingSpan):
     before (a log-correlation hook reading the current span while the worker
     logs ``node_start``, which then reaches the model), it shows a provisional
     flag (:meth:`LiveTracer.provisional_flags`) and keeps nothing: deciding then
-    decided the trace without its root and before its adopted parent.
+    decided the trace without its root and before its adopted parent. Read first
+    after the trace ended (a task or a thread the node left running), it is
+    built with the sampler's answer, asked once and not kept by the tracer
+    (:meth:`LiveTracer._unkept_flags`): an unsampled trace's late user spans
+    are dropped with it, not exported as orphans.
     """
 
     def __init__(self, tracer: LiveTracer, trace_id: Any, span_id: str) -> None:
@@ -613,15 +655,17 @@ class _InvocationSpan(NonRecordingSpan):
             model = tracer.model
             otel_id = model.otel_id_of(self._trace_id)
             span_id = span_id_of(self._span_id)
-            if model.root_of(otel_id) is None:
+            if model.root_of(otel_id) is None and tracer.opening(self._trace_id,
+                                                                 self._span_id):
                 return SpanContext(otel_id, span_id, is_remote=False,
                                    trace_flags=tracer.provisional_flags(self._trace_id))
             thread = get_ident()
             if self._deciding == thread:
                 # A sampler reading the current span while this thread asks it.
                 return SpanContext(otel_id, span_id, is_remote=False, trace_flags=_UNSAMPLED)
-            # Another thread of the node may be deciding too (the decision was
-            # forgotten): both ask, the first answer kept is the one both get.
+            # Another thread of the node may be deciding too (the decision of its
+            # open trace evicted by the table's bound): both ask, the first answer
+            # kept is the one both get. An ended trace: asked, nothing kept.
             self._deciding = thread
             try:
                 flags = tracer._flags(otel_id)

@@ -1799,23 +1799,33 @@ async def test_a_log_hook_reading_the_span_never_decides_a_trace_without_its_roo
 
 
 async def test_two_threads_of_a_node_both_nest_their_spans_in_a_sampled_trace(
-        exporter: InMemorySpanExporter) -> None:
+        exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch) -> None:
     # While one thread of the node was inside the sampler (deciding the trace when
     # it first read the node's context), the other got an unsampled context:
-    # ParentBased dropped its span from a sampled trace.
+    # ParentBased dropped its span from a sampled trace. A trace is decided as it
+    # opens, so a node thread asks the sampler only if the decision of its open
+    # trace was forgotten: the table's bound evicting it (65,536 traces open at
+    # once), here every decision at once.
     import threading
 
     from opentelemetry.sdk.trace.sampling import Decision, ParentBased, SamplingResult
 
+    from penguiflow import _tracer
+
+    monkeypatch.setattr(_tracer, "_DECISIONS_MAX", 0)
     released = threading.Event()
-    held = []
+    lock = threading.Lock()
+    held: list[str] = []
 
     class HeldInAThread:
         def should_sample(self, parent_context: Any, trace_id: int, name: str,
                           *args: Any, **kwargs: Any) -> Any:
             if threading.current_thread() is not threading.main_thread():
-                held.append(name)
-                released.wait(10)  # the node's other thread reads its context meanwhile
+                with lock:
+                    first = not held
+                    held.append(name)
+                if first:
+                    released.wait(10)  # the node's other thread reads its context meanwhile
             return SamplingResult(Decision.RECORD_AND_SAMPLE)
 
         def get_description(self) -> str:
@@ -1842,8 +1852,78 @@ async def test_two_threads_of_a_node_both_nest_their_spans_in_a_sampled_trace(
     assert set(spans) == {"invoke_workflow penguiflow", "invoke_agent a", "tool1", "tool2"}
     node = spans["invoke_agent a"].context.span_id
     assert spans["tool1"].parent.span_id == spans["tool2"].parent.span_id == node
-    # Decided before the node's code ran: no thread of it waits on the sampler.
-    assert held == []
+    # Both node threads asked (one while the other was held in the sampler).
+    assert held == ["invoke_workflow penguiflow"] * 2
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+@pytest.mark.parametrize("invocations", ["remembered", "forgotten"])
+async def test_a_task_the_node_left_running_follows_its_trace_after_it_ended(
+        exporter: InMemorySpanExporter, rate: float, invocations: str) -> None:
+    # A task the node started and left running (fire and forget) read the node's
+    # context first after the trace ended: its decision gone, the context showed
+    # "sampled" without asking the sampler, and the task's span was exported, an
+    # orphan of a trace the sampler dropped whole.
+    from opentelemetry.sdk.trace.sampling import Decision, ParentBased, SamplingResult
+
+    asked: list[str] = []
+
+    class Counted:
+        def should_sample(self, parent_context: Any, trace_id: int, name: str,
+                          *args: Any, **kwargs: Any) -> Any:
+            asked.append(name)
+            keep = rate == 1.0
+            return SamplingResult(Decision.RECORD_AND_SAMPLE if keep else Decision.DROP)
+
+        def get_description(self) -> str:
+            return "Counted"
+
+    tp = TracerProvider(sampler=ParentBased(root=Counted()))
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    user = tp.get_tracer("app")
+    go = asyncio.Event()
+    later: list[asyncio.Task[None]] = []
+
+    async def after() -> None:
+        await go.wait()
+        with user.start_as_current_span("post-process"):
+            pass
+        with user.start_as_current_span("post-process again"):
+            pass
+
+    async def work(message: Message, ctx: Any) -> Message:
+        later.append(asyncio.get_running_loop().create_task(after()))
+        return message
+
+    flow = create(_node(work, "a").to(), tracer_provider=tp)
+    tracer = tracer_for(tp)
+    assert tracer is not None
+    flow.run()
+    try:
+        await flow.emit(msg("x"))
+        await within(flow.fetch())
+        assert tracer.model.open_traces() == []
+        if invocations == "forgotten":
+            # As many later invocations as the model remembers would have done.
+            tracer.model._invs.clear()
+            tracer.model._invs_old.clear()
+        asked.clear()
+        go.set()
+        await within(asyncio.gather(*later))
+        late_asks, kept = list(asked), len(tracer._decisions)
+    finally:
+        await flow.stop()
+    tp.shutdown()
+    spans = _by_name(exporter.get_finished_spans())
+    if rate == 0.0:
+        assert spans == {}
+    else:
+        node = spans["invoke_agent a"].context.span_id
+        assert spans["post-process"].parent.span_id == node
+        assert spans["post-process again"].parent.span_id == node
+    # Asked once for the late read, and nothing kept for the ended trace.
+    assert late_asks == ["invoke_workflow"]
+    assert kept == 0
 
 
 async def test_linking_to_an_ended_trace_decides_nothing_again(
