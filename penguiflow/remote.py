@@ -10,8 +10,10 @@ cancel to ``transport.cancel``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -147,19 +149,39 @@ def _size(value: Any) -> int:
 
 
 #: The longest a RemoteNode waits for ``transport.cancel()`` (a trace cancel, or a
-#: call cut short by its timeout or by ``flow.stop()``): past it the cancel is
-#: given up and recorded as ``remote_cancel_error``. ``flow.stop()`` waits for a
-#: remote cancel on its way, so this bounds that wait too, whatever its
-#: ``store_timeout_s`` (``None`` included): a transport whose cancel never returns
-#: (an unreachable agent, no timeout of its own) cannot hold ``stop()`` longer.
-REMOTE_CANCEL_TIMEOUT_S = 2.0
+#: call cut short by its timeout or by ``flow.stop()``) when the transport declares
+#: no bound of its own: past it the cancel is given up and recorded as
+#: ``remote_cancel_error``. A transport with a ``cancel_timeout_s`` attribute (a
+#: positive number of seconds: ``A2AClientTransport`` has one) is given that long
+#: plus :data:`REMOTE_CANCEL_MARGIN_S` instead, so its own bound decides. Either way
+#: ``flow.stop()``, which waits for a remote cancel on its way, waits that long at
+#: most, whatever its ``store_timeout_s`` (``None`` included): a transport whose
+#: cancel never returns (an unreachable agent, no timeout of its own) cannot hold
+#: ``stop()`` for ever.
+REMOTE_CANCEL_TIMEOUT_S = 10.0
+#: Added to a transport's own ``cancel_timeout_s``: its cancel reports its own
+#: timeout before the node gives up on it.
+REMOTE_CANCEL_MARGIN_S = 1.0
+
+
+def _cancel_bound(transport: Any) -> tuple[float, str]:
+    """How long the node waits for ``transport``'s cancel, and where that comes from
+    (for the message when it expires)."""
+    own = getattr(transport, "cancel_timeout_s", None)
+    if (isinstance(own, (int, float)) and not isinstance(own, bool)
+            and math.isfinite(own) and own > 0):
+        bound = float(own) + REMOTE_CANCEL_MARGIN_S
+        return bound, (f"{bound:g} s (its cancel_timeout_s={float(own):g} s + "
+                       f"{REMOTE_CANCEL_MARGIN_S:g} s)")
+    return REMOTE_CANCEL_TIMEOUT_S, f"REMOTE_CANCEL_TIMEOUT_S={REMOTE_CANCEL_TIMEOUT_S:g} s"
 
 
 def _cancelled_by_transport(transport: Any, agent_url: str, task_id: str) -> bool:
-    """Whether ``transport`` says it cancelled that task itself (an A2A call that gave
-    up at its timeout sends CancelTask): an optional, duck-typed
-    ``already_cancelled(*, agent_url, task_id) -> bool`` beside the RemoteTransport
-    protocol. Never raises (a transport without it, or whose answer fails: False)."""
+    """Whether ``transport`` says it cancelled that task itself, or is cancelling it
+    (an A2A call that gave up at its timeout sends CancelTask): an optional,
+    duck-typed ``already_cancelled(*, agent_url, task_id) -> bool`` beside the
+    RemoteTransport protocol. Never raises (a transport without it, or whose answer
+    fails: False)."""
     asked = getattr(transport, "already_cancelled", None)
     if not callable(asked):
         return False
@@ -167,6 +189,21 @@ def _cancelled_by_transport(transport: Any, agent_url: str, task_id: str) -> boo
         return asked(agent_url=agent_url, task_id=task_id) is True
     except Exception:
         return False
+
+
+async def _transport_cancel_held(transport: Any, agent_url: str, task_id: str) -> bool:
+    """Whether the cancel ``transport`` made of that task itself held: an optional,
+    duck-typed ``wait_cancelled(*, agent_url, task_id) -> bool`` coroutine that
+    waits for a cancel still on its way (False: it failed, the node cancels the task
+    itself). Without it, or when it fails: True (``already_cancelled`` said so).
+    The caller bounds it."""
+    wait = getattr(transport, "wait_cancelled", None)
+    if not callable(wait):
+        return True
+    try:
+        return await wait(agent_url=agent_url, task_id=task_id) is not False
+    except Exception:
+        return True
 
 
 def _clean(extra: dict[str, Any]) -> dict[str, Any]:
@@ -229,32 +266,44 @@ def RemoteNode(
                                               invocation_id=invocation)
 
         async def cancel_remote(reason: str) -> None:
-            if _cancelled_by_transport(transport, ids["agent_url"], ids["task_id"]):
-                return  # the transport cancelled it already (its call gave up)
             started = time.perf_counter()
+            bound, bound_text = _cancel_bound(transport)
+            where = {"remote_context_id": ids["context_id"], "remote_task_id": ids["task_id"],
+                     "remote_agent_url": ids["agent_url"]}
+            if _cancelled_by_transport(transport, ids["agent_url"], ids["task_id"]):
+                # The transport cancelled it itself (its call gave up): not cancelled
+                # twice, but the call's end is still recorded (its CLIENT span waits
+                # for it). A give-up cancel that failed leaves it to the node.
+                held = True
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(bound):
+                        held = await _transport_cancel_held(
+                            transport, ids["agent_url"], ids["task_id"])
+                if held:
+                    await record("remote_call_cancelled",
+                                 (time.perf_counter() - started) * 1000,
+                                 remote_cancel_reason=reason, remote_status="cancelled",
+                                 remote_cancel_by_transport=True, **where)
+                    return
+                started = time.perf_counter()
             try:
                 # Bounded: flow.stop() waits for this (whatever its store_timeout_s,
                 # None included), and a transport's cancel may never return.
-                async with asyncio.timeout(REMOTE_CANCEL_TIMEOUT_S):
+                async with asyncio.timeout(bound):
                     await transport.cancel(agent_url=ids["agent_url"],
                                            task_id=ids["task_id"])
             except Exception as exc:
                 error = safe_repr(exc)
                 if isinstance(exc, TimeoutError):
-                    error = (f"{transport_name}.cancel() did not return within "
-                             f"REMOTE_CANCEL_TIMEOUT_S={REMOTE_CANCEL_TIMEOUT_S} s and was "
-                             f"given up: the agent may not have received it (an "
-                             f"unreachable agent, or one slow to confirm the cancel)")
+                    error = (f"{transport_name}.cancel() was not confirmed within "
+                             f"{bound_text} and was given up: the agent may still cancel "
+                             f"the task, or be unreachable")
                 await record("remote_cancel_error", (time.perf_counter() - started) * 1000,
                              level=logging.WARNING,
-                             remote_cancel_reason=reason, remote_error=error,
-                             remote_context_id=ids["context_id"],
-                             remote_task_id=ids["task_id"], remote_agent_url=ids["agent_url"])
+                             remote_cancel_reason=reason, remote_error=error, **where)
                 return
             await record("remote_call_cancelled", (time.perf_counter() - started) * 1000,
-                         remote_cancel_reason=reason, remote_status="cancelled",
-                         remote_context_id=ids["context_id"], remote_task_id=ids["task_id"],
-                         remote_agent_url=ids["agent_url"])
+                         remote_cancel_reason=reason, remote_status="cancelled", **where)
 
         def in_background(coro: Any) -> asyncio.Future[Any]:
             # A remote cancel outlives this call, and flow.stop() (which cancels the

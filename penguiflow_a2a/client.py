@@ -155,11 +155,14 @@ class A2AClientTransport:
         #: Endpoints from cards given inline (RemoteNode(agent_card=...)), by agent URL.
         self._inline: dict[str, Endpoint] = {}
         #: The tasks this transport cancelled itself (a call giving up at its
-        #: timeout_s), most recent last: see :meth:`already_cancelled`.
-        self._given_up: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: timeout_s), most recent last, each with its CancelTask (done once sent,
+        #: True: accepted): see :meth:`already_cancelled`. A CancelTask that failed
+        #: drops its task (the caller may cancel it itself).
+        self._given_up: OrderedDict[tuple[str, str], asyncio.Task[tuple[bool, str]]] = (
+            OrderedDict())
         #: CancelTask requests of given-up calls still on their way (kept referenced:
         #: a caller cancelled meanwhile does not cut them; :meth:`aclose` ends them).
-        self._cancelling: set[asyncio.Task[str]] = set()
+        self._cancelling: set[asyncio.Task[tuple[bool, str]]] = set()
 
     # -- lifecycle ----------------------------------------------------------------
     async def __aenter__(self) -> A2AClientTransport:
@@ -178,12 +181,35 @@ class A2AClientTransport:
             await asyncio.wait(set(self._cancelling))
         await self._channel.aclose()
 
+    @property
+    def cancel_timeout_s(self) -> float:
+        """The longest :meth:`cancel` takes: ``timeout_s`` when set, else the
+        ``cancel_timeout_s`` given. RemoteNode reads it (duck-typed) to bound its
+        wait for a cancel by this transport's own bound."""
+        return self._timeout_s if self._timeout_s is not None else self._cancel_timeout_s
+
     def already_cancelled(self, *, agent_url: str, task_id: str) -> bool:
-        """Whether this transport itself sent (or is sending) CancelTask for that task:
-        a call that gave up at its ``timeout_s``. RemoteNode asks (duck-typed, an
-        optional addition to the RemoteTransport protocol) before cancelling a call
-        cut short, so the remote task is not cancelled twice."""
+        """Whether this transport itself is sending, or sent and had accepted,
+        CancelTask for that task: a call that gave up at its ``timeout_s``. False
+        again once that CancelTask failed. RemoteNode asks (duck-typed, an optional
+        addition to the RemoteTransport protocol) before cancelling a call cut short,
+        so the remote task is not cancelled twice; then waits for
+        :meth:`wait_cancelled`."""
         return (agent_url, task_id) in self._given_up
+
+    async def wait_cancelled(self, *, agent_url: str, task_id: str) -> bool:
+        """Whether the CancelTask this transport sent for that task (a call that gave
+        up at its ``timeout_s``) was accepted, once it is answered (at most
+        :data:`GIVE_UP_CANCEL_S`): False when it failed, or when this transport sent
+        none. Never raises an A2AError."""
+        sending = self._given_up.get((agent_url, task_id))
+        if sending is None or (sending.done() and sending.cancelled()):
+            return False
+        try:
+            accepted, _said = await asyncio.shield(sending)
+        except Exception:
+            return False
+        return accepted
 
     # -- cards -----------------------------------------------------------------------
     async def endpoint(self, agent_url: str,
@@ -350,22 +376,36 @@ class A2AClientTransport:
         request is bounded by :data:`GIVE_UP_CANCEL_S` (or the transport's
         ``cancel_timeout_s``/``timeout_s`` when shorter). It runs in a task of its
         own: a caller cancelled meanwhile (flow.stop()) does not cut it, and the
-        task is remembered (:meth:`already_cancelled`). Never raises an A2AError.
+        task is remembered while it is on its way and once it was accepted
+        (:meth:`already_cancelled`, :meth:`wait_cancelled`). Never raises an A2AError.
         Returns what happened, as the end of the timeout's message.
         """
         if task_id is None:
             return ""
-        self._given_up[agent_url, task_id] = None
-        self._given_up.move_to_end((agent_url, task_id))
-        while len(self._given_up) > _GIVEN_UP_KEPT:
-            self._given_up.popitem(last=False)
+        key = (agent_url, task_id)
         sending = asyncio.get_running_loop().create_task(
             self._send_give_up_cancel(agent_url, task_id))
+        self._given_up[key] = sending
+        self._given_up.move_to_end(key)
+        while len(self._given_up) > _GIVEN_UP_KEPT:
+            self._given_up.popitem(last=False)
         self._cancelling.add(sending)
-        sending.add_done_callback(self._cancelling.discard)
-        return await asyncio.shield(sending)
 
-    async def _send_give_up_cancel(self, agent_url: str, task_id: str) -> str:
+        def sent(done: asyncio.Task[tuple[bool, str]]) -> None:
+            self._cancelling.discard(done)
+            failed = (done.cancelled() or done.exception() is not None
+                      or not done.result()[0])
+            if failed and self._given_up.get(key) is done:
+                del self._given_up[key]  # not cancelled: the caller may try itself
+
+        sending.add_done_callback(sent)
+        _accepted, said = await asyncio.shield(sending)
+        return said
+
+    async def _send_give_up_cancel(self, agent_url: str, task_id: str
+                                   ) -> tuple[bool, str]:
+        """Whether CancelTask was accepted (or the task had ended meanwhile), and
+        what happened, as the end of the timeout's message."""
         bounds = [GIVE_UP_CANCEL_S, self._cancel_timeout_s]
         if self._timeout_s is not None:
             bounds.append(self._timeout_s)
@@ -375,15 +415,16 @@ class A2AClientTransport:
                                         agent_url=agent_url,
                                         what=f"sending CancelTask for task {task_id}")
         except TaskNotCancelableError:
-            return " (it had ended meanwhile)"
+            return True, " (it had ended meanwhile)"
         except A2AError as exc:
             logger.warning("A2A agent %s: could not cancel task %s after its timeout: %s",
                            agent_url, task_id, exc)
-            return f"; cancelling it failed: {exc}"
+            return False, f"; cancelling it failed: {exc}"
         if state == CANCELED:
-            return "; the task was cancelled (CancelTask)"
-        return (f"; CancelTask was accepted (the task was still "
-                f"{state_to_v03(state) if state else 'in an unknown state'}, winding down)")
+            return True, "; the task was cancelled (CancelTask)"
+        return True, (f"; CancelTask was accepted (the task was still "
+                      f"{state_to_v03(state) if state else 'in an unknown state'}, "
+                      f"winding down)")
 
     async def _send(self, request: RemoteCallRequest, quick: float | None,
                     bound: float | None, known: dict[str, str] | None = None,

@@ -698,9 +698,11 @@ async def test_a_call_past_its_timeout_raises_promptly_whatever_the_cancel_does(
     assert rpcs[rpcs.index("CancelTask"):] == ["CancelTask"]  # sent once, CANCELED not polled
     if agent == "slow_to_cancel":
         assert "CancelTask was accepted (the task was still working" in str(info.value)
+        assert t.already_cancelled(agent_url=p.url, task_id=TASK)
     else:
         assert "cancelling it failed" in str(info.value)
-    assert t.already_cancelled(agent_url=p.url, task_id=TASK)
+        # Not cancelled: a caller (RemoteNode) may still cancel it itself.
+        assert not t.already_cancelled(agent_url=p.url, task_id=TASK)
 
 
 async def test_a_flow_stop_while_the_transport_cancels_a_given_up_task_cancels_it_once(
@@ -729,6 +731,7 @@ async def test_a_flow_stop_while_the_transport_cancels_a_given_up_task_cancels_i
         events.append(event)
 
     async with peer(respond) as p, client(timeout_s=0.5, poll_interval_s=0.01) as t:
+        asked = _spy_wait_cancelled(t)
         node = RemoteNode(transport=t, skill="s", agent_url=p.url, name="remote",
                           streaming=True, policy=NodePolicy(validate="none", max_retries=0))
         flow = create(node.to(), middlewares=[keep], emit_errors_to_rookery=True)
@@ -737,13 +740,161 @@ async def test_a_flow_stop_while_the_transport_cancels_a_given_up_task_cancels_i
             await flow.emit(Message(payload="hi", headers=Headers(tenant="t")))
             async with asyncio.timeout(WAIT):
                 await got_cancel.wait()
+            stopping = asyncio.ensure_future(flow.stop())
+            async with asyncio.timeout(WAIT):
+                await asked.wait()  # the node's cancel found the transport's on its way
+            release.set()
+            async with asyncio.timeout(WAIT):
+                await stopping
         finally:
+            release.set()
             async with asyncio.timeout(WAIT):
                 await flow.stop()
-            release.set()
         rpcs = p.rpcs()
     assert rpcs.count("CancelTask") == 1, rpcs
     assert [e for e in events if e.event_type == "remote_cancel_error"] == []
+    # The call's end is recorded, as the transport's cancel.
+    (cancelled,) = [e for e in events if e.event_type == "remote_call_cancelled"]
+    assert cancelled.extra["remote_cancel_reason"] == "local_cancel"
+    assert cancelled.extra["remote_cancel_by_transport"] is True
+
+
+def _spy_wait_cancelled(t: A2AClientTransport) -> asyncio.Event:
+    """Set once RemoteNode asks ``t`` about its own cancel (``wait_cancelled``)."""
+    asked = asyncio.Event()
+    original = t.wait_cancelled
+
+    async def spy(*, agent_url: str, task_id: str) -> bool:
+        asked.set()
+        return await original(agent_url=agent_url, task_id=task_id)
+
+    t.wait_cancelled = spy  # type: ignore[method-assign]
+    return asked
+
+
+def _agent_cancelling_on_release(forever: asyncio.Event, got_cancel: asyncio.Event,
+                                 release: asyncio.Event, *, fail: bool = False,
+                                 ) -> Callable[[Req, asyncio.StreamWriter], Awaitable[None]]:
+    """A streaming agent that never ends; its first CancelTask waits for ``release``
+    (then fails when ``fail``), any later one is accepted at once."""
+    answered: list[str] = []
+
+    async def respond(req: Req, writer: asyncio.StreamWriter) -> None:
+        if req.rpc == "SendStreamingMessage":
+            writer.write(SSE_HEAD + frame(wrap({"task": task("TASK_STATE_WORKING")}))
+                         + frame(wrap(chunk("part", append=False)["result"])))
+            await writer.drain()
+            await forever.wait()
+        elif req.rpc == "CancelTask" and not answered:
+            answered.append(req.rpc)
+            got_cancel.set()
+            await release.wait()
+            writer.write(rpc_error(req, -32603, "Internal error") if fail
+                         else rpc_result(req, task("TASK_STATE_CANCELED")))
+        else:
+            writer.write(rpc_result(req, task("TASK_STATE_CANCELED")))
+    return respond
+
+
+async def test_a_trace_cancel_while_the_transport_cancels_a_given_up_task_records_its_end(
+        ) -> None:
+    # Before: the transport gave up on the stream and sent CancelTask; a trace cancel
+    # in that window saw already_cancelled and recorded nothing: no
+    # remote_call_cancelled, and the CLIENT span ended error.type=unfinished.
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+        InMemorySpanExporter,
+    )
+
+    from penguiflow_exporters.otel import PenguiFlowIdGenerator
+
+    forever, got_cancel, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    events: list[Any] = []
+    cancelled_seen = asyncio.Event()
+
+    async def keep(event: Any) -> None:
+        events.append(event)
+        if event.event_type == "remote_call_cancelled":
+            cancelled_seen.set()
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(id_generator=PenguiFlowIdGenerator())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with (peer(_agent_cancelling_on_release(forever, got_cancel, release)) as p,
+                client(timeout_s=0.5, poll_interval_s=0.01) as t):
+        asked = _spy_wait_cancelled(t)
+        node = RemoteNode(transport=t, skill="s", agent_url=p.url, name="remote",
+                          streaming=True, policy=NodePolicy(validate="none", max_retries=0))
+        flow = create(node.to(), middlewares=[keep], tracer_provider=provider)
+        flow.run()
+        m = Message(payload="hi", headers=Headers(tenant="t"))
+        try:
+            await flow.emit(m)
+            async with asyncio.timeout(WAIT):
+                await got_cancel.wait()
+            await flow.cancel(m.trace_id)  # while the give-up CancelTask is on its way
+            async with asyncio.timeout(WAIT):
+                await asked.wait()
+            release.set()
+            async with asyncio.timeout(WAIT):
+                await cancelled_seen.wait()
+        finally:
+            release.set()
+            async with asyncio.timeout(WAIT):
+                await flow.stop()
+        rpcs = p.rpcs()
+    provider.shutdown()
+    assert rpcs.count("CancelTask") == 1, rpcs
+    (cancelled,) = [e for e in events if e.event_type == "remote_call_cancelled"]
+    assert cancelled.extra["remote_cancel_reason"] == "trace_cancel"
+    assert cancelled.extra["remote_cancel_by_transport"] is True
+    assert [e for e in events if e.event_type == "remote_cancel_error"] == []
+    (span,) = [s for s in exporter.get_finished_spans() if s.kind.name == "CLIENT"]
+    assert span.attributes is not None
+    assert span.attributes.get("error.type") != "unfinished"
+    assert "trace_cancel" in (span.status.description or "")
+
+
+async def test_a_given_up_task_whose_cancel_failed_is_cancelled_by_the_node() -> None:
+    # Before: already_cancelled said True from the moment the call gave up, so a
+    # failed give-up CancelTask left the remote task running (the node sent none).
+    forever, got_cancel, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    events: list[Any] = []
+    cancelled_seen = asyncio.Event()
+
+    async def keep(event: Any) -> None:
+        events.append(event)
+        if event.event_type == "remote_call_cancelled":
+            cancelled_seen.set()
+
+    async with (peer(_agent_cancelling_on_release(forever, got_cancel, release,
+                                                  fail=True)) as p,
+                client(timeout_s=0.5, poll_interval_s=0.01) as t):
+        asked = _spy_wait_cancelled(t)
+        node = RemoteNode(transport=t, skill="s", agent_url=p.url, name="remote",
+                          streaming=True, policy=NodePolicy(validate="none", max_retries=0))
+        flow = create(node.to(), middlewares=[keep])
+        flow.run()
+        m = Message(payload="hi", headers=Headers(tenant="t"))
+        try:
+            await flow.emit(m)
+            async with asyncio.timeout(WAIT):
+                await got_cancel.wait()
+            await flow.cancel(m.trace_id)
+            async with asyncio.timeout(WAIT):
+                await asked.wait()
+            release.set()  # the transport's CancelTask fails now
+            async with asyncio.timeout(WAIT):
+                await cancelled_seen.wait()
+        finally:
+            release.set()
+            async with asyncio.timeout(WAIT):
+                await flow.stop()
+        rpcs = p.rpcs()
+    assert rpcs.count("CancelTask") == 2, rpcs  # the transport's, failed; the node's
+    (cancelled,) = [e for e in events if e.event_type == "remote_call_cancelled"]
+    assert "remote_cancel_by_transport" not in cancelled.extra
 
 
 def test_a_stream_idle_timeout_must_be_positive() -> None:

@@ -575,8 +575,38 @@ async def test_stop_waits_for_a_remote_cancel_that_never_returns_only_its_own_bo
     assert transport.cancels == [(URL, "t")]  # the cancel was tried
     (error,) = recorder.of("remote_cancel_error")
     assert error.extra["remote_cancel_reason"] == "local_cancel"
-    assert ("HangingCancel.cancel() did not return within REMOTE_CANCEL_TIMEOUT_S=0.2 s"
+    assert ("HangingCancel.cancel() was not confirmed within REMOTE_CANCEL_TIMEOUT_S=0.2 s"
             in error.extra["remote_error"])
+
+
+class SlowToConfirm(FakeTransport):
+    """A transport whose cancel confirms CANCELED after a while, within its own
+    declared bound (as A2AClientTransport's cancel_timeout_s)."""
+
+    cancel_timeout_s = 5.0
+
+    async def cancel(self, *, agent_url: str, task_id: str) -> None:
+        self.cancels.append((agent_url, task_id))
+        await asyncio.sleep(0.3)  # the agent's time to confirm, not a synchronization
+
+
+async def test_a_cancel_within_the_transports_own_bound_is_not_cut_short(
+        start: Any, recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: every cancel was cut at REMOTE_CANCEL_TIMEOUT_S (2 s), whatever the
+    # transport's own bound (A2AClientTransport waits 10 s for CANCELED): a cancel
+    # the agent confirmed later was a WARNING remote_cancel_error "the agent may not
+    # have received it".
+    monkeypatch.setattr(remote_module, "REMOTE_CANCEL_TIMEOUT_S", 0.05, raising=False)
+    transport = SlowToConfirm(block=True, events=[RemoteStreamEvent(context_id="c",
+                                                                    task_id="t")])
+    flow, m, _ = await _start_blocked_stream(start, recorder, transport)
+    await within(flow.cancel(m.trace_id))
+    (cancelled,) = await recorder.wait_for("remote_call_cancelled", trace_id=m.trace_id)
+    await within(flow.stop())
+    assert recorder.of("remote_cancel_error") == []
+    assert cancelled.extra["remote_cancel_reason"] == "trace_cancel"
+    assert "remote_cancel_by_transport" not in cancelled.extra
+    assert transport.cancels == [(URL, "t")]
 
 
 class CancelsItself(FakeTransport):
@@ -596,6 +626,50 @@ async def test_a_task_the_transport_cancelled_itself_is_not_cancelled_again(
     assert transport.stream_cancelled.is_set()
     assert transport.cancels == []
     assert recorder.of("remote_cancel_error") == []
+    # The call's end is still recorded, saying who cancelled it.
+    (cancelled,) = recorder.of("remote_call_cancelled")
+    assert cancelled.extra["remote_cancel_reason"] == "local_cancel"
+    assert cancelled.extra["remote_cancel_by_transport"] is True
+
+
+@pytest.mark.parametrize("stop", [False, True])
+async def test_a_trace_cancel_of_a_task_the_transport_cancelled_records_the_calls_end(
+        start: Any, recorder: Recorder, stop: bool) -> None:
+    # Before: the watcher saw already_cancelled and returned without an event: no
+    # remote_call_cancelled, and the CLIENT span ended error.type=unfinished.
+    transport = CancelsItself(block=True, events=[RemoteStreamEvent(context_id="c",
+                                                                    task_id="t")])
+    flow, m, store = await _start_blocked_stream(start, recorder, transport)
+    await within(flow.cancel(m.trace_id))
+    if stop:
+        await within(flow.stop())
+    (cancelled,) = await recorder.wait_for("remote_call_cancelled", trace_id=m.trace_id)
+    assert cancelled.extra["remote_cancel_reason"] == "trace_cancel"
+    assert cancelled.extra["remote_status"] == "cancelled"
+    assert cancelled.extra["remote_cancel_by_transport"] is True
+    assert cancelled.extra["remote_task_id"] == "t"
+    assert transport.cancels == []
+    await within(flow.stop())
+    assert [e.kind for e in store.events].count("remote_call_cancelled") == 1
+
+
+class GaveUpAndFailed(CancelsItself):
+    """The transport's own give-up cancel failed (``wait_cancelled`` says False)."""
+
+    async def wait_cancelled(self, *, agent_url: str, task_id: str) -> bool:
+        return False
+
+
+async def test_a_failed_transport_cancel_leaves_the_cancel_to_the_node(
+        start: Any, recorder: Recorder) -> None:
+    transport = GaveUpAndFailed(block=True, events=[RemoteStreamEvent(context_id="c",
+                                                                      task_id="t")])
+    flow, m, _ = await _start_blocked_stream(start, recorder, transport)
+    await within(flow.cancel(m.trace_id))
+    (cancelled,) = await recorder.wait_for("remote_call_cancelled", trace_id=m.trace_id)
+    await within(flow.stop())
+    assert transport.cancels == [(URL, "t")]
+    assert "remote_cancel_by_transport" not in cancelled.extra
 
 
 # -- byte counting never fails the call ------------------------------------------------
