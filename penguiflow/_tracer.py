@@ -420,6 +420,12 @@ class LiveTracer:
             sampled = False
         return _SAMPLED if sampled else _UNSAMPLED
 
+    def _linked_flags(self, otel_id: int) -> TraceFlags:
+        """The sampled flag of a link to the trace ``otel_id`` (another trace than
+        the linking span's): its decision while it is open, else the sampler's
+        answer, not kept (:meth:`_unkept_flags`)."""
+        flags = self._decisions.get(otel_id) if self._decisions else None
+        return flags if flags is not None else self._unkept_flags(otel_id)
 
     def _flags(self, otel_id: int, root: SpanData | None = None) -> TraceFlags:
         """The sampled flag of the trace ``otel_id``: decided once per trace.
@@ -465,13 +471,14 @@ class LiveTracer:
         else:
             parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
                 span.trace_id, span.parent_span_id, is_remote=False, trace_flags=flags)))
-        # A link's flag is read, never decided: the linked trace (another one, a
-        # node behind a new trace id) has usually ended, its decision forgotten;
-        # deciding it again kept one stale decision per such handoff.
-        decisions = self._decisions
+        # A link's flag is never decided: the linked trace (another one, a node
+        # behind a new trace id) has usually ended, its decision forgotten; deciding
+        # it again kept one stale decision per such handoff. Its decision is read,
+        # else the sampler asked again (not kept): never the linking span's flag.
+        trace_id = span.trace_id
         links = [Link(SpanContext(link.trace_id, link.span_id, is_remote=False,
-                                  trace_flags=decisions.get(link.trace_id, flags)
-                                  if decisions else flags), link.attributes)
+                                  trace_flags=flags if link.trace_id == trace_id
+                                  else self._linked_flags(link.trace_id)), link.attributes)
                  for link in span.links] if span.links else None
         park_ids(span.trace_id, span.span_id)
         # Attributes are passed as they are: the SDK copies them into its own

@@ -1926,6 +1926,35 @@ async def test_a_task_the_node_left_running_follows_its_trace_after_it_ended(
     assert kept == 0
 
 
+async def test_a_link_to_a_dropped_trace_says_it_was_not_sampled(
+        exporter: InMemorySpanExporter) -> None:
+    # A node behind a new trace id linked to its upstream's span in the dropped
+    # (and ended) trace with its own trace's flag: "sampled".
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    from penguiflow_exporters.otel import PenguiFlowRatioSampler
+
+    dropped, kept = "f" * 32, "0" * 31 + "1"  # top bits: above, below a 0.5 rate
+    tp = TracerProvider(sampler=ParentBased(PenguiFlowRatioSampler(0.5)))
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def split(message: Message, ctx: Any) -> Message:
+        return Message(payload="child", headers=message.headers, trace_id=kept)
+
+    a, b = _node(split, "a"), _node(_noop, "b")
+    flow = create(a.to(b), b.to(), tracer_provider=tp)
+    tracer = tracer_for(tp)
+    assert tracer is not None
+    await _run_one(flow, Message(payload="x", headers=Headers(tenant="t"), trace_id=dropped))
+    tp.shutdown()
+    spans = _by_name(exporter.get_finished_spans())
+    assert set(spans) == {"invoke_workflow penguiflow", "invoke_agent b"}
+    [link] = spans["invoke_agent b"].links
+    assert link.context.trace_id == int(dropped, 16)
+    assert not link.context.trace_flags.sampled
+    assert len(tracer._decisions) == 0
+
+
 async def test_linking_to_an_ended_trace_decides_nothing_again(
         exporter: InMemorySpanExporter) -> None:
     # The link of a node behind a new trace id asked for the upstream trace's
