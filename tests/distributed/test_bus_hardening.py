@@ -111,6 +111,47 @@ def test_a_password_with_a_slash_is_refused_naming_the_fix() -> None:
     assert "Sup3rS3cret" not in str(info.value)
 
 
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://127.0.0.1:6390/10?client_name=worker@host-1",
+     "redis://127.0.0.1:6390/10?client_name=worker@host-1"),
+    ("redis://u:s3cret@127.0.0.1:6390/10?client_name=worker@host-1",
+     "redis://u:***@127.0.0.1:6390/10?client_name=worker@host-1"),
+    ("unix:///var/run/redis@main/redis.sock?db=3", "unix:///var/run/redis@main/redis.sock"),
+])
+def test_a_url_with_an_at_sign_outside_its_user_part_is_taken(url: str, shown: str) -> None:
+    # Before: refused with InvalidArgument (as if a password held an unescaped '/'),
+    # "redacted" as redis://***@host-1, hiding the host, the port and the db; redis-py
+    # takes these URLs, and so did the bus before.
+    aioredis.Redis.from_url(url)  # redis-py reads it
+    for make in (RedisMessageBus, RedisMessageBus.from_url):
+        bus = make(url)
+        assert shown.partition("?")[0] in repr(bus)
+        assert "s3cret" not in repr(bus)
+    assert _redact(url) == shown.replace("/redis.sock", "/redis.sock?db=3")
+
+
+async def test_a_bus_whose_option_holds_an_at_sign_delivers(redis_url: str,
+                                                             namespace: str) -> None:
+    base, _, _ = redis_url.partition("?")
+    flow = echo()
+    bus = RedisMessageBus.from_url(f"{base}?client_name=worker@host-1", namespace=namespace)
+    flow.run(message_bus=bus)
+    try:
+        await asyncio.wait_for(bus.ready(), 10)
+        await flow.emit(msg("hi"))
+        assert (await asyncio.wait_for(flow.fetch(), 10)).payload == "hi!"
+    finally:
+        await flow.stop()
+
+
+def test_a_password_holding_a_question_mark_before_an_option_is_still_refused() -> None:
+    # 'u:9?a=...@host/0' reads as host u, port 9 and an option: the '@' after the
+    # option's value, before a host and a path, may end a user part.
+    with pytest.raises(InvalidArgument, match="percent-encode") as info:
+        RedisMessageBus.from_url("redis://admin:9?a=Sup3rS3cret@127.0.0.1:6390/0")
+    assert "Sup3rS3cret" not in str(info.value)
+
+
 def test_pf_worker_never_prints_a_password_holding_a_slash() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}

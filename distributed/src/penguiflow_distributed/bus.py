@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import math
 import re
@@ -1385,27 +1387,95 @@ def _check_url(url: str) -> None:
 
 
 def _userinfo_span(url: str) -> tuple[int, int] | None:
-    """Where the text that may be a user part is: from after ``://`` to the last
-    ``@`` (None: no ``@`` after ``://``)."""
+    """Where the URL's user part is (None: it has none): the authority's, up to its
+    last ``@``; or, when the URL is misread (:func:`_userinfo_misread`), everything
+    from after ``://`` to the URL's last ``@`` (failing closed: the password may
+    run into what urllib reads as the path or the options). An ``@`` in the path or
+    the options of a URL read as meant (``?client_name=me@host``) is none."""
     start = url.find("://")
-    at = url.rfind("@")
-    if start < 0 or at < start + 3:
+    if start < 0 or url.find("@", start + 3) < 0:
         return None
-    return start + 3, at
+    if not _userinfo_misread(url):
+        netloc = urlsplit(url).netloc
+        user = netloc.rpartition("@")[0]
+        if not user and "@" not in netloc:
+            return None
+        if url.startswith(netloc, start + 3):
+            return start + 3, start + 3 + len(user)
+    return start + 3, url.rfind("@")
+
+
+@functools.cache
+def _option_names() -> frozenset[str]:
+    """The options a Redis URL's query may name: redis-py's (it hands any other on
+    to its connection, which refuses it) and the bus's own (:meth:`from_url`)."""
+    from redis.asyncio import connection
+
+    names = set(connection.URL_QUERY_ARGUMENT_PARSERS) | set(_URL_KEYWORDS)
+    for cls in (connection.AbstractConnection, connection.Connection,
+                connection.SSLConnection, connection.UnixDomainSocketConnection,
+                connection.ConnectionPool):
+        with contextlib.suppress(TypeError, ValueError):
+            names.update(inspect.signature(cls.__init__).parameters)
+    return frozenset(names - {"self", "args", "kwargs"})
 
 
 def _userinfo_misread(url: str) -> bool:
-    """Whether the URL's last ``@`` is not in the authority urllib (and redis-py)
-    read: a user part holding an unescaped ``/``, ``?`` or ``#`` (or an ``@``
-    further on, in the path or the query)."""
-    span = _userinfo_span(url)
-    if span is None:
+    """Whether an ``@`` of the URL may end a user part urllib (and redis-py) do not
+    read as one: a user name or password holding an unescaped ``/``, ``?`` or ``#``
+    cuts the authority short, and the rest of it is read as the host, the port,
+    the path or the options.
+
+    Not when each ``@`` past the authority's own user part (if any) sits where it
+    is read as meant: in the socket path of a unix URL without a user part
+    (``unix:///run/r@1.sock``), or in an
+    option's value, redis-py's or the bus's, with text before it and no ``/``,
+    ``?`` or ``:`` after it (``?client_name=worker@host-1``). An ``@`` in a Redis
+    db, in the fragment, in any other query item, or before what looks like a port
+    or a path
+    (``redis://u:9?a=pw@host:6379/0``) is misread; so is an authority without a
+    user part, followed by an ``@``, that is no host[:port] (a port that is no
+    number: ``redis://u:p?w@host``)."""
+    start = url.find("://")
+    if start < 0 or url.find("@", start + 3) < 0:
         return False
     try:
-        netloc = urlsplit(url).netloc
+        parts = urlsplit(url)
     except ValueError:  # an unbalanced '[' ...
         return True
-    return netloc.rpartition("@")[0] != url[span[0]:span[1]]
+    if "@" in parts.fragment:
+        return True
+    if parts.scheme == "unix":
+        # A socket path may hold an '@' when the URL has no user part (one there
+        # may be a password's end); the authority is empty, or a user part.
+        return (parts.netloc.rpartition("@")[2] != ""
+                or ("@" in parts.netloc and "@" in parts.path)
+                or _query_misread(parts.query))
+    if "@" not in parts.netloc:
+        # No user part: an authority cut short by one is no host[:port].
+        try:
+            parts.port  # noqa: B018 - raises on a port that is no number
+        except ValueError:
+            return True
+        if not parts.hostname:
+            return True
+    # The path is a db number: an '@' there was not meant for it.
+    return "@" in parts.path or _query_misread(parts.query)
+
+
+def _query_misread(query: str) -> bool:
+    """Whether an ``@`` in ``query`` may end a user part (see
+    :func:`_userinfo_misread`)."""
+    for item in query.split("&"):
+        if "@" not in item:
+            continue
+        name, equals, value = item.partition("=")
+        if not equals or name not in _option_names():
+            return True
+        before, _at, after = value.rpartition("@")
+        if not before or any(c in after for c in "/?:"):
+            return True  # '=@host', or a host:port or a path after it
+    return False
 
 
 def _scrub(text: str, url: str) -> str:
@@ -1493,9 +1563,11 @@ def _redact(url: str) -> str:
     """``url`` without its password: in the user part (``redis://u:***@h``) and in
     any query item whose name looks like a secret (``?password=***``).
 
-    Fails closed: when the URL's last ``@`` is not in the authority urllib reads
-    (a password with an unescaped ``/``, ``?`` or ``#``, or an ``@`` further on),
-    everything between ``://`` and that ``@`` is masked (``redis://***@h``)."""
+    Fails closed: when an ``@`` past the authority urllib reads may end a user part
+    (a password with an unescaped ``/``, ``?`` or ``#``: :func:`_userinfo_misread`),
+    everything between ``://`` and the last ``@`` is masked (``redis://***@h``). An
+    ``@`` read as meant (``?client_name=worker@host-1``) masks nothing: the host,
+    port and db show."""
     span = _userinfo_span(url)
     if span is not None:
         if _userinfo_misread(url):
