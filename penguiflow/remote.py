@@ -10,7 +10,6 @@ cancel to ``transport.cancel``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -274,11 +273,19 @@ def RemoteNode(
                 # The transport cancelled it itself (its call gave up): not cancelled
                 # twice, but the call's end is still recorded (its CLIENT span waits
                 # for it). A give-up cancel that failed leaves it to the node.
-                held = True
-                with contextlib.suppress(TimeoutError):
+                try:
                     async with asyncio.timeout(bound):
                         held = await _transport_cancel_held(
                             transport, ids["agent_url"], ids["task_id"])
+                except TimeoutError:
+                    await record("remote_cancel_error",
+                                 (time.perf_counter() - started) * 1000,
+                                 level=logging.WARNING, remote_cancel_reason=reason,
+                                 remote_cancel_by_transport=True,
+                                 remote_error=(f"{transport_name}'s own cancel of the task "
+                                               f"was not confirmed within {bound_text}"),
+                                 **where)
+                    return
                 if held:
                     await record("remote_call_cancelled",
                                  (time.perf_counter() - started) * 1000,

@@ -854,6 +854,10 @@ async def test_a_trace_cancel_while_the_transport_cancels_a_given_up_task_record
     assert span.attributes is not None
     assert span.attributes.get("error.type") != "unfinished"
     assert "trace_cancel" in (span.status.description or "")
+    # The trace's root says the cancel reached the agent.
+    assert any(e.name == "pf.cancel.propagated" for s in exporter.get_finished_spans()
+               for e in s.events), [(s.name, [e.name for e in s.events])
+                                    for s in exporter.get_finished_spans()]
 
 
 async def test_a_given_up_task_whose_cancel_failed_is_cancelled_by_the_node() -> None:

@@ -660,6 +660,31 @@ class GaveUpAndFailed(CancelsItself):
         return False
 
 
+class GaveUpAndHangs(CancelsItself):
+    """The transport's own cancel never answers (``wait_cancelled`` never returns)."""
+
+    cancel_timeout_s = 0.1
+
+    async def wait_cancelled(self, *, agent_url: str, task_id: str) -> bool:
+        await asyncio.Event().wait()
+        return True
+
+
+async def test_a_transport_cancel_never_confirmed_is_an_error_not_a_cancel(
+        start: Any, recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(remote_module, "REMOTE_CANCEL_MARGIN_S", 0.05, raising=False)
+    transport = GaveUpAndHangs(block=True, events=[RemoteStreamEvent(context_id="c",
+                                                                     task_id="t")])
+    flow, m, _ = await _start_blocked_stream(start, recorder, transport)
+    await within(flow.cancel(m.trace_id))
+    (error,) = await recorder.wait_for("remote_cancel_error", trace_id=m.trace_id)
+    await within(flow.stop())
+    assert error.extra["remote_cancel_by_transport"] is True
+    assert "not confirmed within 0.15 s" in error.extra["remote_error"]
+    assert recorder.of("remote_call_cancelled") == []
+    assert transport.cancels == []
+
+
 async def test_a_failed_transport_cancel_leaves_the_cancel_to_the_node(
         start: Any, recorder: Recorder) -> None:
     transport = GaveUpAndFailed(block=True, events=[RemoteStreamEvent(context_id="c",
