@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -147,17 +146,16 @@ def _size(value: Any) -> int:
         return 0
 
 
-#: The longest a RemoteNode waits for ``transport.cancel()`` (a trace cancel, or a
-#: call cut short by its timeout or by ``flow.stop()``) when the transport declares
-#: no bound of its own: past it the cancel is given up and recorded as
-#: ``remote_cancel_error``. A transport with a ``cancel_timeout_s`` attribute (a
-#: positive number of seconds: ``A2AClientTransport`` has one) is given that long
-#: plus :data:`REMOTE_CANCEL_MARGIN_S` instead, so its own bound decides. Either way
-#: ``flow.stop()``, which waits for a remote cancel on its way, waits that long at
-#: most, whatever its ``store_timeout_s`` (``None`` included): a transport whose
-#: cancel never returns (an unreachable agent, no timeout of its own) cannot hold
-#: ``stop()`` for ever.
-REMOTE_CANCEL_TIMEOUT_S = 10.0
+#: The longest a RemoteNode waits for a remote cancel (a trace cancel, or a call cut
+#: short by its timeout or by ``flow.stop()``), its transport's own cancel of the task
+#: included: past it the cancel is given up and recorded as ``remote_cancel_error``
+#: ("not confirmed within ..."). Below ``flow.stop()``'s default deadline (5 s), so a
+#: stop that waits for the cancel records its outcome, and ``stop()`` is never held
+#: longer whatever its ``store_timeout_s`` (``None`` included). A transport with a
+#: shorter bound of its own (a ``cancel_timeout_s`` attribute, a positive number of
+#: seconds: ``A2AClientTransport`` has one) is given that plus
+#: :data:`REMOTE_CANCEL_MARGIN_S`, so its own timeout reports first.
+REMOTE_CANCEL_TIMEOUT_S = 4.0
 #: Added to a transport's own ``cancel_timeout_s``: its cancel reports its own
 #: timeout before the node gives up on it.
 REMOTE_CANCEL_MARGIN_S = 1.0
@@ -165,14 +163,20 @@ REMOTE_CANCEL_MARGIN_S = 1.0
 
 def _cancel_bound(transport: Any) -> tuple[float, str]:
     """How long the node waits for ``transport``'s cancel, and where that comes from
-    (for the message when it expires)."""
-    own = getattr(transport, "cancel_timeout_s", None)
-    if (isinstance(own, (int, float)) and not isinstance(own, bool)
-            and math.isfinite(own) and own > 0):
-        bound = float(own) + REMOTE_CANCEL_MARGIN_S
-        return bound, (f"{bound:g} s (its cancel_timeout_s={float(own):g} s + "
-                       f"{REMOTE_CANCEL_MARGIN_S:g} s)")
-    return REMOTE_CANCEL_TIMEOUT_S, f"REMOTE_CANCEL_TIMEOUT_S={REMOTE_CANCEL_TIMEOUT_S:g} s"
+    (for the message when it expires). Never raises: a ``cancel_timeout_s`` that
+    cannot be read, or is not a positive finite number, is ignored."""
+    cap = REMOTE_CANCEL_TIMEOUT_S
+    try:
+        own = getattr(transport, "cancel_timeout_s", None)
+        if (isinstance(own, (int, float)) and not isinstance(own, bool)
+                and 0 < own < cap):
+            bound = float(own) + REMOTE_CANCEL_MARGIN_S
+            if bound < cap:
+                return bound, (f"{bound:g} s (its cancel_timeout_s={float(own):g} s + "
+                               f"{REMOTE_CANCEL_MARGIN_S:g} s)")
+    except Exception:  # a property that raises, an int too large for a float
+        pass
+    return cap, f"REMOTE_CANCEL_TIMEOUT_S={cap:g} s"
 
 
 def _cancelled_by_transport(transport: Any, agent_url: str, task_id: str) -> bool:
@@ -267,6 +271,9 @@ def RemoteNode(
         async def cancel_remote(reason: str) -> None:
             started = time.perf_counter()
             bound, bound_text = _cancel_bound(transport)
+            # One deadline for the whole cancel: a wait for the transport's own cancel
+            # and then the node's.
+            deadline = asyncio.get_running_loop().time() + bound
             where = {"remote_context_id": ids["context_id"], "remote_task_id": ids["task_id"],
                      "remote_agent_url": ids["agent_url"]}
             if _cancelled_by_transport(transport, ids["agent_url"], ids["task_id"]):
@@ -274,7 +281,7 @@ def RemoteNode(
                 # twice, but the call's end is still recorded (its CLIENT span waits
                 # for it). A give-up cancel that failed leaves it to the node.
                 try:
-                    async with asyncio.timeout(bound):
+                    async with asyncio.timeout_at(deadline):
                         held = await _transport_cancel_held(
                             transport, ids["agent_url"], ids["task_id"])
                 except TimeoutError:
@@ -296,7 +303,7 @@ def RemoteNode(
             try:
                 # Bounded: flow.stop() waits for this (whatever its store_timeout_s,
                 # None included), and a transport's cancel may never return.
-                async with asyncio.timeout(bound):
+                async with asyncio.timeout_at(deadline):
                     await transport.cancel(agent_url=ids["agent_url"],
                                            task_id=ids["task_id"])
             except Exception as exc:

@@ -188,6 +188,11 @@ class A2AClientTransport:
         wait for a cancel by this transport's own bound."""
         return self._timeout_s if self._timeout_s is not None else self._cancel_timeout_s
 
+    @cancel_timeout_s.setter
+    def cancel_timeout_s(self, value: float) -> None:
+        # A subclass (or a caller) setting it, as before it was a property.
+        self._cancel_timeout_s = value
+
     def already_cancelled(self, *, agent_url: str, task_id: str) -> bool:
         """Whether this transport itself is sending, or sent and had accepted,
         CancelTask for that task: a call that gave up at its ``timeout_s``. False

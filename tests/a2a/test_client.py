@@ -487,3 +487,18 @@ async def test_a_cancel_reaches_an_agent_given_by_an_inline_card(
     # was never sent; the remote task ran on.
     assert agent.cancelled == [cancelled.extra["remote_task_id"]]
     assert events.of("remote_cancel_error") == []
+
+
+async def test_a_subclass_may_still_set_cancel_timeout_s() -> None:
+    # cancel_timeout_s became a property RemoteNode reads; a subclass that set it in
+    # its __init__ (as before) failed with "property ... has no setter".
+    class Configured(A2AClientTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cancel_timeout_s = 3.0
+
+    transport = Configured()
+    try:
+        assert transport.cancel_timeout_s == 3.0
+    finally:
+        await transport.aclose()
