@@ -114,6 +114,11 @@ _ALWAYS_ON = ("AlwaysOnSampler", "ParentBased{root:AlwaysOnSampler,")
 #: Traces whose sampling decision a live tracer remembers (oldest forgotten first;
 #: a deterministic sampler, as the ratio ones are, gives the same answer again).
 _DECISIONS_MAX = 65_536
+#: Ended traces whose decision a live tracer still remembers (oldest forgotten
+#: first): a span a node's left-over task starts late, and a link from a trace
+#: that took over, get the decision the trace had (an adopted caller's included),
+#: and the sampler is not asked again per hop.
+_ENDED_MAX = 4096
 _ROOT_CONTEXT = otel_context.Context()
 
 
@@ -199,6 +204,8 @@ class LiveTracer:
             self._tracer, getattr(tracer_provider, "sampler", None), self._provider_name)
         self._sampler = _asked_sampler(self._provider_sampler)
         self._decisions: OrderedDict[int, TraceFlags] = OrderedDict()
+        #: The decisions of the last _ENDED_MAX traces that ended.
+        self._ended: OrderedDict[int, TraceFlags] = OrderedDict()
         # A sampler asked decides each trace as it opens (see _on_open); none asked,
         # the model calls nothing more per trace.
         self.model = SpanModel(self._emit, self._on_parent,
@@ -262,7 +269,12 @@ class LiveTracer:
             # Decided for the trace's life only: the table then holds live traces,
             # so its bound never evicts the decision of one still running (its
             # later spans were exported as orphans of an unsampled caller).
-            self._decisions.pop(otel_id, None)
+            flags = self._decisions.pop(otel_id, None)
+            if flags is not None:
+                ended = self._ended
+                ended[otel_id] = flags
+                if len(ended) > _ENDED_MAX:
+                    ended.popitem(last=False)
         return self.failures - before
 
     def flow_stopped(self, flow: ObservedFlow) -> int:
@@ -408,6 +420,9 @@ class LiveTracer:
         the trace id is known (bare name, no attributes), and not kept, so ended
         traces add nothing to the decisions. A deterministic sampler (the ratio
         ones) gives the answer the trace had."""
+        flags = self._ended.get(otel_id) if self._ended else None
+        if flags is not None:  # ended lately: the decision it had
+            return flags
         sampler = self._sampler
         if sampler is None:
             return _SAMPLED
@@ -440,7 +455,10 @@ class LiveTracer:
         sampler = self._sampler
         if sampler is None:
             # Everything is sampled but traces a remote parent decided otherwise.
-            return self._decisions.get(otel_id, _SAMPLED) if self._decisions else _SAMPLED
+            flags = self._decisions.get(otel_id) if self._decisions else None
+            if flags is None and self._ended:
+                flags = self._ended.get(otel_id)
+            return flags if flags is not None else _SAMPLED
         flags = self._decisions.get(otel_id)
         if flags is None:
             if root is None:

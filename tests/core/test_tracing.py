@@ -1857,7 +1857,7 @@ async def test_two_threads_of_a_node_both_nest_their_spans_in_a_sampled_trace(
 
 
 @pytest.mark.parametrize("rate", [0.0, 1.0])
-@pytest.mark.parametrize("invocations", ["remembered", "forgotten"])
+@pytest.mark.parametrize("invocations", ["remembered", "forgotten", "decision forgotten"])
 async def test_a_task_the_node_left_running_follows_its_trace_after_it_ended(
         exporter: InMemorySpanExporter, rate: float, invocations: str) -> None:
     # A task the node started and left running (fire and forget) read the node's
@@ -1903,10 +1903,12 @@ async def test_a_task_the_node_left_running_follows_its_trace_after_it_ended(
         await flow.emit(msg("x"))
         await within(flow.fetch())
         assert tracer.model.open_traces() == []
-        if invocations == "forgotten":
+        if invocations != "remembered":
             # As many later invocations as the model remembers would have done.
             tracer.model._invs.clear()
             tracer.model._invs_old.clear()
+        if invocations == "decision forgotten":
+            tracer._ended.clear()  # as many later traces as it remembers ended
         asked.clear()
         go.set()
         await within(asyncio.gather(*later))
@@ -1921,9 +1923,96 @@ async def test_a_task_the_node_left_running_follows_its_trace_after_it_ended(
         node = spans["invoke_agent a"].context.span_id
         assert spans["post-process"].parent.span_id == node
         assert spans["post-process again"].parent.span_id == node
-    # Asked once for the late read, and nothing kept for the ended trace.
-    assert late_asks == ["invoke_workflow"]
+    # The ended trace's decision is remembered (the last _ENDED_MAX traces): the
+    # sampler is not asked again; past that, asked once. Nothing kept either way.
+    assert late_asks == (["invoke_workflow"] if invocations == "decision forgotten" else [])
     assert kept == 0
+
+
+async def test_a_late_span_of_a_trace_kept_for_its_caller_is_exported_under_the_node(
+        exporter: InMemorySpanExporter) -> None:
+    # A trace adopted under a sampled caller (the A2A server) is kept by ParentBased
+    # whatever its root sampler says; a span its node's left-over task started after
+    # the trace ended was asked of the root sampler alone, and dropped.
+    from opentelemetry.sdk.trace.sampling import Decision, ParentBased, SamplingResult
+
+    class DropRoots:
+        def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+            return SamplingResult(Decision.DROP)
+
+        def get_description(self) -> str:
+            return "DropRoots"
+
+    tp = TracerProvider(sampler=ParentBased(root=DropRoots()))
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    user = tp.get_tracer("app")
+    go = asyncio.Event()
+    later: list[asyncio.Task[None]] = []
+
+    async def after() -> None:
+        await go.wait()
+        with user.start_as_current_span("post-process"):
+            pass
+
+    async def work(message: Message, ctx: Any) -> Message:
+        later.append(asyncio.get_running_loop().create_task(after()))
+        return message
+
+    flow = create(_node(work, "a").to(), tracer_provider=tp)
+    tracer = tracer_for(tp)
+    assert tracer is not None
+    flow.run()
+    try:
+        m = msg("x")
+        await flow.adopt_trace_parent(m.trace_id, parent_span_id="00f067aa0ba902b7",
+                                      sampled=True)
+        await flow.emit(m)
+        await within(flow.fetch())
+        assert tracer.model.open_traces() == []
+        go.set()
+        await within(asyncio.gather(*later))
+    finally:
+        await flow.stop()
+    tp.shutdown()
+    spans = _by_name(exporter.get_finished_spans())
+    assert spans["post-process"].parent.span_id == spans["invoke_agent a"].context.span_id
+
+
+async def test_links_to_ended_traces_do_not_ask_the_sampler_again_per_hop(
+        exporter: InMemorySpanExporter) -> None:
+    # Each node behind a new trace id asked the sampler again for its link to the
+    # ended upstream trace: a stateful sampler (a budget) was charged per hop.
+    from opentelemetry.sdk.trace.sampling import Decision, ParentBased, SamplingResult
+
+    asked: list[int] = []
+
+    class Budget:
+        def should_sample(self, parent_context: Any, trace_id: int, *args: Any,
+                          **kwargs: Any) -> Any:
+            asked.append(trace_id)
+            return SamplingResult(Decision.RECORD_AND_SAMPLE)
+
+        def get_description(self) -> str:
+            return "Budget"
+
+    tp = TracerProvider(sampler=ParentBased(Budget()))
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def split(message: Message, ctx: Any) -> Message:
+        return Message(payload="child", headers=message.headers)  # a fresh trace id
+
+    a, b = _node(split, "a"), _node(_noop, "b")
+    flow = create(a.to(b), b.to(), tracer_provider=tp)
+    flow.run()
+    try:
+        for _ in range(10):
+            await flow.emit(msg("x"))
+            await within(flow.fetch())
+    finally:
+        await flow.stop()
+    tp.shutdown()
+    # Twice per trace: PenguiFlow's decision as it opens, the SDK's root start.
+    assert len(asked) == 2 * 20
 
 
 async def test_a_link_to_a_dropped_trace_says_it_was_not_sampled(
