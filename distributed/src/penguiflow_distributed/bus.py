@@ -1567,7 +1567,7 @@ def _redact(url: str) -> str:
     (a password with an unescaped ``/``, ``?`` or ``#``: :func:`_userinfo_misread`),
     everything between ``://`` and the last ``@`` is masked (``redis://***@h``). An
     ``@`` read as meant (``?client_name=worker@host-1``) masks nothing: the host,
-    port and db show."""
+    port and db show; a query value holding an ``@`` is masked all the same."""
     span = _userinfo_span(url)
     if span is not None:
         if _userinfo_misread(url):
@@ -1579,8 +1579,12 @@ def _redact(url: str) -> str:
     query, hash_, fragment = rest.partition("#")
     items = []
     for item in query.split("&") if query else ():
-        name, sep, _value = item.partition("=")
-        if sep and any(w in unquote_plus(name).lower() for w in _SECRET_WORDS):
+        name, sep, value = item.partition("=")
+        # A value holding an '@' may be the tail of a password whose '?' urllib
+        # took for the query's start (redis://admin:9?client_name=Secret@host):
+        # masked too (the option's own value is rarely secret, never needed here).
+        if sep and ("@" in unquote_plus(value) or any(w in unquote_plus(name).lower()
+                                        for w in _SECRET_WORDS)):
             item = f"{name}=***"
         items.append(item)
     return base + question + "&".join(items) + hash_ + fragment
