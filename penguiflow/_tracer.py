@@ -420,9 +420,10 @@ class LiveTracer:
         the trace id is known (bare name, no attributes), and not kept, so ended
         traces add nothing to the decisions. A deterministic sampler (the ratio
         ones) gives the answer the trace had."""
-        flags = self._ended.get(otel_id) if self._ended else None
-        if flags is not None:  # ended lately: the decision it had
-            return flags
+        if self._ended and self.model.root_of(otel_id) is None:
+            flags = self._ended.get(otel_id)
+            if flags is not None:  # ended lately (not open again): the decision it had
+                return flags
         sampler = self._sampler
         if sampler is None:
             return _SAMPLED
@@ -456,8 +457,8 @@ class LiveTracer:
         if sampler is None:
             # Everything is sampled but traces a remote parent decided otherwise.
             flags = self._decisions.get(otel_id) if self._decisions else None
-            if flags is None and self._ended:
-                flags = self._ended.get(otel_id)
+            if flags is None and self._ended and self.model.root_of(otel_id) is None:
+                flags = self._ended.get(otel_id)  # ended (not open again under its id)
             return flags if flags is not None else _SAMPLED
         flags = self._decisions.get(otel_id)
         if flags is None:

@@ -146,32 +146,38 @@ def _size(value: Any) -> int:
         return 0
 
 
-#: The longest a RemoteNode waits for a remote cancel (a trace cancel, or a call cut
-#: short by its timeout or by ``flow.stop()``), its transport's own cancel of the task
-#: included: past it the cancel is given up and recorded as ``remote_cancel_error``
-#: ("not confirmed within ..."). Below ``flow.stop()``'s default deadline (5 s), so a
-#: stop that waits for the cancel records its outcome, and ``stop()`` is never held
-#: longer whatever its ``store_timeout_s`` (``None`` included). A transport with a
-#: shorter bound of its own (a ``cancel_timeout_s`` attribute, a positive number of
-#: seconds: ``A2AClientTransport`` has one) is given that plus
-#: :data:`REMOTE_CANCEL_MARGIN_S`, so its own timeout reports first.
+#: The longest a RemoteNode waits for a remote cancel of a call cut short locally
+#: (``local_cancel``: its timeout, or ``flow.stop()``), its transport's own cancel of
+#: the task included, and for any cancel by a transport that declares no bound:
+#: past it the cancel is given up and recorded as ``remote_cancel_error`` ("not
+#: confirmed within ..."). Below ``flow.stop()``'s default deadline (5 s), so a stop
+#: that waits for the cancel records its outcome, and never held longer whatever its
+#: ``store_timeout_s`` (``None`` included). A transport's own bound (a
+#: ``cancel_timeout_s`` attribute, a positive number of seconds:
+#: ``A2AClientTransport`` has one) plus :data:`REMOTE_CANCEL_MARGIN_S` decides a
+#: trace cancel (nothing waits on it but the trace's end), and a local cancel when
+#: shorter.
 REMOTE_CANCEL_TIMEOUT_S = 4.0
 #: Added to a transport's own ``cancel_timeout_s``: its cancel reports its own
 #: timeout before the node gives up on it.
 REMOTE_CANCEL_MARGIN_S = 1.0
+#: A transport's own bound past which it is not believed (an hour: a value meant
+#: in milliseconds).
+_OWN_BOUND_MAX_S = 3600.0
 
 
-def _cancel_bound(transport: Any) -> tuple[float, str]:
-    """How long the node waits for ``transport``'s cancel, and where that comes from
-    (for the message when it expires). Never raises: a ``cancel_timeout_s`` that
-    cannot be read, or is not a positive finite number, is ignored."""
+def _cancel_bound(transport: Any, reason: str) -> tuple[float, str]:
+    """How long the node waits for ``transport``'s cancel of a call (``reason``: see
+    the ``remote_cancel_reason`` table), and where that comes from (for the message
+    when it expires). Never raises: a ``cancel_timeout_s`` that cannot be read, or
+    is not a positive number of at most an hour, is ignored."""
     cap = REMOTE_CANCEL_TIMEOUT_S
     try:
         own = getattr(transport, "cancel_timeout_s", None)
         if (isinstance(own, (int, float)) and not isinstance(own, bool)
-                and 0 < own < cap):
+                and 0 < own <= _OWN_BOUND_MAX_S):
             bound = float(own) + REMOTE_CANCEL_MARGIN_S
-            if bound < cap:
+            if reason != "local_cancel" or bound < cap:
                 return bound, (f"{bound:g} s (its cancel_timeout_s={float(own):g} s + "
                                f"{REMOTE_CANCEL_MARGIN_S:g} s)")
     except Exception:  # a property that raises, an int too large for a float
@@ -270,7 +276,7 @@ def RemoteNode(
 
         async def cancel_remote(reason: str) -> None:
             started = time.perf_counter()
-            bound, bound_text = _cancel_bound(transport)
+            bound, bound_text = _cancel_bound(transport, reason)
             # One deadline for the whole cancel: a wait for the transport's own cancel
             # and then the node's.
             deadline = asyncio.get_running_loop().time() + bound

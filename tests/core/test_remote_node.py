@@ -621,20 +621,35 @@ class OddBound(SlowToConfirm):
 
 
 @pytest.mark.parametrize("bound", [60.0, 10 ** 400, RuntimeError("config not loaded")])
-async def test_a_transports_long_or_unreadable_bound_is_capped_and_the_cancel_still_sent(
+async def test_a_stop_holds_a_cancel_at_the_cap_whatever_the_transport_declares(
         start: Any, recorder: Recorder, monkeypatch: pytest.MonkeyPatch, bound: Any) -> None:
-    # stop() waits for a remote cancel: a transport declaring a longer bound (or one
-    # whose bound cannot be read, which stopped the cancel from being sent) is held
-    # at REMOTE_CANCEL_TIMEOUT_S at most, and the outcome is recorded.
+    # stop() waits for the cancel of the call it cuts short: a transport declaring a
+    # longer bound (or one whose bound cannot be read, which kept the cancel from
+    # being sent at all) is held at REMOTE_CANCEL_TIMEOUT_S, its outcome recorded.
     monkeypatch.setattr(remote_module, "REMOTE_CANCEL_TIMEOUT_S", 0.1, raising=False)
     transport = OddBound(bound, block=True, events=[RemoteStreamEvent(context_id="c",
                                                                       task_id="t")])
-    flow, m, _ = await _start_blocked_stream(start, recorder, transport)
-    await within(flow.cancel(m.trace_id))
-    (error,) = await recorder.wait_for("remote_cancel_error", trace_id=m.trace_id)
+    flow, _m, _ = await _start_blocked_stream(start, recorder, transport)
     await within(flow.stop())
+    (error,) = recorder.of("remote_cancel_error")
+    assert error.extra["remote_cancel_reason"] == "local_cancel"
     assert transport.cancels == [(URL, "t")]
     assert "not confirmed within REMOTE_CANCEL_TIMEOUT_S=0.1 s" in error.extra["remote_error"]
+
+
+async def test_a_trace_cancel_waits_for_the_transports_own_bound_past_the_cap(
+        start: Any, recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing waits on a trace cancel but the trace's end: the transport's own bound
+    # decides it (A2AClientTransport waits up to 10 s for CANCELED), not the cap
+    # that keeps stop() short; an unreadable bound falls back to the cap.
+    monkeypatch.setattr(remote_module, "REMOTE_CANCEL_TIMEOUT_S", 0.1, raising=False)
+    transport = OddBound(60.0, block=True, events=[RemoteStreamEvent(context_id="c",
+                                                                     task_id="t")])
+    flow, m, _ = await _start_blocked_stream(start, recorder, transport)
+    await within(flow.cancel(m.trace_id))
+    (cancelled,) = await recorder.wait_for("remote_call_cancelled", trace_id=m.trace_id)
+    assert cancelled.extra["remote_cancel_reason"] == "trace_cancel"
+    assert recorder.of("remote_cancel_error") == []
 
 
 class CancelsItself(FakeTransport):

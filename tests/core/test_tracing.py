@@ -2156,3 +2156,40 @@ def test_a_new_traces_node_hangs_under_its_root_however_long_its_upstream_ran(
     assert node.parent_span_id == spans["invoke_workflow f"].span_id
     (link,) = node.links
     assert (link.trace_id, link.attributes["pf.edge"]) == (int(old, 16), "slow->next")
+
+
+async def test_a_trace_id_run_again_gets_a_decision_of_its_own(
+        exporter: InMemorySpanExporter) -> None:
+    # The decisions of ended traces are remembered for their late spans; a trace id
+    # run again (no caller this time) read its first run's "unsampled" (that run was
+    # adopted under an unsampled caller): its user spans were dropped and the
+    # traceparent it sent on said -00.
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    user = tp.get_tracer("app")
+    sent: list[str] = []
+
+    async def work(message: Message, ctx: Any) -> Message:
+        with user.start_as_current_span(f"user-{message.payload}"):
+            headers: dict[str, str] = {}
+            inject_trace_headers(headers)
+            sent.append(headers.get("traceparent", ""))
+        return message
+
+    trace_id = "reused-trace-id-0001"
+    for run in ("first", "second"):
+        flow = create(_node(work, "a").to(), tracer_provider=tp)
+        flow.run()
+        try:
+            if run == "first":
+                await flow.adopt_trace_parent(trace_id, parent_span_id="00f067aa0ba902b7",
+                                              sampled=False)
+            await flow.emit(Message(payload=run, headers=Headers(tenant="t"),
+                                    trace_id=trace_id))
+            await within(flow.fetch())
+        finally:
+            await flow.stop()
+    tp.shutdown()
+    names = {s.name for s in exporter.get_finished_spans()}
+    assert "user-first" not in names and "user-second" in names
+    assert sent[0].endswith("-00") and sent[1].endswith("-01")

@@ -1567,7 +1567,7 @@ def _redact(url: str) -> str:
     (a password with an unescaped ``/``, ``?`` or ``#``: :func:`_userinfo_misread`),
     everything between ``://`` and the last ``@`` is masked (``redis://***@h``). An
     ``@`` read as meant (``?client_name=worker@host-1``) masks nothing: the host,
-    port and db show; a query value holding an ``@`` is masked all the same."""
+    port and db show; a query holding an ``@`` is masked whole (``?***``)."""
     span = _userinfo_span(url)
     if span is not None:
         if _userinfo_misread(url):
@@ -1577,14 +1577,15 @@ def _redact(url: str) -> str:
             url = url[:span[0]] + user + (":***" if colon else "") + url[span[1]:]
     base, question, rest = url.partition("?")
     query, hash_, fragment = rest.partition("#")
+    if "@" in unquote_plus(query):
+        # A value holding an '@' may end a password whose '?' urllib read as the
+        # query's start (redis://admin:9?x&client_name=Secret@host): its items all
+        # may be that password's, so none is shown.
+        return base + question + "***" + hash_ + fragment
     items = []
     for item in query.split("&") if query else ():
-        name, sep, value = item.partition("=")
-        # A value holding an '@' may be the tail of a password whose '?' urllib
-        # took for the query's start (redis://admin:9?client_name=Secret@host):
-        # masked too (the option's own value is rarely secret, never needed here).
-        if sep and ("@" in unquote_plus(value) or any(w in unquote_plus(name).lower()
-                                        for w in _SECRET_WORDS)):
+        name, sep, _value = item.partition("=")
+        if sep and any(w in unquote_plus(name).lower() for w in _SECRET_WORDS):
             item = f"{name}=***"
         items.append(item)
     return base + question + "&".join(items) + hash_ + fragment
