@@ -166,18 +166,11 @@ class FloeQueue(asyncio.Queue[Any]):
         """Put ``item`` with its origin now, past ``maxsize`` if the queue is full: for
         a controller's loop back to itself, whose own worker is the only one that
         makes room (waiting would wait for ever)."""
-        if self._is_shutdown:
-            raise asyncio.QueueShutDown  # type: ignore[attr-defined]  # 3.13+
-        self._put(_Tagged(item, origin))
-        if not self._unfinished_tasks:  # type: ignore[attr-defined]
-            self._finished.clear()  # type: ignore[attr-defined]
-        self._unfinished_tasks += 1  # type: ignore[attr-defined]
-        getters = self._getters
-        while getters:
-            getter = getters.popleft()
-            if not getter.done():
-                getter.set_result(None)
-                break
+        maxsize, self._maxsize = self._maxsize, 0  # unbounded for this one put
+        try:
+            self.put_tagged_nowait(item, origin)
+        finally:
+            self._maxsize = maxsize
 
     async def get(self) -> Any:
         """Remove and return an item, waiting while the queue is empty."""

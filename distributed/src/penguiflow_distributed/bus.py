@@ -1244,13 +1244,7 @@ class RedisMessageBus:
                              "max_connections in the bus URL is too small for this "
                              "bus's concurrent sends: raise it, or drop it (the bus's "
                              "own pool is then uncapped)")})
-            pause = 0.01
-            if interrupt:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(pause):
-                        await self._unbinding.wait()
-            else:
-                await asyncio.sleep(pause)
+            await self._back_off(0.01, interrupt)
             return
         self.stats["link_errors"] += 1
         now = time.monotonic()
@@ -1259,7 +1253,10 @@ class RedisMessageBus:
             logger.warning("bus_redis_unreachable", extra={
                 "doing": doing, "error": safe_repr(exc, 300), "url": _redact(self.url)})
         down = now - self._down_since
-        pause = min(self.max_backoff_s, 0.05 * 2 ** min(down, 10))
+        await self._back_off(min(self.max_backoff_s, 0.05 * 2 ** min(down, 10)), interrupt)
+
+    async def _back_off(self, pause: float, interrupt: bool) -> None:
+        """Sleep ``pause`` s; ``interrupt``: ended early when unbind starts."""
         if interrupt:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):

@@ -49,10 +49,8 @@ __all__ = [
     "values_of",
     "ColumnRows",
     "event_rows",
-    "flow_id_of",
     "row_of",
     "rows_of",
-    "trace_id_of",
     "tuple_rows",
     "reading_events",
     "select",
@@ -521,9 +519,6 @@ def _stored_ids_ok(rows: Sequence[RowLike]) -> bool:
 
 
 _PAYLOAD = COLUMNS.index("payload")
-flow_id_of = itemgetter(_FLOW_ID)
-_seq_of = itemgetter(_SEQ)
-trace_id_of = itemgetter(_TRACE_ID)
 
 #: Type sets of the checks here and of the reader's (``_block_read._TYPES_OF``).
 _NONE = type(None)
