@@ -725,16 +725,12 @@ async def test_a_flow_stop_while_the_transport_cancels_a_given_up_task_cancels_i
         else:
             writer.write(rpc_result(req, task("TASK_STATE_WORKING")))
 
-    events: list[Any] = []
-
-    async def keep(event: Any) -> None:
-        events.append(event)
+    kept = _Kept()
 
     async with peer(respond) as p, client(timeout_s=0.5, poll_interval_s=0.01) as t:
         asked = _spy_wait_cancelled(t)
-        node = RemoteNode(transport=t, skill="s", agent_url=p.url, name="remote",
-                          streaming=True, policy=NodePolicy(validate="none", max_retries=0))
-        flow = create(node.to(), middlewares=[keep], emit_errors_to_rookery=True)
+        flow = create(_streaming_node(t, p.url).to(), middlewares=[kept],
+                      emit_errors_to_rookery=True)
         flow.run()
         try:
             await flow.emit(Message(payload="hi", headers=Headers(tenant="t")))
@@ -752,11 +748,56 @@ async def test_a_flow_stop_while_the_transport_cancels_a_given_up_task_cancels_i
                 await flow.stop()
         rpcs = p.rpcs()
     assert rpcs.count("CancelTask") == 1, rpcs
-    assert [e for e in events if e.event_type == "remote_cancel_error"] == []
+    assert kept.of("remote_cancel_error") == []
     # The call's end is recorded, as the transport's cancel.
-    (cancelled,) = [e for e in events if e.event_type == "remote_call_cancelled"]
+    (cancelled,) = kept.of("remote_call_cancelled")
     assert cancelled.extra["remote_cancel_reason"] == "local_cancel"
     assert cancelled.extra["remote_cancel_by_transport"] is True
+
+
+class _Kept:
+    """A middleware keeping every event; ``cancelled`` is set at the call's
+    ``remote_call_cancelled``."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.cancelled = asyncio.Event()
+
+    async def __call__(self, event: Any) -> None:
+        self.events.append(event)
+        if event.event_type == "remote_call_cancelled":
+            self.cancelled.set()
+
+    def of(self, kind: str) -> list[Any]:
+        return [e for e in self.events if e.event_type == kind]
+
+
+def _streaming_node(t: A2AClientTransport, url: str) -> Any:
+    return RemoteNode(transport=t, skill="s", agent_url=url, name="remote", streaming=True,
+                      policy=NodePolicy(validate="none", max_retries=0))
+
+
+async def _trace_cancel_in_give_up_window(flow: Any, got_cancel: asyncio.Event,
+                                          release: asyncio.Event, asked: asyncio.Event,
+                                          kept: _Kept) -> None:
+    """Run ``flow``; cancel its trace while the transport's give-up CancelTask is on
+    its way (the agent holds it until ``release``); wait for the call's end."""
+    flow.run()
+    m = Message(payload="hi", headers=Headers(tenant="t"))
+    try:
+        await flow.emit(m)
+        async with asyncio.timeout(WAIT):
+            await got_cancel.wait()
+        await flow.cancel(m.trace_id)  # while the give-up CancelTask is on its way
+        async with asyncio.timeout(WAIT):
+            await asked.wait()
+        release.set()
+        async with asyncio.timeout(WAIT):
+            await kept.cancelled.wait()
+    finally:
+        release.set()
+        async with asyncio.timeout(WAIT):
+            await flow.stop()
 
 
 def _spy_wait_cancelled(t: A2AClientTransport) -> asyncio.Event:
@@ -810,46 +851,23 @@ async def test_a_trace_cancel_while_the_transport_cancels_a_given_up_task_record
     from penguiflow_exporters.otel import PenguiFlowIdGenerator
 
     forever, got_cancel, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    events: list[Any] = []
-    cancelled_seen = asyncio.Event()
-
-    async def keep(event: Any) -> None:
-        events.append(event)
-        if event.event_type == "remote_call_cancelled":
-            cancelled_seen.set()
-
+    kept = _Kept()
     exporter = InMemorySpanExporter()
     provider = TracerProvider(id_generator=PenguiFlowIdGenerator())
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     async with (peer(_agent_cancelling_on_release(forever, got_cancel, release)) as p,
                 client(timeout_s=0.5, poll_interval_s=0.01) as t):
         asked = _spy_wait_cancelled(t)
-        node = RemoteNode(transport=t, skill="s", agent_url=p.url, name="remote",
-                          streaming=True, policy=NodePolicy(validate="none", max_retries=0))
-        flow = create(node.to(), middlewares=[keep], tracer_provider=provider)
-        flow.run()
-        m = Message(payload="hi", headers=Headers(tenant="t"))
-        try:
-            await flow.emit(m)
-            async with asyncio.timeout(WAIT):
-                await got_cancel.wait()
-            await flow.cancel(m.trace_id)  # while the give-up CancelTask is on its way
-            async with asyncio.timeout(WAIT):
-                await asked.wait()
-            release.set()
-            async with asyncio.timeout(WAIT):
-                await cancelled_seen.wait()
-        finally:
-            release.set()
-            async with asyncio.timeout(WAIT):
-                await flow.stop()
+        flow = create(_streaming_node(t, p.url).to(), middlewares=[kept],
+                      tracer_provider=provider)
+        await _trace_cancel_in_give_up_window(flow, got_cancel, release, asked, kept)
         rpcs = p.rpcs()
     provider.shutdown()
     assert rpcs.count("CancelTask") == 1, rpcs
-    (cancelled,) = [e for e in events if e.event_type == "remote_call_cancelled"]
+    (cancelled,) = kept.of("remote_call_cancelled")
     assert cancelled.extra["remote_cancel_reason"] == "trace_cancel"
     assert cancelled.extra["remote_cancel_by_transport"] is True
-    assert [e for e in events if e.event_type == "remote_cancel_error"] == []
+    assert kept.of("remote_cancel_error") == []
     (span,) = [s for s in exporter.get_finished_spans() if s.kind.name == "CLIENT"]
     assert span.attributes is not None
     assert span.attributes.get("error.type") != "unfinished"
@@ -864,40 +882,17 @@ async def test_a_given_up_task_whose_cancel_failed_is_cancelled_by_the_node() ->
     # Before: already_cancelled said True from the moment the call gave up, so a
     # failed give-up CancelTask left the remote task running (the node sent none).
     forever, got_cancel, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    events: list[Any] = []
-    cancelled_seen = asyncio.Event()
-
-    async def keep(event: Any) -> None:
-        events.append(event)
-        if event.event_type == "remote_call_cancelled":
-            cancelled_seen.set()
-
+    kept = _Kept()
     async with (peer(_agent_cancelling_on_release(forever, got_cancel, release,
                                                   fail=True)) as p,
                 client(timeout_s=0.5, poll_interval_s=0.01) as t):
         asked = _spy_wait_cancelled(t)
-        node = RemoteNode(transport=t, skill="s", agent_url=p.url, name="remote",
-                          streaming=True, policy=NodePolicy(validate="none", max_retries=0))
-        flow = create(node.to(), middlewares=[keep])
-        flow.run()
-        m = Message(payload="hi", headers=Headers(tenant="t"))
-        try:
-            await flow.emit(m)
-            async with asyncio.timeout(WAIT):
-                await got_cancel.wait()
-            await flow.cancel(m.trace_id)
-            async with asyncio.timeout(WAIT):
-                await asked.wait()
-            release.set()  # the transport's CancelTask fails now
-            async with asyncio.timeout(WAIT):
-                await cancelled_seen.wait()
-        finally:
-            release.set()
-            async with asyncio.timeout(WAIT):
-                await flow.stop()
+        flow = create(_streaming_node(t, p.url).to(), middlewares=[kept])
+        # Once released, the agent fails the transport's CancelTask.
+        await _trace_cancel_in_give_up_window(flow, got_cancel, release, asked, kept)
         rpcs = p.rpcs()
     assert rpcs.count("CancelTask") == 2, rpcs  # the transport's, failed; the node's
-    (cancelled,) = [e for e in events if e.event_type == "remote_call_cancelled"]
+    (cancelled,) = kept.of("remote_call_cancelled")
     assert "remote_cancel_by_transport" not in cancelled.extra
 
 

@@ -1856,6 +1856,35 @@ async def test_two_threads_of_a_node_both_nest_their_spans_in_a_sampled_trace(
     assert held == ["invoke_workflow penguiflow"] * 2
 
 
+class _LeftOver:
+    """A one-node flow on ``tp`` whose node leaves a task running that starts the
+    user spans ``names`` once :meth:`release` lets it (after the trace ended)."""
+
+    def __init__(self, tp: TracerProvider, names: list[str]) -> None:
+        user = tp.get_tracer("app")
+        self._go = asyncio.Event()
+        self._later: list[asyncio.Task[None]] = []
+
+        async def after() -> None:
+            await self._go.wait()
+            for name in names:
+                with user.start_as_current_span(name):
+                    pass
+
+        async def work(message: Message, ctx: Any) -> Message:
+            self._later.append(asyncio.get_running_loop().create_task(after()))
+            return message
+
+        self.flow = create(_node(work, "a").to(), tracer_provider=tp)
+        tracer = tracer_for(tp)
+        assert tracer is not None
+        self.tracer = tracer
+
+    async def release(self) -> None:
+        self._go.set()
+        await within(asyncio.gather(*self._later))
+
+
 @pytest.mark.parametrize("rate", [0.0, 1.0])
 @pytest.mark.parametrize("invocations", ["remembered", "forgotten", "decision forgotten"])
 async def test_a_task_the_node_left_running_follows_its_trace_after_it_ended(
@@ -1880,24 +1909,8 @@ async def test_a_task_the_node_left_running_follows_its_trace_after_it_ended(
 
     tp = TracerProvider(sampler=ParentBased(root=Counted()))
     tp.add_span_processor(SimpleSpanProcessor(exporter))
-    user = tp.get_tracer("app")
-    go = asyncio.Event()
-    later: list[asyncio.Task[None]] = []
-
-    async def after() -> None:
-        await go.wait()
-        with user.start_as_current_span("post-process"):
-            pass
-        with user.start_as_current_span("post-process again"):
-            pass
-
-    async def work(message: Message, ctx: Any) -> Message:
-        later.append(asyncio.get_running_loop().create_task(after()))
-        return message
-
-    flow = create(_node(work, "a").to(), tracer_provider=tp)
-    tracer = tracer_for(tp)
-    assert tracer is not None
+    left = _LeftOver(tp, ["post-process", "post-process again"])
+    flow, tracer = left.flow, left.tracer
     flow.run()
     try:
         await flow.emit(msg("x"))
@@ -1910,8 +1923,7 @@ async def test_a_task_the_node_left_running_follows_its_trace_after_it_ended(
         if invocations == "decision forgotten":
             tracer._ended.clear()  # as many later traces as it remembers ended
         asked.clear()
-        go.set()
-        await within(asyncio.gather(*later))
+        await left.release()
         late_asks, kept = list(asked), len(tracer._decisions)
     finally:
         await flow.stop()
@@ -1945,22 +1957,8 @@ async def test_a_late_span_of_a_trace_kept_for_its_caller_is_exported_under_the_
 
     tp = TracerProvider(sampler=ParentBased(root=DropRoots()))
     tp.add_span_processor(SimpleSpanProcessor(exporter))
-    user = tp.get_tracer("app")
-    go = asyncio.Event()
-    later: list[asyncio.Task[None]] = []
-
-    async def after() -> None:
-        await go.wait()
-        with user.start_as_current_span("post-process"):
-            pass
-
-    async def work(message: Message, ctx: Any) -> Message:
-        later.append(asyncio.get_running_loop().create_task(after()))
-        return message
-
-    flow = create(_node(work, "a").to(), tracer_provider=tp)
-    tracer = tracer_for(tp)
-    assert tracer is not None
+    left = _LeftOver(tp, ["post-process"])
+    flow = left.flow
     flow.run()
     try:
         m = msg("x")
@@ -1968,9 +1966,8 @@ async def test_a_late_span_of_a_trace_kept_for_its_caller_is_exported_under_the_
                                       sampled=True)
         await flow.emit(m)
         await within(flow.fetch())
-        assert tracer.model.open_traces() == []
-        go.set()
-        await within(asyncio.gather(*later))
+        assert left.tracer.model.open_traces() == []
+        await left.release()
     finally:
         await flow.stop()
     tp.shutdown()

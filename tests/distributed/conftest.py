@@ -6,7 +6,7 @@ skipped -- or fail when ``CI=true``. ``own_redis`` (function): a server of the
 test's own, with AOF persistence, for tests that restart it. ``namespace``: a
 fresh one per test, so that tests never see each other's streams. ``workers``:
 the list tests add their ``dist_support.Worker`` processes to; any still running
-at the end is killed.
+at the end is killed. ``redis``: a client of ``redis_url``, closed after the test.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from dist_support import RedisServer, Worker, no_redis
 
 
@@ -62,3 +64,12 @@ async def workers() -> AsyncIterator[list[Worker]]:
     finally:
         for worker in started:
             worker.close()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Any]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

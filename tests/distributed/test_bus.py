@@ -10,7 +10,6 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import dist_flows
@@ -33,15 +32,6 @@ from penguiflow.wire import dumps_item
 from penguiflow_distributed import RedisMessageBus
 
 NONE = NodePolicy(validate="none")
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Any]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 class Pair:

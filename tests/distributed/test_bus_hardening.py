@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import dist_flows
@@ -34,15 +33,6 @@ from penguiflow_distributed import BusBindError, RedisMessageBus
 from penguiflow_distributed.bus import _redact
 
 NONE = NodePolicy(validate="none")
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Any]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def msg(payload: Any, trace_id: str | None = None) -> Message:

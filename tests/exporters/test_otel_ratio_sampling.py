@@ -43,8 +43,9 @@ async def _noop(message: Message, ctx: Any) -> Message:
     return message
 
 
-async def _traced(tp: Any, messages: list[Message]) -> None:
-    flow = create(Node(_noop, name="a", policy=NodePolicy(validate="none")).to(),
+async def _traced(tp: Any, messages: list[Message], work: Any = _noop) -> None:
+    """Run ``messages`` one at a time through a one-node flow of ``work``."""
+    flow = create(Node(work, name="a", policy=NodePolicy(validate="none")).to(),
                   tracer_provider=tp)
     flow.run()
     try:
@@ -114,17 +115,9 @@ async def test_an_applications_bare_ratio_sampler_keeps_each_trace_whole_with_it
         with app.start_as_current_span("llm.call"):
             return message
 
-    flow = create(Node(work, name="a", policy=NodePolicy(validate="none")).to(),
-                  tracer_provider=tp)
     messages = _messages()
     with caplog.at_level(logging.WARNING, logger="penguiflow.tracing"):
-        flow.run()
-        try:
-            for m in messages:
-                await flow.emit(m)
-                await flow.fetch()
-        finally:
-            await flow.stop()
+        await _traced(tp, messages, work)
     tp.shutdown()
     spans = exporter.get_finished_spans()
     ids = {s.context.span_id for s in spans}
